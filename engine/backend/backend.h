@@ -1,0 +1,74 @@
+// The seam between the model graph (engine/model/model.cc, written once) and the hardware.
+// A backend owns where activations live and implements every operator the graph calls.
+// CpuBackend runs the Highway/oneTBB kernels (or the scalar reference ones); the CUDA backend
+// is a second implementation of this same interface. Pointers passed to the operators are
+// backend memory obtained from Alloc (host memory for the CPU backend, device memory for CUDA).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/cpu/ops.h"
+#include "engine/model/weights.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* Name() const = 0;
+
+  // Makes the weights usable by this backend (the CPU uses the mappings in place; a GPU backend
+  // copies them to device memory and re-points the views).
+  virtual void PrepareWeights(ModelWeights& w) = 0;
+
+  // Activation memory: n floats.
+  virtual float* Alloc(size_t n) = 0;
+  virtual void Free(float* p) = 0;
+  virtual void ToHost(const float* src, size_t n, float* host_dst) = 0;
+
+  // ids: host array [T]; out: [T, hidden]
+  virtual void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) = 0;
+  virtual void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y) = 0;
+  virtual void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y) = 0;
+  virtual void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
+                    const std::vector<float>& inv_freq, float scaling) = 0;
+  virtual void SiluMul(const float* gate, const float* up, int64_t n, float* out) = 0;
+  virtual void Add(float* x, const float* y, int64_t n) = 0;
+  // Appends k, v: [T, kv_heads, head_dim] at positions [pos0, pos0 + T) of `layer`.
+  virtual void KVWrite(KVCache& cache, int64_t layer, int64_t pos0, int64_t T, const float* k,
+                       const float* v) = 0;
+  virtual void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out) = 0;
+};
+
+// RAII for a backend activation buffer.
+class BackendBuffer {
+ public:
+  BackendBuffer() = default;
+  BackendBuffer(Backend& b, size_t n) : b_(&b), p_(b.Alloc(n)), n_(n) {}
+  ~BackendBuffer() {
+    if (p_ != nullptr) b_->Free(p_);
+  }
+  BackendBuffer(BackendBuffer&& o) noexcept : b_(o.b_), p_(o.p_), n_(o.n_) { o.p_ = nullptr; }
+  BackendBuffer& operator=(BackendBuffer&& o) noexcept {
+    std::swap(b_, o.b_);
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  float* get() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  Backend* b_ = nullptr;
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// The CPU backend: fast (Highway + oneTBB) kernels, or the scalar reference ones.
+std::unique_ptr<Backend> MakeCpuBackend(ThreadingContext& tc, bool reference);
+
+}  // namespace needle

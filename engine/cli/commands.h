@@ -1,0 +1,7 @@
+// The subcommands of the `needle` binary; each returns the process exit code.
+#pragma once
+
+namespace needle {
+int CmdGenerate(int argc, char** argv);
+int CmdInfo(int argc, char** argv);
+}  // namespace needle

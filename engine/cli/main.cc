@@ -1,0 +1,47 @@
+// needle: one binary, subcommands. Errors at the boundaries are printed as one clear line and
+// turn into exit code 1 (2 for usage errors); nothing is allowed to crash.
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <string>
+
+#include "engine/base/error.h"
+#include "engine/cli/commands.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: needle COMMAND [options]\n"
+    "\n"
+    "Long-context inference with block-sparse attention.\n"
+    "\n"
+    "commands:\n"
+    "  generate   run a model on a prompt and print the generated token ids (greedy)\n"
+    "  info       print a model folder's configuration and weights summary\n"
+    "\n"
+    "'needle COMMAND --help' lists the options of a command.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    std::cout << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "generate") return needle::CmdGenerate(argc - 2, argv + 2);
+    if (cmd == "info") return needle::CmdInfo(argc - 2, argv + 2);
+    std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
+    return 2;
+  } catch (const needle::Error& e) {
+    std::cerr << "needle: error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "needle: error: out of memory\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "needle: error: " << e.what() << "\n";
+    return 1;
+  }
+}

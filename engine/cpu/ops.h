@@ -1,0 +1,63 @@
+// The CPU operators, in two implementations with identical signatures:
+//   needle::ref   plain scalar loops, written for clarity: the reference every fast kernel is
+//                 tested against (tests/test_kernels.cc) and selectable with --reference-kernels;
+//   needle::fast  Highway SIMD (dispatched once per call to the best target of this CPU) and
+//                 oneTBB across the threads of the ThreadingContext.
+// Activations are always f32; weights and the KV cache may be f32, f16 or bf16, and every
+// product accumulates in f32.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/base/threading.h"
+#include "engine/model/weights.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle {
+
+struct AttnArgs {
+  int64_t T = 1;         // queries, at positions pos0 .. pos0 + T - 1
+  int64_t pos0 = 0;      // position of the first query; keys [0, pos0 + t] are visible to query t
+  int64_t heads = 1;     // query heads
+  int64_t kv_heads = 1;  // query head h reads KV head h / (heads / kv_heads)
+  int64_t head_dim = 0;
+  int64_t window = 0;    // > 0: query at p sees keys (p - window, p] only (sliding window)
+  float scale = 1.0f;    // softmax scale, 1/sqrt(head_dim)
+};
+
+#define NEEDLE_CPU_OPS                                                                         \
+  /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                              \
+  void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,        \
+              ThreadingContext& tc);                                                           \
+  /* y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]   (x, y: [rows, D]; y may alias x) */     \
+  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,  \
+               ThreadingContext& tc);                                                          \
+  /* x[T, heads, D] rotated in place, rotate-half layout: pairs (i, i + D/2);                  \
+     angle(t, i) = f32(pos0 + t) * inv_freq[i]; cos and sin are multiplied by scaling */        \
+  void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq, \
+            float scaling, ThreadingContext& tc);                                              \
+  /* out[n] = silu(gate[n]) * up[n] */                                                         \
+  void SiluMul(const float* gate, const float* up, int64_t n, float* out, ThreadingContext& tc); \
+  /* x[n] += y[n] */                                                                           \
+  void Add(float* x, const float* y, int64_t n, ThreadingContext& tc);                         \
+  /* out[T, heads, D] = softmax(scale * q k^T) v over the visible keys of `kv`                 \
+     q: [T, heads, D] f32 (already rotated) */                                                  \
+  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,         \
+                 ThreadingContext& tc);
+
+namespace ref {
+NEEDLE_CPU_OPS
+}  // namespace ref
+namespace fast {
+NEEDLE_CPU_OPS
+}  // namespace fast
+
+// out[T, hidden] = rows of the embedding table (any float dtype), as f32. Shared by both.
+void EmbedRows(const Weight& table, const int32_t* ids, int64_t T, float* out);
+
+// cos/sin table [T, D/2] for Rope: angle in f32 as transformers computes it, cos/sin evaluated
+// in double of that angle, times `scaling`. Shared by both implementations.
+void RopeTable(int64_t T, int64_t D, int64_t pos0, const float* inv_freq, float scaling, float* cos_out,
+               float* sin_out);
+
+}  // namespace needle

@@ -1,0 +1,50 @@
+#include "engine/model/generate.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "engine/base/error.h"
+
+namespace needle {
+
+int32_t Argmax(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (logits[i] > logits[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
+std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
+                                    int64_t max_new_tokens,
+                                    const std::function<void(int32_t)>& on_token,
+                                    GenerateStats* stats) {
+  using Clock = std::chrono::steady_clock;
+  if (prompt.empty()) Fail("generate: the prompt is empty");
+  GenerateStats st;
+  st.prompt_tokens = static_cast<int64_t>(prompt.size());
+  const auto& eos = model.config().eos_token_ids;
+  const int64_t V = model.config().vocab_size;
+  std::vector<int32_t> out;
+  std::vector<float> logits;
+  auto t0 = Clock::now();
+  model.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
+  auto t1 = Clock::now();
+  st.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  for (int64_t i = 0; i < max_new_tokens; ++i) {
+    const int32_t next = Argmax(logits.data(), V);
+    out.push_back(next);
+    if (on_token) on_token(next);
+    if (std::find(eos.begin(), eos.end(), next) != eos.end()) {
+      st.stopped_at_eos = true;
+      break;
+    }
+    if (i + 1 == max_new_tokens) break;
+    model.Forward(&next, 1, cache, false, &logits);
+  }
+  st.new_tokens = static_cast<int64_t>(out.size());
+  st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  if (stats != nullptr) *stats = st;
+  return out;
+}
+
+}  // namespace needle

@@ -1,0 +1,77 @@
+// The decoder-only transformer graph shared by every supported architecture (Llama, Mistral,
+// Qwen2, Qwen3) and every backend: the architectures differ only in flags of ModelConfig (biases,
+// q/k norm, sliding windows, rope scaling), the backends only behind the Backend interface.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/model/config.h"
+#include "engine/model/rope.h"
+#include "engine/model/weights.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle {
+
+// How one layer's queries attend to the cache. Dense attention is the default; the block-sparse
+// attention of sparse_attn/ is another implementation of this interface.
+class AttentionPolicy {
+ public:
+  virtual ~AttentionPolicy() = default;
+  // q: [T, heads, head_dim] (rotated); the cache holds keys [0, a.pos0 + a.T) of `layer`.
+  // out: [T, heads, head_dim].
+  virtual void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+                      float* out) = 0;
+};
+
+class DenseAttention final : public AttentionPolicy {
+ public:
+  explicit DenseAttention(Backend& b) : b_(b) {}
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) override {
+    b_.Attention(q, cache.Layer(layer), a, out);
+  }
+
+ private:
+  Backend& b_;
+};
+
+class Model {
+ public:
+  Model(ModelConfig cfg, ModelWeights weights, Backend& backend);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }
+  Backend& backend() { return b_; }
+  void set_attention(AttentionPolicy* p) { attn_ = p != nullptr ? p : &dense_; }
+  // Tokens processed per internal step of a long prompt (bounds activation memory).
+  void set_ubatch(int64_t n) { ubatch_ = n > 0 ? n : 512; }
+
+  KVCacheShape CacheShape(int64_t capacity, DType kv_dtype) const;
+
+  // Runs ids[T] at positions [cache.size(), cache.size() + T) and appends them to the cache.
+  // logits (host): [T, vocab] when all_logits, else [1, vocab] for the last token.
+  void Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
+               std::vector<float>* logits);
+
+ private:
+  void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
+            bool all_logits, float* logits_host);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  Backend& b_;
+  DenseAttention dense_;
+  AttentionPolicy* attn_;
+  int64_t ubatch_ = 512;
+};
+
+// Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.
+std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend);
+// Builds a model of config.json's shapes with random weights of `dtype`.
+std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
+                                      ThreadingContext& tc);
+
+}  // namespace needle

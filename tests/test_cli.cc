@@ -1,0 +1,106 @@
+// The needle binary end to end: exit codes and messages for good and bad input.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <regex>
+
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+struct Result {
+  int status = -1;
+  std::string output;  // stdout and stderr together
+};
+
+Result RunNeedle(const std::string& args) {
+  Result r;
+  const std::string cmd = std::string(NEEDLE_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+  return r;
+}
+
+const std::string kFx = NEEDLE_FIXTURES_DIR;
+
+TEST(Cli, GeneratesFromFixture) {
+  Result r = RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 -t 2");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("decode"), std::string::npos) << r.output;
+  // Same ids with the reference kernels.
+  Result s = RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 --reference-kernels 2>/dev/null");
+  // The generated ids are the one line made of digits and commas.
+  const auto ids = [](const std::string& out) {
+    std::smatch m;
+    return std::regex_search(out, m, std::regex("(^|\\n)([0-9]+(,[0-9]+)*)\\n")) ? m[2].str() : std::string("none");
+  };
+  EXPECT_NE(ids(r.output), "none") << r.output;
+  EXPECT_EQ(ids(r.output), ids(s.output));
+}
+
+TEST(Cli, DummyWeightsRun) {
+  Result r = RunNeedle("generate --dummy-weights -m " + kFx + "/llama_gqa4_hd64_f32/config.json --prompt-ids 1,2 -n 2");
+  EXPECT_EQ(r.status, 0) << r.output;
+}
+
+TEST(Cli, BadInputExitsNonZeroWithMessage) {
+  struct Case {
+    std::string args, expect;
+  };
+  const Case cases[] = {
+      {"generate -m /no/such/dir --prompt-ids 1", "/no/such/dir"},
+      {"generate --max-new-tokns 3", "did you mean --max-new-tokens"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,99999 -n 2", "token id 99999"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,x", "'x' is not a token id"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 -n abc", "expects an integer"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --kv-type int3", "--kv-type"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7 -n 4 --ctx-size 5", "--ctx-size 5"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16", "--prompt-ids is required"},
+      {"frobnicate", "unknown command"},
+  };
+  for (const auto& c : cases) {
+    Result r = RunNeedle(c.args);
+    EXPECT_NE(r.status, 0) << c.args;
+    EXPECT_LT(r.status, 128) << "crashed: " << c.args;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << "\n" << r.output;
+  }
+}
+
+TEST(Cli, CorruptWeightsFileIsReportedNotCrashed) {
+  test::TempDir d;
+  const std::string src = kFx + "/llama_gqa4_hd64_bf16";
+  std::filesystem::copy_file(src + "/config.json", d.File("config.json"));
+  std::string bytes;
+  {
+    FILE* f = fopen((src + "/model.safetensors").c_str(), "rb");
+    std::array<char, 65536> b;
+    size_t n;
+    while ((n = fread(b.data(), 1, b.size(), f)) > 0) bytes.append(b.data(), n);
+    fclose(f);
+  }
+  test::WriteFile(d.File("model.safetensors"), bytes.substr(0, bytes.size() - 1000));
+  Result r = RunNeedle("generate -m " + d.path() + " --prompt-ids 1,2");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("model.safetensors"), std::string::npos) << r.output;
+}
+
+TEST(Cli, InfoAndHelp) {
+  Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("Qwen3ForCausalLM"), std::string::npos);
+  Result h = RunNeedle("generate --help");
+  EXPECT_EQ(h.status, 0);
+  EXPECT_NE(h.output.find("--max-new-tokens"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace needle

@@ -1,0 +1,185 @@
+// The fast CPU kernels (Highway + oneTBB) against the scalar reference on random inputs of many
+// shapes, odd sizes included. Tolerances are derived, not guessed:
+//  * a dot product of length K in f32 has |error| <= K * u * sum_k |x_k w_k| (u = 2^-24) for any
+//    summation order; two orders differ by at most twice that. Weights in bf16/f16 are read
+//    exactly by both sides, so the same bound holds for every weight type.
+//  * attention: each score carries the dot bound above (times the scale); the softmax-weighted
+//    sum of n values of magnitude <= max|v| adds n * u * max|v| per side.
+//  * element-wise ops: a few ulps (Highway's Exp is accurate to ~2 ulp; RMSNorm's mean of
+//    squares is accumulated in a different order: D * u relative).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "engine/attention/partial.h"
+#include "engine/cpu/ops.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+constexpr double kU = 1.0 / (1 << 24);
+
+struct OwnedWeight {
+  std::vector<uint8_t> bytes;
+  Weight w;
+};
+
+OwnedWeight MakeWeight(DType t, int64_t rows, int64_t cols, uint64_t seed, float scale = 1.0f) {
+  OwnedWeight o;
+  const std::vector<float> v = test::RandomVector(static_cast<size_t>(rows * cols), seed, scale);
+  o.bytes.resize(v.size() * DTypeSize(t) + 1);
+  for (size_t i = 0; i < v.size(); ++i) StoreFromF32(t, o.bytes.data(), i, v[i]);
+  o.w = Weight{"w", t, rows, cols, o.bytes.data()};
+  return o;
+}
+
+class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, int64_t, int64_t, int64_t, bool>> {};
+
+TEST_P(MatMulTest, FastMatchesReference) {
+  const auto [t, T, N, K, with_bias] = GetParam();
+  ThreadingContext tc(2);
+  const OwnedWeight w = MakeWeight(t, N, K, 11 + N * 7 + K);
+  const OwnedWeight b = MakeWeight(t, 1, N, 5);
+  const std::vector<float> x = test::RandomVector(static_cast<size_t>(T * K), 3 + T);
+  std::vector<float> ref(T * N, NAN), fast(T * N, NAN);
+  const Weight* bias = with_bias ? &b.w : nullptr;
+  ref::MatMul(x.data(), T, w.w, bias, ref.data(), tc);
+  fast::MatMul(x.data(), T, w.w, bias, fast.data(), tc);
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t n = 0; n < N; ++n) {
+      double mag = 0;
+      for (int64_t k = 0; k < K; ++k)
+        mag += std::fabs(x[i * K + k] * LoadAsF32(t, w.w.data, static_cast<size_t>(n * K + k)));
+      const double tol = 2.0 * (K + 1) * kU * (mag + 1.0);
+      ASSERT_NEAR(fast[i * N + n], ref[i * N + n], tol) << "t=" << i << " n=" << n;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, MatMulTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                       ::testing::Values(1, 2, 3, 7, 50),          // tokens
+                       ::testing::Values(1, 5, 64, 131),          // N
+                       ::testing::Values(1, 13, 128, 257),        // K
+                       ::testing::Bool()));
+
+TEST(Kernels, RmsNorm) {
+  ThreadingContext tc(2);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (auto [rows, D] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 64}, {2, 130}, {4, 4096}}) {
+      const OwnedWeight w = MakeWeight(t, 1, D, 9);
+      const auto x = test::RandomVector(rows * D, 17, 3.0f);
+      std::vector<float> r(rows * D), f(rows * D);
+      ref::RmsNorm(x.data(), rows, D, w.w, 1e-6f, r.data(), tc);
+      fast::RmsNorm(x.data(), rows, D, w.w, 1e-6f, f.data(), tc);
+      for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], (D + 8) * kU * (std::fabs(r[i]) + 1e-3)) << i;
+    }
+  }
+}
+
+TEST(Kernels, Rope) {
+  ThreadingContext tc(2);
+  for (auto [T, heads, D] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 2}, {3, 7, 64}, {5, 4, 128}, {2, 3, 18}}) {
+    std::vector<float> inv(D / 2);
+    for (int64_t i = 0; i < D / 2; ++i) inv[i] = std::pow(10000.0f, -2.0f * i / D);
+    auto r = test::RandomVector(T * heads * D, 21);
+    auto f = r;
+    ref::Rope(r.data(), T, heads, D, 1000, inv.data(), 1.1f, tc);
+    fast::Rope(f.data(), T, heads, D, 1000, inv.data(), 1.1f, tc);
+    for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], 4 * kU * (std::fabs(r[i]) + 1.0)) << i;
+  }
+}
+
+TEST(Kernels, SiluMulAndAdd) {
+  ThreadingContext tc(2);
+  for (int64_t n : {1, 7, 64, 1000, 70001}) {
+    const auto g = test::RandomVector(n, 1, 4.0f), u = test::RandomVector(n, 2);
+    std::vector<float> r(n), f(n);
+    ref::SiluMul(g.data(), u.data(), n, r.data(), tc);
+    fast::SiluMul(g.data(), u.data(), n, f.data(), tc);
+    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(f[i], r[i], 16 * kU * (std::fabs(r[i]) + 1e-6)) << i;
+    auto a = g, b = g;
+    ref::Add(a.data(), u.data(), n, tc);
+    fast::Add(b.data(), u.data(), n, tc);
+    EXPECT_EQ(a, b);
+  }
+}
+
+struct AttnCase {
+  int64_t T, pos0, heads, kv_heads, D, window;
+};
+
+class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType>> {};
+
+TEST_P(AttentionTest, FastMatchesReference) {
+  const auto [c, kv_type] = GetParam();
+  for (int threads : {1, 3}) {
+    ThreadingContext tc(threads);
+    const int64_t n_tok = c.pos0 + c.T;
+    KVCache cache(KVCacheShape{1, c.kv_heads, c.D, n_tok + 3, kv_type});
+    const auto k = test::RandomVector(n_tok * c.kv_heads * c.D, 31);
+    const auto v = test::RandomVector(n_tok * c.kv_heads * c.D, 32);
+    cache.Write(0, 0, n_tok, k.data(), v.data());
+    const auto q = test::RandomVector(c.T * c.heads * c.D, 33);
+    AttnArgs a{c.T, c.pos0, c.heads, c.kv_heads, c.D, c.window, 1.0f / std::sqrt(static_cast<float>(c.D))};
+    std::vector<float> r(c.T * c.heads * c.D, NAN), f(c.T * c.heads * c.D, NAN);
+    ref::Attention(q.data(), cache.Layer(0), a, r.data(), tc);
+    fast::Attention(q.data(), cache.Layer(0), a, f.data(), tc);
+    float qmax = 0, kmax = 0, vmax = 0;
+    for (float x : q) qmax = std::max(qmax, std::fabs(x));
+    for (float x : k) kmax = std::max(kmax, std::fabs(x));
+    for (float x : v) vmax = std::max(vmax, std::fabs(x));
+    const double score_err = 2.0 * c.D * kU * c.D * qmax * kmax * a.scale;
+    const double tol = vmax * (2.0 * (n_tok + 4) * kU + 2.0 * score_err);
+    for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], tol) << "index " << i << " threads " << threads;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionTest,
+    ::testing::Combine(::testing::Values(AttnCase{1, 0, 4, 4, 64, 0},       // first token, GQA 1
+                                         AttnCase{1, 999, 8, 2, 128, 0},    // decode, GQA 4, key splits
+                                         AttnCase{1, 2600, 7, 1, 64, 0},    // decode, GQA 7, splits
+                                         AttnCase{37, 0, 8, 1, 128, 0},     // prefill, GQA 8
+                                         AttnCase{5, 300, 4, 1, 64, 64},    // sliding window
+                                         AttnCase{9, 130, 6, 2, 72, 0},     // head_dim 72 (tails)
+                                         AttnCase{3, 5, 2, 2, 6, 0}),       // tiny head_dim
+                       ::testing::Values(DType::kF32, DType::kBF16, DType::kF16)));
+
+TEST(Kernels, PartialAttentionMergeEqualsWhole) {
+  // Splitting keys anywhere and merging the partials gives the softmax over all keys.
+  const int64_t D = 5, n = 40;
+  const auto s = test::RandomVector(n, 7, 5.0f);
+  const auto v = test::RandomVector(n * D, 8);
+  auto fold = [&](int64_t j0, int64_t j1, float* buf) {
+    PartialAttention p(buf, D);
+    for (int64_t j = j0; j < j1; ++j) p.m = std::max(p.m, s[j]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float e = std::exp(s[j] - p.m);
+      p.l += e;
+      for (int64_t d = 0; d < D; ++d) p.out[d] += e * v[j * D + d];
+    }
+    p.n = j1 - j0;
+    return p;
+  };
+  std::vector<float> whole(D), a(D), b(D), c(D), ra(D), rw(D);
+  PartialAttention pw = fold(0, n, whole.data());
+  PartialAttention pa = fold(0, 13, a.data()), pb = fold(13, 13, b.data()), pc = fold(13, n, c.data());
+  EXPECT_TRUE(pb.empty());
+  pa.Merge(pb);
+  pa.Merge(pc);
+  pa.Finalize(ra.data());
+  pw.Finalize(rw.data());
+  for (int64_t d = 0; d < D; ++d) EXPECT_NEAR(ra[d], rw[d], 1e-5);
+  // Merging into an empty partial copies.
+  std::vector<float> e(D);
+  PartialAttention pe(e.data(), D);
+  pe.Merge(pw);
+  EXPECT_EQ(pe.n, n);
+}
+
+}  // namespace
+}  // namespace needle
