@@ -1,0 +1,83 @@
+#include "bench/bench_util.h"
+
+#include <algorithm>
+#include <cstring>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "bench/bench_util.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace needle::bench {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+// Sums n floats with the widest vectors of this CPU and 4 independent accumulators, so the
+// loop is limited by memory, not by the core.
+float SumFloats(const float* p, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t L = hn::Lanes(d);
+  auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+  size_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    a0 = hn::Add(a0, hn::LoadU(d, p + i));
+    a1 = hn::Add(a1, hn::LoadU(d, p + i + L));
+    a2 = hn::Add(a2, hn::LoadU(d, p + i + 2 * L));
+    a3 = hn::Add(a3, hn::LoadU(d, p + i + 3 * L));
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
+}
+}  // namespace HWY_NAMESPACE
+}  // namespace needle::bench
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace needle::bench {
+HWY_EXPORT(SumFloats);
+
+int BenchThreads() {
+  const char* e = std::getenv("NEEDLE_BENCH_THREADS");
+  return e != nullptr ? std::max(1, std::atoi(e)) : 0;
+}
+
+ThreadingContext& BenchContext() {
+  static ThreadingContext tc(BenchThreads());
+  return tc;
+}
+
+double MeasuredReadBandwidth() {
+  static double cached = 0;
+  if (cached > 0) return cached;
+  ThreadingContext& tc = BenchContext();
+  const size_t n = (size_t{1} << 30) / sizeof(float);  // 1 GiB
+  std::vector<float> buf(n);
+  tc.ParallelFor(n, 1 << 16, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) buf[i] = static_cast<float>(i & 1023);
+  });
+  const size_t parts = static_cast<size_t>(tc.threads()) * 8;
+  std::vector<float> sink(parts);
+  double best = 0;
+  for (int pass = 0; pass < 8; ++pass) {
+    auto t0 = std::chrono::steady_clock::now();
+    tc.ParallelFor(parts, 1, [&](size_t b, size_t e) {
+      for (size_t p = b; p < e; ++p)
+        sink[p] = HWY_DYNAMIC_DISPATCH(SumFloats)(buf.data() + p * (n / parts), n / parts);
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n * sizeof(float)) / dt);
+  }
+  float total = 0;
+  for (auto s : sink) total += s;
+  std::fprintf(stderr, "measured DRAM read bandwidth: %.1f GB/s with %d threads (checksum %g)\n",
+               best / 1e9, tc.threads(), static_cast<double>(total));
+  cached = best;
+  return cached;
+}
+
+}  // namespace needle::bench
+#endif  // HWY_ONCE
