@@ -16,5 +16,13 @@ $P/bench_decode 2>&1 | tee "$OUT/bench_decode.txt"
 PROMPT=$(seq -s, 10 41)
 python3 scripts/make_random_hf_model.py --config bench/configs/qwen2.5-7b.json --out /tmp/q7 \
   --greedy-prompt "$PROMPT" --greedy-new 8 2>&1 | grep -v Warning | tee "$OUT/hf_model.txt"
-/usr/bin/time -f "info: %e s wall, max RSS %M KiB" $P/needle info -m /tmp/q7 2>&1 | tee "$OUT/load.txt"
-/usr/bin/time -f "generate: %e s wall, max RSS %M KiB" $P/needle generate -m /tmp/q7 --prompt-ids "$PROMPT" -n 8 2>&1 | tee -a "$OUT/load.txt"
+# Wall time and peak resident memory of a command (no /usr/bin/time there).
+timed() {
+  python3 -c 'import resource, subprocess, sys, time
+t = time.time(); rc = subprocess.run(sys.argv[1:]).returncode
+print(f"[{sys.argv[2]}] rc {rc}, {time.time() - t:.2f} s wall, max RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB", flush=True)' "$@"
+}
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" || echo "page cache not dropped"
+timed $P/needle info -m /tmp/q7 2>&1 | tee "$OUT/load.txt"
+timed $P/needle generate -m /tmp/q7 --prompt-ids "$PROMPT" -n 8 2>&1 | tee -a "$OUT/load.txt"
+timed $P/needle generate -m /tmp/q7 --prompt-ids "$PROMPT" -n 8 2>&1 | tee -a "$OUT/load.txt"
