@@ -17,7 +17,8 @@ void Decode(benchmark::State& state, const std::string& config) {
   ThreadingContext& tc = BenchContext();
   const double peak = MeasuredReadBandwidth();
   auto backend = MakeCpuBackend(tc, false);
-  auto model = MakeDummyModel(std::string(NEEDLE_BENCH_CONFIGS) + "/" + config, DType::kBF16, *backend, tc);
+  auto model =
+      MakeDummyModel(std::string(NEEDLE_BENCH_CONFIGS) + "/" + config, DType::kBF16, *backend, tc);
   const int64_t prompt_len = 512;
   KVCache cache(model->CacheShape(prompt_len + 4096, DType::kBF16));
   std::vector<int32_t> prompt(prompt_len);
@@ -35,16 +36,25 @@ void Decode(benchmark::State& state, const std::string& config) {
     tok = static_cast<int32_t>((tok * 31 + 7) % 1000 + 10);
   }
   // Bytes read per token: every matrix except the embedding table (only one row of it is read).
-  const double bytes = static_cast<double>(model->weights().TotalBytes() - model->weights().embed.nbytes() +
-                                           (model->config().tie_word_embeddings ? model->weights().embed.nbytes() : 0));
-  state.counters["tok/s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  state.counters["weight_GB/s"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
-  state.counters["of_peak"] = benchmark::Counter(bytes * state.iterations() / peak, benchmark::Counter::kIsRate);
+  const double bytes = static_cast<double>(
+      model->weights().TotalBytes() - model->weights().embed.nbytes() +
+      (model->config().tie_word_embeddings ? model->weights().embed.nbytes() : 0));
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["weight_GB/s"] =
+      benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["of_peak"] =
+      benchmark::Counter(bytes * state.iterations() / peak, benchmark::Counter::kIsRate);
   state.counters["threads"] = tc.threads();
 }
 
-BENCHMARK_CAPTURE(Decode, qwen2_5_0_5b, std::string("qwen2.5-0.5b.json"))->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_CAPTURE(Decode, qwen2_5_7b, std::string("qwen2.5-7b.json"))->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK_CAPTURE(Decode, qwen2_5_0_5b, std::string("qwen2.5-0.5b.json"))
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(Decode, qwen2_5_7b, std::string("qwen2.5-7b.json"))
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3.0);
 
 }  // namespace
 }  // namespace needle::bench

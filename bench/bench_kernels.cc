@@ -25,7 +25,8 @@ WeightSet MakeWeights(int64_t N, int64_t K) {
   for (size_t c = 0; c < copies; ++c) {
     s.copies.emplace_back(static_cast<size_t>(N * K));
     auto& v = s.copies.back();
-    for (size_t i = 0; i < v.size(); ++i) v[i] = F32ToBF16(static_cast<float>((i * 2654435761u + c) % 1000) * 1e-4f - 0.05f);
+    for (size_t i = 0; i < v.size(); ++i)
+      v[i] = F32ToBF16(static_cast<float>((i * 2654435761u + c) % 1000) * 1e-4f - 0.05f);
     s.w.push_back(Weight{"w", DType::kBF16, N, K, v.data()});
   }
   return s;
@@ -67,12 +68,21 @@ void BM_MatMulBF16(benchmark::State& state) {
 
 // (N, K): q/o projections, MLP up/gate, MLP down of Qwen2.5-7B and Llama-3.1-8B.
 BENCHMARK(BM_MatVecBF16)
-    ->Args({3584, 3584})->Args({18944, 3584})->Args({3584, 18944})
-    ->Args({4096, 4096})->Args({14336, 4096})->Args({4096, 14336})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+    ->Args({3584, 3584})
+    ->Args({18944, 3584})
+    ->Args({3584, 18944})
+    ->Args({4096, 4096})
+    ->Args({14336, 4096})
+    ->Args({4096, 14336})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_MatMulBF16)
-    ->Args({128, 3584, 3584})->Args({128, 18944, 3584})->Args({128, 4096, 4096})->Args({128, 14336, 4096})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+    ->Args({128, 3584, 3584})
+    ->Args({128, 18944, 3584})
+    ->Args({128, 4096, 4096})
+    ->Args({128, 14336, 4096})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 }  // namespace needle::bench

@@ -1,11 +1,11 @@
 #include "bench/bench_util.h"
 
 #include <algorithm>
-#include <cstring>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE

@@ -31,9 +31,11 @@ KVCache::KVCache(const KVCacheShape& s) : shape_(s) {
   if (avail != 0 && s.TotalBytes() > avail)
     Fail("KV cache for ", s.capacity, " tokens needs ", s.TotalBytes() / (1 << 20), " MiB (",
          s.BytesPerToken(), " bytes per token, ", DTypeName(s.dtype), ") but only ",
-         avail / (1 << 20), " MiB of memory is available; use a shorter context or a smaller KV type");
+         avail / (1 << 20),
+         " MiB of memory is available; use a shorter context or a smaller KV type");
   for (uint8_t** p : {&k_, &v_}) {
-    void* m = ::mmap(nullptr, bytes_each_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void* m = ::mmap(nullptr, bytes_each_, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED)
       Fail("KV cache: cannot reserve ", bytes_each_ / (1 << 20), " MiB: ", std::strerror(errno));
     *p = static_cast<uint8_t*>(m);
@@ -47,7 +49,8 @@ KVCache::~KVCache() {
 
 KVLayerView KVCache::Layer(int64_t layer) const {
   const size_t layer_bytes =
-      static_cast<size_t>(shape_.kv_heads * shape_.capacity * shape_.head_dim) * DTypeSize(shape_.dtype);
+      static_cast<size_t>(shape_.kv_heads * shape_.capacity * shape_.head_dim) *
+      DTypeSize(shape_.dtype);
   return KVLayerView{shape_.dtype, k_ + layer * layer_bytes, v_ + layer * layer_bytes,
                      shape_.capacity * shape_.head_dim, shape_.head_dim};
 }

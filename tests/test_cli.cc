@@ -33,22 +33,28 @@ Result RunNeedle(const std::string& args) {
 const std::string kFx = NEEDLE_FIXTURES_DIR;
 
 TEST(Cli, GeneratesFromFixture) {
-  Result r = RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 -t 2");
+  Result r =
+      RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 -t 2");
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("decode"), std::string::npos) << r.output;
   // Same ids with the reference kernels.
-  Result s = RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 --reference-kernels 2>/dev/null");
+  Result s =
+      RunNeedle("generate -m " + kFx +
+                "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 --reference-kernels 2>/dev/null");
   // The generated ids are the one line made of digits and commas.
   const auto ids = [](const std::string& out) {
     std::smatch m;
-    return std::regex_search(out, m, std::regex("(^|\\n)([0-9]+(,[0-9]+)*)\\n")) ? m[2].str() : std::string("none");
+    return std::regex_search(out, m, std::regex("(^|\\n)([0-9]+(,[0-9]+)*)\\n"))
+               ? m[2].str()
+               : std::string("none");
   };
   EXPECT_NE(ids(r.output), "none") << r.output;
   EXPECT_EQ(ids(r.output), ids(s.output));
 }
 
 TEST(Cli, DummyWeightsRun) {
-  Result r = RunNeedle("generate --dummy-weights -m " + kFx + "/llama_gqa4_hd64_f32/config.json --prompt-ids 1,2 -n 2");
+  Result r = RunNeedle("generate --dummy-weights -m " + kFx +
+                       "/llama_gqa4_hd64_f32/config.json --prompt-ids 1,2 -n 2");
   EXPECT_EQ(r.status, 0) << r.output;
 }
 
@@ -63,7 +69,8 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,x", "'x' is not a token id"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 -n abc", "expects an integer"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --kv-type int3", "--kv-type"},
-      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7 -n 4 --ctx-size 5", "--ctx-size 5"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7 -n 4 --ctx-size 5",
+       "--ctx-size 5"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16", "--prompt-ids is required"},
       {"frobnicate", "unknown command"},
   };

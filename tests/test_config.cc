@@ -12,7 +12,8 @@ using test::ExpectErrorContaining;
 std::string Base(const std::string& extra, const std::string& arch = "LlamaForCausalLM") {
   return R"({"architectures": [")" + arch + R"("], "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 4096)" + extra + "}";
+    "num_key_value_heads": 2, "max_position_embeddings": 4096)" +
+         extra + "}";
 }
 
 TEST(Config, BothRopeSpellingsAgree) {
@@ -24,7 +25,8 @@ TEST(Config, BothRopeSpellingsAgree) {
       {R"(, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0})",
        R"(, "rope_theta": 500000.0, "rope_scaling": null)", RopeType::kDefault},
       {R"(, "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})",
-       R"(, "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0})", RopeType::kLinear},
+       R"(, "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0})",
+       RopeType::kLinear},
       {R"(, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})",
        R"(, "rope_scaling": {"type": "dynamic", "factor": 2.0})", RopeType::kDynamic},
       {R"(, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -35,7 +37,8 @@ TEST(Config, BothRopeSpellingsAgree) {
       {R"(, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
           "original_max_position_embeddings": 32768})",
        R"(, "rope_theta": 1000000.0, "rope_scaling": {"type": "yarn", "factor": 4.0,
-          "original_max_position_embeddings": 32768})", RopeType::kYarn},
+          "original_max_position_embeddings": 32768})",
+       RopeType::kYarn},
   };
   for (const auto& c : cases) {
     ModelConfig a = ParseModelConfig(Base(c.modern), "modern.json");
@@ -66,43 +69,60 @@ TEST(Config, DefaultsAndDerivedFields) {
 }
 
 TEST(Config, SlidingWindowPerLayer) {
-  ModelConfig m = ParseModelConfig(Base(R"(, "sliding_window": 4096)", "MistralForCausalLM"), "m.json");
+  ModelConfig m =
+      ParseModelConfig(Base(R"(, "sliding_window": 4096)", "MistralForCausalLM"), "m.json");
   EXPECT_EQ(m.sliding_window, (std::vector<int64_t>{4096, 4096}));
-  ModelConfig m2 = ParseModelConfig(Base(R"(, "sliding_window": null)", "MistralForCausalLM"), "m.json");
+  ModelConfig m2 =
+      ParseModelConfig(Base(R"(, "sliding_window": null)", "MistralForCausalLM"), "m.json");
   EXPECT_EQ(m2.sliding_window, (std::vector<int64_t>{0, 0}));
   // Qwen2: only with use_sliding_window, and only from max_window_layers on.
   ModelConfig q = ParseModelConfig(
-      Base(R"(, "sliding_window": 32, "use_sliding_window": true, "max_window_layers": 1)", "Qwen2ForCausalLM"), "q.json");
+      Base(R"(, "sliding_window": 32, "use_sliding_window": true, "max_window_layers": 1)",
+           "Qwen2ForCausalLM"),
+      "q.json");
   EXPECT_EQ(q.sliding_window, (std::vector<int64_t>{0, 32}));
-  ModelConfig q2 = ParseModelConfig(Base(R"(, "sliding_window": 32, "use_sliding_window": false)", "Qwen2ForCausalLM"), "q.json");
+  ModelConfig q2 = ParseModelConfig(
+      Base(R"(, "sliding_window": 32, "use_sliding_window": false)", "Qwen2ForCausalLM"), "q.json");
   EXPECT_EQ(q2.sliding_window, (std::vector<int64_t>{0, 0}));
   ModelConfig q3 = ParseModelConfig(
-      Base(R"(, "sliding_window": 8, "use_sliding_window": true, "layer_types": ["sliding_attention", "full_attention"])",
-           "Qwen3ForCausalLM"), "q.json");
+      Base(
+          R"(, "sliding_window": 8, "use_sliding_window": true, "layer_types": ["sliding_attention", "full_attention"])",
+          "Qwen3ForCausalLM"),
+      "q.json");
   EXPECT_EQ(q3.sliding_window, (std::vector<int64_t>{8, 0}));
 }
 
 TEST(Config, EosIdsAcceptIntOrList) {
-  EXPECT_EQ(ParseModelConfig(Base(R"(, "eos_token_id": 7)"), "c").eos_token_ids, (std::vector<int64_t>{7}));
-  EXPECT_EQ(ParseModelConfig(Base(R"(, "eos_token_id": [7, 9])"), "c").eos_token_ids, (std::vector<int64_t>{7, 9}));
+  EXPECT_EQ(ParseModelConfig(Base(R"(, "eos_token_id": 7)"), "c").eos_token_ids,
+            (std::vector<int64_t>{7}));
+  EXPECT_EQ(ParseModelConfig(Base(R"(, "eos_token_id": [7, 9])"), "c").eos_token_ids,
+            (std::vector<int64_t>{7, 9}));
 }
 
 TEST(Config, BadInputNamesFileFieldAndValue) {
   ExpectErrorContaining([] { ParseModelConfig("{\"vocab_size\": 3,", "/m/config.json"); },
                         {"/m/config.json", "malformed JSON"});
-  ExpectErrorContaining([] { ParseModelConfig("[1, 2]", "/m/config.json"); }, {"/m/config.json", "object"});
+  ExpectErrorContaining([] { ParseModelConfig("[1, 2]", "/m/config.json"); },
+                        {"/m/config.json", "object"});
   ExpectErrorContaining(
       [] {
-        ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4})", "/m/config.json");
+        ParseModelConfig(
+            R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4})",
+            "/m/config.json");
       },
       {"/m/config.json", "hidden_size", "missing"});
   ExpectErrorContaining([] { ParseModelConfig(Base("", "GPT2LMHeadModel"), "c.json"); },
                         {"c.json", "architectures", "GPT2LMHeadModel", "unsupported"});
-  ExpectErrorContaining([] { ParseModelConfig(Base(R"(, "rope_scaling": {"type": "longrope", "factor": 2.0})"), "c.json"); },
-                        {"c.json", "rope_scaling.type", "longrope"});
-  ExpectErrorContaining([] { ParseModelConfig(Base(R"(, "rope_scaling": {"type": "linear"})"), "c.json"); },
-                        {"c.json", "rope_scaling.factor", "missing"});
+  ExpectErrorContaining(
+      [] {
+        ParseModelConfig(Base(R"(, "rope_scaling": {"type": "longrope", "factor": 2.0})"),
+                         "c.json");
+      },
+      {"c.json", "rope_scaling.type", "longrope"});
+  ExpectErrorContaining(
+      [] { ParseModelConfig(Base(R"(, "rope_scaling": {"type": "linear"})"), "c.json"); },
+      {"c.json", "rope_scaling.factor", "missing"});
   ExpectErrorContaining([] { ParseModelConfig(Base(R"(, "hidden_act": "gelu")"), "c.json"); },
                         {"c.json", "hidden_act", "gelu"});
   ExpectErrorContaining([] { ParseModelConfig(Base(R"(, "rms_norm_eps": -1)"), "c.json"); },
@@ -112,15 +132,20 @@ TEST(Config, BadInputNamesFileFieldAndValue) {
 }
 
 TEST(Config, HeadsMustDivide) {
-  const std::string j = R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+  const std::string j =
+      R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3})";
-  ExpectErrorContaining([&] { ParseModelConfig(j, "c.json"); }, {"c.json", "num_key_value_heads", "3"});
-  const std::string k = R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 60,
+  ExpectErrorContaining([&] { ParseModelConfig(j, "c.json"); },
+                        {"c.json", "num_key_value_heads", "3"});
+  const std::string k =
+      R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 60,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8})";
   ExpectErrorContaining([&] { ParseModelConfig(k, "c.json"); }, {"c.json", "hidden_size"});
-  const std::string s = R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+  const std::string s =
+      R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": "four"})";
-  ExpectErrorContaining([&] { ParseModelConfig(s, "c.json"); }, {"c.json", "num_attention_heads", "\"four\"", "integer"});
+  ExpectErrorContaining([&] { ParseModelConfig(s, "c.json"); },
+                        {"c.json", "num_attention_heads", "\"four\"", "integer"});
 }
 
 }  // namespace

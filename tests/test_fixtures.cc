@@ -62,7 +62,8 @@ Reference LoadReference(const std::string& dir) {
   r.attention_scaling = j["attention_scaling"].get<float>();
   r.dtype = j["dtype"].get<std::string>();
   SafetensorsFile st(dir + "/reference.safetensors");
-  for (auto [name, dst] : {std::pair{"logits_native", &r.native}, std::pair{"logits_fp32", &r.fp32}}) {
+  for (auto [name, dst] :
+       {std::pair{"logits_native", &r.native}, std::pair{"logits_fp32", &r.fp32}}) {
     const TensorInfo* t = st.Find(name);
     EXPECT_NE(t, nullptr) << name;
     if (t == nullptr) continue;
@@ -102,7 +103,8 @@ Diff Compare(const std::vector<float>& got, const std::vector<float>& ref) {
 
 // Greedy tokens agree wherever the reference's top-2 margin exceeds what the tolerance allows
 // to flip; returns how many positions were decisive.
-int CheckGreedy(const std::vector<float>& got, const std::vector<float>& ref, int64_t V, double tol_abs) {
+int CheckGreedy(const std::vector<float>& got, const std::vector<float>& ref, int64_t V,
+                double tol_abs) {
   int decisive = 0;
   for (size_t r = 0; r * V < ref.size(); ++r) {
     const float* g = got.data() + r * V;
@@ -130,13 +132,15 @@ TEST_P(FixtureTest, MatchesTransformers) {
   const RopeFreqs rf = ComputeRopeFreqs(model->config(), static_cast<int64_t>(ref.tokens.size()));
   ASSERT_EQ(rf.inv_freq.size(), ref.inv_freq.size());
   for (size_t i = 0; i < rf.inv_freq.size(); ++i)
-    EXPECT_NEAR(rf.inv_freq[i], ref.inv_freq[i], 2e-7 * std::fabs(ref.inv_freq[i]) + 1e-12) << "inv_freq[" << i << "]";
+    EXPECT_NEAR(rf.inv_freq[i], ref.inv_freq[i], 2e-7 * std::fabs(ref.inv_freq[i]) + 1e-12)
+        << "inv_freq[" << i << "]";
   EXPECT_NEAR(rf.attention_scaling, ref.attention_scaling, 1e-6);
 
   // f32 compute with an f32 KV cache against transformers on the same weights upcast to f32.
   const std::vector<float> ours = RunNeedle(*model, ref, DType::kF32);
   const Diff d32 = Compare(ours, ref.fp32);
-  EXPECT_LE(d32.rel(), 1e-4) << "vs fp32 reference: max abs " << d32.max_abs << " of " << d32.ref_max;
+  EXPECT_LE(d32.rel(), 1e-4) << "vs fp32 reference: max abs " << d32.max_abs << " of "
+                             << d32.ref_max;
   const int decisive = CheckGreedy(ours, ref.fp32, V, 1e-4 * d32.ref_max);
   EXPECT_GE(decisive, static_cast<int>(ref.tokens.size()) / 2);
 
@@ -151,8 +155,8 @@ TEST_P(FixtureTest, MatchesTransformers) {
     CheckGreedy(native, ref.native, V, tol * dn.ref_max);
     native_rel = dn.rel();
   }
-  std::printf("[ fixture  ] %-30s vs f32 reference: rel err %.2e; vs native %s: %.2e\n", GetParam().c_str(),
-              d32.rel(), ref.dtype.c_str(), native_rel);
+  std::printf("[ fixture  ] %-30s vs f32 reference: rel err %.2e; vs native %s: %.2e\n",
+              GetParam().c_str(), d32.rel(), ref.dtype.c_str(), native_rel);
 }
 
 // The same fixture with config.json in the pre-transformers-5 spelling (top-level rope_theta,
@@ -186,9 +190,10 @@ TEST(Fixtures, AllVariantsPresent) {
   // run fewer cases): every architecture, rope type, dtype and the sharded layout.
   const auto names = FixtureNames();
   for (const char* want :
-       {"llama_gqa4_hd64_f32", "llama_gqa4_hd64_bf16", "llama_gqa4_hd64_f16", "llama_gqa4_hd64_bf16_sharded",
-        "llama_llama3_hd128_f32", "llama_linear_gqa7_f32", "llama_dynamic_f32", "llama_yarn_hd128_f32",
-        "mistral_swa_f32", "qwen2_bias_gqa7_f32", "qwen3_qknorm_gqa4_f32", "qwen3_qknorm_gqa4_bf16"})
+       {"llama_gqa4_hd64_f32", "llama_gqa4_hd64_bf16", "llama_gqa4_hd64_f16",
+        "llama_gqa4_hd64_bf16_sharded", "llama_llama3_hd128_f32", "llama_linear_gqa7_f32",
+        "llama_dynamic_f32", "llama_yarn_hd128_f32", "mistral_swa_f32", "qwen2_bias_gqa7_f32",
+        "qwen3_qknorm_gqa4_f32", "qwen3_qknorm_gqa4_bf16"})
     EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
 }
 

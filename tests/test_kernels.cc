@@ -35,7 +35,8 @@ OwnedWeight MakeWeight(DType t, int64_t rows, int64_t cols, uint64_t seed, float
   return o;
 }
 
-class MatMulTest : public ::testing::TestWithParam<std::tuple<DType, int64_t, int64_t, int64_t, bool>> {};
+class MatMulTest
+    : public ::testing::TestWithParam<std::tuple<DType, int64_t, int64_t, int64_t, bool>> {};
 
 TEST_P(MatMulTest, FastMatchesReference) {
   const auto [t, T, N, K, with_bias] = GetParam();
@@ -58,38 +59,42 @@ TEST_P(MatMulTest, FastMatchesReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, MatMulTest,
-    ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
-                       ::testing::Values(1, 2, 3, 7, 50),          // tokens
-                       ::testing::Values(1, 5, 64, 131),          // N
-                       ::testing::Values(1, 13, 128, 257),        // K
-                       ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(Shapes, MatMulTest,
+                         ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16,
+                                                              DType::kF16),
+                                            ::testing::Values(1, 2, 3, 7, 50),   // tokens
+                                            ::testing::Values(1, 5, 64, 131),    // N
+                                            ::testing::Values(1, 13, 128, 257),  // K
+                                            ::testing::Bool()));
 
 TEST(Kernels, RmsNorm) {
   ThreadingContext tc(2);
   for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
-    for (auto [rows, D] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 64}, {2, 130}, {4, 4096}}) {
+    for (auto [rows, D] :
+         {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 64}, {2, 130}, {4, 4096}}) {
       const OwnedWeight w = MakeWeight(t, 1, D, 9);
       const auto x = test::RandomVector(rows * D, 17, 3.0f);
       std::vector<float> r(rows * D), f(rows * D);
       ref::RmsNorm(x.data(), rows, D, w.w, 1e-6f, r.data(), tc);
       fast::RmsNorm(x.data(), rows, D, w.w, 1e-6f, f.data(), tc);
-      for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], (D + 8) * kU * (std::fabs(r[i]) + 1e-3)) << i;
+      for (size_t i = 0; i < r.size(); ++i)
+        ASSERT_NEAR(f[i], r[i], (D + 8) * kU * (std::fabs(r[i]) + 1e-3)) << i;
     }
   }
 }
 
 TEST(Kernels, Rope) {
   ThreadingContext tc(2);
-  for (auto [T, heads, D] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 2}, {3, 7, 64}, {5, 4, 128}, {2, 3, 18}}) {
+  for (auto [T, heads, D] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 1, 2}, {3, 7, 64}, {5, 4, 128}, {2, 3, 18}}) {
     std::vector<float> inv(D / 2);
     for (int64_t i = 0; i < D / 2; ++i) inv[i] = std::pow(10000.0f, -2.0f * i / D);
     auto r = test::RandomVector(T * heads * D, 21);
     auto f = r;
     ref::Rope(r.data(), T, heads, D, 1000, inv.data(), 1.1f, tc);
     fast::Rope(f.data(), T, heads, D, 1000, inv.data(), 1.1f, tc);
-    for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], 4 * kU * (std::fabs(r[i]) + 1.0)) << i;
+    for (size_t i = 0; i < r.size(); ++i)
+      ASSERT_NEAR(f[i], r[i], 4 * kU * (std::fabs(r[i]) + 1.0)) << i;
   }
 }
 
@@ -100,7 +105,8 @@ TEST(Kernels, SiluMulAndAdd) {
     std::vector<float> r(n), f(n);
     ref::SiluMul(g.data(), u.data(), n, r.data(), tc);
     fast::SiluMul(g.data(), u.data(), n, f.data(), tc);
-    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(f[i], r[i], 16 * kU * (std::fabs(r[i]) + 1e-6)) << i;
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_NEAR(f[i], r[i], 16 * kU * (std::fabs(r[i]) + 1e-6)) << i;
     auto a = g, b = g;
     ref::Add(a.data(), u.data(), n, tc);
     fast::Add(b.data(), u.data(), n, tc);
@@ -124,7 +130,8 @@ TEST_P(AttentionTest, FastMatchesReference) {
     const auto v = test::RandomVector(n_tok * c.kv_heads * c.D, 32);
     cache.Write(0, 0, n_tok, k.data(), v.data());
     const auto q = test::RandomVector(c.T * c.heads * c.D, 33);
-    AttnArgs a{c.T, c.pos0, c.heads, c.kv_heads, c.D, c.window, 1.0f / std::sqrt(static_cast<float>(c.D))};
+    AttnArgs a{
+        c.T, c.pos0, c.heads, c.kv_heads, c.D, c.window, 1.0f / std::sqrt(static_cast<float>(c.D))};
     std::vector<float> r(c.T * c.heads * c.D, NAN), f(c.T * c.heads * c.D, NAN);
     ref::Attention(q.data(), cache.Layer(0), a, r.data(), tc);
     fast::Attention(q.data(), cache.Layer(0), a, f.data(), tc);
@@ -134,19 +141,21 @@ TEST_P(AttentionTest, FastMatchesReference) {
     for (float x : v) vmax = std::max(vmax, std::fabs(x));
     const double score_err = 2.0 * c.D * kU * c.D * qmax * kmax * a.scale;
     const double tol = vmax * (2.0 * (n_tok + 4) * kU + 2.0 * score_err);
-    for (size_t i = 0; i < r.size(); ++i) ASSERT_NEAR(f[i], r[i], tol) << "index " << i << " threads " << threads;
+    for (size_t i = 0; i < r.size(); ++i)
+      ASSERT_NEAR(f[i], r[i], tol) << "index " << i << " threads " << threads;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionTest,
-    ::testing::Combine(::testing::Values(AttnCase{1, 0, 4, 4, 64, 0},       // first token, GQA 1
-                                         AttnCase{1, 999, 8, 2, 128, 0},    // decode, GQA 4, key splits
-                                         AttnCase{1, 2600, 7, 1, 64, 0},    // decode, GQA 7, splits
-                                         AttnCase{37, 0, 8, 1, 128, 0},     // prefill, GQA 8
-                                         AttnCase{5, 300, 4, 1, 64, 64},    // sliding window
-                                         AttnCase{9, 130, 6, 2, 72, 0},     // head_dim 72 (tails)
-                                         AttnCase{3, 5, 2, 2, 6, 0}),       // tiny head_dim
+    ::testing::Combine(::testing::Values(AttnCase{1, 0, 4, 4, 64, 0},  // first token, GQA 1
+                                         AttnCase{1, 999, 8, 2, 128,
+                                                  0},  // decode, GQA 4, key splits
+                                         AttnCase{1, 2600, 7, 1, 64, 0},  // decode, GQA 7, splits
+                                         AttnCase{37, 0, 8, 1, 128, 0},   // prefill, GQA 8
+                                         AttnCase{5, 300, 4, 1, 64, 64},  // sliding window
+                                         AttnCase{9, 130, 6, 2, 72, 0},   // head_dim 72 (tails)
+                                         AttnCase{3, 5, 2, 2, 6, 0}),     // tiny head_dim
                        ::testing::Values(DType::kF32, DType::kBF16, DType::kF16)));
 
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {
@@ -167,7 +176,8 @@ TEST(Kernels, PartialAttentionMergeEqualsWhole) {
   };
   std::vector<float> whole(D), a(D), b(D), c(D), ra(D), rw(D);
   PartialAttention pw = fold(0, n, whole.data());
-  PartialAttention pa = fold(0, 13, a.data()), pb = fold(13, 13, b.data()), pc = fold(13, n, c.data());
+  PartialAttention pa = fold(0, 13, a.data()), pb = fold(13, 13, b.data()),
+                   pc = fold(13, n, c.data());
   EXPECT_TRUE(pb.empty());
   pa.Merge(pb);
   pa.Merge(pc);

@@ -36,7 +36,8 @@ TEST(Model, ChunkedPrefillEqualsOneShot) {
 
 TEST(Model, FastBackendMatchesReferenceBackend) {
   ThreadingContext tc(2);
-  for (const char* name : {"/llama_yarn_hd128_bf16", "/mistral_swa_f32", "/qwen3_qknorm_gqa4_bf16"}) {
+  for (const char* name :
+       {"/llama_yarn_hd128_bf16", "/mistral_swa_f32", "/qwen3_qknorm_gqa4_bf16"}) {
     auto fb = MakeCpuBackend(tc, false);
     auto rb = MakeCpuBackend(tc, true);
     auto fm = LoadModel(std::string(NEEDLE_FIXTURES_DIR) + name, *fb);
@@ -68,7 +69,8 @@ TEST(Model, GreedyStopsAtEos) {
   GenerateStats st;
   const auto stopped = GenerateGreedy(*m1, c1, prompt, 6, nullptr, &st);
   EXPECT_TRUE(st.stopped_at_eos);
-  const size_t first_eos = std::find(free_run.begin(), free_run.end(), free_run[2]) - free_run.begin();
+  const size_t first_eos =
+      std::find(free_run.begin(), free_run.end(), free_run[2]) - free_run.begin();
   EXPECT_EQ(stopped, std::vector<int32_t>(free_run.begin(), free_run.begin() + first_eos + 1));
 }
 
@@ -92,13 +94,20 @@ TEST(Model, ContextOverflowIsAnError) {
   std::vector<float> out;
   test::ExpectErrorContaining([&] { m->Forward(ids.data(), 5, cache, false, &out); },
                               {"context overflow", "4 tokens"});
-  test::ExpectErrorContaining([&] { int32_t bad = 256; m->Forward(&bad, 1, cache, false, &out); },
-                              {"token id 256", "vocabulary"});
+  test::ExpectErrorContaining(
+      [&] {
+        int32_t bad = 256;
+        m->Forward(&bad, 1, cache, false, &out);
+      },
+      {"token id 256", "vocabulary"});
 }
 
 TEST(Model, KVCacheLargerThanMemoryIsRefused) {
-  test::ExpectErrorContaining([] { KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, DType::kBF16}); },
-                              {"KV cache", "MiB", "available"});
+  test::ExpectErrorContaining(
+      [] {
+        KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, DType::kBF16});
+      },
+      {"KV cache", "MiB", "available"});
 }
 
 }  // namespace

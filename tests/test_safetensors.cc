@@ -53,7 +53,8 @@ TEST(Safetensors, ReadsValidFile) {
 TEST(Safetensors, Truncated) {
   TempDir d;
   WriteFile(d.File("t.safetensors"), "abc");
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("t.safetensors")); }, {d.File("t.safetensors"), "truncated"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("t.safetensors")); },
+                        {d.File("t.safetensors"), "truncated"});
 }
 
 TEST(Safetensors, HeaderLengthBeyondFile) {
@@ -68,27 +69,32 @@ TEST(Safetensors, HeaderLengthBeyondFile) {
 TEST(Safetensors, MalformedHeader) {
   TempDir d;
   WriteFile(d.File("j.safetensors"), LengthPrefix("{\"w\": {\"dtype\": "));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("j.safetensors")); }, {d.File("j.safetensors"), "malformed"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("j.safetensors")); },
+                        {d.File("j.safetensors"), "malformed"});
 }
 
 TEST(Safetensors, UnknownDType) {
   TempDir d;
   WriteFile(d.File("u.safetensors"), Build(OneTensor("Q4_K", {4}, 0, 4), 4));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("u.safetensors")); }, {"u.safetensors", "'w'", "unknown dtype 'Q4_K'"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("u.safetensors")); },
+                        {"u.safetensors", "'w'", "unknown dtype 'Q4_K'"});
 }
 
 TEST(Safetensors, OffsetsOutOfRange) {
   TempDir d;
   WriteFile(d.File("o.safetensors"), Build(OneTensor("F32", {4}, 0, 16), 8));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("o.safetensors")); }, {"o.safetensors", "'w'", "past the data section"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("o.safetensors")); },
+                        {"o.safetensors", "'w'", "past the data section"});
   WriteFile(d.File("r.safetensors"), Build(OneTensor("F32", {0}, 8, 4), 8));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("r.safetensors")); }, {"r.safetensors", "'w'", "reversed"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("r.safetensors")); },
+                        {"r.safetensors", "'w'", "reversed"});
 }
 
 TEST(Safetensors, SizeDisagreesWithShape) {
   TempDir d;
   WriteFile(d.File("s.safetensors"), Build(OneTensor("F16", {3, 3}, 0, 16), 16));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("s.safetensors")); }, {"s.safetensors", "'w'", "[3, 3]", "needs 18"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("s.safetensors")); },
+                        {"s.safetensors", "'w'", "[3, 3]", "needs 18"});
 }
 
 TEST(Safetensors, OverlappingTensors) {
@@ -97,17 +103,20 @@ TEST(Safetensors, OverlappingTensors) {
   h["inner"] = {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {8, 16}}};
   h["empty"] = {{"dtype", "F32"}, {"shape", {0}}, {"data_offsets", {4, 4}}};
   WriteFile(d.File("v.safetensors"), Build(h, 32));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("v.safetensors")); }, {"v.safetensors", "overlap", "'inner'", "'w'"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("v.safetensors")); },
+                        {"v.safetensors", "overlap", "'inner'", "'w'"});
 }
 
 TEST(Safetensors, BadShapeEntries) {
   TempDir d;
   json h = {{"w", {{"dtype", "F32"}, {"shape", {-1}}, {"data_offsets", {0, 4}}}}};
   WriteFile(d.File("n.safetensors"), Build(h, 4));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("n.safetensors")); }, {"n.safetensors", "'w'", "shape"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("n.safetensors")); },
+                        {"n.safetensors", "'w'", "shape"});
   json g = {{"w", {{"dtype", "F32"}, {"shape", {1}}, {"data_offsets", {0}}}}};
   WriteFile(d.File("g.safetensors"), Build(g, 4));
-  ExpectErrorContaining([&] { SafetensorsFile f(d.File("g.safetensors")); }, {"g.safetensors", "'w'", "data_offsets"});
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("g.safetensors")); },
+                        {"g.safetensors", "'w'", "data_offsets"});
 }
 
 // Model-level checks on a copy of a real fixture.
@@ -146,14 +155,17 @@ TEST_F(BadModel, TruncatedWeights) {
 
 TEST_F(BadModel, MissingTensor) {
   EditHeader([](json& h) { h.erase("model.layers.1.mlp.up_proj.weight"); });
-  ExpectErrorContaining([&] { Load(); }, {"model.safetensors", "missing tensor 'model.layers.1.mlp.up_proj.weight'"});
+  ExpectErrorContaining(
+      [&] { Load(); }, {"model.safetensors", "missing tensor 'model.layers.1.mlp.up_proj.weight'"});
 }
 
 TEST_F(BadModel, ShapeDisagreesWithConfig) {
   json cfg = json::parse(ReadTextFile(dir_.File("config.json")));
   cfg["intermediate_size"] = 80;
   WriteFile(dir_.File("config.json"), cfg.dump());
-  ExpectErrorContaining([&] { Load(); }, {"model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[64, 56]", "[80, 56]", "config.json"});
+  ExpectErrorContaining([&] { Load(); },
+                        {"model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[64, 56]",
+                         "[80, 56]", "config.json"});
 }
 
 TEST_F(BadModel, NonFloatWeight) {
@@ -167,7 +179,8 @@ TEST_F(BadModel, NonFloatWeight) {
 TEST_F(BadModel, MalformedOrIncompleteConfig) {
   WriteFile(dir_.File("config.json"), "{\"architectures\": [\"LlamaForCausalLM\"]");
   ExpectErrorContaining([&] { Load(); }, {"config.json", "malformed JSON"});
-  WriteFile(dir_.File("config.json"), R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 256})");
+  WriteFile(dir_.File("config.json"),
+            R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 256})");
   ExpectErrorContaining([&] { Load(); }, {"config.json", "hidden_size"});
   fs::remove(dir_.File("config.json"));
   ExpectErrorContaining([&] { Load(); }, {"config.json", "cannot open"});
@@ -189,8 +202,9 @@ TEST_F(BadModel, ShardIndexProblems) {
   // An index naming a tensor that its shard does not hold, and one naming a missing shard.
   fs::rename(dir_.File("model.safetensors"), dir_.File("model-00001-of-00001.safetensors"));
   json idx = {{"metadata", {{"total_size", 1}}},
-              {"weight_map", {{"model.norm.weight", "model-00001-of-00001.safetensors"},
-                              {"model.extra.weight", "model-00001-of-00001.safetensors"}}}};
+              {"weight_map",
+               {{"model.norm.weight", "model-00001-of-00001.safetensors"},
+                {"model.extra.weight", "model-00001-of-00001.safetensors"}}}};
   WriteFile(dir_.File("model.safetensors.index.json"), idx.dump());
   ExpectErrorContaining([&] { Load(); }, {"model.safetensors.index.json", "model.extra.weight"});
   idx["weight_map"]["model.extra.weight"] = "model-00002-of-00002.safetensors";

@@ -51,7 +51,8 @@ void ExpectErrorContaining(F&& f, const std::vector<std::string>& parts) {
     ADD_FAILURE() << "expected an error mentioning '" << parts.front() << "'";
   } catch (const Error& e) {
     const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
+    for (const auto& p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
   }
 }
 

@@ -33,7 +33,8 @@ class Backend {
   // ids: host array [T]; out: [T, hidden]
   virtual void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) = 0;
   virtual void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y) = 0;
-  virtual void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y) = 0;
+  virtual void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps,
+                       float* y) = 0;
   virtual void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
                     const std::vector<float>& inv_freq, float scaling) = 0;
   virtual void SiluMul(const float* gate, const float* up, int64_t n, float* out) = 0;

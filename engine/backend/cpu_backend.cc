@@ -20,7 +20,8 @@ class CpuBackend final : public Backend {
 
   float* Alloc(size_t n) override {
     void* p = std::aligned_alloc(64, ((n * sizeof(float)) + 63) & ~size_t{63});
-    if (p == nullptr && n != 0) Fail("cannot allocate ", n * sizeof(float), " bytes of activations");
+    if (p == nullptr && n != 0)
+      Fail("cannot allocate ", n * sizeof(float), " bytes of activations");
     return static_cast<float*>(p);
   }
   void Free(float* p) override { std::free(p); }
@@ -32,29 +33,46 @@ class CpuBackend final : public Backend {
     EmbedRows(table, ids, T, out);
   }
   void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y) override {
-    if constexpr (kRef) ref::MatMul(x, T, w, bias, y, tc_); else fast::MatMul(x, T, w, bias, y, tc_);
+    if constexpr (kRef)
+      ref::MatMul(x, T, w, bias, y, tc_);
+    else
+      fast::MatMul(x, T, w, bias, y, tc_);
   }
-  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y) override {
-    if constexpr (kRef) ref::RmsNorm(x, rows, D, w, eps, y, tc_);
-    else fast::RmsNorm(x, rows, D, w, eps, y, tc_);
+  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps,
+               float* y) override {
+    if constexpr (kRef)
+      ref::RmsNorm(x, rows, D, w, eps, y, tc_);
+    else
+      fast::RmsNorm(x, rows, D, w, eps, y, tc_);
   }
   void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
             const std::vector<float>& inv_freq, float scaling) override {
-    if constexpr (kRef) ref::Rope(x, T, heads, D, pos0, inv_freq.data(), scaling, tc_);
-    else fast::Rope(x, T, heads, D, pos0, inv_freq.data(), scaling, tc_);
+    if constexpr (kRef)
+      ref::Rope(x, T, heads, D, pos0, inv_freq.data(), scaling, tc_);
+    else
+      fast::Rope(x, T, heads, D, pos0, inv_freq.data(), scaling, tc_);
   }
   void SiluMul(const float* gate, const float* up, int64_t n, float* out) override {
-    if constexpr (kRef) ref::SiluMul(gate, up, n, out, tc_); else fast::SiluMul(gate, up, n, out, tc_);
+    if constexpr (kRef)
+      ref::SiluMul(gate, up, n, out, tc_);
+    else
+      fast::SiluMul(gate, up, n, out, tc_);
   }
   void Add(float* x, const float* y, int64_t n) override {
-    if constexpr (kRef) ref::Add(x, y, n, tc_); else fast::Add(x, y, n, tc_);
+    if constexpr (kRef)
+      ref::Add(x, y, n, tc_);
+    else
+      fast::Add(x, y, n, tc_);
   }
   void KVWrite(KVCache& cache, int64_t layer, int64_t pos0, int64_t T, const float* k,
                const float* v) override {
     cache.Write(layer, pos0, T, k, v);
   }
   void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out) override {
-    if constexpr (kRef) ref::Attention(q, kv, a, out, tc_); else fast::Attention(q, kv, a, out, tc_);
+    if constexpr (kRef)
+      ref::Attention(q, kv, a, out, tc_);
+    else
+      fast::Attention(q, kv, a, out, tc_);
   }
 
  private:

@@ -13,9 +13,9 @@ struct Entry {
   size_t size;
 };
 constexpr Entry kTable[] = {
-    {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2},  {DType::kBF16, "BF16", 2},
-    {DType::kF64, "F64", 8}, {DType::kI64, "I64", 8},  {DType::kI32, "I32", 4},
-    {DType::kI16, "I16", 2}, {DType::kI8, "I8", 1},    {DType::kU8, "U8", 1},
+    {DType::kF32, "F32", 4},   {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
+    {DType::kF64, "F64", 8},   {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
+    {DType::kI16, "I16", 2},   {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
     {DType::kBool, "BOOL", 1},
 };
 }  // namespace
@@ -83,7 +83,7 @@ uint16_t F32ToF16(float f) {
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
-  if (abs < 0x38800000u) {                         // subnormal or zero in f16
+  if (abs < 0x38800000u) {                        // subnormal or zero in f16
     float a;
     std::memcpy(&a, &abs, 4);
     // Scale so that one f16 subnormal step is 1.0, then round to nearest even.

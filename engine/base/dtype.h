@@ -41,19 +41,30 @@ uint16_t F32ToF16(float f);  // round to nearest even, as _mm_cvtps_ph and torch
 // Loads element i of a float-typed array as f32.
 inline float LoadAsF32(DType t, const void* p, size_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kBF16: return BF16ToF32(static_cast<const uint16_t*>(p)[i]);
-    case DType::kF16: return F16ToF32(static_cast<const uint16_t*>(p)[i]);
-    default: return 0.0f;  // callers validate types at load time
+    case DType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DType::kBF16:
+      return BF16ToF32(static_cast<const uint16_t*>(p)[i]);
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(p)[i]);
+    default:
+      return 0.0f;  // callers validate types at load time
   }
 }
 
 inline void StoreFromF32(DType t, void* p, size_t i, float v) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(p)[i] = v; break;
-    case DType::kBF16: static_cast<uint16_t*>(p)[i] = F32ToBF16(v); break;
-    case DType::kF16: static_cast<uint16_t*>(p)[i] = F32ToF16(v); break;
-    default: break;
+    case DType::kF32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(p)[i] = F32ToBF16(v);
+      break;
+    case DType::kF16:
+      static_cast<uint16_t*>(p)[i] = F32ToF16(v);
+      break;
+    default:
+      break;
   }
 }
 

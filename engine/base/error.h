@@ -29,8 +29,8 @@ template <typename... Args>
 // Internal invariant: a violated one is a bug in needle, not bad input, but it must still not
 // turn into garbage or a crash in release builds (unlike assert).
 [[noreturn]] void InternalError(const char* cond, const char* file, int line);
-#define NEEDLE_CHECK(cond) \
-  do {                     \
+#define NEEDLE_CHECK(cond)                                           \
+  do {                                                               \
     if (!(cond)) ::needle::InternalError(#cond, __FILE__, __LINE__); \
   } while (0)
 

@@ -29,7 +29,8 @@ std::vector<int32_t> ParseIds(const std::string& s) {
       pos = 0;
     }
     if (item.empty() || pos != item.size() || v < 0 || v > INT32_MAX)
-      Fail("--prompt-ids: '", item, "' is not a token id (expected comma-separated non-negative integers)");
+      Fail("--prompt-ids: '", item,
+           "' is not a token id (expected comma-separated non-negative integers)");
     ids.push_back(static_cast<int32_t>(v));
   }
   return ids;
@@ -48,16 +49,23 @@ int CmdGenerate(int argc, char** argv) {
       "Runs a model on a prompt of token ids with greedy decoding; prints the new ids on stdout\n"
       "(comma-separated, as they are produced) and the timing on stderr.",
       {
-          {"model", 'm', OptKind::kString, "", "model folder (config.json + model.safetensors[.index.json])"},
-          {"prompt-ids", 0, OptKind::kString, "", "prompt as comma-separated token ids, e.g. 1,2,3"},
+          {"model", 'm', OptKind::kString, "",
+           "model folder (config.json + model.safetensors[.index.json])"},
+          {"prompt-ids", 0, OptKind::kString, "",
+           "prompt as comma-separated token ids, e.g. 1,2,3"},
           {"max-new-tokens", 'n', OptKind::kInt, "16", "maximum number of tokens to generate"},
           {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
-          {"ctx-size", 'c', OptKind::kInt, "0", "KV cache capacity in tokens (0: prompt + max-new-tokens)"},
-          {"kv-type", 0, OptKind::kString, "auto", "KV cache type: auto (the weights' type), f32, f16, bf16"},
+          {"ctx-size", 'c', OptKind::kInt, "0",
+           "KV cache capacity in tokens (0: prompt + max-new-tokens)"},
+          {"kv-type", 0, OptKind::kString, "auto",
+           "KV cache type: auto (the weights' type), f32, f16, bf16"},
           {"ubatch", 0, OptKind::kInt, "512", "prompt tokens per forward step"},
-          {"dummy-weights", 0, OptKind::kFlag, "", "random weights of config.json's shapes (no safetensors needed)"},
-          {"dummy-type", 0, OptKind::kString, "bf16", "weight type of --dummy-weights: f32, f16, bf16"},
-          {"reference-kernels", 0, OptKind::kFlag, "", "use the scalar reference kernels (slow; for checking)"},
+          {"dummy-weights", 0, OptKind::kFlag, "",
+           "random weights of config.json's shapes (no safetensors needed)"},
+          {"dummy-type", 0, OptKind::kString, "bf16",
+           "weight type of --dummy-weights: f32, f16, bf16"},
+          {"reference-kernels", 0, OptKind::kFlag, "",
+           "use the scalar reference kernels (slow; for checking)"},
       });
   if (!opt.Parse(argc, argv)) {
     std::cout << opt.Help();
@@ -77,7 +85,8 @@ int CmdGenerate(int argc, char** argv) {
   std::unique_ptr<Model> model;
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
-    model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), *backend, tc);
+    model =
+        MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), *backend, tc);
   } else {
     model = LoadModel(model_path, *backend);
   }
@@ -88,30 +97,34 @@ int CmdGenerate(int argc, char** argv) {
   const int64_t need = static_cast<int64_t>(prompt.size()) + max_new;
   if (ctx == 0) ctx = need;
   if (ctx < need)
-    Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(), " tokens) plus --max-new-tokens (",
-         max_new, ")");
+    Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(),
+         " tokens) plus --max-new-tokens (", max_new, ")");
   const std::string kvs = opt.Str("kv-type");
   const DType kv_type = kvs == "auto" ? model->weights().dtype : ParseFloatDType(kvs, "--kv-type");
   KVCache cache(model->CacheShape(ctx, kv_type));
 
-  std::fprintf(stderr, "needle: %s, %lld layers, %s weights, KV cache %lld tokens x %zu bytes (%s), %d threads, %s kernels\n",
+  std::fprintf(stderr,
+               "needle: %s, %lld layers, %s weights, KV cache %lld tokens x %zu bytes (%s), %d "
+               "threads, %s kernels\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),
                DTypeName(model->weights().dtype), static_cast<long long>(ctx),
                cache.shape().BytesPerToken(), DTypeName(kv_type), tc.threads(), backend->Name());
   bool first = true;
   GenerateStats st;
-  GenerateGreedy(*model, cache, prompt, max_new,
-                 [&](int32_t id) {
-                   std::printf(first ? "%d" : ",%d", id);
-                   std::fflush(stdout);
-                   first = false;
-                 },
-                 &st);
+  GenerateGreedy(
+      *model, cache, prompt, max_new,
+      [&](int32_t id) {
+        std::printf(first ? "%d" : ",%d", id);
+        std::fflush(stdout);
+        first = false;
+      },
+      &st);
   std::printf("\n");
   std::fflush(stdout);
   const double decode_tps = st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0;
   std::fprintf(stderr,
-               "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, decode %.2f tok/s%s\n",
+               "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, "
+               "decode %.2f tok/s%s\n",
                static_cast<long long>(st.prompt_tokens), st.prompt_tokens / st.prefill_seconds,
                st.prefill_seconds, static_cast<long long>(st.new_tokens), decode_tps,
                st.stopped_at_eos ? " (stopped at EOS)" : "");

@@ -13,7 +13,8 @@ size_t EditDistance(const std::string& a, const std::string& b) {
   for (size_t i = 1; i <= a.size(); ++i) {
     cur[0] = i;
     for (size_t j = 1; j <= b.size(); ++j)
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1] ? 1 : 0)});
+      cur[j] =
+          std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1] ? 1 : 0)});
     std::swap(prev, cur);
   }
   return prev[b.size()];
@@ -53,13 +54,15 @@ bool Options::Parse(int argc, char** argv) {
           size_t d = EditDistance(name, s.name);
           if (d < best_d) best_d = d, best = s.name;
         }
-        std::string hint = best_d <= std::max<size_t>(2, name.size() / 3) ? " (did you mean --" + best + "?)" : "";
+        std::string hint =
+            best_d <= std::max<size_t>(2, name.size() / 3) ? " (did you mean --" + best + "?)" : "";
         Fail(command_, ": unknown option '--", name, "'", hint, "; see '", command_, " --help'");
       }
     } else if (arg.size() == 2 && arg[0] == '-' && arg[1] != '-') {
       for (const auto& s : specs_)
         if (s.short_name == arg[1]) spec = &s;
-      if (spec == nullptr) Fail(command_, ": unknown option '", arg, "'; see '", command_, " --help'");
+      if (spec == nullptr)
+        Fail(command_, ": unknown option '", arg, "'; see '", command_, " --help'");
     } else {
       Fail(command_, ": unexpected argument '", arg, "'; see '", command_, " --help'");
     }
@@ -108,8 +111,10 @@ std::string Options::Help() const {
     if (s.kind == OptKind::kInt) left += " N";
     if (s.kind == OptKind::kString) left += " VALUE";
     os << left;
-    if (left.size() < 32) os << std::string(32 - left.size(), ' ');
-    else os << "\n" << std::string(32, ' ');
+    if (left.size() < 32)
+      os << std::string(32 - left.size(), ' ');
+    else
+      os << "\n" << std::string(32, ' ');
     os << s.help;
     if (!s.dflt.empty()) os << " (default: " << s.dflt << ")";
     os << "\n";

@@ -13,10 +13,10 @@ namespace needle {
 enum class OptKind { kString, kInt, kFlag };
 
 struct OptionSpec {
-  std::string name;   // long name without dashes, e.g. "max-new-tokens"
-  char short_name;    // 0 for none
+  std::string name;  // long name without dashes, e.g. "max-new-tokens"
+  char short_name;   // 0 for none
   OptKind kind;
-  std::string dflt;   // default, as text ("" for none)
+  std::string dflt;  // default, as text ("" for none)
   std::string help;
 };
 

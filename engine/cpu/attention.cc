@@ -16,8 +16,10 @@
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "hwy/contrib/math/math-inl.h"
+
+// Per-target code shared between op families (after highway.h, as Highway requires).
 #include "engine/cpu/load-inl.h"
+#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace needle {
@@ -30,9 +32,10 @@ constexpr int64_t kMinSplitKeys = 512;  // never split finer than this
 // Folds keys [j0, j1) of one KV head into the partials of G query heads.
 // q: [G, D] (consecutive heads), k/v: [tokens, D] of type KT, part[g].out: [D].
 template <typename KT>
-HWY_INLINE void FoldKeys(const float* HWY_RESTRICT q, int64_t G, int64_t D, const KT* HWY_RESTRICT k,
-                         const KT* HWY_RESTRICT v, int64_t j0, int64_t j1, float scale,
-                         PartialAttention* part, float* HWY_RESTRICT scores /* [G, kChunk] */) {
+HWY_INLINE void FoldKeys(const float* HWY_RESTRICT q, int64_t G, int64_t D,
+                         const KT* HWY_RESTRICT k, const KT* HWY_RESTRICT v, int64_t j0, int64_t j1,
+                         float scale, PartialAttention* part,
+                         float* HWY_RESTRICT scores /* [G, kChunk] */) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
@@ -44,7 +47,8 @@ HWY_INLINE void FoldKeys(const float* HWY_RESTRICT q, int64_t G, int64_t D, cons
         const float* qg = q + g * D;
         auto acc = hn::Zero(df);
         int64_t d = 0;
-        for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, qg + d), LoadF32(df, kj + d), acc);
+        for (; d + L <= D; d += L)
+          acc = hn::MulAdd(hn::LoadU(df, qg + d), LoadF32(df, kj + d), acc);
         float s = ReduceF32(df, acc);
         for (; d < D; ++d) s += qg[d] * ScalarF32(kj[d]);
         scores[g * kChunk + j] = s * scale;
@@ -127,11 +131,10 @@ void AttentionT(const float* q, const KVLayerView& kv, const AttnArgs& a, float*
       const int64_t per = (hi - lo + splits - 1) / splits;
       const int64_t j0 = std::min(hi, lo + sp * per), j1 = std::min(hi, j0 + per);
       PartialAttention* p = &parts[static_cast<size_t>(item * G)];
-      for (int64_t g = 0; g < G; ++g)
-        p[g] = PartialAttention(pbuf.data() + (item * G + g) * D, D);
+      for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (item * G + g) * D, D);
       const float* qg = q + (t * a.heads + h * G) * D;
-      FoldKeys(qg, G, D, kbase + h * kv.head_stride, vbase + h * kv.head_stride, j0, j1, a.scale,
-               p, scores.data());
+      FoldKeys(qg, G, D, kbase + h * kv.head_stride, vbase + h * kv.head_stride, j0, j1, a.scale, p,
+               scores.data());
     }
   });
   // Merge the splits of each (token, KV head) in order and normalise.
@@ -151,10 +154,17 @@ void AttentionT(const float* q, const KVLayerView& kv, const AttnArgs& a, float*
 void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
                    ThreadingContext& tc) {
   switch (kv.dtype) {
-    case DType::kF32: AttentionT<float>(q, kv, a, out, tc); break;
-    case DType::kBF16: AttentionT<hwy::bfloat16_t>(q, kv, a, out, tc); break;
-    case DType::kF16: AttentionT<hwy::float16_t>(q, kv, a, out, tc); break;
-    default: Fail("attention: unsupported KV cache type ", DTypeName(kv.dtype));
+    case DType::kF32:
+      AttentionT<float>(q, kv, a, out, tc);
+      break;
+    case DType::kBF16:
+      AttentionT<hwy::bfloat16_t>(q, kv, a, out, tc);
+      break;
+    case DType::kF16:
+      AttentionT<hwy::float16_t>(q, kv, a, out, tc);
+      break;
+    default:
+      Fail("attention: unsupported KV cache type ", DTypeName(kv.dtype));
   }
 }
 

@@ -10,8 +10,10 @@
 #define HWY_TARGET_INCLUDE "engine/cpu/elementwise.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "hwy/contrib/math/math-inl.h"
+
+// Per-target code shared between op families (after highway.h, as Highway requires).
 #include "engine/cpu/load-inl.h"
+#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace needle {
@@ -25,27 +27,28 @@ void RmsNormT(const float* x, int64_t rows, int64_t D, const WT* w, float eps, f
               ThreadingContext& tc) {
   tc.ParallelFor(static_cast<size_t>(rows), std::max<size_t>(1, 4096 / std::max<int64_t>(D, 1)),
                  [&](size_t b, size_t e) HWY_ATTR {
-    const hn::ScalableTag<float> df;
-    const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-    for (size_t r = b; r < e; ++r) {
-      const float* xr = x + r * D;
-      float* yr = y + r * D;
-      auto acc = hn::Zero(df);
-      int64_t i = 0;
-      for (; i + L <= D; i += L) {
-        const auto v = hn::LoadU(df, xr + i);
-        acc = hn::MulAdd(v, v, acc);
-      }
-      float ss = ReduceF32(df, acc);
-      for (int64_t k = i; k < D; ++k) ss += xr[k] * xr[k];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-      const auto vinv = hn::Set(df, inv);
-      i = 0;
-      for (; i + L <= D; i += L)
-        hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(df, xr + i), vinv), LoadF32(df, w + i)), df, yr + i);
-      for (; i < D; ++i) yr[i] = (xr[i] * inv) * ScalarF32(w[i]);
-    }
-  });
+                   const hn::ScalableTag<float> df;
+                   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+                   for (size_t r = b; r < e; ++r) {
+                     const float* xr = x + r * D;
+                     float* yr = y + r * D;
+                     auto acc = hn::Zero(df);
+                     int64_t i = 0;
+                     for (; i + L <= D; i += L) {
+                       const auto v = hn::LoadU(df, xr + i);
+                       acc = hn::MulAdd(v, v, acc);
+                     }
+                     float ss = ReduceF32(df, acc);
+                     for (int64_t k = i; k < D; ++k) ss += xr[k] * xr[k];
+                     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+                     const auto vinv = hn::Set(df, inv);
+                     i = 0;
+                     for (; i + L <= D; i += L)
+                       hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(df, xr + i), vinv), LoadF32(df, w + i)),
+                                  df, yr + i);
+                     for (; i < D; ++i) yr[i] = (xr[i] * inv) * ScalarF32(w[i]);
+                   }
+                 });
 }
 
 void RmsNormImpl(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,
@@ -57,7 +60,9 @@ void RmsNormImpl(const float* x, int64_t rows, int64_t D, const Weight& w, float
     case DType::kF16:
       RmsNormT(x, rows, D, static_cast<const hwy::float16_t*>(w.data), eps, y, tc);
       break;
-    default: RmsNormT(x, rows, D, static_cast<const float*>(w.data), eps, y, tc); break;
+    default:
+      RmsNormT(x, rows, D, static_cast<const float*>(w.data), eps, y, tc);
+      break;
   }
 }
 

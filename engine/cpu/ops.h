@@ -21,28 +21,28 @@ struct AttnArgs {
   int64_t heads = 1;     // query heads
   int64_t kv_heads = 1;  // query head h reads KV head h / (heads / kv_heads)
   int64_t head_dim = 0;
-  int64_t window = 0;    // > 0: query at p sees keys (p - window, p] only (sliding window)
-  float scale = 1.0f;    // softmax scale, 1/sqrt(head_dim)
+  int64_t window = 0;  // > 0: query at p sees keys (p - window, p] only (sliding window)
+  float scale = 1.0f;  // softmax scale, 1/sqrt(head_dim)
 };
 
-#define NEEDLE_CPU_OPS                                                                         \
-  /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                              \
-  void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,        \
-              ThreadingContext& tc);                                                           \
-  /* y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]   (x, y: [rows, D]; y may alias x) */     \
-  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,  \
-               ThreadingContext& tc);                                                          \
-  /* x[T, heads, D] rotated in place, rotate-half layout: pairs (i, i + D/2);                  \
-     angle(t, i) = f32(pos0 + t) * inv_freq[i]; cos and sin are multiplied by scaling */        \
-  void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq, \
-            float scaling, ThreadingContext& tc);                                              \
-  /* out[n] = silu(gate[n]) * up[n] */                                                         \
+#define NEEDLE_CPU_OPS                                                                           \
+  /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                                \
+  void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,          \
+              ThreadingContext& tc);                                                             \
+  /* y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]   (x, y: [rows, D]; y may alias x) */        \
+  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,    \
+               ThreadingContext& tc);                                                            \
+  /* x[T, heads, D] rotated in place, rotate-half layout: pairs (i, i + D/2);                    \
+     angle(t, i) = f32(pos0 + t) * inv_freq[i]; cos and sin are multiplied by scaling */         \
+  void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq,  \
+            float scaling, ThreadingContext& tc);                                                \
+  /* out[n] = silu(gate[n]) * up[n] */                                                           \
   void SiluMul(const float* gate, const float* up, int64_t n, float* out, ThreadingContext& tc); \
-  /* x[n] += y[n] */                                                                           \
-  void Add(float* x, const float* y, int64_t n, ThreadingContext& tc);                         \
-  /* out[T, heads, D] = softmax(scale * q k^T) v over the visible keys of `kv`                 \
-     q: [T, heads, D] f32 (already rotated) */                                                  \
-  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,         \
+  /* x[n] += y[n] */                                                                             \
+  void Add(float* x, const float* y, int64_t n, ThreadingContext& tc);                           \
+  /* out[T, heads, D] = softmax(scale * q k^T) v over the visible keys of `kv`                   \
+     q: [T, heads, D] f32 (already rotated) */                                                   \
+  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,           \
                  ThreadingContext& tc);
 
 namespace ref {
@@ -57,7 +57,7 @@ void EmbedRows(const Weight& table, const int32_t* ids, int64_t T, float* out);
 
 // cos/sin table [T, D/2] for Rope: angle in f32 as transformers computes it, cos/sin evaluated
 // in double of that angle, times `scaling`. Shared by both implementations.
-void RopeTable(int64_t T, int64_t D, int64_t pos0, const float* inv_freq, float scaling, float* cos_out,
-               float* sin_out);
+void RopeTable(int64_t T, int64_t D, int64_t pos0, const float* inv_freq, float scaling,
+               float* cos_out, float* sin_out);
 
 }  // namespace needle

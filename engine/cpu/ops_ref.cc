@@ -99,7 +99,8 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
       for (int64_t j = lo; j <= p; ++j) {
         float dot = 0.0f;
         for (int64_t d = 0; d < D; ++d)
-          dot += qv[d] * LoadAsF32(kv.dtype, kv.k, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
+          dot += qv[d] *
+                 LoadAsF32(kv.dtype, kv.k, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
         s[j - lo] = dot * a.scale;
         mx = std::max(mx, s[j - lo]);
       }
@@ -109,7 +110,8 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
       for (int64_t d = 0; d < D; ++d) {
         float acc = 0.0f;
         for (int64_t j = lo; j <= p; ++j)
-          acc += s[j - lo] * LoadAsF32(kv.dtype, kv.v, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
+          acc += s[j - lo] *
+                 LoadAsF32(kv.dtype, kv.v, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
         o[d] = acc / sum;
       }
     }

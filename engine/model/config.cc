@@ -15,21 +15,30 @@ using json = nlohmann::json;
 
 const char* ArchName(Arch a) {
   switch (a) {
-    case Arch::kLlama: return "llama";
-    case Arch::kMistral: return "mistral";
-    case Arch::kQwen2: return "qwen2";
-    case Arch::kQwen3: return "qwen3";
+    case Arch::kLlama:
+      return "llama";
+    case Arch::kMistral:
+      return "mistral";
+    case Arch::kQwen2:
+      return "qwen2";
+    case Arch::kQwen3:
+      return "qwen3";
   }
   return "?";
 }
 
 const char* RopeTypeName(RopeType t) {
   switch (t) {
-    case RopeType::kDefault: return "default";
-    case RopeType::kLinear: return "linear";
-    case RopeType::kDynamic: return "dynamic";
-    case RopeType::kYarn: return "yarn";
-    case RopeType::kLlama3: return "llama3";
+    case RopeType::kDefault:
+      return "default";
+    case RopeType::kLinear:
+      return "linear";
+    case RopeType::kDynamic:
+      return "dynamic";
+    case RopeType::kYarn:
+      return "yarn";
+    case RopeType::kLlama3:
+      return "llama3";
   }
   return "?";
 }
@@ -160,7 +169,8 @@ RopeConfig ParseRope(const Fields& top, const ModelConfig& cfg) {
   } else if (type == "llama3") {
     r.type = RopeType::kLlama3;
   } else {
-    f.Bad(type_key, "names an unsupported rope type (supported: default, linear, dynamic, yarn, llama3)");
+    f.Bad(type_key,
+          "names an unsupported rope type (supported: default, linear, dynamic, yarn, llama3)");
   }
   if (r.theta <= 0) f.Bad("rope_theta", "must be positive");
 
@@ -168,7 +178,8 @@ RopeConfig ParseRope(const Fields& top, const ModelConfig& cfg) {
       f.Int("original_max_position_embeddings", r.original_max_position_embeddings);
 
   switch (r.type) {
-    case RopeType::kDefault: break;
+    case RopeType::kDefault:
+      break;
     case RopeType::kLinear:
     case RopeType::kDynamic:
       r.factor = f.Num("factor");
@@ -223,13 +234,15 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
   } else {
     std::string mt = f.Str("model_type", "");
     if (mt.empty()) Fail(source, ": neither 'architectures' nor 'model_type' is present");
-    static const std::pair<const char*, const char*> kByType[] = {
-        {"llama", "LlamaForCausalLM"}, {"mistral", "MistralForCausalLM"},
-        {"qwen2", "Qwen2ForCausalLM"}, {"qwen3", "Qwen3ForCausalLM"}};
+    static const std::pair<const char*, const char*> kByType[] = {{"llama", "LlamaForCausalLM"},
+                                                                  {"mistral", "MistralForCausalLM"},
+                                                                  {"qwen2", "Qwen2ForCausalLM"},
+                                                                  {"qwen3", "Qwen3ForCausalLM"}};
     for (auto& [t, a] : kByType)
       if (mt == t) arch = a;
     if (arch.empty())
-      f.Bad("model_type", "names an unsupported model type (supported: llama, mistral, qwen2, qwen3)");
+      f.Bad("model_type",
+            "names an unsupported model type (supported: llama, mistral, qwen2, qwen3)");
   }
   c.architecture = arch;
   if (arch == "LlamaForCausalLM") {
@@ -251,7 +264,8 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
   c.intermediate_size = f.PositiveInt("intermediate_size");
   c.num_layers = f.PositiveInt("num_hidden_layers");
   c.num_heads = f.PositiveInt("num_attention_heads");
-  c.num_kv_heads = f.Has("num_key_value_heads") ? f.PositiveInt("num_key_value_heads") : c.num_heads;
+  c.num_kv_heads =
+      f.Has("num_key_value_heads") ? f.PositiveInt("num_key_value_heads") : c.num_heads;
   if (c.num_heads % c.num_kv_heads != 0)
     f.Bad("num_key_value_heads", Concat("must divide num_attention_heads (", c.num_heads, ")"));
   if (f.Has("head_dim")) {
@@ -262,9 +276,8 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
     c.head_dim = c.hidden_size / c.num_heads;
   }
   if (c.head_dim % 2 != 0) f.Bad("head_dim", "must be even for rotary embeddings");
-  c.max_position_embeddings = f.Has("max_position_embeddings")
-                                  ? f.PositiveInt("max_position_embeddings")
-                                  : 2048;
+  c.max_position_embeddings =
+      f.Has("max_position_embeddings") ? f.PositiveInt("max_position_embeddings") : 2048;
   c.rms_norm_eps = f.Num("rms_norm_eps", 1e-6);
   if (!(c.rms_norm_eps > 0)) f.Bad("rms_norm_eps", "must be positive");
   c.tie_word_embeddings = f.Bool("tie_word_embeddings", false);
@@ -276,8 +289,11 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
       c.qkv_bias = c.o_bias = f.Bool("attention_bias", false);
       c.mlp_bias = f.Bool("mlp_bias", false);
       break;
-    case Arch::kMistral: break;
-    case Arch::kQwen2: c.qkv_bias = true; break;
+    case Arch::kMistral:
+      break;
+    case Arch::kQwen2:
+      c.qkv_bias = true;
+      break;
     case Arch::kQwen3:
       c.qkv_bias = c.o_bias = f.Bool("attention_bias", false);
       c.qk_norm = true;

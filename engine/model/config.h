@@ -52,7 +52,8 @@ struct ModelConfig {
   bool mlp_bias = false;  // Llama mlp_bias
   bool qk_norm = false;   // Qwen3: RMSNorm over head_dim on q and k before RoPE
   RopeConfig rope;
-  // Per layer: 0 = full causal attention, W > 0 = each query sees its last W keys (itself included).
+  // Per layer: 0 = full causal attention, W > 0 = each query sees its last W keys (itself
+  // included).
   std::vector<int64_t> sliding_window;
   std::vector<int64_t> bos_token_ids;
   std::vector<int64_t> eos_token_ids;

@@ -14,8 +14,8 @@ int32_t Argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
-                                    int64_t max_new_tokens,
+std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache,
+                                    const std::vector<int32_t>& prompt, int64_t max_new_tokens,
                                     const std::function<void(int32_t)>& on_token,
                                     GenerateStats* stats) {
   using Clock = std::chrono::steady_clock;

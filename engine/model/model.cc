@@ -26,7 +26,8 @@ void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logi
          cache.shape().capacity, " tokens");
   for (int64_t t = 0; t < T; ++t)
     if (ids[t] < 0 || ids[t] >= cfg_.vocab_size)
-      Fail("token id ", ids[t], " at index ", t, " is outside the vocabulary [0, ", cfg_.vocab_size, ")");
+      Fail("token id ", ids[t], " at index ", t, " is outside the vocabulary [0, ", cfg_.vocab_size,
+           ")");
   // Like transformers, one forward call rotates all of its tokens with the frequencies of the
   // sequence length it ends at (only dynamic NTK scaling depends on it).
   const RopeFreqs rope = ComputeRopeFreqs(cfg_, pos0 + T);
@@ -36,15 +37,17 @@ void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logi
     const int64_t n = std::min(ubatch_, T - s);
     const bool last = s + n == T;
     float* dst = nullptr;
-    if (all_logits) dst = logits->data() + s * V;
-    else if (last) dst = logits->data();
+    if (all_logits)
+      dst = logits->data() + s * V;
+    else if (last)
+      dst = logits->data();
     Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst);
     cache.SetSize(pos0 + s + n);
   }
 }
 
-void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope,
-                 KVCache& cache, bool all_logits, float* logits_host) {
+void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
+                 bool all_logits, float* logits_host) {
   const ModelConfig& c = cfg_;
   const int64_t H = c.hidden_size, Q = c.q_dim(), KVd = c.kv_dim(), I = c.intermediate_size;
   const int64_t D = c.head_dim;
@@ -66,8 +69,10 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
     b_.MatMul(h.get(), T, L.wk, &L.bk, k.get());
     b_.MatMul(h.get(), T, L.wv, &L.bv, v.get());
     if (c.qk_norm) {
-      b_.RmsNorm(q.get(), T * c.num_heads, D, L.q_norm, static_cast<float>(c.rms_norm_eps), q.get());
-      b_.RmsNorm(k.get(), T * c.num_kv_heads, D, L.k_norm, static_cast<float>(c.rms_norm_eps), k.get());
+      b_.RmsNorm(q.get(), T * c.num_heads, D, L.q_norm, static_cast<float>(c.rms_norm_eps),
+                 q.get());
+      b_.RmsNorm(k.get(), T * c.num_kv_heads, D, L.k_norm, static_cast<float>(c.rms_norm_eps),
+                 k.get());
     }
     b_.Rope(q.get(), T, c.num_heads, D, pos0, rope.inv_freq, rope.attention_scaling);
     b_.Rope(k.get(), T, c.num_kv_heads, D, pos0, rope.inv_freq, rope.attention_scaling);
@@ -101,8 +106,8 @@ std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {
   return std::make_unique<Model>(std::move(cfg), std::move(w), backend);
 }
 
-std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype,
-                                      Backend& backend, ThreadingContext& tc) {
+std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
+                                      ThreadingContext& tc) {
   ModelConfig cfg = LoadModelConfig(config_path);
   ModelWeights w = MakeDummyWeights(cfg, dtype, 1234, tc);
   return std::make_unique<Model>(std::move(cfg), std::move(w), backend);

@@ -30,7 +30,8 @@ class AttentionPolicy {
 class DenseAttention final : public AttentionPolicy {
  public:
   explicit DenseAttention(Backend& b) : b_(b) {}
-  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) override {
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+              float* out) override {
     b_.Attention(q, cache.Layer(layer), a, out);
   }
 

@@ -31,7 +31,9 @@ RopeFreqs ComputeRopeFreqs(const ModelConfig& cfg, int64_t seq_len) {
   std::vector<double> f;
   double attention = 1.0;
   switch (r.type) {
-    case RopeType::kDefault: f = DefaultInvFreq(r.theta, dim); break;
+    case RopeType::kDefault:
+      f = DefaultInvFreq(r.theta, dim);
+      break;
     case RopeType::kLinear:
       f = DefaultInvFreq(r.theta, dim);
       for (auto& x : f) x = static_cast<float>(x) / static_cast<float>(r.factor);
@@ -58,9 +60,9 @@ RopeFreqs ComputeRopeFreqs(const ModelConfig& cfg, int64_t seq_len) {
         if (wavelen > low_wavelen) {
           y = inv / static_cast<float>(r.factor);
         } else if (!(wavelen < high_wavelen)) {
-          const float smooth = (static_cast<float>(old_len) / wavelen -
-                                static_cast<float>(r.low_freq_factor)) /
-                               static_cast<float>(r.high_freq_factor - r.low_freq_factor);
+          const float smooth =
+              (static_cast<float>(old_len) / wavelen - static_cast<float>(r.low_freq_factor)) /
+              static_cast<float>(r.high_freq_factor - r.low_freq_factor);
           y = (1.0f - smooth) * inv / static_cast<float>(r.factor) + smooth * inv;
         }
         x = y;

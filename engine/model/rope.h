@@ -10,8 +10,8 @@
 namespace needle {
 
 struct RopeFreqs {
-  std::vector<float> inv_freq;    // [head_dim / 2]
-  float attention_scaling = 1.0f; // multiplies cos and sin (yarn's mscale), else 1
+  std::vector<float> inv_freq;     // [head_dim / 2]
+  float attention_scaling = 1.0f;  // multiplies cos and sin (yarn's mscale), else 1
 };
 
 // `seq_len` is the length of the sequence after the current forward step (last position + 1);

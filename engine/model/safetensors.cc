@@ -28,7 +28,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
     : file_(std::make_unique<MappedFile>(path)) {
   const uint8_t* p = file_->data();
   const size_t size = file_->size();
-  if (size < 8) Fail(path, ": truncated safetensors file: ", size, " bytes, the header length alone needs 8");
+  if (size < 8)
+    Fail(path, ": truncated safetensors file: ", size, " bytes, the header length alone needs 8");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | p[i];
   if (header_len > size - 8)
@@ -66,7 +67,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
     if (!ParseSafetensorsDType(ds, &t.dtype)) bad("unknown dtype '" + ds + "'");
     uint64_t numel = 1;
     for (const auto& d : e["shape"]) {
-      if (!d.is_number_unsigned()) bad("shape " + e["shape"].dump() + " has a non-integer or negative dimension");
+      if (!d.is_number_unsigned())
+        bad("shape " + e["shape"].dump() + " has a non-integer or negative dimension");
       uint64_t v = d.get<uint64_t>();
       if (v != 0 && numel > std::numeric_limits<uint64_t>::max() / v) bad("shape overflows");
       numel *= v;

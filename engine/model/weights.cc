@@ -78,7 +78,8 @@ std::vector<std::string> ShardsFromIndex(const std::string& index_path,
       Fail(index_path, ": field 'weight_map.", it.key(), "' must be a file name string");
     std::string f = it.value().get<std::string>();
     if (f.find('/') != std::string::npos)
-      Fail(index_path, ": field 'weight_map.", it.key(), "' names a file outside the model folder: ", f);
+      Fail(index_path, ": field 'weight_map.", it.key(),
+           "' names a file outside the model folder: ", f);
     (*weight_map)[it.key()] = f;
     if (seen.insert(f).second) shards.push_back(f);
   }
@@ -106,13 +107,15 @@ ModelWeights LoadWeights(const std::string& dir, const ModelConfig& cfg) {
     for (const auto& [name, t] : mw.files.back()->tensors()) {
       auto [it, inserted] = all.emplace(name, &t);
       if (!inserted)
-        Fail(f, ": tensor '", name, "' is also in ", *it->second->file, " (duplicate across shards)");
+        Fail(f, ": tensor '", name, "' is also in ", *it->second->file,
+             " (duplicate across shards)");
     }
   }
   for (const auto& [name, file] : weight_map) {
     auto it = all.find(name);
     if (it == all.end())
-      Fail(index, ": tensor '", name, "' is listed in weight_map but not found in ", dir + "/" + file);
+      Fail(index, ": tensor '", name, "' is listed in weight_map but not found in ",
+           dir + "/" + file);
   }
 
   mw.layers.resize(static_cast<size_t>(cfg.num_layers));
@@ -134,10 +137,12 @@ ModelWeights LoadWeights(const std::string& dir, const ModelConfig& cfg) {
     if (!IsFloatWeightType(t.dtype))
       Fail(*t.file, ": tensor '", s.name, "' has dtype ", DTypeName(t.dtype),
            "; weights must be F32, F16 or BF16");
-    const bool ok = s.is_vector ? (t.shape.size() == 1 && t.shape[0] == s.cols)
-                                : (t.shape.size() == 2 && t.shape[0] == s.rows && t.shape[1] == s.cols);
+    const bool ok = s.is_vector
+                        ? (t.shape.size() == 1 && t.shape[0] == s.cols)
+                        : (t.shape.size() == 2 && t.shape[0] == s.rows && t.shape[1] == s.cols);
     if (!ok) {
-      std::string want = s.is_vector ? Concat("[", s.cols, "]") : Concat("[", s.rows, ", ", s.cols, "]");
+      std::string want =
+          s.is_vector ? Concat("[", s.cols, "]") : Concat("[", s.rows, ", ", s.cols, "]");
       Fail(*t.file, ": tensor '", s.name, "' has shape ", t.ShapeString(), " but ", cfg.source,
            " implies ", want);
     }
@@ -162,9 +167,8 @@ ModelWeights LoadWeights(const std::string& dir, const ModelConfig& cfg) {
     if (unused++ == 0) example = name;
   }
   if (unused > 0)
-    std::cerr << "needle: warning: " << unused << " tensor(s) in " << dir
-              << " are not used by the " << cfg.architecture << " graph (for example '" << example
-              << "')\n";
+    std::cerr << "needle: warning: " << unused << " tensor(s) in " << dir << " are not used by the "
+              << cfg.architecture << " graph (for example '" << example << "')\n";
   return mw;
 }
 

@@ -28,13 +28,13 @@ struct Weight {
 };
 
 struct LayerWeights {
-  Weight attn_norm;       // [hidden]
-  Weight wq, wk, wv, wo;  // [q_dim, hidden], [kv_dim, hidden] x2, [hidden, q_dim]
-  Weight bq, bk, bv, bo;  // optional biases [q_dim], [kv_dim] x2, [hidden]
-  Weight q_norm, k_norm;  // Qwen3: [head_dim]
-  Weight mlp_norm;        // [hidden]
-  Weight w_gate, w_up;    // [intermediate, hidden]
-  Weight w_down;          // [hidden, intermediate]
+  Weight attn_norm;             // [hidden]
+  Weight wq, wk, wv, wo;        // [q_dim, hidden], [kv_dim, hidden] x2, [hidden, q_dim]
+  Weight bq, bk, bv, bo;        // optional biases [q_dim], [kv_dim] x2, [hidden]
+  Weight q_norm, k_norm;        // Qwen3: [head_dim]
+  Weight mlp_norm;              // [hidden]
+  Weight w_gate, w_up;          // [intermediate, hidden]
+  Weight w_down;                // [hidden, intermediate]
   Weight b_gate, b_up, b_down;  // optional (Llama mlp_bias)
 };
 
@@ -68,9 +68,9 @@ void ForEachWeight(ModelWeights& w, F&& f) {
   f(w.final_norm);
   f(w.lm_head);
   for (auto& l : w.layers) {
-    for (Weight* x : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.bo,
-                      &l.q_norm, &l.k_norm, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down, &l.b_gate,
-                      &l.b_up, &l.b_down})
+    for (Weight* x :
+         {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.bo, &l.q_norm,
+          &l.k_norm, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down, &l.b_gate, &l.b_up, &l.b_down})
       f(*x);
   }
 }
