@@ -73,43 +73,9 @@ HWY_INLINE void Row(const float* HWY_RESTRICT x, int64_t t0, int64_t t1, const W
   }
 }
 
-// Decode (T = 1): one row at a time with 4 independent accumulators, so each thread reads its
-// rows of W as one sequential stream (friendlier to the hardware prefetcher than 4 interleaved
-// row streams, which restart at every 4 KiB page when rows are short).
-template <typename WT>
-HWY_INLINE void RowsSingleToken(const float* HWY_RESTRICT x, const WT* HWY_RESTRICT w, int64_t n0,
-                                int64_t n1, int64_t K, float* HWY_RESTRICT y) {
-  const hn::ScalableTag<float> df;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  for (int64_t n = n0; n < n1; ++n) {
-    const WT* wr = w + n * K;
-    auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
-    int64_t k = 0;
-    for (; k + 4 * L <= K; k += 4 * L) {
-      a0 = hn::MulAdd(LoadF32(df, wr + k), hn::LoadU(df, x + k), a0);
-      a1 = hn::MulAdd(LoadF32(df, wr + k + L), hn::LoadU(df, x + k + L), a1);
-      a2 = hn::MulAdd(LoadF32(df, wr + k + 2 * L), hn::LoadU(df, x + k + 2 * L), a2);
-      a3 = hn::MulAdd(LoadF32(df, wr + k + 3 * L), hn::LoadU(df, x + k + 3 * L), a3);
-    }
-    for (; k + L <= K; k += L) a0 = hn::MulAdd(LoadF32(df, wr + k), hn::LoadU(df, x + k), a0);
-    float s = ReduceF32(df, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)));
-    for (; k < K; ++k) s += x[k] * ScalarF32(wr[k]);
-    y[n] = s;
-  }
-}
-
 template <typename WT>
 void MatMulT(const float* x, int64_t T, const WT* w, int64_t N, int64_t K, float* y,
              ThreadingContext& tc) {
-  if (T == 1) {
-    // Chunks of rows sized so every thread gets several (load balance) of >= 64 KiB each.
-    const size_t row_bytes = static_cast<size_t>(K) * sizeof(WT);
-    const size_t grain = std::max<size_t>(1, (size_t{64} << 10) / row_bytes);
-    tc.ParallelFor(static_cast<size_t>(N), grain, [&](size_t b, size_t e) HWY_ATTR {
-      RowsSingleToken(x, w, static_cast<int64_t>(b), static_cast<int64_t>(e), K, y);
-    });
-    return;
-  }
   const int64_t row_chunks = (N + kRowChunk - 1) / kRowChunk;
   const int64_t tok_blocks = (T + kTokenBlock - 1) / kTokenBlock;
   tc.ParallelFor(static_cast<size_t>(row_chunks * tok_blocks), 1, [&](size_t b, size_t e) HWY_ATTR {
