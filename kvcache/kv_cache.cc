@@ -2,7 +2,9 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -10,6 +12,29 @@
 #include "engine/base/error.h"
 
 namespace needle {
+
+DType ParseKVType(const std::string& s, const std::string& what) {
+  if (s == "int8" || s == "i8" || s == "q8") return DType::kI8;
+  if (s == "f32" || s == "float32") return DType::kF32;
+  if (s == "f16" || s == "float16" || s == "fp16") return DType::kF16;
+  if (s == "bf16" || s == "bfloat16") return DType::kBF16;
+  Fail(what, ": unknown KV cache type '", s, "' (expected f32, f16, bf16 or int8)");
+}
+
+const char* KVTypeName(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kI8:
+      return "int8";
+    default:
+      return "?";
+  }
+}
 
 size_t AvailableMemoryBytes() {
   std::ifstream in("/proc/meminfo");
@@ -21,58 +46,147 @@ size_t AvailableMemoryBytes() {
   return 0;
 }
 
-KVCache::KVCache(const KVCacheShape& s) : shape_(s) {
-  if (s.layers <= 0 || s.kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0)
-    Fail("KV cache: invalid shape (layers ", s.layers, ", kv_heads ", s.kv_heads, ", head_dim ",
-         s.head_dim, ", tokens ", s.capacity, ")");
-  if (!IsFloatWeightType(s.dtype)) Fail("KV cache: type must be f32, f16 or bf16");
-  bytes_each_ = s.TotalBytes() / 2;
-  const size_t avail = AvailableMemoryBytes();
-  if (avail != 0 && s.TotalBytes() > avail)
-    Fail("KV cache for ", s.capacity, " tokens needs ", s.TotalBytes() / (1 << 20), " MiB (",
-         s.BytesPerToken(), " bytes per token, ", DTypeName(s.dtype), ") but only ",
-         avail / (1 << 20),
-         " MiB of memory is available; use a shorter context or a smaller KV type");
-  for (uint8_t** p : {&k_, &v_}) {
-    void* m = ::mmap(nullptr, bytes_each_, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED)
-      Fail("KV cache: cannot reserve ", bytes_each_ / (1 << 20), " MiB: ", std::strerror(errno));
-    *p = static_cast<uint8_t*>(m);
+size_t ParseByteSize(const std::string& s, const std::string& what) {
+  size_t pos = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &pos);
+  } catch (...) {
+    pos = 0;
   }
+  if (s.empty() || pos == 0 || v < 0) Fail(what, ": '", s, "' is not a size (examples: 512M, 16G)");
+  std::string suf = s.substr(pos);
+  double mul = 1;
+  if (suf == "" || suf == "B")
+    mul = 1;
+  else if (suf == "K" || suf == "KiB" || suf == "k")
+    mul = 1024.0;
+  else if (suf == "M" || suf == "MiB")
+    mul = 1024.0 * 1024;
+  else if (suf == "G" || suf == "GiB")
+    mul = 1024.0 * 1024 * 1024;
+  else if (suf == "T" || suf == "TiB")
+    mul = 1024.0 * 1024 * 1024 * 1024;
+  else
+    Fail(what, ": unknown size suffix '", suf, "' in '", s, "' (use K, M, G or T)");
+  return static_cast<size_t>(v * mul);
+}
+
+KVCache::Arena KVCache::Reserve(size_t bytes) {
+  Arena a;
+  a.bytes = std::max<size_t>(bytes, 1);
+  void* m = ::mmap(nullptr, a.bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED)
+    Fail("KV cache: cannot reserve ", a.bytes >> 20, " MiB: ", std::strerror(errno));
+  a.p = static_cast<uint8_t*>(m);
+  return a;
+}
+
+KVCache::KVCache(const KVCacheShape& s, size_t memory_limit) : shape_(s) {
+  if (s.layers <= 0 || s.kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0 || s.block_size <= 0)
+    Fail("KV cache: invalid shape (layers ", s.layers, ", kv_heads ", s.kv_heads, ", head_dim ",
+         s.head_dim, ", tokens ", s.capacity, ", block_size ", s.block_size, ")");
+  if (!IsFloatWeightType(s.dtype) && s.dtype != DType::kI8)
+    Fail("KV cache: type must be f32, f16, bf16 or int8");
+  const size_t total = s.TotalBytes();
+  const size_t avail = AvailableMemoryBytes();
+  const size_t limit = memory_limit != 0 ? memory_limit : avail;
+  if (limit != 0 && total > limit)
+    Fail("KV cache for ", s.capacity, " tokens needs ", total >> 20, " MiB (", s.BytesPerToken(),
+         " bytes per token, ", KVTypeName(s.dtype), ") but ",
+         memory_limit != 0 ? "--kv-memory allows " : "only ", limit >> 20,
+         memory_limit != 0 ? " MiB" : " MiB of memory is available",
+         "; use a shorter context, a smaller --kv-type or a larger --kv-memory");
+  if (memory_limit != 0 && avail != 0 && total > avail)
+    Fail("KV cache for ", s.capacity, " tokens needs ", total >> 20, " MiB but only ", avail >> 20,
+         " MiB of memory is available");
+  const int64_t nb = s.num_blocks();
+  layer_bytes_ =
+      static_cast<size_t>(nb * s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);
+  layer_scale_floats_ = static_cast<size_t>(nb * s.kv_heads * s.block_size * s.groups());
+  k_ = Reserve(layer_bytes_ * s.layers);
+  v_ = Reserve(layer_bytes_ * s.layers);
+  if (s.dtype == DType::kI8) {
+    ks_ = Reserve(layer_scale_floats_ * sizeof(float) * s.layers);
+    vs_ = Reserve(layer_scale_floats_ * sizeof(float) * s.layers);
+  }
+  table_.assign(static_cast<size_t>(s.layers), std::vector<int32_t>(static_cast<size_t>(nb), -1));
+  next_slot_.assign(static_cast<size_t>(s.layers), 0);
 }
 
 KVCache::~KVCache() {
-  if (k_ != nullptr) ::munmap(k_, bytes_each_);
-  if (v_ != nullptr) ::munmap(v_, bytes_each_);
+  for (Arena* a : {&k_, &v_, &ks_, &vs_})
+    if (a->p != nullptr) ::munmap(a->p, a->bytes);
+}
+
+void KVCache::Clear() {
+  size_ = 0;
+  for (auto& t : table_) std::fill(t.begin(), t.end(), -1);
+  std::fill(next_slot_.begin(), next_slot_.end(), 0);
+}
+
+void KVCache::EnsureBlock(int64_t layer, int64_t block) {
+  int32_t& slot = table_[layer][block];
+  if (slot < 0) slot = next_slot_[layer]++;
 }
 
 KVLayerView KVCache::Layer(int64_t layer) const {
-  const size_t layer_bytes =
-      static_cast<size_t>(shape_.kv_heads * shape_.capacity * shape_.head_dim) *
-      DTypeSize(shape_.dtype);
-  return KVLayerView{shape_.dtype, k_ + layer * layer_bytes, v_ + layer * layer_bytes,
-                     shape_.capacity * shape_.head_dim, shape_.head_dim};
+  const KVCacheShape& s = shape_;
+  return KVLayerView{
+      s.dtype,
+      s.block_size,
+      s.head_dim,
+      s.kv_heads,
+      s.groups(),
+      k_.p + layer * layer_bytes_,
+      v_.p + layer * layer_bytes_,
+      ks_.p ? reinterpret_cast<const float*>(ks_.p) + layer * layer_scale_floats_ : nullptr,
+      vs_.p ? reinterpret_cast<const float*>(vs_.p) + layer * layer_scale_floats_ : nullptr,
+      table_[layer].data(),
+      size_};
 }
 
+namespace {
+// Symmetric int8 per group of kKVGroup channels: scale = max|x| / 127.
+void QuantizeRow(const float* x, int64_t D, int8_t* q, float* scales) {
+  for (int64_t g0 = 0, gi = 0; g0 < D; g0 += kKVGroup, ++gi) {
+    const int64_t g1 = std::min(D, g0 + kKVGroup);
+    float amax = 0;
+    for (int64_t d = g0; d < g1; ++d) amax = std::max(amax, std::fabs(x[d]));
+    const float scale = amax / 127.0f;
+    const float inv = scale > 0 ? 1.0f / scale : 0.0f;
+    scales[gi] = scale;
+    for (int64_t d = g0; d < g1; ++d)
+      q[d] = static_cast<int8_t>(std::clamp(std::nearbyint(x[d] * inv), -127.0f, 127.0f));
+  }
+}
+}  // namespace
+
 void KVCache::Write(int64_t layer, int64_t pos0, int64_t T, const float* k, const float* v) {
-  if (pos0 < 0 || pos0 + T > shape_.capacity)
+  const KVCacheShape& s = shape_;
+  if (layer < 0 || layer >= s.layers) Fail("KV cache: layer ", layer, " out of range");
+  if (pos0 < 0 || pos0 + T > s.num_blocks() * s.block_size)
     Fail("KV cache: writing positions [", pos0, ", ", pos0 + T, ") exceeds the capacity of ",
-         shape_.capacity, " tokens");
+         s.capacity, " tokens");
+  for (int64_t b = pos0 / s.block_size; b <= (pos0 + T - 1) / s.block_size; ++b)
+    EnsureBlock(layer, b);
   const KVLayerView view = Layer(layer);
-  const int64_t D = shape_.head_dim, Hk = shape_.kv_heads;
+  const int64_t D = s.head_dim, Hk = s.kv_heads;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < Hk; ++h) {
-      const size_t dst = static_cast<size_t>(h * view.head_stride + (pos0 + t) * D);
-      const float* ks = k + (t * Hk + h) * D;
-      const float* vs = v + (t * Hk + h) * D;
-      if (shape_.dtype == DType::kF32) {
-        std::memcpy(static_cast<float*>(const_cast<void*>(view.k)) + dst, ks, D * sizeof(float));
-        std::memcpy(static_cast<float*>(const_cast<void*>(view.v)) + dst, vs, D * sizeof(float));
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          StoreFromF32(shape_.dtype, const_cast<void*>(view.k), dst + d, ks[d]);
-          StoreFromF32(shape_.dtype, const_cast<void*>(view.v), dst + d, vs[d]);
+      const float* src[2] = {k + (t * Hk + h) * D, v + (t * Hk + h) * D};
+      uint8_t* dst[2] = {const_cast<uint8_t*>(view.KRow(h, pos0 + t)),
+                         const_cast<uint8_t*>(view.VRow(h, pos0 + t))};
+      for (int kv = 0; kv < 2; ++kv) {
+        if (s.dtype == DType::kF32) {
+          std::memcpy(dst[kv], src[kv], D * sizeof(float));
+        } else if (s.dtype == DType::kI8) {
+          float* sc =
+              const_cast<float*>(kv == 0 ? view.KScale(h, pos0 + t) : view.VScale(h, pos0 + t));
+          QuantizeRow(src[kv], D, reinterpret_cast<int8_t*>(dst[kv]), sc);
+        } else {
+          for (int64_t d = 0; d < D; ++d) StoreFromF32(s.dtype, dst[kv], d, src[kv][d]);
         }
       }
     }
@@ -80,7 +194,7 @@ void KVCache::Write(int64_t layer, int64_t pos0, int64_t T, const float* k, cons
 }
 
 void KVCache::SetSize(int64_t n) {
-  NEEDLE_CHECK(n >= 0 && n <= shape_.capacity);
+  NEEDLE_CHECK(n >= 0 && n <= shape_.num_blocks() * shape_.block_size);
   size_ = n;
 }
 

@@ -1,69 +1,138 @@
-// The KV cache: one contiguous arena per tensor kind (K, V) holding every layer, laid out as
-//   [layer][kv_head][capacity][head_dim]  (elements of `dtype`),
-// so one KV head's keys are a dense [tokens, head_dim] matrix that attention streams through.
-// Memory is reserved with an anonymous mapping and committed by the OS as tokens are written,
-// and the size is checked against the machine's available memory before anything is reserved.
-// (The block-sparse issue replaces this with a block table over the same arena shape.)
+// The KV cache in host DRAM: per layer, K and V arenas of fixed-size blocks plus a block table.
+//
+//   arena (per layer, K and V alike): [slot][kv_head][block_size][head_dim]  elements of dtype
+//   scales (int8 only):                [slot][kv_head][block_size][groups]    f32, groups of 32
+//                                                                              channels (kKVGroup)
+//   block table (per layer):           logical block b (tokens [b*B, (b+1)*B)) -> slot
+//
+// A block of one KV head is a dense [block_size, head_dim] matrix: appending a token writes one
+// row, attention over a block streams it. Arenas are reserved from the maximum context with an
+// anonymous mapping (committed by the OS as blocks are written); the bytes are checked against
+// the memory budget (--kv-memory, else the machine's available memory) before anything is
+// reserved, so an impossible context is an error naming both numbers, not an OOM kill.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "engine/base/dtype.h"
 
 namespace needle {
 
+constexpr int64_t kKVGroup = 32;  // int8: one f32 scale per 32 channels of one token's row
+
+// KV storage types: f32, f16, bf16, int8 ("int8"/"i8"). Throws naming `what` otherwise.
+DType ParseKVType(const std::string& s, const std::string& what);
+const char* KVTypeName(DType t);
+
 struct KVCacheShape {
   int64_t layers = 0;
   int64_t kv_heads = 0;
   int64_t head_dim = 0;
-  int64_t capacity = 0;  // tokens
+  int64_t capacity = 0;  // tokens (rounded up to whole blocks when allocated)
+  int64_t block_size = 128;
   DType dtype = DType::kF32;
 
+  int64_t groups() const { return dtype == DType::kI8 ? (head_dim + kKVGroup - 1) / kKVGroup : 0; }
+  int64_t num_blocks() const { return (capacity + block_size - 1) / block_size; }
+  // K + V bytes of one token in every layer, scales included.
   size_t BytesPerToken() const {
-    return static_cast<size_t>(2 * layers * kv_heads * head_dim) * DTypeSize(dtype);
+    return static_cast<size_t>(2 * layers * kv_heads) *
+           (static_cast<size_t>(head_dim) * DTypeSize(dtype) +
+            static_cast<size_t>(groups()) * sizeof(float));
   }
-  size_t TotalBytes() const { return BytesPerToken() * static_cast<size_t>(capacity); }
+  size_t TotalBytes() const {
+    return BytesPerToken() * static_cast<size_t>(num_blocks() * block_size);
+  }
 };
 
-// One layer's cache as the attention kernels read it.
+// One layer's cache as the kernels read it.
 struct KVLayerView {
   DType dtype;
-  const void* k;        // [kv_heads][capacity][head_dim]
-  const void* v;        // same layout
-  int64_t head_stride;  // elements between consecutive KV heads (capacity * head_dim)
-  int64_t head_dim;
+  int64_t block_size, head_dim, kv_heads, groups;
+  const uint8_t* k;  // arena, see above
+  const uint8_t* v;
+  const float* k_scale;  // int8 only
+  const float* v_scale;
+  const int32_t* table;  // logical block -> slot
+  int64_t n_tokens;      // valid tokens (positions [0, n_tokens))
+
+  size_t RowIndex(int64_t h, int64_t token) const {
+    const int64_t slot = table[token / block_size];
+    return static_cast<size_t>((slot * kv_heads + h) * block_size + token % block_size);
+  }
+  // Start of the row of `token` for KV head h; rows of one block are consecutive.
+  const uint8_t* KRow(int64_t h, int64_t token) const {
+    return k + RowIndex(h, token) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
+  }
+  const uint8_t* VRow(int64_t h, int64_t token) const {
+    return v + RowIndex(h, token) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
+  }
+  const float* KScale(int64_t h, int64_t token) const {
+    return k_scale == nullptr ? nullptr
+                              : k_scale + RowIndex(h, token) * static_cast<size_t>(groups);
+  }
+  const float* VScale(int64_t h, int64_t token) const {
+    return v_scale == nullptr ? nullptr
+                              : v_scale + RowIndex(h, token) * static_cast<size_t>(groups);
+  }
+  // Scalar access (reference kernels, tests): element d of the key/value row, dequantised.
+  float KAt(int64_t h, int64_t token, int64_t d) const {
+    return At(KRow(h, token), KScale(h, token), d);
+  }
+  float VAt(int64_t h, int64_t token, int64_t d) const {
+    return At(VRow(h, token), VScale(h, token), d);
+  }
+
+ private:
+  float At(const uint8_t* row, const float* scale, int64_t d) const {
+    if (dtype == DType::kI8)
+      return static_cast<float>(reinterpret_cast<const int8_t*>(row)[d]) * scale[d / kKVGroup];
+    return LoadAsF32(dtype, row, static_cast<size_t>(d));
+  }
 };
 
 class KVCache {
  public:
-  // Throws Error naming the requested bytes and the available memory when it cannot fit.
-  explicit KVCache(const KVCacheShape& shape);
+  // memory_limit: bytes the cache may take (0: the machine's available memory). Throws Error
+  // naming the requested and the allowed bytes when the context does not fit.
+  explicit KVCache(const KVCacheShape& shape, size_t memory_limit = 0);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
   const KVCacheShape& shape() const { return shape_; }
-  int64_t size() const { return size_; }  // tokens written so far
-  void Clear() { size_ = 0; }
+  int64_t size() const { return size_; }  // tokens valid in every layer
+  void Clear();
 
   // Writes T tokens at positions [pos0, pos0 + T) of `layer` from f32 rows
-  // k, v: [T, kv_heads, head_dim]; converts to the cache dtype. pos0 + T <= capacity.
+  // k, v: [T, kv_heads, head_dim], converting (int8: quantising per group) to the cache type.
   void Write(int64_t layer, int64_t pos0, int64_t T, const float* k, const float* v);
-  // Marks tokens [0, n) as valid (after every layer of a step wrote them).
+  // Marks tokens [0, n) valid (after every layer of a step wrote them); n may also shrink.
   void SetSize(int64_t n);
 
   KVLayerView Layer(int64_t layer) const;
 
  private:
+  struct Arena {
+    uint8_t* p = nullptr;
+    size_t bytes = 0;
+  };
+  static Arena Reserve(size_t bytes);
+  void EnsureBlock(int64_t layer, int64_t block);
+
   KVCacheShape shape_;
   int64_t size_ = 0;
-  uint8_t* k_ = nullptr;
-  uint8_t* v_ = nullptr;
-  size_t bytes_each_ = 0;
+  size_t layer_bytes_ = 0, layer_scale_floats_ = 0;
+  Arena k_, v_, ks_, vs_;
+  std::vector<std::vector<int32_t>> table_;  // [layer][logical block] -> slot, -1 = unassigned
+  std::vector<int32_t> next_slot_;           // per layer
 };
 
 // MemAvailable from /proc/meminfo in bytes (0 when unknown).
 size_t AvailableMemoryBytes();
+// Parses a byte count with an optional K/M/G/T suffix (powers of 1024); throws naming `what`.
+size_t ParseByteSize(const std::string& s, const std::string& what);
 
 }  // namespace needle

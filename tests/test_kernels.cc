@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 #include <tuple>
 
 #include "engine/attention/partial.h"
@@ -115,48 +116,95 @@ TEST(Kernels, SiluMulAndAdd) {
 }
 
 struct AttnCase {
-  int64_t T, pos0, heads, kv_heads, D, window;
+  int64_t T, pos0, heads, kv_heads, D, window, block;
 };
 
-class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType>> {};
+// Random spans for item (t, h): a few whole or partial ranges before the query, ascending.
+AttnSpans RandomSpans(const AttnCase& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  AttnSpans s;
+  s.offsets.push_back(0);
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t h = 0; h < c.kv_heads; ++h) {
+      const int64_t p = c.pos0 + t;
+      int64_t at = 0;
+      while (at <= p) {
+        const int64_t len =
+            1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(2 * c.block + 1));
+        const int64_t end = std::min(p + 1, at + len);
+        if (rng() % 3 != 0) s.spans.push_back({at, end});
+        at = end + static_cast<int64_t>(rng() % static_cast<uint64_t>(c.block));
+      }
+      if (s.spans.size() == static_cast<size_t>(s.offsets.back())) s.spans.push_back({p, p + 1});
+      s.offsets.push_back(static_cast<int64_t>(s.spans.size()));
+    }
+  }
+  return s;
+}
+
+class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType, bool>> {};
 
 TEST_P(AttentionTest, FastMatchesReference) {
-  const auto [c, kv_type] = GetParam();
+  const auto [c, kv_type, sparse] = GetParam();
+  const int64_t n_tok = c.pos0 + c.T;
+  KVCache cache(KVCacheShape{1, c.kv_heads, c.D, n_tok + 3, c.block, kv_type});
+  const auto k = test::RandomVector(n_tok * c.kv_heads * c.D, 31);
+  const auto v = test::RandomVector(n_tok * c.kv_heads * c.D, 32);
+  cache.Write(0, 0, n_tok, k.data(), v.data());
+  cache.SetSize(n_tok);
+  const auto q = test::RandomVector(c.T * c.heads * c.D, 33);
+  AttnArgs a{
+      c.T, c.pos0, c.heads, c.kv_heads, c.D, c.window, 1.0f / std::sqrt(static_cast<float>(c.D))};
+  const AttnSpans spans = RandomSpans(c, 7);
+  const AttnSpans* sp = sparse ? &spans : nullptr;
+  float qmax = 0, kmax = 0, vmax = 0;
+  for (float x : q) qmax = std::max(qmax, std::fabs(x));
+  for (float x : k) kmax = std::max(kmax, std::fabs(x));
+  for (float x : v) vmax = std::max(vmax, std::fabs(x));
+  const double score_err = 2.0 * c.D * kU * c.D * qmax * kmax * a.scale;
+  const double tol = vmax * (2.0 * (n_tok + 4) * kU + 2.0 * score_err);
+  std::vector<float> r(c.T * c.heads * c.D, NAN), rl(c.T * c.heads, NAN);
+  ThreadingContext tc1(1);
+  ref::Attention(q.data(), cache.Layer(0), a, sp, r.data(), rl.data(), tc1);
   for (int threads : {1, 3}) {
     ThreadingContext tc(threads);
-    const int64_t n_tok = c.pos0 + c.T;
-    KVCache cache(KVCacheShape{1, c.kv_heads, c.D, n_tok + 3, kv_type});
-    const auto k = test::RandomVector(n_tok * c.kv_heads * c.D, 31);
-    const auto v = test::RandomVector(n_tok * c.kv_heads * c.D, 32);
-    cache.Write(0, 0, n_tok, k.data(), v.data());
-    const auto q = test::RandomVector(c.T * c.heads * c.D, 33);
-    AttnArgs a{
-        c.T, c.pos0, c.heads, c.kv_heads, c.D, c.window, 1.0f / std::sqrt(static_cast<float>(c.D))};
-    std::vector<float> r(c.T * c.heads * c.D, NAN), f(c.T * c.heads * c.D, NAN);
-    ref::Attention(q.data(), cache.Layer(0), a, r.data(), tc);
-    fast::Attention(q.data(), cache.Layer(0), a, f.data(), tc);
-    float qmax = 0, kmax = 0, vmax = 0;
-    for (float x : q) qmax = std::max(qmax, std::fabs(x));
-    for (float x : k) kmax = std::max(kmax, std::fabs(x));
-    for (float x : v) vmax = std::max(vmax, std::fabs(x));
-    const double score_err = 2.0 * c.D * kU * c.D * qmax * kmax * a.scale;
-    const double tol = vmax * (2.0 * (n_tok + 4) * kU + 2.0 * score_err);
+    std::vector<float> f(c.T * c.heads * c.D, NAN), fl(c.T * c.heads, NAN);
+    fast::Attention(q.data(), cache.Layer(0), a, sp, f.data(), fl.data(), tc);
     for (size_t i = 0; i < r.size(); ++i)
       ASSERT_NEAR(f[i], r[i], tol) << "index " << i << " threads " << threads;
+    for (size_t i = 0; i < rl.size(); ++i)
+      ASSERT_NEAR(fl[i], rl[i], 1e-5 * (std::fabs(rl[i]) + 1) + score_err) << i;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionTest,
-    ::testing::Combine(::testing::Values(AttnCase{1, 0, 4, 4, 64, 0},  // first token, GQA 1
-                                         AttnCase{1, 999, 8, 2, 128,
-                                                  0},  // decode, GQA 4, key splits
-                                         AttnCase{1, 2600, 7, 1, 64, 0},  // decode, GQA 7, splits
-                                         AttnCase{37, 0, 8, 1, 128, 0},   // prefill, GQA 8
-                                         AttnCase{5, 300, 4, 1, 64, 64},  // sliding window
-                                         AttnCase{9, 130, 6, 2, 72, 0},   // head_dim 72 (tails)
-                                         AttnCase{3, 5, 2, 2, 6, 0}),     // tiny head_dim
-                       ::testing::Values(DType::kF32, DType::kBF16, DType::kF16)));
+    ::testing::Combine(
+        ::testing::Values(AttnCase{1, 0, 4, 4, 64, 0, 128},     // first token, GQA 1
+                          AttnCase{1, 999, 8, 2, 128, 0, 128},  // decode, GQA 4, key splits
+                          AttnCase{1, 2600, 7, 1, 64, 0, 64},   // decode, GQA 7, splits
+                          AttnCase{37, 0, 8, 1, 128, 0, 16},    // prefill, GQA 8, small blocks
+                          AttnCase{5, 300, 4, 1, 64, 64, 32},   // sliding window
+                          AttnCase{9, 130, 6, 2, 72, 0, 50},    // head_dim 72, odd block
+                          AttnCase{3, 5, 2, 2, 6, 0, 4}),       // tiny head_dim
+        ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kI8), ::testing::Bool()));
+
+TEST(Kernels, Int8KVQuantisationError) {
+  // Symmetric per-32-channel int8: |x - deq(x)| <= scale / 2 = max|group| / 254.
+  KVCache cache(KVCacheShape{1, 2, 72, 5, 4, DType::kI8});
+  const auto k = test::RandomVector(5 * 2 * 72, 1), v = test::RandomVector(5 * 2 * 72, 2);
+  cache.Write(0, 0, 5, k.data(), v.data());
+  const KVLayerView view = cache.Layer(0);
+  for (int64_t t = 0; t < 5; ++t)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t g = 0; g * 32 < 72; ++g) {
+        float amax = 0;
+        for (int64_t d = g * 32; d < std::min<int64_t>(72, g * 32 + 32); ++d)
+          amax = std::max(amax, std::fabs(k[(t * 2 + h) * 72 + d]));
+        for (int64_t d = g * 32; d < std::min<int64_t>(72, g * 32 + 32); ++d)
+          ASSERT_NEAR(view.KAt(h, t, d), k[(t * 2 + h) * 72 + d], amax / 254 * 1.0001f);
+      }
+}
 
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {
   // Splitting keys anywhere and merging the partials gives the softmax over all keys.

@@ -105,7 +105,7 @@ TEST(Model, ContextOverflowIsAnError) {
 TEST(Model, KVCacheLargerThanMemoryIsRefused) {
   test::ExpectErrorContaining(
       [] {
-        KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, DType::kBF16});
+        KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, 128, DType::kBF16});
       },
       {"KV cache", "MiB", "available"});
 }

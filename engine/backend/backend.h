@@ -42,7 +42,9 @@ class Backend {
   // Appends k, v: [T, kv_heads, head_dim] at positions [pos0, pos0 + T) of `layer`.
   virtual void KVWrite(KVCache& cache, int64_t layer, int64_t pos0, int64_t T, const float* k,
                        const float* v) = 0;
-  virtual void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out) = 0;
+  // See ops.h: spans == nullptr is dense causal attention; lse (optional) [T, heads].
+  virtual void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a,
+                         const AttnSpans* spans, float* out, float* lse) = 0;
 };
 
 // RAII for a backend activation buffer.

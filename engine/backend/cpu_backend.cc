@@ -68,11 +68,12 @@ class CpuBackend final : public Backend {
                const float* v) override {
     cache.Write(layer, pos0, T, k, v);
   }
-  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out) override {
+  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
+                 float* out, float* lse) override {
     if constexpr (kRef)
-      ref::Attention(q, kv, a, out, tc_);
+      ref::Attention(q, kv, a, spans, out, lse, tc_);
     else
-      fast::Attention(q, kv, a, out, tc_);
+      fast::Attention(q, kv, a, spans, out, lse, tc_);
   }
 
  private:

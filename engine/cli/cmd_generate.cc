@@ -58,7 +58,7 @@ int CmdGenerate(int argc, char** argv) {
           {"ctx-size", 'c', OptKind::kInt, "0",
            "KV cache capacity in tokens (0: prompt + max-new-tokens)"},
           {"kv-type", 0, OptKind::kString, "auto",
-           "KV cache type: auto (the weights' type), f32, f16, bf16"},
+           "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
           {"ubatch", 0, OptKind::kInt, "512", "prompt tokens per forward step"},
           {"dummy-weights", 0, OptKind::kFlag, "",
            "random weights of config.json's shapes (no safetensors needed)"},
@@ -100,7 +100,7 @@ int CmdGenerate(int argc, char** argv) {
     Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(),
          " tokens) plus --max-new-tokens (", max_new, ")");
   const std::string kvs = opt.Str("kv-type");
-  const DType kv_type = kvs == "auto" ? model->weights().dtype : ParseFloatDType(kvs, "--kv-type");
+  const DType kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
   KVCache cache(model->CacheShape(ctx, kv_type));
 
   std::fprintf(stderr,
@@ -108,7 +108,7 @@ int CmdGenerate(int argc, char** argv) {
                "threads, %s kernels\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),
                DTypeName(model->weights().dtype), static_cast<long long>(ctx),
-               cache.shape().BytesPerToken(), DTypeName(kv_type), tc.threads(), backend->Name());
+               cache.shape().BytesPerToken(), KVTypeName(kv_type), tc.threads(), backend->Name());
   bool first = true;
   GenerateStats st;
   GenerateGreedy(

@@ -1,9 +1,11 @@
-// Dense causal attention over the KV cache (GQA, optional sliding window), for prefill and decode.
-// Work items are (query token, KV head, key split): each reads its keys and values once for all
-// G query heads of the group (GQA without repeating K/V), folds them in chunks of kChunk keys with
-// an online softmax into one PartialAttention per head, and the splits of one (token, head) are
-// merged in split order, so results do not depend on the thread count's scheduling.
-// Key splits exist only when (tokens x KV heads) alone cannot feed the threads: long decode.
+// Attention over the block KV cache, dense (every visible key, causal, optional sliding window)
+// or sparse (the key spans of a plan), for prefill and decode: the fused block kernel.
+// Work items are (query token, KV head, key split). Each item walks its spans block by block;
+// a block's rows are read once for all G query heads of the GQA group (converted to f32 in a
+// small per-thread tile when stored as f16/bf16/int8), folded with an online softmax into one
+// PartialAttention per head; the splits of one (token, head) merge in split order, so results
+// are independent of scheduling. Keys are split across items only when tokens x KV heads alone
+// cannot feed the threads (long-context decode).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -26,146 +28,211 @@ namespace needle {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-constexpr int64_t kChunk = 128;         // keys scored before their values are accumulated
-constexpr int64_t kMinSplitKeys = 512;  // never split finer than this
+constexpr int64_t kMinSplitKeys = 512;  // never split an item's keys finer than this
 
-// Folds keys [j0, j1) of one KV head into the partials of G query heads.
-// q: [G, D] (consecutive heads), k/v: [tokens, D] of type KT, part[g].out: [D].
-template <typename KT>
-HWY_INLINE void FoldKeys(const float* HWY_RESTRICT q, int64_t G, int64_t D,
-                         const KT* HWY_RESTRICT k, const KT* HWY_RESTRICT v, int64_t j0, int64_t j1,
-                         float scale, PartialAttention* part,
-                         float* HWY_RESTRICT scores /* [G, kChunk] */) {
+// n consecutive rows of D elements (one block piece) to f32: dst [n, D].
+template <typename ST>
+HWY_INLINE void RowsToF32(const ST* HWY_RESTRICT src, int64_t n, int64_t D,
+                          float* HWY_RESTRICT dst) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
-    const int64_t c1 = std::min(j1, c0 + kChunk), n = c1 - c0;
-    // Scores s[g][j] = scale * q_g . k_j
-    for (int64_t j = 0; j < n; ++j) {
-      const KT* kj = k + (c0 + j) * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * D;
-        auto acc = hn::Zero(df);
-        int64_t d = 0;
-        for (; d + L <= D; d += L)
-          acc = hn::MulAdd(hn::LoadU(df, qg + d), LoadF32(df, kj + d), acc);
-        float s = ReduceF32(df, acc);
-        for (; d < D; ++d) s += qg[d] * ScalarF32(kj[d]);
-        scores[g * kChunk + j] = s * scale;
-      }
+  const int64_t total = n * D;
+  int64_t i = 0;
+  for (; i + L <= total; i += L) hn::StoreU(LoadF32(df, src + i), df, dst + i);
+  for (; i < total; ++i) dst[i] = ScalarF32(src[i]);
+}
+
+// int8 rows with one scale per kKVGroup channels of each row: scales [n, groups].
+HWY_INLINE void RowsToF32(const int8_t* HWY_RESTRICT src, const float* HWY_RESTRICT scales,
+                          int64_t n, int64_t D, int64_t groups, float* HWY_RESTRICT dst) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<int32_t, decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t r = 0; r < n; ++r) {
+    const int8_t* row = src + r * D;
+    float* out = dst + r * D;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * kKVGroup, c1 = std::min(D, c0 + kKVGroup);
+      const float sc = scales[r * groups + g];
+      const auto vs = hn::Set(df, sc);
+      int64_t c = c0;
+      for (; c + L <= c1; c += L)
+        hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, row + c))), vs), df,
+                   out + c);
+      for (; c < c1; ++c) out[c] = static_cast<float>(row[c]) * sc;
     }
-    // Online softmax update per head, then p_j * v_j accumulated.
+  }
+}
+
+// Folds n keys/values (f32 rows [n, D]) into the partials of G query heads q [G, D].
+HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
+                         const float* HWY_RESTRICT k, const float* HWY_RESTRICT v, int64_t n,
+                         float scale, PartialAttention* part,
+                         float* HWY_RESTRICT scores /* [G, n] */) {
+  const hn::ScalableTag<float> df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * D;
     for (int64_t g = 0; g < G; ++g) {
-      PartialAttention& P = part[g];
-      float* s = scores + g * kChunk;
-      float mx = P.m;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-      const float corr = P.empty() ? 0.0f : std::exp(P.m - mx);
-      float sum = 0.0f;
-      int64_t j = 0;
-      const auto vmx = hn::Set(df, mx);
-      for (; j + L <= n; j += L) {
-        const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j), vmx));
-        hn::StoreU(e, df, s + j);
-        sum += ReduceF32(df, e);
-      }
-      for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-      float* o = P.out;
-      if (corr != 1.0f) {
-        const auto vc = hn::Set(df, corr);
-        int64_t d = 0;
-        for (; d + L <= D; d += L) hn::StoreU(hn::Mul(hn::LoadU(df, o + d), vc), df, o + d);
-        for (; d < D; ++d) o[d] *= corr;
-      }
-      P.l = P.l * corr + sum;
-      P.m = mx;
-      P.n += n;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const KT* vj = v + (c0 + j) * D;
+      const float* qg = q + g * D;
+      auto acc = hn::Zero(df);
       int64_t d = 0;
-      for (; d + L <= D; d += L) {
-        const auto vv = LoadF32(df, vj + d);
-        for (int64_t g = 0; g < G; ++g) {
-          float* o = part[g].out + d;
-          hn::StoreU(hn::MulAdd(hn::Set(df, scores[g * kChunk + j]), vv, hn::LoadU(df, o)), df, o);
-        }
-      }
-      for (; d < D; ++d) {
-        const float vs = ScalarF32(vj[d]);
-        for (int64_t g = 0; g < G; ++g) part[g].out[d] += scores[g * kChunk + j] * vs;
-      }
+      for (; d + L <= D; d += L)
+        acc = hn::MulAdd(hn::LoadU(df, qg + d), hn::LoadU(df, kj + d), acc);
+      float s = ReduceF32(df, acc);
+      for (; d < D; ++d) s += qg[d] * kj[d];
+      scores[g * n + j] = s * scale;
     }
   }
-}
-
-template <typename KT>
-void AttentionT(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-                ThreadingContext& tc) {
-  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads;
-  const KT* kbase = static_cast<const KT*>(kv.k);
-  const KT* vbase = static_cast<const KT*>(kv.v);
-  // Visible keys of query t: [lo(t), pos0 + t].
-  auto lo_of = [&](int64_t t) {
-    const int64_t p = a.pos0 + t;
-    return a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : int64_t{0};
-  };
-  const int64_t max_keys = a.pos0 + a.T - lo_of(a.T - 1);
-  int64_t splits = 1;
-  const int64_t items = a.T * Hk;
-  const int64_t want = 4 * tc.threads();
-  if (items < want) {
-    splits = std::min((want + items - 1) / items, (max_keys + kMinSplitKeys - 1) / kMinSplitKeys);
-    splits = std::max<int64_t>(splits, 1);
-  }
-  // Partial outputs: [T, Hk, splits, G, D] plus m/l/n in the PartialAttention objects.
-  std::vector<float> pbuf(static_cast<size_t>(a.T * Hk * splits * G * D));
-  std::vector<PartialAttention> parts(static_cast<size_t>(a.T * Hk * splits * G));
-  tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
-    std::vector<float> scores(static_cast<size_t>(G * kChunk));
-    for (size_t item = b; item < e; ++item) {
-      const int64_t sp = static_cast<int64_t>(item) % splits;
-      const int64_t th = static_cast<int64_t>(item) / splits;
-      const int64_t t = th / Hk, h = th % Hk;
-      const int64_t lo = lo_of(t), hi = a.pos0 + t + 1;
-      const int64_t per = (hi - lo + splits - 1) / splits;
-      const int64_t j0 = std::min(hi, lo + sp * per), j1 = std::min(hi, j0 + per);
-      PartialAttention* p = &parts[static_cast<size_t>(item * G)];
-      for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (item * G + g) * D, D);
-      const float* qg = q + (t * a.heads + h * G) * D;
-      FoldKeys(qg, G, D, kbase + h * kv.head_stride, vbase + h * kv.head_stride, j0, j1, a.scale, p,
-               scores.data());
+  for (int64_t g = 0; g < G; ++g) {
+    PartialAttention& P = part[g];
+    float* s = scores + g * n;
+    float mx = P.m;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    const float corr = P.empty() ? 0.0f : std::exp(P.m - mx);
+    float sum = 0.0f;
+    int64_t j = 0;
+    const auto vmx = hn::Set(df, mx);
+    for (; j + L <= n; j += L) {
+      const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j), vmx));
+      hn::StoreU(e, df, s + j);
+      sum += ReduceF32(df, e);
     }
-  });
-  // Merge the splits of each (token, KV head) in order and normalise.
-  tc.ParallelFor(static_cast<size_t>(items), 4, [&](size_t b, size_t e) {
-    for (size_t th = b; th < e; ++th) {
-      const int64_t t = static_cast<int64_t>(th) / Hk, h = static_cast<int64_t>(th) % Hk;
+    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    if (corr != 1.0f) {
+      float* o = P.out;
+      const auto vc = hn::Set(df, corr);
+      int64_t d = 0;
+      for (; d + L <= D; d += L) hn::StoreU(hn::Mul(hn::LoadU(df, o + d), vc), df, o + d);
+      for (; d < D; ++d) o[d] *= corr;
+    }
+    P.l = P.l * corr + sum;
+    P.m = mx;
+    P.n += n;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * D;
+    int64_t d = 0;
+    for (; d + L <= D; d += L) {
+      const auto vv = hn::LoadU(df, vj + d);
       for (int64_t g = 0; g < G; ++g) {
-        PartialAttention& acc = parts[static_cast<size_t>((th * splits) * G + g)];
-        for (int64_t sp = 1; sp < splits; ++sp)
-          acc.Merge(parts[static_cast<size_t>((th * splits + sp) * G + g)]);
-        acc.Finalize(out + (t * a.heads + h * G + g) * D);
+        float* o = part[g].out + d;
+        hn::StoreU(hn::MulAdd(hn::Set(df, scores[g * n + j]), vv, hn::LoadU(df, o)), df, o);
+      }
+    }
+    for (; d < D; ++d)
+      for (int64_t g = 0; g < G; ++g) part[g].out[d] += scores[g * n + j] * vj[d];
+  }
+}
+
+// Per-thread scratch: f32 tiles of one block piece and its scores.
+struct Scratch {
+  std::vector<float> k, v, scores;
+  std::vector<KeySpan> spans;
+};
+
+// Folds keys [b, e) of KV head h (any storage type) block piece by block piece.
+HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e, const float* q,
+                          int64_t G, float scale, PartialAttention* part, Scratch& sc) {
+  const int64_t B = kv.block_size, D = kv.head_dim;
+  while (b < e) {
+    const int64_t n = std::min(e, (b / B + 1) * B) - b;  // rows left in this block
+    const float* kf;
+    const float* vf;
+    switch (kv.dtype) {
+      case DType::kF32:
+        kf = reinterpret_cast<const float*>(kv.KRow(h, b));
+        vf = reinterpret_cast<const float*>(kv.VRow(h, b));
+        break;
+      case DType::kBF16:
+        RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(kv.KRow(h, b)), n, D, sc.k.data());
+        RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(kv.VRow(h, b)), n, D, sc.v.data());
+        kf = sc.k.data(), vf = sc.v.data();
+        break;
+      case DType::kF16:
+        RowsToF32(reinterpret_cast<const hwy::float16_t*>(kv.KRow(h, b)), n, D, sc.k.data());
+        RowsToF32(reinterpret_cast<const hwy::float16_t*>(kv.VRow(h, b)), n, D, sc.v.data());
+        kf = sc.k.data(), vf = sc.v.data();
+        break;
+      default:  // int8, validated at cache creation
+        RowsToF32(reinterpret_cast<const int8_t*>(kv.KRow(h, b)), kv.KScale(h, b), n, D, kv.groups,
+                  sc.k.data());
+        RowsToF32(reinterpret_cast<const int8_t*>(kv.VRow(h, b)), kv.VScale(h, b), n, D, kv.groups,
+                  sc.v.data());
+        kf = sc.k.data(), vf = sc.v.data();
+        break;
+    }
+    FoldRows(q, G, D, kf, vf, n, scale, part, sc.scores.data());
+    b += n;
+  }
+}
+
+void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
+                   float* out, float* lse, ThreadingContext& tc) {
+  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
+  const int64_t items = a.T * Hk;
+  // Keys per item (for the split decision) and the largest.
+  int64_t max_keys = 0;
+  {
+    std::vector<KeySpan> sp;
+    for (int64_t i = 0; i < items; ++i) {
+      ItemSpans(a, spans, i / Hk, i % Hk, &sp);
+      int64_t n = 0;
+      for (const auto& r : sp) n += r.end - r.begin;
+      max_keys = std::max(max_keys, n);
+    }
+  }
+  int64_t splits = 1;
+  const int64_t want = 4 * tc.threads();
+  if (items < want)
+    splits = std::max<int64_t>(
+        1, std::min((want + items - 1) / items, (max_keys + kMinSplitKeys - 1) / kMinSplitKeys));
+  // Partials: [items, splits, G] with outputs [.., D].
+  std::vector<float> pbuf(static_cast<size_t>(items * splits * G * D));
+  std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
+  tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
+    Scratch sc;
+    sc.k.resize(static_cast<size_t>(B * D));
+    sc.v.resize(static_cast<size_t>(B * D));
+    sc.scores.resize(static_cast<size_t>(G * B));
+    for (size_t w = b; w < e; ++w) {
+      const int64_t sp = static_cast<int64_t>(w) % splits, item = static_cast<int64_t>(w) / splits;
+      const int64_t t = item / Hk, h = item % Hk;
+      ItemSpans(a, spans, t, h, &sc.spans);
+      int64_t n = 0;
+      for (const auto& r : sc.spans) n += r.end - r.begin;
+      const int64_t per = (n + splits - 1) / splits;
+      const int64_t k0 = std::min(n, sp * per),
+                    k1 = std::min(n, k0 + per);  // key indices of this split
+      PartialAttention* p = &parts[w * G];
+      for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
+      const float* qg = q + (t * a.heads + h * G) * D;
+      int64_t seen = 0;
+      for (const auto& r : sc.spans) {
+        const int64_t len = r.end - r.begin;
+        const int64_t lo = std::max(k0, seen), hi = std::min(k1, seen + len);
+        if (lo < hi)
+          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qg, G, a.scale, p, sc);
+        seen += len;
+        if (seen >= k1) break;
       }
     }
   });
-}
-
-void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-                   ThreadingContext& tc) {
-  switch (kv.dtype) {
-    case DType::kF32:
-      AttentionT<float>(q, kv, a, out, tc);
-      break;
-    case DType::kBF16:
-      AttentionT<hwy::bfloat16_t>(q, kv, a, out, tc);
-      break;
-    case DType::kF16:
-      AttentionT<hwy::float16_t>(q, kv, a, out, tc);
-      break;
-    default:
-      Fail("attention: unsupported KV cache type ", DTypeName(kv.dtype));
-  }
+  tc.ParallelFor(static_cast<size_t>(items), 4, [&](size_t b, size_t e) {
+    for (size_t item = b; item < e; ++item) {
+      const int64_t t = static_cast<int64_t>(item) / Hk, h = static_cast<int64_t>(item) % Hk;
+      for (int64_t g = 0; g < G; ++g) {
+        PartialAttention& acc = parts[static_cast<size_t>((item * splits) * G + g)];
+        for (int64_t sp = 1; sp < splits; ++sp)
+          acc.Merge(parts[static_cast<size_t>((item * splits + sp) * G + g)]);
+        const int64_t head = h * G + g;
+        acc.Finalize(out + (t * a.heads + head) * D);
+        if (lse != nullptr)
+          lse[t * a.heads + head] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
+      }
+    }
+  });
 }
 
 }  // namespace HWY_NAMESPACE
@@ -176,9 +243,12 @@ HWY_AFTER_NAMESPACE();
 namespace needle {
 HWY_EXPORT(AttentionImpl);
 namespace fast {
-void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-               ThreadingContext& tc) {
-  HWY_DYNAMIC_DISPATCH(AttentionImpl)(q, kv, a, out, tc);
+void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
+               float* out, float* lse, ThreadingContext& tc) {
+  if (kv.dtype != DType::kF32 && kv.dtype != DType::kBF16 && kv.dtype != DType::kF16 &&
+      kv.dtype != DType::kI8)
+    Fail("attention: unsupported KV cache type ", DTypeName(kv.dtype));
+  HWY_DYNAMIC_DISPATCH(AttentionImpl)(q, kv, a, spans, out, lse, tc);
 }
 }  // namespace fast
 }  // namespace needle

@@ -3,11 +3,12 @@
 //                 tested against (tests/test_kernels.cc) and selectable with --reference-kernels;
 //   needle::fast  Highway SIMD (dispatched once per call to the best target of this CPU) and
 //                 oneTBB across the threads of the ThreadingContext.
-// Activations are always f32; weights and the KV cache may be f32, f16 or bf16, and every
-// product accumulates in f32.
+// Activations are always f32; weights may be f32, f16 or bf16, the KV cache also int8, and
+// every product accumulates in f32.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "engine/base/threading.h"
 #include "engine/model/weights.h"
@@ -25,25 +26,39 @@ struct AttnArgs {
   float scale = 1.0f;  // softmax scale, 1/sqrt(head_dim)
 };
 
-#define NEEDLE_CPU_OPS                                                                           \
-  /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                                \
-  void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,          \
-              ThreadingContext& tc);                                                             \
-  /* y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]   (x, y: [rows, D]; y may alias x) */        \
-  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,    \
-               ThreadingContext& tc);                                                            \
-  /* x[T, heads, D] rotated in place, rotate-half layout: pairs (i, i + D/2);                    \
-     angle(t, i) = f32(pos0 + t) * inv_freq[i]; cos and sin are multiplied by scaling */         \
-  void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq,  \
-            float scaling, ThreadingContext& tc);                                                \
-  /* out[n] = silu(gate[n]) * up[n] */                                                           \
-  void SiluMul(const float* gate, const float* up, int64_t n, float* out, ThreadingContext& tc); \
-  /* x[n] += y[n] */                                                                             \
-  void Add(float* x, const float* y, int64_t n, ThreadingContext& tc);                           \
-  /* out[T, heads, D] = softmax(scale * q k^T) v over the visible keys of `kv`                   \
-     q: [T, heads, D] f32 (already rotated) */                                                   \
-  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,           \
-                 ThreadingContext& tc);
+// A run of consecutive key positions [begin, end).
+struct KeySpan {
+  int64_t begin, end;
+};
+
+// The keys each (query token t, KV head h) attends, for sparse attention: item i = t * kv_heads + h
+// owns spans[offsets[i] .. offsets[i + 1]), ascending and disjoint, all before or at the query's
+// position. Dense attention passes no spans (every visible key).
+struct AttnSpans {
+  std::vector<int64_t> offsets;  // [T * kv_heads + 1]
+  std::vector<KeySpan> spans;
+};
+
+#define NEEDLE_CPU_OPS                                                                             \
+  /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                                  \
+  void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,            \
+              ThreadingContext& tc);                                                               \
+  /* y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]   (x, y: [rows, D]; y may alias x) */          \
+  void RmsNorm(const float* x, int64_t rows, int64_t D, const Weight& w, float eps, float* y,      \
+               ThreadingContext& tc);                                                              \
+  /* x[T, heads, D] rotated in place, rotate-half layout: pairs (i, i + D/2);                      \
+     angle(t, i) = f32(pos0 + t) * inv_freq[i]; cos and sin are multiplied by scaling */           \
+  void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq,    \
+            float scaling, ThreadingContext& tc);                                                  \
+  /* out[n] = silu(gate[n]) * up[n] */                                                             \
+  void SiluMul(const float* gate, const float* up, int64_t n, float* out, ThreadingContext& tc);   \
+  /* x[n] += y[n] */                                                                               \
+  void Add(float* x, const float* y, int64_t n, ThreadingContext& tc);                             \
+  /* out[T, heads, D] = softmax(scale * q k^T) v over the keys of `spans` (nullptr: every          \
+     visible key); q: [T, heads, D] f32, rotated. lse (optional): [T, heads], the log-sum-exp      \
+     of the scaled scores attended (-inf when none) */                                             \
+  void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans, \
+                 float* out, float* lse, ThreadingContext& tc);
 
 namespace ref {
 NEEDLE_CPU_OPS
@@ -54,6 +69,10 @@ NEEDLE_CPU_OPS
 
 // out[T, hidden] = rows of the embedding table (any float dtype), as f32. Shared by both.
 void EmbedRows(const Weight& table, const int32_t* ids, int64_t T, float* out);
+
+// The spans of item (t, h): those of `spans`, or the dense causal range of query t.
+void ItemSpans(const AttnArgs& a, const AttnSpans* spans, int64_t t, int64_t h,
+               std::vector<KeySpan>* out);
 
 // cos/sin table [T, D/2] for Rope: angle in f32 as transformers computes it, cos/sin evaluated
 // in double of that angle, times `scaling`. Shared by both implementations.

@@ -18,6 +18,20 @@ void EmbedRows(const Weight& table, const int32_t* ids, int64_t T, float* out) {
   }
 }
 
+void ItemSpans(const AttnArgs& a, const AttnSpans* spans, int64_t t, int64_t h,
+               std::vector<KeySpan>* out) {
+  out->clear();
+  if (spans == nullptr) {
+    const int64_t p = a.pos0 + t;
+    const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
+    out->push_back({lo, p + 1});
+    return;
+  }
+  const int64_t i = t * a.kv_heads + h;
+  out->assign(spans->spans.begin() + spans->offsets[i],
+              spans->spans.begin() + spans->offsets[i + 1]);
+}
+
 void RopeTable(int64_t T, int64_t D, int64_t pos0, const float* inv_freq, float scaling,
                float* cos_out, float* sin_out) {
   const int64_t half = D / 2;
@@ -84,36 +98,37 @@ void Add(float* x, const float* y, int64_t n, ThreadingContext&) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-               ThreadingContext&) {
+void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
+               float* out, float* lse, ThreadingContext&) {
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads;
+  std::vector<KeySpan> sp;
+  std::vector<int64_t> keys;
   std::vector<float> s;
   for (int64_t t = 0; t < a.T; ++t) {
-    const int64_t p = a.pos0 + t;
-    const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
     for (int64_t h = 0; h < a.heads; ++h) {
       const int64_t kvh = h / G;
+      ItemSpans(a, spans, t, kvh, &sp);
+      keys.clear();
+      for (const auto& r : sp)
+        for (int64_t j = r.begin; j < r.end; ++j) keys.push_back(j);
       const float* qv = q + (t * a.heads + h) * D;
-      s.assign(p - lo + 1, 0.0f);
+      s.assign(keys.size(), 0.0f);
       float mx = -INFINITY;
-      for (int64_t j = lo; j <= p; ++j) {
+      for (size_t i = 0; i < keys.size(); ++i) {
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d)
-          dot += qv[d] *
-                 LoadAsF32(kv.dtype, kv.k, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
-        s[j - lo] = dot * a.scale;
-        mx = std::max(mx, s[j - lo]);
+        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv.KAt(kvh, keys[i], d);
+        s[i] = dot * a.scale;
+        mx = std::max(mx, s[i]);
       }
       float sum = 0.0f;
       for (auto& e : s) sum += (e = std::exp(e - mx));
       float* o = out + (t * a.heads + h) * D;
       for (int64_t d = 0; d < D; ++d) {
         float acc = 0.0f;
-        for (int64_t j = lo; j <= p; ++j)
-          acc += s[j - lo] *
-                 LoadAsF32(kv.dtype, kv.v, static_cast<size_t>(kvh * kv.head_stride + j * D + d));
-        o[d] = acc / sum;
+        for (size_t i = 0; i < keys.size(); ++i) acc += s[i] * kv.VAt(kvh, keys[i], d);
+        o[d] = keys.empty() ? 0.0f : acc / sum;
       }
+      if (lse != nullptr) lse[t * a.heads + h] = keys.empty() ? -INFINITY : mx + std::log(sum);
     }
   }
 }

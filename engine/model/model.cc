@@ -13,8 +13,9 @@ Model::Model(ModelConfig cfg, ModelWeights weights, Backend& backend)
   b_.PrepareWeights(w_);
 }
 
-KVCacheShape Model::CacheShape(int64_t capacity, DType kv_dtype) const {
-  return KVCacheShape{cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim, capacity, kv_dtype};
+KVCacheShape Model::CacheShape(int64_t capacity, DType kv_dtype, int64_t block_size) const {
+  return KVCacheShape{cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim,
+                      capacity,        block_size,        kv_dtype};
 }
 
 void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,

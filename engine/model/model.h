@@ -32,7 +32,7 @@ class DenseAttention final : public AttentionPolicy {
   explicit DenseAttention(Backend& b) : b_(b) {}
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
               float* out) override {
-    b_.Attention(q, cache.Layer(layer), a, out);
+    b_.Attention(q, cache.Layer(layer), a, nullptr, out, nullptr);
   }
 
  private:
@@ -50,7 +50,7 @@ class Model {
   // Tokens processed per internal step of a long prompt (bounds activation memory).
   void set_ubatch(int64_t n) { ubatch_ = n > 0 ? n : 512; }
 
-  KVCacheShape CacheShape(int64_t capacity, DType kv_dtype) const;
+  KVCacheShape CacheShape(int64_t capacity, DType kv_dtype, int64_t block_size = 128) const;
 
   // Runs ids[T] at positions [cache.size(), cache.size() + T) and appends them to the cache.
   // logits (host): [T, vocab] when all_logits, else [1, vocab] for the last token.
