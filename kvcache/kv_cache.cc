@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -72,6 +73,15 @@ size_t ParseByteSize(const std::string& s, const std::string& what) {
   return static_cast<size_t>(v * mul);
 }
 
+std::string FormatBytes(size_t n) {
+  char buf[64];
+  if (n < (size_t{1} << 10)) std::snprintf(buf, sizeof buf, "%zu B", n);
+  else if (n < (size_t{1} << 20)) std::snprintf(buf, sizeof buf, "%.1f KiB", n / 1024.0);
+  else if (n < (size_t{1} << 30)) std::snprintf(buf, sizeof buf, "%.1f MiB", n / 1048576.0);
+  else std::snprintf(buf, sizeof buf, "%.2f GiB", n / 1073741824.0);
+  return buf;
+}
+
 KVCache::Arena KVCache::Reserve(size_t bytes) {
   Arena a;
   a.bytes = std::max<size_t>(bytes, 1);
@@ -93,14 +103,14 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit) : shape_(s) {
   const size_t avail = AvailableMemoryBytes();
   const size_t limit = memory_limit != 0 ? memory_limit : avail;
   if (limit != 0 && total > limit)
-    Fail("KV cache for ", s.capacity, " tokens needs ", total >> 20, " MiB (", s.BytesPerToken(),
+    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " (", s.BytesPerToken(),
          " bytes per token, ", KVTypeName(s.dtype), ") but ",
-         memory_limit != 0 ? "--kv-memory allows " : "only ", limit >> 20,
-         memory_limit != 0 ? " MiB" : " MiB of memory is available",
+         memory_limit != 0 ? "--kv-memory allows " + FormatBytes(limit)
+                           : "only " + FormatBytes(limit) + " of memory is available",
          "; use a shorter context, a smaller --kv-type or a larger --kv-memory");
   if (memory_limit != 0 && avail != 0 && total > avail)
-    Fail("KV cache for ", s.capacity, " tokens needs ", total >> 20, " MiB but only ", avail >> 20,
-         " MiB of memory is available");
+    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ", FormatBytes(avail),
+         " of memory is available");
   const int64_t nb = s.num_blocks();
   layer_bytes_ =
       static_cast<size_t>(nb * s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);

@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "engine/base/dtype.h"
@@ -132,6 +133,8 @@ class KVCache {
 
 // MemAvailable from /proc/meminfo in bytes (0 when unknown).
 size_t AvailableMemoryBytes();
+// "1.5 GiB" and the like.
+std::string FormatBytes(size_t n);
 // Parses a byte count with an optional K/M/G/T suffix (powers of 1024); throws naming `what`.
 size_t ParseByteSize(const std::string& s, const std::string& what);
 

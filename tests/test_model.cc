@@ -107,7 +107,7 @@ TEST(Model, KVCacheLargerThanMemoryIsRefused) {
       [] {
         KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, 128, DType::kBF16});
       },
-      {"KV cache", "MiB", "available"});
+      {"KV cache", "GiB", "available"});
 }
 
 }  // namespace

@@ -168,6 +168,24 @@ HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e
   }
 }
 
+void KVRowsToF32Impl(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst) {
+  const int64_t B = kv.block_size, D = kv.head_dim;
+  while (b < e) {
+    const int64_t n = std::min(e, (b / B + 1) * B) - b;
+    const uint8_t* row = values ? kv.VRow(h, b) : kv.KRow(h, b);
+    switch (kv.dtype) {
+      case DType::kF32: std::copy_n(reinterpret_cast<const float*>(row), n * D, dst); break;
+      case DType::kBF16: RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(row), n, D, dst); break;
+      case DType::kF16: RowsToF32(reinterpret_cast<const hwy::float16_t*>(row), n, D, dst); break;
+      default:
+        RowsToF32(reinterpret_cast<const int8_t*>(row), values ? kv.VScale(h, b) : kv.KScale(h, b), n, D, kv.groups,
+                  dst);
+    }
+    dst += n * D;
+    b += n;
+  }
+}
+
 void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
                    float* out, float* lse, ThreadingContext& tc) {
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
@@ -242,7 +260,11 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace needle {
 HWY_EXPORT(AttentionImpl);
+HWY_EXPORT(KVRowsToF32Impl);
 namespace fast {
+void KVRowsToF32(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst) {
+  HWY_DYNAMIC_DISPATCH(KVRowsToF32Impl)(kv, values, h, b, e, dst);
+}
 void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
                float* out, float* lse, ThreadingContext& tc) {
   if (kv.dtype != DType::kF32 && kv.dtype != DType::kBF16 && kv.dtype != DType::kF16 &&

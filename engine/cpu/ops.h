@@ -67,6 +67,11 @@ namespace fast {
 NEEDLE_CPU_OPS
 }  // namespace fast
 
+namespace fast {
+// Rows [b, e) of KV head h of the cache's keys (values == false) or values, as f32: dst [e - b, D].
+void KVRowsToF32(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst);
+}  // namespace fast
+
 // out[T, hidden] = rows of the embedding table (any float dtype), as f32. Shared by both.
 void EmbedRows(const Weight& table, const int32_t* ids, int64_t T, float* out);
 

@@ -18,9 +18,18 @@ namespace needle {
 
 // How one layer's queries attend to the cache. Dense attention is the default; the block-sparse
 // attention of sparse_attn/ is another implementation of this interface.
+// What the model is about to run: tokens [pos0, pos0 + T) of a Forward call of call_T tokens.
+struct StepInfo {
+  int64_t pos0 = 0;
+  int64_t T = 0;
+  int64_t call_T = 0;         // > 1: a prompt (prefill); 1: a decode step
+  bool last_of_call = false;  // the call's final micro-batch (for prefill: the prompt is complete)
+};
+
 class AttentionPolicy {
  public:
   virtual ~AttentionPolicy() = default;
+  virtual void BeginStep(const StepInfo&) {}
   // q: [T, heads, head_dim] (rotated); the cache holds keys [0, a.pos0 + a.T) of `layer`.
   // out: [T, heads, head_dim].
   virtual void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

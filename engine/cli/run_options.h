@@ -1,0 +1,41 @@
+// Options shared by every subcommand that runs a model: threads, context, KV cache, attention
+// (dense or block-sparse with all its settings) and the attention diagnostics. Declared once
+// here; each subcommand appends them to its own table.
+#pragma once
+
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/cli/options.h"
+#include "engine/model/model.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle {
+
+std::vector<OptionSpec> RunOptionSpecs();
+
+// Everything a run needs besides the prompt: built from the options and the loaded model.
+struct RunSetup {
+  std::unique_ptr<ThreadingContext> tc;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<KVCache> cache;
+  std::unique_ptr<SparseAttention> sparse;  // null for dense attention
+  std::unique_ptr<std::ofstream> plan_file;
+  DType kv_type = DType::kF32;
+  SparseConfig sparse_cfg;
+};
+
+// Parses and validates the run options (refusing impossible combinations with a message that
+// names them) and returns the sparse settings; called before any model is loaded.
+SparseConfig SparseConfigFromOptions(const Options& opt);
+// Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
+// attention policy.
+RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
+// "needle: attention recall per layer: ..." on stderr, when --attn-recall is on.
+void PrintRecall(const RunSetup& rs);
+
+}  // namespace needle

@@ -1,0 +1,50 @@
+// Representative keys of Context blocks, per layer, per block and per KV head (never per query
+// head: under GQA the group's queries are combined at scoring time).
+//   Max     [1, D]  channel-wise max of the block's keys (initialised at -inf, not 0)
+//   Mean    [1, D]  channel-wise mean
+//   Quest   [2, D]  channel-wise max and min (initialised at -inf / +inf)
+//   Dynamic [1, D]  the sum of the keys of the repr_count tokens that received the most attention
+//                   (InfLLM eq. 2 sums q . r_j over representatives, so storing their sum scores
+//                   identically at a 1/repr_count of the bytes)
+// Stored in f32 when the KV cache is f32, else in bf16 (ranking only needs ~3 digits, and the
+// scoring scan reads every representative each selection).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/base/dtype.h"
+#include "kvcache/kv_cache.h"
+#include "sparse_attn/sparse_config.h"
+
+namespace needle {
+
+class RepresentativeStore {
+ public:
+  RepresentativeStore(int64_t layers, int64_t kv_heads, int64_t head_dim, int64_t max_blocks, ReprType type,
+                      DType storage);
+
+  int64_t rows() const { return rows_; }  // R: 2 for Quest, else 1
+  DType storage() const { return storage_; }
+  ReprType type() const { return type_; }
+  bool ready(int64_t layer, int64_t block) const { return ready_[layer][block] != 0; }
+  void Invalidate(int64_t layer, int64_t from_block);
+
+  // Representatives [kv_heads][R][D] of `block` (storage type).
+  const void* Block(int64_t layer, int64_t block) const;
+
+  // Max/Mean/Quest from the block's keys (the block must be full).
+  void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv);
+  // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).
+  void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes, int64_t repr_count);
+
+ private:
+  void Store(int64_t layer, int64_t block, int64_t h, int64_t r, const float* v);
+  int64_t kv_heads_, head_dim_, max_blocks_, rows_;
+  ReprType type_;
+  DType storage_;
+  std::vector<std::vector<uint8_t>> data_;   // [layer] -> [block][kv_head][R][D]
+  std::vector<std::vector<uint8_t>> ready_;  // [layer][block]
+};
+
+}  // namespace needle

@@ -1,0 +1,116 @@
+#include "sparse_attn/scoring.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "engine/base/error.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "sparse_attn/scoring.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+// Per-target code shared between op families (after highway.h, as Highway requires).
+#include "engine/cpu/load-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace needle {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+template <typename RT>
+void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores, ThreadingContext& tc) {
+  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, R = reps.rows();
+  const bool quest = reps.type() == ReprType::kQuest;
+  // Linear scorers only need the sum of the group's queries: qsum [Hk, D].
+  std::vector<float> qsum(static_cast<size_t>(Hk * D), 0.0f);
+  for (int64_t i = 0; i < a.nq; ++i)
+    for (int64_t h = 0; h < a.heads; ++h)
+      for (int64_t d = 0; d < D; ++d) qsum[(h / G) * D + d] += a.q[(i * a.heads + h) * D + d];
+  tc.ParallelFor(static_cast<size_t>(a.n), 64, [&](size_t b, size_t e) HWY_ATTR {
+    const hn::ScalableTag<float> df;
+    const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+    for (size_t bi = b; bi < e; ++bi) {
+      const RT* base = static_cast<const RT*>(reps.Block(layer, a.blocks[bi]));
+      for (int64_t h = 0; h < Hk; ++h) {
+        const RT* r0 = base + h * R * D;
+        float s = 0.0f;
+        if (!quest) {
+          const float* qv = qsum.data() + h * D;
+          auto acc = hn::Zero(df);
+          int64_t d = 0;
+          for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, qv + d), LoadF32(df, r0 + d), acc);
+          s = ReduceF32(df, acc);
+          for (; d < D; ++d) s += qv[d] * ScalarF32(r0[d]);
+        } else {
+          const RT* r1 = r0 + D;  // min row
+          for (int64_t i = 0; i < a.nq; ++i) {
+            for (int64_t g = 0; g < G; ++g) {
+              const float* qv = a.q + (i * a.heads + h * G + g) * D;
+              auto acc = hn::Zero(df);
+              int64_t d = 0;
+              for (; d + L <= D; d += L) {
+                const auto qq = hn::LoadU(df, qv + d);
+                acc = hn::Add(acc, hn::Max(hn::Mul(qq, LoadF32(df, r0 + d)), hn::Mul(qq, LoadF32(df, r1 + d))));
+              }
+              float t = ReduceF32(df, acc);
+              for (; d < D; ++d) t += std::max(qv[d] * ScalarF32(r0[d]), qv[d] * ScalarF32(r1[d]));
+              s += t;
+            }
+          }
+        }
+        scores[h * a.n + static_cast<int64_t>(bi)] = s;
+      }
+    }
+  });
+}
+
+void ScoreBlocksImpl(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+                     ThreadingContext& tc) {
+  if (reps.storage() == DType::kF32)
+    ScoreT<float>(reps, layer, a, scores, tc);
+  else
+    ScoreT<hwy::bfloat16_t>(reps, layer, a, scores, tc);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace needle
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace needle {
+HWY_EXPORT(ScoreBlocksImpl);
+namespace fast {
+void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+                 ThreadingContext& tc) {
+  HWY_DYNAMIC_DISPATCH(ScoreBlocksImpl)(reps, layer, a, scores, tc);
+}
+}  // namespace fast
+
+namespace ref {
+void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+                 ThreadingContext&) {
+  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, R = reps.rows();
+  for (int64_t bi = 0; bi < a.n; ++bi) {
+    const void* base = reps.Block(layer, a.blocks[bi]);
+    for (int64_t h = 0; h < a.kv_heads; ++h) {
+      double s = 0;
+      for (int64_t i = 0; i < a.nq; ++i)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d) {
+            const float qv = a.q[(i * a.heads + h * G + g) * D + d];
+            const float mx = LoadAsF32(reps.storage(), base, static_cast<size_t>((h * R) * D + d));
+            if (reps.type() == ReprType::kQuest) {
+              const float mn = LoadAsF32(reps.storage(), base, static_cast<size_t>((h * R + 1) * D + d));
+              s += std::max(qv * mx, qv * mn);
+            } else {
+              s += qv * mx;
+            }
+          }
+      scores[h * a.n + bi] = static_cast<float>(s);
+    }
+  }
+}
+}  // namespace ref
+}  // namespace needle
+#endif

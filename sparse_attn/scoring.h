@@ -1,0 +1,33 @@
+// Scores Context blocks against the current queries through their representatives:
+//   Max / Mean / Dynamic (InfLLM eq. 2):  score(b, h) = sum over queries i and the GQA group's
+//                                          query heads g of  q_{i,g} . r_{b,h}
+//   Quest (upper bound of q . k):          score(b, h) = sum_{i,g} sum_c max(q_c * max_c, q_c * min_c)
+// One scalar per (KV head, block); selection per layer sums them over KV heads. No 1/sqrt(d)
+// and no softmax: only the ranking matters.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/base/threading.h"
+#include "sparse_attn/representatives.h"
+
+namespace needle {
+
+struct ScoreArgs {
+  const float* q;  // [nq, heads, D], rotated like the cached keys
+  int64_t nq, heads, kv_heads, head_dim;
+  const int32_t* blocks;  // candidate block ids [n]
+  int64_t n;
+};
+
+namespace fast {
+// scores: [kv_heads][n]
+void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+                 ThreadingContext& tc);
+}  // namespace fast
+namespace ref {
+void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+                 ThreadingContext& tc);
+}  // namespace ref
+
+}  // namespace needle

@@ -1,0 +1,216 @@
+#include "sparse_attn/sparse_attention.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/base/error.h"
+#include "sparse_attn/scoring.h"
+
+namespace needle {
+
+SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend,
+                                 ThreadingContext& tc, int64_t max_tokens, DType kv_type)
+    : model_(model),
+      cfg_(cfg),
+      b_(backend),
+      tc_(tc),
+      reps_(model.num_layers, model.num_kv_heads, model.head_dim, (max_tokens + cfg.block_size - 1) / cfg.block_size,
+            cfg.repr, kv_type == DType::kF32 ? DType::kF32 : DType::kBF16) {
+  cfg_.Validate();
+  for (int64_t l = 0; l < model.num_layers; ++l) window_.emplace_back(cfg.obs_window, model.num_heads, model.head_dim);
+  presel_.resize(static_cast<size_t>(model.num_layers));
+  presel_end_.assign(static_cast<size_t>(model.num_layers), 0);
+  sel_.resize(static_cast<size_t>(model.num_layers));
+  last_plan_.resize(static_cast<size_t>(model.num_layers));
+  recall_sum_.assign(static_cast<size_t>(model.num_layers), 0.0);
+  recall_n_.assign(static_cast<size_t>(model.num_layers), 0);
+}
+
+void SparseAttention::Reset() {
+  for (int64_t l = 0; l < model_.num_layers; ++l) {
+    reps_.Invalidate(l, 0);
+    window_[l].Clear();
+    presel_[l].clear();
+    presel_end_[l] = 0;
+  }
+  for (auto& s : sel_) s = Selection{};
+  decode_step_ = -1;
+  last_decode_pos_ = -1;
+}
+
+std::vector<double> SparseAttention::RecallPerLayer() const {
+  std::vector<double> r(recall_sum_.size(), -1.0);
+  for (size_t l = 0; l < r.size(); ++l)
+    if (recall_n_[l] > 0) r[l] = recall_sum_[l] / static_cast<double>(recall_n_[l]);
+  return r;
+}
+
+void SparseAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+  if (step_.call_T > 1)
+    Prefill(layer, q, a, cache, out);
+  else
+    Decode(layer, q, a, cache, out);
+}
+
+void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+  const KVLayerView kv = cache.Layer(layer);
+  b_.Attention(q, kv, a, nullptr, out, nullptr);
+  // The observation window keeps the prompt's last queries (their lse is computed at the end).
+  QueryWindow& w = window_[layer];
+  for (int64_t t = std::max<int64_t>(0, a.T - cfg_.obs_window); t < a.T; ++t)
+    w.Push(q + t * a.heads * a.head_dim, nullptr, a.pos0 + t);
+  const int64_t B = cfg_.block_size, end = a.pos0 + a.T;
+  if (cfg_.repr != ReprType::kDynamic) {
+    // Representatives of every block this step filled (Initial blocks never compete).
+    for (int64_t blk = std::max(a.pos0 / B, cfg_.init_end() / B); blk < end / B; ++blk)
+      reps_.ComputeFromKeys(layer, blk, kv);
+  }
+  if (step_.last_of_call) EndOfPrompt(layer, a, kv);
+}
+
+void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
+  const int64_t B = cfg_.block_size, P = a.pos0 + a.T, init_blocks = cfg_.init_end() / B;
+  QueryWindow& w = window_[layer];
+  const bool need_votes = cfg_.repr == ReprType::kDynamic || cfg_.preselect_blocks > 0;
+  if (need_votes && w.size() > 0) {
+    // lse of the window queries over everything they see (consecutive positions).
+    AttnArgs wa = a;
+    wa.T = w.size();
+    wa.pos0 = w.pos().front();
+    scratch_out_.resize(static_cast<size_t>(wa.T * a.heads * a.head_dim));
+    b_.Attention(w.q().data(), kv, wa, nullptr, scratch_out_.data(), w.lse().data());
+    std::vector<float> votes;
+    ObservationVotes(kv, w, a.heads, a.scale, 0, P, tc_, &votes);
+    if (cfg_.repr == ReprType::kDynamic) {
+      std::vector<float> bv(static_cast<size_t>(kv.kv_heads * B));
+      for (int64_t blk = init_blocks; blk < P / B; ++blk) {
+        for (int64_t h = 0; h < kv.kv_heads; ++h)
+          std::copy_n(votes.data() + h * P + blk * B, B, bv.data() + h * B);
+        reps_.ComputeDynamic(layer, blk, kv, bv.data(), cfg_.repr_count);
+      }
+    }
+    if (cfg_.preselect_blocks > 0) {
+      const int64_t ctx_end_block = cfg_.LocalBegin(P - 1) / B;
+      presel_[layer] = Preselect(votes, kv.kv_heads, P, B, init_blocks, ctx_end_block, cfg_.preselect_blocks,
+                                 cfg_.preselect_pool, cfg_.select);
+      presel_end_[layer] = ctx_end_block;
+    }
+  }
+  w.Clear();  // from here on the window collects decode queries
+}
+
+void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
+                                            int64_t to_block, float scale) {
+  const int64_t B = cfg_.block_size;
+  for (int64_t blk = from_block; blk < to_block; ++blk) {
+    if (reps_.ready(layer, blk)) continue;
+    if (cfg_.repr != ReprType::kDynamic) {
+      reps_.ComputeFromKeys(layer, blk, kv);
+    } else {
+      // A block that filled during decode: its tokens were in every recent query's Local region.
+      std::vector<float> votes;
+      ObservationVotes(kv, window_[layer], model_.num_heads, scale, blk * B, (blk + 1) * B, tc_, &votes);
+      reps_.ComputeDynamic(layer, blk, kv, votes.data(), cfg_.repr_count);
+    }
+  }
+}
+
+void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
+                                   LayerPlan* plan) {
+  const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;
+  const int64_t rel = layer - cfg_.dense_layers;
+  Selection& s = sel_[cfg_.dense_layers + rel / cfg_.layer_step * cfg_.layer_step];
+  const bool selector_layer = rel % cfg_.layer_step == 0;
+  const bool due = !s.valid || decode_step_ - s.step >= cfg_.token_step;
+  if ((selector_layer && due) || !s.valid) {
+    // Candidates: Context blocks, restricted to the preselected set where there is one.
+    const auto& ps = presel_[layer];
+    std::vector<std::vector<int32_t>> cand(static_cast<size_t>(Hk));
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
+        if (ps.empty() || blk >= presel_end_[layer] || ps[h][blk]) cand[h].push_back(static_cast<int32_t>(blk));
+    s.blocks.assign(static_cast<size_t>(Hk), {});
+    if (cfg_.select == SelectMode::kLayer) {
+      const auto& ids = cand[0];  // identical for all heads in layer mode
+      std::vector<float> sc(static_cast<size_t>(Hk * ids.size())), sum(ids.size(), 0.0f);
+      fast::ScoreBlocks(reps_, layer, ScoreArgs{q, 1, a.heads, Hk, a.head_dim, ids.data(), static_cast<int64_t>(ids.size())},
+                        sc.data(), tc_);
+      for (int64_t h = 0; h < Hk; ++h)
+        for (size_t i = 0; i < ids.size(); ++i) sum[i] += sc[h * ids.size() + i];
+      const auto top = TopK(sum.data(), ids.data(), static_cast<int64_t>(ids.size()), cfg_.topk);
+      for (auto& b : s.blocks) b = top;
+      plan->candidates = static_cast<int64_t>(ids.size());
+    } else {
+      // One scoring pass over the union of candidates, then top-k per head among its own.
+      std::vector<int32_t> all;
+      for (int32_t blk = static_cast<int32_t>(init_blocks); blk < ctx_end_block; ++blk) all.push_back(blk);
+      std::vector<float> sc(static_cast<size_t>(Hk * all.size()));
+      fast::ScoreBlocks(reps_, layer, ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
+                        sc.data(), tc_);
+      for (int64_t h = 0; h < Hk; ++h) {
+        std::vector<float> hs;
+        for (int32_t blk : cand[h]) hs.push_back(sc[h * all.size() + (blk - init_blocks)]);
+        s.blocks[h] = TopK(hs.data(), cand[h].data(), static_cast<int64_t>(cand[h].size()), cfg_.topk);
+        plan->candidates = std::max<int64_t>(plan->candidates, static_cast<int64_t>(cand[h].size()));
+      }
+    }
+    s.valid = true;
+    s.step = decode_step_;
+    s.ctx_end_block = ctx_end_block;
+    plan->blocks = s.blocks;
+    return;
+  }
+  // Reuse: the earlier selection plus every block that joined the Context since.
+  plan->reused = true;
+  plan->blocks = s.blocks;
+  for (auto& hb : plan->blocks)
+    for (int64_t blk = s.ctx_end_block; blk < ctx_end_block; ++blk) hb.push_back(static_cast<int32_t>(blk));
+}
+
+void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+  NEEDLE_CHECK(a.T == 1);
+  const int64_t p = a.pos0, B = cfg_.block_size;
+  if (p != last_decode_pos_) {  // first layer of a new decode step
+    last_decode_pos_ = p;
+    ++decode_step_;
+  }
+  const KVLayerView kv = cache.Layer(layer);
+  LayerPlan plan;
+  plan.step = decode_step_;
+  plan.layer = layer;
+  plan.pos = p;
+  plan.block_size = B;
+  plan.init_end = std::min(cfg_.init_end(), p + 1);
+  plan.local_begin = cfg_.LocalBegin(p);
+  const int64_t ctx_end_block = plan.local_begin / B, init_blocks = cfg_.init_end() / B;
+  plan.dense = layer < cfg_.dense_layers || a.window > 0 || ctx_end_block <= init_blocks;
+  lse_.resize(static_cast<size_t>(a.heads));
+  if (plan.dense) {
+    b_.Attention(q, kv, a, nullptr, out, lse_.data());
+  } else {
+    EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
+    SelectBlocks(layer, q, a, ctx_end_block, &plan);
+    AttnSpans spans;
+    plan.ToSpans(a.kv_heads, &spans);
+    b_.Attention(q, kv, a, &spans, out, lse_.data());
+  }
+  if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
+  if (recall_) {
+    double mass = 1.0;
+    if (!plan.dense) {
+      // Attended mass = exp(lse over the attended keys - lse over all keys).
+      scratch_out_.resize(static_cast<size_t>(a.heads * a.head_dim));
+      scratch_lse_.resize(static_cast<size_t>(a.heads));
+      b_.Attention(q, kv, a, nullptr, scratch_out_.data(), scratch_lse_.data());
+      mass = 0.0;
+      for (int64_t h = 0; h < a.heads; ++h) mass += std::exp(static_cast<double>(lse_[h]) - scratch_lse_[h]);
+      mass /= static_cast<double>(a.heads);
+    }
+    recall_sum_[layer] += mass;
+    recall_n_[layer] += 1;
+  }
+  if (plan_sink_ != nullptr) *plan_sink_ << plan.ToJson() << "\n";
+  last_plan_[layer] = std::move(plan);
+}
+
+}  // namespace needle

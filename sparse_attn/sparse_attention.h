@@ -1,0 +1,79 @@
+// Block-sparse attention as an AttentionPolicy of the model.
+//
+// Prefill (a Forward call of several tokens) attends densely; as blocks fill, their Max/Mean/Quest
+// representatives are computed. When the prompt is complete, the last obs_window queries vote
+// (observation.h) for Dynamic representatives and for the SnapKV preselected candidate set.
+// Decode: layers below dense_layers, and any step with no Context region yet, attend densely;
+// the others score the candidate Context blocks (scoring.h), keep the top `topk` per layer or per
+// KV head (reusing a selection for token_step tokens / layer_step layers, always adding blocks
+// that joined the Context since), build a LayerPlan and run the block kernel over
+// Initial + selected + Local. Blocks generated after the prompt are always candidates.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/model/model.h"
+#include "sparse_attn/observation.h"
+#include "sparse_attn/plan.h"
+#include "sparse_attn/representatives.h"
+#include "sparse_attn/sparse_config.h"
+
+namespace needle {
+
+class SparseAttention final : public AttentionPolicy {
+ public:
+  // max_tokens: the KV cache capacity; kv_type decides the representatives' storage.
+  SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend, ThreadingContext& tc,
+                  int64_t max_tokens, DType kv_type);
+
+  void BeginStep(const StepInfo& s) override { step_ = s; }
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) override;
+  void Reset();  // for a new sequence in the same cache
+
+  // Diagnostics.
+  void set_recall(bool on) { recall_ = on; }
+  void set_plan_sink(std::ostream* os) { plan_sink_ = os; }
+  // Per layer: mean over decode steps and query heads of the fraction of the full attention's
+  // probability mass that fell on the attended keys (1 for dense steps); -1 when never measured.
+  std::vector<double> RecallPerLayer() const;
+  const LayerPlan& last_plan(int64_t layer) const { return last_plan_[layer]; }
+  const SparseConfig& config() const { return cfg_; }
+
+ private:
+  struct Selection {
+    bool valid = false;
+    int64_t step = 0;
+    int64_t ctx_end_block = 0;
+    std::vector<std::vector<int32_t>> blocks;
+  };
+  void Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
+  void EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
+  void Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
+  void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block, int64_t to_block, float scale);
+  void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block, LayerPlan* plan);
+
+  ModelConfig model_;
+  SparseConfig cfg_;
+  Backend& b_;
+  ThreadingContext& tc_;
+  StepInfo step_;
+  int64_t decode_step_ = -1;
+  int64_t last_decode_pos_ = -1;
+  RepresentativeStore reps_;
+  std::vector<QueryWindow> window_;                          // [layer]
+  std::vector<std::vector<std::vector<uint8_t>>> presel_;   // [layer][kv_head][block]
+  std::vector<int64_t> presel_end_;                          // [layer]: blocks >= this are candidates
+  std::vector<Selection> sel_;                               // [layer group]
+  std::vector<LayerPlan> last_plan_;                         // [layer]
+  bool recall_ = false;
+  std::vector<double> recall_sum_;
+  std::vector<int64_t> recall_n_;
+  std::ostream* plan_sink_ = nullptr;
+  std::vector<float> scratch_out_, scratch_lse_, lse_;
+};
+
+}  // namespace needle

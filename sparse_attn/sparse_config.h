@@ -1,0 +1,50 @@
+// Settings of block-sparse attention, with their validation. Regions for a query at position p
+// (B = block_size):
+//   Initial  tokens [0, init_end), init_end = init_tokens rounded up to whole blocks;
+//   Local    tokens [local_begin, p], local_begin = the block boundary at or below
+//            p + 1 - local_window (so at least local_window tokens plus the current block);
+//   Context  the whole blocks in between, scored through their representatives; the top `topk`
+//            are attended.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace needle {
+
+enum class ReprType { kMax, kMean, kQuest, kDynamic };
+enum class SelectMode { kLayer, kKVHead };
+
+const char* ReprTypeName(ReprType r);
+const char* SelectModeName(SelectMode m);
+ReprType ParseReprType(const std::string& s, const std::string& what);
+SelectMode ParseSelectMode(const std::string& s, const std::string& what);
+
+struct SparseConfig {
+  int64_t block_size = 128;
+  int64_t init_tokens = 128;
+  int64_t local_window = 4096;
+  int64_t topk = 32;
+  ReprType repr = ReprType::kQuest;
+  int64_t repr_count = 4;     // Dynamic: tokens whose keys form the representative
+  int64_t obs_window = 128;   // queries whose attention votes (Dynamic, preselection)
+  SelectMode select = SelectMode::kKVHead;
+  int64_t dense_layers = 2;   // the first layers attend to everything
+  int64_t token_step = 1;     // reuse a selection for this many decode tokens
+  int64_t layer_step = 1;     // ... and for this many consecutive layers
+  int64_t preselect_blocks = 0;  // SnapKV-style candidate set at the end of prefill (0: off)
+  int64_t preselect_pool = 7;    // max-pool width over token votes (odd)
+
+  // Throws Error naming every setting involved when values cannot work (together).
+  void Validate() const;
+  int64_t init_end() const { return (init_tokens + block_size - 1) / block_size * block_size; }
+  // First token of the Local region for a query at position p (>= init_end).
+  int64_t LocalBegin(int64_t p) const {
+    const int64_t lb = p + 1 - local_window;
+    if (lb <= init_end()) return init_end();
+    return lb / block_size * block_size;
+  }
+  std::string Describe() const;
+};
+
+}  // namespace needle
