@@ -75,10 +75,14 @@ size_t ParseByteSize(const std::string& s, const std::string& what) {
 
 std::string FormatBytes(size_t n) {
   char buf[64];
-  if (n < (size_t{1} << 10)) std::snprintf(buf, sizeof buf, "%zu B", n);
-  else if (n < (size_t{1} << 20)) std::snprintf(buf, sizeof buf, "%.1f KiB", n / 1024.0);
-  else if (n < (size_t{1} << 30)) std::snprintf(buf, sizeof buf, "%.1f MiB", n / 1048576.0);
-  else std::snprintf(buf, sizeof buf, "%.2f GiB", n / 1073741824.0);
+  if (n < (size_t{1} << 10))
+    std::snprintf(buf, sizeof buf, "%zu B", n);
+  else if (n < (size_t{1} << 20))
+    std::snprintf(buf, sizeof buf, "%.1f KiB", n / 1024.0);
+  else if (n < (size_t{1} << 30))
+    std::snprintf(buf, sizeof buf, "%.1f MiB", n / 1048576.0);
+  else
+    std::snprintf(buf, sizeof buf, "%.2f GiB", n / 1073741824.0);
   return buf;
 }
 
@@ -109,8 +113,8 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit) : shape_(s) {
                            : "only " + FormatBytes(limit) + " of memory is available",
          "; use a shorter context, a smaller --kv-type or a larger --kv-memory");
   if (memory_limit != 0 && avail != 0 && total > avail)
-    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ", FormatBytes(avail),
-         " of memory is available");
+    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ",
+         FormatBytes(avail), " of memory is available");
   const int64_t nb = s.num_blocks();
   layer_bytes_ =
       static_cast<size_t>(nb * s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);

@@ -22,8 +22,8 @@ void QueryWindow::Push(const float* q, const float* lse, int64_t pos) {
   pos_.push_back(pos);
 }
 
-void ObservationVotes(const KVLayerView& kv, const QueryWindow& w, int64_t heads, float scale, int64_t b,
-                      int64_t e, ThreadingContext& tc, std::vector<float>* votes) {
+void ObservationVotes(const KVLayerView& kv, const QueryWindow& w, int64_t heads, float scale,
+                      int64_t b, int64_t e, ThreadingContext& tc, std::vector<float>* votes) {
   const int64_t Hk = kv.kv_heads, G = heads / Hk, D = kv.head_dim, W = w.size(), n = e - b;
   votes->assign(static_cast<size_t>(Hk * n), 0.0f);
   if (W == 0 || n <= 0) return;
@@ -57,11 +57,13 @@ void ObservationVotes(const KVLayerView& kv, const QueryWindow& w, int64_t heads
   }
 }
 
-std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int64_t kv_heads, int64_t n_keys,
-                                            int64_t block_size, int64_t first_block, int64_t end_block,
-                                            int64_t count, int64_t pool, SelectMode mode) {
-  std::vector<std::vector<uint8_t>> flags(static_cast<size_t>(kv_heads),
-                                          std::vector<uint8_t>(static_cast<size_t>(std::max<int64_t>(end_block, 0)), 0));
+std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int64_t kv_heads,
+                                            int64_t n_keys, int64_t block_size, int64_t first_block,
+                                            int64_t end_block, int64_t count, int64_t pool,
+                                            SelectMode mode) {
+  std::vector<std::vector<uint8_t>> flags(
+      static_cast<size_t>(kv_heads),
+      std::vector<uint8_t>(static_cast<size_t>(std::max<int64_t>(end_block, 0)), 0));
   const int64_t nb = end_block - first_block;
   if (nb <= 0) return flags;
   std::vector<float> block_score(static_cast<size_t>(kv_heads * nb), 0.0f);
@@ -73,7 +75,8 @@ std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int
       float s = 0.0f;
       for (int64_t j = b0; j < b0 + block_size; ++j) {
         float m = 0.0f;  // votes are >= 0
-        for (int64_t k = std::max<int64_t>(0, j - half); k <= std::min(n_keys - 1, j + half); ++k) m = std::max(m, v[k]);
+        for (int64_t k = std::max<int64_t>(0, j - half); k <= std::min(n_keys - 1, j + half); ++k)
+          m = std::max(m, v[k]);
         s += m;
       }
       block_score[h * nb + bi] = s;

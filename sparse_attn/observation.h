@@ -36,17 +36,19 @@ class QueryWindow {
 };
 
 // votes [kv_heads][e - b] for keys [b, e) from the window's queries (and their lse).
-void ObservationVotes(const KVLayerView& kv, const QueryWindow& w, int64_t heads, float scale, int64_t b,
-                      int64_t e, ThreadingContext& tc, std::vector<float>* votes);
+void ObservationVotes(const KVLayerView& kv, const QueryWindow& w, int64_t heads, float scale,
+                      int64_t b, int64_t e, ThreadingContext& tc, std::vector<float>* votes);
 
 // SnapKV-style preselection: max-pool the votes [kv_heads][n_keys] over `pool` neighbouring tokens,
 // sum them per block, and keep the `count` best blocks of [first_block, end_block) per KV head
 // (kvhead mode) or by the sum over KV heads (layer mode). Returns flags [kv_heads][end_block].
-std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int64_t kv_heads, int64_t n_keys,
-                                            int64_t block_size, int64_t first_block, int64_t end_block,
-                                            int64_t count, int64_t pool, SelectMode mode);
+std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int64_t kv_heads,
+                                            int64_t n_keys, int64_t block_size, int64_t first_block,
+                                            int64_t end_block, int64_t count, int64_t pool,
+                                            SelectMode mode);
 
-// The k best of ids[n] by score (higher first, ties to the lower id), returned in ascending id order.
+// The k best of ids[n] by score (higher first, ties to the lower id), returned in ascending id
+// order.
 std::vector<int32_t> TopK(const float* scores, const int32_t* ids, int64_t n, int64_t k);
 
 }  // namespace needle

@@ -11,7 +11,8 @@ void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out) const {
     auto add = [&](int64_t b, int64_t e) {
       if (b >= e) return;
       // Adjacent ranges merge, so the kernel walks fewer, longer spans.
-      if (static_cast<int64_t>(out->spans.size()) > out->offsets.back() && out->spans.back().end == b)
+      if (static_cast<int64_t>(out->spans.size()) > out->offsets.back() &&
+          out->spans.back().end == b)
         out->spans.back().end = e;
       else
         out->spans.push_back({b, e});
@@ -34,11 +35,12 @@ int64_t LayerPlan::AttendedTokens(int64_t h) const {
 
 std::string LayerPlan::ToJson() const {
   std::ostringstream os;
-  os << "{\"step\":" << step << ",\"layer\":" << layer << ",\"pos\":" << pos << ",\"dense\":" << (dense ? "true" : "false");
+  os << "{\"step\":" << step << ",\"layer\":" << layer << ",\"pos\":" << pos
+     << ",\"dense\":" << (dense ? "true" : "false");
   if (!dense) {
-    os << ",\"reused\":" << (reused ? "true" : "false") << ",\"initial\":[0," << init_end << "],\"local\":["
-       << local_begin << "," << pos + 1 << "],\"block_size\":" << block_size << ",\"candidates\":" << candidates
-       << ",\"blocks\":[";
+    os << ",\"reused\":" << (reused ? "true" : "false") << ",\"initial\":[0," << init_end
+       << "],\"local\":[" << local_begin << "," << pos + 1 << "],\"block_size\":" << block_size
+       << ",\"candidates\":" << candidates << ",\"blocks\":[";
     for (size_t h = 0; h < blocks.size(); ++h) {
       os << (h ? "," : "") << "[";
       for (size_t i = 0; i < blocks[h].size(); ++i) os << (i ? "," : "") << blocks[h][i];

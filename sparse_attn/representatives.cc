@@ -9,8 +9,8 @@
 
 namespace needle {
 
-RepresentativeStore::RepresentativeStore(int64_t layers, int64_t kv_heads, int64_t head_dim, int64_t max_blocks,
-                                         ReprType type, DType storage)
+RepresentativeStore::RepresentativeStore(int64_t layers, int64_t kv_heads, int64_t head_dim,
+                                         int64_t max_blocks, ReprType type, DType storage)
     : kv_heads_(kv_heads),
       head_dim_(head_dim),
       max_blocks_(max_blocks),
@@ -19,8 +19,10 @@ RepresentativeStore::RepresentativeStore(int64_t layers, int64_t kv_heads, int64
       storage_(storage) {
   NEEDLE_CHECK(storage == DType::kF32 || storage == DType::kBF16);
   const size_t per_block = static_cast<size_t>(kv_heads * rows_ * head_dim) * DTypeSize(storage);
-  data_.assign(static_cast<size_t>(layers), std::vector<uint8_t>(per_block * static_cast<size_t>(max_blocks)));
-  ready_.assign(static_cast<size_t>(layers), std::vector<uint8_t>(static_cast<size_t>(max_blocks), 0));
+  data_.assign(static_cast<size_t>(layers),
+               std::vector<uint8_t>(per_block * static_cast<size_t>(max_blocks)));
+  ready_.assign(static_cast<size_t>(layers),
+                std::vector<uint8_t>(static_cast<size_t>(max_blocks), 0));
 }
 
 void RepresentativeStore::Invalidate(int64_t layer, int64_t from_block) {
@@ -32,7 +34,8 @@ const void* RepresentativeStore::Block(int64_t layer, int64_t block) const {
   return data_[layer].data() + per_block * static_cast<size_t>(block);
 }
 
-void RepresentativeStore::Store(int64_t layer, int64_t block, int64_t h, int64_t r, const float* v) {
+void RepresentativeStore::Store(int64_t layer, int64_t block, int64_t h, int64_t r,
+                                const float* v) {
   void* dst = const_cast<void*>(Block(layer, block));
   const size_t base = static_cast<size_t>((h * rows_ + r) * head_dim_);
   for (int64_t d = 0; d < head_dim_; ++d) StoreFromF32(storage_, dst, base + d, v[d]);
@@ -69,8 +72,8 @@ void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KV
   ready_[layer][block] = 1;
 }
 
-void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes,
-                                         int64_t repr_count) {
+void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv,
+                                         const float* votes, int64_t repr_count) {
   NEEDLE_CHECK(type_ == ReprType::kDynamic);
   const int64_t B = kv.block_size, D = head_dim_;
   std::vector<float> rows(static_cast<size_t>(B * D)), sum(D);
@@ -80,8 +83,9 @@ void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVL
     const float* vt = votes + h * B;
     std::iota(order.begin(), order.end(), 0);
     // Most-voted first; ties to the earlier token, so the result is deterministic.
-    std::partial_sort(order.begin(), order.begin() + repr_count, order.end(),
-                      [&](int64_t x, int64_t y) { return vt[x] > vt[y] || (vt[x] == vt[y] && x < y); });
+    std::partial_sort(
+        order.begin(), order.begin() + repr_count, order.end(),
+        [&](int64_t x, int64_t y) { return vt[x] > vt[y] || (vt[x] == vt[y] && x < y); });
     std::fill(sum.begin(), sum.end(), 0.0f);
     for (int64_t i = 0; i < repr_count; ++i)
       for (int64_t d = 0; d < D; ++d) sum[d] += rows[order[i] * D + d];

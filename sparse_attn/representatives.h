@@ -21,8 +21,8 @@ namespace needle {
 
 class RepresentativeStore {
  public:
-  RepresentativeStore(int64_t layers, int64_t kv_heads, int64_t head_dim, int64_t max_blocks, ReprType type,
-                      DType storage);
+  RepresentativeStore(int64_t layers, int64_t kv_heads, int64_t head_dim, int64_t max_blocks,
+                      ReprType type, DType storage);
 
   int64_t rows() const { return rows_; }  // R: 2 for Quest, else 1
   DType storage() const { return storage_; }
@@ -36,7 +36,8 @@ class RepresentativeStore {
   // Max/Mean/Quest from the block's keys (the block must be full).
   void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv);
   // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).
-  void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes, int64_t repr_count);
+  void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes,
+                      int64_t repr_count);
 
  private:
   void Store(int64_t layer, int64_t block, int64_t h, int64_t r, const float* v);

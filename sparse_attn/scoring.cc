@@ -19,7 +19,8 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 template <typename RT>
-void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores, ThreadingContext& tc) {
+void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+            ThreadingContext& tc) {
   const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, R = reps.rows();
   const bool quest = reps.type() == ReprType::kQuest;
   // Linear scorers only need the sum of the group's queries: qsum [Hk, D].
@@ -39,7 +40,8 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
           const float* qv = qsum.data() + h * D;
           auto acc = hn::Zero(df);
           int64_t d = 0;
-          for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, qv + d), LoadF32(df, r0 + d), acc);
+          for (; d + L <= D; d += L)
+            acc = hn::MulAdd(hn::LoadU(df, qv + d), LoadF32(df, r0 + d), acc);
           s = ReduceF32(df, acc);
           for (; d < D; ++d) s += qv[d] * ScalarF32(r0[d]);
         } else {
@@ -51,7 +53,8 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
               int64_t d = 0;
               for (; d + L <= D; d += L) {
                 const auto qq = hn::LoadU(df, qv + d);
-                acc = hn::Add(acc, hn::Max(hn::Mul(qq, LoadF32(df, r0 + d)), hn::Mul(qq, LoadF32(df, r1 + d))));
+                acc = hn::Add(acc, hn::Max(hn::Mul(qq, LoadF32(df, r0 + d)),
+                                           hn::Mul(qq, LoadF32(df, r1 + d))));
               }
               float t = ReduceF32(df, acc);
               for (; d < D; ++d) t += std::max(qv[d] * ScalarF32(r0[d]), qv[d] * ScalarF32(r1[d]));
@@ -65,8 +68,8 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
   });
 }
 
-void ScoreBlocksImpl(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
-                     ThreadingContext& tc) {
+void ScoreBlocksImpl(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
+                     float* scores, ThreadingContext& tc) {
   if (reps.storage() == DType::kF32)
     ScoreT<float>(reps, layer, a, scores, tc);
   else
@@ -101,7 +104,8 @@ void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs
             const float qv = a.q[(i * a.heads + h * G + g) * D + d];
             const float mx = LoadAsF32(reps.storage(), base, static_cast<size_t>((h * R) * D + d));
             if (reps.type() == ReprType::kQuest) {
-              const float mn = LoadAsF32(reps.storage(), base, static_cast<size_t>((h * R + 1) * D + d));
+              const float mn =
+                  LoadAsF32(reps.storage(), base, static_cast<size_t>((h * R + 1) * D + d));
               s += std::max(qv * mx, qv * mn);
             } else {
               s += qv * mx;

@@ -1,7 +1,8 @@
 // Scores Context blocks against the current queries through their representatives:
 //   Max / Mean / Dynamic (InfLLM eq. 2):  score(b, h) = sum over queries i and the GQA group's
 //                                          query heads g of  q_{i,g} . r_{b,h}
-//   Quest (upper bound of q . k):          score(b, h) = sum_{i,g} sum_c max(q_c * max_c, q_c * min_c)
+//   Quest (upper bound of q . k):          score(b, h) = sum_{i,g} sum_c max(q_c * max_c, q_c *
+//   min_c)
 // One scalar per (KV head, block); selection per layer sums them over KV heads. No 1/sqrt(d)
 // and no softmax: only the ranking matters.
 #pragma once

@@ -8,16 +8,19 @@
 
 namespace needle {
 
-SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend,
-                                 ThreadingContext& tc, int64_t max_tokens, DType kv_type)
+SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg,
+                                 Backend& backend, ThreadingContext& tc, int64_t max_tokens,
+                                 DType kv_type)
     : model_(model),
       cfg_(cfg),
       b_(backend),
       tc_(tc),
-      reps_(model.num_layers, model.num_kv_heads, model.head_dim, (max_tokens + cfg.block_size - 1) / cfg.block_size,
-            cfg.repr, kv_type == DType::kF32 ? DType::kF32 : DType::kBF16) {
+      reps_(model.num_layers, model.num_kv_heads, model.head_dim,
+            (max_tokens + cfg.block_size - 1) / cfg.block_size, cfg.repr,
+            kv_type == DType::kF32 ? DType::kF32 : DType::kBF16) {
   cfg_.Validate();
-  for (int64_t l = 0; l < model.num_layers; ++l) window_.emplace_back(cfg.obs_window, model.num_heads, model.head_dim);
+  for (int64_t l = 0; l < model.num_layers; ++l)
+    window_.emplace_back(cfg.obs_window, model.num_heads, model.head_dim);
   presel_.resize(static_cast<size_t>(model.num_layers));
   presel_end_.assign(static_cast<size_t>(model.num_layers), 0);
   sel_.resize(static_cast<size_t>(model.num_layers));
@@ -45,14 +48,16 @@ std::vector<double> SparseAttention::RecallPerLayer() const {
   return r;
 }
 
-void SparseAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+void SparseAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+                             float* out) {
   if (step_.call_T > 1)
     Prefill(layer, q, a, cache, out);
   else
     Decode(layer, q, a, cache, out);
 }
 
-void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+                              float* out) {
   const KVLayerView kv = cache.Layer(layer);
   b_.Attention(q, kv, a, nullptr, out, nullptr);
   // The observation window keeps the prompt's last queries (their lse is computed at the end).
@@ -91,16 +96,16 @@ void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLaye
     }
     if (cfg_.preselect_blocks > 0) {
       const int64_t ctx_end_block = cfg_.LocalBegin(P - 1) / B;
-      presel_[layer] = Preselect(votes, kv.kv_heads, P, B, init_blocks, ctx_end_block, cfg_.preselect_blocks,
-                                 cfg_.preselect_pool, cfg_.select);
+      presel_[layer] = Preselect(votes, kv.kv_heads, P, B, init_blocks, ctx_end_block,
+                                 cfg_.preselect_blocks, cfg_.preselect_pool, cfg_.select);
       presel_end_[layer] = ctx_end_block;
     }
   }
   w.Clear();  // from here on the window collects decode queries
 }
 
-void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
-                                            int64_t to_block, float scale) {
+void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv,
+                                            int64_t from_block, int64_t to_block, float scale) {
   const int64_t B = cfg_.block_size;
   for (int64_t blk = from_block; blk < to_block; ++blk) {
     if (reps_.ready(layer, blk)) continue;
@@ -109,14 +114,15 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
     } else {
       // A block that filled during decode: its tokens were in every recent query's Local region.
       std::vector<float> votes;
-      ObservationVotes(kv, window_[layer], model_.num_heads, scale, blk * B, (blk + 1) * B, tc_, &votes);
+      ObservationVotes(kv, window_[layer], model_.num_heads, scale, blk * B, (blk + 1) * B, tc_,
+                       &votes);
       reps_.ComputeDynamic(layer, blk, kv, votes.data(), cfg_.repr_count);
     }
   }
 }
 
-void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
-                                   LayerPlan* plan) {
+void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a,
+                                   int64_t ctx_end_block, LayerPlan* plan) {
   const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;
   const int64_t rel = layer - cfg_.dense_layers;
   Selection& s = sel_[cfg_.dense_layers + rel / cfg_.layer_step * cfg_.layer_step];
@@ -128,13 +134,16 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     std::vector<std::vector<int32_t>> cand(static_cast<size_t>(Hk));
     for (int64_t h = 0; h < Hk; ++h)
       for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
-        if (ps.empty() || blk >= presel_end_[layer] || ps[h][blk]) cand[h].push_back(static_cast<int32_t>(blk));
+        if (ps.empty() || blk >= presel_end_[layer] || ps[h][blk])
+          cand[h].push_back(static_cast<int32_t>(blk));
     s.blocks.assign(static_cast<size_t>(Hk), {});
     if (cfg_.select == SelectMode::kLayer) {
       const auto& ids = cand[0];  // identical for all heads in layer mode
       std::vector<float> sc(static_cast<size_t>(Hk * ids.size())), sum(ids.size(), 0.0f);
-      fast::ScoreBlocks(reps_, layer, ScoreArgs{q, 1, a.heads, Hk, a.head_dim, ids.data(), static_cast<int64_t>(ids.size())},
-                        sc.data(), tc_);
+      fast::ScoreBlocks(
+          reps_, layer,
+          ScoreArgs{q, 1, a.heads, Hk, a.head_dim, ids.data(), static_cast<int64_t>(ids.size())},
+          sc.data(), tc_);
       for (int64_t h = 0; h < Hk; ++h)
         for (size_t i = 0; i < ids.size(); ++i) sum[i] += sc[h * ids.size() + i];
       const auto top = TopK(sum.data(), ids.data(), static_cast<int64_t>(ids.size()), cfg_.topk);
@@ -143,15 +152,20 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     } else {
       // One scoring pass over the union of candidates, then top-k per head among its own.
       std::vector<int32_t> all;
-      for (int32_t blk = static_cast<int32_t>(init_blocks); blk < ctx_end_block; ++blk) all.push_back(blk);
+      for (int32_t blk = static_cast<int32_t>(init_blocks); blk < ctx_end_block; ++blk)
+        all.push_back(blk);
       std::vector<float> sc(static_cast<size_t>(Hk * all.size()));
-      fast::ScoreBlocks(reps_, layer, ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
-                        sc.data(), tc_);
+      fast::ScoreBlocks(
+          reps_, layer,
+          ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
+          sc.data(), tc_);
       for (int64_t h = 0; h < Hk; ++h) {
         std::vector<float> hs;
         for (int32_t blk : cand[h]) hs.push_back(sc[h * all.size() + (blk - init_blocks)]);
-        s.blocks[h] = TopK(hs.data(), cand[h].data(), static_cast<int64_t>(cand[h].size()), cfg_.topk);
-        plan->candidates = std::max<int64_t>(plan->candidates, static_cast<int64_t>(cand[h].size()));
+        s.blocks[h] =
+            TopK(hs.data(), cand[h].data(), static_cast<int64_t>(cand[h].size()), cfg_.topk);
+        plan->candidates =
+            std::max<int64_t>(plan->candidates, static_cast<int64_t>(cand[h].size()));
       }
     }
     s.valid = true;
@@ -164,10 +178,12 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
   plan->reused = true;
   plan->blocks = s.blocks;
   for (auto& hb : plan->blocks)
-    for (int64_t blk = s.ctx_end_block; blk < ctx_end_block; ++blk) hb.push_back(static_cast<int32_t>(blk));
+    for (int64_t blk = s.ctx_end_block; blk < ctx_end_block; ++blk)
+      hb.push_back(static_cast<int32_t>(blk));
 }
 
-void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) {
+void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+                             float* out) {
   NEEDLE_CHECK(a.T == 1);
   const int64_t p = a.pos0, B = cfg_.block_size;
   if (p != last_decode_pos_) {  // first layer of a new decode step
@@ -203,7 +219,8 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
       scratch_lse_.resize(static_cast<size_t>(a.heads));
       b_.Attention(q, kv, a, nullptr, scratch_out_.data(), scratch_lse_.data());
       mass = 0.0;
-      for (int64_t h = 0; h < a.heads; ++h) mass += std::exp(static_cast<double>(lse_[h]) - scratch_lse_[h]);
+      for (int64_t h = 0; h < a.heads; ++h)
+        mass += std::exp(static_cast<double>(lse_[h]) - scratch_lse_[h]);
       mass /= static_cast<double>(a.heads);
     }
     recall_sum_[layer] += mass;

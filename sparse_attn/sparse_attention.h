@@ -27,11 +27,12 @@ namespace needle {
 class SparseAttention final : public AttentionPolicy {
  public:
   // max_tokens: the KV cache capacity; kv_type decides the representatives' storage.
-  SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend, ThreadingContext& tc,
-                  int64_t max_tokens, DType kv_type);
+  SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend,
+                  ThreadingContext& tc, int64_t max_tokens, DType kv_type);
 
   void BeginStep(const StepInfo& s) override { step_ = s; }
-  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out) override;
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+              float* out) override;
   void Reset();  // for a new sequence in the same cache
 
   // Diagnostics.
@@ -53,8 +54,10 @@ class SparseAttention final : public AttentionPolicy {
   void Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
   void EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
   void Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
-  void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block, int64_t to_block, float scale);
-  void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block, LayerPlan* plan);
+  void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
+                             int64_t to_block, float scale);
+  void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
+                    LayerPlan* plan);
 
   ModelConfig model_;
   SparseConfig cfg_;
@@ -64,11 +67,11 @@ class SparseAttention final : public AttentionPolicy {
   int64_t decode_step_ = -1;
   int64_t last_decode_pos_ = -1;
   RepresentativeStore reps_;
-  std::vector<QueryWindow> window_;                          // [layer]
-  std::vector<std::vector<std::vector<uint8_t>>> presel_;   // [layer][kv_head][block]
-  std::vector<int64_t> presel_end_;                          // [layer]: blocks >= this are candidates
-  std::vector<Selection> sel_;                               // [layer group]
-  std::vector<LayerPlan> last_plan_;                         // [layer]
+  std::vector<QueryWindow> window_;                        // [layer]
+  std::vector<std::vector<std::vector<uint8_t>>> presel_;  // [layer][kv_head][block]
+  std::vector<int64_t> presel_end_;                        // [layer]: blocks >= this are candidates
+  std::vector<Selection> sel_;                             // [layer group]
+  std::vector<LayerPlan> last_plan_;                       // [layer]
   bool recall_ = false;
   std::vector<double> recall_sum_;
   std::vector<int64_t> recall_n_;

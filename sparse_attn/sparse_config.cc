@@ -8,10 +8,14 @@ namespace needle {
 
 const char* ReprTypeName(ReprType r) {
   switch (r) {
-    case ReprType::kMax: return "max";
-    case ReprType::kMean: return "mean";
-    case ReprType::kQuest: return "quest";
-    case ReprType::kDynamic: return "dynamic";
+    case ReprType::kMax:
+      return "max";
+    case ReprType::kMean:
+      return "mean";
+    case ReprType::kQuest:
+      return "quest";
+    case ReprType::kDynamic:
+      return "dynamic";
   }
   return "?";
 }
@@ -33,30 +37,37 @@ SelectMode ParseSelectMode(const std::string& s, const std::string& what) {
 void SparseConfig::Validate() const {
   if (block_size <= 0) Fail("sparse attention: block_size must be positive (got ", block_size, ")");
   if (local_window < block_size)
-    Fail("sparse attention: local_window (", local_window, ") must be at least one block (block_size ", block_size, ")");
+    Fail("sparse attention: local_window (", local_window,
+         ") must be at least one block (block_size ", block_size, ")");
   if (topk <= 0) Fail("sparse attention: topk must be positive (got ", topk, ")");
-  if (init_tokens < 0) Fail("sparse attention: init_tokens must not be negative (got ", init_tokens, ")");
+  if (init_tokens < 0)
+    Fail("sparse attention: init_tokens must not be negative (got ", init_tokens, ")");
   if (obs_window <= 0) Fail("sparse attention: obs_window must be positive (got ", obs_window, ")");
   if (repr_count <= 0 || repr_count > block_size)
-    Fail("sparse attention: repr_count (", repr_count, ") must be in [1, block_size = ", block_size, "]");
-  if (dense_layers < 0) Fail("sparse attention: dense_layers must not be negative (got ", dense_layers, ")");
+    Fail("sparse attention: repr_count (", repr_count, ") must be in [1, block_size = ", block_size,
+         "]");
+  if (dense_layers < 0)
+    Fail("sparse attention: dense_layers must not be negative (got ", dense_layers, ")");
   if (token_step <= 0) Fail("sparse attention: token_step must be positive (got ", token_step, ")");
   if (layer_step <= 0) Fail("sparse attention: layer_step must be positive (got ", layer_step, ")");
-  if (preselect_blocks < 0) Fail("sparse attention: preselect_blocks must not be negative (got ", preselect_blocks, ")");
+  if (preselect_blocks < 0)
+    Fail("sparse attention: preselect_blocks must not be negative (got ", preselect_blocks, ")");
   if (preselect_blocks > 0 && preselect_blocks < topk)
     Fail("sparse attention: preselect_blocks (", preselect_blocks, ") is smaller than topk (", topk,
          "): the candidate set could not fill the selection");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
-    Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool, ")");
+    Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
+         ")");
 }
 
 std::string SparseConfig::Describe() const {
   std::ostringstream os;
-  os << "block_size=" << block_size << " init_tokens=" << init_tokens << " local_window=" << local_window
-     << " topk=" << topk << " repr=" << ReprTypeName(repr);
+  os << "block_size=" << block_size << " init_tokens=" << init_tokens
+     << " local_window=" << local_window << " topk=" << topk << " repr=" << ReprTypeName(repr);
   if (repr == ReprType::kDynamic) os << " repr_count=" << repr_count;
-  os << " select=" << SelectModeName(select) << " dense_layers=" << dense_layers << " token_step=" << token_step
-     << " layer_step=" << layer_step << " preselect_blocks=" << preselect_blocks;
+  os << " select=" << SelectModeName(select) << " dense_layers=" << dense_layers
+     << " token_step=" << token_step << " layer_step=" << layer_step
+     << " preselect_blocks=" << preselect_blocks;
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();
 }

@@ -26,12 +26,12 @@ struct SparseConfig {
   int64_t local_window = 4096;
   int64_t topk = 32;
   ReprType repr = ReprType::kQuest;
-  int64_t repr_count = 4;     // Dynamic: tokens whose keys form the representative
-  int64_t obs_window = 128;   // queries whose attention votes (Dynamic, preselection)
+  int64_t repr_count = 4;    // Dynamic: tokens whose keys form the representative
+  int64_t obs_window = 128;  // queries whose attention votes (Dynamic, preselection)
   SelectMode select = SelectMode::kKVHead;
-  int64_t dense_layers = 2;   // the first layers attend to everything
-  int64_t token_step = 1;     // reuse a selection for this many decode tokens
-  int64_t layer_step = 1;     // ... and for this many consecutive layers
+  int64_t dense_layers = 2;      // the first layers attend to everything
+  int64_t token_step = 1;        // reuse a selection for this many decode tokens
+  int64_t layer_step = 1;        // ... and for this many consecutive layers
   int64_t preselect_blocks = 0;  // SnapKV-style candidate set at the end of prefill (0: off)
   int64_t preselect_pool = 7;    // max-pool width over token votes (odd)
 

@@ -37,7 +37,6 @@ std::vector<int32_t> ParseIds(const std::string& s) {
   return ids;
 }
 
-
 }  // namespace
 
 int CmdGenerate(int argc, char** argv) {
@@ -46,10 +45,11 @@ int CmdGenerate(int argc, char** argv) {
       {"max-new-tokens", 'n', OptKind::kInt, "16", "maximum number of tokens to generate"},
   };
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
-  Options opt("needle generate",
-              "Runs a model on a prompt of token ids with greedy decoding; prints the new ids on stdout\n"
-              "(comma-separated, as they are produced) and the timing on stderr.",
-              specs);
+  Options opt(
+      "needle generate",
+      "Runs a model on a prompt of token ids with greedy decoding; prints the new ids on stdout\n"
+      "(comma-separated, as they are produced) and the timing on stderr.",
+      specs);
   if (!opt.Parse(argc, argv)) {
     std::cout << opt.Help();
     return 0;
@@ -64,30 +64,34 @@ int CmdGenerate(int argc, char** argv) {
   const int64_t need = static_cast<int64_t>(prompt.size()) + max_new;
   if (ctx == 0) ctx = need;
   if (ctx < need)
-    Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(), " tokens) plus --max-new-tokens (",
-         max_new, ")");
+    Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(),
+         " tokens) plus --max-new-tokens (", max_new, ")");
   RunSetup rs = MakeRunSetup(opt, ctx);
   const ModelConfig& cfg = rs.model->config();
-  std::fprintf(stderr, "needle: %s, %lld layers, %s weights, %d threads, %s kernels, %s attention\n",
+  std::fprintf(stderr,
+               "needle: %s, %lld layers, %s weights, %d threads, %s kernels, %s attention\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),
                DTypeName(rs.model->weights().dtype), rs.tc->threads(), rs.backend->Name(),
                opt.Str("attention").c_str());
   bool first = true;
   GenerateStats st;
-  GenerateGreedy(*rs.model, *rs.cache, prompt, max_new,
-                 [&](int32_t id) {
-                   std::printf(first ? "%d" : ",%d", id);
-                   std::fflush(stdout);
-                   first = false;
-                 },
-                 &st);
+  GenerateGreedy(
+      *rs.model, *rs.cache, prompt, max_new,
+      [&](int32_t id) {
+        std::printf(first ? "%d" : ",%d", id);
+        std::fflush(stdout);
+        first = false;
+      },
+      &st);
   std::printf("\n");
   std::fflush(stdout);
   const double decode_tps = st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0;
   std::fprintf(stderr,
-               "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, decode %.2f tok/s%s\n",
-               static_cast<long long>(st.prompt_tokens), st.prompt_tokens / st.prefill_seconds, st.prefill_seconds,
-               static_cast<long long>(st.new_tokens), decode_tps, st.stopped_at_eos ? " (stopped at EOS)" : "");
+               "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, "
+               "decode %.2f tok/s%s\n",
+               static_cast<long long>(st.prompt_tokens), st.prompt_tokens / st.prefill_seconds,
+               st.prefill_seconds, static_cast<long long>(st.new_tokens), decode_tps,
+               st.stopped_at_eos ? " (stopped at EOS)" : "");
   PrintRecall(rs);
   return 0;
 }

@@ -13,32 +13,49 @@ std::vector<OptionSpec> RunOptionSpecs() {
   const SparseConfig d;
   auto s = [](int64_t v) { return std::to_string(v); };
   return {
-      {"model", 'm', OptKind::kString, "", "model folder (config.json + model.safetensors[.index.json])"},
+      {"model", 'm', OptKind::kString, "",
+       "model folder (config.json + model.safetensors[.index.json])"},
       {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
       {"ctx-size", 'c', OptKind::kInt, "0", "KV cache capacity in tokens (0: what the run needs)"},
-      {"kv-type", 0, OptKind::kString, "auto", "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
-      {"kv-memory", 0, OptKind::kString, "", "largest KV cache allowed, e.g. 16G (default: available memory)"},
+      {"kv-type", 0, OptKind::kString, "auto",
+       "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
+      {"kv-memory", 0, OptKind::kString, "",
+       "largest KV cache allowed, e.g. 16G (default: available memory)"},
       {"ubatch", 0, OptKind::kInt, "512", "prompt tokens per forward step"},
-      {"dummy-weights", 0, OptKind::kFlag, "", "random weights of config.json's shapes (no safetensors needed)"},
+      {"dummy-weights", 0, OptKind::kFlag, "",
+       "random weights of config.json's shapes (no safetensors needed)"},
       {"dummy-type", 0, OptKind::kString, "bf16", "weight type of --dummy-weights: f32, f16, bf16"},
-      {"reference-kernels", 0, OptKind::kFlag, "", "use the scalar reference kernels (slow; for checking)"},
+      {"reference-kernels", 0, OptKind::kFlag, "",
+       "use the scalar reference kernels (slow; for checking)"},
       {"attention", 0, OptKind::kString, "dense", "attention over the KV cache: dense or sparse"},
       {"block-size", 0, OptKind::kInt, s(d.block_size), "KV cache block size in tokens"},
-      {"init-tokens", 0, OptKind::kInt, s(d.init_tokens), "sparse: Initial tokens always attended (whole blocks)"},
-      {"local-window", 0, OptKind::kInt, s(d.local_window), "sparse: most recent tokens always attended"},
+      {"init-tokens", 0, OptKind::kInt, s(d.init_tokens),
+       "sparse: Initial tokens always attended (whole blocks)"},
+      {"local-window", 0, OptKind::kInt, s(d.local_window),
+       "sparse: most recent tokens always attended"},
       {"topk", 0, OptKind::kInt, s(d.topk), "sparse: Context blocks attended per selection"},
-      {"repr", 0, OptKind::kString, ReprTypeName(d.repr), "sparse: block representatives: max, mean, quest, dynamic"},
-      {"repr-count", 0, OptKind::kInt, s(d.repr_count), "sparse: tokens per Dynamic representative"},
-      {"obs-window", 0, OptKind::kInt, s(d.obs_window), "sparse: observation queries for Dynamic and preselection"},
-      {"select", 0, OptKind::kString, SelectModeName(d.select), "sparse: selection per 'layer' or per 'kvhead'"},
-      {"dense-layers", 0, OptKind::kInt, s(d.dense_layers), "sparse: first layers that attend densely"},
-      {"token-step", 0, OptKind::kInt, s(d.token_step), "sparse: reuse a selection for this many tokens"},
-      {"layer-step", 0, OptKind::kInt, s(d.layer_step), "sparse: reuse a selection for this many layers"},
+      {"repr", 0, OptKind::kString, ReprTypeName(d.repr),
+       "sparse: block representatives: max, mean, quest, dynamic"},
+      {"repr-count", 0, OptKind::kInt, s(d.repr_count),
+       "sparse: tokens per Dynamic representative"},
+      {"obs-window", 0, OptKind::kInt, s(d.obs_window),
+       "sparse: observation queries for Dynamic and preselection"},
+      {"select", 0, OptKind::kString, SelectModeName(d.select),
+       "sparse: selection per 'layer' or per 'kvhead'"},
+      {"dense-layers", 0, OptKind::kInt, s(d.dense_layers),
+       "sparse: first layers that attend densely"},
+      {"token-step", 0, OptKind::kInt, s(d.token_step),
+       "sparse: reuse a selection for this many tokens"},
+      {"layer-step", 0, OptKind::kInt, s(d.layer_step),
+       "sparse: reuse a selection for this many layers"},
       {"preselect-blocks", 0, OptKind::kInt, s(d.preselect_blocks),
        "sparse: SnapKV candidate blocks kept at the end of the prompt (0: off)"},
-      {"preselect-pool", 0, OptKind::kInt, s(d.preselect_pool), "sparse: max-pool width of preselection votes"},
-      {"attn-recall", 0, OptKind::kFlag, "", "report per layer the share of full attention mass attended"},
-      {"dump-plan", 0, OptKind::kString, "", "write each decode step's sparse plan as JSON lines to FILE (- = stderr)"},
+      {"preselect-pool", 0, OptKind::kInt, s(d.preselect_pool),
+       "sparse: max-pool width of preselection votes"},
+      {"attn-recall", 0, OptKind::kFlag, "",
+       "report per layer the share of full attention mass attended"},
+      {"dump-plan", 0, OptKind::kString, "",
+       "write each decode step's sparse plan as JSON lines to FILE (- = stderr)"},
   };
 }
 
@@ -74,10 +91,15 @@ SparseConfig SparseConfigFromOptions(const Options& opt) {
       // Name the flags rather than the internal setting names.
       std::string m = e.what();
       for (auto [from, to] : {std::pair<std::string, std::string>{"block_size", "--block-size"},
-                              {"local_window", "--local-window"}, {"topk", "--topk"}, {"init_tokens", "--init-tokens"},
-                              {"obs_window", "--obs-window"}, {"repr_count", "--repr-count"},
-                              {"dense_layers", "--dense-layers"}, {"token_step", "--token-step"},
-                              {"layer_step", "--layer-step"}, {"preselect_blocks", "--preselect-blocks"},
+                              {"local_window", "--local-window"},
+                              {"topk", "--topk"},
+                              {"init_tokens", "--init-tokens"},
+                              {"obs_window", "--obs-window"},
+                              {"repr_count", "--repr-count"},
+                              {"dense_layers", "--dense-layers"},
+                              {"token_step", "--token-step"},
+                              {"layer_step", "--layer-step"},
+                              {"preselect_blocks", "--preselect-blocks"},
                               {"preselect_pool", "--preselect-pool"}})
         for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
           m.replace(at, from.size(), to);
@@ -96,13 +118,15 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   if (model_path.empty()) Fail("--model is required");
   if (opt.Int("threads") < 0) Fail("--threads must not be negative (got ", opt.Int("threads"), ")");
   if (opt.Int("ubatch") <= 0) Fail("--ubatch must be positive (got ", opt.Int("ubatch"), ")");
-  const size_t kv_limit = opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
+  const size_t kv_limit =
+      opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
 
   rs.tc = std::make_unique<ThreadingContext>(static_cast<int>(opt.Int("threads")));
   rs.backend = MakeCpuBackend(*rs.tc, opt.Flag("reference-kernels"));
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
-    rs.model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), *rs.backend, *rs.tc);
+    rs.model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"),
+                              *rs.backend, *rs.tc);
   } else {
     rs.model = LoadModel(model_path, *rs.backend);
   }
@@ -110,12 +134,13 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   const std::string kvs = opt.Str("kv-type");
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
   const KVCacheShape shape = rs.model->CacheShape(ctx, rs.kv_type, rs.sparse_cfg.block_size);
-  std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n", static_cast<long long>(ctx),
-               shape.BytesPerToken(), KVTypeName(rs.kv_type), FormatBytes(shape.TotalBytes()).c_str());
+  std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",
+               static_cast<long long>(ctx), shape.BytesPerToken(), KVTypeName(rs.kv_type),
+               FormatBytes(shape.TotalBytes()).c_str());
   rs.cache = std::make_unique<KVCache>(shape, kv_limit);
   if (opt.Str("attention") == "sparse") {
-    rs.sparse = std::make_unique<SparseAttention>(rs.model->config(), rs.sparse_cfg, *rs.backend, *rs.tc, ctx,
-                                                  rs.kv_type);
+    rs.sparse = std::make_unique<SparseAttention>(rs.model->config(), rs.sparse_cfg, *rs.backend,
+                                                  *rs.tc, ctx, rs.kv_type);
     rs.sparse->set_recall(opt.Flag("attn-recall"));
     const std::string dump = opt.Str("dump-plan");
     if (dump == "-") {

@@ -168,18 +168,25 @@ HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e
   }
 }
 
-void KVRowsToF32Impl(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst) {
+void KVRowsToF32Impl(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e,
+                     float* dst) {
   const int64_t B = kv.block_size, D = kv.head_dim;
   while (b < e) {
     const int64_t n = std::min(e, (b / B + 1) * B) - b;
     const uint8_t* row = values ? kv.VRow(h, b) : kv.KRow(h, b);
     switch (kv.dtype) {
-      case DType::kF32: std::copy_n(reinterpret_cast<const float*>(row), n * D, dst); break;
-      case DType::kBF16: RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(row), n, D, dst); break;
-      case DType::kF16: RowsToF32(reinterpret_cast<const hwy::float16_t*>(row), n, D, dst); break;
+      case DType::kF32:
+        std::copy_n(reinterpret_cast<const float*>(row), n * D, dst);
+        break;
+      case DType::kBF16:
+        RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(row), n, D, dst);
+        break;
+      case DType::kF16:
+        RowsToF32(reinterpret_cast<const hwy::float16_t*>(row), n, D, dst);
+        break;
       default:
-        RowsToF32(reinterpret_cast<const int8_t*>(row), values ? kv.VScale(h, b) : kv.KScale(h, b), n, D, kv.groups,
-                  dst);
+        RowsToF32(reinterpret_cast<const int8_t*>(row), values ? kv.VScale(h, b) : kv.KScale(h, b),
+                  n, D, kv.groups, dst);
     }
     dst += n * D;
     b += n;
