@@ -38,7 +38,17 @@ void SparseAttention::Reset() {
   }
   for (auto& s : sel_) s = Selection{};
   decode_step_ = -1;
-  last_decode_pos_ = -1;
+}
+
+void SparseAttention::IndexContext(int64_t layer, const KVCache& cache) {
+  if (cfg_.repr == ReprType::kDynamic) Fail("IndexContext: Dynamic representatives need a prefill");
+  const KVLayerView kv = cache.Layer(layer);
+  const int64_t B = cfg_.block_size, first = cfg_.init_end() / B, end = cache.size() / B;
+  tc_.ParallelFor(static_cast<size_t>(std::max<int64_t>(0, end - first)), 16,
+                  [&](size_t b, size_t e) {
+                    for (size_t i = b; i < e; ++i)
+                      reps_.ComputeFromKeys(layer, first + static_cast<int64_t>(i), kv);
+                  });
 }
 
 std::vector<double> SparseAttention::RecallPerLayer() const {
@@ -186,10 +196,6 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
                              float* out) {
   NEEDLE_CHECK(a.T == 1);
   const int64_t p = a.pos0, B = cfg_.block_size;
-  if (p != last_decode_pos_) {  // first layer of a new decode step
-    last_decode_pos_ = p;
-    ++decode_step_;
-  }
   const KVLayerView kv = cache.Layer(layer);
   LayerPlan plan;
   plan.step = decode_step_;

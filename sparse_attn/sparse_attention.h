@@ -30,10 +30,17 @@ class SparseAttention final : public AttentionPolicy {
   SparseAttention(const ModelConfig& model, const SparseConfig& cfg, Backend& backend,
                   ThreadingContext& tc, int64_t max_tokens, DType kv_type);
 
-  void BeginStep(const StepInfo& s) override { step_ = s; }
+  void BeginStep(const StepInfo& s) override {
+    step_ = s;
+    if (s.call_T == 1) ++decode_step_;
+  }
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
               float* out) override;
   void Reset();  // for a new sequence in the same cache
+  // Indexes a cache filled by other means (benchmarks): the representatives of every full
+  // block of `layer` as if a prompt of cache.size() tokens had been prefilled (not Dynamic).
+  void IndexContext(int64_t layer, const KVCache& cache);
+  const RepresentativeStore& representatives() const { return reps_; }
 
   // Diagnostics.
   void set_recall(bool on) { recall_ = on; }
@@ -65,7 +72,6 @@ class SparseAttention final : public AttentionPolicy {
   ThreadingContext& tc_;
   StepInfo step_;
   int64_t decode_step_ = -1;
-  int64_t last_decode_pos_ = -1;
   RepresentativeStore reps_;
   std::vector<QueryWindow> window_;                        // [layer]
   std::vector<std::vector<std::vector<uint8_t>>> presel_;  // [layer][kv_head][block]

@@ -65,68 +65,123 @@ HWY_INLINE void RowsToF32(const int8_t* HWY_RESTRICT src, const float* HWY_RESTR
   }
 }
 
-// Folds n keys/values (f32 rows [n, D]) into the partials of G query heads q [G, D].
-HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
-                         const float* HWY_RESTRICT k, const float* HWY_RESTRICT v, int64_t n,
-                         float scale, PartialAttention* part,
-                         float* HWY_RESTRICT scores /* [G, n] */) {
+// s[g, j0 + r] = scale * q_g . k_{j0 + r} for GG heads starting at g0 and RJ rows starting at j0:
+// a register tile of GG x RJ accumulators; each key vector load serves GG heads, each query
+// vector load RJ keys.
+template <int GG, int RJ, typename KT>
+HWY_INLINE void ScoreTile(const float* HWY_RESTRICT q, int64_t g0, const KT* HWY_RESTRICT k,
+                          int64_t j0, int64_t D, int64_t n, float scale, float* HWY_RESTRICT s) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = k + j * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      auto acc = hn::Zero(df);
-      int64_t d = 0;
-      for (; d + L <= D; d += L)
-        acc = hn::MulAdd(hn::LoadU(df, qg + d), hn::LoadU(df, kj + d), acc);
-      float s = ReduceF32(df, acc);
-      for (; d < D; ++d) s += qg[d] * kj[d];
-      scores[g * n + j] = s * scale;
+  hn::Vec<decltype(df)> acc[GG][RJ];
+  for (int g = 0; g < GG; ++g)
+    for (int r = 0; r < RJ; ++r) acc[g][r] = hn::Zero(df);
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    hn::Vec<decltype(df)> kv[RJ];
+    for (int r = 0; r < RJ; ++r) kv[r] = LoadF32(df, k + (j0 + r) * D + d);
+    for (int g = 0; g < GG; ++g) {
+      const auto qv = hn::LoadU(df, q + (g0 + g) * D + d);
+      for (int r = 0; r < RJ; ++r) acc[g][r] = hn::MulAdd(qv, kv[r], acc[g][r]);
     }
   }
+  for (int g = 0; g < GG; ++g)
+    for (int r = 0; r < RJ; ++r) {
+      float t = ReduceF32(df, acc[g][r]);
+      for (int64_t dd = d; dd < D; ++dd)
+        t += q[(g0 + g) * D + dd] * ScalarF32(k[(j0 + r) * D + dd]);
+      s[(g0 + g) * n + j0 + r] = t * scale;
+    }
+}
+
+// o_g[d0 .. d0 + 2L) = o_g * corr_g + sum_j p[g, j] v_j for GG heads from g0: the values stream
+// through once per pair of vectors, each load serving GG heads from registers.
+template <int GG, typename VT>
+HWY_INLINE void ValueTile(const float* HWY_RESTRICT p, int64_t g0, const VT* HWY_RESTRICT v,
+                          int64_t d0, int64_t D, int64_t n, PartialAttention* part,
+                          const float* corr) {
+  const hn::ScalableTag<float> df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  hn::Vec<decltype(df)> a0[GG], a1[GG];
+  for (int g = 0; g < GG; ++g) a0[g] = a1[g] = hn::Zero(df);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto v0 = LoadF32(df, v + j * D + d0);
+    const auto v1 = LoadF32(df, v + j * D + d0 + L);
+    for (int g = 0; g < GG; ++g) {
+      const auto b = hn::Set(df, p[(g0 + g) * n + j]);
+      a0[g] = hn::MulAdd(b, v0, a0[g]);
+      a1[g] = hn::MulAdd(b, v1, a1[g]);
+    }
+  }
+  for (int g = 0; g < GG; ++g) {
+    float* o = part[g0 + g].out + d0;
+    const auto c = hn::Set(df, corr[g0 + g]);
+    hn::StoreU(hn::MulAdd(hn::LoadU(df, o), c, a0[g]), df, o);
+    hn::StoreU(hn::MulAdd(hn::LoadU(df, o + L), c, a1[g]), df, o + L);
+  }
+}
+
+// Folds n keys/values (rows [n, D] of f32, bf16 or f16, widened as they are read) into the
+// partials of G query heads q [G, D].
+template <typename ST>
+HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
+                         const ST* HWY_RESTRICT k, const ST* HWY_RESTRICT v, int64_t n, float scale,
+                         PartialAttention* part, float* HWY_RESTRICT scores /* [G, n] */) {
+  const hn::ScalableTag<float> df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  // Scores, in tiles of 2 heads x 4 keys.
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) ScoreTile<2, 4>(q, g, k, j, D, n, scale, scores);
+    if (g < G) ScoreTile<1, 4>(q, g, k, j, D, n, scale, scores);
+  }
+  for (; j < n; ++j) {
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) ScoreTile<2, 1>(q, g, k, j, D, n, scale, scores);
+    if (g < G) ScoreTile<1, 1>(q, g, k, j, D, n, scale, scores);
+  }
+  // Online softmax: new maximum, rescale factor, probabilities.
+  float corr[64];
+  NEEDLE_CHECK(G <= 64);
   for (int64_t g = 0; g < G; ++g) {
     PartialAttention& P = part[g];
     float* s = scores + g * n;
     float mx = P.m;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-    const float corr = P.empty() ? 0.0f : std::exp(P.m - mx);
+    for (int64_t jj = 0; jj < n; ++jj) mx = std::max(mx, s[jj]);
+    corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
     float sum = 0.0f;
-    int64_t j = 0;
+    int64_t jj = 0;
     const auto vmx = hn::Set(df, mx);
-    for (; j + L <= n; j += L) {
-      const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j), vmx));
-      hn::StoreU(e, df, s + j);
-      sum += ReduceF32(df, e);
+    auto vsum = hn::Zero(df);
+    for (; jj + L <= n; jj += L) {
+      const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + jj), vmx));
+      hn::StoreU(e, df, s + jj);
+      vsum = hn::Add(vsum, e);
     }
-    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-    if (corr != 1.0f) {
-      float* o = P.out;
-      const auto vc = hn::Set(df, corr);
-      int64_t d = 0;
-      for (; d + L <= D; d += L) hn::StoreU(hn::Mul(hn::LoadU(df, o + d), vc), df, o + d);
-      for (; d < D; ++d) o[d] *= corr;
-    }
-    P.l = P.l * corr + sum;
+    sum = ReduceF32(df, vsum);
+    for (; jj < n; ++jj) sum += (s[jj] = std::exp(s[jj] - mx));
+    P.l = P.l * corr[g] + sum;
     P.m = mx;
     P.n += n;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const float* vj = v + j * D;
-    int64_t d = 0;
-    for (; d + L <= D; d += L) {
-      const auto vv = hn::LoadU(df, vj + d);
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = part[g].out + d;
-        hn::StoreU(hn::MulAdd(hn::Set(df, scores[g * n + j]), vv, hn::LoadU(df, o)), df, o);
-      }
-    }
-    for (; d < D; ++d)
-      for (int64_t g = 0; g < G; ++g) part[g].out[d] += scores[g * n + j] * vj[d];
+  // Values: o = o * corr + P V, two vectors of channels at a time, up to 4 heads in registers.
+  int64_t d = 0;
+  for (; d + 2 * L <= D; d += 2 * L) {
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) ValueTile<4>(scores, g, v, d, D, n, part, corr);
+    for (; g + 2 <= G; g += 2) ValueTile<2>(scores, g, v, d, D, n, part, corr);
+    if (g < G) ValueTile<1>(scores, g, v, d, D, n, part, corr);
   }
+  for (; d < D; ++d)
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.0f;
+      for (int64_t jj = 0; jj < n; ++jj) acc += scores[g * n + jj] * ScalarF32(v[jj * D + d]);
+      part[g].out[d] = part[g].out[d] * corr[g] + acc;
+    }
 }
 
-// Per-thread scratch: f32 tiles of one block piece and its scores.
+// Per-thread scratch: f32 tiles of one int8 block piece, and the piece's scores.
 struct Scratch {
   std::vector<float> k, v, scores;
   std::vector<KeySpan> spans;
@@ -138,32 +193,29 @@ HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e
   const int64_t B = kv.block_size, D = kv.head_dim;
   while (b < e) {
     const int64_t n = std::min(e, (b / B + 1) * B) - b;  // rows left in this block
-    const float* kf;
-    const float* vf;
     switch (kv.dtype) {
       case DType::kF32:
-        kf = reinterpret_cast<const float*>(kv.KRow(h, b));
-        vf = reinterpret_cast<const float*>(kv.VRow(h, b));
+        FoldRows(q, G, D, reinterpret_cast<const float*>(kv.KRow(h, b)),
+                 reinterpret_cast<const float*>(kv.VRow(h, b)), n, scale, part, sc.scores.data());
         break;
       case DType::kBF16:
-        RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(kv.KRow(h, b)), n, D, sc.k.data());
-        RowsToF32(reinterpret_cast<const hwy::bfloat16_t*>(kv.VRow(h, b)), n, D, sc.v.data());
-        kf = sc.k.data(), vf = sc.v.data();
+        FoldRows(q, G, D, reinterpret_cast<const hwy::bfloat16_t*>(kv.KRow(h, b)),
+                 reinterpret_cast<const hwy::bfloat16_t*>(kv.VRow(h, b)), n, scale, part,
+                 sc.scores.data());
         break;
       case DType::kF16:
-        RowsToF32(reinterpret_cast<const hwy::float16_t*>(kv.KRow(h, b)), n, D, sc.k.data());
-        RowsToF32(reinterpret_cast<const hwy::float16_t*>(kv.VRow(h, b)), n, D, sc.v.data());
-        kf = sc.k.data(), vf = sc.v.data();
+        FoldRows(q, G, D, reinterpret_cast<const hwy::float16_t*>(kv.KRow(h, b)),
+                 reinterpret_cast<const hwy::float16_t*>(kv.VRow(h, b)), n, scale, part,
+                 sc.scores.data());
         break;
-      default:  // int8, validated at cache creation
+      default:  // int8 (validated at cache creation): dequantise the piece into f32 tiles first
         RowsToF32(reinterpret_cast<const int8_t*>(kv.KRow(h, b)), kv.KScale(h, b), n, D, kv.groups,
                   sc.k.data());
         RowsToF32(reinterpret_cast<const int8_t*>(kv.VRow(h, b)), kv.VScale(h, b), n, D, kv.groups,
                   sc.v.data());
-        kf = sc.k.data(), vf = sc.v.data();
+        FoldRows(q, G, D, sc.k.data(), sc.v.data(), n, scale, part, sc.scores.data());
         break;
     }
-    FoldRows(q, G, D, kf, vf, n, scale, part, sc.scores.data());
     b += n;
   }
 }

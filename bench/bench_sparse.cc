@@ -1,0 +1,234 @@
+// One decode step of attention for one layer of a 7B-class model (32 query / 8 KV heads, and
+// 28 / 4 like Qwen2.5-7B; head_dim 128) over a bf16 KV cache in DRAM of 32K to 1M tokens:
+//   sparse  the whole SparseAttention step with the default budget (scoring every Context block
+//           through Quest representatives, top-k per KV head, block attention over
+//           Initial + 32 blocks + Local 4096)
+//   scoring the scoring scan alone;  blocks  the block attention alone (the step's plan)
+//   dense   dense CPU attention over the same cache
+// For each: milliseconds, bytes touched (each byte the step must read once), achieved GB/s and
+// the fraction of the DRAM read bandwidth measured in the same run. A summary table with the
+// sparse-over-dense speedup closes the output.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "bench/bench_util.h"
+#include "sparse_attn/scoring.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle::bench {
+namespace {
+
+struct Setup {
+  int64_t ctx = 0, heads = 0, kv_heads = 0;
+  ModelConfig cfg;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<KVCache> cache;
+  std::unique_ptr<SparseAttention> sparse;
+  std::vector<float> q, out;
+  AttnArgs args;
+};
+
+std::unique_ptr<Setup> g_setup;
+
+// The default budget; dense_layers = 0 because the benchmarked layer stands for a sparse one.
+SparseConfig BenchSparseConfig() {
+  SparseConfig c;
+  c.dense_layers = 0;
+  return c;
+}
+
+Setup& GetSetup(int64_t ctx, int64_t heads, int64_t kv_heads) {
+  if (g_setup && g_setup->ctx == ctx && g_setup->heads == heads && g_setup->kv_heads == kv_heads)
+    return *g_setup;
+  g_setup.reset();  // free the previous cache first
+  auto s = std::make_unique<Setup>();
+  ThreadingContext& tc = BenchContext();
+  const int64_t D = 128;
+  s->ctx = ctx, s->heads = heads, s->kv_heads = kv_heads;
+  s->cfg.num_layers = 1;
+  s->cfg.num_heads = heads;
+  s->cfg.num_kv_heads = kv_heads;
+  s->cfg.head_dim = D;
+  s->cfg.hidden_size = heads * D;
+  s->cfg.sliding_window = {0};
+  s->backend = MakeCpuBackend(tc, false);
+  const SparseConfig sc = BenchSparseConfig();
+  s->cache =
+      std::make_unique<KVCache>(KVCacheShape{1, kv_heads, D, ctx + 1, sc.block_size, DType::kBF16});
+  // Random keys/values, written in parallel chunks of whole blocks.
+  const int64_t chunk = 4096;
+  tc.ParallelFor(static_cast<size_t>((ctx + 1 + chunk - 1) / chunk), 1, [&](size_t b, size_t e) {
+    std::vector<float> k(chunk * kv_heads * D), v(chunk * kv_heads * D);
+    for (size_t c = b; c < e; ++c) {
+      const int64_t t0 = static_cast<int64_t>(c) * chunk, n = std::min(chunk, ctx + 1 - t0);
+      uint64_t x = 0x9e3779b97f4a7c15ull * (c + 1);
+      for (int64_t i = 0; i < n * kv_heads * D; ++i) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        k[i] = static_cast<float>(static_cast<int64_t>(x & 0xffff) - 32768) / 16384.0f;
+        v[i] = static_cast<float>(static_cast<int64_t>((x >> 16) & 0xffff) - 32768) / 16384.0f;
+      }
+      s->cache->Write(0, t0, n, k.data(), v.data());
+    }
+  });
+  s->cache->SetSize(ctx);
+  s->sparse = std::make_unique<SparseAttention>(s->cfg, sc, *s->backend, tc, ctx + 1, DType::kBF16);
+  s->sparse->IndexContext(0, *s->cache);
+  s->cache->SetSize(ctx + 1);
+  s->q.resize(heads * D);
+  for (int64_t i = 0; i < heads * D; ++i) s->q[i] = std::sin(0.37f * static_cast<float>(i));
+  s->out.resize(heads * D);
+  s->args = AttnArgs{1, ctx, heads, kv_heads, D, 0, 1.0f / std::sqrt(static_cast<float>(D))};
+  g_setup = std::move(s);
+  return *g_setup;
+}
+
+struct Row {
+  double sparse_ms = 0, dense_ms = 0, scoring_ms = 0, blocks_ms = 0;
+  double sparse_bytes = 0, dense_bytes = 0, scoring_bytes = 0, blocks_bytes = 0;
+};
+std::map<std::pair<int64_t, int64_t>, Row> g_rows;  // (ctx, heads)
+
+void Report(benchmark::State& state, double bytes, double* ms_out, double* bytes_out) {
+  const double peak = MeasuredReadBandwidth();
+  state.counters["MB_touched"] = bytes / 1e6;
+  state.counters["GB/s"] =
+      benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["of_peak"] =
+      benchmark::Counter(bytes * state.iterations() / peak, benchmark::Counter::kIsRate);
+  *bytes_out = bytes;
+  (void)ms_out;
+}
+
+int64_t ContextBlocks(const Setup& s) {
+  const SparseConfig sc;
+  return sc.LocalBegin(s.ctx) / sc.block_size - sc.init_end() / sc.block_size;
+}
+
+void BM_SparseStep(benchmark::State& state) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  for (auto _ : state) {
+    s.sparse->BeginStep(StepInfo{s.ctx, 1, 1, true});
+    s.sparse->Attend(0, s.q.data(), s.args, *s.cache, s.out.data());
+  }
+  const LayerPlan& p = s.sparse->last_plan(0);
+  double tokens = 0;
+  for (int64_t h = 0; h < s.kv_heads; ++h) tokens += static_cast<double>(p.AttendedTokens(h));
+  const double scoring =
+      static_cast<double>(ContextBlocks(s) * s.kv_heads * 2 * 128 * 2);  // quest, bf16
+  const double attn = tokens * 128 * 2 * 2;                              // K and V, bf16
+  Row& r = g_rows[{s.ctx, s.heads}];
+  Report(state, scoring + attn, nullptr, &r.sparse_bytes);
+}
+
+void BM_ScoringScan(benchmark::State& state) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  const SparseConfig sc;
+  std::vector<int32_t> ids;
+  for (int64_t b = sc.init_end() / sc.block_size; b < sc.LocalBegin(s.ctx) / sc.block_size; ++b)
+    ids.push_back(static_cast<int32_t>(b));
+  std::vector<float> scores(s.kv_heads * ids.size());
+  for (auto _ : state)
+    fast::ScoreBlocks(s.sparse->representatives(), 0,
+                      ScoreArgs{s.q.data(), 1, s.heads, s.kv_heads, 128, ids.data(),
+                                static_cast<int64_t>(ids.size())},
+                      scores.data(), BenchContext());
+  Report(state, static_cast<double>(ids.size() * s.kv_heads * 2 * 128 * 2), nullptr,
+         &g_rows[{s.ctx, s.heads}].scoring_bytes);
+}
+
+void BM_BlockAttention(benchmark::State& state) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  s.sparse->BeginStep(StepInfo{s.ctx, 1, 1, true});
+  s.sparse->Attend(0, s.q.data(), s.args, *s.cache, s.out.data());
+  const LayerPlan plan = s.sparse->last_plan(0);
+  AttnSpans spans;
+  plan.ToSpans(s.kv_heads, &spans);
+  for (auto _ : state)
+    s.backend->Attention(s.q.data(), s.cache->Layer(0), s.args, &spans, s.out.data(), nullptr);
+  double tokens = 0;
+  for (int64_t h = 0; h < s.kv_heads; ++h) tokens += static_cast<double>(plan.AttendedTokens(h));
+  Report(state, tokens * 128 * 2 * 2, nullptr, &g_rows[{s.ctx, s.heads}].blocks_bytes);
+}
+
+void BM_DenseStep(benchmark::State& state) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  for (auto _ : state)
+    s.backend->Attention(s.q.data(), s.cache->Layer(0), s.args, nullptr, s.out.data(), nullptr);
+  Report(state, static_cast<double>((s.ctx + 1) * s.kv_heads * 128 * 2 * 2), nullptr,
+         &g_rows[{s.ctx, s.heads}].dense_bytes);
+}
+
+void Args(benchmark::internal::Benchmark* b) {
+  for (int64_t ctx : {32768, 131072, 524288, 1048576})
+    for (auto [h, kvh] : {std::pair<int64_t, int64_t>{32, 8}, {28, 4}}) b->Args({ctx, h, kvh});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+// Order matters: all four benchmarks of one (context, heads) run back to back on one cache.
+void RegisterAll() {
+  for (int64_t ctx : {32768, 131072, 524288, 1048576})
+    for (auto [h, kvh] : {std::pair<int64_t, int64_t>{32, 8}, {28, 4}}) {
+      for (auto [name, fn] :
+           {std::pair<const char*, void (*)(benchmark::State&)>{"sparse_step", BM_SparseStep},
+            {"scoring_scan", BM_ScoringScan},
+            {"block_attention", BM_BlockAttention},
+            {"dense_step", BM_DenseStep}})
+        benchmark::RegisterBenchmark(name, fn)
+            ->Args({ctx, h, kvh})
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+    }
+}
+
+// Collects times for the summary table.
+class Collector : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& r : runs) {
+      const std::string n = r.benchmark_name();
+      int64_t ctx = 0, heads = 0;
+      std::sscanf(n.substr(n.find('/') + 1).c_str(), "%ld/%ld", &ctx, &heads);
+      Row& row = g_rows[{ctx, heads}];
+      const double ms = r.GetAdjustedRealTime();
+      if (n.rfind("sparse_step", 0) == 0) row.sparse_ms = ms;
+      if (n.rfind("dense_step", 0) == 0) row.dense_ms = ms;
+      if (n.rfind("scoring_scan", 0) == 0) row.scoring_ms = ms;
+      if (n.rfind("block_attention", 0) == 0) row.blocks_ms = ms;
+    }
+  }
+};
+
+}  // namespace
+}  // namespace needle::bench
+
+int main(int argc, char** argv) {
+  using namespace needle::bench;
+  benchmark::Initialize(&argc, argv);
+  RegisterAll();
+  Collector rep;
+  benchmark::RunSpecifiedBenchmarks(&rep);
+  const double peak = MeasuredReadBandwidth();
+  std::printf("\nsummary (threads %d, measured DRAM read %.1f GB/s)\n", BenchContext().threads(),
+              peak / 1e9);
+  std::printf("%8s %6s | %9s %7s | %9s %7s | %9s %7s | %9s %7s | %8s\n", "context", "heads",
+              "sparse ms", "GB/s", "score ms", "of_pk", "blocks ms", "of_pk", "dense ms", "of_pk",
+              "speedup");
+  for (auto& [key, r] : g_rows) {
+    if (r.sparse_ms == 0 || r.dense_ms == 0) continue;
+    auto gbs = [](double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; };
+    std::printf(
+        "%8ld %3ld/%-2ld | %9.3f %7.1f | %9.3f %7.2f | %9.3f %7.2f | %9.2f %7.2f | %7.1fx\n",
+        key.first, key.second, key.second == 32 ? 8L : 4L, r.sparse_ms,
+        gbs(r.sparse_bytes, r.sparse_ms), r.scoring_ms,
+        gbs(r.scoring_bytes, r.scoring_ms) * 1e9 / peak, r.blocks_ms,
+        gbs(r.blocks_bytes, r.blocks_ms) * 1e9 / peak, r.dense_ms,
+        gbs(r.dense_bytes, r.dense_ms) * 1e9 / peak, r.dense_ms / r.sparse_ms);
+  }
+  return 0;
+}
