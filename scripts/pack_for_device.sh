@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.dev/gpu
 rm -rf $P && mkdir -p $P/lib
-cp build/needle build/bench/bench_kernels build/bench/bench_decode $P/
+cp build/needle build/bench/bench_kernels build/bench/bench_decode build/bench/bench_sparse $P/
 for lib in libtbb.so.12 libhwy.so.1 libbenchmark.so.1debian; do
   cp -L "/lib/x86_64-linux-gnu/$lib" $P/lib/
 done
