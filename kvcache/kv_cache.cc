@@ -94,6 +94,9 @@ KVCache::Arena KVCache::Reserve(size_t bytes) {
   if (m == MAP_FAILED)
     Fail("KV cache: cannot reserve ", a.bytes >> 20, " MiB: ", std::strerror(errno));
   a.p = static_cast<uint8_t*>(m);
+  // Huge pages where the kernel allows them: attention jumps between blocks all over the
+  // arena, and 4 KiB pages would cost a TLB miss every few rows.
+  ::madvise(m, a.bytes, MADV_HUGEPAGE);
   return a;
 }
 

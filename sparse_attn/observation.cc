@@ -98,17 +98,17 @@ std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int
 }
 
 std::vector<int32_t> TopK(const float* scores, const int32_t* ids, int64_t n, int64_t k) {
-  std::vector<int64_t> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
   k = std::min(k, n);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] < ids[b]);
-  });
+  std::vector<std::pair<float, int32_t>> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[i] = {scores[i], ids[i]};
+  auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (k < n) std::nth_element(v.begin(), v.begin() + k, v.end(), better);
   std::vector<int32_t> out;
   out.reserve(static_cast<size_t>(k));
-  for (int64_t i = 0; i < k; ++i) out.push_back(ids[order[i]]);
+  for (int64_t i = 0; i < k; ++i) out.push_back(v[i].second);
   std::sort(out.begin(), out.end());
   return out;
 }
-
 }  // namespace needle

@@ -18,16 +18,29 @@ namespace needle {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// Quest's bound is linear once the query is split by sign: for max_c >= min_c,
+//   max(q_c * max_c, q_c * min_c) = max(q_c, 0) * max_c + min(q_c, 0) * min_c,
+// so summing over the group's queries first turns it into two dot products per (block, head),
+// exactly (up to rounding) the per-query form the reference computes.
 template <typename RT>
 void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
             ThreadingContext& tc) {
   const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, R = reps.rows();
   const bool quest = reps.type() == ReprType::kQuest;
-  // Linear scorers only need the sum of the group's queries: qsum [Hk, D].
-  std::vector<float> qsum(static_cast<size_t>(Hk * D), 0.0f);
+  // Per KV head: qa [Hk, D] = sum of the group's queries (or of their positive parts for Quest),
+  // qb [Hk, D] = sum of their negative parts (Quest only).
+  std::vector<float> qa(static_cast<size_t>(Hk * D), 0.0f), qb(static_cast<size_t>(Hk * D), 0.0f);
   for (int64_t i = 0; i < a.nq; ++i)
     for (int64_t h = 0; h < a.heads; ++h)
-      for (int64_t d = 0; d < D; ++d) qsum[(h / G) * D + d] += a.q[(i * a.heads + h) * D + d];
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = a.q[(i * a.heads + h) * D + d];
+        if (!quest) {
+          qa[(h / G) * D + d] += x;
+        } else {
+          qa[(h / G) * D + d] += std::max(x, 0.0f);
+          qb[(h / G) * D + d] += std::min(x, 0.0f);
+        }
+      }
   tc.ParallelFor(static_cast<size_t>(a.n), 64, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));
@@ -35,32 +48,24 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
       const RT* base = static_cast<const RT*>(reps.Block(layer, a.blocks[bi]));
       for (int64_t h = 0; h < Hk; ++h) {
         const RT* r0 = base + h * R * D;
-        float s = 0.0f;
+        const float* pa = qa.data() + h * D;
+        auto acc = hn::Zero(df);
+        int64_t d = 0;
         if (!quest) {
-          const float* qv = qsum.data() + h * D;
-          auto acc = hn::Zero(df);
-          int64_t d = 0;
           for (; d + L <= D; d += L)
-            acc = hn::MulAdd(hn::LoadU(df, qv + d), LoadF32(df, r0 + d), acc);
-          s = ReduceF32(df, acc);
-          for (; d < D; ++d) s += qv[d] * ScalarF32(r0[d]);
+            acc = hn::MulAdd(hn::LoadU(df, pa + d), LoadF32(df, r0 + d), acc);
         } else {
           const RT* r1 = r0 + D;  // min row
-          for (int64_t i = 0; i < a.nq; ++i) {
-            for (int64_t g = 0; g < G; ++g) {
-              const float* qv = a.q + (i * a.heads + h * G + g) * D;
-              auto acc = hn::Zero(df);
-              int64_t d = 0;
-              for (; d + L <= D; d += L) {
-                const auto qq = hn::LoadU(df, qv + d);
-                acc = hn::Add(acc, hn::Max(hn::Mul(qq, LoadF32(df, r0 + d)),
-                                           hn::Mul(qq, LoadF32(df, r1 + d))));
-              }
-              float t = ReduceF32(df, acc);
-              for (; d < D; ++d) t += std::max(qv[d] * ScalarF32(r0[d]), qv[d] * ScalarF32(r1[d]));
-              s += t;
-            }
+          const float* pb = qb.data() + h * D;
+          for (; d + L <= D; d += L) {
+            acc = hn::MulAdd(hn::LoadU(df, pa + d), LoadF32(df, r0 + d), acc);
+            acc = hn::MulAdd(hn::LoadU(df, pb + d), LoadF32(df, r1 + d), acc);
           }
+        }
+        float s = ReduceF32(df, acc);
+        for (; d < D; ++d) {
+          s += pa[d] * ScalarF32(r0[d]);
+          if (quest) s += qb[h * D + d] * ScalarF32(r0[D + d]);
         }
         scores[h * a.n + static_cast<int64_t>(bi)] = s;
       }

@@ -139,44 +139,62 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
   const bool selector_layer = rel % cfg_.layer_step == 0;
   const bool due = !s.valid || decode_step_ - s.step >= cfg_.token_step;
   if ((selector_layer && due) || !s.valid) {
-    // Candidates: Context blocks, restricted to the preselected set where there is one.
+    // Candidates: Context blocks, restricted to the preselected set where there is one (blocks
+    // that joined the Context after the prompt always compete).
+    std::vector<int32_t> all;
+    all.reserve(static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks)));
+    for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
+      all.push_back(static_cast<int32_t>(blk));
     const auto& ps = presel_[layer];
-    std::vector<std::vector<int32_t>> cand(static_cast<size_t>(Hk));
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
-        if (ps.empty() || blk >= presel_end_[layer] || ps[h][blk])
-          cand[h].push_back(static_cast<int32_t>(blk));
+    auto candidates = [&](int64_t h, const float* sc, std::vector<int32_t>* ids,
+                          std::vector<float>* scores) {
+      ids->clear();
+      scores->clear();
+      for (size_t i = 0; i < all.size(); ++i)
+        if (all[i] >= presel_end_[layer] || ps[h][all[i]])
+          ids->push_back(all[i]), scores->push_back(sc[i]);
+    };
+    std::vector<float> sc(static_cast<size_t>(Hk) * all.size());
+    fast::ScoreBlocks(
+        reps_, layer,
+        ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
+        sc.data(), tc_);
     s.blocks.assign(static_cast<size_t>(Hk), {});
+    std::vector<int32_t> ids;
+    std::vector<float> hs;
     if (cfg_.select == SelectMode::kLayer) {
-      const auto& ids = cand[0];  // identical for all heads in layer mode
-      std::vector<float> sc(static_cast<size_t>(Hk * ids.size())), sum(ids.size(), 0.0f);
-      fast::ScoreBlocks(
-          reps_, layer,
-          ScoreArgs{q, 1, a.heads, Hk, a.head_dim, ids.data(), static_cast<int64_t>(ids.size())},
-          sc.data(), tc_);
+      std::vector<float> sum(all.size(), 0.0f);
       for (int64_t h = 0; h < Hk; ++h)
-        for (size_t i = 0; i < ids.size(); ++i) sum[i] += sc[h * ids.size() + i];
-      const auto top = TopK(sum.data(), ids.data(), static_cast<int64_t>(ids.size()), cfg_.topk);
-      for (auto& b : s.blocks) b = top;
-      plan->candidates = static_cast<int64_t>(ids.size());
-    } else {
-      // One scoring pass over the union of candidates, then top-k per head among its own.
-      std::vector<int32_t> all;
-      for (int32_t blk = static_cast<int32_t>(init_blocks); blk < ctx_end_block; ++blk)
-        all.push_back(blk);
-      std::vector<float> sc(static_cast<size_t>(Hk * all.size()));
-      fast::ScoreBlocks(
-          reps_, layer,
-          ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
-          sc.data(), tc_);
-      for (int64_t h = 0; h < Hk; ++h) {
-        std::vector<float> hs;
-        for (int32_t blk : cand[h]) hs.push_back(sc[h * all.size() + (blk - init_blocks)]);
-        s.blocks[h] =
-            TopK(hs.data(), cand[h].data(), static_cast<int64_t>(cand[h].size()), cfg_.topk);
-        plan->candidates =
-            std::max<int64_t>(plan->candidates, static_cast<int64_t>(cand[h].size()));
+        for (size_t i = 0; i < all.size(); ++i) sum[i] += sc[h * all.size() + i];
+      if (ps.empty()) {
+        s.blocks[0] = TopK(sum.data(), all.data(), static_cast<int64_t>(all.size()), cfg_.topk);
+        plan->candidates = static_cast<int64_t>(all.size());
+      } else {
+        candidates(0, sum.data(), &ids, &hs);  // identical for every head in layer mode
+        s.blocks[0] = TopK(hs.data(), ids.data(), static_cast<int64_t>(ids.size()), cfg_.topk);
+        plan->candidates = static_cast<int64_t>(ids.size());
       }
+      for (auto& b : s.blocks) b = s.blocks[0];
+    } else {
+      // One top-k per KV head, in parallel (each is O(blocks)).
+      std::vector<int64_t> ncand(static_cast<size_t>(Hk));
+      tc_.ParallelFor(static_cast<size_t>(Hk), 1, [&](size_t hb, size_t he) {
+        std::vector<int32_t> hids;
+        std::vector<float> hscores;
+        for (size_t h = hb; h < he; ++h) {
+          const float* hsc = sc.data() + h * all.size();
+          if (ps.empty()) {
+            s.blocks[h] = TopK(hsc, all.data(), static_cast<int64_t>(all.size()), cfg_.topk);
+            ncand[h] = static_cast<int64_t>(all.size());
+          } else {
+            candidates(static_cast<int64_t>(h), hsc, &hids, &hscores);
+            s.blocks[h] =
+                TopK(hscores.data(), hids.data(), static_cast<int64_t>(hids.size()), cfg_.topk);
+            ncand[h] = static_cast<int64_t>(hids.size());
+          }
+        }
+      });
+      plan->candidates = *std::max_element(ncand.begin(), ncand.end());
     }
     s.valid = true;
     s.step = decode_step_;

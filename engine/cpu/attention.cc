@@ -269,10 +269,13 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   std::vector<float> pbuf(static_cast<size_t>(items * splits * G * D));
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
   tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
-    Scratch sc;
-    sc.k.resize(static_cast<size_t>(B * D));
-    sc.v.resize(static_cast<size_t>(B * D));
-    sc.scores.resize(static_cast<size_t>(G * B));
+    // Reused across calls: growing a buffer zero-fills it, which would cost more than the work.
+    thread_local Scratch sc;
+    if (sc.scores.size() < static_cast<size_t>(G * B)) sc.scores.resize(static_cast<size_t>(G * B));
+    if (kv.dtype == DType::kI8 && sc.k.size() < static_cast<size_t>(B * D)) {
+      sc.k.resize(static_cast<size_t>(B * D));
+      sc.v.resize(static_cast<size_t>(B * D));
+    }
     for (size_t w = b; w < e; ++w) {
       const int64_t sp = static_cast<int64_t>(w) % splits, item = static_cast<int64_t>(w) / splits;
       const int64_t t = item / Hk, h = item % Hk;
