@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <regex>
 
 #include "tests/test_util.h"
@@ -73,6 +74,22 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
        "--ctx-size 5"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16", "--prompt-ids is required"},
       {"frobnicate", "unknown command"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --topk 0",
+       "--topk"},
+      {"generate -m " + kFx +
+           "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --local-window 16",
+       "--local-window (16)"},
+      {"generate -m " + kFx +
+           "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --preselect-blocks 3",
+       "--preselect-blocks (3) is smaller than --topk (32)"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --repr maxx",
+       "'maxx'"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention blocky",
+       "--attention"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attn-recall",
+       "need --attention sparse"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --kv-memory 1K",
+       "--kv-memory allows 1.0 KiB"},
   };
   for (const auto& c : cases) {
     Result r = RunNeedle(c.args);
@@ -98,6 +115,28 @@ TEST(Cli, CorruptWeightsFileIsReportedNotCrashed) {
   Result r = RunNeedle("generate -m " + d.path() + " --prompt-ids 1,2");
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("model.safetensors"), std::string::npos) << r.output;
+}
+
+TEST(Cli, SparseGenerateWithRecallAndPlan) {
+  test::TempDir d;
+  const std::string prompt =
+      "3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32";
+  Result r =
+      RunNeedle("generate -m " + kFx + "/llama_gqa4_hd64_f32 --prompt-ids " + prompt +
+                " -n 12 --attention sparse --block-size 4 --init-tokens 4 --local-window 8 --topk 2"
+                " --dense-layers 1 --kv-type int8 --attn-recall --dump-plan " +
+                d.File("plan.jsonl"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("attention recall per layer: 1.0000 0."), std::string::npos) << r.output;
+  std::ifstream plan(d.File("plan.jsonl"));
+  std::string line;
+  int lines = 0, sparse = 0;
+  while (std::getline(plan, line)) {
+    ++lines;
+    sparse += line.find("\"dense\":false") != std::string::npos;
+  }
+  EXPECT_EQ(lines, 11 * 2);  // 11 decode steps (the first token comes from the prompt) x 2 layers
+  EXPECT_EQ(sparse, 11);     // layer 1 of each step
 }
 
 TEST(Cli, InfoAndHelp) {

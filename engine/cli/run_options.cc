@@ -9,10 +9,44 @@
 
 namespace needle {
 
+namespace {
+
+// The integer settings of sparse attention: flag, the SparseConfig field (whose name Validate()
+// uses in its messages), help. Specs, parsing and error messages all come from this one table.
+struct SparseIntOption {
+  const char* flag;
+  const char* field_name;
+  int64_t SparseConfig::*field;
+  const char* help;
+};
+constexpr SparseIntOption kSparseInts[] = {
+    {"block-size", "block_size", &SparseConfig::block_size, "KV cache block size in tokens"},
+    {"init-tokens", "init_tokens", &SparseConfig::init_tokens,
+     "sparse: Initial tokens always attended (whole blocks)"},
+    {"local-window", "local_window", &SparseConfig::local_window,
+     "sparse: most recent tokens always attended"},
+    {"topk", "topk", &SparseConfig::topk, "sparse: Context blocks attended per selection"},
+    {"repr-count", "repr_count", &SparseConfig::repr_count,
+     "sparse: tokens per Dynamic representative"},
+    {"obs-window", "obs_window", &SparseConfig::obs_window,
+     "sparse: observation queries for Dynamic and preselection"},
+    {"dense-layers", "dense_layers", &SparseConfig::dense_layers,
+     "sparse: first layers that attend densely"},
+    {"token-step", "token_step", &SparseConfig::token_step,
+     "sparse: reuse a selection for this many tokens"},
+    {"layer-step", "layer_step", &SparseConfig::layer_step,
+     "sparse: reuse a selection for this many layers"},
+    {"preselect-blocks", "preselect_blocks", &SparseConfig::preselect_blocks,
+     "sparse: SnapKV candidate blocks kept at the end of the prompt (0: off)"},
+    {"preselect-pool", "preselect_pool", &SparseConfig::preselect_pool,
+     "sparse: max-pool width of preselection votes"},
+};
+
+}  // namespace
+
 std::vector<OptionSpec> RunOptionSpecs() {
   const SparseConfig d;
-  auto s = [](int64_t v) { return std::to_string(v); };
-  return {
+  std::vector<OptionSpec> specs = {
       {"model", 'm', OptKind::kString, "",
        "model folder (config.json + model.safetensors[.index.json])"},
       {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
@@ -28,35 +62,18 @@ std::vector<OptionSpec> RunOptionSpecs() {
       {"reference-kernels", 0, OptKind::kFlag, "",
        "use the scalar reference kernels (slow; for checking)"},
       {"attention", 0, OptKind::kString, "dense", "attention over the KV cache: dense or sparse"},
-      {"block-size", 0, OptKind::kInt, s(d.block_size), "KV cache block size in tokens"},
-      {"init-tokens", 0, OptKind::kInt, s(d.init_tokens),
-       "sparse: Initial tokens always attended (whole blocks)"},
-      {"local-window", 0, OptKind::kInt, s(d.local_window),
-       "sparse: most recent tokens always attended"},
-      {"topk", 0, OptKind::kInt, s(d.topk), "sparse: Context blocks attended per selection"},
       {"repr", 0, OptKind::kString, ReprTypeName(d.repr),
        "sparse: block representatives: max, mean, quest, dynamic"},
-      {"repr-count", 0, OptKind::kInt, s(d.repr_count),
-       "sparse: tokens per Dynamic representative"},
-      {"obs-window", 0, OptKind::kInt, s(d.obs_window),
-       "sparse: observation queries for Dynamic and preselection"},
       {"select", 0, OptKind::kString, SelectModeName(d.select),
        "sparse: selection per 'layer' or per 'kvhead'"},
-      {"dense-layers", 0, OptKind::kInt, s(d.dense_layers),
-       "sparse: first layers that attend densely"},
-      {"token-step", 0, OptKind::kInt, s(d.token_step),
-       "sparse: reuse a selection for this many tokens"},
-      {"layer-step", 0, OptKind::kInt, s(d.layer_step),
-       "sparse: reuse a selection for this many layers"},
-      {"preselect-blocks", 0, OptKind::kInt, s(d.preselect_blocks),
-       "sparse: SnapKV candidate blocks kept at the end of the prompt (0: off)"},
-      {"preselect-pool", 0, OptKind::kInt, s(d.preselect_pool),
-       "sparse: max-pool width of preselection votes"},
       {"attn-recall", 0, OptKind::kFlag, "",
        "report per layer the share of full attention mass attended"},
       {"dump-plan", 0, OptKind::kString, "",
        "write each decode step's sparse plan as JSON lines to FILE (- = stderr)"},
   };
+  for (const auto& o : kSparseInts)
+    specs.push_back({o.flag, 0, OptKind::kInt, std::to_string(d.*o.field), o.help});
+  return specs;
 }
 
 namespace {
@@ -70,39 +87,21 @@ SparseConfig SparseConfigFromOptions(const Options& opt) {
   const std::string att = opt.Str("attention");
   if (att != "dense" && att != "sparse") Fail("--attention: '", att, "' is not dense or sparse");
   SparseConfig c;
-  c.block_size = opt.Int("block-size");
-  c.init_tokens = opt.Int("init-tokens");
-  c.local_window = opt.Int("local-window");
-  c.topk = opt.Int("topk");
+  for (const auto& o : kSparseInts) c.*o.field = opt.Int(o.flag);
   c.repr = ParseReprType(opt.Str("repr"), "--repr");
-  c.repr_count = opt.Int("repr-count");
-  c.obs_window = opt.Int("obs-window");
   c.select = ParseSelectMode(opt.Str("select"), "--select");
-  c.dense_layers = opt.Int("dense-layers");
-  c.token_step = opt.Int("token-step");
-  c.layer_step = opt.Int("layer-step");
-  c.preselect_blocks = opt.Int("preselect-blocks");
-  c.preselect_pool = opt.Int("preselect-pool");
   if (c.block_size <= 0) Fail("--block-size must be positive (got ", c.block_size, ")");
   if (att == "sparse") {
     try {
       c.Validate();
     } catch (const Error& e) {
-      // Name the flags rather than the internal setting names.
+      // Name the flags rather than the internal field names.
       std::string m = e.what();
-      for (auto [from, to] : {std::pair<std::string, std::string>{"block_size", "--block-size"},
-                              {"local_window", "--local-window"},
-                              {"topk", "--topk"},
-                              {"init_tokens", "--init-tokens"},
-                              {"obs_window", "--obs-window"},
-                              {"repr_count", "--repr-count"},
-                              {"dense_layers", "--dense-layers"},
-                              {"token_step", "--token-step"},
-                              {"layer_step", "--layer-step"},
-                              {"preselect_blocks", "--preselect-blocks"},
-                              {"preselect_pool", "--preselect-pool"}})
+      for (const auto& o : kSparseInts) {
+        const std::string from = o.field_name, to = std::string("--") + o.flag;
         for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
           m.replace(at, from.size(), to);
+      }
       throw Error(m);
     }
   }
