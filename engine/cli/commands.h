@@ -4,4 +4,5 @@
 namespace needle {
 int CmdGenerate(int argc, char** argv);
 int CmdInfo(int argc, char** argv);
+int CmdTokenize(int argc, char** argv);
 }  // namespace needle

@@ -18,6 +18,7 @@ const char* kUsage =
     "commands:\n"
     "  generate   run a model on a prompt and print the generated token ids (greedy)\n"
     "  info       print a model folder's configuration and weights summary\n"
+    "  tokenize   tokenize a text with a model folder's tokenizer.json\n"
     "\n"
     "'needle COMMAND --help' lists the options of a command.\n";
 
@@ -32,6 +33,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "generate") return needle::CmdGenerate(argc - 2, argv + 2);
     if (cmd == "info") return needle::CmdInfo(argc - 2, argv + 2);
+    if (cmd == "tokenize") return needle::CmdTokenize(argc - 2, argv + 2);
     std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const needle::Error& e) {
