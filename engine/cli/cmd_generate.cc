@@ -1,17 +1,21 @@
-// needle generate: greedy generation from token ids (the tokenizer issue adds text prompts).
+// needle generate: a prompt (text, a file, or token ids) in, the continuation streamed out.
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
 
-#include "engine/backend/backend.h"
 #include "engine/base/error.h"
+#include "engine/base/mapped_file.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
 #include "engine/cli/run_options.h"
 #include "engine/model/generate.h"
 #include "engine/model/model.h"
+#include "engine/tokenizer/chat_template.h"
+#include "engine/tokenizer/tokenizer.h"
 
 namespace needle {
 
@@ -37,61 +41,215 @@ std::vector<int32_t> ParseIds(const std::string& s) {
   return ids;
 }
 
+float ParseFloat(const std::string& s, const std::string& what) {
+  size_t pos = 0;
+  float v = 0;
+  try {
+    v = std::stof(s, &pos);
+  } catch (...) {
+    pos = 0;
+  }
+  if (s.empty() || pos != s.size()) Fail(what, " expects a number, got '", s, "'");
+  return v;
+}
+
+// "prefill [=====>    ] 12288/32768 tok  812 tok/s  25 s left" on a terminal's stderr, for
+// prompts that take longer than a second.
+class ProgressBar {
+ public:
+  ProgressBar() : tty_(::isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
+  void Update(int64_t done, int64_t total) {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    if (!tty_ || total <= 1 || s < 1.0) return;
+    const int width = 30, filled = static_cast<int>(width * done / total);
+    const double rate = done / s;
+    std::fprintf(stderr, "\rprefill [%s%s] %lld/%lld tok  %.0f tok/s  %.0f s left ",
+                 std::string(filled, '=').c_str(), std::string(width - filled, ' ').c_str(),
+                 static_cast<long long>(done), static_cast<long long>(total), rate,
+                 (total - done) / std::max(rate, 1e-9));
+    shown_ = true;
+    if (done == total) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  bool tty_, shown_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
+
 }  // namespace
 
 int CmdGenerate(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
-      {"prompt-ids", 0, OptKind::kString, "", "prompt as comma-separated token ids, e.g. 1,2,3"},
-      {"max-new-tokens", 'n', OptKind::kInt, "16", "maximum number of tokens to generate"},
+      {"prompt", 'p', OptKind::kString, "", "prompt text"},
+      {"file", 'f', OptKind::kString, "", "read the prompt text from FILE"},
+      {"prompt-ids", 0, OptKind::kString, "",
+       "prompt as comma-separated token ids, e.g. 1,2,3 (no tokenizer needed)"},
+      {"chat", 0, OptKind::kFlag, "",
+       "format the prompt as a user turn with the model's chat template"},
+      {"chat-template", 0, OptKind::kString, "auto",
+       "chat template: auto (from tokenizer_config.json), llama3, chatml, mistral, none"},
+      {"system", 0, OptKind::kString, "", "system message for --chat"},
+      {"max-new-tokens", 'n', OptKind::kInt, "256", "maximum number of tokens to generate"},
+      {"temperature", 0, OptKind::kString, "0", "sampling temperature (0: greedy)"},
+      {"top-k", 0, OptKind::kInt, "0", "sample among the k most likely tokens (0: off)"},
+      {"top-p", 0, OptKind::kString, "1",
+       "sample within the smallest set of tokens of this probability mass (1: off)"},
+      {"min-p", 0, OptKind::kString, "0",
+       "drop tokens less likely than min-p times the most likely (0: off)"},
+      {"repetition-penalty", 0, OptKind::kString, "1",
+       "penalise tokens already in the context (1: off)"},
+      {"seed", 0, OptKind::kInt, "0", "random seed of sampling"},
+      {"stop", 0, OptKind::kString, "", "stop when the output contains this string"},
+      {"ignore-eos", 0, OptKind::kFlag, "", "do not stop at the model's EOS ids"},
+      {"truncate", 0, OptKind::kString, "none",
+       "prompt longer than the context: none (error) or middle (keep head and tail)"},
   };
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
-  Options opt(
-      "needle generate",
-      "Runs a model on a prompt of token ids with greedy decoding; prints the new ids on stdout\n"
-      "(comma-separated, as they are produced) and the timing on stderr.",
-      specs);
+  Options opt("needle generate",
+              "Runs a model on a prompt and streams the continuation to stdout (token ids with\n"
+              "--prompt-ids); prefill progress and speed go to stderr.",
+              specs);
   if (!opt.Parse(argc, argv)) {
     std::cout << opt.Help();
     return 0;
   }
   SparseConfigFromOptions(opt);  // refuse bad settings before loading anything
+  SamplingParams sp;
+  sp.temperature = ParseFloat(opt.Str("temperature"), "--temperature");
+  sp.top_k = opt.Int("top-k");
+  sp.top_p = ParseFloat(opt.Str("top-p"), "--top-p");
+  sp.min_p = ParseFloat(opt.Str("min-p"), "--min-p");
+  sp.repetition_penalty = ParseFloat(opt.Str("repetition-penalty"), "--repetition-penalty");
+  sp.seed = static_cast<uint64_t>(opt.Int("seed"));
+  sp.Validate();
+  const std::string trunc = opt.Str("truncate");
+  if (trunc != "none" && trunc != "middle") Fail("--truncate: '", trunc, "' is not none or middle");
   if (opt.Str("model").empty()) Fail("needle generate: --model is required");
-  if (opt.Str("prompt-ids").empty()) Fail("needle generate: --prompt-ids is required");
-  const std::vector<int32_t> prompt = ParseIds(opt.Str("prompt-ids"));
-  const int64_t max_new = opt.Int("max-new-tokens");
+  const int given =
+      !opt.Str("prompt").empty() + !opt.Str("file").empty() + !opt.Str("prompt-ids").empty();
+  if (given != 1) Fail("needle generate: give exactly one of --prompt, --file and --prompt-ids");
+  int64_t max_new = opt.Int("max-new-tokens");
   if (max_new < 0) Fail("--max-new-tokens must not be negative (got ", max_new, ")");
-  int64_t ctx = opt.Int("ctx-size");
-  const int64_t need = static_cast<int64_t>(prompt.size()) + max_new;
-  if (ctx == 0) ctx = need;
-  if (ctx < need)
-    Fail("--ctx-size ", ctx, " is smaller than the prompt (", prompt.size(),
-         " tokens) plus --max-new-tokens (", max_new, ")");
+
+  // The prompt as ids.
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<int32_t> prompt;
+  const std::string model_dir = opt.Str("model");
+  if (!opt.Str("prompt-ids").empty()) {
+    prompt = ParseIds(opt.Str("prompt-ids"));
+  } else {
+    tok = Tokenizer::Load(model_dir + "/tokenizer.json");
+    const std::string text =
+        opt.Str("file").empty() ? opt.Str("prompt") : ReadTextFile(opt.Str("file"));
+    if (opt.Flag("chat")) {
+      std::string bos, eos;
+      ChatFamily fam = DetectChatFamilyFromFolder(model_dir, &bos, &eos);
+      if (opt.Str("chat-template") != "auto")
+        fam = ParseChatFamily(opt.Str("chat-template"), "--chat-template");
+      if (fam == ChatFamily::kNone)
+        std::fprintf(stderr,
+                     "needle: warning: no known chat template for %s; using the raw prompt\n",
+                     model_dir.c_str());
+      std::vector<ChatMessage> msgs;
+      if (!opt.Str("system").empty()) msgs.push_back({"system", opt.Str("system")});
+      msgs.push_back({"user", text});
+      prompt = tok->Encode(FormatChat(fam, msgs, bos, eos), false);
+    } else {
+      prompt = tok->Encode(text, true);
+    }
+  }
+  if (prompt.empty()) Fail("needle generate: the prompt is empty");
+
+  // Context: --ctx-size, else the model's own limit; the prompt must leave room for the answer.
+  ModelConfig cfg_peek =
+      opt.Flag("dummy-weights") ? ModelConfig{} : LoadModelConfig(model_dir + "/config.json");
+  int64_t limit = opt.Int("ctx-size");
+  if (limit == 0)
+    limit = cfg_peek.max_position_embeddings > 0 ? cfg_peek.max_position_embeddings
+                                                 : static_cast<int64_t>(prompt.size()) + max_new;
+  // An explicit --max-new-tokens must fit; the default one shrinks to what the context leaves.
+  if (!opt.IsSet("max-new-tokens"))
+    max_new = std::max<int64_t>(1, std::min(max_new, limit - static_cast<int64_t>(prompt.size())));
+  const int64_t room = limit - max_new;
+  if (static_cast<int64_t>(prompt.size()) > room) {
+    if (trunc != "middle" || room < 2)
+      Fail("the prompt has ", prompt.size(), " tokens but the context of ", limit,
+           " tokens leaves room for ", std::max<int64_t>(room, 0), " after --max-new-tokens ",
+           max_new, "; use --truncate middle, a larger --ctx-size or a smaller --max-new-tokens");
+    const int64_t head = room / 2, tail = room - head;
+    std::vector<int32_t> cut(prompt.begin(), prompt.begin() + head);
+    cut.insert(cut.end(), prompt.end() - tail, prompt.end());
+    std::fprintf(stderr, "needle: prompt truncated in the middle from %zu to %zu tokens\n",
+                 prompt.size(), cut.size());
+    prompt = std::move(cut);
+  }
+  const int64_t ctx = std::min(limit, static_cast<int64_t>(prompt.size()) + max_new);
   RunSetup rs = MakeRunSetup(opt, ctx);
   const ModelConfig& cfg = rs.model->config();
+  if (opt.Flag("ignore-eos")) const_cast<ModelConfig&>(cfg).eos_token_ids.clear();
   std::fprintf(stderr,
                "needle: %s, %lld layers, %s weights, %d threads, %s kernels, %s attention\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),
                DTypeName(rs.model->weights().dtype), rs.tc->threads(), rs.backend->Name(),
                opt.Str("attention").c_str());
-  bool first = true;
+  ProgressBar bar;
+  rs.model->set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+
+  const std::string stop = opt.Str("stop");
+  std::unique_ptr<StreamDecoder> sd = tok ? std::make_unique<StreamDecoder>(*tok, true) : nullptr;
+  std::string text_out, pending;  // pending: text held back while it may begin a stop string
+  bool first = true, stopped = false;
+  auto emit = [&](const std::string& s) {
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fflush(stdout);
+  };
   GenerateStats st;
-  GenerateGreedy(
-      *rs.model, *rs.cache, prompt, max_new,
+  Generate(
+      *rs.model, *rs.cache, prompt, max_new, sp,
       [&](int32_t id) {
-        std::printf(first ? "%d" : ",%d", id);
-        std::fflush(stdout);
-        first = false;
+        rs.model->set_progress(nullptr);
+        if (!sd) {
+          emit((first ? "" : ",") + std::to_string(id));
+          first = false;
+          return true;
+        }
+        pending += sd->Push(id);
+        if (!stop.empty()) {
+          const size_t at = (text_out + pending).find(stop);
+          if (at != std::string::npos) {
+            emit((text_out + pending).substr(text_out.size(), at - std::min(at, text_out.size())));
+            stopped = true;
+            return false;
+          }
+          // Emit all but a tail that could still grow into the stop string.
+          const size_t keep = std::min(pending.size(), stop.size() - 1);
+          size_t cut = pending.size() - keep;
+          while (cut > 0 && cut < pending.size() &&
+                 (static_cast<unsigned char>(pending[cut]) & 0xC0) == 0x80)
+            --cut;
+          emit(pending.substr(0, cut));
+          text_out += pending.substr(0, cut);
+          pending.erase(0, cut);
+        } else {
+          emit(pending);
+          text_out += pending;
+          pending.clear();
+        }
+        return true;
       },
       &st);
-  std::printf("\n");
-  std::fflush(stdout);
+  if (sd && !stopped) emit(pending + sd->Flush());
+  emit("\n");
   const double decode_tps = st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0;
   std::fprintf(stderr,
                "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, "
                "decode %.2f tok/s%s\n",
                static_cast<long long>(st.prompt_tokens), st.prompt_tokens / st.prefill_seconds,
                st.prefill_seconds, static_cast<long long>(st.new_tokens), decode_tps,
-               st.stopped_at_eos ? " (stopped at EOS)" : "");
+               st.stopped_at_eos ? " (stopped at EOS)"
+               : stopped         ? " (stopped at the stop string)"
+                                 : "");
   PrintRecall(rs);
   return 0;
 }

@@ -14,37 +14,50 @@ int32_t Argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache,
-                                    const std::vector<int32_t>& prompt, int64_t max_new_tokens,
-                                    const std::function<void(int32_t)>& on_token,
-                                    GenerateStats* stats) {
+std::vector<int32_t> Generate(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
+                              int64_t max_new_tokens, const SamplingParams& sampling,
+                              const std::function<bool(int32_t)>& on_token, GenerateStats* stats) {
   using Clock = std::chrono::steady_clock;
   if (prompt.empty()) Fail("generate: the prompt is empty");
+  Sampler sampler(sampling);
   GenerateStats st;
   st.prompt_tokens = static_cast<int64_t>(prompt.size());
   const auto& eos = model.config().eos_token_ids;
-  const int64_t V = model.config().vocab_size;
-  std::vector<int32_t> out;
+  std::vector<int32_t> context = prompt, out;
   std::vector<float> logits;
   auto t0 = Clock::now();
   model.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
   auto t1 = Clock::now();
   st.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = Argmax(logits.data(), V);
+    const int32_t next = sampler.Sample(logits, context);
     out.push_back(next);
-    if (on_token) on_token(next);
+    context.push_back(next);
+    const bool more = on_token ? on_token(next) : true;
     if (std::find(eos.begin(), eos.end(), next) != eos.end()) {
       st.stopped_at_eos = true;
       break;
     }
-    if (i + 1 == max_new_tokens) break;
+    if (!more || i + 1 == max_new_tokens) break;
     model.Forward(&next, 1, cache, false, &logits);
   }
   st.new_tokens = static_cast<int64_t>(out.size());
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   if (stats != nullptr) *stats = st;
   return out;
+}
+
+std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache,
+                                    const std::vector<int32_t>& prompt, int64_t max_new_tokens,
+                                    const std::function<void(int32_t)>& on_token,
+                                    GenerateStats* stats) {
+  return Generate(
+      model, cache, prompt, max_new_tokens, SamplingParams{},
+      [&](int32_t id) {
+        if (on_token) on_token(id);
+        return true;
+      },
+      stats);
 }
 
 }  // namespace needle

@@ -1,5 +1,5 @@
-// Greedy generation: prefill the prompt, then decode one token at a time until EOS or a limit.
-// (Sampling strategies arrive with the tokenizer issue; greedy is the reference behaviour.)
+// Generation: prefill the prompt, then decode one token at a time until an EOS id, the token
+// limit, or the caller's callback says stop (stop strings are checked by the caller on text).
 #pragma once
 
 #include <cstdint>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/model/model.h"
+#include "engine/model/sampling.h"
 
 namespace needle {
 
@@ -21,6 +22,11 @@ struct GenerateStats {
 
 // Index of the largest logit; the first one on ties, like torch.argmax.
 int32_t Argmax(const float* logits, int64_t n);
+
+// on_token returns false to stop after that token.
+std::vector<int32_t> Generate(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
+                              int64_t max_new_tokens, const SamplingParams& sampling,
+                              const std::function<bool(int32_t)>& on_token, GenerateStats* stats);
 
 std::vector<int32_t> GenerateGreedy(Model& model, KVCache& cache,
                                     const std::vector<int32_t>& prompt, int64_t max_new_tokens,

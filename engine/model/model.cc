@@ -45,6 +45,7 @@ void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logi
     attn_->BeginStep(StepInfo{pos0 + s, n, T, last});
     Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst);
     cache.SetSize(pos0 + s + n);
+    if (progress_) progress_(s + n, T);
   }
 }
 

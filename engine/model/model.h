@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -56,6 +57,8 @@ class Model {
   const ModelWeights& weights() const { return w_; }
   Backend& backend() { return b_; }
   void set_attention(AttentionPolicy* p) { attn_ = p != nullptr ? p : &dense_; }
+  // Called after each micro-batch of a Forward call with (tokens done, tokens in the call).
+  void set_progress(std::function<void(int64_t, int64_t)> f) { progress_ = std::move(f); }
   // Tokens processed per internal step of a long prompt (bounds activation memory).
   void set_ubatch(int64_t n) { ubatch_ = n > 0 ? n : 512; }
 
@@ -76,6 +79,7 @@ class Model {
   DenseAttention dense_;
   AttentionPolicy* attn_;
   int64_t ubatch_ = 512;
+  std::function<void(int64_t, int64_t)> progress_;
 };
 
 // Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.

@@ -623,7 +623,8 @@ std::string StreamDecoder::Push(int32_t id) {
   if (b.size() > a.size() && b.compare(0, a.size(), a) == 0 && text::IncompleteUtf8Tail(b) == 0) {
     prefix_ = read_;
     read_ = ids_.size();
-    return b.substr(a.size());
+    // Invalid byte sequences (a model can emit any byte token) print as U+FFFD.
+    return text::SanitizeUtf8(b.substr(a.size()));
   }
   return "";
 }
