@@ -76,7 +76,7 @@ TEST_P(RealTokenizer, DecodeRoundTripsValidText) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Npm, RealTokenizer, ::testing::Values("qwen3", "llama3"));
+INSTANTIATE_TEST_SUITE_P(Npm, RealTokenizer, ::testing::Values("qwen3", "llama3", "llama2"));
 
 TEST(Tokenizer, MalformedFilesNameTheField) {
   test::TempDir d;
