@@ -89,7 +89,14 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention blocky",
        "--attention"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attn-recall",
-       "need --attention sparse"},
+       "--attn-recall only applies"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --topk 8",
+       "--topk only applies to --attention sparse"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 -p hi --system x",
+       "--system only applies with --chat"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --stop x",
+       "--stop needs a text prompt"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 -p hi", "tokenizer.json"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --kv-memory 1K",
        "--kv-memory allows 1.0 KiB"},
   };
@@ -174,6 +181,39 @@ TEST(Cli, TextPromptsStreamTextAndStopAtStopStrings) {
   EXPECT_EQ(t.status, 0) << t.output;
   EXPECT_NE(t.output.find("truncated in the middle from 300 to 252 tokens"), std::string::npos)
       << t.output;
+}
+
+TEST(Cli, LayeredConfiguration) {
+  test::TempDir d;
+  test::WriteFile(
+      d.File("c.json"),
+      R"({"max_new_tokens": 3, "attention": "sparse", "topk": 7, "attn-recall": true})");
+  // defaults < config file < command line, each value with its source.
+  Result r = RunNeedle("generate --config " + d.File("c.json") + " --topk 9 --print-config");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("max-new-tokens = 3  (config " + d.File("c.json") + ")"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("topk = 9  (command line)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("attn-recall = true  (config"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("temperature = 0  (default)"), std::string::npos) << r.output;
+  // The command line wins whatever the order of --config.
+  Result o = RunNeedle("generate --topk 11 --config " + d.File("c.json") + " --print-config");
+  EXPECT_NE(o.output.find("topk = 11  (command line)"), std::string::npos) << o.output;
+  // Unknown keys and wrong types name the file, the key and the nearest valid name.
+  test::WriteFile(d.File("bad.json"), R"({"max_new_tokns": 3})");
+  Result b = RunNeedle("generate --config " + d.File("bad.json") + " --print-config");
+  EXPECT_EQ(b.status, 1);
+  EXPECT_NE(b.output.find("bad.json: unknown key 'max_new_tokns' (did you mean 'max-new-tokens'?)"),
+            std::string::npos)
+      << b.output;
+  test::WriteFile(d.File("type.json"), R"({"ignore-eos": 3})");
+  Result t = RunNeedle("generate --config " + d.File("type.json") + " --print-config");
+  EXPECT_EQ(t.status, 1);
+  EXPECT_NE(t.output.find("'ignore-eos' must be true or false"), std::string::npos) << t.output;
+  test::WriteFile(d.File("broken.json"), "{\"topk\": ");
+  EXPECT_NE(RunNeedle("generate --config " + d.File("broken.json")).output.find("malformed JSON"),
+            std::string::npos);
 }
 
 TEST(Cli, InfoAndHelp) {

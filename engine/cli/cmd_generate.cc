@@ -111,7 +111,7 @@ int CmdGenerate(int argc, char** argv) {
               "--prompt-ids); prefill progress and speed go to stderr.",
               specs);
   if (!opt.Parse(argc, argv)) {
-    std::cout << opt.Help();
+    if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
   SparseConfigFromOptions(opt);  // refuse bad settings before loading anything
@@ -126,6 +126,13 @@ int CmdGenerate(int argc, char** argv) {
   const std::string trunc = opt.Str("truncate");
   if (trunc != "none" && trunc != "middle") Fail("--truncate: '", trunc, "' is not none or middle");
   if (opt.Str("model").empty()) Fail("needle generate: --model is required");
+  // Settings that would otherwise be silently ignored.
+  for (const char* o : {"system", "chat-template"})
+    if (opt.IsSet(o) && !opt.Flag("chat")) Fail("--", o, " only applies with --chat");
+  if (!opt.Str("prompt-ids").empty())
+    for (const char* o : {"chat", "stop"})
+      if (opt.IsSet(o))
+        Fail("--", o, " needs a text prompt (--prompt or --file), not --prompt-ids");
   const int given =
       !opt.Str("prompt").empty() + !opt.Str("file").empty() + !opt.Str("prompt-ids").empty();
   if (given != 1) Fail("needle generate: give exactly one of --prompt, --file and --prompt-ids");

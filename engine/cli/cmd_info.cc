@@ -12,7 +12,7 @@ int CmdInfo(int argc, char** argv) {
   Options opt("needle info", "Prints a model folder's configuration and a summary of its weights.",
               {{"model", 'm', OptKind::kString, "", "model folder (config.json + safetensors)"}});
   if (!opt.Parse(argc, argv)) {
-    std::cout << opt.Help();
+    if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
   if (opt.Str("model").empty()) Fail("needle info: --model is required");

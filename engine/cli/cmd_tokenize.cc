@@ -25,7 +25,7 @@ int CmdTokenize(int argc, char** argv) {
                    "add the post-processor's special tokens (e.g. BOS)"},
               });
   if (!opt.Parse(argc, argv)) {
-    std::cout << opt.Help();
+    if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
   if (opt.Str("model").empty()) Fail("needle tokenize: --model is required");

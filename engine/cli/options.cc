@@ -1,9 +1,13 @@
 #include "engine/cli/options.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "engine/base/error.h"
+#include "engine/base/mapped_file.h"
 
 namespace needle {
 
@@ -22,8 +26,15 @@ size_t EditDistance(const std::string& a, const std::string& b) {
 
 Options::Options(std::string command, std::string summary, std::vector<OptionSpec> specs)
     : command_(std::move(command)), summary_(std::move(summary)), specs_(std::move(specs)) {
+  specs_.push_back({"config", 0, OptKind::kString, "",
+                    "JSON file of option values (command-line flags override it)"});
+  specs_.push_back({"print-config", 0, OptKind::kFlag, "",
+                    "print every option's effective value and its source, then exit"});
   specs_.push_back({"help", 'h', OptKind::kFlag, "", "show this help"});
-  for (const auto& s : specs_) values_[s.name] = s.kind == OptKind::kFlag ? "0" : s.dflt;
+  for (const auto& s : specs_) {
+    values_[s.name] = s.kind == OptKind::kFlag ? "0" : s.dflt;
+    source_[s.name] = "default";
+  }
 }
 
 const OptionSpec* Options::Find(const std::string& name) const {
@@ -32,7 +43,77 @@ const OptionSpec* Options::Find(const std::string& name) const {
   return nullptr;
 }
 
+std::string Options::Suggest(const std::string& name) const {
+  std::string best;
+  size_t best_d = SIZE_MAX;
+  for (const auto& s : specs_) {
+    const size_t d = EditDistance(name, s.name);
+    if (d < best_d) best_d = d, best = s.name;
+  }
+  return best_d <= std::max<size_t>(2, name.size() / 3) ? best : "";
+}
+
+void Options::Set(const OptionSpec& spec, const std::string& value, const std::string& source) {
+  if (spec.kind == OptKind::kInt) {
+    size_t pos = 0;
+    try {
+      (void)std::stoll(value, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (value.empty() || pos != value.size())
+      Fail(command_, ": option --", spec.name, " expects an integer, got '", value, "' (", source,
+           ")");
+  }
+  values_[spec.name] = value;
+  source_[spec.name] = source;
+}
+
+void Options::LoadConfigFile(const std::string& path) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(ReadTextFile(path));
+  } catch (const nlohmann::json::parse_error& e) {
+    Fail(path, ": malformed JSON: ", e.what());
+  }
+  if (!j.is_object()) Fail(path, ": expected a JSON object of option names and values");
+  const std::string source = "config " + path;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    std::string key = it.key();
+    for (auto& c : key)
+      if (c == '_') c = '-';  // accept snake_case keys too
+    const OptionSpec* spec = Find(key);
+    if (spec == nullptr || key == "config" || key == "help" || key == "print-config") {
+      const std::string hint = Suggest(key);
+      Fail(path, ": unknown key '", it.key(), "'",
+           hint.empty() ? "" : " (did you mean '" + hint + "'?)");
+    }
+    const auto& v = it.value();
+    std::string text;
+    if (spec->kind == OptKind::kFlag) {
+      if (!v.is_boolean())
+        Fail(path, ": key '", it.key(), "' must be true or false (value: ", v.dump(), ")");
+      text = v.get<bool>() ? "1" : "0";
+    } else if (v.is_string()) {
+      text = v.get<std::string>();
+    } else if (v.is_number_integer()) {
+      text = std::to_string(v.get<int64_t>());
+    } else if (v.is_number_float() && spec->kind == OptKind::kString) {
+      text = v.dump();
+    } else {
+      Fail(path, ": key '", it.key(), "' has a value of the wrong type (value: ", v.dump(), ")");
+    }
+    Set(*spec, text, source);
+  }
+}
+
 bool Options::Parse(int argc, char** argv) {
+  // Pass 1: the config file, so that every command-line flag overrides it whatever the order.
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--config" && i + 1 < argc) LoadConfigFile(argv[i + 1]);
+    if (arg.rfind("--config=", 0) == 0) LoadConfigFile(arg.substr(9));
+  }
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
     const OptionSpec* spec = nullptr;
@@ -48,15 +129,10 @@ bool Options::Parse(int argc, char** argv) {
       }
       spec = Find(name);
       if (spec == nullptr) {
-        std::string best;
-        size_t best_d = SIZE_MAX;
-        for (const auto& s : specs_) {
-          size_t d = EditDistance(name, s.name);
-          if (d < best_d) best_d = d, best = s.name;
-        }
-        std::string hint =
-            best_d <= std::max<size_t>(2, name.size() / 3) ? " (did you mean --" + best + "?)" : "";
-        Fail(command_, ": unknown option '--", name, "'", hint, "; see '", command_, " --help'");
+        const std::string hint = Suggest(name);
+        Fail(command_, ": unknown option '--", name, "'",
+             hint.empty() ? "" : " (did you mean --" + hint + "?)", "; see '", command_,
+             " --help'");
       }
     } else if (arg.size() == 2 && arg[0] == '-' && arg[1] != '-') {
       for (const auto& s : specs_)
@@ -68,27 +144,36 @@ bool Options::Parse(int argc, char** argv) {
     }
     if (spec->kind == OptKind::kFlag) {
       if (has_value) Fail(command_, ": option --", spec->name, " takes no value");
-      values_[spec->name] = "1";
+      Set(*spec, "1", "command line");
     } else {
       if (!has_value) {
         if (i + 1 >= argc) Fail(command_, ": option --", spec->name, " needs a value");
         value = argv[++i];
       }
-      if (spec->kind == OptKind::kInt) {
-        size_t pos = 0;
-        try {
-          (void)std::stoll(value, &pos);
-        } catch (...) {
-          pos = 0;
-        }
-        if (value.empty() || pos != value.size())
-          Fail(command_, ": option --", spec->name, " expects an integer, got '", value, "'");
-      }
-      values_[spec->name] = value;
+      Set(*spec, value, "command line");
     }
-    set_[spec->name] = true;
+  }
+  if (Flag("print-config")) {
+    std::fputs(PrintConfig().c_str(), stdout);
+    return false;
   }
   return !Flag("help");
+}
+
+std::string Options::Source(const std::string& name) const {
+  auto it = source_.find(name);
+  return it == source_.end() ? "default" : it->second;
+}
+
+std::string Options::PrintConfig() const {
+  std::ostringstream os;
+  for (const auto& s : specs_) {
+    if (s.name == "help" || s.name == "print-config" || s.name == "config") continue;
+    std::string v = values_.at(s.name);
+    if (s.kind == OptKind::kFlag) v = v == "1" ? "true" : "false";
+    os << s.name << " = " << (v.empty() ? "\"\"" : v) << "  (" << Source(s.name) << ")\n";
+  }
+  return os.str();
 }
 
 std::string Options::Str(const std::string& name) const {
@@ -99,7 +184,7 @@ std::string Options::Str(const std::string& name) const {
 
 int64_t Options::Int(const std::string& name) const { return std::stoll(Str(name)); }
 bool Options::Flag(const std::string& name) const { return Str(name) == "1"; }
-bool Options::IsSet(const std::string& name) const { return set_.count(name) > 0; }
+bool Options::IsSet(const std::string& name) const { return Source(name) != "default"; }
 
 std::string Options::Help() const {
   std::ostringstream os;

@@ -1,6 +1,8 @@
-// Command-line options, each declared once with its name, value kind, default and help; the
-// same table drives parsing, --help and error messages. (The layered configuration issue adds a
-// JSON config file as a middle layer between these defaults and the command line.)
+// Options, each declared once with its name, value kind, default and help; the same table drives
+// parsing, --help, --print-config and error messages. Values layer as
+//   defaults  <  the JSON object of --config FILE  <  the command line,
+// and each value remembers where it came from. Every subcommand gets --config, --print-config
+// and --help. Unknown flags or config keys are errors that suggest the nearest valid name.
 #pragma once
 
 #include <cstdint>
@@ -31,15 +33,20 @@ class Options {
   std::string Str(const std::string& name) const;
   int64_t Int(const std::string& name) const;
   bool Flag(const std::string& name) const;
-  bool IsSet(const std::string& name) const;  // given on the command line
+  bool IsSet(const std::string& name) const;  // given in the config file or on the command line
+  std::string Source(const std::string& name) const;  // "default", "config FILE" or "command line"
   std::string Help() const;
+  std::string PrintConfig() const;  // every option: name = value  (source)
 
  private:
   const OptionSpec* Find(const std::string& name) const;
+  std::string Suggest(const std::string& name) const;
+  void Set(const OptionSpec& spec, const std::string& value, const std::string& source);
+  void LoadConfigFile(const std::string& path);
   std::string command_, summary_;
   std::vector<OptionSpec> specs_;
   std::map<std::string, std::string> values_;
-  std::map<std::string, bool> set_;
+  std::map<std::string, std::string> source_;
 };
 
 // Edit distance, for "did you mean" suggestions.

@@ -105,8 +105,14 @@ SparseConfig SparseConfigFromOptions(const Options& opt) {
       throw Error(m);
     }
   }
-  if (att == "dense" && (opt.Flag("attn-recall") || !opt.Str("dump-plan").empty()))
-    Fail("--attn-recall and --dump-plan need --attention sparse");
+  if (att == "dense") {
+    // Sparse settings given with dense attention would be silently ignored: refuse them.
+    for (const auto& o : kSparseInts)
+      if (std::string(o.flag) != "block-size" && opt.IsSet(o.flag))
+        Fail("--", o.flag, " only applies to --attention sparse");
+    for (const char* o : {"repr", "select", "attn-recall", "dump-plan"})
+      if (opt.IsSet(o)) Fail("--", o, " only applies to --attention sparse");
+  }
   return c;
 }
 

@@ -53,10 +53,27 @@ std::string Trim(const std::string& s) {
 }
 }  // namespace
 
+namespace {
+// Without a chat_template, config.json's architecture still names some families.
+ChatFamily FamilyFromConfigJson(const std::string& dir) {
+  const std::string path = dir + "/config.json";
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return ChatFamily::kNone;
+  try {
+    const auto j = nlohmann::json::parse(ReadTextFile(path));
+    const std::string mt = j.value("model_type", "");
+    if (mt == "qwen2" || mt == "qwen3") return ChatFamily::kChatML;
+    if (mt == "mistral") return ChatFamily::kMistral;
+  } catch (const nlohmann::json::exception&) {
+  }
+  return ChatFamily::kNone;  // llama: Llama-2 and Llama-3 chats differ; the template must say
+}
+}  // namespace
+
 ChatFamily DetectChatFamilyFromFolder(const std::string& dir, std::string* bos, std::string* eos) {
   const std::string path = dir + "/tokenizer_config.json";
   struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return ChatFamily::kNone;
+  if (::stat(path.c_str(), &st) != 0) return FamilyFromConfigJson(dir);
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(ReadTextFile(path));
@@ -67,7 +84,7 @@ ChatFamily DetectChatFamilyFromFolder(const std::string& dir, std::string* bos, 
   if (eos != nullptr && j.contains("eos_token")) *eos = TokenString(j["eos_token"]);
   if (j.contains("chat_template") && j["chat_template"].is_string())
     return DetectChatFamily(j["chat_template"].get<std::string>());
-  return ChatFamily::kNone;
+  return FamilyFromConfigJson(dir);
 }
 
 std::string FormatChat(ChatFamily f, const std::vector<ChatMessage>& messages,
