@@ -216,6 +216,24 @@ TEST(Cli, LayeredConfiguration) {
             std::string::npos);
 }
 
+TEST(Cli, EvalScoreReadsInfiniteBenchAndRulerFiles) {
+  test::TempDir d;
+  test::WriteFile(d.File("ib.jsonl"),
+                  "{\"prediction\": \"The pass key is 123.\", \"ground_truth\": [\"123\"]}\n"
+                  "{\"prediction\": \"0123\", \"ground_truth\": \"123\"}\n");
+  Result r = RunNeedle("eval score --task passkey --preds " + d.File("ib.jsonl"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("passkey: 50.00 (2 predictions"), std::string::npos) << r.output;
+  test::WriteFile(d.File("ruler.jsonl"),
+                  "{\"pred\": \"a 1 b 2\", \"outputs\": [\"1\", \"2\", \"3\", \"4\"]}\n");
+  Result m = RunNeedle("eval score --task niah_multivalue --preds " + d.File("ruler.jsonl"));
+  EXPECT_NE(m.output.find("niah_multivalue: 50.00"), std::string::npos) << m.output;
+  test::WriteFile(d.File("bad.jsonl"), "{\"prediction\": \"1\"}\n{oops\n");
+  Result b = RunNeedle("eval score --task passkey --preds " + d.File("bad.jsonl"));
+  EXPECT_EQ(b.status, 1);
+  EXPECT_NE(b.output.find("bad.jsonl:1: no reference field"), std::string::npos) << b.output;
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -5,4 +5,5 @@ namespace needle {
 int CmdGenerate(int argc, char** argv);
 int CmdInfo(int argc, char** argv);
 int CmdTokenize(int argc, char** argv);
+int CmdEval(int argc, char** argv);
 }  // namespace needle

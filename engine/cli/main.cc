@@ -19,6 +19,7 @@ const char* kUsage =
     "  generate   run a model on a prompt and print the generated token ids (greedy)\n"
     "  info       print a model folder's configuration and weights summary\n"
     "  tokenize   tokenize a text with a model folder's tokenizer.json\n"
+    "  eval score re-score a predictions file with a benchmark's own rule\n"
     "\n"
     "'needle COMMAND --help' lists the options of a command.\n";
 
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
     if (cmd == "generate") return needle::CmdGenerate(argc - 2, argv + 2);
     if (cmd == "info") return needle::CmdInfo(argc - 2, argv + 2);
     if (cmd == "tokenize") return needle::CmdTokenize(argc - 2, argv + 2);
+    if (cmd == "eval") return needle::CmdEval(argc - 2, argv + 2);
     std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const needle::Error& e) {
