@@ -6,4 +6,5 @@ int CmdGenerate(int argc, char** argv);
 int CmdInfo(int argc, char** argv);
 int CmdTokenize(int argc, char** argv);
 int CmdEval(int argc, char** argv);
+int CmdData(int argc, char** argv);
 }  // namespace needle

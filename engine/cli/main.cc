@@ -20,6 +20,7 @@ const char* kUsage =
     "  info       print a model folder's configuration and weights summary\n"
     "  tokenize   tokenize a text with a model folder's tokenizer.json\n"
     "  eval score re-score a predictions file with a benchmark's own rule\n"
+    "  data       write a benchmark dataset (passkey, number_string, kv_retrieval) as JSONL\n"
     "\n"
     "'needle COMMAND --help' lists the options of a command.\n";
 
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
     if (cmd == "info") return needle::CmdInfo(argc - 2, argv + 2);
     if (cmd == "tokenize") return needle::CmdTokenize(argc - 2, argv + 2);
     if (cmd == "eval") return needle::CmdEval(argc - 2, argv + 2);
+    if (cmd == "data") return needle::CmdData(argc - 2, argv + 2);
     std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const needle::Error& e) {

@@ -1,0 +1,97 @@
+// InfiniteBench generators: formats to the character, depth sweep, lengths, determinism.
+#include <gtest/gtest.h>
+
+#include <regex>
+
+#include "datasets/infinitebench.h"
+#include "tests/test_util.h"
+
+namespace needle::datasets {
+namespace {
+
+const std::string kNoise =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+const auto kBytes = [](const std::string& s) {
+  return static_cast<int64_t>(s.size());
+};  // 1 token per byte
+
+TEST(InfiniteBench, PasskeyFormatDepthAndLength) {
+  const auto samples = GenerateInfiniteBench("passkey", 3000, 3, 2, 7, kBytes);
+  ASSERT_EQ(samples.size(), 6u);
+  const std::regex needle("The pass key is ([0-9]{5})\\. Remember it\\. \\1 is the pass key\\.\n");
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const Sample& s = samples[i];
+    EXPECT_EQ(s.input, "What is the pass key?");
+    ASSERT_EQ(s.answer.size(), 1u);
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(s.context, m, needle)) << s.context.substr(0, 200);
+    EXPECT_EQ(m[1].str(), s.answer[0]);
+    // Everything else is whole noise lines, the needle a whole line at the swept depth.
+    const std::string rest = m.prefix().str() + m.suffix().str();
+    EXPECT_EQ(rest.size() % kNoise.size(), 0u);
+    EXPECT_EQ(m.prefix().str().size() % kNoise.size(), 0u);
+    EXPECT_NEAR(s.depth, (i / 2) * 0.5, 0.01);
+    const std::string prompt = InfiniteBenchPrompt("passkey", s.context, s.input);
+    EXPECT_LE(kBytes(prompt), 3000);
+    EXPECT_GT(kBytes(prompt), 3000 - static_cast<int64_t>(kNoise.size()));  // within one noise line
+    const std::string tail = "\n\nWhat is the pass key?\n\nThe pass key is";
+    EXPECT_EQ(prompt.substr(prompt.size() - tail.size()), tail);
+  }
+  EXPECT_EQ(samples[0].context.rfind("The pass key is", 0), 0u);  // depth 0: first line
+  const std::string& last = samples[5].context;  // depth 1: the needle is the last line
+  EXPECT_EQ(last.substr(last.size() - 18), " is the pass key.\n");
+}
+
+TEST(InfiniteBench, DeterministicForASeed) {
+  const auto a = GenerateInfiniteBench("number_string", 2000, 2, 3, 11, kBytes);
+  const auto b = GenerateInfiniteBench("number_string", 2000, 2, 3, 11, kBytes);
+  const auto c = GenerateInfiniteBench("number_string", 2000, 2, 3, 12, kBytes);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].context, b[i].context);
+    EXPECT_EQ(a[i].answer, b[i].answer);
+  }
+  EXPECT_NE(a[0].answer, c[0].answer);
+}
+
+TEST(InfiniteBench, NumberStringKeys) {
+  std::mt19937_64 rng(3);
+  for (int i = 0; i < 200; ++i) {
+    const std::string k = NumberStringKey(rng);
+    ASSERT_EQ(k.size(), 10u);
+    bool adjacent = false;
+    for (size_t j = 1; j < k.size(); ++j) adjacent |= k[j] == k[j - 1];
+    EXPECT_TRUE(adjacent) << k;  // each insertion duplicates a digit next to itself
+  }
+  const auto s = GenerateInfiniteBench("number_string", 2000, 1, 1, 1, kBytes)[0];
+  EXPECT_NE(s.context.find("The sequence of digits is " + s.answer[0] + ". Remember it. " +
+                           s.answer[0] + " is the sequence of digits.\n"),
+            std::string::npos);
+  EXPECT_EQ(s.input, "What is the sequence of digits?");
+}
+
+TEST(InfiniteBench, KvRetrievalLayout) {
+  const std::regex uuid("^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$");
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 100; ++i) EXPECT_TRUE(std::regex_match(RandomUuid4(rng), uuid));
+  const auto samples = GenerateInfiniteBench("kv_retrieval", 6000, 3, 1, 9, kBytes);
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const Sample& s = samples[i];
+    EXPECT_EQ(s.context.rfind("JSON data:\n{\"", 0), 0u);
+    EXPECT_EQ(s.context.back(), '}');
+    const std::string key = s.input.substr(7, 36);
+    EXPECT_EQ(s.input, "\nKey: \"" + key + "\"\nThe value associated with the specified key is: ");
+    const std::string pair = "\"" + key + "\": \"" + s.answer[0] + "\"";
+    EXPECT_NE(s.context.find(pair), std::string::npos);
+    EXPECT_EQ(s.context.find(key), s.context.rfind(key));  // the key occurs once
+    EXPECT_NEAR(s.depth, 0.5 * static_cast<double>(i), 0.01);
+    EXPECT_LE(kBytes(InfiniteBenchPrompt("kv_retrieval", s.context, s.input)), 6000);
+  }
+  test::ExpectErrorContaining([] { GenerateInfiniteBench("kv_retrieval", 50, 1, 1, 1, kBytes); },
+                              {"cannot fit"});
+  test::ExpectErrorContaining([] { GenerateInfiniteBench("longbook", 500, 1, 1, 1, kBytes); },
+                              {"longbook"});
+}
+
+}  // namespace
+}  // namespace needle::datasets
