@@ -234,6 +234,47 @@ TEST(Cli, EvalScoreReadsInfiniteBenchAndRulerFiles) {
   EXPECT_NE(b.output.find("bad.jsonl:1: no reference field"), std::string::npos) << b.output;
 }
 
+// End-to-end evaluation on a fixture model with a byte tokenizer: configurations side by side,
+// results appended per sample, and a killed run resumed without redoing finished samples.
+TEST(Cli, EvalRunsConfigurationsAndResumes) {
+  test::TempDir d;
+  const std::string model = d.File("m");
+  std::filesystem::create_directories(model);
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string run = d.File("run");
+  const std::string args =
+      "eval passkey -m " + model + " -o " + run +
+      " --lengths 400 --depths 2 --samples 2 --attention dense,sparse --set topk=1,2"
+      " --block-size 4 --init-tokens 4 --local-window 8 --dense-layers 0 --ctx-size 1024";
+  Result r = RunNeedle(args);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("| passkey | 400 | sparse topk=2 | 4 |"), std::string::npos) << r.output;
+  auto lines = [&] {
+    std::ifstream in(run + "/predictions.jsonl");
+    std::vector<std::string> v;
+    for (std::string l; std::getline(in, l);) v.push_back(l);
+    return v;
+  };
+  const auto full = lines();
+  ASSERT_EQ(full.size(), 12u);  // 3 configurations x 2 depths x 2 samples
+  // Simulate a run killed mid-write: 5 finished lines and half of the sixth.
+  {
+    std::ofstream out(run + "/predictions.jsonl", std::ios::trunc);
+    for (int i = 0; i < 5; ++i) out << full[i] << "\n";
+    out << full[5].substr(0, 40);
+  }
+  Result again = RunNeedle(args);
+  ASSERT_EQ(again.status, 0) << again.output;
+  const auto resumed = lines();
+  ASSERT_EQ(resumed.size(), 12u);  // the torn line was cut off, the 7 unfinished samples rerun
+  for (const auto& l : resumed) EXPECT_EQ(l.back(), '}') << l;
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(resumed[i], full[i]);  // finished samples were not redone
+  EXPECT_TRUE(std::filesystem::exists(run + "/summary.json"));
+  EXPECT_TRUE(std::filesystem::exists(run + "/summary.md"));
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -2,14 +2,19 @@
 // (eval/scoring.h). Reads JSONL with a prediction ("prediction" or "pred") and the reference(s)
 // ("answer", "ground_truth", "outputs" or "label"; a string or a list of strings), which covers
 // needle's own files, InfiniteBench's result files and RULER's prediction files.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
+#include "datasets/infinitebench.h"
 #include "engine/base/error.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
+#include "engine/cli/run_options.h"
+#include "eval/runner.h"
 #include "eval/scoring.h"
 
 namespace needle {
@@ -83,11 +88,163 @@ int CmdEvalScore(int argc, char** argv) {
 
 }  // namespace
 
+namespace {
+
+std::vector<std::string> SplitComma(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
+  return out;
+}
+
+std::vector<int64_t> Lengths(const std::string& s) {
+  std::vector<int64_t> out;
+  for (const auto& item : SplitComma(s)) {
+    size_t pos = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(item, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    const std::string suf = pos < item.size() ? item.substr(pos) : "";
+    if (pos == 0 || v <= 0 || (suf != "" && suf != "k" && suf != "K" && suf != "m" && suf != "M"))
+      Fail("--lengths: '", item, "' is not a length (examples: 4096, 4k, 128k, 1m)");
+    out.push_back(v * (suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1));
+  }
+  return out;
+}
+
+// Samples of an original InfiniteBench JSONL file (fields id, context, input, answer).
+std::vector<datasets::Sample> ReadSamples(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) Fail(path, ": cannot open");
+  std::vector<datasets::Sample> out;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(n);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      Fail(where, ": malformed JSON: ", e.what());
+    }
+    datasets::Sample s;
+    s.id = j.contains("id") && j["id"].is_number_integer() ? j["id"].get<int64_t>()
+                                                           : static_cast<int64_t>(out.size());
+    for (const char* k : {"context", "input"})
+      if (!j.contains(k) || !j[k].is_string())
+        Fail(where, ": field '", k, "' is missing or not a string");
+    s.context = j["context"].get<std::string>();
+    s.input = j["input"].get<std::string>();
+    s.answer = References(j, where);
+    s.depth = j.value("depth", -1.0);
+    s.target_tokens = j.value("length", int64_t{0});
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+}  // namespace
+
 int CmdEval(int argc, char** argv) {
   if (argc >= 1 && std::string(argv[0]) == "score") return CmdEvalScore(argc - 1, argv + 1);
-  Fail(
-      "needle eval: the evaluation runners are not built yet; available: 'needle eval score --task "
-      "T --preds F'");
+  if (argc < 1 || argv[0][0] == '-')
+    Fail(
+        "needle eval: usage: needle eval TASK -m MODEL -o RUN_DIR [options] | needle eval score "
+        "--task T --preds F");
+  const std::string task = argv[0];
+  std::vector<OptionSpec> specs = {
+      {"output", 'o', OptKind::kString, "",
+       "run directory (predictions.jsonl, summary.json, summary.md)"},
+      {"data", 0, OptKind::kString, "",
+       "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
+      {"lengths", 0, OptKind::kString, "4k",
+       "generated prompt lengths in tokens, e.g. 4k,16k,128k"},
+      {"depths", 0, OptKind::kInt, "5", "generated needle depths, evenly from 0 to 100%"},
+      {"samples", 0, OptKind::kInt, "1", "generated samples per (length, depth)"},
+      {"seed", 0, OptKind::kInt, "1", "generation seed"},
+      {"set", 0, OptKind::kString, "",
+       "sweep one sparse setting, e.g. topk=16,32,64 (with --attention sparse)"},
+  };
+  for (auto& o : RunOptionSpecs()) specs.push_back(o);
+  Options opt(
+      "needle eval " + task,
+      "Evaluates a model on a benchmark task, one configuration after another, with the\n"
+      "benchmark's prompt, answer length and scoring; --attention takes a list (dense,sparse).",
+      specs);
+  if (!opt.Parse(argc - 1, argv + 1)) {
+    if (opt.Flag("help")) std::cout << opt.Help();
+    return 0;
+  }
+  if (!datasets::IsInfiniteBenchTask(task))
+    Fail("needle eval: task '", task,
+         "' has no runner yet (available: passkey, number_string, kv_retrieval)");
+  if (opt.Str("model").empty() || opt.Str("output").empty())
+    Fail("needle eval: --model and --output are required");
+  // Configurations: each --attention value; the sparse one times each --set value.
+  std::vector<eval::EvalConfig> configs;
+  std::string set_name, set_values;
+  if (!opt.Str("set").empty()) {
+    const std::string s = opt.Str("set");
+    const size_t eq = s.find('=');
+    if (eq == std::string::npos || eq == 0) Fail("--set: expected NAME=V1,V2,... (got '", s, "')");
+    set_name = s.substr(0, eq), set_values = s.substr(eq + 1);
+  }
+  const std::vector<std::string> atts = SplitComma(opt.Str("attention"));
+  const bool any_sparse = std::find(atts.begin(), atts.end(), "sparse") != atts.end();
+  // Sparse settings are valid as soon as one configuration is sparse.
+  const std::string mode = any_sparse ? "sparse" : "dense";
+  const SparseConfig base = SparseConfigFromOptions(opt, &mode);
+  for (const auto& att : atts) {
+    if (att != "dense" && att != "sparse") Fail("--attention: '", att, "' is not dense or sparse");
+    if (att == "dense") {
+      configs.push_back({"dense", false, base});
+    } else if (set_name.empty()) {
+      configs.push_back({"sparse", true, base});
+    } else {
+      for (const auto& v : SplitComma(set_values)) {
+        SparseConfig c = base;
+        ApplySparseSetting(&c, set_name, v);
+        c.Validate();
+        configs.push_back({"sparse " + set_name + "=" + v, true, c});
+      }
+    }
+  }
+  if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
+
+  ThreadingContext tc(static_cast<int>(opt.Int("threads")));
+  auto backend = MakeCpuBackend(tc, opt.Flag("reference-kernels"));
+  auto model = LoadModel(opt.Str("model"), *backend);
+  model->set_ubatch(opt.Int("ubatch"));
+  auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
+  std::vector<datasets::Sample> samples;
+  if (!opt.Str("data").empty()) {
+    samples = ReadSamples(opt.Str("data"));
+  } else {
+    const auto count = [&](const std::string& s) {
+      return static_cast<int64_t>(tok->Encode(s, true).size());
+    };
+    for (int64_t len : Lengths(opt.Str("lengths")))
+      for (auto& s :
+           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
+                                           static_cast<uint64_t>(opt.Int("seed")), count))
+        samples.push_back(std::move(s));
+  }
+  eval::RunnerOptions ro;
+  ro.run_dir = opt.Str("output");
+  ro.context_limit =
+      opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : model->config().max_position_embeddings;
+  const std::string kvs = opt.Str("kv-type");
+  ro.kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
+  ro.recall = opt.Flag("attn-recall");
+  const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
+  std::cout << eval::SummaryMarkdown(results);
+  return 0;
 }
 
 }  // namespace needle

@@ -83,8 +83,8 @@ bool IsDir(const std::string& p) {
 }
 }  // namespace
 
-SparseConfig SparseConfigFromOptions(const Options& opt) {
-  const std::string att = opt.Str("attention");
+SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* attention) {
+  const std::string att = attention != nullptr ? *attention : opt.Str("attention");
   if (att != "dense" && att != "sparse") Fail("--attention: '", att, "' is not dense or sparse");
   SparseConfig c;
   for (const auto& o : kSparseInts) c.*o.field = opt.Int(o.flag);
@@ -159,6 +159,32 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
     std::fprintf(stderr, "needle: sparse attention: %s\n", rs.sparse_cfg.Describe().c_str());
   }
   return rs;
+}
+
+void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value) {
+  if (flag == "repr") {
+    c->repr = ParseReprType(value, "--repr");
+    return;
+  }
+  if (flag == "select") {
+    c->select = ParseSelectMode(value, "--select");
+    return;
+  }
+  for (const auto& o : kSparseInts) {
+    if (flag != o.flag) continue;
+    size_t pos = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(value, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (value.empty() || pos != value.size())
+      Fail("--", flag, " expects an integer, got '", value, "'");
+    c->*o.field = v;
+    return;
+  }
+  Fail("--set: '", flag, "' is not a sparse attention setting");
 }
 
 void PrintRecall(const RunSetup& rs) {

@@ -31,10 +31,14 @@ struct RunSetup {
 
 // Parses and validates the run options (refusing impossible combinations with a message that
 // names them) and returns the sparse settings; called before any model is loaded.
-SparseConfig SparseConfigFromOptions(const Options& opt);
+// attention: the attention value to check against (default: the --attention option).
+SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* attention = nullptr);
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
 // attention policy.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
+// Applies one sparse setting by its flag name ("topk", "local-window", "repr", ...) to c; throws
+// naming the flag for unknown names or bad values. Used for --set sweeps.
+void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value);
 // "needle: attention recall per layer: ..." on stderr, when --attn-recall is on.
 void PrintRecall(const RunSetup& rs);
 

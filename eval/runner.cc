@@ -1,0 +1,226 @@
+#include "eval/runner.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+#include "engine/base/error.h"
+#include "engine/model/generate.h"
+#include "eval/scoring.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle::eval {
+
+using json = nlohmann::json;
+
+namespace {
+
+json ToJson(const EvalResult& r) {
+  json j = {{"config", r.config},
+            {"task", r.task},
+            {"id", r.id},
+            {"length", r.length},
+            {"depth", r.depth},
+            {"prompt_tokens", r.prompt_tokens},
+            {"prediction", r.prediction},
+            {"answer", r.answer},
+            {"score", r.score},
+            {"prefill_tok_s", r.prefill_tps},
+            {"decode_tok_s", r.decode_tps}};
+  if (r.recall >= 0) j["recall"] = r.recall;
+  return j;
+}
+
+EvalResult FromJson(const json& j) {
+  EvalResult r;
+  r.config = j.at("config");
+  r.task = j.at("task");
+  r.id = j.at("id");
+  r.length = j.at("length");
+  r.depth = j.at("depth");
+  r.prompt_tokens = j.at("prompt_tokens");
+  r.prediction = j.at("prediction");
+  r.answer = j.at("answer").get<std::vector<std::string>>();
+  r.score = j.at("score");
+  r.prefill_tps = j.value("prefill_tok_s", 0.0);
+  r.decode_tps = j.value("decode_tok_s", 0.0);
+  r.recall = j.value("recall", -1.0);
+  return r;
+}
+
+// Reads the finished results. A torn last line (a run killed mid-write) is cut off the file, so
+// appending continues on a clean line; a malformed line anywhere else is an error.
+std::vector<EvalResult> ReadExisting(const std::string& path) {
+  std::vector<EvalResult> out;
+  if (!std::filesystem::exists(path)) return out;
+  std::string all;
+  {
+    std::ifstream in(path, std::ios::binary);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    all = ss.str();
+  }
+  const size_t keep = all.rfind('\n') == std::string::npos ? 0 : all.rfind('\n') + 1;
+  if (keep < all.size()) std::filesystem::resize_file(path, keep);
+  std::istringstream in(all.substr(0, keep));
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    try {
+      out.push_back(FromJson(json::parse(line)));
+    } catch (const json::exception&) {
+      Fail(path, ":", n, ": malformed result line (delete it to rerun that sample)");
+    }
+  }
+  return out;
+}
+
+std::string Key(const std::string& config, const std::string& task, int64_t length, int64_t id) {
+  return config + "\x1f" + task + "\x1f" + std::to_string(length) + "\x1f" + std::to_string(id);
+}
+
+}  // namespace
+
+std::string SummaryMarkdown(const std::vector<EvalResult>& results) {
+  struct Acc {
+    double score = 0, prefill = 0, decode = 0, recall = 0;
+    int64_t n = 0, nrecall = 0;
+  };
+  std::map<std::tuple<std::string, int64_t, std::string>, Acc> rows;
+  std::vector<std::string> config_order;
+  for (const auto& r : results) {
+    if (std::find(config_order.begin(), config_order.end(), r.config) == config_order.end())
+      config_order.push_back(r.config);
+    Acc& a = rows[{r.task, r.length, r.config}];
+    a.score += r.score, a.prefill += r.prefill_tps, a.decode += r.decode_tps, a.n++;
+    if (r.recall >= 0) a.recall += r.recall, a.nrecall++;
+  }
+  std::ostringstream os;
+  os << "| task | length | configuration | samples | accuracy | prefill tok/s | decode tok/s | "
+        "recall |\n"
+     << "|---|---|---|---|---|---|---|---|\n";
+  char buf[256];
+  for (const auto& [key, a] : rows) {
+    const auto& [task, length, config] = key;
+    std::string rec =
+        a.nrecall ? std::to_string(a.recall / static_cast<double>(a.nrecall)).substr(0, 6) : "-";
+    std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %lld | %.2f | %.1f | %.2f | %s |\n",
+                  task.c_str(), static_cast<long long>(length), config.c_str(),
+                  static_cast<long long>(a.n), 100.0 * a.score / static_cast<double>(a.n),
+                  a.prefill / static_cast<double>(a.n), a.decode / static_cast<double>(a.n),
+                  rec.c_str());
+    os << buf;
+  }
+  return os.str();
+}
+
+std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingContext& tc,
+                                const std::string& task,
+                                const std::vector<datasets::Sample>& samples,
+                                const std::vector<EvalConfig>& configs, const RunnerOptions& opt) {
+  std::filesystem::create_directories(opt.run_dir);
+  const std::string pred_path = opt.run_dir + "/predictions.jsonl";
+  std::vector<EvalResult> results = ReadExisting(pred_path);
+  std::set<std::string> done;
+  for (const auto& r : results) done.insert(Key(r.config, r.task, r.length, r.id));
+  std::ofstream out(pred_path, std::ios::app);
+  if (!out) Fail(pred_path, ": cannot append");
+  const int64_t total = static_cast<int64_t>(samples.size() * configs.size());
+  int64_t finished = static_cast<int64_t>(done.size()), ran = 0;
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t max_new = datasets::InfiniteBenchMaxNewTokens(task);
+  for (const auto& cfg : configs) {
+    for (const auto& s : samples) {
+      if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
+      std::vector<int32_t> ids =
+          tok.Encode(datasets::InfiniteBenchPrompt(task, s.context, s.input), true);
+      const int64_t room = opt.context_limit - max_new;
+      if (room > 1 &&
+          static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)
+        std::vector<int32_t> cut(ids.begin(), ids.begin() + room / 2);
+        cut.insert(cut.end(), ids.end() - (room - room / 2), ids.end());
+        ids = std::move(cut);
+      }
+      const int64_t ctx = static_cast<int64_t>(ids.size()) + max_new;
+      const int64_t block = cfg.sparse ? cfg.sparse_cfg.block_size : 128;
+      KVCache cache(model.CacheShape(ctx, opt.kv_type, block));
+      std::unique_ptr<SparseAttention> sp;
+      if (cfg.sparse) {
+        sp = std::make_unique<SparseAttention>(model.config(), cfg.sparse_cfg, model.backend(), tc,
+                                               ctx, opt.kv_type);
+        sp->set_recall(opt.recall);
+      }
+      model.set_attention(sp.get());
+      GenerateStats st;
+      StreamDecoder dec(tok, true);
+      std::string text;
+      Generate(
+          model, cache, ids, max_new, SamplingParams{},
+          [&](int32_t id) {
+            text += dec.Push(id);
+            return true;
+          },
+          &st);
+      text += dec.Flush();
+      model.set_attention(nullptr);
+      EvalResult r;
+      r.config = cfg.name, r.task = task, r.id = s.id, r.length = s.target_tokens,
+      r.depth = s.depth;
+      r.prompt_tokens = static_cast<int64_t>(ids.size());
+      r.prediction = text;
+      r.answer = s.answer;
+      r.score = ScoreTask(task, text, s.answer);
+      r.prefill_tps = st.prompt_tokens / std::max(st.prefill_seconds, 1e-9);
+      r.decode_tps =
+          st.new_tokens > 1 ? (st.new_tokens - 1) / std::max(st.decode_seconds, 1e-9) : 0.0;
+      if (sp && opt.recall) {
+        double sum = 0;
+        int64_t n = 0;
+        for (double x : sp->RecallPerLayer())
+          if (x >= 0) sum += x, ++n;
+        r.recall = n ? sum / static_cast<double>(n) : -1;
+      }
+      out << ToJson(r).dump() << "\n";
+      out.flush();  // a killed run loses nothing finished
+      results.push_back(r);
+      ++finished, ++ran;
+      const double el =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double left = el / static_cast<double>(ran) * static_cast<double>(total - finished);
+      std::fprintf(stderr,
+                   tty ? "\reval %s [%s] %lld/%lld samples, length %lld, %.0f s left   "
+                       : "eval %s [%s] %lld/%lld samples, length %lld, %.0f s left\n",
+                   task.c_str(), cfg.name.c_str(), static_cast<long long>(finished),
+                   static_cast<long long>(total), static_cast<long long>(s.target_tokens), left);
+    }
+  }
+  if (tty && ran > 0) std::fprintf(stderr, "\n");
+  // Summary files, replaced atomically.
+  json summary = json::array();
+  for (const auto& r : results) summary.push_back(ToJson(r));
+  const std::string md = SummaryMarkdown(results);
+  for (auto [name, body] :
+       {std::pair<std::string, std::string>{"summary.md", md},
+        std::pair<std::string, std::string>{"summary.json",
+                                            json{{"results", summary}, {"table", md}}.dump(1)}}) {
+    const std::string path = opt.run_dir + "/" + name;
+    std::ofstream f(path + ".tmp");
+    f << body;
+    f.close();
+    std::filesystem::rename(path + ".tmp", path);
+  }
+  return results;
+}
+
+}  // namespace needle::eval

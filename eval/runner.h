@@ -1,0 +1,49 @@
+// The evaluation runner: samples x configurations through the model, each result appended and
+// flushed to RUN_DIR/predictions.jsonl as soon as it exists (a rerun resumes where the last one
+// stopped), then RUN_DIR/summary.json and summary.md (task x length x configuration).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "datasets/infinitebench.h"
+#include "engine/model/model.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "sparse_attn/sparse_config.h"
+
+namespace needle::eval {
+
+struct EvalConfig {
+  std::string name;  // e.g. "dense", "sparse topk=16"
+  bool sparse = false;
+  SparseConfig sparse_cfg;
+};
+
+struct EvalResult {
+  std::string config, task;
+  int64_t id = 0, length = 0, prompt_tokens = 0;
+  double depth = 0, score = 0, prefill_tps = 0, decode_tps = 0, recall = -1;
+  std::string prediction;
+  std::vector<std::string> answer;
+};
+
+struct RunnerOptions {
+  std::string run_dir;
+  int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
+  DType kv_type = DType::kBF16;
+  bool recall = false;
+};
+
+// Runs every (config, sample) not already in run_dir/predictions.jsonl; returns all results
+// (old and new). Writes the summary files at the end.
+std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingContext& tc,
+                                const std::string& task,
+                                const std::vector<datasets::Sample>& samples,
+                                const std::vector<EvalConfig>& configs, const RunnerOptions& opt);
+
+// summary.md: one row per (task, length, config) with accuracy x 100, mean tok/s and recall.
+std::string SummaryMarkdown(const std::vector<EvalResult>& results);
+
+}  // namespace needle::eval
