@@ -194,7 +194,7 @@ int CmdGenerate(int argc, char** argv) {
   const int64_t ctx = std::min(limit, static_cast<int64_t>(prompt.size()) + max_new);
   RunSetup rs = MakeRunSetup(opt, ctx);
   const ModelConfig& cfg = rs.model->config();
-  if (opt.Flag("ignore-eos")) const_cast<ModelConfig&>(cfg).eos_token_ids.clear();
+  if (opt.Flag("ignore-eos")) rs.model->set_eos_token_ids({});
   std::fprintf(stderr,
                "needle: %s, %lld layers, %s weights, %d threads, %s kernels, %s attention\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),

@@ -54,6 +54,8 @@ class Model {
   Model(ModelConfig cfg, ModelWeights weights, Backend& backend);
 
   const ModelConfig& config() const { return cfg_; }
+  // Replaces the EOS ids that generation stops at (e.g. none, for --ignore-eos).
+  void set_eos_token_ids(std::vector<int64_t> ids) { cfg_.eos_token_ids = std::move(ids); }
   const ModelWeights& weights() const { return w_; }
   Backend& backend() { return b_; }
   void set_attention(AttentionPolicy* p) { attn_ = p != nullptr ? p : &dense_; }
