@@ -12,32 +12,10 @@
 #include "engine/base/error.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
+#include "engine/cli/parse_util.h"
 #include "engine/tokenizer/tokenizer.h"
 
 namespace needle {
-
-namespace {
-// "4k" = 4096, "1m" = 1048576, plain numbers as they are.
-std::vector<int64_t> ParseLengths(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t pos = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(item, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    const std::string suf = pos < item.size() ? item.substr(pos) : "";
-    if (pos == 0 || v <= 0 || (suf != "" && suf != "k" && suf != "K" && suf != "m" && suf != "M"))
-      Fail("--lengths: '", item, "' is not a length (examples: 4096, 4k, 128k, 1m)");
-    out.push_back(v * (suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1));
-  }
-  return out;
-}
-}  // namespace
 
 int CmdData(int argc, char** argv) {
   if (argc < 1 || argv[0][0] == '-')
@@ -45,15 +23,12 @@ int CmdData(int argc, char** argv) {
         "needle data: usage: needle data TASK -m MODEL -o FILE.jsonl [...]; tasks: passkey, "
         "number_string, kv_retrieval");
   const std::string task = argv[0];
-  Options opt(
-      "needle data " + task,
-      "Writes a benchmark dataset as JSONL, lengths counted in the model's tokens.",
-      {{"model", 'm', OptKind::kString, "", "model folder whose tokenizer.json counts the tokens"},
-       {"output", 'o', OptKind::kString, "", "output JSONL file"},
-       {"lengths", 0, OptKind::kString, "4k", "target prompt lengths in tokens, e.g. 4k,16k,128k"},
-       {"depths", 0, OptKind::kInt, "5", "needle depths, evenly from 0 to 100%"},
-       {"samples", 0, OptKind::kInt, "1", "samples per (length, depth)"},
-       {"seed", 0, OptKind::kInt, "1", "random seed (same seed, same bytes)"}});
+  std::vector<OptionSpec> specs = {
+      {"model", 'm', OptKind::kString, "", "model folder whose tokenizer.json counts the tokens"},
+      {"output", 'o', OptKind::kString, "", "output JSONL file"}};
+  for (auto& o : DatasetOptionSpecs()) specs.push_back(o);
+  Options opt("needle data " + task,
+              "Writes a benchmark dataset as JSONL, lengths counted in the model's tokens.", specs);
   if (!opt.Parse(argc - 1, argv + 1)) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
@@ -71,7 +46,7 @@ int CmdData(int argc, char** argv) {
   std::ofstream out(tmp);
   if (!out) Fail(tmp, ": cannot write");
   int64_t n = 0;
-  for (int64_t len : ParseLengths(opt.Str("lengths"))) {
+  for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths")) {
     for (const auto& s :
          datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
                                          static_cast<uint64_t>(opt.Int("seed")), count)) {

@@ -13,6 +13,7 @@
 #include "engine/base/error.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
+#include "engine/cli/parse_util.h"
 #include "engine/cli/run_options.h"
 #include "eval/runner.h"
 #include "eval/scoring.h"
@@ -90,32 +91,6 @@ int CmdEvalScore(int argc, char** argv) {
 
 namespace {
 
-std::vector<std::string> SplitComma(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(item);
-  return out;
-}
-
-std::vector<int64_t> Lengths(const std::string& s) {
-  std::vector<int64_t> out;
-  for (const auto& item : SplitComma(s)) {
-    size_t pos = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(item, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    const std::string suf = pos < item.size() ? item.substr(pos) : "";
-    if (pos == 0 || v <= 0 || (suf != "" && suf != "k" && suf != "K" && suf != "m" && suf != "M"))
-      Fail("--lengths: '", item, "' is not a length (examples: 4096, 4k, 128k, 1m)");
-    out.push_back(v * (suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1));
-  }
-  return out;
-}
-
 // Samples of an original InfiniteBench JSONL file (fields id, context, input, answer).
 std::vector<datasets::Sample> ReadSamples(const std::string& path) {
   std::ifstream in(path);
@@ -163,14 +138,10 @@ int CmdEval(int argc, char** argv) {
        "run directory (predictions.jsonl, summary.json, summary.md)"},
       {"data", 0, OptKind::kString, "",
        "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
-      {"lengths", 0, OptKind::kString, "4k",
-       "generated prompt lengths in tokens, e.g. 4k,16k,128k"},
-      {"depths", 0, OptKind::kInt, "5", "generated needle depths, evenly from 0 to 100%"},
-      {"samples", 0, OptKind::kInt, "1", "generated samples per (length, depth)"},
-      {"seed", 0, OptKind::kInt, "1", "generation seed"},
       {"set", 0, OptKind::kString, "",
        "sweep one sparse setting, e.g. topk=16,32,64 (with --attention sparse)"},
   };
+  for (auto& o : DatasetOptionSpecs()) specs.push_back(o);
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
   Options opt(
       "needle eval " + task,
@@ -229,7 +200,7 @@ int CmdEval(int argc, char** argv) {
     const auto count = [&](const std::string& s) {
       return static_cast<int64_t>(tok->Encode(s, true).size());
     };
-    for (int64_t len : Lengths(opt.Str("lengths")))
+    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
       for (auto& s :
            datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
                                            static_cast<uint64_t>(opt.Int("seed")), count))

@@ -11,6 +11,7 @@
 #include "engine/base/mapped_file.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
+#include "engine/cli/parse_util.h"
 #include "engine/cli/run_options.h"
 #include "engine/model/generate.h"
 #include "engine/model/model.h"
@@ -20,26 +21,6 @@
 namespace needle {
 
 namespace {
-
-std::vector<int32_t> ParseIds(const std::string& s) {
-  std::vector<int32_t> ids;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t pos = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(item, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    if (item.empty() || pos != item.size() || v < 0 || v > INT32_MAX)
-      Fail("--prompt-ids: '", item,
-           "' is not a token id (expected comma-separated non-negative integers)");
-    ids.push_back(static_cast<int32_t>(v));
-  }
-  return ids;
-}
 
 float ParseFloat(const std::string& s, const std::string& what) {
   size_t pos = 0;
@@ -144,7 +125,7 @@ int CmdGenerate(int argc, char** argv) {
   std::vector<int32_t> prompt;
   const std::string model_dir = opt.Str("model");
   if (!opt.Str("prompt-ids").empty()) {
-    prompt = ParseIds(opt.Str("prompt-ids"));
+    prompt = ParseIdList(opt.Str("prompt-ids"), "--prompt-ids");
   } else {
     tok = Tokenizer::Load(model_dir + "/tokenizer.json");
     const std::string text =

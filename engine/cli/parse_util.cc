@@ -1,0 +1,65 @@
+#include "engine/cli/parse_util.h"
+
+#include <climits>
+#include <sstream>
+
+#include "engine/base/error.h"
+
+namespace needle {
+
+std::vector<std::string> SplitComma(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
+  return out;
+}
+
+namespace {
+// Leading integer of s: its value and the length it spans (0 when there is none).
+long long LeadingInt(const std::string& s, size_t* pos) {
+  *pos = 0;
+  try {
+    return std::stoll(s, pos);
+  } catch (...) {
+    *pos = 0;
+    return 0;
+  }
+}
+}  // namespace
+
+std::vector<int64_t> ParseTokenLengths(const std::string& s, const std::string& what) {
+  std::vector<int64_t> out;
+  for (const auto& item : SplitComma(s)) {
+    size_t pos;
+    const long long v = LeadingInt(item, &pos);
+    const std::string suf = pos < item.size() ? item.substr(pos) : "";
+    if (pos == 0 || v <= 0 || (suf != "" && suf != "k" && suf != "K" && suf != "m" && suf != "M"))
+      Fail(what, ": '", item, "' is not a length (examples: 4096, 4k, 128k, 1m)");
+    out.push_back(v * (suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1));
+  }
+  return out;
+}
+
+std::vector<int32_t> ParseIdList(const std::string& s, const std::string& what) {
+  std::vector<int32_t> ids;
+  for (const auto& item : SplitComma(s)) {
+    size_t pos;
+    const long long v = LeadingInt(item, &pos);
+    if (item.empty() || pos != item.size() || v < 0 || v > INT32_MAX)
+      Fail(what, ": '", item,
+           "' is not a token id (expected comma-separated non-negative integers)");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  return ids;
+}
+
+std::vector<OptionSpec> DatasetOptionSpecs() {
+  return {{"lengths", 0, OptKind::kString, "4k",
+           "generated prompt lengths in tokens, e.g. 4k,16k,128k"},
+          {"depths", 0, OptKind::kInt, "5", "generated needle depths, evenly from 0 to 100%"},
+          {"samples", 0, OptKind::kInt, "1", "generated samples per (length, depth)"},
+          {"seed", 0, OptKind::kInt, "1", "generation seed (same seed, same bytes)"}};
+}
+
+}  // namespace needle
