@@ -85,6 +85,12 @@ std::string InfiniteBenchPrompt(const std::string& task, const std::string& cont
   Fail("unknown InfiniteBench task '", task, "' (expected passkey, number_string or kv_retrieval)");
 }
 
+std::string InfiniteBenchAnswerPrefix(const std::string& task) {
+  if (task == "passkey") return "The pass key is";
+  if (task == "number_string") return "The sequence of digits is";
+  return "";
+}
+
 int64_t InfiniteBenchMaxNewTokens(const std::string& task) {
   return task == "passkey" ? 6 : task == "number_string" ? 12 : 50;
 }

@@ -30,6 +30,8 @@ bool IsInfiniteBenchTask(const std::string& task);  // passkey, number_string, k
 std::string InfiniteBenchPrompt(const std::string& task, const std::string& context,
                                 const std::string& input);
 int64_t InfiniteBenchMaxNewTokens(const std::string& task);  // 6, 12, 50
+// The answer prefix that InfiniteBenchPrompt ends with ("" for kv_retrieval).
+std::string InfiniteBenchAnswerPrefix(const std::string& task);
 
 // n_depths depths evenly from 0 to 1 (a single one is 0.5), samples_per_depth each.
 std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t target_tokens,

@@ -143,8 +143,19 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   for (const auto& cfg : configs) {
     for (const auto& s : samples) {
       if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
-      std::vector<int32_t> ids =
-          tok.Encode(datasets::InfiniteBenchPrompt(task, s.context, s.input), true);
+      // Raw models: the open-model template with its answer prefix, BOS from the tokenizer. Chat
+      // models: the same text minus the answer prefix as the user turn, the prefix after the
+      // assistant tag (RULER's and InfiniteBench's chat practice).
+      const std::string prompt = datasets::InfiniteBenchPrompt(task, s.context, s.input);
+      std::vector<int32_t> ids;
+      if (opt.chat == ChatFamily::kNone) {
+        ids = tok.Encode(prompt, true);
+      } else {
+        const std::string prefix = datasets::InfiniteBenchAnswerPrefix(task);
+        std::string user = prompt.substr(0, prompt.size() - prefix.size());
+        while (!user.empty() && user.back() == '\n') user.pop_back();
+        ids = tok.Encode(FormatChat(opt.chat, {{"user", user}}, opt.bos, opt.eos) + prefix, false);
+      }
       const int64_t room = opt.context_limit - max_new;
       if (room > 1 &&
           static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)

@@ -10,6 +10,7 @@
 
 #include "datasets/infinitebench.h"
 #include "engine/model/model.h"
+#include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "sparse_attn/sparse_config.h"
 
@@ -34,6 +35,9 @@ struct RunnerOptions {
   int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
   DType kv_type = DType::kBF16;
   bool recall = false;
+  // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.
+  ChatFamily chat = ChatFamily::kNone;
+  std::string bos, eos;
 };
 
 // Runs every (config, sample) not already in run_dir/predictions.jsonl; returns all results

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 
 #include "tests/test_util.h"
@@ -273,6 +274,24 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(resumed[i], full[i]);  // finished samples were not redone
   EXPECT_TRUE(std::filesystem::exists(run + "/summary.json"));
   EXPECT_TRUE(std::filesystem::exists(run + "/summary.md"));
+  EXPECT_NE(r.output.find("prompts as raw text"), std::string::npos) << r.output;
+
+  // A Qwen2 model folder: prompts go through the ChatML template (recognised from config.json).
+  const std::string qwen = d.File("q");
+  std::filesystem::create_directories(qwen);
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(kFx + "/qwen2_bias_gqa7_f32/" + f, qwen + "/" + f);
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", qwen + "/tokenizer.json");
+  Result q = RunNeedle("eval passkey -m " + qwen + " -o " + d.File("runq") +
+                       " --lengths 400 --depths 1 --ctx-size 1024");
+  EXPECT_EQ(q.status, 0) << q.output;
+  EXPECT_NE(q.output.find("prompts in the chatml chat template"), std::string::npos) << q.output;
+  std::ifstream in(d.File("runq") + "/predictions.jsonl");
+  std::string line;
+  std::getline(in, line);
+  // Byte tokens: the prompt holds the ChatML wrapper (<|im_start|>user ... <|im_start|>assistant).
+  const int64_t tokens = nlohmann::json::parse(line)["prompt_tokens"];
+  EXPECT_GT(tokens, 300);
 }
 
 TEST(Cli, InfoAndHelp) {

@@ -15,6 +15,7 @@
 #include "engine/cli/options.h"
 #include "engine/cli/parse_util.h"
 #include "engine/cli/run_options.h"
+#include "engine/tokenizer/chat_template.h"
 #include "eval/runner.h"
 #include "eval/scoring.h"
 
@@ -213,6 +214,11 @@ int CmdEval(int argc, char** argv) {
   const std::string kvs = opt.Str("kv-type");
   ro.kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
   ro.recall = opt.Flag("attn-recall");
+  ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
+  std::fprintf(stderr, "needle: prompts %s\n",
+               ro.chat == ChatFamily::kNone
+                   ? "as raw text (no chat template)"
+                   : (std::string("in the ") + ChatFamilyName(ro.chat) + " chat template").c_str());
   const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
   std::cout << eval::SummaryMarkdown(results);
   return 0;
