@@ -12,6 +12,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "datasets/niah.h"
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
 #include "eval/scoring.h"
@@ -85,6 +86,38 @@ std::vector<EvalResult> ReadExisting(const std::string& path) {
   return out;
 }
 
+}  // namespace
+
+int64_t MaxNewTokens(const std::string& task) {
+  return task == "needle" ? 300
+                          : datasets::InfiniteBenchMaxNewTokens(task);  // the originals' limits
+}
+
+std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& s,
+                               const Tokenizer& tok, const RunnerOptions& opt) {
+  // Raw models: the benchmark's raw template (answer prefix included), BOS from the tokenizer.
+  // Chat models: the same request as chat messages, the answer prefix after the assistant tag.
+  const bool niah = task == "needle";
+  if (opt.chat == ChatFamily::kNone)
+    return tok.Encode(niah ? datasets::NiahPrompt(s.context, s.input)
+                           : datasets::InfiniteBenchPrompt(task, s.context, s.input),
+                      true);
+  std::vector<ChatMessage> msgs;
+  std::string prefix;
+  if (niah) {
+    msgs = {{"system", datasets::NiahSystem()}, {"user", datasets::NiahUser(s.context, s.input)}};
+  } else {
+    prefix = datasets::InfiniteBenchAnswerPrefix(task);
+    const std::string prompt = datasets::InfiniteBenchPrompt(task, s.context, s.input);
+    std::string user = prompt.substr(0, prompt.size() - prefix.size());
+    while (!user.empty() && user.back() == '\n') user.pop_back();
+    msgs = {{"user", user}};
+  }
+  return tok.Encode(FormatChat(opt.chat, msgs, opt.bos, opt.eos) + prefix, false);
+}
+
+namespace {
+
 std::string Key(const std::string& config, const std::string& task, int64_t length, int64_t id) {
   return config + "\x1f" + task + "\x1f" + std::to_string(length) + "\x1f" + std::to_string(id);
 }
@@ -139,23 +172,11 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   int64_t finished = static_cast<int64_t>(done.size()), ran = 0;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t max_new = datasets::InfiniteBenchMaxNewTokens(task);
+  const int64_t max_new = MaxNewTokens(task);
   for (const auto& cfg : configs) {
     for (const auto& s : samples) {
       if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
-      // Raw models: the open-model template with its answer prefix, BOS from the tokenizer. Chat
-      // models: the same text minus the answer prefix as the user turn, the prefix after the
-      // assistant tag (RULER's and InfiniteBench's chat practice).
-      const std::string prompt = datasets::InfiniteBenchPrompt(task, s.context, s.input);
-      std::vector<int32_t> ids;
-      if (opt.chat == ChatFamily::kNone) {
-        ids = tok.Encode(prompt, true);
-      } else {
-        const std::string prefix = datasets::InfiniteBenchAnswerPrefix(task);
-        std::string user = prompt.substr(0, prompt.size() - prefix.size());
-        while (!user.empty() && user.back() == '\n') user.pop_back();
-        ids = tok.Encode(FormatChat(opt.chat, {{"user", user}}, opt.bos, opt.eos) + prefix, false);
-      }
+      std::vector<int32_t> ids = PromptIds(task, s, tok, opt);
       const int64_t room = opt.context_limit - max_new;
       if (room > 1 &&
           static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)

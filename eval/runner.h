@@ -47,6 +47,12 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
                                 const std::vector<datasets::Sample>& samples,
                                 const std::vector<EvalConfig>& configs, const RunnerOptions& opt);
 
+// The prompt ids of a sample (raw template, or chat messages for chat models), and the task's
+// maximum new tokens (the originals': passkey 6, number_string 12, kv_retrieval 50, needle 300).
+std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& s,
+                               const Tokenizer& tok, const RunnerOptions& opt);
+int64_t MaxNewTokens(const std::string& task);
+
 // summary.md: one row per (task, length, config) with accuracy x 100, mean tok/s and recall.
 std::string SummaryMarkdown(const std::vector<EvalResult>& results);
 

@@ -276,6 +276,16 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
   EXPECT_TRUE(std::filesystem::exists(run + "/summary.md"));
   EXPECT_NE(r.output.find("prompts as raw text"), std::string::npos) << r.output;
 
+  // The classic needle test over a haystack of the user's text, sigmoid depths.
+  std::string hay;
+  for (int i = 0; i < 60; ++i) hay += "This is filler sentence " + std::to_string(i) + ". ";
+  test::WriteFile(d.File("hay.txt"), hay);
+  Result n = RunNeedle("eval needle -m " + model + " -o " + d.File("runn") + " --haystack " +
+                       d.File("hay.txt") +
+                       " --lengths 900 --depths 3 --depth-spacing sigmoid --ctx-size 2048");
+  EXPECT_EQ(n.status, 0) << n.output;
+  EXPECT_NE(n.output.find("| needle | 900 | dense | 3 |"), std::string::npos) << n.output;
+
   // A Qwen2 model folder: prompts go through the ChatML template (recognised from config.json).
   const std::string qwen = d.File("q");
   std::filesystem::create_directories(qwen);

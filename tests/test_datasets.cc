@@ -95,3 +95,62 @@ TEST(InfiniteBench, KvRetrievalLayout) {
 
 }  // namespace
 }  // namespace needle::datasets
+
+#include <zlib.h>
+
+#include "datasets/niah.h"
+
+namespace needle::datasets {
+namespace {
+
+TEST(Niah, DepthGrids) {
+  EXPECT_EQ(LinearDepths(5), (std::vector<double>{0, 25, 50, 75, 100}));
+  const auto s = SigmoidDepths(35);
+  ASSERT_EQ(s.size(), 35u);
+  EXPECT_EQ(s[0], 0.0);
+  EXPECT_DOUBLE_EQ(s[1], 99.104);
+  EXPECT_DOUBLE_EQ(s[2], 98.801);
+  EXPECT_DOUBLE_EQ(s[17], 50.0);
+  EXPECT_DOUBLE_EQ(s[33], 0.896);
+  EXPECT_EQ(s[34], 100.0);
+}
+
+TEST(Niah, NeedleAtSentenceBoundaryWithinBudget) {
+  auto tok = Tokenizer::Load(std::string(NEEDLE_FIXTURES_DIR) +
+                             "/../tokenizer/bytes_tokenizer.json");  // 1 token per byte
+  std::string hay;
+  for (int i = 0; i < 40; ++i)
+    hay += "Sentence number " + std::to_string(i) + " talks about nothing at all. ";
+  NiahOptions o;
+  const int64_t overhead = static_cast<int64_t>(NiahPrompt("", o.question).size());
+  const auto samples = GenerateNiah(*tok, hay, {1200, 2500}, LinearDepths(5), overhead, o);
+  ASSERT_EQ(samples.size(), 10u);
+  for (const auto& s : samples) {
+    const size_t at = s.context.find(o.needle);
+    ASSERT_NE(at, std::string::npos);
+    if (at > 0 && s.depth < 1.0)
+      EXPECT_EQ(s.context[at - 1], '.') << "needle not after a sentence end at depth " << s.depth;
+    if (s.depth == 1.0) EXPECT_EQ(at + o.needle.size(), s.context.size());
+    EXPECT_EQ(static_cast<int64_t>(NiahPrompt(s.context, s.input).size()),
+              s.target_tokens - o.buffer);
+    EXPECT_EQ(s.answer, o.keywords);
+  }
+  EXPECT_EQ(samples[0].context.find(o.needle), 0u);  // depth 0
+}
+
+TEST(Niah, HaystackFilesFoldersAndGzip) {
+  test::TempDir d;
+  test::WriteFile(d.File("b.txt"), "second file.\n┌──┐ table line\n");
+  test::WriteFile(d.File("a.txt"), "first file.\n");
+  gzFile g = gzopen(d.File("c.txt.gz").c_str(), "wb");
+  gzputs(g, "third, compressed.\n");
+  gzclose(g);
+  EXPECT_EQ(LoadHaystack({d.path()}), "first file.\nsecond file.\nthird, compressed.\n");
+  test::ExpectErrorContaining([] { LoadHaystack({"/no/such/haystack.txt"}); },
+                              {"/no/such/haystack.txt", "not found"});
+  test::TempDir empty;
+  test::ExpectErrorContaining([&] { LoadHaystack({empty.path()}); }, {"no .txt"});
+}
+
+}  // namespace
+}  // namespace needle::datasets

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "datasets/infinitebench.h"
+#include "datasets/niah.h"
 #include "engine/base/error.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
@@ -139,6 +140,16 @@ int CmdEval(int argc, char** argv) {
        "run directory (predictions.jsonl, summary.json, summary.md)"},
       {"data", 0, OptKind::kString, "",
        "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
+      {"haystack", 0, OptKind::kString, "",
+       "needle: haystack text files or folders, comma-separated (default: the Debian jargon-text "
+       "file)"},
+      {"depth-spacing", 0, OptKind::kString, "linear", "needle: depth spacing, linear or sigmoid"},
+      {"needle-text", 0, OptKind::kString, "",
+       "needle: the sentence to hide (default: the original's San Francisco one)"},
+      {"question", 0, OptKind::kString, "",
+       "needle: the retrieval question (default: the original's)"},
+      {"keywords", 0, OptKind::kString, "",
+       "needle: comma-separated words a correct answer contains (default: dolores,sandwich)"},
       {"set", 0, OptKind::kString, "",
        "sweep one sparse setting, e.g. topk=16,32,64 (with --attention sparse)"},
   };
@@ -153,9 +164,9 @@ int CmdEval(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  if (!datasets::IsInfiniteBenchTask(task))
+  if (!datasets::IsInfiniteBenchTask(task) && task != "needle")
     Fail("needle eval: task '", task,
-         "' has no runner yet (available: passkey, number_string, kv_retrieval)");
+         "' has no runner yet (available: passkey, number_string, kv_retrieval, needle)");
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle eval: --model and --output are required");
   // Configurations: each --attention value; the sparse one times each --set value.
@@ -194,19 +205,6 @@ int CmdEval(int argc, char** argv) {
   auto model = LoadModel(opt.Str("model"), *backend);
   model->set_ubatch(opt.Int("ubatch"));
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
-  std::vector<datasets::Sample> samples;
-  if (!opt.Str("data").empty()) {
-    samples = ReadSamples(opt.Str("data"));
-  } else {
-    const auto count = [&](const std::string& s) {
-      return static_cast<int64_t>(tok->Encode(s, true).size());
-    };
-    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
-      for (auto& s :
-           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
-                                           static_cast<uint64_t>(opt.Int("seed")), count))
-        samples.push_back(std::move(s));
-  }
   eval::RunnerOptions ro;
   ro.run_dir = opt.Str("output");
   ro.context_limit =
@@ -219,6 +217,38 @@ int CmdEval(int argc, char** argv) {
                ro.chat == ChatFamily::kNone
                    ? "as raw text (no chat template)"
                    : (std::string("in the ") + ChatFamilyName(ro.chat) + " chat template").c_str());
+  std::vector<datasets::Sample> samples;
+  if (!opt.Str("data").empty()) {
+    samples = ReadSamples(opt.Str("data"));
+  } else if (task == "needle") {
+    datasets::NiahOptions no;
+    if (!opt.Str("needle-text").empty()) no.needle = "\n" + opt.Str("needle-text") + "\n";
+    if (!opt.Str("question").empty()) no.question = opt.Str("question");
+    if (!opt.Str("keywords").empty()) no.keywords = SplitComma(opt.Str("keywords"));
+    const std::string spacing = opt.Str("depth-spacing");
+    if (spacing != "linear" && spacing != "sigmoid")
+      Fail("--depth-spacing: '", spacing, "' is not linear or sigmoid");
+    const auto depths = spacing == "linear" ? datasets::LinearDepths(opt.Int("depths"))
+                                            : datasets::SigmoidDepths(opt.Int("depths"));
+    const std::vector<std::string> paths =
+        opt.Str("haystack").empty() ? std::vector<std::string>{datasets::kDefaultHaystack}
+                                    : SplitComma(opt.Str("haystack"));
+    datasets::Sample probe;
+    probe.input = no.question;
+    const int64_t overhead = static_cast<int64_t>(eval::PromptIds(task, probe, *tok, ro).size());
+    samples = datasets::GenerateNiah(*tok, datasets::LoadHaystack(paths),
+                                     ParseTokenLengths(opt.Str("lengths"), "--lengths"), depths,
+                                     overhead, no);
+  } else {
+    const auto count = [&](const std::string& s) {
+      return static_cast<int64_t>(tok->Encode(s, true).size());
+    };
+    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
+      for (auto& s :
+           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
+                                           static_cast<uint64_t>(opt.Int("seed")), count))
+        samples.push_back(std::move(s));
+  }
   const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
   std::cout << eval::SummaryMarkdown(results);
   return 0;
