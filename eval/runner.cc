@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "datasets/niah.h"
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
+#include "eval/heatmap.h"
 #include "eval/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -242,6 +244,18 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   json summary = json::array();
   for (const auto& r : results) summary.push_back(ToJson(r));
   const std::string md = SummaryMarkdown(results);
+  if (task == "needle") {
+    // One heatmap per configuration: heatmap_<config>.png / .svg.
+    std::set<std::string> cfgs;
+    for (const auto& r : results) cfgs.insert(r.config);
+    for (const auto& c : cfgs) {
+      std::string file = c;
+      for (auto& ch : file)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      WriteHeatmap(BuildGrid(results, c), "Needle In A Haystack: " + c,
+                   opt.run_dir + "/heatmap_" + file);
+    }
+  }
   for (auto [name, body] :
        {std::pair<std::string, std::string>{"summary.md", md},
         std::pair<std::string, std::string>{"summary.json",

@@ -1,9 +1,12 @@
 // InfiniteBench generators: formats to the character, depth sweep, lengths, determinism.
 #include <gtest/gtest.h>
 
+#include <zlib.h>
+
 #include <regex>
 
 #include "datasets/infinitebench.h"
+#include "datasets/niah.h"
 #include "tests/test_util.h"
 
 namespace needle::datasets {
@@ -96,9 +99,6 @@ TEST(InfiniteBench, KvRetrievalLayout) {
 }  // namespace
 }  // namespace needle::datasets
 
-#include <zlib.h>
-
-#include "datasets/niah.h"
 
 namespace needle::datasets {
 namespace {
