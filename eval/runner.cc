@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "datasets/niah.h"
+#include "datasets/ruler.h"
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
 #include "eval/heatmap.h"
@@ -91,6 +92,7 @@ std::vector<EvalResult> ReadExisting(const std::string& path) {
 }  // namespace
 
 int64_t MaxNewTokens(const std::string& task) {
+  if (datasets::IsRulerTask(task)) return datasets::kRulerMaxNewTokens;
   return task == "needle" ? 300
                           : datasets::InfiniteBenchMaxNewTokens(task);  // the originals' limits
 }
@@ -100,6 +102,12 @@ std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& 
   // Raw models: the benchmark's raw template (answer prefix included), BOS from the tokenizer.
   // Chat models: the same request as chat messages, the answer prefix after the assistant tag.
   const bool niah = task == "needle";
+  if (datasets::IsRulerTask(task)) {
+    const std::string body = datasets::RulerTaskPrompt(task, s.context, s.input);
+    const std::string prefix = datasets::RulerAnswerPrefix(task, s.input);
+    if (opt.chat == ChatFamily::kNone) return tok.Encode(body + prefix, true);
+    return tok.Encode(FormatChat(opt.chat, {{"user", body}}, opt.bos, opt.eos) + prefix, false);
+  }
   if (opt.chat == ChatFamily::kNone)
     return tok.Encode(niah ? datasets::NiahPrompt(s.context, s.input)
                            : datasets::InfiniteBenchPrompt(task, s.context, s.input),

@@ -11,6 +11,7 @@
 
 #include "datasets/infinitebench.h"
 #include "datasets/niah.h"
+#include "datasets/ruler.h"
 #include "engine/base/error.h"
 #include "engine/cli/commands.h"
 #include "engine/cli/options.h"
@@ -164,7 +165,7 @@ int CmdEval(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  if (!datasets::IsInfiniteBenchTask(task) && task != "needle")
+  if (!datasets::IsInfiniteBenchTask(task) && task != "needle" && !datasets::IsRulerTask(task))
     Fail("needle eval: task '", task,
          "' has no runner yet (available: passkey, number_string, kv_retrieval, needle)");
   if (opt.Str("model").empty() || opt.Str("output").empty())
@@ -239,6 +240,24 @@ int CmdEval(int argc, char** argv) {
     samples = datasets::GenerateNiah(*tok, datasets::LoadHaystack(paths),
                                      ParseTokenLengths(opt.Str("lengths"), "--lengths"), depths,
                                      overhead, no);
+  } else if (datasets::IsRulerTask(task)) {
+    // Counted as the model will see it: in its chat template when it has one.
+    const auto count = [&](const std::string& s) {
+      if (ro.chat == ChatFamily::kNone) return static_cast<int64_t>(tok->Encode(s, true).size());
+      return static_cast<int64_t>(
+          tok->Encode(FormatChat(ro.chat, {{"user", s}}, ro.bos, ro.eos), false).size());
+    };
+    std::string essay;
+    if (datasets::RulerTaskSpec(task).haystack == "essay")
+      essay = datasets::LoadHaystack(opt.Str("haystack").empty()
+                                         ? std::vector<std::string>{datasets::kDefaultHaystack}
+                                         : SplitComma(opt.Str("haystack")));
+    const datasets::WordLists words = datasets::LoadWordLists();
+    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
+      for (auto& s :
+           datasets::GenerateRuler(task, len, opt.Int("samples"),
+                                   static_cast<uint64_t>(opt.Int("seed")), count, essay, words))
+        samples.push_back(std::move(s));
   } else {
     const auto count = [&](const std::string& s) {
       return static_cast<int64_t>(tok->Encode(s, true).size());
