@@ -18,6 +18,7 @@
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
 #include "eval/heatmap.h"
+#include "eval/samples.h"
 #include "eval/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -99,31 +100,9 @@ int64_t MaxNewTokens(const std::string& task) {
 
 std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& s,
                                const Tokenizer& tok, const RunnerOptions& opt) {
-  // Raw models: the benchmark's raw template (answer prefix included), BOS from the tokenizer.
-  // Chat models: the same request as chat messages, the answer prefix after the assistant tag.
-  const bool niah = task == "needle";
-  if (datasets::IsRulerTask(task)) {
-    const std::string body = datasets::RulerTaskPrompt(task, s.context, s.input);
-    const std::string prefix = datasets::RulerAnswerPrefix(task, s.input);
-    if (opt.chat == ChatFamily::kNone) return tok.Encode(body + prefix, true);
-    return tok.Encode(FormatChat(opt.chat, {{"user", body}}, opt.bos, opt.eos) + prefix, false);
-  }
-  if (opt.chat == ChatFamily::kNone)
-    return tok.Encode(niah ? datasets::NiahPrompt(s.context, s.input)
-                           : datasets::InfiniteBenchPrompt(task, s.context, s.input),
-                      true);
-  std::vector<ChatMessage> msgs;
-  std::string prefix;
-  if (niah) {
-    msgs = {{"system", datasets::NiahSystem()}, {"user", datasets::NiahUser(s.context, s.input)}};
-  } else {
-    prefix = datasets::InfiniteBenchAnswerPrefix(task);
-    const std::string prompt = datasets::InfiniteBenchPrompt(task, s.context, s.input);
-    std::string user = prompt.substr(0, prompt.size() - prefix.size());
-    while (!user.empty() && user.back() == '\n') user.pop_back();
-    msgs = {{"user", user}};
-  }
-  return tok.Encode(FormatChat(opt.chat, msgs, opt.bos, opt.eos) + prefix, false);
+  bool add_bos = true;
+  const std::string text = PromptText(task, s, opt, &add_bos);
+  return tok.Encode(text, add_bos);
 }
 
 namespace {

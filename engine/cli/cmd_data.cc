@@ -14,14 +14,14 @@
 #include "engine/cli/options.h"
 #include "engine/cli/parse_util.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "eval/samples.h"
 
 namespace needle {
 
 int CmdData(int argc, char** argv) {
   if (argc < 1 || argv[0][0] == '-')
-    Fail(
-        "needle data: usage: needle data TASK -m MODEL -o FILE.jsonl [...]; tasks: passkey, "
-        "number_string, kv_retrieval");
+    Fail("needle data: usage: needle data TASK -m MODEL -o FILE.jsonl [...]; tasks: ",
+         eval::RunnableTasks());
   const std::string task = argv[0];
   std::vector<OptionSpec> specs = {
       {"model", 'm', OptKind::kString, "", "model folder whose tokenizer.json counts the tokens"},
@@ -33,28 +33,28 @@ int CmdData(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  if (!datasets::IsInfiniteBenchTask(task))
-    Fail("needle data: unknown task '", task,
-         "' (available: passkey, number_string, kv_retrieval)");
+  if (!eval::IsRunnableTask(task))
+    Fail("needle data: unknown task '", task, "' (available: ", eval::RunnableTasks(), ")");
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle data: --model and --output are required");
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
-  const auto count = [&](const std::string& s) {
-    return static_cast<int64_t>(tok->Encode(s, true).size());
-  };
+  // Lengths are counted with the model's tokenizer and raw templates; "prompt" is the raw text
+  // needle itself runs for a model without a chat template.
+  eval::RunnerOptions ro;
   const std::string out_path = opt.Str("output"), tmp = out_path + ".tmp";
   std::ofstream out(tmp);
   if (!out) Fail(tmp, ": cannot write");
   int64_t n = 0;
-  for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths")) {
-    for (const auto& s :
-         datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
-                                         static_cast<uint64_t>(opt.Int("seed")), count)) {
-      nlohmann::json j = {{"id", n++},        {"context", s.context},
-                          {"input", s.input}, {"answer", s.answer},
-                          {"depth", s.depth}, {"length", s.target_tokens}};
-      out << j.dump() << "\n";
-    }
+  for (const auto& s : eval::MakeSamples(task, *tok, ro, opt)) {
+    bool bos = true;
+    nlohmann::json j = {{"id", n++},
+                        {"context", s.context},
+                        {"input", s.input},
+                        {"answer", s.answer},
+                        {"depth", s.depth},
+                        {"length", s.target_tokens},
+                        {"prompt", eval::PromptText(task, s, ro, &bos)}};
+    out << j.dump() << "\n";
   }
   out.close();
   if (!out) Fail(tmp, ": write failed");

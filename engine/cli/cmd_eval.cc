@@ -19,6 +19,7 @@
 #include "engine/cli/run_options.h"
 #include "engine/tokenizer/chat_template.h"
 #include "eval/runner.h"
+#include "eval/samples.h"
 #include "eval/scoring.h"
 
 namespace needle {
@@ -141,16 +142,6 @@ int CmdEval(int argc, char** argv) {
        "run directory (predictions.jsonl, summary.json, summary.md)"},
       {"data", 0, OptKind::kString, "",
        "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
-      {"haystack", 0, OptKind::kString, "",
-       "needle: haystack text files or folders, comma-separated (default: the Debian jargon-text "
-       "file)"},
-      {"depth-spacing", 0, OptKind::kString, "linear", "needle: depth spacing, linear or sigmoid"},
-      {"needle-text", 0, OptKind::kString, "",
-       "needle: the sentence to hide (default: the original's San Francisco one)"},
-      {"question", 0, OptKind::kString, "",
-       "needle: the retrieval question (default: the original's)"},
-      {"keywords", 0, OptKind::kString, "",
-       "needle: comma-separated words a correct answer contains (default: dolores,sandwich)"},
       {"set", 0, OptKind::kString, "",
        "sweep one sparse setting, e.g. topk=16,32,64 (with --attention sparse)"},
   };
@@ -165,9 +156,8 @@ int CmdEval(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  if (!datasets::IsInfiniteBenchTask(task) && task != "needle" && !datasets::IsRulerTask(task))
-    Fail("needle eval: task '", task,
-         "' has no runner yet (available: passkey, number_string, kv_retrieval, needle)");
+  if (!eval::IsRunnableTask(task))
+    Fail("needle eval: task '", task, "' has no runner (available: ", eval::RunnableTasks(), ")");
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle eval: --model and --output are required");
   // Configurations: each --attention value; the sparse one times each --set value.
@@ -218,56 +208,9 @@ int CmdEval(int argc, char** argv) {
                ro.chat == ChatFamily::kNone
                    ? "as raw text (no chat template)"
                    : (std::string("in the ") + ChatFamilyName(ro.chat) + " chat template").c_str());
-  std::vector<datasets::Sample> samples;
-  if (!opt.Str("data").empty()) {
-    samples = ReadSamples(opt.Str("data"));
-  } else if (task == "needle") {
-    datasets::NiahOptions no;
-    if (!opt.Str("needle-text").empty()) no.needle = "\n" + opt.Str("needle-text") + "\n";
-    if (!opt.Str("question").empty()) no.question = opt.Str("question");
-    if (!opt.Str("keywords").empty()) no.keywords = SplitComma(opt.Str("keywords"));
-    const std::string spacing = opt.Str("depth-spacing");
-    if (spacing != "linear" && spacing != "sigmoid")
-      Fail("--depth-spacing: '", spacing, "' is not linear or sigmoid");
-    const auto depths = spacing == "linear" ? datasets::LinearDepths(opt.Int("depths"))
-                                            : datasets::SigmoidDepths(opt.Int("depths"));
-    const std::vector<std::string> paths =
-        opt.Str("haystack").empty() ? std::vector<std::string>{datasets::kDefaultHaystack}
-                                    : SplitComma(opt.Str("haystack"));
-    datasets::Sample probe;
-    probe.input = no.question;
-    const int64_t overhead = static_cast<int64_t>(eval::PromptIds(task, probe, *tok, ro).size());
-    samples = datasets::GenerateNiah(*tok, datasets::LoadHaystack(paths),
-                                     ParseTokenLengths(opt.Str("lengths"), "--lengths"), depths,
-                                     overhead, no);
-  } else if (datasets::IsRulerTask(task)) {
-    // Counted as the model will see it: in its chat template when it has one.
-    const auto count = [&](const std::string& s) {
-      if (ro.chat == ChatFamily::kNone) return static_cast<int64_t>(tok->Encode(s, true).size());
-      return static_cast<int64_t>(
-          tok->Encode(FormatChat(ro.chat, {{"user", s}}, ro.bos, ro.eos), false).size());
-    };
-    std::string essay;
-    if (datasets::RulerTaskSpec(task).haystack == "essay")
-      essay = datasets::LoadHaystack(opt.Str("haystack").empty()
-                                         ? std::vector<std::string>{datasets::kDefaultHaystack}
-                                         : SplitComma(opt.Str("haystack")));
-    const datasets::WordLists words = datasets::LoadWordLists();
-    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
-      for (auto& s :
-           datasets::GenerateRuler(task, len, opt.Int("samples"),
-                                   static_cast<uint64_t>(opt.Int("seed")), count, essay, words))
-        samples.push_back(std::move(s));
-  } else {
-    const auto count = [&](const std::string& s) {
-      return static_cast<int64_t>(tok->Encode(s, true).size());
-    };
-    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
-      for (auto& s :
-           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
-                                           static_cast<uint64_t>(opt.Int("seed")), count))
-        samples.push_back(std::move(s));
-  }
+  std::vector<datasets::Sample> samples = opt.Str("data").empty()
+                                              ? eval::MakeSamples(task, *tok, ro, opt)
+                                              : ReadSamples(opt.Str("data"));
   const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
   std::cout << eval::SummaryMarkdown(results);
   return 0;

@@ -55,11 +55,22 @@ std::vector<int32_t> ParseIdList(const std::string& s, const std::string& what) 
 }
 
 std::vector<OptionSpec> DatasetOptionSpecs() {
-  return {{"lengths", 0, OptKind::kString, "4k",
-           "generated prompt lengths in tokens, e.g. 4k,16k,128k"},
-          {"depths", 0, OptKind::kInt, "5", "generated needle depths, evenly from 0 to 100%"},
-          {"samples", 0, OptKind::kInt, "1", "generated samples per (length, depth)"},
-          {"seed", 0, OptKind::kInt, "1", "generation seed (same seed, same bytes)"}};
+  return {
+      {"lengths", 0, OptKind::kString, "4k",
+       "generated prompt lengths in tokens, e.g. 4k,16k,128k"},
+      {"depths", 0, OptKind::kInt, "5", "generated needle depths, evenly from 0 to 100%"},
+      {"samples", 0, OptKind::kInt, "1", "generated samples per (length, depth)"},
+      {"seed", 0, OptKind::kInt, "1", "generation seed (same seed, same bytes)"},
+      {"haystack", 0, OptKind::kString, "",
+       "essay haystack: text files or folders, comma-separated (default: the Debian jargon-text "
+       "file)"},
+      {"depth-spacing", 0, OptKind::kString, "linear", "needle: depth spacing, linear or sigmoid"},
+      {"needle-text", 0, OptKind::kString, "",
+       "needle: the sentence to hide (default: the original's)"},
+      {"question", 0, OptKind::kString, "",
+       "needle: the retrieval question (default: the original's)"},
+      {"keywords", 0, OptKind::kString, "",
+       "needle: comma-separated words a correct answer contains (default: dolores,sandwich)"}};
 }
 
 }  // namespace needle

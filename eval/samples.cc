@@ -1,0 +1,101 @@
+#include "eval/samples.h"
+
+#include "datasets/niah.h"
+#include "datasets/ruler.h"
+#include "engine/base/error.h"
+#include "engine/cli/parse_util.h"
+#include "engine/tokenizer/chat_template.h"
+
+namespace needle::eval {
+
+bool IsRunnableTask(const std::string& t) {
+  return datasets::IsInfiniteBenchTask(t) || datasets::IsRulerTask(t) || t == "needle";
+}
+
+std::string RunnableTasks() {
+  return "passkey, number_string, kv_retrieval, niah_single_1/2/3, niah_multikey_1/2/3, "
+         "niah_multivalue, "
+         "niah_multiquery, needle";
+}
+
+std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokenizer& tok,
+                                          const RunnerOptions& ro, const Options& opt) {
+  if (!IsRunnableTask(task)) Fail("unknown task '", task, "' (available: ", RunnableTasks(), ")");
+  std::vector<datasets::Sample> out;
+  if (task == "needle") {
+    datasets::NiahOptions no;
+    if (!opt.Str("needle-text").empty()) no.needle = "\n" + opt.Str("needle-text") + "\n";
+    if (!opt.Str("question").empty()) no.question = opt.Str("question");
+    if (!opt.Str("keywords").empty()) no.keywords = SplitComma(opt.Str("keywords"));
+    const std::string spacing = opt.Str("depth-spacing");
+    if (spacing != "linear" && spacing != "sigmoid")
+      Fail("--depth-spacing: '", spacing, "' is not linear or sigmoid");
+    const auto depths = spacing == "linear" ? datasets::LinearDepths(opt.Int("depths"))
+                                            : datasets::SigmoidDepths(opt.Int("depths"));
+    const std::vector<std::string> paths =
+        opt.Str("haystack").empty() ? std::vector<std::string>{datasets::kDefaultHaystack}
+                                    : SplitComma(opt.Str("haystack"));
+    datasets::Sample probe;
+    probe.input = no.question;
+    const int64_t overhead = static_cast<int64_t>(PromptIds(task, probe, tok, ro).size());
+    out = datasets::GenerateNiah(tok, datasets::LoadHaystack(paths),
+                                 ParseTokenLengths(opt.Str("lengths"), "--lengths"), depths,
+                                 overhead, no);
+  } else if (datasets::IsRulerTask(task)) {
+    // Counted as the model will see it: in its chat template when it has one.
+    const auto count = [&](const std::string& s) {
+      if (ro.chat == ChatFamily::kNone) return static_cast<int64_t>(tok.Encode(s, true).size());
+      return static_cast<int64_t>(
+          tok.Encode(FormatChat(ro.chat, {{"user", s}}, ro.bos, ro.eos), false).size());
+    };
+    std::string essay;
+    if (datasets::RulerTaskSpec(task).haystack == "essay")
+      essay = datasets::LoadHaystack(opt.Str("haystack").empty()
+                                         ? std::vector<std::string>{datasets::kDefaultHaystack}
+                                         : SplitComma(opt.Str("haystack")));
+    const datasets::WordLists words = datasets::LoadWordLists();
+    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
+      for (auto& s :
+           datasets::GenerateRuler(task, len, opt.Int("samples"),
+                                   static_cast<uint64_t>(opt.Int("seed")), count, essay, words))
+        out.push_back(std::move(s));
+  } else {
+    const auto count = [&](const std::string& s) {
+      return static_cast<int64_t>(tok.Encode(s, true).size());
+    };
+    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
+      for (auto& s :
+           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
+                                           static_cast<uint64_t>(opt.Int("seed")), count))
+        out.push_back(std::move(s));
+  }
+  return out;
+}
+
+std::string PromptText(const std::string& task, const datasets::Sample& s, const RunnerOptions& ro,
+                       bool* add_bos) {
+  // Raw models: the benchmark's raw template (answer prefix included), BOS from the tokenizer.
+  // Chat models: the same request as chat messages, the answer prefix after the assistant tag.
+  *add_bos = ro.chat == ChatFamily::kNone;
+  std::vector<ChatMessage> msgs;
+  std::string prefix;
+  if (datasets::IsRulerTask(task)) {
+    const std::string body = datasets::RulerTaskPrompt(task, s.context, s.input);
+    prefix = datasets::RulerAnswerPrefix(task, s.input);
+    if (ro.chat == ChatFamily::kNone) return body + prefix;
+    msgs = {{"user", body}};
+  } else if (task == "needle") {
+    if (ro.chat == ChatFamily::kNone) return datasets::NiahPrompt(s.context, s.input);
+    msgs = {{"system", datasets::NiahSystem()}, {"user", datasets::NiahUser(s.context, s.input)}};
+  } else {
+    const std::string prompt = datasets::InfiniteBenchPrompt(task, s.context, s.input);
+    if (ro.chat == ChatFamily::kNone) return prompt;
+    prefix = datasets::InfiniteBenchAnswerPrefix(task);
+    std::string user = prompt.substr(0, prompt.size() - prefix.size());
+    while (!user.empty() && user.back() == '\n') user.pop_back();
+    msgs = {{"user", user}};
+  }
+  return FormatChat(ro.chat, msgs, ro.bos, ro.eos) + prefix;
+}
+
+}  // namespace needle::eval
