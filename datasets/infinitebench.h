@@ -20,6 +20,9 @@ struct Sample {
   std::vector<std::string> answer;  // released files: a one-element list
   double depth = 0;                 // needle position / haystack size, in [0, 1]
   int64_t target_tokens = 0;
+  // Set for samples read from RULER's files, whose `input` is already the whole prompt: the text
+  // run as is (answer prefix included), instead of a template filled with context and input.
+  std::string prompt;
 };
 
 // Tokens of a full prompt, as the evaluated model counts them.

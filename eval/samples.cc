@@ -76,6 +76,10 @@ std::string PromptText(const std::string& task, const datasets::Sample& s, const
                        bool* add_bos) {
   // Raw models: the benchmark's raw template (answer prefix included), BOS from the tokenizer.
   // Chat models: the same request as chat messages, the answer prefix after the assistant tag.
+  if (!s.prompt.empty()) {  // a RULER file's own prompt, template and all
+    *add_bos = true;
+    return s.prompt;
+  }
   *add_bos = ro.chat == ChatFamily::kNone;
   std::vector<ChatMessage> msgs;
   std::string prefix;

@@ -286,6 +286,16 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
   EXPECT_EQ(n.status, 0) << n.output;
   EXPECT_NE(n.output.find("| needle | 900 | dense | 3 |"), std::string::npos) << n.output;
 
+  // RULER's own file format: `input` is the whole prompt, `outputs` the answers.
+  test::WriteFile(
+      d.File("ruler.jsonl"),
+      R"({"index": 7, "input": "A special magic number is hidden. One of the special magic numbers for x-y is: 1234567.\nWhat is the special magic number for x-y?", "answer_prefix": " The special magic number for x-y is", "outputs": ["1234567"], "length": 200})"
+      "\n");
+  Result rf = RunNeedle("eval niah_single_1 -m " + model + " -o " + d.File("runr") + " --data " +
+                        d.File("ruler.jsonl"));
+  EXPECT_EQ(rf.status, 0) << rf.output;
+  EXPECT_NE(rf.output.find("| niah_single_1 | 200 | dense | 1 |"), std::string::npos) << rf.output;
+
   // A Qwen2 model folder: prompts go through the ChatML template (recognised from config.json).
   const std::string qwen = d.File("q");
   std::filesystem::create_directories(qwen);

@@ -95,7 +95,8 @@ int CmdEvalScore(int argc, char** argv) {
 
 namespace {
 
-// Samples of an original InfiniteBench JSONL file (fields id, context, input, answer).
+// Samples of an original InfiniteBench JSONL file (fields id, context, input, answer) or RULER
+// file (index, input, answer_prefix, outputs, length), or of needle's own `needle data` output.
 std::vector<datasets::Sample> ReadSamples(const std::string& path) {
   std::ifstream in(path);
   if (!in) Fail(path, ": cannot open");
@@ -115,11 +116,18 @@ std::vector<datasets::Sample> ReadSamples(const std::string& path) {
     datasets::Sample s;
     s.id = j.contains("id") && j["id"].is_number_integer() ? j["id"].get<int64_t>()
                                                            : static_cast<int64_t>(out.size());
-    for (const char* k : {"context", "input"})
-      if (!j.contains(k) || !j[k].is_string())
-        Fail(where, ": field '", k, "' is missing or not a string");
-    s.context = j["context"].get<std::string>();
-    s.input = j["input"].get<std::string>();
+    if (j.contains("answer_prefix") && j["answer_prefix"].is_string() && j.contains("input") &&
+        j["input"].is_string()) {
+      // RULER: `input` is the full prompt up to the answer prefix.
+      s.prompt = j["input"].get<std::string>() + j["answer_prefix"].get<std::string>();
+      s.id = j.value("index", s.id);
+    } else {
+      for (const char* k : {"context", "input"})
+        if (!j.contains(k) || !j[k].is_string())
+          Fail(where, ": field '", k, "' is missing or not a string");
+      s.context = j["context"].get<std::string>();
+      s.input = j["input"].get<std::string>();
+    }
     s.answer = References(j, where);
     s.depth = j.value("depth", -1.0);
     s.target_tokens = j.value("length", int64_t{0});
