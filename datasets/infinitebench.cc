@@ -9,27 +9,11 @@ namespace needle::datasets {
 
 namespace {
 
-const char* kNoise =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
-
 std::string Repeat(const std::string& s, int64_t n) {
   std::string out;
   out.reserve(s.size() * static_cast<size_t>(std::max<int64_t>(n, 0)));
   for (int64_t i = 0; i < n; ++i) out += s;
   return out;
-}
-
-std::string Needle(const std::string& task, const std::string& key) {
-  if (task == "passkey")
-    return "The pass key is " + key + ". Remember it. " + key + " is the pass key.\n";
-  return "The sequence of digits is " + key + ". Remember it. " + key +
-         " is the sequence of digits.\n";
-}
-
-std::string Question(const std::string& task) {
-  if (task == "passkey") return "What is the pass key?";
-  if (task == "number_string") return "What is the sequence of digits?";
-  return "";
 }
 
 // The largest n in [lo, hi] with fits(n), for a monotone predicate (fits(lo) assumed).
@@ -62,6 +46,33 @@ double DepthOf(int64_t i, int64_t n) {
 }
 
 }  // namespace
+
+const char* kNoiseLine =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+
+std::string InfiniteBenchNeedle(const std::string& task, const std::string& key) {
+  if (task == "passkey")
+    return "The pass key is " + key + ". Remember it. " + key + " is the pass key.\n";
+  return "The sequence of digits is " + key + ". Remember it. " + key +
+         " is the sequence of digits.\n";
+}
+
+std::string InfiniteBenchQuestion(const std::string& task) {
+  if (task == "passkey") return "What is the pass key?";
+  if (task == "number_string") return "What is the sequence of digits?";
+  return "";
+}
+
+std::string KvContext(const std::vector<std::pair<std::string, std::string>>& kv) {
+  std::string c = "JSON data:\n{";
+  for (size_t i = 0; i < kv.size(); ++i)
+    c += (i ? ", \"" : "\"") + kv[i].first + "\": \"" + kv[i].second + "\"";
+  return c + "}";
+}
+
+std::string KvInput(const std::string& key) {
+  return "\nKey: \"" + key + "\"\nThe value associated with the specified key is: ";
+}
 
 bool IsInfiniteBenchTask(const std::string& t) {
   return t == "passkey" || t == "number_string" || t == "kv_retrieval";
@@ -131,19 +142,6 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
   if (n_depths <= 0 || samples_per_depth <= 0) Fail("data: depths and samples must be positive");
   std::vector<Sample> out;
   if (task == "kv_retrieval") {
-    const std::string input_tmpl =
-        "\nKey: \"%KEY%\"\nThe value associated with the specified key is: ";
-    auto make_context = [](const std::vector<std::pair<std::string, std::string>>& kv) {
-      std::string c = "JSON data:\n{";
-      for (size_t i = 0; i < kv.size(); ++i)
-        c += (i ? ", \"" : "\"") + kv[i].first + "\": \"" + kv[i].second + "\"";
-      return c + "}";
-    };
-    auto input_for = [&](const std::string& key) {
-      std::string s = input_tmpl;
-      s.replace(s.find("%KEY%"), 5, key);
-      return s;
-    };
     // Pairs that fit, measured on a probe dictionary (UUID pairs all tokenise alike in length).
     std::mt19937_64 probe = StreamFor(seed, task, target, -1, -1);
     std::vector<std::pair<std::string, std::string>> pool;
@@ -151,7 +149,7 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
       while (static_cast<int64_t>(pool.size()) < n)
         pool.emplace_back(RandomUuid4(probe), RandomUuid4(probe));
       std::vector<std::pair<std::string, std::string>> kv(pool.begin(), pool.begin() + n);
-      return count(InfiniteBenchPrompt(task, make_context(kv), input_for(kv[0].first))) <= target;
+      return count(InfiniteBenchPrompt(task, KvContext(kv), KvInput(kv[0].first))) <= target;
     };
     if (!fits(1)) Fail("data: kv_retrieval cannot fit even one pair in ", target, " tokens");
     int64_t hi = 2;
@@ -167,8 +165,8 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
             static_cast<int64_t>(DepthOf(di, n_depths) * static_cast<double>(n_pairs)));
         Sample s;
         s.id = static_cast<int64_t>(out.size());
-        s.context = make_context(kv);
-        s.input = input_for(kv[pos].first);
+        s.context = KvContext(kv);
+        s.input = KvInput(kv[pos].first);
         s.answer = {kv[pos].second};
         s.depth = n_pairs > 1 ? static_cast<double>(pos) / static_cast<double>(n_pairs - 1) : 0.0;
         s.target_tokens = target;
@@ -178,10 +176,11 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
     return out;
   }
   // passkey / number_string: N noise lines with the needle line at line j.
-  const std::string probe_needle = Needle(task, task == "passkey" ? "00000" : "0000000000");
+  const std::string probe_needle =
+      InfiniteBenchNeedle(task, task == "passkey" ? "00000" : "0000000000");
   auto fits = [&](int64_t n) {
-    return count(InfiniteBenchPrompt(task, probe_needle + Repeat(kNoise, n), Question(task))) <=
-           target;
+    return count(InfiniteBenchPrompt(task, probe_needle + Repeat(kNoiseLine, n),
+                                     InfiniteBenchQuestion(task))) <= target;
   };
   if (!fits(0)) Fail("data: ", task, " does not fit in ", target, " tokens even without noise");
   int64_t hi = 1;
@@ -195,8 +194,9 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
       const std::string key = task == "passkey" ? RandomDigits(rng, 5) : NumberStringKey(rng);
       Sample s;
       s.id = static_cast<int64_t>(out.size());
-      s.context = Repeat(kNoise, j) + Needle(task, key) + Repeat(kNoise, n_lines - j);
-      s.input = Question(task);
+      s.context =
+          Repeat(kNoiseLine, j) + InfiniteBenchNeedle(task, key) + Repeat(kNoiseLine, n_lines - j);
+      s.input = InfiniteBenchQuestion(task);
       s.answer = {key};
       s.depth = n_lines > 0 ? static_cast<double>(j) / static_cast<double>(n_lines) : 0.0;
       s.target_tokens = target;

@@ -41,6 +41,14 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
                                           int64_t n_depths, int64_t samples_per_depth,
                                           uint64_t seed, const TokenCounter& count);
 
+// The pieces of the formats (also used by the training-data script's port, which a test compares).
+extern const char* kNoiseLine;  // InfiniteBench / RULER noise line, newline included
+std::string InfiniteBenchNeedle(const std::string& task,
+                                const std::string& key);  // passkey, number_string
+std::string InfiniteBenchQuestion(const std::string& task);
+std::string KvContext(const std::vector<std::pair<std::string, std::string>>& pairs);
+std::string KvInput(const std::string& key);
+
 // Deterministic helpers, exposed for tests.
 std::string RandomDigits(std::mt19937_64& rng, int n);
 std::string NumberStringKey(std::mt19937_64& rng);  // 5 digits, then 5 duplications

@@ -58,10 +58,6 @@ std::string RandomValue(const std::string& type, std::mt19937_64& rng, const Wor
   return w.adjectives[rng() % w.adjectives.size()] + "-" + w.nouns[rng() % w.nouns.size()];
 }
 
-std::string Needle(const RulerTask& t, const std::string& key, const std::string& value) {
-  return "One of the special magic " + t.value_type + " for " + key + " is: " + value + ".";
-}
-
 std::vector<std::string> Sentences(const std::string& text) {
   std::vector<std::string> out;
   std::string cur;
@@ -77,6 +73,20 @@ std::vector<std::string> Sentences(const std::string& text) {
 }
 
 }  // namespace
+
+std::string RulerNeedle(const std::string& name, const std::string& key, const std::string& value) {
+  return "One of the special magic " + RulerTaskSpec(name).value_type + " for " + key +
+         " is: " + value + ".";
+}
+
+std::string RulerQuery(const std::vector<std::string>& keys) {
+  if (keys.size() == 1) return keys[0];
+  if (keys.size() == 2) return keys[0] + " and " + keys[1];
+  std::string q;
+  for (size_t i = 0; i < keys.size(); ++i)
+    q += (i == 0 ? "" : i + 1 == keys.size() ? ", and " : ", ") + keys[i];
+  return q;
+}
 
 bool IsRulerTask(const std::string& name) {
   for (const auto& s : kTasks)
@@ -163,7 +173,7 @@ std::vector<Sample> GenerateRuler(const std::string& name, int64_t target, int64
       values.emplace_back();
       for (int j = 0; j < t.v; ++j) {
         values.back().push_back(RandomValue(t.value_type, rng, words));
-        needles.push_back(Needle(t, keys.back(), values.back().back()));
+        needles.push_back(RulerNeedle(name, keys.back(), values.back().back()));
       }
     }
     std::shuffle(needles.begin(), needles.end(), rng);
@@ -171,11 +181,9 @@ std::vector<Sample> GenerateRuler(const std::string& name, int64_t target, int64
     std::iota(qidx.begin(), qidx.end(), 0);
     std::shuffle(qidx.begin(), qidx.end(), rng);
     qidx.resize(static_cast<size_t>(t.q));
-    std::string query;
-    for (size_t i = 0; i < qidx.size(); ++i) {
-      if (i > 0) query += qidx.size() > 2 ? (i + 1 == qidx.size() ? ", and " : ", ") : " and ";
-      query += keys[qidx[i]];
-    }
+    std::vector<std::string> qkeys;
+    for (int qi : qidx) qkeys.push_back(keys[qi]);
+    const std::string query = RulerQuery(qkeys);
     std::vector<std::string> answer;
     for (int qi : qidx) answer.insert(answer.end(), values[qi].begin(), values[qi].end());
     // The haystack for a size n (lines, or words for essays); needle positions drawn once per n.
@@ -222,7 +230,7 @@ std::vector<Sample> GenerateRuler(const std::string& name, int64_t target, int64
             std::mt19937_64 fr(seed ^ (0x9e3779b97f4a7c15ull * (fillers.size() + 1)) ^
                                static_cast<uint64_t>(si));
             const std::string key = RandomValue(t.key_type, fr, words);
-            fillers.push_back(Needle(t, key, RandomValue(t.value_type, fr, words)));
+            fillers.push_back(RulerNeedle(name, key, RandomValue(t.value_type, fr, words)));
           }
           lines.push_back(fillers[i]);
         }

@@ -32,6 +32,11 @@ std::string RulerTaskPrompt(const std::string& name, const std::string& context,
                             const std::string& query);
 std::string RulerAnswerPrefix(const std::string& name, const std::string& query);
 
+// "One of the special magic {values} for {key} is: {value}." (plural type name, as in RULER).
+std::string RulerNeedle(const std::string& name, const std::string& key, const std::string& value);
+// "A", "A and B", "A, B, C, and D".
+std::string RulerQuery(const std::vector<std::string>& keys);
+
 struct WordLists {
   std::vector<std::string> adjectives, nouns;
 };
