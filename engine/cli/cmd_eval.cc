@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -25,6 +26,26 @@
 namespace needle {
 
 namespace {
+
+// Calls f(record, "file:line") for each non-blank line of a JSONL file; malformed lines are
+// errors that name the file and line.
+void ForEachJsonLine(const std::string& path,
+                     const std::function<void(const nlohmann::json&, const std::string&)>& f) {
+  std::ifstream in(path);
+  if (!in) Fail(path, ": cannot open");
+  std::string line;
+  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(lineno);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      Fail(where, ": malformed JSON: ", e.what());
+    }
+    f(j, where);
+  }
+}
 
 std::vector<std::string> References(const nlohmann::json& j, const std::string& where) {
   for (const char* key : {"answer", "ground_truth", "outputs", "label"}) {
@@ -60,21 +81,9 @@ int CmdEvalScore(int argc, char** argv) {
   if (task.empty() || path.empty()) Fail("needle eval score: --task and --preds are required");
   if (!eval::IsKnownTask(task))
     Fail("--task: unknown task '", task, "' (known: ", eval::KnownTasks(), ")");
-  std::ifstream in(path);
-  if (!in) Fail(path, ": cannot open");
-  std::string line;
-  int64_t n = 0, lineno = 0;
+  int64_t n = 0;
   double total = 0;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(lineno);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      Fail(where, ": malformed JSON: ", e.what());
-    }
+  ForEachJsonLine(path, [&](const nlohmann::json& j, const std::string& where) {
     std::string pred;
     if (j.contains("prediction") && j["prediction"].is_string())
       pred = j["prediction"].get<std::string>();
@@ -84,7 +93,7 @@ int CmdEvalScore(int argc, char** argv) {
       Fail(where, ": no string field 'prediction' (or 'pred')");
     total += eval::ScoreTask(task, pred, References(j, where));
     ++n;
-  }
+  });
   if (n == 0) Fail(path, ": no predictions");
   std::printf("%s: %.2f (%lld predictions, %.1f correct)\n", task.c_str(),
               100.0 * total / static_cast<double>(n), static_cast<long long>(n), total);
@@ -98,21 +107,8 @@ namespace {
 // Samples of an original InfiniteBench JSONL file (fields id, context, input, answer) or RULER
 // file (index, input, answer_prefix, outputs, length), or of needle's own `needle data` output.
 std::vector<datasets::Sample> ReadSamples(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) Fail(path, ": cannot open");
   std::vector<datasets::Sample> out;
-  std::string line;
-  int64_t n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(n);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      Fail(where, ": malformed JSON: ", e.what());
-    }
+  ForEachJsonLine(path, [&](const nlohmann::json& j, const std::string& where) {
     datasets::Sample s;
     s.id = j.contains("id") && j["id"].is_number_integer() ? j["id"].get<int64_t>()
                                                            : static_cast<int64_t>(out.size());
@@ -132,7 +128,7 @@ std::vector<datasets::Sample> ReadSamples(const std::string& path) {
     s.depth = j.value("depth", -1.0);
     s.target_tokens = j.value("length", int64_t{0});
     out.push_back(std::move(s));
-  }
+  });
   return out;
 }
 
