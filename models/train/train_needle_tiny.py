@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""needle-tiny, experiment v0: trains a small LlamaForCausalLM to retrieve through attention, with
-the evaluation tasks' own formats (models/train/templates.py) filled with random content, mixed
-with plain text for language modelling. Runs on the GPU machine (torch + transformers +
-tokenizers), deterministic for a seed, and writes a Hugging Face folder:
+"""needle-tiny: trains a small LlamaForCausalLM to retrieve through attention, on the evaluation
+tasks' own formats (models/train/templates.py) filled with random content, mixed with plain text
+and long-range copies of it. Runs on the GPU machine (torch + transformers + tokenizers) and writes
+a Hugging Face folder. The command that made models/needle-tiny (see its README.md) on one H100:
 
-    python3 models/train/train_needle_tiny.py --text .dev/train/jargon.txt --out /tmp/needle-tiny \
-        --minutes 8 --seq 4096
+    python3 models/train/train_needle_tiny.py --text .dev/train/jargon.txt \
+        --words .dev/train/words.json --out $OUT/needle-tiny --steps 3600
 
-The training seeds (--seed, default 9001 and up) are never the evaluation seeds (needle uses 1).
+Its 8-minute safety stop ended that run after 3,577 of the 3,600 scheduled steps; on another
+machine add `--stop-step 3577 --max-minutes 30` to stop at the same step.
+
+.dev/train/jargon.txt is the Jargon File from Debian's jargon-text package without its
+box-drawing lines, and words.json the WordNet adjectives and nouns that datasets/ruler.cc uses
+(scripts/make_train_text.sh writes both). The data stream and initial weights are a function of
+--seed alone (default 9001; needle's evaluation seed is 1 and its generators use other streams);
+GPU reductions may still differ in the last bits between runs.
 """
 import argparse
 import json
@@ -24,160 +31,311 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import templates as T  # noqa: E402
 
-
-def rand_digits(rng, n):
-    return "".join(rng.choice("0123456789") for _ in range(n))
-
-
-def rand_uuid(rng):
-    h = "%032x" % rng.getrandbits(128)
-    h = h[:12] + "4" + h[13:16] + "89ab"[rng.randrange(4)] + h[17:]
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-WORDS = ["tart", "quiet", "brave", "eyebrow", "river", "lamp", "green", "silent", "copper", "window", "garden",
-         "rapid", "pocket", "violet", "marble", "thunder", "gentle", "harbor", "crystal", "falcon"]
+TASKS = ["passkey", "number_string", "kv_retrieval", "niah_single_1", "niah_single_2",
+         "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+         "niah_multivalue", "niah_multiquery", "needle"]
+PLACES = ["San Francisco", "Lisbon", "Kyoto", "Oslo", "Cairo", "Lima", "Boston", "Prague", "Sydney",
+          "Nairobi", "Montreal", "Hanoi", "Dublin", "Seville", "Quito", "Bergen"]
+ACTS = ["eat a sandwich and sit in Dolores Park", "walk along the river", "visit the old library",
+        "watch the sunset from the hill", "ride the tram to the harbour", "buy bread at the market",
+        "swim in the cold lake", "read in the botanical garden", "climb the castle stairs",
+        "drink tea by the fountain"]
 
 
-def rand_word_key(rng):
-    return rng.choice(WORDS) + "-" + rng.choice(WORDS)
+class Gen:
+    """Random training samples in the evaluation formats."""
 
+    def __init__(self, rng, text, words):
+        self.rng, self.text, self.words = rng, text, words
+        self.sentences = [s for s in " ".join(text.split()).replace(". ", ".\0").split("\0") if s]
 
-def sample_task(rng, text, budget_chars):
-    """One (prompt, answer) pair of a random task, about budget_chars long."""
-    kind = rng.choice(["passkey", "number_string", "kv", "ruler_noise", "ruler_needle", "niah"])
-    if kind in ("passkey", "number_string"):
-        key = rand_digits(rng, 5) if kind == "passkey" else rand_digits(rng, 10)
-        n = max(1, budget_chars // len(T.NOISE_LINE))
-        j = rng.randint(0, n)
-        needle = T.passkey_needle(key) if kind == "passkey" else T.number_string_needle(key)
-        ctx = T.NOISE_LINE * j + needle + T.NOISE_LINE * (n - j)
-        return T.infinitebench_prompt(kind, ctx, T.infinitebench_question(kind)), " " + key + "."
-    if kind == "kv":
-        n = max(2, budget_chars // 80)
-        pairs = [(rand_uuid(rng), rand_uuid(rng)) for _ in range(n)]
-        k, v = pairs[rng.randrange(n)]
-        return T.infinitebench_prompt("kv_retrieval", T.kv_context(pairs), T.kv_input(k)), v
-    if kind in ("ruler_noise", "ruler_needle"):
-        task = "niah_single_1" if kind == "ruler_noise" else rng.choice(["niah_multikey_2", "niah_multikey_3"])
-        uu = task == "niah_multikey_3"
-        key = rand_uuid(rng) if uu else rand_word_key(rng)
-        value = rand_uuid(rng) if uu else str(rng.randint(10**6, 10**7 - 1))
-        n = max(1, budget_chars // 100)
-        if kind == "ruler_noise":
-            lines = [T.NOISE_SENTENCE] * n
+    def digits(self, n):
+        return "".join(self.rng.choice("0123456789") for _ in range(n))
+
+    def uuid(self):
+        h = "%032x" % self.rng.getrandbits(128)
+        h = h[:12] + "4" + h[13:16] + "89ab"[self.rng.randrange(4)] + h[17:]
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    def value(self, kind):
+        if kind == "numbers":
+            return str(self.rng.randint(10**6, 10**7 - 1))
+        if kind == "uuids":
+            return self.uuid()
+        return self.rng.choice(self.words["adjectives"]) + "-" + self.rng.choice(self.words["nouns"])
+
+    def essay(self, chars):
+        i = self.rng.randrange(len(self.sentences))
+        out, n = [], 0
+        while n < chars:
+            out.append(self.sentences[i % len(self.sentences)])
+            n += len(out[-1]) + 1
+            i += 1
+        return out
+
+    def task(self, kind, chars, queries=1):
+        """(prompt, answer) of task `kind` with about `chars` characters of context; with
+        queries > 1, a list of (text, answer) pairs whose first is the evaluation format and the
+        rest ask about other needles of the same context (denser supervision for training)."""
+        r = self.rng
+        if kind in ("passkey", "number_string"):
+            key = self.digits(5) if kind == "passkey" else self.digits(10)
+            n = max(1, chars // len(T.NOISE_LINE))
+            j = r.randint(0, n)
+            needle = T.passkey_needle(key) if kind == "passkey" else T.number_string_needle(key)
+            ctx = T.NOISE_LINE * j + needle + T.NOISE_LINE * (n - j)
+            return T.infinitebench_prompt(kind, ctx, T.infinitebench_question(kind)), " " + key + "."
+        if kind == "kv_retrieval":
+            n = max(2, chars // 84)
+            pairs = [(self.uuid(), self.uuid()) for _ in range(n)]
+            qs = r.sample(range(n), min(n, queries))
+            k, v = pairs[qs[0]]
+            first = (T.infinitebench_prompt(kind, T.kv_context(pairs), T.kv_input(k)), v)
+            if queries == 1:
+                return first
+            return [first] + [(T.kv_input(pairs[i][0]), pairs[i][1]) for i in qs[1:]]
+        if kind == "needle":
+            sents = self.essay(chars)
+            place, act = r.choice(PLACES), r.choice(ACTS)
+            needle = f"\nThe best thing to do in {place} is {act} on a sunny day.\n"
+            j = r.randint(0, len(sents))
+            ctx = " ".join(sents[:j]) + needle + " ".join(sents[j:])
+            q = f"What is the best thing to do in {place}?"
+            return T.niah_prompt(ctx, q), f" The best thing to do in {place} is {act} on a sunny day."
+        hay, key_t, val_t, nk, nv, nq = T.RULER_TASKS[kind]
+        extra = queries - 1
+        keys = []
+        while len(keys) < max(nk, nq) + extra:
+            k = self.value(key_t)
+            if k not in keys:
+                keys.append(k)
+        vals = [[self.value(val_t) for _ in range(nv)] for _ in keys]
+        needles = [T.ruler_needle(kind, k, v) for k, vs in zip(keys, vals) for v in vs]
+        r.shuffle(needles)
+        q = r.sample(range(len(keys) - extra), nq)
+        answer = [v for i in q for v in vals[i]]
+        if hay == "noise":
+            lines = [T.NOISE_SENTENCE] * max(1, chars // 86)
+        elif hay == "needle":
+            lines = [T.ruler_needle(kind, self.value(key_t), self.value(val_t)) for _ in range(max(1, chars // 70))]
         else:
-            lines = [T.ruler_needle(task, rand_uuid(rng) if uu else rand_word_key(rng),
-                                    rand_uuid(rng) if uu else str(rng.randint(10**6, 10**7 - 1))) for _ in range(n)]
-        lines.insert(rng.randint(0, n), T.ruler_needle(task, key, value))
-        prompt = T.ruler_task_prompt(task, "\n".join(lines), key) + T.ruler_answer_prefix(task, key)
-        return prompt, " " + value + "."
-    # Classic needle with a random subject, in the essay text.
-    start = rng.randrange(max(1, len(text) - budget_chars))
-    hay = text[start:start + budget_chars]
-    place = rng.choice(["San Francisco", "Lisbon", "Kyoto", "Oslo", "Cairo", "Lima"])
-    act = rng.choice(["eat a sandwich and sit in Dolores Park", "walk along the river", "visit the old library",
-                      "watch the sunset from the hill"])
-    needle = f"\nThe best thing to do in {place} is {act} on a sunny day.\n"
-    p = hay.rfind(". ", 0, rng.randint(0, len(hay))) + 2
-    ctx = hay[:max(p, 0)] + needle + hay[max(p, 0):]
-    return T.niah_prompt(ctx, f"What is the best thing to do in {place}?"), f" The best thing to do in {place} is {act} on a sunny day."
+            lines = self.essay(chars)
+        for nd in needles:
+            lines.insert(r.randint(0, len(lines)), nd)
+        query = T.ruler_query([keys[i] for i in q])
+        prompt = T.ruler_task_prompt(kind, ("\n" if hay != "essay" else " ").join(lines), query)
+        first = (prompt + T.ruler_answer_prefix(kind, query), " " + ", ".join(answer) + ".")
+        if queries == 1:
+            return first
+        more = []
+        for i in range(len(keys) - extra, len(keys)):
+            qi = T.ruler_task_prompt(kind, "", keys[i]).split("\n")[-1]  # the question line alone
+            more.append(("\n" + qi + T.ruler_answer_prefix(kind, keys[i]), " " + ", ".join(vals[i]) + "."))
+        return [first] + more
+
+    def copy_tokens(self, L, vocab):
+        """Random tokens, then chunks of them again: the induction pattern, densely supervised.
+        Returns (ids, labels) with the loss on the repeats but their unpredictable first tokens."""
+        n = L // 2
+        first = [self.rng.randrange(256, vocab) for _ in range(n)]
+        ids, labels = list(first), [-100] * n
+        while len(ids) < L:
+            m = self.rng.randint(6, 32)
+            a = self.rng.randrange(n - m)
+            chunk = first[a:a + m][:L - len(ids)]
+            ids += chunk
+            labels += [-100] + chunk[1:]
+        return ids, labels
+
+    def copy_text(self, chars):
+        """Plain text with a span of it repeated much later: learnt only by looking back."""
+        s = self.rng.randrange(max(1, len(self.text) - chars))
+        t = self.text[s:s + chars]
+        m = self.rng.randint(40, 400)
+        a = self.rng.randrange(max(1, len(t) // 2))
+        return t[:len(t) - m] + "\n" + t[a:a + m]
+
+
+def train_tokenizer(text, gen, vocab):
+    tok = Tokenizer(models.BPE())
+    # Digits one by one, as Llama-3 and Qwen do in groups: copying a number is copying digits.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    corpus += ["".join(gen.task(TASKS[i % len(TASKS)], 1500)) for i in range(600)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", required=True)
+    ap.add_argument("--words", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--minutes", type=float, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seq", type=int, default=16384, help="final training length in tokens")
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens per step")
+    ap.add_argument("--steps", type=int, default=3600)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=9001)
+    ap.add_argument("--max-minutes", type=float, default=8.0,
+                    help="safety stop: save and quit early (the step count then differs)")
+    ap.add_argument("--stop-step", type=int, default=None,
+                    help="stop after this many steps (the learning-rate schedule still spans --steps)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = True
     rng = random.Random(args.seed)
     text = open(args.text, encoding="utf-8").read()
+    gen = Gen(rng, text, json.load(open(args.words)))
+    t_start = time.time()
 
-    # Tokenizer: byte-level BPE, 4096 entries, trained on the text and task samples.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [text[i:i + 4000] for i in range(0, len(text), 4000)]
-    corpus += ["".join(sample_task(random.Random(i), text, 2000)) for i in range(300)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = train_tokenizer(text, gen, 4096)
     eos = tok.token_to_id("<|endoftext|>")
+    print(f"tokenizer {time.time() - t_start:.0f}s", flush=True)
 
-    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=16384, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                                   bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
     dev = "cuda"
     model = transformers.LlamaForCausalLM(cfg).to(dev)
-    print("params", sum(p.numel() for p in model.parameters()) / 1e6, "M", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    ratio = {k: 3.0 for k in TASKS + ["text", "copy", "copy_tokens"]}  # characters per token, learnt as we go
 
-    def batch():
-        ids, labels = [], []
-        for _ in range(args.batch):
-            if rng.random() < 0.2:  # plain text
-                s = rng.randrange(max(1, len(text) - 5 * args.seq))
-                x = tok.encode(text[s:s + 5 * args.seq]).ids[:args.seq]
+    def length_at(step):
+        # Curriculum: 512 tokens for the first 30% of steps (induction heads form there), doubling
+        # up to --seq by 60%, then mixed lengths.
+        p = step / args.steps
+        if p < 0.3:
+            return 512
+        top = args.seq if p >= 0.6 else min(args.seq, int(512 * 2 ** ((p - 0.3) / 0.3 * math.log2(args.seq / 512))))
+        return top if rng.random() < 0.6 else rng.choice([s for s in (1024, 2048, 4096, 8192, args.seq) if s <= top] or [top])
+
+    def sample(kind, L):
+        """(ids, labels) of one sample no longer than L tokens."""
+        target = int(rng.uniform(0.25, 1.0) * L)
+        for _ in range(6):
+            chars = int(target * ratio[kind] * 0.95)
+            if kind == "text":
+                s = rng.randrange(max(1, len(text) - chars))
+                x = tok.encode(text[s:s + chars]).ids
                 y = list(x)
-            else:  # a task: loss on the answer only
-                chars = int(rng.uniform(0.2, 1.0) * args.seq * 3)
-                p, a = sample_task(rng, text, chars)
-                pi, ai = tok.encode(p).ids, tok.encode(a).ids + [eos]
-                room = args.seq - len(ai)
-                if len(pi) > room:  # keep head and tail of the prompt
-                    pi = pi[:room // 2] + pi[len(pi) - (room - room // 2):]
-                x = pi + ai
-                y = [-100] * len(pi) + ai
-            x = x + [eos] * (args.seq - len(x))
-            y = y + [-100] * (args.seq - len(y))
-            ids.append(x[:args.seq])
-            labels.append(y[:args.seq])
-        return torch.tensor(ids, device=dev), torch.tensor(labels, device=dev)
+                n = len(x)
+            elif kind == "copy":
+                x = tok.encode(gen.copy_text(chars)).ids
+                y = list(x)
+                n = len(x)
+            elif kind == "copy_tokens":
+                return gen.copy_tokens(target, 4096)
+            else:
+                multi = kind not in ("passkey", "number_string", "needle") and rng.random() < 0.5
+                parts = gen.task(kind, chars, queries=8 if multi else 1)
+                if not multi:
+                    parts = [parts]
+                x, y = [], []
+                for p, a in parts:
+                    pi, ai = tok.encode(p).ids, tok.encode(a).ids
+                    x += pi + ai
+                    y += [-100] * len(pi) + ai
+                x, y = x + [eos], y + [eos]
+                n = len(x)
+            ratio[kind] = 0.9 * ratio[kind] + 0.1 * chars / max(1, n)
+            if len(x) <= L:
+                return x, y
+            target = int(target * 0.9)
+        return x[:L], y[:L]
 
+    stats = {}
     t0, step = time.time(), 0
-    budget = args.minutes * 60
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+    ckpt = lambda: save(model, tok, cfg, args.out, eos)  # noqa: E731
+    while step < min(args.steps, args.stop_step or args.steps):
+        if time.time() - t_start > args.max_minutes * 60:
+            print(f"safety stop at step {step}", flush=True)
+            break
+        L = length_at(step)
+        B = max(1, args.tokens // L)
+        ids, labels, kinds = [], [], []
+        for _ in range(B):
+            u = rng.random()
+            c = 0.5 if step < 0.3 * args.steps else 0.2  # share of pure induction data
+            kind = "text" if u < 0.1 else "copy" if u < 0.15 else "copy_tokens" if u < 0.15 + c else rng.choice(TASKS)
+            x, y = sample(kind, L)
+            ids.append(x + [eos] * (L - len(x)))
+            labels.append(y + [-100] * (L - len(y)))
+            kinds.append(kind)
+        x = torch.tensor(ids, device=dev)
+        y = torch.tensor(labels, device=dev)
+        warm = min(1.0, (step + 1) / 150)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x, y = batch()
+            g["lr"] = args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=y).loss
+            logits = model(input_ids=x).logits[:, :-1].float()
+        tgt = y[:, 1:]
+        per_tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                    ignore_index=-100, reduction="none").view(tgt.shape)
+        mask = (tgt != -100).float()
+        per_sample = (per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_sample.mean()  # every sample counts the same, whatever its answer length
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f} t {time.time() - t0:.0f}s", flush=True)
+        for k, v in zip(kinds, per_sample.tolist()):
+            stats.setdefault(k, []).append(v)
+        if step % 100 == 0 or step == args.steps - 1:
+            per = " ".join(f"{k}={sum(v) / len(v):.2f}" for k, v in sorted(stats.items()))
+            print(f"step {step} L {L} loss {loss.item():.3f} t {time.time() - t0:.0f}s | {per}", flush=True)
+            stats = {}
+        if step % 900 == 899:
+            ckpt()
+            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words), ratio,
+                        kinds=("passkey", "kv_retrieval", "niah_single_2"), n=4, lengths=(1024,))
+            model.train()
         step += 1
+    print(f"trained {step} steps in {time.time() - t0:.0f}s", flush=True)
+    ckpt()
+    quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words), ratio)
+    print(f"total {time.time() - t_start:.0f}s", flush=True)
 
-    # Quick check: greedy passkey accuracy at a few lengths (Python side; needle measures the rest).
+
+def save(model, tok, cfg, out, eos):
+    os.makedirs(out, exist_ok=True)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out, state_dict={k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()})
+    tok.save(os.path.join(out, "tokenizer.json"))
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+               "bos_token": None, "add_bos_token": False, "model_max_length": cfg.max_position_embeddings},
+              open(os.path.join(out, "tokenizer_config.json"), "w"), indent=2)
+    json.dump({"eos_token_id": eos, "bos_token_id": eos, "do_sample": False},
+              open(os.path.join(out, "generation_config.json"), "w"), indent=2)
+
+
+def quick_check(model, tok, eos, seq, g, ratio, n=8, lengths=None,
+                kinds=("passkey", "kv_retrieval", "niah_single_1", "niah_single_3", "needle")):
+    """Greedy accuracy on fresh samples (seed 10**6, not needle's), scored by substring."""
     model.eval()
-    for chars in (3000, 6000, 10000):
-        ok = 0
-        for i in range(20):
-            r = random.Random(10**6 + i)
-            key = rand_digits(r, 5)
-            n = chars // len(T.NOISE_LINE)
-            j = r.randint(0, n)
-            ctx = T.NOISE_LINE * j + T.passkey_needle(key) + T.NOISE_LINE * (n - j)
-            ids = torch.tensor([tok.encode(T.infinitebench_prompt("passkey", ctx, T.infinitebench_question("passkey"))).ids], device=dev)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=eos)
-            ok += key in tok.decode(out[0, ids.shape[1]:].tolist())
-        print(f"passkey @{ids.shape[1]} tokens: {ok}/20", flush=True)
-
-    os.makedirs(args.out, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(args.out)
-    tok.save(os.path.join(args.out, "tokenizer.json"))
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"},
-              open(os.path.join(args.out, "tokenizer_config.json"), "w"))
-    print("saved", args.out, "steps", step, flush=True)
+    for kind in kinds:
+        for L in lengths or (2048, seq):
+            ok = 0
+            for _ in range(n):
+                chars = int(L * ratio[kind] * 0.9)
+                while True:
+                    p, a = g.task(kind, chars)
+                    ids = tok.encode(p).ids
+                    if len(ids) <= L - 40:
+                        break
+                    chars = int(chars * 0.9)
+                x = torch.tensor([ids], device="cuda")
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model.generate(x, max_new_tokens=len(tok.encode(a).ids) + 2, do_sample=False,
+                                         pad_token_id=eos)
+                ok += a.strip(" .") in tok.decode(out[0, x.shape[1]:].tolist())
+            print(f"check {kind} @{len(ids)} tokens: {ok}/{n}", flush=True)
 
 
 if __name__ == "__main__":
