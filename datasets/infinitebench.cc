@@ -168,7 +168,7 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
         s.context = KvContext(kv);
         s.input = KvInput(kv[pos].first);
         s.answer = {kv[pos].second};
-        s.depth = n_pairs > 1 ? static_cast<double>(pos) / static_cast<double>(n_pairs - 1) : 0.0;
+        s.depth = DepthOf(di, n_depths);  // the swept depth (the heatmap's row), not pos's
         s.target_tokens = target;
         out.push_back(std::move(s));
       }
@@ -198,7 +198,7 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
           Repeat(kNoiseLine, j) + InfiniteBenchNeedle(task, key) + Repeat(kNoiseLine, n_lines - j);
       s.input = InfiniteBenchQuestion(task);
       s.answer = {key};
-      s.depth = n_lines > 0 ? static_cast<double>(j) / static_cast<double>(n_lines) : 0.0;
+      s.depth = DepthOf(di, n_depths);  // the swept depth; the needle line is the nearest one
       s.target_tokens = target;
       out.push_back(std::move(s));
     }

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "datasets/infinitebench.h"
 #include "datasets/niah.h"
 #include "datasets/ruler.h"
 #include "engine/base/error.h"
@@ -231,16 +232,19 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   json summary = json::array();
   for (const auto& r : results) summary.push_back(ToJson(r));
   const std::string md = SummaryMarkdown(results);
-  if (task == "needle") {
-    // One heatmap per configuration: heatmap_<config>.png / .svg.
+  std::set<double> depths;
+  for (const auto& r : results) depths.insert(r.depth);
+  if (task == "needle" || (datasets::IsInfiniteBenchTask(task) && depths.size() > 1)) {
+    // Tasks whose generator sweeps the needle depth: one heatmap (depth x length) per
+    // configuration, heatmap_<config>.png / .svg.
     std::set<std::string> cfgs;
     for (const auto& r : results) cfgs.insert(r.config);
     for (const auto& c : cfgs) {
       std::string file = c;
       for (auto& ch : file)
         if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      WriteHeatmap(BuildGrid(results, c), "Needle In A Haystack: " + c,
-                   opt.run_dir + "/heatmap_" + file);
+      const std::string title = task == "needle" ? "Needle In A Haystack" : task;
+      WriteHeatmap(BuildGrid(results, c), title + ": " + c, opt.run_dir + "/heatmap_" + file);
     }
   }
   for (auto [name, body] :
