@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 P=.dev/gpu
 rm -rf $P && mkdir -p $P/lib
 cp build/needle build/bench/bench_kernels build/bench/bench_decode build/bench/bench_sparse $P/
-for lib in libtbb.so.12 libhwy.so.1 libbenchmark.so.1debian; do
-  cp -L "/lib/x86_64-linux-gnu/$lib" $P/lib/
+# Every Debian library the binaries link that is not part of a bare Ubuntu (libc, libstdc++,
+# libgcc, libm), found with ldd rather than listed by hand.
+for b in $P/needle $P/bench_*; do
+  ldd "$b" | awk '/=> \//{print $3}'
+done | sort -u | grep -Ev '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | while read -r lib; do
+  cp -L "$lib" $P/lib/
 done
 du -sh $P

@@ -275,6 +275,10 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
   EXPECT_TRUE(std::filesystem::exists(run + "/summary.json"));
   EXPECT_TRUE(std::filesystem::exists(run + "/summary.md"));
   EXPECT_NE(r.output.find("prompts as raw text"), std::string::npos) << r.output;
+  // A depth sweep gets one heatmap per configuration (the resumed run rewrote them).
+  for (const char* f :
+       {"heatmap_dense.png", "heatmap_sparse_topk_1.svg", "heatmap_sparse_topk_2.png"})
+    EXPECT_TRUE(std::filesystem::exists(run + "/" + f)) << f;
 
   // The classic needle test over a haystack of the user's text, sigmoid depths.
   std::string hay;
@@ -321,6 +325,20 @@ TEST(Cli, InfoAndHelp) {
   Result h = RunNeedle("generate --help");
   EXPECT_EQ(h.status, 0);
   EXPECT_NE(h.output.find("--max-new-tokens"), std::string::npos);
+}
+
+// The bundled model retrieves: passkey at 1K tokens, 3 depths, dense and (with a budget far
+// below the prompt) sparse attention, all correct. This is the README's main job, scaled down.
+TEST(Cli, NeedleTinyFindsThePasskey) {
+  test::TempDir d;
+  Result r = RunNeedle("eval passkey -m " NEEDLE_MODELS_DIR "/needle-tiny -o " + d.File("run") +
+                       " --lengths 1k --depths 3 --attention dense,sparse --init-tokens 16"
+                       " --local-window 64 --block-size 32 --topk 4 --dense-layers 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("| passkey | 1024 | dense | 3 | 100.00 |"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("| passkey | 1024 | sparse | 3 | 100.00 |"), std::string::npos)
+      << r.output;
 }
 
 }  // namespace
