@@ -24,7 +24,8 @@ int CmdData(int argc, char** argv) {
          eval::RunnableTasks());
   const std::string task = argv[0];
   std::vector<OptionSpec> specs = {
-      {"model", 'm', OptKind::kString, "", "model folder whose tokenizer.json counts the tokens"},
+      {"model", 'm', OptKind::kString, NEEDLE_DEFAULT_MODEL,
+       "model folder whose tokenizer.json counts the tokens (default: the bundled needle-tiny)"},
       {"output", 'o', OptKind::kString, "", "output JSONL file"}};
   for (auto& o : DatasetOptionSpecs()) specs.push_back(o);
   Options opt("needle data " + task,

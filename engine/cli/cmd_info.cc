@@ -10,7 +10,8 @@ namespace needle {
 
 int CmdInfo(int argc, char** argv) {
   Options opt("needle info", "Prints a model folder's configuration and a summary of its weights.",
-              {{"model", 'm', OptKind::kString, "", "model folder (config.json + safetensors)"}});
+              {{"model", 'm', OptKind::kString, NEEDLE_DEFAULT_MODEL,
+                "model folder (config.json + safetensors); default: the bundled needle-tiny"}});
   if (!opt.Parse(argc, argv)) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;

@@ -47,8 +47,9 @@ constexpr SparseIntOption kSparseInts[] = {
 std::vector<OptionSpec> RunOptionSpecs() {
   const SparseConfig d;
   std::vector<OptionSpec> specs = {
-      {"model", 'm', OptKind::kString, "",
-       "model folder (config.json + model.safetensors[.index.json])"},
+      {"model", 'm', OptKind::kString, NEEDLE_DEFAULT_MODEL,
+       "model folder (config.json + model.safetensors[.index.json]); default: the bundled "
+       "needle-tiny"},
       {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
       {"ctx-size", 'c', OptKind::kInt, "0", "KV cache capacity in tokens (0: what the run needs)"},
       {"kv-type", 0, OptKind::kString, "auto",
