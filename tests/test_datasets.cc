@@ -128,9 +128,12 @@ TEST(Niah, NeedleAtSentenceBoundaryWithinBudget) {
   for (const auto& s : samples) {
     const size_t at = s.context.find(o.needle);
     ASSERT_NE(at, std::string::npos);
-    if (at > 0 && s.depth < 1.0)
+    if (at > 0 && s.depth < 1.0) {
       EXPECT_EQ(s.context[at - 1], '.') << "needle not after a sentence end at depth " << s.depth;
-    if (s.depth == 1.0) EXPECT_EQ(at + o.needle.size(), s.context.size());
+    }
+    if (s.depth == 1.0) {
+      EXPECT_EQ(at + o.needle.size(), s.context.size());
+    }
     EXPECT_EQ(static_cast<int64_t>(NiahPrompt(s.context, s.input).size()),
               s.target_tokens - o.buffer);
     EXPECT_EQ(s.answer, o.keywords);

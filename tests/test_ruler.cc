@@ -74,11 +74,12 @@ TEST(Ruler, EveryTaskFormatsAndFits) {
       EXPECT_GT(n + kRulerMaxNewTokens, 3000 - 400)
           << name;  // within one haystack unit of the target
     }
-    if (t.haystack == "noise")
+    if (t.haystack == "noise") {
       EXPECT_NE(samples[0].context.find(
                     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
                     "back again.\n"),
                 std::string::npos);
+    }
   }
   // Same seed, same bytes.
   EXPECT_EQ(GenerateRuler("niah_multikey_1", 2000, 1, 5, kBytes, Essay(), Words())[0].context,
