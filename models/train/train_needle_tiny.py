@@ -181,6 +181,17 @@ def main():
     ap.add_argument("--seed", type=int, default=9001)
     ap.add_argument("--max-minutes", type=float, default=8.0,
                     help="safety stop: save and quit early (the step count then differs)")
+    ap.add_argument("--init", default=None,
+                    help="continue from this saved folder (its weights and tokenizer) instead of "
+                         "starting from random weights and training a tokenizer")
+    ap.add_argument("--task-weights", default="",
+                    help="extra sampling weight of tasks, e.g. kv_retrieval=3,niah_single_3=3 "
+                         "(default: all tasks alike)")
+    ap.add_argument("--short-phase", type=float, default=0.3,
+                    help="fraction of steps at 512 tokens; the length then doubles up to --seq "
+                         "over as many steps again (0: mixed lengths from the start)")
+    ap.add_argument("--copy-share", default="0.5,0.2",
+                    help="share of random-token copy samples during the short phase, and after")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="stop after this many steps (the learning-rate schedule still spans --steps)")
     args = ap.parse_args()
@@ -191,17 +202,31 @@ def main():
     gen = Gen(rng, text, json.load(open(args.words)))
     t_start = time.time()
 
-    tok = train_tokenizer(text, gen, 4096)
-    eos = tok.token_to_id("<|endoftext|>")
-    print(f"tokenizer {time.time() - t_start:.0f}s", flush=True)
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
-        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
     dev = "cuda"
-    model = transformers.LlamaForCausalLM(cfg).to(dev)
+    if args.init:
+        tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
+        eos = tok.token_to_id("<|endoftext|>")
+        model = transformers.LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(dev)
+        cfg = model.config
+        print(f"continuing from {args.init}", flush=True)
+    else:
+        tok = train_tokenizer(text, gen, 4096)
+        eos = tok.token_to_id("<|endoftext|>")
+        print(f"tokenizer {time.time() - t_start:.0f}s", flush=True)
+        cfg = transformers.LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg).to(dev)
+    mix = list(TASKS)  # the task drawn for a sample: uniform over this list
+    for item in filter(None, args.task_weights.split(",")):
+        name, w = item.split("=")
+        if name not in TASKS:
+            raise SystemExit(f"--task-weights: unknown task {name!r} (tasks: {', '.join(TASKS)})")
+        mix += [name] * (int(w) - 1)
+    copy_a, copy_b = (float(x) for x in args.copy_share.split(","))
+    A = args.short_phase
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -211,9 +236,9 @@ def main():
         # Curriculum: 512 tokens for the first 30% of steps (induction heads form there), doubling
         # up to --seq by 60%, then mixed lengths.
         p = step / args.steps
-        if p < 0.3:
+        if p < A:
             return 512
-        top = args.seq if p >= 0.6 else min(args.seq, int(512 * 2 ** ((p - 0.3) / 0.3 * math.log2(args.seq / 512))))
+        top = args.seq if p >= 2 * A else min(args.seq, int(512 * 2 ** ((p - A) / A * math.log2(args.seq / 512))))
         return top if rng.random() < 0.6 else rng.choice([s for s in (1024, 2048, 4096, 8192, args.seq) if s <= top] or [top])
 
     def sample(kind, L):
@@ -262,8 +287,8 @@ def main():
         ids, labels, kinds = [], [], []
         for _ in range(B):
             u = rng.random()
-            c = 0.5 if step < 0.3 * args.steps else 0.2  # share of pure induction data
-            kind = "text" if u < 0.1 else "copy" if u < 0.15 else "copy_tokens" if u < 0.15 + c else rng.choice(TASKS)
+            c = copy_a if step < A * args.steps else copy_b  # share of pure induction data
+            kind = "text" if u < 0.1 else "copy" if u < 0.15 else "copy_tokens" if u < 0.15 + c else rng.choice(mix)
             x, y = sample(kind, L)
             ids.append(x + [eos] * (L - len(x)))
             labels.append(y + [-100] * (L - len(y)))
