@@ -120,12 +120,11 @@ int CheckGreedy(const std::vector<float>& got, const std::vector<float>& ref, in
   return decisive;
 }
 
-// needle's logits against a transformers reference (reference.json/.safetensors in ref_dir) for
-// the model in model_dir: f32 against the upcast weights (1e-4) and, for bf16/f16 weights, the KV
-// cache and compute in that type against transformers computing natively (5e-2 / 1e-2).
-void CheckAgainstReference(const std::string& model_dir, const std::string& ref_dir,
+// needle's logits against a transformers reference (loaded by LoadReference) for the model in
+// model_dir: f32 against the upcast weights (1e-4) and, for bf16/f16 weights, the KV cache and
+// compute in that type against transformers computing natively (5e-2 / 1e-2).
+void CheckAgainstReference(const std::string& model_dir, const Reference& ref,
                            const std::string& name) {
-  const Reference ref = LoadReference(ref_dir);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   auto model = LoadModel(model_dir, *backend);
@@ -166,7 +165,7 @@ class FixtureTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(FixtureTest, MatchesTransformers) {
   const std::string dir = std::string(NEEDLE_FIXTURES_DIR) + "/" + GetParam();
-  CheckAgainstReference(dir, dir, GetParam());
+  CheckAgainstReference(dir, LoadReference(dir), GetParam());
 }
 
 // The shipped model, models/needle-tiny, on a real passkey prompt tokenized by its own
@@ -183,8 +182,7 @@ TEST(NeedleTiny, MatchesTransformers) {
   const std::vector<int32_t> answer = tok->Encode(" 80516.");
   ids.insert(ids.end(), answer.begin(), answer.end());
   EXPECT_EQ(ids, ref.tokens);
-  CheckAgainstReference(NEEDLE_MODELS_DIR "/needle-tiny", NEEDLE_FIXTURES_DIR "/../needle_tiny",
-                        "needle-tiny");
+  CheckAgainstReference(NEEDLE_MODELS_DIR "/needle-tiny", ref, "needle-tiny");
 }
 
 // The same fixture with config.json in the pre-transformers-5 spelling (top-level rope_theta,
