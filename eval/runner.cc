@@ -176,7 +176,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       }
       const int64_t ctx = static_cast<int64_t>(ids.size()) + max_new;
       const int64_t block = cfg.sparse ? cfg.sparse_cfg.block_size : 128;
-      KVCache cache(model.CacheShape(ctx, opt.kv_type, block));
+      KVCache cache(model.CacheShape(ctx, opt.kv_type, block), 0, model.backend().kv_memory());
       std::unique_ptr<SparseAttention> sp;
       if (cfg.sparse) {
         sp = std::make_unique<SparseAttention>(model.config(), cfg.sparse_cfg, model.backend(), tc,

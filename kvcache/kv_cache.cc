@@ -89,6 +89,10 @@ std::string FormatBytes(size_t n) {
 KVCache::Arena KVCache::Reserve(size_t bytes) {
   Arena a;
   a.bytes = std::max<size_t>(bytes, 1);
+  if (memory_ != nullptr) {
+    a.p = static_cast<uint8_t*>(memory_->Allocate(a.bytes));
+    return a;
+  }
   void* m = ::mmap(nullptr, a.bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED)
@@ -100,24 +104,35 @@ KVCache::Arena KVCache::Reserve(size_t bytes) {
   return a;
 }
 
-KVCache::KVCache(const KVCacheShape& s, size_t memory_limit) : shape_(s) {
+void KVCache::Release(Arena& a) {
+  if (a.p == nullptr) return;
+  if (memory_ != nullptr)
+    memory_->Deallocate(a.p);
+  else
+    ::munmap(a.p, a.bytes);
+  a.p = nullptr;
+}
+
+KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
+    : shape_(s), memory_(memory) {
   if (s.layers <= 0 || s.kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0 || s.block_size <= 0)
     Fail("KV cache: invalid shape (layers ", s.layers, ", kv_heads ", s.kv_heads, ", head_dim ",
          s.head_dim, ", tokens ", s.capacity, ", block_size ", s.block_size, ")");
   if (!IsFloatWeightType(s.dtype) && s.dtype != DType::kI8)
     Fail("KV cache: type must be f32, f16, bf16 or int8");
   const size_t total = s.TotalBytes();
-  const size_t avail = AvailableMemoryBytes();
+  const size_t avail = memory != nullptr ? memory->AvailableBytes() : AvailableMemoryBytes();
+  const std::string where = memory != nullptr ? memory->Name() : std::string("memory");
   const size_t limit = memory_limit != 0 ? memory_limit : avail;
   if (limit != 0 && total > limit)
     Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " (", s.BytesPerToken(),
          " bytes per token, ", KVTypeName(s.dtype), ") but ",
          memory_limit != 0 ? "--kv-memory allows " + FormatBytes(limit)
-                           : "only " + FormatBytes(limit) + " of memory is available",
+                           : "only " + FormatBytes(limit) + " of " + where + " is available",
          "; use a shorter context, a smaller --kv-type or a larger --kv-memory");
   if (memory_limit != 0 && avail != 0 && total > avail)
     Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ",
-         FormatBytes(avail), " of memory is available");
+         FormatBytes(avail), " of ", where, " is available");
   const int64_t nb = s.num_blocks();
   layer_bytes_ =
       static_cast<size_t>(nb * s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);
@@ -130,22 +145,45 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit) : shape_(s) {
   }
   table_.assign(static_cast<size_t>(s.layers), std::vector<int32_t>(static_cast<size_t>(nb), -1));
   next_slot_.assign(static_cast<size_t>(s.layers), 0);
+  if (memory_ != nullptr) {
+    const size_t bytes = static_cast<size_t>(s.layers * nb) * sizeof(int32_t);
+    table_mirror_ = static_cast<int32_t*>(memory_->Allocate(bytes));
+    std::vector<int32_t> unassigned(static_cast<size_t>(s.layers * nb), -1);
+    memory_->CopyFromHost(table_mirror_, unassigned.data(), bytes);
+  }
 }
 
 KVCache::~KVCache() {
-  for (Arena* a : {&k_, &v_, &ks_, &vs_})
-    if (a->p != nullptr) ::munmap(a->p, a->bytes);
+  for (Arena* a : {&k_, &v_, &ks_, &vs_}) Release(*a);
+  if (table_mirror_ != nullptr) memory_->Deallocate(table_mirror_);
 }
 
 void KVCache::Clear() {
   size_ = 0;
   for (auto& t : table_) std::fill(t.begin(), t.end(), -1);
   std::fill(next_slot_.begin(), next_slot_.end(), 0);
+  if (table_mirror_ != nullptr)
+    for (int64_t l = 0; l < shape_.layers; ++l)
+      memory_->CopyFromHost(table_mirror_ + l * shape_.num_blocks(), table_[l].data(),
+                            table_[l].size() * sizeof(int32_t));
 }
 
-void KVCache::EnsureBlock(int64_t layer, int64_t block) {
-  int32_t& slot = table_[layer][block];
-  if (slot < 0) slot = next_slot_[layer]++;
+void KVCache::AssignBlocks(int64_t layer, int64_t pos0, int64_t T) {
+  const KVCacheShape& s = shape_;
+  if (layer < 0 || layer >= s.layers) Fail("KV cache: layer ", layer, " out of range");
+  if (pos0 < 0 || T < 0 || pos0 + T > s.num_blocks() * s.block_size)
+    Fail("KV cache: writing positions [", pos0, ", ", pos0 + T, ") exceeds the capacity of ",
+         s.capacity, " tokens");
+  if (T == 0) return;
+  const int64_t b0 = pos0 / s.block_size, b1 = (pos0 + T - 1) / s.block_size;
+  bool changed = false;
+  for (int64_t b = b0; b <= b1; ++b) {
+    int32_t& slot = table_[layer][b];
+    if (slot < 0) slot = next_slot_[layer]++, changed = true;
+  }
+  if (changed && table_mirror_ != nullptr)
+    memory_->CopyFromHost(table_mirror_ + layer * s.num_blocks() + b0, &table_[layer][b0],
+                          static_cast<size_t>(b1 - b0 + 1) * sizeof(int32_t));
 }
 
 KVLayerView KVCache::Layer(int64_t layer) const {
@@ -160,7 +198,7 @@ KVLayerView KVCache::Layer(int64_t layer) const {
       v_.p + layer * layer_bytes_,
       ks_.p ? reinterpret_cast<const float*>(ks_.p) + layer * layer_scale_floats_ : nullptr,
       vs_.p ? reinterpret_cast<const float*>(vs_.p) + layer * layer_scale_floats_ : nullptr,
-      table_[layer].data(),
+      table_mirror_ != nullptr ? table_mirror_ + layer * s.num_blocks() : table_[layer].data(),
       size_};
 }
 
@@ -182,12 +220,9 @@ void QuantizeRow(const float* x, int64_t D, int8_t* q, float* scales) {
 
 void KVCache::Write(int64_t layer, int64_t pos0, int64_t T, const float* k, const float* v) {
   const KVCacheShape& s = shape_;
-  if (layer < 0 || layer >= s.layers) Fail("KV cache: layer ", layer, " out of range");
-  if (pos0 < 0 || pos0 + T > s.num_blocks() * s.block_size)
-    Fail("KV cache: writing positions [", pos0, ", ", pos0 + T, ") exceeds the capacity of ",
-         s.capacity, " tokens");
-  for (int64_t b = pos0 / s.block_size; b <= (pos0 + T - 1) / s.block_size; ++b)
-    EnsureBlock(layer, b);
+  if (memory_ != nullptr)
+    Fail("KV cache in ", memory_->Name(), ": written by its backend, not from the host");
+  AssignBlocks(layer, pos0, T);
   const KVLayerView view = Layer(layer);
   const int64_t D = s.head_dim, Hk = s.kv_heads;
   for (int64_t t = 0; t < T; ++t) {

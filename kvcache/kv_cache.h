@@ -94,11 +94,24 @@ struct KVLayerView {
   }
 };
 
+// Memory other than host DRAM for the arenas and block tables (the CUDA backend's device
+// memory): the layout stays the same, so blocks move between memories without reshaping.
+class KVMemory {
+ public:
+  virtual ~KVMemory() = default;
+  virtual std::string Name() const = 0;  // for messages: "GPU 0 (NVIDIA H100) memory"
+  virtual size_t AvailableBytes() const = 0;
+  virtual void* Allocate(size_t bytes) = 0;  // throws Error naming the bytes asked and free
+  virtual void Deallocate(void* p) = 0;
+  virtual void CopyFromHost(void* dst, const void* src, size_t bytes) = 0;
+};
+
 class KVCache {
  public:
-  // memory_limit: bytes the cache may take (0: the machine's available memory). Throws Error
-  // naming the requested and the allowed bytes when the context does not fit.
-  explicit KVCache(const KVCacheShape& shape, size_t memory_limit = 0);
+  // memory_limit: bytes the cache may take (0: the memory's available bytes). Throws Error
+  // naming the requested and the allowed bytes when the context does not fit. memory: where the
+  // arenas live (nullptr: host DRAM); caches elsewhere are written by the backend (KVWrite).
+  explicit KVCache(const KVCacheShape& shape, size_t memory_limit = 0, KVMemory* memory = nullptr);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -109,10 +122,16 @@ class KVCache {
 
   // Writes T tokens at positions [pos0, pos0 + T) of `layer` from f32 rows
   // k, v: [T, kv_heads, head_dim], converting (int8: quantising per group) to the cache type.
+  // Host caches only.
   void Write(int64_t layer, int64_t pos0, int64_t T, const float* k, const float* v);
+  // Assigns slots to the blocks of positions [pos0, pos0 + T) of `layer` (and updates the
+  // table's copy in the cache's memory); the step before any write, host or device.
+  void AssignBlocks(int64_t layer, int64_t pos0, int64_t T);
+  bool on_host() const { return memory_ == nullptr; }
   // Marks tokens [0, n) valid (after every layer of a step wrote them); n may also shrink.
   void SetSize(int64_t n);
 
+  // Pointers into the cache's memory (device pointers for a device cache, table included).
   KVLayerView Layer(int64_t layer) const;
 
  private:
@@ -120,10 +139,12 @@ class KVCache {
     uint8_t* p = nullptr;
     size_t bytes = 0;
   };
-  static Arena Reserve(size_t bytes);
-  void EnsureBlock(int64_t layer, int64_t block);
+  Arena Reserve(size_t bytes);
+  void Release(Arena& a);
 
   KVCacheShape shape_;
+  KVMemory* memory_ = nullptr;
+  int32_t* table_mirror_ = nullptr;  // [layer][block] in memory_ (device caches)
   int64_t size_ = 0;
   size_t layer_bytes_ = 0, layer_scale_floats_ = 0;
   Arena k_, v_, ks_, vs_;

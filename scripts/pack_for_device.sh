@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Copies the built binaries and the Debian shared libraries they need into .dev/gpu, a
+# Copies the built binaries (of build/, or the build folder given as $1) and the Debian shared libraries they need into .dev/gpu, a
 # git-ignored folder that the device tool carries to the GPU machine (which lacks those packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.dev/gpu
 rm -rf $P && mkdir -p $P/lib
-cp build/needle build/bench/bench_kernels build/bench/bench_decode build/bench/bench_sparse $P/
+B=${1:-build}
+cp $B/needle $B/tests/needle_tests $B/bench/bench_kernels $B/bench/bench_decode $B/bench/bench_sparse $P/
 # Every Debian library the binaries link that is not part of a bare Ubuntu (libc, libstdc++,
-# libgcc, libm), found with ldd rather than listed by hand.
-for b in $P/needle $P/bench_*; do
+# libgcc, libm) nor of the GPU machine's own CUDA 13 (/usr/local/cuda: run there with
+# LD_LIBRARY_PATH=$PWD/.dev/gpu/lib:/usr/local/cuda/lib64), found with ldd rather than listed.
+for b in $P/needle $P/needle_tests $P/bench_*; do
   ldd "$b" | awk '/=> \//{print $3}'
-done | sort -u | grep -Ev '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | while read -r lib; do
+done | sort -u | grep -Ev '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|^/usr/local/cuda' | while read -r lib; do
   cp -L "$lib" $P/lib/
 done
 du -sh $P

@@ -29,6 +29,9 @@ class Backend {
   virtual float* Alloc(size_t n) = 0;
   virtual void Free(float* p) = 0;
   virtual void ToHost(const float* src, size_t n, float* host_dst) = 0;
+  virtual void FromHost(const float* host_src, size_t n, float* dst) = 0;
+  // Where this backend's KV caches must live (nullptr: host DRAM).
+  virtual KVMemory* kv_memory() { return nullptr; }
 
   // ids: host array [T]; out: [T, hidden]
   virtual void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) = 0;

@@ -28,6 +28,9 @@ class CpuBackend final : public Backend {
   void ToHost(const float* src, size_t n, float* dst) override {
     std::memcpy(dst, src, n * sizeof(float));
   }
+  void FromHost(const float* src, size_t n, float* dst) override {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
 
   void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) override {
     EmbedRows(table, ids, T, out);

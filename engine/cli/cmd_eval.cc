@@ -196,7 +196,7 @@ int CmdEval(int argc, char** argv) {
   if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
 
   ThreadingContext tc(static_cast<int>(opt.Int("threads")));
-  auto backend = MakeCpuBackend(tc, opt.Flag("reference-kernels"));
+  auto backend = MakeBackend(opt.Str("device"), opt, tc);
   auto model = LoadModel(opt.Str("model"), *backend);
   model->set_ubatch(opt.Int("ubatch"));
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");

@@ -6,6 +6,9 @@
 #include <iostream>
 
 #include "engine/base/error.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 namespace needle {
 
@@ -51,6 +54,9 @@ std::vector<OptionSpec> RunOptionSpecs() {
        "model folder (config.json + model.safetensors[.index.json]); default: the bundled "
        "needle-tiny"},
       {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
+      {"device", 0, OptKind::kString, "auto",
+       "where the model runs: cpu, cuda (cuda:N for GPU N), or auto (cuda when a GPU is present "
+       "and the attention is dense)"},
       {"ctx-size", 'c', OptKind::kInt, "0", "KV cache capacity in tokens (0: what the run needs)"},
       {"kv-type", 0, OptKind::kString, "auto",
        "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
@@ -117,6 +123,41 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
   return c;
 }
 
+std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& opt,
+                                     ThreadingContext& tc) {
+  std::string kind = device;
+  int index = 0;
+  if (device.rfind("cuda:", 0) == 0) {
+    kind = "cuda";
+    try {
+      size_t used = 0;
+      index = std::stoi(device.substr(5), &used);
+      if (used != device.size() - 5) throw std::invalid_argument(device);
+    } catch (const std::exception&) {
+      Fail("--device: '", device, "' is not cuda:N");
+    }
+  }
+  if (kind != "cpu" && kind != "cuda" && kind != "auto")
+    Fail("--device: '", device, "' is not cpu, cuda, cuda:N or auto");
+#ifdef NEEDLE_HAVE_CUDA
+  std::string why;
+  const bool sparse = opt.Str("attention").find("sparse") != std::string::npos;
+  if (kind == "auto")
+    kind = !sparse && !opt.Flag("reference-kernels") && CudaAvailable(&why) ? "cuda" : "cpu";
+  if (kind == "cuda") {
+    if (opt.Flag("reference-kernels"))
+      Fail("--reference-kernels selects the CPU's scalar kernels: use it with --device cpu");
+    if (sparse) Fail("--attention sparse runs on the CPU for now: use it with --device cpu");
+    auto b = MakeCudaBackend(index);
+    std::fprintf(stderr, "needle: device %s\n", b->kv_memory()->Name().c_str());
+    return b;
+  }
+#else
+  if (kind == "cuda") Fail("--device cuda: this needle was built without CUDA (no nvcc found)");
+#endif
+  return MakeCpuBackend(tc, opt.Flag("reference-kernels"));
+}
+
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);
@@ -128,7 +169,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
       opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
 
   rs.tc = std::make_unique<ThreadingContext>(static_cast<int>(opt.Int("threads")));
-  rs.backend = MakeCpuBackend(*rs.tc, opt.Flag("reference-kernels"));
+  rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
     rs.model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"),
@@ -143,7 +184,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",
                static_cast<long long>(ctx), shape.BytesPerToken(), KVTypeName(rs.kv_type),
                FormatBytes(shape.TotalBytes()).c_str());
-  rs.cache = std::make_unique<KVCache>(shape, kv_limit);
+  rs.cache = std::make_unique<KVCache>(shape, kv_limit, rs.backend->kv_memory());
   if (opt.Str("attention") == "sparse") {
     rs.sparse = std::make_unique<SparseAttention>(rs.model->config(), rs.sparse_cfg, *rs.backend,
                                                   *rs.tc, ctx, rs.kv_type);

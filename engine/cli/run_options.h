@@ -36,6 +36,10 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
 // attention policy.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
+// The backend that --device names: cpu, cuda / cuda:N, or auto (cuda when a GPU exists and the
+// run needs neither sparse attention nor the reference kernels, which are CPU-only).
+std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& opt,
+                                     ThreadingContext& tc);
 // Applies one sparse setting by its flag name ("topk", "local-window", "repr", ...) to c; throws
 // naming the flag for unknown names or bad values. Used for --set sweeps.
 void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value);

@@ -1,0 +1,278 @@
+// Tiled online-softmax attention over the block KV cache; see attention.h.
+//
+// Block (qtile, kv_head, split): rows = QT query positions x G query heads of the KV head, 4 warps,
+// each warp owning rows w, w + 4, ... For every tile of 32 keys (K and V converted to f32 in
+// shared memory, rows padded by one float against bank conflicts) lane j scores key j for each of
+// its warp's rows, the warp updates the row's running max and sum, and the output accumulator
+// (D/32 values per lane) is rescaled and accumulated with the tile's probabilities broadcast by
+// shuffles. Keys outside the causal/sliding-window range of a row score -inf.
+#include "engine/cuda/attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kKeys = 32;     // keys per tile = lanes
+constexpr int kMaxRows = 16;  // rows (query position x head) per block
+constexpr int kMaxD = 256;
+
+__device__ __forceinline__ float LoadKV(const void* p, int64_t i, DType t) {
+  if (t == DType::kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (t == DType::kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+struct Params {
+  const float* q;  // [T, heads, D]
+  const void* k;   // arena [slot][kv_head][B][D]
+  const void* v;
+  const int32_t* table;
+  DType dtype;
+  int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;
+  float scale;
+  int QT, G, splits;
+  int64_t keys_per_split;
+  float* out;  // splits == 1: [T, heads, D], else partial [splits, T, heads, D]
+  float* m;    // splits == 1: lse or nullptr; else [splits, T, heads] running max
+  float* l;    // splits > 1: [splits, T, heads] sums
+};
+
+template <int DPL>  // D / 32 rounded up: values of the output row each lane accumulates
+__global__ void __launch_bounds__(kWarps * 32) AttnKernel(Params p) {
+  extern __shared__ float smem[];
+  const int D = static_cast<int>(p.D);
+  const int ld = D + 1;
+  float* ks = smem;             // [kKeys][ld]
+  float* vs = ks + kKeys * ld;  // [kKeys][ld]
+  float* qs = vs + kKeys * ld;  // [kMaxRows][D]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t h = blockIdx.y;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * p.QT;
+  const int rows = p.QT * p.G;
+  const int split = blockIdx.z;
+
+  // Rows: r = tq * G + g -> query position t0 + tq, head h * G + g.
+  for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    const int64_t t = t0 + r / p.G;
+    qs[i] = t < p.T ? p.q[(t * p.heads + h * p.G + r % p.G) * p.D + d] * p.scale : 0.f;
+  }
+  // Key range of the block: visible to some row, within this split.
+  const int64_t t_last = min(p.T, t0 + p.QT) - 1;
+  const int64_t q_first = p.pos0 + t0, q_last = p.pos0 + t_last;
+  int64_t k_begin = p.window > 0 ? max(static_cast<int64_t>(0), q_first - p.window + 1) : 0;
+  int64_t k_end = min(q_last + 1, p.n_keys);
+  if (p.splits > 1) {
+    k_begin = max(k_begin, split * p.keys_per_split);
+    k_end = min(k_end, (split + 1) * p.keys_per_split);
+  }
+
+  constexpr int RPW = kMaxRows / kWarps;
+  float acc[RPW][DPL], mrow[RPW], lrow[RPW];
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    mrow[i] = -INFINITY;
+    lrow[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) acc[i][j] = 0.f;
+  }
+  __syncthreads();
+
+  for (int64_t kb = k_begin; kb < k_end; kb += kKeys) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kKeys), k_end - kb));
+    for (int i = threadIdx.x; i < kKeys * D; i += blockDim.x) {
+      const int j = i / D, d = i % D;
+      float kv_k = 0.f, kv_v = 0.f;
+      if (j < n) {
+        const int64_t pos = kb + j;
+        const int64_t row =
+            (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
+        kv_k = LoadKV(p.k, row * p.D + d, p.dtype);
+        kv_v = LoadKV(p.v, row * p.D + d, p.dtype);
+      }
+      ks[j * ld + d] = kv_k;
+      vs[j * ld + d] = kv_v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      const int r = warp + i * kWarps;
+      if (r >= rows) break;
+      const int64_t t = t0 + r / p.G;
+      if (t >= p.T) break;
+      const int64_t qpos = p.pos0 + t;
+      const int64_t kpos = kb + lane;
+      float s = -INFINITY;
+      if (lane < n && kpos <= qpos && (p.window <= 0 || kpos > qpos - p.window)) {
+        s = 0.f;
+        const float* qr = qs + r * D;
+        const float* kr = ks + lane * ld;
+        for (int d = 0; d < D; ++d) s += qr[d] * kr[d];
+      }
+      float mx = s;
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(mrow[i], mx);
+      if (m_new == -INFINITY) continue;  // nothing visible yet for this row
+      const float alpha = __expf(mrow[i] - m_new);
+      const float pj = s == -INFINITY ? 0.f : __expf(s - m_new);
+      float sum = pj;
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      lrow[i] = lrow[i] * alpha + sum;
+      mrow[i] = m_new;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) acc[i][j] *= alpha;
+      for (int jj = 0; jj < n; ++jj) {
+        const float pb = __shfl_sync(0xffffffffu, pj, jj);
+        const float* vr = vs + jj * ld;
+#pragma unroll
+        for (int j = 0; j < DPL; ++j) {
+          const int d = lane + 32 * j;
+          if (d < D) acc[i][j] += pb * vr[d];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // Write: normalised rows (+ lse), or partials (normalised o, m, l) for the merge.
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    const int r = warp + i * kWarps;
+    if (r >= rows) break;
+    const int64_t t = t0 + r / p.G;
+    if (t >= p.T) break;
+    const int64_t hq = h * p.G + r % p.G;
+    const int64_t row = t * p.heads + hq;
+    const float inv = lrow[i] > 0.f ? 1.f / lrow[i] : 0.f;
+    float* o = p.out + (static_cast<int64_t>(split) * p.T * p.heads + row) * p.D;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      const int d = lane + 32 * j;
+      if (d < D) o[d] = acc[i][j] * inv;
+    }
+    if (lane == 0) {
+      if (p.splits > 1) {
+        p.m[split * p.T * p.heads + row] = mrow[i];
+        p.l[split * p.T * p.heads + row] = lrow[i];
+      } else if (p.m != nullptr) {
+        p.m[row] = lrow[i] > 0.f ? mrow[i] + logf(lrow[i]) : -INFINITY;
+      }
+    }
+  }
+}
+
+// out[row] = sum_s w_s o_s / sum_s w_s with w_s = l_s exp(m_s - M); one block per row.
+__global__ void MergeKernel(const float* po, const float* pm, const float* pl, int splits,
+                            int64_t rows, int64_t D, float* out, float* lse) {
+  const int64_t row = blockIdx.x;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, pm[s * rows + row]);
+  float L = 0.f;
+  for (int s = 0; s < splits; ++s)
+    if (pl[s * rows + row] > 0.f) L += pl[s * rows + row] * __expf(pm[s * rows + row] - M);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float l = pl[s * rows + row];
+      if (l > 0.f) acc += l * __expf(pm[s * rows + row] - M) * po[(s * rows + row) * D + d];
+    }
+    out[row * D + d] = L > 0.f ? acc / L : 0.f;
+  }
+  if (threadIdx.x == 0 && lse != nullptr) lse[row] = L > 0.f ? M + logf(L) : -INFINITY;
+}
+
+size_t SmemBytes(int64_t D) {
+  return static_cast<size_t>(2 * kKeys * (D + 1) + kMaxRows * D) * sizeof(float);
+}
+
+template <int DPL>
+void Launch(const Params& p, dim3 grid, cudaStream_t stream) {
+  static bool configured = false;  // opt in, once, to the shared memory of the largest head_dim
+  if (!configured) {
+    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(AttnKernel<DPL>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(SmemBytes(32 * DPL))));
+    configured = true;
+  }
+  AttnKernel<DPL><<<grid, kWarps * 32, SmemBytes(p.D), stream>>>(p);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
+               int sm_count, AttnScratch& scratch, cudaStream_t stream) {
+  if (a.head_dim > kMaxD)
+    Fail("CUDA attention: head_dim ", a.head_dim, " is above the supported ", kMaxD);
+  if (kv.dtype != DType::kF32 && kv.dtype != DType::kF16 && kv.dtype != DType::kBF16)
+    Fail("CUDA attention: KV cache type ", DTypeName(kv.dtype), " is not supported on the GPU ",
+         "(use --kv-type f32, f16 or bf16)");
+  if (a.T == 0) return;
+  Params p{};
+  p.q = q;
+  p.k = kv.k;
+  p.v = kv.v;
+  p.table = kv.table;
+  p.dtype = kv.dtype;
+  p.T = a.T;
+  p.pos0 = a.pos0;
+  p.heads = a.heads;
+  p.kv_heads = a.kv_heads;
+  p.D = a.head_dim;
+  p.B = kv.block_size;
+  p.window = a.window;
+  p.n_keys = a.pos0 + a.T;
+  p.scale = a.scale;
+  p.G = static_cast<int>(a.heads / a.kv_heads);
+  if (p.G > kMaxRows)
+    Fail("CUDA attention: ", p.G, " query heads per KV head (max ", kMaxRows, ")");
+  p.QT = std::max(1, kMaxRows / p.G);
+  const int64_t qtiles = (a.T + p.QT - 1) / p.QT;
+  // Split the keys when the query tiles alone leave the GPU under-filled (two blocks per SM),
+  // each split keeping at least 256 keys so the merge stays cheap.
+  const int64_t blocks = qtiles * a.kv_heads;
+  int64_t splits = 1;
+  if (blocks < 2 * sm_count)
+    splits = std::clamp<int64_t>(2 * sm_count / blocks, 1, std::max<int64_t>(1, p.n_keys / 256));
+  p.splits = static_cast<int>(splits);
+  p.keys_per_split = (p.n_keys + splits - 1) / splits;
+  const int64_t rows = a.T * a.heads;
+  if (splits == 1) {
+    p.out = out;
+    p.m = lse;
+  } else {
+    const size_t need = static_cast<size_t>(splits * rows * (a.head_dim + 2));
+    if (scratch.floats < need) {
+      if (scratch.buf != nullptr) NEEDLE_CUDA_CHECK(cudaFree(scratch.buf));
+      NEEDLE_CUDA_CHECK(cudaMalloc(&scratch.buf, need * sizeof(float)));
+      scratch.floats = need;
+    }
+    p.out = scratch.buf;
+    p.m = scratch.buf + splits * rows * a.head_dim;
+    p.l = p.m + splits * rows;
+  }
+  const dim3 grid(static_cast<unsigned>(qtiles), static_cast<unsigned>(a.kv_heads),
+                  static_cast<unsigned>(splits));
+  const int64_t dpl = (a.head_dim + 31) / 32;
+  if (dpl <= 2)
+    Launch<2>(p, grid, stream);
+  else if (dpl <= 4)
+    Launch<4>(p, grid, stream);
+  else
+    Launch<8>(p, grid, stream);
+  if (splits > 1) {
+    MergeKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(p.out, p.m, p.l, p.splits, rows,
+                                                                 a.head_dim, out, lse);
+    NEEDLE_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace needle::cuda

@@ -1,0 +1,30 @@
+// Attention on the GPU over the block KV cache (the layout of kvcache/kv_cache.h, in device
+// memory): one tiled online-softmax kernel for prefill and decode. A thread block takes a tile of
+// query positions times the query heads of one KV head (GQA without repeating K/V: the tile is
+// loaded once for the whole group) and a range of keys; when there are too few such tiles to fill
+// the GPU (decode, short prompts over long contexts) the keys are split across blocks
+// (flash-decoding) and the partial results merged by a second kernel, with the same algebra as
+// engine/attention/partial.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "engine/cpu/ops.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle::cuda {
+
+// Scratch for split partial results; grows as needed, freed with the backend.
+struct AttnScratch {
+  float* buf = nullptr;
+  size_t floats = 0;
+};
+
+// out[T, heads, D] = softmax(scale * q k^T) v over every visible key (causal, optional sliding
+// window). q: device [T, heads, D] f32; kv: a device cache view (table in device memory);
+// lse (optional, device): [T, heads]. Supports head_dim <= 256 and f32/f16/bf16 caches.
+// sm_count: the device's multiprocessors (to choose the key split).
+void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
+               int sm_count, AttnScratch& scratch, cudaStream_t stream);
+
+}  // namespace needle::cuda

@@ -1,0 +1,207 @@
+// Element-wise kernels of the CUDA backend; see kernels.h for shapes.
+#include "engine/cuda/kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "engine/cuda/cuda_check.h"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void StoreAs(void* p, int64_t i, DType t, float x) {
+  switch (t) {
+    case DType::kBF16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+      break;
+    case DType::kF16:
+      static_cast<__half*>(p)[i] = __float2half_rn(x);
+      break;
+    default:
+      static_cast<float*>(p)[i] = x;
+  }
+}
+
+unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+__global__ void EmbedKernel(const void* table, DType dt, const int32_t* ids, int64_t T, int64_t H,
+                            float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= T * H) return;
+  const int64_t t = i / H, c = i % H;
+  out[i] = LoadAs(table, static_cast<int64_t>(ids[t]) * H + c, dt);
+}
+
+// One block per row; f32 sum of squares reduced through shared memory.
+__global__ void RmsNormKernel(const float* x, int64_t D, const void* w, DType wt, float eps,
+                              float* y) {
+  const float* xr = x + blockIdx.x * D;
+  float* yr = y + blockIdx.x * D;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    ss = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (threadIdx.x == 0) part[0] = ss;
+  }
+  __syncthreads();
+  const float inv = rsqrtf(part[0] / static_cast<float>(D) + eps);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = (xr[i] * inv) * LoadAs(w, i, wt);
+}
+
+__global__ void RopeKernel(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
+                           const float* inv_freq, float scaling) {
+  const int64_t half = D / 2;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= T * heads * half) return;
+  const int64_t j = i % half, row = i / half, t = row / heads;
+  const float angle = static_cast<float>(pos0 + t) * inv_freq[j];
+  const float c = static_cast<float>(cos(static_cast<double>(angle))) * scaling;
+  const float s = static_cast<float>(sin(static_cast<double>(angle))) * scaling;
+  float* v = x + row * D;
+  const float a = v[j], b = v[j + half];
+  v[j] = a * c - b * s;
+  v[j + half] = b * c + a * s;
+}
+
+__global__ void SiluMulKernel(const float* g, const float* u, int64_t n, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const float a = g[i];
+  out[i] = a / (1.f + expf(-a)) * u[i];
+}
+
+__global__ void AddKernel(float* x, const float* y, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) x[i] += y[i];
+}
+
+__global__ void AddBiasKernel(float* y, int64_t T, int64_t N, const void* b, DType bt) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < T * N) y[i] += LoadAs(b, i % N, bt);
+}
+
+__global__ void ConvertKernel(const float* src, int64_t n, void* dst, DType dt) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) StoreAs(dst, i, dt, src[i]);
+}
+
+__global__ void KVWriteKernel(const float* k, const float* v, int64_t T, int64_t Hk, int64_t D,
+                              int64_t pos0, int64_t B, const int32_t* table, void* ka, void* va,
+                              DType dt) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= T * Hk * D) return;
+  const int64_t d = i % D, h = (i / D) % Hk, t = i / (D * Hk);
+  const int64_t pos = pos0 + t;
+  const int64_t row = (static_cast<int64_t>(table[pos / B]) * Hk + h) * B + pos % B;
+  StoreAs(ka, row * D + d, dt, k[i]);
+  StoreAs(va, row * D + d, dt, v[i]);
+}
+
+// One block per row: each thread scans a stride, then a (value, index) reduction that keeps the
+// first maximum, like the CPU's Argmax.
+__global__ void ArgmaxKernel(const float* logits, int64_t V, int32_t* idx) {
+  const float* r = logits + blockIdx.x * V;
+  float best = -INFINITY;
+  int64_t bi = V;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+    if (r[i] > best || (r[i] == best && i < bi)) best = r[i], bi = i;
+  __shared__ float sv[kThreads];
+  __shared__ int64_t si[kThreads];
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = sv[threadIdx.x + s];
+      const int64_t oi = si[threadIdx.x + s];
+      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x]))
+        sv[threadIdx.x] = ov, si[threadIdx.x] = oi;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) idx[blockIdx.x] = static_cast<int32_t>(si[0] < V ? si[0] : 0);
+}
+
+}  // namespace
+
+void Embed(const void* table, DType dtype, const int32_t* ids, int64_t T, int64_t H, float* out,
+           cudaStream_t stream) {
+  if (T * H == 0) return;
+  EmbedKernel<<<Blocks(T * H), kThreads, 0, stream>>>(table, dtype, ids, T, H, out);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void RmsNorm(const float* x, int64_t rows, int64_t D, const void* w, DType wtype, float eps,
+             float* y, cudaStream_t stream) {
+  if (rows == 0) return;
+  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, D, w, wtype, eps, y);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq,
+          float scaling, cudaStream_t stream) {
+  const int64_t n = T * heads * (D / 2);
+  if (n == 0) return;
+  RopeKernel<<<Blocks(n), kThreads, 0, stream>>>(x, T, heads, D, pos0, inv_freq, scaling);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void SiluMul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return;
+  SiluMulKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, out);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void Add(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  AddKernel<<<Blocks(n), kThreads, 0, stream>>>(x, y, n);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void AddBias(float* y, int64_t T, int64_t N, const void* bias, DType btype, cudaStream_t stream) {
+  if (T * N == 0) return;
+  AddBiasKernel<<<Blocks(T * N), kThreads, 0, stream>>>(y, T, N, bias, btype);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void ConvertF32(const float* src, int64_t n, void* dst, DType dst_type, cudaStream_t stream) {
+  if (n == 0) return;
+  ConvertKernel<<<Blocks(n), kThreads, 0, stream>>>(src, n, dst, dst_type);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_t D, int64_t pos0,
+             int64_t block_size, const int32_t* table, void* k_arena, void* v_arena, DType dtype,
+             cudaStream_t stream) {
+  const int64_t n = T * kv_heads * D;
+  if (n == 0) return;
+  KVWriteKernel<<<Blocks(n), kThreads, 0, stream>>>(k, v, T, kv_heads, D, pos0, block_size, table,
+                                                    k_arena, v_arena, dtype);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* idx, cudaStream_t stream) {
+  if (rows == 0) return;
+  ArgmaxKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, V, idx);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace needle::cuda

@@ -1,0 +1,40 @@
+// The CUDA backend's element-wise kernels (kernels.cu). Every pointer is device memory; every
+// launch goes on `stream` and is checked. Activations are f32; weights and the KV cache are f32,
+// f16 or bf16 (`DType`), read as f32. Shapes are row-major, as in engine/cpu/ops.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "engine/base/dtype.h"
+
+namespace needle::cuda {
+
+// out[T, H] = table[ids[t], :]  (table: [vocab, H] of dtype; ids: device [T])
+void Embed(const void* table, DType dtype, const int32_t* ids, int64_t T, int64_t H, float* out,
+           cudaStream_t stream);
+// y[rows, D] = x * rsqrt(mean(x^2) + eps) * w[D]; y may alias x.
+void RmsNorm(const float* x, int64_t rows, int64_t D, const void* w, DType wtype, float eps,
+             float* y, cudaStream_t stream);
+// x[T, heads, D] rotated in place, rotate-half pairs (i, i + D/2); angle = f32(pos0 + t) *
+// inv_freq[i] (device [D/2]), cos/sin computed in double and multiplied by scaling (as the CPU).
+void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0, const float* inv_freq,
+          float scaling, cudaStream_t stream);
+// out[n] = silu(gate[n]) * up[n]; out may alias gate.
+void SiluMul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+// x[n] += y[n]
+void Add(float* x, const float* y, int64_t n, cudaStream_t stream);
+// y[T, N] += bias[N] (bias of dtype)
+void AddBias(float* y, int64_t T, int64_t N, const void* bias, DType btype, cudaStream_t stream);
+// dst[n] = src[n] converted to bf16 / f16 (dst_type), for cuBLAS inputs.
+void ConvertF32(const float* src, int64_t n, void* dst, DType dst_type, cudaStream_t stream);
+// Writes k, v [T, kv_heads, D] (f32) into a block arena [slot][kv_head][block][D] of dtype at
+// positions [pos0, pos0 + T), through table (device [blocks], logical block -> slot).
+void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_t D, int64_t pos0,
+             int64_t block_size, const int32_t* table, void* k_arena, void* v_arena, DType dtype,
+             cudaStream_t stream);
+// idx[r] = argmax over logits[r, V] (first maximum), for greedy decoding on the GPU.
+void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* idx, cudaStream_t stream);
+
+}  // namespace needle::cuda

@@ -1,0 +1,255 @@
+// The CUDA backend against the CPU backend (random inputs) and against the transformers fixtures.
+// Without a GPU (CI) every test skips and says why; tests/README.md has the command that runs
+// them on the GPU machine.
+//
+// Tolerances:
+//  * element-wise ops: a few f32 ulps of the result (the GPU's expf/rsqrtf differ from the CPU's
+//    by <= 2 ulp; RMSNorm sums squares in another order: D * 2^-24 relative).
+//  * matmul, f32 weights: K * 2^-24 * sum|x w| per output (any summation order), as for the CPU.
+//    bf16 weights: the GPU rounds x to bf16 before the product (the CPU keeps x in f32), so each
+//    term carries up to 2^-8 relative error: bound K * 2^-8 * max|x w|, tested at 2^-8 * sum|x w|.
+//  * attention: scores carry the dot bound; the GPU's __expf adds ~2^-21 relative per weight.
+//    With |q|, |k|, |v| <= 1 and D <= 128 we allow 2e-5 * max|v| + 1e-6.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "engine/backend/backend.h"
+#include "engine/model/generate.h"
+#include "tests/fixture_util.h"
+#include "tests/test_util.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
+
+namespace needle {
+namespace {
+
+// The CUDA backend, or nullptr after GTEST_SKIP's message is set by the caller.
+std::unique_ptr<Backend> CudaOrSkipReason(std::string* why) {
+#ifdef NEEDLE_HAVE_CUDA
+  if (!CudaAvailable(why)) return nullptr;
+  return MakeCudaBackend(0);
+#else
+  *why = "this build has no CUDA (nvcc was not found at configure time)";
+  return nullptr;
+#endif
+}
+
+#define NEEDLE_REQUIRE_GPU(var)       \
+  std::string why_;                   \
+  auto var = CudaOrSkipReason(&why_); \
+  if (var == nullptr) GTEST_SKIP() << "no GPU: " << why_;
+
+// A device buffer holding `host`.
+BackendBuffer Upload(Backend& b, const std::vector<float>& host) {
+  BackendBuffer buf(b, host.size());
+  b.FromHost(host.data(), host.size(), buf.get());
+  return buf;
+}
+std::vector<float> Download(Backend& b, const BackendBuffer& buf) {
+  std::vector<float> h(buf.size());
+  b.ToHost(buf.get(), buf.size(), h.data());
+  return h;
+}
+
+struct OwnedWeight {
+  std::vector<uint8_t> bytes;
+  Weight w;
+};
+OwnedWeight MakeWeight(DType t, int64_t rows, int64_t cols, uint64_t seed) {
+  OwnedWeight o;
+  const std::vector<float> v = test::RandomVector(static_cast<size_t>(rows * cols), seed);
+  o.bytes.resize(v.size() * DTypeSize(t));
+  for (size_t i = 0; i < v.size(); ++i) StoreFromF32(t, o.bytes.data(), i, v[i]);
+  o.w = Weight{"w", t, rows, cols, o.bytes.data()};
+  return o;
+}
+// Uploads a weight through the backend's PrepareWeights (a model of one embedding table).
+Weight DeviceWeight(Backend& b, const Weight& host) {
+  ModelWeights mw;
+  mw.embed = host;
+  b.PrepareWeights(mw);
+  return mw.embed;
+}
+
+void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, double rel,
+                 const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (float w : want) scale = std::max(scale, std::fabs(static_cast<double>(w)));
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], rel * scale + 1e-7) << what << " at " << i;
+}
+
+TEST(Cuda, ElementwiseOpsMatchCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, true);
+  for (int64_t D : {67, 128, 4096}) {
+    const int64_t rows = 5;
+    auto x = test::RandomVector(static_cast<size_t>(rows * D), 1 + D);
+    OwnedWeight w = MakeWeight(DType::kBF16, 1, D, 7);
+    const Weight wd = DeviceWeight(*gpu, w.w);
+    std::vector<float> want(x.size());
+    cpu->RmsNorm(x.data(), rows, D, w.w, 1e-6f, want.data());
+    BackendBuffer xd = Upload(*gpu, x);
+    gpu->RmsNorm(xd.get(), rows, D, wd, 1e-6f, xd.get());
+    ExpectClose(Download(*gpu, xd), want, 8e-7 + D * 6e-8, "RmsNorm D=" + std::to_string(D));
+  }
+  {
+    const int64_t T = 3, H = 8, D = 128;
+    std::vector<float> inv(D / 2);
+    for (int64_t i = 0; i < D / 2; ++i) inv[i] = std::pow(500000.0f, -2.0f * i / D);
+    auto x = test::RandomVector(static_cast<size_t>(T * H * D), 3);
+    std::vector<float> want = x;
+    cpu->Rope(want.data(), T, H, D, 131071, inv, 1.2f);
+    BackendBuffer xd = Upload(*gpu, x);
+    gpu->Rope(xd.get(), T, H, D, 131071, inv, 1.2f);
+    ExpectClose(Download(*gpu, xd), want, 1e-6, "Rope");
+  }
+  {
+    const int64_t n = 100003;
+    auto g = test::RandomVector(n, 4, 6.0f), u = test::RandomVector(n, 5);
+    std::vector<float> want(n);
+    cpu->SiluMul(g.data(), u.data(), n, want.data());
+    BackendBuffer gd = Upload(*gpu, g), ud = Upload(*gpu, u);
+    gpu->SiluMul(gd.get(), ud.get(), n, gd.get());
+    ExpectClose(Download(*gpu, gd), want, 1e-6, "SiluMul");
+    cpu->Add(g.data(), u.data(), n);
+    BackendBuffer g2 = Upload(*gpu, test::RandomVector(n, 4, 6.0f));
+    gpu->Add(g2.get(), ud.get(), n);
+    ExpectClose(Download(*gpu, g2), g, 1e-7, "Add");
+  }
+  {
+    OwnedWeight table = MakeWeight(DType::kF16, 50, 33, 9);
+    const Weight td = DeviceWeight(*gpu, table.w);
+    const std::vector<int32_t> ids = {0, 49, 7, 7};
+    std::vector<float> want(ids.size() * 33);
+    cpu->Embed(table.w, ids.data(), 4, want.data());
+    BackendBuffer out(*gpu, want.size());
+    gpu->Embed(td, ids.data(), 4, out.get());
+    ExpectClose(Download(*gpu, out), want, 0, "Embed");
+  }
+}
+
+TEST(Cuda, MatMulMatchesCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, true);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int64_t T : {1, 7, 300}) {
+      const int64_t N = 301, K = 257;
+      OwnedWeight w = MakeWeight(t, N, K, 11);
+      OwnedWeight bias = MakeWeight(t, 1, N, 12);
+      const Weight wd = DeviceWeight(*gpu, w.w), bd = DeviceWeight(*gpu, bias.w);
+      auto x = test::RandomVector(static_cast<size_t>(T * K), 13);
+      std::vector<float> want(static_cast<size_t>(T * N));
+      cpu->MatMul(x.data(), T, w.w, &bias.w, want.data());
+      BackendBuffer xd = Upload(*gpu, x), yd(*gpu, want.size());
+      gpu->MatMul(xd.get(), T, wd, &bd, yd.get());
+      const std::vector<float> got = Download(*gpu, yd);
+      // Per output: bound * sum_k |x_k w_k| (see the header).
+      const double rel = t == DType::kF32 ? 2.0 * K / (1 << 24) : 1.0 / 256;
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double mag = 0;
+          for (int64_t k = 0; k < K; ++k)
+            mag += std::fabs(x[r * K + k] * LoadAsF32(t, w.w.data, static_cast<size_t>(n * K + k)));
+          ASSERT_NEAR(got[r * N + n], want[r * N + n], rel * mag + 1e-6)
+              << DTypeName(t) << " T=" << T << " at " << r << "," << n;
+        }
+    }
+  }
+}
+
+// Dense causal attention through KVWrite + Attention on both backends: prefill of n tokens, then
+// one decode step, for GQA 1/4/7/8, head_dim 64/128, odd lengths and every float KV type.
+TEST(Cuda, AttentionMatchesCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(4);
+  auto cpu = MakeCpuBackend(tc, false);
+  struct Case {
+    int64_t kv_heads, group, D, n;
+    DType kv;
+    int64_t window;
+  };
+  std::vector<Case> cases;
+  for (int64_t g : {1, 4, 7, 8})
+    for (int64_t D : {64, 128})
+      for (int64_t n : {1, 37, 1000}) cases.push_back({2, g, D, n, DType::kF32, 0});
+  cases.push_back({8, 4, 128, 4099, DType::kBF16, 0});
+  cases.push_back({8, 4, 128, 4099, DType::kF16, 0});
+  cases.push_back({2, 4, 64, 999, DType::kF32, 100});     // sliding window
+  cases.push_back({8, 4, 128, 131072, DType::kBF16, 0});  // 128K decode
+  for (const Case& c : cases) {
+    const int64_t heads = c.kv_heads * c.group;
+    const bool long_ctx = c.n > 8192;  // prefill the long case in chunks on both sides
+    KVCacheShape shape{1, c.kv_heads, c.D, c.n + 1, 64, c.kv};
+    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
+    AttnArgs a;
+    a.heads = heads;
+    a.kv_heads = c.kv_heads;
+    a.head_dim = c.D;
+    a.window = c.window;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    std::vector<float> want, got;
+    for (int64_t pos = 0; pos <= c.n;) {
+      const int64_t T = pos < c.n ? std::min<int64_t>(c.n - pos, long_ctx ? 8192 : c.n) : 1;
+      a.T = T;
+      a.pos0 = pos;
+      auto q = test::RandomVector(static_cast<size_t>(T * heads * c.D), 100 + pos);
+      auto k = test::RandomVector(static_cast<size_t>(T * c.kv_heads * c.D), 200 + pos);
+      auto v = test::RandomVector(static_cast<size_t>(T * c.kv_heads * c.D), 300 + pos);
+      cpu->KVWrite(cc, 0, pos, T, k.data(), v.data());
+      BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
+      gpu->KVWrite(gc, 0, pos, T, kd.get(), vd.get());
+      cc.SetSize(pos + T);
+      gc.SetSize(pos + T);
+      const bool check = !long_ctx || pos == c.n;  // the long case: the decode step only
+      if (check) {
+        want.assign(q.size(), 0);
+        cpu->Attention(q.data(), cc.Layer(0), a, nullptr, want.data(), nullptr);
+        BackendBuffer od(*gpu, q.size());
+        gpu->Attention(qd.get(), gc.Layer(0), a, nullptr, od.get(), nullptr);
+        got = Download(*gpu, od);
+        ExpectClose(got, want, 2e-5,
+                    "attention G=" + std::to_string(c.group) + " D=" + std::to_string(c.D) +
+                        " n=" + std::to_string(c.n) + " " + KVTypeName(c.kv) +
+                        (pos == c.n ? " decode" : " prefill"));
+      }
+      pos += T;
+    }
+  }
+}
+
+// Every fixture: logits against transformers within the CPU's tolerances, and greedy tokens
+// equal to the CPU's for 32 steps.
+class CudaFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaFixture, MatchesTransformersAndCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  const std::string dir = test::FixturesDir() + "/" + GetParam();
+  test::CheckAgainstReference(*gpu, dir, dir, GetParam() + " (cuda)");
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  auto mc = LoadModel(dir, *cpu);
+  auto mg = LoadModel(dir, *gpu);
+  const std::vector<int32_t> prompt = {1, 17, 42, 99, 3};
+  const DType kv = mc->weights().dtype == DType::kF32 ? DType::kF32 : DType::kBF16;
+  KVCache cc(mc->CacheShape(64, kv)), gc(mg->CacheShape(64, kv), 0, gpu->kv_memory());
+  const auto a = GenerateGreedy(*mc, cc, prompt, 32, nullptr, nullptr);
+  const auto b = GenerateGreedy(*mg, gc, prompt, 32, nullptr, nullptr);
+  if (kv == DType::kF32) EXPECT_EQ(a, b);
+  size_t same = 0;
+  while (same < std::min(a.size(), b.size()) && a[same] == b[same]) ++same;
+  std::printf("[ cuda     ] %-30s greedy tokens equal to the CPU's: %zu of %zu\n",
+              GetParam().c_str(), same, a.size());
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaFixture, ::testing::ValuesIn(test::FixtureNames()),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace needle
