@@ -1,0 +1,164 @@
+// GPU benchmarks of the CUDA backend, one JSON object per line on stdout (bench/bench_cuda.sh
+// prints them next to PyTorch's numbers from bench/bench_torch.py, run in the same command):
+//   {"bench":"bandwidth"}      device memory bandwidth measured with a device-to-device copy
+//   {"bench":"attn_decode"}    one query token over ctx keys (32 q heads, 8 KV heads, D 128,
+//                              bf16 KV): time, KV bytes read, GB/s and fraction of the bandwidth
+//   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s
+//   {"bench":"e2e"}            --dummy-weights model (bench/configs): prefill tok/s of a P-token
+//                              prompt and decode tok/s after it
+// Times are medians of event-timed repetitions after a warm-up (METHOD.md of the device tool).
+// Usage: bench_cuda [attn|e2e|all] [config.json ...]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/model/model.h"
+
+namespace needle {
+namespace {
+
+template <typename F>
+double MedianMs(int reps, F&& f) {
+  cudaEvent_t a, b;
+  NEEDLE_CUDA_CHECK(cudaEventCreate(&a));
+  NEEDLE_CUDA_CHECK(cudaEventCreate(&b));
+  f();  // warm-up
+  NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    NEEDLE_CUDA_CHECK(cudaEventRecord(a));
+    f();
+    NEEDLE_CUDA_CHECK(cudaEventRecord(b));
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    NEEDLE_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+double Bandwidth() {
+  const size_t bytes = size_t{2} << 30;
+  void *src = nullptr, *dst = nullptr;
+  NEEDLE_CUDA_CHECK(cudaMalloc(&src, bytes));
+  NEEDLE_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  NEEDLE_CUDA_CHECK(cudaMemset(src, 1, bytes));
+  const double ms = MedianMs(10, [&] { cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice); });
+  cudaFree(src);
+  cudaFree(dst);
+  const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
+  std::printf("{\"bench\":\"bandwidth\",\"GB/s\":%.1f}\n", gbs);
+  return gbs;
+}
+
+// Fills positions [0, n) of a one-layer device cache with random-ish keys and values.
+void Fill(Backend& b, KVCache& cache, int64_t n, int64_t kv_heads, int64_t D) {
+  const int64_t chunk = 16384;
+  std::vector<float> host(static_cast<size_t>(chunk * kv_heads * D));
+  for (size_t i = 0; i < host.size(); ++i)
+    host[i] = static_cast<float>((i * 2654435761u) % 2001) / 1000.f - 1.f;
+  BackendBuffer k(b, host.size()), v(b, host.size());
+  b.FromHost(host.data(), host.size(), k.get());
+  b.FromHost(host.data(), host.size(), v.get());
+  for (int64_t p = 0; p < n; p += chunk)
+    b.KVWrite(cache, 0, p, std::min(chunk, n - p), k.get(), v.get());
+  cache.SetSize(n);
+}
+
+void Attention(Backend& b, double bw) {
+  const int64_t H = 32, Hk = 8, D = 128;
+  AttnArgs a;
+  a.heads = H;
+  a.kv_heads = Hk;
+  a.head_dim = D;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t ctx : {4096, 16384, 65536, 131072, 262144, 1048576}) {
+    KVCache cache(KVCacheShape{1, Hk, D, ctx + 1, 128, DType::kBF16}, 0, b.kv_memory());
+    Fill(b, cache, ctx + 1, Hk, D);
+    BackendBuffer q(b, H * D), out(b, H * D);
+    std::vector<float> qh(H * D, 0.01f);
+    b.FromHost(qh.data(), qh.size(), q.get());
+    a.T = 1;
+    a.pos0 = ctx;
+    const double ms =
+        MedianMs(20, [&] { b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr); });
+    const double bytes = 2.0 * (ctx + 1) * Hk * D * 2;
+    std::printf(
+        "{\"bench\":\"attn_decode\",\"ctx\":%lld,\"ms\":%.4f,\"GB/s\":%.1f,\"of_bw\":%.3f}\n",
+        static_cast<long long>(ctx), ms, bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / 1e9 / bw);
+  }
+  for (int64_t T : {4096, 32768, 131072}) {
+    KVCache cache(KVCacheShape{1, Hk, D, T, 128, DType::kBF16}, 0, b.kv_memory());
+    Fill(b, cache, T, Hk, D);
+    BackendBuffer q(b, static_cast<size_t>(T * H * D)), out(b, static_cast<size_t>(T * H * D));
+    std::vector<float> qh(static_cast<size_t>(T * H * D), 0.01f);
+    b.FromHost(qh.data(), qh.size(), q.get());
+    a.T = T;
+    a.pos0 = 0;
+    const double ms = MedianMs(T >= 131072 ? 3 : 5, [&] {
+      b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
+    });
+    const double flops = 4.0 * H * D * (static_cast<double>(T) * (T + 1) / 2);
+    std::printf("{\"bench\":\"attn_prefill\",\"T\":%lld,\"ms\":%.3f,\"TFLOP/s\":%.1f}\n",
+                static_cast<long long>(T), ms, flops / (ms * 1e-3) / 1e12);
+  }
+}
+
+void EndToEnd(Backend& b, const std::string& config) {
+  ThreadingContext tc(0);
+  auto model = MakeDummyModel(config, DType::kBF16, b, tc);
+  for (int64_t P : {4096, 32768, 131072}) {
+    KVCache cache(model->CacheShape(P + 32, DType::kBF16), 0, b.kv_memory());
+    std::vector<int32_t> ids(static_cast<size_t>(P));
+    for (int64_t i = 0; i < P; ++i) ids[i] = static_cast<int32_t>((i * 7919) % 30000 + 10);
+    model->set_ubatch(4096);
+    std::vector<float> logits;
+    const auto t0 = std::chrono::steady_clock::now();
+    model->Forward(ids.data(), P, cache, false, &logits);
+    const auto t1 = std::chrono::steady_clock::now();
+    int32_t tok = 11;
+    const int steps = 16;
+    model->Forward(&tok, 1, cache, false, &logits);  // warm-up step
+    const auto t2 = std::chrono::steady_clock::now();
+    for (int s = 0; s < steps; ++s) model->Forward(&tok, 1, cache, false, &logits);
+    const auto t3 = std::chrono::steady_clock::now();
+    const double pre = std::chrono::duration<double>(t1 - t0).count();
+    const double dec = std::chrono::duration<double>(t3 - t2).count();
+    std::printf(
+        "{\"bench\":\"e2e\",\"config\":\"%s\",\"prompt\":%lld,\"prefill_tok/s\":%.0f,\"decode_tok/"
+        "s\":%.2f}\n",
+        config.substr(config.rfind('/') + 1).c_str(), static_cast<long long>(P), P / pre,
+        steps / dec);
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace
+}  // namespace needle
+
+int main(int argc, char** argv) {
+  using namespace needle;
+  try {
+    const std::string what = argc > 1 ? argv[1] : "all";
+    auto b = MakeCudaBackend(0);
+    const double bw = Bandwidth();
+    if (what == "attn" || what == "all") Attention(*b, bw);
+    if (what == "e2e" || what == "all")
+      for (int i = 2; i < argc; ++i) EndToEnd(*b, argv[i]);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

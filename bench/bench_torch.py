@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""PyTorch's numbers for the shapes of bench/bench_cuda.cc, one JSON object per line:
+  attn_decode / attn_prefill: torch.nn.functional.scaled_dot_product_attention (bf16, 32 q heads,
+      8 KV heads via enable_gqa, head_dim 128), median of CUDA-event-timed repetitions after a
+      warm-up;
+  e2e: transformers with random bf16 weights in the shapes of the given config.json files, sdpa
+      attention: prefill tok/s of a P-token prompt and decode tok/s of 16 cached steps after it.
+Usage: python3 bench/bench_torch.py [attn|e2e|all] [config.json ...]   (GPU machine)
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(f, reps):
+    f()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(reps):
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return sorted(out)[len(out) // 2]
+
+
+def attention():
+    H, Hk, D = 32, 8, 128
+    for ctx in (4096, 16384, 65536, 131072, 262144, 1048576):
+        q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, Hk, ctx + 1, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), 20)
+        print(json.dumps({"bench": "attn_decode", "ctx": ctx, "ms": ms,
+                          "GB/s": 2 * (ctx + 1) * Hk * D * 2 / (ms * 1e-3) / 1e9}), flush=True)
+        del k, v
+    for T in (4096, 32768, 131072):
+        q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, Hk, T, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                       3 if T >= 131072 else 5)
+        print(json.dumps({"bench": "attn_prefill", "T": T, "ms": ms,
+                          "TFLOP/s": 4 * H * D * T * (T + 1) / 2 / (ms * 1e-3) / 1e12}), flush=True)
+
+
+def e2e(config):
+    import transformers
+    cfg = transformers.AutoConfig.from_pretrained(config)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").eval()
+    for P in (4096, 32768, 131072):
+        ids = (torch.arange(P, device="cuda") * 7919 % 30000 + 10)[None]
+        with torch.no_grad():
+            torch.cuda.synchronize()
+            t0 = time.time()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            pre = time.time() - t0
+            past = out.past_key_values
+            tok = torch.tensor([[11]], device="cuda")
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)  # warm-up step
+            past = out.past_key_values
+            torch.cuda.synchronize()
+            t0 = time.time()
+            for _ in range(16):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            torch.cuda.synchronize()
+            dec = time.time() - t0
+        print(json.dumps({"bench": "e2e", "config": config.split("/")[-1], "prompt": P,
+                          "prefill_tok/s": P / pre, "decode_tok/s": 16 / dec}), flush=True)
+        del past, out
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("attn", "all"):
+        attention()
+    if what in ("e2e", "all"):
+        for c in sys.argv[2:]:
+            e2e(c)
