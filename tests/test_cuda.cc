@@ -231,7 +231,7 @@ class CudaFixture : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaFixture, MatchesTransformersAndCpu) {
   NEEDLE_REQUIRE_GPU(gpu);
   const std::string dir = test::FixturesDir() + "/" + GetParam();
-  test::CheckAgainstReference(*gpu, dir, dir, GetParam() + " (cuda)");
+  test::CheckAgainstReference(*gpu, dir, dir, GetParam() + " (cuda)", /*rounds_activations=*/true);
   ThreadingContext tc(2);
   auto cpu = MakeCpuBackend(tc, false);
   auto mc = LoadModel(dir, *cpu);
