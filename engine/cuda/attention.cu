@@ -46,6 +46,71 @@ struct Params {
   float* l;    // splits > 1: [splits, T, heads] sums
 };
 
+// K and V rows of keys [kb, kb + n) of KV head h into shared memory as f32 ([kKeys][ld], rows
+// past n zeroed): one element per thread and step, any dtype and head_dim.
+__device__ __forceinline__ void LoadTile(const Params& p, int64_t h, int64_t kb, int n, float* ks,
+                                         float* vs, int ld) {
+  const int D = static_cast<int>(p.D);
+  for (int i = threadIdx.x; i < kKeys * D; i += blockDim.x) {
+    const int j = i / D, d = i % D;
+    float kv_k = 0.f, kv_v = 0.f;
+    if (j < n) {
+      const int64_t pos = kb + j;
+      const int64_t row =
+          (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
+      kv_k = LoadKV(p.k, row * p.D + d, p.dtype);
+      kv_v = LoadKV(p.v, row * p.D + d, p.dtype);
+    }
+    ks[j * ld + d] = kv_k;
+    vs[j * ld + d] = kv_v;
+  }
+}
+
+__device__ __forceinline__ void Unpack8(uint4 raw, DType t, float* out) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint16_t lo = static_cast<uint16_t>(w[e] & 0xffffu),
+                   hi = static_cast<uint16_t>(w[e] >> 16);
+    if (t == DType::kBF16) {
+      out[2 * e] = __uint_as_float(static_cast<uint32_t>(lo) << 16);
+      out[2 * e + 1] = __uint_as_float(static_cast<uint32_t>(hi) << 16);
+    } else {
+      out[2 * e] = __half2float(__ushort_as_half(lo));
+      out[2 * e + 1] = __half2float(__ushort_as_half(hi));
+    }
+  }
+}
+
+// The same for 16-bit caches with head_dim % 8 == 0: 16-byte loads of 8 elements (rows start
+// 16-byte aligned: cudaMalloc'd arenas, row stride D * 2 bytes).
+__device__ __forceinline__ void LoadTile16(const Params& p, int64_t h, int64_t kb, int n, float* ks,
+                                           float* vs, int ld) {
+  const int D = static_cast<int>(p.D), chunks = D / 8;
+  for (int i = threadIdx.x; i < kKeys * chunks; i += blockDim.x) {
+    const int j = i / chunks, c = i % chunks;
+    float kf[8], vf[8];
+    if (j < n) {
+      const int64_t pos = kb + j;
+      const int64_t row =
+          (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
+      const size_t off = static_cast<size_t>(row * p.D + c * 8);
+      Unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + off), p.dtype,
+              kf);
+      Unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.v) + off), p.dtype,
+              vf);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) kf[e] = vf[e] = 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      ks[j * ld + c * 8 + e] = kf[e];
+      vs[j * ld + c * 8 + e] = vf[e];
+    }
+  }
+}
+
 template <int DPL>  // D / 32 rounded up: values of the output row each lane accumulates
 __global__ void __launch_bounds__(kWarps * 32) AttnKernel(Params p) {
   extern __shared__ float smem[];
@@ -89,18 +154,10 @@ __global__ void __launch_bounds__(kWarps * 32) AttnKernel(Params p) {
 
   for (int64_t kb = k_begin; kb < k_end; kb += kKeys) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kKeys), k_end - kb));
-    for (int i = threadIdx.x; i < kKeys * D; i += blockDim.x) {
-      const int j = i / D, d = i % D;
-      float kv_k = 0.f, kv_v = 0.f;
-      if (j < n) {
-        const int64_t pos = kb + j;
-        const int64_t row =
-            (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
-        kv_k = LoadKV(p.k, row * p.D + d, p.dtype);
-        kv_v = LoadKV(p.v, row * p.D + d, p.dtype);
-      }
-      ks[j * ld + d] = kv_k;
-      vs[j * ld + d] = kv_v;
+    if (p.dtype != DType::kF32 && (D & 7) == 0) {
+      LoadTile16(p, h, kb, n, ks, vs, ld);
+    } else {
+      LoadTile(p, h, kb, n, ks, vs, ld);
     }
     __syncthreads();
 #pragma unroll
@@ -236,12 +293,13 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
     Fail("CUDA attention: ", p.G, " query heads per KV head (max ", kMaxRows, ")");
   p.QT = std::max(1, kMaxRows / p.G);
   const int64_t qtiles = (a.T + p.QT - 1) / p.QT;
-  // Split the keys when the query tiles alone leave the GPU under-filled (two blocks per SM),
+  // Split the keys when the query tiles alone leave the GPU under-filled: decode streams the
+  // cache and needs many blocks in flight (4 per SM: shared memory allows ~5 at head_dim 128),
   // each split keeping at least 256 keys so the merge stays cheap.
-  const int64_t blocks = qtiles * a.kv_heads;
+  const int64_t blocks = qtiles * a.kv_heads, target = 4 * static_cast<int64_t>(sm_count);
   int64_t splits = 1;
-  if (blocks < 2 * sm_count)
-    splits = std::clamp<int64_t>(2 * sm_count / blocks, 1, std::max<int64_t>(1, p.n_keys / 256));
+  if (blocks < target)
+    splits = std::clamp<int64_t>(target / blocks, 1, std::max<int64_t>(1, p.n_keys / 256));
   p.splits = static_cast<int>(splits);
   p.keys_per_split = (p.n_keys + splits - 1) / splits;
   const int64_t rows = a.T * a.heads;
