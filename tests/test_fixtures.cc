@@ -98,6 +98,25 @@ TEST_P(FixtureTest, LegacyConfigSpellingGivesSameLogits) {
 INSTANTIATE_TEST_SUITE_P(All, FixtureTest, ::testing::ValuesIn(FixtureNames()),
                          [](const auto& info) { return info.param; });
 
+// ForwardGreedy (the backend picks the token) equals Argmax of Forward's logits, step by step.
+TEST(Fixtures, ForwardGreedyIsArgmaxOfForward) {
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  auto model = LoadModel(std::string(NEEDLE_FIXTURES_DIR) + "/llama_gqa4_hd64_f32", *backend);
+  KVCache a(model->CacheShape(64, DType::kF32)), b(model->CacheShape(64, DType::kF32));
+  std::vector<int32_t> ids = {1, 17, 42, 99, 3};
+  std::vector<float> logits;
+  model->Forward(ids.data(), 5, a, false, &logits);
+  int32_t want = Argmax(logits.data(), model->config().vocab_size);
+  int32_t got = model->ForwardGreedy(ids.data(), 5, b);
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_EQ(got, want) << "step " << i;
+    model->Forward(&want, 1, a, false, &logits);
+    got = model->ForwardGreedy(&got, 1, b);
+    want = Argmax(logits.data(), model->config().vocab_size);
+  }
+}
+
 TEST(Fixtures, AllVariantsPresent) {
   // Guards against a fixture folder silently going missing (the parameterised tests would just
   // run fewer cases): every architecture, rope type, dtype and the sharded layout.

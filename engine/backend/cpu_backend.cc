@@ -31,6 +31,15 @@ class CpuBackend final : public Backend {
   void FromHost(const float* src, size_t n, float* dst) override {
     std::memcpy(dst, src, n * sizeof(float));
   }
+  void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* out) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* l = logits + r * V;
+      int64_t best = 0;
+      for (int64_t i = 1; i < V; ++i)
+        if (l[i] > l[best]) best = i;  // the first maximum, as Argmax in generate.h
+      out[r] = static_cast<int32_t>(best);
+    }
+  }
 
   void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) override {
     EmbedRows(table, ids, T, out);

@@ -127,6 +127,18 @@ class CudaBackend final : public Backend {
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* host_out) override {
+    if (rows > ids_cap_) {
+      if (ids_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(ids_));
+      ids_ = static_cast<int32_t*>(DeviceAlloc(static_cast<size_t>(rows) * 4, "token ids"));
+      ids_cap_ = rows;
+    }
+    cuda::ArgmaxRows(logits, rows, V, ids_, stream_);
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_out, ids_, static_cast<size_t>(rows) * 4,
+                                      cudaMemcpyDeviceToHost, stream_));
+    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
   void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) override {
     if (T > ids_cap_) {
       if (ids_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(ids_));

@@ -25,12 +25,22 @@ std::vector<int32_t> Generate(Model& model, KVCache& cache, const std::vector<in
   const auto& eos = model.config().eos_token_ids;
   std::vector<int32_t> context = prompt, out;
   std::vector<float> logits;
+  // Greedy without a repetition penalty needs no logits on the host: the backend picks the
+  // token where the logits are (on the GPU only the id comes back).
+  const bool on_backend = sampling.greedy() && sampling.repetition_penalty == 1.0f;
+  int32_t chosen = 0;
+  auto forward = [&](const int32_t* ids, int64_t n) {
+    if (on_backend)
+      chosen = model.ForwardGreedy(ids, n, cache);
+    else
+      model.Forward(ids, n, cache, false, &logits);
+  };
   auto t0 = Clock::now();
-  model.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
+  forward(prompt.data(), static_cast<int64_t>(prompt.size()));
   auto t1 = Clock::now();
   st.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = sampler.Sample(logits, context);
+    const int32_t next = on_backend ? chosen : sampler.Sample(logits, context);
     out.push_back(next);
     context.push_back(next);
     const bool more = on_token ? on_token(next) : true;
@@ -39,7 +49,7 @@ std::vector<int32_t> Generate(Model& model, KVCache& cache, const std::vector<in
       break;
     }
     if (!more || i + 1 == max_new_tokens) break;
-    model.Forward(&next, 1, cache, false, &logits);
+    forward(&next, 1);
   }
   st.new_tokens = static_cast<int64_t>(out.size());
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();

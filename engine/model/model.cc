@@ -20,6 +20,19 @@ KVCacheShape Model::CacheShape(int64_t capacity, DType kv_dtype, int64_t block_s
 
 void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
                     std::vector<float>* logits) {
+  logits->assign(static_cast<size_t>((all_logits ? std::max<int64_t>(T, 0) : 1) * cfg_.vocab_size),
+                 0.0f);
+  Run(ids, T, cache, all_logits, logits->data(), nullptr);
+}
+
+int32_t Model::ForwardGreedy(const int32_t* ids, int64_t T, KVCache& cache) {
+  int32_t next = 0;
+  Run(ids, T, cache, false, nullptr, &next);
+  return next;
+}
+
+void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
+                int32_t* argmax_host) {
   if (T <= 0) Fail("forward: no tokens to process");
   const int64_t pos0 = cache.size();
   if (pos0 + T > cache.shape().capacity)
@@ -33,24 +46,23 @@ void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logi
   // sequence length it ends at (only dynamic NTK scaling depends on it).
   const RopeFreqs rope = ComputeRopeFreqs(cfg_, pos0 + T);
   const int64_t V = cfg_.vocab_size;
-  logits->assign(static_cast<size_t>((all_logits ? T : 1) * V), 0.0f);
   for (int64_t s = 0; s < T; s += ubatch_) {
     const int64_t n = std::min(ubatch_, T - s);
     const bool last = s + n == T;
     float* dst = nullptr;
-    if (all_logits)
-      dst = logits->data() + s * V;
-    else if (last)
-      dst = logits->data();
+    if (logits_host != nullptr && all_logits)
+      dst = logits_host + s * V;
+    else if (logits_host != nullptr && last)
+      dst = logits_host;
     attn_->BeginStep(StepInfo{pos0 + s, n, T, last});
-    Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst);
+    Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst, last ? argmax_host : nullptr);
     cache.SetSize(pos0 + s + n);
     if (progress_) progress_(s + n, T);
   }
 }
 
 void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
-                 bool all_logits, float* logits_host) {
+                 bool all_logits, float* logits_host, int32_t* argmax_host) {
   const ModelConfig& c = cfg_;
   const int64_t H = c.hidden_size, Q = c.q_dim(), KVd = c.kv_dim(), I = c.intermediate_size;
   const int64_t D = c.head_dim;
@@ -92,14 +104,17 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
     b_.MatMul(gate.get(), T, L.w_down, &L.b_down, h.get());
     b_.Add(x.get(), h.get(), T * H);
   }
-  if (logits_host == nullptr) return;
+  if (logits_host == nullptr && argmax_host == nullptr) return;
   // Only the rows whose logits are wanted go through the final norm and the LM head.
-  const int64_t rows = all_logits ? T : 1;
+  const int64_t rows = all_logits && argmax_host == nullptr ? T : 1;
   const float* last = x.get() + (T - rows) * H;
   b_.RmsNorm(last, rows, H, w_.final_norm, static_cast<float>(c.rms_norm_eps), h.get());
   BackendBuffer lg(b_, rows * c.vocab_size);
   b_.MatMul(h.get(), rows, w_.lm_head, nullptr, lg.get());
-  b_.ToHost(lg.get(), static_cast<size_t>(rows * c.vocab_size), logits_host);
+  if (argmax_host != nullptr)
+    b_.ArgmaxRows(lg.get(), 1, c.vocab_size, argmax_host);
+  else
+    b_.ToHost(lg.get(), static_cast<size_t>(rows * c.vocab_size), logits_host);
 }
 
 std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {

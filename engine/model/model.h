@@ -70,10 +70,16 @@ class Model {
   // logits (host): [T, vocab] when all_logits, else [1, vocab] for the last token.
   void Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
                std::vector<float>* logits);
+  // The same, returning the greedy next token (first maximum of the last token's logits),
+  // chosen by the backend where the logits are (on the GPU, only the id is copied back).
+  int32_t ForwardGreedy(const int32_t* ids, int64_t T, KVCache& cache);
 
  private:
+  // logits_host: [rows, vocab] copied back, or argmax_host: the last row's argmax.
+  void Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
+           int32_t* argmax_host);
   void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
-            bool all_logits, float* logits_host);
+            bool all_logits, float* logits_host, int32_t* argmax_host);
 
   ModelConfig cfg_;
   ModelWeights w_;
