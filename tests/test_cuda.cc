@@ -164,6 +164,27 @@ TEST(Cuda, MatMulMatchesCpu) {
   }
 }
 
+// Top-k selection (greedy = k 1) on the GPU equals the CPU's, ties (lower id first) included.
+TEST(Cuda, TopKMatchesCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(1);
+  auto cpu = MakeCpuBackend(tc, false);
+  for (int64_t V : {1, 50, 4096, 151936}) {
+    std::vector<float> l = test::RandomVector(static_cast<size_t>(V), 900 + V, 10.0f);
+    for (auto& x : l) x = std::round(x);  // many ties
+    BackendBuffer ld = Upload(*gpu, l);
+    for (int64_t k : {1, 7, 64}) {
+      const int64_t kk = std::min(k, V);
+      std::vector<float> cv(kk), gv(kk);
+      std::vector<int32_t> ci(kk), gi(kk);
+      cpu->TopK(l.data(), V, kk, cv.data(), ci.data());
+      gpu->TopK(ld.get(), V, kk, gv.data(), gi.data());
+      EXPECT_EQ(gi, ci) << "V=" << V << " k=" << kk;
+      EXPECT_EQ(gv, cv) << "V=" << V << " k=" << kk;
+    }
+  }
+}
+
 // Dense causal attention through KVWrite + Attention on both backends: prefill of n tokens, then
 // one decode step, for GQA 1/4/7/8, head_dim 64/128, odd lengths and every float KV type.
 TEST(Cuda, AttentionMatchesCpu) {

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <map>
 
+#include "engine/backend/backend.h"
 #include "engine/model/generate.h"
 #include "engine/model/sampling.h"
 #include "tests/test_util.h"
@@ -90,6 +91,41 @@ TEST(Sampling, RepetitionPenaltyAndValidation) {
         q.Validate();
       },
       {"--min-p"});
+}
+
+}  // namespace
+}  // namespace needle
+
+namespace needle {
+namespace {
+
+// Top-k sampling from the backend's candidates (what Generate does when only k logits come back
+// from the GPU) draws exactly the tokens of sampling from the full logits, for the same seed;
+// ties included (logits quantised so that many are equal).
+TEST(Sampling, CandidatesFromTheBackendGiveTheSameTokens) {
+  ThreadingContext tc(1);
+  auto cpu = MakeCpuBackend(tc, false);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t V = 1000 + 37 * trial;
+    std::vector<float> base = test::RandomVector(static_cast<size_t>(V), 500 + trial, 8.0f);
+    if (trial % 2 == 0)
+      for (auto& x : base) x = std::round(x * 4) / 4;  // many ties
+    SamplingParams p;
+    p.temperature = 0.3f + 0.1f * (trial % 7);
+    p.top_k = 1 + trial * 3;
+    p.top_p = trial % 3 == 0 ? 0.9f : 1.0f;
+    p.min_p = trial % 4 == 0 ? 0.05f : 0.0f;
+    p.seed = 77 + trial;
+    Sampler full(p), cand(p);
+    std::vector<float> vals(static_cast<size_t>(p.top_k));
+    std::vector<int32_t> ids(vals.size());
+    cpu->TopK(base.data(), V, p.top_k, vals.data(), ids.data());
+    for (int draw = 0; draw < 50; ++draw) {
+      std::vector<float> logits = base;
+      EXPECT_EQ(full.Sample(logits, {}), cand.SampleSorted(vals.data(), ids.data(), p.top_k))
+          << "trial " << trial << " draw " << draw;
+    }
+  }
 }
 
 }  // namespace

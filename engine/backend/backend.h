@@ -30,9 +30,10 @@ class Backend {
   virtual void Free(float* p) = 0;
   virtual void ToHost(const float* src, size_t n, float* host_dst) = 0;
   virtual void FromHost(const float* host_src, size_t n, float* dst) = 0;
-  // host_out[r] = index of the first maximum of logits[r, V] (greedy selection where the
-  // logits live).
-  virtual void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* host_out) = 0;
+  // The k largest of logits[V] (one row), by descending value, ties: lower id first, chosen
+  // where the logits live: host_ids[k] and, unless null, host_vals[k]. k = 1 is greedy argmax.
+  virtual void TopK(const float* logits, int64_t V, int64_t k, float* host_vals,
+                    int32_t* host_ids) = 0;
   // Where this backend's KV caches must live (nullptr: host DRAM).
   virtual KVMemory* kv_memory() { return nullptr; }
 

@@ -1,6 +1,9 @@
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <numeric>
+#include <vector>
 
 #include "engine/backend/backend.h"
 #include "engine/base/error.h"
@@ -31,13 +34,15 @@ class CpuBackend final : public Backend {
   void FromHost(const float* src, size_t n, float* dst) override {
     std::memcpy(dst, src, n * sizeof(float));
   }
-  void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* out) override {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* l = logits + r * V;
-      int64_t best = 0;
-      for (int64_t i = 1; i < V; ++i)
-        if (l[i] > l[best]) best = i;  // the first maximum, as Argmax in generate.h
-      out[r] = static_cast<int32_t>(best);
+  void TopK(const float* l, int64_t V, int64_t k, float* vals, int32_t* ids) override {
+    k = std::min(k, V);
+    std::vector<int32_t> idx(static_cast<size_t>(V));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    for (int64_t i = 0; i < k; ++i) {
+      ids[i] = idx[i];
+      if (vals != nullptr) vals[i] = l[idx[i]];
     }
   }
 

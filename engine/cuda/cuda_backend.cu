@@ -127,15 +127,22 @@ class CudaBackend final : public Backend {
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
-  void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* host_out) override {
-    if (rows > ids_cap_) {
+  // Only the k candidates come back to the host (8 bytes each) instead of V logits.
+  void TopK(const float* logits, int64_t V, int64_t k, float* host_vals,
+            int32_t* host_ids) override {
+    k = std::min(k, V);
+    if (2 * k > ids_cap_) {
       if (ids_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(ids_));
-      ids_ = static_cast<int32_t*>(DeviceAlloc(static_cast<size_t>(rows) * 4, "token ids"));
-      ids_cap_ = rows;
+      ids_ = static_cast<int32_t*>(DeviceAlloc(static_cast<size_t>(2 * k) * 4, "top-k"));
+      ids_cap_ = 2 * k;
     }
-    cuda::ArgmaxRows(logits, rows, V, ids_, stream_);
-    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_out, ids_, static_cast<size_t>(rows) * 4,
+    float* vals = reinterpret_cast<float*>(ids_ + k);
+    cuda::TopK(logits, V, k, vals, ids_, stream_);
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_ids, ids_, static_cast<size_t>(k) * 4,
                                       cudaMemcpyDeviceToHost, stream_));
+    if (host_vals != nullptr)
+      NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_vals, vals, static_cast<size_t>(k) * 4,
+                                        cudaMemcpyDeviceToHost, stream_));
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 

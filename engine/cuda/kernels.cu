@@ -115,29 +115,48 @@ __global__ void KVWriteKernel(const float* k, const float* v, int64_t T, int64_t
   StoreAs(va, row * D + d, dt, v[i]);
 }
 
-// One block per row: each thread scans a stride, then a (value, index) reduction that keeps the
-// first maximum, like the CPU's Argmax.
-__global__ void ArgmaxKernel(const float* logits, int64_t V, int32_t* idx) {
-  const float* r = logits + blockIdx.x * V;
-  float best = -INFINITY;
-  int64_t bi = V;
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
-    if (r[i] > best || (r[i] == best && i < bi)) best = r[i], bi = i;
-  __shared__ float sv[kThreads];
-  __shared__ int64_t si[kThreads];
-  sv[threadIdx.x] = best;
-  si[threadIdx.x] = bi;
+// Pass r finds the largest (value, -id) strictly after pass r-1's in that order, so the passes
+// emit the k largest in descending order without marking anything. One block of kTopThreads.
+constexpr int kTopThreads = 1024;
+__global__ void TopKKernel(const float* l, int64_t V, int64_t k, float* vals, int32_t* ids) {
+  __shared__ float sv[kTopThreads];
+  __shared__ int64_t si[kTopThreads];
+  __shared__ float prev_v;
+  __shared__ int64_t prev_i;
+  if (threadIdx.x == 0) prev_v = INFINITY, prev_i = -1;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      const float ov = sv[threadIdx.x + s];
-      const int64_t oi = si[threadIdx.x + s];
-      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x]))
-        sv[threadIdx.x] = ov, si[threadIdx.x] = oi;
+  for (int64_t r = 0; r < k; ++r) {
+    const float pv = prev_v;
+    const int64_t pi = prev_i;
+    float best = -INFINITY;
+    int64_t bi = V;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float v = l[i];
+      const bool after = v < pv || (v == pv && i > pi);
+      if (after && (v > best || (v == best && i < bi))) best = v, bi = i;
+    }
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) {
+        const float ov = sv[threadIdx.x + s];
+        const int64_t oi = si[threadIdx.x + s];
+        if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x]))
+          sv[threadIdx.x] = ov, si[threadIdx.x] = oi;
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      // bi == V only when every remaining value is -inf below the previous: take the next id.
+      const int64_t id = si[0] < V ? si[0] : (pi + 1 < V ? pi + 1 : 0);
+      vals[r] = si[0] < V ? sv[0] : l[id];
+      ids[r] = static_cast<int32_t>(id);
+      prev_v = vals[r];
+      prev_i = id;
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) idx[blockIdx.x] = static_cast<int32_t>(si[0] < V ? si[0] : 0);
 }
 
 }  // namespace
@@ -198,9 +217,10 @@ void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* idx, cudaStream_t stream) {
-  if (rows == 0) return;
-  ArgmaxKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, V, idx);
+void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
+          cudaStream_t stream) {
+  if (k <= 0 || V <= 0) return;
+  TopKKernel<<<1, kTopThreads, 0, stream>>>(logits, V, k, vals, ids);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -34,7 +34,9 @@ void ConvertF32(const float* src, int64_t n, void* dst, DType dst_type, cudaStre
 void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_t D, int64_t pos0,
              int64_t block_size, const int32_t* table, void* k_arena, void* v_arena, DType dtype,
              cudaStream_t stream);
-// idx[r] = argmax over logits[r, V] (first maximum), for greedy decoding on the GPU.
-void ArgmaxRows(const float* logits, int64_t rows, int64_t V, int32_t* idx, cudaStream_t stream);
+// The k largest of logits[V] by descending value, ties: lower id first (device vals[k], ids[k]):
+// greedy decoding (k = 1) and top-k sampling's candidates on the GPU. One block, k passes.
+void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
+          cudaStream_t stream);
 
 }  // namespace needle::cuda

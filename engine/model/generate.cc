@@ -27,20 +27,30 @@ std::vector<int32_t> Generate(Model& model, KVCache& cache, const std::vector<in
   std::vector<float> logits;
   // Greedy without a repetition penalty needs no logits on the host: the backend picks the
   // token where the logits are (on the GPU only the id comes back).
-  const bool on_backend = sampling.greedy() && sampling.repetition_penalty == 1.0f;
+  // Top-k sampling likewise: only the k candidates come back, and the sampler draws from them.
+  const bool no_penalty = sampling.repetition_penalty == 1.0f;
+  const bool greedy = sampling.greedy() && no_penalty;
+  const int64_t V = model.config().vocab_size;
+  const bool topk = !sampling.greedy() && no_penalty && sampling.top_k > 0 && sampling.top_k < V;
+  std::vector<float> cand_vals(topk ? static_cast<size_t>(sampling.top_k) : 0);
+  std::vector<int32_t> cand_ids(cand_vals.size());
   int32_t chosen = 0;
   auto forward = [&](const int32_t* ids, int64_t n) {
-    if (on_backend)
+    if (greedy) {
       chosen = model.ForwardGreedy(ids, n, cache);
-    else
+    } else if (topk) {
+      model.ForwardTopK(ids, n, cache, sampling.top_k, cand_vals.data(), cand_ids.data());
+      chosen = sampler.SampleSorted(cand_vals.data(), cand_ids.data(), sampling.top_k);
+    } else {
       model.Forward(ids, n, cache, false, &logits);
+    }
   };
   auto t0 = Clock::now();
   forward(prompt.data(), static_cast<int64_t>(prompt.size()));
   auto t1 = Clock::now();
   st.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = on_backend ? chosen : sampler.Sample(logits, context);
+    const int32_t next = greedy || topk ? chosen : sampler.Sample(logits, context);
     out.push_back(next);
     context.push_back(next);
     const bool more = on_token ? on_token(next) : true;

@@ -27,12 +27,21 @@ void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logi
 
 int32_t Model::ForwardGreedy(const int32_t* ids, int64_t T, KVCache& cache) {
   int32_t next = 0;
-  Run(ids, T, cache, false, nullptr, &next);
+  const Selection sel{1, nullptr, &next};
+  Run(ids, T, cache, false, nullptr, &sel);
   return next;
 }
 
+void Model::ForwardTopK(const int32_t* ids, int64_t T, KVCache& cache, int64_t k, float* vals,
+                        int32_t* top_ids) {
+  if (k <= 0 || k > cfg_.vocab_size)
+    Fail("top-k selection: k = ", k, " is outside [1, ", cfg_.vocab_size, "]");
+  const Selection sel{k, vals, top_ids};
+  Run(ids, T, cache, false, nullptr, &sel);
+}
+
 void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
-                int32_t* argmax_host) {
+                const Selection* sel) {
   if (T <= 0) Fail("forward: no tokens to process");
   const int64_t pos0 = cache.size();
   if (pos0 + T > cache.shape().capacity)
@@ -55,14 +64,14 @@ void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, 
     else if (logits_host != nullptr && last)
       dst = logits_host;
     attn_->BeginStep(StepInfo{pos0 + s, n, T, last});
-    Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst, last ? argmax_host : nullptr);
+    Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst, last ? sel : nullptr);
     cache.SetSize(pos0 + s + n);
     if (progress_) progress_(s + n, T);
   }
 }
 
 void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
-                 bool all_logits, float* logits_host, int32_t* argmax_host) {
+                 bool all_logits, float* logits_host, const Selection* sel) {
   const ModelConfig& c = cfg_;
   const int64_t H = c.hidden_size, Q = c.q_dim(), KVd = c.kv_dim(), I = c.intermediate_size;
   const int64_t D = c.head_dim;
@@ -104,15 +113,15 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
     b_.MatMul(gate.get(), T, L.w_down, &L.b_down, h.get());
     b_.Add(x.get(), h.get(), T * H);
   }
-  if (logits_host == nullptr && argmax_host == nullptr) return;
+  if (logits_host == nullptr && sel == nullptr) return;
   // Only the rows whose logits are wanted go through the final norm and the LM head.
-  const int64_t rows = all_logits && argmax_host == nullptr ? T : 1;
+  const int64_t rows = all_logits && sel == nullptr ? T : 1;
   const float* last = x.get() + (T - rows) * H;
   b_.RmsNorm(last, rows, H, w_.final_norm, static_cast<float>(c.rms_norm_eps), h.get());
   BackendBuffer lg(b_, rows * c.vocab_size);
   b_.MatMul(h.get(), rows, w_.lm_head, nullptr, lg.get());
-  if (argmax_host != nullptr)
-    b_.ArgmaxRows(lg.get(), 1, c.vocab_size, argmax_host);
+  if (sel != nullptr)
+    b_.TopK(lg.get(), c.vocab_size, sel->k, sel->vals, sel->ids);
   else
     b_.ToHost(lg.get(), static_cast<size_t>(rows * c.vocab_size), logits_host);
 }

@@ -73,13 +73,22 @@ class Model {
   // The same, returning the greedy next token (first maximum of the last token's logits),
   // chosen by the backend where the logits are (on the GPU, only the id is copied back).
   int32_t ForwardGreedy(const int32_t* ids, int64_t T, KVCache& cache);
+  // The same, returning the last token's k largest logits (descending, ties: lower id first):
+  // vals[k], top_ids[k], selected where the logits are.
+  void ForwardTopK(const int32_t* ids, int64_t T, KVCache& cache, int64_t k, float* vals,
+                   int32_t* top_ids);
 
  private:
-  // logits_host: [rows, vocab] copied back, or argmax_host: the last row's argmax.
+  // What a forward call returns: every row's logits (logits_host), or the last row's top k.
+  struct Selection {
+    int64_t k = 0;
+    float* vals = nullptr;  // may be null
+    int32_t* ids = nullptr;
+  };
   void Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
-           int32_t* argmax_host);
+           const Selection* sel);
   void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
-            bool all_logits, float* logits_host, int32_t* argmax_host);
+            bool all_logits, float* logits_host, const Selection* sel);
 
   ModelConfig cfg_;
   ModelWeights w_;

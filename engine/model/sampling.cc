@@ -31,8 +31,8 @@ int32_t Sampler::Sample(std::vector<float>& logits, const std::vector<int32_t>& 
     }
   }
   if (p_.greedy()) return Argmax(logits.data(), V);
-  for (auto& l : logits) l /= p_.temperature;
-  // Candidates by descending logit (ties: lower id first, for determinism).
+  // Candidates by descending raw logit (ties: lower id first, for determinism); dividing by the
+  // temperature afterwards keeps that order.
   std::vector<int32_t> idx(static_cast<size_t>(V));
   std::iota(idx.begin(), idx.end(), 0);
   auto by_logit = [&](int32_t a, int32_t b) {
@@ -45,11 +45,19 @@ int32_t Sampler::Sample(std::vector<float>& logits, const std::vector<int32_t>& 
   } else {
     std::sort(idx.begin(), idx.end(), by_logit);
   }
-  const float mx = logits[idx[0]];
+  std::vector<float> vals(static_cast<size_t>(keep));
+  for (int64_t i = 0; i < keep; ++i) vals[i] = logits[idx[i]];
+  return SampleSorted(vals.data(), idx.data(), keep);
+}
+
+int32_t Sampler::SampleSorted(const float* vals, const int32_t* ids, int64_t keep) {
+  if (keep <= 0) Fail("sampling: no candidates");
+  if (p_.greedy()) return ids[0];
+  const double mx = static_cast<double>(vals[0] / p_.temperature);
   std::vector<double> prob(static_cast<size_t>(keep));
   double sum = 0;
   for (int64_t i = 0; i < keep; ++i)
-    sum += (prob[i] = std::exp(static_cast<double>(logits[idx[i]] - mx)));
+    sum += (prob[i] = std::exp(static_cast<double>(vals[i] / p_.temperature) - mx));
   for (auto& p : prob) p /= sum;
   if (p_.top_p < 1.0f) {
     // Smallest prefix whose mass reaches top_p (at least one token).
@@ -65,7 +73,7 @@ int32_t Sampler::Sample(std::vector<float>& logits, const std::vector<int32_t>& 
     keep = n;
   }
   std::discrete_distribution<int64_t> dist(prob.begin(), prob.begin() + keep);
-  return idx[dist(rng_)];
+  return ids[dist(rng_)];
 }
 
 }  // namespace needle

@@ -26,6 +26,10 @@ class Sampler {
   explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) { p.Validate(); }
   // logits [vocab] (modified in place); context: the tokens so far (for the repetition penalty).
   int32_t Sample(std::vector<float>& logits, const std::vector<int32_t>& context);
+  // The same draw from candidates already selected and sorted by descending raw logit (ties:
+  // lower id first): the vocabulary's top_k when top_k > 0 (what Model::ForwardTopK returns),
+  // without a repetition penalty. Sample() ends here too, so both give the same token.
+  int32_t SampleSorted(const float* vals, const int32_t* ids, int64_t n);
 
  private:
   SamplingParams p_;
