@@ -115,16 +115,15 @@ inline int CheckGreedy(const std::vector<float>& got, const std::vector<float>& 
   return decisive;
 }
 
-// needle's logits against a transformers reference (reference.json/.safetensors in ref_dir) for
+// needle's logits against a transformers reference (LoadReference) for
 // the model in model_dir: f32 against the upcast weights (1e-4) and, for bf16/f16 weights, the KV
 // cache and compute in that type against transformers computing natively (5e-2 / 1e-2).
 // rounds_activations: the backend feeds the matmuls activations rounded to the weights' type
 // (the CUDA backend, like transformers' native bf16/f16 path), so even with an f32 KV cache its
 // logits for bf16/f16 weights are held to the native tolerance, not to 1e-4.
 inline void CheckAgainstReference(Backend& backend, const std::string& model_dir,
-                                  const std::string& ref_dir, const std::string& name,
+                                  const Reference& ref, const std::string& name,
                                   bool rounds_activations = false) {
-  const Reference ref = LoadReference(ref_dir);
   auto model = LoadModel(model_dir, backend);
   const int64_t V = model->config().vocab_size;
 

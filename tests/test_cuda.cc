@@ -252,7 +252,8 @@ class CudaFixture : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaFixture, MatchesTransformersAndCpu) {
   NEEDLE_REQUIRE_GPU(gpu);
   const std::string dir = test::FixturesDir() + "/" + GetParam();
-  test::CheckAgainstReference(*gpu, dir, dir, GetParam() + " (cuda)", /*rounds_activations=*/true);
+  test::CheckAgainstReference(*gpu, dir, test::LoadReference(dir), GetParam() + " (cuda)",
+                              /*rounds_activations=*/true);
   ThreadingContext tc(2);
   auto cpu = MakeCpuBackend(tc, false);
   auto mc = LoadModel(dir, *cpu);

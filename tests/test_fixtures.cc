@@ -42,17 +42,17 @@ using test::Reference;
 using test::RunNeedle;
 
 // The CPU backend against a reference.
-void CheckCpu(const std::string& model_dir, const std::string& ref_dir, const std::string& name) {
+void CheckCpu(const std::string& model_dir, const Reference& ref, const std::string& name) {
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
-  test::CheckAgainstReference(*backend, model_dir, ref_dir, name);
+  test::CheckAgainstReference(*backend, model_dir, ref, name);
 }
 
 class FixtureTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(FixtureTest, MatchesTransformers) {
   const std::string dir = std::string(NEEDLE_FIXTURES_DIR) + "/" + GetParam();
-  CheckCpu(dir, dir, GetParam());
+  CheckCpu(dir, LoadReference(dir), GetParam());
 }
 
 // The shipped model, models/needle-tiny, on a real passkey prompt tokenized by its own
@@ -69,7 +69,7 @@ TEST(NeedleTiny, MatchesTransformers) {
   const std::vector<int32_t> answer = tok->Encode(" 80516.");
   ids.insert(ids.end(), answer.begin(), answer.end());
   EXPECT_EQ(ids, ref.tokens);
-  CheckCpu(NEEDLE_MODELS_DIR "/needle-tiny", NEEDLE_FIXTURES_DIR "/../needle_tiny", "needle-tiny");
+  CheckCpu(NEEDLE_MODELS_DIR "/needle-tiny", ref, "needle-tiny");
 }
 
 // The same fixture with config.json in the pre-transformers-5 spelling (top-level rope_theta,

@@ -266,7 +266,7 @@ void Launch(const Params& p, dim3 grid, cudaStream_t stream) {
 }  // namespace
 
 void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, AttnScratch& scratch, cudaStream_t stream) {
+               int sm_count, GrowBuffer& scratch, cudaStream_t stream) {
   if (a.head_dim > kMaxD)
     Fail("CUDA attention: head_dim ", a.head_dim, " is above the supported ", kMaxD);
   if (kv.dtype != DType::kF32 && kv.dtype != DType::kF16 && kv.dtype != DType::kBF16)
@@ -308,13 +308,9 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
     p.m = lse;
   } else {
     const size_t need = static_cast<size_t>(splits * rows * (a.head_dim + 2));
-    if (scratch.floats < need) {
-      if (scratch.buf != nullptr) NEEDLE_CUDA_CHECK(cudaFree(scratch.buf));
-      NEEDLE_CUDA_CHECK(cudaMalloc(&scratch.buf, need * sizeof(float)));
-      scratch.floats = need;
-    }
-    p.out = scratch.buf;
-    p.m = scratch.buf + splits * rows * a.head_dim;
+    float* buf = scratch.Get<float>(need);  // partials [splits][rows][D], then m and l
+    p.out = buf;
+    p.m = buf + splits * rows * a.head_dim;
     p.l = p.m + splits * rows;
   }
   const dim3 grid(static_cast<unsigned>(qtiles), static_cast<unsigned>(a.kv_heads),

@@ -10,21 +10,16 @@
 #include <cuda_runtime.h>
 
 #include "engine/cpu/ops.h"
+#include "engine/cuda/device_buffer.h"
 #include "kvcache/kv_cache.h"
 
 namespace needle::cuda {
-
-// Scratch for split partial results; grows as needed, freed with the backend.
-struct AttnScratch {
-  float* buf = nullptr;
-  size_t floats = 0;
-};
 
 // out[T, heads, D] = softmax(scale * q k^T) v over every visible key (causal, optional sliding
 // window). q: device [T, heads, D] f32; kv: a device cache view (table in device memory);
 // lse (optional, device): [T, heads]. Supports head_dim <= 256 and f32/f16/bf16 caches.
 // sm_count: the device's multiprocessors (to choose the key split).
 void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, AttnScratch& scratch, cudaStream_t stream);
+               int sm_count, GrowBuffer& scratch, cudaStream_t stream);
 
 }  // namespace needle::cuda

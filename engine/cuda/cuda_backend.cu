@@ -11,25 +11,13 @@
 #include "engine/base/error.h"
 #include "engine/cuda/attention.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_buffer.h"
 #include "engine/cuda/kernels.h"
 
 namespace needle {
 namespace {
 
-// Device memory with out-of-memory errors that say how much was asked for and how much is free.
-void* DeviceAlloc(size_t bytes, const std::string& what) {
-  void* p = nullptr;
-  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();  // clear the sticky-free error state of this failed call
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    Fail("GPU out of memory: ", what, " needs ", FormatBytes(bytes), " but only ",
-         FormatBytes(free_b), " of ", FormatBytes(total_b), " is free");
-  }
-  NEEDLE_CUDA_CHECK(e);
-  return p;
-}
+using cuda::DeviceAlloc;
 
 class CudaMemory final : public KVMemory {
  public:
@@ -68,9 +56,6 @@ class CudaBackend final : public Backend {
     for (auto& [size, list] : pool_)
       for (float* p : list) cudaFree(p);
     for (void* p : weights_) cudaFree(p);
-    for (void* p : {static_cast<void*>(ids_), static_cast<void*>(freq_), scratch16_,
-                    static_cast<void*>(attn_scratch_.buf)})
-      if (p != nullptr) cudaFree(p);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
   }
@@ -131,14 +116,10 @@ class CudaBackend final : public Backend {
   void TopK(const float* logits, int64_t V, int64_t k, float* host_vals,
             int32_t* host_ids) override {
     k = std::min(k, V);
-    if (2 * k > ids_cap_) {
-      if (ids_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(ids_));
-      ids_ = static_cast<int32_t*>(DeviceAlloc(static_cast<size_t>(2 * k) * 4, "top-k"));
-      ids_cap_ = 2 * k;
-    }
-    float* vals = reinterpret_cast<float*>(ids_ + k);
-    cuda::TopK(logits, V, k, vals, ids_, stream_);
-    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_ids, ids_, static_cast<size_t>(k) * 4,
+    int32_t* ids = topk_ids_.Get<int32_t>(static_cast<size_t>(k));
+    float* vals = topk_vals_.Get<float>(static_cast<size_t>(k));
+    cuda::TopK(logits, V, k, vals, ids, stream_);
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_ids, ids, static_cast<size_t>(k) * 4,
                                       cudaMemcpyDeviceToHost, stream_));
     if (host_vals != nullptr)
       NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_vals, vals, static_cast<size_t>(k) * 4,
@@ -147,14 +128,10 @@ class CudaBackend final : public Backend {
   }
 
   void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) override {
-    if (T > ids_cap_) {
-      if (ids_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(ids_));
-      ids_ = static_cast<int32_t*>(DeviceAlloc(static_cast<size_t>(T) * 4, "token ids"));
-      ids_cap_ = T;
-    }
+    int32_t* d_ids = token_ids_.Get<int32_t>(static_cast<size_t>(T));
     NEEDLE_CUDA_CHECK(
-        cudaMemcpyAsync(ids_, ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice, stream_));
-    cuda::Embed(table.data, table.dtype, ids_, T, table.cols, out, stream_);
+        cudaMemcpyAsync(d_ids, ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice, stream_));
+    cuda::Embed(table.data, table.dtype, d_ids, T, table.cols, out, stream_);
   }
 
   // y[T, N] = x[T, K] W[N, K]^T: in cuBLAS's column-major terms Y^T[N, T] = W^T' X^T with W read
@@ -169,7 +146,7 @@ class CudaBackend final : public Backend {
                                       static_cast<int>(K), &zero, y, static_cast<int>(N)));
     } else {
       const cudaDataType_t t = w.dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
-      void* xh = Scratch16(static_cast<size_t>(T * K));
+      void* xh = x16_.Get<uint16_t>(static_cast<size_t>(T * K));
       cuda::ConvertF32(x, T * K, xh, w.dtype, stream_);
       NEEDLE_CUBLAS_CHECK(cublasGemmEx(
           blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
@@ -186,17 +163,15 @@ class CudaBackend final : public Backend {
   }
   void Rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
             const std::vector<float>& inv_freq, float scaling) override {
-    if (inv_freq != freq_host_) {  // the same frequencies every layer: upload when they change
-      if (freq_ == nullptr || inv_freq.size() > freq_host_.size()) {
-        if (freq_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(freq_));
-        freq_ = static_cast<float*>(DeviceAlloc(inv_freq.size() * 4, "rope frequencies"));
-      }
-      NEEDLE_CUDA_CHECK(cudaMemcpyAsync(freq_, inv_freq.data(), inv_freq.size() * 4,
+    // The same frequencies every layer: upload them when they change. (A copy from pageable
+    // memory is staged before cudaMemcpyAsync returns, so inv_freq may change afterwards.)
+    float* d_freq = freq_.Get<float>(inv_freq.size());
+    if (inv_freq != freq_host_) {
+      NEEDLE_CUDA_CHECK(cudaMemcpyAsync(d_freq, inv_freq.data(), inv_freq.size() * 4,
                                         cudaMemcpyHostToDevice, stream_));
-      NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));  // inv_freq may change after return
       freq_host_ = inv_freq;
     }
-    cuda::Rope(x, T, heads, D, pos0, freq_, scaling, stream_);
+    cuda::Rope(x, T, heads, D, pos0, d_freq, scaling, stream_);
   }
   void SiluMul(const float* gate, const float* up, int64_t n, float* out) override {
     cuda::SiluMul(gate, up, n, out, stream_);
@@ -222,19 +197,10 @@ class CudaBackend final : public Backend {
       Fail(
           "CUDA backend: sparse attention runs on the CPU (use --device cpu with --attention "
           "sparse)");
-    cuda::Attention(q, kv, a, out, lse, sm_count_, attn_scratch_, stream_);
+    cuda::Attention(q, kv, a, out, lse, sm_count_, attn_partials_, stream_);
   }
 
  private:
-  void* Scratch16(size_t n) {
-    if (n > scratch16_cap_) {
-      if (scratch16_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(scratch16_));
-      scratch16_ = DeviceAlloc(n * 2, "matmul input");
-      scratch16_cap_ = n;
-    }
-    return scratch16_;
-  }
-
   int sm_count_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -242,13 +208,12 @@ class CudaBackend final : public Backend {
   std::vector<void*> weights_;
   std::map<size_t, std::vector<float*>> pool_;
   std::unordered_map<const float*, size_t> sizes_;
-  int32_t* ids_ = nullptr;
-  int64_t ids_cap_ = 0;
-  float* freq_ = nullptr;
+  // Grown on demand: token ids in, top-k out, rope frequencies, bf16/f16 matmul inputs, and
+  // the partial results of split attention.
+  cuda::GrowBuffer token_ids_{"token ids"}, topk_ids_{"top-k ids"}, topk_vals_{"top-k values"};
+  cuda::GrowBuffer freq_{"rope frequencies"}, x16_{"matmul input"};
+  cuda::GrowBuffer attn_partials_{"attention partials"};
   std::vector<float> freq_host_;
-  void* scratch16_ = nullptr;
-  size_t scratch16_cap_ = 0;
-  cuda::AttnScratch attn_scratch_;
 };
 
 }  // namespace

@@ -1,0 +1,58 @@
+// Device memory for the CUDA backend: allocation with out-of-memory errors that say how much was
+// asked for and how much is free, and a scratch buffer that grows on demand.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+#include "kvcache/kv_cache.h"  // FormatBytes
+
+namespace needle::cuda {
+
+inline void* DeviceAlloc(size_t bytes, const std::string& what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear the error state of this failed call
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    Fail("GPU out of memory: ", what, " needs ", FormatBytes(bytes), " but only ",
+         FormatBytes(free_b), " of ", FormatBytes(total_b), " is free");
+  }
+  NEEDLE_CUDA_CHECK(e);
+  return p;
+}
+
+// A device buffer that is reallocated (contents dropped) when a larger one is asked for.
+class GrowBuffer {
+ public:
+  explicit GrowBuffer(std::string what) : what_(std::move(what)) {}
+  ~GrowBuffer() {
+    if (p_ != nullptr) cudaFree(p_);
+  }
+  GrowBuffer(const GrowBuffer&) = delete;
+  GrowBuffer& operator=(const GrowBuffer&) = delete;
+
+  template <typename T>
+  T* Get(size_t count) {
+    const size_t bytes = count * sizeof(T);
+    if (bytes > bytes_) {
+      if (p_ != nullptr) NEEDLE_CUDA_CHECK(cudaFree(p_));
+      p_ = nullptr;
+      p_ = DeviceAlloc(bytes, what_);
+      bytes_ = bytes;
+    }
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  std::string what_;
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace needle::cuda
