@@ -16,6 +16,7 @@
 
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_util.cuh"
 
 namespace needle::cuda {
 namespace {
@@ -24,12 +25,6 @@ constexpr int kWarps = 4;
 constexpr int kKeys = 32;     // keys per tile = lanes
 constexpr int kMaxRows = 16;  // rows (query position x head) per block
 constexpr int kMaxD = 256;
-
-__device__ __forceinline__ float LoadKV(const void* p, int64_t i, DType t) {
-  if (t == DType::kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (t == DType::kF16) return __half2float(static_cast<const __half*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
 
 struct Params {
   const float* q;  // [T, heads, D]
@@ -56,10 +51,9 @@ __device__ __forceinline__ void LoadTile(const Params& p, int64_t h, int64_t kb,
     float kv_k = 0.f, kv_v = 0.f;
     if (j < n) {
       const int64_t pos = kb + j;
-      const int64_t row =
-          (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
-      kv_k = LoadKV(p.k, row * p.D + d, p.dtype);
-      kv_v = LoadKV(p.v, row * p.D + d, p.dtype);
+      const int64_t row = PagedRow(p.table, pos, p.B, p.kv_heads, h);
+      kv_k = LoadAs(p.k, row * p.D + d, p.dtype);
+      kv_v = LoadAs(p.v, row * p.D + d, p.dtype);
     }
     ks[j * ld + d] = kv_k;
     vs[j * ld + d] = kv_v;
@@ -92,8 +86,7 @@ __device__ __forceinline__ void LoadTile16(const Params& p, int64_t h, int64_t k
     float kf[8], vf[8];
     if (j < n) {
       const int64_t pos = kb + j;
-      const int64_t row =
-          (static_cast<int64_t>(p.table[pos / p.B]) * p.kv_heads + h) * p.B + pos % p.B;
+      const int64_t row = PagedRow(p.table, pos, p.B, p.kv_heads, h);
       const size_t off = static_cast<size_t>(row * p.D + c * 8);
       Unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + off), p.dtype,
               kf);

@@ -5,22 +5,12 @@
 #include <cuda_fp16.h>
 
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_util.cuh"
 
 namespace needle::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kBF16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
-  }
-}
 
 __device__ __forceinline__ void StoreAs(void* p, int64_t i, DType t, float x) {
   switch (t) {
@@ -110,7 +100,7 @@ __global__ void KVWriteKernel(const float* k, const float* v, int64_t T, int64_t
   if (i >= T * Hk * D) return;
   const int64_t d = i % D, h = (i / D) % Hk, t = i / (D * Hk);
   const int64_t pos = pos0 + t;
-  const int64_t row = (static_cast<int64_t>(table[pos / B]) * Hk + h) * B + pos % B;
+  const int64_t row = PagedRow(table, pos, B, Hk, h);
   StoreAs(ka, row * D + d, dt, k[i]);
   StoreAs(va, row * D + d, dt, v[i]);
 }

@@ -1,0 +1,32 @@
+// Device helpers shared by the CUDA kernels (kernels.cu, attention.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "engine/base/dtype.h"
+
+namespace needle::cuda {
+
+// Element i of an f32 / f16 / bf16 array, as f32.
+__device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// Row of token `pos` of KV head h in a block arena [slot][kv_head][B][D] (kvcache/kv_cache.h),
+// through the block table (logical block -> slot).
+__device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, int64_t B,
+                                            int64_t kv_heads, int64_t h) {
+  return (static_cast<int64_t>(table[pos / B]) * kv_heads + h) * B + pos % B;
+}
+
+}  // namespace needle::cuda
