@@ -40,13 +40,25 @@ ACTS = ["eat a sandwich and sit in Dolores Park", "walk along the river", "visit
         "watch the sunset from the hill", "ride the tram to the harbour", "buy bread at the market",
         "swim in the cold lake", "read in the botanical garden", "climb the castle stairs",
         "drink tea by the fountain"]
+# --needle-acts random: cities and made-up activities, none of them the evaluation needle's (San
+# Francisco, a sandwich, Dolores Park), so that answering needs copying the needle, not recalling
+# one of a few memorised activities.
+CITIES = ["Lisbon", "Kyoto", "Oslo", "Cairo", "Lima", "Boston", "Prague", "Sydney", "Nairobi",
+          "Montreal", "Hanoi", "Dublin", "Seville", "Quito", "Bergen", "Tallinn", "Porto", "Krakow",
+          "Havana", "Lagos", "Mumbai", "Osaka", "Denver", "Vienna", "Reykjavik", "Santiago", "Tunis",
+          "Hobart", "Glasgow", "Zagreb", "Bogota", "Manila", "Helsinki", "Marseille", "Chicago"]
+VERBS = ["eat", "buy", "find", "paint", "carry", "read", "sell", "draw", "fold", "wash", "build",
+         "cook", "share", "hide", "count", "fix", "photograph", "feed", "borrow", "polish"]
+TOWN_ENDS = ["ton", "ville", "burg", " City", " Bay", "stad", "mouth", " Falls", "field", " Springs"]
+SITES = ["Park", "Garden", "Square", "Market", "Harbour", "Library", "Hill", "Bridge", "Lake", "Street"]
 
 
 class Gen:
     """Random training samples in the evaluation formats."""
 
-    def __init__(self, rng, text, words):
-        self.rng, self.text, self.words = rng, text, words
+    def __init__(self, rng, text, words, needle_acts="fixed", needle_places="cities", copy_source="vocab"):
+        self.rng, self.text, self.words, self.needle_acts = rng, text, words, needle_acts
+        self.needle_places, self.copy_source = needle_places, copy_source
         self.sentences = [s for s in " ".join(text.split()).replace(". ", ".\0").split("\0") if s]
 
     def digits(self, n):
@@ -73,6 +85,26 @@ class Gen:
             i += 1
         return out
 
+    def place(self):
+        """A city of CITIES or, with --needle-places made-up, half the time a made-up town
+        ("Cableton", "Pool Bay"): the answer must then copy the place from the question."""
+        if self.needle_places == "cities" or self.rng.random() < 0.5:
+            return self.rng.choice(CITIES)
+        return self.rng.choice(self.words["nouns"]).capitalize() + self.rng.choice(TOWN_ENDS)
+
+    def activity(self):
+        """A made-up activity in one of three shapes, the first that of the evaluation needle."""
+        r, w = self.rng, self.words
+        v1, v2 = r.sample(VERBS, 2)
+        n1, n2 = r.choice(w["nouns"]), r.choice(w["nouns"])
+        place = r.choice(w["nouns"]).capitalize() + " " + r.choice(SITES)
+        shape = r.randrange(3)
+        if shape == 0:
+            return f"{v1} a {n1} and sit in {place}"
+        if shape == 1:
+            return f"{v1} the {r.choice(w['adjectives'])} {n1}"
+        return f"{v1} a {n1} and {v2} the {r.choice(w['adjectives'])} {n2} near {place}"
+
     def task(self, kind, chars, queries=1):
         """(prompt, answer) of task `kind` with about `chars` characters of context; with
         queries > 1, a list of (text, answer) pairs whose first is the evaluation format and the
@@ -96,7 +128,10 @@ class Gen:
             return [first] + [(T.kv_input(pairs[i][0]), pairs[i][1]) for i in qs[1:]]
         if kind == "needle":
             sents = self.essay(chars)
-            place, act = r.choice(PLACES), r.choice(ACTS)
+            if self.needle_acts == "fixed":
+                place, act = r.choice(PLACES), r.choice(ACTS)
+            else:
+                place, act = self.place(), self.activity()
             needle = f"\nThe best thing to do in {place} is {act} on a sunny day.\n"
             j = r.randint(0, len(sents))
             ctx = " ".join(sents[:j]) + needle + " ".join(sents[j:])
@@ -133,11 +168,21 @@ class Gen:
             more.append(("\n" + qi + T.ruler_answer_prefix(kind, keys[i]), " " + ", ".join(vals[i]) + "."))
         return [first] + more
 
-    def copy_tokens(self, L, vocab):
+    def copy_tokens(self, L, vocab, tok=None):
         """Random tokens, then chunks of them again: the induction pattern, densely supervised.
-        Returns (ids, labels) with the loss on the repeats but their unpredictable first tokens."""
+        Returns (ids, labels) with the loss on the repeats but their unpredictable first tokens.
+        copy_source "vocab": tokens drawn uniformly from the vocabulary (never learnt by v1-v5);
+        "words": the tokens of random words (WordNet nouns and adjectives, towns, verbs), the
+        tokens that copying a needle sentence needs."""
         n = L // 2
-        first = [self.rng.randrange(256, vocab) for _ in range(n)]
+        if self.copy_source == "vocab":
+            first = [self.rng.randrange(256, vocab) for _ in range(n)]
+        else:
+            pool = self.words["nouns"] + self.words["adjectives"] + VERBS + CITIES
+            first = []
+            while len(first) < n:
+                first += tok.encode(" " + " ".join(self.rng.choice(pool) for _ in range(64))).ids
+            first = first[:n]
         ids, labels = list(first), [-100] * n
         while len(ids) < L:
             m = self.rng.randint(6, 32)
@@ -192,6 +237,15 @@ def main():
                          "over as many steps again (0: mixed lengths from the start)")
     ap.add_argument("--copy-share", default="0.5,0.2",
                     help="share of random-token copy samples during the short phase, and after")
+    ap.add_argument("--needle-acts", choices=("fixed", "random"), default="fixed",
+                    help="classic-needle training sentences: fixed (v3: 16 places x 10 activities, "
+                         "the evaluation's among them) or random (made-up activities, other cities)")
+    ap.add_argument("--needle-places", choices=("cities", "made-up"), default="cities",
+                    help="places of the random classic-needle sentences: 35 cities, or half of "
+                         "them made-up towns")
+    ap.add_argument("--copy-source", choices=("vocab", "words"), default="vocab",
+                    help="tokens of the random-token copy samples: uniform over the vocabulary, "
+                         "or the tokens of random words")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="stop after this many steps (the learning-rate schedule still spans --steps)")
     args = ap.parse_args()
@@ -199,7 +253,7 @@ def main():
     torch.backends.cudnn.deterministic = True
     rng = random.Random(args.seed)
     text = open(args.text, encoding="utf-8").read()
-    gen = Gen(rng, text, json.load(open(args.words)))
+    gen = Gen(rng, text, json.load(open(args.words)), args.needle_acts, args.needle_places, args.copy_source)
     t_start = time.time()
 
     dev = "cuda"
@@ -256,7 +310,7 @@ def main():
                 y = list(x)
                 n = len(x)
             elif kind == "copy_tokens":
-                return gen.copy_tokens(target, 4096)
+                return gen.copy_tokens(target, 4096, tok)
             else:
                 multi = kind not in ("passkey", "number_string", "needle") and rng.random() < 0.5
                 parts = gen.task(kind, chars, queries=8 if multi else 1)
@@ -318,13 +372,13 @@ def main():
             stats = {}
         if step % 900 == 899:
             ckpt()
-            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words), ratio,
+            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words, args.needle_acts, args.needle_places), ratio,
                         kinds=("passkey", "kv_retrieval", "niah_single_2"), n=4, lengths=(1024,))
             model.train()
         step += 1
     print(f"trained {step} steps in {time.time() - t0:.0f}s", flush=True)
     ckpt()
-    quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words), ratio)
+    quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words, args.needle_acts, args.needle_places), ratio)
     print(f"total {time.time() - t_start:.0f}s", flush=True)
 
 
