@@ -8,6 +8,8 @@
 // shuffles. Keys outside the causal/sliding-window range of a row score -inf.
 #include "engine/cuda/attention.h"
 
+#include "engine/cuda/attention_tc.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -266,6 +268,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
     Fail("CUDA attention: KV cache type ", DTypeName(kv.dtype), " is not supported on the GPU ",
          "(use --kv-type f32, f16 or bf16)");
   if (a.T == 0) return;
+  if (TensorCoreAttention(q, kv, a, out, lse, stream)) return;  // prompts over 16-bit caches
   Params p{};
   p.q = q;
   p.k = kv.k;
