@@ -200,6 +200,9 @@ class CudaBackend final : public Backend {
     cuda::Attention(q, kv, a, out, lse, sm_count_, attn_partials_, stream_);
   }
 
+ public:
+  cudaStream_t stream() const { return stream_; }
+
  private:
   int sm_count_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -231,6 +234,12 @@ bool CudaAvailable(std::string* why) {
     return false;
   }
   return true;
+}
+
+cudaStream_t CudaBackendStream(Backend& b) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  if (c == nullptr) Fail("CudaBackendStream: not a CUDA backend");
+  return c->stream();
 }
 
 std::unique_ptr<Backend> MakeCudaBackend(int device) {

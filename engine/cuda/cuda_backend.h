@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 
+#include <cuda_runtime.h>
+
 #include "engine/backend/backend.h"
 
 namespace needle {
@@ -17,5 +19,8 @@ namespace needle {
 bool CudaAvailable(std::string* why);
 // Throws Error when CUDA is unavailable (with the reason) or `device` does not exist.
 std::unique_ptr<Backend> MakeCudaBackend(int device);
+// The stream a CUDA backend (from MakeCudaBackend) issues all its work on: a non-blocking stream,
+// so events for timing must be recorded on it, not on the legacy default stream.
+cudaStream_t CudaBackendStream(Backend& b);
 
 }  // namespace needle
