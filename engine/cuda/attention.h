@@ -4,7 +4,10 @@
 // loaded once for the whole group) and a range of keys; when there are too few such tiles to fill
 // the GPU (decode, short prompts over long contexts) the keys are split across blocks
 // (flash-decoding) and the partial results merged by a second kernel, with the same algebra as
-// engine/attention/partial.h.
+// engine/attention/partial.h. Two fast paths for 16-bit caches: prompts take the tensor-core
+// kernel (attention_tc.h); single-token decode with head_dim 64/128 and G <= 8 takes a
+// flash-decoding kernel that streams K/V rows from global memory into registers (16-byte loads,
+// several keys in flight per thread) with as many key splits as fill the GPU in one wave.
 #pragma once
 
 #include <cuda_runtime.h>
