@@ -2,10 +2,14 @@
 """needle-tiny: trains a small LlamaForCausalLM to retrieve through attention, on the evaluation
 tasks' own formats (models/train/templates.py) filled with random content, mixed with plain text
 and long-range copies of it. Runs on the GPU machine (torch + transformers + tokenizers) and writes
-a Hugging Face folder. The command that made models/needle-tiny (see its README.md) on one H100:
+a Hugging Face folder. models/needle-tiny (see its README.md) is three runs on one H100; the
+first, from random weights ("v3"):
 
     python3 models/train/train_needle_tiny.py --text .dev/train/jargon.txt \
         --words .dev/train/words.json --out $OUT/needle-tiny --steps 3600
+
+then two that continue from the run before (--init), whose commands are in models/train/NOTES.md
+("Stage 2 and stage 3").
 
 Its 8-minute safety stop ended that run after 3,577 of the 3,600 scheduled steps; on another
 machine add `--stop-step 3577 --max-minutes 30` to stop at the same step.
