@@ -56,7 +56,8 @@ double Bandwidth() {
   NEEDLE_CUDA_CHECK(cudaMalloc(&src, bytes));
   NEEDLE_CUDA_CHECK(cudaMalloc(&dst, bytes));
   NEEDLE_CUDA_CHECK(cudaMemset(src, 1, bytes));
-  const double ms = MedianMs(nullptr, 10, [&] { cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice); });
+  const double ms =
+      MedianMs(nullptr, 10, [&] { cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice); });
   cudaFree(src);
   cudaFree(dst);
   const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
@@ -93,8 +94,9 @@ void Attention(Backend& b, double bw) {
     b.FromHost(qh.data(), qh.size(), q.get());
     a.T = 1;
     a.pos0 = ctx;
-    const double ms =
-        MedianMs(CudaBackendStream(b), 20, [&] { b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr); });
+    const double ms = MedianMs(CudaBackendStream(b), 20, [&] {
+      b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
+    });
     const double bytes = 2.0 * (ctx + 1) * Hk * D * 2;
     std::printf(
         "{\"bench\":\"attn_decode\",\"ctx\":%lld,\"ms\":%.4f,\"GB/s\":%.1f,\"of_bw\":%.3f}\n",

@@ -29,7 +29,7 @@ constexpr int kKeys = 64;  // keys per tile
 constexpr int kPad = 8;    // elements of padding per shared-memory row
 
 struct TcParams {
-  const float* q;  // [T, heads, D] f32
+  const float* q;     // [T, heads, D] f32
   const uint16_t* k;  // arena [slot][kv_head][B][D], bf16 or f16
   const uint16_t* v;
   const int32_t* table;
@@ -236,10 +236,9 @@ __global__ void __launch_bounds__(128) TcKernel(TcParams p) {
       for (int d0 = 0; d0 < D; d0 += 16) {
         uint32_t b[4];
         const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(vrow + d0));
-        asm volatile(
-            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-            : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-            : "r"(addr));
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                     : "r"(addr));
         Mma<kBF16>(o[d0 / 8], pa, b[0], b[1]);
         Mma<kBF16>(o[d0 / 8 + 1], pa, b[2], b[3]);
       }
@@ -286,8 +285,7 @@ void Launch(const TcParams& p, cudaStream_t stream) {
                                            static_cast<int>(SmemBytes(D))));
     configured = true;
   }
-  const dim3 grid(static_cast<unsigned>((p.T + kRows - 1) / kRows),
-                  static_cast<unsigned>(p.heads));
+  const dim3 grid(static_cast<unsigned>((p.T + kRows - 1) / kRows), static_cast<unsigned>(p.heads));
   TcKernel<D, kBF16><<<grid, 128, SmemBytes(D), stream>>>(p);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
