@@ -250,9 +250,19 @@ def main():
     ap.add_argument("--copy-source", choices=("vocab", "words"), default="vocab",
                     help="tokens of the random-token copy samples: uniform over the vocabulary, "
                          "or the tokens of random words")
+    ap.add_argument("--tie-embeddings", action="store_true",
+                    help="from scratch: one matrix for the input embeddings and the LM head (copying "
+                         "a token is then the model's easy direction; v1-v5 and stages 2-3 were untied)")
+    ap.add_argument("--word-values", action="store_true",
+                    help="add a training-only RULER-format task, niah_words, whose values are "
+                         "WordNet adjective-noun pairs (the evaluation's RULER values are numbers "
+                         "and UUIDs only): copying words in the needle format")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="stop after this many steps (the learning-rate schedule still spans --steps)")
     args = ap.parse_args()
+    if args.word_values:
+        T.RULER_TASKS["niah_words"] = ("essay", "words", "words", 1, 1, 1)
+        TASKS.append("niah_words")
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = True
     rng = random.Random(args.seed)
@@ -265,6 +275,8 @@ def main():
         tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
         eos = tok.token_to_id("<|endoftext|>")
         model = transformers.LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(dev)
+        if args.tie_embeddings and not model.config.tie_word_embeddings:
+            raise SystemExit("--tie-embeddings: the --init model has untied embeddings")
         cfg = model.config
         print(f"continuing from {args.init}", flush=True)
     else:
@@ -275,7 +287,7 @@ def main():
             vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
             num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
             rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
-            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=args.tie_embeddings)
         model = transformers.LlamaForCausalLM(cfg).to(dev)
     mix = list(TASKS)  # the task drawn for a sample: uniform over this list
     for item in filter(None, args.task_weights.split(",")):
