@@ -8,6 +8,7 @@
 // shuffles. Keys outside the causal/sliding-window range of a row score -inf.
 #include "engine/cuda/attention.h"
 
+#include "engine/cuda/attention_params.h"
 #include "engine/cuda/attention_tc.h"
 
 #include <cuda_bf16.h>
@@ -30,20 +31,7 @@ constexpr int kKeys = 32;     // keys per tile = lanes
 constexpr int kMaxRows = 16;  // rows (query position x head) per block
 constexpr int kMaxD = 256;
 
-struct Params {
-  const float* q;  // [T, heads, D]
-  const void* k;   // arena [slot][kv_head][B][D]
-  const void* v;
-  const int32_t* table;
-  DType dtype;
-  int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;
-  float scale;
-  int QT, G, splits;
-  int64_t keys_per_split;
-  float* out;  // splits == 1: [T, heads, D], else partial [splits, T, heads, D]
-  float* m;    // splits == 1: lse or nullptr; else [splits, T, heads] running max
-  float* l;    // splits > 1: [splits, T, heads] sums
-};
+using Params = AttnParams;
 
 // K and V rows of keys [kb, kb + n) of KV head h into shared memory as f32 ([kKeys][ld], rows
 // past n zeroed): one element per thread and step, any dtype and head_dim.
@@ -438,23 +426,8 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
     Fail("CUDA attention: KV cache type ", DTypeName(kv.dtype), " is not supported on the GPU ",
          "(use --kv-type f32, f16 or bf16)");
   if (a.T == 0) return;
-  if (TensorCoreAttention(q, kv, a, out, lse, stream)) return;  // prompts over 16-bit caches
-  Params p{};
-  p.q = q;
-  p.k = kv.k;
-  p.v = kv.v;
-  p.table = kv.table;
-  p.dtype = kv.dtype;
-  p.T = a.T;
-  p.pos0 = a.pos0;
-  p.heads = a.heads;
-  p.kv_heads = a.kv_heads;
-  p.D = a.head_dim;
-  p.B = kv.block_size;
-  p.window = a.window;
-  p.n_keys = a.pos0 + a.T;
-  p.scale = a.scale;
-  p.G = static_cast<int>(a.heads / a.kv_heads);
+  Params p = MakeAttnParams(q, kv, a, out, lse);
+  if (TensorCoreAttention(p, stream)) return;  // prompts over 16-bit caches
   if (p.G > kMaxRows)
     Fail("CUDA attention: ", p.G, " query heads per KV head (max ", kMaxRows, ")");
   p.QT = std::max(1, kMaxRows / p.G);
@@ -472,10 +445,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   p.splits = static_cast<int>(splits);
   p.keys_per_split = (p.n_keys + splits - 1) / splits;
   const int64_t rows = a.T * a.heads;
-  if (splits == 1) {
-    p.out = out;
-    p.m = lse;
-  } else {
+  if (splits > 1) {
     const size_t need = static_cast<size_t>(splits * rows * (a.head_dim + 2));
     float* buf = scratch.Get<float>(need);  // partials [splits][rows][D], then m and l
     p.out = buf;

@@ -28,18 +28,6 @@ constexpr int kRows = 64;  // query positions per block (16 per warp)
 constexpr int kKeys = 64;  // keys per tile
 constexpr int kPad = 8;    // elements of padding per shared-memory row
 
-struct TcParams {
-  const float* q;     // [T, heads, D] f32
-  const uint16_t* k;  // arena [slot][kv_head][B][D], bf16 or f16
-  const uint16_t* v;
-  const int32_t* table;
-  int64_t T, pos0, heads, kv_heads, B, window;
-  int G;
-  float scale_log2;  // softmax scale * log2(e): scores in the log2 domain
-  float* out;        // [T, heads, D]
-  float* lse;        // [T, heads] natural-log sum-exp, or nullptr
-};
-
 template <bool kBF16>
 __device__ __forceinline__ uint32_t Pack(float a, float b) {
   if constexpr (kBF16) {
@@ -83,18 +71,20 @@ __device__ __forceinline__ void CpAsyncWait() {
 // consecutive rows of one cache block. Keys past the end of the cache are not read (their scores
 // are masked, and their V rows zeroed so that 0 * garbage cannot make NaN).
 template <int D>
-__device__ __forceinline__ void LoadTile(const TcParams& p, int64_t h, int64_t kb, int64_t n_keys,
+__device__ __forceinline__ void LoadTile(const AttnParams& p, int64_t h, int64_t kb, int64_t n_keys,
                                          uint16_t* ks, uint16_t* vs) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   const int64_t row0 = PagedRow(p.table, kb, p.B, p.kv_heads, h);
+  const uint16_t* karena = static_cast<const uint16_t*>(p.k);
+  const uint16_t* varena = static_cast<const uint16_t*>(p.v);
   for (int i = threadIdx.x; i < kKeys * kChunks; i += blockDim.x) {
     const int j = i / kChunks, c = i % kChunks;
     uint16_t* kd = ks + j * (D + kPad) + c * 8;
     uint16_t* vd = vs + j * (D + kPad) + c * 8;
     if (kb + j < n_keys) {
       const size_t off = static_cast<size_t>((row0 + j) * D + c * 8);
-      CpAsync16(kd, p.k + off);
-      CpAsync16(vd, p.v + off);
+      CpAsync16(kd, karena + off);
+      CpAsync16(vd, varena + off);
     } else {
       *reinterpret_cast<uint4*>(kd) = make_uint4(0, 0, 0, 0);
       *reinterpret_cast<uint4*>(vd) = make_uint4(0, 0, 0, 0);
@@ -103,7 +93,7 @@ __device__ __forceinline__ void LoadTile(const TcParams& p, int64_t h, int64_t k
 }
 
 template <int D, bool kBF16>
-__global__ void __launch_bounds__(128) TcKernel(TcParams p) {
+__global__ void __launch_bounds__(128) TcKernel(AttnParams p) {
   extern __shared__ __align__(16) uint16_t smem_tc[];
   constexpr int LD = D + kPad;
   // Stage s: K at smem_tc + 2 s * kKeys * LD, V right after it.
@@ -113,7 +103,8 @@ __global__ void __launch_bounds__(128) TcKernel(TcParams p) {
   const int g = lane >> 2, tig = lane & 3;
   const int64_t hq = blockIdx.y, h = hq / p.G;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int64_t n_keys = p.pos0 + p.T;
+  const int64_t n_keys = p.n_keys;
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain
 
   // Q fragments of the warp's 16 rows (rows t0 + 16 warp + g and + 8), all of D: qa[kc][4].
   const int64_t ta = t0 + warp * 16 + g, tb = ta + 8;
@@ -180,7 +171,7 @@ __global__ void __launch_bounds__(128) TcKernel(TcParams p) {
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale_log2;
+        float x = s[n][e] * scale_log2;
         if (edge) {
           const int64_t kp = kb + n * 8 + tig * 2 + (e & 1);
           const int64_t qp = e < 2 ? qpos_a : qpos_b;
@@ -253,31 +244,26 @@ __global__ void __launch_bounds__(128) TcKernel(TcParams p) {
     l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
   }
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  if (ta < p.T) {
-    float* orow = p.out + (ta * p.heads + hq) * D;
+  // Rows a (accumulators 0, 1) and b (2, 3): normalised output and the natural-log lse.
+  auto write_row = [&](int64_t t, float l, float m, int c) {
+    if (t >= p.T) return;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* orow = p.out + (t * p.heads + hq) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
       *reinterpret_cast<float2*>(orow + i * 8 + tig * 2) =
-          make_float2(o[i][0] * inv_a, o[i][1] * inv_a);
-    if (p.lse != nullptr && tig == 0)
-      p.lse[ta * p.heads + hq] = l_a > 0.f ? (m_a + log2f(l_a)) * 0.6931471805599453f : -INFINITY;
-  }
-  if (tb < p.T) {
-    float* orow = p.out + (tb * p.heads + hq) * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<float2*>(orow + i * 8 + tig * 2) =
-          make_float2(o[i][2] * inv_b, o[i][3] * inv_b);
-    if (p.lse != nullptr && tig == 0)
-      p.lse[tb * p.heads + hq] = l_b > 0.f ? (m_b + log2f(l_b)) * 0.6931471805599453f : -INFINITY;
-  }
+          make_float2(o[i][c] * inv, o[i][c + 1] * inv);
+    if (p.m != nullptr && tig == 0)
+      p.m[t * p.heads + hq] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  };
+  write_row(ta, l_a, m_a, 0);
+  write_row(tb, l_b, m_b, 2);
 }
 
 constexpr size_t SmemBytes(int D) { return 4 * static_cast<size_t>(kKeys) * (D + kPad) * 2; }
 
 template <int D, bool kBF16>
-void Launch(const TcParams& p, cudaStream_t stream) {
+void Launch(const AttnParams& p, cudaStream_t stream) {
   static bool configured = false;  // opt in, once, to more than 48 KB of shared memory
   if (!configured) {
     NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(TcKernel<D, kBF16>,
@@ -300,28 +286,12 @@ bool Enabled() {
 
 }  // namespace
 
-bool TensorCoreAttention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-                         float* lse, cudaStream_t stream) {
-  const bool bf16 = kv.dtype == DType::kBF16;
-  if (!Enabled() || (!bf16 && kv.dtype != DType::kF16) || (a.head_dim != 64 && a.head_dim != 128) ||
-      kv.block_size % kKeys != 0 || a.T < kTcMinQueries || a.heads % a.kv_heads != 0)
+bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBF16;
+  if (!Enabled() || (!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) ||
+      p.B % kKeys != 0 || p.T < kTcMinQueries || p.heads % p.kv_heads != 0)
     return false;
-  TcParams p{};
-  p.q = q;
-  p.k = reinterpret_cast<const uint16_t*>(kv.k);
-  p.v = reinterpret_cast<const uint16_t*>(kv.v);
-  p.table = kv.table;
-  p.T = a.T;
-  p.pos0 = a.pos0;
-  p.heads = a.heads;
-  p.kv_heads = a.kv_heads;
-  p.B = kv.block_size;
-  p.window = a.window;
-  p.G = static_cast<int>(a.heads / a.kv_heads);
-  p.scale_log2 = a.scale * 1.4426950408889634f;
-  p.out = out;
-  p.lse = lse;
-  if (a.head_dim == 64)
+  if (p.D == 64)
     bf16 ? Launch<64, true>(p, stream) : Launch<64, false>(p, stream);
   else
     bf16 ? Launch<128, true>(p, stream) : Launch<128, false>(p, stream);

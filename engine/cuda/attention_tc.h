@@ -10,19 +10,17 @@
 
 #include <cuda_runtime.h>
 
-#include "engine/cpu/ops.h"
-#include "kvcache/kv_cache.h"
+#include "engine/cuda/attention_params.h"
 
 namespace needle::cuda {
 
 // Calls with fewer queries than this use the CUDA-core kernel.
 constexpr int64_t kTcMinQueries = 64;
 
-// Runs attention (see attention.h for the arguments) and returns true when the case is supported:
-// bf16/f16 cache, head_dim 64 or 128, block_size a multiple of 64, T >= kTcMinQueries, and the
-// environment variable NEEDLE_CUDA_ATTN_TC is not "0" (for comparisons). Otherwise returns false
-// and does nothing.
-bool TensorCoreAttention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
-                         float* lse, cudaStream_t stream);
+// Runs attention for p (one split: p.out and p.m = lse as MakeAttnParams sets them) and returns
+// true when the case is supported: bf16/f16 cache, head_dim 64 or 128, block_size a multiple of
+// 64, T >= kTcMinQueries, and the environment variable NEEDLE_CUDA_ATTN_TC is not "0" (for
+// comparisons). Otherwise returns false and does nothing.
+bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream);
 
 }  // namespace needle::cuda

@@ -1,0 +1,56 @@
+// What every attention kernel of engine/cuda reads: one struct, filled once per call by
+// MakeAttnParams (attention.cu) and passed by value to the kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/base/dtype.h"
+#include "engine/cpu/ops.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle::cuda {
+
+struct AttnParams {
+  const float* q;  // [T, heads, D] f32, device
+  const void* k;   // arena [slot][kv_head][B][D] in `dtype`, device
+  const void* v;
+  const int32_t* table;  // block table (logical block -> slot), device
+  DType dtype;
+  int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;  // n_keys = pos0 + T
+  float scale;
+  int G;  // query heads per KV head
+  // Set by the tile and decode kernels' launch (attention.cu); the tensor-core kernel uses one
+  // split.
+  int QT, splits;
+  int64_t keys_per_split;
+  float* out;  // splits == 1: [T, heads, D], else partial [splits, T, heads, D]
+  float* m;    // splits == 1: lse [T, heads] or nullptr; else [splits, T, heads] running max
+  float* l;    // splits > 1: [splits, T, heads] sums
+};
+
+// The fields of one call (one split: out and lse as given).
+inline AttnParams MakeAttnParams(const float* q, const KVLayerView& kv, const AttnArgs& a,
+                                 float* out, float* lse) {
+  AttnParams p{};
+  p.q = q;
+  p.k = kv.k;
+  p.v = kv.v;
+  p.table = kv.table;
+  p.dtype = kv.dtype;
+  p.T = a.T;
+  p.pos0 = a.pos0;
+  p.heads = a.heads;
+  p.kv_heads = a.kv_heads;
+  p.D = a.head_dim;
+  p.B = kv.block_size;
+  p.window = a.window;
+  p.n_keys = a.pos0 + a.T;
+  p.scale = a.scale;
+  p.G = static_cast<int>(a.heads / a.kv_heads);
+  p.splits = 1;
+  p.out = out;
+  p.m = lse;
+  return p;
+}
+
+}  // namespace needle::cuda
