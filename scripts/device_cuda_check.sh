@@ -11,7 +11,7 @@ export NEEDLE_FIXTURES_DIR=$PWD/tests/fixtures/models
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  .dev/gpu/needle_tests --gtest_filter='Cuda*' 2>&1 | grep -Ev '^\[ +(RUN|OK) ' | tail -60
+  .dev/gpu/needle_tests --gtest_filter='*Cuda*' 2>&1 | grep -Ev '^\[ +(RUN|OK) ' | tail -60
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   bash bench/bench_cuda.sh .dev/gpu/bench_cuda

@@ -1,33 +1,38 @@
 #!/usr/bin/env python3
 """needle-tiny: trains a small LlamaForCausalLM to retrieve through attention, on the evaluation
 tasks' own formats (models/train/templates.py) filled with random content, mixed with plain text
-and long-range copies of it. Runs on the GPU machine (torch + transformers + tokenizers) and writes
-a Hugging Face folder. models/needle-tiny (see its README.md) is three runs on one H100; the
-first, from random weights ("v3"):
+and copies. Runs on the GPU machine (torch + transformers + tokenizers) and writes a Hugging Face
+folder. models/needle-tiny (see its README.md) is two calls on one H100, 11.2 minutes of device
+time in all:
 
-    python3 models/train/train_needle_tiny.py --text .dev/train/jargon.txt \
-        --words .dev/train/words.json --out $OUT/needle-tiny --steps 3600
+    A="--text .dev/train/jargon.txt --words .dev/train/words.json --tie-embeddings --word-values \
+       --copy-source words --needle-acts random --needle-places made-up --raw-needles --first-weight 5"
+    python3 models/train/train_needle_tiny.py $A --out $OUT/stage1 --steps 6200 --seed 9008 \
+        --task-weights kv_retrieval=4,niah_multikey_3=2 --check-n 0
+    python3 models/train/train_needle_tiny.py $A --init $OUT/stage1 --out $OUT/needle-tiny --steps 3000 \
+        --seed 9103 --short-phase 0 --lr 7e-4 --full-share 0.5 \
+        --task-weights kv_retrieval=6,niah_multikey_3=2,niah_single_3=2 --check-n 0
 
-then two that continue from the run before (--init), whose commands are in models/train/NOTES.md
-("Stage 2 and stage 3").
-
-Its 8-minute safety stop ended that run after 3,577 of the 3,600 scheduled steps; on another
-machine add `--stop-step 3577 --max-minutes 30` to stop at the same step.
+(on a slower machine add --max-minutes 30: the default 8-minute safety stop would end a run
+early). The options' defaults are the settings of the earlier runs in NOTES.md (v1-v5, stages
+2-3), but not their data stream: those drew every batch from one random generator in one process.
 
 .dev/train/jargon.txt is the Jargon File from Debian's jargon-text package without its
 box-drawing lines, and words.json the WordNet adjectives and nouns that datasets/ruler.cc uses
-(scripts/make_train_text.sh writes both). The data stream and initial weights are a function of
---seed alone (default 9001; needle's evaluation seed is 1 and its generators use other streams);
-GPU reductions may still differ in the last bits between runs.
+(scripts/make_train_text.sh writes both). Batches are built by --workers processes; each is a
+function of --seed and its step alone (needle's evaluation seed is 1 and its generators use other
+streams), and the initial weights of --seed; GPU reductions may still differ in the last bits.
 """
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
 import time
 
+import numpy
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,9 +65,10 @@ SITES = ["Park", "Garden", "Square", "Market", "Harbour", "Library", "Hill", "Br
 class Gen:
     """Random training samples in the evaluation formats."""
 
-    def __init__(self, rng, text, words, needle_acts="fixed", needle_places="cities", copy_source="vocab"):
+    def __init__(self, rng, text, words, needle_acts="fixed", needle_places="cities", copy_source="vocab",
+                 raw_needles=False):
         self.rng, self.text, self.words, self.needle_acts = rng, text, words, needle_acts
-        self.needle_places, self.copy_source = needle_places, copy_source
+        self.needle_places, self.copy_source, self.raw_needles = needle_places, copy_source, raw_needles
         self.sentences = [s for s in " ".join(text.split()).replace(". ", ".\0").split("\0") if s]
 
     def digits(self, n):
@@ -137,8 +143,17 @@ class Gen:
             else:
                 place, act = self.place(), self.activity()
             needle = f"\nThe best thing to do in {place} is {act} on a sunny day.\n"
-            j = r.randint(0, len(sents))
-            ctx = " ".join(sents[:j]) + needle + " ".join(sents[j:])
+            if self.raw_needles and r.random() < 0.5:
+                # The evaluation's haystack: the text as it is in its file (line breaks, indents),
+                # the needle after a sentence's last period.
+                t = self.text
+                s = t.rfind("\n", 0, r.randrange(max(1, len(t) - chars))) + 1
+                hay = t[s:s + chars]
+                p = hay.rfind(".", 0, r.randint(0, len(hay))) + 1
+                ctx = hay[:p] + needle + hay[p:]
+            else:
+                j = r.randint(0, len(sents))
+                ctx = " ".join(sents[:j]) + needle + " ".join(sents[j:])
             q = f"What is the best thing to do in {place}?"
             return T.niah_prompt(ctx, q), f" The best thing to do in {place} is {act} on a sunny day."
         hay, key_t, val_t, nk, nv, nq = T.RULER_TASKS[kind]
@@ -257,38 +272,39 @@ def main():
                     help="add a training-only RULER-format task, niah_words, whose values are "
                          "WordNet adjective-noun pairs (the evaluation's RULER values are numbers "
                          "and UUIDs only): copying words in the needle format")
+    ap.add_argument("--raw-needles", action="store_true",
+                    help="half the classic-needle samples in the text as it is in its file, as the "
+                         "evaluation's haystack is (otherwise sentences joined by single spaces)")
+    ap.add_argument("--first-weight", type=float, default=1.0,
+                    help="loss weight of each answer's first token against its others: the first "
+                         "token is where a retrieval is decided, the rest is mostly copying")
+    ap.add_argument("--full-share", type=float, default=0.0,
+                    help="share of samples 90-100%% of the step's length instead of 25-100%%: an "
+                         "evaluation at the training length is otherwise at the edge of what was seen")
+    ap.add_argument("--check-n", type=int, default=8,
+                    help="samples per task and length of the greedy check after training (0: none)")
     ap.add_argument("--stop-step", type=int, default=None,
                     help="stop after this many steps (the learning-rate schedule still spans --steps)")
+    ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)),
+                    help="processes building batches; a batch is a function of --seed and its step "
+                         "alone, so the data do not depend on this number")
     args = ap.parse_args()
     if args.word_values:
         T.RULER_TASKS["niah_words"] = ("essay", "words", "words", 1, 1, 1)
         TASKS.append("niah_words")
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = True
-    rng = random.Random(args.seed)
     text = open(args.text, encoding="utf-8").read()
-    gen = Gen(rng, text, json.load(open(args.words)), args.needle_acts, args.needle_places, args.copy_source)
+    gen = Gen(random.Random(args.seed), text, json.load(open(args.words)), args.needle_acts,
+              args.needle_places, args.copy_source, args.raw_needles)
     t_start = time.time()
 
-    dev = "cuda"
     if args.init:
         tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
-        eos = tok.token_to_id("<|endoftext|>")
-        model = transformers.LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(dev)
-        if args.tie_embeddings and not model.config.tie_word_embeddings:
-            raise SystemExit("--tie-embeddings: the --init model has untied embeddings")
-        cfg = model.config
-        print(f"continuing from {args.init}", flush=True)
     else:
         tok = train_tokenizer(text, gen, 4096)
-        eos = tok.token_to_id("<|endoftext|>")
         print(f"tokenizer {time.time() - t_start:.0f}s", flush=True)
-        cfg = transformers.LlamaConfig(
-            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
-            num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
-            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=args.tie_embeddings)
-        model = transformers.LlamaForCausalLM(cfg).to(dev)
+    eos = tok.token_to_id("<|endoftext|>")
     mix = list(TASKS)  # the task drawn for a sample: uniform over this list
     for item in filter(None, args.task_weights.split(",")):
         name, w = item.split("=")
@@ -296,75 +312,44 @@ def main():
             raise SystemExit(f"--task-weights: unknown task {name!r} (tasks: {', '.join(TASKS)})")
         mix += [name] * (int(w) - 1)
     copy_a, copy_b = (float(x) for x in args.copy_share.split(","))
-    A = args.short_phase
+    ratio = calibrate(gen, tok, random.Random(args.seed + 1))
+    _DATA.update(args=args, gen=gen, tok=tok, eos=eos, mix=mix, copy=(copy_a, copy_b), ratio=ratio, text=text)
+    # Fork the batch builders before CUDA is initialised in this process.
+    last = min(args.steps, args.stop_step or args.steps)
+    pool = multiprocessing.get_context("fork").Pool(args.workers)
+    batches = pool.imap(make_batch, range(last), chunksize=1)
+
+    dev = "cuda"
+    if args.init:
+        model = transformers.LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(dev)
+        if args.tie_embeddings and not model.config.tie_word_embeddings:
+            raise SystemExit("--tie-embeddings: the --init model has untied embeddings")
+        cfg = model.config
+        print(f"continuing from {args.init}", flush=True)
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4 * args.seq,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=args.tie_embeddings)
+        model = transformers.LlamaForCausalLM(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params / 1e6:.2f}M", flush=True)
+    print(f"params {n_params / 1e6:.2f}M, {args.workers} data workers", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    ratio = {k: 3.0 for k in TASKS + ["text", "copy", "copy_tokens"]}  # characters per token, learnt as we go
-
-    def length_at(step):
-        # Curriculum: 512 tokens for the first 30% of steps (induction heads form there), doubling
-        # up to --seq by 60%, then mixed lengths.
-        p = step / args.steps
-        if p < A:
-            return 512
-        top = args.seq if p >= 2 * A else min(args.seq, int(512 * 2 ** ((p - A) / A * math.log2(args.seq / 512))))
-        return top if rng.random() < 0.6 else rng.choice([s for s in (1024, 2048, 4096, 8192, args.seq) if s <= top] or [top])
-
-    def sample(kind, L):
-        """(ids, labels) of one sample no longer than L tokens."""
-        target = int(rng.uniform(0.25, 1.0) * L)
-        for _ in range(6):
-            chars = int(target * ratio[kind] * 0.95)
-            if kind == "text":
-                s = rng.randrange(max(1, len(text) - chars))
-                x = tok.encode(text[s:s + chars]).ids
-                y = list(x)
-                n = len(x)
-            elif kind == "copy":
-                x = tok.encode(gen.copy_text(chars)).ids
-                y = list(x)
-                n = len(x)
-            elif kind == "copy_tokens":
-                return gen.copy_tokens(target, 4096, tok)
-            else:
-                multi = kind not in ("passkey", "number_string", "needle") and rng.random() < 0.5
-                parts = gen.task(kind, chars, queries=8 if multi else 1)
-                if not multi:
-                    parts = [parts]
-                x, y = [], []
-                for p, a in parts:
-                    pi, ai = tok.encode(p).ids, tok.encode(a).ids
-                    x += pi + ai
-                    y += [-100] * len(pi) + ai
-                x, y = x + [eos], y + [eos]
-                n = len(x)
-            ratio[kind] = 0.9 * ratio[kind] + 0.1 * chars / max(1, n)
-            if len(x) <= L:
-                return x, y
-            target = int(target * 0.9)
-        return x[:L], y[:L]
 
     stats = {}
-    t0, step = time.time(), 0
+    t0, step, wait = time.time(), 0, 0.0
     ckpt = lambda: save(model, tok, cfg, args.out, eos)  # noqa: E731
-    while step < min(args.steps, args.stop_step or args.steps):
+    while step < last:
         if time.time() - t_start > args.max_minutes * 60:
             print(f"safety stop at step {step}", flush=True)
             break
-        L = length_at(step)
-        B = max(1, args.tokens // L)
-        ids, labels, kinds = [], [], []
-        for _ in range(B):
-            u = rng.random()
-            c = copy_a if step < A * args.steps else copy_b  # share of pure induction data
-            kind = "text" if u < 0.1 else "copy" if u < 0.15 else "copy_tokens" if u < 0.15 + c else rng.choice(mix)
-            x, y = sample(kind, L)
-            ids.append(x + [eos] * (L - len(x)))
-            labels.append(y + [-100] * (L - len(y)))
-            kinds.append(kind)
-        x = torch.tensor(ids, device=dev)
-        y = torch.tensor(labels, device=dev)
+        tw = time.time()
+        ids, labels, kinds = next(batches)
+        wait += time.time() - tw
+        L = ids.shape[1]
+        x = torch.from_numpy(ids).to(dev, non_blocking=True).long()
+        y = torch.from_numpy(labels).to(dev, non_blocking=True).long()
         warm = min(1.0, (step + 1) / 150)
         for g in opt.param_groups:
             g["lr"] = args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -374,28 +359,133 @@ def main():
         per_tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                     ignore_index=-100, reduction="none").view(tgt.shape)
         mask = (tgt != -100).float()
-        per_sample = (per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+        first = mask * (y[:, :-1] == -100).float()  # the first token of each answer
+        wmask = mask + (args.first_weight - 1.0) * first
+        per_sample = (per_tok * wmask).sum(1) / wmask.sum(1).clamp(min=1)
+        per_first = (per_tok * first).sum(1) / first.sum(1).clamp(min=1)
         loss = per_sample.mean()  # every sample counts the same, whatever its answer length
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for k, v in zip(kinds, per_sample.tolist()):
+        for k, v, f in zip(kinds, per_sample.tolist(), per_first.tolist()):
             stats.setdefault(k, []).append(v)
+            if k in ("kv_retrieval", "niah_multikey_3", "needle"):
+                stats.setdefault(k + "^1", []).append(f)  # first answer tokens alone
         if step % 100 == 0 or step == args.steps - 1:
             per = " ".join(f"{k}={sum(v) / len(v):.2f}" for k, v in sorted(stats.items()))
-            print(f"step {step} L {L} loss {loss.item():.3f} t {time.time() - t0:.0f}s | {per}", flush=True)
+            print(f"step {step} L {L} loss {loss.item():.3f} t {time.time() - t0:.0f}s wait {wait:.0f}s | {per}",
+                  flush=True)
             stats = {}
         if step % 900 == 899:
             ckpt()
-            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words, args.needle_acts, args.needle_places), ratio,
-                        kinds=("passkey", "kv_retrieval", "niah_single_2"), n=4, lengths=(1024,))
+            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words, args.needle_acts,
+                                                   args.needle_places, raw_needles=args.raw_needles), ratio,
+                        kinds=("passkey", "kv_retrieval", "niah_single_2", "needle"), n=4, lengths=(1024,))
             model.train()
         step += 1
-    print(f"trained {step} steps in {time.time() - t0:.0f}s", flush=True)
+    pool.terminate()
+    print(f"trained {step} steps in {time.time() - t0:.0f}s (waited {wait:.0f}s for data)", flush=True)
     ckpt()
-    quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words, args.needle_acts, args.needle_places), ratio)
+    if args.check_n > 0:
+        quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words, args.needle_acts,
+                                                   args.needle_places, raw_needles=args.raw_needles), ratio, n=args.check_n)
     print(f"total {time.time() - t_start:.0f}s", flush=True)
+
+
+# What the batch builders need; filled by main() before the worker processes are forked.
+_DATA = {}
+
+
+def calibrate(gen, tok, rng):
+    """Characters per token of each sample kind, measured once on a few samples, so that a batch
+    needs no state carried over from the batches before it."""
+    saved, gen.rng = gen.rng, rng
+    ratio = {}
+    for kind in TASKS + ["text", "copy"]:
+        chars, toks = 0, 0
+        for _ in range(4):
+            if kind == "text":
+                s = rng.randrange(len(gen.text) - 8000)
+                t = gen.text[s:s + 8000]
+            elif kind == "copy":
+                t = gen.copy_text(8000)
+            else:
+                t = "".join(gen.task(kind, 8000))
+            chars, toks = chars + len(t), toks + len(tok.encode(t).ids)
+        ratio[kind] = chars / toks
+    gen.rng = saved
+    return ratio
+
+
+def length_at(step, rng):
+    """Curriculum: 512 tokens for the first --short-phase of the steps (induction heads form
+    there), doubling up to --seq over as many steps again, then mixed lengths."""
+    args = _DATA["args"]
+    A, p = args.short_phase, step / args.steps
+    if p < A:
+        return 512
+    top = args.seq if p >= 2 * A else min(args.seq, int(512 * 2 ** ((p - A) / A * math.log2(args.seq / 512))))
+    return top if rng.random() < 0.6 else rng.choice([s for s in (1024, 2048, 4096, 8192, args.seq) if s <= top] or [top])
+
+
+def sample(kind, L, rng):
+    """(ids, labels) of one sample no longer than L tokens."""
+    d = _DATA
+    gen, tok, text, ratio, eos, args = d["gen"], d["tok"], d["text"], d["ratio"], d["eos"], d["args"]
+    target = int(rng.uniform(0.25, 1.0) * L)
+    if args.full_share > 0 and rng.random() < args.full_share:
+        target = int(rng.uniform(0.9, 1.0) * L)  # the longest lengths, where evaluation samples sit
+    for _ in range(6):
+        if kind == "copy_tokens":
+            return gen.copy_tokens(target, 4096, tok)
+        chars = int(target * ratio[kind] * 0.95)
+        if kind == "text":
+            s = rng.randrange(max(1, len(text) - chars))
+            x = tok.encode(text[s:s + chars]).ids
+            y = list(x)
+        elif kind == "copy":
+            x = tok.encode(gen.copy_text(chars)).ids
+            y = list(x)
+        else:
+            multi = kind not in ("passkey", "number_string", "needle") and rng.random() < 0.5
+            parts = gen.task(kind, chars, queries=8 if multi else 1)
+            if not multi:
+                parts = [parts]
+            x, y = [], []
+            for p, a in parts:
+                pi, ai = tok.encode(p).ids, tok.encode(a).ids
+                x += pi + ai
+                y += [-100] * len(pi) + ai
+            x, y = x + [eos], y + [eos]
+        if len(x) <= L:
+            return x, y
+        target = int(target * 0.9)
+    return x[:L], y[:L]
+
+
+def make_batch(step):
+    """The batch of one step, a function of (--seed, step) alone: (ids [B, L] int32, labels
+    [B, L] int32 with -100 where no loss is taken, the kind of each sample)."""
+    d = _DATA
+    args = d["args"]
+    rng = random.Random(args.seed * 1000003 + step)
+    d["gen"].rng = rng
+    L = length_at(step, rng)
+    B = max(1, args.tokens // L)
+    copy_a, copy_b = d["copy"]
+    c = copy_a if step < args.short_phase * args.steps else copy_b  # share of pure induction data
+    ids = numpy.full((B, L), d["eos"], dtype=numpy.int32)
+    labels = numpy.full((B, L), -100, dtype=numpy.int32)
+    kinds = []
+    for b in range(B):
+        u = rng.random()
+        kind = "text" if u < 0.1 else "copy" if u < 0.15 else "copy_tokens" if u < 0.15 + c else rng.choice(d["mix"])
+        x, y = sample(kind, L, rng)
+        ids[b, :len(x)] = x
+        labels[b, :len(y)] = y
+        kinds.append(kind)
+    return ids, labels, kinds
 
 
 def save(model, tok, cfg, out, eos):
