@@ -47,6 +47,15 @@ std::string LayerPlan::ToJson() const {
       os << "]";
     }
     os << "]";
+    if (!retained.empty()) {
+      os << ",\"retained\":[";
+      for (size_t h = 0; h < retained.size(); ++h) {
+        os << (h ? "," : "") << "[";
+        for (size_t i = 0; i < retained[h].size(); ++i) os << (i ? "," : "") << retained[h][i];
+        os << "]";
+      }
+      os << "]";
+    }
   }
   os << "}";
   return os.str();

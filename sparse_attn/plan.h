@@ -21,6 +21,9 @@ struct LayerPlan {
   int64_t local_begin = 0;                   // Local: tokens [local_begin, pos]
   int64_t candidates = 0;                    // Context blocks that were eligible for selection
   std::vector<std::vector<int32_t>> blocks;  // [kv_head] selected Context blocks, ascending
+  // [kv_head] the blocks of `blocks` kept from the previous step for their attention mass
+  // (SparseConfig::retain_blocks), ascending; empty when none.
+  std::vector<std::vector<int32_t>> retained;
 
   // Spans for a single query at `pos`, per KV head (AttnSpans item = KV head).
   void ToSpans(int64_t kv_heads, AttnSpans* out) const;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "engine/base/error.h"
+#include "sparse_attn/block_mass.h"
 #include "sparse_attn/scoring.h"
 
 namespace needle {
@@ -24,6 +25,7 @@ SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& c
   presel_.resize(static_cast<size_t>(model.num_layers));
   presel_end_.assign(static_cast<size_t>(model.num_layers), 0);
   sel_.resize(static_cast<size_t>(model.num_layers));
+  retained_.resize(static_cast<size_t>(model.num_layers));
   last_plan_.resize(static_cast<size_t>(model.num_layers));
   recall_sum_.assign(static_cast<size_t>(model.num_layers), 0.0);
   recall_n_.assign(static_cast<size_t>(model.num_layers), 0);
@@ -37,6 +39,7 @@ void SparseAttention::Reset() {
     presel_end_[l] = 0;
   }
   for (auto& s : sel_) s = Selection{};
+  for (auto& r : retained_) r.clear();
   decode_step_ = -1;
 }
 
@@ -146,55 +149,66 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
       all.push_back(static_cast<int32_t>(blk));
     const auto& ps = presel_[layer];
-    auto candidates = [&](int64_t h, const float* sc, std::vector<int32_t>* ids,
-                          std::vector<float>* scores) {
-      ids->clear();
-      scores->clear();
-      for (size_t i = 0; i < all.size(); ++i)
-        if (all[i] >= presel_end_[layer] || ps[h][all[i]])
-          ids->push_back(all[i]), scores->push_back(sc[i]);
+    const auto allowed = [&](int64_t h, int32_t blk) {
+      return ps.empty() || blk >= presel_end_[layer] || ps[h][blk] != 0;
     };
+    // One head's selection: the blocks kept for their attention mass at the previous step (still
+    // Context and allowed), then the best-scored of the others up to topk.
+    auto select = [&](int64_t h, const float* sc, const std::vector<int32_t>* kept,
+                      std::vector<int32_t>* keep_out, int64_t* ncand) {
+      std::vector<int32_t> keep;
+      if (kept != nullptr)
+        for (int32_t blk : *kept)
+          if (blk >= init_blocks && blk < ctx_end_block && allowed(h, blk) &&
+              static_cast<int64_t>(keep.size()) < cfg_.retained())
+            keep.push_back(blk);
+      std::vector<int32_t> ids;
+      std::vector<float> scores;
+      *ncand = static_cast<int64_t>(keep.size());
+      for (size_t i = 0; i < all.size(); ++i) {
+        if (!allowed(h, all[i]) || std::find(keep.begin(), keep.end(), all[i]) != keep.end())
+          continue;
+        ids.push_back(all[i]);
+        scores.push_back(sc[i]);
+      }
+      *ncand += static_cast<int64_t>(ids.size());
+      std::vector<int32_t> out = TopK(scores.data(), ids.data(), static_cast<int64_t>(ids.size()),
+                                      cfg_.topk - static_cast<int64_t>(keep.size()));
+      out.insert(out.end(), keep.begin(), keep.end());
+      std::sort(out.begin(), out.end());
+      std::sort(keep.begin(), keep.end());
+      *keep_out = std::move(keep);
+      return out;
+    };
+    const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
     std::vector<float> sc(static_cast<size_t>(Hk) * all.size());
     fast::ScoreBlocks(
         reps_, layer,
         ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
         sc.data(), tc_);
     s.blocks.assign(static_cast<size_t>(Hk), {});
-    std::vector<int32_t> ids;
-    std::vector<float> hs;
+    plan->retained.assign(retain ? static_cast<size_t>(Hk) : 0, {});
     if (cfg_.select == SelectMode::kLayer) {
       std::vector<float> sum(all.size(), 0.0f);
       for (int64_t h = 0; h < Hk; ++h)
         for (size_t i = 0; i < all.size(); ++i) sum[i] += sc[h * all.size() + i];
-      if (ps.empty()) {
-        s.blocks[0] = TopK(sum.data(), all.data(), static_cast<int64_t>(all.size()), cfg_.topk);
-        plan->candidates = static_cast<int64_t>(all.size());
-      } else {
-        candidates(0, sum.data(), &ids, &hs);  // identical for every head in layer mode
-        s.blocks[0] = TopK(hs.data(), ids.data(), static_cast<int64_t>(ids.size()), cfg_.topk);
-        plan->candidates = static_cast<int64_t>(ids.size());
-      }
-      for (auto& b : s.blocks) b = s.blocks[0];
+      std::vector<int32_t> keep;
+      // Layer mode: candidates as for head 0 (preselection is identical for every head then).
+      s.blocks[0] =
+          select(0, sum.data(), retain ? &retained_[layer][0] : nullptr, &keep, &plan->candidates);
+      for (auto& blk : s.blocks) blk = s.blocks[0];
+      for (auto& r : plan->retained) r = keep;
     } else {
-      // One top-k per KV head, in parallel (each is O(blocks)).
+      // One selection per KV head, in parallel (each is O(blocks)).
       std::vector<int64_t> ncand(static_cast<size_t>(Hk));
+      std::vector<std::vector<int32_t>> keep(static_cast<size_t>(Hk));
       tc_.ParallelFor(static_cast<size_t>(Hk), 1, [&](size_t hb, size_t he) {
-        std::vector<int32_t> hids;
-        std::vector<float> hscores;
-        for (size_t h = hb; h < he; ++h) {
-          const float* hsc = sc.data() + h * all.size();
-          if (ps.empty()) {
-            s.blocks[h] = TopK(hsc, all.data(), static_cast<int64_t>(all.size()), cfg_.topk);
-            ncand[h] = static_cast<int64_t>(all.size());
-          } else {
-            candidates(static_cast<int64_t>(h), hsc, &hids, &hscores);
-            s.blocks[h] =
-                TopK(hscores.data(), hids.data(), static_cast<int64_t>(hids.size()), cfg_.topk);
-            ncand[h] = static_cast<int64_t>(hids.size());
-          }
-        }
+        for (size_t h = hb; h < he; ++h)
+          s.blocks[h] = select(static_cast<int64_t>(h), sc.data() + h * all.size(),
+                               retain ? &retained_[layer][h] : nullptr, &keep[h], &ncand[h]);
       });
       plan->candidates = *std::max_element(ncand.begin(), ncand.end());
+      if (retain) plan->retained = std::move(keep);
     }
     s.valid = true;
     s.step = decode_step_;
@@ -233,6 +247,25 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
     AttnSpans spans;
     plan.ToSpans(a.kv_heads, &spans);
     b_.Attention(q, kv, a, &spans, out, lse_.data());
+  }
+  if (!plan.dense && cfg_.retained() > 0) {
+    // The blocks that took the most attention mass now are kept in the next selection.
+    fast::BlockMass(
+        kv, BlockMassArgs{q, lse_.data(), a.heads, a.kv_heads, a.head_dim, a.scale, &plan.blocks},
+        &mass_, tc_);
+    auto& r = retained_[layer];
+    r.assign(static_cast<size_t>(a.kv_heads), {});
+    if (cfg_.select == SelectMode::kLayer) {  // the same blocks for every head: sum their mass
+      for (int64_t h = 1; h < a.kv_heads; ++h)
+        for (size_t i = 0; i < mass_[0].size(); ++i) mass_[0][i] += mass_[h][i];
+      r[0] = TopK(mass_[0].data(), plan.blocks[0].data(),
+                  static_cast<int64_t>(plan.blocks[0].size()), cfg_.retained());
+      for (auto& hr : r) hr = r[0];
+    } else {
+      for (int64_t h = 0; h < a.kv_heads; ++h)
+        r[h] = TopK(mass_[h].data(), plan.blocks[h].data(),
+                    static_cast<int64_t>(plan.blocks[h].size()), cfg_.retained());
+    }
   }
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block

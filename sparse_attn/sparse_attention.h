@@ -7,7 +7,9 @@
 // the others score the candidate Context blocks (scoring.h), keep the top `topk` per layer or per
 // KV head (reusing a selection for token_step tokens / layer_step layers, always adding blocks
 // that joined the Context since), build a LayerPlan and run the block kernel over
-// Initial + selected + Local. Blocks generated after the prompt are always candidates.
+// Initial + selected + Local. Blocks generated after the prompt are always candidates. After the
+// kernel, the softmax mass of each selected block (block_mass.h) picks up to retain_blocks of them
+// to keep in the layer's next selection, in place of as many chosen by score.
 #pragma once
 
 #include <cstdint>
@@ -83,6 +85,9 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<int64_t> recall_n_;
   std::ostream* plan_sink_ = nullptr;
   std::vector<float> scratch_out_, scratch_lse_, lse_;
+  // [layer][kv_head]: the blocks with the most attention mass at the layer's last sparse step.
+  std::vector<std::vector<std::vector<int32_t>>> retained_;
+  std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
 };
 
 }  // namespace needle

@@ -55,6 +55,8 @@ void SparseConfig::Validate() const {
   if (preselect_blocks > 0 && preselect_blocks < topk)
     Fail("sparse attention: preselect_blocks (", preselect_blocks, ") is smaller than topk (", topk,
          "): the candidate set could not fill the selection");
+  if (retain_blocks < 0)
+    Fail("sparse attention: retain_blocks must not be negative (got ", retain_blocks, ")");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");
@@ -67,7 +69,7 @@ std::string SparseConfig::Describe() const {
   if (repr == ReprType::kDynamic) os << " repr_count=" << repr_count;
   os << " select=" << SelectModeName(select) << " dense_layers=" << dense_layers
      << " token_step=" << token_step << " layer_step=" << layer_step
-     << " preselect_blocks=" << preselect_blocks;
+     << " preselect_blocks=" << preselect_blocks << " retain_blocks=" << retained();
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();
 }

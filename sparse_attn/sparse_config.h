@@ -7,6 +7,7 @@
 //            are attended.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -34,9 +35,13 @@ struct SparseConfig {
   int64_t layer_step = 1;        // ... and for this many consecutive layers
   int64_t preselect_blocks = 0;  // SnapKV-style candidate set at the end of prefill (0: off)
   int64_t preselect_pool = 7;    // max-pool width over token votes (odd)
+  // Blocks of a KV head's previous selection that took the most attention mass, kept in its next
+  // selection (block_mass.h); at most topk / 2 of the topk, the rest chosen by score. 0: off.
+  int64_t retain_blocks = 8;
 
   // Throws Error naming every setting involved when values cannot work (together).
   void Validate() const;
+  int64_t retained() const { return std::min(retain_blocks, topk / 2); }  // effective count
   int64_t init_end() const { return (init_tokens + block_size - 1) / block_size * block_size; }
   // First token of the Local region for a query at position p (>= init_end).
   int64_t LocalBegin(int64_t p) const {

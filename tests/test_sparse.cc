@@ -10,6 +10,7 @@
 
 #include "engine/backend/backend.h"
 #include "engine/model/model.h"
+#include "sparse_attn/block_mass.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 #include "tests/test_util.h"
@@ -417,6 +418,135 @@ TEST(Sparse, ScoringFastMatchesReference) {
           for (size_t i = 0; i < f.size(); ++i)
             EXPECT_NEAR(f[i], rf[i], 1e-4 * (std::fabs(rf[i]) + D)) << i;
         }
+      }
+    }
+  }
+}
+
+// Block masses: the fast kernel against the double-precision reference on every KV type, and
+// the meaning of a mass: with lse taken over exactly the blocks listed, each query head's masses
+// sum to 1, so a KV head's sum to G. Tolerance: f32 dot products of D terms against double
+// (|error| ~ D * 2^-24 * |q||k|, under 1e-5 here) pass through exp as a relative error of that
+// size, plus Highway's Exp (a few ulp): 1e-4 relative. int8 keys are dequantised the same way
+// in both, so the same bound holds.
+TEST(Sparse, BlockMassFastMatchesReferenceAndSumsToOne) {
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  for (auto [H, Hk, D] :
+       {std::tuple<int64_t, int64_t, int64_t>{8, 2, 64}, {7, 1, 128}, {4, 4, 72}}) {
+    for (DType kvt : {DType::kF32, DType::kBF16, DType::kF16, DType::kI8}) {
+      const int64_t B = 16, n_tok = 16 * 12 + 5;  // a partial last block
+      KVCache cache(KVCacheShape{1, Hk, D, n_tok, B, kvt});
+      const auto k = test::RandomVector(n_tok * Hk * D, 21),
+                 v = test::RandomVector(n_tok * Hk * D, 22);
+      cache.Write(0, 0, n_tok, k.data(), v.data());
+      cache.SetSize(n_tok);
+      const KVLayerView kv = cache.Layer(0);
+      const auto q = test::RandomVector(H * D, 23, 2.0f);
+      std::vector<std::vector<int32_t>> blocks(static_cast<size_t>(Hk));
+      for (int64_t h = 0; h < Hk; ++h) blocks[h] = {1, 4, static_cast<int32_t>(5 + h), 12};
+      // lse over exactly these blocks, from the attention kernel.
+      AttnSpans spans;
+      spans.offsets = {0};
+      for (int64_t h = 0; h < Hk; ++h) {
+        for (int32_t b : blocks[h])
+          spans.spans.push_back({b * B, std::min<int64_t>((b + 1) * B, n_tok)});
+        spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
+      }
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      AttnArgs a{1, n_tok - 1, H, Hk, D, 0, scale};
+      std::vector<float> out(H * D), lse(H);
+      backend->Attention(q.data(), kv, a, &spans, out.data(), lse.data());
+      const BlockMassArgs args{q.data(), lse.data(), H, Hk, D, scale, &blocks};
+      std::vector<std::vector<float>> f, r;
+      fast::BlockMass(kv, args, &f, tc);
+      ref::BlockMass(kv, args, &r, tc);
+      for (int64_t h = 0; h < Hk; ++h) {
+        double sum = 0;
+        for (size_t i = 0; i < blocks[h].size(); ++i) {
+          EXPECT_NEAR(f[h][i], r[h][i], 1e-4 * r[h][i] + 1e-7)
+              << "H " << H << " D " << D << " " << DTypeName(kvt) << " head " << h << " block "
+              << i;
+          sum += r[h][i];
+        }
+        EXPECT_NEAR(sum, static_cast<double>(H / Hk), 1e-3) << DTypeName(kvt);
+      }
+    }
+  }
+}
+
+// Retention: after a decode step, the retain_blocks selected blocks with the most attention
+// mass (recomputed here from the step's plan) are kept in the next selection, which still holds
+// topk blocks; with retain_blocks = 0 nothing is kept.
+TEST(Sparse, RetentionKeepsTheHighestMassBlocks) {
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  const int64_t H = 8, Hk = 2, D = 64, N = 600, B = 16;
+  const Synthetic s = MakeSynthetic(H, Hk, D);
+  const auto k = test::RandomVector((N + 2) * Hk * D, 31),
+             v = test::RandomVector((N + 2) * Hk * D, 32);
+  const auto q1 = test::RandomVector(H * D, 33);
+  for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead}) {
+    for (int64_t retain : {0, 3}) {
+      SparseConfig c;
+      c.block_size = B;
+      c.init_tokens = B;
+      c.local_window = 64;
+      c.topk = 12;
+      c.retain_blocks = retain;
+      c.select = m;
+      c.dense_layers = 0;
+      KVCache cache(KVCacheShape{1, Hk, D, N + 2, B, DType::kF32});
+      cache.Write(0, 0, N + 2, k.data(), v.data());
+      SparseAttention sp(s.cfg, c, *backend, tc, N + 2, DType::kF32);
+      AttnArgs a{N, 0, H, Hk, D, 0, 1.0f / std::sqrt(static_cast<float>(D))};
+      std::vector<float> out(N * H * D), lse(H);
+      cache.SetSize(N);
+      sp.BeginStep(StepInfo{0, N, N, true});
+      sp.Attend(0, s.qp.data(), a, cache, out.data());
+      // Step 0 at position N.
+      cache.SetSize(N + 1);
+      a.T = 1;
+      a.pos0 = N;
+      sp.BeginStep(StepInfo{N, 1, 1, true});
+      sp.Attend(0, s.qd.data(), a, cache, out.data());
+      const LayerPlan p0 = sp.last_plan(0);
+      ASSERT_FALSE(p0.dense);
+      EXPECT_TRUE(p0.retained.empty()) << "nothing to keep at the first step";
+      // What step 0 should hand on: its lse over the plan's keys, then the block masses.
+      AttnSpans spans;
+      p0.ToSpans(Hk, &spans);
+      backend->Attention(s.qd.data(), cache.Layer(0), a, &spans, out.data(), lse.data());
+      std::vector<std::vector<float>> mass;
+      ref::BlockMass(cache.Layer(0),
+                     BlockMassArgs{s.qd.data(), lse.data(), H, Hk, D, a.scale, &p0.blocks}, &mass,
+                     tc);
+      std::vector<std::vector<int32_t>> want(static_cast<size_t>(Hk));
+      for (int64_t h = 0; h < Hk; ++h) {
+        std::vector<float> mh = mass[h];
+        if (m == SelectMode::kLayer)
+          for (int64_t g = 0; g < Hk; ++g)
+            if (g != h)
+              for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
+        want[h] = TopK(mh.data(), p0.blocks[h].data(), static_cast<int64_t>(mh.size()), retain);
+      }
+      // Step 1 at position N + 1.
+      cache.SetSize(N + 2);
+      a.pos0 = N + 1;
+      sp.BeginStep(StepInfo{N + 1, 1, 1, true});
+      sp.Attend(0, q1.data(), a, cache, out.data());
+      const LayerPlan& p1 = sp.last_plan(0);
+      const std::string what = std::string(SelectModeName(m)) + " retain " + std::to_string(retain);
+      if (retain == 0) {
+        EXPECT_TRUE(p1.retained.empty()) << what;
+        continue;
+      }
+      ASSERT_EQ(p1.retained.size(), static_cast<size_t>(Hk)) << what;
+      for (int64_t h = 0; h < Hk; ++h) {
+        EXPECT_EQ(p1.retained[h], want[h]) << what << " head " << h;
+        EXPECT_EQ(p1.blocks[h].size(), static_cast<size_t>(c.topk)) << what;
+        for (int32_t b : p1.retained[h])
+          EXPECT_TRUE(std::binary_search(p1.blocks[h].begin(), p1.blocks[h].end(), b)) << what;
       }
     }
   }

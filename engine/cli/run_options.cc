@@ -43,6 +43,9 @@ constexpr SparseIntOption kSparseInts[] = {
      "sparse: SnapKV candidate blocks kept at the end of the prompt (0: off)"},
     {"preselect-pool", "preselect_pool", &SparseConfig::preselect_pool,
      "sparse: max-pool width of preselection votes"},
+    {"retain-blocks", "retain_blocks", &SparseConfig::retain_blocks,
+     "sparse: blocks with the most attention mass at the previous step kept in the next "
+     "selection (at most topk/2; 0: off)"},
 };
 
 }  // namespace

@@ -1,0 +1,168 @@
+#include "sparse_attn/block_mass.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "engine/base/error.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "sparse_attn/block_mass.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+// Per-target code shared between op families (after highway.h, as Highway requires).
+#include "engine/cpu/load-inl.h"
+#include "hwy/contrib/math/math-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace needle {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// scale * q . k for one key row of D elements (f32, bf16 or f16).
+template <typename KT>
+HWY_INLINE float RowDot(const float* HWY_RESTRICT q, const KT* HWY_RESTRICT k, int64_t D) {
+  const hn::ScalableTag<float> df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  auto acc = hn::Zero(df);
+  int64_t d = 0;
+  for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, q + d), LoadF32(df, k + d), acc);
+  float s = ReduceF32(df, acc);
+  for (; d < D; ++d) s += q[d] * ScalarF32(k[d]);
+  return s;
+}
+
+// int8 rows: one f32 scale per kKVGroup channels.
+HWY_INLINE float RowDot(const float* HWY_RESTRICT q, const int8_t* HWY_RESTRICT k,
+                        const float* HWY_RESTRICT scales, int64_t D) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<int32_t, decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  float s = 0.0f;
+  for (int64_t c0 = 0, g = 0; c0 < D; c0 += kKVGroup, ++g) {
+    const int64_t c1 = std::min(D, c0 + kKVGroup);
+    auto acc = hn::Zero(df);
+    int64_t c = c0;
+    for (; c + L <= c1; c += L)
+      acc = hn::MulAdd(hn::LoadU(df, q + c),
+                       hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, k + c))), acc);
+    float t = ReduceF32(df, acc);
+    for (; c < c1; ++c) t += q[c] * static_cast<float>(k[c]);
+    s += t * scales[g];
+  }
+  return s;
+}
+
+// Items (KV head, block) in parallel; each block's rows are read once for the G heads.
+template <typename KT>
+void MassT(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vector<float>>* mass,
+           ThreadingContext& tc) {
+  const int64_t Hk = a.kv_heads, G = a.heads / Hk, D = a.head_dim, B = kv.block_size;
+  const auto& blocks = *a.blocks;
+  std::vector<std::pair<int32_t, int32_t>> items;  // (h, i)
+  for (int64_t h = 0; h < Hk; ++h)
+    for (size_t i = 0; i < blocks[h].size(); ++i)
+      items.emplace_back(static_cast<int32_t>(h), static_cast<int32_t>(i));
+  tc.ParallelFor(items.size(), 4, [&](size_t b, size_t e) HWY_ATTR {
+    const hn::ScalableTag<float> df;
+    const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+    std::vector<float> s(static_cast<size_t>(B));
+    for (size_t it = b; it < e; ++it) {
+      const int64_t h = items[it].first, i = items[it].second;
+      const int64_t t0 = int64_t{blocks[h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
+      const KT* k = reinterpret_cast<const KT*>(kv.KRow(h, t0));  // rows of a block are consecutive
+      double m = 0.0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = a.q + (h * G + g) * D;
+        for (int64_t j = 0; j < t1 - t0; ++j) {
+          if constexpr (std::is_same_v<KT, int8_t>)
+            s[j] = RowDot(qg, k + j * D, kv.KScale(h, t0 + j), D);
+          else
+            s[j] = RowDot(qg, k + j * D, D);
+        }
+        const auto vs = hn::Set(df, a.scale), vl = hn::Set(df, a.lse[h * G + g]);
+        auto acc = hn::Zero(df);
+        int64_t j = 0;
+        for (; j + L <= t1 - t0; j += L)
+          acc = hn::Add(acc, hn::Exp(df, hn::MulSub(hn::LoadU(df, s.data() + j), vs, vl)));
+        float t = ReduceF32(df, acc);
+        for (; j < t1 - t0; ++j) t += std::exp(s[j] * a.scale - a.lse[h * G + g]);
+        m += t;
+      }
+      (*mass)[h][i] = static_cast<float>(m);
+    }
+  });
+}
+
+void BlockMassImpl(const KVLayerView& kv, const BlockMassArgs& a,
+                   std::vector<std::vector<float>>* mass, ThreadingContext& tc) {
+  switch (kv.dtype) {
+    case DType::kF32:
+      return MassT<float>(kv, a, mass, tc);
+    case DType::kBF16:
+      return MassT<hwy::bfloat16_t>(kv, a, mass, tc);
+    case DType::kF16:
+      return MassT<hwy::float16_t>(kv, a, mass, tc);
+    case DType::kI8:
+      return MassT<int8_t>(kv, a, mass, tc);
+    default:
+      Fail("BlockMass: unsupported KV cache type");
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace needle
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace needle {
+namespace {
+void Shape(const BlockMassArgs& a, std::vector<std::vector<float>>* mass) {
+  NEEDLE_CHECK(a.kv_heads > 0 && a.heads % a.kv_heads == 0);
+  NEEDLE_CHECK(static_cast<int64_t>(a.blocks->size()) == a.kv_heads);
+  mass->resize(static_cast<size_t>(a.kv_heads));
+  for (int64_t h = 0; h < a.kv_heads; ++h) (*mass)[h].assign((*a.blocks)[h].size(), 0.0f);
+}
+}  // namespace
+
+HWY_EXPORT(BlockMassImpl);
+namespace fast {
+void BlockMass(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vector<float>>* mass,
+               ThreadingContext& tc) {
+  Shape(a, mass);
+  HWY_DYNAMIC_DISPATCH(BlockMassImpl)(kv, a, mass, tc);
+}
+}  // namespace fast
+
+namespace ref {
+void BlockMass(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vector<float>>* mass,
+               ThreadingContext&) {
+  Shape(a, mass);
+  const int64_t G = a.heads / a.kv_heads, D = a.head_dim, B = kv.block_size;
+  for (int64_t h = 0; h < a.kv_heads; ++h)
+    for (size_t i = 0; i < (*a.blocks)[h].size(); ++i) {
+      const int64_t t0 = int64_t{(*a.blocks)[h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
+      double m = 0.0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* row = kv.KRow(h, t);
+        const float* sc = kv.KScale(h, t);
+        for (int64_t g = 0; g < G; ++g) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            const float k =
+                kv.dtype == DType::kI8
+                    ? static_cast<float>(reinterpret_cast<const int8_t*>(row)[d]) * sc[d / kKVGroup]
+                    : LoadAsF32(kv.dtype, row, static_cast<size_t>(d));
+            dot += static_cast<double>(a.q[(h * G + g) * D + d]) * k;
+          }
+          m += std::exp(dot * a.scale - a.lse[h * G + g]);
+        }
+      }
+      (*mass)[h][i] = static_cast<float>(m);
+    }
+}
+}  // namespace ref
+}  // namespace needle
+#endif
