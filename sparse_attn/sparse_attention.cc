@@ -114,6 +114,23 @@ void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLaye
       presel_end_[layer] = ctx_end_block;
     }
   }
+  const int64_t first_ctx_end = cfg_.LocalBegin(P) / B;  // the Context of the first decode step
+  if (cfg_.retained() > 0 && layer >= cfg_.dense_layers && a.window == 0 && w.size() > 0 &&
+      first_ctx_end > init_blocks) {
+    // Seed retention for the first decode step with the blocks the prompt's last query (which
+    // predicted the first answer token, densely) attended most.
+    const float* ql = w.q().data() + (w.size() - 1) * a.heads * a.head_dim;
+    AttnArgs la = a;
+    la.T = 1;
+    la.pos0 = P - 1;
+    scratch_out_.resize(static_cast<size_t>(a.heads * a.head_dim));
+    lse_.resize(static_cast<size_t>(a.heads));
+    b_.Attention(ql, kv, la, nullptr, scratch_out_.data(), lse_.data());
+    std::vector<int32_t> ctx;
+    for (int64_t blk = init_blocks; blk < first_ctx_end; ++blk)
+      ctx.push_back(static_cast<int32_t>(blk));
+    Retain(layer, ql, lse_.data(), la, kv, std::vector<std::vector<int32_t>>(kv.kv_heads, ctx));
+  }
   w.Clear();  // from here on the window collects decode queries
 }
 
@@ -224,6 +241,44 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       hb.push_back(static_cast<int32_t>(blk));
 }
 
+namespace {
+// Up to n blocks, by descending mass, each followed by its successor: a copying head reads on
+// forward, into the next block when it crosses a boundary. Ascending; blocks that are no longer
+// Context are dropped when the next selection is made.
+std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vector<int32_t>& blocks,
+                                int64_t n) {
+  std::vector<size_t> order(blocks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t x, size_t y) { return mass[x] > mass[y]; });
+  std::vector<int32_t> out;
+  for (size_t i = 0; i < order.size() && static_cast<int64_t>(out.size()) < n; ++i)
+    for (int32_t b : {blocks[order[i]], blocks[order[i]] + 1})
+      if (static_cast<int64_t>(out.size()) < n && std::find(out.begin(), out.end(), b) == out.end())
+        out.push_back(b);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+}  // namespace
+
+void SparseAttention::Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
+                             const KVLayerView& kv,
+                             const std::vector<std::vector<int32_t>>& blocks) {
+  fast::BlockMass(kv, BlockMassArgs{q, lse, a.heads, a.kv_heads, a.head_dim, a.scale, &blocks},
+                  &mass_, tc_);
+  auto& r = retained_[layer];
+  r.assign(static_cast<size_t>(a.kv_heads), {});
+  if (cfg_.select == SelectMode::kLayer) {  // the same blocks for every head: sum their mass
+    for (int64_t h = 1; h < a.kv_heads; ++h)
+      for (size_t i = 0; i < mass_[0].size(); ++i) mass_[0][i] += mass_[h][i];
+    r[0] = KeepByMass(mass_[0], blocks[0], cfg_.retained());
+    for (auto& hr : r) hr = r[0];
+  } else {
+    for (int64_t h = 0; h < a.kv_heads; ++h)
+      r[h] = KeepByMass(mass_[h], blocks[h], cfg_.retained());
+  }
+}
+
 void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
                              float* out) {
   NEEDLE_CHECK(a.T == 1);
@@ -248,25 +303,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
     plan.ToSpans(a.kv_heads, &spans);
     b_.Attention(q, kv, a, &spans, out, lse_.data());
   }
-  if (!plan.dense && cfg_.retained() > 0) {
-    // The blocks that took the most attention mass now are kept in the next selection.
-    fast::BlockMass(
-        kv, BlockMassArgs{q, lse_.data(), a.heads, a.kv_heads, a.head_dim, a.scale, &plan.blocks},
-        &mass_, tc_);
-    auto& r = retained_[layer];
-    r.assign(static_cast<size_t>(a.kv_heads), {});
-    if (cfg_.select == SelectMode::kLayer) {  // the same blocks for every head: sum their mass
-      for (int64_t h = 1; h < a.kv_heads; ++h)
-        for (size_t i = 0; i < mass_[0].size(); ++i) mass_[0][i] += mass_[h][i];
-      r[0] = TopK(mass_[0].data(), plan.blocks[0].data(),
-                  static_cast<int64_t>(plan.blocks[0].size()), cfg_.retained());
-      for (auto& hr : r) hr = r[0];
-    } else {
-      for (int64_t h = 0; h < a.kv_heads; ++h)
-        r[h] = TopK(mass_[h].data(), plan.blocks[h].data(),
-                    static_cast<int64_t>(plan.blocks[h].size()), cfg_.retained());
-    }
-  }
+  if (!plan.dense && cfg_.retained() > 0) Retain(layer, q, lse_.data(), a, kv, plan.blocks);
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block
   // joins the Context, so that the queries that attended it have voted).

@@ -8,8 +8,9 @@
 // KV head (reusing a selection for token_step tokens / layer_step layers, always adding blocks
 // that joined the Context since), build a LayerPlan and run the block kernel over
 // Initial + selected + Local. Blocks generated after the prompt are always candidates. After the
-// kernel, the softmax mass of each selected block (block_mass.h) picks up to retain_blocks of them
-// to keep in the layer's next selection, in place of as many chosen by score.
+// kernel, the softmax mass of each selected block (block_mass.h) picks up to retain_blocks blocks
+// (the heaviest, each with its successor) to keep in the layer's next selection, in place of as
+// many chosen by score; at the end of the prompt the last prompt query seeds them.
 #pragma once
 
 #include <cstdint>
@@ -67,6 +68,10 @@ class SparseAttention final : public AttentionPolicy {
                              int64_t to_block, float scale);
   void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
                     LayerPlan* plan);
+  // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
+  // attended) put on `blocks` ([kv_head][n]).
+  void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
+              const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks);
 
   ModelConfig model_;
   SparseConfig cfg_;

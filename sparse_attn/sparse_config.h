@@ -35,8 +35,9 @@ struct SparseConfig {
   int64_t layer_step = 1;        // ... and for this many consecutive layers
   int64_t preselect_blocks = 0;  // SnapKV-style candidate set at the end of prefill (0: off)
   int64_t preselect_pool = 7;    // max-pool width over token votes (odd)
-  // Blocks of a KV head's previous selection that took the most attention mass, kept in its next
-  // selection (block_mass.h); at most topk / 2 of the topk, the rest chosen by score. 0: off.
+  // Blocks kept in a KV head's next selection for the attention mass they took at its previous
+  // step (block_mass.h): the heaviest, each followed by its successor; at most topk / 2 of the
+  // topk, the rest chosen by score; the prompt's last query seeds them. 0: off.
   int64_t retain_blocks = 8;
 
   // Throws Error naming every setting involved when values cannot work (together).

@@ -259,6 +259,7 @@ TEST(Sparse, SelectionEqualsBruteForce) {
           c.select = m;
           c.dense_layers = 0;
           c.preselect_blocks = presel;
+          c.retain_blocks = 0;  // selection by score alone (retention: its own test below)
           KVCache cache(KVCacheShape{1, Hk, D, s.N + 1, c.block_size, DType::kF32});
           cache.Write(0, 0, s.N + 1, s.k.data(), s.v.data());
           SparseAttention sp(s.cfg, c, *backend, tc, s.N + 1, DType::kF32);
@@ -475,9 +476,9 @@ TEST(Sparse, BlockMassFastMatchesReferenceAndSumsToOne) {
   }
 }
 
-// Retention: after a decode step, the retain_blocks selected blocks with the most attention
-// mass (recomputed here from the step's plan) are kept in the next selection, which still holds
-// topk blocks; with retain_blocks = 0 nothing is kept.
+// Retention: after a decode step, the selected blocks with the most attention mass (recomputed
+// here from the step's plan), each followed by its successor, retain_blocks in all, are kept in
+// the next selection, which still holds topk blocks; with retain_blocks = 0 nothing is kept.
 TEST(Sparse, RetentionKeepsTheHighestMassBlocks) {
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
@@ -512,7 +513,13 @@ TEST(Sparse, RetentionKeepsTheHighestMassBlocks) {
       sp.Attend(0, s.qd.data(), a, cache, out.data());
       const LayerPlan p0 = sp.last_plan(0);
       ASSERT_FALSE(p0.dense);
-      EXPECT_TRUE(p0.retained.empty()) << "nothing to keep at the first step";
+      // The first step keeps what the prompt's last query attended most (seeded at its end).
+      EXPECT_EQ(p0.retained.size(), retain > 0 ? static_cast<size_t>(Hk) : 0u);
+      for (size_t h = 0; h < p0.retained.size(); ++h) {
+        EXPECT_EQ(p0.retained[h].size(), static_cast<size_t>(retain));
+        for (int32_t b : p0.retained[h])
+          EXPECT_TRUE(std::binary_search(p0.blocks[h].begin(), p0.blocks[h].end(), b));
+      }
       // What step 0 should hand on: its lse over the plan's keys, then the block masses.
       AttnSpans spans;
       p0.ToSpans(Hk, &spans);
@@ -528,7 +535,17 @@ TEST(Sparse, RetentionKeepsTheHighestMassBlocks) {
           for (int64_t g = 0; g < Hk; ++g)
             if (g != h)
               for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
-        want[h] = TopK(mh.data(), p0.blocks[h].data(), static_cast<int64_t>(mh.size()), retain);
+        // The heaviest blocks, each followed by its successor, `retain` in all.
+        std::vector<size_t> order(mh.size());
+        std::iota(order.begin(), order.end(), size_t{0});
+        std::stable_sort(order.begin(), order.end(),
+                         [&](size_t x, size_t y) { return mh[x] > mh[y]; });
+        for (size_t i : order)
+          for (int32_t b : {p0.blocks[h][i], p0.blocks[h][i] + 1})
+            if (static_cast<int64_t>(want[h].size()) < retain &&
+                std::find(want[h].begin(), want[h].end(), b) == want[h].end())
+              want[h].push_back(b);
+        std::sort(want[h].begin(), want[h].end());
       }
       // Step 1 at position N + 1.
       cache.SetSize(N + 2);

@@ -44,8 +44,8 @@ constexpr SparseIntOption kSparseInts[] = {
     {"preselect-pool", "preselect_pool", &SparseConfig::preselect_pool,
      "sparse: max-pool width of preselection votes"},
     {"retain-blocks", "retain_blocks", &SparseConfig::retain_blocks,
-     "sparse: blocks with the most attention mass at the previous step kept in the next "
-     "selection (at most topk/2; 0: off)"},
+     "sparse: blocks kept in the next selection for their attention mass at the previous step "
+     "(the heaviest, each with its successor; at most topk/2; 0: off)"},
 };
 
 }  // namespace
