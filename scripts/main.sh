@@ -3,7 +3,7 @@
 # Francisco needle in the Jargon File, swept over 5 depths at 1K-8K tokens) of the bundled model
 # models/needle-tiny with dense and block-sparse attention side by side. Writes
 # runs/main/summary.md (the table) and runs/main/heatmap_{dense,sparse}.{png,svg}. About 2
-# minutes on 2 cores (1 min 49 s measured); a second run resumes (finished samples are kept in
+# minutes on 2 cores (1 min 57 s measured); a second run resumes (finished samples are kept in
 # runs/main/predictions.jsonl).
 #
 # The sparse settings are scaled down to the model's short contexts so that sparse attention
