@@ -33,6 +33,19 @@ int64_t LayerPlan::AttendedTokens(int64_t h) const {
   return init_end + static_cast<int64_t>(blocks[h].size()) * block_size + (pos + 1 - local_begin);
 }
 
+namespace {
+// [[a,b],[c]]: one JSON list per KV head.
+void WriteLists(std::ostringstream& os, const std::vector<std::vector<int32_t>>& lists) {
+  os << "[";
+  for (size_t h = 0; h < lists.size(); ++h) {
+    os << (h ? "," : "") << "[";
+    for (size_t i = 0; i < lists[h].size(); ++i) os << (i ? "," : "") << lists[h][i];
+    os << "]";
+  }
+  os << "]";
+}
+}  // namespace
+
 std::string LayerPlan::ToJson() const {
   std::ostringstream os;
   os << "{\"step\":" << step << ",\"layer\":" << layer << ",\"pos\":" << pos
@@ -40,21 +53,11 @@ std::string LayerPlan::ToJson() const {
   if (!dense) {
     os << ",\"reused\":" << (reused ? "true" : "false") << ",\"initial\":[0," << init_end
        << "],\"local\":[" << local_begin << "," << pos + 1 << "],\"block_size\":" << block_size
-       << ",\"candidates\":" << candidates << ",\"blocks\":[";
-    for (size_t h = 0; h < blocks.size(); ++h) {
-      os << (h ? "," : "") << "[";
-      for (size_t i = 0; i < blocks[h].size(); ++i) os << (i ? "," : "") << blocks[h][i];
-      os << "]";
-    }
-    os << "]";
+       << ",\"candidates\":" << candidates << ",\"blocks\":";
+    WriteLists(os, blocks);
     if (!retained.empty()) {
-      os << ",\"retained\":[";
-      for (size_t h = 0; h < retained.size(); ++h) {
-        os << (h ? "," : "") << "[";
-        for (size_t i = 0; i < retained[h].size(); ++i) os << (i ? "," : "") << retained[h][i];
-        os << "]";
-      }
-      os << "]";
+      os << ",\"retained\":";
+      WriteLists(os, retained);
     }
   }
   os << "}";

@@ -72,7 +72,10 @@ void SparseAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
 void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
                               float* out) {
   const KVLayerView kv = cache.Layer(layer);
-  b_.Attention(q, kv, a, nullptr, out, nullptr);
+  // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
+  const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
+  if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
+  b_.Attention(q, kv, a, nullptr, out, seed ? prefill_lse_.data() : nullptr);
   // The observation window keeps the prompt's last queries (their lse is computed at the end).
   QueryWindow& w = window_[layer];
   for (int64_t t = std::max<int64_t>(0, a.T - cfg_.obs_window); t < a.T; ++t)
@@ -84,6 +87,19 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, 
       reps_.ComputeFromKeys(layer, blk, kv);
   }
   if (step_.last_of_call) EndOfPrompt(layer, a, kv);
+  const int64_t first_ctx_end = cfg_.LocalBegin(end) / B;  // Context of the first decode step
+  if (seed && first_ctx_end > cfg_.init_end() / B) {
+    // Seed retention for the first decode step with the blocks the prompt's last query (which
+    // predicted the first answer token, densely) attended most.
+    AttnArgs la = a;
+    la.T = 1;
+    la.pos0 = end - 1;
+    std::vector<int32_t> ctx;
+    for (int64_t blk = cfg_.init_end() / B; blk < first_ctx_end; ++blk)
+      ctx.push_back(static_cast<int32_t>(blk));
+    Retain(layer, q + (a.T - 1) * a.heads * a.head_dim, prefill_lse_.data() + (a.T - 1) * a.heads,
+           la, kv, std::vector<std::vector<int32_t>>(static_cast<size_t>(kv.kv_heads), ctx));
+  }
 }
 
 void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
@@ -113,23 +129,6 @@ void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLaye
                                  cfg_.preselect_blocks, cfg_.preselect_pool, cfg_.select);
       presel_end_[layer] = ctx_end_block;
     }
-  }
-  const int64_t first_ctx_end = cfg_.LocalBegin(P) / B;  // the Context of the first decode step
-  if (cfg_.retained() > 0 && layer >= cfg_.dense_layers && a.window == 0 && w.size() > 0 &&
-      first_ctx_end > init_blocks) {
-    // Seed retention for the first decode step with the blocks the prompt's last query (which
-    // predicted the first answer token, densely) attended most.
-    const float* ql = w.q().data() + (w.size() - 1) * a.heads * a.head_dim;
-    AttnArgs la = a;
-    la.T = 1;
-    la.pos0 = P - 1;
-    scratch_out_.resize(static_cast<size_t>(a.heads * a.head_dim));
-    lse_.resize(static_cast<size_t>(a.heads));
-    b_.Attention(ql, kv, la, nullptr, scratch_out_.data(), lse_.data());
-    std::vector<int32_t> ctx;
-    for (int64_t blk = init_blocks; blk < first_ctx_end; ++blk)
-      ctx.push_back(static_cast<int32_t>(blk));
-    Retain(layer, ql, lse_.data(), la, kv, std::vector<std::vector<int32_t>>(kv.kv_heads, ctx));
   }
   w.Clear();  // from here on the window collects decode queries
 }
@@ -292,7 +291,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
   plan.init_end = std::min(cfg_.init_end(), p + 1);
   plan.local_begin = cfg_.LocalBegin(p);
   const int64_t ctx_end_block = plan.local_begin / B, init_blocks = cfg_.init_end() / B;
-  plan.dense = layer < cfg_.dense_layers || a.window > 0 || ctx_end_block <= init_blocks;
+  plan.dense = DenseLayer(layer, a) || ctx_end_block <= init_blocks;
   lse_.resize(static_cast<size_t>(a.heads));
   if (plan.dense) {
     b_.Attention(q, kv, a, nullptr, out, lse_.data());
@@ -303,7 +302,12 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
     plan.ToSpans(a.kv_heads, &spans);
     b_.Attention(q, kv, a, &spans, out, lse_.data());
   }
-  if (!plan.dense && cfg_.retained() > 0) Retain(layer, q, lse_.data(), a, kv, plan.blocks);
+  // Retention is read by this layer's next fresh selection: compute it only when the next step
+  // makes one here (a selector layer whose token_step runs out).
+  const int64_t rel = layer - cfg_.dense_layers;
+  if (!plan.dense && cfg_.retained() > 0 && rel % cfg_.layer_step == 0 &&
+      decode_step_ + 1 - sel_[layer].step >= cfg_.token_step)
+    Retain(layer, q, lse_.data(), a, kv, plan.blocks);
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block
   // joins the Context, so that the queries that attended it have voted).

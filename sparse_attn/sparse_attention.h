@@ -68,6 +68,10 @@ class SparseAttention final : public AttentionPolicy {
                              int64_t to_block, float scale);
   void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
                     LayerPlan* plan);
+  // Layers that attend densely at every step: the first dense_layers and sliding-window ones.
+  bool DenseLayer(int64_t layer, const AttnArgs& a) const {
+    return layer < cfg_.dense_layers || a.window > 0;
+  }
   // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
   // attended) put on `blocks` ([kv_head][n]).
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
@@ -93,6 +97,7 @@ class SparseAttention final : public AttentionPolicy {
   // [layer][kv_head]: the blocks with the most attention mass at the layer's last sparse step.
   std::vector<std::vector<std::vector<int32_t>>> retained_;
   std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
+  std::vector<float> prefill_lse_;        // [T, heads] of the prompt's last micro-batch
 };
 
 }  // namespace needle

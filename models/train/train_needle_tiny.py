@@ -24,6 +24,7 @@ function of --seed and its step alone (needle's evaluation seed is 1 and its gen
 streams), and the initial weights of --seed; GPU reductions may still differ in the last bits.
 """
 import argparse
+import copy
 import json
 import math
 import multiprocessing
@@ -70,6 +71,12 @@ class Gen:
         self.rng, self.text, self.words, self.needle_acts = rng, text, words, needle_acts
         self.needle_places, self.copy_source, self.raw_needles = needle_places, copy_source, raw_needles
         self.sentences = [s for s in " ".join(text.split()).replace(". ", ".\0").split("\0") if s]
+
+    def with_rng(self, rng):
+        """The same generator drawing from `rng` (the text is not split again)."""
+        g = copy.copy(self)
+        g.rng = rng
+        return g
 
     def digits(self, n):
         return "".join(self.rng.choice("0123456789") for _ in range(n))
@@ -379,8 +386,7 @@ def main():
             stats = {}
         if step % 900 == 899:
             ckpt()
-            quick_check(model, tok, eos, 1024, Gen(random.Random(step), text, gen.words, args.needle_acts,
-                                                   args.needle_places, raw_needles=args.raw_needles), ratio,
+            quick_check(model, tok, eos, 1024, gen.with_rng(random.Random(step)), ratio,
                         kinds=("passkey", "kv_retrieval", "niah_single_2", "needle"), n=4, lengths=(1024,))
             model.train()
         step += 1
@@ -388,8 +394,7 @@ def main():
     print(f"trained {step} steps in {time.time() - t0:.0f}s (waited {wait:.0f}s for data)", flush=True)
     ckpt()
     if args.check_n > 0:
-        quick_check(model, tok, eos, args.seq, Gen(random.Random(10**6), text, gen.words, args.needle_acts,
-                                                   args.needle_places, raw_needles=args.raw_needles), ratio, n=args.check_n)
+        quick_check(model, tok, eos, args.seq, gen.with_rng(random.Random(10**6)), ratio, n=args.check_n)
     print(f"total {time.time() - t_start:.0f}s", flush=True)
 
 
