@@ -3,7 +3,8 @@
 //   {"bench":"bandwidth"}      device memory bandwidth measured with a device-to-device copy
 //   {"bench":"attn_decode"}    one query token over ctx keys (32 q heads, 8 KV heads, D 128,
 //                              bf16 KV): time, KV bytes read, GB/s and fraction of the bandwidth
-//   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s
+//   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s, for the
+//                              default tensor-core kernel (wgmma on Hopper) and mma.sync
 //   {"bench":"e2e"}            --dummy-weights model (bench/configs): prefill tok/s of a P-token
 //                              prompt and decode tok/s after it
 // Times are medians of event-timed repetitions after a warm-up (METHOD.md of the device tool).
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -106,16 +108,25 @@ void Attention(Backend& b, double bw) {
     KVCache cache(KVCacheShape{1, Hk, D, T, 128, DType::kBF16}, 0, b.kv_memory());
     Fill(b, cache, T, Hk, D);
     BackendBuffer q(b, static_cast<size_t>(T * H * D)), out(b, static_cast<size_t>(T * H * D));
-    std::vector<float> qh(static_cast<size_t>(T * H * D), 0.01f);
+    std::vector<float> qh(static_cast<size_t>(T * H * D));
+    for (size_t i = 0; i < qh.size(); ++i)
+      qh[i] = static_cast<float>((i * 2246822519u) % 2001) / 1000.f - 1.f;
     b.FromHost(qh.data(), qh.size(), q.get());
     a.T = T;
     a.pos0 = 0;
-    const double ms = MedianMs(CudaBackendStream(b), T >= 131072 ? 3 : 5, [&] {
-      b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
-    });
-    const double flops = 4.0 * H * D * (static_cast<double>(T) * (T + 1) / 2);
-    std::printf("{\"bench\":\"attn_prefill\",\"T\":%lld,\"ms\":%.3f,\"TFLOP/s\":%.1f}\n",
-                static_cast<long long>(T), ms, flops / (ms * 1e-3) / 1e12);
+    // Both tensor-core kernels: the default (wgmma on Hopper) and mma.sync.
+    for (const char* kernel : {"default", "mma"}) {
+      setenv("NEEDLE_CUDA_ATTN_TC", std::strcmp(kernel, "mma") == 0 ? "mma" : "", 1);
+      const double ms = MedianMs(CudaBackendStream(b), T >= 131072 ? 3 : 5, [&] {
+        b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
+      });
+      const double flops = 4.0 * H * D * (static_cast<double>(T) * (T + 1) / 2);
+      std::printf(
+          "{\"bench\":\"attn_prefill\",\"kernel\":\"%s\",\"T\":%lld,\"ms\":%.3f,\"TFLOP/"
+          "s\":%.1f}\n",
+          kernel, static_cast<long long>(T), ms, flops / (ms * 1e-3) / 1e12);
+    }
+    unsetenv("NEEDLE_CUDA_ATTN_TC");
   }
 }
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # needle's CUDA backend next to PyTorch on the same GPU, in one command (on the GPU machine):
-#   bash bench/bench_cuda.sh BENCH_CUDA_BINARY
+#   bash bench/bench_cuda.sh BENCH_CUDA_BINARY [all|attn|e2e]
 # e.g. LD_LIBRARY_PATH=$PWD/.dev/gpu/lib:/usr/local/cuda/lib64 bash bench/bench_cuda.sh .dev/gpu/bench_cuda
 # Prints one table per benchmark with the ratio needle / PyTorch (times) or PyTorch / needle
 # (rates), and keeps the raw lines in bench_cuda.jsonl and bench_torch.jsonl.
 set -euo pipefail
-BIN=${1:?usage: bench/bench_cuda.sh path/to/bench_cuda}
+BIN=${1:?usage: bench/bench_cuda.sh path/to/bench_cuda [all|attn|e2e]}
+WHAT=${2:-all}
 cd "$(dirname "$0")/.."
 CONFIGS="bench/configs/qwen2.5-7b.json bench/configs/llama-3.1-8b.json"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-"$BIN" all $CONFIGS | tee bench_cuda.jsonl
-python3 bench/bench_torch.py all $CONFIGS 2>/dev/null | tee bench_torch.jsonl
+"$BIN" $WHAT $CONFIGS | tee bench_cuda.jsonl
+python3 bench/bench_torch.py $WHAT $CONFIGS 2>/dev/null | tee bench_torch.jsonl
 python3 - <<'PY'
 import json
 ours = [json.loads(l) for l in open("bench_cuda.jsonl")]
@@ -26,11 +27,13 @@ print("|---|---|---|---|---|---|")
 for r in ours:
     if r["bench"] == "attn_decode" and (t := find(r, ["bench", "ctx"])):
         print(f"| {r['ctx']} | {r['ms']:.4f} | {t['ms']:.4f} | {r['ms'] / t['ms']:.2f} | {r['GB/s']:.0f} | {r['of_bw']:.2f} |")
-print("\n| causal prefill T | needle ms | torch ms | needle/torch | needle TFLOP/s |")
-print("|---|---|---|---|---|")
+print("\n| causal prefill T | needle kernel | needle ms | torch ms | needle/torch | needle TFLOP/s | torch TFLOP/s |")
+print("|---|---|---|---|---|---|---|")
 for r in ours:
     if r["bench"] == "attn_prefill" and (t := find(r, ["bench", "T"])):
-        print(f"| {r['T']} | {r['ms']:.2f} | {t['ms']:.2f} | {r['ms'] / t['ms']:.2f} | {r['TFLOP/s']:.1f} |")
+        flops = 4.0 * 32 * 128 * r['T'] * (r['T'] + 1) / 2
+        print(f"| {r['T']} | {r.get('kernel', '')} | {r['ms']:.2f} | {t['ms']:.2f} | {r['ms'] / t['ms']:.2f} | "
+              f"{r['TFLOP/s']:.1f} | {flops / (t['ms'] * 1e-3) / 1e12:.1f} |")
 print("\n| model | prompt | needle prefill tok/s | transformers | torch/needle time | needle decode tok/s | transformers | ")
 print("|---|---|---|---|---|---|---|")
 for r in ours:

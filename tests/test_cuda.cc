@@ -16,7 +16,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "engine/backend/backend.h"
 #include "engine/model/generate.h"
@@ -198,6 +201,7 @@ TEST(Cuda, AttentionMatchesCpu) {
     int64_t kv_heads, group, D, n;
     DType kv;
     int64_t window;
+    int64_t chunk = 0;  // prefill in chunks of this many tokens, each checked (0: one call)
   };
   std::vector<Case> cases;
   for (int64_t g : {1, 4, 7, 8})
@@ -213,7 +217,18 @@ TEST(Cuda, AttentionMatchesCpu) {
   cases.push_back({2, 8, 128, 777, DType::kF16, 0});
   cases.push_back({2, 4, 64, 999, DType::kBF16, 100});
   cases.push_back({2, 4, 128, 3000, DType::kBF16, 1000});
+  // Chunked prefill: queries start at positions that are not multiples of the kernels' tiles.
+  cases.push_back({2, 4, 128, 1000, DType::kBF16, 0, 333});
+  cases.push_back({2, 8, 64, 700, DType::kF16, 200, 250});
+  // The 16-bit prefill cases run once per tensor-core kernel: the default (wgmma on Hopper) and
+  // mma.sync (NEEDLE_CUDA_ATTN_TC=mma); the f32 cases once.
+  std::vector<std::pair<Case, const char*>> runs;
   for (const Case& c : cases) {
+    runs.push_back({c, ""});
+    if (c.kv != DType::kF32) runs.push_back({c, "mma"});
+  }
+  for (const auto& [c, variant] : runs) {
+    setenv("NEEDLE_CUDA_ATTN_TC", variant, 1);
     const int64_t heads = c.kv_heads * c.group;
     const bool long_ctx = c.n > 8192;  // prefill the long case in chunks on both sides
     KVCacheShape shape{1, c.kv_heads, c.D, c.n + 1, 64, c.kv};
@@ -226,7 +241,8 @@ TEST(Cuda, AttentionMatchesCpu) {
     a.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
     std::vector<float> want, got;
     for (int64_t pos = 0; pos <= c.n;) {
-      const int64_t T = pos < c.n ? std::min<int64_t>(c.n - pos, long_ctx ? 8192 : c.n) : 1;
+      const int64_t step = long_ctx ? 8192 : c.chunk > 0 ? c.chunk : c.n;
+      const int64_t T = pos < c.n ? std::min<int64_t>(c.n - pos, step) : 1;
       a.T = T;
       a.pos0 = pos;
       auto q = test::RandomVector(static_cast<size_t>(T * heads * c.D), 100 + pos);
@@ -249,11 +265,13 @@ TEST(Cuda, AttentionMatchesCpu) {
         ExpectClose(got, want, tol,
                     "attention G=" + std::to_string(c.group) + " D=" + std::to_string(c.D) +
                         " n=" + std::to_string(c.n) + " " + KVTypeName(c.kv) +
-                        (pos == c.n ? " decode" : " prefill"));
+                        (pos == c.n ? " decode" : " prefill at " + std::to_string(pos)) +
+                        (*variant != 0 ? std::string(" ") + variant : std::string()));
       }
       pos += T;
     }
   }
+  unsetenv("NEEDLE_CUDA_ATTN_TC");
 }
 
 // Every fixture: logits against transformers within the CPU's tolerances, and greedy tokens

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "engine/cuda/attention_wgmma.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
 
@@ -276,20 +277,30 @@ void Launch(const AttnParams& p, cudaStream_t stream) {
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-bool Enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_CUDA_ATTN_TC");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return on;
+// NEEDLE_CUDA_ATTN_TC: "0" turns the tensor-core kernels off, "mma" keeps the mma.sync kernel
+// on Hopper too (for comparisons and tests); read per call, so that a test can switch it.
+const char* Choice() {
+  const char* e = std::getenv("NEEDLE_CUDA_ATTN_TC");
+  return e == nullptr ? "" : e;
+}
+
+bool IsHopper() {
+  int dev = 0, major = 0, minor = 0;
+  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
 }
 
 }  // namespace
 
 bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBF16;
-  if (!Enabled() || (!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) ||
-      p.B % kKeys != 0 || p.T < kTcMinQueries || p.heads % p.kv_heads != 0)
+  const char* choice = Choice();
+  if (std::strcmp(choice, "0") == 0 || p.T < kTcMinQueries) return false;
+  if (std::strcmp(choice, "mma") != 0 && IsHopper() && WgmmaAttention(p, stream)) return true;
+  if ((!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) || p.B % kKeys != 0 ||
+      p.heads % p.kv_heads != 0)
     return false;
   if (p.D == 64)
     bf16 ? Launch<64, true>(p, stream) : Launch<64, false>(p, stream);

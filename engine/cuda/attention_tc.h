@@ -20,7 +20,8 @@ constexpr int64_t kTcMinQueries = 64;
 // Runs attention for p (one split: p.out and p.m = lse as MakeAttnParams sets them) and returns
 // true when the case is supported: bf16/f16 cache, head_dim 64 or 128, block_size a multiple of
 // 64, T >= kTcMinQueries, and the environment variable NEEDLE_CUDA_ATTN_TC is not "0" (for
-// comparisons). Otherwise returns false and does nothing.
+// comparisons). Otherwise returns false and does nothing. On compute capability 9.0 it runs the
+// wgmma kernel of attention_wgmma.h unless NEEDLE_CUDA_ATTN_TC is "mma".
 bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream);
 
 }  // namespace needle::cuda

@@ -1,0 +1,374 @@
+// Hopper (sm_90a) causal prefill attention with warpgroup matrix products (wgmma); see
+// attention_tc.h, whose entry point picks it on compute capability 9.0.
+//
+// Block = 128 query positions of one query head: 2 warpgroups (256 threads), each owning 64 rows.
+// K/V tiles of 128 keys are copied into shared memory with cp.async by all 256 threads, two
+// stages deep, in the 128-byte-swizzled layout wgmma reads: a [rows x D] tile is stored as D/64
+// column atoms [rows][64 elements], 16-byte chunk c of row r at chunk c ^ (r % 8). Per tile and
+// warpgroup:
+//   S[64 x 128] = Q K^T   wgmma m64n128k16, Q and K both from shared memory (K-major);
+//   online softmax on S in registers (the same fragment layout as mma.sync: a thread holds 2
+//   rows x 32 keys; row max and sum over the 4 threads of a quad);
+//   O[64 x D] += P V      wgmma m64nDk16, P re-packed to 16 bits as the register A operand, V
+//   from shared memory read transposed (N-major).
+// Blocks run heaviest first (last query tile first) so that the causal tail is short.
+// GQA: query head h reads KV head h / G; the G blocks of a KV head share its tiles through L2.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "engine/cuda/attention_params.h"
+#include "engine/cuda/attention_wgmma.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_util.cuh"
+#include "engine/cuda/wgmma.cuh"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kRows = 128;  // query positions per block (64 per warpgroup)
+constexpr int kKeys = 128;  // keys per tile
+constexpr int kThreads = 256;
+
+// Byte offset of 16-byte chunk c (8 elements) of row r in a swizzled [rows x D] tile.
+__device__ __forceinline__ uint32_t SwizzledChunk(int rows, int r, int c) {
+  return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 fills the 16 bytes with zeros (keys past the end of the cache).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// Ordinary and cp.async writes to shared memory, made visible to the tensor cores' (async proxy)
+// reads that follow the next barrier.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <bool kBF16>
+__device__ __forceinline__ uint32_t Pack(float a, float b) {
+  if constexpr (kBF16) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// Issues the copies of keys [kb, kb + 128) of KV head h from `arena` (K or V) into the swizzled
+// tile at shared address dst. 64-key runs are consecutive rows of one cache block (B % 64 == 0).
+template <int D>
+__device__ __forceinline__ void LoadTile(const AttnParams& p, const void* arena, int64_t h,
+                                         int64_t kb, uint32_t dst) {
+  constexpr int kChunks = D / 8;                    // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunks;  // rows one pass of the block covers
+  const uint16_t* src = static_cast<const uint16_t*>(arena);
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // two runs of 64 keys, each inside one cache block
+    const int64_t k0 = kb + half * 64;
+    // 32-bit division: positions stay far below 2^31, and a 64-bit one is a slow subroutine.
+    const int pos = static_cast<int>(k0), B = static_cast<int>(p.B);
+    const int64_t row0 =
+        k0 < p.n_keys ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B + pos % B : 0;
+#pragma unroll
+    for (int pass = 0; pass < 64 / kRowsPerPass; ++pass) {
+      const int r = r0 + pass * kRowsPerPass;
+      const bool valid = k0 + r < p.n_keys;
+      const size_t off = valid ? static_cast<size_t>((row0 + r) * D + c * 8) : 0;
+      CpAsync16(dst + SwizzledChunk(kKeys, half * 64 + r, c), src + off, valid);
+    }
+  }
+}
+
+__device__ __forceinline__ float Exp2(float x) {  // exp2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online-softmax state of the thread's two rows (a: accumulators 0, 1 of each group of 4; b: 2,
+// 3), in the log2 domain: m = running max of the scaled scores, l = per-thread partial sum.
+struct RowState {
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+};
+
+// Turns the raw scores s[64] of one tile (keys kb..kb+127) into exp2(scale s - m) in place,
+// updating the row state; returns the factors (al_a, al_b) that rescale the output accumulated
+// so far. Masks keys past the query (causal), outside the window, or past the cache end.
+__device__ __forceinline__ float2 Softmax(const AttnParams& p, float (&s)[64], RowState& st,
+                                          int64_t kb, bool edge, int64_t qpos_a, int64_t qpos_b,
+                                          int tig, float scale_log2) {
+  float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n) {
+    if (edge) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t kp = kb + n * 8 + tig * 2 + (e & 1);
+        const int64_t qp = e < 2 ? qpos_a : qpos_b;
+        if (kp > qp || kp >= p.n_keys || (p.window > 0 && kp <= qp - p.window))
+          s[4 * n + e] = -INFINITY;
+      }
+    }
+    mx_a = fmaxf(mx_a, fmaxf(s[4 * n], s[4 * n + 1]));
+    mx_b = fmaxf(mx_b, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+  }
+  const float mn_a = fmaxf(st.m_a, mx_a * scale_log2), mn_b = fmaxf(st.m_b, mx_b * scale_log2);
+  // Rows with nothing visible yet keep m = -inf; use 0 as the reference so exp2 gives 0.
+  const float ref_a = mn_a == -INFINITY ? 0.f : mn_a, ref_b = mn_b == -INFINITY ? 0.f : mn_b;
+  const float2 alpha = make_float2(Exp2(st.m_a - ref_a), Exp2(st.m_b - ref_b));
+  st.m_a = mn_a;
+  st.m_b = mn_b;
+  float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n) {
+    s[4 * n] = Exp2(fmaf(s[4 * n], scale_log2, -ref_a));
+    s[4 * n + 1] = Exp2(fmaf(s[4 * n + 1], scale_log2, -ref_a));
+    s[4 * n + 2] = Exp2(fmaf(s[4 * n + 2], scale_log2, -ref_b));
+    s[4 * n + 3] = Exp2(fmaf(s[4 * n + 3], scale_log2, -ref_b));
+    sum_a += s[4 * n] + s[4 * n + 1];
+    sum_b += s[4 * n + 2] + s[4 * n + 3];
+  }
+  st.l_a = st.l_a * alpha.x + sum_a;
+  st.l_b = st.l_b * alpha.y + sum_b;
+  return alpha;
+}
+
+// P (the exp2 values of s) as the 16-bit A fragments of the P V product, 16 keys each.
+template <bool kBF16>
+__device__ __forceinline__ void PackP(const float (&s)[64], uint32_t (&pa)[kKeys / 16][4]) {
+#pragma unroll
+  for (int n = 0; n < kKeys / 8; ++n) {
+    pa[n >> 1][(n & 1) * 2] = Pack<kBF16>(s[4 * n], s[4 * n + 1]);
+    pa[n >> 1][(n & 1) * 2 + 1] = Pack<kBF16>(s[4 * n + 2], s[4 * n + 3]);
+  }
+}
+
+// S = Q K^T for the warpgroup's 64 rows: D in steps of 16 (32 bytes inside a 128-byte atom).
+template <int D, bool kBF16>
+__device__ __forceinline__ void IssueQK(float (&s)[64], const uint8_t* qs, const uint8_t* K,
+                                        int wg) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t in_atom = (kk & 3) * 32;
+    const uint64_t da =
+        wgmma::MakeDesc(qs + (kk >> 2) * kRows * 128 + wg * 64 * 128 + in_atom, 16, 1024);
+    const uint64_t db = wgmma::MakeDesc(K + (kk >> 2) * kKeys * 128 + in_atom, 16, 1024);
+    wgmma::SS128<kBF16>(s, da, db, kk > 0 ? 1 : 0);
+  }
+}
+
+// O += P V: 16 keys per step, V rows kc*16.. as a transposed (N-major) B operand: LBO is the
+// distance between 64-column atoms, SBO between groups of 8 keys.
+template <int D, bool kBF16>
+__device__ __forceinline__ void IssuePV(float (&o)[D / 2], const uint32_t (&pa)[kKeys / 16][4],
+                                        const uint8_t* V) {
+#pragma unroll
+  for (int kc = 0; kc < kKeys / 16; ++kc) {
+    const uint64_t db = wgmma::MakeDesc(V + kc * 16 * 128, kKeys * 128, 1024);
+    if constexpr (D == 128)
+      wgmma::RS128<kBF16>(o, pa[kc], db, 1);
+    else
+      wgmma::RS64<kBF16>(o, pa[kc], db, 1);
+  }
+}
+
+template <int D, bool kBF16>
+__global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  // Swizzle atoms must be 1024-byte aligned: round the dynamic allocation up (1 KB spare).
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                             ~static_cast<uintptr_t>(1023));
+  constexpr int kTileBytes = kKeys * D * 2;
+  // Q [kRows x D], then K stages 0, 1 and V stages 0, 1 ([kKeys x D] each), all swizzled.
+  uint8_t* qs = smem;
+  auto ks = [&](int64_t j) { return smem + kRows * D * 2 + (j & 1) * kTileBytes; };
+  auto vs = [&](int64_t j) { return smem + kRows * D * 2 + (2 + (j & 1)) * kTileBytes; };
+  auto addr = [](const uint8_t* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
+  const int g = lane >> 2, tig = lane & 3;
+  const int64_t n_qtiles = (p.T + kRows - 1) / kRows;
+  const int64_t qtile = n_qtiles - 1 - static_cast<int64_t>(blockIdx.x) / p.heads;
+  const int64_t hq = static_cast<int64_t>(blockIdx.x) % p.heads, h = hq / p.G;
+  const int64_t t0 = qtile * kRows;
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain
+
+  // Keys of the block: tiles j = 0 .. n_tiles-1 at k_begin + 128 j, aligned to 128.
+  const int64_t t_last = min(p.T, t0 + kRows) - 1;
+  const int64_t q_first = p.pos0 + t0, q_last = p.pos0 + t_last;
+  int64_t k_begin = p.window > 0 ? max(static_cast<int64_t>(0), q_first - p.window + 1) : 0;
+  k_begin = k_begin / kKeys * kKeys;
+  const int64_t k_end = min(q_last + 1, p.n_keys);
+  const int64_t n_tiles = (k_end - k_begin + kKeys - 1) / kKeys;  // >= 1: q_first < k_end
+  auto edge = [&](int64_t kb) {  // some key of the tile may be masked for some row
+    return kb + kKeys - 1 > q_first || (p.window > 0 && kb < q_last - p.window + 1) ||
+           kb + kKeys > p.n_keys;
+  };
+
+  // Pipeline: at step j the tensor cores compute S_j = Q K_j^T and O += P_{j-1} V_{j-1} while
+  // the copies of K_{j+1} and V_j are in flight; the softmax of S_j overlaps the P V product.
+  // K_0 is copied while Q is converted: f32 [T, heads, D] rows -> 16-bit swizzled.
+  LoadTile<D>(p, p.k, h, k_begin, addr(ks(0)));
+  CpAsyncCommit();
+  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), c = i % (D / 8);
+    const int64_t t = t0 + r;
+    uint4 packed = make_uint4(0, 0, 0, 0);
+    if (t < p.T) {
+      const float4* src = reinterpret_cast<const float4*>(p.q + (t * p.heads + hq) * D + c * 8);
+      const float4 a = src[0], b = src[1];
+      packed = make_uint4(Pack<kBF16>(a.x, a.y), Pack<kBF16>(a.z, a.w), Pack<kBF16>(b.x, b.y),
+                          Pack<kBF16>(b.z, b.w));
+    }
+    *reinterpret_cast<uint4*>(qs + SwizzledChunk(kRows, r, c)) = packed;
+  }
+
+  // This thread's rows (within the block): a = 64 wg + 16 (warp % 4) + g, b = a + 8.
+  const int64_t ta = t0 + wg * 64 + (warp & 3) * 16 + g, tb = ta + 8;
+  const int64_t qpos_a = p.pos0 + ta, qpos_b = p.pos0 + tb;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  RowState st;
+  uint32_t pa[kKeys / 16][4];  // P_{j-1}, the A operand of the next P V product
+
+  // Waits for this thread's copies, then for every thread's: K_j and V_{j-1} have landed, and
+  // every warp is done with the stages the next copies overwrite (K_{j-1}, V_{j-2}).
+  auto arrive = [] {
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+  };
+  // The first and last steps are peeled off the loop so that every wgmma wait in it sees the
+  // same groups on every path (a wait that ptxas cannot prove serializes all the products).
+  arrive();
+  if (n_tiles > 1) LoadTile<D>(p, p.k, h, k_begin + kKeys, addr(ks(1)));
+  LoadTile<D>(p, p.v, h, k_begin, addr(vs(0)));
+  CpAsyncCommit();
+  {
+    float s[64];
+    wgmma::Fence();
+    IssueQK<D, kBF16>(s, qs, ks(0), wg);
+    wgmma::Commit();
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(s);
+    Softmax(p, s, st, k_begin, edge(k_begin), qpos_a, qpos_b, tig, scale_log2);  // o is still 0
+    PackP<kBF16>(s, pa);
+  }
+  for (int64_t j = 1; j < n_tiles; ++j) {
+    const int64_t kb = k_begin + j * kKeys;
+    arrive();
+    if (j + 1 < n_tiles) LoadTile<D>(p, p.k, h, kb + kKeys, addr(ks(j + 1)));
+    LoadTile<D>(p, p.v, h, kb, addr(vs(j)));
+    CpAsyncCommit();
+
+    float s[64];  // fresh each step: no copies of the last step's values inside the pipeline
+    wgmma::FenceRegs(o);
+    wgmma::Fence();
+    IssueQK<D, kBF16>(s, qs, ks(j), wg);
+    wgmma::Commit();
+    IssuePV<D, kBF16>(o, pa, vs(j - 1));
+    wgmma::Commit();
+    wgmma::Wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run during the softmax
+    wgmma::FenceRegs(s);
+    const float2 alpha = Softmax(p, s, st, kb, edge(kb), qpos_a, qpos_b, tig, scale_log2);
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(o);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i] *= alpha.x;
+      o[4 * i + 1] *= alpha.x;
+      o[4 * i + 2] *= alpha.y;
+      o[4 * i + 3] *= alpha.y;
+    }
+    PackP<kBF16>(s, pa);
+  }
+  arrive();  // V_{n-1}
+  wgmma::FenceRegs(o);
+  wgmma::Fence();
+  IssuePV<D, kBF16>(o, pa, vs(n_tiles - 1));
+  wgmma::Commit();
+  wgmma::Wait<0>();
+  wgmma::FenceRegs(o);
+
+  float l_a = st.l_a, l_b = st.l_b;
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+  }
+  // Rows a (accumulators 0, 1 of each group of 4) and b (2, 3): normalised output and lse.
+  auto write_row = [&](int64_t t, float l, float m, int c) {
+    if (t >= p.T) return;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* orow = p.out + (t * p.heads + hq) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<float2*>(orow + i * 8 + tig * 2) =
+          make_float2(o[4 * i + c] * inv, o[4 * i + c + 1] * inv);
+    if (p.m != nullptr && tig == 0)
+      p.m[t * p.heads + hq] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  };
+  write_row(ta, l_a, st.m_a, 0);
+  write_row(tb, l_b, st.m_b, 2);
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+constexpr size_t SmemBytes(int D) {
+  return static_cast<size_t>(kRows) * D * 2 + 4 * static_cast<size_t>(kKeys) * D * 2 + 1024;
+}
+
+template <int D, bool kBF16>
+void Launch(const AttnParams& p, cudaStream_t stream) {
+  static bool configured = false;  // opt in, once, to more than 48 KB of shared memory
+  if (!configured) {
+    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(WgmmaKernel<D, kBF16>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(SmemBytes(D))));
+    configured = true;
+  }
+  const int64_t blocks = (p.T + kRows - 1) / kRows * p.heads;
+  WgmmaKernel<D, kBF16><<<static_cast<unsigned>(blocks), kThreads, SmemBytes(D), stream>>>(p);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+bool WgmmaCompiled() {
+#if defined(NEEDLE_WGMMA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool WgmmaAttention(const AttnParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBF16;
+  if (!WgmmaCompiled() || (!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) ||
+      p.B % 64 != 0 || p.heads % p.kv_heads != 0)
+    return false;
+  if (p.D == 64)
+    bf16 ? Launch<64, true>(p, stream) : Launch<64, false>(p, stream);
+  else
+    bf16 ? Launch<128, true>(p, stream) : Launch<128, false>(p, stream);
+  return true;
+}
+
+}  // namespace needle::cuda
