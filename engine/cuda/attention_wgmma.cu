@@ -63,28 +63,45 @@ __device__ __forceinline__ uint32_t Pack(float a, float b) {
   }
 }
 
-// Issues the copies of keys [kb, kb + 128) of KV head h from `arena` (K or V) into the swizzled
-// tile at shared address dst. 64-key runs are consecutive rows of one cache block (B % 64 == 0).
-template <int D>
-__device__ __forceinline__ void LoadTile(const AttnParams& p, const void* arena, int64_t h,
-                                         int64_t kb, uint32_t dst) {
+// First arena row of each 64-key half of the tile at key kb of KV head h ([slot][kv_head][B][D]
+// rows, through the block table); 0 for halves past the cache end. 32-bit division: positions
+// stay far below 2^31, and a 64-bit one is a slow subroutine.
+struct TileRows {
+  int64_t r[2];
+};
+__device__ __forceinline__ TileRows RowsOf(const AttnParams& p, int64_t h, int64_t kb) {
+  TileRows t;
+  const int B = static_cast<int>(p.B);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int pos = static_cast<int>(kb) + half * 64;
+    t.r[half] = pos < p.n_keys ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B +
+                                     pos % B
+                               : 0;
+  }
+  return t;
+}
+
+// Issues the copies of one 128-key tile (rows `rows` of `arena`, K or V) into the swizzled tile
+// at shared address dst. Each 64-key half is a run of consecutive rows of one cache block
+// (B % 64 == 0). kCheck: only the first n_valid keys exist (the last tile of the cache); the
+// others are zero-filled.
+template <int D, bool kCheck>
+__device__ __forceinline__ void LoadTile(const void* arena, const TileRows& rows, uint32_t dst,
+                                         int n_valid) {
   constexpr int kChunks = D / 8;                    // 16-byte chunks per row
-  constexpr int kRowsPerPass = kThreads / kChunks;  // rows one pass of the block covers
+  constexpr int kRowsPerPass = kThreads / kChunks;  // 16 or 32: row % 8 is the same every pass
   const uint16_t* src = static_cast<const uint16_t*>(arena);
   const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const uint32_t dst0 = dst + SwizzledChunk(kKeys, r0, c);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {  // two runs of 64 keys, each inside one cache block
-    const int64_t k0 = kb + half * 64;
-    // 32-bit division: positions stay far below 2^31, and a 64-bit one is a slow subroutine.
-    const int pos = static_cast<int>(k0), B = static_cast<int>(p.B);
-    const int64_t row0 =
-        k0 < p.n_keys ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B + pos % B : 0;
+  for (int half = 0; half < 2; ++half) {
+    const uint16_t* row = src + (rows.r[half] + r0) * D + c * 8;
 #pragma unroll
     for (int pass = 0; pass < 64 / kRowsPerPass; ++pass) {
-      const int r = r0 + pass * kRowsPerPass;
-      const bool valid = k0 + r < p.n_keys;
-      const size_t off = valid ? static_cast<size_t>((row0 + r) * D + c * 8) : 0;
-      CpAsync16(dst + SwizzledChunk(kKeys, half * 64 + r, c), src + off, valid);
+      const int r = half * 64 + pass * kRowsPerPass;  // + r0
+      const bool valid = !kCheck || r + r0 < n_valid;
+      CpAsync16(dst0 + r * 128, valid ? row + pass * kRowsPerPass * D : src, valid);
     }
   }
 }
@@ -101,24 +118,42 @@ struct RowState {
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
 };
 
+// Key limits of one row within a tile (key index k in 0..127 is visible when wl < k <= lim and
+// k < nk), clamped to -1..128 so that they fit 32 bits.
+struct RowMask {
+  int lim, wl;
+};
+__device__ __forceinline__ RowMask MaskOf(const AttnParams& p, int64_t qpos, int64_t kb) {
+  auto clamp = [](int64_t x) {
+    return static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(128), x)));
+  };
+  return {clamp(qpos - kb), p.window > 0 ? clamp(qpos - p.window - kb) : -1};
+}
+
 // Turns the raw scores s[64] of one tile (keys kb..kb+127) into exp2(scale s - m) in place,
 // updating the row state; returns the factors (al_a, al_b) that rescale the output accumulated
-// so far. Masks keys past the query (causal), outside the window, or past the cache end.
+// so far. kMask: some key may be masked for some row (past the query, outside the window, past
+// the cache end); the other tiles skip the comparisons.
+template <bool kMask>
 __device__ __forceinline__ float2 Softmax(const AttnParams& p, float (&s)[64], RowState& st,
-                                          int64_t kb, bool edge, int64_t qpos_a, int64_t qpos_b,
-                                          int tig, float scale_log2) {
+                                          int64_t kb, int64_t qpos_a, int64_t qpos_b, int tig,
+                                          float scale_log2) {
+  if constexpr (kMask) {
+    const RowMask ma = MaskOf(p, qpos_a, kb), mb = MaskOf(p, qpos_b, kb);
+    const int nk = static_cast<int>(min(static_cast<int64_t>(kKeys), p.n_keys - kb));
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int k = n * 8 + tig * 2 + (e & 1);
+        const RowMask& m = e < 2 ? ma : mb;
+        if (k > m.lim || k <= m.wl || k >= nk) s[4 * n + e] = -INFINITY;
+      }
+    }
+  }
   float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
   for (int n = 0; n < kKeys / 8; ++n) {
-    if (edge) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t kp = kb + n * 8 + tig * 2 + (e & 1);
-        const int64_t qp = e < 2 ? qpos_a : qpos_b;
-        if (kp > qp || kp >= p.n_keys || (p.window > 0 && kp <= qp - p.window))
-          s[4 * n + e] = -INFINITY;
-      }
-    }
     mx_a = fmaxf(mx_a, fmaxf(s[4 * n], s[4 * n + 1]));
     mx_b = fmaxf(mx_b, fmaxf(s[4 * n + 2], s[4 * n + 3]));
   }
@@ -159,27 +194,26 @@ __device__ __forceinline__ void PackP(const float (&s)[64], uint32_t (&pa)[kKeys
 }
 
 // S = Q K^T for the warpgroup's 64 rows: D in steps of 16 (32 bytes inside a 128-byte atom).
+// dq, dk: descriptors of the warpgroup's Q rows and of the K tile; a step adds its byte offset
+// >> 4 to the start-address field.
 template <int D, bool kBF16>
-__device__ __forceinline__ void IssueQK(float (&s)[64], const uint8_t* qs, const uint8_t* K,
-                                        int wg) {
+__device__ __forceinline__ void IssueQK(float (&s)[64], uint64_t dq, uint64_t dk) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t in_atom = (kk & 3) * 32;
-    const uint64_t da =
-        wgmma::MakeDesc(qs + (kk >> 2) * kRows * 128 + wg * 64 * 128 + in_atom, 16, 1024);
-    const uint64_t db = wgmma::MakeDesc(K + (kk >> 2) * kKeys * 128 + in_atom, 16, 1024);
-    wgmma::SS128<kBF16>(s, da, db, kk > 0 ? 1 : 0);
+    wgmma::SS128<kBF16>(s, dq + (((kk >> 2) * kRows * 128 + in_atom) >> 4),
+                        dk + (((kk >> 2) * kKeys * 128 + in_atom) >> 4), kk > 0 ? 1 : 0);
   }
 }
 
-// O += P V: 16 keys per step, V rows kc*16.. as a transposed (N-major) B operand: LBO is the
-// distance between 64-column atoms, SBO between groups of 8 keys.
+// O += P V: 16 keys per step, V rows 16 kc.. as a transposed (N-major) B operand (dv: LBO = the
+// distance between 64-column atoms, SBO = between groups of 8 keys).
 template <int D, bool kBF16>
 __device__ __forceinline__ void IssuePV(float (&o)[D / 2], const uint32_t (&pa)[kKeys / 16][4],
-                                        const uint8_t* V) {
+                                        uint64_t dv) {
 #pragma unroll
   for (int kc = 0; kc < kKeys / 16; ++kc) {
-    const uint64_t db = wgmma::MakeDesc(V + kc * 16 * 128, kKeys * 128, 1024);
+    const uint64_t db = dv + ((kc * 16 * 128) >> 4);
     if constexpr (D == 128)
       wgmma::RS128<kBF16>(o, pa[kc], db, 1);
     else
@@ -221,11 +255,28 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
            kb + kKeys > p.n_keys;
   };
 
+  // Copies one tile (K or V) of keys kb.. from its rows; only the cache's last tile checks keys.
+  auto load = [&](const void* arena, const TileRows& rows, const uint8_t* dst, int64_t kb) {
+    if (kb + kKeys <= p.n_keys)
+      LoadTile<D, false>(arena, rows, addr(dst), kKeys);
+    else
+      LoadTile<D, true>(arena, rows, addr(dst), static_cast<int>(p.n_keys - kb));
+  };
+  // Descriptors of the warpgroup's Q rows and of the K and V stages (stage 1 = stage 0 + one
+  // tile: add its size >> 4).
+  const uint64_t dq = wgmma::MakeDesc(qs + wg * 64 * 128, 16, 1024);
+  const uint64_t dk0 = wgmma::MakeDesc(ks(0), 16, 1024);
+  const uint64_t dv0 = wgmma::MakeDesc(vs(0), kKeys * 128, 1024);
+  auto stage_off = [](int64_t j) { return static_cast<uint64_t>((j & 1) * (kTileBytes >> 4)); };
+
   // Pipeline: at step j the tensor cores compute S_j = Q K_j^T and O += P_{j-1} V_{j-1} while
   // the copies of K_{j+1} and V_j are in flight; the softmax of S_j overlaps the P V product.
+  // The block-table rows of tile j + 2 are read at step j, a step before their copies.
   // K_0 is copied while Q is converted: f32 [T, heads, D] rows -> 16-bit swizzled.
-  LoadTile<D>(p, p.k, h, k_begin, addr(ks(0)));
+  TileRows rows_j = RowsOf(p, h, k_begin);
+  load(p.k, rows_j, ks(0), k_begin);
   CpAsyncCommit();
+  TileRows rows_next = RowsOf(p, h, k_begin + kKeys);  // tile 1 (rows 0 past the cache end)
   for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
     const int r = i / (D / 8), c = i % (D / 8);
     const int64_t t = t0 + r;
@@ -248,6 +299,10 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   RowState st;
   uint32_t pa[kKeys / 16][4];  // P_{j-1}, the A operand of the next P V product
+  auto softmax = [&](float(&s)[64], int64_t kb) {
+    return edge(kb) ? Softmax<true>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2)
+                    : Softmax<false>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2);
+  };
 
   // Waits for this thread's copies, then for every thread's: K_j and V_{j-1} have landed, and
   // every warp is done with the stages the next copies overwrite (K_{j-1}, V_{j-2}).
@@ -259,36 +314,40 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   // The first and last steps are peeled off the loop so that every wgmma wait in it sees the
   // same groups on every path (a wait that ptxas cannot prove serializes all the products).
   arrive();
-  if (n_tiles > 1) LoadTile<D>(p, p.k, h, k_begin + kKeys, addr(ks(1)));
-  LoadTile<D>(p, p.v, h, k_begin, addr(vs(0)));
+  if (n_tiles > 1) load(p.k, rows_next, ks(1), k_begin + kKeys);
+  load(p.v, rows_j, vs(0), k_begin);
   CpAsyncCommit();
   {
     float s[64];
     wgmma::Fence();
-    IssueQK<D, kBF16>(s, qs, ks(0), wg);
+    IssueQK<D, kBF16>(s, dq, dk0);
     wgmma::Commit();
+    TileRows rows_after = RowsOf(p, h, k_begin + 2 * kKeys);
     wgmma::Wait<0>();
     wgmma::FenceRegs(s);
-    Softmax(p, s, st, k_begin, edge(k_begin), qpos_a, qpos_b, tig, scale_log2);  // o is still 0
+    softmax(s, k_begin);  // o is still 0: no rescaling
     PackP<kBF16>(s, pa);
+    rows_j = rows_next;
+    rows_next = rows_after;
   }
   for (int64_t j = 1; j < n_tiles; ++j) {
     const int64_t kb = k_begin + j * kKeys;
     arrive();
-    if (j + 1 < n_tiles) LoadTile<D>(p, p.k, h, kb + kKeys, addr(ks(j + 1)));
-    LoadTile<D>(p, p.v, h, kb, addr(vs(j)));
+    if (j + 1 < n_tiles) load(p.k, rows_next, ks(j + 1), kb + kKeys);
+    load(p.v, rows_j, vs(j), kb);
     CpAsyncCommit();
 
     float s[64];  // fresh each step: no copies of the last step's values inside the pipeline
     wgmma::FenceRegs(o);
     wgmma::Fence();
-    IssueQK<D, kBF16>(s, qs, ks(j), wg);
+    IssueQK<D, kBF16>(s, dq, dk0 + stage_off(j));
     wgmma::Commit();
-    IssuePV<D, kBF16>(o, pa, vs(j - 1));
+    IssuePV<D, kBF16>(o, pa, dv0 + stage_off(j - 1));
     wgmma::Commit();
+    const TileRows rows_after = RowsOf(p, h, kb + 2 * kKeys);
     wgmma::Wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run during the softmax
     wgmma::FenceRegs(s);
-    const float2 alpha = Softmax(p, s, st, kb, edge(kb), qpos_a, qpos_b, tig, scale_log2);
+    const float2 alpha = softmax(s, kb);
     wgmma::Wait<0>();
     wgmma::FenceRegs(o);
 #pragma unroll
@@ -299,11 +358,13 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       o[4 * i + 3] *= alpha.y;
     }
     PackP<kBF16>(s, pa);
+    rows_j = rows_next;
+    rows_next = rows_after;
   }
   arrive();  // V_{n-1}
   wgmma::FenceRegs(o);
   wgmma::Fence();
-  IssuePV<D, kBF16>(o, pa, vs(n_tiles - 1));
+  IssuePV<D, kBF16>(o, pa, dv0 + stage_off(n_tiles - 1));
   wgmma::Commit();
   wgmma::Wait<0>();
   wgmma::FenceRegs(o);
