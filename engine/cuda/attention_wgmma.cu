@@ -27,9 +27,13 @@
 namespace needle::cuda {
 namespace {
 
-constexpr int kRows = 128;  // query positions per block (64 per warpgroup)
-constexpr int kKeys = 128;  // keys per tile
-constexpr int kThreads = 256;
+constexpr int kRows = 128;    // query positions per block (64 per consumer warpgroup)
+constexpr int kKeys = 128;    // keys per tile
+constexpr int kLoaders = 128;  // warpgroup 0: the producer, which copies the K/V tiles
+constexpr int kThreads = 384;  // + warpgroups 1, 2: the consumers
+constexpr int kStages = 3;     // K/V tiles in shared memory
+// Registers per thread after setmaxnreg: 128 x 40 + 256 x 232 <= 65536.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
 // Byte offset of 16-byte chunk c (8 elements) of row r in a swizzled [rows x D] tile.
 __device__ __forceinline__ uint32_t SwizzledChunk(int rows, int r, int c) {
@@ -90,9 +94,9 @@ template <int D, bool kCheck>
 __device__ __forceinline__ void LoadTile(const void* arena, const TileRows& rows, uint32_t dst,
                                          int n_valid) {
   constexpr int kChunks = D / 8;                    // 16-byte chunks per row
-  constexpr int kRowsPerPass = kThreads / kChunks;  // 16 or 32: row % 8 is the same every pass
+  constexpr int kRowsPerPass = kLoaders / kChunks;  // 8 or 16: row % 8 is the same every pass
   const uint16_t* src = static_cast<const uint16_t*>(arena);
-  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;  // producer threads 0..127
   const uint32_t dst0 = dst + SwizzledChunk(kKeys, r0, c);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -221,6 +225,30 @@ __device__ __forceinline__ void IssuePV(float (&o)[D / 2], const uint32_t (&pa)[
   }
 }
 
+// mbarriers (shared::cta): full[s] completes when the producer's copies into stage s have landed
+// (count kLoaders), empty[s] when every consumer warp is done reading it (count 8).
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
+// Warp-specialized: warpgroup 0 copies K/V tiles into a ring of kStages stages; warpgroups 1 and 2
+// each own 64 query rows and run the products and the softmax, without block-wide barriers, so
+// that one consumer's softmax can overlap the other's products.
 template <int D, bool kBF16>
 __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -229,19 +257,21 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                              ~static_cast<uintptr_t>(1023));
   constexpr int kTileBytes = kKeys * D * 2;
-  // Q [kRows x D], then K stages 0, 1 and V stages 0, 1 ([kKeys x D] each), all swizzled.
+  // Q [kRows x D], then stages s = 0..2 of K and V ([kKeys x D] each), all swizzled; then the
+  // mbarriers full[3], empty[3].
   uint8_t* qs = smem;
-  auto ks = [&](int64_t j) { return smem + kRows * D * 2 + (j & 1) * kTileBytes; };
-  auto vs = [&](int64_t j) { return smem + kRows * D * 2 + (2 + (j & 1)) * kTileBytes; };
-  auto addr = [](const uint8_t* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+  auto ks = [&](int s) { return smem + kRows * D * 2 + (2 * s) * kTileBytes; };
+  auto vs = [&](int s) { return smem + kRows * D * 2 + (2 * s + 1) * kTileBytes; };
+  auto addr = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+  const uint32_t bars = addr(smem + kRows * D * 2 + 2 * kStages * kTileBytes);
+  auto full = [&](int s) { return bars + 8 * s; };
+  auto empty = [&](int s) { return bars + 8 * (kStages + s); };
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
-  const int g = lane >> 2, tig = lane & 3;
   const int64_t n_qtiles = (p.T + kRows - 1) / kRows;
   const int64_t qtile = n_qtiles - 1 - static_cast<int64_t>(blockIdx.x) / p.heads;
   const int64_t hq = static_cast<int64_t>(blockIdx.x) % p.heads, h = hq / p.G;
   const int64_t t0 = qtile * kRows;
-  const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain
 
   // Keys of the block: tiles j = 0 .. n_tiles-1 at k_begin + 128 j, aligned to 128.
   const int64_t t_last = min(p.T, t0 + kRows) - 1;
@@ -249,151 +279,170 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   int64_t k_begin = p.window > 0 ? max(static_cast<int64_t>(0), q_first - p.window + 1) : 0;
   k_begin = k_begin / kKeys * kKeys;
   const int64_t k_end = min(q_last + 1, p.n_keys);
-  const int64_t n_tiles = (k_end - k_begin + kKeys - 1) / kKeys;  // >= 1: q_first < k_end
-  auto edge = [&](int64_t kb) {  // some key of the tile may be masked for some row
-    return kb + kKeys - 1 > q_first || (p.window > 0 && kb < q_last - p.window + 1) ||
-           kb + kKeys > p.n_keys;
-  };
+  const int n_tiles = static_cast<int>((k_end - k_begin + kKeys - 1) / kKeys);  // >= 1
 
-  // Copies one tile (K or V) of keys kb.. from its rows; only the cache's last tile checks keys.
-  auto load = [&](const void* arena, const TileRows& rows, const uint8_t* dst, int64_t kb) {
-    if (kb + kKeys <= p.n_keys)
-      LoadTile<D, false>(arena, rows, addr(dst), kKeys);
-    else
-      LoadTile<D, true>(arena, rows, addr(dst), static_cast<int>(p.n_keys - kb));
-  };
-  // Descriptors of the warpgroup's Q rows and of the K and V stages (stage 1 = stage 0 + one
-  // tile: add its size >> 4).
-  const uint64_t dq = wgmma::MakeDesc(qs + wg * 64 * 128, 16, 1024);
-  const uint64_t dk0 = wgmma::MakeDesc(ks(0), 16, 1024);
-  const uint64_t dv0 = wgmma::MakeDesc(vs(0), kKeys * 128, 1024);
-  auto stage_off = [](int64_t j) { return static_cast<uint64_t>((j & 1) * (kTileBytes >> 4)); };
-
-  // Pipeline: at step j the tensor cores compute S_j = Q K_j^T and O += P_{j-1} V_{j-1} while
-  // the copies of K_{j+1} and V_j are in flight; the softmax of S_j overlaps the P V product.
-  // The block-table rows of tile j + 2 are read at step j, a step before their copies.
-  // K_0 is copied while Q is converted: f32 [T, heads, D] rows -> 16-bit swizzled.
-  TileRows rows_j = RowsOf(p, h, k_begin);
-  load(p.k, rows_j, ks(0), k_begin);
-  CpAsyncCommit();
-  TileRows rows_next = RowsOf(p, h, k_begin + kKeys);  // tile 1 (rows 0 past the cache end)
-  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
-    const int r = i / (D / 8), c = i % (D / 8);
-    const int64_t t = t0 + r;
-    uint4 packed = make_uint4(0, 0, 0, 0);
-    if (t < p.T) {
-      const float4* src = reinterpret_cast<const float4*>(p.q + (t * p.heads + hq) * D + c * 8);
-      const float4 a = src[0], b = src[1];
-      packed = make_uint4(Pack<kBF16>(a.x, a.y), Pack<kBF16>(a.z, a.w), Pack<kBF16>(b.x, b.y),
-                          Pack<kBF16>(b.z, b.w));
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(full(s), kLoaders);
+      MbarInit(empty(s), 8);
     }
-    *reinterpret_cast<uint4*>(qs + SwizzledChunk(kRows, r, c)) = packed;
   }
+  __syncthreads();
 
-  // This thread's rows (within the block): a = 64 wg + 16 (warp % 4) + g, b = a + 8.
-  const int64_t ta = t0 + wg * 64 + (warp & 3) * 16 + g, tb = ta + 8;
-  const int64_t qpos_a = p.pos0 + ta, qpos_b = p.pos0 + tb;
-
-  float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  RowState st;
-  uint32_t pa[kKeys / 16][4];  // P_{j-1}, the A operand of the next P V product
-  auto softmax = [&](float(&s)[64], int64_t kb) {
-    return edge(kb) ? Softmax<true>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2)
-                    : Softmax<false>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2);
-  };
-
-  // Waits for this thread's copies, then for every thread's: K_j and V_{j-1} have landed, and
-  // every warp is done with the stages the next copies overwrite (K_{j-1}, V_{j-2}).
-  auto arrive = [] {
+  if (wg == 0) {
+    // Producer. Tile j goes to stage j % 3 once the consumers have released tile j - 3; the
+    // copies of two tiles stay in flight, and full[] is signalled for a tile once its copies
+    // have landed and are fenced for the tensor cores.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    auto load = [&](const void* arena, const TileRows& rows, const uint8_t* dst, int64_t kb) {
+      if (kb + kKeys <= p.n_keys)
+        LoadTile<D, false>(arena, rows, addr(dst), kKeys);
+      else
+        LoadTile<D, true>(arena, rows, addr(dst), static_cast<int>(p.n_keys - kb));
+    };
+    TileRows rows = RowsOf(p, h, k_begin);
+    for (int j = 0; j < n_tiles; ++j) {
+      const int s = j % kStages;
+      const int64_t kb = k_begin + static_cast<int64_t>(j) * kKeys;
+      if (j >= kStages) MbarWait(empty(s), ((j / kStages) - 1) & 1);
+      load(p.k, rows, ks(s), kb);
+      load(p.v, rows, vs(s), kb);
+      CpAsyncCommit();
+      rows = RowsOf(p, h, kb + kKeys);  // the next tile's rows, read while these copies fly
+      if (j > 0) {
+        CpAsyncWait<1>();
+        FenceProxyAsync();
+        MbarArrive(full((j - 1) % kStages));
+      }
+    }
     CpAsyncWait<0>();
     FenceProxyAsync();
-    __syncthreads();
-  };
-  // The first and last steps are peeled off the loop so that every wgmma wait in it sees the
-  // same groups on every path (a wait that ptxas cannot prove serializes all the products).
-  arrive();
-  if (n_tiles > 1) load(p.k, rows_next, ks(1), k_begin + kKeys);
-  load(p.v, rows_j, vs(0), k_begin);
-  CpAsyncCommit();
-  {
-    float s[64];
-    wgmma::Fence();
-    IssueQK<D, kBF16>(s, dq, dk0);
-    wgmma::Commit();
-    TileRows rows_after = RowsOf(p, h, k_begin + 2 * kKeys);
-    wgmma::Wait<0>();
-    wgmma::FenceRegs(s);
-    softmax(s, k_begin);  // o is still 0: no rescaling
-    PackP<kBF16>(s, pa);
-    rows_j = rows_next;
-    rows_next = rows_after;
-  }
-  for (int64_t j = 1; j < n_tiles; ++j) {
-    const int64_t kb = k_begin + j * kKeys;
-    arrive();
-    if (j + 1 < n_tiles) load(p.k, rows_next, ks(j + 1), kb + kKeys);
-    load(p.v, rows_j, vs(j), kb);
-    CpAsyncCommit();
+    MbarArrive(full((n_tiles - 1) % kStages));
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    const int c = wg - 1;  // consumer index: query rows 64 c .. 64 c + 63 of the block
+    const int ct = threadIdx.x - kLoaders - c * 128;  // thread within the consumer warpgroup
+    const int g = lane >> 2, tig = lane & 3;
+    const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain
+    auto edge = [&](int64_t kb) {  // some key of the tile may be masked for some row
+      return kb + kKeys - 1 > q_first || (p.window > 0 && kb < q_last - p.window + 1) ||
+             kb + kKeys > p.n_keys;
+    };
 
-    float s[64];  // fresh each step: no copies of the last step's values inside the pipeline
-    wgmma::FenceRegs(o);
-    wgmma::Fence();
-    IssueQK<D, kBF16>(s, dq, dk0 + stage_off(j));
-    wgmma::Commit();
-    IssuePV<D, kBF16>(o, pa, dv0 + stage_off(j - 1));
-    wgmma::Commit();
-    const TileRows rows_after = RowsOf(p, h, kb + 2 * kKeys);
-    wgmma::Wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run during the softmax
-    wgmma::FenceRegs(s);
-    const float2 alpha = softmax(s, kb);
-    wgmma::Wait<0>();
-    wgmma::FenceRegs(o);
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[4 * i] *= alpha.x;
-      o[4 * i + 1] *= alpha.x;
-      o[4 * i + 2] *= alpha.y;
-      o[4 * i + 3] *= alpha.y;
+    // The consumer's 64 Q rows: f32 [T, heads, D] -> 16-bit swizzled, fenced for the tensor
+    // cores, then a barrier over this warpgroup only (named barrier 1 + c).
+    for (int i = ct; i < 64 * (D / 8); i += 128) {
+      const int r = c * 64 + i / (D / 8), col = i % (D / 8);
+      const int64_t t = t0 + r;
+      uint4 packed = make_uint4(0, 0, 0, 0);
+      if (t < p.T) {
+        const float4* src =
+            reinterpret_cast<const float4*>(p.q + (t * p.heads + hq) * D + col * 8);
+        const float4 a = src[0], b = src[1];
+        packed = make_uint4(Pack<kBF16>(a.x, a.y), Pack<kBF16>(a.z, a.w), Pack<kBF16>(b.x, b.y),
+                            Pack<kBF16>(b.z, b.w));
+      }
+      *reinterpret_cast<uint4*>(qs + SwizzledChunk(kRows, r, col)) = packed;
     }
-    PackP<kBF16>(s, pa);
-    rows_j = rows_next;
-    rows_next = rows_after;
-  }
-  arrive();  // V_{n-1}
-  wgmma::FenceRegs(o);
-  wgmma::Fence();
-  IssuePV<D, kBF16>(o, pa, dv0 + stage_off(n_tiles - 1));
-  wgmma::Commit();
-  wgmma::Wait<0>();
-  wgmma::FenceRegs(o);
+    FenceProxyAsync();
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
 
-  float l_a = st.l_a, l_b = st.l_b;
+    // This thread's rows (within the block): a = 64 c + 16 (warp % 4) + g, b = a + 8.
+    const int64_t ta = t0 + c * 64 + (warp & 3) * 16 + g, tb = ta + 8;
+    const int64_t qpos_a = p.pos0 + ta, qpos_b = p.pos0 + tb;
+    const uint64_t dq = wgmma::MakeDesc(qs + c * 64 * 128, 16, 1024);
+    const uint64_t dk0 = wgmma::MakeDesc(ks(0), 16, 1024);
+    const uint64_t dv0 = wgmma::MakeDesc(vs(0), kKeys * 128, 1024);
+    auto stage_off = [](int s) { return static_cast<uint64_t>(s * 2 * (kTileBytes >> 4)); };
+    auto release = [&](int s) {  // after this warp's wait for the products that read stage s
+      if (lane == 0) MbarArrive(empty(s));
+    };
+
+    float o[D / 2];
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    RowState st;
+    uint32_t pa[kKeys / 16][4];  // P_{j-1}, the A operand of the next P V product
+    auto softmax = [&](float(&s)[64], int64_t kb) {
+      return edge(kb) ? Softmax<true>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2)
+                      : Softmax<false>(p, s, st, kb, qpos_a, qpos_b, tig, scale_log2);
+    };
+
+    // Step j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} on the tensor cores; the softmax of S_j
+    // overlaps the P V product. The first and last steps are peeled off the loop so that every
+    // wgmma wait in it sees the same groups on every path (ptxas serializes all the products
+    // otherwise).
+    MbarWait(full(0), 0);
+    {
+      float s[64];
+      wgmma::Fence();
+      IssueQK<D, kBF16>(s, dq, dk0);
+      wgmma::Commit();
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(s);
+      softmax(s, k_begin);  // o is still 0: no rescaling
+      PackP<kBF16>(s, pa);
+    }
+    for (int j = 1; j < n_tiles; ++j) {
+      const int64_t kb = k_begin + static_cast<int64_t>(j) * kKeys;
+      const int sj = j % kStages, sp = (j - 1) % kStages;
+      MbarWait(full(sj), (j / kStages) & 1);
+      float s[64];  // fresh each step: no copies of the last step's values inside the pipeline
+      wgmma::FenceRegs(o);
+      wgmma::Fence();
+      IssueQK<D, kBF16>(s, dq, dk0 + stage_off(sj));
+      wgmma::Commit();
+      IssuePV<D, kBF16>(o, pa, dv0 + stage_off(sp));
+      wgmma::Commit();
+      wgmma::Wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run during the softmax
+      wgmma::FenceRegs(s);
+      const float2 alpha = softmax(s, kb);
+      wgmma::Wait<0>();
+      wgmma::FenceRegs(o);
+      release(sp);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[4 * i] *= alpha.x;
+        o[4 * i + 1] *= alpha.x;
+        o[4 * i + 2] *= alpha.y;
+        o[4 * i + 3] *= alpha.y;
+      }
+      PackP<kBF16>(s, pa);
+    }
+    wgmma::FenceRegs(o);
+    wgmma::Fence();
+    IssuePV<D, kBF16>(o, pa, dv0 + stage_off((n_tiles - 1) % kStages));
+    wgmma::Commit();
+    wgmma::Wait<0>();
+    wgmma::FenceRegs(o);
+
+    float l_a = st.l_a, l_b = st.l_b;
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+      l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    }
+    // Rows a (accumulators 0, 1 of each group of 4) and b (2, 3): normalised output and lse.
+    auto write_row = [&](int64_t t, float l, float m, int e) {
+      if (t >= p.T) return;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* orow = p.out + (t * p.heads + hq) * D;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<float2*>(orow + i * 8 + tig * 2) =
+            make_float2(o[4 * i + e] * inv, o[4 * i + e + 1] * inv);
+      if (p.m != nullptr && tig == 0)
+        p.m[t * p.heads + hq] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    };
+    write_row(ta, l_a, st.m_a, 0);
+    write_row(tb, l_b, st.m_b, 2);
   }
-  // Rows a (accumulators 0, 1 of each group of 4) and b (2, 3): normalised output and lse.
-  auto write_row = [&](int64_t t, float l, float m, int c) {
-    if (t >= p.T) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* orow = p.out + (t * p.heads + hq) * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<float2*>(orow + i * 8 + tig * 2) =
-          make_float2(o[4 * i + c] * inv, o[4 * i + c + 1] * inv);
-    if (p.m != nullptr && tig == 0)
-      p.m[t * p.heads + hq] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
-  };
-  write_row(ta, l_a, st.m_a, 0);
-  write_row(tb, l_b, st.m_b, 2);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 constexpr size_t SmemBytes(int D) {
-  return static_cast<size_t>(kRows) * D * 2 + 4 * static_cast<size_t>(kKeys) * D * 2 + 1024;
+  return 1024 + static_cast<size_t>(kRows) * D * 2 +
+         2 * kStages * static_cast<size_t>(kKeys) * D * 2 + 16 * kStages;
 }
 
 template <int D, bool kBF16>
