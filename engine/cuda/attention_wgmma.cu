@@ -354,6 +354,12 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
     const uint64_t dk0 = wgmma::MakeDesc(ks(0), 16, 1024);
     const uint64_t dv0 = wgmma::MakeDesc(vs(0), kKeys * 128, 1024);
     auto stage_off = [](int s) { return static_cast<uint64_t>(s * 2 * (kTileBytes >> 4)); };
+    // Ping-pong: the two consumers take turns issuing their products (named barriers 3 and 4,
+    // 256 threads: one consumer's sync meets the other's arrive), so that one's products run
+    // while the other computes its softmax. Consumer 0 goes first.
+    auto my_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + c) : "memory"); };
+    auto your_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - c) : "memory"); };
+    if (c == 1) your_turn();
     auto release = [&](int s) {  // after this warp's wait for the products that read stage s
       if (lane == 0) MbarArrive(empty(s));
     };
@@ -375,9 +381,11 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
     MbarWait(full(0), 0);
     {
       float s[64];
+      my_turn();
       wgmma::Fence();
       IssueQK<D, kBF16>(s, dq, dk0);
       wgmma::Commit();
+      your_turn();
       wgmma::Wait<0>();
       wgmma::FenceRegs(s);
       softmax(s, k_begin);  // o is still 0: no rescaling
@@ -389,11 +397,13 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       MbarWait(full(sj), (j / kStages) & 1);
       float s[64];  // fresh each step: no copies of the last step's values inside the pipeline
       wgmma::FenceRegs(o);
+      my_turn();
       wgmma::Fence();
       IssueQK<D, kBF16>(s, dq, dk0 + stage_off(sj));
       wgmma::Commit();
       IssuePV<D, kBF16>(o, pa, dv0 + stage_off(sp));
       wgmma::Commit();
+      your_turn();
       wgmma::Wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run during the softmax
       wgmma::FenceRegs(s);
       const float2 alpha = softmax(s, kb);
@@ -410,9 +420,11 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       PackP<kBF16>(s, pa);
     }
     wgmma::FenceRegs(o);
+    my_turn();
     wgmma::Fence();
     IssuePV<D, kBF16>(o, pa, dv0 + stage_off((n_tiles - 1) % kStages));
     wgmma::Commit();
+    if (c == 0) your_turn();  // consumer 1's last turn has no one after it
     wgmma::Wait<0>();
     wgmma::FenceRegs(o);
 
