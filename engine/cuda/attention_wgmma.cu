@@ -268,13 +268,21 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   auto empty = [&](int s) { return bars + 8 * (kStages + s); };
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
-  const int64_t n_qtiles = (p.T + kRows - 1) / kRows;
-  const int64_t qtile = n_qtiles - 1 - static_cast<int64_t>(blockIdx.x) / p.heads;
-  const int64_t hq = static_cast<int64_t>(blockIdx.x) % p.heads, h = hq / p.G;
-  const int64_t t0 = qtile * kRows;
+  // GQA packing: a block holds `pack` query heads of one KV head (pack = 4, 2 or 1, dividing
+  // G) for R = 128 / pack positions each, so that every K/V tile it copies serves pack heads.
+  // Block row r is head hq0 + r / R at position t0 + r % R.
+  const int pack_log2 = p.G % 4 == 0 ? 2 : p.G % 2 == 0 ? 1 : 0;
+  const int R_log2 = 7 - pack_log2, R = 1 << R_log2;
+  const int64_t groups = p.heads >> pack_log2;
+  const int64_t n_qtiles = (p.T + R - 1) >> R_log2;
+  const int64_t qtile = n_qtiles - 1 - static_cast<int64_t>(blockIdx.x) / groups;
+  const int64_t hq0 = (static_cast<int64_t>(blockIdx.x) % groups) << pack_log2, h = hq0 / p.G;
+  const int64_t t0 = qtile << R_log2;
+  auto row_t = [&](int r) { return t0 + (r & (R - 1)); };     // position of block row r
+  auto row_h = [&](int r) { return hq0 + (r >> R_log2); };  // query head of block row r
 
   // Keys of the block: tiles j = 0 .. n_tiles-1 at k_begin + 128 j, aligned to 128.
-  const int64_t t_last = min(p.T, t0 + kRows) - 1;
+  const int64_t t_last = min(p.T, t0 + R) - 1;
   const int64_t q_first = p.pos0 + t0, q_last = p.pos0 + t_last;
   int64_t k_begin = p.window > 0 ? max(static_cast<int64_t>(0), q_first - p.window + 1) : 0;
   k_begin = k_begin / kKeys * kKeys;
@@ -333,11 +341,11 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
     // cores, then a barrier over this warpgroup only (named barrier 1 + c).
     for (int i = ct; i < 64 * (D / 8); i += 128) {
       const int r = c * 64 + i / (D / 8), col = i % (D / 8);
-      const int64_t t = t0 + r;
+      const int64_t t = row_t(r);
       uint4 packed = make_uint4(0, 0, 0, 0);
       if (t < p.T) {
         const float4* src =
-            reinterpret_cast<const float4*>(p.q + (t * p.heads + hq) * D + col * 8);
+            reinterpret_cast<const float4*>(p.q + (t * p.heads + row_h(r)) * D + col * 8);
         const float4 a = src[0], b = src[1];
         packed = make_uint4(Pack<kBF16>(a.x, a.y), Pack<kBF16>(a.z, a.w), Pack<kBF16>(b.x, b.y),
                             Pack<kBF16>(b.z, b.w));
@@ -348,7 +356,8 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
 
     // This thread's rows (within the block): a = 64 c + 16 (warp % 4) + g, b = a + 8.
-    const int64_t ta = t0 + c * 64 + (warp & 3) * 16 + g, tb = ta + 8;
+    const int ra = c * 64 + (warp & 3) * 16 + g, rb = ra + 8;
+    const int64_t ta = row_t(ra), tb = row_t(rb);
     const int64_t qpos_a = p.pos0 + ta, qpos_b = p.pos0 + tb;
     const uint64_t dq = wgmma::MakeDesc(qs + c * 64 * 128, 16, 1024);
     const uint64_t dk0 = wgmma::MakeDesc(ks(0), 16, 1024);
@@ -435,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
     }
     // Rows a (accumulators 0, 1 of each group of 4) and b (2, 3): normalised output and lse.
-    auto write_row = [&](int64_t t, float l, float m, int e) {
+    auto write_row = [&](int64_t t, int64_t hq, float l, float m, int e) {
       if (t >= p.T) return;
       const float inv = l > 0.f ? 1.f / l : 0.f;
       float* orow = p.out + (t * p.heads + hq) * D;
@@ -446,8 +455,8 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       if (p.m != nullptr && tig == 0)
         p.m[t * p.heads + hq] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
     };
-    write_row(ta, l_a, st.m_a, 0);
-    write_row(tb, l_b, st.m_b, 2);
+    write_row(ta, row_h(ra), l_a, st.m_a, 0);
+    write_row(tb, row_h(rb), l_b, st.m_b, 2);
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
@@ -466,7 +475,8 @@ void Launch(const AttnParams& p, cudaStream_t stream) {
                                            static_cast<int>(SmemBytes(D))));
     configured = true;
   }
-  const int64_t blocks = (p.T + kRows - 1) / kRows * p.heads;
+  const int pack = p.G % 4 == 0 ? 4 : p.G % 2 == 0 ? 2 : 1;  // as in the kernel
+  const int64_t blocks = (p.T + kRows / pack - 1) / (kRows / pack) * (p.heads / pack);
   WgmmaKernel<D, kBF16><<<static_cast<unsigned>(blocks), kThreads, SmemBytes(D), stream>>>(p);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
