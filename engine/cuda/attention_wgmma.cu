@@ -155,12 +155,21 @@ __device__ __forceinline__ float2 Softmax(const AttnParams& p, float (&s)[64], R
       }
     }
   }
-  float mx_a = -INFINITY, mx_b = -INFINITY;
+  // Row maxima and sums over 4 partial values each: while one consumer runs its softmax its
+  // warps are alone on their schedulers, so chains of dependent instructions cost their latency.
+  float pm_a[4], pm_b[4];
 #pragma unroll
-  for (int n = 0; n < kKeys / 8; ++n) {
-    mx_a = fmaxf(mx_a, fmaxf(s[4 * n], s[4 * n + 1]));
-    mx_b = fmaxf(mx_b, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+  for (int i = 0; i < 4; ++i) {
+    pm_a[i] = fmaxf(s[4 * i], s[4 * i + 1]);
+    pm_b[i] = fmaxf(s[4 * i + 2], s[4 * i + 3]);
   }
+#pragma unroll
+  for (int n = 4; n < kKeys / 8; ++n) {
+    pm_a[n & 3] = fmaxf(pm_a[n & 3], fmaxf(s[4 * n], s[4 * n + 1]));
+    pm_b[n & 3] = fmaxf(pm_b[n & 3], fmaxf(s[4 * n + 2], s[4 * n + 3]));
+  }
+  float mx_a = fmaxf(fmaxf(pm_a[0], pm_a[1]), fmaxf(pm_a[2], pm_a[3]));
+  float mx_b = fmaxf(fmaxf(pm_b[0], pm_b[1]), fmaxf(pm_b[2], pm_b[3]));
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
@@ -172,18 +181,18 @@ __device__ __forceinline__ float2 Softmax(const AttnParams& p, float (&s)[64], R
   const float2 alpha = make_float2(Exp2(st.m_a - ref_a), Exp2(st.m_b - ref_b));
   st.m_a = mn_a;
   st.m_b = mn_b;
-  float sum_a = 0.f, sum_b = 0.f;
+  float ps_a[4] = {0.f, 0.f, 0.f, 0.f}, ps_b[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int n = 0; n < kKeys / 8; ++n) {
     s[4 * n] = Exp2(fmaf(s[4 * n], scale_log2, -ref_a));
     s[4 * n + 1] = Exp2(fmaf(s[4 * n + 1], scale_log2, -ref_a));
     s[4 * n + 2] = Exp2(fmaf(s[4 * n + 2], scale_log2, -ref_b));
     s[4 * n + 3] = Exp2(fmaf(s[4 * n + 3], scale_log2, -ref_b));
-    sum_a += s[4 * n] + s[4 * n + 1];
-    sum_b += s[4 * n + 2] + s[4 * n + 3];
+    ps_a[n & 3] += s[4 * n] + s[4 * n + 1];
+    ps_b[n & 3] += s[4 * n + 2] + s[4 * n + 3];
   }
-  st.l_a = st.l_a * alpha.x + sum_a;
-  st.l_b = st.l_b * alpha.y + sum_b;
+  st.l_a = st.l_a * alpha.x + ((ps_a[0] + ps_a[1]) + (ps_a[2] + ps_a[3]));
+  st.l_b = st.l_b * alpha.y + ((ps_b[0] + ps_b[1]) + (ps_b[2] + ps_b[3]));
   return alpha;
 }
 
@@ -419,12 +428,15 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
       wgmma::Wait<0>();
       wgmma::FenceRegs(o);
       release(sp);
+      // Once the row maxima settle (most steps of a long prompt) no row of the warp rescales.
+      if (!__all_sync(0xffffffffu, alpha.x == 1.f && alpha.y == 1.f)) {
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[4 * i] *= alpha.x;
-        o[4 * i + 1] *= alpha.x;
-        o[4 * i + 2] *= alpha.y;
-        o[4 * i + 3] *= alpha.y;
+        for (int i = 0; i < D / 8; ++i) {
+          o[4 * i] *= alpha.x;
+          o[4 * i + 1] *= alpha.x;
+          o[4 * i + 2] *= alpha.y;
+          o[4 * i + 3] *= alpha.y;
+        }
       }
       PackP<kBF16>(s, pa);
     }
