@@ -1,18 +1,22 @@
 // Hopper (sm_90a) causal prefill attention with warpgroup matrix products (wgmma); see
 // attention_tc.h, whose entry point picks it on compute capability 9.0.
 //
-// Block = 128 query positions of one query head: 2 warpgroups (256 threads), each owning 64 rows.
-// K/V tiles of 128 keys are copied into shared memory with cp.async by all 256 threads, two
-// stages deep, in the 128-byte-swizzled layout wgmma reads: a [rows x D] tile is stored as D/64
-// column atoms [rows][64 elements], 16-byte chunk c of row r at chunk c ^ (r % 8). Per tile and
-// warpgroup:
-//   S[64 x 128] = Q K^T   wgmma m64n128k16, Q and K both from shared memory (K-major);
-//   online softmax on S in registers (the same fragment layout as mma.sync: a thread holds 2
-//   rows x 32 keys; row max and sum over the 4 threads of a quad);
-//   O[64 x D] += P V      wgmma m64nDk16, P re-packed to 16 bits as the register A operand, V
-//   from shared memory read transposed (N-major).
+// Block = 128 query rows: `pack` query heads of one KV head (4, 2 or 1, dividing G) x 128 / pack
+// positions, so that each K/V tile copied serves every head of the group. 3 warpgroups:
+//   warpgroup 0, the producer: copies 128-key K/V tiles with cp.async into a 3-stage ring, in
+//     the 128-byte-swizzled layout wgmma reads (a [rows x D] tile is stored as D/64 column atoms
+//     [rows][64 elements], 16-byte chunk c of row r at chunk c ^ (r % 8)); mbarriers say when a
+//     stage is full and when the consumers have released it;
+//   warpgroups 1 and 2, the consumers, 64 rows each. Per tile j:
+//     S[64 x 128] = Q K_j^T   wgmma m64n128k16, Q and K both from shared memory (K-major);
+//     O[64 x D] += P_{j-1} V_{j-1}   wgmma m64nDk16, P re-packed to 16 bits as the register A
+//       operand, V read transposed (N-major);
+//     the online softmax of S (the mma.sync fragment layout: a thread holds 2 rows x 32 keys; row
+//     max and sum over the 4 threads of a quad) overlaps that P V product, and the consumers take
+//     turns issuing their products (ping-pong), so one's products run during the other's softmax.
+// Registers: setmaxnreg gives the producer 40 and the consumers 232 per thread.
 // Blocks run heaviest first (last query tile first) so that the causal tail is short.
-// GQA: query head h reads KV head h / G; the G blocks of a KV head share its tiles through L2.
+// H100 (bench/RESULTS.md): 374/479/464 TFLOP/s at 4K/32K/128K, 32 heads, 8 KV heads, D 128.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -27,8 +31,8 @@
 namespace needle::cuda {
 namespace {
 
-constexpr int kRows = 128;    // query positions per block (64 per consumer warpgroup)
-constexpr int kKeys = 128;    // keys per tile
+constexpr int kRows = 128;     // query positions per block (64 per consumer warpgroup)
+constexpr int kKeys = 128;     // keys per tile
 constexpr int kLoaders = 128;  // warpgroup 0: the producer, which copies the K/V tiles
 constexpr int kThreads = 384;  // + warpgroups 1, 2: the consumers
 constexpr int kStages = 3;     // K/V tiles in shared memory
@@ -79,9 +83,9 @@ __device__ __forceinline__ TileRows RowsOf(const AttnParams& p, int64_t h, int64
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int pos = static_cast<int>(kb) + half * 64;
-    t.r[half] = pos < p.n_keys ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B +
-                                     pos % B
-                               : 0;
+    t.r[half] = pos < p.n_keys
+                    ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B + pos % B
+                    : 0;
   }
   return t;
 }
@@ -287,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   const int64_t qtile = n_qtiles - 1 - static_cast<int64_t>(blockIdx.x) / groups;
   const int64_t hq0 = (static_cast<int64_t>(blockIdx.x) % groups) << pack_log2, h = hq0 / p.G;
   const int64_t t0 = qtile << R_log2;
-  auto row_t = [&](int r) { return t0 + (r & (R - 1)); };     // position of block row r
+  auto row_t = [&](int r) { return t0 + (r & (R - 1)); };   // position of block row r
   auto row_h = [&](int r) { return hq0 + (r >> R_log2); };  // query head of block row r
 
   // Keys of the block: tiles j = 0 .. n_tiles-1 at k_begin + 128 j, aligned to 128.
