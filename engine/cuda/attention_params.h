@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "engine/base/dtype.h"
 #include "engine/cpu/ops.h"
@@ -51,6 +52,22 @@ inline AttnParams MakeAttnParams(const float* q, const KVLayerView& kv, const At
   p.out = out;
   p.m = lse;
   return p;
+}
+
+// For a 16-bit cache (bf16/f16) with head_dim 64 or 128: calls
+// launch(std::integral_constant<int, D>, std::bool_constant<bf16>) and returns true; otherwise
+// returns false. The tensor-core kernels' one dispatch over their four instantiations.
+template <typename F>
+bool Dispatch16Bit(const AttnParams& p, F&& launch) {
+  const bool bf16 = p.dtype == DType::kBF16;
+  if ((!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128)) return false;
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (p.D == 64)
+    bf16 ? launch(D64{}, std::true_type{}) : launch(D64{}, std::false_type{});
+  else
+    bf16 ? launch(D128{}, std::true_type{}) : launch(D128{}, std::false_type{});
+  return true;
 }
 
 }  // namespace needle::cuda

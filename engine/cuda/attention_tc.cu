@@ -29,17 +29,6 @@ constexpr int kRows = 64;  // query positions per block (16 per warp)
 constexpr int kKeys = 64;  // keys per tile
 constexpr int kPad = 8;    // elements of padding per shared-memory row
 
-template <bool kBF16>
-__device__ __forceinline__ uint32_t Pack(float a, float b) {
-  if constexpr (kBF16) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
 // d[4] += a[4] * b[2]: m16n8k16, row-major A, column-major B, f32 accumulators.
 template <bool kBF16>
 __device__ __forceinline__ void Mma(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -295,18 +284,12 @@ bool IsHopper() {
 }  // namespace
 
 bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream) {
-  const bool bf16 = p.dtype == DType::kBF16;
   const char* choice = Choice();
   if (std::strcmp(choice, "0") == 0 || p.T < kTcMinQueries) return false;
   if (std::strcmp(choice, "mma") != 0 && IsHopper() && WgmmaAttention(p, stream)) return true;
-  if ((!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) || p.B % kKeys != 0 ||
-      p.heads % p.kv_heads != 0)
-    return false;
-  if (p.D == 64)
-    bf16 ? Launch<64, true>(p, stream) : Launch<64, false>(p, stream);
-  else
-    bf16 ? Launch<128, true>(p, stream) : Launch<128, false>(p, stream);
-  return true;
+  if (p.B % kKeys != 0 || p.heads % p.kv_heads != 0) return false;
+  return Dispatch16Bit(
+      p, [&](auto d, auto bf16) { Launch<decltype(d)::value, decltype(bf16)::value>(p, stream); });
 }
 
 }  // namespace needle::cuda

@@ -60,17 +60,6 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <bool kBF16>
-__device__ __forceinline__ uint32_t Pack(float a, float b) {
-  if constexpr (kBF16) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
 // First arena row of each 64-key half of the tile at key kb of KV head h ([slot][kv_head][B][D]
 // rows, through the block table); 0 for halves past the cache end. 32-bit division: positions
 // stay far below 2^31, and a 64-bit one is a slow subroutine.
@@ -508,15 +497,9 @@ bool WgmmaCompiled() {
 }
 
 bool WgmmaAttention(const AttnParams& p, cudaStream_t stream) {
-  const bool bf16 = p.dtype == DType::kBF16;
-  if (!WgmmaCompiled() || (!bf16 && p.dtype != DType::kF16) || (p.D != 64 && p.D != 128) ||
-      p.B % 64 != 0 || p.heads % p.kv_heads != 0)
-    return false;
-  if (p.D == 64)
-    bf16 ? Launch<64, true>(p, stream) : Launch<64, false>(p, stream);
-  else
-    bf16 ? Launch<128, true>(p, stream) : Launch<128, false>(p, stream);
-  return true;
+  if (!WgmmaCompiled() || p.B % 64 != 0 || p.heads % p.kv_heads != 0) return false;
+  return Dispatch16Bit(
+      p, [&](auto d, auto bf16) { Launch<decltype(d)::value, decltype(bf16)::value>(p, stream); });
 }
 
 }  // namespace needle::cuda

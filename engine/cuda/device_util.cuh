@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels (kernels.cu, attention.cu).
+// Device helpers shared by the CUDA kernels (kernels.cu, attention*.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,6 +27,19 @@ __device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
 __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, int64_t B,
                                             int64_t kv_heads, int64_t h) {
   return (static_cast<int64_t>(table[pos / B]) * kv_heads + h) * B + pos % B;
+}
+
+// Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
+// tensor-core operand register.
+template <bool kBF16>
+__device__ __forceinline__ uint32_t Pack(float a, float b) {
+  if constexpr (kBF16) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
 }
 
 }  // namespace needle::cuda
