@@ -23,10 +23,12 @@ __device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
 }
 
 // Row of token `pos` of KV head h in a block arena [slot][kv_head][B][D] (kvcache/kv_cache.h),
-// through the block table (logical block -> slot).
+// through the block table (logical block -> slot). The division is 32-bit: a 64-bit one is a
+// slow subroutine call per key in the decode loop, and positions stay below 2^31.
 __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, int64_t B,
                                             int64_t kv_heads, int64_t h) {
-  return (static_cast<int64_t>(table[pos / B]) * kv_heads + h) * B + pos % B;
+  const uint32_t p32 = static_cast<uint32_t>(pos), b32 = static_cast<uint32_t>(B);
+  return (static_cast<int64_t>(table[p32 / b32]) * kv_heads + h) * B + p32 % b32;
 }
 
 // Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
