@@ -153,11 +153,8 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
 void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a,
                                    int64_t ctx_end_block, LayerPlan* plan) {
   const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;
-  const int64_t rel = layer - cfg_.dense_layers;
-  Selection& s = sel_[cfg_.dense_layers + rel / cfg_.layer_step * cfg_.layer_step];
-  const bool selector_layer = rel % cfg_.layer_step == 0;
-  const bool due = !s.valid || decode_step_ - s.step >= cfg_.token_step;
-  if ((selector_layer && due) || !s.valid) {
+  Selection& s = sel_[SelectorOf(layer)];
+  if (SelectsAt(layer, decode_step_)) {
     // Candidates: Context blocks, restricted to the preselected set where there is one (blocks
     // that joined the Context after the prompt always compete).
     std::vector<int32_t> all;
@@ -192,8 +189,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
                                       cfg_.topk - static_cast<int64_t>(keep.size()));
       out.insert(out.end(), keep.begin(), keep.end());
       std::sort(out.begin(), out.end());
-      std::sort(keep.begin(), keep.end());
-      *keep_out = std::move(keep);
+      *keep_out = std::move(keep);  // ascending, as `kept` is
       return out;
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
@@ -303,10 +299,8 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
     b_.Attention(q, kv, a, &spans, out, lse_.data());
   }
   // Retention is read by this layer's next fresh selection: compute it only when the next step
-  // makes one here (a selector layer whose token_step runs out).
-  const int64_t rel = layer - cfg_.dense_layers;
-  if (!plan.dense && cfg_.retained() > 0 && rel % cfg_.layer_step == 0 &&
-      decode_step_ + 1 - sel_[layer].step >= cfg_.token_step)
+  // makes one here.
+  if (!plan.dense && cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1))
     Retain(layer, q, lse_.data(), a, kv, plan.blocks);
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block

@@ -68,6 +68,18 @@ class SparseAttention final : public AttentionPolicy {
                              int64_t to_block, float scale);
   void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
                     LayerPlan* plan);
+  // The layer whose Selection `layer` uses (the first of its group of layer_step).
+  int64_t SelectorOf(int64_t layer) const {
+    const int64_t rel = layer - cfg_.dense_layers;
+    return cfg_.dense_layers + rel / cfg_.layer_step * cfg_.layer_step;
+  }
+  // Whether `layer` makes a fresh selection at decode step `step` (else it reuses its selector's):
+  // always without a valid one, else in a selector layer once token_step steps have passed.
+  bool SelectsAt(int64_t layer, int64_t step) const {
+    const Selection& s = sel_[SelectorOf(layer)];
+    return !s.valid ||
+           ((layer - cfg_.dense_layers) % cfg_.layer_step == 0 && step - s.step >= cfg_.token_step);
+  }
   // Layers that attend densely at every step: the first dense_layers and sliding-window ones.
   bool DenseLayer(int64_t layer, const AttnArgs& a) const {
     return layer < cfg_.dense_layers || a.window > 0;

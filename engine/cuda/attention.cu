@@ -397,13 +397,8 @@ size_t SmemBytes(int64_t D) {
 
 template <int DPL>
 void Launch(const Params& p, dim3 grid, cudaStream_t stream) {
-  static bool configured = false;  // opt in, once, to the shared memory of the largest head_dim
-  if (!configured) {
-    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(AttnKernel<DPL>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(SmemBytes(32 * DPL))));
-    configured = true;
-  }
+  // The shared memory of the largest head_dim this instantiation serves.
+  OptInSharedMemory<AttnKernel<DPL>>(SmemBytes(32 * DPL));
   AttnKernel<DPL><<<grid, kWarps * 32, SmemBytes(p.D), stream>>>(p);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }

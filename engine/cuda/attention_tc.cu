@@ -254,13 +254,7 @@ constexpr size_t SmemBytes(int D) { return 4 * static_cast<size_t>(kKeys) * (D +
 
 template <int D, bool kBF16>
 void Launch(const AttnParams& p, cudaStream_t stream) {
-  static bool configured = false;  // opt in, once, to more than 48 KB of shared memory
-  if (!configured) {
-    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(TcKernel<D, kBF16>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(SmemBytes(D))));
-    configured = true;
-  }
+  OptInSharedMemory<TcKernel<D, kBF16>>(SmemBytes(D));
   const dim3 grid(static_cast<unsigned>((p.T + kRows - 1) / kRows), static_cast<unsigned>(p.heads));
   TcKernel<D, kBF16><<<grid, 128, SmemBytes(D), stream>>>(p);
   NEEDLE_CUDA_CHECK_LAUNCH();

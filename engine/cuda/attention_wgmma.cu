@@ -39,6 +39,11 @@ constexpr int kStages = 3;     // K/V tiles in shared memory
 // Registers per thread after setmaxnreg: 128 x 40 + 256 x 232 <= 65536.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
+// GQA packing: log2 of the query heads of one KV head that share a block (4, 2 or 1, dividing G).
+__host__ __device__ constexpr int PackLog2(int64_t G) {
+  return G % 4 == 0 ? 2 : G % 2 == 0 ? 1 : 0;
+}
+
 // Byte offset of 16-byte chunk c (8 elements) of row r in a swizzled [rows x D] tile.
 __device__ __forceinline__ uint32_t SwizzledChunk(int rows, int r, int c) {
   return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
@@ -61,20 +66,16 @@ __device__ __forceinline__ void FenceProxyAsync() {
 }
 
 // First arena row of each 64-key half of the tile at key kb of KV head h ([slot][kv_head][B][D]
-// rows, through the block table); 0 for halves past the cache end. 32-bit division: positions
-// stay far below 2^31, and a 64-bit one is a slow subroutine.
+// rows, through the block table); 0 for halves past the cache end.
 struct TileRows {
   int64_t r[2];
 };
 __device__ __forceinline__ TileRows RowsOf(const AttnParams& p, int64_t h, int64_t kb) {
   TileRows t;
-  const int B = static_cast<int>(p.B);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int pos = static_cast<int>(kb) + half * 64;
-    t.r[half] = pos < p.n_keys
-                    ? (static_cast<int64_t>(p.table[pos / B]) * p.kv_heads + h) * B + pos % B
-                    : 0;
+    const int64_t pos = kb + half * 64;
+    t.r[half] = pos < p.n_keys ? PagedRow(p.table, pos, p.B, p.kv_heads, h) : 0;
   }
   return t;
 }
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   // GQA packing: a block holds `pack` query heads of one KV head (pack = 4, 2 or 1, dividing
   // G) for R = 128 / pack positions each, so that every K/V tile it copies serves pack heads.
   // Block row r is head hq0 + r / R at position t0 + r % R.
-  const int pack_log2 = p.G % 4 == 0 ? 2 : p.G % 2 == 0 ? 1 : 0;
+  const int pack_log2 = PackLog2(p.G);
   const int R_log2 = 7 - pack_log2, R = 1 << R_log2;
   const int64_t groups = p.heads >> pack_log2;
   const int64_t n_qtiles = (p.T + R - 1) >> R_log2;
@@ -473,15 +474,9 @@ constexpr size_t SmemBytes(int D) {
 
 template <int D, bool kBF16>
 void Launch(const AttnParams& p, cudaStream_t stream) {
-  static bool configured = false;  // opt in, once, to more than 48 KB of shared memory
-  if (!configured) {
-    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(WgmmaKernel<D, kBF16>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(SmemBytes(D))));
-    configured = true;
-  }
-  const int pack = p.G % 4 == 0 ? 4 : p.G % 2 == 0 ? 2 : 1;  // as in the kernel
-  const int64_t blocks = (p.T + kRows / pack - 1) / (kRows / pack) * (p.heads / pack);
+  OptInSharedMemory<WgmmaKernel<D, kBF16>>(SmemBytes(D));
+  const int pack_log2 = PackLog2(p.G), R = kRows >> pack_log2;  // positions per block
+  const int64_t blocks = (p.T + R - 1) / R * (p.heads >> pack_log2);
   WgmmaKernel<D, kBF16><<<static_cast<unsigned>(blocks), kThreads, SmemBytes(D), stream>>>(p);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }

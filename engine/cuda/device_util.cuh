@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "engine/base/dtype.h"
+#include "engine/cuda/cuda_check.h"
 
 namespace needle::cuda {
 
@@ -29,6 +30,18 @@ __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, i
                                             int64_t kv_heads, int64_t h) {
   const uint32_t p32 = static_cast<uint32_t>(pos), b32 = static_cast<uint32_t>(B);
   return (static_cast<int64_t>(table[p32 / b32]) * kv_heads + h) * B + p32 % b32;
+}
+
+// Opts `Kernel` in, once per kernel, to `bytes` of dynamic shared memory per block (above 48 KB
+// a kernel must ask). Thread-safe: a function-local static per kernel.
+template <auto Kernel>
+void OptInSharedMemory(size_t bytes) {
+  static const bool done = [bytes] {
+    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(bytes)));
+    return true;
+  }();
+  (void)done;
 }
 
 // Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
