@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "engine/base/error.h"
 
@@ -12,6 +11,7 @@
 #include "hwy/highway.h"
 
 // Per-target code shared between op families (after highway.h, as Highway requires).
+#include "engine/cpu/kv_rows-inl.h"
 #include "engine/cpu/load-inl.h"
 #include "hwy/contrib/math/math-inl.h"
 
@@ -20,45 +20,21 @@ namespace needle {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// scale * q . k for one key row of D elements (f32, bf16 or f16).
-template <typename KT>
-HWY_INLINE float RowDot(const float* HWY_RESTRICT q, const KT* HWY_RESTRICT k, int64_t D) {
+// q . k for one f32 key row of D elements (unscaled).
+HWY_INLINE float RowDot(const float* HWY_RESTRICT q, const float* HWY_RESTRICT k, int64_t D) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   auto acc = hn::Zero(df);
   int64_t d = 0;
-  for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, q + d), LoadF32(df, k + d), acc);
+  for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, q + d), hn::LoadU(df, k + d), acc);
   float s = ReduceF32(df, acc);
-  for (; d < D; ++d) s += q[d] * ScalarF32(k[d]);
+  for (; d < D; ++d) s += q[d] * k[d];
   return s;
 }
 
-// int8 rows: one f32 scale per kKVGroup channels.
-HWY_INLINE float RowDot(const float* HWY_RESTRICT q, const int8_t* HWY_RESTRICT k,
-                        const float* HWY_RESTRICT scales, int64_t D) {
-  const hn::ScalableTag<float> df;
-  const hn::Rebind<int32_t, decltype(df)> di;
-  const hn::Rebind<int8_t, decltype(df)> d8;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  float s = 0.0f;
-  for (int64_t c0 = 0, g = 0; c0 < D; c0 += kKVGroup, ++g) {
-    const int64_t c1 = std::min(D, c0 + kKVGroup);
-    auto acc = hn::Zero(df);
-    int64_t c = c0;
-    for (; c + L <= c1; c += L)
-      acc = hn::MulAdd(hn::LoadU(df, q + c),
-                       hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, k + c))), acc);
-    float t = ReduceF32(df, acc);
-    for (; c < c1; ++c) t += q[c] * static_cast<float>(k[c]);
-    s += t * scales[g];
-  }
-  return s;
-}
-
-// Items (KV head, block) in parallel; each block's rows are read once for the G heads.
-template <typename KT>
-void MassT(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vector<float>>* mass,
-           ThreadingContext& tc) {
+// Items (KV head, block) in parallel; each block's rows are converted to f32 once for the G heads.
+void BlockMassImpl(const KVLayerView& kv, const BlockMassArgs& a,
+                   std::vector<std::vector<float>>* mass, ThreadingContext& tc) {
   const int64_t Hk = a.kv_heads, G = a.heads / Hk, D = a.head_dim, B = kv.block_size;
   const auto& blocks = *a.blocks;
   std::vector<std::pair<int32_t, int32_t>> items;  // (h, i)
@@ -68,20 +44,15 @@ void MassT(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vecto
   tc.ParallelFor(items.size(), 4, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-    std::vector<float> s(static_cast<size_t>(B));
+    std::vector<float> s(static_cast<size_t>(B)), k(static_cast<size_t>(B * D));  // [B], [B, D]
     for (size_t it = b; it < e; ++it) {
       const int64_t h = items[it].first, i = items[it].second;
       const int64_t t0 = int64_t{blocks[h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
-      const KT* k = reinterpret_cast<const KT*>(kv.KRow(h, t0));  // rows of a block are consecutive
+      KVRowsToF32InTarget(kv, false, h, t0, t1, k.data());
       double m = 0.0;
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = a.q + (h * G + g) * D;
-        for (int64_t j = 0; j < t1 - t0; ++j) {
-          if constexpr (std::is_same_v<KT, int8_t>)
-            s[j] = RowDot(qg, k + j * D, kv.KScale(h, t0 + j), D);
-          else
-            s[j] = RowDot(qg, k + j * D, D);
-        }
+        for (int64_t j = 0; j < t1 - t0; ++j) s[j] = RowDot(qg, k.data() + j * D, D);
         const auto vs = hn::Set(df, a.scale), vl = hn::Set(df, a.lse[h * G + g]);
         auto acc = hn::Zero(df);
         int64_t j = 0;
@@ -94,22 +65,6 @@ void MassT(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::vecto
       (*mass)[h][i] = static_cast<float>(m);
     }
   });
-}
-
-void BlockMassImpl(const KVLayerView& kv, const BlockMassArgs& a,
-                   std::vector<std::vector<float>>* mass, ThreadingContext& tc) {
-  switch (kv.dtype) {
-    case DType::kF32:
-      return MassT<float>(kv, a, mass, tc);
-    case DType::kBF16:
-      return MassT<hwy::bfloat16_t>(kv, a, mass, tc);
-    case DType::kF16:
-      return MassT<hwy::float16_t>(kv, a, mass, tc);
-    case DType::kI8:
-      return MassT<int8_t>(kv, a, mass, tc);
-    default:
-      Fail("BlockMass: unsupported KV cache type");
-  }
 }
 
 }  // namespace HWY_NAMESPACE
