@@ -237,6 +237,17 @@ __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
                : "memory");
 }
+// Whether the phase of the given parity has completed, without waiting.
+__device__ __forceinline__ bool MbarTest(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
@@ -303,7 +314,9 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
   if (wg == 0) {
     // Producer. Tile j goes to stage j % 3 once the consumers have released tile j - 3; the
     // copies of two tiles stay in flight, and full[] is signalled for a tile once its copies
-    // have landed and are fenced for the tensor cores.
+    // have landed and are fenced for the tensor cores. When the stage for tile j is not free
+    // yet, tile j - 1 is signalled as soon as it lands instead of after the wait: the consumers
+    // may need it before they release the stage.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     auto load = [&](const void* arena, const TileRows& rows, const uint8_t* dst, int64_t kb) {
       if (kb + kKeys <= p.n_keys)
@@ -315,12 +328,22 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % kStages;
       const int64_t kb = k_begin + static_cast<int64_t>(j) * kKeys;
-      if (j >= kStages) MbarWait(empty(s), ((j / kStages) - 1) & 1);
+      bool signalled = j == 0;  // tile j - 1's full[] (none before tile 0)
+      if (j >= kStages) {
+        const uint32_t parity = ((j / kStages) - 1) & 1;
+        if (!MbarTest(empty(s), parity)) {
+          CpAsyncWait<0>();
+          FenceProxyAsync();
+          MbarArrive(full((j - 1) % kStages));
+          signalled = true;
+          MbarWait(empty(s), parity);
+        }
+      }
       load(p.k, rows, ks(s), kb);
       load(p.v, rows, vs(s), kb);
       CpAsyncCommit();
       rows = RowsOf(p, h, kb + kKeys);  // the next tile's rows, read while these copies fly
-      if (j > 0) {
+      if (!signalled) {
         CpAsyncWait<1>();
         FenceProxyAsync();
         MbarArrive(full((j - 1) % kStages));
