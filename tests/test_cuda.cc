@@ -274,6 +274,61 @@ TEST(Cuda, AttentionMatchesCpu) {
   unsetenv("NEEDLE_CUDA_ATTN_TC");
 }
 
+// The decode kernel's key splits and the merge done by the last block of each KV head: out and
+// lse against the CPU, from one split to the cap (256, one KV head), with a sliding window, and
+// each call made twice (the arrival counters must be back at zero for the second).
+TEST(Cuda, DecodeSplitsMatchCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(4);
+  auto cpu = MakeCpuBackend(tc, false);
+  struct Case {
+    int64_t kv_heads, group, D, n, window;
+    DType kv;
+  };
+  const Case cases[] = {
+      {8, 4, 128, 63, 0, DType::kBF16},      // one split
+      {8, 4, 128, 5000, 0, DType::kBF16},    // a few per KV head
+      {1, 8, 128, 40000, 0, DType::kF16},    // the cap: 256 splits of one KV head
+      {2, 1, 64, 3001, 0, DType::kBF16},     // G = 1, head_dim 64
+      {4, 7, 64, 9000, 2000, DType::kBF16},  // G = 7, the window's keys split
+  };
+  for (const Case& c : cases) {
+    const int64_t heads = c.kv_heads * c.group;
+    KVCacheShape shape{1, c.kv_heads, c.D, c.n, 64, c.kv};
+    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
+    auto k = test::RandomVector(static_cast<size_t>(c.n * c.kv_heads * c.D), 11 + c.n);
+    auto v = test::RandomVector(static_cast<size_t>(c.n * c.kv_heads * c.D), 12 + c.n);
+    auto q = test::RandomVector(static_cast<size_t>(heads * c.D), 13 + c.n);
+    for (float& x : q) x *= 4.f;  // sharper softmax: the splits' maxima differ
+    cpu->KVWrite(cc, 0, 0, c.n, k.data(), v.data());
+    BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
+    gpu->KVWrite(gc, 0, 0, c.n, kd.get(), vd.get());
+    cc.SetSize(c.n);
+    gc.SetSize(c.n);
+    AttnArgs a;
+    a.T = 1;
+    a.pos0 = c.n - 1;
+    a.heads = heads;
+    a.kv_heads = c.kv_heads;
+    a.head_dim = c.D;
+    a.window = c.window;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    std::vector<float> want(q.size()), want_lse(static_cast<size_t>(heads));
+    cpu->Attention(q.data(), cc.Layer(0), a, nullptr, want.data(), want_lse.data());
+    const std::string what = "decode G=" + std::to_string(c.group) + " D=" + std::to_string(c.D) +
+                             " n=" + std::to_string(c.n) + " window=" + std::to_string(c.window);
+    for (int rep = 0; rep < 2; ++rep) {
+      BackendBuffer od(*gpu, q.size()), lsed(*gpu, static_cast<size_t>(heads));
+      gpu->Attention(qd.get(), gc.Layer(0), a, nullptr, od.get(), lsed.get());
+      ExpectClose(Download(*gpu, od), want, 2e-5, what + " call " + std::to_string(rep));
+      const std::vector<float> lse = Download(*gpu, lsed);
+      for (int64_t h = 0; h < heads; ++h)
+        ASSERT_NEAR(lse[h], want_lse[h], 1e-4 * std::max(1.f, std::fabs(want_lse[h])))
+            << what << " lse of head " << h << " call " << rep;
+    }
+  }
+}
+
 // Every fixture: logits against transformers within the CPU's tolerances, and greedy tokens
 // equal to the CPU's for 32 steps.
 class CudaFixture : public ::testing::TestWithParam<std::string> {};

@@ -8,6 +8,7 @@
 // shuffles. Keys outside the causal/sliding-window range of a row score -inf.
 #include "engine/cuda/attention.h"
 
+#include "engine/cuda/attention_decode.h"
 #include "engine/cuda/attention_params.h"
 #include "engine/cuda/attention_tc.h"
 
@@ -49,22 +50,6 @@ __device__ __forceinline__ void LoadTile(const Params& p, int64_t h, int64_t kb,
     }
     ks[j * ld + d] = kv_k;
     vs[j * ld + d] = kv_v;
-  }
-}
-
-__device__ __forceinline__ void Unpack8(uint4 raw, DType t, float* out) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const uint16_t lo = static_cast<uint16_t>(w[e] & 0xffffu),
-                   hi = static_cast<uint16_t>(w[e] >> 16);
-    if (t == DType::kBF16) {
-      out[2 * e] = __uint_as_float(static_cast<uint32_t>(lo) << 16);
-      out[2 * e + 1] = __uint_as_float(static_cast<uint32_t>(hi) << 16);
-    } else {
-      out[2 * e] = __half2float(__ushort_as_half(lo));
-      out[2 * e + 1] = __half2float(__ushort_as_half(hi));
-    }
   }
 }
 
@@ -211,166 +196,6 @@ __global__ void __launch_bounds__(kWarps * 32) AttnKernel(Params p) {
   }
 }
 
-// Decode (one query token) over 16-bit caches: the flash-decoding kernel. Streams the keys of one
-// KV head and split straight from global memory into registers, no shared-memory tiles: a key row
-// (D * 2 bytes) is read by LPK = D / 8 lanes, 16 bytes each, so a warp reads 32 / LPK keys per
-// load and every thread keeps U keys' K and V loads in flight. Each group of LPK lanes runs its
-// own online softmax over the keys it reads, for the kG query heads of the KV head; the groups
-// are merged through shared memory at the end, into the same partial format as AttnKernel.
-template <int D, int kG, int U>
-__global__ void __launch_bounds__(kWarps * 32) DecodeKernel(Params p) {
-  constexpr int LPK = D / 8, KPS = 32 / LPK, NG = kWarps * KPS;
-  __shared__ float sm_acc[NG][kG][D];
-  __shared__ float sm_m[NG][kG], sm_l[NG][kG];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int li = lane % LPK, gi = warp * KPS + lane / LPK;
-  const int64_t h = blockIdx.y;
-  const int split = blockIdx.z;
-  const bool bf16 = p.dtype == DType::kBF16;
-
-  float q[kG][8];
-#pragma unroll
-  for (int g = 0; g < kG; ++g)
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      q[g][e] = g < p.G ? p.q[(h * p.G + g) * D + li * 8 + e] * p.scale : 0.f;
-  const int64_t qpos = p.pos0;  // T == 1
-  int64_t k_begin = p.window > 0 ? max(static_cast<int64_t>(0), qpos - p.window + 1) : 0;
-  int64_t k_end = min(qpos + 1, p.n_keys);
-  if (p.splits > 1) {
-    k_begin = max(k_begin, split * p.keys_per_split);
-    k_end = min(k_end, (split + 1) * p.keys_per_split);
-  }
-  float m[kG], l[kG], acc[kG][8];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
-  }
-  // Every lane of a warp runs the same iterations (the shuffles below need the whole warp): the
-  // warp's loop counter is its first key; its groups' keys follow, U each.
-  for (int64_t kw = k_begin + static_cast<int64_t>(warp) * KPS * U; kw < k_end;
-       kw += static_cast<int64_t>(NG) * U) {
-    const int64_t kk = kw + static_cast<int64_t>(lane / LPK) * U;
-    uint4 kr[U], vr[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (kk + u < k_end) {
-        const int64_t row = PagedRow(p.table, kk + u, p.B, p.kv_heads, h);
-        const size_t off = static_cast<size_t>(row * D + li * 8);
-        kr[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + off));
-        vr[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.v) + off));
-      } else {
-        kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      }
-    }
-    float s[U][kG];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float kf[8];
-      Unpack8(kr[u], bf16 ? DType::kBF16 : DType::kF16, kf);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        float x = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) x += q[g][e] * kf[e];
-#pragma unroll
-        for (int off = LPK / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-        s[u][g] = kk + u < k_end ? x : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      float mx = s[0][g];
-#pragma unroll
-      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][g]);
-      const float mn = fmaxf(m[g], mx);
-      // -inf while the group has seen no key: exponents then use 0 and give 0.
-      const float alpha = __expf(m[g] - (mn == -INFINITY ? 0.f : mn));
-      m[g] = mn;
-      l[g] *= alpha;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float vf[8];
-      Unpack8(vr[u], bf16 ? DType::kBF16 : DType::kF16, vf);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        const float pu = __expf(s[u][g] - (m[g] == -INFINITY ? 0.f : m[g]));  // 0 past the end
-        l[g] += pu;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] += pu * vf[e];
-      }
-    }
-  }
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sm_acc[gi][g][li * 8 + e] = acc[g][e];
-    if (li == 0) {
-      sm_m[gi][g] = m[g];
-      sm_l[gi][g] = l[g];
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < p.G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int j = 0; j < NG; ++j) M = fmaxf(M, sm_m[j][g]);
-    float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {
-      for (int j = 0; j < NG; ++j) {
-        const float w = __expf(sm_m[j][g] - M);
-        L += sm_l[j][g] * w;
-        O += sm_acc[j][g][d] * w;
-      }
-    }
-    const int64_t row = h * p.G + g;
-    const float o = L > 0.f ? O / L : 0.f;
-    p.out[(static_cast<int64_t>(split) * p.heads + row) * D + d] = o;
-    if (d == 0) {
-      if (p.splits > 1) {
-        p.m[split * p.heads + row] = M;
-        p.l[split * p.heads + row] = L;
-      } else if (p.m != nullptr) {
-        p.m[row] = L > 0.f ? M + logf(L) : -INFINITY;
-      }
-    }
-  }
-}
-
-// The decode kernel's cases: 16-bit cache, head_dim 64 or 128, at most 8 query heads per KV head.
-bool DecodeSupported(const Params& p) {
-  return p.T == 1 && p.dtype != DType::kF32 && (p.D == 64 || p.D == 128) && p.G <= 8;
-}
-
-// The decode kernel for (D, G), and how many of its blocks fit on one multiprocessor.
-using KernelFn = void (*)(Params);
-template <int D>
-KernelFn DecodeKernelFor(int G) {
-  if (G <= 1) return DecodeKernel<D, 1, 4>;
-  if (G <= 2) return DecodeKernel<D, 2, 4>;
-  if (G <= 4) return DecodeKernel<D, 4, 4>;
-  return DecodeKernel<D, 8, 2>;
-}
-KernelFn DecodeKernelFor(const Params& p) {
-  return p.D == 64 ? DecodeKernelFor<64>(p.G) : DecodeKernelFor<128>(p.G);
-}
-int DecodeBlocksPerSm(const Params& p) {
-  static int cached[2][9] = {};  // [D == 128][G], asked once per kernel
-  int& n = cached[p.D == 128][p.G];
-  if (n == 0) {
-    NEEDLE_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeKernelFor(p), kWarps * 32, 0));
-    n = std::max(1, n);
-  }
-  return n;
-}
-
 // out[row] = sum_s w_s o_s / sum_s w_s with w_s = l_s exp(m_s - M); one block per row.
 __global__ void MergeKernel(const float* po, const float* pm, const float* pl, int splits,
                             int64_t rows, int64_t D, float* out, float* lse) {
@@ -414,7 +239,7 @@ bool DecodeEnabled() {  // NEEDLE_CUDA_ATTN_DECODE=0: the tile kernel instead (f
 }  // namespace
 
 void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, GrowBuffer& scratch, cudaStream_t stream) {
+               int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (a.head_dim > kMaxD)
     Fail("CUDA attention: head_dim ", a.head_dim, " is above the supported ", kMaxD);
   if (kv.dtype != DType::kF32 && kv.dtype != DType::kF16 && kv.dtype != DType::kBF16)
@@ -423,17 +248,15 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   if (a.T == 0) return;
   Params p = MakeAttnParams(q, kv, a, out, lse);
   if (TensorCoreAttention(p, stream)) return;  // prompts over 16-bit caches
+  if (DecodeEnabled() && DecodeAttention(p, sm_count, ws, stream)) return;  // T == 1, 16-bit
   if (p.G > kMaxRows)
     Fail("CUDA attention: ", p.G, " query heads per KV head (max ", kMaxRows, ")");
   p.QT = std::max(1, kMaxRows / p.G);
   const int64_t qtiles = (a.T + p.QT - 1) / p.QT;
-  // Split the keys when the query tiles alone leave the GPU under-filled: decode streams the
-  // cache and needs many blocks in flight (the tile kernel: 4 per SM, shared memory allows ~5 at
-  // head_dim 128), each split keeping at least 256 keys so the merge stays cheap.
-  const bool decode = DecodeSupported(p) && DecodeEnabled();
-  // The decode kernel: as many blocks as are resident at once (one full wave, equal work each).
-  const int64_t per_sm = decode ? DecodeBlocksPerSm(p) : 4;
-  const int64_t blocks = qtiles * a.kv_heads, target = per_sm * static_cast<int64_t>(sm_count);
+  // Split the keys when the query tiles alone leave the GPU under-filled (4 blocks per SM;
+  // shared memory allows ~5 at head_dim 128), each split keeping at least 256 keys so that the
+  // merge stays cheap.
+  const int64_t blocks = qtiles * a.kv_heads, target = 4 * static_cast<int64_t>(sm_count);
   int64_t splits = 1;
   if (blocks < target)
     splits = std::clamp<int64_t>(target / blocks, 1, std::max<int64_t>(1, p.n_keys / 256));
@@ -442,7 +265,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   const int64_t rows = a.T * a.heads;
   if (splits > 1) {
     const size_t need = static_cast<size_t>(splits * rows * (a.head_dim + 2));
-    float* buf = scratch.Get<float>(need);  // partials [splits][rows][D], then m and l
+    float* buf = ws.partials.Get<float>(need);  // partials [splits][rows][D], then m and l
     p.out = buf;
     p.m = buf + splits * rows * a.head_dim;
     p.l = p.m + splits * rows;
@@ -450,10 +273,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   const dim3 grid(static_cast<unsigned>(qtiles), static_cast<unsigned>(a.kv_heads),
                   static_cast<unsigned>(splits));
   const int64_t dpl = (a.head_dim + 31) / 32;
-  if (decode) {
-    DecodeKernelFor(p)<<<grid, kWarps * 32, 0, stream>>>(p);
-    NEEDLE_CUDA_CHECK_LAUNCH();
-  } else if (dpl <= 2)
+  if (dpl <= 2)
     Launch<2>(p, grid, stream);
   else if (dpl <= 4)
     Launch<4>(p, grid, stream);

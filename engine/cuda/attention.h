@@ -5,14 +5,14 @@
 // the GPU (decode, short prompts over long contexts) the keys are split across blocks
 // (flash-decoding) and the partial results merged by a second kernel, with the same algebra as
 // engine/attention/partial.h. Two fast paths for 16-bit caches: prompts take the tensor-core
-// kernel (attention_tc.h); single-token decode with head_dim 64/128 and G <= 8 takes a
-// flash-decoding kernel that streams K/V rows from global memory into registers (16-byte loads,
-// several keys in flight per thread) with as many key splits as fill the GPU in one wave.
+// kernel (attention_tc.h); single-token decode with head_dim 64/128 and G <= 8 takes the
+// flash-decoding kernel of attention_decode.h, which merges its own splits.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "engine/cpu/ops.h"
+#include "engine/cuda/attention_decode.h"
 #include "engine/cuda/device_buffer.h"
 #include "kvcache/kv_cache.h"
 
@@ -21,8 +21,9 @@ namespace needle::cuda {
 // out[T, heads, D] = softmax(scale * q k^T) v over every visible key (causal, optional sliding
 // window). q: device [T, heads, D] f32; kv: a device cache view (table in device memory);
 // lse (optional, device): [T, heads]. Supports head_dim <= 256 and f32/f16/bf16 caches.
-// sm_count: the device's multiprocessors (to choose the key split).
+// sm_count: the device's multiprocessors (to choose the key split); ws: the split partials and
+// counters, reused from call to call (calls on one stream).
 void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, GrowBuffer& scratch, cudaStream_t stream);
+               int sm_count, AttnWorkspace& ws, cudaStream_t stream);
 
 }  // namespace needle::cuda

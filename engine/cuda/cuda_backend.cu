@@ -197,7 +197,7 @@ class CudaBackend final : public Backend {
       Fail(
           "CUDA backend: sparse attention runs on the CPU (use --device cpu with --attention "
           "sparse)");
-    cuda::Attention(q, kv, a, out, lse, sm_count_, attn_partials_, stream_);
+    cuda::Attention(q, kv, a, out, lse, sm_count_, attn_ws_, stream_);
   }
 
  public:
@@ -215,7 +215,7 @@ class CudaBackend final : public Backend {
   // the partial results of split attention.
   cuda::GrowBuffer token_ids_{"token ids"}, topk_ids_{"top-k ids"}, topk_vals_{"top-k values"};
   cuda::GrowBuffer freq_{"rope frequencies"}, x16_{"matmul input"};
-  cuda::GrowBuffer attn_partials_{"attention partials"};
+  cuda::AttnWorkspace attn_ws_;
   std::vector<float> freq_host_;
 };
 

@@ -49,6 +49,16 @@ class GrowBuffer {
     return static_cast<T*>(p_);
   }
 
+  // The same, zero-filled on `stream` whenever it is (re)allocated: for state the kernels keep
+  // at zero between calls (split counters).
+  template <typename T>
+  T* GetZeroed(size_t count, cudaStream_t stream) {
+    const size_t before = bytes_;  // grows exactly when reallocated (the address may repeat)
+    T* p = Get<T>(count);
+    if (bytes_ != before) NEEDLE_CUDA_CHECK(cudaMemsetAsync(p_, 0, bytes_, stream));
+    return p;
+  }
+
  private:
   std::string what_;
   void* p_ = nullptr;

@@ -44,6 +44,23 @@ void OptInSharedMemory(size_t bytes) {
   (void)done;
 }
 
+// Eight 16-bit values (bf16 or f16, low half first) of a 16-byte load, as f32.
+__device__ __forceinline__ void Unpack8(uint4 raw, DType t, float* out) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint16_t lo = static_cast<uint16_t>(w[e] & 0xffffu),
+                   hi = static_cast<uint16_t>(w[e] >> 16);
+    if (t == DType::kBF16) {
+      out[2 * e] = __uint_as_float(static_cast<uint32_t>(lo) << 16);
+      out[2 * e + 1] = __uint_as_float(static_cast<uint32_t>(hi) << 16);
+    } else {
+      out[2 * e] = __half2float(__ushort_as_half(lo));
+      out[2 * e + 1] = __half2float(__ushort_as_half(hi));
+    }
+  }
+}
+
 // Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
 // tensor-core operand register.
 template <bool kBF16>

@@ -1,0 +1,27 @@
+// Flash-decoding for one query token over a 16-bit block KV cache (head_dim 64 or 128, at most 8
+// query heads per KV head): the keys of each KV head are split across thread blocks, each block
+// streams its keys straight from global memory into registers, and the last block of a KV head
+// to finish merges the heads' partial results (no second launch). Called by Attention
+// (attention.h) for T == 1.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "engine/cuda/attention_params.h"
+#include "engine/cuda/device_buffer.h"
+
+namespace needle::cuda {
+
+// What split attention needs between calls: the partial results, and one arrival counter per KV
+// head that the merging block returns to zero (so it is zeroed once, when it is allocated).
+struct AttnWorkspace {
+  GrowBuffer partials{"attention partials"};
+  GrowBuffer counters{"attention split counters"};
+};
+
+// True when p (T == 1; p.out / p.m as MakeAttnParams set them: out [heads, D], lse [heads] or
+// nullptr) is a case of the decode kernel, which then has been launched on `stream`.
+// sm_count: the device's multiprocessors (the key split fills them).
+bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream);
+
+}  // namespace needle::cuda
