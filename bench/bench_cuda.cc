@@ -1,14 +1,20 @@
 // GPU benchmarks of the CUDA backend, one JSON object per line on stdout (bench/bench_cuda.sh
 // prints them next to PyTorch's numbers from bench/bench_torch.py, run in the same command):
-//   {"bench":"bandwidth"}      device memory bandwidth measured with a device-to-device copy
+//   {"bench":"bandwidth"}      device memory bandwidth: a device-to-device copy and a read-only
+//                              kernel (GB/s: the higher), and an empty launch's cost in a graph
 //   {"bench":"attn_decode"}    one query token over ctx keys (32 q heads, 8 KV heads, D 128,
-//                              bf16 KV): time, KV bytes read, GB/s and fraction of the bandwidth
+//                              bf16 KV): time per call, KV bytes read, GB/s and fraction of the
+//                              bandwidth. As in a decode step, the calls go to the layers of a
+//                              cache of >= 512 MiB in turn (a short cache alone would sit in L2)
+//                              and are replayed from a CUDA graph (no host launch gaps);
+//                              single_ms is one call timed alone, launch latency included;
+//                              read_floor_ms a trivial kernel reading the same bytes per layer
 //   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s, for the
 //                              default tensor-core kernel (wgmma on Hopper) and mma.sync
 //   {"bench":"e2e"}            --dummy-weights model (bench/configs): prefill tok/s of a P-token
 //                              prompt and decode tok/s after it
 // Times are medians of event-timed repetitions after a warm-up (METHOD.md of the device tool).
-// Usage: bench_cuda [attn|e2e|all] [config.json ...]
+// Usage: bench_cuda [attn|decode|e2e|all] [config.json ...]   (decode: attn without prefill)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_floors.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/model/model.h"
@@ -52,7 +59,9 @@ double MedianMs(cudaStream_t stream, int reps, F&& f) {
   return ms[ms.size() / 2];
 }
 
-double Bandwidth() {
+// The device's memory bandwidth: a device-to-device copy (read + write) and a read-only kernel.
+// Decode attention only reads, so its fraction is taken of the read bandwidth, the higher.
+double Bandwidth(cudaStream_t stream) {
   const size_t bytes = size_t{2} << 30;
   void *src = nullptr, *dst = nullptr;
   NEEDLE_CUDA_CHECK(cudaMalloc(&src, bytes));
@@ -62,26 +71,48 @@ double Bandwidth() {
       MedianMs(nullptr, 10, [&] { cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice); });
   cudaFree(src);
   cudaFree(dst);
-  const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
-  std::printf("{\"bench\":\"bandwidth\",\"GB/s\":%.1f}\n", gbs);
-  return gbs;
+  const double copy = 2.0 * bytes / (ms * 1e-3) / 1e9;  // read + write
+  const double read = bench::ReadBandwidthGBs(stream);
+  std::printf(
+      "{\"bench\":\"bandwidth\",\"GB/s\":%.1f,\"copy_GB/s\":%.1f,\"read_GB/s\":%.1f,"
+      "\"empty_launch_us\":%.2f}\n",
+      std::max(copy, read), copy, read, bench::EmptyLaunchUs(stream, 64));
+  return std::max(copy, read);
 }
 
-// Fills positions [0, n) of a one-layer device cache with random-ish keys and values.
-void Fill(Backend& b, KVCache& cache, int64_t n, int64_t kv_heads, int64_t D) {
+// Fills positions [0, n) of one layer of a device cache with random-ish keys and values.
+void Fill(Backend& b, KVCache& cache, int layer, int64_t n, int64_t kv_heads, int64_t D) {
   const int64_t chunk = 16384;
   std::vector<float> host(static_cast<size_t>(chunk * kv_heads * D));
   for (size_t i = 0; i < host.size(); ++i)
-    host[i] = static_cast<float>((i * 2654435761u) % 2001) / 1000.f - 1.f;
+    host[i] = static_cast<float>((i * 2654435761u + layer * 97u) % 2001) / 1000.f - 1.f;
   BackendBuffer k(b, host.size()), v(b, host.size());
   b.FromHost(host.data(), host.size(), k.get());
   b.FromHost(host.data(), host.size(), v.get());
   for (int64_t p = 0; p < n; p += chunk)
-    b.KVWrite(cache, 0, p, std::min(chunk, n - p), k.get(), v.get());
-  cache.SetSize(n);
+    b.KVWrite(cache, layer, p, std::min(chunk, n - p), k.get(), v.get());
 }
 
-void Attention(Backend& b, double bw) {
+// Median time of one replay of a graph captured from f() on `stream` (f warmed up first, so
+// that scratch buffers have grown before the capture).
+template <typename F>
+double GraphMedianMs(cudaStream_t stream, int reps, F&& f) {
+  f();
+  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  NEEDLE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  f();
+  NEEDLE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  NEEDLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms =
+      MedianMs(stream, reps, [&] { NEEDLE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms;
+}
+
+void Attention(Backend& b, double bw, bool prefill) {
   const int64_t H = 32, Hk = 8, D = 128;
   AttnArgs a;
   a.heads = H;
@@ -89,24 +120,46 @@ void Attention(Backend& b, double bw) {
   a.head_dim = D;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (int64_t ctx : {4096, 16384, 65536, 131072, 262144, 1048576}) {
-    KVCache cache(KVCacheShape{1, Hk, D, ctx + 1, 128, DType::kBF16}, 0, b.kv_memory());
-    Fill(b, cache, ctx + 1, Hk, D);
+    const double bytes = 2.0 * (ctx + 1) * Hk * D * 2;  // K and V of one layer
+    const int layers = static_cast<int>(std::max(2.0, std::ceil(512.0 * (1 << 20) / bytes)));
+    KVCache cache(KVCacheShape{layers, Hk, D, ctx + 1, 128, DType::kBF16}, 0, b.kv_memory());
+    for (int l = 0; l < layers; ++l) Fill(b, cache, l, ctx + 1, Hk, D);
+    cache.SetSize(ctx + 1);
     BackendBuffer q(b, H * D), out(b, H * D);
-    std::vector<float> qh(H * D, 0.01f);
+    std::vector<float> qh(H * D);
+    for (size_t i = 0; i < qh.size(); ++i)
+      qh[i] = static_cast<float>((i * 2246822519u) % 2001) / 1000.f - 1.f;
     b.FromHost(qh.data(), qh.size(), q.get());
     a.T = 1;
     a.pos0 = ctx;
-    const double ms = MedianMs(CudaBackendStream(b), 20, [&] {
-      b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
-    });
-    const double bytes = 2.0 * (ctx + 1) * Hk * D * 2;
+    cudaStream_t stream = CudaBackendStream(b);
+    const double ms =
+        GraphMedianMs(stream, 20,
+                      [&] {
+                        for (int l = 0; l < layers; ++l)
+                          b.Attention(q.get(), cache.Layer(l), a, nullptr, out.get(), nullptr);
+                      }) /
+        layers;
+    // The same bytes read by a trivial kernel, one launch per layer: the floor of a decode call.
+    std::vector<std::vector<std::pair<const void*, size_t>>> reads;
+    for (int l = 0; l < layers; ++l)
+      reads.push_back({{cache.Layer(l).k, static_cast<size_t>(bytes / 2)},
+                       {cache.Layer(l).v, static_cast<size_t>(bytes / 2)}});
+    const double floor_ms = bench::ReadMs(stream, reads);
+    const double single = MedianMs(
+        stream, 20, [&] { b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr); });
     std::printf(
-        "{\"bench\":\"attn_decode\",\"ctx\":%lld,\"ms\":%.4f,\"GB/s\":%.1f,\"of_bw\":%.3f}\n",
-        static_cast<long long>(ctx), ms, bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / 1e9 / bw);
+        "{\"bench\":\"attn_decode\",\"ctx\":%lld,\"layers\":%d,\"ms\":%.4f,\"GB/s\":%.1f,"
+        "\"of_bw\":%.3f,\"single_ms\":%.4f,\"read_floor_ms\":%.4f}\n",
+        static_cast<long long>(ctx), layers, ms, bytes / (ms * 1e-3) / 1e9,
+        bytes / (ms * 1e-3) / 1e9 / bw, single, floor_ms);
+    std::fflush(stdout);
   }
   for (int64_t T : {4096, 32768, 131072}) {
+    if (!prefill) break;
     KVCache cache(KVCacheShape{1, Hk, D, T, 128, DType::kBF16}, 0, b.kv_memory());
-    Fill(b, cache, T, Hk, D);
+    Fill(b, cache, 0, T, Hk, D);
+    cache.SetSize(T);
     BackendBuffer q(b, static_cast<size_t>(T * H * D)), out(b, static_cast<size_t>(T * H * D));
     std::vector<float> qh(static_cast<size_t>(T * H * D));
     for (size_t i = 0; i < qh.size(); ++i)
@@ -117,7 +170,7 @@ void Attention(Backend& b, double bw) {
     // Both tensor-core kernels: the default (wgmma on Hopper) and mma.sync.
     for (const char* kernel : {"default", "mma"}) {
       setenv("NEEDLE_CUDA_ATTN_TC", std::strcmp(kernel, "mma") == 0 ? "mma" : "", 1);
-      const double ms = MedianMs(CudaBackendStream(b), T >= 131072 ? 3 : 5, [&] {
+      const double ms = MedianMs(CudaBackendStream(b), T >= 131072 ? 5 : 11, [&] {
         b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr);
       });
       const double flops = 4.0 * H * D * (static_cast<double>(T) * (T + 1) / 2);
@@ -174,8 +227,8 @@ int main(int argc, char** argv) {
   try {
     const std::string what = argc > 1 ? argv[1] : "all";
     auto b = MakeCudaBackend(0);
-    const double bw = Bandwidth();
-    if (what == "attn" || what == "all") Attention(*b, bw);
+    const double bw = Bandwidth(CudaBackendStream(*b));
+    if (what == "attn" || what == "all" || what == "decode") Attention(*b, bw, what != "decode");
     if (what == "e2e" || what == "all")
       for (int i = 2; i < argc; ++i) EndToEnd(*b, argv[i]);
   } catch (const std::exception& e) {

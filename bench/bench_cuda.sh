@@ -16,17 +16,22 @@ python3 - <<'PY'
 import json
 ours = [json.loads(l) for l in open("bench_cuda.jsonl")]
 ref = [json.loads(l) for l in open("bench_torch.jsonl")]
-bw = next(r["GB/s"] for r in ours if r["bench"] == "bandwidth")
+bwr = next(r for r in ours if r["bench"] == "bandwidth")
+bw = bwr["GB/s"]
 def find(r, keys):
     for t in ref:
         if all(t.get(k) == r.get(k) for k in keys):
             return t
-print(f"\ndevice bandwidth (D2D copy): {bw:.0f} GB/s")
-print("\n| decode attention ctx | needle ms | torch ms | needle/torch | needle GB/s | of bandwidth |")
-print("|---|---|---|---|---|---|")
+print(f"\ndevice bandwidth: {bwr['read_GB/s']:.0f} GB/s read-only kernel, {bwr['copy_GB/s']:.0f} GB/s D2D copy "
+      f"(fractions below: of {bw:.0f}); empty launch in a graph: {bwr['empty_launch_us']:.2f} us")
+print("\n| decode attention ctx | needle ms | torch ms | needle/torch | needle GB/s | needle of bandwidth | torch of bandwidth "
+      "| read floor ms | needle of floor | needle / torch single call ms |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for r in ours:
     if r["bench"] == "attn_decode" and (t := find(r, ["bench", "ctx"])):
-        print(f"| {r['ctx']} | {r['ms']:.4f} | {t['ms']:.4f} | {r['ms'] / t['ms']:.2f} | {r['GB/s']:.0f} | {r['of_bw']:.2f} |")
+        print(f"| {r['ctx']} | {r['ms']:.4f} | {t['ms']:.4f} | {r['ms'] / t['ms']:.2f} | {r['GB/s']:.0f} | {r['of_bw']:.2f} | "
+              f"{t['GB/s'] / bw:.2f} | {r['read_floor_ms']:.4f} | {r['read_floor_ms'] / r['ms']:.2f} | "
+              f"{r['single_ms']:.4f} / {t['single_ms']:.4f} |")
 print("\n| causal prefill T | needle kernel | needle ms | torch ms | needle/torch | needle TFLOP/s | torch TFLOP/s |")
 print("|---|---|---|---|---|---|---|")
 for r in ours:
@@ -34,7 +39,7 @@ for r in ours:
         flops = 4.0 * 32 * 128 * r['T'] * (r['T'] + 1) / 2
         print(f"| {r['T']} | {r.get('kernel', '')} | {r['ms']:.2f} | {t['ms']:.2f} | {r['ms'] / t['ms']:.2f} | "
               f"{r['TFLOP/s']:.1f} | {flops / (t['ms'] * 1e-3) / 1e12:.1f} |")
-print("\n| model | prompt | needle prefill tok/s | transformers | torch/needle time | needle decode tok/s | transformers | ")
+print("\n| model | prompt | needle prefill tok/s | transformers | needle/transformers time | needle decode tok/s | transformers | ")
 print("|---|---|---|---|---|---|---|")
 for r in ours:
     if r["bench"] == "e2e" and (t := find(r, ["bench", "config", "prompt"])):

@@ -2,7 +2,8 @@
 """PyTorch's numbers for the shapes of bench/bench_cuda.cc, one JSON object per line:
   attn_decode / attn_prefill: torch.nn.functional.scaled_dot_product_attention (bf16, 32 q heads,
       8 KV heads via enable_gqa, head_dim 128), median of CUDA-event-timed repetitions after a
-      warm-up;
+      warm-up; decode as in bench_cuda.cc: per call, over the layers of a >= 512 MiB cache in turn,
+      replayed from a CUDA graph (single_ms: one call alone);
   e2e: transformers with random bf16 weights in the shapes of the given config.json files, sdpa
       attention: prefill tok/s of a P-token prompt and decode tok/s of 16 cached steps after it.
 Usage: python3 bench/bench_torch.py [attn|e2e|all] [config.json ...]   (GPU machine)
@@ -29,22 +30,42 @@ def median_ms(f, reps):
     return sorted(out)[len(out) // 2]
 
 
+def graph_median_ms(f, reps):
+    """Median time of one replay of a CUDA graph captured from f (warmed up on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    return median_ms(g.replay, reps)
+
+
 def attention():
     H, Hk, D = 32, 8, 128
     for ctx in (4096, 16384, 65536, 131072, 262144, 1048576):
+        # As bench_cuda.cc: the calls go to the layers of a >= 512 MiB cache in turn, from a graph.
+        nbytes = 2 * (ctx + 1) * Hk * D * 2
+        layers = max(2, -(-512 * 2**20 // nbytes))
         q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, Hk, ctx + 1, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), 20)
-        print(json.dumps({"bench": "attn_decode", "ctx": ctx, "ms": ms,
-                          "GB/s": 2 * (ctx + 1) * Hk * D * 2 / (ms * 1e-3) / 1e9}), flush=True)
-        del k, v
+        ks = [torch.randn(1, Hk, ctx + 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        vs = [torch.randn_like(k) for k in ks]
+        def step():
+            for k, v in zip(ks, vs):
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        ms = graph_median_ms(step, 20) / layers
+        single = median_ms(lambda: F.scaled_dot_product_attention(q, ks[0], vs[0], enable_gqa=True), 20)
+        print(json.dumps({"bench": "attn_decode", "ctx": ctx, "layers": layers, "ms": ms,
+                          "GB/s": nbytes / (ms * 1e-3) / 1e9, "single_ms": single}), flush=True)
+        del ks, vs
     for T in (4096, 32768, 131072):
         q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, Hk, T, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                       3 if T >= 131072 else 5)
+                       5 if T >= 131072 else 11)
         print(json.dumps({"bench": "attn_prefill", "T": T, "ms": ms,
                           "TFLOP/s": 4 * H * D * T * (T + 1) / 2 / (ms * 1e-3) / 1e12}), flush=True)
 

@@ -144,7 +144,9 @@ inline void CheckAgainstReference(Backend& backend, const std::string& model_dir
   EXPECT_LE(d32.rel(), tol32) << "vs fp32 reference: max abs " << d32.max_abs << " of "
                               << d32.ref_max;
   const int decisive = CheckGreedy(ours, ref.fp32, V, tol32 * d32.ref_max);
-  if (tol32 == 1e-4) EXPECT_GE(decisive, static_cast<int>(ref.tokens.size()) / 2);
+  if (tol32 == 1e-4) {
+    EXPECT_GE(decisive, static_cast<int>(ref.tokens.size()) / 2);
+  }
 
   double native_rel = 0;
   if (ref.dtype != "float32") {

@@ -347,7 +347,9 @@ TEST_P(CudaFixture, MatchesTransformersAndCpu) {
   KVCache cc(mc->CacheShape(64, kv)), gc(mg->CacheShape(64, kv), 0, gpu->kv_memory());
   const auto a = GenerateGreedy(*mc, cc, prompt, 32, nullptr, nullptr);
   const auto b = GenerateGreedy(*mg, gc, prompt, 32, nullptr, nullptr);
-  if (kv == DType::kF32) EXPECT_EQ(a, b);
+  if (kv == DType::kF32) {
+    EXPECT_EQ(a, b);
+  }
   size_t same = 0;
   while (same < std::min(a.size(), b.size()) && a[same] == b[same]) ++same;
   std::printf("[ cuda     ] %-30s greedy tokens equal to the CPU's: %zu of %zu\n",
