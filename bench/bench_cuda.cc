@@ -34,30 +34,8 @@
 namespace needle {
 namespace {
 
-// Events go on the backend's stream (non-blocking: events on the default stream would not wait
-// for its kernels).
-template <typename F>
-double MedianMs(cudaStream_t stream, int reps, F&& f) {
-  cudaEvent_t a, b;
-  NEEDLE_CUDA_CHECK(cudaEventCreate(&a));
-  NEEDLE_CUDA_CHECK(cudaEventCreate(&b));
-  f();  // warm-up
-  NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    NEEDLE_CUDA_CHECK(cudaEventRecord(a, stream));
-    f();
-    NEEDLE_CUDA_CHECK(cudaEventRecord(b, stream));
-    NEEDLE_CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    NEEDLE_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using bench::GraphMedianMs;
+using bench::MedianMs;
 
 // The device's memory bandwidth: a device-to-device copy (read + write) and a read-only kernel.
 // Decode attention only reads, so its fraction is taken of the read bandwidth, the higher.
@@ -91,25 +69,6 @@ void Fill(Backend& b, KVCache& cache, int layer, int64_t n, int64_t kv_heads, in
   b.FromHost(host.data(), host.size(), v.get());
   for (int64_t p = 0; p < n; p += chunk)
     b.KVWrite(cache, layer, p, std::min(chunk, n - p), k.get(), v.get());
-}
-
-// Median time of one replay of a graph captured from f() on `stream` (f warmed up first, so
-// that scratch buffers have grown before the capture).
-template <typename F>
-double GraphMedianMs(cudaStream_t stream, int reps, F&& f) {
-  f();
-  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  NEEDLE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  f();
-  NEEDLE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  NEEDLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  const double ms =
-      MedianMs(stream, reps, [&] { NEEDLE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  return ms;
 }
 
 void Attention(Backend& b, double bw, bool prefill) {

@@ -1,8 +1,6 @@
 // The floors of bench_floors.h: an empty kernel and a streaming read, replayed from CUDA graphs.
 #include "bench/bench_floors.h"
 
-#include <algorithm>
-
 #include "engine/cuda/cuda_check.h"
 
 namespace needle::bench {
@@ -40,45 +38,6 @@ __global__ void __launch_bounds__(512) ReadKernel(Part a, Part b, unsigned* sink
   if (x == 0x9e3779b9u) *sink = x;
 }
 
-template <typename F>
-double MedianMs(cudaStream_t stream, int reps, F&& f) {
-  cudaEvent_t a, b;
-  NEEDLE_CUDA_CHECK(cudaEventCreate(&a));
-  NEEDLE_CUDA_CHECK(cudaEventCreate(&b));
-  f();
-  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    NEEDLE_CUDA_CHECK(cudaEventRecord(a, stream));
-    f();
-    NEEDLE_CUDA_CHECK(cudaEventRecord(b, stream));
-    NEEDLE_CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    NEEDLE_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
-// Captures f() on stream into a graph and times its replays.
-template <typename F>
-double GraphMs(cudaStream_t stream, int reps, F&& f) {
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  NEEDLE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  f();
-  NEEDLE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  NEEDLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  const double ms =
-      MedianMs(stream, reps, [&] { NEEDLE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  return ms;
-}
-
 unsigned* Sink() {
   static unsigned* sink = [] {
     unsigned* p = nullptr;
@@ -104,24 +63,18 @@ void LaunchRead(cudaStream_t stream, const std::vector<std::pair<const void*, si
 }  // namespace
 
 double EmptyLaunchUs(cudaStream_t stream, int nodes) {
-  EmptyKernel<<<1, 32, 0, stream>>>();
-  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return GraphMs(stream, 20,
-                 [&] {
-                   for (int i = 0; i < nodes; ++i) EmptyKernel<<<1, 32, 0, stream>>>();
-                 }) *
-         1e3 / nodes;
+  const double ms = GraphMedianMs(stream, 20, [&] {
+    for (int i = 0; i < nodes; ++i) EmptyKernel<<<1, 32, 0, stream>>>();
+  });
+  return ms * 1e3 / nodes;
 }
 
 double ReadMs(cudaStream_t stream,
               const std::vector<std::vector<std::pair<const void*, size_t>>>& launches) {
-  for (const auto& l : launches) LaunchRead(stream, l);  // warm-up
-  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return GraphMs(stream, 20,
-                 [&] {
-                   for (const auto& l : launches) LaunchRead(stream, l);
-                 }) /
-         static_cast<double>(launches.size());
+  const double ms = GraphMedianMs(stream, 20, [&] {
+    for (const auto& l : launches) LaunchRead(stream, l);
+  });
+  return ms / static_cast<double>(launches.size());
 }
 
 double ReadBandwidthGBs(cudaStream_t stream) {
