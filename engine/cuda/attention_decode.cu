@@ -112,17 +112,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) DecodeKernel(AttnParams 
       }
     }
 #pragma unroll
+    float alpha[kG];
+    bool same = true;  // no running maximum of this lane moved
+#pragma unroll
     for (int g = 0; g < kG; ++g) {
       float mx = s[0][g];
 #pragma unroll
       for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][g]);
       const float mn = fmaxf(m[g], mx);
       // -inf while the group has seen no key: exponents then use 0 and give 0.
-      const float alpha = __expf(m[g] - (mn == -INFINITY ? 0.f : mn));
+      alpha[g] = __expf(m[g] - (mn == -INFINITY ? 0.f : mn));
+      same = same && mn == m[g] && mn != -INFINITY;
       m[g] = mn;
-      l[g] *= alpha;
+    }
+    // Once the maxima settle (most steps of a long split) no lane of the warp rescales.
+    if (!__all_sync(0xffffffffu, same)) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+      for (int g = 0; g < kG; ++g) {
+        l[g] *= alpha[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] *= alpha[g];
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
