@@ -60,7 +60,7 @@ double Bandwidth(cudaStream_t stream) {
 
 // Fills positions [0, n) of one layer of a device cache with random-ish keys and values.
 void Fill(Backend& b, KVCache& cache, int layer, int64_t n, int64_t kv_heads, int64_t D) {
-  const int64_t chunk = 16384;
+  const int64_t chunk = std::min<int64_t>(16384, n);  // a short cache needs no full chunk
   std::vector<float> host(static_cast<size_t>(chunk * kv_heads * D));
   for (size_t i = 0; i < host.size(); ++i)
     host[i] = static_cast<float>((i * 2654435761u + layer * 97u) % 2001) / 1000.f - 1.f;
