@@ -26,6 +26,7 @@
 #include "engine/cuda/attention_wgmma.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
+#include "engine/cuda/smem_async.cuh"
 #include "engine/cuda/wgmma.cuh"
 
 namespace needle::cuda {
@@ -44,11 +45,6 @@ __host__ __device__ constexpr int PackLog2(int64_t G) {
   return G % 4 == 0 ? 2 : G % 2 == 0 ? 1 : 0;
 }
 
-// Byte offset of 16-byte chunk c (8 elements) of row r in a swizzled [rows x D] tile.
-__device__ __forceinline__ uint32_t SwizzledChunk(int rows, int r, int c) {
-  return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
-}
-
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   // src-size 0 fills the 16 bytes with zeros (keys past the end of the cache).
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -59,12 +55,6 @@ template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// Ordinary and cp.async writes to shared memory, made visible to the tensor cores' (async proxy)
-// reads that follow the next barrier.
-__device__ __forceinline__ void FenceProxyAsync() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // First arena row of each 64-key half of the tile at key kb of KV head h ([slot][kv_head][B][D]
 // rows, through the block table); 0 for halves past the cache end.
 struct TileRows {
@@ -228,38 +218,6 @@ __device__ __forceinline__ void IssuePV(float (&o)[D / 2], const uint32_t (&pa)[
   }
 }
 
-// mbarriers (shared::cta): full[s] completes when the producer's copies into stage s have landed
-// (count kLoaders), empty[s] when every consumer warp is done reading it (count 8).
-__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// Whether the phase of the given parity has completed, without waiting.
-__device__ __forceinline__ bool MbarTest(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
-
 // Warp-specialized: warpgroup 0 copies K/V tiles into a ring of kStages stages; warpgroups 1 and 2
 // each own 64 query rows and run the products and the softmax, without block-wide barriers, so
 // that one consumer's softmax can overlap the other's products.
@@ -272,7 +230,8 @@ __global__ void __launch_bounds__(kThreads, 1) WgmmaKernel(AttnParams p) {
                                              ~static_cast<uintptr_t>(1023));
   constexpr int kTileBytes = kKeys * D * 2;
   // Q [kRows x D], then stages s = 0..2 of K and V ([kKeys x D] each), all swizzled; then the
-  // mbarriers full[3], empty[3].
+  // mbarriers full[3] (complete when the producer's copies into stage s have landed, count
+  // kLoaders) and empty[3] (when every consumer warp is done reading it, count 8).
   uint8_t* qs = smem;
   auto ks = [&](int s) { return smem + kRows * D * 2 + (2 * s) * kTileBytes; };
   auto vs = [&](int s) { return smem + kRows * D * 2 + (2 * s + 1) * kTileBytes; };
