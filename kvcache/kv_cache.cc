@@ -199,7 +199,8 @@ KVLayerView KVCache::Layer(int64_t layer) const {
       ks_.p ? reinterpret_cast<const float*>(ks_.p) + layer * layer_scale_floats_ : nullptr,
       vs_.p ? reinterpret_cast<const float*>(vs_.p) + layer * layer_scale_floats_ : nullptr,
       table_mirror_ != nullptr ? table_mirror_ + layer * s.num_blocks() : table_[layer].data(),
-      size_};
+      size_,
+      s.num_blocks()};
 }
 
 namespace {

@@ -58,6 +58,7 @@ struct KVLayerView {
   const float* v_scale;
   const int32_t* table;  // logical block -> slot
   int64_t n_tokens;      // valid tokens (positions [0, n_tokens))
+  int64_t slots;         // blocks the arenas hold ([slot] extent)
 
   size_t RowIndex(int64_t h, int64_t token) const {
     const int64_t slot = table[token / block_size];

@@ -228,12 +228,11 @@ void Launch(const Params& p, dim3 grid, cudaStream_t stream) {
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-bool DecodeEnabled() {  // NEEDLE_CUDA_ATTN_DECODE=0: the tile kernel instead (for comparisons)
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return on;
+// NEEDLE_CUDA_ATTN_DECODE=0: the tile kernel instead of the decode kernels (for comparisons);
+// read per call, so that a test can switch it.
+bool DecodeEnabled() {
+  const char* e = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
 }  // namespace

@@ -16,8 +16,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
+#include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/decode_merge.cuh"
 #include "engine/cuda/device_util.cuh"
 
 namespace needle::cuda {
@@ -25,27 +29,18 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-// Splits per KV head: at most kMaxSplits (the merge's weight table in shared memory), each at
-// least kMinKeys keys (four steps of a block at head_dim 128): 64 measured slower at 4K.
-constexpr int kMaxSplits = 256;
+// Splits per KV head: at most kMaxDecodeSplits (decode_merge.cuh), each at least kMinKeys keys
+// (four steps of a block at head_dim 128): 64 measured slower at 4K.
 constexpr int64_t kMinKeys = 128;
 // Blocks per multiprocessor the split aims at (one wave): enough loads in flight for the memory
 // system, and few splits for the merge. Capped by the kernel's occupancy.
 constexpr int kBlocksPerSm = 4;
-
-// Where the merged result goes and the arrival counters; used when p.splits > 1.
-struct MergeArgs {
-  float* out;             // [heads, D]
-  float* lse;             // [heads] or nullptr
-  unsigned int* counter;  // [kv_heads], zero between calls
-};
 
 template <int D, int kG, int U, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) DecodeKernel(AttnParams p, MergeArgs mg) {
   constexpr int LPK = D / 8, KPS = 32 / LPK, NG = kWarps * KPS;
   __shared__ float sm_acc[NG][kG][D];
   __shared__ float sm_m[NG][kG], sm_l[NG][kG];
-  __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int li = lane % LPK, gi = warp * KPS + lane / LPK;
   const int64_t h = blockIdx.x;
@@ -111,7 +106,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) DecodeKernel(AttnParams 
         s[u][g] = kk + u < k_end ? x : -INFINITY;
       }
     }
-#pragma unroll
     float alpha[kG];
     bool same = true;  // no running maximum of this lane moved
 #pragma unroll
@@ -162,118 +156,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) DecodeKernel(AttnParams 
     }
   }
   __syncthreads();
-  // The block's result: out/lse with one split, else its partial.
-  for (int i = threadIdx.x; i < p.G * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int j = 0; j < NG; ++j) M = fmaxf(M, sm_m[j][g]);
-    float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {
-      for (int j = 0; j < NG; ++j) {
-        const float w = __expf(sm_m[j][g] - M);
-        L += sm_l[j][g] * w;
-        O += sm_acc[j][g][d] * w;
-      }
-    }
-    const int64_t row = h * p.G + g;
-    const float o = L > 0.f ? O / L : 0.f;
-    p.out[(static_cast<int64_t>(split) * p.heads + row) * D + d] = o;
-    if (d == 0) {
-      if (p.splits > 1) {
-        p.m[split * p.heads + row] = M;
-        p.l[split * p.heads + row] = L;
-      } else if (p.m != nullptr) {
-        p.m[row] = L > 0.f ? M + logf(L) : -INFINITY;
-      }
-    }
-  }
+  WriteBlockResult<kThreads, kG, D>(p, h, split, NG, &sm_acc[0][0][0], &sm_m[0][0], &sm_l[0][0]);
   if (p.splits == 1) return;
-
-  // Arrival: every thread's partial writes are fenced before thread 0 counts the block in.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(mg.counter + h, 1u) == static_cast<unsigned>(p.splits - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-
-  // The merge, in the last block of h. Shared memory reused (every thread is past its reads of
-  // sm_acc): w [kMaxSplits][kG] weights, then red [kSlots][kG][D] per-slot sums.
-  constexpr int CPL = D / 4;            // float4 columns of a row
-  constexpr int SPW = 32 / CPL;         // split lanes per warp
-  constexpr int kSlots = kWarps * SPW;  // threads summing one column, over splits
-  static_assert(kMaxSplits * kG + kSlots * kG * D <= NG * kG * D, "merge scratch too small");
-  float* w = &sm_acc[0][0][0];
-  float* red = w + kMaxSplits * kG;
-  const int S = p.splits;
-  // Warp g % 4 finds M_g and L_g (lanes over splits, then a shuffle reduction), then the weights.
-  for (int g = warp; g < p.G; g += kWarps) {
-    const int64_t row = h * p.G + g;
-    float M = -INFINITY, L = 0.f;
-    for (int s = lane; s < S; s += 32) {
-      const float ms = __ldcg(p.m + s * p.heads + row), ls = __ldcg(p.l + s * p.heads + row);
-      if (ls > 0.f) {
-        const float mn = fmaxf(M, ms);
-        L = L * __expf(M - mn) + ls * __expf(ms - mn);
-        M = mn;
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float Mo = __shfl_xor_sync(0xffffffffu, M, off);
-      const float Lo = __shfl_xor_sync(0xffffffffu, L, off);
-      const float mn = fmaxf(M, Mo);
-      if (mn != -INFINITY) {
-        L = L * __expf(M - mn) + Lo * __expf(Mo - mn);
-        M = mn;
-      }
-    }
-    for (int s = lane; s < S; s += 32) {
-      const float ms = __ldcg(p.m + s * p.heads + row), ls = __ldcg(p.l + s * p.heads + row);
-      w[s * kG + g] = ls > 0.f ? ls * __expf(ms - M) / L : 0.f;
-    }
-    if (lane == 0) {
-      sm_m[0][g] = M;
-      sm_l[0][g] = L;
-    }
-  }
-  __syncthreads();
-  // Thread (slot, column c): sum over splits s = slot, slot + kSlots, ... of w_s o_s[4c .. 4c+3].
-  {
-    const int c = lane % CPL, slot = warp * SPW + lane / CPL;
-    float4 a[kG];
-#pragma unroll
-    for (int g = 0; g < kG; ++g) a[g] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = slot; s < S; s += kSlots) {
-      const float4* po = reinterpret_cast<const float4*>(p.out + (s * p.heads + h * p.G) * D) + c;
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        if (g < p.G) {
-          const float4 x = __ldcg(po + g * CPL);
-          const float ws = w[s * kG + g];
-          a[g].x += ws * x.x;
-          a[g].y += ws * x.y;
-          a[g].z += ws * x.z;
-          a[g].w += ws * x.w;
-        }
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < kG; ++g) reinterpret_cast<float4*>(red + (slot * kG + g) * D)[c] = a[g];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < p.G * D; i += kThreads) {
-    const int g = i / D, d = i % D;
-    float o = 0.f;
-#pragma unroll
-    for (int slot = 0; slot < kSlots; ++slot) o += red[(slot * kG + g) * D + d];
-    const int64_t row = h * p.G + g;
-    mg.out[row * D + d] = sm_l[0][g] > 0.f ? o : 0.f;
-    if (d == 0 && mg.lse != nullptr)
-      mg.lse[row] = sm_l[0][g] > 0.f ? sm_m[0][g] + logf(sm_l[0][g]) : -INFINITY;
-  }
-  if (threadIdx.x == 0) mg.counter[h] = 0;  // every block of h has arrived: ready for the next call
+  MergeIfLast<kWarps, kG, D>(p, mg, h);
 }
 
 using KernelFn = void (*)(AttnParams, MergeArgs);
@@ -308,21 +193,19 @@ int BlocksPerSm(const AttnParams& p) {
 
 bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (p.T != 1 || p.dtype == DType::kF32 || (p.D != 64 && p.D != 128) || p.G > 8) return false;
+  // NEEDLE_CUDA_ATTN_DECODE=simt keeps this kernel where the TMA one would run (comparisons and
+  // tests); read per call, so that a test can switch it.
+  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
+  if ((choice == nullptr || std::strcmp(choice, "simt") != 0) &&
+      TmaDecodeAttention(p, sm_count, ws, stream))
+    return true;
   const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
   const int64_t keys = p.n_keys - k_lo;
   const int64_t target = static_cast<int64_t>(BlocksPerSm(p)) * sm_count / p.kv_heads;
   const int64_t splits = std::clamp<int64_t>(
-      target, 1, std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / kMinKeys)));
-  p.splits = static_cast<int>(splits);
+      target, 1, std::min<int64_t>(kMaxDecodeSplits, std::max<int64_t>(1, keys / kMinKeys)));
   p.keys_per_split = (keys + splits - 1) / splits;
-  MergeArgs mg{p.out, p.m, nullptr};
-  if (splits > 1) {
-    float* buf = ws.partials.Get<float>(static_cast<size_t>(splits * p.heads * (p.D + 2)));
-    p.out = buf;  // partials [splits][heads][D], then m and l [splits][heads]
-    p.m = buf + splits * p.heads * p.D;
-    p.l = p.m + splits * p.heads;
-    mg.counter = ws.counters.GetZeroed<unsigned int>(static_cast<size_t>(p.kv_heads), stream);
-  }
+  const MergeArgs mg = UseSplits(p, splits, ws, stream);
   const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(splits));
   KernelFor(p)<<<grid, kThreads, 0, stream>>>(p, mg);
   NEEDLE_CUDA_CHECK_LAUNCH();

@@ -2,7 +2,9 @@
 // query heads per KV head): the keys of each KV head are split across thread blocks, each block
 // streams its keys straight from global memory into registers, and the last block of a KV head
 // to finish merges the heads' partial results (no second launch). Called by Attention
-// (attention.h) for T == 1.
+// (attention.h) for T == 1. On compute capability 9.0 and later the TMA kernel
+// (attention_decode_tma.h) takes the cases it supports; NEEDLE_CUDA_ATTN_DECODE=simt keeps
+// this one.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -18,6 +18,7 @@ struct AttnParams {
   const int32_t* table;  // block table (logical block -> slot), device
   DType dtype;
   int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;  // n_keys = pos0 + T
+  int64_t arena_rows;  // rows of the K (and V) arena: slots * kv_heads * B
   float scale;
   int G;  // query heads per KV head
   // Set by the tile and decode kernels' launch (attention.cu); the tensor-core kernel uses one
@@ -44,6 +45,7 @@ inline AttnParams MakeAttnParams(const float* q, const KVLayerView& kv, const At
   p.kv_heads = a.kv_heads;
   p.D = a.head_dim;
   p.B = kv.block_size;
+  p.arena_rows = kv.slots * kv.kv_heads * kv.block_size;
   p.window = a.window;
   p.n_keys = a.pos0 + a.T;
   p.scale = a.scale;

@@ -94,12 +94,6 @@ __device__ __forceinline__ void LoadTile(const void* arena, const TileRows& rows
   }
 }
 
-__device__ __forceinline__ float Exp2(float x) {  // exp2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Online-softmax state of the thread's two rows (a: accumulators 0, 1 of each group of 4; b: 2,
 // 3), in the log2 domain: m = running max of the scaled scores, l = per-thread partial sum.
 struct RowState {

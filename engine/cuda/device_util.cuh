@@ -61,6 +61,13 @@ __device__ __forceinline__ void Unpack8(uint4 raw, DType t, float* out) {
   }
 }
 
+// 2^x with the hardware approximation (2 ulp); exp2(-inf) = 0.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
 // tensor-core operand register.
 template <bool kBF16>
@@ -71,6 +78,16 @@ __device__ __forceinline__ uint32_t Pack(float a, float b) {
   } else {
     __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// The two 16-bit values of a Pack()ed register, as f32 (low half first).
+template <bool kBF16>
+__device__ __forceinline__ float2 Unpack2(uint32_t x) {
+  if constexpr (kBF16) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&x));
   }
 }
 

@@ -1,0 +1,440 @@
+// Flash-decoding with the copy engine and the tensor cores (sm_90); see attention_decode_tma.h.
+//
+// Block (kv_head h, split): 4 warps, each with its own ring of kStages shared-memory stages. The
+// visible keys are cut into tiles of 32, aligned to 32 so that a tile lies in one cache block
+// (block_size % 32 == 0); warp w takes tiles w, w + 4, ... of its block's split. For each tile
+// one lane asks the copy engine for the K and V rows (D/64 boxes of [32 keys x 64 elements] each,
+// 128-byte swizzled) on the stage's mbarrier, kStages tiles ahead of the tile the warp computes:
+// a block keeps up to 4 x kStages tiles (192 KB at head_dim 128) in flight without registers,
+// which the register-streaming kernel (attention_decode.cu) cannot at short contexts.
+//
+// Per tile, with the keys as the M dimension of mma.m16n8k16 and the (up to 8) query heads as N
+// (fragment layouts in mma.cuh; lane = 4 g + t):
+//   S^T [32 keys x 8 heads] = K [32 x D] Q^T [D x 8]   K as A fragments (ldmatrix), Q^T as B
+//     fragments held in registers for the whole block;
+//   online softmax per head in the log2 domain: a lane holds heads 2t, 2t+1 of keys g, g + 8,
+//     g + 16, g + 24; maxima over the 8 lanes of a head by shuffles, sums kept per lane;
+//   P^T [32 x 8]: the probabilities packed to 16 bits and transposed across the warp (movmatrix)
+//     into B fragments;
+//   O^T [D x 8] += V^T [D x 32] P^T   V^T as A fragments (ldmatrix.trans). A lane's accumulators
+//     belong to its heads 2t, 2t+1, so the rescale needs no shuffle.
+// Precision: q and p are each split into a 16-bit part and the 16-bit rounding of the rest
+// (x ~ hi + lo), and both parts go through the products: they carry ~16 (bf16) or ~22 (f16)
+// bits instead of 8 or 11, close to the f32 of the register kernel. With G <= 4 (kPack) the two
+// parts share one product: columns 0-3 of Q^T and P^T hold the hi parts of heads 0-3 and
+// columns 4-7 their lo parts, so lanes t and t ^ 2 hold the two halves of the same heads and add
+// them with a shuffle (the scores every tile, the accumulators once at the end). With G > 4 each
+// part has its own products.
+//
+// H100, 32 query heads, 8 KV heads, head_dim 128 (bench/RESULTS.md): 0.41 of the copy bandwidth
+// at 4K keys, 0.74 at 16K, 0.98 at 128K, 1.03 at 1M. At 4K the call is mostly fixed cost: the
+// same kernel without its products and merge takes 8.9 us of its 13.5, and the last block's
+// merge about 2.4 us.
+//
+// The block then combines its 4 warps and the last block of h merges the splits
+// (decode_merge.cuh).
+#include "engine/cuda/attention_decode_tma.h"
+
+#include <cuda.h>  // CUtensorMap and its enums; the encoder is reached through the runtime
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/decode_merge.cuh"
+#include "engine/cuda/device_util.cuh"
+#include "engine/cuda/mma.cuh"
+#include "engine/cuda/smem_async.cuh"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr int kTileKeys = 32;  // keys per tile
+constexpr int kStages = 3;     // tiles in flight per warp
+constexpr int kG = 8;          // query heads per KV head the products hold (the N of m16n8k16)
+
+// Shared memory: per warp kStages stages of [K tile | V tile], each tile D/64 swizzled atoms
+// [32 keys][128 bytes].
+template <int D>
+struct Layout {
+  static constexpr int kTileBytes = kTileKeys * D * 2;
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kWarpBytes = kStages * kStageBytes;
+  static constexpr size_t kDynamicBytes = 1024 + static_cast<size_t>(kWarps) * kWarpBytes;
+};
+
+// q [G][D] f32 of KV head h, scaled to the log2 domain, as Q^T B fragments of column g:
+// qh/ql[ks] = {d 16 ks + 2t, +1}, {d 16 ks + 2t + 8, +9} of the hi and lo parts of head g; zeros
+// for heads >= G. Packed (G <= 4): column g holds head g % 4, its hi part for g < 4 and its lo
+// part for g >= 4, in qh (ql unused).
+template <int D, bool kBF16, bool kPack>
+__device__ __forceinline__ void LoadQ(const AttnParams& p, int64_t h, int g, int t,
+                                      uint32_t (&qh)[D / 16][2], uint32_t (&ql)[D / 16][2]) {
+  const float s = p.scale * 1.4426950408889634f;
+  const int head = kPack ? g & 3 : g;
+  const float* qr = p.q + (h * p.G + head) * D;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float2 x = head < p.G ? *reinterpret_cast<const float2*>(qr + 16 * ks + 2 * t + 8 * j)
+                            : make_float2(0.f, 0.f);
+      x.x *= s;
+      x.y *= s;
+      const uint32_t hi = Pack<kBF16>(x.x, x.y);
+      const float2 r = Unpack2<kBF16>(hi);
+      const uint32_t lo = Pack<kBF16>(x.x - r.x, x.y - r.y);
+      qh[ks][j] = kPack && g >= 4 ? lo : hi;
+      ql[ks][j] = lo;
+    }
+}
+
+template <int D, bool kBF16, bool kPack>
+__global__ void __launch_bounds__(kThreads, 1)
+    TmaDecodeKernel(const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                    AttnParams p, MergeArgs mg) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using L = Layout<D>;
+  extern __shared__ uint8_t smem_raw[];
+  // Swizzle atoms must be 1024-byte aligned: round the dynamic allocation up (1 KB spare).
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                             ~static_cast<uintptr_t>(1023));
+  __shared__ __align__(8) uint64_t bars[kWarps][kStages];
+  __shared__ float sm_acc[kWarps][kG][D];
+  __shared__ float sm_m[kWarps][kG], sm_l[kWarps][kG];
+  auto saddr = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t h = blockIdx.x;
+  const int split = blockIdx.y;
+
+  // Visible keys [k_lo, k_end); the split's keys [key_begin, key_stop), key_begin tile-aligned.
+  const int64_t qpos = p.pos0;  // T == 1
+  const int64_t k_lo = p.window > 0 ? max(static_cast<int64_t>(0), qpos - p.window + 1) : 0;
+  const int64_t k_end = min(qpos + 1, p.n_keys);
+  const int64_t key_begin = k_lo / kTileKeys * kTileKeys + split * p.keys_per_split;
+  const int64_t key_stop = min(k_end, key_begin + p.keys_per_split);
+  const int n_tiles = key_stop > key_begin
+                          ? static_cast<int>((key_stop - key_begin + kTileKeys - 1) / kTileKeys)
+                          : 0;
+  const int n_my = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
+  auto tile_key = [&](int i) {
+    return key_begin + static_cast<int64_t>(warp + kWarps * i) * kTileKeys;
+  };
+
+  if (threadIdx.x == 0) {  // the descriptors' first fetch overlaps the block-table loads
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
+  }
+  uint8_t* wbase = smem + warp * L::kWarpBytes;
+  const uint32_t wbase_s = saddr(wbase), bar0 = saddr(&bars[warp][0]);
+  if (lane == 0) {
+    for (int s = 0; s < kStages; ++s) MbarInit(bar0 + 8 * s, 1);
+    FenceMbarInit();
+  }
+  __syncwarp();
+
+  // Block-table entries of the warp's tiles, 32 at a time: lane j holds the slot of tile
+  // 32 c + j of batch c; the next batch is loaded a batch ahead.
+  auto load_slots = [&](int c) -> int32_t {
+    const int i = 32 * c + lane;
+    return i < n_my
+               ? __ldg(p.table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
+               : 0;
+  };
+  int32_t slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  // Tile i of the warp into stage i % kStages; issued in order i = 0, 1, ... by the whole warp.
+  auto issue = [&](int i) {
+    if (i > 0 && i % 32 == 0) {
+      slot_cur = slot_next;
+      slot_next = load_slots(i / 32 + 1);
+    }
+    const int32_t slot = __shfl_sync(0xffffffffu, slot_cur, i % 32);
+    if (lane == 0) {
+      const int s = i % kStages;
+      const uint32_t bar = bar0 + 8 * s, kdst = wbase_s + s * L::kStageBytes;
+      const uint32_t key0 = static_cast<uint32_t>(tile_key(i)), B = static_cast<uint32_t>(p.B);
+      // An unassigned block (slot -1) gives a negative row: the copy engine fills zeros.
+      const int row =
+          static_cast<int>((static_cast<int64_t>(slot) * p.kv_heads + h) * p.B + key0 % B);
+      MbarArriveExpectTx(bar, L::kStageBytes);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a) {
+        TmaLoad2d(kdst + a * kTileKeys * 128, &tk, a * 64, row, bar);
+        TmaLoad2d(kdst + L::kTileBytes + a * kTileKeys * 128, &tv, a * 64, row, bar);
+      }
+    }
+  };
+  for (int i = 0; i < kStages && i < n_my; ++i) issue(i);
+
+  uint32_t qh[D / 16][2], ql[D / 16][2];
+  LoadQ<D, kBF16, kPack>(p, h, g, t, qh, ql);
+  // Running maxima (log2 units) and this lane's share of the sums, of heads 2t and 2t + 1.
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float o[D / 16][4];  // O^T: o[mt] = {d 16 mt + g: heads 2t, 2t+1}, {d + 8: heads 2t, 2t+1}
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  for (int i = 0; i < n_my; ++i) {
+    const int s = i % kStages;
+    MbarWait(bar0 + 8 * s, (i / kStages) & 1);
+    const uint32_t ks = wbase_s + s * L::kStageBytes, vs = ks + L::kTileBytes;
+    const int64_t key0 = tile_key(i);
+    const bool edge = key0 < k_lo || key0 + kTileKeys > k_end;
+    if (edge) {
+      // Keys outside [k_lo, k_end) get probability 0, but their V rows may hold anything (past
+      // the cache end: never written) and 0 * NaN is NaN: zero them.
+      const int64_t key = key0 + lane;
+      if (key < k_lo || key >= k_end) {
+        uint4* vrow = reinterpret_cast<uint4*>(wbase + s * L::kStageBytes + L::kTileBytes);
+#pragma unroll
+        for (int a = 0; a < D / 64; ++a)
+#pragma unroll
+          for (int c = 0; c < 8; ++c) vrow[(a * kTileKeys + lane) * 8 + c] = make_uint4(0, 0, 0, 0);
+      }
+      __syncwarp();
+    }
+
+    // S^T = K Q^T, keys 16 mt + (g, g + 8). The hi and lo parts of q and the even and odd
+    // k-steps go to separate accumulators: 8 chains of D/32 dependent products, not 4 of D/8
+    // (the last tiles' products are the tail of a short call).
+    float sp[2][2][2][4] = {};  // [mt][hi, lo][kc % 2]
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        uint32_t a[4];  // matrices: keys +0/+8 (lane bit 3), d chunk 2 kc / 2 kc + 1 (bit 4)
+        const int r = 16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * kc + (lane >> 4);
+        Ldsm4(a, ks + SwizzledChunk(kTileKeys, r, c));
+        Mma<kBF16>(sp[mt][0][kc & 1], a, qh[kc][0], qh[kc][1]);
+        if (!kPack) Mma<kBF16>(sp[mt][1][kc & 1], a, ql[kc][0], ql[kc][1]);
+      }
+    float sc[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[mt][e] = (sp[mt][0][0][e] + sp[mt][0][1][e]) + (sp[mt][1][0][e] + sp[mt][1][1][e]);
+        // Packed: lanes t and t ^ 2 hold the hi and lo products of the same heads.
+        if (kPack) sc[mt][e] += __shfl_xor_sync(0xffffffffu, sc[mt][e], 2);
+        if (edge) {
+          const int64_t key = key0 + 16 * mt + g + (e >> 1) * 8;
+          if (key < k_lo || key >= k_end) sc[mt][e] = -INFINITY;
+        }
+      }
+    float mx0 = fmaxf(fmaxf(sc[0][0], sc[0][2]), fmaxf(sc[1][0], sc[1][2]));
+    float mx1 = fmaxf(fmaxf(sc[0][1], sc[0][3]), fmaxf(sc[1][1], sc[1][3]));
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // A head with no visible key yet keeps m = -inf: use 0 as the reference so that exp2 gives 0.
+    const float ref0 = mn0 == -INFINITY ? 0.f : mn0, ref1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float alpha0 = Exp2(m0 - ref0), alpha1 = Exp2(m1 - ref1);
+    m0 = mn0;
+    m1 = mn1;
+    float pr[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      pr[mt][0] = Exp2(sc[mt][0] - ref0);
+      pr[mt][1] = Exp2(sc[mt][1] - ref1);
+      pr[mt][2] = Exp2(sc[mt][2] - ref0);
+      pr[mt][3] = Exp2(sc[mt][3] - ref1);
+    }
+    l0 = l0 * alpha0 + (pr[0][0] + pr[0][2]) + (pr[1][0] + pr[1][2]);
+    l1 = l1 * alpha1 + (pr[0][1] + pr[0][3]) + (pr[1][1] + pr[1][3]);
+    // Once the maxima settle (most tiles of a long split) no lane of the warp rescales.
+    if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
+#pragma unroll
+      for (int mt = 0; mt < D / 16; ++mt) {
+        o[mt][0] *= alpha0;
+        o[mt][1] *= alpha1;
+        o[mt][2] *= alpha0;
+        o[mt][3] *= alpha1;
+      }
+    }
+    // P^T B fragments of keys 16 kc ..: {keys 2t, 2t+1; column g}, {keys 2t+8, 2t+9; column g},
+    // from the accumulator pairs {key g; columns 2t, 2t+1} transposed; hi and lo parts (packed:
+    // lanes t < 2 give the hi parts, columns 0-3, lanes t >= 2 the lo parts, columns 4-7).
+    uint32_t ph[2][2], pl[2][2];
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t hi = Pack<kBF16>(pr[kc][2 * j], pr[kc][2 * j + 1]);
+        const float2 r = Unpack2<kBF16>(hi);
+        const uint32_t lo = Pack<kBF16>(pr[kc][2 * j] - r.x, pr[kc][2 * j + 1] - r.y);
+        ph[kc][j] = MovTrans(kPack && t >= 2 ? lo : hi);
+        if (!kPack) pl[kc][j] = MovTrans(lo);
+      }
+      // O^T += V^T P^T, d rows 16 mt .. (packed: columns 4-7 accumulate the lo parts)
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int kc = 0; kc < 2; ++kc) {
+        uint32_t a[4];  // matrices: d chunk 2 mt / 2 mt + 1 (lane bit 3), keys +0/+8 (bit 4)
+        const int r = 16 * kc + (lane & 7) + (lane >> 4) * 8, c = 2 * mt + ((lane >> 3) & 1);
+        Ldsm4Trans(a, vs + SwizzledChunk(kTileKeys, r, c));
+        Mma<kBF16>(o[mt], a, ph[kc][0], ph[kc][1]);
+        if (!kPack) Mma<kBF16>(o[mt], a, pl[kc][0], pl[kc][1]);
+      }
+    // Stage s is read (the products consumed its fragments): refill it.
+    if (i + kStages < n_my) {
+      FenceProxyAsync();
+      __syncwarp();
+      issue(i + kStages);
+    }
+  }
+
+  // The warp's partial: sums over the 8 lanes of a head; m in natural-log units for the merge.
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  // Packed: the lo columns' sums join the hi ones in lanes t < 2, which own heads 2t, 2t + 1.
+  if (kPack) {
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][e] += __shfl_xor_sync(0xffffffffu, o[mt][e], 2);
+  }
+  if (!kPack || t < 2) {
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      sm_acc[warp][2 * t][16 * mt + g] = o[mt][0];
+      sm_acc[warp][2 * t + 1][16 * mt + g] = o[mt][1];
+      sm_acc[warp][2 * t][16 * mt + g + 8] = o[mt][2];
+      sm_acc[warp][2 * t + 1][16 * mt + g + 8] = o[mt][3];
+    }
+    if (g == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      sm_m[warp][2 * t] = m0 == -INFINITY ? -INFINITY : m0 * kLn2;
+      sm_m[warp][2 * t + 1] = m1 == -INFINITY ? -INFINITY : m1 * kLn2;
+      sm_l[warp][2 * t] = l0;
+      sm_l[warp][2 * t + 1] = l1;
+    }
+  }
+  __syncthreads();
+  WriteBlockResult<kThreads, kG, D>(p, h, split, kWarps, &sm_acc[0][0][0], &sm_m[0][0],
+                                    &sm_l[0][0]);
+  if (p.splits == 1) return;
+  MergeIfLast<kWarps, kG, D>(p, mg, h);
+#endif  // __CUDA_ARCH__ >= 900
+}
+
+using EncodeFn = PFN_cuTensorMapEncodeTiled_v12000;
+
+// The driver's tensor-map encoder, or nullptr when the driver has none.
+EncodeFn Encoder() {
+  static const EncodeFn fn = []() -> EncodeFn {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeFn>(f);
+  }();
+  return fn;
+}
+
+// The tensor map of one arena, [rows][D] 16-bit elements: boxes of [32 rows][64 elements],
+// 128-byte swizzled.
+CUtensorMap ArenaMap(const void* arena, int64_t rows, int D, bool bf16) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(D) * 2};
+  const cuuint32_t box[2] = {64, kTileKeys};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r =
+      Encoder()(&m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                const_cast<void*>(arena), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    Fail("CUDA decode attention: cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(r),
+         ") for an arena of ", rows, " rows x ", D, " at ", arena);
+  return m;
+}
+
+// Whether the current device is compute capability 9.0 or later (asked once per device).
+bool DeviceHasTma() {
+  static int cached[16] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 16) return false;
+  if (cached[dev] == 0) {
+    int major = 0;
+    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    cached[dev] = major >= 9 ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+// Whether the kernel the device would run was compiled for sm_90 or later (its body exists):
+// builds for other architectures leave it empty.
+template <int D, bool kBF16, bool kPack>
+bool Compiled() {
+  static const bool ok = [] {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, TmaDecodeKernel<D, kBF16, kPack>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return a.ptxVersion >= 90;
+  }();
+  return ok;
+}
+
+template <int D, bool kBF16, bool kPack>
+bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
+  if (!Compiled<D, kBF16, kPack>()) return false;
+  // Tiles of the visible keys; one wave of one block per multiprocessor, whole tiles per split
+  // and at least one per warp.
+  const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
+  const int64_t k_end = std::min(p.pos0 + 1, p.n_keys);
+  const int64_t tiles = (k_end + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
+  const int64_t want = std::clamp<int64_t>(
+      sm_count / p.kv_heads, 1,
+      std::min<int64_t>(kMaxDecodeSplits, std::max<int64_t>(1, tiles / kWarps)));
+  const int64_t tiles_per_split = (tiles + want - 1) / want;
+  const int64_t splits = (tiles + tiles_per_split - 1) / tiles_per_split;  // none empty
+  p.keys_per_split = tiles_per_split * kTileKeys;
+  const MergeArgs mg = UseSplits(p, splits, ws, stream);
+  const CUtensorMap tk = ArenaMap(p.k, p.arena_rows, D, kBF16);
+  const CUtensorMap tv = ArenaMap(p.v, p.arena_rows, D, kBF16);
+  constexpr size_t smem = Layout<D>::kDynamicBytes;
+  OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack>>(smem);
+  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(splits));
+  TmaDecodeKernel<D, kBF16, kPack><<<grid, kThreads, smem, stream>>>(tk, tv, p, mg);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+}  // namespace
+
+bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
+  if (p.T != 1 || p.G > kG || p.heads % p.kv_heads != 0 || p.B % kTileKeys != 0 ||
+      p.arena_rows <= 0 || p.arena_rows >= (int64_t{1} << 31) || !DeviceHasTma() ||
+      Encoder() == nullptr)
+    return false;
+  bool launched = false;
+  Dispatch16Bit(p, [&](auto d, auto bf16) {
+    constexpr int D = decltype(d)::value;
+    constexpr bool kBF16 = decltype(bf16)::value;
+    launched = p.G <= 4 ? Launch<D, kBF16, true>(p, sm_count, ws, stream)
+                        : Launch<D, kBF16, false>(p, sm_count, ws, stream);
+  });
+  return launched;
+}
+
+}  // namespace needle::cuda
