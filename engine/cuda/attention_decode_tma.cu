@@ -66,27 +66,35 @@ struct Layout {
   static constexpr size_t kDynamicBytes = 1024 + static_cast<size_t>(kWarps) * kWarpBytes;
 };
 
-// q [G][D] f32 of KV head h, scaled to the log2 domain, as Q^T B fragments of column g:
-// qh/ql[ks] = {d 16 ks + 2t, +1}, {d 16 ks + 2t + 8, +9} of the hi and lo parts of head g; zeros
-// for heads >= G. Packed (G <= 4): column g holds head g % 4, its hi part for g < 4 and its lo
-// part for g >= 4, in qh (ql unused).
-template <int D, bool kBF16, bool kPack>
+// q [G][D] f32 of KV head h as Q^T B fragments of column g, in two steps so that the loads can
+// fly while the block sets up: LoadQ reads x[ks] = {d 16 ks + 2t, +1}, {d 16 ks + 2t + 8, +9} of
+// head g (zeros for heads >= G); SplitQ scales them to the log2 domain and splits them into the
+// hi and lo 16-bit parts qh/ql. Packed (G <= 4): column g holds head g % 4, its hi part for
+// g < 4 and its lo part for g >= 4, in qh (ql unused).
+template <int D, bool kPack>
 __device__ __forceinline__ void LoadQ(const AttnParams& p, int64_t h, int g, int t,
-                                      uint32_t (&qh)[D / 16][2], uint32_t (&ql)[D / 16][2]) {
-  const float s = p.scale * 1.4426950408889634f;
+                                      float2 (&x)[D / 16][2]) {
   const int head = kPack ? g & 3 : g;
   const float* qr = p.q + (h * p.G + head) * D;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float2 x = head < p.G ? *reinterpret_cast<const float2*>(qr + 16 * ks + 2 * t + 8 * j)
+    for (int j = 0; j < 2; ++j)
+      x[ks][j] = head < p.G ? *reinterpret_cast<const float2*>(qr + 16 * ks + 2 * t + 8 * j)
                             : make_float2(0.f, 0.f);
-      x.x *= s;
-      x.y *= s;
-      const uint32_t hi = Pack<kBF16>(x.x, x.y);
+}
+template <int D, bool kBF16, bool kPack>
+__device__ __forceinline__ void SplitQ(const AttnParams& p, int g, const float2 (&x)[D / 16][2],
+                                       uint32_t (&qh)[D / 16][2], uint32_t (&ql)[D / 16][2]) {
+  const float s = p.scale * 1.4426950408889634f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float a = x[ks][j].x * s, b = x[ks][j].y * s;
+      const uint32_t hi = Pack<kBF16>(a, b);
       const float2 r = Unpack2<kBF16>(hi);
-      const uint32_t lo = Pack<kBF16>(x.x - r.x, x.y - r.y);
+      const uint32_t lo = Pack<kBF16>(a - r.x, b - r.y);
       qh[ks][j] = kPack && g >= 4 ? lo : hi;
       ql[ks][j] = lo;
     }
@@ -126,7 +134,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     return key_begin + static_cast<int64_t>(warp + kWarps * i) * kTileKeys;
   };
 
-  if (threadIdx.x == 0) {  // the descriptors' first fetch overlaps the block-table loads
+  // Block-table entries of the warp's tiles, 32 at a time: lane j holds the slot of tile
+  // 32 c + j of batch c; the next batch is loaded a batch ahead.
+  auto load_slots = [&](int c) -> int32_t {
+    const int i = 32 * c + lane;
+    return i < n_my
+               ? __ldg(p.table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
+               : 0;
+  };
+  // The first global loads (block table, q) go out before anything waits on them: the
+  // barrier set-up and the descriptor prefetch run in their shadow (asm with memory clobbers
+  // would keep the compiler from hoisting the loads above it).
+  int32_t slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  float2 qx[D / 16][2];
+  LoadQ<D, kPack>(p, h, g, t, qx);
+  if (threadIdx.x == 0) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
   }
@@ -138,15 +160,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncwarp();
 
-  // Block-table entries of the warp's tiles, 32 at a time: lane j holds the slot of tile
-  // 32 c + j of batch c; the next batch is loaded a batch ahead.
-  auto load_slots = [&](int c) -> int32_t {
-    const int i = 32 * c + lane;
-    return i < n_my
-               ? __ldg(p.table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
-               : 0;
-  };
-  int32_t slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
   // Tile i of the warp into stage i % kStages; issued in order i = 0, 1, ... by the whole warp.
   auto issue = [&](int i) {
     if (i > 0 && i % 32 == 0) {
@@ -170,9 +183,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   for (int i = 0; i < kStages && i < n_my; ++i) issue(i);
-
   uint32_t qh[D / 16][2], ql[D / 16][2];
-  LoadQ<D, kBF16, kPack>(p, h, g, t, qh, ql);
+  SplitQ<D, kBF16, kPack>(p, g, qx, qh, ql);
+
   // Running maxima (log2 units) and this lane's share of the sums, of heads 2t and 2t + 1.
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   float o[D / 16][4];  // O^T: o[mt] = {d 16 mt + g: heads 2t, 2t+1}, {d + 8: heads 2t, 2t+1}
