@@ -259,16 +259,8 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   int64_t splits = 1;
   if (blocks < target)
     splits = std::clamp<int64_t>(target / blocks, 1, std::max<int64_t>(1, p.n_keys / 256));
-  p.splits = static_cast<int>(splits);
   p.keys_per_split = (p.n_keys + splits - 1) / splits;
-  const int64_t rows = a.T * a.heads;
-  if (splits > 1) {
-    const size_t need = static_cast<size_t>(splits * rows * (a.head_dim + 2));
-    float* buf = ws.partials.Get<float>(need);  // partials [splits][rows][D], then m and l
-    p.out = buf;
-    p.m = buf + splits * rows * a.head_dim;
-    p.l = p.m + splits * rows;
-  }
+  UsePartials(p, splits, ws);
   const dim3 grid(static_cast<unsigned>(qtiles), static_cast<unsigned>(a.kv_heads),
                   static_cast<unsigned>(splits));
   const int64_t dpl = (a.head_dim + 31) / 32;
@@ -279,6 +271,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
   else
     Launch<8>(p, grid, stream);
   if (splits > 1) {
+    const int64_t rows = a.T * a.heads;
     MergeKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(p.out, p.m, p.l, p.splits, rows,
                                                                  a.head_dim, out, lse);
     NEEDLE_CUDA_CHECK_LAUNCH();

@@ -21,6 +21,19 @@ struct AttnWorkspace {
   GrowBuffer counters{"attention split counters"};
 };
 
+// Sets p.splits and, with more than one split, points p.out / p.m / p.l at the partials in
+// ws: [splits][T * heads][D], then m and l [splits][T * heads]. The layout every split kernel
+// writes and every merge reads.
+inline void UsePartials(AttnParams& p, int64_t splits, AttnWorkspace& ws) {
+  p.splits = static_cast<int>(splits);
+  if (splits == 1) return;
+  const int64_t rows = p.T * p.heads;
+  float* buf = ws.partials.Get<float>(static_cast<size_t>(splits * rows * (p.D + 2)));
+  p.out = buf;
+  p.m = buf + splits * rows * p.D;
+  p.l = p.m + splits * rows;
+}
+
 // True when p (T == 1; p.out / p.m as MakeAttnParams set them: out [heads, D], lse [heads] or
 // nullptr) is a case of the decode kernel, which then has been launched on `stream`.
 // sm_count: the device's multiprocessors (the key split fills them).

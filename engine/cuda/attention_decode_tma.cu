@@ -91,10 +91,8 @@ __device__ __forceinline__ void SplitQ(const AttnParams& p, int g, const float2 
   for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float a = x[ks][j].x * s, b = x[ks][j].y * s;
-      const uint32_t hi = Pack<kBF16>(a, b);
-      const float2 r = Unpack2<kBF16>(hi);
-      const uint32_t lo = Pack<kBF16>(a - r.x, b - r.y);
+      uint32_t hi, lo;
+      SplitHiLo<kBF16>(x[ks][j].x * s, x[ks][j].y * s, hi, lo);
       qh[ks][j] = kPack && g >= 4 ? lo : hi;
       ql[ks][j] = lo;
     }
@@ -280,9 +278,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kc = 0; kc < 2; ++kc)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint32_t hi = Pack<kBF16>(pr[kc][2 * j], pr[kc][2 * j + 1]);
-        const float2 r = Unpack2<kBF16>(hi);
-        const uint32_t lo = Pack<kBF16>(pr[kc][2 * j] - r.x, pr[kc][2 * j + 1] - r.y);
+        uint32_t hi, lo;
+        SplitHiLo<kBF16>(pr[kc][2 * j], pr[kc][2 * j + 1], hi, lo);
         ph[kc][j] = MovTrans(kPack && t >= 2 ? lo : hi);
         if (!kPack) pl[kc][j] = MovTrans(lo);
       }
@@ -379,20 +376,6 @@ CUtensorMap ArenaMap(const void* arena, int64_t rows, int D, bool bf16) {
   return m;
 }
 
-// Whether the current device is compute capability 9.0 or later (asked once per device).
-bool DeviceHasTma() {
-  static int cached[16] = {};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 16) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cached[dev] = major >= 9 ? 1 : 2;
-  }
-  return cached[dev] == 1;
-}
-
 // Whether the kernel the device would run was compiled for sm_90 or later (its body exists):
 // builds for other architectures leave it empty.
 template <int D, bool kBF16, bool kPack>
@@ -437,7 +420,7 @@ bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) 
 
 bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (p.T != 1 || p.G > kG || p.heads % p.kv_heads != 0 || p.B % kTileKeys != 0 ||
-      p.arena_rows <= 0 || p.arena_rows >= (int64_t{1} << 31) || !DeviceHasTma() ||
+      p.arena_rows <= 0 || p.arena_rows >= (int64_t{1} << 31) || ComputeCapability() < 90 ||
       Encoder() == nullptr)
     return false;
   bool launched = false;

@@ -250,20 +250,13 @@ const char* Choice() {
   return e == nullptr ? "" : e;
 }
 
-bool IsHopper() {
-  int dev = 0, major = 0, minor = 0;
-  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
-  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
-}
-
 }  // namespace
 
 bool TensorCoreAttention(const AttnParams& p, cudaStream_t stream) {
   const char* choice = Choice();
   if (std::strcmp(choice, "0") == 0 || p.T < kTcMinQueries) return false;
-  if (std::strcmp(choice, "mma") != 0 && IsHopper() && WgmmaAttention(p, stream)) return true;
+  if (std::strcmp(choice, "mma") != 0 && ComputeCapability() == 90 && WgmmaAttention(p, stream))
+    return true;
   if (p.B % kKeys != 0 || p.heads % p.kv_heads != 0) return false;
   return Dispatch16Bit(
       p, [&](auto d, auto bf16) { Launch<decltype(d)::value, decltype(bf16)::value>(p, stream); });

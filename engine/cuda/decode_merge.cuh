@@ -23,19 +23,13 @@ struct MergeArgs {
   unsigned int* counter;  // [kv_heads], zero between calls
 };
 
-// Sets p.splits and, with more than one split, points p.out / p.m / p.l at the partials in the
-// workspace ([splits][heads][D], then m and l [splits][heads]); returns where the merged result
-// goes (p's out and lse as given) and the arrival counters, zeroed when first allocated.
+// UsePartials (attention_decode.h) for a decode call; returns where the merged result goes (p's
+// out and lse as given) and the arrival counters, zeroed when first allocated.
 inline MergeArgs UseSplits(AttnParams& p, int64_t splits, AttnWorkspace& ws, cudaStream_t stream) {
-  p.splits = static_cast<int>(splits);
   MergeArgs mg{p.out, p.m, nullptr};
-  if (splits > 1) {
-    float* buf = ws.partials.Get<float>(static_cast<size_t>(splits * p.heads * (p.D + 2)));
-    p.out = buf;
-    p.m = buf + splits * p.heads * p.D;
-    p.l = p.m + splits * p.heads;
+  UsePartials(p, splits, ws);
+  if (splits > 1)
     mg.counter = ws.counters.GetZeroed<unsigned int>(static_cast<size_t>(p.kv_heads), stream);
-  }
   return mg;
 }
 

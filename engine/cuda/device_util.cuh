@@ -32,6 +32,20 @@ __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, i
   return (static_cast<int64_t>(table[p32 / b32]) * kv_heads + h) * B + p32 % b32;
 }
 
+// Compute capability of the current device as 10 * major + minor (90 for the H100), asked once
+// per device: the kernels' entry points choose by it on every call.
+inline int ComputeCapability() {
+  static int cached[64] = {};  // 0: not asked yet
+  int dev = 0;
+  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && cached[dev] != 0) return cached[dev];
+  int major = 0, minor = 0;
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  if (dev < 64) cached[dev] = 10 * major + minor;
+  return 10 * major + minor;
+}
+
 // Opts `Kernel` in, once per kernel, to `bytes` of dynamic shared memory per block (above 48 KB
 // a kernel must ask). Thread-safe: a function-local static per kernel.
 template <auto Kernel>
@@ -81,14 +95,18 @@ __device__ __forceinline__ uint32_t Pack(float a, float b) {
   }
 }
 
-// The two 16-bit values of a Pack()ed register, as f32 (low half first).
+// (a, b) as two Pack()ed registers with a ~ hi + lo: hi their 16-bit rounding, lo the 16-bit
+// rounding of what hi leaves out (~16 bits of mantissa for bf16, ~22 for f16).
 template <bool kBF16>
-__device__ __forceinline__ float2 Unpack2(uint32_t x) {
+__device__ __forceinline__ void SplitHiLo(float a, float b, uint32_t& hi, uint32_t& lo) {
+  hi = Pack<kBF16>(a, b);
+  float2 r;
   if constexpr (kBF16) {
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+    r = make_float2(__uint_as_float(hi << 16), __uint_as_float(hi & 0xffff0000u));
   } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&x));
+    r = __half22float2(*reinterpret_cast<const __half2*>(&hi));
   }
+  lo = Pack<kBF16>(a - r.x, b - r.y);
 }
 
 }  // namespace needle::cuda
