@@ -66,27 +66,32 @@ __device__ __forceinline__ void WriteBlockResult(const AttnParams& p, int64_t h,
   }
 }
 
-// After WriteBlockResult, with p.splits > 1, called by every thread of the block: counts the
-// block in, and the last block of KV head h to arrive merges the splits of h into mg.out/mg.lse
-// and returns the counter to zero. The merge is latency-bound (it runs after every other block of
-// h is done): each thread owns one float4 column of one query head and loads m, l and that column
-// of kChunk splits at once, one round trip to L2 per kChunk splits, then folds them in registers.
-template <int kWarps, int kG, int D>
-__device__ __forceinline__ void MergeIfLast(const AttnParams& p, const MergeArgs& mg, int64_t h) {
-  constexpr int kThreads = kWarps * 32, kChunk = 16, C4 = D / 4;
+// Counts the block in on `counter` (called by every thread, after the block's partial writes);
+// true in the last of `n` blocks to arrive, whose threads may then read the others' partials.
+// One acq_rel atomic by thread 0 after the barrier is both the release of the block's writes (the
+// barrier orders every thread's writes before it) and the acquire of the earlier blocks'; it
+// replaces __threadfence() before and after a relaxed atomic, two sequentially consistent fences
+// (bench_cuda's decode floors measure both).
+__device__ __forceinline__ bool ArriveLast(unsigned int* counter, unsigned int n) {
   __shared__ unsigned int arrived;
-  // The barrier orders every thread's partial writes before thread 0's fence, which releases
-  // them at gpu scope before the atomic counts the block in; the fence after it is the acquire
-  // side for the last block's reads of the other blocks' partials.
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    arrived = atomicAdd(mg.counter + h, 1u);
-    __threadfence();
-  }
+  if (threadIdx.x == 0)
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                 : "=r"(arrived)
+                 : "l"(counter)
+                 : "memory");
   __syncthreads();
-  if (arrived != static_cast<unsigned>(p.splits - 1)) return;
+  return arrived == n - 1;
+}
 
+// The last block of KV head h (after ArriveLast) merges the p.splits partials of h into
+// mg.out/mg.lse and returns the counter to zero. The merge is latency-bound (it runs after every
+// other block of h is done): each thread owns one float4 column of one query head and loads m, l
+// and that column of kChunk splits at once, one round trip to L2 per kChunk splits, then folds
+// them in registers.
+template <int kWarps, int kG, int D>
+__device__ __forceinline__ void MergeSplits(const AttnParams& p, const MergeArgs& mg, int64_t h) {
+  constexpr int kThreads = kWarps * 32, kChunk = 16, C4 = D / 4;
   const int S = p.splits;
   for (int idx = threadIdx.x; idx < p.G * C4; idx += kThreads) {
     const int g = idx / C4, c = idx % C4;
@@ -139,6 +144,14 @@ __device__ __forceinline__ void MergeIfLast(const AttnParams& p, const MergeArgs
     if (c == 0 && mg.lse != nullptr) mg.lse[row] = L > 0.f ? M + logf(L) : -INFINITY;
   }
   if (threadIdx.x == 0) mg.counter[h] = 0;  // every block of h has arrived: ready for the next call
+}
+
+// After WriteBlockResult, with p.splits > 1, called by every thread of the block: the last block
+// of KV head h to arrive merges the splits of h.
+template <int kWarps, int kG, int D>
+__device__ __forceinline__ void MergeIfLast(const AttnParams& p, const MergeArgs& mg, int64_t h) {
+  if (ArriveLast(mg.counter + h, static_cast<unsigned>(p.splits)))
+    MergeSplits<kWarps, kG, D>(p, mg, h);
 }
 
 }  // namespace needle::cuda
