@@ -8,7 +8,10 @@
 //                              cache of >= 512 MiB in turn (a short cache alone would sit in L2)
 //                              and are replayed from a CUDA graph (no host launch gaps);
 //                              single_ms is one call timed alone, launch latency included;
-//                              read_floor_ms a trivial kernel reading the same bytes per layer
+//                              read_floor_ms a trivial kernel reading the same bytes per layer;
+//                              tma_*_ms the decode floors of bench_floors.h (DecodeFloorsMs)
+//   {"bench":"decode_cluster_floor"}  the cluster-merge floor with S = 8..16 splits per KV head
+//                              (4K, 16K, 1M) and how many such clusters are resident at once
 //   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s, for the
 //                              default tensor-core kernel (wgmma on Hopper) and mma.sync
 //   {"bench":"e2e"}            --dummy-weights model (bench/configs): prefill tok/s of a P-token
@@ -105,14 +108,33 @@ void Attention(Backend& b, double bw, bool prefill) {
       reads.push_back({{cache.Layer(l).k, static_cast<size_t>(bytes / 2)},
                        {cache.Layer(l).v, static_cast<size_t>(bytes / 2)}});
     const double floor_ms = bench::ReadMs(stream, reads);
+    std::vector<bench::FloorLayer> fl;
+    for (int l = 0; l < layers; ++l)
+      fl.push_back({cache.Layer(l).k, cache.Layer(l).v, cache.Layer(l).table});
+    const bench::DecodeFloors f = bench::DecodeFloorsMs(
+        stream, fl, ctx + 1, 128, static_cast<int>(Hk), static_cast<int>(H / Hk));
     const double single = MedianMs(
         stream, 20, [&] { b.Attention(q.get(), cache.Layer(0), a, nullptr, out.get(), nullptr); });
     std::printf(
         "{\"bench\":\"attn_decode\",\"ctx\":%lld,\"layers\":%d,\"ms\":%.4f,\"GB/s\":%.1f,"
-        "\"of_bw\":%.3f,\"single_ms\":%.4f,\"read_floor_ms\":%.4f}\n",
+        "\"of_bw\":%.3f,\"single_ms\":%.4f,\"read_floor_ms\":%.4f,\"splits\":%d,"
+        "\"tma_stream_ms\":%.4f,\"tma_paged_ms\":%.4f,\"tma_paged_shared_table_ms\":%.4f,"
+        "\"tma_paged_merge_sc_ms\":%.4f,\"tma_paged_merge_ms\":%.4f,"
+        "\"tma_paged_cluster_ms\":%.4f,\"max_clusters\":%d}\n",
         static_cast<long long>(ctx), layers, ms, bytes / (ms * 1e-3) / 1e9,
-        bytes / (ms * 1e-3) / 1e9 / bw, single, floor_ms);
+        bytes / (ms * 1e-3) / 1e9 / bw, single, floor_ms, f.splits, f.stream_ms, f.paged_ms,
+        f.paged_shared_ms, f.merge_sc_ms, f.merge_ms, f.cluster_ms, f.max_clusters);
     std::fflush(stdout);
+    // Clusters of S splits per KV head (the cluster floor needs every cluster resident at once).
+    for (int S = 8; S <= 16 && (ctx <= 16384 || ctx == 1048576); ++S) {
+      const bench::DecodeFloors c = bench::DecodeFloorsMs(
+          stream, fl, ctx + 1, 128, static_cast<int>(Hk), static_cast<int>(H / Hk), S);
+      std::printf(
+          "{\"bench\":\"decode_cluster_floor\",\"ctx\":%lld,\"splits\":%d,\"max_clusters\":%d,"
+          "\"tma_paged_ms\":%.4f,\"tma_paged_cluster_ms\":%.4f}\n",
+          static_cast<long long>(ctx), c.splits, c.max_clusters, c.paged_ms, c.cluster_ms);
+      std::fflush(stdout);
+    }
   }
   for (int64_t T : {4096, 32768, 131072}) {
     if (!prefill) break;

@@ -32,6 +32,17 @@ for r in ours:
         print(f"| {r['ctx']} | {r['ms']:.4f} | {t['ms']:.4f} | {r['ms'] / t['ms']:.2f} | {r['GB/s']:.0f} | {r['of_bw']:.2f} | "
               f"{t['GB/s'] / bw:.2f} | {r['read_floor_ms']:.4f} | {r['read_floor_ms'] / r['ms']:.2f} | "
               f"{r['single_ms']:.4f} / {t['single_ms']:.4f} |")
+print("\nDecode floors (no products; bench_decode_floors.cu), ms per call: copy-engine stream of the same tiles, "
+      "with the block-table lookup (paged), paged + split merge through global memory (acq_rel arrival; sc: "
+      "fenced), paged + merge through a cluster's shared memory with S splits per KV head (resident clusters)")
+print("\n| ctx | needle ms | stream | paged | paged + merge (sc) | paged + merge | cluster merge, S: ms (resident clusters) |")
+print("|---|---|---|---|---|---|---|")
+for r in ours:
+    if r["bench"] == "attn_decode" and "tma_paged_ms" in r:
+        cl = [c for c in ours if c["bench"] == "decode_cluster_floor" and c["ctx"] == r["ctx"]]
+        cs = ", ".join(f"{c['splits']}: {c['tma_paged_cluster_ms']:.4f} ({c['max_clusters']})" for c in cl)
+        print(f"| {r['ctx']} | {r['ms']:.4f} | {r['tma_stream_ms']:.4f} | {r['tma_paged_ms']:.4f} | "
+              f"{r['tma_paged_merge_sc_ms']:.4f} | {r['tma_paged_merge_ms']:.4f} | {cs} |")
 print("\n| causal prefill T | needle kernel | needle ms | torch ms | needle/torch | needle TFLOP/s | torch TFLOP/s |")
 print("|---|---|---|---|---|---|---|")
 for r in ours:

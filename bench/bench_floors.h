@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -71,5 +72,33 @@ double ReadMs(cudaStream_t stream,
 
 // Read-only bandwidth in GB/s: one launch reading a 2 GiB buffer (median of 10).
 double ReadBandwidthGBs(cudaStream_t stream);
+
+// One layer of a 16-bit paged cache with head_dim 128 (KVLayerView's k, v and device table).
+struct FloorLayer {
+  const void* k;
+  const void* v;
+  const int32_t* table;
+};
+// Milliseconds per layer of the parts of a decode call over n_keys keys, each one launch per layer
+// in a graph with the TMA decode kernel's grid (bench_decode_floors.cu), no products:
+//   stream:  every block streams its tiles with the copy engine, rows found without the table;
+//   paged:   the same, each tile's slot looked up in the block table first;
+//   paged_shared: paged with layer 0's table for every layer (equal contents here), which then
+//            stays in L2 from one layer to the next;
+//   merge:   paged, then each block writes a partial and the last block of a KV head merges them
+//            (decode_merge.cuh, as the decode kernels do); merge_sc: the same with the fifth
+//            session's arrival (sequentially consistent fences around a relaxed atomic);
+//   cluster: paged, then the splits of a KV head, one cluster, merge through distributed shared
+//            memory; 0 when splits > 16. max_clusters: such clusters resident at once.
+// All zero on GPUs before compute capability 9.0 (no copy engine).
+// splits: 0 for the TMA kernel's choice (sm_count / kv_heads); otherwise that many, and only
+// paged and cluster are measured.
+struct DecodeFloors {
+  int splits = 0, max_clusters = 0;
+  double stream_ms = 0, paged_ms = 0, paged_shared_ms = 0, merge_sc_ms = 0, merge_ms = 0,
+         cluster_ms = 0;
+};
+DecodeFloors DecodeFloorsMs(cudaStream_t stream, const std::vector<FloorLayer>& layers,
+                            int64_t n_keys, int B, int kv_heads, int G, int splits = 0);
 
 }  // namespace needle::bench
