@@ -26,10 +26,10 @@
 // them with a shuffle (the scores every tile, the accumulators once at the end). With G > 4 each
 // part has its own products.
 //
-// H100, 32 query heads, 8 KV heads, head_dim 128 (bench/RESULTS.md): 0.41 of the copy bandwidth
-// at 4K keys, 0.74 at 16K, 0.98 at 128K, 1.03 at 1M. At 4K the call is mostly fixed cost: the
-// same kernel without its products and merge takes 8.9 us of its 13.5, and the last block's
-// merge about 2.4 us.
+// H100, 32 query heads, 8 KV heads, head_dim 128 (bench/RESULTS.md): 0.45 of the copy bandwidth
+// at 4K keys, 0.75 at 16K, 0.98 at 128K, 1.04 at 1M. At 4K the call is mostly fixed cost: the
+// copy engine streaming the same paged tiles with nothing else takes 7.7 us of its 12.4, and
+// with the split merge 11.1 us (bench/bench_decode_floors.cu).
 //
 // The block then combines its 4 warps and the last block of h merges the splits
 // (decode_merge.cuh).
