@@ -13,6 +13,7 @@
 
 #include "bench/bench_floors.h"
 #include "engine/base/error.h"
+#include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/decode_merge.cuh"
 #include "engine/cuda/device_util.cuh"
@@ -203,11 +204,13 @@ DecodeFloors DecodeFloorsMs(cudaStream_t stream, const std::vector<FloorLayer>& 
   if (B % kTileKeys != 0) Fail("DecodeFloorsMs: block size ", B, " is not a multiple of 32");
   DecodeFloors f;
   if (cuda::ComputeCapability() < 90) return f;  // no copy engine: the kernels are empty
-  // The TMA decode kernel's split of the tiles (attention_decode_tma.cu, Launch).
+  // The TMA decode kernel's cut of the tiles, or splits_wanted splits of whole tiles.
   const int tiles = static_cast<int>((n_keys + kTileKeys - 1) / kTileKeys);
-  const int want = splits_wanted > 0 ? std::min(splits_wanted, tiles)
-                                     : std::clamp(sms / kv_heads, 1, std::max(1, tiles / 4));
-  const int per = (tiles + want - 1) / want, splits = (tiles + per - 1) / per;
+  const int per =
+      splits_wanted > 0
+          ? (tiles + splits_wanted - 1) / splits_wanted
+          : static_cast<int>(cuda::TmaDecodeSplitOf(tiles, sms, kv_heads).tiles_per_split);
+  const int splits = (tiles + per - 1) / per;
 
   const int heads = kv_heads * G;
   float *part = nullptr, *out = nullptr;

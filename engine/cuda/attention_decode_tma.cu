@@ -244,12 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    // A head with no visible key yet keeps m = -inf: use 0 as the reference so that exp2 gives 0.
-    const float ref0 = mn0 == -INFINITY ? 0.f : mn0, ref1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float alpha0 = Exp2(m0 - ref0), alpha1 = Exp2(m1 - ref1);
-    m0 = mn0;
-    m1 = mn1;
+    const MaxStep step0 = RaiseMax(m0, mx0), step1 = RaiseMax(m1, mx1);
+    const float ref0 = step0.ref, ref1 = step1.ref, alpha0 = step0.alpha, alpha1 = step1.alpha;
     float pr[2][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -394,29 +390,32 @@ bool Compiled() {
 template <int D, bool kBF16, bool kPack>
 bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (!Compiled<D, kBF16, kPack>()) return false;
-  // Tiles of the visible keys; one wave of one block per multiprocessor, whole tiles per split
-  // and at least one per warp.
+  // Tiles of the visible keys.
   const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
   const int64_t k_end = std::min(p.pos0 + 1, p.n_keys);
   const int64_t tiles = (k_end + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
-  const int64_t want = std::clamp<int64_t>(
-      sm_count / p.kv_heads, 1,
-      std::min<int64_t>(kMaxDecodeSplits, std::max<int64_t>(1, tiles / kWarps)));
-  const int64_t tiles_per_split = (tiles + want - 1) / want;
-  const int64_t splits = (tiles + tiles_per_split - 1) / tiles_per_split;  // none empty
-  p.keys_per_split = tiles_per_split * kTileKeys;
-  const MergeArgs mg = UseSplits(p, splits, ws, stream);
+  const TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, p.kv_heads);
+  p.keys_per_split = cut.tiles_per_split * kTileKeys;
+  const MergeArgs mg = UseSplits(p, cut.splits, ws, stream);
   const CUtensorMap tk = ArenaMap(p.k, p.arena_rows, D, kBF16);
   const CUtensorMap tv = ArenaMap(p.v, p.arena_rows, D, kBF16);
   constexpr size_t smem = Layout<D>::kDynamicBytes;
   OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack>>(smem);
-  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(cut.splits));
   TmaDecodeKernel<D, kBF16, kPack><<<grid, kThreads, smem, stream>>>(tk, tv, p, mg);
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }
 
 }  // namespace
+
+TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads) {
+  const int64_t want = std::clamp<int64_t>(
+      sm_count / kv_heads, 1,
+      std::min<int64_t>(kMaxDecodeSplits, std::max<int64_t>(1, tiles / kWarps)));
+  const int64_t tiles_per_split = (tiles + want - 1) / want;
+  return {tiles_per_split, (tiles + tiles_per_split - 1) / tiles_per_split};  // none empty
+}
 
 bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (p.T != 1 || p.G > kG || p.heads % p.kv_heads != 0 || p.B % kTileKeys != 0 ||

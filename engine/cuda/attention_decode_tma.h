@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "engine/cuda/attention_decode.h"
 #include "engine/cuda/attention_params.h"
 
@@ -15,5 +17,13 @@ namespace needle::cuda {
 // sm_90 code for it, a bf16/f16 cache with head_dim 64 or 128, at most 8 query heads per KV head,
 // and block_size a multiple of 32. Otherwise returns false and does nothing.
 bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream);
+
+// How the kernel cuts `tiles` tiles of 32 visible keys among splits of whole tiles: one wave of
+// one block per multiprocessor over the KV heads, at least one tile per warp, no split empty
+// (bench_decode_floors.cu times the same cut).
+struct TmaDecodeSplit {
+  int64_t tiles_per_split, splits;
+};
+TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
 
 }  // namespace needle::cuda

@@ -153,12 +153,10 @@ __device__ __forceinline__ float2 Softmax(const AttnParams& p, float (&s)[64], R
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
   }
-  const float mn_a = fmaxf(st.m_a, mx_a * scale_log2), mn_b = fmaxf(st.m_b, mx_b * scale_log2);
-  // Rows with nothing visible yet keep m = -inf; use 0 as the reference so exp2 gives 0.
-  const float ref_a = mn_a == -INFINITY ? 0.f : mn_a, ref_b = mn_b == -INFINITY ? 0.f : mn_b;
-  const float2 alpha = make_float2(Exp2(st.m_a - ref_a), Exp2(st.m_b - ref_b));
-  st.m_a = mn_a;
-  st.m_b = mn_b;
+  const MaxStep step_a = RaiseMax(st.m_a, mx_a * scale_log2);
+  const MaxStep step_b = RaiseMax(st.m_b, mx_b * scale_log2);
+  const float ref_a = step_a.ref, ref_b = step_b.ref;
+  const float2 alpha = make_float2(step_a.alpha, step_b.alpha);
   float ps_a[4] = {0.f, 0.f, 0.f, 0.f}, ps_b[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int n = 0; n < kKeys / 8; ++n) {

@@ -71,14 +71,14 @@ __device__ __forceinline__ void WriteBlockResult(const AttnParams& p, int64_t h,
 // One acq_rel atomic by thread 0 after the barrier is both the release of the block's writes (the
 // barrier orders every thread's writes before it) and the acquire of the earlier blocks'; it
 // replaces __threadfence() before and after a relaxed atomic, two sequentially consistent fences
-// (bench_cuda's decode floors measure both).
+// (bench_cuda's decode floors measure both). The .global form takes a global-space address.
 __device__ __forceinline__ bool ArriveLast(unsigned int* counter, unsigned int n) {
   __shared__ unsigned int arrived;
   __syncthreads();
   if (threadIdx.x == 0)
     asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
                  : "=r"(arrived)
-                 : "l"(counter)
+                 : "l"(__cvta_generic_to_global(counter))
                  : "memory");
   __syncthreads();
   return arrived == n - 1;

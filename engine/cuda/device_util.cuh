@@ -82,6 +82,20 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
+// One row's online-softmax step in the log2 domain when a tile's maximum mx arrives: raises the
+// running maximum m, and returns the reference the tile's exponents subtract (0 while m stays
+// -inf, so that they give 0) and alpha = 2^(old m - ref), the rescale of what was accumulated.
+struct MaxStep {
+  float ref, alpha;
+};
+__device__ __forceinline__ MaxStep RaiseMax(float& m, float mx) {
+  const float mn = fmaxf(m, mx);
+  const float ref = mn == -INFINITY ? 0.f : mn;
+  const MaxStep r{ref, Exp2(m - ref)};
+  m = mn;
+  return r;
+}
+
 // Two floats rounded to bf16 (kBF16) or f16 and packed low-first into 32 bits: the layout of a
 // tensor-core operand register.
 template <bool kBF16>
