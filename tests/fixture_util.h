@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/backend/backend.h"
+#include "engine/model/generate.h"  // Argmax
 #include "engine/model/model.h"
 #include "engine/model/rope.h"
 #include "engine/model/safetensors.h"

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -52,6 +53,67 @@ class Backend {
   // See ops.h: spans == nullptr is dense causal attention; lse (optional) [T, heads].
   virtual void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a,
                          const AttnSpans* spans, float* out, float* lse) = 0;
+
+  // Fused forms of operator sequences of the graph. The defaults (backend.cc) run the operators
+  // above in sequence, so a backend that keeps them computes exactly what the sequence does; the
+  // CUDA backend overrides them for decode, one kernel each (engine/cuda/gemv.h).
+  struct Projection {
+    const Weight* w;     // [N, K]
+    const Weight* bias;  // [N] or nullptr / absent
+    float* y;            // [T, N]
+  };
+  // The RMSNorm that precedes a product, fused into it: the product reads
+  // x' = x * rsqrt(mean(x^2) + eps) * w instead of x. The defaults write x' to scratch [T, K]
+  // (RmsNorm) and multiply that. w == nullptr: no norm.
+  struct InputNorm {
+    const Weight* w = nullptr;  // [K]
+    float eps = 0.f;
+    float* scratch = nullptr;  // [T, K]
+  };
+  // y_i = x'[T, K] W_i^T + b_i for n projections of the same input (q, k, v; the LM head).
+  virtual void Project(const float* x, int64_t T, const InputNorm& norm, const Projection* p,
+                       int n);
+  // y[T, N] += x[T, K] W^T + b (the residual add after a projection); scratch: [T, N].
+  virtual void ProjectAdd(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,
+                          float* scratch);
+  // out[T, I] = silu(x' Wg^T + bg) * (x' Wu^T + bu); scratch: [T, I].
+  virtual void GateUp(const float* x, int64_t T, const InputNorm& norm, const Weight& wg,
+                      const Weight* bg, const Weight& wu, const Weight* bu, float* out,
+                      float* scratch);
+  // Rope of q [T, heads, D] and k [T, kv_heads, D] in place, then KVWrite of k and v.
+  virtual void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads,
+                           KVCache& cache, int64_t layer, int64_t pos0,
+                           const std::vector<float>& inv_freq, float scaling);
+
+  // Project of q, k, v (qkv[3]) followed by RopeKVWrite of them: the q/k/v projection with the
+  // rotary embedding and the cache write folded in (models without q/k norms).
+  virtual void ProjectRopeKVWrite(const float* x, int64_t T, const InputNorm& norm,
+                                  const Projection* qkv, int64_t heads, KVCache& cache,
+                                  int64_t layer, int64_t pos0, const std::vector<float>& inv_freq,
+                                  float scaling);
+
+  // Recording one decode step's device work and replaying it (the CUDA backend's CUDA graphs).
+  // While `body` runs inside Record, the operators read the token ids and the position from the
+  // step inputs (SetStepInputs, read on the device when the work runs) instead of their
+  // arguments, so one recording serves every later step of the same cache. Record runs body once
+  // (the step's work is done when it returns) and returns the recording, or nullptr when this
+  // backend or this body cannot be recorded. The KV blocks of the step must be assigned before
+  // (KVCache::AssignBlocks): recorded work cannot touch host memory.
+  class Recording {
+   public:
+    virtual ~Recording() = default;
+    // Enqueues the recorded work; false (nothing enqueued) when it went stale (buffers it uses
+    // were reallocated since): record again.
+    virtual bool Replay() = 0;
+  };
+  virtual bool CanRecord() const { return false; }
+  // ids: host [T]; pos0: the position of ids[0]; inv_freq: the rotary frequencies of the step.
+  virtual void SetStepInputs(const int32_t* ids, int64_t T, int64_t pos0,
+                             const std::vector<float>& inv_freq) {}
+  virtual std::unique_ptr<Recording> Record(const std::function<void()>& body) {
+    body();
+    return nullptr;
+  }
 };
 
 // RAII for a backend activation buffer.

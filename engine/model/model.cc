@@ -70,15 +70,67 @@ void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, 
   }
 }
 
+Model::Buffers::Buffers(Backend& b, const ModelConfig& c, int64_t T_)
+    : T(T_),
+      x(b, T * c.hidden_size),
+      h(b, T * c.hidden_size),
+      q(b, T * c.q_dim()),
+      k(b, T * c.kv_dim()),
+      v(b, T * c.kv_dim()),
+      att(b, T * c.q_dim()),
+      gate(b, T * c.intermediate_size),
+      up(b, T * c.intermediate_size) {}
+
 void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
                  bool all_logits, float* logits_host, const Selection* sel) {
-  const ModelConfig& c = cfg_;
-  const int64_t H = c.hidden_size, Q = c.q_dim(), KVd = c.kv_dim(), I = c.intermediate_size;
-  const int64_t D = c.head_dim;
-  BackendBuffer x(b_, T * H), h(b_, T * H), q(b_, T * Q), k(b_, T * KVd), v(b_, T * KVd),
-      att(b_, T * Q), gate(b_, T * I), up(b_, T * I);
+  // Only the rows whose logits are wanted go through the final norm and the LM head.
+  const bool want = logits_host != nullptr || sel != nullptr;
+  const int64_t rows = !want ? 0 : (all_logits && sel == nullptr ? T : 1);
+  Buffers* buf = nullptr;
+  std::unique_ptr<Buffers> local;
+  if (T == 1) {
+    if (decode_ == nullptr) decode_ = std::make_unique<Buffers>(b_, cfg_, 1);
+    buf = decode_.get();
+    if (!(rows == 1 && RecordedDecode(ids, pos0, rope, cache)))
+      StepBody(ids, T, pos0, rope, cache, *buf, rows);
+  } else {
+    local = std::make_unique<Buffers>(b_, cfg_, T);
+    buf = local.get();
+    StepBody(ids, T, pos0, rope, cache, *buf, rows);
+  }
+  if (!want) return;
+  if (sel != nullptr)
+    b_.TopK(buf->logits.get(), cfg_.vocab_size, sel->k, sel->vals, sel->ids);
+  else
+    b_.ToHost(buf->logits.get(), static_cast<size_t>(rows * cfg_.vocab_size), logits_host);
+}
 
-  b_.Embed(w_.embed, ids, T, x.get());
+bool Model::RecordedDecode(const int32_t* ids, int64_t pos0, const RopeFreqs& rope,
+                           KVCache& cache) {
+  const RecordKey key{cache.Layer(0).k, cache.shape().capacity};
+  if (attn_ != &dense_ || !b_.CanRecord() || key == unrecordable_) return false;
+  // The recorded work cannot assign blocks (host memory): assign this step's now.
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) cache.AssignBlocks(l, pos0, 1);
+  b_.SetStepInputs(ids, 1, pos0, rope.inv_freq);
+  if (recording_ != nullptr && recorded_ == key && recording_->Replay()) return true;
+  recording_.reset();
+  recording_ = b_.Record([&] { StepBody(ids, 1, pos0, rope, cache, *decode_, 1); });
+  if (recording_ != nullptr)
+    recorded_ = key;
+  else
+    unrecordable_ = key;
+  return true;  // Record ran the step either way
+}
+
+void Model::StepBody(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope,
+                     KVCache& cache, Buffers& buf, int64_t logit_rows) {
+  const ModelConfig& c = cfg_;
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
+  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
+
+  b_.Embed(w_.embed, ids, T, x);
   AttnArgs a;
   a.T = T;
   a.pos0 = pos0;
@@ -88,42 +140,30 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
-    b_.RmsNorm(x.get(), T, H, L.attn_norm, static_cast<float>(c.rms_norm_eps), h.get());
-    b_.MatMul(h.get(), T, L.wq, &L.bq, q.get());
-    b_.MatMul(h.get(), T, L.wk, &L.bk, k.get());
-    b_.MatMul(h.get(), T, L.wv, &L.bv, v.get());
-    if (c.qk_norm) {
-      b_.RmsNorm(q.get(), T * c.num_heads, D, L.q_norm, static_cast<float>(c.rms_norm_eps),
-                 q.get());
-      b_.RmsNorm(k.get(), T * c.num_kv_heads, D, L.k_norm, static_cast<float>(c.rms_norm_eps),
-                 k.get());
+    const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};
+    if (c.qk_norm) {  // the q/k norms come between the projection and the rotation
+      b_.Project(x, T, {&L.attn_norm, eps, h}, qkv, 3);
+      b_.RmsNorm(q, T * c.num_heads, D, L.q_norm, eps, q);
+      b_.RmsNorm(k, T * c.num_kv_heads, D, L.k_norm, eps, k);
+      b_.RopeKVWrite(q, k, v, T, c.num_heads, cache, l, pos0, rope.inv_freq,
+                     rope.attention_scaling);
+    } else {
+      b_.ProjectRopeKVWrite(x, T, {&L.attn_norm, eps, h}, qkv, c.num_heads, cache, l, pos0,
+                            rope.inv_freq, rope.attention_scaling);
     }
-    b_.Rope(q.get(), T, c.num_heads, D, pos0, rope.inv_freq, rope.attention_scaling);
-    b_.Rope(k.get(), T, c.num_kv_heads, D, pos0, rope.inv_freq, rope.attention_scaling);
-    b_.KVWrite(cache, l, pos0, T, k.get(), v.get());
     a.window = c.sliding_window[static_cast<size_t>(l)];
-    attn_->Attend(l, q.get(), a, cache, att.get());
-    b_.MatMul(att.get(), T, L.wo, &L.bo, h.get());
-    b_.Add(x.get(), h.get(), T * H);
+    attn_->Attend(l, q, a, cache, att);
+    b_.ProjectAdd(att, T, L.wo, &L.bo, x, h);
 
-    b_.RmsNorm(x.get(), T, H, L.mlp_norm, static_cast<float>(c.rms_norm_eps), h.get());
-    b_.MatMul(h.get(), T, L.w_gate, &L.b_gate, gate.get());
-    b_.MatMul(h.get(), T, L.w_up, &L.b_up, up.get());
-    b_.SiluMul(gate.get(), up.get(), T * I, gate.get());
-    b_.MatMul(gate.get(), T, L.w_down, &L.b_down, h.get());
-    b_.Add(x.get(), h.get(), T * H);
+    b_.GateUp(x, T, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
+    b_.ProjectAdd(gate, T, L.w_down, &L.b_down, x, h);
   }
-  if (logits_host == nullptr && sel == nullptr) return;
-  // Only the rows whose logits are wanted go through the final norm and the LM head.
-  const int64_t rows = all_logits && sel == nullptr ? T : 1;
-  const float* last = x.get() + (T - rows) * H;
-  b_.RmsNorm(last, rows, H, w_.final_norm, static_cast<float>(c.rms_norm_eps), h.get());
-  BackendBuffer lg(b_, rows * c.vocab_size);
-  b_.MatMul(h.get(), rows, w_.lm_head, nullptr, lg.get());
-  if (sel != nullptr)
-    b_.TopK(lg.get(), c.vocab_size, sel->k, sel->vals, sel->ids);
-  else
-    b_.ToHost(lg.get(), static_cast<size_t>(rows * c.vocab_size), logits_host);
+  if (logit_rows == 0) return;
+  const float* last = x + (T - logit_rows) * H;
+  if (buf.logits.size() < static_cast<size_t>(logit_rows * c.vocab_size))
+    buf.logits = BackendBuffer(b_, static_cast<size_t>(logit_rows * c.vocab_size));
+  const Backend::Projection head{&w_.lm_head, nullptr, buf.logits.get()};
+  b_.Project(last, logit_rows, {&w_.final_norm, eps, h}, &head, 1);
 }
 
 std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {

@@ -85,10 +85,23 @@ class Model {
     float* vals = nullptr;  // may be null
     int32_t* ids = nullptr;
   };
+  // The activations of a step of T tokens (backend memory); logits [rows, vocab] on demand.
+  struct Buffers {
+    Buffers(Backend& b, const ModelConfig& c, int64_t T);
+    int64_t T;
+    BackendBuffer x, h, q, k, v, att, gate, up, logits;
+  };
   void Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
            const Selection* sel);
   void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
             bool all_logits, float* logits_host, const Selection* sel);
+  // The device work of a step: the layers, then the final norm and LM head of the last
+  // `logit_rows` tokens into buf.logits (none when 0).
+  void StepBody(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
+                Buffers& buf, int64_t logit_rows);
+  // A decode step through the backend's recording (CUDA graph) of it; false when the backend
+  // cannot record this step (nothing done).
+  bool RecordedDecode(const int32_t* ids, int64_t pos0, const RopeFreqs& rope, KVCache& cache);
 
   ModelConfig cfg_;
   ModelWeights w_;
@@ -97,6 +110,17 @@ class Model {
   AttentionPolicy* attn_;
   int64_t ubatch_ = 512;
   std::function<void(int64_t, int64_t)> progress_;
+  // Decode (T = 1) keeps its activations, so that a recording of the step stays valid.
+  std::unique_ptr<Buffers> decode_;
+  // The recorded decode step and the cache it was recorded for (its arenas and capacity); a
+  // cache the backend could not record for is remembered so that it is not tried every step.
+  struct RecordKey {
+    const void* arena = nullptr;
+    int64_t capacity = 0;
+    bool operator==(const RecordKey&) const = default;
+  };
+  std::unique_ptr<Backend::Recording> recording_;
+  RecordKey recorded_, unrecordable_;
 };
 
 // Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.
