@@ -237,17 +237,22 @@ bool DecodeEnabled() {
 
 }  // namespace
 
-void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
+bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
+               int sm_count, AttnWorkspace& ws, cudaStream_t stream, const int64_t* dpos) {
   if (a.head_dim > kMaxD)
     Fail("CUDA attention: head_dim ", a.head_dim, " is above the supported ", kMaxD);
   if (kv.dtype != DType::kF32 && kv.dtype != DType::kF16 && kv.dtype != DType::kBF16)
     Fail("CUDA attention: KV cache type ", DTypeName(kv.dtype), " is not supported on the GPU ",
          "(use --kv-type f32, f16 or bf16)");
-  if (a.T == 0) return;
+  if (a.T == 0) return false;
   Params p = MakeAttnParams(q, kv, a, out, lse);
-  if (TensorCoreAttention(p, stream)) return;  // prompts over 16-bit caches
-  if (DecodeEnabled() && DecodeAttention(p, sm_count, ws, stream)) return;  // T == 1, 16-bit
+  if (TensorCoreAttention(p, stream)) return false;  // prompts over 16-bit caches
+  if (dpos != nullptr && a.T == 1 && DecodeEnabled()) {
+    p.dpos = dpos;
+    if (DecodeAttention(p, sm_count, ws, stream)) return true;
+    p.dpos = nullptr;
+  }
+  if (DecodeEnabled() && DecodeAttention(p, sm_count, ws, stream)) return false;  // T == 1
   if (p.G > kMaxRows)
     Fail("CUDA attention: ", p.G, " query heads per KV head (max ", kMaxRows, ")");
   p.QT = std::max(1, kMaxRows / p.G);
@@ -276,6 +281,7 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
                                                                  a.head_dim, out, lse);
     NEEDLE_CUDA_CHECK_LAUNCH();
   }
+  return false;
 }
 
 }  // namespace needle::cuda

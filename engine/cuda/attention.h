@@ -22,8 +22,10 @@ namespace needle::cuda {
 // window). q: device [T, heads, D] f32; kv: a device cache view (table in device memory);
 // lse (optional, device): [T, heads]. Supports head_dim <= 256 and f32/f16/bf16 caches.
 // sm_count: the device's multiprocessors (to choose the key split); ws: the split partials and
-// counters, reused from call to call (calls on one stream).
-void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
-               int sm_count, AttnWorkspace& ws, cudaStream_t stream);
+// counters, reused from call to call (calls on one stream). dpos (device, optional): a recorded
+// decode step's position, read when the call runs (AttnParams::dpos); returns whether the kernel
+// launched reads it (false: it used a.pos0, and the launch cannot be replayed at other positions).
+bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
+               int sm_count, AttnWorkspace& ws, cudaStream_t stream, const int64_t* dpos = nullptr);
 
 }  // namespace needle::cuda

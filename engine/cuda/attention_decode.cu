@@ -199,6 +199,7 @@ bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t
   if ((choice == nullptr || std::strcmp(choice, "simt") != 0) &&
       TmaDecodeAttention(p, sm_count, ws, stream))
     return true;
+  if (p.dpos != nullptr) return false;  // only the TMA kernel reads a replayed step's position
   const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
   const int64_t keys = p.n_keys - k_lo;
   const int64_t target = static_cast<int64_t>(BlocksPerSm(p)) * sm_count / p.kv_heads;

@@ -35,7 +35,8 @@ inline void UsePartials(AttnParams& p, int64_t splits, AttnWorkspace& ws) {
 }
 
 // True when p (T == 1; p.out / p.m as MakeAttnParams set them: out [heads, D], lse [heads] or
-// nullptr) is a case of the decode kernel, which then has been launched on `stream`.
+// nullptr) is a case of the decode kernel, which then has been launched on `stream`. With
+// p.dpos set only the TMA kernel (attention_decode_tma.h) qualifies.
 // sm_count: the device's multiprocessors (the key split fills them).
 bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream);
 

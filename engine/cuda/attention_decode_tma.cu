@@ -119,11 +119,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int split = blockIdx.y;
 
   // Visible keys [k_lo, k_end); the split's keys [key_begin, key_stop), key_begin tile-aligned.
-  const int64_t qpos = p.pos0;  // T == 1
+  // A replayed step reads its position and cuts its tiles among the grid's splits here, as
+  // TmaDecodeSplitOf would with the splits fixed (the splits past the last tile stay empty).
+  const int64_t qpos = p.dpos != nullptr ? *p.dpos : p.pos0;  // T == 1
   const int64_t k_lo = p.window > 0 ? max(static_cast<int64_t>(0), qpos - p.window + 1) : 0;
-  const int64_t k_end = min(qpos + 1, p.n_keys);
-  const int64_t key_begin = k_lo / kTileKeys * kTileKeys + split * p.keys_per_split;
-  const int64_t key_stop = min(k_end, key_begin + p.keys_per_split);
+  const int64_t k_end = p.dpos != nullptr ? qpos + 1 : min(qpos + 1, p.n_keys);
+  int64_t keys_per_split = p.keys_per_split;
+  if (p.dpos != nullptr) {
+    const int64_t tiles = (k_end + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
+    keys_per_split = (tiles + p.splits - 1) / p.splits * kTileKeys;
+  }
+  const int64_t key_begin = k_lo / kTileKeys * kTileKeys + split * keys_per_split;
+  const int64_t key_stop = min(k_end, key_begin + keys_per_split);
   const int n_tiles = key_stop > key_begin
                           ? static_cast<int>((key_stop - key_begin + kTileKeys - 1) / kTileKeys)
                           : 0;
@@ -390,11 +397,14 @@ bool Compiled() {
 template <int D, bool kBF16, bool kPack>
 bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (!Compiled<D, kBF16, kPack>()) return false;
-  // Tiles of the visible keys.
+  // Tiles of the visible keys. A replayed step (p.dpos) serves every later position with the
+  // grid recorded: as many splits as any position could use, cut by the kernel.
   const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
   const int64_t k_end = std::min(p.pos0 + 1, p.n_keys);
   const int64_t tiles = (k_end + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
-  const TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, p.kv_heads);
+  TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, p.kv_heads);
+  if (p.dpos != nullptr)
+    cut.splits = std::clamp<int64_t>(sm_count / p.kv_heads, 1, kMaxDecodeSplits);
   p.keys_per_split = cut.tiles_per_split * kTileKeys;
   const MergeArgs mg = UseSplits(p, cut.splits, ws, stream);
   const CUtensorMap tk = ArenaMap(p.k, p.arena_rows, D, kBF16);

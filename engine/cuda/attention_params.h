@@ -28,6 +28,11 @@ struct AttnParams {
   float* out;  // splits == 1: [T, heads, D], else partial [splits, T, heads, D]
   float* m;    // splits == 1: lse [T, heads] or nullptr; else [splits, T, heads] running max
   float* l;    // splits > 1: [splits, T, heads] sums
+  // Decode steps replayed from a recording (CUDA graph): when set, the kernel reads pos0 from
+  // here (device, written before the step runs) and cuts the visible keys into `splits` itself;
+  // pos0, n_keys and keys_per_split above are then those of the step that was recorded. Only
+  // the TMA decode kernel reads it.
+  const int64_t* dpos;
 };
 
 // The fields of one call (one split: out and lse as given).

@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "engine/base/error.h"
@@ -45,8 +47,16 @@ class GrowBuffer {
       p_ = nullptr;
       p_ = DeviceAlloc(bytes, what_);
       bytes_ = bytes;
+      Reallocations().fetch_add(1, std::memory_order_relaxed);
     }
     return static_cast<T*>(p_);
+  }
+
+  // Reallocations of any GrowBuffer so far: recorded work (CUDA graphs) that holds the address
+  // of a GrowBuffer is stale once this count has moved.
+  static std::atomic<uint64_t>& Reallocations() {
+    static std::atomic<uint64_t> n{0};
+    return n;
   }
 
   // The same, zero-filled on `stream` whenever it is (re)allocated: for state the kernels keep

@@ -23,6 +23,38 @@ __device__ __forceinline__ float LoadAs(const void* p, int64_t i, DType t) {
   }
 }
 
+// Element i of an f32 / f16 / bf16 array set from x (rounded to nearest).
+__device__ __forceinline__ void StoreAs(void* p, int64_t i, DType t, float x) {
+  switch (t) {
+    case DType::kBF16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+      break;
+    case DType::kF16:
+      static_cast<__half*>(p)[i] = __float2half_rn(x);
+      break;
+    default:
+      static_cast<float*>(p)[i] = x;
+  }
+}
+
+// The rotary embedding of one pair (a, b) = (x_j, x_{j + D/2}) at position pos with frequency
+// inv_freq_j, as the CPU computes it: cos and sin of the f32 angle in double, times scaling
+// (RopeAngle), then the rotation with every product and sum rounded on its own (no fused
+// multiply-add), so that every kernel that rotates gets the CPU's bits.
+struct RopeCs {
+  float c, s;
+};
+__device__ __forceinline__ RopeCs RopeAngle(int64_t pos, float inv_freq, float scaling) {
+  const float angle = __fmul_rn(static_cast<float>(pos), inv_freq);
+  return {__fmul_rn(static_cast<float>(cos(static_cast<double>(angle))), scaling),
+          __fmul_rn(static_cast<float>(sin(static_cast<double>(angle))), scaling)};
+}
+__device__ __forceinline__ void RopeApply(float& a, float& b, RopeCs r) {
+  const float a0 = a, b0 = b;
+  a = __fsub_rn(__fmul_rn(a0, r.c), __fmul_rn(b0, r.s));
+  b = __fadd_rn(__fmul_rn(b0, r.c), __fmul_rn(a0, r.s));
+}
+
 // Row of token `pos` of KV head h in a block arena [slot][kv_head][B][D] (kvcache/kv_cache.h),
 // through the block table (logical block -> slot). The division is 32-bit: a 64-bit one is a
 // slow subroutine call per key in the decode loop, and positions stay below 2^31.

@@ -12,19 +12,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ void StoreAs(void* p, int64_t i, DType t, float x) {
-  switch (t) {
-    case DType::kBF16:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
-      break;
-    case DType::kF16:
-      static_cast<__half*>(p)[i] = __float2half_rn(x);
-      break;
-    default:
-      static_cast<float*>(p)[i] = x;
-  }
-}
-
 unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 __global__ void EmbedKernel(const void* table, DType dt, const int32_t* ids, int64_t T, int64_t H,
@@ -56,19 +43,45 @@ __global__ void RmsNormKernel(const float* x, int64_t D, const void* w, DType wt
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = (xr[i] * inv) * LoadAs(w, i, wt);
 }
 
+// Rotates the pair (j, j + D/2) of row v at position pos (RopePair, device_util.cuh).
+__device__ __forceinline__ void RotatePair(float* v, int64_t j, int64_t half, int64_t pos,
+                                           const float* inv_freq, float scaling) {
+  RopeApply(v[j], v[j + half], RopeAngle(pos, inv_freq[j], scaling));
+}
+
 __global__ void RopeKernel(float* x, int64_t T, int64_t heads, int64_t D, int64_t pos0,
                            const float* inv_freq, float scaling) {
   const int64_t half = D / 2;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= T * heads * half) return;
   const int64_t j = i % half, row = i / half, t = row / heads;
-  const float angle = static_cast<float>(pos0 + t) * inv_freq[j];
-  const float c = static_cast<float>(cos(static_cast<double>(angle))) * scaling;
-  const float s = static_cast<float>(sin(static_cast<double>(angle))) * scaling;
-  float* v = x + row * D;
-  const float a = v[j], b = v[j + half];
-  v[j] = a * c - b * s;
-  v[j + half] = b * c + a * s;
+  RotatePair(x + row * D, j, half, pos0 + t, inv_freq, scaling);
+}
+
+// Thread (t, head slot, j): slots [0, heads) rotate a pair of q; slots [heads, heads + Hk)
+// rotate the pair of k and write it and the same pair of v to the cache.
+__global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T, int64_t heads,
+                                  int64_t Hk, int64_t D, int64_t pos0, const int64_t* dpos,
+                                  const float* inv_freq, float scaling, int64_t B,
+                                  const int32_t* table, void* ka, void* va, DType dt) {
+  const int64_t half = D / 2, slots = heads + Hk;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= T * slots * half) return;
+  const int64_t j = i % half, slot = (i / half) % slots, t = i / (half * slots);
+  const int64_t pos = (dpos != nullptr ? *dpos : pos0) + t;
+  if (slot < heads) {
+    RotatePair(q + (t * heads + slot) * D, j, half, pos, inv_freq, scaling);
+    return;
+  }
+  const int64_t h = slot - heads;
+  float* kr = k + (t * Hk + h) * D;
+  const float* vr = v + (t * Hk + h) * D;
+  RotatePair(kr, j, half, pos, inv_freq, scaling);
+  const int64_t row = PagedRow(table, pos, B, Hk, h) * D;
+  StoreAs(ka, row + j, dt, kr[j]);
+  StoreAs(ka, row + j + half, dt, kr[j + half]);
+  StoreAs(va, row + j, dt, vr[j]);
+  StoreAs(va, row + j + half, dt, vr[j + half]);
 }
 
 __global__ void SiluMulKernel(const float* g, const float* u, int64_t n, float* out) {
@@ -204,6 +217,18 @@ void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_
   if (n == 0) return;
   KVWriteKernel<<<Blocks(n), kThreads, 0, stream>>>(k, v, T, kv_heads, D, pos0, block_size, table,
                                                     k_arena, v_arena, dtype);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, int64_t kv_heads,
+                 int64_t D, int64_t pos0, const int64_t* dpos, const float* inv_freq, float scaling,
+                 int64_t block_size, const int32_t* table, void* k_arena, void* v_arena,
+                 DType dtype, cudaStream_t stream) {
+  const int64_t n = T * (heads + kv_heads) * (D / 2);
+  if (n == 0) return;
+  RopeKVWriteKernel<<<Blocks(n), kThreads, 0, stream>>>(q, k, v, T, heads, kv_heads, D, pos0, dpos,
+                                                        inv_freq, scaling, block_size, table,
+                                                        k_arena, v_arena, dtype);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

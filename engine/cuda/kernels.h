@@ -34,6 +34,13 @@ void ConvertF32(const float* src, int64_t n, void* dst, DType dst_type, cudaStre
 void KVWrite(const float* k, const float* v, int64_t T, int64_t kv_heads, int64_t D, int64_t pos0,
              int64_t block_size, const int32_t* table, void* k_arena, void* v_arena, DType dtype,
              cudaStream_t stream);
+// Decode's rotary embedding and cache write in one launch: q [T, heads, D] and k [T, kv_heads, D]
+// rotated in place as Rope does, then k and v [T, kv_heads, D] written as KVWrite does. The
+// position of token t is pos0 + t, or *dpos + t when dpos (device) is set (a recorded step).
+void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, int64_t kv_heads,
+                 int64_t D, int64_t pos0, const int64_t* dpos, const float* inv_freq, float scaling,
+                 int64_t block_size, const int32_t* table, void* k_arena, void* v_arena,
+                 DType dtype, cudaStream_t stream);
 // The k largest of logits[V] by descending value, ties: lower id first (device vals[k], ids[k]):
 // greedy decoding (k = 1) and top-k sampling's candidates on the GPU. One block, k passes.
 void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
