@@ -1,0 +1,319 @@
+// The CUDA backend's decode fast path (engine/cuda/gemv.h, the fused rotary embedding and cache
+// write, the decode step recorded as a CUDA graph) against the operators it replaces. Without a
+// GPU (CI) every test skips and says why.
+//
+// Tolerances:
+//  * GEMV (16-bit weights, one token): the same products as the CPU's matmul (f32 x times the
+//    weight widened to f32, exact in f32), summed in another order in f32: K * 2^-24 per term
+//    of sum|x w|, tested at 4 K 2^-24 sum|x w| (+ the bias and the residual's own rounding).
+//    SiLU adds the GPU's expf (2 ulp).
+//  * The fused rotary embedding computes the same f32 expressions as the separate kernel:
+//    equal bits.
+//  * A recorded (graph) step runs the same kernels as a launched one; only the decode attention
+//    may cut the keys into another number of splits (the graph keeps the most splits any
+//    position can use), which reorders the softmax sums (~1e-6 relative). The next layer's K and
+//    V go to a bf16 cache, where such a difference can flip a rounding (2^-8 relative), so the
+//    logits are compared within 2^-8 of their largest magnitude: a wrong position or a stale
+//    block table moves them by far more.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "tests/fixture_util.h"
+#include "tests/test_util.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#endif
+
+namespace needle {
+namespace {
+
+#ifdef NEEDLE_HAVE_CUDA
+#define NEEDLE_REQUIRE_GPU(var)                                  \
+  std::string why_;                                              \
+  if (!CudaAvailable(&why_)) GTEST_SKIP() << "no GPU: " << why_; \
+  auto var = MakeCudaBackend(0);
+#else
+#define NEEDLE_REQUIRE_GPU(var) \
+  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
+#endif
+
+#ifdef NEEDLE_HAVE_CUDA
+struct OwnedWeight {
+  std::vector<uint8_t> bytes;
+  Weight host, dev;
+};
+// A random [rows, cols] weight of type t, on the host and (through PrepareWeights) the GPU.
+OwnedWeight MakeWeight(Backend& gpu, DType t, int64_t rows, int64_t cols, uint64_t seed) {
+  OwnedWeight o;
+  const std::vector<float> v = test::RandomVector(static_cast<size_t>(rows * cols), seed);
+  o.bytes.resize(v.size() * DTypeSize(t));
+  for (size_t i = 0; i < v.size(); ++i) StoreFromF32(t, o.bytes.data(), i, v[i]);
+  o.host = Weight{"w", t, rows, cols, o.bytes.data()};
+  ModelWeights mw;
+  mw.embed = o.host;
+  gpu.PrepareWeights(mw);
+  o.dev = mw.embed;
+  return o;
+}
+BackendBuffer Upload(Backend& b, const std::vector<float>& host) {
+  BackendBuffer buf(b, host.size());
+  b.FromHost(host.data(), host.size(), buf.get());
+  return buf;
+}
+std::vector<float> Download(Backend& b, const float* p, size_t n) {
+  std::vector<float> h(n);
+  b.ToHost(p, n, h.data());
+  return h;
+}
+// sum_k |x_k w_nk| for every row n of w.
+std::vector<double> Magnitudes(const std::vector<float>& x, const Weight& w) {
+  std::vector<double> m(static_cast<size_t>(w.rows));
+  for (int64_t n = 0; n < w.rows; ++n)
+    for (int64_t k = 0; k < w.cols; ++k)
+      m[n] += std::fabs(x[k] * LoadAsF32(w.dtype, w.data, static_cast<size_t>(n * w.cols + k)));
+  return m;
+}
+void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& want,
+                     const std::vector<double>& mag, double rel, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], rel * mag[i] + 1e-6 * (1 + std::fabs(want[i])))
+        << what << " at " << i;
+}
+#endif
+
+// Project (q/k/v in one launch), ProjectAdd and GateUp on one token against the CPU's operators,
+// for bf16 and f16 weights with biases, odd row counts (a block's second row missing) and K a
+// multiple of 8, with and without the RMSNorm of the input folded in (its weights bf16 or f32);
+// K = 260 (not a multiple of 8) and f32 weights take cuBLAS.
+TEST(CudaDecode, FusedProjectionsMatchCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, true);
+  for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
+    for (int64_t K : {264, 1032, 260}) {
+      for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
+        const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
+                                 " norm=" + std::to_string(normed);
+        const bool gemv = t != DType::kF32 && K % 8 == 0;
+        // cuBLAS rounds x to 16 bits: 2^-8 of sum|x w| (test_cuda.cc); the GEMV keeps f32.
+        const double rel =
+            gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
+        const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
+        BackendBuffer xd = Upload(*gpu, x);
+        OwnedWeight g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
+        std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
+        BackendBuffer xnd(*gpu, static_cast<size_t>(K));
+        const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
+        const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
+        if (normed) cpu->RmsNorm(x.data(), 1, K, g.host, 1e-5f, xn.data());
+        const std::vector<float>& xm = normed ? xn : x;  // what the products read
+        // Project: three outputs of 301, 63 and 64 rows.
+        const int64_t rows[3] = {301, 63, 64};
+        std::vector<OwnedWeight> w, b;
+        for (int i = 0; i < 3; ++i) {
+          w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
+          b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
+        }
+        std::vector<std::vector<float>> want(3);
+        std::vector<BackendBuffer> yd;
+        Backend::Projection pc[3], pg[3];
+        for (int i = 0; i < 3; ++i) {
+          want[i].resize(static_cast<size_t>(rows[i]));
+          yd.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+          pc[i] = {&w[i].host, &b[i].host, want[i].data()};
+          pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
+        }
+        cpu->Project(x.data(), 1, nc, pc, 3);
+        gpu->Project(xd.get(), 1, ng, pg, 3);
+        for (int i = 0; i < 3; ++i)
+          ExpectRowsClose(Download(*gpu, yd[i].get(), want[i].size()), want[i],
+                          Magnitudes(xm, w[i].host), rel, what + " project " + std::to_string(i));
+
+        if (!normed) {  // ProjectAdd takes no norm
+          // ProjectAdd: y (a residual) += x W^T + b.
+          const std::vector<float> y0 = test::RandomVector(301, 41);
+          std::vector<float> ya = y0, scratch(301);
+          BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, 301);
+          cpu->ProjectAdd(x.data(), 1, w[0].host, &b[0].host, ya.data(), scratch.data());
+          gpu->ProjectAdd(xd.get(), 1, w[0].dev, &b[0].dev, yad.get(), sd.get());
+          ExpectRowsClose(Download(*gpu, yad.get(), 301), ya, Magnitudes(x, w[0].host), rel,
+                          what + " project+add");
+        }
+
+        // GateUp: silu(gate) * up, 301 rows each.
+        OwnedWeight wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
+        std::vector<float> gt(301), us(301);
+        BackendBuffer gd(*gpu, 301), ud(*gpu, 301);
+        cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
+                    us.data());
+        gpu->GateUp(xd.get(), 1, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
+        // d(silu(a) u) = silu'(a) u da + silu(a) du, |silu'| <= 1.1, |silu(a)| <= |a| + 0.3.
+        const std::vector<double> mg = Magnitudes(xm, w[0].host), mu = Magnitudes(xm, wu.host);
+        std::vector<double> mag(301);
+        for (size_t i = 0; i < mag.size(); ++i)
+          mag[i] = 1.1 * mg[i] * (mu[i] + 1.0) + (mg[i] + 1.3) * mu[i];
+        ExpectRowsClose(Download(*gpu, gd.get(), 301), gt, mag, 2 * rel, what + " gate/up");
+      }
+    }
+  }
+#endif
+}
+
+// The fused rotary embedding + cache write leaves q, k and the cache exactly as Rope, Rope,
+// KVWrite do, for one token and for a short prompt, across a block boundary.
+TEST(CudaDecode, RopeKVWriteEqualsSeparateOps) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  const int64_t H = 7, Hk = 1, D = 64, B = 16;
+  std::vector<float> inv_freq(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(10000.f, -2.f * i / D);
+  for (int64_t T : {1, 5}) {
+    const int64_t pos0 = 13;
+    const auto q = test::RandomVector(static_cast<size_t>(T * H * D), 1);
+    const auto k = test::RandomVector(static_cast<size_t>(T * Hk * D), 2);
+    const auto v = test::RandomVector(static_cast<size_t>(T * Hk * D), 3);
+    std::vector<std::vector<float>> qs, ks, caches;
+    for (bool fused : {false, true}) {
+      SetCudaFused(*gpu, fused);
+      KVCache cache(KVCacheShape{2, Hk, D, 64, B, DType::kF32}, 0, gpu->kv_memory());
+      BackendBuffer qd = Upload(*gpu, q), kd = Upload(*gpu, k), vd = Upload(*gpu, v);
+      gpu->RopeKVWrite(qd.get(), kd.get(), vd.get(), T, H, cache, 1, pos0, inv_freq, 0.9f);
+      qs.push_back(Download(*gpu, qd.get(), q.size()));
+      ks.push_back(Download(*gpu, kd.get(), k.size()));
+      // Both arenas of layer 1, every slot (the blocks were assigned in the same order).
+      const KVLayerView view = cache.Layer(1);
+      const size_t n = static_cast<size_t>(view.slots * Hk * B * D);
+      std::vector<float> arena(2 * n);
+      NEEDLE_CUDA_CHECK(cudaMemcpy(arena.data(), view.k, n * 4, cudaMemcpyDeviceToHost));
+      NEEDLE_CUDA_CHECK(cudaMemcpy(arena.data() + n, view.v, n * 4, cudaMemcpyDeviceToHost));
+      caches.push_back(arena);
+    }
+    SetCudaFused(*gpu, true);
+    EXPECT_EQ(qs[0], qs[1]) << "T=" << T;
+    EXPECT_EQ(ks[0], ks[1]) << "T=" << T;
+    EXPECT_EQ(caches[0], caches[1]) << "T=" << T;
+  }
+#endif
+}
+
+// The q/k/v projection with the rotary embedding and the cache write folded in (one launch)
+// leaves q, k, v and the cache exactly as the projection followed by RopeKVWrite does: each row
+// is summed in the same order, and rotated by the same expressions. bf16 and f32 caches.
+TEST(CudaDecode, ProjectRopeKVWriteEqualsTwoSteps) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  const int64_t H = 7, Hk = 1, D = 64, K = 264, B = 16, pos0 = 21;
+  std::vector<float> inv_freq(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(10000.f, -2.f * i / D);
+  const int64_t rows[3] = {H * D, Hk * D, Hk * D};
+  std::vector<OwnedWeight> w, b;
+  for (int i = 0; i < 3; ++i) {
+    w.push_back(MakeWeight(*gpu, DType::kBF16, rows[i], K, 70 + i));
+    b.push_back(MakeWeight(*gpu, DType::kBF16, 1, rows[i], 80 + i));
+  }
+  OwnedWeight g = MakeWeight(*gpu, DType::kBF16, 1, K, 90);
+  const auto x = test::RandomVector(static_cast<size_t>(K), 91);
+  for (DType kv : {DType::kBF16, DType::kF32}) {
+    std::vector<std::vector<float>> got;
+    for (bool fused : {false, true}) {
+      KVCache cache(KVCacheShape{1, Hk, D, 64, B, kv}, 0, gpu->kv_memory());
+      BackendBuffer xd = Upload(*gpu, x), scratch(*gpu, static_cast<size_t>(K));
+      std::vector<BackendBuffer> y;
+      Backend::Projection p[3];
+      for (int i = 0; i < 3; ++i) {
+        y.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+        p[i] = {&w[i].dev, &b[i].dev, y[i].get()};
+      }
+      const Backend::InputNorm norm{&g.dev, 1e-6f, scratch.get()};
+      if (fused) {
+        gpu->ProjectRopeKVWrite(xd.get(), 1, norm, p, H, cache, 0, pos0, inv_freq, 1.f);
+      } else {
+        gpu->Project(xd.get(), 1, norm, p, 3);
+        gpu->RopeKVWrite(y[0].get(), y[1].get(), y[2].get(), 1, H, cache, 0, pos0, inv_freq, 1.f);
+      }
+      std::vector<float> all;
+      for (int i = 0; i < 3; ++i) {
+        const auto h = Download(*gpu, y[i].get(), static_cast<size_t>(rows[i]));
+        all.insert(all.end(), h.begin(), h.end());
+      }
+      // The token's K and V rows in the cache, widened to f32 for the comparison.
+      const KVLayerView view = cache.Layer(0);
+      const size_t n = static_cast<size_t>(view.slots * Hk * B * D), es = DTypeSize(kv);
+      std::vector<uint8_t> arena(2 * n * es);
+      NEEDLE_CUDA_CHECK(cudaMemcpy(arena.data(), view.k, n * es, cudaMemcpyDeviceToHost));
+      NEEDLE_CUDA_CHECK(cudaMemcpy(arena.data() + n * es, view.v, n * es, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < 2 * n; ++i) all.push_back(LoadAsF32(kv, arena.data(), i));
+      got.push_back(std::move(all));
+    }
+    ASSERT_EQ(got[0].size(), got[1].size());
+    for (size_t i = 0; i < got[0].size(); ++i)
+      ASSERT_EQ(got[0][i], got[1][i]) << DTypeName(kv) << " at " << i << " (q " << rows[0] << ", k "
+                                      << rows[1] << ", v " << rows[2] << " rows, then "
+                                      << "the K and V arenas)";
+  }
+#endif
+}
+
+// Decode steps replayed from the recorded CUDA graph give the logits of steps launched one by
+// one, on every 16-bit fixture (sliding window, dynamic rope, q/k norm, GQA 7), over 300 steps
+// (past two cache blocks and the sliding window, so that the graph is replayed at positions
+// whose blocks were assigned after it was recorded); and the graph is in fact replayed.
+class CudaRecorded : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaRecorded, ReplayedStepsMatchLaunchedSteps) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  const std::string dir = test::FixturesDir() + "/" + GetParam();
+  auto model = LoadModel(dir, *gpu);
+  const int64_t steps = 300, V = model->config().vocab_size;
+  const std::vector<int32_t> prompt = {1, 17, 42, 99, 3};
+  std::vector<std::vector<float>> runs;
+  for (const char* graph : {"0", "1"}) {
+    setenv("NEEDLE_CUDA_GRAPH", graph, 1);
+    const CudaRecordStats before = GetCudaRecordStats(*gpu);
+    KVCache cache(model->CacheShape(512, DType::kBF16), 0, gpu->kv_memory());
+    std::vector<float> logits, all;
+    model->Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int32_t tok = static_cast<int32_t>((s * 37 + 11) % V);  // the same input both runs
+      model->Forward(&tok, 1, cache, false, &logits);
+      all.insert(all.end(), logits.begin(), logits.end());
+    }
+    const CudaRecordStats after = GetCudaRecordStats(*gpu);
+    if (graph[0] == '1') {
+      EXPECT_EQ(after.recordings - before.recordings, 1) << GetParam();
+      EXPECT_EQ(after.replays - before.replays, steps - 1) << GetParam();
+    } else {
+      EXPECT_EQ(after.replays, before.replays) << GetParam();
+    }
+    runs.push_back(std::move(all));
+  }
+  unsetenv("NEEDLE_CUDA_GRAPH");
+  double scale = 0;
+  for (float x : runs[0]) scale = std::max(scale, std::fabs(static_cast<double>(x)));
+  ASSERT_EQ(runs[0].size(), runs[1].size());
+  for (size_t i = 0; i < runs[0].size(); ++i)
+    ASSERT_NEAR(runs[1][i], runs[0][i], scale / 256)
+        << GetParam() << " step " << i / V << " logit " << i % V;
+#endif
+}
+
+std::vector<std::string> SixteenBitFixtures() {
+  std::vector<std::string> out;
+  for (const std::string& n : test::FixtureNames())
+    if (n.find("_f32") == std::string::npos) out.push_back(n);
+  return out;
+}
+INSTANTIATE_TEST_SUITE_P(All, CudaRecorded, ::testing::ValuesIn(SixteenBitFixtures()),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace needle
