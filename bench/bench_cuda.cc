@@ -15,9 +15,13 @@
 //   {"bench":"attn_prefill"}   causal prefill of T tokens, same heads: time and TFLOP/s, for the
 //                              default tensor-core kernel (wgmma on Hopper) and mma.sync
 //   {"bench":"e2e"}            --dummy-weights model (bench/configs): prefill tok/s of a P-token
-//                              prompt and decode tok/s after it
+//                              prompt and decode tok/s after it (the default decode path)
+//   {"bench":"e2e_decode"}     the same decode in each of the backend's three modes (graph,
+//                              fused, unfused; DecodeModes), against its bandwidth bound, with
+//                              the step's GPU time per operator class (bench/profile_backend.h)
 // Times are medians of event-timed repetitions after a warm-up (METHOD.md of the device tool).
-// Usage: bench_cuda [attn|decode|e2e|all] [config.json ...]   (decode: attn without prefill)
+//   {"bench":"gemv"}           the decode GEMV's tilings on the 7B/8B projections (bench_gemv.cu)
+// Usage: bench_cuda [attn|decode|e2e|gemv|all] [config.json ...]  (decode: attn without prefill)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,10 +30,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "bench/bench_floors.h"
+#include "bench/bench_gemv.h"
+#include "bench/profile_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/model/model.h"
@@ -42,7 +49,8 @@ using bench::MedianMs;
 
 // The device's memory bandwidth: a device-to-device copy (read + write) and a read-only kernel.
 // Decode attention only reads, so its fraction is taken of the read bandwidth, the higher.
-double Bandwidth(cudaStream_t stream) {
+// Returns the higher of the two in GB/s; *copy_gbs: the copy's.
+double Bandwidth(cudaStream_t stream, double* copy_gbs) {
   const size_t bytes = size_t{2} << 30;
   void *src = nullptr, *dst = nullptr;
   NEEDLE_CUDA_CHECK(cudaMalloc(&src, bytes));
@@ -58,6 +66,7 @@ double Bandwidth(cudaStream_t stream) {
       "{\"bench\":\"bandwidth\",\"GB/s\":%.1f,\"copy_GB/s\":%.1f,\"read_GB/s\":%.1f,"
       "\"empty_launch_us\":%.2f}\n",
       std::max(copy, read), copy, read, bench::EmptyLaunchUs(stream, 64));
+  *copy_gbs = copy;
   return std::max(copy, read);
 }
 
@@ -164,9 +173,84 @@ void Attention(Backend& b, double bw, bool prefill) {
   }
 }
 
-void EndToEnd(Backend& b, const std::string& config) {
+// Bytes a decode step must read from HBM besides the KV cache: every weight of the layers, the
+// final norm and the LM head; of the embedding table one row.
+double StepWeightBytes(const ModelWeights& w) {
+  double bytes = static_cast<double>(w.final_norm.nbytes()) +
+                 static_cast<double>(w.embed.nbytes()) / static_cast<double>(w.embed.rows);
+  if (w.lm_head.data != w.embed.data)
+    bytes += static_cast<double>(w.lm_head.nbytes());
+  else
+    bytes += static_cast<double>(w.embed.nbytes());
+  for (const LayerWeights& L : w.layers)
+    for (const Weight* x :
+         {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.bo, &L.q_norm,
+          &L.k_norm, &L.mlp_norm, &L.w_gate, &L.w_up, &L.w_down, &L.b_gate, &L.b_up, &L.b_down})
+      if (x->present()) bytes += static_cast<double>(x->nbytes());
+  return bytes;
+}
+
+// Decode in the three ways the CUDA backend can run it: "graph" (fused kernels, the step
+// replayed from a CUDA graph: the default), "fused" (the same kernels launched one by one) and
+// "unfused" (each operator on its own, projections through cuBLAS: the backend before the
+// decode fast path). tok/s with the last token's logits copied to the host after each step (what
+// llama.cpp's llama_decode does) and greedy (only the chosen id comes back, as `needle generate`
+// does), the step against its bandwidth bound (weights + K/V at the measured copy bandwidth),
+// and, for the launched modes, the step's GPU time per operator class.
+void DecodeModes(bench::ProfileBackend& prof, Backend& cuda, Model& model, KVCache& cache,
+                 const std::string& name, int64_t P, double copy_gbs) {
+  const double bytes = StepWeightBytes(model.weights()) +
+                       static_cast<double>(cache.shape().BytesPerToken()) * static_cast<double>(P);
+  const double bound_ms = bytes / (copy_gbs * 1e9) * 1e3;
+  std::vector<float> logits;
+  for (const char* mode : {"graph", "fused", "unfused"}) {
+    const bool graph = std::strcmp(mode, "graph") == 0;
+    SetCudaFused(cuda, std::strcmp(mode, "unfused") != 0);
+    setenv("NEEDLE_CUDA_GRAPH", graph ? "1" : "0", 1);
+    int32_t tok = 11;
+    for (int i = 0; i < 2; ++i) model.Forward(&tok, 1, cache, false, &logits);  // warm-up
+    const int steps = 16;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int s = 0; s < steps; ++s) model.Forward(&tok, 1, cache, false, &logits);
+    auto t1 = std::chrono::steady_clock::now();
+    for (int s = 0; s < steps; ++s) tok = model.ForwardGreedy(&tok, 1, cache) % 30000 + 10;
+    auto t2 = std::chrono::steady_clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(t1 - t0).count() / steps;
+    const double greedy_ms = std::chrono::duration<double, std::milli>(t2 - t1).count() / steps;
+    std::string profile;
+    if (!graph) {
+      prof.Begin();
+      model.Forward(&tok, 1, cache, false, &logits);
+      double total = 0;
+      const std::map<std::string, double> cls = prof.End(&total);
+      char buf[128];
+      std::snprintf(buf, sizeof buf, ",\"profile_ms\":%.4f,\"profile\":{", total);
+      profile = buf;
+      bool first = true;
+      for (const auto& [k, v] : cls) {
+        std::snprintf(buf, sizeof buf, "%s\"%s\":%.4f", first ? "" : ",", k.c_str(), v);
+        profile += buf;
+        first = false;
+      }
+      profile += "}";
+    }
+    std::printf(
+        "{\"bench\":\"e2e_decode\",\"config\":\"%s\",\"prompt\":%lld,\"mode\":\"%s\","
+        "\"ms\":%.4f,\"tok/s\":%.2f,\"greedy_ms\":%.4f,\"greedy_tok/s\":%.2f,\"step_GB\":%.3f,"
+        "\"bound_ms\":%.4f,\"of_bound\":%.3f,\"greedy_of_bound\":%.3f%s}\n",
+        name.c_str(), static_cast<long long>(P), mode, ms, 1e3 / ms, greedy_ms, 1e3 / greedy_ms,
+        bytes / 1e9, bound_ms, bound_ms / ms, bound_ms / greedy_ms, profile.c_str());
+    std::fflush(stdout);
+  }
+  SetCudaFused(cuda, true);
+  unsetenv("NEEDLE_CUDA_GRAPH");
+}
+
+void EndToEnd(Backend& cuda, const std::string& config, double copy_gbs) {
   ThreadingContext tc(0);
+  bench::ProfileBackend b(cuda, CudaBackendStream(cuda));
   auto model = MakeDummyModel(config, DType::kBF16, b, tc);
+  const std::string name = config.substr(config.rfind('/') + 1);
   {  // warm-up: cuBLAS picks its kernels and the activation pool grows outside the timings
     KVCache cache(model->CacheShape(4096, DType::kBF16), 0, b.kv_memory());
     std::vector<int32_t> ids(4096, 11);
@@ -175,7 +259,7 @@ void EndToEnd(Backend& b, const std::string& config) {
     model->Forward(ids.data(), 4096, cache, false, &logits);
   }
   for (int64_t P : {4096, 32768, 131072}) {
-    KVCache cache(model->CacheShape(P + 32, DType::kBF16), 0, b.kv_memory());
+    KVCache cache(model->CacheShape(P + 256, DType::kBF16), 0, b.kv_memory());
     std::vector<int32_t> ids(static_cast<size_t>(P));
     for (int64_t i = 0; i < P; ++i) ids[i] = static_cast<int32_t>((i * 7919) % 30000 + 10);
     model->set_ubatch(4096);
@@ -183,20 +267,20 @@ void EndToEnd(Backend& b, const std::string& config) {
     const auto t0 = std::chrono::steady_clock::now();
     model->Forward(ids.data(), P, cache, false, &logits);
     const auto t1 = std::chrono::steady_clock::now();
+    const double pre = std::chrono::duration<double>(t1 - t0).count();
     int32_t tok = 11;
     const int steps = 16;
     model->Forward(&tok, 1, cache, false, &logits);  // warm-up step
     const auto t2 = std::chrono::steady_clock::now();
     for (int s = 0; s < steps; ++s) model->Forward(&tok, 1, cache, false, &logits);
     const auto t3 = std::chrono::steady_clock::now();
-    const double pre = std::chrono::duration<double>(t1 - t0).count();
     const double dec = std::chrono::duration<double>(t3 - t2).count();
     std::printf(
         "{\"bench\":\"e2e\",\"config\":\"%s\",\"prompt\":%lld,\"prefill_tok/s\":%.0f,\"decode_tok/"
         "s\":%.2f}\n",
-        config.substr(config.rfind('/') + 1).c_str(), static_cast<long long>(P), P / pre,
-        steps / dec);
+        name.c_str(), static_cast<long long>(P), P / pre, steps / dec);
     std::fflush(stdout);
+    DecodeModes(b, cuda, *model, cache, name, P, copy_gbs);
   }
 }
 
@@ -208,10 +292,12 @@ int main(int argc, char** argv) {
   try {
     const std::string what = argc > 1 ? argv[1] : "all";
     auto b = MakeCudaBackend(0);
-    const double bw = Bandwidth(CudaBackendStream(*b));
+    double copy_gbs = 0;
+    const double bw = Bandwidth(CudaBackendStream(*b), &copy_gbs);
     if (what == "attn" || what == "all" || what == "decode") Attention(*b, bw, what != "decode");
     if (what == "e2e" || what == "all")
-      for (int i = 2; i < argc; ++i) EndToEnd(*b, argv[i]);
+      for (int i = 2; i < argc; ++i) EndToEnd(*b, argv[i], copy_gbs);
+    if (what == "gemv" || what == "all") bench::GemvSweep(CudaBackendStream(*b), copy_gbs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;

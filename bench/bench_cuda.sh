@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # needle's CUDA backend next to PyTorch on the same GPU, in one command (on the GPU machine):
-#   bash bench/bench_cuda.sh BENCH_CUDA_BINARY [all|attn|e2e]
+#   bash bench/bench_cuda.sh BENCH_CUDA_BINARY [all|attn|e2e|gemv]
 # e.g. LD_LIBRARY_PATH=$PWD/.dev/gpu/lib:/usr/local/cuda/lib64 bash bench/bench_cuda.sh .dev/gpu/bench_cuda
 # Prints one table per benchmark with the ratio needle / PyTorch (times) or PyTorch / needle
 # (rates), and keeps the raw lines in bench_cuda.jsonl and bench_torch.jsonl.
@@ -50,6 +50,21 @@ for r in ours:
         flops = 4.0 * 32 * 128 * r['T'] * (r['T'] + 1) / 2
         print(f"| {r['T']} | {r.get('kernel', '')} | {r['ms']:.2f} | {t['ms']:.2f} | {r['ms'] / t['ms']:.2f} | "
               f"{r['TFLOP/s']:.1f} | {flops / (t['ms'] * 1e-3) / 1e12:.1f} |")
+print("\nDecode step in the backend's three modes (graph: the default; fused: same kernels launched; unfused: the "
+      "operators one by one through cuBLAS), tok/s with the logits copied to the host, and greedy; of bound: the "
+      "bandwidth bound (weights + K/V at the copy bandwidth) over the step's time")
+print("\n| model | prompt | mode | ms | tok/s | greedy tok/s | of bound |")
+print("|---|---|---|---|---|---|---|")
+for r in ours:
+    if r["bench"] == "e2e_decode":
+        print(f"| {r['config']} | {r['prompt']} | {r['mode']} | {r['ms']:.3f} | {r['tok/s']:.1f} | "
+              f"{r['greedy_tok/s']:.1f} | {r['of_bound']:.3f} |")
+print("\n| model | op | tiling | us | of bandwidth |")
+print("|---|---|---|---|---|")
+for r in ours:
+    if r["bench"] == "gemv":
+        print(f"| {r['model']} | {r['op']} | {r['tiling']}{' (default)' if r['default'] else ''} | "
+              f"{r['us']:.2f} | {r['of_bw']:.3f} |")
 print("\n| model | prompt | needle prefill tok/s | transformers | needle/transformers time | needle decode tok/s | transformers | ")
 print("|---|---|---|---|---|---|---|")
 for r in ours:
