@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -113,8 +114,13 @@ void KVCache::Release(Arena& a) {
   a.p = nullptr;
 }
 
+static uint64_t NextCacheId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
-    : shape_(s), memory_(memory) {
+    : shape_(s), id_(NextCacheId()), memory_(memory) {
   if (s.layers <= 0 || s.kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0 || s.block_size <= 0)
     Fail("KV cache: invalid shape (layers ", s.layers, ", kv_heads ", s.kv_heads, ", head_dim ",
          s.head_dim, ", tokens ", s.capacity, ", block_size ", s.block_size, ")");

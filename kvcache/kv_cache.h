@@ -118,6 +118,9 @@ class KVCache {
   KVCache& operator=(const KVCache&) = delete;
 
   const KVCacheShape& shape() const { return shape_; }
+  // Unique per cache constructed in this process (a later cache may reuse a freed one's
+  // addresses, never its id): what recorded work that holds the cache's pointers is keyed by.
+  uint64_t id() const { return id_; }
   int64_t size() const { return size_; }  // tokens valid in every layer
   void Clear();
 
@@ -144,6 +147,7 @@ class KVCache {
   void Release(Arena& a);
 
   KVCacheShape shape_;
+  uint64_t id_;
   KVMemory* memory_ = nullptr;
   int32_t* table_mirror_ = nullptr;  // [layer][block] in memory_ (device caches)
   int64_t size_ = 0;

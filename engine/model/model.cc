@@ -107,7 +107,7 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
 
 bool Model::RecordedDecode(const int32_t* ids, int64_t pos0, const RopeFreqs& rope,
                            KVCache& cache) {
-  const RecordKey key{cache.Layer(0).k, cache.shape().capacity};
+  const uint64_t key = cache.id();
   if (attn_ != &dense_ || !b_.CanRecord() || key == unrecordable_) return false;
   // The recorded work cannot assign blocks (host memory): assign this step's now.
   for (int64_t l = 0; l < cfg_.num_layers; ++l) cache.AssignBlocks(l, pos0, 1);

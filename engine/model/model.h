@@ -112,15 +112,11 @@ class Model {
   std::function<void(int64_t, int64_t)> progress_;
   // Decode (T = 1) keeps its activations, so that a recording of the step stays valid.
   std::unique_ptr<Buffers> decode_;
-  // The recorded decode step and the cache it was recorded for (its arenas and capacity); a
-  // cache the backend could not record for is remembered so that it is not tried every step.
-  struct RecordKey {
-    const void* arena = nullptr;
-    int64_t capacity = 0;
-    bool operator==(const RecordKey&) const = default;
-  };
+  // The recorded decode step and the cache it was recorded for (KVCache::id: a new cache may
+  // reuse a freed one's addresses); a cache the backend could not record for is remembered so
+  // that it is not tried every step. 0: none.
   std::unique_ptr<Backend::Recording> recording_;
-  RecordKey recorded_, unrecordable_;
+  uint64_t recorded_ = 0, unrecordable_ = 0;
 };
 
 // Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.
