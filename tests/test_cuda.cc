@@ -23,6 +23,7 @@
 
 #include "engine/backend/backend.h"
 #include "engine/model/generate.h"
+#include "tests/backend_test_util.h"
 #include "tests/fixture_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
@@ -48,37 +49,11 @@ std::unique_ptr<Backend> CudaOrSkipReason(std::string* why) {
   auto var = CudaOrSkipReason(&why_); \
   if (var == nullptr) GTEST_SKIP() << "no GPU: " << why_;
 
-// A device buffer holding `host`.
-BackendBuffer Upload(Backend& b, const std::vector<float>& host) {
-  BackendBuffer buf(b, host.size());
-  b.FromHost(host.data(), host.size(), buf.get());
-  return buf;
-}
-std::vector<float> Download(Backend& b, const BackendBuffer& buf) {
-  std::vector<float> h(buf.size());
-  b.ToHost(buf.get(), buf.size(), h.data());
-  return h;
-}
-
-struct OwnedWeight {
-  std::vector<uint8_t> bytes;
-  Weight w;
-};
-OwnedWeight MakeWeight(DType t, int64_t rows, int64_t cols, uint64_t seed) {
-  OwnedWeight o;
-  const std::vector<float> v = test::RandomVector(static_cast<size_t>(rows * cols), seed);
-  o.bytes.resize(v.size() * DTypeSize(t));
-  for (size_t i = 0; i < v.size(); ++i) StoreFromF32(t, o.bytes.data(), i, v[i]);
-  o.w = Weight{"w", t, rows, cols, o.bytes.data()};
-  return o;
-}
-// Uploads a weight through the backend's PrepareWeights (a model of one embedding table).
-Weight DeviceWeight(Backend& b, const Weight& host) {
-  ModelWeights mw;
-  mw.embed = host;
-  b.PrepareWeights(mw);
-  return mw.embed;
-}
+using test::DeviceWeight;
+using test::Download;
+using test::MakeWeight;
+using test::OwnedWeight;
+using test::Upload;
 
 void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, double rel,
                  const std::string& what) {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "engine/backend/backend.h"
+#include "tests/backend_test_util.h"
 #include "tests/fixture_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
@@ -44,31 +45,17 @@ namespace {
 #endif
 
 #ifdef NEEDLE_HAVE_CUDA
-struct OwnedWeight {
-  std::vector<uint8_t> bytes;
+using test::Download;
+using test::Upload;
+// A random [rows, cols] weight of type t on the host and (through PrepareWeights) the GPU.
+struct HostDev {
+  test::OwnedWeight owned;
   Weight host, dev;
 };
-// A random [rows, cols] weight of type t, on the host and (through PrepareWeights) the GPU.
-OwnedWeight MakeWeight(Backend& gpu, DType t, int64_t rows, int64_t cols, uint64_t seed) {
-  OwnedWeight o;
-  const std::vector<float> v = test::RandomVector(static_cast<size_t>(rows * cols), seed);
-  o.bytes.resize(v.size() * DTypeSize(t));
-  for (size_t i = 0; i < v.size(); ++i) StoreFromF32(t, o.bytes.data(), i, v[i]);
-  o.host = Weight{"w", t, rows, cols, o.bytes.data()};
-  ModelWeights mw;
-  mw.embed = o.host;
-  gpu.PrepareWeights(mw);
-  o.dev = mw.embed;
-  return o;
-}
-BackendBuffer Upload(Backend& b, const std::vector<float>& host) {
-  BackendBuffer buf(b, host.size());
-  b.FromHost(host.data(), host.size(), buf.get());
-  return buf;
-}
-std::vector<float> Download(Backend& b, const float* p, size_t n) {
-  std::vector<float> h(n);
-  b.ToHost(p, n, h.data());
+HostDev MakeWeight(Backend& gpu, DType t, int64_t rows, int64_t cols, uint64_t seed) {
+  HostDev h{test::MakeWeight(t, rows, cols, seed), {}, {}};
+  h.host = h.owned.w;
+  h.dev = test::DeviceWeight(gpu, h.host);
   return h;
 }
 // sum_k |x_k w_nk| for every row n of w.
@@ -108,7 +95,7 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
             gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
         const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
         BackendBuffer xd = Upload(*gpu, x);
-        OwnedWeight g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
+        HostDev g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
         std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
         BackendBuffer xnd(*gpu, static_cast<size_t>(K));
         const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
@@ -117,7 +104,7 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
         const std::vector<float>& xm = normed ? xn : x;  // what the products read
         // Project: three outputs of 301, 63 and 64 rows.
         const int64_t rows[3] = {301, 63, 64};
-        std::vector<OwnedWeight> w, b;
+        std::vector<HostDev> w, b;
         for (int i = 0; i < 3; ++i) {
           w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
           b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
@@ -149,7 +136,7 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
         }
 
         // GateUp: silu(gate) * up, 301 rows each.
-        OwnedWeight wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
+        HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
         std::vector<float> gt(301), us(301);
         BackendBuffer gd(*gpu, 301), ud(*gpu, 301);
         cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
@@ -214,12 +201,12 @@ TEST(CudaDecode, ProjectRopeKVWriteEqualsTwoSteps) {
   std::vector<float> inv_freq(D / 2);
   for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(10000.f, -2.f * i / D);
   const int64_t rows[3] = {H * D, Hk * D, Hk * D};
-  std::vector<OwnedWeight> w, b;
+  std::vector<HostDev> w, b;
   for (int i = 0; i < 3; ++i) {
     w.push_back(MakeWeight(*gpu, DType::kBF16, rows[i], K, 70 + i));
     b.push_back(MakeWeight(*gpu, DType::kBF16, 1, rows[i], 80 + i));
   }
-  OwnedWeight g = MakeWeight(*gpu, DType::kBF16, 1, K, 90);
+  HostDev g = MakeWeight(*gpu, DType::kBF16, 1, K, 90);
   const auto x = test::RandomVector(static_cast<size_t>(K), 91);
   for (DType kv : {DType::kBF16, DType::kF32}) {
     std::vector<std::vector<float>> got;
