@@ -40,7 +40,9 @@ json ToJson(const EvalResult& r) {
             {"answer", r.answer},
             {"score", r.score},
             {"prefill_tok_s", r.prefill_tps},
-            {"decode_tok_s", r.decode_tps}};
+            {"decode_tok_s", r.decode_tps},
+            {"settings", r.settings},
+            {"sample", r.sample}};
   if (r.recall >= 0) j["recall"] = r.recall;
   return j;
 }
@@ -59,7 +61,20 @@ EvalResult FromJson(const json& j) {
   r.prefill_tps = j.value("prefill_tok_s", 0.0);
   r.decode_tps = j.value("decode_tok_s", 0.0);
   r.recall = j.value("recall", -1.0);
+  r.settings = j.value("settings", "");  // absent in files of needle before it recorded them
+  r.sample = j.value("sample", "");
   return r;
+}
+
+// FNV-1a, 64 bits: stable across builds and machines (std::hash is not promised to be).
+uint64_t Fnv1a(const std::string& s, uint64_t h = 14695981039346656037ull) {
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+std::string Hex(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
 }
 
 // Reads the finished results. A torn last line (a run killed mid-write) is cut off the file, so
@@ -92,6 +107,35 @@ std::vector<EvalResult> ReadExisting(const std::string& path) {
 }
 
 }  // namespace
+
+std::string ModelIdentity(const std::string& dir) {
+  std::ifstream in(dir + "/config.json", std::ios::binary);
+  if (!in) Fail(dir, "/config.json: cannot read");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return std::filesystem::absolute(dir).lexically_normal().string() +
+         " config.json:" + Hex(Fnv1a(ss.str()));
+}
+
+std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt) {
+  std::ostringstream os;
+  os << "model=" << opt.model_id << " kv=" << KVTypeName(opt.kv_type)
+     << " ctx=" << opt.context_limit << " prompt=" << ChatFamilyName(opt.chat)
+     << " sampling=greedy attention=";
+  if (cfg.sparse)
+    os << "sparse " << cfg.sparse_cfg.Describe();
+  else
+    os << "dense";
+  return os.str();
+}
+
+std::string SampleHash(const std::string& task, const datasets::Sample& s) {
+  std::ostringstream os;
+  os << task << '\0' << s.target_tokens << '\0' << s.depth << '\0' << s.context << '\0' << s.input
+     << '\0' << s.prompt;
+  for (const auto& a : s.answer) os << '\0' << a;
+  return Hex(Fnv1a(os.str()));
+}
 
 int64_t MaxNewTokens(const std::string& task) {
   if (datasets::IsRulerTask(task)) return datasets::kRulerMaxNewTokens;
@@ -154,8 +198,41 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   std::filesystem::create_directories(opt.run_dir);
   const std::string pred_path = opt.run_dir + "/predictions.jsonl";
   std::vector<EvalResult> results = ReadExisting(pred_path);
+  // Checked before anything runs: unique sample ids, and finished results that answered
+  // exactly what this run would ask.
+  std::map<std::pair<int64_t, int64_t>, const datasets::Sample*> by_id;
+  for (const auto& s : samples)
+    if (!by_id.emplace(std::make_pair(s.target_tokens, s.id), &s).second)
+      Fail(task, " samples: id ", s.id, " appears twice at length ", s.target_tokens,
+           " (ids must be unique per length, or their results cannot be told apart)");
+  std::map<std::string, const EvalResult*> finished_by_key;
+  for (const auto& r : results) finished_by_key[Key(r.config, r.task, r.length, r.id)] = &r;
   std::set<std::string> done;
-  for (const auto& r : results) done.insert(Key(r.config, r.task, r.length, r.id));
+  for (const auto& cfg : configs) {
+    const std::string want = RunSettings(cfg, opt);
+    for (const auto& s : samples) {
+      const std::string key = Key(cfg.name, task, s.target_tokens, s.id);
+      auto it = finished_by_key.find(key);
+      if (it == finished_by_key.end()) continue;
+      const EvalResult& r = *it->second;
+      if (r.settings.empty())
+        Fail(pred_path, ": the result of configuration '", cfg.name, "', ", task, " sample ", s.id,
+             " at length ", s.target_tokens,
+             " does not record its settings (an older needle wrote it), so it cannot be "
+             "reused; evaluate into a new --output directory");
+      if (r.settings != want)
+        Fail(pred_path, ": configuration '", cfg.name,
+             "' was run with other settings\n  then: ", r.settings, "\n  now:  ", want,
+             "\nits results would be reused for settings they did not answer: evaluate into a "
+             "new --output directory");
+      if (r.sample != SampleHash(task, s))
+        Fail(pred_path, ": ", task, " sample ", s.id, " at length ", s.target_tokens,
+             " of configuration '", cfg.name,
+             "' was another sample (other text, answer or depth: another dataset or seed); "
+             "evaluate into a new --output directory");
+      done.insert(key);
+    }
+  }
   std::ofstream out(pred_path, std::ios::app);
   if (!out) Fail(pred_path, ": cannot append");
   const int64_t total = static_cast<int64_t>(samples.size() * configs.size());
@@ -199,6 +276,8 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       EvalResult r;
       r.config = cfg.name, r.task = task, r.id = s.id, r.length = s.target_tokens,
       r.depth = s.depth;
+      r.settings = RunSettings(cfg, opt);
+      r.sample = SampleHash(task, s);
       r.prompt_tokens = static_cast<int64_t>(ids.size());
       r.prediction = text;
       r.answer = s.answer;

@@ -24,6 +24,9 @@ struct EvalConfig {
 
 struct EvalResult {
   std::string config, task;
+  // What the answer depended on (RunSettings) and which sample it answered (SampleHash): a rerun
+  // into the same run directory skips a sample only when both match.
+  std::string settings, sample;
   int64_t id = 0, length = 0, prompt_tokens = 0;
   double depth = 0, score = 0, prefill_tps = 0, decode_tps = 0, recall = -1;
   std::string prediction;
@@ -32,6 +35,7 @@ struct EvalResult {
 
 struct RunnerOptions {
   std::string run_dir;
+  std::string model_id;       // ModelIdentity(model folder)
   int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
   DType kv_type = DType::kBF16;
   bool recall = false;
@@ -40,8 +44,19 @@ struct RunnerOptions {
   std::string bos, eos;
 };
 
+// "FOLDER config.json:HASH": the model folder's absolute path and a hash of its config.json.
+std::string ModelIdentity(const std::string& dir);
+// Everything of a configuration that can change its answers: the model, the KV type, the context
+// limit, the prompt format, greedy decoding, and the attention with every sparse setting.
+std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt);
+// A hash of the sample's task, text, answers, depth and length.
+std::string SampleHash(const std::string& task, const datasets::Sample& s);
+
 // Runs every (config, sample) not already in run_dir/predictions.jsonl; returns all results
-// (old and new). Writes the summary files at the end.
+// (old and new). Writes the summary files at the end. Refuses (Error naming the file, the
+// configuration and both settings) a run directory whose results of a configuration of the
+// same name were made with other settings or other samples, and samples whose (length, id)
+// repeat: results are never reused for what they did not answer.
 std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingContext& tc,
                                 const std::string& task,
                                 const std::vector<datasets::Sample>& samples,

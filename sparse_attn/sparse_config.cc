@@ -69,7 +69,9 @@ std::string SparseConfig::Describe() const {
   if (repr == ReprType::kDynamic) os << " repr_count=" << repr_count;
   os << " select=" << SelectModeName(select) << " dense_layers=" << dense_layers
      << " token_step=" << token_step << " layer_step=" << layer_step
-     << " preselect_blocks=" << preselect_blocks << " retain_blocks=" << retained();
+     << " preselect_blocks=" << preselect_blocks;
+  if (preselect_blocks > 0) os << " preselect_pool=" << preselect_pool;
+  os << " retain_blocks=" << retained();
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();
 }

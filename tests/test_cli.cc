@@ -319,6 +319,71 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
   EXPECT_GT(tokens, 300);
 }
 
+// A rerun into the same run directory reuses a finished result only when it answered the same
+// thing: other sparse settings under the same configuration name, or another sample under the
+// same id, are refused before anything runs, naming the file and both settings; --data lines
+// with a repeated id are refused.
+TEST(Cli, EvalRefusesStaleResults) {
+  test::TempDir d;
+  const std::string model = d.File("m");
+  std::filesystem::create_directories(model);
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string run = d.File("run");
+  const std::string base = "eval passkey -m " + model + " -o " + run +
+                           " --lengths 300 --depths 1 --samples 1 --attention sparse"
+                           " --block-size 4 --init-tokens 4 --dense-layers 0 --ctx-size 1024";
+  Result a = RunNeedle(base + " --topk 8 --local-window 16");
+  ASSERT_EQ(a.status, 0) << a.output;
+  auto lines = [&] {
+    std::ifstream in(run + "/predictions.jsonl");
+    std::vector<std::string> v;
+    for (std::string l; std::getline(in, l);) v.push_back(l);
+    return v;
+  };
+  ASSERT_EQ(lines().size(), 1u);
+  // The same settings: resumed, nothing rerun.
+  Result same = RunNeedle(base + " --topk 8 --local-window 16");
+  ASSERT_EQ(same.status, 0) << same.output;
+  EXPECT_EQ(lines().size(), 1u);
+  // Other sparse settings under the same name ("sparse"): refused, the old table not printed.
+  Result other = RunNeedle(base + " --topk 1 --local-window 8");
+  EXPECT_NE(other.status, 0) << other.output;
+  EXPECT_NE(other.output.find("predictions.jsonl: configuration 'sparse' was run with other "
+                              "settings"),
+            std::string::npos)
+      << other.output;
+  EXPECT_NE(other.output.find("topk=8"), std::string::npos) << other.output;
+  EXPECT_NE(other.output.find("topk=1"), std::string::npos) << other.output;
+  EXPECT_EQ(other.output.find("| passkey |"), std::string::npos) << other.output;
+  EXPECT_EQ(lines().size(), 1u);
+  // Another sample under the same id and length (another seed): refused.
+  Result seed = RunNeedle(base + " --topk 8 --local-window 16 --seed 99");
+  EXPECT_NE(seed.status, 0) << seed.output;
+  EXPECT_NE(seed.output.find("was another sample"), std::string::npos) << seed.output;
+  // A result written without its settings (older needle): refused, not trusted.
+  {
+    const std::string line = lines()[0];
+    auto j = nlohmann::json::parse(line);
+    j.erase("settings");
+    std::ofstream out(run + "/predictions.jsonl", std::ios::trunc);
+    out << j.dump() << "\n";
+  }
+  Result old = RunNeedle(base + " --topk 8 --local-window 16");
+  EXPECT_NE(old.status, 0) << old.output;
+  EXPECT_NE(old.output.find("does not record its settings"), std::string::npos) << old.output;
+
+  // --data with a repeated id at one length.
+  const std::string line =
+      R"({"index": 3, "input": "One of the special magic numbers for x-y is: 42.\nWhat is the special magic number for x-y?", "answer_prefix": " The special magic number for x-y is", "outputs": ["42"], "length": 100})";
+  test::WriteFile(d.File("dup.jsonl"), line + "\n" + line + "\n");
+  Result dup = RunNeedle("eval niah_single_1 -m " + model + " -o " + d.File("rund") + " --data " +
+                         d.File("dup.jsonl"));
+  EXPECT_NE(dup.status, 0) << dup.output;
+  EXPECT_NE(dup.output.find("id 3 appears twice at length 100"), std::string::npos) << dup.output;
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

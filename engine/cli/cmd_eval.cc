@@ -202,6 +202,7 @@ int CmdEval(int argc, char** argv) {
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
   eval::RunnerOptions ro;
   ro.run_dir = opt.Str("output");
+  ro.model_id = eval::ModelIdentity(opt.Str("model"));
   ro.context_limit =
       opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : model->config().max_position_embeddings;
   const std::string kvs = opt.Str("kv-type");
