@@ -197,6 +197,13 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
                                 const std::vector<EvalConfig>& configs, const RunnerOptions& opt) {
   std::filesystem::create_directories(opt.run_dir);
   const std::string pred_path = opt.run_dir + "/predictions.jsonl";
+  if (samples.empty())
+    Fail("needle eval ", task, ": no samples to evaluate (an empty --lengths, or a --data file ",
+         "without lines)");
+  const int64_t max_new = MaxNewTokens(task);
+  if (opt.context_limit <= max_new + 1)
+    Fail("--ctx-size ", opt.context_limit, " leaves no room for a prompt: ", task,
+         " answers in up to ", max_new, " tokens");
   std::vector<EvalResult> results = ReadExisting(pred_path);
   // Checked before anything runs: unique sample ids, and finished results that answered
   // exactly what this run would ask.
@@ -239,7 +246,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   int64_t finished = static_cast<int64_t>(done.size()), ran = 0;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t max_new = MaxNewTokens(task);
+  int64_t cut_prompts = 0;
   for (const auto& cfg : configs) {
     for (const auto& s : samples) {
       if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
@@ -247,13 +254,22 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       const int64_t room = opt.context_limit - max_new;
       if (room > 1 &&
           static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)
+        if (cut_prompts++ == 0)
+          std::fprintf(stderr,
+                       "needle: warning: %s sample %lld has %zu prompt tokens; prompts longer "
+                       "than %lld (--ctx-size %lld minus %lld answer tokens) are cut in the "
+                       "middle\n",
+                       task.c_str(), static_cast<long long>(s.id), ids.size(),
+                       static_cast<long long>(room), static_cast<long long>(opt.context_limit),
+                       static_cast<long long>(max_new));
         std::vector<int32_t> cut(ids.begin(), ids.begin() + room / 2);
         cut.insert(cut.end(), ids.end() - (room - room / 2), ids.end());
         ids = std::move(cut);
       }
       const int64_t ctx = static_cast<int64_t>(ids.size()) + max_new;
       const int64_t block = cfg.sparse ? cfg.sparse_cfg.block_size : 128;
-      KVCache cache(model.CacheShape(ctx, opt.kv_type, block), 0, model.backend().kv_memory());
+      KVCache cache(model.CacheShape(ctx, opt.kv_type, block), opt.kv_memory,
+                    model.backend().kv_memory());
       std::unique_ptr<SparseAttention> sp;
       if (cfg.sparse) {
         sp = std::make_unique<SparseAttention>(model.config(), cfg.sparse_cfg, model.backend(), tc,
@@ -307,6 +323,9 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
     }
   }
   if (tty && ran > 0) std::fprintf(stderr, "\n");
+  if (cut_prompts > 1)
+    std::fprintf(stderr, "needle: warning: %lld prompts were cut in the middle to fit --ctx-size\n",
+                 static_cast<long long>(cut_prompts));
   // Summary files, replaced atomically.
   json summary = json::array();
   for (const auto& r : results) summary.push_back(ToJson(r));

@@ -37,6 +37,7 @@ struct RunnerOptions {
   std::string run_dir;
   std::string model_id;       // ModelIdentity(model folder)
   int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
+  size_t kv_memory = 0;       // bytes a sample's KV cache may take (--kv-memory; 0: available)
   DType kv_type = DType::kBF16;
   bool recall = false;
   // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.

@@ -1,5 +1,7 @@
 #include "eval/samples.h"
 
+#include <cstdio>
+
 #include "datasets/niah.h"
 #include "datasets/ruler.h"
 #include "engine/base/error.h"
@@ -21,6 +23,24 @@ std::string RunnableTasks() {
 std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokenizer& tok,
                                           const RunnerOptions& ro, const Options& opt) {
   if (!IsRunnableTask(task)) Fail("unknown task '", task, "' (available: ", RunnableTasks(), ")");
+  const std::vector<int64_t> lengths = ParseTokenLengths(opt.Str("lengths"), "--lengths");
+  if (lengths.empty()) Fail("--lengths: no length given (examples: 4k, 8k,16k)");
+  for (int64_t len : lengths) {
+    if (len > kMaxLength)
+      Fail("--lengths: ", len, " tokens is more than needle generates (at most ", kMaxLength,
+           " tokens, 16m)");
+    if (ro.context_limit > 0 && len > ro.context_limit)
+      std::fprintf(stderr,
+                   "needle: warning: --lengths %lld is above the context limit of %lld tokens "
+                   "(--ctx-size, by default the model's max_position_embeddings): its prompts "
+                   "will be cut in the middle; raise --ctx-size to evaluate the whole length\n",
+                   static_cast<long long>(len), static_cast<long long>(ro.context_limit));
+  }
+  const int64_t depths = opt.Int("depths"), per = opt.Int("samples");
+  if (depths < 1 || depths > kMaxDepths)
+    Fail("--depths: ", depths, " is not between 1 and ", kMaxDepths);
+  if (per < 1 || per > kMaxSamplesPerCell)
+    Fail("--samples: ", per, " is not between 1 and ", kMaxSamplesPerCell);
   std::vector<datasets::Sample> out;
   if (task == "needle") {
     datasets::NiahOptions no;
@@ -30,17 +50,16 @@ std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokeniz
     const std::string spacing = opt.Str("depth-spacing");
     if (spacing != "linear" && spacing != "sigmoid")
       Fail("--depth-spacing: '", spacing, "' is not linear or sigmoid");
-    const auto depths = spacing == "linear" ? datasets::LinearDepths(opt.Int("depths"))
-                                            : datasets::SigmoidDepths(opt.Int("depths"));
+    const auto depth_list =
+        spacing == "linear" ? datasets::LinearDepths(depths) : datasets::SigmoidDepths(depths);
     const std::vector<std::string> paths =
         opt.Str("haystack").empty() ? std::vector<std::string>{datasets::kDefaultHaystack}
                                     : SplitComma(opt.Str("haystack"));
     datasets::Sample probe;
     probe.input = no.question;
     const int64_t overhead = static_cast<int64_t>(PromptIds(task, probe, tok, ro).size());
-    out = datasets::GenerateNiah(tok, datasets::LoadHaystack(paths),
-                                 ParseTokenLengths(opt.Str("lengths"), "--lengths"), depths,
-                                 overhead, no);
+    out = datasets::GenerateNiah(tok, datasets::LoadHaystack(paths), lengths, depth_list, overhead,
+                                 no);
   } else if (datasets::IsRulerTask(task)) {
     // Counted as the model will see it: in its chat template when it has one.
     const auto count = [&](const std::string& s) {
@@ -54,19 +73,17 @@ std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokeniz
                                          ? std::vector<std::string>{datasets::kDefaultHaystack}
                                          : SplitComma(opt.Str("haystack")));
     const datasets::WordLists words = datasets::LoadWordLists();
-    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
-      for (auto& s :
-           datasets::GenerateRuler(task, len, opt.Int("samples"),
-                                   static_cast<uint64_t>(opt.Int("seed")), count, essay, words))
+    for (int64_t len : lengths)
+      for (auto& s : datasets::GenerateRuler(task, len, per, static_cast<uint64_t>(opt.Int("seed")),
+                                             count, essay, words))
         out.push_back(std::move(s));
   } else {
     const auto count = [&](const std::string& s) {
       return static_cast<int64_t>(tok.Encode(s, true).size());
     };
-    for (int64_t len : ParseTokenLengths(opt.Str("lengths"), "--lengths"))
-      for (auto& s :
-           datasets::GenerateInfiniteBench(task, len, opt.Int("depths"), opt.Int("samples"),
-                                           static_cast<uint64_t>(opt.Int("seed")), count))
+    for (int64_t len : lengths)
+      for (auto& s : datasets::GenerateInfiniteBench(task, len, depths, per,
+                                                     static_cast<uint64_t>(opt.Int("seed")), count))
         out.push_back(std::move(s));
   }
   return out;

@@ -15,7 +15,11 @@ namespace needle::eval {
 
 bool IsRunnableTask(const std::string& task);  // InfiniteBench, RULER NIAH, needle
 std::string RunnableTasks();
-// From the options of DatasetOptionSpecs(): lengths, depths, samples, seed, haystack, ...
+// Bounds of the generated grid: depths per length, samples per (length, depth).
+constexpr int64_t kMaxDepths = 1000, kMaxSamplesPerCell = 100000, kMaxLength = int64_t{1} << 24;
+// From the options of DatasetOptionSpecs(): lengths, depths, samples, seed, haystack, ... Refuses
+// an empty --lengths, lengths, depths or samples outside their bounds; warns about lengths above
+// ro.context_limit (when set), whose prompts the runner cuts.
 std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokenizer& tok,
                                           const RunnerOptions& ro, const Options& opt);
 // The prompt text of a sample: the benchmark's raw template, or (chat models) the chat-formatted

@@ -56,7 +56,8 @@ size_t ParseByteSize(const std::string& s, const std::string& what) {
   } catch (...) {
     pos = 0;
   }
-  if (s.empty() || pos == 0 || v < 0) Fail(what, ": '", s, "' is not a size (examples: 512M, 16G)");
+  if (s.empty() || pos == 0 || !std::isfinite(v) || v < 0)
+    Fail(what, ": '", s, "' is not a size (examples: 512M, 16G)");
   std::string suf = s.substr(pos);
   double mul = 1;
   if (suf == "" || suf == "B")
@@ -71,6 +72,7 @@ size_t ParseByteSize(const std::string& s, const std::string& what) {
     mul = 1024.0 * 1024 * 1024 * 1024;
   else
     Fail(what, ": unknown size suffix '", suf, "' in '", s, "' (use K, M, G or T)");
+  if (v * mul >= 0x1p63) Fail(what, ": '", s, "' is larger than any memory (2^63 bytes)");
   return static_cast<size_t>(v * mul);
 }
 

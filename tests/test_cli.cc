@@ -384,6 +384,45 @@ TEST(Cli, EvalRefusesStaleResults) {
   EXPECT_NE(dup.output.find("id 3 appears twice at length 100"), std::string::npos) << dup.output;
 }
 
+// needle eval validates the run options as generate does, and refuses what cannot give a
+// result instead of exiting 0 with an empty table or silently ignoring a flag.
+TEST(Cli, EvalValidatesItsOptions) {
+  test::TempDir d;
+  const std::string model = d.File("m");
+  std::filesystem::create_directories(model);
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string base = "eval passkey -m " + model + " -o " + d.File("run") + " ";
+  const std::pair<std::string, std::string> refused[] = {
+      {"-t -1 --lengths 400", "--threads must be between"},
+      {"--ubatch 0 --lengths 400", "--ubatch must be positive"},
+      {"--lengths \"\"", "--lengths: no length given"},
+      {"--lengths 100m --ctx-size 1024", "--lengths: 104857600 tokens is more than needle"},
+      {"--lengths 400 --depths 100000000", "--depths: 100000000 is not between 1 and 1000"},
+      {"--lengths 400 --kv-memory nan", "--kv-memory: 'nan' is not a size"},
+      {"--lengths 400 --kv-memory 1e30", "--kv-memory: '1e30' is larger than any memory"},
+      {"--lengths 400 --ctx-size 1024 --kv-memory 1K", "but --kv-memory allows 1.0 KiB"},
+      {"--lengths 400 -c 7", "--ctx-size 7 leaves no room for a prompt"},
+  };
+  for (const auto& [args, message] : refused) {
+    Result r = RunNeedle(base + args);
+    EXPECT_NE(r.status, 0) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << args << "\n" << r.output;
+  }
+  // A context limit that cuts the prompt: run, with a warning.
+  Result cut = RunNeedle(base + "--lengths 400 --depths 1 -c 40");
+  EXPECT_EQ(cut.status, 0) << cut.output;
+  EXPECT_NE(cut.output.find("its prompts will be cut in the middle"), std::string::npos)
+      << cut.output;
+  EXPECT_NE(cut.output.find("are cut in the middle"), std::string::npos) << cut.output;
+  // An empty --data file.
+  test::WriteFile(d.File("empty.jsonl"), "");
+  Result e = RunNeedle(base + "--data " + d.File("empty.jsonl"));
+  EXPECT_NE(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("no samples to evaluate"), std::string::npos) << e.output;
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -195,14 +195,16 @@ int CmdEval(int argc, char** argv) {
   }
   if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
 
-  ThreadingContext tc(static_cast<int>(opt.Int("threads")));
+  const RunLimits limits = RunLimitsFromOptions(opt);
+  ThreadingContext tc(limits.threads);
   auto backend = MakeBackend(opt.Str("device"), opt, tc);
   auto model = LoadModel(opt.Str("model"), *backend);
-  model->set_ubatch(opt.Int("ubatch"));
+  model->set_ubatch(limits.ubatch);
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
   eval::RunnerOptions ro;
   ro.run_dir = opt.Str("output");
   ro.model_id = eval::ModelIdentity(opt.Str("model"));
+  ro.kv_memory = limits.kv_memory;
   ro.context_limit =
       opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : model->config().max_position_embeddings;
   const std::string kvs = opt.Str("kv-type");

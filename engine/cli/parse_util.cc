@@ -36,7 +36,10 @@ std::vector<int64_t> ParseTokenLengths(const std::string& s, const std::string& 
     const std::string suf = pos < item.size() ? item.substr(pos) : "";
     if (pos == 0 || v <= 0 || (suf != "" && suf != "k" && suf != "K" && suf != "m" && suf != "M"))
       Fail(what, ": '", item, "' is not a length (examples: 4096, 4k, 128k, 1m)");
-    out.push_back(v * (suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1));
+    const int64_t mul = suf == "k" || suf == "K" ? 1024 : suf == "m" || suf == "M" ? 1048576 : 1;
+    if (v > (int64_t{1} << 40) / mul)
+      Fail(what, ": '", item, "' is more tokens than needle can hold (at most 2^40)");
+    out.push_back(v * mul);
   }
   return out;
 }

@@ -161,17 +161,28 @@ std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& o
   return MakeCpuBackend(tc, opt.Flag("reference-kernels"));
 }
 
+RunLimits RunLimitsFromOptions(const Options& opt) {
+  RunLimits l;
+  const int64_t threads = opt.Int("threads");
+  if (threads < 0 || threads > 4096)
+    Fail("--threads must be between 0 (all hardware threads) and 4096 (got ", threads, ")");
+  l.threads = static_cast<int>(threads);
+  l.ubatch = opt.Int("ubatch");
+  if (l.ubatch <= 0) Fail("--ubatch must be positive (got ", l.ubatch, ")");
+  l.kv_memory =
+      opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
+  return l;
+}
+
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);
   const std::string model_path = opt.Str("model");
   if (model_path.empty()) Fail("--model is required");
-  if (opt.Int("threads") < 0) Fail("--threads must not be negative (got ", opt.Int("threads"), ")");
-  if (opt.Int("ubatch") <= 0) Fail("--ubatch must be positive (got ", opt.Int("ubatch"), ")");
-  const size_t kv_limit =
-      opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
+  const RunLimits limits = RunLimitsFromOptions(opt);
+  const size_t kv_limit = limits.kv_memory;
 
-  rs.tc = std::make_unique<ThreadingContext>(static_cast<int>(opt.Int("threads")));
+  rs.tc = std::make_unique<ThreadingContext>(limits.threads);
   rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
@@ -180,7 +191,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   } else {
     rs.model = LoadModel(model_path, *rs.backend);
   }
-  rs.model->set_ubatch(opt.Int("ubatch"));
+  rs.model->set_ubatch(limits.ubatch);
   const std::string kvs = opt.Str("kv-type");
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
   const KVCacheShape shape = rs.model->CacheShape(ctx, rs.kv_type, rs.sparse_cfg.block_size);

@@ -33,6 +33,14 @@ struct RunSetup {
 // names them) and returns the sparse settings; called before any model is loaded.
 // attention: the attention value to check against (default: the --attention option).
 SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* attention = nullptr);
+// The limits every subcommand that runs a model validates the same way: --threads (>= 0),
+// --ubatch (> 0) and --kv-memory (a size; 0 when unset: the memory's available bytes).
+struct RunLimits {
+  int threads = 0;
+  int64_t ubatch = 512;
+  size_t kv_memory = 0;
+};
+RunLimits RunLimitsFromOptions(const Options& opt);
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
 // attention policy.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
