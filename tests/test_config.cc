@@ -131,6 +131,47 @@ TEST(Config, BadInputNamesFileFieldAndValue) {
                         {"c.json", "vocab_size", "positive"});
 }
 
+// Values a hostile config.json can hold, each once a crash or an out-of-bounds write (issue 21):
+// now an error naming the file, the field and the value, before anything is sized from it.
+TEST(Config, HostileValuesAreNamedErrors) {
+  const std::string qwen_swa = R"(, "use_sliding_window": true, "sliding_window": 64)";
+  ExpectErrorContaining(
+      [&] {
+        ParseModelConfig(Base(qwen_swa + R"(, "max_window_layers": -5)", "Qwen2ForCausalLM"),
+                         "c.json");
+      },
+      {"c.json", "max_window_layers", "must not be negative", "-5"});
+  ExpectErrorContaining(
+      [&] {
+        ParseModelConfig(
+            Base(qwen_swa + R"(, "max_window_layers": -100000000)", "Qwen2ForCausalLM"), "c.json");
+      },
+      {"c.json", "max_window_layers", "must not be negative"});
+  ExpectErrorContaining([] { ParseModelConfig(Base(R"(, "vocab_size": 1e30)"), "c.json"); },
+                        {"c.json", "vocab_size", "must be an integer", "1e+30"});
+  ExpectErrorContaining(
+      [] { ParseModelConfig(Base(R"(, "vocab_size": 18446744073709551615)"), "c.json"); },
+      {"c.json", "vocab_size", "out of range"});
+  ExpectErrorContaining(
+      [] { ParseModelConfig(Base(R"(, "vocab_size": 4611686018427387904)"), "c.json"); },
+      {"c.json", "vocab_size", "above needle's limit of 16777216"});
+  ExpectErrorContaining(
+      [] { ParseModelConfig(Base(R"(, "num_hidden_layers": 1000000000)"), "c.json"); },
+      {"c.json", "num_hidden_layers", "above needle's limit of 1024"});
+  // Nested 80,000 deep: the message shows one level, without recursing through the value.
+  const std::string deep = std::string(80000, '[') + "1" + std::string(80000, ']');
+  try {
+    ParseModelConfig(Base(", \"vocab_size\": " + deep), "c.json");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("c.json: field 'vocab_size' must be an integer (value: [[...]])"),
+              std::string::npos)
+        << m.substr(0, 300);
+    EXPECT_LT(m.size(), 300u);
+  }
+}
+
 TEST(Config, HeadsMustDivide) {
   const std::string j =
       R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,

@@ -96,6 +96,37 @@ TEST(Tokenizer, MalformedFilesNameTheField) {
                               {"e.json", "pre_tokenizer.type", "BertPreTokenizer"});
 }
 
+// Token ids a hostile tokenizer.json can hold, each once an out-of-bounds write, a silent wrap or
+// an allocation without bound (issue 21): now an error naming the file and the field.
+TEST(Tokenizer, HostileIdsAreNamedErrors) {
+  test::TempDir d;
+  auto with_added = [&](const std::string& name, const std::string& added) {
+    test::WriteFile(d.File(name), R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1},
+      "merges": []}, "added_tokens": [)" +
+                                      added + "]}");
+    return d.File(name);
+  };
+  const std::pair<std::string, std::string> cases[] = {
+      {R"({"id": -3, "content": "<x>"})", "added_tokens[0].id"},
+      {R"({"id": -100000000, "content": "<x>"})", "added_tokens[0].id"},
+      {R"({"id": 4294967297, "content": "<x>"})", "added_tokens[0].id"},
+      {R"({"id": 400000000, "content": "<x>"})", "added_tokens[0].id"},
+      {R"({"id": 2.5, "content": "<x>"})", "added_tokens[0].id"},
+      {R"({"id": 5})", "added_tokens[0].content"},
+      {R"({"content": "<x>"})", "added_tokens[0].id"},
+  };
+  int n = 0;
+  for (const auto& [added, field] : cases) {
+    const std::string path = with_added("t" + std::to_string(n++) + ".json", added);
+    test::ExpectErrorContaining([&] { Tokenizer::Load(path); }, {path, field});
+  }
+  test::WriteFile(
+      d.File("v.json"),
+      R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 4294967297}, "merges": []}})");
+  test::ExpectErrorContaining([&] { Tokenizer::Load(d.File("v.json")); },
+                              {"v.json", "model.vocab.b", "4294967297"});
+}
+
 TEST(Tokenizer, SentencePieceStyleByteFallback) {
   // A tiny Llama-2-style file: prepend + replace normaliser, byte fallback, Metaspace-like decoder.
   test::TempDir d;

@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <climits>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -45,6 +47,32 @@ const char* RopeTypeName(RopeType t) {
 
 namespace {
 
+// A JSON value for an error message, without recursion (a value nested 100,000 deep must not
+// overflow the stack while a message is being written): scalars as written, arrays and objects
+// one level deep with nested ones as [...] / {...}; cut at 80 characters.
+std::string ShortValue(const json& v) {
+  auto scalar = [](const json& e) -> std::string {
+    if (e.is_array()) return "[...]";
+    if (e.is_object()) return "{...}";
+    return e.dump();
+  };
+  std::string s;
+  if (v.is_array() || v.is_object()) {
+    s = v.is_array() ? "[" : "{";
+    bool first = true;
+    for (auto it = v.begin(); it != v.end() && s.size() <= 80; ++it, first = false) {
+      if (!first) s += ",";
+      if (v.is_object()) s += json(it.key()).dump() + ":";
+      s += scalar(it.value());
+    }
+    s += v.is_array() ? "]" : "}";
+  } else {
+    s = v.dump();
+  }
+  if (s.size() > 80) s = s.substr(0, 77) + "...";
+  return s;
+}
+
 // Field readers that name the file and the field (with its parent object) in every error.
 class Fields {
  public:
@@ -55,23 +83,34 @@ class Fields {
   std::string Name(const char* key) const { return prefix_ + key; }
 
   [[noreturn]] void Bad(const char* key, const std::string& why) const {
-    std::string value = j_.contains(key) ? j_.at(key).dump() : "(missing)";
-    if (value.size() > 80) value = value.substr(0, 77) + "...";
+    const std::string value = j_.contains(key) ? ShortValue(j_.at(key)) : "(missing)";
     Fail(source_, ": field '", Name(key), "' ", why, " (value: ", value, ")");
   }
 
+  // An integer field. Floats count when they are whole and within int64 (converted only after
+  // that check: a float out of range has no int64 value); unsigned values above int64 do not.
   int64_t Int(const char* key) const {
     if (!Has(key)) Fail(source_, ": required field '", Name(key), "' is missing");
     const json& v = j_.at(key);
+    if (v.is_number_unsigned()) {
+      if (v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) Bad(key, "is out of range");
+      return static_cast<int64_t>(v.get<uint64_t>());
+    }
     if (v.is_number_integer()) return v.get<int64_t>();
-    if (v.is_number_float() && v.get<double>() == static_cast<double>(v.get<int64_t>()))
-      return v.get<int64_t>();
+    if (v.is_number_float()) {
+      const double d = v.get<double>();
+      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 0x1p63)
+        return static_cast<int64_t>(d);
+    }
     Bad(key, "must be an integer");
   }
   int64_t Int(const char* key, int64_t dflt) const { return Has(key) ? Int(key) : dflt; }
-  int64_t PositiveInt(const char* key) const {
+  // A positive integer of at most `max` (the documented bound of the field, checked before
+  // anything is sized from it).
+  int64_t PositiveInt(const char* key, int64_t max = INT64_MAX) const {
     int64_t v = Int(key);
     if (v <= 0) Bad(key, "must be a positive integer");
+    if (v > max) Bad(key, Concat("is above needle's limit of ", max));
     return v;
   }
   double Num(const char* key) const {
@@ -259,25 +298,28 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
           "Qwen2ForCausalLM, Qwen3ForCausalLM)");
   }
 
-  c.vocab_size = f.PositiveInt("vocab_size");
-  c.hidden_size = f.PositiveInt("hidden_size");
-  c.intermediate_size = f.PositiveInt("intermediate_size");
-  c.num_layers = f.PositiveInt("num_hidden_layers");
-  c.num_heads = f.PositiveInt("num_attention_heads");
+  // Bounds far above any released model, so that no size computed from them can overflow
+  // (config.h: kMaxVocab and the rest).
+  c.vocab_size = f.PositiveInt("vocab_size", kMaxVocab);
+  c.hidden_size = f.PositiveInt("hidden_size", kMaxHidden);
+  c.intermediate_size = f.PositiveInt("intermediate_size", kMaxIntermediate);
+  c.num_layers = f.PositiveInt("num_hidden_layers", kMaxLayers);
+  c.num_heads = f.PositiveInt("num_attention_heads", kMaxHeads);
   c.num_kv_heads =
-      f.Has("num_key_value_heads") ? f.PositiveInt("num_key_value_heads") : c.num_heads;
+      f.Has("num_key_value_heads") ? f.PositiveInt("num_key_value_heads", kMaxHeads) : c.num_heads;
   if (c.num_heads % c.num_kv_heads != 0)
     f.Bad("num_key_value_heads", Concat("must divide num_attention_heads (", c.num_heads, ")"));
   if (f.Has("head_dim")) {
-    c.head_dim = f.PositiveInt("head_dim");
+    c.head_dim = f.PositiveInt("head_dim", kMaxHeadDim);
   } else {
     if (c.hidden_size % c.num_heads != 0)
       f.Bad("hidden_size", "is not a multiple of num_attention_heads and head_dim is not given");
     c.head_dim = c.hidden_size / c.num_heads;
   }
   if (c.head_dim % 2 != 0) f.Bad("head_dim", "must be even for rotary embeddings");
-  c.max_position_embeddings =
-      f.Has("max_position_embeddings") ? f.PositiveInt("max_position_embeddings") : 2048;
+  c.max_position_embeddings = f.Has("max_position_embeddings")
+                                  ? f.PositiveInt("max_position_embeddings", kMaxContext)
+                                  : 2048;
   c.rms_norm_eps = f.Num("rms_norm_eps", 1e-6);
   if (!(c.rms_norm_eps > 0)) f.Bad("rms_norm_eps", "must be positive");
   c.tie_word_embeddings = f.Bool("tie_word_embeddings", false);
@@ -326,7 +368,8 @@ ModelConfig ParseModelConfig(const std::string& text, const std::string& source)
           }
         }
       } else {
-        int64_t from = f.Int("max_window_layers", c.num_layers);
+        const int64_t from = f.Int("max_window_layers", c.num_layers);
+        if (from < 0) f.Bad("max_window_layers", "must not be negative");
         for (int64_t i = from; i < c.num_layers; ++i) c.sliding_window[i] = window;
       }
     }

@@ -11,6 +11,14 @@
 
 namespace needle {
 
+// What config.json may ask for: far above any released model (vocabularies of 256K, hidden 16K,
+// 128 layers), low enough that no size computed from them (vocab x hidden x 4 bytes, a layer's
+// weights, the KV cache of a token) can overflow 64 bits; positions stay below 2^31 (the GPU
+// kernels index them in 32 bits). A config above them is refused naming the field.
+constexpr int64_t kMaxVocab = int64_t{1} << 24, kMaxHidden = int64_t{1} << 17,
+                  kMaxIntermediate = int64_t{1} << 20, kMaxLayers = 1024, kMaxHeads = 1024,
+                  kMaxHeadDim = 1024, kMaxContext = (int64_t{1} << 31) - 1;
+
 enum class Arch { kLlama, kMistral, kQwen2, kQwen3 };
 const char* ArchName(Arch a);
 

@@ -40,6 +40,25 @@ void ReplaceAll(std::string* s, const std::string& from, const std::string& to) 
   *s = std::move(out);
 }
 
+// A token id: an integer in [0, kMaxTokenId], checked before it becomes an int32_t (a negative
+// id would index below the id table, a huge one allocate it without bound, one above 2^31 wrap).
+constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;  // config.h's kMaxVocab - 1
+int32_t CheckedTokenId(const json& v, const std::string& path, const std::string& field) {
+  int64_t id = -1;
+  if (v.is_number_unsigned())
+    id = v.get<uint64_t>() > static_cast<uint64_t>(kMaxTokenId)
+             ? kMaxTokenId + 1
+             : static_cast<int64_t>(v.get<uint64_t>());
+  else if (v.is_number_integer())
+    id = v.get<int64_t>();
+  else
+    Bad(path, field, "must be an integer token id");
+  if (id < 0 || id > kMaxTokenId)
+    Bad(path, field,
+        "is not a token id in [0, " + std::to_string(kMaxTokenId) + "] (value: " + v.dump() + ")");
+  return static_cast<int32_t>(id);
+}
+
 bool IsSpaceByte(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
 }
@@ -72,17 +91,22 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
     Bad(path, "model.dropout", "is not supported");
   int32_t max_id = -1;
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    if (!it.value().is_number_integer())
-      Bad(path, "model.vocab." + it.key(), "must be an integer id");
-    const int32_t id = it.value().get<int32_t>();
-    if (id < 0) Bad(path, "model.vocab." + it.key(), "has a negative id");
+    const int32_t id = CheckedTokenId(it.value(), path, "model.vocab." + it.key());
     t->vocab_[it.key()] = id;
     max_id = std::max(max_id, id);
   }
   std::vector<AddedToken> added;
   if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
-    for (const auto& a : j["added_tokens"]) {
-      AddedToken at{a.at("content").get<std::string>(), a.at("id").get<int32_t>(),
+    for (size_t i = 0; i < j["added_tokens"].size(); ++i) {
+      const json& a = j["added_tokens"][i];
+      const std::string field = "added_tokens[" + std::to_string(i) + "]";
+      if (!a.is_object() || !a.contains("content") || !a["content"].is_string())
+        Bad(path, field + ".content", "is missing or not a string");
+      if (!a.contains("id")) Bad(path, field + ".id", "is missing");
+      for (const char* k : {"special", "lstrip", "rstrip"})
+        if (a.contains(k) && !a[k].is_boolean())
+          Bad(path, field + "." + k, "must be true or false");
+      AddedToken at{a["content"].get<std::string>(), CheckedTokenId(a["id"], path, field + ".id"),
                     a.value("special", false), a.value("lstrip", false), a.value("rstrip", false)};
       max_id = std::max(max_id, at.id);
       added.push_back(at);
@@ -155,7 +179,8 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
           const std::string name = piece["SpecialToken"].at("id").get<std::string>();
           const json& st = p.at("special_tokens").at(name);
           for (const auto& id : st.at("ids"))
-            (seen_a ? impl.post_suffix : impl.post_prefix).push_back(id.get<int32_t>());
+            (seen_a ? impl.post_suffix : impl.post_prefix)
+                .push_back(CheckedTokenId(id, path, field + ".special_tokens." + name + ".ids"));
         }
       }
     } else if (type != "ByteLevel") {
