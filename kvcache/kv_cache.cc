@@ -128,6 +128,21 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
          s.head_dim, ", tokens ", s.capacity, ", block_size ", s.block_size, ")");
   if (!IsFloatWeightType(s.dtype) && s.dtype != DType::kI8)
     Fail("KV cache: type must be f32, f16, bf16 or int8");
+  // Bounds before any product: positions below 2^31 (the GPU kernels index them in 32 bits),
+  // block size and the per-token shape within what the config bounds allow, so that the byte
+  // counts below cannot wrap (a context of INT64_MAX once did).
+  if (s.capacity > (int64_t{1} << 31) - 1)
+    Fail("KV cache: ", s.capacity, " tokens is above needle's limit of 2^31 - 1 positions");
+  if (s.block_size > (int64_t{1} << 20) || s.layers > 4096 || s.kv_heads > 4096 ||
+      s.head_dim > 4096)
+    Fail("KV cache: shape out of range (layers ", s.layers, ", kv_heads ", s.kv_heads,
+         ", head_dim ", s.head_dim, ", block_size ", s.block_size, ")");
+  const long double need = static_cast<long double>(s.BytesPerToken()) *
+                           static_cast<long double>(s.num_blocks()) *
+                           static_cast<long double>(s.block_size);
+  if (need > 0x1p62L)
+    Fail("KV cache for ", s.capacity, " tokens needs more than 2^62 bytes (", s.BytesPerToken(),
+         " bytes per token): use a shorter context");
   const size_t total = s.TotalBytes();
   const size_t avail = memory != nullptr ? memory->AvailableBytes() : AvailableMemoryBytes();
   const std::string where = memory != nullptr ? memory->Name() : std::string("memory");

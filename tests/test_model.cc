@@ -105,9 +105,20 @@ TEST(Model, ContextOverflowIsAnError) {
 TEST(Model, KVCacheLargerThanMemoryIsRefused) {
   test::ExpectErrorContaining(
       [] {
-        KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 34, 128, DType::kBF16});
+        KVCache c(KVCacheShape{32, 8, 128, int64_t{1} << 30, 128, DType::kBF16});
       },
       {"KV cache", "GiB", "available"});
+  // Contexts whose byte counts would wrap in 64 bits (-c INT64_MAX once did): refused first.
+  test::ExpectErrorContaining(
+      [] {
+        KVCache c(KVCacheShape{32, 8, 128, INT64_MAX, 128, DType::kBF16});
+      },
+      {"KV cache", "9223372036854775807 tokens", "2^31 - 1 positions"});
+  test::ExpectErrorContaining(
+      [] {
+        KVCache c(KVCacheShape{4096, 4096, 4096, (int64_t{1} << 31) - 1, 128, DType::kF32});
+      },
+      {"KV cache", "more than 2^62 bytes"});
 }
 
 }  // namespace

@@ -117,6 +117,20 @@ TEST(Safetensors, BadShapeEntries) {
   WriteFile(d.File("g.safetensors"), Build(g, 4));
   ExpectErrorContaining([&] { SafetensorsFile f(d.File("g.safetensors")); },
                         {"g.safetensors", "'w'", "data_offsets"});
+  // A shape whose byte count wraps in 64 bits ([2^62, 2] bf16 once "needed" 0 bytes and passed
+  // with data_offsets [0, 0]).
+  json w = {
+      {"w", {{"dtype", "BF16"}, {"shape", {uint64_t{1} << 62, 2}}, {"data_offsets", {0, 0}}}}};
+  WriteFile(d.File("w.safetensors"), Build(w, 0));
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("w.safetensors")); },
+                        {"w.safetensors", "'w'", "shape dimension 0", "larger than 2^56"});
+  // A shape nested 200,000 deep: a named error, no stack overflow writing the message.
+  const std::string deep = std::string(200000, '[') + "1" + std::string(200000, ']');
+  WriteFile(d.File("deep.safetensors"), LengthPrefix(R"({"w": {"dtype": "F32", "shape": [)" + deep +
+                                                     R"(], "data_offsets": [0, 4]}})") +
+                                            std::string(4, '\x01'));
+  ExpectErrorContaining([&] { SafetensorsFile f(d.File("deep.safetensors")); },
+                        {"deep.safetensors", "'w'", "shape dimension 0"});
 }
 
 // Model-level checks on a copy of a real fixture.

@@ -65,12 +65,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
     t.name = name;
     std::string ds = e["dtype"].get<std::string>();
     if (!ParseSafetensorsDType(ds, &t.dtype)) bad("unknown dtype '" + ds + "'");
+    // At most 2^56 elements (a bound far above any tensor, so that numel times the element size
+    // cannot wrap: a [2^62, 2] bf16 shape once "needed" 0 bytes). The shape is not dumped into
+    // the message: it may be nested deep enough to overflow the stack.
+    constexpr uint64_t kMaxElements = uint64_t{1} << 56;
     uint64_t numel = 1;
-    for (const auto& d : e["shape"]) {
+    for (size_t i = 0; i < e["shape"].size(); ++i) {
+      const json& d = e["shape"][i];
       if (!d.is_number_unsigned())
-        bad("shape " + e["shape"].dump() + " has a non-integer or negative dimension");
-      uint64_t v = d.get<uint64_t>();
-      if (v != 0 && numel > std::numeric_limits<uint64_t>::max() / v) bad("shape overflows");
+        bad(Concat("shape dimension ", i, " is not a non-negative integer"));
+      const uint64_t v = d.get<uint64_t>();
+      if (v > kMaxElements || (v != 0 && numel > kMaxElements / v))
+        bad(Concat("shape dimension ", i, " (", v, ") makes the tensor larger than 2^56 elements"));
       numel *= v;
       t.shape.push_back(static_cast<int64_t>(v));
     }
