@@ -127,6 +127,43 @@ TEST(Tokenizer, HostileIdsAreNamedErrors) {
                               {"v.json", "model.vocab.b", "4294967297"});
 }
 
+// Pipeline stages with a key missing (once a read out of bounds through json's const
+// operator[]), nested 30,000 deep (once a stack overflow after 40 s), or a Strip decoder that
+// would strip without end (once a hang in generate): errors naming the file and the field.
+TEST(Tokenizer, HostilePipelinesAreNamedErrors) {
+  test::TempDir d;
+  int n = 0;
+  auto file = [&](const std::string& extra) {
+    const std::string path = d.File("p" + std::to_string(n++) + ".json");
+    test::WriteFile(path, R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []})" +
+                              extra + "}");
+    return path;
+  };
+  std::string deep = R"({"type": "Lowercase"})";
+  for (int i = 0; i < 30000; ++i) deep = R"({"type": "Sequence", "normalizers": [)" + deep + "]}";
+  const std::pair<std::string, std::string> cases[] = {
+      {R"(, "normalizer": {"type": "Replace", "content": "x"})", "normalizer.pattern"},
+      {R"(, "pre_tokenizer": {"type": "Split"})", "pre_tokenizer.pattern"},
+      {R"(, "normalizer": {"type": "Sequence"})", "normalizer.normalizers"},
+      {R"(, "decoder": {"type": "Sequence", "decoders": 5})", "decoder.decoders"},
+      {R"(, "post_processor": {"type": "Sequence"})", "post_processor.processors"},
+      {R"(, "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}]})",
+       "post_processor.special_tokens"},
+      {R"(, "decoder": {"type": "Replace", "content": "x"})", "decoder.pattern"},
+      {R"(, "decoder": {"type": "Strip", "content": "", "start": 2000000000, "stop": 2000000000})",
+       "decoder.content"},
+      {R"(, "decoder": {"type": "Strip", "content": " ", "start": 2000000000})", "decoder.start"},
+      {R"(, "normalizer": {"type": 5})", "normalizer.type"},
+      {R"(, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": "yes"})",
+       "pre_tokenizer.add_prefix_space"},
+      {", \"normalizer\": " + deep, "nests Sequences more than 16 deep"},
+  };
+  for (const auto& [extra, what] : cases) {
+    const std::string path = file(extra);
+    test::ExpectErrorContaining([&] { Tokenizer::Load(path); }, {path, what});
+  }
+}
+
 TEST(Tokenizer, SentencePieceStyleByteFallback) {
   // A tiny Llama-2-style file: prepend + replace normaliser, byte fallback, Metaspace-like decoder.
   test::TempDir d;

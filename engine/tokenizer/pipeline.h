@@ -45,13 +45,30 @@ struct DecStep {
 };
 
 // Each parser appends the stages of one tokenizer.json section; errors name the file and field.
+// Every key a stage needs is checked before it is read (a missing one is an error, not a read
+// out of bounds); Sequences nest at most kMaxPipelineDepth deep (depth: the caller's nesting).
+constexpr int kMaxPipelineDepth = 16;
+// Strip decoders strip at most this many copies of their content from each end.
+constexpr int kMaxStrip = 1024;
 void ParseNormalizer(const json& n, const std::string& src, const std::string& field,
-                     std::vector<NormStep>* out);
+                     std::vector<NormStep>* out, int depth = 0);
 // *byte_level is set when a ByteLevel stage maps pieces to bytes before BPE.
 void ParsePre(const json& p, const std::string& src, const std::string& field,
-              std::vector<PreStep>* out, bool* byte_level);
+              std::vector<PreStep>* out, bool* byte_level, int depth = 0);
 void ParseDecoder(const json& d, const std::string& src, const std::string& field,
-                  std::vector<DecStep>* out);
+                  std::vector<DecStep>* out, int depth = 0);
+// p[key], or an error naming field.key when p is not an object holding it; List: an array.
+const json& Required(const json& p, const char* key, const std::string& src,
+                     const std::string& field);
+const json& RequiredList(const json& p, const char* key, const std::string& src,
+                         const std::string& field);
+// The stage's "type" (a string), checking that the stage is an object.
+std::string StageType(const json& p, const std::string& src, const std::string& field);
+// An optional string / bool member with its default, type-checked.
+std::string OptString(const json& p, const char* key, const std::string& dflt,
+                      const std::string& src, const std::string& field);
+bool OptBool(const json& p, const char* key, bool dflt, const std::string& src,
+             const std::string& field);
 // The literal of {"String": ...} patterns (used by Replace stages).
 std::string LiteralOf(const json& p, const std::string& src, const std::string& field);
 [[noreturn]] void Bad(const std::string& src, const std::string& field, const std::string& why);

@@ -77,6 +77,17 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
   } catch (const json::parse_error& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }
+  // Every field is checked where it is read; a type the checks missed still ends here as an
+  // error naming the file, never as an exception escaping with the library's bare message.
+  try {
+    return Parse(std::move(t), j, path);
+  } catch (const json::exception& e) {
+    Fail(path, ": a field has an unexpected type or value (", e.what(), ")");
+  }
+}
+
+std::unique_ptr<Tokenizer> Tokenizer::Parse(std::unique_ptr<Tokenizer> t, const json& j,
+                                            const std::string& path) {
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object())
     Fail(path, ": field 'model' is missing");
   const json& m = j["model"];
@@ -87,7 +98,8 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
   for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (m.contains(k) && m[k].is_string() && !m[k].get<std::string>().empty())
       Bad(path, std::string("model.") + k, "is not supported");
-  if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() > 0)
+  if (m.contains("dropout") && !m["dropout"].is_null() &&
+      (!m["dropout"].is_number() || m["dropout"].get<double>() > 0))
     Bad(path, "model.dropout", "is not supported");
   int32_t max_id = -1;
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
@@ -129,7 +141,7 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
         if (sp == std::string::npos)
           Bad(path, "model.merges[" + std::to_string(rank) + "]", "is not 'a b'");
         a = s.substr(0, sp), b = s.substr(sp + 1);
-      } else if (mg.is_array() && mg.size() == 2) {
+      } else if (mg.is_array() && mg.size() == 2 && mg[0].is_string() && mg[1].is_string()) {
         a = mg[0].get<std::string>(), b = mg[1].get<std::string>();
       } else {
         Bad(path, "model.merges[" + std::to_string(rank) + "]", "is neither 'a b' nor [a, b]");
@@ -163,22 +175,36 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
   ParsePre(j.value("pre_tokenizer", json()), path, "pre_tokenizer", &impl.pre, &impl.byte_level);
   ParseDecoder(j.value("decoder", json()), path, "decoder", &impl.dec);
   // Post-processor: only TemplateProcessing adds ids (ByteLevel is offsets only).
-  std::function<void(const json&, const std::string&)> post = [&](const json& p,
-                                                                  const std::string& field) {
+  std::function<void(const json&, const std::string&, int)> post = [&](const json& p,
+                                                                       const std::string& field,
+                                                                       int depth) {
     if (p.is_null()) return;
-    const std::string type = p.value("type", "");
+    const std::string type = StageType(p, path, field);
     if (type == "Sequence") {
-      for (size_t i = 0; i < p["processors"].size(); ++i)
-        post(p["processors"][i], field + ".processors[" + std::to_string(i) + "]");
+      if (depth >= kMaxPipelineDepth)
+        Bad(path, field,
+            "nests Sequences more than " + std::to_string(kMaxPipelineDepth) + " deep");
+      const json& list = RequiredList(p, "processors", path, field);
+      for (size_t i = 0; i < list.size(); ++i)
+        post(list[i], field + ".processors[" + std::to_string(i) + "]", depth + 1);
     } else if (type == "TemplateProcessing") {
       bool seen_a = false;
-      for (const auto& piece : p.at("single")) {
+      const json& single = RequiredList(p, "single", path, field);
+      for (size_t i = 0; i < single.size(); ++i) {
+        const json& piece = single[i];
+        const std::string pf = field + ".single[" + std::to_string(i) + "]";
+        if (!piece.is_object()) Bad(path, pf, "must be an object");
         if (piece.contains("Sequence")) {
           seen_a = true;
         } else if (piece.contains("SpecialToken")) {
-          const std::string name = piece["SpecialToken"].at("id").get<std::string>();
-          const json& st = p.at("special_tokens").at(name);
-          for (const auto& id : st.at("ids"))
+          const json& idv = Required(piece["SpecialToken"], "id", path, pf + ".SpecialToken");
+          if (!idv.is_string()) Bad(path, pf + ".SpecialToken.id", "must be a string");
+          const std::string name = idv.get<std::string>();
+          const json& sts = Required(p, "special_tokens", path, field);
+          const json& ids =
+              RequiredList(Required(sts, name.c_str(), path, field + ".special_tokens"), "ids",
+                           path, field + ".special_tokens." + name);
+          for (const auto& id : ids)
             (seen_a ? impl.post_suffix : impl.post_prefix)
                 .push_back(CheckedTokenId(id, path, field + ".special_tokens." + name + ".ids"));
         }
@@ -187,7 +213,7 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
       Bad(path, field + ".type", "'" + type + "' is not a supported post-processor");
     }
   };
-  post(j.value("post_processor", json()), "post_processor");
+  post(j.value("post_processor", json()), "post_processor", 0);
   return t;
 }
 

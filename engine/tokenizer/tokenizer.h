@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -40,6 +41,9 @@ class Tokenizer {
   struct Impl;  // pipeline stages, defined in tokenizer.cc
 
  private:
+  // Load's body, on the parsed file.
+  static std::unique_ptr<Tokenizer> Parse(std::unique_ptr<Tokenizer> t, const nlohmann::json& j,
+                                          const std::string& path);
   Tokenizer();
   void EncodeSegment(std::string_view text, bool first_segment, std::vector<int32_t>* out) const;
   void Bpe(const std::string& word, std::vector<int32_t>* out) const;
