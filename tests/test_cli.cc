@@ -430,6 +430,23 @@ TEST(Cli, InfoAndHelp) {
   Result h = RunNeedle("generate --help");
   EXPECT_EQ(h.status, 0);
   EXPECT_NE(h.output.find("--max-new-tokens"), std::string::npos);
+  // Every command's help exits 0 and says what it takes; the top-level help lists them all.
+  Result top = RunNeedle("--help");
+  EXPECT_EQ(top.status, 0);
+  for (const char* c : {"generate", "info", "tokenize", "eval TASK", "eval score", "data TASK"})
+    EXPECT_NE(top.output.find(c), std::string::npos) << c << "\n" << top.output;
+  for (const char* c : {"eval --help", "data --help", "eval passkey --help", "data passkey --help",
+                        "tokenize --help", "info --help", "eval score --help"}) {
+    Result r2 = RunNeedle(c);
+    EXPECT_EQ(r2.status, 0) << c << "\n" << r2.output;
+    EXPECT_NE(r2.output.find("usage"), std::string::npos) << c << "\n" << r2.output;
+  }
+  Result none = RunNeedle("eval");
+  EXPECT_EQ(none.status, 2) << none.output;
+  EXPECT_NE(none.output.find("tasks: passkey"), std::string::npos) << none.output;
+  // -m defaults to the bundled model for tokenize too.
+  Result tk = RunNeedle("tokenize --text hello --count");
+  EXPECT_EQ(tk.status, 0) << tk.output;
 }
 
 // The bundled model retrieves: passkey at 1K tokens, 3 depths, dense and (with a budget far

@@ -15,7 +15,8 @@ namespace needle {
 int CmdTokenize(int argc, char** argv) {
   Options opt("needle tokenize", "Tokenizes a text with a model folder's tokenizer.json.",
               {
-                  {"model", 'm', OptKind::kString, "", "model folder holding tokenizer.json"},
+                  {"model", 'm', OptKind::kString, NEEDLE_DEFAULT_MODEL,
+                   "model folder holding tokenizer.json (default: the bundled needle-tiny)"},
                   {"file", 'f', OptKind::kString, "", "text file to tokenize"},
                   {"text", 0, OptKind::kString, "", "text to tokenize"},
                   {"ids", 0, OptKind::kFlag, "", "print the ids as a JSON list (the default)"},

@@ -16,12 +16,15 @@ const char* kUsage =
     "Long-context inference with block-sparse attention.\n"
     "\n"
     "commands:\n"
-    "  generate   run a model on a prompt and print the generated token ids (greedy)\n"
-    "  info       print a model folder's configuration and weights summary\n"
-    "  tokenize   tokenize a text with a model folder's tokenizer.json\n"
-    "  eval score re-score a predictions file with a benchmark's own rule\n"
-    "  data       write a benchmark dataset (passkey, number_string, kv_retrieval) as JSONL\n"
+    "  generate    generate text from a prompt (greedy or sampled), streamed to stdout\n"
+    "  info        print a model folder's configuration and weights summary\n"
+    "  tokenize    tokenize a text with a model folder's tokenizer.json\n"
+    "  eval TASK   evaluate a model on a benchmark task (InfiniteBench passkey, number_string,\n"
+    "              kv_retrieval; RULER niah_*; the classic needle), configurations side by side\n"
+    "  eval score  re-score a predictions file with a benchmark's own rule\n"
+    "  data TASK   write a benchmark task's dataset as JSONL (the tasks of eval)\n"
     "\n"
+    "-m defaults to the bundled model (models/needle-tiny) everywhere.\n"
     "'needle COMMAND --help' lists the options of a command.\n";
 
 }  // namespace
