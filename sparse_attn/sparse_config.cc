@@ -43,7 +43,7 @@ void SparseConfig::Validate() const {
   if (init_tokens < 0)
     Fail("sparse attention: init_tokens must not be negative (got ", init_tokens, ")");
   if (obs_window <= 0) Fail("sparse attention: obs_window must be positive (got ", obs_window, ")");
-  if (repr_count <= 0 || repr_count > block_size)
+  if (repr == ReprType::kDynamic && (repr_count <= 0 || repr_count > block_size))
     Fail("sparse attention: repr_count (", repr_count, ") must be in [1, block_size = ", block_size,
          "]");
   if (dense_layers < 0)

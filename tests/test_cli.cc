@@ -423,6 +423,26 @@ TEST(Cli, EvalValidatesItsOptions) {
   EXPECT_NE(e.output.find("no samples to evaluate"), std::string::npos) << e.output;
 }
 
+// Values generate once accepted or misreported (issue 22): infinite sampling settings, a
+// directory as the prompt file; a block size below 4 is fine when no representative needs 4 keys.
+TEST(Cli, GenerateRefusesBadValues) {
+  const std::string m = "generate -m " + kFx + "/qwen2_bias_gqa7_f32 --prompt-ids 5,6,7,8 -n 2 ";
+  Result t = RunNeedle(m + "--temperature inf");
+  EXPECT_NE(t.status, 0);
+  EXPECT_NE(t.output.find("--temperature must be a finite number"), std::string::npos) << t.output;
+  Result r = RunNeedle(m + "--repetition-penalty inf");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--repetition-penalty must be a finite"), std::string::npos) << r.output;
+  test::TempDir d;
+  Result f = RunNeedle("generate -f " + d.path() + " -n 2");  // the bundled model
+  EXPECT_NE(f.status, 0);
+  EXPECT_NE(f.output.find("is a directory, not a file"), std::string::npos) << f.output;
+  Result b = RunNeedle(m +
+                       "--attention sparse --device cpu --block-size 2 --local-window 4 "
+                       "--init-tokens 2 --topk 1 --dense-layers 0");
+  EXPECT_EQ(b.status, 0) << b.output;
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -383,7 +383,7 @@ TEST(Sparse, ImpossibleSettingsAreRefusedByName) {
   expect([](SparseConfig& c) { c.local_window = 64; }, {"local_window", "64", "block_size"});
   expect([](SparseConfig& c) { c.topk = 0; }, {"topk"});
   expect([](SparseConfig& c) { c.preselect_blocks = 8; }, {"preselect_blocks", "8", "topk", "32"});
-  expect([](SparseConfig& c) { c.repr_count = 0; }, {"repr_count"});
+  expect([](SparseConfig& c) { c.repr = ReprType::kDynamic, c.repr_count = 0; }, {"repr_count"});
   expect([](SparseConfig& c) { c.token_step = 0; }, {"token_step"});
   expect([](SparseConfig& c) { c.preselect_pool = 4; }, {"preselect_pool"});
   test::ExpectErrorContaining([] { ParseReprType("maximum", "--repr"); }, {"--repr", "maximum"});

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -45,6 +46,8 @@ MappedFile::~MappedFile() {
 }
 
 std::string ReadTextFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) Fail(path, ": is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) Fail(path, ": cannot open: ", std::strerror(errno));
   std::ostringstream ss;

@@ -60,7 +60,10 @@ std::vector<OptionSpec> RunOptionSpecs() {
       {"device", 0, OptKind::kString, "auto",
        "where the model runs: cpu, cuda (cuda:N for GPU N), or auto (cuda when a GPU is present "
        "and the attention is dense)"},
-      {"ctx-size", 'c', OptKind::kInt, "0", "KV cache capacity in tokens (0: what the run needs)"},
+      {"ctx-size", 'c', OptKind::kInt, "0",
+       "context limit in tokens: prompt + new tokens (the KV cache is sized for what the run "
+       "needs up to it; eval cuts longer prompts in the middle); 0: the model's "
+       "max_position_embeddings"},
       {"kv-type", 0, OptKind::kString, "auto",
        "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
       {"kv-memory", 0, OptKind::kString, "",

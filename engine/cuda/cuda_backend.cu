@@ -457,7 +457,13 @@ bool CudaAvailable(std::string* why) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
-    if (why != nullptr) *why = std::string("no CUDA device: ") + cudaGetErrorString(e);
+    // Without a GPU the runtime says "CUDA driver version is insufficient for CUDA runtime
+    // version" (no driver at all) or "no CUDA-capable device is detected": say that first.
+    if (why != nullptr)
+      *why = std::string(e == cudaErrorInsufficientDriver || e == cudaErrorNoDevice
+                             ? "no GPU found"
+                             : "no usable CUDA device") +
+             " (CUDA: " + cudaGetErrorString(e) + ")";
     cudaGetLastError();
     return false;
   }

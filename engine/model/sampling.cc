@@ -11,12 +11,13 @@
 namespace needle {
 
 void SamplingParams::Validate() const {
-  if (!(temperature >= 0)) Fail("--temperature must not be negative (got ", temperature, ")");
+  if (!(temperature >= 0 && std::isfinite(temperature)))
+    Fail("--temperature must be a finite number >= 0 (got ", temperature, ")");
   if (top_k < 0) Fail("--top-k must not be negative (got ", top_k, ")");
   if (!(top_p > 0 && top_p <= 1)) Fail("--top-p must be in (0, 1] (got ", top_p, ")");
   if (!(min_p >= 0 && min_p < 1)) Fail("--min-p must be in [0, 1) (got ", min_p, ")");
-  if (!(repetition_penalty > 0))
-    Fail("--repetition-penalty must be positive (got ", repetition_penalty, ")");
+  if (!(repetition_penalty > 0 && std::isfinite(repetition_penalty)))
+    Fail("--repetition-penalty must be a finite positive number (got ", repetition_penalty, ")");
 }
 
 int32_t Sampler::Sample(std::vector<float>& logits, const std::vector<int32_t>& context) {
