@@ -163,12 +163,6 @@ void BM_DenseStep(benchmark::State& state) {
          &g_rows[{s.ctx, s.heads}].dense_bytes);
 }
 
-void Args(benchmark::internal::Benchmark* b) {
-  for (int64_t ctx : {32768, 131072, 524288, 1048576})
-    for (auto [h, kvh] : {std::pair<int64_t, int64_t>{32, 8}, {28, 4}}) b->Args({ctx, h, kvh});
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
-}
-
 // Order matters: all four benchmarks of one (context, heads) run back to back on one cache.
 void RegisterAll() {
   for (int64_t ctx : {32768, 131072, 524288, 1048576})

@@ -23,24 +23,24 @@ struct AddedToken {
 struct NormStep {
   enum Kind { kNormalForm, kLowercase, kReplace, kPrepend } kind;
   text::NormalForm form = text::NormalForm::kNFC;
-  std::string from, to;  // Replace (literal), Prepend (to)
+  std::string from{}, to{};  // Replace (literal), Prepend (to)
 };
 
 struct PreStep {
   enum Kind { kSplit, kByteLevel, kMetaspace, kDigits } kind;
-  std::shared_ptr<text::Regex> regex;
+  std::shared_ptr<text::Regex> regex{};
   bool removed = false;            // Split behavior Removed (else Isolated)
   bool add_prefix_space = false;   // ByteLevel, Metaspace
-  std::string replacement;         // Metaspace
+  std::string replacement{};       // Metaspace
   std::string prepend = "always";  // Metaspace prepend_scheme
   bool individual_digits = false;
 };
 
 struct DecStep {
   enum Kind { kByteLevel, kMetaspace, kReplace, kByteFallback, kFuse, kStrip } kind;
-  std::string from, to;  // Replace; Metaspace replacement in `from`
+  std::string from{}, to{};  // Replace; Metaspace replacement in `from`
   bool add_prefix_space = false;
-  std::string content;  // Strip
+  std::string content{};  // Strip
   int start = 0, stop = 0;
 };
 
