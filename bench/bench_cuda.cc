@@ -190,8 +190,9 @@ double StepWeightBytes(const ModelWeights& w) {
   return bytes;
 }
 
-// Decode in the three ways the CUDA backend can run it: "graph" (fused kernels, the step
-// replayed from a CUDA graph: the default), "fused" (the same kernels launched one by one) and
+// Decode in the ways the CUDA backend can run it: "graph" (fused kernels, the step replayed from
+// a CUDA graph: the default), "graph-rope-apart" (the same with RoPE + KV write as a launch of
+// its own after the q/k/v GEMV), "fused" (the default's kernels launched one by one) and
 // "unfused" (each operator on its own, projections through cuBLAS: the backend before the
 // decode fast path). tok/s with the last token's logits copied to the host after each step (what
 // llama.cpp's llama_decode does) and greedy (only the chosen id comes back, as `needle generate`
@@ -203,10 +204,12 @@ void DecodeModes(bench::ProfileBackend& prof, Backend& cuda, Model& model, KVCac
                        static_cast<double>(cache.shape().BytesPerToken()) * static_cast<double>(P);
   const double bound_ms = bytes / (copy_gbs * 1e9) * 1e3;
   std::vector<float> logits;
-  for (const char* mode : {"graph", "fused", "unfused"}) {
-    const bool graph = std::strcmp(mode, "graph") == 0;
+  for (const char* mode : {"graph", "graph-rope-apart", "fused", "unfused"}) {
+    const bool graph = std::strncmp(mode, "graph", 5) == 0;
     SetCudaFused(cuda, std::strcmp(mode, "unfused") != 0);
     setenv("NEEDLE_CUDA_GRAPH", graph ? "1" : "0", 1);
+    setenv("NEEDLE_CUDA_ROPE_FOLD", std::strcmp(mode, "graph-rope-apart") == 0 ? "0" : "1", 1);
+    model.ResetRecording();  // the cache is the same, the kernels are not
     int32_t tok = 11;
     for (int i = 0; i < 2; ++i) model.Forward(&tok, 1, cache, false, &logits);  // warm-up
     const int steps = 16;
@@ -244,6 +247,7 @@ void DecodeModes(bench::ProfileBackend& prof, Backend& cuda, Model& model, KVCac
   }
   SetCudaFused(cuda, true);
   unsetenv("NEEDLE_CUDA_GRAPH");
+  unsetenv("NEEDLE_CUDA_ROPE_FOLD");
 }
 
 void EndToEnd(Backend& cuda, const std::string& config, double copy_gbs) {

@@ -61,6 +61,12 @@ class Model {
   void set_attention(AttentionPolicy* p) { attn_ = p != nullptr ? p : &dense_; }
   // Called after each micro-batch of a Forward call with (tokens done, tokens in the call).
   void set_progress(std::function<void(int64_t, int64_t)> f) { progress_ = std::move(f); }
+  // Drops the recorded decode step (the next one records again): for benchmarks and tests that
+  // change the backend's kernels between steps of one cache.
+  void ResetRecording() {
+    recording_.reset();
+    recorded_ = unrecordable_ = 0;
+  }
   // Tokens processed per internal step of a long prompt (bounds activation memory).
   void set_ubatch(int64_t n) { ubatch_ = n > 0 ? n : 512; }
 
