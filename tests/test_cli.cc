@@ -37,6 +37,16 @@ Result RunNeedle(const std::string& args, bool with_stderr = true) {
 
 const std::string kFx = NEEDLE_FIXTURES_DIR;
 
+// A model folder in d: the llama_gqa4_hd64_f32 fixture with a byte tokenizer (for eval runs).
+std::string ByteTokenizerModel(const test::TempDir& d) {
+  const std::string model = d.File("m");
+  std::filesystem::create_directories(model);
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  return model;
+}
+
 TEST(Cli, GeneratesFromFixture) {
   Result r =
       RunNeedle("generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5,6,7,8 -n 4 -t 2");
@@ -240,11 +250,7 @@ TEST(Cli, EvalScoreReadsInfiniteBenchAndRulerFiles) {
 // results appended per sample, and a killed run resumed without redoing finished samples.
 TEST(Cli, EvalRunsConfigurationsAndResumes) {
   test::TempDir d;
-  const std::string model = d.File("m");
-  std::filesystem::create_directories(model);
-  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
-    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
-  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string model = ByteTokenizerModel(d);
   const std::string run = d.File("run");
   const std::string args =
       "eval passkey -m " + model + " -o " + run +
@@ -325,11 +331,7 @@ TEST(Cli, EvalRunsConfigurationsAndResumes) {
 // with a repeated id are refused.
 TEST(Cli, EvalRefusesStaleResults) {
   test::TempDir d;
-  const std::string model = d.File("m");
-  std::filesystem::create_directories(model);
-  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
-    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
-  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string model = ByteTokenizerModel(d);
   const std::string run = d.File("run");
   const std::string base = "eval passkey -m " + model + " -o " + run +
                            " --lengths 300 --depths 1 --samples 1 --attention sparse"
@@ -388,11 +390,7 @@ TEST(Cli, EvalRefusesStaleResults) {
 // result instead of exiting 0 with an empty table or silently ignoring a flag.
 TEST(Cli, EvalValidatesItsOptions) {
   test::TempDir d;
-  const std::string model = d.File("m");
-  std::filesystem::create_directories(model);
-  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
-    std::filesystem::copy_file(kFx + "/llama_gqa4_hd64_f32/" + f, model + "/" + f);
-  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", model + "/tokenizer.json");
+  const std::string model = ByteTokenizerModel(d);
   const std::string base = "eval passkey -m " + model + " -o " + d.File("run") + " ";
   const std::pair<std::string, std::string> refused[] = {
       {"-t -1 --lengths 400", "--threads must be between"},
