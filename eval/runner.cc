@@ -247,6 +247,15 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t cut_prompts = 0;
+  // The time left is estimated by tokens, not by samples: a sweep runs its short lengths first,
+  // so a per-sample rate would promise too little and climb as the run goes.
+  auto weight = [](const datasets::Sample& s) {
+    return static_cast<double>(std::max<int64_t>(s.target_tokens, 1));
+  };
+  double pending_w = 0, done_w = 0;
+  for (const auto& cfg : configs)
+    for (const auto& s : samples)
+      if (!done.count(Key(cfg.name, task, s.target_tokens, s.id))) pending_w += weight(s);
   for (const auto& cfg : configs) {
     for (const auto& s : samples) {
       if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
@@ -312,9 +321,10 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       out.flush();  // a killed run loses nothing finished
       results.push_back(r);
       ++finished, ++ran;
+      done_w += weight(s);
       const double el =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double left = el / static_cast<double>(ran) * static_cast<double>(total - finished);
+      const double left = el / done_w * std::max(0.0, pending_w - done_w);
       std::fprintf(stderr,
                    tty ? "\reval %s [%s] %lld/%lld samples, length %lld, %.0f s left   "
                        : "eval %s [%s] %lld/%lld samples, length %lld, %.0f s left\n",
