@@ -1,6 +1,7 @@
 #include "engine/cli/run_options.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <iostream>
@@ -189,8 +190,22 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
+    // A 7B model's random weights take a minute and 15 GB: say so, and how far it got (every
+    // tenth, on one line on a terminal).
+    const bool tty = ::isatty(STDERR_FILENO) != 0;
+    int shown = -1;
     rs.model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"),
-                              *rs.backend, *rs.tc);
+                              *rs.backend, *rs.tc, [&](size_t done, size_t total) {
+                                const int tenth = total ? static_cast<int>(10 * done / total) : 10;
+                                if (tenth == shown) return;
+                                shown = tenth;
+                                std::fprintf(
+                                    stderr,
+                                    tty ? "\rneedle: random weights (--dummy-weights): %d%% of %s"
+                                        : "needle: random weights (--dummy-weights): %d%% of %s\n",
+                                    10 * tenth, FormatBytes(total).c_str());
+                                if (tty && tenth == 10) std::fprintf(stderr, "\n");
+                              });
   } else {
     rs.model = LoadModel(model_path, *rs.backend);
   }

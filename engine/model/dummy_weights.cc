@@ -18,7 +18,8 @@ inline uint64_t SplitMix(uint64_t x) {
 }  // namespace
 
 ModelWeights MakeDummyWeights(const ModelConfig& cfg, DType dtype, uint64_t seed,
-                              ThreadingContext& threads) {
+                              ThreadingContext& threads,
+                              const std::function<void(size_t, size_t)>& progress) {
   if (!IsFloatWeightType(dtype)) Fail("--dummy-weights: weight type must be f32, f16 or bf16");
   ModelWeights mw;
   mw.dtype = dtype;
@@ -48,9 +49,11 @@ ModelWeights MakeDummyWeights(const ModelConfig& cfg, DType dtype, uint64_t seed
   // Fill: norms with 1, matrices and biases uniform in +-sqrt(3)*0.02 (std 0.02, the usual
   // initializer_range), in 1 MiB chunks in parallel; chunk i uses stream seed ^ i.
   k = 0;
+  size_t filled = 0;
   ForEachWeight(mw, [&](Weight& w) {
     const WeightSpec& s = specs[k++];
     if (!w.present() || (w.data == mw.embed.data && &w == &mw.lm_head)) return;
+    filled += w.nbytes();
     const bool is_norm = s.is_vector && s.name.find("norm") != std::string::npos;
     const size_t n = static_cast<size_t>(w.rows * w.cols);
     void* dst = const_cast<void*>(w.data);
@@ -70,7 +73,9 @@ ModelWeights MakeDummyWeights(const ModelConfig& cfg, DType dtype, uint64_t seed
         }
       }
     });
+    if (progress) progress(filled, total);
   });
+  if (progress && filled != total) progress(total, total);  // alignment padding
   return mw;
 }
 

@@ -174,9 +174,10 @@ std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {
 }
 
 std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
-                                      ThreadingContext& tc) {
+                                      ThreadingContext& tc,
+                                      const std::function<void(size_t, size_t)>& progress) {
   ModelConfig cfg = LoadModelConfig(config_path);
-  ModelWeights w = MakeDummyWeights(cfg, dtype, 1234, tc);
+  ModelWeights w = MakeDummyWeights(cfg, dtype, 1234, tc, progress);
   return std::make_unique<Model>(std::move(cfg), std::move(w), backend);
 }
 

@@ -128,7 +128,9 @@ class Model {
 // Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.
 std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend);
 // Builds a model of config.json's shapes with random weights of `dtype`.
-std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
-                                      ThreadingContext& tc);
+// progress: as MakeDummyWeights's.
+std::unique_ptr<Model> MakeDummyModel(
+    const std::string& config_path, DType dtype, Backend& backend, ThreadingContext& tc,
+    const std::function<void(size_t, size_t)>& progress = nullptr);
 
 }  // namespace needle

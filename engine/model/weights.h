@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -56,10 +57,12 @@ struct ModelWeights {
 ModelWeights LoadWeights(const std::string& dir, const ModelConfig& cfg);
 
 // Random weights of the shapes `cfg` implies (like vLLM's dummy load format), for benchmarks at
-// real model sizes without the files. Deterministic for a seed; filled in parallel.
+// real model sizes without the files. Deterministic for a seed; filled in parallel. progress
+// (optional) is called with (bytes filled, bytes in all) after each weight.
 class ThreadingContext;
 ModelWeights MakeDummyWeights(const ModelConfig& cfg, DType dtype, uint64_t seed,
-                              ThreadingContext& threads);
+                              ThreadingContext& threads,
+                              const std::function<void(size_t, size_t)>& progress = nullptr);
 
 // Calls f(Weight&) for every weight slot, present or not, in a fixed order.
 template <typename F>
