@@ -158,6 +158,11 @@ TEST(Config, HostileValuesAreNamedErrors) {
   ExpectErrorContaining(
       [] { ParseModelConfig(Base(R"(, "num_hidden_layers": 1000000000)"), "c.json"); },
       {"c.json", "num_hidden_layers", "above needle's limit of 1024"});
+  // A number too large for a double: the parser's own out_of_range error (found by fuzz_config),
+  // which escaped as a bare library exception.
+  ExpectErrorContaining(
+      [] { ParseModelConfig(Base(R"(, "vocab_size": 2222221e30555)"), "c.json"); },
+      {"c.json", "malformed JSON", "number overflow"});
   // Nested 80,000 deep: the message shows one level, without recursing through the value.
   const std::string deep = std::string(80000, '[') + "1" + std::string(80000, ']');
   try {

@@ -40,7 +40,7 @@ void ForEachJsonLine(const std::string& path,
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {
       Fail(where, ": malformed JSON: ", e.what());
     }
     f(j, where);

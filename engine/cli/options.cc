@@ -73,7 +73,7 @@ void Options::LoadConfigFile(const std::string& path) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(ReadTextFile(path));
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }
   if (!j.is_object()) Fail(path, ": expected a JSON object of option names and values");

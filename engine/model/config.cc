@@ -161,7 +161,7 @@ class Fields {
 json ParseJson(const std::string& text, const std::string& source) {
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     Fail(source, ": malformed JSON: ", e.what());
   }
 }

@@ -38,7 +38,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
   json header;
   try {
     header = json::parse(p + 8, p + 8 + header_len);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     Fail(path, ": malformed safetensors JSON header: ", e.what());
   }
   if (!header.is_object()) Fail(path, ": safetensors header is not a JSON object");

@@ -66,7 +66,7 @@ std::vector<std::string> ShardsFromIndex(const std::string& index_path,
   json j;
   try {
     j = json::parse(ReadTextFile(index_path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     Fail(index_path, ": malformed JSON: ", e.what());
   }
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())

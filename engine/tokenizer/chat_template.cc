@@ -77,7 +77,7 @@ ChatFamily DetectChatFamilyFromFolder(const std::string& dir, std::string* bos, 
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(ReadTextFile(path));
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }
   if (bos != nullptr && j.contains("bos_token")) *bos = TokenString(j["bos_token"]);

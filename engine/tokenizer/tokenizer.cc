@@ -74,7 +74,7 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
   json j;
   try {
     j = json::parse(ReadTextFile(path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }
   // Every field is checked where it is read; a type the checks missed still ends here as an
