@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds one libFuzzer harness of fuzz/ (clang, ASan + UBSan) in build-fuzz/ and runs it for
+# SECONDS (default 60) on its corpus (build-fuzz/corpus/HARNESS, seeded from the repository's
+# fixtures), with the JSON dictionary. Findings go to build-fuzz/findings/HARNESS.
+#   bash scripts/fuzz.sh config|generation_config|safetensors|tokenizer [SECONDS] [JOBS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+H=${1:?usage: scripts/fuzz.sh HARNESS [SECONDS] [JOBS]}
+SECS=${2:-60}
+JOBS=${3:-1}
+B=build-fuzz
+CXX=$(command -v clang++-14 || command -v clang++ || true)
+[ -n "$CXX" ] || { echo "fuzz.sh: clang++ not found (apt-get install clang-14 libclang-rt-14-dev)" >&2; exit 1; }
+if [ ! -f "$B/CMakeCache.txt" ]; then
+  GEN=(); command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
+  cmake -S . -B "$B" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$CXX" \
+    -DNEEDLE_FUZZ=ON >&2
+fi
+cmake --build "$B" --target "fuzz_$H" -j "$(nproc)" >&2
+CORPUS="$B/corpus/$H"
+mkdir -p "$CORPUS" "$B/findings/$H"
+F=tests/fixtures/models
+case "$H" in
+  config) for d in "$F"/*/; do cp -n "$d/config.json" "$CORPUS/$(basename "$d").json" 2>/dev/null || true; done ;;
+  generation_config) for d in "$F"/*/; do [ -f "$d/generation_config.json" ] && cp -n "$d/generation_config.json" "$CORPUS/$(basename "$d").json"; done; true ;;
+  safetensors) for d in "$F"/*/; do [ -f "$d/model.safetensors" ] && [ "$(stat -c %s "$d/model.safetensors")" -lt 200000 ] && cp -n "$d/model.safetensors" "$CORPUS/$(basename "$d").st"; done; true ;;
+  tokenizer) cp -n tests/fixtures/tokenizer/bytes_tokenizer.json "$CORPUS/bytes.json"; cp -n models/needle-tiny/tokenizer.json "$CORPUS/needle-tiny.json" ;;
+  *) echo "fuzz.sh: unknown harness '$H'" >&2; exit 1 ;;
+esac
+PAR=()
+[ "$JOBS" -gt 1 ] && PAR=(-jobs="$JOBS" -workers="$JOBS")  # logs: fuzz-N.log in the current folder
+exec "$B/fuzz/fuzz_$H" "$CORPUS" -dict=fuzz/json.dict -max_total_time="$SECS" "${PAR[@]}" \
+  -artifact_prefix="$B/findings/$H/" -print_final_stats=1 -rss_limit_mb=4096 -max_len=1048576
