@@ -19,15 +19,11 @@
 namespace needle {
 
 int CmdData(int argc, char** argv) {
-  if (argc < 1 || std::string(argv[0]) == "--help" || std::string(argv[0]) == "-h") {
-    std::cout << "usage: needle data TASK -o FILE.jsonl [options]   (needle data TASK --help "
-                 "lists them)\ntasks: "
-              << eval::RunnableTasks() << "\n";
-    return argc < 1 ? 2 : 0;
-  }
-  if (argv[0][0] == '-')
-    Fail("needle data: the task comes first: needle data TASK -o FILE.jsonl [options] (tasks: ",
-         eval::RunnableTasks(), ")");
+  const int rc = TaskCommandStart(
+      argc, argv, "needle data",
+      "usage: needle data TASK -o FILE.jsonl [options]   (needle data TASK --help lists them)",
+      eval::RunnableTasks());
+  if (rc >= 0) return rc;
   const std::string task = argv[0];
   std::vector<OptionSpec> specs = {
       {"model", 'm', OptKind::kString, NEEDLE_DEFAULT_MODEL,

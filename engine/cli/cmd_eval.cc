@@ -136,15 +136,12 @@ std::vector<datasets::Sample> ReadSamples(const std::string& path) {
 
 int CmdEval(int argc, char** argv) {
   if (argc >= 1 && std::string(argv[0]) == "score") return CmdEvalScore(argc - 1, argv + 1);
-  if (argc < 1 || std::string(argv[0]) == "--help" || std::string(argv[0]) == "-h") {
-    std::cout << "usage: needle eval TASK -o RUN_DIR [options]   (needle eval TASK --help lists "
-                 "them)\n       needle eval score --task TASK --preds FILE\ntasks: "
-              << eval::RunnableTasks() << "\n";
-    return argc < 1 ? 2 : 0;
-  }
-  if (argv[0][0] == '-')
-    Fail("needle eval: the task comes first: needle eval TASK -o RUN_DIR [options] (tasks: ",
-         eval::RunnableTasks(), ")");
+  const int rc = TaskCommandStart(argc, argv, "needle eval",
+                                  "usage: needle eval TASK -o RUN_DIR [options]   (needle eval "
+                                  "TASK --help lists them)\n       needle eval score --task TASK "
+                                  "--preds FILE",
+                                  eval::RunnableTasks());
+  if (rc >= 0) return rc;
   const std::string task = argv[0];
   std::vector<OptionSpec> specs = {
       {"output", 'o', OptKind::kString, "",

@@ -1,6 +1,7 @@
 #include "engine/cli/parse_util.h"
 
 #include <climits>
+#include <iostream>
 #include <sstream>
 
 #include "engine/base/error.h"
@@ -74,6 +75,17 @@ std::vector<OptionSpec> DatasetOptionSpecs() {
        "needle: the retrieval question (default: the original's)"},
       {"keywords", 0, OptKind::kString, "",
        "needle: comma-separated words a correct answer contains (default: dolores,sandwich)"}};
+}
+
+int TaskCommandStart(int argc, char** argv, const std::string& cmd, const std::string& usage,
+                     const std::string& tasks) {
+  const std::string first = argc >= 1 ? argv[0] : "";
+  if (argc < 1 || first == "--help" || first == "-h") {
+    std::cout << usage << "\ntasks: " << tasks << "\n";
+    return argc < 1 ? 2 : 0;
+  }
+  if (first[0] == '-') Fail(cmd, ": the task comes first (", usage, "; tasks: ", tasks, ")");
+  return -1;
 }
 
 }  // namespace needle
