@@ -137,6 +137,14 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
       s.head_dim > 4096)
     Fail("KV cache: shape out of range (layers ", s.layers, ", kv_heads ", s.kv_heads,
          ", head_dim ", s.head_dim, ", block_size ", s.block_size, ")");
+  if (!s.ring_layer.empty()) {
+    if (static_cast<int64_t>(s.ring_layer.size()) != s.layers)
+      Fail("KV cache: ring_layer has ", s.ring_layer.size(), " entries for ", s.layers, " layers");
+    if (s.pinned_blocks < 0 || s.ring_blocks <= 0 || s.pinned_blocks > (int64_t{1} << 31) ||
+        s.ring_blocks > (int64_t{1} << 31))
+      Fail("KV cache: ring of ", s.pinned_blocks, " pinned + ", s.ring_blocks,
+           " blocks is invalid");
+  }
   const long double need = static_cast<long double>(s.BytesPerToken()) *
                            static_cast<long double>(s.num_blocks()) *
                            static_cast<long double>(s.block_size);
@@ -157,14 +165,16 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
     Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ",
          FormatBytes(avail), " of ", where, " is available");
   const int64_t nb = s.num_blocks();
-  layer_bytes_ =
-      static_cast<size_t>(nb * s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);
-  layer_scale_floats_ = static_cast<size_t>(nb * s.kv_heads * s.block_size * s.groups());
-  k_ = Reserve(layer_bytes_ * s.layers);
-  v_ = Reserve(layer_bytes_ * s.layers);
+  block_bytes_ = static_cast<size_t>(s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);
+  block_scale_floats_ = static_cast<size_t>(s.kv_heads * s.block_size * s.groups());
+  slot0_.resize(static_cast<size_t>(s.layers));
+  int64_t slots = 0;
+  for (int64_t l = 0; l < s.layers; ++l) slot0_[l] = slots, slots += s.LayerSlots(l);
+  k_ = Reserve(block_bytes_ * static_cast<size_t>(slots));
+  v_ = Reserve(block_bytes_ * static_cast<size_t>(slots));
   if (s.dtype == DType::kI8) {
-    ks_ = Reserve(layer_scale_floats_ * sizeof(float) * s.layers);
-    vs_ = Reserve(layer_scale_floats_ * sizeof(float) * s.layers);
+    ks_ = Reserve(block_scale_floats_ * sizeof(float) * static_cast<size_t>(slots));
+    vs_ = Reserve(block_scale_floats_ * sizeof(float) * static_cast<size_t>(slots));
   }
   table_.assign(static_cast<size_t>(s.layers), std::vector<int32_t>(static_cast<size_t>(nb), -1));
   next_slot_.assign(static_cast<size_t>(s.layers), 0);
@@ -199,14 +209,38 @@ void KVCache::AssignBlocks(int64_t layer, int64_t pos0, int64_t T) {
          s.capacity, " tokens");
   if (T == 0) return;
   const int64_t b0 = pos0 / s.block_size, b1 = (pos0 + T - 1) / s.block_size;
-  bool changed = false;
+  std::vector<int32_t>& table = table_[layer];
+  const bool ring = s.IsRing(layer);
+  if (ring && b1 - std::max(b0, s.pinned_blocks) >= s.ring_blocks)
+    Fail("KV cache: writing positions [", pos0, ", ", pos0 + T, ") at once overflows the ring of ",
+         s.ring_blocks, " blocks of layer ", layer);
+  int64_t lo = b1 + 1, hi = -1;  // the table entries that changed
   for (int64_t b = b0; b <= b1; ++b) {
-    int32_t& slot = table_[layer][b];
-    if (slot < 0) slot = next_slot_[layer]++, changed = true;
+    if (table[b] >= 0) continue;
+    if (!ring) {
+      table[b] = next_slot_[layer]++;
+      lo = std::min(lo, b), hi = std::max(hi, b);
+      continue;
+    }
+    const int64_t slot = s.RingSlot(b);
+    // Evict whichever block holds the slot now (the one ring_blocks before b, if any).
+    for (int64_t old = b - s.ring_blocks; old >= s.pinned_blocks; old -= s.ring_blocks)
+      if (table[old] == slot) {
+        table[old] = -1;
+        lo = std::min(lo, old), hi = std::max(hi, old);
+        break;
+      }
+    table[b] = static_cast<int32_t>(slot);
+    lo = std::min(lo, b), hi = std::max(hi, b);
   }
-  if (changed && table_mirror_ != nullptr)
-    memory_->CopyFromHost(table_mirror_ + layer * s.num_blocks() + b0, &table_[layer][b0],
-                          static_cast<size_t>(b1 - b0 + 1) * sizeof(int32_t));
+  if (hi >= lo && table_mirror_ != nullptr)
+    memory_->CopyFromHost(table_mirror_ + layer * s.num_blocks() + lo, &table[lo],
+                          static_cast<size_t>(hi - lo + 1) * sizeof(int32_t));
+}
+
+uint8_t* KVCache::BlockData(int64_t layer, bool values, int64_t slot) const {
+  NEEDLE_CHECK(layer >= 0 && layer < shape_.layers && slot >= 0 && slot < shape_.LayerSlots(layer));
+  return (values ? v_.p : k_.p) + static_cast<size_t>(slot0_[layer] + slot) * block_bytes_;
 }
 
 KVLayerView KVCache::Layer(int64_t layer) const {
@@ -217,13 +251,13 @@ KVLayerView KVCache::Layer(int64_t layer) const {
       s.head_dim,
       s.kv_heads,
       s.groups(),
-      k_.p + layer * layer_bytes_,
-      v_.p + layer * layer_bytes_,
-      ks_.p ? reinterpret_cast<const float*>(ks_.p) + layer * layer_scale_floats_ : nullptr,
-      vs_.p ? reinterpret_cast<const float*>(vs_.p) + layer * layer_scale_floats_ : nullptr,
+      k_.p + static_cast<size_t>(slot0_[layer]) * block_bytes_,
+      v_.p + static_cast<size_t>(slot0_[layer]) * block_bytes_,
+      ks_.p ? reinterpret_cast<const float*>(ks_.p) + slot0_[layer] * block_scale_floats_ : nullptr,
+      vs_.p ? reinterpret_cast<const float*>(vs_.p) + slot0_[layer] * block_scale_floats_ : nullptr,
       table_mirror_ != nullptr ? table_mirror_ + layer * s.num_blocks() : table_[layer].data(),
       size_,
-      s.num_blocks()};
+      s.LayerSlots(layer)};
 }
 
 namespace {

@@ -12,6 +12,7 @@
 // reserved, so an impossible context is an error naming both numbers, not an OOM kill.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -28,6 +29,16 @@ DType ParseKVType(const std::string& s, const std::string& what);
 const char* KVTypeName(DType t);
 
 struct KVCacheShape {
+  KVCacheShape() = default;
+  KVCacheShape(int64_t layers_, int64_t kv_heads_, int64_t head_dim_, int64_t capacity_,
+               int64_t block_size_ = 128, DType dtype_ = DType::kF32)
+      : layers(layers_),
+        kv_heads(kv_heads_),
+        head_dim(head_dim_),
+        capacity(capacity_),
+        block_size(block_size_),
+        dtype(dtype_) {}
+
   int64_t layers = 0;
   int64_t kv_heads = 0;
   int64_t head_dim = 0;
@@ -35,17 +46,44 @@ struct KVCacheShape {
   int64_t block_size = 128;
   DType dtype = DType::kF32;
 
+  // Ring layers (the hybrid engine's GPU copy of a sparse layer: Initial + Local only). Such a
+  // layer has pinned_blocks + ring_blocks slots: block b < pinned_blocks keeps slot b; a later
+  // block b takes slot pinned_blocks + (b - pinned_blocks) % ring_blocks and evicts the block
+  // that held it (its table entry becomes -1). ring_layer: [layers] or empty (no ring layers).
+  std::vector<uint8_t> ring_layer;
+  int64_t pinned_blocks = 0, ring_blocks = 0;
+
   int64_t groups() const { return dtype == DType::kI8 ? (head_dim + kKVGroup - 1) / kKVGroup : 0; }
   int64_t num_blocks() const { return (capacity + block_size - 1) / block_size; }
+  bool IsRing(int64_t layer) const {
+    return !ring_layer.empty() && ring_layer[static_cast<size_t>(layer)] != 0;
+  }
+  // Blocks the arenas of `layer` hold.
+  int64_t LayerSlots(int64_t layer) const {
+    return IsRing(layer) ? std::min(num_blocks(), pinned_blocks + ring_blocks) : num_blocks();
+  }
+  // The slot logical block b of a ring layer occupies.
+  int64_t RingSlot(int64_t b) const {
+    return b < pinned_blocks ? b : pinned_blocks + (b - pinned_blocks) % ring_blocks;
+  }
+  // K + V bytes of one slot (a block of every KV head) of one layer, scales included.
+  size_t SlotBytes() const {
+    return static_cast<size_t>(2 * kv_heads * block_size) *
+           (static_cast<size_t>(head_dim) * DTypeSize(dtype) +
+            static_cast<size_t>(groups()) * sizeof(float));
+  }
+  int64_t TotalSlots() const {
+    int64_t n = 0;
+    for (int64_t l = 0; l < layers; ++l) n += LayerSlots(l);
+    return n;
+  }
   // K + V bytes of one token in every layer, scales included.
   size_t BytesPerToken() const {
     return static_cast<size_t>(2 * layers * kv_heads) *
            (static_cast<size_t>(head_dim) * DTypeSize(dtype) +
             static_cast<size_t>(groups()) * sizeof(float));
   }
-  size_t TotalBytes() const {
-    return BytesPerToken() * static_cast<size_t>(num_blocks() * block_size);
-  }
+  size_t TotalBytes() const { return SlotBytes() * static_cast<size_t>(TotalSlots()); }
 };
 
 // One layer's cache as the kernels read it.
@@ -137,6 +175,12 @@ class KVCache {
 
   // Pointers into the cache's memory (device pointers for a device cache, table included).
   KVLayerView Layer(int64_t layer) const;
+  // The slot logical block b of `layer` occupies (-1: unassigned or evicted from a ring).
+  int32_t SlotOf(int64_t layer, int64_t b) const { return table_[layer][b]; }
+  // The K (values == false) or V data of one slot of `layer`: [kv_heads][block_size][head_dim]
+  // elements, in the cache's memory (for copies between caches; not int8 scales).
+  uint8_t* BlockData(int64_t layer, bool values, int64_t slot) const;
+  size_t BlockBytes() const { return block_bytes_; }
 
  private:
   struct Arena {
@@ -151,7 +195,8 @@ class KVCache {
   KVMemory* memory_ = nullptr;
   int32_t* table_mirror_ = nullptr;  // [layer][block] in memory_ (device caches)
   int64_t size_ = 0;
-  size_t layer_bytes_ = 0, layer_scale_floats_ = 0;
+  size_t block_bytes_ = 0, block_scale_floats_ = 0;  // one slot of one layer, K (or V) alone
+  std::vector<int64_t> slot0_;                       // [layer]: its first slot in the arenas
   Arena k_, v_, ks_, vs_;
   std::vector<std::vector<int32_t>> table_;  // [layer][logical block] -> slot, -1 = unassigned
   std::vector<int32_t> next_slot_;           // per layer

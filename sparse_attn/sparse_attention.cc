@@ -63,19 +63,21 @@ std::vector<double> SparseAttention::RecallPerLayer() const {
 
 void SparseAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
                              float* out) {
+  // The keys of this step are written already (the cache's size counts them only after it).
+  KVLayerView kv = cache.Layer(layer);
+  kv.n_tokens = a.pos0 + a.T;
   if (step_.call_T > 1)
-    Prefill(layer, q, a, cache, out);
+    Prefill(layer, q, a, kv, out);
   else
-    Decode(layer, q, a, cache, out);
+    Decode(layer, q, a, kv, out);
 }
 
-void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
-                              float* out) {
-  const KVLayerView kv = cache.Layer(layer);
+void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
+                              const KVLayerView& kv, float* out) {
   // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
   const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
   if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
-  b_.Attention(q, kv, a, nullptr, out, seed ? prefill_lse_.data() : nullptr);
+  exec_->Dense(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
   // The observation window keeps the prompt's last queries (their lse is computed at the end).
   QueryWindow& w = window_[layer];
   for (int64_t t = std::max<int64_t>(0, a.T - cfg_.obs_window); t < a.T; ++t)
@@ -274,11 +276,10 @@ void SparseAttention::Retain(int64_t layer, const float* q, const float* lse, co
   }
 }
 
-void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
-                             float* out) {
+void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
+                             const KVLayerView& kv, float* out) {
   NEEDLE_CHECK(a.T == 1);
   const int64_t p = a.pos0, B = cfg_.block_size;
-  const KVLayerView kv = cache.Layer(layer);
   LayerPlan plan;
   plan.step = decode_step_;
   plan.layer = layer;
@@ -290,13 +291,11 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a, K
   plan.dense = DenseLayer(layer, a) || ctx_end_block <= init_blocks;
   lse_.resize(static_cast<size_t>(a.heads));
   if (plan.dense) {
-    b_.Attention(q, kv, a, nullptr, out, lse_.data());
+    exec_->Dense(layer, q, a, kv, out, lse_.data());
   } else {
     EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
     SelectBlocks(layer, q, a, ctx_end_block, &plan);
-    AttnSpans spans;
-    plan.ToSpans(a.kv_heads, &spans);
-    b_.Attention(q, kv, a, &spans, out, lse_.data());
+    exec_->Planned(layer, q, a, kv, plan, out, lse_.data());
   }
   // Retention is read by this layer's next fresh selection: compute it only when the next step
   // makes one here.

@@ -27,6 +27,22 @@
 
 namespace needle {
 
+// Carries out the attention the planner decides, where the KV lies: the CPU executor runs the
+// backend's kernels over the cache it is given; the hybrid engine's (engine/cuda/hybrid.h)
+// attends Initial + Local on the GPU and the selected Context blocks on the CPU.
+class PlanExecutor {
+ public:
+  virtual ~PlanExecutor() = default;
+  // Every visible key of `layer` for a.T queries (prompts, dense layers, steps with no Context).
+  // q, out: as AttentionPolicy::Attend's; kv: the planner's view of the layer; lse: host
+  // [T, heads] or nullptr.
+  virtual void Dense(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                     float* out, float* lse) = 0;
+  // One decode query over the plan's keys (Initial + plan.blocks + Local); lse: host [heads].
+  virtual void Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                       const LayerPlan& plan, float* out, float* lse) = 0;
+};
+
 class SparseAttention final : public AttentionPolicy {
  public:
   // max_tokens: the KV cache capacity; kv_type decides the representatives' storage.
@@ -40,6 +56,9 @@ class SparseAttention final : public AttentionPolicy {
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
               float* out) override;
   void Reset();  // for a new sequence in the same cache
+  // Where the plan runs (nullptr: the backend's kernels over the cache Attend is given). The
+  // planner itself always reads the cache Attend is given, in host memory.
+  void set_executor(PlanExecutor* e) { exec_ = e != nullptr ? e : &cpu_exec_; }
   // Indexes a cache filled by other means (benchmarks): the representatives of every full
   // block of `layer` as if a prompt of cache.size() tokens had been prefilled (not Dynamic).
   void IndexContext(int64_t layer, const KVCache& cache);
@@ -61,9 +80,9 @@ class SparseAttention final : public AttentionPolicy {
     int64_t ctx_end_block = 0;
     std::vector<std::vector<int32_t>> blocks;
   };
-  void Prefill(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
+  void Prefill(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out);
   void EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
-  void Decode(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache, float* out);
+  void Decode(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out);
   void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
                              int64_t to_block, float scale);
   void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
@@ -89,9 +108,29 @@ class SparseAttention final : public AttentionPolicy {
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
               const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks);
 
+  class CpuExecutor final : public PlanExecutor {
+   public:
+    explicit CpuExecutor(Backend& b) : b_(b) {}
+    void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
+               float* lse) override {
+      b_.Attention(q, kv, a, nullptr, out, lse);
+    }
+    void Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                 const LayerPlan& plan, float* out, float* lse) override {
+      plan.ToSpans(a.kv_heads, &spans_);
+      b_.Attention(q, kv, a, &spans_, out, lse);
+    }
+
+   private:
+    Backend& b_;
+    AttnSpans spans_;
+  };
+
   ModelConfig model_;
   SparseConfig cfg_;
   Backend& b_;
+  CpuExecutor cpu_exec_{b_};
+  PlanExecutor* exec_ = &cpu_exec_;
   ThreadingContext& tc_;
   StepInfo step_;
   int64_t decode_step_ = -1;

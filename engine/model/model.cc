@@ -14,8 +14,14 @@ Model::Model(ModelConfig cfg, ModelWeights weights, Backend& backend)
 }
 
 KVCacheShape Model::CacheShape(int64_t capacity, DType kv_dtype, int64_t block_size) const {
-  return KVCacheShape{cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim,
-                      capacity,        block_size,        kv_dtype};
+  KVCacheShape s;
+  s.layers = cfg_.num_layers;
+  s.kv_heads = cfg_.num_kv_heads;
+  s.head_dim = cfg_.head_dim;
+  s.capacity = capacity;
+  s.block_size = block_size;
+  s.dtype = kv_dtype;
+  return s;
 }
 
 void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
@@ -55,6 +61,12 @@ void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, 
   // sequence length it ends at (only dynamic NTK scaling depends on it).
   const RopeFreqs rope = ComputeRopeFreqs(cfg_, pos0 + T);
   const int64_t V = cfg_.vocab_size;
+  const AttentionPolicy::Prefill order =
+      T > 1 ? attn_->PrefillOrder(T) : AttentionPolicy::Prefill{};
+  if (order.layer_major) {
+    RunLayerMajor(ids, T, cache, all_logits, logits_host, sel, order.residual_in_backend);
+    return;
+  }
   for (int64_t s = 0; s < T; s += ubatch_) {
     const int64_t n = std::min(ubatch_, T - s);
     const bool last = s + n == T;
@@ -63,7 +75,7 @@ void Model::Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, 
       dst = logits_host + s * V;
     else if (logits_host != nullptr && last)
       dst = logits_host;
-    attn_->BeginStep(StepInfo{pos0 + s, n, T, last});
+    attn_->BeginStep(StepInfo{pos0 + s, n, T, last, pos0});
     Step(ids + s, n, pos0 + s, rope, cache, all_logits, dst, last ? sel : nullptr);
     cache.SetSize(pos0 + s + n);
     if (progress_) progress_(s + n, T);
@@ -124,13 +136,19 @@ bool Model::RecordedDecode(const int32_t* ids, int64_t pos0, const RopeFreqs& ro
 
 void Model::StepBody(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope,
                      KVCache& cache, Buffers& buf, int64_t logit_rows) {
-  const ModelConfig& c = cfg_;
-  const int64_t H = c.hidden_size, D = c.head_dim;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
-  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
+  b_.Embed(w_.embed, ids, T, buf.x.get());
+  for (int64_t l = 0; l < cfg_.num_layers; ++l)
+    LayerBody(l, T, pos0, rope, cache, buf, buf.x.get());
+  if (logit_rows > 0) Head(buf.x.get(), T, logit_rows, buf);
+}
 
-  b_.Embed(w_.embed, ids, T, x);
+void Model::LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
+                      Buffers& buf, float* x) {
+  const ModelConfig& c = cfg_;
+  const int64_t D = c.head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  float *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
+  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
   AttnArgs a;
   a.T = T;
   a.pos0 = pos0;
@@ -138,32 +156,93 @@ void Model::StepBody(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreq
   a.kv_heads = c.num_kv_heads;
   a.head_dim = D;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
-    const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};
-    if (c.qk_norm) {  // the q/k norms come between the projection and the rotation
-      b_.Project(x, T, {&L.attn_norm, eps, h}, qkv, 3);
-      b_.RmsNorm(q, T * c.num_heads, D, L.q_norm, eps, q);
-      b_.RmsNorm(k, T * c.num_kv_heads, D, L.k_norm, eps, k);
-      b_.RopeKVWrite(q, k, v, T, c.num_heads, cache, l, pos0, rope.inv_freq,
-                     rope.attention_scaling);
-    } else {
-      b_.ProjectRopeKVWrite(x, T, {&L.attn_norm, eps, h}, qkv, c.num_heads, cache, l, pos0,
-                            rope.inv_freq, rope.attention_scaling);
-    }
-    a.window = c.sliding_window[static_cast<size_t>(l)];
-    attn_->Attend(l, q, a, cache, att);
-    b_.ProjectAdd(att, T, L.wo, &L.bo, x, h);
-
-    b_.GateUp(x, T, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
-    b_.ProjectAdd(gate, T, L.w_down, &L.b_down, x, h);
+  const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
+  const KVTarget kv = attn_->Target(l, cache);
+  const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};
+  if (c.qk_norm) {  // the q/k norms come between the projection and the rotation
+    b_.Project(x, T, {&L.attn_norm, eps, h}, qkv, 3);
+    b_.RmsNorm(q, T * c.num_heads, D, L.q_norm, eps, q);
+    b_.RmsNorm(k, T * c.num_kv_heads, D, L.k_norm, eps, k);
+    b_.RopeKVWrite(q, k, v, T, c.num_heads, *kv.cache, kv.layer, pos0, rope.inv_freq,
+                   rope.attention_scaling);
+  } else {
+    b_.ProjectRopeKVWrite(x, T, {&L.attn_norm, eps, h}, qkv, c.num_heads, *kv.cache, kv.layer, pos0,
+                          rope.inv_freq, rope.attention_scaling);
   }
-  if (logit_rows == 0) return;
-  const float* last = x + (T - logit_rows) * H;
-  if (buf.logits.size() < static_cast<size_t>(logit_rows * c.vocab_size))
-    buf.logits = BackendBuffer(b_, static_cast<size_t>(logit_rows * c.vocab_size));
+  a.window = c.sliding_window[static_cast<size_t>(l)];
+  attn_->Attend(l, q, a, cache, att);
+  b_.ProjectAdd(att, T, L.wo, &L.bo, x, h);
+
+  b_.GateUp(x, T, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
+  b_.ProjectAdd(gate, T, L.w_down, &L.b_down, x, h);
+}
+
+void Model::Head(const float* x, int64_t T, int64_t rows, Buffers& buf) {
+  const ModelConfig& c = cfg_;
+  const float* last = x + (T - rows) * c.hidden_size;
+  if (buf.logits.size() < static_cast<size_t>(rows * c.vocab_size))
+    buf.logits = BackendBuffer(b_, static_cast<size_t>(rows * c.vocab_size));
   const Backend::Projection head{&w_.lm_head, nullptr, buf.logits.get()};
-  b_.Project(last, logit_rows, {&w_.final_norm, eps, h}, &head, 1);
+  b_.Project(last, rows, {&w_.final_norm, static_cast<float>(c.rms_norm_eps), buf.h.get()}, &head,
+             1);
+}
+
+void Model::RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
+                          float* logits_host, const Selection* sel, bool residual_in_backend) {
+  const int64_t pos0 = cache.size(), H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const RopeFreqs rope = ComputeRopeFreqs(cfg_, pos0 + T);
+  const int64_t U = std::min(ubatch_, T);
+  Buffers buf(b_, cfg_, U);
+  // The residual stream of every token of the prompt: x of micro-batch s is rows [s, s + n).
+  BackendBuffer resident;
+  std::unique_ptr<float[]> host;
+  if (residual_in_backend)
+    resident = BackendBuffer(b_, static_cast<size_t>(T * H));
+  else
+    host.reset(new float[static_cast<size_t>(T * H)]);
+  // Micro-batch s's x: in the resident stream itself, or loaded into buf.x from the host.
+  const auto load = [&](int64_t s, int64_t n) {
+    if (residual_in_backend) return resident.get() + s * H;
+    b_.FromHost(host.get() + s * H, static_cast<size_t>(n * H), buf.x.get());
+    return buf.x.get();
+  };
+  const auto store = [&](int64_t s, int64_t n, float* x) {
+    if (!residual_in_backend) b_.ToHost(x, static_cast<size_t>(n * H), host.get() + s * H);
+  };
+  for (int64_t s = 0; s < T; s += U) {
+    const int64_t n = std::min(U, T - s);
+    float* x = residual_in_backend ? resident.get() + s * H : buf.x.get();
+    b_.Embed(w_.embed, ids + s, n, x);
+    store(s, n, x);
+  }
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    for (int64_t s = 0; s < T; s += U) {
+      const int64_t n = std::min(U, T - s);
+      float* x = load(s, n);
+      attn_->BeginStep(StepInfo{pos0 + s, n, T, s + n == T, pos0});
+      LayerBody(l, n, pos0 + s, rope, cache, buf, x);
+      store(s, n, x);
+    }
+    if (progress_) progress_(T * (l + 1) / cfg_.num_layers, T);
+  }
+  cache.SetSize(pos0 + T);
+  attn_->EndPrefill();
+  const bool want = logits_host != nullptr || sel != nullptr;
+  if (!want) return;
+  if (all_logits && sel == nullptr) {
+    for (int64_t s = 0; s < T; s += U) {
+      const int64_t n = std::min(U, T - s);
+      Head(load(s, n), n, n, buf);
+      b_.ToHost(buf.logits.get(), static_cast<size_t>(n * V), logits_host + s * V);
+    }
+    return;
+  }
+  const int64_t s = (T - 1) / U * U;
+  Head(load(s, T - s), T - s, 1, buf);
+  if (sel != nullptr)
+    b_.TopK(buf.logits.get(), V, sel->k, sel->vals, sel->ids);
+  else
+    b_.ToHost(buf.logits.get(), static_cast<size_t>(V), logits_host);
 }
 
 std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {

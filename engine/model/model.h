@@ -25,6 +25,13 @@ struct StepInfo {
   int64_t T = 0;
   int64_t call_T = 0;         // > 1: a prompt (prefill); 1: a decode step
   bool last_of_call = false;  // the call's final micro-batch (for prefill: the prompt is complete)
+  int64_t call_pos0 = 0;      // position of the call's first token
+};
+
+// Where a layer's new keys and values are written: a cache and its layer index.
+struct KVTarget {
+  KVCache* cache;
+  int64_t layer;
 };
 
 class AttentionPolicy {
@@ -35,6 +42,20 @@ class AttentionPolicy {
   // out: [T, heads, head_dim].
   virtual void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
                       float* out) = 0;
+  // Where `layer`'s new keys and values go during the coming step (default: the model's cache).
+  // The hybrid engine sends a prompt's sparse layers to a staging cache on the GPU.
+  virtual KVTarget Target(int64_t layer, KVCache& cache) { return {&cache, layer}; }
+  // How a prompt of T tokens runs: false, micro-batch by micro-batch through every layer; true,
+  // layer by layer (every micro-batch through layer l before layer l + 1: only one layer's keys
+  // of the whole prompt need to be at hand at a time). Same arithmetic either way.
+  struct Prefill {
+    bool layer_major = false;
+    bool residual_in_backend = true;  // layer-major: the residual stream [T, hidden] in backend
+                                      // memory (else in host memory, a micro-batch at a time)
+  };
+  virtual Prefill PrefillOrder(int64_t /*T*/) const { return {}; }
+  // A layer-major prompt is over (every layer ran; the model cache's size is set).
+  virtual void EndPrefill() {}
 };
 
 class DenseAttention final : public AttentionPolicy {
@@ -99,6 +120,15 @@ class Model {
   };
   void Run(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits, float* logits_host,
            const Selection* sel);
+  // A prompt layer by layer (AttentionPolicy::PrefillOrder).
+  void RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
+                     float* logits_host, const Selection* sel, bool residual_in_backend);
+  // One layer of a step of T tokens: x [T, hidden] (backend memory) in, updated in place; buf
+  // holds the layer's other activations.
+  void LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
+                 Buffers& buf, float* x);
+  // Final norm and LM head of the last `rows` of x [T, hidden] into buf.logits.
+  void Head(const float* x, int64_t T, int64_t rows, Buffers& buf);
   void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
             bool all_logits, float* logits_host, const Selection* sel);
   // The device work of a step: the layers, then the final norm and LM head of the last
