@@ -18,6 +18,7 @@
 #include "datasets/ruler.h"
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
+#include "engine/runtime/sequence_attention.h"
 #include "eval/heatmap.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
@@ -276,16 +277,18 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
         ids = std::move(cut);
       }
       const int64_t ctx = static_cast<int64_t>(ids.size()) + max_new;
-      const int64_t block = cfg.sparse ? cfg.sparse_cfg.block_size : 128;
-      KVCache cache(model.CacheShape(ctx, opt.kv_type, block), opt.kv_memory,
-                    model.backend().kv_memory());
-      std::unique_ptr<SparseAttention> sp;
-      if (cfg.sparse) {
-        sp = std::make_unique<SparseAttention>(model.config(), cfg.sparse_cfg, model.backend(), tc,
-                                               ctx, opt.kv_type);
-        sp->set_recall(opt.recall);
-      }
-      model.set_attention(sp.get());
+      SequenceOptions so;
+      so.ctx = ctx;
+      so.kv_type = opt.kv_type;
+      so.kv_memory = opt.kv_memory;
+      so.gpu_memory = opt.gpu_memory;
+      so.ubatch = opt.ubatch;
+      SequenceAttention seq =
+          MakeSequenceAttention(model, cfg.sparse ? &cfg.sparse_cfg : nullptr, tc, so);
+      KVCache& cache = *seq.cache;
+      SparseAttention* sp = seq.planner;
+      if (sp != nullptr) sp->set_recall(opt.recall);
+      model.set_attention(seq.policy.get());
       GenerateStats st;
       StreamDecoder dec(tok, true);
       std::string text;

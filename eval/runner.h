@@ -38,6 +38,8 @@ struct RunnerOptions {
   std::string model_id;       // ModelIdentity(model folder)
   int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
   size_t kv_memory = 0;       // bytes a sample's KV cache may take (--kv-memory; 0: available)
+  size_t gpu_memory = 0;      // sparse on a GPU: the hybrid engine's budget (0: free memory)
+  int64_t ubatch = 512;       // prompt tokens per forward step (the model's --ubatch)
   DType kv_type = DType::kBF16;
   bool recall = false;
   // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.

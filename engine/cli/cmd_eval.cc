@@ -207,6 +207,8 @@ int CmdEval(int argc, char** argv) {
   ro.run_dir = opt.Str("output");
   ro.model_id = eval::ModelIdentity(opt.Str("model"));
   ro.kv_memory = limits.kv_memory;
+  ro.gpu_memory = limits.gpu_memory;
+  ro.ubatch = limits.ubatch;
   ro.context_limit =
       opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : model->config().max_position_embeddings;
   const std::string kvs = opt.Str("kv-type");

@@ -1,5 +1,7 @@
 #include "engine/cli/run_options.h"
 
+#include "engine/runtime/sequence_attention.h"
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -59,8 +61,12 @@ std::vector<OptionSpec> RunOptionSpecs() {
        "needle-tiny"},
       {"threads", 't', OptKind::kInt, "0", "CPU threads (0: all hardware threads)"},
       {"device", 0, OptKind::kString, "auto",
-       "where the model runs: cpu, cuda (cuda:N for GPU N), or auto (cuda when a GPU is present "
-       "and the attention is dense)"},
+       "where the model runs: cpu, cuda (cuda:N for GPU N), or auto (cuda when a GPU is "
+       "present); sparse attention on a GPU is the hybrid engine (KV of sparse layers in host "
+       "memory)"},
+      {"gpu-memory", 0, OptKind::kString, "",
+       "sparse attention on a GPU: the most GPU memory needle may use, weights included, e.g. "
+       "24G (default: the GPU's free memory)"},
       {"ctx-size", 'c', OptKind::kInt, "0",
        "context limit in tokens: prompt + new tokens (the KV cache is sized for what the run "
        "needs up to it; eval cuts longer prompts in the middle); 0: the model's "
@@ -149,14 +155,14 @@ std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& o
 #ifdef NEEDLE_HAVE_CUDA
   std::string why;
   const bool sparse = opt.Str("attention").find("sparse") != std::string::npos;
-  if (kind == "auto")
-    kind = !sparse && !opt.Flag("reference-kernels") && CudaAvailable(&why) ? "cuda" : "cpu";
+  if (kind == "auto") kind = !opt.Flag("reference-kernels") && CudaAvailable(&why) ? "cuda" : "cpu";
   if (kind == "cuda") {
     if (opt.Flag("reference-kernels"))
       Fail("--reference-kernels selects the CPU's scalar kernels: use it with --device cpu");
-    if (sparse) Fail("--attention sparse runs on the CPU for now: use it with --device cpu");
     auto b = MakeCudaBackend(index);
-    std::fprintf(stderr, "needle: device %s\n", b->kv_memory()->Name().c_str());
+    std::fprintf(
+        stderr, "needle: device %s%s\n", b->kv_memory()->Name().c_str(),
+        sparse ? " (sparse attention: the hybrid engine, sparse layers' KV in host memory)" : "");
     return b;
   }
 #else
@@ -175,6 +181,10 @@ RunLimits RunLimitsFromOptions(const Options& opt) {
   if (l.ubatch <= 0) Fail("--ubatch must be positive (got ", l.ubatch, ")");
   l.kv_memory =
       opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
+  l.gpu_memory =
+      opt.Str("gpu-memory").empty() ? 0 : ParseByteSize(opt.Str("gpu-memory"), "--gpu-memory");
+  if (opt.IsSet("gpu-memory") && opt.Str("attention").find("sparse") == std::string::npos)
+    Fail("--gpu-memory only applies to --attention sparse on a GPU (the hybrid engine)");
   return l;
 }
 
@@ -216,10 +226,20 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",
                static_cast<long long>(ctx), shape.BytesPerToken(), KVTypeName(rs.kv_type),
                FormatBytes(shape.TotalBytes()).c_str());
-  rs.cache = std::make_unique<KVCache>(shape, kv_limit, rs.backend->kv_memory());
-  if (opt.Str("attention") == "sparse") {
-    rs.sparse = std::make_unique<SparseAttention>(rs.model->config(), rs.sparse_cfg, *rs.backend,
-                                                  *rs.tc, ctx, rs.kv_type);
+  SequenceOptions so;
+  so.ctx = ctx;
+  so.kv_type = rs.kv_type;
+  so.kv_memory = kv_limit;
+  so.gpu_memory = limits.gpu_memory;
+  so.ubatch = limits.ubatch;
+  const bool sparse = opt.Str("attention") == "sparse";
+  SequenceAttention seq =
+      MakeSequenceAttention(*rs.model, sparse ? &rs.sparse_cfg : nullptr, *rs.tc, so);
+  rs.cache = std::move(seq.cache);
+  rs.policy = std::move(seq.policy);
+  rs.sparse = seq.planner;
+  if (seq.hybrid) std::fprintf(stderr, "needle: GPU memory: %s\n", seq.gpu_memory.c_str());
+  if (sparse) {
     rs.sparse->set_recall(opt.Flag("attn-recall"));
     const std::string dump = opt.Str("dump-plan");
     if (dump == "-") {
@@ -229,7 +249,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
       if (!*rs.plan_file) Fail("--dump-plan: cannot write ", dump);
       rs.sparse->set_plan_sink(rs.plan_file.get());
     }
-    rs.model->set_attention(rs.sparse.get());
+    rs.model->set_attention(rs.policy.get());
     std::fprintf(stderr, "needle: sparse attention: %s\n", rs.sparse_cfg.Describe().c_str());
   }
   return rs;

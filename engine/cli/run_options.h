@@ -22,8 +22,9 @@ struct RunSetup {
   std::unique_ptr<ThreadingContext> tc;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
-  std::unique_ptr<KVCache> cache;
-  std::unique_ptr<SparseAttention> sparse;  // null for dense attention
+  std::unique_ptr<KVCache> cache;           // the model's (engine/runtime/sequence_attention.h)
+  std::unique_ptr<AttentionPolicy> policy;  // null for dense attention
+  SparseAttention* sparse = nullptr;        // the sparse planner in policy; null for dense
   std::unique_ptr<std::ofstream> plan_file;
   DType kv_type = DType::kF32;
   SparseConfig sparse_cfg;
@@ -39,6 +40,7 @@ struct RunLimits {
   int threads = 0;
   int64_t ubatch = 512;
   size_t kv_memory = 0;
+  size_t gpu_memory = 0;  // --gpu-memory (0: the GPU's free memory)
 };
 RunLimits RunLimitsFromOptions(const Options& opt);
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the

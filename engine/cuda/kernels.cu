@@ -239,4 +239,27 @@ void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+__global__ void MergeAttentionKernel(const float* oa, const float* la, const float* ob,
+                                     const float* lb, int64_t D, float* out, float* lse) {
+  const int64_t r = blockIdx.x;
+  const float a = la[r], b = lb[r];
+  const float M = fmaxf(a, b);
+  // Both empty: zeros (as an empty partial finalises), lse -inf.
+  const float wa = a == -INFINITY ? 0.f : expf(a - M), wb = b == -INFINITY ? 0.f : expf(b - M);
+  const float sum = wa + wb, inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    out[r * D + d] = (wa * oa[r * D + d] + wb * ob[r * D + d]) * inv;
+  if (lse != nullptr && threadIdx.x == 0) lse[r] = sum > 0.f ? M + logf(sum) : -INFINITY;
+}
+}  // namespace
+
+void MergeAttention(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
+                    int64_t rows, int64_t D, float* out, float* lse, cudaStream_t stream) {
+  if (rows <= 0) return;
+  MergeAttentionKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(out_a, lse_a, out_b, lse_b,
+                                                                        D, out, lse);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace needle::cuda

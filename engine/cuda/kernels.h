@@ -46,4 +46,12 @@ void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, i
 void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
           cudaStream_t stream);
 
+// The log-sum-exp merge of two attention results over disjoint keys (engine/attention/partial.h
+// for normalised outputs): for each row r (a query head), with w_x = exp(lse_x[r] - M),
+//   out[r] = (w_a out_a[r] + w_b out_b[r]) / (w_a + w_b),  lse[r] = M + log(w_a + w_b).
+// out_a, out_b, out: [rows, D]; lse_a, lse_b, lse: [rows] (lse may be null). An empty side has
+// lse -inf. out may alias out_a or out_b. The hybrid engine's GPU window + CPU blocks.
+void MergeAttention(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
+                    int64_t rows, int64_t D, float* out, float* lse, cudaStream_t stream);
+
 }  // namespace needle::cuda

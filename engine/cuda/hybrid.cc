@@ -1,0 +1,371 @@
+#include "engine/cuda/hybrid.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+#include "engine/base/error.h"
+#include "engine/cuda/attention.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_buffer.h"
+#include "engine/cuda/kernels.h"
+
+namespace needle {
+
+bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer) {
+  return layer < c.dense_layers || m.sliding_window[static_cast<size_t>(layer)] > 0;
+}
+
+KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                               DType kv_type) {
+  KVCacheShape s(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
+  s.ring_layer.resize(static_cast<size_t>(m.num_layers));
+  for (int64_t l = 0; l < m.num_layers; ++l) s.ring_layer[l] = HybridDenseLayer(m, c, l) ? 0 : 1;
+  s.pinned_blocks = c.init_end() / c.block_size;
+  // The Local region [LocalBegin(p), p] spans at most ceil(local_window / B) + 1 blocks.
+  s.ring_blocks = (c.local_window + c.block_size - 1) / c.block_size + 1;
+  return s;
+}
+
+std::string HybridGpuMemory::Describe() const {
+  std::ostringstream os;
+  os << "weights " << FormatBytes(weights) << ", dense-layer KV " << FormatBytes(dense_kv)
+     << ", Initial + Local KV " << FormatBytes(window_kv) << ", prompt staging "
+     << FormatBytes(staging_kv) << ", activations " << FormatBytes(activations) << ", scratch "
+     << FormatBytes(scratch) << ": total " << FormatBytes(total());
+  return os.str();
+}
+
+HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                               DType kv_type, size_t weight_bytes, int64_t ubatch,
+                               bool residual_on_gpu) {
+  HybridGpuMemory g;
+  g.weights = weight_bytes;
+  const KVCacheShape s = HybridDeviceShape(m, c, ctx, kv_type);
+  for (int64_t l = 0; l < s.layers; ++l)
+    (s.IsRing(l) ? g.window_kv : g.dense_kv) +=
+        s.SlotBytes() * static_cast<size_t>(s.LayerSlots(l));
+  KVCacheShape one(1, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
+  g.staging_kv = one.TotalBytes();
+  // Model::Buffers of a micro-batch (x, h, q, k, v, att, gate, up) and the logits row, in f32.
+  const int64_t U = std::min(ubatch, ctx);
+  const size_t per_token = static_cast<size_t>(2 * m.hidden_size + 2 * m.q_dim() + 2 * m.kv_dim() +
+                                               2 * m.intermediate_size);
+  g.activations = (per_token * static_cast<size_t>(U) + static_cast<size_t>(m.vocab_size)) * 4;
+  if (residual_on_gpu) g.activations += static_cast<size_t>(ctx * m.hidden_size) * 4;
+  // Attention split partials (up to 2 per multiprocessor, generous), the merge's inputs, tables,
+  // cuBLAS workspace.
+  g.scratch = static_cast<size_t>(264 * m.num_heads * (m.head_dim + 2)) * 4 * 2 +
+              static_cast<size_t>(s.num_blocks()) * 4 + (size_t{64} << 20);
+  return g;
+}
+
+void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& name) {
+  if (need.total() > budget)
+    Fail("the hybrid engine needs ", FormatBytes(need.total()), " of GPU memory (", need.Describe(),
+         ") but ", name, " is ", FormatBytes(budget),
+         ": use a shorter context, a smaller --local-window, fewer --dense-layers or a larger "
+         "--gpu-memory");
+}
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+}  // namespace
+
+struct HybridAttention::Impl final : PlanExecutor {
+  Impl(const ModelConfig& m_, const SparseConfig& c_, Backend& gpu_, ThreadingContext& tc_,
+       int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_)
+      : m(m_),
+        c(c_),
+        gpu(gpu_),
+        tc(tc_),
+        stream(CudaBackendStream(gpu_)),
+        cpu(MakeCpuBackend(tc_, false)),
+        host(HostShape(m_, c_, max_tokens, kv), host_limit),
+        staging(KVCacheShape(1, m_.num_kv_heads, m_.head_dim, max_tokens, c_.block_size, kv), 0,
+                gpu_.kv_memory()),
+        planner(m_, c_, *cpu, tc_, max_tokens, kv),
+        residual_on_gpu(residual_on_gpu_) {
+    if (kv == DType::kI8)
+      Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
+    planner.set_executor(this);
+    int dev = 0;
+    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+  }
+
+  // The host cache holds the sparse layers only: the dense layers' blocks are never written, and
+  // an anonymous mapping commits no memory for them.
+  static KVCacheShape HostShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                                DType kv) {
+    return KVCacheShape(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv);
+  }
+
+  bool Dense(int64_t layer, const AttnArgs& a) const {
+    return layer < c.dense_layers || a.window > 0;
+  }
+  void Sync(double* into) {
+    const auto t = Clock::now();
+    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (into != nullptr) *into += Since(t);
+  }
+  void D2H(void* dst, const void* src, size_t bytes) {
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+  }
+  void H2D(void* dst, const void* src, size_t bytes) {
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  }
+  // Copies blocks [b0, b1) of one layer between caches of the same shape per block (K and V;
+  // consecutive slots on both sides go as one copy).
+  void CopyBlocks(const KVCache& src, int64_t sl, KVCache& dst, int64_t dl, int64_t b0, int64_t b1,
+                  cudaMemcpyKind kind) {
+    const size_t bb = src.BlockBytes();
+    for (int64_t b = b0; b < b1;) {
+      const int32_t s0 = src.SlotOf(sl, b), d0 = dst.SlotOf(dl, b);
+      NEEDLE_CHECK(s0 >= 0 && d0 >= 0);
+      int64_t n = 1;
+      while (b + n < b1 && src.SlotOf(sl, b + n) == s0 + n && dst.SlotOf(dl, b + n) == d0 + n) ++n;
+      for (bool v : {false, true})
+        NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst.BlockData(dl, v, d0), src.BlockData(sl, v, s0),
+                                          bb * static_cast<size_t>(n), kind, stream));
+      b += n;
+    }
+  }
+
+  // --- prompts: layer by layer; a sparse layer's keys in the staging layer ----------------------
+  void StartPromptLayer(int64_t layer) {
+    Sync(nullptr);  // earlier layers' work on the staging layer is done
+    staging.Clear();
+    const int64_t p0 = step.call_pos0, B = c.block_size;
+    if (p0 == 0) return;
+    // A prompt that continues a sequence: its earlier keys come back from the host, once per
+    // layer and prompt.
+    staging.AssignBlocks(0, 0, p0);
+    CopyBlocks(host, layer, staging, 0, 0, (p0 + B - 1) / B, cudaMemcpyHostToDevice);
+  }
+
+  void PromptAttend(int64_t layer, const AttnArgs& a) {
+    const int64_t B = c.block_size, end = a.pos0 + a.T, call_end = step.call_pos0 + step.call_T;
+    // This micro-batch's blocks to the host (the planner computes their representatives there).
+    host.AssignBlocks(layer, a.pos0, a.T);
+    CopyBlocks(staging, 0, host, layer, a.pos0 / B, (end + B - 1) / B, cudaMemcpyDeviceToHost);
+    // The planner reads the queries of the prompt's observation window and its last query.
+    const int64_t HD = a.heads * a.head_dim;
+    q_host.resize(static_cast<size_t>(a.T * HD));
+    if (call_end - end < c.obs_window || step.last_of_call) {
+      const int64_t t0 = std::max<int64_t>(0, a.T - c.obs_window);
+      D2H(q_host.data() + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
+    }
+    Sync(nullptr);
+    planner.Attend(layer, q_host.data(), a, host, out_dev);
+    if (step.last_of_call) {
+      // The first decode step's Initial and Local blocks go to the layer's ring.
+      const int64_t init_b = std::min(c.init_end() / B, (end + B - 1) / B);
+      const int64_t local_b = c.LocalBegin(end) / B, last_b = (end + B - 1) / B;
+      for (int64_t b = 0; b < init_b; ++b) model_cache->AssignBlocks(layer, b * B, 1);
+      for (int64_t b = std::max(local_b, init_b); b < last_b; ++b)
+        model_cache->AssignBlocks(layer, b * B, 1);
+      CopyBlocks(staging, 0, *model_cache, layer, 0, init_b, cudaMemcpyDeviceToDevice);
+      CopyBlocks(staging, 0, *model_cache, layer, std::max(local_b, init_b), last_b,
+                 cudaMemcpyDeviceToDevice);
+    }
+  }
+
+  // --- decode ----------------------------------------------------------------------------------
+  // The view of a sparse layer's ring as one causal sequence: Initial blocks, then the Local
+  // blocks, renumbered (the keys were rotated at their true positions when written). *a2: the
+  // query's arguments over it.
+  KVLayerView WindowView(int64_t layer, const AttnArgs& a, AttnArgs* a2) {
+    const int64_t B = c.block_size, p = a.pos0, ie = c.init_end(), lb = c.LocalBegin(p);
+    const int64_t shift = lb - ie;          // keys skipped between Initial and Local (>= 0)
+    const int64_t n = (p - shift) / B + 1;  // blocks of the view
+    if (lb != table_lb || p / B != table_pb) {
+      table_host.resize(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t b = j < ie / B ? j : lb / B + (j - ie / B);
+        table_host[j] = model_cache->SlotOf(layer, b);
+        NEEDLE_CHECK(table_host[j] >= 0);
+      }
+      int32_t* d = table_dev.Get<int32_t>(table_host.size());
+      H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
+      table_lb = lb, table_pb = p / B;
+    }
+    KVLayerView v = model_cache->Layer(layer);
+    v.table = table_dev.Get<int32_t>(table_host.size());
+    *a2 = a;
+    a2->pos0 = p - shift;
+    return v;
+  }
+
+  // The new token's K/V row of a sparse layer, from its ring to the host cache.
+  void RowToHost(int64_t layer, int64_t p) {
+    host.AssignBlocks(layer, p, 1);
+    const KVLayerView d = model_cache->Layer(layer), h = host.Layer(layer);
+    const size_t row = static_cast<size_t>(c.block_size * m.head_dim) * DTypeSize(d.dtype);
+    const size_t width = static_cast<size_t>(m.head_dim) * DTypeSize(d.dtype);
+    for (bool v : {false, true})
+      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<uint8_t*>(v ? h.VRow(0, p) : h.KRow(0, p)),
+                                          row, v ? d.VRow(0, p) : d.KRow(0, p), row, width,
+                                          static_cast<size_t>(m.num_kv_heads),
+                                          cudaMemcpyDeviceToHost, stream));
+  }
+
+  // --- PlanExecutor ----------------------------------------------------------------------------
+  void Dense(int64_t layer, const float*, const AttnArgs& a, const KVLayerView&, float*,
+             float* lse) override {
+    AttnArgs a2 = a;
+    KVLayerView v;
+    if (step.call_T > 1)
+      v = Dense(layer, a) ? model_cache->Layer(layer) : staging.Layer(0);
+    else
+      v = Dense(layer, a) ? model_cache->Layer(layer) : WindowView(layer, a, &a2);
+    float* lse_dev =
+        lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
+    cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
+    if (lse != nullptr) {
+      const auto t = Clock::now();
+      D2H(lse, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
+      Sync(nullptr);
+      if (step.call_T == 1) stats.gpu_wait += Since(t);
+    }
+  }
+
+  void Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const LayerPlan& plan, float*, float* lse) override {
+    const int64_t HD = a.heads * a.head_dim, B = c.block_size;
+    // GPU: Initial + Local, queued first so that it runs while the CPU attends.
+    AttnArgs a2;
+    const KVLayerView v = WindowView(layer, a, &a2);
+    float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads) + a.heads));
+    float *g_out = g, *g_lse = g + HD, *c_out = g + HD + a.heads, *c_lse = c_out + HD;
+    float* m_lse = c_lse + a.heads;
+    cuda::Attention(q_dev, v, a2, g_out, g_lse, sm, ws, stream);
+    // CPU: the selected Context blocks.
+    auto t = Clock::now();
+    spans.offsets.assign(1, 0);
+    spans.spans.clear();
+    for (int64_t h = 0; h < a.kv_heads; ++h) {
+      for (int32_t b : plan.blocks[h]) {
+        if (static_cast<int64_t>(spans.spans.size()) > spans.offsets.back() &&
+            spans.spans.back().end == b * B)
+          spans.spans.back().end = (b + 1) * B;
+        else
+          spans.spans.push_back({b * B, (b + 1) * B});
+      }
+      spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
+    }
+    cpu_part.resize(static_cast<size_t>(HD + a.heads));
+    cpu->Attention(q, kv, a, &spans, cpu_part.data(), cpu_part.data() + HD);
+    stats.cpu_attend += Since(t);
+    t = Clock::now();
+    H2D(c_out, cpu_part.data(), cpu_part.size() * 4);
+    cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, m_lse, stream);
+    D2H(lse, m_lse, static_cast<size_t>(a.heads) * 4);
+    stats.copies += Since(t);
+    Sync(&stats.gpu_wait);
+  }
+
+  const ModelConfig& m;
+  SparseConfig c;
+  Backend& gpu;
+  ThreadingContext& tc;
+  cudaStream_t stream;
+  std::unique_ptr<Backend> cpu;
+  KVCache host, staging;
+  SparseAttention planner;
+  bool residual_on_gpu;
+  int sm = 1;
+  StepInfo step;
+  // The call in flight (Attend): the model's queries and output on the GPU and its cache.
+  const float* q_dev = nullptr;
+  float* out_dev = nullptr;
+  KVCache* model_cache = nullptr;
+  std::vector<float> q_host, cpu_part;
+  std::vector<int32_t> table_host;
+  int64_t table_lb = -1, table_pb = -1;
+  cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
+      gpu_part{"hybrid partials"};
+  cuda::AttnWorkspace ws;
+  AttnSpans spans;
+  HybridStats stats;
+};
+
+HybridAttention::HybridAttention(const ModelConfig& m, const SparseConfig& c, Backend& gpu,
+                                 ThreadingContext& tc, int64_t max_tokens, DType kv_type,
+                                 size_t host_limit, bool residual_on_gpu)
+    : impl_(std::make_unique<Impl>(m, c, gpu, tc, max_tokens, kv_type, host_limit,
+                                   residual_on_gpu)) {}
+HybridAttention::~HybridAttention() = default;
+
+SparseAttention& HybridAttention::planner() { return impl_->planner; }
+const HybridStats& HybridAttention::stats() const { return impl_->stats; }
+
+void HybridAttention::Reset() {
+  impl_->planner.Reset();
+  impl_->host.Clear();
+  impl_->table_lb = impl_->table_pb = -1;
+}
+
+void HybridAttention::BeginStep(const StepInfo& s) {
+  impl_->step = s;
+  impl_->planner.BeginStep(s);
+  if (s.call_T == 1) ++impl_->stats.steps;
+}
+
+KVTarget HybridAttention::Target(int64_t layer, KVCache& cache) {
+  Impl& x = *impl_;
+  if (x.step.call_T == 1 || HybridDenseLayer(x.m, x.c, layer)) return {&cache, layer};
+  if (x.step.pos0 == x.step.call_pos0) {
+    x.model_cache = &cache;
+    x.StartPromptLayer(layer);
+  }
+  return {&x.staging, 0};
+}
+
+AttentionPolicy::Prefill HybridAttention::PrefillOrder(int64_t) const {
+  return {true, impl_->residual_on_gpu};
+}
+
+void HybridAttention::EndPrefill() {
+  Impl& x = *impl_;
+  x.host.SetSize(x.step.call_pos0 + x.step.call_T);
+  x.table_lb = x.table_pb = -1;
+}
+
+void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+                             float* out) {
+  Impl& x = *impl_;
+  x.q_dev = q;
+  x.out_dev = out;
+  x.model_cache = &cache;
+  const bool dense = x.Dense(layer, a);
+  if (a.T > 1 || x.step.call_T > 1) {
+    if (dense) {  // dense layers of a prompt: the GPU alone, no planning
+      cuda::Attention(q, cache.Layer(layer), a, out, nullptr, x.sm, x.ws, x.stream);
+      return;
+    }
+    x.PromptAttend(layer, a);
+    return;
+  }
+  // Decode: the new row to the host (sparse layers), the query to the host, then the planner.
+  // (The copies wait for the layer's projections: counted as waiting for the GPU.)
+  if (!dense) x.RowToHost(layer, a.pos0);
+  const int64_t HD = a.heads * a.head_dim;
+  x.q_host.resize(static_cast<size_t>(HD));
+  x.D2H(x.q_host.data(), q, static_cast<size_t>(HD) * 4);
+  x.Sync(&x.stats.gpu_wait);
+  const auto t = Clock::now();
+  const double before = x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait;
+  x.planner.Attend(layer, x.q_host.data(), a, x.host, out);
+  x.stats.plan += Since(t) - (x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait - before);
+}
+
+}  // namespace needle

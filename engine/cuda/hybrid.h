@@ -1,0 +1,87 @@
+// The hybrid engine (--device cuda --attention sparse): the model runs on the GPU, the keys and
+// values of every sparse layer live in host DRAM, and each decode query attends its Initial and
+// Local keys on the GPU and its selected Context blocks on the CPU; the two results merge by
+// log-sum-exp on the GPU. docs/ARCHITECTURE.md has the picture and one decode step in order.
+//
+// Memory (the block layout of kvcache/ everywhere):
+//   GPU  the model's cache (HybridDeviceShape): dense layers (the first dense_layers and
+//        sliding-window ones) whole; each sparse layer as a ring of its Initial blocks plus
+//        enough blocks for the Local window. A staging layer of the whole context, where a
+//        prompt's sparse layer is computed (the prompt runs layer by layer, so one is enough).
+//   host every sparse layer's keys and values for the whole context: the ground truth of the
+//        Context blocks, what the planner (sparse_attn/) reads.
+// The planner is the CPU path's SparseAttention, unchanged: this class is its executor
+// (PlanExecutor), so --dump-plan is the same wherever the keys lie.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/model/model.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle {
+
+// Whether `layer` attends every key at every step (so the hybrid keeps it whole on the GPU).
+bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer);
+// The hybrid engine's GPU cache of a `ctx`-token context.
+KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                               DType kv_type);
+
+// What the hybrid engine puts on the GPU, by item (bytes), and the check against a budget.
+struct HybridGpuMemory {
+  size_t weights = 0;
+  size_t dense_kv = 0;     // dense layers, whole
+  size_t window_kv = 0;    // the sparse layers' rings (Initial + Local)
+  size_t staging_kv = 0;   // one layer of the whole context (prompts)
+  size_t activations = 0;  // a micro-batch's activations, the prompt's residual stream if kept
+  size_t scratch = 0;      // attention workspaces, tables, the merge's inputs
+  size_t total() const {
+    return weights + dense_kv + window_kv + staging_kv + activations + scratch;
+  }
+  std::string Describe() const;  // one line, every item
+};
+// weight_bytes: the model's weights on the GPU; ubatch: tokens per micro-batch.
+HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                               DType kv_type, size_t weight_bytes, int64_t ubatch,
+                               bool residual_on_gpu);
+// Throws Error naming every item, the total and the budget when they do not fit.
+void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& budget_name);
+
+// Where a decode step's time went, summed over steps (host clock, seconds).
+struct HybridStats {
+  int64_t steps = 0;      // decode steps
+  double plan = 0;        // the planner: representatives, scoring, top-k, retention
+  double cpu_attend = 0;  // the CPU's Context blocks
+  double copies = 0;      // q, new K/V rows and partials between GPU and host
+  double gpu_wait = 0;    // waiting for the GPU's Initial + Local result to merge
+};
+
+class HybridAttention final : public AttentionPolicy {
+ public:
+  // gpu: the CUDA backend the model runs on; max_tokens: the context; host_limit: the host
+  // cache's budget (--kv-memory; 0: available memory); residual_on_gpu: whether a prompt keeps
+  // its residual stream on the GPU (else in host memory).
+  HybridAttention(const ModelConfig& m, const SparseConfig& c, Backend& gpu, ThreadingContext& tc,
+                  int64_t max_tokens, DType kv_type, size_t host_limit, bool residual_on_gpu);
+  ~HybridAttention() override;
+
+  SparseAttention& planner();
+  const HybridStats& stats() const;
+  void Reset();  // a new sequence (the caller clears the model's cache)
+
+  void BeginStep(const StepInfo& s) override;
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+              float* out) override;
+  KVTarget Target(int64_t layer, KVCache& cache) override;
+  Prefill PrefillOrder(int64_t T) const override;
+  void EndPrefill() override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace needle

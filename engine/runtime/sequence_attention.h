@@ -1,0 +1,42 @@
+// What one sequence's run needs besides the model: the model's KV cache and the attention policy,
+// placed where the backend and the settings say. One factory for every command (generate, eval,
+// benchmarks), so that each picks the same placement for the same settings:
+//   dense                 the backend's cache (host DRAM or the GPU), dense attention;
+//   sparse, CPU backend   a host cache, SparseAttention running its plan on the CPU;
+//   sparse, CUDA backend  the hybrid engine (engine/cuda/hybrid.h): a GPU cache of dense layers
+//                         and Initial + Local rings, the sparse layers in host DRAM.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/base/threading.h"
+#include "engine/model/model.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle {
+
+struct SequenceAttention {
+  std::unique_ptr<KVCache> cache;           // the model's cache
+  std::unique_ptr<AttentionPolicy> policy;  // null: dense
+  SparseAttention* planner = nullptr;       // the sparse planner in policy (null: dense)
+  bool hybrid = false;
+  std::string gpu_memory;  // hybrid: what it puts on the GPU, by item (one line)
+};
+
+struct SequenceOptions {
+  int64_t ctx = 0;  // tokens the cache holds
+  DType kv_type = DType::kBF16;
+  size_t kv_memory = 0;   // the host KV cache's budget (0: available memory)
+  size_t gpu_memory = 0;  // the hybrid's GPU budget (0: the GPU's free memory + the weights)
+  int64_t ubatch = 512;
+};
+
+// sparse: null for dense attention. Throws Error naming the numbers when the context does not
+// fit the memory budgets (before allocating the caches).
+SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse,
+                                        ThreadingContext& tc, const SequenceOptions& o);
+
+}  // namespace needle

@@ -1,0 +1,298 @@
+// The hybrid engine (engine/cuda/hybrid.h) and what it stands on.
+//
+// On CI (no GPU): the ring layers of KVCache, the layer-major prompt order of Model (the order
+// the hybrid runs prompts in) against the micro-batch order, and the GPU memory accounting and
+// its refusal. On a GPU: the log-sum-exp merge kernel, the hybrid against the CPU's sparse
+// attention (the same plan, step by step) and, with topk covering every block, against dense
+// attention on the GPU.
+//
+// Tolerance of the hybrid against the CPU (f32 weights and f32 KV cache): both compute the same
+// f32 expressions; only the order of sums differs (cuBLAS and the GPU attention against the CPU's
+// kernels): K * 2^-24 relative per product, about 1e-5 of a logit's magnitude after the two
+// layers of a fixture. The logits are compared within 1e-3 of the largest one: a key attended
+// or left out by mistake, or a wrong position, moves them by far more (a tenth or more). The plan
+// (the blocks each KV head attends) must be identical: it is computed by the same planner from
+// keys that differ by rounding only.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/attention/partial.h"
+#include "engine/backend/backend.h"
+#include "engine/runtime/sequence_attention.h"
+#include "tests/fixture_util.h"
+#include "tests/test_util.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/hybrid.h"
+#include "engine/cuda/kernels.h"
+#endif
+
+namespace needle {
+namespace {
+
+#ifdef NEEDLE_HAVE_CUDA
+#define NEEDLE_REQUIRE_GPU(var)                                  \
+  std::string why_;                                              \
+  if (!CudaAvailable(&why_)) GTEST_SKIP() << "no GPU: " << why_; \
+  auto var = MakeCudaBackend(0);
+#else
+#define NEEDLE_REQUIRE_GPU(var) \
+  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
+#endif
+
+// Ring layers keep their pinned blocks, cycle the rest through ring_blocks slots, and forget
+// (table entry -1) the block whose slot was taken; other layers are untouched.
+TEST(KVCacheRing, PinnedBlocksStayOthersCycle) {
+  KVCacheShape s(2, 1, 4, 64, 4, DType::kF32);  // 16 blocks of 4 tokens
+  s.ring_layer = {0, 1};
+  s.pinned_blocks = 2;
+  s.ring_blocks = 3;
+  KVCache c(s);
+  EXPECT_EQ(s.LayerSlots(0), 16);
+  EXPECT_EQ(s.LayerSlots(1), 5);
+  EXPECT_EQ(s.TotalBytes(), s.SlotBytes() * 21);
+  std::vector<float> k(4, 1.f), v(4, 2.f);
+  for (int64_t p = 0; p < 40; ++p) {
+    for (int64_t l = 0; l < 2; ++l) c.Write(l, p, 1, k.data(), v.data());
+    const int64_t blk = p / 4;
+    EXPECT_EQ(c.SlotOf(0, blk), blk);
+    EXPECT_EQ(c.SlotOf(1, blk), blk < 2 ? blk : 2 + (blk - 2) % 3) << "block " << blk;
+    for (int64_t b = 0; b < blk; ++b) {
+      const bool kept = b < 2 || b > blk - 3;
+      EXPECT_EQ(c.SlotOf(1, b) >= 0, kept) << "block " << b << " at position " << p;
+    }
+  }
+  // Writing more blocks at once than the ring holds is refused.
+  KVCache d(s);
+  test::ExpectErrorContaining([&] { d.AssignBlocks(1, 8, 16); }, {"overflows the ring", "layer 1"});
+}
+
+// A policy that runs prompts layer by layer around another one: the arithmetic of every
+// micro-batch and layer is the same, so the logits and the sparse plans must be equal to the
+// bit.
+class LayerMajor final : public AttentionPolicy {
+ public:
+  LayerMajor(AttentionPolicy& inner, bool resident) : inner_(inner), resident_(resident) {}
+  void BeginStep(const StepInfo& s) override { inner_.BeginStep(s); }
+  void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
+              float* out) override {
+    inner_.Attend(layer, q, a, cache, out);
+  }
+  Prefill PrefillOrder(int64_t) const override { return {true, resident_}; }
+
+ private:
+  AttentionPolicy& inner_;
+  bool resident_;
+};
+
+TEST(LayerMajorPrompt, EqualsMicroBatchOrder) {
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  for (const char* name : {"llama_gqa4_hd64_f32", "qwen3_qknorm_gqa4_f32", "mistral_swa_f32"}) {
+    auto model = LoadModel(test::FixturesDir() + "/" + name, *cpu);
+    model->set_ubatch(48);
+    std::vector<int32_t> prompt(300);
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 29 + 7) % 250);
+    SparseConfig sc;
+    sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 64, sc.topk = 3, sc.dense_layers = 0,
+    sc.retain_blocks = 1;
+    std::vector<std::vector<float>> logits;
+    std::vector<std::string> plans;
+    for (int mode = 0; mode < 3; ++mode) {  // micro-batches; layer-major resident; via the host
+      SequenceOptions so;
+      so.ctx = 400;
+      so.kv_type = DType::kF32;
+      SequenceAttention seq = MakeSequenceAttention(*model, &sc, tc, so);
+      std::ostringstream plan;
+      seq.planner->set_plan_sink(&plan);
+      LayerMajor lm(*seq.policy, mode == 1);
+      model->set_attention(mode == 0 ? seq.policy.get() : &lm);
+      std::vector<float> all, l;
+      model->Forward(prompt.data(), static_cast<int64_t>(prompt.size()), *seq.cache, true, &l);
+      all = l;
+      for (int32_t t = 0; t < 20; ++t) {
+        const int32_t tok = (t * 13 + 5) % 250;
+        model->Forward(&tok, 1, *seq.cache, false, &l);
+        all.insert(all.end(), l.begin(), l.end());
+      }
+      model->set_attention(nullptr);
+      logits.push_back(all);
+      plans.push_back(plan.str());
+    }
+    for (int mode = 1; mode < 3; ++mode) {
+      EXPECT_EQ(plans[mode], plans[0]) << name << " mode " << mode;
+      ASSERT_EQ(logits[mode].size(), logits[0].size());
+      for (size_t i = 0; i < logits[0].size(); ++i)
+        ASSERT_EQ(logits[mode][i], logits[0][i]) << name << " mode " << mode << " at " << i;
+    }
+    // (Mistral's fixture slides a window in every layer: all of them attend densely.)
+    if (std::string(name) != "mistral_swa_f32")
+      EXPECT_NE(plans[0].find("\"blocks\""), std::string::npos) << name;
+  }
+}
+
+#ifdef NEEDLE_HAVE_CUDA
+TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
+  ModelConfig m;
+  m.num_layers = 28, m.num_heads = 28, m.num_kv_heads = 4, m.head_dim = 128;
+  m.hidden_size = 3584, m.intermediate_size = 18944, m.vocab_size = 152064;
+  m.sliding_window.assign(28, 0);
+  SparseConfig c;  // dense_layers 2, local 4096, init 128, block 128
+  const int64_t ctx = int64_t{1} << 20;
+  const size_t weights = size_t{15} << 30;
+  const HybridGpuMemory g = HybridGpuNeeds(m, c, ctx, DType::kBF16, weights, 512, false);
+  // Qwen2.5-7B shapes: 2 KB of K+V per token and layer in bf16.
+  const size_t per_layer_token = 2 * 4 * 128 * 2;
+  EXPECT_EQ(g.dense_kv, 2 * per_layer_token * static_cast<size_t>(ctx));
+  EXPECT_EQ(g.staging_kv, per_layer_token * static_cast<size_t>(ctx));
+  EXPECT_EQ(g.window_kv, 26 * per_layer_token * 128 * (1 + 33));
+  EXPECT_LT(g.total(), size_t{24} << 30);  // 1M tokens of a 7B model within 24 GB
+  const HybridGpuMemory r = HybridGpuNeeds(m, c, ctx, DType::kBF16, weights, 512, true);
+  EXPECT_EQ(r.activations - g.activations, static_cast<size_t>(ctx * 3584 * 4));
+  CheckHybridBudget(g, size_t{24} << 30, "--gpu-memory");
+  test::ExpectErrorContaining(
+      [&] { CheckHybridBudget(g, size_t{16} << 30, "--gpu-memory"); },
+      {"needs", "weights 15.00 GiB", "dense-layer KV 4.00 GiB", "--gpu-memory is 16.00 GiB"});
+}
+
+TEST(HybridMerge, KernelEqualsPartialMerge) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  const int64_t rows = 7, D = 96;
+  std::vector<float> oa = test::RandomVector(rows * D, 1), ob = test::RandomVector(rows * D, 2);
+  std::vector<float> la = {0.5f, -3.f, 10.f, -INFINITY, 2.f, -INFINITY, 40.f};
+  std::vector<float> lb = {0.7f, 4.f, -10.f, 1.f, -INFINITY, -INFINITY, 40.5f};
+  const size_t n = static_cast<size_t>(rows * D);
+  float* d = gpu->Alloc(3 * n + 3 * static_cast<size_t>(rows));
+  gpu->FromHost(oa.data(), n, d);
+  gpu->FromHost(ob.data(), n, d + n);
+  gpu->FromHost(la.data(), rows, d + 3 * n);
+  gpu->FromHost(lb.data(), rows, d + 3 * n + rows);
+  cuda::MergeAttention(d, d + 3 * n, d + n, d + 3 * n + rows, rows, D, d + 2 * n,
+                       d + 3 * n + 2 * rows, CudaBackendStream(*gpu));
+  std::vector<float> out(n), lse(static_cast<size_t>(rows));
+  gpu->ToHost(d + 2 * n, n, out.data());
+  gpu->ToHost(d + 3 * n + 2 * rows, rows, lse.data());
+  gpu->Free(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    // The same merge through PartialAttention: a normalised output with lse is the partial
+    // (out * l, m = lse, l = 1).
+    std::vector<float> a(oa.begin() + r * D, oa.begin() + (r + 1) * D),
+        b(ob.begin() + r * D, ob.begin() + (r + 1) * D), want(static_cast<size_t>(D));
+    PartialAttention pa(a.data(), D), pb(b.data(), D);
+    for (int64_t i = 0; i < D; ++i) a[i] = oa[r * D + i], b[i] = ob[r * D + i];
+    if (la[r] != -INFINITY) pa.m = la[r], pa.l = 1, pa.n = 1;
+    if (lb[r] != -INFINITY) pb.m = lb[r], pb.l = 1, pb.n = 1;
+    pa.Merge(pb);
+    pa.Finalize(want.data());
+    for (int64_t i = 0; i < D; ++i)
+      ASSERT_NEAR(out[r * D + i], want[i], 1e-5 * (1 + std::fabs(want[i]))) << r << " " << i;
+    if (pa.empty())
+      EXPECT_EQ(lse[r], -INFINITY);
+    else
+      EXPECT_NEAR(lse[r], pa.m + std::log(pa.l), 1e-5 * (1 + std::fabs(pa.m))) << r;
+  }
+}
+
+struct SeqRun {
+  std::vector<float> logits;  // the prompt's last row, then one row per decode step
+  std::string plan;
+};
+SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
+                const std::vector<int32_t>& prompt, int64_t steps) {
+  SequenceOptions so;
+  so.ctx = static_cast<int64_t>(prompt.size()) + steps + 1;
+  so.kv_type = DType::kF32;
+  so.ubatch = 64;
+  SequenceAttention seq = MakeSequenceAttention(model, sc, tc, so);
+  std::ostringstream plan;
+  if (seq.planner != nullptr) seq.planner->set_plan_sink(&plan);
+  model.set_attention(seq.policy.get());
+  SeqRun r;
+  std::vector<float> l;
+  model.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), *seq.cache, false, &l);
+  r.logits = l;
+  const int64_t V = model.config().vocab_size;
+  for (int64_t t = 0; t < steps; ++t) {
+    const int32_t tok = static_cast<int32_t>((t * 13 + 5) % V);  // the same input every run
+    model.Forward(&tok, 1, *seq.cache, false, &l);
+    r.logits.insert(r.logits.end(), l.begin(), l.end());
+  }
+  model.set_attention(nullptr);
+  r.plan = plan.str();
+  return r;
+}
+
+void ExpectLogitsClose(const SeqRun& got, const SeqRun& want, const std::string& what) {
+  double scale = 0;
+  for (float x : want.logits) scale = std::max(scale, std::fabs(static_cast<double>(x)));
+  ASSERT_EQ(got.logits.size(), want.logits.size()) << what;
+  for (size_t i = 0; i < want.logits.size(); ++i)
+    ASSERT_NEAR(got.logits[i], want.logits[i], 1e-3 * scale) << what << " at " << i;
+}
+
+std::vector<int32_t> Prompt(int64_t n, int64_t V) {
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<int32_t>((i * 29 + 7) % V);
+  return p;
+}
+
+class HybridFixture : public ::testing::TestWithParam<std::string> {};
+
+// The same plan as the CPU's sparse attention, and logits within the tolerance above, for
+// per-KV-head and per-layer selection, with retention and with preselection (observation window).
+TEST_P(HybridFixture, SamePlanAsCpuSparse) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(0);
+  auto cpu = MakeCpuBackend(tc, false);
+  const std::string dir = test::FixturesDir() + "/" + GetParam();
+  auto on_cpu = LoadModel(dir, *cpu);
+  auto on_gpu = LoadModel(dir, *gpu);
+  on_cpu->set_ubatch(64);
+  on_gpu->set_ubatch(64);
+  const std::vector<int32_t> prompt = Prompt(333, on_cpu->config().vocab_size);
+  for (int variant = 0; variant < 3; ++variant) {
+    SparseConfig sc;
+    sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 48, sc.topk = 4, sc.dense_layers = 0,
+    sc.retain_blocks = 2;
+    if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
+    if (variant == 2) sc.preselect_blocks = 8, sc.obs_window = 32, sc.repr = ReprType::kMax;
+    const SeqRun want = RunSequence(*on_cpu, &sc, tc, prompt, 40);
+    const SeqRun got = RunSequence(*on_gpu, &sc, tc, prompt, 40);
+    const std::string what = GetParam() + " variant " + std::to_string(variant);
+    EXPECT_EQ(got.plan, want.plan) << what;
+    if (GetParam() != "mistral_swa_f32")
+      EXPECT_NE(want.plan.find("\"dense\":false"), std::string::npos) << what;
+    ExpectLogitsClose(got, want, what);
+  }
+}
+
+// topk covering every block: the hybrid attends every key, as dense attention on the GPU does.
+TEST_P(HybridFixture, CoveringTopkEqualsGpuDense) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(0);
+  const std::string dir = test::FixturesDir() + "/" + GetParam();
+  auto model = LoadModel(dir, *gpu);
+  model->set_ubatch(64);
+  const std::vector<int32_t> prompt = Prompt(300, model->config().vocab_size);
+  SparseConfig sc;
+  sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 32, sc.topk = 64, sc.dense_layers = 0,
+  sc.retain_blocks = 0;
+  const SeqRun dense = RunSequence(*model, nullptr, tc, prompt, 30);
+  const SeqRun hybrid = RunSequence(*model, &sc, tc, prompt, 30);
+  ExpectLogitsClose(hybrid, dense, GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(All, HybridFixture,
+                         ::testing::Values("llama_gqa4_hd64_f32", "qwen2_bias_gqa7_f32",
+                                           "qwen3_qknorm_gqa4_f32", "mistral_swa_f32",
+                                           "llama_llama3_hd128_f32"),
+                         [](const auto& info) { return info.param; });
+#endif
+
+}  // namespace
+}  // namespace needle
