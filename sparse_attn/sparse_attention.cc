@@ -304,7 +304,10 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block
   // joins the Context, so that the queries that attended it have voted).
-  if (cfg_.repr != ReprType::kDynamic && (p + 1) % B == 0 && p + 1 > cfg_.init_end())
+  // (Not in dense layers: they never select, and the hybrid engine keeps their keys on the GPU
+  // only.)
+  if (!DenseLayer(layer, a) && cfg_.repr != ReprType::kDynamic && (p + 1) % B == 0 &&
+      p + 1 > cfg_.init_end())
     reps_.ComputeFromKeys(layer, p / B, kv);
   if (recall_) {
     double mass = 1.0;

@@ -208,14 +208,18 @@ struct HybridAttention::Impl final : PlanExecutor {
   // The new token's K/V row of a sparse layer, from its ring to the host cache.
   void RowToHost(int64_t layer, int64_t p) {
     host.AssignBlocks(layer, p, 1);
-    const KVLayerView d = model_cache->Layer(layer), h = host.Layer(layer);
-    const size_t row = static_cast<size_t>(c.block_size * m.head_dim) * DTypeSize(d.dtype);
-    const size_t width = static_cast<size_t>(m.head_dim) * DTypeSize(d.dtype);
+    // (Block tables are read on the host: a device view's table is device memory.)
+    const int64_t B = c.block_size, b = p / B;
+    const size_t es = DTypeSize(host.shape().dtype);
+    const size_t pitch = static_cast<size_t>(B * m.head_dim) * es;  // one KV head's block
+    const size_t width = static_cast<size_t>(m.head_dim) * es,
+                 off = static_cast<size_t>(p % B) * width;
+    const int32_t ds = model_cache->SlotOf(layer, b), hs = host.SlotOf(layer, b);
+    NEEDLE_CHECK(ds >= 0 && hs >= 0);
     for (bool v : {false, true})
-      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<uint8_t*>(v ? h.VRow(0, p) : h.KRow(0, p)),
-                                          row, v ? d.VRow(0, p) : d.KRow(0, p), row, width,
-                                          static_cast<size_t>(m.num_kv_heads),
-                                          cudaMemcpyDeviceToHost, stream));
+      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(
+          host.BlockData(layer, v, hs) + off, pitch, model_cache->BlockData(layer, v, ds) + off,
+          pitch, width, static_cast<size_t>(m.num_kv_heads), cudaMemcpyDeviceToHost, stream));
   }
 
   // --- PlanExecutor ----------------------------------------------------------------------------
