@@ -7,7 +7,8 @@
 //    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait", and "other" (the rest:
 //    the GPU's work that is not waited for, launches, sampling)}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
-//   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072).
+//   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072);
+//   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -44,6 +45,7 @@ double GpuUsedGiB() {
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hybrid,
          size_t gpu_memory, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
+  if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   SequenceOptions so;
   so.ctx = P + 64;
   so.kv_type = DType::kBF16;
@@ -60,8 +62,9 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hy
   const double pre = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;  // warm-up step
   HybridStats before;
+  SparseAttention::Times tb;
   auto* h = dynamic_cast<HybridAttention*>(seq.policy.get());
-  if (h != nullptr) before = h->stats();
+  if (h != nullptr) before = h->stats(), tb = seq.planner->times();
   const int steps = 32;
   const auto t2 = std::chrono::steady_clock::now();
   for (int s = 0; s < steps; ++s) tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;
@@ -74,11 +77,15 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hy
                  cpu = (a.cpu_attend - before.cpu_attend) / n * ms,
                  cp = (a.copies - before.copies) / n * ms,
                  wait = (a.gpu_wait - before.gpu_wait) / n * ms;
-    char buf[256];
+    const SparseAttention::Times& ta = seq.planner->times();
+    char buf[512];
     std::snprintf(buf, sizeof buf,
-                  ",\"plan_ms\":%.3f,\"cpu_attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
+                  ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
+                  "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
                   "3f,\"other_ms\":%.3f",
-                  plan, cpu, cp, wait, dec / n * ms - plan - cpu - cp - wait);
+                  (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
+                  (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
+                  dec / n * ms - plan - cpu - cp - wait);
     split << buf;
   }
   std::printf(

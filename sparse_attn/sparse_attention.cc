@@ -1,6 +1,7 @@
 #include "sparse_attn/sparse_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "engine/base/error.h"
@@ -8,6 +9,13 @@
 #include "sparse_attn/scoring.h"
 
 namespace needle {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+}  // namespace
 
 SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg,
                                  Backend& backend, ThreadingContext& tc, int64_t max_tokens,
@@ -293,14 +301,21 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   if (plan.dense) {
     exec_->Dense(layer, q, a, kv, out, lse_.data());
   } else {
+    auto t = Clock::now();
     EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
+    times_.reps += Since(t);
+    t = Clock::now();
     SelectBlocks(layer, q, a, ctx_end_block, &plan);
+    times_.select += Since(t);
     exec_->Planned(layer, q, a, kv, plan, out, lse_.data());
   }
   // Retention is read by this layer's next fresh selection: compute it only when the next step
   // makes one here.
-  if (!plan.dense && cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1))
+  if (!plan.dense && cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1)) {
+    const auto t = Clock::now();
     Retain(layer, q, lse_.data(), a, kv, plan.blocks);
+    times_.retain += Since(t);
+  }
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
   // A block this token completed gets its representatives now (Dynamic ones wait until the block
   // joins the Context, so that the queries that attended it have voted).

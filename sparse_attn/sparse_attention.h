@@ -72,6 +72,13 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<double> RecallPerLayer() const;
   const LayerPlan& last_plan(int64_t layer) const { return last_plan_[layer]; }
   const SparseConfig& config() const { return cfg_; }
+  // Host time of the planner's decode work, summed over steps and layers (seconds).
+  struct Times {
+    double reps = 0;    // representatives of blocks that joined the Context
+    double select = 0;  // scoring and top-k
+    double retain = 0;  // the attention mass of the selected blocks (retention)
+  };
+  const Times& times() const { return times_; }
 
  private:
   struct Selection {
@@ -144,6 +151,7 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<double> recall_sum_;
   std::vector<int64_t> recall_n_;
   std::ostream* plan_sink_ = nullptr;
+  Times times_;
   std::vector<float> scratch_out_, scratch_lse_, lse_;
   // [layer][kv_head]: the blocks with the most attention mass at the layer's last sparse step.
   std::vector<std::vector<std::vector<int32_t>>> retained_;

@@ -131,8 +131,9 @@ TEST(LayerMajorPrompt, EqualsMicroBatchOrder) {
         ASSERT_EQ(logits[mode][i], logits[0][i]) << name << " mode " << mode << " at " << i;
     }
     // (Mistral's fixture slides a window in every layer: all of them attend densely.)
-    if (std::string(name) != "mistral_swa_f32")
+    if (std::string(name) != "mistral_swa_f32") {
       EXPECT_NE(plans[0].find("\"blocks\""), std::string::npos) << name;
+    }
   }
 }
 
@@ -203,7 +204,7 @@ struct SeqRun {
   std::string plan;
 };
 SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
-                const std::vector<int32_t>& prompt, int64_t steps) {
+                   const std::vector<int32_t>& prompt, int64_t steps) {
   SequenceOptions so;
   so.ctx = static_cast<int64_t>(prompt.size()) + steps + 1;
   so.kv_type = DType::kF32;
@@ -265,8 +266,9 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     const SeqRun got = RunSequence(*on_gpu, &sc, tc, prompt, 40);
     const std::string what = GetParam() + " variant " + std::to_string(variant);
     EXPECT_EQ(got.plan, want.plan) << what;
-    if (GetParam() != "mistral_swa_f32")
+    if (GetParam() != "mistral_swa_f32") {
       EXPECT_NE(want.plan.find("\"dense\":false"), std::string::npos) << what;
+    }
     ExpectLogitsClose(got, want, what);
   }
 }
