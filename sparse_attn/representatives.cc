@@ -23,6 +23,8 @@ RepresentativeStore::RepresentativeStore(int64_t layers, int64_t kv_heads, int64
                std::vector<uint8_t>(per_block * static_cast<size_t>(max_blocks)));
   ready_.assign(static_cast<size_t>(layers),
                 std::vector<uint8_t>(static_cast<size_t>(max_blocks), 0));
+  stamp_.assign(static_cast<size_t>(layers),
+                std::vector<uint32_t>(static_cast<size_t>(max_blocks), 0));
 }
 
 void RepresentativeStore::Invalidate(int64_t layer, int64_t from_block) {
@@ -70,6 +72,7 @@ void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KV
     }
   }
   ready_[layer][block] = 1;
+  ++stamp_[layer][block];
 }
 
 void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv,
@@ -92,6 +95,7 @@ void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVL
     Store(layer, block, h, 0, sum.data());
   }
   ready_[layer][block] = 1;
+  ++stamp_[layer][block];
 }
 
 }  // namespace needle

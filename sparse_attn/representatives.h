@@ -29,6 +29,13 @@ class RepresentativeStore {
   ReprType type() const { return type_; }
   bool ready(int64_t layer, int64_t block) const { return ready_[layer][block] != 0; }
   void Invalidate(int64_t layer, int64_t from_block);
+  // Counts the computations of a block's representatives (never reset): a copy elsewhere (the
+  // hybrid engine's, on the GPU) is current when it was taken at the same stamp.
+  uint32_t stamp(int64_t layer, int64_t block) const { return stamp_[layer][block]; }
+  size_t BlockBytes() const {
+    return static_cast<size_t>(kv_heads_ * rows_ * head_dim_) * DTypeSize(storage_);
+  }
+  int64_t max_blocks() const { return max_blocks_; }
 
   // Representatives [kv_heads][R][D] of `block` (storage type).
   const void* Block(int64_t layer, int64_t block) const;
@@ -44,8 +51,9 @@ class RepresentativeStore {
   int64_t kv_heads_, head_dim_, max_blocks_, rows_;
   ReprType type_;
   DType storage_;
-  std::vector<std::vector<uint8_t>> data_;   // [layer] -> [block][kv_head][R][D]
-  std::vector<std::vector<uint8_t>> ready_;  // [layer][block]
+  std::vector<std::vector<uint8_t>> data_;    // [layer] -> [block][kv_head][R][D]
+  std::vector<std::vector<uint8_t>> ready_;   // [layer][block]
+  std::vector<std::vector<uint32_t>> stamp_;  // [layer][block]
 };
 
 }  // namespace needle

@@ -29,18 +29,9 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
   const bool quest = reps.type() == ReprType::kQuest;
   // Per KV head: qa [Hk, D] = sum of the group's queries (or of their positive parts for Quest),
   // qb [Hk, D] = sum of their negative parts (Quest only).
-  std::vector<float> qa(static_cast<size_t>(Hk * D), 0.0f), qb(static_cast<size_t>(Hk * D), 0.0f);
-  for (int64_t i = 0; i < a.nq; ++i)
-    for (int64_t h = 0; h < a.heads; ++h)
-      for (int64_t d = 0; d < D; ++d) {
-        const float x = a.q[(i * a.heads + h) * D + d];
-        if (!quest) {
-          qa[(h / G) * D + d] += x;
-        } else {
-          qa[(h / G) * D + d] += std::max(x, 0.0f);
-          qb[(h / G) * D + d] += std::min(x, 0.0f);
-        }
-      }
+  std::vector<float> qa(static_cast<size_t>(Hk * D)), qb(static_cast<size_t>(Hk * D));
+  GroupQueries(a, quest, qa.data(), qb.data());
+  (void)G;
   tc.ParallelFor(static_cast<size_t>(a.n), 64, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));
@@ -87,6 +78,23 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace needle {
+void GroupQueries(const ScoreArgs& a, bool quest, float* qa, float* qb) {
+  const int64_t D = a.head_dim, G = a.heads / a.kv_heads;
+  std::fill(qa, qa + a.kv_heads * D, 0.0f);
+  std::fill(qb, qb + a.kv_heads * D, 0.0f);
+  for (int64_t i = 0; i < a.nq; ++i)
+    for (int64_t h = 0; h < a.heads; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = a.q[(i * a.heads + h) * D + d];
+        if (!quest) {
+          qa[(h / G) * D + d] += x;
+        } else {
+          qa[(h / G) * D + d] += std::max(x, 0.0f);
+          qb[(h / G) * D + d] += std::min(x, 0.0f);
+        }
+      }
+}
+
 HWY_EXPORT(ScoreBlocksImpl);
 namespace fast {
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,

@@ -21,6 +21,11 @@ struct ScoreArgs {
   int64_t n;
 };
 
+// The queries of each KV head's group, combined as scoring uses them: qa [kv_heads, D] = sum of
+// the group's queries (Quest: of their positive parts), qb [kv_heads, D] = Quest: sum of their
+// negative parts (else zeros). score(b, h) = qa_h . r0 + qb_h . r1 (r1: Quest's min row).
+void GroupQueries(const ScoreArgs& a, bool quest, float* qa, float* qb);
+
 namespace fast {
 // scores: [kv_heads][n]
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,

@@ -204,10 +204,9 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
     std::vector<float> sc(static_cast<size_t>(Hk) * all.size());
-    fast::ScoreBlocks(
-        reps_, layer,
-        ScoreArgs{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())},
-        sc.data(), tc_);
+    const ScoreArgs sa{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
+    if (!exec_->Score(layer, reps_, sa, sc.data()))
+      fast::ScoreBlocks(reps_, layer, sa, sc.data(), tc_);
     s.blocks.assign(static_cast<size_t>(Hk), {});
     plan->retained.assign(retain ? static_cast<size_t>(Hk) : 0, {});
     if (cfg_.select == SelectMode::kLayer) {
@@ -267,10 +266,11 @@ std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vecto
 }  // namespace
 
 void SparseAttention::Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
-                             const KVLayerView& kv,
-                             const std::vector<std::vector<int32_t>>& blocks) {
-  fast::BlockMass(kv, BlockMassArgs{q, lse, a.heads, a.kv_heads, a.head_dim, a.scale, &blocks},
-                  &mass_, tc_);
+                             const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
+                             bool have_mass) {
+  if (!have_mass)
+    fast::BlockMass(kv, BlockMassArgs{q, lse, a.heads, a.kv_heads, a.head_dim, a.scale, &blocks},
+                    &mass_, tc_);
   auto& r = retained_[layer];
   r.assign(static_cast<size_t>(a.kv_heads), {});
   if (cfg_.select == SelectMode::kLayer) {  // the same blocks for every head: sum their mass
@@ -298,6 +298,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   const int64_t ctx_end_block = plan.local_begin / B, init_blocks = cfg_.init_end() / B;
   plan.dense = DenseLayer(layer, a) || ctx_end_block <= init_blocks;
   lse_.resize(static_cast<size_t>(a.heads));
+  bool want_mass = false, have_mass = false;
   if (plan.dense) {
     exec_->Dense(layer, q, a, kv, out, lse_.data());
   } else {
@@ -307,13 +308,15 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     t = Clock::now();
     SelectBlocks(layer, q, a, ctx_end_block, &plan);
     times_.select += Since(t);
-    exec_->Planned(layer, q, a, kv, plan, out, lse_.data());
+    // Retention is read by this layer's next fresh selection: compute it only when the next step
+    // makes one here (known once this step's selection is made).
+    want_mass = cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1);
+    have_mass =
+        exec_->Planned(layer, q, a, kv, plan, out, lse_.data(), want_mass ? &mass_ : nullptr);
   }
-  // Retention is read by this layer's next fresh selection: compute it only when the next step
-  // makes one here.
-  if (!plan.dense && cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1)) {
+  if (!plan.dense && want_mass) {
     const auto t = Clock::now();
-    Retain(layer, q, lse_.data(), a, kv, plan.blocks);
+    Retain(layer, q, lse_.data(), a, kv, plan.blocks, have_mass);
     times_.retain += Since(t);
   }
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);

@@ -23,6 +23,7 @@
 #include "sparse_attn/observation.h"
 #include "sparse_attn/plan.h"
 #include "sparse_attn/representatives.h"
+#include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_config.h"
 
 namespace needle {
@@ -39,8 +40,17 @@ class PlanExecutor {
   virtual void Dense(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                      float* out, float* lse) = 0;
   // One decode query over the plan's keys (Initial + plan.blocks + Local); lse: host [heads].
-  virtual void Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
-                       const LayerPlan& plan, float* out, float* lse) = 0;
+  // mass (optional): retention's block masses of plan.blocks (block_mass.h), [kv_head][i]; returns
+  // whether it filled them (else the planner computes them itself).
+  virtual bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                       const LayerPlan& plan, float* out, float* lse,
+                       std::vector<std::vector<float>>* mass) = 0;
+  // Scores the candidate blocks where this executor keeps representatives (scores: host
+  // [kv_heads][n], as fast::ScoreBlocks); false: the planner scores them on the CPU.
+  virtual bool Score(int64_t /*layer*/, const RepresentativeStore& /*reps*/, const ScoreArgs& /*a*/,
+                     float* /*scores*/) {
+    return false;
+  }
 };
 
 class SparseAttention final : public AttentionPolicy {
@@ -112,8 +122,10 @@ class SparseAttention final : public AttentionPolicy {
   }
   // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
   // attended) put on `blocks` ([kv_head][n]).
+  // have_mass: mass_ holds them already (the executor's).
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
-              const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks);
+              const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
+              bool have_mass = false);
 
   class CpuExecutor final : public PlanExecutor {
    public:
@@ -122,10 +134,12 @@ class SparseAttention final : public AttentionPolicy {
                float* lse) override {
       b_.Attention(q, kv, a, nullptr, out, lse);
     }
-    void Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
-                 const LayerPlan& plan, float* out, float* lse) override {
+    bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                 const LayerPlan& plan, float* out, float* lse,
+                 std::vector<std::vector<float>>*) override {
       plan.ToSpans(a.kv_heads, &spans_);
       b_.Attention(q, kv, a, &spans_, out, lse);
+      return false;
     }
 
    private:

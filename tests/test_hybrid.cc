@@ -23,6 +23,7 @@
 #include "engine/attention/partial.h"
 #include "engine/backend/backend.h"
 #include "engine/runtime/sequence_attention.h"
+#include "sparse_attn/block_mass.h"
 #include "tests/fixture_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
@@ -133,6 +134,68 @@ TEST(LayerMajorPrompt, EqualsMicroBatchOrder) {
     // (Mistral's fixture slides a window in every layer: all of them attend densely.)
     if (std::string(name) != "mistral_swa_f32") {
       EXPECT_NE(plans[0].find("\"blocks\""), std::string::npos) << name;
+    }
+  }
+}
+
+// The hybrid's CPU side: AttendBlocks equals the span kernel over the same blocks, and its
+// per-block sums give block_mass.h's masses. Same f32 arithmetic in another grouping: outputs
+// within 1e-5 relative, masses within 1e-5 of G (their range).
+TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
+  ThreadingContext tc(3);
+  for (DType kvt : {DType::kF32, DType::kBF16}) {
+    for (int64_t G : {1, 4, 7}) {
+      const int64_t Hk = 2, D = 64, B = 16, n_tok = 300;
+      KVCache cache(KVCacheShape(1, Hk, D, n_tok, B, kvt));
+      const std::vector<float> k = test::RandomVector(n_tok * Hk * D, 5, 2.f),
+                               v = test::RandomVector(n_tok * Hk * D, 6);
+      cache.Write(0, 0, n_tok, k.data(), v.data());
+      cache.SetSize(n_tok);
+      const KVLayerView kv = cache.Layer(0);
+      AttnArgs a;
+      a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
+      a.scale = 0.125f;
+      const std::vector<float> q = test::RandomVector(a.heads * D, 7, 2.f);
+      // Head 0: scattered blocks, the partial last one included; head 1: none or a run.
+      for (int variant = 0; variant < 2; ++variant) {
+        std::vector<std::vector<int32_t>> blocks = {{1, 2, 5, 9, 18}, {}};
+        if (variant == 1) blocks[1] = {3, 4, 5, 6, 7, 8, 10};
+        std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
+            stats;
+        fast::AttendBlocks(q.data(), kv, a, blocks, out.data(), lse.data(), &stats, tc);
+        AttnSpans spans;
+        spans.offsets = {0};
+        for (const auto& hb : blocks) {
+          for (int32_t b : hb)
+            spans.spans.push_back({b * B, std::min<int64_t>((b + 1) * B, n_tok)});
+          spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
+        }
+        std::vector<float> want(out.size()), want_lse(lse.size());
+        fast::Attention(q.data(), kv, a, &spans, want.data(), want_lse.data(), tc);
+        for (size_t i = 0; i < out.size(); ++i)
+          ASSERT_NEAR(out[i], want[i], 1e-5 * (1 + std::fabs(want[i]))) << i;
+        for (size_t i = 0; i < lse.size(); ++i) {
+          if (want_lse[i] == -INFINITY) {
+            EXPECT_EQ(lse[i], -INFINITY);
+            continue;
+          }
+          ASSERT_NEAR(lse[i], want_lse[i], 1e-5 * (1 + std::fabs(want_lse[i]))) << i;
+        }
+        // Masses against the whole step's lse (here: these blocks' own, plus a made-up rest).
+        std::vector<float> step_lse = lse;
+        for (float& x : step_lse) x = x == -INFINITY ? 0.5f : x + 0.25f;
+        std::vector<std::vector<float>> got_mass, want_mass;
+        fast::BlockMassFromStats(stats, step_lse.data(), G, blocks, &got_mass);
+        fast::BlockMass(kv,
+                        BlockMassArgs{q.data(), step_lse.data(), a.heads, Hk, D, a.scale, &blocks},
+                        &want_mass, tc);
+        ASSERT_EQ(got_mass.size(), want_mass.size());
+        for (size_t h = 0; h < got_mass.size(); ++h) {
+          ASSERT_EQ(got_mass[h].size(), want_mass[h].size());
+          for (size_t i = 0; i < got_mass[h].size(); ++i)
+            ASSERT_NEAR(got_mass[h][i], want_mass[h][i], 1e-5 * G) << h << " " << i;
+        }
+      }
     }
   }
 }

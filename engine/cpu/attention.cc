@@ -92,7 +92,8 @@ HWY_INLINE void ValueTile(const float* HWY_RESTRICT p, int64_t g0, const VT* HWY
 template <typename ST>
 HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
                          const ST* HWY_RESTRICT k, const ST* HWY_RESTRICT v, int64_t n, float scale,
-                         PartialAttention* part, float* HWY_RESTRICT scores /* [G, n] */) {
+                         PartialAttention* part, float* HWY_RESTRICT scores /* [G, n] */,
+                         float* HWY_RESTRICT stats = nullptr) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   // Scores, in tiles of 2 heads x 4 keys.
@@ -130,6 +131,8 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
     P.l = P.l * corr[g] + sum;
     P.m = mx;
     P.n += n;
+    // These n keys' own sums, relative to mx (>= their maximum): {m, l} per head.
+    if (stats != nullptr) stats[2 * g] = mx, stats[2 * g + 1] = sum;
   }
   // Values: o = o * corr + P V, two vectors of channels at a time, up to 4 heads in registers.
   int64_t d = 0;
@@ -154,32 +157,35 @@ struct Scratch {
 };
 
 // Folds keys [b, e) of KV head h (any storage type) block piece by block piece.
+// stats (optional, [G][2]): the sums of the last piece folded (a whole block when [b, e) is one).
 HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e, const float* q,
-                          int64_t G, float scale, PartialAttention* part, Scratch& sc) {
+                          int64_t G, float scale, PartialAttention* part, Scratch& sc,
+                          float* stats = nullptr) {
   const int64_t B = kv.block_size, D = kv.head_dim;
   while (b < e) {
     const int64_t n = std::min(e, (b / B + 1) * B) - b;  // rows left in this block
     switch (kv.dtype) {
       case DType::kF32:
         FoldRows(q, G, D, reinterpret_cast<const float*>(kv.KRow(h, b)),
-                 reinterpret_cast<const float*>(kv.VRow(h, b)), n, scale, part, sc.scores.data());
+                 reinterpret_cast<const float*>(kv.VRow(h, b)), n, scale, part, sc.scores.data(),
+                 stats);
         break;
       case DType::kBF16:
         FoldRows(q, G, D, reinterpret_cast<const hwy::bfloat16_t*>(kv.KRow(h, b)),
                  reinterpret_cast<const hwy::bfloat16_t*>(kv.VRow(h, b)), n, scale, part,
-                 sc.scores.data());
+                 sc.scores.data(), stats);
         break;
       case DType::kF16:
         FoldRows(q, G, D, reinterpret_cast<const hwy::float16_t*>(kv.KRow(h, b)),
                  reinterpret_cast<const hwy::float16_t*>(kv.VRow(h, b)), n, scale, part,
-                 sc.scores.data());
+                 sc.scores.data(), stats);
         break;
       default:  // int8 (validated at cache creation): dequantise the piece into f32 tiles first
         RowsToF32(reinterpret_cast<const int8_t*>(kv.KRow(h, b)), kv.KScale(h, b), n, D, kv.groups,
                   sc.k.data());
         RowsToF32(reinterpret_cast<const int8_t*>(kv.VRow(h, b)), kv.VScale(h, b), n, D, kv.groups,
                   sc.v.data());
-        FoldRows(q, G, D, sc.k.data(), sc.v.data(), n, scale, part, sc.scores.data());
+        FoldRows(q, G, D, sc.k.data(), sc.v.data(), n, scale, part, sc.scores.data(), stats);
         break;
     }
     b += n;
@@ -261,6 +267,63 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   });
 }
 
+void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
+                      const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
+                      std::vector<float>* stats, ThreadingContext& tc) {
+  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
+  std::vector<int64_t> base(static_cast<size_t>(Hk + 1), 0);  // first block of head h overall
+  for (int64_t h = 0; h < Hk; ++h) base[h + 1] = base[h] + static_cast<int64_t>(blocks[h].size());
+  stats->resize(static_cast<size_t>(base[Hk] * G * 2));
+  // Items: runs of `per` blocks of one head, about two per thread.
+  const int64_t per = std::max<int64_t>(1, (base[Hk] + 2 * tc.threads() - 1) / (2 * tc.threads()));
+  struct Item {
+    int64_t h, i0, i1;
+  };
+  std::vector<Item> items;
+  for (int64_t h = 0; h < Hk; ++h)
+    for (int64_t i = 0; i < static_cast<int64_t>(blocks[h].size()); i += per)
+      items.push_back({h, i, std::min<int64_t>(i + per, static_cast<int64_t>(blocks[h].size()))});
+  std::vector<float> pbuf(items.size() * static_cast<size_t>(G * D));
+  std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
+  tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
+    thread_local Scratch sc;
+    if (sc.scores.size() < static_cast<size_t>(G * B)) sc.scores.resize(static_cast<size_t>(G * B));
+    if (kv.dtype == DType::kI8 && sc.k.size() < static_cast<size_t>(B * D)) {
+      sc.k.resize(static_cast<size_t>(B * D));
+      sc.v.resize(static_cast<size_t>(B * D));
+    }
+    for (size_t w = b; w < e; ++w) {
+      const Item& it = items[w];
+      PartialAttention* p = &parts[w * G];
+      for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
+      const float* qg = q + it.h * G * D;
+      for (int64_t i = it.i0; i < it.i1; ++i) {
+        const int64_t t0 = int64_t{blocks[it.h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
+        float* st = stats->data() + (base[it.h] + i) * G * 2;
+        for (int64_t g = 0; g < G; ++g) st[2 * g] = -INFINITY, st[2 * g + 1] = 0.f;
+        if (t0 < t1) FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st);
+      }
+    }
+  });
+  // Each head's items merge in block order (independent of scheduling).
+  for (size_t w = 0; w < items.size(); ++w) {
+    const int64_t h = items[w].h;
+    if (w > 0 && items[w - 1].h == h) continue;
+    for (int64_t g = 0; g < G; ++g) {
+      PartialAttention& acc = parts[w * G + g];
+      for (size_t x = w + 1; x < items.size() && items[x].h == h; ++x) acc.Merge(parts[x * G + g]);
+      acc.Finalize(out + (h * G + g) * D);
+      lse[h * G + g] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
+    }
+  }
+  for (int64_t h = 0; h < Hk; ++h)  // heads without blocks
+    if (blocks[h].empty())
+      for (int64_t g = 0; g < G; ++g) {
+        std::fill(out + (h * G + g) * D, out + (h * G + g + 1) * D, 0.f);
+        lse[h * G + g] = -INFINITY;
+      }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace needle
 HWY_AFTER_NAMESPACE();
@@ -269,7 +332,29 @@ HWY_AFTER_NAMESPACE();
 namespace needle {
 HWY_EXPORT(AttentionImpl);
 HWY_EXPORT(KVRowsToF32Impl);
+HWY_EXPORT(AttendBlocksImpl);
 namespace fast {
+void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
+                  const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
+                  std::vector<float>* stats, ThreadingContext& tc) {
+  NEEDLE_CHECK(a.T == 1 && static_cast<int64_t>(blocks.size()) == a.kv_heads);
+  HWY_DYNAMIC_DISPATCH(AttendBlocksImpl)(q, kv, a, blocks, out, lse, stats, tc);
+}
+void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,
+                        const std::vector<std::vector<int32_t>>& blocks,
+                        std::vector<std::vector<float>>* mass) {
+  mass->resize(blocks.size());
+  size_t k = 0;
+  for (size_t h = 0; h < blocks.size(); ++h) {
+    (*mass)[h].assign(blocks[h].size(), 0.f);
+    for (size_t i = 0; i < blocks[h].size(); ++i)
+      for (int64_t g = 0; g < G; ++g, k += 2) {
+        const float l = lse[static_cast<int64_t>(h) * G + g];
+        if (stats[k + 1] > 0.f && l != -INFINITY)
+          (*mass)[h][i] += stats[k + 1] * std::exp(stats[k] - l);
+      }
+  }
+}
 void KVRowsToF32(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst) {
   HWY_DYNAMIC_DISPATCH(KVRowsToF32Impl)(kv, values, h, b, e, dst);
 }

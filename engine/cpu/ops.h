@@ -68,6 +68,19 @@ NEEDLE_CPU_OPS
 }  // namespace fast
 
 namespace fast {
+// One decode query (a.T == 1) over whole blocks of the cache: blocks[h] for KV head h. out
+// [heads, D] and lse [heads] over those keys alone (a head without blocks: zeros, -inf), and per
+// block its own sums, stats [sum_h n_h][G][2] = {m, l} in the order of blocks: l = sum over the
+// block's keys of exp(score - m). The hybrid engine's Context blocks; the stats give retention's
+// block masses without a second pass (BlockMassFromStats).
+void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
+                  const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
+                  std::vector<float>* stats, ThreadingContext& tc);
+// mass[h][i] = sum_g l * exp(m - lse[h * G + g]) of block i of head h (block_mass.h's mass, with
+// lse over everything the step attended).
+void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,
+                        const std::vector<std::vector<int32_t>>& blocks,
+                        std::vector<std::vector<float>>* mass);
 // Rows [b, e) of KV head h of the cache's keys (values == false) or values, as f32: dst [e - b, D].
 void KVRowsToF32(const KVLayerView& kv, bool values, int64_t h, int64_t b, int64_t e, float* dst);
 }  // namespace fast

@@ -36,10 +36,21 @@ std::string HybridGpuMemory::Describe() const {
   std::ostringstream os;
   os << "weights " << FormatBytes(weights) << ", dense-layer KV " << FormatBytes(dense_kv)
      << ", Initial + Local KV " << FormatBytes(window_kv) << ", prompt staging "
-     << FormatBytes(staging_kv) << ", activations " << FormatBytes(activations) << ", scratch "
-     << FormatBytes(scratch) << ": total " << FormatBytes(total());
+     << FormatBytes(staging_kv) << ", representatives " << FormatBytes(reps) << ", activations "
+     << FormatBytes(activations) << ", scratch " << FormatBytes(scratch) << ": total "
+     << FormatBytes(total());
   return os.str();
 }
+
+namespace {
+// RepresentativeStore's bytes for every layer (its storage: f32 for an f32 cache, else bf16).
+size_t RepsBytes(const ModelConfig& m, const SparseConfig& c, int64_t ctx, DType kv) {
+  const int64_t blocks = (ctx + c.block_size - 1) / c.block_size;
+  const int64_t rows = c.repr == ReprType::kQuest ? 2 : 1;
+  return static_cast<size_t>(m.num_layers * blocks * m.num_kv_heads * rows * m.head_dim) *
+         (kv == DType::kF32 ? 4 : 2);
+}
+}  // namespace
 
 HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                DType kv_type, size_t weight_bytes, int64_t ubatch,
@@ -52,6 +63,7 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
         s.SlotBytes() * static_cast<size_t>(s.LayerSlots(l));
   KVCacheShape one(1, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
   g.staging_kv = one.TotalBytes();
+  g.reps = RepsBytes(m, c, ctx, kv_type);
   // Model::Buffers of a micro-batch (x, h, q, k, v, att, gate, up) and the logits row, in f32.
   const int64_t U = std::min(ubatch, ctx);
   const size_t per_token = static_cast<size_t>(2 * m.hidden_size + 2 * m.q_dim() + 2 * m.kv_dim() +
@@ -97,9 +109,18 @@ struct HybridAttention::Impl final : PlanExecutor {
     if (kv == DType::kI8)
       Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
     planner.set_executor(this);
+    const RepresentativeStore& r = planner.representatives();
+    reps_dev = static_cast<uint8_t*>(cuda::DeviceAlloc(
+        r.BlockBytes() * static_cast<size_t>(r.max_blocks() * m.num_layers), "representatives"));
+    uploaded.assign(static_cast<size_t>(m.num_layers),
+                    std::vector<uint32_t>(static_cast<size_t>(r.max_blocks()), 0));
     int dev = 0;
     NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
     NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+  }
+
+  ~Impl() override {
+    if (reps_dev != nullptr) cudaFree(reps_dev);
   }
 
   // The host cache holds the sparse layers only: the dense layers' blocks are never written, and
@@ -242,9 +263,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     }
   }
 
-  void Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
-               const LayerPlan& plan, float*, float* lse) override {
-    const int64_t HD = a.heads * a.head_dim, B = c.block_size;
+  bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const LayerPlan& plan, float*, float* lse,
+               std::vector<std::vector<float>>* mass) override {
+    const int64_t HD = a.heads * a.head_dim;
     // GPU: Initial + Local, queued first so that it runs while the CPU attends.
     AttnArgs a2;
     const KVLayerView v = WindowView(layer, a, &a2);
@@ -254,20 +276,9 @@ struct HybridAttention::Impl final : PlanExecutor {
     cuda::Attention(q_dev, v, a2, g_out, g_lse, sm, ws, stream);
     // CPU: the selected Context blocks.
     auto t = Clock::now();
-    spans.offsets.assign(1, 0);
-    spans.spans.clear();
-    for (int64_t h = 0; h < a.kv_heads; ++h) {
-      for (int32_t b : plan.blocks[h]) {
-        if (static_cast<int64_t>(spans.spans.size()) > spans.offsets.back() &&
-            spans.spans.back().end == b * B)
-          spans.spans.back().end = (b + 1) * B;
-        else
-          spans.spans.push_back({b * B, (b + 1) * B});
-      }
-      spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
-    }
     cpu_part.resize(static_cast<size_t>(HD + a.heads));
-    cpu->Attention(q, kv, a, &spans, cpu_part.data(), cpu_part.data() + HD);
+    fast::AttendBlocks(q, kv, a, plan.blocks, cpu_part.data(), cpu_part.data() + HD, &block_stats,
+                       tc);
     stats.cpu_attend += Since(t);
     t = Clock::now();
     H2D(c_out, cpu_part.data(), cpu_part.size() * 4);
@@ -275,6 +286,43 @@ struct HybridAttention::Impl final : PlanExecutor {
     D2H(lse, m_lse, static_cast<size_t>(a.heads) * 4);
     stats.copies += Since(t);
     Sync(&stats.gpu_wait);
+    if (mass == nullptr) return false;
+    fast::BlockMassFromStats(block_stats, lse, a.heads / a.kv_heads, plan.blocks, mass);
+    return true;
+  }
+
+  // Scores on the GPU: the representatives of the candidates are copied there when the planner
+  // has (re)computed them since (their stamps), then one kernel scores every candidate.
+  bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
+             float* scores) override {
+    if (a.n <= 0) return true;
+    for (int64_t i = 1; i < a.n; ++i)
+      if (a.blocks[i] != a.blocks[0] + i) return false;  // (candidates are a range today)
+    const int64_t first = a.blocks[0], D = a.head_dim, Hk = a.kv_heads;
+    const size_t bb = reps.BlockBytes();
+    uint8_t* layer_dev = reps_dev + bb * static_cast<size_t>(layer * reps.max_blocks());
+    std::vector<uint32_t>& up = uploaded[layer];
+    for (int64_t b = first; b < first + a.n;) {
+      if (up[b] == reps.stamp(layer, b)) {
+        ++b;
+        continue;
+      }
+      int64_t e = b;
+      while (e < first + a.n && up[e] != reps.stamp(layer, e)) up[e] = reps.stamp(layer, e), ++e;
+      H2D(layer_dev + bb * static_cast<size_t>(b), reps.Block(layer, b),
+          bb * static_cast<size_t>(e - b));
+      b = e;
+    }
+    const bool quest = reps.type() == ReprType::kQuest;
+    q_group.resize(static_cast<size_t>(2 * Hk * D));
+    GroupQueries(a, quest, q_group.data(), q_group.data() + Hk * D);
+    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * a.n));
+    H2D(d, q_group.data(), q_group.size() * 4);
+    cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, a.n, Hk, D, d, d + Hk * D,
+                      d + 2 * Hk * D, stream);
+    D2H(scores, d + 2 * Hk * D, static_cast<size_t>(Hk * a.n) * 4);
+    Sync(nullptr);
+    return true;
   }
 
   const ModelConfig& m;
@@ -298,7 +346,11 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
       gpu_part{"hybrid partials"};
   cuda::AttnWorkspace ws;
-  AttnSpans spans;
+  std::vector<float> block_stats;               // AttendBlocks' per-block sums
+  uint8_t* reps_dev = nullptr;                  // [layer][block][kv_head][R][D], the store's layout
+  std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
+  std::vector<float> q_group;
+  cuda::GrowBuffer score_buf{"hybrid block scores"};
   HybridStats stats;
 };
 

@@ -37,9 +37,10 @@ struct HybridGpuMemory {
   size_t window_kv = 0;    // the sparse layers' rings (Initial + Local)
   size_t staging_kv = 0;   // one layer of the whole context (prompts)
   size_t activations = 0;  // a micro-batch's activations, the prompt's residual stream if kept
+  size_t reps = 0;         // the representatives of every block (scored on the GPU)
   size_t scratch = 0;      // attention workspaces, tables, the merge's inputs
   size_t total() const {
-    return weights + dense_kv + window_kv + staging_kv + activations + scratch;
+    return weights + dense_kv + window_kv + staging_kv + reps + activations + scratch;
   }
   std::string Describe() const;  // one line, every item
 };

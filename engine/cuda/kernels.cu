@@ -240,6 +240,51 @@ void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
 }
 
 namespace {
+template <typename RT>
+__device__ __forceinline__ float RepF32(const RT* p, int64_t i);
+template <>
+__device__ __forceinline__ float RepF32<float>(const float* p, int64_t i) {
+  return p[i];
+}
+template <>
+__device__ __forceinline__ float RepF32<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+// One warp per (block, KV head).
+template <typename RT>
+__global__ void ScoreBlocksKernel(const RT* reps, int64_t R, int64_t first, int64_t n, int64_t Hk,
+                                  int64_t D, const float* qa, const float* qb, float* scores) {
+  const int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (item >= n * Hk) return;
+  const int64_t i = item / Hk, h = item % Hk;
+  const RT* r0 = reps + ((first + i) * Hk + h) * R * D;
+  float s = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    s += qa[h * D + d] * RepF32(r0, d);
+    if (R == 2) s += qb[h * D + d] * RepF32(r0, D + d);
+  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) scores[h * n + i] = s;
+}
+}  // namespace
+
+void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
+                 int64_t kv_heads, int64_t D, const float* qa, const float* qb, float* scores,
+                 cudaStream_t stream) {
+  if (n <= 0) return;
+  const int64_t threads = n * kv_heads * 32;
+  const unsigned grid = static_cast<unsigned>((threads + 255) / 256);
+  if (storage == DType::kF32)
+    ScoreBlocksKernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(reps), R, first, n,
+                                                kv_heads, D, qa, qb, scores);
+  else
+    ScoreBlocksKernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(reps), R, first,
+                                                n, kv_heads, D, qa, qb, scores);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
 __global__ void MergeAttentionKernel(const float* oa, const float* la, const float* ob,
                                      const float* lb, int64_t D, float* out, float* lse) {
   const int64_t r = blockIdx.x;

@@ -51,6 +51,14 @@ void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
 //   out[r] = (w_a out_a[r] + w_b out_b[r]) / (w_a + w_b),  lse[r] = M + log(w_a + w_b).
 // out_a, out_b, out: [rows, D]; lse_a, lse_b, lse: [rows] (lse may be null). An empty side has
 // lse -inf. out may alias out_a or out_b. The hybrid engine's GPU window + CPU blocks.
+// Block scores of sparse attention (sparse_attn/scoring.h) for blocks [first, first + n):
+// scores[h * n + i] = qa[h] . r0 + qb[h] . r1 of block first + i, head h, where reps is one
+// layer's representatives [block][kv_heads][R][D] of `storage` (bf16 or f32), r1 = row 1 (Quest,
+// R == 2). qa, qb: [kv_heads, D] f32 (GroupQueries).
+void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
+                 int64_t kv_heads, int64_t D, const float* qa, const float* qb, float* scores,
+                 cudaStream_t stream);
+
 void MergeAttention(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
                     int64_t rows, int64_t D, float* out, float* lse, cudaStream_t stream);
 
