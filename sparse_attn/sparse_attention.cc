@@ -220,14 +220,19 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       for (auto& blk : s.blocks) blk = s.blocks[0];
       for (auto& r : plan->retained) r = keep;
     } else {
-      // One selection per KV head, in parallel (each is O(blocks)).
+      // One selection per KV head (each is O(blocks)); in parallel only when there are enough
+      // candidates to pay for waking the threads (tens of microseconds between GPU waits).
       std::vector<int64_t> ncand(static_cast<size_t>(Hk));
       std::vector<std::vector<int32_t>> keep(static_cast<size_t>(Hk));
-      tc_.ParallelFor(static_cast<size_t>(Hk), 1, [&](size_t hb, size_t he) {
+      const auto run = [&](size_t hb, size_t he) {
         for (size_t h = hb; h < he; ++h)
           s.blocks[h] = select(static_cast<int64_t>(h), sc.data() + h * all.size(),
                                retain ? &retained_[layer][h] : nullptr, &keep[h], &ncand[h]);
-      });
+      };
+      if (static_cast<int64_t>(all.size()) * Hk >= 65536)
+        tc_.ParallelFor(static_cast<size_t>(Hk), 1, run);
+      else
+        run(0, static_cast<size_t>(Hk));
       plan->candidates = *std::max_element(ncand.begin(), ncand.end());
       if (retain) plan->retained = std::move(keep);
     }

@@ -30,6 +30,9 @@ class Backend {
   virtual float* Alloc(size_t n) = 0;
   virtual void Free(float* p) = 0;
   virtual void ToHost(const float* src, size_t n, float* host_dst) = 0;
+  // Host memory this backend copies to and from fastest (pinned for a GPU): n floats.
+  virtual float* AllocHost(size_t n) { return new float[n]; }
+  virtual void FreeHost(float* p) { delete[] p; }
   virtual void FromHost(const float* host_src, size_t n, float* dst) = 0;
   // The k largest of logits[V] (one row), by descending value, ties: lower id first, chosen
   // where the logits live: host_ids[k] and, unless null, host_vals[k]. k = 1 is greedy argmax.

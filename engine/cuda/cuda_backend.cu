@@ -166,7 +166,30 @@ class CudaBackend final : public Backend {
     sizes_[p] = n;  // Free is not told the size
     return p;
   }
-  void Free(float* p) override { pool_[sizes_.at(p)].push_back(p); }
+  // Buffers of 256 MiB and more (a long prompt's residual stream, its activations) are given
+  // back at once: kept by size, prompts of many lengths would hold them all.
+  void Free(float* p) override {
+    const size_t n = sizes_.at(p);
+    if (n * sizeof(float) >= (size_t{256} << 20)) {
+      NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      NEEDLE_CUDA_CHECK(cudaFree(p));
+      sizes_.erase(p);
+      return;
+    }
+    pool_[n].push_back(p);
+  }
+  // Pinned: copies to and from it run at the bus's speed and asynchronously.
+  float* AllocHost(size_t n) override {
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocHost(&p, std::max<size_t>(n, 1) * sizeof(float));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      Fail("cannot pin ", FormatBytes(n * sizeof(float)),
+           " of host memory: ", cudaGetErrorString(e));
+    }
+    return static_cast<float*>(p);
+  }
+  void FreeHost(float* p) override { NEEDLE_CUDA_CHECK(cudaFreeHost(p)); }
   void ToHost(const float* src, size_t n, float* host_dst) override {
     NEEDLE_CUDA_CHECK(
         cudaMemcpyAsync(host_dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));

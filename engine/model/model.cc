@@ -195,11 +195,15 @@ void Model::RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool al
   Buffers buf(b_, cfg_, U);
   // The residual stream of every token of the prompt: x of micro-batch s is rows [s, s + n).
   BackendBuffer resident;
-  std::unique_ptr<float[]> host;
+  struct HostFree {
+    Backend* b;
+    void operator()(float* p) const { b->FreeHost(p); }
+  };
+  std::unique_ptr<float, HostFree> host(nullptr, HostFree{&b_});
   if (residual_in_backend)
     resident = BackendBuffer(b_, static_cast<size_t>(T * H));
   else
-    host.reset(new float[static_cast<size_t>(T * H)]);
+    host.reset(b_.AllocHost(static_cast<size_t>(T * H)));
   // Micro-batch s's x: in the resident stream itself, or loaded into buf.x from the host.
   const auto load = [&](int64_t s, int64_t n) {
     if (residual_in_backend) return resident.get() + s * H;
