@@ -439,6 +439,14 @@ TEST(Cli, GenerateRefusesBadValues) {
                        "--attention sparse --device cpu --block-size 2 --local-window 4 "
                        "--init-tokens 2 --topk 1 --dense-layers 0");
   EXPECT_EQ(b.status, 0) << b.output;
+  // --gpu-memory is the hybrid engine's: refused without sparse attention, and when not a size.
+  Result g = RunNeedle(m + "--gpu-memory 8G");
+  EXPECT_NE(g.status, 0);
+  EXPECT_NE(g.output.find("--gpu-memory only applies to --attention sparse"), std::string::npos)
+      << g.output;
+  Result gs = RunNeedle(m + "--attention sparse --gpu-memory lots");
+  EXPECT_NE(gs.status, 0);
+  EXPECT_NE(gs.output.find("--gpu-memory: 'lots' is not a size"), std::string::npos) << gs.output;
 }
 
 TEST(Cli, InfoAndHelp) {
