@@ -4,6 +4,8 @@
 
 #include <cctype>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +21,7 @@
 #include "engine/base/error.h"
 #include "engine/model/generate.h"
 #include "engine/runtime/sequence_attention.h"
+#include "eval/data_files.h"
 #include "eval/heatmap.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
@@ -30,43 +33,6 @@ using json = nlohmann::json;
 
 namespace {
 
-json ToJson(const EvalResult& r) {
-  json j = {{"config", r.config},
-            {"task", r.task},
-            {"id", r.id},
-            {"length", r.length},
-            {"depth", r.depth},
-            {"prompt_tokens", r.prompt_tokens},
-            {"prediction", r.prediction},
-            {"answer", r.answer},
-            {"score", r.score},
-            {"prefill_tok_s", r.prefill_tps},
-            {"decode_tok_s", r.decode_tps},
-            {"settings", r.settings},
-            {"sample", r.sample}};
-  if (r.recall >= 0) j["recall"] = r.recall;
-  return j;
-}
-
-EvalResult FromJson(const json& j) {
-  EvalResult r;
-  r.config = j.at("config");
-  r.task = j.at("task");
-  r.id = j.at("id");
-  r.length = j.at("length");
-  r.depth = j.at("depth");
-  r.prompt_tokens = j.at("prompt_tokens");
-  r.prediction = j.at("prediction");
-  r.answer = j.at("answer").get<std::vector<std::string>>();
-  r.score = j.at("score");
-  r.prefill_tps = j.value("prefill_tok_s", 0.0);
-  r.decode_tps = j.value("decode_tok_s", 0.0);
-  r.recall = j.value("recall", -1.0);
-  r.settings = j.value("settings", "");  // absent in files of needle before it recorded them
-  r.sample = j.value("sample", "");
-  return r;
-}
-
 // FNV-1a, 64 bits: stable across builds and machines (std::hash is not promised to be).
 uint64_t Fnv1a(const std::string& s, uint64_t h = 14695981039346656037ull) {
   for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
@@ -76,35 +42,6 @@ std::string Hex(uint64_t h) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
   return buf;
-}
-
-// Reads the finished results. A torn last line (a run killed mid-write) is cut off the file, so
-// appending continues on a clean line; a malformed line anywhere else is an error.
-std::vector<EvalResult> ReadExisting(const std::string& path) {
-  std::vector<EvalResult> out;
-  if (!std::filesystem::exists(path)) return out;
-  std::string all;
-  {
-    std::ifstream in(path, std::ios::binary);
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    all = ss.str();
-  }
-  const size_t keep = all.rfind('\n') == std::string::npos ? 0 : all.rfind('\n') + 1;
-  if (keep < all.size()) std::filesystem::resize_file(path, keep);
-  std::istringstream in(all.substr(0, keep));
-  std::string line;
-  int64_t n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.empty()) continue;
-    try {
-      out.push_back(FromJson(json::parse(line)));
-    } catch (const json::exception&) {
-      Fail(path, ":", n, ": malformed result line (delete it to rerun that sample)");
-    }
-  }
-  return out;
 }
 
 }  // namespace
@@ -205,7 +142,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   if (opt.context_limit <= max_new + 1)
     Fail("--ctx-size ", opt.context_limit, " leaves no room for a prompt: ", task,
          " answers in up to ", max_new, " tokens");
-  std::vector<EvalResult> results = ReadExisting(pred_path);
+  std::vector<EvalResult> results = ReadResults(pred_path);
   // Checked before anything runs: unique sample ids, and finished results that answered
   // exactly what this run would ask.
   std::map<std::pair<int64_t, int64_t>, const datasets::Sample*> by_id;
@@ -320,7 +257,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
           if (x >= 0) sum += x, ++n;
         r.recall = n ? sum / static_cast<double>(n) : -1;
       }
-      out << ToJson(r).dump() << "\n";
+      out << ResultToJson(r).dump() << "\n";
       out.flush();  // a killed run loses nothing finished
       results.push_back(r);
       ++finished, ++ran;
@@ -341,7 +278,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
                  static_cast<long long>(cut_prompts));
   // Summary files, replaced atomically.
   json summary = json::array();
-  for (const auto& r : results) summary.push_back(ToJson(r));
+  for (const auto& r : results) summary.push_back(ResultToJson(r));
   const std::string md = SummaryMarkdown(results);
   std::set<double> depths;
   for (const auto& r : results) depths.insert(r.depth);

@@ -2,7 +2,8 @@
 # Builds one libFuzzer harness of fuzz/ (clang, ASan + UBSan) in build-fuzz/ and runs it for
 # SECONDS (default 60) on its corpus (build-fuzz/corpus/HARNESS, seeded from the repository's
 # fixtures), with the JSON dictionary. Findings go to build-fuzz/findings/HARNESS.
-#   bash scripts/fuzz.sh config|generation_config|safetensors|tokenizer [SECONDS] [JOBS]
+#   bash scripts/fuzz.sh config|generation_config|safetensors|tokenizer|data|predictions|results|chat
+#                        [SECONDS] [JOBS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 H=${1:?usage: scripts/fuzz.sh HARNESS [SECONDS] [JOBS]}
@@ -25,6 +26,16 @@ case "$H" in
   generation_config) for d in "$F"/*/; do [ -f "$d/generation_config.json" ] && cp -n "$d/generation_config.json" "$CORPUS/$(basename "$d").json"; done; true ;;
   safetensors) for d in "$F"/*/; do [ -f "$d/model.safetensors" ] && [ "$(stat -c %s "$d/model.safetensors")" -lt 200000 ] && cp -n "$d/model.safetensors" "$CORPUS/$(basename "$d").st"; done; true ;;
   tokenizer) cp -n tests/fixtures/tokenizer/bytes_tokenizer.json "$CORPUS/bytes.json"; cp -n models/needle-tiny/tokenizer.json "$CORPUS/needle-tiny.json" ;;
+  data)
+    printf '%s\n' '{"id": 3, "context": "The pass key is 123. Remember it.", "input": "What is the pass key?", "answer": ["123"], "depth": 0.5, "length": 4096}' > "$CORPUS/infinitebench.jsonl"
+    printf '%s\n' '{"index": 7, "input": "Some text.", "answer_prefix": " Answer:", "outputs": ["o"], "length": 100}' > "$CORPUS/ruler.jsonl" ;;
+  predictions)
+    printf '%s\n' '{"prediction": "123", "answer": ["123"]}' '{"pred": "x", "label": "y"}' '{"pred": "1", "ground_truth": 1}' > "$CORPUS/preds.jsonl" ;;
+  results)
+    printf '%s\n' '{"config":"dense","task":"passkey","id":1,"length":100,"depth":0.5,"prompt_tokens":90,"prediction":"x","answer":["x"],"score":1,"prefill_tok_s":10.5,"decode_tok_s":3,"settings":"s","sample":"h","recall":0.9}' > "$CORPUS/predictions.jsonl" ;;
+  chat)
+    cp -n models/needle-tiny/tokenizer_config.json "$CORPUS/needle-tiny.json"
+    printf '{"chat_template": "{{ bos_token }}<|start_header_id|>", "bos_token": "<s>", "eos_token": {"content": "</s>"}}\0system\0be brief\0user\0hi\0assistant\0hello\0user\0bye' > "$CORPUS/llama3.bin" ;;
   *) echo "fuzz.sh: unknown harness '$H'" >&2; exit 1 ;;
 esac
 PAR=()

@@ -19,6 +19,7 @@
 #include "engine/cli/parse_util.h"
 #include "engine/cli/run_options.h"
 #include "engine/tokenizer/chat_template.h"
+#include "eval/data_files.h"
 #include "eval/runner.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
@@ -26,47 +27,6 @@
 namespace needle {
 
 namespace {
-
-// Calls f(record, "file:line") for each non-blank line of a JSONL file; malformed lines are
-// errors that name the file and line.
-void ForEachJsonLine(const std::string& path,
-                     const std::function<void(const nlohmann::json&, const std::string&)>& f) {
-  std::ifstream in(path);
-  if (!in) Fail(path, ": cannot open");
-  std::string line;
-  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(lineno);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      Fail(where, ": malformed JSON: ", e.what());
-    }
-    f(j, where);
-  }
-}
-
-std::vector<std::string> References(const nlohmann::json& j, const std::string& where) {
-  for (const char* key : {"answer", "ground_truth", "outputs", "label"}) {
-    if (!j.contains(key)) continue;
-    const auto& v = j[key];
-    if (v.is_string()) return {v.get<std::string>()};
-    if (v.is_number_integer()) return {std::to_string(v.get<int64_t>())};
-    if (v.is_array()) {
-      std::vector<std::string> out;
-      for (const auto& e : v) {
-        if (!e.is_string())
-          Fail(where, ": field '", key, "' must hold strings (value: ", v.dump(), ")");
-        out.push_back(e.get<std::string>());
-      }
-      return out;
-    }
-    Fail(where, ": field '", key, "' must be a string or a list of strings (value: ", v.dump(),
-         ")");
-  }
-  Fail(where, ": no reference field (answer, ground_truth, outputs or label)");
-}
 
 int CmdEvalScore(int argc, char** argv) {
   Options opt("needle eval score",
@@ -83,53 +43,14 @@ int CmdEvalScore(int argc, char** argv) {
     Fail("--task: unknown task '", task, "' (known: ", eval::KnownTasks(), ")");
   int64_t n = 0;
   double total = 0;
-  ForEachJsonLine(path, [&](const nlohmann::json& j, const std::string& where) {
-    std::string pred;
-    if (j.contains("prediction") && j["prediction"].is_string())
-      pred = j["prediction"].get<std::string>();
-    else if (j.contains("pred") && j["pred"].is_string())
-      pred = j["pred"].get<std::string>();
-    else
-      Fail(where, ": no string field 'prediction' (or 'pred')");
-    total += eval::ScoreTask(task, pred, References(j, where));
+  for (const eval::Prediction& p : eval::ReadPredictions(path)) {
+    total += eval::ScoreTask(task, p.prediction, p.references);
     ++n;
-  });
+  }
   if (n == 0) Fail(path, ": no predictions");
   std::printf("%s: %.2f (%lld predictions, %.1f correct)\n", task.c_str(),
               100.0 * total / static_cast<double>(n), static_cast<long long>(n), total);
   return 0;
-}
-
-}  // namespace
-
-namespace {
-
-// Samples of an original InfiniteBench JSONL file (fields id, context, input, answer) or RULER
-// file (index, input, answer_prefix, outputs, length), or of needle's own `needle data` output.
-std::vector<datasets::Sample> ReadSamples(const std::string& path) {
-  std::vector<datasets::Sample> out;
-  ForEachJsonLine(path, [&](const nlohmann::json& j, const std::string& where) {
-    datasets::Sample s;
-    s.id = j.contains("id") && j["id"].is_number_integer() ? j["id"].get<int64_t>()
-                                                           : static_cast<int64_t>(out.size());
-    if (j.contains("answer_prefix") && j["answer_prefix"].is_string() && j.contains("input") &&
-        j["input"].is_string()) {
-      // RULER: `input` is the full prompt up to the answer prefix.
-      s.prompt = j["input"].get<std::string>() + j["answer_prefix"].get<std::string>();
-      s.id = j.value("index", s.id);
-    } else {
-      for (const char* k : {"context", "input"})
-        if (!j.contains(k) || !j[k].is_string())
-          Fail(where, ": field '", k, "' is missing or not a string");
-      s.context = j["context"].get<std::string>();
-      s.input = j["input"].get<std::string>();
-    }
-    s.answer = References(j, where);
-    s.depth = j.value("depth", -1.0);
-    s.target_tokens = j.value("length", int64_t{0});
-    out.push_back(std::move(s));
-  });
-  return out;
 }
 
 }  // namespace
@@ -221,7 +142,7 @@ int CmdEval(int argc, char** argv) {
                    : (std::string("in the ") + ChatFamilyName(ro.chat) + " chat template").c_str());
   std::vector<datasets::Sample> samples = opt.Str("data").empty()
                                               ? eval::MakeSamples(task, *tok, ro, opt)
-                                              : ReadSamples(opt.Str("data"));
+                                              : eval::ReadSamples(opt.Str("data"));
   const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
   std::cout << eval::SummaryMarkdown(results);
   return 0;
