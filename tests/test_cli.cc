@@ -449,6 +449,28 @@ TEST(Cli, GenerateRefusesBadValues) {
   EXPECT_NE(gs.output.find("--gpu-memory: 'lots' is not a size"), std::string::npos) << gs.output;
 }
 
+// Commands that need no GPU load no CUDA library: the runtime is linked statically (it opens
+// the driver at the first CUDA call) and cuBLAS is opened when a CUDA backend is made (issue 22:
+// `needle --help` held 220 MB of cuBLAS). The dynamic loader lists what it loads (LD_DEBUG).
+TEST(Cli, HelpAndCpuRunsLoadNoCudaLibrary) {
+  for (const std::string& args : {std::string("--help"), "generate --device cpu -m " + kFx +
+                                                             "/qwen2_bias_gqa7_f32 "
+                                                             "--prompt-ids 5,6 -n 1"}) {
+    const std::string cmd = "LD_DEBUG=libs " + std::string(NEEDLE_BINARY) + " " + args + " 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+    const int st = pclose(p);
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << out.substr(out.size() - 500);
+    EXPECT_NE(out.find("libtbb"), std::string::npos) << "LD_DEBUG printed nothing";
+    for (const char* lib : {"libcublas", "libcudart.so", "libcuda.so"})
+      EXPECT_EQ(out.find(lib), std::string::npos) << args << " loaded " << lib;
+  }
+}
+
 TEST(Cli, InfoAndHelp) {
   Result r = RunNeedle("info -m " + kFx + "/qwen3_qknorm_gqa4_bf16");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -107,8 +107,8 @@ class CudaBackend final : public Backend {
     memory_ = std::make_unique<CudaMemory>("GPU " + std::to_string(device) + " (" + prop.name +
                                            ") memory");
     NEEDLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    NEEDLE_CUBLAS_CHECK(cublasCreate(&blas_));
-    NEEDLE_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+    NEEDLE_CUBLAS_CHECK(cuda::Cublas().Create(&blas_));
+    NEEDLE_CUBLAS_CHECK(cuda::Cublas().SetStream(blas_, stream_));
     NEEDLE_CUDA_CHECK(cudaMallocHost(&step_host_, sizeof(StepInputs)));
     step_dev_ = static_cast<StepInputs*>(cuda::DeviceAlloc(sizeof(StepInputs), "step inputs"));
     NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&step_copied_, cudaEventDisableTiming));
@@ -123,7 +123,7 @@ class CudaBackend final : public Backend {
     for (auto& [size, list] : pool_)
       for (float* p : list) cudaFree(p);
     for (void* p : weights_) cudaFree(p);
-    cublasDestroy(blas_);
+    cuda::Cublas().Destroy(blas_);
     cudaStreamDestroy(stream_);
   }
 
@@ -239,15 +239,15 @@ class CudaBackend final : public Backend {
     const int64_t N = w.rows, K = w.cols;
     const float one = 1.f, zero = 0.f;
     if (w.dtype == DType::kF32) {
-      NEEDLE_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N),
-                                      static_cast<int>(T), static_cast<int>(K), &one,
-                                      static_cast<const float*>(w.data), static_cast<int>(K), x,
-                                      static_cast<int>(K), &zero, y, static_cast<int>(N)));
+      NEEDLE_CUBLAS_CHECK(cuda::Cublas().Sgemm(
+          blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
+          static_cast<int>(K), &one, static_cast<const float*>(w.data), static_cast<int>(K), x,
+          static_cast<int>(K), &zero, y, static_cast<int>(N)));
     } else {
       const cudaDataType_t t = w.dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
       void* xh = x16_.Get<uint16_t>(static_cast<size_t>(T * K));
       cuda::ConvertF32(x, T * K, xh, w.dtype, stream_);
-      NEEDLE_CUBLAS_CHECK(cublasGemmEx(
+      NEEDLE_CUBLAS_CHECK(cuda::Cublas().GemmEx(
           blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
           static_cast<int>(K), &one, w.data, t, static_cast<int>(K), xh, t, static_cast<int>(K),
           &zero, y, CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cublas_v2.h>
+
 #include <cuda_runtime.h>
+#include "engine/cuda/cublas_api.h"
 
 #include "engine/base/error.h"
 
@@ -18,7 +20,7 @@ namespace needle::cuda {
 
 [[noreturn]] inline void FailCublas(cublasStatus_t s, const char* stmt, const char* file,
                                     int line) {
-  Fail("cuBLAS error ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ") in ", stmt,
+  Fail("cuBLAS error ", Cublas().GetStatusName(s), " (", Cublas().GetStatusString(s), ") in ", stmt,
        " at ", file, ":", line);
 }
 
