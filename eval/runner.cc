@@ -226,6 +226,19 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       SparseAttention* sp = seq.planner;
       if (sp != nullptr) sp->set_recall(opt.recall);
       model.set_attention(seq.policy.get());
+      // A long prompt takes seconds to minutes: say what is running (on a terminal, how far the
+      // prefill got; in a log, one line when it starts).
+      const int64_t P = static_cast<int64_t>(ids.size());
+      if (P >= 32768 && !tty)
+        std::fprintf(stderr, "eval %s [%s] sample %lld: prefill of %lld tokens\n", task.c_str(),
+                     cfg.name.c_str(), static_cast<long long>(s.id), static_cast<long long>(P));
+      if (P >= 8192 && tty)
+        model.set_progress([&](int64_t done, int64_t total) {
+          if (total > 1)
+            std::fprintf(stderr, "\reval %s [%s] sample %lld: prefill %lld/%lld tokens   ",
+                         task.c_str(), cfg.name.c_str(), static_cast<long long>(s.id),
+                         static_cast<long long>(done), static_cast<long long>(total));
+        });
       GenerateStats st;
       StreamDecoder dec(tok, true);
       std::string text;
@@ -238,6 +251,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
           &st);
       text += dec.Flush();
       model.set_attention(nullptr);
+      model.set_progress(nullptr);
       EvalResult r;
       r.config = cfg.name, r.task = task, r.id = s.id, r.length = s.target_tokens,
       r.depth = s.depth;

@@ -1,5 +1,6 @@
 #include "eval/samples.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "datasets/niah.h"
@@ -19,6 +20,16 @@ std::string RunnableTasks() {
          "niah_multivalue, "
          "niah_multiquery, needle";
 }
+
+namespace {
+// Generating (and counting the tokens of) a long sample takes a while: one line per length from
+// 32K tokens on, so that a long generation is never silent.
+void Progress(const std::string& task, const std::vector<int64_t>& lengths, size_t i) {
+  if (lengths[i] < 32768) return;
+  std::fprintf(stderr, "needle: generating %s samples of %lld tokens (length %zu of %zu)\n",
+               task.c_str(), static_cast<long long>(lengths[i]), i + 1, lengths.size());
+}
+}  // namespace
 
 std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokenizer& tok,
                                           const RunnerOptions& ro, const Options& opt) {
@@ -58,6 +69,10 @@ std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokeniz
     datasets::Sample probe;
     probe.input = no.question;
     const int64_t overhead = static_cast<int64_t>(PromptIds(task, probe, tok, ro).size());
+    const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+    if (longest >= 32768)
+      std::fprintf(stderr, "needle: generating %s samples at %zu lengths up to %lld tokens\n",
+                   task.c_str(), lengths.size(), static_cast<long long>(longest));
     out = datasets::GenerateNiah(tok, datasets::LoadHaystack(paths), lengths, depth_list, overhead,
                                  no);
   } else if (datasets::IsRulerTask(task)) {
@@ -73,18 +88,22 @@ std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokeniz
                                          ? std::vector<std::string>{datasets::kDefaultHaystack}
                                          : SplitComma(opt.Str("haystack")));
     const datasets::WordLists words = datasets::LoadWordLists();
-    for (int64_t len : lengths)
-      for (auto& s : datasets::GenerateRuler(task, len, per, static_cast<uint64_t>(opt.Int("seed")),
-                                             count, essay, words))
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      Progress(task, lengths, i);
+      for (auto& s : datasets::GenerateRuler(
+               task, lengths[i], per, static_cast<uint64_t>(opt.Int("seed")), count, essay, words))
         out.push_back(std::move(s));
+    }
   } else {
     const auto count = [&](const std::string& s) {
       return static_cast<int64_t>(tok.Encode(s, true).size());
     };
-    for (int64_t len : lengths)
-      for (auto& s : datasets::GenerateInfiniteBench(task, len, depths, per,
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      Progress(task, lengths, i);
+      for (auto& s : datasets::GenerateInfiniteBench(task, lengths[i], depths, per,
                                                      static_cast<uint64_t>(opt.Int("seed")), count))
         out.push_back(std::move(s));
+    }
   }
   return out;
 }
