@@ -14,6 +14,7 @@ cmake --build "$B" -j "$(nproc)" >&2
 # The tokenizer files of the exactness tests, when the plain build fetched them.
 [ -d build/tokenizers ] && [ ! -d "$B/tokenizers" ] && cp -r build/tokenizers "$B/tokenizers"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp"
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 cd "$B"
 ctest --output-on-failure -j "$(nproc)" --timeout 900

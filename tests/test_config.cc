@@ -163,8 +163,16 @@ TEST(Config, HostileValuesAreNamedErrors) {
   ExpectErrorContaining(
       [] { ParseModelConfig(Base(R"(, "vocab_size": 2222221e30555)"), "c.json"); },
       {"c.json", "malformed JSON", "number overflow"});
-  // Nested 80,000 deep: the message shows one level, without recursing through the value.
-  const std::string deep = std::string(80000, '[') + "1" + std::string(80000, ']');
+  // Nested 80,000 deep: refused while parsing (copying or printing such a value recurses).
+  test::ExpectErrorContaining(
+      [&] {
+        ParseModelConfig(
+            Base(", \"vocab_size\": " + std::string(80000, '[') + "1" + std::string(80000, ']')),
+            "c.json");
+      },
+      {"c.json", "malformed JSON", "nested more than 256 levels"});
+  // Nested within the bound: the message shows one level, without recursing through the value.
+  const std::string deep = std::string(200, '[') + "1" + std::string(200, ']');
   try {
     ParseModelConfig(Base(", \"vocab_size\": " + deep), "c.json");
     ADD_FAILURE() << "no error";

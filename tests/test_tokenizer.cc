@@ -139,8 +139,11 @@ TEST(Tokenizer, HostilePipelinesAreNamedErrors) {
                               extra + "}");
     return path;
   };
-  std::string deep = R"({"type": "Lowercase"})";
+  // Sequences in Sequences: 30,000 deep is refused by the parser's nesting bound, 20 deep (within
+  // it) by the pipeline's own bound of 16.
+  std::string deep = R"({"type": "Lowercase"})", deep20 = deep;
   for (int i = 0; i < 30000; ++i) deep = R"({"type": "Sequence", "normalizers": [)" + deep + "]}";
+  for (int i = 0; i < 20; ++i) deep20 = R"({"type": "Sequence", "normalizers": [)" + deep20 + "]}";
   const std::pair<std::string, std::string> cases[] = {
       {R"(, "normalizer": {"type": "Replace", "content": "x"})", "normalizer.pattern"},
       {R"(, "pre_tokenizer": {"type": "Split"})", "pre_tokenizer.pattern"},
@@ -156,7 +159,8 @@ TEST(Tokenizer, HostilePipelinesAreNamedErrors) {
       {R"(, "normalizer": {"type": 5})", "normalizer.type"},
       {R"(, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": "yes"})",
        "pre_tokenizer.add_prefix_space"},
-      {", \"normalizer\": " + deep, "nests Sequences more than 16 deep"},
+      {", \"normalizer\": " + deep, "nested more than 256 levels"},
+      {", \"normalizer\": " + deep20, "nests Sequences more than 16 deep"},
   };
   for (const auto& [extra, what] : cases) {
     const std::string path = file(extra);

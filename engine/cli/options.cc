@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 #include "engine/base/mapped_file.h"
 
 namespace needle {
@@ -72,7 +73,7 @@ void Options::Set(const OptionSpec& spec, const std::string& value, const std::s
 void Options::LoadConfigFile(const std::string& path) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(ReadTextFile(path));
+    j = ParseJsonBounded(ReadTextFile(path));
   } catch (const nlohmann::json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }

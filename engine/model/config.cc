@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 #include "engine/base/mapped_file.h"
 
 namespace needle {
@@ -160,7 +161,7 @@ class Fields {
 
 json ParseJson(const std::string& text, const std::string& source) {
   try {
-    return json::parse(text);
+    return ParseJsonBounded(text);
   } catch (const json::exception& e) {
     Fail(source, ": malformed JSON: ", e.what());
   }

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 
 namespace needle {
 
@@ -37,7 +38,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
          " bytes): the file is truncated or not safetensors");
   json header;
   try {
-    header = json::parse(p + 8, p + 8 + header_len);
+    header = ParseJsonBounded(p + 8, p + 8 + header_len);
   } catch (const json::exception& e) {
     Fail(path, ": malformed safetensors JSON header: ", e.what());
   }

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 #include "engine/base/mapped_file.h"
 
 namespace needle {
@@ -65,7 +66,7 @@ std::vector<std::string> ShardsFromIndex(const std::string& index_path,
                                          std::map<std::string, std::string>* weight_map) {
   json j;
   try {
-    j = json::parse(ReadTextFile(index_path));
+    j = ParseJsonBounded(ReadTextFile(index_path));
   } catch (const json::exception& e) {
     Fail(index_path, ": malformed JSON: ", e.what());
   }

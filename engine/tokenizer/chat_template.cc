@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 #include "engine/base/mapped_file.h"
 
 namespace needle {
@@ -60,7 +61,7 @@ ChatFamily FamilyFromConfigJson(const std::string& dir) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) return ChatFamily::kNone;
   try {
-    const auto j = nlohmann::json::parse(ReadTextFile(path));
+    const auto j = ParseJsonBounded(ReadTextFile(path));
     const std::string mt = j.value("model_type", "");
     if (mt == "qwen2" || mt == "qwen3") return ChatFamily::kChatML;
     if (mt == "mistral") return ChatFamily::kMistral;
@@ -76,7 +77,7 @@ ChatFamily DetectChatFamilyFromFolder(const std::string& dir, std::string* bos, 
   if (::stat(path.c_str(), &st) != 0) return FamilyFromConfigJson(dir);
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(ReadTextFile(path));
+    j = ParseJsonBounded(ReadTextFile(path));
   } catch (const nlohmann::json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 #include "engine/base/mapped_file.h"
 #include "engine/tokenizer/pipeline.h"
 
@@ -73,7 +74,7 @@ std::unique_ptr<Tokenizer> Tokenizer::Load(const std::string& path) {
   t->source_ = path;
   json j;
   try {
-    j = json::parse(ReadTextFile(path));
+    j = ParseJsonBounded(ReadTextFile(path));
   } catch (const json::exception& e) {
     Fail(path, ": malformed JSON: ", e.what());
   }
