@@ -87,6 +87,34 @@ void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::st
 
 namespace {
 using Clock = std::chrono::steady_clock;
+
+// Host scratch in pinned memory: the per-layer copies between GPU and host (q, partials, scores,
+// lse) go by DMA at once instead of through the driver's staging buffer. Contents are dropped when
+// it grows; a copy into or out of it must be waited for before it is reused.
+class PinnedFloats {
+ public:
+  PinnedFloats() = default;
+  PinnedFloats(const PinnedFloats&) = delete;
+  PinnedFloats& operator=(const PinnedFloats&) = delete;
+  ~PinnedFloats() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  float* Get(size_t n) {
+    if (n > n_) {
+      if (p_ != nullptr) NEEDLE_CUDA_CHECK(cudaFreeHost(p_));
+      p_ = nullptr;
+      void* p = nullptr;
+      NEEDLE_CUDA_CHECK(cudaMallocHost(&p, std::max<size_t>(n, 1) * sizeof(float)));
+      p_ = static_cast<float*>(p), n_ = n;
+    }
+    return p_;
+  }
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
@@ -180,13 +208,13 @@ struct HybridAttention::Impl final : PlanExecutor {
     CopyBlocks(staging, 0, host, layer, a.pos0 / B, (end + B - 1) / B, cudaMemcpyDeviceToHost);
     // The planner reads the queries of the prompt's observation window and its last query.
     const int64_t HD = a.heads * a.head_dim;
-    q_host.resize(static_cast<size_t>(a.T * HD));
+    float* q_host = q_pin.Get(static_cast<size_t>(a.T * HD));
     if (call_end - end < c.obs_window || step.last_of_call) {
       const int64_t t0 = std::max<int64_t>(0, a.T - c.obs_window);
-      D2H(q_host.data() + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
+      D2H(q_host + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
     }
     Sync(nullptr);
-    planner.Attend(layer, q_host.data(), a, host, out_dev);
+    planner.Attend(layer, q_host, a, host, out_dev);
     if (step.last_of_call) {
       // The first decode step's Initial and Local blocks go to the layer's ring.
       const int64_t init_b = std::min(c.init_end() / B, (end + B - 1) / B);
@@ -257,8 +285,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
     if (lse != nullptr) {
       const auto t = Clock::now();
-      D2H(lse, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
+      float* pin = lse_pin.Get(static_cast<size_t>(a.T * a.heads));
+      D2H(pin, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
       Sync(nullptr);
+      std::copy_n(pin, a.T * a.heads, lse);
       if (step.call_T == 1) stats.gpu_wait += Since(t);
     }
   }
@@ -276,16 +306,16 @@ struct HybridAttention::Impl final : PlanExecutor {
     cuda::Attention(q_dev, v, a2, g_out, g_lse, sm, ws, stream);
     // CPU: the selected Context blocks.
     auto t = Clock::now();
-    cpu_part.resize(static_cast<size_t>(HD + a.heads));
-    fast::AttendBlocks(q, kv, a, plan.blocks, cpu_part.data(), cpu_part.data() + HD, &block_stats,
-                       tc);
+    float* cpu_part = part_pin.Get(static_cast<size_t>(HD + 2 * a.heads));
+    fast::AttendBlocks(q, kv, a, plan.blocks, cpu_part, cpu_part + HD, &block_stats, tc);
     stats.cpu_attend += Since(t);
     t = Clock::now();
-    H2D(c_out, cpu_part.data(), cpu_part.size() * 4);
+    H2D(c_out, cpu_part, static_cast<size_t>(HD + a.heads) * 4);
     cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, m_lse, stream);
-    D2H(lse, m_lse, static_cast<size_t>(a.heads) * 4);
+    D2H(cpu_part + HD + a.heads, m_lse, static_cast<size_t>(a.heads) * 4);
     stats.copies += Since(t);
     Sync(&stats.gpu_wait);
+    std::copy_n(cpu_part + HD + a.heads, a.heads, lse);
     if (mass == nullptr) return false;
     fast::BlockMassFromStats(block_stats, lse, a.heads / a.kv_heads, plan.blocks, mass);
     return true;
@@ -314,14 +344,15 @@ struct HybridAttention::Impl final : PlanExecutor {
       b = e;
     }
     const bool quest = reps.type() == ReprType::kQuest;
-    q_group.resize(static_cast<size_t>(2 * Hk * D));
-    GroupQueries(a, quest, q_group.data(), q_group.data() + Hk * D);
+    float* q_group = group_pin.Get(static_cast<size_t>(2 * Hk * D + Hk * a.n));
+    GroupQueries(a, quest, q_group, q_group + Hk * D);
     float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * a.n));
-    H2D(d, q_group.data(), q_group.size() * 4);
+    H2D(d, q_group, static_cast<size_t>(2 * Hk * D) * 4);
     cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, a.n, Hk, D, d, d + Hk * D,
                       d + 2 * Hk * D, stream);
-    D2H(scores, d + 2 * Hk * D, static_cast<size_t>(Hk * a.n) * 4);
+    D2H(q_group + 2 * Hk * D, d + 2 * Hk * D, static_cast<size_t>(Hk * a.n) * 4);
     Sync(nullptr);
+    std::copy_n(q_group + 2 * Hk * D, Hk * a.n, scores);
     return true;
   }
 
@@ -340,7 +371,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
   KVCache* model_cache = nullptr;
-  std::vector<float> q_host, cpu_part;
+  PinnedFloats q_pin, part_pin, group_pin, lse_pin;
   std::vector<int32_t> table_host;
   int64_t table_lb = -1, table_pb = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
@@ -349,7 +380,6 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<float> block_stats;               // AttendBlocks' per-block sums
   uint8_t* reps_dev = nullptr;                  // [layer][block][kv_head][R][D], the store's layout
   std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
-  std::vector<float> q_group;
   cuda::GrowBuffer score_buf{"hybrid block scores"};
   HybridStats stats;
 };
@@ -415,12 +445,12 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   // (The copies wait for the layer's projections: counted as waiting for the GPU.)
   if (!dense) x.RowToHost(layer, a.pos0);
   const int64_t HD = a.heads * a.head_dim;
-  x.q_host.resize(static_cast<size_t>(HD));
-  x.D2H(x.q_host.data(), q, static_cast<size_t>(HD) * 4);
+  float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
+  x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
   x.Sync(&x.stats.gpu_wait);
   const auto t = Clock::now();
   const double before = x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait;
-  x.planner.Attend(layer, x.q_host.data(), a, x.host, out);
+  x.planner.Attend(layer, q_host, a, x.host, out);
   x.stats.plan += Since(t) - (x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait - before);
 }
 
