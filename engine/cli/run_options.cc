@@ -198,29 +198,40 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
 
   rs.tc = std::make_unique<ThreadingContext>(limits.threads);
   rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
+  const std::string kvs = opt.Str("kv-type");
+  // The hybrid's GPU budget is checked with the weights in host memory, before any is copied.
+  const BeforeUpload fits = [&](const ModelConfig& m, const ModelWeights& w) {
+    SequenceOptions so;
+    so.ctx = ctx;
+    so.kv_type = kvs == "auto" ? w.dtype : ParseKVType(kvs, "--kv-type");
+    so.gpu_memory = limits.gpu_memory;
+    so.ubatch = limits.ubatch;
+    CheckSequenceFits(*rs.backend, m, w,
+                      opt.Str("attention") == "sparse" ? &rs.sparse_cfg : nullptr, so);
+  };
   if (opt.Flag("dummy-weights")) {
     const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
     // A 7B model's random weights take a minute and 15 GB: say so, and how far it got (every
     // tenth, on one line on a terminal).
     const bool tty = ::isatty(STDERR_FILENO) != 0;
     int shown = -1;
-    rs.model = MakeDummyModel(cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"),
-                              *rs.backend, *rs.tc, [&](size_t done, size_t total) {
-                                const int tenth = total ? static_cast<int>(10 * done / total) : 10;
-                                if (tenth == shown) return;
-                                shown = tenth;
-                                std::fprintf(
-                                    stderr,
-                                    tty ? "\rneedle: random weights (--dummy-weights): %d%% of %s"
-                                        : "needle: random weights (--dummy-weights): %d%% of %s\n",
-                                    10 * tenth, FormatBytes(total).c_str());
-                                if (tty && tenth == 10) std::fprintf(stderr, "\n");
-                              });
+    rs.model = MakeDummyModel(
+        cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), *rs.backend, *rs.tc,
+        [&](size_t done, size_t total) {
+          const int tenth = total ? static_cast<int>(10 * done / total) : 10;
+          if (tenth == shown) return;
+          shown = tenth;
+          std::fprintf(stderr,
+                       tty ? "\rneedle: random weights (--dummy-weights): %d%% of %s"
+                           : "needle: random weights (--dummy-weights): %d%% of %s\n",
+                       10 * tenth, FormatBytes(total).c_str());
+          if (tty && tenth == 10) std::fprintf(stderr, "\n");
+        },
+        fits);
   } else {
-    rs.model = LoadModel(model_path, *rs.backend);
+    rs.model = LoadModel(model_path, *rs.backend, fits);
   }
   rs.model->set_ubatch(limits.ubatch);
-  const std::string kvs = opt.Str("kv-type");
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
   const KVCacheShape shape = rs.model->CacheShape(ctx, rs.kv_type, rs.sparse_cfg.block_size);
   std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",

@@ -249,18 +249,22 @@ void Model::RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool al
     b_.ToHost(buf.logits.get(), static_cast<size_t>(V), logits_host);
 }
 
-std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend) {
+std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend,
+                                 const BeforeUpload& before_upload) {
   ModelConfig cfg = LoadModelConfig(dir + "/config.json");
   MergeGenerationConfig(dir + "/generation_config.json", &cfg);
   ModelWeights w = LoadWeights(dir, cfg);
+  if (before_upload) before_upload(cfg, w);
   return std::make_unique<Model>(std::move(cfg), std::move(w), backend);
 }
 
 std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
                                       ThreadingContext& tc,
-                                      const std::function<void(size_t, size_t)>& progress) {
+                                      const std::function<void(size_t, size_t)>& progress,
+                                      const BeforeUpload& before_upload) {
   ModelConfig cfg = LoadModelConfig(config_path);
   ModelWeights w = MakeDummyWeights(cfg, dtype, 1234, tc, progress);
+  if (before_upload) before_upload(cfg, w);
   return std::make_unique<Model>(std::move(cfg), std::move(w), backend);
 }
 

@@ -156,11 +156,16 @@ class Model {
 };
 
 // Loads config.json (+ generation_config.json) and the safetensors weights of a model folder.
-std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend);
+// before_upload (optional) sees the configuration and the weights in host memory before the
+// backend copies them anywhere: the place to refuse what will not fit (the hybrid's GPU budget).
+using BeforeUpload = std::function<void(const ModelConfig&, const ModelWeights&)>;
+std::unique_ptr<Model> LoadModel(const std::string& dir, Backend& backend,
+                                 const BeforeUpload& before_upload = nullptr);
 // Builds a model of config.json's shapes with random weights of `dtype`.
 // progress: as MakeDummyWeights's.
-std::unique_ptr<Model> MakeDummyModel(
-    const std::string& config_path, DType dtype, Backend& backend, ThreadingContext& tc,
-    const std::function<void(size_t, size_t)>& progress = nullptr);
+std::unique_ptr<Model> MakeDummyModel(const std::string& config_path, DType dtype, Backend& backend,
+                                      ThreadingContext& tc,
+                                      const std::function<void(size_t, size_t)>& progress = nullptr,
+                                      const BeforeUpload& before_upload = nullptr);
 
 }  // namespace needle

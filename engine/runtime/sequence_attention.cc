@@ -7,7 +7,6 @@
 
 namespace needle {
 
-namespace {
 size_t WeightBytes(const ModelWeights& w) {
   size_t n = w.embed.nbytes() + w.final_norm.nbytes();
   if (w.lm_head.data != w.embed.data) n += w.lm_head.nbytes();
@@ -18,7 +17,19 @@ size_t WeightBytes(const ModelWeights& w) {
       n += x->nbytes();
   return n;
 }
-}  // namespace
+void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeights& w,
+                       const SparseConfig* sparse, const SequenceOptions& o) {
+  if (sparse == nullptr || backend.kv_memory() == nullptr) return;
+#ifdef NEEDLE_HAVE_CUDA
+  const size_t weights = WeightBytes(w);
+  const size_t budget = o.gpu_memory != 0 ? o.gpu_memory : backend.kv_memory()->AvailableBytes();
+  // The residual stream of a prompt may live in host memory: the smaller need is the one checked.
+  CheckHybridBudget(HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, false), budget,
+                    o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory");
+#else
+  (void)m, (void)w, (void)o;
+#endif
+}
 
 SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse,
                                         ThreadingContext& tc, const SequenceOptions& o) {

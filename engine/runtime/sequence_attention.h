@@ -34,6 +34,15 @@ struct SequenceOptions {
   int64_t ubatch = 512;
 };
 
+// The bytes of a model's weights (what a GPU backend copies to device memory).
+size_t WeightBytes(const ModelWeights& w);
+
+// Before the weights go to the GPU: throws Error naming every number when the hybrid engine (a
+// GPU backend with sparse attention) cannot fit a `o.ctx`-token context, weights included, in
+// o.gpu_memory (0: the GPU's free memory now). Nothing for other placements.
+void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeights& w,
+                       const SparseConfig* sparse, const SequenceOptions& o);
+
 // sparse: null for dense attention. Throws Error naming the numbers when the context does not
 // fit the memory budgets (before allocating the caches).
 SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse,
