@@ -25,6 +25,7 @@
 #include "engine/backend/backend.h"
 #include "tests/backend_test_util.h"
 #include "tests/fixture_util.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
@@ -33,16 +34,6 @@
 
 namespace needle {
 namespace {
-
-#ifdef NEEDLE_HAVE_CUDA
-#define NEEDLE_REQUIRE_GPU(var)                                  \
-  std::string why_;                                              \
-  if (!CudaAvailable(&why_)) GTEST_SKIP() << "no GPU: " << why_; \
-  auto var = MakeCudaBackend(0);
-#else
-#define NEEDLE_REQUIRE_GPU(var) \
-  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
-#endif
 
 #ifdef NEEDLE_HAVE_CUDA
 using test::Download;

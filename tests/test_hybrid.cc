@@ -25,6 +25,7 @@
 #include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/block_mass.h"
 #include "tests/fixture_util.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
@@ -35,16 +36,6 @@
 
 namespace needle {
 namespace {
-
-#ifdef NEEDLE_HAVE_CUDA
-#define NEEDLE_REQUIRE_GPU(var)                                  \
-  std::string why_;                                              \
-  if (!CudaAvailable(&why_)) GTEST_SKIP() << "no GPU: " << why_; \
-  auto var = MakeCudaBackend(0);
-#else
-#define NEEDLE_REQUIRE_GPU(var) \
-  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
-#endif
 
 // Ring layers keep their pinned blocks, cycle the rest through ring_blocks slots, and forget
 // (table entry -1) the block whose slot was taken; other layers are untouched.

@@ -156,6 +156,19 @@ struct Scratch {
   std::vector<KeySpan> spans;
 };
 
+// This thread's scratch, large enough for a block of G heads' scores (and int8 tiles). Reused
+// across calls: growing a buffer zero-fills it, which would cost more than the work.
+HWY_INLINE Scratch& ThreadScratch(const KVLayerView& kv, int64_t G) {
+  thread_local Scratch sc;
+  const size_t B = static_cast<size_t>(kv.block_size), D = static_cast<size_t>(kv.head_dim);
+  if (sc.scores.size() < static_cast<size_t>(G) * B) sc.scores.resize(static_cast<size_t>(G) * B);
+  if (kv.dtype == DType::kI8 && sc.k.size() < B * D) {
+    sc.k.resize(B * D);
+    sc.v.resize(B * D);
+  }
+  return sc;
+}
+
 // Folds keys [b, e) of KV head h (any storage type) block piece by block piece.
 // stats (optional, [G][2]): the sums of the last piece folded (a whole block when [b, e) is one).
 HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e, const float* q,
@@ -199,7 +212,7 @@ void KVRowsToF32Impl(const KVLayerView& kv, bool values, int64_t h, int64_t b, i
 
 void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
                    float* out, float* lse, ThreadingContext& tc) {
-  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
+  const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads;
   const int64_t items = a.T * Hk;
   // Keys per item (for the split decision) and the largest.
   int64_t max_keys = 0;
@@ -221,13 +234,7 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   std::vector<float> pbuf(static_cast<size_t>(items * splits * G * D));
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
   tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
-    // Reused across calls: growing a buffer zero-fills it, which would cost more than the work.
-    thread_local Scratch sc;
-    if (sc.scores.size() < static_cast<size_t>(G * B)) sc.scores.resize(static_cast<size_t>(G * B));
-    if (kv.dtype == DType::kI8 && sc.k.size() < static_cast<size_t>(B * D)) {
-      sc.k.resize(static_cast<size_t>(B * D));
-      sc.v.resize(static_cast<size_t>(B * D));
-    }
+    Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {
       const int64_t sp = static_cast<int64_t>(w) % splits, item = static_cast<int64_t>(w) / splits;
       const int64_t t = item / Hk, h = item % Hk;
@@ -286,12 +293,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   std::vector<float> pbuf(items.size() * static_cast<size_t>(G * D));
   std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
-    thread_local Scratch sc;
-    if (sc.scores.size() < static_cast<size_t>(G * B)) sc.scores.resize(static_cast<size_t>(G * B));
-    if (kv.dtype == DType::kI8 && sc.k.size() < static_cast<size_t>(B * D)) {
-      sc.k.resize(static_cast<size_t>(B * D));
-      sc.v.resize(static_cast<size_t>(B * D));
-    }
+    Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {
       const Item& it = items[w];
       PartialAttention* p = &parts[w * G];
