@@ -39,6 +39,10 @@ case "$H" in
   *) echo "fuzz.sh: unknown harness '$H'" >&2; exit 1 ;;
 esac
 PAR=()
-[ "$JOBS" -gt 1 ] && PAR=(-jobs="$JOBS" -workers="$JOBS")  # logs: fuzz-N.log in the current folder
-exec "$B/fuzz/fuzz_$H" "$CORPUS" -dict=fuzz/json.dict -max_total_time="$SECS" "${PAR[@]}" \
-  -artifact_prefix="$B/findings/$H/" -print_final_stats=1 -rss_limit_mb=4096 -max_len=1048576
+[ "$JOBS" -gt 1 ] && PAR=(-jobs="$JOBS" -workers="$JOBS")
+# Parallel jobs write fuzz-N.log into the current folder: run in build-fuzz/logs/HARNESS.
+R=$PWD
+mkdir -p "$B/logs/$H" && cd "$B/logs/$H"
+exec "$R/$B/fuzz/fuzz_$H" "$R/$CORPUS" -dict="$R/fuzz/json.dict" -max_total_time="$SECS" \
+  "${PAR[@]}" -artifact_prefix="$R/$B/findings/$H/" -print_final_stats=1 -rss_limit_mb=4096 \
+  -max_len=1048576
