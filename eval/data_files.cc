@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "engine/base/error.h"
+#include "engine/base/json_parse.h"
 
 namespace needle::eval {
 
@@ -225,7 +226,7 @@ std::vector<EvalResult> ReadResults(const std::string& path) {
     ++n;
     if (line.empty()) continue;
     try {
-      out.push_back(FromJson(json::parse(line)));
+      out.push_back(FromJson(ParseJsonBounded(line)));
     } catch (const json::exception&) {
       Fail(path, ":", n, ": malformed result line (delete it to rerun that sample)");
     }

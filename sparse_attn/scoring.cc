@@ -25,13 +25,12 @@ namespace hn = hwy::HWY_NAMESPACE;
 template <typename RT>
 void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
             ThreadingContext& tc) {
-  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, R = reps.rows();
+  const int64_t D = a.head_dim, Hk = a.kv_heads, R = reps.rows();
   const bool quest = reps.type() == ReprType::kQuest;
   // Per KV head: qa [Hk, D] = sum of the group's queries (or of their positive parts for Quest),
   // qb [Hk, D] = sum of their negative parts (Quest only).
   std::vector<float> qa(static_cast<size_t>(Hk * D)), qb(static_cast<size_t>(Hk * D));
   GroupQueries(a, quest, qa.data(), qb.data());
-  (void)G;
   tc.ParallelFor(static_cast<size_t>(a.n), 64, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));

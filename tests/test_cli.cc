@@ -21,10 +21,11 @@ struct Result {
 };
 
 // stdout and stderr together, or stdout alone.
-Result RunNeedle(const std::string& args, bool with_stderr = true) {
+// env: assignments put before the command (VAR=value ...).
+Result RunNeedle(const std::string& args, bool with_stderr = true, const std::string& env = "") {
   Result r;
-  const std::string cmd =
-      std::string(NEEDLE_BINARY) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+  const std::string cmd = env + (env.empty() ? "" : " ") + std::string(NEEDLE_BINARY) + " " + args +
+                          (with_stderr ? " 2>&1" : " 2>/dev/null");
   FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) return r;
   std::array<char, 4096> buf;
@@ -456,15 +457,9 @@ TEST(Cli, HelpAndCpuRunsLoadNoCudaLibrary) {
   for (const std::string& args : {std::string("--help"), "generate --device cpu -m " + kFx +
                                                              "/qwen2_bias_gqa7_f32 "
                                                              "--prompt-ids 5,6 -n 1"}) {
-    const std::string cmd = "LD_DEBUG=libs " + std::string(NEEDLE_BINARY) + " " + args + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    std::string out;
-    std::array<char, 4096> buf;
-    size_t n;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-    const int st = pclose(p);
-    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << out.substr(out.size() - 500);
+    const Result r = RunNeedle(args, true, "LD_DEBUG=libs");
+    const std::string& out = r.output;
+    EXPECT_EQ(r.status, 0) << out.substr(out.size() - 500);
     EXPECT_NE(out.find("libtbb"), std::string::npos) << "LD_DEBUG printed nothing";
     for (const char* lib : {"libcublas", "libcudart.so", "libcuda.so"})
       EXPECT_EQ(out.find(lib), std::string::npos) << args << " loaded " << lib;

@@ -101,12 +101,6 @@ TEST(DataFiles, Predictions) {
                               {bad + ":1", "no string field 'prediction'"});
 }
 
-}  // namespace
-}  // namespace needle
-
-namespace needle {
-namespace {
-
 // The resume reader: values of the wrong type (a float where the runner writes an integer, one
 // out of range) are the error that names the line, not undefined behaviour.
 TEST(DataFiles, ResultsWithWrongTypesAreNamedErrors) {

@@ -125,7 +125,6 @@ struct HybridAttention::Impl final : PlanExecutor {
        int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_)
       : m(m_),
         c(c_),
-        gpu(gpu_),
         tc(tc_),
         stream(CudaBackendStream(gpu_)),
         cpu(MakeCpuBackend(tc_, false)),
@@ -158,9 +157,9 @@ struct HybridAttention::Impl final : PlanExecutor {
     return KVCacheShape(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv);
   }
 
-  bool Dense(int64_t layer, const AttnArgs& a) const {
-    return layer < c.dense_layers || a.window > 0;
-  }
+  bool Dense(int64_t layer) const { return HybridDenseLayer(m, c, layer); }
+  // Host time spent inside the executor (not the planner's own).
+  double ExecutorTime() const { return stats.cpu_attend + stats.copies + stats.gpu_wait; }
   void Sync(double* into) {
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -277,9 +276,9 @@ struct HybridAttention::Impl final : PlanExecutor {
     AttnArgs a2 = a;
     KVLayerView v;
     if (step.call_T > 1)
-      v = Dense(layer, a) ? model_cache->Layer(layer) : staging.Layer(0);
+      v = Dense(layer) ? model_cache->Layer(layer) : staging.Layer(0);
     else
-      v = Dense(layer, a) ? model_cache->Layer(layer) : WindowView(layer, a, &a2);
+      v = Dense(layer) ? model_cache->Layer(layer) : WindowView(layer, a, &a2);
     float* lse_dev =
         lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
     cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
@@ -358,7 +357,6 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   const ModelConfig& m;
   SparseConfig c;
-  Backend& gpu;
   ThreadingContext& tc;
   cudaStream_t stream;
   std::unique_ptr<Backend> cpu;
@@ -432,7 +430,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   x.q_dev = q;
   x.out_dev = out;
   x.model_cache = &cache;
-  const bool dense = x.Dense(layer, a);
+  const bool dense = x.Dense(layer);
   if (a.T > 1 || x.step.call_T > 1) {
     if (dense) {  // dense layers of a prompt: the GPU alone, no planning
       cuda::Attention(q, cache.Layer(layer), a, out, nullptr, x.sm, x.ws, x.stream);
@@ -449,9 +447,9 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
   x.Sync(&x.stats.gpu_wait);
   const auto t = Clock::now();
-  const double before = x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait;
+  const double before = x.ExecutorTime();
   x.planner.Attend(layer, q_host, a, x.host, out);
-  x.stats.plan += Since(t) - (x.stats.cpu_attend + x.stats.copies + x.stats.gpu_wait - before);
+  x.stats.plan += Since(t) - (x.ExecutorTime() - before);
 }
 
 }  // namespace needle

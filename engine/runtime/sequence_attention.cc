@@ -7,21 +7,11 @@
 
 namespace needle {
 
-size_t WeightBytes(const ModelWeights& w) {
-  size_t n = w.embed.nbytes() + w.final_norm.nbytes();
-  if (w.lm_head.data != w.embed.data) n += w.lm_head.nbytes();
-  for (const LayerWeights& L : w.layers)
-    for (const Weight* x :
-         {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.bo, &L.q_norm,
-          &L.k_norm, &L.mlp_norm, &L.w_gate, &L.w_up, &L.w_down, &L.b_gate, &L.b_up, &L.b_down})
-      n += x->nbytes();
-  return n;
-}
 void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeights& w,
                        const SparseConfig* sparse, const SequenceOptions& o) {
   if (sparse == nullptr || backend.kv_memory() == nullptr) return;
 #ifdef NEEDLE_HAVE_CUDA
-  const size_t weights = WeightBytes(w);
+  const size_t weights = w.TotalBytes();
   const size_t budget = o.gpu_memory != 0 ? o.gpu_memory : backend.kv_memory()->AvailableBytes();
   // The residual stream of a prompt may live in host memory: the smaller need is the one checked.
   CheckHybridBudget(HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, false), budget,
@@ -51,7 +41,7 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   }
 #ifdef NEEDLE_HAVE_CUDA
   const ModelConfig& m = model.config();
-  const size_t weights = WeightBytes(model.weights());
+  const size_t weights = model.weights().TotalBytes();
   const size_t budget =
       o.gpu_memory != 0 ? o.gpu_memory : b.kv_memory()->AvailableBytes() + weights;
   const std::string name = o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory";

@@ -34,9 +34,6 @@ struct SequenceOptions {
   int64_t ubatch = 512;
 };
 
-// The bytes of a model's weights (what a GPU backend copies to device memory).
-size_t WeightBytes(const ModelWeights& w);
-
 // Before the weights go to the GPU: throws Error naming every number when the hybrid engine (a
 // GPU backend with sparse attention) cannot fit a `o.ctx`-token context, weights included, in
 // o.gpu_memory (0: the GPU's free memory now). Nothing for other placements.
