@@ -5,18 +5,24 @@
 //           Initial + 32 blocks + Local 4096)
 //   scoring the scoring scan alone;  blocks  the block attention alone (the step's plan)
 //   dense   dense CPU attention over the same cache
+//   context_blocks[_idle]  the hybrid engine's CPU side: topk random Context blocks per KV head
+//           (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call
 // For each: milliseconds, bytes touched (each byte the step must read once), achieved GB/s and
 // the fraction of the DRAM read bandwidth measured in the same run. A summary table with the
 // sparse-over-dense speedup closes the output.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "bench/bench_util.h"
+#include "engine/cpu/ops.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -90,6 +96,7 @@ Setup& GetSetup(int64_t ctx, int64_t heads, int64_t kv_heads) {
 struct Row {
   double sparse_ms = 0, dense_ms = 0, scoring_ms = 0, blocks_ms = 0;
   double sparse_bytes = 0, dense_bytes = 0, scoring_bytes = 0, blocks_bytes = 0;
+  double ctx_ms = 0, ctx_idle_ms = 0, ctx_bytes = 0, ctx_idle_bytes = 0;  // ContextBlocks
 };
 std::map<std::pair<int64_t, int64_t>, Row> g_rows;  // (ctx, heads)
 
@@ -155,6 +162,47 @@ void BM_BlockAttention(benchmark::State& state) {
   Report(state, tokens * 128 * 2 * 2, nullptr, &g_rows[{s.ctx, s.heads}].blocks_bytes);
 }
 
+// The hybrid engine's CPU side (fast::AttendBlocks): topk Context blocks per KV head and nothing
+// else, a different random set at each call (64 sets, cycled, so the selected blocks come from
+// DRAM and not from the last call's cache lines). idle_us > 0: the threads sleep that long before
+// each call (untimed), as they do while the GPU computes a layer; the time then includes waking
+// them.
+void ContextBlocks(benchmark::State& state, int idle_us) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  const SparseConfig sc;
+  const int64_t first = sc.init_end() / sc.block_size, nb = ContextBlocks(s);
+  std::vector<std::vector<std::vector<int32_t>>> sets(64);
+  uint64_t x = 0x2545f4914f6cdd1dull;
+  for (auto& set : sets) {
+    set.assign(static_cast<size_t>(s.kv_heads), {});
+    for (auto& hb : set) {
+      while (static_cast<int64_t>(hb.size()) < std::min(sc.topk, nb)) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        const auto b = static_cast<int32_t>(first + static_cast<int64_t>(x % nb));
+        if (std::find(hb.begin(), hb.end(), b) == hb.end()) hb.push_back(b);
+      }
+      std::sort(hb.begin(), hb.end());
+    }
+  }
+  std::vector<float> lse(s.heads), stats;
+  size_t i = 0;
+  for (auto _ : state) {
+    if (idle_us > 0) {
+      state.PauseTiming();
+      std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
+      state.ResumeTiming();
+    }
+    fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
+                       lse.data(), &stats, BenchContext());
+  }
+  Row& r = g_rows[{s.ctx, s.heads}];
+  Report(state,
+         static_cast<double>(std::min(sc.topk, nb) * sc.block_size * s.kv_heads) * 128 * 2 * 2,
+         nullptr, idle_us > 0 ? &r.ctx_idle_bytes : &r.ctx_bytes);
+}
+void BM_ContextBlocks(benchmark::State& state) { ContextBlocks(state, 0); }
+void BM_ContextBlocksIdle(benchmark::State& state) { ContextBlocks(state, 300); }
+
 void BM_DenseStep(benchmark::State& state) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
   for (auto _ : state)
@@ -171,6 +219,8 @@ void RegisterAll() {
            {std::pair<const char*, void (*)(benchmark::State&)>{"sparse_step", BM_SparseStep},
             {"scoring_scan", BM_ScoringScan},
             {"block_attention", BM_BlockAttention},
+            {"context_blocks", BM_ContextBlocks},
+            {"context_blocks_idle", BM_ContextBlocksIdle},
             {"dense_step", BM_DenseStep}})
         benchmark::RegisterBenchmark(name, fn)
             ->Args({ctx, h, kvh})
@@ -194,6 +244,8 @@ class Collector : public benchmark::ConsoleReporter {
       if (n.rfind("dense_step", 0) == 0) row.dense_ms = ms;
       if (n.rfind("scoring_scan", 0) == 0) row.scoring_ms = ms;
       if (n.rfind("block_attention", 0) == 0) row.blocks_ms = ms;
+      if (n.rfind("context_blocks/", 0) == 0) row.ctx_ms = ms;
+      if (n.rfind("context_blocks_idle/", 0) == 0) row.ctx_idle_ms = ms;
     }
   }
 };
@@ -210,19 +262,22 @@ int main(int argc, char** argv) {
   const double peak = MeasuredReadBandwidth();
   std::printf("\nsummary (threads %d, measured DRAM read %.1f GB/s)\n", BenchContext().threads(),
               peak / 1e9);
-  std::printf("%8s %6s | %9s %7s | %9s %7s | %9s %7s | %9s %7s | %8s\n", "context", "heads",
-              "sparse ms", "GB/s", "score ms", "of_pk", "blocks ms", "of_pk", "dense ms", "of_pk",
-              "speedup");
+  std::printf("%8s %6s | %9s %7s | %9s %7s | %9s %7s | %9s %7s | %8s | %8s %6s %8s %6s\n",
+              "context", "heads", "sparse ms", "GB/s", "score ms", "of_pk", "blocks ms", "of_pk",
+              "dense ms", "of_pk", "speedup", "ctx ms", "of_pk", "idle ms", "of_pk");
   for (auto& [key, r] : g_rows) {
     if (r.sparse_ms == 0 || r.dense_ms == 0) continue;
     auto gbs = [](double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; };
     std::printf(
-        "%8ld %3ld/%-2ld | %9.3f %7.1f | %9.3f %7.2f | %9.3f %7.2f | %9.2f %7.2f | %7.1fx\n",
+        "%8ld %3ld/%-2ld | %9.3f %7.1f | %9.3f %7.2f | %9.3f %7.2f | %9.2f %7.2f | %7.1fx | "
+        "%8.3f %6.2f %8.3f %6.2f\n",
         key.first, key.second, key.second == 32 ? 8L : 4L, r.sparse_ms,
         gbs(r.sparse_bytes, r.sparse_ms), r.scoring_ms,
         gbs(r.scoring_bytes, r.scoring_ms) * 1e9 / peak, r.blocks_ms,
         gbs(r.blocks_bytes, r.blocks_ms) * 1e9 / peak, r.dense_ms,
-        gbs(r.dense_bytes, r.dense_ms) * 1e9 / peak, r.dense_ms / r.sparse_ms);
+        gbs(r.dense_bytes, r.dense_ms) * 1e9 / peak, r.dense_ms / r.sparse_ms, r.ctx_ms,
+        gbs(r.ctx_bytes, r.ctx_ms) * 1e9 / peak, r.ctx_idle_ms,
+        gbs(r.ctx_idle_bytes, r.ctx_idle_ms) * 1e9 / peak);
   }
   return 0;
 }

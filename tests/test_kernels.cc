@@ -186,7 +186,8 @@ INSTANTIATE_TEST_SUITE_P(
                           AttnCase{37, 0, 8, 1, 128, 0, 16},    // prefill, GQA 8, small blocks
                           AttnCase{5, 300, 4, 1, 64, 64, 32},   // sliding window
                           AttnCase{9, 130, 6, 2, 72, 0, 50},    // head_dim 72, odd block
-                          AttnCase{3, 5, 2, 2, 6, 0, 4}),       // tiny head_dim
+                          AttnCase{3, 5, 2, 2, 6, 0, 4},        // tiny head_dim
+                          AttnCase{2, 400, 12, 1, 80, 0, 32}),  // GQA 12: two head tiles
         ::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kI8), ::testing::Bool()));
 
 TEST(Kernels, Int8KVQuantisationError) {

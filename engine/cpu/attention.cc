@@ -16,6 +16,7 @@
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"
+#include "hwy/cache_control.h"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 
@@ -31,33 +32,95 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr int64_t kMinSplitKeys = 512;  // never split an item's keys finer than this
 
-// s[g, j0 + r] = scale * q_g . k_{j0 + r} for GG heads starting at g0 and RJ rows starting at j0:
-// a register tile of GG x RJ accumulators; each key vector load serves GG heads, each query
-// vector load RJ keys.
-template <int GG, int RJ, typename KT>
-HWY_INLINE void ScoreTile(const float* HWY_RESTRICT q, int64_t g0, const KT* HWY_RESTRICT k,
-                          int64_t j0, int64_t D, int64_t n, float scale, float* HWY_RESTRICT s) {
-  const hn::ScalableTag<float> df;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  hn::Vec<decltype(df)> acc[GG][RJ];
-  for (int g = 0; g < GG; ++g)
-    for (int r = 0; r < RJ; ++r) acc[g][r] = hn::Zero(df);
-  int64_t d = 0;
-  for (; d + L <= D; d += L) {
-    hn::Vec<decltype(df)> kv[RJ];
-    for (int r = 0; r < RJ; ++r) kv[r] = LoadF32(df, k + (j0 + r) * D + d);
-    for (int g = 0; g < GG; ++g) {
-      const auto qv = hn::LoadU(df, q + (g0 + g) * D + d);
-      for (int r = 0; r < RJ; ++r) acc[g][r] = hn::MulAdd(qv, kv[r], acc[g][r]);
+// The next block piece a fold will read (K and V rows of `rows` x `row_bytes`), fetched into the
+// cache while the current one computes: the kernel is compute-bound per core, so without it each
+// piece would wait for DRAM and then compute, instead of both at once.
+struct NextRows {
+  const uint8_t* k = nullptr;
+  const uint8_t* v = nullptr;
+  int64_t rows = 0, row_bytes = 0;
+  HWY_INLINE void Fetch(int64_t r) const {
+    if (r >= rows) return;
+    for (int64_t o = 0; o < row_bytes; o += 64) {
+      hwy::Prefetch(k + r * row_bytes + o);
+      hwy::Prefetch(v + r * row_bytes + o);
     }
   }
-  for (int g = 0; g < GG; ++g)
-    for (int r = 0; r < RJ; ++r) {
-      float t = ReduceF32(df, acc[g][r]);
-      for (int64_t dd = d; dd < D; ++dd)
-        t += q[(g0 + g) * D + dd] * ScalarF32(k[(j0 + r) * D + dd]);
-      s[(g0 + g) * n + j0 + r] = t * scale;
+};
+
+// Lane i of the result = the sum of the lanes of v[i], for L = Lanes(df) vectors v[0 .. L) (which
+// it overwrites): a tree of pairwise even/odd sums, 3(L - 1) operations for L dot products
+// instead of a horizontal reduction each.
+template <class DF>
+HWY_INLINE hn::Vec<DF> SumEach(DF df, hn::Vec<DF>* HWY_RESTRICT v) {
+#if HWY_TARGET == HWY_SCALAR
+  return v[0];
+#else
+  for (size_t n = hn::Lanes(df); n > 1; n /= 2)
+    for (size_t i = 0; i < n / 2; ++i)
+      v[i] = hn::Add(hn::ConcatEven(df, v[2 * i + 1], v[2 * i]),
+                     hn::ConcatOdd(df, v[2 * i + 1], v[2 * i]));
+  return v[0];
+#endif
+}
+
+// The lane-wise products q_g . k over D channels of GG heads q [GG, D] (rows D apart) with one
+// key row k [D]: acc[g] holds head g's partial sums by lane (summed across lanes later). Each
+// key vector is widened once and serves every head.
+template <int GG, class DF, typename KT>
+HWY_INLINE void KeyProducts(DF df, const float* HWY_RESTRICT q, const KT* HWY_RESTRICT k, int64_t D,
+                            hn::Vec<DF>* HWY_RESTRICT acc) {
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  hn::Vec<DF> a[GG], b[GG];  // two chains per head (even / odd vectors of channels)
+  for (int g = 0; g < GG; ++g) a[g] = b[g] = hn::Zero(df);
+  int64_t d = 0;
+  for (; d + 2 * L <= D; d += 2 * L) {
+    const auto k0 = LoadF32(df, k + d), k1 = LoadF32(df, k + d + L);
+    for (int g = 0; g < GG; ++g) {
+      a[g] = hn::MulAdd(hn::LoadU(df, q + g * D + d), k0, a[g]);
+      b[g] = hn::MulAdd(hn::LoadU(df, q + g * D + d + L), k1, b[g]);
     }
+  }
+  for (; d + L <= D; d += L) {
+    const auto k0 = LoadF32(df, k + d);
+    for (int g = 0; g < GG; ++g) a[g] = hn::MulAdd(hn::LoadU(df, q + g * D + d), k0, a[g]);
+  }
+  for (int g = 0; g < GG; ++g) acc[g] = hn::Add(a[g], b[g]);
+}
+
+// s[g, j] = scale * q_g . k_j for the GG heads from g0 and the keys [j0, j0 + jn), jn <= L:
+// every key's products for all GG heads, then one SumEach per head over the chunk's keys.
+// Channels past the last whole vector (D not a multiple of L) are added in scalar.
+template <int GG, typename KT>
+HWY_INLINE void ScoreChunk(const float* HWY_RESTRICT q, int64_t g0, const KT* HWY_RESTRICT k,
+                           int64_t j0, int64_t jn, int64_t D, int64_t n, float scale,
+                           float* HWY_RESTRICT s, const NextRows& next) {
+  const hn::ScalableTag<float> df;
+  constexpr size_t kMaxL = hn::MaxLanes(hn::ScalableTag<float>());
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  hn::Vec<decltype(df)> t[GG][kMaxL];
+  for (int64_t r = 0; r < L; ++r) {
+    hn::Vec<decltype(df)> acc[GG];
+    if (g0 == 0) next.Fetch(j0 + r);
+    if (r < jn) {
+      KeyProducts<GG>(df, q + g0 * D, k + (j0 + r) * D, D, acc);
+    } else {
+      for (int g = 0; g < GG; ++g) acc[g] = hn::Zero(df);
+    }
+    for (int g = 0; g < GG; ++g) t[g][r] = acc[g];
+  }
+  const int64_t tail = D - D / L * L;
+  const auto vs = hn::Set(df, scale);
+  for (int g = 0; g < GG; ++g) {
+    HWY_ALIGN float sums[kMaxL];
+    hn::Store(hn::Mul(SumEach(df, t[g]), vs), df, sums);
+    for (int64_t r = 0; r < jn; ++r) {
+      float x = sums[r];
+      for (int64_t dd = D - tail; dd < D; ++dd)
+        x += scale * q[(g0 + g) * D + dd] * ScalarF32(k[(j0 + r) * D + dd]);
+      s[(g0 + g) * n + j0 + r] = x;
+    }
+  }
 }
 
 // o_g[d0 .. d0 + 2L) = o_g * corr_g + sum_j p[g, j] v_j for GG heads from g0: the values stream
@@ -87,27 +150,70 @@ HWY_INLINE void ValueTile(const float* HWY_RESTRICT p, int64_t g0, const VT* HWY
   }
 }
 
+// Up to 8 heads per register tile (the whole GQA group of most models: one pass over the rows).
+constexpr int64_t kHeadTile = 8;
+
+template <typename KT>
+HWY_INLINE void ScoreChunkAny(int64_t gt, const float* q, int64_t g0, const KT* k, int64_t j0,
+                              int64_t jn, int64_t D, int64_t n, float scale, float* s,
+                              const NextRows& next) {
+  switch (gt) {
+    case 1:
+      return ScoreChunk<1>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 2:
+      return ScoreChunk<2>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 3:
+      return ScoreChunk<3>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 4:
+      return ScoreChunk<4>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 5:
+      return ScoreChunk<5>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 6:
+      return ScoreChunk<6>(q, g0, k, j0, jn, D, n, scale, s, next);
+    case 7:
+      return ScoreChunk<7>(q, g0, k, j0, jn, D, n, scale, s, next);
+    default:
+      return ScoreChunk<8>(q, g0, k, j0, jn, D, n, scale, s, next);
+  }
+}
+
+template <typename VT>
+HWY_INLINE void ValueTileAny(int64_t gt, const float* p, int64_t g0, const VT* v, int64_t d0,
+                             int64_t D, int64_t n, PartialAttention* part, const float* corr) {
+  switch (gt) {
+    case 1:
+      return ValueTile<1>(p, g0, v, d0, D, n, part, corr);
+    case 2:
+      return ValueTile<2>(p, g0, v, d0, D, n, part, corr);
+    case 3:
+      return ValueTile<3>(p, g0, v, d0, D, n, part, corr);
+    case 4:
+      return ValueTile<4>(p, g0, v, d0, D, n, part, corr);
+    case 5:
+      return ValueTile<5>(p, g0, v, d0, D, n, part, corr);
+    case 6:
+      return ValueTile<6>(p, g0, v, d0, D, n, part, corr);
+    case 7:
+      return ValueTile<7>(p, g0, v, d0, D, n, part, corr);
+    default:
+      return ValueTile<8>(p, g0, v, d0, D, n, part, corr);
+  }
+}
+
 // Folds n keys/values (rows [n, D] of f32, bf16 or f16, widened as they are read) into the
-// partials of G query heads q [G, D].
+// partials of G query heads q [G, D]; `next` is prefetched meanwhile.
 template <typename ST>
 HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
                          const ST* HWY_RESTRICT k, const ST* HWY_RESTRICT v, int64_t n, float scale,
                          PartialAttention* part, float* HWY_RESTRICT scores /* [G, n] */,
-                         float* HWY_RESTRICT stats = nullptr) {
+                         float* HWY_RESTRICT stats, const NextRows& next) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-  // Scores, in tiles of 2 heads x 4 keys.
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) ScoreTile<2, 4>(q, g, k, j, D, n, scale, scores);
-    if (g < G) ScoreTile<1, 4>(q, g, k, j, D, n, scale, scores);
-  }
-  for (; j < n; ++j) {
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) ScoreTile<2, 1>(q, g, k, j, D, n, scale, scores);
-    if (g < G) ScoreTile<1, 1>(q, g, k, j, D, n, scale, scores);
-  }
+  // Scores, L keys x up to kHeadTile heads at a time.
+  for (int64_t j = 0; j < n; j += L)
+    for (int64_t g = 0; g < G; g += kHeadTile)
+      ScoreChunkAny(std::min(kHeadTile, G - g), q, g, k, j, std::min(L, n - j), D, n, scale, scores,
+                    next);
   // Online softmax: new maximum, rescale factor, probabilities.
   float corr[64];
   NEEDLE_CHECK(G <= 64);
@@ -115,10 +221,16 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
     PartialAttention& P = part[g];
     float* s = scores + g * n;
     float mx = P.m;
-    for (int64_t jj = 0; jj < n; ++jj) mx = std::max(mx, s[jj]);
+    int64_t jj = 0;
+    if (n >= L) {
+      auto vm = hn::LoadU(df, s);
+      for (jj = L; jj + L <= n; jj += L) vm = hn::Max(vm, hn::LoadU(df, s + jj));
+      mx = std::max(mx, hn::GetLane(hn::MaxOfLanes(df, vm)));
+    }
+    for (; jj < n; ++jj) mx = std::max(mx, s[jj]);
     corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
     float sum = 0.0f;
-    int64_t jj = 0;
+    jj = 0;
     const auto vmx = hn::Set(df, mx);
     auto vsum = hn::Zero(df);
     for (; jj + L <= n; jj += L) {
@@ -134,14 +246,12 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
     // These n keys' own sums, relative to mx (>= their maximum): {m, l} per head.
     if (stats != nullptr) stats[2 * g] = mx, stats[2 * g + 1] = sum;
   }
-  // Values: o = o * corr + P V, two vectors of channels at a time, up to 4 heads in registers.
+  // Values: o = o * corr + P V, two vectors of channels at a time, up to kHeadTile heads in
+  // registers.
   int64_t d = 0;
-  for (; d + 2 * L <= D; d += 2 * L) {
-    int64_t g = 0;
-    for (; g + 4 <= G; g += 4) ValueTile<4>(scores, g, v, d, D, n, part, corr);
-    for (; g + 2 <= G; g += 2) ValueTile<2>(scores, g, v, d, D, n, part, corr);
-    if (g < G) ValueTile<1>(scores, g, v, d, D, n, part, corr);
-  }
+  for (; d + 2 * L <= D; d += 2 * L)
+    for (int64_t g = 0; g < G; g += kHeadTile)
+      ValueTileAny(std::min(kHeadTile, G - g), scores, g, v, d, D, n, part, corr);
   for (; d < D; ++d)
     for (int64_t g = 0; g < G; ++g) {
       float acc = 0.0f;
@@ -169,36 +279,49 @@ HWY_INLINE Scratch& ThreadScratch(const KVLayerView& kv, int64_t G) {
   return sc;
 }
 
-// Folds keys [b, e) of KV head h (any storage type) block piece by block piece.
+// The first block piece of keys [b, e) of KV head h, as rows to prefetch.
+HWY_INLINE NextRows PieceAt(const KVLayerView& kv, int64_t h, int64_t b, int64_t e) {
+  NextRows r;
+  if (b >= e) return r;
+  r.k = kv.KRow(h, b);
+  r.v = kv.VRow(h, b);
+  r.rows = std::min(e, (b / kv.block_size + 1) * kv.block_size) - b;
+  r.row_bytes = kv.head_dim * static_cast<int64_t>(DTypeSize(kv.dtype));
+  return r;
+}
+
+// Folds keys [b, e) of KV head h (any storage type) block piece by block piece, prefetching each
+// next piece, and `after` (what the caller folds next) during the last.
 // stats (optional, [G][2]): the sums of the last piece folded (a whole block when [b, e) is one).
 HWY_INLINE void FoldRange(const KVLayerView& kv, int64_t h, int64_t b, int64_t e, const float* q,
                           int64_t G, float scale, PartialAttention* part, Scratch& sc,
-                          float* stats = nullptr) {
+                          float* stats = nullptr, const NextRows& after = NextRows()) {
   const int64_t B = kv.block_size, D = kv.head_dim;
   while (b < e) {
     const int64_t n = std::min(e, (b / B + 1) * B) - b;  // rows left in this block
+    const NextRows next = b + n < e ? PieceAt(kv, h, b + n, e) : after;
     switch (kv.dtype) {
       case DType::kF32:
         FoldRows(q, G, D, reinterpret_cast<const float*>(kv.KRow(h, b)),
                  reinterpret_cast<const float*>(kv.VRow(h, b)), n, scale, part, sc.scores.data(),
-                 stats);
+                 stats, next);
         break;
       case DType::kBF16:
         FoldRows(q, G, D, reinterpret_cast<const hwy::bfloat16_t*>(kv.KRow(h, b)),
                  reinterpret_cast<const hwy::bfloat16_t*>(kv.VRow(h, b)), n, scale, part,
-                 sc.scores.data(), stats);
+                 sc.scores.data(), stats, next);
         break;
       case DType::kF16:
         FoldRows(q, G, D, reinterpret_cast<const hwy::float16_t*>(kv.KRow(h, b)),
                  reinterpret_cast<const hwy::float16_t*>(kv.VRow(h, b)), n, scale, part,
-                 sc.scores.data(), stats);
+                 sc.scores.data(), stats, next);
         break;
       default:  // int8 (validated at cache creation): dequantise the piece into f32 tiles first
         RowsToF32(reinterpret_cast<const int8_t*>(kv.KRow(h, b)), kv.KScale(h, b), n, D, kv.groups,
                   sc.k.data());
         RowsToF32(reinterpret_cast<const int8_t*>(kv.VRow(h, b)), kv.VScale(h, b), n, D, kv.groups,
                   sc.v.data());
-        FoldRows(q, G, D, sc.k.data(), sc.v.data(), n, scale, part, sc.scores.data(), stats);
+        FoldRows(q, G, D, sc.k.data(), sc.v.data(), n, scale, part, sc.scores.data(), stats, next);
         break;
     }
     b += n;
@@ -248,11 +371,18 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
       for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
       const float* qg = q + (t * a.heads + h * G) * D;
       int64_t seen = 0;
-      for (const auto& r : sc.spans) {
+      for (size_t x = 0; x < sc.spans.size(); ++x) {
+        const KeySpan& r = sc.spans[x];
         const int64_t len = r.end - r.begin;
         const int64_t lo = std::max(k0, seen), hi = std::min(k1, seen + len);
+        NextRows after;  // the next span's first piece, when this split reads it
+        if (x + 1 < sc.spans.size() && seen + len < k1) {
+          const KeySpan& r2 = sc.spans[x + 1];
+          after = PieceAt(kv, h, r2.begin, std::min(r2.end, r2.begin + (k1 - seen - len)));
+        }
         if (lo < hi)
-          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qg, G, a.scale, p, sc);
+          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qg, G, a.scale, p, sc,
+                    nullptr, after);
         seen += len;
         if (seen >= k1) break;
       }
@@ -303,7 +433,12 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
         const int64_t t0 = int64_t{blocks[it.h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
         float* st = stats->data() + (base[it.h] + i) * G * 2;
         for (int64_t g = 0; g < G; ++g) st[2 * g] = -INFINITY, st[2 * g + 1] = 0.f;
-        if (t0 < t1) FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st);
+        NextRows after;
+        if (i + 1 < it.i1) {
+          const int64_t n0 = int64_t{blocks[it.h][i + 1]} * B;
+          after = PieceAt(kv, it.h, n0, std::min(n0 + B, kv.n_tokens));
+        }
+        if (t0 < t1) FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st, after);
       }
     }
   });
