@@ -176,9 +176,11 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       return ps.empty() || blk >= presel_end_[layer] || ps[h][blk] != 0;
     };
     // One head's selection: the blocks kept for their attention mass at the previous step (still
-    // Context and allowed), then the best-scored of the others up to topk.
-    auto select = [&](int64_t h, const float* sc, const std::vector<int32_t>* kept,
-                      std::vector<int32_t>* keep_out, int64_t* ncand) {
+    // Context and allowed), then the best-scored of the others up to topk. The others come from
+    // `ids` / `sc` [n] (every candidate, or an executor's shortlist of the best).
+    auto select = [&](int64_t h, const int32_t* cand, const float* sc, size_t n,
+                      const std::vector<int32_t>* kept, std::vector<int32_t>* keep_out,
+                      int64_t* ncand) {
       std::vector<int32_t> keep;
       if (kept != nullptr)
         for (int32_t blk : *kept)
@@ -188,10 +190,10 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       std::vector<int32_t> ids;
       std::vector<float> scores;
       *ncand = static_cast<int64_t>(keep.size());
-      for (size_t i = 0; i < all.size(); ++i) {
-        if (!allowed(h, all[i]) || std::find(keep.begin(), keep.end(), all[i]) != keep.end())
+      for (size_t i = 0; i < n; ++i) {
+        if (!allowed(h, cand[i]) || std::find(keep.begin(), keep.end(), cand[i]) != keep.end())
           continue;
-        ids.push_back(all[i]);
+        ids.push_back(cand[i]);
         scores.push_back(sc[i]);
       }
       *ncand += static_cast<int64_t>(ids.size());
@@ -203,39 +205,70 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       return out;
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
-    std::vector<float> sc(static_cast<size_t>(Hk) * all.size());
+    const bool by_layer = cfg_.select == SelectMode::kLayer;
     const ScoreArgs sa{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
-    if (!exec_->Score(layer, reps_, sa, sc.data()))
-      fast::ScoreBlocks(reps_, layer, sa, sc.data(), tc_);
+    // Where the executor can rank the candidates itself, only its best topk + retained of each
+    // row come back: enough, since at most `retained` of them are kept blocks, which the ranking
+    // skips (every candidate is allowed: no preselection).
+    std::vector<std::vector<PlanExecutor::Scored>> top;
+    const bool shortlist = ps.empty() && exec_->ScoreTop(layer, reps_, sa, by_layer,
+                                                         cfg_.topk + cfg_.retained(), &top);
+    std::vector<float> sc;       // [rows][n]: every candidate's score
+    std::vector<int32_t> sl_id;  // [rows][want]: the shortlist
+    std::vector<float> sl_sc;
+    size_t row_n = all.size();
+    if (shortlist) {
+      row_n = top.empty() ? 0 : top[0].size();
+      for (const auto& row : top) {
+        NEEDLE_CHECK(row.size() == row_n);
+        for (const auto& e : row) sl_id.push_back(e.block), sl_sc.push_back(e.score);
+      }
+    } else {
+      sc.resize(static_cast<size_t>(Hk) * all.size());
+      if (!exec_->Score(layer, reps_, sa, sc.data()))
+        fast::ScoreBlocks(reps_, layer, sa, sc.data(), tc_);
+      if (by_layer) {  // one row: the sum over KV heads
+        for (size_t i = 0; i < all.size(); ++i)
+          for (int64_t h = 1; h < Hk; ++h) sc[i] += sc[h * all.size() + i];
+      }
+    }
+    // Row r's candidates: ids and scores.
+    const auto row_ids = [&](int64_t r) {
+      return shortlist ? sl_id.data() + r * row_n : all.data();
+    };
+    const auto row_sc = [&](int64_t r) {
+      return (shortlist ? sl_sc.data() : sc.data()) + r * row_n;
+    };
     s.blocks.assign(static_cast<size_t>(Hk), {});
     plan->retained.assign(retain ? static_cast<size_t>(Hk) : 0, {});
-    if (cfg_.select == SelectMode::kLayer) {
-      std::vector<float> sum(all.size(), 0.0f);
-      for (int64_t h = 0; h < Hk; ++h)
-        for (size_t i = 0; i < all.size(); ++i) sum[i] += sc[h * all.size() + i];
+    if (by_layer) {
       std::vector<int32_t> keep;
       // Layer mode: candidates as for head 0 (preselection is identical for every head then).
-      s.blocks[0] =
-          select(0, sum.data(), retain ? &retained_[layer][0] : nullptr, &keep, &plan->candidates);
+      s.blocks[0] = select(0, row_ids(0), row_sc(0), row_n, retain ? &retained_[layer][0] : nullptr,
+                           &keep, &plan->candidates);
       for (auto& blk : s.blocks) blk = s.blocks[0];
       for (auto& r : plan->retained) r = keep;
     } else {
-      // One selection per KV head (each is O(blocks)); in parallel only when there are enough
+      // One selection per KV head (each is O(candidates)); in parallel only when there are enough
       // candidates to pay for waking the threads (tens of microseconds between GPU waits).
       std::vector<int64_t> ncand(static_cast<size_t>(Hk));
       std::vector<std::vector<int32_t>> keep(static_cast<size_t>(Hk));
       const auto run = [&](size_t hb, size_t he) {
-        for (size_t h = hb; h < he; ++h)
-          s.blocks[h] = select(static_cast<int64_t>(h), sc.data() + h * all.size(),
+        for (size_t h = hb; h < he; ++h) {
+          const auto r = static_cast<int64_t>(h);
+          s.blocks[h] = select(r, row_ids(r), row_sc(r), row_n,
                                retain ? &retained_[layer][h] : nullptr, &keep[h], &ncand[h]);
+        }
       };
-      if (static_cast<int64_t>(all.size()) * Hk >= 65536)
+      if (static_cast<int64_t>(row_n) * Hk >= 65536)
         tc_.ParallelFor(static_cast<size_t>(Hk), 1, run);
       else
         run(0, static_cast<size_t>(Hk));
       plan->candidates = *std::max_element(ncand.begin(), ncand.end());
       if (retain) plan->retained = std::move(keep);
     }
+    // A shortlist counted only itself: every candidate competed (no preselection).
+    if (shortlist) plan->candidates = static_cast<int64_t>(all.size());
     s.valid = true;
     s.step = decode_step_;
     s.ctx_end_block = ctx_end_block;

@@ -51,6 +51,20 @@ class PlanExecutor {
                      float* /*scores*/) {
     return false;
   }
+  // A block with its score, as selection ranks them: higher score first, then lower id.
+  struct Scored {
+    float score;
+    int32_t block;
+  };
+  // Scores the candidates and keeps only the `want` best of each KV head (sum_heads: of their
+  // scores summed over KV heads, in head order, one row), where the scores are (so that only the
+  // shortlist comes back). top: [rows] lists of min(want, n) entries, in any order. false: not
+  // supported (the planner calls Score, or scores on the CPU).
+  virtual bool ScoreTop(int64_t /*layer*/, const RepresentativeStore& /*reps*/,
+                        const ScoreArgs& /*a*/, bool /*sum_heads*/, int64_t /*want*/,
+                        std::vector<std::vector<Scored>>* /*top*/) {
+    return false;
+  }
 };
 
 class SparseAttention final : public AttentionPolicy {

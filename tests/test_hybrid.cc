@@ -15,7 +15,9 @@
 // keys that differ by rounding only.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,10 +26,12 @@
 #include "engine/backend/backend.h"
 #include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/block_mass.h"
+#include "sparse_attn/observation.h"
 #include "tests/fixture_util.h"
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/hybrid.h"
@@ -251,6 +255,55 @@ TEST(HybridMerge, KernelEqualsPartialMerge) {
     else
       EXPECT_NEAR(lse[r], pa.m + std::log(pa.l), 1e-5 * (1 + std::fabs(pa.m))) << r;
   }
+}
+
+// The GPU's block top-k picks exactly the planner's TopK: ties on score broken by the lower block
+// id, per head and on scores summed over heads, shortlists longer than the candidates, and more
+// candidates than threads.
+TEST(HybridSelect, TopBlocksEqualsPlannerTopK) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  for (int64_t Hk : {1, 4, 8})
+    for (int64_t n : {1, 5, 40, 1000, 8195})
+      for (int64_t want : {1, 40, 1000})
+        for (bool sum : {false, true}) {
+          // Coarse scores (many ties) of both signs, and a few extremes.
+          std::vector<float> sc(static_cast<size_t>(Hk * n));
+          uint64_t x = 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(n * 131 + Hk);
+          for (auto& v : sc) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            v = static_cast<float>(static_cast<int64_t>(x % 64) - 32) * 0.25f;
+          }
+          sc[0] = -1e30f;
+          sc[static_cast<size_t>(n - 1)] = 3e38f;
+          const int32_t first = 3;
+          const int64_t rows = sum ? 1 : Hk, k = std::min(want, n);
+          const size_t out = static_cast<size_t>(rows * want);
+          float* d = gpu->Alloc(sc.size() + 2 * out);
+          gpu->FromHost(sc.data(), sc.size(), d);
+          cuda::TopBlocks(d, Hk, n, sum, first, want, d + sc.size(),
+                          reinterpret_cast<int32_t*>(d + sc.size() + out), CudaBackendStream(*gpu));
+          std::vector<float> got(2 * out);
+          gpu->ToHost(d + sc.size(), 2 * out, got.data());
+          gpu->Free(d);
+          std::vector<int32_t> ids(static_cast<size_t>(n));
+          for (int64_t i = 0; i < n; ++i) ids[i] = first + static_cast<int32_t>(i);
+          for (int64_t r = 0; r < rows; ++r) {
+            std::vector<float> row(sc.begin() + r * n, sc.begin() + (r + 1) * n);
+            if (sum) {  // as the planner sums: in head order
+              for (int64_t h = 1; h < Hk; ++h)
+                for (int64_t i = 0; i < n; ++i) row[i] += sc[h * n + i];
+            }
+            const std::vector<int32_t> expect = TopK(row.data(), ids.data(), n, k);
+            std::vector<int32_t> g(static_cast<size_t>(k));
+            std::memcpy(g.data(), got.data() + out + r * want, static_cast<size_t>(k) * 4);
+            std::vector<int32_t> gs = g;
+            std::sort(gs.begin(), gs.end());
+            ASSERT_EQ(gs, expect) << "Hk " << Hk << " n " << n << " want " << want << " sum " << sum
+                                  << " row " << r;
+            for (int64_t i = 0; i < k; ++i)  // each with its score
+              ASSERT_EQ(got[r * want + i], row[g[i] - first]) << i;
+          }
+        }
 }
 
 struct SeqRun {

@@ -10,6 +10,7 @@
 
 #include "engine/base/error.h"
 #include "engine/cuda/attention.h"
+#include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_buffer.h"
@@ -321,12 +322,12 @@ struct HybridAttention::Impl final : PlanExecutor {
   }
 
   // Scores on the GPU: the representatives of the candidates are copied there when the planner
-  // has (re)computed them since (their stamps), then one kernel scores every candidate.
-  bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
-             float* scores) override {
-    if (a.n <= 0) return true;
+  // has (re)computed them since (their stamps), then one kernel scores every candidate into
+  // device memory [kv_heads][n]. nullptr: the candidates are not a range (scored on the CPU).
+  float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
+                    size_t extra_floats) {
     for (int64_t i = 1; i < a.n; ++i)
-      if (a.blocks[i] != a.blocks[0] + i) return false;  // (candidates are a range today)
+      if (a.blocks[i] != a.blocks[0] + i) return nullptr;  // (candidates are a range today)
     const int64_t first = a.blocks[0], D = a.head_dim, Hk = a.kv_heads;
     const size_t bb = reps.BlockBytes();
     uint8_t* layer_dev = reps_dev + bb * static_cast<size_t>(layer * reps.max_blocks());
@@ -343,15 +344,46 @@ struct HybridAttention::Impl final : PlanExecutor {
       b = e;
     }
     const bool quest = reps.type() == ReprType::kQuest;
-    float* q_group = group_pin.Get(static_cast<size_t>(2 * Hk * D + Hk * a.n));
+    float* q_group = group_pin.Get(static_cast<size_t>(2 * Hk * D));
     GroupQueries(a, quest, q_group, q_group + Hk * D);
-    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * a.n));
+    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * a.n) + extra_floats);
     H2D(d, q_group, static_cast<size_t>(2 * Hk * D) * 4);
     cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, a.n, Hk, D, d, d + Hk * D,
                       d + 2 * Hk * D, stream);
-    D2H(q_group + 2 * Hk * D, d + 2 * Hk * D, static_cast<size_t>(Hk * a.n) * 4);
+    return d + 2 * Hk * D;
+  }
+
+  bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
+             float* scores) override {
+    if (a.n <= 0) return true;
+    const float* d = ScoreOnGpu(layer, reps, a, 0);
+    if (d == nullptr) return false;
+    const size_t n = static_cast<size_t>(a.kv_heads * a.n);
+    float* pin = top_pin.Get(n);
+    D2H(pin, d, n * 4);
     Sync(nullptr);
-    std::copy_n(q_group + 2 * Hk * D, Hk * a.n, scores);
+    std::copy_n(pin, n, scores);
+    return true;
+  }
+
+  // Scores and ranks on the GPU (cuda::TopBlocks): only the shortlist comes back.
+  bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
+                int64_t want, std::vector<std::vector<Scored>>* top) override {
+    const int64_t rows = sum_heads ? 1 : a.kv_heads, k = std::min(want, a.n);
+    top->assign(static_cast<size_t>(rows), {});
+    if (a.n <= 0) return true;
+    const size_t out = static_cast<size_t>(rows * want);
+    float* d = ScoreOnGpu(layer, reps, a, 2 * out);
+    if (d == nullptr) return false;
+    float* vals = d + a.kv_heads * a.n;
+    auto* ids = reinterpret_cast<int32_t*>(vals + out);
+    cuda::TopBlocks(d, a.kv_heads, a.n, sum_heads, a.blocks[0], want, vals, ids, stream);
+    float* pin = top_pin.Get(2 * out);
+    D2H(pin, vals, 2 * out * 4);
+    Sync(nullptr);
+    const auto* pid = reinterpret_cast<const int32_t*>(pin + out);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < k; ++i) (*top)[r].push_back({pin[r * want + i], pid[r * want + i]});
     return true;
   }
 
@@ -369,7 +401,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
   KVCache* model_cache = nullptr;
-  PinnedFloats q_pin, part_pin, group_pin, lse_pin;
+  PinnedFloats q_pin, part_pin, group_pin, lse_pin, top_pin;
   std::vector<int32_t> table_host;
   int64_t table_lb = -1, table_pb = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},

@@ -1,0 +1,97 @@
+#include "engine/cuda/block_select.h"
+
+#include "engine/cuda/cuda_check.h"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kSelectThreads = 1024;
+
+// Unsigned keys in ranking order: the score's bits made monotone (negative floats reversed),
+// then the complement of the block id (a lower id ranks higher). Distinct for distinct ids.
+__device__ __forceinline__ unsigned long long RankKey(float s, int32_t id) {
+  unsigned b = __float_as_uint(s);
+  b = (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
+  return (static_cast<unsigned long long>(b) << 32) |
+         static_cast<unsigned long long>(0xffffffffu - static_cast<unsigned>(id));
+}
+
+__device__ __forceinline__ float RowScore(const float* scores, int64_t n, int64_t rows_in, bool sum,
+                                          int64_t row, int64_t i) {
+  if (!sum) return scores[row * n + i];
+  float x = 0.f;
+  for (int64_t h = 0; h < rows_in; ++h) x = __fadd_rn(x, scores[h * n + i]);
+  return x;
+}
+
+// One block per row. Eight passes of an 8-bit radix select find the k-th largest key exactly
+// (the keys are distinct), then every key at or above it is written out.
+__global__ void TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
+                                int64_t want, float* vals, int32_t* ids) {
+  const int64_t row = blockIdx.x;
+  const int k = static_cast<int>(want < n ? want : n);
+  __shared__ unsigned hist[256];
+  __shared__ unsigned long long s_prefix;
+  __shared__ int s_left, s_count;
+  if (threadIdx.x == 0) s_prefix = 0, s_left = k, s_count = 0;
+  unsigned long long mask = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const unsigned long long prefix = s_prefix;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const unsigned long long key =
+          RankKey(RowScore(scores, n, Hk, sum, row, i), first + static_cast<int32_t>(i));
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l
+      const int lane = threadIdx.x;
+      const unsigned left = static_cast<unsigned>(s_left);  // (the shuffles order the write below)
+      unsigned c[8], tot = 0;
+      for (int j = 0; j < 8; ++j) c[j] = hist[255 - 8 * lane - j], tot += c[j];
+      unsigned incl = tot;
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const unsigned excl = incl - tot;
+      if (excl < left && incl >= left) {
+        unsigned cum = excl;
+        for (int j = 0; j < 8; ++j) {
+          if (cum + c[j] >= left) {
+            s_left = static_cast<int>(left - cum);
+            s_prefix = prefix | (static_cast<unsigned long long>(255 - 8 * lane - j) << shift);
+            break;
+          }
+          cum += c[j];
+        }
+      }
+    }
+    mask |= 255ull << shift;
+    __syncthreads();
+  }
+  const unsigned long long kth = s_prefix;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float s = RowScore(scores, n, Hk, sum, row, i);
+    const int32_t id = first + static_cast<int32_t>(i);
+    if (RankKey(s, id) >= kth) {
+      const int at = atomicAdd(&s_count, 1);
+      vals[row * want + at] = s;
+      ids[row * want + at] = id;
+    }
+  }
+}
+
+}  // namespace
+
+void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads, int32_t first,
+               int64_t want, float* vals, int32_t* ids, cudaStream_t stream) {
+  if (n <= 0 || want <= 0) return;
+  const unsigned rows = sum_heads ? 1u : static_cast<unsigned>(kv_heads);
+  TopBlocksKernel<<<rows, kSelectThreads, 0, stream>>>(scores, kv_heads, n, sum_heads, first, want,
+                                                       vals, ids);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace needle::cuda
