@@ -9,8 +9,11 @@
 //    squares is accumulated in a different order: D * u relative).
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "engine/attention/partial.h"
@@ -205,6 +208,32 @@ TEST(Kernels, Int8KVQuantisationError) {
         for (int64_t d = g * 32; d < std::min<int64_t>(72, g * 32 + 32); ++d)
           ASSERT_NEAR(view.KAt(h, t, d), k[(t * 2 + h) * 72 + d], amax / 254 * 1.0001f);
       }
+}
+
+// Wake's spinners give the workers back when the ParallelFor they wait for begins (long before
+// their deadline), or at the deadline when none comes; the ParallelFor runs every index once.
+TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
+  ThreadingContext tc(3);
+  const auto until_idle = [&](double max_s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    while (tc.spinners() > 0 &&
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < max_s)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return tc.spinners();
+  };
+  tc.Wake(30 * 1000 * 1000);  // 30 s
+  EXPECT_GT(tc.spinners(), 0);
+  std::vector<std::atomic<int>> hits(1000);
+  tc.ParallelFor(hits.size(), 1, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) hits[i].fetch_add(1);
+  });
+  for (const auto& h : hits) ASSERT_EQ(h.load(), 1);
+  EXPECT_EQ(until_idle(10.0), 0);  // released by the ParallelFor, not by the 30 s deadline
+  tc.Wake(20 * 1000);              // 20 ms, and no ParallelFor
+  EXPECT_EQ(until_idle(10.0), 0);
+  ThreadingContext one(1);
+  one.Wake(1000);
+  EXPECT_EQ(one.spinners(), 0);
 }
 
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {

@@ -5,7 +5,9 @@
 
 #include <tbb/task_arena.h>
 
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 
 namespace needle {
@@ -19,9 +21,20 @@ class ThreadingContext {
   // Runs body(begin, end) over [0, n) in chunks of at least `grain`, inside the arena.
   void ParallelFor(size_t n, size_t grain, const std::function<void(size_t, size_t)>& body);
 
+  // Wakes the arena's workers ahead of a ParallelFor the caller knows is near (behind a short
+  // wait for the GPU): each spins until the next ParallelFor begins or max_us have passed, then
+  // goes back to oneTBB, which puts it to sleep. A sleeping worker takes tens of microseconds to
+  // wake (more in a VM); this hides that behind the wait. Only for waits known to be short: the
+  // workers burn their cores meanwhile.
+  void Wake(int max_us);
+  int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
+
  private:
   int threads_;
   tbb::task_arena arena_;
+  std::atomic<uint64_t> epoch_{0};      // ParallelFor calls begun
+  std::atomic<int64_t> wake_until_{0};  // steady-clock ns at which spinners give up
+  std::atomic<int> spinners_{0};        // enqueued or spinning
 };
 
 }  // namespace needle

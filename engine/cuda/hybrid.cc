@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 #include <vector>
 
@@ -145,10 +147,12 @@ struct HybridAttention::Impl final : PlanExecutor {
     int dev = 0;
     NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
     NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+    NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&layer_start, cudaEventDisableTiming));
   }
 
   ~Impl() override {
     if (reps_dev != nullptr) cudaFree(reps_dev);
+    if (layer_start != nullptr) cudaEventDestroy(layer_start);
   }
 
   // The host cache holds the sparse layers only: the dense layers' blocks are never written, and
@@ -254,8 +258,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     return v;
   }
 
-  // The new token's K/V row of a sparse layer, from its ring to the host cache.
-  void RowToHost(int64_t layer, int64_t p) {
+  // The new token's K/V row of a sparse layer, from its ring to the host cache: copied to pinned
+  // memory with the query (a copy into the pageable cache itself would block the host until the
+  // GPU got there), then into the cache by RowToCache once the host has waited.
+  void RowToPinned(int64_t layer, int64_t p) {
     host.AssignBlocks(layer, p, 1);
     // (Block tables are read on the host: a device view's table is device memory.)
     const int64_t B = c.block_size, b = p / B;
@@ -263,12 +269,29 @@ struct HybridAttention::Impl final : PlanExecutor {
     const size_t pitch = static_cast<size_t>(B * m.head_dim) * es;  // one KV head's block
     const size_t width = static_cast<size_t>(m.head_dim) * es,
                  off = static_cast<size_t>(p % B) * width;
-    const int32_t ds = model_cache->SlotOf(layer, b), hs = host.SlotOf(layer, b);
-    NEEDLE_CHECK(ds >= 0 && hs >= 0);
-    for (bool v : {false, true})
-      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(
-          host.BlockData(layer, v, hs) + off, pitch, model_cache->BlockData(layer, v, ds) + off,
-          pitch, width, static_cast<size_t>(m.num_kv_heads), cudaMemcpyDeviceToHost, stream));
+    const int32_t ds = model_cache->SlotOf(layer, b);
+    NEEDLE_CHECK(ds >= 0);
+    const size_t Hk = static_cast<size_t>(m.num_kv_heads);
+    auto* pin = reinterpret_cast<uint8_t*>(row_pin.Get((2 * Hk * width + 3) / 4));
+    for (int v : {0, 1})
+      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(pin + static_cast<size_t>(v) * Hk * width, width,
+                                          model_cache->BlockData(layer, v != 0, ds) + off, pitch,
+                                          width, Hk, cudaMemcpyDeviceToHost, stream));
+  }
+  void RowToCache(int64_t layer, int64_t p) {
+    const int64_t B = c.block_size;
+    const size_t es = DTypeSize(host.shape().dtype);
+    const size_t pitch = static_cast<size_t>(B * m.head_dim) * es;
+    const size_t width = static_cast<size_t>(m.head_dim) * es,
+                 off = static_cast<size_t>(p % B) * width;
+    const int32_t hs = host.SlotOf(layer, p / B);
+    NEEDLE_CHECK(hs >= 0);
+    const size_t Hk = static_cast<size_t>(m.num_kv_heads);
+    const auto* pin = reinterpret_cast<const uint8_t*>(row_pin.Get((2 * Hk * width + 3) / 4));
+    for (int v : {0, 1})
+      for (size_t h = 0; h < Hk; ++h)
+        std::memcpy(host.BlockData(layer, v != 0, hs) + off + h * pitch,
+                    pin + (static_cast<size_t>(v) * Hk + h) * width, width);
   }
 
   // --- PlanExecutor ----------------------------------------------------------------------------
@@ -401,7 +424,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
   KVCache* model_cache = nullptr;
-  PinnedFloats q_pin, part_pin, group_pin, lse_pin, top_pin;
+  PinnedFloats q_pin, row_pin, part_pin, group_pin, lse_pin, top_pin;
   std::vector<int32_t> table_host;
   int64_t table_lb = -1, table_pb = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
@@ -411,6 +434,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   uint8_t* reps_dev = nullptr;                  // [layer][block][kv_head][R][D], the store's layout
   std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
   cuda::GrowBuffer score_buf{"hybrid block scores"};
+  cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
   HybridStats stats;
 };
 
@@ -438,6 +462,9 @@ void HybridAttention::BeginStep(const StepInfo& s) {
 
 KVTarget HybridAttention::Target(int64_t layer, KVCache& cache) {
   Impl& x = *impl_;
+  // Decode: called before the layer's projections are queued; the event marks the end of the
+  // previous layer's work on the GPU (Attend waits for it before waking the CPU's threads).
+  if (x.step.call_T == 1) NEEDLE_CUDA_CHECK(cudaEventRecord(x.layer_start, x.stream));
   if (x.step.call_T == 1 || HybridDenseLayer(x.m, x.c, layer)) return {&cache, layer};
   if (x.step.pos0 == x.step.call_pos0) {
     x.model_cache = &cache;
@@ -473,11 +500,25 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   }
   // Decode: the new row to the host (sparse layers), the query to the host, then the planner.
   // (The copies wait for the layer's projections: counted as waiting for the GPU.)
-  if (!dense) x.RowToHost(layer, a.pos0);
+  if (!dense) x.RowToPinned(layer, a.pos0);
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
+  // The CPU attends Context blocks after the projections and the selection's round trip to the
+  // GPU: once the GPU has finished the previous layer (layer_start), wake its threads, so that
+  // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was
+  // ready left 60-90 us a layer in the step; waking them before this wait would have them spin
+  // through the previous layer's MLP).
+  const bool cpu_blocks =
+      !dense && x.c.LocalBegin(a.pos0) / x.c.block_size > x.c.init_end() / x.c.block_size;
+  if (cpu_blocks) {
+    const auto t = Clock::now();
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start));
+    x.stats.gpu_wait += Since(t);
+    x.tc.Wake(400);
+  }
   x.Sync(&x.stats.gpu_wait);
+  if (!dense) x.RowToCache(layer, a.pos0);
   const auto t = Clock::now();
   const double before = x.ExecutorTime();
   x.planner.Attend(layer, q_host, a, x.host, out);
