@@ -7,6 +7,10 @@
 //    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait", and "other" (the rest:
 //    the GPU's work that is not waited for, launches, sampling)}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
+//   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
+//   caches (pseudo-random in host memory, a constant on the GPU) instead of prefilled, for
+//   lengths whose prefill would take longer than the device time allows ("prefill_tok/s": null).
+//   Decode reads and selects from it exactly as from a prefilled one.
 //   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072);
 //   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
 #include <cuda_runtime.h>
@@ -22,6 +26,7 @@
 #include "engine/base/error.h"
 #include "engine/base/threading.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
 #include "engine/cuda/hybrid.h"
 #include "engine/model/model.h"
 #include "engine/runtime/sequence_attention.h"
@@ -42,8 +47,42 @@ double GpuUsedGiB() {
   return static_cast<double>(total_b - free_b) / (1 << 30);
 }
 
-void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hybrid,
-         size_t gpu_memory, ThreadingContext& tc) {
+// Fills blocks [0, P) of `layer` of a cache with `fill` (cudaMemset bytes for a device cache,
+// pseudo-random bf16 with magnitudes 0.25..4 for a host one), assigning them first.
+void FillLayer(KVCache& cache, int64_t layer, int64_t P, ThreadingContext& tc) {
+  cache.AssignBlocks(layer, 0, P);
+  const int64_t nb = (P + cache.shape().block_size - 1) / cache.shape().block_size;
+  const size_t bb = cache.BlockBytes();
+  if (!cache.on_host()) {
+    for (int64_t b = 0; b < nb;) {  // consecutive slots in one memset
+      const int32_t s0 = cache.SlotOf(layer, b);
+      int64_t n = 1;
+      while (b + n < nb && cache.SlotOf(layer, b + n) == s0 + n) ++n;
+      for (bool v : {false, true})
+        NEEDLE_CUDA_CHECK(cudaMemset(cache.BlockData(layer, v, s0), 0x3c, bb * n));
+      b += n;
+    }
+    return;
+  }
+  tc.ParallelFor(static_cast<size_t>(nb), 16, [&](size_t b0, size_t b1) {
+    for (size_t b = b0; b < b1; ++b) {
+      uint64_t x = 0x9e3779b97f4a7c15ull * (b + 1) + static_cast<uint64_t>(layer);
+      for (bool v : {false, true}) {
+        auto* p = reinterpret_cast<uint16_t*>(
+            cache.BlockData(layer, v, cache.SlotOf(layer, static_cast<int64_t>(b))));
+        for (size_t i = 0; i < bb / 2; ++i) {
+          x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+          // sign, exponent 125..128, 7 mantissa bits
+          p[i] = static_cast<uint16_t>(((x & 1) << 15) | ((125 + ((x >> 1) & 3)) << 7) |
+                                       ((x >> 3) & 0x7f));
+        }
+      }
+    }
+  });
+}
+
+void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
+         bool hybrid, size_t gpu_memory, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   SequenceOptions so;
@@ -58,12 +97,26 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hy
   std::vector<int32_t> ids(static_cast<size_t>(P));
   for (int64_t i = 0; i < P; ++i) ids[i] = static_cast<int32_t>((i * 7919) % 30000 + 10);
   const auto t0 = std::chrono::steady_clock::now();
-  int32_t tok = model.ForwardGreedy(ids.data(), P, *seq.cache);
+  int32_t tok = 11;
+  auto* h = dynamic_cast<HybridAttention*>(seq.policy.get());
+  if (!synthetic) {
+    tok = model.ForwardGreedy(ids.data(), P, *seq.cache);
+  } else {
+    for (int64_t l = 0; l < model.config().num_layers; ++l) {
+      if (h == nullptr || HybridDenseLayer(model.config(), sc, l))
+        FillLayer(*seq.cache, l, P, tc);
+      else
+        FillLayer(h->host_cache(), l, P, tc);
+    }
+    if (h != nullptr)
+      h->AdoptContext(*seq.cache, P);
+    else
+      seq.cache->SetSize(P);
+  }
   const double pre = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;  // warm-up step
   HybridStats before;
   SparseAttention::Times tb;
-  auto* h = dynamic_cast<HybridAttention*>(seq.policy.get());
   if (h != nullptr) before = h->stats(), tb = seq.planner->times();
   const int steps = 32;
   const auto t2 = std::chrono::steady_clock::now();
@@ -89,9 +142,12 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool hy
     split << buf;
   }
   std::printf(
-      "{\"bench\":\"hybrid\",\"config\":\"%s\",\"prompt\":%lld,\"mode\":\"%s\",\"prefill_tok/"
-      "s\":%.0f,\"decode_tok/s\":%.2f,\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}\n",
-      name.c_str(), static_cast<long long>(P), hybrid ? "hybrid" : "dense", P / pre, steps / dec,
+      "{\"bench\":\"hybrid\",\"config\":\"%s\",\"prompt\":%lld,\"mode\":\"%s\",\"synthetic\":%s,"
+      "\"prefill_tok/s\":%s,\"decode_tok/"
+      "s\":%.2f,\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}\n",
+      name.c_str(), static_cast<long long>(P), hybrid ? "hybrid" : "dense",
+      synthetic ? "true" : "false",
+      synthetic ? "null" : std::to_string(static_cast<long long>(P / pre)).c_str(), steps / dec,
       GpuUsedGiB(), HostPeakGiB(), split.str().c_str());
   std::fflush(stdout);
   model.set_attention(nullptr);
@@ -105,9 +161,13 @@ int main(int argc, char** argv) {
   try {
     if (argc < 4) Fail("usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...");
     const size_t gpu_memory = ParseByteSize(argv[1], "GPU_MEMORY");
-    std::vector<int64_t> ctxs;
+    std::vector<std::pair<int64_t, bool>> ctxs;  // (tokens, synthetic)
     std::stringstream ss(argv[2]);
-    for (std::string x; std::getline(ss, x, ',');) ctxs.push_back(std::stoll(x));
+    for (std::string x; std::getline(ss, x, ',');) {
+      const bool syn = !x.empty() && x.back() == 's';
+      if (syn) x.pop_back();
+      ctxs.push_back({std::stoll(x), syn});
+    }
     const char* dm = std::getenv("NEEDLE_BENCH_DENSE_MAX");
     const int64_t dense_max = dm != nullptr ? std::stoll(dm) : 131072;
     auto gpu = MakeCudaBackend(0);
@@ -116,9 +176,9 @@ int main(int argc, char** argv) {
       const std::string config = argv[i];
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);
       const std::string name = config.substr(config.rfind('/') + 1);
-      for (int64_t P : ctxs) {
-        Run(*gpu, *model, name, P, true, gpu_memory, tc);
-        if (P <= dense_max) Run(*gpu, *model, name, P, false, 0, tc);
+      for (auto [P, syn] : ctxs) {
+        Run(*gpu, *model, name, P, syn, true, gpu_memory, tc);
+        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, tc);
       }
     }
   } catch (const std::exception& e) {

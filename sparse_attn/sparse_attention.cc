@@ -160,6 +160,19 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
   }
 }
 
+bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first,
+                                    int64_t* end, int64_t* want, bool* sum_heads) const {
+  const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B;
+  const int64_t ctx_end_block = cfg_.LocalBegin(a.pos0) / B;
+  if (a.T != 1 || DenseLayer(layer, a) || ctx_end_block <= init_blocks ||
+      !SelectsAt(layer, decode_step_) || !presel_[layer].empty())
+    return false;
+  *first = init_blocks, *end = ctx_end_block;
+  *want = cfg_.topk + cfg_.retained();
+  *sum_heads = cfg_.select == SelectMode::kLayer;
+  return true;
+}
+
 void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a,
                                    int64_t ctx_end_block, LayerPlan* plan) {
   const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;

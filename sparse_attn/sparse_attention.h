@@ -87,6 +87,12 @@ class SparseAttention final : public AttentionPolicy {
   // block of `layer` as if a prompt of cache.size() tokens had been prefilled (not Dynamic).
   void IndexContext(int64_t layer, const KVCache& cache);
   const RepresentativeStore& representatives() const { return reps_; }
+  // Whether Attend(layer) at this decode step (a.pos0) will ask its executor for a shortlist
+  // (PlanExecutor::ScoreTop) of the candidate blocks [*first, *end), with `*want` and
+  // `*sum_heads`: so that an executor may start it early. False when the layer attends densely,
+  // reuses an earlier selection, or ranks preselected candidates.
+  bool WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end,
+                     int64_t* want, bool* sum_heads) const;
 
   // Diagnostics.
   void set_recall(bool on) { recall_ = on; }

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine/attention/partial.h"
@@ -27,6 +28,7 @@
 #include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/block_mass.h"
 #include "sparse_attn/observation.h"
+#include "sparse_attn/scoring.h"
 #include "tests/fixture_util.h"
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
@@ -304,6 +306,33 @@ TEST(HybridSelect, TopBlocksEqualsPlannerTopK) {
               ASSERT_EQ(got[r * want + i], row[g[i] - first]) << i;
           }
         }
+}
+
+// The GPU's combined queries equal the host's GroupQueries bit for bit (same sums, same order),
+// so that scores, and so plans, do not depend on where the query was grouped.
+TEST(HybridSelect, GroupQueriesEqualsHost) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  for (auto [heads, Hk, D] :
+       {std::tuple<int64_t, int64_t, int64_t>{28, 4, 128}, {32, 8, 128}, {7, 1, 64}, {4, 4, 80}})
+    for (bool quest : {false, true}) {
+      const std::vector<float> q = test::RandomVector(heads * D, 5);
+      std::vector<int32_t> blocks = {0};
+      const ScoreArgs a{q.data(), 1, heads, Hk, D, blocks.data(), 1};
+      std::vector<float> qa(static_cast<size_t>(Hk * D)), qb(qa.size());
+      GroupQueries(a, quest, qa.data(), qb.data());
+      float* d = gpu->Alloc(q.size() + 2 * qa.size());
+      gpu->FromHost(q.data(), q.size(), d);
+      cuda::GroupQueries(d, heads, Hk, D, quest, d + q.size(), d + q.size() + qa.size(),
+                         CudaBackendStream(*gpu));
+      std::vector<float> got(2 * qa.size());
+      gpu->ToHost(d + q.size(), got.size(), got.data());
+      gpu->Free(d);
+      for (size_t i = 0; i < qa.size(); ++i) {
+        ASSERT_EQ(got[i], qa[i]) << heads << "/" << Hk << " quest " << quest << " " << i;
+        ASSERT_EQ(got[qa.size() + i], qb[i])
+            << heads << "/" << Hk << " quest " << quest << " " << i;
+      }
+    }
 }
 
 struct SeqRun {

@@ -32,19 +32,24 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr int64_t kMinSplitKeys = 512;  // never split an item's keys finer than this
 
-// The next block piece a fold will read (K and V rows of `rows` x `row_bytes`), fetched into the
-// cache while the current one computes: the kernel is compute-bound per core, so without it each
-// piece would wait for DRAM and then compute, instead of both at once.
+// A block piece's rows (K and V, `rows` x `row_bytes` each). While a fold computes a piece's
+// scores, key row r of the next piece and value row r of its own are fetched into the cache: the
+// kernel is compute-bound per core, so without it each piece would wait for DRAM and then
+// compute, instead of both at once. (The first piece's keys come in with the hardware's
+// prefetcher: they are read in order.)
 struct NextRows {
   const uint8_t* k = nullptr;
-  const uint8_t* v = nullptr;
   int64_t rows = 0, row_bytes = 0;
+};
+struct Prefetch {
+  const uint8_t* next_k = nullptr;                                     // the next piece's keys
+  const uint8_t* own_v = nullptr;                                      // this piece's values
+  int64_t next_rows = 0, next_bytes = 0, own_rows = 0, own_bytes = 0;  // rows, bytes per row
   HWY_INLINE void Fetch(int64_t r) const {
-    if (r >= rows) return;
-    for (int64_t o = 0; o < row_bytes; o += 64) {
-      hwy::Prefetch(k + r * row_bytes + o);
-      hwy::Prefetch(v + r * row_bytes + o);
-    }
+    if (r < next_rows)
+      for (int64_t o = 0; o < next_bytes; o += 64) hwy::Prefetch(next_k + r * next_bytes + o);
+    if (r < own_rows)
+      for (int64_t o = 0; o < own_bytes; o += 64) hwy::Prefetch(own_v + r * own_bytes + o);
   }
 };
 
@@ -94,7 +99,7 @@ HWY_INLINE void KeyProducts(DF df, const float* HWY_RESTRICT q, const KT* HWY_RE
 template <int GG, typename KT>
 HWY_INLINE void ScoreChunk(const float* HWY_RESTRICT q, int64_t g0, const KT* HWY_RESTRICT k,
                            int64_t j0, int64_t jn, int64_t D, int64_t n, float scale,
-                           float* HWY_RESTRICT s, const NextRows& next) {
+                           float* HWY_RESTRICT s, const Prefetch& next) {
   const hn::ScalableTag<float> df;
   constexpr size_t kMaxL = hn::MaxLanes(hn::ScalableTag<float>());
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
@@ -156,7 +161,7 @@ constexpr int64_t kHeadTile = 8;
 template <typename KT>
 HWY_INLINE void ScoreChunkAny(int64_t gt, const float* q, int64_t g0, const KT* k, int64_t j0,
                               int64_t jn, int64_t D, int64_t n, float scale, float* s,
-                              const NextRows& next) {
+                              const Prefetch& next) {
   switch (gt) {
     case 1:
       return ScoreChunk<1>(q, g0, k, j0, jn, D, n, scale, s, next);
@@ -201,14 +206,18 @@ HWY_INLINE void ValueTileAny(int64_t gt, const float* p, int64_t g0, const VT* v
 }
 
 // Folds n keys/values (rows [n, D] of f32, bf16 or f16, widened as they are read) into the
-// partials of G query heads q [G, D]; `next` is prefetched meanwhile.
+// partials of G query heads q [G, D]; `after` (the piece folded next) is prefetched meanwhile.
 template <typename ST>
 HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
                          const ST* HWY_RESTRICT k, const ST* HWY_RESTRICT v, int64_t n, float scale,
                          PartialAttention* part, float* HWY_RESTRICT scores /* [G, n] */,
-                         float* HWY_RESTRICT stats, const NextRows& next) {
+                         float* HWY_RESTRICT stats, const NextRows& after) {
   const hn::ScalableTag<float> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
+  Prefetch next;
+  next.next_k = after.k, next.next_rows = after.rows, next.next_bytes = after.row_bytes;
+  next.own_v = reinterpret_cast<const uint8_t*>(v), next.own_rows = n;
+  next.own_bytes = D * static_cast<int64_t>(sizeof(ST));
   // Scores, L keys x up to kHeadTile heads at a time.
   for (int64_t j = 0; j < n; j += L)
     for (int64_t g = 0; g < G; g += kHeadTile)
@@ -284,7 +293,6 @@ HWY_INLINE NextRows PieceAt(const KVLayerView& kv, int64_t h, int64_t b, int64_t
   NextRows r;
   if (b >= e) return r;
   r.k = kv.KRow(h, b);
-  r.v = kv.VRow(h, b);
   r.rows = std::min(e, (b / kv.block_size + 1) * kv.block_size) - b;
   r.row_bytes = kv.head_dim * static_cast<int64_t>(DTypeSize(kv.dtype));
   return r;
@@ -411,8 +419,9 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   std::vector<int64_t> base(static_cast<size_t>(Hk + 1), 0);  // first block of head h overall
   for (int64_t h = 0; h < Hk; ++h) base[h + 1] = base[h] + static_cast<int64_t>(blocks[h].size());
   stats->resize(static_cast<size_t>(base[Hk] * G * 2));
-  // Items: runs of `per` blocks of one head, about two per thread.
-  const int64_t per = std::max<int64_t>(1, (base[Hk] + 2 * tc.threads() - 1) / (2 * tc.threads()));
+  // Items: runs of `per` blocks of one head, about four per thread (a thread that starts late
+  // or runs slow leaves less behind than with one or two each).
+  const int64_t per = std::max<int64_t>(1, (base[Hk] + 4 * tc.threads() - 1) / (4 * tc.threads()));
   struct Item {
     int64_t h, i0, i1;
   };

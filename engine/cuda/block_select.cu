@@ -83,7 +83,35 @@ __global__ void TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool
   }
 }
 
+__global__ void GroupQueriesKernel(const float* q, int64_t G, int64_t n, int64_t D, bool quest,
+                                   float* qa, float* qb) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t h = i / D, d = i % D;
+  float a = 0.f, b = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const float x = q[(h * G + g) * D + d];
+    if (!quest) {
+      a = __fadd_rn(a, x);
+    } else {
+      a = __fadd_rn(a, fmaxf(x, 0.f));
+      b = __fadd_rn(b, fminf(x, 0.f));
+    }
+  }
+  qa[i] = a;
+  qb[i] = b;
+}
+
 }  // namespace
+
+void GroupQueries(const float* q, int64_t heads, int64_t kv_heads, int64_t D, bool quest, float* qa,
+                  float* qb, cudaStream_t stream) {
+  const int64_t n = kv_heads * D;
+  if (n <= 0) return;
+  GroupQueriesKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      q, heads / kv_heads, n, D, quest, qa, qb);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
 
 void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads, int32_t first,
                int64_t want, float* vals, int32_t* ids, cudaStream_t stream) {

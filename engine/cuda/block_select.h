@@ -16,4 +16,10 @@ namespace needle::cuda {
 void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads, int32_t first,
                int64_t want, float* vals, int32_t* ids, cudaStream_t stream);
 
+// Scoring's combined queries (sparse_attn/scoring.h GroupQueries) of one decode query q
+// [heads, D] on the GPU: qa, qb [kv_heads, D], summed over each group's heads in head order, as
+// the host sums them.
+void GroupQueries(const float* q, int64_t heads, int64_t kv_heads, int64_t D, bool quest, float* qa,
+                  float* qb, cudaStream_t stream);
+
 }  // namespace needle::cuda

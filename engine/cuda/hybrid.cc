@@ -344,43 +344,45 @@ struct HybridAttention::Impl final : PlanExecutor {
     return true;
   }
 
-  // Scores on the GPU: the representatives of the candidates are copied there when the planner
-  // has (re)computed them since (their stamps), then one kernel scores every candidate into
-  // device memory [kv_heads][n]. nullptr: the candidates are not a range (scored on the CPU).
-  float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
+  // Scores on the GPU: the representatives of candidate blocks [first, first + n) are copied
+  // there when the planner has (re)computed them since (their stamps), then one kernel scores
+  // every candidate against the query on the GPU (q_dev) into device memory [kv_heads][n],
+  // followed by `extra_floats` for the caller.
+  float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
                     size_t extra_floats) {
-    for (int64_t i = 1; i < a.n; ++i)
-      if (a.blocks[i] != a.blocks[0] + i) return nullptr;  // (candidates are a range today)
-    const int64_t first = a.blocks[0], D = a.head_dim, Hk = a.kv_heads;
+    const int64_t D = m.head_dim, Hk = m.num_kv_heads;
     const size_t bb = reps.BlockBytes();
     uint8_t* layer_dev = reps_dev + bb * static_cast<size_t>(layer * reps.max_blocks());
     std::vector<uint32_t>& up = uploaded[layer];
-    for (int64_t b = first; b < first + a.n;) {
+    for (int64_t b = first; b < first + n;) {
       if (up[b] == reps.stamp(layer, b)) {
         ++b;
         continue;
       }
       int64_t e = b;
-      while (e < first + a.n && up[e] != reps.stamp(layer, e)) up[e] = reps.stamp(layer, e), ++e;
+      while (e < first + n && up[e] != reps.stamp(layer, e)) up[e] = reps.stamp(layer, e), ++e;
       H2D(layer_dev + bb * static_cast<size_t>(b), reps.Block(layer, b),
           bb * static_cast<size_t>(e - b));
       b = e;
     }
-    const bool quest = reps.type() == ReprType::kQuest;
-    float* q_group = group_pin.Get(static_cast<size_t>(2 * Hk * D));
-    GroupQueries(a, quest, q_group, q_group + Hk * D);
-    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * a.n) + extra_floats);
-    H2D(d, q_group, static_cast<size_t>(2 * Hk * D) * 4);
-    cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, a.n, Hk, D, d, d + Hk * D,
+    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
+    cuda::GroupQueries(q_dev, m.num_heads, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D,
+                       stream);
+    cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, Hk, D, d, d + Hk * D,
                       d + 2 * Hk * D, stream);
     return d + 2 * Hk * D;
+  }
+  static bool IsRange(const ScoreArgs& a) {
+    for (int64_t i = 1; i < a.n; ++i)
+      if (a.blocks[i] != a.blocks[0] + i) return false;
+    return true;
   }
 
   bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
              float* scores) override {
     if (a.n <= 0) return true;
-    const float* d = ScoreOnGpu(layer, reps, a, 0);
-    if (d == nullptr) return false;
+    if (!IsRange(a)) return false;  // (candidates are a range today)
+    const float* d = ScoreOnGpu(layer, reps, a.blocks[0], a.n, 0);
     const size_t n = static_cast<size_t>(a.kv_heads * a.n);
     float* pin = top_pin.Get(n);
     D2H(pin, d, n * 4);
@@ -389,25 +391,63 @@ struct HybridAttention::Impl final : PlanExecutor {
     return true;
   }
 
-  // Scores and ranks on the GPU (cuda::TopBlocks): only the shortlist comes back.
-  bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
-                int64_t want, std::vector<std::vector<Scored>>* top) override {
-    const int64_t rows = sum_heads ? 1 : a.kv_heads, k = std::min(want, a.n);
-    top->assign(static_cast<size_t>(rows), {});
-    if (a.n <= 0) return true;
+  // The shortlist of candidates [first, first + n) (cuda::TopBlocks), queued into top_pin; read
+  // back by ReadShortlist after a stream synchronize.
+  void QueueShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
+                      bool sum_heads, int64_t want) {
+    const int64_t rows = sum_heads ? 1 : m.num_kv_heads;
     const size_t out = static_cast<size_t>(rows * want);
-    float* d = ScoreOnGpu(layer, reps, a, 2 * out);
-    if (d == nullptr) return false;
-    float* vals = d + a.kv_heads * a.n;
+    float* d = ScoreOnGpu(layer, reps, first, n, 2 * out);
+    float* vals = d + m.num_kv_heads * n;
     auto* ids = reinterpret_cast<int32_t*>(vals + out);
-    cuda::TopBlocks(d, a.kv_heads, a.n, sum_heads, a.blocks[0], want, vals, ids, stream);
-    float* pin = top_pin.Get(2 * out);
-    D2H(pin, vals, 2 * out * 4);
-    Sync(nullptr);
+    cuda::TopBlocks(d, m.num_kv_heads, n, sum_heads, static_cast<int32_t>(first), want, vals, ids,
+                    stream);
+    D2H(top_pin.Get(2 * out), vals, 2 * out * 4);
+  }
+  void ReadShortlist(int64_t n, bool sum_heads, int64_t want,
+                     std::vector<std::vector<Scored>>* top) {
+    const int64_t rows = sum_heads ? 1 : m.num_kv_heads, k = std::min(want, n);
+    const size_t out = static_cast<size_t>(rows * want);
+    const float* pin = top_pin.Get(2 * out);
     const auto* pid = reinterpret_cast<const int32_t*>(pin + out);
+    top->assign(static_cast<size_t>(rows), {});
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < k; ++i) (*top)[r].push_back({pin[r * want + i], pid[r * want + i]});
+  }
+
+  // Ranks on the GPU: only the shortlist comes back. When Attend queued it already with the
+  // query (early), and no representative of a candidate changed since, that one is read.
+  bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
+                int64_t want, std::vector<std::vector<Scored>>* top) override {
+    if (a.n <= 0) {
+      top->assign(sum_heads ? 1 : static_cast<size_t>(a.kv_heads), {});
+      return true;
+    }
+    if (!IsRange(a)) return false;
+    const int64_t first = a.blocks[0];
+    bool early = early_layer == layer && early_first == first && early_n == a.n &&
+                 early_want == want && early_sum == sum_heads;
+    early_layer = -1;
+    for (int64_t b = first; early && b < first + a.n; ++b)
+      early = uploaded[layer][b] == reps.stamp(layer, b);
+    if (!early) {
+      QueueShortlist(layer, reps, first, a.n, sum_heads, want);
+      Sync(nullptr);
+    }
+    ReadShortlist(a.n, sum_heads, want, top);
     return true;
+  }
+
+  // Decode: queues the shortlist the planner will ask this layer for (WillShortlist), with the
+  // query's copy, so that one wait serves both.
+  void QueueEarlyShortlist(int64_t layer, const AttnArgs& a) {
+    early_layer = -1;
+    int64_t first = 0, end = 0, want = 0;
+    bool sum = false;
+    if (!planner.WillShortlist(layer, a, &first, &end, &want, &sum)) return;
+    QueueShortlist(layer, planner.representatives(), first, end - first, sum, want);
+    early_layer = layer, early_first = first, early_n = end - first, early_want = want;
+    early_sum = sum;
   }
 
   const ModelConfig& m;
@@ -424,7 +464,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
   KVCache* model_cache = nullptr;
-  PinnedFloats q_pin, row_pin, part_pin, group_pin, lse_pin, top_pin;
+  PinnedFloats q_pin, row_pin, part_pin, lse_pin, top_pin;
   std::vector<int32_t> table_host;
   int64_t table_lb = -1, table_pb = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
@@ -435,6 +475,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
   cuda::GrowBuffer score_buf{"hybrid block scores"};
   cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
+  // The shortlist queued early (QueueEarlyShortlist) and what it was for; layer -1: none.
+  int64_t early_layer = -1, early_first = 0, early_n = 0, early_want = 0;
+  bool early_sum = false;
   HybridStats stats;
 };
 
@@ -447,6 +490,26 @@ HybridAttention::~HybridAttention() = default;
 
 SparseAttention& HybridAttention::planner() { return impl_->planner; }
 const HybridStats& HybridAttention::stats() const { return impl_->stats; }
+KVCache& HybridAttention::host_cache() { return impl_->host; }
+
+void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
+  Impl& x = *impl_;
+  const int64_t B = x.c.block_size;
+  x.host.SetSize(P);
+  for (int64_t l = 0; l < x.m.num_layers; ++l) {
+    if (x.Dense(l)) continue;
+    x.planner.IndexContext(l, x.host);
+    const int64_t init_b = std::min(x.c.init_end() / B, (P + B - 1) / B);
+    const int64_t local_b = std::max(x.c.LocalBegin(P) / B, init_b), last_b = (P + B - 1) / B;
+    for (int64_t b = 0; b < init_b; ++b) model_cache.AssignBlocks(l, b * B, 1);
+    for (int64_t b = local_b; b < last_b; ++b) model_cache.AssignBlocks(l, b * B, 1);
+    x.CopyBlocks(x.host, l, model_cache, l, 0, init_b, cudaMemcpyHostToDevice);
+    x.CopyBlocks(x.host, l, model_cache, l, local_b, last_b, cudaMemcpyHostToDevice);
+  }
+  model_cache.SetSize(P);
+  x.table_lb = x.table_pb = -1;
+  x.Sync(nullptr);
+}
 
 void HybridAttention::Reset() {
   impl_->planner.Reset();
@@ -504,6 +567,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
+  x.QueueEarlyShortlist(layer, a);
   // The CPU attends Context blocks after the projections and the selection's round trip to the
   // GPU: once the GPU has finished the previous layer (layer_start), wake its threads, so that
   // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was

@@ -70,6 +70,13 @@ class HybridAttention final : public AttentionPolicy {
   ~HybridAttention() override;
 
   SparseAttention& planner();
+  // Benchmarks (bench_hybrid's synthetic contexts, for lengths whose prefill would not fit the
+  // device time): the caller wrote tokens [0, P) of every sparse layer into host_cache() and of
+  // every dense layer into `model_cache`; this indexes their representatives (Quest, Max or
+  // Mean), copies the Initial and Local blocks to the rings and marks both caches P long, as a
+  // prefill would leave them (no retention seed, no observation window).
+  KVCache& host_cache();
+  void AdoptContext(KVCache& model_cache, int64_t P);
   const HybridStats& stats() const;
   void Reset();  // a new sequence (the caller clears the model's cache)
 
