@@ -25,10 +25,13 @@ RepresentativeStore::RepresentativeStore(int64_t layers, int64_t kv_heads, int64
                 std::vector<uint8_t>(static_cast<size_t>(max_blocks), 0));
   stamp_.assign(static_cast<size_t>(layers),
                 std::vector<uint32_t>(static_cast<size_t>(max_blocks), 0));
+  version_ = std::make_unique<std::atomic<uint64_t>[]>(static_cast<size_t>(layers));
+  for (int64_t l = 0; l < layers; ++l) version_[l].store(0);
 }
 
 void RepresentativeStore::Invalidate(int64_t layer, int64_t from_block) {
   for (int64_t b = from_block; b < max_blocks_; ++b) ready_[layer][b] = 0;
+  version_[layer].fetch_add(1, std::memory_order_relaxed);
 }
 
 const void* RepresentativeStore::Block(int64_t layer, int64_t block) const {
@@ -73,6 +76,7 @@ void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KV
   }
   ready_[layer][block] = 1;
   ++stamp_[layer][block];
+  version_[layer].fetch_add(1, std::memory_order_relaxed);
 }
 
 void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv,
@@ -96,6 +100,7 @@ void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVL
   }
   ready_[layer][block] = 1;
   ++stamp_[layer][block];
+  version_[layer].fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace needle

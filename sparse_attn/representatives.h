@@ -10,7 +10,9 @@
 // scoring scan reads every representative each selection).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "engine/base/dtype.h"
@@ -32,6 +34,9 @@ class RepresentativeStore {
   // Counts the computations of a block's representatives (never reset): a copy elsewhere (the
   // hybrid engine's, on the GPU) is current when it was taken at the same stamp.
   uint32_t stamp(int64_t layer, int64_t block) const { return stamp_[layer][block]; }
+  // Counts every change to `layer` (computations and invalidations; never reset): a reader that
+  // saw every block it cares about at one version needs to look again only after it moves.
+  uint64_t version(int64_t layer) const { return version_[layer].load(std::memory_order_relaxed); }
   size_t BlockBytes() const {
     return static_cast<size_t>(kv_heads_ * rows_ * head_dim_) * DTypeSize(storage_);
   }
@@ -51,9 +56,10 @@ class RepresentativeStore {
   int64_t kv_heads_, head_dim_, max_blocks_, rows_;
   ReprType type_;
   DType storage_;
-  std::vector<std::vector<uint8_t>> data_;    // [layer] -> [block][kv_head][R][D]
-  std::vector<std::vector<uint8_t>> ready_;   // [layer][block]
-  std::vector<std::vector<uint32_t>> stamp_;  // [layer][block]
+  std::vector<std::vector<uint8_t>> data_;            // [layer] -> [block][kv_head][R][D]
+  std::vector<std::vector<uint8_t>> ready_;           // [layer][block]
+  std::vector<std::vector<uint32_t>> stamp_;          // [layer][block]
+  std::unique_ptr<std::atomic<uint64_t>[]> version_;  // [layer]
 };
 
 }  // namespace needle

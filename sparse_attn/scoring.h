@@ -17,7 +17,7 @@ namespace needle {
 struct ScoreArgs {
   const float* q;  // [nq, heads, D], rotated like the cached keys
   int64_t nq, heads, kv_heads, head_dim;
-  const int32_t* blocks;  // candidate block ids [n]
+  const int32_t* blocks;  // candidate block ids [n], ascending
   int64_t n;
 };
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <numeric>
 
 #include "engine/base/error.h"
 #include "sparse_attn/block_mass.h"
@@ -37,6 +38,9 @@ SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& c
   last_plan_.resize(static_cast<size_t>(model.num_layers));
   recall_sum_.assign(static_cast<size_t>(model.num_layers), 0.0);
   recall_n_.assign(static_cast<size_t>(model.num_layers), 0);
+  ensured_from_.assign(static_cast<size_t>(model.num_layers), 0);
+  ensured_to_.assign(static_cast<size_t>(model.num_layers), 0);
+  ensured_ver_.assign(static_cast<size_t>(model.num_layers), ~uint64_t{0});
 }
 
 void SparseAttention::Reset() {
@@ -146,7 +150,13 @@ void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLaye
 void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv,
                                             int64_t from_block, int64_t to_block, float scale) {
   const int64_t B = cfg_.block_size;
-  for (int64_t blk = from_block; blk < to_block; ++blk) {
+  // Blocks [ensured_from_, ensured_to_) were all ready when the layer was at ensured_ver_ (only
+  // a change to the layer makes one not ready): look at the rest only (O(new blocks) a step).
+  const size_t l = static_cast<size_t>(layer);
+  const bool known = reps_.version(layer) == ensured_ver_[l] && from_block >= ensured_from_[l] &&
+                     from_block <= ensured_to_[l];
+  if (!known) ensured_from_[l] = from_block, ensured_to_[l] = from_block;
+  for (int64_t blk = std::max(from_block, ensured_to_[l]); blk < to_block; ++blk) {
     if (reps_.ready(layer, blk)) continue;
     if (cfg_.repr != ReprType::kDynamic) {
       reps_.ComputeFromKeys(layer, blk, kv);
@@ -158,10 +168,12 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
       reps_.ComputeDynamic(layer, blk, kv, votes.data(), cfg_.repr_count);
     }
   }
+  ensured_to_[l] = std::max(ensured_to_[l], to_block);
+  ensured_ver_[l] = reps_.version(layer);
 }
 
-bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first,
-                                    int64_t* end, int64_t* want, bool* sum_heads) const {
+bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end,
+                                    int64_t* want, bool* sum_heads) const {
   const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B;
   const int64_t ctx_end_block = cfg_.LocalBegin(a.pos0) / B;
   if (a.T != 1 || DenseLayer(layer, a) || ctx_end_block <= init_blocks ||
@@ -180,10 +192,9 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
   if (SelectsAt(layer, decode_step_)) {
     // Candidates: Context blocks, restricted to the preselected set where there is one (blocks
     // that joined the Context after the prompt always compete).
-    std::vector<int32_t> all;
-    all.reserve(static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks)));
-    for (int64_t blk = init_blocks; blk < ctx_end_block; ++blk)
-      all.push_back(static_cast<int32_t>(blk));
+    std::vector<int32_t> all(
+        static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks)));
+    std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
     const auto& ps = presel_[layer];
     const auto allowed = [&](int64_t h, int32_t blk) {
       return ps.empty() || blk >= presel_end_[layer] || ps[h][blk] != 0;

@@ -91,8 +91,8 @@ class SparseAttention final : public AttentionPolicy {
   // (PlanExecutor::ScoreTop) of the candidate blocks [*first, *end), with `*want` and
   // `*sum_heads`: so that an executor may start it early. False when the layer attends densely,
   // reuses an earlier selection, or ranks preselected candidates.
-  bool WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end,
-                     int64_t* want, bool* sum_heads) const;
+  bool WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end, int64_t* want,
+                     bool* sum_heads) const;
 
   // Diagnostics.
   void set_recall(bool on) { recall_ = on; }
@@ -180,7 +180,10 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<std::vector<std::vector<uint8_t>>> presel_;  // [layer][kv_head][block]
   std::vector<int64_t> presel_end_;                        // [layer]: blocks >= this are candidates
   std::vector<Selection> sel_;                             // [layer group]
-  std::vector<LayerPlan> last_plan_;                       // [layer]
+  // EnsureRepresentatives: [from, to) known ready at the layer's version ver. [layer]
+  std::vector<int64_t> ensured_from_, ensured_to_;
+  std::vector<uint64_t> ensured_ver_;
+  std::vector<LayerPlan> last_plan_;  // [layer]
   bool recall_ = false;
   std::vector<double> recall_sum_;
   std::vector<int64_t> recall_n_;

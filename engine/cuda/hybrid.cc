@@ -144,6 +144,9 @@ struct HybridAttention::Impl final : PlanExecutor {
         r.BlockBytes() * static_cast<size_t>(r.max_blocks() * m.num_layers), "representatives"));
     uploaded.assign(static_cast<size_t>(m.num_layers),
                     std::vector<uint32_t>(static_cast<size_t>(r.max_blocks()), 0));
+    up_version.assign(static_cast<size_t>(m.num_layers), ~uint64_t{0});
+    up_first.assign(static_cast<size_t>(m.num_layers), 0);
+    up_end.assign(static_cast<size_t>(m.num_layers), 0);
     int dev = 0;
     NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
     NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
@@ -354,7 +357,11 @@ struct HybridAttention::Impl final : PlanExecutor {
     const size_t bb = reps.BlockBytes();
     uint8_t* layer_dev = reps_dev + bb * static_cast<size_t>(layer * reps.max_blocks());
     std::vector<uint32_t>& up = uploaded[layer];
-    for (int64_t b = first; b < first + n;) {
+    // Every candidate's copy is current when the layer has not changed since the candidates of a
+    // range that covered these were checked: O(1) a step, not O(blocks).
+    const bool current = reps.version(layer) == up_version[layer] && first >= up_first[layer] &&
+                         first + n <= up_end[layer];
+    for (int64_t b = current ? first + n : first; b < first + n;) {
       if (up[b] == reps.stamp(layer, b)) {
         ++b;
         continue;
@@ -365,6 +372,8 @@ struct HybridAttention::Impl final : PlanExecutor {
           bb * static_cast<size_t>(e - b));
       b = e;
     }
+    if (!current)
+      up_version[layer] = reps.version(layer), up_first[layer] = first, up_end[layer] = first + n;
     float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
     cuda::GroupQueries(q_dev, m.num_heads, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D,
                        stream);
@@ -372,10 +381,8 @@ struct HybridAttention::Impl final : PlanExecutor {
                       d + 2 * Hk * D, stream);
     return d + 2 * Hk * D;
   }
-  static bool IsRange(const ScoreArgs& a) {
-    for (int64_t i = 1; i < a.n; ++i)
-      if (a.blocks[i] != a.blocks[0] + i) return false;
-    return true;
+  static bool IsRange(const ScoreArgs& a) {  // (the candidates are ascending)
+    return a.n <= 0 || a.blocks[a.n - 1] - a.blocks[0] == a.n - 1;
   }
 
   bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
@@ -425,11 +432,11 @@ struct HybridAttention::Impl final : PlanExecutor {
     }
     if (!IsRange(a)) return false;
     const int64_t first = a.blocks[0];
-    bool early = early_layer == layer && early_first == first && early_n == a.n &&
-                 early_want == want && early_sum == sum_heads;
+    // (No representative changed since: the layer's version is the one the early copy took.)
+    const bool early = early_layer == layer && early_first == first && early_n == a.n &&
+                       early_want == want && early_sum == sum_heads &&
+                       early_version == reps.version(layer);
     early_layer = -1;
-    for (int64_t b = first; early && b < first + a.n; ++b)
-      early = uploaded[layer][b] == reps.stamp(layer, b);
     if (!early) {
       QueueShortlist(layer, reps, first, a.n, sum_heads, want);
       Sync(nullptr);
@@ -447,6 +454,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     if (!planner.WillShortlist(layer, a, &first, &end, &want, &sum)) return;
     QueueShortlist(layer, planner.representatives(), first, end - first, sum, want);
     early_layer = layer, early_first = first, early_n = end - first, early_want = want;
+    early_version = planner.representatives().version(layer);
     early_sum = sum;
   }
 
@@ -473,10 +481,14 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<float> block_stats;               // AttendBlocks' per-block sums
   uint8_t* reps_dev = nullptr;                  // [layer][block][kv_head][R][D], the store's layout
   std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
+  // [layer]: the candidates [up_first, up_end) were all current on the GPU at up_version.
+  std::vector<uint64_t> up_version;
+  std::vector<int64_t> up_first, up_end;
   cuda::GrowBuffer score_buf{"hybrid block scores"};
   cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
   // The shortlist queued early (QueueEarlyShortlist) and what it was for; layer -1: none.
   int64_t early_layer = -1, early_first = 0, early_n = 0, early_want = 0;
+  uint64_t early_version = 0;
   bool early_sum = false;
   HybridStats stats;
 };
