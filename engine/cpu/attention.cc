@@ -8,6 +8,7 @@
 // cannot feed the threads (long-context decode).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "engine/attention/partial.h"
@@ -158,50 +159,27 @@ HWY_INLINE void ValueTile(const float* HWY_RESTRICT p, int64_t g0, const VT* HWY
 // Up to 8 heads per register tile (the whole GQA group of most models: one pass over the rows).
 constexpr int64_t kHeadTile = 8;
 
-template <typename KT>
-HWY_INLINE void ScoreChunkAny(int64_t gt, const float* q, int64_t g0, const KT* k, int64_t j0,
-                              int64_t jn, int64_t D, int64_t n, float scale, float* s,
-                              const Prefetch& next) {
+// Calls f(std::integral_constant<int, gt>()) for a head tile of gt = 1 .. kHeadTile heads: the
+// register tiles are sized at compile time.
+template <class F>
+HWY_INLINE void WithHeadTile(int64_t gt, const F& f) {
   switch (gt) {
     case 1:
-      return ScoreChunk<1>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 1>());
     case 2:
-      return ScoreChunk<2>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 2>());
     case 3:
-      return ScoreChunk<3>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 3>());
     case 4:
-      return ScoreChunk<4>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 4>());
     case 5:
-      return ScoreChunk<5>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 5>());
     case 6:
-      return ScoreChunk<6>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 6>());
     case 7:
-      return ScoreChunk<7>(q, g0, k, j0, jn, D, n, scale, s, next);
+      return f(std::integral_constant<int, 7>());
     default:
-      return ScoreChunk<8>(q, g0, k, j0, jn, D, n, scale, s, next);
-  }
-}
-
-template <typename VT>
-HWY_INLINE void ValueTileAny(int64_t gt, const float* p, int64_t g0, const VT* v, int64_t d0,
-                             int64_t D, int64_t n, PartialAttention* part, const float* corr) {
-  switch (gt) {
-    case 1:
-      return ValueTile<1>(p, g0, v, d0, D, n, part, corr);
-    case 2:
-      return ValueTile<2>(p, g0, v, d0, D, n, part, corr);
-    case 3:
-      return ValueTile<3>(p, g0, v, d0, D, n, part, corr);
-    case 4:
-      return ValueTile<4>(p, g0, v, d0, D, n, part, corr);
-    case 5:
-      return ValueTile<5>(p, g0, v, d0, D, n, part, corr);
-    case 6:
-      return ValueTile<6>(p, g0, v, d0, D, n, part, corr);
-    case 7:
-      return ValueTile<7>(p, g0, v, d0, D, n, part, corr);
-    default:
-      return ValueTile<8>(p, g0, v, d0, D, n, part, corr);
+      return f(std::integral_constant<int, 8>());
   }
 }
 
@@ -221,8 +199,9 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
   // Scores, L keys x up to kHeadTile heads at a time.
   for (int64_t j = 0; j < n; j += L)
     for (int64_t g = 0; g < G; g += kHeadTile)
-      ScoreChunkAny(std::min(kHeadTile, G - g), q, g, k, j, std::min(L, n - j), D, n, scale, scores,
-                    next);
+      WithHeadTile(std::min(kHeadTile, G - g), [&](auto gt) HWY_ATTR {
+        ScoreChunk<decltype(gt)::value>(q, g, k, j, std::min(L, n - j), D, n, scale, scores, next);
+      });
   // Online softmax: new maximum, rescale factor, probabilities.
   float corr[64];
   NEEDLE_CHECK(G <= 64);
@@ -260,7 +239,9 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
   int64_t d = 0;
   for (; d + 2 * L <= D; d += 2 * L)
     for (int64_t g = 0; g < G; g += kHeadTile)
-      ValueTileAny(std::min(kHeadTile, G - g), scores, g, v, d, D, n, part, corr);
+      WithHeadTile(std::min(kHeadTile, G - g), [&](auto gt) HWY_ATTR {
+        ValueTile<decltype(gt)::value>(scores, g, v, d, D, n, part, corr);
+      });
   for (; d < D; ++d)
     for (int64_t g = 0; g < G; ++g) {
       float acc = 0.0f;

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 #include <vector>
 
 #include "engine/base/error.h"
@@ -19,74 +18,6 @@
 #include "engine/cuda/kernels.h"
 
 namespace needle {
-
-bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer) {
-  return layer < c.dense_layers || m.sliding_window[static_cast<size_t>(layer)] > 0;
-}
-
-KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
-                               DType kv_type) {
-  KVCacheShape s(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
-  s.ring_layer.resize(static_cast<size_t>(m.num_layers));
-  for (int64_t l = 0; l < m.num_layers; ++l) s.ring_layer[l] = HybridDenseLayer(m, c, l) ? 0 : 1;
-  s.pinned_blocks = c.init_end() / c.block_size;
-  // The Local region [LocalBegin(p), p] spans at most ceil(local_window / B) + 1 blocks.
-  s.ring_blocks = (c.local_window + c.block_size - 1) / c.block_size + 1;
-  return s;
-}
-
-std::string HybridGpuMemory::Describe() const {
-  std::ostringstream os;
-  os << "weights " << FormatBytes(weights) << ", dense-layer KV " << FormatBytes(dense_kv)
-     << ", Initial + Local KV " << FormatBytes(window_kv) << ", prompt staging "
-     << FormatBytes(staging_kv) << ", representatives " << FormatBytes(reps) << ", activations "
-     << FormatBytes(activations) << ", scratch " << FormatBytes(scratch) << ": total "
-     << FormatBytes(total());
-  return os.str();
-}
-
-namespace {
-// RepresentativeStore's bytes for every layer (its storage: f32 for an f32 cache, else bf16).
-size_t RepsBytes(const ModelConfig& m, const SparseConfig& c, int64_t ctx, DType kv) {
-  const int64_t blocks = (ctx + c.block_size - 1) / c.block_size;
-  const int64_t rows = c.repr == ReprType::kQuest ? 2 : 1;
-  return static_cast<size_t>(m.num_layers * blocks * m.num_kv_heads * rows * m.head_dim) *
-         (kv == DType::kF32 ? 4 : 2);
-}
-}  // namespace
-
-HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
-                               DType kv_type, size_t weight_bytes, int64_t ubatch,
-                               bool residual_on_gpu) {
-  HybridGpuMemory g;
-  g.weights = weight_bytes;
-  const KVCacheShape s = HybridDeviceShape(m, c, ctx, kv_type);
-  for (int64_t l = 0; l < s.layers; ++l)
-    (s.IsRing(l) ? g.window_kv : g.dense_kv) +=
-        s.SlotBytes() * static_cast<size_t>(s.LayerSlots(l));
-  KVCacheShape one(1, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
-  g.staging_kv = one.TotalBytes();
-  g.reps = RepsBytes(m, c, ctx, kv_type);
-  // Model::Buffers of a micro-batch (x, h, q, k, v, att, gate, up) and the logits row, in f32.
-  const int64_t U = std::min(ubatch, ctx);
-  const size_t per_token = static_cast<size_t>(2 * m.hidden_size + 2 * m.q_dim() + 2 * m.kv_dim() +
-                                               2 * m.intermediate_size);
-  g.activations = (per_token * static_cast<size_t>(U) + static_cast<size_t>(m.vocab_size)) * 4;
-  if (residual_on_gpu) g.activations += static_cast<size_t>(ctx * m.hidden_size) * 4;
-  // Attention split partials (up to 2 per multiprocessor, generous), the merge's inputs, tables,
-  // cuBLAS workspace.
-  g.scratch = static_cast<size_t>(264 * m.num_heads * (m.head_dim + 2)) * 4 * 2 +
-              static_cast<size_t>(s.num_blocks()) * 4 + (size_t{64} << 20);
-  return g;
-}
-
-void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& name) {
-  if (need.total() > budget)
-    Fail("the hybrid engine needs ", FormatBytes(need.total()), " of GPU memory (", need.Describe(),
-         ") but ", name, " is ", FormatBytes(budget),
-         ": use a shorter context, a smaller --local-window, fewer --dense-layers or a larger "
-         "--gpu-memory");
-}
 
 namespace {
 using Clock = std::chrono::steady_clock;
