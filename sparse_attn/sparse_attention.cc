@@ -89,7 +89,10 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
   const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
   if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
-  exec_->Dense(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
+  if (cfg_.sparse_prefill && !DenseLayer(layer, a))
+    SparsePrefill(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
+  else
+    exec_->Dense(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
   // The observation window keeps the prompt's last queries (their lse is computed at the end).
   QueryWindow& w = window_[layer];
   for (int64_t t = std::max<int64_t>(0, a.T - cfg_.obs_window); t < a.T; ++t)
@@ -113,6 +116,60 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
       ctx.push_back(static_cast<int32_t>(blk));
     Retain(layer, q + (a.T - 1) * a.heads * a.head_dim, prefill_lse_.data() + (a.T - 1) * a.heads,
            la, kv, std::vector<std::vector<int32_t>>(static_cast<size_t>(kv.kv_heads), ctx));
+  }
+}
+
+void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArgs& a,
+                                    const KVLayerView& kv, float* out, float* lse) {
+  const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
+  const int64_t HD = a.heads * a.head_dim;
+  AttnSpans spans;
+  for (int64_t c0 = a.pos0; c0 < a.pos0 + a.T; c0 += cfg_.prefill_chunk) {
+    AttnArgs ca = a;
+    ca.pos0 = c0;
+    ca.T = std::min(cfg_.prefill_chunk, a.pos0 + a.T - c0);
+    const float* cq = q + (c0 - a.pos0) * HD;
+    // The chunk's Context: the whole blocks between Initial and its first query's Local region.
+    const int64_t lb = cfg_.LocalBegin(c0), ctx_end_block = lb / B;
+    std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
+    if (ctx_end_block > init_blocks) {
+      auto t = Clock::now();
+      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
+      times_.reps += Since(t);
+      t = Clock::now();
+      std::vector<int32_t> all(static_cast<size_t>(ctx_end_block - init_blocks));
+      std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
+      const int64_t n = static_cast<int64_t>(all.size());
+      std::vector<float> sc(static_cast<size_t>(Hk * n));
+      // Scored with every query of the chunk (scoring sums them), selected as decode selects.
+      fast::ScoreBlocks(reps_, layer, ScoreArgs{cq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
+                        sc.data(), tc_);
+      if (cfg_.select == SelectMode::kLayer) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t h = 1; h < Hk; ++h) sc[i] += sc[h * n + i];
+        sel[0] = TopK(sc.data(), all.data(), n, cfg_.topk);
+        for (auto& hb : sel) hb = sel[0];
+      } else {
+        for (int64_t h = 0; h < Hk; ++h) sel[h] = TopK(sc.data() + h * n, all.data(), n, cfg_.topk);
+      }
+      times_.select += Since(t);
+    }
+    // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk.
+    spans.offsets.assign(1, 0);
+    spans.spans.clear();
+    for (int64_t t = 0; t < ca.T; ++t) {
+      const int64_t p = c0 + t;
+      for (int64_t h = 0; h < Hk; ++h) {
+        const int64_t ie = std::min(cfg_.init_end(), p + 1);
+        if (ie > 0) spans.spans.push_back({0, ie});
+        for (int32_t b : sel[h]) spans.spans.push_back({int64_t{b} * B, int64_t{b} * B + B});
+        if (std::max(lb, ie) < p + 1) spans.spans.push_back({std::max(lb, ie), p + 1});
+        spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
+      }
+    }
+    if (!exec_->Spans(layer, cq, ca, kv, spans, out + (c0 - a.pos0) * HD,
+                      lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr))
+      Fail("--prefill sparse: this placement of the KV cache cannot attend a prompt sparsely yet");
   }
 }
 

@@ -51,6 +51,13 @@ class PlanExecutor {
                      float* /*scores*/) {
     return false;
   }
+  // Queries a.T >= 1 (a sparse prefill's chunk) over the key spans of each (token, KV head)
+  // (engine/cpu/ops.h AttnSpans); lse: host [T, heads] or nullptr. false: not supported here.
+  virtual bool Spans(int64_t /*layer*/, const float* /*q*/, const AttnArgs& /*a*/,
+                     const KVLayerView& /*kv*/, const AttnSpans& /*spans*/, float* /*out*/,
+                     float* /*lse*/) {
+    return false;
+  }
   // A block with its score, as selection ranks them: higher score first, then lower id.
   struct Scored {
     float score;
@@ -119,6 +126,10 @@ class SparseAttention final : public AttentionPolicy {
   };
   void Prefill(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out);
   void EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
+  // --prefill sparse: the micro-batch's queries in chunks, each over Initial + the chunk's topk
+  // Context blocks + the Local window before it + itself (lse: [T, heads] or nullptr).
+  void SparsePrefill(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                     float* out, float* lse);
   void Decode(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out);
   void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
                              int64_t to_block, float scale);
@@ -137,8 +148,12 @@ class SparseAttention final : public AttentionPolicy {
            ((layer - cfg_.dense_layers) % cfg_.layer_step == 0 && step - s.step >= cfg_.token_step);
   }
   // Layers that attend densely at every step: the first dense_layers and sliding-window ones.
+  // With sparse prefill, the first dense_layers only while the queries stay within the model's
+  // trained length (so that every query's attended set stays bounded).
   bool DenseLayer(int64_t layer, const AttnArgs& a) const {
-    return layer < cfg_.dense_layers || a.window > 0;
+    if (a.window > 0) return true;
+    if (layer >= cfg_.dense_layers) return false;
+    return !cfg_.sparse_prefill || a.pos0 + a.T <= model_.max_position_embeddings;
   }
   // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
   // attended) put on `blocks` ([kv_head][n]).
@@ -160,6 +175,11 @@ class SparseAttention final : public AttentionPolicy {
       plan.ToSpans(a.kv_heads, &spans_);
       b_.Attention(q, kv, a, &spans_, out, lse);
       return false;
+    }
+    bool Spans(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const AttnSpans& spans, float* out, float* lse) override {
+      b_.Attention(q, kv, a, &spans, out, lse);
+      return true;
     }
 
    private:

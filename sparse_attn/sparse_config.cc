@@ -57,6 +57,12 @@ void SparseConfig::Validate() const {
          "): the candidate set could not fill the selection");
   if (retain_blocks < 0)
     Fail("sparse attention: retain_blocks must not be negative (got ", retain_blocks, ")");
+  if (prefill_chunk <= 0)
+    Fail("sparse attention: prefill_chunk must be positive (got ", prefill_chunk, ")");
+  if (sparse_prefill && repr == ReprType::kDynamic)
+    Fail("sparse attention: sparse_prefill scores blocks while the prompt streams, before Dynamic "
+         "representatives exist (they need the prompt's last queries): use repr quest, max or "
+         "mean");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");
@@ -72,6 +78,7 @@ std::string SparseConfig::Describe() const {
      << " preselect_blocks=" << preselect_blocks;
   if (preselect_blocks > 0) os << " preselect_pool=" << preselect_pool;
   os << " retain_blocks=" << retained();
+  if (sparse_prefill) os << " prefill=sparse prefill_chunk=" << prefill_chunk;
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();
 }

@@ -39,6 +39,12 @@ struct SparseConfig {
   // step (block_mass.h): the heaviest, each followed by its successor; at most topk / 2 of the
   // topk, the rest chosen by score; the prompt's last query seeds them. 0: off.
   int64_t retain_blocks = 8;
+  // Sparse chunked prefill (--prefill sparse): the prompt's queries attend in chunks of
+  // prefill_chunk tokens, each chunk Initial + its own topk Context blocks (scored with the
+  // chunk's queries) + the Local window before it + itself, causally; layers under
+  // dense_layers attend densely only within the model's trained length (max_position_embeddings).
+  bool sparse_prefill = false;
+  int64_t prefill_chunk = 1024;
 
   // Throws Error naming every setting involved when values cannot work (together).
   void Validate() const;

@@ -99,6 +99,47 @@ TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
   }
 }
 
+// Sparse chunked prefill equals dense prefill when topk covers every block, and when one chunk
+// covers the prompt (no Context before its first query); with a small budget it attends less
+// (its logits differ) and stays finite.
+TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
+  ThreadingContext tc(2);
+  for (const char* fx : {"/llama_llama3_hd128_f32", "/qwen2_bias_gqa7_f32"}) {
+    auto backend = MakeCpuBackend(tc, false);
+    auto model = LoadModel(kFx + fx, *backend);
+    const auto prompt = Tokens(61, 1), decode = Tokens(12, 2);
+    const auto dense = RunTokens(*model, prompt, decode, nullptr, tc);
+    double mx = 0;
+    for (float x : dense) mx = std::max(mx, static_cast<double>(std::fabs(x)));
+    for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest})
+      for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead})
+        for (int64_t chunk : {8, 64}) {
+          SparseConfig c = SmallConfig(r, m);
+          c.sparse_prefill = true;
+          c.prefill_chunk = chunk;  // 8: topk covers; 64: one chunk covers the prompt
+          if (chunk == 64) c.topk = 1;
+          const auto sparse = RunTokens(*model, prompt, {}, &c, tc);
+          double err = 0;
+          for (size_t i = 0; i < sparse.size(); ++i)
+            err = std::max(err, static_cast<double>(std::fabs(sparse[i] - dense[i])));
+          EXPECT_LE(err, 1e-5 * mx)
+              << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " chunk " << chunk;
+        }
+    SparseConfig small = SmallConfig(ReprType::kQuest, SelectMode::kKVHead);
+    small.sparse_prefill = true;
+    small.prefill_chunk = 8;
+    small.topk = 1;
+    const auto s = RunTokens(*model, prompt, decode, &small, tc);
+    ASSERT_EQ(s.size(), dense.size());
+    double diff = 0;
+    for (size_t i = 0; i < s.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(s[i])) << i;
+      diff = std::max(diff, static_cast<double>(std::fabs(s[i] - dense[i])));
+    }
+    EXPECT_GT(diff, 1e-3 * mx) << fx << ": a one-block budget attended everything";
+  }
+}
+
 // ---- Brute force: representatives, votes and selection written plainly from the keys. ----
 
 struct Synthetic {

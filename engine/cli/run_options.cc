@@ -46,6 +46,8 @@ constexpr SparseIntOption kSparseInts[] = {
      "sparse: SnapKV candidate blocks kept at the end of the prompt (0: off)"},
     {"preselect-pool", "preselect_pool", &SparseConfig::preselect_pool,
      "sparse: max-pool width of preselection votes"},
+    {"prefill-chunk", "prefill_chunk", &SparseConfig::prefill_chunk,
+     "sparse: prompt tokens per selection of --prefill sparse"},
     {"retain-blocks", "retain_blocks", &SparseConfig::retain_blocks,
      "sparse: blocks kept in the next selection for their attention mass at the previous step "
      "(the heaviest, each with its successor; at most topk/2; 0: off)"},
@@ -86,6 +88,9 @@ std::vector<OptionSpec> RunOptionSpecs() {
        "sparse: block representatives: max, mean, quest, dynamic"},
       {"select", 0, OptKind::kString, SelectModeName(d.select),
        "sparse: selection per 'layer' or per 'kvhead'"},
+      {"prefill", 0, OptKind::kString, "dense",
+       "sparse: how the prompt attends: dense, or sparse (chunks of --prefill-chunk tokens, each "
+       "Initial + its topk blocks + Local + itself; CPU only for now)"},
       {"attn-recall", 0, OptKind::kFlag, "",
        "report per layer the share of full attention mass attended"},
       {"dump-plan", 0, OptKind::kString, "",
@@ -110,6 +115,9 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
   for (const auto& o : kSparseInts) c.*o.field = opt.Int(o.flag);
   c.repr = ParseReprType(opt.Str("repr"), "--repr");
   c.select = ParseSelectMode(opt.Str("select"), "--select");
+  const std::string pf = opt.Str("prefill");
+  if (pf != "dense" && pf != "sparse") Fail("--prefill: '", pf, "' is not dense or sparse");
+  c.sparse_prefill = pf == "sparse";
   if (c.block_size <= 0) Fail("--block-size must be positive (got ", c.block_size, ")");
   if (att == "sparse") {
     try {
@@ -130,7 +138,7 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
     for (const auto& o : kSparseInts)
       if (std::string(o.flag) != "block-size" && opt.IsSet(o.flag))
         Fail("--", o.flag, " only applies to --attention sparse");
-    for (const char* o : {"repr", "select", "attn-recall", "dump-plan"})
+    for (const char* o : {"repr", "select", "attn-recall", "dump-plan", "prefill"})
       if (opt.IsSet(o)) Fail("--", o, " only applies to --attention sparse");
   }
   return c;
