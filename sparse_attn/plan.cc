@@ -1,31 +1,64 @@
 #include "sparse_attn/plan.h"
 
+#include <algorithm>
 #include <sstream>
 
 namespace needle {
 
-void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out) const {
+void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
+                      int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
+                      std::map<int64_t, int32_t>* rows) {
+  const bool remap = inv_freq != nullptr;
+  const int64_t first = static_cast<int64_t>(out->spans.size());
+  const int64_t off = ie + static_cast<int64_t>(blocks.size()) * B - lb;  // p' - p
+  auto add = [&](int64_t b, int64_t e, int64_t delta) {
+    if (b >= e) return;
+    int32_t row = -1;
+    if (remap && delta != 0) {
+      auto it = rows->find(delta);
+      if (it == rows->end()) {
+        row = static_cast<int32_t>(out->rot_table.size() / static_cast<size_t>(head_dim));
+        out->rot_table.resize(out->rot_table.size() + static_cast<size_t>(head_dim));
+        RotationRow(delta, inv_freq, head_dim, &out->rot_table[row * head_dim]);
+        rows->emplace(delta, row);
+      } else {
+        row = it->second;
+      }
+    }
+    // Adjacent ranges with the same rotation merge, so the kernel walks fewer, longer spans.
+    if (static_cast<int64_t>(out->spans.size()) > first && out->spans.back().end == b &&
+        (!remap || out->rot.back() == row)) {
+      out->spans.back().end = e;
+      return;
+    }
+    out->spans.push_back({b, e});
+    if (remap) out->rot.push_back(row);
+  };
+  add(0, std::min(ie, p + 1), off);  // (a query inside Initial sees part of it)
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const int64_t b = int64_t{blocks[i]} * B;
+    add(b, b + B, off - (ie + static_cast<int64_t>(i) * B - b));
+  }
+  add(std::max(lb, ie), p + 1, 0);
+  out->offsets.push_back(static_cast<int64_t>(out->spans.size()));
+}
+
+void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq,
+                        int64_t head_dim) const {
   out->offsets.assign(1, 0);
   out->spans.clear();
+  out->rot.clear();
+  out->rot_table.clear();
+  std::map<int64_t, int32_t> rows;
+  const std::vector<int32_t> none;
   for (int64_t h = 0; h < kv_heads; ++h) {
-    auto add = [&](int64_t b, int64_t e) {
-      if (b >= e) return;
-      // Adjacent ranges merge, so the kernel walks fewer, longer spans.
-      if (static_cast<int64_t>(out->spans.size()) > out->offsets.back() &&
-          out->spans.back().end == b)
-        out->spans.back().end = e;
-      else
-        out->spans.push_back({b, e});
-    };
-    if (dense) {
-      add(0, pos + 1);
-    } else {
-      add(0, init_end);
-      for (int32_t b : blocks[h]) add(b * block_size, (b + 1) * block_size);
-      add(local_begin, pos + 1);
-    }
-    out->offsets.push_back(static_cast<int64_t>(out->spans.size()));
+    if (dense)
+      AppendQuerySpans(pos + 1, none, block_size, pos + 1, pos, nullptr, 0, out, &rows);
+    else
+      AppendQuerySpans(init_end, blocks[h], block_size, local_begin, pos,
+                       remap ? inv_freq : nullptr, head_dim, out, &rows);
   }
+  if (remap && out->rot.empty()) out->rot_table.clear();
 }
 
 int64_t LayerPlan::AttendedTokens(int64_t h) const {
@@ -51,6 +84,7 @@ std::string LayerPlan::ToJson() const {
   os << "{\"step\":" << step << ",\"layer\":" << layer << ",\"pos\":" << pos
      << ",\"dense\":" << (dense ? "true" : "false");
   if (!dense) {
+    if (remap) os << ",\"remap\":true";
     os << ",\"reused\":" << (reused ? "true" : "false") << ",\"initial\":[0," << init_end
        << "],\"local\":[" << local_begin << "," << pos + 1 << "],\"block_size\":" << block_size
        << ",\"candidates\":" << candidates << ",\"blocks\":";

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,11 +25,26 @@ struct LayerPlan {
   // [kv_head] the blocks of `blocks` kept from the previous step for their attention mass
   // (SparseConfig::retain_blocks), ascending; empty when none.
   std::vector<std::vector<int32_t>> retained;
+  bool remap = false;  // block-wise position remapping (AppendQuerySpans)
 
-  // Spans for a single query at `pos`, per KV head (AttnSpans item = KV head).
-  void ToSpans(int64_t kv_heads, AttnSpans* out) const;
+  // Spans for a single query at `pos`, per KV head (AttnSpans item = KV head); with `remap`,
+  // their rotations from inv_freq [head_dim / 2] (the call's RoPE frequencies).
+  void ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq = nullptr,
+               int64_t head_dim = 0) const;
   int64_t AttendedTokens(int64_t h) const;
   std::string ToJson() const;  // one line
 };
+
+// Appends one (query, KV head) item to `out`: Initial [0, ie), the Context `blocks` (ascending,
+// of block_size B) and Local [lb, p + 1), adjacent ranges merged.
+// With inv_freq (block-wise position remapping, --pos-remap block), the attended keys are scored
+// as if contiguous: Initial where they are, block i at ie + i*B, Local right after the last
+// block, and the query at ie + k*B + (p - lb) (k blocks). The cache holds keys rotated at their
+// true positions, so a span moved by m positions is scored with the query rotated by
+// delta = (ie + k*B - lb) - m (Local: 0): q_rot(p + delta) . k_rot(j) = q . R(j + m - p') k.
+// Rotation rows are shared through `rows` (delta -> row of out->rot_table).
+void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
+                      int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
+                      std::map<int64_t, int32_t>* rows);
 
 }  // namespace needle

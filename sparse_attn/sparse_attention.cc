@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <numeric>
 
 #include "engine/base/error.h"
@@ -123,6 +124,8 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
                                     const KVLayerView& kv, float* out, float* lse) {
   const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
   const int64_t HD = a.heads * a.head_dim;
+  if (cfg_.pos_remap && a.inv_freq == nullptr)
+    Fail("--pos-remap: the attention call carries no RoPE frequencies");
   AttnSpans spans;
   for (int64_t c0 = a.pos0; c0 < a.pos0 + a.T; c0 += cfg_.prefill_chunk) {
     AttnArgs ca = a;
@@ -154,18 +157,18 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       }
       times_.select += Since(t);
     }
-    // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk.
+    // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk
+    // (remapped: the rotations depend on the chunk and the head, not on the token).
     spans.offsets.assign(1, 0);
     spans.spans.clear();
+    spans.rot.clear();
+    spans.rot_table.clear();
+    std::map<int64_t, int32_t> rows;
     for (int64_t t = 0; t < ca.T; ++t) {
       const int64_t p = c0 + t;
-      for (int64_t h = 0; h < Hk; ++h) {
-        const int64_t ie = std::min(cfg_.init_end(), p + 1);
-        if (ie > 0) spans.spans.push_back({0, ie});
-        for (int32_t b : sel[h]) spans.spans.push_back({int64_t{b} * B, int64_t{b} * B + B});
-        if (std::max(lb, ie) < p + 1) spans.spans.push_back({std::max(lb, ie), p + 1});
-        spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
-      }
+      for (int64_t h = 0; h < Hk; ++h)
+        AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, cfg_.pos_remap ? a.inv_freq : nullptr,
+                         a.head_dim, &spans, &rows);
     }
     if (!exec_->Spans(layer, cq, ca, kv, spans, out + (c0 - a.pos0) * HD,
                       lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr))
@@ -416,6 +419,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   plan.local_begin = cfg_.LocalBegin(p);
   const int64_t ctx_end_block = plan.local_begin / B, init_blocks = cfg_.init_end() / B;
   plan.dense = DenseLayer(layer, a) || ctx_end_block <= init_blocks;
+  plan.remap = cfg_.pos_remap;
   lse_.resize(static_cast<size_t>(a.heads));
   bool want_mass = false, have_mass = false;
   if (plan.dense) {

@@ -172,7 +172,7 @@ class SparseAttention final : public AttentionPolicy {
     bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
                  const LayerPlan& plan, float* out, float* lse,
                  std::vector<std::vector<float>>*) override {
-      plan.ToSpans(a.kv_heads, &spans_);
+      plan.ToSpans(a.kv_heads, &spans_, a.inv_freq, a.head_dim);
       b_.Attention(q, kv, a, &spans_, out, lse);
       return false;
     }

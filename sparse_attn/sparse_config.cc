@@ -60,9 +60,10 @@ void SparseConfig::Validate() const {
   if (prefill_chunk <= 0)
     Fail("sparse attention: prefill_chunk must be positive (got ", prefill_chunk, ")");
   if (sparse_prefill && repr == ReprType::kDynamic)
-    Fail("sparse attention: sparse_prefill scores blocks while the prompt streams, before Dynamic "
-         "representatives exist (they need the prompt's last queries): use repr quest, max or "
-         "mean");
+    Fail(
+        "sparse attention: sparse_prefill scores blocks while the prompt streams, before Dynamic "
+        "representatives exist (they need the prompt's last queries): use repr quest, max or "
+        "mean");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");
@@ -79,6 +80,7 @@ std::string SparseConfig::Describe() const {
   if (preselect_blocks > 0) os << " preselect_pool=" << preselect_pool;
   os << " retain_blocks=" << retained();
   if (sparse_prefill) os << " prefill=sparse prefill_chunk=" << prefill_chunk;
+  if (pos_remap) os << " pos_remap=block";
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();
 }

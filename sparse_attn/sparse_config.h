@@ -45,6 +45,10 @@ struct SparseConfig {
   // dense_layers attend densely only within the model's trained length (max_position_embeddings).
   bool sparse_prefill = false;
   int64_t prefill_chunk = 1024;
+  // Block-wise position remapping (--pos-remap block, sparse_attn/plan.h AppendQuerySpans): each
+  // sparse query scores its attended keys as if they were contiguous, so that no query-key
+  // distance exceeds Initial + topk blocks + Local (+ the prefill chunk).
+  bool pos_remap = false;
 
   // Throws Error naming every setting involved when values cannot work (together).
   void Validate() const;

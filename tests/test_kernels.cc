@@ -142,6 +142,15 @@ AttnSpans RandomSpans(const AttnCase& c, uint64_t seed) {
       s.offsets.push_back(static_cast<int64_t>(s.spans.size()));
     }
   }
+  // Position remapping: half the spans score with one of three further rotations of the query.
+  std::vector<float> inv_freq(static_cast<size_t>(c.D / 2));
+  for (int64_t i = 0; i < c.D / 2; ++i)
+    inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / static_cast<double>(c.D)));
+  s.rot_table.resize(static_cast<size_t>(3 * c.D));
+  const int64_t deltas[3] = {-1000, -37, 5};
+  for (int r = 0; r < 3; ++r) RotationRow(deltas[r], inv_freq.data(), c.D, &s.rot_table[r * c.D]);
+  for (size_t i = 0; i < s.spans.size(); ++i)
+    s.rot.push_back(rng() % 2 == 0 ? -1 : static_cast<int32_t>(rng() % 3));
   return s;
 }
 

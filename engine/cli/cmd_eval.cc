@@ -140,6 +140,11 @@ int CmdEval(int argc, char** argv) {
                ro.chat == ChatFamily::kNone
                    ? "as raw text (no chat template)"
                    : (std::string("in the ") + ChatFamilyName(ro.chat) + " chat template").c_str());
+  for (const auto& c : configs)
+    if (const std::string note =
+            LongContextNote(model->config(), ro.context_limit, c.sparse ? &c.sparse_cfg : nullptr);
+        !note.empty())
+      std::fprintf(stderr, "%s [%s]\n", note.c_str(), c.name.c_str());
   std::vector<datasets::Sample> samples = opt.Str("data").empty()
                                               ? eval::MakeSamples(task, *tok, ro, opt)
                                               : eval::ReadSamples(opt.Str("data"));

@@ -176,6 +176,10 @@ int CmdGenerate(int argc, char** argv) {
   RunSetup rs = MakeRunSetup(opt, ctx);
   const ModelConfig& cfg = rs.model->config();
   if (opt.Flag("ignore-eos")) rs.model->set_eos_token_ids({});
+  if (const std::string note =
+          LongContextNote(cfg, ctx, opt.Str("attention") == "sparse" ? &rs.sparse_cfg : nullptr);
+      !note.empty())
+    std::fprintf(stderr, "%s\n", note.c_str());
   std::fprintf(stderr,
                "needle: %s, %lld layers, %s weights, %d threads, %s kernels, %s attention\n",
                cfg.architecture.c_str(), static_cast<long long>(cfg.num_layers),

@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <iostream>
+#include <sstream>
 
 #include "engine/base/error.h"
 #ifdef NEEDLE_HAVE_CUDA
@@ -91,6 +92,10 @@ std::vector<OptionSpec> RunOptionSpecs() {
       {"prefill", 0, OptKind::kString, "dense",
        "sparse: how the prompt attends: dense, or sparse (chunks of --prefill-chunk tokens, each "
        "Initial + its topk blocks + Local + itself; CPU only for now)"},
+      {"pos-remap", 0, OptKind::kString, "none",
+       "sparse: position remapping: none, or block (each query scores its Initial, selected "
+       "blocks and Local keys as if they were contiguous: no distance beyond what it attends; "
+       "CPU only for now)"},
       {"attn-recall", 0, OptKind::kFlag, "",
        "report per layer the share of full attention mass attended"},
       {"dump-plan", 0, OptKind::kString, "",
@@ -108,6 +113,35 @@ bool IsDir(const std::string& p) {
 }
 }  // namespace
 
+std::string LongContextNote(const ModelConfig& m, int64_t ctx, const SparseConfig* sc) {
+  const int64_t trained = m.max_position_embeddings;
+  if (trained <= 0 || ctx <= trained) return "";
+  std::ostringstream os;
+  os << "needle: the context (up to " << ctx << " tokens) exceeds the model's trained length ("
+     << trained << ", max_position_embeddings): ";
+  if (sc == nullptr) {
+    os << "dense attention puts every query-key distance past it where the model never saw one "
+          "(--attention sparse with --prefill sparse and --pos-remap block keeps them within "
+          "what each query attends)";
+    return os.str();
+  }
+  const int64_t span = sc->init_end() + sc->topk * sc->block_size + sc->local_window +
+                       (sc->sparse_prefill ? sc->prefill_chunk : 0);
+  os << (sc->sparse_prefill ? "the prompt attends sparsely in chunks of " +
+                                  std::to_string(sc->prefill_chunk) + " tokens"
+                            : std::string("the prompt attends densely (its distances grow past "
+                                          "the trained length)"))
+     << "; "
+     << (sc->pos_remap ? "sparse queries see their keys at remapped positions, no further than " +
+                             std::to_string(span) + " tokens away"
+                       : std::string("sparse queries see their keys at their true distances "
+                                     "(--pos-remap block bounds them)"));
+  if (sc->dense_layers > 0)
+    os << "; the first " << sc->dense_layers << " layers attend "
+       << (sc->sparse_prefill ? "sparsely past the trained length" : "densely at every length");
+  return os.str();
+}
+
 SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* attention) {
   const std::string att = attention != nullptr ? *attention : opt.Str("attention");
   if (att != "dense" && att != "sparse") Fail("--attention: '", att, "' is not dense or sparse");
@@ -118,6 +152,9 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
   const std::string pf = opt.Str("prefill");
   if (pf != "dense" && pf != "sparse") Fail("--prefill: '", pf, "' is not dense or sparse");
   c.sparse_prefill = pf == "sparse";
+  const std::string pr = opt.Str("pos-remap");
+  if (pr != "none" && pr != "block") Fail("--pos-remap: '", pr, "' is not none or block");
+  c.pos_remap = pr == "block";
   if (c.block_size <= 0) Fail("--block-size must be positive (got ", c.block_size, ")");
   if (att == "sparse") {
     try {
@@ -138,7 +175,7 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
     for (const auto& o : kSparseInts)
       if (std::string(o.flag) != "block-size" && opt.IsSet(o.flag))
         Fail("--", o.flag, " only applies to --attention sparse");
-    for (const char* o : {"repr", "select", "attn-recall", "dump-plan", "prefill"})
+    for (const char* o : {"repr", "select", "attn-recall", "dump-plan", "prefill", "pos-remap"})
       if (opt.IsSet(o)) Fail("--", o, " only applies to --attention sparse");
   }
   return c;

@@ -55,5 +55,9 @@ std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& o
 void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value);
 // "needle: attention recall per layer: ..." on stderr, when --attn-recall is on.
 void PrintRecall(const RunSetup& rs);
+// What a run does with positions past the model's trained length (max_position_embeddings) when
+// its context of ctx tokens goes beyond it: one line for stderr, or "" within it. sparse: the
+// sparse settings of the run (nullptr: dense attention).
+std::string LongContextNote(const ModelConfig& m, int64_t ctx, const SparseConfig* sparse);
 
 }  // namespace needle

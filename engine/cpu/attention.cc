@@ -252,7 +252,7 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
 
 // Per-thread scratch: f32 tiles of one int8 block piece, and the piece's scores.
 struct Scratch {
-  std::vector<float> k, v, scores;
+  std::vector<float> k, v, scores, qrot;
   std::vector<KeySpan> spans;
 };
 
@@ -369,8 +369,17 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
           const KeySpan& r2 = sc.spans[x + 1];
           after = PieceAt(kv, h, r2.begin, std::min(r2.end, r2.begin + (k1 - seen - len)));
         }
+        const int32_t rot = spans != nullptr && !spans->rot.empty()
+                                ? spans->rot[spans->offsets[t * Hk + h] + static_cast<int64_t>(x)]
+                                : -1;
+        const float* qs = qg;
+        if (rot >= 0 && lo < hi) {  // position remapping: this span's rotation of the queries
+          sc.qrot.resize(static_cast<size_t>(G * D));
+          RotateRows(qg, G, D, spans->rot_table.data() + rot * D, sc.qrot.data());
+          qs = sc.qrot.data();
+        }
         if (lo < hi)
-          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qg, G, a.scale, p, sc,
+          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qs, G, a.scale, p, sc,
                     nullptr, after);
         seen += len;
         if (seen >= k1) break;

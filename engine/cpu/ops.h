@@ -24,6 +24,8 @@ struct AttnArgs {
   int64_t head_dim = 0;
   int64_t window = 0;  // > 0: query at p sees keys (p - window, p] only (sliding window)
   float scale = 1.0f;  // softmax scale, 1/sqrt(head_dim)
+  // The call's RoPE inverse frequencies [head_dim / 2] (for position remapping); may be null.
+  const float* inv_freq = nullptr;
 };
 
 // A run of consecutive key positions [begin, end).
@@ -37,7 +39,18 @@ struct KeySpan {
 struct AttnSpans {
   std::vector<int64_t> offsets;  // [T * kv_heads + 1]
   std::vector<KeySpan> spans;
+  // Position remapping (optional): the query scores span i's keys rotated by a further rotation
+  // (rot_table row rot[i], from RotationRow), as if it stood that many positions from where it
+  // was rotated to; rot[i] = -1, or rot empty: the query as it is. rot_table: [rows][head_dim].
+  std::vector<int32_t> rot;
+  std::vector<float> rot_table;
 };
+
+// One rotation row [D] of rot_table: cos (first D/2) and sin (last D/2) of delta * inv_freq[i]
+// (angle in f32, cos and sin in double, as RopeTable computes them).
+void RotationRow(int64_t delta, const float* inv_freq, int64_t D, float* row);
+// out [rows, D] = each row of q [rows, D] rotated by `row` (rotate-half pairs (i, i + D/2)).
+void RotateRows(const float* q, int64_t rows, int64_t D, const float* row, float* out);
 
 #define NEEDLE_CPU_OPS                                                                             \
   /* y[T, N] = x[T, K] * W[N, K]^T (+ bias[N]) */                                                  \

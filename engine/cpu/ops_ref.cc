@@ -32,6 +32,29 @@ void ItemSpans(const AttnArgs& a, const AttnSpans* spans, int64_t t, int64_t h,
               spans->spans.begin() + spans->offsets[i + 1]);
 }
 
+void RotationRow(int64_t delta, const float* inv_freq, int64_t D, float* row) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float angle = static_cast<float>(delta) * inv_freq[i];
+    row[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+    row[half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+  }
+}
+
+void RotateRows(const float* q, int64_t rows, int64_t D, const float* row, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = q + r * D;
+    float* y = out + r * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = row[i], s = row[half + i], x1 = x[i], x2 = x[half + i];
+      y[i] = x1 * c - x2 * s;
+      y[half + i] = x2 * c + x1 * s;
+    }
+    for (int64_t i = 2 * half; i < D; ++i) y[i] = x[i];
+  }
+}
+
 void RopeTable(int64_t T, int64_t D, int64_t pos0, const float* inv_freq, float scaling,
                float* cos_out, float* sin_out) {
   const int64_t half = D / 2;
@@ -102,19 +125,30 @@ void Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, const A
                float* out, float* lse, ThreadingContext&) {
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads;
   std::vector<KeySpan> sp;
-  std::vector<int64_t> keys;
-  std::vector<float> s;
+  std::vector<int64_t> keys, key_span;
+  std::vector<float> s, qrot;
   for (int64_t t = 0; t < a.T; ++t) {
     for (int64_t h = 0; h < a.heads; ++h) {
       const int64_t kvh = h / G;
       ItemSpans(a, spans, t, kvh, &sp);
       keys.clear();
-      for (const auto& r : sp)
-        for (int64_t j = r.begin; j < r.end; ++j) keys.push_back(j);
-      const float* qv = q + (t * a.heads + h) * D;
+      key_span.clear();
+      for (size_t x = 0; x < sp.size(); ++x)
+        for (int64_t j = sp[x].begin; j < sp[x].end; ++j)
+          keys.push_back(j), key_span.push_back(static_cast<int64_t>(x));
+      const float* q0 = q + (t * a.heads + h) * D;
+      const int64_t base = spans != nullptr ? spans->offsets[t * a.kv_heads + kvh] : 0;
       s.assign(keys.size(), 0.0f);
       float mx = -INFINITY;
       for (size_t i = 0; i < keys.size(); ++i) {
+        const float* qv = q0;
+        const int32_t r =
+            spans != nullptr && !spans->rot.empty() ? spans->rot[base + key_span[i]] : -1;
+        if (r >= 0) {
+          qrot.resize(static_cast<size_t>(D));
+          RotateRows(q0, 1, D, spans->rot_table.data() + r * D, qrot.data());
+          qv = qrot.data();
+        }
         float dot = 0.0f;
         for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv.KAt(kvh, keys[i], d);
         s[i] = dot * a.scale;

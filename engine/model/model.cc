@@ -156,6 +156,7 @@ void Model::LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope,
   a.kv_heads = c.num_kv_heads;
   a.head_dim = D;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.inv_freq = rope.inv_freq.data();
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const KVTarget kv = attn_->Target(l, cache);
   const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};

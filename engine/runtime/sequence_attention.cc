@@ -10,8 +10,13 @@ namespace needle {
 namespace {
 void RefuseHybridSparsePrefill(const SparseConfig& c) {
   if (c.sparse_prefill)
-    Fail("--prefill sparse: the hybrid engine (sparse attention on a GPU) prefills densely for now; "
-         "run it with --device cpu, or drop --prefill sparse");
+    Fail(
+        "--prefill sparse: the hybrid engine (sparse attention on a GPU) prefills densely for now; "
+        "run it with --device cpu, or drop --prefill sparse");
+  if (c.pos_remap)
+    Fail(
+        "--pos-remap block: the hybrid engine (sparse attention on a GPU) does not remap "
+        "positions yet; run it with --device cpu, or drop --pos-remap");
 }
 }  // namespace
 
