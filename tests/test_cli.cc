@@ -105,6 +105,20 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
        "--attn-recall only applies"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --topk 8",
        "--topk only applies to --attention sparse"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --pos-remap block",
+       "--pos-remap only applies to --attention sparse"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --prefill sparse",
+       "--prefill only applies to --attention sparse"},
+      {"generate -m " + kFx +
+           "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --pos-remap x",
+       "--pos-remap: 'x' is not none or block"},
+      {"generate -m " + kFx +
+           "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --prefill sparse --repr "
+           "dynamic",
+       "use repr quest, max or mean"},
+      {"generate -m " + kFx +
+           "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --prefill-chunk 0",
+       "--prefill-chunk must be positive"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 -p hi --system x",
        "--system only applies with --chat"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --stop x",
