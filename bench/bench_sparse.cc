@@ -8,6 +8,9 @@
 //   context_blocks[_idle]  the hybrid engine's CPU side: topk random Context blocks per KV head
 //           (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
 //           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone)
+//   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
+//           dense (every earlier key) and --prefill sparse (Initial + the chunk's topk blocks +
+//           Local + the chunk): the sparse one costs the same at every length
 // For each: milliseconds, bytes touched (each byte the step must read once), achieved GB/s and
 // the fraction of the DRAM read bandwidth measured in the same run. A summary table with the
 // sparse-over-dense speedup closes the output.
@@ -205,6 +208,36 @@ void ContextBlocks(benchmark::State& state, int idle_us) {
 void BM_ContextBlocks(benchmark::State& state) { ContextBlocks(state, 0); }
 void BM_ContextBlocksIdle(benchmark::State& state) { ContextBlocks(state, 300); }
 
+// One chunk of a prompt (the last 1024 positions of the context), dense or sparse prefill.
+void PrefillChunk(benchmark::State& state, bool sparse) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  const int64_t chunk = 1024, D = 128;
+  SparseConfig c = BenchSparseConfig();
+  c.sparse_prefill = sparse;
+  c.prefill_chunk = chunk;
+  ThreadingContext& tc = BenchContext();
+  // A planner of its own (the chunk's settings), indexed like the shared one.
+  SparseAttention sp(s.cfg, c, *s.backend, tc, s.ctx + 1, DType::kBF16);
+  s.cache->SetSize(s.ctx - chunk);
+  sp.IndexContext(0, *s.cache);
+  s.cache->SetSize(s.ctx);
+  std::vector<float> q(static_cast<size_t>(chunk * s.heads * D)), out(q.size());
+  for (size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i % 4099));
+  AttnArgs a = s.args;
+  a.T = chunk;
+  a.pos0 = s.ctx - chunk;
+  for (auto _ : state) {
+    sp.BeginStep(StepInfo{a.pos0, chunk, 2 * chunk, false, a.pos0 - chunk});
+    sp.Attend(0, q.data(), a, *s.cache, out.data());
+  }
+  s.cache->SetSize(s.ctx + 1);
+  state.counters["keys_per_query"] =
+      sparse ? static_cast<double>(c.init_end() + c.topk * c.block_size + c.local_window + chunk)
+             : static_cast<double>(s.ctx);
+}
+void BM_PrefillChunkDense(benchmark::State& state) { PrefillChunk(state, false); }
+void BM_PrefillChunkSparse(benchmark::State& state) { PrefillChunk(state, true); }
+
 void BM_DenseStep(benchmark::State& state) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
   for (auto _ : state)
@@ -223,6 +256,8 @@ void RegisterAll() {
             {"block_attention", BM_BlockAttention},
             {"context_blocks", BM_ContextBlocks},
             {"context_blocks_idle", BM_ContextBlocksIdle},
+            {"prefill_chunk_dense", BM_PrefillChunkDense},
+            {"prefill_chunk_sparse", BM_PrefillChunkSparse},
             {"dense_step", BM_DenseStep}})
         benchmark::RegisterBenchmark(name, fn)
             ->Args({ctx, h, kvh})
