@@ -261,6 +261,27 @@ TEST(Cli, EvalScoreReadsInfiniteBenchAndRulerFiles) {
   EXPECT_NE(b.output.find("bad.jsonl:1: no reference field"), std::string::npos) << b.output;
 }
 
+// Sparse prefill with and without position remapping, side by side through --set.
+TEST(Cli, EvalSweepsPositionRemapWithSparsePrefill) {
+  test::TempDir d;
+  const std::string model = ByteTokenizerModel(d);
+  Result r = RunNeedle("eval passkey -m " + model + " -o " + d.File("run") +
+                       " --lengths 400 --depths 1 --attention sparse --prefill sparse"
+                       " --prefill-chunk 16 --set pos-remap=none,block --block-size 4"
+                       " --init-tokens 4 --local-window 8 --topk 2 --dense-layers 0"
+                       " --ctx-size 1024");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("| passkey | 400 | sparse pos-remap=none | 1 |"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("| passkey | 400 | sparse pos-remap=block | 1 |"), std::string::npos)
+      << r.output;
+  Result bad = RunNeedle("eval passkey -m " + model + " -o " + d.File("run2") +
+                         " --lengths 400 --attention sparse --set pos-remap=far");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--pos-remap: 'far' is not none or block"), std::string::npos)
+      << bad.output;
+}
+
 // End-to-end evaluation on a fixture model with a byte tokenizer: configurations side by side,
 // results appended per sample, and a killed run resumed without redoing finished samples.
 TEST(Cli, EvalRunsConfigurationsAndResumes) {

@@ -70,7 +70,8 @@ int CmdEval(int argc, char** argv) {
       {"data", 0, OptKind::kString, "",
        "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
       {"set", 0, OptKind::kString, "",
-       "sweep one sparse setting, e.g. topk=16,32,64 (with --attention sparse)"},
+       "sweep one sparse setting, e.g. topk=16,32,64 or pos-remap=none,block (with --attention "
+       "sparse)"},
   };
   for (auto& o : DatasetOptionSpecs()) specs.push_back(o);
   for (auto& o : RunOptionSpecs()) specs.push_back(o);

@@ -54,6 +54,16 @@ constexpr SparseIntOption kSparseInts[] = {
      "(the heaviest, each with its successor; at most topk/2; 0: off)"},
 };
 
+// --prefill dense|sparse and --pos-remap none|block (also as --set values).
+bool ParsePrefill(const std::string& v) {
+  if (v != "dense" && v != "sparse") Fail("--prefill: '", v, "' is not dense or sparse");
+  return v == "sparse";
+}
+bool ParsePosRemap(const std::string& v) {
+  if (v != "none" && v != "block") Fail("--pos-remap: '", v, "' is not none or block");
+  return v == "block";
+}
+
 }  // namespace
 
 std::vector<OptionSpec> RunOptionSpecs() {
@@ -149,12 +159,8 @@ SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* atte
   for (const auto& o : kSparseInts) c.*o.field = opt.Int(o.flag);
   c.repr = ParseReprType(opt.Str("repr"), "--repr");
   c.select = ParseSelectMode(opt.Str("select"), "--select");
-  const std::string pf = opt.Str("prefill");
-  if (pf != "dense" && pf != "sparse") Fail("--prefill: '", pf, "' is not dense or sparse");
-  c.sparse_prefill = pf == "sparse";
-  const std::string pr = opt.Str("pos-remap");
-  if (pr != "none" && pr != "block") Fail("--pos-remap: '", pr, "' is not none or block");
-  c.pos_remap = pr == "block";
+  c.sparse_prefill = ParsePrefill(opt.Str("prefill"));
+  c.pos_remap = ParsePosRemap(opt.Str("pos-remap"));
   if (c.block_size <= 0) Fail("--block-size must be positive (got ", c.block_size, ")");
   if (att == "sparse") {
     try {
@@ -318,6 +324,14 @@ void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::str
   }
   if (flag == "select") {
     c->select = ParseSelectMode(value, "--select");
+    return;
+  }
+  if (flag == "prefill") {
+    c->sparse_prefill = ParsePrefill(value);
+    return;
+  }
+  if (flag == "pos-remap") {
+    c->pos_remap = ParsePosRemap(value);
     return;
   }
   for (const auto& o : kSparseInts) {
