@@ -37,10 +37,13 @@ void BlockMassImpl(const KVLayerView& kv, const BlockMassArgs& a,
                    std::vector<std::vector<float>>* mass, ThreadingContext& tc) {
   const int64_t Hk = a.kv_heads, G = a.heads / Hk, D = a.head_dim, B = kv.block_size;
   const auto& blocks = *a.blocks;
-  std::vector<std::pair<int32_t, int32_t>> items;  // (h, i)
-  for (int64_t h = 0; h < Hk; ++h)
+  std::vector<std::pair<int32_t, int32_t>> items;             // (h, i)
+  std::vector<int64_t> base(static_cast<size_t>(Hk) + 1, 0);  // first item of head h
+  for (int64_t h = 0; h < Hk; ++h) {
     for (size_t i = 0; i < blocks[h].size(); ++i)
       items.emplace_back(static_cast<int32_t>(h), static_cast<int32_t>(i));
+    base[h + 1] = static_cast<int64_t>(items.size());
+  }
   tc.ParallelFor(items.size(), 4, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));
@@ -51,7 +54,8 @@ void BlockMassImpl(const KVLayerView& kv, const BlockMassArgs& a,
       KVRowsToF32InTarget(kv, false, h, t0, t1, k.data());
       double m = 0.0;
       for (int64_t g = 0; g < G; ++g) {
-        const float* qg = a.q + (h * G + g) * D;
+        const float* qg = a.q_per_block != nullptr ? a.q_per_block + ((base[h] + i) * G + g) * D
+                                                   : a.q + (h * G + g) * D;
         for (int64_t j = 0; j < t1 - t0; ++j) s[j] = RowDot(qg, k.data() + j * D, D);
         const auto vs = hn::Set(df, a.scale), vl = hn::Set(df, a.lse[h * G + g]);
         auto acc = hn::Zero(df);
@@ -96,8 +100,10 @@ void BlockMass(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::v
                ThreadingContext&) {
   Shape(a, mass);
   const int64_t G = a.heads / a.kv_heads, D = a.head_dim, B = kv.block_size;
+  int64_t item = 0;  // (h, i) in order: q_per_block's index
   for (int64_t h = 0; h < a.kv_heads; ++h)
-    for (size_t i = 0; i < (*a.blocks)[h].size(); ++i) {
+    for (size_t i = 0; i < (*a.blocks)[h].size(); ++i, ++item) {
+      const float* q0 = a.q_per_block != nullptr ? a.q_per_block + item * G * D : a.q + h * G * D;
       const int64_t t0 = int64_t{(*a.blocks)[h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
       double m = 0.0;
       for (int64_t t = t0; t < t1; ++t) {
@@ -110,7 +116,7 @@ void BlockMass(const KVLayerView& kv, const BlockMassArgs& a, std::vector<std::v
                 kv.dtype == DType::kI8
                     ? static_cast<float>(reinterpret_cast<const int8_t*>(row)[d]) * sc[d / kKVGroup]
                     : LoadAsF32(kv.dtype, row, static_cast<size_t>(d));
-            dot += static_cast<double>(a.q[(h * G + g) * D + d]) * k;
+            dot += static_cast<double>(q0[g * D + d]) * k;
           }
           m += std::exp(dot * a.scale - a.lse[h * G + g]);
         }

@@ -21,6 +21,9 @@ struct BlockMassArgs {
   int64_t heads, kv_heads, head_dim;
   float scale;
   const std::vector<std::vector<int32_t>>* blocks;  // [kv_heads][n_h]: attended Context blocks
+  // Position remapping (optional): the group's queries as each block was scored,
+  // [sum over h of n_h][G][D] in the order of blocks (head by head); q is not read then.
+  const float* q_per_block = nullptr;
 };
 
 namespace fast {

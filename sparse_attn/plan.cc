@@ -5,6 +5,10 @@
 
 namespace needle {
 
+int64_t RemapBlockDelta(int64_t ie, int64_t k, int64_t B, int64_t lb, int64_t i, int64_t b0) {
+  return (ie + k * B - lb) - (ie + i * B - b0);
+}
+
 void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
                       int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
                       std::map<int64_t, int32_t>* rows) {
@@ -37,7 +41,9 @@ void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B,
   add(0, std::min(ie, p + 1), off);  // (a query inside Initial sees part of it)
   for (size_t i = 0; i < blocks.size(); ++i) {
     const int64_t b = int64_t{blocks[i]} * B;
-    add(b, b + B, off - (ie + static_cast<int64_t>(i) * B - b));
+    add(b, b + B,
+        RemapBlockDelta(ie, static_cast<int64_t>(blocks.size()), B, lb, static_cast<int64_t>(i),
+                        b));
   }
   add(std::max(lb, ie), p + 1, 0);
   out->offsets.push_back(static_cast<int64_t>(out->spans.size()));

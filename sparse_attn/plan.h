@@ -43,6 +43,9 @@ struct LayerPlan {
 // true positions, so a span moved by m positions is scored with the query rotated by
 // delta = (ie + k*B - lb) - m (Local: 0): q_rot(p + delta) . k_rot(j) = q . R(j + m - p') k.
 // Rotation rows are shared through `rows` (delta -> row of out->rot_table).
+// AppendQuerySpans' delta for the i-th (0-based) of k selected blocks, whose first token is b0:
+// (ie + k*B - lb) - (ie + i*B - b0).
+int64_t RemapBlockDelta(int64_t ie, int64_t k, int64_t B, int64_t lb, int64_t i, int64_t b0);
 void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
                       int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
                       std::map<int64_t, int32_t>* rows);

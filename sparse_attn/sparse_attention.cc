@@ -389,10 +389,27 @@ std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vecto
 
 void SparseAttention::Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
                              const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
-                             bool have_mass) {
-  if (!have_mass)
-    fast::BlockMass(kv, BlockMassArgs{q, lse, a.heads, a.kv_heads, a.head_dim, a.scale, &blocks},
-                    &mass_, tc_);
+                             bool have_mass, bool remapped) {
+  if (!have_mass) {
+    BlockMassArgs ma{q, lse, a.heads, a.kv_heads, a.head_dim, a.scale, &blocks};
+    std::vector<float> qb;  // remapped: the group's queries as each block was scored
+    if (remapped) {
+      const int64_t B = cfg_.block_size, G = a.heads / a.kv_heads, D = a.head_dim;
+      const int64_t lb = cfg_.LocalBegin(a.pos0);
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t h = 0; h < a.kv_heads; ++h) {
+        const int64_t k = static_cast<int64_t>(blocks[h].size());
+        for (int64_t i = 0; i < k; ++i) {
+          RotationRow(RemapBlockDelta(cfg_.init_end(), k, B, lb, i, int64_t{blocks[h][i]} * B),
+                      a.inv_freq, D, row.data());
+          qb.resize(qb.size() + static_cast<size_t>(G * D));
+          RotateRows(q + h * G * D, G, D, row.data(), qb.data() + qb.size() - G * D);
+        }
+      }
+      ma.q_per_block = qb.data();
+    }
+    fast::BlockMass(kv, ma, &mass_, tc_);
+  }
   auto& r = retained_[layer];
   r.assign(static_cast<size_t>(a.kv_heads), {});
   if (cfg_.select == SelectMode::kLayer) {  // the same blocks for every head: sum their mass
@@ -439,7 +456,8 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   }
   if (!plan.dense && want_mass) {
     const auto t = Clock::now();
-    Retain(layer, q, lse_.data(), a, kv, plan.blocks, have_mass);
+    Retain(layer, q, lse_.data(), a, kv, plan.blocks, have_mass,
+           plan.remap && a.inv_freq != nullptr);
     times_.retain += Since(t);
   }
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);

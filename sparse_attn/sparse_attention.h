@@ -157,10 +157,11 @@ class SparseAttention final : public AttentionPolicy {
   }
   // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
   // attended) put on `blocks` ([kv_head][n]).
-  // have_mass: mass_ holds them already (the executor's).
+  // have_mass: mass_ holds them already (the executor's). remapped: `blocks` are a decode
+  // step's selection, scored with position remapping (the masses then use the same rotations).
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
               const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
-              bool have_mass = false);
+              bool have_mass = false, bool remapped = false);
 
   class CpuExecutor final : public PlanExecutor {
    public:

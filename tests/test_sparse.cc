@@ -562,31 +562,48 @@ TEST(Sparse, BlockMassFastMatchesReferenceAndSumsToOne) {
       const auto q = test::RandomVector(H * D, 23, 2.0f);
       std::vector<std::vector<int32_t>> blocks(static_cast<size_t>(Hk));
       for (int64_t h = 0; h < Hk; ++h) blocks[h] = {1, 4, static_cast<int32_t>(5 + h), 12};
-      // lse over exactly these blocks, from the attention kernel.
-      AttnSpans spans;
-      spans.offsets = {0};
-      for (int64_t h = 0; h < Hk; ++h) {
-        for (int32_t b : blocks[h])
-          spans.spans.push_back({b * B, std::min<int64_t>((b + 1) * B, n_tok)});
-        spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
-      }
-      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-      AttnArgs a{1, n_tok - 1, H, Hk, D, 0, scale};
-      std::vector<float> out(H * D), lse(H);
-      backend->Attention(q.data(), kv, a, &spans, out.data(), lse.data());
-      const BlockMassArgs args{q.data(), lse.data(), H, Hk, D, scale, &blocks};
-      std::vector<std::vector<float>> f, r;
-      fast::BlockMass(kv, args, &f, tc);
-      ref::BlockMass(kv, args, &r, tc);
-      for (int64_t h = 0; h < Hk; ++h) {
-        double sum = 0;
-        for (size_t i = 0; i < blocks[h].size(); ++i) {
-          EXPECT_NEAR(f[h][i], r[h][i], 1e-4 * r[h][i] + 1e-7)
-              << "H " << H << " D " << D << " " << DTypeName(kvt) << " head " << h << " block "
-              << i;
-          sum += r[h][i];
+      for (bool remap : {false, true}) {
+        // lse over exactly these blocks, from the attention kernel; remapped: each block scored
+        // with its own further rotation of the query (q_per_block holds the rotated queries).
+        AttnSpans spans;
+        spans.offsets = {0};
+        std::vector<float> inv_freq(static_cast<size_t>(D / 2)), qb;
+        for (int64_t i = 0; i < D / 2; ++i)
+          inv_freq[i] = static_cast<float>(std::pow(1000.0, -2.0 * i / static_cast<double>(D)));
+        for (int64_t h = 0; h < Hk; ++h) {
+          for (int32_t b : blocks[h]) {
+            spans.spans.push_back({b * B, std::min<int64_t>((b + 1) * B, n_tok)});
+            if (!remap) continue;
+            const int64_t row = static_cast<int64_t>(spans.rot.size());
+            spans.rot.push_back(static_cast<int32_t>(row));
+            spans.rot_table.resize(spans.rot_table.size() + static_cast<size_t>(D));
+            RotationRow(-37 * (row + 1), inv_freq.data(), D, &spans.rot_table[row * D]);
+            qb.resize(qb.size() + static_cast<size_t>((H / Hk) * D));
+            RotateRows(q.data() + h * (H / Hk) * D, H / Hk, D, &spans.rot_table[row * D],
+                       qb.data() + qb.size() - (H / Hk) * D);
+          }
+          spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
         }
-        EXPECT_NEAR(sum, static_cast<double>(H / Hk), 1e-3) << DTypeName(kvt);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+        AttnArgs a{1, n_tok - 1, H, Hk, D, 0, scale};
+        std::vector<float> out(H * D), lse(H);
+        backend->Attention(q.data(), kv, a, &spans, out.data(), lse.data());
+        BlockMassArgs args{q.data(), lse.data(), H, Hk, D, scale, &blocks};
+        if (remap) args.q_per_block = qb.data();
+        std::vector<std::vector<float>> f, r;
+        fast::BlockMass(kv, args, &f, tc);
+        ref::BlockMass(kv, args, &r, tc);
+        for (int64_t h = 0; h < Hk; ++h) {
+          double sum = 0;
+          for (size_t i = 0; i < blocks[h].size(); ++i) {
+            EXPECT_NEAR(f[h][i], r[h][i], 1e-4 * r[h][i] + 1e-7)
+                << "H " << H << " D " << D << " " << DTypeName(kvt) << " head " << h << " block "
+                << i;
+            sum += r[h][i];
+          }
+          EXPECT_NEAR(sum, static_cast<double>(H / Hk), 1e-3)
+              << DTypeName(kvt) << " remap " << remap;
+        }
       }
     }
   }
