@@ -33,6 +33,48 @@ using json = nlohmann::json;
 
 namespace {
 
+// Tokens [*b, *e) of `ids` whose text holds the first occurrence of `answer` (-1, -1: absent),
+// found by decoding the prompt token by token.
+void AnswerTokens(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::string& answer,
+                  int64_t* b, int64_t* e) {
+  *b = *e = -1;
+  if (answer.empty()) return;
+  StreamDecoder dec(tok, false);
+  std::string text;
+  std::vector<size_t> end_at(ids.size());  // text length after token i
+  for (size_t i = 0; i < ids.size(); ++i) {
+    text += dec.Push(ids[i]);
+    end_at[i] = text.size();
+  }
+  const size_t at = text.find(answer);
+  if (at == std::string::npos) return;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (*b < 0 && end_at[i] > at) *b = static_cast<int64_t>(i);
+    if (end_at[i] >= at + answer.size()) {
+      *e = static_cast<int64_t>(i) + 1;
+      return;
+    }
+  }
+}
+
+// One line of RUN_DIR/needle_hits.jsonl, and its summary on stderr.
+void WriteNeedleHits(const std::string& run_dir, const EvalResult& r, int64_t b, int64_t e,
+                     const SparseAttention& sp) {
+  nlohmann::json j;
+  j["config"] = r.config, j["task"] = r.task, j["id"] = r.id, j["length"] = r.length;
+  j["depth"] = r.depth, j["answer_tokens"] = {b, e}, j["score"] = r.score;
+  const std::vector<double> hits = sp.WatchPerLayer();
+  j["hits_per_layer"] = hits;
+  std::ofstream out(run_dir + "/needle_hits.jsonl", std::ios::app);
+  out << j.dump() << "\n";
+  if (!out) Fail("cannot write ", run_dir, "/needle_hits.jsonl");
+  std::string line;
+  for (double h : hits) line += h < 0 ? " -" : " " + std::to_string(h).substr(0, 4);
+  std::fprintf(stderr, "needle hits [%s] sample %lld (answer tokens %lld..%lld), per layer:%s\n",
+               r.config.c_str(), static_cast<long long>(r.id), static_cast<long long>(b),
+               static_cast<long long>(e), line.c_str());
+}
+
 // FNV-1a, 64 bits: stable across builds and machines (std::hash is not promised to be).
 uint64_t Fnv1a(const std::string& s, uint64_t h = 14695981039346656037ull) {
   for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
@@ -225,6 +267,10 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       KVCache& cache = *seq.cache;
       SparseAttention* sp = seq.planner;
       if (sp != nullptr) sp->set_recall(opt.recall);
+      int64_t watch_b = -1, watch_e = -1;
+      if (sp != nullptr && opt.needle_hits && !s.answer.empty())
+        AnswerTokens(tok, ids, s.answer[0], &watch_b, &watch_e);
+      if (sp != nullptr && opt.needle_hits) sp->set_watch(watch_b, watch_e);
       model.set_attention(seq.policy.get());
       // A long prompt takes seconds to minutes: say what is running (on a terminal, how far the
       // prefill got; in a log, one line when it starts).
@@ -271,6 +317,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
           if (x >= 0) sum += x, ++n;
         r.recall = n ? sum / static_cast<double>(n) : -1;
       }
+      if (sp != nullptr && opt.needle_hits) WriteNeedleHits(opt.run_dir, r, watch_b, watch_e, *sp);
       out << ResultToJson(r).dump() << "\n";
       out.flush();  // a killed run loses nothing finished
       results.push_back(r);

@@ -42,6 +42,9 @@ struct RunnerOptions {
   int64_t ubatch = 512;       // prompt tokens per forward step (the model's --ubatch)
   DType kv_type = DType::kBF16;
   bool recall = false;
+  // Sparse configurations: per layer, how often the answer's block was attended (its first
+  // place in the prompt), on stderr and in RUN_DIR/needle_hits.jsonl.
+  bool needle_hits = false;
   // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.
   ChatFamily chat = ChatFamily::kNone;
   std::string bos, eos;

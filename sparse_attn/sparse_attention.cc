@@ -67,6 +67,36 @@ void SparseAttention::IndexContext(int64_t layer, const KVCache& cache) {
                   });
 }
 
+void SparseAttention::set_watch(int64_t begin, int64_t end) {
+  watch_begin_ = begin, watch_end_ = end;
+  watch_sum_.assign(static_cast<size_t>(model_.num_layers), 0.0);
+  watch_n_.assign(static_cast<size_t>(model_.num_layers), 0);
+}
+
+std::vector<double> SparseAttention::WatchPerLayer() const {
+  std::vector<double> r(watch_sum_.size(), -1.0);
+  for (size_t l = 0; l < r.size(); ++l)
+    if (watch_n_[l] > 0) r[l] = watch_sum_[l] / static_cast<double>(watch_n_[l]);
+  return r;
+}
+
+void SparseAttention::Watch(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
+                            int64_t init_end, int64_t local_begin, bool dense) {
+  if (watch_end_ <= watch_begin_ || watch_sum_.empty()) return;
+  const int64_t B = cfg_.block_size;
+  const bool always = dense || watch_begin_ < init_end || watch_end_ > local_begin;
+  double hit = 0;
+  for (const auto& hb : blocks) {
+    bool h = always;
+    for (int32_t b : hb)
+      h = h || (int64_t{b} * B < watch_end_ && (int64_t{b} + 1) * B > watch_begin_);
+    hit += h ? 1.0 : 0.0;
+  }
+  watch_sum_[layer] +=
+      blocks.empty() ? (always ? 1.0 : 0.0) : hit / static_cast<double>(blocks.size());
+  watch_n_[layer] += 1;
+}
+
 std::vector<double> SparseAttention::RecallPerLayer() const {
   std::vector<double> r(recall_sum_.size(), -1.0);
   for (size_t l = 0; l < r.size(); ++l)
@@ -90,10 +120,12 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
   const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
   if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
-  if (cfg_.sparse_prefill && !DenseLayer(layer, a))
+  if (cfg_.sparse_prefill && !DenseLayer(layer, a)) {
     SparsePrefill(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
-  else
+  } else {
     exec_->Dense(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
+    if (step_.last_of_call) Watch(layer, {}, 0, 0, true);  // the prompt's last query: every key
+  }
   // The observation window keeps the prompt's last queries (their lse is computed at the end).
   QueryWindow& w = window_[layer];
   for (int64_t t = std::max<int64_t>(0, a.T - cfg_.obs_window); t < a.T; ++t)
@@ -170,6 +202,8 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
         AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, cfg_.pos_remap ? a.inv_freq : nullptr,
                          a.head_dim, &spans, &rows);
     }
+    if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
+      Watch(layer, sel, cfg_.init_end(), lb, false);
     if (!exec_->Spans(layer, cq, ca, kv, spans, out + (c0 - a.pos0) * HD,
                       lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr))
       Fail("--prefill sparse: this placement of the KV cache cannot attend a prompt sparsely yet");
@@ -454,6 +488,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     have_mass =
         exec_->Planned(layer, q, a, kv, plan, out, lse_.data(), want_mass ? &mass_ : nullptr);
   }
+  Watch(layer, plan.blocks, plan.init_end, plan.local_begin, plan.dense);
   if (!plan.dense && want_mass) {
     const auto t = Clock::now();
     Retain(layer, q, lse_.data(), a, kv, plan.blocks, have_mass,

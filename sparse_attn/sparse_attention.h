@@ -107,6 +107,12 @@ class SparseAttention final : public AttentionPolicy {
   // Per layer: mean over decode steps and query heads of the fraction of the full attention's
   // probability mass that fell on the attended keys (1 for dense steps); -1 when never measured.
   std::vector<double> RecallPerLayer() const;
+  // Watches tokens [begin, end) (an answer's place in the prompt): per layer, the mean over the
+  // prompt's last query and every decode step of the share of KV heads that attended them (an
+  // Initial, Local or selected block holding one of them); -1 when never measured. end <= begin:
+  // off.
+  void set_watch(int64_t begin, int64_t end);
+  std::vector<double> WatchPerLayer() const;
   const LayerPlan& last_plan(int64_t layer) const { return last_plan_[layer]; }
   const SparseConfig& config() const { return cfg_; }
   // Host time of the planner's decode work, summed over steps and layers (seconds).
@@ -159,6 +165,9 @@ class SparseAttention final : public AttentionPolicy {
   // attended) put on `blocks` ([kv_head][n]).
   // have_mass: mass_ holds them already (the executor's). remapped: `blocks` are a decode
   // step's selection, scored with position remapping (the masses then use the same rotations).
+  // Counts one query's attended set for set_watch (dense: every key).
+  void Watch(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t init_end,
+             int64_t local_begin, bool dense);
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
               const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
               bool have_mass = false, bool remapped = false);
@@ -203,6 +212,9 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<Selection> sel_;                             // [layer group]
   // EnsureRepresentatives: [from, to) known ready at the layer's version ver. [layer]
   std::vector<int64_t> ensured_from_, ensured_to_;
+  int64_t watch_begin_ = 0, watch_end_ = 0;
+  std::vector<double> watch_sum_;
+  std::vector<int64_t> watch_n_;
   std::vector<uint64_t> ensured_ver_;
   std::vector<LayerPlan> last_plan_;  // [layer]
   bool recall_ = false;

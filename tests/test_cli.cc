@@ -269,8 +269,19 @@ TEST(Cli, EvalSweepsPositionRemapWithSparsePrefill) {
                        " --lengths 400 --depths 1 --attention sparse --prefill sparse"
                        " --prefill-chunk 16 --set pos-remap=none,block --block-size 4"
                        " --init-tokens 4 --local-window 8 --topk 2 --dense-layers 0"
-                       " --ctx-size 1024");
+                       " --ctx-size 1024 --needle-hits");
   ASSERT_EQ(r.status, 0) << r.output;
+  // --needle-hits: one line per sample and configuration, a share per layer.
+  std::ifstream hits(d.File("run") + "/needle_hits.jsonl");
+  int lines = 0;
+  for (std::string l; std::getline(hits, l); ++lines) {
+    const auto j = nlohmann::json::parse(l);
+    ASSERT_TRUE(j["hits_per_layer"].is_array()) << l;
+    EXPECT_GT(j["answer_tokens"][1].get<int64_t>(), j["answer_tokens"][0].get<int64_t>()) << l;
+    for (const auto& h : j["hits_per_layer"]) EXPECT_TRUE(h.get<double>() >= 0 && h <= 1) << l;
+  }
+  EXPECT_EQ(lines, 2);
+  EXPECT_NE(r.output.find("needle hits [sparse pos-remap=block]"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("| passkey | 400 | sparse pos-remap=none | 1 |"), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("| passkey | 400 | sparse pos-remap=block | 1 |"), std::string::npos)

@@ -102,6 +102,32 @@ TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
   }
 }
 
+// set_watch: with topk covering every block, every query attends the watched tokens (share 1 in
+// every layer, sparse prefill's last chunk included); unwatched, nothing is measured.
+TEST(Sparse, WatchCountsTheAttendedShare) {
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  auto model = LoadModel(kFx + "/llama_llama3_hd128_f32", *backend);
+  const auto prompt = Tokens(61, 1), decode = Tokens(6, 2);
+  for (bool sparse_prefill : {false, true}) {
+    SparseConfig c = SmallConfig(ReprType::kQuest, SelectMode::kKVHead);
+    c.sparse_prefill = sparse_prefill;
+    c.prefill_chunk = 8;
+    const int64_t cap = static_cast<int64_t>(prompt.size() + decode.size());
+    KVCache cache(model->CacheShape(cap, DType::kF32, c.block_size));
+    SparseAttention sp(model->config(), c, *backend, tc, cap, DType::kF32);
+    sp.set_watch(20, 23);  // a Context block for every query that follows it by 8 or more
+    model->set_attention(&sp);
+    std::vector<float> logits;
+    model->Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
+    for (int32_t t : decode) model->Forward(&t, 1, cache, false, &logits);
+    model->set_attention(nullptr);
+    for (double h : sp.WatchPerLayer()) EXPECT_DOUBLE_EQ(h, 1.0) << sparse_prefill;
+    sp.set_watch(0, 0);
+    for (double h : sp.WatchPerLayer()) EXPECT_EQ(h, -1.0);
+  }
+}
+
 // Sparse chunked prefill equals dense prefill when topk covers every block, and when one chunk
 // covers the prompt (no Context before its first query); with a small budget it attends less
 // (its logits differ) and stays finite.

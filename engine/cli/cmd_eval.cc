@@ -72,6 +72,9 @@ int CmdEval(int argc, char** argv) {
       {"set", 0, OptKind::kString, "",
        "sweep one sparse setting, e.g. topk=16,32,64 or pos-remap=none,block (with --attention "
        "sparse)"},
+      {"needle-hits", 0, OptKind::kFlag, "",
+       "sparse: per layer, how often the answer's block was attended (the prompt's last query "
+       "and every decode step), on stderr and in RUN_DIR/needle_hits.jsonl"},
   };
   for (auto& o : DatasetOptionSpecs()) specs.push_back(o);
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
@@ -118,6 +121,7 @@ int CmdEval(int argc, char** argv) {
     }
   }
   if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
+  if (opt.Flag("needle-hits") && !any_sparse) Fail("--needle-hits needs --attention sparse");
 
   const RunLimits limits = RunLimitsFromOptions(opt);
   ThreadingContext tc(limits.threads);
@@ -136,6 +140,7 @@ int CmdEval(int argc, char** argv) {
   const std::string kvs = opt.Str("kv-type");
   ro.kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
   ro.recall = opt.Flag("attn-recall");
+  ro.needle_hits = opt.Flag("needle-hits");
   ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
   std::fprintf(stderr, "needle: prompts %s\n",
                ro.chat == ChatFamily::kNone
