@@ -68,6 +68,18 @@ std::vector<int32_t> Tokens(int n, int seed) {
   return t;
 }
 
+// Largest |x|, and largest |a - b| over the first n entries.
+double MaxAbs(const std::vector<float>& x) {
+  double m = 0;
+  for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));
+  return m;
+}
+double MaxDiff(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
+  return m;
+}
+
 TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
   ThreadingContext tc(2);
   for (const char* fx : {"/llama_llama3_hd128_f32", "/qwen2_bias_gqa7_f32"}) {
@@ -75,8 +87,7 @@ TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
     auto model = LoadModel(kFx + fx, *backend);
     const auto prompt = Tokens(61, 1), decode = Tokens(30, 2);
     const auto dense = RunTokens(*model, prompt, decode, nullptr, tc);
-    double mx = 0;
-    for (float x : dense) mx = std::max(mx, static_cast<double>(std::fabs(x)));
+    const double mx = MaxAbs(dense);
     for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest, ReprType::kDynamic}) {
       for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead}) {
         for (int64_t presel : {0, 1000}) {
@@ -86,10 +97,7 @@ TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
           SparseAttention* pol = nullptr;
           const auto sparse = RunTokens(*model, prompt, decode, &c, tc, &pol, &keep);
           ASSERT_EQ(sparse.size(), dense.size());
-          double err = 0;
-          for (size_t i = 0; i < dense.size(); ++i)
-            err = std::max(err, static_cast<double>(std::fabs(sparse[i] - dense[i])));
-          EXPECT_LE(err, 1e-5 * mx)
+          EXPECT_LE(MaxDiff(sparse, dense, dense.size()), 1e-5 * mx)
               << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " presel " << presel;
           // The last step really went through the sparse path, with Context blocks selected.
           const LayerPlan& p = pol->last_plan(1);
@@ -138,8 +146,7 @@ TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
     auto model = LoadModel(kFx + fx, *backend);
     const auto prompt = Tokens(61, 1), decode = Tokens(12, 2);
     const auto dense = RunTokens(*model, prompt, decode, nullptr, tc);
-    double mx = 0;
-    for (float x : dense) mx = std::max(mx, static_cast<double>(std::fabs(x)));
+    const double mx = MaxAbs(dense);
     for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest})
       for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead})
         for (int64_t chunk : {8, 64}) {
@@ -148,10 +155,7 @@ TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
           c.prefill_chunk = chunk;  // 8: topk covers; 64: one chunk covers the prompt
           if (chunk == 64) c.topk = 1;
           const auto sparse = RunTokens(*model, prompt, {}, &c, tc);
-          double err = 0;
-          for (size_t i = 0; i < sparse.size(); ++i)
-            err = std::max(err, static_cast<double>(std::fabs(sparse[i] - dense[i])));
-          EXPECT_LE(err, 1e-5 * mx)
+          EXPECT_LE(MaxDiff(sparse, dense, sparse.size()), 1e-5 * mx)
               << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " chunk " << chunk;
         }
     SparseConfig small = SmallConfig(ReprType::kQuest, SelectMode::kKVHead);
