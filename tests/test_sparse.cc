@@ -1,4 +1,4 @@
-// Block-sparse attention: equivalence with dense attention when the budget covers everything,
+// Block-sparse decode: equivalence with dense attention when the budget covers everything,
 // selections equal to a brute-force scorer written plainly here, step/layer reuse, preselection
 // with long answers, recall, validation, and the scoring kernel against its reference.
 #include <gtest/gtest.h>
@@ -16,233 +16,47 @@
 #include "sparse_attn/plan.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
+#include "tests/sparse_test_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
 namespace {
 
-const std::string kFx = NEEDLE_FIXTURES_DIR;
-
-SparseConfig SmallConfig(ReprType r, SelectMode m) {
-  SparseConfig c;
-  c.block_size = 4;
-  c.init_tokens = 4;
-  c.local_window = 8;
-  c.topk = 1000;
-  c.repr = r;
-  c.repr_count = 2;
-  c.obs_window = 8;
-  c.select = m;
-  c.dense_layers = 0;
-  return c;
-}
-
-// Logits of a prompt (last row) and of `decode` fed tokens, dense or with a sparse policy.
-std::vector<float> RunTokens(Model& m, const std::vector<int32_t>& prompt,
-                             const std::vector<int32_t>& decode, const SparseConfig* sc,
-                             ThreadingContext& tc, SparseAttention** policy_out = nullptr,
-                             std::unique_ptr<SparseAttention>* keep = nullptr) {
-  const int64_t cap = static_cast<int64_t>(prompt.size() + decode.size());
-  KVCache cache(m.CacheShape(cap, DType::kF32, sc ? sc->block_size : 128));
-  std::unique_ptr<SparseAttention> sp;
-  if (sc != nullptr) {
-    sp = std::make_unique<SparseAttention>(m.config(), *sc, m.backend(), tc, cap, DType::kF32);
-    sp->set_recall(true);
-  }
-  m.set_attention(sp.get());
-  std::vector<float> all, step;
-  m.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &all);
-  for (int32_t t : decode) {
-    m.Forward(&t, 1, cache, false, &step);
-    all.insert(all.end(), step.begin(), step.end());
-  }
-  m.set_attention(nullptr);
-  if (policy_out != nullptr) *policy_out = sp.get();
-  if (keep != nullptr) *keep = std::move(sp);
-  return all;
-}
-
-std::vector<int32_t> Tokens(int n, int seed) {
-  std::vector<int32_t> t;
-  for (int i = 0; i < n; ++i) t.push_back(3 + (i * 37 + seed * 11) % 250);
-  return t;
-}
-
-// Largest |x|, and largest |a - b| over the first n entries.
-double MaxAbs(const std::vector<float>& x) {
-  double m = 0;
-  for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));
-  return m;
-}
-double MaxDiff(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
-  double m = 0;
-  for (size_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
-  return m;
-}
+using test::ForEachSparseFixture;
+using test::kFx;
+using test::MaxAbs;
+using test::MaxDiff;
+using test::RunTokens;
+using test::SmallConfig;
+using test::Tokens;
 
 TEST(Sparse, EqualsDenseWhenTopkCoversEveryBlock) {
   ThreadingContext tc(2);
-  for (const char* fx : {"/llama_llama3_hd128_f32", "/qwen2_bias_gqa7_f32"}) {
-    auto backend = MakeCpuBackend(tc, false);
-    auto model = LoadModel(kFx + fx, *backend);
-    const auto prompt = Tokens(61, 1), decode = Tokens(30, 2);
-    const auto dense = RunTokens(*model, prompt, decode, nullptr, tc);
-    const double mx = MaxAbs(dense);
-    for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest, ReprType::kDynamic}) {
-      for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead}) {
-        for (int64_t presel : {0, 1000}) {
-          SparseConfig c = SmallConfig(r, m);
-          c.preselect_blocks = presel;
-          std::unique_ptr<SparseAttention> keep;
-          SparseAttention* pol = nullptr;
-          const auto sparse = RunTokens(*model, prompt, decode, &c, tc, &pol, &keep);
-          ASSERT_EQ(sparse.size(), dense.size());
-          EXPECT_LE(MaxDiff(sparse, dense, dense.size()), 1e-5 * mx)
-              << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " presel " << presel;
-          // The last step really went through the sparse path, with Context blocks selected.
-          const LayerPlan& p = pol->last_plan(1);
-          EXPECT_FALSE(p.dense);
-          EXPECT_GT(p.blocks[0].size(), 5u);
-          for (double rc : pol->RecallPerLayer()) EXPECT_NEAR(rc, 1.0, 1e-5);
+  const auto prompt = Tokens(61, 1), decode = Tokens(30, 2);
+  ForEachSparseFixture(
+      tc, prompt, decode, [&](const char* fx, Model& model, const std::vector<float>& dense) {
+        const double mx = MaxAbs(dense);
+        for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest, ReprType::kDynamic}) {
+          for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead}) {
+            for (int64_t presel : {0, 1000}) {
+              SparseConfig c = SmallConfig(r, m);
+              c.preselect_blocks = presel;
+              std::unique_ptr<SparseAttention> keep;
+              SparseAttention* pol = nullptr;
+              const auto sparse = RunTokens(model, prompt, decode, &c, tc, &pol, &keep);
+              ASSERT_EQ(sparse.size(), dense.size());
+              EXPECT_LE(MaxDiff(sparse, dense, dense.size()), 1e-5 * mx)
+                  << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " presel "
+                  << presel;
+              // The last step really went through the sparse path, with Context blocks selected.
+              const LayerPlan& p = pol->last_plan(1);
+              EXPECT_FALSE(p.dense);
+              EXPECT_GT(p.blocks[0].size(), 5u);
+              for (double rc : pol->RecallPerLayer()) EXPECT_NEAR(rc, 1.0, 1e-5);
+            }
+          }
         }
-      }
-    }
-  }
-}
-
-// set_watch: with topk covering every block, every query attends the watched tokens (share 1 in
-// every layer, sparse prefill's last chunk included); unwatched, nothing is measured.
-TEST(Sparse, WatchCountsTheAttendedShare) {
-  ThreadingContext tc(2);
-  auto backend = MakeCpuBackend(tc, false);
-  auto model = LoadModel(kFx + "/llama_llama3_hd128_f32", *backend);
-  const auto prompt = Tokens(61, 1), decode = Tokens(6, 2);
-  for (bool sparse_prefill : {false, true}) {
-    SparseConfig c = SmallConfig(ReprType::kQuest, SelectMode::kKVHead);
-    c.sparse_prefill = sparse_prefill;
-    c.prefill_chunk = 8;
-    const int64_t cap = static_cast<int64_t>(prompt.size() + decode.size());
-    KVCache cache(model->CacheShape(cap, DType::kF32, c.block_size));
-    SparseAttention sp(model->config(), c, *backend, tc, cap, DType::kF32);
-    sp.set_watch(20, 23);  // a Context block for every query that follows it by 8 or more
-    model->set_attention(&sp);
-    std::vector<float> logits;
-    model->Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &logits);
-    for (int32_t t : decode) model->Forward(&t, 1, cache, false, &logits);
-    model->set_attention(nullptr);
-    for (double h : sp.WatchPerLayer()) EXPECT_DOUBLE_EQ(h, 1.0) << sparse_prefill;
-    sp.set_watch(0, 0);
-    for (double h : sp.WatchPerLayer()) EXPECT_EQ(h, -1.0);
-  }
-}
-
-// Sparse chunked prefill equals dense prefill when topk covers every block, and when one chunk
-// covers the prompt (no Context before its first query); with a small budget it attends less
-// (its logits differ) and stays finite.
-TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
-  ThreadingContext tc(2);
-  for (const char* fx : {"/llama_llama3_hd128_f32", "/qwen2_bias_gqa7_f32"}) {
-    auto backend = MakeCpuBackend(tc, false);
-    auto model = LoadModel(kFx + fx, *backend);
-    const auto prompt = Tokens(61, 1), decode = Tokens(12, 2);
-    const auto dense = RunTokens(*model, prompt, decode, nullptr, tc);
-    const double mx = MaxAbs(dense);
-    for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest})
-      for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead})
-        for (int64_t chunk : {8, 64}) {
-          SparseConfig c = SmallConfig(r, m);
-          c.sparse_prefill = true;
-          c.prefill_chunk = chunk;  // 8: topk covers; 64: one chunk covers the prompt
-          if (chunk == 64) c.topk = 1;
-          const auto sparse = RunTokens(*model, prompt, {}, &c, tc);
-          EXPECT_LE(MaxDiff(sparse, dense, sparse.size()), 1e-5 * mx)
-              << fx << " " << ReprTypeName(r) << " " << SelectModeName(m) << " chunk " << chunk;
-        }
-    SparseConfig small = SmallConfig(ReprType::kQuest, SelectMode::kKVHead);
-    small.sparse_prefill = true;
-    small.prefill_chunk = 8;
-    small.topk = 1;
-    const auto s = RunTokens(*model, prompt, decode, &small, tc);
-    ASSERT_EQ(s.size(), dense.size());
-    double diff = 0;
-    for (size_t i = 0; i < s.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(s[i])) << i;
-      diff = std::max(diff, static_cast<double>(std::fabs(s[i] - dense[i])));
-    }
-    EXPECT_GT(diff, 1e-3 * mx) << fx << ": a one-block budget attended everything";
-  }
-}
-
-// Block-wise position remapping against a reference that re-rotates the keys explicitly: the
-// attended keys (Initial, two Context blocks per KV head, Local) rotated at their remapped,
-// contiguous positions in a second cache, attended densely by the query rotated at its remapped
-// position, give what the kernel gives from the keys rotated at their true positions with the
-// remap's query rotations.
-TEST(Sparse, PositionRemapEqualsExplicitlyReRotatedKeys) {
-  const int64_t D = 16, Hk = 2, G = 2, H = Hk * G, B = 4, ie = 4, lb = 40, p = 45;
-  std::vector<float> inv_freq(static_cast<size_t>(D / 2));
-  for (int64_t i = 0; i < D / 2; ++i)
-    inv_freq[i] = static_cast<float>(std::pow(500.0, -2.0 * i / static_cast<double>(D)));
-  std::vector<float> row(static_cast<size_t>(D));
-  const auto rotated = [&](const float* x, int64_t rows, int64_t pos) {
-    RotationRow(pos, inv_freq.data(), D, row.data());
-    std::vector<float> y(static_cast<size_t>(rows * D));
-    RotateRows(x, rows, D, row.data(), y.data());
-    return y;
-  };
-  const auto k = test::RandomVector((p + 1) * Hk * D, 3),
-             v = test::RandomVector((p + 1) * Hk * D, 4);
-  const auto q = test::RandomVector(H * D, 5);
-  // The cache as needle keeps it: keys rotated at their true positions.
-  KVCache truth(KVCacheShape{1, Hk, D, p + 1, B, DType::kF32});
-  for (int64_t j = 0; j <= p; ++j)
-    truth.Write(0, j, 1, rotated(&k[j * Hk * D], Hk, j).data(), &v[j * Hk * D]);
-  truth.SetSize(p + 1);
-  const std::vector<std::vector<int32_t>> blocks = {{2, 7}, {5, 6}};
-  AttnSpans spans;
-  spans.offsets.assign(1, 0);
-  std::map<int64_t, int32_t> rows;
-  for (int64_t h = 0; h < Hk; ++h)
-    AppendQuerySpans(ie, blocks[h], B, lb, p, inv_freq.data(), D, &spans, &rows);
-  AttnArgs a{1, p, H, Hk, D, 0, 0.25f};
-  ThreadingContext tc(2);
-  std::vector<float> got(static_cast<size_t>(H * D)), got_lse(static_cast<size_t>(H));
-  const auto qp = rotated(q.data(), H, p);
-  fast::Attention(qp.data(), truth.Layer(0), a, &spans, got.data(), got_lse.data(), tc);
-  std::vector<float> ref_out(got.size()), ref_lse(got_lse.size());
-  ref::Attention(qp.data(), truth.Layer(0), a, &spans, ref_out.data(), ref_lse.data(), tc);
-  for (int64_t h = 0; h < Hk; ++h) {
-    // The reference: head h's attended keys at contiguous positions 0 .. n-1, the query at n-1.
-    std::vector<int64_t> keys;
-    for (int64_t j = 0; j < ie; ++j) keys.push_back(j);
-    for (int32_t b : blocks[h])
-      for (int64_t j = b * B; j < (b + 1) * B; ++j) keys.push_back(j);
-    for (int64_t j = lb; j <= p; ++j) keys.push_back(j);
-    const int64_t n = static_cast<int64_t>(keys.size());
-    KVCache moved(KVCacheShape{1, 1, D, n, B, DType::kF32});
-    for (int64_t i = 0; i < n; ++i)
-      moved.Write(0, i, 1, rotated(&k[(keys[i] * Hk + h) * D], 1, i).data(),
-                  &v[(keys[i] * Hk + h) * D]);
-    moved.SetSize(n);
-    const auto qh = rotated(&q[h * G * D], G, n - 1);
-    AttnArgs ra{1, n - 1, G, 1, D, 0, 0.25f};
-    std::vector<float> want(static_cast<size_t>(G * D)), want_lse(static_cast<size_t>(G));
-    ref::Attention(qh.data(), moved.Layer(0), ra, nullptr, want.data(), want_lse.data(), tc);
-    for (int64_t i = 0; i < G * D; ++i) {
-      EXPECT_NEAR(got[h * G * D + i], want[i], 2e-5) << "head " << h << " " << i;
-      EXPECT_NEAR(ref_out[h * G * D + i], want[i], 2e-5) << "head " << h << " " << i;
-    }
-    for (int64_t g = 0; g < G; ++g) EXPECT_NEAR(got_lse[h * G + g], want_lse[g], 2e-5);
-  }
-  // Without the remap the same spans score at the true distances: a different result.
-  AttnSpans plain = spans;
-  plain.rot.clear();
-  std::vector<float> other(got.size());
-  fast::Attention(qp.data(), truth.Layer(0), a, &plain, other.data(), nullptr, tc);
-  double diff = 0;
-  for (size_t i = 0; i < got.size(); ++i)
-    diff = std::max(diff, double{std::fabs(got[i] - other[i])});
-  EXPECT_GT(diff, 1e-3);
+      });
 }
 
 // ---- Brute force: representatives, votes and selection written plainly from the keys. ----

@@ -1,0 +1,90 @@
+// Helpers of the sparse attention tests (test_sparse.cc, test_sparse_prompt.cc): a small budget,
+// a run of prompt + decode tokens with or without a sparse policy, and comparisons.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/model/model.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle::test {
+
+inline const std::string kFx = NEEDLE_FIXTURES_DIR;
+
+// Small blocks and windows; topk covers every block of the tests' prompts.
+inline SparseConfig SmallConfig(ReprType r, SelectMode m) {
+  SparseConfig c;
+  c.block_size = 4;
+  c.init_tokens = 4;
+  c.local_window = 8;
+  c.topk = 1000;
+  c.repr = r;
+  c.repr_count = 2;
+  c.obs_window = 8;
+  c.select = m;
+  c.dense_layers = 0;
+  return c;
+}
+
+// Logits of a prompt (last row) and of `decode` fed tokens, dense or with a sparse policy.
+inline std::vector<float> RunTokens(Model& m, const std::vector<int32_t>& prompt,
+                                    const std::vector<int32_t>& decode, const SparseConfig* sc,
+                                    ThreadingContext& tc, SparseAttention** policy_out = nullptr,
+                                    std::unique_ptr<SparseAttention>* keep = nullptr) {
+  const int64_t cap = static_cast<int64_t>(prompt.size() + decode.size());
+  KVCache cache(m.CacheShape(cap, DType::kF32, sc ? sc->block_size : 128));
+  std::unique_ptr<SparseAttention> sp;
+  if (sc != nullptr) {
+    sp = std::make_unique<SparseAttention>(m.config(), *sc, m.backend(), tc, cap, DType::kF32);
+    sp->set_recall(true);
+  }
+  m.set_attention(sp.get());
+  std::vector<float> all, step;
+  m.Forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, false, &all);
+  for (int32_t t : decode) {
+    m.Forward(&t, 1, cache, false, &step);
+    all.insert(all.end(), step.begin(), step.end());
+  }
+  m.set_attention(nullptr);
+  if (policy_out != nullptr) *policy_out = sp.get();
+  if (keep != nullptr) *keep = std::move(sp);
+  return all;
+}
+
+inline std::vector<int32_t> Tokens(int n, int seed) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back(3 + (i * 37 + seed * 11) % 250);
+  return t;
+}
+
+// Largest |x|, and largest |a - b| over the first n entries.
+inline double MaxAbs(const std::vector<float>& x) {
+  double m = 0;
+  for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));
+  return m;
+}
+inline double MaxDiff(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
+  return m;
+}
+
+// f(fixture name, model, the model's dense logits of prompt + decode) for the two fixtures the
+// sparse-equals-dense tests use.
+inline void ForEachSparseFixture(
+    ThreadingContext& tc, const std::vector<int32_t>& prompt, const std::vector<int32_t>& decode,
+    const std::function<void(const char*, Model&, const std::vector<float>&)>& f) {
+  for (const char* fx : {"/llama_llama3_hd128_f32", "/qwen2_bias_gqa7_f32"}) {
+    auto backend = MakeCpuBackend(tc, false);
+    auto model = LoadModel(kFx + fx, *backend);
+    f(fx, *model, RunTokens(*model, prompt, decode, nullptr, tc));
+  }
+}
+
+}  // namespace needle::test
