@@ -17,6 +17,12 @@ using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
+// Layer selection: row 0 of scores [kv_heads][n] becomes the sum over KV heads, in head order (the
+// order the GPU's cuda::TopBlocks sums in).
+void SumOverHeads(float* sc, int64_t kv_heads, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 1; h < kv_heads; ++h) sc[i] += sc[h * n + i];
+}
 }  // namespace
 
 SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg,
@@ -180,8 +186,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       fast::ScoreBlocks(reps_, layer, ScoreArgs{cq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
                         sc.data(), tc_);
       if (cfg_.select == SelectMode::kLayer) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t h = 1; h < Hk; ++h) sc[i] += sc[h * n + i];
+        SumOverHeads(sc.data(), Hk, n);
         sel[0] = TopK(sc.data(), all.data(), n, cfg_.topk);
         for (auto& hb : sel) hb = sel[0];
       } else {
@@ -268,12 +273,10 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
 
 bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end,
                                     int64_t* want, bool* sum_heads) const {
-  const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B;
-  const int64_t ctx_end_block = cfg_.LocalBegin(a.pos0) / B;
-  if (a.T != 1 || DenseLayer(layer, a) || ctx_end_block <= init_blocks ||
-      !SelectsAt(layer, decode_step_) || !presel_[layer].empty())
+  if (a.T != 1 || !AttendsPlan(layer, a) || !SelectsAt(layer, decode_step_) ||
+      !presel_[layer].empty())
     return false;
-  *first = init_blocks, *end = ctx_end_block;
+  *first = cfg_.init_end() / cfg_.block_size, *end = cfg_.LocalBegin(a.pos0) / cfg_.block_size;
   *want = cfg_.topk + cfg_.retained();
   *sum_heads = cfg_.select == SelectMode::kLayer;
   return true;
@@ -345,10 +348,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       sc.resize(static_cast<size_t>(Hk) * all.size());
       if (!exec_->Score(layer, reps_, sa, sc.data()))
         fast::ScoreBlocks(reps_, layer, sa, sc.data(), tc_);
-      if (by_layer) {  // one row: the sum over KV heads
-        for (size_t i = 0; i < all.size(); ++i)
-          for (int64_t h = 1; h < Hk; ++h) sc[i] += sc[h * all.size() + i];
-      }
+      if (by_layer) SumOverHeads(sc.data(), Hk, static_cast<int64_t>(all.size()));
     }
     // Row r's candidates: ids and scores.
     const auto row_ids = [&](int64_t r) {
@@ -469,7 +469,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   plan.init_end = std::min(cfg_.init_end(), p + 1);
   plan.local_begin = cfg_.LocalBegin(p);
   const int64_t ctx_end_block = plan.local_begin / B, init_blocks = cfg_.init_end() / B;
-  plan.dense = DenseLayer(layer, a) || ctx_end_block <= init_blocks;
+  plan.dense = !AttendsPlan(layer, a);
   plan.remap = cfg_.pos_remap;
   lse_.resize(static_cast<size_t>(a.heads));
   bool want_mass = false, have_mass = false;

@@ -100,6 +100,12 @@ class SparseAttention final : public AttentionPolicy {
   // reuses an earlier selection, or ranks preselected candidates.
   bool WillShortlist(int64_t layer, const AttnArgs& a, int64_t* first, int64_t* end, int64_t* want,
                      bool* sum_heads) const;
+  // Whether the decode query a.pos0 of `layer` attends a plan (Initial + Context blocks + Local)
+  // rather than every key: a sparse layer with a Context region at that position.
+  bool AttendsPlan(int64_t layer, const AttnArgs& a) const {
+    const int64_t B = cfg_.block_size;
+    return !DenseLayer(layer, a) && cfg_.LocalBegin(a.pos0) / B > cfg_.init_end() / B;
+  }
 
   // Diagnostics.
   void set_recall(bool on) { recall_ = on; }

@@ -516,9 +516,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was
   // ready left 60-90 us a layer in the step; waking them before this wait would have them spin
   // through the previous layer's MLP).
-  const bool cpu_blocks =
-      !dense && x.c.LocalBegin(a.pos0) / x.c.block_size > x.c.init_end() / x.c.block_size;
-  if (cpu_blocks) {
+  if (x.planner.AttendsPlan(layer, a)) {
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start));
     x.stats.gpu_wait += Since(t);
