@@ -191,28 +191,32 @@ double StepWeightBytes(const ModelWeights& w) {
 }
 
 // Decode in the ways the CUDA backend can run it: "graph" (fused kernels, the step replayed from
-// a CUDA graph: the default), "graph-rope-apart" (the same with RoPE + KV write as a launch of
-// its own after the q/k/v GEMV), "fused" (the default's kernels launched one by one) and
-// "unfused" (each operator on its own, projections through cuBLAS: the backend before the
-// decode fast path). tok/s with the last token's logits copied to the host after each step (what
-// llama.cpp's llama_decode does) and greedy (only the chosen id comes back, as `needle generate`
-// does), the step against its bandwidth bound (weights + K/V at the measured copy bandwidth),
-// and, for the launched modes, the step's GPU time per operator class.
+// a CUDA graph, the decode attention launched dependent: the default), "graph-no-pdl" (the same
+// with every kernel launched as usual, NEEDLE_CUDA_PDL=0), "graph-rope-fold" (the default with
+// RoPE + KV write folded into the q/k/v GEMV, NEEDLE_CUDA_ROPE_FOLD=1), "fused" (the default's
+// kernels launched one by one) and "unfused" (each operator on its own, projections through
+// cuBLAS: the backend before the decode fast path). tok/s with the last token's logits copied to
+// the host after each step (what llama.cpp's llama_decode does) and greedy (only the chosen id
+// comes back, as `needle generate` does), the step against its bandwidth bound (weights + K/V at
+// the measured copy bandwidth), and, for the launched modes, the step's GPU time per operator
+// class.
 void DecodeModes(bench::ProfileBackend& prof, Backend& cuda, Model& model, KVCache& cache,
                  const std::string& name, int64_t P, double copy_gbs) {
   const double bytes = StepWeightBytes(model.weights()) +
                        static_cast<double>(cache.shape().BytesPerToken()) * static_cast<double>(P);
   const double bound_ms = bytes / (copy_gbs * 1e9) * 1e3;
   std::vector<float> logits;
-  for (const char* mode : {"graph", "graph-rope-apart", "fused", "unfused"}) {
+  for (const char* mode : {"graph", "graph-no-pdl", "graph-rope-fold", "fused", "unfused"}) {
     const bool graph = std::strncmp(mode, "graph", 5) == 0;
+    setenv("NEEDLE_CUDA_PDL", std::strcmp(mode, "graph-no-pdl") == 0 ? "0" : "1", 1);
     SetCudaFused(cuda, std::strcmp(mode, "unfused") != 0);
     setenv("NEEDLE_CUDA_GRAPH", graph ? "1" : "0", 1);
-    setenv("NEEDLE_CUDA_ROPE_FOLD", std::strcmp(mode, "graph-rope-apart") == 0 ? "0" : "1", 1);
+    setenv("NEEDLE_CUDA_ROPE_FOLD", std::strcmp(mode, "graph-rope-fold") == 0 ? "1" : "0", 1);
     model.ResetRecording();  // the cache is the same, the kernels are not
     int32_t tok = 11;
     for (int i = 0; i < 2; ++i) model.Forward(&tok, 1, cache, false, &logits);  // warm-up
-    const int steps = 16;
+    const char* st = std::getenv("NEEDLE_BENCH_STEPS");
+    const int steps = st != nullptr ? std::max(1, std::atoi(st)) : 16;
     auto t0 = std::chrono::steady_clock::now();
     for (int s = 0; s < steps; ++s) model.Forward(&tok, 1, cache, false, &logits);
     auto t1 = std::chrono::steady_clock::now();
@@ -248,6 +252,7 @@ void DecodeModes(bench::ProfileBackend& prof, Backend& cuda, Model& model, KVCac
   SetCudaFused(cuda, true);
   unsetenv("NEEDLE_CUDA_GRAPH");
   unsetenv("NEEDLE_CUDA_ROPE_FOLD");
+  unsetenv("NEEDLE_CUDA_PDL");
 }
 
 void EndToEnd(Backend& cuda, const std::string& config, double copy_gbs) {
@@ -262,8 +267,20 @@ void EndToEnd(Backend& cuda, const std::string& config, double copy_gbs) {
     model->set_ubatch(4096);
     model->Forward(ids.data(), 4096, cache, false, &logits);
   }
-  for (int64_t P : {4096, 32768, 131072}) {
-    KVCache cache(model->CacheShape(P + 256, DType::kBF16), 0, b.kv_memory());
+  // NEEDLE_BENCH_PROMPTS: the prompt lengths, comma-separated (default 4096,32768,131072).
+  std::vector<int64_t> prompts = {4096, 32768, 131072};
+  if (const char* v = std::getenv("NEEDLE_BENCH_PROMPTS")) {
+    prompts.clear();
+    for (const char* c = v; *c != 0;) {
+      char* end = nullptr;
+      const long long n = std::strtoll(c, &end, 10);
+      if (end == c || n <= 0) Fail("NEEDLE_BENCH_PROMPTS: '", v, "' is not a list of lengths");
+      prompts.push_back(n);
+      c = *end == ',' ? end + 1 : end;
+    }
+  }
+  for (int64_t P : prompts) {
+    KVCache cache(model->CacheShape(P + 2048, DType::kBF16), 0, b.kv_memory());
     std::vector<int32_t> ids(static_cast<size_t>(P));
     for (int64_t i = 0; i < P; ++i) ids[i] = static_cast<int32_t>((i * 7919) % 30000 + 10);
     model->set_ubatch(4096);

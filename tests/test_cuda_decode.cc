@@ -212,7 +212,9 @@ TEST(CudaDecode, ProjectRopeKVWriteEqualsTwoSteps) {
       }
       const Backend::InputNorm norm{&g.dev, 1e-6f, scratch.get()};
       if (fused) {
+        setenv("NEEDLE_CUDA_ROPE_FOLD", "1", 1);  // opt-in (cuda_backend.cu)
         gpu->ProjectRopeKVWrite(xd.get(), 1, norm, p, H, cache, 0, pos0, inv_freq, 1.f);
+        unsetenv("NEEDLE_CUDA_ROPE_FOLD");
       } else {
         gpu->Project(xd.get(), 1, norm, p, 3);
         gpu->RopeKVWrite(y[0].get(), y[1].get(), y[2].get(), 1, H, cache, 0, pos0, inv_freq, 1.f);

@@ -46,6 +46,7 @@
 #include "engine/cuda/decode_merge.cuh"
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/mma.cuh"
+#include "engine/cuda/pdl.cuh"
 #include "engine/cuda/smem_async.cuh"
 
 namespace needle::cuda {
@@ -147,12 +148,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                ? __ldg(p.table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
                : 0;
   };
-  // The first global loads (block table, q) go out before anything waits on them: the
-  // barrier set-up and the descriptor prefetch run in their shadow (asm with memory clobbers
-  // would keep the compiler from hoisting the loads above it).
+  // The first global loads (block table) go out before anything waits on them: the barrier
+  // set-up and the descriptor prefetch run in their shadow (asm with memory clobbers would keep
+  // the compiler from hoisting the loads above it).
   int32_t slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
-  float2 qx[D / 16][2];
-  LoadQ<D, kPack>(p, h, g, t, qx);
   if (threadIdx.x == 0) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
@@ -187,7 +186,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
-  for (int i = 0; i < kStages && i < n_my; ++i) issue(i);
+  // Launched dependent (pdl.cuh), the tiles of earlier steps' keys are copied while the kernel
+  // before (the q/k/v projection) finishes: it writes q and the row of qpos, so the tile that
+  // holds qpos and q wait for it. (The tensor copies read through the async proxy; the fence
+  // orders them after the projection's generic writes.)
+  int issued = 0;
+  for (; issued < kStages && issued < n_my && tile_key(issued) + kTileKeys <= qpos; ++issued)
+    issue(issued);
+  WaitForPredecessor();
+  AllowSuccessor();
+  float2 qx[D / 16][2];
+  LoadQ<D, kPack>(p, h, g, t, qx);
+  if (lane == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  for (; issued < kStages && issued < n_my; ++issued) issue(issued);
   uint32_t qh[D / 16][2], ql[D / 16][2];
   SplitQ<D, kBF16, kPack>(p, g, qx, qh, ql);
 
@@ -412,7 +423,7 @@ bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) 
   constexpr size_t smem = Layout<D>::kDynamicBytes;
   OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack>>(smem);
   const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(cut.splits));
-  TmaDecodeKernel<D, kBF16, kPack><<<grid, kThreads, smem, stream>>>(tk, tv, p, mg);
+  LaunchDependent(TmaDecodeKernel<D, kBF16, kPack>, grid, kThreads, smem, stream, tk, tv, p, mg);
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }
