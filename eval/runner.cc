@@ -2,7 +2,6 @@
 
 #include <unistd.h>
 
-#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -13,7 +12,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-#include <tuple>
 
 #include "datasets/infinitebench.h"
 #include "datasets/niah.h"
@@ -22,7 +20,6 @@
 #include "engine/model/generate.h"
 #include "engine/runtime/sequence_attention.h"
 #include "eval/data_files.h"
-#include "eval/heatmap.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
 #include "sparse_attn/sparse_attention.h"
@@ -75,17 +72,6 @@ void WriteNeedleHits(const std::string& run_dir, const EvalResult& r, int64_t b,
                static_cast<long long>(e), line.c_str());
 }
 
-// FNV-1a, 64 bits: stable across builds and machines (std::hash is not promised to be).
-uint64_t Fnv1a(const std::string& s, uint64_t h = 14695981039346656037ull) {
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-std::string Hex(uint64_t h) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
-
 }  // namespace
 
 std::string ModelIdentity(const std::string& dir) {
@@ -94,7 +80,7 @@ std::string ModelIdentity(const std::string& dir) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return std::filesystem::absolute(dir).lexically_normal().string() +
-         " config.json:" + Hex(Fnv1a(ss.str()));
+         " config.json:" + StableHash(ss.str());
 }
 
 std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt) {
@@ -107,14 +93,6 @@ std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt) {
   else
     os << "dense";
   return os.str();
-}
-
-std::string SampleHash(const std::string& task, const datasets::Sample& s) {
-  std::ostringstream os;
-  os << task << '\0' << s.target_tokens << '\0' << s.depth << '\0' << s.context << '\0' << s.input
-     << '\0' << s.prompt;
-  for (const auto& a : s.answer) os << '\0' << a;
-  return Hex(Fnv1a(os.str()));
 }
 
 int64_t MaxNewTokens(const std::string& task) {
@@ -137,39 +115,6 @@ std::string Key(const std::string& config, const std::string& task, int64_t leng
 }
 
 }  // namespace
-
-std::string SummaryMarkdown(const std::vector<EvalResult>& results) {
-  struct Acc {
-    double score = 0, prefill = 0, decode = 0, recall = 0;
-    int64_t n = 0, nrecall = 0;
-  };
-  std::map<std::tuple<std::string, int64_t, std::string>, Acc> rows;
-  std::vector<std::string> config_order;
-  for (const auto& r : results) {
-    if (std::find(config_order.begin(), config_order.end(), r.config) == config_order.end())
-      config_order.push_back(r.config);
-    Acc& a = rows[{r.task, r.length, r.config}];
-    a.score += r.score, a.prefill += r.prefill_tps, a.decode += r.decode_tps, a.n++;
-    if (r.recall >= 0) a.recall += r.recall, a.nrecall++;
-  }
-  std::ostringstream os;
-  os << "| task | length | configuration | samples | accuracy | prefill tok/s | decode tok/s | "
-        "recall |\n"
-     << "|---|---|---|---|---|---|---|---|\n";
-  char buf[256];
-  for (const auto& [key, a] : rows) {
-    const auto& [task, length, config] = key;
-    std::string rec =
-        a.nrecall ? std::to_string(a.recall / static_cast<double>(a.nrecall)).substr(0, 6) : "-";
-    std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %lld | %.2f | %.1f | %.2f | %s |\n",
-                  task.c_str(), static_cast<long long>(length), config.c_str(),
-                  static_cast<long long>(a.n), 100.0 * a.score / static_cast<double>(a.n),
-                  a.prefill / static_cast<double>(a.n), a.decode / static_cast<double>(a.n),
-                  rec.c_str());
-    os << buf;
-  }
-  return os.str();
-}
 
 std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingContext& tc,
                                 const std::string& task,
@@ -337,35 +282,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   if (cut_prompts > 1)
     std::fprintf(stderr, "needle: warning: %lld prompts were cut in the middle to fit --ctx-size\n",
                  static_cast<long long>(cut_prompts));
-  // Summary files, replaced atomically.
-  json summary = json::array();
-  for (const auto& r : results) summary.push_back(ResultToJson(r));
-  const std::string md = SummaryMarkdown(results);
-  std::set<double> depths;
-  for (const auto& r : results) depths.insert(r.depth);
-  if (task == "needle" || (datasets::IsInfiniteBenchTask(task) && depths.size() > 1)) {
-    // Tasks whose generator sweeps the needle depth: one heatmap (depth x length) per
-    // configuration, heatmap_<config>.png / .svg.
-    std::set<std::string> cfgs;
-    for (const auto& r : results) cfgs.insert(r.config);
-    for (const auto& c : cfgs) {
-      std::string file = c;
-      for (auto& ch : file)
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      const std::string title = task == "needle" ? "Needle In A Haystack" : task;
-      WriteHeatmap(BuildGrid(results, c), title + ": " + c, opt.run_dir + "/heatmap_" + file);
-    }
-  }
-  for (auto [name, body] :
-       {std::pair<std::string, std::string>{"summary.md", md},
-        std::pair<std::string, std::string>{"summary.json",
-                                            json{{"results", summary}, {"table", md}}.dump(1)}}) {
-    const std::string path = opt.run_dir + "/" + name;
-    std::ofstream f(path + ".tmp");
-    f << body;
-    f.close();
-    std::filesystem::rename(path + ".tmp", path);
-  }
+  WriteRunSummaries(task, results, opt.run_dir);
   return results;
 }
 

@@ -1,6 +1,8 @@
 // The evaluation runner: samples x configurations through the model, each result appended and
 // flushed to RUN_DIR/predictions.jsonl as soon as it exists (a rerun resumes where the last one
 // stopped), then RUN_DIR/summary.json and summary.md (task x length x configuration).
+// (The summaries and the hashes are in eval/summary.cc; sharded runs and their merge in
+// eval/shard.h.)
 #pragma once
 
 #include <cstdint>
@@ -57,6 +59,8 @@ std::string ModelIdentity(const std::string& dir);
 std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt);
 // A hash of the sample's task, text, answers, depth and length.
 std::string SampleHash(const std::string& task, const datasets::Sample& s);
+// 64-bit FNV-1a of s in hex: stable across builds and machines (std::hash is not promised to be).
+std::string StableHash(const std::string& s);
 
 // Runs every (config, sample) not already in run_dir/predictions.jsonl; returns all results
 // (old and new). Writes the summary files at the end. Refuses (Error naming the file, the
@@ -76,5 +80,9 @@ int64_t MaxNewTokens(const std::string& task);
 
 // summary.md: one row per (task, length, config) with accuracy x 100, mean tok/s and recall.
 std::string SummaryMarkdown(const std::vector<EvalResult>& results);
+// run_dir/summary.md, summary.json and (tasks that sweep the needle's depth) the heatmaps of
+// each configuration, heatmap_<config>.png / .svg; each file replaced atomically.
+void WriteRunSummaries(const std::string& task, const std::vector<EvalResult>& results,
+                       const std::string& run_dir);
 
 }  // namespace needle::eval

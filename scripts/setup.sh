@@ -10,7 +10,8 @@ BUILD_DIR="${1:-build}"
 TARGETS=("${@:2}")
 
 PACKAGES=(g++ cmake ninja-build ccache pkg-config libtbb-dev libhwy-dev nlohmann-json3-dev
-          libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev zlib1g-dev libcairo2-dev jargon-text wordnet-base)
+          libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev zlib1g-dev libcairo2-dev jargon-text wordnet-base
+          slurm-wlm munge)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

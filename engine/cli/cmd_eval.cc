@@ -23,6 +23,7 @@
 #include "eval/runner.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
+#include "eval/shard.h"
 
 namespace needle {
 
@@ -53,14 +54,50 @@ int CmdEvalScore(int argc, char** argv) {
   return 0;
 }
 
+// needle eval merge DIR... -o OUT (eval/shard.h).
+int CmdEvalMerge(int argc, char** argv) {
+  const char* usage =
+      "usage: needle eval merge RUN_DIR... -o OUT_DIR\n"
+      "Joins the run directories of the shards of one evaluation (needle eval --shard I/N, or a\n"
+      "Slurm array / Kubernetes Indexed Job) into OUT_DIR: predictions.jsonl, summary.json,\n"
+      "summary.md and the heatmaps, as one process would have written them.\n";
+  std::vector<std::string> dirs;
+  std::string out;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") {
+      std::cout << usage;
+      return 0;
+    }
+    if (a == "-o" || a == "--output") {
+      if (i + 1 >= argc) Fail("needle eval merge: ", a, " needs a directory");
+      out = argv[++i];
+    } else if (a.rfind("--output=", 0) == 0) {
+      out = a.substr(9);
+    } else if (!a.empty() && a[0] == '-') {
+      Fail("needle eval merge: unknown option '", a, "'\n", usage);
+    } else {
+      dirs.push_back(a);
+    }
+  }
+  if (dirs.empty() || out.empty())
+    Fail("needle eval merge: RUN_DIR... and -o OUT_DIR are required\n", usage);
+  const auto results = eval::MergeRuns(dirs, out);
+  std::fprintf(stderr, "needle eval merge: %zu results of %zu run directories -> %s\n",
+               results.size(), dirs.size(), out.c_str());
+  std::cout << eval::SummaryMarkdown(results);
+  return 0;
+}
+
 }  // namespace
 
 int CmdEval(int argc, char** argv) {
   if (argc >= 1 && std::string(argv[0]) == "score") return CmdEvalScore(argc - 1, argv + 1);
+  if (argc >= 1 && std::string(argv[0]) == "merge") return CmdEvalMerge(argc - 1, argv + 1);
   const int rc = TaskCommandStart(argc, argv, "needle eval",
                                   "usage: needle eval TASK -o RUN_DIR [options]   (needle eval "
                                   "TASK --help lists them)\n       needle eval score --task TASK "
-                                  "--preds FILE",
+                                  "--preds FILE\n       needle eval merge RUN_DIR... -o OUT_DIR",
                                   eval::RunnableTasks());
   if (rc >= 0) return rc;
   const std::string task = argv[0];
@@ -72,6 +109,10 @@ int CmdEval(int argc, char** argv) {
       {"set", 0, OptKind::kString, "",
        "sweep one sparse setting, e.g. topk=16,32,64 or pos-remap=none,block (with --attention "
        "sparse)"},
+      {"shard", 0, OptKind::kString, "",
+       "evaluate slice I of N of the samples, I/N (e.g. 0/4); default: from SLURM_ARRAY_TASK_ID, "
+       "or JOB_COMPLETION_INDEX with NEEDLE_SHARD_COUNT, else all; join the slices with `needle "
+       "eval merge`"},
       {"needle-hits", 0, OptKind::kFlag, "",
        "sparse: per layer, how often the answer's block was attended (the prompt's last query "
        "and every decode step), on stderr and in RUN_DIR/needle_hits.jsonl"},
@@ -91,6 +132,8 @@ int CmdEval(int argc, char** argv) {
     Fail("needle eval: task '", task, "' has no runner (available: ", eval::RunnableTasks(), ")");
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle eval: --model and --output are required");
+  const eval::Shard shard =
+      opt.Str("shard").empty() ? eval::ShardFromEnvironment() : eval::ParseShard(opt.Str("shard"));
   // Configurations: each --attention value; the sparse one times each --set value.
   std::vector<eval::EvalConfig> configs;
   std::string set_name, set_values;
@@ -154,6 +197,18 @@ int CmdEval(int argc, char** argv) {
   std::vector<datasets::Sample> samples = opt.Str("data").empty()
                                               ? eval::MakeSamples(task, *tok, ro, opt)
                                               : eval::ReadSamples(opt.Str("data"));
+  if (shard.sharded()) {
+    eval::WriteShardFile(ro.run_dir, task, shard, samples);
+    const size_t all = samples.size();
+    samples = eval::SelectShard(samples, shard);
+    std::fprintf(stderr, "needle: shard %lld/%lld (%s): %zu of %zu samples\n",
+                 static_cast<long long>(shard.index), static_cast<long long>(shard.count),
+                 shard.source.c_str(), samples.size(), all);
+    if (samples.empty()) {  // more shards than samples: an empty slice, still mergeable
+      std::ofstream(ro.run_dir + "/predictions.jsonl", std::ios::app);
+      return 0;
+    }
+  }
   const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
   std::cout << eval::SummaryMarkdown(results);
   return 0;
