@@ -6,6 +6,7 @@
 
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
+#include "engine/cuda/pdl.cuh"
 
 namespace needle::cuda {
 namespace {
@@ -59,7 +60,9 @@ __global__ void RopeKernel(float* x, int64_t T, int64_t heads, int64_t D, int64_
 }
 
 // Thread (t, head slot, j): slots [0, heads) rotate a pair of q; slots [heads, heads + Hk)
-// rotate the pair of k and write it and the same pair of v to the cache.
+// rotate the pair of k and write it and the same pair of v to the cache. Launched dependent
+// (pdl.cuh): the angle (the position and the frequencies are the step's constants) is computed
+// while the q/k/v projection before it finishes.
 __global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T, int64_t heads,
                                   int64_t Hk, int64_t D, int64_t pos0, const int64_t* dpos,
                                   const float* inv_freq, float scaling, int64_t B,
@@ -69,14 +72,18 @@ __global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T,
   if (i >= T * slots * half) return;
   const int64_t j = i % half, slot = (i / half) % slots, t = i / (half * slots);
   const int64_t pos = (dpos != nullptr ? *dpos : pos0) + t;
+  const RopeCs cs = RopeAngle(pos, inv_freq[j], scaling);
+  WaitForPredecessor();
+  AllowSuccessor();
   if (slot < heads) {
-    RotatePair(q + (t * heads + slot) * D, j, half, pos, inv_freq, scaling);
+    float* qr = q + (t * heads + slot) * D;
+    RopeApply(qr[j], qr[j + half], cs);
     return;
   }
   const int64_t h = slot - heads;
   float* kr = k + (t * Hk + h) * D;
   const float* vr = v + (t * Hk + h) * D;
-  RotatePair(kr, j, half, pos, inv_freq, scaling);
+  RopeApply(kr[j], kr[j + half], cs);
   const int64_t row = PagedRow(table, pos, B, Hk, h) * D;
   StoreAs(ka, row + j, dt, kr[j]);
   StoreAs(ka, row + j + half, dt, kr[j + half]);
@@ -226,9 +233,9 @@ void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, i
                  DType dtype, cudaStream_t stream) {
   const int64_t n = T * (heads + kv_heads) * (D / 2);
   if (n == 0) return;
-  RopeKVWriteKernel<<<Blocks(n), kThreads, 0, stream>>>(q, k, v, T, heads, kv_heads, D, pos0, dpos,
-                                                        inv_freq, scaling, block_size, table,
-                                                        k_arena, v_arena, dtype);
+  LaunchDependent(RopeKVWriteKernel, dim3(Blocks(n)), dim3(kThreads), 0, stream, q, k, v, T, heads,
+                  kv_heads, D, pos0, dpos, inv_freq, scaling, block_size, table, k_arena, v_arena,
+                  dtype);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

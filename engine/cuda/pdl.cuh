@@ -4,7 +4,8 @@
 //
 // Used by the decode attention (attention_decode_tma.cu): before the wait it reads the block
 // table and has the copy engine bring the tiles of earlier steps' keys and values, while the
-// kernel before it (RoPE + KV write) finishes. At 4K keys, where the call is mostly fixed cost,
+// kernel before it (RoPE + KV write) finishes. RoPE + KV write (kernels.cu) computes its angles
+// (double-precision sine and cosine) while the q/k/v projection finishes. At 4K keys, where the call is mostly fixed cost,
 // that took about 0.05 ms (1%, near the noise between runs) off a Qwen2.5-7B step on the H200
 // (bench/RESULTS.md).
 // The GEMVs were tried too (H200, same run, Qwen2.5-7B at 4K): launched dependent and waiting
