@@ -32,7 +32,8 @@ case "$H" in
   predictions)
     printf '%s\n' '{"prediction": "123", "answer": ["123"]}' '{"pred": "x", "label": "y"}' '{"pred": "1", "ground_truth": 1}' > "$CORPUS/preds.jsonl" ;;
   results)
-    printf '%s\n' '{"config":"dense","task":"passkey","id":1,"length":100,"depth":0.5,"prompt_tokens":90,"prediction":"x","answer":["x"],"score":1,"prefill_tok_s":10.5,"decode_tok_s":3,"settings":"s","sample":"h","recall":0.9}' > "$CORPUS/predictions.jsonl" ;;
+    printf '%s\n' '{"config":"dense","task":"passkey","id":1,"length":100,"depth":0.5,"prompt_tokens":90,"prediction":"x","answer":["x"],"score":1,"prefill_tok_s":10.5,"decode_tok_s":3,"settings":"s","sample":"h","recall":0.9}' > "$CORPUS/predictions.jsonl"
+    printf '%s\n' '{"index": 0, "count": 2, "task": "passkey", "samples": 6, "samples_hash": "a3984df8f648f24a"}' > "$CORPUS/shard.json" ;;
   chat)
     cp -n models/needle-tiny/tokenizer_config.json "$CORPUS/needle-tiny.json"
     printf '{"chat_template": "{{ bos_token }}<|start_header_id|>", "bos_token": "<s>", "eos_token": {"content": "</s>"}}\0system\0be brief\0user\0hi\0assistant\0hello\0user\0bye' > "$CORPUS/llama3.bin" ;;
