@@ -46,12 +46,18 @@ void RepresentativeStore::Store(int64_t layer, int64_t block, int64_t h, int64_t
   for (int64_t d = 0; d < head_dim_; ++d) StoreFromF32(storage_, dst, base + d, v[d]);
 }
 
-void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv) {
+void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv,
+                                          const float* relative_freq) {
   NEEDLE_CHECK(type_ != ReprType::kDynamic);
   const int64_t B = kv.block_size, D = head_dim_;
-  std::vector<float> rows(static_cast<size_t>(B * D)), a(D), b(D);
+  std::vector<float> rows(static_cast<size_t>(B * D)), a(D), b(D), back;
+  if (relative_freq != nullptr) {
+    back.resize(static_cast<size_t>(D));
+    RotationRow(-block * B, relative_freq, D, back.data());
+  }
   for (int64_t h = 0; h < kv_heads_; ++h) {
     fast::KVRowsToF32(kv, false, h, block * B, (block + 1) * B, rows.data());
+    if (relative_freq != nullptr) RotateRows(rows.data(), B, D, back.data(), rows.data());
     switch (type_) {
       case ReprType::kMax:
       case ReprType::kQuest:

@@ -45,8 +45,12 @@ class RepresentativeStore {
   // Representatives [kv_heads][R][D] of `block` (storage type).
   const void* Block(int64_t layer, int64_t block) const;
 
-  // Max/Mean/Quest from the block's keys (the block must be full).
-  void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv);
+  // Max/Mean/Quest from the block's keys (the block must be full). With relative_freq (the
+  // RoPE frequencies [head_dim / 2]; --pos-remap block), from the keys rotated back by the
+  // block's first position, i.e. as if the block started at position 0: representatives of the
+  // block wherever it is moved (SparseConfig::RemapScoreShift).
+  void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv,
+                       const float* relative_freq = nullptr);
   // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).
   void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes,
                       int64_t repr_count);

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <numeric>
+#include <string>
 
 #include "engine/base/error.h"
 #include "sparse_attn/block_mass.h"
@@ -64,6 +66,8 @@ void SparseAttention::Reset() {
 
 void SparseAttention::IndexContext(int64_t layer, const KVCache& cache) {
   if (cfg_.repr == ReprType::kDynamic) Fail("IndexContext: Dynamic representatives need a prefill");
+  if (cfg_.pos_remap)
+    Fail("IndexContext: --pos-remap block needs a prefill (the RoPE frequencies)");
   const KVLayerView kv = cache.Layer(layer);
   const int64_t B = cfg_.block_size, first = cfg_.init_end() / B, end = cache.size() / B;
   tc_.ParallelFor(static_cast<size_t>(std::max<int64_t>(0, end - first)), 16,
@@ -140,7 +144,7 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   if (cfg_.repr != ReprType::kDynamic) {
     // Representatives of every block this step filled (Initial blocks never compete).
     for (int64_t blk = std::max(a.pos0 / B, cfg_.init_end() / B); blk < end / B; ++blk)
-      reps_.ComputeFromKeys(layer, blk, kv);
+      reps_.ComputeFromKeys(layer, blk, kv, RelativeFreq(a));
   }
   if (step_.last_of_call) EndOfPrompt(layer, a, kv);
   const int64_t first_ctx_end = cfg_.LocalBegin(end) / B;  // Context of the first decode step
@@ -175,15 +179,17 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
     std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
     if (ctx_end_block > init_blocks) {
       auto t = Clock::now();
-      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
+      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, RelativeFreq(a));
       times_.reps += Since(t);
       t = Clock::now();
       std::vector<int32_t> all(static_cast<size_t>(ctx_end_block - init_blocks));
       std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
       const int64_t n = static_cast<int64_t>(all.size());
       std::vector<float> sc(static_cast<size_t>(Hk * n));
-      // Scored with every query of the chunk (scoring sums them), selected as decode selects.
-      fast::ScoreBlocks(reps_, layer, ScoreArgs{cq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
+      // Scored with every query of the chunk (scoring sums them), selected as decode selects;
+      // with the remap, where it will attend them (SparseConfig::RemapScoreShift).
+      const float* sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
+      fast::ScoreBlocks(reps_, layer, ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
                         sc.data(), tc_);
       if (cfg_.select == SelectMode::kLayer) {
         SumOverHeads(sc.data(), Hk, n);
@@ -246,8 +252,25 @@ void SparseAttention::EndOfPrompt(int64_t layer, const AttnArgs& a, const KVLaye
   w.Clear();  // from here on the window collects decode queries
 }
 
+const float* SparseAttention::RelativeFreq(const AttnArgs& a) const {
+  if (!cfg_.pos_remap) return nullptr;
+  if (a.inv_freq == nullptr) Fail("--pos-remap: the attention call carries no RoPE frequencies");
+  return a.inv_freq;
+}
+
+const float* SparseAttention::ScoringQueries(const float* q, int64_t T, const AttnArgs& a,
+                                             int64_t lb) {
+  const int64_t D = a.head_dim, rows = T * a.heads;
+  score_rot_.resize(static_cast<size_t>(D));
+  score_q_.resize(static_cast<size_t>(rows * D));
+  RotationRow(cfg_.RemapScoreShift(lb), RelativeFreq(a), D, score_rot_.data());
+  RotateRows(q, rows, D, score_rot_.data(), score_q_.data());
+  return score_q_.data();
+}
+
 void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv,
-                                            int64_t from_block, int64_t to_block, float scale) {
+                                            int64_t from_block, int64_t to_block, float scale,
+                                            const float* relative_freq) {
   const int64_t B = cfg_.block_size;
   // Blocks [ensured_from_, ensured_to_) were all ready when the layer was at ensured_ver_ (only
   // a change to the layer makes one not ready): look at the rest only (O(new blocks) a step).
@@ -258,7 +281,7 @@ void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv
   for (int64_t blk = std::max(from_block, ensured_to_[l]); blk < to_block; ++blk) {
     if (reps_.ready(layer, blk)) continue;
     if (cfg_.repr != ReprType::kDynamic) {
-      reps_.ComputeFromKeys(layer, blk, kv);
+      reps_.ComputeFromKeys(layer, blk, kv, relative_freq);
     } else {
       // A block that filled during decode: its tokens were in every recent query's Local region.
       std::vector<float> votes;
@@ -327,7 +350,9 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
     const bool by_layer = cfg_.select == SelectMode::kLayer;
-    const ScoreArgs sa{q, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
+    const float* sq = cfg_.pos_remap ? ScoringQueries(q, 1, a, cfg_.LocalBegin(a.pos0)) : q;
+    const ScoreArgs sa{
+        sq, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
     // Where the executor can rank the candidates itself, only its best topk + retained of each
     // row come back: enough, since at most `retained` of them are kept blocks, which the ranking
     // skips (every candidate is allowed: no preselection).
@@ -477,7 +502,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     exec_->Dense(layer, q, a, kv, out, lse_.data());
   } else {
     auto t = Clock::now();
-    EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale);
+    EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, RelativeFreq(a));
     times_.reps += Since(t);
     t = Clock::now();
     SelectBlocks(layer, q, a, ctx_end_block, &plan);
@@ -502,7 +527,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   // only.)
   if (!DenseLayer(layer, a) && cfg_.repr != ReprType::kDynamic && (p + 1) % B == 0 &&
       p + 1 > cfg_.init_end())
-    reps_.ComputeFromKeys(layer, p / B, kv);
+    reps_.ComputeFromKeys(layer, p / B, kv, RelativeFreq(a));
   if (recall_) {
     double mass = 1.0;
     if (!plan.dense) {

@@ -143,8 +143,14 @@ class SparseAttention final : public AttentionPolicy {
   void SparsePrefill(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                      float* out, float* lse);
   void Decode(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out);
+  // relative_freq: RelativeFreq(a) (--pos-remap: block-relative representatives).
   void EnsureRepresentatives(int64_t layer, const KVLayerView& kv, int64_t from_block,
-                             int64_t to_block, float scale);
+                             int64_t to_block, float scale, const float* relative_freq);
+  // --pos-remap: the call's RoPE frequencies (an error without them); else nullptr.
+  const float* RelativeFreq(const AttnArgs& a) const;
+  // --pos-remap: the T queries q [T, heads, D] rotated by RemapScoreShift(lb), for scoring
+  // against block-relative representatives (in score_q_, valid until the next call).
+  const float* ScoringQueries(const float* q, int64_t T, const AttnArgs& a, int64_t lb);
   void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
                     LayerPlan* plan);
   // The layer whose Selection `layer` uses (the first of its group of layer_step).
@@ -216,6 +222,7 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<std::vector<std::vector<uint8_t>>> presel_;  // [layer][kv_head][block]
   std::vector<int64_t> presel_end_;                        // [layer]: blocks >= this are candidates
   std::vector<Selection> sel_;                             // [layer group]
+  std::vector<float> score_rot_, score_q_;  // ScoringQueries' rotation row and queries
   // EnsureRepresentatives: [from, to) known ready at the layer's version ver. [layer]
   std::vector<int64_t> ensured_from_, ensured_to_;
   int64_t watch_begin_ = 0, watch_end_ = 0;

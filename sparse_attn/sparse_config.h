@@ -54,6 +54,12 @@ struct SparseConfig {
   void Validate() const;
   int64_t retained() const { return std::min(retain_blocks, topk / 2); }  // effective count
   int64_t init_end() const { return (init_tokens + block_size - 1) / block_size * block_size; }
+  // With pos_remap, blocks are scored where the remap puts them: representatives computed as if
+  // each block started at position 0 (RepresentativeStore::ComputeFromKeys' relative_freq), and
+  // the query rotated by RemapScoreShift(LocalBegin(p)) = topk * block_size / 2 - lb, i.e. to
+  // W = (p - lb) + topk * block_size / 2 positions past every block's start: the distance of the
+  // middle of the remapped Context (block i of k sits (k - i) * B + (p - lb) before the query).
+  int64_t RemapScoreShift(int64_t lb) const { return topk * block_size / 2 - lb; }
   // First token of the Local region for a query at position p (>= init_end).
   int64_t LocalBegin(int64_t p) const {
     const int64_t lb = p + 1 - local_window;

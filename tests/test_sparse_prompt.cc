@@ -163,3 +163,70 @@ TEST(Sparse, PositionRemapEqualsExplicitlyReRotatedKeys) {
 
 }  // namespace
 }  // namespace needle
+
+namespace needle {
+namespace {
+
+// With --pos-remap, blocks are scored where the remap puts them: representatives from the keys
+// rotated back to their block's start, and the query rotated by RemapScoreShift(lb). For Mean
+// representatives the score is linear, so it must equal the mean over the block's keys of the
+// unrotated query placed W = (p - lb) + topk * B / 2 positions past the block's start, dotted with
+// each key at its offset in the block, whatever the block's true position. Tolerance: f32 sums of
+// D products of O(1) terms, rotated twice (~1e-5); 1e-4 relative.
+TEST(Sparse, RemappedScoresPlaceEveryBlockAtOneDistance) {
+  ThreadingContext tc(1);
+  const int64_t D = 16, B = 8, n_blocks = 6, n_tok = B * n_blocks, p = 1000, lb = 980;
+  std::vector<float> inv_freq(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(100.f, -2.f * i / D);
+  SparseConfig cfg;
+  cfg.block_size = B, cfg.topk = 4;
+  // Keys at their positions 0 .. n_tok - 1: raw keys kr, stored rotated by their position.
+  const auto kr = test::RandomVector(n_tok * D, 31), v = test::RandomVector(n_tok * D, 32);
+  std::vector<float> ks(kr.size()), row(D);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    RotationRow(t, inv_freq.data(), D, row.data());
+    RotateRows(kr.data() + t * D, 1, D, row.data(), ks.data() + t * D);
+  }
+  KVCache cache(KVCacheShape{1, 1, D, n_tok, B, DType::kF32});
+  cache.Write(0, 0, n_tok, ks.data(), v.data());
+  RepresentativeStore reps(1, 1, D, n_blocks, ReprType::kMean, DType::kF32);
+  for (int64_t b = 0; b < n_blocks; ++b)
+    reps.ComputeFromKeys(0, b, cache.Layer(0), inv_freq.data());
+  // The query: raw qr at position p, as attention gets it (rotated by p), then shifted.
+  const auto qr = test::RandomVector(D, 33);
+  std::vector<float> qs(D), sq(D);
+  RotationRow(p, inv_freq.data(), D, row.data());
+  RotateRows(qr.data(), 1, D, row.data(), qs.data());
+  RotationRow(cfg.RemapScoreShift(lb), inv_freq.data(), D, row.data());
+  RotateRows(qs.data(), 1, D, row.data(), sq.data());
+  std::vector<int32_t> ids(n_blocks);
+  for (int64_t b = 0; b < n_blocks; ++b) ids[b] = static_cast<int32_t>(b);
+  std::vector<float> got(n_blocks);
+  fast::ScoreBlocks(reps, 0, ScoreArgs{sq.data(), 1, 1, 1, D, ids.data(), n_blocks}, got.data(),
+                    tc);
+  const int64_t W = (p - lb) + cfg.topk * B / 2;
+  std::vector<float> qw(D), kj(D);
+  RotationRow(W, inv_freq.data(), D, row.data());
+  RotateRows(qr.data(), 1, D, row.data(), qw.data());
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    double want = 0;
+    for (int64_t j = 0; j < B; ++j) {
+      RotationRow(j, inv_freq.data(), D, row.data());
+      RotateRows(kr.data() + (b * B + j) * D, 1, D, row.data(), kj.data());
+      for (int64_t d = 0; d < D; ++d) want += static_cast<double>(qw[d]) * kj[d] / B;
+    }
+    EXPECT_NEAR(got[b], want, 1e-4 * (std::fabs(want) + 1)) << "block " << b;
+  }
+  // Without the shift and the relative representatives, a block's score depends on where it is.
+  RepresentativeStore plain(1, 1, D, n_blocks, ReprType::kMean, DType::kF32);
+  for (int64_t b = 0; b < n_blocks; ++b) plain.ComputeFromKeys(0, b, cache.Layer(0));
+  std::vector<float> at_true(n_blocks);
+  fast::ScoreBlocks(plain, 0, ScoreArgs{qs.data(), 1, 1, 1, D, ids.data(), n_blocks},
+                    at_true.data(), tc);
+  double diff = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) diff += std::fabs(at_true[b] - got[b]);
+  EXPECT_GT(diff, 1e-3);
+}
+
+}  // namespace
+}  // namespace needle
