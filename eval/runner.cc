@@ -108,14 +108,6 @@ std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& 
   return tok.Encode(text, add_bos);
 }
 
-namespace {
-
-std::string Key(const std::string& config, const std::string& task, int64_t length, int64_t id) {
-  return config + "\x1f" + task + "\x1f" + std::to_string(length) + "\x1f" + std::to_string(id);
-}
-
-}  // namespace
-
 std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingContext& tc,
                                 const std::string& task,
                                 const std::vector<datasets::Sample>& samples,
@@ -138,12 +130,12 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       Fail(task, " samples: id ", s.id, " appears twice at length ", s.target_tokens,
            " (ids must be unique per length, or their results cannot be told apart)");
   std::map<std::string, const EvalResult*> finished_by_key;
-  for (const auto& r : results) finished_by_key[Key(r.config, r.task, r.length, r.id)] = &r;
+  for (const auto& r : results) finished_by_key[ResultKey(r.config, r.task, r.length, r.id)] = &r;
   std::set<std::string> done;
   for (const auto& cfg : configs) {
     const std::string want = RunSettings(cfg, opt);
     for (const auto& s : samples) {
-      const std::string key = Key(cfg.name, task, s.target_tokens, s.id);
+      const std::string key = ResultKey(cfg.name, task, s.target_tokens, s.id);
       auto it = finished_by_key.find(key);
       if (it == finished_by_key.end()) continue;
       const EvalResult& r = *it->second;
@@ -180,10 +172,10 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   double pending_w = 0, done_w = 0;
   for (const auto& cfg : configs)
     for (const auto& s : samples)
-      if (!done.count(Key(cfg.name, task, s.target_tokens, s.id))) pending_w += weight(s);
+      if (!done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) pending_w += weight(s);
   for (const auto& cfg : configs) {
     for (const auto& s : samples) {
-      if (done.count(Key(cfg.name, task, s.target_tokens, s.id))) continue;
+      if (done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) continue;
       std::vector<int32_t> ids = PromptIds(task, s, tok, opt);
       const int64_t room = opt.context_limit - max_new;
       if (room > 1 &&

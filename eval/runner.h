@@ -1,7 +1,7 @@
 // The evaluation runner: samples x configurations through the model, each result appended and
 // flushed to RUN_DIR/predictions.jsonl as soon as it exists (a rerun resumes where the last one
 // stopped), then RUN_DIR/summary.json and summary.md (task x length x configuration).
-// (The summaries and the hashes are in eval/summary.cc; sharded runs and their merge in
+// (The summaries, the hashes and ResultKey are in eval/summary.cc; sharded runs and their merge in
 // eval/shard.h.)
 #pragma once
 
@@ -57,6 +57,9 @@ std::string ModelIdentity(const std::string& dir);
 // Everything of a configuration that can change its answers: the model, the KV type, the context
 // limit, the prompt format, greedy decoding, and the attention with every sparse setting.
 std::string RunSettings(const EvalConfig& cfg, const RunnerOptions& opt);
+// What identifies one result in a run directory: configuration, task, length and sample id.
+std::string ResultKey(const std::string& config, const std::string& task, int64_t length,
+                      int64_t id);
 // A hash of the sample's task, text, answers, depth and length.
 std::string SampleHash(const std::string& task, const datasets::Sample& s);
 // 64-bit FNV-1a of s in hex: stable across builds and machines (std::hash is not promised to be).

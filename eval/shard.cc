@@ -171,19 +171,20 @@ std::vector<EvalResult> MergeRuns(const std::vector<std::string>& dirs,
   if (dirs.empty()) Fail("needle eval merge: no run directories given");
   // The shard files: all present or all absent; one task, count and sample list; each index once.
   std::vector<ShardFile> shards;
-  std::vector<std::string> unsharded;
+  std::vector<std::string> shard_dirs, unsharded;  // shard_dirs[i]: where shards[i] came from
   for (const auto& d : dirs) {
     if (!std::filesystem::is_directory(d)) Fail(d, ": not a run directory");
     bool found = false;
     const ShardFile f = ReadShardFile(d, &found);
-    if (found)
+    if (found) {
       shards.push_back(f);
-    else
+      shard_dirs.push_back(d);
+    } else {
       unsharded.push_back(d);
+    }
   }
   if (!shards.empty() && !unsharded.empty())
-    Fail("needle eval merge: ", unsharded[0], " has no shard.json but ",
-         dirs[0] == unsharded[0] ? dirs[1] : dirs[0],
+    Fail("needle eval merge: ", unsharded[0], " has no shard.json but ", shard_dirs[0],
          " is a shard: merge the shards of one evaluation");
   if (!shards.empty()) {
     std::map<int64_t, std::string> seen;
@@ -191,13 +192,13 @@ std::vector<EvalResult> MergeRuns(const std::vector<std::string>& dirs,
       const ShardFile& a = shards[0];
       const ShardFile& b = shards[i];
       if (b.task != a.task || b.count != a.count || b.samples_hash != a.samples_hash)
-        Fail("needle eval merge: ", dirs[i], " is shard ", b.index, "/", b.count, " of ", b.task,
-             " (samples ", b.samples_hash, "), ", dirs[0], " shard ", a.index, "/", a.count, " of ",
-             a.task, " (samples ", a.samples_hash,
+        Fail("needle eval merge: ", shard_dirs[i], " is shard ", b.index, "/", b.count, " of ",
+             b.task, " (samples ", b.samples_hash, "), ", shard_dirs[0], " shard ", a.index, "/",
+             a.count, " of ", a.task, " (samples ", a.samples_hash,
              "): not slices of one evaluation (other task, shard count, lengths, seed or data)");
-      if (!seen.emplace(b.index, dirs[i]).second)
+      if (!seen.emplace(b.index, shard_dirs[i]).second)
         Fail("needle eval merge: shard ", b.index, "/", b.count, " is given twice (", seen[b.index],
-             " and ", dirs[i], ")");
+             " and ", shard_dirs[i], ")");
     }
     std::string missing;
     for (int64_t k = 0; k < shards[0].count; ++k)
@@ -221,9 +222,7 @@ std::vector<EvalResult> MergeRuns(const std::vector<std::string>& dirs,
         Fail("needle eval merge: configuration '", r.config, "' was run with other settings in ",
              it->second.first, " and ", d, "\n  ", it->second.first, ": ", it->second.second,
              "\n  ", d, ": ", r.settings);
-      const std::string key = r.config + "\x1f" + r.task + "\x1f" + std::to_string(r.length) +
-                              "\x1f" + std::to_string(r.id);
-      if (auto [o, first] = owner.emplace(key, d); !first)
+      if (auto [o, first] = owner.emplace(ResultKey(r.config, r.task, r.length, r.id), d); !first)
         Fail("needle eval merge: ", r.task, " sample ", r.id, " at length ", r.length,
              " of configuration '", r.config, "' is in both ", o->second, " and ", d,
              " (overlapping runs, not shards of one evaluation)");

@@ -38,6 +38,11 @@ std::string Hex(uint64_t h) {
 
 std::string StableHash(const std::string& s) { return Hex(Fnv1a(s)); }
 
+std::string ResultKey(const std::string& config, const std::string& task, int64_t length,
+                      int64_t id) {
+  return config + "\x1f" + task + "\x1f" + std::to_string(length) + "\x1f" + std::to_string(id);
+}
+
 std::string SampleHash(const std::string& task, const datasets::Sample& s) {
   std::ostringstream os;
   os << task << '\0' << s.target_tokens << '\0' << s.depth << '\0' << s.context << '\0' << s.input

@@ -3,10 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <numeric>
-#include <string>
 
 #include "engine/base/error.h"
 #include "sparse_attn/block_mass.h"
@@ -166,8 +164,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
                                     const KVLayerView& kv, float* out, float* lse) {
   const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
   const int64_t HD = a.heads * a.head_dim;
-  if (cfg_.pos_remap && a.inv_freq == nullptr)
-    Fail("--pos-remap: the attention call carries no RoPE frequencies");
+  const float* rel = RelativeFreq(a);  // --pos-remap's frequencies (checked), else nullptr
   AttnSpans spans;
   for (int64_t c0 = a.pos0; c0 < a.pos0 + a.T; c0 += cfg_.prefill_chunk) {
     AttnArgs ca = a;
@@ -179,7 +176,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
     std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
     if (ctx_end_block > init_blocks) {
       auto t = Clock::now();
-      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, RelativeFreq(a));
+      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, rel);
       times_.reps += Since(t);
       t = Clock::now();
       std::vector<int32_t> all(static_cast<size_t>(ctx_end_block - init_blocks));
@@ -210,8 +207,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
     for (int64_t t = 0; t < ca.T; ++t) {
       const int64_t p = c0 + t;
       for (int64_t h = 0; h < Hk; ++h)
-        AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, cfg_.pos_remap ? a.inv_freq : nullptr,
-                         a.head_dim, &spans, &rows);
+        AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, rel, a.head_dim, &spans, &rows);
     }
     if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
       Watch(layer, sel, cfg_.init_end(), lb, false);
