@@ -7,7 +7,8 @@
 //   dense   dense CPU attention over the same cache
 //   context_blocks[_idle]  the hybrid engine's CPU side: topk random Context blocks per KV head
 //           (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
-//           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone)
+//           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone);
+//           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32
 //   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
 //           dense (every earlier key) and --prefill sparse (Initial + the chunk's topk blocks +
 //           Local + the chunk): the sparse one costs the same at every length
@@ -174,7 +175,8 @@ void BM_BlockAttention(benchmark::State& state) {
 // them.
 void ContextBlocks(benchmark::State& state, int idle_us) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
-  const SparseConfig sc;
+  SparseConfig sc;
+  if (const char* e = std::getenv("NEEDLE_BENCH_TOPK")) sc.topk = std::max(1, std::atoi(e));
   const int64_t first = sc.init_end() / sc.block_size, nb = ContextBlocks(s);
   std::vector<std::vector<std::vector<int32_t>>> sets(std::getenv("NEEDLE_BENCH_HOT") ? 1 : 64);
   uint64_t x = 0x2545f4914f6cdd1dull;

@@ -13,6 +13,7 @@
 
 #include "engine/attention/partial.h"
 #include "engine/base/error.h"
+#include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -421,7 +422,40 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
       items.push_back({h, i, std::min<int64_t>(i + per, static_cast<int64_t>(blocks[h].size()))});
   std::vector<float> pbuf(items.size() * static_cast<size_t>(G * D));
   std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
+  // bf16 caches on a CPU with AMX: the tile fold (amx.h), its queries prepared once per head.
+  const bool tiles = kv.dtype == DType::kBF16 && amx::Enabled() && amx::Fits(G, D);
+  std::vector<amx::Query> tq(tiles ? static_cast<size_t>(Hk) : 0);
+  for (int64_t h = 0; h < static_cast<int64_t>(tq.size()); ++h)
+    amx::PrepareQuery(q + h * G * D, G, D, a.scale, &tq[h]);
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
+    if (tiles) {
+      thread_local amx::Folder folder;
+      folder.Begin();
+      for (size_t w = b; w < e; ++w) {
+        const Item& it = items[w];
+        PartialAttention* p = &parts[w * G];
+        for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
+        for (int64_t i = it.i0; i < it.i1; ++i) {
+          const int64_t t0 = int64_t{blocks[it.h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
+          float* st = stats->data() + (base[it.h] + i) * G * 2;
+          for (int64_t g = 0; g < G; ++g) st[2 * g] = -INFINITY, st[2 * g + 1] = 0.f;
+          const uint16_t *nk = nullptr, *nv = nullptr;
+          int64_t nbytes = 0;
+          if (i + 1 < it.i1) {
+            const int64_t n0 = int64_t{blocks[it.h][i + 1]} * B;
+            nk = reinterpret_cast<const uint16_t*>(kv.KRow(it.h, n0));
+            nv = reinterpret_cast<const uint16_t*>(kv.VRow(it.h, n0));
+            nbytes = (std::min(n0 + B, kv.n_tokens) - n0) * D * 2;
+          }
+          if (t0 < t1)
+            folder.Fold(tq[it.h], reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
+                        reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st, nk,
+                        nv, nbytes);
+        }
+      }
+      folder.End();
+      return;
+    }
     Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {
       const Item& it = items[w];

@@ -1,0 +1,339 @@
+// The AMX block fold (amx.h). Compiled without ISA flags: every function that uses the tiles or
+// AVX-512 carries its target attribute, and runs only after Supported() said yes.
+#include "engine/cpu/amx.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "engine/base/error.h"
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
+// uninitialised once inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define NEEDLE_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+namespace needle::amx {
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE feature
+constexpr int kXfeatureXtiledata = 18;
+
+bool Detect() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  // F, BW, VL
+                      (b & (1u << 17));                                            // DQ
+  const bool amx_bf16 = (d & (1u << 22)) != 0, amx_tile = (d & (1u << 24)) != 0;
+  if (!avx512 || !amx_bf16 || !amx_tile) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+  // The OS saves the AVX-512 state (XCR0 bits 5-7) ...
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  uint32_t lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0xE6) != 0xE6) return false;
+  // ... and grants this process the tile data (Linux 5.16 and later).
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// -1: from the environment; 0 / 1: SetEnabled.
+std::atomic<int> g_override{-1};
+
+// Tile configuration (palette 1): tiles 0-7 all 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+NEEDLE_AMX_TARGET inline __m512 Exp(__m512 x) {  // e^x for x <= 0, relative error ~2e-7
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
+  // e^f on |f| <= ln2/2: Taylor to degree 7.
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// dst rows [0, rows) (dst_stride floats apart) = columns of the 16x16 block src [16][16].
+NEEDLE_AMX_TARGET inline void Transpose16(const float* src, float* dst, int64_t dst_stride,
+                                          int64_t rows) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + 16 * i);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
+  for (int64_t i = 0; i < rows; ++i) _mm512_storeu_ps(dst + i * dst_stride, r[i]);
+}
+
+// Copies rows [0, n) of a [n, D] bf16 piece into `dst` [32][D], zero past n.
+void PadRows(const uint16_t* src, int64_t n, int64_t D, std::vector<uint16_t>* dst) {
+  dst->assign(static_cast<size_t>(32 * D), 0);
+  std::memcpy(dst->data(), src, static_cast<size_t>(n * D) * sizeof(uint16_t));
+}
+
+// S [np][16] f32 = the padded piece's keys times the query tiles (tiles 0 .. NC-1).
+template <int NC>
+NEEDLE_AMX_TARGET void Scores(const Query& q, const uint16_t* k, const uint16_t* ktail,
+                              int64_t nfull, int64_t np, int64_t D, float* s) {
+  const int64_t kstride = D * 2;
+  _tile_loadd(0, q.tiles[0], 64);
+  if (NC > 1) _tile_loadd(1, q.tiles[1], 64);
+  if (NC > 2) _tile_loadd(2, q.tiles[2], 64);
+  if (NC > 3) _tile_loadd(3, q.tiles[3], 64);
+  for (int64_t j = 0; j < np; j += 32) {
+    const uint16_t* rows = j < nfull ? k + j * D : ktail;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_loadd(6, rows, kstride);
+    _tile_loadd(7, rows + 16 * D, kstride);
+    _tile_dpbf16ps(4, 6, 0);
+    _tile_dpbf16ps(5, 7, 0);
+    if (NC > 1) {
+      _tile_loadd(6, rows + 32, kstride);
+      _tile_loadd(7, rows + 16 * D + 32, kstride);
+      _tile_dpbf16ps(4, 6, 1);
+      _tile_dpbf16ps(5, 7, 1);
+    }
+    if (NC > 2) {
+      _tile_loadd(6, rows + 64, kstride);
+      _tile_loadd(7, rows + 16 * D + 64, kstride);
+      _tile_dpbf16ps(4, 6, 2);
+      _tile_dpbf16ps(5, 7, 2);
+    }
+    if (NC > 3) {
+      _tile_loadd(6, rows + 96, kstride);
+      _tile_loadd(7, rows + 16 * D + 96, kstride);
+      _tile_dpbf16ps(4, 6, 3);
+      _tile_dpbf16ps(5, 7, 3);
+    }
+    _tile_stored(4, s + j * 16, 64);
+    _tile_stored(5, s + (j + 16) * 16, 64);
+  }
+}
+
+// o (even / odd channels, [16][D/2] f32 each) = P [16][np] x the piece's values, 16 rows at a
+// time read as B: tile row k holds value row k's channels in pairs (2n, 2n + 1), so A = P's
+// (p, 0) pairs yields the even channels and (0, p) the odd ones. Chunks of 32 channels, two at
+// a time: C tiles 0-3 (even / odd of each), A tiles 4-5, B tiles 6-7.
+template <bool kTwo>
+NEEDLE_AMX_TARGET void ValueChunks(const uint32_t* pe, const uint32_t* po, const uint16_t* v,
+                                   const uint16_t* vtail, int64_t nfull, int64_t np, int64_t D,
+                                   int64_t c, float* oe, float* oo) {
+  const int64_t vstride = D * 2, pstride = np * 4, half = D / 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t j = 0; j < np; j += 16) {
+    const uint16_t* rows = j < nfull ? v + j * D : vtail + (j - nfull) * D;
+    _tile_loadd(4, pe + j, pstride);
+    _tile_loadd(5, po + j, pstride);
+    _tile_loadd(6, rows + 32 * c, vstride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (kTwo) {
+      _tile_loadd(7, rows + 32 * c + 32, vstride);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, oe + 16 * c, half * 4);
+  _tile_stored(1, oo + 16 * c, half * 4);
+  if (kTwo) {
+    _tile_stored(2, oe + 16 * c + 16, half * 4);
+    _tile_stored(3, oo + 16 * c + 16, half * 4);
+  }
+}
+
+}  // namespace
+
+bool Supported() {
+  static const bool ok = Detect();
+  return ok;
+}
+
+bool Enabled() {
+  const int o = g_override.load(std::memory_order_relaxed);
+  if (o >= 0) return o == 1 && Supported();
+  static const bool env = [] {
+    const char* e = std::getenv("NEEDLE_CPU_AMX");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return env && Supported();
+}
+
+void SetEnabled(bool on) { g_override.store(on ? 1 : 0); }
+
+bool Fits(int64_t G, int64_t D) { return G >= 1 && G <= 16 && D % 32 == 0 && D >= 32 && D <= 128; }
+
+NEEDLE_AMX_TARGET void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out) {
+  NEEDLE_CHECK(Fits(G, D));
+  std::memset(out->tiles, 0, sizeof(out->tiles));
+  out->G = G, out->D = D;
+  // Channels 32c .. 32c + 31 of head g, rounded: 16 pairs, pair r to tile c's row r, column g.
+  const __m512i rows =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(16));
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const float* x = q + g * D + 32 * c;
+      const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16), vs),
+                                                         _mm512_mul_ps(_mm512_loadu_ps(x), vs));
+      _mm512_i32scatter_epi32(reinterpret_cast<int32_t*>(out->tiles[c]) + g, rows, pairs, 4);
+    }
+}
+
+// (A constant in memory: GCC's ldtilecfg reads its operand as 8 bytes, so stores to a local
+// configuration past them would be dropped as dead.)
+constexpr TileConfig kTileConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+NEEDLE_AMX_TARGET void Folder::Begin() { _tile_loadconfig(&kTileConfig); }
+
+NEEDLE_AMX_TARGET void Folder::End() { _tile_release(); }
+
+NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uint16_t* v, int64_t n,
+                                    PartialAttention* part, float* stats, const uint16_t* next_k,
+                                    const uint16_t* next_v, int64_t next_bytes) {
+  if (n <= 0) return;
+  // The next piece to L2, all of it up front: the tiles of this one take long enough.
+  if (next_k != nullptr)
+    for (int64_t o = 0; o < next_bytes; o += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_k) + o, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next_v) + o, _MM_HINT_T1);
+    }
+  const int64_t G = q.G, D = q.D, nfull = n / 32 * 32, np = (n + 31) / 32 * 32;
+  if (nfull < n) {
+    PadRows(k + nfull * D, n - nfull, D, &ktail_);
+    PadRows(v + nfull * D, n - nfull, D, &vtail_);
+  }
+  s_.resize(static_cast<size_t>(np * 16));
+  st_.resize(static_cast<size_t>(np * 16));
+  // (P's rows >= G keep earlier values: finite, and they only reach O's rows >= G.)
+  pe_.resize(static_cast<size_t>(np * 16));
+  po_.resize(static_cast<size_t>(np * 16));
+  oe_.resize(static_cast<size_t>(8 * D));
+  oo_.resize(static_cast<size_t>(8 * D));
+  switch (D / 32) {
+    case 1:
+      Scores<1>(q, k, ktail_.data(), nfull, np, D, s_.data());
+      break;
+    case 2:
+      Scores<2>(q, k, ktail_.data(), nfull, np, D, s_.data());
+      break;
+    case 3:
+      Scores<3>(q, k, ktail_.data(), nfull, np, D, s_.data());
+      break;
+    default:
+      Scores<4>(q, k, ktail_.data(), nfull, np, D, s_.data());
+      break;
+  }
+  // S^T: each head's scores in a row (only the G heads').
+  for (int64_t j = 0; j < np; j += 16) Transpose16(s_.data() + j * 16, st_.data() + j, np, G);
+  // Online softmax per head, 16 keys a vector; keys past n count as absent.
+  float corr[16];
+  for (int64_t g = 0; g < G; ++g) {
+    const float* s = st_.data() + g * np;
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 live = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
+      vm = _mm512_mask_max_ps(vm, live, vm, _mm512_loadu_ps(s + j));
+    }
+    PartialAttention& P = part[g];
+    const float mx = std::max(P.m, _mm512_reduce_max_ps(vm));
+    corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    uint32_t *pe = pe_.data() + g * np, *po = po_.data() + g * np;
+    for (int64_t j = 0; j < np; j += 16) {
+      const int64_t left = n - j;
+      const __mmask16 live = left >= 16  ? 0xffff
+                             : left <= 0 ? 0
+                                         : static_cast<__mmask16>((1u << left) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(live, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
+      const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
+      const __m512i hi = _mm512_slli_epi32(b, 16);  // (0, p): also p as f32
+      _mm512_storeu_si512(pe + j, b);
+      _mm512_storeu_si512(po + j, hi);
+      vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(hi));
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    P.l = P.l * corr[g] + sum;
+    P.m = mx;
+    P.n += n;
+    if (stats != nullptr) stats[2 * g] = mx, stats[2 * g + 1] = sum;
+  }
+  for (int64_t c = 0; c < D / 32; c += 2) {
+    if (c + 1 < D / 32)
+      ValueChunks<true>(pe_.data(), po_.data(), v, vtail_.data(), nfull, np, D, c, oe_.data(),
+                        oo_.data());
+    else
+      ValueChunks<false>(pe_.data(), po_.data(), v, vtail_.data(), nfull, np, D, c, oe_.data(),
+                         oo_.data());
+  }
+  // out = out * corr + O, O's channels interleaved back from their even and odd halves.
+  alignas(64) static const int32_t kLo[16] = {0, 16, 1, 17, 2, 18, 3, 19,
+                                              4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static const int32_t kHi[16] = {8,  24, 9,  25, 10, 26, 11, 27,
+                                              12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 c = _mm512_set1_ps(corr[g]);
+    float* out = part[g].out;
+    const float *e = oe_.data() + g * (D / 2), *o = oo_.data() + g * (D / 2);
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512 ve = _mm512_loadu_ps(e + d / 2), vo = _mm512_loadu_ps(o + d / 2);
+      _mm512_storeu_ps(out + d, _mm512_fmadd_ps(_mm512_loadu_ps(out + d), c,
+                                                _mm512_permutex2var_ps(ve, lo, vo)));
+      _mm512_storeu_ps(out + d + 16, _mm512_fmadd_ps(_mm512_loadu_ps(out + d + 16), c,
+                                                     _mm512_permutex2var_ps(ve, hi, vo)));
+    }
+  }
+}
+
+}  // namespace needle::amx

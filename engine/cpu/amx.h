@@ -1,0 +1,65 @@
+// The AMX block fold: one KV head's G query heads over a piece of bf16 key/value rows, with the
+// CPU's tile unit (Intel AMX-BF16) for both products and AVX-512 for the online softmax. Used by
+// fast::AttendBlocks (the Context blocks of a sparse decode step, CPU and hybrid) when the cache
+// is bf16, the CPU has AMX and NEEDLE_CPU_AMX is not 0; everything else takes the Highway fold.
+//
+// Per piece of n rows (n <= a block), padded to a multiple of 32 with zero rows:
+//   S [n][16]  = K [n][D] x Qt [D][16]        tiles: K rows as A, the heads' queries as B
+//   S^T [G][n] (AVX-512 16x16 transposes), the softmax per head, P [16][n] rounded to bf16
+//   O [16][D]  = P [16][n] x V [n][D]         tiles: V's rows as they are stored as B, which the
+//                tiles read as pairs of channels; P as A twice, as pairs (p, 0) for the even
+//                channels and (0, p) for the odd ones (half the tile's work, no copy of V)
+// The queries are scaled and rounded to bf16 once per call, the probabilities per piece; the
+// products accumulate in f32. Error bound (tests/test_amx.cc checks it): with
+// eps_s = 2^-9 * scale * sum_d |q_d k_d| the largest score error over the attended keys,
+//   |out - exact| <= max_j |v_j| * (exp(2 eps_s + 2^-8) - 1),  |lse - exact| <= eps_s + 2^-9
+// (the sum l adds the rounded probabilities, so the weights stay a convex combination).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/attention/partial.h"
+
+namespace needle::amx {
+
+// Whether this CPU has AMX-BF16 and AVX512-BF16 and the kernel granted the tile state (asked
+// once per process).
+bool Supported();
+// Whether fast::AttendBlocks folds bf16 caches with the tiles: Supported() and NEEDLE_CPU_AMX
+// not "0", unless SetEnabled overrode it.
+bool Enabled();
+void SetEnabled(bool on);  // tests and benchmarks; on takes effect only when Supported()
+// The shapes the tiles take: G <= 16 query heads per KV head, head_dim a multiple of 32 up to 128.
+bool Fits(int64_t G, int64_t D);
+
+// One KV head's G query heads, times `scale`, rounded to bf16, in the B-operand layout of the
+// score product: D/32 tiles of [16 channel pairs][16 heads][2] (heads >= G zero).
+struct Query {
+  alignas(64) uint16_t tiles[4][16 * 32];
+  int64_t G = 0, D = 0;
+};
+// q: [G, D] f32, row-major.
+void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out);
+
+// One thread's tile state and scratch. Begin before the first Fold of a run on this thread, End
+// after its last (releases the tiles).
+class Folder {
+ public:
+  void Begin();
+  void End();
+  // Folds rows [0, n) of k, v ([n, D] bf16 each, row-major, rows D apart) into part[0 .. G);
+  // stats (optional, [G][2]): these rows' own {max, sum}, as the Highway fold writes them.
+  // next_k, next_v (optional): the piece folded next, next_bytes each, fetched into the cache
+  // meanwhile (the fold would otherwise wait for DRAM at each new block).
+  void Fold(const Query& q, const uint16_t* k, const uint16_t* v, int64_t n, PartialAttention* part,
+            float* stats, const uint16_t* next_k = nullptr, const uint16_t* next_v = nullptr,
+            int64_t next_bytes = 0);
+
+ private:
+  std::vector<uint16_t> ktail_, vtail_;  // the piece's last rows, padded to 32 with zeros
+  std::vector<uint32_t> pe_, po_;        // P [16][np] as bf16 pairs (p, 0) and (0, p)
+  std::vector<float> s_, st_, oe_, oo_;  // S [np][16], S^T [16][np], O's even / odd channels
+};
+
+}  // namespace needle::amx

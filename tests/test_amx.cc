@@ -1,0 +1,155 @@
+// The AMX block fold (engine/cpu/amx.h) through fast::AttendBlocks, against attention computed in
+// double from the same bf16 keys and values, within amx.h's derived bound: with
+// eps = 2^-9 * scale * max_j sum_d |q_d k_jd| over the attended keys (the queries' bf16 rounding),
+//   |out - exact| <= max_j |v_j| * (exp(2 eps + 2^-8) - 1)   (+ 1e-5 of f32 accumulation)
+//   |lse - exact| <= eps + 2^-9                               (+ 1e-5)
+// The block masses (AttendBlocks' per-block sums) are probabilities, off by at most the same
+// relative amount. A fold that skipped, repeated or misplaced a key or a channel would be off by
+// a sizeable fraction of |v|; the bound for these inputs is 1-4% of it. Skipped where the CPU
+// has no AMX (the Highway fold then runs, tested in test_hybrid.cc).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "engine/cpu/amx.h"
+#include "engine/cpu/ops.h"
+#include "sparse_attn/block_mass.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+float RoundBf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+TEST(Amx, AttendBlocksWithinTheDerivedBound) {
+  if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
+  amx::SetEnabled(true);
+  ThreadingContext tc(2);
+  struct Shape {
+    int64_t G, D, B, n_tok;
+  };
+  // Head dims 32-128, groups 1-16, blocks shorter than a tile pair, with a tail, and whole.
+  const Shape shapes[] = {{7, 128, 128, 1000}, {4, 64, 16, 300},  {1, 32, 48, 200},
+                          {16, 96, 128, 700},  {8, 128, 32, 170}, {5, 64, 80, 333}};
+  for (const Shape& sh : shapes) {
+    const int64_t Hk = 2, G = sh.G, D = sh.D, B = sh.B, n_tok = sh.n_tok;
+    KVCache cache(KVCacheShape(1, Hk, D, n_tok, B, DType::kBF16));
+    std::vector<float> k = test::RandomVector(n_tok * Hk * D, 11, 2.f),
+                       v = test::RandomVector(n_tok * Hk * D, 12);
+    for (float& x : k) x = RoundBf16(x);
+    for (float& x : v) x = RoundBf16(x);
+    cache.Write(0, 0, n_tok, k.data(), v.data());
+    cache.SetSize(n_tok);
+    AttnArgs a;
+    a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const std::vector<float> q = test::RandomVector(a.heads * D, 13, 2.f);
+    const int64_t nb = (n_tok + B - 1) / B;
+    std::vector<std::vector<int32_t>> blocks(2);
+    for (int32_t b = 0; b < nb; b += 2) blocks[0].push_back(b);  // every other, the last maybe
+    for (int32_t b = 0; b < nb; ++b) blocks[1].push_back(b);     // all, the partial last one
+    std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
+        stats;
+    fast::AttendBlocks(q.data(), cache.Layer(0), a, blocks, out.data(), lse.data(), &stats, tc);
+    std::vector<std::vector<float>> mass;
+    fast::BlockMassFromStats(stats, lse.data(), G, blocks, &mass);
+    // Keys are written as [token][kv head][D] in k and v.
+    auto K = [&](int64_t t, int64_t h) { return &k[static_cast<size_t>((t * Hk + h) * D)]; };
+    auto V = [&](int64_t t, int64_t h) { return &v[static_cast<size_t>((t * Hk + h) * D)]; };
+    for (int64_t h = 0; h < Hk; ++h) {
+      std::vector<int64_t> keys;
+      for (int32_t b : blocks[h])
+        for (int64_t t = int64_t{b} * B; t < std::min<int64_t>((b + 1) * B, n_tok); ++t)
+          keys.push_back(t);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qh = &q[static_cast<size_t>((h * G + g) * D)];
+        std::vector<double> s(keys.size());
+        double mx = -INFINITY, eps = 0, vmax = 0;
+        for (size_t j = 0; j < keys.size(); ++j) {
+          double dot = 0, mag = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            dot += double{qh[d]} * K(keys[j], h)[d];
+            mag += std::fabs(double{qh[d]} * K(keys[j], h)[d]);
+          }
+          s[j] = a.scale * dot, mx = std::max(mx, s[j]);
+          eps = std::max(eps, std::ldexp(a.scale * mag, -9));
+          for (int64_t d = 0; d < D; ++d)
+            vmax = std::max(vmax, std::fabs(double{V(keys[j], h)[d]}));
+        }
+        double l = 0;
+        for (double x : s) l += std::exp(x - mx);
+        const double want_lse = mx + std::log(l);
+        const double rel = std::exp(2 * eps + std::ldexp(1.0, -8)) - 1;
+        const int64_t head = h * G + g;
+        ASSERT_NEAR(lse[head], want_lse, eps + std::ldexp(1.0, -9) + 1e-5)
+            << "G " << G << " D " << D << " B " << B << " head " << head;
+        for (int64_t d = 0; d < D; ++d) {
+          double want = 0;
+          for (size_t j = 0; j < keys.size(); ++j)
+            want += std::exp(s[j] - want_lse) * V(keys[j], h)[d];
+          ASSERT_NEAR(out[head * D + d], want, vmax * rel + 1e-5)
+              << "G " << G << " D " << D << " B " << B << " head " << head << " d " << d;
+        }
+      }
+      // Each block's mass, summed over the group: within the same relative error of the exact.
+      for (size_t i = 0; i < blocks[h].size(); ++i) {
+        const int64_t t0 = int64_t{blocks[h][i]} * B;
+        double want = 0, eps = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qh = &q[static_cast<size_t>((h * G + g) * D)];
+          std::vector<double> s;
+          double mx = -INFINITY;
+          for (const int32_t b : blocks[h])
+            for (int64_t t = int64_t{b} * B; t < std::min<int64_t>((b + 1) * B, n_tok); ++t) {
+              double dot = 0, mag = 0;
+              for (int64_t d = 0; d < D; ++d) {
+                dot += double{qh[d]} * K(t, h)[d];
+                mag += std::fabs(double{qh[d]} * K(t, h)[d]);
+              }
+              s.push_back(a.scale * dot), mx = std::max(mx, s.back());
+              eps = std::max(eps, std::ldexp(a.scale * mag, -9));
+            }
+          double l = 0;
+          for (double x : s) l += std::exp(x - mx);
+          for (int64_t t = t0; t < std::min<int64_t>(t0 + B, n_tok); ++t) {
+            double dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += double{qh[d]} * K(t, h)[d];
+            want += std::exp(a.scale * dot - mx) / l;
+          }
+        }
+        const double rel = std::exp(2 * eps + std::ldexp(1.0, -8)) - 1;
+        ASSERT_NEAR(mass[h][i], want, want * 2 * rel + 1e-5)
+            << "G " << G << " D " << D << " B " << B << " block " << blocks[h][i];
+      }
+    }
+  }
+  amx::SetEnabled(false);
+}
+
+// Switched off, AttendBlocks takes the Highway fold: bit-equal to itself, and NEEDLE_CPU_AMX's
+// override is what Enabled() reports.
+TEST(Amx, SwitchSelectsTheFold) {
+  amx::SetEnabled(false);
+  EXPECT_FALSE(amx::Enabled());
+  amx::SetEnabled(true);
+  EXPECT_EQ(amx::Enabled(), amx::Supported());
+  EXPECT_TRUE(amx::Fits(7, 128));
+  EXPECT_TRUE(amx::Fits(16, 32));
+  EXPECT_FALSE(amx::Fits(17, 128));
+  EXPECT_FALSE(amx::Fits(4, 256));
+  EXPECT_FALSE(amx::Fits(4, 80));
+  amx::SetEnabled(false);
+}
+
+}  // namespace
+}  // namespace needle
