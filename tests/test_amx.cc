@@ -33,7 +33,7 @@ float RoundBf16(float x) {
 
 TEST(Amx, AttendBlocksWithinTheDerivedBound) {
   if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
-  amx::SetEnabled(true);
+  amx::SetMode(amx::Mode::kOn);  // every group size, not only kAuto's
   ThreadingContext tc(2);
   struct Shape {
     int64_t G, D, B, n_tok;
@@ -133,22 +133,26 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
       }
     }
   }
-  amx::SetEnabled(false);
+  amx::SetMode(amx::Mode::kFromEnv);
 }
 
-// Switched off, AttendBlocks takes the Highway fold: bit-equal to itself, and NEEDLE_CPU_AMX's
-// override is what Enabled() reports.
-TEST(Amx, SwitchSelectsTheFold) {
-  amx::SetEnabled(false);
-  EXPECT_FALSE(amx::Enabled());
-  amx::SetEnabled(true);
-  EXPECT_EQ(amx::Enabled(), amx::Supported());
+// The modes: off never, on wherever the shape fits (and the CPU has the tiles), auto for groups
+// of kAutoMinGroup heads and more.
+TEST(Amx, ModeSelectsTheFold) {
+  amx::SetMode(amx::Mode::kOff);
+  EXPECT_FALSE(amx::Use(7, 128));
+  amx::SetMode(amx::Mode::kOn);
+  EXPECT_EQ(amx::Use(4, 128), amx::Supported());
+  EXPECT_FALSE(amx::Use(4, 256));
+  amx::SetMode(amx::Mode::kAuto);
+  EXPECT_EQ(amx::Use(amx::kAutoMinGroup, 128), amx::Supported());
+  EXPECT_FALSE(amx::Use(amx::kAutoMinGroup - 1, 128));
   EXPECT_TRUE(amx::Fits(7, 128));
   EXPECT_TRUE(amx::Fits(16, 32));
   EXPECT_FALSE(amx::Fits(17, 128));
   EXPECT_FALSE(amx::Fits(4, 256));
   EXPECT_FALSE(amx::Fits(4, 80));
-  amx::SetEnabled(false);
+  amx::SetMode(amx::Mode::kFromEnv);
 }
 
 }  // namespace

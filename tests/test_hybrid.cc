@@ -140,7 +140,7 @@ TEST(LayerMajorPrompt, EqualsMicroBatchOrder) {
 // per-block sums give block_mass.h's masses. Same f32 arithmetic in another grouping: outputs
 // within 1e-5 relative, masses within 1e-5 of G (their range).
 TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
-  amx::SetEnabled(false);  // the Highway fold (the tile fold's bf16 rounding: test_amx.cc)
+  amx::SetMode(amx::Mode::kOff);  // the Highway fold (the tiles' bf16 rounding: test_amx.cc)
   ThreadingContext tc(3);
   for (DType kvt : {DType::kF32, DType::kBF16}) {
     for (int64_t G : {1, 4, 7}) {
@@ -197,6 +197,7 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
       }
     }
   }
+  amx::SetMode(amx::Mode::kFromEnv);
 }
 
 #ifdef NEEDLE_HAVE_CUDA

@@ -48,8 +48,7 @@ bool Detect() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// -1: from the environment; 0 / 1: SetEnabled.
-std::atomic<int> g_override{-1};
+std::atomic<int> g_mode{static_cast<int>(Mode::kFromEnv)};
 
 // Tile configuration (palette 1): tiles 0-7 all 16 rows of 64 bytes.
 struct alignas(64) TileConfig {
@@ -157,7 +156,10 @@ NEEDLE_AMX_TARGET void Scores(const Query& q, const uint16_t* k, const uint16_t*
 // time read as B: tile row k holds value row k's channels in pairs (2n, 2n + 1), so A = P's
 // (p, 0) pairs yields the even channels and (0, p) the odd ones. Chunks of 32 channels, two at
 // a time: C tiles 0-3 (even / odd of each), A tiles 4-5, B tiles 6-7.
-template <bool kTwo>
+// kPacked (G <= 8): one A tile holds both, (p, 0) in rows 0-7 and (0, p) in rows 8-15, and
+// one C tile per chunk the even channels of the heads in rows 0-7, the odd ones in 8-15 (oo is
+// then oe + 8 rows): half the tile products.
+template <bool kTwo, bool kPacked>
 NEEDLE_AMX_TARGET void ValueChunks(const uint32_t* pe, const uint32_t* po, const uint16_t* v,
                                    const uint16_t* vtail, int64_t nfull, int64_t np, int64_t D,
                                    int64_t c, float* oe, float* oo) {
@@ -167,6 +169,21 @@ NEEDLE_AMX_TARGET void ValueChunks(const uint32_t* pe, const uint32_t* po, const
   if (kTwo) {
     _tile_zero(2);
     _tile_zero(3);
+  }
+  if (kPacked) {
+    for (int64_t j = 0; j < np; j += 16) {
+      const uint16_t* rows = j < nfull ? v + j * D : vtail + (j - nfull) * D;
+      _tile_loadd(4, pe + j, pstride);
+      _tile_loadd(6, rows + 32 * c, vstride);
+      _tile_dpbf16ps(0, 4, 6);
+      if (kTwo) {
+        _tile_loadd(7, rows + 32 * c + 32, vstride);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+    }
+    _tile_stored(0, oe + 16 * c, half * 4);
+    if (kTwo) _tile_stored(2, oe + 16 * c + 16, half * 4);
+    return;
   }
   for (int64_t j = 0; j < np; j += 16) {
     const uint16_t* rows = j < nfull ? v + j * D : vtail + (j - nfull) * D;
@@ -196,17 +213,20 @@ bool Supported() {
   return ok;
 }
 
-bool Enabled() {
-  const int o = g_override.load(std::memory_order_relaxed);
-  if (o >= 0) return o == 1 && Supported();
-  static const bool env = [] {
-    const char* e = std::getenv("NEEDLE_CPU_AMX");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return env && Supported();
-}
+void SetMode(Mode m) { g_mode.store(static_cast<int>(m)); }
 
-void SetEnabled(bool on) { g_override.store(on ? 1 : 0); }
+bool Use(int64_t G, int64_t D) {
+  static const Mode env = [] {
+    const char* e = std::getenv("NEEDLE_CPU_AMX");
+    if (e != nullptr && std::strcmp(e, "0") == 0) return Mode::kOff;
+    if (e != nullptr && std::strcmp(e, "1") == 0) return Mode::kOn;
+    return Mode::kAuto;
+  }();
+  Mode m = static_cast<Mode>(g_mode.load(std::memory_order_relaxed));
+  if (m == Mode::kFromEnv) m = env;
+  if (m == Mode::kOff || !Supported() || !Fits(G, D)) return false;
+  return m == Mode::kOn || G >= kAutoMinGroup;
+}
 
 bool Fits(int64_t G, int64_t D) { return G >= 1 && G <= 16 && D % 32 == 0 && D >= 32 && D <= 128; }
 
@@ -248,6 +268,7 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
       _mm_prefetch(reinterpret_cast<const char*>(next_v) + o, _MM_HINT_T1);
     }
   const int64_t G = q.G, D = q.D, nfull = n / 32 * 32, np = (n + 31) / 32 * 32;
+  const bool packed = G <= 8;  // P's even and odd pairs share one A tile
   if (nfull < n) {
     PadRows(k + nfull * D, n - nfull, D, &ktail_);
     PadRows(v + nfull * D, n - nfull, D, &vtail_);
@@ -289,7 +310,7 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
     corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512 vsum = _mm512_setzero_ps();
-    uint32_t *pe = pe_.data() + g * np, *po = po_.data() + g * np;
+    uint32_t *pe = pe_.data() + g * np, *po = packed ? pe + 8 * np : po_.data() + g * np;
     for (int64_t j = 0; j < np; j += 16) {
       const int64_t left = n - j;
       const __mmask16 live = left >= 16  ? 0xffff
@@ -309,12 +330,18 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
     if (stats != nullptr) stats[2 * g] = mx, stats[2 * g + 1] = sum;
   }
   for (int64_t c = 0; c < D / 32; c += 2) {
-    if (c + 1 < D / 32)
-      ValueChunks<true>(pe_.data(), po_.data(), v, vtail_.data(), nfull, np, D, c, oe_.data(),
-                        oo_.data());
+    const bool two = c + 1 < D / 32;
+    const uint32_t *pe = pe_.data(), *po = po_.data();
+    const uint16_t* vt = vtail_.data();
+    float *oe = oe_.data(), *oo = oo_.data();
+    if (packed && two)
+      ValueChunks<true, true>(pe, po, v, vt, nfull, np, D, c, oe, oo);
+    else if (packed)
+      ValueChunks<false, true>(pe, po, v, vt, nfull, np, D, c, oe, oo);
+    else if (two)
+      ValueChunks<true, false>(pe, po, v, vt, nfull, np, D, c, oe, oo);
     else
-      ValueChunks<false>(pe_.data(), po_.data(), v, vtail_.data(), nfull, np, D, c, oe_.data(),
-                         oo_.data());
+      ValueChunks<false, false>(pe, po, v, vt, nfull, np, D, c, oe, oo);
   }
   // out = out * corr + O, O's channels interleaved back from their even and odd halves.
   alignas(64) static const int32_t kLo[16] = {0, 16, 1, 17, 2, 18, 3, 19,
@@ -325,7 +352,8 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
   for (int64_t g = 0; g < G; ++g) {
     const __m512 c = _mm512_set1_ps(corr[g]);
     float* out = part[g].out;
-    const float *e = oe_.data() + g * (D / 2), *o = oo_.data() + g * (D / 2);
+    const float* e = oe_.data() + g * (D / 2);
+    const float* o = packed ? e + 8 * (D / 2) : oo_.data() + g * (D / 2);
     for (int64_t d = 0; d < D; d += 32) {
       const __m512 ve = _mm512_loadu_ps(e + d / 2), vo = _mm512_loadu_ps(o + d / 2);
       _mm512_storeu_ps(out + d, _mm512_fmadd_ps(_mm512_loadu_ps(out + d), c,

@@ -1,7 +1,7 @@
 // The AMX block fold: one KV head's G query heads over a piece of bf16 key/value rows, with the
 // CPU's tile unit (Intel AMX-BF16) for both products and AVX-512 for the online softmax. Used by
 // fast::AttendBlocks (the Context blocks of a sparse decode step, CPU and hybrid) when the cache
-// is bf16, the CPU has AMX and NEEDLE_CPU_AMX is not 0; everything else takes the Highway fold.
+// is bf16, the CPU has AMX and Use() says so (Mode below); everything else takes the Highway fold.
 //
 // Per piece of n rows (n <= a block), padded to a multiple of 32 with zero rows:
 //   S [n][16]  = K [n][D] x Qt [D][16]        tiles: K rows as A, the heads' queries as B
@@ -26,10 +26,19 @@ namespace needle::amx {
 // Whether this CPU has AMX-BF16 and AVX512-BF16 and the kernel granted the tile state (asked
 // once per process).
 bool Supported();
-// Whether fast::AttendBlocks folds bf16 caches with the tiles: Supported() and NEEDLE_CPU_AMX
-// not "0", unless SetEnabled overrode it.
-bool Enabled();
-void SetEnabled(bool on);  // tests and benchmarks; on takes effect only when Supported()
+// When fast::AttendBlocks folds a bf16 cache with the tiles (NEEDLE_CPU_AMX=0 / 1 / unset):
+//   kOff   never;  kOn  whenever Supported() and the shape Fits;
+//   kAuto  (the default) as kOn, for groups of at least kAutoMinGroup query heads only. The tile
+//          work per block does not depend on G (the tiles are 16 heads wide), the Highway
+//          fold's does. On the H200 machine's Xeon (bench/RESULTS.md) the tiles fold Qwen2.5-7B's
+//          groups of 7 1.4-1.6x faster than Highway, Llama-3.1-8B's groups of 4 no faster, and
+//          in the hybrid engine, whose threads sleep between layers, they lost about 10% on
+//          Llama (the tiles pay more than AVX-512 to start again after a sleep).
+enum class Mode { kFromEnv = -1, kOff = 0, kOn = 1, kAuto = 2 };
+constexpr int64_t kAutoMinGroup = 6;
+void SetMode(Mode m);  // tests and benchmarks; kFromEnv: back to NEEDLE_CPU_AMX
+// Whether to fold a G-head group of head_dim D with the tiles.
+bool Use(int64_t G, int64_t D);
 // The shapes the tiles take: G <= 16 query heads per KV head, head_dim a multiple of 32 up to 128.
 bool Fits(int64_t G, int64_t D);
 

@@ -423,7 +423,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   std::vector<float> pbuf(items.size() * static_cast<size_t>(G * D));
   std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
   // bf16 caches on a CPU with AMX: the tile fold (amx.h), its queries prepared once per head.
-  const bool tiles = kv.dtype == DType::kBF16 && amx::Enabled() && amx::Fits(G, D);
+  const bool tiles = kv.dtype == DType::kBF16 && amx::Use(G, D);
   std::vector<amx::Query> tq(tiles ? static_cast<size_t>(Hk) : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(tq.size()); ++h)
     amx::PrepareQuery(q + h * G * D, G, D, a.scale, &tq[h]);
