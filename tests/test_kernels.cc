@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "engine/attention/partial.h"
+#include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "tests/test_util.h"
 
@@ -158,6 +159,11 @@ class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType
 
 TEST_P(AttentionTest, FastMatchesReference) {
   const auto [c, kv_type, sparse] = GetParam();
+  // The Highway fold (the AMX one rounds queries to bf16: test_amx.cc, its own bound).
+  amx::SetMode(amx::Mode::kOff);
+  struct Restore {
+    ~Restore() { amx::SetMode(amx::Mode::kFromEnv); }
+  } restore;
   const int64_t n_tok = c.pos0 + c.T;
   KVCache cache(KVCacheShape{1, c.kv_heads, c.D, n_tok + 3, c.block, kv_type});
   const auto k = test::RandomVector(n_tok * c.kv_heads * c.D, 31);
@@ -243,6 +249,22 @@ TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   ThreadingContext one(1);
   one.Wake(1000);
   EXPECT_EQ(one.spinners(), 0);
+}
+
+// A warm function runs in place of the spinners' pauses, and once with done = true as each stops.
+std::atomic<int> g_warm_spins{0}, g_warm_done{0};
+TEST(Threading, WakeRunsTheWarmFunctionWhileSpinning) {
+  ThreadingContext tc(3);
+  g_warm_spins = 0, g_warm_done = 0;
+  tc.Wake(20 * 1000, [](bool done) { (done ? g_warm_done : g_warm_spins).fetch_add(1); });
+  const auto t0 = std::chrono::steady_clock::now();
+  while (tc.spinners() > 0 &&
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 10.0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(tc.spinners(), 0);
+  EXPECT_GT(g_warm_spins.load(), 0);
+  EXPECT_GE(g_warm_done.load(), 1);  // one per spinner that ran
+  EXPECT_LE(g_warm_done.load(), 2);
 }
 
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {

@@ -215,7 +215,7 @@ bool Supported() {
 
 void SetMode(Mode m) { g_mode.store(static_cast<int>(m)); }
 
-bool Use(int64_t G, int64_t D) {
+bool Use(int64_t G, int64_t D, bool prefill) {
   static const Mode env = [] {
     const char* e = std::getenv("NEEDLE_CPU_AMX");
     if (e != nullptr && std::strcmp(e, "0") == 0) return Mode::kOff;
@@ -225,7 +225,7 @@ bool Use(int64_t G, int64_t D) {
   Mode m = static_cast<Mode>(g_mode.load(std::memory_order_relaxed));
   if (m == Mode::kFromEnv) m = env;
   if (m == Mode::kOff || !Supported() || !Fits(G, D)) return false;
-  return m == Mode::kOn || G >= kAutoMinGroup;
+  return m == Mode::kOn || prefill || G >= kAutoMinGroup;
 }
 
 bool Fits(int64_t G, int64_t D) { return G >= 1 && G <= 16 && D % 32 == 0 && D >= 32 && D <= 128; }
@@ -254,6 +254,20 @@ constexpr TileConfig kTileConfig = {
     1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
 NEEDLE_AMX_TARGET void Folder::Begin() { _tile_loadconfig(&kTileConfig); }
+
+NEEDLE_AMX_TARGET void KeepWarm(bool done) {
+  thread_local bool configured = false;
+  if (done) {
+    if (configured) _tile_release();
+    configured = false;
+    return;
+  }
+  if (!configured) {
+    _tile_loadconfig(&kTileConfig);  // (tiles start zeroed)
+    configured = true;
+  }
+  _tile_dpbf16ps(0, 1, 2);
+}
 
 NEEDLE_AMX_TARGET void Folder::End() { _tile_release(); }
 

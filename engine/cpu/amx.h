@@ -1,7 +1,8 @@
 // The AMX block fold: one KV head's G query heads over a piece of bf16 key/value rows, with the
 // CPU's tile unit (Intel AMX-BF16) for both products and AVX-512 for the online softmax. Used by
-// fast::AttendBlocks (the Context blocks of a sparse decode step, CPU and hybrid) when the cache
-// is bf16, the CPU has AMX and Use() says so (Mode below); everything else takes the Highway fold.
+// fast::AttendBlocks (the Context blocks of a sparse decode step, CPU and hybrid) and by the
+// prompts of fast::Attention (dense or sparse prefill) when the cache is bf16, the CPU has AMX
+// and Use() says so (Mode below); everything else takes the Highway fold.
 //
 // Per piece of n rows (n <= a block), padded to a multiple of 32 with zero rows:
 //   S [n][16]  = K [n][D] x Qt [D][16]        tiles: K rows as A, the heads' queries as B
@@ -26,9 +27,10 @@ namespace needle::amx {
 // Whether this CPU has AMX-BF16 and AVX512-BF16 and the kernel granted the tile state (asked
 // once per process).
 bool Supported();
-// When fast::AttendBlocks folds a bf16 cache with the tiles (NEEDLE_CPU_AMX=0 / 1 / unset):
+// When a bf16 cache is folded with the tiles (NEEDLE_CPU_AMX=0 / 1 / unset):
 //   kOff   never;  kOn  whenever Supported() and the shape Fits;
-//   kAuto  (the default) as kOn, for groups of at least kAutoMinGroup query heads only. The tile
+//   kAuto  (the default) as kOn for prompts; for decode (fast::AttendBlocks, blocks read once
+//          from DRAM) only for groups of at least kAutoMinGroup query heads. The tile
 //          work per block does not depend on G (the tiles are 16 heads wide), the Highway
 //          fold's does. On the H200 machine's Xeon (bench/RESULTS.md) the tiles fold Qwen2.5-7B's
 //          groups of 7 1.4-1.6x faster than Highway, Llama-3.1-8B's groups of 4 no faster, and
@@ -37,10 +39,17 @@ bool Supported();
 enum class Mode { kFromEnv = -1, kOff = 0, kOn = 1, kAuto = 2 };
 constexpr int64_t kAutoMinGroup = 6;
 void SetMode(Mode m);  // tests and benchmarks; kFromEnv: back to NEEDLE_CPU_AMX
-// Whether to fold a G-head group of head_dim D with the tiles.
-bool Use(int64_t G, int64_t D);
+// Whether to fold a G-head group of head_dim D with the tiles. prefill: a prompt's queries
+// (AttentionImpl, T > 1), which read each block many times from the caches: compute-bound,
+// where the tiles fold groups of 4 twice as fast as Highway (kAuto takes every group then).
+bool Use(int64_t G, int64_t D, bool prefill = false);
 // The shapes the tiles take: G <= 16 query heads per KV head, head_dim a multiple of 32 up to 128.
 bool Fits(int64_t G, int64_t D);
+// One tile product on zero tiles (done: releases the tiles instead): run by the threads that
+// ThreadingContext::Wake spins before a tile fold. After tens of microseconds unused, the tile
+// unit takes 40-50 us longer than AVX-512 to get going again (bench/RESULTS.md); the hybrid's
+// threads are idle through each layer's MLP.
+void KeepWarm(bool done);
 
 // One KV head's G query heads, times `scale`, rounded to bf16, in the B-operand layout of the
 // score product: D/32 tiles of [16 channel pairs][16 heads][2] (heads >= G zero).

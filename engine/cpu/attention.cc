@@ -346,9 +346,16 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   // Partials: [items, splits, G] with outputs [.., D].
   std::vector<float> pbuf(static_cast<size_t>(items * splits * G * D));
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
+  // Prompts over a bf16 cache on a CPU with AMX: the tile fold (amx.h), each piece of keys read
+  // from the caches by many queries (compute-bound, where the tiles win at any group size).
+  const bool tiles = kv.dtype == DType::kBF16 && a.T > 1 && amx::Use(G, D, true);
   tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
     Scratch& sc = ThreadScratch(kv, G);
+    thread_local amx::Folder folder;
+    thread_local amx::Query tq;
+    if (tiles) folder.Begin();
     for (size_t w = b; w < e; ++w) {
+      int32_t prepared = -2;  // the rotation tq holds this item's queries in (-1: none)
       const int64_t sp = static_cast<int64_t>(w) % splits, item = static_cast<int64_t>(w) / splits;
       const int64_t t = item / Hk, h = item % Hk;
       ItemSpans(a, spans, t, h, &sc.spans);
@@ -379,13 +386,23 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
           RotateRows(qg, G, D, spans->rot_table.data() + rot * D, sc.qrot.data());
           qs = sc.qrot.data();
         }
-        if (lo < hi)
+        if (lo < hi && tiles) {
+          if (rot != prepared) amx::PrepareQuery(qs, G, D, a.scale, &tq), prepared = rot;
+          for (int64_t k = r.begin + (lo - seen), end = r.begin + (hi - seen); k < end;) {
+            const int64_t n = std::min(end, (k / kv.block_size + 1) * kv.block_size) - k;
+            folder.Fold(tq, reinterpret_cast<const uint16_t*>(kv.KRow(h, k)),
+                        reinterpret_cast<const uint16_t*>(kv.VRow(h, k)), n, p, nullptr);
+            k += n;
+          }
+        } else if (lo < hi) {
           FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qs, G, a.scale, p, sc,
                     nullptr, after);
+        }
         seen += len;
         if (seen >= k1) break;
       }
     }
+    if (tiles) folder.End();
   });
   tc.ParallelFor(static_cast<size_t>(items), 4, [&](size_t b, size_t e) {
     for (size_t item = b; item < e; ++item) {
