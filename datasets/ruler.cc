@@ -127,7 +127,8 @@ WordLists LoadWordLists(const std::string& dir) {
        {std::pair<std::string, std::vector<std::string>*>{dir + "/index.adj", &w.adjectives},
         std::pair<std::string, std::vector<std::string>*>{dir + "/index.noun", &w.nouns}}) {
     std::ifstream in(file);
-    if (!in) Fail(file, ": cannot open (install the Debian package wordnet-base)");
+    if (!in)
+      Fail(file, ": cannot open (install the Debian package wordnet-base, or give --wordnet)");
     std::string line;
     while (std::getline(in, line)) {
       if (line.empty() || line[0] == ' ') continue;  // licence header

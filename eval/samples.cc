@@ -87,7 +87,7 @@ std::vector<datasets::Sample> MakeSamples(const std::string& task, const Tokeniz
       essay = datasets::LoadHaystack(opt.Str("haystack").empty()
                                          ? std::vector<std::string>{datasets::kDefaultHaystack}
                                          : SplitComma(opt.Str("haystack")));
-    const datasets::WordLists words = datasets::LoadWordLists();
+    const datasets::WordLists words = datasets::LoadWordLists(opt.Str("wordnet"));
     for (size_t i = 0; i < lengths.size(); ++i) {
       Progress(task, lengths, i);
       for (auto& s : datasets::GenerateRuler(

@@ -15,4 +15,10 @@ for b in $P/needle $P/needle_tests $P/bench_*; do
 done | sort -u | grep -Ev '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|^/usr/local/cuda' | while read -r lib; do
   cp -L "$lib" $P/lib/
 done
+# The Debian data files the dataset generators read (RULER's WordNet word lists, the essay
+# haystack), which the GPU machine lacks: needle eval ... --wordnet $P/share
+# --haystack $P/share/jargon.txt.gz there.
+mkdir -p $P/share
+cp /usr/share/wordnet/index.adj /usr/share/wordnet/index.noun /usr/share/doc/jargon-text/jargon.txt.gz \
+  $P/share/ 2>/dev/null || echo "pack_for_device.sh: wordnet-base / jargon-text missing: RULER tasks will not generate there" >&2
 du -sh $P

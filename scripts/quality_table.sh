@@ -12,7 +12,9 @@
 #               niah_single_3,niah_multikey_1,niah_multivalue,needle
 #     ATTENTION sparse (default) or dense,sparse (dense prefill is quadratic: keep it short)
 #   Environment: PROCS (processes, default nproc / THREADS), THREADS (per process, default 4, or
-#   nproc when smaller), NEEDLE (binary, default build/needle), EXTRA (more eval options).
+#   nproc when smaller), NEEDLE (binary, default build/needle), EXTRA (more eval options). On
+#   the GPU machine (scripts/pack_for_device.sh): NEEDLE=.dev/gpu/needle EXTRA="--device cpu
+#   --wordnet .dev/gpu/share --haystack .dev/gpu/share/jargon.txt.gz" (it lacks those packages).
 # Writes OUT/table.md: one row per (task, length, configuration), and each task's merged run in
 # OUT/TASK/merged (predictions.jsonl, summary.md, heatmaps).
 set -euo pipefail

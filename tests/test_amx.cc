@@ -215,39 +215,6 @@ TEST(Amx, PromptWithinTheDerivedBound) {
     }
 }
 
-// KeepWarm configures this thread's tiles, runs a product on them, and releases them when done;
-// a fold afterwards is unaffected (its own configuration).
-TEST(Amx, KeepWarmLeavesTheFoldIntact) {
-  if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
-  for (int i = 0; i < 100; ++i) amx::KeepWarm(false);
-  amx::KeepWarm(true);
-  amx::KeepWarm(true);  // (twice: nothing to release)
-  const int64_t G = 7, D = 64, n = 40;
-  const std::vector<float> q = test::RandomVector(G * D, 1), k = test::RandomVector(n * D, 2),
-                           v = test::RandomVector(n * D, 3);
-  std::vector<uint16_t> kb(k.size()), vb(v.size());
-  for (size_t i = 0; i < k.size(); ++i) {
-    float x = RoundBf16(k[i]), y = RoundBf16(v[i]);
-    uint32_t u, w;
-    std::memcpy(&u, &x, 4), std::memcpy(&w, &y, 4);
-    kb[i] = static_cast<uint16_t>(u >> 16), vb[i] = static_cast<uint16_t>(w >> 16);
-  }
-  amx::Query tq;
-  amx::PrepareQuery(q.data(), G, D, 0.125f, &tq);
-  std::vector<float> out(G * D), warm_out(G * D);
-  for (std::vector<float>* o : {&out, &warm_out}) {
-    if (o == &warm_out) amx::KeepWarm(false);  // tiles left configured by the warm-up
-    std::vector<PartialAttention> part;
-    for (int64_t g = 0; g < G; ++g) part.emplace_back(o->data() + g * D, D);
-    amx::Folder f;
-    f.Begin();
-    f.Fold(tq, kb.data(), vb.data(), n, part.data(), nullptr);
-    f.End();
-  }
-  amx::KeepWarm(true);
-  EXPECT_EQ(out, warm_out);
-}
-
 // The modes: off never, on wherever the shape fits (and the CPU has the tiles), auto for groups
 // of kAutoMinGroup heads and more.
 TEST(Amx, ModeSelectsTheFold) {

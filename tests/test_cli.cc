@@ -94,6 +94,9 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 -p hi", "tokenizer.json"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --kv-memory 1K",
        "--kv-memory allows 1.0 KiB"},
+      {"data niah_single_1 -m " + std::string(NEEDLE_MODELS_DIR) +
+           "/needle-tiny --lengths 1k --wordnet /nonexistent -o /tmp/needle_no_wordnet",
+       "/nonexistent/index.adj: cannot open"},
   };
   for (const auto& c : cases) {
     Result r = RunNeedle(c.args);

@@ -251,22 +251,6 @@ TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   EXPECT_EQ(one.spinners(), 0);
 }
 
-// A warm function runs in place of the spinners' pauses, and once with done = true as each stops.
-std::atomic<int> g_warm_spins{0}, g_warm_done{0};
-TEST(Threading, WakeRunsTheWarmFunctionWhileSpinning) {
-  ThreadingContext tc(3);
-  g_warm_spins = 0, g_warm_done = 0;
-  tc.Wake(20 * 1000, [](bool done) { (done ? g_warm_done : g_warm_spins).fetch_add(1); });
-  const auto t0 = std::chrono::steady_clock::now();
-  while (tc.spinners() > 0 &&
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 10.0)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_EQ(tc.spinners(), 0);
-  EXPECT_GT(g_warm_spins.load(), 0);
-  EXPECT_GE(g_warm_done.load(), 1);  // one per spinner that ran
-  EXPECT_LE(g_warm_done.load(), 2);
-}
-
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {
   // Splitting keys anywhere and merging the partials gives the softmax over all keys.
   const int64_t D = 5, n = 40;

@@ -47,22 +47,17 @@ inline void CpuRelax() {
 }
 }  // namespace
 
-void ThreadingContext::Wake(int max_us, WarmFn warm) {
+void ThreadingContext::Wake(int max_us) {
   if (threads_ == 1 || max_us <= 0) return;
   wake_until_.store(NowNs() + int64_t{max_us} * 1000, std::memory_order_relaxed);
   const uint64_t epoch = epoch_.load(std::memory_order_relaxed);
   // One spinner per worker (the calling thread takes part in the ParallelFor itself).
   for (int have = spinners_.load(); have < threads_ - 1; have = spinners_.load()) {
     if (!spinners_.compare_exchange_weak(have, have + 1)) continue;
-    arena_.enqueue([this, epoch, warm] {
+    arena_.enqueue([this, epoch] {
       while (epoch_.load(std::memory_order_relaxed) == epoch &&
-             NowNs() < wake_until_.load(std::memory_order_relaxed)) {
-        if (warm != nullptr)
-          warm(false);
-        else
-          CpuRelax();
-      }
-      if (warm != nullptr) warm(true);
+             NowNs() < wake_until_.load(std::memory_order_relaxed))
+        CpuRelax();
       spinners_.fetch_sub(1);
     });
   }

@@ -25,11 +25,8 @@ class ThreadingContext {
   // wait for the GPU): each spins until the next ParallelFor begins or max_us have passed, then
   // goes back to oneTBB, which puts it to sleep. A sleeping worker takes tens of microseconds to
   // wake (more in a VM); this hides that behind the wait. Only for waits known to be short: the
-  // workers burn their cores meanwhile. warm (optional): what a spinner runs instead of a pause
-  // instruction (a few cycles' worth), to keep a unit the ParallelFor will use powered up (the
-  // AMX tiles, amx::KeepWarm), and once more with done = true before it stops spinning.
-  using WarmFn = void (*)(bool done);
-  void Wake(int max_us, WarmFn warm = nullptr);
+  // workers burn their cores meanwhile.
+  void Wake(int max_us);
   int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
 
  private:

@@ -68,6 +68,8 @@ std::vector<OptionSpec> DatasetOptionSpecs() {
       {"haystack", 0, OptKind::kString, "",
        "essay haystack: text files or folders, comma-separated (default: the Debian jargon-text "
        "file)"},
+      {"wordnet", 0, OptKind::kString, "/usr/share/wordnet",
+       "RULER: folder of WordNet's index.adj and index.noun (the Debian wordnet-base files)"},
       {"depth-spacing", 0, OptKind::kString, "linear", "needle: depth spacing, linear or sigmoid"},
       {"needle-text", 0, OptKind::kString, "",
        "needle: the sentence to hide (default: the original's)"},

@@ -255,20 +255,6 @@ constexpr TileConfig kTileConfig = {
 
 NEEDLE_AMX_TARGET void Folder::Begin() { _tile_loadconfig(&kTileConfig); }
 
-NEEDLE_AMX_TARGET void KeepWarm(bool done) {
-  thread_local bool configured = false;
-  if (done) {
-    if (configured) _tile_release();
-    configured = false;
-    return;
-  }
-  if (!configured) {
-    _tile_loadconfig(&kTileConfig);  // (tiles start zeroed)
-    configured = true;
-  }
-  _tile_dpbf16ps(0, 1, 2);
-}
-
 NEEDLE_AMX_TARGET void Folder::End() { _tile_release(); }
 
 NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uint16_t* v, int64_t n,

@@ -45,11 +45,6 @@ void SetMode(Mode m);  // tests and benchmarks; kFromEnv: back to NEEDLE_CPU_AMX
 bool Use(int64_t G, int64_t D, bool prefill = false);
 // The shapes the tiles take: G <= 16 query heads per KV head, head_dim a multiple of 32 up to 128.
 bool Fits(int64_t G, int64_t D);
-// One tile product on zero tiles (done: releases the tiles instead): run by the threads that
-// ThreadingContext::Wake spins before a tile fold. After tens of microseconds unused, the tile
-// unit takes 40-50 us longer than AVX-512 to get going again (bench/RESULTS.md); the hybrid's
-// threads are idle through each layer's MLP.
-void KeepWarm(bool done);
 
 // One KV head's G query heads, times `scale`, rounded to bf16, in the B-operand layout of the
 // score product: D/32 tiles of [16 channel pairs][16 heads][2] (heads >= G zero).

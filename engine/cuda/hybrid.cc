@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "engine/base/error.h"
-#include "engine/cpu/amx.h"
 #include "engine/cuda/attention.h"
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_backend.h"
@@ -398,9 +397,6 @@ struct HybridAttention::Impl final : PlanExecutor {
   KVCache host, staging;
   SparseAttention planner;
   bool residual_on_gpu;
-  // Whether fast::AttendBlocks folds this model's Context blocks with the AMX tiles.
-  bool tiles =
-      host.shape().dtype == DType::kBF16 && amx::Use(m.num_heads / m.num_kv_heads, m.head_dim);
   int sm = 1;
   StepInfo step;
   // The call in flight (Attend): the model's queries and output on the GPU and its cache.
@@ -524,8 +520,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start));
     x.stats.gpu_wait += Since(t);
-    // (A tile fold's threads keep the tile unit busy while they spin: amx::KeepWarm.)
-    x.tc.Wake(400, x.tiles ? amx::KeepWarm : nullptr);
+    x.tc.Wake(400);
   }
   x.Sync(&x.stats.gpu_wait);
   if (!dense) x.RowToCache(layer, a.pos0);
