@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "engine/cpu/amx.h"
@@ -31,6 +32,21 @@ float RoundBf16(float x) {
   return x;
 }
 
+// A one-layer bf16 cache of n_tok tokens of Hk KV heads, filled with random keys (magnitude 2)
+// and values rounded to bf16 first, so that *k and *v ([token][kv head][D]) are what it holds.
+std::unique_ptr<KVCache> RandomBf16Cache(int64_t Hk, int64_t D, int64_t n_tok, int64_t B,
+                                         uint64_t seed, std::vector<float>* k,
+                                         std::vector<float>* v) {
+  auto cache = std::make_unique<KVCache>(KVCacheShape(1, Hk, D, n_tok, B, DType::kBF16));
+  *k = test::RandomVector(n_tok * Hk * D, seed, 2.f);
+  *v = test::RandomVector(n_tok * Hk * D, seed + 1);
+  for (float& x : *k) x = RoundBf16(x);
+  for (float& x : *v) x = RoundBf16(x);
+  cache->Write(0, 0, n_tok, k->data(), v->data());
+  cache->SetSize(n_tok);
+  return cache;
+}
+
 TEST(Amx, AttendBlocksWithinTheDerivedBound) {
   if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
   amx::SetMode(amx::Mode::kOn);  // every group size, not only kAuto's
@@ -43,13 +59,8 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
                           {16, 96, 128, 700},  {8, 128, 32, 170}, {5, 64, 80, 333}};
   for (const Shape& sh : shapes) {
     const int64_t Hk = 2, G = sh.G, D = sh.D, B = sh.B, n_tok = sh.n_tok;
-    KVCache cache(KVCacheShape(1, Hk, D, n_tok, B, DType::kBF16));
-    std::vector<float> k = test::RandomVector(n_tok * Hk * D, 11, 2.f),
-                       v = test::RandomVector(n_tok * Hk * D, 12);
-    for (float& x : k) x = RoundBf16(x);
-    for (float& x : v) x = RoundBf16(x);
-    cache.Write(0, 0, n_tok, k.data(), v.data());
-    cache.SetSize(n_tok);
+    std::vector<float> k, v;
+    const auto cache = RandomBf16Cache(Hk, D, n_tok, B, 11, &k, &v);
     AttnArgs a;
     a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
     a.scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -60,7 +71,7 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
     for (int32_t b = 0; b < nb; ++b) blocks[1].push_back(b);     // all, the partial last one
     std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
         stats;
-    fast::AttendBlocks(q.data(), cache.Layer(0), a, blocks, out.data(), lse.data(), &stats, tc);
+    fast::AttendBlocks(q.data(), cache->Layer(0), a, blocks, out.data(), lse.data(), &stats, tc);
     std::vector<std::vector<float>> mass;
     fast::BlockMassFromStats(stats, lse.data(), G, blocks, &mass);
     // Keys are written as [token][kv head][D] in k and v.
@@ -150,13 +161,8 @@ TEST(Amx, PromptWithinTheDerivedBound) {
   for (const Shape& sh : shapes)
     for (bool sparse : {false, true}) {
       const int64_t Hk = 2, G = sh.G, D = sh.D, n_tok = sh.pos0 + sh.T;
-      KVCache cache(KVCacheShape(1, Hk, D, n_tok, sh.B, DType::kBF16));
-      std::vector<float> k = test::RandomVector(n_tok * Hk * D, 21, 2.f),
-                         v = test::RandomVector(n_tok * Hk * D, 22);
-      for (float& x : k) x = RoundBf16(x);
-      for (float& x : v) x = RoundBf16(x);
-      cache.Write(0, 0, n_tok, k.data(), v.data());
-      cache.SetSize(n_tok);
+      std::vector<float> k, v;
+      const auto cache = RandomBf16Cache(Hk, D, n_tok, sh.B, 21, &k, &v);
       AttnArgs a;
       a.T = sh.T, a.pos0 = sh.pos0, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
       a.scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -183,9 +189,9 @@ TEST(Amx, PromptWithinTheDerivedBound) {
       const size_t n_out = static_cast<size_t>(a.T * a.heads * D), n_lse = a.T * a.heads;
       std::vector<float> out(n_out), lse(n_lse), want(n_out), want_lse(n_lse);
       amx::SetMode(amx::Mode::kOff);
-      fast::Attention(q.data(), cache.Layer(0), a, sp, want.data(), want_lse.data(), tc);
+      fast::Attention(q.data(), cache->Layer(0), a, sp, want.data(), want_lse.data(), tc);
       amx::SetMode(amx::Mode::kOn);
-      fast::Attention(q.data(), cache.Layer(0), a, sp, out.data(), lse.data(), tc);
+      fast::Attention(q.data(), cache->Layer(0), a, sp, out.data(), lse.data(), tc);
       amx::SetMode(amx::Mode::kFromEnv);
       for (int64_t t = 0; t < a.T; ++t)
         for (int64_t head = 0; head < a.heads; ++head) {
