@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "engine/attention/partial.h"
+#include "engine/cpu/ops.h"
 
 namespace needle::amx {
 
@@ -54,6 +55,14 @@ struct Query {
 };
 // q: [G, D] f32, row-major.
 void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out);
+
+// A prompt's attention (fast::Attention with T > 1, key ranges unsplit) on the tiles, the
+// caller's partials parts [T * kv_heads][G] (item t * kv_heads + h) initialised: R = 16 / G
+// consecutive tokens of one KV head share a tile's query columns over the keys they all attend
+// alike (each span while they begin it together with the same rotation, up to the shortest),
+// then each token folds the rest of its own (the causal tail, for one). engine/cpu/amx_prompt.cc.
+void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
+                PartialAttention* parts, ThreadingContext& tc);
 
 // One thread's tile state and scratch. Begin before the first Fold of a run on this thread, End
 // after its last (releases the tiles).

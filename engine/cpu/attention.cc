@@ -348,62 +348,53 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
   // Prompts over a bf16 cache on a CPU with AMX: the tile fold (amx.h), each piece of keys read
   // from the caches by many queries (compute-bound, where the tiles win at any group size).
-  const bool tiles = kv.dtype == DType::kBF16 && a.T > 1 && amx::Use(G, D, true);
-  tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
-    Scratch& sc = ThreadScratch(kv, G);
-    thread_local amx::Folder folder;
-    thread_local amx::Query tq;
-    if (tiles) folder.Begin();
-    for (size_t w = b; w < e; ++w) {
-      int32_t prepared = -2;  // the rotation tq holds this item's queries in (-1: none)
-      const int64_t sp = static_cast<int64_t>(w) % splits, item = static_cast<int64_t>(w) / splits;
-      const int64_t t = item / Hk, h = item % Hk;
-      ItemSpans(a, spans, t, h, &sc.spans);
-      int64_t n = 0;
-      for (const auto& r : sc.spans) n += r.end - r.begin;
-      const int64_t per = (n + splits - 1) / splits;
-      const int64_t k0 = std::min(n, sp * per),
-                    k1 = std::min(n, k0 + per);  // key indices of this split
-      PartialAttention* p = &parts[w * G];
-      for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
-      const float* qg = q + (t * a.heads + h * G) * D;
-      int64_t seen = 0;
-      for (size_t x = 0; x < sc.spans.size(); ++x) {
-        const KeySpan& r = sc.spans[x];
-        const int64_t len = r.end - r.begin;
-        const int64_t lo = std::max(k0, seen), hi = std::min(k1, seen + len);
-        NextRows after;  // the next span's first piece, when this split reads it
-        if (x + 1 < sc.spans.size() && seen + len < k1) {
-          const KeySpan& r2 = sc.spans[x + 1];
-          after = PieceAt(kv, h, r2.begin, std::min(r2.end, r2.begin + (k1 - seen - len)));
-        }
-        const int32_t rot = spans != nullptr && !spans->rot.empty()
-                                ? spans->rot[spans->offsets[t * Hk + h] + static_cast<int64_t>(x)]
-                                : -1;
-        const float* qs = qg;
-        if (rot >= 0 && lo < hi) {  // position remapping: this span's rotation of the queries
-          sc.qrot.resize(static_cast<size_t>(G * D));
-          RotateRows(qg, G, D, spans->rot_table.data() + rot * D, sc.qrot.data());
-          qs = sc.qrot.data();
-        }
-        if (lo < hi && tiles) {
-          if (rot != prepared) amx::PrepareQuery(qs, G, D, a.scale, &tq), prepared = rot;
-          for (int64_t k = r.begin + (lo - seen), end = r.begin + (hi - seen); k < end;) {
-            const int64_t n = std::min(end, (k / kv.block_size + 1) * kv.block_size) - k;
-            folder.Fold(tq, reinterpret_cast<const uint16_t*>(kv.KRow(h, k)),
-                        reinterpret_cast<const uint16_t*>(kv.VRow(h, k)), n, p, nullptr);
-            k += n;
+  if (kv.dtype == DType::kBF16 && a.T > 1 && splits == 1 && amx::Use(G, D, true)) {
+    for (size_t i = 0; i < parts.size(); ++i) parts[i] = PartialAttention(pbuf.data() + i * D, D);
+    amx::FoldPrompt(q, kv, a, spans, parts.data(), tc);
+  } else {
+    tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
+      Scratch& sc = ThreadScratch(kv, G);
+      for (size_t w = b; w < e; ++w) {
+        const int64_t sp = static_cast<int64_t>(w) % splits,
+                      item = static_cast<int64_t>(w) / splits;
+        const int64_t t = item / Hk, h = item % Hk;
+        ItemSpans(a, spans, t, h, &sc.spans);
+        int64_t n = 0;
+        for (const auto& r : sc.spans) n += r.end - r.begin;
+        const int64_t per = (n + splits - 1) / splits;
+        const int64_t k0 = std::min(n, sp * per),
+                      k1 = std::min(n, k0 + per);  // key indices of this split
+        PartialAttention* p = &parts[w * G];
+        for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
+        const float* qg = q + (t * a.heads + h * G) * D;
+        int64_t seen = 0;
+        for (size_t x = 0; x < sc.spans.size(); ++x) {
+          const KeySpan& r = sc.spans[x];
+          const int64_t len = r.end - r.begin;
+          const int64_t lo = std::max(k0, seen), hi = std::min(k1, seen + len);
+          NextRows after;  // the next span's first piece, when this split reads it
+          if (x + 1 < sc.spans.size() && seen + len < k1) {
+            const KeySpan& r2 = sc.spans[x + 1];
+            after = PieceAt(kv, h, r2.begin, std::min(r2.end, r2.begin + (k1 - seen - len)));
           }
-        } else if (lo < hi) {
-          FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qs, G, a.scale, p, sc,
-                    nullptr, after);
+          const int32_t rot = spans != nullptr && !spans->rot.empty()
+                                  ? spans->rot[spans->offsets[t * Hk + h] + static_cast<int64_t>(x)]
+                                  : -1;
+          const float* qs = qg;
+          if (rot >= 0 && lo < hi) {  // position remapping: this span's rotation of the queries
+            sc.qrot.resize(static_cast<size_t>(G * D));
+            RotateRows(qg, G, D, spans->rot_table.data() + rot * D, sc.qrot.data());
+            qs = sc.qrot.data();
+          }
+          if (lo < hi)
+            FoldRange(kv, h, r.begin + (lo - seen), r.begin + (hi - seen), qs, G, a.scale, p, sc,
+                      nullptr, after);
+          seen += len;
+          if (seen >= k1) break;
         }
-        seen += len;
-        if (seen >= k1) break;
       }
-    }
-    if (tiles) folder.End();
-  });
+    });
+  }
   tc.ParallelFor(static_cast<size_t>(items), 4, [&](size_t b, size_t e) {
     for (size_t item = b; item < e; ++item) {
       const int64_t t = static_cast<int64_t>(item) / Hk, h = static_cast<int64_t>(item) % Hk;
