@@ -1,6 +1,6 @@
 // The AMX block fold: one KV head's G query heads over a piece of bf16 key/value rows, with the
 // CPU's tile unit (Intel AMX-BF16) for both products and AVX-512 for the online softmax. Used by
-// fast::AttendBlocks (the Context blocks of a sparse decode step, CPU and hybrid) and by the
+// fast::AttendBlocks (the hybrid engine's Context blocks of a decode step) and by the
 // prompts of fast::Attention (dense or sparse prefill) when the cache is bf16, the CPU has AMX
 // and Use() says so (Mode below); everything else takes the Highway fold.
 //
