@@ -11,10 +11,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <memory>
 #include <vector>
 
+#include "engine/base/dtype.h"
 #include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "sparse_attn/block_mass.h"
@@ -23,14 +23,7 @@
 namespace needle {
 namespace {
 
-float RoundBf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  u &= 0xffff0000u;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
+float RoundBf16(float x) { return BF16ToF32(F32ToBF16(x)); }
 
 // A one-layer bf16 cache of n_tok tokens of Hk KV heads, filled with random keys (magnitude 2)
 // and values rounded to bf16 first, so that *k and *v ([token][kv head][D]) are what it holds.

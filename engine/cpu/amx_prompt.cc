@@ -50,6 +50,8 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
     thread_local Query tq;
     thread_local std::vector<TokenKeys> keys;
     thread_local std::vector<float> rows, tmp;
+    thread_local std::vector<PartialAttention> joint;
+    thread_local std::vector<int64_t> shared_end;  // [span]: the shared keys of span x end there
     keys.resize(static_cast<size_t>(R));
     folder.Begin();
     for (size_t gi = b; gi < e; ++gi) {
@@ -65,13 +67,14 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
       }
       // The shared keys: span by span while every token's begins there with the same rotation,
       // up to the shortest; a span that ends unevenly is the last shared one.
-      std::vector<PartialAttention> joint(static_cast<size_t>(n * G));
+      joint.resize(static_cast<size_t>(n * G));
       for (int64_t r = 0; r < n; ++r)
         for (int64_t g = 0; g < G; ++g) joint[r * G + g] = parts[((t0 + r) * Hk + h) * G + g];
       rows.resize(static_cast<size_t>(n * G * D));
       for (int64_t r = 0; r < n; ++r)
         std::copy_n(q + ((t0 + r) * a.heads + h * G) * D, G * D, rows.data() + r * G * D);
-      std::vector<int64_t> shared_end;  // [span]: the shared keys of span x end there
+      shared_end.clear();
+      int32_t prepared = -2;  // the rotation tq holds the group's queries in (-1: none)
       for (size_t x = 0;; ++x) {
         bool same = true;
         int64_t end = INT64_MAX;
@@ -82,7 +85,10 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
         }
         if (!same) break;
         shared_end.push_back(end);
-        Prepare(rows.data(), n * G, D, a.scale, keys[0].rot[x], spans, &tmp, &tq);
+        if (keys[0].rot[x] != prepared) {
+          Prepare(rows.data(), n * G, D, a.scale, keys[0].rot[x], spans, &tmp, &tq);
+          prepared = keys[0].rot[x];
+        }
         FoldKeys(folder, tq, kv, h, keys[0].spans[x].begin, end, joint.data());
         bool even = true;
         for (int64_t r = 0; r < n; ++r) even = even && keys[r].spans[x].end == end;
@@ -94,7 +100,7 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
       for (int64_t r = 0; r < n; ++r) {
         const TokenKeys& k = keys[r];
         PartialAttention* p = parts + ((t0 + r) * Hk + h) * G;
-        int32_t prepared = -2;
+        prepared = -2;  // (tq now holds one token's queries)
         for (size_t x = 0; x < k.spans.size(); ++x) {
           const int64_t k0 = x < shared_end.size() ? shared_end[x] : k.spans[x].begin;
           if (k0 >= k.spans[x].end) continue;

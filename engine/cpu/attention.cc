@@ -436,34 +436,8 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   for (int64_t h = 0; h < static_cast<int64_t>(tq.size()); ++h)
     amx::PrepareQuery(q + h * G * D, G, D, a.scale, &tq[h]);
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
-    if (tiles) {
-      thread_local amx::Folder folder;
-      folder.Begin();
-      for (size_t w = b; w < e; ++w) {
-        const Item& it = items[w];
-        PartialAttention* p = &parts[w * G];
-        for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(pbuf.data() + (w * G + g) * D, D);
-        for (int64_t i = it.i0; i < it.i1; ++i) {
-          const int64_t t0 = int64_t{blocks[it.h][i]} * B, t1 = std::min(t0 + B, kv.n_tokens);
-          float* st = stats->data() + (base[it.h] + i) * G * 2;
-          for (int64_t g = 0; g < G; ++g) st[2 * g] = -INFINITY, st[2 * g + 1] = 0.f;
-          const uint16_t *nk = nullptr, *nv = nullptr;
-          int64_t nbytes = 0;
-          if (i + 1 < it.i1) {
-            const int64_t n0 = int64_t{blocks[it.h][i + 1]} * B;
-            nk = reinterpret_cast<const uint16_t*>(kv.KRow(it.h, n0));
-            nv = reinterpret_cast<const uint16_t*>(kv.VRow(it.h, n0));
-            nbytes = (std::min(n0 + B, kv.n_tokens) - n0) * D * 2;
-          }
-          if (t0 < t1)
-            folder.Fold(tq[it.h], reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
-                        reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st, nk,
-                        nv, nbytes);
-        }
-      }
-      folder.End();
-      return;
-    }
+    thread_local amx::Folder folder;
+    if (tiles) folder.Begin();
     Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {
       const Item& it = items[w];
@@ -475,13 +449,23 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
         float* st = stats->data() + (base[it.h] + i) * G * 2;
         for (int64_t g = 0; g < G; ++g) st[2 * g] = -INFINITY, st[2 * g + 1] = 0.f;
         NextRows after;
+        const uint8_t* after_v = nullptr;  // (the tile fold prefetches the values too)
         if (i + 1 < it.i1) {
           const int64_t n0 = int64_t{blocks[it.h][i + 1]} * B;
           after = PieceAt(kv, it.h, n0, std::min(n0 + B, kv.n_tokens));
+          after_v = kv.VRow(it.h, n0);
         }
-        if (t0 < t1) FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st, after);
+        if (t0 >= t1) continue;
+        if (tiles)
+          folder.Fold(tq[it.h], reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
+                      reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st,
+                      reinterpret_cast<const uint16_t*>(after.k),
+                      reinterpret_cast<const uint16_t*>(after_v), after.rows * after.row_bytes);
+        else
+          FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st, after);
       }
     }
+    if (tiles) folder.End();
   });
   // Each head's items merge in block order (independent of scheduling).
   for (size_t w = 0; w < items.size(); ++w) {
