@@ -13,6 +13,10 @@
 //   Decode reads and selects from it exactly as from a prefilled one.
 //   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072);
 //   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
+//   NEEDLE_BENCH_GPU_SHARES: gpu_share values to run the hybrid with, one after the other in the
+//   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_blocks"
+//   (the share of Context blocks the GPU attended) and "setup_s" (the synthetic context's
+//   indexing and page-locking, or the prefill).
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -82,9 +86,10 @@ void FillLayer(KVCache& cache, int64_t layer, int64_t P, ThreadingContext& tc) {
 }
 
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
-         bool hybrid, size_t gpu_memory, ThreadingContext& tc) {
+         bool hybrid, size_t gpu_memory, int64_t gpu_share, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
+  if (gpu_share >= 0) sc.gpu_share = gpu_share;
   SequenceOptions so;
   so.ctx = P + 64;
   so.kv_type = DType::kBF16;
@@ -131,11 +136,15 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
                  cp = (a.copies - before.copies) / n * ms,
                  wait = (a.gpu_wait - before.gpu_wait) / n * ms;
     const SparseAttention::Times& ta = seq.planner->times();
-    char buf[512];
+    char buf[640];
+    const double gb = static_cast<double>(a.gpu_blocks - before.gpu_blocks),
+                 cb = static_cast<double>(a.cpu_blocks - before.cpu_blocks);
     std::snprintf(buf, sizeof buf,
+                  ",\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"setup_s\":%.1f"
                   ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
                   "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
                   "3f,\"other_ms\":%.3f",
+                  static_cast<long long>(sc.gpu_share), gb + cb > 0 ? gb / (gb + cb) : 0.0, pre,
                   (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
                   (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
                   dec / n * ms - plan - cpu - cp - wait);
@@ -170,6 +179,12 @@ int main(int argc, char** argv) {
     }
     const char* dm = std::getenv("NEEDLE_BENCH_DENSE_MAX");
     const int64_t dense_max = dm != nullptr ? std::stoll(dm) : 131072;
+    std::vector<int64_t> shares = {-1};  // -1: SparseConfig's default
+    if (const char* g = std::getenv("NEEDLE_BENCH_GPU_SHARES")) {
+      shares.clear();
+      std::stringstream gs(g);
+      for (std::string x; std::getline(gs, x, ',');) shares.push_back(std::stoll(x));
+    }
     auto gpu = MakeCudaBackend(0);
     ThreadingContext tc(0);
     for (int i = 3; i < argc; ++i) {
@@ -177,8 +192,8 @@ int main(int argc, char** argv) {
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);
       const std::string name = config.substr(config.rfind('/') + 1);
       for (auto [P, syn] : ctxs) {
-        Run(*gpu, *model, name, P, syn, true, gpu_memory, tc);
-        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, tc);
+        for (int64_t share : shares) Run(*gpu, *model, name, P, syn, true, gpu_memory, share, tc);
+        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, -1, tc);
       }
     }
   } catch (const std::exception& e) {

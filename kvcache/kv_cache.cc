@@ -141,9 +141,10 @@ KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
     if (static_cast<int64_t>(s.ring_layer.size()) != s.layers)
       Fail("KV cache: ring_layer has ", s.ring_layer.size(), " entries for ", s.layers, " layers");
     if (s.pinned_blocks < 0 || s.ring_blocks <= 0 || s.pinned_blocks > (int64_t{1} << 31) ||
-        s.ring_blocks > (int64_t{1} << 31))
-      Fail("KV cache: ring of ", s.pinned_blocks, " pinned + ", s.ring_blocks,
-           " blocks is invalid");
+        s.ring_blocks > (int64_t{1} << 31) || s.extra_blocks < 0 ||
+        s.extra_blocks > (int64_t{1} << 20))
+      Fail("KV cache: ring of ", s.pinned_blocks, " pinned + ", s.ring_blocks, " + ",
+           s.extra_blocks, " extra blocks is invalid");
   }
   const long double need = static_cast<long double>(s.BytesPerToken()) *
                            static_cast<long double>(s.num_blocks()) *

@@ -52,6 +52,9 @@ struct KVCacheShape {
   // that held it (its table entry becomes -1). ring_layer: [layers] or empty (no ring layers).
   std::vector<uint8_t> ring_layer;
   int64_t pinned_blocks = 0, ring_blocks = 0;
+  // Ring layers only: slots after the ring that no logical block maps to (the hybrid engine
+  // gathers Context blocks from the host into them for the GPU to attend). ExtraSlot(l, j).
+  int64_t extra_blocks = 0;
 
   int64_t groups() const { return dtype == DType::kI8 ? (head_dim + kKVGroup - 1) / kKVGroup : 0; }
   int64_t num_blocks() const { return (capacity + block_size - 1) / block_size; }
@@ -60,8 +63,11 @@ struct KVCacheShape {
   }
   // Blocks the arenas of `layer` hold.
   int64_t LayerSlots(int64_t layer) const {
-    return IsRing(layer) ? std::min(num_blocks(), pinned_blocks + ring_blocks) : num_blocks();
+    return IsRing(layer) ? std::min(num_blocks(), pinned_blocks + ring_blocks) + extra_blocks
+                         : num_blocks();
   }
+  // Extra slot j (< extra_blocks) of a ring layer.
+  int64_t ExtraSlot(int64_t layer, int64_t j) const { return LayerSlots(layer) - extra_blocks + j; }
   // The slot logical block b of a ring layer occupies.
   int64_t RingSlot(int64_t b) const {
     return b < pinned_blocks ? b : pinned_blocks + (b - pinned_blocks) % ring_blocks;

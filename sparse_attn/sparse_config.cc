@@ -64,6 +64,8 @@ void SparseConfig::Validate() const {
         "sparse attention: sparse_prefill scores blocks while the prompt streams, before Dynamic "
         "representatives exist (they need the prompt's last queries): use repr quest, max or "
         "mean");
+  if (gpu_share < 0 || gpu_share > 100)
+    Fail("sparse attention: gpu_share must be a percentage in [0, 100] (got ", gpu_share, ")");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");

@@ -49,6 +49,13 @@ struct SparseConfig {
   // sparse query scores its attended keys as if they were contiguous, so that no query-key
   // distance exceeds Initial + topk blocks + Local (+ the prefill chunk).
   bool pos_remap = false;
+  // Placement, not selection (the hybrid engine only; the plan does not depend on it): the
+  // percentage of each KV head's selected Context blocks that the GPU attends, reading them
+  // from the host cache (pinned memory) over PCIe while the CPU attends the rest. 0: the CPU
+  // attends them all.
+  int64_t gpu_share = 50;
+  // Extra GPU slots a sparse layer needs for the GPU's part: ceil(gpu_share% of topk).
+  int64_t GpuContextSlots() const { return (gpu_share * topk + 99) / 100; }
 
   // Throws Error naming every setting involved when values cannot work (together).
   void Validate() const;

@@ -11,46 +11,29 @@
 
 #include "engine/base/error.h"
 #include "engine/cuda/attention.h"
-#include "engine/cuda/block_select.h"
+#include "engine/cuda/context_gather.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_buffer.h"
+#include "engine/cuda/hybrid_select.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/pinned_host.h"
 
 namespace needle {
 
 namespace {
 using Clock = std::chrono::steady_clock;
 
-// Host scratch in pinned memory: the per-layer copies between GPU and host (q, partials, scores,
-// lse) go by DMA at once instead of through the driver's staging buffer. Contents are dropped when
-// it grows; a copy into or out of it must be waited for before it is reused.
-class PinnedFloats {
- public:
-  PinnedFloats() = default;
-  PinnedFloats(const PinnedFloats&) = delete;
-  PinnedFloats& operator=(const PinnedFloats&) = delete;
-  ~PinnedFloats() {
-    if (p_ != nullptr) cudaFreeHost(p_);
-  }
-  float* Get(size_t n) {
-    if (n > n_) {
-      if (p_ != nullptr) NEEDLE_CUDA_CHECK(cudaFreeHost(p_));
-      p_ = nullptr;
-      void* p = nullptr;
-      NEEDLE_CUDA_CHECK(cudaMallocHost(&p, std::max<size_t>(n, 1) * sizeof(float)));
-      p_ = static_cast<float*>(p), n_ = n;
-    }
-    return p_;
-  }
-
- private:
-  float* p_ = nullptr;
-  size_t n_ = 0;
-};
-
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+// The log-sum-exp of two partials, as cuda::MergeAttention computes it.
+float MergeLse(float a, float b) {
+  const float M = std::max(a, b);
+  const float wa = a == -INFINITY ? 0.f : std::exp(a - M),
+              wb = b == -INFINITY ? 0.f : std::exp(b - M);
+  const float sum = wa + wb;
+  return sum > 0.f ? M + std::log(sum) : -INFINITY;
 }
 }  // namespace
 
@@ -66,27 +49,28 @@ struct HybridAttention::Impl final : PlanExecutor {
         staging(KVCacheShape(1, m_.num_kv_heads, m_.head_dim, max_tokens, c_.block_size, kv), 0,
                 gpu_.kv_memory()),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
-        residual_on_gpu(residual_on_gpu_) {
+        residual_on_gpu(residual_on_gpu_),
+        scorer(m_, planner.representatives(), stream) {
     if (kv == DType::kI8)
       Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
     planner.set_executor(this);
-    const RepresentativeStore& r = planner.representatives();
-    reps_dev = static_cast<uint8_t*>(cuda::DeviceAlloc(
-        r.BlockBytes() * static_cast<size_t>(r.max_blocks() * m.num_layers), "representatives"));
-    uploaded.assign(static_cast<size_t>(m.num_layers),
-                    std::vector<uint32_t>(static_cast<size_t>(r.max_blocks()), 0));
-    up_version.assign(static_cast<size_t>(m.num_layers), ~uint64_t{0});
-    up_first.assign(static_cast<size_t>(m.num_layers), 0);
-    up_end.assign(static_cast<size_t>(m.num_layers), 0);
     int dev = 0;
     NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
     NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
     NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&layer_start, cudaEventDisableTiming));
+    NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&gpu_done, cudaEventDisableTiming));
+    // The host cache is page-locked as it fills (copies by DMA); the GPU reads its share of the
+    // Context blocks from it where kernels can use host pointers.
+    const size_t bb = host.BlockBytes();
+    pin_k.Reset(host.BlockData(0, false, 0), bb * static_cast<size_t>(host.shape().TotalSlots()));
+    pin_v.Reset(host.BlockData(0, true, 0), bb * static_cast<size_t>(host.shape().TotalSlots()));
+    gather_on = c.gpu_share > 0 && (bb / static_cast<size_t>(m.num_kv_heads)) % 16 == 0 &&
+                cuda::HostPointersUsableOnGpu();
   }
 
   ~Impl() override {
-    if (reps_dev != nullptr) cudaFree(reps_dev);
     if (layer_start != nullptr) cudaEventDestroy(layer_start);
+    if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   }
 
   // The host cache holds the sparse layers only: the dense layers' blocks are never written, and
@@ -120,11 +104,35 @@ struct HybridAttention::Impl final : PlanExecutor {
       NEEDLE_CHECK(s0 >= 0 && d0 >= 0);
       int64_t n = 1;
       while (b + n < b1 && src.SlotOf(sl, b + n) == s0 + n && dst.SlotOf(dl, b + n) == d0 + n) ++n;
-      for (bool v : {false, true})
-        NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst.BlockData(dl, v, d0), src.BlockData(sl, v, s0),
-                                          bb * static_cast<size_t>(n), kind, stream));
+      for (bool v : {false, true}) {
+        // (The host cache's side is cut where its page-locked chunks end: ArenaPinning.)
+        const cuda::ArenaPinning& pin = v ? pin_v : pin_k;
+        uint8_t* d = dst.BlockData(dl, v, d0);
+        const uint8_t* s = src.BlockData(sl, v, s0);
+        for (size_t left = bb * static_cast<size_t>(n); left > 0;) {
+          size_t len = left;
+          if (kind == cudaMemcpyDeviceToHost) len = std::min(len, pin.ToChunkEnd(d));
+          if (kind == cudaMemcpyHostToDevice) len = std::min(len, pin.ToChunkEnd(s));
+          NEEDLE_CUDA_CHECK(cudaMemcpyAsync(d, s, len, kind, stream));
+          d += len, s += len, left -= len;
+        }
+      }
       b += n;
     }
+  }
+
+  // Page-locks the host cache's blocks [b0, b1) of `layer` (K and V; slots are assigned in
+  // order, so the range between the lowest and highest slot). False when CUDA refused.
+  bool PinHost(int64_t layer, int64_t b0, int64_t b1) {
+    int32_t lo = INT32_MAX, hi = -1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int32_t sl = host.SlotOf(layer, b);
+      if (sl >= 0) lo = std::min(lo, sl), hi = std::max(hi, sl);
+    }
+    if (hi < 0) return true;
+    const size_t n = host.BlockBytes() * static_cast<size_t>(hi - lo + 1);
+    const bool k = pin_k.Pin(host.BlockData(layer, false, lo), n);
+    return pin_v.Pin(host.BlockData(layer, true, lo), n) && k;
   }
 
   // --- prompts: layer by layer; a sparse layer's keys in the staging layer ----------------------
@@ -143,6 +151,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     const int64_t B = c.block_size, end = a.pos0 + a.T, call_end = step.call_pos0 + step.call_T;
     // This micro-batch's blocks to the host (the planner computes their representatives there).
     host.AssignBlocks(layer, a.pos0, a.T);
+    PinHost(layer, a.pos0 / B, (end + B - 1) / B);
     CopyBlocks(staging, 0, host, layer, a.pos0 / B, (end + B - 1) / B, cudaMemcpyDeviceToHost);
     // The planner reads the queries of the prompt's observation window and its last query.
     const int64_t HD = a.heads * a.head_dim;
@@ -167,23 +176,26 @@ struct HybridAttention::Impl final : PlanExecutor {
   }
 
   // --- decode ----------------------------------------------------------------------------------
-  // The view of a sparse layer's ring as one causal sequence: Initial blocks, then the Local
-  // blocks, renumbered (the keys were rotated at their true positions when written). *a2: the
-  // query's arguments over it.
-  KVLayerView WindowView(int64_t layer, const AttnArgs& a, AttnArgs* a2) {
+  // The view of a sparse layer's ring as one causal sequence: Initial blocks, the n_g Context
+  // blocks gathered into its extra slots (GatherContext), then the Local blocks, renumbered (the
+  // keys were rotated at their true positions when written, and a query's softmax does not
+  // depend on their order). *a2: the query's arguments over it.
+  KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2) {
     const int64_t B = c.block_size, p = a.pos0, ie = c.init_end(), lb = c.LocalBegin(p);
-    const int64_t shift = lb - ie;          // keys skipped between Initial and Local (>= 0)
-    const int64_t n = (p - shift) / B + 1;  // blocks of the view
-    if (lb != table_lb || p / B != table_pb) {
+    const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
+    const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
+    if (lb != table_lb || p / B != table_pb || n_g != table_ng) {
       table_host.resize(static_cast<size_t>(n));
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t b = j < ie / B ? j : lb / B + (j - ie / B);
-        table_host[j] = model_cache->SlotOf(layer, b);
+        table_host[j] = j < ib ? model_cache->SlotOf(layer, j)
+                        : j < ib + n_g
+                            ? static_cast<int32_t>(model_cache->shape().ExtraSlot(layer, j - ib))
+                            : model_cache->SlotOf(layer, lb / B + (j - ib - n_g));
         NEEDLE_CHECK(table_host[j] >= 0);
       }
       int32_t* d = table_dev.Get<int32_t>(table_host.size());
       H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
-      table_lb = lb, table_pb = p / B;
+      table_lb = lb, table_pb = p / B, table_ng = n_g;
     }
     KVLayerView v = model_cache->Layer(layer);
     v.table = table_dev.Get<int32_t>(table_host.size());
@@ -192,11 +204,44 @@ struct HybridAttention::Impl final : PlanExecutor {
     return v;
   }
 
+  // How many of each KV head's selected blocks the GPU attends (the first n_g of every head;
+  // SparseConfig::gpu_share of the shortest list, at most the extra slots), their host copies
+  // page-locked. 0: the CPU attends them all.
+  int64_t GpuShare(int64_t layer, const LayerPlan& plan) {
+    if (!gather_on || plan.blocks.empty()) return 0;
+    size_t shortest = plan.blocks[0].size();
+    for (const auto& b : plan.blocks) shortest = std::min(shortest, b.size());
+    const int64_t n_g = std::min(model_cache->shape().extra_blocks,
+                                 (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
+    for (const auto& bl : plan.blocks)
+      for (int64_t j = 0; j < n_g; ++j)
+        if (!PinHost(layer, bl[j], bl[j] + 1)) return gather_on = false, 0;
+    return n_g;
+  }
+  // Queues the copy of those blocks from the host cache into the layer's extra slots:
+  // slot j holds block plan.blocks[h][j] of every KV head h.
+  void GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
+    const int64_t Hk = m.num_kv_heads;
+    // (The kernel reads the list from pinned memory; it is rewritten only after the next
+    // layer's wait for the stream.)
+    auto* src = reinterpret_cast<int32_t*>(src_pin.Get(static_cast<size_t>(n_g * Hk)));
+    for (int64_t j = 0; j < n_g; ++j)
+      for (int64_t h = 0; h < Hk; ++h)
+        src[j * Hk + h] = host.SlotOf(layer, plan.blocks[h][j]) * static_cast<int32_t>(Hk) +
+                          static_cast<int32_t>(h);
+    const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
+    cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src,
+                       n_g * Hk, host.BlockBytes() / static_cast<size_t>(Hk),
+                       model_cache->BlockData(layer, false, x0),
+                       model_cache->BlockData(layer, true, x0), stream);
+  }
+
   // The new token's K/V row of a sparse layer, from its ring to the host cache: copied to pinned
   // memory with the query (a copy into the pageable cache itself would block the host until the
   // GPU got there), then into the cache by RowToCache once the host has waited.
   void RowToPinned(int64_t layer, int64_t p) {
     host.AssignBlocks(layer, p, 1);
+    if (p % c.block_size == 0) PinHost(layer, p / c.block_size, p / c.block_size + 1);
     // (Block tables are read on the host: a device view's table is device memory.)
     const int64_t B = c.block_size, b = p / B;
     const size_t es = DTypeSize(host.shape().dtype);
@@ -236,7 +281,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     if (step.call_T > 1)
       v = Dense(layer) ? model_cache->Layer(layer) : staging.Layer(0);
     else
-      v = Dense(layer) ? model_cache->Layer(layer) : WindowView(layer, a, &a2);
+      v = Dense(layer) ? model_cache->Layer(layer) : WindowView(layer, a, 0, &a2);
     float* lse_dev =
         lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
     cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
@@ -253,140 +298,77 @@ struct HybridAttention::Impl final : PlanExecutor {
   bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                const LayerPlan& plan, float*, float* lse,
                std::vector<std::vector<float>>* mass) override {
-    const int64_t HD = a.heads * a.head_dim;
-    // GPU: Initial + Local, queued first so that it runs while the CPU attends.
+    const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
+    // GPU, queued first so that it runs while the CPU attends: the first n_g selected blocks of
+    // every KV head from the host cache, attended with Initial + Local; their softmax sums.
+    const int64_t n_g = GpuShare(layer, plan);
+    if (n_g > 0) GatherContext(layer, plan, n_g);
     AttnArgs a2;
-    const KVLayerView v = WindowView(layer, a, &a2);
-    float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads) + a.heads));
-    float *g_out = g, *g_lse = g + HD, *c_out = g + HD + a.heads, *c_lse = c_out + HD;
-    float* m_lse = c_lse + a.heads;
+    const KVLayerView v = WindowView(layer, a, n_g, &a2);
+    // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
+    // the sums come back in one copy.
+    const size_t n_stats = mass != nullptr ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
+    float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
+    float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
     cuda::Attention(q_dev, v, a2, g_out, g_lse, sm, ws, stream);
-    // CPU: the selected Context blocks.
+    if (n_stats > 0) {
+      const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
+      cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G,
+                       c.block_size, a.head_dim, a.scale, g_lse + a.heads, stream);
+    }
+    float* g_pin = gl_pin.Get(static_cast<size_t>(a.heads) + n_stats);
+    D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
+    NEEDLE_CUDA_CHECK(cudaEventRecord(gpu_done, stream));
+    stats.gpu_blocks += n_g * Hk;
+    // CPU: the rest.
+    const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
+    if (n_g > 0) {
+      cpu_blocks.resize(plan.blocks.size());
+      for (size_t h = 0; h < plan.blocks.size(); ++h)
+        cpu_blocks[h].assign(plan.blocks[h].begin() + n_g, plan.blocks[h].end());
+      cb = &cpu_blocks;
+    }
     auto t = Clock::now();
-    float* cpu_part = part_pin.Get(static_cast<size_t>(HD + 2 * a.heads));
-    fast::AttendBlocks(q, kv, a, plan.blocks, cpu_part, cpu_part + HD, &block_stats, tc);
+    float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
+    fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
     stats.cpu_attend += Since(t);
+    for (const auto& b : *cb) stats.cpu_blocks += static_cast<int64_t>(b.size());
+    // GPU: the CPU's partial merged into the layer's output. No wait for it: the host computes
+    // the merged log-sum-exp itself, from the GPU's, which came with its block sums.
     t = Clock::now();
     H2D(c_out, cpu_part, static_cast<size_t>(HD + a.heads) * 4);
-    cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, m_lse, stream);
-    D2H(cpu_part + HD + a.heads, m_lse, static_cast<size_t>(a.heads) * 4);
+    cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, nullptr, stream);
     stats.copies += Since(t);
-    Sync(&stats.gpu_wait);
-    std::copy_n(cpu_part + HD + a.heads, a.heads, lse);
+    t = Clock::now();
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
+    stats.gpu_wait += Since(t);
+    for (int64_t r = 0; r < a.heads; ++r) lse[r] = MergeLse(g_pin[r], cpu_part[HD + r]);
     if (mass == nullptr) return false;
-    fast::BlockMassFromStats(block_stats, lse, a.heads / a.kv_heads, plan.blocks, mass);
-    return true;
-  }
-
-  // Scores on the GPU: the representatives of candidate blocks [first, first + n) are copied
-  // there when the planner has (re)computed them since (their stamps), then one kernel scores
-  // every candidate against the query on the GPU (q_dev) into device memory [kv_heads][n],
-  // followed by `extra_floats` for the caller.
-  float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
-                    size_t extra_floats) {
-    const int64_t D = m.head_dim, Hk = m.num_kv_heads;
-    const size_t bb = reps.BlockBytes();
-    uint8_t* layer_dev = reps_dev + bb * static_cast<size_t>(layer * reps.max_blocks());
-    std::vector<uint32_t>& up = uploaded[layer];
-    // Every candidate's copy is current when the layer has not changed since the candidates of a
-    // range that covered these were checked: O(1) a step, not O(blocks).
-    const bool current = reps.version(layer) == up_version[layer] && first >= up_first[layer] &&
-                         first + n <= up_end[layer];
-    for (int64_t b = current ? first + n : first; b < first + n;) {
-      if (up[b] == reps.stamp(layer, b)) {
-        ++b;
-        continue;
+    const std::vector<float>* st = &block_stats;
+    if (n_g > 0) {  // every head's blocks in plan order: the GPU's n_g first, then the CPU's
+      all_stats.clear();
+      size_t ci = 0;
+      for (int64_t h = 0; h < Hk; ++h) {
+        const float* gh = g_pin + a.heads + h * n_g * G * 2;
+        all_stats.insert(all_stats.end(), gh, gh + n_g * G * 2);
+        const size_t nc = cpu_blocks[h].size() * static_cast<size_t>(G * 2);
+        all_stats.insert(all_stats.end(), block_stats.begin() + static_cast<std::ptrdiff_t>(ci),
+                         block_stats.begin() + static_cast<std::ptrdiff_t>(ci + nc));
+        ci += nc;
       }
-      int64_t e = b;
-      while (e < first + n && up[e] != reps.stamp(layer, e)) up[e] = reps.stamp(layer, e), ++e;
-      H2D(layer_dev + bb * static_cast<size_t>(b), reps.Block(layer, b),
-          bb * static_cast<size_t>(e - b));
-      b = e;
+      st = &all_stats;
     }
-    if (!current)
-      up_version[layer] = reps.version(layer), up_first[layer] = first, up_end[layer] = first + n;
-    float* d = score_buf.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
-    cuda::GroupQueries(q_dev, m.num_heads, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D,
-                       stream);
-    cuda::ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, Hk, D, d, d + Hk * D,
-                      d + 2 * Hk * D, stream);
-    return d + 2 * Hk * D;
-  }
-  static bool IsRange(const ScoreArgs& a) {  // (the candidates are ascending)
-    return a.n <= 0 || a.blocks[a.n - 1] - a.blocks[0] == a.n - 1;
+    fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
+    return true;
   }
 
   bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
              float* scores) override {
-    if (a.n <= 0) return true;
-    if (!IsRange(a)) return false;  // (candidates are a range today)
-    const float* d = ScoreOnGpu(layer, reps, a.blocks[0], a.n, 0);
-    const size_t n = static_cast<size_t>(a.kv_heads * a.n);
-    float* pin = top_pin.Get(n);
-    D2H(pin, d, n * 4);
-    Sync(nullptr);
-    std::copy_n(pin, n, scores);
-    return true;
+    return scorer.Score(layer, reps, a, q_dev, scores);
   }
-
-  // The shortlist of candidates [first, first + n) (cuda::TopBlocks), queued into top_pin; read
-  // back by ReadShortlist after a stream synchronize.
-  void QueueShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
-                      bool sum_heads, int64_t want) {
-    const int64_t rows = sum_heads ? 1 : m.num_kv_heads;
-    const size_t out = static_cast<size_t>(rows * want);
-    float* d = ScoreOnGpu(layer, reps, first, n, 2 * out);
-    float* vals = d + m.num_kv_heads * n;
-    auto* ids = reinterpret_cast<int32_t*>(vals + out);
-    cuda::TopBlocks(d, m.num_kv_heads, n, sum_heads, static_cast<int32_t>(first), want, vals, ids,
-                    stream);
-    D2H(top_pin.Get(2 * out), vals, 2 * out * 4);
-  }
-  void ReadShortlist(int64_t n, bool sum_heads, int64_t want,
-                     std::vector<std::vector<Scored>>* top) {
-    const int64_t rows = sum_heads ? 1 : m.num_kv_heads, k = std::min(want, n);
-    const size_t out = static_cast<size_t>(rows * want);
-    const float* pin = top_pin.Get(2 * out);
-    const auto* pid = reinterpret_cast<const int32_t*>(pin + out);
-    top->assign(static_cast<size_t>(rows), {});
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < k; ++i) (*top)[r].push_back({pin[r * want + i], pid[r * want + i]});
-  }
-
-  // Ranks on the GPU: only the shortlist comes back. When Attend queued it already with the
-  // query (early), and no representative of a candidate changed since, that one is read.
   bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
                 int64_t want, std::vector<std::vector<Scored>>* top) override {
-    if (a.n <= 0) {
-      top->assign(sum_heads ? 1 : static_cast<size_t>(a.kv_heads), {});
-      return true;
-    }
-    if (!IsRange(a)) return false;
-    const int64_t first = a.blocks[0];
-    // (No representative changed since: the layer's version is the one the early copy took.)
-    const bool early = early_layer == layer && early_first == first && early_n == a.n &&
-                       early_want == want && early_sum == sum_heads &&
-                       early_version == reps.version(layer);
-    early_layer = -1;
-    if (!early) {
-      QueueShortlist(layer, reps, first, a.n, sum_heads, want);
-      Sync(nullptr);
-    }
-    ReadShortlist(a.n, sum_heads, want, top);
-    return true;
-  }
-
-  // Decode: queues the shortlist the planner will ask this layer for (WillShortlist), with the
-  // query's copy, so that one wait serves both.
-  void QueueEarlyShortlist(int64_t layer, const AttnArgs& a) {
-    early_layer = -1;
-    int64_t first = 0, end = 0, want = 0;
-    bool sum = false;
-    if (!planner.WillShortlist(layer, a, &first, &end, &want, &sum)) return;
-    QueueShortlist(layer, planner.representatives(), first, end - first, sum, want);
-    early_layer = layer, early_first = first, early_n = end - first, early_want = want;
-    early_version = planner.representatives().version(layer);
-    early_sum = sum;
+    return scorer.ScoreTop(layer, reps, a, sum_heads, want, q_dev, top);
   }
 
   const ModelConfig& m;
@@ -397,30 +379,27 @@ struct HybridAttention::Impl final : PlanExecutor {
   KVCache host, staging;
   SparseAttention planner;
   bool residual_on_gpu;
+  cuda::GpuBlockScorer scorer;  // the planner's scoring and top-k, on the GPU
   int sm = 1;
   StepInfo step;
   // The call in flight (Attend): the model's queries and output on the GPU and its cache.
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
   KVCache* model_cache = nullptr;
-  PinnedFloats q_pin, row_pin, part_pin, lse_pin, top_pin;
+  cuda::PinnedFloats q_pin, row_pin, part_pin, lse_pin, gl_pin;
+  cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
+  bool gather_on = false;           // the GPU attends its share of the Context blocks
+  cuda::PinnedFloats src_pin;       // GatherContext's source head blocks (int32)
+  std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
+  std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
   std::vector<int32_t> table_host;
-  int64_t table_lb = -1, table_pb = -1;
+  int64_t table_lb = -1, table_pb = -1, table_ng = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
       gpu_part{"hybrid partials"};
   cuda::AttnWorkspace ws;
-  std::vector<float> block_stats;               // AttendBlocks' per-block sums
-  uint8_t* reps_dev = nullptr;                  // [layer][block][kv_head][R][D], the store's layout
-  std::vector<std::vector<uint32_t>> uploaded;  // [layer][block]: stamp of the GPU's copy
-  // [layer]: the candidates [up_first, up_end) were all current on the GPU at up_version.
-  std::vector<uint64_t> up_version;
-  std::vector<int64_t> up_first, up_end;
-  cuda::GrowBuffer score_buf{"hybrid block scores"};
+  std::vector<float> block_stats;     // AttendBlocks' per-block sums
   cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
-  // The shortlist queued early (QueueEarlyShortlist) and what it was for; layer -1: none.
-  int64_t early_layer = -1, early_first = 0, early_n = 0, early_want = 0;
-  uint64_t early_version = 0;
-  bool early_sum = false;
+  cudaEvent_t gpu_done = nullptr;     // decode: the GPU's partial's lse and block sums are here
   HybridStats stats;
 };
 
@@ -442,6 +421,7 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
   for (int64_t l = 0; l < x.m.num_layers; ++l) {
     if (x.Dense(l)) continue;
     x.planner.IndexContext(l, x.host);
+    x.PinHost(l, 0, (P + B - 1) / B);
     const int64_t init_b = std::min(x.c.init_end() / B, (P + B - 1) / B);
     const int64_t local_b = std::max(x.c.LocalBegin(P) / B, init_b), last_b = (P + B - 1) / B;
     for (int64_t b = 0; b < init_b; ++b) model_cache.AssignBlocks(l, b * B, 1);
@@ -510,7 +490,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
-  x.QueueEarlyShortlist(layer, a);
+  x.scorer.QueueEarly(layer, x.planner, a, q);
   // The CPU attends Context blocks after the projections and the selection's round trip to the
   // GPU: once the GPU has finished the previous layer (layer_start), wake its threads, so that
   // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was

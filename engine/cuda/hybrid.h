@@ -9,7 +9,10 @@
 //        enough blocks for the Local window. A staging layer of the whole context, where a
 //        prompt's sparse layer is computed (the prompt runs layer by layer, so one is enough).
 //   host every sparse layer's keys and values for the whole context: the ground truth of the
-//        Context blocks, what the planner (sparse_attn/) reads.
+//        Context blocks, what the planner (sparse_attn/) reads; page-locked as it fills.
+// With --gpu-share P (SparseConfig::gpu_share), the GPU attends P% of each KV head's selected
+// Context blocks itself, reading them from the host cache over PCIe into extra ring slots while
+// the CPU attends the rest (context_gather.h).
 // The planner is the CPU path's SparseAttention, unchanged: this class is its executor
 // (PlanExecutor), so --dump-plan is the same wherever the keys lie.
 #pragma once
@@ -34,7 +37,7 @@ KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int6
 struct HybridGpuMemory {
   size_t weights = 0;
   size_t dense_kv = 0;     // dense layers, whole
-  size_t window_kv = 0;    // the sparse layers' rings (Initial + Local)
+  size_t window_kv = 0;    // the sparse layers' rings (Initial + Local + gathered Context)
   size_t staging_kv = 0;   // one layer of the whole context (prompts)
   size_t activations = 0;  // a micro-batch's activations, the prompt's residual stream if kept
   size_t reps = 0;         // the representatives of every block (scored on the GPU)
@@ -57,7 +60,10 @@ struct HybridStats {
   double plan = 0;        // the planner: representatives, scoring, top-k, retention
   double cpu_attend = 0;  // the CPU's Context blocks
   double copies = 0;      // q, new K/V rows and partials between GPU and host
-  double gpu_wait = 0;    // waiting for the GPU's Initial + Local result to merge
+  double gpu_wait = 0;    // waiting for the GPU: the layer's q and shortlist, its own partial
+  // Context blocks (one KV head's each) attended by the GPU (read from host memory over PCIe,
+  // SparseConfig::gpu_share) and by the CPU, summed over layers and steps.
+  int64_t gpu_blocks = 0, cpu_blocks = 0;
 };
 
 class HybridAttention final : public AttentionPolicy {

@@ -22,13 +22,14 @@ KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int6
   s.pinned_blocks = c.init_end() / c.block_size;
   // The Local region [LocalBegin(p), p] spans at most ceil(local_window / B) + 1 blocks.
   s.ring_blocks = (c.local_window + c.block_size - 1) / c.block_size + 1;
+  s.extra_blocks = c.GpuContextSlots();  // the GPU's part of the Context blocks
   return s;
 }
 
 std::string HybridGpuMemory::Describe() const {
   std::ostringstream os;
   os << "weights " << FormatBytes(weights) << ", dense-layer KV " << FormatBytes(dense_kv)
-     << ", Initial + Local KV " << FormatBytes(window_kv) << ", prompt staging "
+     << ", Initial + Local + gathered Context KV " << FormatBytes(window_kv) << ", prompt staging "
      << FormatBytes(staging_kv) << ", representatives " << FormatBytes(reps) << ", activations "
      << FormatBytes(activations) << ", scratch " << FormatBytes(scratch) << ": total "
      << FormatBytes(total());

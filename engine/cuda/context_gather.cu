@@ -1,0 +1,108 @@
+#include "engine/cuda/context_gather.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_util.cuh"
+
+namespace needle::cuda {
+namespace {
+
+constexpr int kGatherThreads = 256;
+constexpr int kGatherUnroll = 4;  // 16-byte loads in flight per thread before its stores
+
+// Block (i, kv): item i of K (kv 0) or V (kv 1). Reads cross PCIe, so each thread keeps
+// kGatherUnroll loads in flight.
+__global__ void __launch_bounds__(kGatherThreads)
+    GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, int64_t vecs,
+                 uint4* k_dst, uint4* v_dst) {
+  const int64_t i = blockIdx.x;
+  const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
+  uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + i * vecs;
+  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
+    uint4 r[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int64_t v = v0 + u * kGatherThreads;
+      if (v < vecs) r[u] = s[v];
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int64_t v = v0 + u * kGatherThreads;
+      if (v < vecs) d[v] = r[u];
+    }
+  }
+}
+
+constexpr int kStatThreads = 128;
+
+// Block (j, h, g): the online (max, sum) over the block's keys, each thread a strided share,
+// then combined across the block.
+__global__ void __launch_bounds__(kStatThreads)
+    BlockStatsKernel(const float* q, const uint8_t* k, DType t, size_t es, int64_t n, int64_t Hk,
+                     int64_t G, int64_t B, int64_t D, float scale, float* stats) {
+  extern __shared__ float qs[];  // [D]
+  __shared__ float red_m[kStatThreads], red_l[kStatThreads];
+  const int64_t j = blockIdx.x, h = blockIdx.y, g = blockIdx.z;
+  for (int64_t d = threadIdx.x; d < D; d += kStatThreads) qs[d] = q[(h * G + g) * D + d];
+  __syncthreads();
+  const uint8_t* rows = k + static_cast<size_t>((j * Hk + h) * B * D) * es;
+  float m = -INFINITY, l = 0.f;
+  for (int64_t r = threadIdx.x; r < B; r += kStatThreads) {
+    const uint8_t* row = rows + static_cast<size_t>(r * D) * es;
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot = fmaf(qs[d], LoadAs(row, d, t), dot);
+    const float s = dot * scale;
+    if (s > m) {
+      l = l * expf(m - s) + 1.f;
+      m = s;
+    } else {
+      l += expf(s - m);
+    }
+  }
+  red_m[threadIdx.x] = m, red_l[threadIdx.x] = l;
+  __syncthreads();
+  for (int w = kStatThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      const float ma = red_m[threadIdx.x], mb = red_m[threadIdx.x + w];
+      const float M = fmaxf(ma, mb);
+      if (M != -INFINITY) {
+        red_l[threadIdx.x] =
+            red_l[threadIdx.x] * expf(ma - M) + red_l[threadIdx.x + w] * expf(mb - M);
+        red_m[threadIdx.x] = M;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    float* o = stats + ((h * n + j) * G + g) * 2;
+    o[0] = red_m[0], o[1] = red_l[0];
+  }
+}
+
+}  // namespace
+
+void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src, int64_t n,
+                  size_t head_block_bytes, uint8_t* k_dst, uint8_t* v_dst, cudaStream_t stream) {
+  NEEDLE_CHECK(head_block_bytes % 16 == 0);
+  if (n <= 0) return;
+  const int64_t vecs = static_cast<int64_t>(head_block_bytes / 16);
+  GatherKernel<<<dim3(static_cast<unsigned>(n), 2), kGatherThreads, 0, stream>>>(
+      reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, vecs,
+      reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst));
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv_heads, int64_t G,
+                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream) {
+  if (n <= 0) return;
+  BlockStatsKernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(kv_heads),
+                          static_cast<unsigned>(G)),
+                     kStatThreads, static_cast<size_t>(D) * sizeof(float), stream>>>(
+      q, k, t, DTypeSize(t), n, kv_heads, G, B, D, scale, stats);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace needle::cuda

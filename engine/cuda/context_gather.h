@@ -1,0 +1,34 @@
+// The GPU's share of the hybrid engine's Context blocks (SparseConfig::gpu_share): the blocks are
+// read from the host cache (pinned and mapped, engine/cuda/pinned_host.h) over PCIe into extra
+// slots of the layer's ring (KVCacheShape::extra_blocks), where the GPU attends them with the
+// Initial and Local keys; BlockStats gives retention their softmax sums, as the CPU's
+// AttendBlocks does for its own blocks.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/base/dtype.h"
+
+namespace needle::cuda {
+
+// Copies n head blocks (one KV head's [block_size][head_dim] rows, head_block_bytes each, a
+// multiple of 16) of K and V: item i from k_src + src[i] * head_block_bytes (and v_src alike) to
+// k_dst + i * head_block_bytes (v_dst alike). k_src, v_src and src [n]: host memory the GPU can
+// read (page-locked and mapped: the host pointer, on a GPU with
+// cudaDevAttrCanUseHostPointerForRegisteredMem), read when the kernel runs; k_dst, v_dst: device
+// memory. (The copy engines were tried, one cudaMemcpyBatchAsync a layer: the call alone took
+// about 50 us of host time a layer, bench/RESULTS.md.)
+void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src, int64_t n,
+                  size_t head_block_bytes, uint8_t* k_dst, uint8_t* v_dst, cudaStream_t stream);
+
+// The softmax sums of n blocks per KV head, as AttendBlocks' stats: for block j of KV head h
+// (keys k [n][kv_heads][B][D], dtype t, device) and query head g of its group (q [kv_heads * G][D]
+// f32, device), stats[((h * n + j) * G + g) * 2] = m (the block's largest scaled score) and
+// [.. + 1] = l = sum over its keys of exp(scale * q.k - m).
+void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv_heads, int64_t G,
+                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream);
+
+}  // namespace needle::cuda
