@@ -214,8 +214,8 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   const size_t per_layer_token = 2 * 4 * 128 * 2;
   EXPECT_EQ(g.dense_kv, 2 * per_layer_token * static_cast<size_t>(ctx));
   EXPECT_EQ(g.staging_kv, per_layer_token * static_cast<size_t>(ctx));
-  // Per sparse layer: 1 Initial block, 33 for Local, 16 for the GPU's half of topk 32.
-  EXPECT_EQ(g.window_kv, 26 * per_layer_token * 128 * (1 + 33 + 16));
+  // Per sparse layer: 1 Initial block, 33 for Local, 8 for the GPU's 25% of topk 32.
+  EXPECT_EQ(g.window_kv, 26 * per_layer_token * 128 * (1 + 33 + 8));
   EXPECT_LT(g.total(), size_t{24} << 30);  // 1M tokens of a 7B model within 24 GB
   const HybridGpuMemory r = HybridGpuNeeds(m, c, ctx, DType::kBF16, weights, 512, true);
   EXPECT_EQ(r.activations - g.activations, static_cast<size_t>(ctx * 3584 * 4));
@@ -386,7 +386,8 @@ class HybridFixture : public ::testing::TestWithParam<std::string> {};
 
 // The same plan as the CPU's sparse attention, and logits within the tolerance above, for
 // per-KV-head and per-layer selection, with retention and with preselection (observation window),
-// with the GPU attending half its Context blocks from host memory (the default), none, or all.
+// with the GPU attending a quarter of its Context blocks from host memory (the default), none, or
+// all.
 TEST_P(HybridFixture, SamePlanAsCpuSparse) {
   NEEDLE_REQUIRE_GPU(gpu);
   ThreadingContext tc(0);
@@ -404,6 +405,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
     if (variant == 2) sc.preselect_blocks = 8, sc.obs_window = 32, sc.repr = ReprType::kMax;
     if (variant == 3) sc.gpu_share = 0;
+    if (variant == 1) sc.gpu_share = 50;
     if (variant == 4) sc.gpu_share = 100, sc.select = SelectMode::kLayer;
     const SeqRun want = RunSequence(*on_cpu, &sc, tc, prompt, 40);
     const SeqRun got = RunSequence(*on_gpu, &sc, tc, prompt, 40);

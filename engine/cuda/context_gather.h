@@ -20,7 +20,7 @@ namespace needle::cuda {
 // read (page-locked and mapped: the host pointer, on a GPU with
 // cudaDevAttrCanUseHostPointerForRegisteredMem), read when the kernel runs; k_dst, v_dst: device
 // memory. (The copy engines were tried, one cudaMemcpyBatchAsync a layer: the call alone took
-// about 50 us of host time a layer, bench/RESULTS.md.)
+// 40-130 us of host time a layer, bench/RESULTS.md.)
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src, int64_t n,
                   size_t head_block_bytes, uint8_t* k_dst, uint8_t* v_dst, cudaStream_t stream);
 
