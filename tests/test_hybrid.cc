@@ -1,10 +1,10 @@
 // The hybrid engine (engine/cuda/hybrid.h) and what it stands on.
 //
-// On CI (no GPU): the ring layers of KVCache, the layer-major prompt order of Model (the order
-// the hybrid runs prompts in) against the micro-batch order, and the GPU memory accounting and
-// its refusal. On a GPU: the log-sum-exp merge kernel, the hybrid against the CPU's sparse
-// attention (the same plan, step by step) and, with topk covering every block, against dense
-// attention on the GPU.
+// On CI (no GPU): the ring layers of KVCache (and their extra slots, --gpu-share), the layer-major
+// prompt order of Model (the order the hybrid runs prompts in) against the micro-batch order, and
+// the GPU memory accounting and its refusal. On a GPU: the log-sum-exp merge kernel, the hybrid
+// against the CPU's sparse attention (the same plan, step by step) and, with topk covering every
+// block, against dense attention on the GPU.
 //
 // Tolerance of the hybrid against the CPU (f32 weights and f32 KV cache): both compute the same
 // f32 expressions; only the order of sums differs (cuBLAS and the GPU attention against the CPU's
@@ -44,13 +44,18 @@
 namespace needle {
 namespace {
 
+// Layer 0 whole, layer 1 a ring of 2 pinned + 3 cycling blocks: 16 blocks of 4 tokens.
+KVCacheShape SmallRing() {
+  KVCacheShape s(2, 1, 4, 64, 4, DType::kF32);
+  s.ring_layer = {0, 1};
+  s.pinned_blocks = 2, s.ring_blocks = 3;
+  return s;
+}
+
 // Ring layers keep their pinned blocks, cycle the rest through ring_blocks slots, and forget
 // (table entry -1) the block whose slot was taken; other layers are untouched.
 TEST(KVCacheRing, PinnedBlocksStayOthersCycle) {
-  KVCacheShape s(2, 1, 4, 64, 4, DType::kF32);  // 16 blocks of 4 tokens
-  s.ring_layer = {0, 1};
-  s.pinned_blocks = 2;
-  s.ring_blocks = 3;
+  const KVCacheShape s = SmallRing();
   KVCache c(s);
   EXPECT_EQ(s.LayerSlots(0), 16);
   EXPECT_EQ(s.LayerSlots(1), 5);
@@ -69,6 +74,30 @@ TEST(KVCacheRing, PinnedBlocksStayOthersCycle) {
   // Writing more blocks at once than the ring holds is refused.
   KVCache d(s);
   test::ExpectErrorContaining([&] { d.AssignBlocks(1, 8, 16); }, {"overflows the ring", "layer 1"});
+}
+
+// A ring layer's extra slots follow its ring; no logical block is ever given one.
+TEST(KVCacheRing, ExtraSlotsFollowTheRing) {
+  KVCacheShape s = SmallRing();
+  s.extra_blocks = 2;
+  EXPECT_EQ(s.LayerSlots(0), 16);
+  EXPECT_EQ(s.LayerSlots(1), 7);
+  EXPECT_EQ(s.ExtraSlot(1, 0), 5);
+  EXPECT_EQ(s.ExtraSlot(1, 1), 6);
+  KVCache c(s);
+  std::vector<float> k(4, 1.f), v(4, 2.f);
+  for (int64_t p = 0; p < 64; ++p) {
+    c.Write(1, p, 1, k.data(), v.data());
+    for (int64_t b = 0; b <= p / 4; ++b) EXPECT_LT(c.SlotOf(1, b), 5) << b;
+  }
+  // The hybrid's shape: ceil(gpu_share% of topk) extra slots.
+  SparseConfig sc;
+  sc.topk = 5, sc.gpu_share = 50;
+  EXPECT_EQ(sc.GpuContextSlots(), 3);
+  sc.gpu_share = 0;
+  EXPECT_EQ(sc.GpuContextSlots(), 0);
+  sc.gpu_share = 101;
+  test::ExpectErrorContaining([&] { sc.Validate(); }, {"gpu_share", "101"});
 }
 
 // A policy that runs prompts layer by layer around another one: the arithmetic of every

@@ -1,7 +1,7 @@
-// The GPU's share of the hybrid engine's Context blocks (SparseConfig::gpu_share): the ring's
-// extra slots, the gather of blocks from page-locked host memory, and their softmax sums
-// (BlockStats) against the CPU's AttendBlocks. The fixtures run the whole engine with shares 0,
-// 50 and 100 (test_hybrid.cc).
+// The GPU's share of the hybrid engine's Context blocks (SparseConfig::gpu_share): the gather of
+// blocks from page-locked host memory, and their softmax sums (BlockStats) against the CPU's
+// AttendBlocks. The ring's extra slots are tested beside the ring (test_hybrid.cc); the fixtures
+// there run the whole engine with shares 0, 25, 50 and 100.
 //
 // Tolerances: the gather is a copy (bytes equal). BlockStats and AttendBlocks compute the same
 // f32 dot products of the same key values in another order: 2^-24 relative per term over
@@ -19,7 +19,6 @@
 #include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "kvcache/kv_cache.h"
-#include "sparse_attn/sparse_config.h"
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
@@ -31,31 +30,6 @@
 
 namespace needle {
 namespace {
-
-// A ring layer's extra slots follow its ring; no logical block is ever given one.
-TEST(KVCacheRing, ExtraSlotsFollowTheRing) {
-  KVCacheShape s(2, 1, 4, 64, 4, DType::kF32);  // 16 blocks of 4 tokens
-  s.ring_layer = {0, 1};
-  s.pinned_blocks = 2, s.ring_blocks = 3, s.extra_blocks = 2;
-  EXPECT_EQ(s.LayerSlots(0), 16);
-  EXPECT_EQ(s.LayerSlots(1), 7);
-  EXPECT_EQ(s.ExtraSlot(1, 0), 5);
-  EXPECT_EQ(s.ExtraSlot(1, 1), 6);
-  KVCache c(s);
-  std::vector<float> k(4, 1.f), v(4, 2.f);
-  for (int64_t p = 0; p < 64; ++p) {
-    c.Write(1, p, 1, k.data(), v.data());
-    for (int64_t b = 0; b <= p / 4; ++b) EXPECT_LT(c.SlotOf(1, b), 5) << b;
-  }
-  // The hybrid's shape: ceil(gpu_share% of topk) extra slots.
-  SparseConfig sc;
-  sc.topk = 5, sc.gpu_share = 50;
-  EXPECT_EQ(sc.GpuContextSlots(), 3);
-  sc.gpu_share = 0;
-  EXPECT_EQ(sc.GpuContextSlots(), 0);
-  sc.gpu_share = 101;
-  test::ExpectErrorContaining([&] { sc.Validate(); }, {"gpu_share", "101"});
-}
 
 #ifdef NEEDLE_HAVE_CUDA
 // Blocks gathered from a page-locked host cache equal the host's bytes, and their softmax sums

@@ -1,6 +1,5 @@
 #include "engine/cuda/context_gather.h"
 
-#include <algorithm>
 #include <cmath>
 
 #include "engine/base/error.h"

@@ -215,7 +215,10 @@ struct HybridAttention::Impl final : PlanExecutor {
                                  (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
     for (const auto& bl : plan.blocks)
       for (int64_t j = 0; j < n_g; ++j)
-        if (!PinHost(layer, bl[j], bl[j] + 1)) return gather_on = false, 0;
+        if (!PinHost(layer, bl[j], bl[j] + 1)) {
+          gather_on = false;  // (CUDA refused to page-lock: the CPU attends everything from now)
+          return 0;
+        }
     return n_g;
   }
   // Queues the copy of those blocks from the host cache into the layer's extra slots:
