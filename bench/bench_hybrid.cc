@@ -15,7 +15,8 @@
 //   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
 //   NEEDLE_BENCH_GPU_SHARES: gpu_share values to run the hybrid with, one after the other in the
 //   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_blocks"
-//   (the share of Context blocks the GPU attended) and "setup_s" (the synthetic context's
+//   (the share of Context blocks the GPU attended), "gpu_reused" (the share of those already in
+//   GPU memory from an earlier step, not read over PCIe) and "setup_s" (the synthetic context's
 //   indexing and page-locking, or the prefill).
 #include <cuda_runtime.h>
 
@@ -138,13 +139,15 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
     const SparseAttention::Times& ta = seq.planner->times();
     char buf[640];
     const double gb = static_cast<double>(a.gpu_blocks - before.gpu_blocks),
-                 cb = static_cast<double>(a.cpu_blocks - before.cpu_blocks);
+                 cb = static_cast<double>(a.cpu_blocks - before.cpu_blocks),
+                 gr = static_cast<double>(a.gpu_reused - before.gpu_reused);
     std::snprintf(buf, sizeof buf,
-                  ",\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"setup_s\":%.1f"
+                  ",\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%.3f,\"setup_s\":%.1f"
                   ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
                   "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
                   "3f,\"other_ms\":%.3f",
-                  static_cast<long long>(sc.gpu_share), gb + cb > 0 ? gb / (gb + cb) : 0.0, pre,
+                  static_cast<long long>(sc.gpu_share), gb + cb > 0 ? gb / (gb + cb) : 0.0,
+                  gb > 0 ? gr / gb : 0.0, pre,
                   (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
                   (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
                   dec / n * ms - plan - cpu - cp - wait);

@@ -51,10 +51,11 @@ struct SparseConfig {
   bool pos_remap = false;
   // Placement, not selection (the hybrid engine only; the plan does not depend on it): the
   // percentage of each KV head's selected Context blocks that the GPU attends, reading them
-  // from the host cache (pinned memory) over PCIe while the CPU attends the rest. 0: the CPU
-  // attends them all. 25 measured best on the H200 machine (bench/RESULTS.md): the GPU gathers
-  // and attends host blocks at about 30 GB/s, so a larger share leaves the GPU the last to finish.
-  int64_t gpu_share = 25;
+  // from the host cache (pinned memory) over PCIe while the CPU attends the rest; blocks the GPU
+  // attended at an earlier step and still holds are not read again (engine/cuda/resident_blocks.h).
+  // 0: the CPU attends them all. 50 measured best on the H200 machine (bench/RESULTS.md): the
+  // GPU reads host blocks at about 30 GB/s, so a larger share leaves it the last to finish.
+  int64_t gpu_share = 50;
   // Extra GPU slots a sparse layer needs for the GPU's part: ceil(gpu_share% of topk).
   int64_t GpuContextSlots() const { return (gpu_share * topk + 99) / 100; }
 

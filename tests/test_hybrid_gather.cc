@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
+#include <set>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -26,6 +28,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/pinned_host.h"
+#include "engine/cuda/resident_blocks.h"
 #endif
 
 namespace needle {
@@ -59,28 +62,42 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
       const std::vector<std::vector<int32_t>> blocks = {
           {3, 9, 17, 38}, {0, 1, 2, 30}, {39, 5, 7, 8}};
       const int64_t n = 4;
-      std::vector<int32_t> src;
+      std::vector<int32_t> src, to;
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t h = 0; h < Hk; ++h) {
           src.push_back(cache.SlotOf(0, blocks[h][j]) * static_cast<int32_t>(Hk) +
                         static_cast<int32_t>(h));
+          to.push_back(static_cast<int32_t>(j * Hk + h));
+        }
       const size_t bytes = hb * static_cast<size_t>(n * Hk);
       float* d = gpu->Alloc(2 * bytes / 4 + static_cast<size_t>(Hk * G * D + Hk * n * G * 2));
       auto* dk = reinterpret_cast<uint8_t*>(d);
-      cuda::PinnedFloats src_pin;  // (the kernel reads the list from pinned memory)
-      auto* src_p = reinterpret_cast<int32_t*>(src_pin.Get(src.size()));
-      std::copy(src.begin(), src.end(), src_p);
+      cuda::PinnedFloats list_pin;  // (the kernel reads the lists from pinned memory)
+      const auto gather = [&](const std::vector<int32_t>& from, const std::vector<int32_t>& to) {
+        auto* p = reinterpret_cast<int32_t*>(list_pin.Get(2 * from.size()));
+        std::copy(from.begin(), from.end(), p);
+        std::copy(to.begin(), to.end(), p + from.size());
+        cuda::GatherBlocks(cache.BlockData(0, false, 0), cache.BlockData(0, true, 0), p,
+                           p + from.size(), static_cast<int64_t>(from.size()), hb, dk, dk + bytes,
+                           stream);
+        NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      };
+      // Item i of the slots holds host head block `holds[i]`.
+      const auto check = [&](const std::vector<int32_t>& holds, const char* what) {
+        std::vector<uint8_t> got(2 * bytes);
+        gpu->ToHost(d, 2 * bytes / 4, reinterpret_cast<float*>(got.data()));
+        for (size_t i = 0; i < holds.size(); ++i)
+          for (int kv = 0; kv < 2; ++kv) {
+            const uint8_t* want =
+                cache.BlockData(0, kv == 1, 0) + static_cast<size_t>(holds[i]) * hb;
+            ASSERT_EQ(std::memcmp(got.data() + static_cast<size_t>(kv) * bytes + i * hb, want, hb),
+                      0)
+                << what << " item " << i << (kv == 1 ? " V" : " K");
+          }
+      };
       NEEDLE_CUDA_CHECK(cudaMemsetAsync(dk, 0, 2 * bytes, stream));
-      cuda::GatherBlocks(cache.BlockData(0, false, 0), cache.BlockData(0, true, 0), src_p, n * Hk,
-                         hb, dk, dk + bytes, stream);
-      std::vector<uint8_t> got(2 * bytes);
-      gpu->ToHost(d, 2 * bytes / 4, reinterpret_cast<float*>(got.data()));
-      for (int64_t i = 0; i < n * Hk; ++i)
-        for (int kv = 0; kv < 2; ++kv) {
-          const uint8_t* want = cache.BlockData(0, kv == 1, 0) + static_cast<size_t>(src[i]) * hb;
-          ASSERT_EQ(std::memcmp(got.data() + static_cast<size_t>(kv) * bytes + i * hb, want, hb), 0)
-              << "item " << i << (kv == 1 ? " V" : " K");
-        }
+      gather(src, to);
+      check(src, "gather");
       // Softmax sums.
       AttnArgs a;
       a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
@@ -92,6 +109,16 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
       cuda::BlockStats(dq, dk, kvt, n, Hk, G, B, D, a.scale, dst, stream);
       std::vector<float> st(static_cast<size_t>(Hk * n * G * 2));
       gpu->ToHost(dst, st.size(), st.data());
+      // Items kept, one moved within the slots (from device memory), one read from the host, in
+      // one call: what ResidentBlocks asks of a later step.
+      std::vector<int32_t> holds = src;
+      const int32_t host_item = cache.SlotOf(0, 21) * static_cast<int32_t>(Hk) + 1;
+      gather({-1 - static_cast<int32_t>(3 * Hk + 2), host_item},
+             {static_cast<int32_t>(0 * Hk + 2), static_cast<int32_t>(1 * Hk + 1)});
+      holds[static_cast<size_t>(0 * Hk + 2)] = src[static_cast<size_t>(3 * Hk + 2)];
+      holds[static_cast<size_t>(1 * Hk + 1)] = host_item;
+      check(holds, "kept, moved and read");
+      ASSERT_FALSE(HasFailure());
       gpu->Free(d);
       std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
           want;
@@ -115,6 +142,115 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
     }
   }
   amx::SetMode(amx::Mode::kFromEnv);
+}
+
+// ResidentBlocks (no GPU needed): a step's copies turn the slots into exactly the blocks it
+// attends; blocks already on the GPU are never read from the host again; retained blocks are
+// preferred when reading new ones.
+TEST(ResidentBlocks, KeepsWhatStaysSelected) {
+  ResidentBlocks r(2, 2, 3);
+  std::vector<ResidentBlocks::Copy> cp;
+  r.Place(1, {{5, 7, 9}, {1, 2, 3}}, {{9}, {}}, 2, &cp);
+  ASSERT_EQ(cp.size(), 4u);  // everything from the host; retained 9 first
+  EXPECT_EQ(r.At(1, 0, 0), 9);
+  EXPECT_EQ(r.At(1, 0, 1), 5);
+  EXPECT_EQ(r.At(1, 1, 0), 1);
+  EXPECT_EQ(r.At(1, 1, 1), 2);
+  EXPECT_EQ(r.At(0, 0, 0), -1);  // another layer
+  for (const auto& c : cp) EXPECT_EQ(c.from, -1);
+  r.Place(1, {{7, 9, 11}, {2, 3, 4}}, {}, 2, &cp);
+  ASSERT_EQ(cp.size(), 2u);  // 9 and 2 stay where they are
+  EXPECT_EQ(r.At(1, 0, 0), 9);
+  EXPECT_EQ(r.At(1, 0, 1), 7);
+  EXPECT_EQ(r.At(1, 1, 0), 3);
+  EXPECT_EQ(r.At(1, 1, 1), 2);
+  // Three slots, then one: the block in slot 2 moves to slot 0 instead of coming from the host.
+  r.Place(1, {{7, 9, 11}, {2, 3, 4}}, {}, 3, &cp);
+  EXPECT_EQ(r.At(1, 0, 2), 11);
+  r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp);
+  ASSERT_EQ(cp.size(), 2u);
+  EXPECT_EQ(cp[0].block, 11);
+  EXPECT_EQ(cp[0].from, 2);
+  EXPECT_EQ(cp[0].to, 0);
+  EXPECT_EQ(cp[1].block, 4);
+  EXPECT_EQ(cp[1].from, 2);
+  r.Clear();
+  r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp);
+  EXPECT_EQ(cp.size(), 2u);
+  EXPECT_EQ(cp[0].from, -1);
+}
+
+TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
+  const int64_t Hk = 3, slots = 6;
+  ResidentBlocks r(1, Hk, slots);
+  std::vector<std::vector<int32_t>> mem(Hk, std::vector<int32_t>(slots, -1));  // what copies wrote
+  std::mt19937 rng(7);
+  std::vector<std::vector<int32_t>> prev(Hk);
+  std::vector<ResidentBlocks::Copy> cp;
+  for (int step = 0; step < 400; ++step) {
+    if (step == 200) r.Clear(), mem.assign(Hk, std::vector<int32_t>(slots, -1));
+    const int64_t len = 6 + static_cast<int64_t>(rng() % 5);
+    const int64_t n_g = static_cast<int64_t>(rng() % (slots + 1));
+    std::vector<std::vector<int32_t>> sel(Hk), ret(Hk);
+    for (int64_t h = 0; h < Hk; ++h) {
+      std::set<int32_t> s;
+      for (int32_t b : prev[h])  // much the same blocks as the step before
+        if (rng() % 4 != 0 && static_cast<int64_t>(s.size()) < len) s.insert(b);
+      while (static_cast<int64_t>(s.size()) < len) s.insert(static_cast<int32_t>(rng() % 40));
+      sel[h].assign(s.begin(), s.end());
+      for (int32_t b : sel[h])
+        if (rng() % 5 == 0) ret[h].push_back(b);
+    }
+    std::vector<std::set<int32_t>> held_before(Hk);
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int64_t j = 0; j < slots; ++j)
+        if (r.At(0, h, j) >= 0) held_before[h].insert(r.At(0, h, j));
+    r.Place(0, sel, ret, n_g, &cp);
+    std::set<std::pair<int32_t, int32_t>> written;
+    std::vector<std::vector<int32_t>> next = mem;
+    std::vector<int64_t> from_host(Hk, 0);
+    for (const auto& c : cp) {
+      ASSERT_TRUE(c.to >= 0 && c.to < n_g);
+      ASSERT_TRUE(written.insert({c.head, c.to}).second) << "slot written twice";
+      if (c.from >= 0) {
+        ASSERT_GE(c.from, n_g);  // never a slot that a copy writes
+        ASSERT_EQ(mem[c.head][c.from], c.block);
+      } else {
+        ++from_host[c.head];
+      }
+      next[c.head][c.to] = c.block;
+    }
+    mem = next;
+    for (int64_t h = 0; h < Hk; ++h) {
+      std::set<int32_t> on_gpu;
+      int64_t hits = 0;
+      for (int32_t b : sel[h]) hits += held_before[h].count(b);
+      for (int64_t j = 0; j < n_g; ++j) {
+        const int32_t b = r.At(0, h, j);
+        ASSERT_EQ(mem[h][j], b) << "step " << step << " head " << h << " slot " << j;
+        ASSERT_TRUE(std::count(sel[h].begin(), sel[h].end(), b) == 1) << b;
+        on_gpu.insert(b);
+      }
+      ASSERT_EQ(static_cast<int64_t>(on_gpu.size()), n_g);
+      // Only what was on the GPU nowhere comes from the host.
+      ASSERT_EQ(from_host[h], n_g - std::min(n_g, hits)) << "step " << step;
+      // Retained blocks new to the GPU go first.
+      int64_t ret_new = 0;
+      for (int32_t b : ret[h]) ret_new += held_before[h].count(b) == 0;
+      int64_t ret_read = 0;
+      for (const auto& c : cp)
+        if (c.head == h && c.from < 0)
+          ret_read += std::count(ret[h].begin(), ret[h].end(), c.block);
+      ASSERT_EQ(ret_read, std::min(ret_new, from_host[h]));
+      // Slots past n_g still hold what they held (or nothing, once moved).
+      for (int64_t j = n_g; j < slots; ++j) {
+        if (r.At(0, h, j) >= 0) {
+          ASSERT_EQ(mem[h][j], r.At(0, h, j));
+        }
+      }
+    }
+    prev = sel;
+  }
 }
 #endif
 

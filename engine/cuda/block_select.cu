@@ -24,26 +24,52 @@ __device__ __forceinline__ float RowScore(const float* scores, int64_t n, int64_
   return x;
 }
 
-// One block per row. Eight passes of an 8-bit radix select find the k-th largest key exactly
-// (the keys are distinct), then every key at or above it is written out.
-__global__ void TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
-                                int64_t want, float* vals, int32_t* ids) {
+// Keys a thread keeps in registers (candidates [0, kKeysPerThread * blockDim.x) of its row); the
+// rest, if any, are recomputed from the scores at each pass.
+constexpr int kKeysPerThread = 8;
+
+// One block per row. Passes of an 8-bit radix select over the keys, most significant byte first,
+// find the k-th largest key exactly (the keys are distinct); then every key at or above it is
+// written out. A pass ends the search early when the bin it chose holds exactly the keys still
+// wanted: all of them are in, and nothing below is (distinct scores: usually after the score's
+// four bytes instead of eight passes).
+__global__ void __launch_bounds__(kSelectThreads)
+    TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
+                    int64_t want, float* vals, int32_t* ids) {
   const int64_t row = blockIdx.x;
   const int k = static_cast<int>(want < n ? want : n);
   __shared__ unsigned hist[256];
   __shared__ unsigned long long s_prefix;
-  __shared__ int s_left, s_count;
-  if (threadIdx.x == 0) s_prefix = 0, s_left = k, s_count = 0;
+  __shared__ int s_left, s_count, s_done;
+  if (threadIdx.x == 0) s_prefix = 0, s_left = k, s_count = 0, s_done = 0;
+  const auto key_of = [&](int64_t i) {
+    return RankKey(RowScore(scores, n, Hk, sum, row, i), first + static_cast<int32_t>(i));
+  };
+  unsigned long long cached[kKeysPerThread];
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    cached[j] = i < n ? key_of(i) : 0;
+  }
+  // f(key, i) for every candidate i of this thread.
+  const auto each = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      if (i < n) f(cached[j], i);
+    }
+    for (int64_t i = threadIdx.x + static_cast<int64_t>(kKeysPerThread) * blockDim.x; i < n;
+         i += blockDim.x)
+      f(key_of(i), i);
+  };
   unsigned long long mask = 0;
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     const unsigned long long prefix = s_prefix;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const unsigned long long key =
-          RankKey(RowScore(scores, n, Hk, sum, row, i), first + static_cast<int32_t>(i));
+    each([&](unsigned long long key, int64_t) {
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
-    }
+    });
     __syncthreads();
     if (threadIdx.x < 32) {  // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l
       const int lane = threadIdx.x;
@@ -62,6 +88,9 @@ __global__ void TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool
           if (cum + c[j] >= left) {
             s_left = static_cast<int>(left - cum);
             s_prefix = prefix | (static_cast<unsigned long long>(255 - 8 * lane - j) << shift);
+            // The bin's keys are exactly the ones still wanted: the prefix, its lower bytes
+            // zero, is the threshold.
+            if (cum + c[j] == left) s_done = 1;
             break;
           }
           cum += c[j];
@@ -70,17 +99,16 @@ __global__ void TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool
     }
     mask |= 255ull << shift;
     __syncthreads();
+    if (s_done != 0) break;
   }
   const unsigned long long kth = s_prefix;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float s = RowScore(scores, n, Hk, sum, row, i);
-    const int32_t id = first + static_cast<int32_t>(i);
-    if (RankKey(s, id) >= kth) {
+  each([&](unsigned long long key, int64_t i) {
+    if (key >= kth) {
       const int at = atomicAdd(&s_count, 1);
-      vals[row * want + at] = s;
-      ids[row * want + at] = id;
+      vals[row * want + at] = RowScore(scores, n, Hk, sum, row, i);
+      ids[row * want + at] = first + static_cast<int32_t>(i);
     }
-  }
+  });
 }
 
 __global__ void GroupQueriesKernel(const float* q, int64_t G, int64_t n, int64_t D, bool quest,

@@ -15,11 +15,14 @@ constexpr int kGatherUnroll = 4;  // 16-byte loads in flight per thread before i
 // Block (i, kv): item i of K (kv 0) or V (kv 1). Reads cross PCIe, so each thread keeps
 // kGatherUnroll loads in flight.
 __global__ void __launch_bounds__(kGatherThreads)
-    GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, int64_t vecs,
-                 uint4* k_dst, uint4* v_dst) {
+    GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, const int32_t* dst,
+                 int64_t vecs, uint4* k_dst, uint4* v_dst) {
   const int64_t i = blockIdx.x;
-  const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
-  uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + i * vecs;
+  const int64_t from = src[i];
+  uint4* base = blockIdx.y == 0 ? k_dst : v_dst;
+  const uint4* s =
+      from >= 0 ? (blockIdx.y == 0 ? k_src : v_src) + from * vecs : base + (-1 - from) * vecs;
+  uint4* d = base + static_cast<int64_t>(dst[i]) * vecs;
   for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
     uint4 r[kGatherUnroll];
 #pragma unroll
@@ -83,13 +86,14 @@ __global__ void __launch_bounds__(kStatThreads)
 
 }  // namespace
 
-void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src, int64_t n,
-                  size_t head_block_bytes, uint8_t* k_dst, uint8_t* v_dst, cudaStream_t stream) {
+void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
+                  const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
+                  uint8_t* v_dst, cudaStream_t stream) {
   NEEDLE_CHECK(head_block_bytes % 16 == 0);
   if (n <= 0) return;
   const int64_t vecs = static_cast<int64_t>(head_block_bytes / 16);
   GatherKernel<<<dim3(static_cast<unsigned>(n), 2), kGatherThreads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, vecs,
+      reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, dst, vecs,
       reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst));
   NEEDLE_CUDA_CHECK_LAUNCH();
 }

@@ -18,6 +18,7 @@
 #include "engine/cuda/hybrid_select.h"
 #include "engine/cuda/kernels.h"
 #include "engine/cuda/pinned_host.h"
+#include "engine/cuda/resident_blocks.h"
 
 namespace needle {
 
@@ -50,7 +51,8 @@ struct HybridAttention::Impl final : PlanExecutor {
                 gpu_.kv_memory()),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
         residual_on_gpu(residual_on_gpu_),
-        scorer(m_, planner.representatives(), stream) {
+        scorer(m_, planner.representatives(), stream),
+        resident(m_.num_layers, m_.num_kv_heads, c_.GpuContextSlots()) {
     if (kv == DType::kI8)
       Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
     planner.set_executor(this);
@@ -204,39 +206,49 @@ struct HybridAttention::Impl final : PlanExecutor {
     return v;
   }
 
-  // How many of each KV head's selected blocks the GPU attends (the first n_g of every head;
-  // SparseConfig::gpu_share of the shortest list, at most the extra slots), their host copies
-  // page-locked. 0: the CPU attends them all.
-  int64_t GpuShare(int64_t layer, const LayerPlan& plan) {
+  // How many of each KV head's selected blocks the GPU attends (SparseConfig::gpu_share of the
+  // shortest list, at most the extra slots); 0: the CPU attends them all.
+  int64_t GpuShare(const LayerPlan& plan) const {
     if (!gather_on || plan.blocks.empty()) return 0;
     size_t shortest = plan.blocks[0].size();
     for (const auto& b : plan.blocks) shortest = std::min(shortest, b.size());
-    const int64_t n_g = std::min(model_cache->shape().extra_blocks,
-                                 (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
-    for (const auto& bl : plan.blocks)
-      for (int64_t j = 0; j < n_g; ++j)
-        if (!PinHost(layer, bl[j], bl[j] + 1)) {
-          gather_on = false;  // (CUDA refused to page-lock: the CPU attends everything from now)
-          return 0;
-        }
-    return n_g;
+    return std::min(resident.slots(), (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
   }
-  // Queues the copy of those blocks from the host cache into the layer's extra slots:
-  // slot j holds block plan.blocks[h][j] of every KV head h.
-  void GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
+  // Places the GPU's n_g blocks of every KV head in the layer's extra slots (ResidentBlocks: the
+  // ones already there stay) and queues the copy of the others, from the host cache or from a
+  // later slot. Returns n_g, or 0 where CUDA refused to page-lock a block to read (the CPU attends
+  // everything from then on).
+  int64_t GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
     const int64_t Hk = m.num_kv_heads;
-    // (The kernel reads the list from pinned memory; it is rewritten only after the next
+    resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
+    for (const auto& cp : copies)
+      if (cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
+        gather_on = false;
+        resident.Clear();
+        return 0;
+      }
+    stats.gpu_blocks += n_g * Hk;
+    stats.gpu_reused += n_g * Hk;
+    if (copies.empty()) return n_g;
+    // (The kernel reads the lists from pinned memory; they are rewritten only after the next
     // layer's wait for the stream.)
-    auto* src = reinterpret_cast<int32_t*>(src_pin.Get(static_cast<size_t>(n_g * Hk)));
-    for (int64_t j = 0; j < n_g; ++j)
-      for (int64_t h = 0; h < Hk; ++h)
-        src[j * Hk + h] = host.SlotOf(layer, plan.blocks[h][j]) * static_cast<int32_t>(Hk) +
-                          static_cast<int32_t>(h);
+    const size_t nc = copies.size();
+    auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc));
+    int32_t* dst = src + nc;
+    for (size_t i = 0; i < nc; ++i) {
+      const ResidentBlocks::Copy& cp = copies[i];
+      const int32_t at = cp.from < 0 ? host.SlotOf(layer, cp.block) : cp.from;
+      src[i] = at * static_cast<int32_t>(Hk) + cp.head;
+      if (cp.from >= 0) src[i] = -1 - src[i];
+      if (cp.from < 0) --stats.gpu_reused;
+      dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
+    }
     const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
-    cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src,
-                       n_g * Hk, host.BlockBytes() / static_cast<size_t>(Hk),
+    cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src, dst,
+                       static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                        model_cache->BlockData(layer, false, x0),
                        model_cache->BlockData(layer, true, x0), stream);
+    return n_g;
   }
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache: copied to pinned
@@ -304,8 +316,8 @@ struct HybridAttention::Impl final : PlanExecutor {
     const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
     // GPU, queued first so that it runs while the CPU attends: the first n_g selected blocks of
     // every KV head from the host cache, attended with Initial + Local; their softmax sums.
-    const int64_t n_g = GpuShare(layer, plan);
-    if (n_g > 0) GatherContext(layer, plan, n_g);
+    int64_t n_g = GpuShare(plan);
+    if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
     AttnArgs a2;
     const KVLayerView v = WindowView(layer, a, n_g, &a2);
     // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
@@ -322,13 +334,15 @@ struct HybridAttention::Impl final : PlanExecutor {
     float* g_pin = gl_pin.Get(static_cast<size_t>(a.heads) + n_stats);
     D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
     NEEDLE_CUDA_CHECK(cudaEventRecord(gpu_done, stream));
-    stats.gpu_blocks += n_g * Hk;
-    // CPU: the rest.
+    // CPU: the rest, in plan order.
     const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
     if (n_g > 0) {
       cpu_blocks.resize(plan.blocks.size());
-      for (size_t h = 0; h < plan.blocks.size(); ++h)
-        cpu_blocks[h].assign(plan.blocks[h].begin() + n_g, plan.blocks[h].end());
+      for (size_t h = 0; h < plan.blocks.size(); ++h) {
+        cpu_blocks[h].clear();
+        for (int32_t b : plan.blocks[h])
+          if (GpuSlotOf(layer, static_cast<int64_t>(h), n_g, b) < 0) cpu_blocks[h].push_back(b);
+      }
       cb = &cpu_blocks;
     }
     auto t = Clock::now();
@@ -348,21 +362,27 @@ struct HybridAttention::Impl final : PlanExecutor {
     for (int64_t r = 0; r < a.heads; ++r) lse[r] = MergeLse(g_pin[r], cpu_part[HD + r]);
     if (mass == nullptr) return false;
     const std::vector<float>* st = &block_stats;
-    if (n_g > 0) {  // every head's blocks in plan order: the GPU's n_g first, then the CPU's
+    if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
       all_stats.clear();
-      size_t ci = 0;
-      for (int64_t h = 0; h < Hk; ++h) {
-        const float* gh = g_pin + a.heads + h * n_g * G * 2;
-        all_stats.insert(all_stats.end(), gh, gh + n_g * G * 2);
-        const size_t nc = cpu_blocks[h].size() * static_cast<size_t>(G * 2);
-        all_stats.insert(all_stats.end(), block_stats.begin() + static_cast<std::ptrdiff_t>(ci),
-                         block_stats.begin() + static_cast<std::ptrdiff_t>(ci + nc));
-        ci += nc;
-      }
+      const float* ci = block_stats.data();
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int32_t b : plan.blocks[h]) {
+          const int64_t j = GpuSlotOf(layer, h, n_g, b);
+          const float* from = j >= 0 ? g_pin + a.heads + (h * n_g + j) * G * 2 : ci;
+          if (j < 0) ci += G * 2;
+          all_stats.insert(all_stats.end(), from, from + G * 2);
+        }
       st = &all_stats;
     }
     fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
     return true;
+  }
+
+  // The GPU slot of head h that holds block b among the n_g it attends, or -1.
+  int64_t GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const {
+    for (int64_t j = 0; j < n_g; ++j)
+      if (resident.At(layer, h, j) == b) return j;
+    return -1;
   }
 
   bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
@@ -392,7 +412,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::PinnedFloats q_pin, row_pin, part_pin, lse_pin, gl_pin;
   cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
   bool gather_on = false;           // the GPU attends its share of the Context blocks
-  cuda::PinnedFloats src_pin;       // GatherContext's source head blocks (int32)
+  cuda::PinnedFloats src_pin;       // GatherContext's sources and destinations (int32)
+  ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
+  std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
   std::vector<int32_t> table_host;
@@ -434,6 +456,7 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
   }
   model_cache.SetSize(P);
   x.table_lb = x.table_pb = -1;
+  x.resident.Clear();
   x.Sync(nullptr);
 }
 
@@ -441,6 +464,7 @@ void HybridAttention::Reset() {
   impl_->planner.Reset();
   impl_->host.Clear();
   impl_->table_lb = impl_->table_pb = -1;
+  impl_->resident.Clear();
 }
 
 void HybridAttention::BeginStep(const StepInfo& s) {
@@ -470,6 +494,7 @@ void HybridAttention::EndPrefill() {
   Impl& x = *impl_;
   x.host.SetSize(x.step.call_pos0 + x.step.call_T);
   x.table_lb = x.table_pb = -1;
+  x.resident.Clear();
 }
 
 void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

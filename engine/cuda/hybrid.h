@@ -64,6 +64,8 @@ struct HybridStats {
   // Context blocks (one KV head's each) attended by the GPU (read from host memory over PCIe,
   // SparseConfig::gpu_share) and by the CPU, summed over layers and steps.
   int64_t gpu_blocks = 0, cpu_blocks = 0;
+  // Of gpu_blocks, those already in GPU memory from an earlier step (not read over PCIe).
+  int64_t gpu_reused = 0;
 };
 
 class HybridAttention final : public AttentionPolicy {
