@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "engine/base/error.h"
+#include "sparse_attn/best_key.h"
 #include "sparse_attn/block_mass.h"
 #include "sparse_attn/scoring.h"
 
@@ -188,12 +189,16 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       const float* sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
       fast::ScoreBlocks(reps_, layer, ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
                         sc.data(), tc_);
+      const ScoreArgs sa{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n};
       if (cfg_.select == SelectMode::kLayer) {
         SumOverHeads(sc.data(), Hk, n);
-        sel[0] = TopK(sc.data(), all.data(), n, cfg_.topk);
+        sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, kv,
+                                rel, -1);
         for (auto& hb : sel) hb = sel[0];
       } else {
-        for (int64_t h = 0; h < Hk; ++h) sel[h] = TopK(sc.data() + h * n, all.data(), n, cfg_.topk);
+        for (int64_t h = 0; h < Hk; ++h)
+          sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk, cfg_.rescore_blocks,
+                                  sa, kv, rel, h);
       }
       times_.select += Since(t);
     }
@@ -296,13 +301,13 @@ bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* f
       !presel_[layer].empty())
     return false;
   *first = cfg_.init_end() / cfg_.block_size, *end = cfg_.LocalBegin(a.pos0) / cfg_.block_size;
-  *want = cfg_.topk + cfg_.retained();
+  *want = ShortlistSize();
   *sum_heads = cfg_.select == SelectMode::kLayer;
   return true;
 }
 
 void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a,
-                                   int64_t ctx_end_block, LayerPlan* plan) {
+                                   const KVLayerView& kv, int64_t ctx_end_block, LayerPlan* plan) {
   const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;
   Selection& s = sel_[SelectorOf(layer)];
   if (SelectsAt(layer, decode_step_)) {
@@ -318,6 +323,11 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     // One head's selection: the blocks kept for their attention mass at the previous step (still
     // Context and allowed), then the best-scored of the others up to topk. The others come from
     // `ids` / `sc` [n] (every candidate, or an executor's shortlist of the best).
+    const bool by_layer = cfg_.select == SelectMode::kLayer;
+    const float* rel = RelativeFreq(a);
+    const float* sq = cfg_.pos_remap ? ScoringQueries(q, 1, a, cfg_.LocalBegin(a.pos0)) : q;
+    const ScoreArgs sa{
+        sq, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
     auto select = [&](int64_t h, const int32_t* cand, const float* sc, size_t n,
                       const std::vector<int32_t>* kept, std::vector<int32_t>* keep_out,
                       int64_t* ncand) {
@@ -337,24 +347,22 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
         scores.push_back(sc[i]);
       }
       *ncand += static_cast<int64_t>(ids.size());
-      std::vector<int32_t> out = TopK(scores.data(), ids.data(), static_cast<int64_t>(ids.size()),
-                                      cfg_.topk - static_cast<int64_t>(keep.size()));
+      std::vector<int32_t> out =
+          RankCandidates(scores.data(), ids.data(), static_cast<int64_t>(ids.size()),
+                         cfg_.topk - static_cast<int64_t>(keep.size()), cfg_.rescore_blocks, sa, kv,
+                         rel, by_layer ? -1 : h);
       out.insert(out.end(), keep.begin(), keep.end());
       std::sort(out.begin(), out.end());
       *keep_out = std::move(keep);  // ascending, as `kept` is
       return out;
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
-    const bool by_layer = cfg_.select == SelectMode::kLayer;
-    const float* sq = cfg_.pos_remap ? ScoringQueries(q, 1, a, cfg_.LocalBegin(a.pos0)) : q;
-    const ScoreArgs sa{
-        sq, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
     // Where the executor can rank the candidates itself, only its best topk + retained of each
     // row come back: enough, since at most `retained` of them are kept blocks, which the ranking
     // skips (every candidate is allowed: no preselection).
     std::vector<std::vector<PlanExecutor::Scored>> top;
-    const bool shortlist = ps.empty() && exec_->ScoreTop(layer, reps_, sa, by_layer,
-                                                         cfg_.topk + cfg_.retained(), &top);
+    const bool shortlist =
+        ps.empty() && exec_->ScoreTop(layer, reps_, sa, by_layer, ShortlistSize(), &top);
     std::vector<float> sc;       // [rows][n]: every candidate's score
     std::vector<int32_t> sl_id;  // [rows][want]: the shortlist
     std::vector<float> sl_sc;
@@ -501,7 +509,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, RelativeFreq(a));
     times_.reps += Since(t);
     t = Clock::now();
-    SelectBlocks(layer, q, a, ctx_end_block, &plan);
+    SelectBlocks(layer, q, a, kv, ctx_end_block, &plan);
     times_.select += Since(t);
     // Retention is read by this layer's next fresh selection: compute it only when the next step
     // makes one here (known once this step's selection is made).

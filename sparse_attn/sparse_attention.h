@@ -151,8 +151,13 @@ class SparseAttention final : public AttentionPolicy {
   // --pos-remap: the T queries q [T, heads, D] rotated by RemapScoreShift(lb), for scoring
   // against block-relative representatives (in score_q_, valid until the next call).
   const float* ScoringQueries(const float* q, int64_t T, const AttnArgs& a, int64_t lb);
-  void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, int64_t ctx_end_block,
-                    LayerPlan* plan);
+  void SelectBlocks(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                    int64_t ctx_end_block, LayerPlan* plan);
+  // The candidates of each row an executor's shortlist must keep: topk (or rescore_blocks, to be
+  // re-ranked by their best key), plus the retained blocks it may include (which are skipped).
+  int64_t ShortlistSize() const {
+    return std::max(cfg_.topk, cfg_.rescore_blocks) + cfg_.retained();
+  }
   // The layer whose Selection `layer` uses (the first of its group of layer_step).
   int64_t SelectorOf(int64_t layer) const {
     const int64_t rel = layer - cfg_.dense_layers;

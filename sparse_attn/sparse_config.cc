@@ -55,6 +55,9 @@ void SparseConfig::Validate() const {
   if (preselect_blocks > 0 && preselect_blocks < topk)
     Fail("sparse attention: preselect_blocks (", preselect_blocks, ") is smaller than topk (", topk,
          "): the candidate set could not fill the selection");
+  if (rescore_blocks != 0 && rescore_blocks < topk)
+    Fail("sparse attention: rescore_blocks (", rescore_blocks,
+         ") must be 0 (off) or at least topk (", topk, ")");
   if (retain_blocks < 0)
     Fail("sparse attention: retain_blocks must not be negative (got ", retain_blocks, ")");
   if (prefill_chunk <= 0)
@@ -81,6 +84,7 @@ std::string SparseConfig::Describe() const {
      << " preselect_blocks=" << preselect_blocks;
   if (preselect_blocks > 0) os << " preselect_pool=" << preselect_pool;
   os << " retain_blocks=" << retained();
+  if (rescore_blocks > 0) os << " rescore_blocks=" << rescore_blocks;
   if (sparse_prefill) os << " prefill=sparse prefill_chunk=" << prefill_chunk;
   if (pos_remap) os << " pos_remap=block";
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;

@@ -39,6 +39,10 @@ struct SparseConfig {
   // step (block_mass.h): the heaviest, each followed by its successor; at most topk / 2 of the
   // topk, the rest chosen by score; the prompt's last query seeds them. 0: off.
   int64_t retain_blocks = 8;
+  // Re-ranking (sparse_attn/best_key.h): the best rescore_blocks candidates by representative are
+  // ranked again by their best single key, read from the cache, before the topk are taken
+  // (selection in decode and in sparse prefill). 0: off; else at least topk.
+  int64_t rescore_blocks = 0;
   // Sparse chunked prefill (--prefill sparse): the prompt's queries attend in chunks of
   // prefill_chunk tokens, each chunk Initial + its own topk Context blocks (scored with the
   // chunk's queries) + the Local window before it + itself, causally; layers under

@@ -68,6 +68,8 @@ TEST(Cli, BadInputExitsNonZeroWithMessage) {
       {"generate -m " + kFx +
            "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --gpu-share 101",
        "--gpu-share must be a percentage in [0, 100] (got 101)"},
+      {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --rescore 8",
+       "--rescore (8) must be 0 (off) or at least --topk (32)"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention sparse --repr maxx",
        "'maxx'"},
       {"generate -m " + kFx + "/qwen2_bias_gqa7_bf16 --prompt-ids 5 --attention blocky",

@@ -127,6 +127,17 @@ std::vector<std::vector<int32_t>> BruteForce(const Synthetic& s, const SparseCon
       for (int64_t r = 0; r < c.repr_count; ++r)
         for (int64_t d = 0; d < D; ++d) dyn[d] += key(h, tok[r], d);
       double sc = 0;
+      if (c.rescore_blocks > 0) {  // (covering every candidate) the best single key
+        sc = -INFINITY;
+        for (int64_t j = b * B; j < (b + 1) * B; ++j) {
+          double dot = 0;
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t d = 0; d < D; ++d) dot += s.qd[(h * G + g) * D + d] * key(h, j, d);
+          sc = std::max(sc, dot);
+        }
+        score[h][b] = sc;
+        continue;
+      }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) {
           const double q = s.qd[(h * G + g) * D + d];
@@ -207,38 +218,42 @@ TEST(Sparse, SelectionEqualsBruteForce) {
     const Synthetic s = MakeSynthetic(H, Hk, D);
     for (ReprType r : {ReprType::kMax, ReprType::kMean, ReprType::kQuest, ReprType::kDynamic}) {
       for (SelectMode m : {SelectMode::kLayer, SelectMode::kKVHead}) {
-        for (int64_t presel : {0, 12}) {
-          SparseConfig c;
-          c.block_size = 16;
-          c.init_tokens = 16;
-          c.local_window = 64;
-          c.topk = 5;
-          c.repr = r;
-          c.repr_count = 3;
-          c.obs_window = 24;
-          c.select = m;
-          c.dense_layers = 0;
-          c.preselect_blocks = presel;
-          c.retain_blocks = 0;  // selection by score alone (retention: its own test below)
-          KVCache cache(KVCacheShape{1, Hk, D, s.N + 1, c.block_size, DType::kF32});
-          cache.Write(0, 0, s.N + 1, s.k.data(), s.v.data());
-          SparseAttention sp(s.cfg, c, *backend, tc, s.N + 1, DType::kF32);
-          AttnArgs a{s.N, 0, H, Hk, D, 0, 1.0f / std::sqrt(static_cast<float>(D))};
-          std::vector<float> out(s.N * H * D);
-          cache.SetSize(s.N);
-          sp.BeginStep(StepInfo{0, s.N, s.N, true});
-          sp.Attend(0, s.qp.data(), a, cache, out.data());
-          cache.SetSize(s.N + 1);
-          a.T = 1;
-          a.pos0 = s.N;
-          sp.BeginStep(StepInfo{s.N, 1, 1, true});
-          sp.Attend(0, s.qd.data(), a, cache, out.data());
-          const LayerPlan& plan = sp.last_plan(0);
-          ASSERT_FALSE(plan.dense);
-          const auto want = BruteForce(s, c, cache.Layer(0));
-          EXPECT_EQ(plan.blocks, want) << "H " << H << " Hk " << Hk << " " << ReprTypeName(r) << " "
-                                       << SelectModeName(m) << " presel " << presel;
-        }
+        for (int64_t presel : {0, 12})
+          for (int64_t rescore : {0, 64}) {  // 64: every candidate re-ranked by its best key
+            if (rescore > 0 && r != ReprType::kQuest && r != ReprType::kMax) continue;
+            SparseConfig c;
+            c.rescore_blocks = rescore;
+            c.block_size = 16;
+            c.init_tokens = 16;
+            c.local_window = 64;
+            c.topk = 5;
+            c.repr = r;
+            c.repr_count = 3;
+            c.obs_window = 24;
+            c.select = m;
+            c.dense_layers = 0;
+            c.preselect_blocks = presel;
+            c.retain_blocks = 0;  // selection by score alone (retention: its own test below)
+            KVCache cache(KVCacheShape{1, Hk, D, s.N + 1, c.block_size, DType::kF32});
+            cache.Write(0, 0, s.N + 1, s.k.data(), s.v.data());
+            SparseAttention sp(s.cfg, c, *backend, tc, s.N + 1, DType::kF32);
+            AttnArgs a{s.N, 0, H, Hk, D, 0, 1.0f / std::sqrt(static_cast<float>(D))};
+            std::vector<float> out(s.N * H * D);
+            cache.SetSize(s.N);
+            sp.BeginStep(StepInfo{0, s.N, s.N, true});
+            sp.Attend(0, s.qp.data(), a, cache, out.data());
+            cache.SetSize(s.N + 1);
+            a.T = 1;
+            a.pos0 = s.N;
+            sp.BeginStep(StepInfo{s.N, 1, 1, true});
+            sp.Attend(0, s.qd.data(), a, cache, out.data());
+            const LayerPlan& plan = sp.last_plan(0);
+            ASSERT_FALSE(plan.dense);
+            const auto want = BruteForce(s, c, cache.Layer(0));
+            EXPECT_EQ(plan.blocks, want)
+                << "H " << H << " Hk " << Hk << " " << ReprTypeName(r) << " " << SelectModeName(m)
+                << " presel " << presel << " rescore " << rescore;
+          }
       }
     }
   }

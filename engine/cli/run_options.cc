@@ -52,6 +52,9 @@ constexpr SparseIntOption kSparseInts[] = {
     {"retain-blocks", "retain_blocks", &SparseConfig::retain_blocks,
      "sparse: blocks kept in the next selection for their attention mass at the previous step "
      "(the heaviest, each with its successor; at most topk/2; 0: off)"},
+    {"rescore", "rescore_blocks", &SparseConfig::rescore_blocks,
+     "sparse: re-rank this many best-scored candidate blocks by their best single key before "
+     "taking the topk (0: off; else >= topk)"},
     {"gpu-share", "gpu_share", &SparseConfig::gpu_share,
      "sparse on a GPU (hybrid): percent of each KV head's selected Context blocks the GPU "
      "attends, reading them from pinned host memory over PCIe while the CPU attends the rest "

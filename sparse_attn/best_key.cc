@@ -1,0 +1,62 @@
+#include "sparse_attn/best_key.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/base/error.h"
+#include "engine/cpu/ops.h"
+#include "sparse_attn/observation.h"
+
+namespace needle {
+
+void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq,
+                   int64_t kv_head, float* out) {
+  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, B = kv.block_size;
+  const int64_t h0 = kv_head < 0 ? 0 : kv_head, h1 = kv_head < 0 ? Hk : kv_head + 1;
+  NEEDLE_CHECK(h0 >= 0 && h1 <= Hk && kv.kv_heads == Hk && kv.head_dim == D);
+  std::vector<float> qs(static_cast<size_t>((h1 - h0) * D), 0.f);
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t i = 0; i < a.nq; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = a.q + ((i * a.heads) + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[(h - h0) * D + d] += q[d];
+      }
+  std::vector<float> rows(static_cast<size_t>(B * D)), back;
+  if (relative_freq != nullptr) back.resize(static_cast<size_t>(D));
+  for (int64_t j = 0; j < a.n; ++j) {
+    const int64_t b = a.blocks[j];
+    NEEDLE_CHECK((b + 1) * B <= kv.n_tokens);
+    if (relative_freq != nullptr) RotationRow(-b * B, relative_freq, D, back.data());
+    float total = 0.f;
+    for (int64_t h = h0; h < h1; ++h) {
+      fast::KVRowsToF32(kv, false, h, b * B, (b + 1) * B, rows.data());
+      if (relative_freq != nullptr) RotateRows(rows.data(), B, D, back.data(), rows.data());
+      const float* q = qs.data() + (h - h0) * D;
+      float best = -INFINITY;
+      for (int64_t r = 0; r < B; ++r) {
+        const float* k = rows.data() + r * D;
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+        best = std::max(best, dot);
+      }
+      total += best;
+    }
+    out[j] = total;
+  }
+}
+
+std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int64_t n,
+                                    int64_t want, int64_t rescore, const ScoreArgs& a,
+                                    const KVLayerView& kv, const float* relative_freq,
+                                    int64_t kv_head) {
+  if (rescore <= want || n <= want) return TopK(scores, ids, n, want);
+  std::vector<int32_t> shortlist = TopK(scores, ids, n, rescore);
+  ScoreArgs sa = a;
+  sa.blocks = shortlist.data();
+  sa.n = static_cast<int64_t>(shortlist.size());
+  std::vector<float> best(shortlist.size());
+  BestKeyScores(sa, kv, relative_freq, kv_head, best.data());
+  return TopK(best.data(), shortlist.data(), sa.n, want);
+}
+
+}  // namespace needle

@@ -1,0 +1,141 @@
+// Re-ranking by the best single key (sparse_attn/best_key.h, --rescore): the scores against a
+// brute force over the raw keys, Quest's score as their upper bound, and the ranking.
+//
+// Tolerances: the scores are f32 sums of D products of O(1) terms after one rotation of each key
+// (relative error ~1e-6); 1e-4 of their magnitude. A bf16 cache stores each key rounded to 8
+// significant bits (2^-9 relative), so there 1e-2.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/base/threading.h"
+#include "engine/cpu/ops.h"
+#include "kvcache/kv_cache.h"
+#include "sparse_attn/best_key.h"
+#include "sparse_attn/observation.h"
+#include "sparse_attn/representatives.h"
+#include "sparse_attn/scoring.h"
+#include "sparse_attn/sparse_config.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+struct KeysAndQueries {
+  static constexpr int64_t Hk = 2, G = 3, D = 16, B = 8, n_blocks = 10, n_tok = B * n_blocks,
+                           nq = 2;
+  std::vector<float> inv_freq, kr, ks, q;
+  KeysAndQueries() : inv_freq(D / 2) {
+    for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(100.f, -2.f * i / D);
+    kr = test::RandomVector(n_tok * Hk * D, 41, 2.f);  // raw keys [t][h][D]
+    ks.resize(kr.size());
+    std::vector<float> row(D);
+    for (int64_t t = 0; t < n_tok; ++t) {  // stored rotated at their true positions
+      RotationRow(t, inv_freq.data(), D, row.data());
+      RotateRows(kr.data() + t * Hk * D, Hk, D, row.data(), ks.data() + t * Hk * D);
+    }
+    q = test::RandomVector(nq * Hk * G * D, 42);
+  }
+  // max over the block's keys of (sum of the group's queries) . key, the key at its offset j in
+  // the block (remap) or at its true position, in double.
+  double Want(int64_t b, int64_t h, bool remap) const {
+    std::vector<float> row(D), k(D);
+    double best = -INFINITY;
+    for (int64_t j = 0; j < B; ++j) {
+      const int64_t t = b * B + j;
+      RotationRow(remap ? j : t, inv_freq.data(), D, row.data());
+      RotateRows(kr.data() + (t * Hk + h) * D, 1, D, row.data(), k.data());
+      double dot = 0;
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d)
+            dot += static_cast<double>(q[((i * Hk + h) * G + g) * D + d]) * k[d];
+      best = std::max(best, dot);
+    }
+    return best;
+  }
+};
+
+TEST(BestKey, ScoresEqualBruteForceAndQuestBoundsThem) {
+  ThreadingContext tc(1);
+  const KeysAndQueries s;
+  const int64_t Hk = s.Hk, D = s.D, B = s.B, n = s.n_blocks;
+  std::vector<int32_t> ids(n);
+  for (int64_t b = 0; b < n; ++b) ids[b] = static_cast<int32_t>((b * 7) % n);  // any order
+  for (DType kvt : {DType::kF32, DType::kBF16}) {
+    KVCache cache(KVCacheShape{1, Hk, D, s.n_tok, B, kvt});
+    const std::vector<float> v(s.ks.size(), 0.f);
+    cache.Write(0, 0, s.n_tok, s.ks.data(), v.data());
+    cache.SetSize(s.n_tok);
+    const double tol = kvt == DType::kF32 ? 1e-4 : 1e-2;
+    for (bool remap : {false, true}) {
+      const float* rel = remap ? s.inv_freq.data() : nullptr;
+      const ScoreArgs a{s.q.data(), s.nq, Hk * s.G, Hk, D, ids.data(), n};
+      std::vector<float> all(n), per(n);
+      BestKeyScores(a, cache.Layer(0), rel, -1, all.data());
+      RepresentativeStore quest(1, Hk, D, n, ReprType::kQuest, DType::kF32);
+      for (int64_t b = 0; b < n; ++b) quest.ComputeFromKeys(0, b, cache.Layer(0), rel);
+      std::vector<float> bound(Hk * n);
+      fast::ScoreBlocks(quest, 0, a, bound.data(), tc);
+      std::vector<double> sum(n, 0.0);
+      for (int64_t h = 0; h < Hk; ++h) {
+        BestKeyScores(a, cache.Layer(0), rel, h, per.data());
+        for (int64_t j = 0; j < n; ++j) {
+          const double want = s.Want(ids[j], h, remap);
+          sum[j] += want;
+          ASSERT_NEAR(per[j], want, tol * (std::fabs(want) + 1))
+              << KVTypeName(kvt) << " remap " << remap << " block " << ids[j] << " head " << h;
+          // Quest's score (over the same stored keys) is an upper bound.
+          EXPECT_GE(bound[h * n + j], per[j] - 1e-4 * (std::fabs(per[j]) + 1))
+              << "block " << ids[j] << " head " << h;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_NEAR(all[j], sum[j], tol * (std::fabs(sum[j]) + 1)) << "block " << ids[j];
+    }
+  }
+}
+
+TEST(BestKey, RankingReRanksTheShortlistOnly) {
+  const KeysAndQueries s;
+  const int64_t Hk = s.Hk, D = s.D, B = s.B, n = s.n_blocks;
+  KVCache cache(KVCacheShape{1, Hk, D, s.n_tok, B, DType::kF32});
+  const std::vector<float> v(s.ks.size(), 0.f);
+  cache.Write(0, 0, s.n_tok, s.ks.data(), v.data());
+  cache.SetSize(s.n_tok);
+  std::vector<int32_t> ids(n);
+  std::vector<float> score(n), best(n);
+  for (int64_t b = 0; b < n; ++b) {
+    ids[b] = static_cast<int32_t>(b);
+    score[b] = static_cast<float>((b * 3) % n);  // a representative's ranking, unrelated
+    best[b] = static_cast<float>(s.Want(b, 1, false));
+  }
+  const ScoreArgs a{s.q.data(), s.nq, Hk * s.G, Hk, D, nullptr, 0};
+  const KVLayerView kv = cache.Layer(0);
+  // Off (0) or no larger than want: the representatives' ranking.
+  for (int64_t r : {0, 3})
+    EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, r, a, kv, nullptr, 1),
+              TopK(score.data(), ids.data(), n, 3));
+  // Covering every candidate: the best keys' ranking.
+  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, n, a, kv, nullptr, 1),
+            TopK(best.data(), ids.data(), n, 3));
+  // In between: the best keys' ranking among the shortlist.
+  const std::vector<int32_t> shortlist = TopK(score.data(), ids.data(), n, 6);
+  std::vector<float> sb;
+  for (int32_t b : shortlist) sb.push_back(best[b]);
+  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, 6, a, kv, nullptr, 1),
+            TopK(sb.data(), shortlist.data(), 6, 3));
+}
+
+TEST(BestKey, RescoreBelowTopkIsRefused) {
+  SparseConfig c;
+  c.rescore_blocks = 8;
+  test::ExpectErrorContaining([&] { c.Validate(); }, {"rescore_blocks", "8", "topk", "32"});
+  c.rescore_blocks = 32;
+  c.Validate();
+}
+
+}  // namespace
+}  // namespace needle
