@@ -21,22 +21,33 @@ void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relat
         const float* q = a.q + ((i * a.heads) + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qs[(h - h0) * D + d] += q[d];
       }
-  std::vector<float> rows(static_cast<size_t>(B * D)), back;
-  if (relative_freq != nullptr) back.resize(static_cast<size_t>(D));
+  // With the remap, R(-b B) k . q = k . R(b B) q: the query turns once per block, not every key.
+  std::vector<float> rows(static_cast<size_t>(B * D)), turn, qb;
+  if (relative_freq != nullptr) turn.resize(static_cast<size_t>(D)), qb.resize(qs.size());
   for (int64_t j = 0; j < a.n; ++j) {
     const int64_t b = a.blocks[j];
     NEEDLE_CHECK((b + 1) * B <= kv.n_tokens);
-    if (relative_freq != nullptr) RotationRow(-b * B, relative_freq, D, back.data());
+    const float* qv = qs.data();
+    if (relative_freq != nullptr) {
+      RotationRow(b * B, relative_freq, D, turn.data());
+      RotateRows(qs.data(), h1 - h0, D, turn.data(), qb.data());
+      qv = qb.data();
+    }
     float total = 0.f;
     for (int64_t h = h0; h < h1; ++h) {
       fast::KVRowsToF32(kv, false, h, b * B, (b + 1) * B, rows.data());
-      if (relative_freq != nullptr) RotateRows(rows.data(), B, D, back.data(), rows.data());
-      const float* q = qs.data() + (h - h0) * D;
+      const float* q = qv + (h - h0) * D;
       float best = -INFINITY;
       for (int64_t r = 0; r < B; ++r) {
         const float* k = rows.data() + r * D;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+        // Eight partial sums, so that the compiler can vectorize the products.
+        float acc[8] = {};
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          for (int u = 0; u < 8; ++u) acc[u] += q[d + u] * k[d + u];
+        float dot =
+            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; d < D; ++d) dot += q[d] * k[d];
         best = std::max(best, dot);
       }
       total += best;
