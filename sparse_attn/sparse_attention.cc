@@ -167,10 +167,15 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
   const int64_t HD = a.heads * a.head_dim;
   const float* rel = RelativeFreq(a);  // --pos-remap's frequencies (checked), else nullptr
   AttnSpans spans;
-  for (int64_t c0 = a.pos0; c0 < a.pos0 + a.T; c0 += cfg_.prefill_chunk) {
+  const int64_t end = a.pos0 + a.T;
+  for (int64_t c0 = a.pos0, n = 0; c0 < end; c0 += n) {
+    n = std::min(cfg_.prefill_chunk, end - c0);
+    // The prompt's last query predicts the first answer token: in a prompt longer than one chunk
+    // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
+    if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
     AttnArgs ca = a;
     ca.pos0 = c0;
-    ca.T = std::min(cfg_.prefill_chunk, a.pos0 + a.T - c0);
+    ca.T = n;
     const float* cq = q + (c0 - a.pos0) * HD;
     // The chunk's Context: the whole blocks between Initial and its first query's Local region.
     const int64_t lb = cfg_.LocalBegin(c0), ctx_end_block = lb / B;

@@ -12,7 +12,10 @@
 #include "engine/backend/backend.h"
 #include "engine/cpu/ops.h"
 #include "engine/model/model.h"
+#include "sparse_attn/observation.h"
 #include "sparse_attn/plan.h"
+#include "sparse_attn/representatives.h"
+#include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 #include "tests/sparse_test_util.h"
 #include "tests/test_util.h"
@@ -87,6 +90,69 @@ TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
         }
         EXPECT_GT(diff, 1e-3 * mx) << fx << ": a one-block budget attended everything";
       });
+}
+
+// In a sparse prefill longer than one chunk, the prompt's last query (it predicts the first answer
+// token) selects its Context blocks alone, as a decode query does: its output equals attention over
+// Initial + the top block by its own scores + Local, not the top block of its chunk's summed
+// scores (which differ here, checked).
+TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
+  const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
+  SparseConfig c;
+  c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
+  c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
+  c.select = SelectMode::kKVHead;
+  ModelConfig m;
+  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
+  m.sliding_window = {0};
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  // The first inputs (seeds) whose two selections differ, so that the test can tell them apart.
+  for (uint64_t seed = 21;; seed += 3) {
+    ASSERT_LT(seed, 200u) << "no inputs where the two selections differ";
+    const auto k = test::RandomVector(N * Hk * D, seed),
+               v = test::RandomVector(N * Hk * D, seed + 1);
+    const auto q = test::RandomVector(N * H * D, seed + 2, 2.f);
+    KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
+    cache.Write(0, 0, N, k.data(), v.data());
+    cache.SetSize(N);
+    // The selections by the last query alone and by its 16-query chunk, from Quest scores.
+    RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
+    const auto select = [&](int64_t t0, int64_t T, int64_t p) {
+      std::vector<int32_t> ids;
+      for (int64_t b = c.init_end() / B; b < c.LocalBegin(p) / B; ++b) {
+        ids.push_back(static_cast<int32_t>(b));
+        reps.ComputeFromKeys(0, b, cache.Layer(0));
+      }
+      std::vector<float> sc(ids.size());
+      fast::ScoreBlocks(reps, 0,
+                        ScoreArgs{q.data() + t0 * H * D, T, H, Hk, D, ids.data(),
+                                  static_cast<int64_t>(ids.size())},
+                        sc.data(), tc);
+      return TopK(sc.data(), ids.data(), static_cast<int64_t>(ids.size()), 1);
+    };
+    const std::vector<int32_t> alone = select(N - 1, 1, N - 1), chunk = select(48, 16, 48);
+    if (alone == chunk) continue;
+    cache.SetSize(0);
+    SparseAttention sp(m, c, *backend, tc, N, DType::kF32);
+    AttnArgs a{N, 0, H, Hk, D, 0, 0.25f};
+    std::vector<float> out(static_cast<size_t>(N * H * D));
+    sp.BeginStep(StepInfo{0, N, N, true});
+    sp.Attend(0, q.data(), a, cache, out.data());
+    AttnSpans spans;
+    spans.offsets.assign(1, 0);
+    std::map<int64_t, int32_t> rows;
+    AppendQuerySpans(c.init_end(), alone, B, c.LocalBegin(N - 1), N - 1, nullptr, D, &spans, &rows);
+    AttnArgs a1{1, N - 1, H, Hk, D, 0, 0.25f};
+    std::vector<float> want(static_cast<size_t>(H * D));
+    cache.SetSize(N);
+    ref::Attention(q.data() + (N - 1) * H * D, cache.Layer(0), a1, &spans, want.data(), nullptr,
+                   tc);
+    for (int64_t i = 0; i < H * D; ++i)
+      ASSERT_NEAR(out[(N - 1) * H * D + i], want[i], 1e-5 * (1 + std::fabs(want[i])))
+          << "seed " << seed << " " << i;
+    break;
+  }
 }
 
 // Block-wise position remapping against a reference that re-rotates the keys explicitly: the
