@@ -362,9 +362,10 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       return out;
     };
     const bool retain = cfg_.retained() > 0 && retained_[layer].size() == static_cast<size_t>(Hk);
-    // Where the executor can rank the candidates itself, only its best topk + retained of each
-    // row come back: enough, since at most `retained` of them are kept blocks, which the ranking
-    // skips (every candidate is allowed: no preselection).
+    // Where the executor can rank the candidates itself, only its best ShortlistSize() of each
+    // row come back (topk, or rescore_blocks to re-rank, + retained): enough, since at most
+    // `retained` of them are kept blocks, which the ranking skips (every candidate is allowed: no
+    // preselection).
     std::vector<std::vector<PlanExecutor::Scored>> top;
     const bool shortlist =
         ps.empty() && exec_->ScoreTop(layer, reps_, sa, by_layer, ShortlistSize(), &top);

@@ -314,8 +314,9 @@ struct HybridAttention::Impl final : PlanExecutor {
                const LayerPlan& plan, float*, float* lse,
                std::vector<std::vector<float>>* mass) override {
     const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
-    // GPU, queued first so that it runs while the CPU attends: the first n_g selected blocks of
-    // every KV head from the host cache, attended with Initial + Local; their softmax sums.
+    // GPU, queued first so that it runs while the CPU attends: n_g selected blocks of every KV
+    // head (those it holds from earlier steps, the others from the host cache), attended with
+    // Initial + Local; their softmax sums.
     int64_t n_g = GpuShare(plan);
     if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
     AttnArgs a2;
