@@ -7,30 +7,39 @@
 #include "engine/cpu/ops.h"
 #include "sparse_attn/observation.h"
 
-namespace needle {
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "sparse_attn/best_key.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
 
-void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq,
-                   int64_t kv_head, float* out) {
-  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads, B = kv.block_size;
-  const int64_t h0 = kv_head < 0 ? 0 : kv_head, h1 = kv_head < 0 ? Hk : kv_head + 1;
-  NEEDLE_CHECK(h0 >= 0 && h1 <= Hk && kv.kv_heads == Hk && kv.head_dim == D);
-  std::vector<float> qs(static_cast<size_t>((h1 - h0) * D), 0.f);
-  for (int64_t h = h0; h < h1; ++h)
-    for (int64_t i = 0; i < a.nq; ++i)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* q = a.q + ((i * a.heads) + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[(h - h0) * D + d] += q[d];
-      }
-  // With the remap, R(-b B) k . q = k . R(b B) q: the query turns once per block, not every key.
+// Per-target code shared between op families (after highway.h, as Highway requires).
+#include "engine/cpu/load-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace needle {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// out [a.n] for KV heads [h0, h1): qs [(h1 - h0), D] the combined queries. The keys are read as
+// f32 rows (any cache dtype); with the remap, R(-b B) k . q = k . R(b B) q, so the query turns
+// once per block instead of every key.
+void BestKeysImpl(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq, int64_t h0,
+                  int64_t h1, const float* qs, float* out) {
+  const int64_t D = a.head_dim, B = kv.block_size;
+  const hn::ScalableTag<float> df;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   std::vector<float> rows(static_cast<size_t>(B * D)), turn, qb;
-  if (relative_freq != nullptr) turn.resize(static_cast<size_t>(D)), qb.resize(qs.size());
+  if (relative_freq != nullptr) {
+    turn.resize(static_cast<size_t>(D));
+    qb.resize(static_cast<size_t>((h1 - h0) * D));
+  }
   for (int64_t j = 0; j < a.n; ++j) {
     const int64_t b = a.blocks[j];
     NEEDLE_CHECK((b + 1) * B <= kv.n_tokens);
-    const float* qv = qs.data();
+    const float* qv = qs;
     if (relative_freq != nullptr) {
       RotationRow(b * B, relative_freq, D, turn.data());
-      RotateRows(qs.data(), h1 - h0, D, turn.data(), qb.data());
+      RotateRows(qs, h1 - h0, D, turn.data(), qb.data());
       qv = qb.data();
     }
     float total = 0.f;
@@ -40,13 +49,11 @@ void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relat
       float best = -INFINITY;
       for (int64_t r = 0; r < B; ++r) {
         const float* k = rows.data() + r * D;
-        // Eight partial sums, so that the compiler can vectorize the products.
-        float acc[8] = {};
+        auto acc = hn::Zero(df);
         int64_t d = 0;
-        for (; d + 8 <= D; d += 8)
-          for (int u = 0; u < 8; ++u) acc[u] += q[d + u] * k[d + u];
-        float dot =
-            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; d + L <= D; d += L)
+          acc = hn::MulAdd(hn::LoadU(df, q + d), hn::LoadU(df, k + d), acc);
+        float dot = ReduceF32(df, acc);
         for (; d < D; ++d) dot += q[d] * k[d];
         best = std::max(best, dot);
       }
@@ -54,6 +61,30 @@ void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relat
     }
     out[j] = total;
   }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace needle
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace needle {
+
+HWY_EXPORT(BestKeysImpl);
+
+void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq,
+                   int64_t kv_head, float* out) {
+  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads;
+  const int64_t h0 = kv_head < 0 ? 0 : kv_head, h1 = kv_head < 0 ? Hk : kv_head + 1;
+  NEEDLE_CHECK(h0 >= 0 && h1 <= Hk && kv.kv_heads == Hk && kv.head_dim == D);
+  std::vector<float> qs(static_cast<size_t>((h1 - h0) * D), 0.f);
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t i = 0; i < a.nq; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = a.q + ((i * a.heads) + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[(h - h0) * D + d] += q[d];
+      }
+  HWY_DYNAMIC_DISPATCH(BestKeysImpl)(a, kv, relative_freq, h0, h1, qs.data(), out);
 }
 
 std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int64_t n,
@@ -71,3 +102,4 @@ std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int
 }
 
 }  // namespace needle
+#endif
