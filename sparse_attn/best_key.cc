@@ -74,17 +74,13 @@ HWY_EXPORT(BestKeysImpl);
 
 void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq,
                    int64_t kv_head, float* out) {
-  const int64_t D = a.head_dim, Hk = a.kv_heads, G = a.heads / a.kv_heads;
+  const int64_t D = a.head_dim, Hk = a.kv_heads;
   const int64_t h0 = kv_head < 0 ? 0 : kv_head, h1 = kv_head < 0 ? Hk : kv_head + 1;
   NEEDLE_CHECK(h0 >= 0 && h1 <= Hk && kv.kv_heads == Hk && kv.head_dim == D);
-  std::vector<float> qs(static_cast<size_t>((h1 - h0) * D), 0.f);
-  for (int64_t h = h0; h < h1; ++h)
-    for (int64_t i = 0; i < a.nq; ++i)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* q = a.q + ((i * a.heads) + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[(h - h0) * D + d] += q[d];
-      }
-  HWY_DYNAMIC_DISPATCH(BestKeysImpl)(a, kv, relative_freq, h0, h1, qs.data(), out);
+  // Each KV head's queries combined as scoring combines them (scoring.h; the plain sum).
+  std::vector<float> qs(static_cast<size_t>(Hk * D)), unused(static_cast<size_t>(Hk * D));
+  GroupQueries(a, false, qs.data(), unused.data());
+  HWY_DYNAMIC_DISPATCH(BestKeysImpl)(a, kv, relative_freq, h0, h1, qs.data() + h0 * D, out);
 }
 
 std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int64_t n,

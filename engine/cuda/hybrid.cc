@@ -227,8 +227,10 @@ struct HybridAttention::Impl final : PlanExecutor {
         resident.Clear();
         return 0;
       }
+    const auto from_host = std::count_if(
+        copies.begin(), copies.end(), [](const ResidentBlocks::Copy& cp) { return cp.from < 0; });
     stats.gpu_blocks += n_g * Hk;
-    stats.gpu_reused += n_g * Hk;
+    stats.gpu_reused += n_g * Hk - from_host;
     if (copies.empty()) return n_g;
     // (The kernel reads the lists from pinned memory; they are rewritten only after the next
     // layer's wait for the stream.)
@@ -240,7 +242,6 @@ struct HybridAttention::Impl final : PlanExecutor {
       const int32_t at = cp.from < 0 ? host.SlotOf(layer, cp.block) : cp.from;
       src[i] = at * static_cast<int32_t>(Hk) + cp.head;
       if (cp.from >= 0) src[i] = -1 - src[i];
-      if (cp.from < 0) --stats.gpu_reused;
       dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
     }
     const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
