@@ -18,6 +18,12 @@
 //   (the share of Context blocks the GPU attended), "gpu_reused" (the share of those already in
 //   GPU memory from an earlier step, not read over PCIe) and "setup_s" (the synthetic context's
 //   indexing and page-locking, or the prefill).
+//   NEEDLE_BENCH_PREFILLS: how the hybrid prefills, one run after the other: dense (default) and/or
+//   sparse (--prefill sparse, SparseConfig's chunk), e.g. dense,sparse; NEEDLE_BENCH_REMAP=1 adds
+//   --pos-remap block to the sparse runs. Hybrid lines add "prefill": "dense" | "sparse" |
+//   "sparse+remap", and the prompt's host time in seconds: "prompt_pin_s" (page-locking the
+//   host cache), "prompt_wait_s" (waiting for the GPU before planning), "prompt_plan_s" (the
+//   planner, queuing the chunks' attention included).
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -87,10 +93,14 @@ void FillLayer(KVCache& cache, int64_t layer, int64_t P, ThreadingContext& tc) {
 }
 
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
-         bool hybrid, size_t gpu_memory, int64_t gpu_share, ThreadingContext& tc) {
+         bool hybrid, size_t gpu_memory, int64_t gpu_share, bool sparse_prefill,
+         ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   if (gpu_share >= 0) sc.gpu_share = gpu_share;
+  sc.sparse_prefill = sparse_prefill;
+  const char* remap = std::getenv("NEEDLE_BENCH_REMAP");
+  sc.pos_remap = sparse_prefill && remap != nullptr && std::string(remap) == "1";
   SequenceOptions so;
   so.ctx = P + 64;
   so.kv_type = DType::kBF16;
@@ -137,17 +147,22 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
                  cp = (a.copies - before.copies) / n * ms,
                  wait = (a.gpu_wait - before.gpu_wait) / n * ms;
     const SparseAttention::Times& ta = seq.planner->times();
-    char buf[640];
+    char buf[900];
     const double gb = static_cast<double>(a.gpu_blocks - before.gpu_blocks),
                  cb = static_cast<double>(a.cpu_blocks - before.cpu_blocks),
                  gr = static_cast<double>(a.gpu_reused - before.gpu_reused);
     std::snprintf(buf, sizeof buf,
-                  ",\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%.3f,\"setup_s\":%.1f"
+                  ",\"prefill\":\"%s\",\"prompt_pin_s\":%.2f,\"prompt_wait_s\":%.2f,"
+                  "\"prompt_plan_s\":%.2f,\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%."
+                  "3f,\"setup_s\":%.1f"
                   ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
                   "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
                   "3f,\"other_ms\":%.3f",
-                  static_cast<long long>(sc.gpu_share), gb + cb > 0 ? gb / (gb + cb) : 0.0,
-                  gb > 0 ? gr / gb : 0.0, pre,
+                  !sc.sparse_prefill ? "dense"
+                  : sc.pos_remap     ? "sparse+remap"
+                                     : "sparse",
+                  a.prompt_pin, a.prompt_wait, a.prompt_plan, static_cast<long long>(sc.gpu_share),
+                  gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
                   (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
                   (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
                   dec / n * ms - plan - cpu - cp - wait);
@@ -182,6 +197,16 @@ int main(int argc, char** argv) {
     }
     const char* dm = std::getenv("NEEDLE_BENCH_DENSE_MAX");
     const int64_t dense_max = dm != nullptr ? std::stoll(dm) : 131072;
+    std::vector<bool> prefills = {false};  // sparse prefill
+    if (const char* p = std::getenv("NEEDLE_BENCH_PREFILLS")) {
+      prefills.clear();
+      std::stringstream ps(p);
+      for (std::string x; std::getline(ps, x, ',');) {
+        if (x != "dense" && x != "sparse")
+          Fail("NEEDLE_BENCH_PREFILLS: '", x, "' is neither dense nor sparse");
+        prefills.push_back(x == "sparse");
+      }
+    }
     std::vector<int64_t> shares = {-1};  // -1: SparseConfig's default
     if (const char* g = std::getenv("NEEDLE_BENCH_GPU_SHARES")) {
       shares.clear();
@@ -195,8 +220,10 @@ int main(int argc, char** argv) {
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);
       const std::string name = config.substr(config.rfind('/') + 1);
       for (auto [P, syn] : ctxs) {
-        for (int64_t share : shares) Run(*gpu, *model, name, P, syn, true, gpu_memory, share, tc);
-        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, -1, tc);
+        for (bool sp : prefills)
+          for (int64_t share : shares)
+            Run(*gpu, *model, name, P, syn, true, gpu_memory, share, sp, tc);
+        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, -1, false, tc);
       }
     }
   } catch (const std::exception& e) {

@@ -11,7 +11,7 @@ int64_t RemapBlockDelta(int64_t ie, int64_t k, int64_t B, int64_t lb, int64_t i,
 
 void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
                       int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
-                      std::map<int64_t, int32_t>* rows) {
+                      std::map<int64_t, int32_t>* rows, bool local) {
   const bool remap = inv_freq != nullptr;
   const int64_t first = static_cast<int64_t>(out->spans.size());
   const int64_t off = ie + static_cast<int64_t>(blocks.size()) * B - lb;  // p' - p
@@ -45,12 +45,12 @@ void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B,
         RemapBlockDelta(ie, static_cast<int64_t>(blocks.size()), B, lb, static_cast<int64_t>(i),
                         b));
   }
-  add(std::max(lb, ie), p + 1, 0);
+  if (local) add(std::max(lb, ie), p + 1, 0);
   out->offsets.push_back(static_cast<int64_t>(out->spans.size()));
 }
 
-void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq,
-                        int64_t head_dim) const {
+void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq, int64_t head_dim,
+                        bool local) const {
   out->offsets.assign(1, 0);
   out->spans.clear();
   out->rot.clear();
@@ -62,7 +62,7 @@ void LayerPlan::ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq,
       AppendQuerySpans(pos + 1, none, block_size, pos + 1, pos, nullptr, 0, out, &rows);
     else
       AppendQuerySpans(init_end, blocks[h], block_size, local_begin, pos,
-                       remap ? inv_freq : nullptr, head_dim, out, &rows);
+                       remap ? inv_freq : nullptr, head_dim, out, &rows, local);
   }
   if (remap && out->rot.empty()) out->rot_table.clear();
 }

@@ -29,8 +29,9 @@ struct LayerPlan {
 
   // Spans for a single query at `pos`, per KV head (AttnSpans item = KV head); with `remap`,
   // their rotations from inv_freq [head_dim / 2] (the call's RoPE frequencies).
+  // local false: without the Local keys (the hybrid engine's GPU attends them).
   void ToSpans(int64_t kv_heads, AttnSpans* out, const float* inv_freq = nullptr,
-               int64_t head_dim = 0) const;
+               int64_t head_dim = 0, bool local = true) const;
   int64_t AttendedTokens(int64_t h) const;
   std::string ToJson() const;  // one line
 };
@@ -46,8 +47,9 @@ struct LayerPlan {
 // AppendQuerySpans' delta for the i-th (0-based) of k selected blocks, whose first token is b0:
 // (ie + k*B - lb) - (ie + i*B - b0).
 int64_t RemapBlockDelta(int64_t ie, int64_t k, int64_t B, int64_t lb, int64_t i, int64_t b0);
+// local false: without the Local range.
 void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
                       int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
-                      std::map<int64_t, int32_t>* rows);
+                      std::map<int64_t, int32_t>* rows, bool local = true);
 
 }  // namespace needle

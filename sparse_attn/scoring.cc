@@ -22,15 +22,14 @@ namespace hn = hwy::HWY_NAMESPACE;
 //   max(q_c * max_c, q_c * min_c) = max(q_c, 0) * max_c + min(q_c, 0) * min_c,
 // so summing over the group's queries first turns it into two dot products per (block, head),
 // exactly (up to rounding) the per-query form the reference computes.
+// Per KV head: qa [Hk, D] = sum of the group's queries (or of their positive parts for Quest),
+// qb [Hk, D] = sum of their negative parts (Quest only).
 template <typename RT>
-void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
+void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
+            const std::vector<float>& qa, const std::vector<float>& qb, float* scores,
             ThreadingContext& tc) {
   const int64_t D = a.head_dim, Hk = a.kv_heads, R = reps.rows();
   const bool quest = reps.type() == ReprType::kQuest;
-  // Per KV head: qa [Hk, D] = sum of the group's queries (or of their positive parts for Quest),
-  // qb [Hk, D] = sum of their negative parts (Quest only).
-  std::vector<float> qa(static_cast<size_t>(Hk * D)), qb(static_cast<size_t>(Hk * D));
-  GroupQueries(a, quest, qa.data(), qb.data());
   tc.ParallelFor(static_cast<size_t>(a.n), 64, [&](size_t b, size_t e) HWY_ATTR {
     const hn::ScalableTag<float> df;
     const int64_t L = static_cast<int64_t>(hn::Lanes(df));
@@ -63,12 +62,14 @@ void ScoreT(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, 
   });
 }
 
-void ScoreBlocksImpl(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
-                     float* scores, ThreadingContext& tc) {
+// qa, qb: GroupQueries' of a (a.q unused).
+void ScoreGroupedImpl(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
+                      const std::vector<float>& qa, const std::vector<float>& qb, float* scores,
+                      ThreadingContext& tc) {
   if (reps.storage() == DType::kF32)
-    ScoreT<float>(reps, layer, a, scores, tc);
+    ScoreT<float>(reps, layer, a, qa, qb, scores, tc);
   else
-    ScoreT<hwy::bfloat16_t>(reps, layer, a, scores, tc);
+    ScoreT<hwy::bfloat16_t>(reps, layer, a, qa, qb, scores, tc);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -94,11 +95,19 @@ void GroupQueries(const ScoreArgs& a, bool quest, float* qa, float* qb) {
       }
 }
 
-HWY_EXPORT(ScoreBlocksImpl);
+HWY_EXPORT(ScoreGroupedImpl);
 namespace fast {
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
                  ThreadingContext& tc) {
-  HWY_DYNAMIC_DISPATCH(ScoreBlocksImpl)(reps, layer, a, scores, tc);
+  const size_t n = static_cast<size_t>(a.kv_heads * a.head_dim);
+  std::vector<float> qa(n), qb(n);
+  GroupQueries(a, reps.type() == ReprType::kQuest, qa.data(), qb.data());
+  HWY_DYNAMIC_DISPATCH(ScoreGroupedImpl)(reps, layer, a, qa, qb, scores, tc);
+}
+void ScoreGrouped(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
+                  const std::vector<float>& qa, const std::vector<float>& qb, float* scores,
+                  ThreadingContext& tc) {
+  HWY_DYNAMIC_DISPATCH(ScoreGroupedImpl)(reps, layer, a, qa, qb, scores, tc);
 }
 }  // namespace fast
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "engine/base/threading.h"
 #include "sparse_attn/representatives.h"
@@ -30,6 +31,11 @@ namespace fast {
 // scores: [kv_heads][n]
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,
                  ThreadingContext& tc);
+// The same from the queries combined already (GroupQueries' qa, qb [kv_heads, D], made where the
+// queries are); a.q is not read.
+void ScoreGrouped(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a,
+                  const std::vector<float>& qa, const std::vector<float>& qb, float* scores,
+                  ThreadingContext& tc);
 }  // namespace fast
 namespace ref {
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,

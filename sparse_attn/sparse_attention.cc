@@ -161,18 +161,30 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   }
 }
 
+std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const AttnArgs& a) const {
+  std::vector<ChunkSpec> out;
+  const int64_t end = a.pos0 + a.T, init_blocks = cfg_.init_end() / cfg_.block_size;
+  for (int64_t c0 = a.pos0, n = 0; c0 < end; c0 += n) {
+    n = std::min(cfg_.prefill_chunk, end - c0);
+    // The prompt's last query predicts the first answer token: in a prompt longer than one chunk
+    // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
+    if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
+    const int64_t lb = cfg_.LocalBegin(c0);
+    out.push_back(
+        {c0, n, lb / cfg_.block_size > init_blocks, cfg_.pos_remap ? cfg_.RemapScoreShift(lb) : 0});
+  }
+  return out;
+}
+
 void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArgs& a,
                                     const KVLayerView& kv, float* out, float* lse) {
   const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
   const int64_t HD = a.heads * a.head_dim;
   const float* rel = RelativeFreq(a);  // --pos-remap's frequencies (checked), else nullptr
   AttnSpans spans;
-  const int64_t end = a.pos0 + a.T;
-  for (int64_t c0 = a.pos0, n = 0; c0 < end; c0 += n) {
-    n = std::min(cfg_.prefill_chunk, end - c0);
-    // The prompt's last query predicts the first answer token: in a prompt longer than one chunk
-    // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
-    if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
+  std::vector<float> qa(static_cast<size_t>(Hk * a.head_dim)), qb(qa.size());
+  for (const ChunkSpec& ck : PrefillChunks(a)) {
+    const int64_t c0 = ck.c0, n = ck.n;
     AttnArgs ca = a;
     ca.pos0 = c0;
     ca.T = n;
@@ -190,10 +202,18 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       const int64_t n = static_cast<int64_t>(all.size());
       std::vector<float> sc(static_cast<size_t>(Hk * n));
       // Scored with every query of the chunk (scoring sums them), selected as decode selects;
-      // with the remap, where it will attend them (SparseConfig::RemapScoreShift).
-      const float* sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
-      fast::ScoreBlocks(reps_, layer, ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
-                        sc.data(), tc_);
+      // with the remap, where it will attend them (SparseConfig::RemapScoreShift). The executor
+      // may have summed the queries where they are (re-ranking reads them one by one).
+      const float* sq = nullptr;
+      if (cfg_.rescore_blocks == 0 && exec_->ChunkQueries(layer, ca, qa.data(), qb.data())) {
+        fast::ScoreGrouped(reps_, layer,
+                           ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, qa, qb,
+                           sc.data(), tc_);
+      } else {
+        sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
+        fast::ScoreBlocks(reps_, layer, ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
+                          sc.data(), tc_);
+      }
       const ScoreArgs sa{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n};
       if (cfg_.select == SelectMode::kLayer) {
         SumOverHeads(sc.data(), Hk, n);
@@ -207,6 +227,13 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       }
       times_.select += Since(t);
     }
+    if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
+      Watch(layer, sel, cfg_.init_end(), lb, false);
+    float* c_out = out + (c0 - a.pos0) * HD;
+    float* c_lse = lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr;
+    if (exec_->PrefillChunk(layer, cq, ca, kv, PlanExecutor::Chunk{cfg_.init_end(), lb, &sel, rel},
+                            c_out, c_lse))
+      continue;
     // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk
     // (remapped: the rotations depend on the chunk and the head, not on the token).
     spans.offsets.assign(1, 0);
@@ -219,10 +246,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       for (int64_t h = 0; h < Hk; ++h)
         AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, rel, a.head_dim, &spans, &rows);
     }
-    if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
-      Watch(layer, sel, cfg_.init_end(), lb, false);
-    if (!exec_->Spans(layer, cq, ca, kv, spans, out + (c0 - a.pos0) * HD,
-                      lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr))
+    if (!exec_->Spans(layer, cq, ca, kv, spans, c_out, c_lse))
       Fail("--prefill sparse: this placement of the KV cache cannot attend a prompt sparsely yet");
   }
 }

@@ -58,6 +58,29 @@ class PlanExecutor {
                      float* /*lse*/) {
     return false;
   }
+  // One chunk of a sparse prefill, as the planner decided it: each query p of a.T (from a.pos0)
+  // attends Initial [0, init_end), the Context blocks blocks[h] of its KV head h (ascending, the
+  // same count for every head) and Local [local_begin, p]; with inv_freq (--pos-remap block) at
+  // AppendQuerySpans' remapped positions. The same keys as the spans Spans would get.
+  struct Chunk {
+    int64_t init_end, local_begin;
+    const std::vector<std::vector<int32_t>>* blocks;  // [kv_head]
+    const float* inv_freq;                            // [head_dim / 2] or nullptr (no remap)
+  };
+  // A sparse prefill chunk's queries a (a.pos0 .. + a.T) combined as scoring combines them
+  // (GroupQueries: qa, qb [kv_heads, D]), rotated first by the chunk's score shift where
+  // SparseAttention::PrefillChunks says so; false: the planner combines its host queries.
+  virtual bool ChunkQueries(int64_t /*layer*/, const AttnArgs& /*a*/, float* /*qa*/,
+                            float* /*qb*/) {
+    return false;
+  }
+  // Attends one sparse prefill chunk (q, out, lse as Spans'); false: not here (the planner
+  // builds the spans and calls Spans).
+  virtual bool PrefillChunk(int64_t /*layer*/, const float* /*q*/, const AttnArgs& /*a*/,
+                            const KVLayerView& /*kv*/, const Chunk& /*chunk*/, float* /*out*/,
+                            float* /*lse*/) {
+    return false;
+  }
   // A block with its score, as selection ranks them: higher score first, then lower id.
   struct Scored {
     float score;
@@ -120,6 +143,15 @@ class SparseAttention final : public AttentionPolicy {
   void set_watch(int64_t begin, int64_t end);
   std::vector<double> WatchPerLayer() const;
   const LayerPlan& last_plan(int64_t layer) const { return last_plan_[layer]; }
+  // --prefill sparse: the chunks of a prompt micro-batch a (at this step), in order: queries
+  // [c0, c0 + n); whether the chunk selects Context blocks (scores) and, with --pos-remap, the
+  // shift its scoring queries are rotated by (else 0).
+  struct ChunkSpec {
+    int64_t c0, n;
+    bool scores;
+    int64_t score_shift;
+  };
+  std::vector<ChunkSpec> PrefillChunks(const AttnArgs& a) const;
   const SparseConfig& config() const { return cfg_; }
   // Host time of the planner's decode work, summed over steps and layers (seconds).
   struct Times {

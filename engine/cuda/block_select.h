@@ -22,4 +22,13 @@ void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads,
 void GroupQueries(const float* q, int64_t heads, int64_t kv_heads, int64_t D, bool quest, float* qa,
                   float* qb, cudaStream_t stream);
 
+// Scoring's combined queries of the chunks of a sparse prefill (GroupQueries of each): chunk c
+// takes chunks[c * 3 + 1] queries from row chunks[c * 3] of q [rows, heads, D] (device), each
+// first rotated by row chunks[c * 3 + 2] of rot_table ([rows][D], RotationRow's; -1: not rotated)
+// as RotateRows rotates, then summed over tokens and each group's heads in that order, as the host
+// sums them. out: device [n_chunks][2][kv_heads][D], qa then qb. chunks: device.
+void GroupChunkQueries(const float* q, const int32_t* chunks, int64_t n_chunks, int64_t heads,
+                       int64_t kv_heads, int64_t D, bool quest, const float* rot_table, float* out,
+                       cudaStream_t stream);
+
 }  // namespace needle::cuda

@@ -38,6 +38,38 @@ __global__ void __launch_bounds__(kGatherThreads)
   }
 }
 
+constexpr int kRotThreads = 256;
+
+// Block (i, kv): item i of K (kv 0, rotated) or V (kv 1, copied). Each thread takes pairs
+// (j, j + D/2) of rows, as RotateRows does, rounding every product and sum on its own so that the
+// rotation matches the CPU's in f32.
+__global__ void __launch_bounds__(kRotThreads)
+    GatherRotateKernel(uint8_t* k, uint8_t* v, DType t, size_t es, const int32_t* src,
+                       const int32_t* dst, const int32_t* rot, const float* rot_table, int64_t B,
+                       int64_t D) {
+  const int64_t i = blockIdx.x, per = B * D, half = D / 2;
+  const int32_t r = rot[i];
+  uint8_t* base = blockIdx.y == 0 ? k : v;
+  const uint8_t* s = base + static_cast<size_t>(src[i] * per) * es;
+  uint8_t* d = base + static_cast<size_t>(dst[i] * per) * es;
+  if (blockIdx.y == 1 || r < 0) {
+    for (int64_t e = threadIdx.x; e < per; e += kRotThreads) StoreAs(d, e, t, LoadAs(s, e, t));
+    return;
+  }
+  const float* row = rot_table + static_cast<int64_t>(r) * D;
+  for (int64_t e = threadIdx.x; e < B * half; e += kRotThreads) {
+    const int64_t tok = e / half, j = e % half, o = tok * D;
+    const float c = row[j], sn = row[half + j];
+    const float x1 = LoadAs(s, o + j, t), x2 = LoadAs(s, o + half + j, t);
+    StoreAs(d, o + j, t, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, sn)));
+    StoreAs(d, o + half + j, t, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, sn)));
+  }
+  for (int64_t e = threadIdx.x; e < B * (D - 2 * half); e += kRotThreads) {
+    const int64_t o = (e / (D - 2 * half)) * D + 2 * half + e % (D - 2 * half);
+    StoreAs(d, o, t, LoadAs(s, o, t));
+  }
+}
+
 constexpr int kStatThreads = 128;
 
 // Block (j, h, g): the online (max, sum) over the block's keys, each thread a strided share,
@@ -95,6 +127,15 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
   GatherKernel<<<dim3(static_cast<unsigned>(n), 2), kGatherThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, dst, vecs,
       reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst));
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void GatherRotate(uint8_t* k, uint8_t* v, DType t, const int32_t* src, const int32_t* dst,
+                  const int32_t* rot, const float* rot_table, int64_t n, int64_t B, int64_t D,
+                  cudaStream_t stream) {
+  if (n <= 0) return;
+  GatherRotateKernel<<<dim3(static_cast<unsigned>(n), 2), kRotThreads, 0, stream>>>(
+      k, v, t, DTypeSize(t), src, dst, rot, rot_table, B, D);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

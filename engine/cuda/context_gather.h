@@ -29,6 +29,16 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
                   uint8_t* v_dst, cudaStream_t stream);
 
+// Copies n head blocks ([block_size B][head_dim D] rows of one KV head, dtype t) within one device
+// arena pair: item i from k/v + src[i] * B * D elements to k/v + dst[i] * B * D, the keys rotated
+// on the way by row rot[i] of rot_table ([rows][D]: cos of the first D/2 angles, then their sin,
+// as RotationRow writes them; rot[i] < 0: copied as they are), pairs (j, j + D/2) as RotateRows
+// turns them. Position remapping moves keys cached at their true positions (sparse prefill on
+// the GPU). No item may read a head block another writes. src, dst, rot, rot_table: device memory.
+void GatherRotate(uint8_t* k, uint8_t* v, DType t, const int32_t* src, const int32_t* dst,
+                  const int32_t* rot, const float* rot_table, int64_t n, int64_t B, int64_t D,
+                  cudaStream_t stream);
+
 // The softmax sums of n blocks per KV head, as AttendBlocks' stats: for block j of KV head h
 // (keys k [n][kv_heads][B][D], dtype t, device) and query head g of its group (q [kv_heads * G][D]
 // f32, device), stats[((h * n + j) * G + g) * 2] = m (the block's largest scaled score) and

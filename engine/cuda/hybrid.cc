@@ -11,6 +11,7 @@
 
 #include "engine/base/error.h"
 #include "engine/cuda/attention.h"
+#include "engine/cuda/chunk_prefill.h"
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
@@ -47,8 +48,8 @@ struct HybridAttention::Impl final : PlanExecutor {
         stream(CudaBackendStream(gpu_)),
         cpu(MakeCpuBackend(tc_, false)),
         host(HostShape(m_, c_, max_tokens, kv), host_limit),
-        staging(KVCacheShape(1, m_.num_kv_heads, m_.head_dim, max_tokens, c_.block_size, kv), 0,
-                gpu_.kv_memory()),
+        staging(HybridStagingShape(m_, c_, max_tokens, kv), 0, gpu_.kv_memory()),
+        prefill(staging, (max_tokens + c_.block_size - 1) / c_.block_size, CudaBackendStream(gpu_)),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
         residual_on_gpu(residual_on_gpu_),
         scorer(m_, planner.representatives(), stream),
@@ -152,18 +153,29 @@ struct HybridAttention::Impl final : PlanExecutor {
   void PromptAttend(int64_t layer, const AttnArgs& a) {
     const int64_t B = c.block_size, end = a.pos0 + a.T, call_end = step.call_pos0 + step.call_T;
     // This micro-batch's blocks to the host (the planner computes their representatives there).
+    auto t = Clock::now();
     host.AssignBlocks(layer, a.pos0, a.T);
     PinHost(layer, a.pos0 / B, (end + B - 1) / B);
+    stats.prompt_pin += Since(t);
     CopyBlocks(staging, 0, host, layer, a.pos0 / B, (end + B - 1) / B, cudaMemcpyDeviceToHost);
-    // The planner reads the queries of the prompt's observation window and its last query.
+    // The planner reads the queries of the prompt's observation window and its last query; a
+    // sparse prefill's selection, their sums (made here), or every query to re-rank blocks by
+    // their best key.
     const int64_t HD = a.heads * a.head_dim;
     float* q_host = q_pin.Get(static_cast<size_t>(a.T * HD));
-    if (call_end - end < c.obs_window || step.last_of_call) {
-      const int64_t t0 = std::max<int64_t>(0, a.T - c.obs_window);
+    prompt_pos0 = a.pos0;
+    const bool all_q = c.sparse_prefill && c.rescore_blocks > 0;
+    if (c.sparse_prefill && !all_q)
+      prefill.QueueScoringQueries(planner.PrefillChunks(a), q_dev, a, c.repr == ReprType::kQuest);
+    if (all_q || call_end - end < c.obs_window || step.last_of_call) {
+      const int64_t t0 = all_q ? 0 : std::max<int64_t>(0, a.T - c.obs_window);
       D2H(q_host + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
     }
-    Sync(nullptr);
+    Sync(&stats.prompt_wait);
+    prefill.BeginMicroBatch();
+    t = Clock::now();
     planner.Attend(layer, q_host, a, host, out_dev);
+    stats.prompt_plan += Since(t);
     if (step.last_of_call) {
       // The first decode step's Initial and Local blocks go to the layer's ring.
       const int64_t init_b = std::min(c.init_end() / B, (end + B - 1) / B);
@@ -177,16 +189,37 @@ struct HybridAttention::Impl final : PlanExecutor {
     }
   }
 
+  // Sparse prefill (chunk_prefill.h): the chunks' scoring queries, then each chunk's attention.
+  bool ChunkQueries(int64_t, const AttnArgs& a, float* qa, float* qb) override {
+    return prefill.ChunkQueries(a, qa, qb);
+  }
+  bool PrefillChunk(int64_t, const float*, const AttnArgs& a, const KVLayerView&, const Chunk& ch,
+                    float* out, float* lse) override {
+    float* lse_dev =
+        lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
+    prefill.Attend(q_dev, prompt_pos0, a, ch, out, lse_dev, sm, ws);
+    if (lse != nullptr) {
+      float* pin = lse_pin.Get(static_cast<size_t>(a.T * a.heads));
+      D2H(pin, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
+      Sync(nullptr);
+      std::copy_n(pin, a.T * a.heads, lse);
+    }
+    return true;
+  }
+
   // --- decode ----------------------------------------------------------------------------------
   // The view of a sparse layer's ring as one causal sequence: Initial blocks, the n_g Context
   // blocks gathered into its extra slots (GatherContext), then the Local blocks, renumbered (the
   // keys were rotated at their true positions when written, and a query's softmax does not
-  // depend on their order). *a2: the query's arguments over it.
-  KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2) {
-    const int64_t B = c.block_size, p = a.pos0, ie = c.init_end(), lb = c.LocalBegin(p);
+  // depend on their order). *a2: the query's arguments over it. init false: Local alone (with
+  // position remapping the CPU attends the Initial keys, which move).
+  KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
+                         bool init = true) {
+    const int64_t B = c.block_size, p = a.pos0, ie = init ? c.init_end() : 0, lb = c.LocalBegin(p);
     const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
     const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
-    if (lb != table_lb || p / B != table_pb || n_g != table_ng) {
+    const int64_t key = init ? n_g : -1;                 // (Local alone: no gathered blocks)
+    if (lb != table_lb || p / B != table_pb || key != table_ng) {
       table_host.resize(static_cast<size_t>(n));
       for (int64_t j = 0; j < n; ++j) {
         table_host[j] = j < ib ? model_cache->SlotOf(layer, j)
@@ -197,7 +230,7 @@ struct HybridAttention::Impl final : PlanExecutor {
       }
       int32_t* d = table_dev.Get<int32_t>(table_host.size());
       H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
-      table_lb = lb, table_pb = p / B, table_ng = n_g;
+      table_lb = lb, table_pb = p / B, table_ng = key;
     }
     KVLayerView v = model_cache->Layer(layer);
     v.table = table_dev.Get<int32_t>(table_host.size());
@@ -290,10 +323,23 @@ struct HybridAttention::Impl final : PlanExecutor {
   }
 
   // --- PlanExecutor ----------------------------------------------------------------------------
-  void Dense(int64_t layer, const float*, const AttnArgs& a, const KVLayerView&, float*,
+  void Dense(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
              float* lse) override {
     AttnArgs a2 = a;
     KVLayerView v;
+    const int64_t B = c.block_size, ib = c.init_end() / B, cb = c.LocalBegin(a.pos0) / B;
+    if (step.call_T == 1 && !Dense(layer) && cb > ib) {
+      // A layer whose keys live in host memory that the planner attends densely at this step
+      // (the first dense_layers within the trained length, with --prefill sparse): a plan of
+      // every Context block.
+      LayerPlan all;
+      all.blocks.assign(static_cast<size_t>(a.kv_heads), {});
+      for (auto& hb : all.blocks)
+        for (int64_t b = ib; b < cb; ++b) hb.push_back(static_cast<int32_t>(b));
+      dense_lse.resize(static_cast<size_t>(a.heads));
+      Planned(layer, q, a, kv, all, out, lse != nullptr ? lse : dense_lse.data(), nullptr);
+      return;
+    }
     if (step.call_T > 1)
       v = Dense(layer) ? model_cache->Layer(layer) : staging.Layer(0);
     else
@@ -317,11 +363,13 @@ struct HybridAttention::Impl final : PlanExecutor {
     const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
     // GPU, queued first so that it runs while the CPU attends: n_g selected blocks of every KV
     // head (those it holds from earlier steps, the others from the host cache), attended with
-    // Initial + Local; their softmax sums.
-    int64_t n_g = GpuShare(plan);
+    // Initial + Local; their softmax sums. With position remapping, Local alone: the Initial and
+    // Context keys move by amounts that change with the step, and the CPU rotates its query.
+    const bool remap = plan.remap && a.inv_freq != nullptr;
+    int64_t n_g = remap ? 0 : GpuShare(plan);
     if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
     AttnArgs a2;
-    const KVLayerView v = WindowView(layer, a, n_g, &a2);
+    const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
     // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
     // the sums come back in one copy.
     const size_t n_stats = mass != nullptr ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
@@ -349,7 +397,12 @@ struct HybridAttention::Impl final : PlanExecutor {
     }
     auto t = Clock::now();
     float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
-    fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
+    if (remap) {
+      plan.ToSpans(Hk, &spans, a.inv_freq, a.head_dim, false);
+      cpu->Attention(q, kv, a, &spans, cpu_part, cpu_part + HD);
+    } else {
+      fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
+    }
     stats.cpu_attend += Since(t);
     for (const auto& b : *cb) stats.cpu_blocks += static_cast<int64_t>(b.size());
     // GPU: the CPU's partial merged into the layer's output. No wait for it: the host computes
@@ -362,7 +415,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
     stats.gpu_wait += Since(t);
     for (int64_t r = 0; r < a.heads; ++r) lse[r] = MergeLse(g_pin[r], cpu_part[HD + r]);
-    if (mass == nullptr) return false;
+    if (mass == nullptr || remap) return false;
     const std::vector<float>* st = &block_stats;
     if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
       all_stats.clear();
@@ -387,13 +440,15 @@ struct HybridAttention::Impl final : PlanExecutor {
     return -1;
   }
 
+  // (With position remapping the planner scores a rotated query, ScoringQueries, which the GPU
+  // does not have: it scores on the CPU.)
   bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
              float* scores) override {
-    return scorer.Score(layer, reps, a, q_dev, scores);
+    return !c.pos_remap && scorer.Score(layer, reps, a, q_dev, scores);
   }
   bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
                 int64_t want, std::vector<std::vector<Scored>>* top) override {
-    return scorer.ScoreTop(layer, reps, a, sum_heads, want, q_dev, top);
+    return !c.pos_remap && scorer.ScoreTop(layer, reps, a, sum_heads, want, q_dev, top);
   }
 
   const ModelConfig& m;
@@ -402,6 +457,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   cudaStream_t stream;
   std::unique_ptr<Backend> cpu;
   KVCache host, staging;
+  ChunkPrefill prefill;  // --prefill sparse on the GPU
   SparseAttention planner;
   bool residual_on_gpu;
   cuda::GpuBlockScorer scorer;  // the planner's scoring and top-k, on the GPU
@@ -420,11 +476,14 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
   std::vector<int32_t> table_host;
+  int64_t prompt_pos0 = 0;  // the prompt micro-batch in flight: its first position (q_dev's row 0)
   int64_t table_lb = -1, table_pb = -1, table_ng = -1;
   cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
       gpu_part{"hybrid partials"};
   cuda::AttnWorkspace ws;
-  std::vector<float> block_stats;     // AttendBlocks' per-block sums
+  std::vector<float> block_stats;  // AttendBlocks' per-block sums
+  AttnSpans spans;                 // remapped decode: the CPU's keys
+  std::vector<float> dense_lse;
   cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
   cudaEvent_t gpu_done = nullptr;     // decode: the GPU's partial's lse and block sums are here
   HybridStats stats;
@@ -520,7 +579,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
-  x.scorer.QueueEarly(layer, x.planner, a, q);
+  if (!x.c.pos_remap) x.scorer.QueueEarly(layer, x.planner, a, q);
   // The CPU attends Context blocks after the projections and the selection's round trip to the
   // GPU: once the GPU has finished the previous layer (layer_start), wake its threads, so that
   // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was

@@ -34,6 +34,12 @@ bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer
 KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                DType kv_type);
 
+// The GPU's staging layer, where a prompt's sparse layer is computed: one layer of the whole
+// context and, with --prefill sparse, extra slots after it for a chunk's gathered and rotated
+// blocks (chunk_layout.h), from slot num_blocks(ctx) on.
+KVCacheShape HybridStagingShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                                DType kv_type);
+
 // What the hybrid engine puts on the GPU, by item (bytes), and the check against a budget.
 struct HybridGpuMemory {
   size_t weights = 0;
@@ -67,6 +73,10 @@ struct HybridStats {
   int64_t gpu_blocks = 0, cpu_blocks = 0;
   // Of gpu_blocks, those already in GPU memory from an earlier step (not read over PCIe).
   int64_t gpu_reused = 0;
+  // Prompts' sparse layers, summed over micro-batches and layers (host clock, seconds): page-
+  // locking the host cache as it fills, waiting for the GPU before planning (the layer's
+  // projections and everything queued before), and the planner (queuing its chunks included).
+  double prompt_pin = 0, prompt_wait = 0, prompt_plan = 0;
 };
 
 class HybridAttention final : public AttentionPolicy {

@@ -6,12 +6,25 @@
 #include <string>
 
 #include "engine/base/error.h"
+#include "engine/cuda/chunk_layout.h"
 #include "engine/cuda/hybrid.h"
 
 namespace needle {
 
 bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer) {
-  return layer < c.dense_layers || m.sliding_window[static_cast<size_t>(layer)] > 0;
+  // (With sparse prefill the first dense_layers attend sparsely past the trained length:
+  // SparseAttention::DenseLayer. Their keys then live in host memory like any sparse layer's.)
+  return (layer < c.dense_layers && !c.sparse_prefill) ||
+         m.sliding_window[static_cast<size_t>(layer)] > 0;
+}
+
+KVCacheShape HybridStagingShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                                DType kv_type) {
+  const int64_t extra =
+      c.sparse_prefill ? ChunkExtraSlots(c.init_end(), c.topk, c.block_size) * c.block_size : 0;
+  const int64_t blocks = (ctx + c.block_size - 1) / c.block_size;
+  return KVCacheShape(1, m.num_kv_heads, m.head_dim, blocks * c.block_size + extra, c.block_size,
+                      kv_type);
 }
 
 KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
@@ -55,8 +68,7 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
   for (int64_t l = 0; l < s.layers; ++l)
     (s.IsRing(l) ? g.window_kv : g.dense_kv) +=
         s.SlotBytes() * static_cast<size_t>(s.LayerSlots(l));
-  KVCacheShape one(1, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
-  g.staging_kv = one.TotalBytes();
+  g.staging_kv = HybridStagingShape(m, c, ctx, kv_type).TotalBytes();
   g.reps = RepsBytes(m, c, ctx, kv_type);
   // Model::Buffers of a micro-batch (x, h, q, k, v, att, gate, up) and the logits row, in f32.
   const int64_t U = std::min(ubatch, ctx);

@@ -7,23 +7,9 @@
 
 namespace needle {
 
-namespace {
-void RefuseHybridSparsePrefill(const SparseConfig& c) {
-  if (c.sparse_prefill)
-    Fail(
-        "--prefill sparse: the hybrid engine (sparse attention on a GPU) prefills densely for now; "
-        "run it with --device cpu, or drop --prefill sparse");
-  if (c.pos_remap)
-    Fail(
-        "--pos-remap block: the hybrid engine (sparse attention on a GPU) does not remap "
-        "positions yet; run it with --device cpu, or drop --pos-remap");
-}
-}  // namespace
-
 void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeights& w,
                        const SparseConfig* sparse, const SequenceOptions& o) {
   if (sparse == nullptr || backend.kv_memory() == nullptr) return;
-  RefuseHybridSparsePrefill(*sparse);
 #ifdef NEEDLE_HAVE_CUDA
   const size_t weights = w.TotalBytes();
   const size_t budget = o.gpu_memory != 0 ? o.gpu_memory : backend.kv_memory()->AvailableBytes();
@@ -53,7 +39,6 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
     s.policy = std::move(p);
     return s;
   }
-  RefuseHybridSparsePrefill(*sparse);
 #ifdef NEEDLE_HAVE_CUDA
   const ModelConfig& m = model.config();
   const size_t weights = model.weights().TotalBytes();

@@ -1,0 +1,104 @@
+#include "engine/cuda/chunk_prefill.h"
+
+#include <algorithm>
+#include <map>
+
+#include "engine/base/error.h"
+#include "engine/cuda/block_select.h"
+#include "engine/cuda/context_gather.h"
+#include "engine/cuda/cuda_check.h"
+
+namespace needle {
+
+ChunkPrefill::ChunkPrefill(KVCache& staging, int64_t first_extra, cudaStream_t stream)
+    : staging_(staging), x0_(first_extra), stream_(stream) {}
+
+void ChunkPrefill::QueueScoringQueries(const std::vector<SparseAttention::ChunkSpec>& chunks,
+                                       const float* q, const AttnArgs& a, bool quest) {
+  const int64_t D = a.head_dim, n = static_cast<int64_t>(chunks.size());
+  group_floats_ = a.kv_heads * D;
+  starts_.clear();
+  std::vector<int32_t> spec;  // [n][3]: first row, tokens, rotation row
+  std::vector<float> rows;
+  std::map<int64_t, int32_t> row_of;  // shift -> rotation row
+  for (const auto& ck : chunks) {
+    starts_.push_back(ck.c0);
+    int32_t r = -1;
+    if (ck.score_shift != 0) {
+      NEEDLE_CHECK(a.inv_freq != nullptr);
+      auto it = row_of.find(ck.score_shift);
+      if (it == row_of.end()) {
+        r = static_cast<int32_t>(row_of.size());
+        rows.resize(rows.size() + static_cast<size_t>(D));
+        RotationRow(ck.score_shift, a.inv_freq, D, rows.data() + r * D);
+        row_of.emplace(ck.score_shift, r);
+      } else {
+        r = it->second;
+      }
+    }
+    spec.insert(spec.end(), {static_cast<int32_t>(ck.c0 - a.pos0), static_cast<int32_t>(ck.n), r});
+  }
+  if (n == 0) return;
+  int32_t* d_spec = ints_.Get<int32_t>(spec.size());
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(d_spec, spec.data(), spec.size() * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, stream_));
+  float* d_rows = nullptr;
+  if (!rows.empty()) {
+    d_rows = rows_.Get<float>(rows.size());
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(d_rows, rows.data(), rows.size() * sizeof(float),
+                                      cudaMemcpyHostToDevice, stream_));
+  }
+  const size_t total = static_cast<size_t>(n * 2 * group_floats_);
+  float* d_out = grouped_.Get<float>(total);
+  cuda::GroupChunkQueries(q, d_spec, n, a.heads, a.kv_heads, D, quest, d_rows, d_out, stream_);
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(grouped_pin_.Get(total), d_out, total * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+}
+
+bool ChunkPrefill::ChunkQueries(const AttnArgs& a, float* qa, float* qb) {
+  const auto it = std::find(starts_.begin(), starts_.end(), a.pos0);
+  if (it == starts_.end()) return false;
+  const float* g = grouped_pin_.Get(0) + (it - starts_.begin()) * 2 * group_floats_;
+  std::copy_n(g, group_floats_, qa);
+  std::copy_n(g + group_floats_, group_floats_, qb);
+  return true;
+}
+
+void ChunkPrefill::Attend(const float* q, int64_t q_pos0, const AttnArgs& a,
+                          const PlanExecutor::Chunk& ch, float* out, float* lse, int sm,
+                          cuda::AttnWorkspace& ws) {
+  const int64_t B = staging_.shape().block_size, Hk = staging_.shape().kv_heads;
+  LayoutChunk(
+      ch, a.pos0, a.T, B, Hk, a.head_dim, [this](int64_t b) { return staging_.SlotOf(0, b); }, x0_,
+      &layout_);
+  // One upload: [table][src][dst][rot] int32, then the rotation rows (f32), from page-locked
+  // memory (this chunk's buffer, last used by the previous micro-batch, which has finished).
+  const size_t nt = layout_.table.size(), nc = layout_.src.size(), nr = layout_.rot_table.size();
+  const size_t ni = nt + 3 * nc;
+  if (next_ == up_.size()) up_.push_back(std::make_unique<cuda::PinnedFloats>());
+  float* up = up_[next_++]->Get(ni + nr);
+  auto* ui = reinterpret_cast<int32_t*>(up);
+  std::copy(layout_.table.begin(), layout_.table.end(), ui);
+  std::copy(layout_.src.begin(), layout_.src.end(), ui + nt);
+  std::copy(layout_.dst.begin(), layout_.dst.end(), ui + nt + nc);
+  std::copy(layout_.rot.begin(), layout_.rot.end(), ui + nt + 2 * nc);
+  std::copy(layout_.rot_table.begin(), layout_.rot_table.end(), up + ni);
+  float* dev = ints_.Get<float>(ni + nr);
+  NEEDLE_CUDA_CHECK(
+      cudaMemcpyAsync(dev, up, (ni + nr) * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  const auto* ints = reinterpret_cast<const int32_t*>(dev);
+  if (nc > 0) {
+    const float* rows = nr > 0 ? dev + ni : nullptr;
+    cuda::GatherRotate(staging_.BlockData(0, false, 0), staging_.BlockData(0, true, 0),
+                       staging_.shape().dtype, ints + nt, ints + nt + nc, ints + nt + 2 * nc, rows,
+                       static_cast<int64_t>(nc), B, a.head_dim, stream_);
+  }
+  KVLayerView v = staging_.Layer(0);
+  v.table = ints;
+  AttnArgs a2 = a;
+  a2.pos0 = layout_.pos0;
+  v.n_tokens = a2.pos0 + a2.T;
+  cuda::Attention(q + (a.pos0 - q_pos0) * a.heads * a.head_dim, v, a2, out, lse, sm, ws, stream_);
+}
+
+}  // namespace needle
