@@ -48,7 +48,8 @@ class RepresentativeStore {
   // Max/Mean/Quest from the block's keys (the block must be full). With relative_freq (the
   // RoPE frequencies [head_dim / 2]; --pos-remap block), from the keys rotated back by the
   // block's first position, i.e. as if the block started at position 0: representatives of the
-  // block wherever it is moved (SparseConfig::RemapScoreShift).
+  // block wherever it is moved (SparseConfig::RemapScoreShift). Threads may compute distinct
+  // blocks at once.
   void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv,
                        const float* relative_freq = nullptr);
   // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "engine/base/error.h"
@@ -72,6 +73,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   }
 
   ~Impl() override {
+    JoinPinAhead();
     if (layer_start != nullptr) cudaEventDestroy(layer_start);
     if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   }
@@ -139,7 +141,28 @@ struct HybridAttention::Impl final : PlanExecutor {
   }
 
   // --- prompts: layer by layer; a sparse layer's keys in the staging layer ----------------------
+  // Page-locks the host cache's range of the prompt in the next sparse layer after `layer` on
+  // another thread, while this layer computes (registering fresh memory costs about a third of a
+  // second per GB: bench/RESULTS.md).
+  void PinAhead(int64_t layer) {
+    JoinPinAhead();
+    int64_t next = layer + 1;
+    while (next < m.num_layers && Dense(next)) ++next;
+    if (next >= m.num_layers) return;
+    const int64_t p0 = step.call_pos0, end = p0 + step.call_T, B = c.block_size;
+    host.AssignBlocks(next, p0, step.call_T);  // (slots in order, as the micro-batches would)
+    int dev = 0;
+    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+    pin_ahead = std::thread([this, next, p0, end, B, dev] {
+      if (cudaSetDevice(dev) == cudaSuccess) PinHost(next, p0 / B, (end + B - 1) / B);
+    });
+  }
+  void JoinPinAhead() {
+    if (pin_ahead.joinable()) pin_ahead.join();
+  }
+
   void StartPromptLayer(int64_t layer) {
+    PinAhead(layer);
     Sync(nullptr);  // earlier layers' work on the staging layer is done
     staging.Clear();
     const int64_t p0 = step.call_pos0, B = c.block_size;
@@ -469,6 +492,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   KVCache* model_cache = nullptr;
   cuda::PinnedFloats q_pin, row_pin, part_pin, lse_pin, gl_pin;
   cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
+  std::thread pin_ahead;            // PinAhead's
   bool gather_on = false;           // the GPU attends its share of the Context blocks
   cuda::PinnedFloats src_pin;       // GatherContext's sources and destinations (int32)
   ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
@@ -522,6 +546,7 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
 }
 
 void HybridAttention::Reset() {
+  impl_->JoinPinAhead();
   impl_->planner.Reset();
   impl_->host.Clear();
   impl_->table_lb = impl_->table_pb = -1;
@@ -553,6 +578,7 @@ AttentionPolicy::Prefill HybridAttention::PrefillOrder(int64_t) const {
 
 void HybridAttention::EndPrefill() {
   Impl& x = *impl_;
+  x.JoinPinAhead();
   x.host.SetSize(x.step.call_pos0 + x.step.call_T);
   x.table_lb = x.table_pb = -1;
   x.resident.Clear();

@@ -28,6 +28,7 @@ float* PinnedFloats::Get(size_t n) {
 ArenaPinning::~ArenaPinning() { Reset(nullptr, 0); }
 
 void ArenaPinning::Reset(uint8_t* base, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
   for (size_t c = 0; c < done_.size(); ++c)
     if (done_[c] != 0) cudaHostUnregister(base_ + c * kChunk);
   base_ = base, bytes_ = bytes, pinned_ = 0;
@@ -35,6 +36,7 @@ void ArenaPinning::Reset(uint8_t* base, size_t bytes) {
 }
 
 bool ArenaPinning::Pin(const uint8_t* p, size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
   if (failed_) return false;
   if (n == 0) return true;
   NEEDLE_CHECK(p >= base_ && p + n <= base_ + bytes_);

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 namespace needle::cuda {
@@ -40,6 +41,7 @@ class ArenaPinning {
   void Reset(uint8_t* base, size_t bytes);
   // Registers every chunk [p, p + n) touches that is not yet registered. False once CUDA has
   // refused a registration (a locked-memory limit): the caller falls back to what needs none.
+  // Threads may call it at once (one registers while the others wait).
   bool Pin(const uint8_t* p, size_t n);
   bool failed() const { return failed_; }
   // Bytes from p to the end of its chunk (SIZE_MAX when p is not in the arena). One copy must not
@@ -52,6 +54,7 @@ class ArenaPinning {
   size_t bytes_ = 0, pinned_ = 0;
   std::vector<uint8_t> done_;  // [chunk]
   bool failed_ = false;
+  std::mutex mu_;
 };
 
 // Whether kernels on the current GPU can read registered host memory through the host pointer.
