@@ -141,7 +141,8 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   // about 6 ms a layer and micro-batch).
   QueryWindow& w = window_[layer];
   const int64_t call_end = step_.call_pos0 + step_.call_T;
-  for (int64_t t = std::max<int64_t>({0, a.T - cfg_.obs_window, call_end - cfg_.obs_window - a.pos0});
+  for (int64_t t =
+           std::max<int64_t>({0, a.T - cfg_.obs_window, call_end - cfg_.obs_window - a.pos0});
        t < a.T; ++t)
     w.Push(q + t * a.heads * a.head_dim, nullptr, a.pos0 + t);
   const int64_t B = cfg_.block_size, end = a.pos0 + a.T;

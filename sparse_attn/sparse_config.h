@@ -47,8 +47,10 @@ struct SparseConfig {
   // prefill_chunk tokens, each chunk Initial + its own topk Context blocks (scored with the
   // chunk's queries) + the Local window before it + itself, causally; layers under
   // dense_layers attend densely only within the model's trained length (max_position_embeddings).
+  // 512: the chunks every quality result was measured with (the CPU's 512-token micro-batches
+  // cut 1024-token chunks there), and a divisor of both devices' default micro-batch.
   bool sparse_prefill = false;
-  int64_t prefill_chunk = 1024;
+  int64_t prefill_chunk = 512;
   // Block-wise position remapping (--pos-remap block, sparse_attn/plan.h AppendQuerySpans): each
   // sparse query scores its attended keys as if they were contiguous, so that no query-key
   // distance exceeds Initial + topk blocks + Local (+ the prefill chunk).

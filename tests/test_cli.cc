@@ -417,7 +417,7 @@ TEST(Cli, EvalValidatesItsOptions) {
   const std::string base = "eval passkey -m " + model + " -o " + d.File("run") + " ";
   const std::pair<std::string, std::string> refused[] = {
       {"-t -1 --lengths 400", "--threads must be between"},
-      {"--ubatch 0 --lengths 400", "--ubatch must be positive"},
+      {"--ubatch -1 --lengths 400", "--ubatch must be positive, or 0"},
       {"--lengths \"\"", "--lengths: no length given"},
       {"--lengths 100m --ctx-size 1024", "--lengths: 104857600 tokens is more than needle"},
       {"--lengths 400 --depths 100000000", "--depths: 100000000 is not between 1 and 1000"},

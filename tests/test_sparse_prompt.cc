@@ -7,6 +7,8 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -152,6 +154,84 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
       ASSERT_NEAR(out[(N - 1) * H * D + i], want[i], 1e-5 * (1 + std::fabs(want[i])))
           << "seed " << seed << " " << i;
     break;
+  }
+}
+
+// A prompt in micro-batches leaves the planner as the whole prompt at once does: the observation
+// window (only the prompt's last obs_window queries are kept, whatever the micro-batches) votes
+// for the same Dynamic representatives and the same preselection.
+TEST(Sparse, MicroBatchesLeaveTheSameObservationWindow) {
+  const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 100;
+  ModelConfig m;
+  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
+  m.sliding_window = {0};
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  // Keys of the prompt and of one decode token; queries of the prompt and of the decode token.
+  const auto k = test::RandomVector((N + 1) * Hk * D, 5),
+             v = test::RandomVector((N + 1) * Hk * D, 6);
+  auto q = test::RandomVector((N + 1) * H * D, 7, 2.f);
+  // Query 94 (the oldest the window of 6 keeps, in the next-to-last micro-batch) looks hard at
+  // token 9 alone: without it, token 9 is not its block's most-voted.
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d)
+      q[(94 * H + h) * D + d] = 4.f * k[(9 * Hk + h / (H / Hk)) * D + d];
+  KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
+  cache.Write(0, 0, N + 1, k.data(), v.data());
+  for (ReprType r : {ReprType::kDynamic, ReprType::kQuest}) {
+    SparseConfig c;
+    c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 3, c.dense_layers = 0;
+    // A window of 6 spans the last two micro-batches; one query's votes move the most-voted
+    // token of some block (repr_count 1).
+    c.repr = r, c.repr_count = 1, c.obs_window = 6, c.preselect_blocks = 5, c.retain_blocks = 0;
+    std::string plans[2];
+    std::vector<uint8_t> reps[2];
+    for (int64_t ub : {N, int64_t{16}}) {  // the whole prompt; micro-batches of 16 (the last: 4)
+      SparseAttention sp(m, c, *backend, tc, N + 1, DType::kF32);
+      std::ostringstream plan;
+      sp.set_plan_sink(&plan);
+      std::vector<float> out(static_cast<size_t>(N * H * D));
+      for (int64_t p0 = 0; p0 < N; p0 += ub) {
+        const int64_t T = std::min(ub, N - p0);
+        sp.BeginStep(StepInfo{p0, T, N, p0 + T == N, 0});
+        AttnArgs a{T, p0, H, Hk, D, 0, 0.25f};
+        sp.Attend(0, q.data() + p0 * H * D, a, cache, out.data() + p0 * H * D);
+      }
+      // One decode step: its plan shows the selection the window's votes allow.
+      sp.BeginStep(StepInfo{N, 1, 1, true, N});
+      std::vector<float> o1(static_cast<size_t>(H * D));
+      AttnArgs a1{1, N, H, Hk, D, 0, 0.25f};
+      sp.Attend(0, q.data() + N * H * D, a1, cache, o1.data());
+      const int i = ub == N ? 0 : 1;
+      plans[i] = plan.str();
+      for (int64_t b = c.init_end() / B; b < N / B - 2; ++b) {
+        const auto* p = static_cast<const uint8_t*>(sp.representatives().Block(0, b));
+        reps[i].insert(reps[i].end(), p, p + Hk * sp.representatives().rows() * D * 4);
+      }
+    }
+    EXPECT_EQ(plans[1], plans[0]) << static_cast<int>(r);
+    EXPECT_EQ(reps[1], reps[0]) << static_cast<int>(r);
+    if (r != ReprType::kDynamic) continue;
+    // And they are the votes of the prompt's last obs_window queries, no more, no fewer.
+    QueryWindow w(c.obs_window, H, D);
+    for (int64_t p = N - c.obs_window; p < N; ++p) w.Push(q.data() + p * H * D, nullptr, p);
+    KVLayerView kv = cache.Layer(0);
+    kv.n_tokens = N;
+    std::vector<float> wout(static_cast<size_t>(c.obs_window * H * D)), votes;
+    ref::Attention(w.q().data(), kv, AttnArgs{c.obs_window, N - c.obs_window, H, Hk, D, 0, 0.25f},
+                   nullptr, wout.data(), w.lse().data(), tc);
+    ObservationVotes(kv, w, H, 0.25f, 0, N, tc, &votes);
+    RepresentativeStore want(1, Hk, D, N / B + 1, ReprType::kDynamic, DType::kF32);
+    std::vector<uint8_t> want_bytes;
+    std::vector<float> bv(static_cast<size_t>(Hk * B));
+    for (int64_t b = c.init_end() / B; b < N / B - 2; ++b) {
+      for (int64_t h = 0; h < Hk; ++h)
+        std::copy_n(votes.data() + h * N + b * B, B, bv.data() + h * B);
+      want.ComputeDynamic(0, b, kv, bv.data(), c.repr_count);
+      const auto* p = static_cast<const uint8_t*>(want.Block(0, b));
+      want_bytes.insert(want_bytes.end(), p, p + Hk * D * 4);
+    }
+    EXPECT_EQ(reps[1], want_bytes);
   }
 }
 

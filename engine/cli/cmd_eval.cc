@@ -166,9 +166,10 @@ int CmdEval(int argc, char** argv) {
   if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
   if (opt.Flag("needle-hits") && !any_sparse) Fail("--needle-hits needs --attention sparse");
 
-  const RunLimits limits = RunLimitsFromOptions(opt);
+  RunLimits limits = RunLimitsFromOptions(opt);
   ThreadingContext tc(limits.threads);
   auto backend = MakeBackend(opt.Str("device"), opt, tc);
+  limits.ubatch = ResolveUbatch(limits.ubatch, *backend);
   auto model = LoadModel(opt.Str("model"), *backend);
   model->set_ubatch(limits.ubatch);
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");

@@ -95,7 +95,8 @@ std::vector<OptionSpec> RunOptionSpecs() {
        "KV cache type: auto (the weights' type), f32, f16, bf16, int8"},
       {"kv-memory", 0, OptKind::kString, "",
        "largest KV cache allowed, e.g. 16G (default: available memory)"},
-      {"ubatch", 0, OptKind::kInt, "512", "prompt tokens per forward step"},
+      {"ubatch", 0, OptKind::kInt, "0",
+       "prompt tokens per forward step (0: 512 on the CPU, 4096 on a GPU)"},
       {"dummy-weights", 0, OptKind::kFlag, "",
        "random weights of config.json's shapes (no safetensors needed)"},
       {"dummy-type", 0, OptKind::kString, "bf16", "weight type of --dummy-weights: f32, f16, bf16"},
@@ -236,7 +237,8 @@ RunLimits RunLimitsFromOptions(const Options& opt) {
     Fail("--threads must be between 0 (all hardware threads) and 4096 (got ", threads, ")");
   l.threads = static_cast<int>(threads);
   l.ubatch = opt.Int("ubatch");
-  if (l.ubatch <= 0) Fail("--ubatch must be positive (got ", l.ubatch, ")");
+  if (l.ubatch < 0)
+    Fail("--ubatch must be positive, or 0 for the device's default (got ", l.ubatch, ")");
   l.kv_memory =
       opt.Str("kv-memory").empty() ? 0 : ParseByteSize(opt.Str("kv-memory"), "--kv-memory");
   l.gpu_memory =
@@ -246,16 +248,22 @@ RunLimits RunLimitsFromOptions(const Options& opt) {
   return l;
 }
 
+int64_t ResolveUbatch(int64_t ubatch, Backend& b) {
+  if (ubatch > 0) return ubatch;
+  return b.kv_memory() != nullptr ? 4096 : 512;
+}
+
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);
   const std::string model_path = opt.Str("model");
   if (model_path.empty()) Fail("--model is required");
-  const RunLimits limits = RunLimitsFromOptions(opt);
+  RunLimits limits = RunLimitsFromOptions(opt);
   const size_t kv_limit = limits.kv_memory;
 
   rs.tc = std::make_unique<ThreadingContext>(limits.threads);
   rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
+  limits.ubatch = ResolveUbatch(limits.ubatch, *rs.backend);
   const std::string kvs = opt.Str("kv-type");
   // The hybrid's GPU budget is checked with the weights in host memory, before any is copied.
   const BeforeUpload fits = [&](const ModelConfig& m, const ModelWeights& w) {

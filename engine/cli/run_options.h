@@ -35,14 +35,20 @@ struct RunSetup {
 // attention: the attention value to check against (default: the --attention option).
 SparseConfig SparseConfigFromOptions(const Options& opt, const std::string* attention = nullptr);
 // The limits every subcommand that runs a model validates the same way: --threads (>= 0),
-// --ubatch (> 0) and --kv-memory (a size; 0 when unset: the memory's available bytes).
+// --ubatch (>= 0; 0: ResolveUbatch's default) and --kv-memory (a size; 0 when unset: the
+// memory's available bytes).
 struct RunLimits {
   int threads = 0;
-  int64_t ubatch = 512;
+  int64_t ubatch = 0;
   size_t kv_memory = 0;
   size_t gpu_memory = 0;  // --gpu-memory (0: the GPU's free memory)
 };
 RunLimits RunLimitsFromOptions(const Options& opt);
+// The prompt micro-batch: --ubatch, or with 0, 512 tokens on the CPU and 4096 on a GPU (its
+// matrix products want more rows; the hybrid engine's host work per micro-batch is amortised:
+// needle-tiny's 1M prompt in 4-5 s instead of 16-18 s on the H200). A multiple of the default
+// --prefill-chunk either way, so that a sparse prefill's chunks, and so its plan, are the same.
+int64_t ResolveUbatch(int64_t ubatch, Backend& b);
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
 // attention policy.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
