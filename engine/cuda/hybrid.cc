@@ -19,6 +19,7 @@
 #include "engine/cuda/device_buffer.h"
 #include "engine/cuda/hybrid_select.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/kv_rows.h"
 #include "engine/cuda/pinned_host.h"
 #include "engine/cuda/resident_blocks.h"
 
@@ -48,7 +49,7 @@ struct HybridAttention::Impl final : PlanExecutor {
         tc(tc_),
         stream(CudaBackendStream(gpu_)),
         cpu(MakeCpuBackend(tc_, false)),
-        host(HostShape(m_, c_, max_tokens, kv), host_limit),
+        host(HybridHostShape(m_, c_, max_tokens, kv), host_limit),
         staging(HybridStagingShape(m_, c_, max_tokens, kv), 0, gpu_.kv_memory()),
         prefill(staging, (max_tokens + c_.block_size - 1) / c_.block_size, CudaBackendStream(gpu_)),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
@@ -76,13 +77,6 @@ struct HybridAttention::Impl final : PlanExecutor {
     JoinPinAhead();
     if (layer_start != nullptr) cudaEventDestroy(layer_start);
     if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
-  }
-
-  // The host cache holds the sparse layers only: the dense layers' blocks are never written, and
-  // an anonymous mapping commits no memory for them.
-  static KVCacheShape HostShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
-                                DType kv) {
-    return KVCacheShape(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv);
   }
 
   bool Dense(int64_t layer) const { return HybridDenseLayer(m, c, layer); }
@@ -308,41 +302,16 @@ struct HybridAttention::Impl final : PlanExecutor {
     return n_g;
   }
 
-  // The new token's K/V row of a sparse layer, from its ring to the host cache: copied to pinned
-  // memory with the query (a copy into the pageable cache itself would block the host until the
-  // GPU got there), then into the cache by RowToCache once the host has waited.
+  // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
+  // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
   void RowToPinned(int64_t layer, int64_t p) {
     host.AssignBlocks(layer, p, 1);
     if (p % c.block_size == 0) PinHost(layer, p / c.block_size, p / c.block_size + 1);
-    // (Block tables are read on the host: a device view's table is device memory.)
-    const int64_t B = c.block_size, b = p / B;
-    const size_t es = DTypeSize(host.shape().dtype);
-    const size_t pitch = static_cast<size_t>(B * m.head_dim) * es;  // one KV head's block
-    const size_t width = static_cast<size_t>(m.head_dim) * es,
-                 off = static_cast<size_t>(p % B) * width;
-    const int32_t ds = model_cache->SlotOf(layer, b);
-    NEEDLE_CHECK(ds >= 0);
-    const size_t Hk = static_cast<size_t>(m.num_kv_heads);
-    auto* pin = reinterpret_cast<uint8_t*>(row_pin.Get((2 * Hk * width + 3) / 4));
-    for (int v : {0, 1})
-      NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(pin + static_cast<size_t>(v) * Hk * width, width,
-                                          model_cache->BlockData(layer, v != 0, ds) + off, pitch,
-                                          width, Hk, cudaMemcpyDeviceToHost, stream));
+    QueueRowToPinned(*model_cache, layer, p, RowPin(), stream);
   }
-  void RowToCache(int64_t layer, int64_t p) {
-    const int64_t B = c.block_size;
-    const size_t es = DTypeSize(host.shape().dtype);
-    const size_t pitch = static_cast<size_t>(B * m.head_dim) * es;
-    const size_t width = static_cast<size_t>(m.head_dim) * es,
-                 off = static_cast<size_t>(p % B) * width;
-    const int32_t hs = host.SlotOf(layer, p / B);
-    NEEDLE_CHECK(hs >= 0);
-    const size_t Hk = static_cast<size_t>(m.num_kv_heads);
-    const auto* pin = reinterpret_cast<const uint8_t*>(row_pin.Get((2 * Hk * width + 3) / 4));
-    for (int v : {0, 1})
-      for (size_t h = 0; h < Hk; ++h)
-        std::memcpy(host.BlockData(layer, v != 0, hs) + off + h * pitch,
-                    pin + (static_cast<size_t>(v) * Hk + h) * width, width);
+  void RowToCache(int64_t layer, int64_t p) { RowFromPinned(RowPin(), host, layer, p); }
+  uint8_t* RowPin() {
+    return reinterpret_cast<uint8_t*>(row_pin.Get((KVRowBytes(host.shape()) + 3) / 4));
   }
 
   // --- PlanExecutor ----------------------------------------------------------------------------

@@ -34,6 +34,10 @@ bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer
 KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                DType kv_type);
 
+// The host cache: every layer's shape, but only the sparse layers are written (the dense layers'
+// blocks are never touched, and an anonymous mapping commits no memory for them).
+KVCacheShape HybridHostShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                             DType kv_type);
 // The GPU's staging layer, where a prompt's sparse layer is computed: one layer of the whole
 // context and, with --prefill sparse, extra slots after it for a chunk's gathered and rotated
 // blocks (chunk_layout.h), from slot num_blocks(ctx) on.

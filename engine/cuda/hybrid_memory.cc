@@ -18,6 +18,11 @@ bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer
          m.sliding_window[static_cast<size_t>(layer)] > 0;
 }
 
+KVCacheShape HybridHostShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                             DType kv_type) {
+  return KVCacheShape(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
+}
+
 KVCacheShape HybridStagingShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                 DType kv_type) {
   const int64_t extra =
