@@ -208,7 +208,10 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   // Sparse prefill (chunk_prefill.h): the chunks' scoring queries, then each chunk's attention.
   bool ChunkQueries(int64_t, const AttnArgs& a, float* qa, float* qb) override {
-    return prefill.ChunkQueries(a, qa, qb);
+    // (Without them the planner would read queries this engine did not copy to the host.)
+    const bool queued = prefill.ChunkQueries(a, qa, qb);
+    NEEDLE_CHECK(queued);
+    return true;
   }
   bool PrefillChunk(int64_t, const float*, const AttnArgs& a, const KVLayerView&, const Chunk& ch,
                     float* out, float* lse) override {
