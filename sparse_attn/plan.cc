@@ -9,6 +9,17 @@ int64_t RemapBlockDelta(int64_t ie, int64_t k, int64_t B, int64_t lb, int64_t i,
   return (ie + k * B - lb) - (ie + i * B - b0);
 }
 
+int32_t SharedRotationRow(int64_t delta, const float* inv_freq, int64_t head_dim,
+                          std::vector<float>* table, std::map<int64_t, int32_t>* rows) {
+  const auto it = rows->find(delta);
+  if (it != rows->end()) return it->second;
+  const auto row = static_cast<int32_t>(table->size() / static_cast<size_t>(head_dim));
+  table->resize(table->size() + static_cast<size_t>(head_dim));
+  RotationRow(delta, inv_freq, head_dim, table->data() + row * head_dim);
+  rows->emplace(delta, row);
+  return row;
+}
+
 void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B, int64_t lb,
                       int64_t p, const float* inv_freq, int64_t head_dim, AttnSpans* out,
                       std::map<int64_t, int32_t>* rows, bool local) {
@@ -17,18 +28,9 @@ void AppendQuerySpans(int64_t ie, const std::vector<int32_t>& blocks, int64_t B,
   const int64_t off = ie + static_cast<int64_t>(blocks.size()) * B - lb;  // p' - p
   auto add = [&](int64_t b, int64_t e, int64_t delta) {
     if (b >= e) return;
-    int32_t row = -1;
-    if (remap && delta != 0) {
-      auto it = rows->find(delta);
-      if (it == rows->end()) {
-        row = static_cast<int32_t>(out->rot_table.size() / static_cast<size_t>(head_dim));
-        out->rot_table.resize(out->rot_table.size() + static_cast<size_t>(head_dim));
-        RotationRow(delta, inv_freq, head_dim, &out->rot_table[row * head_dim]);
-        rows->emplace(delta, row);
-      } else {
-        row = it->second;
-      }
-    }
+    const int32_t row = remap && delta != 0
+                            ? SharedRotationRow(delta, inv_freq, head_dim, &out->rot_table, rows)
+                            : -1;
     // Adjacent ranges with the same rotation merge, so the kernel walks fewer, longer spans.
     if (static_cast<int64_t>(out->spans.size()) > first && out->spans.back().end == b &&
         (!remap || out->rot.back() == row)) {

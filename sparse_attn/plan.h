@@ -36,6 +36,11 @@ struct LayerPlan {
   std::string ToJson() const;  // one line
 };
 
+// The row of `table` ([rows][head_dim], RotationRow's) that holds the rotation by `delta`,
+// appended the first time a delta is asked for (`rows`: delta -> row, kept by the caller).
+int32_t SharedRotationRow(int64_t delta, const float* inv_freq, int64_t head_dim,
+                          std::vector<float>* table, std::map<int64_t, int32_t>* rows);
+
 // Appends one (query, KV head) item to `out`: Initial [0, ie), the Context `blocks` (ascending,
 // of block_size B) and Local [lb, p + 1), adjacent ranges merged.
 // With inv_freq (block-wise position remapping, --pos-remap block), the attended keys are scored

@@ -204,7 +204,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
     // The chunk's Context: the whole blocks between Initial and its first query's Local region.
     const int64_t lb = cfg_.LocalBegin(c0), ctx_end_block = lb / B;
     std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
-    if (ctx_end_block > init_blocks) {
+    if (ck.scores) {
       auto t = Clock::now();
       EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, rel);
       times_.reps += Since(t);

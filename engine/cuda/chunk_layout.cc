@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "engine/base/error.h"
-#include "engine/cpu/ops.h"
 #include "sparse_attn/plan.h"
 
 namespace needle {
@@ -19,16 +18,11 @@ void LayoutChunk(const PlanExecutor::Chunk& ch, int64_t c0, int64_t T, int64_t B
   NEEDLE_CHECK(ie % B == 0 && lb % B == 0 && lb >= ie && (c0 >= lb || (lb == ie && k == 0)));
   out->table.clear(), out->src.clear(), out->dst.clear(), out->rot.clear();
   out->rot_table.clear();
-  std::map<int64_t, int32_t> rows;  // delta -> rotation row (of -delta)
+  std::map<int64_t, int32_t> rows;  // -delta -> rotation row
+  // The keys turn the other way from the CPU's query: a span's delta is a rotation by -delta.
   const auto row_of = [&](int64_t delta) -> int32_t {
     if (ch.inv_freq == nullptr || delta == 0) return -1;
-    auto it = rows.find(delta);
-    if (it != rows.end()) return it->second;
-    const auto r = static_cast<int32_t>(rows.size());
-    out->rot_table.resize(out->rot_table.size() + static_cast<size_t>(head_dim));
-    RotationRow(-delta, ch.inv_freq, head_dim, out->rot_table.data() + r * head_dim);
-    rows.emplace(delta, r);
-    return r;
+    return SharedRotationRow(-delta, ch.inv_freq, head_dim, &out->rot_table, &rows);
   };
   // Copies view block j's head blocks (srcs[h] -> extra slot x0 + j of head h), rotated by delta.
   const auto copy = [&](int64_t j, const std::vector<int32_t>& srcs, int64_t delta) {

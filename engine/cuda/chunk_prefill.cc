@@ -7,6 +7,7 @@
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/cuda_check.h"
+#include "sparse_attn/plan.h"
 
 namespace needle {
 
@@ -26,15 +27,7 @@ void ChunkPrefill::QueueScoringQueries(const std::vector<SparseAttention::ChunkS
     int32_t r = -1;
     if (ck.score_shift != 0) {
       NEEDLE_CHECK(a.inv_freq != nullptr);
-      auto it = row_of.find(ck.score_shift);
-      if (it == row_of.end()) {
-        r = static_cast<int32_t>(row_of.size());
-        rows.resize(rows.size() + static_cast<size_t>(D));
-        RotationRow(ck.score_shift, a.inv_freq, D, rows.data() + r * D);
-        row_of.emplace(ck.score_shift, r);
-      } else {
-        r = it->second;
-      }
+      r = SharedRotationRow(ck.score_shift, a.inv_freq, D, &rows, &row_of);
     }
     spec.insert(spec.end(), {static_cast<int32_t>(ck.c0 - a.pos0), static_cast<int32_t>(ck.n), r});
   }

@@ -90,6 +90,13 @@ struct HybridAttention::Impl final : PlanExecutor {
   void D2H(void* dst, const void* src, size_t bytes) {
     NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
   }
+  // n floats from the device into host memory, through pinned memory, waiting for them.
+  void LseToHost(const float* dev, int64_t n, float* host_dst) {
+    float* pin = lse_pin.Get(static_cast<size_t>(n));
+    D2H(pin, dev, static_cast<size_t>(n) * 4);
+    Sync(nullptr);
+    std::copy_n(pin, n, host_dst);
+  }
   void H2D(void* dst, const void* src, size_t bytes) {
     NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
   }
@@ -218,12 +225,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     float* lse_dev =
         lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
     prefill.Attend(q_dev, prompt_pos0, a, ch, out, lse_dev, sm, ws);
-    if (lse != nullptr) {
-      float* pin = lse_pin.Get(static_cast<size_t>(a.T * a.heads));
-      D2H(pin, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
-      Sync(nullptr);
-      std::copy_n(pin, a.T * a.heads, lse);
-    }
+    if (lse != nullptr) LseToHost(lse_dev, a.T * a.heads, lse);
     return true;
   }
 
@@ -344,10 +346,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
     if (lse != nullptr) {
       const auto t = Clock::now();
-      float* pin = lse_pin.Get(static_cast<size_t>(a.T * a.heads));
-      D2H(pin, lse_dev, static_cast<size_t>(a.T * a.heads) * 4);
-      Sync(nullptr);
-      std::copy_n(pin, a.T * a.heads, lse);
+      LseToHost(lse_dev, a.T * a.heads, lse);
       if (step.call_T == 1) stats.gpu_wait += Since(t);
     }
   }
