@@ -51,3 +51,37 @@ void Backend::ProjectRopeKVWrite(const float* x, int64_t T, const InputNorm& nor
 }
 
 }  // namespace needle
+
+namespace needle {
+namespace {
+// The stream in AllocHost memory and one backend buffer: each Acquire loads, each Release stores,
+// both waiting (FromHost / ToHost).
+class CopyingResidual final : public Backend::HostResidual {
+ public:
+  CopyingResidual(Backend& b, int64_t rows, int64_t cols, int64_t max_rows)
+      : b_(b),
+        cols_(cols),
+        host_(b.AllocHost(static_cast<size_t>(rows * cols))),
+        slot_(b, static_cast<size_t>(max_rows * cols)) {}
+  ~CopyingResidual() override { b_.FreeHost(host_); }
+  float* Acquire(int64_t s, int64_t n, bool fill, int64_t, int64_t) override {
+    if (fill) b_.FromHost(host_ + s * cols_, static_cast<size_t>(n * cols_), slot_.get());
+    return slot_.get();
+  }
+  void Release(int64_t s, int64_t n) override {
+    b_.ToHost(slot_.get(), static_cast<size_t>(n * cols_), host_ + s * cols_);
+  }
+
+ private:
+  Backend& b_;
+  int64_t cols_;
+  float* host_;
+  BackendBuffer slot_;
+};
+}  // namespace
+
+std::unique_ptr<Backend::HostResidual> Backend::MakeHostResidual(int64_t rows, int64_t cols,
+                                                                 int64_t max_rows) {
+  return std::make_unique<CopyingResidual>(*this, rows, cols, max_rows);
+}
+}  // namespace needle

@@ -110,6 +110,25 @@ class Backend {
     virtual bool Replay() = 0;
   };
   virtual bool CanRecord() const { return false; }
+
+  // A layer-major prompt's residual stream [rows, cols] kept in host memory (Model::RunLayerMajor,
+  // when it does not fit the backend): its micro-batches go to the backend and back. A GPU backend
+  // moves them on copy queues of their own, the next micro-batch's rows beside the current one's
+  // work. The stream's rows are only ever read and written through it.
+  class HostResidual {
+   public:
+    virtual ~HostResidual() = default;
+    // Rows [s, s + n) in backend memory for the work queued after this call: loaded from the
+    // stream (fill) or left as they are (the caller writes them). next_s, next_n: the rows the
+    // next Acquire will ask for (n = 0: none), which may be loaded beside this one's work.
+    virtual float* Acquire(int64_t s, int64_t n, bool fill, int64_t next_s, int64_t next_n) = 0;
+    // The rows Acquire(s, n) returned go back into the stream once the work queued so far is
+    // done; that slot is not used again before.
+    virtual void Release(int64_t s, int64_t n) = 0;
+  };
+  // max_rows: the most rows one Acquire asks for.
+  virtual std::unique_ptr<HostResidual> MakeHostResidual(int64_t rows, int64_t cols,
+                                                         int64_t max_rows);
   // ids: host [T]; pos0: the position of ids[0]; inv_freq: the rotary frequencies of the step.
   virtual void SetStepInputs(const int32_t* ids, int64_t T, int64_t pos0,
                              const std::vector<float>& inv_freq) {}

@@ -1,5 +1,6 @@
 // CudaBackend; see cuda_backend.h.
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/host_residual.h"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -190,6 +191,10 @@ class CudaBackend final : public Backend {
     return static_cast<float*>(p);
   }
   void FreeHost(float* p) override { NEEDLE_CUDA_CHECK(cudaFreeHost(p)); }
+  std::unique_ptr<HostResidual> MakeHostResidual(int64_t rows, int64_t cols,
+                                                 int64_t max_rows) override {
+    return cuda::MakeHostResidual(*this, stream_, rows, cols, max_rows);
+  }
   void ToHost(const float* src, size_t n, float* host_dst) override {
     NEEDLE_CUDA_CHECK(
         cudaMemcpyAsync(host_dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));

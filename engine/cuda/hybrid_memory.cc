@@ -80,7 +80,9 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
   const size_t per_token = static_cast<size_t>(2 * m.hidden_size + 2 * m.q_dim() + 2 * m.kv_dim() +
                                                2 * m.intermediate_size);
   g.activations = (per_token * static_cast<size_t>(U) + static_cast<size_t>(m.vocab_size)) * 4;
-  if (residual_on_gpu) g.activations += static_cast<size_t>(ctx * m.hidden_size) * 4;
+  // The prompt's residual stream, or the two micro-batch slots it moves through from host memory
+  // (Backend::HostResidual).
+  g.activations += static_cast<size_t>((residual_on_gpu ? ctx : 2 * U) * m.hidden_size) * 4;
   // Attention split partials (up to 2 per multiprocessor, generous), the merge's inputs, tables,
   // cuBLAS workspace.
   g.scratch = static_cast<size_t>(264 * m.num_heads * (m.head_dim + 2)) * 4 * 2 +

@@ -194,39 +194,40 @@ void Model::RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool al
   const RopeFreqs rope = ComputeRopeFreqs(cfg_, pos0 + T);
   const int64_t U = std::min(ubatch_, T);
   Buffers buf(b_, cfg_, U);
-  // The residual stream of every token of the prompt: x of micro-batch s is rows [s, s + n).
+  // The residual stream of every token of the prompt: x of micro-batch s is rows [s, s + n), in
+  // the backend (resident) or in host memory (host), whose micro-batches move in and out beside
+  // the work (Backend::HostResidual).
   BackendBuffer resident;
-  struct HostFree {
-    Backend* b;
-    void operator()(float* p) const { b->FreeHost(p); }
-  };
-  std::unique_ptr<float, HostFree> host(nullptr, HostFree{&b_});
+  std::unique_ptr<Backend::HostResidual> host;
   if (residual_in_backend)
     resident = BackendBuffer(b_, static_cast<size_t>(T * H));
   else
-    host.reset(b_.AllocHost(static_cast<size_t>(T * H)));
-  // Micro-batch s's x: in the resident stream itself, or loaded into buf.x from the host.
-  const auto load = [&](int64_t s, int64_t n) {
+    host = b_.MakeHostResidual(T, H, U);
+  // Micro-batch s's x; next: the micro-batch that will be asked for after it (-1: none).
+  const auto acquire = [&](int64_t s, bool fill, int64_t next) {
     if (residual_in_backend) return resident.get() + s * H;
-    b_.FromHost(host.get() + s * H, static_cast<size_t>(n * H), buf.x.get());
-    return buf.x.get();
+    const int64_t n = std::min(U, T - s);
+    return host->Acquire(s, n, fill, std::max<int64_t>(next, 0),
+                         next < 0 ? 0 : std::min(U, T - next));
   };
-  const auto store = [&](int64_t s, int64_t n, float* x) {
-    if (!residual_in_backend) b_.ToHost(x, static_cast<size_t>(n * H), host.get() + s * H);
+  const auto release = [&](int64_t s) {
+    if (!residual_in_backend) host->Release(s, std::min(U, T - s));
   };
   for (int64_t s = 0; s < T; s += U) {
     const int64_t n = std::min(U, T - s);
-    float* x = residual_in_backend ? resident.get() + s * H : buf.x.get();
+    float* x = acquire(s, false, -1);
     b_.Embed(w_.embed, ids + s, n, x);
-    store(s, n, x);
+    release(s);
   }
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     for (int64_t s = 0; s < T; s += U) {
       const int64_t n = std::min(U, T - s);
-      float* x = load(s, n);
+      // (The next micro-batch: of this layer, else the first of the next layer.)
+      const int64_t next = s + U < T ? s + U : (l + 1 < cfg_.num_layers ? 0 : -1);
+      float* x = acquire(s, true, next);
       attn_->BeginStep(StepInfo{pos0 + s, n, T, s + n == T, pos0});
       LayerBody(l, n, pos0 + s, rope, cache, buf, x);
-      store(s, n, x);
+      release(s);
     }
     if (progress_) progress_(T * (l + 1) / cfg_.num_layers, T);
   }
@@ -237,13 +238,14 @@ void Model::RunLayerMajor(const int32_t* ids, int64_t T, KVCache& cache, bool al
   if (all_logits && sel == nullptr) {
     for (int64_t s = 0; s < T; s += U) {
       const int64_t n = std::min(U, T - s);
-      Head(load(s, n), n, n, buf);
+      Head(acquire(s, true, s + U < T ? s + U : -1), n, n, buf);
       b_.ToHost(buf.logits.get(), static_cast<size_t>(n * V), logits_host + s * V);
+      release(s);
     }
     return;
   }
   const int64_t s = (T - 1) / U * U;
-  Head(load(s, T - s), T - s, 1, buf);
+  Head(acquire(s, true, -1), T - s, 1, buf);
   if (sel != nullptr)
     b_.TopK(buf.logits.get(), V, sel->k, sel->vals, sel->ids);
   else
