@@ -4,8 +4,9 @@
 //   {"bench":"hybrid", "config", "prompt", "mode": "hybrid"|"dense", "prefill_tok/s",
 //    "decode_tok/s", "gpu_used_GiB" (device memory in use after decode, from cudaMemGetInfo,
 //    this process's allocations and the CUDA context), "host_peak_GiB" (VmHWM),
-//    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait", and "other" (the rest:
-//    the GPU's work that is not waited for, launches, sampling)}
+//    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait" (of which
+//    "gpu_wait_part": for the GPU's partial once the CPU's blocks were done), and "other" (the
+//    rest: the GPU's work that is not waited for, launches, sampling)}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
 //   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
 //   caches (pseudo-random in host memory, a constant on the GPU) instead of prefilled, for
@@ -157,7 +158,7 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
                   "3f,\"setup_s\":%.1f"
                   ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
                   "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
-                  "3f,\"other_ms\":%.3f",
+                  "3f,\"gpu_wait_part_ms\":%.3f,\"other_ms\":%.3f",
                   !sc.sparse_prefill ? "dense"
                   : sc.pos_remap     ? "sparse+remap"
                                      : "sparse",
@@ -165,6 +166,7 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
                   gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
                   (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
                   (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
+                  (a.gpu_wait_part - before.gpu_wait_part) / n * ms,
                   dec / n * ms - plan - cpu - cp - wait);
     split << buf;
   }

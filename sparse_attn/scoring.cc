@@ -78,6 +78,11 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace needle {
+void SumOverHeads(float* sc, int64_t kv_heads, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 1; h < kv_heads; ++h) sc[i] += sc[h * n + i];
+}
+
 void GroupQueries(const ScoreArgs& a, bool quest, float* qa, float* qb) {
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads;
   std::fill(qa, qa + a.kv_heads * D, 0.0f);

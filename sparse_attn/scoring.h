@@ -27,6 +27,10 @@ struct ScoreArgs {
 // negative parts (else zeros). score(b, h) = qa_h . r0 + qb_h . r1 (r1: Quest's min row).
 void GroupQueries(const ScoreArgs& a, bool quest, float* qa, float* qb);
 
+// Layer selection: row 0 of scores [kv_heads][n] becomes the sum over KV heads, in head order (the
+// order the GPU's cuda::TopBlocks sums in).
+void SumOverHeads(float* sc, int64_t kv_heads, int64_t n);
+
 namespace fast {
 // scores: [kv_heads][n]
 void ScoreBlocks(const RepresentativeStore& reps, int64_t layer, const ScoreArgs& a, float* scores,

@@ -18,12 +18,6 @@ using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
-// Layer selection: row 0 of scores [kv_heads][n] becomes the sum over KV heads, in head order (the
-// order the GPU's cuda::TopBlocks sums in).
-void SumOverHeads(float* sc, int64_t kv_heads, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t h = 1; h < kv_heads; ++h) sc[i] += sc[h * n + i];
-}
 }  // namespace
 
 SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg,
@@ -170,96 +164,6 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
       ctx.push_back(static_cast<int32_t>(blk));
     Retain(layer, q + (a.T - 1) * a.heads * a.head_dim, prefill_lse_.data() + (a.T - 1) * a.heads,
            la, kv, std::vector<std::vector<int32_t>>(static_cast<size_t>(kv.kv_heads), ctx));
-  }
-}
-
-std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const AttnArgs& a) const {
-  std::vector<ChunkSpec> out;
-  const int64_t end = a.pos0 + a.T, init_blocks = cfg_.init_end() / cfg_.block_size;
-  for (int64_t c0 = a.pos0, n = 0; c0 < end; c0 += n) {
-    n = std::min(cfg_.prefill_chunk, end - c0);
-    // The prompt's last query predicts the first answer token: in a prompt longer than one chunk
-    // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
-    if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
-    const int64_t lb = cfg_.LocalBegin(c0);
-    out.push_back(
-        {c0, n, lb / cfg_.block_size > init_blocks, cfg_.pos_remap ? cfg_.RemapScoreShift(lb) : 0});
-  }
-  return out;
-}
-
-void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArgs& a,
-                                    const KVLayerView& kv, float* out, float* lse) {
-  const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
-  const int64_t HD = a.heads * a.head_dim;
-  const float* rel = RelativeFreq(a);  // --pos-remap's frequencies (checked), else nullptr
-  AttnSpans spans;
-  std::vector<float> qa(static_cast<size_t>(Hk * a.head_dim)), qb(qa.size());
-  for (const ChunkSpec& ck : PrefillChunks(a)) {
-    const int64_t c0 = ck.c0, n = ck.n;
-    AttnArgs ca = a;
-    ca.pos0 = c0;
-    ca.T = n;
-    const float* cq = q + (c0 - a.pos0) * HD;
-    // The chunk's Context: the whole blocks between Initial and its first query's Local region.
-    const int64_t lb = cfg_.LocalBegin(c0), ctx_end_block = lb / B;
-    std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
-    if (ck.scores) {
-      auto t = Clock::now();
-      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, rel);
-      times_.reps += Since(t);
-      t = Clock::now();
-      std::vector<int32_t> all(static_cast<size_t>(ctx_end_block - init_blocks));
-      std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
-      const int64_t n = static_cast<int64_t>(all.size());
-      std::vector<float> sc(static_cast<size_t>(Hk * n));
-      // Scored with every query of the chunk (scoring sums them), selected as decode selects;
-      // with the remap, where it will attend them (SparseConfig::RemapScoreShift). The executor
-      // may have summed the queries where they are (re-ranking reads them one by one).
-      const float* sq = nullptr;
-      if (cfg_.rescore_blocks == 0 && exec_->ChunkQueries(layer, ca, qa.data(), qb.data())) {
-        fast::ScoreGrouped(reps_, layer,
-                           ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, qa, qb,
-                           sc.data(), tc_);
-      } else {
-        sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
-        fast::ScoreBlocks(reps_, layer, ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n},
-                          sc.data(), tc_);
-      }
-      const ScoreArgs sa{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n};
-      if (cfg_.select == SelectMode::kLayer) {
-        SumOverHeads(sc.data(), Hk, n);
-        sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, kv,
-                                rel, -1);
-        for (auto& hb : sel) hb = sel[0];
-      } else {
-        for (int64_t h = 0; h < Hk; ++h)
-          sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk, cfg_.rescore_blocks,
-                                  sa, kv, rel, h);
-      }
-      times_.select += Since(t);
-    }
-    if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
-      Watch(layer, sel, cfg_.init_end(), lb, false);
-    float* c_out = out + (c0 - a.pos0) * HD;
-    float* c_lse = lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr;
-    if (exec_->PrefillChunk(layer, cq, ca, kv, PlanExecutor::Chunk{cfg_.init_end(), lb, &sel, rel},
-                            c_out, c_lse))
-      continue;
-    // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk
-    // (remapped: the rotations depend on the chunk and the head, not on the token).
-    spans.offsets.assign(1, 0);
-    spans.spans.clear();
-    spans.rot.clear();
-    spans.rot_table.clear();
-    std::map<int64_t, int32_t> rows;
-    for (int64_t t = 0; t < ca.T; ++t) {
-      const int64_t p = c0 + t;
-      for (int64_t h = 0; h < Hk; ++h)
-        AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, rel, a.head_dim, &spans, &rows);
-    }
-    if (!exec_->Spans(layer, cq, ca, kv, spans, c_out, c_lse))
-      Fail("--prefill sparse: this placement of the KV cache cannot attend a prompt sparsely yet");
   }
 }
 

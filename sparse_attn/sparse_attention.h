@@ -86,6 +86,14 @@ class PlanExecutor {
     float score;
     int32_t block;
   };
+  // A sparse prefill chunk a (a.pos0: its first query) marked executor_top by
+  // SparseAttention::PrefillChunkScoring: the shortlist of its candidates scored with its
+  // combined queries (ChunkQueries'), SparseAttention::ChunkShortlist's size, as ScoreTop's.
+  // false: not scored here (the planner scores them).
+  virtual bool ChunkTop(int64_t /*layer*/, const AttnArgs& /*a*/,
+                        std::vector<std::vector<Scored>>* /*top*/) {
+    return false;
+  }
   // Scores the candidates and keeps only the `want` best of each KV head (sum_heads: of their
   // scores summed over KV heads, in head order, one row), where the scores are (so that only the
   // shortlist comes back). top: [rows] lists of min(want, n) entries, in any order. false: not
@@ -150,8 +158,24 @@ class SparseAttention final : public AttentionPolicy {
     int64_t c0, n;
     bool scores;
     int64_t score_shift;
+    // The candidate Context blocks [cand_first, cand_end) of a chunk that scores; executor_top:
+    // an executor may score them where the queries are (PrefillChunkScoring said so).
+    int64_t cand_first = 0, cand_end = 0;
+    bool executor_top = false;
   };
   std::vector<ChunkSpec> PrefillChunks(const AttnArgs& a) const;
+  // PrefillChunks for an executor that scores chunks where their queries are (PlanExecutor::
+  // ChunkTop): computes the representatives of the candidates of every chunk whose candidates
+  // all precede the micro-batch (their keys are in kv, the planner's cache), and marks those
+  // chunks executor_top; the shortlist to return is ChunkShortlist's. Not with re-ranking.
+  std::vector<ChunkSpec> PrefillChunkScoring(int64_t layer, const AttnArgs& a,
+                                             const KVLayerView& kv);
+  // The shortlist an executor returns for a chunk: `want` best of each KV head, or (sum_heads)
+  // one row of the scores summed over KV heads.
+  void ChunkShortlist(int64_t* want, bool* sum_heads) const {
+    *want = cfg_.topk;
+    *sum_heads = cfg_.select == SelectMode::kLayer;
+  }
   const SparseConfig& config() const { return cfg_; }
   // Host time of the planner's decode work, summed over steps and layers (seconds).
   struct Times {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -372,6 +373,128 @@ TEST(Sparse, RemappedScoresPlaceEveryBlockAtOneDistance) {
   double diff = 0;
   for (int64_t b = 0; b < n_blocks; ++b) diff += std::fabs(at_true[b] - got[b]);
   EXPECT_GT(diff, 1e-3);
+}
+
+// The CPU executor plus the shortlists of PlanExecutor::ChunkTop (the hybrid engine's GPU): each
+// row's `want` best candidates scored here from the chunk's own queries, handed back in reverse
+// order with the scores, for the chunks the planner marked executor_top.
+class ShortlistExecutor final : public PlanExecutor {
+ public:
+  ShortlistExecutor(Backend& b, ThreadingContext& tc, SparseAttention& sp)
+      : b_(b), tc_(tc), sp_(sp) {}
+  // Before each micro-batch, as the hybrid engine queues its shortlists: its queries q (host,
+  // [a.T, heads, D]).
+  void Queue(const float* q, const AttnArgs& a, const KVLayerView& kv) {
+    q_ = q, pos0_ = a.pos0;
+    chunks_ = sp_.PrefillChunkScoring(0, a, kv);
+  }
+  void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
+             float* lse) override {
+    b_.Attention(q, kv, a, nullptr, out, lse);
+  }
+  bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const LayerPlan& plan, float* out, float* lse,
+               std::vector<std::vector<float>>*) override {
+    plan.ToSpans(a.kv_heads, &spans_, a.inv_freq, a.head_dim);
+    b_.Attention(q, kv, a, &spans_, out, lse);
+    return false;
+  }
+  bool Spans(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+             const AttnSpans& spans, float* out, float* lse) override {
+    b_.Attention(q, kv, a, &spans, out, lse);
+    return true;
+  }
+  bool ChunkTop(int64_t layer, const AttnArgs& a, std::vector<std::vector<Scored>>* top) override {
+    const auto it = std::find_if(chunks_.begin(), chunks_.end(),
+                                 [&](const auto& ck) { return ck.c0 == a.pos0; });
+    if (it == chunks_.end() || !it->executor_top) return false;
+    int64_t want = 0;
+    bool sum = false;
+    sp_.ChunkShortlist(&want, &sum);
+    const int64_t n = it->cand_end - it->cand_first;
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    std::iota(ids.begin(), ids.end(), static_cast<int32_t>(it->cand_first));
+    std::vector<float> sc(static_cast<size_t>(a.kv_heads * n));
+    fast::ScoreBlocks(sp_.representatives(), layer,
+                      ScoreArgs{q_ + (a.pos0 - pos0_) * a.heads * a.head_dim, a.T, a.heads,
+                                a.kv_heads, a.head_dim, ids.data(), n},
+                      sc.data(), tc_);
+    if (sum) SumOverHeads(sc.data(), a.kv_heads, n);
+    top->assign(sum ? 1 : static_cast<size_t>(a.kv_heads), {});
+    for (size_t r = 0; r < top->size(); ++r) {
+      const float* row = sc.data() + r * n;
+      std::vector<int32_t> best = TopK(row, ids.data(), n, want);
+      for (auto b = best.rbegin(); b != best.rend(); ++b)
+        (*top)[r].push_back({row[*b - it->cand_first], *b});
+    }
+    ++used;
+    return true;
+  }
+  int64_t used = 0;  // chunks whose shortlist came from here
+
+ private:
+  Backend& b_;
+  ThreadingContext& tc_;
+  SparseAttention& sp_;
+  AttnSpans spans_;
+  const float* q_ = nullptr;
+  int64_t pos0_ = 0;
+  std::vector<SparseAttention::ChunkSpec> chunks_;
+};
+
+// A sparse prefill whose chunks are ranked from an executor's shortlists (the hybrid engine scores
+// them on the GPU) attends exactly what the planner's own scoring selects: same outputs, same
+// decode plans. Micro-batches of 32 with a Local window of 8: the chunks whose candidates reach
+// into their micro-batch are scored by the planner (both paths run).
+TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
+  const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 160, ub = 32;
+  ModelConfig m;
+  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
+  m.sliding_window = {0};
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  const auto k = test::RandomVector((N + 1) * Hk * D, 11),
+             v = test::RandomVector((N + 1) * Hk * D, 12);
+  const auto q = test::RandomVector((N + 1) * H * D, 13, 2.f);
+  KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
+  cache.Write(0, 0, N + 1, k.data(), v.data());
+  for (ReprType r : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
+    for (SelectMode sm : {SelectMode::kLayer, SelectMode::kKVHead}) {
+      SparseConfig c;
+      c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 3, c.dense_layers = 0;
+      c.repr = r, c.select = sm, c.sparse_prefill = true, c.prefill_chunk = 8;
+      std::string plans[2];
+      std::vector<float> outs[2];
+      int64_t used = 0;
+      for (int run = 0; run < 2; ++run) {
+        SparseAttention sp(m, c, *backend, tc, N + 1, DType::kF32);
+        ShortlistExecutor ex(*backend, tc, sp);
+        if (run == 1) sp.set_executor(&ex);
+        std::ostringstream plan;
+        sp.set_plan_sink(&plan);
+        std::vector<float> out(static_cast<size_t>((N + 1) * H * D));
+        for (int64_t p0 = 0; p0 < N; p0 += ub) {
+          const int64_t T = std::min(ub, N - p0);
+          sp.BeginStep(StepInfo{p0, T, N, p0 + T == N, 0});
+          AttnArgs a{T, p0, H, Hk, D, 0, 0.25f};
+          KVLayerView kv = cache.Layer(0);
+          kv.n_tokens = p0 + T;
+          if (run == 1) ex.Queue(q.data() + p0 * H * D, a, kv);
+          sp.Attend(0, q.data() + p0 * H * D, a, cache, out.data() + p0 * H * D);
+        }
+        sp.BeginStep(StepInfo{N, 1, 1, true, N});
+        AttnArgs a1{1, N, H, Hk, D, 0, 0.25f};
+        sp.Attend(0, q.data() + N * H * D, a1, cache, out.data() + N * H * D);
+        plans[run] = plan.str();
+        outs[run] = out;
+        used = ex.used;
+      }
+      const std::string what = std::string(ReprTypeName(r)) + " " + SelectModeName(sm);
+      EXPECT_GE(used, 8) << what;
+      EXPECT_LT(used, N / c.prefill_chunk - 1) << what << ": every chunk came from the executor";
+      EXPECT_EQ(plans[1], plans[0]) << what;
+      EXPECT_EQ(MaxDiff(outs[1], outs[0], outs[0].size()), 0.0) << what;
+    }
 }
 
 }  // namespace

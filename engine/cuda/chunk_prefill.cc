@@ -11,14 +11,18 @@
 
 namespace needle {
 
-ChunkPrefill::ChunkPrefill(KVCache& staging, int64_t first_extra, cudaStream_t stream)
-    : staging_(staging), x0_(first_extra), stream_(stream) {}
+ChunkPrefill::ChunkPrefill(KVCache& staging, int64_t first_extra, cuda::GpuBlockScorer& scorer,
+                           cudaStream_t stream)
+    : staging_(staging), x0_(first_extra), scorer_(scorer), stream_(stream) {}
 
-void ChunkPrefill::QueueScoringQueries(const std::vector<SparseAttention::ChunkSpec>& chunks,
+void ChunkPrefill::QueueScoringQueries(int64_t layer, const SparseAttention& planner,
+                                       const std::vector<SparseAttention::ChunkSpec>& chunks,
                                        const float* q, const AttnArgs& a, bool quest) {
   const int64_t D = a.head_dim, n = static_cast<int64_t>(chunks.size());
   group_floats_ = a.kv_heads * D;
   starts_.clear();
+  tops_at_.clear();
+  tops_n_.clear();
   std::vector<int32_t> spec;  // [n][3]: first row, tokens, rotation row
   std::vector<float> rows;
   std::map<int64_t, int32_t> row_of;  // shift -> rotation row
@@ -46,6 +50,48 @@ void ChunkPrefill::QueueScoringQueries(const std::vector<SparseAttention::ChunkS
   cuda::GroupChunkQueries(q, d_spec, n, a.heads, a.kv_heads, D, quest, d_rows, d_out, stream_);
   NEEDLE_CUDA_CHECK(cudaMemcpyAsync(grouped_pin_.Get(total), d_out, total * sizeof(float),
                                     cudaMemcpyDeviceToHost, stream_));
+  // The shortlists of the chunks whose candidates are ready, scored with the sums above.
+  bool sum_heads = false;
+  planner.ChunkShortlist(&top_want_, &sum_heads);
+  top_rows_ = sum_heads ? 1 : a.kv_heads;
+  tops_at_.assign(static_cast<size_t>(n), -1);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    tops_n_.push_back(chunks[i].cand_end - chunks[i].cand_first);
+    if (chunks[i].executor_top) tops_at_[i] = m++;
+  }
+  if (m == 0) return;
+  const int64_t per = 2 * top_rows_ * top_want_;  // floats of one shortlist
+  float* d_tops = tops_.Get<float>(static_cast<size_t>(m * per));
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& ck = chunks[i];
+    if (tops_at_[i] < 0) continue;
+    const float* qa = d_out + i * 2 * group_floats_;
+    float* vals = d_tops + tops_at_[i] * per;
+    scorer_.QueueChunkShortlist(layer, planner.representatives(), ck.cand_first,
+                                ck.cand_end - ck.cand_first, sum_heads, top_want_, qa,
+                                qa + group_floats_, vals,
+                                reinterpret_cast<int32_t*>(vals + top_rows_ * top_want_));
+  }
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(tops_pin_.Get(static_cast<size_t>(m * per)), d_tops,
+                                    static_cast<size_t>(m * per) * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+}
+
+bool ChunkPrefill::ChunkTop(const AttnArgs& a,
+                            std::vector<std::vector<PlanExecutor::Scored>>* top) {
+  const auto it = std::find(starts_.begin(), starts_.end(), a.pos0);
+  if (it == starts_.end() || tops_at_[it - starts_.begin()] < 0) return false;
+  const int64_t per = 2 * top_rows_ * top_want_;
+  const float* vals = tops_pin_.Get(0) + tops_at_[it - starts_.begin()] * per;
+  const auto* ids = reinterpret_cast<const int32_t*>(vals + top_rows_ * top_want_);
+  // (The first min(want, candidates) of each row are filled.)
+  top->assign(static_cast<size_t>(top_rows_), {});
+  const int64_t k = std::min(top_want_, tops_n_[it - starts_.begin()]);
+  for (int64_t r = 0; r < top_rows_; ++r)
+    for (int64_t j = 0; j < k; ++j)
+      (*top)[r].push_back({vals[r * top_want_ + j], ids[r * top_want_ + j]});
+  return true;
 }
 
 bool ChunkPrefill::ChunkQueries(const AttnArgs& a, float* qa, float* qb) {

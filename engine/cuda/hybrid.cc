@@ -51,10 +51,11 @@ struct HybridAttention::Impl final : PlanExecutor {
         cpu(MakeCpuBackend(tc_, false)),
         host(HybridHostShape(m_, c_, max_tokens, kv), host_limit),
         staging(HybridStagingShape(m_, c_, max_tokens, kv), 0, gpu_.kv_memory()),
-        prefill(staging, (max_tokens + c_.block_size - 1) / c_.block_size, CudaBackendStream(gpu_)),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
         residual_on_gpu(residual_on_gpu_),
         scorer(m_, planner.representatives(), stream),
+        prefill(staging, (max_tokens + c_.block_size - 1) / c_.block_size, scorer,
+                CudaBackendStream(gpu_)),
         resident(m_.num_layers, m_.num_kv_heads, c_.GpuContextSlots()) {
     if (kv == DType::kI8)
       Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
@@ -189,8 +190,15 @@ struct HybridAttention::Impl final : PlanExecutor {
     float* q_host = q_pin.Get(static_cast<size_t>(a.T * HD));
     prompt_pos0 = a.pos0;
     const bool all_q = c.sparse_prefill && c.rescore_blocks > 0;
-    if (c.sparse_prefill && !all_q)
-      prefill.QueueScoringQueries(planner.PrefillChunks(a), q_dev, a, c.repr == ReprType::kQuest);
+    if (c.sparse_prefill && !all_q) {
+      // (The chunks' shortlists too, where their candidates' representatives are ready.)
+      t = Clock::now();
+      KVLayerView hv = host.Layer(layer);
+      hv.n_tokens = end;
+      prefill.QueueScoringQueries(layer, planner, planner.PrefillChunkScoring(layer, a, hv), q_dev,
+                                  a, c.repr == ReprType::kQuest);
+      stats.prompt_plan += Since(t);
+    }
     if (all_q || call_end - end < c.obs_window || step.last_of_call) {
       const int64_t t0 = all_q ? 0 : std::max<int64_t>(0, a.T - c.obs_window);
       D2H(q_host + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
@@ -219,6 +227,9 @@ struct HybridAttention::Impl final : PlanExecutor {
     const bool queued = prefill.ChunkQueries(a, qa, qb);
     NEEDLE_CHECK(queued);
     return true;
+  }
+  bool ChunkTop(int64_t, const AttnArgs& a, std::vector<std::vector<Scored>>* top) override {
+    return prefill.ChunkTop(a, top);
   }
   bool PrefillChunk(int64_t, const float*, const AttnArgs& a, const KVLayerView&, const Chunk& ch,
                     float* out, float* lse) override {
@@ -408,6 +419,7 @@ struct HybridAttention::Impl final : PlanExecutor {
     t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
     stats.gpu_wait += Since(t);
+    stats.gpu_wait_part += Since(t);
     for (int64_t r = 0; r < a.heads; ++r) lse[r] = MergeLse(g_pin[r], cpu_part[HD + r]);
     if (mass == nullptr || remap) return false;
     const std::vector<float>* st = &block_stats;
@@ -451,10 +463,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   cudaStream_t stream;
   std::unique_ptr<Backend> cpu;
   KVCache host, staging;
-  ChunkPrefill prefill;  // --prefill sparse on the GPU
   SparseAttention planner;
   bool residual_on_gpu;
   cuda::GpuBlockScorer scorer;  // the planner's scoring and top-k, on the GPU
+  ChunkPrefill prefill;         // --prefill sparse on the GPU
   int sm = 1;
   StepInfo step;
   // The call in flight (Attend): the model's queries and output on the GPU and its cache.

@@ -67,11 +67,12 @@ void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::st
 
 // Where a decode step's time went, summed over steps (host clock, seconds).
 struct HybridStats {
-  int64_t steps = 0;      // decode steps
-  double plan = 0;        // the planner: representatives, scoring, top-k, retention
-  double cpu_attend = 0;  // the CPU's Context blocks
-  double copies = 0;      // q, new K/V rows and partials between GPU and host
-  double gpu_wait = 0;    // waiting for the GPU: the layer's q and shortlist, its own partial
+  int64_t steps = 0;         // decode steps
+  double plan = 0;           // the planner: representatives, scoring, top-k, retention
+  double cpu_attend = 0;     // the CPU's Context blocks
+  double copies = 0;         // q, new K/V rows and partials between GPU and host
+  double gpu_wait = 0;       // waiting for the GPU: the layer's q and shortlist, its own partial
+  double gpu_wait_part = 0;  // of gpu_wait: for its partial, after the CPU's blocks were done
   // Context blocks (one KV head's each) attended by the GPU (read from host memory over PCIe,
   // SparseConfig::gpu_share) and by the CPU, summed over layers and steps.
   int64_t gpu_blocks = 0, cpu_blocks = 0;

@@ -31,11 +31,9 @@ GpuBlockScorer::~GpuBlockScorer() {
 }
 
 // The representatives of candidate blocks [first, first + n) are copied to the GPU when the
-// planner has (re)computed them since (their stamps), then one kernel scores every candidate
-// against the query into device memory [kv_heads][n], followed by `extra_floats` for the caller.
-float* GpuBlockScorer::ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first,
-                                  int64_t n, size_t extra_floats, const float* q_dev) {
-  const int64_t D = head_dim_, Hk = kv_heads_;
+// planner has (re)computed them since (their stamps).
+const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& reps, int64_t first,
+                                      int64_t n) {
   const size_t bb = reps.BlockBytes();
   uint8_t* layer_dev = reps_dev_ + bb * static_cast<size_t>(layer * reps.max_blocks());
   std::vector<uint32_t>& up = uploaded_[layer];
@@ -57,11 +55,33 @@ float* GpuBlockScorer::ScoreOnGpu(int64_t layer, const RepresentativeStore& reps
   }
   if (!current)
     up_version_[layer] = reps.version(layer), up_first_[layer] = first, up_end_[layer] = first + n;
+  return layer_dev;
+}
+
+// Then one kernel scores every candidate against the query into device memory [kv_heads][n],
+// followed by `extra_floats` for the caller.
+float* GpuBlockScorer::ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first,
+                                  int64_t n, size_t extra_floats, const float* q_dev) {
+  const int64_t D = head_dim_, Hk = kv_heads_;
+  const uint8_t* layer_dev = Upload(layer, reps, first, n);
   float* d = score_buf_.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
   GroupQueries(q_dev, heads_, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D, stream_);
   ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, Hk, D, d, d + Hk * D,
               d + 2 * Hk * D, stream_);
   return d + 2 * Hk * D;
+}
+
+void GpuBlockScorer::QueueChunkShortlist(int64_t layer, const RepresentativeStore& reps,
+                                         int64_t first, int64_t n, bool sum_heads, int64_t want,
+                                         const float* qa, const float* qb, float* vals,
+                                         int32_t* ids) {
+  const uint8_t* layer_dev = Upload(layer, reps, first, n);
+  // (One scratch for every chunk: the stream orders each chunk's top-k before the next scores.)
+  // (Sized for the longest candidate list at once: a growing prompt would reallocate it often.)
+  float* sc = chunk_scores_.Get<float>(static_cast<size_t>(kv_heads_ * reps.max_blocks()));
+  ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, kv_heads_, head_dim_, qa, qb, sc,
+              stream_);
+  TopBlocks(sc, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, vals, ids, stream_);
 }
 
 bool GpuBlockScorer::Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,

@@ -35,8 +35,18 @@ class GpuBlockScorer {
   // WillShortlist), so that the wait for the query serves it too; ScoreTop then reads it when
   // no representative of a candidate changed since.
   void QueueEarly(int64_t layer, SparseAttention& planner, const AttnArgs& a, const float* q_dev);
+  // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
+  // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
+  // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids
+  // (device [rows][want], TopBlocks'). The candidates' representatives must be current on the
+  // host (SparseAttention::PrefillChunkScoring).
+  void QueueChunkShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
+                           bool sum_heads, int64_t want, const float* qa, const float* qb,
+                           float* vals, int32_t* ids);
 
  private:
+  // The GPU's copy of `layer`'s representatives, candidates [first, first + n) made current.
+  const uint8_t* Upload(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n);
   float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
                     size_t extra_floats, const float* q_dev);
   void QueueShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
@@ -51,7 +61,7 @@ class GpuBlockScorer {
   // [layer]: the candidates [up_first, up_end) were all current on the GPU at up_version.
   std::vector<uint64_t> up_version_;
   std::vector<int64_t> up_first_, up_end_;
-  GrowBuffer score_buf_{"hybrid block scores"};
+  GrowBuffer score_buf_{"hybrid block scores"}, chunk_scores_{"hybrid chunk scores"};
   PinnedFloats top_pin_;
   // The shortlist queued early (QueueEarly) and what it was for; layer -1: none.
   int64_t early_layer_ = -1, early_first_ = 0, early_n_ = 0, early_want_ = 0;

@@ -1,0 +1,150 @@
+// --prefill sparse, the planner's side: a prompt micro-batch's chunks, each scoring the Context
+// blocks with its queries and attending Initial + its selection + Local + itself
+// (SparseAttention::SparsePrefill); the executor attends them, and may score them where the
+// queries are (PlanExecutor::ChunkQueries, ChunkTop).
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <numeric>
+
+#include "engine/base/error.h"
+#include "sparse_attn/best_key.h"
+#include "sparse_attn/observation.h"
+#include "sparse_attn/scoring.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+}  // namespace
+
+std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const AttnArgs& a) const {
+  std::vector<ChunkSpec> out;
+  const int64_t end = a.pos0 + a.T, init_blocks = cfg_.init_end() / cfg_.block_size;
+  for (int64_t c0 = a.pos0, n = 0; c0 < end; c0 += n) {
+    n = std::min(cfg_.prefill_chunk, end - c0);
+    // The prompt's last query predicts the first answer token: in a prompt longer than one chunk
+    // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
+    if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
+    const int64_t lb = cfg_.LocalBegin(c0);
+    out.push_back({c0, n, lb / cfg_.block_size > init_blocks,
+                   cfg_.pos_remap ? cfg_.RemapScoreShift(lb) : 0, init_blocks,
+                   std::max(init_blocks, lb / cfg_.block_size)});
+  }
+  return out;
+}
+
+std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunkScoring(
+    int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
+  std::vector<ChunkSpec> out = PrefillChunks(a);
+  if (cfg_.rescore_blocks > 0) return out;
+  int64_t end = 0;  // the candidates to make ready: before the micro-batch's first block
+  for (ChunkSpec& ck : out) {
+    ck.executor_top = ck.scores && ck.cand_end * cfg_.block_size <= a.pos0;
+    if (ck.executor_top) end = std::max(end, ck.cand_end);
+  }
+  if (end > 0) {
+    const auto t = Clock::now();
+    EnsureRepresentatives(layer, kv, cfg_.init_end() / cfg_.block_size, end, a.scale,
+                          RelativeFreq(a));
+    times_.reps += Since(t);
+  }
+  return out;
+}
+
+void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArgs& a,
+                                    const KVLayerView& kv, float* out, float* lse) {
+  const int64_t B = cfg_.block_size, init_blocks = cfg_.init_end() / B, Hk = a.kv_heads;
+  const int64_t HD = a.heads * a.head_dim;
+  const float* rel = RelativeFreq(a);  // --pos-remap's frequencies (checked), else nullptr
+  AttnSpans spans;
+  std::vector<float> qa(static_cast<size_t>(Hk * a.head_dim)), qb(qa.size());
+  for (const ChunkSpec& ck : PrefillChunks(a)) {
+    const int64_t c0 = ck.c0, n = ck.n;
+    AttnArgs ca = a;
+    ca.pos0 = c0;
+    ca.T = n;
+    const float* cq = q + (c0 - a.pos0) * HD;
+    // The chunk's Context: the whole blocks between Initial and its first query's Local region.
+    const int64_t lb = cfg_.LocalBegin(c0), ctx_end_block = lb / B;
+    std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
+    if (ck.scores) {
+      auto t = Clock::now();
+      EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, rel);
+      times_.reps += Since(t);
+      t = Clock::now();
+      std::vector<std::vector<PlanExecutor::Scored>> top;
+      if (cfg_.rescore_blocks == 0 && exec_->ChunkTop(layer, ca, &top)) {
+        // The executor's shortlist of each row: the row's topk (ChunkShortlist), ranked here.
+        NEEDLE_CHECK(top.size() ==
+                     (cfg_.select == SelectMode::kLayer ? 1 : static_cast<size_t>(Hk)));
+        for (size_t r = 0; r < top.size(); ++r) {
+          std::vector<float> rs;
+          std::vector<int32_t> ri;
+          for (const auto& e : top[r]) rs.push_back(e.score), ri.push_back(e.block);
+          sel[r] = TopK(rs.data(), ri.data(), static_cast<int64_t>(ri.size()), cfg_.topk);
+        }
+        if (top.size() == 1)
+          for (auto& hb : sel) hb = sel[0];
+      } else {
+        std::vector<int32_t> all(static_cast<size_t>(ctx_end_block - init_blocks));
+        std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
+        const int64_t n = static_cast<int64_t>(all.size());
+        std::vector<float> sc(static_cast<size_t>(Hk * n));
+        // Scored with every query of the chunk (scoring sums them), selected as decode selects;
+        // with the remap, where it will attend them (SparseConfig::RemapScoreShift). The executor
+        // may have summed the queries where they are (re-ranking reads them one by one).
+        const float* sq = nullptr;
+        if (cfg_.rescore_blocks == 0 && exec_->ChunkQueries(layer, ca, qa.data(), qb.data())) {
+          fast::ScoreGrouped(reps_, layer,
+                             ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, qa, qb,
+                             sc.data(), tc_);
+        } else {
+          sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
+          fast::ScoreBlocks(reps_, layer,
+                            ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, sc.data(),
+                            tc_);
+        }
+        const ScoreArgs sa{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n};
+        if (cfg_.select == SelectMode::kLayer) {
+          SumOverHeads(sc.data(), Hk, n);
+          sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, kv,
+                                  rel, -1);
+          for (auto& hb : sel) hb = sel[0];
+        } else {
+          for (int64_t h = 0; h < Hk; ++h)
+            sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk,
+                                    cfg_.rescore_blocks, sa, kv, rel, h);
+        }
+      }
+      times_.select += Since(t);
+    }
+    if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T)  // the chunk of the prompt's last query
+      Watch(layer, sel, cfg_.init_end(), lb, false);
+    float* c_out = out + (c0 - a.pos0) * HD;
+    float* c_lse = lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr;
+    if (exec_->PrefillChunk(layer, cq, ca, kv, PlanExecutor::Chunk{cfg_.init_end(), lb, &sel, rel},
+                            c_out, c_lse))
+      continue;
+    // Spans of each (token, KV head): Initial, the selected blocks, then Local + the chunk
+    // (remapped: the rotations depend on the chunk and the head, not on the token).
+    spans.offsets.assign(1, 0);
+    spans.spans.clear();
+    spans.rot.clear();
+    spans.rot_table.clear();
+    std::map<int64_t, int32_t> rows;
+    for (int64_t t = 0; t < ca.T; ++t) {
+      const int64_t p = c0 + t;
+      for (int64_t h = 0; h < Hk; ++h)
+        AppendQuerySpans(cfg_.init_end(), sel[h], B, lb, p, rel, a.head_dim, &spans, &rows);
+    }
+    if (!exec_->Spans(layer, cq, ca, kv, spans, c_out, c_lse))
+      Fail("--prefill sparse: this placement of the KV cache cannot attend a prompt sparsely yet");
+  }
+}
+
+}  // namespace needle
