@@ -25,6 +25,8 @@
 //   "sparse+remap", and the prompt's host time in seconds: "prompt_pin_s" (page-locking the
 //   host cache), "prompt_wait_s" (waiting for the GPU before planning), "prompt_plan_s" (the
 //   planner, queuing the chunks' attention included).
+//   NEEDLE_BENCH_PLACEMENTS: --kv-placement values to run the hybrid with, one after the other
+//   (e.g. host,device; default auto). Hybrid lines add "placement": what was used.
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -95,7 +97,7 @@ void FillLayer(KVCache& cache, int64_t layer, int64_t P, ThreadingContext& tc) {
 
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
          bool hybrid, size_t gpu_memory, int64_t gpu_share, bool sparse_prefill,
-         ThreadingContext& tc) {
+         KVPlacement placement, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   if (gpu_share >= 0) sc.gpu_share = gpu_share;
@@ -107,9 +109,11 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   so.kv_type = DType::kBF16;
   so.gpu_memory = gpu_memory;
   so.ubatch = 4096;
+  so.placement = placement;
   model.set_ubatch(so.ubatch);
   SequenceAttention seq = MakeSequenceAttention(model, hybrid ? &sc : nullptr, tc, so);
-  if (hybrid) std::fprintf(stderr, "bench_hybrid: %s\n", seq.gpu_memory.c_str());
+  if (hybrid)
+    std::fprintf(stderr, "bench_hybrid: %s; %s\n", seq.placement.c_str(), seq.gpu_memory.c_str());
   model.set_attention(seq.policy.get());
   std::vector<int32_t> ids(static_cast<size_t>(P));
   for (int64_t i = 0; i < P; ++i) ids[i] = static_cast<int32_t>((i * 7919) % 30000 + 10);
@@ -152,22 +156,23 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
     const double gb = static_cast<double>(a.gpu_blocks - before.gpu_blocks),
                  cb = static_cast<double>(a.cpu_blocks - before.cpu_blocks),
                  gr = static_cast<double>(a.gpu_reused - before.gpu_reused);
-    std::snprintf(buf, sizeof buf,
-                  ",\"prefill\":\"%s\",\"prompt_pin_s\":%.2f,\"prompt_wait_s\":%.2f,"
-                  "\"prompt_plan_s\":%.2f,\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%."
-                  "3f,\"setup_s\":%.1f"
-                  ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
-                  "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
-                  "3f,\"gpu_wait_part_ms\":%.3f,\"other_ms\":%.3f",
-                  !sc.sparse_prefill ? "dense"
-                  : sc.pos_remap     ? "sparse+remap"
-                                     : "sparse",
-                  a.prompt_pin, a.prompt_wait, a.prompt_plan, static_cast<long long>(sc.gpu_share),
-                  gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
-                  (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
-                  (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
-                  (a.gpu_wait_part - before.gpu_wait_part) / n * ms,
-                  dec / n * ms - plan - cpu - cp - wait);
+    std::snprintf(
+        buf, sizeof buf,
+        ",\"placement\":\"%s\",\"prefill\":\"%s\",\"prompt_pin_s\":%.2f,\"prompt_wait_s\":%.2f,"
+        "\"prompt_plan_s\":%.2f,\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%."
+        "3f,\"setup_s\":%.1f"
+        ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
+        "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
+        "3f,\"gpu_wait_part_ms\":%.3f,\"other_ms\":%.3f",
+        seq.device_kv ? "device" : "host",
+        !sc.sparse_prefill ? "dense"
+        : sc.pos_remap     ? "sparse+remap"
+                           : "sparse",
+        a.prompt_pin, a.prompt_wait, a.prompt_plan, static_cast<long long>(sc.gpu_share),
+        gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
+        (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
+        (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
+        (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait);
     split << buf;
   }
   std::printf(
@@ -215,6 +220,13 @@ int main(int argc, char** argv) {
       std::stringstream gs(g);
       for (std::string x; std::getline(gs, x, ',');) shares.push_back(std::stoll(x));
     }
+    std::vector<KVPlacement> placements = {KVPlacement::kAuto};
+    if (const char* g = std::getenv("NEEDLE_BENCH_PLACEMENTS")) {
+      placements.clear();
+      std::stringstream gs(g);
+      for (std::string x; std::getline(gs, x, ',');)
+        placements.push_back(ParseKVPlacement(x, "NEEDLE_BENCH_PLACEMENTS"));
+    }
     auto gpu = MakeCudaBackend(0);
     ThreadingContext tc(0);
     for (int i = 3; i < argc; ++i) {
@@ -222,10 +234,12 @@ int main(int argc, char** argv) {
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);
       const std::string name = config.substr(config.rfind('/') + 1);
       for (auto [P, syn] : ctxs) {
-        for (bool sp : prefills)
-          for (int64_t share : shares)
-            Run(*gpu, *model, name, P, syn, true, gpu_memory, share, sp, tc);
-        if (P <= dense_max) Run(*gpu, *model, name, P, syn, false, 0, -1, false, tc);
+        for (KVPlacement pl : placements)
+          for (bool sp : prefills)
+            for (int64_t share : shares)
+              Run(*gpu, *model, name, P, syn, true, gpu_memory, share, sp, pl, tc);
+        if (P <= dense_max)
+          Run(*gpu, *model, name, P, syn, false, 0, -1, false, KVPlacement::kAuto, tc);
       }
     }
   } catch (const std::exception& e) {

@@ -199,8 +199,14 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       so.kv_memory = opt.kv_memory;
       so.gpu_memory = opt.gpu_memory;
       so.ubatch = opt.ubatch;
+      so.placement = opt.placement;
       SequenceAttention seq =
           MakeSequenceAttention(model, cfg.sparse ? &cfg.sparse_cfg : nullptr, tc, so);
+      // (The placement the first time, and whenever a longer context changes it.)
+      static std::string placement_said;
+      if (seq.hybrid && seq.placement != placement_said)
+        std::fprintf(stderr, "eval %s [%s]: %s\n", task.c_str(), cfg.name.c_str(),
+                     (placement_said = seq.placement).c_str());
       KVCache& cache = *seq.cache;
       SparseAttention* sp = seq.planner;
       if (sp != nullptr) sp->set_recall(opt.recall);

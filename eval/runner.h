@@ -12,6 +12,7 @@
 
 #include "datasets/infinitebench.h"
 #include "engine/model/model.h"
+#include "engine/runtime/sequence_attention.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "sparse_attn/sparse_config.h"
@@ -41,7 +42,8 @@ struct RunnerOptions {
   int64_t context_limit = 0;  // tokens; longer prompts are cut in the middle (InfiniteBench's rule)
   size_t kv_memory = 0;       // bytes a sample's KV cache may take (--kv-memory; 0: available)
   size_t gpu_memory = 0;      // sparse on a GPU: the hybrid engine's budget (0: free memory)
-  int64_t ubatch = 512;       // prompt tokens per forward step (the model's --ubatch)
+  KVPlacement placement = KVPlacement::kAuto;  // sparse on a GPU: --kv-placement
+  int64_t ubatch = 512;  // prompt tokens per forward step (the model's --ubatch)
   DType kv_type = DType::kBF16;
   bool recall = false;
   // Sparse configurations: per layer, how often the answer's block was attended (its first

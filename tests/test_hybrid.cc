@@ -284,6 +284,18 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   // memory.)
   EXPECT_EQ(r.activations - g.activations, static_cast<size_t>((ctx - 2 * 512) * 3584 * 4));
   CheckHybridBudget(g, size_t{24} << 30, "--gpu-memory");
+  // --kv-placement device: every block of the 26 sparse layers on the GPU (the ring of the whole
+  // context, Initial included), and extra slots for all 32 selected blocks; 1M does not fit 24 GB.
+  const HybridGpuMemory d = HybridGpuNeeds(m, c, ctx, DType::kBF16, weights, 512, false, true);
+  EXPECT_EQ(d.dense_kv, g.dense_kv);
+  EXPECT_EQ(d.window_kv, 26 * per_layer_token * 128 * (ctx / 128 + 32));
+  EXPECT_NE(d.Describe().find("sparse-layer KV (every block)"), std::string::npos);
+  test::ExpectErrorContaining([&] { CheckHybridBudget(d, size_t{24} << 30, "--gpu-memory"); },
+                              {"needs", "--gpu-memory is 24.00 GiB"});
+  EXPECT_EQ(ParseKVPlacement("device", "--kv-placement"), KVPlacement::kDevice);
+  EXPECT_EQ(ParseKVPlacement("host", "--kv-placement"), KVPlacement::kHost);
+  test::ExpectErrorContaining([] { ParseKVPlacement("gpu", "--kv-placement"); },
+                              {"--kv-placement", "'gpu'", "auto, host or device"});
   test::ExpectErrorContaining(
       [&] { CheckHybridBudget(g, size_t{16} << 30, "--gpu-memory"); },
       {"needs", "weights 15.00 GiB", "dense-layer KV 4.00 GiB", "--gpu-memory is 16.00 GiB"});
@@ -413,8 +425,10 @@ struct SeqRun {
   std::string plan;
 };
 SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
-                   const std::vector<int32_t>& prompt, int64_t steps) {
+                   const std::vector<int32_t>& prompt, int64_t steps,
+                   KVPlacement placement = KVPlacement::kHost) {
   SequenceOptions so;
+  so.placement = placement;
   so.ctx = static_cast<int64_t>(prompt.size()) + steps + 1;
   so.kv_type = DType::kF32;
   so.ubatch = 64;
@@ -473,7 +487,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     t = static_cast<int32_t>(x % static_cast<uint64_t>(on_cpu->config().vocab_size));
   }
-  for (int variant = 0; variant < 9; ++variant) {
+  for (int variant = 0; variant < 12; ++variant) {
     SparseConfig sc;
     sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 48, sc.topk = 4, sc.dense_layers = 0,
     sc.retain_blocks = 2;
@@ -484,15 +498,20 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     if (variant == 4) sc.gpu_share = 100, sc.select = SelectMode::kLayer;
     // Sparse prefill (chunks across micro-batches), with and without position remapping, and
     // with a dense layer (dense within the trained length: a plan of every Context block).
-    if (variant >= 5) sc.sparse_prefill = true, sc.prefill_chunk = 40;
+    if (variant >= 5 && variant <= 8) sc.sparse_prefill = true, sc.prefill_chunk = 40;
     if (variant == 6) sc.pos_remap = true;
     if (variant == 7) sc.pos_remap = true, sc.dense_layers = 1, sc.select = SelectMode::kLayer;
     if (variant == 8) sc.pos_remap = true;  // (dense prefill, remapped decode)
+    // Every layer's KV on the GPU (--kv-placement device), which attends every selected block:
+    // per KV head with retention, per layer with preselection, after a sparse prefill.
+    const KVPlacement pl = variant >= 9 ? KVPlacement::kDevice : KVPlacement::kHost;
+    if (variant == 10) sc.select = SelectMode::kLayer, sc.preselect_blocks = 8, sc.obs_window = 32;
+    if (variant == 11) sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.dense_layers = 1;
     // (Remapped scoring reads block-relative representatives: in a prompt that repeats itself
     // every 16 blocks, layer 0's repeated blocks tie exactly on one side and not the other.)
     const auto& pr = sc.pos_remap ? aperiodic : prompt;
     const SeqRun want = RunSequence(*on_cpu, &sc, tc, pr, 40);
-    const SeqRun got = RunSequence(*on_gpu, &sc, tc, pr, 40);
+    const SeqRun got = RunSequence(*on_gpu, &sc, tc, pr, 40, pl);
     const std::string what = GetParam() + " variant " + std::to_string(variant);
     if (got.plan != want.plan) {  // the first step that differs
       std::istringstream g(got.plan), w(want.plan);
@@ -522,6 +541,8 @@ TEST_P(HybridFixture, CoveringTopkEqualsGpuDense) {
   const SeqRun dense = RunSequence(*model, nullptr, tc, prompt, 30);
   const SeqRun hybrid = RunSequence(*model, &sc, tc, prompt, 30);
   ExpectLogitsClose(hybrid, dense, GetParam());
+  const SeqRun device = RunSequence(*model, &sc, tc, prompt, 30, KVPlacement::kDevice);
+  ExpectLogitsClose(device, dense, GetParam() + " device");
 }
 
 INSTANTIATE_TEST_SUITE_P(All, HybridFixture,

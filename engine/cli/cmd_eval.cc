@@ -178,6 +178,7 @@ int CmdEval(int argc, char** argv) {
   ro.model_id = eval::ModelIdentity(opt.Str("model"));
   ro.kv_memory = limits.kv_memory;
   ro.gpu_memory = limits.gpu_memory;
+  ro.placement = limits.placement;
   ro.ubatch = limits.ubatch;
   ro.context_limit =
       opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : model->config().max_position_embeddings;

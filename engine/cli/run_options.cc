@@ -87,6 +87,11 @@ std::vector<OptionSpec> RunOptionSpecs() {
       {"gpu-memory", 0, OptKind::kString, "",
        "sparse attention on a GPU: the most GPU memory needle may use, weights included, e.g. "
        "24G (default: the GPU's free memory)"},
+      {"kv-placement", 0, OptKind::kString, "auto",
+       "sparse attention on a GPU: where the KV cache lives: host (the hybrid engine: sparse "
+       "layers in host memory, the CPU attends part of the selected blocks), device (every "
+       "layer in GPU memory, the GPU attends the selected blocks), or auto (device when it "
+       "fits --gpu-memory)"},
       {"ctx-size", 'c', OptKind::kInt, "0",
        "context limit in tokens: prompt + new tokens (the KV cache is sized for what the run "
        "needs up to it; eval cuts longer prompts in the middle); 0: the model's "
@@ -245,6 +250,9 @@ RunLimits RunLimitsFromOptions(const Options& opt) {
       opt.Str("gpu-memory").empty() ? 0 : ParseByteSize(opt.Str("gpu-memory"), "--gpu-memory");
   if (opt.IsSet("gpu-memory") && opt.Str("attention").find("sparse") == std::string::npos)
     Fail("--gpu-memory only applies to --attention sparse on a GPU (the hybrid engine)");
+  l.placement = ParseKVPlacement(opt.Str("kv-placement"), "--kv-placement");
+  if (opt.IsSet("kv-placement") && opt.Str("attention").find("sparse") == std::string::npos)
+    Fail("--kv-placement only applies to --attention sparse on a GPU");
   return l;
 }
 
@@ -272,6 +280,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
     so.kv_type = kvs == "auto" ? w.dtype : ParseKVType(kvs, "--kv-type");
     so.gpu_memory = limits.gpu_memory;
     so.ubatch = limits.ubatch;
+    so.placement = limits.placement;
     CheckSequenceFits(*rs.backend, m, w,
                       opt.Str("attention") == "sparse" ? &rs.sparse_cfg : nullptr, so);
   };
@@ -309,13 +318,16 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   so.kv_memory = kv_limit;
   so.gpu_memory = limits.gpu_memory;
   so.ubatch = limits.ubatch;
+  so.placement = limits.placement;
   const bool sparse = opt.Str("attention") == "sparse";
   SequenceAttention seq =
       MakeSequenceAttention(*rs.model, sparse ? &rs.sparse_cfg : nullptr, *rs.tc, so);
   rs.cache = std::move(seq.cache);
   rs.policy = std::move(seq.policy);
   rs.sparse = seq.planner;
-  if (seq.hybrid) std::fprintf(stderr, "needle: GPU memory: %s\n", seq.gpu_memory.c_str());
+  if (seq.hybrid)
+    std::fprintf(stderr, "needle: %s; GPU memory: %s\n", seq.placement.c_str(),
+                 seq.gpu_memory.c_str());
   if (sparse) {
     rs.sparse->set_recall(opt.Flag("attn-recall"));
     const std::string dump = opt.Str("dump-plan");

@@ -11,6 +11,7 @@
 #include "engine/backend/backend.h"
 #include "engine/cli/options.h"
 #include "engine/model/model.h"
+#include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/sparse_attention.h"
 
 namespace needle {
@@ -41,7 +42,8 @@ struct RunLimits {
   int threads = 0;
   int64_t ubatch = 0;
   size_t kv_memory = 0;
-  size_t gpu_memory = 0;  // --gpu-memory (0: the GPU's free memory)
+  size_t gpu_memory = 0;                       // --gpu-memory (0: the GPU's free memory)
+  KVPlacement placement = KVPlacement::kAuto;  // --kv-placement
 };
 RunLimits RunLimitsFromOptions(const Options& opt);
 // The prompt micro-batch: --ubatch, or with 0, 512 tokens on the CPU and 4096 on a GPU (its

@@ -18,7 +18,8 @@ namespace needle::cuda {
 // multiple of 16) of K and V: item i to k_dst + dst[i] * head_block_bytes (v_dst alike), from
 //   src[i] >= 0: k_src + src[i] * head_block_bytes (v_src alike): host memory the GPU can read
 //                (page-locked and mapped: the host pointer, on a GPU with
-//                cudaDevAttrCanUseHostPointerForRegisteredMem), over PCIe;
+//                cudaDevAttrCanUseHostPointerForRegisteredMem), over PCIe; or device memory
+//                (--kv-placement device: the layer's own ring);
 //   src[i] < 0:  k_dst + (-1 - src[i]) * head_block_bytes: a head block already on the GPU
 //                (ResidentBlocks' moves), read from device memory.
 // No item may read a head block that another item writes. src and dst [n]: host memory the GPU

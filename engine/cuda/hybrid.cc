@@ -43,7 +43,7 @@ float MergeLse(float a, float b) {
 
 struct HybridAttention::Impl final : PlanExecutor {
   Impl(const ModelConfig& m_, const SparseConfig& c_, Backend& gpu_, ThreadingContext& tc_,
-       int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_)
+       int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_, bool device_kv_)
       : m(m_),
         c(c_),
         tc(tc_),
@@ -53,10 +53,12 @@ struct HybridAttention::Impl final : PlanExecutor {
         staging(HybridStagingShape(m_, c_, max_tokens, kv), 0, gpu_.kv_memory()),
         planner(m_, c_, *cpu, tc_, max_tokens, kv),
         residual_on_gpu(residual_on_gpu_),
+        device_kv(device_kv_),
         scorer(m_, planner.representatives(), stream),
         prefill(staging, (max_tokens + c_.block_size - 1) / c_.block_size, scorer,
                 CudaBackendStream(gpu_)),
-        resident(m_.num_layers, m_.num_kv_heads, c_.GpuContextSlots()) {
+        resident(m_.num_layers, m_.num_kv_heads, device_kv_ ? c_.topk : c_.GpuContextSlots()) {
+    if (device_kv) c.gpu_share = 100;  // (the executor's copy: every selected block on the GPU)
     if (kv == DType::kI8)
       Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
     planner.set_executor(this);
@@ -71,7 +73,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     pin_k.Reset(host.BlockData(0, false, 0), bb * static_cast<size_t>(host.shape().TotalSlots()));
     pin_v.Reset(host.BlockData(0, true, 0), bb * static_cast<size_t>(host.shape().TotalSlots()));
     gather_on = c.gpu_share > 0 && (bb / static_cast<size_t>(m.num_kv_heads)) % 16 == 0 &&
-                cuda::HostPointersUsableOnGpu();
+                (device_kv || cuda::HostPointersUsableOnGpu());
+    if (device_kv && !gather_on)
+      Fail("--kv-placement device: a block of one KV head (", bb / m.num_kv_heads,
+           " bytes) is not a multiple of 16 bytes");
   }
 
   ~Impl() override {
@@ -209,9 +214,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     planner.Attend(layer, q_host, a, host, out_dev);
     stats.prompt_plan += Since(t);
     if (step.last_of_call) {
-      // The first decode step's Initial and Local blocks go to the layer's ring.
+      // The first decode step's Initial and Local blocks go to the layer's ring (device
+      // placement: every block).
       const int64_t init_b = std::min(c.init_end() / B, (end + B - 1) / B);
-      const int64_t local_b = c.LocalBegin(end) / B, last_b = (end + B - 1) / B;
+      const int64_t local_b = device_kv ? 0 : c.LocalBegin(end) / B, last_b = (end + B - 1) / B;
       for (int64_t b = 0; b < init_b; ++b) model_cache->AssignBlocks(layer, b * B, 1);
       for (int64_t b = std::max(local_b, init_b); b < last_b; ++b)
         model_cache->AssignBlocks(layer, b * B, 1);
@@ -287,8 +293,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   int64_t GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
     const int64_t Hk = m.num_kv_heads;
     resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
+    // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
+    KVCache& from = device_kv ? *model_cache : host;
     for (const auto& cp : copies)
-      if (cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
+      if (!device_kv && cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
         gather_on = false;
         resident.Clear();
         return 0;
@@ -305,13 +313,13 @@ struct HybridAttention::Impl final : PlanExecutor {
     int32_t* dst = src + nc;
     for (size_t i = 0; i < nc; ++i) {
       const ResidentBlocks::Copy& cp = copies[i];
-      const int32_t at = cp.from < 0 ? host.SlotOf(layer, cp.block) : cp.from;
+      const int32_t at = cp.from < 0 ? from.SlotOf(layer, cp.block) : cp.from;
       src[i] = at * static_cast<int32_t>(Hk) + cp.head;
       if (cp.from >= 0) src[i] = -1 - src[i];
       dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
     }
     const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
-    cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src, dst,
+    cuda::GatherBlocks(from.BlockData(layer, false, 0), from.BlockData(layer, true, 0), src, dst,
                        static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                        model_cache->BlockData(layer, false, x0),
                        model_cache->BlockData(layer, true, x0), stream);
@@ -380,7 +388,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     const size_t n_stats = mass != nullptr ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
     float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
     float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
-    cuda::Attention(q_dev, v, a2, g_out, g_lse, sm, ws, stream);
+    // Every selected block on the GPU (device placement): its output is the layer's.
+    bool gpu_all = !remap && n_g > 0;
+    for (const auto& hb : plan.blocks) gpu_all = gpu_all && static_cast<int64_t>(hb.size()) == n_g;
+    cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
     if (n_stats > 0) {
       const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
       cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G,
@@ -389,6 +400,22 @@ struct HybridAttention::Impl final : PlanExecutor {
     float* g_pin = gl_pin.Get(static_cast<size_t>(a.heads) + n_stats);
     D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
     NEEDLE_CUDA_CHECK(cudaEventRecord(gpu_done, stream));
+    if (gpu_all) {
+      auto t = Clock::now();
+      NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
+      stats.gpu_wait += Since(t);
+      stats.gpu_wait_part += Since(t);
+      std::copy_n(g_pin, a.heads, lse);
+      if (mass == nullptr) return false;
+      all_stats.clear();
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int32_t b : plan.blocks[h]) {
+          const float* from = g_pin + a.heads + (h * n_g + GpuSlotOf(layer, h, n_g, b)) * G * 2;
+          all_stats.insert(all_stats.end(), from, from + G * 2);
+        }
+      fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
+      return true;
+    }
     // CPU: the rest, in plan order.
     const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
     if (n_g > 0) {
@@ -465,6 +492,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   KVCache host, staging;
   SparseAttention planner;
   bool residual_on_gpu;
+  bool device_kv;  // --kv-placement device: the rings hold every block, the GPU attends them all
   cuda::GpuBlockScorer scorer;  // the planner's scoring and top-k, on the GPU
   ChunkPrefill prefill;         // --prefill sparse on the GPU
   int sm = 1;
@@ -498,9 +526,9 @@ struct HybridAttention::Impl final : PlanExecutor {
 
 HybridAttention::HybridAttention(const ModelConfig& m, const SparseConfig& c, Backend& gpu,
                                  ThreadingContext& tc, int64_t max_tokens, DType kv_type,
-                                 size_t host_limit, bool residual_on_gpu)
-    : impl_(std::make_unique<Impl>(m, c, gpu, tc, max_tokens, kv_type, host_limit,
-                                   residual_on_gpu)) {}
+                                 size_t host_limit, bool residual_on_gpu, bool device_kv)
+    : impl_(std::make_unique<Impl>(m, c, gpu, tc, max_tokens, kv_type, host_limit, residual_on_gpu,
+                                   device_kv)) {}
 HybridAttention::~HybridAttention() = default;
 
 SparseAttention& HybridAttention::planner() { return impl_->planner; }
@@ -516,7 +544,8 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
     x.planner.IndexContext(l, x.host);
     x.PinHost(l, 0, (P + B - 1) / B);
     const int64_t init_b = std::min(x.c.init_end() / B, (P + B - 1) / B);
-    const int64_t local_b = std::max(x.c.LocalBegin(P) / B, init_b), last_b = (P + B - 1) / B;
+    const int64_t local_b = std::max(x.device_kv ? 0 : x.c.LocalBegin(P) / B, init_b),
+                  last_b = (P + B - 1) / B;
     for (int64_t b = 0; b < init_b; ++b) model_cache.AssignBlocks(l, b * B, 1);
     for (int64_t b = local_b; b < last_b; ++b) model_cache.AssignBlocks(l, b * B, 1);
     x.CopyBlocks(x.host, l, model_cache, l, 0, init_b, cudaMemcpyHostToDevice);
@@ -594,7 +623,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   // they are up when the plan is (ThreadingContext::Wake: waking them only when the plan was
   // ready left 60-90 us a layer in the step; waking them before this wait would have them spin
   // through the previous layer's MLP).
-  if (x.planner.AttendsPlan(layer, a)) {
+  if (x.planner.AttendsPlan(layer, a) && !x.device_kv) {
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start));
     x.stats.gpu_wait += Since(t);

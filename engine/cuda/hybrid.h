@@ -3,6 +3,11 @@
 // Local keys on the GPU and its selected Context blocks on the CPU; the two results merge by
 // log-sum-exp on the GPU. docs/ARCHITECTURE.md has the picture and one decode step in order.
 //
+// With --kv-placement device (when every layer's KV fits in GPU memory, issue 18's setting) each
+// sparse layer's ring holds the whole context and the GPU attends every selected block there
+// (gathered from its own cache into the extra slots, as --gpu-share 100 gathers them from the
+// host); the host cache stays the planner's copy (representatives, votes), and nothing of the
+// plan changes.
 // Memory (the block layout of kvcache/ everywhere):
 //   GPU  the model's cache (HybridDeviceShape): dense layers (the first dense_layers and
 //        sliding-window ones) whole; each sparse layer as a ring of its Initial blocks plus
@@ -30,9 +35,10 @@ namespace needle {
 
 // Whether `layer` attends every key at every step (so the hybrid keeps it whole on the GPU).
 bool HybridDenseLayer(const ModelConfig& m, const SparseConfig& c, int64_t layer);
-// The hybrid engine's GPU cache of a `ctx`-token context.
+// The hybrid engine's GPU cache of a `ctx`-token context. device_kv (--kv-placement device): the
+// sparse layers' rings hold the whole context, and extra slots for every selected block.
 KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
-                               DType kv_type);
+                               DType kv_type, bool device_kv = false);
 
 // The host cache: every layer's shape, but only the sparse layers are written (the dense layers'
 // blocks are never touched, and an anonymous mapping commits no memory for them).
@@ -53,6 +59,7 @@ struct HybridGpuMemory {
   size_t activations = 0;  // a micro-batch's activations, the prompt's residual stream if kept
   size_t reps = 0;         // the representatives of every block (scored on the GPU)
   size_t scratch = 0;      // attention workspaces, tables, the merge's inputs
+  bool device_kv = false;  // window_kv holds the sparse layers' whole KV (--kv-placement device)
   size_t total() const {
     return weights + dense_kv + window_kv + staging_kv + reps + activations + scratch;
   }
@@ -61,7 +68,7 @@ struct HybridGpuMemory {
 // weight_bytes: the model's weights on the GPU; ubatch: tokens per micro-batch.
 HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                DType kv_type, size_t weight_bytes, int64_t ubatch,
-                               bool residual_on_gpu);
+                               bool residual_on_gpu, bool device_kv = false);
 // Throws Error naming every item, the total and the budget when they do not fit.
 void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& budget_name);
 
@@ -88,9 +95,11 @@ class HybridAttention final : public AttentionPolicy {
  public:
   // gpu: the CUDA backend the model runs on; max_tokens: the context; host_limit: the host
   // cache's budget (--kv-memory; 0: available memory); residual_on_gpu: whether a prompt keeps
-  // its residual stream on the GPU (else in host memory).
+  // its residual stream on the GPU (else in host memory); device_kv: --kv-placement device (the
+  // model's cache is HybridDeviceShape's with device_kv).
   HybridAttention(const ModelConfig& m, const SparseConfig& c, Backend& gpu, ThreadingContext& tc,
-                  int64_t max_tokens, DType kv_type, size_t host_limit, bool residual_on_gpu);
+                  int64_t max_tokens, DType kv_type, size_t host_limit, bool residual_on_gpu,
+                  bool device_kv = false);
   ~HybridAttention() override;
 
   SparseAttention& planner();

@@ -33,7 +33,7 @@ KVCacheShape HybridStagingShape(const ModelConfig& m, const SparseConfig& c, int
 }
 
 KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
-                               DType kv_type) {
+                               DType kv_type, bool device_kv) {
   KVCacheShape s(m.num_layers, m.num_kv_heads, m.head_dim, ctx, c.block_size, kv_type);
   s.ring_layer.resize(static_cast<size_t>(m.num_layers));
   for (int64_t l = 0; l < m.num_layers; ++l) s.ring_layer[l] = HybridDenseLayer(m, c, l) ? 0 : 1;
@@ -41,16 +41,21 @@ KVCacheShape HybridDeviceShape(const ModelConfig& m, const SparseConfig& c, int6
   // The Local region [LocalBegin(p), p] spans at most ceil(local_window / B) + 1 blocks.
   s.ring_blocks = (c.local_window + c.block_size - 1) / c.block_size + 1;
   s.extra_blocks = c.GpuContextSlots();  // the GPU's part of the Context blocks
+  if (device_kv) {                       // a ring that never wraps; every selected block on the GPU
+    s.ring_blocks = (ctx + c.block_size - 1) / c.block_size + 1;
+    s.extra_blocks = c.topk;
+  }
   return s;
 }
 
 std::string HybridGpuMemory::Describe() const {
   std::ostringstream os;
   os << "weights " << FormatBytes(weights) << ", dense-layer KV " << FormatBytes(dense_kv)
-     << ", Initial + Local + gathered Context KV " << FormatBytes(window_kv) << ", prompt staging "
-     << FormatBytes(staging_kv) << ", representatives " << FormatBytes(reps) << ", activations "
-     << FormatBytes(activations) << ", scratch " << FormatBytes(scratch) << ": total "
-     << FormatBytes(total());
+     << (device_kv ? ", sparse-layer KV (every block) "
+                   : ", Initial + Local + gathered Context KV ")
+     << FormatBytes(window_kv) << ", prompt staging " << FormatBytes(staging_kv)
+     << ", representatives " << FormatBytes(reps) << ", activations " << FormatBytes(activations)
+     << ", scratch " << FormatBytes(scratch) << ": total " << FormatBytes(total());
   return os.str();
 }
 
@@ -66,10 +71,11 @@ size_t RepsBytes(const ModelConfig& m, const SparseConfig& c, int64_t ctx, DType
 
 HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                                DType kv_type, size_t weight_bytes, int64_t ubatch,
-                               bool residual_on_gpu) {
+                               bool residual_on_gpu, bool device_kv) {
   HybridGpuMemory g;
   g.weights = weight_bytes;
-  const KVCacheShape s = HybridDeviceShape(m, c, ctx, kv_type);
+  g.device_kv = device_kv;
+  const KVCacheShape s = HybridDeviceShape(m, c, ctx, kv_type, device_kv);
   for (int64_t l = 0; l < s.layers; ++l)
     (s.IsRing(l) ? g.window_kv : g.dense_kv) +=
         s.SlotBytes() * static_cast<size_t>(s.LayerSlots(l));

@@ -7,15 +7,28 @@
 
 namespace needle {
 
+KVPlacement ParseKVPlacement(const std::string& s, const std::string& what) {
+  if (s == "auto") return KVPlacement::kAuto;
+  if (s == "host") return KVPlacement::kHost;
+  if (s == "device") return KVPlacement::kDevice;
+  Fail(what, ": expected auto, host or device, got '", s, "'");
+}
+
+const char* KVPlacementName(KVPlacement p) {
+  return p == KVPlacement::kHost ? "host" : p == KVPlacement::kDevice ? "device" : "auto";
+}
+
 void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeights& w,
                        const SparseConfig* sparse, const SequenceOptions& o) {
   if (sparse == nullptr || backend.kv_memory() == nullptr) return;
 #ifdef NEEDLE_HAVE_CUDA
   const size_t weights = w.TotalBytes();
   const size_t budget = o.gpu_memory != 0 ? o.gpu_memory : backend.kv_memory()->AvailableBytes();
-  // The residual stream of a prompt may live in host memory: the smaller need is the one checked.
-  CheckHybridBudget(HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, false), budget,
-                    o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory");
+  // The residual stream of a prompt may live in host memory: the smaller need is the one checked
+  // (with auto, that of the host placement).
+  CheckHybridBudget(HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, false,
+                                   o.placement == KVPlacement::kDevice),
+                    budget, o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory");
 #else
   (void)m, (void)w, (void)o;
 #endif
@@ -31,6 +44,9 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
                                         b.kv_memory());
     return s;
   }
+  if (b.kv_memory() == nullptr && o.placement == KVPlacement::kDevice)
+    Fail("--kv-placement device: the model runs on the CPU, whose KV cache is in host memory "
+         "(device placement is for --device cuda)");
   if (b.kv_memory() == nullptr) {  // the CPU: everything in host DRAM
     s.cache =
         std::make_unique<KVCache>(model.CacheShape(o.ctx, o.kv_type, block), o.kv_memory, nullptr);
@@ -45,20 +61,35 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   const size_t budget =
       o.gpu_memory != 0 ? o.gpu_memory : b.kv_memory()->AvailableBytes() + weights;
   const std::string name = o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory";
-  // The prompt's residual stream stays on the GPU when it fits, else it goes through host memory.
-  HybridGpuMemory need = HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, true);
+  // Device placement (every layer's KV on the GPU) where asked, or with auto where it fits; the
+  // prompt's residual stream stays on the GPU when it fits, else it goes through host memory.
+  const auto needs = [&](bool device, bool residual) {
+    return HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, residual, device);
+  };
+  bool device = o.placement == KVPlacement::kDevice;
+  if (o.placement == KVPlacement::kAuto) {
+    device = needs(true, false).total() <= budget;
+    s.placement =
+        std::string("--kv-placement auto: ") +
+        (device ? "device (every layer's KV fits in " : "host (the whole KV cache needs ") +
+        FormatBytes(needs(true, false).total()) + (device ? " of " : ", more than ") +
+        FormatBytes(budget) + ")";
+  } else {
+    s.placement = std::string("--kv-placement ") + KVPlacementName(o.placement);
+  }
+  HybridGpuMemory need = needs(device, true);
   const bool residual_on_gpu = need.total() <= budget;
-  if (!residual_on_gpu)
-    need = HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, false);
+  if (!residual_on_gpu) need = needs(device, false);
   CheckHybridBudget(need, budget, name);
   s.gpu_memory = need.Describe() + " (budget " + FormatBytes(budget) + ", " + name + ")";
-  s.cache =
-      std::make_unique<KVCache>(HybridDeviceShape(m, *sparse, o.ctx, o.kv_type), 0, b.kv_memory());
+  s.cache = std::make_unique<KVCache>(HybridDeviceShape(m, *sparse, o.ctx, o.kv_type, device), 0,
+                                      b.kv_memory());
   auto p = std::make_unique<HybridAttention>(m, *sparse, b, tc, o.ctx, o.kv_type, o.kv_memory,
-                                             residual_on_gpu);
+                                             residual_on_gpu, device);
   s.planner = &p->planner();
   s.policy = std::move(p);
   s.hybrid = true;
+  s.device_kv = device;
   return s;
 #else
   Fail("sparse attention on a GPU: this needle was built without CUDA");

@@ -4,7 +4,10 @@
 //   dense                 the backend's cache (host DRAM or the GPU), dense attention;
 //   sparse, CPU backend   a host cache, SparseAttention running its plan on the CPU;
 //   sparse, CUDA backend  the hybrid engine (engine/cuda/hybrid.h): a GPU cache of dense layers
-//                         and Initial + Local rings, the sparse layers in host DRAM.
+//                         and Initial + Local rings, the sparse layers in host DRAM
+//                         (--kv-placement host); or every layer's KV in GPU memory, the GPU
+//                         attending all selected blocks there (device); auto: device when it fits
+//                         the GPU budget.
 #pragma once
 
 #include <cstddef>
@@ -18,12 +21,20 @@
 
 namespace needle {
 
+// Where a sparse sequence's KV cache lives on a GPU (--kv-placement).
+enum class KVPlacement { kAuto, kHost, kDevice };
+// "auto", "host" or "device"; else Error naming `what` and the value.
+KVPlacement ParseKVPlacement(const std::string& s, const std::string& what);
+const char* KVPlacementName(KVPlacement p);
+
 struct SequenceAttention {
   std::unique_ptr<KVCache> cache;           // the model's cache
   std::unique_ptr<AttentionPolicy> policy;  // null: dense
   SparseAttention* planner = nullptr;       // the sparse planner in policy (null: dense)
   bool hybrid = false;
   std::string gpu_memory;  // hybrid: what it puts on the GPU, by item (one line)
+  std::string placement;   // hybrid: the placement chosen and why (one line)
+  bool device_kv = false;  // hybrid: --kv-placement device (chosen or asked for)
 };
 
 struct SequenceOptions {
@@ -32,6 +43,7 @@ struct SequenceOptions {
   size_t kv_memory = 0;   // the host KV cache's budget (0: available memory)
   size_t gpu_memory = 0;  // the hybrid's GPU budget (0: the GPU's free memory + the weights)
   int64_t ubatch = 512;
+  KVPlacement placement = KVPlacement::kAuto;  // sparse on a GPU
 };
 
 // Before the weights go to the GPU: throws Error naming every number when the hybrid engine (a
