@@ -37,6 +37,7 @@ SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& c
   presel_end_.assign(static_cast<size_t>(model.num_layers), 0);
   sel_.resize(static_cast<size_t>(model.num_layers));
   retained_.resize(static_cast<size_t>(model.num_layers));
+  late_blocks_.resize(static_cast<size_t>(model.num_layers));
   last_plan_.resize(static_cast<size_t>(model.num_layers));
   recall_sum_.assign(static_cast<size_t>(model.num_layers), 0.0);
   recall_n_.assign(static_cast<size_t>(model.num_layers), 0);
@@ -54,6 +55,7 @@ void SparseAttention::Reset() {
   }
   for (auto& s : sel_) s = Selection{};
   for (auto& r : retained_) r.clear();
+  for (auto& b : late_blocks_) b.clear();
   decode_step_ = -1;
 }
 
@@ -255,6 +257,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
                                    const KVLayerView& kv, int64_t ctx_end_block, LayerPlan* plan) {
   const int64_t Hk = a.kv_heads, init_blocks = cfg_.init_end() / cfg_.block_size;
   Selection& s = sel_[SelectorOf(layer)];
+  if (!late_blocks_[layer].empty()) FinishLateMass(layer, a, kv);
   if (SelectsAt(layer, decode_step_)) {
     // Candidates: Context blocks, restricted to the preselected set where there is one (blocks
     // that joined the Context after the prompt always compete).
@@ -396,6 +399,17 @@ std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vecto
 }
 }  // namespace
 
+// The previous step's retention at `layer`, whose masses the executor kept (TakesLateMass).
+void SparseAttention::FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
+  const auto t = Clock::now();
+  const std::vector<std::vector<int32_t>> blocks = std::move(late_blocks_[layer]);
+  late_blocks_[layer].clear();
+  std::vector<float> lse(static_cast<size_t>(a.heads));
+  exec_->LateMass(layer, blocks, lse.data(), &mass_);
+  Retain(layer, nullptr, lse.data(), a, kv, blocks, true, false);
+  times_.retain += Since(t);
+}
+
 void SparseAttention::Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
                              const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
                              bool have_mass, bool remapped) {
@@ -447,7 +461,7 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   plan.dense = !AttendsPlan(layer, a);
   plan.remap = cfg_.pos_remap;
   lse_.resize(static_cast<size_t>(a.heads));
-  bool want_mass = false, have_mass = false;
+  bool want_mass = false, have_mass = false, late = false;
   if (plan.dense) {
     exec_->Dense(layer, q, a, kv, out, lse_.data());
   } else {
@@ -460,11 +474,16 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     // Retention is read by this layer's next fresh selection: compute it only when the next step
     // makes one here (known once this step's selection is made).
     want_mass = cfg_.retained() > 0 && SelectsAt(layer, decode_step_ + 1);
-    have_mass =
-        exec_->Planned(layer, q, a, kv, plan, out, lse_.data(), want_mass ? &mass_ : nullptr);
+    // (Dynamic representatives and --attn-recall read this step's lse now.)
+    late = want_mass && cfg_.repr != ReprType::kDynamic && !recall_ &&
+           exec_->TakesLateMass(layer, plan);
+    have_mass = exec_->Planned(layer, q, a, kv, plan, out, lse_.data(),
+                               want_mass && !late ? &mass_ : nullptr);
   }
   Watch(layer, plan.blocks, plan.init_end, plan.local_begin, plan.dense);
-  if (!plan.dense && want_mass) {
+  if (late) {
+    late_blocks_[layer] = plan.blocks;  // retention when the next selection here needs it
+  } else if (!plan.dense && want_mass) {
     const auto t = Clock::now();
     Retain(layer, q, lse_.data(), a, kv, plan.blocks, have_mass,
            plan.remap && a.inv_freq != nullptr);

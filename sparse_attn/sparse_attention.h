@@ -45,6 +45,13 @@ class PlanExecutor {
   virtual bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                        const LayerPlan& plan, float* out, float* lse,
                        std::vector<std::vector<float>>* mass) = 0;
+  // Retention's masses later: asked before Planned when the step's lse is read only by them (the
+  // next selection at `layer` is the first reader). An executor that answers true leaves lse and
+  // mass to LateMass (Planned returns false, lse unset), which the planner calls, with the same
+  // blocks, before that selection: the host need not wait for the GPU's partial at this step.
+  virtual bool TakesLateMass(int64_t /*layer*/, const LayerPlan& /*plan*/) { return false; }
+  virtual void LateMass(int64_t /*layer*/, const std::vector<std::vector<int32_t>>& /*blocks*/,
+                        float* /*lse*/, std::vector<std::vector<float>>* /*mass*/) {}
   // Scores the candidate blocks where this executor keeps representatives (scores: host
   // [kv_heads][n], as fast::ScoreBlocks); false: the planner scores them on the CPU.
   virtual bool Score(int64_t /*layer*/, const RepresentativeStore& /*reps*/, const ScoreArgs& /*a*/,
@@ -299,6 +306,9 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<float> scratch_out_, scratch_lse_, lse_;
   // [layer][kv_head]: the blocks with the most attention mass at the layer's last sparse step.
   std::vector<std::vector<std::vector<int32_t>>> retained_;
+  // [layer]: the blocks whose retention waits for PlanExecutor::LateMass (empty: none).
+  std::vector<std::vector<std::vector<int32_t>>> late_blocks_;
+  void FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
   std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
   std::vector<float> prefill_lse_;        // [T, heads] of the prompt's last micro-batch
 };

@@ -168,6 +168,7 @@ TEST(LayerMajorPrompt, EqualsMicroBatchOrder) {
 // On the GPU, a layer-major prompt whose residual stream goes through host memory (the copy
 // streams, each next micro-batch loaded beside the current one's work) gives the logits of the
 // resident stream to the bit: every row of the prompt's logits (all_logits) and of the steps after.
+#ifdef NEEDLE_HAVE_CUDA
 TEST(LayerMajorPrompt, ThroughHostEqualsResidentOnTheGpu) {
   NEEDLE_REQUIRE_GPU(gpu);
   ThreadingContext tc(0);
@@ -197,6 +198,7 @@ TEST(LayerMajorPrompt, ThroughHostEqualsResidentOnTheGpu) {
   ASSERT_EQ(logits[1].size(), logits[0].size());
   for (size_t i = 0; i < logits[0].size(); ++i) ASSERT_EQ(logits[1][i], logits[0][i]) << i;
 }
+#endif
 
 // The hybrid's CPU side: AttendBlocks equals the span kernel over the same blocks, and its
 // per-block sums give block_mass.h's masses. Same f32 arithmetic in another grouping: outputs

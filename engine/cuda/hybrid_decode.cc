@@ -1,0 +1,268 @@
+// The hybrid engine's decode step, as its PlanExecutor (hybrid.h, docs/ARCHITECTURE.md's "one
+// decode step"): the GPU's window and its share of the selected blocks, the CPU's blocks, the
+// log-sum-exp merge, retention's block sums; the selection's scoring on the GPU.
+#include "engine/cuda/hybrid_impl.h"
+
+namespace needle {
+
+using hybrid::Clock;
+using hybrid::MergeLse;
+using hybrid::Since;
+
+KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, int64_t n_g,
+                                              AttnArgs* a2, bool init) {
+  const int64_t B = c.block_size, p = a.pos0, ie = init ? c.init_end() : 0, lb = c.LocalBegin(p);
+  const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
+  const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
+  const int64_t key = init ? n_g : -1;                 // (Local alone: no gathered blocks)
+  if (lb != table_lb || p / B != table_pb || key != table_ng) {
+    table_host.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      table_host[j] = j < ib ? model_cache->SlotOf(layer, j)
+                      : j < ib + n_g
+                          ? static_cast<int32_t>(model_cache->shape().ExtraSlot(layer, j - ib))
+                          : model_cache->SlotOf(layer, lb / B + (j - ib - n_g));
+      NEEDLE_CHECK(table_host[j] >= 0);
+    }
+    int32_t* d = table_dev.Get<int32_t>(table_host.size());
+    H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
+    table_lb = lb, table_pb = p / B, table_ng = key;
+  }
+  KVLayerView v = model_cache->Layer(layer);
+  v.table = table_dev.Get<int32_t>(table_host.size());
+  *a2 = a;
+  a2->pos0 = p - shift;
+  return v;
+}
+
+int64_t HybridAttention::Impl::GpuShare(const LayerPlan& plan) const {
+  if (!gather_on || plan.blocks.empty()) return 0;
+  size_t shortest = plan.blocks[0].size();
+  for (const auto& b : plan.blocks) shortest = std::min(shortest, b.size());
+  return std::min(resident.slots(), (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
+}
+
+int64_t HybridAttention::Impl::GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
+  const int64_t Hk = m.num_kv_heads;
+  resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
+  // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
+  KVCache& from = device_kv ? *model_cache : host;
+  for (const auto& cp : copies)
+    if (!device_kv && cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
+      gather_on = false;
+      resident.Clear();
+      return 0;
+    }
+  const auto from_host = std::count_if(copies.begin(), copies.end(),
+                                       [](const ResidentBlocks::Copy& cp) { return cp.from < 0; });
+  stats.gpu_blocks += n_g * Hk;
+  stats.gpu_reused += n_g * Hk - from_host;
+  if (copies.empty()) return n_g;
+  // (The kernel reads the lists from pinned memory; they are rewritten only after the next
+  // layer's wait for the stream.)
+  const size_t nc = copies.size();
+  auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc));
+  int32_t* dst = src + nc;
+  for (size_t i = 0; i < nc; ++i) {
+    const ResidentBlocks::Copy& cp = copies[i];
+    const int32_t at = cp.from < 0 ? from.SlotOf(layer, cp.block) : cp.from;
+    src[i] = at * static_cast<int32_t>(Hk) + cp.head;
+    if (cp.from >= 0) src[i] = -1 - src[i];
+    dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
+  }
+  const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
+  cuda::GatherBlocks(from.BlockData(layer, false, 0), from.BlockData(layer, true, 0), src, dst,
+                     static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
+                     model_cache->BlockData(layer, false, x0),
+                     model_cache->BlockData(layer, true, x0), stream);
+  return n_g;
+}
+
+void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p) {
+  host.AssignBlocks(layer, p, 1);
+  if (p % c.block_size == 0) PinHost(layer, p / c.block_size, p / c.block_size + 1);
+  QueueRowToPinned(*model_cache, layer, p, RowPin(), stream);
+}
+
+uint8_t* HybridAttention::Impl::RowPin() {
+  return reinterpret_cast<uint8_t*>(row_pin.Get((KVRowBytes(host.shape()) + 3) / 4));
+}
+
+void HybridAttention::Impl::Dense(int64_t layer, const float* q, const AttnArgs& a,
+                                  const KVLayerView& kv, float* out, float* lse) {
+  AttnArgs a2 = a;
+  KVLayerView v;
+  const int64_t B = c.block_size, ib = c.init_end() / B, cb = c.LocalBegin(a.pos0) / B;
+  if (step.call_T == 1 && !Dense(layer) && cb > ib) {
+    // A layer whose keys live in host memory that the planner attends densely at this step
+    // (the first dense_layers within the trained length, with --prefill sparse): a plan of
+    // every Context block.
+    LayerPlan all;
+    all.blocks.assign(static_cast<size_t>(a.kv_heads), {});
+    for (auto& hb : all.blocks)
+      for (int64_t b = ib; b < cb; ++b) hb.push_back(static_cast<int32_t>(b));
+    dense_lse.resize(static_cast<size_t>(a.heads));
+    Planned(layer, q, a, kv, all, out, lse != nullptr ? lse : dense_lse.data(), nullptr);
+    return;
+  }
+  if (step.call_T > 1)
+    v = Dense(layer) ? model_cache->Layer(layer) : staging.Layer(0);
+  else
+    v = Dense(layer) ? model_cache->Layer(layer) : WindowView(layer, a, 0, &a2);
+  float* lse_dev = lse != nullptr ? lse_g.Get<float>(static_cast<size_t>(a.T * a.heads)) : nullptr;
+  cuda::Attention(q_dev, v, a2, out_dev, lse_dev, sm, ws, stream);
+  if (lse != nullptr) {
+    const auto t = Clock::now();
+    LseToHost(lse_dev, a.T * a.heads, lse);
+    if (step.call_T == 1) stats.gpu_wait += Since(t);
+  }
+}
+
+bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArgs& a,
+                                    const KVLayerView& kv, const LayerPlan& plan, float*,
+                                    float* lse, std::vector<std::vector<float>>* mass) {
+  const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
+  // GPU, queued first so that it runs while the CPU attends: n_g selected blocks of every KV
+  // head (those it holds from earlier steps, the others from the host cache), attended with
+  // Initial + Local; their softmax sums. With position remapping, Local alone: the Initial and
+  // Context keys move by amounts that change with the step, and the CPU rotates its query.
+  const bool remap = plan.remap && a.inv_freq != nullptr;
+  int64_t n_g = remap ? 0 : GpuShare(plan);
+  if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
+  AttnArgs a2;
+  const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
+  // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
+  // the sums come back in one copy.
+  const bool late = late_next;  // (TakesLateMass said so: the stats stay for LateMass)
+  late_next = false;
+  const size_t n_stats = mass != nullptr || late ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
+  float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
+  float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
+  // Every selected block on the GPU (device placement): its output is the layer's.
+  bool gpu_all = !remap && n_g > 0;
+  for (const auto& hb : plan.blocks) gpu_all = gpu_all && static_cast<int64_t>(hb.size()) == n_g;
+  cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
+  if (n_stats > 0) {
+    const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
+    cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G, c.block_size,
+                     a.head_dim, a.scale, g_lse + a.heads, stream);
+  }
+  NEEDLE_CHECK(!late || gpu_all);
+  float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
+  D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
+  NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
+  if (late) {  // where each block's sums are, in plan order; no wait
+    late_at[layer].clear();
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int32_t b : plan.blocks[h])
+        late_at[layer].push_back(
+            static_cast<int32_t>(a.heads + (h * n_g + GpuSlotOf(layer, h, n_g, b)) * G * 2));
+    return false;
+  }
+  if (gpu_all) {
+    auto t = Clock::now();
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
+    stats.gpu_wait += Since(t);
+    stats.gpu_wait_part += Since(t);
+    std::copy_n(g_pin, a.heads, lse);
+    if (mass == nullptr) return false;
+    all_stats.clear();
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int32_t b : plan.blocks[h]) {
+        const float* from = g_pin + a.heads + (h * n_g + GpuSlotOf(layer, h, n_g, b)) * G * 2;
+        all_stats.insert(all_stats.end(), from, from + G * 2);
+      }
+    fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
+    return true;
+  }
+  // CPU: the rest, in plan order.
+  const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
+  if (n_g > 0) {
+    cpu_blocks.resize(plan.blocks.size());
+    for (size_t h = 0; h < plan.blocks.size(); ++h) {
+      cpu_blocks[h].clear();
+      for (int32_t b : plan.blocks[h])
+        if (GpuSlotOf(layer, static_cast<int64_t>(h), n_g, b) < 0) cpu_blocks[h].push_back(b);
+    }
+    cb = &cpu_blocks;
+  }
+  auto t = Clock::now();
+  float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
+  if (remap) {
+    plan.ToSpans(Hk, &spans, a.inv_freq, a.head_dim, false);
+    cpu->Attention(q, kv, a, &spans, cpu_part, cpu_part + HD);
+  } else {
+    fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
+  }
+  stats.cpu_attend += Since(t);
+  for (const auto& b : *cb) stats.cpu_blocks += static_cast<int64_t>(b.size());
+  // GPU: the CPU's partial merged into the layer's output. No wait for it: the host computes
+  // the merged log-sum-exp itself, from the GPU's, which came with its block sums.
+  t = Clock::now();
+  H2D(c_out, cpu_part, static_cast<size_t>(HD + a.heads) * 4);
+  cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, nullptr, stream);
+  stats.copies += Since(t);
+  t = Clock::now();
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
+  stats.gpu_wait += Since(t);
+  stats.gpu_wait_part += Since(t);
+  for (int64_t r = 0; r < a.heads; ++r) lse[r] = MergeLse(g_pin[r], cpu_part[HD + r]);
+  if (mass == nullptr || remap) return false;
+  const std::vector<float>* st = &block_stats;
+  if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
+    all_stats.clear();
+    const float* ci = block_stats.data();
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int32_t b : plan.blocks[h]) {
+        const int64_t j = GpuSlotOf(layer, h, n_g, b);
+        const float* from = j >= 0 ? g_pin + a.heads + (h * n_g + j) * G * 2 : ci;
+        if (j < 0) ci += G * 2;
+        all_stats.insert(all_stats.end(), from, from + G * 2);
+      }
+    st = &all_stats;
+  }
+  fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
+  return true;
+}
+
+bool HybridAttention::Impl::TakesLateMass(int64_t, const LayerPlan& plan) {
+  late_next = false;
+  if (!device_kv || !gather_on || plan.remap || plan.blocks.empty()) return false;
+  const int64_t n = GpuShare(plan);
+  for (const auto& hb : plan.blocks)
+    if (static_cast<int64_t>(hb.size()) != n || n == 0) return false;
+  return late_next = true;
+}
+
+void HybridAttention::Impl::LateMass(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
+                                     float* lse, std::vector<std::vector<float>>* mass) {
+  const auto t = Clock::now();
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(late_done[layer]));  // (long done, as a rule)
+  stats.gpu_wait += Since(t);
+  const int64_t H = m.num_heads, G = H / m.num_kv_heads;
+  const float* pin = late_pin[layer].Get(0);
+  std::copy_n(pin, H, lse);
+  all_stats.clear();
+  for (const int32_t at : late_at[layer])
+    all_stats.insert(all_stats.end(), pin + at, pin + at + G * 2);
+  fast::BlockMassFromStats(all_stats, lse, G, blocks, mass);
+}
+
+int64_t HybridAttention::Impl::GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const {
+  for (int64_t j = 0; j < n_g; ++j)
+    if (resident.At(layer, h, j) == b) return j;
+  return -1;
+}
+
+bool HybridAttention::Impl::Score(int64_t layer, const RepresentativeStore& reps,
+                                  const ScoreArgs& a, float* scores) {
+  return !c.pos_remap && scorer.Score(layer, reps, a, q_dev, scores);
+}
+
+bool HybridAttention::Impl::ScoreTop(int64_t layer, const RepresentativeStore& reps,
+                                     const ScoreArgs& a, bool sum_heads, int64_t want,
+                                     std::vector<std::vector<Scored>>* top) {
+  return !c.pos_remap && scorer.ScoreTop(layer, reps, a, sum_heads, want, q_dev, top);
+}
+
+}  // namespace needle

@@ -1,0 +1,196 @@
+// The hybrid engine's implementation (hybrid.h), shared by its files: hybrid.cc (construction,
+// prompts, the policy's calls), hybrid_decode.cc (a decode step's plan carried out: the GPU's
+// window and gathered blocks, the CPU's blocks, the merge). Not part of the interface.
+#pragma once
+
+#include "engine/cuda/hybrid.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "engine/base/error.h"
+#include "engine/cuda/attention.h"
+#include "engine/cuda/chunk_prefill.h"
+#include "engine/cuda/context_gather.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_buffer.h"
+#include "engine/cuda/hybrid_select.h"
+#include "engine/cuda/kernels.h"
+#include "engine/cuda/kv_rows.h"
+#include "engine/cuda/pinned_host.h"
+#include "engine/cuda/resident_blocks.h"
+
+namespace needle {
+
+namespace hybrid {
+using Clock = std::chrono::steady_clock;
+inline double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+// The log-sum-exp of two partials, as cuda::MergeAttention computes it.
+inline float MergeLse(float a, float b) {
+  const float M = std::max(a, b);
+  const float wa = a == -INFINITY ? 0.f : std::exp(a - M),
+              wb = b == -INFINITY ? 0.f : std::exp(b - M);
+  const float sum = wa + wb;
+  return sum > 0.f ? M + std::log(sum) : -INFINITY;
+}
+}  // namespace hybrid
+
+struct HybridAttention::Impl final : PlanExecutor {
+  using Clock = hybrid::Clock;
+  Impl(const ModelConfig& m_, const SparseConfig& c_, Backend& gpu_, ThreadingContext& tc_,
+       int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_, bool device_kv_);
+
+  ~Impl() override;
+
+  bool Dense(int64_t layer) const { return HybridDenseLayer(m, c, layer); }
+  // Host time spent inside the executor (not the planner's own).
+  double ExecutorTime() const { return stats.cpu_attend + stats.copies + stats.gpu_wait; }
+  void Sync(double* into) {
+    const auto t = Clock::now();
+    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (into != nullptr) *into += hybrid::Since(t);
+  }
+  void D2H(void* dst, const void* src, size_t bytes) {
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+  }
+  // n floats from the device into host memory, through pinned memory, waiting for them.
+  void LseToHost(const float* dev, int64_t n, float* host_dst) {
+    float* pin = lse_pin.Get(static_cast<size_t>(n));
+    D2H(pin, dev, static_cast<size_t>(n) * 4);
+    Sync(nullptr);
+    std::copy_n(pin, n, host_dst);
+  }
+  void H2D(void* dst, const void* src, size_t bytes) {
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  }
+  // Copies blocks [b0, b1) of one layer between caches of the same shape per block (K and V;
+  // consecutive slots on both sides go as one copy).
+  void CopyBlocks(const KVCache& src, int64_t sl, KVCache& dst, int64_t dl, int64_t b0, int64_t b1,
+                  cudaMemcpyKind kind);
+
+  // Page-locks the host cache's blocks [b0, b1) of `layer` (K and V; slots are assigned in
+  // order, so the range between the lowest and highest slot). False when CUDA refused.
+  bool PinHost(int64_t layer, int64_t b0, int64_t b1);
+
+  // --- prompts: layer by layer; a sparse layer's keys in the staging layer ----------------------
+  // Page-locks the host cache's range of the prompt in the next sparse layer after `layer` on
+  // another thread, while this layer computes (registering fresh memory costs about a third of a
+  // second per GB: bench/RESULTS.md).
+  void PinAhead(int64_t layer);
+  void JoinPinAhead();
+
+  void StartPromptLayer(int64_t layer);
+
+  void PromptAttend(int64_t layer, const AttnArgs& a);
+
+  // Sparse prefill (chunk_prefill.h): the chunks' scoring queries, then each chunk's attention.
+  bool ChunkQueries(int64_t, const AttnArgs& a, float* qa, float* qb) override;
+  bool ChunkTop(int64_t, const AttnArgs& a, std::vector<std::vector<Scored>>* top) override;
+  bool PrefillChunk(int64_t, const float*, const AttnArgs& a, const KVLayerView&, const Chunk& ch,
+                    float* out, float* lse) override;
+
+  // --- decode ----------------------------------------------------------------------------------
+  // The view of a sparse layer's ring as one causal sequence: Initial blocks, the n_g Context
+  // blocks gathered into its extra slots (GatherContext), then the Local blocks, renumbered (the
+  // keys were rotated at their true positions when written, and a query's softmax does not
+  // depend on their order). *a2: the query's arguments over it. init false: Local alone (with
+  // position remapping the CPU attends the Initial keys, which move).
+  KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
+                         bool init = true);
+
+  // How many of each KV head's selected blocks the GPU attends (SparseConfig::gpu_share of the
+  // shortest list, at most the extra slots); 0: the CPU attends them all.
+  int64_t GpuShare(const LayerPlan& plan) const;
+  // Places the GPU's n_g blocks of every KV head in the layer's extra slots (ResidentBlocks: the
+  // ones already there stay) and queues the copy of the others, from the host cache or from a
+  // later slot. Returns n_g, or 0 where CUDA refused to page-lock a block to read (the CPU attends
+  // everything from then on).
+  int64_t GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
+
+  // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
+  // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
+  void RowToPinned(int64_t layer, int64_t p);
+  void RowToCache(int64_t layer, int64_t p) { RowFromPinned(RowPin(), host, layer, p); }
+  uint8_t* RowPin();
+
+  // --- PlanExecutor ----------------------------------------------------------------------------
+  void Dense(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
+             float* lse) override;
+
+  bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const LayerPlan& plan, float*, float* lse,
+               std::vector<std::vector<float>>* mass) override;
+
+  // Device placement: a step whose every selected block the GPU attends leaves the retention's
+  // masses to the next selection at the layer (PlanExecutor::TakesLateMass).
+  bool TakesLateMass(int64_t, const LayerPlan& plan) override;
+  void LateMass(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, float* lse,
+                std::vector<std::vector<float>>* mass) override;
+
+  // The GPU slot of head h that holds block b among the n_g it attends, or -1.
+  int64_t GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const;
+
+  // (With position remapping the planner scores a rotated query, ScoringQueries, which the GPU
+  // does not have: it scores on the CPU.)
+  bool Score(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a,
+             float* scores) override;
+  bool ScoreTop(int64_t layer, const RepresentativeStore& reps, const ScoreArgs& a, bool sum_heads,
+                int64_t want, std::vector<std::vector<Scored>>* top) override;
+
+  const ModelConfig& m;
+  SparseConfig c;
+  ThreadingContext& tc;
+  cudaStream_t stream;
+  std::unique_ptr<Backend> cpu;
+  KVCache host, staging;
+  SparseAttention planner;
+  bool residual_on_gpu;
+  bool device_kv;  // --kv-placement device: the rings hold every block, the GPU attends them all
+  cuda::GpuBlockScorer scorer;  // the planner's scoring and top-k, on the GPU
+  ChunkPrefill prefill;         // --prefill sparse on the GPU
+  int sm = 1;
+  StepInfo step;
+  // The call in flight (Attend): the model's queries and output on the GPU and its cache.
+  const float* q_dev = nullptr;
+  float* out_dev = nullptr;
+  KVCache* model_cache = nullptr;
+  cuda::PinnedFloats q_pin, row_pin, part_pin, lse_pin, gl_pin;
+  cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
+  std::thread pin_ahead;            // PinAhead's
+  bool gather_on = false;           // the GPU attends its share of the Context blocks
+  cuda::PinnedFloats src_pin;       // GatherContext's sources and destinations (int32)
+  ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
+  std::vector<ResidentBlocks::Copy> copies;
+  std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
+  std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
+  std::vector<int32_t> table_host;
+  int64_t prompt_pos0 = 0;  // the prompt micro-batch in flight: its first position (q_dev's row 0)
+  int64_t table_lb = -1, table_pb = -1, table_ng = -1;
+  cuda::GrowBuffer table_dev{"hybrid window table"}, lse_g{"hybrid lse"},
+      gpu_part{"hybrid partials"};
+  cuda::AttnWorkspace ws;
+  std::vector<float> block_stats;  // AttendBlocks' per-block sums
+  AttnSpans spans;                 // remapped decode: the CPU's keys
+  std::vector<float> dense_lse;
+  cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
+  cudaEvent_t gpu_done = nullptr;     // decode: the GPU's partial's lse and block sums are here
+  // TakesLateMass: the next Planned leaves its lse and block sums in late_pin[layer] (late_at:
+  // each plan-order block's sums there), ready at late_done[layer].
+  bool late_next = false;
+  std::vector<cuda::PinnedFloats> late_pin;
+  std::vector<std::vector<int32_t>> late_at;
+  std::vector<cudaEvent_t> late_done;
+  HybridStats stats;
+};
+
+}  // namespace needle
