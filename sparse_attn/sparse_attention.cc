@@ -7,18 +7,12 @@
 #include <numeric>
 
 #include "engine/base/error.h"
+#include "engine/base/seconds.h"
 #include "sparse_attn/best_key.h"
 #include "sparse_attn/block_mass.h"
 #include "sparse_attn/scoring.h"
 
 namespace needle {
-
-namespace {
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-}  // namespace
 
 SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& cfg,
                                  Backend& backend, ThreadingContext& tc, int64_t max_tokens,

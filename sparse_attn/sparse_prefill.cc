@@ -8,19 +8,13 @@
 #include <numeric>
 
 #include "engine/base/error.h"
+#include "engine/base/seconds.h"
 #include "sparse_attn/best_key.h"
 #include "sparse_attn/observation.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
 
 namespace needle {
-
-namespace {
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-}  // namespace
 
 std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const AttnArgs& a) const {
   std::vector<ChunkSpec> out;

@@ -4,9 +4,6 @@
 
 namespace needle {
 
-using hybrid::Clock;
-using hybrid::Since;
-
 HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backend& gpu_,
                             ThreadingContext& tc_, int64_t max_tokens, DType kv, size_t host_limit,
                             bool residual_on_gpu_, bool device_kv_)

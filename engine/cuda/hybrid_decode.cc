@@ -5,9 +5,7 @@
 
 namespace needle {
 
-using hybrid::Clock;
 using hybrid::MergeLse;
-using hybrid::Since;
 
 KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, int64_t n_g,
                                               AttnArgs* a2, bool init) {

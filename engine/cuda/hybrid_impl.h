@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/base/error.h"
+#include "engine/base/seconds.h"
 #include "engine/cuda/attention.h"
 #include "engine/cuda/chunk_prefill.h"
 #include "engine/cuda/context_gather.h"
@@ -31,10 +32,6 @@
 namespace needle {
 
 namespace hybrid {
-using Clock = std::chrono::steady_clock;
-inline double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 // The log-sum-exp of two partials, as cuda::MergeAttention computes it.
 inline float MergeLse(float a, float b) {
   const float M = std::max(a, b);
@@ -46,7 +43,6 @@ inline float MergeLse(float a, float b) {
 }  // namespace hybrid
 
 struct HybridAttention::Impl final : PlanExecutor {
-  using Clock = hybrid::Clock;
   Impl(const ModelConfig& m_, const SparseConfig& c_, Backend& gpu_, ThreadingContext& tc_,
        int64_t max_tokens, DType kv, size_t host_limit, bool residual_on_gpu_, bool device_kv_);
 
@@ -58,7 +54,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   void Sync(double* into) {
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    if (into != nullptr) *into += hybrid::Since(t);
+    if (into != nullptr) *into += Since(t);
   }
   void D2H(void* dst, const void* src, size_t bytes) {
     NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
