@@ -10,7 +10,7 @@
 #               RULER and the classic needle as SAMPLES samples
 #     TASKS     default passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,
 #               niah_single_3,niah_multikey_1,niah_multivalue,needle
-#     ATTENTION sparse (default) or dense,sparse (dense prefill is quadratic: keep it short)
+#     ATTENTION sparse (default), dense,sparse or dense (dense prefill is quadratic: keep it short)
 #   Environment: PROCS (processes, default nproc / THREADS), THREADS (per process, default 4, or
 #   nproc when smaller), NEEDLE (binary, default build/needle), EXTRA (more eval options). On
 #   the GPU machine (scripts/pack_for_device.sh): NEEDLE=.dev/gpu/needle EXTRA="--device cpu
@@ -41,6 +41,7 @@ for l in ${LENGTHS//,/ }; do
 done
 CTX=$((MAXLEN + MAXLEN / 16 + 1024))
 SPARSE=(--dense-layers 0 --select layer --prefill sparse --pos-remap block)
+case "$ATTENTION" in *sparse*) ;; *) SPARSE=() ;; esac  # (dense alone: no sparse settings)
 mkdir -p "$OUT"
 echo "quality_table: tasks $TASKS, lengths $LENGTHS, $SAMPLES samples, $ATTENTION; $PROCS processes x $THREADS threads" >&2
 for task in ${TASKS//,/ }; do
