@@ -112,6 +112,33 @@ class PlanExecutor {
   }
 };
 
+// The CPU's executor: the backend's kernels over the cache the planner reads (the planner's own
+// default; a base for executors that add to it).
+class CpuPlanExecutor : public PlanExecutor {
+ public:
+  explicit CpuPlanExecutor(Backend& b) : b_(b) {}
+  void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
+             float* lse) override {
+    b_.Attention(q, kv, a, nullptr, out, lse);
+  }
+  bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+               const LayerPlan& plan, float* out, float* lse,
+               std::vector<std::vector<float>>*) override {
+    plan.ToSpans(a.kv_heads, &spans_, a.inv_freq, a.head_dim);
+    b_.Attention(q, kv, a, &spans_, out, lse);
+    return false;
+  }
+  bool Spans(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
+             const AttnSpans& spans, float* out, float* lse) override {
+    b_.Attention(q, kv, a, &spans, out, lse);
+    return true;
+  }
+
+ private:
+  Backend& b_;
+  AttnSpans spans_;
+};
+
 class SparseAttention final : public AttentionPolicy {
  public:
   // max_tokens: the KV cache capacity; kv_type decides the representatives' storage.
@@ -252,35 +279,10 @@ class SparseAttention final : public AttentionPolicy {
               const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
               bool have_mass = false, bool remapped = false);
 
-  class CpuExecutor final : public PlanExecutor {
-   public:
-    explicit CpuExecutor(Backend& b) : b_(b) {}
-    void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
-               float* lse) override {
-      b_.Attention(q, kv, a, nullptr, out, lse);
-    }
-    bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
-                 const LayerPlan& plan, float* out, float* lse,
-                 std::vector<std::vector<float>>*) override {
-      plan.ToSpans(a.kv_heads, &spans_, a.inv_freq, a.head_dim);
-      b_.Attention(q, kv, a, &spans_, out, lse);
-      return false;
-    }
-    bool Spans(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
-               const AttnSpans& spans, float* out, float* lse) override {
-      b_.Attention(q, kv, a, &spans, out, lse);
-      return true;
-    }
-
-   private:
-    Backend& b_;
-    AttnSpans spans_;
-  };
-
   ModelConfig model_;
   SparseConfig cfg_;
   Backend& b_;
-  CpuExecutor cpu_exec_{b_};
+  CpuPlanExecutor cpu_exec_{b_};
   PlanExecutor* exec_ = &cpu_exec_;
   ThreadingContext& tc_;
   StepInfo step_;

@@ -378,31 +378,15 @@ TEST(Sparse, RemappedScoresPlaceEveryBlockAtOneDistance) {
 // The CPU executor plus the shortlists of PlanExecutor::ChunkTop (the hybrid engine's GPU): each
 // row's `want` best candidates scored here from the chunk's own queries, handed back in reverse
 // order with the scores, for the chunks the planner marked executor_top.
-class ShortlistExecutor final : public PlanExecutor {
+class ShortlistExecutor final : public CpuPlanExecutor {
  public:
   ShortlistExecutor(Backend& b, ThreadingContext& tc, SparseAttention& sp)
-      : b_(b), tc_(tc), sp_(sp) {}
+      : CpuPlanExecutor(b), tc_(tc), sp_(sp) {}
   // Before each micro-batch, as the hybrid engine queues its shortlists: its queries q (host,
   // [a.T, heads, D]).
   void Queue(const float* q, const AttnArgs& a, const KVLayerView& kv) {
     q_ = q, pos0_ = a.pos0;
     chunks_ = sp_.PrefillChunkScoring(0, a, kv);
-  }
-  void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
-             float* lse) override {
-    b_.Attention(q, kv, a, nullptr, out, lse);
-  }
-  bool Planned(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
-               const LayerPlan& plan, float* out, float* lse,
-               std::vector<std::vector<float>>*) override {
-    plan.ToSpans(a.kv_heads, &spans_, a.inv_freq, a.head_dim);
-    b_.Attention(q, kv, a, &spans_, out, lse);
-    return false;
-  }
-  bool Spans(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv,
-             const AttnSpans& spans, float* out, float* lse) override {
-    b_.Attention(q, kv, a, &spans, out, lse);
-    return true;
   }
   bool ChunkTop(int64_t layer, const AttnArgs& a, std::vector<std::vector<Scored>>* top) override {
     const auto it = std::find_if(chunks_.begin(), chunks_.end(),
@@ -433,10 +417,8 @@ class ShortlistExecutor final : public PlanExecutor {
   int64_t used = 0;  // chunks whose shortlist came from here
 
  private:
-  Backend& b_;
   ThreadingContext& tc_;
   SparseAttention& sp_;
-  AttnSpans spans_;
   const float* q_ = nullptr;
   int64_t pos0_ = 0;
   std::vector<SparseAttention::ChunkSpec> chunks_;
