@@ -17,6 +17,16 @@ namespace needle::test {
 
 inline const std::string kFx = NEEDLE_FIXTURES_DIR;
 
+// The attention shapes of a model without weights, for the planner's tests: `layers` layers of
+// `heads` query heads over `kv_heads` KV heads of head_dim D, no sliding window.
+inline ModelConfig AttentionShapes(int64_t layers, int64_t heads, int64_t kv_heads, int64_t D) {
+  ModelConfig m;
+  m.num_layers = layers, m.num_heads = heads, m.num_kv_heads = kv_heads, m.head_dim = D;
+  m.hidden_size = heads * D;
+  m.sliding_window.assign(static_cast<size_t>(layers), 0);
+  return m;
+}
+
 // Small blocks and windows; topk covers every block of the tests' prompts.
 inline SparseConfig SmallConfig(ReprType r, SelectMode m) {
   SparseConfig c;

@@ -10,6 +10,7 @@
 #include "engine/backend/backend.h"
 #include "sparse_attn/block_mass.h"
 #include "sparse_attn/sparse_attention.h"
+#include "tests/sparse_test_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
@@ -17,13 +18,10 @@ namespace {
 
 // The CPU executor, but every step's masses come from LateMass, computed then from the query and
 // lse it kept (so a planner that used them before asking, or with other blocks, would differ).
-class LateExecutor final : public PlanExecutor {
+class LateExecutor final : public CpuPlanExecutor {
  public:
-  LateExecutor(Backend& b, ThreadingContext& tc, int64_t layers) : b_(b), tc_(tc), kept_(layers) {}
-  void Dense(int64_t, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
-             float* lse) override {
-    b_.Attention(q, kv, a, nullptr, out, lse);
-  }
+  LateExecutor(Backend& b, ThreadingContext& tc, int64_t layers)
+      : CpuPlanExecutor(b), b_(b), tc_(tc), kept_(layers) {}
   bool TakesLateMass(int64_t, const LayerPlan&) override { return take_ = true; }
   bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                const LayerPlan& plan, float* out, float* lse,
@@ -69,9 +67,7 @@ class LateExecutor final : public PlanExecutor {
 
 TEST(LateMass, SamePlansAsMassesAtOnce) {
   const int64_t D = 16, Hk = 2, H = 8, B = 4, N = 120, steps = 24, L = 2;
-  ModelConfig m;
-  m.num_layers = L, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
-  m.sliding_window = {0, 0};
+  const ModelConfig m = test::AttentionShapes(L, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   const int64_t T = N + steps;

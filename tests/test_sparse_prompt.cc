@@ -105,9 +105,7 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
   c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
   c.select = SelectMode::kKVHead;
-  ModelConfig m;
-  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
-  m.sliding_window = {0};
+  const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   // The first inputs (seeds) whose two selections differ, so that the test can tell them apart.
@@ -163,9 +161,7 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
 // for the same Dynamic representatives and the same preselection.
 TEST(Sparse, MicroBatchesLeaveTheSameObservationWindow) {
   const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 100;
-  ModelConfig m;
-  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
-  m.sliding_window = {0};
+  const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   // Keys of the prompt and of one decode token; queries of the prompt and of the decode token.
@@ -430,9 +426,7 @@ class ShortlistExecutor final : public CpuPlanExecutor {
 // into their micro-batch are scored by the planner (both paths run).
 TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
   const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 160, ub = 32;
-  ModelConfig m;
-  m.num_layers = 1, m.num_heads = H, m.num_kv_heads = Hk, m.head_dim = D, m.hidden_size = H * D;
-  m.sliding_window = {0};
+  const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   const auto k = test::RandomVector((N + 1) * Hk * D, 11),

@@ -137,8 +137,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
   float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
   // Every selected block on the GPU (device placement): its output is the layer's.
-  bool gpu_all = !remap && n_g > 0;
-  for (const auto& hb : plan.blocks) gpu_all = gpu_all && static_cast<int64_t>(hb.size()) == n_g;
+  const bool gpu_all = !remap && AllOnGpu(plan, n_g);
   cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
   if (n_stats > 0) {
     const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
@@ -149,12 +148,9 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
-  if (late) {  // where each block's sums are, in plan order; no wait
-    late_at[layer].clear();
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int32_t b : plan.blocks[h])
-        late_at[layer].push_back(
-            static_cast<int32_t>(a.heads + (h * n_g + GpuSlotOf(layer, h, n_g, b)) * G * 2));
+  if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
+  if (late) {  // the sums stay for LateMass; no wait
+    late_at[layer] = stats_at;
     return false;
   }
   if (gpu_all) {
@@ -164,12 +160,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     stats.gpu_wait_part += Since(t);
     std::copy_n(g_pin, a.heads, lse);
     if (mass == nullptr) return false;
-    all_stats.clear();
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int32_t b : plan.blocks[h]) {
-        const float* from = g_pin + a.heads + (h * n_g + GpuSlotOf(layer, h, n_g, b)) * G * 2;
-        all_stats.insert(all_stats.end(), from, from + G * 2);
-      }
+    PlanOrderStats(g_pin, stats_at, nullptr, G);
     fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
     return true;
   }
@@ -177,10 +168,11 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
   if (n_g > 0) {
     cpu_blocks.resize(plan.blocks.size());
+    size_t i = 0;
     for (size_t h = 0; h < plan.blocks.size(); ++h) {
       cpu_blocks[h].clear();
       for (int32_t b : plan.blocks[h])
-        if (GpuSlotOf(layer, static_cast<int64_t>(h), n_g, b) < 0) cpu_blocks[h].push_back(b);
+        if (stats_at[i++] < 0) cpu_blocks[h].push_back(b);
     }
     cb = &cpu_blocks;
   }
@@ -208,15 +200,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   if (mass == nullptr || remap) return false;
   const std::vector<float>* st = &block_stats;
   if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
-    all_stats.clear();
-    const float* ci = block_stats.data();
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int32_t b : plan.blocks[h]) {
-        const int64_t j = GpuSlotOf(layer, h, n_g, b);
-        const float* from = j >= 0 ? g_pin + a.heads + (h * n_g + j) * G * 2 : ci;
-        if (j < 0) ci += G * 2;
-        all_stats.insert(all_stats.end(), from, from + G * 2);
-      }
+    PlanOrderStats(g_pin, stats_at, block_stats.data(), G);
     st = &all_stats;
   }
   fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
@@ -224,12 +208,8 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
 }
 
 bool HybridAttention::Impl::TakesLateMass(int64_t, const LayerPlan& plan) {
-  late_next = false;
-  if (!device_kv || !gather_on || plan.remap || plan.blocks.empty()) return false;
-  const int64_t n = GpuShare(plan);
-  for (const auto& hb : plan.blocks)
-    if (static_cast<int64_t>(hb.size()) != n || n == 0) return false;
-  return late_next = true;
+  late_next = device_kv && !plan.remap && AllOnGpu(plan, GpuShare(plan));
+  return late_next;
 }
 
 void HybridAttention::Impl::LateMass(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
@@ -240,10 +220,38 @@ void HybridAttention::Impl::LateMass(int64_t layer, const std::vector<std::vecto
   const int64_t H = m.num_heads, G = H / m.num_kv_heads;
   const float* pin = late_pin[layer].Get(0);
   std::copy_n(pin, H, lse);
-  all_stats.clear();
-  for (const int32_t at : late_at[layer])
-    all_stats.insert(all_stats.end(), pin + at, pin + at + G * 2);
+  PlanOrderStats(pin, late_at[layer], nullptr, G);
   fast::BlockMassFromStats(all_stats, lse, G, blocks, mass);
+}
+
+void HybridAttention::Impl::StatsOffsets(int64_t layer,
+                                         const std::vector<std::vector<int32_t>>& blocks,
+                                         int64_t n_g, int64_t heads, int64_t G,
+                                         std::vector<int32_t>* at) const {
+  at->clear();
+  for (size_t h = 0; h < blocks.size(); ++h)
+    for (int32_t b : blocks[h]) {
+      const auto hh = static_cast<int64_t>(h);
+      const int64_t j = GpuSlotOf(layer, hh, n_g, b);
+      at->push_back(j < 0 ? -1 : static_cast<int32_t>(heads + (hh * n_g + j) * G * 2));
+    }
+}
+
+void HybridAttention::Impl::PlanOrderStats(const float* gpu, const std::vector<int32_t>& at,
+                                           const float* cpu, int64_t G) {
+  all_stats.clear();
+  for (const int32_t o : at) {
+    const float* from = o >= 0 ? gpu + o : cpu;
+    if (o < 0) cpu += G * 2;
+    all_stats.insert(all_stats.end(), from, from + G * 2);
+  }
+}
+
+bool HybridAttention::Impl::AllOnGpu(const LayerPlan& plan, int64_t n_g) const {
+  if (n_g <= 0 || plan.blocks.empty()) return false;
+  for (const auto& hb : plan.blocks)
+    if (static_cast<int64_t>(hb.size()) != n_g) return false;
+  return true;
 }
 
 int64_t HybridAttention::Impl::GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const {

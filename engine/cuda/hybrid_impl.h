@@ -135,6 +135,16 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   // The GPU slot of head h that holds block b among the n_g it attends, or -1.
   int64_t GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const;
+  // Whether the GPU attends every selected block: each KV head's list is its n_g.
+  bool AllOnGpu(const LayerPlan& plan, int64_t n_g) const;
+  // Where each selected block's softmax sums are, in plan order: at[i] >= 0, at that offset of
+  // the GPU's pinned copy ([lse: heads][sums]); -1, a block the CPU attends (its sums come in
+  // order from AttendBlocks). n_g: each KV head's blocks on the GPU (GatherContext).
+  void StatsOffsets(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t n_g,
+                    int64_t heads, int64_t G, std::vector<int32_t>* at) const;
+  // all_stats: every block's sums in plan order, from gpu + at[i], else the CPU's next (cpu).
+  void PlanOrderStats(const float* gpu, const std::vector<int32_t>& at, const float* cpu,
+                      int64_t G);
 
   // (With position remapping the planner scores a rotated query, ScoringQueries, which the GPU
   // does not have: it scores on the CPU.)
@@ -169,6 +179,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
+  std::vector<int32_t> stats_at;                 // StatsOffsets' of the step's plan
   std::vector<int32_t> table_host;
   int64_t prompt_pos0 = 0;  // the prompt micro-batch in flight: its first position (q_dev's row 0)
   int64_t table_lb = -1, table_pb = -1, table_ng = -1;

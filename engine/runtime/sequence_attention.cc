@@ -45,8 +45,9 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
     return s;
   }
   if (b.kv_memory() == nullptr && o.placement == KVPlacement::kDevice)
-    Fail("--kv-placement device: the model runs on the CPU, whose KV cache is in host memory "
-         "(device placement is for --device cuda)");
+    Fail(
+        "--kv-placement device: the model runs on the CPU, whose KV cache is in host memory "
+        "(device placement is for --device cuda)");
   if (b.kv_memory() == nullptr) {  // the CPU: everything in host DRAM
     s.cache =
         std::make_unique<KVCache>(model.CacheShape(o.ctx, o.kv_type, block), o.kv_memory, nullptr);
@@ -68,12 +69,12 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   };
   bool device = o.placement == KVPlacement::kDevice;
   if (o.placement == KVPlacement::kAuto) {
-    device = needs(true, false).total() <= budget;
+    const size_t whole = needs(true, false).total();
+    device = whole <= budget;
     s.placement =
         std::string("--kv-placement auto: ") +
         (device ? "device (every layer's KV fits in " : "host (the whole KV cache needs ") +
-        FormatBytes(needs(true, false).total()) + (device ? " of " : ", more than ") +
-        FormatBytes(budget) + ")";
+        FormatBytes(whole) + (device ? " of " : ", more than ") + FormatBytes(budget) + ")";
   } else {
     s.placement = std::string("--kv-placement ") + KVPlacementName(o.placement);
   }
