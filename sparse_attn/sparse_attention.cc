@@ -32,6 +32,7 @@ SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& c
   sel_.resize(static_cast<size_t>(model.num_layers));
   retained_.resize(static_cast<size_t>(model.num_layers));
   late_blocks_.resize(static_cast<size_t>(model.num_layers));
+  retained_on_exec_.assign(static_cast<size_t>(model.num_layers), 0);
   last_plan_.resize(static_cast<size_t>(model.num_layers));
   recall_sum_.assign(static_cast<size_t>(model.num_layers), 0.0);
   recall_n_.assign(static_cast<size_t>(model.num_layers), 0);
@@ -50,6 +51,7 @@ void SparseAttention::Reset() {
   for (auto& s : sel_) s = Selection{};
   for (auto& r : retained_) r.clear();
   for (auto& b : late_blocks_) b.clear();
+  std::fill(retained_on_exec_.begin(), retained_on_exec_.end(), 0);
   decode_step_ = -1;
 }
 
@@ -245,6 +247,35 @@ bool SparseAttention::WillShortlist(int64_t layer, const AttnArgs& a, int64_t* f
   *want = ShortlistSize();
   *sum_heads = cfg_.select == SelectMode::kLayer;
   return true;
+}
+
+bool SparseAttention::PlansOnExecutor(int64_t layer, const AttnArgs& a) const {
+  return a.T == 1 && step_.call_T == 1 && exec_->PlansDecode() && AttendsPlan(layer, a) &&
+         cfg_.repr != ReprType::kDynamic && !cfg_.pos_remap && cfg_.rescore_blocks == 0 &&
+         cfg_.token_step == 1 && cfg_.layer_step == 1 && presel_[layer].empty() && !recall_;
+}
+
+void SparseAttention::PlanOnExecutor(int64_t layer, const float* q, const AttnArgs& a,
+                                     const KVLayerView& kv, int64_t ctx_end_block, float* out,
+                                     LayerPlan* plan) {
+  const int64_t init_blocks = cfg_.init_end() / cfg_.block_size;
+  auto t = Clock::now();
+  EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, nullptr);
+  times_.reps += Since(t);
+  t = Clock::now();
+  const auto l = static_cast<size_t>(layer);
+  const bool seed = retained_on_exec_[l] == 0;
+  PlanExecutor::ExecutorPlan p{init_blocks,         ctx_end_block,
+                               cfg_.topk,           cfg_.retained(),
+                               ShortlistSize(),     cfg_.select == SelectMode::kLayer,
+                               cfg_.retained() > 0, seed ? &retained_[l] : nullptr};
+  if (seed && retained_[l].size() != static_cast<size_t>(a.kv_heads)) retained_[l].clear();
+  // (The plan's blocks come back only for a reader of them: --dump-plan, set_watch.)
+  const bool read = plan_sink_ != nullptr || (watch_end_ > watch_begin_ && !watch_sum_.empty());
+  exec_->PlanDecode(layer, q, a, kv, reps_, p, out, read ? plan : nullptr);
+  retained_on_exec_[l] = 1;
+  plan->candidates = ctx_end_block - init_blocks;
+  times_.select += Since(t);
 }
 
 void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs& a,
@@ -456,8 +487,15 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
   plan.remap = cfg_.pos_remap;
   lse_.resize(static_cast<size_t>(a.heads));
   bool want_mass = false, have_mass = false, late = false;
+  const bool on_exec = !plan.dense && PlansOnExecutor(layer, a);
+  if (!plan.dense && !on_exec && retained_on_exec_[static_cast<size_t>(layer)] != 0) {
+    exec_->TakeRetention(layer, &retained_[static_cast<size_t>(layer)]);  // a step made here
+    retained_on_exec_[static_cast<size_t>(layer)] = 0;
+  }
   if (plan.dense) {
-    exec_->Dense(layer, q, a, kv, out, lse_.data());
+    exec_->Dense(layer, q, a, kv, out, ReadsDecodeLse() ? lse_.data() : nullptr);
+  } else if (on_exec) {
+    PlanOnExecutor(layer, q, a, kv, ctx_end_block, out, &plan);
   } else {
     auto t = Clock::now();
     EnsureRepresentatives(layer, kv, init_blocks, ctx_end_block, a.scale, RelativeFreq(a));
@@ -484,11 +522,13 @@ void SparseAttention::Decode(int64_t layer, const float* q, const AttnArgs& a,
     times_.retain += Since(t);
   }
   if (cfg_.repr == ReprType::kDynamic) window_[layer].Push(q, lse_.data(), p);
+  // (An executor's plan: the layer's keys of this step reach the host later; the block's
+  // representatives are made when it joins the Context, EnsureRepresentatives.)
   // A block this token completed gets its representatives now (Dynamic ones wait until the block
   // joins the Context, so that the queries that attended it have voted).
   // (Not in dense layers: they never select, and the hybrid engine keeps their keys on the GPU
   // only.)
-  if (!DenseLayer(layer, a) && cfg_.repr != ReprType::kDynamic && (p + 1) % B == 0 &&
+  if (!DenseLayer(layer, a) && !on_exec && cfg_.repr != ReprType::kDynamic && (p + 1) % B == 0 &&
       p + 1 > cfg_.init_end())
     reps_.ComputeFromKeys(layer, p / B, kv, RelativeFreq(a));
   if (recall_) {

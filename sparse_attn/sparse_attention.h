@@ -110,6 +110,33 @@ class PlanExecutor {
                         std::vector<std::vector<Scored>>* /*top*/) {
     return false;
   }
+
+  // A decode step's whole plan for one layer carried out where the KV lies (device placement:
+  // scoring, selection with retention, the attention and retention's block masses, all on the
+  // GPU), the host waiting for none of it. The rules are plan_rules.h'; the planner asks only
+  // where they are all its rules need (SparseAttention::PlansOnExecutor).
+  struct ExecutorPlan {
+    int64_t init_blocks, ctx_end_block;  // the candidates: Context blocks [init_blocks, ctx_end)
+    int64_t topk, retained;              // SparseConfig::topk and retained()
+    int64_t shortlist;                   // the scoring's shortlist per row (ShortlistSize())
+    bool by_layer;                       // SelectMode::kLayer: one selection for every KV head
+    bool retain;                         // retention for the layer's next step
+    // The retention to select with, where the planner holds it (the prompt's seed, or a step it
+    // planned itself): [kv_head] ascending lists, or empty (none yet). nullptr: the executor's
+    // own, from its previous step at this layer.
+    const std::vector<std::vector<int32_t>>* seed;
+  };
+  // Whether PlanDecode may be asked (as a rule, for the whole sequence).
+  virtual bool PlansDecode() const { return false; }
+  // q, out: as Planned's (an executor that plans on the GPU reads its own copies; q may be
+  // nullptr then). plan: when not nullptr, filled with the blocks selected and kept (waiting for
+  // them); else left alone.
+  virtual void PlanDecode(int64_t /*layer*/, const float* /*q*/, const AttnArgs& /*a*/,
+                          const KVLayerView& /*kv*/, const RepresentativeStore& /*reps*/,
+                          const ExecutorPlan& /*p*/, float* /*out*/, LayerPlan* /*plan*/) {}
+  // The retention PlanDecode left for `layer` ([kv_heads] lists; empty: none), for a step the
+  // planner makes itself.
+  virtual void TakeRetention(int64_t /*layer*/, std::vector<std::vector<int32_t>>* /*retained*/) {}
 };
 
 // The CPU's executor: the backend's kernels over the cache the planner reads (the planner's own
@@ -171,6 +198,16 @@ class SparseAttention final : public AttentionPolicy {
     const int64_t B = cfg_.block_size;
     return !DenseLayer(layer, a) && cfg_.LocalBegin(a.pos0) / B > cfg_.init_end() / B;
   }
+  // Whether Attend(layer) at this decode step hands the whole plan to its executor
+  // (PlanExecutor::PlanDecode): it plans one (AttendsPlan), the executor can, and every rule the
+  // plan needs is plan_rules.h' (Max, Mean or Quest representatives; no preselection, re-ranking,
+  // remapping, token_step / layer_step reuse or --attn-recall). Attend then reads neither q nor
+  // the layer's new keys on the host: the new block's representatives wait until it joins the
+  // Context (EnsureRepresentatives).
+  bool PlansOnExecutor(int64_t layer, const AttnArgs& a) const;
+  // Whether a decode step at `layer` reads its query's lse on the host (Dynamic representatives'
+  // window, --attn-recall); when not, a dense layer's executor need not return it.
+  bool ReadsDecodeLse() const { return cfg_.repr == ReprType::kDynamic || recall_; }
 
   // Diagnostics.
   void set_recall(bool on) { recall_ = on; }
@@ -308,6 +345,12 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<float> scratch_out_, scratch_lse_, lse_;
   // [layer][kv_head]: the blocks with the most attention mass at the layer's last sparse step.
   std::vector<std::vector<std::vector<int32_t>>> retained_;
+  // [layer]: whether the layer's retention is the executor's (PlanDecode kept it), not retained_.
+  std::vector<uint8_t> retained_on_exec_;
+  // Decode through PlanDecode; plan: the LayerPlan to fill (its blocks read back when a
+  // diagnostic reads them).
+  void PlanOnExecutor(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
+                      int64_t ctx_end_block, float* out, LayerPlan* plan);
   // [layer]: the blocks whose retention waits for PlanExecutor::LateMass (empty: none).
   std::vector<std::vector<std::vector<int32_t>>> late_blocks_;
   void FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv);

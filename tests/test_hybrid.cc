@@ -428,7 +428,7 @@ struct SeqRun {
 };
 SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
                    const std::vector<int32_t>& prompt, int64_t steps,
-                   KVPlacement placement = KVPlacement::kHost) {
+                   KVPlacement placement = KVPlacement::kHost, bool sink = true) {
   SequenceOptions so;
   so.placement = placement;
   so.ctx = static_cast<int64_t>(prompt.size()) + steps + 1;
@@ -436,7 +436,7 @@ SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
   so.ubatch = 64;
   SequenceAttention seq = MakeSequenceAttention(model, sc, tc, so);
   std::ostringstream plan;
-  if (seq.planner != nullptr) seq.planner->set_plan_sink(&plan);
+  if (seq.planner != nullptr && sink) seq.planner->set_plan_sink(&plan);
   model.set_attention(seq.policy.get());
   SeqRun r;
   std::vector<float> l;
@@ -489,7 +489,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     t = static_cast<int32_t>(x % static_cast<uint64_t>(on_cpu->config().vocab_size));
   }
-  for (int variant = 0; variant < 12; ++variant) {
+  for (int variant = 0; variant < 14; ++variant) {
     SparseConfig sc;
     sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 48, sc.topk = 4, sc.dense_layers = 0,
     sc.retain_blocks = 2;
@@ -505,10 +505,14 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     if (variant == 7) sc.pos_remap = true, sc.dense_layers = 1, sc.select = SelectMode::kLayer;
     if (variant == 8) sc.pos_remap = true;  // (dense prefill, remapped decode)
     // Every layer's KV on the GPU (--kv-placement device), which attends every selected block:
-    // per KV head with retention, per layer with preselection, after a sparse prefill.
+    // per KV head with retention, per layer with preselection, after a sparse prefill. Without
+    // preselection the GPU plans the steps itself (PlanDecode; the plans come back for the sink):
+    // per KV head and per layer, Quest, Mean and Max, with and without retention.
     const KVPlacement pl = variant >= 9 ? KVPlacement::kDevice : KVPlacement::kHost;
     if (variant == 10) sc.select = SelectMode::kLayer, sc.preselect_blocks = 8, sc.obs_window = 32;
     if (variant == 11) sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.dense_layers = 1;
+    if (variant == 12) sc.select = SelectMode::kLayer, sc.repr = ReprType::kMean;
+    if (variant == 13) sc.repr = ReprType::kMax, sc.topk = 6, sc.retain_blocks = 3;
     // (Remapped scoring reads block-relative representatives: in a prompt that repeats itself
     // every 16 blocks, layer 0's repeated blocks tie exactly on one side and not the other.)
     const auto& pr = sc.pos_remap ? aperiodic : prompt;
@@ -526,6 +530,10 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
       EXPECT_NE(want.plan.find("\"dense\":false"), std::string::npos) << what;
     }
     ExpectLogitsClose(got, want, what);
+    if (variant == 9 || variant == 12) {  // no reader of the plans: nothing comes back
+      const SeqRun quiet = RunSequence(*on_gpu, &sc, tc, pr, 40, pl, false);
+      EXPECT_EQ(quiet.logits, got.logits) << what;
+    }
   }
 }
 

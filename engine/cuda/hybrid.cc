@@ -22,6 +22,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
               CudaBackendStream(gpu_)),
       resident(m_.num_layers, m_.num_kv_heads, device_kv_ ? c_.topk : c_.GpuContextSlots()) {
   if (device_kv) c.gpu_share = 100;  // (the executor's copy: every selected block on the GPU)
+  if (const char* e = std::getenv("NEEDLE_DEVICE_PLAN")) device_plan_on = std::strcmp(e, "0") != 0;
   if (kv == DType::kI8)
     Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
   planner.set_executor(this);
@@ -226,6 +227,8 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
 
 void HybridAttention::Reset() {
   impl_->JoinPinAhead();
+  impl_->Sync(nullptr);  // (rows of a step in flight: dropped with the sequence)
+  impl_->pending_rows.clear();
   impl_->planner.Reset();
   impl_->host.Clear();
   impl_->table_lb = impl_->table_pb = -1;
@@ -233,6 +236,7 @@ void HybridAttention::Reset() {
 }
 
 void HybridAttention::BeginStep(const StepInfo& s) {
+  impl_->FlushRows();  // the last step's rows, where the executor planned it
   impl_->step = s;
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;
@@ -280,7 +284,17 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   }
   // Decode: the new row to the host (sparse layers), the query to the host, then the planner.
   // (The copies wait for the layer's projections: counted as waiting for the GPU.)
-  if (!dense) x.RowToPinned(layer, a.pos0);
+  // A step the executor plans (device placement), or a dense layer whose lse nobody reads: the
+  // host waits for nothing; the row reaches the host cache when the next step begins.
+  const bool on_exec = !dense && x.planner.PlansOnExecutor(layer, a);
+  if (!dense) x.RowToPinned(layer, a.pos0, on_exec);
+  if (on_exec || (dense && !x.planner.ReadsDecodeLse())) {
+    const auto t = Clock::now();
+    const double before = x.ExecutorTime();
+    x.planner.Attend(layer, nullptr, a, x.host, out);
+    x.stats.plan += Since(t) - (x.ExecutorTime() - before);
+    return;
+  }
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);

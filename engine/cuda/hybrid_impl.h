@@ -115,9 +115,21 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
-  void RowToPinned(int64_t layer, int64_t p);
+  // later: a step the executor plans (the host waits for no layer): the row waits in the layer's
+  // own pinned slot until the next step begins (FlushRows).
+  void RowToPinned(int64_t layer, int64_t p, bool later = false);
   void RowToCache(int64_t layer, int64_t p) { RowFromPinned(RowPin(), host, layer, p); }
-  uint8_t* RowPin();
+  uint8_t* RowPin(int64_t layer = -1);  // -1: the one slot of steps the host plans
+  void FlushRows();
+
+  // --- executor plans (hybrid_device_plan.cc): device placement's steps planned on the GPU ----
+  bool PlansDecode() const override;
+  void PlanDecode(int64_t layer, const float*, const AttnArgs& a, const KVLayerView&,
+                  const RepresentativeStore& reps, const ExecutorPlan& p, float*,
+                  LayerPlan* plan) override;
+  void TakeRetention(int64_t layer, std::vector<std::vector<int32_t>>* retained) override;
+  // The layer's retention on the GPU: [kv_heads][R] lists then [kv_heads] counts (-1: none).
+  int32_t* DeviceRetention(int64_t layer, int64_t R);
 
   // --- PlanExecutor ----------------------------------------------------------------------------
   void Dense(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv, float* out,
@@ -197,6 +209,12 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<cuda::PinnedFloats> late_pin;
   std::vector<std::vector<int32_t>> late_at;
   std::vector<cudaEvent_t> late_done;
+  // Executor plans: NEEDLE_DEVICE_PLAN=0 turns them off (the host plans every step, for
+  // comparisons); rows waiting for FlushRows (layer, position), in their layers' row_pins.
+  bool device_plan_on = true;
+  std::vector<cuda::PinnedFloats> row_pins;
+  std::vector<std::pair<int64_t, int64_t>> pending_rows;
+  cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
   HybridStats stats;
 };
 

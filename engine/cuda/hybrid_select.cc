@@ -111,6 +111,18 @@ void GpuBlockScorer::QueueShortlist(int64_t layer, const RepresentativeStore& re
       cudaMemcpyAsync(top_pin_.Get(2 * out), vals, 2 * out * 4, cudaMemcpyDeviceToHost, stream_));
 }
 
+void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps,
+                                          int64_t first, int64_t n, bool sum_heads, int64_t want,
+                                          const float* q_dev, const float** vals,
+                                          const int32_t** ids) {
+  const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
+  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev);
+  float* v = d + kv_heads_ * n;
+  auto* i = reinterpret_cast<int32_t*>(v + out);
+  TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);
+  *vals = v, *ids = i;
+}
+
 void GpuBlockScorer::ReadShortlist(int64_t n, bool sum_heads, int64_t want,
                                    std::vector<std::vector<PlanExecutor::Scored>>* top) {
   const int64_t rows = sum_heads ? 1 : kv_heads_, k = std::min(want, n);

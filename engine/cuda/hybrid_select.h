@@ -35,6 +35,12 @@ class GpuBlockScorer {
   // WillShortlist), so that the wait for the query serves it too; ScoreTop then reads it when
   // no representative of a candidate changed since.
   void QueueEarly(int64_t layer, SparseAttention& planner, const AttnArgs& a, const float* q_dev);
+  // PlanExecutor::PlanDecode's shortlist, left on the GPU: the `want` best of candidates
+  // [first, first + n) for the query q_dev, queued into *vals, *ids (device [rows][want],
+  // TopBlocks'; valid until the next call).
+  void QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
+                            int64_t n, bool sum_heads, int64_t want, const float* q_dev,
+                            const float** vals, const int32_t** ids);
   // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
   // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
   // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids

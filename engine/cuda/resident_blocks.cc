@@ -13,6 +13,12 @@ ResidentBlocks::ResidentBlocks(int64_t layers, int64_t kv_heads, int64_t slots)
 
 void ResidentBlocks::Clear() { std::fill(held_.begin(), held_.end(), -1); }
 
+void ResidentBlocks::ClearLayer(int64_t layer) {
+  const auto per = static_cast<size_t>(kv_heads_ * slots_);
+  std::fill_n(held_.begin() + static_cast<std::ptrdiff_t>(per * static_cast<size_t>(layer)), per,
+              -1);
+}
+
 void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
                            const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
                            std::vector<Copy>* copies) {

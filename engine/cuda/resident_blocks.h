@@ -34,6 +34,8 @@ class ResidentBlocks {
   ResidentBlocks(int64_t layers, int64_t kv_heads, int64_t slots);
 
   void Clear();  // every slot empty (a new sequence or prompt)
+  // Every slot of `layer` empty (something else wrote them: the device plan's gather).
+  void ClearLayer(int64_t layer);
 
   // One step of `layer`: of each KV head h's selection blocks[h] (any order, distinct), the GPU
   // attends n_g (<= slots, <= every blocks[h].size()): those already in slots [0, n_g) stay where

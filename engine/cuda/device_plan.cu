@@ -1,0 +1,117 @@
+#include "engine/cuda/device_plan.h"
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+#include "sparse_attn/plan_rules.h"
+
+namespace needle::cuda {
+namespace {
+
+namespace pr = plan_rules;
+
+constexpr int kThreads = 128;
+
+// Block r: row r. Shared: the shortlist's scores and ids [k], the kept blocks [R], the selection
+// [R + k] (kept first, then each chosen entry at nk + its rank).
+__global__ void __launch_bounds__(kThreads)
+    SelectKernel(const float* vals, const int32_t* ids, int64_t want, int k, const int32_t* ret,
+                 const int32_t* rcount, int R, int32_t init_b, int32_t ctx_end, int topk,
+                 int kv_heads, bool by_layer, const int32_t* table, int n_sel, int32_t* sel,
+                 int32_t* kept, int32_t* kcount, int32_t* src, int32_t* dst) {
+  extern __shared__ int32_t smem[];
+  float* s_sc = reinterpret_cast<float*>(smem);
+  int32_t* s_id = smem + k;
+  int32_t* s_keep = s_id + k;
+  int32_t* s_sel = s_keep + R;
+  __shared__ int s_nk, s_rc;
+  const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
+  for (int i = threadIdx.x; i < k; i += kThreads)
+    s_sc[i] = vals[r * want + i], s_id[i] = ids[r * want + i];
+  if (threadIdx.x == 0) {
+    s_rc = rcount[h0];
+    s_nk = s_rc < 0 ? 0 : pr::KeepRetained(ret + h0 * R, s_rc, init_b, ctx_end, R, s_keep);
+    for (int i = 0; i < s_nk; ++i) s_sel[i] = s_keep[i];
+  }
+  __syncthreads();
+  const int nk = s_nk;
+  for (int i = threadIdx.x; i < k; i += kThreads) {
+    const int rank = pr::ShortlistRank(s_sc, s_id, k, s_keep, nk, i);
+    if (rank >= 0 && rank < topk - nk) s_sel[nk + rank] = s_id[i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_sel; i += kThreads) {
+    const int32_t b = s_sel[i];
+    const int j = pr::CountBelow(s_sel, n_sel, b);
+    for (int h = h0; h < h1; ++h) {
+      sel[h * n_sel + j] = b;
+      src[h * n_sel + j] = table[b] * kv_heads + h;
+      dst[h * n_sel + j] = j * kv_heads + h;
+    }
+  }
+  for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += kThreads) {
+    kcount[h] = s_rc < 0 ? -1 : nk;
+    for (int i = 0; i < nk; ++i) kept[h * R + i] = s_keep[i];
+  }
+}
+
+// Block r: row r. Shared: the masses [n] and the order [n].
+__global__ void __launch_bounds__(kThreads)
+    RetainKernel(const int32_t* sel, int n, const float* stats, const float* lse, int kv_heads,
+                 int G, bool by_layer, int R, int32_t* ret, int32_t* rcount) {
+  extern __shared__ int32_t smem[];
+  float* s_mass = reinterpret_cast<float*>(smem);
+  int* s_order = smem + n;
+  int32_t* s_out = smem + 2 * n;
+  const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    float m = 0.f;
+    for (int h = h0; h < h1; ++h) {
+      const float mh =
+          pr::BlockMass(stats + static_cast<int64_t>((h * n + j) * G) * 2, lse + h * G, G);
+      m = h == h0 ? mh : m + mh;
+    }
+    s_mass[j] = m;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += kThreads) s_order[pr::MassRank(s_mass, n, j)] = j;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int cnt = pr::KeepByMass(sel + h0 * n, s_order, n, R, s_out);
+    for (int h = h0; h < h1; ++h) {
+      rcount[h] = cnt;
+      for (int i = 0; i < cnt; ++i) ret[h * R + i] = s_out[i];
+    }
+  }
+}
+
+}  // namespace
+
+void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, int64_t k,
+                         const int32_t* ret, const int32_t* rcount, int64_t R, int64_t init_b,
+                         int64_t ctx_end, int64_t topk, int64_t kv_heads, bool by_layer,
+                         const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
+                         int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream) {
+  NEEDLE_CHECK(k <= want && want <= kMaxDeviceShortlist && n_sel <= topk && R <= topk);
+  if (n_sel <= 0) return;
+  const size_t smem = static_cast<size_t>(2 * k + R + R + k) * 4;
+  SelectKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
+      vals, ids, want, static_cast<int>(k), ret, rcount, static_cast<int>(R),
+      static_cast<int32_t>(init_b), static_cast<int32_t>(ctx_end), static_cast<int>(topk),
+      static_cast<int>(kv_heads), by_layer, table, static_cast<int>(n_sel), sel, kept, kcount, src,
+      dst);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+void RetainByMass(const int32_t* sel, int64_t n, const float* stats, const float* lse,
+                  int64_t kv_heads, int64_t G, bool by_layer, int64_t R, int32_t* ret,
+                  int32_t* rcount, cudaStream_t stream) {
+  NEEDLE_CHECK(n <= kMaxDeviceShortlist);
+  if (n <= 0 || R <= 0) return;
+  const size_t smem = static_cast<size_t>(2 * n + R) * 4;
+  RetainKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
+      sel, static_cast<int>(n), stats, lse, static_cast<int>(kv_heads), static_cast<int>(G),
+      by_layer, static_cast<int>(R), ret, rcount);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace needle::cuda

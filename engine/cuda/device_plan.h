@@ -1,0 +1,41 @@
+// A decode step's selection and retention on the GPU (PlanExecutor::PlanDecode for
+// --kv-placement device, engine/cuda/hybrid_device_plan.cc): the rules of sparse_attn/plan_rules.h,
+// one thread block per row (a KV head, or the layer's one row with select mode layer), so that
+// the host waits for no layer of the step.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace needle::cuda {
+
+// The longest shortlist (topk + retained) SelectFromShortlist takes (its shared memory).
+constexpr int64_t kMaxDeviceShortlist = 2048;
+
+// For each row r (rows = by_layer ? 1 : kv_heads):
+//   vals, ids [rows][want]: the row's shortlist, its first k entries valid (cuda::TopBlocks');
+//   ret [kv_heads][R] (ascending) with rcount [kv_heads] (-1: no retention yet): the retention
+//   the step selects with (by_layer: head 0's);
+// writes, for every KV head h of the row:
+//   sel [kv_heads][n_sel]: the selection, ascending (n_sel = min(topk, ctx_end - init_b), which
+//   the rules always select);
+//   kept [kv_heads][R], kcount [kv_heads]: the retained blocks kept (-1: no retention);
+//   src, dst [kv_heads * n_sel] (item h * n_sel + j): cuda::GatherBlocks' lists that copy head h
+//   of block sel[h][j] from its slot table[block] of the layer's ring into extra slot j.
+// Device memory throughout (table: the layer's block table, KVLayerView::table).
+void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, int64_t k,
+                         const int32_t* ret, const int32_t* rcount, int64_t R, int64_t init_b,
+                         int64_t ctx_end, int64_t topk, int64_t kv_heads, bool by_layer,
+                         const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
+                         int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream);
+
+// Retention for the layer's next step: from the selection sel [kv_heads][n] (ascending), its
+// blocks' softmax sums stats ([kv_heads][n][G][2], cuda::BlockStats') and the step's lse
+// [kv_heads * G] over everything it attended, writes ret [kv_heads][R] (ascending) and rcount
+// [kv_heads] (by_layer: the masses summed over the KV heads in head order, one list for all).
+void RetainByMass(const int32_t* sel, int64_t n, const float* stats, const float* lse,
+                  int64_t kv_heads, int64_t G, bool by_layer, int64_t R, int32_t* ret,
+                  int32_t* rcount, cudaStream_t stream);
+
+}  // namespace needle::cuda

@@ -1,0 +1,103 @@
+// Device placement's decode steps planned on the GPU (PlanExecutor::PlanDecode): the scoring's
+// shortlist, the selection with retention (device_plan.h, the rules of sparse_attn/plan_rules.h),
+// the gather of the selected blocks from the layer's ring into its extra slots, the attention
+// over Initial + selected + Local and the next step's retention, all queued on the model's
+// stream. The host waits for none of it: the step's only wait is the model's for its logits.
+#include "engine/cuda/device_plan.h"
+#include "engine/cuda/hybrid_impl.h"
+
+namespace needle {
+
+bool HybridAttention::Impl::PlansDecode() const {
+  return device_kv && gather_on && device_plan_on && resident.slots() >= c.topk &&
+         c.topk + c.retained() <= cuda::kMaxDeviceShortlist;
+}
+
+int32_t* HybridAttention::Impl::DeviceRetention(int64_t layer, int64_t R) {
+  const int64_t Hk = m.num_kv_heads, per = Hk * (R + 1);
+  // (Sized once for every layer: the retention of each stays between steps.)
+  return dp_ret.Get<int32_t>(static_cast<size_t>(m.num_layers * per)) + layer * per;
+}
+
+void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnArgs& a,
+                                       const KVLayerView&, const RepresentativeStore& reps,
+                                       const ExecutorPlan& p, float*, LayerPlan* plan) {
+  const int64_t Hk = a.kv_heads, G = a.heads / Hk, R = p.retained;
+  const int64_t n = p.ctx_end_block - p.init_blocks, n_sel = std::min(p.topk, n);
+  int32_t* ret = DeviceRetention(layer, R);  // [Hk][R], then rcount [Hk]
+  int32_t* rcount = ret + Hk * R;
+  if (p.seed != nullptr) {  // the planner's retention: the prompt's seed, or a step it made
+    std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
+    const bool has = p.seed->size() == static_cast<size_t>(Hk);
+    for (int64_t hh = 0; hh < Hk; ++hh) {
+      const int64_t cnt =
+          has ? std::min<int64_t>(R, static_cast<int64_t>((*p.seed)[hh].size())) : -1;
+      h[static_cast<size_t>(Hk * R + hh)] = static_cast<int32_t>(cnt);
+      for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
+    }
+    H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
+  }
+  const float* vals = nullptr;
+  const int32_t* ids = nullptr;
+  scorer.QueueDeviceShortlist(layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals,
+                              &ids);
+  // Scratch: sel, src, dst [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
+  // [Hk][n_sel][G][2] and the lse [heads] (floats).
+  const size_t ints = static_cast<size_t>(3 * Hk * n_sel + Hk * (R + 1));
+  int32_t* sel = dp_scratch.Get<int32_t>(ints + static_cast<size_t>(2 * Hk * n_sel * G + a.heads));
+  int32_t *src = sel + Hk * n_sel, *dst = src + Hk * n_sel, *kept = dst + Hk * n_sel;
+  int32_t* kcount = kept + Hk * R;
+  float* sums = reinterpret_cast<float*>(sel + ints);
+  float* lse = sums + 2 * Hk * n_sel * G;
+  const KVLayerView ring = model_cache->Layer(layer);
+  cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
+                            p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
+                            n_sel, sel, kept, kcount, src, dst, stream);
+  const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
+  cuda::GatherBlocks(
+      model_cache->BlockData(layer, false, 0), model_cache->BlockData(layer, true, 0), src, dst,
+      Hk * n_sel, model_cache->BlockBytes() / static_cast<size_t>(Hk),
+      model_cache->BlockData(layer, false, x0), model_cache->BlockData(layer, true, x0), stream);
+  resident.ClearLayer(layer);  // (the slots hold this step's blocks, which the host does not know)
+  AttnArgs a2;
+  const KVLayerView v = WindowView(layer, a, n_sel, &a2, true);
+  cuda::Attention(q_dev, v, a2, out_dev, lse, sm, ws, stream);
+  if (p.retain) {
+    cuda::BlockStats(q_dev, v.k + static_cast<size_t>(x0) * model_cache->BlockBytes(), v.dtype,
+                     n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums, stream);
+    cuda::RetainByMass(sel, n_sel, sums, lse, Hk, G, p.by_layer, R, ret, rcount, stream);
+  }
+  stats.gpu_blocks += n_sel * Hk;
+  if (plan == nullptr) return;
+  // A reader of the plan (--dump-plan, set_watch): what the GPU selected and kept.
+  std::vector<int32_t> h(static_cast<size_t>(Hk * (n_sel + R + 1)));
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data(), sel, static_cast<size_t>(Hk * n_sel) * 4,
+                                    cudaMemcpyDeviceToHost, stream));
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data() + Hk * n_sel, kept,
+                                    static_cast<size_t>(Hk * (R + 1)) * 4, cudaMemcpyDeviceToHost,
+                                    stream));
+  Sync(&stats.gpu_wait);
+  plan->blocks.assign(static_cast<size_t>(Hk), {});
+  for (int64_t hh = 0; hh < Hk; ++hh)
+    plan->blocks[hh].assign(h.begin() + hh * n_sel, h.begin() + (hh + 1) * n_sel);
+  const int32_t* kh = h.data() + Hk * n_sel;
+  plan->retained.clear();
+  if (kh[Hk * R] >= 0)
+    for (int64_t hh = 0; hh < Hk; ++hh)
+      plan->retained.emplace_back(kh + hh * R, kh + hh * R + kh[Hk * R + hh]);
+}
+
+void HybridAttention::Impl::TakeRetention(int64_t layer,
+                                          std::vector<std::vector<int32_t>>* retained) {
+  const int64_t Hk = m.num_kv_heads, R = c.retained();
+  std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)));
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data(), DeviceRetention(layer, R), h.size() * 4,
+                                    cudaMemcpyDeviceToHost, stream));
+  Sync(&stats.gpu_wait);
+  retained->clear();
+  if (h[static_cast<size_t>(Hk * R)] < 0) return;
+  for (int64_t hh = 0; hh < Hk; ++hh)
+    retained->emplace_back(h.begin() + hh * R, h.begin() + hh * R + h[Hk * R + hh]);
+}
+
+}  // namespace needle

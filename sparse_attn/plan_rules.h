@@ -1,0 +1,108 @@
+// The decode selection's rules as plain functions over arrays, for an executor that plans a step
+// where the KV lies (PlanExecutor::PlanDecode: the GPU's kernels, engine/cuda/device_plan.cu,
+// run them one element per thread) and for the CPU reference executor of the tests. They restate
+// SparseAttention::SelectBlocks and Retain (sparse_attention.cc) for the case without
+// preselection, re-ranking or remapping; tests/test_executor_plan.cc checks that plans made with
+// them equal the planner's own.
+//
+// One row (a KV head, or the layer's one row with SelectMode::kLayer) of a step:
+//   1. keep: the row's retained blocks (ascending) that are still Context blocks
+//      [init_b, ctx_end), at most R (SparseConfig::retained());
+//   2. the best topk - |keep| of the shortlist's other entries, ranked higher score first, then
+//      lower block id (Better);
+//   3. the selection: both, ascending.
+// Retention for the next step: each selected block's mass (the softmax mass the step's query
+// heads of its group put on it, BlockMass), the blocks by descending mass (ties: lower position in
+// the selection first, as a stable sort), each followed by its successor, the first R distinct of
+// them, ascending.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NEEDLE_HD __host__ __device__
+#else
+#define NEEDLE_HD
+#endif
+
+namespace needle::plan_rules {
+
+// Whether (score sa, block ia) ranks before (sb, ib).
+NEEDLE_HD inline bool Better(float sa, int32_t ia, float sb, int32_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+NEEDLE_HD inline bool Holds(const int32_t* a, int n, int32_t x) {
+  for (int i = 0; i < n; ++i)
+    if (a[i] == x) return true;
+  return false;
+}
+
+// Step 1: keep[0, returned) from ret[0, n) (ascending).
+NEEDLE_HD inline int KeepRetained(const int32_t* ret, int n, int32_t init_b, int32_t ctx_end, int R,
+                                  int32_t* keep) {
+  int k = 0;
+  for (int i = 0; i < n && k < R; ++i)
+    if (ret[i] >= init_b && ret[i] < ctx_end) keep[k++] = ret[i];
+  return k;
+}
+
+// Step 2: shortlist entry i (sc, id [n], distinct ids, any order) is chosen when the value
+// returned is below topk - nk: its rank among the entries not kept; -1 for a kept entry.
+NEEDLE_HD inline int ShortlistRank(const float* sc, const int32_t* id, int n, const int32_t* keep,
+                                   int nk, int i) {
+  if (Holds(keep, nk, id[i])) return -1;
+  int r = 0;
+  for (int j = 0; j < n; ++j)
+    if (j != i && Better(sc[j], id[j], sc[i], id[i]) && !Holds(keep, nk, id[j])) ++r;
+  return r;
+}
+
+// Step 3: x's place in the ascending order of the distinct a[0, n).
+NEEDLE_HD inline int CountBelow(const int32_t* a, int n, int32_t x) {
+  int c = 0;
+  for (int i = 0; i < n; ++i) c += a[i] < x ? 1 : 0;
+  return c;
+}
+
+// A block's mass from its softmax sums st [G][2] = {m, l} (AttendBlocks' / cuda::BlockStats'
+// stats) and the lse [G] of its group's query heads over everything the step attended.
+NEEDLE_HD inline float BlockMass(const float* st, const float* lse, int G) {
+  float mass = 0.f;
+  for (int g = 0; g < G; ++g)
+    if (st[2 * g + 1] > 0.f && lse[g] != -INFINITY)
+      mass += st[2 * g + 1] * expf(st[2 * g] - lse[g]);
+  return mass;
+}
+
+// Entry i's place in the descending order of mass [n] (ties: lower index first).
+NEEDLE_HD inline int MassRank(const float* mass, int n, int i) {
+  int r = 0;
+  for (int j = 0; j < n; ++j) r += (mass[j] > mass[i] || (mass[j] == mass[i] && j < i)) ? 1 : 0;
+  return r;
+}
+
+NEEDLE_HD inline void SortAscending(int32_t* a, int n) {
+  for (int i = 1; i < n; ++i)
+    for (int j = i; j > 0 && a[j - 1] > a[j]; --j) {
+      const int32_t t = a[j];
+      a[j] = a[j - 1], a[j - 1] = t;
+    }
+}
+
+// Retention: blocks [n] in the order order [n] (indices by MassRank), each followed by its
+// successor, the first R distinct into out (ascending); returns their count.
+NEEDLE_HD inline int KeepByMass(const int32_t* blocks, const int* order, int n, int R,
+                                int32_t* out) {
+  int k = 0;
+  for (int r = 0; r < n && k < R; ++r)
+    for (int s = 0; s < 2; ++s) {
+      const int32_t b = blocks[order[r]] + s;
+      if (k < R && !Holds(out, k, b)) out[k++] = b;
+    }
+  SortAscending(out, k);
+  return k;
+}
+
+}  // namespace needle::plan_rules
