@@ -173,6 +173,17 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
         (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait);
+    // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
+    double phases = 0;
+    for (double x : a.gpu_phase) phases += x;
+    if (phases > 0) {
+      split << buf << ",\"gpu_phase_ms\":{";
+      for (int i = 0; i < HybridStats::kPhases; ++i)
+        split << (i ? "," : "") << '"' << HybridStats::PhaseName(i)
+              << "\":" << (a.gpu_phase[i] - before.gpu_phase[i]) / n * ms;
+      split << "}";
+      buf[0] = 0;
+    }
     split << buf;
   }
   std::printf(

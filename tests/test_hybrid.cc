@@ -422,6 +422,48 @@ TEST(HybridSelect, GroupQueriesEqualsHost) {
     }
 }
 
+// The GPU's block scores (bf16 representatives: 16-byte pieces, several items a warp; f32:
+// a warp an item) equal the host's within f32 rounding of sums taken in another order.
+TEST(HybridSelect, ScoreBlocksEqualsHost) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(1);
+  for (auto [Hk, D] : {std::pair<int64_t, int64_t>{4, 128}, {8, 128}, {2, 64}, {1, 80}})
+    for (ReprType rt : {ReprType::kQuest, ReprType::kMax})
+      for (DType st : {DType::kBF16, DType::kF32}) {
+        const int64_t B = 16, nb = 300;
+        KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
+        const auto k = test::RandomVector(nb * B * Hk * D, 3), v = test::RandomVector(k.size(), 4);
+        cache.Write(0, 0, nb * B, k.data(), v.data());
+        cache.SetSize(nb * B);
+        RepresentativeStore reps(1, Hk, D, nb, rt, st);
+        for (int64_t b = 0; b < nb; ++b) reps.ComputeFromKeys(0, b, cache.Layer(0));
+        const std::vector<float> qa = test::RandomVector(Hk * D, 5),
+                                 qb = test::RandomVector(Hk * D, 6);
+        for (int64_t first : {0, 5})
+          for (int64_t n : {int64_t{3}, nb - first}) {
+            std::vector<int32_t> ids(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>(first + i);
+            std::vector<float> want(static_cast<size_t>(Hk * n)), got(want.size());
+            fast::ScoreGrouped(reps, 0, ScoreArgs{nullptr, 1, Hk, Hk, D, ids.data(), n}, qa, qb,
+                               want.data(), tc);
+            const size_t rb = reps.BlockBytes() * static_cast<size_t>(nb);
+            float* d = gpu->Alloc(rb / 4 + qa.size() * 2 + want.size());
+            NEEDLE_CUDA_CHECK(cudaMemcpy(d, reps.Block(0, 0), rb, cudaMemcpyHostToDevice));
+            float* dq = d + rb / 4;
+            gpu->FromHost(qa.data(), qa.size(), dq);
+            gpu->FromHost(qb.data(), qb.size(), dq + qa.size());
+            cuda::ScoreBlocks(d, st, reps.rows(), first, n, Hk, D, dq, dq + qa.size(),
+                              dq + 2 * qa.size(), CudaBackendStream(*gpu));
+            gpu->ToHost(dq + 2 * qa.size(), got.size(), got.data());
+            gpu->Free(d);
+            for (size_t i = 0; i < want.size(); ++i)
+              ASSERT_NEAR(got[i], want[i], 1e-4 * (1 + std::fabs(want[i])))
+                  << Hk << "/" << D << " " << ReprTypeName(rt) << " " << DTypeName(st) << " first "
+                  << first << " n " << n << " at " << i;
+          }
+      }
+}
+
 struct SeqRun {
   std::vector<float> logits;  // the prompt's last row, then one row per decode step
   std::string plan;

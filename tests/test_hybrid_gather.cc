@@ -44,7 +44,7 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
   ThreadingContext tc(2);
   cudaStream_t stream = CudaBackendStream(*gpu);
   for (DType kvt : {DType::kF32, DType::kBF16}) {
-    for (int64_t G : {1, 7}) {
+    for (int64_t G : {1, 4, 7, 20}) {  // (20: the kernel for groups beyond 16 heads)
       const int64_t Hk = 3, D = 64, B = 16, n_tok = 40 * B;
       KVCache cache(KVCacheShape(1, Hk, D, n_tok, B, kvt));
       const std::vector<float> k = test::RandomVector(n_tok * Hk * D, 11, 2.f),

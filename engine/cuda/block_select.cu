@@ -67,9 +67,26 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     const unsigned long long prefix = s_prefix;
-    each([&](unsigned long long key, int64_t) {
+    // The cached keys counted once per warp and bin (the high bytes of similar scores fall in a
+    // few bins: one atomic per key queued up to thousands deep on them, tens of microseconds a
+    // pass at 8K candidates); the rest one by one.
+    const int lane = static_cast<int>(threadIdx.x & 31);
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      const bool in = i < n && (cached[j] & mask) == prefix;
+      const unsigned act = __ballot_sync(0xffffffffu, in);
+      if (in) {
+        const unsigned bin = static_cast<unsigned>(cached[j] >> shift) & 255u;
+        const unsigned peers = __match_any_sync(act, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
+      }
+    }
+    for (int64_t i = threadIdx.x + static_cast<int64_t>(kKeysPerThread) * blockDim.x; i < n;
+         i += blockDim.x) {
+      const unsigned long long key = key_of(i);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
-    });
+    }
     __syncthreads();
     if (threadIdx.x < 32) {  // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l
       const int lane = threadIdx.x;

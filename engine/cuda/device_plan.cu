@@ -23,13 +23,17 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* s_id = smem + k;
   int32_t* s_keep = s_id + k;
   int32_t* s_sel = s_keep + R;
+  int32_t* s_ret = s_sel + R + k;
   __shared__ int s_nk, s_rc;
   const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
+  // (Every global read first, in parallel: thread 0's serial part reads shared memory only.)
   for (int i = threadIdx.x; i < k; i += kThreads)
     s_sc[i] = vals[r * want + i], s_id[i] = ids[r * want + i];
+  for (int i = threadIdx.x; i < R; i += kThreads) s_ret[i] = ret[h0 * R + i];
+  if (threadIdx.x == 0) s_rc = rcount[h0];
+  __syncthreads();
   if (threadIdx.x == 0) {
-    s_rc = rcount[h0];
-    s_nk = s_rc < 0 ? 0 : pr::KeepRetained(ret + h0 * R, s_rc, init_b, ctx_end, R, s_keep);
+    s_nk = s_rc < 0 ? 0 : pr::KeepRetained(s_ret, s_rc, init_b, ctx_end, R, s_keep);
     for (int i = 0; i < s_nk; ++i) s_sel[i] = s_keep[i];
   }
   __syncthreads();
@@ -61,9 +65,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ int32_t smem[];
   float* s_mass = reinterpret_cast<float*>(smem);
   int* s_order = smem + n;
-  int32_t* s_out = smem + 2 * n;
+  int32_t* s_blocks = smem + 2 * n;
+  int32_t* s_out = smem + 3 * n;
   const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
   for (int j = threadIdx.x; j < n; j += kThreads) {
+    s_blocks[j] = sel[h0 * n + j];
     float m = 0.f;
     for (int h = h0; h < h1; ++h) {
       const float mh =
@@ -76,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = threadIdx.x; j < n; j += kThreads) s_order[pr::MassRank(s_mass, n, j)] = j;
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int cnt = pr::KeepByMass(sel + h0 * n, s_order, n, R, s_out);
+    const int cnt = pr::KeepByMass(s_blocks, s_order, n, R, s_out);
     for (int h = h0; h < h1; ++h) {
       rcount[h] = cnt;
       for (int i = 0; i < cnt; ++i) ret[h * R + i] = s_out[i];
@@ -93,7 +99,7 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream) {
   NEEDLE_CHECK(k <= want && want <= kMaxDeviceShortlist && n_sel <= topk && R <= topk);
   if (n_sel <= 0) return;
-  const size_t smem = static_cast<size_t>(2 * k + R + R + k) * 4;
+  const size_t smem = static_cast<size_t>(2 * k + R + R + k + R) * 4;
   SelectKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
       vals, ids, want, static_cast<int>(k), ret, rcount, static_cast<int>(R),
       static_cast<int32_t>(init_b), static_cast<int32_t>(ctx_end), static_cast<int>(topk),
@@ -107,7 +113,7 @@ void RetainByMass(const int32_t* sel, int64_t n, const float* stats, const float
                   int32_t* rcount, cudaStream_t stream) {
   NEEDLE_CHECK(n <= kMaxDeviceShortlist);
   if (n <= 0 || R <= 0) return;
-  const size_t smem = static_cast<size_t>(2 * n + R) * 4;
+  const size_t smem = static_cast<size_t>(3 * n + R) * 4;
   RetainKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
       sel, static_cast<int>(n), stats, lse, static_cast<int>(kv_heads), static_cast<int>(G),
       by_layer, static_cast<int>(R), ret, rcount);

@@ -23,6 +23,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       resident(m_.num_layers, m_.num_kv_heads, device_kv_ ? c_.topk : c_.GpuContextSlots()) {
   if (device_kv) c.gpu_share = 100;  // (the executor's copy: every selected block on the GPU)
   if (const char* e = std::getenv("NEEDLE_DEVICE_PLAN")) device_plan_on = std::strcmp(e, "0") != 0;
+  if (const char* e = std::getenv("NEEDLE_HYBRID_PROFILE")) profile = std::strcmp(e, "1") == 0;
   if (kv == DType::kI8)
     Fail("--kv-type int8: the hybrid engine's GPU kernels read f32, f16 or bf16 caches");
   planner.set_executor(this);
@@ -55,6 +56,7 @@ HybridAttention::Impl::~Impl() {
   if (layer_start != nullptr) cudaEventDestroy(layer_start);
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);
+  for (cudaEvent_t e : marks) cudaEventDestroy(e);
 }
 
 void HybridAttention::Impl::CopyBlocks(const KVCache& src, int64_t sl, KVCache& dst, int64_t dl,
@@ -237,6 +239,7 @@ void HybridAttention::Reset() {
 
 void HybridAttention::BeginStep(const StepInfo& s) {
   impl_->FlushRows();  // the last step's rows, where the executor planned it
+  impl_->CollectPhases();
   impl_->step = s;
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;
@@ -287,7 +290,9 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   // A step the executor plans (device placement), or a dense layer whose lse nobody reads: the
   // host waits for nothing; the row reaches the host cache when the next step begins.
   const bool on_exec = !dense && x.planner.PlansOnExecutor(layer, a);
+  if (on_exec) x.Mark(Impl::kModel);
   if (!dense) x.RowToPinned(layer, a.pos0, on_exec);
+  if (on_exec) x.Mark(Impl::kRow);
   if (on_exec || (dense && !x.planner.ReadsDecodeLse())) {
     const auto t = Clock::now();
     const double before = x.ExecutorTime();

@@ -40,7 +40,8 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   const float* vals = nullptr;
   const int32_t* ids = nullptr;
   scorer.QueueDeviceShortlist(layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals,
-                              &ids);
+                              &ids, [this] { Mark(kScore); });
+  Mark(kTopk);
   // Scratch: sel, src, dst [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
   // [Hk][n_sel][G][2] and the lse [heads] (floats).
   const size_t ints = static_cast<size_t>(3 * Hk * n_sel + Hk * (R + 1));
@@ -53,19 +54,24 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
                             p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
                             n_sel, sel, kept, kcount, src, dst, stream);
+  Mark(kSelect);
   const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
   cuda::GatherBlocks(
       model_cache->BlockData(layer, false, 0), model_cache->BlockData(layer, true, 0), src, dst,
       Hk * n_sel, model_cache->BlockBytes() / static_cast<size_t>(Hk),
       model_cache->BlockData(layer, false, x0), model_cache->BlockData(layer, true, x0), stream);
+  Mark(kGather);
   resident.ClearLayer(layer);  // (the slots hold this step's blocks, which the host does not know)
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_sel, &a2, true);
   cuda::Attention(q_dev, v, a2, out_dev, lse, sm, ws, stream);
+  Mark(kAttend);
   if (p.retain) {
     cuda::BlockStats(q_dev, v.k + static_cast<size_t>(x0) * model_cache->BlockBytes(), v.dtype,
                      n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums, stream);
+    Mark(kSums);
     cuda::RetainByMass(sel, n_sel, sums, lse, Hk, G, p.by_layer, R, ret, rcount, stream);
+    Mark(kRetain);
   }
   stats.gpu_blocks += n_sel * Hk;
   if (plan == nullptr) return;
@@ -85,6 +91,31 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   if (kh[Hk * R] >= 0)
     for (int64_t hh = 0; hh < Hk; ++hh)
       plan->retained.emplace_back(kh + hh * R, kh + hh * R + kh[Hk * R + hh]);
+}
+
+void HybridAttention::Impl::Mark(Phase ph) {
+  if (!profile) return;
+  if (marks_used == marks.size()) {
+    marks.push_back(nullptr);
+    NEEDLE_CUDA_CHECK(cudaEventCreate(&marks.back()));
+    mark_phase.push_back(0);
+  }
+  mark_phase[marks_used] = ph;
+  NEEDLE_CUDA_CHECK(cudaEventRecord(marks[marks_used++], stream));
+}
+
+void HybridAttention::Impl::CollectPhases() {
+  if (marks_used > 1) {
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(marks[marks_used - 1]));
+    // (Each interval ends at its mark: the phase that mark closes. The step's first one, from
+    // the step before, is not counted.)
+    for (size_t i = 1; i < marks_used; ++i) {
+      float ms = 0;
+      NEEDLE_CUDA_CHECK(cudaEventElapsedTime(&ms, marks[i - 1], marks[i]));
+      stats.gpu_phase[mark_phase[i]] += ms * 1e-3;
+    }
+  }
+  marks_used = 0;
 }
 
 void HybridAttention::Impl::TakeRetention(int64_t layer,

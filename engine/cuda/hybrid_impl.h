@@ -215,6 +215,15 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<cuda::PinnedFloats> row_pins;
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
   cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
+  // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
+  // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
+  enum Phase { kModel, kRow, kScore, kTopk, kSelect, kGather, kAttend, kSums, kRetain };
+  bool profile = false;
+  std::vector<cudaEvent_t> marks;
+  std::vector<int> mark_phase;
+  size_t marks_used = 0;
+  void Mark(Phase ph);
+  void CollectPhases();
   HybridStats stats;
 };
 

@@ -114,9 +114,11 @@ void GpuBlockScorer::QueueShortlist(int64_t layer, const RepresentativeStore& re
 void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps,
                                           int64_t first, int64_t n, bool sum_heads, int64_t want,
                                           const float* q_dev, const float** vals,
-                                          const int32_t** ids) {
+                                          const int32_t** ids,
+                                          const std::function<void()>& scored) {
   const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
   float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev);
+  scored();
   float* v = d + kv_heads_ * n;
   auto* i = reinterpret_cast<int32_t*>(v + out);
   TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "engine/cuda/device_buffer.h"
@@ -37,10 +38,12 @@ class GpuBlockScorer {
   void QueueEarly(int64_t layer, SparseAttention& planner, const AttnArgs& a, const float* q_dev);
   // PlanExecutor::PlanDecode's shortlist, left on the GPU: the `want` best of candidates
   // [first, first + n) for the query q_dev, queued into *vals, *ids (device [rows][want],
-  // TopBlocks'; valid until the next call).
+  // TopBlocks'; valid until the next call). scored: called between the scoring and the top-k
+  // (a profile's mark).
   void QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
                             int64_t n, bool sum_heads, int64_t want, const float* q_dev,
-                            const float** vals, const int32_t** ids);
+                            const float** vals, const int32_t** ids,
+                            const std::function<void()>& scored);
   // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
   // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
   // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids
