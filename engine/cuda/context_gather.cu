@@ -124,15 +124,19 @@ __global__ void __launch_bounds__(kStatThreads)
 // reads each key's channels one by one from DRAM: 65-100 us a layer for 32 blocks of
 // Qwen2.5-7B's heads, the slowest of the device plan's phases.)
 constexpr int kWarpStatsG = 16, kWarpStatsWarps = 8;
+// (MG: the group size rounded up, 4, 8 or 16: the reductions of every head unrolled and
+// interleaved; with a loop that stopped at G they ran one after the other, 28 us a layer for
+// Qwen2.5-7B's heads on the H200, bench_plan_kernels.)
 constexpr size_t kStatsChunk = 16384;  // bytes of keys in shared memory at a time
 
+template <int MG>
 __global__ void __launch_bounds__(32 * kWarpStatsWarps)
     BlockStatsWarpKernel(const float* q, const uint8_t* k, DType t, size_t es, int64_t n,
                          int64_t Hk, int G, int64_t B, int64_t D, float scale, float* stats) {
   extern __shared__ uint4 smem_stats[];  // keys [kStatsChunk bytes], then q [G][D] floats
   uint8_t* kbuf = reinterpret_cast<uint8_t*>(smem_stats);
   float* qs = reinterpret_cast<float*>(kbuf + kStatsChunk);
-  __shared__ float red_m[kWarpStatsWarps][kWarpStatsG], red_l[kWarpStatsWarps][kWarpStatsG];
+  __shared__ float red_m[kWarpStatsWarps][MG], red_l[kWarpStatsWarps][MG];
   const int64_t j = blockIdx.x, h = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = q[h * G * D + i];
@@ -149,23 +153,23 @@ __global__ void __launch_bounds__(32 * kWarpStatsWarps)
     __syncthreads();
     for (int64_t r = warp; r < cr; r += kWarpStatsWarps) {
       const uint8_t* row = kbuf + static_cast<size_t>(r) * row_bytes;
-      float dot[kWarpStatsG];
+      float dot[MG];
 #pragma unroll
-      for (int g = 0; g < kWarpStatsG; ++g) dot[g] = 0.f;
+      for (int g = 0; g < MG; ++g) dot[g] = 0.f;
       for (int64_t d = lane; d < D; d += 32) {
         const float x = LoadAs(row, d, t);
 #pragma unroll
-        for (int g = 0; g < kWarpStatsG; ++g)
+        for (int g = 0; g < MG; ++g)
           if (g < G) dot[g] = fmaf(qs[g * D + d], x, dot[g]);
       }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int g = 0; g < MG; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
       float mine = 0.f;
 #pragma unroll
-      for (int g = 0; g < kWarpStatsG; ++g) {
-        if (g >= G) break;
-        float v = dot[g];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == g) mine = v;
-      }
+      for (int g = 0; g < MG; ++g)
+        if (lane == g) mine = dot[g];
       if (lane < G) {
         const float s = mine * scale;
         if (s > m) {
@@ -219,10 +223,18 @@ void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv
   if (n <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * DTypeSize(t);
   if (G <= kWarpStatsG && row_bytes % 16 == 0 && row_bytes <= kStatsChunk) {
-    BlockStatsWarpKernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(kv_heads)),
-                           32 * kWarpStatsWarps,
-                           kStatsChunk + static_cast<size_t>(G * D) * sizeof(float), stream>>>(
-        q, k, t, DTypeSize(t), n, kv_heads, static_cast<int>(G), B, D, scale, stats);
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(kv_heads));
+    const size_t smem = kStatsChunk + static_cast<size_t>(G * D) * sizeof(float);
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, 32 * kWarpStatsWarps, smem, stream>>>(q, k, t, DTypeSize(t), n, kv_heads,
+                                                           static_cast<int>(G), B, D, scale, stats);
+    };
+    if (G <= 4)
+      launch(BlockStatsWarpKernel<4>);
+    else if (G <= 8)
+      launch(BlockStatsWarpKernel<8>);
+    else
+      launch(BlockStatsWarpKernel<16>);
     NEEDLE_CUDA_CHECK_LAUNCH();
     return;
   }

@@ -37,10 +37,11 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
     }
     H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
   }
+  Mark(kPlan);
   const float* vals = nullptr;
   const int32_t* ids = nullptr;
   scorer.QueueDeviceShortlist(layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals,
-                              &ids, [this] { Mark(kScore); });
+                              &ids, [this](int at) { Mark(at == 0 ? kUpload : kScore); });
   Mark(kTopk);
   // Scratch: sel, src, dst [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
   // [Hk][n_sel][G][2] and the lse [heads] (floats).

@@ -217,7 +217,19 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
-  enum Phase { kModel, kRow, kScore, kTopk, kSelect, kGather, kAttend, kSums, kRetain };
+  enum Phase {
+    kModel,
+    kRow,
+    kPlan,
+    kUpload,
+    kScore,
+    kTopk,
+    kSelect,
+    kGather,
+    kAttend,
+    kSums,
+    kRetain
+  };
   bool profile = false;
   std::vector<cudaEvent_t> marks;
   std::vector<int> mark_phase;

@@ -61,9 +61,11 @@ const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& 
 // Then one kernel scores every candidate against the query into device memory [kv_heads][n],
 // followed by `extra_floats` for the caller.
 float* GpuBlockScorer::ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first,
-                                  int64_t n, size_t extra_floats, const float* q_dev) {
+                                  int64_t n, size_t extra_floats, const float* q_dev,
+                                  const std::function<void()>& uploaded) {
   const int64_t D = head_dim_, Hk = kv_heads_;
   const uint8_t* layer_dev = Upload(layer, reps, first, n);
+  if (uploaded) uploaded();
   float* d = score_buf_.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
   GroupQueries(q_dev, heads_, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D, stream_);
   ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, Hk, D, d, d + Hk * D,
@@ -115,10 +117,10 @@ void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeSto
                                           int64_t first, int64_t n, bool sum_heads, int64_t want,
                                           const float* q_dev, const float** vals,
                                           const int32_t** ids,
-                                          const std::function<void()>& scored) {
+                                          const std::function<void(int)>& mark) {
   const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
-  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev);
-  scored();
+  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev, [&] { mark(0); });
+  mark(1);
   float* v = d + kv_heads_ * n;
   auto* i = reinterpret_cast<int32_t*>(v + out);
   TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);

@@ -38,12 +38,12 @@ class GpuBlockScorer {
   void QueueEarly(int64_t layer, SparseAttention& planner, const AttnArgs& a, const float* q_dev);
   // PlanExecutor::PlanDecode's shortlist, left on the GPU: the `want` best of candidates
   // [first, first + n) for the query q_dev, queued into *vals, *ids (device [rows][want],
-  // TopBlocks'; valid until the next call). scored: called between the scoring and the top-k
-  // (a profile's mark).
+  // TopBlocks'; valid until the next call). mark: called with 0 once the representatives are
+  // current on the GPU, 1 between the scoring and the top-k (a profile's marks).
   void QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
                             int64_t n, bool sum_heads, int64_t want, const float* q_dev,
                             const float** vals, const int32_t** ids,
-                            const std::function<void()>& scored);
+                            const std::function<void(int)>& mark);
   // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
   // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
   // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids
@@ -57,7 +57,8 @@ class GpuBlockScorer {
   // The GPU's copy of `layer`'s representatives, candidates [first, first + n) made current.
   const uint8_t* Upload(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n);
   float* ScoreOnGpu(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
-                    size_t extra_floats, const float* q_dev);
+                    size_t extra_floats, const float* q_dev,
+                    const std::function<void()>& uploaded = {});
   void QueueShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first, int64_t n,
                       bool sum_heads, int64_t want, const float* q_dev);
   void ReadShortlist(int64_t n, bool sum_heads, int64_t want,
