@@ -138,11 +138,12 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;  // warm-up step
   HybridStats before;
   SparseAttention::Times tb;
-  if (h != nullptr) before = h->stats(), tb = seq.planner->times();
+  if (h != nullptr) h->SyncStats(), before = h->stats(), tb = seq.planner->times();
   const int steps = 32;
   const auto t2 = std::chrono::steady_clock::now();
   for (int s = 0; s < steps; ++s) tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;
   const double dec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count();
+  if (h != nullptr) h->SyncStats();  // (after the clock: the steps' own work is done)
   std::ostringstream split;
   if (h != nullptr) {
     const HybridStats& a = h->stats();
@@ -181,7 +182,9 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
       for (int i = 0; i < HybridStats::kPhases; ++i)
         split << (i ? "," : "") << '"' << HybridStats::PhaseName(i)
               << "\":" << (a.gpu_phase[i] - before.gpu_phase[i]) / n * ms;
-      split << "}";
+      split << "},\"rep_checks\":" << static_cast<double>(a.rep_checks - before.rep_checks) / n
+            << ",\"rep_blocks\":" << static_cast<double>(a.rep_blocks - before.rep_blocks) / n
+            << ",\"rep_host_ms\":" << (a.rep_host - before.rep_host) / n * ms;
       buf[0] = 0;
     }
     split << buf;

@@ -237,9 +237,16 @@ void HybridAttention::Reset() {
   impl_->resident.Clear();
 }
 
-void HybridAttention::BeginStep(const StepInfo& s) {
-  impl_->FlushRows();  // the last step's rows, where the executor planned it
+void HybridAttention::SyncStats() {
+  impl_->FlushRows();
   impl_->CollectPhases();
+  const cuda::GpuBlockScorer::UploadCounts& u = impl_->scorer.counts;
+  impl_->stats.rep_checks = u.checks, impl_->stats.rep_blocks = u.blocks;
+  impl_->stats.rep_host = u.host_s;
+}
+
+void HybridAttention::BeginStep(const StepInfo& s) {
+  SyncStats();  // (the last step's rows, where the executor planned it, and its marks)
   impl_->step = s;
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;

@@ -103,6 +103,10 @@ struct HybridStats {
     return names[i];
   }
   double gpu_phase[kPhases] = {};
+  // The representatives' copies to the GPU (cuda::GpuBlockScorer::UploadCounts): full stamp
+  // checks, blocks copied, host seconds.
+  int64_t rep_checks = 0, rep_blocks = 0;
+  double rep_host = 0;
 };
 
 class HybridAttention final : public AttentionPolicy {
@@ -125,6 +129,9 @@ class HybridAttention final : public AttentionPolicy {
   KVCache& host_cache();
   void AdoptContext(KVCache& model_cache, int64_t P);
   const HybridStats& stats() const;
+  // Brings stats() up to date with every step so far (the last step's rows, profile marks and
+  // uploads are otherwise read when the next step begins); waits for the GPU.
+  void SyncStats();
   void Reset();  // a new sequence (the caller clears the model's cache)
 
   void BeginStep(const StepInfo& s) override;

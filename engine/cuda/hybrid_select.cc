@@ -1,6 +1,7 @@
 #include "engine/cuda/hybrid_select.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_check.h"
@@ -39,8 +40,10 @@ const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& 
   std::vector<uint32_t>& up = uploaded_[layer];
   // Every candidate's copy is current when the layer has not changed since the candidates of a
   // range that covered these were checked: O(1) a step, not O(blocks).
+  const auto t = std::chrono::steady_clock::now();
   const bool current = reps.version(layer) == up_version_[layer] && first >= up_first_[layer] &&
                        first + n <= up_end_[layer];
+  if (!current) ++counts.checks;
   for (int64_t b = current ? first + n : first; b < first + n;) {
     if (up[b] == reps.stamp(layer, b)) {
       ++b;
@@ -51,8 +54,10 @@ const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& 
     NEEDLE_CUDA_CHECK(cudaMemcpyAsync(layer_dev + bb * static_cast<size_t>(b), reps.Block(layer, b),
                                       bb * static_cast<size_t>(e - b), cudaMemcpyHostToDevice,
                                       stream_));
+    counts.blocks += e - b;
     b = e;
   }
+  counts.host_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   if (!current)
     up_version_[layer] = reps.version(layer), up_first_[layer] = first, up_end_[layer] = first + n;
   return layer_dev;

@@ -36,6 +36,13 @@ class GpuBlockScorer {
   // WillShortlist), so that the wait for the query serves it too; ScoreTop then reads it when
   // no representative of a candidate changed since.
   void QueueEarly(int64_t layer, SparseAttention& planner, const AttnArgs& a, const float* q_dev);
+  // The representatives' uploads so far: calls that checked every candidate's stamp, blocks
+  // copied, host seconds spent (Upload).
+  struct UploadCounts {
+    int64_t checks = 0, blocks = 0;
+    double host_s = 0;
+  };
+  UploadCounts counts;
   // PlanExecutor::PlanDecode's shortlist, left on the GPU: the `want` best of candidates
   // [first, first + n) for the query q_dev, queued into *vals, *ids (device [rows][want],
   // TopBlocks'; valid until the next call). mark: called with 0 once the representatives are
