@@ -72,6 +72,16 @@ __global__ void __launch_bounds__(kRotThreads)
 
 constexpr int kStatThreads = 128;
 
+// One score s into an online softmax's running (max m, sum l of exp(score - m)).
+__device__ __forceinline__ void OnlineAdd(float s, float& m, float& l) {
+  if (s > m) {
+    l = l * expf(m - s) + 1.f;
+    m = s;
+  } else {
+    l += expf(s - m);
+  }
+}
+
 // Block (j, h, g): the online (max, sum) over the block's keys, each thread a strided share,
 // then combined across the block.
 __global__ void __launch_bounds__(kStatThreads)
@@ -88,13 +98,7 @@ __global__ void __launch_bounds__(kStatThreads)
     const uint8_t* row = rows + static_cast<size_t>(r * D) * es;
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) dot = fmaf(qs[d], LoadAs(row, d, t), dot);
-    const float s = dot * scale;
-    if (s > m) {
-      l = l * expf(m - s) + 1.f;
-      m = s;
-    } else {
-      l += expf(s - m);
-    }
+    OnlineAdd(dot * scale, m, l);
   }
   red_m[threadIdx.x] = m, red_l[threadIdx.x] = l;
   __syncthreads();
@@ -170,15 +174,7 @@ __global__ void __launch_bounds__(32 * kWarpStatsWarps)
 #pragma unroll
       for (int g = 0; g < MG; ++g)
         if (lane == g) mine = dot[g];
-      if (lane < G) {
-        const float s = mine * scale;
-        if (s > m) {
-          l = l * expf(m - s) + 1.f;
-          m = s;
-        } else {
-          l += expf(s - m);
-        }
-      }
+      if (lane < G) OnlineAdd(mine * scale, m, l);
     }
   }
   if (lane < G) red_m[warp][lane] = m, red_l[warp][lane] = l;
