@@ -89,113 +89,58 @@ std::string FormatBytes(size_t n) {
   return buf;
 }
 
-KVCache::Arena KVCache::Reserve(size_t bytes) {
-  Arena a;
-  a.bytes = std::max<size_t>(bytes, 1);
-  if (memory_ != nullptr) {
-    a.p = static_cast<uint8_t*>(memory_->Allocate(a.bytes));
-    return a;
-  }
-  void* m = ::mmap(nullptr, a.bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (m == MAP_FAILED)
-    Fail("KV cache: cannot reserve ", a.bytes >> 20, " MiB: ", std::strerror(errno));
-  a.p = static_cast<uint8_t*>(m);
-  // Huge pages where the kernel allows them: attention jumps between blocks all over the
-  // arena, and 4 KiB pages would cost a TLB miss every few rows.
-  ::madvise(m, a.bytes, MADV_HUGEPAGE);
-  return a;
-}
-
-void KVCache::Release(Arena& a) {
-  if (a.p == nullptr) return;
-  if (memory_ != nullptr)
-    memory_->Deallocate(a.p);
-  else
-    ::munmap(a.p, a.bytes);
-  a.p = nullptr;
-}
-
 static uint64_t NextCacheId() {
   static std::atomic<uint64_t> next{1};
   return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 KVCache::KVCache(const KVCacheShape& s, size_t memory_limit, KVMemory* memory)
-    : shape_(s), id_(NextCacheId()), memory_(memory) {
-  if (s.layers <= 0 || s.kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0 || s.block_size <= 0)
-    Fail("KV cache: invalid shape (layers ", s.layers, ", kv_heads ", s.kv_heads, ", head_dim ",
-         s.head_dim, ", tokens ", s.capacity, ", block_size ", s.block_size, ")");
-  if (!IsFloatWeightType(s.dtype) && s.dtype != DType::kI8)
-    Fail("KV cache: type must be f32, f16, bf16 or int8");
-  // Bounds before any product: positions below 2^31 (the GPU kernels index them in 32 bits),
-  // block size and the per-token shape within what the config bounds allow, so that the byte
-  // counts below cannot wrap (a context of INT64_MAX once did).
-  if (s.capacity > (int64_t{1} << 31) - 1)
-    Fail("KV cache: ", s.capacity, " tokens is above needle's limit of 2^31 - 1 positions");
-  if (s.block_size > (int64_t{1} << 20) || s.layers > 4096 || s.kv_heads > 4096 ||
-      s.head_dim > 4096)
-    Fail("KV cache: shape out of range (layers ", s.layers, ", kv_heads ", s.kv_heads,
-         ", head_dim ", s.head_dim, ", block_size ", s.block_size, ")");
-  if (!s.ring_layer.empty()) {
-    if (static_cast<int64_t>(s.ring_layer.size()) != s.layers)
-      Fail("KV cache: ring_layer has ", s.ring_layer.size(), " entries for ", s.layers, " layers");
-    if (s.pinned_blocks < 0 || s.ring_blocks <= 0 || s.pinned_blocks > (int64_t{1} << 31) ||
-        s.ring_blocks > (int64_t{1} << 31) || s.extra_blocks < 0 ||
-        s.extra_blocks > (int64_t{1} << 20))
-      Fail("KV cache: ring of ", s.pinned_blocks, " pinned + ", s.ring_blocks, " + ",
-           s.extra_blocks, " extra blocks is invalid");
-  }
-  const long double need = static_cast<long double>(s.BytesPerToken()) *
-                           static_cast<long double>(s.num_blocks()) *
-                           static_cast<long double>(s.block_size);
-  if (need > 0x1p62L)
-    Fail("KV cache for ", s.capacity, " tokens needs more than 2^62 bytes (", s.BytesPerToken(),
-         " bytes per token): use a shorter context");
-  const size_t total = s.TotalBytes();
-  const size_t avail = memory != nullptr ? memory->AvailableBytes() : AvailableMemoryBytes();
-  const std::string where = memory != nullptr ? memory->Name() : std::string("memory");
-  const size_t limit = memory_limit != 0 ? memory_limit : avail;
-  if (limit != 0 && total > limit)
-    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " (", s.BytesPerToken(),
-         " bytes per token, ", KVTypeName(s.dtype), ") but ",
-         memory_limit != 0 ? "--kv-memory allows " + FormatBytes(limit)
-                           : "only " + FormatBytes(limit) + " of " + where + " is available",
-         "; use a shorter context, a smaller --kv-type or a larger --kv-memory");
-  if (memory_limit != 0 && avail != 0 && total > avail)
-    Fail("KV cache for ", s.capacity, " tokens needs ", FormatBytes(total), " but only ",
-         FormatBytes(avail), " of ", where, " is available");
-  const int64_t nb = s.num_blocks();
-  block_bytes_ = static_cast<size_t>(s.kv_heads * s.block_size * s.head_dim) * DTypeSize(s.dtype);
-  block_scale_floats_ = static_cast<size_t>(s.kv_heads * s.block_size * s.groups());
-  slot0_.resize(static_cast<size_t>(s.layers));
-  int64_t slots = 0;
-  for (int64_t l = 0; l < s.layers; ++l) slot0_[l] = slots, slots += s.LayerSlots(l);
-  k_ = Reserve(block_bytes_ * static_cast<size_t>(slots));
-  v_ = Reserve(block_bytes_ * static_cast<size_t>(slots));
-  if (s.dtype == DType::kI8) {
-    ks_ = Reserve(block_scale_floats_ * sizeof(float) * static_cast<size_t>(slots));
-    vs_ = Reserve(block_scale_floats_ * sizeof(float) * static_cast<size_t>(slots));
-  }
-  table_.assign(static_cast<size_t>(s.layers), std::vector<int32_t>(static_cast<size_t>(nb), -1));
-  next_slot_.assign(static_cast<size_t>(s.layers), 0);
+    : own_(std::make_unique<BlockPool>(s, memory_limit, memory)),
+      pool_(own_.get()),
+      shape_(s),
+      id_(NextCacheId()),
+      memory_(memory) {
+  InitTables();
+}
+
+KVCache::KVCache(BlockPool& pool, int64_t capacity)
+    : pool_(&pool), shape_(pool.shape()), id_(NextCacheId()), memory_(pool.memory()) {
+  if (!shape_.ring_layer.empty())
+    Fail("KV cache: a pool with ring layers (the hybrid engine's) serves one cache only");
+  if (capacity <= 0 || capacity > (int64_t{1} << 31) - 1)
+    Fail("KV cache: a sequence of ", capacity, " tokens (expected 1 to 2^31 - 1)");
+  shape_.capacity = capacity;
+  InitTables();
+}
+
+void KVCache::InitTables() {
+  const int64_t nb = shape_.num_blocks(), L = shape_.layers;
+  table_.assign(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(nb), -1));
   if (memory_ != nullptr) {
-    const size_t bytes = static_cast<size_t>(s.layers * nb) * sizeof(int32_t);
+    const size_t bytes = static_cast<size_t>(L * nb) * sizeof(int32_t);
     table_mirror_ = static_cast<int32_t*>(memory_->Allocate(bytes));
-    std::vector<int32_t> unassigned(static_cast<size_t>(s.layers * nb), -1);
+    std::vector<int32_t> unassigned(static_cast<size_t>(L * nb), -1);
     memory_->CopyFromHost(table_mirror_, unassigned.data(), bytes);
   }
 }
 
 KVCache::~KVCache() {
-  for (Arena* a : {&k_, &v_, &ks_, &vs_}) Release(*a);
+  if (own_ == nullptr) FreeBlocks();
   if (table_mirror_ != nullptr) memory_->Deallocate(table_mirror_);
+}
+
+void KVCache::FreeBlocks() {
+  for (int64_t l = 0; l < shape_.layers; ++l) {
+    if (shape_.IsRing(l)) continue;
+    for (int32_t& slot : table_[l])
+      if (slot >= 0) pool_->Free(l, slot), slot = -1;
+  }
 }
 
 void KVCache::Clear() {
   size_ = 0;
+  FreeBlocks();
   for (auto& t : table_) std::fill(t.begin(), t.end(), -1);
-  std::fill(next_slot_.begin(), next_slot_.end(), 0);
   if (table_mirror_ != nullptr)
     for (int64_t l = 0; l < shape_.layers; ++l)
       memory_->CopyFromHost(table_mirror_ + l * shape_.num_blocks(), table_[l].data(),
@@ -219,7 +164,7 @@ void KVCache::AssignBlocks(int64_t layer, int64_t pos0, int64_t T) {
   for (int64_t b = b0; b <= b1; ++b) {
     if (table[b] >= 0) continue;
     if (!ring) {
-      table[b] = next_slot_[layer]++;
+      table[b] = pool_->Allocate(layer);
       lo = std::min(lo, b), hi = std::max(hi, b);
       continue;
     }
@@ -239,11 +184,6 @@ void KVCache::AssignBlocks(int64_t layer, int64_t pos0, int64_t T) {
                           static_cast<size_t>(hi - lo + 1) * sizeof(int32_t));
 }
 
-uint8_t* KVCache::BlockData(int64_t layer, bool values, int64_t slot) const {
-  NEEDLE_CHECK(layer >= 0 && layer < shape_.layers && slot >= 0 && slot < shape_.LayerSlots(layer));
-  return (values ? v_.p : k_.p) + static_cast<size_t>(slot0_[layer] + slot) * block_bytes_;
-}
-
 KVLayerView KVCache::Layer(int64_t layer) const {
   const KVCacheShape& s = shape_;
   return KVLayerView{
@@ -252,13 +192,13 @@ KVLayerView KVCache::Layer(int64_t layer) const {
       s.head_dim,
       s.kv_heads,
       s.groups(),
-      k_.p + static_cast<size_t>(slot0_[layer]) * block_bytes_,
-      v_.p + static_cast<size_t>(slot0_[layer]) * block_bytes_,
-      ks_.p ? reinterpret_cast<const float*>(ks_.p) + slot0_[layer] * block_scale_floats_ : nullptr,
-      vs_.p ? reinterpret_cast<const float*>(vs_.p) + slot0_[layer] * block_scale_floats_ : nullptr,
+      pool_->BlockData(layer, false, 0),
+      pool_->BlockData(layer, true, 0),
+      pool_->ScaleData(layer, false, 0),
+      pool_->ScaleData(layer, true, 0),
       table_mirror_ != nullptr ? table_mirror_ + layer * s.num_blocks() : table_[layer].data(),
       size_,
-      s.LayerSlots(layer)};
+      pool_->slots(layer)};
 }
 
 namespace {

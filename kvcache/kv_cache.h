@@ -15,82 +15,15 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "engine/base/dtype.h"
+#include "kvcache/block_pool.h"
+#include "kvcache/kv_cache_shape.h"
 
 namespace needle {
-
-constexpr int64_t kKVGroup = 32;  // int8: one f32 scale per 32 channels of one token's row
-
-// KV storage types: f32, f16, bf16, int8 ("int8"/"i8"). Throws naming `what` otherwise.
-DType ParseKVType(const std::string& s, const std::string& what);
-const char* KVTypeName(DType t);
-
-struct KVCacheShape {
-  KVCacheShape() = default;
-  KVCacheShape(int64_t layers_, int64_t kv_heads_, int64_t head_dim_, int64_t capacity_,
-               int64_t block_size_ = 128, DType dtype_ = DType::kF32)
-      : layers(layers_),
-        kv_heads(kv_heads_),
-        head_dim(head_dim_),
-        capacity(capacity_),
-        block_size(block_size_),
-        dtype(dtype_) {}
-
-  int64_t layers = 0;
-  int64_t kv_heads = 0;
-  int64_t head_dim = 0;
-  int64_t capacity = 0;  // tokens (rounded up to whole blocks when allocated)
-  int64_t block_size = 128;
-  DType dtype = DType::kF32;
-
-  // Ring layers (the hybrid engine's GPU copy of a sparse layer: Initial + Local only). Such a
-  // layer has pinned_blocks + ring_blocks slots: block b < pinned_blocks keeps slot b; a later
-  // block b takes slot pinned_blocks + (b - pinned_blocks) % ring_blocks and evicts the block
-  // that held it (its table entry becomes -1). ring_layer: [layers] or empty (no ring layers).
-  std::vector<uint8_t> ring_layer;
-  int64_t pinned_blocks = 0, ring_blocks = 0;
-  // Ring layers only: slots after the ring that no logical block maps to (the hybrid engine
-  // gathers Context blocks from the host into them for the GPU to attend). ExtraSlot(l, j).
-  int64_t extra_blocks = 0;
-
-  int64_t groups() const { return dtype == DType::kI8 ? (head_dim + kKVGroup - 1) / kKVGroup : 0; }
-  int64_t num_blocks() const { return (capacity + block_size - 1) / block_size; }
-  bool IsRing(int64_t layer) const {
-    return !ring_layer.empty() && ring_layer[static_cast<size_t>(layer)] != 0;
-  }
-  // Blocks the arenas of `layer` hold.
-  int64_t LayerSlots(int64_t layer) const {
-    return IsRing(layer) ? std::min(num_blocks(), pinned_blocks + ring_blocks) + extra_blocks
-                         : num_blocks();
-  }
-  // Extra slot j (< extra_blocks) of a ring layer.
-  int64_t ExtraSlot(int64_t layer, int64_t j) const { return LayerSlots(layer) - extra_blocks + j; }
-  // The slot logical block b of a ring layer occupies.
-  int64_t RingSlot(int64_t b) const {
-    return b < pinned_blocks ? b : pinned_blocks + (b - pinned_blocks) % ring_blocks;
-  }
-  // K + V bytes of one slot (a block of every KV head) of one layer, scales included.
-  size_t SlotBytes() const {
-    return static_cast<size_t>(2 * kv_heads * block_size) *
-           (static_cast<size_t>(head_dim) * DTypeSize(dtype) +
-            static_cast<size_t>(groups()) * sizeof(float));
-  }
-  int64_t TotalSlots() const {
-    int64_t n = 0;
-    for (int64_t l = 0; l < layers; ++l) n += LayerSlots(l);
-    return n;
-  }
-  // K + V bytes of one token in every layer, scales included.
-  size_t BytesPerToken() const {
-    return static_cast<size_t>(2 * layers * kv_heads) *
-           (static_cast<size_t>(head_dim) * DTypeSize(dtype) +
-            static_cast<size_t>(groups()) * sizeof(float));
-  }
-  size_t TotalBytes() const { return SlotBytes() * static_cast<size_t>(TotalSlots()); }
-};
 
 // One layer's cache as the kernels read it.
 struct KVLayerView {
@@ -153,20 +86,26 @@ class KVMemory {
 
 class KVCache {
  public:
+  // A cache with a pool of its own for the whole context (shape.capacity tokens).
   // memory_limit: bytes the cache may take (0: the memory's available bytes). Throws Error
   // naming the requested and the allowed bytes when the context does not fit. memory: where the
   // arenas live (nullptr: host DRAM); caches elsewhere are written by the backend (KVWrite).
   explicit KVCache(const KVCacheShape& shape, size_t memory_limit = 0, KVMemory* memory = nullptr);
+  // One sequence of up to `capacity` tokens over a pool shared with others (no ring layers):
+  // its blocks are taken from the pool as it grows (AssignBlocks: an Error naming the pool's size
+  // when none is left) and given back by Clear and the destructor.
+  KVCache(BlockPool& pool, int64_t capacity);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
   const KVCacheShape& shape() const { return shape_; }
+  BlockPool& pool() const { return *pool_; }
   // Unique per cache constructed in this process (a later cache may reuse a freed one's
   // addresses, never its id): what recorded work that holds the cache's pointers is keyed by.
   uint64_t id() const { return id_; }
   int64_t size() const { return size_; }  // tokens valid in every layer
-  void Clear();
+  void Clear();                           // (its blocks back to the pool)
 
   // Writes T tokens at positions [pos0, pos0 + T) of `layer` from f32 rows
   // k, v: [T, kv_heads, head_dim], converting (int8: quantising per group) to the cache type.
@@ -185,27 +124,23 @@ class KVCache {
   int32_t SlotOf(int64_t layer, int64_t b) const { return table_[layer][b]; }
   // The K (values == false) or V data of one slot of `layer`: [kv_heads][block_size][head_dim]
   // elements, in the cache's memory (for copies between caches; not int8 scales).
-  uint8_t* BlockData(int64_t layer, bool values, int64_t slot) const;
-  size_t BlockBytes() const { return block_bytes_; }
+  uint8_t* BlockData(int64_t layer, bool values, int64_t slot) const {
+    return pool_->BlockData(layer, values, slot);
+  }
+  size_t BlockBytes() const { return pool_->BlockBytes(); }
 
  private:
-  struct Arena {
-    uint8_t* p = nullptr;
-    size_t bytes = 0;
-  };
-  Arena Reserve(size_t bytes);
-  void Release(Arena& a);
+  void InitTables();
+  void FreeBlocks();  // every non-ring slot of the tables back to the pool
 
-  KVCacheShape shape_;
+  std::unique_ptr<BlockPool> own_;  // the cache's own pool, or null (a shared one)
+  BlockPool* pool_ = nullptr;
+  KVCacheShape shape_;  // the pool's, with this cache's capacity
   uint64_t id_;
   KVMemory* memory_ = nullptr;
   int32_t* table_mirror_ = nullptr;  // [layer][block] in memory_ (device caches)
   int64_t size_ = 0;
-  size_t block_bytes_ = 0, block_scale_floats_ = 0;  // one slot of one layer, K (or V) alone
-  std::vector<int64_t> slot0_;                       // [layer]: its first slot in the arenas
-  Arena k_, v_, ks_, vs_;
   std::vector<std::vector<int32_t>> table_;  // [layer][logical block] -> slot, -1 = unassigned
-  std::vector<int32_t> next_slot_;           // per layer
 };
 
 // MemAvailable from /proc/meminfo in bytes (0 when unknown).

@@ -1,0 +1,122 @@
+// The block pool that caches draw from (kvcache/block_pool.h): sequences sharing one pool take
+// blocks as they grow and give them back when they end; each reads its own keys through its own
+// block table, and attention over them equals attention over a cache with a pool of its own.
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "kvcache/block_pool.h"
+#include "kvcache/kv_cache.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+TEST(BlockPool, LowestFreeSlotFirstAndReferenceCounts) {
+  BlockPool pool(KVCacheShape{2, 1, 4, 5 * 4, 4, DType::kF32});  // 5 blocks a layer
+  EXPECT_EQ(pool.FreeSlots(0), 5);
+  EXPECT_EQ(pool.Allocate(0), 0);
+  EXPECT_EQ(pool.Allocate(0), 1);
+  EXPECT_EQ(pool.Allocate(0), 2);
+  EXPECT_EQ(pool.Allocate(1), 0);  // layers are separate
+  pool.Free(0, 1);
+  EXPECT_EQ(pool.FreeSlots(0), 3);
+  EXPECT_EQ(pool.Allocate(0), 1);  // the lowest free one
+  pool.Share(0, 2);
+  EXPECT_EQ(pool.References(0, 2), 2);
+  pool.Free(0, 2);
+  EXPECT_EQ(pool.References(0, 2), 1);  // still in use
+  EXPECT_EQ(pool.Allocate(0), 3);
+  EXPECT_EQ(pool.Allocate(0), 4);
+  try {
+    pool.Allocate(0);
+    FAIL() << "a sixth block of five";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("no free block in layer 0"), std::string::npos) << m;
+    EXPECT_NE(m.find("all 5 blocks of 4 tokens"), std::string::npos) << m;
+  }
+  for (int32_t s : {0, 1, 2, 3, 4}) pool.Free(0, s);
+  EXPECT_EQ(pool.FreeSlots(0), 5);
+  EXPECT_EQ(pool.Allocate(0), 0);  // (every slot free: numbering starts over)
+}
+
+// Two sequences interleaving their blocks in one pool read back their own rows; one that ends
+// gives its blocks back for the next.
+TEST(BlockPool, SequencesShareAPoolAndGiveBlocksBack) {
+  const int64_t L = 2, Hk = 2, D = 8, B = 4;
+  BlockPool pool(KVCacheShape{L, Hk, D, 12 * B, B, DType::kBF16});
+  auto a = std::make_unique<KVCache>(pool, 6 * B), b = std::make_unique<KVCache>(pool, 6 * B);
+  const int64_t n = 5 * B + 1;  // 6 blocks each
+  const auto ka = test::RandomVector(L * n * Hk * D, 1), kb = test::RandomVector(L * n * Hk * D, 2);
+  for (int64_t t = 0; t < n; ++t)  // one token at a time, alternating: blocks interleave
+    for (int64_t l = 0; l < L; ++l) {
+      a->Write(l, t, 1, ka.data() + (l * n + t) * Hk * D, ka.data() + (l * n + t) * Hk * D);
+      b->Write(l, t, 1, kb.data() + (l * n + t) * Hk * D, kb.data() + (l * n + t) * Hk * D);
+    }
+  a->SetSize(n), b->SetSize(n);
+  EXPECT_EQ(pool.FreeSlots(0), 0);
+  EXPECT_EQ(a->SlotOf(0, 0), 0);
+  EXPECT_EQ(b->SlotOf(0, 0), 1);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          const float wa = BF16ToF32(F32ToBF16(ka[((l * n + t) * Hk + h) * D + d]));
+          const float wb = BF16ToF32(F32ToBF16(kb[((l * n + t) * Hk + h) * D + d]));
+          ASSERT_EQ(a->Layer(l).KAt(h, t, d), wa) << l << " " << t << " " << h << " " << d;
+          ASSERT_EQ(b->Layer(l).VAt(h, t, d), wb) << l << " " << t << " " << h << " " << d;
+        }
+  // A third sequence has no room until one ends.
+  KVCache c(pool, 6 * B);
+  EXPECT_THROW(c.AssignBlocks(0, 0, 1), Error);
+  a.reset();
+  EXPECT_EQ(pool.FreeSlots(0), 6);
+  EXPECT_EQ(pool.FreeSlots(1), 6);
+  c.AssignBlocks(0, 0, 6 * B);
+  EXPECT_EQ(pool.FreeSlots(0), 0);
+  c.Clear();
+  EXPECT_EQ(pool.FreeSlots(0), 6);
+  EXPECT_EQ(b->Layer(1).KAt(1, n - 1, 3),
+            BF16ToF32(F32ToBF16(kb[((1 * n + n - 1) * Hk + 1) * D + 3])));
+  // A sequence longer than its own capacity, or a pool with ring layers, is refused.
+  EXPECT_THROW(b->AssignBlocks(0, 6 * B, 1), Error);
+  KVCacheShape ring = pool.shape();
+  ring.ring_layer = {0, 1}, ring.ring_blocks = 2;
+  BlockPool ring_pool(ring);
+  EXPECT_THROW(KVCache(ring_pool, 8), Error);
+}
+
+// Attention through a shared pool's table equals attention over a cache of its own.
+TEST(BlockPool, AttentionThroughASharedPoolEqualsAPrivateCache) {
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  const int64_t Hk = 2, H = 8, D = 16, B = 4, n = 37;
+  const auto k = test::RandomVector(n * Hk * D, 3), v = test::RandomVector(n * Hk * D, 4);
+  const auto other = test::RandomVector(n * Hk * D, 5);
+  const auto q = test::RandomVector(H * D, 6);
+  KVCache own(KVCacheShape{1, Hk, D, n, B, DType::kF32});
+  own.Write(0, 0, n, k.data(), v.data());
+  own.SetSize(n);
+  BlockPool pool(KVCacheShape{1, Hk, D, 3 * n, B, DType::kF32});
+  KVCache noise(pool, n), seq(pool, n);
+  for (int64_t t = 0; t < n; ++t) {  // another sequence's blocks between this one's
+    noise.Write(0, t, 1, other.data() + t * Hk * D, other.data() + t * Hk * D);
+    seq.Write(0, t, 1, k.data() + t * Hk * D, v.data() + t * Hk * D);
+  }
+  seq.SetSize(n);
+  EXPECT_NE(seq.SlotOf(0, 1), own.SlotOf(0, 1));
+  AttnArgs a;
+  a.T = 1, a.pos0 = n - 1, a.heads = H, a.kv_heads = Hk, a.head_dim = D, a.scale = 0.25f;
+  std::vector<float> want(H * D), got(H * D), lw(H), lg(H);
+  cpu->Attention(q.data(), own.Layer(0), a, nullptr, want.data(), lw.data());
+  cpu->Attention(q.data(), seq.Layer(0), a, nullptr, got.data(), lg.data());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(lg, lw);
+}
+
+}  // namespace
+}  // namespace needle
