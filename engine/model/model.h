@@ -104,6 +104,14 @@ class Model {
   // vals[k], top_ids[k], selected where the logits are.
   void ForwardTopK(const int32_t* ids, int64_t T, KVCache& cache, int64_t k, float* vals,
                    int32_t* top_ids);
+  // One decode token for each of n sequences in one step (continuous batching's decode rows):
+  // row i is ids[i] at position caches[i]->size() of its own cache (caches may share a
+  // BlockPool), appended there. The projections, the MLP and the LM head are one product over
+  // the n rows; RoPE, the K/V write and attention run per sequence through its own block table.
+  // next[i]: the greedy next token of row i (as ForwardGreedy's). logits (optional, host):
+  // [n, vocab]. Dense attention (no policy set) only for now.
+  void ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, int32_t* next,
+                    std::vector<float>* logits = nullptr);
 
  private:
   // What a forward call returns: every row's logits (logits_host), or the last row's top k.

@@ -1,0 +1,72 @@
+// Model::ForwardBatch: decode rows of several sequences in one step (model.h).
+#include <algorithm>
+#include <cmath>
+
+#include "engine/base/error.h"
+#include "engine/model/model.h"
+
+namespace needle {
+
+void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, int32_t* next,
+                         std::vector<float>* logits) {
+  if (n <= 0) Fail("batched decode: no sequences");
+  if (attn_ != &dense_)
+    Fail("batched decode: dense attention only for now (this run uses a sparse policy)");
+  const ModelConfig& c = cfg_;
+  const int64_t V = c.vocab_size, D = c.head_dim, H = c.num_heads, Hk = c.num_kv_heads;
+  std::vector<RopeFreqs> rope;  // per sequence: dynamic scaling depends on its length
+  rope.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    KVCache& cache = *caches[i];
+    const int64_t p = cache.size();
+    if (p + 1 > cache.shape().capacity)
+      Fail("context overflow: sequence ", i, " of the batch has ", p,
+           " cached tokens, its context is ", cache.shape().capacity);
+    if (ids[i] < 0 || ids[i] >= V)
+      Fail("token id ", ids[i], " of sequence ", i, " is outside the vocabulary [0, ", V, ")");
+    for (int64_t j = 0; j < i; ++j)
+      if (caches[j] == caches[i]) Fail("batched decode: sequence ", i, " repeats sequence ", j);
+    rope.push_back(ComputeRopeFreqs(c, p + 1));
+  }
+  Buffers buf(b_, c, n);
+  float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
+  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  b_.Embed(w_.embed, ids, n, x);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
+    const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};
+    b_.Project(x, n, {&L.attn_norm, eps, h}, qkv, 3);  // q [n, H, D], k and v [n, Hk, D]
+    if (c.qk_norm) {
+      b_.RmsNorm(q, n * H, D, L.q_norm, eps, q);
+      b_.RmsNorm(k, n * Hk, D, L.k_norm, eps, k);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      KVCache& cache = *caches[i];
+      const int64_t p = cache.size();
+      float* qi = q + i * H * D;
+      b_.RopeKVWrite(qi, k + i * Hk * D, v + i * Hk * D, 1, H, cache, l, p, rope[i].inv_freq,
+                     rope[i].attention_scaling);
+      AttnArgs a;
+      a.T = 1, a.pos0 = p, a.heads = H, a.kv_heads = Hk, a.head_dim = D;
+      a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+      a.inv_freq = rope[i].inv_freq.data();
+      a.window = c.sliding_window[static_cast<size_t>(l)];
+      dense_.Attend(l, qi, a, cache, att + i * H * D);
+    }
+    b_.ProjectAdd(att, n, L.wo, &L.bo, x, h);
+    b_.GateUp(x, n, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
+    b_.ProjectAdd(gate, n, L.w_down, &L.b_down, x, h);
+  }
+  Head(x, n, n, buf);
+  for (int64_t i = 0; i < n; ++i) {
+    b_.TopK(buf.logits.get() + i * V, V, 1, nullptr, next + i);
+    caches[i]->SetSize(caches[i]->size() + 1);
+  }
+  if (logits != nullptr) {
+    logits->resize(static_cast<size_t>(n * V));
+    b_.ToHost(buf.logits.get(), static_cast<size_t>(n * V), logits->data());
+  }
+}
+
+}  // namespace needle
