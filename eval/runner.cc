@@ -20,6 +20,7 @@
 #include "engine/model/generate.h"
 #include "engine/runtime/sequence_attention.h"
 #include "eval/data_files.h"
+#include "eval/runner_batch.h"
 #include "eval/samples.h"
 #include "eval/scoring.h"
 #include "sparse_attn/sparse_attention.h"
@@ -101,6 +102,22 @@ int64_t MaxNewTokens(const std::string& task) {
                           : datasets::InfiniteBenchMaxNewTokens(task);  // the originals' limits
 }
 
+EvalResult MakeResult(const std::string& task, const EvalConfig& cfg, const datasets::Sample& s,
+                      const RunnerOptions& opt, int64_t prompt_tokens, const std::string& text,
+                      const GenerateStats& st) {
+  EvalResult r;
+  r.config = cfg.name, r.task = task, r.id = s.id, r.length = s.target_tokens, r.depth = s.depth;
+  r.settings = RunSettings(cfg, opt);
+  r.sample = SampleHash(task, s);
+  r.prompt_tokens = prompt_tokens;
+  r.prediction = text;
+  r.answer = s.answer;
+  r.score = ScoreTask(task, text, s.answer);
+  r.prefill_tps = st.prompt_tokens / std::max(st.prefill_seconds, 1e-9);
+  r.decode_tps = st.new_tokens > 1 ? (st.new_tokens - 1) / std::max(st.decode_seconds, 1e-9) : 0.0;
+  return r;
+}
+
 std::vector<int32_t> PromptIds(const std::string& task, const datasets::Sample& s,
                                const Tokenizer& tok, const RunnerOptions& opt) {
   bool add_bos = true;
@@ -173,25 +190,52 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   for (const auto& cfg : configs)
     for (const auto& s : samples)
       if (!done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) pending_w += weight(s);
+  // A sample's prompt tokens, cut in the middle to fit the context (InfiniteBench's rule).
+  const auto prompt_ids = [&](const datasets::Sample& s) {
+    std::vector<int32_t> ids = PromptIds(task, s, tok, opt);
+    const int64_t room = opt.context_limit - max_new;
+    if (room > 1 &&
+        static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)
+      if (cut_prompts++ == 0)
+        std::fprintf(stderr,
+                     "needle: warning: %s sample %lld has %zu prompt tokens; prompts longer "
+                     "than %lld (--ctx-size %lld minus %lld answer tokens) are cut in the "
+                     "middle\n",
+                     task.c_str(), static_cast<long long>(s.id), ids.size(),
+                     static_cast<long long>(room), static_cast<long long>(opt.context_limit),
+                     static_cast<long long>(max_new));
+      std::vector<int32_t> cut(ids.begin(), ids.begin() + room / 2);
+      cut.insert(cut.end(), ids.end() - (room - room / 2), ids.end());
+      ids = std::move(cut);
+    }
+    return ids;
+  };
+  // A finished sample: its line appended (and flushed: a killed run loses nothing finished).
+  const auto record = [&](EvalResult r, const datasets::Sample& s) {
+    out << ResultToJson(r).dump() << "\n";
+    out.flush();
+    results.push_back(std::move(r));
+    ++finished, ++ran;
+    done_w += weight(s);
+    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double left = el / done_w * std::max(0.0, pending_w - done_w);
+    std::fprintf(stderr,
+                 tty ? "\reval %s [%s] %lld/%lld samples, length %lld, %.0f s left   "
+                     : "eval %s [%s] %lld/%lld samples, length %lld, %.0f s left\n",
+                 task.c_str(), results.back().config.c_str(), static_cast<long long>(finished),
+                 static_cast<long long>(total), static_cast<long long>(s.target_tokens), left);
+  };
   for (const auto& cfg : configs) {
+    if (!cfg.sparse && opt.batch > 1) {  // dense: samples decoded together (runner_batch.h)
+      std::vector<const datasets::Sample*> todo;
+      for (const auto& s : samples)
+        if (!done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) todo.push_back(&s);
+      RunBatched(model, tok, task, cfg, todo, opt, max_new, prompt_ids, record);
+      continue;
+    }
     for (const auto& s : samples) {
       if (done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) continue;
-      std::vector<int32_t> ids = PromptIds(task, s, tok, opt);
-      const int64_t room = opt.context_limit - max_new;
-      if (room > 1 &&
-          static_cast<int64_t>(ids.size()) > room) {  // keep head and tail (InfiniteBench)
-        if (cut_prompts++ == 0)
-          std::fprintf(stderr,
-                       "needle: warning: %s sample %lld has %zu prompt tokens; prompts longer "
-                       "than %lld (--ctx-size %lld minus %lld answer tokens) are cut in the "
-                       "middle\n",
-                       task.c_str(), static_cast<long long>(s.id), ids.size(),
-                       static_cast<long long>(room), static_cast<long long>(opt.context_limit),
-                       static_cast<long long>(max_new));
-        std::vector<int32_t> cut(ids.begin(), ids.begin() + room / 2);
-        cut.insert(cut.end(), ids.end() - (room - room / 2), ids.end());
-        ids = std::move(cut);
-      }
+      std::vector<int32_t> ids = prompt_ids(s);
       const int64_t ctx = static_cast<int64_t>(ids.size()) + max_new;
       SequenceOptions so;
       so.ctx = ctx;
@@ -241,18 +285,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       text += dec.Flush();
       model.set_attention(nullptr);
       model.set_progress(nullptr);
-      EvalResult r;
-      r.config = cfg.name, r.task = task, r.id = s.id, r.length = s.target_tokens,
-      r.depth = s.depth;
-      r.settings = RunSettings(cfg, opt);
-      r.sample = SampleHash(task, s);
-      r.prompt_tokens = static_cast<int64_t>(ids.size());
-      r.prediction = text;
-      r.answer = s.answer;
-      r.score = ScoreTask(task, text, s.answer);
-      r.prefill_tps = st.prompt_tokens / std::max(st.prefill_seconds, 1e-9);
-      r.decode_tps =
-          st.new_tokens > 1 ? (st.new_tokens - 1) / std::max(st.decode_seconds, 1e-9) : 0.0;
+      EvalResult r = MakeResult(task, cfg, s, opt, static_cast<int64_t>(ids.size()), text, st);
       if (sp && opt.recall) {
         double sum = 0;
         int64_t n = 0;
@@ -261,19 +294,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
         r.recall = n ? sum / static_cast<double>(n) : -1;
       }
       if (sp != nullptr && opt.needle_hits) WriteNeedleHits(opt.run_dir, r, watch_b, watch_e, *sp);
-      out << ResultToJson(r).dump() << "\n";
-      out.flush();  // a killed run loses nothing finished
-      results.push_back(r);
-      ++finished, ++ran;
-      done_w += weight(s);
-      const double el =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double left = el / done_w * std::max(0.0, pending_w - done_w);
-      std::fprintf(stderr,
-                   tty ? "\reval %s [%s] %lld/%lld samples, length %lld, %.0f s left   "
-                       : "eval %s [%s] %lld/%lld samples, length %lld, %.0f s left\n",
-                   task.c_str(), cfg.name.c_str(), static_cast<long long>(finished),
-                   static_cast<long long>(total), static_cast<long long>(s.target_tokens), left);
+      record(std::move(r), s);
     }
   }
   if (tty && ran > 0) std::fprintf(stderr, "\n");

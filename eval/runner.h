@@ -52,6 +52,8 @@ struct RunnerOptions {
   // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.
   ChatFamily chat = ChatFamily::kNone;
   std::string bos, eos;
+  // Dense configurations: samples decoded at once (runner_batch.h; 1: one after another).
+  int64_t batch = 1;
 };
 
 // "FOLDER config.json:HASH": the model folder's absolute path and a hash of its config.json.

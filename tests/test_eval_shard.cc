@@ -210,5 +210,37 @@ TEST(EvalShard, MergedShardsEqualOneProcess) {
   EXPECT_NE(RunNeedle("eval merge -o x").status, 0);
 }
 
+// needle eval --batch: the dense configuration's samples decoded together give the answers they
+// give one at a time (and a killed batched run resumes like any other); --batch without a dense
+// configuration, or below 1, is refused.
+TEST(EvalBatch, BatchedSamplesAnswerAsOneAtATime) {
+  test::TempDir d;
+  const std::string model = ByteTokenizerModel(d);
+  const std::string args = "eval passkey -m " + model +
+                           " --lengths 300,400,500 --depths 3 --samples 1 --ctx-size 1024 -t 1 ";
+  Result one = RunNeedle(args + "-o " + d.File("one"));
+  ASSERT_EQ(one.status, 0) << one.output;
+  Result b = RunNeedle(args + "--batch 4 -o " + d.File("b4"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  EXPECT_NE(b.output.find("up to 4 samples at once"), std::string::npos) << b.output;
+  EXPECT_EQ(Answers(d.File("b4")), Answers(d.File("one")));
+  EXPECT_EQ(Answers(d.File("b4")).size(), 9u);
+  // A pool that holds one sample at a time (--kv-memory) gives the same answers too.
+  Result tight = RunNeedle(args + "--batch 4 --kv-memory 1M -o " + d.File("tight"));
+  ASSERT_EQ(tight.status, 0) << tight.output;
+  EXPECT_EQ(Answers(d.File("tight")), Answers(d.File("one")));
+  // With a sparse configuration beside it, the dense one is batched and both finish.
+  Result both = RunNeedle(args +
+                          "--batch 3 --attention dense,sparse --block-size 4 --init-tokens 4 "
+                          "--local-window 8 --topk 2 --dense-layers 0 -o " +
+                          d.File("both"));
+  ASSERT_EQ(both.status, 0) << both.output;
+  EXPECT_EQ(Answers(d.File("both")).size(), 18u);
+  Result sparse_only = RunNeedle(args + "--batch 2 --attention sparse -o " + d.File("x"));
+  EXPECT_EQ(sparse_only.status, 1);
+  EXPECT_NE(sparse_only.output.find("--batch 2"), std::string::npos) << sparse_only.output;
+  EXPECT_EQ(RunNeedle(args + "--batch 0 -o " + d.File("y")).status, 1);
+}
+
 }  // namespace
 }  // namespace needle

@@ -113,6 +113,9 @@ int CmdEval(int argc, char** argv) {
        "evaluate slice I of N of the samples, I/N (e.g. 0/4); default: from SLURM_ARRAY_TASK_ID, "
        "or JOB_COMPLETION_INDEX with NEEDLE_SHARD_COUNT, else all; join the slices with `needle "
        "eval merge`"},
+      {"batch", 0, OptKind::kInt, "1",
+       "dense attention: decode up to N samples at once (continuous batching over one KV block "
+       "pool; the same answers as one at a time)"},
       {"needle-hits", 0, OptKind::kFlag, "",
        "sparse: per layer, how often the answer's block was attended (the prompt's last query "
        "and every decode step), on stderr and in RUN_DIR/needle_hits.jsonl"},
@@ -165,6 +168,18 @@ int CmdEval(int argc, char** argv) {
   }
   if (!set_name.empty() && !any_sparse) Fail("--set needs --attention sparse");
   if (opt.Flag("needle-hits") && !any_sparse) Fail("--needle-hits needs --attention sparse");
+  const int64_t batch = opt.Int("batch");
+  if (batch < 1) Fail("--batch must be at least 1 (got ", batch, ")");
+  const bool any_dense = std::find(atts.begin(), atts.end(), "dense") != atts.end();
+  if (batch > 1 && !any_dense)
+    Fail("--batch ", batch,
+         ": batched decoding runs dense attention only for now; sparse "
+         "configurations run one sample at a time");
+  if (batch > 1 && any_sparse)
+    std::fprintf(stderr,
+                 "needle: --batch %lld applies to the dense configuration; the sparse "
+                 "ones run one sample at a time\n",
+                 static_cast<long long>(batch));
 
   RunLimits limits = RunLimitsFromOptions(opt);
   ThreadingContext tc(limits.threads);
@@ -186,6 +201,7 @@ int CmdEval(int argc, char** argv) {
   ro.kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
   ro.recall = opt.Flag("attn-recall");
   ro.needle_hits = opt.Flag("needle-hits");
+  ro.batch = batch;
   ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
   std::fprintf(stderr, "needle: prompts %s\n",
                ro.chat == ChatFamily::kNone
