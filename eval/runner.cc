@@ -102,6 +102,14 @@ int64_t MaxNewTokens(const std::string& task) {
                           : datasets::InfiniteBenchMaxNewTokens(task);  // the originals' limits
 }
 
+double MeanRecall(const SparseAttention& sp) {
+  double sum = 0;
+  int64_t n = 0;
+  for (double x : sp.RecallPerLayer())
+    if (x >= 0) sum += x, ++n;
+  return n ? sum / static_cast<double>(n) : -1;
+}
+
 EvalResult MakeResult(const std::string& task, const EvalConfig& cfg, const datasets::Sample& s,
                       const RunnerOptions& opt, int64_t prompt_tokens, const std::string& text,
                       const GenerateStats& st) {
@@ -226,11 +234,16 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
                  static_cast<long long>(total), static_cast<long long>(s.target_tokens), left);
   };
   for (const auto& cfg : configs) {
-    if (!cfg.sparse && opt.batch > 1) {  // dense: samples decoded together (runner_batch.h)
+    // Samples decoded together (runner_batch.h): dense, or sparse on the CPU (not with
+    // --needle-hits, which reads each sample's planner as it goes).
+    const bool batched =
+        opt.batch > 1 &&
+        (!cfg.sparse || (model.backend().kv_memory() == nullptr && !opt.needle_hits));
+    if (batched) {
       std::vector<const datasets::Sample*> todo;
       for (const auto& s : samples)
         if (!done.count(ResultKey(cfg.name, task, s.target_tokens, s.id))) todo.push_back(&s);
-      RunBatched(model, tok, task, cfg, todo, opt, max_new, prompt_ids, record);
+      RunBatched(model, tok, tc, task, cfg, todo, opt, max_new, prompt_ids, record);
       continue;
     }
     for (const auto& s : samples) {
@@ -286,13 +299,7 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       model.set_attention(nullptr);
       model.set_progress(nullptr);
       EvalResult r = MakeResult(task, cfg, s, opt, static_cast<int64_t>(ids.size()), text, st);
-      if (sp && opt.recall) {
-        double sum = 0;
-        int64_t n = 0;
-        for (double x : sp->RecallPerLayer())
-          if (x >= 0) sum += x, ++n;
-        r.recall = n ? sum / static_cast<double>(n) : -1;
-      }
+      if (sp && opt.recall) r.recall = MeanRecall(*sp);
       if (sp != nullptr && opt.needle_hits) WriteNeedleHits(opt.run_dir, r, watch_b, watch_e, *sp);
       record(std::move(r), s);
     }

@@ -7,6 +7,7 @@
 
 #include "engine/base/error.h"
 #include "kvcache/block_pool.h"
+#include "sparse_attn/sparse_attention.h"
 
 namespace needle::eval {
 
@@ -16,7 +17,8 @@ using Clock = std::chrono::steady_clock;
 struct Running {
   const datasets::Sample* s = nullptr;
   std::unique_ptr<KVCache> cache;
-  int64_t prompt_tokens = 0, blocks = 0;  // blocks: reserved in each layer of the pool
+  std::unique_ptr<SparseAttention> sparse;  // a sparse configuration's planner (its own state)
+  int64_t prompt_tokens = 0, blocks = 0;    // blocks: reserved in each layer of the pool
   std::unique_ptr<StreamDecoder> dec;
   std::string text;
   int32_t next = 0;  // the token to feed at the next step
@@ -26,18 +28,23 @@ struct Running {
 };
 }  // namespace
 
-void RunBatched(Model& model, const Tokenizer& tok, const std::string& task, const EvalConfig& cfg,
-                const std::vector<const datasets::Sample*>& todo, const RunnerOptions& opt,
-                int64_t max_new,
+void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const std::string& task,
+                const EvalConfig& cfg, const std::vector<const datasets::Sample*>& todo,
+                const RunnerOptions& opt, int64_t max_new,
                 const std::function<std::vector<int32_t>(const datasets::Sample&)>& prompt_ids,
                 const std::function<void(EvalResult, const datasets::Sample&)>& record) {
   if (todo.empty()) return;
-  const int64_t B = 128, per_seq = opt.context_limit;
+  KVMemory* memory = model.backend().kv_memory();
+  if (cfg.sparse && memory != nullptr)
+    Fail("needle eval --batch: sparse attention on ", memory->Name(),
+         " runs one sample at a time for now");
+  if (cfg.sparse && opt.placement == KVPlacement::kDevice)
+    Fail("--kv-placement device: the model runs on the CPU, whose KV cache is in host memory");
+  const int64_t B = cfg.sparse ? cfg.sparse_cfg.block_size : 128, per_seq = opt.context_limit;
   const int64_t batch = std::min<int64_t>(opt.batch, static_cast<int64_t>(todo.size()));
   // The pool: room for `batch` samples of the whole context where the budget allows, else as
   // many tokens as it allows (at least one sample's: BlockPool names the numbers otherwise).
   KVCacheShape shape = model.CacheShape(batch * per_seq, opt.kv_type, B);
-  KVMemory* memory = model.backend().kv_memory();
   const size_t budget = opt.kv_memory != 0  ? opt.kv_memory
                         : memory != nullptr ? memory->AvailableBytes()
                                             : AvailableMemoryBytes();
@@ -66,7 +73,9 @@ void RunBatched(Model& model, const Tokenizer& tok, const std::string& task, con
   const auto finish = [&](Running& r) {
     r.text += r.dec->Flush();
     r.st.decode_seconds = std::chrono::duration<double>(Clock::now() - r.decode_start).count();
-    record(MakeResult(task, cfg, *r.s, opt, r.prompt_tokens, r.text, r.st), *r.s);
+    EvalResult res = MakeResult(task, cfg, *r.s, opt, r.prompt_tokens, r.text, r.st);
+    if (r.sparse != nullptr && opt.recall) res.recall = MeanRecall(*r.sparse);
+    record(std::move(res), *r.s);
     reserved -= r.blocks;
   };
   while (!waiting.empty() || !running.empty()) {
@@ -85,10 +94,17 @@ void RunBatched(Model& model, const Tokenizer& tok, const std::string& task, con
       r->s = &s, r->prompt_tokens = P, r->blocks = need;
       reserved += need;
       r->cache = std::make_unique<KVCache>(pool, ctx);
+      if (cfg.sparse) {
+        r->sparse = std::make_unique<SparseAttention>(model.config(), cfg.sparse_cfg,
+                                                      model.backend(), tc, ctx, opt.kv_type);
+        r->sparse->set_recall(opt.recall);
+      }
       r->dec = std::make_unique<StreamDecoder>(tok, true);
       r->st.prompt_tokens = P;
       const auto t0 = Clock::now();
+      model.set_attention(r->sparse.get());
       const int32_t first = model.ForwardGreedy(ids.data(), P, *r->cache);
+      model.set_attention(nullptr);
       r->decode_start = Clock::now();
       r->st.prefill_seconds = std::chrono::duration<double>(r->decode_start - t0).count();
       take(*r, first);
@@ -101,9 +117,12 @@ void RunBatched(Model& model, const Tokenizer& tok, const std::string& task, con
     if (running.empty()) continue;
     // One decode step for every running sample, then the finished ones leave.
     std::vector<KVCache*> caches;
+    std::vector<AttentionPolicy*> policies;
     std::vector<int32_t> ids, next(running.size());
-    for (const auto& r : running) caches.push_back(r->cache.get()), ids.push_back(r->next);
-    model.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data());
+    for (const auto& r : running)
+      caches.push_back(r->cache.get()), policies.push_back(r->sparse.get()), ids.push_back(r->next);
+    model.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
+                       nullptr, policies.data());
     for (size_t i = 0; i < running.size(); ++i) take(*running[i], next[i]);
     for (auto& r : running)
       if (r->done) finish(*r);

@@ -1,8 +1,8 @@
-// needle eval --batch N: a dense configuration's samples decoded together (issue 19's continuous
-// batching). One KV BlockPool holds the running samples' caches; a sample joins as soon as the
-// pool has the blocks of its whole prompt and answer (reserved when it joins, so a running
-// sample never runs out of blocks and nothing is preempted: the pool is under-used while
-// samples are short, the price of never recomputing or swapping), is prefilled alone, then
+// needle eval --batch N: a configuration's samples decoded together (dense, or sparse on the CPU)
+// (issue 19's continuous batching). One KV BlockPool holds the running samples' caches; a sample
+// joins as soon as the pool has the blocks of its whole prompt and answer (reserved when it joins,
+// so a running sample never runs out of blocks and nothing is preempted: the pool is under-used
+// while samples are short, the price of never recomputing or swapping), is prefilled alone, then
 // decodes one token a step beside the others (Model::ForwardBatch) and leaves the moment it
 // stops; its result is appended then, like a sample run alone, with the same answer.
 #pragma once
@@ -22,11 +22,15 @@ EvalResult MakeResult(const std::string& task, const EvalConfig& cfg, const data
                       const RunnerOptions& opt, int64_t prompt_tokens, const std::string& text,
                       const GenerateStats& st);
 
-// Runs `todo` (dense cfg) with up to opt.batch samples at once. prompt_ids: a sample's tokens;
+// Runs `todo` with up to opt.batch samples at once (dense, or sparse on the CPU: each sample
+// with a planner of its own). prompt_ids: a sample's tokens;
 // record: called once per finished sample, in the order they finish.
-void RunBatched(Model& model, const Tokenizer& tok, const std::string& task, const EvalConfig& cfg,
-                const std::vector<const datasets::Sample*>& todo, const RunnerOptions& opt,
-                int64_t max_new,
+// The mean over layers of a sparse planner's recall (--attn-recall), -1 when never measured.
+double MeanRecall(const SparseAttention& sp);
+
+void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const std::string& task,
+                const EvalConfig& cfg, const std::vector<const datasets::Sample*>& todo,
+                const RunnerOptions& opt, int64_t max_new,
                 const std::function<std::vector<int32_t>(const datasets::Sample&)>& prompt_ids,
                 const std::function<void(EvalResult, const datasets::Sample&)>& record);
 

@@ -7,12 +7,14 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "engine/backend/backend.h"
 #include "engine/model/model.h"
 #include "kvcache/block_pool.h"
+#include "sparse_attn/sparse_attention.h"
 #include "tests/fixture_util.h"
 #include "tests/test_util.h"
 
@@ -27,87 +29,147 @@ std::vector<int32_t> Prompt(int64_t n, int64_t V, int seed) {
 
 class ModelBatch : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(ModelBatch, BatchedDecodeEqualsEachSequenceAlone) {
-  ThreadingContext tc(2);
-  auto cpu = MakeCpuBackend(tc, false);
-  auto model = LoadModel(test::FixturesDir() + "/" + GetParam(), *cpu);
-  const int64_t V = model->config().vocab_size, steps = 12, ctx = 80;
-  // Four sequences: 0-2 from step 0, 1 leaves after step 4, 3 joins at step 6.
-  const std::vector<int64_t> lens = {21, 40, 7, 13};
-  const auto active = [](int64_t seq, int64_t step) {
-    if (seq == 1) return step < 5;
-    if (seq == 3) return step >= 6;
-    return true;
-  };
-  // Alone: each sequence in a cache of its own, greedy, logits kept.
-  std::vector<std::vector<int32_t>> want_tok(lens.size());
-  std::vector<std::vector<float>> want_logits(lens.size());
-  for (size_t s = 0; s < lens.size(); ++s) {
-    KVCache cache(model->CacheShape(ctx, DType::kF32, 16));
+// Four sequences: 0-2 from step 0, 1 leaves after step 4, 3 joins at step 6. sc: each sequence
+// with a SparseAttention of its own (its plans into plans[s]), else dense.
+struct Runs {
+  std::vector<std::vector<int32_t>> tok;
+  std::vector<std::vector<float>> logits;
+  std::vector<std::string> plans;
+};
+const std::vector<int64_t> kLens = {21, 40, 7, 13};
+constexpr int64_t kSteps = 12, kCtx = 80;
+bool Active(size_t seq, int64_t step) {
+  if (seq == 1) return step < 5;
+  if (seq == 3) return step >= 6;
+  return true;
+}
+
+std::unique_ptr<SparseAttention> Policy(Model& m, const SparseConfig* sc, ThreadingContext& tc,
+                                        std::ostringstream* plan) {
+  if (sc == nullptr) return nullptr;
+  auto p = std::make_unique<SparseAttention>(m.config(), *sc, m.backend(), tc, kCtx, DType::kF32);
+  p->set_plan_sink(plan);
+  return p;
+}
+
+int32_t Argmax(const std::vector<float>& l) {
+  return static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+}
+
+// Alone: each sequence in a cache of its own.
+Runs Alone(Model& model, const SparseConfig* sc, ThreadingContext& tc) {
+  const int64_t V = model.config().vocab_size;
+  Runs r;
+  r.tok.resize(kLens.size()), r.logits.resize(kLens.size()), r.plans.resize(kLens.size());
+  for (size_t s = 0; s < kLens.size(); ++s) {
+    KVCache cache(model.CacheShape(kCtx, DType::kF32, sc != nullptr ? sc->block_size : 16));
+    std::ostringstream plan;
+    auto pol = Policy(model, sc, tc, &plan);
+    model.set_attention(pol.get());
     std::vector<float> l;
-    const auto p = Prompt(lens[s], V, static_cast<int>(s));
-    model->Forward(p.data(), static_cast<int64_t>(p.size()), cache, false, &l);
-    int32_t tok = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
-    for (int64_t t = 0; t < steps; ++t) {
-      if (!active(static_cast<int64_t>(s), t)) continue;
-      want_tok[s].push_back(tok);
-      model->Forward(&tok, 1, cache, false, &l);
-      want_logits[s].insert(want_logits[s].end(), l.begin(), l.end());
-      tok = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+    const auto p = Prompt(kLens[s], V, static_cast<int>(s));
+    model.Forward(p.data(), static_cast<int64_t>(p.size()), cache, false, &l);
+    int32_t tok = Argmax(l);
+    for (int64_t t = 0; t < kSteps; ++t) {
+      if (!Active(s, t)) continue;
+      r.tok[s].push_back(tok);
+      model.Forward(&tok, 1, cache, false, &l);
+      r.logits[s].insert(r.logits[s].end(), l.begin(), l.end());
+      tok = Argmax(l);
     }
-    want_tok[s].push_back(tok);
+    r.tok[s].push_back(tok);
+    model.set_attention(nullptr);
+    r.plans[s] = plan.str();
   }
-  // Batched: one pool for all, each sequence prefilled alone when it joins.
-  BlockPool pool(model->CacheShape(3 * ctx, DType::kF32, 16));
-  std::vector<std::unique_ptr<KVCache>> caches(lens.size());
-  std::vector<int32_t> tok(lens.size());
-  std::vector<std::vector<int32_t>> got_tok(lens.size());
-  std::vector<std::vector<float>> got_logits(lens.size());
-  for (int64_t t = 0; t < steps; ++t) {
+  return r;
+}
+
+// Batched: one pool for all, each sequence prefilled alone when it joins.
+Runs Batched(Model& model, const SparseConfig* sc, ThreadingContext& tc, BlockPool& pool) {
+  const int64_t V = model.config().vocab_size;
+  Runs r;
+  r.tok.resize(kLens.size()), r.logits.resize(kLens.size()), r.plans.resize(kLens.size());
+  std::vector<std::unique_ptr<KVCache>> caches(kLens.size());
+  std::vector<std::unique_ptr<SparseAttention>> pols(kLens.size());
+  std::vector<std::ostringstream> plans(kLens.size());
+  std::vector<int32_t> tok(kLens.size());
+  for (int64_t t = 0; t < kSteps; ++t) {
     std::vector<KVCache*> batch;
+    std::vector<AttentionPolicy*> bp;
     std::vector<int32_t> ids;
     std::vector<size_t> which;
-    for (size_t s = 0; s < lens.size(); ++s) {
-      if (!active(static_cast<int64_t>(s), t)) {
-        if (caches[s] != nullptr && !active(static_cast<int64_t>(s), t + 1)) {
-          got_tok[s].push_back(tok[s]);
+    for (size_t s = 0; s < kLens.size(); ++s) {
+      if (!Active(s, t)) {
+        if (caches[s] != nullptr && !Active(s, t + 1)) {
+          r.tok[s].push_back(tok[s]);
           caches[s].reset();  // leaves: its blocks go back to the pool
         }
         continue;
       }
       if (caches[s] == nullptr) {  // joins
-        caches[s] = std::make_unique<KVCache>(pool, ctx);
+        caches[s] = std::make_unique<KVCache>(pool, kCtx);
+        pols[s] = Policy(model, sc, tc, &plans[s]);
+        model.set_attention(pols[s].get());
         std::vector<float> l;
-        const auto p = Prompt(lens[s], V, static_cast<int>(s));
-        model->Forward(p.data(), static_cast<int64_t>(p.size()), *caches[s], false, &l);
-        tok[s] = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+        const auto p = Prompt(kLens[s], V, static_cast<int>(s));
+        model.Forward(p.data(), static_cast<int64_t>(p.size()), *caches[s], false, &l);
+        model.set_attention(nullptr);
+        tok[s] = Argmax(l);
       }
-      got_tok[s].push_back(tok[s]);
-      batch.push_back(caches[s].get()), ids.push_back(tok[s]), which.push_back(s);
+      r.tok[s].push_back(tok[s]);
+      batch.push_back(caches[s].get()), bp.push_back(pols[s].get());
+      ids.push_back(tok[s]), which.push_back(s);
     }
     std::vector<int32_t> next(batch.size());
     std::vector<float> logits;
-    model->ForwardBatch(ids.data(), static_cast<int64_t>(batch.size()), batch.data(), next.data(),
-                        &logits);
+    model.ForwardBatch(ids.data(), static_cast<int64_t>(batch.size()), batch.data(), next.data(),
+                       &logits, bp.data());
     for (size_t i = 0; i < which.size(); ++i) {
       tok[which[i]] = next[i];
-      got_logits[which[i]].insert(got_logits[which[i]].end(), logits.begin() + i * V,
-                                  logits.begin() + (i + 1) * V);
+      r.logits[which[i]].insert(r.logits[which[i]].end(), logits.begin() + i * V,
+                                logits.begin() + (i + 1) * V);
     }
   }
-  for (size_t s = 0; s < lens.size(); ++s)
-    if (caches[s] != nullptr) got_tok[s].push_back(tok[s]);
-  for (size_t s = 0; s < lens.size(); ++s) {
-    EXPECT_EQ(got_tok[s], want_tok[s]) << GetParam() << " sequence " << s;
-    ASSERT_EQ(got_logits[s].size(), want_logits[s].size()) << s;
-    double scale = 0;
-    for (float x : want_logits[s]) scale = std::max(scale, std::fabs(static_cast<double>(x)));
-    for (size_t i = 0; i < want_logits[s].size(); ++i)
-      ASSERT_NEAR(got_logits[s][i], want_logits[s][i], 1e-4 * scale)
-          << GetParam() << " sequence " << s << " at " << i;
+  for (size_t s = 0; s < kLens.size(); ++s) {
+    if (caches[s] != nullptr) r.tok[s].push_back(tok[s]);
+    r.plans[s] = plans[s].str();
   }
-  caches.clear();
+  return r;
+}
+
+void ExpectSame(const Runs& got, const Runs& want, const std::string& what) {
+  for (size_t s = 0; s < kLens.size(); ++s) {
+    EXPECT_EQ(got.tok[s], want.tok[s]) << what << " sequence " << s;
+    EXPECT_EQ(got.plans[s], want.plans[s]) << what << " sequence " << s;
+    ASSERT_EQ(got.logits[s].size(), want.logits[s].size()) << s;
+    double scale = 0;
+    for (float x : want.logits[s]) scale = std::max(scale, std::fabs(static_cast<double>(x)));
+    for (size_t i = 0; i < want.logits[s].size(); ++i)
+      ASSERT_NEAR(got.logits[s][i], want.logits[s][i], 1e-4 * scale)
+          << what << " sequence " << s << " at " << i;
+  }
+}
+
+TEST_P(ModelBatch, BatchedDecodeEqualsEachSequenceAlone) {
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  auto model = LoadModel(test::FixturesDir() + "/" + GetParam(), *cpu);
+  BlockPool pool(model->CacheShape(3 * kCtx, DType::kF32, 16));
+  ExpectSame(Batched(*model, nullptr, tc, pool), Alone(*model, nullptr, tc), GetParam());
   EXPECT_EQ(pool.FreeSlots(0), pool.slots(0));  // every block back
+  // Sparse attention, each sequence with its own planner state (per KV head with retention,
+  // per layer): the same plans too.
+  for (SelectMode sm : {SelectMode::kKVHead, SelectMode::kLayer}) {
+    SparseConfig sc;
+    sc.block_size = 4, sc.init_tokens = 4, sc.local_window = 8, sc.topk = 2, sc.dense_layers = 0;
+    sc.retain_blocks = 1, sc.select = sm;
+    BlockPool sp(model->CacheShape(3 * kCtx, DType::kF32, 4));
+    const Runs want = Alone(*model, &sc, tc);
+    if (GetParam() != "mistral_swa_f32") {  // (its sliding-window layers attend densely)
+      EXPECT_NE(want.plans[1].find("\"dense\":false"), std::string::npos);
+    }
+    ExpectSame(Batched(*model, &sc, tc, sp), want, GetParam() + " sparse");
+  }
 }
 
 TEST(ModelBatch, RefusesWhatItCannotRun) {

@@ -114,8 +114,8 @@ int CmdEval(int argc, char** argv) {
        "or JOB_COMPLETION_INDEX with NEEDLE_SHARD_COUNT, else all; join the slices with `needle "
        "eval merge`"},
       {"batch", 0, OptKind::kInt, "1",
-       "dense attention: decode up to N samples at once (continuous batching over one KV block "
-       "pool; the same answers as one at a time)"},
+       "decode up to N samples at once (continuous batching over one KV block pool; the same "
+       "answers as one at a time); dense attention, and sparse on the CPU"},
       {"needle-hits", 0, OptKind::kFlag, "",
        "sparse: per layer, how often the answer's block was attended (the prompt's last query "
        "and every decode step), on stderr and in RUN_DIR/needle_hits.jsonl"},
@@ -170,16 +170,6 @@ int CmdEval(int argc, char** argv) {
   if (opt.Flag("needle-hits") && !any_sparse) Fail("--needle-hits needs --attention sparse");
   const int64_t batch = opt.Int("batch");
   if (batch < 1) Fail("--batch must be at least 1 (got ", batch, ")");
-  const bool any_dense = std::find(atts.begin(), atts.end(), "dense") != atts.end();
-  if (batch > 1 && !any_dense)
-    Fail("--batch ", batch,
-         ": batched decoding runs dense attention only for now; sparse "
-         "configurations run one sample at a time");
-  if (batch > 1 && any_sparse)
-    std::fprintf(stderr,
-                 "needle: --batch %lld applies to the dense configuration; the sparse "
-                 "ones run one sample at a time\n",
-                 static_cast<long long>(batch));
 
   RunLimits limits = RunLimitsFromOptions(opt);
   ThreadingContext tc(limits.threads);
@@ -202,6 +192,10 @@ int CmdEval(int argc, char** argv) {
   ro.recall = opt.Flag("attn-recall");
   ro.needle_hits = opt.Flag("needle-hits");
   ro.batch = batch;
+  if (batch > 1 && any_sparse && (backend->kv_memory() != nullptr || ro.needle_hits))
+    std::fprintf(
+        stderr, "needle: --batch %lld: sparse configurations run one sample at a time %s\n",
+        static_cast<long long>(batch), ro.needle_hits ? "with --needle-hits" : "on a GPU for now");
   ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
   std::fprintf(stderr, "needle: prompts %s\n",
                ro.chat == ChatFamily::kNone

@@ -109,9 +109,13 @@ class Model {
   // BlockPool), appended there. The projections, the MLP and the LM head are one product over
   // the n rows; RoPE, the K/V write and attention run per sequence through its own block table.
   // next[i]: the greedy next token of row i (as ForwardGreedy's). logits (optional, host):
-  // [n, vocab]. Dense attention (no policy set) only for now.
+  // [n, vocab]. policies (optional): row i's attention policy (its own sequence's state, e.g. a
+  // SparseAttention; null: dense), stepped for its row alone; on a backend whose caches live
+  // outside host memory (the GPU), dense attention only for now. The model's own policy
+  // (set_attention) must be the default.
   void ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, int32_t* next,
-                    std::vector<float>* logits = nullptr);
+                    std::vector<float>* logits = nullptr,
+                    AttentionPolicy* const* policies = nullptr);
 
  private:
   // What a forward call returns: every row's logits (logits_host), or the last row's top k.

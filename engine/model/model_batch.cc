@@ -8,10 +8,18 @@
 namespace needle {
 
 void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, int32_t* next,
-                         std::vector<float>* logits) {
+                         std::vector<float>* logits, AttentionPolicy* const* policies) {
   if (n <= 0) Fail("batched decode: no sequences");
   if (attn_ != &dense_)
-    Fail("batched decode: dense attention only for now (this run uses a sparse policy)");
+    Fail("batched decode: the model has a policy set; pass each row's policy instead");
+  const auto policy = [&](int64_t i) -> AttentionPolicy& {
+    return policies != nullptr && policies[i] != nullptr ? *policies[i] : dense_;
+  };
+  if (policies != nullptr && b_.kv_memory() != nullptr)
+    for (int64_t i = 0; i < n; ++i)
+      if (policies[i] != nullptr)
+        Fail("batched decode: sparse attention on ", b_.kv_memory()->Name(),
+             " runs one sequence at a time for now");
   const ModelConfig& c = cfg_;
   const int64_t V = c.vocab_size, D = c.head_dim, H = c.num_heads, Hk = c.num_kv_heads;
   std::vector<RopeFreqs> rope;  // per sequence: dynamic scaling depends on its length
@@ -27,6 +35,10 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
     for (int64_t j = 0; j < i; ++j)
       if (caches[j] == caches[i]) Fail("batched decode: sequence ", i, " repeats sequence ", j);
     rope.push_back(ComputeRopeFreqs(c, p + 1));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = caches[i]->size();
+    policy(i).BeginStep(StepInfo{p, 1, 1, true, p});
   }
   Buffers buf(b_, c, n);
   float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
@@ -45,14 +57,15 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
       KVCache& cache = *caches[i];
       const int64_t p = cache.size();
       float* qi = q + i * H * D;
-      b_.RopeKVWrite(qi, k + i * Hk * D, v + i * Hk * D, 1, H, cache, l, p, rope[i].inv_freq,
-                     rope[i].attention_scaling);
+      const KVTarget kv = policy(i).Target(l, cache);
+      b_.RopeKVWrite(qi, k + i * Hk * D, v + i * Hk * D, 1, H, *kv.cache, kv.layer, p,
+                     rope[i].inv_freq, rope[i].attention_scaling);
       AttnArgs a;
       a.T = 1, a.pos0 = p, a.heads = H, a.kv_heads = Hk, a.head_dim = D;
       a.scale = 1.0f / std::sqrt(static_cast<float>(D));
       a.inv_freq = rope[i].inv_freq.data();
       a.window = c.sliding_window[static_cast<size_t>(l)];
-      dense_.Attend(l, qi, a, cache, att + i * H * D);
+      policy(i).Attend(l, qi, a, cache, att + i * H * D);
     }
     b_.ProjectAdd(att, n, L.wo, &L.bo, x, h);
     b_.GateUp(x, n, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
