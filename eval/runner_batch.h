@@ -4,7 +4,9 @@
 // so a running sample never runs out of blocks and nothing is preempted: the pool is under-used
 // while samples are short, the price of never recomputing or swapping), is prefilled alone, then
 // decodes one token a step beside the others (Model::ForwardBatch) and leaves the moment it
-// stops; its result is appended then, like a sample run alone, with the same answer.
+// stops; its result is appended then, like a sample run alone, with the same answer. (Its
+// decode tok/s is its own wall-clock rate, which includes the steps it shared and the other
+// samples' prefills meanwhile: the batch's throughput is the run's, not a sample's.)
 #pragma once
 
 #include <cstdint>
