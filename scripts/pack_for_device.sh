@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 P=.dev/gpu
 rm -rf $P && mkdir -p $P/lib
 B=${1:-build}
-cp $B/needle $B/tests/needle_tests $( [ -f $B/bench/bench_cuda ] && echo $B/bench/bench_cuda $B/bench/bench_hybrid $B/bench/bench_plan_kernels ) $B/bench/bench_kernels $B/bench/bench_decode $B/bench/bench_sparse $P/
+cp $B/needle $B/tests/needle_tests $( [ -f $B/bench/bench_cuda ] && echo $B/bench/bench_cuda $B/bench/bench_hybrid $B/bench/bench_plan_kernels ) $B/bench/bench_kernels $B/bench/bench_decode $B/bench/bench_sparse $B/bench/bench_batch $P/
 # Every Debian library the binaries link that is not part of a bare Ubuntu (libc, libstdc++,
 # libgcc, libm) nor of the GPU machine's own CUDA 13 (/usr/local/cuda: run there with
 # LD_LIBRARY_PATH=$PWD/.dev/gpu/lib:/usr/local/cuda/lib64), found with ldd rather than listed.
