@@ -1,19 +1,17 @@
 #include "eval/runner_batch.h"
 
 #include <algorithm>
-#include <chrono>
 #include <deque>
 #include <memory>
 
 #include "engine/base/error.h"
+#include "engine/base/seconds.h"
 #include "kvcache/block_pool.h"
 #include "sparse_attn/sparse_attention.h"
 
 namespace needle::eval {
 
 namespace {
-using Clock = std::chrono::steady_clock;
-
 struct Running {
   const datasets::Sample* s = nullptr;
   std::unique_ptr<KVCache> cache;
@@ -62,6 +60,8 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
   std::deque<const datasets::Sample*> waiting(todo.begin(), todo.end());
   std::vector<std::unique_ptr<Running>> running;
   int64_t reserved = 0;
+  std::vector<int32_t> front_ids;  // the first waiting sample's prompt, once tokenized
+  bool front_ready = false;
   // Feeds token t to r's answer; whether r is finished (EOS, or max_new tokens).
   const auto take = [&](Running& r, int32_t t) {
     r.text += r.dec->Push(t);
@@ -72,7 +72,7 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
   };
   const auto finish = [&](Running& r) {
     r.text += r.dec->Flush();
-    r.st.decode_seconds = std::chrono::duration<double>(Clock::now() - r.decode_start).count();
+    r.st.decode_seconds = Since(r.decode_start);
     EvalResult res = MakeResult(task, cfg, *r.s, opt, r.prompt_tokens, r.text, r.st);
     if (r.sparse != nullptr && opt.recall) res.recall = MeanRecall(*r.sparse);
     record(std::move(res), *r.s);
@@ -82,7 +82,9 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
     // Admit: in order, while the batch and the pool's unreserved blocks allow.
     while (!waiting.empty() && static_cast<int64_t>(running.size()) < batch) {
       const datasets::Sample& s = *waiting.front();
-      std::vector<int32_t> ids = prompt_ids(s);
+      // (Tokenized once: a sample that waits for blocks keeps its tokens until it joins.)
+      if (!front_ready) front_ids = prompt_ids(s), front_ready = true;
+      const std::vector<int32_t>& ids = front_ids;
       const int64_t P = static_cast<int64_t>(ids.size()), ctx = P + max_new;
       const int64_t need = (ctx + B - 1) / B;
       if (need > pool_blocks)
@@ -105,8 +107,9 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
       model.set_attention(r->sparse.get());
       const int32_t first = model.ForwardGreedy(ids.data(), P, *r->cache);
       model.set_attention(nullptr);
+      r->st.prefill_seconds = Since(t0);
       r->decode_start = Clock::now();
-      r->st.prefill_seconds = std::chrono::duration<double>(r->decode_start - t0).count();
+      front_ready = false;
       take(*r, first);
       if (r->done) {
         finish(*r);

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "engine/cpu/ops.h"
+#include "sparse_attn/plan_rules.h"
 
 namespace needle {
 
@@ -102,7 +103,7 @@ std::vector<int32_t> TopK(const float* scores, const int32_t* ids, int64_t n, in
   std::vector<std::pair<float, int32_t>> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[i] = {scores[i], ids[i]};
   auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+    return plan_rules::Better(a.first, a.second, b.first, b.second);
   };
   if (k < n) std::nth_element(v.begin(), v.begin() + k, v.end(), better);
   std::vector<int32_t> out;

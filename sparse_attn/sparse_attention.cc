@@ -10,6 +10,7 @@
 #include "engine/base/seconds.h"
 #include "sparse_attn/best_key.h"
 #include "sparse_attn/block_mass.h"
+#include "sparse_attn/plan_rules.h"
 #include "sparse_attn/scoring.h"
 
 namespace needle {
@@ -269,7 +270,6 @@ void SparseAttention::PlanOnExecutor(int64_t layer, const float* q, const AttnAr
                                cfg_.topk,           cfg_.retained(),
                                ShortlistSize(),     cfg_.select == SelectMode::kLayer,
                                cfg_.retained() > 0, seed ? &retained_[l] : nullptr};
-  if (seed && retained_[l].size() != static_cast<size_t>(a.kv_heads)) retained_[l].clear();
   // (The plan's blocks come back only for a reader of them: --dump-plan, set_watch.)
   const bool read = plan_sink_ != nullptr || (watch_end_ > watch_begin_ && !watch_sum_.empty());
   exec_->PlanDecode(layer, q, a, kv, reps_, p, out, read ? plan : nullptr);
@@ -410,16 +410,13 @@ namespace {
 // Context are dropped when the next selection is made.
 std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vector<int32_t>& blocks,
                                 int64_t n) {
-  std::vector<size_t> order(blocks.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t x, size_t y) { return mass[x] > mass[y]; });
-  std::vector<int32_t> out;
-  for (size_t i = 0; i < order.size() && static_cast<int64_t>(out.size()) < n; ++i)
-    for (int32_t b : {blocks[order[i]], blocks[order[i]] + 1})
-      if (static_cast<int64_t>(out.size()) < n && std::find(out.begin(), out.end(), b) == out.end())
-        out.push_back(b);
-  std::sort(out.begin(), out.end());
+  std::vector<int> order(blocks.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return mass[x] > mass[y]; });
+  std::vector<int32_t> out(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  out.resize(static_cast<size_t>(plan_rules::KeepByMass(blocks.data(), order.data(),
+                                                        static_cast<int>(blocks.size()),
+                                                        static_cast<int>(n), out.data())));
   return out;
 }
 }  // namespace

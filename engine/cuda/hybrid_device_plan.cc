@@ -8,6 +8,17 @@
 
 namespace needle {
 
+namespace {
+// Retention lists as the device keeps them, h: [kv_heads][R] blocks, then [kv_heads] counts
+// (-1: no retention yet), into one list per KV head (none when there is no retention).
+void RetentionLists(const int32_t* h, int64_t Hk, int64_t R,
+                    std::vector<std::vector<int32_t>>* out) {
+  out->clear();
+  if (h[Hk * R] < 0) return;
+  for (int64_t hh = 0; hh < Hk; ++hh) out->emplace_back(h + hh * R, h + hh * R + h[Hk * R + hh]);
+}
+}  // namespace
+
 bool HybridAttention::Impl::PlansDecode() const {
   return device_kv && gather_on && device_plan_on && resident.slots() >= c.topk &&
          c.topk + c.retained() <= cuda::kMaxDeviceShortlist;
@@ -87,11 +98,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   plan->blocks.assign(static_cast<size_t>(Hk), {});
   for (int64_t hh = 0; hh < Hk; ++hh)
     plan->blocks[hh].assign(h.begin() + hh * n_sel, h.begin() + (hh + 1) * n_sel);
-  const int32_t* kh = h.data() + Hk * n_sel;
-  plan->retained.clear();
-  if (kh[Hk * R] >= 0)
-    for (int64_t hh = 0; hh < Hk; ++hh)
-      plan->retained.emplace_back(kh + hh * R, kh + hh * R + kh[Hk * R + hh]);
+  RetentionLists(h.data() + Hk * n_sel, Hk, R, &plan->retained);
 }
 
 void HybridAttention::Impl::Mark(Phase ph) {
@@ -126,10 +133,7 @@ void HybridAttention::Impl::TakeRetention(int64_t layer,
   NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data(), DeviceRetention(layer, R), h.size() * 4,
                                     cudaMemcpyDeviceToHost, stream));
   Sync(&stats.gpu_wait);
-  retained->clear();
-  if (h[static_cast<size_t>(Hk * R)] < 0) return;
-  for (int64_t hh = 0; hh < Hk; ++hh)
-    retained->emplace_back(h.begin() + hh * R, h.begin() + hh * R + h[Hk * R + hh]);
+  RetentionLists(h.data(), Hk, R, retained);
 }
 
 }  // namespace needle

@@ -1,8 +1,8 @@
 #include "engine/cuda/hybrid_select.h"
 
 #include <algorithm>
-#include <chrono>
 
+#include "engine/base/seconds.h"
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/kernels.h"
@@ -40,7 +40,7 @@ const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& 
   std::vector<uint32_t>& up = uploaded_[layer];
   // Every candidate's copy is current when the layer has not changed since the candidates of a
   // range that covered these were checked: O(1) a step, not O(blocks).
-  const auto t = std::chrono::steady_clock::now();
+  const auto t = Clock::now();
   const bool current = reps.version(layer) == up_version_[layer] && first >= up_first_[layer] &&
                        first + n <= up_end_[layer];
   if (!current) ++counts.checks;
@@ -57,7 +57,7 @@ const uint8_t* GpuBlockScorer::Upload(int64_t layer, const RepresentativeStore& 
     counts.blocks += e - b;
     b = e;
   }
-  counts.host_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  counts.host_s += Since(t);
   if (!current)
     up_version_[layer] = reps.version(layer), up_first_[layer] = first, up_end_[layer] = first + n;
   return layer_dev;
@@ -108,12 +108,10 @@ bool GpuBlockScorer::Score(int64_t layer, const RepresentativeStore& reps, const
 // ReadShortlist after a stream synchronize.
 void GpuBlockScorer::QueueShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
                                     int64_t n, bool sum_heads, int64_t want, const float* q_dev) {
-  const int64_t rows = sum_heads ? 1 : kv_heads_;
-  const size_t out = static_cast<size_t>(rows * want);
-  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev);
-  float* vals = d + kv_heads_ * n;
-  auto* ids = reinterpret_cast<int32_t*>(vals + out);
-  TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, vals, ids, stream_);
+  const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
+  const float* vals = nullptr;
+  const int32_t* ids = nullptr;  // (right after vals: one copy brings both)
+  QueueDeviceShortlist(layer, reps, first, n, sum_heads, want, q_dev, &vals, &ids);
   NEEDLE_CUDA_CHECK(
       cudaMemcpyAsync(top_pin_.Get(2 * out), vals, 2 * out * 4, cudaMemcpyDeviceToHost, stream_));
 }
@@ -124,8 +122,10 @@ void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeSto
                                           const int32_t** ids,
                                           const std::function<void(int)>& mark) {
   const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
-  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev, [&] { mark(0); });
-  mark(1);
+  float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev, [&] {
+    if (mark) mark(0);
+  });
+  if (mark) mark(1);
   float* v = d + kv_heads_ * n;
   auto* i = reinterpret_cast<int32_t*>(v + out);
   TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);

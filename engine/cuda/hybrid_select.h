@@ -50,7 +50,7 @@ class GpuBlockScorer {
   void QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
                             int64_t n, bool sum_heads, int64_t want, const float* q_dev,
                             const float** vals, const int32_t** ids,
-                            const std::function<void(int)>& mark);
+                            const std::function<void(int)>& mark = {});
   // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
   // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
   // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids

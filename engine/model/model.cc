@@ -148,15 +148,7 @@ void Model::LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope,
   const int64_t D = c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
   float *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
-  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
-  AttnArgs a;
-  a.T = T;
-  a.pos0 = pos0;
-  a.heads = c.num_heads;
-  a.kv_heads = c.num_kv_heads;
-  a.head_dim = D;
-  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  a.inv_freq = rope.inv_freq.data();
+  const AttnArgs a = LayerAttnArgs(l, T, pos0, rope);
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const KVTarget kv = attn_->Target(l, cache);
   const Backend::Projection qkv[3] = {{&L.wq, &L.bq, q}, {&L.wk, &L.bk, k}, {&L.wv, &L.bv, v}};
@@ -170,10 +162,27 @@ void Model::LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope,
     b_.ProjectRopeKVWrite(x, T, {&L.attn_norm, eps, h}, qkv, c.num_heads, *kv.cache, kv.layer, pos0,
                           rope.inv_freq, rope.attention_scaling);
   }
-  a.window = c.sliding_window[static_cast<size_t>(l)];
-  attn_->Attend(l, q, a, cache, att);
-  b_.ProjectAdd(att, T, L.wo, &L.bo, x, h);
+  attn_->Attend(l, q, a, cache, buf.att.get());
+  LayerTail(L, T, buf, x);
+}
 
+AttnArgs Model::LayerAttnArgs(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope) const {
+  AttnArgs a;
+  a.T = T;
+  a.pos0 = pos0;
+  a.heads = cfg_.num_heads;
+  a.kv_heads = cfg_.num_kv_heads;
+  a.head_dim = cfg_.head_dim;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
+  a.inv_freq = rope.inv_freq.data();
+  a.window = cfg_.sliding_window[static_cast<size_t>(l)];
+  return a;
+}
+
+void Model::LayerTail(const LayerWeights& L, int64_t T, Buffers& buf, float* x) {
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  float *h = buf.h.get(), *gate = buf.gate.get(), *up = buf.up.get();
+  b_.ProjectAdd(buf.att.get(), T, L.wo, &L.bo, x, h);
   b_.GateUp(x, T, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
   b_.ProjectAdd(gate, T, L.w_down, &L.b_down, x, h);
 }

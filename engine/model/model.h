@@ -139,6 +139,11 @@ class Model {
   // holds the layer's other activations.
   void LayerBody(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,
                  Buffers& buf, float* x);
+  // The attention arguments of layer l for T queries from pos0.
+  AttnArgs LayerAttnArgs(int64_t l, int64_t T, int64_t pos0, const RopeFreqs& rope) const;
+  // A layer after its attention: o projection and MLP, each added to x [T, hidden]; reads
+  // buf.att [T, q_dim].
+  void LayerTail(const LayerWeights& L, int64_t T, Buffers& buf, float* x);
   // Final norm and LM head of the last `rows` of x [T, hidden] into buf.logits.
   void Head(const float* x, int64_t T, int64_t rows, Buffers& buf);
   void Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& rope, KVCache& cache,

@@ -42,7 +42,6 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
   }
   Buffers buf(b_, c, n);
   float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
-  float *att = buf.att.get(), *gate = buf.gate.get(), *up = buf.up.get();
   const float eps = static_cast<float>(c.rms_norm_eps);
   b_.Embed(w_.embed, ids, n, x);
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -60,16 +59,10 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
       const KVTarget kv = policy(i).Target(l, cache);
       b_.RopeKVWrite(qi, k + i * Hk * D, v + i * Hk * D, 1, H, *kv.cache, kv.layer, p,
                      rope[i].inv_freq, rope[i].attention_scaling);
-      AttnArgs a;
-      a.T = 1, a.pos0 = p, a.heads = H, a.kv_heads = Hk, a.head_dim = D;
-      a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-      a.inv_freq = rope[i].inv_freq.data();
-      a.window = c.sliding_window[static_cast<size_t>(l)];
-      policy(i).Attend(l, qi, a, cache, att + i * H * D);
+      const AttnArgs a = LayerAttnArgs(l, 1, p, rope[i]);
+      policy(i).Attend(l, qi, a, cache, buf.att.get() + i * H * D);
     }
-    b_.ProjectAdd(att, n, L.wo, &L.bo, x, h);
-    b_.GateUp(x, n, {&L.mlp_norm, eps, h}, L.w_gate, &L.b_gate, L.w_up, &L.b_up, gate, up);
-    b_.ProjectAdd(gate, n, L.w_down, &L.b_down, x, h);
+    LayerTail(L, n, buf, x);
   }
   Head(x, n, n, buf);
   for (int64_t i = 0; i < n; ++i) {
