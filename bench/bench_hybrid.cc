@@ -164,7 +164,7 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         "3f,\"setup_s\":%.1f"
         ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
         "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
-        "3f,\"gpu_wait_part_ms\":%.3f,\"other_ms\":%.3f",
+        "3f,\"gpu_wait_part_ms\":%.3f,\"other_ms\":%.3f,\"enqueue_ms\":%.3f",
         seq.device_kv ? "device" : "host",
         !sc.sparse_prefill ? "dense"
         : sc.pos_remap     ? "sparse+remap"
@@ -173,7 +173,8 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
         (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
-        (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait);
+        (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait,
+        (a.enqueue - before.enqueue) / n * ms);
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
     double phases = 0;
     for (double x : a.gpu_phase) phases += x;

@@ -133,7 +133,7 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
   line("retain",
        Time(s, reps_n,
             [&] {
-              cuda::RetainByMass(sel, topk, stats, lse, Hk, G, false, R, ret, ret + Hk * R, s);
+              cuda::RetainByMass(sel, topk, stats, 1, lse, Hk, G, false, R, ret, ret + Hk * R, s);
             }),
        static_cast<double>(Hk * topk * G * 8));
   cudaDeviceSynchronize();

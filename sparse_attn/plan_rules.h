@@ -50,13 +50,21 @@ NEEDLE_HD inline int KeepRetained(const int32_t* ret, int n, int32_t init_b, int
 
 // Step 2: shortlist entry i (sc, id [n], distinct ids, any order) is chosen when the value
 // returned is below topk - nk: its rank among the entries not kept; -1 for a kept entry.
-NEEDLE_HD inline int ShortlistRank(const float* sc, const int32_t* id, int n, const int32_t* keep,
-                                   int nk, int i) {
-  if (Holds(keep, nk, id[i])) return -1;
+// kept(j): whether entry j's block is kept (Holds(keep, nk, id[j]); a kernel marks them once,
+// one entry per thread, instead of every thread walking keep for every entry).
+template <typename Kept>
+NEEDLE_HD inline int ShortlistRankOf(const float* sc, const int32_t* id, int n, Kept&& kept,
+                                     int i) {
+  if (kept(i)) return -1;
   int r = 0;
   for (int j = 0; j < n; ++j)
-    if (j != i && Better(sc[j], id[j], sc[i], id[i]) && !Holds(keep, nk, id[j])) ++r;
+    if (j != i && Better(sc[j], id[j], sc[i], id[i]) && !kept(j)) ++r;
   return r;
+}
+NEEDLE_HD inline int ShortlistRank(const float* sc, const int32_t* id, int n, const int32_t* keep,
+                                   int nk, int i) {
+  return ShortlistRankOf(
+      sc, id, n, [&](int j) { return Holds(keep, nk, id[j]); }, i);
 }
 
 // Step 3: x's place in the ascending order of the distinct a[0, n).
@@ -76,6 +84,14 @@ NEEDLE_HD inline float BlockMass(const float* st, const float* lse, int G) {
   return mass;
 }
 
+// The same mass from the sums of the block's `tiles` parts, st [tiles][G][2] (the GPU's decode
+// kernel sums each 32-key tile: the masses of the parts add up).
+NEEDLE_HD inline float TiledBlockMass(const float* st, const float* lse, int G, int tiles) {
+  float mass = 0.f;
+  for (int t = 0; t < tiles; ++t) mass += BlockMass(st + 2 * G * t, lse, G);
+  return mass;
+}
+
 // Entry i's place in the descending order of mass [n] (ties: lower index first).
 NEEDLE_HD inline int MassRank(const float* mass, int n, int i) {
   int r = 0;
@@ -91,16 +107,29 @@ NEEDLE_HD inline void SortAscending(int32_t* a, int n) {
     }
 }
 
-// Retention: blocks [n] in the order order [n] (indices by MassRank), each followed by its
-// successor, the first R distinct into out (ascending); returns their count.
+// Retention's candidates: c = 0, 1, ... 2n - 1 is block blocks[order[c / 2]] (order: indices by
+// MassRank) for even c, its successor for odd c.
+NEEDLE_HD inline int32_t MassCandidate(const int32_t* blocks, const int* order, int c) {
+  return blocks[order[c >> 1]] + (c & 1);
+}
+// Whether candidate c is the first of its value.
+NEEDLE_HD inline bool FirstCandidate(const int32_t* blocks, const int* order, int c) {
+  const int32_t b = MassCandidate(blocks, order, c);
+  for (int e = 0; e < c; ++e)
+    if (MassCandidate(blocks, order, e) == b) return false;
+  return true;
+}
+// Retention: the first R distinct candidates into out (ascending); returns their count. (Walked
+// in order, a candidate is the first of its value when out does not hold it yet; a kernel marks
+// the first candidates in parallel with FirstCandidate instead and places each by the count of
+// marks before it: tests/test_executor_plan.cc checks that the two agree.)
 NEEDLE_HD inline int KeepByMass(const int32_t* blocks, const int* order, int n, int R,
                                 int32_t* out) {
   int k = 0;
-  for (int r = 0; r < n && k < R; ++r)
-    for (int s = 0; s < 2; ++s) {
-      const int32_t b = blocks[order[r]] + s;
-      if (k < R && !Holds(out, k, b)) out[k++] = b;
-    }
+  for (int c = 0; c < 2 * n && k < R; ++c) {
+    const int32_t b = MassCandidate(blocks, order, c);
+    if (!Holds(out, k, b)) out[k++] = b;
+  }
   SortAscending(out, k);
   return k;
 }

@@ -24,6 +24,49 @@ namespace {
 
 namespace pr = plan_rules;
 
+// plan_rules::KeepByMass as the GPU's RetainKernel computes it: every candidate marked when it is
+// the first of its value (FirstCandidate, one per thread there), each marked one placed by the
+// count of marks before it, the first R of them sorted by CountBelow.
+std::vector<int32_t> ParallelKeepByMass(const int32_t* blocks, const int* order, int n, int R) {
+  std::vector<int> first(static_cast<size_t>(2 * n));
+  for (int c = 0; c < 2 * n; ++c) first[c] = pr::FirstCandidate(blocks, order, c);
+  std::vector<int32_t> out(static_cast<size_t>(R));
+  int total = 0;
+  for (int c = 0; c < 2 * n; ++c) {
+    if (first[c] == 0) continue;
+    const int at = std::accumulate(first.begin(), first.begin() + c, 0);
+    if (at < R) out[at] = pr::MassCandidate(blocks, order, c);
+    ++total;
+  }
+  const int cnt = std::min(total, R);
+  std::vector<int32_t> sorted(static_cast<size_t>(cnt));
+  for (int i = 0; i < cnt; ++i) sorted[pr::CountBelow(out.data(), cnt, out[i])] = out[i];
+  return sorted;
+}
+
+// The parallel form gives the walk's retention on random selections, many of them runs of
+// neighbouring blocks (a block's successor is often selected too: candidates repeat).
+TEST(PlanRules, ParallelKeepByMassEqualsTheWalk) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 40), R = static_cast<int>(rng() % 24);
+    std::vector<int32_t> blocks;
+    int32_t b = static_cast<int32_t>(rng() % 5);
+    while (static_cast<int>(blocks.size()) < n) {
+      blocks.push_back(b);
+      b += 1 + (rng() % 3 == 0 ? static_cast<int32_t>(rng() % 9) : 0);
+    }
+    std::vector<int> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<int32_t> walk(static_cast<size_t>(R));
+    walk.resize(
+        static_cast<size_t>(pr::KeepByMass(blocks.data(), order.data(), n, R, walk.data())));
+    ASSERT_EQ(ParallelKeepByMass(blocks.data(), order.data(), n, R), walk)
+        << "trial " << trial << " n " << n << " R " << R;
+  }
+}
+
 // The CPU reference of the GPU's executor plan: scores, a shortlist in a scrambled order,
 // plan_rules' selection, the attention over Initial + selected + Local, block masses from the
 // selected blocks' softmax sums (AttendBlocks', as the GPU's BlockStats) and the step's lse.
@@ -72,8 +115,11 @@ class RuleExecutor final : public CpuPlanExecutor {
                              : 0;
       keep.resize(static_cast<size_t>(nk));
       std::vector<int32_t> members = keep;
+      std::vector<char> marked(static_cast<size_t>(k));  // (as the kernel: kept entries marked)
+      for (int i = 0; i < k; ++i) marked[i] = pr::Holds(keep.data(), nk, si[i]);
       for (int i = 0; i < k; ++i) {
-        const int rank = pr::ShortlistRank(ss.data(), si.data(), k, keep.data(), nk, i);
+        const int rank = pr::ShortlistRankOf(
+            ss.data(), si.data(), k, [&](int j) { return marked[j] != 0; }, i);
         if (rank >= 0 && rank < p.topk - nk) members.push_back(si[i]);
       }
       std::vector<int32_t> row(members.size());
@@ -108,9 +154,8 @@ class RuleExecutor final : public CpuPlanExecutor {
         const int m = static_cast<int>(sel[r].size());
         std::vector<int> order(static_cast<size_t>(m));
         for (int i = 0; i < m; ++i) order[pr::MassRank(mass[r].data(), m, i)] = i;
-        std::vector<int32_t> keep(static_cast<size_t>(p.retained));
-        keep.resize(static_cast<size_t>(pr::KeepByMass(sel[r].data(), order.data(), m,
-                                                       static_cast<int>(p.retained), keep.data())));
+        const std::vector<int32_t> keep =
+            ParallelKeepByMass(sel[r].data(), order.data(), m, static_cast<int>(p.retained));
         for (int64_t h = p.by_layer ? 0 : r; h < (p.by_layer ? Hk : r + 1); ++h) ret[h] = keep;
       }
     }

@@ -9,6 +9,7 @@
 #include "engine/cuda/attention.h"
 
 #include "engine/cuda/attention_decode.h"
+#include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/attention_params.h"
 #include "engine/cuda/attention_tc.h"
 
@@ -282,6 +283,20 @@ bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
     NEEDLE_CUDA_CHECK_LAUNCH();
   }
   return false;
+}
+
+bool AttentionTileStats(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
+                        float* lse, int sm_count, AttnWorkspace& ws, cudaStream_t stream,
+                        int64_t key0, int64_t key_end, float* stats) {
+  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
+  if (a.T != 1 || key0 % 32 != 0 || key_end % 32 != 0 || key_end < key0 || !DecodeEnabled() ||
+      (choice != nullptr && std::strcmp(choice, "simt") == 0))
+    return false;
+  Params p = MakeAttnParams(q, kv, a, out, lse);
+  p.tile_stats = stats;
+  p.stats_key0 = key0;
+  p.stats_key_end = key_end;
+  return TmaDecodeAttention(p, sm_count, ws, stream);
 }
 
 }  // namespace needle::cuda

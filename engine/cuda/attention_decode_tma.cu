@@ -274,6 +274,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     l0 = l0 * alpha0 + (pr[0][0] + pr[0][2]) + (pr[1][0] + pr[1][2]);
     l1 = l1 * alpha1 + (pr[0][1] + pr[0][3]) + (pr[1][1] + pr[1][3]);
+    // The tile's own sums (AttentionTileStats), relative to the running maxima (the warp's
+    // tile: a uniform branch). Packed: lanes t < 2 hold the heads.
+    if (p.tile_stats != nullptr && key0 >= p.stats_key0 && key0 < p.stats_key_end) {
+      float s0 = (pr[0][0] + pr[0][2]) + (pr[1][0] + pr[1][2]);
+      float s1 = (pr[0][1] + pr[0][3]) + (pr[1][1] + pr[1][3]);
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        s0 += __shfl_xor_sync(0xffffffffu, s0, off);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+      }
+      if (g == 0 && (!kPack || t < 2)) {
+        constexpr float kLn2 = 0.6931471805599453f;
+        const int64_t tiles = (p.stats_key_end - p.stats_key0) / kTileKeys;
+        float* st = p.tile_stats + (h * tiles + (key0 - p.stats_key0) / kTileKeys) * p.G * 2;
+        if (2 * t < p.G) st[4 * t] = ref0 * kLn2, st[4 * t + 1] = s0;
+        if (2 * t + 1 < p.G) st[4 * t + 2] = ref1 * kLn2, st[4 * t + 3] = s1;
+      }
+    }
     // Once the maxima settle (most tiles of a long split) no lane of the warp rescales.
     if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
 #pragma unroll

@@ -33,6 +33,12 @@ struct AttnParams {
   // pos0, n_keys and keys_per_split above are then those of the step that was recorded. Only
   // the TMA decode kernel reads it.
   const int64_t* dpos;
+  // Optional, TMA decode kernel only (AttentionTileStats): the softmax sums of every 32-key tile
+  // of the keys [stats_key0, stats_key_end) (tile-aligned), tile_stats [kv_heads][tiles][G][2] =
+  // {m, l}: m a reference maximum (natural log, scale applied), l the sum of exp(s - m) over the
+  // tile's keys.
+  float* tile_stats;
+  int64_t stats_key0, stats_key_end;
 };
 
 // The fields of one call (one split: out and lse as given).

@@ -12,7 +12,9 @@ namespace pr = plan_rules;
 constexpr int kThreads = 128;
 
 // Block r: row r. Shared: the shortlist's scores and ids [k], the kept blocks [R], the selection
-// [R + k] (kept first, then each chosen entry at nk + its rank).
+// [R + k] (kept first, then each chosen entry at nk + its rank), the retention [R], each
+// shortlist entry's mark (kept or not) [k]. (Without the marks every thread walked the kept
+// blocks for every entry, ~k x R shared reads in a row: 22 us a layer at k = 64, R = 16.)
 __global__ void __launch_bounds__(kThreads)
     SelectKernel(const float* vals, const int32_t* ids, int64_t want, int k, const int32_t* ret,
                  const int32_t* rcount, int R, int32_t init_b, int32_t ctx_end, int topk,
@@ -24,6 +26,7 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* s_keep = s_id + k;
   int32_t* s_sel = s_keep + R;
   int32_t* s_ret = s_sel + R + k;
+  int32_t* s_kept = s_ret + R;
   __shared__ int s_nk, s_rc;
   const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
   // (Every global read first, in parallel: thread 0's serial part reads shared memory only.)
@@ -38,8 +41,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int nk = s_nk;
+  for (int i = threadIdx.x; i < k; i += kThreads) s_kept[i] = pr::Holds(s_keep, nk, s_id[i]);
+  __syncthreads();
   for (int i = threadIdx.x; i < k; i += kThreads) {
-    const int rank = pr::ShortlistRank(s_sc, s_id, k, s_keep, nk, i);
+    const int rank = pr::ShortlistRankOf(
+        s_sc, s_id, k, [&](int j) { return s_kept[j] != 0; }, i);
     if (rank >= 0 && rank < topk - nk) s_sel[nk + rank] = s_id[i];
   }
   __syncthreads();
@@ -58,22 +64,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block r: row r. Shared: the masses [n] and the order [n].
+// Block r: row r. Shared: the masses [n], the order [n], the blocks [n], the retention [R], the
+// candidates' marks [2n] (plan_rules::KeepByMass, in parallel: each candidate marked when it is
+// the first of its value, then placed by the count of marks before it; thread 0 walking the
+// candidates alone took 7 us a layer).
 __global__ void __launch_bounds__(kThreads)
-    RetainKernel(const int32_t* sel, int n, const float* stats, const float* lse, int kv_heads,
-                 int G, bool by_layer, int R, int32_t* ret, int32_t* rcount) {
+    RetainKernel(const int32_t* sel, int n, const float* stats, int tiles, const float* lse,
+                 int kv_heads, int G, bool by_layer, int R, int32_t* ret, int32_t* rcount) {
   extern __shared__ int32_t smem[];
   float* s_mass = reinterpret_cast<float*>(smem);
   int* s_order = smem + n;
   int32_t* s_blocks = smem + 2 * n;
   int32_t* s_out = smem + 3 * n;
+  int* s_first = s_out + R;
+  __shared__ int s_cnt;
   const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
   for (int j = threadIdx.x; j < n; j += kThreads) {
     s_blocks[j] = sel[h0 * n + j];
     float m = 0.f;
     for (int h = h0; h < h1; ++h) {
-      const float mh =
-          pr::BlockMass(stats + static_cast<int64_t>((h * n + j) * G) * 2, lse + h * G, G);
+      const float mh = pr::TiledBlockMass(stats + static_cast<int64_t>((h * n + j) * tiles) * G * 2,
+                                          lse + h * G, G, tiles);
       m = h == h0 ? mh : m + mh;
     }
     s_mass[j] = m;
@@ -81,13 +92,27 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += kThreads) s_order[pr::MassRank(s_mass, n, j)] = j;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const int cnt = pr::KeepByMass(s_blocks, s_order, n, R, s_out);
-    for (int h = h0; h < h1; ++h) {
-      rcount[h] = cnt;
-      for (int i = 0; i < cnt; ++i) ret[h * R + i] = s_out[i];
-    }
+  for (int c = threadIdx.x; c < 2 * n; c += kThreads)
+    s_first[c] = pr::FirstCandidate(s_blocks, s_order, c);
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * n; c += kThreads) {
+    if (s_first[c] == 0) continue;
+    int at = 0;
+    for (int e = 0; e < c; ++e) at += s_first[e];
+    if (at < R) s_out[at] = pr::MassCandidate(s_blocks, s_order, c);
   }
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int c = 0; c < 2 * n; ++c) total += s_first[c];
+    s_cnt = total < R ? total : R;
+  }
+  __syncthreads();
+  const int cnt = s_cnt;
+  for (int i = threadIdx.x; i < cnt; i += kThreads) {
+    const int at = pr::CountBelow(s_out, cnt, s_out[i]);  // ascending
+    for (int h = h0; h < h1; ++h) ret[h * R + at] = s_out[i];
+  }
+  for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += kThreads) rcount[h] = cnt;
 }
 
 }  // namespace
@@ -99,7 +124,7 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream) {
   NEEDLE_CHECK(k <= want && want <= kMaxDeviceShortlist && n_sel <= topk && R <= topk);
   if (n_sel <= 0) return;
-  const size_t smem = static_cast<size_t>(2 * k + R + R + k + R) * 4;
+  const size_t smem = static_cast<size_t>(2 * k + R + R + k + R + k) * 4;
   SelectKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
       vals, ids, want, static_cast<int>(k), ret, rcount, static_cast<int>(R),
       static_cast<int32_t>(init_b), static_cast<int32_t>(ctx_end), static_cast<int>(topk),
@@ -108,15 +133,15 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-void RetainByMass(const int32_t* sel, int64_t n, const float* stats, const float* lse,
-                  int64_t kv_heads, int64_t G, bool by_layer, int64_t R, int32_t* ret,
-                  int32_t* rcount, cudaStream_t stream) {
-  NEEDLE_CHECK(n <= kMaxDeviceShortlist);
+void RetainByMass(const int32_t* sel, int64_t n, const float* stats, int64_t tiles,
+                  const float* lse, int64_t kv_heads, int64_t G, bool by_layer, int64_t R,
+                  int32_t* ret, int32_t* rcount, cudaStream_t stream) {
+  NEEDLE_CHECK(n <= kMaxDeviceShortlist && tiles >= 1);
   if (n <= 0 || R <= 0) return;
-  const size_t smem = static_cast<size_t>(3 * n + R) * 4;
+  const size_t smem = static_cast<size_t>(3 * n + R + 2 * n) * 4;
   RetainKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
-      sel, static_cast<int>(n), stats, lse, static_cast<int>(kv_heads), static_cast<int>(G),
-      by_layer, static_cast<int>(R), ret, rcount);
+      sel, static_cast<int>(n), stats, static_cast<int>(tiles), lse, static_cast<int>(kv_heads),
+      static_cast<int>(G), by_layer, static_cast<int>(R), ret, rcount);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

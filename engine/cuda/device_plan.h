@@ -31,11 +31,12 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream);
 
 // Retention for the layer's next step: from the selection sel [kv_heads][n] (ascending), its
-// blocks' softmax sums stats ([kv_heads][n][G][2], cuda::BlockStats') and the step's lse
+// blocks' softmax sums stats ([kv_heads][n][tiles][G][2]: each block's in `tiles` parts, 1 for
+// cuda::BlockStats', block_size / 32 for AttentionTileStats') and the step's lse
 // [kv_heads * G] over everything it attended, writes ret [kv_heads][R] (ascending) and rcount
 // [kv_heads] (by_layer: the masses summed over the KV heads in head order, one list for all).
-void RetainByMass(const int32_t* sel, int64_t n, const float* stats, const float* lse,
-                  int64_t kv_heads, int64_t G, bool by_layer, int64_t R, int32_t* ret,
-                  int32_t* rcount, cudaStream_t stream);
+void RetainByMass(const int32_t* sel, int64_t n, const float* stats, int64_t tiles,
+                  const float* lse, int64_t kv_heads, int64_t G, bool by_layer, int64_t R,
+                  int32_t* ret, int32_t* rcount, cudaStream_t stream);
 
 }  // namespace needle::cuda

@@ -248,6 +248,7 @@ void HybridAttention::SyncStats() {
 void HybridAttention::BeginStep(const StepInfo& s) {
   SyncStats();  // (the last step's rows, where the executor planned it, and its marks)
   impl_->step = s;
+  impl_->step_begin = Clock::now();
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;
 }
@@ -257,6 +258,7 @@ KVTarget HybridAttention::Target(int64_t layer, KVCache& cache) {
   // Decode: called before the layer's projections are queued; the event marks the end of the
   // previous layer's work on the GPU (Attend waits for it before waking the CPU's threads).
   if (x.step.call_T == 1) NEEDLE_CUDA_CHECK(cudaEventRecord(x.layer_start, x.stream));
+  if (x.step.call_T == 1 && layer == x.m.num_layers - 1) x.stats.enqueue += Since(x.step_begin);
   if (x.step.call_T == 1 || HybridDenseLayer(x.m, x.c, layer)) return {&cache, layer};
   if (x.step.pos0 == x.step.call_pos0) {
     x.model_cache = &cache;

@@ -80,6 +80,10 @@ struct HybridStats {
   double copies = 0;         // q, new K/V rows and partials between GPU and host
   double gpu_wait = 0;       // waiting for the GPU: the layer's q and shortlist, its own partial
   double gpu_wait_part = 0;  // of gpu_wait: for its partial, after the CPU's blocks were done
+  // Decode: host time from the step's start until the last layer's work is queued (the model's
+  // too). Near the step's time, the GPU waits for the host to queue its work; far below it, the
+  // host waits for the GPU.
+  double enqueue = 0;
   // Context blocks (one KV head's each) attended by the GPU (read from host memory over PCIe,
   // SparseConfig::gpu_share) and by the CPU, summed over layers and steps.
   int64_t gpu_blocks = 0, cpu_blocks = 0;

@@ -55,13 +55,16 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
                               &ids, [this](int at) { Mark(at == 0 ? kUpload : kScore); });
   Mark(kTopk);
   // Scratch: sel, src, dst [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
-  // [Hk][n_sel][G][2] and the lse [heads] (floats).
+  // [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where the attention writes them, else
+  // whole) and the lse [heads] (floats).
+  const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
   const size_t ints = static_cast<size_t>(3 * Hk * n_sel + Hk * (R + 1));
-  int32_t* sel = dp_scratch.Get<int32_t>(ints + static_cast<size_t>(2 * Hk * n_sel * G + a.heads));
+  int32_t* sel =
+      dp_scratch.Get<int32_t>(ints + static_cast<size_t>(2 * Hk * n_sel * tiles * G + a.heads));
   int32_t *src = sel + Hk * n_sel, *dst = src + Hk * n_sel, *kept = dst + Hk * n_sel;
   int32_t* kcount = kept + Hk * R;
   float* sums = reinterpret_cast<float*>(sel + ints);
-  float* lse = sums + 2 * Hk * n_sel * G;
+  float* lse = sums + 2 * Hk * n_sel * tiles * G;
   const KVLayerView ring = model_cache->Layer(layer);
   cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
                             p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
@@ -76,13 +79,21 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   resident.ClearLayer(layer);  // (the slots hold this step's blocks, which the host does not know)
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_sel, &a2, true);
-  cuda::Attention(q_dev, v, a2, out_dev, lse, sm, ws, stream);
+  // Retention's block sums come with the attention (its decode kernel sums each tile of the
+  // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
+  const int64_t key0 = p.init_blocks * c.block_size, key_end = key0 + n_sel * c.block_size;
+  const bool tiled =
+      p.retain && tiles > 1 &&
+      cuda::AttentionTileStats(q_dev, v, a2, out_dev, lse, sm, ws, stream, key0, key_end, sums);
+  if (!tiled) cuda::Attention(q_dev, v, a2, out_dev, lse, sm, ws, stream);
   Mark(kAttend);
   if (p.retain) {
-    cuda::BlockStats(q_dev, v.k + static_cast<size_t>(x0) * model_cache->BlockBytes(), v.dtype,
-                     n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums, stream);
+    if (!tiled)
+      cuda::BlockStats(q_dev, v.k + static_cast<size_t>(x0) * model_cache->BlockBytes(), v.dtype,
+                       n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums, stream);
     Mark(kSums);
-    cuda::RetainByMass(sel, n_sel, sums, lse, Hk, G, p.by_layer, R, ret, rcount, stream);
+    cuda::RetainByMass(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk, G, p.by_layer, R, ret, rcount,
+                       stream);
     Mark(kRetain);
   }
   stats.gpu_blocks += n_sel * Hk;

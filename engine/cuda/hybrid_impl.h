@@ -178,6 +178,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   ChunkPrefill prefill;         // --prefill sparse on the GPU
   int sm = 1;
   StepInfo step;
+  Clock::time_point step_begin;  // (HybridStats::enqueue)
   // The call in flight (Attend): the model's queries and output on the GPU and its cache.
   const float* q_dev = nullptr;
   float* out_dev = nullptr;
