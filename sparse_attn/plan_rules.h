@@ -84,13 +84,8 @@ NEEDLE_HD inline float BlockMass(const float* st, const float* lse, int G) {
   return mass;
 }
 
-// The same mass from the sums of the block's `tiles` parts, st [tiles][G][2] (the GPU's decode
-// kernel sums each 32-key tile: the masses of the parts add up).
-NEEDLE_HD inline float TiledBlockMass(const float* st, const float* lse, int G, int tiles) {
-  float mass = 0.f;
-  for (int t = 0; t < tiles; ++t) mass += BlockMass(st + 2 * G * t, lse, G);
-  return mass;
-}
+// (The GPU's decode kernel sums each 32-key tile of a block: the block's mass is then the sum of
+// its tiles' BlockMass, added in tile order.)
 
 // Entry i's place in the descending order of mass [n] (ties: lower index first).
 NEEDLE_HD inline int MassRank(const float* mass, int n, int i) {
@@ -112,11 +107,11 @@ NEEDLE_HD inline void SortAscending(int32_t* a, int n) {
 NEEDLE_HD inline int32_t MassCandidate(const int32_t* blocks, const int* order, int c) {
   return blocks[order[c >> 1]] + (c & 1);
 }
-// Whether candidate c is the first of its value.
-NEEDLE_HD inline bool FirstCandidate(const int32_t* blocks, const int* order, int c) {
-  const int32_t b = MassCandidate(blocks, order, c);
+// Whether candidate c of cand [2n] (cand[c] = MassCandidate(blocks, order, c)) is the first of
+// its value.
+NEEDLE_HD inline bool FirstCandidate(const int32_t* cand, int c) {
   for (int e = 0; e < c; ++e)
-    if (MassCandidate(blocks, order, e) == b) return false;
+    if (cand[e] == cand[c]) return false;
   return true;
 }
 // Retention: the first R distinct candidates into out (ascending); returns their count. (Walked

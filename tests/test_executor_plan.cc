@@ -28,14 +28,16 @@ namespace pr = plan_rules;
 // the first of its value (FirstCandidate, one per thread there), each marked one placed by the
 // count of marks before it, the first R of them sorted by CountBelow.
 std::vector<int32_t> ParallelKeepByMass(const int32_t* blocks, const int* order, int n, int R) {
+  std::vector<int32_t> cand(static_cast<size_t>(2 * n));
+  for (int c = 0; c < 2 * n; ++c) cand[c] = pr::MassCandidate(blocks, order, c);
   std::vector<int> first(static_cast<size_t>(2 * n));
-  for (int c = 0; c < 2 * n; ++c) first[c] = pr::FirstCandidate(blocks, order, c);
+  for (int c = 0; c < 2 * n; ++c) first[c] = pr::FirstCandidate(cand.data(), c);
   std::vector<int32_t> out(static_cast<size_t>(R));
   int total = 0;
   for (int c = 0; c < 2 * n; ++c) {
     if (first[c] == 0) continue;
     const int at = std::accumulate(first.begin(), first.begin() + c, 0);
-    if (at < R) out[at] = pr::MassCandidate(blocks, order, c);
+    if (at < R) out[at] = cand[c];
     ++total;
   }
   const int cnt = std::min(total, R);

@@ -21,12 +21,14 @@
 #include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "kvcache/kv_cache.h"
+#include "tests/backend_test_util.h"
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/kv_rows.h"
 #include "engine/cuda/pinned_host.h"
 #include "engine/cuda/resident_blocks.h"
 #endif
@@ -142,6 +144,39 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
     }
   }
   amx::SetMode(amx::Mode::kFromEnv);
+}
+
+// A step's rows of several layers copied at once (QueueRowsToPinned: one gather, one copy) are
+// the bytes the one-row copies give, over more rows than one gather takes (kMaxRowCopies).
+TEST(HybridGather, RowsAtOnceEqualRowByRow) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  cudaStream_t stream = CudaBackendStream(*gpu);
+  for (DType kvt : {DType::kBF16, DType::kF32}) {
+    const int64_t L = 3, Hk = 2, D = 64, B = 16, n_tok = 200;
+    KVCache dev(KVCacheShape{L, Hk, D, n_tok, B, kvt}, 0, gpu->kv_memory());
+    for (int64_t l = 0; l < L; ++l) {
+      BackendBuffer k = test::Upload(*gpu, test::RandomVector(n_tok * Hk * D, 31 + l)),
+                    v = test::Upload(*gpu, test::RandomVector(n_tok * Hk * D, 41 + l));
+      gpu->KVWrite(dev, l, 0, n_tok, k.get(), v.get());
+    }
+    dev.SetSize(n_tok);
+    std::vector<std::pair<int64_t, int64_t>> rows;
+    for (int64_t i = 0; i < 150; ++i) rows.emplace_back(i % L, (i * 37) % n_tok);
+    const size_t rb = KVRowBytes(dev.shape());
+    cuda::PinnedFloats all_pin, one_pin;
+    auto* all = reinterpret_cast<uint8_t*>(all_pin.Get(rows.size() * rb / 4));
+    auto* one = reinterpret_cast<uint8_t*>(one_pin.Get(rows.size() * rb / 4));
+    float* staging = gpu->Alloc(rows.size() * rb / 4);
+    QueueRowsToPinned(dev, rows, reinterpret_cast<uint8_t*>(staging), all, stream);
+    for (size_t i = 0; i < rows.size(); ++i)
+      QueueRowToPinned(dev, rows[i].first, rows[i].second, one + i * rb, stream);
+    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (size_t i = 0; i < rows.size(); ++i)
+      ASSERT_EQ(std::memcmp(all + i * rb, one + i * rb, rb), 0)
+          << KVTypeName(kvt) << " row " << i << " (layer " << rows[i].first << ", position "
+          << rows[i].second << ")";
+    gpu->Free(staging);
+  }
 }
 
 // ResidentBlocks (no GPU needed): a step's copies turn the slots into exactly the blocks it

@@ -32,7 +32,7 @@ bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
 // 32-key tile of the keys [key0, key_end) (multiples of 32): stats [kv_heads][(key_end - key0) /
 // 32][G][2] = {m, l} (device), m a reference maximum (natural log, scale applied) and l the sum of
 // exp(scale q.k - m) over the tile's keys (a block's mass is the sum of its tiles':
-// plan_rules::TiledBlockMass). Only the TMA decode kernel writes them: where it cannot take the
+// plan_rules.h). Only the TMA decode kernel writes them: where it cannot take the
 // call (attention_decode_tma.h), returns false and launches nothing.
 bool AttentionTileStats(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
                         float* lse, int sm_count, AttnWorkspace& ws, cudaStream_t stream,

@@ -191,7 +191,28 @@ __global__ void __launch_bounds__(32 * kWarpStatsWarps)
   }
 }
 
+// Block (row i's K or V = blockIdx.x, head = blockIdx.y): width bytes, 16 at a time where
+// everything is 16-byte aligned.
+__global__ void GatherRowsKernel(RowCopies c, size_t width, size_t pitch, uint8_t* dst) {
+  const uint8_t* src = c.src[blockIdx.x] + blockIdx.y * pitch;
+  uint8_t* to = dst + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * width;
+  if ((width | reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(to)) % 16 == 0) {
+    for (size_t i = threadIdx.x; i < width / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(to)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else {
+    for (size_t i = threadIdx.x; i < width; i += blockDim.x) to[i] = src[i];
+  }
+}
+
 }  // namespace
+
+void GatherRows(const RowCopies& c, size_t width, size_t pitch, int64_t heads, uint8_t* dst,
+                cudaStream_t stream) {
+  if (c.n <= 0) return;
+  GatherRowsKernel<<<dim3(static_cast<unsigned>(2 * c.n), static_cast<unsigned>(heads)), 32, 0,
+                     stream>>>(c, width, pitch, dst);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
 
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,

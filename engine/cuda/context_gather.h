@@ -30,6 +30,17 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
                   uint8_t* v_dst, cudaStream_t stream);
 
+// Copies the rows of up to kMaxRowCopies tokens of a device cache into dst, back to back: token
+// i's K row, then its V row, each [heads][width bytes], from src[2i] and src[2i + 1] (device
+// memory: a token's row of KV head 0; head h's is `pitch` bytes further).
+constexpr int kMaxRowCopies = 64;
+struct RowCopies {
+  const uint8_t* src[2 * kMaxRowCopies];
+  int n = 0;
+};
+void GatherRows(const RowCopies& c, size_t width, size_t pitch, int64_t heads, uint8_t* dst,
+                cudaStream_t stream);
+
 // Copies n head blocks ([block_size B][head_dim D] rows of one KV head, dtype t) within one device
 // arena pair: item i from k/v + src[i] * B * D elements to k/v + dst[i] * B * D, the keys rotated
 // on the way by row rot[i] of rot_table ([rows][D]: cos of the first D/2 angles, then their sin,

@@ -65,9 +65,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Block r: row r. Shared: the masses [n], the order [n], the blocks [n], the retention [R], the
-// candidates' marks [2n] (plan_rules::KeepByMass, in parallel: each candidate marked when it is
-// the first of its value, then placed by the count of marks before it; thread 0 walking the
-// candidates alone took 7 us a layer).
+// candidates and their marks [2n] each, the masses of the blocks' parts [kv heads of the row][n]
+// [tiles]. Every step one item per thread: the parts' masses (the loads and exponentials of one
+// part: one thread walking a block's tiles and heads took 14 us a layer), each block's mass (its
+// parts added in tile order), the ranks, then plan_rules::KeepByMass in
+// parallel: each candidate marked when it is the first of its value and placed by the count of
+// marks before it (thread 0 walking the candidates alone took 7 us a layer).
 __global__ void __launch_bounds__(kThreads)
     RetainKernel(const int32_t* sel, int n, const float* stats, int tiles, const float* lse,
                  int kv_heads, int G, bool by_layer, int R, int32_t* ret, int32_t* rcount) {
@@ -76,16 +79,25 @@ __global__ void __launch_bounds__(kThreads)
   int* s_order = smem + n;
   int32_t* s_blocks = smem + 2 * n;
   int32_t* s_out = smem + 3 * n;
-  int* s_first = s_out + R;
+  int32_t* s_cand = s_out + R;
+  int* s_first = s_cand + 2 * n;
+  float* s_part = reinterpret_cast<float*>(s_first + 2 * n);
   __shared__ int s_cnt;
   const int r = blockIdx.x, h0 = by_layer ? 0 : r, h1 = by_layer ? kv_heads : r + 1;
+  const int parts = (h1 - h0) * n * tiles;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const int h = h0 + i / (n * tiles), jt = i % (n * tiles);  // jt = j * tiles + tile
+    s_part[i] =
+        pr::BlockMass(stats + static_cast<int64_t>(h * n * tiles + jt) * G * 2, lse + h * G, G);
+  }
+  __syncthreads();
   for (int j = threadIdx.x; j < n; j += kThreads) {
     s_blocks[j] = sel[h0 * n + j];
     float m = 0.f;
-    for (int h = h0; h < h1; ++h) {
-      const float mh = pr::TiledBlockMass(stats + static_cast<int64_t>((h * n + j) * tiles) * G * 2,
-                                          lse + h * G, G, tiles);
-      m = h == h0 ? mh : m + mh;
+    for (int h = 0; h < h1 - h0; ++h) {
+      float mh = 0.f;  // (the parts in tile order)
+      for (int t = 0; t < tiles; ++t) mh += s_part[(h * n + j) * tiles + t];
+      m = h == 0 ? mh : m + mh;
     }
     s_mass[j] = m;
   }
@@ -93,13 +105,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = threadIdx.x; j < n; j += kThreads) s_order[pr::MassRank(s_mass, n, j)] = j;
   __syncthreads();
   for (int c = threadIdx.x; c < 2 * n; c += kThreads)
-    s_first[c] = pr::FirstCandidate(s_blocks, s_order, c);
+    s_cand[c] = pr::MassCandidate(s_blocks, s_order, c);
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * n; c += kThreads) s_first[c] = pr::FirstCandidate(s_cand, c);
   __syncthreads();
   for (int c = threadIdx.x; c < 2 * n; c += kThreads) {
     if (s_first[c] == 0) continue;
     int at = 0;
     for (int e = 0; e < c; ++e) at += s_first[e];
-    if (at < R) s_out[at] = pr::MassCandidate(s_blocks, s_order, c);
+    if (at < R) s_out[at] = s_cand[c];
   }
   if (threadIdx.x == 0) {
     int total = 0;
@@ -138,7 +152,9 @@ void RetainByMass(const int32_t* sel, int64_t n, const float* stats, int64_t til
                   int32_t* ret, int32_t* rcount, cudaStream_t stream) {
   NEEDLE_CHECK(n <= kMaxDeviceShortlist && tiles >= 1);
   if (n <= 0 || R <= 0) return;
-  const size_t smem = static_cast<size_t>(3 * n + R + 2 * n) * 4;
+  const int64_t rows_heads = by_layer ? kv_heads : 1;
+  const size_t smem = static_cast<size_t>(3 * n + R + 4 * n + rows_heads * n * tiles) * 4;
+  NEEDLE_CHECK(smem <= 48 * 1024);
   RetainKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
       sel, static_cast<int>(n), stats, static_cast<int>(tiles), lse, static_cast<int>(kv_heads),
       static_cast<int>(G), by_layer, static_cast<int>(R), ret, rcount);

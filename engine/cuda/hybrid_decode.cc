@@ -79,22 +79,20 @@ int64_t HybridAttention::Impl::GatherContext(int64_t layer, const LayerPlan& pla
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {
   host.AssignBlocks(layer, p, 1);
   if (p % c.block_size == 0) PinHost(layer, p / c.block_size, p / c.block_size + 1);
-  QueueRowToPinned(*model_cache, layer, p, RowPin(later ? layer : -1), stream);
-  if (later) pending_rows.emplace_back(layer, p);
-}
-
-uint8_t* HybridAttention::Impl::RowPin(int64_t layer) {
-  const size_t n = (KVRowBytes(host.shape()) + 3) / 4;
-  if (layer < 0) return reinterpret_cast<uint8_t*>(row_pin.Get(n));
-  if (row_pins.empty())
-    row_pins = std::vector<cuda::PinnedFloats>(static_cast<size_t>(m.num_layers));
-  return reinterpret_cast<uint8_t*>(row_pins[static_cast<size_t>(layer)].Get(n));
+  if (later)
+    pending_rows.emplace_back(layer, p);
+  else
+    QueueRowToPinned(*model_cache, layer, p, RowPin(), stream);
 }
 
 void HybridAttention::Impl::FlushRows() {
   if (pending_rows.empty()) return;
-  Sync(&stats.gpu_wait);  // (the step that queued them is over: at most its tail)
-  for (const auto& [layer, p] : pending_rows) RowFromPinned(RowPin(layer), host, layer, p);
+  const size_t rb = KVRowBytes(host.shape()), bytes = rb * pending_rows.size();
+  auto* pin = reinterpret_cast<uint8_t*>(rows_pin.Get((bytes + 3) / 4));
+  QueueRowsToPinned(*model_cache, pending_rows, rows_dev.Get<uint8_t>(bytes), pin, stream);
+  Sync(&stats.gpu_wait);  // (the step that queued them is over: at most its tail and the copy)
+  for (size_t i = 0; i < pending_rows.size(); ++i)
+    RowFromPinned(pin + i * rb, host, pending_rows[i].first, pending_rows[i].second);
   pending_rows.clear();
 }
 

@@ -115,11 +115,14 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
-  // later: a step the executor plans (the host waits for no layer): the row waits in the layer's
-  // own pinned slot until the next step begins (FlushRows).
+  // later: a step the executor plans (the host waits for no layer): the row stays in the device
+  // cache until the next step begins; FlushRows then copies the step's rows of every layer at
+  // once (kv_rows.h, QueueRowsToPinned).
   void RowToPinned(int64_t layer, int64_t p, bool later = false);
   void RowToCache(int64_t layer, int64_t p) { RowFromPinned(RowPin(), host, layer, p); }
-  uint8_t* RowPin(int64_t layer = -1);  // -1: the one slot of steps the host plans
+  uint8_t* RowPin() {
+    return reinterpret_cast<uint8_t*>(row_pin.Get((KVRowBytes(host.shape()) + 3) / 4));
+  }
   void FlushRows();
 
   // --- executor plans (hybrid_device_plan.cc): device placement's steps planned on the GPU ----
@@ -211,10 +214,12 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<std::vector<int32_t>> late_at;
   std::vector<cudaEvent_t> late_done;
   // Executor plans: NEEDLE_DEVICE_PLAN=0 turns them off (the host plans every step, for
-  // comparisons); rows waiting for FlushRows (layer, position), in their layers' row_pins.
+  // comparisons); rows waiting for FlushRows (layer, position), and their copies' staging on
+  // the GPU and in pinned memory.
   bool device_plan_on = true;
-  std::vector<cuda::PinnedFloats> row_pins;
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
+  cuda::GrowBuffer rows_dev{"hybrid row staging"};
+  cuda::PinnedFloats rows_pin;
   cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).

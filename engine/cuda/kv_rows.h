@@ -9,6 +9,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "kvcache/kv_cache.h"
 
@@ -20,6 +22,11 @@ size_t KVRowBytes(const KVCacheShape& s);
 // assigned; the host reads the block table).
 void QueueRowToPinned(const KVCache& device, int64_t layer, int64_t p, uint8_t* pin,
                       cudaStream_t stream);
+// Queues the copy of several tokens' rows, rows [n] = (layer, position), of the device cache into
+// pin [n][KVRowBytes] in order: one gather kernel into staging (device, as many bytes) and one
+// copy (a step's rows of every layer; two copies a row cost ~5 us each of the GPU's time).
+void QueueRowsToPinned(const KVCache& device, const std::vector<std::pair<int64_t, int64_t>>& rows,
+                       uint8_t* staging, uint8_t* pin, cudaStream_t stream);
 // Copies the rows from pin into token p of `layer` of the host cache (its block assigned), once
 // the queued copy is waited for.
 void RowFromPinned(const uint8_t* pin, KVCache& host, int64_t layer, int64_t p);
