@@ -14,6 +14,7 @@ namespace needle::eval {
 namespace {
 struct Running {
   const datasets::Sample* s = nullptr;
+  std::vector<int32_t> ids;  // the prompt (a later sample may share its blocks)
   std::unique_ptr<KVCache> cache;
   std::unique_ptr<SparseAttention> sparse;  // a sparse configuration's planner (its own state)
   int64_t prompt_tokens = 0, blocks = 0;    // blocks: reserved in each layer of the pool
@@ -56,6 +57,12 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
                task.c_str(), cfg.name.c_str(), static_cast<long long>(batch),
                static_cast<long long>(pool_blocks * B), FormatBytes(shape.TotalBytes()).c_str());
   const auto& eos = model.config().eos_token_ids;
+  // Prefix reuse: a sample whose prompt begins as a running sample's does takes that sample's
+  // whole blocks of the common prefix (KVCache::SharePrefix) and prefills the rest. Dense
+  // attention only: a sparse planner's state of the prefix (representatives, observation votes)
+  // is its own; and not with dynamic NTK rope, whose frequencies follow each prompt's length.
+  const bool reuse = !cfg.sparse && model.config().rope.type != RopeType::kDynamic;
+  int64_t prompt_total = 0, prompt_reused = 0;
   model.set_attention(nullptr);
   std::deque<const datasets::Sample*> waiting(todo.begin(), todo.end());
   std::vector<std::unique_ptr<Running>> running;
@@ -104,11 +111,24 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
       r->dec = std::make_unique<StreamDecoder>(tok, true);
       r->st.prompt_tokens = P;
       const auto t0 = Clock::now();
+      int64_t shared = 0;  // whole blocks of the longest common prefix, at least a token left
+      const Running* donor = nullptr;
+      for (const auto& o : running) {
+        if (!reuse) break;
+        const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->ids.size()));
+        int64_t c = 0;
+        while (c < n && o->ids[c] == ids[c]) ++c;
+        c = std::min(c, o->cache->size()) / B * B;
+        if (c > shared) shared = c, donor = o.get();
+      }
+      if (donor != nullptr) r->cache->SharePrefix(*donor->cache, shared);
+      prompt_total += P, prompt_reused += shared;
       model.set_attention(r->sparse.get());
-      const int32_t first = model.ForwardGreedy(ids.data(), P, *r->cache);
+      const int32_t first = model.ForwardGreedy(ids.data() + shared, P - shared, *r->cache);
       model.set_attention(nullptr);
       r->st.prefill_seconds = Since(t0);
       r->decode_start = Clock::now();
+      r->ids = std::move(front_ids);
       front_ready = false;
       take(*r, first);
       if (r->done) {
@@ -133,6 +153,12 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
                                  [](const std::unique_ptr<Running>& r) { return r->done; }),
                   running.end());
   }
+  if (reuse)
+    std::fprintf(stderr,
+                 "eval %s [%s]: prefix reuse: %lld of %lld prompt tokens taken from running "
+                 "samples' KV blocks instead of prefilled\n",
+                 task.c_str(), cfg.name.c_str(), static_cast<long long>(prompt_reused),
+                 static_cast<long long>(prompt_total));
 }
 
 }  // namespace needle::eval

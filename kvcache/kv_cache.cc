@@ -244,6 +244,31 @@ void KVCache::Write(int64_t layer, int64_t pos0, int64_t T, const float* k, cons
   }
 }
 
+void KVCache::SharePrefix(const KVCache& from, int64_t tokens) {
+  const KVCacheShape& s = shape_;
+  if (from.pool_ != pool_) Fail("KV cache: a prefix is shared only within one block pool");
+  if (size_ != 0)
+    Fail("KV cache: a prefix is shared into an empty cache, not one of ", size_, " tokens");
+  if (tokens < 0 || tokens % s.block_size != 0 || tokens > from.size_ || tokens > s.capacity)
+    Fail("KV cache: a shared prefix of ", tokens, " tokens (whole blocks of ", s.block_size,
+         ", at most the ", from.size_, " the other cache holds and this one's capacity of ",
+         s.capacity, ")");
+  const int64_t nb = tokens / s.block_size;
+  for (int64_t l = 0; l < s.layers; ++l) {
+    if (s.IsRing(l)) Fail("KV cache: layer ", l, " is a ring: its blocks are not shared");
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t slot = from.table_[l][b];
+      NEEDLE_CHECK(slot >= 0 && table_[l][b] < 0);
+      pool_->Share(l, slot);
+      table_[l][b] = slot;
+    }
+    if (table_mirror_ != nullptr && nb > 0)
+      memory_->CopyFromHost(table_mirror_ + l * s.num_blocks(), table_[l].data(),
+                            static_cast<size_t>(nb) * sizeof(int32_t));
+  }
+  size_ = tokens;
+}
+
 void KVCache::SetSize(int64_t n) {
   NEEDLE_CHECK(n >= 0 && n <= shape_.num_blocks() * shape_.block_size);
   size_ = n;

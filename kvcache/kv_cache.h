@@ -117,6 +117,13 @@ class KVCache {
   bool on_host() const { return memory_ == nullptr; }
   // Marks tokens [0, n) valid (after every layer of a step wrote them); n may also shrink.
   void SetSize(int64_t n);
+  // Takes the first `tokens` tokens (a multiple of block_size, at most from.size()) of `from`, a
+  // cache of the same pool, by reference: its blocks, counted once more in the pool, become this
+  // cache's first blocks, and this cache's size becomes `tokens` (an empty cache only). Whole
+  // blocks only, so neither cache ever writes a block the other reads: each appends past them
+  // into blocks of its own (the partial block after a shared prefix is computed again, not
+  // copied). Errors name the mismatch.
+  void SharePrefix(const KVCache& from, int64_t tokens);
 
   // Pointers into the cache's memory (device pointers for a device cache, table included).
   KVLayerView Layer(int64_t layer) const;

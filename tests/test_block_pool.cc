@@ -91,6 +91,51 @@ TEST(BlockPool, SequencesShareAPoolAndGiveBlocksBack) {
 }
 
 // Attention through a shared pool's table equals attention over a cache of its own.
+// A prefix shared by reference: the blocks counted once more, not copied; each cache gives its
+// references back; what cannot be shared is refused with the reason.
+TEST(BlockPool, SharedPrefixBlocksAreCountedNotCopied) {
+  BlockPool pool(KVCacheShape{2, 1, 4, 8 * 4, 4, DType::kF32}), other(pool.shape());
+  auto a = std::make_unique<KVCache>(pool, 32);
+  const std::vector<float> k = test::RandomVector(11 * 4, 1), v = test::RandomVector(11 * 4, 2);
+  for (int64_t l = 0; l < 2; ++l) {
+    a->AssignBlocks(l, 0, 11);
+    a->Write(l, 0, 11, k.data(), v.data());
+  }
+  a->SetSize(11);  // blocks 0-2, the last partial
+  KVCache b(pool, 32);
+  b.SharePrefix(*a, 8);
+  EXPECT_EQ(b.size(), 8);
+  EXPECT_EQ(pool.FreeSlots(0), 5);  // nothing taken
+  for (int64_t l = 0; l < 2; ++l)
+    for (int64_t blk = 0; blk < 2; ++blk) {
+      EXPECT_EQ(b.SlotOf(l, blk), a->SlotOf(l, blk));
+      EXPECT_EQ(pool.References(l, b.SlotOf(l, blk)), 2);
+    }
+  EXPECT_EQ(b.SlotOf(0, 2), -1);  // the partial block is a's alone
+  b.AssignBlocks(0, 8, 1);
+  EXPECT_NE(b.SlotOf(0, 2), a->SlotOf(0, 2));
+  for (const auto& [tokens, want] : std::vector<std::pair<int64_t, std::string>>{
+           {6, "whole blocks of 4"}, {12, "at most the 11"}}) {
+    KVCache c(pool, 32);
+    try {
+      c.SharePrefix(*a, tokens);
+      FAIL() << tokens;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  }
+  KVCache elsewhere(other, 32);
+  EXPECT_THROW(elsewhere.SharePrefix(*a, 4), Error);  // another pool
+  EXPECT_THROW(b.SharePrefix(*a, 4), Error);          // not empty
+  a.reset();  // its own blocks back, the shared two stay b's
+  EXPECT_EQ(pool.FreeSlots(0), 8 - 3);
+  EXPECT_EQ(pool.References(0, b.SlotOf(0, 0)), 1);
+  EXPECT_EQ(b.Layer(1).KAt(0, 5, 2), k[5 * 4 + 2]);  // the keys are still there
+  b.Clear();
+  EXPECT_EQ(pool.FreeSlots(0), 8);
+  EXPECT_EQ(pool.FreeSlots(1), 8);
+}
+
 TEST(BlockPool, AttentionThroughASharedPoolEqualsAPrivateCache) {
   ThreadingContext tc(2);
   auto cpu = MakeCpuBackend(tc, false);

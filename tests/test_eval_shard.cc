@@ -222,6 +222,10 @@ TEST(EvalBatch, BatchedSamplesAnswerAsOneAtATime) {
   Result b = RunNeedle(args + "--batch 4 -o " + d.File("b4"));
   ASSERT_EQ(b.status, 0) << b.output;
   EXPECT_NE(b.output.find("up to 4 samples at once"), std::string::npos) << b.output;
+  // Samples of one length share their prompts' beginning (the filler before the key): later ones
+  // take the running ones' blocks of it (dense attention) and prefill the rest.
+  EXPECT_NE(b.output.find("prefix reuse: "), std::string::npos) << b.output;
+  EXPECT_EQ(b.output.find("prefix reuse: 0 of"), std::string::npos) << b.output;
   EXPECT_EQ(Answers(d.File("b4")), Answers(d.File("one")));
   EXPECT_EQ(Answers(d.File("b4")).size(), 9u);
   // A pool that holds one sample at a time (--kv-memory) gives the same answers too.

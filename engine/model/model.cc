@@ -26,6 +26,10 @@ KVCacheShape Model::CacheShape(int64_t capacity, DType kv_dtype, int64_t block_s
 
 void Model::Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
                     std::vector<float>* logits) {
+  if (logits == nullptr) {  // the cache alone (a prefix for later prompts)
+    Run(ids, T, cache, false, nullptr, nullptr);
+    return;
+  }
   logits->assign(static_cast<size_t>((all_logits ? std::max<int64_t>(T, 0) : 1) * cfg_.vocab_size),
                  0.0f);
   Run(ids, T, cache, all_logits, logits->data(), nullptr);

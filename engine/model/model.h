@@ -94,7 +94,8 @@ class Model {
   KVCacheShape CacheShape(int64_t capacity, DType kv_dtype, int64_t block_size = 128) const;
 
   // Runs ids[T] at positions [cache.size(), cache.size() + T) and appends them to the cache.
-  // logits (host): [T, vocab] when all_logits, else [1, vocab] for the last token.
+  // logits (host): [T, vocab] when all_logits, else [1, vocab] for the last token; nullptr: none
+  // (the cache alone).
   void Forward(const int32_t* ids, int64_t T, KVCache& cache, bool all_logits,
                std::vector<float>* logits);
   // The same, returning the greedy next token (first maximum of the last token's logits),
