@@ -1,12 +1,9 @@
 // needle eval --batch N: a configuration's samples decoded together (dense, or sparse on the CPU)
-// (issue 19's continuous batching). One KV BlockPool holds the running samples' caches; a sample
-// joins as soon as the pool has the blocks of its whole prompt and answer (reserved when it joins,
-// so a running sample never runs out of blocks and nothing is preempted: the pool is under-used
-// while samples are short, the price of never recomputing or swapping), is prefilled alone, then
-// decodes one token a step beside the others (Model::ForwardBatch) and leaves the moment it
-// stops; its result is appended then, like a sample run alone, with the same answer. (Its
-// decode tok/s is its own wall-clock rate, which includes the steps it shared and the other
-// samples' prefills meanwhile: the batch's throughput is the run's, not a sample's.)
+// (issue 19's continuous batching), submitted to the Engine (engine/runtime/engine.h: one KV
+// BlockPool, admission by reserved blocks, prompt prefixes shared, Model::ForwardBatch). A
+// sample's result is appended the moment it stops, like a sample run alone, with the same
+// answer. (Its decode tok/s is its own wall-clock rate, which includes the steps it shared and
+// the other samples' prefills meanwhile: the batch's throughput is the run's, not a sample's.)
 #pragma once
 
 #include <cstdint>

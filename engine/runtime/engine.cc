@@ -1,0 +1,171 @@
+#include "engine/runtime/engine.h"
+
+#include <algorithm>
+
+#include "engine/base/error.h"
+#include "engine/base/seconds.h"
+#include "kvcache/kv_cache.h"
+
+namespace needle {
+
+struct Engine::Seq {
+  int64_t id = 0;
+  std::vector<int32_t> prompt;
+  int64_t max_new = 1, blocks = 0;  // blocks: reserved in each layer of the pool
+  std::unique_ptr<SparseAttention> policy;
+  std::unique_ptr<KVCache> cache;
+  GenerateStats st;
+  Clock::time_point decode_start;
+  int32_t next = 0;  // the token to feed at the next step
+  bool done = false;
+};
+
+Engine::Engine(Model& model, const EngineOptions& o)
+    : model_(model), opt_(o), block_size_(o.block_size) {
+  if (o.max_batch < 1) Fail("engine: max_batch ", o.max_batch, " (at least 1)");
+  if (o.block_size < 1) Fail("engine: block_size ", o.block_size, " (at least 1)");
+  if (o.max_context < 1) Fail("engine: max_context ", o.max_context, " (at least 1)");
+  reuse_ = o.prefix_reuse && model.config().rope.type != RopeType::kDynamic;
+  KVMemory* memory = model.backend().kv_memory();
+  const int64_t B = block_size_, per_seq = (o.max_context + B - 1) / B * B;
+  KVCacheShape shape = model.CacheShape(o.max_batch * per_seq, o.kv_type, B);
+  const size_t budget = o.kv_memory != 0    ? o.kv_memory
+                        : memory != nullptr ? memory->AvailableBytes()
+                                            : AvailableMemoryBytes();
+  if (budget != 0 && shape.TotalBytes() > budget) {
+    const int64_t fit = static_cast<int64_t>(budget / shape.BytesPerToken()) / B * B;
+    shape = model.CacheShape(std::max(fit, per_seq), o.kv_type, B);
+  }
+  pool_ = std::make_unique<BlockPool>(shape, o.kv_memory, memory);  // (names the numbers)
+  pool_blocks_ = pool_->slots(0);
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::Running() const {
+  int64_t n = 0;
+  for (const auto& s : running_) n += s->done ? 0 : 1;
+  return n;
+}
+
+int64_t Engine::Submit(SequenceRequest r) {
+  const int64_t P = static_cast<int64_t>(r.prompt.size()), ctx = P + r.max_new;
+  if (P < 1) Fail("engine: a sequence with an empty prompt");
+  if (r.max_new < 1) Fail("engine: max_new ", r.max_new, " (at least 1)");
+  if (ctx > opt_.max_context)
+    Fail("engine: a prompt of ", P, " tokens and ", r.max_new, " new ones exceed the context of ",
+         opt_.max_context, " tokens");
+  const int64_t need = (ctx + block_size_ - 1) / block_size_;
+  NEEDLE_CHECK(need <= pool_blocks_);  // (the pool holds at least one max_context sequence)
+  auto s = std::make_unique<Seq>();
+  s->id = next_id_++;
+  s->prompt = std::move(r.prompt);
+  s->max_new = r.max_new;
+  s->blocks = need;
+  s->policy = std::move(r.policy);
+  s->st.prompt_tokens = P;
+  waiting_.push_back(std::move(s));
+  return next_id_ - 1;
+}
+
+void Engine::Cancel(int64_t seq) {
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
+    if ((*it)->id == seq) {
+      waiting_.erase(it);
+      return;
+    }
+  for (auto it = running_.begin(); it != running_.end(); ++it)
+    if ((*it)->id == seq && !(*it)->done) {
+      reserved_ -= (*it)->blocks;
+      running_.erase(it);  // (its cache gives its blocks back)
+      return;
+    }
+}
+
+Engine::Seq* Engine::Find(int64_t seq) const {
+  for (const auto& s : running_)
+    if (s->id == seq) return s.get();
+  for (const auto& s : waiting_)
+    if (s->id == seq) return s.get();
+  Fail("engine: no sequence ", seq, " (waiting, running or finished at the last step)");
+}
+
+const GenerateStats& Engine::Stats(int64_t seq) const { return Find(seq)->st; }
+SparseAttention* Engine::Policy(int64_t seq) const { return Find(seq)->policy.get(); }
+
+void Engine::Take(Seq& s, int32_t t, std::vector<TokenEvent>* events) {
+  ++s.st.new_tokens;
+  s.next = t;
+  const auto& eos = model_.config().eos_token_ids;
+  if (std::find(eos.begin(), eos.end(), t) != eos.end()) s.st.stopped_at_eos = true;
+  s.done = s.st.stopped_at_eos || s.st.new_tokens == s.max_new;
+  if (s.done) {
+    s.st.decode_seconds = Since(s.decode_start);
+    reserved_ -= s.blocks;  // (its blocks go back when it leaves, at the next step)
+  }
+  events->push_back({s.id, t, s.done});
+}
+
+void Engine::Admit(std::unique_ptr<Seq> s, std::vector<TokenEvent>* events) {
+  const int64_t P = static_cast<int64_t>(s->prompt.size());
+  reserved_ += s->blocks;
+  s->cache = std::make_unique<KVCache>(*pool_, P + s->max_new);
+  const auto t0 = Clock::now();
+  // The longest prefix a running dense sequence's cache holds, in whole blocks, at least one
+  // prompt token left to prefill (its logits give the first token).
+  int64_t shared = 0;
+  const Seq* donor = nullptr;
+  if (reuse_ && s->policy == nullptr)
+    for (const auto& o : running_) {
+      if (o->done || o->policy != nullptr) continue;
+      const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->prompt.size()));
+      int64_t c = 0;
+      while (c < n && o->prompt[c] == s->prompt[c]) ++c;
+      c = std::min(c, o->cache->size()) / block_size_ * block_size_;
+      if (c > shared) shared = c, donor = o.get();
+    }
+  if (donor != nullptr) s->cache->SharePrefix(*donor->cache, shared);
+  prompt_tokens_ += P, reused_tokens_ += shared;
+  model_.set_attention(s->policy.get());
+  int32_t first = 0;
+  try {
+    first = model_.ForwardGreedy(s->prompt.data() + shared, P - shared, *s->cache);
+  } catch (...) {
+    model_.set_attention(nullptr);
+    reserved_ -= s->blocks;
+    throw;
+  }
+  model_.set_attention(nullptr);
+  s->st.prefill_seconds = Since(t0);
+  s->decode_start = Clock::now();
+  Take(*s, first, events);
+  running_.push_back(std::move(s));
+}
+
+std::vector<TokenEvent> Engine::Step() {
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [](const std::unique_ptr<Seq>& s) { return s->done; }),
+                 running_.end());
+  std::vector<TokenEvent> events;
+  while (!waiting_.empty() && Running() < opt_.max_batch &&
+         reserved_ + waiting_.front()->blocks <= pool_blocks_) {
+    std::unique_ptr<Seq> s = std::move(waiting_.front());
+    waiting_.pop_front();
+    Admit(std::move(s), &events);
+  }
+  std::vector<Seq*> step;
+  for (const auto& s : running_)
+    if (!s->done) step.push_back(s.get());
+  if (step.empty()) return events;
+  std::vector<KVCache*> caches;
+  std::vector<AttentionPolicy*> policies;
+  std::vector<int32_t> ids, next(step.size());
+  for (Seq* s : step)
+    caches.push_back(s->cache.get()), policies.push_back(s->policy.get()), ids.push_back(s->next);
+  model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
+                      nullptr, policies.data());
+  for (size_t i = 0; i < step.size(); ++i) Take(*step[i], next[i], &events);
+  return events;
+}
+
+}  // namespace needle

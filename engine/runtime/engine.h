@@ -1,0 +1,114 @@
+// Many sequences over one KV block pool (issue 19; vLLM's split, ../shared/reference/
+// vllm_engine.md): the Engine owns the pool, the waiting and running queues and each sequence's
+// KV cache (its block table) and attention policy; Model::ForwardBatch runs a step over them.
+// `needle eval --batch` submits samples to it; a server would submit requests the same way.
+//
+// A step (Step):
+//   1. sequences that finished at the previous step leave (their blocks back to the pool);
+//   2. waiting sequences are admitted in order while the batch (max_batch) and the pool allow:
+//      each reserves the blocks of its whole prompt and answer when it joins, so a running
+//      sequence never runs out of blocks and nothing is preempted (no swapping, no recompute:
+//      the pool is under-used while sequences are short, the price of never redoing work). The
+//      first waiting sequence that does not fit waits, and the ones behind it with it (in order).
+//      An admitted sequence is prefilled alone, its first token coming from the prefill. Where
+//      its prompt begins as a running sequence's does (dense attention), it takes that
+//      sequence's whole blocks of the common prefix by reference (KVCache::SharePrefix) and
+//      prefills only the rest;
+//   3. every running sequence decodes one token, all in one Model::ForwardBatch.
+// A sequence finishes at an end-of-sequence token of the model or at its max_new-th token.
+// Greedy decoding: a batch gives each sequence the tokens it gives alone (tests/
+// test_model_batch.cc, tests/test_engine.cc).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "engine/model/generate.h"
+#include "engine/model/model.h"
+#include "kvcache/block_pool.h"
+#include "sparse_attn/sparse_attention.h"
+
+namespace needle {
+
+struct EngineOptions {
+  int64_t max_batch = 1;     // sequences decoding at once (>= 1)
+  int64_t block_size = 128;  // tokens per KV block (the sparse settings' block size if sparse)
+  int64_t max_context = 0;   // tokens of one sequence, prompt and answer (>= 1)
+  DType kv_type = DType::kF32;
+  size_t kv_memory = 0;  // the pool's budget in bytes (0: what the memory has available)
+  // Share prompt prefixes between dense sequences (off: every prompt prefilled whole). Never with
+  // a sequence that has a policy, nor with dynamic NTK rope (its frequencies follow each
+  // prompt's length).
+  bool prefix_reuse = true;
+};
+
+struct SequenceRequest {
+  std::vector<int32_t> prompt;  // at least one token
+  int64_t max_new = 1;          // tokens to generate at most (>= 1)
+  // The sequence's attention policy (a sparse planner of its own), or null: dense.
+  std::unique_ptr<SparseAttention> policy;
+};
+
+// One token a step produced for a sequence; finished: its last.
+struct TokenEvent {
+  int64_t seq = 0;
+  int32_t token = 0;
+  bool finished = false;
+};
+
+class Engine {
+ public:
+  // The pool: room for max_batch sequences of max_context tokens where the budget allows, else
+  // as many blocks as it allows (at least one sequence's: an Error naming the numbers
+  // otherwise). The model's own attention policy must be the default (dense).
+  Engine(Model& model, const EngineOptions& o);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a sequence; returns its id (0, 1, ... in submission order). Throws Error, naming the
+  // numbers, for an empty prompt, max_new < 1, or a prompt and answer beyond max_context (the
+  // pool always holds one such sequence).
+  int64_t Submit(SequenceRequest r);
+  // Drops a waiting or running sequence now (a client gone): its blocks go back to the pool and
+  // it produces no more tokens. Unknown or finished ids are ignored.
+  void Cancel(int64_t seq);
+  // One step (above); the tokens it produced, admitted sequences' first tokens first. A sequence
+  // that finished stays readable (Stats, Policy) until the next Step.
+  std::vector<TokenEvent> Step();
+
+  bool Idle() const { return waiting_.empty() && running_.empty(); }
+  int64_t Waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  int64_t Running() const;  // sequences admitted and not finished
+  // A sequence's counts and times (prefill: its own; decode: wall clock from its first token to
+  // its last, the steps it shared included) and its policy; for a waiting, running or just
+  // finished sequence, else Error.
+  const GenerateStats& Stats(int64_t seq) const;
+  SparseAttention* Policy(int64_t seq) const;
+  // Prompt tokens of admitted sequences, and of those the ones taken from shared blocks.
+  int64_t prompt_tokens() const { return prompt_tokens_; }
+  int64_t reused_tokens() const { return reused_tokens_; }
+  int64_t pool_tokens() const { return pool_blocks_ * block_size_; }
+  int64_t free_blocks() const { return pool_->FreeSlots(0); }  // (of layer 0; all alike)
+  size_t pool_bytes() const { return pool_->shape().TotalBytes(); }
+
+ private:
+  struct Seq;
+  Seq* Find(int64_t seq) const;
+  void Admit(std::unique_ptr<Seq> s, std::vector<TokenEvent>* events);
+  void Take(Seq& s, int32_t token, std::vector<TokenEvent>* events);
+
+  Model& model_;
+  EngineOptions opt_;
+  int64_t block_size_, pool_blocks_ = 0, reserved_ = 0, next_id_ = 0;
+  int64_t prompt_tokens_ = 0, reused_tokens_ = 0;
+  bool reuse_;
+  std::unique_ptr<BlockPool> pool_;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  std::vector<std::unique_ptr<Seq>> running_;  // finished ones until the next Step
+};
+
+}  // namespace needle

@@ -1,0 +1,186 @@
+// The Engine (engine/runtime/engine.h): sequences submitted to one block pool and stepped
+// together give each the greedy tokens it gives alone, whether the batch or the pool's blocks
+// limit how many run at once, with prompt prefixes shared or not; cancelled sequences give their
+// blocks back and stop; what cannot run is refused with the numbers.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/model/model.h"
+#include "engine/runtime/engine.h"
+#include "tests/fixture_util.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+struct Fixture {
+  ThreadingContext tc{2};
+  std::unique_ptr<Backend> cpu = MakeCpuBackend(tc, false);
+  std::unique_ptr<Model> model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *cpu);
+};
+
+// Prompts: 0 and 1 share their first 37 tokens, 2 and 3 are their own; different answer lengths.
+std::vector<std::vector<int32_t>> Prompts(int64_t V) {
+  std::vector<std::vector<int32_t>> p(4);
+  for (int64_t i = 0; i < 45; ++i) p[0].push_back(static_cast<int32_t>((i * 31 + 3) % V));
+  p[1].assign(p[0].begin(), p[0].begin() + 37);
+  for (int64_t i = 0; i < 9; ++i) p[1].push_back(static_cast<int32_t>((i * 7 + 11) % V));
+  for (int64_t i = 0; i < 20; ++i) p[2].push_back(static_cast<int32_t>((i * 13 + 5) % V));
+  for (int64_t i = 0; i < 3; ++i) p[3].push_back(static_cast<int32_t>((i * 17 + 1) % V));
+  return p;
+}
+const std::vector<int64_t> kMaxNew = {6, 9, 4, 7};
+constexpr int64_t kCtx = 64;
+
+// Each prompt alone, greedy, stopping at the model's end-of-sequence tokens as the Engine does.
+std::vector<std::vector<int32_t>> Alone(Model& model) {
+  std::vector<std::vector<int32_t>> out;
+  const auto& eos = model.config().eos_token_ids;
+  const auto prompts = Prompts(model.config().vocab_size);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    KVCache cache(model.CacheShape(kCtx, DType::kF32, 16));
+    std::vector<int32_t> toks;
+    int32_t t =
+        model.ForwardGreedy(prompts[i].data(), static_cast<int64_t>(prompts[i].size()), cache);
+    for (;;) {
+      toks.push_back(t);
+      if (std::find(eos.begin(), eos.end(), t) != eos.end() ||
+          static_cast<int64_t>(toks.size()) == kMaxNew[i])
+        break;
+      t = model.ForwardGreedy(&t, 1, cache);
+    }
+    out.push_back(toks);
+  }
+  return out;
+}
+
+struct Outcome {
+  std::vector<std::vector<int32_t>> tokens;
+  int64_t most_running = 0, reused = 0;
+};
+
+Outcome RunAll(Model& model, const EngineOptions& o, int64_t cancel_after = -1) {
+  Engine e(model, o);
+  const auto prompts = Prompts(model.config().vocab_size);
+  Outcome r;
+  r.tokens.resize(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SequenceRequest q;
+    q.prompt = prompts[i];
+    q.max_new = kMaxNew[i];
+    EXPECT_EQ(e.Submit(std::move(q)), static_cast<int64_t>(i));
+  }
+  std::map<int64_t, bool> finished;
+  for (int step = 0; !e.Idle(); ++step) {
+    if (step == cancel_after) e.Cancel(1);
+    for (const TokenEvent& ev : e.Step()) {
+      EXPECT_FALSE(finished[ev.seq]) << "a token after the last, sequence " << ev.seq;
+      r.tokens[ev.seq].push_back(ev.token);
+      finished[ev.seq] = ev.finished;
+      if (ev.finished) {
+        EXPECT_EQ(e.Stats(ev.seq).new_tokens, static_cast<int64_t>(r.tokens[ev.seq].size()));
+      }
+    }
+    r.most_running = std::max(r.most_running, e.Running());
+    EXPECT_LE(e.Running(), o.max_batch);
+    EXPECT_LT(step, 200);
+  }
+  r.reused = e.reused_tokens();
+  EXPECT_EQ(e.free_blocks() * o.block_size, e.pool_tokens());  // every block back
+  return r;
+}
+
+TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
+  Fixture f;
+  const auto want = Alone(*f.model);
+  EngineOptions o;
+  o.block_size = 16, o.max_context = kCtx, o.max_batch = 3;
+  const Outcome all = RunAll(*f.model, o);
+  EXPECT_EQ(all.tokens, want);
+  EXPECT_EQ(all.most_running, 3);
+  EXPECT_EQ(all.reused, 32);  // prompt 1 took prompt 0's two whole blocks of their 37 tokens
+  // Without sharing: the same tokens, nothing reused.
+  o.prefix_reuse = false;
+  const Outcome own = RunAll(*f.model, o);
+  EXPECT_EQ(own.tokens, want);
+  EXPECT_EQ(own.reused, 0);
+  // A pool of 5 blocks (80 tokens of 8 KB each): one or two sequences at a time, as their
+  // reservations allow; the same tokens.
+  o.prefix_reuse = true, o.max_batch = 4;
+  o.kv_memory = f.model->CacheShape(80, DType::kF32, 16).TotalBytes();
+  const Outcome tight = RunAll(*f.model, o);
+  EXPECT_EQ(tight.tokens, want);
+  EXPECT_LE(tight.most_running, 2);
+}
+
+TEST(Engine, CancelledSequencesStopAndGiveTheirBlocksBack) {
+  Fixture f;
+  const auto want = Alone(*f.model);
+  EngineOptions o;
+  o.block_size = 16, o.max_context = kCtx, o.max_batch = 4;
+  const Outcome r = RunAll(*f.model, o, 3);  // sequence 1 cancelled before the fourth step
+  for (size_t i : {0u, 2u, 3u}) EXPECT_EQ(r.tokens[i], want[i]) << i;
+  EXPECT_LT(r.tokens[1].size(), want[1].size());
+  EXPECT_EQ(r.tokens[1],
+            std::vector<int32_t>(want[1].begin(),
+                                 want[1].begin() + static_cast<long>(r.tokens[1].size())));
+  // A waiting sequence cancelled never runs; the pool is whole again once all have left.
+  Engine e(*f.model, o);
+  SequenceRequest a, b;
+  a.prompt = {1, 2, 3}, a.max_new = 2;
+  b.prompt = {4, 5, 6}, b.max_new = 2;
+  e.Submit(std::move(a));
+  const int64_t id = e.Submit(std::move(b));
+  e.Cancel(id);
+  EXPECT_EQ(e.Waiting(), 1);
+  int64_t events = 0;
+  while (!e.Idle())
+    for (const TokenEvent& ev : e.Step()) {
+      EXPECT_NE(ev.seq, id);
+      ++events;
+    }
+  EXPECT_EQ(events, 2);
+  EXPECT_THROW(e.Stats(id), Error);
+}
+
+TEST(Engine, RefusesWhatCannotRun) {
+  Fixture f;
+  EngineOptions o;
+  o.block_size = 16, o.max_context = kCtx, o.max_batch = 2;
+  Engine e(*f.model, o);
+  const auto refused = [&](std::vector<int32_t> prompt, int64_t max_new, const std::string& want) {
+    SequenceRequest r;
+    r.prompt = std::move(prompt);
+    r.max_new = max_new;
+    try {
+      e.Submit(std::move(r));
+      ADD_FAILURE() << "accepted: " << want;
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find(want), std::string::npos) << err.what();
+    }
+  };
+  refused({}, 4, "empty prompt");
+  refused({1, 2}, 0, "max_new 0");
+  refused(std::vector<int32_t>(60, 1), 10, "exceed the context of 64 tokens");
+  EXPECT_TRUE(e.Idle());
+  // A budget below one sequence of the context: refused when the engine is made, with both sizes.
+  o.kv_memory = f.model->CacheShape(48, DType::kF32, 16).TotalBytes();
+  try {
+    Engine small(*f.model, o);
+    ADD_FAILURE() << "a pool below one sequence";
+  } catch (const Error& err) {
+    const std::string m = err.what();
+    EXPECT_NE(m.find("64 tokens needs 64.0 KiB"), std::string::npos) << m;
+    EXPECT_NE(m.find("allows 48.0 KiB"), std::string::npos) << m;
+  }
+  o.kv_memory = 0, o.max_batch = 0;
+  EXPECT_THROW(Engine(*f.model, o), Error);
+}
+
+}  // namespace
+}  // namespace needle
