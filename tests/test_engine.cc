@@ -62,6 +62,7 @@ std::vector<std::vector<int32_t>> Alone(Model& model) {
 struct Outcome {
   std::vector<std::vector<int32_t>> tokens;
   int64_t most_running = 0, reused = 0;
+  int64_t interleaved = 0;  // steps where a sequence decoded while another's prompt was not done
 };
 
 Outcome RunAll(Model& model, const EngineOptions& o, int64_t cancel_after = -1) {
@@ -78,7 +79,11 @@ Outcome RunAll(Model& model, const EngineOptions& o, int64_t cancel_after = -1) 
   std::map<int64_t, bool> finished;
   for (int step = 0; !e.Idle(); ++step) {
     if (step == cancel_after) e.Cancel(1);
-    for (const TokenEvent& ev : e.Step()) {
+    const std::vector<TokenEvent> events = e.Step();
+    bool decoded = false;  // (a token of a sequence past its first)
+    for (const TokenEvent& ev : events) decoded |= !r.tokens[ev.seq].empty();
+    r.interleaved += decoded && e.Prefilling() > 0 ? 1 : 0;
+    for (const TokenEvent& ev : events) {
       EXPECT_FALSE(finished[ev.seq]) << "a token after the last, sequence " << ev.seq;
       r.tokens[ev.seq].push_back(ev.token);
       finished[ev.seq] = ev.finished;
@@ -116,6 +121,14 @@ TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
   const Outcome tight = RunAll(*f.model, o);
   EXPECT_EQ(tight.tokens, want);
   EXPECT_LE(tight.most_running, 2);
+  EXPECT_EQ(all.interleaved, 0);  // whole prompts: a prompt is done in the step it joins
+  // Prompts 16 tokens a step: the others decode while a long prompt is still coming in; the
+  // same tokens, prefix sharing included.
+  o.kv_memory = 0, o.max_batch = 4, o.prompt_chunk = 16;
+  const Outcome chunked = RunAll(*f.model, o);
+  EXPECT_EQ(chunked.tokens, want);
+  EXPECT_GT(chunked.interleaved, 0);
+  EXPECT_EQ(chunked.reused, 16);  // (prompt 0's first chunk was in when prompt 1 began)
 }
 
 TEST(Engine, CancelledSequencesStopAndGiveTheirBlocksBack) {

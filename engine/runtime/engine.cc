@@ -16,7 +16,9 @@ struct Engine::Seq {
   std::unique_ptr<KVCache> cache;
   GenerateStats st;
   Clock::time_point decode_start;
-  int32_t next = 0;  // the token to feed at the next step
+  int64_t prefilled = 0;  // prompt tokens in the cache (shared ones included)
+  bool began = false;     // its prefill has begun (a prefix shared or not)
+  int32_t next = 0;       // the token to feed at the next step
   bool done = false;
 };
 
@@ -82,6 +84,12 @@ void Engine::Cancel(int64_t seq) {
     }
 }
 
+int64_t Engine::Prefilling() const {
+  int64_t n = 0;
+  for (const auto& s : running_) n += s->prefilled < static_cast<int64_t>(s->prompt.size());
+  return n;
+}
+
 Engine::Seq* Engine::Find(int64_t seq) const {
   for (const auto& s : running_)
     if (s->id == seq) return s.get();
@@ -106,40 +114,57 @@ void Engine::Take(Seq& s, int32_t t, std::vector<TokenEvent>* events) {
   events->push_back({s.id, t, s.done});
 }
 
-void Engine::Admit(std::unique_ptr<Seq> s, std::vector<TokenEvent>* events) {
-  const int64_t P = static_cast<int64_t>(s->prompt.size());
+void Engine::Admit(std::unique_ptr<Seq> s) {
   reserved_ += s->blocks;
-  s->cache = std::make_unique<KVCache>(*pool_, P + s->max_new);
-  const auto t0 = Clock::now();
+  s->cache = std::make_unique<KVCache>(*pool_, static_cast<int64_t>(s->prompt.size()) + s->max_new);
+  prompt_tokens_ += static_cast<int64_t>(s->prompt.size());
+  running_.push_back(std::move(s));
+}
+
+void Engine::SharePrefix(Seq& s) {
   // The longest prefix a running dense sequence's cache holds, in whole blocks, at least one
-  // prompt token left to prefill (its logits give the first token).
+  // prompt token left to prefill (its logits give the first token). (Looked for when the
+  // sequence's prefill begins: the sequences before it in the step have prefilled theirs.)
+  const int64_t P = static_cast<int64_t>(s.prompt.size());
   int64_t shared = 0;
   const Seq* donor = nullptr;
-  if (reuse_ && s->policy == nullptr)
+  if (reuse_ && s.policy == nullptr)
     for (const auto& o : running_) {
-      if (o->done || o->policy != nullptr) continue;
+      if (o.get() == &s || o->done || o->policy != nullptr) continue;
       const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->prompt.size()));
       int64_t c = 0;
-      while (c < n && o->prompt[c] == s->prompt[c]) ++c;
+      while (c < n && o->prompt[c] == s.prompt[c]) ++c;
       c = std::min(c, o->cache->size()) / block_size_ * block_size_;
       if (c > shared) shared = c, donor = o.get();
     }
-  if (donor != nullptr) s->cache->SharePrefix(*donor->cache, shared);
-  prompt_tokens_ += P, reused_tokens_ += shared;
-  model_.set_attention(s->policy.get());
+  if (donor != nullptr) s.cache->SharePrefix(*donor->cache, shared);
+  s.prefilled = shared;
+  reused_tokens_ += shared;
+}
+
+void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
+  if (!s.began) SharePrefix(s), s.began = true;
+  const int64_t P = static_cast<int64_t>(s.prompt.size()), left = P - s.prefilled;
+  const int64_t n =
+      opt_.prompt_chunk > 0 && s.policy == nullptr ? std::min(opt_.prompt_chunk, left) : left;
+  const auto t0 = Clock::now();
+  model_.set_attention(s.policy.get());
   int32_t first = 0;
   try {
-    first = model_.ForwardGreedy(s->prompt.data() + shared, P - shared, *s->cache);
+    if (n < left)
+      model_.Forward(s.prompt.data() + s.prefilled, n, *s.cache, false, nullptr);
+    else
+      first = model_.ForwardGreedy(s.prompt.data() + s.prefilled, n, *s.cache);
   } catch (...) {
     model_.set_attention(nullptr);
-    reserved_ -= s->blocks;
     throw;
   }
   model_.set_attention(nullptr);
-  s->st.prefill_seconds = Since(t0);
-  s->decode_start = Clock::now();
-  Take(*s, first, events);
-  running_.push_back(std::move(s));
+  s.prefilled += n;
+  s.st.prefill_seconds += Since(t0);
+  if (s.prefilled < P) return;
+  s.decode_start = Clock::now();
+  Take(s, first, events);
 }
 
 std::vector<TokenEvent> Engine::Step() {
@@ -151,11 +176,15 @@ std::vector<TokenEvent> Engine::Step() {
          reserved_ + waiting_.front()->blocks <= pool_blocks_) {
     std::unique_ptr<Seq> s = std::move(waiting_.front());
     waiting_.pop_front();
-    Admit(std::move(s), &events);
+    Admit(std::move(s));
   }
   std::vector<Seq*> step;
-  for (const auto& s : running_)
-    if (!s->done) step.push_back(s.get());
+  for (const auto& s : running_) {
+    const bool prefilling = s->prefilled < static_cast<int64_t>(s->prompt.size());
+    if (prefilling) Prefill(*s, &events);
+    // (A sequence whose prompt ends in this step decodes its first token's successor in it too.)
+    if (!s->done && s->prefilled == static_cast<int64_t>(s->prompt.size())) step.push_back(s.get());
+  }
   if (step.empty()) return events;
   std::vector<KVCache*> caches;
   std::vector<AttentionPolicy*> policies;

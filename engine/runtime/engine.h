@@ -10,11 +10,15 @@
 //      sequence never runs out of blocks and nothing is preempted (no swapping, no recompute:
 //      the pool is under-used while sequences are short, the price of never redoing work). The
 //      first waiting sequence that does not fit waits, and the ones behind it with it (in order).
-//      An admitted sequence is prefilled alone, its first token coming from the prefill. Where
-//      its prompt begins as a running sequence's does (dense attention), it takes that
-//      sequence's whole blocks of the common prefix by reference (KVCache::SharePrefix) and
-//      prefills only the rest;
-//   3. every running sequence decodes one token, all in one Model::ForwardBatch.
+//      Where an admitted sequence's prompt begins as a running sequence's does (dense
+//      attention), it takes that sequence's whole blocks of the common prefix by reference
+//      (KVCache::SharePrefix) and prefills only the rest;
+//   3. sequences still prefilling take their next chunk of prompt_chunk tokens (dense; the
+//      whole rest with prompt_chunk 0, or with a sparse policy, whose end-of-prompt observation
+//      wants the prompt in one call), each alone; the last chunk gives the first token. So a
+//      long prompt does not stall the others' decoding for its whole prefill;
+//   4. every running sequence past its prompt decodes one token, all in one
+//      Model::ForwardBatch.
 // A sequence finishes at an end-of-sequence token of the model or at its max_new-th token.
 // Greedy decoding: a batch gives each sequence the tokens it gives alone (tests/
 // test_model_batch.cc, tests/test_engine.cc).
@@ -43,6 +47,8 @@ struct EngineOptions {
   // a sequence that has a policy, nor with dynamic NTK rope (its frequencies follow each
   // prompt's length).
   bool prefix_reuse = true;
+  // Prompt tokens a dense sequence prefills per step (0: its whole prompt in the step it joins).
+  int64_t prompt_chunk = 0;
 };
 
 struct SequenceRequest {
@@ -82,7 +88,8 @@ class Engine {
 
   bool Idle() const { return waiting_.empty() && running_.empty(); }
   int64_t Waiting() const { return static_cast<int64_t>(waiting_.size()); }
-  int64_t Running() const;  // sequences admitted and not finished
+  int64_t Running() const;     // sequences admitted and not finished
+  int64_t Prefilling() const;  // of those, the ones whose prompt is not all in their cache yet
   // A sequence's counts and times (prefill: its own; decode: wall clock from its first token to
   // its last, the steps it shared included) and its policy; for a waiting, running or just
   // finished sequence, else Error.
@@ -98,7 +105,9 @@ class Engine {
  private:
   struct Seq;
   Seq* Find(int64_t seq) const;
-  void Admit(std::unique_ptr<Seq> s, std::vector<TokenEvent>* events);
+  void Admit(std::unique_ptr<Seq> s);
+  void SharePrefix(Seq& s);
+  void Prefill(Seq& s, std::vector<TokenEvent>* events);
   void Take(Seq& s, int32_t token, std::vector<TokenEvent>* events);
 
   Model& model_;
