@@ -131,6 +131,35 @@ TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
   EXPECT_EQ(chunked.reused, 16);  // (prompt 0's first chunk was in when prompt 1 began)
 }
 
+// A sampled sequence draws the same tokens beside greedy ones as alone (its own generator, its
+// row's logits), and another seed draws others.
+TEST(Engine, SampledSequencesDrawTheirOwnTokens) {
+  Fixture f;
+  const auto prompts = Prompts(f.model->config().vocab_size);
+  const auto run = [&](int64_t batch, uint64_t seed) {
+    EngineOptions o;
+    o.block_size = 16, o.max_context = kCtx, o.max_batch = batch;
+    Engine e(*f.model, o);
+    for (size_t i = 0; i < 3; ++i) {
+      SequenceRequest r;
+      r.prompt = prompts[i];
+      r.max_new = 12;
+      r.ignore_eos = true;
+      if (i == 1) r.sampling.temperature = 1.5f, r.sampling.seed = seed;
+      e.Submit(std::move(r));
+    }
+    std::vector<std::vector<int32_t>> toks(3);
+    while (!e.Idle())
+      for (const TokenEvent& ev : e.Step()) toks[ev.seq].push_back(ev.token);
+    return toks;
+  };
+  const auto alone = run(1, 7), batched = run(3, 7), other = run(3, 8);
+  EXPECT_EQ(batched, alone);
+  EXPECT_EQ(batched[1].size(), 12u);
+  EXPECT_NE(other[1], batched[1]);
+  EXPECT_EQ(other[0], batched[0]);
+}
+
 TEST(Engine, CancelledSequencesStopAndGiveTheirBlocksBack) {
   Fixture f;
   const auto want = Alone(*f.model);

@@ -13,6 +13,9 @@ struct Engine::Seq {
   std::vector<int32_t> prompt;
   int64_t max_new = 1, blocks = 0;  // blocks: reserved in each layer of the pool
   std::unique_ptr<SparseAttention> policy;
+  std::unique_ptr<Sampler> sampler;  // null: greedy
+  std::vector<int32_t> context;      // sampled: the tokens so far (the repetition penalty's)
+  bool ignore_eos = false;
   std::unique_ptr<KVCache> cache;
   GenerateStats st;
   Clock::time_point decode_start;
@@ -65,6 +68,11 @@ int64_t Engine::Submit(SequenceRequest r) {
   s->max_new = r.max_new;
   s->blocks = need;
   s->policy = std::move(r.policy);
+  s->ignore_eos = r.ignore_eos;
+  if (!r.sampling.greedy()) {
+    s->sampler = std::make_unique<Sampler>(r.sampling);  // (validates it)
+    s->context = s->prompt;
+  }
   s->st.prompt_tokens = P;
   waiting_.push_back(std::move(s));
   return next_id_ - 1;
@@ -104,8 +112,10 @@ SparseAttention* Engine::Policy(int64_t seq) const { return Find(seq)->policy.ge
 void Engine::Take(Seq& s, int32_t t, std::vector<TokenEvent>* events) {
   ++s.st.new_tokens;
   s.next = t;
+  if (s.sampler != nullptr) s.context.push_back(t);
   const auto& eos = model_.config().eos_token_ids;
-  if (std::find(eos.begin(), eos.end(), t) != eos.end()) s.st.stopped_at_eos = true;
+  if (!s.ignore_eos && std::find(eos.begin(), eos.end(), t) != eos.end())
+    s.st.stopped_at_eos = true;
   s.done = s.st.stopped_at_eos || s.st.new_tokens == s.max_new;
   if (s.done) {
     s.st.decode_seconds = Since(s.decode_start);
@@ -151,10 +161,15 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   model_.set_attention(s.policy.get());
   int32_t first = 0;
   try {
-    if (n < left)
+    if (n < left) {
       model_.Forward(s.prompt.data() + s.prefilled, n, *s.cache, false, nullptr);
-    else
+    } else if (s.sampler != nullptr) {
+      std::vector<float> logits;
+      model_.Forward(s.prompt.data() + s.prefilled, n, *s.cache, false, &logits);
+      first = s.sampler->Sample(logits, s.context);
+    } else {
       first = model_.ForwardGreedy(s.prompt.data() + s.prefilled, n, *s.cache);
+    }
   } catch (...) {
     model_.set_attention(nullptr);
     throw;
@@ -189,11 +204,22 @@ std::vector<TokenEvent> Engine::Step() {
   std::vector<KVCache*> caches;
   std::vector<AttentionPolicy*> policies;
   std::vector<int32_t> ids, next(step.size());
-  for (Seq* s : step)
+  bool sampled = false;  // (then every row's logits come back to the host)
+  for (Seq* s : step) {
     caches.push_back(s->cache.get()), policies.push_back(s->policy.get()), ids.push_back(s->next);
+    sampled |= s->sampler != nullptr;
+  }
+  std::vector<float> logits;
   model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
-                      nullptr, policies.data());
-  for (size_t i = 0; i < step.size(); ++i) Take(*step[i], next[i], &events);
+                      sampled ? &logits : nullptr, policies.data());
+  const size_t V = static_cast<size_t>(model_.config().vocab_size);
+  for (size_t i = 0; i < step.size(); ++i) {
+    if (step[i]->sampler != nullptr) {
+      std::vector<float> row(logits.begin() + i * V, logits.begin() + (i + 1) * V);
+      next[i] = step[i]->sampler->Sample(row, step[i]->context);
+    }
+    Take(*step[i], next[i], &events);
+  }
   return events;
 }
 

@@ -32,6 +32,7 @@
 
 #include "engine/model/generate.h"
 #include "engine/model/model.h"
+#include "engine/model/sampling.h"
 #include "kvcache/block_pool.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -56,6 +57,10 @@ struct SequenceRequest {
   int64_t max_new = 1;          // tokens to generate at most (>= 1)
   // The sequence's attention policy (a sparse planner of its own), or null: dense.
   std::unique_ptr<SparseAttention> policy;
+  // How its tokens are chosen (greedy by default; a sampled sequence draws from its own
+  // generator, seeded by sampling.seed, over its row's logits).
+  SamplingParams sampling;
+  bool ignore_eos = false;  // finish at max_new only
 };
 
 // One token a step produced for a sequence; finished: its last.
