@@ -7,4 +7,5 @@ int CmdInfo(int argc, char** argv);
 int CmdTokenize(int argc, char** argv);
 int CmdEval(int argc, char** argv);
 int CmdData(int argc, char** argv);
+int CmdServe(int argc, char** argv);
 }  // namespace needle

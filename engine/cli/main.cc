@@ -23,6 +23,7 @@ const char* kUsage =
     "              kv_retrieval; RULER niah_*; the classic needle), configurations side by side\n"
     "  eval score  re-score a predictions file with a benchmark's own rule\n"
     "  data TASK   write a benchmark task's dataset as JSONL (the tasks of eval)\n"
+    "  serve       serve the model over HTTP with OpenAI's completion APIs\n"
     "\n"
     "-m defaults to the bundled model (models/needle-tiny) everywhere.\n"
     "'needle COMMAND --help' lists the options of a command.\n";
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
     if (cmd == "tokenize") return needle::CmdTokenize(argc - 2, argv + 2);
     if (cmd == "eval") return needle::CmdEval(argc - 2, argv + 2);
     if (cmd == "data") return needle::CmdData(argc - 2, argv + 2);
+    if (cmd == "serve") return needle::CmdServe(argc - 2, argv + 2);
     std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const needle::Error& e) {

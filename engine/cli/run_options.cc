@@ -261,7 +261,7 @@ int64_t ResolveUbatch(int64_t ubatch, Backend& b) {
   return b.kv_memory() != nullptr ? 4096 : 512;
 }
 
-RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
+RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);
   const std::string model_path = opt.Str("model");
@@ -308,6 +308,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx) {
   }
   rs.model->set_ubatch(limits.ubatch);
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
+  if (!sequence) return rs;
   const KVCacheShape shape = rs.model->CacheShape(ctx, rs.kv_type, rs.sparse_cfg.block_size);
   std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",
                static_cast<long long>(ctx), shape.BytesPerToken(), KVTypeName(rs.kv_type),

@@ -52,8 +52,9 @@ RunLimits RunLimitsFromOptions(const Options& opt);
 // --prefill-chunk either way, so that a sparse prefill's chunks, and so its plan, are the same.
 int64_t ResolveUbatch(int64_t ubatch, Backend& b);
 // Loads the model (or dummy weights), sizes the KV cache for `ctx` tokens and installs the
-// attention policy.
-RunSetup MakeRunSetup(const Options& opt, int64_t ctx);
+// attention policy. sequence == false: the model alone (no cache, no policy: an Engine makes
+// them per sequence); ctx then only checks that a sequence of ctx tokens fits the GPU budget.
+RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence = true);
 // The backend that --device names: cpu, cuda / cuda:N, or auto (cuda when a GPU exists and the
 // run needs neither sparse attention nor the reference kernels, which are CPU-only).
 std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& opt,

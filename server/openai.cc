@@ -1,0 +1,235 @@
+#include "server/openai.h"
+
+#include <cmath>
+#include <limits>
+
+namespace needle::server {
+
+using nlohmann::json;
+
+namespace {
+
+[[noreturn]] void Bad(const std::string& param, const std::string& message) {
+  throw ApiError(400, message, param);
+}
+
+const char* TypeName(const json& v) { return v.type_name(); }
+
+double Number(const json& j, const char* key, double lo, double hi) {
+  const json& v = j.at(key);
+  if (!v.is_number()) Bad(key, std::string("'") + key + "' must be a number, not " + TypeName(v));
+  const double x = v.get<double>();
+  if (!std::isfinite(x) || x < lo || x > hi)
+    Bad(key, std::string("'") + key + "' is " + v.dump() + ", outside [" + json(lo).dump() + ", " +
+                 json(hi).dump() + "]");
+  return x;
+}
+
+int64_t Integer(const json& j, const char* key, int64_t lo, int64_t hi) {
+  const json& v = j.at(key);
+  if (!v.is_number_integer())
+    Bad(key, std::string("'") + key + "' must be an integer, not " + v.dump());
+  const int64_t x = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)
+                        ? hi + 1
+                        : v.get<int64_t>();
+  if (x < lo || x > hi)
+    Bad(key, std::string("'") + key + "' is " + v.dump() + ", outside [" + std::to_string(lo) +
+                 ", " + std::to_string(hi) + "]");
+  return x;
+}
+
+bool Has(const json& j, const char* key) { return j.contains(key) && !j.at(key).is_null(); }
+
+}  // namespace
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string ErrorBody(const ApiError& e) {
+  json err = {{"message", e.what()}, {"type", e.type}, {"code", nullptr}};
+  err["param"] = e.param.empty() ? json(nullptr) : json(e.param);
+  return Dump(json{{"error", err}});
+}
+
+CompletionRequest ParseCompletion(const std::string& body, bool chat, const std::string& served) {
+  json j;
+  try {
+    j = json::parse(body);
+  } catch (const json::parse_error& e) {
+    Bad("", std::string("malformed JSON in the request body: ") + e.what());
+  }
+  if (!j.is_object())
+    Bad("", std::string("the request body must be a JSON object, not ") + TypeName(j));
+  CompletionRequest r;
+  r.chat = chat;
+  if (!Has(j, "model")) Bad("model", "'model' is required");
+  if (!j["model"].is_string()) Bad("model", "'model' must be a string");
+  r.model = j["model"].get<std::string>();
+  if (r.model != served)
+    throw ApiError(404,
+                   "the model '" + r.model + "' does not exist here (serving '" + served + "')",
+                   "model", "not_found_error");
+  if (chat) {
+    if (!Has(j, "messages") || !j["messages"].is_array())
+      Bad("messages", "'messages' must be an array of messages");
+    if (j["messages"].empty()) Bad("messages", "'messages' is empty");
+    for (size_t i = 0; i < j["messages"].size(); ++i) {
+      const json& m = j["messages"][i];
+      const std::string at = "messages[" + std::to_string(i) + "]";
+      if (!m.is_object()) Bad(at, at + " must be an object");
+      if (!m.contains("role") || !m["role"].is_string())
+        Bad(at + ".role", at + ".role must be a string");
+      const std::string role = m["role"].get<std::string>();
+      if (role != "system" && role != "user" && role != "assistant")
+        Bad(at + ".role", at + ".role '" + role + "' is not system, user or assistant");
+      if (!m.contains("content") || !m["content"].is_string())
+        Bad(at + ".content", at + ".content must be a string");
+      r.messages.push_back({role, m["content"].get<std::string>()});
+    }
+  } else {
+    if (!Has(j, "prompt")) Bad("prompt", "'prompt' is required");
+    const json& p = j["prompt"];
+    if (p.is_string()) {
+      r.prompt_text = p.get<std::string>();
+    } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
+      r.prompt_text = p[0].get<std::string>();
+    } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+      for (size_t i = 0; i < p.size(); ++i) {
+        if (!p[i].is_number_integer() || p[i].get<int64_t>() < 0 ||
+            p[i].get<int64_t>() > std::numeric_limits<int32_t>::max())
+          Bad("prompt", "prompt[" + std::to_string(i) + "] is not a token id");
+        r.prompt_ids.push_back(p[i].get<int32_t>());
+      }
+    } else {
+      Bad("prompt", "'prompt' must be a string or an array of token ids (one prompt a request)");
+    }
+    if (r.prompt_text.empty() && r.prompt_ids.empty()) Bad("prompt", "'prompt' is empty");
+  }
+  const char* max_key =
+      chat && Has(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  if (Has(j, max_key)) r.max_tokens = Integer(j, max_key, 1, std::numeric_limits<int32_t>::max());
+  if (Has(j, "temperature"))
+    r.sampling.temperature = static_cast<float>(Number(j, "temperature", 0, 2));
+  if (Has(j, "top_p")) r.sampling.top_p = static_cast<float>(Number(j, "top_p", 0, 1));
+  if (Has(j, "top_k")) r.sampling.top_k = Integer(j, "top_k", 0, 1 << 30);
+  if (Has(j, "min_p")) r.sampling.min_p = static_cast<float>(Number(j, "min_p", 0, 1));
+  if (Has(j, "repetition_penalty"))
+    r.sampling.repetition_penalty = static_cast<float>(Number(j, "repetition_penalty", 0, 10));
+  if (Has(j, "seed"))
+    r.sampling.seed = static_cast<uint64_t>(Integer(j, "seed", std::numeric_limits<int64_t>::min(),
+                                                    std::numeric_limits<int64_t>::max()));
+  try {
+    r.sampling.Validate();
+  } catch (const std::exception& e) {
+    Bad("", e.what());
+  }
+  if (Has(j, "stop")) {
+    const json& s = j["stop"];
+    if (s.is_string()) {
+      r.stop.push_back(s.get<std::string>());
+    } else if (s.is_array() && s.size() <= 4) {
+      for (const json& x : s) {
+        if (!x.is_string()) Bad("stop", "'stop' must be a string or an array of up to 4 strings");
+        r.stop.push_back(x.get<std::string>());
+      }
+    } else {
+      Bad("stop", "'stop' must be a string or an array of up to 4 strings");
+    }
+    for (const auto& x : r.stop)
+      if (x.empty()) Bad("stop", "'stop' holds an empty string");
+  }
+  if (Has(j, "stream")) {
+    if (!j["stream"].is_boolean()) Bad("stream", "'stream' must be true or false");
+    r.stream = j["stream"].get<bool>();
+  }
+  if (Has(j, "stream_options")) {
+    const json& so = j["stream_options"];
+    if (!so.is_object()) Bad("stream_options", "'stream_options' must be an object");
+    if (so.contains("include_usage")) {
+      if (!so["include_usage"].is_boolean())
+        Bad("stream_options.include_usage", "'include_usage' must be true or false");
+      r.include_usage = so["include_usage"].get<bool>();
+    }
+  }
+  if (Has(j, "n") && Integer(j, "n", 1, 1 << 20) != 1)
+    Bad("n", "'n' must be 1: needle returns one choice per request");
+  // Not done yet: refused rather than ignored.
+  for (const char* key : {"logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias",
+                          "tools", "functions", "response_format"}) {
+    if (!Has(j, key)) continue;
+    const json& v = j[key];
+    const bool off =
+        (v.is_boolean() && !v.get<bool>()) ||
+        (key == std::string("best_of") && v.is_number_integer() && v.get<int64_t>() == 1);
+    if (!off) Bad(key, std::string("'") + key + "' is not supported by needle yet");
+  }
+  for (const char* key : {"presence_penalty", "frequency_penalty"})
+    if (Has(j, key) && Number(j, key, -2, 2) != 0)
+      Bad(key,
+          std::string("'") + key + "' is not supported by needle yet (use repetition_penalty)");
+  return r;
+}
+
+size_t StopAt(const std::string& text, const std::vector<std::string>& stop) {
+  size_t at = std::string::npos;
+  for (const auto& s : stop) at = std::min(at, text.find(s));
+  return at;
+}
+
+namespace {
+json Head(const CompletionRequest& r, const std::string& id, int64_t created, bool chunk) {
+  return json{{"id", id},
+              {"object",
+               r.chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion"},
+              {"created", created},
+              {"model", r.model}};
+}
+json UsageJson(const Usage& u) {
+  return json{{"prompt_tokens", u.prompt_tokens},
+              {"completion_tokens", u.completion_tokens},
+              {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+}
+std::string Event(const json& j) { return "data: " + Dump(j) + "\n\n"; }
+}  // namespace
+
+json CompletionBody(const CompletionRequest& r, const std::string& id, int64_t created,
+                    const std::string& text, const std::string& finish, const Usage& u) {
+  json j = Head(r, id, created, false);
+  json choice = {{"index", 0}, {"finish_reason", finish}};
+  if (r.chat)
+    choice["message"] = {{"role", "assistant"}, {"content", text}};
+  else
+    choice["text"] = text, choice["logprobs"] = nullptr;
+  j["choices"] = json::array({choice});
+  j["usage"] = UsageJson(u);
+  return j;
+}
+
+std::string StreamChunk(const CompletionRequest& r, const std::string& id, int64_t created,
+                        const std::string& text, const std::string& finish, const Usage* usage) {
+  json j = Head(r, id, created, true);
+  json choice = {{"index", 0}};
+  choice["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
+  if (r.chat)
+    choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
+  else
+    choice["text"] = text, choice["logprobs"] = nullptr;
+  j["choices"] = json::array({choice});
+  std::string out = Event(j);
+  if (usage != nullptr) {
+    json u = Head(r, id, created, true);
+    u["choices"] = json::array();
+    u["usage"] = UsageJson(*usage);
+    out += Event(u);
+  }
+  return out;
+}
+
+std::string StreamRoleChunk(const CompletionRequest& r, const std::string& id, int64_t created) {
+  json j = Head(r, id, created, true);
+  j["choices"] = json::array({json{{"index", 0},
+                                   {"delta", {{"role", "assistant"}, {"content", ""}}},
+                                   {"finish_reason", nullptr}}});
+  return Event(j);
+}
+
+}  // namespace needle::server

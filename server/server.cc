@@ -1,0 +1,391 @@
+#include "server/server.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <ctime>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "engine/base/error.h"
+#include "server/openai.h"
+
+namespace needle::server {
+
+namespace {
+
+// One request's sequence, shared by its HTTP worker and the engine thread.
+struct Job {
+  SequenceRequest req;  // (moved into the engine when it is submitted)
+  std::mutex m;
+  std::condition_variable cv;
+  std::vector<int32_t> tokens;  // produced so far
+  bool finished = false;        // no more tokens will come
+  int error_status = 0;         // the engine refused or failed it
+  std::string error;
+  GenerateStats st;
+  int64_t seq = -1;  // the engine's id (engine thread only)
+};
+
+// A request's text as its tokens arrive: decoded, cut at the first stop string.
+struct TextState {
+  explicit TextState(const Tokenizer& t) : dec(t, true) {}
+  StreamDecoder dec;
+  std::string text;
+  size_t used = 0;       // tokens decoded
+  bool stopped = false;  // a stop string was found (text ends before it)
+};
+
+}  // namespace
+
+struct Server::Impl {
+  Impl(Model& m, const Tokenizer& t, const EngineOptions& e, const ServerOptions& o,
+       PolicyFactory p)
+      : model(m),
+        tok(t),
+        eo(e),
+        so(o),
+        policy(std::move(p)),
+        engine(std::make_unique<Engine>(m, e)) {}
+
+  Model& model;
+  const Tokenizer& tok;
+  EngineOptions eo;
+  ServerOptions so;
+  PolicyFactory policy;
+  std::unique_ptr<Engine> engine;  // the engine thread's alone once started
+  httplib::Server http;
+  std::thread engine_thread, http_thread;
+  std::mutex m;  // guards what follows
+  std::condition_variable cv;
+  bool stopping = false;
+  std::deque<std::shared_ptr<Job>> incoming;
+  std::vector<std::shared_ptr<Job>> cancels;
+  std::atomic<int64_t> waiting{0}, running{0}, ids{0};
+
+  void Submit(const std::shared_ptr<Job>& j) {
+    std::lock_guard<std::mutex> lk(m);
+    incoming.push_back(j);
+    cv.notify_one();
+  }
+  void Cancel(const std::shared_ptr<Job>& j) {
+    std::lock_guard<std::mutex> lk(m);
+    cancels.push_back(j);
+    cv.notify_one();
+  }
+  static void Finish(Job& j, int status, const std::string& error) {
+    std::lock_guard<std::mutex> lk(j.m);
+    j.finished = true;
+    j.error_status = status;
+    j.error = error;
+    j.cv.notify_all();
+  }
+
+  void EngineLoop();
+  void Routes();
+  void Complete(const httplib::Request& req, httplib::Response& res, bool chat);
+  // Decodes j's new tokens into st; true when the request is done (finished or stopped).
+  bool Advance(Job& j, TextState& st, const CompletionRequest& r);
+};
+
+void Server::Impl::EngineLoop() {
+  std::map<int64_t, std::shared_ptr<Job>> live;
+  for (;;) {
+    std::deque<std::shared_ptr<Job>> add;
+    std::vector<std::shared_ptr<Job>> drop;
+    {
+      std::unique_lock<std::mutex> lk(m);
+      cv.wait(lk,
+              [&] { return stopping || !incoming.empty() || !cancels.empty() || !engine->Idle(); });
+      if (stopping) break;
+      add.swap(incoming);
+      drop.swap(cancels);
+    }
+    for (auto& j : add) {
+      try {
+        j->seq = engine->Submit(std::move(j->req));
+        live[j->seq] = j;
+      } catch (const std::exception& e) {
+        Finish(*j, 400, e.what());
+      }
+    }
+    for (auto& j : drop)
+      if (j->seq >= 0 && live.erase(j->seq) != 0) {
+        engine->Cancel(j->seq);
+        Finish(*j, 0, "");
+      }
+    if (!engine->Idle()) {
+      std::vector<TokenEvent> events;
+      try {
+        events = engine->Step();
+      } catch (const std::exception& e) {
+        // The step's state is unknown: every live request fails, the engine starts afresh.
+        for (auto& [id, j] : live) Finish(*j, 500, std::string("the engine failed: ") + e.what());
+        live.clear();
+        engine = std::make_unique<Engine>(model, eo);
+      }
+      for (const TokenEvent& ev : events) {
+        auto it = live.find(ev.seq);
+        if (it == live.end()) continue;
+        Job& j = *it->second;
+        std::lock_guard<std::mutex> lk(j.m);
+        j.tokens.push_back(ev.token);
+        if (ev.finished) j.st = engine->Stats(ev.seq), j.finished = true;
+        j.cv.notify_all();
+        if (ev.finished) live.erase(it);
+      }
+    }
+    waiting = engine->Waiting();
+    running = engine->Running();
+  }
+  for (auto& [id, j] : live) Finish(*j, 503, "the server is stopping");
+  std::lock_guard<std::mutex> lk(m);
+  for (auto& j : incoming) Finish(*j, 503, "the server is stopping");
+}
+
+bool Server::Impl::Advance(Job& j, TextState& st, const CompletionRequest& r) {
+  std::vector<int32_t> fresh;
+  bool finished = false;
+  {
+    std::unique_lock<std::mutex> lk(j.m);
+    j.cv.wait_for(lk, std::chrono::milliseconds(200),
+                  [&] { return j.finished || j.tokens.size() > st.used; });
+    fresh.assign(j.tokens.begin() + static_cast<long>(st.used), j.tokens.end());
+    st.used = j.tokens.size();
+    finished = j.finished;
+  }
+  for (int32_t t : fresh) {
+    st.text += st.dec.Push(t);
+    const size_t at = StopAt(st.text, r.stop);
+    if (at != std::string::npos) {
+      st.text.resize(at);
+      st.stopped = true;
+      return true;
+    }
+  }
+  if (!finished) return false;
+  st.text += st.dec.Flush();
+  const size_t at = StopAt(st.text, r.stop);
+  if (at != std::string::npos) st.text.resize(at), st.stopped = true;
+  return true;
+}
+
+void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res, bool chat) {
+  const auto refuse = [&](const ApiError& e) {
+    res.status = e.status;
+    res.set_content(ErrorBody(e), "application/json");
+  };
+  CompletionRequest r;
+  std::vector<int32_t> prompt;
+  try {
+    r = ParseCompletion(req.body, chat, so.model_name);
+    if (chat) {
+      std::string text;
+      if (so.chat == ChatFamily::kNone) {
+        for (const auto& msg : r.messages) text += (text.empty() ? "" : "\n") + msg.content;
+      } else {
+        try {
+          text = FormatChat(so.chat, r.messages, so.bos, so.eos);
+        } catch (const Error& e) {
+          throw ApiError(400, e.what(), "messages");
+        }
+      }
+      prompt = tok.Encode(text, false);
+    } else if (!r.prompt_ids.empty()) {
+      prompt = r.prompt_ids;
+      for (int32_t id : prompt)
+        if (id >= model.config().vocab_size)
+          throw ApiError(400,
+                         "token id " + std::to_string(id) + " is outside the vocabulary of " +
+                             std::to_string(model.config().vocab_size),
+                         "prompt");
+    } else {
+      prompt = tok.Encode(r.prompt_text, true);  // (as needle generate -p: the model's BOS)
+    }
+    const int64_t P = static_cast<int64_t>(prompt.size()), C = eo.max_context;
+    if (P == 0) throw ApiError(400, "the prompt has no tokens", chat ? "messages" : "prompt");
+    if (P >= C)
+      throw ApiError(400,
+                     "the prompt has " + std::to_string(P) + " tokens; the context holds " +
+                         std::to_string(C) + " (--ctx-size), answer included",
+                     chat ? "messages" : "prompt");
+    if (r.max_tokens == 0) r.max_tokens = chat ? C - P : std::min<int64_t>(16, C - P);
+    if (P + r.max_tokens > C)
+      throw ApiError(400,
+                     "the prompt's " + std::to_string(P) + " tokens and max_tokens " +
+                         std::to_string(r.max_tokens) + " exceed the context of " +
+                         std::to_string(C) + " tokens (--ctx-size)",
+                     chat && req.body.find("max_completion_tokens") != std::string::npos
+                         ? "max_completion_tokens"
+                         : "max_tokens");
+  } catch (const ApiError& e) {
+    refuse(e);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->req.prompt = prompt;
+  job->req.max_new = r.max_tokens;
+  job->req.sampling = r.sampling;
+  if (policy) job->req.policy = policy(static_cast<int64_t>(prompt.size()) + r.max_tokens);
+  const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(ids++);
+  const int64_t created = static_cast<int64_t>(std::time(nullptr));
+  const auto usage = [P = static_cast<int64_t>(prompt.size())](const TextState& st) {
+    return Usage{P, static_cast<int64_t>(st.used)};
+  };
+  const auto reason = [](Job& j, const TextState& st) {
+    std::lock_guard<std::mutex> lk(j.m);
+    return st.stopped || j.st.stopped_at_eos ? "stop" : "length";
+  };
+  Submit(job);
+  if (!r.stream) {
+    TextState st(tok);
+    while (!Advance(*job, st, r)) {
+    }
+    if (st.stopped) Cancel(job);
+    if (job->error_status != 0) {
+      refuse(ApiError(job->error_status, job->error, "", "server_error"));
+      return;
+    }
+    res.set_content(Dump(CompletionBody(r, id, created, st.text, reason(*job, st), usage(st))),
+                    "application/json");
+    return;
+  }
+  // Streamed: text is sent as it is decoded, but the last bytes that could begin a stop string
+  // are held back until they cannot.
+  size_t hold = 0;
+  for (const auto& s : r.stop) hold = std::max(hold, s.size() - 1);
+  auto st = std::make_shared<TextState>(tok);
+  auto sent = std::make_shared<size_t>(0);
+  auto begun = std::make_shared<bool>(false);
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, job, st, sent, begun, hold, r, id, created, usage, reason](size_t,
+                                                                        httplib::DataSink& sink) {
+        if (!*begun && r.chat) {
+          *begun = true;
+          if (!sink.write(StreamRoleChunk(r, id, created).data(),
+                          StreamRoleChunk(r, id, created).size()))
+            return false;
+        }
+        *begun = true;
+        const bool done = Advance(*job, *st, r);
+        const auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
+        if (done && job->error_status != 0) {
+          write("data: " + ErrorBody(ApiError(job->error_status, job->error, "", "server_error")) +
+                "\n\n");
+          sink.done();
+          return true;
+        }
+        const size_t upto =
+            done ? st->text.size() : (st->text.size() > hold ? st->text.size() - hold : 0);
+        if (upto > *sent) {
+          if (!write(StreamChunk(r, id, created, st->text.substr(*sent, upto - *sent), "")))
+            return false;
+          *sent = upto;
+        }
+        if (!done) return sink.is_writable();
+        if (st->stopped) Cancel(job);
+        const Usage u = usage(*st);
+        write(StreamChunk(r, id, created, "", reason(*job, *st), r.include_usage ? &u : nullptr));
+        write("data: [DONE]\n\n");
+        sink.done();
+        return true;
+      },
+      [this, job](bool success) {
+        if (success) return;
+        std::lock_guard<std::mutex> lk(job->m);
+        if (!job->finished) {  // the client went away: its sequence is dropped
+          std::lock_guard<std::mutex> lk2(m);
+          cancels.push_back(job);
+          cv.notify_one();
+        }
+      });
+}
+
+void Server::Impl::Routes() {
+  http.set_payload_max_length(so.max_body);
+  http.new_task_queue = [n = std::max<int64_t>(8, 2 * eo.max_batch + 4)] {
+    return new httplib::ThreadPool(static_cast<size_t>(n));
+  };
+  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (so.api_key.empty() || req.path == "/health")
+      return httplib::Server::HandlerResponse::Unhandled;
+    if (req.get_header_value("Authorization") == "Bearer " + so.api_key)
+      return httplib::Server::HandlerResponse::Unhandled;
+    res.status = 401;
+    res.set_content(ErrorBody(ApiError(401,
+                                       "a valid API key is required (Authorization: Bearer "
+                                       "KEY)",
+                                       "", "authentication_error")),
+                    "application/json");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    const std::string what = res.status == 404 ? "no such endpoint: " + req.method + " " + req.path
+                             : res.status == 413 ? "the request body is larger than " +
+                                                       std::to_string(so.max_body) + " bytes"
+                                                 : "the request failed";
+    res.set_content(ErrorBody(ApiError(res.status, what, "", "invalid_request_error")),
+                    "application/json");
+  });
+  http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    nlohmann::json j = {{"status", "ok"},
+                        {"model", so.model_name},
+                        {"waiting", waiting.load()},
+                        {"running", running.load()}};
+    res.set_content(Dump(j), "application/json");
+  });
+  http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    nlohmann::json m = {
+        {"id", so.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "needle"}};
+    res.set_content(Dump(nlohmann::json{{"object", "list"}, {"data", {m}}}), "application/json");
+  });
+  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    Complete(req, res, false);
+  });
+  http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    Complete(req, res, true);
+  });
+}
+
+Server::Server(Model& model, const Tokenizer& tok, const EngineOptions& engine,
+               const ServerOptions& opt, PolicyFactory policy)
+    : impl_(std::make_unique<Impl>(model, tok, engine, opt, std::move(policy))) {
+  impl_->Routes();
+}
+
+Server::~Server() { Stop(); }
+
+int Server::Start() {
+  Impl& x = *impl_;
+  const int port = x.so.port == 0 ? x.http.bind_to_any_port(x.so.host)
+                                  : (x.http.bind_to_port(x.so.host, x.so.port) ? x.so.port : -1);
+  if (port <= 0) Fail("needle serve: cannot listen on ", x.so.host, ":", x.so.port);
+  x.engine_thread = std::thread([&x] { x.EngineLoop(); });
+  x.http_thread = std::thread([&x] { x.http.listen_after_bind(); });
+  return port;
+}
+
+void Server::Wait() {
+  if (impl_->http_thread.joinable()) impl_->http_thread.join();
+}
+
+void Server::Stop() {
+  Impl& x = *impl_;
+  x.http.stop();
+  {
+    std::lock_guard<std::mutex> lk(x.m);
+    x.stopping = true;
+    x.cv.notify_all();
+  }
+  if (x.http_thread.joinable()) x.http_thread.join();
+  if (x.engine_thread.joinable()) x.engine_thread.join();
+}
+
+}  // namespace needle::server

@@ -1,0 +1,282 @@
+// needle serve (server/): the request checks of OpenAI's APIs field by field, and a server on a
+// free local port answering over HTTP what the model answers alone (greedy), whole and streamed,
+// several clients at once, with the refusals a client must get (401, 404, 413, 400).
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/backend/backend.h"
+#include "engine/model/model.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "server/openai.h"
+#include "server/server.h"
+#include "tests/cli_test_util.h"
+#include "tests/fixture_util.h"
+#include "tests/test_util.h"
+
+namespace needle {
+namespace {
+
+using nlohmann::json;
+using server::ApiError;
+using server::ParseCompletion;
+
+// The status and param of the ApiError that parsing `body` throws (0, "" when none).
+std::pair<int, std::string> Refusal(const std::string& body, bool chat = false) {
+  try {
+    ParseCompletion(body, chat, "m");
+  } catch (const ApiError& e) {
+    return {e.status, e.param};
+  }
+  return {0, ""};
+}
+
+TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
+  const auto r = ParseCompletion(
+      R"({"model":"m","prompt":"hi","max_tokens":7,"temperature":0.5,"top_p":0.9,"seed":3,)"
+      R"("stop":["a","bc"],"stream":true,"stream_options":{"include_usage":true},"n":1,)"
+      R"("logprobs":false,"echo":false,"presence_penalty":0})",
+      false, "m");
+  EXPECT_EQ(r.prompt_text, "hi");
+  EXPECT_EQ(r.max_tokens, 7);
+  EXPECT_FLOAT_EQ(r.sampling.temperature, 0.5f);
+  EXPECT_EQ(r.sampling.seed, 3u);
+  EXPECT_EQ(r.stop, (std::vector<std::string>{"a", "bc"}));
+  EXPECT_TRUE(r.stream && r.include_usage);
+  EXPECT_EQ(ParseCompletion(R"({"model":"m","prompt":[5,6,7]})", false, "m").prompt_ids,
+            (std::vector<int32_t>{5, 6, 7}));
+  const auto c = ParseCompletion(
+      R"({"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],)"
+      R"("max_completion_tokens":3})",
+      true, "m");
+  ASSERT_EQ(c.messages.size(), 2u);
+  EXPECT_EQ(c.messages[1].content, "u");
+  EXPECT_EQ(c.max_tokens, 3);
+  using P = std::pair<int, std::string>;
+  EXPECT_EQ(Refusal("{bad"), P(400, ""));
+  EXPECT_EQ(Refusal("[1]"), P(400, ""));
+  EXPECT_EQ(Refusal(R"({"prompt":"a"})"), P(400, "model"));
+  EXPECT_EQ(Refusal(R"({"model":"other","prompt":"a"})"), P(404, "model"));
+  EXPECT_EQ(Refusal(R"({"model":"m"})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":""})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":{"a":1}})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[1,-2]})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","max_tokens":"5"})"), P(400, "max_tokens"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","max_tokens":0})"), P(400, "max_tokens"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","temperature":3})"), P(400, "temperature"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","stop":["1","2","3","4","5"]})"), P(400, "stop"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","stop":[""]})"), P(400, "stop"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","stream":"yes"})"), P(400, "stream"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","n":2})"), P(400, "n"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":1})"), P(400, "logprobs"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":true})"), P(400, "echo"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","presence_penalty":0.5})"),
+            P(400, "presence_penalty"));
+  EXPECT_EQ(Refusal(R"({"model":"m","messages":[]})", true), P(400, "messages"));
+  EXPECT_EQ(Refusal(R"({"model":"m","messages":"hi"})", true), P(400, "messages"));
+  EXPECT_EQ(Refusal(R"({"model":"m","messages":[{"role":"bot","content":"x"}]})", true),
+            P(400, "messages[0].role"));
+  EXPECT_EQ(Refusal(R"({"model":"m","messages":[{"role":"user","content":3}]})", true),
+            P(400, "messages[0].content"));
+  const json err = json::parse(server::ErrorBody(ApiError(400, "bad x", "x")));
+  EXPECT_EQ(err["error"]["message"], "bad x");
+  EXPECT_EQ(err["error"]["param"], "x");
+  EXPECT_EQ(server::StopAt("abcdef", {"de", "c"}), 2u);
+  EXPECT_EQ(server::StopAt("abc", {"x"}), std::string::npos);
+}
+
+struct Served {
+  test::TempDir d;
+  ThreadingContext tc{2};
+  std::unique_ptr<Backend> cpu = MakeCpuBackend(tc, false);
+  std::string dir = ByteTokenizerModel(d);
+  std::unique_ptr<Model> model = LoadModel(dir, *cpu);
+  std::unique_ptr<Tokenizer> tok = Tokenizer::Load(dir + "/tokenizer.json");
+  std::unique_ptr<server::Server> srv;
+  int port = 0;
+  static constexpr int64_t kCtx = 256;
+
+  explicit Served(const std::string& api_key = "", size_t max_body = 1 << 20) {
+    EngineOptions eo;
+    eo.max_batch = 4, eo.max_context = kCtx, eo.block_size = 16, eo.prompt_chunk = 16;
+    server::ServerOptions so;
+    so.port = 0, so.model_name = "m", so.api_key = api_key, so.max_body = max_body;
+    srv = std::make_unique<server::Server>(*model, *tok, eo, so);
+    port = srv->Start();
+  }
+  // The greedy text of `prompt` alone, n tokens (the byte model has no end-of-sequence stop here
+  // that the server would not share).
+  std::string Alone(const std::vector<int32_t>& prompt, int64_t n) {
+    KVCache cache(model->CacheShape(kCtx, DType::kF32, 16));
+    StreamDecoder dec(*tok, true);
+    std::string text;
+    int32_t t = model->ForwardGreedy(prompt.data(), static_cast<int64_t>(prompt.size()), cache);
+    for (int64_t i = 0; i < n; ++i) {
+      text += dec.Push(t);
+      const auto& eos = model->config().eos_token_ids;
+      if (std::find(eos.begin(), eos.end(), t) != eos.end()) break;
+      if (i + 1 < n) t = model->ForwardGreedy(&t, 1, cache);
+    }
+    return text + dec.Flush();
+  }
+};
+
+std::vector<int32_t> Ids(int seed, int n) {
+  std::vector<int32_t> p;
+  for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>(40 + (i * 7 + seed * 13) % 60));
+  return p;
+}
+
+TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {
+  Served s;
+  httplib::Client cli("127.0.0.1", s.port);
+  auto h = cli.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  EXPECT_EQ(json::parse(h->body)["status"], "ok");
+  auto m = cli.Get("/v1/models");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(json::parse(m->body)["data"][0]["id"], "m");
+  const std::vector<int32_t> p = Ids(1, 30);
+  const std::string want = s.Alone(p, 12);
+  json req = {{"model", "m"}, {"prompt", p}, {"max_tokens", 12}};
+  auto r = cli.Post("/v1/completions", req.dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  EXPECT_EQ(j["choices"][0]["text"], want);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 30);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 12);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  // Streamed: the chunks' texts add up to the same text, then a finish chunk and [DONE].
+  req["stream"] = true;
+  req["stream_options"] = {{"include_usage", true}};
+  auto sr = cli.Post("/v1/completions", req.dump(), "application/json");
+  ASSERT_TRUE(sr);
+  ASSERT_EQ(sr->status, 200);
+  std::string streamed, finish;
+  int64_t completion = -1;
+  size_t at = 0;
+  bool done = false;
+  while ((at = sr->body.find("data: ", at)) != std::string::npos) {
+    const size_t end = sr->body.find("\n\n", at);
+    const std::string data = sr->body.substr(at + 6, end - at - 6);
+    at = end;
+    if (data == "[DONE]") {
+      done = true;
+      break;
+    }
+    const json c = json::parse(data);
+    if (c.contains("usage")) completion = c["usage"]["completion_tokens"];
+    if (c["choices"].empty()) continue;
+    streamed += c["choices"][0]["text"].get<std::string>();
+    if (!c["choices"][0]["finish_reason"].is_null()) finish = c["choices"][0]["finish_reason"];
+  }
+  EXPECT_TRUE(done);
+  EXPECT_EQ(streamed, want);
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(completion, 12);
+  // A stop string cuts the text before it, whole and streamed.
+  // (The stop string: the text's second character, whole: the byte model's text is any UTF-8.)
+  size_t c1 = 1;
+  while (c1 < want.size() && (static_cast<unsigned char>(want[c1]) & 0xC0) == 0x80) ++c1;
+  size_t c2 = c1 + 1;
+  while (c2 < want.size() && (static_cast<unsigned char>(want[c2]) & 0xC0) == 0x80) ++c2;
+  ASSERT_LT(c1, want.size());
+  {
+    const std::string stop = want.substr(c1, c2 - c1);
+    json st = {{"model", "m"}, {"prompt", p}, {"max_tokens", 12}, {"stop", stop}};
+    auto w = cli.Post("/v1/completions", st.dump(), "application/json");
+    ASSERT_TRUE(w);
+    const json sj = json::parse(w->body);
+    EXPECT_EQ(sj["choices"][0]["text"], want.substr(0, want.find(stop)));
+    EXPECT_EQ(sj["choices"][0]["finish_reason"], "stop");
+  }
+  // Chat (no template for this model: the contents joined).
+  json chat = {
+      {"model", "m"}, {"messages", {{{"role", "user"}, {"content", "hello"}}}}, {"max_tokens", 5}};
+  auto c = cli.Post("/v1/chat/completions", chat.dump(), "application/json");
+  ASSERT_TRUE(c);
+  ASSERT_EQ(c->status, 200) << c->body;
+  EXPECT_EQ(json::parse(c->body)["choices"][0]["message"]["content"],
+            s.Alone(s.tok->Encode("hello", false), 5));
+}
+
+TEST(Server, ConcurrentClientsGetTheirOwnAnswers) {
+  Served s;
+  const int n = 6;
+  std::vector<std::string> got(n), want(n);
+  for (int i = 0; i < n; ++i) want[i] = s.Alone(Ids(i, 20 + 9 * i), 10 + i);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < n; ++i)
+    clients.emplace_back([&, i] {
+      httplib::Client cli("127.0.0.1", s.port);
+      json req = {{"model", "m"}, {"prompt", Ids(i, 20 + 9 * i)}, {"max_tokens", 10 + i}};
+      if (i % 2 == 1) req["stream"] = true;
+      auto r = cli.Post("/v1/completions", req.dump(), "application/json");
+      if (!r || r->status != 200) return;
+      if (i % 2 == 0) {
+        got[i] = json::parse(r->body)["choices"][0]["text"];
+        return;
+      }
+      size_t at = 0;
+      while ((at = r->body.find("data: {", at)) != std::string::npos) {
+        const size_t end = r->body.find("\n\n", at);
+        const json c = json::parse(r->body.substr(at + 6, end - at - 6));
+        got[i] += c["choices"][0]["text"].get<std::string>();
+        at = end;
+      }
+    });
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < n; ++i) EXPECT_EQ(got[i], want[i]) << "client " << i;
+}
+
+TEST(Server, RefusesWithTheStatusAClientExpects) {
+  Served s("sekrit", 4096);
+  httplib::Client cli("127.0.0.1", s.port);
+  const auto post = [&](const std::string& body, bool key = true) {
+    httplib::Headers h;
+    if (key) h.emplace("Authorization", "Bearer sekrit");
+    return cli.Post("/v1/completions", h, body, "application/json");
+  };
+  auto h = cli.Get("/health");  // open without the key
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  auto no_key = post(R"({"model":"m","prompt":"a"})", false);
+  ASSERT_TRUE(no_key);
+  EXPECT_EQ(no_key->status, 401);
+  EXPECT_EQ(json::parse(no_key->body)["error"]["type"], "authentication_error");
+  auto ok = post(R"({"model":"m","prompt":"a","max_tokens":2})");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  auto big = post(R"({"model":"m","prompt":")" + std::string(5000, 'x') + R"("})");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
+  auto missing = cli.Get("/v1/nothing", {{"Authorization", "Bearer sekrit"}});
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_FALSE(json::parse(missing->body)["error"]["message"].get<std::string>().empty());
+  auto too_long = post(R"({"model":"m","prompt":")" + std::string(300, 'x') + R"("})");
+  ASSERT_TRUE(too_long);
+  EXPECT_EQ(too_long->status, 400);
+  EXPECT_EQ(json::parse(too_long->body)["error"]["param"], "prompt");
+  auto over = post(R"({"model":"m","prompt":"abc","max_tokens":300})");
+  ASSERT_TRUE(over);
+  EXPECT_EQ(over->status, 400);
+  EXPECT_EQ(json::parse(over->body)["error"]["param"], "max_tokens");
+  auto vocab = post(R"({"model":"m","prompt":[1, 99999999]})");
+  ASSERT_TRUE(vocab);
+  EXPECT_EQ(vocab->status, 400);
+  auto bad = post("{nope");
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->status, 400);
+}
+
+}  // namespace
+}  // namespace needle
