@@ -2,7 +2,7 @@
 # Builds one libFuzzer harness of fuzz/ (clang, ASan + UBSan) in build-fuzz/ and runs it for
 # SECONDS (default 60) on its corpus (build-fuzz/corpus/HARNESS, seeded from the repository's
 # fixtures), with the JSON dictionary. Findings go to build-fuzz/findings/HARNESS.
-#   bash scripts/fuzz.sh config|generation_config|safetensors|tokenizer|data|predictions|results|chat
+#   bash scripts/fuzz.sh config|generation_config|safetensors|tokenizer|data|predictions|results|chat|openai
 #                        [SECONDS] [JOBS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,10 @@ case "$H" in
   chat)
     cp -n models/needle-tiny/tokenizer_config.json "$CORPUS/needle-tiny.json"
     printf '{"chat_template": "{{ bos_token }}<|start_header_id|>", "bos_token": "<s>", "eos_token": {"content": "</s>"}}\0system\0be brief\0user\0hi\0assistant\0hello\0user\0bye' > "$CORPUS/llama3.bin" ;;
+  openai)
+    printf '%s' '{"model":"m","prompt":"hi","max_tokens":7,"temperature":0.5,"stop":["a","bc"],"stream":true,"stream_options":{"include_usage":true},"seed":3}' > "$CORPUS/completion.json"
+    printf '%s' '{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],"max_completion_tokens":3,"logprobs":false}' > "$CORPUS/chat.json"
+    printf '%s' '{"model":"m","prompt":[1,2,3],"n":1,"top_p":0.9,"top_k":4,"presence_penalty":0}' > "$CORPUS/ids.json" ;;
   *) echo "fuzz.sh: unknown harness '$H'" >&2; exit 1 ;;
 esac
 PAR=()

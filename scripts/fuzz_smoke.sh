@@ -17,7 +17,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   fi
 fi
 mkdir -p build-fuzz/logs
-for h in config generation_config safetensors tokenizer data predictions results chat; do
+for h in config generation_config safetensors tokenizer data predictions results chat openai; do
   echo "fuzz_smoke: $h for ${SECS} s" >&2
   bash scripts/fuzz.sh "$h" "$SECS" > "build-fuzz/logs/$h.log" 2>&1 || {
     tail -40 "build-fuzz/logs/$h.log" >&2

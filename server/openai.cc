@@ -29,10 +29,9 @@ int64_t Integer(const json& j, const char* key, int64_t lo, int64_t hi) {
   const json& v = j.at(key);
   if (!v.is_number_integer())
     Bad(key, std::string("'") + key + "' must be an integer, not " + v.dump());
-  const int64_t x = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)
-                        ? hi + 1
-                        : v.get<int64_t>();
-  if (x < lo || x > hi)
+  const bool above = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi);
+  const int64_t x = above ? hi : v.get<int64_t>();
+  if (above || x < lo || x > hi)
     Bad(key, std::string("'") + key + "' is " + v.dump() + ", outside [" + std::to_string(lo) +
                  ", " + std::to_string(hi) + "]");
   return x;
