@@ -267,10 +267,8 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
       [this, job, st, sent, begun, hold, r, id, created, usage, reason](size_t,
                                                                         httplib::DataSink& sink) {
         if (!*begun && r.chat) {
-          *begun = true;
-          if (!sink.write(StreamRoleChunk(r, id, created).data(),
-                          StreamRoleChunk(r, id, created).size()))
-            return false;
+          const std::string role = StreamRoleChunk(r, id, created);
+          if (!sink.write(role.data(), role.size())) return false;
         }
         *begun = true;
         const bool done = Advance(*job, *st, r);

@@ -204,8 +204,23 @@ TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {
   auto c = cli.Post("/v1/chat/completions", chat.dump(), "application/json");
   ASSERT_TRUE(c);
   ASSERT_EQ(c->status, 200) << c->body;
-  EXPECT_EQ(json::parse(c->body)["choices"][0]["message"]["content"],
-            s.Alone(s.tok->Encode("hello", false), 5));
+  const std::string chat_want = s.Alone(s.tok->Encode("hello", false), 5);
+  EXPECT_EQ(json::parse(c->body)["choices"][0]["message"]["content"], chat_want);
+  // Streamed chat: the assistant's role first, then the content in deltas.
+  chat["stream"] = true;
+  auto cs = cli.Post("/v1/chat/completions", chat.dump(), "application/json");
+  ASSERT_TRUE(cs);
+  std::string deltas, role;
+  at = 0;
+  while ((at = cs->body.find("data: {", at)) != std::string::npos) {
+    const size_t end = cs->body.find("\n\n", at);
+    const json d = json::parse(cs->body.substr(at + 6, end - at - 6))["choices"][0]["delta"];
+    if (d.contains("role")) role = d["role"];
+    if (d.contains("content")) deltas += d["content"].get<std::string>();
+    at = end;
+  }
+  EXPECT_EQ(role, "assistant");
+  EXPECT_EQ(deltas, chat_want);
 }
 
 TEST(Server, ConcurrentClientsGetTheirOwnAnswers) {
