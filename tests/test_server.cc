@@ -293,5 +293,24 @@ TEST(Server, RefusesWithTheStatusAClientExpects) {
   EXPECT_EQ(bad->status, 400);
 }
 
+// The command's own checks, before anything is loaded or bound.
+TEST(ServeCli, RefusesImpossibleSettings) {
+  test::TempDir d;
+  const std::string m = ByteTokenizerModel(d);
+  for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
+           {"--port 70000", "--port 70000 is not a port"},
+           {"--max-batch 0", "--max-batch 0"},
+           {"--max-body 0", "--max-body 0"},
+           {"--prompt-chunk -1", "--prompt-chunk -1"},
+           {"--chat-template nope", "--chat-template"}}) {
+    const Result r = RunNeedle("serve -m " + m + " -t 1 " + args);
+    EXPECT_EQ(r.status, 1) << args << ": " << r.output;
+    EXPECT_NE(r.output.find(want), std::string::npos) << r.output;
+  }
+  const Result h = RunNeedle("serve --help");
+  EXPECT_EQ(h.status, 0);
+  EXPECT_NE(h.output.find("/v1/chat/completions"), std::string::npos) << h.output;
+}
+
 }  // namespace
 }  // namespace needle

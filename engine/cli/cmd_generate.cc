@@ -68,8 +68,7 @@ int CmdGenerate(int argc, char** argv) {
        "prompt as comma-separated token ids, e.g. 1,2,3 (no tokenizer needed)"},
       {"chat", 0, OptKind::kFlag, "",
        "format the prompt as a user turn with the model's chat template"},
-      {"chat-template", 0, OptKind::kString, "auto",
-       "chat template: auto (from tokenizer_config.json), llama3, chatml, mistral, none"},
+      ChatTemplateSpec(),
       {"system", 0, OptKind::kString, "", "system message for --chat"},
       {"max-new-tokens", 'n', OptKind::kInt, "256", "maximum number of tokens to generate"},
       {"temperature", 0, OptKind::kString, "0", "sampling temperature (0: greedy)"},
@@ -132,9 +131,7 @@ int CmdGenerate(int argc, char** argv) {
         opt.Str("file").empty() ? opt.Str("prompt") : ReadTextFile(opt.Str("file"));
     if (opt.Flag("chat")) {
       std::string bos, eos;
-      ChatFamily fam = DetectChatFamilyFromFolder(model_dir, &bos, &eos);
-      if (opt.Str("chat-template") != "auto")
-        fam = ParseChatFamily(opt.Str("chat-template"), "--chat-template");
+      const ChatFamily fam = ChatFamilyFromOptions(opt, model_dir, &bos, &eos);
       if (fam == ChatFamily::kNone)
         std::fprintf(stderr,
                      "needle: warning: no known chat template for %s; using the raw prompt\n",

@@ -25,8 +25,7 @@ int CmdServe(int argc, char** argv) {
       {"prompt-chunk", 0, OptKind::kInt, "512",
        "prompt tokens a sequence prefills per step while others decode (0: whole prompts)"},
       {"max-body", 0, OptKind::kInt, "8388608", "largest request body in bytes (larger: 413)"},
-      {"chat-template", 0, OptKind::kString, "auto",
-       "chat template: auto (from tokenizer_config.json), llama3, chatml, mistral, none"},
+      ChatTemplateSpec(),
   };
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
   Options opt("needle serve",
@@ -67,9 +66,7 @@ int CmdServe(int argc, char** argv) {
                       ? std::filesystem::path(model_dir).lexically_normal().filename().string()
                       : opt.Str("model-name");
   if (so.model_name.empty()) so.model_name = "needle";
-  so.chat = DetectChatFamilyFromFolder(model_dir, &so.bos, &so.eos);
-  if (opt.Str("chat-template") != "auto")
-    so.chat = ParseChatFamily(opt.Str("chat-template"), "--chat-template");
+  so.chat = ChatFamilyFromOptions(opt, model_dir, &so.bos, &so.eos);
   EngineOptions eo;
   eo.max_batch = batch;
   eo.max_context = ctx;

@@ -261,6 +261,19 @@ int64_t ResolveUbatch(int64_t ubatch, Backend& b) {
   return b.kv_memory() != nullptr ? 4096 : 512;
 }
 
+OptionSpec ChatTemplateSpec() {
+  return {"chat-template", 0, OptKind::kString, "auto",
+          "chat template: auto (from tokenizer_config.json), llama3, chatml, mistral, none"};
+}
+
+ChatFamily ChatFamilyFromOptions(const Options& opt, const std::string& model_dir, std::string* bos,
+                                 std::string* eos) {
+  ChatFamily fam = DetectChatFamilyFromFolder(model_dir, bos, eos);
+  if (opt.Str("chat-template") != "auto")
+    fam = ParseChatFamily(opt.Str("chat-template"), "--chat-template");
+  return fam;
+}
+
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);

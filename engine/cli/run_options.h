@@ -12,11 +12,19 @@
 #include "engine/cli/options.h"
 #include "engine/model/model.h"
 #include "engine/runtime/sequence_attention.h"
+#include "engine/tokenizer/chat_template.h"
 #include "sparse_attn/sparse_attention.h"
 
 namespace needle {
 
 std::vector<OptionSpec> RunOptionSpecs();
+
+// --chat-template, for the subcommands that format chats (generate --chat, serve), and the
+// family it picks for a model folder: the one --chat-template names, else the folder's own
+// (tokenizer_config.json), with its bos and eos tokens.
+OptionSpec ChatTemplateSpec();
+ChatFamily ChatFamilyFromOptions(const Options& opt, const std::string& model_dir, std::string* bos,
+                                 std::string* eos);
 
 // Everything a run needs besides the prompt: built from the options and the loaded model.
 struct RunSetup {
