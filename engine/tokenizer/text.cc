@@ -151,8 +151,15 @@ Regex::~Regex() { pcre2_code_free(static_cast<pcre2_code*>(code_)); }
 std::vector<std::pair<size_t, size_t>> Regex::FindAll(std::string_view s) const {
   std::vector<std::pair<size_t, size_t>> out;
   auto* code = static_cast<pcre2_code*>(code_);
-  thread_local pcre2_match_data* md = nullptr;
-  if (md == nullptr) md = pcre2_match_data_create(4, nullptr);
+  // One match block per thread, freed when the thread ends (the server's HTTP workers tokenize
+  // and come and go).
+  struct MatchData {
+    pcre2_match_data* p = pcre2_match_data_create(4, nullptr);
+    ~MatchData() { pcre2_match_data_free(p); }
+  };
+  thread_local MatchData holder;
+  pcre2_match_data* md = holder.p;
+  if (md == nullptr) Fail("tokenizer: out of memory for a regex match");
   size_t at = 0;
   while (at <= s.size()) {
     const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at,
