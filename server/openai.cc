@@ -53,7 +53,7 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
   json j;
   try {
     j = json::parse(body);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // (syntax, and numbers beyond a double: 1e400)
     Bad("", std::string("malformed JSON in the request body: ") + e.what());
   }
   if (!j.is_object())

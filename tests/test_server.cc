@@ -60,6 +60,7 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
   EXPECT_EQ(c.max_tokens, 3);
   using P = std::pair<int, std::string>;
   EXPECT_EQ(Refusal("{bad"), P(400, ""));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[1e381,2]})"), P(400, ""));  // (fuzz_openai found it)
   EXPECT_EQ(Refusal("[1]"), P(400, ""));
   EXPECT_EQ(Refusal(R"({"prompt":"a"})"), P(400, "model"));
   EXPECT_EQ(Refusal(R"({"model":"other","prompt":"a"})"), P(404, "model"));
