@@ -3,6 +3,8 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/base/json_parse.h"
+
 namespace needle::server {
 
 using nlohmann::json;
@@ -52,7 +54,7 @@ std::string ErrorBody(const ApiError& e) {
 CompletionRequest ParseCompletion(const std::string& body, bool chat, const std::string& served) {
   json j;
   try {
-    j = json::parse(body);
+    j = ParseJsonBounded(body, 64);     // (a body nested deeper is refused, not walked)
   } catch (const json::exception& e) {  // (syntax, and numbers beyond a double: 1e400)
     Bad("", std::string("malformed JSON in the request body: ") + e.what());
   }

@@ -61,6 +61,9 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
   using P = std::pair<int, std::string>;
   EXPECT_EQ(Refusal("{bad"), P(400, ""));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":[1e381,2]})"), P(400, ""));  // (fuzz_openai found it)
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","x":)" + std::string(100000, '[') +
+                    std::string(100000, ']') + "}"),
+            P(400, ""));  // nested 100,000 deep: refused by the parser
   EXPECT_EQ(Refusal("[1]"), P(400, ""));
   EXPECT_EQ(Refusal(R"({"prompt":"a"})"), P(400, "model"));
   EXPECT_EQ(Refusal(R"({"model":"other","prompt":"a"})"), P(404, "model"));
