@@ -107,6 +107,7 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
   }
   const char* max_key =
       chat && Has(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  r.max_tokens_field = max_key;
   if (Has(j, max_key)) r.max_tokens = Integer(j, max_key, 1, std::numeric_limits<int32_t>::max());
   if (Has(j, "temperature"))
     r.sampling.temperature = static_cast<float>(Number(j, "temperature", 0, 2));

@@ -38,6 +38,8 @@ struct CompletionRequest {
   std::vector<int32_t> prompt_ids;  // completions: token ids given as the prompt
   std::vector<ChatMessage> messages;
   int64_t max_tokens = 0;  // 0: not given (completions: 16, OpenAI's default; chat: the context)
+  std::string max_tokens_field =
+      "max_tokens";  // the field that gave it (chat: or max_completion_tokens)
   SamplingParams sampling;
   std::vector<std::string> stop;  // at most 4, none empty
   bool stream = false;

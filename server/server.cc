@@ -159,10 +159,16 @@ bool Server::Impl::Advance(Job& j, TextState& st, const CompletionRequest& r) {
     st.used = j.tokens.size();
     finished = j.finished;
   }
+  size_t longest = 0;
+  for (const auto& s : r.stop) longest = std::max(longest, s.size());
   for (int32_t t : fresh) {
+    // (A stop string not in the text before this token can only end in its new bytes.)
+    const size_t from = st.text.size() >= longest ? st.text.size() + 1 - longest : 0;
     st.text += st.dec.Push(t);
-    const size_t at = StopAt(st.text, r.stop);
+    if (r.stop.empty()) continue;
+    size_t at = StopAt(st.text.substr(from), r.stop);
     if (at != std::string::npos) {
+      at += from;
       st.text.resize(at);
       st.stopped = true;
       return true;
@@ -220,9 +226,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
                      "the prompt's " + std::to_string(P) + " tokens and max_tokens " +
                          std::to_string(r.max_tokens) + " exceed the context of " +
                          std::to_string(C) + " tokens (--ctx-size)",
-                     chat && req.body.find("max_completion_tokens") != std::string::npos
-                         ? "max_completion_tokens"
-                         : "max_tokens");
+                     r.max_tokens_field);
   } catch (const ApiError& e) {
     refuse(e);
     return;
