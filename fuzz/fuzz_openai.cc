@@ -1,11 +1,13 @@
 // OpenAI request bodies (server/openai.h): the input as a POST /v1/completions body and as a
 // /v1/chat/completions one. ParseCompletion either returns a request or throws ApiError (the
-// client's 4xx); a parsed request's response bodies and stream chunks, with the input's bytes as
-// the generated text (a model's text may be any bytes), must serialise. Anything else (another
-// exception, a sanitizer report, a crash) is a finding.
+// client's 4xx); a parsed request's response bodies (logprobs included) and stream chunks, with the
+// input's bytes as the generated text (a model's text may be any bytes), must serialise. Anything
+// else (another exception, a sanitizer report, a crash) is a finding.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "server/openai.h"
 
@@ -15,7 +17,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     try {
       const needle::server::CompletionRequest r = needle::server::ParseCompletion(in, chat, "m");
       const std::string text = in.substr(0, 64);
-      needle::server::Dump(needle::server::CompletionBody(r, "id", 0, text, "stop", {3, 4}));
+      // One choice per prompt, with logprob entries whose token texts are the input's bytes.
+      std::vector<needle::server::Choice> choices(std::max<size_t>(1, r.prompts.size()));
+      for (auto& c : choices) {
+        c.text = text, c.finish = "stop";
+        c.logprobs.push_back({text.substr(0, 1), false, 0.f, {}});
+        c.logprobs.push_back({text.substr(0, 3), true, -1.5f, {{text.substr(0, 2), -0.5f}}});
+      }
+      needle::server::Dump(needle::server::CompletionBody(r, "id", 0, choices, {3, 4}));
       const needle::server::Usage u{1, 2};
       needle::server::StreamChunk(r, "id", 0, text, "", &u);
       needle::server::StreamRoleChunk(r, "id", 0);

@@ -89,26 +89,65 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
   } else {
     if (!Has(j, "prompt")) Bad("prompt", "'prompt' is required");
     const json& p = j["prompt"];
-    if (p.is_string()) {
-      r.prompt_text = p.get<std::string>();
-    } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
-      r.prompt_text = p[0].get<std::string>();
-    } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
-      for (size_t i = 0; i < p.size(); ++i) {
-        if (!p[i].is_number_integer() || p[i].get<int64_t>() < 0 ||
-            p[i].get<int64_t>() > std::numeric_limits<int32_t>::max())
-          Bad("prompt", "prompt[" + std::to_string(i) + "] is not a token id");
-        r.prompt_ids.push_back(p[i].get<int32_t>());
+    // One prompt: a string or token ids; several: an array of those.
+    const auto ids = [](const json& a, const std::string& at) {
+      PromptInput in;
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (!a[i].is_number_integer() || a[i].get<int64_t>() < 0 ||
+            a[i].get<int64_t>() > std::numeric_limits<int32_t>::max())
+          Bad("prompt", at + "[" + std::to_string(i) + "] is not a token id");
+        in.ids.push_back(a[i].get<int32_t>());
       }
+      return in;
+    };
+    const char* form =
+        "'prompt' must be a string, an array of token ids, or an array of strings or of token-id "
+        "arrays";
+    if (p.is_string()) {
+      r.prompts.push_back({p.get<std::string>(), {}});
+    } else if (!p.is_array() || p.empty()) {
+      Bad("prompt", p.is_array() ? "'prompt' is empty" : form);
+    } else if (p[0].is_number_integer()) {
+      r.prompts.push_back(ids(p, "prompt"));
     } else {
-      Bad("prompt", "'prompt' must be a string or an array of token ids (one prompt a request)");
+      if (p.size() > kMaxPrompts)
+        Bad("prompt", "'prompt' holds " + std::to_string(p.size()) + " prompts; at most " +
+                          std::to_string(kMaxPrompts) + " a request");
+      for (size_t i = 0; i < p.size(); ++i) {
+        const std::string at = "prompt[" + std::to_string(i) + "]";
+        if (p[i].is_string())
+          r.prompts.push_back({p[i].get<std::string>(), {}});
+        else if (p[i].is_array())
+          r.prompts.push_back(ids(p[i], at));
+        else
+          Bad("prompt", form);
+      }
     }
-    if (r.prompt_text.empty() && r.prompt_ids.empty()) Bad("prompt", "'prompt' is empty");
+    for (size_t i = 0; i < r.prompts.size(); ++i)
+      if (r.prompts[i].text.empty() && r.prompts[i].ids.empty())
+        Bad("prompt", r.prompts.size() == 1 ? "'prompt' is empty"
+                                            : "prompt[" + std::to_string(i) + "] is empty");
+  }
+  const auto boolean = [&](const char* key) {
+    if (!Has(j, key)) return false;
+    if (!j[key].is_boolean()) Bad(key, std::string("'") + key + "' must be true or false");
+    return j[key].get<bool>();
+  };
+  if (chat) {
+    if (boolean("logprobs"))
+      r.logprobs = Has(j, "top_logprobs") ? Integer(j, "top_logprobs", 0, kMaxTopLogprobs) : 0;
+    else if (Has(j, "top_logprobs"))
+      Bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+  } else {
+    const bool off = Has(j, "logprobs") && j["logprobs"].is_boolean() && !j["logprobs"].get<bool>();
+    if (Has(j, "logprobs") && !off) r.logprobs = Integer(j, "logprobs", 0, kMaxTopLogprobs);
+    r.echo = boolean("echo");
   }
   const char* max_key =
       chat && Has(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
   r.max_tokens_field = max_key;
-  if (Has(j, max_key)) r.max_tokens = Integer(j, max_key, 1, std::numeric_limits<int32_t>::max());
+  if (Has(j, max_key))
+    r.max_tokens = Integer(j, max_key, r.echo ? 0 : 1, std::numeric_limits<int32_t>::max());
   if (Has(j, "temperature"))
     r.sampling.temperature = static_cast<float>(Number(j, "temperature", 0, 2));
   if (Has(j, "top_p")) r.sampling.top_p = static_cast<float>(Number(j, "top_p", 0, 1));
@@ -139,10 +178,12 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
     for (const auto& x : r.stop)
       if (x.empty()) Bad("stop", "'stop' holds an empty string");
   }
-  if (Has(j, "stream")) {
-    if (!j["stream"].is_boolean()) Bad("stream", "'stream' must be true or false");
-    r.stream = j["stream"].get<bool>();
-  }
+  r.stream = boolean("stream");
+  if (r.stream && r.prompts.size() > 1)
+    Bad("stream", "'stream' takes one prompt a request, not " + std::to_string(r.prompts.size()));
+  if (r.stream && r.logprobs >= 0)
+    Bad("logprobs", "'logprobs' is not supported with 'stream' by needle yet");
+  if (r.stream && r.echo) Bad("echo", "'echo' is not supported with 'stream' by needle yet");
   if (Has(j, "stream_options")) {
     const json& so = j["stream_options"];
     if (!so.is_object()) Bad("stream_options", "'stream_options' must be an object");
@@ -153,10 +194,10 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
     }
   }
   if (Has(j, "n") && Integer(j, "n", 1, 1 << 20) != 1)
-    Bad("n", "'n' must be 1: needle returns one choice per request");
+    Bad("n", "'n' must be 1: needle returns one choice per prompt");
   // Not done yet: refused rather than ignored.
-  for (const char* key : {"logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias",
-                          "tools", "functions", "response_format"}) {
+  for (const char* key :
+       {"best_of", "suffix", "logit_bias", "tools", "functions", "response_format"}) {
     if (!Has(j, key)) continue;
     const json& v = j[key];
     const bool off =
@@ -193,15 +234,69 @@ json UsageJson(const Usage& u) {
 std::string Event(const json& j) { return "data: " + Dump(j) + "\n\n"; }
 }  // namespace
 
+json CompletionLogprobs(const std::vector<LogprobEntry>& e) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  size_t at = 0;
+  for (const LogprobEntry& x : e) {
+    tokens.push_back(x.text);
+    offsets.push_back(at);
+    at += x.text.size();
+    if (!x.has) {
+      lps.push_back(nullptr), tops.push_back(nullptr);
+      continue;
+    }
+    lps.push_back(x.logprob);
+    json top = json::object();
+    for (const auto& [t, lp] : x.top)
+      if (!top.contains(t)) top[t] = lp;  // (two tokens of one text: the likelier)
+    tops.push_back(top);
+  }
+  return json{{"tokens", tokens},
+              {"token_logprobs", lps},
+              {"top_logprobs", tops},
+              {"text_offset", offsets}};
+}
+
+namespace {
+json Bytes(const std::string& s) {
+  json b = json::array();
+  for (unsigned char c : s) b.push_back(static_cast<int>(c));
+  return b;
+}
+}  // namespace
+
+json ChatLogprobs(const std::vector<LogprobEntry>& e) {
+  json content = json::array();
+  for (const LogprobEntry& x : e) {
+    if (!x.has) continue;
+    json top = json::array();
+    for (const auto& [t, lp] : x.top)
+      top.push_back({{"token", t}, {"logprob", lp}, {"bytes", Bytes(t)}});
+    content.push_back({{"token", x.text},
+                       {"logprob", x.logprob},
+                       {"bytes", Bytes(x.text)},
+                       {"top_logprobs", top}});
+  }
+  return json{{"content", content}};
+}
+
 json CompletionBody(const CompletionRequest& r, const std::string& id, int64_t created,
-                    const std::string& text, const std::string& finish, const Usage& u) {
+                    const std::vector<Choice>& choices, const Usage& u) {
   json j = Head(r, id, created, false);
-  json choice = {{"index", 0}, {"finish_reason", finish}};
-  if (r.chat)
-    choice["message"] = {{"role", "assistant"}, {"content", text}};
-  else
-    choice["text"] = text, choice["logprobs"] = nullptr;
-  j["choices"] = json::array({choice});
+  j["choices"] = json::array();
+  for (size_t i = 0; i < choices.size(); ++i) {
+    const Choice& c = choices[i];
+    json choice = {{"index", i}, {"finish_reason", c.finish}};
+    const bool lp = r.logprobs >= 0;
+    if (r.chat) {
+      choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+      choice["logprobs"] = lp ? ChatLogprobs(c.logprobs) : json(nullptr);
+    } else {
+      choice["text"] = c.text;
+      choice["logprobs"] = lp ? CompletionLogprobs(c.logprobs) : json(nullptr);
+    }
+    j["choices"].push_back(choice);
+  }
   j["usage"] = UsageJson(u);
   return j;
 }

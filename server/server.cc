@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,12 +25,15 @@ struct Job {
   SequenceRequest req;  // (moved into the engine when it is submitted)
   std::mutex m;
   std::condition_variable cv;
-  std::vector<int32_t> tokens;  // produced so far
-  bool finished = false;        // no more tokens will come
-  int error_status = 0;         // the engine refused or failed it
+  std::vector<int32_t> tokens;           // produced so far
+  std::vector<TokenLogprob> lps;         // theirs, when asked for
+  std::vector<TokenLogprob> prompt_lps;  // the prompt's (echo with logprobs), at the first token
+  bool finished = false;                 // no more tokens will come
+  int error_status = 0;                  // the engine refused or failed it
   std::string error;
   GenerateStats st;
-  int64_t seq = -1;  // the engine's id (engine thread only)
+  int64_t seq = -1;              // the engine's id (engine thread only)
+  bool want_prompt_lps = false;  // (set before it is submitted)
 };
 
 // A request's text as its tokens arrive: decoded, cut at the first stop string.
@@ -134,7 +138,10 @@ void Server::Impl::EngineLoop() {
         if (it == live.end()) continue;
         Job& j = *it->second;
         std::lock_guard<std::mutex> lk(j.m);
+        if (j.tokens.empty() && j.seq >= 0 && j.want_prompt_lps)
+          j.prompt_lps = engine->PromptLogprobs(ev.seq);
         j.tokens.push_back(ev.token);
+        if (!ev.logprob.empty()) j.lps.push_back(ev.logprob[0]);
         if (ev.finished) j.st = engine->Stats(ev.seq), j.finished = true;
         j.cv.notify_all();
         if (ev.finished) live.erase(it);
@@ -187,7 +194,8 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
     res.set_content(ErrorBody(e), "application/json");
   };
   CompletionRequest r;
-  std::vector<int32_t> prompt;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::string> echoed;  // echo: each prompt's text as it comes back
   try {
     r = ParseCompletion(req.body, chat, so.model_name);
     if (chat) {
@@ -201,64 +209,129 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
           throw ApiError(400, e.what(), "messages");
         }
       }
-      prompt = tok.Encode(text, false);
-    } else if (!r.prompt_ids.empty()) {
-      prompt = r.prompt_ids;
-      for (int32_t id : prompt)
-        if (id >= model.config().vocab_size)
-          throw ApiError(400,
-                         "token id " + std::to_string(id) + " is outside the vocabulary of " +
-                             std::to_string(model.config().vocab_size),
-                         "prompt");
-    } else {
-      prompt = tok.Encode(r.prompt_text, true);  // (as needle generate -p: the model's BOS)
+      prompts.push_back(tok.Encode(text, false));
     }
-    const int64_t P = static_cast<int64_t>(prompt.size()), C = eo.max_context;
-    if (P == 0) throw ApiError(400, "the prompt has no tokens", chat ? "messages" : "prompt");
-    if (P >= C)
-      throw ApiError(400,
-                     "the prompt has " + std::to_string(P) + " tokens; the context holds " +
-                         std::to_string(C) + " (--ctx-size), answer included",
-                     chat ? "messages" : "prompt");
-    if (r.max_tokens == 0) r.max_tokens = chat ? C - P : std::min<int64_t>(16, C - P);
-    if (P + r.max_tokens > C)
-      throw ApiError(400,
-                     "the prompt's " + std::to_string(P) + " tokens and max_tokens " +
-                         std::to_string(r.max_tokens) + " exceed the context of " +
-                         std::to_string(C) + " tokens (--ctx-size)",
-                     r.max_tokens_field);
+    for (const PromptInput& in : r.prompts) {
+      if (!in.ids.empty()) {
+        for (int32_t id : in.ids)
+          if (id >= model.config().vocab_size)
+            throw ApiError(400,
+                           "token id " + std::to_string(id) + " is outside the vocabulary of " +
+                               std::to_string(model.config().vocab_size),
+                           "prompt");
+        prompts.push_back(in.ids);
+      } else {
+        prompts.push_back(tok.Encode(in.text, true));  // (as needle generate -p: the model's BOS)
+      }
+      if (r.echo) echoed.push_back(in.ids.empty() ? in.text : tok.Decode(in.ids));
+    }
+    const int64_t C = eo.max_context;
+    const std::string param = chat ? "messages" : "prompt";
+    int64_t max_tokens = r.max_tokens;
+    for (const auto& prompt : prompts) {
+      const int64_t P = static_cast<int64_t>(prompt.size());
+      if (P == 0) throw ApiError(400, "the prompt has no tokens", param);
+      if (P >= C)
+        throw ApiError(400,
+                       "the prompt has " + std::to_string(P) + " tokens; the context holds " +
+                           std::to_string(C) + " (--ctx-size), answer included",
+                       param);
+      const int64_t n = r.max_tokens >= 0 ? r.max_tokens
+                        : chat            ? C - P
+                                          : std::min<int64_t>(16, C - P);
+      if (P + std::max<int64_t>(n, 1) > C)
+        throw ApiError(400,
+                       "the prompt's " + std::to_string(P) + " tokens and max_tokens " +
+                           std::to_string(n) + " exceed the context of " + std::to_string(C) +
+                           " tokens (--ctx-size)",
+                       r.max_tokens_field);
+      if (prompts.size() == 1) max_tokens = n;
+    }
+    r.max_tokens = max_tokens;  // (several prompts: each its own default when not given)
   } catch (const ApiError& e) {
     refuse(e);
     return;
   }
-  auto job = std::make_shared<Job>();
-  job->req.prompt = prompt;
-  job->req.max_new = r.max_tokens;
-  job->req.sampling = r.sampling;
-  if (policy) job->req.policy = policy(static_cast<int64_t>(prompt.size()) + r.max_tokens);
+  // max_tokens 0 (echo): the prompt is scored and the token generated after it dropped.
+  const bool score_only = r.max_tokens == 0;
+  std::vector<std::shared_ptr<Job>> jobs;
+  for (const auto& prompt : prompts) {
+    auto job = std::make_shared<Job>();
+    const int64_t P = static_cast<int64_t>(prompt.size());
+    job->req.prompt = prompt;
+    job->req.max_new = r.max_tokens >= 0 ? std::max<int64_t>(r.max_tokens, 1)
+                       : chat            ? eo.max_context - P
+                                         : std::min<int64_t>(16, eo.max_context - P);
+    job->req.sampling = r.sampling;
+    job->req.logprobs = r.logprobs;
+    job->req.prompt_logprobs = job->want_prompt_lps = r.echo && r.logprobs >= 0;
+    if (policy) job->req.policy = policy(P + job->req.max_new);
+    jobs.push_back(job);
+  }
   const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(ids++);
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
-  const auto usage = [P = static_cast<int64_t>(prompt.size())](const TextState& st) {
-    return Usage{P, static_cast<int64_t>(st.used)};
-  };
   const auto reason = [](Job& j, const TextState& st) {
     std::lock_guard<std::mutex> lk(j.m);
     return st.stopped || j.st.stopped_at_eos ? "stop" : "length";
   };
-  Submit(job);
+  for (const auto& job : jobs) Submit(job);
   if (!r.stream) {
-    TextState st(tok);
-    while (!Advance(*job, st, r)) {
+    std::vector<Choice> choices;
+    Usage u;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      Job& job = *jobs[i];
+      TextState st(tok);
+      while (!Advance(job, st, r)) {
+      }
+      if (st.stopped) Cancel(jobs[i]);
+      if (job.error_status != 0) {
+        for (size_t k = i + 1; k < jobs.size(); ++k) Cancel(jobs[k]);
+        refuse(ApiError(job.error_status, job.error, "", "server_error"));
+        return;
+      }
+      Choice c;
+      c.finish = score_only ? "length" : reason(job, st);
+      std::lock_guard<std::mutex> lk(job.m);
+      const size_t used = score_only ? 0 : st.used;
+      u.prompt_tokens += static_cast<int64_t>(prompts[i].size());
+      u.completion_tokens += static_cast<int64_t>(used);
+      if (!score_only) c.text = st.text;
+      if (r.logprobs >= 0) {
+        const auto entry = [&](const TokenLogprob& t) {
+          LogprobEntry e;
+          e.text = tok.Decode({t.token});
+          e.has = true;
+          e.logprob = t.logprob;
+          for (const auto& [top, lp] : t.top) e.top.emplace_back(tok.Decode({top}), lp);
+          if (std::none_of(t.top.begin(), t.top.end(),
+                           [&](const auto& x) { return x.first == t.token; }))
+            e.top.emplace_back(e.text, t.logprob);  // (OpenAI lists the chosen token too)
+          return e;
+        };
+        if (r.echo) {
+          c.logprobs.push_back({tok.Decode({prompts[i][0]}), false, 0.f, {}});
+          for (const TokenLogprob& t : job.prompt_lps) c.logprobs.push_back(entry(t));
+        }
+        // The generated tokens whose text begins before the end of what is returned (a stop
+        // string cuts the text).
+        size_t at = 0;
+        for (size_t k = 0; k < used && k < job.lps.size(); ++k) {
+          LogprobEntry e = entry(job.lps[k]);
+          if (st.stopped && at >= st.text.size()) break;
+          at += e.text.size();
+          c.logprobs.push_back(std::move(e));
+        }
+      }
+      if (r.echo) c.text = echoed[i] + c.text;
+      choices.push_back(std::move(c));
     }
-    if (st.stopped) Cancel(job);
-    if (job->error_status != 0) {
-      refuse(ApiError(job->error_status, job->error, "", "server_error"));
-      return;
-    }
-    res.set_content(Dump(CompletionBody(r, id, created, st.text, reason(*job, st), usage(st))),
-                    "application/json");
+    res.set_content(Dump(CompletionBody(r, id, created, choices, u)), "application/json");
     return;
   }
+  const auto job = jobs[0];
+  const auto usage = [P = static_cast<int64_t>(prompts[0].size())](const TextState& st) {
+    return Usage{P, static_cast<int64_t>(st.used)};
+  };
   // Streamed: text is sent as it is decoded, but the last bytes that could begin a stop string
   // are held back until they cannot.
   size_t hold = 0;

@@ -4,6 +4,7 @@
 // blocks back and stop; what cannot run is refused with the numbers.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <string>
@@ -158,6 +159,87 @@ TEST(Engine, SampledSequencesDrawTheirOwnTokens) {
   EXPECT_EQ(batched[1].size(), 12u);
   EXPECT_NE(other[1], batched[1]);
   EXPECT_EQ(other[0], batched[0]);
+}
+
+// Logprobs: a sequence's prompt tokens (after the first) and its generated tokens are scored by
+// log_softmax of the logits before them, with the k most likely listed: the values of the whole
+// prompt's logits computed alone (exact for the prompt, whatever prompt_logprob_rows cuts it
+// into; the decode rows of a batch within float rounding of the batched products), beside
+// sequences that ask for none; its answer is unchanged by asking.
+TEST(Engine, LogprobsAreThoseOfTheLogitsAlone) {
+  Fixture f;
+  const int64_t V = f.model->config().vocab_size;
+  const auto prompts = Prompts(V);
+  const auto want = Alone(*f.model);
+  // Alone: the logits of every prompt position and of each generated token.
+  std::vector<float> all;
+  KVCache cache(f.model->CacheShape(kCtx, DType::kF32, 16));
+  const std::vector<int32_t>& p = prompts[0];
+  const int64_t P = static_cast<int64_t>(p.size());
+  f.model->Forward(p.data(), P, cache, true, &all);
+  for (size_t i = 0; i + 1 < want[0].size(); ++i) {
+    std::vector<float> l;
+    f.model->Forward(&want[0][i], 1, cache, false, &l);
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  for (int64_t rows : {256, 7}) {
+    EngineOptions o;
+    o.block_size = 16, o.max_context = kCtx, o.max_batch = 3, o.prompt_logprob_rows = rows;
+    Engine e(*f.model, o);
+    for (size_t i = 0; i < 3; ++i) {
+      SequenceRequest r;
+      r.prompt = prompts[i];
+      r.max_new = kMaxNew[i];
+      if (i == 0) r.logprobs = 3, r.prompt_logprobs = true;
+      if (i == 2) r.logprobs = 0;
+      e.Submit(std::move(r));
+    }
+    std::vector<std::vector<int32_t>> toks(3);
+    std::vector<TokenLogprob> gen;
+    std::vector<TokenLogprob> prompt_lp;
+    while (!e.Idle())
+      for (const TokenEvent& ev : e.Step()) {
+        toks[ev.seq].push_back(ev.token);
+        EXPECT_EQ(ev.logprob.size(), ev.seq == 1 ? 0u : 1u);
+        if (ev.seq == 0) {
+          if (gen.empty()) prompt_lp = e.PromptLogprobs(0);
+          gen.push_back(ev.logprob.at(0));
+        }
+        if (ev.seq == 2) {
+          EXPECT_TRUE(ev.logprob.at(0).top.empty());
+        }
+      }
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(toks[i], want[i]) << i;
+    ASSERT_EQ(prompt_lp.size(), static_cast<size_t>(P - 1));
+    for (int64_t j = 0; j + 1 < P; ++j) {
+      const TokenLogprob w = ScoreToken(all.data() + j * V, V, p[j + 1], 3);
+      EXPECT_EQ(prompt_lp[j].token, p[j + 1]);
+      EXPECT_EQ(prompt_lp[j].logprob, w.logprob) << j;
+      EXPECT_EQ(prompt_lp[j].top, w.top) << j;
+    }
+    ASSERT_EQ(gen.size(), want[0].size());
+    for (size_t i = 0; i < gen.size(); ++i) {
+      const TokenLogprob w = ScoreToken(all.data() + (P - 1 + i) * V, V, want[0][i], 3);
+      EXPECT_EQ(gen[i].token, want[0][i]);
+      EXPECT_NEAR(gen[i].logprob, w.logprob, 1e-4) << i;
+      ASSERT_EQ(gen[i].top.size(), 3u);
+      EXPECT_EQ(gen[i].top[0].first, want[0][i]) << i;  // greedy: the most likely
+      EXPECT_EQ(gen[i].top[0].second, gen[i].logprob) << i;
+      for (size_t k = 0; k < 3; ++k) {
+        EXPECT_NEAR(gen[i].top[k].second, w.top[k].second, 1e-4);
+      }
+    }
+  }
+  // The values themselves: log_softmax, its top k descending.
+  const std::vector<float> l = {1.f, 3.f, 3.f, -2.f};
+  const TokenLogprob t = ScoreToken(l.data(), 4, 3, 2);
+  const double lse = std::log(std::exp(1.0) + 2 * std::exp(3.0) + std::exp(-2.0));
+  EXPECT_NEAR(t.logprob, -2 - lse, 1e-6);
+  ASSERT_EQ(t.top.size(), 2u);
+  EXPECT_EQ(t.top[0].first, 1);  // (a tie: the lower id first)
+  EXPECT_EQ(t.top[1].first, 2);
+  EXPECT_NEAR(t.top[0].second, 3 - lse, 1e-6);
+  EXPECT_THROW(ScoreToken(l.data(), 4, 4, 1), Error);
 }
 
 TEST(Engine, CancelledSequencesStopAndGiveTheirBlocksBack) {

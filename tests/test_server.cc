@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <thread>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/backend/backend.h"
+#include "engine/model/logprobs.h"
 #include "engine/model/model.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "server/openai.h"
@@ -43,14 +45,32 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
       R"("stop":["a","bc"],"stream":true,"stream_options":{"include_usage":true},"n":1,)"
       R"("logprobs":false,"echo":false,"presence_penalty":0})",
       false, "m");
-  EXPECT_EQ(r.prompt_text, "hi");
+  ASSERT_EQ(r.prompts.size(), 1u);
+  EXPECT_EQ(r.prompts[0].text, "hi");
+  EXPECT_EQ(r.logprobs, -1);
   EXPECT_EQ(r.max_tokens, 7);
   EXPECT_FLOAT_EQ(r.sampling.temperature, 0.5f);
   EXPECT_EQ(r.sampling.seed, 3u);
   EXPECT_EQ(r.stop, (std::vector<std::string>{"a", "bc"}));
   EXPECT_TRUE(r.stream && r.include_usage);
-  EXPECT_EQ(ParseCompletion(R"({"model":"m","prompt":[5,6,7]})", false, "m").prompt_ids,
+  EXPECT_EQ(ParseCompletion(R"({"model":"m","prompt":[5,6,7]})", false, "m").prompts.at(0).ids,
             (std::vector<int32_t>{5, 6, 7}));
+  // Several prompts (lm-evaluation-harness sends token-id arrays), logprobs, echo, max_tokens 0.
+  const auto m = ParseCompletion(
+      R"({"model":"m","prompt":[[1,2],"ab",[3]],"logprobs":2,"echo":true,"max_tokens":0})", false,
+      "m");
+  ASSERT_EQ(m.prompts.size(), 3u);
+  EXPECT_EQ(m.prompts[0].ids, (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(m.prompts[1].text, "ab");
+  EXPECT_EQ(m.prompts[2].ids, (std::vector<int32_t>{3}));
+  EXPECT_EQ(m.logprobs, 2);
+  EXPECT_TRUE(m.echo);
+  EXPECT_EQ(m.max_tokens, 0);
+  EXPECT_EQ(ParseCompletion(R"({"model":"m","messages":[{"role":"user","content":"u"}],)"
+                            R"("logprobs":true,"top_logprobs":4})",
+                            true, "m")
+                .logprobs,
+            4);
   const auto c = ParseCompletion(
       R"({"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],)"
       R"("max_completion_tokens":3})",
@@ -78,8 +98,26 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","stop":[""]})"), P(400, "stop"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","stream":"yes"})"), P(400, "stream"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","n":2})"), P(400, "n"));
-  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":1})"), P(400, "logprobs"));
-  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":true})"), P(400, "echo"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":21})"), P(400, "logprobs"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":true})"), P(400, "logprobs"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":1})"), P(400, "echo"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":1,"stream":true})"),
+            P(400, "logprobs"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":true,"stream":true})"), P(400, "echo"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":["a","b"],"stream":true})"), P(400, "stream"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[[1],""]})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[[1],{}]})"), P(400, "prompt"));
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[[1,-1]]})"), P(400, "prompt"));
+  std::string many;  // 257 prompts: one more than a request takes
+  for (int i = 0; i < 257; ++i) many += (i ? ",[1]" : "[1]");
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":[)" + many + "]}"), P(400, "prompt"));
+  EXPECT_EQ(
+      Refusal(R"({"model":"m","messages":[{"role":"user","content":"u"}],"top_logprobs":2})", true),
+      P(400, "top_logprobs"));
+  EXPECT_EQ(Refusal(R"({"model":"m","messages":[{"role":"user","content":"u"}],)"
+                    R"("logprobs":true,"top_logprobs":30})",
+                    true),
+            P(400, "top_logprobs"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","presence_penalty":0.5})"),
             P(400, "presence_penalty"));
   EXPECT_EQ(Refusal(R"({"model":"m","messages":[]})", true), P(400, "messages"));
@@ -135,6 +173,96 @@ std::vector<int32_t> Ids(int seed, int n) {
   std::vector<int32_t> p;
   for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>(40 + (i * 7 + seed * 13) % 60));
   return p;
+}
+
+// Log-likelihood as lm-evaluation-harness asks for it (local-completions): token-id prompts in
+// one request, echo, logprobs 1, max_tokens 1. Each choice (index i for prompt i) lists the
+// prompt's tokens then the generated one; the first has no logprob; every other is log_softmax
+// of the model's logits alone before it, and its top dict holds the most likely token (the
+// harness's greedy check). max_tokens 0 returns the prompt alone; chat reports its generated
+// tokens' logprobs.
+TEST(Server, ScoresPromptsAsLogLikelihoodHarnessesAsk) {
+  Served s;
+  httplib::Client cli("127.0.0.1", s.port);
+  const int64_t V = s.model->config().vocab_size;
+  // A token's text as the response holds it (a byte that is no UTF-8 alone becomes U+FFFD).
+  const auto text = [&](int32_t t) {
+    return json::parse(server::Dump(json(s.tok->Decode({t})))).get<std::string>();
+  };
+  const std::vector<std::vector<int32_t>> ps = {Ids(1, 20), Ids(2, 9)};
+  json req = {{"model", "m"}, {"prompt", ps},  {"max_tokens", 1},
+              {"echo", true}, {"logprobs", 1}, {"temperature", 0}};
+  auto r = cli.Post("/v1/completions", req.dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  ASSERT_EQ(j["choices"].size(), 2u);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const json& c = j["choices"][i];
+    EXPECT_EQ(c["index"], i);
+    const std::vector<int32_t>& p = ps[i];
+    const int64_t P = static_cast<int64_t>(p.size());
+    std::vector<float> all;  // the model alone: every position's logits
+    KVCache cache(s.model->CacheShape(Served::kCtx, DType::kF32, 16));
+    s.model->Forward(p.data(), P, cache, true, &all);
+    const int32_t next =
+        static_cast<int32_t>(std::max_element(all.end() - V, all.end()) - (all.end() - V));
+    const json& lp = c["logprobs"];
+    ASSERT_EQ(lp["tokens"].size(), static_cast<size_t>(P + 1));
+    EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+    EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+    EXPECT_EQ(lp["text_offset"][0], 0);
+    for (int64_t k = 1; k <= P; ++k) {
+      const int32_t t = k < P ? p[k] : next;
+      const TokenLogprob want = ScoreToken(all.data() + (k - 1) * V, V, t, 1);
+      EXPECT_FLOAT_EQ(lp["token_logprobs"][k].get<float>(), want.logprob) << i << " " << k;
+      EXPECT_EQ(lp["tokens"][k], text(t));
+      const json& top = lp["top_logprobs"][k];
+      ASSERT_TRUE(top.contains(text(want.top[0].first))) << top.dump();
+      EXPECT_FLOAT_EQ(top[text(want.top[0].first)].get<float>(), want.top[0].second);
+      EXPECT_LE(top.size(), 2u);  // the most likely and the chosen
+    }
+    // The generated token is the greedy one: its logprob is the largest of its top dict.
+    float best = -1e30f;
+    for (const auto& [key, v] : lp["top_logprobs"][P].items())
+      best = std::max(best, v.get<float>());
+    EXPECT_EQ(lp["token_logprobs"][P].get<float>(), best);
+    EXPECT_EQ(c["text"], json::parse(server::Dump(json(s.tok->Decode(p) + s.tok->Decode({next})))));
+  }
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 29);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 2);
+  // max_tokens 0: the prompt scored, nothing generated.
+  req["max_tokens"] = 0;
+  req["prompt"] = ps[1];
+  r = cli.Post("/v1/completions", req.dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json z = json::parse(r->body);
+  EXPECT_EQ(z["choices"][0]["text"], s.tok->Decode(ps[1]));
+  EXPECT_EQ(z["choices"][0]["logprobs"]["tokens"].size(), ps[1].size());
+  EXPECT_EQ(z["usage"]["completion_tokens"], 0);
+  // Logprobs without echo: the generated tokens only; chat: its content list.
+  r = cli.Post("/v1/completions",
+               json{{"model", "m"}, {"prompt", ps[0]}, {"max_tokens", 5}, {"logprobs", 0}}.dump(),
+               "application/json");
+  ASSERT_TRUE(r);
+  const json g = json::parse(r->body);
+  EXPECT_EQ(g["choices"][0]["logprobs"]["tokens"].size(), 5u);
+  EXPECT_EQ(g["choices"][0]["text"], s.Alone(ps[0], 5));
+  json chat = {{"model", "m"},
+               {"messages", {{{"role", "user"}, {"content", "abc"}}}},
+               {"max_tokens", 4},
+               {"logprobs", true},
+               {"top_logprobs", 3}};
+  r = cli.Post("/v1/chat/completions", chat.dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json cl = json::parse(r->body)["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(cl.size(), 4u);
+  EXPECT_EQ(cl[0]["top_logprobs"].size(), 3u);
+  EXPECT_LE(cl[0]["logprob"].get<float>(), 0.f);
+  // (bytes: the token's own bytes, where its text may hold U+FFFD for a partial character)
+  EXPECT_FALSE(cl[0]["bytes"].empty());
 }
 
 TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {

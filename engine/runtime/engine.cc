@@ -16,6 +16,9 @@ struct Engine::Seq {
   std::unique_ptr<Sampler> sampler;  // null: greedy
   std::vector<int32_t> context;      // sampled: the tokens so far (the repetition penalty's)
   bool ignore_eos = false;
+  int64_t logprobs = -1;
+  bool prompt_logprobs = false;
+  std::vector<TokenLogprob> prompt_lp;  // prompt_logprobs: tokens 1.. of the prompt so far
   std::unique_ptr<KVCache> cache;
   GenerateStats st;
   Clock::time_point decode_start;
@@ -57,6 +60,9 @@ int64_t Engine::Submit(SequenceRequest r) {
   const int64_t P = static_cast<int64_t>(r.prompt.size()), ctx = P + r.max_new;
   if (P < 1) Fail("engine: a sequence with an empty prompt");
   if (r.max_new < 1) Fail("engine: max_new ", r.max_new, " (at least 1)");
+  if (r.logprobs < -1 || r.logprobs > model_.config().vocab_size)
+    Fail("engine: logprobs ", r.logprobs, " (-1 to the vocabulary's ", model_.config().vocab_size,
+         ")");
   if (ctx > opt_.max_context)
     Fail("engine: a prompt of ", P, " tokens and ", r.max_new, " new ones exceed the context of ",
          opt_.max_context, " tokens");
@@ -69,6 +75,8 @@ int64_t Engine::Submit(SequenceRequest r) {
   s->blocks = need;
   s->policy = std::move(r.policy);
   s->ignore_eos = r.ignore_eos;
+  s->logprobs = r.logprobs;
+  s->prompt_logprobs = r.prompt_logprobs;
   if (!r.sampling.greedy()) {
     s->sampler = std::make_unique<Sampler>(r.sampling);  // (validates it)
     s->context = s->prompt;
@@ -108,8 +116,15 @@ Engine::Seq* Engine::Find(int64_t seq) const {
 
 const GenerateStats& Engine::Stats(int64_t seq) const { return Find(seq)->st; }
 SparseAttention* Engine::Policy(int64_t seq) const { return Find(seq)->policy.get(); }
+const std::vector<TokenLogprob>& Engine::PromptLogprobs(int64_t seq) const {
+  const Seq* s = Find(seq);
+  if (!s->prompt_logprobs || s->prefilled < static_cast<int64_t>(s->prompt.size()))
+    Fail("engine: sequence ", seq, " has no prompt logprobs (not asked for, or not prefilled)");
+  return s->prompt_lp;
+}
 
-void Engine::Take(Seq& s, int32_t t, std::vector<TokenEvent>* events) {
+// logits: the row t was chosen from ([vocab]), for its logprob; null when not asked for.
+void Engine::Take(Seq& s, int32_t t, const float* logits, std::vector<TokenEvent>* events) {
   ++s.st.new_tokens;
   s.next = t;
   if (s.sampler != nullptr) s.context.push_back(t);
@@ -121,7 +136,9 @@ void Engine::Take(Seq& s, int32_t t, std::vector<TokenEvent>* events) {
     s.st.decode_seconds = Since(s.decode_start);
     reserved_ -= s.blocks;  // (its blocks go back when it leaves, at the next step)
   }
-  events->push_back({s.id, t, s.done});
+  events->push_back({s.id, t, s.done, {}});
+  if (s.logprobs >= 0)
+    events->back().logprob.push_back(ScoreToken(logits, model_.config().vocab_size, t, s.logprobs));
 }
 
 void Engine::Admit(std::unique_ptr<Seq> s) {
@@ -138,7 +155,7 @@ void Engine::SharePrefix(Seq& s) {
   const int64_t P = static_cast<int64_t>(s.prompt.size());
   int64_t shared = 0;
   const Seq* donor = nullptr;
-  if (reuse_ && s.policy == nullptr)
+  if (reuse_ && s.policy == nullptr && !s.prompt_logprobs)
     for (const auto& o : running_) {
       if (o.get() == &s || o->done || o->policy != nullptr) continue;
       const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->prompt.size()));
@@ -152,24 +169,44 @@ void Engine::SharePrefix(Seq& s) {
   reused_tokens_ += shared;
 }
 
+// Prefills the next n prompt tokens of s (last: they end its prompt); returns the first token
+// when last (logits of its last row in logits_, when the sequence wants them or samples).
+int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last) {
+  const int32_t* ids = s.prompt.data() + s.prefilled;
+  const int64_t V = model_.config().vocab_size;
+  if (s.prompt_logprobs) {  // every row's logits: the prompt's tokens scored
+    model_.Forward(ids, n, *s.cache, true, &logits_);
+    const int64_t P = static_cast<int64_t>(s.prompt.size());
+    for (int64_t r = 0; r < n && s.prefilled + r + 1 < P; ++r)
+      s.prompt_lp.push_back(
+          ScoreToken(logits_.data() + r * V, V, s.prompt[s.prefilled + r + 1], s.logprobs));
+    if (!last) return 0;
+    logits_.erase(logits_.begin(), logits_.begin() + (n - 1) * V);  // (the last row)
+  } else if (!last) {
+    model_.Forward(ids, n, *s.cache, false, nullptr);
+    return 0;
+  } else if (s.sampler != nullptr || s.logprobs >= 0) {
+    model_.Forward(ids, n, *s.cache, false, &logits_);
+  } else {
+    return model_.ForwardGreedy(ids, n, *s.cache);
+  }
+  std::vector<float> row(logits_.begin(), logits_.begin() + V);  // (sampling changes its copy)
+  return s.sampler != nullptr
+             ? s.sampler->Sample(row, s.context)
+             : static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+}
+
 void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   if (!s.began) SharePrefix(s), s.began = true;
   const int64_t P = static_cast<int64_t>(s.prompt.size()), left = P - s.prefilled;
-  const int64_t n =
+  int64_t n =
       opt_.prompt_chunk > 0 && s.policy == nullptr ? std::min(opt_.prompt_chunk, left) : left;
+  if (s.prompt_logprobs) n = std::min(n, std::max<int64_t>(1, opt_.prompt_logprob_rows));
   const auto t0 = Clock::now();
   model_.set_attention(s.policy.get());
   int32_t first = 0;
   try {
-    if (n < left) {
-      model_.Forward(s.prompt.data() + s.prefilled, n, *s.cache, false, nullptr);
-    } else if (s.sampler != nullptr) {
-      std::vector<float> logits;
-      model_.Forward(s.prompt.data() + s.prefilled, n, *s.cache, false, &logits);
-      first = s.sampler->Sample(logits, s.context);
-    } else {
-      first = model_.ForwardGreedy(s.prompt.data() + s.prefilled, n, *s.cache);
-    }
+    first = PrefillChunk(s, n, n == left);
   } catch (...) {
     model_.set_attention(nullptr);
     throw;
@@ -179,7 +216,7 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   s.st.prefill_seconds += Since(t0);
   if (s.prefilled < P) return;
   s.decode_start = Clock::now();
-  Take(s, first, events);
+  Take(s, first, logits_.data(), events);
 }
 
 std::vector<TokenEvent> Engine::Step() {
@@ -207,7 +244,7 @@ std::vector<TokenEvent> Engine::Step() {
   bool sampled = false;  // (then every row's logits come back to the host)
   for (Seq* s : step) {
     caches.push_back(s->cache.get()), policies.push_back(s->policy.get()), ids.push_back(s->next);
-    sampled |= s->sampler != nullptr;
+    sampled |= s->sampler != nullptr || s->logprobs >= 0;
   }
   std::vector<float> logits;
   model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
@@ -218,7 +255,7 @@ std::vector<TokenEvent> Engine::Step() {
       std::vector<float> row(logits.begin() + i * V, logits.begin() + (i + 1) * V);
       next[i] = step[i]->sampler->Sample(row, step[i]->context);
     }
-    Take(*step[i], next[i], &events);
+    Take(*step[i], next[i], sampled ? logits.data() + i * V : nullptr, &events);
   }
   return events;
 }

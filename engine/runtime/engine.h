@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "engine/model/generate.h"
+#include "engine/model/logprobs.h"
 #include "engine/model/model.h"
 #include "engine/model/sampling.h"
 #include "kvcache/block_pool.h"
@@ -50,6 +51,9 @@ struct EngineOptions {
   bool prefix_reuse = true;
   // Prompt tokens a dense sequence prefills per step (0: its whole prompt in the step it joins).
   int64_t prompt_chunk = 0;
+  // Prompt tokens per forward call of a sequence that wants its prompt's logprobs (each brings
+  // back a row of vocab_size logits).
+  int64_t prompt_logprob_rows = 256;
 };
 
 struct SequenceRequest {
@@ -61,13 +65,22 @@ struct SequenceRequest {
   // generator, seeded by sampling.seed, over its row's logits).
   SamplingParams sampling;
   bool ignore_eos = false;  // finish at max_new only
+  // Log-probabilities (engine/model/logprobs.h): -1 none; k >= 0: of every token produced, with
+  // the k most likely at its place (its TokenEvent's logprob).
+  int64_t logprobs = -1;
+  // Also of every prompt token after the first, each under the logits before it (PromptLogprobs;
+  // with the top logprobs when logprobs > 0). Such a prompt is prefilled whole (no shared prefix:
+  // every position's logits are needed) in chunks of at most prompt_logprob_rows tokens.
+  bool prompt_logprobs = false;
 };
 
-// One token a step produced for a sequence; finished: its last.
+// One token a step produced for a sequence; finished: its last. logprob: when the sequence asked
+// for them (SequenceRequest::logprobs >= 0), else empty.
 struct TokenEvent {
   int64_t seq = 0;
   int32_t token = 0;
   bool finished = false;
+  std::vector<TokenLogprob> logprob;  // none or one
 };
 
 class Engine {
@@ -100,6 +113,9 @@ class Engine {
   // finished sequence, else Error.
   const GenerateStats& Stats(int64_t seq) const;
   SparseAttention* Policy(int64_t seq) const;
+  // A prompt_logprobs sequence's prompt tokens 1..P-1 scored (P - 1 entries), once its prompt is
+  // prefilled (at its first TokenEvent); for a running or just finished sequence, else Error.
+  const std::vector<TokenLogprob>& PromptLogprobs(int64_t seq) const;
   // Prompt tokens of admitted sequences, and of those the ones taken from shared blocks.
   int64_t prompt_tokens() const { return prompt_tokens_; }
   int64_t reused_tokens() const { return reused_tokens_; }
@@ -113,7 +129,8 @@ class Engine {
   void Admit(std::unique_ptr<Seq> s);
   void SharePrefix(Seq& s);
   void Prefill(Seq& s, std::vector<TokenEvent>* events);
-  void Take(Seq& s, int32_t token, std::vector<TokenEvent>* events);
+  void Take(Seq& s, int32_t token, const float* logits, std::vector<TokenEvent>* events);
+  int32_t PrefillChunk(Seq& s, int64_t n, bool last);
 
   Model& model_;
   EngineOptions opt_;
@@ -123,6 +140,7 @@ class Engine {
   std::unique_ptr<BlockPool> pool_;
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;  // finished ones until the next Step
+  std::vector<float> logits_;                  // a prefill's logits (host)
 };
 
 }  // namespace needle
