@@ -186,6 +186,59 @@ TEST(Cli, TextPromptsStreamTextAndStopAtStopStrings) {
       << t.output;
 }
 
+// needle ask: the document's tokens are prefilled once and shared by every question (whole
+// blocks); each answer is the one needle generate gives for the document and the question as
+// one prompt. Questions may come from a config file's array too; what cannot run is refused.
+TEST(Cli, AskReusesTheDocumentAndAnswersAsGenerate) {
+  test::TempDir d;
+  const std::string src = kFx + "/llama_gqa4_hd64_f32";
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(src + "/" + f, d.File(f));
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", d.File("tokenizer.json"));
+  std::string doc;
+  for (int i = 0; i < 9; ++i) doc += "Line " + std::to_string(i) + " of the doc. ";
+  test::WriteFile(d.File("doc.txt"), doc);
+  const std::vector<std::string> qs = {"Which line?", "How"};
+  const std::string m = " -m " + d.path() + " --device cpu -n 8 --ignore-eos";
+  std::string want;
+  for (const std::string& q : qs) {
+    test::WriteFile(d.File("p.txt"), doc + "\n\n" + q);
+    Result g = RunNeedle("generate" + m + " -f " + d.File("p.txt"), false);
+    ASSERT_EQ(g.status, 0) << g.output;
+    want += "Q: " + q + "\nA: " + g.output + "\n";
+  }
+  const std::string ask =
+      "ask" + m + " -f " + d.File("doc.txt") + " -q '" + qs[0] + "' -q " + qs[1];
+  Result a = RunNeedle(ask, false);
+  ASSERT_EQ(a.status, 0) << RunNeedle(ask).output;
+  EXPECT_EQ(a.output, want);
+  Result e = RunNeedle(ask);
+  EXPECT_NE(e.output.find("document prefilled once: " + std::to_string(doc.size() + 2)),
+            std::string::npos)
+      << e.output;  // (the document and the two newlines: the byte tokenizer adds no BOS)
+  EXPECT_NE(e.output.find("question 2: 128 of "), std::string::npos) << e.output;
+  // The questions from a config file's array.
+  test::WriteFile(d.File("c.json"), R"({"question": ["Which line?", "How"]})");
+  EXPECT_EQ(
+      RunNeedle("ask" + m + " -f " + d.File("doc.txt") + " --config " + d.File("c.json"), false)
+          .output,
+      want);
+  // Refusals.
+  Result nq = RunNeedle("ask" + m + " -f " + d.File("doc.txt"));
+  EXPECT_EQ(nq.status, 1);
+  EXPECT_NE(nq.output.find("at least one --question"), std::string::npos) << nq.output;
+  Result sp = RunNeedle(ask + " --attention sparse");
+  EXPECT_EQ(sp.status, 1);
+  EXPECT_NE(sp.output.find("--attention sparse is not supported yet"), std::string::npos)
+      << sp.output;
+  Result big = RunNeedle(ask + " --ctx-size 100");
+  EXPECT_EQ(big.status, 1);
+  EXPECT_NE(big.output.find("exceeds the context of 100 tokens"), std::string::npos) << big.output;
+  Result nf = RunNeedle("ask" + m + " -f " + d.File("missing.txt") + " -q x");
+  EXPECT_EQ(nf.status, 1);
+  EXPECT_NE(nf.output.find("missing.txt"), std::string::npos) << nf.output;
+}
+
 TEST(Cli, LayeredConfiguration) {
   test::TempDir d;
   test::WriteFile(

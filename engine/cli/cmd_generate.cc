@@ -13,52 +13,13 @@
 #include "engine/cli/options.h"
 #include "engine/cli/parse_util.h"
 #include "engine/cli/run_options.h"
+#include "engine/cli/text_stream.h"
 #include "engine/model/generate.h"
 #include "engine/model/model.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 
 namespace needle {
-
-namespace {
-
-float ParseFloat(const std::string& s, const std::string& what) {
-  size_t pos = 0;
-  float v = 0;
-  try {
-    v = std::stof(s, &pos);
-  } catch (...) {
-    pos = 0;
-  }
-  if (s.empty() || pos != s.size()) Fail(what, " expects a number, got '", s, "'");
-  return v;
-}
-
-// "prefill [=====>    ] 12288/32768 tok  812 tok/s  25 s left" on a terminal's stderr, for
-// prompts that take longer than a second.
-class ProgressBar {
- public:
-  ProgressBar() : tty_(::isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
-  void Update(int64_t done, int64_t total) {
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    if (!tty_ || total <= 1 || s < 1.0) return;
-    const int width = 30, filled = static_cast<int>(width * done / total);
-    const double rate = done / s;
-    std::fprintf(stderr, "\rprefill [%s%s] %lld/%lld tok  %.0f tok/s  %.0f s left ",
-                 std::string(filled, '=').c_str(), std::string(width - filled, ' ').c_str(),
-                 static_cast<long long>(done), static_cast<long long>(total), rate,
-                 (total - done) / std::max(rate, 1e-9));
-    shown_ = true;
-    if (done == total) std::fprintf(stderr, "\n");
-  }
-
- private:
-  bool tty_, shown_ = false;
-  std::chrono::steady_clock::time_point start_;
-};
-
-}  // namespace
 
 int CmdGenerate(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
@@ -71,20 +32,12 @@ int CmdGenerate(int argc, char** argv) {
       ChatTemplateSpec(),
       {"system", 0, OptKind::kString, "", "system message for --chat"},
       {"max-new-tokens", 'n', OptKind::kInt, "256", "maximum number of tokens to generate"},
-      {"temperature", 0, OptKind::kString, "0", "sampling temperature (0: greedy)"},
-      {"top-k", 0, OptKind::kInt, "0", "sample among the k most likely tokens (0: off)"},
-      {"top-p", 0, OptKind::kString, "1",
-       "sample within the smallest set of tokens of this probability mass (1: off)"},
-      {"min-p", 0, OptKind::kString, "0",
-       "drop tokens less likely than min-p times the most likely (0: off)"},
-      {"repetition-penalty", 0, OptKind::kString, "1",
-       "penalise tokens already in the context (1: off)"},
-      {"seed", 0, OptKind::kInt, "0", "random seed of sampling"},
       {"stop", 0, OptKind::kString, "", "stop when the output contains this string"},
       {"ignore-eos", 0, OptKind::kFlag, "", "do not stop at the model's EOS ids"},
       {"truncate", 0, OptKind::kString, "none",
        "prompt longer than the context: none (error) or middle (keep head and tail)"},
   };
+  for (auto& o : SamplingSpecs()) specs.push_back(o);
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
   Options opt("needle generate",
               "Runs a model on a prompt and streams the continuation to stdout (token ids with\n"
@@ -95,14 +48,7 @@ int CmdGenerate(int argc, char** argv) {
     return 0;
   }
   SparseConfigFromOptions(opt);  // refuse bad settings before loading anything
-  SamplingParams sp;
-  sp.temperature = ParseFloat(opt.Str("temperature"), "--temperature");
-  sp.top_k = opt.Int("top-k");
-  sp.top_p = ParseFloat(opt.Str("top-p"), "--top-p");
-  sp.min_p = ParseFloat(opt.Str("min-p"), "--min-p");
-  sp.repetition_penalty = ParseFloat(opt.Str("repetition-penalty"), "--repetition-penalty");
-  sp.seed = static_cast<uint64_t>(opt.Int("seed"));
-  sp.Validate();
+  const SamplingParams sp = SamplingFromOptions(opt);
   const std::string trunc = opt.Str("truncate");
   if (trunc != "none" && trunc != "middle") Fail("--truncate: '", trunc, "' is not none or middle");
   if (opt.Str("model").empty()) Fail("needle generate: --model is required");
@@ -185,51 +131,26 @@ int CmdGenerate(int argc, char** argv) {
   ProgressBar bar;
   rs.model->set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
 
-  const std::string stop = opt.Str("stop");
-  std::unique_ptr<StreamDecoder> sd = tok ? std::make_unique<StreamDecoder>(*tok, true) : nullptr;
-  std::string text_out, pending;  // pending: text held back while it may begin a stop string
-  bool first = true, stopped = false;
-  auto emit = [&](const std::string& s) {
-    std::fwrite(s.data(), 1, s.size(), stdout);
-    std::fflush(stdout);
-  };
+  std::unique_ptr<StopStream> out =
+      tok ? std::make_unique<StopStream>(*tok, opt.Str("stop")) : nullptr;
+  bool first = true;
   GenerateStats st;
   Generate(
       *rs.model, *rs.cache, prompt, max_new, sp,
       [&](int32_t id) {
         rs.model->set_progress(nullptr);
-        if (!sd) {
-          emit((first ? "" : ",") + std::to_string(id));
-          first = false;
-          return true;
-        }
-        pending += sd->Push(id);
-        if (!stop.empty()) {
-          const size_t at = (text_out + pending).find(stop);
-          if (at != std::string::npos) {
-            emit((text_out + pending).substr(text_out.size(), at - std::min(at, text_out.size())));
-            stopped = true;
-            return false;
-          }
-          // Emit all but a tail that could still grow into the stop string.
-          const size_t keep = std::min(pending.size(), stop.size() - 1);
-          size_t cut = pending.size() - keep;
-          while (cut > 0 && cut < pending.size() &&
-                 (static_cast<unsigned char>(pending[cut]) & 0xC0) == 0x80)
-            --cut;
-          emit(pending.substr(0, cut));
-          text_out += pending.substr(0, cut);
-          pending.erase(0, cut);
-        } else {
-          emit(pending);
-          text_out += pending;
-          pending.clear();
-        }
+        if (out) return out->Push(id);
+        std::printf("%s%d", first ? "" : ",", id);  // --prompt-ids: the ids
+        std::fflush(stdout);
+        first = false;
         return true;
       },
       &st);
-  if (sd && !stopped) emit(pending + sd->Flush());
-  emit("\n");
+  if (out)
+    out->Finish();
+  else
+    std::printf("\n"), std::fflush(stdout);
+  const bool stopped = out && out->stopped();
   const double decode_tps = st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0;
   std::fprintf(stderr,
                "needle: prompt %lld tokens, prefill %.1f tok/s (%.3f s); generated %lld tokens, "

@@ -8,4 +8,5 @@ int CmdTokenize(int argc, char** argv);
 int CmdEval(int argc, char** argv);
 int CmdData(int argc, char** argv);
 int CmdServe(int argc, char** argv);
+int CmdAsk(int argc, char** argv);
 }  // namespace needle

@@ -24,6 +24,7 @@ const char* kUsage =
     "  eval score  re-score a predictions file with a benchmark's own rule\n"
     "  data TASK   write a benchmark task's dataset as JSONL (the tasks of eval)\n"
     "  serve       serve the model over HTTP with OpenAI's completion APIs\n"
+    "  ask         answer questions about one document, its KV computed once\n"
     "\n"
     "-m defaults to the bundled model (models/needle-tiny) everywhere.\n"
     "'needle COMMAND --help' lists the options of a command.\n";
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return needle::CmdEval(argc - 2, argv + 2);
     if (cmd == "data") return needle::CmdData(argc - 2, argv + 2);
     if (cmd == "serve") return needle::CmdServe(argc - 2, argv + 2);
+    if (cmd == "ask") return needle::CmdAsk(argc - 2, argv + 2);
     std::cerr << "needle: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const needle::Error& e) {

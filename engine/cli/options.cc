@@ -12,6 +12,10 @@
 
 namespace needle {
 
+namespace {
+constexpr char kListSep = '\x1f';  // joins a kList option's values
+}  // namespace
+
 size_t EditDistance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
@@ -66,7 +70,13 @@ void Options::Set(const OptionSpec& spec, const std::string& value, const std::s
       Fail(command_, ": option --", spec.name, " expects an integer, got '", value, "' (", source,
            ")");
   }
-  values_[spec.name] = value;
+  if (spec.kind == OptKind::kList) {  // values joined by kListSep; a new source starts afresh
+    std::string& v = values_[spec.name];
+    v = source_.count(spec.name) != 0 && source_[spec.name] == source ? v + kListSep + value
+                                                                      : value;
+  } else {
+    values_[spec.name] = value;
+  }
   source_[spec.name] = source;
 }
 
@@ -95,6 +105,13 @@ void Options::LoadConfigFile(const std::string& path) {
       if (!v.is_boolean())
         Fail(path, ": key '", it.key(), "' must be true or false (value: ", v.dump(), ")");
       text = v.get<bool>() ? "1" : "0";
+    } else if (spec->kind == OptKind::kList && v.is_array()) {
+      for (const auto& x : v) {
+        if (!x.is_string())
+          Fail(path, ": key '", it.key(), "' must be an array of strings (value: ", v.dump(), ")");
+        Set(*spec, x.get<std::string>(), source);
+      }
+      continue;
     } else if (v.is_string()) {
       text = v.get<std::string>();
     } else if (v.is_number_integer()) {
@@ -185,6 +202,18 @@ std::string Options::Str(const std::string& name) const {
 
 int64_t Options::Int(const std::string& name) const { return std::stoll(Str(name)); }
 bool Options::Flag(const std::string& name) const { return Str(name) == "1"; }
+std::vector<std::string> Options::List(const std::string& name) const {
+  std::vector<std::string> out;
+  if (!IsSet(name)) return out;
+  const std::string v = Str(name);
+  for (size_t at = 0;;) {
+    const size_t end = v.find(kListSep, at);
+    out.push_back(v.substr(at, end == std::string::npos ? std::string::npos : end - at));
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return out;
+}
 bool Options::IsSet(const std::string& name) const { return Source(name) != "default"; }
 
 std::string Options::Help() const {
@@ -196,6 +225,7 @@ std::string Options::Help() const {
     left += "--" + s.name;
     if (s.kind == OptKind::kInt) left += " N";
     if (s.kind == OptKind::kString) left += " VALUE";
+    if (s.kind == OptKind::kList) left += " VALUE...";
     os << left;
     if (left.size() < 32)
       os << std::string(32 - left.size(), ' ');

@@ -12,7 +12,9 @@
 
 namespace needle {
 
-enum class OptKind { kString, kInt, kFlag };
+// kList: a string option that may be given several times (-q A -q B; a config file: an array of
+// strings); the command line's values replace the config file's.
+enum class OptKind { kString, kInt, kFlag, kList };
 
 struct OptionSpec {
   std::string name;  // long name without dashes, e.g. "max-new-tokens"
@@ -33,6 +35,7 @@ class Options {
   std::string Str(const std::string& name) const;
   int64_t Int(const std::string& name) const;
   bool Flag(const std::string& name) const;
+  std::vector<std::string> List(const std::string& name) const;  // a kList option's values
   bool IsSet(const std::string& name) const;  // given in the config file or on the command line
   std::string Source(const std::string& name) const;  // "default", "config FILE" or "command line"
   std::string Help() const;

@@ -261,6 +261,46 @@ int64_t ResolveUbatch(int64_t ubatch, Backend& b) {
   return b.kv_memory() != nullptr ? 4096 : 512;
 }
 
+std::vector<OptionSpec> SamplingSpecs() {
+  return {
+      {"temperature", 0, OptKind::kString, "0", "sampling temperature (0: greedy)"},
+      {"top-k", 0, OptKind::kInt, "0", "sample among the k most likely tokens (0: off)"},
+      {"top-p", 0, OptKind::kString, "1",
+       "sample within the smallest set of tokens of this probability mass (1: off)"},
+      {"min-p", 0, OptKind::kString, "0",
+       "drop tokens less likely than min-p times the most likely (0: off)"},
+      {"repetition-penalty", 0, OptKind::kString, "1",
+       "penalise tokens already in the context (1: off)"},
+      {"seed", 0, OptKind::kInt, "0", "random seed of sampling"},
+  };
+}
+
+namespace {
+float ParseFloat(const std::string& s, const std::string& what) {
+  size_t pos = 0;
+  float v = 0;
+  try {
+    v = std::stof(s, &pos);
+  } catch (...) {
+    pos = 0;
+  }
+  if (s.empty() || pos != s.size()) Fail(what, " expects a number, got '", s, "'");
+  return v;
+}
+}  // namespace
+
+SamplingParams SamplingFromOptions(const Options& opt) {
+  SamplingParams sp;
+  sp.temperature = ParseFloat(opt.Str("temperature"), "--temperature");
+  sp.top_k = opt.Int("top-k");
+  sp.top_p = ParseFloat(opt.Str("top-p"), "--top-p");
+  sp.min_p = ParseFloat(opt.Str("min-p"), "--min-p");
+  sp.repetition_penalty = ParseFloat(opt.Str("repetition-penalty"), "--repetition-penalty");
+  sp.seed = static_cast<uint64_t>(opt.Int("seed"));
+  sp.Validate();
+  return sp;
+}
+
 OptionSpec ChatTemplateSpec() {
   return {"chat-template", 0, OptKind::kString, "auto",
           "chat template: auto (from tokenizer_config.json), llama3, chatml, mistral, none"};

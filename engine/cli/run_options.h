@@ -11,6 +11,7 @@
 #include "engine/backend/backend.h"
 #include "engine/cli/options.h"
 #include "engine/model/model.h"
+#include "engine/model/sampling.h"
 #include "engine/runtime/sequence_attention.h"
 #include "engine/tokenizer/chat_template.h"
 #include "sparse_attn/sparse_attention.h"
@@ -25,6 +26,12 @@ std::vector<OptionSpec> RunOptionSpecs();
 OptionSpec ChatTemplateSpec();
 ChatFamily ChatFamilyFromOptions(const Options& opt, const std::string& model_dir, std::string* bos,
                                  std::string* eos);
+
+// The sampling options of the subcommands that generate text (generate, ask): --temperature,
+// --top-k, --top-p, --min-p, --repetition-penalty, --seed; and the SamplingParams they give
+// (validated: an Error names the setting).
+std::vector<OptionSpec> SamplingSpecs();
+SamplingParams SamplingFromOptions(const Options& opt);
 
 // Everything a run needs besides the prompt: built from the options and the loaded model.
 struct RunSetup {

@@ -1,0 +1,158 @@
+// needle ask: questions about one document, the document's KV computed once. Every question's
+// prompt (the document, then the question; or the chat template's user turn of both) is
+// tokenized; the tokens all prompts begin with are prefilled once into a cache of a shared block
+// pool; each question's cache then takes that cache's whole blocks by reference
+// (KVCache::SharePrefix: counted once more, never copied) and prefills only the rest, its
+// partial block included, before it answers. Dense attention (the sparse planner's state is
+// per sequence: not shared yet).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "engine/base/error.h"
+#include "engine/base/mapped_file.h"
+#include "engine/base/seconds.h"
+#include "engine/cli/commands.h"
+#include "engine/cli/options.h"
+#include "engine/cli/run_options.h"
+#include "engine/cli/text_stream.h"
+#include "engine/model/generate.h"
+#include "engine/model/model.h"
+#include "engine/tokenizer/chat_template.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "kvcache/block_pool.h"
+
+namespace needle {
+
+int CmdAsk(int argc, char** argv) {
+  std::vector<OptionSpec> specs = {
+      {"file", 'f', OptKind::kString, "", "the document: a text file"},
+      {"question", 'q', OptKind::kList, "", "a question about the document (repeat: -q A -q B)"},
+      {"chat", 0, OptKind::kFlag, "",
+       "format each prompt as a user turn with the model's chat template"},
+      ChatTemplateSpec(),
+      {"system", 0, OptKind::kString, "", "system message for --chat"},
+      {"max-new-tokens", 'n', OptKind::kInt, "256", "most tokens of each answer"},
+      {"stop", 0, OptKind::kString, "", "end an answer where it contains this string"},
+      {"ignore-eos", 0, OptKind::kFlag, "", "do not stop at the model's EOS ids"},
+  };
+  for (auto& o : SamplingSpecs()) specs.push_back(o);
+  for (auto& o : RunOptionSpecs()) specs.push_back(o);
+  Options opt("needle ask",
+              "Answers questions about one document: the document is prefilled once and its KV\n"
+              "reused by every question (each prefills only its own tokens). Each answer goes to\n"
+              "stdout after its question; timings and the tokens reused to stderr.",
+              specs);
+  if (!opt.Parse(argc, argv)) {
+    if (opt.Flag("help")) std::fputs(opt.Help().c_str(), stdout);
+    return 0;
+  }
+  SparseConfigFromOptions(opt);
+  if (opt.Str("attention") != "dense")
+    Fail("needle ask: --attention ", opt.Str("attention"),
+         " is not supported yet (the sparse planner's state of the document is not shared "
+         "between questions); use --attention dense");
+  const SamplingParams sp = SamplingFromOptions(opt);
+  const std::string model_dir = opt.Str("model");
+  if (model_dir.empty()) Fail("needle ask: --model is required");
+  if (opt.Str("file").empty()) Fail("needle ask: --file (the document) is required");
+  const std::vector<std::string> questions = opt.List("question");
+  if (questions.empty()) Fail("needle ask: give at least one --question (-q)");
+  for (const char* o : {"system", "chat-template"})
+    if (opt.IsSet(o) && !opt.Flag("chat")) Fail("--", o, " only applies with --chat");
+  const int64_t max_new = opt.Int("max-new-tokens");
+  if (max_new < 1) Fail("--max-new-tokens must be at least 1 (got ", max_new, ")");
+
+  const std::string doc = ReadTextFile(opt.Str("file"));
+  auto tok = Tokenizer::Load(model_dir + "/tokenizer.json");
+  std::string bos, eos;
+  const ChatFamily fam =
+      opt.Flag("chat") ? ChatFamilyFromOptions(opt, model_dir, &bos, &eos) : ChatFamily::kNone;
+  if (opt.Flag("chat") && fam == ChatFamily::kNone)
+    std::fprintf(stderr, "needle: warning: no known chat template for %s; using the raw prompt\n",
+                 model_dir.c_str());
+  std::vector<std::vector<int32_t>> prompts;
+  for (const std::string& q : questions) {
+    if (q.empty()) Fail("needle ask: an empty --question");
+    const std::string text = doc + "\n\n" + q;
+    if (fam == ChatFamily::kNone) {
+      prompts.push_back(tok->Encode(text, true));
+    } else {
+      std::vector<ChatMessage> msgs;
+      if (!opt.Str("system").empty()) msgs.push_back({"system", opt.Str("system")});
+      msgs.push_back({"user", text});
+      prompts.push_back(tok->Encode(FormatChat(fam, msgs, bos, eos), false));
+    }
+  }
+  // The tokens every prompt begins with, leaving each at least one of its own.
+  size_t common = prompts[0].size() - 1;
+  size_t longest = 0;
+  for (const auto& p : prompts) {
+    size_t c = 0;
+    while (c < common && c + 1 < p.size() && p[c] == prompts[0][c]) ++c;
+    common = c;
+    longest = std::max(longest, p.size());
+  }
+  const ModelConfig peek = LoadModelConfig(model_dir + "/config.json");
+  const int64_t limit =
+      opt.Int("ctx-size") > 0 ? opt.Int("ctx-size") : peek.max_position_embeddings;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (limit > 0 && static_cast<int64_t>(prompts[i].size()) + max_new > limit)
+      Fail("needle ask: question ", i + 1, "'s prompt has ", prompts[i].size(),
+           " tokens (the document's included); with --max-new-tokens ", max_new,
+           " it exceeds the context of ", limit, " tokens (--ctx-size)");
+
+  const int64_t ctx = static_cast<int64_t>(longest) + max_new;
+  RunSetup rs = MakeRunSetup(opt, ctx, false);
+  Model& model = *rs.model;
+  if (opt.Flag("ignore-eos")) model.set_eos_token_ids({});
+  if (const std::string note = LongContextNote(model.config(), ctx, nullptr); !note.empty())
+    std::fprintf(stderr, "%s\n", note.c_str());
+  // The pool: the document's blocks and one question's (its own blocks past the shared ones).
+  const int64_t B = rs.sparse_cfg.block_size, shared = static_cast<int64_t>(common) / B * B;
+  const int64_t doc_blocks = (static_cast<int64_t>(common) + B - 1) / B;
+  const int64_t own_blocks = (ctx - shared + B - 1) / B;
+  const KVCacheShape shape = model.CacheShape((doc_blocks + own_blocks) * B, rs.kv_type, B);
+  BlockPool pool(shape, RunLimitsFromOptions(opt).kv_memory, model.backend().kv_memory());
+  std::fprintf(stderr, "needle: %s, %s kernels, dense attention, KV pool %s; %zu questions\n",
+               model.config().architecture.c_str(), model.backend().Name(),
+               FormatBytes(shape.TotalBytes()).c_str(), questions.size());
+
+  // The document: prefilled once.
+  KVCache doc_cache(pool, static_cast<int64_t>(common));
+  ProgressBar bar;
+  model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+  const auto t0 = Clock::now();
+  if (common > 0)
+    model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
+  model.set_progress(nullptr);
+  std::fprintf(stderr, "needle: document prefilled once: %zu tokens in %.3f s\n", common,
+               Since(t0));
+
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t>& p = prompts[i];
+    KVCache cache(pool, static_cast<int64_t>(p.size()) + max_new);
+    cache.SharePrefix(doc_cache, shared);
+    const std::vector<int32_t> rest(p.begin() + shared, p.end());
+    std::printf("Q: %s\nA: ", questions[i].c_str());
+    std::fflush(stdout);
+    StopStream out(*tok, opt.Str("stop"));
+    GenerateStats st;
+    Generate(
+        model, cache, rest, max_new, sp, [&](int32_t id) { return out.Push(id); }, &st);
+    out.Finish();
+    std::printf("\n");
+    std::fflush(stdout);
+    std::fprintf(stderr,
+                 "needle: question %zu: %lld of %zu prompt tokens reused, %lld prefilled in %.3f "
+                 "s; %lld tokens at %.2f tok/s%s\n",
+                 i + 1, static_cast<long long>(shared), p.size(),
+                 static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
+                 static_cast<long long>(st.new_tokens),
+                 st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0,
+                 st.stopped_at_eos ? " (stopped at EOS)" : "");
+  }
+  return 0;
+}
+
+}  // namespace needle
