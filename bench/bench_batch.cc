@@ -3,14 +3,18 @@
 // each sequence at a context of CONTEXT tokens (synthetic: its blocks assigned, not prefilled;
 // decode reads them alike), against one step's bound: every weight read once plus every
 // sequence's K/V, at the machine's measured read bandwidth (DRAM on the CPU, HBM on the GPU).
+// The backend's batch kernels (Backend::PreferBatchKernels), as the Engine runs them, unless
+// NEEDLE_BENCH_BATCH_KERNELS=0 (the one-row kernels of needle generate, for comparison).
 // One JSON object per batch size on stdout:
-//   {"bench":"batch", "device", "config", "context", "batch", "step_ms", "tok/s" (all sequences),
+//   {"bench":"batch", "device", "config", "kernels" (batch or one-row), "context", "batch",
+//    "step_ms", "tok/s" (all sequences),
 //    "speedup" (over batch 1 in the same run), "bound_ms", "of_bound"}
 // Usage: bench_batch cpu|cuda CONFIG CONTEXT BATCHES [STEPS]   e.g. cuda qwen2.5-7b.json 4096
 // 1,4,16
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -52,6 +56,9 @@ int main(int argc, char** argv) {
     }
     auto model = MakeDummyModel(config, DType::kBF16, *backend, tc);
     const ModelConfig& c = model->config();
+    const char* bk = std::getenv("NEEDLE_BENCH_BATCH_KERNELS");
+    const bool batch_kernels = bk == nullptr || std::string(bk) != "0";
+    backend->PreferBatchKernels(batch_kernels);
     const double weights =
         static_cast<double>(model->weights().TotalBytes() - model->weights().embed.nbytes());
     int64_t max_b = 1;
@@ -84,11 +91,12 @@ int main(int argc, char** argv) {
                         static_cast<double>(model->CacheShape(1, DType::kBF16).BytesPerToken());
       const double bound_ms = (weights + kv) / (peak * 1e6);
       std::printf(
-          "{\"bench\":\"batch\",\"device\":\"%s\",\"config\":\"%s\",\"context\":%lld,\"batch\":%"
-          "lld,"
+          "{\"bench\":\"batch\",\"device\":\"%s\",\"config\":\"%s\",\"kernels\":\"%s\","
+          "\"context\":%lld,\"batch\":%lld,"
           "\"step_ms\":%.3f,\"tok/s\":%.1f,\"speedup\":%.2f,\"read_GB/s\":%.0f,\"bound_ms\":%.3f,"
           "\"of_bound\":%.2f}\n",
-          device.c_str(), config.substr(config.rfind('/') + 1).c_str(), static_cast<long long>(ctx),
+          device.c_str(), config.substr(config.rfind('/') + 1).c_str(),
+          batch_kernels ? "batch" : "one-row", static_cast<long long>(ctx),
           static_cast<long long>(b), ms, tps, tps / base, peak, bound_ms, bound_ms / ms);
       std::fflush(stdout);
     }

@@ -91,7 +91,7 @@ void GemvSweep(cudaStream_t stream, double copy_gbs) {
                               off += static_cast<size_t>(s.rows[i] * s.K);
                               yo += static_cast<size_t>(s.rows[i]);
                             }
-                            cuda::Gemv(x, s.K, norm, DType::kBF16, o, s.n, s.e, stream, &t);
+                            cuda::Gemv(x, 1, s.K, norm, DType::kBF16, o, s.n, s.e, stream, &t);
                           }
                         }) /
           copies;

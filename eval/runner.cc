@@ -236,6 +236,10 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   for (const auto& cfg : configs) {
     // Samples decoded together (runner_batch.h): dense, or sparse on the CPU (not with
     // --needle-hits, which reads each sample's planner as it goes).
+    // Dense runs take the backend's batch kernels whatever --batch is (the Engine does), so that
+    // --batch never changes an answer on a GPU either; sparse runs (one sample at a time on a
+    // GPU) the one-row kernels.
+    model.backend().PreferBatchKernels(!cfg.sparse);
     const bool batched =
         opt.batch > 1 &&
         (!cfg.sparse || (model.backend().kv_memory() == nullptr && !opt.needle_hits));

@@ -82,6 +82,8 @@ class KVMemory {
   virtual void* Allocate(size_t bytes) = 0;  // throws Error naming the bytes asked and free
   virtual void Deallocate(void* p) = 0;
   virtual void CopyFromHost(void* dst, const void* src, size_t bytes) = 0;
+  // After all work queued on the memory so far (a prefill's writes) has finished.
+  virtual void CopyToHost(void* dst, const void* src, size_t bytes) = 0;
 };
 
 class KVCache {

@@ -75,73 +75,165 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
 #ifdef NEEDLE_HAVE_CUDA
   ThreadingContext tc(2);
   auto cpu = MakeCpuBackend(tc, true);
-  for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
-    for (int64_t K : {264, 1032, 260}) {
-      for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
-        const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
-                                 " norm=" + std::to_string(normed);
-        const bool gemv = t != DType::kF32 && K % 8 == 0;
-        // cuBLAS rounds x to 16 bits: 2^-8 of sum|x w| (test_cuda.cc); the GEMV keeps f32.
-        const double rel =
-            gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
-        const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
-        BackendBuffer xd = Upload(*gpu, x);
-        HostDev g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
-        std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
-        BackendBuffer xnd(*gpu, static_cast<size_t>(K));
-        const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
-        const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
-        if (normed) cpu->RmsNorm(x.data(), 1, K, g.host, 1e-5f, xn.data());
-        const std::vector<float>& xm = normed ? xn : x;  // what the products read
-        // Project: three outputs of 301, 63 and 64 rows.
-        const int64_t rows[3] = {301, 63, 64};
-        std::vector<HostDev> w, b;
-        for (int i = 0; i < 3; ++i) {
-          w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
-          b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
-        }
-        std::vector<std::vector<float>> want(3);
-        std::vector<BackendBuffer> yd;
-        Backend::Projection pc[3], pg[3];
-        for (int i = 0; i < 3; ++i) {
-          want[i].resize(static_cast<size_t>(rows[i]));
-          yd.emplace_back(*gpu, static_cast<size_t>(rows[i]));
-          pc[i] = {&w[i].host, &b[i].host, want[i].data()};
-          pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
-        }
-        cpu->Project(x.data(), 1, nc, pc, 3);
-        gpu->Project(xd.get(), 1, ng, pg, 3);
-        for (int i = 0; i < 3; ++i)
-          ExpectRowsClose(Download(*gpu, yd[i].get(), want[i].size()), want[i],
-                          Magnitudes(xm, w[i].host), rel, what + " project " + std::to_string(i));
+  for (bool batch_kernels : {false, true})  // the tensor-core GEMV for bf16 when true
+    for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
+      gpu->PreferBatchKernels(batch_kernels);
+      for (int64_t K : {264, 1032, 260}) {
+        for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
+          const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
+                                   " norm=" + std::to_string(normed);
+          const bool gemv = t != DType::kF32 && K % 8 == 0;
+          // cuBLAS rounds x to 16 bits: 2^-8 of sum|x w| (test_cuda.cc); the GEMV keeps f32.
+          const double rel =
+              gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
+          const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
+          BackendBuffer xd = Upload(*gpu, x);
+          HostDev g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
+          std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
+          BackendBuffer xnd(*gpu, static_cast<size_t>(K));
+          const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
+          const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
+          if (normed) cpu->RmsNorm(x.data(), 1, K, g.host, 1e-5f, xn.data());
+          const std::vector<float>& xm = normed ? xn : x;  // what the products read
+          // Project: three outputs of 301, 63 and 64 rows.
+          const int64_t rows[3] = {301, 63, 64};
+          std::vector<HostDev> w, b;
+          for (int i = 0; i < 3; ++i) {
+            w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
+            b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
+          }
+          std::vector<std::vector<float>> want(3);
+          std::vector<BackendBuffer> yd;
+          Backend::Projection pc[3], pg[3];
+          for (int i = 0; i < 3; ++i) {
+            want[i].resize(static_cast<size_t>(rows[i]));
+            yd.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+            pc[i] = {&w[i].host, &b[i].host, want[i].data()};
+            pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
+          }
+          cpu->Project(x.data(), 1, nc, pc, 3);
+          gpu->Project(xd.get(), 1, ng, pg, 3);
+          for (int i = 0; i < 3; ++i)
+            ExpectRowsClose(Download(*gpu, yd[i].get(), want[i].size()), want[i],
+                            Magnitudes(xm, w[i].host), rel, what + " project " + std::to_string(i));
 
-        if (!normed) {  // ProjectAdd takes no norm
-          // ProjectAdd: y (a residual) += x W^T + b.
-          const std::vector<float> y0 = test::RandomVector(301, 41);
-          std::vector<float> ya = y0, scratch(301);
-          BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, 301);
-          cpu->ProjectAdd(x.data(), 1, w[0].host, &b[0].host, ya.data(), scratch.data());
-          gpu->ProjectAdd(xd.get(), 1, w[0].dev, &b[0].dev, yad.get(), sd.get());
-          ExpectRowsClose(Download(*gpu, yad.get(), 301), ya, Magnitudes(x, w[0].host), rel,
-                          what + " project+add");
-        }
+          if (!normed) {  // ProjectAdd takes no norm
+            // ProjectAdd: y (a residual) += x W^T + b.
+            const std::vector<float> y0 = test::RandomVector(301, 41);
+            std::vector<float> ya = y0, scratch(301);
+            BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, 301);
+            cpu->ProjectAdd(x.data(), 1, w[0].host, &b[0].host, ya.data(), scratch.data());
+            gpu->ProjectAdd(xd.get(), 1, w[0].dev, &b[0].dev, yad.get(), sd.get());
+            ExpectRowsClose(Download(*gpu, yad.get(), 301), ya, Magnitudes(x, w[0].host), rel,
+                            what + " project+add");
+          }
 
-        // GateUp: silu(gate) * up, 301 rows each.
-        HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
-        std::vector<float> gt(301), us(301);
-        BackendBuffer gd(*gpu, 301), ud(*gpu, 301);
-        cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
-                    us.data());
-        gpu->GateUp(xd.get(), 1, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
-        // d(silu(a) u) = silu'(a) u da + silu(a) du, |silu'| <= 1.1, |silu(a)| <= |a| + 0.3.
-        const std::vector<double> mg = Magnitudes(xm, w[0].host), mu = Magnitudes(xm, wu.host);
-        std::vector<double> mag(301);
-        for (size_t i = 0; i < mag.size(); ++i)
-          mag[i] = 1.1 * mg[i] * (mu[i] + 1.0) + (mg[i] + 1.3) * mu[i];
-        ExpectRowsClose(Download(*gpu, gd.get(), 301), gt, mag, 2 * rel, what + " gate/up");
+          // GateUp: silu(gate) * up, 301 rows each.
+          HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
+          std::vector<float> gt(301), us(301);
+          BackendBuffer gd(*gpu, 301), ud(*gpu, 301);
+          cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
+                      us.data());
+          gpu->GateUp(xd.get(), 1, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
+          // d(silu(a) u) = silu'(a) u da + silu(a) du, |silu'| <= 1.1, |silu(a)| <= |a| + 0.3.
+          const std::vector<double> mg = Magnitudes(xm, w[0].host), mu = Magnitudes(xm, wu.host);
+          std::vector<double> mag(301);
+          for (size_t i = 0; i < mag.size(); ++i)
+            mag[i] = 1.1 * mg[i] * (mu[i] + 1.0) + (mg[i] + 1.3) * mu[i];
+          ExpectRowsClose(Download(*gpu, gd.get(), 301), gt, mag, 2 * rel, what + " gate/up");
+        }
       }
     }
-  }
+#endif
+}
+
+// A call of T tokens (a batch of sequences' decode rows) gives every token the bits it gets in a
+// call alone (Project with three outputs, ProjectAdd, GateUp; with and without the folded norm;
+// bf16 and f16; T across the kernel's groups of 1, 2, 4 and 8 tokens, to kGemvMaxTokens). This
+// is what makes a batch's greedy answers those of each sequence alone on the GPU.
+TEST(CudaDecode, TokensOfOneCallEqualEachAlone) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  for (bool batch_kernels : {false, true})  // the CUDA-core GEMV, the tensor-core one
+    for (DType t : {DType::kBF16, DType::kF16}) {
+      gpu->PreferBatchKernels(batch_kernels);
+      for (int64_t K : {264, 1032}) {
+        for (int normed = 0; normed < 2; ++normed) {
+          for (int64_t T : {2, 3, 4, 5, 8, 9, 17, 64}) {
+            const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
+                                     " norm=" + std::to_string(normed) + " T=" + std::to_string(T) +
+                                     (batch_kernels ? " (batch kernels)" : "");
+            const size_t TK = static_cast<size_t>(T * K);
+            const std::vector<float> x = test::RandomVector(TK, 7 + static_cast<int>(T));
+            BackendBuffer xd = Upload(*gpu, x), xnd(*gpu, TK);
+            HostDev g = MakeWeight(*gpu, DType::kBF16, 1, K, 60);
+            const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
+            const int64_t rows[3] = {301, 63, 64};
+            std::vector<HostDev> w, b;
+            for (int i = 0; i < 3; ++i) {
+              w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
+              b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
+            }
+            HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
+            const std::vector<float> y0 = test::RandomVector(static_cast<size_t>(T * 301), 41);
+            // All T at once.
+            std::vector<BackendBuffer> yd;
+            Backend::Projection pg[3];
+            for (int i = 0; i < 3; ++i) {
+              yd.emplace_back(*gpu, static_cast<size_t>(T * rows[i]));
+              pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
+            }
+            gpu->Project(xd.get(), T, ng, pg, 3);
+            BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, static_cast<size_t>(T * 301));
+            gpu->ProjectAdd(xd.get(), T, w[0].dev, &b[0].dev, yad.get(), sd.get());
+            BackendBuffer gd(*gpu, static_cast<size_t>(T * 301)),
+                ud(*gpu, static_cast<size_t>(T * 301));
+            gpu->GateUp(xd.get(), T, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
+            std::vector<std::vector<float>> all(3);
+            for (int i = 0; i < 3; ++i)
+              all[i] = Download(*gpu, yd[i].get(), static_cast<size_t>(T * rows[i]));
+            const std::vector<float> add_all =
+                Download(*gpu, yad.get(), static_cast<size_t>(T * 301));
+            const std::vector<float> gate_all =
+                Download(*gpu, gd.get(), static_cast<size_t>(T * 301));
+            // Each token alone.
+            for (int64_t m = 0; m < T; ++m) {
+              const std::vector<float> xm(x.begin() + m * K, x.begin() + (m + 1) * K);
+              BackendBuffer x1 = Upload(*gpu, xm), xn1(*gpu, static_cast<size_t>(K));
+              const Backend::InputNorm n1{normed ? &g.dev : nullptr, 1e-5f, xn1.get()};
+              std::vector<BackendBuffer> y1;
+              Backend::Projection p1[3];
+              for (int i = 0; i < 3; ++i) {
+                y1.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+                p1[i] = {&w[i].dev, &b[i].dev, y1[i].get()};
+              }
+              gpu->Project(x1.get(), 1, n1, p1, 3);
+              for (int i = 0; i < 3; ++i) {
+                const std::vector<float> one =
+                    Download(*gpu, y1[i].get(), static_cast<size_t>(rows[i]));
+                for (int64_t r = 0; r < rows[i]; ++r)
+                  ASSERT_EQ(all[i][m * rows[i] + r], one[r])
+                      << what << " project " << i << " token " << m << " row " << r;
+              }
+              const std::vector<float> ym(y0.begin() + m * 301, y0.begin() + (m + 1) * 301);
+              BackendBuffer ya1 = Upload(*gpu, ym), s1(*gpu, 301);
+              gpu->ProjectAdd(x1.get(), 1, w[0].dev, &b[0].dev, ya1.get(), s1.get());
+              const std::vector<float> add1 = Download(*gpu, ya1.get(), 301);
+              BackendBuffer g1(*gpu, 301), u1(*gpu, 301);
+              gpu->GateUp(x1.get(), 1, n1, w[0].dev, &b[0].dev, wu.dev, &bu.dev, g1.get(),
+                          u1.get());
+              const std::vector<float> gate1 = Download(*gpu, g1.get(), 301);
+              for (int64_t r = 0; r < 301; ++r) {
+                ASSERT_EQ(add_all[m * 301 + r], add1[r])
+                    << what << " add token " << m << " row " << r;
+                ASSERT_EQ(gate_all[m * 301 + r], gate1[r])
+                    << what << " gate/up token " << m << " row " << r;
+              }
+            }
+          }
+        }
+      }
+    }
 #endif
 }
 

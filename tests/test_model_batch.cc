@@ -16,6 +16,7 @@
 #include "kvcache/block_pool.h"
 #include "sparse_attn/sparse_attention.h"
 #include "tests/fixture_util.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
@@ -62,7 +63,8 @@ Runs Alone(Model& model, const SparseConfig* sc, ThreadingContext& tc) {
   Runs r;
   r.tok.resize(kLens.size()), r.logits.resize(kLens.size()), r.plans.resize(kLens.size());
   for (size_t s = 0; s < kLens.size(); ++s) {
-    KVCache cache(model.CacheShape(kCtx, DType::kF32, sc != nullptr ? sc->block_size : 16));
+    KVCache cache(model.CacheShape(kCtx, DType::kF32, sc != nullptr ? sc->block_size : 16), 0,
+                  model.backend().kv_memory());
     std::ostringstream plan;
     auto pol = Policy(model, sc, tc, &plan);
     model.set_attention(pol.get());
@@ -234,6 +236,25 @@ TEST(ModelBatch, RefusesWhatItCannotRun) {
   ids[0] = 1;
   for (int i = 0; i < 4; ++i) model->ForwardBatch(ids, 1, both, next);
   EXPECT_THROW(model->ForwardBatch(ids, 1, both, next), Error);  // past its context
+}
+
+// On the GPU (16-bit weights: the decode GEMV serves a batch's rows, each with the bits it gets
+// alone, tests/test_cuda_decode.cc): the same tokens and the same logits, bit for bit, dense.
+TEST(ModelBatch, GpuBatchedDecodeEqualsEachSequenceAlone) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(2);
+  for (bool batch_kernels : {false, true})  // (Backend::PreferBatchKernels: what the Engine runs)
+    for (const std::string& dir : {test::FixturesDir() + "/qwen2_bias_gqa7_bf16",
+                                   test::FixturesDir() + "/../../../models/needle-tiny"}) {
+      gpu->PreferBatchKernels(batch_kernels);
+      auto model = LoadModel(dir, *gpu);
+      BlockPool pool(model->CacheShape(3 * kCtx, DType::kF32, 16), 0, gpu->kv_memory());
+      const Runs got = Batched(*model, nullptr, tc, pool), want = Alone(*model, nullptr, tc);
+      for (size_t s = 0; s < kLens.size(); ++s) {
+        EXPECT_EQ(got.tok[s], want.tok[s]) << dir << " sequence " << s;
+        EXPECT_EQ(got.logits[s], want.logits[s]) << dir << " sequence " << s;
+      }
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelBatch,

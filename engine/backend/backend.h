@@ -40,6 +40,12 @@ class Backend {
                     int32_t* host_ids) = 0;
   // Where this backend's KV caches must live (nullptr: host DRAM).
   virtual KVMemory* kv_memory() { return nullptr; }
+  // Decode kernels for batches (the Engine turns this on): every row's results are independent of
+  // the rows beside it whichever kernels run (batch size never changes an answer), but a backend
+  // may have kernels faster for one row and others faster for many; on, every decode step (one
+  // row or many) takes the latter, so a sequence gets the same bits alone in the Engine as in any
+  // batch of it. The CPU's kernels are the same either way.
+  virtual void PreferBatchKernels(bool on) { (void)on; }
 
   // ids: host array [T]; out: [T, hidden]
   virtual void Embed(const Weight& table, const int32_t* ids, int64_t T, float* out) = 0;

@@ -38,6 +38,10 @@ class CudaMemory final : public KVMemory {
   void CopyFromHost(void* dst, const void* src, size_t bytes) override {
     NEEDLE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
   }
+  void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());  // (the backend's stream does not block this one)
+    NEEDLE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  }
 
  private:
   std::string name_;
@@ -73,8 +77,9 @@ struct StepInputs {
 
 // A norm the GEMV can fold in: none, or an f32/bf16/f16 weight vector (one token).
 bool NormFuses(const Backend::InputNorm& n, int64_t T) {
-  return T == 1 && (n.w == nullptr || n.w->dtype == DType::kF32 || n.w->dtype == DType::kBF16 ||
-                    n.w->dtype == DType::kF16);
+  return T >= 1 && T <= cuda::kGemvMaxTokens &&
+         (n.w == nullptr || n.w->dtype == DType::kF32 || n.w->dtype == DType::kBF16 ||
+          n.w->dtype == DType::kF16);
 }
 cuda::GemvNorm GemvNormOf(const Backend::InputNorm& n) {
   cuda::GemvNorm g;
@@ -238,7 +243,8 @@ class CudaBackend final : public Backend {
   void MatMul(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y) override {
     if (Gemv1(T, w)) {
       const cuda::GemvOut o = GemvOutOf(w, bias, y);
-      cuda::Gemv(x, w.cols, {}, w.dtype, &o, 1, cuda::GemvEpilogue::kStore, stream_);
+      cuda::Gemv(x, T, w.cols, {}, w.dtype, &o, 1, cuda::GemvEpilogue::kStore, stream_, nullptr,
+                 nullptr, gemv_tc_);
       return;
     }
     const int64_t N = w.rows, K = w.cols;
@@ -271,8 +277,8 @@ class CudaBackend final : public Backend {
     if (!fused) return Backend::Project(x, T, norm, p, n);
     cuda::GemvOut o[cuda::kMaxGemvOuts];
     for (int i = 0; i < n; ++i) o[i] = GemvOutOf(*p[i].w, p[i].bias, p[i].y);
-    cuda::Gemv(x, p[0].w->cols, GemvNormOf(norm), p[0].w->dtype, o, n, cuda::GemvEpilogue::kStore,
-               stream_);
+    cuda::Gemv(x, T, p[0].w->cols, GemvNormOf(norm), p[0].w->dtype, o, n,
+               cuda::GemvEpilogue::kStore, stream_, nullptr, nullptr, gemv_tc_);
   }
   void ProjectRopeKVWrite(const float* x, int64_t T, const InputNorm& norm, const Projection* qkv,
                           int64_t heads, KVCache& cache, int64_t layer, int64_t pos0,
@@ -283,8 +289,8 @@ class CudaBackend final : public Backend {
     const char* fold = std::getenv("NEEDLE_CUDA_ROPE_FOLD");
     const KVCacheShape& s = cache.shape();
     bool fused =
-        fold != nullptr && std::strcmp(fold, "1") == 0 && NormFuses(norm, T) && !cache.on_host() &&
-        s.dtype != DType::kI8 &&
+        T == 1 && !gemv_tc_ && fold != nullptr && std::strcmp(fold, "1") == 0 &&
+        NormFuses(norm, T) && !cache.on_host() && s.dtype != DType::kI8 &&
         cuda::GemvRopeSupported(s.head_dim, qkv[0].w->rows, qkv[1].w->rows, qkv[2].w->rows);
     for (int i = 0; i < 3 && fused; ++i)
       fused = Gemv1(T, *qkv[i].w) && qkv[i].w->dtype == qkv[0].w->dtype &&
@@ -307,14 +313,15 @@ class CudaBackend final : public Backend {
     rope.kv_heads = view.kv_heads;
     cuda::GemvOut o[3];
     for (int i = 0; i < 3; ++i) o[i] = GemvOutOf(*qkv[i].w, qkv[i].bias, qkv[i].y);
-    cuda::Gemv(x, qkv[0].w->cols, GemvNormOf(norm), qkv[0].w->dtype, o, 3,
+    cuda::Gemv(x, 1, qkv[0].w->cols, GemvNormOf(norm), qkv[0].w->dtype, o, 3,
                cuda::GemvEpilogue::kRopeKV, stream_, nullptr, &rope);
   }
   void ProjectAdd(const float* x, int64_t T, const Weight& w, const Weight* bias, float* y,
                   float* scratch) override {
     if (!Gemv1(T, w)) return Backend::ProjectAdd(x, T, w, bias, y, scratch);
     const cuda::GemvOut o = GemvOutOf(w, bias, y);
-    cuda::Gemv(x, w.cols, {}, w.dtype, &o, 1, cuda::GemvEpilogue::kAdd, stream_);
+    cuda::Gemv(x, T, w.cols, {}, w.dtype, &o, 1, cuda::GemvEpilogue::kAdd, stream_, nullptr,
+               nullptr, gemv_tc_);
   }
   void GateUp(const float* x, int64_t T, const InputNorm& norm, const Weight& wg, const Weight* bg,
               const Weight& wu, const Weight* bu, float* out, float* scratch) override {
@@ -322,7 +329,8 @@ class CudaBackend final : public Backend {
         wg.rows != wu.rows || !NormFuses(norm, T))
       return Backend::GateUp(x, T, norm, wg, bg, wu, bu, out, scratch);
     const cuda::GemvOut o[2] = {GemvOutOf(wg, bg, out), GemvOutOf(wu, bu, nullptr)};
-    cuda::Gemv(x, wg.cols, GemvNormOf(norm), wg.dtype, o, 2, cuda::GemvEpilogue::kSiluMul, stream_);
+    cuda::Gemv(x, T, wg.cols, GemvNormOf(norm), wg.dtype, o, 2, cuda::GemvEpilogue::kSiluMul,
+               stream_, nullptr, nullptr, gemv_tc_);
   }
   void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, KVCache& cache,
                    int64_t layer, int64_t pos0, const std::vector<float>& inv_freq,
@@ -425,6 +433,7 @@ class CudaBackend final : public Backend {
  public:
   cudaStream_t stream() const { return stream_; }
   void set_fused(bool on) { fused_ = on; }
+  void PreferBatchKernels(bool on) override { gemv_tc_ = on; }
   const CudaRecordStats& stats() const { return stats_; }
 
  private:
@@ -462,6 +471,7 @@ class CudaBackend final : public Backend {
   int sm_count_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
+  bool gemv_tc_ = false;  // PreferBatchKernels: the tensor-core GEMV for every decode step
   std::unique_ptr<CudaMemory> memory_;
   std::vector<void*> weights_;
   std::map<size_t, std::vector<float*>> pool_;

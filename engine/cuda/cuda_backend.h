@@ -1,7 +1,8 @@
 // The CUDA backend: the Backend interface (engine/backend/backend.h) on one GPU. Weights are
 // copied to device memory in their own type (bf16/f16/f32); activations are f32 device buffers.
 // Prompts: every projection, the MLP and the LM head go through cuBLAS (bf16/f16 inputs, f32
-// accumulate and output). Decode (one token): 16-bit weights go through the GEMV of gemv.h with
+// accumulate and output). Decode (one token, or a batch of up to kGemvMaxTokens sequences' rows,
+// each row's bits those it gets alone): 16-bit weights go through the GEMV of gemv.h with
 // the neighbouring operators folded in (the fused operators of Backend), and the step is
 // recorded once as a CUDA graph and replayed (Record; docs/ARCHITECTURE.md has the step in
 // order). The rest are our kernels (kernels.h, attention.h). The KV cache lives in device

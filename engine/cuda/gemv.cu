@@ -7,79 +7,12 @@
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
+#include "engine/cuda/gemv_common.cuh"
 
 namespace needle::cuda {
 namespace {
 
-constexpr int kWarps = 4, kThreads = 32 * kWarps;
-
-struct GemvParams {
-  const float* x;                 // [K] f32
-  int k8;                         // K / 8: 16-byte chunks per weight row
-  int n;                          // outputs
-  int64_t row_end[kMaxGemvOuts];  // rows of outputs 0..i together (kStore, kAdd)
-  const uint4* w[kMaxGemvOuts];
-  const void* bias[kMaxGemvOuts];
-  DType bias_type[kMaxGemvOuts];
-  float* y[kMaxGemvOuts];
-  GemvNorm norm;
-  GemvRope rope;
-};
-
-// A 16-byte load that bypasses L1 (each weight byte is read once per step) and asks L2 for the
-// whole 256-byte sector group (the next threads' loads).
-__device__ __forceinline__ uint4 LoadStream(const uint4* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
-
-// acc + sum_e w[e] x[e] over the 8 elements of one chunk (w: 8 bf16/f16, low half first).
-template <bool kBF16>
-__device__ __forceinline__ float Dot8(uint4 w, const float (&x)[8], float acc) {
-  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    float lo, hi;
-    if constexpr (kBF16) {
-      lo = __uint_as_float(u[e] << 16);
-      hi = __uint_as_float(u[e] & 0xffff0000u);
-    } else {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u[e]));
-      lo = f.x;
-      hi = f.y;
-    }
-    acc = fmaf(lo, x[2 * e], acc);
-    acc = fmaf(hi, x[2 * e + 1], acc);
-  }
-  return acc;
-}
-
-// Chunk c of the input (8 floats), times the norm's weights when kNorm; ss += the squares of x.
-template <bool kNorm>
-__device__ __forceinline__ void LoadX(const GemvParams& p, int c, float (&x)[8], float& ss) {
-  const float4* x4 = reinterpret_cast<const float4*>(p.x) + 2 * c;
-  const float4 a = __ldg(x4), b = __ldg(x4 + 1);
-  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-  if constexpr (kNorm) {
-    float g[8];
-    if (p.norm.g_type == DType::kF32) {
-      const float4* g4 = static_cast<const float4*>(p.norm.g) + 2 * c;
-      const float4 ga = __ldg(g4), gb = __ldg(g4 + 1);
-      g[0] = ga.x, g[1] = ga.y, g[2] = ga.z, g[3] = ga.w;
-      g[4] = gb.x, g[5] = gb.y, g[6] = gb.z, g[7] = gb.w;
-    } else {
-      Unpack8(__ldg(static_cast<const uint4*>(p.norm.g) + c), p.norm.g_type, g);
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      ss = fmaf(x[e], x[e], ss);
-      x[e] *= g[e];
-    }
-  }
-}
+using namespace gemv_detail;
 
 // kRopeKV's pair P of rows (pairs laid end to end over q, k, v): its output o, the head h and
 // the index j of the pair's first row within the head (the second is j + D/2).
@@ -95,14 +28,27 @@ __device__ __forceinline__ RopePairOf PairOf(const GemvParams& p, int64_t P) {
   return {o, lp / half, lp % half};
 }
 
-// Block b owns R weight rows: rows R b .. R b + R - 1 of the outputs laid end to end, or
-// (kSiluMul) rows R/2 b .. of gate (r < R/2) and of up (r >= R/2), or (kRopeKV) the R/2 pairs
-// of rows (h D + j, h D + j + D/2) of pairs R/2 b ... Each thread streams chunks threadIdx.x,
-// + kThreads, ... of every row, U chunks per row in flight.
-template <bool kBF16, GemvEpilogue kE, bool kNorm, int R, int U>
+// Block (b, y) owns R weight rows and M input rows (tokens M y .. M y + M - 1): weight rows
+// R b .. R b + R - 1 of the outputs laid end to end, or (kSiluMul) rows R/2 b .. of gate
+// (r < R/2) and of up (r >= R/2), or (kRopeKV, M = 1 only) the R/2 pairs of rows
+// (h D + j, h D + j + D/2) of pairs R/2 b ... Each thread streams chunks threadIdx.x,
+// + kThreads, ... of every weight row, U chunks per row in flight, and multiplies each with the
+// M input rows. Every (weight row, token) sum is added in the same order whatever M, R and U
+// are: chunk by chunk in the thread's order, then the same shuffle and shared-memory tree. So a
+// token's outputs do not depend on the other tokens of the call: a batch of decode rows gives
+// each row the bits it gets alone (Engine's batch invariance on the GPU).
+template <bool kBF16, GemvEpilogue kE, bool kNorm, int R, int U, int M>
 __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
   constexpr bool kGate = kE == GemvEpilogue::kSiluMul, kRope = kE == GemvEpilogue::kRopeKV;
-  const int64_t b = blockIdx.x;
+  static_assert(M == 1 || !kRope, "the rotary epilogue serves one token");
+  // (The groups of M tokens of one weight block are neighbours in the grid: they run together and
+  // read the block's weights through L2 once.)
+  const int groups = (p.tokens + M - 1) / M;
+  const int64_t b = blockIdx.x / groups;
+  const int m0 = static_cast<int>(blockIdx.x % groups) * M;
+  int xm[M];  // the input row of each of the block's tokens (past T: the last, not written)
+#pragma unroll
+  for (int m = 0; m < M; ++m) xm[m] = min(m0 + m, p.tokens - 1);
   const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
   const uint4* wp[R];
 #pragma unroll
@@ -121,9 +67,13 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
     wp[r] = p.w[o] + row * p.k8;
   }
 
-  float acc[R], ss = 0.f;
+  float acc[R][M], ss[M];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int m = 0; m < M; ++m) {
+    ss[m] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r][m] = 0.f;
+  }
   // kRope: thread t < R/2 computes the cos and sin of pair t once its first loads are out, so
   // that the double-precision trigonometry hides under their latency, not after the sums.
   RopeCs cs{1.f, 0.f};
@@ -153,10 +103,13 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
     for (int u = 0; u < U; ++u) {
       const int c = c0 + kThreads * u;
       if (c < p.k8) {
-        float x[8];
-        LoadX<kNorm>(p, c, x, ss);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = Dot8<kBF16>(wv[u][r], x, acc[r]);
+        for (int m = 0; m < M; ++m) {
+          float x[8];
+          LoadX<kNorm>(p, xm[m], c, x, ss[m]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r][m] = Dot8<kBF16>(wv[u][r], x, acc[r][m]);
+        }
       }
     }
   }
@@ -165,31 +118,40 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-    if constexpr (kNorm) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+      if constexpr (kNorm) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], off);
+    }
   }
   if constexpr (kRope) angle();  // a thread with no chunk (K < 8 kThreads)
-  __shared__ float part[kWarps][R + 1];
-  const int warp = threadIdx.x >> 5, t = threadIdx.x;
-  if ((t & 31) == 0) {
+  __shared__ float part[kWarps][M][R + 1];
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) part[warp][r] = acc[r];
-    part[warp][R] = ss;
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) part[warp][m][r] = acc[r][m];
+      part[warp][m][R] = ss[m];
+    }
   }
   __syncthreads();
+  // Thread t finishes row t % kOwners (kSiluMul: pair of gate and up) of token t / kOwners.
   constexpr int kOwners = kGate || kRope ? R / 2 : R;
-  if (t >= kOwners) return;
+  static_assert(kOwners * M <= kThreads, "a thread per output");
+  const int t = threadIdx.x % kOwners, mi = threadIdx.x / kOwners, tok = m0 + mi;
+  if (mi >= M || tok >= p.tokens) return;
   float scale = 1.f;
   if constexpr (kNorm) {
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < kWarps; ++i) s += part[i][R];
+    for (int i = 0; i < kWarps; ++i) s += part[i][mi][R];
     scale = rsqrtf(s / static_cast<float>(8 * p.k8) + p.norm.eps);
   }
   auto sum = [&](int r) {
     float v = 0.f;
 #pragma unroll
-    for (int i = 0; i < kWarps; ++i) v += part[i][r];
+    for (int i = 0; i < kWarps; ++i) v += part[i][mi][r];
     return __fmul_rn(v, scale);  // rounded here, not fused with the bias by one epilogue only
   };
   auto bias = [&](int o, int64_t row) {
@@ -215,45 +177,54 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
     const int64_t row = b * (R / 2) + t;
     if (row >= total) return;
     const float g = sum(t) + bias(0, row), u = sum(t + R / 2) + bias(1, row);
-    p.y[0][row] = g / (1.f + expf(-g)) * u;
+    p.y[0][tok * p.out_rows[0] + row] = g / (1.f + expf(-g)) * u;
   } else {
     const int64_t g = b * R + t;
     if (g >= total) return;
     const int o = g < p.row_end[0] ? 0 : (g < p.row_end[1] ? 1 : 2);
     const int64_t row = g - (o > 0 ? p.row_end[o - 1] : 0);
     const float v = sum(t) + bias(o, row);
+    float& y = p.y[o][tok * p.out_rows[o] + row];
     if constexpr (kE == GemvEpilogue::kAdd)
-      p.y[o][row] += v;
+      y += v;
     else
-      p.y[o][row] = v;
+      y = v;
   }
 }
 
-template <bool kBF16, bool kNorm, int R, int U>
+template <bool kBF16, bool kNorm, int R, int U, int M = 1>
 void LaunchTiled(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const int per = e == GemvEpilogue::kSiluMul || e == GemvEpilogue::kRopeKV ? R / 2 : R;
-  const int64_t blocks = (rows + per - 1) / per;
+  const int64_t blocks = (rows + per - 1) / per * ((p.tokens + M - 1) / M);
   if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvKernel<kBF16, GemvEpilogue::kStore, kNorm, R, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvKernel<kBF16, GemvEpilogue::kStore, kNorm, R, U, M><<<grid, kThreads, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvKernel<kBF16, GemvEpilogue::kAdd, kNorm, R, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvKernel<kBF16, GemvEpilogue::kAdd, kNorm, R, U, M><<<grid, kThreads, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvKernel<kBF16, GemvEpilogue::kSiluMul, kNorm, R, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvKernel<kBF16, GemvEpilogue::kSiluMul, kNorm, R, U, M><<<grid, kThreads, 0, stream>>>(p);
       break;
     case GemvEpilogue::kRopeKV:
-      GemvKernel<kBF16, GemvEpilogue::kRopeKV, kNorm, R, U><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      if constexpr (M == 1) {
+        GemvKernel<kBF16, GemvEpilogue::kRopeKV, kNorm, R, U, 1><<<grid, kThreads, 0, stream>>>(p);
+        break;
+      }
+      Fail("Gemv: the rotary epilogue serves one token, not ", p.tokens);
   }
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
 template <bool kBF16, bool kNorm>
 void Launch(const GemvParams& p, GemvEpilogue e, int64_t rows, GemvTiling t, cudaStream_t stream) {
+  // Several tokens: M of them per block (a tiling of their own; the sums' order is that of any
+  // other, so the bits are those of one token alone).
+  if (p.tokens >= 5) return LaunchTiled<kBF16, kNorm, 4, 1, 8>(p, e, rows, stream);
+  if (p.tokens >= 3) return LaunchTiled<kBF16, kNorm, 4, 2, 4>(p, e, rows, stream);
+  if (p.tokens == 2) return LaunchTiled<kBF16, kNorm, 8, 1, 2>(p, e, rows, stream);
   if (t.rows == 2 && t.unroll == 4) return LaunchTiled<kBF16, kNorm, 2, 4>(p, e, rows, stream);
   if (t.rows == 4 && t.unroll == 2) return LaunchTiled<kBF16, kNorm, 4, 2>(p, e, rows, stream);
   if (t.rows == 4 && t.unroll == 4) return LaunchTiled<kBF16, kNorm, 4, 4>(p, e, rows, stream);
@@ -265,8 +236,9 @@ void Launch(const GemvParams& p, GemvEpilogue e, int64_t rows, GemvTiling t, cud
 }  // namespace
 
 bool GemvSupported(int64_t T, DType wtype, int64_t K, const void* w) {
-  return T == 1 && (wtype == DType::kBF16 || wtype == DType::kF16) && K > 0 && K % 8 == 0 &&
-         K / 8 < (int64_t{1} << 30) && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  return T >= 1 && T <= kGemvMaxTokens && (wtype == DType::kBF16 || wtype == DType::kF16) &&
+         K > 0 && K % 8 == 0 && K / 8 < (int64_t{1} << 30) &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0;
 }
 
 const GemvTiling kGemvTilings[] = {{2, 4}, {4, 2}, {4, 4}, {8, 1}, {8, 2}};
@@ -284,8 +256,10 @@ bool GemvRopeSupported(int64_t head_dim, int64_t q_rows, int64_t k_rows, int64_t
          v_rows % head_dim == 0 && k_rows == v_rows;
 }
 
-void Gemv(const float* x, int64_t K, const GemvNorm& norm, DType wtype, const GemvOut* outs, int n,
-          GemvEpilogue e, cudaStream_t stream, const GemvTiling* tiling, const GemvRope* rope) {
+void Gemv(const float* x, int64_t T, int64_t K, const GemvNorm& norm, DType wtype,
+          const GemvOut* outs, int n, GemvEpilogue e, cudaStream_t stream, const GemvTiling* tiling,
+          const GemvRope* rope, bool tensor_cores) {
+  if (T < 1 || T > kGemvMaxTokens) Fail("Gemv: ", T, " tokens (1 to ", kGemvMaxTokens, ")");
   const int want = e == GemvEpilogue::kSiluMul  ? 2
                    : e == GemvEpilogue::kAdd    ? 1
                    : e == GemvEpilogue::kRopeKV ? 3
@@ -296,6 +270,7 @@ void Gemv(const float* x, int64_t K, const GemvNorm& norm, DType wtype, const Ge
   p.x = x;
   p.k8 = static_cast<int>(K / 8);
   p.n = n;
+  p.tokens = static_cast<int>(T);
   p.norm = norm;
   if (norm.g != nullptr && norm.g_type != DType::kF32 && norm.g_type != DType::kBF16 &&
       norm.g_type != DType::kF16)
@@ -304,6 +279,7 @@ void Gemv(const float* x, int64_t K, const GemvNorm& norm, DType wtype, const Ge
   for (int i = 0; i < n; ++i) {
     if (!GemvSupported(1, wtype, K, outs[i].w)) Fail("Gemv: unsupported weight (K = ", K, ")");
     total += outs[i].rows;
+    p.out_rows[i] = outs[i].rows;
     p.row_end[i] = total;
     p.w[i] = static_cast<const uint4*>(outs[i].w);
     p.bias[i] = outs[i].bias;
@@ -322,8 +298,10 @@ void Gemv(const float* x, int64_t K, const GemvNorm& norm, DType wtype, const Ge
   }
   const int64_t rows = e == GemvEpilogue::kSiluMul ? outs[0].rows : total;
   if (rows == 0) return;
-  const GemvTiling t = tiling != nullptr ? *tiling : DefaultGemvTiling(rows, K);
   const bool bf16 = wtype == DType::kBF16, normed = norm.g != nullptr;
+  if (tensor_cores && bf16 && tiling == nullptr && e != GemvEpilogue::kRopeKV)
+    return gemv_detail::LaunchTensorCore(p, e, rows, stream);
+  const GemvTiling t = tiling != nullptr ? *tiling : DefaultGemvTiling(rows, K);
   if (bf16)
     normed ? Launch<true, true>(p, e, rows, t, stream) : Launch<true, false>(p, e, rows, t, stream);
   else

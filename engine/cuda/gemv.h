@@ -68,6 +68,9 @@ struct GemvRope {
 };
 
 constexpr int kMaxGemvOuts = 3;
+// The most tokens (rows of x) one Gemv takes. Each group of up to 8 tokens reads the weights
+// again (through L2 when the groups run together); past this, cuBLAS's GEMM reads them once.
+constexpr int64_t kGemvMaxTokens = 64;
 
 // Whether Gemv serves a product of T tokens with weights of wtype, K columns, at w (16-byte
 // aligned rows: K % 8 == 0 and w 16-byte aligned); otherwise the caller uses cuBLAS.
@@ -84,11 +87,18 @@ GemvTiling DefaultGemvTiling(int64_t rows, int64_t K);
 // Whether kRopeKV serves outputs of these rows (whole heads of an even head_dim).
 bool GemvRopeSupported(int64_t head_dim, int64_t q_rows, int64_t k_rows, int64_t v_rows);
 
-// x: [K] f32 device (normalised by `norm` first, when given); outs[n] as above, every w of type
-// wtype and GemvSupported. Launches one kernel on `stream`, cut as `tiling` says (nullptr: the
-// default for the shape). rope: kRopeKV's (required there, ignored otherwise).
-void Gemv(const float* x, int64_t K, const GemvNorm& norm, DType wtype, const GemvOut* outs, int n,
-          GemvEpilogue e, cudaStream_t stream, const GemvTiling* tiling = nullptr,
-          const GemvRope* rope = nullptr);
+// x: [T, K] f32 device, row-major (each row normalised by `norm` first, when given); outs[n] as
+// above with y [T, rows] row-major, every w of type wtype and GemvSupported. Launches one kernel
+// on `stream`, cut as `tiling` says (nullptr: the default for the shape; T > 1 has tilings of
+// its own). rope: kRopeKV's (required there, T = 1 only; ignored otherwise). Each token's
+// outputs are bit for bit those of a call with that token alone (of the same kernel).
+// tensor_cores (bf16 weights; kStore, kAdd, kSiluMul): the tensor-core kernel (gemv_tc.cu),
+// which reads the weights once for up to 64 tokens: on the H200, 1.4x slower than the CUDA-core
+// kernel for one token, 1.25x-1.6x faster for 8-64 (bench/RESULTS.md). Its sums differ from the
+// CUDA-core kernel's in rounding (x split into bf16 hi + lo; ~2^-17 relative per product).
+void Gemv(const float* x, int64_t T, int64_t K, const GemvNorm& norm, DType wtype,
+          const GemvOut* outs, int n, GemvEpilogue e, cudaStream_t stream,
+          const GemvTiling* tiling = nullptr, const GemvRope* rope = nullptr,
+          bool tensor_cores = false);
 
 }  // namespace needle::cuda

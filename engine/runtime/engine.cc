@@ -34,6 +34,9 @@ Engine::Engine(Model& model, const EngineOptions& o)
   if (o.block_size < 1) Fail("engine: block_size ", o.block_size, " (at least 1)");
   if (o.max_context < 1) Fail("engine: max_context ", o.max_context, " (at least 1)");
   reuse_ = o.prefix_reuse && model.config().rope.type != RopeType::kDynamic;
+  // Every step, one sequence or many, on the backend's batch kernels: a sequence's tokens do not
+  // depend on the others in the engine (engine.h), nor on how many there are.
+  model.backend().PreferBatchKernels(true);
   KVMemory* memory = model.backend().kv_memory();
   const int64_t B = block_size_, per_seq = (o.max_context + B - 1) / B * B;
   KVCacheShape shape = model.CacheShape(o.max_batch * per_seq, o.kv_type, B);

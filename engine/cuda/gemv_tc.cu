@@ -1,0 +1,189 @@
+// The decode GEMV on the tensor cores (gemv.h; bf16 weights): y[T, rows] = W[rows, K] x[T, K]^T
+// for T = 1 to kGemvMaxTokens tokens in one pass over the weights.
+//
+// A block of 4 warps owns a tile of 16 weight rows and a group of 8 NT tokens; the warps split
+// K into spans of 32 (warp w: spans w, w + 4, ...). In a span, lane 4 g + c streams the 16 bytes
+// of chunk 4 s + c (8 weights) of tile rows g and g + 8, and the 8 inputs of the same chunk for
+// token g of each n-tile. These are the operands of two m16n8k16 products (mma.cuh's fragment
+// layout), with the K order permuted alike in A and B: logical k {2c, 2c+1, 2c+8, 2c+9} of the
+// first product are the chunk's elements 0-3, of the second its elements 4-7. So every weight
+// byte is read by one 16-byte load, as in the CUDA-core kernel (gemv.cu).
+//
+// The input stays f32 in effect: each x is split into bf16 hi + lo (SplitHiLo: ~16 bits of
+// mantissa, |x - hi - lo| <= 2^-17 |x|) and both halves are multiplied (two products a
+// k-step), accumulated in f32.
+//
+// Batch invariance: a token's sums are added in an order that depends on nothing but K (the
+// span order of its warp, the product order in a span, then warps 0..3), never on T, on NT or
+// on the token's column in the tile, so each token gets the bits it gets alone (a tensor-core
+// product computes every output element from its own row and column only). The RMSNorm folds in
+// as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
+#include <cuda_bf16.h>
+
+#include "engine/base/error.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/gemv_common.cuh"
+#include "engine/cuda/mma.cuh"
+
+namespace needle::cuda::gemv_detail {
+namespace {
+
+// NT: n-tiles of 8 tokens per block; U: spans per warp with loads in flight.
+template <GemvEpilogue kE, bool kNorm, int NT, int U>
+__global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
+  constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
+  constexpr int kTok = 8 * NT, kOut = kGate ? 8 : 16;  // outputs per token: rows (gate/up pairs)
+  const int groups = (p.tokens + kTok - 1) / kTok;
+  const int64_t b = blockIdx.x / groups;
+  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+  const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
+  // This lane's weight rows: tile rows g and g + 8 (kSiluMul: gate row and up row 8 b + g).
+  // Past the end: the last row again, its sums not written.
+  const uint4* wr[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (kGate) {
+      wr[h] = p.w[h] + min(b * 8 + g, total - 1) * p.k8;
+    } else {
+      const int64_t gr = min(b * 16 + g + 8 * h, total - 1);
+      const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
+      wr[h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
+    }
+  }
+  int xm[NT];  // this lane's token of each n-tile (past T: the last, not written)
+#pragma unroll
+  for (int t = 0; t < NT; ++t) xm[t] = min(m0 + 8 * t + g, p.tokens - 1);
+  float acc[NT][4], ss[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    ss[t] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+  }
+  const int spans = (p.k8 + 3) / 4;
+  for (int s0 = warp; s0 < spans; s0 += kWarps * U) {
+    uint4 a[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = 4 * (s0 + kWarps * u) + c;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        a[u][h] = chunk < p.k8 ? LoadStream(wr[h] + chunk) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + kWarps * u, chunk = 4 * s + c;
+      if (s >= spans) break;  // (the same for the whole warp)
+      const uint32_t a1[4] = {a[u][0].x, a[u][1].x, a[u][0].y, a[u][1].y};
+      const uint32_t a2[4] = {a[u][0].z, a[u][1].z, a[u][0].w, a[u][1].w};
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (chunk < p.k8) LoadX<kNorm>(p, xm[t], chunk, x, ss[t]);
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) SplitHiLo<true>(x[2 * e], x[2 * e + 1], hi[e], lo[e]);
+        Mma<true>(acc[t], a1, hi[0], hi[1]);
+        Mma<true>(acc[t], a1, lo[0], lo[1]);
+        Mma<true>(acc[t], a2, hi[2], hi[3]);
+        Mma<true>(acc[t], a2, lo[2], lo[3]);
+      }
+    }
+  }
+  // The warps' partial sums: lane (g, c) holds rows g, g + 8 of tokens 2c, 2c + 1 of each n-tile.
+  __shared__ float part[kWarps][16][kTok + 1];
+  __shared__ float ssp[kWarps][kTok];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    part[warp][g][8 * t + 2 * c] = acc[t][0];
+    part[warp][g][8 * t + 2 * c + 1] = acc[t][1];
+    part[warp][g + 8][8 * t + 2 * c] = acc[t][2];
+    part[warp][g + 8][8 * t + 2 * c + 1] = acc[t][3];
+    if constexpr (kNorm) {
+      float v = ss[t];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (c == 0) ssp[warp][8 * t + g] = v;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kOut * kTok; idx += kThreads) {
+    const int i = idx % kOut, j = idx / kOut, tok = m0 + j;
+    if (tok >= p.tokens) break;  // (idx grows with j)
+    float scale = 1.f;
+    if constexpr (kNorm) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += ssp[w][j];
+      scale = rsqrtf(s / static_cast<float>(8 * p.k8) + p.norm.eps);
+    }
+    auto sum = [&](int r) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += part[w][r][j];
+      return __fmul_rn(v, scale);
+    };
+    auto bias = [&](int o, int64_t row) {
+      return p.bias[o] != nullptr ? LoadAs(p.bias[o], row, p.bias_type[o]) : 0.f;
+    };
+    if constexpr (kGate) {
+      const int64_t row = b * 8 + i;
+      if (row >= total) continue;
+      const float gv = sum(i) + bias(0, row), uv = sum(i + 8) + bias(1, row);
+      p.y[0][tok * p.out_rows[0] + row] = gv / (1.f + expf(-gv)) * uv;
+    } else {
+      const int64_t gr = b * 16 + i;
+      if (gr >= total) continue;
+      const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
+      const int64_t row = gr - (o > 0 ? p.row_end[o - 1] : 0);
+      const float v = sum(i) + bias(o, row);
+      float& y = p.y[o][tok * p.out_rows[o] + row];
+      if constexpr (kE == GemvEpilogue::kAdd)
+        y += v;
+      else
+        y = v;
+    }
+  }
+}
+
+template <bool kNorm, int NT, int U>
+void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
+  const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
+  if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
+  const unsigned grid = static_cast<unsigned>(blocks);
+  switch (e) {
+    case GemvEpilogue::kStore:
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case GemvEpilogue::kAdd:
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case GemvEpilogue::kSiluMul:
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      Fail("Gemv: the tensor-core kernel has no rotary epilogue");
+  }
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+template <bool kNorm>
+void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4>(p, e, rows, stream);
+  if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4>(p, e, rows, stream);
+  if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2>(p, e, rows, stream);
+  return LaunchTiles<kNorm, 8, 2>(p, e, rows, stream);
+}
+
+}  // namespace
+
+void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  if (p.norm.g != nullptr)
+    LaunchNormed<true>(p, e, rows, stream);
+  else
+    LaunchNormed<false>(p, e, rows, stream);
+}
+
+}  // namespace needle::cuda::gemv_detail
