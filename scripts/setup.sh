@@ -11,7 +11,7 @@ TARGETS=("${@:2}")
 
 PACKAGES=(g++ cmake ninja-build ccache pkg-config libtbb-dev libhwy-dev nlohmann-json3-dev
           libgtest-dev libbenchmark-dev libpcre2-dev libutf8proc-dev zlib1g-dev libcairo2-dev jargon-text wordnet-base
-          libcpp-httplib-dev
+          libcpp-httplib-dev libxxhash-dev
           slurm-wlm munge)
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -223,6 +223,19 @@ TEST(Cli, AskReusesTheDocumentAndAnswersAsGenerate) {
       RunNeedle("ask" + m + " -f " + d.File("doc.txt") + " --config " + d.File("c.json"), false)
           .output,
       want);
+  // A KV file: written by a run with no question, then loaded (not prefilled) with the same
+  // answers; refused for another KV type.
+  Result w = RunNeedle("ask" + m + " -f " + d.File("doc.txt") + " --kv-file " + d.File("doc.kv"));
+  ASSERT_EQ(w.status, 0) << w.output;
+  EXPECT_NE(w.output.find("document's KV written to"), std::string::npos) << w.output;
+  Result k = RunNeedle(ask + " --kv-file " + d.File("doc.kv"), false);
+  EXPECT_EQ(k.output, want);
+  Result kl = RunNeedle(ask + " --kv-file " + d.File("doc.kv"));
+  EXPECT_NE(kl.output.find("document's KV loaded from"), std::string::npos) << kl.output;
+  EXPECT_EQ(kl.output.find("document prefilled once"), std::string::npos) << kl.output;
+  Result kt = RunNeedle(ask + " --kv-file " + d.File("doc.kv") + " --kv-type bf16");
+  EXPECT_EQ(kt.status, 1);
+  EXPECT_NE(kt.output.find("a f32 KV cache; this run's is bf16"), std::string::npos) << kt.output;
   // Refusals.
   Result nq = RunNeedle("ask" + m + " -f " + d.File("doc.txt"));
   EXPECT_EQ(nq.status, 1);

@@ -5,7 +5,14 @@
 // (KVCache::SharePrefix: counted once more, never copied) and prefills only the rest, its
 // partial block included, before it answers. Dense attention (the sparse planner's state is
 // per sequence: not shared yet).
+//
+// --kv-file FILE keeps the document's KV across runs (kvcache/kv_file.h): when FILE holds this
+// model's KV of the prompts' first tokens (same config and weights, KV type, block size), its
+// whole blocks are loaded (mapped, checksummed) instead of prefilled; otherwise the document is
+// prefilled and FILE written. With no question, ask only writes FILE.
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -21,6 +28,7 @@
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "kvcache/block_pool.h"
+#include "kvcache/kv_file.h"
 
 namespace needle {
 
@@ -35,6 +43,9 @@ int CmdAsk(int argc, char** argv) {
       {"max-new-tokens", 'n', OptKind::kInt, "256", "most tokens of each answer"},
       {"stop", 0, OptKind::kString, "", "end an answer where it contains this string"},
       {"ignore-eos", 0, OptKind::kFlag, "", "do not stop at the model's EOS ids"},
+      {"kv-file", 0, OptKind::kString, "",
+       "the document's KV on disk: loaded when FILE holds this model's KV of it, else computed "
+       "and written there"},
   };
   for (auto& o : SamplingSpecs()) specs.push_back(o);
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
@@ -57,7 +68,11 @@ int CmdAsk(int argc, char** argv) {
   if (model_dir.empty()) Fail("needle ask: --model is required");
   if (opt.Str("file").empty()) Fail("needle ask: --file (the document) is required");
   const std::vector<std::string> questions = opt.List("question");
-  if (questions.empty()) Fail("needle ask: give at least one --question (-q)");
+  const std::string kv_file = opt.Str("kv-file");
+  if (questions.empty() && kv_file.empty())
+    Fail(
+        "needle ask: give at least one --question (-q), or --kv-file to only store the document's "
+        "KV");
   for (const char* o : {"system", "chat-template"})
     if (opt.IsSet(o) && !opt.Flag("chat")) Fail("--", o, " only applies with --chat");
   const int64_t max_new = opt.Int("max-new-tokens");
@@ -72,8 +87,9 @@ int CmdAsk(int argc, char** argv) {
     std::fprintf(stderr, "needle: warning: no known chat template for %s; using the raw prompt\n",
                  model_dir.c_str());
   std::vector<std::vector<int32_t>> prompts;
-  for (const std::string& q : questions) {
-    if (q.empty()) Fail("needle ask: an empty --question");
+  // (No question: the prompt of an empty one, whose first tokens are the document's.)
+  for (const std::string& q : questions.empty() ? std::vector<std::string>{""} : questions) {
+    if (q.empty() && !questions.empty()) Fail("needle ask: an empty --question");
     const std::string text = doc + "\n\n" + q;
     if (fam == ChatFamily::kNone) {
       prompts.push_back(tok->Encode(text, true));
@@ -108,8 +124,29 @@ int CmdAsk(int argc, char** argv) {
   if (opt.Flag("ignore-eos")) model.set_eos_token_ids({});
   if (const std::string note = LongContextNote(model.config(), ctx, nullptr); !note.empty())
     std::fprintf(stderr, "%s\n", note.c_str());
+  // A KV file of this document: as many of its whole blocks as the prompts begin with.
+  const int64_t B = rs.sparse_cfg.block_size;
+  int64_t from_file = 0;
+  const ModelIdentity id =
+      kv_file.empty() ? ModelIdentity{}
+                      : IdentifyModel(model_dir, opt.Flag("dummy-weights"), opt.Str("dummy-type"));
+  if (!kv_file.empty() && std::filesystem::exists(kv_file)) {
+    const KVFileHeader h = ReadKVFileHeader(kv_file);
+    size_t c = std::min(common, h.tokens.size());
+    for (const auto& p : prompts) {
+      size_t k = 0;
+      while (k < c && p[k] == h.tokens[k]) ++k;
+      c = k;
+    }
+    from_file = static_cast<int64_t>(c) / B * B;
+    if (from_file == 0)
+      std::fprintf(stderr,
+                   "needle: %s holds the KV of other tokens (%zu in common with this document's); "
+                   "computing it again and writing the file anew\n",
+                   kv_file.c_str(), c);
+  }
   // The pool: the document's blocks and one question's (its own blocks past the shared ones).
-  const int64_t B = rs.sparse_cfg.block_size, shared = static_cast<int64_t>(common) / B * B;
+  const int64_t shared = from_file > 0 ? from_file : static_cast<int64_t>(common) / B * B;
   const int64_t doc_blocks = (static_cast<int64_t>(common) + B - 1) / B;
   const int64_t own_blocks = (ctx - shared + B - 1) / B;
   const KVCacheShape shape = model.CacheShape((doc_blocks + own_blocks) * B, rs.kv_type, B);
@@ -118,16 +155,31 @@ int CmdAsk(int argc, char** argv) {
                model.config().architecture.c_str(), model.backend().Name(),
                FormatBytes(shape.TotalBytes()).c_str(), questions.size());
 
-  // The document: prefilled once.
-  KVCache doc_cache(pool, static_cast<int64_t>(common));
-  ProgressBar bar;
-  model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+  // The document: loaded from the KV file, or prefilled once (and written to the file).
+  KVCache doc_cache(pool, from_file > 0 ? from_file : static_cast<int64_t>(common));
   const auto t0 = Clock::now();
-  if (common > 0)
-    model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
-  model.set_progress(nullptr);
-  std::fprintf(stderr, "needle: document prefilled once: %zu tokens in %.3f s\n", common,
-               Since(t0));
+  if (from_file > 0) {
+    LoadKVFile(kv_file, doc_cache, id, from_file);
+    std::fprintf(stderr, "needle: document's KV loaded from %s: %lld tokens in %.3f s\n",
+                 kv_file.c_str(), static_cast<long long>(from_file), Since(t0));
+  } else {
+    ProgressBar bar;
+    model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+    if (common > 0)
+      model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
+    model.set_progress(nullptr);
+    std::fprintf(stderr, "needle: document prefilled once: %zu tokens in %.3f s\n", common,
+                 Since(t0));
+    if (!kv_file.empty()) {
+      if (common == 0) Fail("needle ask: the document has no tokens to store in ", kv_file);
+      const auto t1 = Clock::now();
+      SaveKVFile(kv_file, doc_cache,
+                 std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + common), id);
+      std::fprintf(stderr, "needle: document's KV written to %s (%zu tokens) in %.3f s\n",
+                   kv_file.c_str(), common, Since(t1));
+    }
+  }
+  if (questions.empty()) return 0;
 
   for (size_t i = 0; i < prompts.size(); ++i) {
     const std::vector<int32_t>& p = prompts[i];
