@@ -189,6 +189,7 @@ std::string Options::PrintConfig() const {
     if (s.name == "help" || s.name == "print-config" || s.name == "config") continue;
     std::string v = values_.at(s.name);
     if (s.kind == OptKind::kFlag) v = v == "1" ? "true" : "false";
+    if (s.kind == OptKind::kList) v = nlohmann::json(List(s.name)).dump();
     os << s.name << " = " << (v.empty() ? "\"\"" : v) << "  (" << Source(s.name) << ")\n";
   }
   return os.str();

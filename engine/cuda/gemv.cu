@@ -175,20 +175,10 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
     StoreAs(arena, c + q.j + half, rp.kv_dtype, hi);
   } else if constexpr (kGate) {
     const int64_t row = b * (R / 2) + t;
-    if (row >= total) return;
-    const float g = sum(t) + bias(0, row), u = sum(t + R / 2) + bias(1, row);
-    p.y[0][tok * p.out_rows[0] + row] = g / (1.f + expf(-g)) * u;
+    if (row < total) StoreGate(p, row, tok, sum(t), sum(t + R / 2));
   } else {
     const int64_t g = b * R + t;
-    if (g >= total) return;
-    const int o = g < p.row_end[0] ? 0 : (g < p.row_end[1] ? 1 : 2);
-    const int64_t row = g - (o > 0 ? p.row_end[o - 1] : 0);
-    const float v = sum(t) + bias(o, row);
-    float& y = p.y[o][tok * p.out_rows[o] + row];
-    if constexpr (kE == GemvEpilogue::kAdd)
-      y += v;
-    else
-      y = v;
+    if (g < total) StoreRow<kE>(p, g, tok, sum(t));
   }
 }
 

@@ -85,6 +85,27 @@ __device__ __forceinline__ void LoadX(const GemvParams& p, int m, int c, float (
   }
 }
 
+// Token tok's output of row gr of the outputs laid end to end (kStore, kAdd): its sum plus the
+// bias, stored (kStore) or added (kAdd) to y.
+template <GemvEpilogue kE>
+__device__ __forceinline__ void StoreRow(const GemvParams& p, int64_t gr, int tok, float sum) {
+  const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
+  const int64_t row = gr - (o > 0 ? p.row_end[o - 1] : 0);
+  const float v = sum + (p.bias[o] != nullptr ? LoadAs(p.bias[o], row, p.bias_type[o]) : 0.f);
+  float& y = p.y[o][tok * p.out_rows[o] + row];
+  if constexpr (kE == GemvEpilogue::kAdd)
+    y += v;
+  else
+    y = v;
+}
+// kSiluMul's output of row `row`: silu(gate + bg) * (up + bu), gate and up its two sums.
+__device__ __forceinline__ void StoreGate(const GemvParams& p, int64_t row, int tok, float gate,
+                                          float up) {
+  const float g = gate + (p.bias[0] != nullptr ? LoadAs(p.bias[0], row, p.bias_type[0]) : 0.f);
+  const float u = up + (p.bias[1] != nullptr ? LoadAs(p.bias[1], row, p.bias_type[1]) : 0.f);
+  p.y[0][tok * p.out_rows[0] + row] = g / (1.f + expf(-g)) * u;
+}
+
 // The tensor-core GEMV (gemv_tc.cu): 16-bit weights of wtype kBF16 only; epilogues kStore, kAdd
 // and kSiluMul.
 void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream);

@@ -124,25 +124,12 @@ __global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
       for (int w = 0; w < kWarps; ++w) v += part[w][r][j];
       return __fmul_rn(v, scale);
     };
-    auto bias = [&](int o, int64_t row) {
-      return p.bias[o] != nullptr ? LoadAs(p.bias[o], row, p.bias_type[o]) : 0.f;
-    };
     if constexpr (kGate) {
       const int64_t row = b * 8 + i;
-      if (row >= total) continue;
-      const float gv = sum(i) + bias(0, row), uv = sum(i + 8) + bias(1, row);
-      p.y[0][tok * p.out_rows[0] + row] = gv / (1.f + expf(-gv)) * uv;
+      if (row < total) StoreGate(p, row, tok, sum(i), sum(i + 8));
     } else {
       const int64_t gr = b * 16 + i;
-      if (gr >= total) continue;
-      const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
-      const int64_t row = gr - (o > 0 ? p.row_end[o - 1] : 0);
-      const float v = sum(i) + bias(o, row);
-      float& y = p.y[o][tok * p.out_rows[o] + row];
-      if constexpr (kE == GemvEpilogue::kAdd)
-        y += v;
-      else
-        y = v;
+      if (gr < total) StoreRow<kE>(p, gr, tok, sum(i));
     }
   }
 }
@@ -171,7 +158,9 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
 
 template <bool kNorm>
 void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4>(p, e, rows, stream);
+  // (One n-tile: 8 spans a warp in flight, 256 bytes a lane, so that a projection of a few
+  // thousand rows, a few hundred blocks, keeps enough loads in flight to stream HBM.)
+  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 8>(p, e, rows, stream);
   if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4>(p, e, rows, stream);
   if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2>(p, e, rows, stream);
   return LaunchTiles<kNorm, 8, 2>(p, e, rows, stream);
