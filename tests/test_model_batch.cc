@@ -242,6 +242,7 @@ TEST(ModelBatch, RefusesWhatItCannotRun) {
 // alone, tests/test_cuda_decode.cc): the same tokens and the same logits, bit for bit, dense.
 TEST(ModelBatch, GpuBatchedDecodeEqualsEachSequenceAlone) {
   NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
   ThreadingContext tc(2);
   for (bool batch_kernels : {false, true})  // (Backend::PreferBatchKernels: what the Engine runs)
     for (const std::string& dir : {test::FixturesDir() + "/qwen2_bias_gqa7_bf16",
@@ -255,6 +256,7 @@ TEST(ModelBatch, GpuBatchedDecodeEqualsEachSequenceAlone) {
         EXPECT_EQ(got.logits[s], want.logits[s]) << dir << " sequence " << s;
       }
     }
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelBatch,
