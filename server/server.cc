@@ -70,7 +70,7 @@ struct Server::Impl {
   bool stopping = false;
   std::deque<std::shared_ptr<Job>> incoming;
   std::vector<std::shared_ptr<Job>> cancels;
-  std::atomic<int64_t> waiting{0}, running{0}, ids{0};
+  std::atomic<int64_t> waiting{0}, running{0}, cached{0}, reused{0}, ids{0};
 
   void Submit(const std::shared_ptr<Job>& j) {
     std::lock_guard<std::mutex> lk(m);
@@ -149,6 +149,8 @@ void Server::Impl::EngineLoop() {
     }
     waiting = engine->Waiting();
     running = engine->Running();
+    cached = engine->cached_prefixes();
+    reused = engine->reused_tokens();
   }
   for (auto& [id, j] : live) Finish(*j, 503, "the server is stopping");
   std::lock_guard<std::mutex> lk(m);
@@ -413,7 +415,9 @@ void Server::Impl::Routes() {
     nlohmann::json j = {{"status", "ok"},
                         {"model", so.model_name},
                         {"waiting", waiting.load()},
-                        {"running", running.load()}};
+                        {"running", running.load()},
+                        {"cached_prompts", cached.load()},
+                        {"reused_prompt_tokens", reused.load()}};
     res.set_content(Dump(j), "application/json");
   });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {

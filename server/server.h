@@ -2,7 +2,8 @@
 // libcpp-httplib-dev), every request a sequence of one Engine (engine/runtime/engine.h): the
 // requests of all clients are batched by its scheduler, a client that disconnects has its
 // sequence cancelled (its blocks freed). Endpoints:
-//   GET  /health               {"status": "ok", waiting / running sequences}
+//   GET  /health               {"status": "ok", waiting / running sequences, prompts kept in the
+//                              prefix cache, prompt tokens reused so far}
 //   GET  /v1/models            the one model served
 //   POST /v1/completions       prompt (text or token ids) -> text; "stream": server-sent events
 //   POST /v1/chat/completions  messages -> the model's chat template -> text; "stream" too

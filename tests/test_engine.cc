@@ -242,6 +242,52 @@ TEST(Engine, LogprobsAreThoseOfTheLogitsAlone) {
   EXPECT_THROW(ScoreToken(l.data(), 4, 4, 1), Error);
 }
 
+// The prefix cache: a finished sequence's prompt blocks stay for a later prompt that begins alike
+// (it prefills only the rest, with the tokens it gives alone), until admission needs the blocks:
+// then the least recently used prompts go, and nothing waits or fails for them.
+TEST(Engine, FinishedPromptsServeLaterOnesUntilTheirBlocksAreNeeded) {
+  Fixture f;
+  const auto want = Alone(*f.model);
+  const auto prompts = Prompts(f.model->config().vocab_size);
+  EngineOptions o;
+  o.block_size = 16, o.max_context = kCtx, o.max_batch = 1, o.prefix_cache = 4;
+  // A pool of exactly one sequence of the context (4 blocks).
+  o.kv_memory = f.model->CacheShape(kCtx, DType::kF32, 16).TotalBytes();
+  Engine e(*f.model, o);
+  const auto run = [&](size_t i) {
+    SequenceRequest r;
+    r.prompt = prompts[i];
+    r.max_new = kMaxNew[i];
+    const int64_t id = e.Submit(std::move(r));
+    std::vector<int32_t> toks;
+    while (!e.Idle())
+      for (const TokenEvent& ev : e.Step())
+        if (ev.seq == id) toks.push_back(ev.token);
+    EXPECT_EQ(toks, want[i]) << i;
+  };
+  run(0);  // 45 tokens: its first 2 blocks kept when it finishes (at the next step)
+  EXPECT_EQ(e.reused_tokens(), 0);
+  run(1);  // begins with prompt 0's first 37 tokens: 32 of them from the cache
+  EXPECT_EQ(e.reused_tokens(), 32);
+  EXPECT_GE(e.cached_prefixes(), 1);
+  run(2);  // 2 blocks: they fit beside the 2 kept; its own first block is kept too
+  EXPECT_EQ(e.reused_tokens(), 32);
+  e.Step();
+  EXPECT_EQ(e.cached_blocks(), 3);
+  EXPECT_EQ(e.free_blocks() + e.cached_blocks(), 4);
+  // A sequence of the whole context (4 blocks): every kept prompt is evicted for it, and it runs.
+  SequenceRequest r;
+  r.prompt = {5, 6, 7};
+  r.max_new = kCtx - 3;
+  r.ignore_eos = true;
+  e.Submit(std::move(r));
+  int64_t n = 0;
+  while (!e.Idle()) n += static_cast<int64_t>(e.Step().size());
+  EXPECT_EQ(n, kCtx - 3);
+  EXPECT_EQ(e.cached_blocks(), 0);
+  EXPECT_EQ(e.free_blocks(), 4);
+}
+
 TEST(Engine, CancelledSequencesStopAndGiveTheirBlocksBack) {
   Fixture f;
   const auto want = Alone(*f.model);

@@ -5,6 +5,7 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -147,6 +148,7 @@ struct Served {
   explicit Served(const std::string& api_key = "", size_t max_body = 1 << 20) {
     EngineOptions eo;
     eo.max_batch = 4, eo.max_context = kCtx, eo.block_size = 16, eo.prompt_chunk = 16;
+    eo.prefix_cache = 4;
     server::ServerOptions so;
     so.port = 0, so.model_name = "m", so.api_key = api_key, so.max_body = max_body;
     srv = std::make_unique<server::Server>(*model, *tok, eo, so);
@@ -286,6 +288,17 @@ TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {
   EXPECT_EQ(j["usage"]["prompt_tokens"], 30);
   EXPECT_EQ(j["usage"]["completion_tokens"], 12);
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  // The prompt stays in the prefix cache: the streamed request below prefills only its last,
+  // partial block (and answers the same).
+  // (The engine keeps it at the step after the request's last token: looked for until then.)
+  int64_t cached = 0;
+  for (int i = 0; i < 100 && cached == 0; ++i) {
+    auto h2 = cli.Get("/health");
+    ASSERT_TRUE(h2);
+    cached = json::parse(h2->body)["cached_prompts"].get<int64_t>();
+    if (cached == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(cached, 1);
   // Streamed: the chunks' texts add up to the same text, then a finish chunk and [DONE].
   req["stream"] = true;
   req["stream_options"] = {{"include_usage", true}};
@@ -312,6 +325,7 @@ TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {
   }
   EXPECT_TRUE(done);
   EXPECT_EQ(streamed, want);
+  EXPECT_EQ(json::parse(cli.Get("/health")->body)["reused_prompt_tokens"], 16);
   EXPECT_EQ(finish, "length");
   EXPECT_EQ(completion, 12);
   // A stop string cuts the text before it, whole and streamed.

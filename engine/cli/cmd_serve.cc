@@ -22,6 +22,9 @@ int CmdServe(int argc, char** argv) {
       {"model-name", 0, OptKind::kString, "",
        "the name requests use in \"model\" (default: the model folder's name)"},
       {"max-batch", 0, OptKind::kInt, "8", "sequences decoded at once"},
+      {"prefix-cache", 0, OptKind::kInt, "16",
+       "finished requests' prompts kept (their KV blocks) for later requests that begin alike, "
+       "evicted least recently used first when the pool needs the blocks (0: none)"},
       {"prompt-chunk", 0, OptKind::kInt, "512",
        "prompt tokens a sequence prefills per step while others decode (0: whole prompts)"},
       {"max-body", 0, OptKind::kInt, "8388608", "largest request body in bytes (larger: 413)"},
@@ -45,6 +48,7 @@ int CmdServe(int argc, char** argv) {
   if (batch < 1) Fail("--max-batch ", batch, " (at least 1)");
   if (body < 1) Fail("--max-body ", body, " (at least 1 byte)");
   if (opt.Int("prompt-chunk") < 0) Fail("--prompt-chunk ", opt.Int("prompt-chunk"), " (0 or more)");
+  if (opt.Int("prefix-cache") < 0) Fail("--prefix-cache ", opt.Int("prefix-cache"), " (0 or more)");
   int64_t ctx = opt.Int("ctx-size");
   if (ctx == 0) {
     const ModelConfig c = LoadModelConfig(model_dir + "/config.json");
@@ -74,6 +78,7 @@ int CmdServe(int argc, char** argv) {
   eo.kv_memory = RunLimitsFromOptions(opt).kv_memory;
   eo.block_size = sparse ? rs.sparse_cfg.block_size : 128;
   eo.prompt_chunk = opt.Int("prompt-chunk");
+  eo.prefix_cache = opt.Int("prefix-cache");
   server::PolicyFactory policy;
   if (sparse)
     policy = [&rs](int64_t n) {

@@ -12,6 +12,8 @@ struct Engine::Seq {
   int64_t id = 0;
   std::vector<int32_t> prompt;
   int64_t max_new = 1, blocks = 0;  // blocks: reserved in each layer of the pool
+  Prefix* kept = nullptr;           // the kept prompt it shares (pinned while it runs), or null
+  int64_t kept_tokens = 0;
   std::unique_ptr<SparseAttention> policy;
   std::unique_ptr<Sampler> sampler;  // null: greedy
   std::vector<int32_t> context;      // sampled: the tokens so far (the repetition penalty's)
@@ -98,6 +100,7 @@ void Engine::Cancel(int64_t seq) {
   for (auto it = running_.begin(); it != running_.end(); ++it)
     if ((*it)->id == seq && !(*it)->done) {
       reserved_ -= (*it)->blocks;
+      Leave(**it);
       running_.erase(it);  // (its cache gives its blocks back)
       return;
     }
@@ -151,23 +154,80 @@ void Engine::Admit(std::unique_ptr<Seq> s) {
   running_.push_back(std::move(s));
 }
 
+void Engine::KeepPrefix(const Seq& s) {
+  const int64_t whole = static_cast<int64_t>(s.prompt.size()) / block_size_ * block_size_;
+  if (whole == 0) return;
+  for (const auto& p : prefixes_)  // already kept (a prompt that began as this one): refreshed
+    if (static_cast<int64_t>(p->tokens.size()) >= whole &&
+        std::equal(s.prompt.begin(), s.prompt.begin() + whole, p->tokens.begin())) {
+      p->used = ++clock_;
+      return;
+    }
+  if (static_cast<int64_t>(prefixes_.size()) >= opt_.prefix_cache && !EvictPrefix(nullptr))
+    return;  // (all in use)
+  auto p = std::make_unique<Prefix>();
+  p->tokens.assign(s.prompt.begin(), s.prompt.begin() + whole);
+  p->cache = std::make_unique<KVCache>(*pool_, whole);
+  p->cache->SharePrefix(*s.cache, whole);
+  p->used = ++clock_;
+  cached_blocks_ += whole / block_size_;
+  prefixes_.push_back(std::move(p));
+}
+
+bool Engine::EvictPrefix(const Prefix* keep) {
+  auto lru = prefixes_.end();
+  for (auto it = prefixes_.begin(); it != prefixes_.end(); ++it)
+    if ((*it)->users == 0 && it->get() != keep &&
+        (lru == prefixes_.end() || (*it)->used < (*lru)->used))
+      lru = it;
+  if (lru == prefixes_.end()) return false;
+  cached_blocks_ -= static_cast<int64_t>((*lru)->tokens.size()) / block_size_;
+  prefixes_.erase(lru);  // (its cache gives its references back)
+  return true;
+}
+
+Engine::Prefix* Engine::BestPrefix(const Seq& s, int64_t* tokens) {
+  *tokens = 0;
+  if (!reuse_ || s.policy != nullptr || s.prompt_logprobs) return nullptr;
+  Prefix* best = nullptr;
+  const int64_t P = static_cast<int64_t>(s.prompt.size());
+  for (const auto& p : prefixes_) {
+    const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(p->tokens.size()));
+    int64_t c = 0;
+    while (c < n && p->tokens[c] == s.prompt[c]) ++c;
+    c = c / block_size_ * block_size_;
+    if (c > *tokens) *tokens = c, best = p.get();
+  }
+  return best;
+}
+
+void Engine::Leave(Seq& s) {
+  if (s.kept != nullptr) --s.kept->users, s.kept = nullptr;
+}
+
 void Engine::SharePrefix(Seq& s) {
   // The longest prefix a running dense sequence's cache holds, in whole blocks, at least one
   // prompt token left to prefill (its logits give the first token). (Looked for when the
   // sequence's prefill begins: the sequences before it in the step have prefilled theirs.)
   const int64_t P = static_cast<int64_t>(s.prompt.size());
   int64_t shared = 0;
-  const Seq* donor = nullptr;
-  if (reuse_ && s.policy == nullptr && !s.prompt_logprobs)
+  // A sequence admitted on a kept prompt's blocks (its reservation counts only its own) takes
+  // those; the others, a running sequence's (their reservation counts every block they hold).
+  const KVCache* from = nullptr;
+  if (s.kept != nullptr) {
+    shared = s.kept_tokens, from = s.kept->cache.get();
+    s.kept->used = ++clock_;
+  } else if (reuse_ && s.policy == nullptr && !s.prompt_logprobs) {
     for (const auto& o : running_) {
       if (o.get() == &s || o->done || o->policy != nullptr) continue;
       const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->prompt.size()));
       int64_t c = 0;
       while (c < n && o->prompt[c] == s.prompt[c]) ++c;
       c = std::min(c, o->cache->size()) / block_size_ * block_size_;
-      if (c > shared) shared = c, donor = o.get();
+      if (c > shared) shared = c, from = o->cache.get();
     }
-  if (donor != nullptr) s.cache->SharePrefix(*donor->cache, shared);
+  }
+  if (from != nullptr) s.cache->SharePrefix(*from, shared);
   s.prefilled = shared;
   reused_tokens_ += shared;
 }
@@ -223,12 +283,33 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
 }
 
 std::vector<TokenEvent> Engine::Step() {
+  // Finished sequences leave (their prompts into the prefix cache first).
+  for (const auto& s : running_)
+    if (s->done) {
+      Leave(*s);
+      if (reuse_ && opt_.prefix_cache > 0 && s->policy == nullptr) KeepPrefix(*s);
+    }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](const std::unique_ptr<Seq>& s) { return s->done; }),
                  running_.end());
   std::vector<TokenEvent> events;
-  while (!waiting_.empty() && Running() < opt_.max_batch &&
-         reserved_ + waiting_.front()->blocks <= pool_blocks_) {
+  // Blocks in use are at most the running sequences' reservations plus the kept prompts': a
+  // sequence admitted on a kept prompt reserves only its own blocks, and that prompt stays (is
+  // not evicted) while it runs; one that shares a running sequence's blocks counts them in its
+  // reservation too. So no running sequence is ever short of a block.
+  while (!waiting_.empty() && Running() < opt_.max_batch) {
+    Seq& w = *waiting_.front();
+    w.kept = BestPrefix(w, &w.kept_tokens);
+    const int64_t need = w.blocks - w.kept_tokens / block_size_;
+    const auto fits = [&] { return reserved_ + need + cached_blocks_ <= pool_blocks_; };
+    while (!fits() && EvictPrefix(w.kept)) {
+    }
+    if (!fits()) {
+      w.kept = nullptr, w.kept_tokens = 0;
+      break;
+    }
+    if (w.kept != nullptr) ++w.kept->users;
+    w.blocks = need;
     std::unique_ptr<Seq> s = std::move(waiting_.front());
     waiting_.pop_front();
     Admit(std::move(s));

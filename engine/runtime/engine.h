@@ -11,8 +11,11 @@
 //      the pool is under-used while sequences are short, the price of never redoing work). The
 //      first waiting sequence that does not fit waits, and the ones behind it with it (in order).
 //      Where an admitted sequence's prompt begins as a running sequence's does (dense
-//      attention), it takes that sequence's whole blocks of the common prefix by reference
-//      (KVCache::SharePrefix) and prefills only the rest;
+//      attention), or as a finished one's kept in the prefix cache (prefix_cache), it takes
+//      that sequence's whole blocks of the common prefix by reference (KVCache::SharePrefix)
+//      and prefills only the rest. The prefix cache keeps the prompts' whole blocks of finished
+//      dense sequences (by reference: nothing copied) until admission needs their blocks, least
+//      recently used first;
 //   3. sequences still prefilling take their next chunk of prompt_chunk tokens (dense; the
 //      whole rest with prompt_chunk 0, or with a sparse policy, whose end-of-prompt observation
 //      wants the prompt in one call), each alone; the last chunk gives the first token. So a
@@ -54,6 +57,11 @@ struct EngineOptions {
   // Prompt tokens per forward call of a sequence that wants its prompt's logprobs (each brings
   // back a row of vocab_size logits).
   int64_t prompt_logprob_rows = 256;
+  // Finished dense sequences' prompts kept for later prompts that begin alike (at most this
+  // many; 0: none). Their blocks count against the pool until evicted, which admission does
+  // (least recently used first) whenever a waiting sequence needs them: the pool's budget
+  // (kv_memory) is the cache's bound.
+  int64_t prefix_cache = 0;
 };
 
 struct SequenceRequest {
@@ -121,6 +129,9 @@ class Engine {
   int64_t reused_tokens() const { return reused_tokens_; }
   int64_t pool_tokens() const { return pool_blocks_ * block_size_; }
   int64_t free_blocks() const { return pool_->FreeSlots(0); }  // (of layer 0; all alike)
+  // Prompts in the prefix cache, and the blocks (per layer) they hold.
+  int64_t cached_prefixes() const { return static_cast<int64_t>(prefixes_.size()); }
+  int64_t cached_blocks() const { return cached_blocks_; }
   size_t pool_bytes() const { return pool_->shape().TotalBytes(); }
 
  private:
@@ -131,6 +142,14 @@ class Engine {
   void Prefill(Seq& s, std::vector<TokenEvent>* events);
   void Take(Seq& s, int32_t token, const float* logits, std::vector<TokenEvent>* events);
   int32_t PrefillChunk(Seq& s, int64_t n, bool last);
+  struct Prefix;
+  void KeepPrefix(const Seq& s);
+  // Evicts the least recently used prompt that no running sequence shares, other than `keep`;
+  // false when there is none.
+  bool EvictPrefix(const Prefix* keep);
+  // The kept prompt s's prompt shares the most whole blocks with (its tokens in *tokens), or null.
+  Prefix* BestPrefix(const Seq& s, int64_t* tokens);
+  void Leave(Seq& s);  // s leaves the running sequences (its kept prompt unpinned)
 
   Model& model_;
   EngineOptions opt_;
@@ -141,6 +160,15 @@ class Engine {
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;  // finished ones until the next Step
   std::vector<float> logits_;                  // a prefill's logits (host)
+  struct Prefix {
+    std::vector<int32_t> tokens;     // whole blocks of a finished prompt
+    std::unique_ptr<KVCache> cache;  // holding their blocks
+    uint64_t used = 0;
+    int64_t users = 0;  // running sequences sharing its blocks (it stays while they run)
+  };
+  std::vector<std::unique_ptr<Prefix>> prefixes_;
+  int64_t cached_blocks_ = 0;
+  uint64_t clock_ = 0;
 };
 
 }  // namespace needle
