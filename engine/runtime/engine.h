@@ -19,7 +19,9 @@
 //   3. sequences still prefilling take their next chunk of prompt_chunk tokens (dense; the
 //      whole rest with prompt_chunk 0, or with a sparse policy, whose end-of-prompt observation
 //      wants the prompt in one call), each alone; the last chunk gives the first token. So a
-//      long prompt does not stall the others' decoding for its whole prefill;
+//      long prompt does not stall the others' decoding for its whole prefill. (Not mixed into
+//      the decode rows' products: a prompt chunk's hundreds of rows take the GEMM, and the decode
+//      rows beside them would then get other bits than alone; see PreferBatchKernels);
 //   4. every running sequence past its prompt decodes one token, all in one
 //      Model::ForwardBatch.
 // A sequence finishes at an end-of-sequence token of the model or at its max_new-th token.
