@@ -158,9 +158,9 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
 
 template <bool kNorm>
 void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  // (One n-tile: 8 spans a warp in flight, 256 bytes a lane, so that a projection of a few
-  // thousand rows, a few hundred blocks, keeps enough loads in flight to stream HBM.)
-  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 8>(p, e, rows, stream);
+  // (One n-tile: 4 spans a warp in flight. 8 were slower on the H200: 156.5 against 169.5 tok/s
+  // for one row of Qwen2.5-7B shapes, 739.9 against 781.9 for eight; bench/RESULTS.md.)
+  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4>(p, e, rows, stream);
   if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4>(p, e, rows, stream);
   if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2>(p, e, rows, stream);
   return LaunchTiles<kNorm, 8, 2>(p, e, rows, stream);
