@@ -83,7 +83,9 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
   const int64_t nb = Blocks(n, B);
   const size_t bb = cache.BlockBytes();
   KVMemory* mem = cache.pool().memory();
-  // The payload, hashed as it is written (block by block through one host buffer).
+  // One pass over the blocks (each brought to the host once, through one buffer): the payload is
+  // written at its offset and hashed as it goes, then the prefix and the header (whose length
+  // does not depend on the hash: 16 hex digits) at the front.
   std::vector<uint8_t> buf(bb);
   const auto block = [&](int64_t l, int64_t b, bool v) -> const uint8_t* {
     const int32_t slot = cache.SlotOf(l, b);
@@ -93,26 +95,52 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
     mem->CopyToHost(buf.data(), p, bb);
     return buf.data();
   };
+  const auto header_of = [&](uint64_t payload_hash) {
+    return nlohmann::json{
+        {"model", {{"config_xxh3", id.config_hash}, {"weights_xxh3", id.weights_hash}}},
+        {"dtype", KVTypeName(s.dtype)},
+        {"block_size", B},
+        {"layers", s.layers},
+        {"kv_heads", s.kv_heads},
+        {"head_dim", s.head_dim},
+        {"layout", kLayout},
+        {"tokens", tokens},
+        {"payload_bytes", static_cast<uint64_t>(2 * s.layers * nb) * bb},
+        {"payload_xxh3", Hex(payload_hash)}}
+        .dump();
+  };
+  const uint64_t offset = (kPrefix + header_of(0).size() + kAlign - 1) / kAlign * kAlign;
+
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) Fail(tmp, ": cannot create: ", std::strerror(errno));
+  const auto fail = [&](const char* what) {
+    const int e = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    Fail(tmp, ": ", what, " failed: ", std::strerror(e));
+  };
+  const auto put = [&](const void* p, size_t bytes) {
+    const auto* c = static_cast<const uint8_t*>(p);
+    while (bytes > 0) {
+      const ssize_t w = ::write(fd, c, bytes);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) fail("write");
+      c += w, bytes -= static_cast<size_t>(w);
+    }
+  };
+  if (::lseek(fd, static_cast<off_t>(offset), SEEK_SET) < 0) fail("seek");
   XXH3_state_t* st = XXH3_createState();
   XXH3_64bits_reset(st);
   for (int64_t l = 0; l < s.layers; ++l)
     for (int64_t b = 0; b < nb; ++b)
-      for (bool v : {false, true}) XXH3_64bits_update(st, block(l, b, v), bb);
-  const uint64_t payload_hash = XXH3_64bits_digest(st);
+      for (bool v : {false, true}) {
+        const uint8_t* p = block(l, b, v);
+        XXH3_64bits_update(st, p, bb);
+        put(p, bb);
+      }
+  const std::string header = header_of(XXH3_64bits_digest(st));
   XXH3_freeState(st);
-  nlohmann::json h = {
-      {"model", {{"config_xxh3", id.config_hash}, {"weights_xxh3", id.weights_hash}}},
-      {"dtype", KVTypeName(s.dtype)},
-      {"block_size", B},
-      {"layers", s.layers},
-      {"kv_heads", s.kv_heads},
-      {"head_dim", s.head_dim},
-      {"layout", kLayout},
-      {"tokens", tokens},
-      {"payload_bytes", static_cast<uint64_t>(2 * s.layers * nb) * bb},
-      {"payload_xxh3", Hex(payload_hash)}};
-  const std::string header = h.dump();
-  const uint64_t offset = (kPrefix + header.size() + kAlign - 1) / kAlign * kAlign;
   uint8_t prefix[kPrefix] = {};
   std::memcpy(prefix, kMagic, 8);
   const uint32_t hl = static_cast<uint32_t>(header.size());
@@ -121,31 +149,11 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
   std::memcpy(prefix + 12, &hl, 4);
   std::memcpy(prefix + 16, &hh, 8);
   std::memcpy(prefix + 24, &offset, 8);
-
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) Fail(tmp, ": cannot create: ", std::strerror(errno));
-  const auto put = [&](const void* p, size_t bytes) {
-    const auto* c = static_cast<const uint8_t*>(p);
-    while (bytes > 0) {
-      const ssize_t w = ::write(fd, c, bytes);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        const int e = errno;
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        Fail(tmp, ": write failed: ", std::strerror(e));
-      }
-      c += w, bytes -= static_cast<size_t>(w);
-    }
-  };
+  if (::lseek(fd, 0, SEEK_SET) < 0) fail("seek");
   put(prefix, kPrefix);
   put(header.data(), header.size());
   const std::vector<uint8_t> pad(offset - kPrefix - header.size(), 0);
   put(pad.data(), pad.size());
-  for (int64_t l = 0; l < s.layers; ++l)
-    for (int64_t b = 0; b < nb; ++b)
-      for (bool v : {false, true}) put(block(l, b, v), bb);
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     const int e = errno;
     ::unlink(tmp.c_str());

@@ -198,6 +198,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   CompletionRequest r;
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> echoed;  // echo: each prompt's text as it comes back
+  std::vector<int64_t> max_new;     // each prompt's tokens to generate (max_tokens 0: 1)
   try {
     r = ParseCompletion(req.body, chat, so.model_name);
     if (chat) {
@@ -229,7 +230,6 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
     }
     const int64_t C = eo.max_context;
     const std::string param = chat ? "messages" : "prompt";
-    int64_t max_tokens = r.max_tokens;
     for (const auto& prompt : prompts) {
       const int64_t P = static_cast<int64_t>(prompt.size());
       if (P == 0) throw ApiError(400, "the prompt has no tokens", param);
@@ -247,9 +247,8 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
                            std::to_string(n) + " exceed the context of " + std::to_string(C) +
                            " tokens (--ctx-size)",
                        r.max_tokens_field);
-      if (prompts.size() == 1) max_tokens = n;
+      max_new.push_back(std::max<int64_t>(n, 1));
     }
-    r.max_tokens = max_tokens;  // (several prompts: each its own default when not given)
   } catch (const ApiError& e) {
     refuse(e);
     return;
@@ -257,13 +256,11 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   // max_tokens 0 (echo): the prompt is scored and the token generated after it dropped.
   const bool score_only = r.max_tokens == 0;
   std::vector<std::shared_ptr<Job>> jobs;
-  for (const auto& prompt : prompts) {
+  for (size_t i = 0; i < prompts.size(); ++i) {
     auto job = std::make_shared<Job>();
-    const int64_t P = static_cast<int64_t>(prompt.size());
-    job->req.prompt = prompt;
-    job->req.max_new = r.max_tokens >= 0 ? std::max<int64_t>(r.max_tokens, 1)
-                       : chat            ? eo.max_context - P
-                                         : std::min<int64_t>(16, eo.max_context - P);
+    const int64_t P = static_cast<int64_t>(prompts[i].size());
+    job->req.prompt = prompts[i];
+    job->req.max_new = max_new[i];
     job->req.sampling = r.sampling;
     job->req.logprobs = r.logprobs;
     job->req.prompt_logprobs = job->want_prompt_lps = r.echo && r.logprobs >= 0;

@@ -101,12 +101,15 @@ int CmdAsk(int argc, char** argv) {
     }
   }
   // The tokens every prompt begins with, leaving each at least one of its own.
-  size_t common = prompts[0].size() - 1;
-  size_t longest = 0;
+  // a's first tokens that b begins with too, at most n.
+  const auto prefix = [](const std::vector<int32_t>& a, const std::vector<int32_t>& b, size_t n) {
+    n = std::min({n, a.size(), b.size()});
+    return static_cast<size_t>(std::mismatch(a.begin(), a.begin() + n, b.begin()).first -
+                               a.begin());
+  };
+  size_t common = prompts[0].size() - 1, longest = 0;
   for (const auto& p : prompts) {
-    size_t c = 0;
-    while (c < common && c + 1 < p.size() && p[c] == prompts[0][c]) ++c;
-    common = c;
+    common = prefix(prompts[0], p, std::min(common, p.size() - 1));
     longest = std::max(longest, p.size());
   }
   const ModelConfig peek = LoadModelConfig(model_dir + "/config.json");
@@ -132,12 +135,7 @@ int CmdAsk(int argc, char** argv) {
                       : IdentifyModel(model_dir, opt.Flag("dummy-weights"), opt.Str("dummy-type"));
   if (!kv_file.empty() && std::filesystem::exists(kv_file)) {
     const KVFileHeader h = ReadKVFileHeader(kv_file);
-    size_t c = std::min(common, h.tokens.size());
-    for (const auto& p : prompts) {
-      size_t k = 0;
-      while (k < c && p[k] == h.tokens[k]) ++k;
-      c = k;
-    }
+    const size_t c = prefix(prompts[0], h.tokens, common);  // (all prompts share these)
     from_file = static_cast<int64_t>(c) / B * B;
     if (from_file == 0)
       std::fprintf(stderr,

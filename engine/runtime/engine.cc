@@ -186,16 +186,20 @@ bool Engine::EvictPrefix(const Prefix* keep) {
   return true;
 }
 
+int64_t Engine::Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held) const {
+  const int64_t n = std::min<int64_t>(
+      {static_cast<int64_t>(s.prompt.size()) - 1, static_cast<int64_t>(tokens.size()), held});
+  int64_t c = 0;
+  while (c < n && tokens[c] == s.prompt[c]) ++c;
+  return c / block_size_ * block_size_;
+}
+
 Engine::Prefix* Engine::BestPrefix(const Seq& s, int64_t* tokens) {
   *tokens = 0;
   if (!reuse_ || s.policy != nullptr || s.prompt_logprobs) return nullptr;
   Prefix* best = nullptr;
-  const int64_t P = static_cast<int64_t>(s.prompt.size());
   for (const auto& p : prefixes_) {
-    const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(p->tokens.size()));
-    int64_t c = 0;
-    while (c < n && p->tokens[c] == s.prompt[c]) ++c;
-    c = c / block_size_ * block_size_;
+    const int64_t c = Shareable(s, p->tokens, p->cache->size());
     if (c > *tokens) *tokens = c, best = p.get();
   }
   return best;
@@ -209,7 +213,6 @@ void Engine::SharePrefix(Seq& s) {
   // The longest prefix a running dense sequence's cache holds, in whole blocks, at least one
   // prompt token left to prefill (its logits give the first token). (Looked for when the
   // sequence's prefill begins: the sequences before it in the step have prefilled theirs.)
-  const int64_t P = static_cast<int64_t>(s.prompt.size());
   int64_t shared = 0;
   // A sequence admitted on a kept prompt's blocks (its reservation counts only its own) takes
   // those; the others, a running sequence's (their reservation counts every block they hold).
@@ -220,10 +223,7 @@ void Engine::SharePrefix(Seq& s) {
   } else if (reuse_ && s.policy == nullptr && !s.prompt_logprobs) {
     for (const auto& o : running_) {
       if (o.get() == &s || o->done || o->policy != nullptr) continue;
-      const int64_t n = std::min<int64_t>(P - 1, static_cast<int64_t>(o->prompt.size()));
-      int64_t c = 0;
-      while (c < n && o->prompt[c] == s.prompt[c]) ++c;
-      c = std::min(c, o->cache->size()) / block_size_ * block_size_;
+      const int64_t c = Shareable(s, o->prompt, o->cache->size());
       if (c > shared) shared = c, from = o->cache.get();
     }
   }
@@ -233,8 +233,10 @@ void Engine::SharePrefix(Seq& s) {
 }
 
 // Prefills the next n prompt tokens of s (last: they end its prompt); returns the first token
-// when last (logits of its last row in logits_, when the sequence wants them or samples).
-int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last) {
+// when last, and in *row the logits of the last prompt token ([vocab] in logits_) when the
+// sequence wants them or samples (else null).
+int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last, const float** row) {
+  *row = nullptr;
   const int32_t* ids = s.prompt.data() + s.prefilled;
   const int64_t V = model_.config().vocab_size;
   if (s.prompt_logprobs) {  // every row's logits: the prompt's tokens scored
@@ -244,19 +246,19 @@ int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last) {
       s.prompt_lp.push_back(
           ScoreToken(logits_.data() + r * V, V, s.prompt[s.prefilled + r + 1], s.logprobs));
     if (!last) return 0;
-    logits_.erase(logits_.begin(), logits_.begin() + (n - 1) * V);  // (the last row)
+    *row = logits_.data() + (n - 1) * V;
   } else if (!last) {
     model_.Forward(ids, n, *s.cache, false, nullptr);
     return 0;
   } else if (s.sampler != nullptr || s.logprobs >= 0) {
     model_.Forward(ids, n, *s.cache, false, &logits_);
+    *row = logits_.data();
   } else {
     return model_.ForwardGreedy(ids, n, *s.cache);
   }
-  std::vector<float> row(logits_.begin(), logits_.begin() + V);  // (sampling changes its copy)
-  return s.sampler != nullptr
-             ? s.sampler->Sample(row, s.context)
-             : static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+  if (s.sampler == nullptr) return Argmax(*row, V);
+  std::vector<float> copy(*row, *row + V);  // (sampling changes its copy)
+  return s.sampler->Sample(copy, s.context);
 }
 
 void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
@@ -268,8 +270,9 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   const auto t0 = Clock::now();
   model_.set_attention(s.policy.get());
   int32_t first = 0;
+  const float* row = nullptr;
   try {
-    first = PrefillChunk(s, n, n == left);
+    first = PrefillChunk(s, n, n == left, &row);
   } catch (...) {
     model_.set_attention(nullptr);
     throw;
@@ -279,7 +282,7 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   s.st.prefill_seconds += Since(t0);
   if (s.prefilled < P) return;
   s.decode_start = Clock::now();
-  Take(s, first, logits_.data(), events);
+  Take(s, first, row, events);
 }
 
 std::vector<TokenEvent> Engine::Step() {

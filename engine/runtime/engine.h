@@ -143,7 +143,7 @@ class Engine {
   void SharePrefix(Seq& s);
   void Prefill(Seq& s, std::vector<TokenEvent>* events);
   void Take(Seq& s, int32_t token, const float* logits, std::vector<TokenEvent>* events);
-  int32_t PrefillChunk(Seq& s, int64_t n, bool last);
+  int32_t PrefillChunk(Seq& s, int64_t n, bool last, const float** row);
   struct Prefix;
   void KeepPrefix(const Seq& s);
   // Evicts the least recently used prompt that no running sequence shares, other than `keep`;
@@ -151,6 +151,10 @@ class Engine {
   bool EvictPrefix(const Prefix* keep);
   // The kept prompt s's prompt shares the most whole blocks with (its tokens in *tokens), or null.
   Prefix* BestPrefix(const Seq& s, int64_t* tokens);
+  // The tokens s's prompt can take from a cache holding `held` tokens of `tokens`: their common
+  // prefix in whole blocks, at least one prompt token left to prefill (its logits give the
+  // first token).
+  int64_t Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held) const;
   void Leave(Seq& s);  // s leaves the running sequences (its kept prompt unpinned)
 
   Model& model_;
