@@ -15,23 +15,31 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/base/threading.h"
 #include "kvcache/kv_cache.h"
 #include "sparse_attn/scoring.h"
 
 namespace needle {
 
 // out [a.n]: best(a.blocks[j], kv_head), or with kv_head -1 the sum over every KV head (per-layer
-// selection). a.q: [a.nq, a.heads, D], rotated like the keys (the scoring queries); kv: the
-// layer's keys (whole blocks); relative_freq: --pos-remap's RoPE frequencies, else nullptr.
-void BestKeyScores(const ScoreArgs& a, const KVLayerView& kv, const float* relative_freq,
-                   int64_t kv_head, float* out);
+// selection). qs [kv_heads, D]: each KV head's queries summed (the plain sum of the scoring
+// queries), or nullptr: summed here from a.q [a.nq, a.heads, D], rotated like the keys (the
+// scoring queries). kv: the layer's keys (whole blocks); relative_freq: --pos-remap's RoPE
+// frequencies, else nullptr. The blocks are shared out over tc's threads.
+void BestKeyScores(const ScoreArgs& a, const float* qs, const KVLayerView& kv,
+                   const float* relative_freq, int64_t kv_head, ThreadingContext& tc, float* out);
+
+// qs [n] = qa + qb: the plain sums from GroupQueries' (or an executor's ChunkQueries') pair,
+// which Quest splits by sign (for the other representatives qb is zeros).
+void CombineQuerySums(const float* qa, const float* qb, int64_t n, float* qs);
 
 // The `want` best of candidates ids / scores [n] (higher score first, then lower id), ascending:
-// with rescore > want, the `rescore` best by score re-ranked by BestKeyScores (a: the scoring
-// queries and shapes; its blocks / n are ignored); else by score alone.
+// with rescore > want, the `rescore` best by score re-ranked by BestKeyScores (a: the shapes, and
+// the scoring queries where qs is nullptr; its blocks / n are ignored); else by score alone.
 std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int64_t n,
                                     int64_t want, int64_t rescore, const ScoreArgs& a,
-                                    const KVLayerView& kv, const float* relative_freq,
-                                    int64_t kv_head);
+                                    const float* qs, const KVLayerView& kv,
+                                    const float* relative_freq, int64_t kv_head,
+                                    ThreadingContext& tc);
 
 }  // namespace needle

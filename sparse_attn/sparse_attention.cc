@@ -301,6 +301,13 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     const float* sq = cfg_.pos_remap ? ScoringQueries(q, 1, a, cfg_.LocalBegin(a.pos0)) : q;
     const ScoreArgs sa{
         sq, 1, a.heads, Hk, a.head_dim, all.data(), static_cast<int64_t>(all.size())};
+    // Re-ranking's combined queries, once for every row.
+    std::vector<float> qs;
+    if (cfg_.rescore_blocks > 0) {
+      qs.resize(static_cast<size_t>(Hk * a.head_dim));
+      std::vector<float> unused(qs.size());
+      GroupQueries(sa, false, qs.data(), unused.data());
+    }
     auto select = [&](int64_t h, const int32_t* cand, const float* sc, size_t n,
                       const std::vector<int32_t>* kept, std::vector<int32_t>* keep_out,
                       int64_t* ncand) {
@@ -322,8 +329,8 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
       *ncand += static_cast<int64_t>(ids.size());
       std::vector<int32_t> out =
           RankCandidates(scores.data(), ids.data(), static_cast<int64_t>(ids.size()),
-                         cfg_.topk - static_cast<int64_t>(keep.size()), cfg_.rescore_blocks, sa, kv,
-                         rel, by_layer ? -1 : h);
+                         cfg_.topk - static_cast<int64_t>(keep.size()), cfg_.rescore_blocks, sa,
+                         qs.data(), kv, rel, by_layer ? -1 : h, tc_);
       out.insert(out.end(), keep.begin(), keep.end());
       std::sort(out.begin(), out.end());
       *keep_out = std::move(keep);  // ascending, as `kept` is

@@ -238,13 +238,14 @@ class SparseAttention final : public AttentionPolicy {
   // PrefillChunks for an executor that scores chunks where their queries are (PlanExecutor::
   // ChunkTop): computes the representatives of the candidates of every chunk whose candidates
   // all precede the micro-batch (their keys are in kv, the planner's cache), and marks those
-  // chunks executor_top; the shortlist to return is ChunkShortlist's. Not with re-ranking.
+  // chunks executor_top; the shortlist to return is ChunkShortlist's (with re-ranking, the
+  // candidates to re-rank, which the planner then reads with ChunkQueries' sums).
   std::vector<ChunkSpec> PrefillChunkScoring(int64_t layer, const AttnArgs& a,
                                              const KVLayerView& kv);
   // The shortlist an executor returns for a chunk: `want` best of each KV head, or (sum_heads)
   // one row of the scores summed over KV heads.
   void ChunkShortlist(int64_t* want, bool* sum_heads) const {
-    *want = cfg_.topk;
+    *want = std::max(cfg_.topk, cfg_.rescore_blocks);
     *sum_heads = cfg_.select == SelectMode::kLayer;
   }
   const SparseConfig& config() const { return cfg_; }

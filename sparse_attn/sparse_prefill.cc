@@ -35,7 +35,6 @@ std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const Att
 std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunkScoring(
     int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
   std::vector<ChunkSpec> out = PrefillChunks(a);
-  if (cfg_.rescore_blocks > 0) return out;
   int64_t end = 0;  // the candidates to make ready: before the micro-batch's first block
   for (ChunkSpec& ck : out) {
     ck.executor_top = ck.scores && ck.cand_end * cfg_.block_size <= a.pos0;
@@ -72,15 +71,27 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       times_.reps += Since(t);
       t = Clock::now();
       std::vector<std::vector<PlanExecutor::Scored>> top;
-      if (cfg_.rescore_blocks == 0 && exec_->ChunkTop(layer, ca, &top)) {
-        // The executor's shortlist of each row: the row's topk (ChunkShortlist), ranked here.
+      const bool rescore = cfg_.rescore_blocks > cfg_.topk;
+      std::vector<float> qs;  // re-ranking's combined queries (qa + qb), or empty: from sq
+      if (exec_->ChunkTop(layer, ca, &top)) {
+        // The executor's shortlist of each row (ChunkShortlist: the row's topk, or the
+        // rescore_blocks to re-rank), ranked here.
         NEEDLE_CHECK(top.size() ==
                      (cfg_.select == SelectMode::kLayer ? 1 : static_cast<size_t>(Hk)));
+        if (rescore) {
+          const bool have = exec_->ChunkQueries(layer, ca, qa.data(), qb.data());
+          NEEDLE_CHECK(have);  // (an executor that shortlists a chunk has its sums)
+          qs.resize(qa.size());
+          CombineQuerySums(qa.data(), qb.data(), static_cast<int64_t>(qa.size()), qs.data());
+        }
+        const ScoreArgs sa{nullptr, ca.T, a.heads, Hk, a.head_dim, nullptr, 0};
         for (size_t r = 0; r < top.size(); ++r) {
           std::vector<float> rs;
           std::vector<int32_t> ri;
           for (const auto& e : top[r]) rs.push_back(e.score), ri.push_back(e.block);
-          sel[r] = TopK(rs.data(), ri.data(), static_cast<int64_t>(ri.size()), cfg_.topk);
+          sel[r] = RankCandidates(rs.data(), ri.data(), static_cast<int64_t>(ri.size()), cfg_.topk,
+                                  cfg_.rescore_blocks, sa, qs.data(), kv, rel,
+                                  top.size() == 1 ? -1 : static_cast<int64_t>(r), tc_);
         }
         if (top.size() == 1)
           for (auto& hb : sel) hb = sel[0];
@@ -91,12 +102,16 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
         std::vector<float> sc(static_cast<size_t>(Hk * n));
         // Scored with every query of the chunk (scoring sums them), selected as decode selects;
         // with the remap, where it will attend them (SparseConfig::RemapScoreShift). The executor
-        // may have summed the queries where they are (re-ranking reads them one by one).
+        // may have summed the queries where they are.
         const float* sq = nullptr;
-        if (cfg_.rescore_blocks == 0 && exec_->ChunkQueries(layer, ca, qa.data(), qb.data())) {
+        if (exec_->ChunkQueries(layer, ca, qa.data(), qb.data())) {
           fast::ScoreGrouped(reps_, layer,
                              ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, qa, qb,
                              sc.data(), tc_);
+          if (rescore) {
+            qs.resize(qa.size());
+            CombineQuerySums(qa.data(), qb.data(), static_cast<int64_t>(qa.size()), qs.data());
+          }
         } else {
           sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
           fast::ScoreBlocks(reps_, layer,
@@ -104,15 +119,16 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
                             tc_);
         }
         const ScoreArgs sa{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n};
+        const float* qsp = qs.empty() ? nullptr : qs.data();
         if (cfg_.select == SelectMode::kLayer) {
           SumOverHeads(sc.data(), Hk, n);
-          sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, kv,
-                                  rel, -1);
+          sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, qsp,
+                                  kv, rel, -1, tc_);
           for (auto& hb : sel) hb = sel[0];
         } else {
           for (int64_t h = 0; h < Hk; ++h)
             sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk,
-                                    cfg_.rescore_blocks, sa, kv, rel, h);
+                                    cfg_.rescore_blocks, sa, qsp, kv, rel, h, tc_);
         }
       }
       times_.select += Since(t);

@@ -60,6 +60,7 @@ struct KeysAndQueries {
 
 TEST(BestKey, ScoresEqualBruteForceAndQuestBoundsThem) {
   ThreadingContext tc(1);
+  ThreadingContext tc3(3);  // the blocks in pieces of 4 over three threads
   const KeysAndQueries s;
   const int64_t Hk = s.Hk, D = s.D, B = s.B, n = s.n_blocks;
   std::vector<int32_t> ids(n);
@@ -74,14 +75,14 @@ TEST(BestKey, ScoresEqualBruteForceAndQuestBoundsThem) {
       const float* rel = remap ? s.inv_freq.data() : nullptr;
       const ScoreArgs a{s.q.data(), s.nq, Hk * s.G, Hk, D, ids.data(), n};
       std::vector<float> all(n), per(n);
-      BestKeyScores(a, cache.Layer(0), rel, -1, all.data());
+      BestKeyScores(a, nullptr, cache.Layer(0), rel, -1, tc3, all.data());
       RepresentativeStore quest(1, Hk, D, n, ReprType::kQuest, DType::kF32);
       for (int64_t b = 0; b < n; ++b) quest.ComputeFromKeys(0, b, cache.Layer(0), rel);
       std::vector<float> bound(Hk * n);
       fast::ScoreBlocks(quest, 0, a, bound.data(), tc);
       std::vector<double> sum(n, 0.0);
       for (int64_t h = 0; h < Hk; ++h) {
-        BestKeyScores(a, cache.Layer(0), rel, h, per.data());
+        BestKeyScores(a, nullptr, cache.Layer(0), rel, h, tc, per.data());
         for (int64_t j = 0; j < n; ++j) {
           const double want = s.Want(ids[j], h, remap);
           sum[j] += want;
@@ -94,11 +95,20 @@ TEST(BestKey, ScoresEqualBruteForceAndQuestBoundsThem) {
       }
       for (int64_t j = 0; j < n; ++j)
         ASSERT_NEAR(all[j], sum[j], tol * (std::fabs(sum[j]) + 1)) << "block " << ids[j];
+      // From the queries summed already, as Quest's pair (an executor's ChunkQueries) gives
+      // them: positive and negative parts added back.
+      std::vector<float> qa(Hk * D), qb(Hk * D), qs(Hk * D), from_sums(n);
+      GroupQueries(a, true, qa.data(), qb.data());
+      CombineQuerySums(qa.data(), qb.data(), Hk * D, qs.data());
+      BestKeyScores(a, qs.data(), cache.Layer(0), rel, -1, tc3, from_sums.data());
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_NEAR(from_sums[j], all[j], 1e-4 * (std::fabs(all[j]) + 1)) << "block " << ids[j];
     }
   }
 }
 
 TEST(BestKey, RankingReRanksTheShortlistOnly) {
+  ThreadingContext tc(2);
   const KeysAndQueries s;
   const int64_t Hk = s.Hk, D = s.D, B = s.B, n = s.n_blocks;
   KVCache cache(KVCacheShape{1, Hk, D, s.n_tok, B, DType::kF32});
@@ -116,16 +126,16 @@ TEST(BestKey, RankingReRanksTheShortlistOnly) {
   const KVLayerView kv = cache.Layer(0);
   // Off (0) or no larger than want: the representatives' ranking.
   for (int64_t r : {0, 3})
-    EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, r, a, kv, nullptr, 1),
+    EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, r, a, nullptr, kv, nullptr, 1, tc),
               TopK(score.data(), ids.data(), n, 3));
   // Covering every candidate: the best keys' ranking.
-  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, n, a, kv, nullptr, 1),
+  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, n, a, nullptr, kv, nullptr, 1, tc),
             TopK(best.data(), ids.data(), n, 3));
   // In between: the best keys' ranking among the shortlist.
   const std::vector<int32_t> shortlist = TopK(score.data(), ids.data(), n, 6);
   std::vector<float> sb;
   for (int32_t b : shortlist) sb.push_back(best[b]);
-  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, 6, a, kv, nullptr, 1),
+  EXPECT_EQ(RankCandidates(score.data(), ids.data(), n, 3, 6, a, nullptr, kv, nullptr, 1, tc),
             TopK(sb.data(), shortlist.data(), 6, 3));
 }
 

@@ -531,7 +531,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     t = static_cast<int32_t>(x % static_cast<uint64_t>(on_cpu->config().vocab_size));
   }
-  for (int variant = 0; variant < 14; ++variant) {
+  for (int variant = 0; variant < 15; ++variant) {
     SparseConfig sc;
     sc.block_size = 16, sc.init_tokens = 16, sc.local_window = 48, sc.topk = 4, sc.dense_layers = 0,
     sc.retain_blocks = 2;
@@ -555,6 +555,10 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     if (variant == 11) sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.dense_layers = 1;
     if (variant == 12) sc.select = SelectMode::kLayer, sc.repr = ReprType::kMean;
     if (variant == 13) sc.repr = ReprType::kMax, sc.topk = 6, sc.retain_blocks = 3;
+    // Re-ranking by the best key, in a remapped sparse prefill (the GPU's chunk shortlists and
+    // query sums) and in decode (the GPU's shortlists).
+    if (variant == 14)
+      sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.pos_remap = true, sc.rescore_blocks = 8;
     // (Remapped scoring reads block-relative representatives: in a prompt that repeats itself
     // every 16 blocks, layer 0's repeated blocks tie exactly on one side and not the other.)
     const auto& pr = sc.pos_remap ? aperiodic : prompt;

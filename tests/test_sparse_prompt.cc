@@ -410,6 +410,16 @@ class ShortlistExecutor final : public CpuPlanExecutor {
     ++used;
     return true;
   }
+  // Every chunk's queries combined here, as the hybrid engine combines them where they are.
+  bool ChunkQueries(int64_t, const AttnArgs& a, float* qa, float* qb) override {
+    const auto it = std::find_if(chunks_.begin(), chunks_.end(),
+                                 [&](const auto& ck) { return ck.c0 == a.pos0; });
+    if (it == chunks_.end()) return false;
+    GroupQueries(ScoreArgs{q_ + (a.pos0 - pos0_) * a.heads * a.head_dim, a.T, a.heads, a.kv_heads,
+                           a.head_dim, nullptr, 0},
+                 sp_.config().repr == ReprType::kQuest, qa, qb);
+    return true;
+  }
   int64_t used = 0;  // chunks whose shortlist came from here
 
  private:
@@ -423,7 +433,9 @@ class ShortlistExecutor final : public CpuPlanExecutor {
 // A sparse prefill whose chunks are ranked from an executor's shortlists (the hybrid engine scores
 // them on the GPU) attends exactly what the planner's own scoring selects: same outputs, same
 // decode plans. Micro-batches of 32 with a Local window of 8: the chunks whose candidates reach
-// into their micro-batch are scored by the planner (both paths run).
+// into their micro-batch are scored by the planner (both paths run). With re-ranking by the best
+// key (rescore 6 of topk 3), the shortlists are the candidates to re-rank, and the best keys are
+// scored from the executor's combined queries.
 TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
   const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 160, ub = 32;
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
@@ -434,43 +446,46 @@ TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
   const auto q = test::RandomVector((N + 1) * H * D, 13, 2.f);
   KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
   cache.Write(0, 0, N + 1, k.data(), v.data());
-  for (ReprType r : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
-    for (SelectMode sm : {SelectMode::kLayer, SelectMode::kKVHead}) {
-      SparseConfig c;
-      c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 3, c.dense_layers = 0;
-      c.repr = r, c.select = sm, c.sparse_prefill = true, c.prefill_chunk = 8;
-      std::string plans[2];
-      std::vector<float> outs[2];
-      int64_t used = 0;
-      for (int run = 0; run < 2; ++run) {
-        SparseAttention sp(m, c, *backend, tc, N + 1, DType::kF32);
-        ShortlistExecutor ex(*backend, tc, sp);
-        if (run == 1) sp.set_executor(&ex);
-        std::ostringstream plan;
-        sp.set_plan_sink(&plan);
-        std::vector<float> out(static_cast<size_t>((N + 1) * H * D));
-        for (int64_t p0 = 0; p0 < N; p0 += ub) {
-          const int64_t T = std::min(ub, N - p0);
-          sp.BeginStep(StepInfo{p0, T, N, p0 + T == N, 0});
-          AttnArgs a{T, p0, H, Hk, D, 0, 0.25f};
-          KVLayerView kv = cache.Layer(0);
-          kv.n_tokens = p0 + T;
-          if (run == 1) ex.Queue(q.data() + p0 * H * D, a, kv);
-          sp.Attend(0, q.data() + p0 * H * D, a, cache, out.data() + p0 * H * D);
+  for (int64_t rescore : {0, 6})
+    for (ReprType r : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
+      for (SelectMode sm : {SelectMode::kLayer, SelectMode::kKVHead}) {
+        SparseConfig c;
+        c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 3, c.dense_layers = 0;
+        c.repr = r, c.select = sm, c.sparse_prefill = true, c.prefill_chunk = 8;
+        c.rescore_blocks = rescore;
+        std::string plans[2];
+        std::vector<float> outs[2];
+        int64_t used = 0;
+        for (int run = 0; run < 2; ++run) {
+          SparseAttention sp(m, c, *backend, tc, N + 1, DType::kF32);
+          ShortlistExecutor ex(*backend, tc, sp);
+          if (run == 1) sp.set_executor(&ex);
+          std::ostringstream plan;
+          sp.set_plan_sink(&plan);
+          std::vector<float> out(static_cast<size_t>((N + 1) * H * D));
+          for (int64_t p0 = 0; p0 < N; p0 += ub) {
+            const int64_t T = std::min(ub, N - p0);
+            sp.BeginStep(StepInfo{p0, T, N, p0 + T == N, 0});
+            AttnArgs a{T, p0, H, Hk, D, 0, 0.25f};
+            KVLayerView kv = cache.Layer(0);
+            kv.n_tokens = p0 + T;
+            if (run == 1) ex.Queue(q.data() + p0 * H * D, a, kv);
+            sp.Attend(0, q.data() + p0 * H * D, a, cache, out.data() + p0 * H * D);
+          }
+          sp.BeginStep(StepInfo{N, 1, 1, true, N});
+          AttnArgs a1{1, N, H, Hk, D, 0, 0.25f};
+          sp.Attend(0, q.data() + N * H * D, a1, cache, out.data() + N * H * D);
+          plans[run] = plan.str();
+          outs[run] = out;
+          used = ex.used;
         }
-        sp.BeginStep(StepInfo{N, 1, 1, true, N});
-        AttnArgs a1{1, N, H, Hk, D, 0, 0.25f};
-        sp.Attend(0, q.data() + N * H * D, a1, cache, out.data() + N * H * D);
-        plans[run] = plan.str();
-        outs[run] = out;
-        used = ex.used;
+        const std::string what = std::string(ReprTypeName(r)) + " " + SelectModeName(sm) +
+                                 " rescore " + std::to_string(rescore);
+        EXPECT_GE(used, 8) << what;
+        EXPECT_LT(used, N / c.prefill_chunk - 1) << what << ": every chunk came from the executor";
+        EXPECT_EQ(plans[1], plans[0]) << what;
+        EXPECT_EQ(MaxDiff(outs[1], outs[0], outs[0].size()), 0.0) << what;
       }
-      const std::string what = std::string(ReprTypeName(r)) + " " + SelectModeName(sm);
-      EXPECT_GE(used, 8) << what;
-      EXPECT_LT(used, N / c.prefill_chunk - 1) << what << ": every chunk came from the executor";
-      EXPECT_EQ(plans[1], plans[0]) << what;
-      EXPECT_EQ(MaxDiff(outs[1], outs[0], outs[0].size()), 0.0) << what;
-    }
 }
 
 }  // namespace

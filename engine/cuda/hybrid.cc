@@ -135,13 +135,12 @@ void HybridAttention::Impl::PromptAttend(int64_t layer, const AttnArgs& a) {
   stats.prompt_pin += Since(t);
   CopyBlocks(staging, 0, host, layer, a.pos0 / B, (end + B - 1) / B, cudaMemcpyDeviceToHost);
   // The planner reads the queries of the prompt's observation window and its last query; a
-  // sparse prefill's selection, their sums (made here), or every query to re-rank blocks by
-  // their best key.
+  // sparse prefill's selection, their sums (made here; re-ranking by the best key reads them
+  // too).
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = q_pin.Get(static_cast<size_t>(a.T * HD));
   prompt_pos0 = a.pos0;
-  const bool all_q = c.sparse_prefill && c.rescore_blocks > 0;
-  if (c.sparse_prefill && !all_q) {
+  if (c.sparse_prefill) {
     // (The chunks' shortlists too, where their candidates' representatives are ready.)
     t = Clock::now();
     KVLayerView hv = host.Layer(layer);
@@ -150,8 +149,8 @@ void HybridAttention::Impl::PromptAttend(int64_t layer, const AttnArgs& a) {
                                 c.repr == ReprType::kQuest);
     stats.prompt_plan += Since(t);
   }
-  if (all_q || call_end - end < c.obs_window || step.last_of_call) {
-    const int64_t t0 = all_q ? 0 : std::max<int64_t>(0, a.T - c.obs_window);
+  if (call_end - end < c.obs_window || step.last_of_call) {
+    const int64_t t0 = std::max<int64_t>(0, a.T - c.obs_window);
     D2H(q_host + t0 * HD, q_dev + t0 * HD, static_cast<size_t>((a.T - t0) * HD) * 4);
   }
   Sync(&stats.prompt_wait);
