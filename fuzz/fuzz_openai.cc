@@ -27,6 +27,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       needle::server::Dump(needle::server::CompletionBody(r, "id", 0, choices, {3, 4}));
       const needle::server::Usage u{1, 2};
       needle::server::StreamChunk(r, "id", 0, text, "", &u);
+      const nlohmann::json lp = r.chat ? needle::server::ChatLogprobs(choices[0].logprobs)
+                                       : needle::server::CompletionLogprobs(choices[0].logprobs, 7);
+      needle::server::StreamChunk(r, "id", 0, text, "", nullptr, &lp);
       needle::server::StreamRoleChunk(r, "id", 0);
       needle::server::StopAt(text, r.stop);
     } catch (const needle::server::ApiError& e) {

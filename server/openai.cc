@@ -181,9 +181,6 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
   r.stream = boolean("stream");
   if (r.stream && r.prompts.size() > 1)
     Bad("stream", "'stream' takes one prompt a request, not " + std::to_string(r.prompts.size()));
-  if (r.stream && r.logprobs >= 0)
-    Bad("logprobs", "'logprobs' is not supported with 'stream' by needle yet");
-  if (r.stream && r.echo) Bad("echo", "'echo' is not supported with 'stream' by needle yet");
   if (Has(j, "stream_options")) {
     const json& so = j["stream_options"];
     if (!so.is_object()) Bad("stream_options", "'stream_options' must be an object");
@@ -234,9 +231,9 @@ json UsageJson(const Usage& u) {
 std::string Event(const json& j) { return "data: " + Dump(j) + "\n\n"; }
 }  // namespace
 
-json CompletionLogprobs(const std::vector<LogprobEntry>& e) {
+json CompletionLogprobs(const std::vector<LogprobEntry>& e, size_t first_offset) {
   json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
-  size_t at = 0;
+  size_t at = first_offset;
   for (const LogprobEntry& x : e) {
     tokens.push_back(x.text);
     offsets.push_back(at);
@@ -302,14 +299,16 @@ json CompletionBody(const CompletionRequest& r, const std::string& id, int64_t c
 }
 
 std::string StreamChunk(const CompletionRequest& r, const std::string& id, int64_t created,
-                        const std::string& text, const std::string& finish, const Usage* usage) {
+                        const std::string& text, const std::string& finish, const Usage* usage,
+                        const json* logprobs) {
   json j = Head(r, id, created, true);
   json choice = {{"index", 0}};
   choice["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
   if (r.chat)
     choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
   else
-    choice["text"] = text, choice["logprobs"] = nullptr;
+    choice["text"] = text;
+  if (logprobs != nullptr || !r.chat) choice["logprobs"] = logprobs ? *logprobs : json(nullptr);
   j["choices"] = json::array({choice});
   std::string out = Event(j);
   if (usage != nullptr) {

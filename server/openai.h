@@ -1,8 +1,8 @@
 // OpenAI's completion APIs as needle serves them (issue 20): the requests of POST /v1/completions
 // and POST /v1/chat/completions parsed and checked field by field, and the response bodies
 // (whole, or as server-sent-event chunks). Pure functions of JSON and strings: tested without a
-// socket. What needle does not do yet (n > 1, best_of, the presence/frequency penalties, logprobs
-// while streaming) is refused with a 400 that names the field, never ignored.
+// socket. What needle does not do yet (n > 1, best_of, the presence/frequency penalties) is
+// refused with a 400 that names the field, never ignored.
 #pragma once
 
 #include <cstdint>
@@ -89,18 +89,21 @@ struct Choice {
 };
 // OpenAI's logprobs objects: /v1/completions' {tokens, token_logprobs, top_logprobs,
 // text_offset} (offsets in bytes of the choice's text, from 0), /v1/chat/completions'
-// {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}.
-nlohmann::json CompletionLogprobs(const std::vector<LogprobEntry>& e);
+// {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}. first_offset:
+// where e[0]'s text begins in the choice's text (a streamed chunk's entries continue the earlier
+// chunks').
+nlohmann::json CompletionLogprobs(const std::vector<LogprobEntry>& e, size_t first_offset = 0);
 nlohmann::json ChatLogprobs(const std::vector<LogprobEntry>& e);
 // The whole response: choice i with index i.
 nlohmann::json CompletionBody(const CompletionRequest& r, const std::string& id, int64_t created,
                               const std::vector<Choice>& choices, const Usage& u);
 // One server-sent event ("data: {...}\n\n") of a streamed response: a piece of text, or (finish
 // non-empty) the last chunk with its finish reason; usage (non-null) goes in an extra last chunk
-// of its own, as OpenAI's stream_options.include_usage does.
+// of its own, as OpenAI's stream_options.include_usage does. logprobs: the chunk's tokens'
+// (CompletionLogprobs' or ChatLogprobs' object), or null.
 std::string StreamChunk(const CompletionRequest& r, const std::string& id, int64_t created,
                         const std::string& text, const std::string& finish,
-                        const Usage* usage = nullptr);
+                        const Usage* usage = nullptr, const nlohmann::json* logprobs = nullptr);
 // The first chunk of a chat stream ({"role": "assistant"}).
 std::string StreamRoleChunk(const CompletionRequest& r, const std::string& id, int64_t created);
 

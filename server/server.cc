@@ -95,7 +95,20 @@ struct Server::Impl {
   void Complete(const httplib::Request& req, httplib::Response& res, bool chat);
   // Decodes j's new tokens into st; true when the request is done (finished or stopped).
   bool Advance(Job& j, TextState& st, const CompletionRequest& r);
+  // A token's logprobs as the response shows them.
+  LogprobEntry Entry(const TokenLogprob& t) const;
 };
+
+LogprobEntry Server::Impl::Entry(const TokenLogprob& t) const {
+  LogprobEntry e;
+  e.text = tok.Decode({t.token});
+  e.has = true;
+  e.logprob = t.logprob;
+  for (const auto& [top, lp] : t.top) e.top.emplace_back(tok.Decode({top}), lp);
+  if (std::none_of(t.top.begin(), t.top.end(), [&](const auto& x) { return x.first == t.token; }))
+    e.top.emplace_back(e.text, t.logprob);  // (OpenAI lists the chosen token too)
+  return e;
+}
 
 void Server::Impl::EngineLoop() {
   std::map<int64_t, std::shared_ptr<Job>> live;
@@ -296,26 +309,15 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
       u.completion_tokens += static_cast<int64_t>(used);
       if (!score_only) c.text = st.text;
       if (r.logprobs >= 0) {
-        const auto entry = [&](const TokenLogprob& t) {
-          LogprobEntry e;
-          e.text = tok.Decode({t.token});
-          e.has = true;
-          e.logprob = t.logprob;
-          for (const auto& [top, lp] : t.top) e.top.emplace_back(tok.Decode({top}), lp);
-          if (std::none_of(t.top.begin(), t.top.end(),
-                           [&](const auto& x) { return x.first == t.token; }))
-            e.top.emplace_back(e.text, t.logprob);  // (OpenAI lists the chosen token too)
-          return e;
-        };
         if (r.echo) {
           c.logprobs.push_back({tok.Decode({prompts[i][0]}), false, 0.f, {}});
-          for (const TokenLogprob& t : job.prompt_lps) c.logprobs.push_back(entry(t));
+          for (const TokenLogprob& t : job.prompt_lps) c.logprobs.push_back(Entry(t));
         }
         // The generated tokens whose text begins before the end of what is returned (a stop
         // string cuts the text).
         size_t at = 0;
         for (size_t k = 0; k < used && k < job.lps.size(); ++k) {
-          LogprobEntry e = entry(job.lps[k]);
+          LogprobEntry e = Entry(job.lps[k]);
           if (st.stopped && at >= st.text.size()) break;
           at += e.text.size();
           c.logprobs.push_back(std::move(e));
@@ -327,45 +329,94 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
     res.set_content(Dump(CompletionBody(r, id, created, choices, u)), "application/json");
     return;
   }
-  const auto job = jobs[0];
-  const auto usage = [P = static_cast<int64_t>(prompts[0].size())](const TextState& st) {
-    return Usage{P, static_cast<int64_t>(st.used)};
-  };
   // Streamed: text is sent as it is decoded, but the last bytes that could begin a stop string
-  // are held back until they cannot.
+  // are held back until they cannot. echo: the prompt's text first (with its logprobs, once the
+  // first token brings them); logprobs: each chunk carries the entries of the tokens whose text
+  // begins in it (those left at the end go with the last piece, cut by a stop string as the
+  // whole response's are).
+  const auto job = jobs[0];
+  const int64_t P0 = static_cast<int64_t>(prompts[0].size());
   size_t hold = 0;
   for (const auto& s : r.stop) hold = std::max(hold, s.size() - 1);
-  auto st = std::make_shared<TextState>(tok);
-  auto sent = std::make_shared<size_t>(0);
-  auto begun = std::make_shared<bool>(false);
+  struct Stream {
+    explicit Stream(const Tokenizer& t) : st(t) {}
+    TextState st;
+    size_t sent = 0;       // bytes of st.text sent
+    bool begun = false;    // chat: the role chunk sent
+    bool echoed = false;   // echo: the prompt sent
+    size_t lp_sent = 0;    // generated tokens whose logprobs are sent
+    size_t lp_text = 0;    // bytes of their texts (where the next one's begins in st.text)
+    size_t lp_offset = 0;  // completions: where the next entry's text begins in the choice's
+  };
+  auto ss = std::make_shared<Stream>(tok);
+  const std::string echo_text = r.echo ? echoed[0] : std::string();
+  const int32_t first_token = prompts[0][0];
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, job, st, sent, begun, hold, r, id, created, usage, reason](size_t,
-                                                                        httplib::DataSink& sink) {
-        if (!*begun && r.chat) {
-          const std::string role = StreamRoleChunk(r, id, created);
-          if (!sink.write(role.data(), role.size())) return false;
-        }
-        *begun = true;
-        const bool done = Advance(*job, *st, r);
+      [this, job, ss, hold, r, id, created, reason, score_only, P0, echo_text, first_token](
+          size_t, httplib::DataSink& sink) {
         const auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
+        const bool lp = r.logprobs >= 0;
+        const auto lp_json = [&](const std::vector<LogprobEntry>& e, size_t offset) {
+          return r.chat ? ChatLogprobs(e) : CompletionLogprobs(e, offset);
+        };
+        if (!ss->begun && r.chat && !write(StreamRoleChunk(r, id, created))) return false;
+        ss->begun = true;
+        const bool done = Advance(*job, ss->st, r);
         if (done && job->error_status != 0) {
           write("data: " + ErrorBody(ApiError(job->error_status, job->error, "", "server_error")) +
                 "\n\n");
           sink.done();
           return true;
         }
-        const size_t upto =
-            done ? st->text.size() : (st->text.size() > hold ? st->text.size() - hold : 0);
-        if (upto > *sent) {
-          if (!write(StreamChunk(r, id, created, st->text.substr(*sent, upto - *sent), "")))
+        if (r.echo && !ss->echoed) {
+          std::vector<LogprobEntry> e;
+          if (lp) {
+            std::lock_guard<std::mutex> lk(job->m);
+            if (job->tokens.empty() && !job->finished) return sink.is_writable();  // not yet
+            e.push_back({tok.Decode({first_token}), false, 0.f, {}});
+            for (const TokenLogprob& t : job->prompt_lps) e.push_back(Entry(t));
+          }
+          const nlohmann::json j = lp_json(e, 0);
+          if (!write(StreamChunk(r, id, created, echo_text, "", nullptr, lp ? &j : nullptr)))
             return false;
-          *sent = upto;
+          for (const LogprobEntry& x : e) ss->lp_offset += x.text.size();
+          ss->echoed = true;
+        }
+        TextState& st = ss->st;
+        size_t upto = score_only ? 0
+                      : done     ? st.text.size()
+                                 : (st.text.size() > hold ? st.text.size() - hold : 0);
+        // (Never inside a character: a chunk's text is whole UTF-8.)
+        while (upto > ss->sent && upto < st.text.size() &&
+               (static_cast<unsigned char>(st.text[upto]) & 0xC0) == 0x80)
+          --upto;
+        // The generated tokens' entries that go with the text up to `upto`.
+        std::vector<LogprobEntry> e;
+        if (lp && !score_only) {
+          std::lock_guard<std::mutex> lk(job->m);
+          const size_t have = std::min(st.used, job->lps.size());
+          for (; ss->lp_sent < have; ++ss->lp_sent) {
+            const bool in = ss->lp_text < upto || (done && !st.stopped);
+            if (!in) break;
+            e.push_back(Entry(job->lps[ss->lp_sent]));
+            ss->lp_text += e.back().text.size();
+          }
+        }
+        if (upto > ss->sent || !e.empty()) {
+          const nlohmann::json j = lp_json(e, ss->lp_offset);
+          const std::string piece =
+              upto > ss->sent ? st.text.substr(ss->sent, upto - ss->sent) : "";
+          if (!write(StreamChunk(r, id, created, piece, "", nullptr, lp ? &j : nullptr)))
+            return false;
+          ss->sent = std::max(ss->sent, upto);
+          for (const LogprobEntry& x : e) ss->lp_offset += x.text.size();
         }
         if (!done) return sink.is_writable();
-        if (st->stopped) Cancel(job);
-        const Usage u = usage(*st);
-        write(StreamChunk(r, id, created, "", reason(*job, *st), r.include_usage ? &u : nullptr));
+        if (st.stopped) Cancel(job);
+        const Usage u{P0, score_only ? 0 : static_cast<int64_t>(st.used)};
+        write(StreamChunk(r, id, created, "", score_only ? "length" : reason(*job, st),
+                          r.include_usage ? &u : nullptr));
         write("data: [DONE]\n\n");
         sink.done();
         return true;

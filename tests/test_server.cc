@@ -102,9 +102,9 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":21})"), P(400, "logprobs"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":true})"), P(400, "logprobs"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":1})"), P(400, "echo"));
-  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":1,"stream":true})"),
-            P(400, "logprobs"));
-  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","echo":true,"stream":true})"), P(400, "echo"));
+  // (Streaming takes logprobs and echo.)
+  EXPECT_EQ(Refusal(R"({"model":"m","prompt":"a","logprobs":1,"echo":true,"stream":true})"),
+            P(0, ""));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":["a","b"],"stream":true})"), P(400, "stream"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":[[1],""]})"), P(400, "prompt"));
   EXPECT_EQ(Refusal(R"({"model":"m","prompt":[[1],{}]})"), P(400, "prompt"));
@@ -265,6 +265,121 @@ TEST(Server, ScoresPromptsAsLogLikelihoodHarnessesAsk) {
   EXPECT_LE(cl[0]["logprob"].get<float>(), 0.f);
   // (bytes: the token's own bytes, where its text may hold U+FFFD for a partial character)
   EXPECT_FALSE(cl[0]["bytes"].empty());
+}
+
+// The events of a streamed response, [DONE] excluded (done: whether it came).
+std::vector<json> Events(const std::string& body, bool* done) {
+  std::vector<json> out;
+  *done = false;
+  size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    const size_t end = body.find("\n\n", at);
+    const std::string data = body.substr(at + 6, end - at - 6);
+    at = end;
+    if (data == "[DONE]") {
+      *done = true;
+      break;
+    }
+    out.push_back(json::parse(data));
+  }
+  return out;
+}
+
+// Streamed with logprobs and echo, a response's chunks add up to the whole response: the same
+// text, the same tokens, logprobs, top logprobs and text offsets, in order (completions); the
+// same content list (chat); the prompt alone with max_tokens 0; a stop string cutting both alike.
+TEST(Server, StreamsLogprobsAndEchoAsTheWholeResponse) {
+  Served s;
+  httplib::Client cli("127.0.0.1", s.port);
+  const std::vector<int32_t> p = Ids(3, 24);
+  const auto whole_and_streamed = [&](json req, const char* path, json* whole, json* streamed,
+                                      std::string* finish, int64_t* completion) {
+    auto w = cli.Post(path, req.dump(), "application/json");
+    ASSERT_TRUE(w);
+    ASSERT_EQ(w->status, 200) << w->body;
+    *whole = json::parse(w->body)["choices"][0];
+    req["stream"] = true;
+    req["stream_options"] = {{"include_usage", true}};
+    auto r = cli.Post(path, req.dump(), "application/json");
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    bool done = false;
+    const std::vector<json> ev = Events(r->body, &done);
+    EXPECT_TRUE(done);
+    const bool chat = std::string(path).find("chat") != std::string::npos;
+    *streamed = chat ? json{{"content", ""}, {"logprobs", json::array()}}
+                     : json{{"text", ""},
+                            {"tokens", json::array()},
+                            {"token_logprobs", json::array()},
+                            {"top_logprobs", json::array()},
+                            {"text_offset", json::array()}};
+    for (const json& e : ev) {
+      if (e.contains("usage")) *completion = e["usage"]["completion_tokens"];
+      if (e["choices"].empty()) continue;
+      const json& c = e["choices"][0];
+      if (!c["finish_reason"].is_null()) *finish = c["finish_reason"];
+      if (chat) {
+        if (c["delta"].contains("content"))
+          (*streamed)["content"] =
+              (*streamed)["content"].get<std::string>() + c["delta"]["content"].get<std::string>();
+        if (c.contains("logprobs") && !c["logprobs"].is_null())
+          for (const json& x : c["logprobs"]["content"]) (*streamed)["logprobs"].push_back(x);
+        continue;
+      }
+      (*streamed)["text"] = (*streamed)["text"].get<std::string>() + c["text"].get<std::string>();
+      if (c["logprobs"].is_null()) continue;
+      for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+        for (const json& x : c["logprobs"][k]) (*streamed)[k].push_back(x);
+    }
+  };
+  json whole, streamed;
+  std::string finish;
+  int64_t completion = -1;
+  // Echo and logprobs, 6 tokens.
+  json req = {{"model", "m"}, {"prompt", p},   {"max_tokens", 6},
+              {"echo", true}, {"logprobs", 2}, {"temperature", 0}};
+  whole_and_streamed(req, "/v1/completions", &whole, &streamed, &finish, &completion);
+  EXPECT_EQ(streamed["text"], whole["text"]);
+  for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+    EXPECT_EQ(streamed[k], whole["logprobs"][k]) << k;
+  EXPECT_EQ(whole["logprobs"]["tokens"].size(), p.size() + 6);
+  EXPECT_EQ(finish, whole["finish_reason"]);
+  EXPECT_EQ(completion, 6);
+  // max_tokens 0: the prompt scored, nothing generated.
+  req["max_tokens"] = 0;
+  whole_and_streamed(req, "/v1/completions", &whole, &streamed, &finish, &completion);
+  EXPECT_EQ(streamed["text"], whole["text"]);
+  EXPECT_EQ(streamed["tokens"].size(), p.size());
+  EXPECT_EQ(streamed["token_logprobs"], whole["logprobs"]["token_logprobs"]);
+  EXPECT_EQ(completion, 0);
+  EXPECT_EQ(finish, "length");
+  // Logprobs without echo, cut by a stop string (the generated text's second character).
+  const std::string text = s.Alone(p, 12);
+  size_t c1 = 1;
+  while (c1 < text.size() && (static_cast<unsigned char>(text[c1]) & 0xC0) == 0x80) ++c1;
+  size_t c2 = c1 + 1;
+  while (c2 < text.size() && (static_cast<unsigned char>(text[c2]) & 0xC0) == 0x80) ++c2;
+  ASSERT_LT(c1, text.size());
+  req = {{"model", "m"},
+         {"prompt", p},
+         {"max_tokens", 12},
+         {"logprobs", 0},
+         {"stop", text.substr(c1, c2 - c1)}};
+  whole_and_streamed(req, "/v1/completions", &whole, &streamed, &finish, &completion);
+  EXPECT_EQ(streamed["text"], whole["text"]);
+  EXPECT_EQ(whole["finish_reason"], "stop");
+  for (const char* k : {"tokens", "token_logprobs", "text_offset"})
+    EXPECT_EQ(streamed[k], whole["logprobs"][k]) << k;
+  // Chat: the content list.
+  json chat = {{"model", "m"},
+               {"messages", {{{"role", "user"}, {"content", "abc"}}}},
+               {"max_tokens", 5},
+               {"logprobs", true},
+               {"top_logprobs", 3}};
+  whole_and_streamed(chat, "/v1/chat/completions", &whole, &streamed, &finish, &completion);
+  EXPECT_EQ(streamed["content"], whole["message"]["content"]);
+  EXPECT_EQ(streamed["logprobs"], whole["logprobs"]["content"]);
+  EXPECT_EQ(streamed["logprobs"].size(), 5u);
 }
 
 TEST(Server, AnswersAsTheModelAloneWholeAndStreamed) {
