@@ -1,5 +1,7 @@
 #include "sparse_attn/sparse_config.h"
 
+#include <algorithm>
+#include <numeric>
 #include <sstream>
 
 #include "engine/base/error.h"
@@ -72,6 +74,18 @@ void SparseConfig::Validate() const {
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");
+}
+
+int64_t SparseConfig::ShareablePrefix(int64_t want, int64_t prompt, int64_t donor_prompt,
+                                      int64_t ubatch) const {
+  int64_t n = std::min(want, prompt - 1);
+  if (repr == ReprType::kDynamic || preselect_blocks > 0) n = std::min(n, prompt - obs_window);
+  int64_t unit = block_size;
+  if (sparse_prefill) {
+    n = std::min(n, donor_prompt - 1);
+    unit = std::lcm(std::lcm(block_size, prefill_chunk), std::max<int64_t>(ubatch, 1));
+  }
+  return n <= 0 ? 0 : n / unit * unit;
 }
 
 std::string SparseConfig::Describe() const {

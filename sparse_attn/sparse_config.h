@@ -82,6 +82,18 @@ struct SparseConfig {
     return lb / block_size * block_size;
   }
   std::string Describe() const;
+  // How a prompt's KV is computed under these settings: "dense" (a dense prefill: the KV any
+  // dense prefill of the same tokens computes), or the settings themselves (a sparse prefill).
+  // A sequence may take a prefix's blocks only from a cache whose prefill has its key.
+  std::string PrefillKey() const { return sparse_prefill ? Describe() : "dense"; }
+  // The prefix of a prompt of `prompt` tokens that a sequence under these settings takes from a
+  // cache holding `want` of its first tokens (a document prefilled once, a kept prompt, another
+  // sequence's prompt of donor_prompt tokens), so that it then attends exactly as it does alone:
+  // whole blocks; with Dynamic representatives or preselection, obs_window prompt queries left
+  // to its own prefill (its observation window); with a sparse prefill, whole micro-batches
+  // (ubatch) and prefill chunks (their boundaries, and so their selections, fall where they
+  // fall alone), and not the donor's last prompt query (which selected alone).
+  int64_t ShareablePrefix(int64_t want, int64_t prompt, int64_t donor_prompt, int64_t ubatch) const;
 };
 
 }  // namespace needle

@@ -189,6 +189,49 @@ TEST(Cli, TextPromptsStreamTextAndStopAtStopStrings) {
 // needle ask: the document's tokens are prefilled once and shared by every question (whole
 // blocks); each answer is the one needle generate gives for the document and the question as
 // one prompt. Questions may come from a config file's array too; what cannot run is refused.
+// Sparse attention: each question's planner over the document's shared blocks answers as
+// needle generate does on the whole prompt, with a dense prefill (the document's blocks shared
+// whole) and with a sparse one (shared in whole chunks and micro-batches, its last recomputed),
+// and with preselection (the questions' own observation windows).
+TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
+  test::TempDir d;
+  const std::string src = kFx + "/llama_gqa4_hd64_f32";
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(src + "/" + f, d.File(f));
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", d.File("tokenizer.json"));
+  std::string doc;
+  for (int i = 0; i < 40; ++i) doc += "Line " + std::to_string(i) + " of the doc. ";
+  test::WriteFile(d.File("doc.txt"), doc);
+  const std::vector<std::string> qs = {"Which line?", "How many lines are there in it"};
+  const std::string base = " -m " + d.path() +
+                           " --device cpu -n 12 --ignore-eos -c 1200 --attention sparse "
+                           "--block-size 16 "
+                           "--init-tokens 16 --local-window 64 --topk 4 --dense-layers 0";
+  for (const std::string& extra :
+       {std::string(""), std::string(" --prefill sparse --prefill-chunk 32 --ubatch 64"),
+        std::string(" --preselect-blocks 8 --obs-window 24 --repr max")}) {
+    const std::string m = base + extra;
+    std::string want;
+    for (const std::string& q : qs) {
+      test::WriteFile(d.File("p.txt"), doc + "\n\n" + q);
+      Result g = RunNeedle("generate" + m + " -f " + d.File("p.txt"), false);
+      ASSERT_EQ(g.status, 0) << g.output;
+      want += "Q: " + q + "\nA: " + g.output + "\n";
+    }
+    const std::string ask =
+        "ask" + m + " -f " + d.File("doc.txt") + " -q '" + qs[0] + "' -q '" + qs[1] + "'";
+    Result a = RunNeedle(ask, false);
+    ASSERT_EQ(a.status, 0) << RunNeedle(ask).output;
+    EXPECT_EQ(a.output, want) << extra;
+    Result e = RunNeedle(ask);
+    // The document is 792 tokens: 784 in whole blocks of 16, 768 in whole micro-batches of 64
+    // (below its last token), and with an observation window of 24 the first question's prompt
+    // (803 tokens) leaves its last 24 queries: 768.
+    const char* reused = extra.empty() ? "question 1: 784 of 803" : "question 1: 768 of 803";
+    EXPECT_NE(e.output.find(reused), std::string::npos) << extra << "\n" << e.output;
+  }
+}
+
 TEST(Cli, AskReusesTheDocumentAndAnswersAsGenerate) {
   test::TempDir d;
   const std::string src = kFx + "/llama_gqa4_hd64_f32";
@@ -240,9 +283,9 @@ TEST(Cli, AskReusesTheDocumentAndAnswersAsGenerate) {
   Result nq = RunNeedle("ask" + m + " -f " + d.File("doc.txt"));
   EXPECT_EQ(nq.status, 1);
   EXPECT_NE(nq.output.find("at least one --question"), std::string::npos) << nq.output;
-  Result sp = RunNeedle(ask + " --attention sparse");
+  Result sp = RunNeedle(ask + " --attention sparse --prefill sparse --kv-file " + d.File("x.kv"));
   EXPECT_EQ(sp.status, 1);
-  EXPECT_NE(sp.output.find("--attention sparse is not supported yet"), std::string::npos)
+  EXPECT_NE(sp.output.find("--kv-file with --prefill sparse is not supported"), std::string::npos)
       << sp.output;
   Result big = RunNeedle(ask + " --ctx-size 100");
   EXPECT_EQ(big.status, 1);

@@ -3,8 +3,14 @@
 // tokenized; the tokens all prompts begin with are prefilled once into a cache of a shared block
 // pool; each question's cache then takes that cache's whole blocks by reference
 // (KVCache::SharePrefix: counted once more, never copied) and prefills only the rest, its
-// partial block included, before it answers. Dense attention (the sparse planner's state is
-// per sequence: not shared yet).
+// partial block included, before it answers.
+//
+// With --attention sparse (on the CPU) each question has its own planner over the shared blocks:
+// it computes the representatives of the document's blocks from their keys when it first ranks
+// them (the same function of the same keys as alone), and takes only the prefix that leaves its
+// answer what it is alone (SparseConfig::ShareablePrefix: with a sparse prefill, the document is
+// prefilled by a planner of its own, and the questions share it in whole chunks and micro-
+// batches, recomputing its last ones).
 //
 // --kv-file FILE keeps the document's KV across runs (kvcache/kv_file.h): when FILE holds this
 // model's KV of the prompts' first tokens (same config and weights, KV type, block size), its
@@ -29,6 +35,7 @@
 #include "engine/tokenizer/tokenizer.h"
 #include "kvcache/block_pool.h"
 #include "kvcache/kv_file.h"
+#include "sparse_attn/sparse_attention.h"
 
 namespace needle {
 
@@ -58,17 +65,20 @@ int CmdAsk(int argc, char** argv) {
     if (opt.Flag("help")) std::fputs(opt.Help().c_str(), stdout);
     return 0;
   }
-  SparseConfigFromOptions(opt);
-  if (opt.Str("attention") != "dense")
-    Fail("needle ask: --attention ", opt.Str("attention"),
-         " is not supported yet (the sparse planner's state of the document is not shared "
-         "between questions); use --attention dense");
+  const SparseConfig scfg = SparseConfigFromOptions(opt);
+  const bool sparse = opt.Str("attention") == "sparse";
   const SamplingParams sp = SamplingFromOptions(opt);
   const std::string model_dir = opt.Str("model");
   if (model_dir.empty()) Fail("needle ask: --model is required");
   if (opt.Str("file").empty()) Fail("needle ask: --file (the document) is required");
   const std::vector<std::string> questions = opt.List("question");
   const std::string kv_file = opt.Str("kv-file");
+  if (sparse && scfg.sparse_prefill && !kv_file.empty())
+    Fail(
+        "needle ask: --kv-file with --prefill sparse is not supported (a KV file holds a dense "
+        "prefill's KV); use --prefill dense, or no --kv-file");
+  if (sparse && !opt.Str("dump-plan").empty())
+    Fail("needle ask: --dump-plan is not supported (each question has a planner of its own)");
   if (questions.empty() && kv_file.empty())
     Fail(
         "needle ask: give at least one --question (-q), or --kv-file to only store the document's "
@@ -124,6 +134,15 @@ int CmdAsk(int argc, char** argv) {
   const int64_t ctx = static_cast<int64_t>(longest) + max_new;
   RunSetup rs = MakeRunSetup(opt, ctx, false);
   Model& model = *rs.model;
+  if (sparse && model.backend().kv_memory() != nullptr)
+    Fail(
+        "needle ask: --attention sparse runs on the CPU for now (the hybrid engine's host cache "
+        "is one sequence's); use --device cpu, or --attention dense");
+  // A question's planner (sparse attention), over a cache of n tokens.
+  const auto planner = [&](int64_t n) {
+    return std::make_unique<SparseAttention>(model.config(), rs.sparse_cfg, model.backend(), *rs.tc,
+                                             n, rs.kv_type);
+  };
   if (opt.Flag("ignore-eos")) model.set_eos_token_ids({});
   if (const std::string note = LongContextNote(model.config(), ctx, nullptr); !note.empty())
     std::fprintf(stderr, "%s\n", note.c_str());
@@ -146,11 +165,18 @@ int CmdAsk(int argc, char** argv) {
   // The pool: the document's blocks and one question's (its own blocks past the shared ones).
   const int64_t shared = from_file > 0 ? from_file : static_cast<int64_t>(common) / B * B;
   const int64_t doc_blocks = (static_cast<int64_t>(common) + B - 1) / B;
-  const int64_t own_blocks = (ctx - shared + B - 1) / B;
+  // Each question's part of it (sparse attention: what leaves its answer as it is alone).
+  std::vector<int64_t> mine(prompts.size(), shared);
+  if (sparse)
+    for (size_t i = 0; i < prompts.size(); ++i)
+      mine[i] = rs.sparse_cfg.ShareablePrefix(shared, static_cast<int64_t>(prompts[i].size()),
+                                              static_cast<int64_t>(common), model.ubatch());
+  const int64_t own_blocks = (ctx - *std::min_element(mine.begin(), mine.end()) + B - 1) / B;
   const KVCacheShape shape = model.CacheShape((doc_blocks + own_blocks) * B, rs.kv_type, B);
   BlockPool pool(shape, RunLimitsFromOptions(opt).kv_memory, model.backend().kv_memory());
-  std::fprintf(stderr, "needle: %s, %s kernels, dense attention, KV pool %s; %zu questions\n",
+  std::fprintf(stderr, "needle: %s, %s kernels, %s attention, KV pool %s; %zu questions\n",
                model.config().architecture.c_str(), model.backend().Name(),
+               sparse ? ("sparse (" + rs.sparse_cfg.Describe() + ")").c_str() : "dense",
                FormatBytes(shape.TotalBytes()).c_str(), questions.size());
 
   // The document: loaded from the KV file, or prefilled once (and written to the file).
@@ -163,8 +189,13 @@ int CmdAsk(int argc, char** argv) {
   } else {
     ProgressBar bar;
     model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+    // (A sparse prefill's document: by a planner of its own, as each question's alone would.)
+    std::unique_ptr<SparseAttention> doc_planner;
+    if (sparse && rs.sparse_cfg.sparse_prefill) doc_planner = planner(doc_blocks * B);
+    model.set_attention(doc_planner.get());
     if (common > 0)
       model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
+    model.set_attention(nullptr);
     model.set_progress(nullptr);
     std::fprintf(stderr, "needle: document prefilled once: %zu tokens in %.3f s\n", common,
                  Since(t0));
@@ -182,21 +213,30 @@ int CmdAsk(int argc, char** argv) {
   for (size_t i = 0; i < prompts.size(); ++i) {
     const std::vector<int32_t>& p = prompts[i];
     KVCache cache(pool, static_cast<int64_t>(p.size()) + max_new);
-    cache.SharePrefix(doc_cache, shared);
-    const std::vector<int32_t> rest(p.begin() + shared, p.end());
+    const int64_t P = static_cast<int64_t>(p.size());
+    cache.SharePrefix(doc_cache, mine[i]);
+    const std::vector<int32_t> rest(p.begin() + mine[i], p.end());
+    std::unique_ptr<SparseAttention> q_planner = sparse ? planner(P + max_new) : nullptr;
+    model.set_attention(q_planner.get());
     std::printf("Q: %s\nA: ", questions[i].c_str());
     std::fflush(stdout);
     StopStream out(*tok, opt.Str("stop"));
     GenerateStats st;
-    Generate(
-        model, cache, rest, max_new, sp, [&](int32_t id) { return out.Push(id); }, &st);
+    try {
+      Generate(
+          model, cache, rest, max_new, sp, [&](int32_t id) { return out.Push(id); }, &st);
+    } catch (...) {
+      model.set_attention(nullptr);
+      throw;
+    }
+    model.set_attention(nullptr);
     out.Finish();
     std::printf("\n");
     std::fflush(stdout);
     std::fprintf(stderr,
                  "needle: question %zu: %lld of %zu prompt tokens reused, %lld prefilled in %.3f "
                  "s; %lld tokens at %.2f tok/s%s\n",
-                 i + 1, static_cast<long long>(shared), p.size(),
+                 i + 1, static_cast<long long>(mine[i]), p.size(),
                  static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
                  static_cast<long long>(st.new_tokens),
                  st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0,

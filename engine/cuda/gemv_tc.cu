@@ -20,6 +20,9 @@
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/gemv_common.cuh"
@@ -28,9 +31,10 @@
 namespace needle::cuda::gemv_detail {
 namespace {
 
-// NT: n-tiles of 8 tokens per block; U: spans per warp with loads in flight.
-template <GemvEpilogue kE, bool kNorm, int NT, int U>
-__global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
+// NT: n-tiles of 8 tokens per block; U: spans per warp with loads in flight; W: warps per block
+// (they split K: the same W for every T, or a token's sums would depend on T).
+template <GemvEpilogue kE, bool kNorm, int NT, int U, int W>
+__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
   constexpr int kTok = 8 * NT, kOut = kGate ? 8 : 16;  // outputs per token: rows (gate/up pairs)
   const int groups = (p.tokens + kTok - 1) / kTok;
@@ -62,18 +66,18 @@ __global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
     for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
   }
   const int spans = (p.k8 + 3) / 4;
-  for (int s0 = warp; s0 < spans; s0 += kWarps * U) {
+  for (int s0 = warp; s0 < spans; s0 += W * U) {
     uint4 a[U][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int chunk = 4 * (s0 + kWarps * u) + c;
+      const int chunk = 4 * (s0 + W * u) + c;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         a[u][h] = chunk < p.k8 ? LoadStream(wr[h] + chunk) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int s = s0 + kWarps * u, chunk = 4 * s + c;
+      const int s = s0 + W * u, chunk = 4 * s + c;
       if (s >= spans) break;  // (the same for the whole warp)
       const uint32_t a1[4] = {a[u][0].x, a[u][1].x, a[u][0].y, a[u][1].y};
       const uint32_t a2[4] = {a[u][0].z, a[u][1].z, a[u][0].w, a[u][1].w};
@@ -92,8 +96,8 @@ __global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
     }
   }
   // The warps' partial sums: lane (g, c) holds rows g, g + 8 of tokens 2c, 2c + 1 of each n-tile.
-  __shared__ float part[kWarps][16][kTok + 1];
-  __shared__ float ssp[kWarps][kTok];
+  __shared__ float part[W][16][kTok + 1];
+  __shared__ float ssp[W][kTok];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     part[warp][g][8 * t + 2 * c] = acc[t][0];
@@ -108,20 +112,20 @@ __global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < kOut * kTok; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kOut * kTok; idx += 32 * W) {
     const int i = idx % kOut, j = idx / kOut, tok = m0 + j;
     if (tok >= p.tokens) break;  // (idx grows with j)
     float scale = 1.f;
     if constexpr (kNorm) {
       float s = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) s += ssp[w][j];
+      for (int w = 0; w < W; ++w) s += ssp[w][j];
       scale = rsqrtf(s / static_cast<float>(8 * p.k8) + p.norm.eps);
     }
     auto sum = [&](int r) {
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += part[w][r][j];
+      for (int w = 0; w < W; ++w) v += part[w][r][j];
       return __fmul_rn(v, scale);
     };
     if constexpr (kGate) {
@@ -134,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) GemvTcKernel(GemvParams p) {
   }
 }
 
-template <bool kNorm, int NT, int U>
+template <bool kNorm, int NT, int U, int W>
 void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
   const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
@@ -142,13 +146,13 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvTcKernel<GemvEpilogue::kStore, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvTcKernel<GemvEpilogue::kAdd, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, NT, U><<<grid, kThreads, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     default:
       Fail("Gemv: the tensor-core kernel has no rotary epilogue");
@@ -156,23 +160,34 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-template <bool kNorm>
+template <bool kNorm, int W>
 void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   // (One n-tile: 4 spans a warp in flight. 8 were slower on the H200: 156.5 against 169.5 tok/s
   // for one row of Qwen2.5-7B shapes, 739.9 against 781.9 for eight; bench/RESULTS.md.)
-  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4>(p, e, rows, stream);
-  if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4>(p, e, rows, stream);
-  if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2>(p, e, rows, stream);
-  return LaunchTiles<kNorm, 8, 2>(p, e, rows, stream);
+  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4, W>(p, e, rows, stream);
+  if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4, W>(p, e, rows, stream);
+  if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2, W>(p, e, rows, stream);
+  return LaunchTiles<kNorm, 8, 2, W>(p, e, rows, stream);
+}
+
+// Warps per block: 4, or NEEDLE_GEMV_TC_WARPS=8 (a measurement knob, read once per process so
+// that every call of a process adds alike).
+int TcWarps() {
+  static const int w = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_WARPS");
+    return e != nullptr && std::string(e) == "8" ? 8 : 4;
+  }();
+  return w;
 }
 
 }  // namespace
 
 void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  if (p.norm.g != nullptr)
-    LaunchNormed<true>(p, e, rows, stream);
+  const bool norm = p.norm.g != nullptr;
+  if (TcWarps() == 8)
+    norm ? LaunchNormed<true, 8>(p, e, rows, stream) : LaunchNormed<false, 8>(p, e, rows, stream);
   else
-    LaunchNormed<false>(p, e, rows, stream);
+    norm ? LaunchNormed<true, 4>(p, e, rows, stream) : LaunchNormed<false, 4>(p, e, rows, stream);
 }
 
 }  // namespace needle::cuda::gemv_detail

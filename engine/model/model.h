@@ -90,6 +90,7 @@ class Model {
   }
   // Tokens processed per internal step of a long prompt (bounds activation memory).
   void set_ubatch(int64_t n) { ubatch_ = n > 0 ? n : 512; }
+  int64_t ubatch() const { return ubatch_; }
 
   KVCacheShape CacheShape(int64_t capacity, DType kv_dtype, int64_t block_size = 128) const;
 
