@@ -13,6 +13,7 @@
 #include "engine/backend/backend.h"
 #include "engine/model/model.h"
 #include "engine/runtime/engine.h"
+#include "sparse_attn/sparse_attention.h"
 #include "tests/fixture_util.h"
 #include "tests/test_util.h"
 
@@ -130,6 +131,79 @@ TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
   EXPECT_EQ(chunked.tokens, want);
   EXPECT_GT(chunked.interleaved, 0);
   EXPECT_EQ(chunked.reused, 16);  // (prompt 0's first chunk was in when prompt 1 began)
+}
+
+// Sparse sequences share prompt prefixes too, each as much as leaves it attending as alone
+// (SparseConfig::ShareablePrefix): their tokens equal each prompt's alone with a planner of its
+// own, from running sequences (a batch of 3) and from kept prompts (one at a time), with a dense
+// prefill, a sparse one (whole micro-batches of 32, never from a dense prefill's KV) and
+// preselection (its own observation window).
+TEST(Engine, SparseSequencesSharePrefixesAndAnswerAsAlone) {
+  Fixture f;
+  Model& m = *f.model;
+  m.set_ubatch(32);
+  const int64_t V = m.config().vocab_size, ctx = 160, max_new = 10;
+  std::vector<std::vector<int32_t>> p(3);
+  for (int64_t i = 0; i < 100; ++i) p[0].push_back(static_cast<int32_t>((i * 37 + 7) % V));
+  p[1].assign(p[0].begin(), p[0].begin() + 80);
+  for (int64_t i = 0; i < 20; ++i) p[1].push_back(static_cast<int32_t>((i * 11 + 2) % V));
+  p[2].assign(p[0].begin(), p[0].begin() + 88);
+  for (int64_t i = 0; i < 12; ++i) p[2].push_back(static_cast<int32_t>((i * 5 + 9) % V));
+  SparseConfig c;
+  c.block_size = 8, c.init_tokens = 8, c.local_window = 16, c.topk = 2, c.dense_layers = 0;
+  const auto planner = [&](const SparseConfig& sc) {
+    return std::make_unique<SparseAttention>(m.config(), sc, m.backend(), f.tc, ctx, DType::kF32);
+  };
+  struct Case {
+    const char* what;
+    SparseConfig cfg;
+    int64_t batch_reused, kept_reused;  // tokens taken: from running sequences, from kept ones
+  };
+  std::vector<Case> cases = {{"dense prefill", c, 80 + 88, 80 + 88}};
+  c.sparse_prefill = true, c.prefill_chunk = 16;
+  cases.push_back({"sparse prefill", c, 64 + 64, 64 + 64});
+  c.sparse_prefill = false, c.preselect_blocks = 4, c.obs_window = 16, c.repr = ReprType::kMax;
+  cases.push_back({"preselection", c, 80 + 80, 80 + 80});
+  for (const Case& k : cases) {
+    std::vector<std::vector<int32_t>> want;
+    for (const auto& prompt : p) {
+      auto sp = planner(k.cfg);
+      m.set_attention(sp.get());
+      KVCache cache(m.CacheShape(ctx, DType::kF32, k.cfg.block_size));
+      std::vector<int32_t> toks = {
+          m.ForwardGreedy(prompt.data(), static_cast<int64_t>(prompt.size()), cache)};
+      while (static_cast<int64_t>(toks.size()) < max_new)
+        toks.push_back(m.ForwardGreedy(&toks.back(), 1, cache));
+      m.set_attention(nullptr);
+      want.push_back(toks);
+    }
+    for (int64_t batch : {3, 1}) {
+      EngineOptions o;
+      o.block_size = k.cfg.block_size, o.max_context = ctx, o.max_batch = batch;
+      o.prefix_cache = batch == 1 ? 4 : 0;
+      Engine e(m, o);
+      // (A dense sequence of the same prompt first: its KV is a dense prefill's.)
+      SequenceRequest d;
+      d.prompt = p[0], d.max_new = 3, d.ignore_eos = true;
+      e.Submit(std::move(d));
+      for (const auto& prompt : p) {
+        SequenceRequest r;
+        r.prompt = prompt, r.max_new = max_new, r.ignore_eos = true, r.policy = planner(k.cfg);
+        e.Submit(std::move(r));
+      }
+      std::vector<std::vector<int32_t>> got(p.size() + 1);
+      while (!e.Idle())
+        for (const TokenEvent& ev : e.Step()) got[ev.seq].push_back(ev.token);
+      got.erase(got.begin());
+      EXPECT_EQ(got, want) << k.what << ", batch " << batch;
+      // The dense sequence's prompt serves the dense prefills' first sparse sequence whole (99
+      // tokens: 96 in blocks, or its last 16 queries left: 80); the sparse prefill's shares only
+      // among sparse prefills.
+      const int64_t first = k.cfg.sparse_prefill ? 0 : (k.cfg.preselect_blocks > 0 ? 80 : 96);
+      EXPECT_EQ(e.reused_tokens(), first + (batch == 1 ? k.kept_reused : k.batch_reused))
+          << k.what << ", batch " << batch;
+    }
+  }
 }
 
 // A sampled sequence draws the same tokens beside greedy ones as alone (its own generator, its

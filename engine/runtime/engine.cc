@@ -158,7 +158,7 @@ void Engine::KeepPrefix(const Seq& s) {
   const int64_t whole = static_cast<int64_t>(s.prompt.size()) / block_size_ * block_size_;
   if (whole == 0) return;
   for (const auto& p : prefixes_)  // already kept (a prompt that began as this one): refreshed
-    if (static_cast<int64_t>(p->tokens.size()) >= whole &&
+    if (static_cast<int64_t>(p->tokens.size()) >= whole && p->key == PrefillKey(s) &&
         std::equal(s.prompt.begin(), s.prompt.begin() + whole, p->tokens.begin())) {
       p->used = ++clock_;
       return;
@@ -167,6 +167,8 @@ void Engine::KeepPrefix(const Seq& s) {
     return;  // (all in use)
   auto p = std::make_unique<Prefix>();
   p->tokens.assign(s.prompt.begin(), s.prompt.begin() + whole);
+  p->key = PrefillKey(s);
+  p->prompt = static_cast<int64_t>(s.prompt.size());
   p->cache = std::make_unique<KVCache>(*pool_, whole);
   p->cache->SharePrefix(*s.cache, whole);
   p->used = ++clock_;
@@ -186,20 +188,28 @@ bool Engine::EvictPrefix(const Prefix* keep) {
   return true;
 }
 
-int64_t Engine::Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held) const {
-  const int64_t n = std::min<int64_t>(
-      {static_cast<int64_t>(s.prompt.size()) - 1, static_cast<int64_t>(tokens.size()), held});
+std::string Engine::PrefillKey(const Seq& s) {
+  return s.policy != nullptr ? s.policy->config().PrefillKey() : "dense";
+}
+
+int64_t Engine::Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held,
+                          const std::string& key, int64_t donor_prompt) const {
+  if (key != PrefillKey(s)) return 0;
+  const int64_t P = static_cast<int64_t>(s.prompt.size());
+  const int64_t n = std::min<int64_t>({P - 1, static_cast<int64_t>(tokens.size()), held});
   int64_t c = 0;
   while (c < n && tokens[c] == s.prompt[c]) ++c;
+  if (s.policy != nullptr)
+    return s.policy->config().ShareablePrefix(c, P, donor_prompt, model_.ubatch());
   return c / block_size_ * block_size_;
 }
 
 Engine::Prefix* Engine::BestPrefix(const Seq& s, int64_t* tokens) {
   *tokens = 0;
-  if (!reuse_ || s.policy != nullptr || s.prompt_logprobs) return nullptr;
+  if (!reuse_ || s.prompt_logprobs) return nullptr;
   Prefix* best = nullptr;
   for (const auto& p : prefixes_) {
-    const int64_t c = Shareable(s, p->tokens, p->cache->size());
+    const int64_t c = Shareable(s, p->tokens, p->cache->size(), p->key, p->prompt);
     if (c > *tokens) *tokens = c, best = p.get();
   }
   return best;
@@ -210,9 +220,9 @@ void Engine::Leave(Seq& s) {
 }
 
 void Engine::SharePrefix(Seq& s) {
-  // The longest prefix a running dense sequence's cache holds, in whole blocks, at least one
-  // prompt token left to prefill (its logits give the first token). (Looked for when the
-  // sequence's prefill begins: the sequences before it in the step have prefilled theirs.)
+  // The longest prefix a running sequence's cache holds that s may take (Shareable). (Looked
+  // for when the sequence's prefill begins: the sequences before it in the step have prefilled
+  // theirs.)
   int64_t shared = 0;
   // A sequence admitted on a kept prompt's blocks (its reservation counts only its own) takes
   // those; the others, a running sequence's (their reservation counts every block they hold).
@@ -220,10 +230,11 @@ void Engine::SharePrefix(Seq& s) {
   if (s.kept != nullptr) {
     shared = s.kept_tokens, from = s.kept->cache.get();
     s.kept->used = ++clock_;
-  } else if (reuse_ && s.policy == nullptr && !s.prompt_logprobs) {
+  } else if (reuse_ && !s.prompt_logprobs) {
     for (const auto& o : running_) {
-      if (o.get() == &s || o->done || o->policy != nullptr) continue;
-      const int64_t c = Shareable(s, o->prompt, o->cache->size());
+      if (o.get() == &s || o->done) continue;
+      const int64_t c = Shareable(s, o->prompt, o->cache->size(), PrefillKey(*o),
+                                  static_cast<int64_t>(o->prompt.size()));
       if (c > shared) shared = c, from = o->cache.get();
     }
   }
@@ -290,7 +301,7 @@ std::vector<TokenEvent> Engine::Step() {
   for (const auto& s : running_)
     if (s->done) {
       Leave(*s);
-      if (reuse_ && opt_.prefix_cache > 0 && s->policy == nullptr) KeepPrefix(*s);
+      if (reuse_ && opt_.prefix_cache > 0) KeepPrefix(*s);
     }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](const std::unique_ptr<Seq>& s) { return s->done; }),

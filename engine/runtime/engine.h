@@ -10,12 +10,12 @@
 //      sequence never runs out of blocks and nothing is preempted (no swapping, no recompute:
 //      the pool is under-used while sequences are short, the price of never redoing work). The
 //      first waiting sequence that does not fit waits, and the ones behind it with it (in order).
-//      Where an admitted sequence's prompt begins as a running sequence's does (dense
-//      attention), or as a finished one's kept in the prefix cache (prefix_cache), it takes
-//      that sequence's whole blocks of the common prefix by reference (KVCache::SharePrefix)
-//      and prefills only the rest. The prefix cache keeps the prompts' whole blocks of finished
-//      dense sequences (by reference: nothing copied) until admission needs their blocks, least
-//      recently used first;
+//      Where an admitted sequence's prompt begins as a running sequence's does, or as a
+//      finished one's kept in the prefix cache (prefix_cache), and their prefills compute the
+//      same KV (EngineOptions::prefix_reuse), it takes that sequence's whole blocks of the
+//      common prefix by reference (KVCache::SharePrefix) and prefills only the rest. The prefix
+//      cache keeps the prompts' whole blocks of finished sequences (by reference: nothing
+//      copied) until admission needs their blocks, least recently used first;
 //   3. sequences still prefilling take their next chunk of prompt_chunk tokens (dense; the
 //      whole rest with prompt_chunk 0, or with a sparse policy, whose end-of-prompt observation
 //      wants the prompt in one call), each alone; the last chunk gives the first token. So a
@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/model/generate.h"
@@ -50,17 +51,20 @@ struct EngineOptions {
   int64_t max_context = 0;   // tokens of one sequence, prompt and answer (>= 1)
   DType kv_type = DType::kF32;
   size_t kv_memory = 0;  // the pool's budget in bytes (0: what the memory has available)
-  // Share prompt prefixes between dense sequences (off: every prompt prefilled whole). Never with
-  // a sequence that has a policy, nor with dynamic NTK rope (its frequencies follow each
-  // prompt's length).
+  // Share prompt prefixes between sequences whose prefills compute the same KV (off: every prompt
+  // prefilled whole): dense prefills (dense sequences, and sparse ones with a dense prefill)
+  // among themselves, sparse prefills of the same settings among themselves, each sparse
+  // sequence only as much as leaves it attending as alone (SparseConfig::ShareablePrefix; its
+  // planner computes the shared blocks' representatives from their keys). Never with dynamic
+  // NTK rope (its frequencies follow each prompt's length).
   bool prefix_reuse = true;
   // Prompt tokens a dense sequence prefills per step (0: its whole prompt in the step it joins).
   int64_t prompt_chunk = 0;
   // Prompt tokens per forward call of a sequence that wants its prompt's logprobs (each brings
   // back a row of vocab_size logits).
   int64_t prompt_logprob_rows = 256;
-  // Finished dense sequences' prompts kept for later prompts that begin alike (at most this
-  // many; 0: none). Their blocks count against the pool until evicted, which admission does
+  // Finished sequences' prompts kept for later prompts that begin alike (at most this many; 0:
+  // none). Their blocks count against the pool until evicted, which admission does
   // (least recently used first) whenever a waiting sequence needs them: the pool's budget
   // (kv_memory) is the cache's bound.
   int64_t prefix_cache = 0;
@@ -151,10 +155,15 @@ class Engine {
   bool EvictPrefix(const Prefix* keep);
   // The kept prompt s's prompt shares the most whole blocks with (its tokens in *tokens), or null.
   Prefix* BestPrefix(const Seq& s, int64_t* tokens);
-  // The tokens s's prompt can take from a cache holding `held` tokens of `tokens`: their common
-  // prefix in whole blocks, at least one prompt token left to prefill (its logits give the
-  // first token).
-  int64_t Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held) const;
+  // The tokens s's prompt can take from a cache holding `held` tokens of `tokens`, computed by
+  // the prefill of a prompt of donor_prompt tokens with prefill key `key`: none for another key
+  // (SparseConfig::PrefillKey: a dense prefill, or a sparse one's settings); else their common
+  // prefix in whole blocks, at least one prompt token left to prefill (its logits give the first
+  // token), and for a sparse sequence what SparseConfig::ShareablePrefix allows (so that it
+  // attends exactly as alone).
+  int64_t Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held,
+                    const std::string& key, int64_t donor_prompt) const;
+  static std::string PrefillKey(const Seq& s);
   void Leave(Seq& s);  // s leaves the running sequences (its kept prompt unpinned)
 
   Model& model_;
@@ -169,6 +178,8 @@ class Engine {
   struct Prefix {
     std::vector<int32_t> tokens;     // whole blocks of a finished prompt
     std::unique_ptr<KVCache> cache;  // holding their blocks
+    std::string key;                 // its prefill's (Engine::PrefillKey)
+    int64_t prompt = 0;              // the tokens of the prompt they began
     uint64_t used = 0;
     int64_t users = 0;  // running sequences sharing its blocks (it stays while they run)
   };
