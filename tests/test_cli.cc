@@ -186,22 +186,40 @@ TEST(Cli, TextPromptsStreamTextAndStopAtStopStrings) {
       << t.output;
 }
 
-// needle ask: the document's tokens are prefilled once and shared by every question (whole
-// blocks); each answer is the one needle generate gives for the document and the question as
-// one prompt. Questions may come from a config file's array too; what cannot run is refused.
+// A model folder in d for needle ask (a fixture's weights, the byte tokenizer) and its doc.txt of
+// `lines` lines; returns the document.
+std::string AskFolder(test::TempDir& d, int lines) {
+  const std::string src = kFx + "/llama_gqa4_hd64_f32";
+  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
+    std::filesystem::copy_file(src + "/" + f, d.File(f));
+  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", d.File("tokenizer.json"));
+  std::string doc;
+  for (int i = 0; i < lines; ++i) doc += "Line " + std::to_string(i) + " of the doc. ";
+  test::WriteFile(d.File("doc.txt"), doc);
+  return doc;
+}
+
+// What needle generate (options m) answers for the document then each question, as needle ask
+// prints it.
+std::string AsGenerate(test::TempDir& d, const std::string& doc, const std::vector<std::string>& qs,
+                       const std::string& m) {
+  std::string want;
+  for (const std::string& q : qs) {
+    test::WriteFile(d.File("p.txt"), doc + "\n\n" + q);
+    Result g = RunNeedle("generate" + m + " -f " + d.File("p.txt"), false);
+    EXPECT_EQ(g.status, 0) << g.output;
+    want += "Q: " + q + "\nA: " + g.output + "\n";
+  }
+  return want;
+}
+
 // Sparse attention: each question's planner over the document's shared blocks answers as
 // needle generate does on the whole prompt, with a dense prefill (the document's blocks shared
 // whole) and with a sparse one (shared in whole chunks and micro-batches, its last recomputed),
 // and with preselection (the questions' own observation windows).
 TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
   test::TempDir d;
-  const std::string src = kFx + "/llama_gqa4_hd64_f32";
-  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
-    std::filesystem::copy_file(src + "/" + f, d.File(f));
-  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", d.File("tokenizer.json"));
-  std::string doc;
-  for (int i = 0; i < 40; ++i) doc += "Line " + std::to_string(i) + " of the doc. ";
-  test::WriteFile(d.File("doc.txt"), doc);
+  const std::string doc = AskFolder(d, 40);
   const std::vector<std::string> qs = {"Which line?", "How many lines are there in it"};
   const std::string base = " -m " + d.path() +
                            " --device cpu -n 12 --ignore-eos -c 1200 --attention sparse "
@@ -211,13 +229,7 @@ TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
        {std::string(""), std::string(" --prefill sparse --prefill-chunk 32 --ubatch 64"),
         std::string(" --preselect-blocks 8 --obs-window 24 --repr max")}) {
     const std::string m = base + extra;
-    std::string want;
-    for (const std::string& q : qs) {
-      test::WriteFile(d.File("p.txt"), doc + "\n\n" + q);
-      Result g = RunNeedle("generate" + m + " -f " + d.File("p.txt"), false);
-      ASSERT_EQ(g.status, 0) << g.output;
-      want += "Q: " + q + "\nA: " + g.output + "\n";
-    }
+    const std::string want = AsGenerate(d, doc, qs, m);
     const std::string ask =
         "ask" + m + " -f " + d.File("doc.txt") + " -q '" + qs[0] + "' -q '" + qs[1] + "'";
     Result a = RunNeedle(ask, false);
@@ -232,24 +244,15 @@ TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
   }
 }
 
+// needle ask: the document's tokens are prefilled once and shared by every question (whole
+// blocks); each answer is the one needle generate gives for the document and the question as
+// one prompt. Questions may come from a config file's array too; what cannot run is refused.
 TEST(Cli, AskReusesTheDocumentAndAnswersAsGenerate) {
   test::TempDir d;
-  const std::string src = kFx + "/llama_gqa4_hd64_f32";
-  for (const char* f : {"config.json", "model.safetensors", "generation_config.json"})
-    std::filesystem::copy_file(src + "/" + f, d.File(f));
-  std::filesystem::copy_file(kFx + "/../tokenizer/bytes_tokenizer.json", d.File("tokenizer.json"));
-  std::string doc;
-  for (int i = 0; i < 9; ++i) doc += "Line " + std::to_string(i) + " of the doc. ";
-  test::WriteFile(d.File("doc.txt"), doc);
+  const std::string doc = AskFolder(d, 9);
   const std::vector<std::string> qs = {"Which line?", "How"};
   const std::string m = " -m " + d.path() + " --device cpu -n 8 --ignore-eos";
-  std::string want;
-  for (const std::string& q : qs) {
-    test::WriteFile(d.File("p.txt"), doc + "\n\n" + q);
-    Result g = RunNeedle("generate" + m + " -f " + d.File("p.txt"), false);
-    ASSERT_EQ(g.status, 0) << g.output;
-    want += "Q: " + q + "\nA: " + g.output + "\n";
-  }
+  const std::string want = AsGenerate(d, doc, qs, m);
   const std::string ask =
       "ask" + m + " -f " + d.File("doc.txt") + " -q '" + qs[0] + "' -q " + qs[1];
   Result a = RunNeedle(ask, false);
