@@ -1,8 +1,8 @@
 // The decode GEMV on the tensor cores (gemv.h; bf16 weights): y[T, rows] = W[rows, K] x[T, K]^T
 // for T = 1 to kGemvMaxTokens tokens in one pass over the weights.
 //
-// A block of 4 warps owns a tile of 16 weight rows and a group of 8 NT tokens; the warps split
-// K into spans of 32 (warp w: spans w, w + 4, ...). In a span, lane 4 g + c streams the 16 bytes
+// A block of 8 warps owns a tile of 16 weight rows and a group of 8 NT tokens; the warps split
+// K into spans of 32 (warp w: spans w, w + 8, ...). In a span, lane 4 g + c streams the 16 bytes
 // of chunk 4 s + c (8 weights) of tile rows g and g + 8, and the 8 inputs of the same chunk for
 // token g of each n-tile. These are the operands of two m16n8k16 products (mma.cuh's fragment
 // layout), with the K order permuted alike in A and B: logical k {2c, 2c+1, 2c+8, 2c+9} of the
@@ -14,14 +14,11 @@
 // k-step), accumulated in f32.
 //
 // Batch invariance: a token's sums are added in an order that depends on nothing but K (the
-// span order of its warp, the product order in a span, then warps 0..3), never on T, on NT or
-// on the token's column in the tile, so each token gets the bits it gets alone (a tensor-core
+// span order of its warp, the product order in a span, then the warps in order), never on T, on NT
+// or on the token's column in the tile, so each token gets the bits it gets alone (a tensor-core
 // product computes every output element from its own row and column only). The RMSNorm folds in
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
-
-#include <cstdlib>
-#include <string>
 
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
@@ -170,24 +167,18 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   return LaunchTiles<kNorm, 8, 2, W>(p, e, rows, stream);
 }
 
-// Warps per block: 4, or NEEDLE_GEMV_TC_WARPS=8 (a measurement knob, read once per process so
-// that every call of a process adds alike).
-int TcWarps() {
-  static const int w = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_WARPS");
-    return e != nullptr && std::string(e) == "8" ? 8 : 4;
-  }();
-  return w;
-}
+// Warps per block: 8 (4 were slower on the H200 at every row count: 169.2 against 185.3 tok/s
+// for one row of Qwen2.5-7B shapes, 781.0 against 844.9 for 8, 1,048.2 against 1,178.5 for 32;
+// bench/RESULTS.md). The same for every T, so that a token's sums never depend on T.
+constexpr int kTcWarps = 8;
 
 }  // namespace
 
 void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  const bool norm = p.norm.g != nullptr;
-  if (TcWarps() == 8)
-    norm ? LaunchNormed<true, 8>(p, e, rows, stream) : LaunchNormed<false, 8>(p, e, rows, stream);
+  if (p.norm.g != nullptr)
+    LaunchNormed<true, kTcWarps>(p, e, rows, stream);
   else
-    norm ? LaunchNormed<true, 4>(p, e, rows, stream) : LaunchNormed<false, 4>(p, e, rows, stream);
+    LaunchNormed<false, kTcWarps>(p, e, rows, stream);
 }
 
 }  // namespace needle::cuda::gemv_detail
