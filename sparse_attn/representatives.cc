@@ -1,6 +1,7 @@
 #include "sparse_attn/representatives.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -80,6 +81,15 @@ void RepresentativeStore::ComputeFromKeys(int64_t layer, int64_t block, const KV
         break;
     }
   }
+  ready_[layer][block] = 1;
+  ++stamp_[layer][block];
+  version_[layer].fetch_add(1, std::memory_order_relaxed);
+}
+
+void RepresentativeStore::CopyBlock(const RepresentativeStore& from, int64_t layer,
+                                    int64_t from_block, int64_t block) {
+  NEEDLE_CHECK(SameKind(from) && from.ready(layer, from_block) && block < max_blocks_);
+  std::memcpy(const_cast<void*>(Block(layer, block)), from.Block(layer, from_block), BlockBytes());
   ready_[layer][block] = 1;
   ++stamp_[layer][block];
   version_[layer].fetch_add(1, std::memory_order_relaxed);

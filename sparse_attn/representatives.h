@@ -41,6 +41,12 @@ class RepresentativeStore {
     return static_cast<size_t>(kv_heads_ * rows_ * head_dim_) * DTypeSize(storage_);
   }
   int64_t max_blocks() const { return max_blocks_; }
+  int64_t layers() const { return static_cast<int64_t>(data_.size()); }
+  // Whether CopyBlock can take o's blocks (same type, storage and shapes).
+  bool SameKind(const RepresentativeStore& o) const {
+    return o.type_ == type_ && o.storage_ == storage_ && o.rows_ == rows_ &&
+           o.kv_heads_ == kv_heads_ && o.head_dim_ == head_dim_ && o.layers() == layers();
+  }
 
   // Representatives [kv_heads][R][D] of `block` (storage type).
   const void* Block(int64_t layer, int64_t block) const;
@@ -52,6 +58,9 @@ class RepresentativeStore {
   // blocks at once.
   void ComputeFromKeys(int64_t layer, int64_t block, const KVLayerView& kv,
                        const float* relative_freq = nullptr);
+  // Block `from_block` of `from` (of the same type, storage and shapes; ready there) as this
+  // store's `block`: the representatives a prefix's blocks keep for the sequences sharing them.
+  void CopyBlock(const RepresentativeStore& from, int64_t layer, int64_t from_block, int64_t block);
   // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).
   void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes,
                       int64_t repr_count);

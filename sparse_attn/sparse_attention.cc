@@ -213,6 +213,21 @@ const float* SparseAttention::ScoringQueries(const float* q, int64_t T, const At
   return score_q_.data();
 }
 
+int64_t SparseAttention::AdoptRepresentatives(const RepresentativeStore& from,
+                                              const SparseConfig& from_cfg, int64_t end_block) {
+  if (cfg_.repr == ReprType::kDynamic || from_cfg.repr != cfg_.repr ||
+      from_cfg.block_size != cfg_.block_size || from_cfg.pos_remap != cfg_.pos_remap ||
+      !reps_.SameKind(from))
+    return 0;
+  int64_t n = 0;
+  const int64_t last = std::min({end_block, from.max_blocks(), reps_.max_blocks()});
+  for (int64_t layer = 0; layer < reps_.layers(); ++layer)
+    for (int64_t b = cfg_.init_end() / cfg_.block_size; b < last; ++b)
+      if (from.ready(layer, b) && !reps_.ready(layer, b)) reps_.CopyBlock(from, layer, b, b), ++n;
+  adopted_ += n;
+  return n;
+}
+
 void SparseAttention::EnsureRepresentatives(int64_t layer, const KVLayerView& kv,
                                             int64_t from_block, int64_t to_block, float scale,
                                             const float* relative_freq) {

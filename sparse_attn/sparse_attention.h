@@ -186,6 +186,15 @@ class SparseAttention final : public AttentionPolicy {
   // block of `layer` as if a prompt of cache.size() tokens had been prefilled (not Dynamic).
   void IndexContext(int64_t layer, const KVCache& cache);
   const RepresentativeStore& representatives() const { return reps_; }
+  // A shared prefix's representatives: takes those of blocks [the first Context block,
+  // end_block) that `from` has ready, computed by a planner of settings from_cfg over the same
+  // keys (another sequence's, or kept with a prefix's blocks), instead of computing them from the
+  // keys again; returns how many blocks (of every layer together). None where they would differ:
+  // Dynamic representatives (they follow each prompt's observation window), another block
+  // size, remap or kind of store.
+  int64_t AdoptRepresentatives(const RepresentativeStore& from, const SparseConfig& from_cfg,
+                               int64_t end_block);
+  int64_t adopted_blocks() const { return adopted_; }
   // Whether Attend(layer) at this decode step (a.pos0) will ask its executor for a shortlist
   // (PlanExecutor::ScoreTop) of the candidate blocks [*first, *end), with `*want` and
   // `*sum_heads`: so that an executor may start it early. False when the layer attends densely,
@@ -326,7 +335,8 @@ class SparseAttention final : public AttentionPolicy {
   StepInfo step_;
   int64_t decode_step_ = -1;
   RepresentativeStore reps_;
-  std::vector<QueryWindow> window_;                        // [layer]
+  int64_t adopted_ = 0;              // representatives taken by AdoptRepresentatives
+  std::vector<QueryWindow> window_;  // [layer]
   std::vector<std::vector<std::vector<uint8_t>>> presel_;  // [layer][kv_head][block]
   std::vector<int64_t> presel_end_;                        // [layer]: blocks >= this are candidates
   std::vector<Selection> sel_;                             // [layer group]

@@ -241,6 +241,11 @@ TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
     // (803 tokens) leaves its last 24 queries: 768.
     const char* reused = extra.empty() ? "question 1: 784 of 803" : "question 1: 768 of 803";
     EXPECT_NE(e.output.find(reused), std::string::npos) << extra << "\n" << e.output;
+    // The document's planner's representatives of the shared Context blocks (48 of 16 tokens
+    // below 784, 47 below 768, the first Initial) in both layers, for Max and Quest.
+    const char* reps = extra.empty() ? "reused (with the representatives of 96 blocks x layers)"
+                                     : "reused (with the representatives of 94 blocks x layers)";
+    EXPECT_NE(e.output.find(reps), std::string::npos) << extra << "\n" << e.output;
   }
 }
 

@@ -134,10 +134,10 @@ TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
 }
 
 // Sparse sequences share prompt prefixes too, each as much as leaves it attending as alone
-// (SparseConfig::ShareablePrefix): their tokens equal each prompt's alone with a planner of its
-// own, from running sequences (a batch of 3) and from kept prompts (one at a time), with a dense
-// prefill, a sparse one (whole micro-batches of 32, never from a dense prefill's KV) and
-// preselection (its own observation window).
+// (SparseConfig::ShareablePrefix), with the representatives of the shared blocks: their tokens
+// equal each prompt's alone with a planner of its own, from running sequences (a batch of 3) and
+// from kept prompts (one at a time), with a dense prefill, a sparse one (whole micro-batches of
+// 32, never from a dense prefill's KV) and preselection (its own observation window).
 TEST(Engine, SparseSequencesSharePrefixesAndAnswerAsAlone) {
   Fixture f;
   Model& m = *f.model;
@@ -192,8 +192,15 @@ TEST(Engine, SparseSequencesSharePrefixesAndAnswerAsAlone) {
         e.Submit(std::move(r));
       }
       std::vector<std::vector<int32_t>> got(p.size() + 1);
+      int64_t adopted = 0;  // representatives taken with shared blocks (not computed again)
       while (!e.Idle())
-        for (const TokenEvent& ev : e.Step()) got[ev.seq].push_back(ev.token);
+        for (const TokenEvent& ev : e.Step()) {
+          got[ev.seq].push_back(ev.token);
+          if (ev.finished && ev.seq > 0) adopted += e.Policy(ev.seq)->adopted_blocks();
+        }
+      // (Sequences 2 and 3 take prompt 1's representatives of the blocks they share that its
+      // planner computed, from the running planner or the kept prompt.)
+      EXPECT_GT(adopted, 0) << k.what << ", batch " << batch;
       got.erase(got.begin());
       EXPECT_EQ(got, want) << k.what << ", batch " << batch;
       // The dense sequence's prompt serves the dense prefills' first sparse sequence whole (99

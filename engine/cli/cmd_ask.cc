@@ -181,6 +181,10 @@ int CmdAsk(int argc, char** argv) {
 
   // The document: loaded from the KV file, or prefilled once (and written to the file).
   KVCache doc_cache(pool, from_file > 0 ? from_file : static_cast<int64_t>(common));
+  // Sparse attention: the document's planner computes its blocks' representatives as it
+  // prefills them (a sparse prefill's selections too, as each question's alone would), and
+  // every question's planner takes those of the blocks it shares.
+  std::unique_ptr<SparseAttention> doc_planner;
   const auto t0 = Clock::now();
   if (from_file > 0) {
     LoadKVFile(kv_file, doc_cache, id, from_file);
@@ -189,9 +193,7 @@ int CmdAsk(int argc, char** argv) {
   } else {
     ProgressBar bar;
     model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
-    // (A sparse prefill's document: by a planner of its own, as each question's alone would.)
-    std::unique_ptr<SparseAttention> doc_planner;
-    if (sparse && rs.sparse_cfg.sparse_prefill) doc_planner = planner(doc_blocks * B);
+    if (sparse) doc_planner = planner(doc_blocks * B);
     model.set_attention(doc_planner.get());
     if (common > 0)
       model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
@@ -217,6 +219,9 @@ int CmdAsk(int argc, char** argv) {
     cache.SharePrefix(doc_cache, mine[i]);
     const std::vector<int32_t> rest(p.begin() + mine[i], p.end());
     std::unique_ptr<SparseAttention> q_planner = sparse ? planner(P + max_new) : nullptr;
+    if (q_planner != nullptr && doc_planner != nullptr)
+      q_planner->AdoptRepresentatives(doc_planner->representatives(), doc_planner->config(),
+                                      mine[i] / B);
     model.set_attention(q_planner.get());
     std::printf("Q: %s\nA: ", questions[i].c_str());
     std::fflush(stdout);
@@ -234,9 +239,14 @@ int CmdAsk(int argc, char** argv) {
     std::printf("\n");
     std::fflush(stdout);
     std::fprintf(stderr,
-                 "needle: question %zu: %lld of %zu prompt tokens reused, %lld prefilled in %.3f "
-                 "s; %lld tokens at %.2f tok/s%s\n",
+                 "needle: question %zu: %lld of %zu prompt tokens reused%s, %lld prefilled in "
+                 "%.3f s; %lld tokens at %.2f tok/s%s\n",
                  i + 1, static_cast<long long>(mine[i]), p.size(),
+                 q_planner != nullptr
+                     ? (" (with the representatives of " +
+                        std::to_string(q_planner->adopted_blocks()) + " blocks x layers)")
+                           .c_str()
+                     : "",
                  static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
                  static_cast<long long>(st.new_tokens),
                  st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0,

@@ -157,10 +157,25 @@ void Engine::Admit(std::unique_ptr<Seq> s) {
 void Engine::KeepPrefix(const Seq& s) {
   const int64_t whole = static_cast<int64_t>(s.prompt.size()) / block_size_ * block_size_;
   if (whole == 0) return;
+  // A sparse prompt's representatives of its kept blocks stay with them (not Dynamic ones: they
+  // follow each prompt's observation window).
+  const auto keep_reps = [&](Prefix& p) {
+    if (s.policy == nullptr || s.policy->config().repr == ReprType::kDynamic) return;
+    const RepresentativeStore& from = s.policy->representatives();
+    const ModelConfig& m = model_.config();
+    const int64_t blocks = static_cast<int64_t>(p.tokens.size()) / block_size_;
+    p.reps = std::make_unique<RepresentativeStore>(m.num_layers, m.num_kv_heads, m.head_dim, blocks,
+                                                   from.type(), from.storage());
+    p.cfg = s.policy->config();
+    for (int64_t layer = 0; layer < from.layers(); ++layer)
+      for (int64_t b = 0; b < blocks && b < from.max_blocks(); ++b)
+        if (from.ready(layer, b)) p.reps->CopyBlock(from, layer, b, b);
+  };
   for (const auto& p : prefixes_)  // already kept (a prompt that began as this one): refreshed
     if (static_cast<int64_t>(p->tokens.size()) >= whole && p->key == PrefillKey(s) &&
         std::equal(s.prompt.begin(), s.prompt.begin() + whole, p->tokens.begin())) {
       p->used = ++clock_;
+      if (p->reps == nullptr) keep_reps(*p);
       return;
     }
   if (static_cast<int64_t>(prefixes_.size()) >= opt_.prefix_cache && !EvictPrefix(nullptr))
@@ -172,6 +187,7 @@ void Engine::KeepPrefix(const Seq& s) {
   p->cache = std::make_unique<KVCache>(*pool_, whole);
   p->cache->SharePrefix(*s.cache, whole);
   p->used = ++clock_;
+  keep_reps(*p);
   cached_blocks_ += whole / block_size_;
   prefixes_.push_back(std::move(p));
 }
@@ -227,18 +243,29 @@ void Engine::SharePrefix(Seq& s) {
   // A sequence admitted on a kept prompt's blocks (its reservation counts only its own) takes
   // those; the others, a running sequence's (their reservation counts every block they hold).
   const KVCache* from = nullptr;
+  // The representatives that come with the blocks (a sparse donor's, or the kept prompt's).
+  const RepresentativeStore* reps = nullptr;
+  const SparseConfig* reps_cfg = nullptr;
   if (s.kept != nullptr) {
     shared = s.kept_tokens, from = s.kept->cache.get();
     s.kept->used = ++clock_;
+    if (s.kept->reps != nullptr) reps = s.kept->reps.get(), reps_cfg = &s.kept->cfg;
   } else if (reuse_ && !s.prompt_logprobs) {
     for (const auto& o : running_) {
       if (o.get() == &s || o->done) continue;
       const int64_t c = Shareable(s, o->prompt, o->cache->size(), PrefillKey(*o),
                                   static_cast<int64_t>(o->prompt.size()));
-      if (c > shared) shared = c, from = o->cache.get();
+      // (Of donors alike, one whose planner has the blocks' representatives.)
+      if (c > shared || (c == shared && c > 0 && reps == nullptr && o->policy != nullptr)) {
+        shared = c, from = o->cache.get();
+        reps = o->policy != nullptr ? &o->policy->representatives() : nullptr;
+        reps_cfg = o->policy != nullptr ? &o->policy->config() : nullptr;
+      }
     }
   }
   if (from != nullptr) s.cache->SharePrefix(*from, shared);
+  if (s.policy != nullptr && reps != nullptr)
+    s.policy->AdoptRepresentatives(*reps, *reps_cfg, shared / block_size_);
   s.prefilled = shared;
   reused_tokens_ += shared;
 }

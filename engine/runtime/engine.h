@@ -180,6 +180,11 @@ class Engine {
     std::unique_ptr<KVCache> cache;  // holding their blocks
     std::string key;                 // its prefill's (Engine::PrefillKey)
     int64_t prompt = 0;              // the tokens of the prompt they began
+    // A sparse prompt's representatives of these blocks (SparseAttention::AdoptRepresentatives;
+    // Quest's are 1/block_size of the blocks' bytes, Max's and Mean's half that), and the
+    // settings they follow.
+    std::unique_ptr<RepresentativeStore> reps;
+    SparseConfig cfg;
     uint64_t used = 0;
     int64_t users = 0;  // running sequences sharing its blocks (it stays while they run)
   };
