@@ -5,12 +5,12 @@
 // (KVCache::SharePrefix: counted once more, never copied) and prefills only the rest, its
 // partial block included, before it answers.
 //
-// With --attention sparse (on the CPU) each question has its own planner over the shared blocks:
-// it computes the representatives of the document's blocks from their keys when it first ranks
-// them (the same function of the same keys as alone), and takes only the prefix that leaves its
-// answer what it is alone (SparseConfig::ShareablePrefix: with a sparse prefill, the document is
-// prefilled by a planner of its own, and the questions share it in whole chunks and micro-
-// batches, recomputing its last ones).
+// With --attention sparse (on the CPU) the document is prefilled by a planner of its own, and
+// each question has its own planner over the shared blocks: it takes the document planner's
+// representatives of them (SparseAttention::AdoptRepresentatives: the same function of the same
+// keys as alone), and only the prefix that leaves its answer what it is alone
+// (SparseConfig::ShareablePrefix: with a sparse prefill, whole chunks and micro-batches below the
+// document's last query; its last ones are prefilled again).
 //
 // --kv-file FILE keeps the document's KV across runs (kvcache/kv_file.h): when FILE holds this
 // model's KV of the prompts' first tokens (same config and weights, KV type, block size), its

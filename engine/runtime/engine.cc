@@ -163,7 +163,7 @@ void Engine::KeepPrefix(const Seq& s) {
     if (s.policy == nullptr || s.policy->config().repr == ReprType::kDynamic) return;
     const RepresentativeStore& from = s.policy->representatives();
     const ModelConfig& m = model_.config();
-    const int64_t blocks = static_cast<int64_t>(p.tokens.size()) / block_size_;
+    const int64_t blocks = whole / block_size_;  // (its prompt's: a kept prompt may go on)
     p.reps = std::make_unique<RepresentativeStore>(m.num_layers, m.num_kv_heads, m.head_dim, blocks,
                                                    from.type(), from.storage());
     p.cfg = s.policy->config();
