@@ -74,7 +74,7 @@ ModelIdentity IdentifyModel(const std::string& dir, bool dummy, const std::strin
 }
 
 void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector<int32_t>& tokens,
-                const ModelIdentity& id) {
+                const ModelIdentity& id, const KVFileExtra* extra) {
   const KVCacheShape& s = cache.shape();
   CheckShape(path, s);
   const int64_t n = static_cast<int64_t>(tokens.size()), B = s.block_size;
@@ -95,8 +95,8 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
     mem->CopyToHost(buf.data(), p, bb);
     return buf.data();
   };
-  const auto header_of = [&](uint64_t payload_hash) {
-    return nlohmann::json{
+  const auto header_of = [&](uint64_t payload_hash, uint64_t extra_hash) {
+    nlohmann::json j{
         {"model", {{"config_xxh3", id.config_hash}, {"weights_xxh3", id.weights_hash}}},
         {"dtype", KVTypeName(s.dtype)},
         {"block_size", B},
@@ -106,10 +106,15 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
         {"layout", kLayout},
         {"tokens", tokens},
         {"payload_bytes", static_cast<uint64_t>(2 * s.layers * nb) * bb},
-        {"payload_xxh3", Hex(payload_hash)}}
-        .dump();
+        {"payload_xxh3", Hex(payload_hash)}};
+    if (extra != nullptr)
+      j["extra"] = {{"name", extra->name},
+                    {"meta", extra->meta},
+                    {"bytes", extra->bytes.size()},
+                    {"xxh3", Hex(extra_hash)}};
+    return j.dump();
   };
-  const uint64_t offset = (kPrefix + header_of(0).size() + kAlign - 1) / kAlign * kAlign;
+  const uint64_t offset = (kPrefix + header_of(0, 0).size() + kAlign - 1) / kAlign * kAlign;
 
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -139,8 +144,14 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
         XXH3_64bits_update(st, p, bb);
         put(p, bb);
       }
-  const std::string header = header_of(XXH3_64bits_digest(st));
+  const uint64_t payload_hash = XXH3_64bits_digest(st);
   XXH3_freeState(st);
+  uint64_t extra_hash = 0;
+  if (extra != nullptr) {
+    extra_hash = XXH3_64bits(extra->bytes.data(), extra->bytes.size());
+    put(extra->bytes.data(), extra->bytes.size());
+  }
+  const std::string header = header_of(payload_hash, extra_hash);
   uint8_t prefix[kPrefix] = {};
   std::memcpy(prefix, kMagic, 8);
   const uint32_t hl = static_cast<uint32_t>(header.size());
@@ -168,9 +179,10 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
 
 namespace {
 
-// The checked header of a mapped file; payload: where its blocks begin.
+// The checked header of a mapped file; payload: where its blocks begin; extra_bytes and
+// extra_hash: its extra section's (after the payload), if any.
 KVFileHeader Parse(const MappedFile& f, uint64_t* payload, uint64_t* payload_bytes,
-                   std::string* payload_hash) {
+                   std::string* payload_hash, uint64_t* extra_bytes, std::string* extra_hash) {
   const std::string& path = f.path();
   if (f.size() < kPrefix || std::memcmp(f.data(), kMagic, 8) != 0)
     Fail(path, ": not a needle KV file (no NEEDLEKV magic)");
@@ -204,6 +216,14 @@ KVFileHeader Parse(const MappedFile& f, uint64_t* payload, uint64_t* payload_byt
     *payload_bytes = j.at("payload_bytes").get<uint64_t>();
     *payload_hash = j.at("payload_xxh3").get<std::string>();
     *payload = offset;
+    *extra_bytes = 0;
+    if (j.contains("extra")) {
+      const nlohmann::json& x = j.at("extra");
+      h.extra.name = x.at("name").get<std::string>();
+      h.extra.meta = x.at("meta").get<std::string>();
+      *extra_bytes = x.at("bytes").get<uint64_t>();
+      *extra_hash = x.at("xxh3").get<std::string>();
+    }
     if (h.tokens.empty() || h.block_size < 1 || h.layers < 1)
       Fail(path, ": a KV file of ", h.tokens.size(), " tokens, block size ", h.block_size);
     return h;
@@ -216,17 +236,17 @@ KVFileHeader Parse(const MappedFile& f, uint64_t* payload, uint64_t* payload_byt
 
 KVFileHeader ReadKVFileHeader(const std::string& path) {
   MappedFile f(path);
-  uint64_t payload = 0, bytes = 0;
-  std::string hash;
-  return Parse(f, &payload, &bytes, &hash);
+  uint64_t payload = 0, bytes = 0, extra_bytes = 0;
+  std::string hash, extra_hash;
+  return Parse(f, &payload, &bytes, &hash, &extra_bytes, &extra_hash);
 }
 
 KVFileHeader LoadKVFile(const std::string& path, KVCache& cache, const ModelIdentity& id,
                         int64_t n) {
   MappedFile f(path);
-  uint64_t payload = 0, bytes = 0;
-  std::string hash;
-  KVFileHeader h = Parse(f, &payload, &bytes, &hash);
+  uint64_t payload = 0, bytes = 0, extra_bytes = 0;
+  std::string hash, extra_hash;
+  KVFileHeader h = Parse(f, &payload, &bytes, &hash, &extra_bytes, &extra_hash);
   const KVCacheShape& s = cache.shape();
   CheckShape(path, s);
   if (h.model.config_hash != id.config_hash || h.model.weights_hash != id.weights_hash)
@@ -249,6 +269,15 @@ KVFileHeader LoadKVFile(const std::string& path, KVCache& cache, const ModelIden
          ")");
   if (Hex(XXH3_64bits(f.data() + payload, bytes)) != hash)
     Fail(path, ": the payload's checksum does not match (a damaged file)");
+  if (!h.extra.name.empty()) {
+    const uint64_t at = payload + bytes;
+    if (extra_bytes > f.size() - at)
+      Fail(path, ": truncated ", h.extra.name, " section (", extra_bytes, " bytes at ", at,
+           ", file of ", f.size(), " bytes)");
+    if (Hex(XXH3_64bits(f.data() + at, extra_bytes)) != extra_hash)
+      Fail(path, ": the ", h.extra.name, " section's checksum does not match (a damaged file)");
+    h.extra.bytes.assign(f.data() + at, f.data() + at + extra_bytes);
+  }
   if (n < 0 || n > T || (n % B != 0 && n != T))
     Fail(path, ": cannot load ", n, " of its ", T, " tokens (whole blocks of ", B, ", or all)");
   if (cache.size() != 0 || cache.shape().capacity < n)

@@ -10,6 +10,9 @@
 //             token ids, the payload's bytes and its XXH3-64
 //   payload   for each layer, for each of the ceil(tokens / block_size) blocks, the K block then
 //             the V block exactly as the cache's slots hold them (KVCache::BlockData)
+//   extra     optional, right after the payload: one named section of bytes that describe the
+//             prompt's blocks (the sparse planner's representatives), its name, a JSON text that
+//             says what they are, its length and XXH3-64 in the header's "extra"
 // A file is written as PATH.tmp.PID, synced, then renamed over PATH: a write killed midway
 // leaves no file at PATH that loads. Loading maps the file (no read into a buffer) and refuses,
 // naming the mismatch, another model, dtype, block size or layout, a bad checksum, a truncated
@@ -34,11 +37,18 @@ struct ModelIdentity {
 ModelIdentity IdentifyModel(const std::string& dir, bool dummy = false,
                             const std::string& dummy_type = "");
 
+// A KV file's optional extra section: what describes the prompt's blocks beyond their K/V.
+struct KVFileExtra {
+  std::string name;  // e.g. "representatives"
+  std::string meta;  // what the bytes are (a JSON text; compared whole by the reader)
+  std::vector<uint8_t> bytes;
+};
+
 // Writes the first `tokens.size()` tokens of `cache` (whole blocks; its size at least that) with
-// their ids. Throws Error naming the path on any failure (the previous file stays as it was).
-// Int8 and ring-layer caches are refused.
+// their ids, and `extra` when given. Throws Error naming the path on any failure (the previous
+// file stays as it was). Int8 and ring-layer caches are refused.
 void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector<int32_t>& tokens,
-                const ModelIdentity& id);
+                const ModelIdentity& id, const KVFileExtra* extra = nullptr);
 
 // The header of a KV file, checked (magic, version, header checksum); Error names the path.
 struct KVFileHeader {
@@ -46,6 +56,9 @@ struct KVFileHeader {
   DType dtype = DType::kF32;
   int64_t block_size = 0, layers = 0, kv_heads = 0, head_dim = 0;
   std::vector<int32_t> tokens;
+  // LoadKVFile: the extra section, its checksum checked (name empty: none); the header alone
+  // carries its name and meta only.
+  KVFileExtra extra;
 };
 
 // Checks `path` against the cache's shape and `id` and the payload's checksum, then loads its

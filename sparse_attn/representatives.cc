@@ -95,6 +95,39 @@ void RepresentativeStore::CopyBlock(const RepresentativeStore& from, int64_t lay
   version_[layer].fetch_add(1, std::memory_order_relaxed);
 }
 
+std::vector<uint8_t> RepresentativeStore::SaveBlocks(int64_t blocks) const {
+  NEEDLE_CHECK(blocks >= 0 && blocks <= max_blocks_);
+  const size_t bb = BlockBytes();
+  std::vector<uint8_t> out;
+  out.reserve(static_cast<size_t>(layers() * blocks) * (bb + 1));
+  for (int64_t l = 0; l < layers(); ++l)
+    for (int64_t b = 0; b < blocks; ++b) {
+      out.push_back(ready_[l][b]);
+      const auto* p = static_cast<const uint8_t*>(Block(l, b));
+      out.insert(out.end(), p, p + bb);
+    }
+  return out;
+}
+
+void RepresentativeStore::LoadBlocks(const std::vector<uint8_t>& bytes, int64_t blocks,
+                                     const std::string& what) {
+  const size_t bb = BlockBytes();
+  if (blocks < 0 || blocks > max_blocks_ ||
+      bytes.size() != static_cast<size_t>(layers() * blocks) * (bb + 1))
+    Fail(what, ": ", bytes.size(), " bytes of representatives; ", blocks, " blocks of ", layers(),
+         " layers take ", static_cast<size_t>(layers() * blocks) * (bb + 1));
+  const uint8_t* p = bytes.data();
+  for (int64_t l = 0; l < layers(); ++l) {
+    for (int64_t b = 0; b < blocks; ++b, p += bb + 1) {
+      if (p[0] == 0) continue;
+      std::memcpy(const_cast<void*>(Block(l, b)), p + 1, bb);
+      ready_[l][b] = 1;
+      ++stamp_[l][b];
+    }
+    version_[l].fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 void RepresentativeStore::ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv,
                                          const float* votes, int64_t repr_count) {
   NEEDLE_CHECK(type_ == ReprType::kDynamic);

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/base/dtype.h"
@@ -61,6 +62,12 @@ class RepresentativeStore {
   // Block `from_block` of `from` (of the same type, storage and shapes; ready there) as this
   // store's `block`: the representatives a prefix's blocks keep for the sequences sharing them.
   void CopyBlock(const RepresentativeStore& from, int64_t layer, int64_t from_block, int64_t block);
+  // Blocks [0, blocks) of every layer as bytes (per layer, per block: a ready byte, then the
+  // block's representatives), for a KV file's extra section; LoadBlocks takes them back (into a
+  // store of the same kind with room for them) and throws Error, naming `what`, for bytes of
+  // another size.
+  std::vector<uint8_t> SaveBlocks(int64_t blocks) const;
+  void LoadBlocks(const std::vector<uint8_t>& bytes, int64_t blocks, const std::string& what);
   // Dynamic: votes [kv_heads][block_size] (attention received by each token of the block).
   void ComputeDynamic(int64_t layer, int64_t block, const KVLayerView& kv, const float* votes,
                       int64_t repr_count);

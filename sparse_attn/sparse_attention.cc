@@ -213,6 +213,12 @@ const float* SparseAttention::ScoringQueries(const float* q, int64_t T, const At
   return score_q_.data();
 }
 
+std::string SparseAttention::RepresentativesKind() const {
+  return std::string("{\"repr\":\"") + ReprTypeName(cfg_.repr) + "\",\"storage\":\"" +
+         DTypeName(reps_.storage()) + "\",\"block_size\":" + std::to_string(cfg_.block_size) +
+         ",\"pos_remap\":" + (cfg_.pos_remap ? "true" : "false") + "}";
+}
+
 int64_t SparseAttention::AdoptRepresentatives(const RepresentativeStore& from,
                                               const SparseConfig& from_cfg, int64_t end_block) {
   if (cfg_.repr == ReprType::kDynamic || from_cfg.repr != cfg_.repr ||

@@ -195,6 +195,9 @@ class SparseAttention final : public AttentionPolicy {
   int64_t AdoptRepresentatives(const RepresentativeStore& from, const SparseConfig& from_cfg,
                                int64_t end_block);
   int64_t adopted_blocks() const { return adopted_; }
+  // What the representatives are computed as (for a KV file's extra section: its meta): those
+  // of another planner with the same text are the same for the same keys.
+  std::string RepresentativesKind() const;
   // Whether Attend(layer) at this decode step (a.pos0) will ask its executor for a shortlist
   // (PlanExecutor::ScoreTop) of the candidate blocks [*first, *end), with `*want` and
   // `*sum_heads`: so that an executor may start it early. False when the layer attends densely,

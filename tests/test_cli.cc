@@ -247,6 +247,35 @@ TEST(Cli, AskWithSparseAttentionAnswersAsGenerate) {
                                      : "reused (with the representatives of 94 blocks x layers)";
     EXPECT_NE(e.output.find(reps), std::string::npos) << extra << "\n" << e.output;
   }
+  // A KV file keeps the document's representatives with its KV (dense prefill): loaded, the
+  // questions take them from it and answer as generate; another kind of representatives is
+  // computed from the keys instead; a damaged section is refused.
+  const std::string kv = " --kv-file " + d.File("doc.kv");
+  Result w = RunNeedle("ask" + base + " -f " + d.File("doc.txt") + kv);
+  ASSERT_EQ(w.status, 0) << w.output;
+  const std::string ask =
+      "ask" + base + " -f " + d.File("doc.txt") + " -q '" + qs[0] + "' -q '" + qs[1] + "'" + kv;
+  EXPECT_EQ(RunNeedle(ask, false).output, AsGenerate(d, doc, qs, base));
+  Result l = RunNeedle(ask);
+  EXPECT_NE(l.output.find("document's KV loaded from"), std::string::npos) << l.output;
+  EXPECT_NE(l.output.find("reused (with the representatives of 96 blocks x layers)"),
+            std::string::npos)
+      << l.output;
+  Result other = RunNeedle(ask + " --repr mean");
+  EXPECT_EQ(other.status, 0) << other.output;
+  EXPECT_NE(other.output.find("holds no representatives of this run's kind"), std::string::npos)
+      << other.output;
+  {
+    std::fstream f(d.File("doc.kv"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-1, std::ios::end);
+    const char last = static_cast<char>(f.get());
+    f.seekp(-1, std::ios::end);
+    f.put(static_cast<char>(last ^ 1));
+  }
+  Result bad = RunNeedle(ask);
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("representatives section's checksum does not match"), std::string::npos)
+      << bad.output;
 }
 
 // needle ask: the document's tokens are prefilled once and shared by every question (whole

@@ -17,6 +17,7 @@
 #include "kvcache/block_pool.h"
 #include "kvcache/kv_cache.h"
 #include "kvcache/kv_file.h"
+#include "sparse_attn/representatives.h"
 #include "tests/test_util.h"
 
 namespace needle {
@@ -86,6 +87,43 @@ TEST(KVFile, WrittenAndLoadedBackWholeOrByBlocks) {
     EXPECT_NE(Refusal(f, *std::make_unique<KVCache>(pool, 64), id, 30).find("whole blocks"),
               std::string::npos);
   }
+}
+
+// An extra section (a sparse planner's representatives) comes back with its name, meta and
+// bytes; the representatives stored in it load into a store of the same kind as they were.
+TEST(KVFile, ExtraSectionComesBackWithTheKV) {
+  test::TempDir d;
+  const ModelIdentity id{"00000000000000aa", "00000000000000bb"};
+  const KVCacheShape shape(2, 2, 16, 64, 8, DType::kF32);
+  KVCache src(shape);
+  Fill(src, 40, 9);
+  RepresentativeStore reps(2, 2, 16, 5, ReprType::kQuest, DType::kF32);
+  for (int64_t l = 0; l < 2; ++l)
+    for (int64_t b = 1; b < 5; b += 2) reps.ComputeFromKeys(l, b, src.Layer(l));
+  const KVFileExtra extra{"representatives", "{\"repr\":\"quest\"}", reps.SaveBlocks(5)};
+  const std::string f = d.File("x.kv");
+  SaveKVFile(f, src, std::vector<int32_t>(40, 7), id, &extra);
+  EXPECT_EQ(ReadKVFileHeader(f).extra.name, "representatives");
+  BlockPool pool(KVCacheShape(2, 2, 16, 128, 8, DType::kF32));
+  KVCache dst(pool, 40);
+  const KVFileHeader h = LoadKVFile(f, dst, id, 40);
+  ExpectSameRows(dst, src, 40);
+  EXPECT_EQ(h.extra.meta, extra.meta);
+  EXPECT_EQ(h.extra.bytes, extra.bytes);
+  RepresentativeStore back(2, 2, 16, 5, ReprType::kQuest, DType::kF32);
+  back.LoadBlocks(h.extra.bytes, 5, f);
+  for (int64_t l = 0; l < 2; ++l)
+    for (int64_t b = 0; b < 5; ++b) {
+      ASSERT_EQ(back.ready(l, b), reps.ready(l, b)) << l << " " << b;
+      if (reps.ready(l, b)) {
+        EXPECT_EQ(std::memcmp(back.Block(l, b), reps.Block(l, b), reps.BlockBytes()), 0);
+      }
+    }
+  EXPECT_THROW(back.LoadBlocks(h.extra.bytes, 4, f), Error);  // (bytes of 5 blocks)
+  // Without one, none.
+  SaveKVFile(f, src, std::vector<int32_t>(40, 7), id);
+  KVCache again(pool, 40);
+  EXPECT_TRUE(LoadKVFile(f, again, id, 40).extra.name.empty());
 }
 
 TEST(KVFile, RefusesWhatDoesNotMatch) {

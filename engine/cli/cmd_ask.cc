@@ -15,7 +15,8 @@
 // --kv-file FILE keeps the document's KV across runs (kvcache/kv_file.h): when FILE holds this
 // model's KV of the prompts' first tokens (same config and weights, KV type, block size), its
 // whole blocks are loaded (mapped, checksummed) instead of prefilled; otherwise the document is
-// prefilled and FILE written. With no question, ask only writes FILE.
+// prefilled and FILE written (with sparse attention, its blocks' representatives too). With no
+// question, ask only writes FILE.
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -183,13 +184,33 @@ int CmdAsk(int argc, char** argv) {
   KVCache doc_cache(pool, from_file > 0 ? from_file : static_cast<int64_t>(common));
   // Sparse attention: the document's planner computes its blocks' representatives as it
   // prefills them (a sparse prefill's selections too, as each question's alone would), and
-  // every question's planner takes those of the blocks it shares.
+  // every question's planner takes those of the blocks it shares (doc_reps); a KV file keeps
+  // them in its extra section.
   std::unique_ptr<SparseAttention> doc_planner;
+  std::unique_ptr<RepresentativeStore> file_reps;
+  const RepresentativeStore* doc_reps = nullptr;
   const auto t0 = Clock::now();
   if (from_file > 0) {
-    LoadKVFile(kv_file, doc_cache, id, from_file);
+    const KVFileHeader h = LoadKVFile(kv_file, doc_cache, id, from_file);
     std::fprintf(stderr, "needle: document's KV loaded from %s: %lld tokens in %.3f s\n",
                  kv_file.c_str(), static_cast<long long>(from_file), Since(t0));
+    if (sparse && rs.sparse_cfg.repr != ReprType::kDynamic) {
+      const auto probe = planner(B);  // (what this run's representatives are)
+      if (h.extra.name == "representatives" && h.extra.meta == probe->RepresentativesKind()) {
+        const RepresentativeStore& kind = probe->representatives();
+        const ModelConfig& mc = model.config();
+        const int64_t nb = (static_cast<int64_t>(h.tokens.size()) + B - 1) / B;
+        file_reps = std::make_unique<RepresentativeStore>(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, nb, kind.type(), kind.storage());
+        file_reps->LoadBlocks(h.extra.bytes, nb, kv_file);
+        doc_reps = file_reps.get();
+      } else {
+        std::fprintf(stderr,
+                     "needle: %s holds no representatives of this run's kind (%s); each question "
+                     "computes them from the keys\n",
+                     kv_file.c_str(), probe->RepresentativesKind().c_str());
+      }
+    }
   } else {
     ProgressBar bar;
     model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
@@ -199,13 +220,19 @@ int CmdAsk(int argc, char** argv) {
       model.Forward(prompts[0].data(), static_cast<int64_t>(common), doc_cache, false, nullptr);
     model.set_attention(nullptr);
     model.set_progress(nullptr);
+    if (doc_planner != nullptr) doc_reps = &doc_planner->representatives();
     std::fprintf(stderr, "needle: document prefilled once: %zu tokens in %.3f s\n", common,
                  Since(t0));
     if (!kv_file.empty()) {
       if (common == 0) Fail("needle ask: the document has no tokens to store in ", kv_file);
       const auto t1 = Clock::now();
+      KVFileExtra reps;  // (sparse attention: the document's representatives with its KV)
+      if (doc_planner != nullptr && rs.sparse_cfg.repr != ReprType::kDynamic)
+        reps = {"representatives", doc_planner->RepresentativesKind(),
+                doc_reps->SaveBlocks(doc_blocks)};
       SaveKVFile(kv_file, doc_cache,
-                 std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + common), id);
+                 std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + common), id,
+                 reps.name.empty() ? nullptr : &reps);
       std::fprintf(stderr, "needle: document's KV written to %s (%zu tokens) in %.3f s\n",
                    kv_file.c_str(), common, Since(t1));
     }
@@ -219,9 +246,8 @@ int CmdAsk(int argc, char** argv) {
     cache.SharePrefix(doc_cache, mine[i]);
     const std::vector<int32_t> rest(p.begin() + mine[i], p.end());
     std::unique_ptr<SparseAttention> q_planner = sparse ? planner(P + max_new) : nullptr;
-    if (q_planner != nullptr && doc_planner != nullptr)
-      q_planner->AdoptRepresentatives(doc_planner->representatives(), doc_planner->config(),
-                                      mine[i] / B);
+    if (q_planner != nullptr && doc_reps != nullptr)
+      q_planner->AdoptRepresentatives(*doc_reps, rs.sparse_cfg, mine[i] / B);
     model.set_attention(q_planner.get());
     std::printf("Q: %s\nA: ", questions[i].c_str());
     std::fflush(stdout);
