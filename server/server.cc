@@ -97,7 +97,17 @@ struct Server::Impl {
   bool Advance(Job& j, TextState& st, const CompletionRequest& r);
   // A token's logprobs as the response shows them.
   LogprobEntry Entry(const TokenLogprob& t) const;
+  // An echoed prompt's: its first token (nothing before it), then the scored ones.
+  std::vector<LogprobEntry> PromptEntries(int32_t first,
+                                          const std::vector<TokenLogprob>& lps) const;
 };
+
+std::vector<LogprobEntry> Server::Impl::PromptEntries(int32_t first,
+                                                      const std::vector<TokenLogprob>& lps) const {
+  std::vector<LogprobEntry> e = {{tok.Decode({first}), false, 0.f, {}}};
+  for (const TokenLogprob& t : lps) e.push_back(Entry(t));
+  return e;
+}
 
 LogprobEntry Server::Impl::Entry(const TokenLogprob& t) const {
   LogprobEntry e;
@@ -309,10 +319,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
       u.completion_tokens += static_cast<int64_t>(used);
       if (!score_only) c.text = st.text;
       if (r.logprobs >= 0) {
-        if (r.echo) {
-          c.logprobs.push_back({tok.Decode({prompts[i][0]}), false, 0.f, {}});
-          for (const TokenLogprob& t : job.prompt_lps) c.logprobs.push_back(Entry(t));
-        }
+        if (r.echo) c.logprobs = PromptEntries(prompts[i][0], job.prompt_lps);
         // The generated tokens whose text begins before the end of what is returned (a stop
         // string cuts the text).
         size_t at = 0;
@@ -374,8 +381,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
           if (lp) {
             std::lock_guard<std::mutex> lk(job->m);
             if (job->tokens.empty() && !job->finished) return sink.is_writable();  // not yet
-            e.push_back({tok.Decode({first_token}), false, 0.f, {}});
-            for (const TokenLogprob& t : job->prompt_lps) e.push_back(Entry(t));
+            e = PromptEntries(first_token, job->prompt_lps);
           }
           const nlohmann::json j = lp_json(e, 0);
           if (!write(StreamChunk(r, id, created, echo_text, "", nullptr, lp ? &j : nullptr)))

@@ -95,8 +95,11 @@ void BestKeyScores(const ScoreArgs& a, const float* qs, const KVLayerView& kv,
   });
 }
 
-void CombineQuerySums(const float* qa, const float* qb, int64_t n, float* qs) {
-  for (int64_t i = 0; i < n; ++i) qs[i] = qa[i] + qb[i];
+std::vector<float> CombineQuerySums(const std::vector<float>& qa, const std::vector<float>& qb) {
+  NEEDLE_CHECK(qa.size() == qb.size());
+  std::vector<float> qs(qa.size());
+  for (size_t i = 0; i < qa.size(); ++i) qs[i] = qa[i] + qb[i];
+  return qs;
 }
 
 std::vector<int32_t> RankCandidates(const float* scores, const int32_t* ids, int64_t n,

@@ -29,9 +29,9 @@ namespace needle {
 void BestKeyScores(const ScoreArgs& a, const float* qs, const KVLayerView& kv,
                    const float* relative_freq, int64_t kv_head, ThreadingContext& tc, float* out);
 
-// qs [n] = qa + qb: the plain sums from GroupQueries' (or an executor's ChunkQueries') pair,
-// which Quest splits by sign (for the other representatives qb is zeros).
-void CombineQuerySums(const float* qa, const float* qb, int64_t n, float* qs);
+// qa + qb: the plain sums from GroupQueries' (or an executor's ChunkQueries') pair, which Quest
+// splits by sign (for the other representatives qb is zeros).
+std::vector<float> CombineQuerySums(const std::vector<float>& qa, const std::vector<float>& qb);
 
 // The `want` best of candidates ids / scores [n] (higher score first, then lower id), ascending:
 // with rescore > want, the `rescore` best by score re-ranked by BestKeyScores (a: the shapes, and

@@ -81,8 +81,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
         if (rescore) {
           const bool have = exec_->ChunkQueries(layer, ca, qa.data(), qb.data());
           NEEDLE_CHECK(have);  // (an executor that shortlists a chunk has its sums)
-          qs.resize(qa.size());
-          CombineQuerySums(qa.data(), qb.data(), static_cast<int64_t>(qa.size()), qs.data());
+          qs = CombineQuerySums(qa, qb);
         }
         const ScoreArgs sa{nullptr, ca.T, a.heads, Hk, a.head_dim, nullptr, 0};
         for (size_t r = 0; r < top.size(); ++r) {
@@ -108,10 +107,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
           fast::ScoreGrouped(reps_, layer,
                              ScoreArgs{sq, ca.T, a.heads, Hk, a.head_dim, all.data(), n}, qa, qb,
                              sc.data(), tc_);
-          if (rescore) {
-            qs.resize(qa.size());
-            CombineQuerySums(qa.data(), qb.data(), static_cast<int64_t>(qa.size()), qs.data());
-          }
+          if (rescore) qs = CombineQuerySums(qa, qb);
         } else {
           sq = cfg_.pos_remap ? ScoringQueries(cq, ca.T, a, lb) : cq;
           fast::ScoreBlocks(reps_, layer,

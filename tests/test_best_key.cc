@@ -97,9 +97,9 @@ TEST(BestKey, ScoresEqualBruteForceAndQuestBoundsThem) {
         ASSERT_NEAR(all[j], sum[j], tol * (std::fabs(sum[j]) + 1)) << "block " << ids[j];
       // From the queries summed already, as Quest's pair (an executor's ChunkQueries) gives
       // them: positive and negative parts added back.
-      std::vector<float> qa(Hk * D), qb(Hk * D), qs(Hk * D), from_sums(n);
+      std::vector<float> qa(Hk * D), qb(Hk * D), from_sums(n);
       GroupQueries(a, true, qa.data(), qb.data());
-      CombineQuerySums(qa.data(), qb.data(), Hk * D, qs.data());
+      const std::vector<float> qs = CombineQuerySums(qa, qb);
       BestKeyScores(a, qs.data(), cache.Layer(0), rel, -1, tc3, from_sums.data());
       for (int64_t j = 0; j < n; ++j)
         ASSERT_NEAR(from_sums[j], all[j], 1e-4 * (std::fabs(all[j]) + 1)) << "block " << ids[j];

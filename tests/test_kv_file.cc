@@ -23,6 +23,9 @@
 namespace needle {
 namespace {
 
+// The identity the files of these tests were computed by.
+const ModelIdentity id{"00000000000000aa", "00000000000000bb"};
+
 // A host cache of `n` tokens with random K and V rows.
 void Fill(KVCache& c, int64_t n, int seed) {
   const KVCacheShape& s = c.shape();
@@ -60,7 +63,6 @@ std::string Refusal(const std::string& path, KVCache& c, const ModelIdentity& id
 
 TEST(KVFile, WrittenAndLoadedBackWholeOrByBlocks) {
   test::TempDir d;
-  const ModelIdentity id{"00000000000000aa", "00000000000000bb"};
   for (DType t : {DType::kF32, DType::kBF16}) {
     const KVCacheShape shape(3, 2, 16, 64, 8, t);
     KVCache src(shape);
@@ -93,7 +95,6 @@ TEST(KVFile, WrittenAndLoadedBackWholeOrByBlocks) {
 // bytes; the representatives stored in it load into a store of the same kind as they were.
 TEST(KVFile, ExtraSectionComesBackWithTheKV) {
   test::TempDir d;
-  const ModelIdentity id{"00000000000000aa", "00000000000000bb"};
   const KVCacheShape shape(2, 2, 16, 64, 8, DType::kF32);
   KVCache src(shape);
   Fill(src, 40, 9);
@@ -128,7 +129,6 @@ TEST(KVFile, ExtraSectionComesBackWithTheKV) {
 
 TEST(KVFile, RefusesWhatDoesNotMatch) {
   test::TempDir d;
-  const ModelIdentity id{"00000000000000aa", "00000000000000bb"};
   const KVCacheShape shape(2, 2, 16, 64, 8, DType::kF32);
   KVCache src(shape);
   Fill(src, 20, 9);
