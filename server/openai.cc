@@ -3,45 +3,13 @@
 #include <cmath>
 #include <limits>
 
-#include "engine/base/json_parse.h"
+#include "server/request_fields.h"
 
 namespace needle::server {
 
 using nlohmann::json;
 
-namespace {
-
-[[noreturn]] void Bad(const std::string& param, const std::string& message) {
-  throw ApiError(400, message, param);
-}
-
-const char* TypeName(const json& v) { return v.type_name(); }
-
-double Number(const json& j, const char* key, double lo, double hi) {
-  const json& v = j.at(key);
-  if (!v.is_number()) Bad(key, std::string("'") + key + "' must be a number, not " + TypeName(v));
-  const double x = v.get<double>();
-  if (!std::isfinite(x) || x < lo || x > hi)
-    Bad(key, std::string("'") + key + "' is " + v.dump() + ", outside [" + json(lo).dump() + ", " +
-                 json(hi).dump() + "]");
-  return x;
-}
-
-int64_t Integer(const json& j, const char* key, int64_t lo, int64_t hi) {
-  const json& v = j.at(key);
-  if (!v.is_number_integer())
-    Bad(key, std::string("'") + key + "' must be an integer, not " + v.dump());
-  const bool above = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi);
-  const int64_t x = above ? hi : v.get<int64_t>();
-  if (above || x < lo || x > hi)
-    Bad(key, std::string("'") + key + "' is " + v.dump() + ", outside [" + std::to_string(lo) +
-                 ", " + std::to_string(hi) + "]");
-  return x;
-}
-
-bool Has(const json& j, const char* key) { return j.contains(key) && !j.at(key).is_null(); }
-
-}  // namespace
+using namespace fields;  // NOLINT(google-build-using-namespace)
 
 std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
@@ -51,15 +19,29 @@ std::string ErrorBody(const ApiError& e) {
   return Dump(json{{"error", err}});
 }
 
-CompletionRequest ParseCompletion(const std::string& body, bool chat, const std::string& served) {
-  json j;
-  try {
-    j = ParseJsonBounded(body, 64);     // (a body nested deeper is refused, not walked)
-  } catch (const json::exception& e) {  // (syntax, and numbers beyond a double: 1e400)
-    Bad("", std::string("malformed JSON in the request body: ") + e.what());
+std::vector<ChatMessage> ParseMessages(const json& j) {
+  if (!Has(j, "messages") || !j["messages"].is_array())
+    Bad("messages", "'messages' must be an array of messages");
+  if (j["messages"].empty()) Bad("messages", "'messages' is empty");
+  std::vector<ChatMessage> out;
+  for (size_t i = 0; i < j["messages"].size(); ++i) {
+    const json& m = j["messages"][i];
+    const std::string at = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) Bad(at, at + " must be an object");
+    if (!m.contains("role") || !m["role"].is_string())
+      Bad(at + ".role", at + ".role must be a string");
+    const std::string role = m["role"].get<std::string>();
+    if (role != "system" && role != "user" && role != "assistant")
+      Bad(at + ".role", at + ".role '" + role + "' is not system, user or assistant");
+    if (!m.contains("content") || !m["content"].is_string())
+      Bad(at + ".content", at + ".content must be a string");
+    out.push_back({role, m["content"].get<std::string>()});
   }
-  if (!j.is_object())
-    Bad("", std::string("the request body must be a JSON object, not ") + TypeName(j));
+  return out;
+}
+
+CompletionRequest ParseCompletion(const std::string& body, bool chat, const std::string& served) {
+  json j = ParseBody(body);
   CompletionRequest r;
   r.chat = chat;
   if (!Has(j, "model")) Bad("model", "'model' is required");
@@ -70,22 +52,7 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
                    "the model '" + r.model + "' does not exist here (serving '" + served + "')",
                    "model", "not_found_error");
   if (chat) {
-    if (!Has(j, "messages") || !j["messages"].is_array())
-      Bad("messages", "'messages' must be an array of messages");
-    if (j["messages"].empty()) Bad("messages", "'messages' is empty");
-    for (size_t i = 0; i < j["messages"].size(); ++i) {
-      const json& m = j["messages"][i];
-      const std::string at = "messages[" + std::to_string(i) + "]";
-      if (!m.is_object()) Bad(at, at + " must be an object");
-      if (!m.contains("role") || !m["role"].is_string())
-        Bad(at + ".role", at + ".role must be a string");
-      const std::string role = m["role"].get<std::string>();
-      if (role != "system" && role != "user" && role != "assistant")
-        Bad(at + ".role", at + ".role '" + role + "' is not system, user or assistant");
-      if (!m.contains("content") || !m["content"].is_string())
-        Bad(at + ".content", at + ".content must be a string");
-      r.messages.push_back({role, m["content"].get<std::string>()});
-    }
+    r.messages = ParseMessages(j);
   } else {
     if (!Has(j, "prompt")) Bad("prompt", "'prompt' is required");
     const json& p = j["prompt"];
@@ -128,20 +95,15 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
         Bad("prompt", r.prompts.size() == 1 ? "'prompt' is empty"
                                             : "prompt[" + std::to_string(i) + "] is empty");
   }
-  const auto boolean = [&](const char* key) {
-    if (!Has(j, key)) return false;
-    if (!j[key].is_boolean()) Bad(key, std::string("'") + key + "' must be true or false");
-    return j[key].get<bool>();
-  };
   if (chat) {
-    if (boolean("logprobs"))
+    if (Boolean(j, "logprobs"))
       r.logprobs = Has(j, "top_logprobs") ? Integer(j, "top_logprobs", 0, kMaxTopLogprobs) : 0;
     else if (Has(j, "top_logprobs"))
       Bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
   } else {
     const bool off = Has(j, "logprobs") && j["logprobs"].is_boolean() && !j["logprobs"].get<bool>();
     if (Has(j, "logprobs") && !off) r.logprobs = Integer(j, "logprobs", 0, kMaxTopLogprobs);
-    r.echo = boolean("echo");
+    r.echo = Boolean(j, "echo");
   }
   const char* max_key =
       chat && Has(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
@@ -178,7 +140,8 @@ CompletionRequest ParseCompletion(const std::string& body, bool chat, const std:
     for (const auto& x : r.stop)
       if (x.empty()) Bad("stop", "'stop' holds an empty string");
   }
-  r.stream = boolean("stream");
+  r.stream = Boolean(j, "stream");
+  r.ignore_eos = Boolean(j, "ignore_eos");
   if (r.stream && r.prompts.size() > 1)
     Bad("stream", "'stream' takes one prompt a request, not " + std::to_string(r.prompts.size()));
   if (Has(j, "stream_options")) {

@@ -55,11 +55,16 @@ struct CompletionRequest {
   // Log-probabilities: -1 none; k >= 0 each token's and the k most likely (completions:
   // "logprobs": k; chat: "logprobs": true with "top_logprobs": k).
   int64_t logprobs = -1;
-  bool echo = false;  // completions: the prompt comes back before the text (and its logprobs)
+  bool echo = false;        // completions: the prompt comes back before the text (and its logprobs)
+  bool ignore_eos = false;  // vLLM's extension: generate max_tokens whatever the model's EOS
 };
 
 constexpr int64_t kMaxTopLogprobs = 20;
 constexpr size_t kMaxPrompts = 256;  // prompts of one /v1/completions request
+
+// A chat request's "messages" (body["messages"]): a non-empty array of {role: system, user or
+// assistant, content: a string}. Throws ApiError naming the message and field.
+std::vector<ChatMessage> ParseMessages(const nlohmann::json& body);
 
 // Parses a request body. served: the model's name, which "model" must equal (else 404).
 // Throws ApiError naming the field for malformed JSON, wrong types, out-of-range values, an

@@ -1,7 +1,5 @@
 #include "server/server.h"
 
-#include <httplib.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -15,92 +13,9 @@
 
 #include "engine/base/error.h"
 #include "server/openai.h"
+#include "server/server_impl.h"
 
 namespace needle::server {
-
-namespace {
-
-// One request's sequence, shared by its HTTP worker and the engine thread.
-struct Job {
-  SequenceRequest req;  // (moved into the engine when it is submitted)
-  std::mutex m;
-  std::condition_variable cv;
-  std::vector<int32_t> tokens;           // produced so far
-  std::vector<TokenLogprob> lps;         // theirs, when asked for
-  std::vector<TokenLogprob> prompt_lps;  // the prompt's (echo with logprobs), at the first token
-  bool finished = false;                 // no more tokens will come
-  int error_status = 0;                  // the engine refused or failed it
-  std::string error;
-  GenerateStats st;
-  int64_t seq = -1;              // the engine's id (engine thread only)
-  bool want_prompt_lps = false;  // (set before it is submitted)
-};
-
-// A request's text as its tokens arrive: decoded, cut at the first stop string.
-struct TextState {
-  explicit TextState(const Tokenizer& t) : dec(t, true) {}
-  StreamDecoder dec;
-  std::string text;
-  size_t used = 0;       // tokens decoded
-  bool stopped = false;  // a stop string was found (text ends before it)
-};
-
-}  // namespace
-
-struct Server::Impl {
-  Impl(Model& m, const Tokenizer& t, const EngineOptions& e, const ServerOptions& o,
-       PolicyFactory p)
-      : model(m),
-        tok(t),
-        eo(e),
-        so(o),
-        policy(std::move(p)),
-        engine(std::make_unique<Engine>(m, e)) {}
-
-  Model& model;
-  const Tokenizer& tok;
-  EngineOptions eo;
-  ServerOptions so;
-  PolicyFactory policy;
-  std::unique_ptr<Engine> engine;  // the engine thread's alone once started
-  httplib::Server http;
-  std::thread engine_thread, http_thread;
-  std::mutex m;  // guards what follows
-  std::condition_variable cv;
-  bool stopping = false;
-  std::deque<std::shared_ptr<Job>> incoming;
-  std::vector<std::shared_ptr<Job>> cancels;
-  std::atomic<int64_t> waiting{0}, running{0}, cached{0}, reused{0}, ids{0};
-
-  void Submit(const std::shared_ptr<Job>& j) {
-    std::lock_guard<std::mutex> lk(m);
-    incoming.push_back(j);
-    cv.notify_one();
-  }
-  void Cancel(const std::shared_ptr<Job>& j) {
-    std::lock_guard<std::mutex> lk(m);
-    cancels.push_back(j);
-    cv.notify_one();
-  }
-  static void Finish(Job& j, int status, const std::string& error) {
-    std::lock_guard<std::mutex> lk(j.m);
-    j.finished = true;
-    j.error_status = status;
-    j.error = error;
-    j.cv.notify_all();
-  }
-
-  void EngineLoop();
-  void Routes();
-  void Complete(const httplib::Request& req, httplib::Response& res, bool chat);
-  // Decodes j's new tokens into st; true when the request is done (finished or stopped).
-  bool Advance(Job& j, TextState& st, const CompletionRequest& r);
-  // A token's logprobs as the response shows them.
-  LogprobEntry Entry(const TokenLogprob& t) const;
-  // An echoed prompt's: its first token (nothing before it), then the scored ones.
-  std::vector<LogprobEntry> PromptEntries(int32_t first,
-                                          const std::vector<TokenLogprob>& lps) const;
-};
 
 std::vector<LogprobEntry> Server::Impl::PromptEntries(int32_t first,
                                                       const std::vector<TokenLogprob>& lps) const {
@@ -118,6 +33,130 @@ LogprobEntry Server::Impl::Entry(const TokenLogprob& t) const {
   if (std::none_of(t.top.begin(), t.top.end(), [&](const auto& x) { return x.first == t.token; }))
     e.top.emplace_back(e.text, t.logprob);  // (OpenAI lists the chosen token too)
   return e;
+}
+
+std::vector<int32_t> Server::Impl::ChatTokens(const std::vector<ChatMessage>& messages) const {
+  std::string text;
+  if (so.chat == ChatFamily::kNone) {
+    for (const auto& msg : messages) text += (text.empty() ? "" : "\n") + msg.content;
+  } else {
+    try {
+      text = FormatChat(so.chat, messages, so.bos, so.eos);
+    } catch (const Error& e) {
+      throw ApiError(400, e.what(), "messages");
+    }
+  }
+  return tok.Encode(text, false);
+}
+
+int64_t Server::Impl::Budget(const std::vector<int32_t>& prompt, const CompletionRequest& r,
+                             bool to_context, int64_t C, const std::string& limit) {
+  const std::string param = r.chat ? "messages" : "prompt";
+  const int64_t P = static_cast<int64_t>(prompt.size());
+  if (P == 0) throw ApiError(400, "the prompt has no tokens", param);
+  if (P >= C)
+    throw ApiError(400,
+                   "the prompt has " + std::to_string(P) + " tokens; the context holds " +
+                       std::to_string(C) + " (" + limit + "), answer included",
+                   param);
+  const int64_t n = r.max_tokens >= 0 ? r.max_tokens
+                    : to_context      ? C - P
+                                      : std::min<int64_t>(16, C - P);
+  if (P + std::max<int64_t>(n, 1) > C)
+    throw ApiError(400,
+                   "the prompt's " + std::to_string(P) + " tokens and " + r.max_tokens_field + " " +
+                       std::to_string(n) + " exceed the context of " + std::to_string(C) +
+                       " tokens (" + limit + ")",
+                   r.max_tokens_field);
+  return std::max<int64_t>(n, 1);
+}
+
+std::shared_ptr<Job> Server::Impl::NewJob(const std::vector<int32_t>& prompt, int64_t max_new,
+                                          const CompletionRequest& r) const {
+  auto job = std::make_shared<Job>();
+  job->req.prompt = prompt;
+  job->req.max_new = max_new;
+  job->req.sampling = r.sampling;
+  job->req.logprobs = r.logprobs;
+  job->req.ignore_eos = r.ignore_eos;
+  job->req.prompt_logprobs = job->want_prompt_lps = r.echo && r.logprobs >= 0;
+  if (policy) job->req.policy = policy(static_cast<int64_t>(prompt.size()) + max_new);
+  return job;
+}
+
+const char* Server::Impl::Reason(Job& j, const TextState& st) {
+  std::lock_guard<std::mutex> lk(j.m);
+  return st.stopped || j.st.stopped_at_eos ? "stop" : "length";
+}
+
+size_t Server::Impl::Hold(const std::vector<std::string>& stop) {
+  size_t hold = 0;
+  for (const auto& s : stop) hold = std::max(hold, s.size() - 1);
+  return hold;
+}
+
+size_t Server::Impl::Sendable(const TextState& st, size_t sent, size_t hold, bool done) {
+  size_t upto = done ? st.text.size() : (st.text.size() > hold ? st.text.size() - hold : 0);
+  // (Never inside a character: a chunk's text is whole UTF-8.)
+  while (upto > sent && upto < st.text.size() &&
+         (static_cast<unsigned char>(st.text[upto]) & 0xC0) == 0x80)
+    --upto;
+  return std::max(upto, sent);
+}
+
+void Server::Impl::Abandon(const std::shared_ptr<Job>& job) {
+  std::lock_guard<std::mutex> lk(job->m);
+  if (job->finished) return;
+  std::lock_guard<std::mutex> lk2(m);  // the client went away: its sequence is dropped
+  cancels.push_back(job);
+  ++abandoned;
+  cv.notify_one();
+}
+
+bool Server::Impl::Poll(Whole& w, std::chrono::steady_clock::time_point until) {
+  while (w.done < w.jobs.size()) {
+    Job& job = *w.jobs[w.done];
+    if (!Advance(job, w.st[w.done], w.r)) {
+      if (std::chrono::steady_clock::now() >= until) return false;
+      continue;
+    }
+    if (w.st[w.done].stopped) Cancel(w.jobs[w.done]);
+    if (job.error_status != 0) {  // (the response is the error: the others are not waited for)
+      for (size_t k = w.done + 1; k < w.jobs.size(); ++k) Cancel(w.jobs[k]);
+      w.done = w.jobs.size();
+      break;
+    }
+    ++w.done;
+  }
+  return true;
+}
+
+void Server::Impl::RespondWhole(httplib::Response& res, const std::shared_ptr<Whole>& w,
+                                const WholeBody& body) {
+  const auto now = [] { return std::chrono::steady_clock::now(); };
+  if (Poll(*w, now() + so.whole_grace)) {
+    int status = 200;
+    const std::string b = body(*w, &status);
+    res.status = status;
+    res.set_content(b, "application/json");
+    return;
+  }
+  // Longer: the status is sent now (200), then a space every so.keepalive (JSON may begin with
+  // white space). Once the client has gone a write fails, and its sequences are cancelled.
+  res.set_chunked_content_provider(
+      "application/json",
+      [this, w, body, now](size_t, httplib::DataSink& sink) {
+        if (!Poll(*w, now() + so.keepalive)) return sink.write(" ", 1) && sink.is_writable();
+        int status = 200;  // (an error now: its body, under the 200 already sent)
+        const std::string b = body(*w, &status);
+        sink.write(b.data(), b.size());
+        sink.done();
+        return true;
+      },
+      [this, w](bool success) {
+        if (!success)
+          for (const auto& j : w->jobs) Abandon(j);
+      });
 }
 
 void Server::Impl::EngineLoop() {
@@ -163,6 +202,8 @@ void Server::Impl::EngineLoop() {
         std::lock_guard<std::mutex> lk(j.m);
         if (j.tokens.empty() && j.seq >= 0 && j.want_prompt_lps)
           j.prompt_lps = engine->PromptLogprobs(ev.seq);
+        j.last = std::chrono::steady_clock::now();
+        if (j.tokens.empty()) j.first = j.last;
         j.tokens.push_back(ev.token);
         if (!ev.logprob.empty()) j.lps.push_back(ev.logprob[0]);
         if (ev.finished) j.st = engine->Stats(ev.seq), j.finished = true;
@@ -224,19 +265,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   std::vector<int64_t> max_new;     // each prompt's tokens to generate (max_tokens 0: 1)
   try {
     r = ParseCompletion(req.body, chat, so.model_name);
-    if (chat) {
-      std::string text;
-      if (so.chat == ChatFamily::kNone) {
-        for (const auto& msg : r.messages) text += (text.empty() ? "" : "\n") + msg.content;
-      } else {
-        try {
-          text = FormatChat(so.chat, r.messages, so.bos, so.eos);
-        } catch (const Error& e) {
-          throw ApiError(400, e.what(), "messages");
-        }
-      }
-      prompts.push_back(tok.Encode(text, false));
-    }
+    if (chat) prompts.push_back(ChatTokens(r.messages));
     for (const PromptInput& in : r.prompts) {
       if (!in.ids.empty()) {
         for (int32_t id : in.ids)
@@ -251,27 +280,8 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
       }
       if (r.echo) echoed.push_back(in.ids.empty() ? in.text : tok.Decode(in.ids));
     }
-    const int64_t C = eo.max_context;
-    const std::string param = chat ? "messages" : "prompt";
-    for (const auto& prompt : prompts) {
-      const int64_t P = static_cast<int64_t>(prompt.size());
-      if (P == 0) throw ApiError(400, "the prompt has no tokens", param);
-      if (P >= C)
-        throw ApiError(400,
-                       "the prompt has " + std::to_string(P) + " tokens; the context holds " +
-                           std::to_string(C) + " (--ctx-size), answer included",
-                       param);
-      const int64_t n = r.max_tokens >= 0 ? r.max_tokens
-                        : chat            ? C - P
-                                          : std::min<int64_t>(16, C - P);
-      if (P + std::max<int64_t>(n, 1) > C)
-        throw ApiError(400,
-                       "the prompt's " + std::to_string(P) + " tokens and max_tokens " +
-                           std::to_string(n) + " exceed the context of " + std::to_string(C) +
-                           " tokens (--ctx-size)",
-                       r.max_tokens_field);
-      max_new.push_back(std::max<int64_t>(n, 1));
-    }
+    for (const auto& prompt : prompts)
+      max_new.push_back(Budget(prompt, r, chat, eo.max_context, "--ctx-size"));
   } catch (const ApiError& e) {
     refuse(e);
     return;
@@ -279,61 +289,47 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   // max_tokens 0 (echo): the prompt is scored and the token generated after it dropped.
   const bool score_only = r.max_tokens == 0;
   std::vector<std::shared_ptr<Job>> jobs;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    auto job = std::make_shared<Job>();
-    const int64_t P = static_cast<int64_t>(prompts[i].size());
-    job->req.prompt = prompts[i];
-    job->req.max_new = max_new[i];
-    job->req.sampling = r.sampling;
-    job->req.logprobs = r.logprobs;
-    job->req.prompt_logprobs = job->want_prompt_lps = r.echo && r.logprobs >= 0;
-    if (policy) job->req.policy = policy(P + job->req.max_new);
-    jobs.push_back(job);
-  }
+  for (size_t i = 0; i < prompts.size(); ++i) jobs.push_back(NewJob(prompts[i], max_new[i], r));
   const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(ids++);
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
-  const auto reason = [](Job& j, const TextState& st) {
-    std::lock_guard<std::mutex> lk(j.m);
-    return st.stopped || j.st.stopped_at_eos ? "stop" : "length";
-  };
   for (const auto& job : jobs) Submit(job);
   if (!r.stream) {
-    std::vector<Choice> choices;
-    Usage u;
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      Job& job = *jobs[i];
-      TextState st(tok);
-      while (!Advance(job, st, r)) {
-      }
-      if (st.stopped) Cancel(jobs[i]);
-      if (job.error_status != 0) {
-        for (size_t k = i + 1; k < jobs.size(); ++k) Cancel(jobs[k]);
-        refuse(ApiError(job.error_status, job.error, "", "server_error"));
-        return;
-      }
-      Choice c;
-      c.finish = score_only ? "length" : reason(job, st);
-      std::lock_guard<std::mutex> lk(job.m);
-      const size_t used = score_only ? 0 : st.used;
-      u.prompt_tokens += static_cast<int64_t>(prompts[i].size());
-      u.completion_tokens += static_cast<int64_t>(used);
-      if (!score_only) c.text = st.text;
-      if (r.logprobs >= 0) {
-        if (r.echo) c.logprobs = PromptEntries(prompts[i][0], job.prompt_lps);
-        // The generated tokens whose text begins before the end of what is returned (a stop
-        // string cuts the text).
-        size_t at = 0;
-        for (size_t k = 0; k < used && k < job.lps.size(); ++k) {
-          LogprobEntry e = Entry(job.lps[k]);
-          if (st.stopped && at >= st.text.size()) break;
-          at += e.text.size();
-          c.logprobs.push_back(std::move(e));
+    auto w = std::make_shared<Whole>(jobs, r, tok);
+    RespondWhole(res, w, [this, prompts, echoed, score_only, id, created](Whole& w, int* status) {
+      const CompletionRequest& r = w.r;
+      std::vector<Choice> choices;
+      Usage u;
+      for (size_t i = 0; i < w.jobs.size(); ++i) {
+        Job& job = *w.jobs[i];
+        const TextState& st = w.st[i];
+        if (job.error_status != 0) {
+          *status = job.error_status;
+          return ErrorBody(ApiError(job.error_status, job.error, "", "server_error"));
         }
+        Choice c;
+        c.finish = score_only ? "length" : Reason(job, st);
+        std::lock_guard<std::mutex> lk(job.m);
+        const size_t used = score_only ? 0 : st.used;
+        u.prompt_tokens += static_cast<int64_t>(prompts[i].size());
+        u.completion_tokens += static_cast<int64_t>(used);
+        if (!score_only) c.text = st.text;
+        if (r.logprobs >= 0) {
+          if (r.echo) c.logprobs = PromptEntries(prompts[i][0], job.prompt_lps);
+          // The generated tokens whose text begins before the end of what is returned (a stop
+          // string cuts the text).
+          size_t at = 0;
+          for (size_t k = 0; k < used && k < job.lps.size(); ++k) {
+            LogprobEntry e = Entry(job.lps[k]);
+            if (st.stopped && at >= st.text.size()) break;
+            at += e.text.size();
+            c.logprobs.push_back(std::move(e));
+          }
+        }
+        if (r.echo) c.text = echoed[i] + c.text;
+        choices.push_back(std::move(c));
       }
-      if (r.echo) c.text = echoed[i] + c.text;
-      choices.push_back(std::move(c));
-    }
-    res.set_content(Dump(CompletionBody(r, id, created, choices, u)), "application/json");
+      return Dump(CompletionBody(r, id, created, choices, u));
+    });
     return;
   }
   // Streamed: text is sent as it is decoded, but the last bytes that could begin a stop string
@@ -343,8 +339,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   // whole response's are).
   const auto job = jobs[0];
   const int64_t P0 = static_cast<int64_t>(prompts[0].size());
-  size_t hold = 0;
-  for (const auto& s : r.stop) hold = std::max(hold, s.size() - 1);
+  const size_t hold = Hold(r.stop);
   struct Stream {
     explicit Stream(const Tokenizer& t) : st(t) {}
     TextState st;
@@ -360,7 +355,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
   const int32_t first_token = prompts[0][0];
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, job, ss, hold, r, id, created, reason, score_only, P0, echo_text, first_token](
+      [this, job, ss, hold, r, id, created, score_only, P0, echo_text, first_token](
           size_t, httplib::DataSink& sink) {
         const auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
         const bool lp = r.logprobs >= 0;
@@ -390,13 +385,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
           ss->echoed = true;
         }
         TextState& st = ss->st;
-        size_t upto = score_only ? 0
-                      : done     ? st.text.size()
-                                 : (st.text.size() > hold ? st.text.size() - hold : 0);
-        // (Never inside a character: a chunk's text is whole UTF-8.)
-        while (upto > ss->sent && upto < st.text.size() &&
-               (static_cast<unsigned char>(st.text[upto]) & 0xC0) == 0x80)
-          --upto;
+        const size_t upto = score_only ? 0 : Sendable(st, ss->sent, hold, done);
         // The generated tokens' entries that go with the text up to `upto`.
         std::vector<LogprobEntry> e;
         if (lp && !score_only) {
@@ -421,21 +410,21 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
         if (!done) return sink.is_writable();
         if (st.stopped) Cancel(job);
         const Usage u{P0, score_only ? 0 : static_cast<int64_t>(st.used)};
-        write(StreamChunk(r, id, created, "", score_only ? "length" : reason(*job, st),
+        write(StreamChunk(r, id, created, "", score_only ? "length" : Reason(*job, st),
                           r.include_usage ? &u : nullptr));
         write("data: [DONE]\n\n");
         sink.done();
         return true;
       },
       [this, job](bool success) {
-        if (success) return;
-        std::lock_guard<std::mutex> lk(job->m);
-        if (!job->finished) {  // the client went away: its sequence is dropped
-          std::lock_guard<std::mutex> lk2(m);
-          cancels.push_back(job);
-          cv.notify_one();
-        }
+        if (!success) Abandon(job);
       });
+}
+
+void Server::Impl::SetError(const httplib::Request& req, httplib::Response& res,
+                            const ApiError& e) {
+  const bool ollama = req.path == "/" || req.path.rfind("/api/", 0) == 0;
+  res.set_content(ollama ? OllamaErrorBody(e) : ErrorBody(e), "application/json");
 }
 
 void Server::Impl::Routes() {
@@ -449,11 +438,9 @@ void Server::Impl::Routes() {
     if (req.get_header_value("Authorization") == "Bearer " + so.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
     res.status = 401;
-    res.set_content(ErrorBody(ApiError(401,
-                                       "a valid API key is required (Authorization: Bearer "
-                                       "KEY)",
-                                       "", "authentication_error")),
-                    "application/json");
+    SetError(req, res,
+             ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", "",
+                      "authentication_error"));
     return httplib::Server::HandlerResponse::Handled;
   });
   http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -462,8 +449,7 @@ void Server::Impl::Routes() {
                              : res.status == 413 ? "the request body is larger than " +
                                                        std::to_string(so.max_body) + " bytes"
                                                  : "the request failed";
-    res.set_content(ErrorBody(ApiError(res.status, what, "", "invalid_request_error")),
-                    "application/json");
+    SetError(req, res, ApiError(res.status, what, "", "invalid_request_error"));
   });
   http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     nlohmann::json j = {{"status", "ok"},
@@ -471,7 +457,8 @@ void Server::Impl::Routes() {
                         {"waiting", waiting.load()},
                         {"running", running.load()},
                         {"cached_prompts", cached.load()},
-                        {"reused_prompt_tokens", reused.load()}};
+                        {"reused_prompt_tokens", reused.load()},
+                        {"abandoned_requests", abandoned.load()}};
     res.set_content(Dump(j), "application/json");
   });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
@@ -485,6 +472,7 @@ void Server::Impl::Routes() {
   http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
     Complete(req, res, true);
   });
+  OllamaRoutes();
 }
 
 Server::Server(Model& model, const Tokenizer& tok, const EngineOptions& engine,

@@ -21,6 +21,7 @@
 #include "server/server.h"
 #include "tests/cli_test_util.h"
 #include "tests/fixture_util.h"
+#include "tests/server_test_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
@@ -132,49 +133,6 @@ TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
   EXPECT_EQ(err["error"]["param"], "x");
   EXPECT_EQ(server::StopAt("abcdef", {"de", "c"}), 2u);
   EXPECT_EQ(server::StopAt("abc", {"x"}), std::string::npos);
-}
-
-struct Served {
-  test::TempDir d;
-  ThreadingContext tc{2};
-  std::unique_ptr<Backend> cpu = MakeCpuBackend(tc, false);
-  std::string dir = ByteTokenizerModel(d);
-  std::unique_ptr<Model> model = LoadModel(dir, *cpu);
-  std::unique_ptr<Tokenizer> tok = Tokenizer::Load(dir + "/tokenizer.json");
-  std::unique_ptr<server::Server> srv;
-  int port = 0;
-  static constexpr int64_t kCtx = 256;
-
-  explicit Served(const std::string& api_key = "", size_t max_body = 1 << 20) {
-    EngineOptions eo;
-    eo.max_batch = 4, eo.max_context = kCtx, eo.block_size = 16, eo.prompt_chunk = 16;
-    eo.prefix_cache = 4;
-    server::ServerOptions so;
-    so.port = 0, so.model_name = "m", so.api_key = api_key, so.max_body = max_body;
-    srv = std::make_unique<server::Server>(*model, *tok, eo, so);
-    port = srv->Start();
-  }
-  // The greedy text of `prompt` alone, n tokens (the byte model has no end-of-sequence stop here
-  // that the server would not share).
-  std::string Alone(const std::vector<int32_t>& prompt, int64_t n) {
-    KVCache cache(model->CacheShape(kCtx, DType::kF32, 16));
-    StreamDecoder dec(*tok, true);
-    std::string text;
-    int32_t t = model->ForwardGreedy(prompt.data(), static_cast<int64_t>(prompt.size()), cache);
-    for (int64_t i = 0; i < n; ++i) {
-      text += dec.Push(t);
-      const auto& eos = model->config().eos_token_ids;
-      if (std::find(eos.begin(), eos.end(), t) != eos.end()) break;
-      if (i + 1 < n) t = model->ForwardGreedy(&t, 1, cache);
-    }
-    return text + dec.Flush();
-  }
-};
-
-std::vector<int32_t> Ids(int seed, int n) {
-  std::vector<int32_t> p;
-  for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>(40 + (i * 7 + seed * 13) % 60));
-  return p;
 }
 
 // Log-likelihood as lm-evaluation-harness asks for it (local-completions): token-id prompts in

@@ -1,4 +1,4 @@
-// needle serve: OpenAI's completion APIs over HTTP for one model (server/server.h).
+// needle serve: OpenAI's and Ollama's completion APIs over HTTP for one model (server/server.h).
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -33,7 +33,9 @@ int CmdServe(int argc, char** argv) {
   for (auto& o : RunOptionSpecs()) specs.push_back(o);
   Options opt("needle serve",
               "Serves a model over HTTP with OpenAI's APIs: POST /v1/completions and\n"
-              "/v1/chat/completions (streaming as server-sent events), GET /v1/models, /health.\n"
+              "/v1/chat/completions (streaming as server-sent events), GET /v1/models, /health;\n"
+              "and Ollama's: POST /api/generate, /api/chat (streaming as JSON lines), /api/show,\n"
+              "GET /api/tags, /api/ps, /api/version.\n"
               "Concurrent requests are decoded together over one KV block pool.",
               specs);
   if (!opt.Parse(argc, argv)) {
@@ -71,6 +73,7 @@ int CmdServe(int argc, char** argv) {
                       : opt.Str("model-name");
   if (so.model_name.empty()) so.model_name = "needle";
   so.chat = ChatFamilyFromOptions(opt, model_dir, &so.bos, &so.eos);
+  so.model_dir = model_dir;
   EngineOptions eo;
   eo.max_batch = batch;
   eo.max_context = ctx;

@@ -14,14 +14,26 @@ namespace needle {
 
 using json = nlohmann::json;
 
-size_t ModelWeights::TotalBytes() const {
-  size_t n = 0;
-  auto& self = const_cast<ModelWeights&>(*this);
+namespace {
+// Sum of of(w) over the distinct present weights (a tied head is the embedding's view: once).
+template <typename F>
+int64_t SumDistinct(const ModelWeights& weights, F&& of) {
+  int64_t n = 0;
   std::set<const void*> seen;
-  ForEachWeight(self, [&](Weight& w) {
-    if (w.present() && seen.insert(w.data).second) n += w.nbytes();
+  ForEachWeight(const_cast<ModelWeights&>(weights), [&](Weight& w) {
+    if (w.present() && seen.insert(w.data).second) n += of(w);
   });
   return n;
+}
+}  // namespace
+
+size_t ModelWeights::TotalBytes() const {
+  return static_cast<size_t>(
+      SumDistinct(*this, [](const Weight& w) { return static_cast<int64_t>(w.nbytes()); }));
+}
+
+int64_t ModelWeights::Parameters() const {
+  return SumDistinct(*this, [](const Weight& w) { return w.rows * w.cols; });
 }
 
 std::vector<WeightSpec> ExpectedWeights(const ModelConfig& c) {

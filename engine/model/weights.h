@@ -50,6 +50,7 @@ struct ModelWeights {
   std::vector<std::unique_ptr<SafetensorsFile>> files;
   std::vector<uint8_t> arena;  // dummy weights
   size_t TotalBytes() const;
+  int64_t Parameters() const;  // elements of the distinct weights (a tied head counted once)
 };
 
 // Loads model.safetensors or the shards listed in model.safetensors.index.json from `dir`,
