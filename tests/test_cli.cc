@@ -42,6 +42,29 @@ TEST(Cli, DummyWeightsRun) {
   EXPECT_EQ(r.status, 0) << r.output;
 }
 
+// eval takes --dummy-weights as generate does: a folder with no weights runs on random ones of
+// its config's shapes, and the run's settings say so (a resumed or merged run of real weights
+// is then another configuration). It used to load the folder's weights regardless.
+TEST(Cli, EvalRunsOnDummyWeights) {
+  test::TempDir d;
+  const std::string model = ByteTokenizerModel(d);
+  const std::string bare = d.File("bare");
+  std::filesystem::create_directories(bare);
+  for (const char* f : {"config.json", "tokenizer.json"})
+    std::filesystem::copy_file(model + "/" + f, bare + "/" + f);
+  Result r = RunNeedle("eval passkey -m " + bare + " -o " + d.File("run") +
+                       " --lengths 400 --depths 1 --dummy-weights -t 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream preds(d.File("run") + "/predictions.jsonl");
+  std::string line;
+  ASSERT_TRUE(std::getline(preds, line));
+  EXPECT_NE(line.find("dummy-weights:bf16"), std::string::npos) << line;
+  Result real = RunNeedle("eval passkey -m " + bare + " -o " + d.File("run2") +
+                          " --lengths 400 --depths 1 -t 1");
+  EXPECT_NE(real.status, 0);
+  EXPECT_NE(real.output.find("no model.safetensors"), std::string::npos) << real.output;
+}
+
 TEST(Cli, BadInputExitsNonZeroWithMessage) {
   struct Case {
     std::string args, expect;

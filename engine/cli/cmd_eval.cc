@@ -175,12 +175,13 @@ int CmdEval(int argc, char** argv) {
   ThreadingContext tc(limits.threads);
   auto backend = MakeBackend(opt.Str("device"), opt, tc);
   limits.ubatch = ResolveUbatch(limits.ubatch, *backend);
-  auto model = LoadModel(opt.Str("model"), *backend);
+  auto model = LoadModelFromOptions(opt, *backend, tc);
   model->set_ubatch(limits.ubatch);
   auto tok = Tokenizer::Load(opt.Str("model") + "/tokenizer.json");
   eval::RunnerOptions ro;
   ro.run_dir = opt.Str("output");
   ro.model_id = eval::ModelIdentity(opt.Str("model"));
+  if (opt.Flag("dummy-weights")) ro.model_id += " dummy-weights:" + opt.Str("dummy-type");
   ro.kv_memory = limits.kv_memory;
   ro.gpu_memory = limits.gpu_memory;
   ro.placement = limits.placement;

@@ -314,6 +314,30 @@ ChatFamily ChatFamilyFromOptions(const Options& opt, const std::string& model_di
   return fam;
 }
 
+std::unique_ptr<Model> LoadModelFromOptions(const Options& opt, Backend& backend,
+                                            ThreadingContext& tc, const BeforeUpload& fits) {
+  const std::string model_path = opt.Str("model");
+  if (!opt.Flag("dummy-weights")) return LoadModel(model_path, backend, fits);
+  const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
+  // A 7B model's random weights take a minute and 15 GB: say so, and how far it got (every
+  // tenth, on one line on a terminal).
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  int shown = -1;
+  return MakeDummyModel(
+      cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), backend, tc,
+      [&](size_t done, size_t total) {
+        const int tenth = total ? static_cast<int>(10 * done / total) : 10;
+        if (tenth == shown) return;
+        shown = tenth;
+        std::fprintf(stderr,
+                     tty ? "\rneedle: random weights (--dummy-weights): %d%% of %s"
+                         : "needle: random weights (--dummy-weights): %d%% of %s\n",
+                     10 * tenth, FormatBytes(total).c_str());
+        if (tty && tenth == 10) std::fprintf(stderr, "\n");
+      },
+      fits);
+}
+
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   RunSetup rs;
   rs.sparse_cfg = SparseConfigFromOptions(opt);
@@ -337,28 +361,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
     CheckSequenceFits(*rs.backend, m, w,
                       opt.Str("attention") == "sparse" ? &rs.sparse_cfg : nullptr, so);
   };
-  if (opt.Flag("dummy-weights")) {
-    const std::string cfg = IsDir(model_path) ? model_path + "/config.json" : model_path;
-    // A 7B model's random weights take a minute and 15 GB: say so, and how far it got (every
-    // tenth, on one line on a terminal).
-    const bool tty = ::isatty(STDERR_FILENO) != 0;
-    int shown = -1;
-    rs.model = MakeDummyModel(
-        cfg, ParseFloatDType(opt.Str("dummy-type"), "--dummy-type"), *rs.backend, *rs.tc,
-        [&](size_t done, size_t total) {
-          const int tenth = total ? static_cast<int>(10 * done / total) : 10;
-          if (tenth == shown) return;
-          shown = tenth;
-          std::fprintf(stderr,
-                       tty ? "\rneedle: random weights (--dummy-weights): %d%% of %s"
-                           : "needle: random weights (--dummy-weights): %d%% of %s\n",
-                       10 * tenth, FormatBytes(total).c_str());
-          if (tty && tenth == 10) std::fprintf(stderr, "\n");
-        },
-        fits);
-  } else {
-    rs.model = LoadModel(model_path, *rs.backend, fits);
-  }
+  rs.model = LoadModelFromOptions(opt, *rs.backend, *rs.tc, fits);
   rs.model->set_ubatch(limits.ubatch);
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
   if (!sequence) return rs;

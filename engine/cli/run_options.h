@@ -70,6 +70,11 @@ int64_t ResolveUbatch(int64_t ubatch, Backend& b);
 // attention policy. sequence == false: the model alone (no cache, no policy: an Engine makes
 // them per sequence); ctx then only checks that a sequence of ctx tokens fits the GPU budget.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence = true);
+// The model --model names, or with --dummy-weights random weights of its config.json's shapes
+// (--dummy-type; progress on stderr). fits: checked before the weights are uploaded.
+std::unique_ptr<Model> LoadModelFromOptions(const Options& opt, Backend& backend,
+                                            ThreadingContext& tc,
+                                            const BeforeUpload& fits = nullptr);
 // The backend that --device names: cpu, cuda / cuda:N, or auto (cuda when a GPU exists and the
 // run needs neither sparse attention nor the reference kernels, which are CPU-only).
 std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& opt,
