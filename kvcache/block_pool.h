@@ -51,6 +51,7 @@ class BlockPool {
   uint8_t* BlockData(int64_t layer, bool values, int64_t slot) const;
   float* ScaleData(int64_t layer, bool values, int64_t slot) const;
   size_t BlockBytes() const { return block_bytes_; }
+  size_t BlockScaleBytes() const { return block_scale_floats_ * sizeof(float); }  // (int8 only)
 
  private:
   struct Arena {

@@ -23,6 +23,7 @@ namespace {
 constexpr char kMagic[8] = {'N', 'E', 'E', 'D', 'L', 'E', 'K', 'V'};
 constexpr uint32_t kVersion = 1;
 constexpr size_t kPrefix = 32, kAlign = 4096;
+// (int8: each block's data followed by its scales, [kv_head][block_size][head_dim / 32] floats)
 const char* const kLayout = "blocks [layer][block][K then V][kv_head][block_size][head_dim]";
 
 std::string Hex(uint64_t h) {
@@ -37,11 +38,15 @@ uint64_t HashFile(const std::string& path, XXH3_state_t* st) {
   return f.size();
 }
 
+// The bytes of one block's scales (int8 caches; else 0), written after its data.
+size_t BlockScaleBytes(const KVCache& c) {
+  return c.shape().dtype == DType::kI8 ? c.pool().BlockScaleBytes() : 0;
+}
+
 // The blocks of the first `tokens` tokens, per layer.
 int64_t Blocks(int64_t tokens, int64_t B) { return (tokens + B - 1) / B; }
 
 void CheckShape(const std::string& path, const KVCacheShape& s) {
-  if (s.dtype == DType::kI8) Fail(path, ": KV files of an int8 KV cache are not supported yet");
   if (!s.ring_layer.empty())
     for (uint8_t r : s.ring_layer)
       if (r != 0) Fail(path, ": KV files of a cache with ring layers are not supported");
@@ -81,7 +86,7 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
   if (n < 1 || n > cache.size())
     Fail(path, ": ", n, " tokens to write, the cache holds ", cache.size());
   const int64_t nb = Blocks(n, B);
-  const size_t bb = cache.BlockBytes();
+  const size_t bd = cache.BlockBytes(), bs = BlockScaleBytes(cache), bb = bd + bs;
   KVMemory* mem = cache.pool().memory();
   // One pass over the blocks (each brought to the host once, through one buffer): the payload is
   // written at its offset and hashed as it goes, then the prefix and the header (whose length
@@ -91,8 +96,16 @@ void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector
     const int32_t slot = cache.SlotOf(l, b);
     if (slot < 0) Fail(path, ": block ", b, " of layer ", l, " is not in the cache");
     const uint8_t* p = cache.BlockData(l, v, slot);
-    if (mem == nullptr) return p;
-    mem->CopyToHost(buf.data(), p, bb);
+    const auto* sc = reinterpret_cast<const uint8_t*>(cache.pool().ScaleData(l, v, slot));
+    if (mem == nullptr && bs == 0) return p;
+    const auto get = [&](uint8_t* dst, const uint8_t* src, size_t bytes) {
+      if (mem == nullptr)
+        std::memcpy(dst, src, bytes);
+      else
+        mem->CopyToHost(dst, src, bytes);
+    };
+    get(buf.data(), p, bd);
+    if (bs > 0) get(buf.data() + bd, sc, bs);
     return buf.data();
   };
   const auto header_of = [&](uint64_t payload_hash, uint64_t extra_hash) {
@@ -262,7 +275,7 @@ KVFileHeader LoadKVFile(const std::string& path, KVCache& cache, const ModelIden
     Fail(path, ": layout ", h.layers, " layers x ", h.kv_heads, " KV heads x ", h.head_dim,
          "; this model's is ", s.layers, " x ", s.kv_heads, " x ", s.head_dim);
   const int64_t T = static_cast<int64_t>(h.tokens.size()), B = s.block_size, nb = Blocks(T, B);
-  const size_t bb = cache.BlockBytes();
+  const size_t bd = cache.BlockBytes(), bs = BlockScaleBytes(cache), bb = bd + bs;
   if (bytes != static_cast<uint64_t>(2 * s.layers * nb) * bb || payload + bytes > f.size())
     Fail(path, ": truncated or mis-sized payload (", bytes, " bytes at ", payload, ", file of ",
          f.size(), " bytes; ", T, " tokens need ", 2 * s.layers * nb * static_cast<int64_t>(bb),
@@ -289,11 +302,15 @@ KVFileHeader LoadKVFile(const std::string& path, KVCache& cache, const ModelIden
     for (int64_t b = 0; b < load; ++b)
       for (int v = 0; v < 2; ++v) {
         const uint8_t* src = f.data() + payload + ((l * nb + b) * 2 + v) * bb;
-        uint8_t* dst = cache.BlockData(l, v != 0, cache.SlotOf(l, b));
-        if (mem == nullptr)
-          std::memcpy(dst, src, bb);
-        else
-          mem->CopyFromHost(dst, src, bb);
+        const int32_t slot = cache.SlotOf(l, b);
+        const auto put = [&](void* dst, const uint8_t* from, size_t bytes) {
+          if (mem == nullptr)
+            std::memcpy(dst, from, bytes);
+          else
+            mem->CopyFromHost(dst, from, bytes);
+        };
+        put(cache.BlockData(l, v != 0, slot), src, bd);
+        if (bs > 0) put(cache.pool().ScaleData(l, v != 0, slot), src + bd, bs);
       }
   }
   cache.SetSize(n);

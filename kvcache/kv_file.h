@@ -46,7 +46,8 @@ struct KVFileExtra {
 
 // Writes the first `tokens.size()` tokens of `cache` (whole blocks; its size at least that) with
 // their ids, and `extra` when given. Throws Error naming the path on any failure (the previous
-// file stays as it was). Int8 and ring-layer caches are refused.
+// file stays as it was). An int8 cache's blocks carry their scales; caches with ring layers (the
+// hybrid engine's, which hold only their window) are refused.
 void SaveKVFile(const std::string& path, const KVCache& cache, const std::vector<int32_t>& tokens,
                 const ModelIdentity& id, const KVFileExtra* extra = nullptr);
 
