@@ -6,6 +6,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -13,6 +14,7 @@
 #include "engine/model/model.h"
 #include "engine/runtime/engine.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "server/openai.h"
 #include "server/server.h"
 #include "tests/cli_test_util.h"
 #include "tests/fixture_util.h"
@@ -84,6 +86,17 @@ struct Served {
     return text + dec.Flush();
   }
 };
+
+// The status and param of the ApiError (server/openai.h) that parse() throws (0, "" when none).
+template <typename Parse>
+std::pair<int, std::string> RefusalOf(Parse&& parse) {
+  try {
+    parse();
+  } catch (const server::ApiError& e) {
+    return {e.status, e.param};
+  }
+  return {0, ""};
+}
 
 // A prompt of n token ids (40-99), different for each seed.
 inline std::vector<int32_t> Ids(int seed, int n) {

@@ -33,12 +33,7 @@ using server::ParseCompletion;
 
 // The status and param of the ApiError that parsing `body` throws (0, "" when none).
 std::pair<int, std::string> Refusal(const std::string& body, bool chat = false) {
-  try {
-    ParseCompletion(body, chat, "m");
-  } catch (const ApiError& e) {
-    return {e.status, e.param};
-  }
-  return {0, ""};
+  return RefusalOf([&] { ParseCompletion(body, chat, "m"); });
 }
 
 TEST(ServerApi, ParsesRequestsAndRefusesFieldByField) {
