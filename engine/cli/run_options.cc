@@ -54,7 +54,8 @@ constexpr SparseIntOption kSparseInts[] = {
      "(the heaviest, each with its successor; at most topk/2; 0: off)"},
     {"rescore", "rescore_blocks", &SparseConfig::rescore_blocks,
      "sparse: re-rank this many best-scored candidate blocks by their best single key before "
-     "taking the topk (0: off; else >= topk)"},
+     "taking the topk (0: off; else >= topk; at least the Context's block count, e.g. 1000000: "
+     "every block, for prompts of look-alike blocks such as kv_retrieval)"},
     {"gpu-share", "gpu_share", &SparseConfig::gpu_share,
      "sparse on a GPU (hybrid): percent of each KV head's selected Context blocks the GPU "
      "attends, reading them from pinned host memory over PCIe while the CPU attends the rest "
