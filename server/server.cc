@@ -105,9 +105,13 @@ size_t Server::Impl::Sendable(const TextState& st, size_t sent, size_t hold, boo
 }
 
 void Server::Impl::Abandon(const std::shared_ptr<Job>& job) {
-  std::lock_guard<std::mutex> lk(job->m);
-  if (job->finished) return;
-  std::lock_guard<std::mutex> lk2(m);  // the client went away: its sequence is dropped
+  {
+    std::lock_guard<std::mutex> lk(job->m);
+    if (job->finished) return;
+  }
+  // (Not under job->m: the engine thread takes m, then a job's lock, when it stops. A job that
+  // finishes meanwhile is not in the engine's live set any more, and its cancel is dropped.)
+  std::lock_guard<std::mutex> lk(m);  // the client went away: its sequence is dropped
   cancels.push_back(job);
   ++abandoned;
   cv.notify_one();
