@@ -462,7 +462,7 @@ void Server::Impl::Routes() {
                         {"running", running.load()},
                         {"cached_prompts", cached.load()},
                         {"reused_prompt_tokens", reused.load()},
-                        {"abandoned_requests", abandoned.load()}};
+                        {"abandoned_sequences", abandoned.load()}};
     res.set_content(Dump(j), "application/json");
   });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {

@@ -4,8 +4,8 @@
 // sequence cancelled (its blocks freed): streamed at its next write, whole at the next keep-alive
 // space (ServerOptions::keepalive). Endpoints:
 //   GET  /health               {"status": "ok", waiting / running sequences, prompts kept in the
-//                              prefix cache, prompt tokens reused so far, requests abandoned by
-//                              their clients}
+//                              prefix cache, prompt tokens reused so far, sequences cancelled
+//                              because their clients went away}
 //   GET  /v1/models            the one model served
 //   POST /v1/completions       prompt (text or token ids) -> text; "stream": server-sent events
 //   POST /v1/chat/completions  messages -> the model's chat template -> text; "stream" too

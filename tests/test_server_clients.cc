@@ -87,10 +87,10 @@ TEST(ServerClients, ALeavingClientsSequenceIsCancelled) {
     json h;
     for (int i = 0; i < 1000; ++i) {
       h = Health(s.port);
-      if (h["running"] == 0 && h["waiting"] == 0 && h["abandoned_requests"] == left) break;
+      if (h["running"] == 0 && h["waiting"] == 0 && h["abandoned_sequences"] == left) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    EXPECT_EQ(h["abandoned_requests"], left) << c.what << ": " << h.dump();
+    EXPECT_EQ(h["abandoned_sequences"], left) << c.what << ": " << h.dump();
     EXPECT_EQ(h["running"], 0) << c.what;
     EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 20.0) << c.what;
   }
@@ -118,7 +118,7 @@ TEST(ServerClients, AWholeAnswerPastTheGracePeriodArrivesWhole) {
   ASSERT_TRUE(g);
   ASSERT_EQ(g->status, 200);
   EXPECT_EQ(json::parse(g->body)["response"], s.Alone(s.tok->Encode("abc", true), 20));
-  EXPECT_EQ(Health(s.port)["abandoned_requests"], 0);
+  EXPECT_EQ(Health(s.port)["abandoned_sequences"], 0);
 }
 
 }  // namespace
