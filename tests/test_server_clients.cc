@@ -110,6 +110,20 @@ TEST(ServerClients, AWholeAnswerPastTheGracePeriodArrivesWhole) {
   ASSERT_EQ(r->status, 200);
   const json j = json::parse(r->body);  // (white space first, then the body)
   EXPECT_EQ(j["choices"][0]["text"], s.Alone(p, 30));
+  // Several prompts in one request: each choice its own answer, waited for in turn.
+  const std::vector<int32_t> p2 = Ids(5, 30);
+  auto m = cli.Post(
+      "/v1/completions",
+      json{{"model", "m"}, {"prompt", {p, p2}}, {"max_tokens", 12}, {"logprobs", 0}}.dump(),
+      "application/json");
+  ASSERT_TRUE(m);
+  ASSERT_EQ(m->status, 200);
+  const json mj = json::parse(m->body);
+  ASSERT_EQ(mj["choices"].size(), 2u);
+  EXPECT_EQ(mj["choices"][0]["text"], s.Alone(p, 12));
+  EXPECT_EQ(mj["choices"][1]["text"], s.Alone(p2, 12));
+  EXPECT_EQ(mj["choices"][1]["logprobs"]["tokens"].size(), 12u);
+  EXPECT_EQ(mj["usage"]["completion_tokens"], 24);
   auto g = cli.Post(
       "/api/generate",
       json{{"model", "m"}, {"prompt", "abc"}, {"stream", false}, {"options", {{"num_predict", 20}}}}
