@@ -515,7 +515,7 @@ TEST(ServeCli, RefusesImpossibleSettings) {
            {"--port 70000", "--port 70000 is not a port"},
            {"--max-batch 0", "--max-batch 0"},
            {"--max-body 0", "--max-body 0"},
-           {"--prompt-chunk -1", "--prompt-chunk -1"},
+           {"--prompt-chunk -2", "--prompt-chunk -2"},
            {"--chat-template nope", "--chat-template"}}) {
     const Result r = RunNeedle("serve -m " + m + " -t 1 " + args);
     EXPECT_EQ(r.status, 1) << args << ": " << r.output;

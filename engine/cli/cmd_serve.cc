@@ -25,8 +25,9 @@ int CmdServe(int argc, char** argv) {
       {"prefix-cache", 0, OptKind::kInt, "16",
        "finished requests' prompts kept (their KV blocks) for later requests that begin alike, "
        "evicted least recently used first when the pool needs the blocks (0: none)"},
-      {"prompt-chunk", 0, OptKind::kInt, "512",
-       "prompt tokens a sequence prefills per step while others decode (0: whole prompts)"},
+      {"prompt-chunk", 0, OptKind::kInt, "-1",
+       "prompt tokens a sequence prefills per step while others decode (-1: the micro-batch, "
+       "--ubatch: 512 on the CPU, 4096 on a GPU; 0: whole prompts)"},
       {"max-body", 0, OptKind::kInt, "8388608", "largest request body in bytes (larger: 413)"},
       ChatTemplateSpec(),
   };
@@ -49,7 +50,8 @@ int CmdServe(int argc, char** argv) {
   if (port < 0 || port > 65535) Fail("--port ", port, " is not a port (0 to 65535)");
   if (batch < 1) Fail("--max-batch ", batch, " (at least 1)");
   if (body < 1) Fail("--max-body ", body, " (at least 1 byte)");
-  if (opt.Int("prompt-chunk") < 0) Fail("--prompt-chunk ", opt.Int("prompt-chunk"), " (0 or more)");
+  if (opt.Int("prompt-chunk") < -1)
+    Fail("--prompt-chunk ", opt.Int("prompt-chunk"), " (-1, 0 or more)");
   if (opt.Int("prefix-cache") < 0) Fail("--prefix-cache ", opt.Int("prefix-cache"), " (0 or more)");
   int64_t ctx = opt.Int("ctx-size");
   if (ctx == 0) {
@@ -80,7 +82,9 @@ int CmdServe(int argc, char** argv) {
   eo.kv_type = rs.kv_type;
   eo.kv_memory = RunLimitsFromOptions(opt).kv_memory;
   eo.block_size = sparse ? rs.sparse_cfg.block_size : 128;
-  eo.prompt_chunk = opt.Int("prompt-chunk");
+  // (-1: the model's micro-batch, so that a prompt's step is as large as a prefill's own: on a
+  // GPU 4096 tokens, on the H200 8 clients' 4K prompts 11% faster than with chunks of 512.)
+  eo.prompt_chunk = opt.Int("prompt-chunk") < 0 ? rs.model->ubatch() : opt.Int("prompt-chunk");
   eo.prefix_cache = opt.Int("prefix-cache");
   server::PolicyFactory policy;
   if (sparse)
