@@ -6,7 +6,11 @@
       replayed from a CUDA graph (single_ms: one call alone);
   e2e: transformers with random bf16 weights in the shapes of the given config.json files, sdpa
       attention: prefill tok/s of a P-token prompt and decode tok/s of 16 cached steps after it.
+  generate: transformers' batched `generate` (greedy, static cache: cache_implementation
+      "static") with random bf16 weights, a batch of B prompts of P tokens: decode tok/s of all
+      the sequences, from two runs of 8 and 40 new tokens (their difference: the prefill cancels).
 Usage: python3 bench/bench_torch.py [attn|e2e|all] [config.json ...]   (GPU machine)
+       python3 bench/bench_torch.py generate CONFIG P B1,B2,...
 """
 import json
 import sys
@@ -102,7 +106,42 @@ def e2e(config):
         torch.cuda.empty_cache()
 
 
+def generate(config, P, batches):
+    import transformers
+    cfg = transformers.AutoConfig.from_pretrained(config)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").eval()
+    for B in batches:
+        ids = (torch.arange(B * P, device="cuda").reshape(B, P) * 7919 % 30000 + 10)
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            torch.cuda.synchronize()
+            t0 = time.time()
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                     min_new_tokens=n, do_sample=False,
+                                     cache_implementation="static", pad_token_id=0)
+            torch.cuda.synchronize()
+            assert out.shape[1] == P + n, out.shape
+            return time.time() - t0
+        try:
+            run(8)  # (warm-up: the static cache and its compiled shapes)
+            t8, t40 = run(8), run(40)
+            print(json.dumps({"bench": "hf_generate", "config": config.split("/")[-1],
+                              "prompt": P, "batch": B, "decode_tok/s": B * 32 / (t40 - t8),
+                              "step_ms": (t40 - t8) / 32 * 1e3}), flush=True)
+        except Exception as e:  # (out of memory at the largest batches: said, not fatal)
+            print(json.dumps({"bench": "hf_generate", "batch": B, "error": str(e)[:200]}),
+                  flush=True)
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "generate":
+        generate(sys.argv[2], int(sys.argv[3]), [int(b) for b in sys.argv[4].split(",")])
+        sys.exit(0)
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what in ("attn", "all"):
         attention()
