@@ -54,12 +54,17 @@ void CheckShape(const std::string& path, const KVCacheShape& s) {
 
 }  // namespace
 
+std::string ConfigHash(const std::string& dir) {
+  const std::string cfg = std::filesystem::is_directory(dir) ? dir + "/config.json" : dir;
+  const std::string text = ReadTextFile(cfg);
+  return Hex(XXH3_64bits(text.data(), text.size()));
+}
+
 ModelIdentity IdentifyModel(const std::string& dir, bool dummy, const std::string& dummy_type) {
   namespace fs = std::filesystem;
   ModelIdentity id;
   const std::string cfg = fs::is_directory(dir) ? dir + "/config.json" : dir;
-  const std::string text = ReadTextFile(cfg);
-  id.config_hash = Hex(XXH3_64bits(text.data(), text.size()));
+  id.config_hash = ConfigHash(cfg);
   if (dummy) {
     id.weights_hash = "dummy:" + dummy_type;
     return id;

@@ -33,6 +33,9 @@ struct ModelIdentity {
   std::string weights_hash;  // of the weight files' bytes (*.safetensors, by name), or
                              // "dummy:<type>" for --dummy-weights
 };
+// Hex XXH3-64 of the config.json of folder `dir` (or of the file `dir`): ModelIdentity's
+// config_hash. Throws Error naming the file when it cannot be read.
+std::string ConfigHash(const std::string& dir);
 // The identity of the model folder `dir` (reads every weight byte once: seconds for a 7B model).
 ModelIdentity IdentifyModel(const std::string& dir, bool dummy = false,
                             const std::string& dummy_type = "");

@@ -1,15 +1,13 @@
 #include "server/ollama.h"
 
-#include <xxhash.h>
-
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <limits>
 
 #include "engine/base/error.h"
-#include "engine/base/mapped_file.h"
 #include "engine/model/model.h"
+#include "kvcache/kv_file.h"
 #include "server/request_fields.h"
 
 namespace needle::server {
@@ -299,11 +297,7 @@ ServedModel DescribeServedModel(const std::string& name, const std::string& dir,
           std::chrono::file_clock::to_sys(t));
     }
     try {
-      const std::string text = ReadTextFile(dir + "/config.json");
-      char hex[17];
-      std::snprintf(hex, sizeof hex, "%016llx",
-                    static_cast<unsigned long long>(XXH3_64bits(text.data(), text.size())));
-      m.digest = hex;
+      m.digest = ConfigHash(dir);
     } catch (const Error&) {
       // (no config.json: no digest)
     }

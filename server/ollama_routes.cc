@@ -35,13 +35,7 @@ void Server::Impl::Ollama(const httplib::Request& req, httplib::Response& res, b
       if (chat) {
         prompt = ChatTokens(q.r.messages);
       } else {
-        for (int32_t id : q.context)
-          if (id >= model.config().vocab_size)
-            throw ApiError(400,
-                           "context holds token id " + std::to_string(id) +
-                               ", outside the vocabulary of " +
-                               std::to_string(model.config().vocab_size),
-                           "context");
+        CheckIds(q.context, "context");
         prompt = q.context;
         std::vector<int32_t> more;
         const std::string& text = q.r.prompts[0].text;

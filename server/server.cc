@@ -49,6 +49,15 @@ std::vector<int32_t> Server::Impl::ChatTokens(const std::vector<ChatMessage>& me
   return tok.Encode(text, false);
 }
 
+void Server::Impl::CheckIds(const std::vector<int32_t>& ids, const std::string& param) const {
+  for (int32_t id : ids)
+    if (id >= model.config().vocab_size)
+      throw ApiError(400,
+                     "'" + param + "' holds token id " + std::to_string(id) +
+                         ", outside the vocabulary of " + std::to_string(model.config().vocab_size),
+                     param);
+}
+
 int64_t Server::Impl::Budget(const std::vector<int32_t>& prompt, const CompletionRequest& r,
                              bool to_context, int64_t C, const std::string& limit) {
   const std::string param = r.chat ? "messages" : "prompt";
@@ -272,12 +281,7 @@ void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res,
     if (chat) prompts.push_back(ChatTokens(r.messages));
     for (const PromptInput& in : r.prompts) {
       if (!in.ids.empty()) {
-        for (int32_t id : in.ids)
-          if (id >= model.config().vocab_size)
-            throw ApiError(400,
-                           "token id " + std::to_string(id) + " is outside the vocabulary of " +
-                               std::to_string(model.config().vocab_size),
-                           "prompt");
+        CheckIds(in.ids, "prompt");
         prompts.push_back(in.ids);
       } else {
         prompts.push_back(tok.Encode(in.text, true));  // (as needle generate -p: the model's BOS)

@@ -123,6 +123,8 @@ struct Server::Impl {
   // A chat's prompt: the messages in the chat template (none: their contents, a line each).
   // Throws ApiError 400 (messages) for a conversation the template refuses.
   std::vector<int32_t> ChatTokens(const std::vector<ChatMessage>& messages) const;
+  // Throws ApiError 400 naming `param` for a token id outside the model's vocabulary.
+  void CheckIds(const std::vector<int32_t>& ids, const std::string& param) const;
   // The tokens to generate after `prompt` in a context of C tokens: r.max_tokens, or when not
   // given (-1) up to the context (to_context) or 16 (OpenAI's default for completions). Throws
   // ApiError 400 naming the prompt or r.max_tokens_field when they do not fit; limit: what set C.
