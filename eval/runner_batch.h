@@ -1,6 +1,6 @@
 // needle eval --batch N: a configuration's samples decoded together (dense, or sparse on the CPU)
 // (issue 19's continuous batching), submitted to the Engine (engine/runtime/engine.h: one KV
-// BlockPool, admission by reserved blocks, prompt prefixes shared, Model::ForwardBatch). A
+// BlockPool, blocks taken as samples grow, preemption by swapping, prompt prefixes shared, Model::ForwardBatch). A
 // sample's result is appended the moment it stops, like a sample run alone, with the same
 // answer. (Its decode tok/s is its own wall-clock rate, which includes the steps it shared and
 // the other samples' prefills meanwhile: the batch's throughput is the run's, not a sample's.)

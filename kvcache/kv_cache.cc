@@ -139,6 +139,7 @@ void KVCache::FreeBlocks() {
 
 void KVCache::Clear() {
   size_ = 0;
+  swapped_ = false;
   FreeBlocks();
   for (auto& t : table_) std::fill(t.begin(), t.end(), -1);
   if (table_mirror_ != nullptr)
@@ -154,6 +155,7 @@ void KVCache::AssignBlocks(int64_t layer, int64_t pos0, int64_t T) {
     Fail("KV cache: writing positions [", pos0, ", ", pos0 + T, ") exceeds the capacity of ",
          s.capacity, " tokens");
   if (T == 0) return;
+  if (swapped_) Fail("KV cache: written while swapped out");
   const int64_t b0 = pos0 / s.block_size, b1 = (pos0 + T - 1) / s.block_size;
   std::vector<int32_t>& table = table_[layer];
   const bool ring = s.IsRing(layer);
@@ -267,6 +269,87 @@ void KVCache::SharePrefix(const KVCache& from, int64_t tokens) {
                             static_cast<size_t>(nb) * sizeof(int32_t));
   }
   size_ = tokens;
+}
+
+namespace {
+// The bytes of one block of one layer in SwappedBlocks::data: K, V, and int8's scales.
+size_t SwapBlockBytes(const BlockPool& pool) {
+  return 2 * pool.BlockBytes() +
+         (pool.shape().dtype == DType::kI8 ? 2 * pool.BlockScaleBytes() : 0);
+}
+}  // namespace
+
+void KVCache::SwapOut(SwappedBlocks* out) {
+  if (own_ != nullptr || !shape_.ring_layer.empty())
+    Fail("KV cache: only a sequence's cache over a shared pool is swapped out");
+  if (swapped_) Fail("KV cache: swapped out twice");
+  const size_t bb = pool_->BlockBytes(), sb = pool_->BlockScaleBytes();
+  const bool i8 = shape_.dtype == DType::kI8;
+  out->blocks.assign(static_cast<size_t>(shape_.layers), {});
+  int64_t n = 0;
+  for (const auto& t : table_)
+    n += std::count_if(t.begin(), t.end(), [](int32_t x) { return x >= 0; });
+  const size_t bytes = static_cast<size_t>(n) * SwapBlockBytes(*pool_),
+               avail = AvailableMemoryBytes();
+  if (avail != 0 && bytes > avail)
+    Fail("KV cache: swapping out ", n, " blocks needs ", FormatBytes(bytes), " of host memory; ",
+         FormatBytes(avail), " are available");
+  out->data.resize(bytes);
+  uint8_t* d = out->data.data();
+  const auto copy = [&](const void* src, size_t bytes) {
+    if (memory_ != nullptr)
+      memory_->CopyToHost(d, src, bytes);
+    else
+      std::memcpy(d, src, bytes);
+    d += bytes;
+  };
+  for (int64_t l = 0; l < shape_.layers; ++l)
+    for (size_t b = 0; b < table_[l].size(); ++b) {
+      const int32_t slot = table_[l][b];
+      if (slot < 0) continue;
+      copy(pool_->BlockData(l, false, slot), bb);
+      copy(pool_->BlockData(l, true, slot), bb);
+      if (i8) copy(pool_->ScaleData(l, false, slot), sb), copy(pool_->ScaleData(l, true, slot), sb);
+      out->blocks[l].push_back(static_cast<int64_t>(b));
+      pool_->Free(l, slot);
+      table_[l][b] = -1;
+    }
+  swapped_ = true;
+}
+
+void KVCache::SwapIn(SwappedBlocks* in) {
+  if (!swapped_) Fail("KV cache: swapped in without being swapped out");
+  NEEDLE_CHECK(in->blocks.size() == static_cast<size_t>(shape_.layers));
+  for (int64_t l = 0; l < shape_.layers; ++l)
+    if (pool_->FreeSlots(l) < static_cast<int64_t>(in->blocks[l].size()))
+      Fail("KV cache: swapping in ", in->blocks[l].size(), " blocks of layer ", l, " with ",
+           pool_->FreeSlots(l), " of the pool's ", pool_->slots(l), " free");
+  const size_t bb = pool_->BlockBytes(), sb = pool_->BlockScaleBytes();
+  const bool i8 = shape_.dtype == DType::kI8;
+  const uint8_t* d = in->data.data();
+  const auto copy = [&](void* dst, size_t bytes) {
+    if (memory_ != nullptr)
+      memory_->CopyFromHost(dst, d, bytes);
+    else
+      std::memcpy(dst, d, bytes);
+    d += bytes;
+  };
+  for (int64_t l = 0; l < shape_.layers; ++l) {
+    for (const int64_t b : in->blocks[l]) {
+      const int32_t slot = pool_->Allocate(l);
+      copy(pool_->BlockData(l, false, slot), bb);
+      copy(pool_->BlockData(l, true, slot), bb);
+      if (i8) copy(pool_->ScaleData(l, false, slot), sb), copy(pool_->ScaleData(l, true, slot), sb);
+      table_[l][static_cast<size_t>(b)] = slot;
+    }
+    if (table_mirror_ != nullptr)
+      memory_->CopyFromHost(table_mirror_ + l * shape_.num_blocks(), table_[l].data(),
+                            table_[l].size() * sizeof(int32_t));
+  }
+  in->blocks.clear();
+  in->data.clear();
+  in->data.shrink_to_fit();
+  swapped_ = false;
 }
 
 void KVCache::SetSize(int64_t n) {

@@ -86,6 +86,19 @@ class KVMemory {
   virtual void CopyToHost(void* dst, const void* src, size_t bytes) = 0;
 };
 
+// A sequence's blocks moved out of their pool into host memory (KVCache::SwapOut; the Engine's
+// preemption), by layer and logical block.
+struct SwappedBlocks {
+  std::vector<std::vector<int64_t>> blocks;  // [layer]: the logical blocks copied out
+  // Per layer, per copied block: its K data, V data, then (int8) K scales, V scales.
+  std::vector<uint8_t> data;
+  int64_t count() const {
+    int64_t n = 0;
+    for (const auto& b : blocks) n += static_cast<int64_t>(b.size());
+    return n;
+  }
+};
+
 class KVCache {
  public:
   // A cache with a pool of its own for the whole context (shape.capacity tokens).
@@ -126,6 +139,16 @@ class KVCache {
   // into blocks of its own (the partial block after a shared prefix is computed again, not
   // copied). Errors name the mismatch.
   void SharePrefix(const KVCache& from, int64_t tokens);
+  // Copies every block of the cache into host memory (*out) and gives up its references: blocks
+  // only it held go back to the pool, blocks shared with other caches stay theirs. The cache
+  // keeps its size and must not be read or written until SwapIn. A pool's cache only (no ring
+  // layers).
+  void SwapOut(SwappedBlocks* out);
+  // Takes slots for the swapped blocks again (an Error naming the pool's size when too few are
+  // free, nothing taken) and copies them back: the cache reads as before SwapOut, from slots of
+  // its own (blocks it shared before are its own copies now). `in` is emptied.
+  void SwapIn(SwappedBlocks* in);
+  bool swapped() const { return swapped_; }
 
   // Pointers into the cache's memory (device pointers for a device cache, table included).
   KVLayerView Layer(int64_t layer) const;
@@ -149,6 +172,7 @@ class KVCache {
   KVMemory* memory_ = nullptr;
   int32_t* table_mirror_ = nullptr;  // [layer][block] in memory_ (device caches)
   int64_t size_ = 0;
+  bool swapped_ = false;
   std::vector<std::vector<int32_t>> table_;  // [layer][logical block] -> slot, -1 = unassigned
 };
 

@@ -227,6 +227,8 @@ void Server::Impl::EngineLoop() {
     waiting = engine->Waiting();
     running = engine->Running();
     cached = engine->cached_prefixes();
+    preempted = engine->Preempted();
+    preemptions = engine->preemptions();
     reused = engine->reused_tokens();
   }
   for (auto& [id, j] : live) Finish(*j, 503, "the server is stopping");
@@ -464,6 +466,8 @@ void Server::Impl::Routes() {
                         {"model", so.model_name},
                         {"waiting", waiting.load()},
                         {"running", running.load()},
+                        {"preempted", preempted.load()},
+                        {"preemptions", preemptions.load()},
                         {"cached_prompts", cached.load()},
                         {"reused_prompt_tokens", reused.load()},
                         {"abandoned_sequences", abandoned.load()}};

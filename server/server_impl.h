@@ -90,6 +90,7 @@ struct Server::Impl {
   std::deque<std::shared_ptr<Job>> incoming;
   std::vector<std::shared_ptr<Job>> cancels;
   std::atomic<int64_t> waiting{0}, running{0}, cached{0}, reused{0}, ids{0};
+  std::atomic<int64_t> preempted{0}, preemptions{0};  // swapped out now; so far (Engine)
   std::atomic<int64_t> abandoned{0};  // sequences cancelled because their client went away
 
   void Submit(const std::shared_ptr<Job>& j) {

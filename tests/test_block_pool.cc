@@ -136,6 +136,65 @@ TEST(BlockPool, SharedPrefixBlocksAreCountedNotCopied) {
   EXPECT_EQ(pool.FreeSlots(1), 8);
 }
 
+// A cache swapped out (the Engine's preemption) gives its blocks back, those it shared staying
+// with the other cache, and swapped in reads what it read before from slots of its own, whatever
+// was written into its old slots meanwhile; int8's scales come back with their data.
+TEST(BlockPool, SwappedOutBlocksComeBackIntoOtherSlots) {
+  for (const DType dt : {DType::kF32, DType::kI8}) {
+    const int64_t L = 2, Hk = 2, D = 8, B = 4, n = 11;  // 3 blocks, the last partial
+    BlockPool pool(KVCacheShape{L, Hk, D, 8 * B, B, dt});
+    auto a = std::make_unique<KVCache>(pool, 32);
+    const auto k = test::RandomVector(n * Hk * D, 1), v = test::RandomVector(n * Hk * D, 2);
+    for (int64_t l = 0; l < L; ++l) a->Write(l, 0, n, k.data(), v.data());
+    a->SetSize(n);
+    const auto read = [&](const KVCache& c) {
+      std::vector<float> r;
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < Hk; ++h)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t d = 0; d < D; ++d)
+              r.push_back(c.Layer(l).KAt(h, t, d)), r.push_back(c.Layer(l).VAt(h, t, d));
+      return r;
+    };
+    const std::vector<float> before = read(*a);
+    KVCache b(pool, 32);
+    b.SharePrefix(*a, 8);
+    SwappedBlocks sw;
+    a->SwapOut(&sw);
+    EXPECT_TRUE(a->swapped());
+    EXPECT_EQ(sw.count(), 3 * L);
+    EXPECT_EQ(a->size(), n);
+    EXPECT_EQ(pool.FreeSlots(0), 8 - 2);  // the shared two stay, now b's alone
+    EXPECT_EQ(pool.References(0, b.SlotOf(0, 0)), 1);
+    EXPECT_THROW(a->AssignBlocks(0, n, 1), Error);  // not written while out
+    // Another cache takes every free slot (a's old one included) and writes over them.
+    KVCache c(pool, 32);
+    const auto junk = test::RandomVector(24 * Hk * D, 3);
+    for (int64_t l = 0; l < L; ++l) c.Write(l, 0, 24, junk.data(), junk.data());
+    EXPECT_EQ(pool.FreeSlots(0), 0);
+    try {
+      a->SwapIn(&sw);
+      FAIL() << "no free slot";
+    } catch (const Error& e) {
+      EXPECT_NE(
+          std::string(e.what()).find("swapping in 3 blocks of layer 0 with 0 of the pool's 8"),
+          std::string::npos)
+          << e.what();
+    }
+    EXPECT_EQ(sw.count(), 3 * L);  // (nothing taken)
+    c.Clear();
+    b.AssignBlocks(0, 8, 4);  // b's next block takes slot 0's neighbour first: a comes back moved
+    a->SwapIn(&sw);
+    EXPECT_FALSE(a->swapped());
+    EXPECT_EQ(sw.count(), 0);
+    EXPECT_EQ(read(*a), before) << KVTypeName(dt);
+    EXPECT_EQ(pool.FreeSlots(0), 8 - 2 - 1 - 3);
+    EXPECT_NE(a->SlotOf(0, 0), b.SlotOf(0, 0));  // its own copy of what it shared
+    a.reset();
+    EXPECT_EQ(pool.FreeSlots(0), 8 - 3);
+  }
+}
+
 TEST(BlockPool, AttentionThroughASharedPoolEqualsAPrivateCache) {
   ThreadingContext tc(2);
   auto cpu = MakeCpuBackend(tc, false);

@@ -15,6 +15,7 @@
 #include "engine/runtime/engine.h"
 #include "sparse_attn/sparse_attention.h"
 #include "tests/fixture_util.h"
+#include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
@@ -63,7 +64,7 @@ std::vector<std::vector<int32_t>> Alone(Model& model) {
 
 struct Outcome {
   std::vector<std::vector<int32_t>> tokens;
-  int64_t most_running = 0, reused = 0;
+  int64_t most_running = 0, reused = 0, preempted = 0;
   int64_t interleaved = 0;  // steps where a sequence decoded while another's prompt was not done
 };
 
@@ -98,6 +99,8 @@ Outcome RunAll(Model& model, const EngineOptions& o, int64_t cancel_after = -1) 
     EXPECT_LT(step, 200);
   }
   r.reused = e.reused_tokens();
+  r.preempted = e.preemptions();
+  EXPECT_EQ(e.resumptions(), e.preemptions());
   EXPECT_EQ(e.free_blocks() * o.block_size, e.pool_tokens());  // every block back
   return r;
 }
@@ -116,13 +119,13 @@ TEST(Engine, BatchedSequencesGiveTheirTokensAlone) {
   const Outcome own = RunAll(*f.model, o);
   EXPECT_EQ(own.tokens, want);
   EXPECT_EQ(own.reused, 0);
-  // A pool of 5 blocks (80 tokens of 8 KB each): one or two sequences at a time, as their
-  // reservations allow; the same tokens.
+  // A pool of 5 blocks (80 tokens of 8 KB each): as many sequences at a time as their blocks
+  // allow, the youngest preempted when the others grow; the same tokens.
   o.prefix_reuse = true, o.max_batch = 4;
   o.kv_memory = f.model->CacheShape(80, DType::kF32, 16).TotalBytes();
   const Outcome tight = RunAll(*f.model, o);
   EXPECT_EQ(tight.tokens, want);
-  EXPECT_LE(tight.most_running, 2);
+  EXPECT_LE(tight.most_running, 3);
   EXPECT_EQ(all.interleaved, 0);  // whole prompts: a prompt is done in the step it joins
   // Prompts 16 tokens a step: the others decode while a long prompt is still coming in; the
   // same tokens, prefix sharing included.
@@ -211,6 +214,92 @@ TEST(Engine, SparseSequencesSharePrefixesAndAnswerAsAlone) {
           << k.what << ", batch " << batch;
     }
   }
+}
+
+// When the pool runs out, the youngest running sequence is swapped out to host memory and
+// resumes, oldest first, once blocks are free: every sequence, dense or sparse, still gives the
+// tokens it gives alone, across pools from one sequence's blocks up.
+TEST(Engine, PreemptedSequencesResumeAndAnswerAsAlone) {
+  Fixture f;
+  const auto want = Alone(*f.model);
+  EngineOptions o;
+  o.block_size = 16, o.max_context = kCtx, o.max_batch = 4;
+  int64_t preempted = 0;
+  for (const int64_t blocks : {4, 5, 6, 7, 8}) {
+    for (const bool reuse : {true, false}) {
+      o.prefix_reuse = reuse;
+      o.kv_memory = f.model->CacheShape(blocks * 16, DType::kF32, 16).TotalBytes();
+      const Outcome r = RunAll(*f.model, o);
+      EXPECT_EQ(r.tokens, want) << blocks << " blocks, reuse " << reuse;
+      preempted += r.preempted;
+      o.prompt_chunk = o.prompt_chunk == 0 ? 16 : 0;  // (chunked prompts every other run)
+    }
+  }
+  EXPECT_GT(preempted, 0);
+  // Sparse sequences: their planners' state stays with them while their blocks are out.
+  Model& m = *f.model;
+  const int64_t V = m.config().vocab_size, ctx = 80, max_new = 50;
+  SparseConfig c;
+  c.block_size = 8, c.init_tokens = 8, c.local_window = 16, c.topk = 2, c.dense_layers = 0;
+  std::vector<std::vector<int32_t>> p(3), alone;
+  for (size_t s = 0; s < p.size(); ++s) {
+    for (int64_t i = 0; i < 20; ++i)
+      p[s].push_back(static_cast<int32_t>((i * 37 + 7 + 101 * static_cast<int64_t>(s)) % V));
+    auto sp = std::make_unique<SparseAttention>(m.config(), c, m.backend(), f.tc, ctx, DType::kF32);
+    m.set_attention(sp.get());
+    KVCache cache(m.CacheShape(ctx, DType::kF32, c.block_size));
+    std::vector<int32_t> toks = {m.ForwardGreedy(p[s].data(), 20, cache)};
+    while (static_cast<int64_t>(toks.size()) < max_new)
+      toks.push_back(m.ForwardGreedy(&toks.back(), 1, cache));
+    m.set_attention(nullptr);
+    alone.push_back(toks);
+  }
+  EngineOptions so;
+  so.block_size = c.block_size, so.max_context = ctx, so.max_batch = 3;
+  so.kv_memory = m.CacheShape(ctx, DType::kF32, c.block_size).TotalBytes();  // 10 blocks
+  Engine e(m, so);
+  for (const auto& prompt : p) {
+    SequenceRequest r;
+    r.prompt = prompt, r.max_new = max_new, r.ignore_eos = true;
+    r.policy =
+        std::make_unique<SparseAttention>(m.config(), c, m.backend(), f.tc, ctx, DType::kF32);
+    e.Submit(std::move(r));
+  }
+  std::vector<std::vector<int32_t>> got(p.size());
+  int64_t most = 0;
+  while (!e.Idle()) {
+    for (const TokenEvent& ev : e.Step()) got[ev.seq].push_back(ev.token);
+    most = std::max(most, e.Running());
+  }
+  EXPECT_EQ(got, alone);
+  EXPECT_EQ(most, 3);  // (all three began together: 3 blocks each)
+  EXPECT_GT(e.preemptions(), 0);
+  EXPECT_EQ(e.resumptions(), e.preemptions());
+  EXPECT_EQ(e.free_blocks(), 10);
+}
+
+// On the GPU, blocks swapped out of GPU memory into host memory and back: the tokens of a pool
+// with room for every sequence, whatever the pool (bf16 KV, the Engine's batch kernels).
+TEST(Engine, GpuPreemptedSequencesAnswerAsWithRoom) {
+  NEEDLE_REQUIRE_GPU(gpu);
+#ifdef NEEDLE_HAVE_CUDA
+  for (const std::string& dir : {test::FixturesDir() + "/qwen2_bias_gqa7_bf16",
+                                 test::FixturesDir() + "/../../../models/needle-tiny"}) {
+    auto model = LoadModel(dir, *gpu);
+    EngineOptions o;
+    o.block_size = 16, o.max_context = kCtx, o.max_batch = 4, o.kv_type = DType::kBF16;
+    const Outcome wide = RunAll(*model, o);
+    EXPECT_EQ(wide.preempted, 0) << dir;
+    int64_t preempted = 0;
+    for (const int64_t blocks : {4, 5, 6}) {
+      o.kv_memory = model->CacheShape(blocks * 16, DType::kBF16, 16).TotalBytes();
+      const Outcome tight = RunAll(*model, o);
+      EXPECT_EQ(tight.tokens, wide.tokens) << dir << ", " << blocks << " blocks";
+      preempted += tight.preempted;
+    }
+    EXPECT_GT(preempted, 0) << dir;
+  }
+#endif
 }
 
 // A sampled sequence draws the same tokens beside greedy ones as alone (its own generator, its

@@ -11,8 +11,10 @@ namespace needle {
 struct Engine::Seq {
   int64_t id = 0;
   std::vector<int32_t> prompt;
-  int64_t max_new = 1, blocks = 0;  // blocks: reserved in each layer of the pool
-  Prefix* kept = nullptr;           // the kept prompt it shares (pinned while it runs), or null
+  int64_t max_new = 1;
+  // The kept prompt it was admitted on (pinned from its admission to its prefill's start, when
+  // it takes the blocks), or null.
+  Prefix* kept = nullptr;
   int64_t kept_tokens = 0;
   std::unique_ptr<SparseAttention> policy;
   std::unique_ptr<Sampler> sampler;  // null: greedy
@@ -22,6 +24,7 @@ struct Engine::Seq {
   bool prompt_logprobs = false;
   std::vector<TokenLogprob> prompt_lp;  // prompt_logprobs: tokens 1.. of the prompt so far
   std::unique_ptr<KVCache> cache;
+  SwappedBlocks swap;  // its blocks while preempted (cache->swapped())
   GenerateStats st;
   Clock::time_point decode_start;
   int64_t prefilled = 0;  // prompt tokens in the cache (shared ones included)
@@ -71,13 +74,11 @@ int64_t Engine::Submit(SequenceRequest r) {
   if (ctx > opt_.max_context)
     Fail("engine: a prompt of ", P, " tokens and ", r.max_new, " new ones exceed the context of ",
          opt_.max_context, " tokens");
-  const int64_t need = (ctx + block_size_ - 1) / block_size_;
-  NEEDLE_CHECK(need <= pool_blocks_);  // (the pool holds at least one max_context sequence)
+  NEEDLE_CHECK((ctx + block_size_ - 1) / block_size_ <= pool_blocks_);  // (one max_context fits)
   auto s = std::make_unique<Seq>();
   s->id = next_id_++;
   s->prompt = std::move(r.prompt);
   s->max_new = r.max_new;
-  s->blocks = need;
   s->policy = std::move(r.policy);
   s->ignore_eos = r.ignore_eos;
   s->logprobs = r.logprobs;
@@ -97,9 +98,13 @@ void Engine::Cancel(int64_t seq) {
       waiting_.erase(it);
       return;
     }
+  for (auto it = swapped_.begin(); it != swapped_.end(); ++it)
+    if ((*it)->id == seq) {
+      swapped_.erase(it);
+      return;
+    }
   for (auto it = running_.begin(); it != running_.end(); ++it)
     if ((*it)->id == seq && !(*it)->done) {
-      reserved_ -= (*it)->blocks;
       Leave(**it);
       running_.erase(it);  // (its cache gives its blocks back)
       return;
@@ -117,7 +122,9 @@ Engine::Seq* Engine::Find(int64_t seq) const {
     if (s->id == seq) return s.get();
   for (const auto& s : waiting_)
     if (s->id == seq) return s.get();
-  Fail("engine: no sequence ", seq, " (waiting, running or finished at the last step)");
+  for (const auto& s : swapped_)
+    if (s->id == seq) return s.get();
+  Fail("engine: no sequence ", seq, " (waiting, running, preempted or finished at the last step)");
 }
 
 const GenerateStats& Engine::Stats(int64_t seq) const { return Find(seq)->st; }
@@ -138,17 +145,13 @@ void Engine::Take(Seq& s, int32_t t, const float* logits, std::vector<TokenEvent
   if (!s.ignore_eos && std::find(eos.begin(), eos.end(), t) != eos.end())
     s.st.stopped_at_eos = true;
   s.done = s.st.stopped_at_eos || s.st.new_tokens == s.max_new;
-  if (s.done) {
-    s.st.decode_seconds = Since(s.decode_start);
-    reserved_ -= s.blocks;  // (its blocks go back when it leaves, at the next step)
-  }
+  if (s.done) s.st.decode_seconds = Since(s.decode_start);
   events->push_back({s.id, t, s.done, {}});
   if (s.logprobs >= 0)
     events->back().logprob.push_back(ScoreToken(logits, model_.config().vocab_size, t, s.logprobs));
 }
 
 void Engine::Admit(std::unique_ptr<Seq> s) {
-  reserved_ += s->blocks;
   s->cache = std::make_unique<KVCache>(*pool_, static_cast<int64_t>(s->prompt.size()) + s->max_new);
   prompt_tokens_ += static_cast<int64_t>(s->prompt.size());
   running_.push_back(std::move(s));
@@ -240,8 +243,7 @@ void Engine::SharePrefix(Seq& s) {
   // for when the sequence's prefill begins: the sequences before it in the step have prefilled
   // theirs.)
   int64_t shared = 0;
-  // A sequence admitted on a kept prompt's blocks (its reservation counts only its own) takes
-  // those; the others, a running sequence's (their reservation counts every block they hold).
+  // A sequence admitted on a kept prompt takes its blocks; the others, a running sequence's.
   const KVCache* from = nullptr;
   // The representatives that come with the blocks (a sparse donor's, or the kept prompt's).
   const RepresentativeStore* reps = nullptr;
@@ -268,6 +270,7 @@ void Engine::SharePrefix(Seq& s) {
     s.policy->AdoptRepresentatives(*reps, *reps_cfg, shared / block_size_);
   s.prefilled = shared;
   reused_tokens_ += shared;
+  Leave(s);  // (the blocks are its own references now: the kept prompt may go)
 }
 
 // Prefills the next n prompt tokens of s (last: they end its prompt); returns the first token
@@ -299,12 +302,91 @@ int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last, const float** row) {
   return s.sampler->Sample(copy, s.context);
 }
 
-void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
-  if (!s.began) SharePrefix(s), s.began = true;
-  const int64_t P = static_cast<int64_t>(s.prompt.size()), left = P - s.prefilled;
+int64_t Engine::Chunk(const Seq& s, int64_t prefilled) const {
+  const int64_t left = static_cast<int64_t>(s.prompt.size()) - prefilled;
   int64_t n =
       opt_.prompt_chunk > 0 && s.policy == nullptr ? std::min(opt_.prompt_chunk, left) : left;
   if (s.prompt_logprobs) n = std::min(n, std::max<int64_t>(1, opt_.prompt_logprob_rows));
+  return n;
+}
+
+int64_t Engine::Growth(const Seq& s) const {
+  const int64_t B = block_size_, P = static_cast<int64_t>(s.prompt.size());
+  // Tokens in its cache now (one not begun: the kept prompt's it will take, if any; a running
+  // donor's prefix it may take is not counted, so the count is at most one too many).
+  const int64_t have = s.began ? s.cache->size() : s.kept != nullptr ? s.kept_tokens : 0;
+  const int64_t from = s.began ? s.prefilled : have;
+  int64_t end = have + 1;  // decoding: one token
+  if (from < P) {
+    end = from + Chunk(s, from);
+    if (end == P) ++end;  // (its prompt ends: it decodes in the same step, unless it finished)
+  }
+  return (end + B - 1) / B - (have + B - 1) / B;
+}
+
+void Engine::Preempt(Seq& s) {
+  s.cache->SwapOut(&s.swap);
+  ++preempted_;
+  auto it = std::find_if(running_.begin(), running_.end(),
+                         [&](const std::unique_ptr<Seq>& r) { return r.get() == &s; });
+  auto at = std::find_if(swapped_.begin(), swapped_.end(),
+                         [&](const std::unique_ptr<Seq>& w) { return w->id > s.id; });
+  swapped_.insert(at, std::move(*it));
+  running_.erase(it);
+}
+
+void Engine::Schedule() {
+  // The blocks the running sequences take in this step; while the pool lacks them, kept prompts
+  // are evicted, then the youngest running sequences preempted.
+  int64_t need = 0;
+  for (const auto& s : running_) need += s->done ? 0 : Growth(*s);
+  const auto free = [&] { return pool_->FreeSlots(0); };
+  while (need > free()) {
+    if (EvictPrefix(nullptr)) continue;
+    Seq* young = nullptr;
+    for (const auto& s : running_)
+      if (!s->done && (young == nullptr || s->id > young->id)) young = s.get();
+    // (Alone, a sequence always fits: the pool holds one of max_context tokens, and no kept
+    // prompt is pinned between steps.)
+    NEEDLE_CHECK(young != nullptr && Running() > 1);
+    need -= Growth(*young);
+    Preempt(*young);
+  }
+  // Preempted sequences resume first, oldest first; then waiting ones are admitted in order.
+  while (!swapped_.empty() && Running() < opt_.max_batch) {
+    Seq& w = *swapped_.front();
+    const int64_t cost = static_cast<int64_t>(w.swap.blocks[0].size()) + Growth(w);
+    while (need + cost > free() && EvictPrefix(nullptr)) {
+    }
+    if (need + cost > free()) return;
+    w.cache->SwapIn(&w.swap);
+    ++resumed_;
+    need += Growth(w);
+    running_.push_back(std::move(swapped_.front()));
+    swapped_.pop_front();
+  }
+  while (swapped_.empty() && !waiting_.empty() && Running() < opt_.max_batch) {
+    Seq& w = *waiting_.front();
+    w.kept = BestPrefix(w, &w.kept_tokens);
+    const int64_t cost = Growth(w);
+    while (need + cost > free() && EvictPrefix(w.kept)) {
+    }
+    if (need + cost > free()) {
+      w.kept = nullptr, w.kept_tokens = 0;
+      return;
+    }
+    if (w.kept != nullptr) ++w.kept->users;
+    need += cost;
+    std::unique_ptr<Seq> s = std::move(waiting_.front());
+    waiting_.pop_front();
+    Admit(std::move(s));
+  }
+}
+
+void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
+  if (!s.began) SharePrefix(s), s.began = true;
+  const int64_t P = static_cast<int64_t>(s.prompt.size()), left = P - s.prefilled;
+  const int64_t n = Chunk(s, s.prefilled);
   const auto t0 = Clock::now();
   model_.set_attention(s.policy.get());
   int32_t first = 0;
@@ -334,27 +416,7 @@ std::vector<TokenEvent> Engine::Step() {
                                 [](const std::unique_ptr<Seq>& s) { return s->done; }),
                  running_.end());
   std::vector<TokenEvent> events;
-  // Blocks in use are at most the running sequences' reservations plus the kept prompts': a
-  // sequence admitted on a kept prompt reserves only its own blocks, and that prompt stays (is
-  // not evicted) while it runs; one that shares a running sequence's blocks counts them in its
-  // reservation too. So no running sequence is ever short of a block.
-  while (!waiting_.empty() && Running() < opt_.max_batch) {
-    Seq& w = *waiting_.front();
-    w.kept = BestPrefix(w, &w.kept_tokens);
-    const int64_t need = w.blocks - w.kept_tokens / block_size_;
-    const auto fits = [&] { return reserved_ + need + cached_blocks_ <= pool_blocks_; };
-    while (!fits() && EvictPrefix(w.kept)) {
-    }
-    if (!fits()) {
-      w.kept = nullptr, w.kept_tokens = 0;
-      break;
-    }
-    if (w.kept != nullptr) ++w.kept->users;
-    w.blocks = need;
-    std::unique_ptr<Seq> s = std::move(waiting_.front());
-    waiting_.pop_front();
-    Admit(std::move(s));
-  }
+  Schedule();
   std::vector<Seq*> step;
   for (const auto& s : running_) {
     const bool prefilling = s->prefilled < static_cast<int64_t>(s->prompt.size());

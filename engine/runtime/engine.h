@@ -5,11 +5,23 @@
 //
 // A step (Step):
 //   1. sequences that finished at the previous step leave (their blocks back to the pool);
-//   2. waiting sequences are admitted in order while the batch (max_batch) and the pool allow:
-//      each reserves the blocks of its whole prompt and answer when it joins, so a running
-//      sequence never runs out of blocks and nothing is preempted (no swapping, no recompute:
-//      the pool is under-used while sequences are short, the price of never redoing work). The
-//      first waiting sequence that does not fit waits, and the ones behind it with it (in order).
+//   2. scheduling (vLLM's, by blocks actually free): the running sequences' blocks for this step
+//      (a decode's new block, a prompt chunk's) come first. While the pool lacks them, kept
+//      prompts are evicted (least recently used first), then the youngest running sequence is
+//      preempted: its blocks are copied to host memory and given back (KVCache::SwapOut), and
+//      it waits, state and all, among the preempted. Preempted sequences resume first (oldest
+//      first; their blocks copied back into free slots), then waiting ones are admitted in order
+//      while max_batch and the free blocks allow their first step; the first that does not fit
+//      waits, and the ones behind it with it. So a sequence takes blocks as it grows, not its
+//      whole answer's when it joins, and no sequence fails for want of a block: alone, one
+//      always fits (the pool holds one of max_context tokens).
+//      Swap, not recompute: a swapped sequence resumes with the very bits it left with, so its
+//      answer is the one it gives alone, dense or sparse (its planner's state stays with it),
+//      CPU or GPU. Recomputing its tokens as a prompt would be exact only where a prefill gives
+//      the bits of one-token steps, which the GPU's kernels (a GEMM for many rows, a GEMV for
+//      one) do not, nor a sparse prompt's end-of-prompt observation (it would see another
+//      window). For a GPU pool the host memory is the cheap side; for a host pool it is the
+//      same memory outside the pool's budget (kv_memory bounds the running sequences' blocks).
 //      Where an admitted sequence's prompt begins as a running sequence's does, or as a
 //      finished one's kept in the prefix cache (prefix_cache), and their prefills compute the
 //      same KV (EngineOptions::prefix_reuse), it takes that sequence's whole blocks of the
@@ -118,8 +130,9 @@ class Engine {
   // that finished stays readable (Stats, Policy) until the next Step.
   std::vector<TokenEvent> Step();
 
-  bool Idle() const { return waiting_.empty() && running_.empty(); }
+  bool Idle() const { return waiting_.empty() && running_.empty() && swapped_.empty(); }
   int64_t Waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  int64_t Preempted() const { return static_cast<int64_t>(swapped_.size()); }  // (swapped out now)
   int64_t Running() const;     // sequences admitted and not finished
   int64_t Prefilling() const;  // of those, the ones whose prompt is not all in their cache yet
   // A sequence's counts and times (prefill: its own; decode: wall clock from its first token to
@@ -132,6 +145,9 @@ class Engine {
   const std::vector<TokenLogprob>& PromptLogprobs(int64_t seq) const;
   // Prompt tokens of admitted sequences, and of those the ones taken from shared blocks.
   int64_t prompt_tokens() const { return prompt_tokens_; }
+  // Preemptions (swaps out) and resumptions (swaps in) so far.
+  int64_t preemptions() const { return preempted_; }
+  int64_t resumptions() const { return resumed_; }
   int64_t reused_tokens() const { return reused_tokens_; }
   int64_t pool_tokens() const { return pool_blocks_ * block_size_; }
   int64_t free_blocks() const { return pool_->FreeSlots(0); }  // (of layer 0; all alike)
@@ -144,6 +160,13 @@ class Engine {
   struct Seq;
   Seq* Find(int64_t seq) const;
   void Admit(std::unique_ptr<Seq> s);
+  // Step's part 2 (above): preemption, resumption, admission.
+  void Schedule();
+  // The prompt tokens s prefills in one step from `prefilled` on.
+  int64_t Chunk(const Seq& s, int64_t prefilled) const;
+  // The blocks (per layer) s's cache takes in this step.
+  int64_t Growth(const Seq& s) const;
+  void Preempt(Seq& s);  // s swapped out, from the running to the preempted
   void SharePrefix(Seq& s);
   void Prefill(Seq& s, std::vector<TokenEvent>* events);
   void Take(Seq& s, int32_t token, const float* logits, std::vector<TokenEvent>* events);
@@ -168,12 +191,13 @@ class Engine {
 
   Model& model_;
   EngineOptions opt_;
-  int64_t block_size_, pool_blocks_ = 0, reserved_ = 0, next_id_ = 0;
+  int64_t block_size_, pool_blocks_ = 0, next_id_ = 0, preempted_ = 0, resumed_ = 0;
   int64_t prompt_tokens_ = 0, reused_tokens_ = 0;
   bool reuse_;
   std::unique_ptr<BlockPool> pool_;
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;  // finished ones until the next Step
+  std::deque<std::unique_ptr<Seq>> swapped_;   // preempted, by id (oldest first)
   std::vector<float> logits_;                  // a prefill's logits (host)
   struct Prefix {
     std::vector<int32_t> tokens;     // whole blocks of a finished prompt
@@ -186,7 +210,7 @@ class Engine {
     std::unique_ptr<RepresentativeStore> reps;
     SparseConfig cfg;
     uint64_t used = 0;
-    int64_t users = 0;  // running sequences sharing its blocks (it stays while they run)
+    int64_t users = 0;  // sequences admitted on it whose prefill has not begun (it stays)
   };
   std::vector<std::unique_ptr<Prefix>> prefixes_;
   int64_t cached_blocks_ = 0;
