@@ -5,7 +5,8 @@
 //    "decode_tok/s", "gpu_used_GiB" (device memory in use after decode, from cudaMemGetInfo,
 //    this process's allocations and the CUDA context), "host_peak_GiB" (VmHWM),
 //    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait" (of which
-//    "gpu_wait_part": for the GPU's partial once the CPU's blocks were done), and "other" (the
+//    "gpu_wait_part": for the GPU's partial once the CPU's blocks were done; of "plan":
+//    "gather_ms" and "launch_ms", HybridStats' gather and launch), and "other" (the
 //    rest: the GPU's work that is not waited for, launches, sampling)}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
 //   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
@@ -175,6 +176,9 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
         (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait,
         (a.enqueue - before.enqueue) / n * ms);
+    split << buf << ",\"gather_ms\":" << (a.gather - before.gather) / n * ms
+          << ",\"launch_ms\":" << (a.launch - before.launch) / n * ms;
+    buf[0] = 0;
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
     double phases = 0;
     for (double x : a.gpu_phase) phases += x;

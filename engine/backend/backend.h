@@ -94,6 +94,25 @@ class Backend {
                            KVCache& cache, int64_t layer, int64_t pos0,
                            const std::vector<float>& inv_freq, float scaling);
 
+  // RopeKVWrite and dense Attention of one decode step of n sequences at once (Model::
+  // ForwardBatch): row i is q [heads, D] at q + i * heads * D, k and v [kv_heads, D] at
+  // k + i * kv_heads * D, written at position caches[i]->size() of `layer` of its cache (every
+  // cache one pool's), then attended over that cache into out [n, heads, D]; a: what the rows
+  // share (heads, scale, window; pos0 unused); one set of frequencies. Each row gets the bits
+  // RopeKVWrite and Attention give it alone. Returns false, having done nothing, where the
+  // backend has no kernels for rows together (the default: the caller then runs them one by one).
+  virtual bool DecodeRows(float* q, float* k, const float* v, int64_t n, KVCache* const* caches,
+                          int64_t layer, const AttnArgs& a, const std::vector<float>& inv_freq,
+                          float scaling, float* out) {
+    (void)q, (void)k, (void)v, (void)n, (void)caches, (void)layer, (void)a, (void)inv_freq;
+    (void)scaling, (void)out;
+    return false;
+  }
+  // TopK with k = 1 (greedy argmax) of n rows, logits [n, V]: host_ids [n].
+  virtual void ArgmaxRows(const float* logits, int64_t n, int64_t V, int32_t* host_ids) {
+    for (int64_t i = 0; i < n; ++i) TopK(logits + i * V, V, 1, nullptr, host_ids + i);
+  }
+
   // Project of q, k, v (qkv[3]) followed by RopeKVWrite of them: the q/k/v projection with the
   // rotary embedding and the cache write folded in (models without q/k norms).
   virtual void ProjectRopeKVWrite(const float* x, int64_t T, const InputNorm& norm,

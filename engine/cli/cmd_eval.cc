@@ -2,6 +2,7 @@
 // (eval/scoring.h). Reads JSONL with a prediction ("prediction" or "pred") and the reference(s)
 // ("answer", "ground_truth", "outputs" or "label"; a string or a list of strings), which covers
 // needle's own files, InfiniteBench's result files and RULER's prediction files.
+#include <chrono>
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -207,9 +208,13 @@ int CmdEval(int argc, char** argv) {
             LongContextNote(model->config(), ro.context_limit, c.sparse ? &c.sparse_cfg : nullptr);
         !note.empty())
       std::fprintf(stderr, "%s [%s]\n", note.c_str(), c.name.c_str());
+  const auto made = std::chrono::steady_clock::now();
   std::vector<datasets::Sample> samples = opt.Str("data").empty()
                                               ? eval::MakeSamples(task, *tok, ro, opt)
                                               : eval::ReadSamples(opt.Str("data"));
+  std::fprintf(stderr, "needle: %zu samples %s in %.2f s\n", samples.size(),
+               opt.Str("data").empty() ? "made" : "read",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - made).count());
   if (shard.sharded()) {
     eval::WriteShardFile(ro.run_dir, task, shard, samples);
     const size_t all = samples.size();

@@ -99,11 +99,49 @@ __device__ __forceinline__ void SplitQ(const AttnParams& p, int g, const float2 
     }
 }
 
-template <int D, bool kBF16, bool kPack>
+// The rows of a batched launch (blockIdx.z: the row), as a kernel parameter: each row's own q,
+// table, position, output, partials and counters, and its split cut.
+struct BatchRow {
+  const float* q;
+  const int32_t* table;
+  float *out, *part;
+  unsigned int* counter;
+  int64_t pos0, keys_per_split;
+  int splits;
+};
+struct NoRows {
+  static constexpr bool kRows = false;
+};
+struct BatchRows {
+  static constexpr bool kRows = true;
+  BatchRow r[kMaxTmaDecodeRows];
+};
+
+template <int D, bool kBF16, bool kPack, class Rows>
 __global__ void __launch_bounds__(kThreads, 1)
     TmaDecodeKernel(const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
-                    AttnParams p, MergeArgs mg) {
+                    AttnParams p, MergeArgs mg, const __grid_constant__ Rows rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (Rows::kRows) {  // this block's row of a batch: p and mg as a call of it alone
+    const BatchRow& r = rows.r[blockIdx.z];
+    if (static_cast<int>(blockIdx.y) >= r.splits) return;
+    p.q = r.q;
+    p.table = r.table;
+    p.pos0 = r.pos0;
+    p.n_keys = r.pos0 + 1;
+    p.splits = r.splits;
+    p.keys_per_split = r.keys_per_split;
+    mg.out = r.out;
+    mg.lse = nullptr;
+    mg.counter = r.counter;
+    if (r.splits == 1) {
+      p.out = r.out, p.m = nullptr;
+    } else {
+      p.out = r.part;
+      p.m = r.part + static_cast<int64_t>(r.splits) * p.heads * D;
+      p.l = p.m + static_cast<int64_t>(r.splits) * p.heads;
+    }
+  }
   using L = Layout<D>;
   extern __shared__ uint8_t smem_raw[];
   // Swizzle atoms must be 1024-byte aligned: round the dynamic allocation up (1 KB spare).
@@ -414,7 +452,7 @@ template <int D, bool kBF16, bool kPack>
 bool Compiled() {
   static const bool ok = [] {
     cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, TmaDecodeKernel<D, kBF16, kPack>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&a, TmaDecodeKernel<D, kBF16, kPack, NoRows>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -439,9 +477,54 @@ bool Launch(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) 
   const CUtensorMap tk = ArenaMap(p.k, p.arena_rows, D, kBF16);
   const CUtensorMap tv = ArenaMap(p.v, p.arena_rows, D, kBF16);
   constexpr size_t smem = Layout<D>::kDynamicBytes;
-  OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack>>(smem);
+  OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack, NoRows>>(smem);
   const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(cut.splits));
-  LaunchDependent(TmaDecodeKernel<D, kBF16, kPack>, grid, kThreads, smem, stream, tk, tv, p, mg);
+  LaunchDependent(TmaDecodeKernel<D, kBF16, kPack, NoRows>, grid, kThreads, smem, stream, tk, tv, p,
+                  mg, NoRows{});
+  NEEDLE_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+// A batched row's partials [splits][heads][D], m and l [splits][heads], rounded up to 128 bytes:
+// the next row's begin where the merge's 16-byte loads may read them.
+int64_t PartFloats(int64_t splits, const AttnParams& p) {
+  return (splits * p.heads * (p.D + 2) + 31) / 32 * 32;
+}
+
+template <int D, bool kBF16, bool kPack>
+bool LaunchRows(AttnParams p, const TmaDecodeRow* in, int n, int sm_count, AttnWorkspace& ws,
+                cudaStream_t stream) {
+  if (!Compiled<D, kBF16, kPack>()) return false;
+  BatchRows rows{};
+  int64_t part_floats = 0, most = 1;
+  for (int i = 0; i < n; ++i) {  // each row's cut, as Launch makes it for the row alone
+    const int64_t pos = in[i].pos0;
+    const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+    const int64_t tiles = (pos + 1 + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
+    const TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, p.kv_heads);
+    BatchRow& r = rows.r[i];
+    r.q = in[i].q, r.table = in[i].table, r.out = in[i].out, r.pos0 = pos;
+    r.splits = static_cast<int>(cut.splits);
+    r.keys_per_split = cut.tiles_per_split * kTileKeys;
+    if (r.splits > 1) part_floats += PartFloats(r.splits, p);
+    most = std::max<int64_t>(most, r.splits);
+  }
+  float* part =
+      part_floats > 0 ? ws.partials.Get<float>(static_cast<size_t>(part_floats)) : nullptr;
+  auto* counters = ws.counters.GetZeroed<unsigned int>(static_cast<size_t>(n * p.kv_heads), stream);
+  for (int i = 0; i < n; ++i) {
+    BatchRow& r = rows.r[i];
+    r.counter = counters + i * p.kv_heads;
+    if (r.splits > 1) r.part = part, part += PartFloats(r.splits, p);
+  }
+  const CUtensorMap tk = ArenaMap(p.k, p.arena_rows, D, kBF16);
+  const CUtensorMap tv = ArenaMap(p.v, p.arena_rows, D, kBF16);
+  constexpr size_t smem = Layout<D>::kDynamicBytes;
+  OptInSharedMemory<TmaDecodeKernel<D, kBF16, kPack, BatchRows>>(smem);
+  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(most),
+                  static_cast<unsigned>(n));
+  LaunchDependent(TmaDecodeKernel<D, kBF16, kPack, BatchRows>, grid, kThreads, smem, stream, tk, tv,
+                  p, MergeArgs{}, rows);
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -456,11 +539,31 @@ TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads) {
   return {tiles_per_split, (tiles + tiles_per_split - 1) / tiles_per_split};  // none empty
 }
 
-bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
-  if (p.T != 1 || p.G > kG || p.heads % p.kv_heads != 0 || p.B % kTileKeys != 0 ||
-      p.arena_rows <= 0 || p.arena_rows >= (int64_t{1} << 31) || ComputeCapability() < 90 ||
-      Encoder() == nullptr)
+namespace {
+bool Qualifies(const AttnParams& p) {
+  return p.T == 1 && p.G <= kG && p.heads % p.kv_heads == 0 && p.B % kTileKeys == 0 &&
+         p.arena_rows > 0 && p.arena_rows < (int64_t{1} << 31) && ComputeCapability() >= 90 &&
+         Encoder() != nullptr;
+}
+}  // namespace
+
+bool TmaDecodeAttentionRows(AttnParams p, const TmaDecodeRow* rows, int n, int sm_count,
+                            AttnWorkspace& ws, cudaStream_t stream) {
+  if (n < 1 || n > kMaxTmaDecodeRows || !Qualifies(p) || p.dpos != nullptr ||
+      p.tile_stats != nullptr)
     return false;
+  bool launched = false;
+  Dispatch16Bit(p, [&](auto d, auto bf16) {
+    constexpr int D = decltype(d)::value;
+    constexpr bool kBF16 = decltype(bf16)::value;
+    launched = p.G <= 4 ? LaunchRows<D, kBF16, true>(p, rows, n, sm_count, ws, stream)
+                        : LaunchRows<D, kBF16, false>(p, rows, n, sm_count, ws, stream);
+  });
+  return launched;
+}
+
+bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
+  if (!Qualifies(p)) return false;
   bool launched = false;
   Dispatch16Bit(p, [&](auto d, auto bf16) {
     constexpr int D = decltype(d)::value;

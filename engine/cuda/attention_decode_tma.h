@@ -26,4 +26,20 @@ struct TmaDecodeSplit {
 };
 TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
 
+// One query row of a batched call: its own q [heads, D], block table, position (the keys
+// [0, pos0] visible, within p.window) and out [heads, D] (no lse).
+struct TmaDecodeRow {
+  const float* q;
+  const int32_t* table;
+  int64_t pos0;
+  float* out;
+};
+constexpr int kMaxTmaDecodeRows = 48;  // rows of one launch (passed as a kernel parameter)
+// TmaDecodeAttention of n rows of different sequences over one arena in one launch (p: the
+// common fields: arena, dtype, shape, scale, window; T == 1): each row cut into splits as it is
+// alone, so it gets the bits it gets alone. False (nothing done) where one call would be refused,
+// or n is outside [1, kMaxTmaDecodeRows].
+bool TmaDecodeAttentionRows(AttnParams p, const TmaDecodeRow* rows, int n, int sm_count,
+                            AttnWorkspace& ws, cudaStream_t stream);
+
 }  // namespace needle::cuda

@@ -13,6 +13,7 @@
 
 #include "engine/base/error.h"
 #include "engine/cuda/attention.h"
+#include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/cuda/device_util.cuh"
@@ -342,6 +343,55 @@ class CudaBackend final : public Backend {
                       Freqs(inv_freq), scaling, view.block_size, view.table,
                       const_cast<uint8_t*>(view.k), const_cast<uint8_t*>(view.v), view.dtype,
                       stream_);
+  }
+
+  bool DecodeRows(float* q, float* k, const float* v, int64_t n, KVCache* const* caches,
+                  int64_t layer, const AttnArgs& a, const std::vector<float>& inv_freq,
+                  float scaling, float* out) override {
+    // NEEDLE_CUDA_DECODE_ROWS=0: the rows one at a time (comparisons; read per call).
+    const char* env = std::getenv("NEEDLE_CUDA_DECODE_ROWS");
+    if (!fused_ || step_mode_ || n < 1 || (env != nullptr && std::strcmp(env, "0") == 0))
+      return false;
+    for (int64_t i = 0; i < n; ++i)
+      if (caches[i]->on_host() || &caches[i]->pool() != &caches[0]->pool()) return false;
+    const int64_t H = a.heads, Hk = a.kv_heads, D = a.head_dim;
+    const float* freq = Freqs(inv_freq);
+    for (int64_t c0 = 0; c0 < n; c0 += cuda::kMaxTmaDecodeRows) {  // (launches of rows)
+      const int64_t m = std::min<int64_t>(n - c0, cuda::kMaxTmaDecodeRows);
+      cuda::RowTargets rows{};
+      const int32_t* tables[cuda::kMaxTmaDecodeRows];
+      int64_t pos[cuda::kMaxTmaDecodeRows];
+      KVLayerView view{};
+      for (int64_t i = 0; i < m; ++i) {
+        KVCache& cache = *caches[c0 + i];
+        pos[i] = cache.size();
+        view = WritableLayer(cache, layer, pos[i], 1);
+        rows.r[i] = {view.table, pos[i]};
+        tables[i] = view.table;
+      }
+      float* qc = q + c0 * H * D;
+      cuda::RopeKVWriteRows(qc, k + c0 * Hk * D, v + c0 * Hk * D, m, H, Hk, D, rows, freq, scaling,
+                            view.block_size, const_cast<uint8_t*>(view.k),
+                            const_cast<uint8_t*>(view.v), view.dtype, stream_);
+      if (cuda::AttentionRows(qc, tables, pos, m, view, a, out + c0 * H * D, sm_count_, attn_ws_,
+                              stream_))
+        continue;
+      for (int64_t i = 0; i < m; ++i) {  // (no batched kernel for these rows: one at a time)
+        AttnArgs ai = a;
+        ai.pos0 = pos[i];
+        Attention(qc + i * H * D, caches[c0 + i]->Layer(layer), ai, nullptr, out + (c0 + i) * H * D,
+                  nullptr);
+      }
+    }
+    return true;
+  }
+  void ArgmaxRows(const float* logits, int64_t n, int64_t V, int32_t* host_ids) override {
+    int32_t* ids = topk_ids_.Get<int32_t>(static_cast<size_t>(n));
+    float* vals = topk_vals_.Get<float>(static_cast<size_t>(n));
+    cuda::TopKRows(logits, n, V, 1, vals, ids, stream_);
+    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(host_ids, ids, static_cast<size_t>(n) * 4,
+                                      cudaMemcpyDeviceToHost, stream_));
+    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   // Recording: a CUDA graph of the step, captured after one eager run of it (which grows every

@@ -80,6 +80,10 @@ struct HybridStats {
   double copies = 0;         // q, new K/V rows and partials between GPU and host
   double gpu_wait = 0;       // waiting for the GPU: the layer's q and shortlist, its own partial
   double gpu_wait_part = 0;  // of gpu_wait: for its partial, after the CPU's blocks were done
+  // Of plan: the executor's host work before the CPU's blocks: placing the GPU's share and
+  // queuing its copies (ResidentBlocks, GatherContext), then queuing the GPU's attention (the
+  // window's block table, the kernels, the lse copy).
+  double gather = 0, launch = 0;
   // Decode: host time from the step's start until the last layer's work is queued (the model's
   // too). Near the step's time, the GPU waits for the host to queue its work; far below it, the
   // host waits for the GPU.

@@ -135,8 +135,11 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   // Initial + Local; their softmax sums. With position remapping, Local alone: the Initial and
   // Context keys move by amounts that change with the step, and the CPU rotates its query.
   const bool remap = plan.remap && a.inv_freq != nullptr;
+  auto t = Clock::now();
   int64_t n_g = remap ? 0 : GpuShare(plan);
   if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
+  stats.gather += Since(t);
+  t = Clock::now();
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
@@ -159,12 +162,13 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
   if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
+  stats.launch += Since(t);
   if (late) {  // the sums stay for LateMass; no wait
     late_at[layer] = stats_at;
     return false;
   }
   if (gpu_all) {
-    auto t = Clock::now();
+    t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
     stats.gpu_wait += Since(t);
     stats.gpu_wait_part += Since(t);
@@ -186,7 +190,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     }
     cb = &cpu_blocks;
   }
-  auto t = Clock::now();
+  t = Clock::now();
   float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
   if (remap) {
     plan.ToSpans(Hk, &spans, a.inv_freq, a.head_dim, false);

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/pdl.cuh"
@@ -65,15 +66,20 @@ __global__ void RopeKernel(float* x, int64_t T, int64_t heads, int64_t D, int64_
 // rotate the pair of k and write it and the same pair of v to the cache. Launched dependent
 // (pdl.cuh): the angle (the position and the frequencies are the step's constants) is computed
 // while the q/k/v projection before it finishes.
-__global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T, int64_t heads,
-                                  int64_t Hk, int64_t D, int64_t pos0, const int64_t* dpos,
-                                  const float* inv_freq, float scaling, int64_t B,
-                                  const int32_t* table, void* ka, void* va, DType dt) {
+// rows (or null): T rows of different sequences, row t at rows[t].pos through rows[t].table
+// (pos0, dpos and table unused).
+__device__ __forceinline__ void RopeKVWriteBody(float* q, float* k, const float* v, int64_t T,
+                                                int64_t heads, int64_t Hk, int64_t D, int64_t pos0,
+                                                const int64_t* dpos, const float* inv_freq,
+                                                float scaling, int64_t B, const int32_t* table,
+                                                void* ka, void* va, DType dt,
+                                                const RowTarget* rows) {
   const int64_t half = D / 2, slots = heads + Hk;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= T * slots * half) return;
   const int64_t j = i % half, slot = (i / half) % slots, t = i / (half * slots);
-  const int64_t pos = (dpos != nullptr ? *dpos : pos0) + t;
+  const int64_t pos = rows != nullptr ? rows[t].pos : (dpos != nullptr ? *dpos : pos0) + t;
+  if (rows != nullptr) table = rows[t].table;
   const RopeCs cs = RopeAngle(pos, inv_freq[j], scaling);
   WaitForPredecessor();
   AllowSuccessor();
@@ -91,6 +97,23 @@ __global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T,
   StoreAs(ka, row + j + half, dt, kr[j + half]);
   StoreAs(va, row + j, dt, vr[j]);
   StoreAs(va, row + j + half, dt, vr[j + half]);
+}
+
+__global__ void RopeKVWriteKernel(float* q, float* k, const float* v, int64_t T, int64_t heads,
+                                  int64_t Hk, int64_t D, int64_t pos0, const int64_t* dpos,
+                                  const float* inv_freq, float scaling, int64_t B,
+                                  const int32_t* table, void* ka, void* va, DType dt) {
+  RopeKVWriteBody(q, k, v, T, heads, Hk, D, pos0, dpos, inv_freq, scaling, B, table, ka, va, dt,
+                  nullptr);
+}
+
+// The rows' targets as a kernel parameter: nothing to copy to the device first.
+__global__ void RopeKVWriteRowsKernel(float* q, float* k, const float* v, int64_t T, int64_t heads,
+                                      int64_t Hk, int64_t D, const float* inv_freq, float scaling,
+                                      int64_t B, void* ka, void* va, DType dt,
+                                      const __grid_constant__ RowTargets rows) {
+  RopeKVWriteBody(q, k, v, T, heads, Hk, D, 0, nullptr, inv_freq, scaling, B, nullptr, ka, va, dt,
+                  rows.r);
 }
 
 __global__ void SiluMulKernel(const float* g, const float* u, int64_t n, float* out) {
@@ -130,7 +153,11 @@ __global__ void KVWriteKernel(const float* k, const float* v, int64_t T, int64_t
 // Pass r finds the largest (value, -id) strictly after pass r-1's in that order, so the passes
 // emit the k largest in descending order without marking anything. One block of kTopThreads.
 constexpr int kTopThreads = 1024;
+// One block per row of logits (row blockIdx.x: l, vals, ids offset by it).
 __global__ void TopKKernel(const float* l, int64_t V, int64_t k, float* vals, int32_t* ids) {
+  l += blockIdx.x * V;
+  vals += blockIdx.x * k;
+  ids += blockIdx.x * k;
   __shared__ float sv[kTopThreads];
   __shared__ int64_t si[kTopThreads];
   __shared__ float prev_v;
@@ -241,10 +268,26 @@ void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, i
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+void RopeKVWriteRows(float* q, float* k, const float* v, int64_t n, int64_t heads, int64_t kv_heads,
+                     int64_t D, const RowTargets& rows, const float* inv_freq, float scaling,
+                     int64_t block_size, void* k_arena, void* v_arena, DType dtype,
+                     cudaStream_t stream) {
+  if (n < 1 || n > kMaxRows) Fail("RopeKVWriteRows: ", n, " rows (1 to ", kMaxRows, ")");
+  const int64_t total = n * (heads + kv_heads) * (D / 2);
+  LaunchDependent(RopeKVWriteRowsKernel, dim3(Blocks(total)), dim3(kThreads), 0, stream, q, k, v, n,
+                  heads, kv_heads, D, inv_freq, scaling, block_size, k_arena, v_arena, dtype, rows);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
 void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
           cudaStream_t stream) {
-  if (k <= 0 || V <= 0) return;
-  TopKKernel<<<1, kTopThreads, 0, stream>>>(logits, V, k, vals, ids);
+  TopKRows(logits, 1, V, k, vals, ids, stream);
+}
+
+void TopKRows(const float* logits, int64_t n, int64_t V, int64_t k, float* vals, int32_t* ids,
+              cudaStream_t stream) {
+  if (k <= 0 || V <= 0 || n <= 0) return;
+  TopKKernel<<<static_cast<unsigned>(n), kTopThreads, 0, stream>>>(logits, V, k, vals, ids);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -45,6 +45,27 @@ void RopeKVWrite(float* q, float* k, const float* v, int64_t T, int64_t heads, i
 // greedy decoding (k = 1) and top-k sampling's candidates on the GPU. One block, k passes.
 void TopK(const float* logits, int64_t V, int64_t k, float* vals, int32_t* ids,
           cudaStream_t stream);
+// TopK of n rows at once: logits [n, V], vals and ids [n, k] (one block a row).
+void TopKRows(const float* logits, int64_t n, int64_t V, int64_t k, float* vals, int32_t* ids,
+              cudaStream_t stream);
+// Where one decode row of a batch goes: its position and its cache's block table of the layer
+// (device).
+struct RowTarget {
+  const int32_t* table;
+  int64_t pos;
+};
+constexpr int kMaxRows = 64;  // rows of one batched launch (passed as a kernel parameter)
+struct RowTargets {
+  RowTarget r[kMaxRows];
+};
+// RopeKVWrite of n <= kMaxRows rows of different sequences (one decode step of a batch), each as
+// RopeKVWrite of that row alone would do it: row i of q [n, heads, D], k and v [n, kv_heads, D]
+// at position rows.r[i].pos through rows.r[i].table; every cache one pool's (k_arena, v_arena);
+// one set of frequencies.
+void RopeKVWriteRows(float* q, float* k, const float* v, int64_t n, int64_t heads, int64_t kv_heads,
+                     int64_t D, const RowTargets& rows, const float* inv_freq, float scaling,
+                     int64_t block_size, void* k_arena, void* v_arena, DType dtype,
+                     cudaStream_t stream);
 
 // The log-sum-exp merge of two attention results over disjoint keys (engine/attention/partial.h
 // for normalised outputs): for each row r (a query head), with w_x = exp(lse_x[r] - M),

@@ -40,6 +40,13 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
     const int64_t p = caches[i]->size();
     policy(i).BeginStep(StepInfo{p, 1, 1, true, p});
   }
+  // Every row dense with one set of frequencies: the rows' rotary embedding, cache writes and
+  // attention may go to the backend together (Backend::DecodeRows).
+  bool together = true;
+  for (int64_t i = 0; i < n; ++i)
+    together &= (policies == nullptr || policies[i] == nullptr) &&
+                rope[i].inv_freq == rope[0].inv_freq &&
+                rope[i].attention_scaling == rope[0].attention_scaling;
   Buffers buf(b_, c, n);
   float *x = buf.x.get(), *h = buf.h.get(), *q = buf.q.get(), *k = buf.k.get(), *v = buf.v.get();
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -51,6 +58,12 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
     if (c.qk_norm) {
       b_.RmsNorm(q, n * H, D, L.q_norm, eps, q);
       b_.RmsNorm(k, n * Hk, D, L.k_norm, eps, k);
+    }
+    if (together &&
+        b_.DecodeRows(q, k, v, n, caches, l, LayerAttnArgs(l, 1, caches[0]->size(), rope[0]),
+                      rope[0].inv_freq, rope[0].attention_scaling, buf.att.get())) {
+      LayerTail(L, n, buf, x);
+      continue;
     }
     for (int64_t i = 0; i < n; ++i) {
       KVCache& cache = *caches[i];
@@ -65,10 +78,8 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
     LayerTail(L, n, buf, x);
   }
   Head(x, n, n, buf);
-  for (int64_t i = 0; i < n; ++i) {
-    b_.TopK(buf.logits.get() + i * V, V, 1, nullptr, next + i);
-    caches[i]->SetSize(caches[i]->size() + 1);
-  }
+  b_.ArgmaxRows(buf.logits.get(), n, V, next);
+  for (int64_t i = 0; i < n; ++i) caches[i]->SetSize(caches[i]->size() + 1);
   if (logits != nullptr) {
     logits->resize(static_cast<size_t>(n * V));
     b_.ToHost(buf.logits.get(), static_cast<size_t>(n * V), logits->data());
