@@ -98,9 +98,10 @@ class Backend {
   // ForwardBatch): row i is q [heads, D] at q + i * heads * D, k and v [kv_heads, D] at
   // k + i * kv_heads * D, written at position caches[i]->size() of `layer` of its cache (every
   // cache one pool's), then attended over that cache into out [n, heads, D]; a: what the rows
-  // share (heads, scale, window; pos0 unused); one set of frequencies. Each row gets the bits
-  // RopeKVWrite and Attention give it alone. Returns false, having done nothing, where the
-  // backend has no kernels for rows together (the default: the caller then runs them one by one).
+  // share (heads, scale, window; pos0 unused); one set of frequencies. Each row gets the same bits
+  // in any batch, a batch of one included (not necessarily Attention's: the CUDA backend cuts a
+  // row's keys into longer splits). Returns false, having done nothing, where the backend has no
+  // kernels for rows together (the default: the caller then runs them one by one).
   virtual bool DecodeRows(float* q, float* k, const float* v, int64_t n, KVCache* const* caches,
                           int64_t layer, const AttnArgs& a, const std::vector<float>& inv_freq,
                           float scaling, float* out) {

@@ -31,9 +31,11 @@ bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
 // One decode token of each of n sequences whose caches share one arena (the Engine's batched
 // step), in one launch: row i is q [heads, D] at q + i * heads * D, its keys [0, pos0[i]]
 // through tables[i] (device), out [heads, D] at out + i * heads * D, no lse; kv: the arena and
-// shape (any row's view); a: what the rows share (heads, scale, window; a.pos0 unused). Each row
-// gets the bits Attention gives it alone. Returns false, launching nothing, where Attention would
-// not take the TMA decode kernel for them (or n is over its rows per launch).
+// shape (any row's view); a: what the rows share (heads, scale, window; a.pos0 unused). A row's
+// keys are cut into splits by its own length only (TmaDecodeRowSplitOf: longer splits than
+// Attention's), so it gets the same bits in any batch, a batch of one included. Returns false,
+// launching nothing, where Attention would not take the TMA decode kernel for them (or n is over
+// its rows per launch).
 bool AttentionRows(const float* q, const int32_t* const* tables, const int64_t* pos0, int64_t n,
                    const KVLayerView& kv, const AttnArgs& a, float* out, int sm_count,
                    AttnWorkspace& ws, cudaStream_t stream);

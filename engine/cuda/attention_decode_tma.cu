@@ -501,7 +501,7 @@ bool LaunchRows(AttnParams p, const TmaDecodeRow* in, int n, int sm_count, AttnW
     const int64_t pos = in[i].pos0;
     const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
     const int64_t tiles = (pos + 1 + kTileKeys - 1) / kTileKeys - k_lo / kTileKeys;
-    const TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, p.kv_heads);
+    const TmaDecodeSplit cut = TmaDecodeRowSplitOf(tiles, sm_count, p.kv_heads);
     BatchRow& r = rows.r[i];
     r.q = in[i].q, r.table = in[i].table, r.out = in[i].out, r.pos0 = pos;
     r.splits = static_cast<int>(cut.splits);
@@ -530,6 +530,14 @@ bool LaunchRows(AttnParams p, const TmaDecodeRow* in, int n, int sm_count, AttnW
 }
 
 }  // namespace
+
+TmaDecodeSplit TmaDecodeRowSplitOf(int64_t tiles, int sm_count, int64_t kv_heads) {
+  TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, kv_heads);
+  if (cut.tiles_per_split >= kMinRowSplitTiles) return cut;
+  cut.tiles_per_split = std::min<int64_t>(kMinRowSplitTiles, std::max<int64_t>(1, tiles));
+  cut.splits = (tiles + cut.tiles_per_split - 1) / cut.tiles_per_split;
+  return cut;
+}
 
 TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads) {
   const int64_t want = std::clamp<int64_t>(

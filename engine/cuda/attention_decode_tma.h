@@ -26,6 +26,14 @@ struct TmaDecodeSplit {
 };
 TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
 
+// The cut of one row of a batched call (TmaDecodeAttentionRows): TmaDecodeSplitOf's, with at
+// least kMinRowSplitTiles tiles a split (4 a warp): the rows of a batch fill the GPU together,
+// and one split per multiprocessor for each of them would leave each block a tile per warp. It
+// depends on the row's own keys only, so a row gets the same bits in any batch (a batch of one
+// included), not those of TmaDecodeAttention's cut.
+constexpr int64_t kMinRowSplitTiles = 16;
+TmaDecodeSplit TmaDecodeRowSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
+
 // One query row of a batched call: its own q [heads, D], block table, position (the keys
 // [0, pos0] visible, within p.window) and out [heads, D] (no lse).
 struct TmaDecodeRow {
@@ -36,9 +44,9 @@ struct TmaDecodeRow {
 };
 constexpr int kMaxTmaDecodeRows = 48;  // rows of one launch (passed as a kernel parameter)
 // TmaDecodeAttention of n rows of different sequences over one arena in one launch (p: the
-// common fields: arena, dtype, shape, scale, window; T == 1): each row cut into splits as it is
-// alone, so it gets the bits it gets alone. False (nothing done) where one call would be refused,
-// or n is outside [1, kMaxTmaDecodeRows].
+// common fields: arena, dtype, shape, scale, window; T == 1): each row cut by
+// TmaDecodeRowSplitOf, so it gets the same bits in any batch. False (nothing done) where one call
+// would be refused, or n is outside [1, kMaxTmaDecodeRows].
 bool TmaDecodeAttentionRows(AttnParams p, const TmaDecodeRow* rows, int n, int sm_count,
                             AttnWorkspace& ws, cudaStream_t stream);
 

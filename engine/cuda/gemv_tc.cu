@@ -20,6 +20,8 @@
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/gemv_common.cuh"
@@ -28,56 +30,64 @@
 namespace needle::cuda::gemv_detail {
 namespace {
 
-// NT: n-tiles of 8 tokens per block; U: spans per warp with loads in flight; W: warps per block
-// (they split K: the same W for every T, or a token's sums would depend on T).
-template <GemvEpilogue kE, bool kNorm, int NT, int U, int W>
+// MT: m-tiles of 16 weight rows per block (kSiluMul: of 8 gate/up row pairs), each token's
+// inputs loaded and split once per span for all of them; NT: n-tiles of 8 tokens per block; U:
+// spans per warp with loads in flight; W: warps per block (they split K: the same W for every T,
+// or a token's sums would depend on T). MT, NT and U may change with T: a token's sums are added
+// in the same order whatever they are (each output element of a tensor-core product comes from
+// its own row and column only).
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W>
 __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
-  constexpr int kTok = 8 * NT, kOut = kGate ? 8 : 16;  // outputs per token: rows (gate/up pairs)
+  constexpr int kTok = 8 * NT, kOut = (kGate ? 8 : 16) * MT;  // outputs per token (row pairs)
   const int groups = (p.tokens + kTok - 1) / kTok;
   const int64_t b = blockIdx.x / groups;
   const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
   const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
-  // This lane's weight rows: tile rows g and g + 8 (kSiluMul: gate row and up row 8 b + g).
-  // Past the end: the last row again, its sums not written.
-  const uint4* wr[2];
+  // This lane's weight rows: of m-tile mt, tile rows g and g + 8 (kSiluMul: gate row and up row
+  // 8 (MT b + mt) + g). Past the end: the last row again, its sums not written.
+  const uint4* wr[MT][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if constexpr (kGate) {
-      wr[h] = p.w[h] + min(b * 8 + g, total - 1) * p.k8;
-    } else {
-      const int64_t gr = min(b * 16 + g + 8 * h, total - 1);
-      const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
-      wr[h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (kGate) {
+        wr[mt][h] = p.w[h] + min((b * MT + mt) * 8 + g, total - 1) * p.k8;
+      } else {
+        const int64_t gr = min((b * MT + mt) * 16 + g + 8 * h, total - 1);
+        const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
+        wr[mt][h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
+      }
     }
-  }
   int xm[NT];  // this lane's token of each n-tile (past T: the last, not written)
 #pragma unroll
   for (int t = 0; t < NT; ++t) xm[t] = min(m0 + 8 * t + g, p.tokens - 1);
-  float acc[NT][4], ss[NT];
+  float acc[MT][NT][4], ss[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     ss[t] = 0.f;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][t][e] = 0.f;
   }
   const int spans = (p.k8 + 3) / 4;
   for (int s0 = warp; s0 < spans; s0 += W * U) {
-    uint4 a[U][2];
+    uint4 a[U][MT][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = 4 * (s0 + W * u) + c;
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        a[u][h] = chunk < p.k8 ? LoadStream(wr[h] + chunk) : make_uint4(0, 0, 0, 0);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          a[u][mt][h] = chunk < p.k8 ? LoadStream(wr[mt][h] + chunk) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = s0 + W * u, chunk = 4 * s + c;
       if (s >= spans) break;  // (the same for the whole warp)
-      const uint32_t a1[4] = {a[u][0].x, a[u][1].x, a[u][0].y, a[u][1].y};
-      const uint32_t a2[4] = {a[u][0].z, a[u][1].z, a[u][0].w, a[u][1].w};
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -85,22 +95,31 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
         uint32_t hi[4], lo[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) SplitHiLo<true>(x[2 * e], x[2 * e + 1], hi[e], lo[e]);
-        Mma<true>(acc[t], a1, hi[0], hi[1]);
-        Mma<true>(acc[t], a1, lo[0], lo[1]);
-        Mma<true>(acc[t], a2, hi[2], hi[3]);
-        Mma<true>(acc[t], a2, lo[2], lo[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t a1[4] = {a[u][mt][0].x, a[u][mt][1].x, a[u][mt][0].y, a[u][mt][1].y};
+          const uint32_t a2[4] = {a[u][mt][0].z, a[u][mt][1].z, a[u][mt][0].w, a[u][mt][1].w};
+          Mma<true>(acc[mt][t], a1, hi[0], hi[1]);
+          Mma<true>(acc[mt][t], a1, lo[0], lo[1]);
+          Mma<true>(acc[mt][t], a2, hi[2], hi[3]);
+          Mma<true>(acc[mt][t], a2, lo[2], lo[3]);
+        }
       }
     }
   }
-  // The warps' partial sums: lane (g, c) holds rows g, g + 8 of tokens 2c, 2c + 1 of each n-tile.
-  __shared__ float part[W][16][kTok + 1];
+  // The warps' partial sums: lane (g, c) holds rows g, g + 8 of m-tile mt, tokens 2c, 2c + 1 of
+  // each n-tile.
+  __shared__ float part[W][16 * MT][kTok + 1];
   __shared__ float ssp[W][kTok];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
-    part[warp][g][8 * t + 2 * c] = acc[t][0];
-    part[warp][g][8 * t + 2 * c + 1] = acc[t][1];
-    part[warp][g + 8][8 * t + 2 * c] = acc[t][2];
-    part[warp][g + 8][8 * t + 2 * c + 1] = acc[t][3];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      part[warp][16 * mt + g][8 * t + 2 * c] = acc[mt][t][0];
+      part[warp][16 * mt + g][8 * t + 2 * c + 1] = acc[mt][t][1];
+      part[warp][16 * mt + g + 8][8 * t + 2 * c] = acc[mt][t][2];
+      part[warp][16 * mt + g + 8][8 * t + 2 * c + 1] = acc[mt][t][3];
+    }
     if constexpr (kNorm) {
       float v = ss[t];
       v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -125,31 +144,32 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
       for (int w = 0; w < W; ++w) v += part[w][r][j];
       return __fmul_rn(v, scale);
     };
-    if constexpr (kGate) {
-      const int64_t row = b * 8 + i;
-      if (row < total) StoreGate(p, row, tok, sum(i), sum(i + 8));
+    if constexpr (kGate) {  // pair i: gate row i % 8 and up row i % 8 + 8 of m-tile i / 8
+      const int64_t row = b * 8 * MT + i;
+      const int r = 16 * (i / 8) + i % 8;
+      if (row < total) StoreGate(p, row, tok, sum(r), sum(r + 8));
     } else {
-      const int64_t gr = b * 16 + i;
+      const int64_t gr = b * 16 * MT + i;
       if (gr < total) StoreRow<kE>(p, gr, tok, sum(i));
     }
   }
 }
 
-template <bool kNorm, int NT, int U, int W>
+template <bool kNorm, int MT, int NT, int U, int W>
 void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
+  const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
   const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
   if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvTcKernel<GemvEpilogue::kStore, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvTcKernel<GemvEpilogue::kAdd, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
       break;
     default:
       Fail("Gemv: the tensor-core kernel has no rotary epilogue");
@@ -157,14 +177,35 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+// NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens (1, 2 or 4, 4 only to 16 tokens;
+// default 2), read once (comparisons).
+int MTiles() {
+  static const int mt = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_MT");
+    const int v = e != nullptr ? std::atoi(e) : 2;
+    return v == 1 || v == 4 ? v : 2;
+  }();
+  return mt;
+}
+
 template <bool kNorm, int W>
 void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   // (One n-tile: 4 spans a warp in flight. 8 were slower on the H200: 156.5 against 169.5 tok/s
   // for one row of Qwen2.5-7B shapes, 739.9 against 781.9 for eight; bench/RESULTS.md.)
-  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 4, W>(p, e, rows, stream);
-  if (p.tokens <= 16) return LaunchTiles<kNorm, 2, 4, W>(p, e, rows, stream);
-  if (p.tokens <= 32) return LaunchTiles<kNorm, 4, 2, W>(p, e, rows, stream);
-  return LaunchTiles<kNorm, 8, 2, W>(p, e, rows, stream);
+  if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 1, 4, W>(p, e, rows, stream);
+  // Past 8 tokens, each token's inputs serve MT m-tiles per load (they were read once per 16
+  // weight rows, more bytes than the weights' from 16 tokens on).
+  const int mt = MTiles();
+  if (p.tokens <= 16) {
+    if (mt == 1) return LaunchTiles<kNorm, 1, 2, 4, W>(p, e, rows, stream);
+    if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
+    return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
+  }
+  if (p.tokens <= 32) {  // (MT 4 would take more than 48 KB of shared memory)
+    if (mt == 1) return LaunchTiles<kNorm, 1, 4, 2, W>(p, e, rows, stream);
+    return LaunchTiles<kNorm, 2, 4, 1, W>(p, e, rows, stream);
+  }
+  return LaunchTiles<kNorm, 1, 8, 2, W>(p, e, rows, stream);
 }
 
 // Warps per block: 8 (4 were slower on the H200 at every row count: 169.2 against 185.3 tok/s
