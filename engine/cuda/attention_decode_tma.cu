@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
@@ -533,8 +534,14 @@ bool LaunchRows(AttnParams p, const TmaDecodeRow* in, int n, int sm_count, AttnW
 
 TmaDecodeSplit TmaDecodeRowSplitOf(int64_t tiles, int sm_count, int64_t kv_heads) {
   TmaDecodeSplit cut = TmaDecodeSplitOf(tiles, sm_count, kv_heads);
-  if (cut.tiles_per_split >= kMinRowSplitTiles) return cut;
-  cut.tiles_per_split = std::min<int64_t>(kMinRowSplitTiles, std::max<int64_t>(1, tiles));
+  // NEEDLE_ROW_SPLIT_TILES: the least tiles of a split (comparisons; read once).
+  static const int64_t least = [] {
+    const char* e = std::getenv("NEEDLE_ROW_SPLIT_TILES");
+    const int64_t v = e != nullptr ? std::atoll(e) : 0;
+    return v >= 1 ? v : kMinRowSplitTiles;
+  }();
+  if (cut.tiles_per_split >= least) return cut;
+  cut.tiles_per_split = std::min<int64_t>(least, std::max<int64_t>(1, tiles));
   cut.splits = (tiles + cut.tiles_per_split - 1) / cut.tiles_per_split;
   return cut;
 }

@@ -30,7 +30,7 @@ TmaDecodeSplit TmaDecodeSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
 // least kMinRowSplitTiles tiles a split (4 a warp): the rows of a batch fill the GPU together,
 // and one split per multiprocessor for each of them would leave each block a tile per warp. It
 // depends on the row's own keys only, so a row gets the same bits in any batch (a batch of one
-// included), not those of TmaDecodeAttention's cut.
+// included), not those of TmaDecodeAttention's cut. (NEEDLE_ROW_SPLIT_TILES=N: N instead.)
 constexpr int64_t kMinRowSplitTiles = 16;
 TmaDecodeSplit TmaDecodeRowSplitOf(int64_t tiles, int sm_count, int64_t kv_heads);
 
