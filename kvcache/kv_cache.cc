@@ -277,14 +277,45 @@ size_t SwapBlockBytes(const BlockPool& pool) {
   return 2 * pool.BlockBytes() +
          (pool.shape().dtype == DType::kI8 ? 2 * pool.BlockScaleBytes() : 0);
 }
+
+// Copies one layer's blocks between the pool and SwappedBlocks::data, whose layer region holds
+// [K of its n blocks][V][K scales][V scales] (int8), block i of each at i times the size: a run
+// of blocks in consecutive slots is one copy per part (slots[i]: block i's slot). to_host: pool
+// -> region, else region -> pool.
+void CopyLayer(const BlockPool& pool, KVMemory* memory, int64_t layer,
+               const std::vector<int32_t>& slots, uint8_t* region, bool to_host) {
+  const size_t n = slots.size(), bb = pool.BlockBytes(), sb = pool.BlockScaleBytes();
+  const bool i8 = pool.shape().dtype == DType::kI8;
+  const auto copy = [&](uint8_t* host, uint8_t* dev, size_t bytes) {
+    if (memory == nullptr)
+      to_host ? std::memcpy(host, dev, bytes) : std::memcpy(dev, host, bytes);
+    else if (to_host)
+      memory->CopyToHost(host, dev, bytes);
+    else
+      memory->CopyFromHost(dev, host, bytes);
+  };
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && slots[j] == slots[j - 1] + 1) ++j;
+    const size_t m = j - i;
+    for (int part = 0; part < (i8 ? 4 : 2); ++part) {
+      const bool values = part % 2 == 1;
+      const size_t each = part < 2 ? bb : sb;
+      uint8_t* at = region + (part < 2 ? part * n * bb : 2 * n * bb + (part - 2) * n * sb);
+      uint8_t* in_pool = part < 2
+                             ? pool.BlockData(layer, values, slots[i])
+                             : reinterpret_cast<uint8_t*>(pool.ScaleData(layer, values, slots[i]));
+      copy(at + i * each, in_pool, m * each);
+    }
+    i = j;
+  }
+}
 }  // namespace
 
 void KVCache::SwapOut(SwappedBlocks* out) {
   if (own_ != nullptr || !shape_.ring_layer.empty())
     Fail("KV cache: only a sequence's cache over a shared pool is swapped out");
   if (swapped_) Fail("KV cache: swapped out twice");
-  const size_t bb = pool_->BlockBytes(), sb = pool_->BlockScaleBytes();
-  const bool i8 = shape_.dtype == DType::kI8;
   out->blocks.assign(static_cast<size_t>(shape_.layers), {});
   int64_t n = 0;
   for (const auto& t : table_)
@@ -295,25 +326,22 @@ void KVCache::SwapOut(SwappedBlocks* out) {
     Fail("KV cache: swapping out ", n, " blocks needs ", FormatBytes(bytes), " of host memory; ",
          FormatBytes(avail), " are available");
   out->data.resize(bytes);
-  uint8_t* d = out->data.data();
-  const auto copy = [&](const void* src, size_t bytes) {
-    if (memory_ != nullptr)
-      memory_->CopyToHost(d, src, bytes);
-    else
-      std::memcpy(d, src, bytes);
-    d += bytes;
-  };
-  for (int64_t l = 0; l < shape_.layers; ++l)
-    for (size_t b = 0; b < table_[l].size(); ++b) {
-      const int32_t slot = table_[l][b];
-      if (slot < 0) continue;
-      copy(pool_->BlockData(l, false, slot), bb);
-      copy(pool_->BlockData(l, true, slot), bb);
-      if (i8) copy(pool_->ScaleData(l, false, slot), sb), copy(pool_->ScaleData(l, true, slot), sb);
-      out->blocks[l].push_back(static_cast<int64_t>(b));
-      pool_->Free(l, slot);
-      table_[l][b] = -1;
+  uint8_t* region = out->data.data();
+  std::vector<int32_t> slots;
+  for (int64_t l = 0; l < shape_.layers; ++l) {
+    slots.clear();
+    for (size_t b = 0; b < table_[l].size(); ++b)
+      if (table_[l][b] >= 0) {
+        slots.push_back(table_[l][b]);
+        out->blocks[l].push_back(static_cast<int64_t>(b));
+      }
+    CopyLayer(*pool_, memory_, l, slots, region, true);
+    region += slots.size() * SwapBlockBytes(*pool_);
+    for (const int64_t b : out->blocks[l]) {
+      pool_->Free(l, table_[l][static_cast<size_t>(b)]);
+      table_[l][static_cast<size_t>(b)] = -1;
     }
+  }
   swapped_ = true;
 }
 
@@ -324,24 +352,16 @@ void KVCache::SwapIn(SwappedBlocks* in) {
     if (pool_->FreeSlots(l) < static_cast<int64_t>(in->blocks[l].size()))
       Fail("KV cache: swapping in ", in->blocks[l].size(), " blocks of layer ", l, " with ",
            pool_->FreeSlots(l), " of the pool's ", pool_->slots(l), " free");
-  const size_t bb = pool_->BlockBytes(), sb = pool_->BlockScaleBytes();
-  const bool i8 = shape_.dtype == DType::kI8;
-  const uint8_t* d = in->data.data();
-  const auto copy = [&](void* dst, size_t bytes) {
-    if (memory_ != nullptr)
-      memory_->CopyFromHost(dst, d, bytes);
-    else
-      std::memcpy(dst, d, bytes);
-    d += bytes;
-  };
+  uint8_t* region = in->data.data();
+  std::vector<int32_t> slots;
   for (int64_t l = 0; l < shape_.layers; ++l) {
+    slots.clear();
     for (const int64_t b : in->blocks[l]) {
-      const int32_t slot = pool_->Allocate(l);
-      copy(pool_->BlockData(l, false, slot), bb);
-      copy(pool_->BlockData(l, true, slot), bb);
-      if (i8) copy(pool_->ScaleData(l, false, slot), sb), copy(pool_->ScaleData(l, true, slot), sb);
-      table_[l][static_cast<size_t>(b)] = slot;
+      slots.push_back(pool_->Allocate(l));
+      table_[l][static_cast<size_t>(b)] = slots.back();
     }
+    CopyLayer(*pool_, memory_, l, slots, region, false);
+    region += slots.size() * SwapBlockBytes(*pool_);
     if (table_mirror_ != nullptr)
       memory_->CopyFromHost(table_mirror_ + l * shape_.num_blocks(), table_[l].data(),
                             table_[l].size() * sizeof(int32_t));

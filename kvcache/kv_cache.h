@@ -90,7 +90,8 @@ class KVMemory {
 // preemption), by layer and logical block.
 struct SwappedBlocks {
   std::vector<std::vector<int64_t>> blocks;  // [layer]: the logical blocks copied out
-  // Per layer, per copied block: its K data, V data, then (int8) K scales, V scales.
+  // Per layer: the K data of its copied blocks in order, their V data, then (int8) their K
+  // scales and V scales (blocks in consecutive slots move in one copy).
   std::vector<uint8_t> data;
   int64_t count() const {
     int64_t n = 0;
