@@ -238,19 +238,13 @@ bool DecodeEnabled() {
 
 }  // namespace
 
-bool AttentionRows(const float* q, const int32_t* const* tables, const int64_t* pos0, int64_t n,
-                   const KVLayerView& kv, const AttnArgs& a, float* out, int sm_count,
-                   AttnWorkspace& ws, cudaStream_t stream) {
-  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");  // (as DecodeAttention reads it)
-  if (!DecodeEnabled() || (choice != nullptr && std::strcmp(choice, "simt") == 0) || a.T != 1 ||
-      n < 1 || n > kMaxTmaDecodeRows || a.head_dim > kMaxD)
+bool AttentionRows(const TmaDecodeRow* rows, int64_t n, const KVLayerView& kv, const AttnArgs& a,
+                   int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
+  if (!DecodeEnabled() || !TmaDecodeChosen() || a.T != 1 || n < 1 || a.head_dim > kMaxD)
     return false;
-  Params p = MakeAttnParams(q, kv, a, out, nullptr);
-  if (p.dtype == DType::kF32 || (p.D != 64 && p.D != 128) || p.G > 8) return false;
-  TmaDecodeRow rows[kMaxTmaDecodeRows];
-  const int64_t HD = a.heads * a.head_dim;
-  for (int64_t i = 0; i < n; ++i) rows[i] = {q + i * HD, tables[i], pos0[i], out + i * HD};
-  return TmaDecodeAttentionRows(p, rows, static_cast<int>(n), sm_count, ws, stream);
+  // (TmaDecodeAttentionRows refuses what the kernel does not take: f32 caches, other head_dims.)
+  return TmaDecodeAttentionRows(MakeAttnParams(rows[0].q, kv, a, rows[0].out, nullptr), rows,
+                                static_cast<int>(n), sm_count, ws, stream);
 }
 
 bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out, float* lse,
@@ -303,9 +297,8 @@ bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
 bool AttentionTileStats(const float* q, const KVLayerView& kv, const AttnArgs& a, float* out,
                         float* lse, int sm_count, AttnWorkspace& ws, cudaStream_t stream,
                         int64_t key0, int64_t key_end, float* stats) {
-  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
   if (a.T != 1 || key0 % 32 != 0 || key_end % 32 != 0 || key_end < key0 || !DecodeEnabled() ||
-      (choice != nullptr && std::strcmp(choice, "simt") == 0))
+      !TmaDecodeChosen())
     return false;
   Params p = MakeAttnParams(q, kv, a, out, lse);
   p.tile_stats = stats;

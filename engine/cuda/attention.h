@@ -13,6 +13,7 @@
 
 #include "engine/cpu/ops.h"
 #include "engine/cuda/attention_decode.h"
+#include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/device_buffer.h"
 #include "kvcache/kv_cache.h"
 
@@ -29,16 +30,15 @@ bool Attention(const float* q, const KVLayerView& kv, const AttnArgs& a, float* 
                int sm_count, AttnWorkspace& ws, cudaStream_t stream, const int64_t* dpos = nullptr);
 
 // One decode token of each of n sequences whose caches share one arena (the Engine's batched
-// step), in one launch: row i is q [heads, D] at q + i * heads * D, its keys [0, pos0[i]]
-// through tables[i] (device), out [heads, D] at out + i * heads * D, no lse; kv: the arena and
+// step), in one launch: rows[i] (attention_decode_tma.h) is its q [heads, D], its keys
+// [0, pos0] through its table (device), its out [heads, D], no lse; kv: the arena and
 // shape (any row's view); a: what the rows share (heads, scale, window; a.pos0 unused). A row's
 // keys are cut into splits by its own length only (TmaDecodeRowSplitOf: longer splits than
 // Attention's), so it gets the same bits in any batch, a batch of one included. Returns false,
 // launching nothing, where Attention would not take the TMA decode kernel for them (or n is over
 // its rows per launch).
-bool AttentionRows(const float* q, const int32_t* const* tables, const int64_t* pos0, int64_t n,
-                   const KVLayerView& kv, const AttnArgs& a, float* out, int sm_count,
-                   AttnWorkspace& ws, cudaStream_t stream);
+bool AttentionRows(const TmaDecodeRow* rows, int64_t n, const KVLayerView& kv, const AttnArgs& a,
+                   int sm_count, AttnWorkspace& ws, cudaStream_t stream);
 
 // One decode token (a.T == 1) as Attention computes it, and with it the softmax sums of every
 // 32-key tile of the keys [key0, key_end) (multiples of 32): stats [kv_heads][(key_end - key0) /

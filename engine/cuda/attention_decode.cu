@@ -191,14 +191,14 @@ int BlocksPerSm(const AttnParams& p) {
 
 }  // namespace
 
+bool TmaDecodeChosen() {
+  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
+  return choice == nullptr || std::strcmp(choice, "simt") != 0;
+}
+
 bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (p.T != 1 || p.dtype == DType::kF32 || (p.D != 64 && p.D != 128) || p.G > 8) return false;
-  // NEEDLE_CUDA_ATTN_DECODE=simt keeps this kernel where the TMA one would run (comparisons and
-  // tests); read per call, so that a test can switch it.
-  const char* choice = std::getenv("NEEDLE_CUDA_ATTN_DECODE");
-  if ((choice == nullptr || std::strcmp(choice, "simt") != 0) &&
-      TmaDecodeAttention(p, sm_count, ws, stream))
-    return true;
+  if (TmaDecodeChosen() && TmaDecodeAttention(p, sm_count, ws, stream)) return true;
   if (p.dpos != nullptr) return false;  // only the TMA kernel reads a replayed step's position
   const int64_t k_lo = p.window > 0 ? std::max<int64_t>(0, p.pos0 - p.window + 1) : 0;
   const int64_t keys = p.n_keys - k_lo;

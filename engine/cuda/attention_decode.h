@@ -40,4 +40,8 @@ inline void UsePartials(AttnParams& p, int64_t splits, AttnWorkspace& ws) {
 // sm_count: the device's multiprocessors (the key split fills them).
 bool DecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream);
 
+// Whether the TMA decode kernel may take decode calls: false with NEEDLE_CUDA_ATTN_DECODE=simt
+// (comparisons and tests; read per call, so that a test can switch it).
+bool TmaDecodeChosen();
+
 }  // namespace needle::cuda

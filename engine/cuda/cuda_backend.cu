@@ -348,39 +348,36 @@ class CudaBackend final : public Backend {
   bool DecodeRows(float* q, float* k, const float* v, int64_t n, KVCache* const* caches,
                   int64_t layer, const AttnArgs& a, const std::vector<float>& inv_freq,
                   float scaling, float* out) override {
-    // NEEDLE_CUDA_DECODE_ROWS=0: the rows one at a time (comparisons; read per call).
-    const char* env = std::getenv("NEEDLE_CUDA_DECODE_ROWS");
-    if (!fused_ || step_mode_ || n < 1 || (env != nullptr && std::strcmp(env, "0") == 0))
-      return false;
+    // NEEDLE_CUDA_DECODE_ROWS=0: the rows one at a time (comparisons; read once).
+    static const bool off = [] {
+      const char* e = std::getenv("NEEDLE_CUDA_DECODE_ROWS");
+      return e != nullptr && std::strcmp(e, "0") == 0;
+    }();
+    if (!fused_ || step_mode_ || n < 1 || off) return false;
     for (int64_t i = 0; i < n; ++i)
       if (caches[i]->on_host() || &caches[i]->pool() != &caches[0]->pool()) return false;
     const int64_t H = a.heads, Hk = a.kv_heads, D = a.head_dim;
     const float* freq = Freqs(inv_freq);
     for (int64_t c0 = 0; c0 < n; c0 += cuda::kMaxTmaDecodeRows) {  // (launches of rows)
       const int64_t m = std::min<int64_t>(n - c0, cuda::kMaxTmaDecodeRows);
-      cuda::RowTargets rows{};
-      const int32_t* tables[cuda::kMaxTmaDecodeRows];
-      int64_t pos[cuda::kMaxTmaDecodeRows];
+      cuda::RowTargets targets{};
+      cuda::TmaDecodeRow rows[cuda::kMaxTmaDecodeRows];
       KVLayerView view{};
       for (int64_t i = 0; i < m; ++i) {
         KVCache& cache = *caches[c0 + i];
-        pos[i] = cache.size();
-        view = WritableLayer(cache, layer, pos[i], 1);
-        rows.r[i] = {view.table, pos[i]};
-        tables[i] = view.table;
+        const int64_t pos = cache.size();
+        view = WritableLayer(cache, layer, pos, 1);
+        targets.r[i] = {view.table, pos};
+        rows[i] = {q + (c0 + i) * H * D, view.table, pos, out + (c0 + i) * H * D};
       }
-      float* qc = q + c0 * H * D;
-      cuda::RopeKVWriteRows(qc, k + c0 * Hk * D, v + c0 * Hk * D, m, H, Hk, D, rows, freq, scaling,
-                            view.block_size, const_cast<uint8_t*>(view.k),
+      cuda::RopeKVWriteRows(q + c0 * H * D, k + c0 * Hk * D, v + c0 * Hk * D, m, H, Hk, D, targets,
+                            freq, scaling, view.block_size, const_cast<uint8_t*>(view.k),
                             const_cast<uint8_t*>(view.v), view.dtype, stream_);
-      if (cuda::AttentionRows(qc, tables, pos, m, view, a, out + c0 * H * D, sm_count_, attn_ws_,
-                              stream_))
-        continue;
+      if (cuda::AttentionRows(rows, m, view, a, sm_count_, attn_ws_, stream_)) continue;
       for (int64_t i = 0; i < m; ++i) {  // (no batched kernel for these rows: one at a time)
         AttnArgs ai = a;
-        ai.pos0 = pos[i];
-        Attention(qc + i * H * D, caches[c0 + i]->Layer(layer), ai, nullptr, out + (c0 + i) * H * D,
-                  nullptr);
+        ai.pos0 = rows[i].pos0;
+        Attention(rows[i].q, caches[c0 + i]->Layer(layer), ai, nullptr, rows[i].out, nullptr);
       }
     }
     return true;
