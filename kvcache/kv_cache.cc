@@ -372,6 +372,27 @@ void KVCache::SwapIn(SwappedBlocks* in) {
   swapped_ = false;
 }
 
+void KVCache::Truncate(int64_t n) {
+  if (n < 0 || n > size_) Fail("KV cache: truncating to ", n, " tokens, the cache holds ", size_);
+  if (swapped_) Fail("KV cache: truncated while swapped out");
+  const int64_t keep = (n + shape_.block_size - 1) / shape_.block_size, nb = shape_.num_blocks();
+  for (int64_t l = 0; l < shape_.layers; ++l) {
+    std::vector<int32_t>& table = table_[l];
+    const bool ring = shape_.IsRing(l);
+    int64_t hi = -1;
+    for (int64_t b = keep; b < nb; ++b) {
+      if (table[b] < 0) continue;
+      if (!ring) pool_->Free(l, table[b]);
+      table[b] = -1;
+      hi = b;
+    }
+    if (hi >= keep && table_mirror_ != nullptr)
+      memory_->CopyFromHost(table_mirror_ + l * nb + keep, &table[keep],
+                            static_cast<size_t>(hi - keep + 1) * sizeof(int32_t));
+  }
+  size_ = n;
+}
+
 void KVCache::SetSize(int64_t n) {
   NEEDLE_CHECK(n >= 0 && n <= shape_.num_blocks() * shape_.block_size);
   size_ = n;

@@ -133,6 +133,12 @@ class KVCache {
   bool on_host() const { return memory_ == nullptr; }
   // Marks tokens [0, n) valid (after every layer of a step wrote them); n may also shrink.
   void SetSize(int64_t n);
+  // Keeps tokens [0, n) only (n <= size()): every block past the one that holds token n - 1 is
+  // given up (back to the pool, or out of its ring: a later block that takes its ring slot must
+  // not find it still mapped), and the size becomes n. Tokens of the last kept block past n stay
+  // until overwritten. For a sequence that goes on from an earlier point of itself (needle ask
+  // on the hybrid engine: every question from the end of the document).
+  void Truncate(int64_t n);
   // Takes the first `tokens` tokens (a multiple of block_size, at most from.size()) of `from`, a
   // cache of the same pool, by reference: its blocks, counted once more in the pool, become this
   // cache's first blocks, and this cache's size becomes `tokens` (an empty cache only). Whole

@@ -42,9 +42,16 @@ SparseAttention::SparseAttention(const ModelConfig& model, const SparseConfig& c
   ensured_ver_.assign(static_cast<size_t>(model.num_layers), ~uint64_t{0});
 }
 
-void SparseAttention::Reset() {
+void SparseAttention::Reset() { ForgetFrom(0); }
+
+void SparseAttention::Rewind(KVCache& cache, int64_t tokens) {
+  cache.Truncate(tokens);
+  ForgetFrom(cfg_.repr == ReprType::kDynamic ? 0 : tokens / cfg_.block_size);
+}
+
+void SparseAttention::ForgetFrom(int64_t keep) {
   for (int64_t l = 0; l < model_.num_layers; ++l) {
-    reps_.Invalidate(l, 0);
+    reps_.Invalidate(l, keep);
     window_[l].Clear();
     presel_[l].clear();
     presel_end_[l] = 0;

@@ -179,6 +179,12 @@ class SparseAttention final : public AttentionPolicy {
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
               float* out) override;
   void Reset();  // for a new sequence in the same cache
+  // AttentionPolicy::Rewind: as Reset, but the representatives of the whole blocks below
+  // `tokens` stay, as AdoptRepresentatives would take them from another planner over the same
+  // keys (no Dynamic ones: they follow each prompt's observation window). The answer is the one
+  // the sequence gets alone where `tokens` is within SparseConfig::ShareablePrefix, as for a
+  // shared prefix.
+  void Rewind(KVCache& cache, int64_t tokens) override;
   // Where the plan runs (nullptr: the backend's kernels over the cache Attend is given). The
   // planner itself always reads the cache Attend is given, in host memory.
   void set_executor(PlanExecutor* e) { exec_ = e != nullptr ? e : &cpu_exec_; }
@@ -328,6 +334,9 @@ class SparseAttention final : public AttentionPolicy {
   void Retain(int64_t layer, const float* q, const float* lse, const AttnArgs& a,
               const KVLayerView& kv, const std::vector<std::vector<int32_t>>& blocks,
               bool have_mass = false, bool remapped = false);
+
+  // Reset's and Rewind's: every state of the sequence but the representatives of blocks < keep.
+  void ForgetFrom(int64_t keep);
 
   ModelConfig model_;
   SparseConfig cfg_;

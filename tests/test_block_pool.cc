@@ -136,6 +136,65 @@ TEST(BlockPool, SharedPrefixBlocksAreCountedNotCopied) {
   EXPECT_EQ(pool.FreeSlots(1), 8);
 }
 
+// Truncation (a sequence going on from an earlier point of itself) gives up every block past the
+// one that holds the last kept token: a pool's back to the pool (a shared one stays its other
+// holder's), a ring's out of the ring, so that no two blocks ever map to one ring slot when the
+// sequence grows again.
+TEST(BlockPool, TruncatedCachesGiveUpTheirLaterBlocks) {
+  const int64_t B = 4;
+  BlockPool pool(KVCacheShape{2, 1, 4, 8 * B, B, DType::kF32});
+  KVCache a(pool, 8 * B), b(pool, 8 * B);
+  const std::vector<float> k = test::RandomVector(21 * 4, 1), v = test::RandomVector(21 * 4, 2);
+  for (int64_t l = 0; l < 2; ++l) a.Write(l, 0, 21, k.data(), v.data());
+  a.SetSize(21);  // blocks 0-5
+  b.SharePrefix(a, 2 * B);
+  EXPECT_EQ(pool.FreeSlots(0), 2);
+  a.Truncate(B + 1);  // keeps blocks 0 and 1 (its token 4)
+  EXPECT_EQ(a.size(), B + 1);
+  EXPECT_EQ(pool.FreeSlots(0), 6);
+  for (int64_t l = 0; l < 2; ++l) {
+    EXPECT_GE(a.SlotOf(l, 1), 0);
+    for (int64_t blk = 2; blk < 8; ++blk) EXPECT_EQ(a.SlotOf(l, blk), -1) << l << " " << blk;
+    EXPECT_EQ(a.Layer(l).KAt(0, B, 3), k[B * 4 + 3]);
+  }
+  a.Truncate(0);  // block 1 stays b's
+  EXPECT_EQ(pool.FreeSlots(0), 6);
+  EXPECT_EQ(pool.References(0, b.SlotOf(0, 1)), 1);
+  EXPECT_EQ(b.Layer(0).VAt(0, 2 * B - 1, 1), v[(2 * B - 1) * 4 + 1]);
+  try {
+    b.Truncate(2 * B + 1);
+    FAIL() << "truncated past its size";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncating to 9 tokens, the cache holds 8"),
+              std::string::npos)
+        << e.what();
+  }
+
+  // A ring layer (1 pinned block, a ring of 2) beside a whole one.
+  KVCacheShape rs{2, 1, 4, 8 * B, B, DType::kF32};
+  rs.ring_layer = {1, 0}, rs.pinned_blocks = 1, rs.ring_blocks = 2;
+  KVCache r(rs);
+  for (int64_t l = 0; l < 2; ++l)
+    for (int64_t blk = 0; blk < 6; ++blk)
+      r.Write(l, blk * B, B, k.data() + blk * B * 4, v.data() + blk * B * 4);
+  r.SetSize(6 * B);  // ring: block 0 pinned, blocks 4 and 5 in slots 2 and 1
+  EXPECT_EQ(r.SlotOf(0, 5), 1);
+  EXPECT_EQ(r.SlotOf(0, 1), -1);
+  r.Truncate(2 * B);
+  EXPECT_EQ(r.SlotOf(0, 4), -1);
+  EXPECT_EQ(r.SlotOf(0, 5), -1);
+  EXPECT_GE(r.SlotOf(1, 1), 0);
+  EXPECT_EQ(r.SlotOf(1, 2), -1);
+  // Growing again: blocks 1, 2 and 3 (block 3 evicts block 1); each slot is one block's.
+  for (int64_t blk = 1; blk < 4; ++blk) r.AssignBlocks(0, blk * B, B);
+  std::vector<int> holders(3, 0);
+  for (int64_t blk = 0; blk < 8; ++blk)
+    if (r.SlotOf(0, blk) >= 0) ++holders[static_cast<size_t>(r.SlotOf(0, blk))];
+  EXPECT_EQ(holders, (std::vector<int>{1, 1, 1}));
+  EXPECT_EQ(r.SlotOf(0, 3), 1);
+  EXPECT_EQ(r.SlotOf(0, 2), 2);
+}
+
 // A cache swapped out (the Engine's preemption) gives its blocks back, those it shared staying
 // with the other cache, and swapped in reads what it read before from slots of its own, whatever
 // was written into its old slots meanwhile; int8's scales come back with their data.

@@ -5,7 +5,12 @@
 // (KVCache::SharePrefix: counted once more, never copied) and prefills only the rest, its
 // partial block included, before it answers.
 //
-// With --attention sparse (on the CPU) the document is prefilled by a planner of its own, and
+// With --attention sparse on a GPU (the hybrid engine, whose caches are one sequence's) the
+// document is prefilled once into the engine's caches; each question goes on from the end of the
+// document's part it may reuse (as on the CPU: SparseConfig::ShareablePrefix), the caches and
+// the planner rewound there first (AttentionPolicy::Rewind). The questions run one after another.
+//
+// With --attention sparse on the CPU the document is prefilled by a planner of its own, and
 // each question has its own planner over the shared blocks: it takes the document planner's
 // representatives of them (SparseAttention::AdoptRepresentatives: the same function of the same
 // keys as alone), and only the prefix that leaves its answer what it is alone
@@ -39,6 +44,39 @@
 #include "sparse_attn/sparse_attention.h"
 
 namespace needle {
+namespace {
+
+// One question's answer: its prompt's tokens from `reused` on prefilled into `cache` (which holds
+// the first `reused` already), then generated to stdout; its numbers to stderr. adopted: the
+// representatives its planner took from the document's (-1: none to say).
+void Answer(Model& model, KVCache& cache, const std::vector<int32_t>& prompt, int64_t reused,
+            size_t index, const std::string& question, const Tokenizer& tok,
+            const std::string& stop, int64_t max_new, const SamplingParams& sp, int64_t adopted) {
+  const std::vector<int32_t> rest(prompt.begin() + reused, prompt.end());
+  std::printf("Q: %s\nA: ", question.c_str());
+  std::fflush(stdout);
+  StopStream out(tok, stop);
+  GenerateStats st;
+  Generate(
+      model, cache, rest, max_new, sp, [&](int32_t id) { return out.Push(id); }, &st);
+  out.Finish();
+  std::printf("\n");
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "needle: question %zu: %lld of %zu prompt tokens reused%s, %lld prefilled in "
+               "%.3f s; %lld tokens at %.2f tok/s%s\n",
+               index + 1, static_cast<long long>(reused), prompt.size(),
+               adopted >= 0 ? (" (with the representatives of " + std::to_string(adopted) +
+                               " blocks x layers)")
+                                  .c_str()
+                            : "",
+               static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
+               static_cast<long long>(st.new_tokens),
+               st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0,
+               st.stopped_at_eos ? " (stopped at EOS)" : "");
+}
+
+}  // namespace
 
 int CmdAsk(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
@@ -135,10 +173,15 @@ int CmdAsk(int argc, char** argv) {
   const int64_t ctx = static_cast<int64_t>(longest) + max_new;
   RunSetup rs = MakeRunSetup(opt, ctx, false);
   Model& model = *rs.model;
-  if (sparse && model.backend().kv_memory() != nullptr)
+  // Sparse attention on a GPU: the hybrid engine, whose caches are one sequence's. The document
+  // is prefilled once into them, and each question goes on from its end (the prefix the
+  // question may reuse and still answer as alone), the caches and the planner rewound there
+  // before the next (AttentionPolicy::Rewind).
+  const bool hybrid = sparse && model.backend().kv_memory() != nullptr;
+  if (hybrid && !kv_file.empty())
     Fail(
-        "needle ask: --attention sparse runs on the CPU for now (the hybrid engine's host cache "
-        "is one sequence's); use --device cpu, or --attention dense");
+        "needle ask: --kv-file with --attention sparse on a GPU is not supported (the hybrid "
+        "engine keeps the document in caches of its own); use --device cpu, or no --kv-file");
   // A question's planner (sparse attention), over a cache of n tokens.
   const auto planner = [&](int64_t n) {
     return std::make_unique<SparseAttention>(model.config(), rs.sparse_cfg, model.backend(), *rs.tc,
@@ -147,8 +190,39 @@ int CmdAsk(int argc, char** argv) {
   if (opt.Flag("ignore-eos")) model.set_eos_token_ids({});
   if (const std::string note = LongContextNote(model.config(), ctx, nullptr); !note.empty())
     std::fprintf(stderr, "%s\n", note.c_str());
-  // A KV file of this document: as many of its whole blocks as the prompts begin with.
   const int64_t B = rs.sparse_cfg.block_size;
+  if (hybrid) {
+    std::vector<int64_t> from(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i)
+      from[i] = rs.sparse_cfg.ShareablePrefix(static_cast<int64_t>(common) / B * B,
+                                              static_cast<int64_t>(prompts[i].size()),
+                                              static_cast<int64_t>(common), model.ubatch());
+    AttachSequence(opt, rs, ctx);
+    KVCache& cache = *rs.cache;
+    // (The document's prefill is one prompt, as ShareablePrefix's donor: a sparse prefill's
+    // last micro-batch differs from the others.)
+    const int64_t doc = static_cast<int64_t>(common);
+    std::fprintf(stderr,
+                 "needle: %s, %s kernels, sparse (%s) attention, hybrid engine; %zu questions\n",
+                 model.config().architecture.c_str(), model.backend().Name(),
+                 rs.sparse_cfg.Describe().c_str(), questions.size());
+    const auto t0 = Clock::now();
+    {
+      ProgressBar bar;
+      model.set_progress([&](int64_t done, int64_t total) { bar.Update(done, total); });
+      if (doc > 0) model.Forward(prompts[0].data(), doc, cache, false, nullptr);
+      model.set_progress(nullptr);
+    }
+    std::fprintf(stderr, "needle: document prefilled once: %lld tokens in %.3f s\n",
+                 static_cast<long long>(doc), Since(t0));
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      rs.policy->Rewind(cache, from[i]);
+      Answer(model, cache, prompts[i], from[i], i, questions[i], *tok, opt.Str("stop"), max_new, sp,
+             -1);
+    }
+    return 0;
+  }
+  // A KV file of this document: as many of its whole blocks as the prompts begin with.
   int64_t from_file = 0;
   const ModelIdentity id =
       kv_file.empty() ? ModelIdentity{}
@@ -244,39 +318,18 @@ int CmdAsk(int argc, char** argv) {
     KVCache cache(pool, static_cast<int64_t>(p.size()) + max_new);
     const int64_t P = static_cast<int64_t>(p.size());
     cache.SharePrefix(doc_cache, mine[i]);
-    const std::vector<int32_t> rest(p.begin() + mine[i], p.end());
     std::unique_ptr<SparseAttention> q_planner = sparse ? planner(P + max_new) : nullptr;
     if (q_planner != nullptr && doc_reps != nullptr)
       q_planner->AdoptRepresentatives(*doc_reps, rs.sparse_cfg, mine[i] / B);
     model.set_attention(q_planner.get());
-    std::printf("Q: %s\nA: ", questions[i].c_str());
-    std::fflush(stdout);
-    StopStream out(*tok, opt.Str("stop"));
-    GenerateStats st;
     try {
-      Generate(
-          model, cache, rest, max_new, sp, [&](int32_t id) { return out.Push(id); }, &st);
+      Answer(model, cache, p, mine[i], i, questions[i], *tok, opt.Str("stop"), max_new, sp,
+             q_planner != nullptr ? q_planner->adopted_blocks() : -1);
     } catch (...) {
       model.set_attention(nullptr);
       throw;
     }
     model.set_attention(nullptr);
-    out.Finish();
-    std::printf("\n");
-    std::fflush(stdout);
-    std::fprintf(stderr,
-                 "needle: question %zu: %lld of %zu prompt tokens reused%s, %lld prefilled in "
-                 "%.3f s; %lld tokens at %.2f tok/s%s\n",
-                 i + 1, static_cast<long long>(mine[i]), p.size(),
-                 q_planner != nullptr
-                     ? (" (with the representatives of " +
-                        std::to_string(q_planner->adopted_blocks()) + " blocks x layers)")
-                           .c_str()
-                     : "",
-                 static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
-                 static_cast<long long>(st.new_tokens),
-                 st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_seconds : 0.0,
-                 st.stopped_at_eos ? " (stopped at EOS)" : "");
   }
   return 0;
 }

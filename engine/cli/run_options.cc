@@ -345,7 +345,6 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   const std::string model_path = opt.Str("model");
   if (model_path.empty()) Fail("--model is required");
   RunLimits limits = RunLimitsFromOptions(opt);
-  const size_t kv_limit = limits.kv_memory;
 
   rs.tc = std::make_unique<ThreadingContext>(limits.threads);
   rs.backend = MakeBackend(opt.Str("device"), opt, *rs.tc);
@@ -365,7 +364,13 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   rs.model = LoadModelFromOptions(opt, *rs.backend, *rs.tc, fits);
   rs.model->set_ubatch(limits.ubatch);
   rs.kv_type = kvs == "auto" ? rs.model->weights().dtype : ParseKVType(kvs, "--kv-type");
-  if (!sequence) return rs;
+  if (sequence) AttachSequence(opt, rs, ctx);
+  return rs;
+}
+
+void AttachSequence(const Options& opt, RunSetup& rs, int64_t ctx) {
+  RunLimits limits = RunLimitsFromOptions(opt);
+  limits.ubatch = rs.model->ubatch();
   const KVCacheShape shape = rs.model->CacheShape(ctx, rs.kv_type, rs.sparse_cfg.block_size);
   std::fprintf(stderr, "needle: KV cache %lld tokens x %zu bytes (%s) = %s\n",
                static_cast<long long>(ctx), shape.BytesPerToken(), KVTypeName(rs.kv_type),
@@ -373,7 +378,7 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
   SequenceOptions so;
   so.ctx = ctx;
   so.kv_type = rs.kv_type;
-  so.kv_memory = kv_limit;
+  so.kv_memory = limits.kv_memory;
   so.gpu_memory = limits.gpu_memory;
   so.ubatch = limits.ubatch;
   so.placement = limits.placement;
@@ -399,7 +404,6 @@ RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence) {
     rs.model->set_attention(rs.policy.get());
     std::fprintf(stderr, "needle: sparse attention: %s\n", rs.sparse_cfg.Describe().c_str());
   }
-  return rs;
 }
 
 void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value) {

@@ -70,6 +70,9 @@ int64_t ResolveUbatch(int64_t ubatch, Backend& b);
 // attention policy. sequence == false: the model alone (no cache, no policy: an Engine makes
 // them per sequence); ctx then only checks that a sequence of ctx tokens fits the GPU budget.
 RunSetup MakeRunSetup(const Options& opt, int64_t ctx, bool sequence = true);
+// MakeRunSetup's second half, for a setup made with sequence == false: the cache of a ctx-token
+// sequence and its attention policy, installed in the model (--dump-plan's sink too).
+void AttachSequence(const Options& opt, RunSetup& rs, int64_t ctx);
 // The model --model names, or with --dummy-weights random weights of its config.json's shapes
 // (--dummy-type; progress on stderr). fits: checked before the weights are uploaded.
 std::unique_ptr<Model> LoadModelFromOptions(const Options& opt, Backend& backend,

@@ -236,6 +236,19 @@ void HybridAttention::Reset() {
   impl_->resident.Clear();
 }
 
+void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
+  Impl& x = *impl_;
+  if (tokens > x.host.size())
+    Fail("hybrid engine: going on from token ", tokens, "; the host cache holds ", x.host.size());
+  x.JoinPinAhead();
+  x.Sync(nullptr);
+  x.pending_rows.clear();  // (a decode step's rows: past any prompt's tokens)
+  x.planner.Rewind(x.host, tokens);
+  model_cache.Truncate(tokens);
+  x.table_lb = x.table_pb = -1;
+  x.resident.Clear();
+}
+
 void HybridAttention::SyncStats() {
   impl_->FlushRows();
   impl_->CollectPhases();

@@ -141,6 +141,11 @@ class HybridAttention final : public AttentionPolicy {
   // uploads are otherwise read when the next step begins); waits for the GPU.
   void SyncStats();
   void Reset();  // a new sequence (the caller clears the model's cache)
+  // AttentionPolicy::Rewind: the host cache and the model's cache (dense layers, rings) truncated,
+  // the planner rewound (SparseAttention::Rewind). The prompt that goes on brings the sparse
+  // layers' earlier keys back to the staging layer and refills the rings, as any prompt that
+  // continues a sequence does.
+  void Rewind(KVCache& model_cache, int64_t tokens) override;
 
   void BeginStep(const StepInfo& s) override;
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

@@ -56,6 +56,11 @@ class AttentionPolicy {
   virtual Prefill PrefillOrder(int64_t /*T*/) const { return {}; }
   // A layer-major prompt is over (every layer ran; the model cache's size is set).
   virtual void EndPrefill() {}
+  // The sequence of `cache` goes on from token `tokens` (<= cache.size()): a new sequence that
+  // begins with the tokens cached before it (as `needle ask`'s questions begin with the
+  // document). The cache is truncated there (KVCache::Truncate), and the policy's state of
+  // later tokens is dropped.
+  virtual void Rewind(KVCache& cache, int64_t tokens) { cache.Truncate(tokens); }
 };
 
 class DenseAttention final : public AttentionPolicy {
