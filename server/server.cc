@@ -206,6 +206,7 @@ void Server::Impl::EngineLoop() {
         // The step's state is unknown: every live request fails, the engine starts afresh.
         for (auto& [id, j] : live) Finish(*j, 500, std::string("the engine failed: ") + e.what());
         live.clear();
+        engine.reset();  // (its pool or slots freed before the new one takes theirs)
         engine = std::make_unique<Engine>(model, eo);
       }
       for (const TokenEvent& ev : events) {

@@ -1,8 +1,9 @@
 // A sequence that goes on from an earlier point of itself (AttentionPolicy::Rewind; `needle ask`
-// answers every question from the end of the document this way on the hybrid engine): the
-// tokens of each prompt equal those it gives alone, whichever longer or shorter sequence ran in
-// the same caches before it. Dense and sparse attention on the CPU (CI); the hybrid engine, host
-// and device placement, on a GPU.
+// answers every question from the end of the document this way on the hybrid engine, and the
+// Engine's slots serve sequences with caches of their own so): the tokens of each prompt equal
+// those it gives alone, whichever longer or shorter sequence ran in the same caches before it.
+// Dense and sparse attention on the CPU (CI); the hybrid engine, host and device placement, on a
+// GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 
 #include "engine/backend/backend.h"
 #include "engine/model/model.h"
+#include "engine/runtime/engine.h"
 #include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/sparse_attention.h"
 #include "tests/fixture_util.h"
@@ -155,6 +157,70 @@ TEST(Rewind, SequencesGoOnFromTheDocumentAsAlone) {
   }
 }
 
+// The Engine's slots (EngineOptions::own_caches): the prompts of kOrder submitted together, run
+// `batch` at a time in slots of their own, each rewound to the prefix it shares with the slot's
+// last prompt. Returns each sequence's tokens; *reused: the prompt tokens taken from the slots.
+std::vector<std::vector<int32_t>> RunInSlots(Model& m, ThreadingContext& tc, const Case& k,
+                                             int64_t batch, KVPlacement placement,
+                                             int64_t* reused) {
+  EngineOptions o;
+  o.max_batch = batch, o.max_context = kCtx, o.block_size = k.cfg.block_size;
+  o.kv_type = DType::kF32;
+  o.own_caches = [&](int64_t ctx) {
+    SequenceOptions so;
+    so.ctx = ctx, so.kv_type = DType::kF32, so.ubatch = m.ubatch(), so.placement = placement;
+    return MakeSequenceAttention(m, k.sparse ? &k.cfg : nullptr, tc, so);
+  };
+  Engine e(m, o);
+  const auto p = Prompts(m.config().vocab_size);
+  for (size_t i : kOrder) {
+    SequenceRequest r;
+    r.prompt = p[i], r.max_new = kMaxNew, r.ignore_eos = true;
+    e.Submit(std::move(r));
+  }
+  std::vector<std::vector<int32_t>> got(kOrder.size());
+  while (!e.Idle()) {
+    for (const TokenEvent& ev : e.Step()) got[static_cast<size_t>(ev.seq)].push_back(ev.token);
+    EXPECT_LE(e.Running(), batch);
+  }
+  EXPECT_EQ(e.own_slots(), batch) << k.what;
+  EXPECT_EQ(e.free_blocks(), 0);  // (no pool)
+  *reused = e.reused_tokens();
+  return got;
+}
+
+// Sequences in slots of their own give the tokens they give alone, one slot or two, taking the
+// document's part their prompts share with the slot's last one (one slot: every prompt after the
+// first; kOrder's neighbours share at least 64 tokens under every case's ShareablePrefix).
+TEST(Rewind, EngineSlotsServeSequencesAsAlone) {
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  auto model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *cpu);
+  Model& m = *model;
+  m.set_ubatch(32);
+  const auto p = Prompts(m.config().vocab_size);
+  for (const Case& k : Cases()) {
+    std::vector<std::vector<int32_t>> want;
+    for (size_t i : kOrder) {
+      std::unique_ptr<AttentionPolicy> pol;
+      if (k.sparse)
+        pol = std::make_unique<SparseAttention>(m.config(), k.cfg, m.backend(), tc, kCtx,
+                                                DType::kF32);
+      else
+        pol = std::make_unique<DenseAttention>(m.backend());
+      KVCache cache(m.CacheShape(kCtx, DType::kF32, k.cfg.block_size));
+      want.push_back(GoOn(m, *pol, cache, p[i], 0));
+    }
+    for (int64_t batch : {1, 2}) {
+      int64_t reused = 0;
+      EXPECT_EQ(RunInSlots(m, tc, k, batch, KVPlacement::kAuto, &reused), want)
+          << k.what << ", batch " << batch;
+      if (batch == 1) EXPECT_GE(reused, 64 * static_cast<int64_t>(kOrder.size() - 1)) << k.what;
+      EXPECT_GT(reused, 0) << k.what << ", batch " << batch;
+    }
+  }
+}
+
 #ifdef NEEDLE_HAVE_CUDA
 // The hybrid engine's caches (the host's, the GPU's dense layers and rings) and planner rewound:
 // each prompt's tokens equal its own alone, in host and device placement, the GPU attending half
@@ -198,6 +264,16 @@ TEST(Rewind, HybridSequencesGoOnFromTheDocumentAsAlone) {
                 << what << ", prompt " << i;
             ExpectSameRepresentatives(*seq.planner, *alone_seq[i].planner,
                                       what + ", prompt " + std::to_string(i), 1e-4f);
+          }
+          // The Engine's slots of hybrid sequences (needle serve's on a GPU).
+          if (share != 50) continue;
+          std::vector<std::vector<int32_t>> want;
+          for (size_t i : kOrder) want.push_back(alone[i]);
+          for (int64_t batch : {1, 2}) {
+            int64_t reused = 0;
+            EXPECT_EQ(RunInSlots(m, tc, k, batch, placement, &reused), want)
+                << what << ", engine batch " << batch;
+            EXPECT_GT(reused, 0) << what << ", engine batch " << batch;
           }
         }
   }

@@ -37,7 +37,8 @@ int CmdServe(int argc, char** argv) {
               "/v1/chat/completions (streaming as server-sent events), GET /v1/models, /health;\n"
               "and Ollama's: POST /api/generate, /api/chat (streaming as JSON lines), /api/show,\n"
               "GET /api/tags, /api/ps, /api/version.\n"
-              "Concurrent requests are decoded together over one KV block pool.",
+              "Concurrent requests are decoded together over one KV block pool (with sparse\n"
+              "attention on a GPU, each in caches of its own: --max-batch of them, 1 by default).",
               specs);
   if (!opt.Parse(argc, argv)) {
     if (opt.Flag("help")) std::cout << opt.Help();
@@ -46,7 +47,8 @@ int CmdServe(int argc, char** argv) {
   SparseConfigFromOptions(opt);  // refuse bad settings before loading anything
   const std::string model_dir = opt.Str("model");
   if (model_dir.empty()) Fail("needle serve: --model is required");
-  const int64_t port = opt.Int("port"), batch = opt.Int("max-batch"), body = opt.Int("max-body");
+  const int64_t port = opt.Int("port"), body = opt.Int("max-body");
+  int64_t batch = opt.Int("max-batch");
   if (port < 0 || port > 65535) Fail("--port ", port, " is not a port (0 to 65535)");
   if (batch < 1) Fail("--max-batch ", batch, " (at least 1)");
   if (body < 1) Fail("--max-body ", body, " (at least 1 byte)");
@@ -60,10 +62,12 @@ int CmdServe(int argc, char** argv) {
   }
   RunSetup rs = MakeRunSetup(opt, ctx, false);
   const bool sparse = opt.Str("attention") == "sparse";
-  if (sparse && rs.backend->kv_memory() != nullptr)
-    Fail(
-        "needle serve: sparse attention on a GPU serves one sequence at a time, which the server "
-        "does not do yet: use --device cpu or --attention dense");
+  // Sparse attention on a GPU: the hybrid engine, whose sequences run in caches of their own
+  // (the Engine's slots, each decoding alone): one unless --max-batch says otherwise, each with
+  // its share of the host memory budget, made (and checked against the GPU's memory) at start.
+  const bool hybrid = sparse && rs.backend->kv_memory() != nullptr;
+  if (hybrid && !opt.IsSet("max-batch")) batch = 1;
+  const RunLimits limits = RunLimitsFromOptions(opt);
   auto tok = Tokenizer::Load(model_dir + "/tokenizer.json");
   server::ServerOptions so;
   so.host = opt.Str("host");
@@ -80,14 +84,31 @@ int CmdServe(int argc, char** argv) {
   eo.max_batch = batch;
   eo.max_context = ctx;
   eo.kv_type = rs.kv_type;
-  eo.kv_memory = RunLimitsFromOptions(opt).kv_memory;
+  eo.kv_memory = limits.kv_memory;
   eo.block_size = sparse ? rs.sparse_cfg.block_size : 128;
   // (-1: the model's micro-batch, so that a prompt's step is as large as a prefill's own: on a
   // GPU 4096 tokens, on the H200 8 clients' 4K prompts 11% faster than with chunks of 512.)
   eo.prompt_chunk = opt.Int("prompt-chunk") < 0 ? rs.model->ubatch() : opt.Int("prompt-chunk");
   eo.prefix_cache = opt.Int("prefix-cache");
+  if (hybrid) {
+    SequenceOptions seq;
+    seq.kv_type = rs.kv_type;
+    seq.kv_memory = (limits.kv_memory != 0 ? limits.kv_memory : AvailableMemoryBytes()) /
+                    static_cast<size_t>(batch);
+    seq.gpu_memory = limits.gpu_memory;
+    seq.ubatch = rs.model->ubatch();
+    seq.placement = limits.placement;
+    eo.own_caches = [&rs, seq](int64_t n) {
+      SequenceOptions so = seq;
+      so.ctx = n;
+      SequenceAttention a = MakeSequenceAttention(*rs.model, &rs.sparse_cfg, *rs.tc, so);
+      std::fprintf(stderr, "needle serve: a sequence's caches: %s; GPU memory: %s\n",
+                   a.placement.c_str(), a.gpu_memory.c_str());
+      return a;
+    };
+  }
   server::PolicyFactory policy;
-  if (sparse)
+  if (sparse && !hybrid)
     policy = [&rs](int64_t n) {
       return std::make_unique<SparseAttention>(rs.model->config(), rs.sparse_cfg,
                                                rs.model->backend(), *rs.tc, n, rs.kv_type);

@@ -23,8 +23,9 @@ struct Engine::Seq {
   int64_t logprobs = -1;
   bool prompt_logprobs = false;
   std::vector<TokenLogprob> prompt_lp;  // prompt_logprobs: tokens 1.. of the prompt so far
-  std::unique_ptr<KVCache> cache;
-  SwappedBlocks swap;  // its blocks while preempted (cache->swapped())
+  std::unique_ptr<KVCache> cache;       // (null with a slot: its caches are the slot's)
+  Slot* slot = nullptr;                 // own_caches: the slot it runs in
+  SwappedBlocks swap;                   // its blocks while preempted (cache->swapped())
   GenerateStats st;
   Clock::time_point decode_start;
   int64_t prefilled = 0;  // prompt tokens in the cache (shared ones included)
@@ -39,6 +40,16 @@ Engine::Engine(Model& model, const EngineOptions& o)
   if (o.block_size < 1) Fail("engine: block_size ", o.block_size, " (at least 1)");
   if (o.max_context < 1) Fail("engine: max_context ", o.max_context, " (at least 1)");
   reuse_ = o.prefix_reuse && model.config().rope.type != RopeType::kDynamic;
+  if (o.own_caches) {
+    // (No pool; each sequence decodes alone, on the kernels of its own.) Every slot is made now,
+    // as the pool's blocks would be: what does not fit fails here, naming the numbers, and not
+    // when a sequence arrives.
+    for (int64_t i = 0; i < o.max_batch; ++i) {
+      slots_.push_back(std::make_unique<Slot>());
+      slots_.back()->own = o.own_caches(o.max_context);
+    }
+    return;
+  }
   // Every step, one sequence or many, on the backend's batch kernels: a sequence's tokens do not
   // depend on the others in the engine (engine.h), nor on how many there are.
   model.backend().PreferBatchKernels(true);
@@ -74,7 +85,10 @@ int64_t Engine::Submit(SequenceRequest r) {
   if (ctx > opt_.max_context)
     Fail("engine: a prompt of ", P, " tokens and ", r.max_new, " new ones exceed the context of ",
          opt_.max_context, " tokens");
-  NEEDLE_CHECK((ctx + block_size_ - 1) / block_size_ <= pool_blocks_);  // (one max_context fits)
+  if (opt_.own_caches && r.policy != nullptr)
+    Fail("engine: a sequence with a policy of its own, where sequences run in the engine's slots");
+  NEEDLE_CHECK(opt_.own_caches ||
+               (ctx + block_size_ - 1) / block_size_ <= pool_blocks_);  // (one max_context fits)
   auto s = std::make_unique<Seq>();
   s->id = next_id_++;
   s->prompt = std::move(r.prompt);
@@ -106,6 +120,7 @@ void Engine::Cancel(int64_t seq) {
   for (auto it = running_.begin(); it != running_.end(); ++it)
     if ((*it)->id == seq && !(*it)->done) {
       Leave(**it);
+      if ((*it)->slot != nullptr) (*it)->slot->busy = false;
       running_.erase(it);  // (its cache gives its blocks back)
       return;
     }
@@ -128,7 +143,15 @@ Engine::Seq* Engine::Find(int64_t seq) const {
 }
 
 const GenerateStats& Engine::Stats(int64_t seq) const { return Find(seq)->st; }
-SparseAttention* Engine::Policy(int64_t seq) const { return Find(seq)->policy.get(); }
+SparseAttention* Engine::Policy(int64_t seq) const {
+  const Seq* s = Find(seq);
+  return s->slot != nullptr ? s->slot->own.planner : s->policy.get();
+}
+
+KVCache& Engine::CacheOf(Seq& s) const { return s.slot != nullptr ? *s.slot->own.cache : *s.cache; }
+AttentionPolicy* Engine::PolicyOf(Seq& s) const {
+  return s.slot != nullptr ? s.slot->own.policy.get() : s.policy.get();
+}
 const std::vector<TokenLogprob>& Engine::PromptLogprobs(int64_t seq) const {
   const Seq* s = Find(seq);
   if (!s->prompt_logprobs || s->prefilled < static_cast<int64_t>(s->prompt.size()))
@@ -280,8 +303,9 @@ int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last, const float** row) {
   *row = nullptr;
   const int32_t* ids = s.prompt.data() + s.prefilled;
   const int64_t V = model_.config().vocab_size;
+  KVCache& cache = CacheOf(s);
   if (s.prompt_logprobs) {  // every row's logits: the prompt's tokens scored
-    model_.Forward(ids, n, *s.cache, true, &logits_);
+    model_.Forward(ids, n, cache, true, &logits_);
     const int64_t P = static_cast<int64_t>(s.prompt.size());
     for (int64_t r = 0; r < n && s.prefilled + r + 1 < P; ++r)
       s.prompt_lp.push_back(
@@ -289,13 +313,13 @@ int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last, const float** row) {
     if (!last) return 0;
     *row = logits_.data() + (n - 1) * V;
   } else if (!last) {
-    model_.Forward(ids, n, *s.cache, false, nullptr);
+    model_.Forward(ids, n, cache, false, nullptr);
     return 0;
   } else if (s.sampler != nullptr || s.logprobs >= 0) {
-    model_.Forward(ids, n, *s.cache, false, &logits_);
+    model_.Forward(ids, n, cache, false, &logits_);
     *row = logits_.data();
   } else {
-    return model_.ForwardGreedy(ids, n, *s.cache);
+    return model_.ForwardGreedy(ids, n, cache);
   }
   if (s.sampler == nullptr) return Argmax(*row, V);
   std::vector<float> copy(*row, *row + V);  // (sampling changes its copy)
@@ -304,8 +328,8 @@ int32_t Engine::PrefillChunk(Seq& s, int64_t n, bool last, const float** row) {
 
 int64_t Engine::Chunk(const Seq& s, int64_t prefilled) const {
   const int64_t left = static_cast<int64_t>(s.prompt.size()) - prefilled;
-  int64_t n =
-      opt_.prompt_chunk > 0 && s.policy == nullptr ? std::min(opt_.prompt_chunk, left) : left;
+  const bool whole = s.policy != nullptr || s.slot != nullptr;
+  int64_t n = opt_.prompt_chunk > 0 && !whole ? std::min(opt_.prompt_chunk, left) : left;
   if (s.prompt_logprobs) n = std::min(n, std::max<int64_t>(1, opt_.prompt_logprob_rows));
   return n;
 }
@@ -335,7 +359,75 @@ void Engine::Preempt(Seq& s) {
   running_.erase(it);
 }
 
+void Engine::AdmitOwn() {
+  while (!waiting_.empty() && Running() < opt_.max_batch) {
+    std::unique_ptr<Seq> s = std::move(waiting_.front());
+    waiting_.pop_front();
+    const int64_t P = static_cast<int64_t>(s->prompt.size());
+    // The free slot whose caches hold the longest prefix of s's prompt that s may take, else any
+    // free one.
+    Slot* best = nullptr;
+    int64_t shared = 0;
+    for (const auto& slot : slots_) {
+      if (slot->busy) continue;
+      int64_t c = 0;
+      if (reuse_ && !s->prompt_logprobs) {
+        const int64_t n = std::min<int64_t>(
+            {P - 1, static_cast<int64_t>(slot->prompt.size()), slot->own.cache->size()});
+        while (c < n && slot->prompt[c] == s->prompt[c]) ++c;
+        const SparseAttention* planner = slot->own.planner;
+        c = planner != nullptr
+                ? planner->config().ShareablePrefix(c, P, static_cast<int64_t>(slot->prompt.size()),
+                                                    model_.ubatch())
+                : c / block_size_ * block_size_;
+      }
+      if (best == nullptr || c > shared) best = slot.get(), shared = c;
+    }
+    NEEDLE_CHECK(best != nullptr);  // (max_batch slots, fewer running)
+    KVCache& cache = *best->own.cache;
+    if (best->own.policy != nullptr)
+      best->own.policy->Rewind(cache, shared);
+    else
+      cache.Truncate(shared);
+    best->busy = true;
+    best->prompt.clear();  // (its caches' prompt once s's prefill is done)
+    s->slot = best;
+    s->began = true;
+    s->prefilled = shared;
+    reused_tokens_ += shared;
+    prompt_tokens_ += P;
+    running_.push_back(std::move(s));
+  }
+}
+
+void Engine::DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits) {
+  const size_t V = static_cast<size_t>(model_.config().vocab_size);
+  if (logits != nullptr) logits->resize(rows.size() * V);
+  std::vector<float> row;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Seq& s = *rows[i];
+    model_.set_attention(PolicyOf(s));
+    try {
+      if (logits != nullptr) {
+        model_.Forward(&s.next, 1, CacheOf(s), false, &row);
+        std::copy(row.begin(), row.end(), logits->begin() + static_cast<std::ptrdiff_t>(i * V));
+        next[i] = Argmax(row.data(), static_cast<int64_t>(V));
+      } else {
+        next[i] = model_.ForwardGreedy(&s.next, 1, CacheOf(s));
+      }
+    } catch (...) {
+      model_.set_attention(nullptr);
+      throw;
+    }
+    model_.set_attention(nullptr);
+  }
+}
+
 void Engine::Schedule() {
+  if (opt_.own_caches) {
+    AdmitOwn();
+    return;
+  }
   // The blocks the running sequences take in this step; while the pool lacks them, kept prompts
   // are evicted, then the youngest running sequences preempted.
   int64_t need = 0;
@@ -388,7 +480,7 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   const int64_t P = static_cast<int64_t>(s.prompt.size()), left = P - s.prefilled;
   const int64_t n = Chunk(s, s.prefilled);
   const auto t0 = Clock::now();
-  model_.set_attention(s.policy.get());
+  model_.set_attention(PolicyOf(s));
   int32_t first = 0;
   const float* row = nullptr;
   try {
@@ -401,6 +493,7 @@ void Engine::Prefill(Seq& s, std::vector<TokenEvent>* events) {
   s.prefilled += n;
   s.st.prefill_seconds += Since(t0);
   if (s.prefilled < P) return;
+  if (s.slot != nullptr) s.slot->prompt = s.prompt;
   s.decode_start = Clock::now();
   Take(s, first, row, events);
 }
@@ -410,7 +503,8 @@ std::vector<TokenEvent> Engine::Step() {
   for (const auto& s : running_)
     if (s->done) {
       Leave(*s);
-      if (reuse_ && opt_.prefix_cache > 0) KeepPrefix(*s);
+      if (s->slot != nullptr) s->slot->busy = false;
+      if (reuse_ && opt_.prefix_cache > 0 && s->slot == nullptr) KeepPrefix(*s);
     }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](const std::unique_ptr<Seq>& s) { return s->done; }),
@@ -434,8 +528,11 @@ std::vector<TokenEvent> Engine::Step() {
     sampled |= s->sampler != nullptr || s->logprobs >= 0;
   }
   std::vector<float> logits;
-  model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
-                      sampled ? &logits : nullptr, policies.data());
+  if (opt_.own_caches)
+    DecodeOwn(step, next.data(), sampled ? &logits : nullptr);
+  else
+    model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
+                        sampled ? &logits : nullptr, policies.data());
   const size_t V = static_cast<size_t>(model_.config().vocab_size);
   for (size_t i = 0; i < step.size(); ++i) {
     if (step[i]->sampler != nullptr) {

@@ -36,6 +36,13 @@
 //      rows beside them would then get other bits than alone; see PreferBatchKernels);
 //   4. every running sequence past its prompt decodes one token, all in one
 //      Model::ForwardBatch.
+// Sequences with caches of their own (EngineOptions::own_caches: the hybrid engine's, sparse
+// attention on a GPU, whose KV lives in host DRAM and GPU rings of its own): no pool. At most
+// max_batch run at once, each in a slot (its caches and policy, made for max_context tokens when
+// the Engine is); a finished sequence's slot serves the next one, rewound (AttentionPolicy::Rewind)
+// to the longest prompt prefix they share that leaves the new one attending as alone
+// (SparseConfig::ShareablePrefix), else to nothing. Their prompts are prefilled whole in the
+// step they join, and each decodes alone (Model::Forward) beside the pool's batch.
 // A sequence finishes at an end-of-sequence token of the model or at its max_new-th token.
 // Greedy decoding: a batch gives each sequence the tokens it gives alone (tests/
 // test_model_batch.cc, tests/test_engine.cc).
@@ -44,6 +51,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,6 +60,7 @@
 #include "engine/model/logprobs.h"
 #include "engine/model/model.h"
 #include "engine/model/sampling.h"
+#include "engine/runtime/sequence_attention.h"
 #include "kvcache/block_pool.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -80,6 +89,11 @@ struct EngineOptions {
   // (least recently used first) whenever a waiting sequence needs them: the pool's budget
   // (kv_memory) is the cache's bound.
   int64_t prefix_cache = 0;
+  // When set, every sequence runs in caches of its own, made by this for a sequence of `ctx`
+  // tokens (the hybrid engine: engine/runtime/sequence_attention.h), max_batch of them when the
+  // Engine is made, and the Engine keeps no pool (above). Requests then carry no policy: the
+  // slot's is theirs.
+  std::function<SequenceAttention(int64_t ctx)> own_caches;
 };
 
 struct SequenceRequest {
@@ -150,11 +164,15 @@ class Engine {
   int64_t resumptions() const { return resumed_; }
   int64_t reused_tokens() const { return reused_tokens_; }
   int64_t pool_tokens() const { return pool_blocks_ * block_size_; }
-  int64_t free_blocks() const { return pool_->FreeSlots(0); }  // (of layer 0; all alike)
+  int64_t free_blocks() const {  // (of layer 0; all alike)
+    return pool_ != nullptr ? pool_->FreeSlots(0) : 0;
+  }
   // Prompts in the prefix cache, and the blocks (per layer) they hold.
   int64_t cached_prefixes() const { return static_cast<int64_t>(prefixes_.size()); }
   int64_t cached_blocks() const { return cached_blocks_; }
-  size_t pool_bytes() const { return pool_->shape().TotalBytes(); }
+  size_t pool_bytes() const { return pool_ != nullptr ? pool_->shape().TotalBytes() : 0; }
+  // Slots of sequences with caches of their own (own_caches), made so far.
+  int64_t own_slots() const { return static_cast<int64_t>(slots_.size()); }
 
  private:
   struct Seq;
@@ -188,6 +206,14 @@ class Engine {
                     const std::string& key, int64_t donor_prompt) const;
   static std::string PrefillKey(const Seq& s);
   void Leave(Seq& s);  // s leaves the running sequences (its kept prompt unpinned)
+  // A sequence's cache and policy: the pool's and its own, or its slot's.
+  KVCache& CacheOf(Seq& s) const;
+  AttentionPolicy* PolicyOf(Seq& s) const;
+  // own_caches: the waiting sequences admitted into free slots (Schedule's part for them).
+  void AdmitOwn();
+  // own_caches: each of `rows` decodes its next token alone, into next[i] (logits too where
+  // asked: [rows, vocab] in *logits).
+  void DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits);
 
   Model& model_;
   EngineOptions opt_;
@@ -213,6 +239,12 @@ class Engine {
     int64_t users = 0;  // sequences admitted on it whose prefill has not begun (it stays)
   };
   std::vector<std::unique_ptr<Prefix>> prefixes_;
+  struct Slot {
+    SequenceAttention own;        // its caches and policy (own_caches(max_context))
+    std::vector<int32_t> prompt;  // the prompt of the last sequence it held (in its caches)
+    bool busy = false;
+  };
+  std::vector<std::unique_ptr<Slot>> slots_;
   int64_t cached_blocks_ = 0;
   uint64_t clock_ = 0;
 };
