@@ -60,13 +60,17 @@ __device__ __forceinline__ float Dot8(uint4 w, const float (&x)[8], float acc) {
   return acc;
 }
 
-// Chunk c of input row m (8 floats), times the norm's weights when kNorm; ss += the squares of x.
-template <bool kNorm>
-__device__ __forceinline__ void LoadX(const GemvParams& p, int m, int c, float (&x)[8], float& ss) {
+// Chunk c of input row m as loaded (8 floats in two halves), to be NormX'd: a kernel may issue
+// these loads early, beside the weights', and use them later.
+__device__ __forceinline__ void LoadXRaw(const GemvParams& p, int m, int c, float4& a, float4& b) {
   const float4* x4 =
       reinterpret_cast<const float4*>(p.x) + 2 * (static_cast<int64_t>(m) * p.k8 + c);
-  const float4 a = __ldg(x4), b = __ldg(x4 + 1);
-  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  a = __ldg(x4), b = __ldg(x4 + 1);
+}
+
+// x (chunk c of an input row) times the norm's weights when kNorm; ss += the squares of x.
+template <bool kNorm>
+__device__ __forceinline__ void NormX(const GemvParams& p, int c, float (&x)[8], float& ss) {
   if constexpr (kNorm) {
     float g[8];
     if (p.norm.g_type == DType::kF32) {
@@ -83,6 +87,15 @@ __device__ __forceinline__ void LoadX(const GemvParams& p, int m, int c, float (
       x[e] *= g[e];
     }
   }
+}
+
+// Chunk c of input row m (8 floats), times the norm's weights when kNorm; ss += the squares of x.
+template <bool kNorm>
+__device__ __forceinline__ void LoadX(const GemvParams& p, int m, int c, float (&x)[8], float& ss) {
+  float4 a, b;
+  LoadXRaw(p, m, c, a, b);
+  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  NormX<kNorm>(p, c, x, ss);
 }
 
 // Token tok's output of row gr of the outputs laid end to end (kStore, kAdd): its sum plus the

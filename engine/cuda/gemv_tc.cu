@@ -36,7 +36,8 @@ namespace {
 // or a token's sums would depend on T). MT, NT and U may change with T: a token's sums are added
 // in the same order whatever they are (each output element of a tensor-core product comes from
 // its own row and column only).
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W>
+// kPre: the inputs' loads issued with the weights' (below).
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre>
 __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
   constexpr int kTok = 8 * NT, kOut = (kGate ? 8 : 16) * MT;  // outputs per token (row pairs)
@@ -74,7 +75,11 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   }
   const int spans = (p.k8 + 3) / 4;
   for (int s0 = warp; s0 < spans; s0 += W * U) {
+    // The spans' weights, and with kPre their inputs, all loads issued before any is used (the
+    // inputs come from L2: loaded only when needed, their latency stands between the products of
+    // every span).
     uint4 a[U][MT][2];
+    float4 xr[kPre ? U : 1][NT][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = 4 * (s0 + W * u) + c;
@@ -83,6 +88,12 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           a[u][mt][h] = chunk < p.k8 ? LoadStream(wr[mt][h] + chunk) : make_uint4(0, 0, 0, 0);
+      if constexpr (kPre)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          xr[u][t][0] = xr[u][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (chunk < p.k8) LoadXRaw(p, xm[t], chunk, xr[u][t][0], xr[u][t][1]);
+        }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -90,8 +101,14 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
       if (s >= spans) break;  // (the same for the whole warp)
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (chunk < p.k8) LoadX<kNorm>(p, xm[t], chunk, x, ss[t]);
+        const int v = kPre ? u : 0;
+        if (!kPre) {
+          xr[0][t][0] = xr[0][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (chunk < p.k8) LoadXRaw(p, xm[t], chunk, xr[0][t][0], xr[0][t][1]);
+        }
+        const float4 xa = xr[v][t][0], xb = xr[v][t][1];
+        float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        if (chunk < p.k8) NormX<kNorm>(p, chunk, x, ss[t]);
         uint32_t hi[4], lo[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) SplitHiLo<true>(x[2 * e], x[2 * e + 1], hi[e], lo[e]);
@@ -155,21 +172,22 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   }
 }
 
-template <bool kNorm, int MT, int NT, int U, int W>
-void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
+void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
   const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
   if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre><<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre>
+          <<<grid, 32 * W, 0, stream>>>(p);
       break;
     default:
       Fail("Gemv: the tensor-core kernel has no rotary epilogue");
@@ -177,8 +195,28 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+// NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
+bool PrefetchInputs() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_PREFETCH");
+    return e == nullptr || std::atoi(e) != 0;
+  }();
+  return on;
+}
+
+template <bool kNorm, int MT, int NT, int U, int W>
+void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
+  // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
+  // batch 32, bench/RESULTS.md.)
+  constexpr bool kFits = U * NT <= 4 && NT <= 2;
+  if (kFits && PrefetchInputs())
+    return LaunchTilesAs<kNorm, MT, NT, U, W, kFits>(p, e, rows, stream);
+  LaunchTilesAs<kNorm, MT, NT, U, W, false>(p, e, rows, stream);
+}
+
 // NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens (1, 2 or 4, 4 only to 16 tokens;
-// default 2), read once (comparisons).
+// default 2, 1 for small products: below), read once (comparisons).
 int MTiles() {
   static const int mt = [] {
     const char* e = std::getenv("NEEDLE_GEMV_TC_MT");
@@ -186,6 +224,21 @@ int MTiles() {
     return v == 1 || v == 4 ? v : 2;
   }();
   return mt;
+}
+bool MTilesSet() {
+  static const bool set = std::getenv("NEEDLE_GEMV_TC_MT") != nullptr;
+  return set;
+}
+
+// The device's multiprocessors (the current device's, read once).
+int Multiprocessors() {
+  static const int n = [] {
+    int dev = 0, sm = 0;
+    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+    return sm;
+  }();
+  return n;
 }
 
 template <bool kNorm, int W>
@@ -195,9 +248,17 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 1, 4, W>(p, e, rows, stream);
   // Past 8 tokens, each token's inputs serve MT m-tiles per load (they were read once per 16
   // weight rows, more bytes than the weights' from 16 tokens on).
-  const int mt = MTiles();
+  int mt = MTiles();
+  // From 17 tokens, a product whose 2-m-tile blocks would not fill two waves of two a
+  // multiprocessor (q/k/v, o and down of Qwen2.5-7B: 144 and 112 blocks on 132) takes one m-tile
+  // a block, twice the blocks (H200, batch 32: 2,511 against 2,290 tok/s; at batch 16 it was
+  // slower, 2,006 against 2,068). (A token's sums do not depend on MT.)
+  const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
+  if (p.tokens > 16 && mt == 2 && !MTilesSet() &&
+      (rows + 2 * per - 1) / (2 * per) < 4 * Multiprocessors())
+    mt = 1;
   if (p.tokens <= 16) {
-    if (mt == 1) return LaunchTiles<kNorm, 1, 2, 4, W>(p, e, rows, stream);
+    if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
   }
