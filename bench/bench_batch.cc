@@ -10,7 +10,8 @@
 //    "step_ms", "tok/s" (all sequences),
 //    "speedup" (over batch 1 in the same run), "bound_ms", "of_bound"}; after the largest batch,
 //   {"bench":"swap", ...}: one sequence's blocks swapped out to host memory and back (the Engine's
-//   preemption), "GB", "out_ms", "in_ms", their GB/s, and both as steps of that batch.
+//   preemption), "GB", "out_ms", "in_ms", their GB/s, and both as steps of that batch; then
+//   again into the buffer the first left ("again_...": the Engine reuses it).
 // Usage: bench_batch cpu|cuda CONFIG CONTEXT BATCHES [STEPS]   e.g. cuda qwen2.5-7b.json 4096
 // 1,4,16
 #include <algorithm>
@@ -104,21 +105,29 @@ int main(int argc, char** argv) {
       if (b != max_b) continue;
       // Preemption's cost (Engine::Schedule): one sequence's blocks out of the pool into host
       // memory and back (KVCache::SwapOut / SwapIn), against the step.
+      // Twice: into a fresh buffer, then into the one the first swap left (as the Engine reuses
+      // it: "again").
       SwappedBlocks sw;
-      const auto s0 = std::chrono::steady_clock::now();
-      caches[0]->SwapOut(&sw);
-      const auto s1 = std::chrono::steady_clock::now();
-      const double gb = static_cast<double>(sw.data.size()) / 1e9;
-      caches[0]->SwapIn(&sw);
-      const auto s2 = std::chrono::steady_clock::now();
-      const double out_ms = std::chrono::duration<double, std::milli>(s1 - s0).count(),
-                   in_ms = std::chrono::duration<double, std::milli>(s2 - s1).count();
+      double out_ms[2], in_ms[2], gb = 0;
+      for (int round = 0; round < 2; ++round) {
+        const auto s0 = std::chrono::steady_clock::now();
+        caches[0]->SwapOut(&sw);
+        const auto s1 = std::chrono::steady_clock::now();
+        gb = static_cast<double>(sw.bytes) / 1e9;
+        caches[0]->SwapIn(&sw);
+        const auto s2 = std::chrono::steady_clock::now();
+        out_ms[round] = std::chrono::duration<double, std::milli>(s1 - s0).count();
+        in_ms[round] = std::chrono::duration<double, std::milli>(s2 - s1).count();
+      }
       std::printf(
           "{\"bench\":\"swap\",\"device\":\"%s\",\"config\":\"%s\",\"context\":%lld,\"GB\":%.3f,"
           "\"out_ms\":%.2f,\"in_ms\":%.2f,\"out_GB/s\":%.1f,\"in_GB/s\":%.1f,"
-          "\"steps_of_batch\":%.1f}\n",
+          "\"steps_of_batch\":%.1f,\"again_out_ms\":%.2f,\"again_in_ms\":%.2f,"
+          "\"again_out_GB/s\":%.1f,\"again_in_GB/s\":%.1f}\n",
           device.c_str(), config.substr(config.rfind('/') + 1).c_str(), static_cast<long long>(ctx),
-          gb, out_ms, in_ms, gb / out_ms * 1e3, gb / in_ms * 1e3, (out_ms + in_ms) / ms);
+          gb, out_ms[0], in_ms[0], gb / out_ms[0] * 1e3, gb / in_ms[0] * 1e3,
+          (out_ms[0] + in_ms[0]) / ms, out_ms[1], in_ms[1], gb / out_ms[1] * 1e3,
+          gb / in_ms[1] * 1e3);
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {

@@ -320,13 +320,18 @@ void KVCache::SwapOut(SwappedBlocks* out) {
   int64_t n = 0;
   for (const auto& t : table_)
     n += std::count_if(t.begin(), t.end(), [](int32_t x) { return x >= 0; });
-  const size_t bytes = static_cast<size_t>(n) * SwapBlockBytes(*pool_),
-               avail = AvailableMemoryBytes();
-  if (avail != 0 && bytes > avail)
-    Fail("KV cache: swapping out ", n, " blocks needs ", FormatBytes(bytes), " of host memory; ",
-         FormatBytes(avail), " are available");
-  out->data.resize(bytes);
-  uint8_t* region = out->data.data();
+  const size_t bytes = static_cast<size_t>(n) * SwapBlockBytes(*pool_);
+  if (bytes > out->capacity) {
+    const size_t avail = AvailableMemoryBytes();
+    if (avail != 0 && bytes > avail)
+      Fail("KV cache: swapping out ", n, " blocks needs ", FormatBytes(bytes), " of host memory; ",
+           FormatBytes(avail), " are available");
+    out->data.reset();  // (the old buffer first: both need not fit at once)
+    out->data.reset(new uint8_t[bytes]);
+    out->capacity = bytes;
+  }
+  out->bytes = bytes;
+  uint8_t* region = out->data.get();
   std::vector<int32_t> slots;
   for (int64_t l = 0; l < shape_.layers; ++l) {
     slots.clear();
@@ -352,7 +357,7 @@ void KVCache::SwapIn(SwappedBlocks* in) {
     if (pool_->FreeSlots(l) < static_cast<int64_t>(in->blocks[l].size()))
       Fail("KV cache: swapping in ", in->blocks[l].size(), " blocks of layer ", l, " with ",
            pool_->FreeSlots(l), " of the pool's ", pool_->slots(l), " free");
-  uint8_t* region = in->data.data();
+  uint8_t* region = in->data.get();
   std::vector<int32_t> slots;
   for (int64_t l = 0; l < shape_.layers; ++l) {
     slots.clear();
@@ -367,8 +372,7 @@ void KVCache::SwapIn(SwappedBlocks* in) {
                             table_[l].size() * sizeof(int32_t));
   }
   in->blocks.clear();
-  in->data.clear();
-  in->data.shrink_to_fit();
+  in->bytes = 0;  // (the buffer stays: SwappedBlocks)
   swapped_ = false;
 }
 

@@ -249,6 +249,23 @@ TEST(BlockPool, SwappedOutBlocksComeBackIntoOtherSlots) {
     EXPECT_EQ(read(*a), before) << KVTypeName(dt);
     EXPECT_EQ(pool.FreeSlots(0), 8 - 2 - 1 - 3);
     EXPECT_NE(a->SlotOf(0, 0), b.SlotOf(0, 0));  // its own copy of what it shared
+    // The buffer stays for the next swap, which copies into it (nothing allocated), and a swap
+    // of more blocks than it holds takes a larger one.
+    const uint8_t* buffer = sw.data.get();
+    const size_t capacity = sw.capacity;
+    EXPECT_GT(capacity, 0u);
+    EXPECT_EQ(sw.bytes, 0u);
+    a->SwapOut(&sw);
+    EXPECT_EQ(sw.data.get(), buffer);
+    EXPECT_EQ(sw.bytes, capacity);
+    a->SwapIn(&sw);
+    EXPECT_EQ(read(*a), before) << KVTypeName(dt);
+    for (int64_t l = 0; l < L; ++l) a->AssignBlocks(l, n, 2);  // a fourth block
+    a->SwapOut(&sw);
+    EXPECT_EQ(sw.bytes, capacity / 3 * 4);
+    EXPECT_GE(sw.capacity, sw.bytes);
+    a->SwapIn(&sw);
+    EXPECT_EQ(read(*a), before) << KVTypeName(dt);
     a.reset();
     EXPECT_EQ(pool.FreeSlots(0), 8 - 3);
   }

@@ -349,6 +349,8 @@ int64_t Engine::Growth(const Seq& s) const {
 }
 
 void Engine::Preempt(Seq& s) {
+  // (Into the buffer a resumed sequence left, when it has none of its own: its pages are mapped.)
+  if (s.swap.capacity < spare_swap_.capacity) std::swap(s.swap, spare_swap_);
   s.cache->SwapOut(&s.swap);
   ++preempted_;
   auto it = std::find_if(running_.begin(), running_.end(),
@@ -452,6 +454,7 @@ void Engine::Schedule() {
     }
     if (need + cost > free()) return;
     w.cache->SwapIn(&w.swap);
+    if (w.swap.capacity > spare_swap_.capacity) std::swap(w.swap, spare_swap_);
     ++resumed_;
     need += Growth(w);
     running_.push_back(std::move(swapped_.front()));

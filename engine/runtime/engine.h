@@ -239,6 +239,9 @@ class Engine {
     int64_t users = 0;  // sequences admitted on it whose prefill has not begun (it stays)
   };
   std::vector<std::unique_ptr<Prefix>> prefixes_;
+  // The largest host buffer a resumed sequence left (SwappedBlocks), for the next preemption:
+  // its pages are mapped already (at most one sequence's blocks kept).
+  SwappedBlocks spare_swap_;
   struct Slot {
     SequenceAttention own;        // its caches and policy (own_caches(max_context))
     std::vector<int32_t> prompt;  // the prompt of the last sequence it held (in its caches)
