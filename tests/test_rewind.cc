@@ -119,19 +119,25 @@ std::vector<int64_t> From(const Case& k, const std::vector<std::vector<int32_t>>
 // would show.)
 const std::vector<size_t> kOrder = {0, 1, 2, 1, 0, 2};
 
+// The CPU's fixture model, prompts in micro-batches of 32, and a case's policy for it.
+struct CpuFixture {
+  ThreadingContext tc{2};
+  std::unique_ptr<Backend> cpu = MakeCpuBackend(tc, false);
+  std::unique_ptr<Model> model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *cpu);
+  CpuFixture() { model->set_ubatch(32); }
+  std::unique_ptr<AttentionPolicy> Policy(const Case& k) {
+    if (!k.sparse) return std::make_unique<DenseAttention>(model->backend());
+    return std::make_unique<SparseAttention>(model->config(), k.cfg, model->backend(), tc, kCtx,
+                                             DType::kF32);
+  }
+};
+
 TEST(Rewind, SequencesGoOnFromTheDocumentAsAlone) {
-  ThreadingContext tc(2);
-  auto cpu = MakeCpuBackend(tc, false);
-  auto model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *cpu);
-  Model& m = *model;
-  m.set_ubatch(32);
+  CpuFixture f;
+  Model& m = *f.model;
   const auto p = Prompts(m.config().vocab_size);
   for (const Case& k : Cases()) {
-    const auto policy = [&]() -> std::unique_ptr<AttentionPolicy> {
-      if (!k.sparse) return std::make_unique<DenseAttention>(m.backend());
-      return std::make_unique<SparseAttention>(m.config(), k.cfg, m.backend(), tc, kCtx,
-                                               DType::kF32);
-    };
+    const auto policy = [&] { return f.Policy(k); };
     const KVCacheShape shape = m.CacheShape(kCtx, DType::kF32, k.cfg.block_size);
     std::vector<std::vector<int32_t>> alone;
     std::vector<std::unique_ptr<AttentionPolicy>> alone_policy;
@@ -193,27 +199,19 @@ std::vector<std::vector<int32_t>> RunInSlots(Model& m, ThreadingContext& tc, con
 // document's part their prompts share with the slot's last one (one slot: every prompt after the
 // first; kOrder's neighbours share at least 64 tokens under every case's ShareablePrefix).
 TEST(Rewind, EngineSlotsServeSequencesAsAlone) {
-  ThreadingContext tc(2);
-  auto cpu = MakeCpuBackend(tc, false);
-  auto model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *cpu);
-  Model& m = *model;
-  m.set_ubatch(32);
+  CpuFixture f;
+  Model& m = *f.model;
   const auto p = Prompts(m.config().vocab_size);
   for (const Case& k : Cases()) {
     std::vector<std::vector<int32_t>> want;
     for (size_t i : kOrder) {
-      std::unique_ptr<AttentionPolicy> pol;
-      if (k.sparse)
-        pol = std::make_unique<SparseAttention>(m.config(), k.cfg, m.backend(), tc, kCtx,
-                                                DType::kF32);
-      else
-        pol = std::make_unique<DenseAttention>(m.backend());
+      const std::unique_ptr<AttentionPolicy> pol = f.Policy(k);
       KVCache cache(m.CacheShape(kCtx, DType::kF32, k.cfg.block_size));
       want.push_back(GoOn(m, *pol, cache, p[i], 0));
     }
     for (int64_t batch : {1, 2}) {
       int64_t reused = 0;
-      EXPECT_EQ(RunInSlots(m, tc, k, batch, KVPlacement::kAuto, &reused), want)
+      EXPECT_EQ(RunInSlots(m, f.tc, k, batch, KVPlacement::kAuto, &reused), want)
           << k.what << ", batch " << batch;
       if (batch == 1) EXPECT_GE(reused, 64 * static_cast<int64_t>(kOrder.size() - 1)) << k.what;
       EXPECT_GT(reused, 0) << k.what << ", batch " << batch;
