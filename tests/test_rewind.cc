@@ -213,7 +213,9 @@ TEST(Rewind, EngineSlotsServeSequencesAsAlone) {
       int64_t reused = 0;
       EXPECT_EQ(RunInSlots(m, f.tc, k, batch, KVPlacement::kAuto, &reused), want)
           << k.what << ", batch " << batch;
-      if (batch == 1) EXPECT_GE(reused, 64 * static_cast<int64_t>(kOrder.size() - 1)) << k.what;
+      if (batch == 1) {
+        EXPECT_GE(reused, 64 * static_cast<int64_t>(kOrder.size() - 1)) << k.what;
+      }
       EXPECT_GT(reused, 0) << k.what << ", batch " << batch;
     }
   }
