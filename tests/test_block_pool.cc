@@ -144,7 +144,7 @@ TEST(BlockPool, TruncatedCachesGiveUpTheirLaterBlocks) {
   const int64_t B = 4;
   BlockPool pool(KVCacheShape{2, 1, 4, 8 * B, B, DType::kF32});
   KVCache a(pool, 8 * B), b(pool, 8 * B);
-  const std::vector<float> k = test::RandomVector(21 * 4, 1), v = test::RandomVector(21 * 4, 2);
+  const std::vector<float> k = test::RandomVector(24 * 4, 1), v = test::RandomVector(24 * 4, 2);
   for (int64_t l = 0; l < 2; ++l) a.Write(l, 0, 21, k.data(), v.data());
   a.SetSize(21);  // blocks 0-5
   b.SharePrefix(a, 2 * B);
