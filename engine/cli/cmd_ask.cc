@@ -191,12 +191,18 @@ int CmdAsk(int argc, char** argv) {
   if (const std::string note = LongContextNote(model.config(), ctx, nullptr); !note.empty())
     std::fprintf(stderr, "%s\n", note.c_str());
   const int64_t B = rs.sparse_cfg.block_size;
+  // Each question's part of the document's first `shared` tokens (sparse attention: what leaves
+  // its answer as it is alone).
+  const auto reusable = [&](int64_t shared) {
+    std::vector<int64_t> mine(prompts.size(), shared);
+    if (sparse)
+      for (size_t i = 0; i < prompts.size(); ++i)
+        mine[i] = rs.sparse_cfg.ShareablePrefix(shared, static_cast<int64_t>(prompts[i].size()),
+                                                static_cast<int64_t>(common), model.ubatch());
+    return mine;
+  };
   if (hybrid) {
-    std::vector<int64_t> from(prompts.size());
-    for (size_t i = 0; i < prompts.size(); ++i)
-      from[i] = rs.sparse_cfg.ShareablePrefix(static_cast<int64_t>(common) / B * B,
-                                              static_cast<int64_t>(prompts[i].size()),
-                                              static_cast<int64_t>(common), model.ubatch());
+    const std::vector<int64_t> from = reusable(static_cast<int64_t>(common) / B * B);
     AttachSequence(opt, rs, ctx);
     KVCache& cache = *rs.cache;
     // (The document's prefill is one prompt, as ShareablePrefix's donor: a sparse prefill's
@@ -240,12 +246,7 @@ int CmdAsk(int argc, char** argv) {
   // The pool: the document's blocks and one question's (its own blocks past the shared ones).
   const int64_t shared = from_file > 0 ? from_file : static_cast<int64_t>(common) / B * B;
   const int64_t doc_blocks = (static_cast<int64_t>(common) + B - 1) / B;
-  // Each question's part of it (sparse attention: what leaves its answer as it is alone).
-  std::vector<int64_t> mine(prompts.size(), shared);
-  if (sparse)
-    for (size_t i = 0; i < prompts.size(); ++i)
-      mine[i] = rs.sparse_cfg.ShareablePrefix(shared, static_cast<int64_t>(prompts[i].size()),
-                                              static_cast<int64_t>(common), model.ubatch());
+  const std::vector<int64_t> mine = reusable(shared);
   const int64_t own_blocks = (ctx - *std::min_element(mine.begin(), mine.end()) + B - 1) / B;
   const KVCacheShape shape = model.CacheShape((doc_blocks + own_blocks) * B, rs.kv_type, B);
   BlockPool pool(shape, RunLimitsFromOptions(opt).kv_memory, model.backend().kv_memory());

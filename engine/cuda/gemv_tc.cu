@@ -215,19 +215,16 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   LaunchTilesAs<kNorm, MT, NT, U, W, false>(p, e, rows, stream);
 }
 
-// NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens (1, 2 or 4, 4 only to 16 tokens;
-// default 2, 1 for small products: below), read once (comparisons).
-int MTiles() {
+// NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens for every product (1, 2 or 4, 4 only
+// to 16 tokens), read once (comparisons); 0 when unset (the choice below).
+int MTilesAsked() {
   static const int mt = [] {
     const char* e = std::getenv("NEEDLE_GEMV_TC_MT");
-    const int v = e != nullptr ? std::atoi(e) : 2;
+    if (e == nullptr) return 0;
+    const int v = std::atoi(e);
     return v == 1 || v == 4 ? v : 2;
   }();
   return mt;
-}
-bool MTilesSet() {
-  static const bool set = std::getenv("NEEDLE_GEMV_TC_MT") != nullptr;
-  return set;
 }
 
 // The device's multiprocessors (the current device's, read once).
@@ -248,15 +245,14 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 1, 4, W>(p, e, rows, stream);
   // Past 8 tokens, each token's inputs serve MT m-tiles per load (they were read once per 16
   // weight rows, more bytes than the weights' from 16 tokens on).
-  int mt = MTiles();
-  // From 17 tokens, a product whose 2-m-tile blocks would not fill two waves of two a
-  // multiprocessor (q/k/v, o and down of Qwen2.5-7B: 144 and 112 blocks on 132) takes one m-tile
-  // a block, twice the blocks (H200, batch 32: 2,511 against 2,290 tok/s; at batch 16 it was
-  // slower, 2,006 against 2,068). (A token's sums do not depend on MT.)
+  // Two, except from 17 tokens for a product whose 2-m-tile blocks would not fill two waves of
+  // two a multiprocessor (q/k/v, o and down of Qwen2.5-7B: 144 and 112 blocks on 132): one
+  // m-tile a block, twice the blocks (H200, batch 32: 2,511 against 2,290 tok/s; at batch 16 it
+  // was slower, 2,006 against 2,068). (A token's sums do not depend on MT.)
   const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
-  if (p.tokens > 16 && mt == 2 && !MTilesSet() &&
-      (rows + 2 * per - 1) / (2 * per) < 4 * Multiprocessors())
-    mt = 1;
+  int mt = MTilesAsked();
+  if (mt == 0)
+    mt = p.tokens > 16 && (rows + 2 * per - 1) / (2 * per) < 4 * Multiprocessors() ? 1 : 2;
   if (p.tokens <= 16) {
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);

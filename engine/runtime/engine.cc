@@ -237,12 +237,18 @@ std::string Engine::PrefillKey(const Seq& s) {
 int64_t Engine::Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held,
                           const std::string& key, int64_t donor_prompt) const {
   if (key != PrefillKey(s)) return 0;
-  const int64_t P = static_cast<int64_t>(s.prompt.size());
+  return SharedPrefix(s.prompt, s.policy != nullptr ? &s.policy->config() : nullptr, tokens, held,
+                      donor_prompt);
+}
+
+int64_t Engine::SharedPrefix(const std::vector<int32_t>& prompt, const SparseConfig* cfg,
+                             const std::vector<int32_t>& tokens, int64_t held,
+                             int64_t donor_prompt) const {
+  const int64_t P = static_cast<int64_t>(prompt.size());
   const int64_t n = std::min<int64_t>({P - 1, static_cast<int64_t>(tokens.size()), held});
   int64_t c = 0;
-  while (c < n && tokens[c] == s.prompt[c]) ++c;
-  if (s.policy != nullptr)
-    return s.policy->config().ShareablePrefix(c, P, donor_prompt, model_.ubatch());
+  while (c < n && tokens[c] == prompt[c]) ++c;
+  if (cfg != nullptr) return cfg->ShareablePrefix(c, P, donor_prompt, model_.ubatch());
   return c / block_size_ * block_size_;
 }
 
@@ -372,17 +378,12 @@ void Engine::AdmitOwn() {
     int64_t shared = 0;
     for (const auto& slot : slots_) {
       if (slot->busy) continue;
-      int64_t c = 0;
-      if (reuse_ && !s->prompt_logprobs) {
-        const int64_t n = std::min<int64_t>(
-            {P - 1, static_cast<int64_t>(slot->prompt.size()), slot->own.cache->size()});
-        while (c < n && slot->prompt[c] == s->prompt[c]) ++c;
-        const SparseAttention* planner = slot->own.planner;
-        c = planner != nullptr
-                ? planner->config().ShareablePrefix(c, P, static_cast<int64_t>(slot->prompt.size()),
-                                                    model_.ubatch())
-                : c / block_size_ * block_size_;
-      }
+      const SparseAttention* planner = slot->own.planner;
+      const int64_t c =
+          reuse_ && !s->prompt_logprobs
+              ? SharedPrefix(s->prompt, planner ? &planner->config() : nullptr, slot->prompt,
+                             slot->own.cache->size(), static_cast<int64_t>(slot->prompt.size()))
+              : 0;
       if (best == nullptr || c > shared) best = slot.get(), shared = c;
     }
     NEEDLE_CHECK(best != nullptr);  // (max_batch slots, fewer running)

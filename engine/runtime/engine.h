@@ -204,6 +204,10 @@ class Engine {
   // attends exactly as alone).
   int64_t Shareable(const Seq& s, const std::vector<int32_t>& tokens, int64_t held,
                     const std::string& key, int64_t donor_prompt) const;
+  // Shareable past the key: for a prompt of sparse settings cfg (null: dense).
+  int64_t SharedPrefix(const std::vector<int32_t>& prompt, const SparseConfig* cfg,
+                       const std::vector<int32_t>& tokens, int64_t held,
+                       int64_t donor_prompt) const;
   static std::string PrefillKey(const Seq& s);
   void Leave(Seq& s);  // s leaves the running sequences (its kept prompt unpinned)
   // A sequence's cache and policy: the pool's and its own, or its slot's.
