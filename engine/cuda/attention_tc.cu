@@ -22,6 +22,7 @@
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/mma.cuh"
+#include "engine/cuda/smem_async.cuh"
 
 namespace needle::cuda {
 namespace {
@@ -31,13 +32,7 @@ constexpr int kKeys = 64;  // keys per tile
 constexpr int kPad = 8;    // elements of padding per shared-memory row
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  cuda::CpAsync16(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, true);
 }
 
 // Copies keys [kb, kb + 64) of KV head h (K and V) into ks/vs [64][D + kPad]. The 64 keys are

@@ -45,16 +45,6 @@ __host__ __device__ constexpr int PackLog2(int64_t G) {
   return G % 4 == 0 ? 2 : G % 2 == 0 ? 1 : 0;
 }
 
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 fills the 16 bytes with zeros (keys past the end of the cache).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 // First arena row of each 64-key half of the tile at key kb of KV head h ([slot][kv_head][B][D]
 // rows, through the block table); 0 for halves past the cache end.
 struct TileRows {

@@ -20,15 +20,85 @@
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 
 #include "engine/base/error.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/gemv.h"
 #include "engine/cuda/gemv_common.cuh"
 #include "engine/cuda/mma.cuh"
+#include "engine/cuda/smem_async.cuh"
 
 namespace needle::cuda::gemv_detail {
 namespace {
+
+// Shared floats of one warp's part in TcEpilogue: [16 MT][8 NT + 1] sums, then [8 NT] sums of
+// squares.
+template <int MT, int NT>
+constexpr int kTcPart = 16 * MT*(8 * NT + 1) + 8 * NT;
+
+// The warps' partial sums added in warp order, scaled by the norm, stored by the epilogue. acc:
+// [MT][NT][4] this lane's sums (rows g, g + 8 of m-tile mt, tokens 2c, 2c + 1 of n-tile t, as
+// mma.cuh's accumulator fragment); ss [NT]: its sums of squares of token g's inputs. buf: shared
+// memory, warp w's part (kTcPart floats) at buf + w stride, written by warp w alone before the
+// block's barrier.
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int W>
+__device__ __forceinline__ void TcEpilogue(const GemvParams& p, const float (&acc)[MT][NT][4],
+                                           const float (&ss)[NT], int64_t b, int m0, float* buf,
+                                           int stride) {
+  constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
+  constexpr int kTok = 8 * NT, kOut = (kGate ? 8 : 16) * MT;  // outputs per token (row pairs)
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+  const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
+  // The warps' partial sums: lane (g, c) holds rows g, g + 8 of m-tile mt, tokens 2c, 2c + 1 of
+  // each n-tile.
+  auto part = [&](int w, int r) -> float* { return buf + w * stride + r * (kTok + 1); };
+  auto ssp = [&](int w) -> float* { return buf + w * stride + 16 * MT * (kTok + 1); };
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      part(warp, 16 * mt + g)[8 * t + 2 * c] = acc[mt][t][0];
+      part(warp, 16 * mt + g)[8 * t + 2 * c + 1] = acc[mt][t][1];
+      part(warp, 16 * mt + g + 8)[8 * t + 2 * c] = acc[mt][t][2];
+      part(warp, 16 * mt + g + 8)[8 * t + 2 * c + 1] = acc[mt][t][3];
+    }
+    if constexpr (kNorm) {
+      float v = ss[t];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (c == 0) ssp(warp)[8 * t + g] = v;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kOut * kTok; idx += 32 * W) {
+    const int i = idx % kOut, j = idx / kOut, tok = m0 + j;
+    if (tok >= p.tokens) break;  // (idx grows with j)
+    float scale = 1.f;
+    if constexpr (kNorm) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) s += ssp(w)[j];
+      scale = rsqrtf(s / static_cast<float>(8 * p.k8) + p.norm.eps);
+    }
+    auto sum = [&](int r) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) v += part(w, r)[j];
+      return __fmul_rn(v, scale);
+    };
+    if constexpr (kGate) {  // pair i: gate row i % 8 and up row i % 8 + 8 of m-tile i / 8
+      const int64_t row = b * 8 * MT + i;
+      const int r = 16 * (i / 8) + i % 8;
+      if (row < total) StoreGate(p, row, tok, sum(r), sum(r + 8));
+    } else {
+      const int64_t gr = b * 16 * MT + i;
+      if (gr < total) StoreRow<kE>(p, gr, tok, sum(i));
+    }
+  }
+}
 
 // MT: m-tiles of 16 weight rows per block (kSiluMul: of 8 gate/up row pairs), each token's
 // inputs loaded and split once per span for all of them; NT: n-tiles of 8 tokens per block; U:
@@ -37,18 +107,15 @@ namespace {
 // in the same order whatever they are (each output element of a tensor-core product comes from
 // its own row and column only).
 // kPre: the inputs' loads issued with the weights' (below).
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre>
-__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
-  constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
-  constexpr int kTok = 8 * NT, kOut = (kGate ? 8 : 16) * MT;  // outputs per token (row pairs)
-  const int groups = (p.tokens + kTok - 1) / kTok;
-  const int64_t b = blockIdx.x / groups;
-  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+//
+// A block's place: b, its tile of MT m-tiles; m0, its first token. This lane's weight rows wr:
+// of m-tile mt, tile rows g and g + 8 (kSiluMul: gate row and up row 8 (MT b + mt) + g), past the
+// end the last row again, its sums not written; xm: its token of each n-tile (past T: the last,
+// not written).
+template <bool kGate, int MT, int NT>
+__device__ __forceinline__ void TcRows(const GemvParams& p, int64_t b, int m0, int g,
+                                       const uint4* (&wr)[MT][2], int (&xm)[NT]) {
   const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
-  // This lane's weight rows: of m-tile mt, tile rows g and g + 8 (kSiluMul: gate row and up row
-  // 8 (MT b + mt) + g). Past the end: the last row again, its sums not written.
-  const uint4* wr[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -61,18 +128,44 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
         wr[mt][h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
       }
     }
-  int xm[NT];  // this lane's token of each n-tile (past T: the last, not written)
 #pragma unroll
   for (int t = 0; t < NT; ++t) xm[t] = min(m0 + 8 * t + g, p.tokens - 1);
-  float acc[MT][NT][4], ss[NT];
+}
+
+// One span's products for n-tile t: the lane's chunk of token xm[t]'s inputs (xa, xb: raw, zeros
+// past K), normed, split into bf16 hi + lo, times the MT m-tiles' weights a [MT][2] (its 16
+// bytes of tile rows g and g + 8), four products each, always in this order.
+template <bool kNorm, int MT, int NT>
+__device__ __forceinline__ void TcSpan(const GemvParams& p, int chunk, const uint4 (&a)[MT][2],
+                                       float4 xa, float4 xb, float (&acc)[MT][NT][4], float& ss,
+                                       int t) {
+  float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  if (chunk < p.k8) NormX<kNorm>(p, chunk, x, ss);
+  uint32_t hi[4], lo[4];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    ss[t] = 0.f;
+  for (int e = 0; e < 4; ++e) SplitHiLo<true>(x[2 * e], x[2 * e + 1], hi[e], lo[e]);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][t][e] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint32_t a1[4] = {a[mt][0].x, a[mt][1].x, a[mt][0].y, a[mt][1].y};
+    const uint32_t a2[4] = {a[mt][0].z, a[mt][1].z, a[mt][0].w, a[mt][1].w};
+    Mma<true>(acc[mt][t], a1, hi[0], hi[1]);
+    Mma<true>(acc[mt][t], a1, lo[0], lo[1]);
+    Mma<true>(acc[mt][t], a2, hi[2], hi[3]);
+    Mma<true>(acc[mt][t], a2, lo[2], lo[3]);
   }
+}
+
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre>
+__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
+  constexpr int kTok = 8 * NT;
+  const int groups = (p.tokens + kTok - 1) / kTok;
+  const int64_t b = blockIdx.x / groups;
+  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+  const uint4* wr[MT][2];
+  int xm[NT];
+  TcRows<kE == GemvEpilogue::kSiluMul, MT, NT>(p, b, m0, g, wr, xm);
+  float acc[MT][NT][4] = {}, ss[NT] = {};
   const int spans = (p.k8 + 3) / 4;
   for (int s0 = warp; s0 < spans; s0 += W * U) {
     // The spans' weights, and with kPre their inputs, all loads issued before any is used (the
@@ -106,70 +199,87 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
           xr[0][t][0] = xr[0][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
           if (chunk < p.k8) LoadXRaw(p, xm[t], chunk, xr[0][t][0], xr[0][t][1]);
         }
-        const float4 xa = xr[v][t][0], xb = xr[v][t][1];
-        float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-        if (chunk < p.k8) NormX<kNorm>(p, chunk, x, ss[t]);
-        uint32_t hi[4], lo[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) SplitHiLo<true>(x[2 * e], x[2 * e + 1], hi[e], lo[e]);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint32_t a1[4] = {a[u][mt][0].x, a[u][mt][1].x, a[u][mt][0].y, a[u][mt][1].y};
-          const uint32_t a2[4] = {a[u][mt][0].z, a[u][mt][1].z, a[u][mt][0].w, a[u][mt][1].w};
-          Mma<true>(acc[mt][t], a1, hi[0], hi[1]);
-          Mma<true>(acc[mt][t], a1, lo[0], lo[1]);
-          Mma<true>(acc[mt][t], a2, hi[2], hi[3]);
-          Mma<true>(acc[mt][t], a2, lo[2], lo[3]);
-        }
+        TcSpan<kNorm, MT, NT>(p, chunk, a[u], xr[v][t][0], xr[v][t][1], acc, ss[t], t);
       }
     }
   }
-  // The warps' partial sums: lane (g, c) holds rows g, g + 8 of m-tile mt, tokens 2c, 2c + 1 of
-  // each n-tile.
-  __shared__ float part[W][16 * MT][kTok + 1];
-  __shared__ float ssp[W][kTok];
+  __shared__ float buf[W * kTcPart<MT, NT>];
+  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, b, m0, buf, kTcPart<MT, NT>);
+}
+
+// The same products, their operands streamed through shared memory: each lane copies (cp.async)
+// its own 16-byte pieces of the span S - 1 spans ahead, the weights' 2 MT and its inputs' 2 NT,
+// into a ring of S stages of its warp, [W][S][P = 2 MT + 2 NT][32 lanes] uint4 (dynamic shared
+// memory; a lane's pieces are 16 bytes apart from the next lane's: no bank conflicts). So S - 1
+// spans' loads are in flight while one multiplies, all the time; the register kernel's loads
+// come in bursts of U spans, none in flight while they multiply. A lane reads back only what it
+// copied itself: waiting for its own copy groups is the only synchronisation. The same spans and
+// products in the same order: the same bits.
+template <int MT, int NT>
+constexpr int kTcPieces = 2 * MT + 2 * NT;
+
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int S, int W>
+__global__ void __launch_bounds__(32 * W) GemvTcPipeKernel(GemvParams p) {
+  static_assert(S >= 2);
+  constexpr int kTok = 8 * NT, P = kTcPieces<MT, NT>;
+  extern __shared__ uint4 ring[];
+  const int groups = (p.tokens + kTok - 1) / kTok;
+  const int64_t b = blockIdx.x / groups;
+  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+  const uint4* wr[MT][2];
+  int xm[NT];
+  TcRows<kE == GemvEpilogue::kSiluMul, MT, NT>(p, b, m0, g, wr, xm);
+  float acc[MT][NT][4] = {}, ss[NT] = {};
+  const int spans = (p.k8 + 3) / 4;
+  const int n = warp < spans ? (spans - warp + W - 1) / W : 0;         // this warp's spans
+  uint4* mine = ring + static_cast<size_t>(warp) * S * P * 32 + lane;  // [S][P] at stride 32
+  const auto at = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
+  // The copies of the warp's i-th span (span warp + W i) into stage i % S, closed as one group
+  // (an empty one past the last span, so that every iteration counts the same groups).
+  auto copy = [&](int i) {
+    if (i < n) {
+      const int chunk = 4 * (warp + W * i) + c;
+      const bool in = chunk < p.k8;
+      const uint32_t d = at + static_cast<uint32_t>((i % S) * P * 32 * 16);
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      part[warp][16 * mt + g][8 * t + 2 * c] = acc[mt][t][0];
-      part[warp][16 * mt + g][8 * t + 2 * c + 1] = acc[mt][t][1];
-      part[warp][16 * mt + g + 8][8 * t + 2 * c] = acc[mt][t][2];
-      part[warp][16 * mt + g + 8][8 * t + 2 * c + 1] = acc[mt][t][3];
+        for (int h = 0; h < 2; ++h)
+          CpAsync16<true>(d + (2 * mt + h) * 512, wr[mt][h] + (in ? chunk : 0), in);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float4* x4 = reinterpret_cast<const float4*>(p.x) +
+                           2 * (static_cast<int64_t>(xm[t]) * p.k8 + (in ? chunk : 0));
+        CpAsync16(d + (2 * MT + 2 * t) * 512, x4, in);
+        CpAsync16(d + (2 * MT + 2 * t + 1) * 512, x4 + 1, in);
+      }
     }
-    if constexpr (kNorm) {
-      float v = ss[t];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      if (c == 0) ssp[warp][8 * t + g] = v;
-    }
+    CpAsyncCommit();
+  };
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) copy(i);
+  for (int i = 0; i < n; ++i) {
+    CpAsyncWait<S - 2>();  // (groups 0..i of the S - 1 + i committed: span i is in)
+    const uint4* st = mine + (i % S) * P * 32;
+    uint4 a[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = st[(2 * mt + h) * 32];
+    // Into the stage that the previous iteration read (its values used by its products).
+    copy(i + S - 1);
+    const int chunk = 4 * (warp + W * i) + c;
+    const auto* x4 = reinterpret_cast<const float4*>(st + 2 * MT * 32);
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      TcSpan<kNorm, MT, NT>(p, chunk, a, x4[2 * t * 32], x4[(2 * t + 1) * 32], acc, ss[t], t);
   }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kOut * kTok; idx += 32 * W) {
-    const int i = idx % kOut, j = idx / kOut, tok = m0 + j;
-    if (tok >= p.tokens) break;  // (idx grows with j)
-    float scale = 1.f;
-    if constexpr (kNorm) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < W; ++w) s += ssp[w][j];
-      scale = rsqrtf(s / static_cast<float>(8 * p.k8) + p.norm.eps);
-    }
-    auto sum = [&](int r) {
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < W; ++w) v += part[w][r][j];
-      return __fmul_rn(v, scale);
-    };
-    if constexpr (kGate) {  // pair i: gate row i % 8 and up row i % 8 + 8 of m-tile i / 8
-      const int64_t row = b * 8 * MT + i;
-      const int r = 16 * (i / 8) + i % 8;
-      if (row < total) StoreGate(p, row, tok, sum(r), sum(r + 8));
-    } else {
-      const int64_t gr = b * 16 * MT + i;
-      if (gr < total) StoreRow<kE>(p, gr, tok, sum(i));
-    }
-  }
+  // (The parts go into each warp's own ring, which it no longer reads, before the barrier: no
+  // copy is pending, the last groups were empty.)
+  static_assert(kTcPart<MT, NT> * 4 <= S * P * 512);
+  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, b, m0, reinterpret_cast<float*>(ring),
+                                   S * P * 32 * 4);
 }
 
 template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
@@ -195,6 +305,53 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+// The pipelined kernel's stages for a ring of about kKB KB a block: 2 to 8.
+template <int MT, int NT, int W, int kKB>
+constexpr int kTcStages = std::clamp(kKB * 1024 / (W * kTcPieces<MT, NT> * 512), 2, 8);
+
+template <bool kNorm, int MT, int NT, int S, int W>
+void LaunchPipeAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
+  const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
+  if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
+  const unsigned grid = static_cast<unsigned>(blocks);
+  constexpr int kBytes = W * S * kTcPieces<MT, NT> * 512;
+  auto run = [&](auto kernel) {
+    // (Over 48 KB of dynamic shared memory must be asked for, once per kernel.)
+    static const bool asked = [&] {
+      NEEDLE_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+      return true;
+    }();
+    (void)asked;
+    kernel<<<grid, 32 * W, kBytes, stream>>>(p);
+  };
+  switch (e) {
+    case GemvEpilogue::kStore:
+      run(GemvTcPipeKernel<GemvEpilogue::kStore, kNorm, MT, NT, S, W>);
+      break;
+    case GemvEpilogue::kAdd:
+      run(GemvTcPipeKernel<GemvEpilogue::kAdd, kNorm, MT, NT, S, W>);
+      break;
+    case GemvEpilogue::kSiluMul:
+      run(GemvTcPipeKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, S, W>);
+      break;
+    default:
+      Fail("Gemv: the tensor-core kernel has no rotary epilogue");
+  }
+  NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+// gemv.h's GemvTcPipe: NEEDLE_GEMV_TC_PIPE (read once) until SetGemvTcPipe.
+std::atomic<int>& TcPipe() {
+  static std::atomic<int> mode{[] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_PIPE");
+    const int v = e == nullptr ? 1 : std::atoi(e);
+    return v == 0 || v == 2 ? v : 1;
+  }()};
+  return mode;
+}
+
 // NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
 bool PrefetchInputs() {
   static const bool on = [] {
@@ -209,6 +366,11 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
   // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
   // batch 32, bench/RESULTS.md.)
+  const int pipe = TcPipe().load(std::memory_order_relaxed);
+  if (pipe == 1)
+    return LaunchPipeAs<kNorm, MT, NT, kTcStages<MT, NT, W, 96>, W>(p, e, rows, stream);
+  if (pipe == 2)
+    return LaunchPipeAs<kNorm, MT, NT, kTcStages<MT, NT, W, 192>, W>(p, e, rows, stream);
   constexpr bool kFits = U * NT <= 4 && NT <= 2;
   if (kFits && PrefetchInputs())
     return LaunchTilesAs<kNorm, MT, NT, U, W, kFits>(p, e, rows, stream);
@@ -280,3 +442,14 @@ void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStr
 }
 
 }  // namespace needle::cuda::gemv_detail
+
+namespace needle::cuda {
+
+int GemvTcPipe() { return gemv_detail::TcPipe().load(); }
+
+void SetGemvTcPipe(int mode) {
+  if (mode < 0 || mode > 2) Fail("SetGemvTcPipe: mode ", mode, " (0, 1 or 2)");
+  gemv_detail::TcPipe().store(mode);
+}
+
+}  // namespace needle::cuda

@@ -20,6 +20,31 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// 16 bytes from global memory to shared memory at dst (a 32-bit shared address), in the
+// background, bypassing L1; src-size 0 (valid false) fills them with zeros instead and reads
+// nothing. kStream also asks L2 for the whole 256-byte sector group (the next lanes' copies).
+template <bool kStream = false>
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  if constexpr (kStream)
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+// Closes this thread's copies issued since the last commit into one group (possibly empty).
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's groups are pending: the older ones are complete and
+// visible to this thread (to others only after a barrier).
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // mbarriers in shared::cta, addressed by their 32-bit shared address.
 __device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
