@@ -290,9 +290,9 @@ void CopyLayer(const BlockPool& pool, KVMemory* memory, int64_t layer,
     if (memory == nullptr)
       to_host ? std::memcpy(host, dev, bytes) : std::memcpy(dev, host, bytes);
     else if (to_host)
-      memory->CopyToHost(host, dev, bytes);
+      memory->QueueToHost(host, dev, bytes);  // (FinishCopies: after the last layer)
     else
-      memory->CopyFromHost(dev, host, bytes);
+      memory->QueueFromHost(dev, host, bytes);
   };
   for (size_t i = 0; i < n;) {
     size_t j = i + 1;
@@ -327,7 +327,11 @@ void KVCache::SwapOut(SwappedBlocks* out) {
       Fail("KV cache: swapping out ", n, " blocks needs ", FormatBytes(bytes), " of host memory; ",
            FormatBytes(avail), " are available");
     out->data.reset();  // (the old buffer first: both need not fit at once)
-    out->data.reset(new uint8_t[bytes]);
+    KVMemory::HostFree free_fn = &std::free;
+    void* p = memory_ != nullptr ? memory_->AllocateHost(bytes, &free_fn) : std::malloc(bytes);
+    if (p == nullptr)
+      Fail("KV cache: no host memory for ", FormatBytes(bytes), " of swapped blocks");
+    out->data = {static_cast<uint8_t*>(p), free_fn};
     out->capacity = bytes;
   }
   out->bytes = bytes;
@@ -342,11 +346,13 @@ void KVCache::SwapOut(SwappedBlocks* out) {
       }
     CopyLayer(*pool_, memory_, l, slots, region, true);
     region += slots.size() * SwapBlockBytes(*pool_);
+  }
+  if (memory_ != nullptr) memory_->FinishCopies();
+  for (int64_t l = 0; l < shape_.layers; ++l)
     for (const int64_t b : out->blocks[l]) {
       pool_->Free(l, table_[l][static_cast<size_t>(b)]);
       table_[l][static_cast<size_t>(b)] = -1;
     }
-  }
   swapped_ = true;
 }
 
@@ -367,10 +373,12 @@ void KVCache::SwapIn(SwappedBlocks* in) {
     }
     CopyLayer(*pool_, memory_, l, slots, region, false);
     region += slots.size() * SwapBlockBytes(*pool_);
-    if (table_mirror_ != nullptr)
+  }
+  if (memory_ != nullptr) memory_->FinishCopies();
+  if (table_mirror_ != nullptr)
+    for (int64_t l = 0; l < shape_.layers; ++l)
       memory_->CopyFromHost(table_mirror_ + l * shape_.num_blocks(), table_[l].data(),
                             table_[l].size() * sizeof(int32_t));
-  }
   in->blocks.clear();
   in->bytes = 0;  // (the buffer stays: SwappedBlocks)
   swapped_ = false;

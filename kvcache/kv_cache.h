@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -84,6 +85,25 @@ class KVMemory {
   virtual void CopyFromHost(void* dst, const void* src, size_t bytes) = 0;
   // After all work queued on the memory so far (a prefill's writes) has finished.
   virtual void CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+
+  // Many copies (a swap's blocks): queued in order, after all work queued on the memory so far,
+  // and complete only once FinishCopies returns. By default each is done at once.
+  virtual void QueueToHost(void* dst, const void* src, size_t bytes) {
+    CopyToHost(dst, src, bytes);
+  }
+  virtual void QueueFromHost(void* dst, const void* src, size_t bytes) {
+    CopyFromHost(dst, src, bytes);
+  }
+  virtual void FinishCopies() {}
+
+  // Host memory that copies to and from this memory go fastest with (the GPU's: page-locked,
+  // copied by DMA without the driver's staging), freed with *free_fn. By default malloc's, or
+  // when the memory cannot lock that much; nullptr when there is none.
+  using HostFree = void (*)(void*);
+  virtual void* AllocateHost(size_t bytes, HostFree* free_fn) {
+    *free_fn = &std::free;
+    return std::malloc(bytes);
+  }
 };
 
 // A sequence's blocks moved out of their pool into host memory (KVCache::SwapOut; the Engine's
@@ -95,7 +115,8 @@ struct SwappedBlocks {
   // use; the buffer (`capacity` bytes, never zero-filled) outlives a SwapIn for the next
   // SwapOut, whose copies then land in memory already mapped (fresh pages cost more to fault in
   // and clear than to fill: 0.3 GB/s on the dev VM).
-  std::unique_ptr<uint8_t[]> data;
+  // (Pinned where the pool is in GPU memory: KVMemory::AllocateHost.)
+  std::unique_ptr<uint8_t, KVMemory::HostFree> data{nullptr, &std::free};
   size_t bytes = 0, capacity = 0;
   int64_t count() const {
     int64_t n = 0;
