@@ -28,6 +28,8 @@
 //   planner, queuing the chunks' attention included).
 //   NEEDLE_BENCH_PLACEMENTS: --kv-placement values to run the hybrid with, one after the other
 //   (e.g. host,device; default auto). Hybrid lines add "placement": what was used.
+//   NEEDLE_BENCH_BATCH: batch sizes (e.g. 1,2,4): instead of the above, that many hybrid
+//   sequences at every (synthetic) context decoding together (RunBatch below).
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -96,6 +98,67 @@ void FillLayer(KVCache& cache, int64_t layer, int64_t P, ThreadingContext& tc) {
   });
 }
 
+// A synthetic context of P tokens in a sequence's caches (the hybrid's host cache for its sparse
+// layers), adopted as if prefilled.
+void Synthesize(Model& model, const SparseConfig& sc, SequenceAttention& seq, int64_t P,
+                ThreadingContext& tc) {
+  auto* h = dynamic_cast<HybridAttention*>(seq.policy.get());
+  for (int64_t l = 0; l < model.config().num_layers; ++l) {
+    if (h == nullptr || HybridDenseLayer(model.config(), sc, l))
+      FillLayer(*seq.cache, l, P, tc);
+    else
+      FillLayer(h->host_cache(), l, P, tc);
+  }
+  if (h != nullptr)
+    h->AdoptContext(*seq.cache, P);
+  else
+    seq.cache->SetSize(P);
+}
+
+// NEEDLE_BENCH_BATCH: n hybrid sequences at once, as the Engine's slots run them (needle serve
+// --max-batch n): each with caches of its own holding a synthetic context of P tokens, every
+// slot's GPU memory counted against one budget (SequenceOptions::gpu_taken), their rows decoded
+// in one Model::ForwardBatch a step on the batch kernels. One line: {"bench":"hybrid_batch",
+// "config", "prompt", "batch", "placement", "step_ms", "decode_tok/s" (all sequences),
+// "gpu_used_GiB", "host_peak_GiB"}.
+void RunBatch(Backend& gpu, Model& model, const std::string& name, int64_t P, int64_t n,
+              size_t gpu_memory, KVPlacement placement, ThreadingContext& tc) {
+  SparseConfig sc;
+  std::vector<SequenceAttention> seqs;
+  size_t taken = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    SequenceOptions so;
+    so.ctx = P + 64, so.kv_type = DType::kBF16, so.gpu_memory = gpu_memory, so.ubatch = 4096;
+    so.placement = placement, so.gpu_taken = taken;
+    seqs.push_back(MakeSequenceAttention(model, &sc, tc, so));
+    taken += seqs.back().gpu_bytes;
+    Synthesize(model, sc, seqs.back(), P, tc);
+  }
+  gpu.PreferBatchKernels(true);
+  std::vector<KVCache*> caches;
+  std::vector<AttentionPolicy*> policies;
+  for (auto& s : seqs) caches.push_back(s.cache.get()), policies.push_back(s.policy.get());
+  std::vector<int32_t> ids(static_cast<size_t>(n), 11), next(static_cast<size_t>(n));
+  const auto step = [&] {
+    model.ForwardBatch(ids.data(), n, caches.data(), next.data(), nullptr, policies.data());
+    for (int64_t i = 0; i < n; ++i) ids[i] = next[i] % 30000 + 10;
+  };
+  step();  // (warm-up)
+  const int steps = 16;
+  const auto t = std::chrono::steady_clock::now();
+  for (int s = 0; s < steps; ++s) step();
+  const double dec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  std::printf(
+      "{\"bench\":\"hybrid_batch\",\"config\":\"%s\",\"prompt\":%lld,\"batch\":%lld,"
+      "\"placement\":\"%s\",\"step_ms\":%.3f,\"decode_tok/s\":%.2f,\"gpu_used_GiB\":%.2f,"
+      "\"host_peak_GiB\":%.2f}\n",
+      name.c_str(), static_cast<long long>(P), static_cast<long long>(n),
+      seqs[0].device_kv ? "device" : "host", dec / steps * 1e3, n * steps / dec, GpuUsedGiB(),
+      HostPeakGiB());
+  std::fflush(stdout);
+  gpu.PreferBatchKernels(false);
+}
+
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
          bool hybrid, size_t gpu_memory, int64_t gpu_share, bool sparse_prefill,
          KVPlacement placement, ThreadingContext& tc) {
@@ -121,20 +184,10 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   const auto t0 = std::chrono::steady_clock::now();
   int32_t tok = 11;
   auto* h = dynamic_cast<HybridAttention*>(seq.policy.get());
-  if (!synthetic) {
+  if (!synthetic)
     tok = model.ForwardGreedy(ids.data(), P, *seq.cache);
-  } else {
-    for (int64_t l = 0; l < model.config().num_layers; ++l) {
-      if (h == nullptr || HybridDenseLayer(model.config(), sc, l))
-        FillLayer(*seq.cache, l, P, tc);
-      else
-        FillLayer(h->host_cache(), l, P, tc);
-    }
-    if (h != nullptr)
-      h->AdoptContext(*seq.cache, P);
-    else
-      seq.cache->SetSize(P);
-  }
+  else
+    Synthesize(model, sc, seq, P, tc);
   const double pre = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;  // warm-up step
   HybridStats before;
@@ -246,6 +299,11 @@ int main(int argc, char** argv) {
       for (std::string x; std::getline(gs, x, ',');)
         placements.push_back(ParseKVPlacement(x, "NEEDLE_BENCH_PLACEMENTS"));
     }
+    std::vector<int64_t> batches;  // NEEDLE_BENCH_BATCH: batches of hybrid sequences instead
+    if (const char* g = std::getenv("NEEDLE_BENCH_BATCH")) {
+      std::stringstream gs(g);
+      for (std::string x; std::getline(gs, x, ',');) batches.push_back(std::stoll(x));
+    }
     auto gpu = MakeCudaBackend(0);
     ThreadingContext tc(0);
     for (int i = 3; i < argc; ++i) {
@@ -253,6 +311,11 @@ int main(int argc, char** argv) {
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);
       const std::string name = config.substr(config.rfind('/') + 1);
       for (auto [P, syn] : ctxs) {
+        if (!batches.empty()) {
+          for (KVPlacement pl : placements)
+            for (int64_t n : batches) RunBatch(*gpu, *model, name, P, n, gpu_memory, pl, tc);
+          continue;
+        }
         for (KVPlacement pl : placements)
           for (bool sp : prefills)
             for (int64_t share : shares)

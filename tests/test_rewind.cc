@@ -172,7 +172,7 @@ std::vector<std::vector<int32_t>> RunInSlots(Model& m, ThreadingContext& tc, con
   EngineOptions o;
   o.max_batch = batch, o.max_context = kCtx, o.block_size = k.cfg.block_size;
   o.kv_type = DType::kF32;
-  o.own_caches = [&](int64_t ctx) {
+  o.own_caches = [&](int64_t ctx, size_t) {
     SequenceOptions so;
     so.ctx = ctx, so.kv_type = DType::kF32, so.ubatch = m.ubatch(), so.placement = placement;
     return MakeSequenceAttention(m, k.sparse ? &k.cfg : nullptr, tc, so);
@@ -277,6 +277,37 @@ TEST(Rewind, HybridSequencesGoOnFromTheDocumentAsAlone) {
           }
         }
   }
+}
+
+// Slots under one --gpu-memory: each slot's caches are checked against what the slots made
+// before it left of the budget, not against the whole budget again; refused naming the numbers.
+TEST(Rewind, HybridSlotsShareOneGpuBudget) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(0);
+  auto model = LoadModel(test::FixturesDir() + "/llama_gqa4_hd64_f32", *gpu);
+  Model& m = *model;
+  m.set_ubatch(32);
+  const Case k = Cases()[1];  // (sparse)
+  ASSERT_TRUE(k.sparse);
+  SequenceOptions so;
+  so.ctx = kCtx, so.kv_type = DType::kF32, so.ubatch = 32, so.placement = KVPlacement::kHost;
+  so.gpu_memory = size_t{64} << 30;
+  const size_t one = MakeSequenceAttention(m, &k.cfg, tc, so).gpu_bytes;
+  ASSERT_GT(one, 0u);
+  const size_t weights = m.weights().TotalBytes();
+  const auto engine = [&](size_t budget) {
+    EngineOptions o;
+    o.max_batch = 2, o.max_context = kCtx, o.block_size = k.cfg.block_size;
+    o.kv_type = DType::kF32;
+    o.own_caches = [&](int64_t ctx, size_t taken) {
+      SequenceOptions s = so;
+      s.ctx = ctx, s.gpu_memory = budget, s.gpu_taken = taken;
+      return MakeSequenceAttention(m, &k.cfg, tc, s);
+    };
+    return std::make_unique<Engine>(m, o);
+  };
+  EXPECT_EQ(engine(weights + 2 * one)->own_slots(), 2);
+  test::ExpectErrorContaining([&] { engine(weights + 2 * one - 1); }, {"--gpu-memory less the"});
 }
 #endif
 

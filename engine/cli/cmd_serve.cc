@@ -98,9 +98,10 @@ int CmdServe(int argc, char** argv) {
     seq.gpu_memory = limits.gpu_memory;
     seq.ubatch = rs.model->ubatch();
     seq.placement = limits.placement;
-    eo.own_caches = [&rs, seq](int64_t n) {
+    eo.own_caches = [&rs, seq](int64_t n, size_t gpu_taken) {
       SequenceOptions so = seq;
       so.ctx = n;
+      so.gpu_taken = gpu_taken;
       SequenceAttention a = MakeSequenceAttention(*rs.model, &rs.sparse_cfg, *rs.tc, so);
       std::fprintf(stderr, "needle serve: a sequence's caches: %s; GPU memory: %s\n",
                    a.placement.c_str(), a.gpu_memory.c_str());

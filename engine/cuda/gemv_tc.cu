@@ -309,32 +309,35 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
 template <int MT, int NT, int W, int kKB>
 constexpr int kTcStages = std::clamp(kKB * 1024 / (W * kTcPieces<MT, NT> * 512), 2, 8);
 
+// One pipelined kernel's launch; over 48 KB of dynamic shared memory must be asked for, once per
+// kernel.
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int S, int W>
+void LaunchPipe(const GemvParams& p, unsigned grid, cudaStream_t stream) {
+  constexpr int kBytes = W * S * kTcPieces<MT, NT> * 512;
+  static const bool asked = [] {
+    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(GemvTcPipeKernel<kE, kNorm, MT, NT, S, W>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    return true;
+  }();
+  (void)asked;
+  GemvTcPipeKernel<kE, kNorm, MT, NT, S, W><<<grid, 32 * W, kBytes, stream>>>(p);
+}
+
 template <bool kNorm, int MT, int NT, int S, int W>
 void LaunchPipeAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
   const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
   if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
   const unsigned grid = static_cast<unsigned>(blocks);
-  constexpr int kBytes = W * S * kTcPieces<MT, NT> * 512;
-  auto run = [&](auto kernel) {
-    // (Over 48 KB of dynamic shared memory must be asked for, once per kernel.)
-    static const bool asked = [&] {
-      NEEDLE_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-      return true;
-    }();
-    (void)asked;
-    kernel<<<grid, 32 * W, kBytes, stream>>>(p);
-  };
   switch (e) {
     case GemvEpilogue::kStore:
-      run(GemvTcPipeKernel<GemvEpilogue::kStore, kNorm, MT, NT, S, W>);
+      LaunchPipe<GemvEpilogue::kStore, kNorm, MT, NT, S, W>(p, grid, stream);
       break;
     case GemvEpilogue::kAdd:
-      run(GemvTcPipeKernel<GemvEpilogue::kAdd, kNorm, MT, NT, S, W>);
+      LaunchPipe<GemvEpilogue::kAdd, kNorm, MT, NT, S, W>(p, grid, stream);
       break;
     case GemvEpilogue::kSiluMul:
-      run(GemvTcPipeKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, S, W>);
+      LaunchPipe<GemvEpilogue::kSiluMul, kNorm, MT, NT, S, W>(p, grid, stream);
       break;
     default:
       Fail("Gemv: the tensor-core kernel has no rotary epilogue");

@@ -146,6 +146,7 @@ class HybridAttention final : public AttentionPolicy {
   // layers' earlier keys back to the staging layer and refills the rings, as any prompt that
   // continues a sequence does.
   void Rewind(KVCache& model_cache, int64_t tokens) override;
+  bool AttendsBackendMemory() const override { return true; }
 
   void BeginStep(const StepInfo& s) override;
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

@@ -61,6 +61,10 @@ class AttentionPolicy {
   // document). The cache is truncated there (KVCache::Truncate), and the policy's state of
   // later tokens is dropped.
   virtual void Rewind(KVCache& cache, int64_t tokens) { cache.Truncate(tokens); }
+  // Whether Attend takes a cache in the backend's own memory (a GPU's): the hybrid engine's,
+  // which attends there and in host memory of its own. Policies that read the cache's keys from
+  // the host (sparse attention on the CPU) do not.
+  virtual bool AttendsBackendMemory() const { return false; }
 };
 
 class DenseAttention final : public AttentionPolicy {

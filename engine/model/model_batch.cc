@@ -17,9 +17,9 @@ void Model::ForwardBatch(const int32_t* ids, int64_t n, KVCache* const* caches, 
   };
   if (policies != nullptr && b_.kv_memory() != nullptr)
     for (int64_t i = 0; i < n; ++i)
-      if (policies[i] != nullptr)
-        Fail("batched decode: sparse attention on ", b_.kv_memory()->Name(),
-             " runs one sequence at a time for now");
+      if (policies[i] != nullptr && !policies[i]->AttendsBackendMemory())
+        Fail("batched decode: sequence ", i, "'s attention reads host memory; its cache is in ",
+             b_.kv_memory()->Name());
   const ModelConfig& c = cfg_;
   const int64_t V = c.vocab_size, D = c.head_dim, H = c.num_heads, Hk = c.num_kv_heads;
   std::vector<RopeFreqs> rope;  // per sequence: dynamic scaling depends on its length

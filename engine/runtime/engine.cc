@@ -41,12 +41,16 @@ Engine::Engine(Model& model, const EngineOptions& o)
   if (o.max_context < 1) Fail("engine: max_context ", o.max_context, " (at least 1)");
   reuse_ = o.prefix_reuse && model.config().rope.type != RopeType::kDynamic;
   if (o.own_caches) {
-    // (No pool; each sequence decodes alone, on the kernels of its own.) Every slot is made now,
-    // as the pool's blocks would be: what does not fit fails here, naming the numbers, and not
-    // when a sequence arrives.
+    // (No pool.) Every slot is made now, as the pool's blocks would be: what does not fit fails
+    // here, naming the numbers, and not when a sequence arrives. More than one slot: every step
+    // on the batch kernels, the slots' rows in one ForwardBatch; one slot, its sequence on the
+    // one-row kernels (needle generate's, faster for one token) in Forward.
+    if (o.max_batch > 1) model.backend().PreferBatchKernels(true);
+    size_t taken = 0;
     for (int64_t i = 0; i < o.max_batch; ++i) {
       slots_.push_back(std::make_unique<Slot>());
-      slots_.back()->own = o.own_caches(o.max_context);
+      slots_.back()->own = o.own_caches(o.max_context, taken);
+      taken += slots_.back()->own.gpu_bytes;
     }
     return;
   }
@@ -404,6 +408,16 @@ void Engine::AdmitOwn() {
 }
 
 void Engine::DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits) {
+  if (opt_.max_batch > 1) {  // (every row on the batch kernels, one row or many: as alone)
+    std::vector<KVCache*> caches;
+    std::vector<AttentionPolicy*> policies;
+    std::vector<int32_t> ids;
+    for (Seq* s : rows)
+      caches.push_back(&CacheOf(*s)), policies.push_back(PolicyOf(*s)), ids.push_back(s->next);
+    model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next, logits,
+                        policies.data());
+    return;
+  }
   const size_t V = static_cast<size_t>(model_.config().vocab_size);
   if (logits != nullptr) logits->resize(rows.size() * V);
   std::vector<float> row;

@@ -42,7 +42,9 @@
 // the Engine is); a finished sequence's slot serves the next one, rewound (AttentionPolicy::Rewind)
 // to the longest prompt prefix they share that leaves the new one attending as alone
 // (SparseConfig::ShareablePrefix), else to nothing. Their prompts are prefilled whole in the
-// step they join, and each decodes alone (Model::Forward) beside the pool's batch.
+// step they join. With more than one slot, the slots' rows decode in one Model::ForwardBatch
+// (the projections and the MLP shared, each row's attention through its own policy), every
+// step on the batch kernels; one slot decodes alone (Model::Forward, the one-row kernels).
 // A sequence finishes at an end-of-sequence token of the model or at its max_new-th token.
 // Greedy decoding: a batch gives each sequence the tokens it gives alone (tests/
 // test_model_batch.cc, tests/test_engine.cc).
@@ -93,7 +95,9 @@ struct EngineOptions {
   // tokens (the hybrid engine: engine/runtime/sequence_attention.h), max_batch of them when the
   // Engine is made, and the Engine keeps no pool (above). Requests then carry no policy: the
   // slot's is theirs.
-  std::function<SequenceAttention(int64_t ctx)> own_caches;
+  // gpu_taken: the GPU memory the slots made before take (their SequenceAttention::gpu_bytes),
+  // so that all of them together fit one budget.
+  std::function<SequenceAttention(int64_t ctx, size_t gpu_taken)> own_caches;
 };
 
 struct SequenceRequest {
@@ -215,8 +219,8 @@ class Engine {
   AttentionPolicy* PolicyOf(Seq& s) const;
   // own_caches: the waiting sequences admitted into free slots (Schedule's part for them).
   void AdmitOwn();
-  // own_caches: each of `rows` decodes its next token alone, into next[i] (logits too where
-  // asked: [rows, vocab] in *logits).
+  // own_caches: each of `rows` decodes its next token, into next[i] (logits too where asked:
+  // [rows, vocab] in *logits): in one ForwardBatch with more than one slot, else alone.
   void DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits);
 
   Model& model_;

@@ -1,5 +1,7 @@
 #include "engine/runtime/sequence_attention.h"
 
+#include <algorithm>
+
 #include "engine/base/error.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/hybrid.h"
@@ -59,9 +61,14 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
 #ifdef NEEDLE_HAVE_CUDA
   const ModelConfig& m = model.config();
   const size_t weights = model.weights().TotalBytes();
+  // (The GPU's free memory already lacks what other sequences took; --gpu-memory does not.)
+  const size_t taken = o.gpu_memory != 0 ? std::min(o.gpu_taken, o.gpu_memory) : 0;
   const size_t budget =
-      o.gpu_memory != 0 ? o.gpu_memory : b.kv_memory()->AvailableBytes() + weights;
-  const std::string name = o.gpu_memory != 0 ? "--gpu-memory" : "the GPU's free memory";
+      o.gpu_memory != 0 ? o.gpu_memory - taken : b.kv_memory()->AvailableBytes() + weights;
+  const std::string name = o.gpu_memory == 0 ? "the GPU's free memory"
+                           : taken == 0      ? "--gpu-memory"
+                                             : "--gpu-memory less the " + FormatBytes(taken) +
+                                              " that other sequences' caches take";
   // Device placement (every layer's KV on the GPU) where asked, or with auto where it fits; the
   // prompt's residual stream stays on the GPU when it fits, else it goes through host memory.
   const auto needs = [&](bool device, bool residual) {
@@ -91,6 +98,7 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   s.policy = std::move(p);
   s.hybrid = true;
   s.device_kv = device;
+  s.gpu_bytes = need.total() - need.weights;
   return s;
 #else
   Fail("sparse attention on a GPU: this needle was built without CUDA");

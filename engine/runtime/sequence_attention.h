@@ -35,6 +35,7 @@ struct SequenceAttention {
   std::string gpu_memory;  // hybrid: what it puts on the GPU, by item (one line)
   std::string placement;   // hybrid: the placement chosen and why (one line)
   bool device_kv = false;  // hybrid: --kv-placement device (chosen or asked for)
+  size_t gpu_bytes = 0;    // hybrid: the GPU memory of its caches and buffers (not the weights)
 };
 
 struct SequenceOptions {
@@ -42,6 +43,7 @@ struct SequenceOptions {
   DType kv_type = DType::kBF16;
   size_t kv_memory = 0;   // the host KV cache's budget (0: available memory)
   size_t gpu_memory = 0;  // the hybrid's GPU budget (0: the GPU's free memory + the weights)
+  size_t gpu_taken = 0;   // of gpu_memory, what other sequences' caches already take there
   int64_t ubatch = 512;
   KVPlacement placement = KVPlacement::kAuto;  // sparse on a GPU
 };
