@@ -234,15 +234,16 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
                  static_cast<long long>(total), static_cast<long long>(s.target_tokens), left);
   };
   for (const auto& cfg : configs) {
-    // Samples decoded together (runner_batch.h): dense, or sparse on the CPU (not with
-    // --needle-hits, which reads each sample's planner as it goes).
-    // Dense runs take the backend's batch kernels whatever --batch is (the Engine does), so that
-    // --batch never changes an answer on a GPU either; sparse runs (one sample at a time on a
-    // GPU) the one-row kernels.
-    model.backend().PreferBatchKernels(!cfg.sparse);
+    // Samples decoded together (runner_batch.h): dense, sparse on the CPU, or sparse on a GPU
+    // (the Engine's slots; not with --attn-recall, whose counts a slot's planner would carry
+    // from sample to sample). Not with --needle-hits, which reads each sample's planner as it
+    // goes.
+    // Every run on a GPU takes the backend's batch kernels whatever --batch is (the Engine does),
+    // so that --batch never changes an answer there either.
+    const bool gpu = model.backend().kv_memory() != nullptr;
+    model.backend().PreferBatchKernels(!cfg.sparse || gpu);
     const bool batched =
-        opt.batch > 1 &&
-        (!cfg.sparse || (model.backend().kv_memory() == nullptr && !opt.needle_hits));
+        opt.batch > 1 && (!cfg.sparse || (!opt.needle_hits && (!gpu || !opt.recall)));
     if (batched) {
       std::vector<const datasets::Sample*> todo;
       for (const auto& s : samples)

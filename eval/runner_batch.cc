@@ -17,24 +17,52 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
                 const std::function<std::vector<int32_t>(const datasets::Sample&)>& prompt_ids,
                 const std::function<void(EvalResult, const datasets::Sample&)>& record) {
   if (todo.empty()) return;
-  KVMemory* memory = model.backend().kv_memory();
-  if (cfg.sparse && memory != nullptr)
-    Fail("needle eval --batch: sparse attention on ", memory->Name(),
-         " runs one sample at a time for now");
-  if (cfg.sparse && opt.placement == KVPlacement::kDevice)
+  // Sparse attention on a GPU (the hybrid engine): the samples run in the Engine's slots, each
+  // with caches of its own for the longest prompt (no pool), rewound between samples to the
+  // prefix they share. The prompts are tokenized first, to size the slots.
+  const bool slots = cfg.sparse && model.backend().kv_memory() != nullptr;
+  if (cfg.sparse && !slots && opt.placement == KVPlacement::kDevice)
     Fail("--kv-placement device: the model runs on the CPU, whose KV cache is in host memory");
+  std::vector<std::vector<int32_t>> tokenized;
+  int64_t longest = 0;
+  if (slots)
+    for (const datasets::Sample* s : todo) {
+      tokenized.push_back(prompt_ids(*s));
+      longest = std::max(longest, static_cast<int64_t>(tokenized.back().size()));
+    }
   EngineOptions eo;
   eo.max_batch = std::min<int64_t>(opt.batch, static_cast<int64_t>(todo.size()));
   eo.block_size = cfg.sparse ? cfg.sparse_cfg.block_size : 128;
-  eo.max_context = opt.context_limit;
+  eo.max_context = slots ? longest + max_new : opt.context_limit;
   eo.kv_type = opt.kv_type;
   eo.kv_memory = opt.kv_memory;
+  std::string said;
+  if (slots)
+    eo.own_caches = [&](int64_t ctx, size_t gpu_taken) {
+      SequenceOptions so;
+      so.ctx = ctx, so.kv_type = opt.kv_type, so.ubatch = opt.ubatch;
+      so.kv_memory = (opt.kv_memory != 0 ? opt.kv_memory : AvailableMemoryBytes()) /
+                     static_cast<size_t>(eo.max_batch);
+      so.gpu_memory = opt.gpu_memory, so.gpu_taken = gpu_taken, so.placement = opt.placement;
+      SequenceAttention a = MakeSequenceAttention(model, &cfg.sparse_cfg, tc, so);
+      if (a.placement != said)
+        std::fprintf(stderr, "eval %s [%s]: %s\n", task.c_str(), cfg.name.c_str(),
+                     (said = a.placement).c_str());
+      return a;
+    };
   model.set_attention(nullptr);
   Engine engine(model, eo);
-  std::fprintf(stderr, "eval %s [%s]: up to %lld samples at once, KV pool of %lld tokens (%s)\n",
-               task.c_str(), cfg.name.c_str(), static_cast<long long>(eo.max_batch),
-               static_cast<long long>(engine.pool_tokens()),
-               FormatBytes(engine.pool_bytes()).c_str());
+  if (slots)
+    std::fprintf(stderr,
+                 "eval %s [%s]: up to %lld samples at once, each in caches of its own for %lld "
+                 "tokens\n",
+                 task.c_str(), cfg.name.c_str(), static_cast<long long>(eo.max_batch),
+                 static_cast<long long>(eo.max_context));
+  else
+    std::fprintf(stderr, "eval %s [%s]: up to %lld samples at once, KV pool of %lld tokens (%s)\n",
+                 task.c_str(), cfg.name.c_str(), static_cast<long long>(eo.max_batch),
+                 static_cast<long long>(engine.pool_tokens()),
+                 FormatBytes(engine.pool_bytes()).c_str());
   // A submitted sample's answer as it streams in.
   struct Answer {
     const datasets::Sample* s;
@@ -48,11 +76,12 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
     // one waiting (a long prompt is not held in memory long before its turn).
     while (next < todo.size() &&
            engine.Waiting() < std::max<int64_t>(1, eo.max_batch - engine.Running())) {
-      const datasets::Sample& s = *todo[next++];
+      const datasets::Sample& s = *todo[next];
       SequenceRequest r;
-      r.prompt = prompt_ids(s);
+      r.prompt = slots ? std::move(tokenized[next]) : prompt_ids(s);
+      ++next;
       r.max_new = max_new;
-      if (cfg.sparse) {
+      if (cfg.sparse && !slots) {  // (a slot's planner is the slot's)
         r.policy = std::make_unique<SparseAttention>(
             model.config(), cfg.sparse_cfg, model.backend(), tc,
             static_cast<int64_t>(r.prompt.size()) + max_new, opt.kv_type);

@@ -1,9 +1,11 @@
-// needle eval --batch N: a configuration's samples decoded together (dense, or sparse on the CPU)
+// needle eval --batch N: a configuration's samples decoded together (dense, sparse on the CPU, or
+// sparse on a GPU in the Engine's slots)
 // (issue 19's continuous batching), submitted to the Engine (engine/runtime/engine.h: one KV
-// BlockPool, blocks taken as samples grow, preemption by swapping, prompt prefixes shared, Model::ForwardBatch). A
-// sample's result is appended the moment it stops, like a sample run alone, with the same
-// answer. (Its decode tok/s is its own wall-clock rate, which includes the steps it shared and
-// the other samples' prefills meanwhile: the batch's throughput is the run's, not a sample's.)
+// BlockPool, blocks taken as samples grow, preemption by swapping, prompt prefixes shared,
+// Model::ForwardBatch). A sample's result is appended the moment it stops, like a sample run alone,
+// with the same answer. (Its decode tok/s is its own wall-clock rate, which includes the steps it
+// shared and the other samples' prefills meanwhile: the batch's throughput is the run's, not a
+// sample's.)
 #pragma once
 
 #include <cstdint>
@@ -21,8 +23,9 @@ EvalResult MakeResult(const std::string& task, const EvalConfig& cfg, const data
                       const RunnerOptions& opt, int64_t prompt_tokens, const std::string& text,
                       const GenerateStats& st);
 
-// Runs `todo` with up to opt.batch samples at once (dense, or sparse on the CPU: each sample
-// with a planner of its own). prompt_ids: a sample's tokens;
+// Runs `todo` with up to opt.batch samples at once (dense; sparse on the CPU, each sample with a
+// planner of its own; sparse on a GPU, each in the Engine's slots: the hybrid engine's caches of
+// its own, not with --attn-recall). prompt_ids: a sample's tokens;
 // record: called once per finished sample, in the order they finish.
 // The mean over layers of a sparse planner's recall (--attn-recall), -1 when never measured.
 double MeanRecall(const SparseAttention& sp);

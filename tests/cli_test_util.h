@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -23,7 +24,10 @@ struct Result {
 inline Result RunNeedle(const std::string& args, bool with_stderr = true,
                         const std::string& env = "") {
   Result r;
-  const std::string cmd = env + (env.empty() ? "" : " ") + std::string(NEEDLE_BINARY) + " " + args +
+  // (NEEDLE_TEST_BINARY: the binary where it was carried, on the GPU machine.)
+  const char* bin = std::getenv("NEEDLE_TEST_BINARY");
+  const std::string cmd = env + (env.empty() ? "" : " ") +
+                          std::string(bin != nullptr ? bin : NEEDLE_BINARY) + " " + args +
                           (with_stderr ? " 2>&1" : " 2>/dev/null");
   FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) return r;

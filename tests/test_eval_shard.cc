@@ -14,6 +14,9 @@
 #include "eval/shard.h"
 #include "tests/cli_test_util.h"
 #include "tests/test_util.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 namespace needle {
 namespace {
@@ -246,6 +249,32 @@ TEST(EvalBatch, BatchedSamplesAnswerAsOneAtATime) {
   EXPECT_EQ(Answers(d.File("both")), Answers(d.File("both1")));
   EXPECT_EQ(Answers(d.File("both")).size(), 18u);
   EXPECT_EQ(RunNeedle(args + "--batch 0 -o " + d.File("y")).status, 1);
+}
+
+// Sparse attention on a GPU (the hybrid engine), --batch 3: the samples run in the Engine's
+// slots and decode together, with the answers they give one at a time. (On the GPU machine,
+// NEEDLE_TEST_BINARY names the carried binary.)
+TEST(EvalBatch, GpuHybridSamplesAnswerAsOneAtATime) {
+#ifdef NEEDLE_HAVE_CUDA
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  test::TempDir d;
+  const std::string model = ByteTokenizerModel(d);
+  const std::string args = "eval passkey -m " + model +
+                           " --lengths 300,400,500 --depths 3 --samples 1 --ctx-size 1024 -t 1 "
+                           "--device cuda --attention sparse --block-size 4 --init-tokens 4 "
+                           "--local-window 8 --topk 2 --dense-layers 0 ";
+  Result one = RunNeedle(args + "-o " + d.File("one"));
+  ASSERT_EQ(one.status, 0) << one.output;
+  Result b = RunNeedle(args + "--batch 3 -o " + d.File("b3"));
+  ASSERT_EQ(b.status, 0) << b.output;
+  EXPECT_NE(b.output.find("up to 3 samples at once, each in caches of its own"), std::string::npos)
+      << b.output;
+  EXPECT_EQ(Answers(d.File("b3")), Answers(d.File("one")));
+  EXPECT_EQ(Answers(d.File("b3")).size(), 9u);
+#else
+  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
+#endif
 }
 
 }  // namespace

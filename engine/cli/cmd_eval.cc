@@ -2,8 +2,8 @@
 // (eval/scoring.h). Reads JSONL with a prediction ("prediction" or "pred") and the reference(s)
 // ("answer", "ground_truth", "outputs" or "label"; a string or a list of strings), which covers
 // needle's own files, InfiniteBench's result files and RULER's prediction files.
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -115,8 +115,9 @@ int CmdEval(int argc, char** argv) {
        "or JOB_COMPLETION_INDEX with NEEDLE_SHARD_COUNT, else all; join the slices with `needle "
        "eval merge`"},
       {"batch", 0, OptKind::kInt, "1",
-       "decode up to N samples at once (continuous batching over one KV block pool; the same "
-       "answers as one at a time); dense attention, and sparse on the CPU"},
+       "decode up to N samples at once (continuous batching over one KV block pool, or for "
+       "sparse attention on a GPU N slots of the hybrid engine's caches; the same answers as one "
+       "at a time)"},
       {"needle-hits", 0, OptKind::kFlag, "",
        "sparse: per layer, how often the answer's block was attended (the prompt's last query "
        "and every decode step), on stderr and in RUN_DIR/needle_hits.jsonl"},
@@ -194,10 +195,10 @@ int CmdEval(int argc, char** argv) {
   ro.recall = opt.Flag("attn-recall");
   ro.needle_hits = opt.Flag("needle-hits");
   ro.batch = batch;
-  if (batch > 1 && any_sparse && (backend->kv_memory() != nullptr || ro.needle_hits))
+  if (batch > 1 && any_sparse && (ro.needle_hits || (backend->kv_memory() != nullptr && ro.recall)))
     std::fprintf(
-        stderr, "needle: --batch %lld: sparse configurations run one sample at a time %s\n",
-        static_cast<long long>(batch), ro.needle_hits ? "with --needle-hits" : "on a GPU for now");
+        stderr, "needle: --batch %lld: sparse configurations run one sample at a time with %s\n",
+        static_cast<long long>(batch), ro.needle_hits ? "--needle-hits" : "--attn-recall on a GPU");
   ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
   std::fprintf(stderr, "needle: prompts %s\n",
                ro.chat == ChatFamily::kNone

@@ -349,8 +349,8 @@ void LaunchPipeAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
 std::atomic<int>& TcPipe() {
   static std::atomic<int> mode{[] {
     const char* e = std::getenv("NEEDLE_GEMV_TC_PIPE");
-    const int v = e == nullptr ? 1 : std::atoi(e);
-    return v == 0 || v == 2 ? v : 1;
+    const int v = e == nullptr ? 0 : std::atoi(e);
+    return v == 1 || v == 2 ? v : 0;
   }()};
   return mode;
 }
