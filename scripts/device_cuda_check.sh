@@ -1,18 +1,60 @@
 #!/usr/bin/env bash
-# One device-tool command for the CUDA backend: the GPU tests, then the benchmarks next to
-# PyTorch. Build on the dev machine first, then carry .dev/gpu:
-#   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build
-#   bash scripts/pack_for_device.sh build
-#   device run (carry .dev/gpu):  bash scripts/device_cuda_check.sh [tests|bench|all]
+# One device-tool command for the GPU machine: the GPU tests, the batched-decode and hybrid
+# benchmarks, or the CUDA backend's benchmarks next to PyTorch. Build on the dev machine first,
+# then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
+#   bash scripts/setup.sh build   (or cmake --build build)
+#   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|all]
+# Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
+#   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
+#          needle binary (NEEDLE_TEST_BINARY)
+#   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K; the tensor-core
+#          GEMV's ways of streaming, NEEDLE_GEMV_TC_PIPE 0/1/2, side by side) and bench_hybrid's
+#          batched slots (NEEDLE_BENCH_BATCH) at 128K
+#   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export LD_LIBRARY_PATH=$PWD/.dev/gpu/lib:/usr/local/cuda/lib64
+[ -f .dev/gpu.tar.xz ] && tar -C .dev -xJf .dev/gpu.tar.xz
+G=$PWD/.dev/gpu
+export LD_LIBRARY_PATH=$G/lib:/usr/local/cuda/lib64
 export NEEDLE_FIXTURES_DIR=$PWD/tests/fixtures/models
+LOG=${OUT:-/tmp}
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+lscpu | grep -E "Model name|^CPU\(s\)"
+# The suites with GPU tests (each skips its GPU tests without one).
+GPU_TESTS='Rewind*:Engine*:BlockPool*:ModelBatch*:CudaTileStats*:HybridGather*:HybridSelect*'
+GPU_TESTS+=':LayerMajor*:ChunkLayout*:*Hybrid*:KVCacheRing*:CudaDecode*:ResidentBlocks*'
+GPU_TESTS+=':LateMass*:ExecutorPlan*:PlanRules*:Cuda*:KVFile*:Sparse*:BestKey*:EvalBatch*'
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  .dev/gpu/needle_tests --gtest_filter='*Cuda*' 2>&1 | grep -Ev '^\[ +(RUN|OK) ' | tail -60
+  echo "== GPU tests"
+  NEEDLE_TEST_BINARY=$G/needle timeout 300 $G/needle_tests --gtest_filter="$GPU_TESTS" \
+    > "$LOG/tests.log" 2>&1
+  echo "rc $?"
+  grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests.log" | head -40
+  # The tensor-core GEMV's other ways of streaming give the same bits (and each token its own).
+  for m in 1 2; do
+    NEEDLE_GEMV_TC_PIPE=$m timeout 120 $G/needle_tests \
+      --gtest_filter='CudaDecode.TokensOfOneCall*:ModelBatch.Gpu*' 2>&1 |
+      grep -E "PASSED|FAILED" | head -4 | sed "s/^/NEEDLE_GEMV_TC_PIPE=$m: /"
+  done
+fi
+if [ "$what" = batch ] || [ "$what" = all ]; then
+  Q=bench/configs/qwen2.5-7b.json
+  for m in 0 1 2; do
+    echo "== bench_batch 4K, NEEDLE_GEMV_TC_PIPE=$m"
+    NEEDLE_GEMV_TC_PIPE=$m timeout 100 $G/bench_batch cuda $Q 4096 1,8,16,32 16 2>>"$LOG/batch.err"
+  done
+  echo "== bench_batch 32K"
+  timeout 150 $G/bench_batch cuda $Q 32768 1,16,32,48,64 16 2>>"$LOG/batch.err"
+  echo "== bench_batch Llama-3.1-8B 4K"
+  timeout 80 $G/bench_batch cuda bench/configs/llama-3.1-8b.json 4096 1,16 16 2>>"$LOG/batch.err"
+  tail -3 "$LOG/batch.err"
+  echo "== bench_hybrid, batched slots at 128K (host placement, 48G)"
+  NEEDLE_BENCH_BATCH=1,2,4,8 NEEDLE_BENCH_PLACEMENTS=host timeout 240 $G/bench_hybrid 48G \
+    131072s $Q 2>"$LOG/hybrid.err"
+  tail -2 "$LOG/hybrid.err"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  bash bench/bench_cuda.sh .dev/gpu/bench_cuda
+  [ -x $G/bench_cuda ] && bash bench/bench_cuda.sh $G/bench_cuda
 fi
