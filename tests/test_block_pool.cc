@@ -3,6 +3,8 @@
 // block table, and attention over them equals attention over a cache with a pool of its own.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -269,6 +271,104 @@ TEST(BlockPool, SwappedOutBlocksComeBackIntoOtherSlots) {
     a.reset();
     EXPECT_EQ(pool.FreeSlots(0), 8 - 3);
   }
+}
+
+// A KVMemory in host memory whose queued copies take place only at FinishCopies, as a GPU
+// stream's complete only once waited for; its page-locked buffers (AllocateHost) are counted.
+class DeferredMemory final : public KVMemory {
+ public:
+  std::string Name() const override { return "deferred test memory"; }
+  size_t AvailableBytes() const override { return size_t{1} << 30; }
+  void* Allocate(size_t bytes) override { return std::calloc(bytes, 1); }
+  void Deallocate(void* p) override { std::free(p); }
+  void CopyFromHost(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+  }
+  void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+  }
+  void QueueToHost(void* dst, const void* src, size_t bytes) override {
+    queued_.push_back({dst, src, bytes});
+  }
+  void QueueFromHost(void* dst, const void* src, size_t bytes) override {
+    queued_.push_back({dst, src, bytes});
+  }
+  void FinishCopies() override {
+    for (const Copy& c : queued_) std::memcpy(c.dst, c.src, c.bytes);
+    queued_.clear();
+    ++finished;
+  }
+  void* AllocateHost(size_t bytes, HostFree* free_fn) override {
+    ++host_buffers;
+    *free_fn = &std::free;
+    return std::malloc(bytes);
+  }
+  int finished = 0, host_buffers = 0;
+
+ private:
+  struct Copy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<Copy> queued_;
+};
+
+// A pool in another memory swaps through that memory's host buffer, its copies queued and
+// waited for once each way: the buffer holds the blocks when SwapOut returns, and the cache
+// reads as before once SwapIn returns, whatever was written into its old slots meanwhile.
+TEST(BlockPool, SwapsOfAnotherMemoryWaitForTheirQueuedCopies) {
+  DeferredMemory mem;
+  const int64_t L = 2, Hk = 2, D = 8, B = 4, n = 12;  // 3 blocks a layer
+  BlockPool pool(KVCacheShape{L, Hk, D, 8 * B, B, DType::kF32}, 0, &mem);
+  KVCache a(pool, 32);
+  const size_t bb = pool.BlockBytes();
+  std::vector<uint8_t> want;  // a's blocks: layer, block, K then V
+  for (int64_t l = 0; l < L; ++l) {
+    a.AssignBlocks(l, 0, n);
+    for (int64_t b = 0; b < n / B; ++b)
+      for (bool v : {false, true}) {
+        uint8_t* p = pool.BlockData(l, v, a.SlotOf(l, b));
+        for (size_t i = 0; i < bb; ++i) p[i] = static_cast<uint8_t>(7 * i + 13 * b + 29 * l + v);
+        want.insert(want.end(), p, p + bb);
+      }
+  }
+  a.SetSize(n);
+  const auto read = [&] {
+    std::vector<uint8_t> got;
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t b = 0; b < n / B; ++b)
+        for (bool v : {false, true}) {
+          const uint8_t* p = pool.BlockData(l, v, a.SlotOf(l, b));
+          got.insert(got.end(), p, p + bb);
+        }
+    return got;
+  };
+  ASSERT_EQ(read(), want);
+  SwappedBlocks sw;
+  a.SwapOut(&sw);
+  EXPECT_EQ(mem.host_buffers, 1);
+  EXPECT_EQ(mem.finished, 1);
+  std::vector<uint8_t> out;  // the buffer's layer regions: K of its blocks, then V
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < n / B; ++b)
+      for (int v = 0; v < 2; ++v) {
+        const uint8_t* p = sw.data.get() + l * 2 * (n / B) * bb + (v * (n / B) + b) * bb;
+        out.insert(out.end(), p, p + bb);
+      }
+  EXPECT_EQ(out, want);
+  KVCache c(pool, 32);  // takes every slot, a's old ones included, and scribbles over them
+  for (int64_t l = 0; l < L; ++l) {
+    c.AssignBlocks(l, 0, 32);
+    for (int64_t b = 0; b < 8; ++b)
+      for (bool v : {false, true}) std::memset(pool.BlockData(l, v, c.SlotOf(l, b)), 0xee, bb);
+  }
+  c.Clear();
+  a.SwapIn(&sw);
+  EXPECT_EQ(mem.finished, 2);
+  EXPECT_EQ(read(), want);
+  a.SwapOut(&sw);  // (into the kept buffer)
+  EXPECT_EQ(mem.host_buffers, 1);
 }
 
 TEST(BlockPool, AttentionThroughASharedPoolEqualsAPrivateCache) {
