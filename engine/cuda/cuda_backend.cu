@@ -15,6 +15,7 @@
 #include "engine/cuda/attention.h"
 #include "engine/cuda/attention_decode_tma.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/cuda_memory.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/gemv.h"
@@ -24,64 +25,6 @@ namespace needle {
 namespace {
 
 using cuda::DeviceAlloc;
-
-class CudaMemory final : public KVMemory {
- public:
-  explicit CudaMemory(std::string name) : name_(std::move(name)) {}
-  std::string Name() const override { return name_; }
-  size_t AvailableBytes() const override {
-    size_t free_b = 0, total_b = 0;
-    NEEDLE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    return free_b;
-  }
-  void* Allocate(size_t bytes) override { return DeviceAlloc(bytes, "the KV cache"); }
-  void Deallocate(void* p) override { cudaFree(p); }
-  void CopyFromHost(void* dst, const void* src, size_t bytes) override {
-    NEEDLE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-  }
-  void CopyToHost(void* dst, const void* src, size_t bytes) override {
-    NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());  // (the backend's stream does not block this one)
-    NEEDLE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-  }
-  ~CudaMemory() override {
-    if (copies_ != nullptr) cudaStreamDestroy(copies_);
-  }
-  // A swap's copies on a stream of their own, after everything queued so far (one wait at the
-  // first), waited for once: into and out of pinned buffers they go by DMA, back to back.
-  void QueueToHost(void* dst, const void* src, size_t bytes) override {
-    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, CopyStream()));
-  }
-  void QueueFromHost(void* dst, const void* src, size_t bytes) override {
-    NEEDLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, CopyStream()));
-  }
-  void FinishCopies() override {
-    if (!queued_) return;
-    queued_ = false;
-    NEEDLE_CUDA_CHECK(cudaStreamSynchronize(copies_));
-  }
-  void* AllocateHost(size_t bytes, HostFree* free_fn) override {
-    void* p = nullptr;
-    if (cudaHostAlloc(&p, bytes, cudaHostAllocDefault) != cudaSuccess) {
-      (void)cudaGetLastError();  // (a locked-memory limit: pageable memory, slower copies)
-      return KVMemory::AllocateHost(bytes, free_fn);
-    }
-    *free_fn = [](void* q) { cudaFreeHost(q); };
-    return p;
-  }
-
- private:
-  cudaStream_t CopyStream() {
-    if (copies_ == nullptr)
-      NEEDLE_CUDA_CHECK(cudaStreamCreateWithFlags(&copies_, cudaStreamNonBlocking));
-    if (!queued_) NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());
-    queued_ = true;
-    return copies_;
-  }
-
-  std::string name_;
-  cudaStream_t copies_ = nullptr;
-  bool queued_ = false;
-};
 
 // A recorded decode step: an instantiated CUDA graph, stale once a GrowBuffer it may hold the
 // address of has been reallocated.
@@ -146,8 +89,7 @@ class CudaBackend final : public Backend {
     cudaDeviceProp prop{};
     NEEDLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     sm_count_ = prop.multiProcessorCount;
-    memory_ = std::make_unique<CudaMemory>("GPU " + std::to_string(device) + " (" + prop.name +
-                                           ") memory");
+    memory_ = cuda::MakeCudaMemory("GPU " + std::to_string(device) + " (" + prop.name + ") memory");
     NEEDLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     NEEDLE_CUBLAS_CHECK(cuda::Cublas().Create(&blas_));
     NEEDLE_CUBLAS_CHECK(cuda::Cublas().SetStream(blas_, stream_));
@@ -554,7 +496,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   bool gemv_tc_ = false;  // PreferBatchKernels: the tensor-core GEMV for every decode step
-  std::unique_ptr<CudaMemory> memory_;
+  std::unique_ptr<KVMemory> memory_;
   std::vector<void*> weights_;
   std::map<size_t, std::vector<float*>> pool_;
   std::unordered_map<const float*, size_t> sizes_;
