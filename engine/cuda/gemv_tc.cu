@@ -108,29 +108,38 @@ __device__ __forceinline__ void TcEpilogue(const GemvParams& p, const float (&ac
 // its own row and column only).
 // kPre: the inputs' loads issued with the weights' (below).
 //
-// A block's place: b, its tile of MT m-tiles; m0, its first token. This lane's weight rows wr:
-// of m-tile mt, tile rows g and g + 8 (kSiluMul: gate row and up row 8 (MT b + mt) + g), past the
-// end the last row again, its sums not written; xm: its token of each n-tile (past T: the last,
-// not written).
+// A block's and a lane's place: b, the block's tile of MT m-tiles; m0, its first token; this
+// lane's (g, c) and its warp; its weight rows wr: of m-tile mt, tile rows g and g + 8 (kSiluMul:
+// gate row and up row 8 (MT b + mt) + g), past the end the last row again, its sums not written;
+// xm: its token of each n-tile (past T: the last, not written).
 template <bool kGate, int MT, int NT>
-__device__ __forceinline__ void TcRows(const GemvParams& p, int64_t b, int m0, int g,
-                                       const uint4* (&wr)[MT][2], int (&xm)[NT]) {
-  const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
+struct TcPlace {
+  int64_t b;
+  int m0, lane, g, c, warp;
+  const uint4* wr[MT][2];
+  int xm[NT];
+  __device__ __forceinline__ explicit TcPlace(const GemvParams& p) {
+    const int groups = (p.tokens + 8 * NT - 1) / (8 * NT);
+    b = blockIdx.x / groups;
+    m0 = static_cast<int>(blockIdx.x % groups) * 8 * NT;
+    lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+    const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if constexpr (kGate) {
-        wr[mt][h] = p.w[h] + min((b * MT + mt) * 8 + g, total - 1) * p.k8;
-      } else {
-        const int64_t gr = min((b * MT + mt) * 16 + g + 8 * h, total - 1);
-        const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
-        wr[mt][h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kGate) {
+          wr[mt][h] = p.w[h] + min((b * MT + mt) * 8 + g, total - 1) * p.k8;
+        } else {
+          const int64_t gr = min((b * MT + mt) * 16 + g + 8 * h, total - 1);
+          const int o = gr < p.row_end[0] ? 0 : (gr < p.row_end[1] ? 1 : 2);
+          wr[mt][h] = p.w[o] + (gr - (o > 0 ? p.row_end[o - 1] : 0)) * p.k8;
+        }
       }
-    }
 #pragma unroll
-  for (int t = 0; t < NT; ++t) xm[t] = min(m0 + 8 * t + g, p.tokens - 1);
-}
+    for (int t = 0; t < NT; ++t) xm[t] = min(m0 + 8 * t + g, p.tokens - 1);
+  }
+};
 
 // One span's products for n-tile t: the lane's chunk of token xm[t]'s inputs (xa, xb: raw, zeros
 // past K), normed, split into bf16 hi + lo, times the MT m-tiles' weights a [MT][2] (its 16
@@ -157,14 +166,10 @@ __device__ __forceinline__ void TcSpan(const GemvParams& p, int chunk, const uin
 
 template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre>
 __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
-  constexpr int kTok = 8 * NT;
-  const int groups = (p.tokens + kTok - 1) / kTok;
-  const int64_t b = blockIdx.x / groups;
-  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
-  const uint4* wr[MT][2];
-  int xm[NT];
-  TcRows<kE == GemvEpilogue::kSiluMul, MT, NT>(p, b, m0, g, wr, xm);
+  const TcPlace<kE == GemvEpilogue::kSiluMul, MT, NT> at(p);
+  const int c = at.c, warp = at.warp;
+  const auto& wr = at.wr;
+  const auto& xm = at.xm;
   float acc[MT][NT][4] = {}, ss[NT] = {};
   const int spans = (p.k8 + 3) / 4;
   for (int s0 = warp; s0 < spans; s0 += W * U) {
@@ -204,7 +209,7 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
     }
   }
   __shared__ float buf[W * kTcPart<MT, NT>];
-  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, b, m0, buf, kTcPart<MT, NT>);
+  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, at.b, at.m0, buf, kTcPart<MT, NT>);
 }
 
 // The same products, their operands streamed through shared memory: each lane copies (cp.async)
@@ -221,27 +226,24 @@ constexpr int kTcPieces = 2 * MT + 2 * NT;
 template <GemvEpilogue kE, bool kNorm, int MT, int NT, int S, int W>
 __global__ void __launch_bounds__(32 * W) GemvTcPipeKernel(GemvParams p) {
   static_assert(S >= 2);
-  constexpr int kTok = 8 * NT, P = kTcPieces<MT, NT>;
+  constexpr int P = kTcPieces<MT, NT>;
   extern __shared__ uint4 ring[];
-  const int groups = (p.tokens + kTok - 1) / kTok;
-  const int64_t b = blockIdx.x / groups;
-  const int m0 = static_cast<int>(blockIdx.x % groups) * kTok;
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
-  const uint4* wr[MT][2];
-  int xm[NT];
-  TcRows<kE == GemvEpilogue::kSiluMul, MT, NT>(p, b, m0, g, wr, xm);
+  const TcPlace<kE == GemvEpilogue::kSiluMul, MT, NT> at(p);
+  const int lane = at.lane, c = at.c, warp = at.warp;
+  const auto& wr = at.wr;
+  const auto& xm = at.xm;
   float acc[MT][NT][4] = {}, ss[NT] = {};
   const int spans = (p.k8 + 3) / 4;
   const int n = warp < spans ? (spans - warp + W - 1) / W : 0;         // this warp's spans
   uint4* mine = ring + static_cast<size_t>(warp) * S * P * 32 + lane;  // [S][P] at stride 32
-  const auto at = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
+  const auto smem = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
   // The copies of the warp's i-th span (span warp + W i) into stage i % S, closed as one group
   // (an empty one past the last span, so that every iteration counts the same groups).
   auto copy = [&](int i) {
     if (i < n) {
       const int chunk = 4 * (warp + W * i) + c;
       const bool in = chunk < p.k8;
-      const uint32_t d = at + static_cast<uint32_t>((i % S) * P * 32 * 16);
+      const uint32_t d = smem + static_cast<uint32_t>((i % S) * P * 32 * 16);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -278,7 +280,7 @@ __global__ void __launch_bounds__(32 * W) GemvTcPipeKernel(GemvParams p) {
   // (The parts go into each warp's own ring, which it no longer reads, before the barrier: no
   // copy is pending, the last groups were empty.)
   static_assert(kTcPart<MT, NT> * 4 <= S * P * 512);
-  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, b, m0, reinterpret_cast<float*>(ring),
+  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, at.b, at.m0, reinterpret_cast<float*>(ring),
                                    S * P * 32 * 4);
 }
 
