@@ -284,12 +284,17 @@ __global__ void __launch_bounds__(32 * W) GemvTcPipeKernel(GemvParams p) {
                                    S * P * 32 * 4);
 }
 
-template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
-void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+// Blocks of MT m-tiles (16 rows, or kSiluMul's 8 row pairs, each) by NT n-tiles of 8 tokens.
+unsigned TcGrid(const GemvParams& p, GemvEpilogue e, int64_t rows, int MT, int NT) {
   const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
   const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
   if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
-  const unsigned grid = static_cast<unsigned>(blocks);
+  return static_cast<unsigned>(blocks);
+}
+
+template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
+void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
+  const unsigned grid = TcGrid(p, e, rows, MT, NT);
   switch (e) {
     case GemvEpilogue::kStore:
       GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre><<<grid, 32 * W, 0, stream>>>(p);
@@ -327,10 +332,7 @@ void LaunchPipe(const GemvParams& p, unsigned grid, cudaStream_t stream) {
 
 template <bool kNorm, int MT, int NT, int S, int W>
 void LaunchPipeAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
-  const int64_t blocks = (rows + per - 1) / per * ((p.tokens + 8 * NT - 1) / (8 * NT));
-  if (blocks >= (int64_t{1} << 31)) Fail("Gemv: ", blocks, " blocks");
-  const unsigned grid = static_cast<unsigned>(blocks);
+  const unsigned grid = TcGrid(p, e, rows, MT, NT);
   switch (e) {
     case GemvEpilogue::kStore:
       LaunchPipe<GemvEpilogue::kStore, kNorm, MT, NT, S, W>(p, grid, stream);
