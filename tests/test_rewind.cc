@@ -307,7 +307,7 @@ TEST(Rewind, HybridSlotsShareOneGpuBudget) {
     return std::make_unique<Engine>(m, o);
   };
   EXPECT_EQ(engine(weights + 2 * one)->own_slots(), 2);
-  test::ExpectErrorContaining([&] { engine(weights + 2 * one - 1); }, {"--gpu-memory less the"});
+  test::ExpectErrorContaining([&] { engine(weights + one + one / 2); }, {"--gpu-memory less the"});
 }
 #endif
 
