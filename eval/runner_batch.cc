@@ -37,19 +37,17 @@ void RunBatched(Model& model, const Tokenizer& tok, ThreadingContext& tc, const 
   eo.kv_type = opt.kv_type;
   eo.kv_memory = opt.kv_memory;
   std::string said;
-  if (slots)
-    eo.own_caches = [&](int64_t ctx, size_t gpu_taken) {
-      SequenceOptions so;
-      so.ctx = ctx, so.kv_type = opt.kv_type, so.ubatch = opt.ubatch;
-      so.kv_memory = (opt.kv_memory != 0 ? opt.kv_memory : AvailableMemoryBytes()) /
-                     static_cast<size_t>(eo.max_batch);
-      so.gpu_memory = opt.gpu_memory, so.gpu_taken = gpu_taken, so.placement = opt.placement;
-      SequenceAttention a = MakeSequenceAttention(model, &cfg.sparse_cfg, tc, so);
-      if (a.placement != said)
-        std::fprintf(stderr, "eval %s [%s]: %s\n", task.c_str(), cfg.name.c_str(),
-                     (said = a.placement).c_str());
-      return a;
-    };
+  if (slots) {
+    SequenceOptions so;
+    so.kv_type = opt.kv_type, so.kv_memory = opt.kv_memory, so.ubatch = opt.ubatch;
+    so.gpu_memory = opt.gpu_memory, so.placement = opt.placement;
+    eo.own_caches =
+        SlotCaches(model, cfg.sparse_cfg, tc, so, eo.max_batch, [&](const SequenceAttention& a) {
+          if (a.placement != said)
+            std::fprintf(stderr, "eval %s [%s]: %s\n", task.c_str(), cfg.name.c_str(),
+                         (said = a.placement).c_str());
+        });
+  }
   model.set_attention(nullptr);
   Engine engine(model, eo);
   if (slots)

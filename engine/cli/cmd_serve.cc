@@ -63,8 +63,8 @@ int CmdServe(int argc, char** argv) {
   RunSetup rs = MakeRunSetup(opt, ctx, false);
   const bool sparse = opt.Str("attention") == "sparse";
   // Sparse attention on a GPU: the hybrid engine, whose sequences run in caches of their own
-  // (the Engine's slots, each decoding alone): one unless --max-batch says otherwise, each with
-  // its share of the host memory budget, made (and checked against the GPU's memory) at start.
+  // (the Engine's slots): one unless --max-batch says otherwise, each with its share of the host
+  // memory budget, made (and checked together against the GPU's memory) at start.
   const bool hybrid = sparse && rs.backend->kv_memory() != nullptr;
   if (hybrid && !opt.IsSet("max-batch")) batch = 1;
   const RunLimits limits = RunLimitsFromOptions(opt);
@@ -93,20 +93,15 @@ int CmdServe(int argc, char** argv) {
   if (hybrid) {
     SequenceOptions seq;
     seq.kv_type = rs.kv_type;
-    seq.kv_memory = (limits.kv_memory != 0 ? limits.kv_memory : AvailableMemoryBytes()) /
-                    static_cast<size_t>(batch);
+    seq.kv_memory = limits.kv_memory;
     seq.gpu_memory = limits.gpu_memory;
     seq.ubatch = rs.model->ubatch();
     seq.placement = limits.placement;
-    eo.own_caches = [&rs, seq](int64_t n, size_t gpu_taken) {
-      SequenceOptions so = seq;
-      so.ctx = n;
-      so.gpu_taken = gpu_taken;
-      SequenceAttention a = MakeSequenceAttention(*rs.model, &rs.sparse_cfg, *rs.tc, so);
-      std::fprintf(stderr, "needle serve: a sequence's caches: %s; GPU memory: %s\n",
-                   a.placement.c_str(), a.gpu_memory.c_str());
-      return a;
-    };
+    eo.own_caches =
+        SlotCaches(*rs.model, rs.sparse_cfg, *rs.tc, seq, batch, [](const SequenceAttention& a) {
+          std::fprintf(stderr, "needle serve: a sequence's caches: %s; GPU memory: %s\n",
+                       a.placement.c_str(), a.gpu_memory.c_str());
+        });
   }
   server::PolicyFactory policy;
   if (sparse && !hybrid)

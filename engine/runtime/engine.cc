@@ -407,17 +407,7 @@ void Engine::AdmitOwn() {
   }
 }
 
-void Engine::DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits) {
-  if (opt_.max_batch > 1) {  // (every row on the batch kernels, one row or many: as alone)
-    std::vector<KVCache*> caches;
-    std::vector<AttentionPolicy*> policies;
-    std::vector<int32_t> ids;
-    for (Seq* s : rows)
-      caches.push_back(&CacheOf(*s)), policies.push_back(PolicyOf(*s)), ids.push_back(s->next);
-    model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next, logits,
-                        policies.data());
-    return;
-  }
+void Engine::DecodeAlone(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits) {
   const size_t V = static_cast<size_t>(model_.config().vocab_size);
   if (logits != nullptr) logits->resize(rows.size() * V);
   std::vector<float> row;
@@ -542,12 +532,12 @@ std::vector<TokenEvent> Engine::Step() {
   std::vector<int32_t> ids, next(step.size());
   bool sampled = false;  // (then every row's logits come back to the host)
   for (Seq* s : step) {
-    caches.push_back(s->cache.get()), policies.push_back(s->policy.get()), ids.push_back(s->next);
+    caches.push_back(&CacheOf(*s)), policies.push_back(PolicyOf(*s)), ids.push_back(s->next);
     sampled |= s->sampler != nullptr || s->logprobs >= 0;
   }
   std::vector<float> logits;
-  if (opt_.own_caches)
-    DecodeOwn(step, next.data(), sampled ? &logits : nullptr);
+  if (opt_.own_caches && opt_.max_batch == 1)  // (one slot: the one-row kernels, Forward)
+    DecodeAlone(step, next.data(), sampled ? &logits : nullptr);
   else
     model_.ForwardBatch(ids.data(), static_cast<int64_t>(ids.size()), caches.data(), next.data(),
                         sampled ? &logits : nullptr, policies.data());

@@ -219,9 +219,9 @@ class Engine {
   AttentionPolicy* PolicyOf(Seq& s) const;
   // own_caches: the waiting sequences admitted into free slots (Schedule's part for them).
   void AdmitOwn();
-  // own_caches: each of `rows` decodes its next token, into next[i] (logits too where asked:
-  // [rows, vocab] in *logits): in one ForwardBatch with more than one slot, else alone.
-  void DecodeOwn(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits);
+  // own_caches with one slot: each of `rows` decodes its next token alone (Model::Forward on the
+  // one-row kernels), into next[i] (logits too where asked: [rows, vocab] in *logits).
+  void DecodeAlone(const std::vector<Seq*>& rows, int32_t* next, std::vector<float>* logits);
 
   Model& model_;
   EngineOptions opt_;

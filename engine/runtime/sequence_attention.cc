@@ -105,4 +105,18 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
 #endif
 }
 
+std::function<SequenceAttention(int64_t ctx, size_t gpu_taken)> SlotCaches(
+    Model& model, const SparseConfig& sparse, ThreadingContext& tc, SequenceOptions base,
+    int64_t slots, std::function<void(const SequenceAttention&)> said) {
+  base.kv_memory = (base.kv_memory != 0 ? base.kv_memory : AvailableMemoryBytes()) /
+                   static_cast<size_t>(std::max<int64_t>(slots, 1));
+  return [&model, &sparse, &tc, base, said](int64_t ctx, size_t gpu_taken) {
+    SequenceOptions o = base;
+    o.ctx = ctx, o.gpu_taken = gpu_taken;
+    SequenceAttention a = MakeSequenceAttention(model, &sparse, tc, o);
+    if (said) said(a);
+    return a;
+  };
+}
+
 }  // namespace needle

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -58,5 +59,14 @@ void CheckSequenceFits(Backend& backend, const ModelConfig& m, const ModelWeight
 // fit the memory budgets (before allocating the caches).
 SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse,
                                         ThreadingContext& tc, const SequenceOptions& o);
+
+// The maker of `slots` sequences' caches under shared budgets (the Engine's slots:
+// EngineOptions::own_caches): each of ctx tokens, with 1/slots of base.kv_memory (0: of the
+// host's available memory now), and of base.gpu_memory what the slots made before it left
+// (gpu_taken). said (may be empty): called with each one made (to print its placement).
+// model, sparse and tc must outlive it.
+std::function<SequenceAttention(int64_t ctx, size_t gpu_taken)> SlotCaches(
+    Model& model, const SparseConfig& sparse, ThreadingContext& tc, SequenceOptions base,
+    int64_t slots, std::function<void(const SequenceAttention&)> said);
 
 }  // namespace needle
