@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -34,7 +33,6 @@
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
-#include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/hybrid.h"
@@ -339,129 +337,6 @@ TEST(HybridMerge, KernelEqualsPartialMerge) {
     else
       EXPECT_NEAR(lse[r], pa.m + std::log(pa.l), 1e-5 * (1 + std::fabs(pa.m))) << r;
   }
-}
-
-// The GPU's block top-k picks exactly the planner's TopK: ties on score broken by the lower block
-// id, per head and on scores summed over heads, shortlists longer than the candidates, more
-// candidates than threads, and more than the kernel keeps in registers (20000). Distinct scores
-// let its search end early (the bin chosen holds exactly the keys still wanted); coarse ones
-// (many ties) take every pass.
-TEST(HybridSelect, TopBlocksEqualsPlannerTopK) {
-  NEEDLE_REQUIRE_GPU(gpu);
-  for (bool distinct : {false, true})
-    for (int64_t Hk : {1, 4, 8})
-      for (int64_t n : {1, 5, 40, 1000, 8195, 20000})
-        for (int64_t want : {1, 40, 1000})
-          for (bool sum : {false, true}) {
-            // Coarse or distinct scores of both signs, and a few extremes.
-            std::vector<float> sc(static_cast<size_t>(Hk * n));
-            uint64_t x = 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(n * 131 + Hk);
-            for (auto& v : sc) {
-              x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-              v = distinct ? static_cast<float>(static_cast<int64_t>(x % 2000001) - 1000000) * 1e-3f
-                           : static_cast<float>(static_cast<int64_t>(x % 64) - 32) * 0.25f;
-            }
-            sc[0] = -1e30f;
-            sc[static_cast<size_t>(n - 1)] = 3e38f;
-            const int32_t first = 3;
-            const int64_t rows = sum ? 1 : Hk, k = std::min(want, n);
-            const size_t out = static_cast<size_t>(rows * want);
-            float* d = gpu->Alloc(sc.size() + 2 * out);
-            gpu->FromHost(sc.data(), sc.size(), d);
-            cuda::TopBlocks(d, Hk, n, sum, first, want, d + sc.size(),
-                            reinterpret_cast<int32_t*>(d + sc.size() + out),
-                            CudaBackendStream(*gpu));
-            std::vector<float> got(2 * out);
-            gpu->ToHost(d + sc.size(), 2 * out, got.data());
-            gpu->Free(d);
-            std::vector<int32_t> ids(static_cast<size_t>(n));
-            for (int64_t i = 0; i < n; ++i) ids[i] = first + static_cast<int32_t>(i);
-            for (int64_t r = 0; r < rows; ++r) {
-              std::vector<float> row(sc.begin() + r * n, sc.begin() + (r + 1) * n);
-              if (sum) {  // as the planner sums: in head order
-                for (int64_t h = 1; h < Hk; ++h)
-                  for (int64_t i = 0; i < n; ++i) row[i] += sc[h * n + i];
-              }
-              const std::vector<int32_t> expect = TopK(row.data(), ids.data(), n, k);
-              std::vector<int32_t> g(static_cast<size_t>(k));
-              std::memcpy(g.data(), got.data() + out + r * want, static_cast<size_t>(k) * 4);
-              std::vector<int32_t> gs = g;
-              std::sort(gs.begin(), gs.end());
-              ASSERT_EQ(gs, expect) << "Hk " << Hk << " n " << n << " want " << want << " sum "
-                                    << sum << " row " << r << " distinct " << distinct;
-              for (int64_t i = 0; i < k; ++i)  // each with its score
-                ASSERT_EQ(got[r * want + i], row[g[i] - first]) << i;
-            }
-          }
-}
-
-// The GPU's combined queries equal the host's GroupQueries bit for bit (same sums, same order),
-// so that scores, and so plans, do not depend on where the query was grouped.
-TEST(HybridSelect, GroupQueriesEqualsHost) {
-  NEEDLE_REQUIRE_GPU(gpu);
-  for (auto [heads, Hk, D] :
-       {std::tuple<int64_t, int64_t, int64_t>{28, 4, 128}, {32, 8, 128}, {7, 1, 64}, {4, 4, 80}})
-    for (bool quest : {false, true}) {
-      const std::vector<float> q = test::RandomVector(heads * D, 5);
-      std::vector<int32_t> blocks = {0};
-      const ScoreArgs a{q.data(), 1, heads, Hk, D, blocks.data(), 1};
-      std::vector<float> qa(static_cast<size_t>(Hk * D)), qb(qa.size());
-      GroupQueries(a, quest, qa.data(), qb.data());
-      float* d = gpu->Alloc(q.size() + 2 * qa.size());
-      gpu->FromHost(q.data(), q.size(), d);
-      cuda::GroupQueries(d, heads, Hk, D, quest, d + q.size(), d + q.size() + qa.size(),
-                         CudaBackendStream(*gpu));
-      std::vector<float> got(2 * qa.size());
-      gpu->ToHost(d + q.size(), got.size(), got.data());
-      gpu->Free(d);
-      for (size_t i = 0; i < qa.size(); ++i) {
-        ASSERT_EQ(got[i], qa[i]) << heads << "/" << Hk << " quest " << quest << " " << i;
-        ASSERT_EQ(got[qa.size() + i], qb[i])
-            << heads << "/" << Hk << " quest " << quest << " " << i;
-      }
-    }
-}
-
-// The GPU's block scores (bf16 representatives: 16-byte pieces, several items a warp; f32:
-// a warp an item) equal the host's within f32 rounding of sums taken in another order.
-TEST(HybridSelect, ScoreBlocksEqualsHost) {
-  NEEDLE_REQUIRE_GPU(gpu);
-  ThreadingContext tc(1);
-  for (auto [Hk, D] : {std::pair<int64_t, int64_t>{4, 128}, {8, 128}, {2, 64}, {1, 80}})
-    for (ReprType rt : {ReprType::kQuest, ReprType::kMax})
-      for (DType st : {DType::kBF16, DType::kF32}) {
-        const int64_t B = 16, nb = 300;
-        KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
-        const auto k = test::RandomVector(nb * B * Hk * D, 3), v = test::RandomVector(k.size(), 4);
-        cache.Write(0, 0, nb * B, k.data(), v.data());
-        cache.SetSize(nb * B);
-        RepresentativeStore reps(1, Hk, D, nb, rt, st);
-        for (int64_t b = 0; b < nb; ++b) reps.ComputeFromKeys(0, b, cache.Layer(0));
-        const std::vector<float> qa = test::RandomVector(Hk * D, 5),
-                                 qb = test::RandomVector(Hk * D, 6);
-        for (int64_t first : {0, 5})
-          for (int64_t n : {int64_t{3}, nb - first}) {
-            std::vector<int32_t> ids(static_cast<size_t>(n));
-            for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>(first + i);
-            std::vector<float> want(static_cast<size_t>(Hk * n)), got(want.size());
-            fast::ScoreGrouped(reps, 0, ScoreArgs{nullptr, 1, Hk, Hk, D, ids.data(), n}, qa, qb,
-                               want.data(), tc);
-            const size_t rb = reps.BlockBytes() * static_cast<size_t>(nb);
-            float* d = gpu->Alloc(rb / 4 + qa.size() * 2 + want.size());
-            NEEDLE_CUDA_CHECK(cudaMemcpy(d, reps.Block(0, 0), rb, cudaMemcpyHostToDevice));
-            float* dq = d + rb / 4;
-            gpu->FromHost(qa.data(), qa.size(), dq);
-            gpu->FromHost(qb.data(), qb.size(), dq + qa.size());
-            cuda::ScoreBlocks(d, st, reps.rows(), first, n, Hk, D, dq, dq + qa.size(),
-                              dq + 2 * qa.size(), CudaBackendStream(*gpu));
-            gpu->ToHost(dq + 2 * qa.size(), got.size(), got.data());
-            gpu->Free(d);
-            for (size_t i = 0; i < want.size(); ++i)
-              ASSERT_NEAR(got[i], want[i], 1e-4 * (1 + std::fabs(want[i])))
-                  << Hk << "/" << D << " " << ReprTypeName(rt) << " " << DTypeName(st) << " first "
-                  << first << " n " << n << " at " << i;
-          }
-      }
 }
 
 struct SeqRun {
