@@ -129,6 +129,7 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
   const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
   if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
+  last_query_selected_ = false;
   if (cfg_.sparse_prefill && !DenseLayer(layer, a)) {
     SparsePrefill(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
   } else {
@@ -161,15 +162,23 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   const int64_t first_ctx_end = cfg_.LocalBegin(end) / B;  // Context of the first decode step
   if (seed && first_ctx_end > cfg_.init_end() / B) {
     // Seed retention for the first decode step with the blocks the prompt's last query (which
-    // predicted the first answer token, densely) attended most.
+    // predicted the first answer token) attended most: of a dense prefill, every Context block;
+    // of a sparse one, the blocks it selected, their masses as it attended them (remapped).
     AttnArgs la = a;
     la.T = 1;
     la.pos0 = end - 1;
-    std::vector<int32_t> ctx;
-    for (int64_t blk = cfg_.init_end() / B; blk < first_ctx_end; ++blk)
-      ctx.push_back(static_cast<int32_t>(blk));
-    Retain(layer, q + (a.T - 1) * a.heads * a.head_dim, prefill_lse_.data() + (a.T - 1) * a.heads,
-           la, kv, std::vector<std::vector<int32_t>>(static_cast<size_t>(kv.kv_heads), ctx));
+    const float* lq = q + (a.T - 1) * a.heads * a.head_dim;
+    const float* llse = prefill_lse_.data() + (a.T - 1) * a.heads;
+    if (last_query_selected_) {
+      Retain(layer, lq, llse, la, kv, last_query_sel_, false,
+             cfg_.pos_remap && a.inv_freq != nullptr);
+    } else {
+      std::vector<int32_t> ctx;
+      for (int64_t blk = cfg_.init_end() / B; blk < first_ctx_end; ++blk)
+        ctx.push_back(static_cast<int32_t>(blk));
+      Retain(layer, lq, llse, la, kv,
+             std::vector<std::vector<int32_t>>(static_cast<size_t>(kv.kv_heads), ctx));
+    }
   }
 }
 

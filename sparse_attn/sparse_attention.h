@@ -326,8 +326,9 @@ class SparseAttention final : public AttentionPolicy {
   }
   // retained_[layer] from the softmax mass that query q (lse: its log-sum-exp over the keys it
   // attended) put on `blocks` ([kv_head][n]).
-  // have_mass: mass_ holds them already (the executor's). remapped: `blocks` are a decode
-  // step's selection, scored with position remapping (the masses then use the same rotations).
+  // have_mass: mass_ holds them already (the executor's). remapped: `blocks` are the selection
+  // of a query attended with position remapping (a decode step's, or a sparse prefill's last
+  // query's): the masses then use the same rotations.
   // Counts one query's attended set for set_watch (dense: every key).
   void Watch(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t init_end,
              int64_t local_begin, bool dense);
@@ -379,6 +380,10 @@ class SparseAttention final : public AttentionPolicy {
   void FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
   std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
   std::vector<float> prefill_lse_;        // [T, heads] of the prompt's last micro-batch
+  // --prefill sparse: the Context blocks the prompt's last query attended ([kv_head][n]; valid
+  // while last_query_selected_), from which its masses seed retention.
+  std::vector<std::vector<int32_t>> last_query_sel_;
+  bool last_query_selected_ = false;
 };
 
 }  // namespace needle

@@ -156,6 +156,121 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   }
 }
 
+// A sparse prefill seeds the first decode step's retention from what its last query attended:
+// the blocks it selected (alone), with the softmax mass it put on each as it attended them
+// (remapped: each block's keys scored by the query rotated as AppendQuerySpans rotates it), the
+// heaviest each followed by its successor. The expected seed is computed here from the inputs:
+// the selection from Quest scores, the lse from the reference kernel, the masses in double.
+TEST(Sparse, SparsePrefillSeedsRetentionFromItsLastQuerysBlocks) {
+  const int64_t D = 16, Hk = 2, G = 2, H = Hk * G, B = 4, N = 96, ie = 4;
+  const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  std::vector<float> inv_freq(static_cast<size_t>(D / 2));
+  for (int64_t i = 0; i < D / 2; ++i)
+    inv_freq[i] = static_cast<float>(std::pow(500.0, -2.0 * i / static_cast<double>(D)));
+  const auto k = test::RandomVector((N + 1) * Hk * D, 61),
+             v = test::RandomVector((N + 1) * Hk * D, 62);
+  const auto q = test::RandomVector((N + 1) * H * D, 63, 2.f);
+  const float scale = 0.25f;
+  for (bool remap : {false, true})
+    for (SelectMode sm : {SelectMode::kLayer, SelectMode::kKVHead}) {
+      SparseConfig c;
+      c.block_size = B, c.init_tokens = ie, c.local_window = 8, c.topk = 6, c.dense_layers = 0;
+      c.retain_blocks = 3, c.sparse_prefill = true, c.prefill_chunk = 16, c.select = sm;
+      c.pos_remap = remap;
+      const std::string what =
+          std::string(SelectModeName(sm)) + (remap ? " remapped" : " not remapped");
+      KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
+      cache.Write(0, 0, N + 1, k.data(), v.data());
+      cache.SetSize(0);
+      SparseAttention sp(m, c, *backend, tc, N + 1, DType::kF32);
+      std::vector<float> out(static_cast<size_t>((N + 1) * H * D));
+      AttnArgs a{N, 0, H, Hk, D, 0, scale, inv_freq.data()};
+      sp.BeginStep(StepInfo{0, N, N, true});
+      sp.Attend(0, q.data(), a, cache, out.data());
+      cache.SetSize(N + 1);
+      AttnArgs ad{1, N, H, Hk, D, 0, scale, inv_freq.data()};
+      sp.BeginStep(StepInfo{N, 1, 1, true});
+      sp.Attend(0, q.data() + N * H * D, ad, cache, out.data() + N * H * D);
+      const LayerPlan& p0 = sp.last_plan(0);
+      // The last query (at N - 1) selects alone from its own Quest scores.
+      const int64_t p = N - 1, lb = c.LocalBegin(p);
+      const float* rel = remap ? inv_freq.data() : nullptr;
+      RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
+      std::vector<int32_t> ids;
+      cache.SetSize(N);
+      for (int64_t b = ie / B; b < lb / B; ++b) {
+        ids.push_back(static_cast<int32_t>(b));
+        reps.ComputeFromKeys(0, b, cache.Layer(0), rel);
+      }
+      const int64_t n = static_cast<int64_t>(ids.size());
+      std::vector<float> ql(q.begin() + p * H * D, q.begin() + (p + 1) * H * D), row(D);
+      std::vector<float> qs = ql;
+      if (remap) {
+        RotationRow(c.RemapScoreShift(lb), inv_freq.data(), D, row.data());
+        RotateRows(ql.data(), H, D, row.data(), qs.data());
+      }
+      std::vector<float> sc(static_cast<size_t>(Hk * n));
+      fast::ScoreBlocks(reps, 0, ScoreArgs{qs.data(), 1, H, Hk, D, ids.data(), n}, sc.data(), tc);
+      std::vector<std::vector<int32_t>> sel(static_cast<size_t>(Hk));
+      if (sm == SelectMode::kLayer) SumOverHeads(sc.data(), Hk, n);
+      for (int64_t h = 0; h < Hk; ++h)
+        sel[h] = TopK(sc.data() + (sm == SelectMode::kLayer ? 0 : h * n), ids.data(), n, c.topk);
+      // Its lse over Initial + the selection + Local, as attended.
+      AttnSpans spans;
+      spans.offsets.assign(1, 0);
+      std::map<int64_t, int32_t> rows;
+      for (int64_t h = 0; h < Hk; ++h)
+        AppendQuerySpans(c.init_end(), sel[h], B, lb, p, rel, D, &spans, &rows);
+      std::vector<float> o(static_cast<size_t>(H * D)), lse(static_cast<size_t>(H));
+      AttnArgs al{1, p, H, Hk, D, 0, scale, inv_freq.data()};
+      ref::Attention(ql.data(), cache.Layer(0), al, &spans, o.data(), lse.data(), tc);
+      // Each selected block's mass, in double, then the heaviest with their successors.
+      std::vector<std::vector<double>> mass(static_cast<size_t>(Hk));
+      for (int64_t h = 0; h < Hk; ++h)
+        for (size_t i = 0; i < sel[h].size(); ++i) {
+          const int64_t b0 = int64_t{sel[h][i]} * B;
+          std::vector<float> qr = ql;
+          if (remap) {
+            RotationRow(RemapBlockDelta(c.init_end(), static_cast<int64_t>(sel[h].size()), B, lb,
+                                        static_cast<int64_t>(i), b0),
+                        inv_freq.data(), D, row.data());
+            RotateRows(ql.data(), H, D, row.data(), qr.data());
+          }
+          double sum = 0;
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t j = b0; j < b0 + B; ++j) {
+              double dot = 0;
+              for (int64_t d = 0; d < D; ++d)
+                dot += static_cast<double>(qr[(h * G + g) * D + d]) * k[(j * Hk + h) * D + d];
+              sum += std::exp(scale * dot - lse[h * G + g]);
+            }
+          mass[h].push_back(sum);
+        }
+      ASSERT_EQ(p0.retained.size(), static_cast<size_t>(Hk)) << what;
+      for (int64_t h = 0; h < Hk; ++h) {
+        std::vector<double> mh = mass[h];
+        if (sm == SelectMode::kLayer)
+          for (int64_t g = 0; g < Hk; ++g)
+            if (g != h)
+              for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
+        std::vector<size_t> order(mh.size());
+        std::iota(order.begin(), order.end(), size_t{0});
+        std::stable_sort(order.begin(), order.end(),
+                         [&](size_t x, size_t y) { return mh[x] > mh[y]; });
+        std::vector<int32_t> want;
+        for (size_t i : order)
+          for (int32_t b : {sel[h][i], sel[h][i] + 1})
+            if (static_cast<int64_t>(want.size()) < c.retained() &&
+                std::find(want.begin(), want.end(), b) == want.end())
+              want.push_back(b);
+        std::sort(want.begin(), want.end());
+        EXPECT_EQ(p0.retained[h], want) << what << " head " << h;
+      }
+    }
+}
+
 // A prompt in micro-batches leaves the planner as the whole prompt at once does: the observation
 // window (only the prompt's last obs_window queries are kept, whatever the micro-batches) votes
 // for the same Dynamic representatives and the same preselection.
