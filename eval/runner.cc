@@ -55,6 +55,26 @@ void AnswerTokens(const Tokenizer& tok, const std::vector<int32_t>& ids, const s
   }
 }
 
+// A sample's plans (the planner's JSON lines) into --dump-plan's file, each with the sample's key.
+void WritePlans(const std::string& path, const EvalResult& r, const std::string& plans) {
+  std::ostringstream lines;
+  std::istringstream in(plans);
+  for (std::string line; std::getline(in, line);) {
+    nlohmann::json j;
+    j["config"] = r.config, j["task"] = r.task, j["length"] = r.length, j["id"] = r.id;
+    j["plan"] = nlohmann::json::parse(line);
+    lines << j.dump() << "\n";
+  }
+  if (path == "-") {
+    std::fputs(lines.str().c_str(), stderr);
+    return;
+  }
+  std::ofstream out(path, std::ios::app);
+  out << lines.str();
+  out.flush();
+  if (!out) Fail("--dump-plan: cannot write ", path);
+}
+
 // One line of RUN_DIR/needle_hits.jsonl, and its summary on stderr.
 void WriteNeedleHits(const std::string& run_dir, const EvalResult& r, int64_t b, int64_t e,
                      const SparseAttention& sp) {
@@ -236,14 +256,15 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
   for (const auto& cfg : configs) {
     // Samples decoded together (runner_batch.h): dense, sparse on the CPU, or sparse on a GPU
     // (the Engine's slots; not with --attn-recall, whose counts a slot's planner would carry
-    // from sample to sample). Not with --needle-hits, which reads each sample's planner as it
-    // goes.
+    // from sample to sample). Not with --needle-hits or --dump-plan, which read each sample's
+    // planner as it goes.
     // Every run on a GPU takes the backend's batch kernels whatever --batch is (the Engine does),
     // so that --batch never changes an answer there either.
     const bool gpu = model.backend().kv_memory() != nullptr;
     model.backend().PreferBatchKernels(!cfg.sparse || gpu);
     const bool batched =
-        opt.batch > 1 && (!cfg.sparse || (!opt.needle_hits && (!gpu || !opt.recall)));
+        opt.batch > 1 &&
+        (!cfg.sparse || (!opt.needle_hits && opt.dump_plan.empty() && (!gpu || !opt.recall)));
     if (batched) {
       std::vector<const datasets::Sample*> todo;
       for (const auto& s : samples)
@@ -276,6 +297,8 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       if (sp != nullptr && opt.needle_hits && !s.answer.empty())
         AnswerTokens(tok, ids, s.answer[0], &watch_b, &watch_e);
       if (sp != nullptr && opt.needle_hits) sp->set_watch(watch_b, watch_e);
+      std::ostringstream plans;
+      if (sp != nullptr && !opt.dump_plan.empty()) sp->set_plan_sink(&plans);
       model.set_attention(seq.policy.get());
       // A long prompt takes seconds to minutes: say what is running (on a terminal, how far the
       // prefill got; in a log, one line when it starts).
@@ -306,6 +329,10 @@ std::vector<EvalResult> RunEval(Model& model, const Tokenizer& tok, ThreadingCon
       EvalResult r = MakeResult(task, cfg, s, opt, static_cast<int64_t>(ids.size()), text, st);
       if (sp && opt.recall) r.recall = MeanRecall(*sp);
       if (sp != nullptr && opt.needle_hits) WriteNeedleHits(opt.run_dir, r, watch_b, watch_e, *sp);
+      if (sp != nullptr && !opt.dump_plan.empty()) {
+        sp->set_plan_sink(nullptr);
+        WritePlans(opt.dump_plan, r, plans.str());
+      }
       record(std::move(r), s);
     }
   }

@@ -49,6 +49,10 @@ struct RunnerOptions {
   // Sparse configurations: per layer, how often the answer's block was attended (its first
   // place in the prompt), on stderr and in RUN_DIR/needle_hits.jsonl.
   bool needle_hits = false;
+  // Sparse configurations (--dump-plan FILE; "-": stderr): every decode step's plan of every
+  // layer, one JSON line each ({"config", "task", "length", "id", "plan"}), appended to FILE as
+  // each sample finishes.
+  std::string dump_plan;
   // Chat models get the task prompt as a user turn, the answer prefix after the assistant tag.
   ChatFamily chat = ChatFamily::kNone;
   std::string bos, eos;

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -56,7 +57,8 @@ TEST(Cli, EvalScoreReadsInfiniteBenchAndRulerFiles) {
   EXPECT_NE(b.output.find("bad.jsonl:1: no reference field"), std::string::npos) << b.output;
 }
 
-// Sparse prefill with and without position remapping, side by side through --set.
+// Sparse prefill with and without position remapping, side by side through --set; --needle-hits
+// and --dump-plan (every decode step's plan of every layer, with its sample's key) on the way.
 TEST(Cli, EvalSweepsPositionRemapWithSparsePrefill) {
   test::TempDir d;
   const std::string model = ByteTokenizerModel(d);
@@ -64,8 +66,26 @@ TEST(Cli, EvalSweepsPositionRemapWithSparsePrefill) {
                        " --lengths 400 --depths 1 --attention sparse --prefill sparse"
                        " --prefill-chunk 16 --set pos-remap=none,block --block-size 4"
                        " --init-tokens 4 --local-window 8 --topk 2 --dense-layers 0"
-                       " --ctx-size 1024 --needle-hits");
+                       " --ctx-size 1024 --needle-hits --dump-plan " +
+                       d.File("plans.jsonl"));
   ASSERT_EQ(r.status, 0) << r.output;
+  // --dump-plan: the plans of both configurations' sample, remapped where the configuration is.
+  std::map<std::string, int> plans;
+  std::ifstream pf(d.File("plans.jsonl"));
+  for (std::string l; std::getline(pf, l);) {
+    const auto j = nlohmann::json::parse(l);
+    const std::string config = j["config"].get<std::string>();
+    EXPECT_EQ(j["task"], "passkey") << l;
+    EXPECT_EQ(j["id"], 0) << l;
+    EXPECT_EQ(j["length"], 400) << l;
+    const auto& p = j["plan"];
+    ASSERT_TRUE(p["layer"].is_number() && p["step"].is_number()) << l;
+    EXPECT_EQ(p.value("remap", false), config == "sparse pos-remap=block") << l;
+    ++plans[config];
+  }
+  EXPECT_EQ(plans.size(), 2u);
+  EXPECT_GT(plans["sparse pos-remap=none"], 0);
+  EXPECT_EQ(plans["sparse pos-remap=block"], plans["sparse pos-remap=none"]);
   // --needle-hits: one line per sample and configuration, a share per layer.
   std::ifstream hits(d.File("run") + "/needle_hits.jsonl");
   int lines = 0;
@@ -86,6 +106,16 @@ TEST(Cli, EvalSweepsPositionRemapWithSparsePrefill) {
   EXPECT_NE(bad.status, 0);
   EXPECT_NE(bad.output.find("--pos-remap: 'far' is not none or block"), std::string::npos)
       << bad.output;
+  Result dense = RunNeedle("eval passkey -m " + model + " -o " + d.File("run3") +
+                           " --lengths 400 --dump-plan " + d.File("p.jsonl"));
+  EXPECT_NE(dense.status, 0);
+  EXPECT_NE(dense.output.find("--dump-plan only applies to --attention sparse"), std::string::npos)
+      << dense.output;
+  Result nowhere =
+      RunNeedle("eval passkey -m " + model + " -o " + d.File("run4") +
+                " --lengths 400 --attention sparse --dump-plan " + d.File("no/such/dir/p.jsonl"));
+  EXPECT_NE(nowhere.status, 0);
+  EXPECT_NE(nowhere.output.find("--dump-plan: cannot write"), std::string::npos) << nowhere.output;
 }
 
 // End-to-end evaluation on a fixture model with a byte tokenizer: configurations side by side,

@@ -194,11 +194,20 @@ int CmdEval(int argc, char** argv) {
   ro.kv_type = kvs == "auto" ? model->weights().dtype : ParseKVType(kvs, "--kv-type");
   ro.recall = opt.Flag("attn-recall");
   ro.needle_hits = opt.Flag("needle-hits");
+  ro.dump_plan = opt.Str("dump-plan");
+  if (!ro.dump_plan.empty() && ro.dump_plan != "-") {
+    std::ofstream probe(ro.dump_plan, std::ios::app);  // (fail now, not after the first sample)
+    if (!probe) Fail("--dump-plan: cannot write ", ro.dump_plan);
+  }
   ro.batch = batch;
-  if (batch > 1 && any_sparse && (ro.needle_hits || (backend->kv_memory() != nullptr && ro.recall)))
-    std::fprintf(
-        stderr, "needle: --batch %lld: sparse configurations run one sample at a time with %s\n",
-        static_cast<long long>(batch), ro.needle_hits ? "--needle-hits" : "--attn-recall on a GPU");
+  if (batch > 1 && any_sparse &&
+      (ro.needle_hits || !ro.dump_plan.empty() || (backend->kv_memory() != nullptr && ro.recall)))
+    std::fprintf(stderr,
+                 "needle: --batch %lld: sparse configurations run one sample at a time with %s\n",
+                 static_cast<long long>(batch),
+                 ro.needle_hits          ? "--needle-hits"
+                 : !ro.dump_plan.empty() ? "--dump-plan"
+                                         : "--attn-recall on a GPU");
   ro.chat = DetectChatFamilyFromFolder(opt.Str("model"), &ro.bos, &ro.eos);
   std::fprintf(stderr, "needle: prompts %s\n",
                ro.chat == ChatFamily::kNone

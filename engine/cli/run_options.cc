@@ -115,15 +115,15 @@ std::vector<OptionSpec> RunOptionSpecs() {
        "sparse: selection per 'layer' or per 'kvhead'"},
       {"prefill", 0, OptKind::kString, "dense",
        "sparse: how the prompt attends: dense, or sparse (chunks of --prefill-chunk tokens, each "
-       "Initial + its topk blocks + Local + itself; CPU only for now)"},
+       "Initial + its topk blocks + Local + itself; on the CPU and the hybrid engine)"},
       {"pos-remap", 0, OptKind::kString, "none",
        "sparse: position remapping: none, or block (each query scores its Initial, selected "
-       "blocks and Local keys as if they were contiguous: no distance beyond what it attends; "
-       "CPU only for now)"},
+       "blocks and Local keys as if they were contiguous: no distance beyond what it attends)"},
       {"attn-recall", 0, OptKind::kFlag, "",
        "report per layer the share of full attention mass attended"},
       {"dump-plan", 0, OptKind::kString, "",
-       "write each decode step's sparse plan as JSON lines to FILE (- = stderr)"},
+       "write each decode step's sparse plan as JSON lines to FILE (- = stderr; needle eval "
+       "appends them, each with its sample's config, task, length and id)"},
   };
   for (const auto& o : kSparseInts)
     specs.push_back({o.flag, 0, OptKind::kInt, std::to_string(d.*o.field), o.help});
