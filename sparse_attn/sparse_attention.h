@@ -251,6 +251,9 @@ class SparseAttention final : public AttentionPolicy {
     // an executor may score them where the queries are (PrefillChunkScoring said so).
     int64_t cand_first = 0, cand_end = 0;
     bool executor_top = false;
+    // The best-scored candidates re-ranked by their best key (SparseConfig::rescore_blocks; the
+    // prompt's last query, selecting alone: RescoreLast()).
+    int64_t rescore = 0;
   };
   std::vector<ChunkSpec> PrefillChunks(const AttnArgs& a) const;
   // PrefillChunks for an executor that scores chunks where their queries are (PlanExecutor::

@@ -60,6 +60,9 @@ void SparseConfig::Validate() const {
   if (rescore_blocks != 0 && rescore_blocks < topk)
     Fail("sparse attention: rescore_blocks (", rescore_blocks,
          ") must be 0 (off) or at least topk (", topk, ")");
+  if (rescore_last != 0 && rescore_last < topk)
+    Fail("sparse attention: rescore_last (", rescore_last, ") must be 0 (off) or at least topk (",
+         topk, ")");
   if (retain_blocks < 0)
     Fail("sparse attention: retain_blocks must not be negative (got ", retain_blocks, ")");
   if (prefill_chunk <= 0)
@@ -100,6 +103,7 @@ std::string SparseConfig::Describe() const {
   os << " retain_blocks=" << retained();
   if (rescore_blocks > 0) os << " rescore_blocks=" << rescore_blocks;
   if (sparse_prefill) os << " prefill=sparse prefill_chunk=" << prefill_chunk;
+  if (sparse_prefill) os << " rescore_last=" << rescore_last;
   if (pos_remap) os << " pos_remap=block";
   if (preselect_blocks > 0 || repr == ReprType::kDynamic) os << " obs_window=" << obs_window;
   return os.str();

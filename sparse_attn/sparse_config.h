@@ -43,6 +43,17 @@ struct SparseConfig {
   // ranked again by their best single key, read from the cache, before the topk are taken
   // (selection in decode and in sparse prefill). 0: off; else at least topk.
   int64_t rescore_blocks = 0;
+  // The same for the prompt's last query alone, which predicts the first answer token and seeds
+  // retention for the decode steps (sparse prefill only: there it selects alone, where a dense
+  // prefill's last query attends every key; ignored with a dense prefill, as prefill_chunk is).
+  // One scan of the Context's keys a layer per prompt, so it can afford every block where
+  // rescore_blocks, paid at every step and layer, cannot. 0: as rescore_blocks; else at least
+  // topk, and the larger of the two counts. The default, 2^20, is every block of any context up
+  // to 2^27 tokens at 128-token blocks: kv_retrieval at 32K and 64K went from 4/8 and 3/4 to 8/8
+  // each with it (bench/RESULTS.md), at no measurable cost to prefill or decode.
+  int64_t rescore_last = int64_t{1} << 20;
+  // The re-ranking count of a query that selects alone at the prompt's end.
+  int64_t RescoreLast() const { return std::max(rescore_blocks, rescore_last); }
   // Sparse chunked prefill (--prefill sparse): the prompt's queries attend in chunks of
   // prefill_chunk tokens, each chunk Initial + its own topk Context blocks (scored with the
   // chunk's queries) + the Local window before it + itself, causally; layers under

@@ -25,9 +25,11 @@ std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunks(const Att
     // it selects its blocks alone, as a decode query does, rather than with its chunk's sum.
     if (step_.last_of_call && c0 + n == end && n > 1 && c0 > 0) --n;
     const int64_t lb = cfg_.LocalBegin(c0);
+    const bool last_alone = step_.last_of_call && c0 + n == end && n == 1;
     out.push_back({c0, n, lb / cfg_.block_size > init_blocks,
                    cfg_.pos_remap ? cfg_.RemapScoreShift(lb) : 0, init_blocks,
-                   std::max(init_blocks, lb / cfg_.block_size)});
+                   std::max(init_blocks, lb / cfg_.block_size), false,
+                   last_alone ? cfg_.RescoreLast() : cfg_.rescore_blocks});
   }
   return out;
 }
@@ -71,7 +73,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
       times_.reps += Since(t);
       t = Clock::now();
       std::vector<std::vector<PlanExecutor::Scored>> top;
-      const bool rescore = cfg_.rescore_blocks > cfg_.topk;
+      const bool rescore = ck.rescore > cfg_.topk;
       std::vector<float> qs;  // re-ranking's combined queries (qa + qb), or empty: from sq
       if (exec_->ChunkTop(layer, ca, &top)) {
         // The executor's shortlist of each row (ChunkShortlist: the row's topk, or the
@@ -89,7 +91,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
           std::vector<int32_t> ri;
           for (const auto& e : top[r]) rs.push_back(e.score), ri.push_back(e.block);
           sel[r] = RankCandidates(rs.data(), ri.data(), static_cast<int64_t>(ri.size()), cfg_.topk,
-                                  cfg_.rescore_blocks, sa, qs.data(), kv, rel,
+                                  ck.rescore, sa, qs.data(), kv, rel,
                                   top.size() == 1 ? -1 : static_cast<int64_t>(r), tc_);
         }
         if (top.size() == 1)
@@ -118,13 +120,13 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
         const float* qsp = qs.empty() ? nullptr : qs.data();
         if (cfg_.select == SelectMode::kLayer) {
           SumOverHeads(sc.data(), Hk, n);
-          sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, cfg_.rescore_blocks, sa, qsp,
-                                  kv, rel, -1, tc_);
+          sel[0] = RankCandidates(sc.data(), all.data(), n, cfg_.topk, ck.rescore, sa, qsp, kv, rel,
+                                  -1, tc_);
           for (auto& hb : sel) hb = sel[0];
         } else {
           for (int64_t h = 0; h < Hk; ++h)
-            sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk,
-                                    cfg_.rescore_blocks, sa, qsp, kv, rel, h, tc_);
+            sel[h] = RankCandidates(sc.data() + h * n, all.data(), n, cfg_.topk, ck.rescore, sa,
+                                    qsp, kv, rel, h, tc_);
         }
       }
       times_.select += Since(t);

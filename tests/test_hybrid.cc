@@ -427,7 +427,9 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     // per KV head and per layer, Quest, Mean and Max, with and without retention.
     const KVPlacement pl = variant >= 9 ? KVPlacement::kDevice : KVPlacement::kHost;
     if (variant == 10) sc.select = SelectMode::kLayer, sc.preselect_blocks = 8, sc.obs_window = 32;
-    if (variant == 11) sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.dense_layers = 1;
+    // (The prompt's last query re-ranks every block by its best key, scored by the planner.)
+    if (variant == 11)
+      sc.sparse_prefill = true, sc.prefill_chunk = 40, sc.dense_layers = 1, sc.rescore_last = 1000;
     if (variant == 12) sc.select = SelectMode::kLayer, sc.repr = ReprType::kMean;
     if (variant == 13) sc.repr = ReprType::kMax, sc.topk = 6, sc.retain_blocks = 3;
     // Re-ranking by the best key, in a remapped sparse prefill (the GPU's chunk shortlists and

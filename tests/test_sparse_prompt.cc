@@ -10,6 +10,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -104,7 +105,7 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   SparseConfig c;
   c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
   c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
-  c.select = SelectMode::kKVHead;
+  c.select = SelectMode::kKVHead, c.rescore_last = 0;  // (by its Quest scores)
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
@@ -156,6 +157,79 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   }
 }
 
+// With rescore_last covering every candidate, the prompt's last query (selecting alone) takes the
+// Context block whose best single key scores highest (a brute force in double here), where
+// Quest's bound would take another (inputs chosen so; checked); every other query of the prompt
+// attends as without it (its chunk re-ranks nothing).
+TEST(Sparse, SparsePrefillsLastQueryReRanksByTheBestKey) {
+  const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
+  SparseConfig c;
+  c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
+  c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
+  c.select = SelectMode::kKVHead;
+  const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
+  ThreadingContext tc(2);
+  auto backend = MakeCpuBackend(tc, false);
+  for (uint64_t seed = 31;; seed += 3) {
+    ASSERT_LT(seed, 300u) << "no inputs where Quest and the best key select differently";
+    const auto k = test::RandomVector(N * Hk * D, seed),
+               v = test::RandomVector(N * Hk * D, seed + 1);
+    const auto q = test::RandomVector(N * H * D, seed + 2, 2.f);
+    KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
+    cache.Write(0, 0, N, k.data(), v.data());
+    cache.SetSize(N);
+    const float* ql = q.data() + (N - 1) * H * D;
+    RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
+    std::vector<int32_t> ids;
+    std::vector<float> best;
+    for (int64_t b = c.init_end() / B; b < c.LocalBegin(N - 1) / B; ++b) {
+      ids.push_back(static_cast<int32_t>(b));
+      reps.ComputeFromKeys(0, b, cache.Layer(0));
+      double top = -INFINITY;
+      for (int64_t t = b * B; t < (b + 1) * B; ++t) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d)
+          dot += (static_cast<double>(ql[d]) + ql[D + d]) * k[t * D + d];
+        top = std::max(top, dot);
+      }
+      best.push_back(static_cast<float>(top));
+    }
+    const int64_t n = static_cast<int64_t>(ids.size());
+    std::vector<float> quest(static_cast<size_t>(n));
+    fast::ScoreBlocks(reps, 0, ScoreArgs{ql, 1, H, Hk, D, ids.data(), n}, quest.data(), tc);
+    const std::vector<int32_t> by_best = TopK(best.data(), ids.data(), n, 1);
+    if (by_best == TopK(quest.data(), ids.data(), n, 1)) continue;
+    std::vector<float> outs[2];
+    for (int64_t last : {0, 1000}) {
+      c.rescore_last = last;
+      cache.SetSize(0);
+      SparseAttention sp(m, c, *backend, tc, N, DType::kF32);
+      AttnArgs a{N, 0, H, Hk, D, 0, 0.25f};
+      outs[last > 0].assign(static_cast<size_t>(N * H * D), 0.f);
+      sp.BeginStep(StepInfo{0, N, N, true});
+      sp.Attend(0, q.data(), a, cache, outs[last > 0].data());
+    }
+    AttnSpans spans;
+    spans.offsets.assign(1, 0);
+    std::map<int64_t, int32_t> rows;
+    AppendQuerySpans(c.init_end(), by_best, B, c.LocalBegin(N - 1), N - 1, nullptr, D, &spans,
+                     &rows);
+    AttnArgs a1{1, N - 1, H, Hk, D, 0, 0.25f};
+    std::vector<float> want(static_cast<size_t>(H * D));
+    cache.SetSize(N);
+    ref::Attention(ql, cache.Layer(0), a1, &spans, want.data(), nullptr, tc);
+    for (int64_t i = 0; i < H * D; ++i)
+      ASSERT_NEAR(outs[1][(N - 1) * H * D + i], want[i], 1e-5 * (1 + std::fabs(want[i])))
+          << "seed " << seed << " " << i;
+    double moved = 0;
+    for (int64_t i = (N - 1) * H * D; i < N * H * D; ++i)
+      moved = std::max(moved, static_cast<double>(std::fabs(outs[1][i] - outs[0][i])));
+    EXPECT_GT(moved, 1e-3) << "seed " << seed << ": Quest's block gave the same output";
+    EXPECT_EQ(MaxDiff(outs[1], outs[0], (N - 1) * H * D), 0.0) << "seed " << seed;
+    break;
+  }
+}
+
 // A sparse prefill seeds the first decode step's retention from what its last query attended:
 // the blocks it selected (alone), with the softmax mass it put on each as it attended them
 // (remapped: each block's keys scored by the query rotated as AppendQuerySpans rotates it), the
@@ -178,7 +252,7 @@ TEST(Sparse, SparsePrefillSeedsRetentionFromItsLastQuerysBlocks) {
       SparseConfig c;
       c.block_size = B, c.init_tokens = ie, c.local_window = 8, c.topk = 6, c.dense_layers = 0;
       c.retain_blocks = 3, c.sparse_prefill = true, c.prefill_chunk = 16, c.select = sm;
-      c.pos_remap = remap;
+      c.pos_remap = remap, c.rescore_last = 0;  // (the last query selects by Quest)
       const std::string what =
           std::string(SelectModeName(sm)) + (remap ? " remapped" : " not remapped");
       KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
@@ -269,6 +343,21 @@ TEST(Sparse, SparsePrefillSeedsRetentionFromItsLastQuerysBlocks) {
         EXPECT_EQ(p0.retained[h], want) << what << " head " << h;
       }
     }
+}
+
+// rescore_last is refused below topk; the settings name it with a sparse prefill only (a dense
+// prefill's last query attends every key: it does not apply there).
+TEST(Sparse, RescoreLastIsRefusedBelowTopk) {
+  SparseConfig c;
+  c.sparse_prefill = true;
+  c.rescore_last = 8;
+  test::ExpectErrorContaining([&] { c.Validate(); }, {"rescore_last", "8", "topk", "32"});
+  c.rescore_last = 1000;
+  c.Validate();
+  EXPECT_NE(c.Describe().find("rescore_last=1000"), std::string::npos) << c.Describe();
+  c.sparse_prefill = false;
+  c.Validate();
+  EXPECT_EQ(c.Describe().find("rescore_last"), std::string::npos) << c.Describe();
 }
 
 // A prompt in micro-batches leaves the planner as the whole prompt at once does: the observation
@@ -550,7 +639,8 @@ class ShortlistExecutor final : public CpuPlanExecutor {
 // decode plans. Micro-batches of 32 with a Local window of 8: the chunks whose candidates reach
 // into their micro-batch are scored by the planner (both paths run). With re-ranking by the best
 // key (rescore 6 of topk 3), the shortlists are the candidates to re-rank, and the best keys are
-// scored from the executor's combined queries.
+// scored from the executor's combined queries. The prompt's last query re-ranking more than the
+// executor's shortlist holds (rescore_last 1000) is scored by the planner.
 TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
   const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 160, ub = 32;
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
@@ -561,13 +651,13 @@ TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
   const auto q = test::RandomVector((N + 1) * H * D, 13, 2.f);
   KVCache cache(KVCacheShape{1, Hk, D, N + 1, B, DType::kF32});
   cache.Write(0, 0, N + 1, k.data(), v.data());
-  for (int64_t rescore : {0, 6})
+  for (const auto& [rescore, last] : {std::pair<int64_t, int64_t>{0, 0}, {6, 0}, {0, 1000}})
     for (ReprType r : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
       for (SelectMode sm : {SelectMode::kLayer, SelectMode::kKVHead}) {
         SparseConfig c;
         c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 3, c.dense_layers = 0;
         c.repr = r, c.select = sm, c.sparse_prefill = true, c.prefill_chunk = 8;
-        c.rescore_blocks = rescore;
+        c.rescore_blocks = rescore, c.rescore_last = last;
         std::string plans[2];
         std::vector<float> outs[2];
         int64_t used = 0;
@@ -595,7 +685,8 @@ TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
           used = ex.used;
         }
         const std::string what = std::string(ReprTypeName(r)) + " " + SelectModeName(sm) +
-                                 " rescore " + std::to_string(rescore);
+                                 " rescore " + std::to_string(rescore) + " last " +
+                                 std::to_string(last);
         EXPECT_GE(used, 8) << what;
         EXPECT_LT(used, N / c.prefill_chunk - 1) << what << ": every chunk came from the executor";
         EXPECT_EQ(plans[1], plans[0]) << what;

@@ -56,6 +56,11 @@ constexpr SparseIntOption kSparseInts[] = {
      "sparse: re-rank this many best-scored candidate blocks by their best single key before "
      "taking the topk (0: off; else >= topk; at least the Context's block count, e.g. 1000000: "
      "every block, for prompts of look-alike blocks such as kv_retrieval)"},
+    {"rescore-last", "rescore_last", &SparseConfig::rescore_last,
+     "sparse prefill: the prompt's last query (the first answer token) re-ranks this many "
+     "best-scored candidate blocks by their best single key, and seeds the decode steps' "
+     "retention with them (0: as --rescore; else >= topk; the default: every block, one scan "
+     "of the keys a layer per prompt)"},
     {"gpu-share", "gpu_share", &SparseConfig::gpu_share,
      "sparse on a GPU (hybrid): percent of each KV head's selected Context blocks the GPU "
      "attends, reading them from pinned host memory over PCIe while the CPU attends the rest "
