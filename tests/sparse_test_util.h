@@ -74,6 +74,34 @@ inline std::vector<int32_t> Tokens(int n, int seed) {
 }
 
 // Largest |x|, and largest |a - b| over the first n entries.
+// What retention keeps (the reference of SparseAttention's KeepByMass): per KV head, the blocks
+// [kv_head][n] by descending mass [kv_head][n] (summed over KV heads when selecting per layer),
+// each followed by its successor, `keep` in all, ascending.
+template <typename T>
+std::vector<std::vector<int32_t>> KeptByMass(const std::vector<std::vector<T>>& mass,
+                                             const std::vector<std::vector<int32_t>>& blocks,
+                                             bool per_layer, int64_t keep) {
+  const size_t Hk = blocks.size();
+  std::vector<std::vector<int32_t>> kept(Hk);
+  for (size_t h = 0; h < Hk; ++h) {
+    std::vector<T> mh = mass[h];  // (summed in T, as the planner sums)
+    if (per_layer)
+      for (size_t g = 0; g < Hk; ++g)
+        if (g != h)
+          for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
+    std::vector<size_t> order(mh.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return mh[x] > mh[y]; });
+    for (size_t i : order)
+      for (int32_t b : {blocks[h][i], blocks[h][i] + 1})
+        if (static_cast<int64_t>(kept[h].size()) < keep &&
+            std::find(kept[h].begin(), kept[h].end(), b) == kept[h].end())
+          kept[h].push_back(b);
+    std::sort(kept[h].begin(), kept[h].end());
+  }
+  return kept;
+}
+
 inline double MaxAbs(const std::vector<float>& x) {
   double m = 0;
   for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));

@@ -520,25 +520,8 @@ TEST(Sparse, RetentionKeepsTheHighestMassBlocks) {
       ref::BlockMass(cache.Layer(0),
                      BlockMassArgs{s.qd.data(), lse.data(), H, Hk, D, a.scale, &p0.blocks}, &mass,
                      tc);
-      std::vector<std::vector<int32_t>> want(static_cast<size_t>(Hk));
-      for (int64_t h = 0; h < Hk; ++h) {
-        std::vector<float> mh = mass[h];
-        if (m == SelectMode::kLayer)
-          for (int64_t g = 0; g < Hk; ++g)
-            if (g != h)
-              for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
-        // The heaviest blocks, each followed by its successor, `retain` in all.
-        std::vector<size_t> order(mh.size());
-        std::iota(order.begin(), order.end(), size_t{0});
-        std::stable_sort(order.begin(), order.end(),
-                         [&](size_t x, size_t y) { return mh[x] > mh[y]; });
-        for (size_t i : order)
-          for (int32_t b : {p0.blocks[h][i], p0.blocks[h][i] + 1})
-            if (static_cast<int64_t>(want[h].size()) < retain &&
-                std::find(want[h].begin(), want[h].end(), b) == want[h].end())
-              want[h].push_back(b);
-        std::sort(want[h].begin(), want[h].end());
-      }
+      // The heaviest blocks, each followed by its successor, `retain` in all.
+      const auto want = test::KeptByMass(mass, p0.blocks, m == SelectMode::kLayer, retain);
       // Step 1 at position N + 1.
       cache.SetSize(N + 2);
       a.pos0 = N + 1;

@@ -96,16 +96,29 @@ TEST(Sparse, SparsePrefillEqualsDenseWhenItCoversEverything) {
       });
 }
 
+// The last-query tests' settings: one Context block per selection, 16-query chunks, no retention.
+SparseConfig OneBlockPrefill(int64_t B) {
+  SparseConfig c;
+  c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
+  c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
+  c.select = SelectMode::kKVHead;
+  return c;
+}
+
+// Layer 0 of `cache` holds keys k and values v ([N, Hk, D]), N tokens.
+void WriteAll(KVCache& cache, const std::vector<float>& k, const std::vector<float>& v, int64_t N) {
+  cache.Write(0, 0, N, k.data(), v.data());
+  cache.SetSize(N);
+}
+
 // In a sparse prefill longer than one chunk, the prompt's last query (it predicts the first answer
 // token) selects its Context blocks alone, as a decode query does: its output equals attention over
 // Initial + the top block by its own scores + Local, not the top block of its chunk's summed
 // scores (which differ here, checked).
 TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
-  SparseConfig c;
-  c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
-  c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
-  c.select = SelectMode::kKVHead, c.rescore_last = 0;  // (by its Quest scores)
+  SparseConfig c = OneBlockPrefill(B);
+  c.rescore_last = 0;  // (by its Quest scores)
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
@@ -113,11 +126,9 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   for (uint64_t seed = 21;; seed += 3) {
     ASSERT_LT(seed, 200u) << "no inputs where the two selections differ";
     const auto k = test::RandomVector(N * Hk * D, seed),
-               v = test::RandomVector(N * Hk * D, seed + 1);
-    const auto q = test::RandomVector(N * H * D, seed + 2, 2.f);
+               q = test::RandomVector(N * H * D, seed + 2, 2.f);
     KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
-    cache.Write(0, 0, N, k.data(), v.data());
-    cache.SetSize(N);
+    WriteAll(cache, k, test::RandomVector(N * Hk * D, seed + 1), N);
     // The selections by the last query alone and by its 16-query chunk, from Quest scores.
     RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
     const auto select = [&](int64_t t0, int64_t T, int64_t p) {
@@ -163,21 +174,16 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
 // attends as without it (its chunk re-ranks nothing).
 TEST(Sparse, SparsePrefillsLastQueryReRanksByTheBestKey) {
   const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
-  SparseConfig c;
-  c.block_size = B, c.init_tokens = 4, c.local_window = 8, c.topk = 1, c.dense_layers = 0;
-  c.retain_blocks = 0, c.sparse_prefill = true, c.prefill_chunk = 16,
-  c.select = SelectMode::kKVHead;
+  SparseConfig c = OneBlockPrefill(B);
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   for (uint64_t seed = 31;; seed += 3) {
     ASSERT_LT(seed, 300u) << "no inputs where Quest and the best key select differently";
     const auto k = test::RandomVector(N * Hk * D, seed),
-               v = test::RandomVector(N * Hk * D, seed + 1);
-    const auto q = test::RandomVector(N * H * D, seed + 2, 2.f);
+               q = test::RandomVector(N * H * D, seed + 2, 2.f);
     KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
-    cache.Write(0, 0, N, k.data(), v.data());
-    cache.SetSize(N);
+    WriteAll(cache, k, test::RandomVector(N * Hk * D, seed + 1), N);
     const float* ql = q.data() + (N - 1) * H * D;
     RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
     std::vector<int32_t> ids;
@@ -323,25 +329,8 @@ TEST(Sparse, SparsePrefillSeedsRetentionFromItsLastQuerysBlocks) {
           mass[h].push_back(sum);
         }
       ASSERT_EQ(p0.retained.size(), static_cast<size_t>(Hk)) << what;
-      for (int64_t h = 0; h < Hk; ++h) {
-        std::vector<double> mh = mass[h];
-        if (sm == SelectMode::kLayer)
-          for (int64_t g = 0; g < Hk; ++g)
-            if (g != h)
-              for (size_t i = 0; i < mh.size(); ++i) mh[i] += mass[g][i];
-        std::vector<size_t> order(mh.size());
-        std::iota(order.begin(), order.end(), size_t{0});
-        std::stable_sort(order.begin(), order.end(),
-                         [&](size_t x, size_t y) { return mh[x] > mh[y]; });
-        std::vector<int32_t> want;
-        for (size_t i : order)
-          for (int32_t b : {sel[h][i], sel[h][i] + 1})
-            if (static_cast<int64_t>(want.size()) < c.retained() &&
-                std::find(want.begin(), want.end(), b) == want.end())
-              want.push_back(b);
-        std::sort(want.begin(), want.end());
-        EXPECT_EQ(p0.retained[h], want) << what << " head " << h;
-      }
+      const auto want = test::KeptByMass(mass, sel, sm == SelectMode::kLayer, c.retained());
+      for (int64_t h = 0; h < Hk; ++h) EXPECT_EQ(p0.retained[h], want[h]) << what << " head " << h;
     }
 }
 
