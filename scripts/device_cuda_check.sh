@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -12,6 +12,10 @@
 #          GEMV's ways of streaming, NEEDLE_GEMV_TC_PIPE 0/1/2, side by side) and bench_hybrid's
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
+#   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
+#          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
+#          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
+#          lengths (default 128k,512k; QUALITY=1m alone: it takes most of a 600 s command)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -f .dev/gpu.tar.xz ] && tar -C .dev -xJf .dev/gpu.tar.xz
@@ -54,6 +58,20 @@ if [ "$what" = batch ] || [ "$what" = all ]; then
   NEEDLE_BENCH_BATCH=1,2,4,8 NEEDLE_BENCH_PLACEMENTS=host timeout 240 $G/bench_hybrid 48G \
     131072s $Q 2>"$LOG/hybrid.err"
   tail -2 "$LOG/hybrid.err"
+fi
+if [ "$what" = quality ]; then
+  EXTRA="--device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
+  for run in "128k 8 dense,sparse 200" "512k 4 sparse 300" "1m 4 sparse 560"; do
+    set -- $run
+    case ",${QUALITY:-128k,512k}," in *",$1,"*) ;; *) continue ;; esac
+    echo "== quality_table $1, $2 samples, $3"
+    PROCS=1 THREADS=16 NEEDLE=$G/needle EXTRA="$EXTRA" timeout $4 bash scripts/quality_table.sh \
+      "$LOG/quality_$1" "$1" "$2" \
+      passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle \
+      "$3" > /dev/null 2> "$LOG/quality_$1.err"
+    echo "rc $?"
+    cat "$LOG/quality_$1/table.md" 2>/dev/null
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   [ -x $G/bench_cuda ] && bash bench/bench_cuda.sh $G/bench_cuda
