@@ -129,7 +129,7 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
   // The prompt's last query seeds retention (below): keep the lse of the last micro-batch.
   const bool seed = step_.last_of_call && cfg_.retained() > 0 && !DenseLayer(layer, a);
   if (seed) prefill_lse_.resize(static_cast<size_t>(a.T * a.heads));
-  last_query_selected_ = false;
+  last_query_sel_.clear();
   if (cfg_.sparse_prefill && !DenseLayer(layer, a)) {
     SparsePrefill(layer, q, a, kv, out, seed ? prefill_lse_.data() : nullptr);
   } else {
@@ -169,7 +169,7 @@ void SparseAttention::Prefill(int64_t layer, const float* q, const AttnArgs& a,
     la.pos0 = end - 1;
     const float* lq = q + (a.T - 1) * a.heads * a.head_dim;
     const float* llse = prefill_lse_.data() + (a.T - 1) * a.heads;
-    if (last_query_selected_) {
+    if (!last_query_sel_.empty()) {
       Retain(layer, lq, llse, la, kv, last_query_sel_, false,
              cfg_.pos_remap && a.inv_freq != nullptr);
     } else {

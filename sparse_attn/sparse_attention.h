@@ -383,10 +383,9 @@ class SparseAttention final : public AttentionPolicy {
   void FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
   std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
   std::vector<float> prefill_lse_;        // [T, heads] of the prompt's last micro-batch
-  // --prefill sparse: the Context blocks the prompt's last query attended ([kv_head][n]; valid
-  // while last_query_selected_), from which its masses seed retention.
+  // --prefill sparse: the Context blocks the prompt's last query attended ([kv_head][n]; empty
+  // when it selected none), from which its masses seed retention.
   std::vector<std::vector<int32_t>> last_query_sel_;
-  bool last_query_selected_ = false;
 };
 
 }  // namespace needle

@@ -134,7 +134,7 @@ void SparseAttention::SparsePrefill(int64_t layer, const float* q, const AttnArg
     if (step_.last_of_call && c0 + ca.T == a.pos0 + a.T) {  // the prompt's last query's chunk
       Watch(layer, sel, cfg_.init_end(), lb, false);
       // (Alone, unless one chunk holds the whole prompt: then it has no Context to select.)
-      if (ck.scores) last_query_sel_ = sel, last_query_selected_ = true;
+      if (ck.scores) last_query_sel_ = sel;
     }
     float* c_out = out + (c0 - a.pos0) * HD;
     float* c_lse = lse != nullptr ? lse + (c0 - a.pos0) * a.heads : nullptr;

@@ -33,10 +33,52 @@ SparseConfig OneBlockPrefill(int64_t B) {
   return c;
 }
 
-// Layer 0 of `cache` holds keys k and values v ([N, Hk, D]), N tokens.
-void WriteAll(KVCache& cache, const std::vector<float>& k, const std::vector<float>& v, int64_t N) {
-  cache.Write(0, 0, N, k.data(), v.data());
+// The last-query tests' inputs for one seed: one layer of N tokens of one KV head (D = 16),
+// 2 query heads, blocks of 4; random keys k [N, D], values and queries q [N, H, D].
+struct LastQueryInputs {
+  static constexpr int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
+  std::vector<float> k, q;
+  KVCache cache;
+  explicit LastQueryInputs(uint64_t seed)
+      : k(test::RandomVector(N * Hk * D, seed)),
+        q(test::RandomVector(N * H * D, seed + 2, 2.f)),
+        cache(KVCacheShape{1, Hk, D, N, B, DType::kF32}) {
+    const auto v = test::RandomVector(N * Hk * D, seed + 1);
+    cache.Write(0, 0, N, k.data(), v.data());
+    cache.SetSize(N);
+  }
+};
+
+// The outputs [N, H, D] of one sparse prefill of the N queries q over layer 0 of `cache`
+// (the shapes of m: H query heads of D).
+std::vector<float> PrefillOutputs(const ModelConfig& m, const SparseConfig& c, Backend& backend,
+                                  ThreadingContext& tc, const std::vector<float>& q, KVCache& cache,
+                                  int64_t N) {
+  const int64_t H = m.num_heads, D = m.head_dim;
+  cache.SetSize(0);
+  SparseAttention sp(m, c, backend, tc, N, DType::kF32);
+  AttnArgs a{N, 0, H, m.num_kv_heads, D, 0, 0.25f};
+  std::vector<float> out(static_cast<size_t>(N * H * D));
+  sp.BeginStep(StepInfo{0, N, N, true});
+  sp.Attend(0, q.data(), a, cache, out.data());
   cache.SetSize(N);
+  return out;
+}
+
+// The reference output [H, D] of the last of N queries (ql) over Initial + `blocks` + Local.
+std::vector<float> LastQueryReference(const ModelConfig& m, const SparseConfig& c,
+                                      const std::vector<int32_t>& blocks, const float* ql,
+                                      KVCache& cache, int64_t N, ThreadingContext& tc) {
+  const int64_t H = m.num_heads, D = m.head_dim;
+  AttnSpans spans;
+  spans.offsets.assign(1, 0);
+  std::map<int64_t, int32_t> rows;
+  AppendQuerySpans(c.init_end(), blocks, c.block_size, c.LocalBegin(N - 1), N - 1, nullptr, D,
+                   &spans, &rows);
+  AttnArgs a1{1, N - 1, H, m.num_kv_heads, D, 0, 0.25f};
+  std::vector<float> want(static_cast<size_t>(H * D));
+  ref::Attention(ql, cache.Layer(0), a1, &spans, want.data(), nullptr, tc);
+  return want;
 }
 
 // In a sparse prefill longer than one chunk, the prompt's last query (it predicts the first answer
@@ -44,7 +86,8 @@ void WriteAll(KVCache& cache, const std::vector<float>& k, const std::vector<flo
 // Initial + the top block by its own scores + Local, not the top block of its chunk's summed
 // scores (which differ here, checked).
 TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
-  const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
+  using In = LastQueryInputs;
+  const int64_t D = In::D, Hk = In::Hk, H = In::H, B = In::B, N = In::N;
   SparseConfig c = OneBlockPrefill(B);
   c.rescore_last = 0;  // (by its Quest scores)
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
@@ -53,10 +96,9 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
   // The first inputs (seeds) whose two selections differ, so that the test can tell them apart.
   for (uint64_t seed = 21;; seed += 3) {
     ASSERT_LT(seed, 200u) << "no inputs where the two selections differ";
-    const auto k = test::RandomVector(N * Hk * D, seed),
-               q = test::RandomVector(N * H * D, seed + 2, 2.f);
-    KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
-    WriteAll(cache, k, test::RandomVector(N * Hk * D, seed + 1), N);
+    In in(seed);
+    const std::vector<float>& q = in.q;
+    KVCache& cache = in.cache;
     // The selections by the last query alone and by its 16-query chunk, from Quest scores.
     RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
     const auto select = [&](int64_t t0, int64_t T, int64_t p) {
@@ -74,21 +116,9 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
     };
     const std::vector<int32_t> alone = select(N - 1, 1, N - 1), chunk = select(48, 16, 48);
     if (alone == chunk) continue;
-    cache.SetSize(0);
-    SparseAttention sp(m, c, *backend, tc, N, DType::kF32);
-    AttnArgs a{N, 0, H, Hk, D, 0, 0.25f};
-    std::vector<float> out(static_cast<size_t>(N * H * D));
-    sp.BeginStep(StepInfo{0, N, N, true});
-    sp.Attend(0, q.data(), a, cache, out.data());
-    AttnSpans spans;
-    spans.offsets.assign(1, 0);
-    std::map<int64_t, int32_t> rows;
-    AppendQuerySpans(c.init_end(), alone, B, c.LocalBegin(N - 1), N - 1, nullptr, D, &spans, &rows);
-    AttnArgs a1{1, N - 1, H, Hk, D, 0, 0.25f};
-    std::vector<float> want(static_cast<size_t>(H * D));
-    cache.SetSize(N);
-    ref::Attention(q.data() + (N - 1) * H * D, cache.Layer(0), a1, &spans, want.data(), nullptr,
-                   tc);
+    const std::vector<float> out = PrefillOutputs(m, c, *backend, tc, q, cache, N);
+    const std::vector<float> want =
+        LastQueryReference(m, c, alone, q.data() + (N - 1) * H * D, cache, N, tc);
     for (int64_t i = 0; i < H * D; ++i)
       ASSERT_NEAR(out[(N - 1) * H * D + i], want[i], 1e-5 * (1 + std::fabs(want[i])))
           << "seed " << seed << " " << i;
@@ -101,17 +131,17 @@ TEST(Sparse, SparsePrefillsLastQuerySelectsAlone) {
 // Quest's bound would take another (inputs chosen so; checked); every other query of the prompt
 // attends as without it (its chunk re-ranks nothing).
 TEST(Sparse, SparsePrefillsLastQueryReRanksByTheBestKey) {
-  const int64_t D = 16, Hk = 1, H = 2, B = 4, N = 64;
+  using In = LastQueryInputs;
+  const int64_t D = In::D, Hk = In::Hk, H = In::H, B = In::B, N = In::N;
   SparseConfig c = OneBlockPrefill(B);
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
   for (uint64_t seed = 31;; seed += 3) {
     ASSERT_LT(seed, 300u) << "no inputs where Quest and the best key select differently";
-    const auto k = test::RandomVector(N * Hk * D, seed),
-               q = test::RandomVector(N * H * D, seed + 2, 2.f);
-    KVCache cache(KVCacheShape{1, Hk, D, N, B, DType::kF32});
-    WriteAll(cache, k, test::RandomVector(N * Hk * D, seed + 1), N);
+    In in(seed);
+    const std::vector<float>&k = in.k, &q = in.q;
+    KVCache& cache = in.cache;
     const float* ql = q.data() + (N - 1) * H * D;
     RepresentativeStore reps(1, Hk, D, N / B, ReprType::kQuest, DType::kF32);
     std::vector<int32_t> ids;
@@ -136,22 +166,9 @@ TEST(Sparse, SparsePrefillsLastQueryReRanksByTheBestKey) {
     std::vector<float> outs[2];
     for (int64_t last : {0, 1000}) {
       c.rescore_last = last;
-      cache.SetSize(0);
-      SparseAttention sp(m, c, *backend, tc, N, DType::kF32);
-      AttnArgs a{N, 0, H, Hk, D, 0, 0.25f};
-      outs[last > 0].assign(static_cast<size_t>(N * H * D), 0.f);
-      sp.BeginStep(StepInfo{0, N, N, true});
-      sp.Attend(0, q.data(), a, cache, outs[last > 0].data());
+      outs[last > 0] = PrefillOutputs(m, c, *backend, tc, q, cache, N);
     }
-    AttnSpans spans;
-    spans.offsets.assign(1, 0);
-    std::map<int64_t, int32_t> rows;
-    AppendQuerySpans(c.init_end(), by_best, B, c.LocalBegin(N - 1), N - 1, nullptr, D, &spans,
-                     &rows);
-    AttnArgs a1{1, N - 1, H, Hk, D, 0, 0.25f};
-    std::vector<float> want(static_cast<size_t>(H * D));
-    cache.SetSize(N);
-    ref::Attention(ql, cache.Layer(0), a1, &spans, want.data(), nullptr, tc);
+    const std::vector<float> want = LastQueryReference(m, c, by_best, ql, cache, N, tc);
     for (int64_t i = 0; i < H * D; ++i)
       ASSERT_NEAR(outs[1][(N - 1) * H * D + i], want[i], 1e-5 * (1 + std::fabs(want[i])))
           << "seed " << seed << " " << i;
