@@ -38,8 +38,13 @@ std::vector<SparseAttention::ChunkSpec> SparseAttention::PrefillChunkScoring(
     int64_t layer, const AttnArgs& a, const KVLayerView& kv) {
   std::vector<ChunkSpec> out = PrefillChunks(a);
   int64_t end = 0;  // the candidates to make ready: before the micro-batch's first block
+  int64_t want = 0;
+  bool sum_heads = false;
+  ChunkShortlist(&want, &sum_heads);
   for (ChunkSpec& ck : out) {
-    ck.executor_top = ck.scores && ck.cand_end * cfg_.block_size <= a.pos0;
+    // (A chunk that re-ranks more candidates than the executor's shortlist holds, the prompt's
+    // last query with --rescore-last, is scored here.)
+    ck.executor_top = ck.scores && ck.cand_end * cfg_.block_size <= a.pos0 && ck.rescore <= want;
     if (ck.executor_top) end = std::max(end, ck.cand_end);
   }
   if (end > 0) {

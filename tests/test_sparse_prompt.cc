@@ -378,7 +378,8 @@ class ShortlistExecutor final : public CpuPlanExecutor {
 // scored from the executor's combined queries. The prompt's last query re-ranking more than the
 // executor's shortlist holds (rescore_last 1000) is scored by the planner.
 TEST(Sparse, ChunkShortlistsFromTheExecutorSelectAsThePlanner) {
-  const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 160, ub = 32;
+  // (N: the last micro-batch is the prompt's last query alone, its candidates all before it.)
+  const int64_t D = 16, Hk = 2, H = 4, B = 4, N = 161, ub = 32;
   const ModelConfig m = test::AttentionShapes(1, H, Hk, D);
   ThreadingContext tc(2);
   auto backend = MakeCpuBackend(tc, false);
