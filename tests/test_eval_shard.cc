@@ -239,7 +239,7 @@ TEST(EvalBatch, BatchedSamplesAnswerAsOneAtATime) {
   // batched, the same answers as one at a time.
   const std::string sparse =
       "--attention dense,sparse --block-size 4 --init-tokens 4 --local-window 8 --topk 2 "
-      "--dense-layers 0 --attn-recall ";
+      "--dense-layers 0 --attn-recall --device cpu ";
   Result both1 = RunNeedle(args + sparse + "-o " + d.File("both1"));
   ASSERT_EQ(both1.status, 0) << both1.output;
   Result both = RunNeedle(args + sparse + "--batch 3 -o " + d.File("both"));
