@@ -8,8 +8,7 @@
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
-#   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K; the tensor-core
-#          GEMV's ways of streaming, NEEDLE_GEMV_TC_PIPE 0/1/2, side by side) and bench_hybrid's
+#   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K) and bench_hybrid's
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
@@ -36,19 +35,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     > "$LOG/tests.log" 2>&1
   echo "rc $?"
   grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests.log" | head -40
-  # The tensor-core GEMV's other ways of streaming give the same bits (and each token its own).
-  for m in 1 2; do
-    NEEDLE_GEMV_TC_PIPE=$m timeout 120 $G/needle_tests \
-      --gtest_filter='CudaDecode.TokensOfOneCall*:ModelBatch.Gpu*' 2>&1 |
-      grep -E "PASSED|FAILED" | head -4 | sed "s/^/NEEDLE_GEMV_TC_PIPE=$m: /"
-  done
 fi
 if [ "$what" = batch ] || [ "$what" = all ]; then
   Q=bench/configs/qwen2.5-7b.json
-  for m in 0 1 2; do
-    echo "== bench_batch 4K, NEEDLE_GEMV_TC_PIPE=$m"
-    NEEDLE_GEMV_TC_PIPE=$m timeout 100 $G/bench_batch cuda $Q 4096 1,8,16,32 16 2>>"$LOG/batch.err"
-  done
+  echo "== bench_batch 4K"
+  timeout 100 $G/bench_batch cuda $Q 4096 1,8,16,32 16 2>>"$LOG/batch.err"
   echo "== bench_batch 32K"
   timeout 150 $G/bench_batch cuda $Q 32768 1,16,32,48,64 16 2>>"$LOG/batch.err"
   echo "== bench_batch Llama-3.1-8B 4K"

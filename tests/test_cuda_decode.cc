@@ -238,60 +238,6 @@ TEST(CudaDecode, TokensOfOneCallEqualEachAlone) {
 #endif
 }
 
-// The tensor-core GEMV's ways of streaming its operands (gemv.h's GemvTcPipe: registers, a
-// cp.async ring of two sizes) add the same sums in the same order: equal bits, for every tiling
-// the token counts pick, K not a multiple of the 32-chunk span, rows past the last tile.
-TEST(CudaDecode, TensorCoreGemvPipesGiveTheSameBits) {
-  NEEDLE_REQUIRE_GPU(gpu);
-#ifdef NEEDLE_HAVE_CUDA
-  gpu->PreferBatchKernels(true);
-  const int before = cuda::GemvTcPipe();
-  for (int64_t K : {264, 1032, 3584}) {
-    HostDev g = MakeWeight(*gpu, DType::kBF16, 1, K, 61);
-    HostDev wq = MakeWeight(*gpu, DType::kBF16, 301, K, 62),
-            wk = MakeWeight(*gpu, DType::kBF16, 63, K, 63),
-            wu = MakeWeight(*gpu, DType::kBF16, 301, K, 64),
-            bq = MakeWeight(*gpu, DType::kBF16, 1, 301, 65);
-    for (int64_t T : {1, 5, 8, 9, 16, 17, 32, 33, 64}) {
-      const size_t TK = static_cast<size_t>(T * K);
-      BackendBuffer xd = Upload(*gpu, test::RandomVector(TK, 9 + static_cast<int>(T))),
-                    xnd(*gpu, TK);
-      const std::vector<float> y0 = test::RandomVector(static_cast<size_t>(T * 301), 43);
-      std::vector<std::vector<float>> first;
-      for (int mode : {0, 1, 2}) {
-        cuda::SetGemvTcPipe(mode);
-        std::vector<std::vector<float>> got;
-        for (int normed = 0; normed < 2; ++normed) {
-          const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
-          BackendBuffer yq(*gpu, static_cast<size_t>(T * 301)),
-              yk(*gpu, static_cast<size_t>(T * 63));
-          Backend::Projection pg[2] = {{&wq.dev, &bq.dev, yq.get()}, {&wk.dev, nullptr, yk.get()}};
-          gpu->Project(xd.get(), T, ng, pg, 2);
-          got.push_back(Download(*gpu, yq.get(), static_cast<size_t>(T * 301)));
-          got.push_back(Download(*gpu, yk.get(), static_cast<size_t>(T * 63)));
-          BackendBuffer gd(*gpu, static_cast<size_t>(T * 301)),
-              ud(*gpu, static_cast<size_t>(T * 301));
-          gpu->GateUp(xd.get(), T, ng, wq.dev, &bq.dev, wu.dev, nullptr, gd.get(), ud.get());
-          got.push_back(Download(*gpu, gd.get(), static_cast<size_t>(T * 301)));
-        }
-        BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, static_cast<size_t>(T * 301));
-        gpu->ProjectAdd(xd.get(), T, wq.dev, &bq.dev, yad.get(), sd.get());
-        got.push_back(Download(*gpu, yad.get(), static_cast<size_t>(T * 301)));
-        if (mode == 0) {
-          first = got;
-          continue;
-        }
-        for (size_t o = 0; o < got.size(); ++o)
-          for (size_t i = 0; i < got[o].size(); ++i)
-            ASSERT_EQ(first[o][i], got[o][i]) << "K=" << K << " T=" << T << " pipe " << mode
-                                              << " output " << o << " element " << i;
-      }
-    }
-  }
-  cuda::SetGemvTcPipe(before);
-#endif
-}
-
 // The fused rotary embedding + cache write leaves q, k and the cache exactly as Rope, Rope,
 // KVWrite do, for one token and for a short prompt, across a block boundary.
 TEST(CudaDecode, RopeKVWriteEqualsSeparateOps) {

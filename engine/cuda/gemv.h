@@ -101,13 +101,4 @@ void Gemv(const float* x, int64_t T, int64_t K, const GemvNorm& norm, DType wtyp
           const GemvTiling* tiling = nullptr, const GemvRope* rope = nullptr,
           bool tensor_cores = false);
 
-// How the tensor-core kernel streams its operands (every variant adds the same sums in the same
-// order: the same bits): 0, the default, loads into registers in bursts of spans (measured on
-// the H200: bench/RESULTS.md); 1, through a ring of cp.async stages in shared memory of about
-// 96 KB a block; 2, about 192 KB (twice the stages, one block a multiprocessor). 1 and 2 have not
-// been measured yet: the default moves once they have. The environment's NEEDLE_GEMV_TC_PIPE
-// when set, unless a caller set it (tests and benchmarks compare them in one process).
-int GemvTcPipe();
-void SetGemvTcPipe(int mode);
-
 }  // namespace needle::cuda

@@ -20,8 +20,6 @@
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cstdlib>
 
 #include "engine/base/error.h"
@@ -29,7 +27,6 @@
 #include "engine/cuda/gemv.h"
 #include "engine/cuda/gemv_common.cuh"
 #include "engine/cuda/mma.cuh"
-#include "engine/cuda/smem_async.cuh"
 
 namespace needle::cuda::gemv_detail {
 namespace {
@@ -212,78 +209,6 @@ __global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
   TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, at.b, at.m0, buf, kTcPart<MT, NT>);
 }
 
-// The same products, their operands streamed through shared memory: each lane copies (cp.async)
-// its own 16-byte pieces of the span S - 1 spans ahead, the weights' 2 MT and its inputs' 2 NT,
-// into a ring of S stages of its warp, [W][S][P = 2 MT + 2 NT][32 lanes] uint4 (dynamic shared
-// memory; a lane's pieces are 16 bytes apart from the next lane's: no bank conflicts). So S - 1
-// spans' loads are in flight while one multiplies, all the time; the register kernel's loads
-// come in bursts of U spans, none in flight while they multiply. A lane reads back only what it
-// copied itself: waiting for its own copy groups is the only synchronisation. The same spans and
-// products in the same order: the same bits.
-template <int MT, int NT>
-constexpr int kTcPieces = 2 * MT + 2 * NT;
-
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int S, int W>
-__global__ void __launch_bounds__(32 * W) GemvTcPipeKernel(GemvParams p) {
-  static_assert(S >= 2);
-  constexpr int P = kTcPieces<MT, NT>;
-  extern __shared__ uint4 ring[];
-  const TcPlace<kE == GemvEpilogue::kSiluMul, MT, NT> at(p);
-  const int lane = at.lane, c = at.c, warp = at.warp;
-  const auto& wr = at.wr;
-  const auto& xm = at.xm;
-  float acc[MT][NT][4] = {}, ss[NT] = {};
-  const int spans = (p.k8 + 3) / 4;
-  const int n = warp < spans ? (spans - warp + W - 1) / W : 0;         // this warp's spans
-  uint4* mine = ring + static_cast<size_t>(warp) * S * P * 32 + lane;  // [S][P] at stride 32
-  const auto smem = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
-  // The copies of the warp's i-th span (span warp + W i) into stage i % S, closed as one group
-  // (an empty one past the last span, so that every iteration counts the same groups).
-  auto copy = [&](int i) {
-    if (i < n) {
-      const int chunk = 4 * (warp + W * i) + c;
-      const bool in = chunk < p.k8;
-      const uint32_t d = smem + static_cast<uint32_t>((i % S) * P * 32 * 16);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          CpAsync16<true>(d + (2 * mt + h) * 512, wr[mt][h] + (in ? chunk : 0), in);
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const float4* x4 = reinterpret_cast<const float4*>(p.x) +
-                           2 * (static_cast<int64_t>(xm[t]) * p.k8 + (in ? chunk : 0));
-        CpAsync16(d + (2 * MT + 2 * t) * 512, x4, in);
-        CpAsync16(d + (2 * MT + 2 * t + 1) * 512, x4 + 1, in);
-      }
-    }
-    CpAsyncCommit();
-  };
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) copy(i);
-  for (int i = 0; i < n; ++i) {
-    CpAsyncWait<S - 2>();  // (groups 0..i of the S - 1 + i committed: span i is in)
-    const uint4* st = mine + (i % S) * P * 32;
-    uint4 a[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) a[mt][h] = st[(2 * mt + h) * 32];
-    // Into the stage that the previous iteration read (its values used by its products).
-    copy(i + S - 1);
-    const int chunk = 4 * (warp + W * i) + c;
-    const auto* x4 = reinterpret_cast<const float4*>(st + 2 * MT * 32);
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-      TcSpan<kNorm, MT, NT>(p, chunk, a, x4[2 * t * 32], x4[(2 * t + 1) * 32], acc, ss[t], t);
-  }
-  // (The parts go into each warp's own ring, which it no longer reads, before the barrier: no
-  // copy is pending, the last groups were empty.)
-  static_assert(kTcPart<MT, NT> * 4 <= S * P * 512);
-  TcEpilogue<kE, kNorm, MT, NT, W>(p, acc, ss, at.b, at.m0, reinterpret_cast<float*>(ring),
-                                   S * P * 32 * 4);
-}
-
 // Blocks of MT m-tiles (16 rows, or kSiluMul's 8 row pairs, each) by NT n-tiles of 8 tokens.
 unsigned TcGrid(const GemvParams& p, GemvEpilogue e, int64_t rows, int MT, int NT) {
   const int per = (e == GemvEpilogue::kSiluMul ? 8 : 16) * MT;
@@ -312,53 +237,6 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-// The pipelined kernel's stages for a ring of about kKB KB a block: 2 to 8.
-template <int MT, int NT, int W, int kKB>
-constexpr int kTcStages = std::clamp(kKB * 1024 / (W * kTcPieces<MT, NT> * 512), 2, 8);
-
-// One pipelined kernel's launch; over 48 KB of dynamic shared memory must be asked for, once per
-// kernel.
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int S, int W>
-void LaunchPipe(const GemvParams& p, unsigned grid, cudaStream_t stream) {
-  constexpr int kBytes = W * S * kTcPieces<MT, NT> * 512;
-  static const bool asked = [] {
-    NEEDLE_CUDA_CHECK(cudaFuncSetAttribute(GemvTcPipeKernel<kE, kNorm, MT, NT, S, W>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-    return true;
-  }();
-  (void)asked;
-  GemvTcPipeKernel<kE, kNorm, MT, NT, S, W><<<grid, 32 * W, kBytes, stream>>>(p);
-}
-
-template <bool kNorm, int MT, int NT, int S, int W>
-void LaunchPipeAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  const unsigned grid = TcGrid(p, e, rows, MT, NT);
-  switch (e) {
-    case GemvEpilogue::kStore:
-      LaunchPipe<GemvEpilogue::kStore, kNorm, MT, NT, S, W>(p, grid, stream);
-      break;
-    case GemvEpilogue::kAdd:
-      LaunchPipe<GemvEpilogue::kAdd, kNorm, MT, NT, S, W>(p, grid, stream);
-      break;
-    case GemvEpilogue::kSiluMul:
-      LaunchPipe<GemvEpilogue::kSiluMul, kNorm, MT, NT, S, W>(p, grid, stream);
-      break;
-    default:
-      Fail("Gemv: the tensor-core kernel has no rotary epilogue");
-  }
-  NEEDLE_CUDA_CHECK_LAUNCH();
-}
-
-// gemv.h's GemvTcPipe: NEEDLE_GEMV_TC_PIPE (read once) until SetGemvTcPipe.
-std::atomic<int>& TcPipe() {
-  static std::atomic<int> mode{[] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_PIPE");
-    const int v = e == nullptr ? 0 : std::atoi(e);
-    return v == 1 || v == 2 ? v : 0;
-  }()};
-  return mode;
-}
-
 // NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
 bool PrefetchInputs() {
   static const bool on = [] {
@@ -373,11 +251,6 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
   // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
   // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
   // batch 32, bench/RESULTS.md.)
-  const int pipe = TcPipe().load(std::memory_order_relaxed);
-  if (pipe == 1)
-    return LaunchPipeAs<kNorm, MT, NT, kTcStages<MT, NT, W, 96>, W>(p, e, rows, stream);
-  if (pipe == 2)
-    return LaunchPipeAs<kNorm, MT, NT, kTcStages<MT, NT, W, 192>, W>(p, e, rows, stream);
   constexpr bool kFits = U * NT <= 4 && NT <= 2;
   if (kFits && PrefetchInputs())
     return LaunchTilesAs<kNorm, MT, NT, U, W, kFits>(p, e, rows, stream);
@@ -449,14 +322,3 @@ void LaunchTensorCore(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStr
 }
 
 }  // namespace needle::cuda::gemv_detail
-
-namespace needle::cuda {
-
-int GemvTcPipe() { return gemv_detail::TcPipe().load(); }
-
-void SetGemvTcPipe(int mode) {
-  if (mode < 0 || mode > 2) Fail("SetGemvTcPipe: mode ", mode, " (0, 1 or 2)");
-  gemv_detail::TcPipe().store(mode);
-}
-
-}  // namespace needle::cuda
