@@ -67,9 +67,10 @@ class Gen:
     """Random training samples in the evaluation formats."""
 
     def __init__(self, rng, text, words, needle_acts="fixed", needle_places="cities", copy_source="vocab",
-                 raw_needles=False):
+                 raw_needles=False, number_keys="uniform", values_in_order=False):
         self.rng, self.text, self.words, self.needle_acts = rng, text, words, needle_acts
         self.needle_places, self.copy_source, self.raw_needles = needle_places, copy_source, raw_needles
+        self.number_keys, self.values_in_order = number_keys, values_in_order
         self.sentences = [s for s in " ".join(text.split()).replace(". ", ".\0").split("\0") if s]
 
     def with_rng(self, rng):
@@ -80,6 +81,18 @@ class Gen:
 
     def digits(self, n):
         return "".join(self.rng.choice("0123456789") for _ in range(n))
+
+    def number_key(self):
+        """number_string's 10 digits. "repeats": InfiniteBench's own (datasets/infinitebench.cc
+        NumberStringKey): 5 random digits, then 5 times one of them doubled in place, so that the
+        key has runs of one digit ("2488888888") whose length a copy must count."""
+        if self.number_keys == "uniform":
+            return self.digits(10)
+        k = list(self.digits(5))
+        for i in range(5):
+            pos = self.rng.randint(0, 4 + i)
+            k.insert(pos, k[pos])
+        return "".join(k)
 
     def uuid(self):
         h = "%032x" % self.rng.getrandbits(128)
@@ -128,7 +141,7 @@ class Gen:
         rest ask about other needles of the same context (denser supervision for training)."""
         r = self.rng
         if kind in ("passkey", "number_string"):
-            key = self.digits(5) if kind == "passkey" else self.digits(10)
+            key = self.digits(5) if kind == "passkey" else self.number_key()
             n = max(1, chars // len(T.NOISE_LINE))
             j = r.randint(0, n)
             needle = T.passkey_needle(key) if kind == "passkey" else T.number_string_needle(key)
@@ -174,7 +187,6 @@ class Gen:
         needles = [T.ruler_needle(kind, k, v) for k, vs in zip(keys, vals) for v in vs]
         r.shuffle(needles)
         q = r.sample(range(len(keys) - extra), nq)
-        answer = [v for i in q for v in vals[i]]
         if hay == "noise":
             lines = [T.NOISE_SENTENCE] * max(1, chars // 86)
         elif hay == "needle":
@@ -183,6 +195,15 @@ class Gen:
             lines = self.essay(chars)
         for nd in needles:
             lines.insert(r.randint(0, len(lines)), nd)
+        if self.values_in_order:
+            # A key's values in the order the context gives them (scoring takes any order; a
+            # random one taught needle-tiny to repeat values it had found instead of the rest).
+            at = {}
+            for j, ln in enumerate(lines):
+                at.setdefault(ln, j)
+            for k, vs in zip(keys, vals):
+                vs.sort(key=lambda v, k=k: at.get(T.ruler_needle(kind, k, v), 0))
+        answer = [v for i in q for v in vals[i]]
         query = T.ruler_query([keys[i] for i in q])
         prompt = T.ruler_task_prompt(kind, ("\n" if hay != "essay" else " ").join(lines), query)
         first = (prompt + T.ruler_answer_prefix(kind, query), " " + ", ".join(answer) + ".")
@@ -285,6 +306,12 @@ def main():
     ap.add_argument("--first-weight", type=float, default=1.0,
                     help="loss weight of each answer's first token against its others: the first "
                          "token is where a retrieval is decided, the rest is mostly copying")
+    ap.add_argument("--number-keys", choices=("uniform", "repeats"), default="uniform",
+                    help="number_string's keys: 10 uniform digits, or InfiniteBench's (runs of one "
+                         "digit, as the evaluation draws them)")
+    ap.add_argument("--values-in-order", action="store_true",
+                    help="answers of several values of one key (niah_multivalue) in the order the "
+                         "context gives them")
     ap.add_argument("--full-share", type=float, default=0.0,
                     help="share of samples 90-100%% of the step's length instead of 25-100%%: an "
                          "evaluation at the training length is otherwise at the edge of what was seen")
@@ -303,7 +330,8 @@ def main():
     torch.backends.cudnn.deterministic = True
     text = open(args.text, encoding="utf-8").read()
     gen = Gen(random.Random(args.seed), text, json.load(open(args.words)), args.needle_acts,
-              args.needle_places, args.copy_source, args.raw_needles)
+              args.needle_places, args.copy_source, args.raw_needles, args.number_keys,
+              args.values_in_order)
     t_start = time.time()
 
     if args.init:
