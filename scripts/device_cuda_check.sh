@@ -51,12 +51,12 @@ if [ "$what" = batch ] || [ "$what" = all ]; then
   tail -2 "$LOG/hybrid.err"
 fi
 if [ "$what" = quality ]; then
-  EXTRA="--device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
-  for run in "128k 8 dense,sparse 200" "512k 4 sparse 300" "1m 4 sparse 560"; do
+  EXTRA="-m ${MODEL:-$PWD/models/needle-tiny} --device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
+  for run in "128k 8 dense,sparse 250" "512k 4 sparse 300" "1m 4 sparse 560"; do
     set -- $run
     case ",${QUALITY:-128k,512k}," in *",$1,"*) ;; *) continue ;; esac
     echo "== quality_table $1, $2 samples, $3"
-    PROCS=1 THREADS=16 NEEDLE=$G/needle EXTRA="$EXTRA" timeout $4 bash scripts/quality_table.sh \
+    PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$EXTRA" timeout $4 bash scripts/quality_table.sh \
       "$LOG/quality_$1" "$1" "$2" \
       passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle \
       "$3" > /dev/null 2> "$LOG/quality_$1.err"
