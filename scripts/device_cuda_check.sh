@@ -4,13 +4,14 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
 #   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K) and bench_hybrid's
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
+#   reference  tests/fixtures/make_needle_tiny_reference.py on models/needle-tiny (to $OUT)
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
 #          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
 #          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
@@ -63,6 +64,13 @@ if [ "$what" = quality ]; then
     echo "rc $?"
     cat "$LOG/quality_$1/table.md" 2>/dev/null
   done
+fi
+if [ "$what" = reference ]; then
+  # transformers' logits on the shipped needle-tiny (tests/test_fixtures.cc NeedleTiny): copy
+  # $OUT/needle_tiny/reference.* to tests/fixtures/needle_tiny/ on the dev machine.
+  echo "== needle-tiny's transformers reference"
+  python3 tests/fixtures/make_needle_tiny_reference.py --model models/needle-tiny \
+    --out "$LOG/needle_tiny" 2>&1 | tail -12
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   [ -x $G/bench_cuda ] && bash bench/bench_cuda.sh $G/bench_cuda
