@@ -195,14 +195,14 @@ class Gen:
             lines = self.essay(chars)
         for nd in needles:
             lines.insert(r.randint(0, len(lines)), nd)
-        if self.values_in_order:
+        if self.values_in_order and nv > 1:
             # A key's values in the order the context gives them (scoring takes any order; a
             # random one taught needle-tiny to repeat values it had found instead of the rest).
             at = {}
             for j, ln in enumerate(lines):
                 at.setdefault(ln, j)
             for k, vs in zip(keys, vals):
-                vs.sort(key=lambda v, k=k: at.get(T.ruler_needle(kind, k, v), 0))
+                vs.sort(key=lambda v, k=k: at[T.ruler_needle(kind, k, v)])
         answer = [v for i in q for v in vals[i]]
         query = T.ruler_query([keys[i] for i in q])
         prompt = T.ruler_task_prompt(kind, ("\n" if hay != "essay" else " ").join(lines), query)
