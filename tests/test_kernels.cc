@@ -202,6 +202,7 @@ INSTANTIATE_TEST_SUITE_P(
                           AttnCase{1, 999, 8, 2, 128, 0, 128},  // decode, GQA 4, key splits
                           AttnCase{1, 2600, 7, 1, 64, 0, 64},   // decode, GQA 7, splits
                           AttnCase{37, 0, 8, 1, 128, 0, 16},    // prefill, GQA 8, small blocks
+                          AttnCase{150, 40, 8, 2, 64, 0, 32},   // prefill, token groups
                           AttnCase{5, 300, 4, 1, 64, 64, 32},   // sliding window
                           AttnCase{9, 130, 6, 2, 72, 0, 50},    // head_dim 72, odd block
                           AttnCase{3, 5, 2, 2, 6, 0, 4},        // tiny head_dim

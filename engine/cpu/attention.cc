@@ -5,7 +5,8 @@
 // small per-thread tile when stored as f16/bf16/int8), folded with an online softmax into one
 // PartialAttention per head; the splits of one (token, head) merge in split order, so results
 // are independent of scheduling. Keys are split across items only when tokens x KV heads alone
-// cannot feed the threads (long-context decode).
+// cannot feed the threads (long-context decode). Prompts with unsplit keys fold by groups of
+// tokens instead (prompt_groups.h).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -15,6 +16,7 @@
 #include "engine/base/error.h"
 #include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
+#include "engine/cpu/prompt_groups.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"
@@ -346,11 +348,15 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   // Partials: [items, splits, G] with outputs [.., D].
   std::vector<float> pbuf(static_cast<size_t>(items * splits * G * D));
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
-  // Prompts over a bf16 cache on a CPU with AMX: the tile fold (amx.h), each piece of keys read
-  // from the caches by many queries (compute-bound, where the tiles win at any group size).
-  if (kv.dtype == DType::kBF16 && a.T > 1 && splits == 1 && amx::Use(G, D, true)) {
+  // Prompts: groups of consecutive tokens fold the keys they share once for all their rows
+  // (prompt_groups.h), each piece of keys read from the caches by many queries (compute-bound):
+  // on a bf16 cache and a CPU with AMX with the tiles (amx.h), else with the Highway row tile.
+  if (a.T > 1 && splits == 1) {
     for (size_t i = 0; i < parts.size(); ++i) parts[i] = PartialAttention(pbuf.data() + i * D, D);
-    amx::FoldPrompt(q, kv, a, spans, parts.data(), tc);
+    if (kv.dtype == DType::kBF16 && amx::Use(G, D, true))
+      amx::FoldPrompt(q, kv, a, spans, parts.data(), tc);
+    else
+      fast::FoldPromptRows(q, kv, a, spans, parts.data(), tc);
   } else {
     tc.ParallelFor(static_cast<size_t>(items * splits), 1, [&](size_t b, size_t e) HWY_ATTR {
       Scratch& sc = ThreadScratch(kv, G);
