@@ -11,7 +11,9 @@
 //           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32
 //   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
 //           dense (every earlier key) and --prefill sparse (Initial + the chunk's topk blocks +
-//           Local + the chunk): the sparse one costs the same at every length
+//           Local + the chunk): the sparse one costs the same at every length; its flops
+//           (q.k and p.v) against the f32 FMA peak measured in the same run (compute-bound: the
+//           chunk's keys are read from the caches by many queries)
 // For each: milliseconds, bytes touched (each byte the step must read once), achieved GB/s and
 // the fraction of the DRAM read bandwidth measured in the same run. A summary table with the
 // sparse-over-dense speedup closes the output.
@@ -233,9 +235,18 @@ void PrefillChunk(benchmark::State& state, bool sparse) {
     sp.Attend(0, q.data(), a, *s.cache, out.data());
   }
   s.cache->SetSize(s.ctx + 1);
-  state.counters["keys_per_query"] =
-      sparse ? static_cast<double>(c.init_end() + c.topk * c.block_size + c.local_window + chunk)
-             : static_cast<double>(s.ctx);
+  // Keys per query on average (the chunk's own keys are causal: (chunk + 1) / 2 of them), and
+  // the products' flops: 2 D for q.k and 2 D for p.v per query head and key.
+  const double keys =
+      (sparse ? static_cast<double>(c.init_end() + c.topk * c.block_size + c.local_window)
+              : static_cast<double>(s.ctx - chunk)) +
+      (chunk + 1) / 2.0;
+  const double flops = 4.0 * D * static_cast<double>(s.heads) * chunk * keys;
+  state.counters["keys_per_query"] = keys;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["of_fma_peak"] = benchmark::Counter(flops * state.iterations() / MeasuredFmaPeak(),
+                                                     benchmark::Counter::kIsRate);
 }
 void BM_PrefillChunkDense(benchmark::State& state) { PrefillChunk(state, false); }
 void BM_PrefillChunkSparse(benchmark::State& state) { PrefillChunk(state, true); }

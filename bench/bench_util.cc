@@ -32,6 +32,19 @@ float SumFloats(const float* p, size_t n) {
   }
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
 }
+// n rounds of 12 independent multiply-add chains (enough to cover the latency of two pipes);
+// returns a lane of their sum (so that the work is kept) and the lanes per vector in *lanes.
+float FmaChains(int64_t n, size_t* lanes) {
+  const hn::ScalableTag<float> d;
+  *lanes = hn::Lanes(d);
+  hn::Vec<decltype(d)> a[12];
+  for (int i = 0; i < 12; ++i) a[i] = hn::Set(d, 1.0f + 1e-7f * static_cast<float>(i));
+  const auto b = hn::Set(d, 0.9999999f), c = hn::Set(d, 1e-7f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int i = 0; i < 12; ++i) a[i] = hn::MulAdd(a[i], b, c);
+  for (int i = 1; i < 12; ++i) a[0] = hn::Add(a[0], a[i]);
+  return hn::GetLane(a[0]);
+}
 }  // namespace HWY_NAMESPACE
 }  // namespace needle::bench
 HWY_AFTER_NAMESPACE();
@@ -39,6 +52,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace needle::bench {
 HWY_EXPORT(SumFloats);
+HWY_EXPORT(FmaChains);
 
 int BenchThreads() {
   const char* e = std::getenv("NEEDLE_BENCH_THREADS");
@@ -74,6 +88,31 @@ double MeasuredReadBandwidth() {
   float total = 0;
   for (auto s : sink) total += s;
   std::fprintf(stderr, "measured DRAM read bandwidth: %.1f GB/s with %d threads (checksum %g)\n",
+               best / 1e9, tc.threads(), static_cast<double>(total));
+  cached = best;
+  return cached;
+}
+
+double MeasuredFmaPeak() {
+  static double cached = 0;
+  if (cached > 0) return cached;
+  ThreadingContext& tc = BenchContext();
+  const int64_t rounds = 20000000;
+  const size_t parts = static_cast<size_t>(tc.threads());
+  std::vector<float> sink(parts);
+  std::vector<size_t> lanes(parts);
+  double best = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    auto t0 = std::chrono::steady_clock::now();
+    tc.ParallelFor(parts, 1, [&](size_t b, size_t e) {
+      for (size_t p = b; p < e; ++p) sink[p] = HWY_DYNAMIC_DISPATCH(FmaChains)(rounds, &lanes[p]);
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(parts * rounds * 12 * lanes[0] * 2) / dt);
+  }
+  float total = 0;
+  for (auto s : sink) total += s;
+  std::fprintf(stderr, "measured f32 FMA peak: %.1f GFLOP/s with %d threads (checksum %g)\n",
                best / 1e9, tc.threads(), static_cast<double>(total));
   cached = best;
   return cached;

@@ -15,4 +15,9 @@ ThreadingContext& BenchContext();
 // the caches (best of several passes). Measured once and cached.
 double MeasuredReadBandwidth();
 
+// f32 multiply-add throughput in flop/s (2 per lane and instruction) with every thread of the
+// benchmark context running 12 independent chains of the widest vectors (best of several
+// passes): the cores' compute ceiling for f32 kernels. Measured once and cached.
+double MeasuredFmaPeak();
+
 }  // namespace needle::bench
