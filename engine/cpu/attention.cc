@@ -162,30 +162,6 @@ HWY_INLINE void ValueTile(const float* HWY_RESTRICT p, int64_t g0, const VT* HWY
 // Up to 8 heads per register tile (the whole GQA group of most models: one pass over the rows).
 constexpr int64_t kHeadTile = 8;
 
-// Calls f(std::integral_constant<int, gt>()) for a head tile of gt = 1 .. kHeadTile heads: the
-// register tiles are sized at compile time.
-template <class F>
-HWY_INLINE void WithHeadTile(int64_t gt, const F& f) {
-  switch (gt) {
-    case 1:
-      return f(std::integral_constant<int, 1>());
-    case 2:
-      return f(std::integral_constant<int, 2>());
-    case 3:
-      return f(std::integral_constant<int, 3>());
-    case 4:
-      return f(std::integral_constant<int, 4>());
-    case 5:
-      return f(std::integral_constant<int, 5>());
-    case 6:
-      return f(std::integral_constant<int, 6>());
-    case 7:
-      return f(std::integral_constant<int, 7>());
-    default:
-      return f(std::integral_constant<int, 8>());
-  }
-}
-
 // Folds n keys/values (rows [n, D] of f32, bf16 or f16, widened as they are read) into the
 // partials of G query heads q [G, D]; `after` (the piece folded next) is prefetched meanwhile.
 template <typename ST>
@@ -202,7 +178,7 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
   // Scores, L keys x up to kHeadTile heads at a time.
   for (int64_t j = 0; j < n; j += L)
     for (int64_t g = 0; g < G; g += kHeadTile)
-      WithHeadTile(std::min(kHeadTile, G - g), [&](auto gt) HWY_ATTR {
+      WithSize<kHeadTile>(G - g, [&](auto gt) HWY_ATTR {
         ScoreChunk<decltype(gt)::value>(q, g, k, j, std::min(L, n - j), D, n, scale, scores, next);
       });
   // Online softmax: new maximum, rescale factor, probabilities.
@@ -242,7 +218,7 @@ HWY_INLINE void FoldRows(const float* HWY_RESTRICT q, int64_t G, int64_t D,
   int64_t d = 0;
   for (; d + 2 * L <= D; d += 2 * L)
     for (int64_t g = 0; g < G; g += kHeadTile)
-      WithHeadTile(std::min(kHeadTile, G - g), [&](auto gt) HWY_ATTR {
+      WithSize<kHeadTile>(G - g, [&](auto gt) HWY_ATTR {
         ValueTile<decltype(gt)::value>(scores, g, v, d, D, n, part, corr);
       });
   for (; d < D; ++d)

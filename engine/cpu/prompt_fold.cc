@@ -23,6 +23,7 @@
 
 // Per-target code shared between op families (after highway.h, as Highway requires).
 #include "engine/cpu/kv_rows-inl.h"
+#include "engine/cpu/load-inl.h"
 #include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -145,22 +146,6 @@ class RowTile : public RowFolder {
         hn::StoreU(acc[c][v], df, ot_.data() + (d0 + c) * M_ + (v0 + v) * L);
   }
 
-  // Calls f(integral_constant<int, k>) for k = 1 .. 4 (the register tiles' sizes are fixed at
-  // compile time).
-  template <class F>
-  static HWY_INLINE void Sized(int64_t k, const F& f) {
-    switch (k) {
-      case 1:
-        return f(std::integral_constant<int, 1>());
-      case 2:
-        return f(std::integral_constant<int, 2>());
-      case 3:
-        return f(std::integral_constant<int, 3>());
-      default:
-        return f(std::integral_constant<int, 4>());
-    }
-  }
-
   // Folds the n keys and values in kf_, vf_ into every row.
   void FoldPiece(int64_t n) {
     const hn::ScalableTag<float> df;
@@ -169,9 +154,10 @@ class RowTile : public RowFolder {
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
       for (int64_t j0 = 0; j0 < n; j0 += kKeyTile)
-        Sized(std::min<int64_t>(kKeyTile, n - j0), [&](auto kj) HWY_ATTR {
-          Sized(rv, [&](auto r)
-                        HWY_ATTR { ScoreTile<decltype(kj)::value, decltype(r)::value>(j0, v0); });
+        WithSize<kKeyTile>(n - j0, [&](auto kj) HWY_ATTR {
+          WithSize<kRowTile>(rv, [&](auto r) HWY_ATTR {
+            ScoreTile<decltype(kj)::value, decltype(r)::value>(j0, v0);
+          });
         });
     }
     // Online softmax, lane by lane: the new maximum, the old state's factor, the probabilities.
@@ -200,8 +186,8 @@ class RowTile : public RowFolder {
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
       for (int64_t d0 = 0; d0 < D_; d0 += kChanTile)
-        Sized(std::min<int64_t>(kChanTile, D_ - d0), [&](auto kd) HWY_ATTR {
-          Sized(rv, [&](auto r) HWY_ATTR {
+        WithSize<kChanTile>(D_ - d0, [&](auto kd) HWY_ATTR {
+          WithSize<kRowTile>(rv, [&](auto r) HWY_ATTR {
             ValueTile<decltype(kd)::value, decltype(r)::value>(n, d0, v0);
           });
         });
