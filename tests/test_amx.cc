@@ -6,7 +6,8 @@
 // The block masses (AttendBlocks' per-block sums) are probabilities, off by at most the same
 // relative amount. A fold that skipped, repeated or misplaced a key or a channel would be off by
 // a sizeable fraction of |v|; the bound for these inputs is 1-4% of it. Skipped where the CPU
-// has no AMX (the Highway fold then runs, tested in test_hybrid.cc).
+// has no AMX (the Highway fold then runs, tested in test_hybrid.cc). Prompts on the tiles:
+// test_prompt_fold.cc.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,27 +19,11 @@
 #include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "sparse_attn/block_mass.h"
+#include "tests/bf16_cache_util.h"
 #include "tests/test_util.h"
 
 namespace needle {
 namespace {
-
-float RoundBf16(float x) { return BF16ToF32(F32ToBF16(x)); }
-
-// A one-layer bf16 cache of n_tok tokens of Hk KV heads, filled with random keys (magnitude 2)
-// and values rounded to bf16 first, so that *k and *v ([token][kv head][D]) are what it holds.
-std::unique_ptr<KVCache> RandomBf16Cache(int64_t Hk, int64_t D, int64_t n_tok, int64_t B,
-                                         uint64_t seed, std::vector<float>* k,
-                                         std::vector<float>* v) {
-  auto cache = std::make_unique<KVCache>(KVCacheShape(1, Hk, D, n_tok, B, DType::kBF16));
-  *k = test::RandomVector(n_tok * Hk * D, seed, 2.f);
-  *v = test::RandomVector(n_tok * Hk * D, seed + 1);
-  for (float& x : *k) x = RoundBf16(x);
-  for (float& x : *v) x = RoundBf16(x);
-  cache->Write(0, 0, n_tok, k->data(), v->data());
-  cache->SetSize(n_tok);
-  return cache;
-}
 
 TEST(Amx, AttendBlocksWithinTheDerivedBound) {
   if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
@@ -53,7 +38,7 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
   for (const Shape& sh : shapes) {
     const int64_t Hk = 2, G = sh.G, D = sh.D, B = sh.B, n_tok = sh.n_tok;
     std::vector<float> k, v;
-    const auto cache = RandomBf16Cache(Hk, D, n_tok, B, 11, &k, &v);
+    const auto cache = test::RandomBf16Cache(Hk, D, n_tok, B, 11, &k, &v);
     AttnArgs a;
     a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
     a.scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -138,80 +123,6 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
     }
   }
   amx::SetMode(amx::Mode::kFromEnv);
-}
-
-// Prompts (fast::Attention, T > 1): causal dense and sparse spans with position remapping's
-// rotations, the tile fold against the Highway fold (f32, within 1e-5 of exact), within the same
-// bound; |q_d| is bounded by its rotate-half pair's magnitude, sqrt(q_d^2 + q_(d+-D/2)^2), which
-// any rotation keeps, and the bound takes the largest over all keys of the head.
-TEST(Amx, PromptWithinTheDerivedBound) {
-  if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
-  ThreadingContext tc(2);
-  struct Shape {
-    int64_t G, D, B, T, pos0;
-  };
-  const Shape shapes[] = {{4, 64, 128, 300, 500}, {7, 128, 32, 90, 700}, {1, 32, 48, 70, 100}};
-  for (const Shape& sh : shapes)
-    for (bool sparse : {false, true}) {
-      const int64_t Hk = 2, G = sh.G, D = sh.D, n_tok = sh.pos0 + sh.T;
-      std::vector<float> k, v;
-      const auto cache = RandomBf16Cache(Hk, D, n_tok, sh.B, 21, &k, &v);
-      AttnArgs a;
-      a.T = sh.T, a.pos0 = sh.pos0, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
-      a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-      const std::vector<float> q = test::RandomVector(a.T * a.heads * D, 23, 2.f);
-      // Sparse: every item attends [0, 40), a run from 45 rotated by row 0, and its last 50 keys
-      // rotated by row 1 (or as they are).
-      AttnSpans spans;
-      spans.offsets = {0};
-      std::vector<float> inv_freq(static_cast<size_t>(D / 2));
-      for (int64_t i = 0; i < D / 2; ++i) inv_freq[i] = std::pow(10000.f, -2.f * i / D);
-      spans.rot_table.resize(static_cast<size_t>(2 * D));
-      RotationRow(37, inv_freq.data(), D, spans.rot_table.data());
-      RotationRow(-5, inv_freq.data(), D, spans.rot_table.data() + D);
-      for (int64_t t = 0; t < a.T; ++t)
-        for (int64_t h = 0; h < Hk; ++h) {
-          const int64_t p = a.pos0 + t;
-          spans.spans.push_back({0, 40});
-          spans.spans.push_back({45, 45 + std::max<int64_t>(1, (p - 100) / 2)});
-          spans.spans.push_back({p - 49, p + 1});
-          spans.rot.insert(spans.rot.end(), {-1, 0, t % 2 == 0 ? 1 : -1});
-          spans.offsets.push_back(static_cast<int64_t>(spans.spans.size()));
-        }
-      const AttnSpans* sp = sparse ? &spans : nullptr;
-      const size_t n_out = static_cast<size_t>(a.T * a.heads * D), n_lse = a.T * a.heads;
-      std::vector<float> out(n_out), lse(n_lse), want(n_out), want_lse(n_lse);
-      amx::SetMode(amx::Mode::kOff);
-      fast::Attention(q.data(), cache->Layer(0), a, sp, want.data(), want_lse.data(), tc);
-      amx::SetMode(amx::Mode::kOn);
-      fast::Attention(q.data(), cache->Layer(0), a, sp, out.data(), lse.data(), tc);
-      amx::SetMode(amx::Mode::kFromEnv);
-      for (int64_t t = 0; t < a.T; ++t)
-        for (int64_t head = 0; head < a.heads; ++head) {
-          const int64_t h = head / G;
-          const float* qh = &q[static_cast<size_t>((t * a.heads + head) * D)];
-          double eps = 0, vmax = 0;
-          for (int64_t j = 0; j < n_tok; ++j) {
-            double mag = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              const float other = qh[(d + D / 2) % D];
-              mag += std::sqrt(double{qh[d]} * qh[d] + double{other} * other) *
-                     std::fabs(k[static_cast<size_t>((j * Hk + h) * D + d)]);
-              vmax =
-                  std::max(vmax, std::fabs(double{v[static_cast<size_t>((j * Hk + h) * D + d)]}));
-            }
-            eps = std::max(eps, std::ldexp(a.scale * mag, -9));
-          }
-          const double rel = std::exp(2 * eps + std::ldexp(1.0, -8)) - 1;
-          const size_t i = static_cast<size_t>(t * a.heads + head);
-          ASSERT_NEAR(lse[i], want_lse[i], eps + std::ldexp(1.0, -9) + 2e-5)
-              << "G " << G << " D " << D << " sparse " << sparse << " t " << t << " head " << head;
-          for (int64_t d = 0; d < D; ++d)
-            ASSERT_NEAR(out[i * D + d], want[i * D + d], vmax * rel + 2e-5)
-                << "G " << G << " D " << D << " sparse " << sparse << " t " << t << " head " << head
-                << " d " << d;
-        }
-    }
 }
 
 // The modes: off never, on wherever the shape fits (and the CPU has the tiles), auto for groups

@@ -18,6 +18,7 @@
 
 #include "engine/attention/partial.h"
 #include "engine/cpu/amx.h"
+#include "engine/cpu/bf16_prompt.h"
 #include "engine/cpu/ops.h"
 #include "tests/test_util.h"
 
@@ -159,10 +160,15 @@ class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType
 
 TEST_P(AttentionTest, FastMatchesReference) {
   const auto [c, kv_type, sparse] = GetParam();
-  // The Highway fold (the AMX one rounds queries to bf16: test_amx.cc, its own bound).
+  // The Highway folds (the AMX and AVX512-BF16 ones round queries to bf16: test_amx.cc and
+  // test_prompt_fold.cc, their own bound).
   amx::SetMode(amx::Mode::kOff);
+  bf16dot::SetMode(bf16dot::Mode::kOff);
   struct Restore {
-    ~Restore() { amx::SetMode(amx::Mode::kFromEnv); }
+    ~Restore() {
+      amx::SetMode(amx::Mode::kFromEnv);
+      bf16dot::SetMode(bf16dot::Mode::kFromEnv);
+    }
   } restore;
   const int64_t n_tok = c.pos0 + c.T;
   KVCache cache(KVCacheShape{1, c.kv_heads, c.D, n_tok + 3, c.block, kv_type});

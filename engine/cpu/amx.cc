@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "engine/base/error.h"
+#include "engine/cpu/avx512.h"
 
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
 // uninitialised once inlined here.
@@ -32,19 +33,12 @@ constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE featu
 constexpr int kXfeatureXtiledata = 18;
 
 bool Detect() {
+  if (!avx512::HasBf16()) return false;  // (AVX-512 F, BW, VL, DQ, BF16, saved by the OS)
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  // F, BW, VL
-                      (b & (1u << 17));                                            // DQ
   const bool amx_bf16 = (d & (1u << 22)) != 0, amx_tile = (d & (1u << 24)) != 0;
-  if (!avx512 || !amx_bf16 || !amx_tile) return false;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
-  // The OS saves the AVX-512 state (XCR0 bits 5-7) ...
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
-  uint32_t lo, hi;
-  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0xE6) != 0xE6) return false;
-  // ... and grants this process the tile data (Linux 5.16 and later).
+  if (!amx_bf16 || !amx_tile) return false;
+  // The OS grants this process the tile data (Linux 5.16 and later).
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
@@ -57,23 +51,6 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
-
-NEEDLE_AMX_TARGET inline __m512 Exp(__m512 x) {  // e^x for x <= 0, relative error ~2e-7
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
-  // e^f on |f| <= ln2/2: Taylor to degree 7.
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // dst rows [0, rows) (dst_stride floats apart) = columns of the 16x16 block src [16][16].
 NEEDLE_AMX_TARGET inline void Transpose16(const float* src, float* dst, int64_t dst_stride,
@@ -316,7 +293,8 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
       const __mmask16 live = left >= 16  ? 0xffff
                              : left <= 0 ? 0
                                          : static_cast<__mmask16>((1u << left) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(live, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
+      const __m512 e =
+          _mm512_maskz_mov_ps(live, avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
       const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
       const __m512i hi = _mm512_slli_epi32(b, 16);  // (0, p): also p as f32
       _mm512_storeu_si512(pe + j, b);

@@ -15,6 +15,7 @@
 #include "engine/attention/partial.h"
 #include "engine/base/error.h"
 #include "engine/cpu/amx.h"
+#include "engine/cpu/bf16_prompt.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/prompt_groups.h"
 
@@ -326,11 +327,14 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   std::vector<PartialAttention> parts(static_cast<size_t>(items * splits * G));
   // Prompts: groups of consecutive tokens fold the keys they share once for all their rows
   // (prompt_groups.h), each piece of keys read from the caches by many queries (compute-bound):
-  // on a bf16 cache and a CPU with AMX with the tiles (amx.h), else with the Highway row tile.
+  // on a bf16 cache with the AMX tiles (amx.h) or, without them, AVX512-BF16 dot products
+  // (bf16_prompt.h) where the CPU has them; else with the Highway row tile.
   if (a.T > 1 && splits == 1) {
     for (size_t i = 0; i < parts.size(); ++i) parts[i] = PartialAttention(pbuf.data() + i * D, D);
     if (kv.dtype == DType::kBF16 && amx::Use(G, D, true))
       amx::FoldPrompt(q, kv, a, spans, parts.data(), tc);
+    else if (kv.dtype == DType::kBF16 && bf16dot::Use(D))
+      bf16dot::FoldPrompt(q, kv, a, spans, parts.data(), tc);
     else
       fast::FoldPromptRows(q, kv, a, spans, parts.data(), tc);
   } else {
