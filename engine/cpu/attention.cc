@@ -18,6 +18,7 @@
 #include "engine/cpu/bf16_prompt.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/prompt_groups.h"
+#include "engine/cpu/with_size.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/attention.cc"

@@ -15,6 +15,7 @@
 #include "engine/base/error.h"
 #include "engine/cpu/avx512.h"
 #include "engine/cpu/prompt_groups.h"
+#include "engine/cpu/with_size.h"
 
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
 // uninitialised once inlined here.
@@ -35,15 +36,6 @@ constexpr int kRowTile = 4;
 constexpr int kChanTile = 4;  // value channels x row vectors: 4 x 4
 
 std::atomic<int> g_mode{static_cast<int>(Mode::kFromEnv)};
-
-// Calls f(std::integral_constant<int, k>()) for k = 1 .. Max (k > Max: Max).
-template <int Max, class F>
-inline void WithSize(int64_t k, const F& f) {
-  if constexpr (Max > 1) {
-    if (k < Max) return WithSize<Max - 1>(k, f);
-  }
-  f(std::integral_constant<int, Max>());
-}
 
 uint32_t Pair(float lo, float hi) {
   return uint32_t{F32ToBF16(lo)} | uint32_t{F32ToBF16(hi)} << 16;

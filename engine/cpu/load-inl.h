@@ -7,9 +7,6 @@
 #define NEEDLE_CPU_LOAD_INL_H_
 #endif
 
-#include <cstdint>
-#include <type_traits>
-
 #include "engine/base/dtype.h"
 #include "hwy/highway.h"
 
@@ -37,16 +34,6 @@ HWY_INLINE hn::Vec<DF> LoadF32(DF df, const hwy::float16_t* HWY_RESTRICT p) {
 HWY_INLINE float ScalarF32(float v) { return v; }
 HWY_INLINE float ScalarF32(hwy::bfloat16_t v) { return BF16ToF32(v.bits); }
 HWY_INLINE float ScalarF32(hwy::float16_t v) { return F16ToF32(v.bits); }
-
-// Calls f(std::integral_constant<int, k>()) for k = 1 .. Max (k < 1: 1; k > Max: Max): register
-// tiles are sized at compile time, their count of heads, keys or channels at run time.
-template <int Max, class F>
-HWY_INLINE void WithSize(int64_t k, const F& f) {
-  if constexpr (Max > 1) {
-    if (k < Max) return WithSize<Max - 1>(k, f);
-  }
-  f(std::integral_constant<int, Max>());
-}
 
 // Sum of all lanes as a scalar.
 template <class DF>

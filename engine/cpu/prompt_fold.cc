@@ -15,6 +15,7 @@
 #include "engine/base/error.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/prompt_groups.h"
+#include "engine/cpu/with_size.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "engine/cpu/prompt_fold.cc"
