@@ -44,31 +44,21 @@ uint32_t Pair(float lo, float hi) {
 class Bf16Rows : public RowFolder {
  public:
   void Load(const PartialAttention* parts, int64_t n) override {
-    NEEDLE_CHECK(n >= 1);
-    Shape(n, parts[0].dim);
-    std::fill(m_.begin(), m_.end(), -INFINITY);
-    std::fill(l_.begin(), l_.end(), 0.f);
-    std::fill(ot_.begin(), ot_.end(), 0.f);
-    for (int64_t r = 0; r < n; ++r) {
-      const PartialAttention& p = parts[r];
-      count_[r] = p.n;
-      if (p.empty()) continue;
-      m_[r] = p.m, l_[r] = p.l;
-      for (int64_t d = 0; d < D_; ++d) ot_[d * M_ + r] = p.out[d];
-    }
+    s_.Load(parts, n, kLanes);
+    Shape();
   }
   void SetQueries(const float* rows, int64_t n, int64_t D, float scale) override {
-    NEEDLE_CHECK(n == n_ && D == D_);
+    NEEDLE_CHECK(n == s_.n && D == s_.D);
     for (int64_t i = 0; i < D / 2; ++i) {
-      uint32_t* col = qp_.data() + i * M_;
+      uint32_t* col = qp_.data() + i * s_.M;
       for (int64_t r = 0; r < n; ++r)
         col[r] = Pair(rows[r * D + 2 * i] * scale, rows[r * D + 2 * i + 1] * scale);
-      std::fill(col + n, col + M_, 0u);  // (padding rows score 0: finite, and never stored)
+      std::fill(col + n, col + s_.M, 0u);  // (padding rows score 0: finite, and never stored)
     }
   }
   int64_t Grid(const KVLayerView&) const override { return kPieceKeys; }
   void Fold(const KVLayerView& kv, int64_t h, int64_t k0, int64_t k1) override {
-    NEEDLE_CHECK(kv.head_dim == D_ && kv.dtype == DType::kBF16);
+    NEEDLE_CHECK(kv.head_dim == s_.D && kv.dtype == DType::kBF16);
     for (int64_t b = k0; b < k1;) {
       const int64_t n = std::min(k1, (b / kPieceKeys + 1) * kPieceKeys) - b;
       for (int64_t j = 0; j < n; ++j)
@@ -76,31 +66,21 @@ class Bf16Rows : public RowFolder {
       for (int64_t j = 0; j < n; j += 2)
         Interleave(reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j)),
                    j + 1 < n ? reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j + 1)) : nullptr,
-                   vp_.data() + (j / 2) * D_);
+                   vp_.data() + (j / 2) * s_.D);
       FoldPiece(n);
       b += n;
     }
   }
-  void Store(PartialAttention* parts, int64_t n) override {
-    NEEDLE_CHECK(n == n_);
-    for (int64_t r = 0; r < n; ++r) {
-      PartialAttention& p = parts[r];
-      p.n = count_[r];
-      p.m = m_[r], p.l = l_[r];
-      for (int64_t d = 0; d < D_; ++d) p.out[d] = ot_[d * M_ + r];
-    }
-  }
+  void Store(PartialAttention* parts, int64_t n) override { s_.Store(parts, n); }
 
  private:
-  void Shape(int64_t n, int64_t D) {
-    NEEDLE_CHECK(D % 2 == 0);
-    n_ = n, D_ = D, M_ = (n + kLanes - 1) / kLanes * kLanes;
-    const size_t M = static_cast<size_t>(M_);
-    m_.resize(M), l_.resize(M), count_.resize(M), corr_.resize(M);
-    ot_.resize(static_cast<size_t>(D) * M), qp_.resize(static_cast<size_t>(D / 2) * M);
-    st_.resize(static_cast<size_t>(kPieceKeys) * M),
-        pp_.resize(static_cast<size_t>(kPieceKeys / 2) * M);
-    vp_.resize(static_cast<size_t>(kPieceKeys / 2 * D)), krow_.resize(kPieceKeys);
+  // The scratch sized for the loaded rows.
+  void Shape() {
+    NEEDLE_CHECK(s_.D % 2 == 0);
+    const size_t M = static_cast<size_t>(s_.M), D = static_cast<size_t>(s_.D);
+    qp_.resize(D / 2 * M), st_.resize(static_cast<size_t>(kPieceKeys) * M);
+    pp_.resize(static_cast<size_t>(kPieceKeys / 2) * M);
+    vp_.resize(static_cast<size_t>(kPieceKeys / 2) * D), krow_.resize(kPieceKeys);
   }
 
   // out [D] = (a_d, b_d) as bf16 pairs (b null: zeros), 32 channels a permutation.
@@ -113,13 +93,13 @@ class Bf16Rows : public RowFolder {
                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
     const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
     int64_t d = 0;
-    for (; d + 32 <= D_; d += 32) {
+    for (; d + 32 <= s_.D; d += 32) {
       const __m512i va = _mm512_loadu_si512(a + d);
       const __m512i vb = b != nullptr ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
       _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(va, lo, vb));
       _mm512_storeu_si512(out + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
     }
-    for (; d < D_; ++d) out[d] = uint32_t{a[d]} | (b != nullptr ? uint32_t{b[d]} << 16 : 0u);
+    for (; d < s_.D; ++d) out[d] = uint32_t{a[d]} | (b != nullptr ? uint32_t{b[d]} << 16 : 0u);
   }
 
   // S^T rows [j0, j0 + KJ) x row vectors [v0, v0 + RV).
@@ -129,9 +109,9 @@ class Bf16Rows : public RowFolder {
     for (int j = 0; j < KJ; ++j)
       for (int v = 0; v < RV; ++v) acc[j][v] = _mm512_setzero_ps();
     const uint32_t* q = qp_.data() + v0 * kLanes;
-    for (int64_t i = 0; i < D_ / 2; ++i) {
+    for (int64_t i = 0; i < s_.D / 2; ++i) {
       __m512bh qv[RV];
-      for (int v = 0; v < RV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(q + i * M_ + v * kLanes);
+      for (int v = 0; v < RV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(q + i * s_.M + v * kLanes);
       for (int j = 0; j < KJ; ++j) {
         int32_t pair;
         std::memcpy(&pair, krow_[j0 + j] + 2 * i, 4);
@@ -141,7 +121,7 @@ class Bf16Rows : public RowFolder {
     }
     for (int j = 0; j < KJ; ++j)
       for (int v = 0; v < RV; ++v)
-        _mm512_storeu_ps(st_.data() + (j0 + j) * M_ + (v0 + v) * kLanes, acc[j][v]);
+        _mm512_storeu_ps(st_.data() + (j0 + j) * s_.M + (v0 + v) * kLanes, acc[j][v]);
   }
 
   // O^T channels [d0, d0 + KD) x row vectors [v0, v0 + RV): rescaled, plus np pairs of keys.
@@ -150,26 +130,27 @@ class Bf16Rows : public RowFolder {
     __m512 acc[KD][RV];
     for (int c = 0; c < KD; ++c)
       for (int v = 0; v < RV; ++v)
-        acc[c][v] = _mm512_mul_ps(_mm512_loadu_ps(ot_.data() + (d0 + c) * M_ + (v0 + v) * kLanes),
-                                  _mm512_loadu_ps(corr_.data() + (v0 + v) * kLanes));
+        acc[c][v] =
+            _mm512_mul_ps(_mm512_loadu_ps(s_.ot.data() + (d0 + c) * s_.M + (v0 + v) * kLanes),
+                          _mm512_loadu_ps(s_.corr.data() + (v0 + v) * kLanes));
     for (int64_t jp = 0; jp < np; ++jp) {
       __m512bh pv[RV];
       for (int v = 0; v < RV; ++v)
-        pv[v] = (__m512bh)_mm512_loadu_si512(pp_.data() + jp * M_ + (v0 + v) * kLanes);
+        pv[v] = (__m512bh)_mm512_loadu_si512(pp_.data() + jp * s_.M + (v0 + v) * kLanes);
       for (int c = 0; c < KD; ++c) {
         const __m512bh vb =
-            (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(vp_[jp * D_ + d0 + c]));
+            (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(vp_[jp * s_.D + d0 + c]));
         for (int v = 0; v < RV; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], pv[v], vb);
       }
     }
     for (int c = 0; c < KD; ++c)
       for (int v = 0; v < RV; ++v)
-        _mm512_storeu_ps(ot_.data() + (d0 + c) * M_ + (v0 + v) * kLanes, acc[c][v]);
+        _mm512_storeu_ps(s_.ot.data() + (d0 + c) * s_.M + (v0 + v) * kLanes, acc[c][v]);
   }
 
   // Folds the n keys of krow_ and the values of vp_ into every row.
   NEEDLE_BF16_TARGET void FoldPiece(int64_t n) {
-    const int64_t V = M_ / kLanes, np = (n + 1) / 2;
+    const int64_t V = s_.M / kLanes, np = (n + 1) / 2;
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
       for (int64_t j0 = 0; j0 < n; j0 += kKeyTile)
@@ -183,9 +164,9 @@ class Bf16Rows : public RowFolder {
     // sum l of the rounded ones.
     for (int64_t v = 0; v < V; ++v) {
       const float* s = st_.data() + v * kLanes;
-      const __m512 m_old = _mm512_loadu_ps(m_.data() + v * kLanes);
+      const __m512 m_old = _mm512_loadu_ps(s_.m.data() + v * kLanes);
       __m512 mx = m_old;
-      for (int64_t j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j * M_));
+      for (int64_t j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j * s_.M));
       const __mmask16 empty = _mm512_cmp_ps_mask(m_old, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
       const __m512 corr =
           _mm512_mask_mov_ps(avx512::Exp(_mm512_sub_ps(_mm512_mask_mov_ps(m_old, empty, mx), mx)),
@@ -193,27 +174,27 @@ class Bf16Rows : public RowFolder {
       __m512 sum = _mm512_setzero_ps();
       for (int64_t jp = 0; jp < np; ++jp) {
         const int64_t j = 2 * jp;
-        const __m512 e0 = avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j * M_), mx));
+        const __m512 e0 = avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j * s_.M), mx));
         const __m512 e1 = j + 1 < n
-                              ? avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + (j + 1) * M_), mx))
+                              ? avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + (j + 1) * s_.M), mx))
                               : _mm512_setzero_ps();
         const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e0));
         const __m512i b1 =
             _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e1)), 16);
-        _mm512_storeu_si512(pp_.data() + jp * M_ + v * kLanes, _mm512_or_si512(b0, b1));
+        _mm512_storeu_si512(pp_.data() + jp * s_.M + v * kLanes, _mm512_or_si512(b0, b1));
         sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b0, 16)),
                                                _mm512_castsi512_ps(b1)));
       }
-      _mm512_storeu_ps(l_.data() + v * kLanes,
-                       _mm512_fmadd_ps(_mm512_loadu_ps(l_.data() + v * kLanes), corr, sum));
-      _mm512_storeu_ps(m_.data() + v * kLanes, mx);
-      _mm512_storeu_ps(corr_.data() + v * kLanes, corr);
+      _mm512_storeu_ps(s_.l.data() + v * kLanes,
+                       _mm512_fmadd_ps(_mm512_loadu_ps(s_.l.data() + v * kLanes), corr, sum));
+      _mm512_storeu_ps(s_.m.data() + v * kLanes, mx);
+      _mm512_storeu_ps(s_.corr.data() + v * kLanes, corr);
     }
-    for (int64_t r = 0; r < M_; ++r) count_[r] += n;
+    for (int64_t r = 0; r < s_.M; ++r) s_.count[r] += n;
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
-      for (int64_t d0 = 0; d0 < D_; d0 += kChanTile)
-        WithSize<kChanTile>(D_ - d0, [&](auto kd) NEEDLE_BF16_TARGET {
+      for (int64_t d0 = 0; d0 < s_.D; d0 += kChanTile)
+        WithSize<kChanTile>(s_.D - d0, [&](auto kd) NEEDLE_BF16_TARGET {
           WithSize<kRowTile>(rv, [&](auto r) NEEDLE_BF16_TARGET {
             ValueTile<decltype(kd)::value, decltype(r)::value>(np, d0, v0);
           });
@@ -221,10 +202,7 @@ class Bf16Rows : public RowFolder {
     }
   }
 
-  int64_t n_ = 0, D_ = 0, M_ = 0;      // rows, head_dim, rows padded to whole vectors
-  std::vector<float> m_, l_, corr_;    // [M]: the rows' softmax state; this piece's factor
-  std::vector<int64_t> count_;         // [M]: keys folded per row
-  std::vector<float> ot_;              // O^T [D][M]
+  LaneRows s_;                         // the rows' softmax state and outputs, in lanes
   std::vector<uint32_t> qp_;           // Q^T as bf16 pairs of channels [D / 2][M], scaled
   std::vector<float> st_;              // S^T [kPieceKeys][M]
   std::vector<uint32_t> pp_;           // P^T as bf16 pairs of keys [kPieceKeys / 2][M]

@@ -40,30 +40,19 @@ constexpr int kChanTile = 4;  // value channels x row vectors: 4 x 4
 class RowTile : public RowFolder {
  public:
   void Load(const PartialAttention* parts, int64_t n) override {
-    NEEDLE_CHECK(n >= 1);
-    const int64_t D = parts[0].dim;
-    Shape(n, D);
-    std::fill(m_.begin(), m_.end(), -INFINITY);
-    std::fill(l_.begin(), l_.end(), 0.f);
-    std::fill(ot_.begin(), ot_.end(), 0.f);
-    for (int64_t r = 0; r < n; ++r) {
-      const PartialAttention& p = parts[r];
-      count_[r] = p.n;
-      if (p.empty()) continue;
-      m_[r] = p.m, l_[r] = p.l;
-      for (int64_t d = 0; d < D; ++d) ot_[d * M_ + r] = p.out[d];
-    }
+    s_.Load(parts, n, static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>())));
+    Shape();
   }
   void SetQueries(const float* rows, int64_t n, int64_t D, float scale) override {
-    NEEDLE_CHECK(n == n_ && D == D_);
+    NEEDLE_CHECK(n == s_.n && D == s_.D);
     for (int64_t d = 0; d < D; ++d) {
-      float* col = qt_.data() + d * M_;
+      float* col = qt_.data() + d * s_.M;
       for (int64_t r = 0; r < n; ++r) col[r] = rows[r * D + d] * scale;
-      std::fill(col + n, col + M_, 0.f);  // (padding rows score 0: finite, and never stored)
+      std::fill(col + n, col + s_.M, 0.f);  // (padding rows score 0: finite, and never stored)
     }
   }
   void Fold(const KVLayerView& kv, int64_t h, int64_t k0, int64_t k1) override {
-    NEEDLE_CHECK(kv.head_dim == D_);
+    NEEDLE_CHECK(kv.head_dim == s_.D);
     for (int64_t b = k0; b < k1;) {
       const int64_t n = std::min(k1, (b / kPieceKeys + 1) * kPieceKeys) - b;
       KVRowsToF32InTarget(kv, false, h, b, b + n, kf_.data());
@@ -73,28 +62,15 @@ class RowTile : public RowFolder {
     }
   }
   int64_t Grid(const KVLayerView&) const override { return kPieceKeys; }
-  void Store(PartialAttention* parts, int64_t n) override {
-    NEEDLE_CHECK(n == n_);
-    for (int64_t r = 0; r < n; ++r) {
-      PartialAttention& p = parts[r];
-      p.n = count_[r];
-      p.m = m_[r], p.l = l_[r];
-      for (int64_t d = 0; d < D_; ++d) p.out[d] = ot_[d * M_ + r];
-    }
-  }
+  void Store(PartialAttention* parts, int64_t n) override { s_.Store(parts, n); }
 
  private:
-  // Rows n, head_dim D: the lanes padded to whole vectors, the scratch sized.
-  void Shape(int64_t n, int64_t D) {
-    const hn::ScalableTag<float> df;
-    const int64_t L = static_cast<int64_t>(hn::Lanes(df));
-    n_ = n, D_ = D, M_ = (n + L - 1) / L * L;
-    const size_t M = static_cast<size_t>(M_);
-    m_.resize(M), l_.resize(M), count_.resize(M);
-    ot_.resize(static_cast<size_t>(D) * M), qt_.resize(static_cast<size_t>(D) * M);
-    st_.resize(static_cast<size_t>(kPieceKeys) * M);
-    kf_.resize(static_cast<size_t>(kPieceKeys * D)),
-        vf_.resize(static_cast<size_t>(kPieceKeys * D));
+  // The scratch sized for the loaded rows.
+  void Shape() {
+    const size_t M = static_cast<size_t>(s_.M), D = static_cast<size_t>(s_.D);
+    qt_.resize(D * M), st_.resize(static_cast<size_t>(kPieceKeys) * M);
+    kf_.resize(static_cast<size_t>(kPieceKeys) * D),
+        vf_.resize(static_cast<size_t>(kPieceKeys) * D);
   }
 
   // S^T rows [j0, j0 + KJ) x row vectors [v0, v0 + RV): sum over the channels of a key channel
@@ -106,19 +82,19 @@ class RowTile : public RowFolder {
     hn::Vec<decltype(df)> acc[KJ][RV];
     for (int j = 0; j < KJ; ++j)
       for (int v = 0; v < RV; ++v) acc[j][v] = hn::Zero(df);
-    const float* HWY_RESTRICT k = kf_.data() + j0 * D_;
+    const float* HWY_RESTRICT k = kf_.data() + j0 * s_.D;
     const float* HWY_RESTRICT q = qt_.data() + v0 * L;
-    for (int64_t d = 0; d < D_; ++d) {
+    for (int64_t d = 0; d < s_.D; ++d) {
       hn::Vec<decltype(df)> qv[RV];
-      for (int v = 0; v < RV; ++v) qv[v] = hn::LoadU(df, q + d * M_ + v * L);
+      for (int v = 0; v < RV; ++v) qv[v] = hn::LoadU(df, q + d * s_.M + v * L);
       for (int j = 0; j < KJ; ++j) {
-        const auto kb = hn::Set(df, k[j * D_ + d]);
+        const auto kb = hn::Set(df, k[j * s_.D + d]);
         for (int v = 0; v < RV; ++v) acc[j][v] = hn::MulAdd(kb, qv[v], acc[j][v]);
       }
     }
     for (int j = 0; j < KJ; ++j)
       for (int v = 0; v < RV; ++v)
-        hn::StoreU(acc[j][v], df, st_.data() + (j0 + j) * M_ + (v0 + v) * L);
+        hn::StoreU(acc[j][v], df, st_.data() + (j0 + j) * s_.M + (v0 + v) * L);
   }
 
   // O^T channels [d0, d0 + KD) x row vectors [v0, v0 + RV): rescaled by corr, plus the piece's
@@ -130,27 +106,27 @@ class RowTile : public RowFolder {
     hn::Vec<decltype(df)> acc[KD][RV];
     for (int c = 0; c < KD; ++c)
       for (int v = 0; v < RV; ++v)
-        acc[c][v] = hn::Mul(hn::LoadU(df, ot_.data() + (d0 + c) * M_ + (v0 + v) * L),
-                            hn::LoadU(df, corr_.data() + (v0 + v) * L));
+        acc[c][v] = hn::Mul(hn::LoadU(df, s_.ot.data() + (d0 + c) * s_.M + (v0 + v) * L),
+                            hn::LoadU(df, s_.corr.data() + (v0 + v) * L));
     const float* HWY_RESTRICT val = vf_.data() + d0;
     const float* HWY_RESTRICT p = st_.data() + v0 * L;
     for (int64_t j = 0; j < n; ++j) {
       hn::Vec<decltype(df)> pv[RV];
-      for (int v = 0; v < RV; ++v) pv[v] = hn::LoadU(df, p + j * M_ + v * L);
+      for (int v = 0; v < RV; ++v) pv[v] = hn::LoadU(df, p + j * s_.M + v * L);
       for (int c = 0; c < KD; ++c) {
-        const auto vb = hn::Set(df, val[j * D_ + c]);
+        const auto vb = hn::Set(df, val[j * s_.D + c]);
         for (int v = 0; v < RV; ++v) acc[c][v] = hn::MulAdd(vb, pv[v], acc[c][v]);
       }
     }
     for (int c = 0; c < KD; ++c)
       for (int v = 0; v < RV; ++v)
-        hn::StoreU(acc[c][v], df, ot_.data() + (d0 + c) * M_ + (v0 + v) * L);
+        hn::StoreU(acc[c][v], df, s_.ot.data() + (d0 + c) * s_.M + (v0 + v) * L);
   }
 
   // Folds the n keys and values in kf_, vf_ into every row.
   void FoldPiece(int64_t n) {
     const hn::ScalableTag<float> df;
-    const int64_t L = static_cast<int64_t>(hn::Lanes(df)), V = M_ / L;
+    const int64_t L = static_cast<int64_t>(hn::Lanes(df)), V = s_.M / L;
     // Scores.
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
@@ -162,32 +138,33 @@ class RowTile : public RowFolder {
         });
     }
     // Online softmax, lane by lane: the new maximum, the old state's factor, the probabilities.
-    corr_.resize(static_cast<size_t>(M_));
+    s_.corr.resize(static_cast<size_t>(s_.M));
     for (int64_t v = 0; v < V; ++v) {
       float* HWY_RESTRICT s = st_.data() + v * L;
-      const auto m_old = hn::LoadU(df, m_.data() + v * L);
+      const auto m_old = hn::LoadU(df, s_.m.data() + v * L);
       auto mx = m_old;
-      for (int64_t j = 0; j < n; ++j) mx = hn::Max(mx, hn::LoadU(df, s + j * M_));
+      for (int64_t j = 0; j < n; ++j) mx = hn::Max(mx, hn::LoadU(df, s + j * s_.M));
       // (an empty row's maximum is -inf: its factor is 0, and exp is not asked for -inf)
       const auto empty = hn::Eq(m_old, hn::Set(df, -INFINITY));
       const auto corr =
           hn::IfThenZeroElse(empty, hn::Exp(df, hn::Sub(hn::IfThenElse(empty, mx, m_old), mx)));
       auto sum = hn::Zero(df);
       for (int64_t j = 0; j < n; ++j) {
-        const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j * M_), mx));
-        hn::StoreU(e, df, s + j * M_);
+        const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, s + j * s_.M), mx));
+        hn::StoreU(e, df, s + j * s_.M);
         sum = hn::Add(sum, e);
       }
-      hn::StoreU(hn::MulAdd(hn::LoadU(df, l_.data() + v * L), corr, sum), df, l_.data() + v * L);
-      hn::StoreU(mx, df, m_.data() + v * L);
-      hn::StoreU(corr, df, corr_.data() + v * L);
+      hn::StoreU(hn::MulAdd(hn::LoadU(df, s_.l.data() + v * L), corr, sum), df,
+                 s_.l.data() + v * L);
+      hn::StoreU(mx, df, s_.m.data() + v * L);
+      hn::StoreU(corr, df, s_.corr.data() + v * L);
     }
-    for (int64_t r = 0; r < M_; ++r) count_[r] += n;
+    for (int64_t r = 0; r < s_.M; ++r) s_.count[r] += n;
     // Values.
     for (int64_t v0 = 0; v0 < V; v0 += kRowTile) {
       const int64_t rv = std::min<int64_t>(kRowTile, V - v0);
-      for (int64_t d0 = 0; d0 < D_; d0 += kChanTile)
-        WithSize<kChanTile>(D_ - d0, [&](auto kd) HWY_ATTR {
+      for (int64_t d0 = 0; d0 < s_.D; d0 += kChanTile)
+        WithSize<kChanTile>(s_.D - d0, [&](auto kd) HWY_ATTR {
           WithSize<kRowTile>(rv, [&](auto r) HWY_ATTR {
             ValueTile<decltype(kd)::value, decltype(r)::value>(n, d0, v0);
           });
@@ -195,13 +172,10 @@ class RowTile : public RowFolder {
     }
   }
 
-  int64_t n_ = 0, D_ = 0, M_ = 0;  // rows, head_dim, rows padded to whole vectors
-  std::vector<float> m_, l_;       // [M]: the rows' softmax state
-  std::vector<int64_t> count_;     // [M]: keys folded per row
-  std::vector<float> ot_, qt_;     // O^T, Q^T (scaled) [D][M]
-  std::vector<float> st_;          // S^T, then P^T [kPieceKeys][M]
-  std::vector<float> kf_, vf_;     // the piece's keys and values as f32 [kPieceKeys][D]
-  std::vector<float> corr_;        // [M]: the old state's factor for this piece
+  LaneRows s_;                  // the rows' softmax state and outputs, in lanes
+  std::vector<float> qt_;       // Q^T (scaled) [D][M]
+  std::vector<float> st_;       // S^T, then P^T [kPieceKeys][M]
+  std::vector<float> kf_, vf_;  // the piece's keys and values as f32 [kPieceKeys][D]
 };
 
 RowFolder& ThreadRowTile() {

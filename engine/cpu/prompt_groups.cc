@@ -2,6 +2,7 @@
 #include "engine/cpu/prompt_groups.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "engine/base/error.h"
@@ -27,6 +28,31 @@ void SetQueries(RowFolder& f, const float* rows, int64_t n, int64_t D, float sca
 }
 
 }  // namespace
+
+void LaneRows::Load(const PartialAttention* parts, int64_t rows, int64_t lanes) {
+  NEEDLE_CHECK(rows >= 1 && lanes >= 1);
+  n = rows, D = parts[0].dim, M = (rows + lanes - 1) / lanes * lanes;
+  const size_t Mz = static_cast<size_t>(M);
+  m.assign(Mz, -INFINITY), l.assign(Mz, 0.f), corr.assign(Mz, 0.f), count.assign(Mz, 0);
+  ot.assign(static_cast<size_t>(D) * Mz, 0.f);
+  for (int64_t r = 0; r < n; ++r) {
+    const PartialAttention& p = parts[r];
+    count[r] = p.n;
+    if (p.empty()) continue;
+    m[r] = p.m, l[r] = p.l;
+    for (int64_t d = 0; d < D; ++d) ot[d * M + r] = p.out[d];
+  }
+}
+
+void LaneRows::Store(PartialAttention* parts, int64_t rows) const {
+  NEEDLE_CHECK(rows == n);
+  for (int64_t r = 0; r < n; ++r) {
+    PartialAttention& p = parts[r];
+    p.n = count[r];
+    p.m = m[r], p.l = l[r];
+    for (int64_t d = 0; d < D; ++d) p.out[d] = ot[d * M + r];
+  }
+}
 
 void FoldPromptGroups(int64_t R, RowFolder& (*folder)(), const float* q, const KVLayerView& kv,
                       const AttnArgs& a, const AttnSpans* spans, PartialAttention* parts,

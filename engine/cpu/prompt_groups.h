@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "engine/attention/partial.h"
 #include "engine/cpu/ops.h"
@@ -35,6 +36,18 @@ class RowFolder {
   virtual int64_t Grid(const KVLayerView& kv) const = 0;
   // Writes the rows' partials back: m, l, n and the outputs.
   virtual void Store(PartialAttention* parts, int64_t n) = 0;
+};
+
+// The softmax state of a group's rows held in vector lanes, as the row tiles hold it
+// (prompt_fold.cc, bf16_prompt.cc): rows padded to a whole number of vectors of `lanes`.
+struct LaneRows {
+  int64_t n = 0, D = 0, M = 0;    // rows, head_dim, rows padded
+  std::vector<float> m, l, corr;  // [M]: max, sum, and the factor of the piece being folded
+  std::vector<int64_t> count;     // [M]: keys folded per row
+  std::vector<float> ot;          // O^T [D][M]
+  // From parts[0 .. n) (padding rows: empty).
+  void Load(const PartialAttention* parts, int64_t rows, int64_t lanes);
+  void Store(PartialAttention* parts, int64_t rows) const;  // back to parts[0 .. n)
 };
 
 // The caller's partials parts [T * kv_heads][G] (item t * kv_heads + h), initialised, folded
