@@ -5,9 +5,10 @@
 //   |lse - exact| <= eps + 2^-9                               (+ 1e-5)
 // The block masses (AttendBlocks' per-block sums) are probabilities, off by at most the same
 // relative amount. A fold that skipped, repeated or misplaced a key or a channel would be off by
-// a sizeable fraction of |v|; the bound for these inputs is 1-4% of it. Skipped where the CPU
-// has no AMX (the Highway fold then runs, tested in test_hybrid.cc). Prompts on the tiles:
-// test_prompt_fold.cc.
+// a sizeable fraction of |v|; the bound for these inputs is 1-4% of it. The AVX512-BF16 decode
+// fold (engine/cpu/bf16dot.h) keeps the same bound and is checked the same way. Each is skipped
+// where the CPU lacks it (the Highway fold then runs, tested in test_hybrid.cc). Prompts on the
+// tiles: test_prompt_fold.cc.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,8 @@
 
 #include "engine/base/dtype.h"
 #include "engine/cpu/amx.h"
+#include "engine/cpu/avx512.h"
+#include "engine/cpu/bf16dot.h"
 #include "engine/cpu/ops.h"
 #include "sparse_attn/block_mass.h"
 #include "tests/bf16_cache_util.h"
@@ -25,9 +28,16 @@
 namespace needle {
 namespace {
 
-TEST(Amx, AttendBlocksWithinTheDerivedBound) {
-  if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
-  amx::SetMode(amx::Mode::kOn);  // every group size, not only kAuto's
+// fast::AttendBlocks on the fold that tiles (true: AMX, false: AVX512-BF16) selects.
+void ExpectBlocksWithinTheBound(bool tiles) {
+  amx::SetMode(tiles ? amx::Mode::kOn : amx::Mode::kOff);  // every group size, not only kAuto's
+  bf16dot::SetMode(tiles ? bf16dot::Mode::kOff : bf16dot::Mode::kOn);
+  struct Restore {
+    ~Restore() {
+      amx::SetMode(amx::Mode::kFromEnv);
+      bf16dot::SetMode(bf16dot::Mode::kFromEnv);
+    }
+  } restore;
   ThreadingContext tc(2);
   struct Shape {
     int64_t G, D, B, n_tok;
@@ -122,7 +132,16 @@ TEST(Amx, AttendBlocksWithinTheDerivedBound) {
       }
     }
   }
-  amx::SetMode(amx::Mode::kFromEnv);
+}
+
+TEST(Amx, AttendBlocksWithinTheDerivedBound) {
+  if (!amx::Supported()) GTEST_SKIP() << "this CPU (or kernel) has no AMX-BF16 tiles";
+  ExpectBlocksWithinTheBound(true);
+}
+
+TEST(Bf16Dot, AttendBlocksWithinTheDerivedBound) {
+  if (!avx512::HasBf16()) GTEST_SKIP() << "this CPU (or OS) has no AVX512-BF16";
+  ExpectBlocksWithinTheBound(false);
 }
 
 // The modes: off never, on wherever the shape fits (and the CPU has the tiles), auto for groups

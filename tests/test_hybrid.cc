@@ -25,6 +25,7 @@
 #include "engine/attention/partial.h"
 #include "engine/backend/backend.h"
 #include "engine/cpu/amx.h"
+#include "engine/cpu/bf16dot.h"
 #include "engine/runtime/sequence_attention.h"
 #include "sparse_attn/block_mass.h"
 #include "sparse_attn/observation.h"
@@ -202,7 +203,9 @@ TEST(LayerMajorPrompt, ThroughHostEqualsResidentOnTheGpu) {
 // per-block sums give block_mass.h's masses. Same f32 arithmetic in another grouping: outputs
 // within 1e-5 relative, masses within 1e-5 of G (their range).
 TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
-  amx::SetMode(amx::Mode::kOff);  // the Highway fold (the tiles' bf16 rounding: test_amx.cc)
+  // The Highway fold (the bf16 rounding of the tiles and of AVX512-BF16: test_amx.cc).
+  amx::SetMode(amx::Mode::kOff);
+  bf16dot::SetMode(bf16dot::Mode::kOff);
   ThreadingContext tc(3);
   for (DType kvt : {DType::kF32, DType::kBF16}) {
     for (int64_t G : {1, 4, 7}) {
@@ -260,6 +263,7 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
     }
   }
   amx::SetMode(amx::Mode::kFromEnv);
+  bf16dot::SetMode(bf16dot::Mode::kFromEnv);
 }
 
 #ifdef NEEDLE_HAVE_CUDA

@@ -7,7 +7,7 @@
 //    change, each row's pieces of keys do not. Dense causal spans and sparse-prefill-like spans
 //    (shared Initial, a remapped block, Local, the causal chunk).
 //  * The bf16 folds (queries and probabilities rounded to bf16) within the bound derived in
-//    amx.h and bf16_prompt.h, against the Highway row tile (f32, within 1e-5 of exact;
+//    amx.h and bf16dot.h, against the Highway row tile (f32, within 1e-5 of exact;
 //    test_kernels.cc's AttentionTest checks it against the reference).
 #include <gtest/gtest.h>
 
@@ -18,7 +18,7 @@
 
 #include "engine/cpu/amx.h"
 #include "engine/cpu/avx512.h"
-#include "engine/cpu/bf16_prompt.h"
+#include "engine/cpu/bf16dot.h"
 #include "engine/cpu/ops.h"
 #include "kvcache/kv_cache.h"
 #include "tests/bf16_cache_util.h"
@@ -129,7 +129,7 @@ TEST(PromptFold, TokensAttendAlikeInAnyCall) {
 }
 
 // Causal dense and sparse spans with position remapping's rotations, a bf16 fold against the
-// row tile, within the bound of amx.h / bf16_prompt.h; |q_d| is bounded by its rotate-half
+// row tile, within the bound of amx.h / bf16dot.h; |q_d| is bounded by its rotate-half
 // pair's magnitude, sqrt(q_d^2 + q_(d+-D/2)^2), which any rotation keeps, and the bound takes the
 // largest over all keys of the head.
 void ExpectWithinTheBf16Bound(Fold fold) {
@@ -217,14 +217,22 @@ TEST(PromptFold, Bf16DotsWithinTheDerivedBound) {
   ExpectWithinTheBf16Bound(Fold::kBf16Dot);
 }
 
-// NEEDLE_CPU_BF16DOT's modes: off never; on where the CPU can, for even head dims.
+// NEEDLE_CPU_BF16DOT's modes: off never; on where the CPU can, for even head dims (decode:
+// multiples of 32 up to 256); auto as on, but only on CPUs without AMX.
 TEST(PromptFold, Bf16DotModeSelectsTheFold) {
   bf16dot::SetMode(bf16dot::Mode::kOff);
   EXPECT_FALSE(bf16dot::Use(128));
+  EXPECT_FALSE(bf16dot::UseBlocks(4, 128));
   bf16dot::SetMode(bf16dot::Mode::kOn);
   EXPECT_EQ(bf16dot::Use(128), avx512::HasBf16());
   EXPECT_EQ(bf16dot::Use(72), avx512::HasBf16());
   EXPECT_FALSE(bf16dot::Use(7));
+  EXPECT_EQ(bf16dot::UseBlocks(7, 128), avx512::HasBf16());
+  EXPECT_FALSE(bf16dot::UseBlocks(4, 72));
+  EXPECT_FALSE(bf16dot::UseBlocks(4, 512));
+  bf16dot::SetMode(bf16dot::Mode::kAuto);
+  EXPECT_EQ(bf16dot::Use(128), avx512::HasBf16() && !amx::Supported());
+  EXPECT_EQ(bf16dot::UseBlocks(4, 128), avx512::HasBf16() && !amx::Supported());
   bf16dot::SetMode(bf16dot::Mode::kFromEnv);
 }
 

@@ -15,7 +15,7 @@
 #include "engine/attention/partial.h"
 #include "engine/base/error.h"
 #include "engine/cpu/amx.h"
-#include "engine/cpu/bf16_prompt.h"
+#include "engine/cpu/bf16dot.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/prompt_groups.h"
 #include "engine/cpu/with_size.h"
@@ -329,7 +329,7 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
   // Prompts: groups of consecutive tokens fold the keys they share once for all their rows
   // (prompt_groups.h), each piece of keys read from the caches by many queries (compute-bound):
   // on a bf16 cache with the AMX tiles (amx.h) or, without them, AVX512-BF16 dot products
-  // (bf16_prompt.h) where the CPU has them; else with the Highway row tile.
+  // (bf16dot.h) where the CPU has them; else with the Highway row tile.
   if (a.T > 1 && splits == 1) {
     for (size_t i = 0; i < parts.size(); ++i) parts[i] = PartialAttention(pbuf.data() + i * D, D);
     if (kv.dtype == DType::kBF16 && amx::Use(G, D, true))
@@ -417,13 +417,19 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
       items.push_back({h, i, std::min<int64_t>(i + per, static_cast<int64_t>(blocks[h].size()))});
   std::vector<float> pbuf(items.size() * static_cast<size_t>(G * D));
   std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
-  // bf16 caches on a CPU with AMX: the tile fold (amx.h), its queries prepared once per head.
+  // bf16 caches on a CPU with AMX: the tile fold (amx.h); without, AVX512-BF16 dot products
+  // where the CPU has them (bf16dot.h); their queries prepared once per head.
   const bool tiles = kv.dtype == DType::kBF16 && amx::Use(G, D);
+  const bool dots = !tiles && kv.dtype == DType::kBF16 && bf16dot::UseBlocks(G, D);
   std::vector<amx::Query> tq(tiles ? static_cast<size_t>(Hk) : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(tq.size()); ++h)
     amx::PrepareQuery(q + h * G * D, G, D, a.scale, &tq[h]);
+  std::vector<bf16dot::Query> dq(dots ? static_cast<size_t>(Hk) : 0);
+  for (int64_t h = 0; h < static_cast<int64_t>(dq.size()); ++h)
+    bf16dot::PrepareQuery(q + h * G * D, G, D, a.scale, &dq[h]);
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
     thread_local amx::Folder folder;
+    thread_local bf16dot::BlockFolder dot_folder;
     if (tiles) folder.Begin();
     Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {
@@ -448,6 +454,11 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
                       reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st,
                       reinterpret_cast<const uint16_t*>(after.k),
                       reinterpret_cast<const uint16_t*>(after_v), after.rows * after.row_bytes);
+        else if (dots)
+          dot_folder.Fold(dq[it.h], reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
+                          reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st,
+                          reinterpret_cast<const uint16_t*>(after.k),
+                          reinterpret_cast<const uint16_t*>(after_v), after.rows * after.row_bytes);
         else
           FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st, after);
       }

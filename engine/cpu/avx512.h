@@ -1,9 +1,11 @@
-// AVX-512 helpers shared by the intrinsics folders (amx.cc, bf16_prompt.cc), which are compiled
-// without ISA flags: each function carries its target attribute, and runs only after the CPU
-// check said yes.
+// AVX-512 helpers shared by the intrinsics folders (amx.cc, bf16_prompt.cc, bf16_blocks.cc), which
+// are compiled without ISA flags: each function carries its target attribute, and runs only after
+// the CPU check said yes.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace needle::avx512 {
 
@@ -27,6 +29,28 @@ __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// out [D] = bf16 pairs (a_d, b_d) of two rows of D bf16 (b null: zeros), 32 channels a
+// permutation.
+__attribute__((target("avx512f,avx512bw"))) inline void InterleaveRows(const uint16_t* a,
+                                                                       const uint16_t* b, int64_t D,
+                                                                       uint32_t* out) {
+  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512i va = _mm512_loadu_si512(a + d);
+    const __m512i vb = b != nullptr ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_storeu_si512(out + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
+  }
+  for (; d < D; ++d) out[d] = uint32_t{a[d]} | (b != nullptr ? uint32_t{b[d]} << 16 : 0u);
 }
 
 }  // namespace needle::avx512

@@ -1,6 +1,6 @@
-// The AVX512-BF16 prompt fold (bf16_prompt.h). Compiled without ISA flags: the functions that
+// The AVX512-BF16 prompt fold (bf16dot.h). Compiled without ISA flags: the functions that
 // use AVX-512 carry their target attribute and run only after avx512::HasBf16() said yes.
-#include "engine/cpu/bf16_prompt.h"
+#include "engine/cpu/bf16dot.h"
 
 #include <immintrin.h>
 
@@ -13,6 +13,7 @@
 
 #include "engine/base/dtype.h"
 #include "engine/base/error.h"
+#include "engine/cpu/amx.h"
 #include "engine/cpu/avx512.h"
 #include "engine/cpu/prompt_groups.h"
 #include "engine/cpu/with_size.h"
@@ -64,9 +65,10 @@ class Bf16Rows : public RowFolder {
       for (int64_t j = 0; j < n; ++j)
         krow_[j] = reinterpret_cast<const uint16_t*>(kv.KRow(h, b + j));
       for (int64_t j = 0; j < n; j += 2)
-        Interleave(reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j)),
-                   j + 1 < n ? reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j + 1)) : nullptr,
-                   vp_.data() + (j / 2) * s_.D);
+        avx512::InterleaveRows(
+            reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j)),
+            j + 1 < n ? reinterpret_cast<const uint16_t*>(kv.VRow(h, b + j + 1)) : nullptr, s_.D,
+            vp_.data() + (j / 2) * s_.D);
       FoldPiece(n);
       b += n;
     }
@@ -81,25 +83,6 @@ class Bf16Rows : public RowFolder {
     qp_.resize(D / 2 * M), st_.resize(static_cast<size_t>(kPieceKeys) * M);
     pp_.resize(static_cast<size_t>(kPieceKeys / 2) * M);
     vp_.resize(static_cast<size_t>(kPieceKeys / 2) * D), krow_.resize(kPieceKeys);
-  }
-
-  // out [D] = (a_d, b_d) as bf16 pairs (b null: zeros), 32 channels a permutation.
-  NEEDLE_BF16_TARGET void Interleave(const uint16_t* a, const uint16_t* b, uint32_t* out) const {
-    alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                 37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-    const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
-    int64_t d = 0;
-    for (; d + 32 <= s_.D; d += 32) {
-      const __m512i va = _mm512_loadu_si512(a + d);
-      const __m512i vb = b != nullptr ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_storeu_si512(out + d + 16, _mm512_permutex2var_epi16(va, hi, vb));
-    }
-    for (; d < s_.D; ++d) out[d] = uint32_t{a[d]} | (b != nullptr ? uint32_t{b[d]} << 16 : 0u);
   }
 
   // S^T rows [j0, j0 + KJ) x row vectors [v0, v0 + RV).
@@ -222,11 +205,14 @@ void SetMode(Mode m) { g_mode.store(static_cast<int>(m)); }
 bool Use(int64_t D) {
   static const Mode env = [] {
     const char* e = std::getenv("NEEDLE_CPU_BF16DOT");
-    return e != nullptr && std::strcmp(e, "0") == 0 ? Mode::kOff : Mode::kOn;
+    if (e != nullptr && std::strcmp(e, "0") == 0) return Mode::kOff;
+    if (e != nullptr && std::strcmp(e, "1") == 0) return Mode::kOn;
+    return Mode::kAuto;
   }();
   Mode m = static_cast<Mode>(g_mode.load(std::memory_order_relaxed));
   if (m == Mode::kFromEnv) m = env;
-  return m == Mode::kOn && D >= 2 && D % 2 == 0 && avx512::HasBf16();
+  if (m == Mode::kOff || D < 2 || D % 2 != 0 || !avx512::HasBf16()) return false;
+  return m == Mode::kOn || !amx::Supported();
 }
 
 void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
