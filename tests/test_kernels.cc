@@ -18,7 +18,7 @@
 
 #include "engine/attention/partial.h"
 #include "engine/cpu/amx.h"
-#include "engine/cpu/bf16_prompt.h"
+#include "engine/cpu/bf16dot.h"
 #include "engine/cpu/ops.h"
 #include "tests/test_util.h"
 

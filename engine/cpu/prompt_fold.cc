@@ -69,8 +69,8 @@ class RowTile : public RowFolder {
   void Shape() {
     const size_t M = static_cast<size_t>(s_.M), D = static_cast<size_t>(s_.D);
     qt_.resize(D * M), st_.resize(static_cast<size_t>(kPieceKeys) * M);
-    kf_.resize(static_cast<size_t>(kPieceKeys) * D),
-        vf_.resize(static_cast<size_t>(kPieceKeys) * D);
+    kf_.resize(static_cast<size_t>(kPieceKeys) * D);
+    vf_.resize(static_cast<size_t>(kPieceKeys) * D);
   }
 
   // S^T rows [j0, j0 + KJ) x row vectors [v0, v0 + RV): sum over the channels of a key channel
