@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -12,6 +12,11 @@
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
 #   reference  tests/fixtures/make_needle_tiny_reference.py on models/needle-tiny (to $OUT)
+#   cpufolds  the CPU folds on this machine's CPU (keep bench_sparse in .dev/gpu): the hybrid's
+#          block fold (bench_sparse context_blocks, 16 threads, from DRAM and cache-resident)
+#          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
+#          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
+#          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
 #          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
 #          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
@@ -71,6 +76,22 @@ if [ "$what" = reference ]; then
   echo "== needle-tiny's transformers reference"
   python3 tests/fixtures/make_needle_tiny_reference.py --model models/needle-tiny \
     --out "$LOG/needle_tiny" 2>&1 | tail -12
+fi
+if [ "$what" = cpufolds ]; then
+  for f in "1 0" "0 1" "0 0"; do
+    set -- $f
+    for hot in 0 1; do
+      echo "== bench_sparse NEEDLE_CPU_AMX=$1 NEEDLE_CPU_BF16DOT=$2 NEEDLE_BENCH_HOT=$hot"
+      env $( [ $hot = 1 ] && echo NEEDLE_BENCH_HOT=1 ) NEEDLE_CPU_AMX=$1 NEEDLE_CPU_BF16DOT=$2 \
+        timeout 120 $G/bench_sparse --benchmark_filter='context_blocks/131072|prefill_chunk_sparse/131072' \
+        --benchmark_color=false 2>&1 | grep -E "^(context|prefill)|measured" | cut -c1-150
+    done
+  done
+  for d in 0 1; do
+    echo "== bench_hybrid Llama-3.1-8B 128K, NEEDLE_CPU_BF16DOT=$d"
+    NEEDLE_CPU_BF16DOT=$d NEEDLE_BENCH_PLACEMENTS=host timeout 150 $G/bench_hybrid 24G 131072s \
+      bench/configs/llama-3.1-8b.json 2>"$LOG/hybrid_bf16dot_$d.err"
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   [ -x $G/bench_cuda ] && bash bench/bench_cuda.sh $G/bench_cuda
