@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "datasets/fit_search.h"
 #include "engine/base/error.h"
 
 namespace needle::datasets {
@@ -14,18 +15,6 @@ std::string Repeat(const std::string& s, int64_t n) {
   out.reserve(s.size() * static_cast<size_t>(std::max<int64_t>(n, 0)));
   for (int64_t i = 0; i < n; ++i) out += s;
   return out;
-}
-
-// The largest n in [lo, hi] with fits(n), for a monotone predicate (fits(lo) assumed).
-int64_t LargestFitting(int64_t lo, int64_t hi, const std::function<bool(int64_t)>& fits) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo + 1) / 2;
-    if (fits(mid))
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
 }
 
 // One stream per (seed, task, length, depth, sample): inserting samples never shifts others.
@@ -145,16 +134,15 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
     // Pairs that fit, measured on a probe dictionary (UUID pairs all tokenise alike in length).
     std::mt19937_64 probe = StreamFor(seed, task, target, -1, -1);
     std::vector<std::pair<std::string, std::string>> pool;
-    auto fits = [&](int64_t n) {
+    auto tokens = [&](int64_t n) {
       while (static_cast<int64_t>(pool.size()) < n)
         pool.emplace_back(RandomUuid4(probe), RandomUuid4(probe));
       std::vector<std::pair<std::string, std::string>> kv(pool.begin(), pool.begin() + n);
-      return count(InfiniteBenchPrompt(task, KvContext(kv), KvInput(kv[0].first))) <= target;
+      return count(InfiniteBenchPrompt(task, KvContext(kv), KvInput(kv[0].first)));
     };
-    if (!fits(1)) Fail("data: kv_retrieval cannot fit even one pair in ", target, " tokens");
-    int64_t hi = 2;
-    while (fits(hi)) hi *= 2;
-    const int64_t n_pairs = LargestFitting(hi / 2, hi - 1, fits);
+    if (tokens(1) > target)
+      Fail("data: kv_retrieval cannot fit even one pair in ", target, " tokens");
+    const int64_t n_pairs = LargestFitting(1, target, tokens);
     for (int64_t di = 0; di < n_depths; ++di) {
       for (int64_t si = 0; si < samples_per_depth; ++si) {
         std::mt19937_64 rng = StreamFor(seed, task, target, di, si);
@@ -178,14 +166,13 @@ std::vector<Sample> GenerateInfiniteBench(const std::string& task, int64_t targe
   // passkey / number_string: N noise lines with the needle line at line j.
   const std::string probe_needle =
       InfiniteBenchNeedle(task, task == "passkey" ? "00000" : "0000000000");
-  auto fits = [&](int64_t n) {
+  auto tokens = [&](int64_t n) {
     return count(InfiniteBenchPrompt(task, probe_needle + Repeat(kNoiseLine, n),
-                                     InfiniteBenchQuestion(task))) <= target;
+                                     InfiniteBenchQuestion(task)));
   };
-  if (!fits(0)) Fail("data: ", task, " does not fit in ", target, " tokens even without noise");
-  int64_t hi = 1;
-  while (fits(hi)) hi *= 2;
-  const int64_t n_lines = LargestFitting(hi / 2, hi - 1, fits);
+  if (tokens(0) > target)
+    Fail("data: ", task, " does not fit in ", target, " tokens even without noise");
+  const int64_t n_lines = LargestFitting(0, target, tokens);
   for (int64_t di = 0; di < n_depths; ++di) {
     const int64_t j =
         static_cast<int64_t>(DepthOf(di, n_depths) * static_cast<double>(n_lines) + 0.5);

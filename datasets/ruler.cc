@@ -6,6 +6,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "datasets/fit_search.h"
 #include "engine/base/error.h"
 
 namespace needle::datasets {
@@ -248,25 +249,16 @@ std::vector<Sample> GenerateRuler(const std::string& name, int64_t target, int64
       return std::make_pair(
           s, idx.empty() || n == 0 ? 0.0 : static_cast<double>(idx[0]) / static_cast<double>(n));
     };
-    auto fits = [&](int64_t n) {
+    auto tokens = [&](int64_t n) {
       const auto hs = build(n);
       return count(RulerTaskPrompt(name, hs.first, query) + RulerAnswerPrefix(name, query)) +
-                 kRulerMaxNewTokens <=
-             target;
+             kRulerMaxNewTokens;
     };
-    if (!fits(t.haystack == "essay" ? 1
-                                    : std::max<int64_t>(1, static_cast<int64_t>(needles.size()))))
+    if (tokens(t.haystack == "essay"
+                   ? 1
+                   : std::max<int64_t>(1, static_cast<int64_t>(needles.size()))) > target)
       Fail("RULER: ", name, " does not fit in ", target, " tokens");
-    int64_t lo = 1, hi = 2;
-    while (fits(hi)) lo = hi, hi *= 2;
-    while (lo + 1 < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (fits(mid))
-        lo = mid;
-      else
-        hi = mid;
-    }
-    const auto hs = build(lo);
+    const auto hs = build(LargestFitting(1, target, tokens));
     Sample s;
     s.id = static_cast<int64_t>(out.size());
     s.context = hs.first;

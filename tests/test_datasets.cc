@@ -3,8 +3,11 @@
 
 #include <zlib.h>
 
+#include <random>
 #include <regex>
+#include <vector>
 
+#include "datasets/fit_search.h"
 #include "datasets/infinitebench.h"
 #include "datasets/niah.h"
 #include "tests/test_util.h"
@@ -17,6 +20,46 @@ const std::string kNoise =
 const auto kBytes = [](const std::string& s) {
   return static_cast<int64_t>(s.size());
 };  // 1 token per byte
+
+// The haystack-size search: the largest n whose count fits, against counting every n, for
+// counts that grow linearly (with a prompt's fixed part), in steps, with flat stretches, and
+// from a small lo; and how many counts it takes for a 1M-token linear prompt.
+TEST(FitSearch, LargestFittingEqualsExhaustiveSearch) {
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int kind = trial % 3;
+    const int64_t fixed = static_cast<int64_t>(rng() % 200), n_max = 3000;
+    std::vector<int64_t> counts(n_max + 1);
+    int64_t c = fixed;
+    for (int64_t n = 0; n <= n_max; ++n) {
+      counts[n] = c;
+      if (kind == 0) c += 7;                                                   // linear
+      if (kind == 1) c += static_cast<int64_t>(rng() % 12);                    // uneven, flat runs
+      if (kind == 2) c += n % 50 < 40 ? 0 : static_cast<int64_t>(rng() % 90);  // long flats
+    }
+    const int64_t lo = static_cast<int64_t>(rng() % 3);
+    const int64_t budget =
+        counts[lo] + static_cast<int64_t>(rng() % (counts[n_max - 1] - counts[lo]));
+    int64_t want = lo;
+    while (want + 1 <= n_max && counts[want + 1] <= budget) ++want;
+    int evals = 0;
+    const int64_t got = datasets::LargestFitting(lo, budget, [&](int64_t n) {
+      ++evals;
+      return n <= n_max ? counts[n] : counts[n_max] + (n - n_max) * 100;
+    });
+    ASSERT_EQ(got, want) << "trial " << trial << " kind " << kind << " budget " << budget;
+    EXPECT_LE(evals, 48) << "trial " << trial;  // (at most about twice log2 of the range)
+  }
+  // A 1M-token prompt: 50 tokens of template, 13 tokens per 10 words (rounded down).
+  int evals = 0;
+  const int64_t n = datasets::LargestFitting(1, 1048576, [&](int64_t w) {
+    ++evals;
+    return 50 + w * 13 / 10;
+  });
+  EXPECT_LE(50 + n * 13 / 10, 1048576);
+  EXPECT_GT(50 + (n + 1) * 13 / 10, 1048576);
+  EXPECT_LE(evals, 12);
+}
 
 TEST(InfiniteBench, PasskeyFormatDepthAndLength) {
   const auto samples = GenerateInfiniteBench("passkey", 3000, 3, 2, 7, kBytes);
@@ -98,7 +141,6 @@ TEST(InfiniteBench, KvRetrievalLayout) {
 
 }  // namespace
 }  // namespace needle::datasets
-
 
 namespace needle::datasets {
 namespace {
