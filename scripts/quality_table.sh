@@ -6,8 +6,9 @@
 # samples are kept in OUT/TASK/shard_I/predictions.jsonl.
 #   bash scripts/quality_table.sh OUT [LENGTHS] [SAMPLES] [TASKS] [ATTENTION]
 #     LENGTHS   default 16k,32k,64k,128k
-#     SAMPLES   samples per (task, length) (default 8): InfiniteBench tasks as SAMPLES depths,
-#               RULER and the classic needle as SAMPLES samples
+#     SAMPLES   samples per (task, length) (default 8): InfiniteBench tasks and the classic
+#               needle as SAMPLES depths (the needle's samples at one depth are all alike), RULER
+#               as SAMPLES samples
 #     TASKS     default passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,
 #               niah_single_3,niah_multikey_1,niah_multivalue,needle
 #     ATTENTION sparse (default), dense,sparse or dense (dense prefill is quadratic: keep it short)
@@ -46,7 +47,7 @@ mkdir -p "$OUT"
 echo "quality_table: tasks $TASKS, lengths $LENGTHS, $SAMPLES samples, $ATTENTION; $PROCS processes x $THREADS threads" >&2
 for task in ${TASKS//,/ }; do
   case "$task" in
-    passkey | number_string | kv_retrieval) PER=(--depths "$SAMPLES" --samples 1) ;;
+    passkey | number_string | kv_retrieval | needle) PER=(--depths "$SAMPLES" --samples 1) ;;
     *) PER=(--samples "$SAMPLES") ;;
   esac
   pids=()
