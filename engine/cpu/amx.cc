@@ -16,13 +16,6 @@
 #include "engine/base/error.h"
 #include "engine/cpu/avx512.h"
 
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
-// uninitialised once inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #define NEEDLE_AMX_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 
@@ -277,22 +270,14 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
   float corr[16];
   for (int64_t g = 0; g < G; ++g) {
     const float* s = st_.data() + g * np;
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 live = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
-      vm = _mm512_mask_max_ps(vm, live, vm, _mm512_loadu_ps(s + j));
-    }
     PartialAttention& P = part[g];
-    const float mx = std::max(P.m, _mm512_reduce_max_ps(vm));
+    const float mx = std::max(P.m, avx512::MaxOf(s, n));
     corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512 vsum = _mm512_setzero_ps();
     uint32_t *pe = pe_.data() + g * np, *po = packed ? pe + 8 * np : po_.data() + g * np;
     for (int64_t j = 0; j < np; j += 16) {
-      const int64_t left = n - j;
-      const __mmask16 live = left >= 16  ? 0xffff
-                             : left <= 0 ? 0
-                                         : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 live = avx512::Live(n - j);
       const __m512 e =
           _mm512_maskz_mov_ps(live, avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
       const __m512i b = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));

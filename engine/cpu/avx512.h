@@ -5,7 +5,18 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
+// uninitialised once inlined into the files that include this one (only the intrinsics folders).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// The target of the AVX512-BF16 folds' functions (bf16_prompt.cc, bf16_blocks.cc).
+#define NEEDLE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace needle::avx512 {
 
@@ -29,6 +40,19 @@ __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// Lanes [0, left) of a vector of 16 (left may be <= 0 or >= 16).
+inline __mmask16 Live(int64_t left) {
+  return left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// The largest of s[0, n) (-inf for n = 0).
+__attribute__((target("avx512f"))) inline float MaxOf(const float* s, int64_t n) {
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    vm = _mm512_mask_max_ps(vm, Live(n - j), vm, _mm512_loadu_ps(s + j));
+  return _mm512_reduce_max_ps(vm);
 }
 
 // out [D] = bf16 pairs (a_d, b_d) of two rows of D bf16 (b null: zeros), 32 channels a

@@ -14,15 +14,6 @@
 #include "engine/cpu/bf16dot.h"
 #include "engine/cpu/with_size.h"
 
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
-// uninitialised once inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#define NEEDLE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
 namespace needle::bf16dot {
 namespace {
 
@@ -145,22 +136,14 @@ NEEDLE_BF16_TARGET void BlockFolder::Fold(const Query& q, const uint16_t* k, con
   NEEDLE_CHECK(G <= 64);
   for (int64_t g = 0; g < G; ++g) {
     const float* s = s_.data() + g * np;
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 live = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
-      vm = _mm512_mask_max_ps(vm, live, vm, _mm512_loadu_ps(s + j));
-    }
     PartialAttention& P = part[g];
-    const float mx = std::max(P.m, _mm512_reduce_max_ps(vm));
+    const float mx = std::max(P.m, avx512::MaxOf(s, n));
     corr[g] = P.empty() ? 0.0f : std::exp(P.m - mx);
     const __m512 vmx = _mm512_set1_ps(mx);
     __m512 vsum = _mm512_setzero_ps();
     uint16_t* pg = p_.data() + g * np;
     for (int64_t j = 0; j < np; j += 16) {
-      const int64_t left = n - j;
-      const __mmask16 live = left >= 16  ? 0xffff
-                             : left <= 0 ? 0
-                                         : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 live = avx512::Live(n - j);
       const __m512 e =
           _mm512_maskz_mov_ps(live, avx512::Exp(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
       const __m256i b = (__m256i)_mm512_cvtneps_pbh(e);

@@ -18,15 +18,6 @@
 #include "engine/cpu/prompt_groups.h"
 #include "engine/cpu/with_size.h"
 
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*, which its flow analysis reports as
-// uninitialised once inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#define NEEDLE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
 namespace needle::bf16dot {
 namespace {
 
