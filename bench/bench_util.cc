@@ -54,6 +54,21 @@ namespace needle::bench {
 HWY_EXPORT(SumFloats);
 HWY_EXPORT(FmaChains);
 
+namespace {
+// The best of `passes` rates work / (seconds of one run()).
+template <class F>
+double BestRate(int passes, double work, const F& run) {
+  double best = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, work / dt);
+  }
+  return best;
+}
+}  // namespace
+
 int BenchThreads() {
   const char* e = std::getenv("NEEDLE_BENCH_THREADS");
   return e != nullptr ? std::max(1, std::atoi(e)) : 0;
@@ -75,16 +90,12 @@ double MeasuredReadBandwidth() {
   });
   const size_t parts = static_cast<size_t>(tc.threads()) * 8;
   std::vector<float> sink(parts);
-  double best = 0;
-  for (int pass = 0; pass < 8; ++pass) {
-    auto t0 = std::chrono::steady_clock::now();
+  const double best = BestRate(8, static_cast<double>(n * sizeof(float)), [&] {
     tc.ParallelFor(parts, 1, [&](size_t b, size_t e) {
       for (size_t p = b; p < e; ++p)
         sink[p] = HWY_DYNAMIC_DISPATCH(SumFloats)(buf.data() + p * (n / parts), n / parts);
     });
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(n * sizeof(float)) / dt);
-  }
+  });
   float total = 0;
   for (auto s : sink) total += s;
   std::fprintf(stderr, "measured DRAM read bandwidth: %.1f GB/s with %d threads (checksum %g)\n",
@@ -100,16 +111,14 @@ double MeasuredFmaPeak() {
   const int64_t rounds = 20000000;
   const size_t parts = static_cast<size_t>(tc.threads());
   std::vector<float> sink(parts);
-  std::vector<size_t> lanes(parts);
-  double best = 0;
-  for (int pass = 0; pass < 3; ++pass) {
-    auto t0 = std::chrono::steady_clock::now();
+  size_t lanes = 1;
+  HWY_DYNAMIC_DISPATCH(FmaChains)(1, &lanes);
+  const double best = BestRate(3, static_cast<double>(parts * rounds * 12 * lanes * 2), [&] {
     tc.ParallelFor(parts, 1, [&](size_t b, size_t e) {
-      for (size_t p = b; p < e; ++p) sink[p] = HWY_DYNAMIC_DISPATCH(FmaChains)(rounds, &lanes[p]);
+      size_t l;
+      for (size_t p = b; p < e; ++p) sink[p] = HWY_DYNAMIC_DISPATCH(FmaChains)(rounds, &l);
     });
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(parts * rounds * 12 * lanes[0] * 2) / dt);
-  }
+  });
   float total = 0;
   for (auto s : sink) total += s;
   std::fprintf(stderr, "measured f32 FMA peak: %.1f GFLOP/s with %d threads (checksum %g)\n",

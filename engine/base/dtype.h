@@ -35,6 +35,12 @@ inline uint16_t F32ToBF16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// lo and hi rounded to bf16 (as F32ToBF16) in one 32-bit word, lo in the low half: the operand
+// layout of the bf16 pair dot products (vdpbf16ps, the AMX tiles).
+inline uint32_t BF16Pair(float lo, float hi) {
+  return uint32_t{F32ToBF16(lo)} | uint32_t{F32ToBF16(hi)} << 16;
+}
+
 float F16ToF32(uint16_t h);
 uint16_t F32ToF16(float f);  // round to nearest even, as _mm_cvtps_ph and torch
 

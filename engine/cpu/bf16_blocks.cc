@@ -99,8 +99,8 @@ void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out)
   out->pairs.resize(static_cast<size_t>(G * D / 2));
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D / 2; ++i)
-      out->pairs[g * (D / 2) + i] = uint32_t{F32ToBF16(q[g * D + 2 * i] * scale)} |
-                                    uint32_t{F32ToBF16(q[g * D + 2 * i + 1] * scale)} << 16;
+      out->pairs[g * (D / 2) + i] =
+          BF16Pair(q[g * D + 2 * i] * scale, q[g * D + 2 * i + 1] * scale);
 }
 
 NEEDLE_BF16_TARGET void BlockFolder::Fold(const Query& q, const uint16_t* k, const uint16_t* v,

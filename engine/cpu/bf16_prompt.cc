@@ -29,10 +29,6 @@ constexpr int kChanTile = 4;  // value channels x row vectors: 4 x 4
 
 std::atomic<int> g_mode{static_cast<int>(Mode::kFromEnv)};
 
-uint32_t Pair(float lo, float hi) {
-  return uint32_t{F32ToBF16(lo)} | uint32_t{F32ToBF16(hi)} << 16;
-}
-
 class Bf16Rows : public RowFolder {
  public:
   void Load(const PartialAttention* parts, int64_t n) override {
@@ -44,7 +40,7 @@ class Bf16Rows : public RowFolder {
     for (int64_t i = 0; i < D / 2; ++i) {
       uint32_t* col = qp_.data() + i * s_.M;
       for (int64_t r = 0; r < n; ++r)
-        col[r] = Pair(rows[r * D + 2 * i] * scale, rows[r * D + 2 * i + 1] * scale);
+        col[r] = BF16Pair(rows[r * D + 2 * i] * scale, rows[r * D + 2 * i + 1] * scale);
       std::fill(col + n, col + s_.M, 0u);  // (padding rows score 0: finite, and never stored)
     }
   }
