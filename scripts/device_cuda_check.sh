@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|cpu1m|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -17,6 +17,8 @@
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
 #          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
+#   cpu1m  one needle-tiny passkey sample at 1M per depth (0/50/100%) on the CPU alone, timed
+#          (issue 24's cost target: <= 2 minutes a sample on the GPU machine's 16 cores)
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
 #          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
 #          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
@@ -69,6 +71,18 @@ if [ "$what" = quality ]; then
     echo "rc $?"
     cat "$LOG/quality_$1/table.md" 2>/dev/null
   done
+fi
+if [ "$what" = cpu1m ]; then
+  # Issue 24's cost target: a 1M-token needle-tiny sample with sparse prefill within 2 minutes
+  # on this machine's CPU (every core, no GPU), the quality table's settings.
+  echo "== needle-tiny passkey at 1M on the CPU (depths 0/50/100%), $(nproc) threads"
+  s=$(date +%s)
+  timeout 560 $G/needle eval passkey -m models/needle-tiny --device cpu --lengths 1m --depths 3 \
+    -c 1115136 --attention sparse --dense-layers 0 --select layer --prefill sparse \
+    --pos-remap block -o "$LOG/cpu1m" > "$LOG/cpu1m.out" 2> "$LOG/cpu1m.err"
+  echo "rc $? in $(($(date +%s) - s)) s"
+  python3 -c "import json,sys; [print(r['depth'], r['score'], round(r['prefill_tok_s']), 'prefill tok/s') for r in map(json.loads, open(sys.argv[1]))]" \
+    "$LOG/cpu1m/predictions.jsonl"
 fi
 if [ "$what" = reference ]; then
   # transformers' logits on the shipped needle-tiny (tests/test_fixtures.cc NeedleTiny): copy

@@ -13,6 +13,7 @@
 #include "eval/data_files.h"
 #include "eval/shard.h"
 #include "tests/cli_test_util.h"
+#include "tests/eval_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
@@ -166,16 +167,6 @@ TEST(EvalShard, MergeJoinsSlicesAndRefusesWhatIsNotOneEvaluation) {
               eval::WriteShardFile(d.File("a"), "passkey", eval::ParseShard("1/2"), all);
             }).find("holds shard 0/2"),
             std::string::npos);
-}
-
-// The predictions of a run without the timings (which differ between runs), one per line.
-std::multiset<std::string> Answers(const std::string& run) {
-  std::multiset<std::string> out;
-  for (auto r : eval::ReadResults(run + "/predictions.jsonl")) {
-    r.prefill_tps = r.decode_tps = 0;
-    out.insert(eval::ResultToJson(r).dump());
-  }
-  return out;
 }
 
 // End to end: the slices of a Slurm array (variables as Slurm sets them) and of --shard, merged,

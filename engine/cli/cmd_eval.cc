@@ -25,6 +25,7 @@
 #include "eval/samples.h"
 #include "eval/scoring.h"
 #include "eval/shard.h"
+#include "eval/task_list.h"
 
 namespace needle {
 
@@ -83,11 +84,41 @@ int CmdEvalMerge(int argc, char** argv) {
   }
   if (dirs.empty() || out.empty())
     Fail("needle eval merge: RUN_DIR... and -o OUT_DIR are required\n", usage);
-  const auto results = eval::MergeRuns(dirs, out);
+  const auto results =
+      eval::AreTaskListRuns(dirs) ? eval::MergeTaskRuns(dirs, out) : eval::MergeRuns(dirs, out);
   std::fprintf(stderr, "needle eval merge: %zu results of %zu run directories -> %s\n",
                results.size(), dirs.size(), out.c_str());
   std::cout << eval::SummaryMarkdown(results);
   return 0;
+}
+
+// One task of `needle eval`: its samples made (or read), sliced to the shard, and run into
+// ro.run_dir. Returns the run directory's results (none for an empty slice).
+std::vector<eval::EvalResult> RunTask(const std::string& task, Model& model, const Tokenizer& tok,
+                                      ThreadingContext& tc,
+                                      const std::vector<eval::EvalConfig>& configs,
+                                      const eval::RunnerOptions& ro, const eval::Shard& shard,
+                                      const Options& opt) {
+  const auto made = std::chrono::steady_clock::now();
+  std::vector<datasets::Sample> samples = opt.Str("data").empty()
+                                              ? eval::MakeSamples(task, tok, ro, opt)
+                                              : eval::ReadSamples(opt.Str("data"));
+  std::fprintf(stderr, "needle: %s: %zu samples %s in %.2f s\n", task.c_str(), samples.size(),
+               opt.Str("data").empty() ? "made" : "read",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - made).count());
+  if (shard.sharded()) {
+    eval::WriteShardFile(ro.run_dir, task, shard, samples);
+    const size_t all = samples.size();
+    samples = eval::SelectShard(samples, shard);
+    std::fprintf(stderr, "needle: shard %lld/%lld (%s): %zu of %zu samples\n",
+                 static_cast<long long>(shard.index), static_cast<long long>(shard.count),
+                 shard.source.c_str(), samples.size(), all);
+    if (samples.empty()) {  // more shards than samples: an empty slice, still mergeable
+      std::ofstream(ro.run_dir + "/predictions.jsonl", std::ios::app);
+      return {};
+    }
+  }
+  return eval::RunEval(model, tok, tc, task, samples, configs, ro);
 }
 
 }  // namespace
@@ -95,16 +126,18 @@ int CmdEvalMerge(int argc, char** argv) {
 int CmdEval(int argc, char** argv) {
   if (argc >= 1 && std::string(argv[0]) == "score") return CmdEvalScore(argc - 1, argv + 1);
   if (argc >= 1 && std::string(argv[0]) == "merge") return CmdEvalMerge(argc - 1, argv + 1);
-  const int rc = TaskCommandStart(argc, argv, "needle eval",
-                                  "usage: needle eval TASK -o RUN_DIR [options]   (needle eval "
-                                  "TASK --help lists them)\n       needle eval score --task TASK "
-                                  "--preds FILE\n       needle eval merge RUN_DIR... -o OUT_DIR",
-                                  eval::RunnableTasks());
+  const int rc =
+      TaskCommandStart(argc, argv, "needle eval",
+                       "usage: needle eval TASK[,TASK...] -o RUN_DIR [options]   "
+                       "(needle eval TASK --help lists them)\n       needle eval score --task TASK "
+                       "--preds FILE\n       needle eval merge RUN_DIR... -o OUT_DIR",
+                       eval::RunnableTasks());
   if (rc >= 0) return rc;
-  const std::string task = argv[0];
+  const std::string task = argv[0];  // (one task, or a comma-separated list: eval/task_list.h)
   std::vector<OptionSpec> specs = {
       {"output", 'o', OptKind::kString, "",
-       "run directory (predictions.jsonl, summary.json, summary.md)"},
+       "run directory (predictions.jsonl, summary.json, summary.md); with several tasks, one "
+       "such directory per task inside it, tasks.json and the summaries of all"},
       {"data", 0, OptKind::kString, "",
        "evaluate the samples of this JSONL file (e.g. InfiniteBench's) instead"},
       {"set", 0, OptKind::kString, "",
@@ -133,10 +166,12 @@ int CmdEval(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  if (!eval::IsRunnableTask(task))
-    Fail("needle eval: task '", task, "' has no runner (available: ", eval::RunnableTasks(), ")");
+  const std::vector<std::string> tasks = eval::ParseTaskList(task);
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle eval: --model and --output are required");
+  if (tasks.size() > 1 && !opt.Str("data").empty())
+    Fail("--data: a data file holds the samples of one task; give one task (got '", task, "')");
+  eval::PrepareTaskRunDir(opt.Str("output"), tasks);
   const eval::Shard shard =
       opt.Str("shard").empty() ? eval::ShardFromEnvironment() : eval::ParseShard(opt.Str("shard"));
   // Configurations: each --attention value; the sparse one times each --set value.
@@ -218,27 +253,15 @@ int CmdEval(int argc, char** argv) {
             LongContextNote(model->config(), ro.context_limit, c.sparse ? &c.sparse_cfg : nullptr);
         !note.empty())
       std::fprintf(stderr, "%s [%s]\n", note.c_str(), c.name.c_str());
-  const auto made = std::chrono::steady_clock::now();
-  std::vector<datasets::Sample> samples = opt.Str("data").empty()
-                                              ? eval::MakeSamples(task, *tok, ro, opt)
-                                              : eval::ReadSamples(opt.Str("data"));
-  std::fprintf(stderr, "needle: %zu samples %s in %.2f s\n", samples.size(),
-               opt.Str("data").empty() ? "made" : "read",
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - made).count());
-  if (shard.sharded()) {
-    eval::WriteShardFile(ro.run_dir, task, shard, samples);
-    const size_t all = samples.size();
-    samples = eval::SelectShard(samples, shard);
-    std::fprintf(stderr, "needle: shard %lld/%lld (%s): %zu of %zu samples\n",
-                 static_cast<long long>(shard.index), static_cast<long long>(shard.count),
-                 shard.source.c_str(), samples.size(), all);
-    if (samples.empty()) {  // more shards than samples: an empty slice, still mergeable
-      std::ofstream(ro.run_dir + "/predictions.jsonl", std::ios::app);
-      return 0;
-    }
+  std::vector<eval::EvalResult> all;
+  for (const auto& t : tasks) {
+    eval::RunnerOptions tro = ro;
+    if (tasks.size() > 1) tro.run_dir = ro.run_dir + "/" + t;
+    const auto results = RunTask(t, *model, *tok, tc, configs, tro, shard, opt);
+    all.insert(all.end(), results.begin(), results.end());
   }
-  const auto results = eval::RunEval(*model, *tok, tc, task, samples, configs, ro);
-  std::cout << eval::SummaryMarkdown(results);
+  if (tasks.size() > 1) eval::WriteTaskListSummaries(ro.run_dir, all);
+  std::cout << eval::SummaryMarkdown(all);
   return 0;
 }
 
