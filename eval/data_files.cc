@@ -234,4 +234,16 @@ std::vector<EvalResult> ReadResults(const std::string& path) {
   return out;
 }
 
+json ReadJsonFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Fail(path, ": cannot read");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  try {
+    return ParseJsonBounded(ss.str(), kMaxJsonDepth);
+  } catch (const json::exception& e) {
+    Fail(path, ": not valid JSON (", e.what(), ")");
+  }
+}
+
 }  // namespace needle::eval

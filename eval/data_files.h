@@ -48,4 +48,8 @@ std::vector<EvalResult> ReadResults(const std::string& path);
 // One line of predictions.jsonl.
 nlohmann::json ResultToJson(const EvalResult& r);
 
+// A run directory's small JSON file (shard.json, tasks.json), whole, nesting bounded; an error
+// naming the file when it cannot be read or is not JSON.
+nlohmann::json ReadJsonFile(const std::string& path);
+
 }  // namespace needle::eval

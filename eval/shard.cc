@@ -7,10 +7,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "engine/base/error.h"
-#include "engine/base/json_parse.h"
 #include "eval/data_files.h"
 
 namespace needle::eval {
@@ -118,16 +116,7 @@ ShardFile ReadShardFile(const std::string& run_dir, bool* found) {
   ShardFile f;
   *found = std::filesystem::exists(path);
   if (!*found) return f;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) Fail(path, ": cannot read");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = ParseJsonBounded(ss.str());
-  } catch (const json::exception& e) {
-    Fail(path, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = ReadJsonFile(path);
   auto integer = [&](const char* k) -> int64_t {
     if (!j.is_object() || !j.contains(k) || !j[k].is_number_integer())
       Fail(path, ": field '", k, "' is missing or not an integer");

@@ -7,7 +7,7 @@
 #include <sstream>
 
 #include "engine/base/error.h"
-#include "engine/base/json_parse.h"
+#include "eval/data_files.h"
 #include "eval/samples.h"
 #include "eval/shard.h"
 
@@ -43,16 +43,7 @@ std::vector<std::string> ReadTaskList(const std::string& run_dir, bool* found) {
   const std::string path = run_dir + "/tasks.json";
   *found = std::filesystem::exists(path);
   if (!*found) return {};
-  std::ifstream in(path, std::ios::binary);
-  if (!in) Fail(path, ": cannot read");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = ParseJsonBounded(ss.str());
-  } catch (const json::exception& e) {
-    Fail(path, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = ReadJsonFile(path);
   if (!j.is_object() || !j.contains("tasks") || !j["tasks"].is_array() || j["tasks"].empty())
     Fail(path, ": field 'tasks' is missing or not a list of tasks");
   std::vector<std::string> tasks;

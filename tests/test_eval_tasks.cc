@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tests/cli_test_util.h"
 #include "tests/eval_test_util.h"
@@ -77,6 +79,17 @@ TEST(EvalTasks, RefusesWhatIsNotOneEvaluation) {
     Result r = RunNeedle(c.args);
     EXPECT_EQ(r.status, 1) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.error), std::string::npos) << c.args << "\n" << r.output;
+  }
+  // A malformed tasks.json is named.
+  for (const auto& [body, error] : std::vector<std::pair<std::string, std::string>>{
+           {"{oops", "tasks.json: not valid JSON"},
+           {"{\"tasks\": [1]}", "tasks.json: field 'tasks' holds a non-string (1)"},
+           {"{\"tasks\": []}", "tasks.json: field 'tasks' is missing"}}) {
+    std::filesystem::create_directories(d.File("bad"));
+    test::WriteFile(d.File("bad") + "/tasks.json", body);
+    Result r = RunNeedle("eval passkey,niah_single_1" + a + d.File("bad"));
+    EXPECT_EQ(r.status, 1) << body;
+    EXPECT_NE(r.output.find(error), std::string::npos) << body << "\n" << r.output;
   }
   // A one-task run directory takes no several-task run.
   ASSERT_EQ(RunNeedle("eval passkey" + a + d.File("one")).status, 0);
