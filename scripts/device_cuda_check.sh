@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|cpu1m|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|cpu1m|evalbatch|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -17,6 +17,8 @@
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
 #          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
+#   evalbatch  bench/bench_eval_batch.sh (issue 19): needle eval's wall time, batch 1 against 16,
+#          a command per task and a command per benchmark family
 #   cpu1m  one needle-tiny passkey sample at 1M per depth (0/50/100%) on the CPU alone, timed
 #          (issue 24's cost target: <= 2 minutes a sample on the GPU machine's 16 cores)
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
@@ -70,6 +72,15 @@ if [ "$what" = quality ]; then
       "$3" > /dev/null 2> "$LOG/quality_$1.err"
     echo "rc $?"
     cat "$LOG/quality_$1/table.md" 2>/dev/null
+  done
+fi
+if [ "$what" = evalbatch ]; then
+  # Issue 19's eval wall time: needle-tiny, 8 tasks x 20 samples at 16K on the GPU, batch 1
+  # against 16, one command a task and then one command per benchmark family (GROUPED=1).
+  for grouped in 0 1; do
+    echo "== bench_eval_batch GROUPED=$grouped"
+    GROUPED=$grouped timeout 280 bash bench/bench_eval_batch.sh $G/needle "$LOG/eval_batch_$grouped" 16 \
+      --device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz | tail -1
   done
 fi
 if [ "$what" = cpu1m ]; then
