@@ -1,14 +1,11 @@
 #include "eval/task_list.h"
 
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "engine/base/error.h"
 #include "eval/data_files.h"
-#include "eval/samples.h"
 #include "eval/shard.h"
 
 namespace needle::eval {
@@ -23,21 +20,6 @@ std::string Joined(const std::vector<std::string>& tasks) {
 }
 
 }  // namespace
-
-std::vector<std::string> ParseTaskList(const std::string& list) {
-  std::vector<std::string> tasks;
-  std::stringstream ss(list);
-  for (std::string t; std::getline(ss, t, ',');) {
-    if (t.empty()) Fail("needle eval: empty task name in '", list, "'");
-    if (!IsRunnableTask(t))
-      Fail("needle eval: task '", t, "' has no runner (available: ", RunnableTasks(), ")");
-    if (std::find(tasks.begin(), tasks.end(), t) != tasks.end())
-      Fail("needle eval: task '", t, "' is listed twice in '", list, "'");
-    tasks.push_back(t);
-  }
-  if (tasks.empty()) Fail("needle eval: no task given");
-  return tasks;
-}
 
 std::vector<std::string> ReadTaskList(const std::string& run_dir, bool* found) {
   const std::string path = run_dir + "/tasks.json";

@@ -13,10 +13,6 @@
 
 namespace needle::eval {
 
-// The tasks of a comma-separated list, in its order: each one runnable and listed once (an error
-// names the task and the list).
-std::vector<std::string> ParseTaskList(const std::string& list);
-
 // RUN_DIR/tasks.json's tasks; found is false when the file is absent. Malformed content is an
 // error naming the file and field.
 std::vector<std::string> ReadTaskList(const std::string& run_dir, bool* found);

@@ -92,6 +92,23 @@ int CmdEvalMerge(int argc, char** argv) {
   return 0;
 }
 
+// The tasks of a comma-separated list (eval/task_list.h), in its order: each one runnable and
+// listed once (an error names the task and the list).
+std::vector<std::string> ParseTaskList(const std::string& list) {
+  std::vector<std::string> tasks;
+  std::stringstream ss(list);
+  for (std::string t; std::getline(ss, t, ',');) {
+    if (t.empty()) Fail("needle eval: empty task name in '", list, "'");
+    if (!eval::IsRunnableTask(t))
+      Fail("needle eval: task '", t, "' has no runner (available: ", eval::RunnableTasks(), ")");
+    if (std::find(tasks.begin(), tasks.end(), t) != tasks.end())
+      Fail("needle eval: task '", t, "' is listed twice in '", list, "'");
+    tasks.push_back(t);
+  }
+  if (tasks.empty()) Fail("needle eval: no task given");
+  return tasks;
+}
+
 // One task of `needle eval`: its samples made (or read), sliced to the shard, and run into
 // ro.run_dir. Returns the run directory's results (none for an empty slice).
 std::vector<eval::EvalResult> RunTask(const std::string& task, Model& model, const Tokenizer& tok,
@@ -166,7 +183,7 @@ int CmdEval(int argc, char** argv) {
     if (opt.Flag("help")) std::cout << opt.Help();
     return 0;
   }
-  const std::vector<std::string> tasks = eval::ParseTaskList(task);
+  const std::vector<std::string> tasks = ParseTaskList(task);
   if (opt.Str("model").empty() || opt.Str("output").empty())
     Fail("needle eval: --model and --output are required");
   if (tasks.size() > 1 && !opt.Str("data").empty())
