@@ -1,5 +1,7 @@
 #include "eval/task_list.h"
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -31,7 +33,15 @@ std::vector<std::string> ReadTaskList(const std::string& run_dir, bool* found) {
   std::vector<std::string> tasks;
   for (const auto& t : j["tasks"]) {
     if (!t.is_string()) Fail(path, ": field 'tasks' holds a non-string (", t.dump(), ")");
-    tasks.push_back(t.get<std::string>());
+    const std::string name = t.get<std::string>();
+    // (A task names a directory under the run's: letters, digits and '_' only, each once.)
+    if (name.empty() || name.size() > 64 || !std::all_of(name.begin(), name.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+        }))
+      Fail(path, ": field 'tasks' holds '", name, "', which is not a task name");
+    if (std::find(tasks.begin(), tasks.end(), name) != tasks.end())
+      Fail(path, ": field 'tasks' lists '", name, "' twice");
+    tasks.push_back(name);
   }
   return tasks;
 }
@@ -45,7 +55,7 @@ void PrepareTaskRunDir(const std::string& run_dir, const std::vector<std::string
   if (tasks.size() == 1) return;
   if (std::filesystem::exists(run_dir + "/predictions.jsonl"))
     Fail(run_dir,
-         "/predictions.jsonl: this run directory holds a one-task evaluation; this run is ", "of ",
+         "/predictions.jsonl: this run directory holds a one-task evaluation; this run is of ",
          Joined(tasks), ": evaluate into another --output directory");
   if (found) return;
   std::filesystem::create_directories(run_dir);

@@ -84,7 +84,10 @@ TEST(EvalTasks, RefusesWhatIsNotOneEvaluation) {
   for (const auto& [body, error] : std::vector<std::pair<std::string, std::string>>{
            {"{oops", "tasks.json: not valid JSON"},
            {"{\"tasks\": [1]}", "tasks.json: field 'tasks' holds a non-string (1)"},
-           {"{\"tasks\": []}", "tasks.json: field 'tasks' is missing"}}) {
+           {"{\"tasks\": []}", "tasks.json: field 'tasks' is missing"},
+           {"{\"tasks\": [\"../x\"]}",
+            "tasks.json: field 'tasks' holds '../x', which is not a task"},
+           {"{\"tasks\": [\"a\", \"a\"]}", "tasks.json: field 'tasks' lists 'a' twice"}}) {
     std::filesystem::create_directories(d.File("bad"));
     test::WriteFile(d.File("bad") + "/tasks.json", body);
     Result r = RunNeedle("eval passkey,niah_single_1" + a + d.File("bad"));
