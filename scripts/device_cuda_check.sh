@@ -24,7 +24,8 @@
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
 #          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
 #          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
-#          lengths (default 128k,512k; QUALITY=1m alone: it takes most of a 600 s command)
+#          lengths (default 128k,512k; QUALITY=1m alone: it takes most of a 600 s command), TASKS
+#          the tasks (default: all nine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -f .dev/gpu.tar.xz ] && tar -C .dev -xJf .dev/gpu.tar.xz
@@ -68,7 +69,7 @@ if [ "$what" = quality ]; then
     echo "== quality_table $1, $2 samples, $3"
     PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$EXTRA" timeout $4 bash scripts/quality_table.sh \
       "$LOG/quality_$1" "$1" "$2" \
-      passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle \
+      "${TASKS:-passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle}" \
       "$3" > /dev/null 2> "$LOG/quality_$1.err"
     echo "rc $?"
     cat "$LOG/quality_$1/table.md" 2>/dev/null
