@@ -82,11 +82,11 @@ std::vector<EvalResult> MergeTaskRuns(const std::vector<std::string>& dirs,
   if (dirs.empty()) Fail("needle eval merge: no run directories given");
   bool found = false;
   const std::vector<std::string> tasks = ReadTaskList(dirs[0], &found);
-  for (const auto& d : dirs) {
-    const std::vector<std::string> other = ReadTaskList(d, &found);
+  for (size_t i = 1; i < dirs.size(); ++i) {
+    const std::vector<std::string> other = ReadTaskList(dirs[i], &found);
     if (other != tasks)
-      Fail("needle eval merge: ", d, " holds ", Joined(other), ", ", dirs[0], " ", Joined(tasks),
-           ": merge the run directories of one evaluation");
+      Fail("needle eval merge: ", dirs[i], " holds ", Joined(other), ", ", dirs[0], " ",
+           Joined(tasks), ": merge the run directories of one evaluation");
   }
   PrepareTaskRunDir(out_dir, tasks);
   std::vector<EvalResult> all;

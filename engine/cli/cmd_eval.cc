@@ -9,7 +9,6 @@
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "datasets/infinitebench.h"
 #include "datasets/niah.h"
@@ -96,8 +95,7 @@ int CmdEvalMerge(int argc, char** argv) {
 // listed once (an error names the task and the list).
 std::vector<std::string> ParseTaskList(const std::string& list) {
   std::vector<std::string> tasks;
-  std::stringstream ss(list);
-  for (std::string t; std::getline(ss, t, ',');) {
+  for (const std::string& t : SplitComma(list)) {
     if (t.empty()) Fail("needle eval: empty task name in '", list, "'");
     if (!eval::IsRunnableTask(t))
       Fail("needle eval: task '", t, "' has no runner (available: ", eval::RunnableTasks(), ")");
