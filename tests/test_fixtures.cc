@@ -55,11 +55,8 @@ TEST_P(FixtureTest, MatchesTransformers) {
   CheckCpu(dir, LoadReference(dir), GetParam());
 }
 
-// needle-tiny on a real passkey prompt tokenized by its own tokenizer (reference by
-// tests/fixtures/make_needle_tiny_reference.py). The weights are those the reference was made
-// from, fixtures/needle_tiny/weights: the model shipped until 2026-12-05, the same architecture
-// and tokenizer as models/needle-tiny's retrained stage 3, whose transformers reference needs the
-// GPU machine (the next lease makes it and this copy goes).
+// The shipped needle-tiny (models/needle-tiny, stage 3) on a real passkey prompt tokenized by its
+// own tokenizer (reference by tests/fixtures/make_needle_tiny_reference.py on the GPU machine).
 TEST(NeedleTiny, MatchesTransformers) {
   // needle's tokenizer gives the reference's ids (made by HF tokenizers) for the same prompt.
   const Reference ref = LoadReference(NEEDLE_FIXTURES_DIR "/../needle_tiny");
@@ -72,7 +69,7 @@ TEST(NeedleTiny, MatchesTransformers) {
   const std::vector<int32_t> answer = tok->Encode(" 80516.");
   ids.insert(ids.end(), answer.begin(), answer.end());
   EXPECT_EQ(ids, ref.tokens);
-  CheckCpu(NEEDLE_FIXTURES_DIR "/../needle_tiny/weights", ref, "needle-tiny");
+  CheckCpu(NEEDLE_MODELS_DIR "/needle-tiny", ref, "needle-tiny");
 }
 
 // The same fixture with config.json in the pre-transformers-5 spelling (top-level rope_theta,
