@@ -269,6 +269,19 @@ int MTilesAsked() {
   return mt;
 }
 
+// From 9 to 16 tokens, 4 m-tiles a block for the products whose 4-m-tile blocks still fill two
+// waves of two a multiprocessor (gate/up and the LM head of Qwen2.5-7B): each token's inputs,
+// read from L2 once a block, then serve twice the weights. H100, batch 16 at 4K: gate/up 121.6
+// -> 114.2 us (DRAM 67 -> 72% of peak under ncu), the step 8.32 -> 8.19 ms (bench/RESULTS.md).
+// NEEDLE_GEMV_TC_MT4_WIDE=0 turns it off (comparisons), read once.
+bool WideProductsMT4() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_MT4_WIDE");
+    return e == nullptr || std::atoi(e) != 0;
+  }();
+  return on;
+}
+
 // The device's multiprocessors (the current device's, read once).
 int Multiprocessors() {
   static const int n = [] {
@@ -296,6 +309,9 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   if (mt == 0)
     mt = p.tokens > 16 && (rows + 2 * per - 1) / (2 * per) < 4 * Multiprocessors() ? 1 : 2;
   if (p.tokens <= 16) {
+    if (mt == 2 && MTilesAsked() == 0 && WideProductsMT4() &&
+        (rows + 4 * per - 1) / (4 * per) >= 4 * Multiprocessors())
+      mt = 4;
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
