@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|cpufolds|cpu1m|evalbatch|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|today|cpufolds|cpu1m|evalbatch|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -17,6 +17,7 @@
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
 #          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
+#   today  issue 24's today's sparse (the sparse defaults) at 64K and 128K, every task, 8 samples
 #   evalbatch  bench/bench_eval_batch.sh (issue 19): needle eval's wall time, batch 1 against 16,
 #          a command per task and a command per benchmark family
 #   cpu1m  one needle-tiny passkey sample at 1M per depth (0/50/100%) on the CPU alone, timed
@@ -73,6 +74,21 @@ if [ "$what" = quality ]; then
       "$3" > /dev/null 2> "$LOG/quality_$1.err"
     echo "rc $?"
     cat "$LOG/quality_$1/table.md" 2>/dev/null
+  done
+fi
+if [ "$what" = today ]; then
+  # Issue 24's third configuration past 32K: today's sparse (the sparse defaults: dense prefill,
+  # no remap, 2 dense layers, per KV head) at 64K and 128K, every task, 8 samples.
+  EXTRA="-m $PWD/models/needle-tiny --device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
+  EXTRA+=" --prefill dense --pos-remap none --dense-layers 2 --select kvhead"
+  for l in 64k 128k; do
+    echo "== quality_table $l, 8 samples, today's sparse"
+    PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$EXTRA" timeout 200 bash scripts/quality_table.sh \
+      "$LOG/today_$l" "$l" 8 \
+      passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle \
+      sparse > /dev/null 2> "$LOG/today_$l.err"
+    echo "rc $?"
+    cat "$LOG/today_$l/table.md" 2>/dev/null
   done
 fi
 if [ "$what" = evalbatch ]; then
