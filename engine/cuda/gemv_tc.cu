@@ -303,15 +303,19 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   // Two, except from 17 tokens for a product whose 2-m-tile blocks would not fill two waves of
   // two a multiprocessor (q/k/v, o and down of Qwen2.5-7B: 144 and 112 blocks on 132): one
   // m-tile a block, twice the blocks (H200, batch 32: 2,511 against 2,290 tok/s; at batch 16 it
-  // was slower, 2,006 against 2,068). (A token's sums do not depend on MT.)
+  // was slower, 2,006 against 2,068). Four to 16 tokens for the wide products (WideProductsMT4).
+  // (A token's sums do not depend on MT.)
   const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
+  // Whether blocks of m m-tiles fill two waves of two blocks a multiprocessor.
+  auto fills = [&](int m) { return (rows + m * per - 1) / (m * per) >= 4 * Multiprocessors(); };
   int mt = MTilesAsked();
-  if (mt == 0)
-    mt = p.tokens > 16 && (rows + 2 * per - 1) / (2 * per) < 4 * Multiprocessors() ? 1 : 2;
+  if (mt == 0) {
+    if (p.tokens > 16)
+      mt = fills(2) ? 2 : 1;
+    else
+      mt = WideProductsMT4() && fills(4) ? 4 : 2;
+  }
   if (p.tokens <= 16) {
-    if (mt == 2 && MTilesAsked() == 0 && WideProductsMT4() &&
-        (rows + 4 * per - 1) / (4 * per) >= 4 * Multiprocessors())
-      mt = 4;
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
