@@ -17,7 +17,8 @@
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
 #          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
-#   today  issue 24's today's sparse (the sparse defaults) at 64K and 128K, every task, 8 samples
+#   today  issue 24's today's sparse (the sparse defaults) at 64K and 128K, 8 samples; TASKS
+#          the tasks (default: all nine)
 #   evalbatch  bench/bench_eval_batch.sh (issue 19): needle eval's wall time, batch 1 against 16,
 #          a command per task and a command per benchmark family
 #   cpu1m  one needle-tiny passkey sample at 1M per depth (0/50/100%) on the CPU alone, timed
@@ -62,33 +63,33 @@ if [ "$what" = batch ] || [ "$what" = all ]; then
     131072s $Q 2>"$LOG/hybrid.err"
   tail -2 "$LOG/hybrid.err"
 fi
+# needle-tiny's quality table on this GPU (issue 24): qtable NAME LENGTH SAMPLES ATTENTION TIMEOUT
+# [more eval options], every task unless TASKS says which; the table goes to $LOG/NAME/table.md.
+qtable() {
+  local name=$1 length=$2 samples=$3 attention=$4 limit=$5
+  shift 5
+  local extra="-m ${MODEL:-$PWD/models/needle-tiny} --device cuda --wordnet $G/share"
+  extra+=" --haystack $G/share/jargon.txt.gz $*"
+  echo "== quality_table $length, $samples samples, $attention $*"
+  PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$extra" timeout "$limit" bash scripts/quality_table.sh \
+    "$LOG/$name" "$length" "$samples" \
+    "${TASKS:-passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle}" \
+    "$attention" > /dev/null 2> "$LOG/$name.err"
+  echo "rc $?"
+  cat "$LOG/$name/table.md" 2>/dev/null
+}
 if [ "$what" = quality ]; then
-  EXTRA="-m ${MODEL:-$PWD/models/needle-tiny} --device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
   for run in "128k 8 dense,sparse 250" "512k 4 sparse 300" "1m 4 sparse 560"; do
     set -- $run
     case ",${QUALITY:-128k,512k}," in *",$1,"*) ;; *) continue ;; esac
-    echo "== quality_table $1, $2 samples, $3"
-    PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$EXTRA" timeout $4 bash scripts/quality_table.sh \
-      "$LOG/quality_$1" "$1" "$2" \
-      "${TASKS:-passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle}" \
-      "$3" > /dev/null 2> "$LOG/quality_$1.err"
-    echo "rc $?"
-    cat "$LOG/quality_$1/table.md" 2>/dev/null
+    qtable "quality_$1" "$1" "$2" "$3" "$4"
   done
 fi
 if [ "$what" = today ]; then
   # Issue 24's third configuration past 32K: today's sparse (the sparse defaults: dense prefill,
-  # no remap, 2 dense layers, per KV head) at 64K and 128K, every task, 8 samples.
-  EXTRA="-m $PWD/models/needle-tiny --device cuda --wordnet $G/share --haystack $G/share/jargon.txt.gz"
-  EXTRA+=" --prefill dense --pos-remap none --dense-layers 2 --select kvhead"
+  # no remap, 2 dense layers, per KV head) at 64K and 128K, 8 samples.
   for l in 64k 128k; do
-    echo "== quality_table $l, 8 samples, today's sparse"
-    PROCS=2 THREADS=8 NEEDLE=$G/needle EXTRA="$EXTRA" timeout 200 bash scripts/quality_table.sh \
-      "$LOG/today_$l" "$l" 8 \
-      passkey,number_string,kv_retrieval,niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,needle \
-      sparse > /dev/null 2> "$LOG/today_$l.err"
-    echo "rc $?"
-    cat "$LOG/today_$l/table.md" 2>/dev/null
+    qtable "today_$l" "$l" 8 sparse 200 --prefill dense --pos-remap none --dense-layers 2 --select kvhead
   done
 fi
 if [ "$what" = evalbatch ]; then
