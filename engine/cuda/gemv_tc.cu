@@ -7,7 +7,9 @@
 // token g of each n-tile. These are the operands of two m16n8k16 products (mma.cuh's fragment
 // layout), with the K order permuted alike in A and B: logical k {2c, 2c+1, 2c+8, 2c+9} of the
 // first product are the chunk's elements 0-3, of the second its elements 4-7. So every weight
-// byte is read by one 16-byte load, as in the CUDA-core kernel (gemv.cu).
+// byte is read by one 16-byte load, as in the CUDA-core kernel (gemv.cu). A warp issues the loads
+// of a group of U spans, then multiplies them; for the products too narrow to fill the GPU from 9
+// to 16 tokens, it keeps the next group's loads in flight meanwhile (the two-stage loop, kDbl).
 //
 // The input stays f32 in effect: each x is split into bf16 hi + lo (SplitHiLo: ~16 bits of
 // mantissa, |x - hi - lo| <= 2^-17 |x|) and both halves are multiplied (two products a
@@ -161,48 +163,89 @@ __device__ __forceinline__ void TcSpan(const GemvParams& p, int chunk, const uin
   }
 }
 
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre>
-__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
-  const TcPlace<kE == GemvEpilogue::kSiluMul, MT, NT> at(p);
-  const int c = at.c, warp = at.warp;
-  const auto& wr = at.wr;
-  const auto& xm = at.xm;
-  float acc[MT][NT][4] = {}, ss[NT] = {};
-  const int spans = (p.k8 + 3) / 4;
-  for (int s0 = warp; s0 < spans; s0 += W * U) {
-    // The spans' weights, and with kPre their inputs, all loads issued before any is used (the
-    // inputs come from L2: loaded only when needed, their latency stands between the products of
-    // every span).
-    uint4 a[U][MT][2];
-    float4 xr[kPre ? U : 1][NT][2];
+// One group of U spans' operands of a warp (the spans s0, s0 + W, ... s0 + W (U - 1)): this lane's
+// 16 bytes of tile rows g and g + 8 of each m-tile, a [U][MT][2], and with kPre its token's raw
+// inputs of each n-tile, x [U][NT][2] (without kPre x [1][NT][2], loaded when used).
+template <int MT, int NT, int U, bool kPre>
+struct TcStage {
+  uint4 a[U][MT][2];
+  float4 x[kPre ? U : 1][NT][2];
+};
+
+// Issues the loads of the group of spans from s0 (zeros past K): the weights, with kPre the
+// inputs too.
+template <bool kGate, int MT, int NT, int U, int W, bool kPre>
+__device__ __forceinline__ void TcLoad(const GemvParams& p, const TcPlace<kGate, MT, NT>& at,
+                                       int s0, TcStage<MT, NT, U, kPre>& st) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int chunk = 4 * (s0 + W * u) + c;
+  for (int u = 0; u < U; ++u) {
+    const int chunk = 4 * (s0 + W * u) + at.c;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          a[u][mt][h] = chunk < p.k8 ? LoadStream(wr[mt][h] + chunk) : make_uint4(0, 0, 0, 0);
-      if constexpr (kPre)
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          xr[u][t][0] = xr[u][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (chunk < p.k8) LoadXRaw(p, xm[t], chunk, xr[u][t][0], xr[u][t][1]);
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int s = s0 + W * u, chunk = 4 * s + c;
-      if (s >= spans) break;  // (the same for the whole warp)
+      for (int h = 0; h < 2; ++h)
+        st.a[u][mt][h] = chunk < p.k8 ? LoadStream(at.wr[mt][h] + chunk) : make_uint4(0, 0, 0, 0);
+    if constexpr (kPre)
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        const int v = kPre ? u : 0;
-        if (!kPre) {
-          xr[0][t][0] = xr[0][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (chunk < p.k8) LoadXRaw(p, xm[t], chunk, xr[0][t][0], xr[0][t][1]);
-        }
-        TcSpan<kNorm, MT, NT>(p, chunk, a[u], xr[v][t][0], xr[v][t][1], acc, ss[t], t);
+        st.x[u][t][0] = st.x[u][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (chunk < p.k8) LoadXRaw(p, at.xm[t], chunk, st.x[u][t][0], st.x[u][t][1]);
       }
+  }
+}
+
+// The products of the group of spans from s0 (its spans below spans, in order; without kPre each
+// input loaded here, when used: its latency stands between the products of every span).
+template <bool kNorm, bool kGate, int MT, int NT, int U, int W, bool kPre>
+__device__ __forceinline__ void TcCompute(const GemvParams& p, const TcPlace<kGate, MT, NT>& at,
+                                          int s0, int spans, TcStage<MT, NT, U, kPre>& st,
+                                          float (&acc)[MT][NT][4], float (&ss)[NT]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = s0 + W * u, chunk = 4 * s + at.c;
+    if (s >= spans) break;  // (the same for the whole warp)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int v = kPre ? u : 0;
+      if (!kPre) {
+        st.x[0][t][0] = st.x[0][t][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (chunk < p.k8) LoadXRaw(p, at.xm[t], chunk, st.x[0][t][0], st.x[0][t][1]);
+      }
+      TcSpan<kNorm, MT, NT>(p, chunk, st.a[u], st.x[v][t][0], st.x[v][t][1], acc, ss[t], t);
+    }
+  }
+}
+
+// kDbl: two stages in registers, the next group's loads issued before this group's products
+// (with kPre; the same sums in the same order).
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl>
+__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
+  constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
+  static_assert(!kDbl || kPre, "the stages hold the inputs");
+  const TcPlace<kGate, MT, NT> at(p);
+  float acc[MT][NT][4] = {}, ss[NT] = {};
+  const int spans = (p.k8 + 3) / 4;
+  constexpr int kStep = W * U;  // spans a warp moves on per group
+  if constexpr (!kDbl) {
+    // The group's loads all issued before any is used (the inputs come from L2: loaded only
+    // when needed, their latency stands between the products of every span).
+    for (int s0 = at.warp; s0 < spans; s0 += kStep) {
+      TcStage<MT, NT, U, kPre> st;
+      TcLoad<kGate, MT, NT, U, W, kPre>(p, at, s0, st);
+      TcCompute<kNorm, kGate, MT, NT, U, W, kPre>(p, at, s0, spans, st, acc, ss);
+    }
+  } else {
+    TcStage<MT, NT, U, kPre> st0, st1;
+    int s0 = at.warp;
+    if (s0 < spans) TcLoad<kGate, MT, NT, U, W, kPre>(p, at, s0, st0);
+    while (s0 < spans) {
+      if (s0 + kStep < spans) TcLoad<kGate, MT, NT, U, W, kPre>(p, at, s0 + kStep, st1);
+      TcCompute<kNorm, kGate, MT, NT, U, W, kPre>(p, at, s0, spans, st0, acc, ss);
+      s0 += kStep;
+      if (s0 >= spans) break;
+      if (s0 + kStep < spans) TcLoad<kGate, MT, NT, U, W, kPre>(p, at, s0 + kStep, st0);
+      TcCompute<kNorm, kGate, MT, NT, U, W, kPre>(p, at, s0, spans, st1, acc, ss);
+      s0 += kStep;
     }
   }
   __shared__ float buf[W * kTcPart<MT, NT>];
@@ -217,18 +260,20 @@ unsigned TcGrid(const GemvParams& p, GemvEpilogue e, int64_t rows, int MT, int N
   return static_cast<unsigned>(blocks);
 }
 
-template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
+template <bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl>
 void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const unsigned grid = TcGrid(p, e, rows, MT, NT);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre, kDbl>
+          <<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre><<<grid, 32 * W, 0, stream>>>(p);
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre, kDbl>
+          <<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre>
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre, kDbl>
           <<<grid, 32 * W, 0, stream>>>(p);
       break;
     default:
@@ -246,15 +291,37 @@ bool PrefetchInputs() {
   return on;
 }
 
-template <bool kNorm, int MT, int NT, int U, int W>
+// kDbl: the two-stage loop (GemvTcKernel), its inputs always prefetched.
+template <bool kNorm, int MT, int NT, int U, int W, bool kDbl = false>
 void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
-  // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
-  // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
-  // batch 32, bench/RESULTS.md.)
-  constexpr bool kFits = U * NT <= 4 && NT <= 2;
-  if (kFits && PrefetchInputs())
-    return LaunchTilesAs<kNorm, MT, NT, U, W, kFits>(p, e, rows, stream);
-  LaunchTilesAs<kNorm, MT, NT, U, W, false>(p, e, rows, stream);
+  if constexpr (kDbl) {
+    return LaunchTilesAs<kNorm, MT, NT, U, W, true, true>(p, e, rows, stream);
+  } else {
+    // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
+    // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
+    // batch 32, bench/RESULTS.md.)
+    constexpr bool kFits = U * NT <= 4 && NT <= 2;
+    if (kFits && PrefetchInputs())
+      return LaunchTilesAs<kNorm, MT, NT, U, W, kFits, false>(p, e, rows, stream);
+    LaunchTilesAs<kNorm, MT, NT, U, W, false, false>(p, e, rows, stream);
+  }
+}
+
+// From 9 to 16 tokens, the two-stage loop (kDbl, twice the spans of a group: about 190
+// registers, one block a multiprocessor) for the products whose blocks of 2 m-tiles take at most
+// one wave of one block a multiprocessor (o and down of Qwen2.5-7B: 112 blocks on 132): each
+// warp keeps two groups of spans in flight while it multiplies, where today's loop waits for
+// its group's loads between its products. H100, batch 16 at 4K (ncu): down 61.7 -> 56.6 us, o
+// 17.0 -> 16.3 (bench/RESULTS.md). Measured and left out: the same loop with the registers of
+// today's (one span a group, two blocks a multiprocessor) for q/k/v, o and down (q/k/v 23.7 ->
+// 26.1-27.1 us at batch 16; at batch 1-8 the whole step 3% slower), and for every product (the
+// step 13% slower at batch 16). NEEDLE_GEMV_TC_DBL=0 turns it off (comparisons), read once.
+bool DoubleStages() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_DBL");
+    return e == nullptr || std::atoi(e) != 0;
+  }();
+  return on;
 }
 
 // NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens for every product (1, 2 or 4, 4 only
@@ -297,6 +364,10 @@ template <bool kNorm, int W>
 void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   // (One n-tile: 4 spans a warp in flight. 8 were slower on the H200: 156.5 against 169.5 tok/s
   // for one row of Qwen2.5-7B shapes, 739.9 against 781.9 for eight; bench/RESULTS.md.)
+  const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
+  // The blocks of m m-tiles a token group; whether they fill two waves of two a multiprocessor.
+  auto blocks = [&](int m) { return (rows + m * per - 1) / (m * per); };
+  auto fills = [&](int m) { return blocks(m) >= 4 * Multiprocessors(); };
   if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 1, 4, W>(p, e, rows, stream);
   // Past 8 tokens, each token's inputs serve MT m-tiles per load (they were read once per 16
   // weight rows, more bytes than the weights' from 16 tokens on).
@@ -305,9 +376,6 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   // m-tile a block, twice the blocks (H200, batch 32: 2,511 against 2,290 tok/s; at batch 16 it
   // was slower, 2,006 against 2,068). Four to 16 tokens for the wide products (WideProductsMT4).
   // (A token's sums do not depend on MT.)
-  const int per = e == GemvEpilogue::kSiluMul ? 8 : 16;
-  // Whether blocks of m m-tiles fill two waves of two blocks a multiprocessor.
-  auto fills = [&](int m) { return (rows + m * per - 1) / (m * per) >= 4 * Multiprocessors(); };
   int mt = MTilesAsked();
   if (mt == 0) {
     if (p.tokens > 16)
@@ -318,6 +386,8 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   if (p.tokens <= 16) {
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
+    if (mt == 2 && DoubleStages() && blocks(2) <= Multiprocessors())
+      return LaunchTiles<kNorm, 2, 2, 2, W, true>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
   }
   if (p.tokens <= 32) {  // (MT 4 would take more than 48 KB of shared memory)
