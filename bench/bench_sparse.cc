@@ -74,7 +74,10 @@ Setup& GetSetup(int64_t ctx, int64_t heads, int64_t kv_heads) {
   const SparseConfig sc = BenchSparseConfig();
   s->cache =
       std::make_unique<KVCache>(KVCacheShape{1, kv_heads, D, ctx + 1, sc.block_size, DType::kBF16});
-  // Random keys/values, written in parallel chunks of whole blocks.
+  // Random keys/values, written in parallel chunks of whole blocks: their blocks assigned first,
+  // one thread (assigning takes blocks from the pool: concurrent Writes that assign raced on it
+  // and corrupted the heap on the 16-core host, 1 run in 3).
+  s->cache->AssignBlocks(0, 0, ctx + 1);
   const int64_t chunk = 4096;
   tc.ParallelFor(static_cast<size_t>((ctx + 1 + chunk - 1) / chunk), 1, [&](size_t b, size_t e) {
     std::vector<float> k(chunk * kv_heads * D), v(chunk * kv_heads * D);

@@ -150,7 +150,9 @@ class KVCache {
 
   // Writes T tokens at positions [pos0, pos0 + T) of `layer` from f32 rows
   // k, v: [T, kv_heads, head_dim], converting (int8: quantising per group) to the cache type.
-  // Host caches only.
+  // Host caches only. Writes to disjoint blocks may run on several threads at once only when
+  // AssignBlocks has covered their positions before (assigning takes blocks from the pool and
+  // changes the table: one thread at a time).
   void Write(int64_t layer, int64_t pos0, int64_t T, const float* k, const float* v);
   // Assigns slots to the blocks of positions [pos0, pos0 + T) of `layer` (and updates the
   // table's copy in the cache's memory); the step before any write, host or device.
