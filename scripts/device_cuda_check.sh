@@ -127,7 +127,8 @@ if [ "$what" = cpufolds ]; then
       echo "== bench_sparse NEEDLE_CPU_AMX=$1 NEEDLE_CPU_BF16DOT=$2 NEEDLE_BENCH_HOT=$hot"
       env $( [ $hot = 1 ] && echo NEEDLE_BENCH_HOT=1 ) NEEDLE_CPU_AMX=$1 NEEDLE_CPU_BF16DOT=$2 \
         timeout 120 $G/bench_sparse --benchmark_filter='context_blocks/131072|prefill_chunk_sparse/131072' \
-        --benchmark_color=false 2>&1 | grep -E "^(context|prefill)|measured" | cut -c1-150
+        --benchmark_color=false 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -E "^(context|prefill)|measured|corrupt|free\(\)" |
+        cut -c1-150  # (the escapes: Google Benchmark colours some lines whatever the flag says)
     done
   done
   for d in 0 1; do
