@@ -32,7 +32,10 @@ for b in 1 "$N"; do
     for t in ${c//,/ }; do
       [ "$c" = "$t" ] || ln -sfn "group_${c%%,*}/$t" "$OUT/b$b/$t"
       acc=$(grep -m1 "^| $t |" "$OUT/b$b/$t/summary.md" | cut -d'|' -f6 | tr -d ' ')
-      echo "{\"bench\": \"eval_batch\", \"task\": \"$t\", \"command\": \"$c\", \"batch\": $b, \"wall_s\": $w, \"accuracy\": $acc}"
+      # The samples' prefill seconds as each reported them (prompt tokens / prefill tok/s): where
+      # the wall time goes, next to start-up, sample generation and decode.
+      pre=$(python3 -c "import json,sys; print(round(sum(r['prompt_tokens'] / r['prefill_tok_s'] for r in map(json.loads, open(sys.argv[1])) if r.get('prefill_tok_s')), 3))" "$OUT/b$b/$t/predictions.jsonl")
+      echo "{\"bench\": \"eval_batch\", \"task\": \"$t\", \"command\": \"$c\", \"batch\": $b, \"wall_s\": $w, \"prefill_s\": $pre, \"accuracy\": $acc}"
     done
   done
 done
