@@ -282,12 +282,15 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+// Whether the comparison switch `name` leaves its choice on: unset or not 0.
+bool OnUnlessZero(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr || std::atoi(e) != 0;
+}
+
 // NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
 bool PrefetchInputs() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_PREFETCH");
-    return e == nullptr || std::atoi(e) != 0;
-  }();
+  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_PREFETCH");
   return on;
 }
 
@@ -317,10 +320,7 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
 // 26.1-27.1 us at batch 16; at batch 1-8 the whole step 3% slower), and for every product (the
 // step 13% slower at batch 16). NEEDLE_GEMV_TC_DBL=0 turns it off (comparisons), read once.
 bool DoubleStages() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_DBL");
-    return e == nullptr || std::atoi(e) != 0;
-  }();
+  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_DBL");
   return on;
 }
 
@@ -342,10 +342,7 @@ int MTilesAsked() {
 // -> 114.2 us (DRAM 67 -> 72% of peak under ncu), the step 8.32 -> 8.19 ms (bench/RESULTS.md).
 // NEEDLE_GEMV_TC_MT4_WIDE=0 turns it off (comparisons), read once.
 bool WideProductsMT4() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_MT4_WIDE");
-    return e == nullptr || std::atoi(e) != 0;
-  }();
+  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_MT4_WIDE");
   return on;
 }
 
@@ -386,7 +383,7 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   if (p.tokens <= 16) {
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
-    if (mt == 2 && DoubleStages() && blocks(2) <= Multiprocessors())
+    if (DoubleStages() && blocks(2) <= Multiprocessors())
       return LaunchTiles<kNorm, 2, 2, 2, W, true>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
   }
