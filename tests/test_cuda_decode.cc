@@ -58,6 +58,15 @@ std::vector<double> Magnitudes(const std::vector<float>& x, const Weight& w) {
       m[n] += std::fabs(x[k] * LoadAsF32(w.dtype, w.data, static_cast<size_t>(n * w.cols + k)));
   return m;
 }
+// Rows of the first output: 301 (a block's second row missing), and a q/k/v-sized count for this
+// GPU, whose blocks of 16 rows overflow one wave of two a multiprocessor by half a wave (the
+// tensor-core GEMV's narrow products, gemv_tc.cu), its last block 13 rows.
+std::vector<int64_t> FirstRows() {
+  int dev = 0, sm = 0;
+  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+  return {301, 16 * (5 * sm / 2) - 3};
+}
 void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& want,
                      const std::vector<double>& mag, double rel, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -79,71 +88,73 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
   for (bool batch_kernels : {false, true})  // the tensor-core GEMV for bf16 when true
     for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
       gpu->PreferBatchKernels(batch_kernels);
-      for (int64_t K : {264, 1032, 260}) {
-        for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
-          const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
-                                   " norm=" + std::to_string(normed);
-          const bool gemv = t != DType::kF32 && K % 8 == 0;
-          // cuBLAS rounds x to 16 bits: 2^-8 of sum|x w| (test_cuda.cc); the GEMV keeps f32.
-          const double rel =
-              gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
-          const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
-          BackendBuffer xd = Upload(*gpu, x);
-          HostDev g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
-          std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
-          BackendBuffer xnd(*gpu, static_cast<size_t>(K));
-          const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
-          const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
-          if (normed) cpu->RmsNorm(x.data(), 1, K, g.host, 1e-5f, xn.data());
-          const std::vector<float>& xm = normed ? xn : x;  // what the products read
-          // Project: three outputs of 301, 63 and 64 rows.
-          const int64_t rows[3] = {301, 63, 64};
-          std::vector<HostDev> w, b;
-          for (int i = 0; i < 3; ++i) {
-            w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
-            b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
-          }
-          std::vector<std::vector<float>> want(3);
-          std::vector<BackendBuffer> yd;
-          Backend::Projection pc[3], pg[3];
-          for (int i = 0; i < 3; ++i) {
-            want[i].resize(static_cast<size_t>(rows[i]));
-            yd.emplace_back(*gpu, static_cast<size_t>(rows[i]));
-            pc[i] = {&w[i].host, &b[i].host, want[i].data()};
-            pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
-          }
-          cpu->Project(x.data(), 1, nc, pc, 3);
-          gpu->Project(xd.get(), 1, ng, pg, 3);
-          for (int i = 0; i < 3; ++i)
-            ExpectRowsClose(Download(*gpu, yd[i].get(), want[i].size()), want[i],
-                            Magnitudes(xm, w[i].host), rel, what + " project " + std::to_string(i));
+      for (int64_t K : {264, 1032, 260})
+        for (int64_t r0 : FirstRows())
+          for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
+            const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
+                                     " rows=" + std::to_string(r0) +
+                                     " norm=" + std::to_string(normed);
+            const bool gemv = t != DType::kF32 && K % 8 == 0;
+            // cuBLAS rounds x to 16 bits: 2^-8 of sum|x w| (test_cuda.cc); the GEMV keeps f32.
+            const double rel =
+                gemv ? 4.0 * K / (1 << 24) : (t == DType::kF32 ? 4.0 * K / (1 << 24) : 1.0 / 256);
+            const std::vector<float> x = test::RandomVector(static_cast<size_t>(K), 7);
+            BackendBuffer xd = Upload(*gpu, x);
+            HostDev g = MakeWeight(*gpu, normed == 2 ? DType::kF32 : DType::kBF16, 1, K, 60);
+            std::vector<float> xn(static_cast<size_t>(K));  // the CPU's normalised x
+            BackendBuffer xnd(*gpu, static_cast<size_t>(K));
+            const Backend::InputNorm nc{normed ? &g.host : nullptr, 1e-5f, xn.data()};
+            const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
+            if (normed) cpu->RmsNorm(x.data(), 1, K, g.host, 1e-5f, xn.data());
+            const std::vector<float>& xm = normed ? xn : x;  // what the products read
+            // Project: three outputs of r0, 63 and 64 rows.
+            const int64_t rows[3] = {r0, 63, 64};
+            std::vector<HostDev> w, b;
+            for (int i = 0; i < 3; ++i) {
+              w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
+              b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
+            }
+            std::vector<std::vector<float>> want(3);
+            std::vector<BackendBuffer> yd;
+            Backend::Projection pc[3], pg[3];
+            for (int i = 0; i < 3; ++i) {
+              want[i].resize(static_cast<size_t>(rows[i]));
+              yd.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+              pc[i] = {&w[i].host, &b[i].host, want[i].data()};
+              pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
+            }
+            cpu->Project(x.data(), 1, nc, pc, 3);
+            gpu->Project(xd.get(), 1, ng, pg, 3);
+            for (int i = 0; i < 3; ++i)
+              ExpectRowsClose(Download(*gpu, yd[i].get(), want[i].size()), want[i],
+                              Magnitudes(xm, w[i].host), rel,
+                              what + " project " + std::to_string(i));
 
-          if (!normed) {  // ProjectAdd takes no norm
-            // ProjectAdd: y (a residual) += x W^T + b.
-            const std::vector<float> y0 = test::RandomVector(301, 41);
-            std::vector<float> ya = y0, scratch(301);
-            BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, 301);
-            cpu->ProjectAdd(x.data(), 1, w[0].host, &b[0].host, ya.data(), scratch.data());
-            gpu->ProjectAdd(xd.get(), 1, w[0].dev, &b[0].dev, yad.get(), sd.get());
-            ExpectRowsClose(Download(*gpu, yad.get(), 301), ya, Magnitudes(x, w[0].host), rel,
-                            what + " project+add");
-          }
+            if (!normed) {  // ProjectAdd takes no norm
+              // ProjectAdd: y (a residual) += x W^T + b.
+              const std::vector<float> y0 = test::RandomVector(r0, 41);
+              std::vector<float> ya = y0, scratch(r0);
+              BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, r0);
+              cpu->ProjectAdd(x.data(), 1, w[0].host, &b[0].host, ya.data(), scratch.data());
+              gpu->ProjectAdd(xd.get(), 1, w[0].dev, &b[0].dev, yad.get(), sd.get());
+              ExpectRowsClose(Download(*gpu, yad.get(), r0), ya, Magnitudes(x, w[0].host), rel,
+                              what + " project+add");
+            }
 
-          // GateUp: silu(gate) * up, 301 rows each.
-          HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
-          std::vector<float> gt(301), us(301);
-          BackendBuffer gd(*gpu, 301), ud(*gpu, 301);
-          cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
-                      us.data());
-          gpu->GateUp(xd.get(), 1, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
-          // d(silu(a) u) = silu'(a) u da + silu(a) du, |silu'| <= 1.1, |silu(a)| <= |a| + 0.3.
-          const std::vector<double> mg = Magnitudes(xm, w[0].host), mu = Magnitudes(xm, wu.host);
-          std::vector<double> mag(301);
-          for (size_t i = 0; i < mag.size(); ++i)
-            mag[i] = 1.1 * mg[i] * (mu[i] + 1.0) + (mg[i] + 1.3) * mu[i];
-          ExpectRowsClose(Download(*gpu, gd.get(), 301), gt, mag, 2 * rel, what + " gate/up");
-        }
-      }
+            // GateUp: silu(gate) * up, r0 rows each.
+            HostDev wu = MakeWeight(*gpu, t, r0, K, 50), bu = MakeWeight(*gpu, t, 1, r0, 51);
+            std::vector<float> gt(r0), us(r0);
+            BackendBuffer gd(*gpu, r0), ud(*gpu, r0);
+            cpu->GateUp(x.data(), 1, nc, w[0].host, &b[0].host, wu.host, &bu.host, gt.data(),
+                        us.data());
+            gpu->GateUp(xd.get(), 1, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
+            // d(silu(a) u) = silu'(a) u da + silu(a) du, |silu'| <= 1.1, |silu(a)| <= |a| + 0.3.
+            const std::vector<double> mg = Magnitudes(xm, w[0].host), mu = Magnitudes(xm, wu.host);
+            std::vector<double> mag(r0);
+            for (size_t i = 0; i < mag.size(); ++i)
+              mag[i] = 1.1 * mg[i] * (mu[i] + 1.0) + (mg[i] + 1.3) * mu[i];
+            ExpectRowsClose(Download(*gpu, gd.get(), r0), gt, mag, 2 * rel, what + " gate/up");
+          }
     }
 #endif
 }
@@ -159,80 +170,83 @@ TEST(CudaDecode, TokensOfOneCallEqualEachAlone) {
     for (DType t : {DType::kBF16, DType::kF16}) {
       gpu->PreferBatchKernels(batch_kernels);
       for (int64_t K : {264, 1032}) {
-        for (int normed = 0; normed < 2; ++normed) {
-          for (int64_t T : {2, 3, 4, 5, 8, 9, 17, 64}) {
-            const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
-                                     " norm=" + std::to_string(normed) + " T=" + std::to_string(T) +
-                                     (batch_kernels ? " (batch kernels)" : "");
-            const size_t TK = static_cast<size_t>(T * K);
-            const std::vector<float> x = test::RandomVector(TK, 7 + static_cast<int>(T));
-            BackendBuffer xd = Upload(*gpu, x), xnd(*gpu, TK);
-            HostDev g = MakeWeight(*gpu, DType::kBF16, 1, K, 60);
-            const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
-            const int64_t rows[3] = {301, 63, 64};
-            std::vector<HostDev> w, b;
-            for (int i = 0; i < 3; ++i) {
-              w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
-              b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
-            }
-            HostDev wu = MakeWeight(*gpu, t, 301, K, 50), bu = MakeWeight(*gpu, t, 1, 301, 51);
-            const std::vector<float> y0 = test::RandomVector(static_cast<size_t>(T * 301), 41);
-            // All T at once.
-            std::vector<BackendBuffer> yd;
-            Backend::Projection pg[3];
-            for (int i = 0; i < 3; ++i) {
-              yd.emplace_back(*gpu, static_cast<size_t>(T * rows[i]));
-              pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
-            }
-            gpu->Project(xd.get(), T, ng, pg, 3);
-            BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, static_cast<size_t>(T * 301));
-            gpu->ProjectAdd(xd.get(), T, w[0].dev, &b[0].dev, yad.get(), sd.get());
-            BackendBuffer gd(*gpu, static_cast<size_t>(T * 301)),
-                ud(*gpu, static_cast<size_t>(T * 301));
-            gpu->GateUp(xd.get(), T, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(), ud.get());
-            std::vector<std::vector<float>> all(3);
-            for (int i = 0; i < 3; ++i)
-              all[i] = Download(*gpu, yd[i].get(), static_cast<size_t>(T * rows[i]));
-            const std::vector<float> add_all =
-                Download(*gpu, yad.get(), static_cast<size_t>(T * 301));
-            const std::vector<float> gate_all =
-                Download(*gpu, gd.get(), static_cast<size_t>(T * 301));
-            // Each token alone.
-            for (int64_t m = 0; m < T; ++m) {
-              const std::vector<float> xm(x.begin() + m * K, x.begin() + (m + 1) * K);
-              BackendBuffer x1 = Upload(*gpu, xm), xn1(*gpu, static_cast<size_t>(K));
-              const Backend::InputNorm n1{normed ? &g.dev : nullptr, 1e-5f, xn1.get()};
-              std::vector<BackendBuffer> y1;
-              Backend::Projection p1[3];
+        for (int64_t r0 : FirstRows())
+          for (int normed = 0; normed < 2; ++normed) {
+            for (int64_t T : {2, 3, 4, 5, 8, 9, 17, 64}) {
+              const std::string what =
+                  std::string(DTypeName(t)) + " K=" + std::to_string(K) +
+                  " rows=" + std::to_string(r0) + " norm=" + std::to_string(normed) +
+                  " T=" + std::to_string(T) + (batch_kernels ? " (batch kernels)" : "");
+              const size_t TK = static_cast<size_t>(T * K);
+              const std::vector<float> x = test::RandomVector(TK, 7 + static_cast<int>(T));
+              BackendBuffer xd = Upload(*gpu, x), xnd(*gpu, TK);
+              HostDev g = MakeWeight(*gpu, DType::kBF16, 1, K, 60);
+              const Backend::InputNorm ng{normed ? &g.dev : nullptr, 1e-5f, xnd.get()};
+              const int64_t rows[3] = {r0, 63, 64};
+              std::vector<HostDev> w, b;
               for (int i = 0; i < 3; ++i) {
-                y1.emplace_back(*gpu, static_cast<size_t>(rows[i]));
-                p1[i] = {&w[i].dev, &b[i].dev, y1[i].get()};
+                w.push_back(MakeWeight(*gpu, t, rows[i], K, 20 + i));
+                b.push_back(MakeWeight(*gpu, t, 1, rows[i], 30 + i));
               }
-              gpu->Project(x1.get(), 1, n1, p1, 3);
+              HostDev wu = MakeWeight(*gpu, t, r0, K, 50), bu = MakeWeight(*gpu, t, 1, r0, 51);
+              const std::vector<float> y0 = test::RandomVector(static_cast<size_t>(T * r0), 41);
+              // All T at once.
+              std::vector<BackendBuffer> yd;
+              Backend::Projection pg[3];
               for (int i = 0; i < 3; ++i) {
-                const std::vector<float> one =
-                    Download(*gpu, y1[i].get(), static_cast<size_t>(rows[i]));
-                for (int64_t r = 0; r < rows[i]; ++r)
-                  ASSERT_EQ(all[i][m * rows[i] + r], one[r])
-                      << what << " project " << i << " token " << m << " row " << r;
+                yd.emplace_back(*gpu, static_cast<size_t>(T * rows[i]));
+                pg[i] = {&w[i].dev, &b[i].dev, yd[i].get()};
               }
-              const std::vector<float> ym(y0.begin() + m * 301, y0.begin() + (m + 1) * 301);
-              BackendBuffer ya1 = Upload(*gpu, ym), s1(*gpu, 301);
-              gpu->ProjectAdd(x1.get(), 1, w[0].dev, &b[0].dev, ya1.get(), s1.get());
-              const std::vector<float> add1 = Download(*gpu, ya1.get(), 301);
-              BackendBuffer g1(*gpu, 301), u1(*gpu, 301);
-              gpu->GateUp(x1.get(), 1, n1, w[0].dev, &b[0].dev, wu.dev, &bu.dev, g1.get(),
-                          u1.get());
-              const std::vector<float> gate1 = Download(*gpu, g1.get(), 301);
-              for (int64_t r = 0; r < 301; ++r) {
-                ASSERT_EQ(add_all[m * 301 + r], add1[r])
-                    << what << " add token " << m << " row " << r;
-                ASSERT_EQ(gate_all[m * 301 + r], gate1[r])
-                    << what << " gate/up token " << m << " row " << r;
+              gpu->Project(xd.get(), T, ng, pg, 3);
+              BackendBuffer yad = Upload(*gpu, y0), sd(*gpu, static_cast<size_t>(T * r0));
+              gpu->ProjectAdd(xd.get(), T, w[0].dev, &b[0].dev, yad.get(), sd.get());
+              BackendBuffer gd(*gpu, static_cast<size_t>(T * r0)),
+                  ud(*gpu, static_cast<size_t>(T * r0));
+              gpu->GateUp(xd.get(), T, ng, w[0].dev, &b[0].dev, wu.dev, &bu.dev, gd.get(),
+                          ud.get());
+              std::vector<std::vector<float>> all(3);
+              for (int i = 0; i < 3; ++i)
+                all[i] = Download(*gpu, yd[i].get(), static_cast<size_t>(T * rows[i]));
+              const std::vector<float> add_all =
+                  Download(*gpu, yad.get(), static_cast<size_t>(T * r0));
+              const std::vector<float> gate_all =
+                  Download(*gpu, gd.get(), static_cast<size_t>(T * r0));
+              // Each token alone.
+              for (int64_t m = 0; m < T; ++m) {
+                const std::vector<float> xm(x.begin() + m * K, x.begin() + (m + 1) * K);
+                BackendBuffer x1 = Upload(*gpu, xm), xn1(*gpu, static_cast<size_t>(K));
+                const Backend::InputNorm n1{normed ? &g.dev : nullptr, 1e-5f, xn1.get()};
+                std::vector<BackendBuffer> y1;
+                Backend::Projection p1[3];
+                for (int i = 0; i < 3; ++i) {
+                  y1.emplace_back(*gpu, static_cast<size_t>(rows[i]));
+                  p1[i] = {&w[i].dev, &b[i].dev, y1[i].get()};
+                }
+                gpu->Project(x1.get(), 1, n1, p1, 3);
+                for (int i = 0; i < 3; ++i) {
+                  const std::vector<float> one =
+                      Download(*gpu, y1[i].get(), static_cast<size_t>(rows[i]));
+                  for (int64_t r = 0; r < rows[i]; ++r)
+                    ASSERT_EQ(all[i][m * rows[i] + r], one[r])
+                        << what << " project " << i << " token " << m << " row " << r;
+                }
+                const std::vector<float> ym(y0.begin() + m * r0, y0.begin() + (m + 1) * r0);
+                BackendBuffer ya1 = Upload(*gpu, ym), s1(*gpu, r0);
+                gpu->ProjectAdd(x1.get(), 1, w[0].dev, &b[0].dev, ya1.get(), s1.get());
+                const std::vector<float> add1 = Download(*gpu, ya1.get(), r0);
+                BackendBuffer g1(*gpu, r0), u1(*gpu, r0);
+                gpu->GateUp(x1.get(), 1, n1, w[0].dev, &b[0].dev, wu.dev, &bu.dev, g1.get(),
+                            u1.get());
+                const std::vector<float> gate1 = Download(*gpu, g1.get(), r0);
+                for (int64_t r = 0; r < r0; ++r) {
+                  ASSERT_EQ(add_all[m * r0 + r], add1[r])
+                      << what << " add token " << m << " row " << r;
+                  ASSERT_EQ(gate_all[m * r0 + r], gate1[r])
+                      << what << " gate/up token " << m << " row " << r;
+                }
               }
             }
           }
-        }
       }
     }
 #endif

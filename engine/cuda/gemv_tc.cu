@@ -217,9 +217,11 @@ __device__ __forceinline__ void TcCompute(const GemvParams& p, const TcPlace<kGa
 }
 
 // kDbl: two stages in registers, the next group's loads issued before this group's products
-// (with kPre; the same sums in the same order).
-template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl>
-__global__ void __launch_bounds__(32 * W) GemvTcKernel(GemvParams p) {
+// (with kPre; the same sums in the same order). kMinB: blocks a multiprocessor must hold (the
+// registers a thread may take follow; 1: as many as it needs).
+template <GemvEpilogue kE, bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl,
+          int kMinB>
+__global__ void __launch_bounds__(32 * W, kMinB) GemvTcKernel(GemvParams p) {
   constexpr bool kGate = kE == GemvEpilogue::kSiluMul;
   static_assert(!kDbl || kPre, "the stages hold the inputs");
   const TcPlace<kGate, MT, NT> at(p);
@@ -260,20 +262,20 @@ unsigned TcGrid(const GemvParams& p, GemvEpilogue e, int64_t rows, int MT, int N
   return static_cast<unsigned>(blocks);
 }
 
-template <bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl>
+template <bool kNorm, int MT, int NT, int U, int W, bool kPre, bool kDbl, int kMinB>
 void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   const unsigned grid = TcGrid(p, e, rows, MT, NT);
   switch (e) {
     case GemvEpilogue::kStore:
-      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre, kDbl>
+      GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre, kDbl, kMinB>
           <<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kAdd:
-      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre, kDbl>
+      GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre, kDbl, kMinB>
           <<<grid, 32 * W, 0, stream>>>(p);
       break;
     case GemvEpilogue::kSiluMul:
-      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre, kDbl>
+      GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre, kDbl, kMinB>
           <<<grid, 32 * W, 0, stream>>>(p);
       break;
     default:
@@ -298,15 +300,15 @@ bool PrefetchInputs() {
 template <bool kNorm, int MT, int NT, int U, int W, bool kDbl = false>
 void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t stream) {
   if constexpr (kDbl) {
-    return LaunchTilesAs<kNorm, MT, NT, U, W, true, true>(p, e, rows, stream);
+    return LaunchTilesAs<kNorm, MT, NT, U, W, true, true, 1>(p, e, rows, stream);
   } else {
     // (Prefetched inputs take U x NT x 8 registers: only where that keeps two blocks a
     // multiprocessor. With 4 n-tiles it was slower on the H200: 2,156 against 2,290 tok/s at
     // batch 32, bench/RESULTS.md.)
     constexpr bool kFits = U * NT <= 4 && NT <= 2;
     if (kFits && PrefetchInputs())
-      return LaunchTilesAs<kNorm, MT, NT, U, W, kFits, false>(p, e, rows, stream);
-    LaunchTilesAs<kNorm, MT, NT, U, W, false, false>(p, e, rows, stream);
+      return LaunchTilesAs<kNorm, MT, NT, U, W, kFits, false, 1>(p, e, rows, stream);
+    LaunchTilesAs<kNorm, MT, NT, U, W, false, false, 1>(p, e, rows, stream);
   }
 }
 
@@ -346,6 +348,13 @@ bool WideProductsMT4() {
   return on;
 }
 
+// Blocks of three a multiprocessor for the narrow products (LaunchNormed);
+// NEEDLE_GEMV_TC_NARROW=0 turns it off (comparisons), read once.
+bool NarrowInOneWave() {
+  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_NARROW");
+  return on;
+}
+
 // The device's multiprocessors (the current device's, read once).
 int Multiprocessors() {
   static const int n = [] {
@@ -365,6 +374,21 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
   // The blocks of m m-tiles a token group; whether they fill two waves of two a multiprocessor.
   auto blocks = [&](int m) { return (rows + m * per - 1) / (m * per); };
   auto fills = [&](int m) { return blocks(m) >= 4 * Multiprocessors(); };
+  // To 16 tokens, a product whose one-m-tile blocks overflow one wave of two a multiprocessor
+  // by less than a wave (q/k/v: 288 blocks of Qwen2.5-7B, 384 of Llama-3.1-8B, on 264 slots of
+  // an H100) takes blocks of three a multiprocessor, in one wave: one m-tile, half the spans in
+  // flight (1 or 2 a group), at most 80 registers a thread. Before, 24 of Qwen's blocks ran in a
+  // second round. H100, ncu, Qwen2.5-7B at 4K: q/k/v 25.4 -> 17.7 us at batch 1 (DRAM 41 -> 58%
+  // of peak), 23.4 -> 21.9 at batch 16; bench_batch, three alternations: batch 1 5.99 -> 5.80
+  // ms, batch 8 6.78 -> 6.60, batch 16 unchanged (7.91); Llama-3.1-8B batch 1 6.32 -> 6.09.
+  // Measured and left out: 4 spans a group forced into 80 registers (spills; batch 1 6.08 ms),
+  // and inputs loaded when used (q/k/v 30.2 us at batch 16). (A token's sums do not depend on
+  // MT, NT or U.)
+  if (p.tokens <= 16 && NarrowInOneWave() && blocks(1) > 2 * Multiprocessors() &&
+      blocks(1) <= 3 * Multiprocessors()) {
+    if (p.tokens <= 8) return LaunchTilesAs<kNorm, 1, 1, 2, W, true, false, 3>(p, e, rows, stream);
+    return LaunchTilesAs<kNorm, 1, 2, 1, W, true, false, 3>(p, e, rows, stream);
+  }
   if (p.tokens <= 8) return LaunchTiles<kNorm, 1, 1, 4, W>(p, e, rows, stream);
   // Past 8 tokens, each token's inputs serve MT m-tiles per load (they were read once per 16
   // weight rows, more bytes than the weights' from 16 tokens on).
