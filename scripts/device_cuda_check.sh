@@ -48,6 +48,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     > "$LOG/tests.log" 2>&1
   echo "rc $?"
   grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests.log" | head -40
+  echo "== the GEMV tests again with NEEDLE_GEMV_TC_MT3=1 (the tensor-core GEMV's 3-m-tile blocks)"
+  NEEDLE_GEMV_TC_MT3=1 timeout 300 $G/needle_tests --gtest_filter='CudaDecode*:ModelBatch*' \
+    > "$LOG/tests_mt3.log" 2>&1
+  echo "rc $?"
+  grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests_mt3.log" | head -20
 fi
 if [ "$what" = batch ] || [ "$what" = all ]; then
   Q=bench/configs/qwen2.5-7b.json

@@ -326,14 +326,14 @@ bool DoubleStages() {
   return on;
 }
 
-// NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens for every product (1, 2 or 4, 4 only
-// to 16 tokens), read once (comparisons); 0 when unset (the choice below).
+// NEEDLE_GEMV_TC_MT: m-tiles per block from 9 to 32 tokens for every product (1, 2, 3 or 4; 3
+// and 4 only to 16 tokens), read once (comparisons); 0 when unset (the choice below).
 int MTilesAsked() {
   static const int mt = [] {
     const char* e = std::getenv("NEEDLE_GEMV_TC_MT");
     if (e == nullptr) return 0;
     const int v = std::atoi(e);
-    return v == 1 || v == 4 ? v : 2;
+    return v == 1 || v == 3 || v == 4 ? v : 2;
   }();
   return mt;
 }
@@ -353,6 +353,42 @@ bool WideProductsMT4() {
 bool NarrowInOneWave() {
   static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_NARROW");
   return on;
+}
+
+// Three m-tiles a block instead of four where that fills the waves better (LaunchNormed), with
+// NEEDLE_GEMV_TC_MT3=1 (read once). Off by default until the GPU tests have run with it: on the
+// H100 it took gate/up of Qwen2.5-7B at batch 16 from 112.3 to 101.2 us (DRAM 73 -> 81% of
+// peak, ncu) and the step from 7.93 to 7.69 ms (batch 12: 7.57 -> 7.29), three alternations,
+// but CudaDecode's tests of it ran past their time limit that session (bench/RESULTS.md).
+bool ThreeTilesWhereTheyFit() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_GEMV_TC_MT3");
+    return e != nullptr && std::atoi(e) == 1;
+  }();
+  return on;
+}
+
+// Blocks of the tiles kernel <MT, NT, U, prefetched inputs> that one multiprocessor holds, for
+// epilogue e (the occupancy calculator; once per kernel and process).
+template <bool kNorm, int MT, int NT, int U, int W, bool kPre>
+int Resident(GemvEpilogue e) {
+  auto ask = [](auto kernel) {
+    int n = 0;
+    NEEDLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * W, 0));
+    return n;
+  };
+  static const int store =
+      ask(GemvTcKernel<GemvEpilogue::kStore, kNorm, MT, NT, U, W, kPre, false, 1>);
+  static const int add = ask(GemvTcKernel<GemvEpilogue::kAdd, kNorm, MT, NT, U, W, kPre, false, 1>);
+  static const int gate =
+      ask(GemvTcKernel<GemvEpilogue::kSiluMul, kNorm, MT, NT, U, W, kPre, false, 1>);
+  return e == GemvEpilogue::kStore ? store : e == GemvEpilogue::kAdd ? add : gate;
+}
+
+// The share of the slots that `blocks` blocks use over their rounds of `slots` at a time.
+double WaveUse(int64_t blocks, int64_t slots) {
+  const int64_t rounds = (blocks + slots - 1) / slots;
+  return static_cast<double>(blocks) / static_cast<double>(rounds * slots);
 }
 
 // The device's multiprocessors (the current device's, read once).
@@ -403,10 +439,20 @@ void LaunchNormed(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_
       mt = fills(2) ? 2 : 1;
     else
       mt = WideProductsMT4() && fills(4) ? 4 : 2;
+    // Three m-tiles where their rounds of blocks waste a tenth of the slots less than four's
+    // (gate/up of Qwen2.5-7B: 790 blocks in 3 rounds of 264 on an H100, 99.7% of the slots,
+    // against 592 in 3 rounds, 75%). Each token's inputs are read from L2 a third more often.
+    if (mt == 4 && ThreeTilesWhereTheyFit() && PrefetchInputs()) {
+      const int64_t sm = Multiprocessors();
+      const double use3 = WaveUse(blocks(3), sm * Resident<kNorm, 3, 2, 1, W, true>(e));
+      const double use4 = WaveUse(blocks(4), sm * Resident<kNorm, 4, 2, 1, W, true>(e));
+      if (use3 > use4 + 0.1) mt = 3;
+    }
   }
   if (p.tokens <= 16) {
     if (mt == 1) return LaunchTiles<kNorm, 1, 2, 2, W>(p, e, rows, stream);
     if (mt == 4) return LaunchTiles<kNorm, 4, 2, 1, W>(p, e, rows, stream);
+    if (mt == 3) return LaunchTiles<kNorm, 3, 2, 1, W>(p, e, rows, stream);
     if (DoubleStages() && blocks(2) <= Multiprocessors())
       return LaunchTiles<kNorm, 2, 2, 2, W, true>(p, e, rows, stream);
     return LaunchTiles<kNorm, 2, 2, 2, W>(p, e, rows, stream);
