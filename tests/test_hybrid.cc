@@ -220,10 +220,12 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
       a.T = 1, a.pos0 = n_tok - 1, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
       a.scale = 0.125f;
       const std::vector<float> q = test::RandomVector(a.heads * D, 7, 2.f);
-      // Head 0: scattered blocks, the partial last one included; head 1: none or a run.
-      for (int variant = 0; variant < 2; ++variant) {
+      // Head 0: scattered blocks, the partial last one included; head 1: none or a run; then
+      // head 0 with none and head 1 with the run (a head without blocks before one with).
+      for (int variant = 0; variant < 3; ++variant) {
         std::vector<std::vector<int32_t>> blocks = {{1, 2, 5, 9, 18}, {}};
-        if (variant == 1) blocks[1] = {3, 4, 5, 6, 7, 8, 10};
+        if (variant >= 1) blocks[1] = {3, 4, 5, 6, 7, 8, 10};
+        if (variant == 2) blocks[0].clear();
         std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
             stats;
         fast::AttendBlocks(q.data(), kv, a, blocks, out.data(), lse.data(), &stats, tc);
