@@ -4,19 +4,23 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|bench|quality|reference|today|cpufolds|cpu1m|evalbatch|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|gemv|bench|quality|reference|today|cpufolds|cpu1m|evalbatch|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
 #   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K) and bench_hybrid's
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
+#   gemv   the batch GEMV's 3-m-tile blocks (NEEDLE_GEMV_TC_MT3=1) against the default,
+#          bench_batch at 4K, three alternations, Qwen2.5-7B and Llama-3.1-8B shapes
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
 #   reference  tests/fixtures/make_needle_tiny_reference.py on models/needle-tiny (to $OUT)
 #   cpufolds  the CPU folds on this machine's CPU (keep bench_sparse in .dev/gpu): the hybrid's
 #          block fold (bench_sparse context_blocks, 16 threads, from DRAM and cache-resident)
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
-#          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold
+#          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold;
+#          then the block fold's merge on one thread (NEEDLE_CPU_SERIAL_MERGE=1) against the
+#          default (in parallel), bench_sparse and bench_hybrid
 #   today  issue 24's today's sparse (the sparse defaults) at 64K and 128K, 8 samples; TASKS
 #          the tasks (default: all nine)
 #   evalbatch  bench/bench_eval_batch.sh (issue 19): needle eval's wall time, batch 1 against 16,
@@ -129,6 +133,17 @@ if [ "$what" = reference ]; then
   python3 tests/fixtures/make_needle_tiny_reference.py --model models/needle-tiny \
     --out "$LOG/needle_tiny" 2>&1 | tail -12
 fi
+if [ "$what" = gemv ]; then
+  P='s/.*"batch":([0-9]+),"step_ms":([0-9.]+),"tok\/s":([0-9.]+).*"of_bound":([0-9.]+).*/b\1 \2 ms \4/'
+  for rep in 1 2 3; do
+    for m in 1 0; do
+      for c in qwen2.5-7b llama-3.1-8b; do
+        echo "$c NEEDLE_GEMV_TC_MT3=$m ($rep): $(NEEDLE_GEMV_TC_MT3=$m timeout 60 $G/bench_batch cuda \
+          bench/configs/$c.json 4096 1,12,16 16 2>/dev/null | grep '"batch"' | sed -E "$P" | tr '\n' ' ')"
+      done
+    done
+  done
+fi
 if [ "$what" = cpufolds ]; then
   for f in "1 0" "0 1" "0 0"; do
     set -- $f
@@ -146,6 +161,16 @@ if [ "$what" = cpufolds ]; then
       echo "== bench_hybrid Llama-3.1-8B 128K, NEEDLE_CPU_BF16DOT=$d ($rep)"
       NEEDLE_CPU_BF16DOT=$d NEEDLE_BENCH_PLACEMENTS=host timeout 150 $G/bench_hybrid 24G 131072s \
         bench/configs/llama-3.1-8b.json 2>"$LOG/hybrid_bf16dot_${d}_$rep.err"
+    done
+  done
+  for rep in 1 2; do
+    for m in 1 0; do
+      echo "== NEEDLE_CPU_SERIAL_MERGE=$m ($rep)"
+      NEEDLE_CPU_SERIAL_MERGE=$m timeout 120 $G/bench_sparse --benchmark_filter='context_blocks/131072' \
+        --benchmark_color=false 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -E "^context" | cut -c1-150
+      NEEDLE_CPU_SERIAL_MERGE=$m NEEDLE_BENCH_PLACEMENTS=host timeout 150 $G/bench_hybrid 24G 131072s \
+        bench/configs/qwen2.5-7b.json 2>"$LOG/hybrid_merge_${m}_$rep.err" | grep '"mode":"hybrid"' |
+        sed -E 's/.*"decode_tok\/s":([0-9.]+).*"cpu_attend_ms":([0-9.]+).*/hybrid Qwen 128K \1 tok\/s, CPU attention \2 ms/'
     done
   done
 fi

@@ -9,6 +9,7 @@
 // tokens instead (prompt_groups.h).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -479,7 +480,13 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   std::vector<size_t> first(static_cast<size_t>(Hk + 1), items.size());  // head h's first item
   for (size_t w = items.size(); w-- > 0;) first[static_cast<size_t>(items[w].h)] = w;
   for (int64_t h = Hk - 1; h >= 0; --h) first[h] = std::min(first[h], first[h + 1]);
-  tc.ParallelFor(static_cast<size_t>(Hk * G), 2, [&](size_t b, size_t e) {
+  // (NEEDLE_CPU_SERIAL_MERGE=1: all on this thread, as before; for comparisons, read once.)
+  static const bool serial = [] {
+    const char* v = std::getenv("NEEDLE_CPU_SERIAL_MERGE");
+    return v != nullptr && std::atoi(v) == 1;
+  }();
+  const size_t pairs = static_cast<size_t>(Hk * G);
+  tc.ParallelFor(pairs, serial ? pairs : 2, [&](size_t b, size_t e) {
     for (size_t hg = b; hg < e; ++hg) {
       const int64_t h = static_cast<int64_t>(hg) / G, g = static_cast<int64_t>(hg) % G;
       float* o = out + (h * G + g) * D;
