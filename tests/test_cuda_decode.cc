@@ -69,6 +69,11 @@ std::vector<int64_t> FirstRows() {
   NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
   return {301, 16 * (5 * sm / 2) - 3, 24 * 6 * sm - 5};
 }
+// Whether a case runs with r0 rows: the large counts only where the tensor-core kernel takes the
+// product (bf16 weights, its batch kernels), at one K.
+bool RunsWithRows(int64_t r0, DType t, int64_t K, bool batch_kernels) {
+  return r0 == 301 || (t == DType::kBF16 && K == 264 && batch_kernels);
+}
 void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& want,
                      const std::vector<double>& mag, double rel, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -93,8 +98,7 @@ TEST(CudaDecode, FusedProjectionsMatchCpu) {
       for (int64_t K : {264, 1032, 260})
         for (int64_t r0 : FirstRows())
           for (int normed = 0; normed < 3; ++normed) {  // none, bf16 norm weights, f32 norm weights
-            if (r0 != 301 && (t != DType::kBF16 || K != 264 || !batch_kernels))
-              continue;  // (the large counts are for the tensor-core kernel's choices)
+            if (!RunsWithRows(r0, t, K, batch_kernels)) continue;
             const std::string what = std::string(DTypeName(t)) + " K=" + std::to_string(K) +
                                      " rows=" + std::to_string(r0) +
                                      " norm=" + std::to_string(normed);
@@ -177,7 +181,7 @@ TEST(CudaDecode, TokensOfOneCallEqualEachAlone) {
         for (int64_t r0 : FirstRows())
           for (int normed = 0; normed < 2; ++normed) {
             // (The large counts: the tensor-core kernel's choices to 8 and to 16 tokens.)
-            if (r0 != 301 && (t != DType::kBF16 || K != 264 || !batch_kernels)) continue;
+            if (!RunsWithRows(r0, t, K, batch_kernels)) continue;
             const std::vector<int64_t> Ts = r0 == 301
                                                 ? std::vector<int64_t>{2, 3, 4, 5, 8, 9, 17, 64}
                                                 : std::vector<int64_t>{3, 9, 16};

@@ -413,9 +413,13 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
     int64_t h, i0, i1;
   };
   std::vector<Item> items;
-  for (int64_t h = 0; h < Hk; ++h)
+  std::vector<size_t> first(static_cast<size_t>(Hk + 1));  // head h's items: [first[h], first[h+1])
+  for (int64_t h = 0; h < Hk; ++h) {
+    first[h] = items.size();
     for (int64_t i = 0; i < static_cast<int64_t>(blocks[h].size()); i += per)
       items.push_back({h, i, std::min<int64_t>(i + per, static_cast<int64_t>(blocks[h].size()))});
+  }
+  first[Hk] = items.size();
   // The items' partial outputs: each item zeroes its own (PartialAttention's constructor, in
   // parallel); the buffer grows and stays, so a step's calls neither allocate nor clear it on
   // this thread (Qwen2.5-7B's heads with 16 threads: 229 KB a call).
@@ -477,9 +481,6 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   // task: with 16 threads Qwen2.5-7B's 4 KV heads leave 64 items, 420 merges of 128 floats,
   // which took one thread 11 us with every partial in its cache (a dev core), more when other
   // cores wrote them; a decode step's CPU attention is about 100-130 us a layer.
-  std::vector<size_t> first(static_cast<size_t>(Hk + 1), items.size());  // head h's first item
-  for (size_t w = items.size(); w-- > 0;) first[static_cast<size_t>(items[w].h)] = w;
-  for (int64_t h = Hk - 1; h >= 0; --h) first[h] = std::min(first[h], first[h + 1]);
   // (NEEDLE_CPU_SERIAL_MERGE=1: all on this thread, as before; for comparisons, read once.)
   static const bool serial = [] {
     const char* v = std::getenv("NEEDLE_CPU_SERIAL_MERGE");

@@ -284,11 +284,13 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-// Whether the comparison switch `name` leaves its choice on: unset or not 0.
-bool OnUnlessZero(const char* name) {
+// The comparison switch `name` as a number, `unset` when it is not set.
+int Switch(const char* name, int unset) {
   const char* e = std::getenv(name);
-  return e == nullptr || std::atoi(e) != 0;
+  return e == nullptr ? unset : std::atoi(e);
 }
+// Whether the comparison switch `name` leaves its choice on: unset or not 0.
+bool OnUnlessZero(const char* name) { return Switch(name, 1) != 0; }
 
 // NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
 bool PrefetchInputs() {
@@ -361,10 +363,7 @@ bool NarrowInOneWave() {
 // peak, ncu) and the step from 7.93 to 7.69 ms (batch 12: 7.57 -> 7.29), three alternations,
 // but CudaDecode's tests of it ran past their time limit that session (bench/RESULTS.md).
 bool ThreeTilesWhereTheyFit() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_MT3");
-    return e != nullptr && std::atoi(e) == 1;
-  }();
+  static const bool on = Switch("NEEDLE_GEMV_TC_MT3", 0) == 1;
   return on;
 }
 
