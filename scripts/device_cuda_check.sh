@@ -10,7 +10,7 @@
 #          needle binary (NEEDLE_TEST_BINARY)
 #   batch  bench_batch (Qwen2.5-7B shapes at 4K and 32K, Llama-3.1-8B at 4K) and bench_hybrid's
 #          batched slots (NEEDLE_BENCH_BATCH) at 128K
-#   gemv   the batch GEMV's 3-m-tile blocks (NEEDLE_GEMV_TC_MT3=1) against the default,
+#   gemv   the batch GEMV's 3-m-tile blocks (the default) against 4 (NEEDLE_GEMV_TC_MT3=0),
 #          bench_batch at 4K, three alternations, Qwen2.5-7B and Llama-3.1-8B shapes
 #   bench  bench/bench_cuda.sh (needs bench_cuda in .dev/gpu)
 #   reference  tests/fixtures/make_needle_tiny_reference.py on models/needle-tiny (to $OUT)
@@ -52,8 +52,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     > "$LOG/tests.log" 2>&1
   echo "rc $?"
   grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests.log" | head -40
-  echo "== the GEMV tests again with NEEDLE_GEMV_TC_MT3=1 (the tensor-core GEMV's 3-m-tile blocks)"
-  NEEDLE_GEMV_TC_MT3=1 timeout 300 $G/needle_tests --gtest_filter='CudaDecode*:ModelBatch*' \
+  echo "== the GEMV tests again with NEEDLE_GEMV_TC_MT3=0 (the tensor-core GEMV's 4-m-tile blocks)"
+  NEEDLE_GEMV_TC_MT3=0 timeout 300 $G/needle_tests --gtest_filter='CudaDecode*:ModelBatch*' \
     > "$LOG/tests_mt3.log" 2>&1
   echo "rc $?"
   grep -E "FAILED|PASSED|tests ran|Failure" "$LOG/tests_mt3.log" | head -20

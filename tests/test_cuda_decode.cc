@@ -61,8 +61,9 @@ std::vector<double> Magnitudes(const std::vector<float>& x, const Weight& w) {
 // Rows of the first output: 301 (a block's second row missing), and two counts for this GPU's
 // tensor-core GEMV choices (gemv_tc.cu), their last blocks partly filled: a q/k/v-sized one,
 // whose blocks of 16 rows overflow one wave of two a multiprocessor by half a wave (the narrow
-// products), and a gate/up-sized one, whose 3-m-tile blocks fill three such waves (GateUp, with
-// NEEDLE_GEMV_TC_MT3=1: scripts/device_cuda_check.sh tests runs these tests again with it).
+// products), and a gate/up-sized one, whose 3-m-tile blocks fill three such waves (GateUp; its
+// 4-m-tile blocks with NEEDLE_GEMV_TC_MT3=0: scripts/device_cuda_check.sh tests runs these tests
+// again with it).
 std::vector<int64_t> FirstRows() {
   int dev = 0, sm = 0;
   NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));

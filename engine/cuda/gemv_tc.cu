@@ -357,13 +357,13 @@ bool NarrowInOneWave() {
   return on;
 }
 
-// Three m-tiles a block instead of four where that fills the waves better (LaunchNormed), with
-// NEEDLE_GEMV_TC_MT3=1 (read once). Off by default until the GPU tests have run with it: on the
-// H100 it took gate/up of Qwen2.5-7B at batch 16 from 112.3 to 101.2 us (DRAM 73 -> 81% of
-// peak, ncu) and the step from 7.93 to 7.69 ms (batch 12: 7.57 -> 7.29), three alternations,
-// but CudaDecode's tests of it ran past their time limit that session (bench/RESULTS.md).
+// Three m-tiles a block instead of four where that fills the waves better (LaunchNormed);
+// NEEDLE_GEMV_TC_MT3=0 turns it off (comparisons), read once. H100, Qwen2.5-7B at 4K: gate/up
+// at batch 16 112.3 -> 101.2 us (DRAM 73 -> 81% of peak, ncu); the step, three alternations in
+// each of two sessions, batch 16 7.88-7.94 -> 7.64-7.71 ms, batch 12 7.49-7.60 -> 7.27-7.32,
+// batch 1 unchanged (bench/RESULTS.md).
 bool ThreeTilesWhereTheyFit() {
-  static const bool on = Switch("NEEDLE_GEMV_TC_MT3", 0) == 1;
+  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_MT3");
   return on;
 }
 
