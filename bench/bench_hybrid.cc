@@ -4,7 +4,8 @@
 //   {"bench":"hybrid", "config", "prompt", "mode": "hybrid"|"dense", "prefill_tok/s",
 //    "decode_tok/s", "gpu_used_GiB" (device memory in use after decode, from cudaMemGetInfo,
 //    this process's allocations and the CUDA context), "host_peak_GiB" (VmHWM),
-//    per decode step in ms: "plan", "cpu_attend", "copies", "gpu_wait" (of which
+//    per decode step in ms: "plan", "cpu_attend" (what is left of the CPU's blocks once the
+//    host has queued the GPU's share: they start first), "copies", "gpu_wait" (of which
 //    "gpu_wait_part": for the GPU's partial once the CPU's blocks were done; of "plan":
 //    "gather_ms" and "launch_ms", HybridStats' gather and launch), and "other" (the
 //    rest: the GPU's work that is not waited for, launches, sampling)}

@@ -258,6 +258,42 @@ TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   EXPECT_EQ(one.spinners(), 0);
 }
 
+// Start runs its function on the workers while the caller goes on (here: waits until the
+// function has begun, which a Start that ran it inline would never let happen, so the test
+// would time out); after Join its ParallelFor has run every index once, Wake's spinners (which
+// would otherwise hold the workers) included; what it throws comes out of Join; with one thread
+// it runs in Join.
+TEST(Threading, StartRunsBesideTheCallerAndJoinWaits) {
+  for (bool wake : {false, true}) {
+    ThreadingContext tc(3);
+    if (wake) tc.Wake(30 * 1000 * 1000);
+    std::atomic<bool> begun{false};
+    std::vector<std::atomic<int>> hits(1000);
+    tc.Start([&] {
+      begun = true;
+      tc.ParallelFor(hits.size(), 1, [&](size_t b, size_t e) {
+        for (size_t i = b; i < e; ++i) hits[i].fetch_add(1);
+      });
+    });
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!begun && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    EXPECT_TRUE(begun.load()) << "wake " << wake;
+    tc.Join();
+    for (const auto& h : hits) ASSERT_EQ(h.load(), 1);
+    tc.Start([] { throw std::runtime_error("from the started function"); });
+    EXPECT_THROW(tc.Join(), std::runtime_error);
+    tc.Join();  // (nothing started: returns)
+  }
+  ThreadingContext one(1);
+  int runs = 0;
+  one.Start([&] { ++runs; });
+  EXPECT_EQ(runs, 0);
+  EXPECT_THROW(one.Start([] {}), std::logic_error);
+  one.Join();
+  EXPECT_EQ(runs, 1);
+}
+
 TEST(Kernels, PartialAttentionMergeEqualsWhole) {
   // Splitting keys anywhere and merging the partials gives the softmax over all keys.
   const int64_t D = 5, n = 40;

@@ -4,6 +4,7 @@
 #include <tbb/parallel_for.h>
 
 #include <chrono>
+#include <stdexcept>
 #include <thread>
 
 namespace needle {
@@ -61,6 +62,29 @@ void ThreadingContext::Wake(int max_us) {
       spinners_.fetch_sub(1);
     });
   }
+}
+
+void ThreadingContext::Start(std::function<void()> fn) {
+  if (running_) throw std::logic_error("ThreadingContext::Start: the last start was not joined");
+  running_ = true;
+  if (threads_ == 1) {  // no workers: it runs in Join
+    started_fn_ = std::move(fn);
+    return;
+  }
+  epoch_.fetch_add(1, std::memory_order_relaxed);  // releases Wake's spinners to take it
+  arena_.enqueue(started_.defer(std::move(fn)));
+}
+
+void ThreadingContext::Join() {
+  if (!running_) return;
+  running_ = false;
+  if (threads_ == 1) {
+    std::function<void()> fn = std::move(started_fn_);
+    started_fn_ = nullptr;
+    fn();
+    return;
+  }
+  arena_.execute([this] { started_.wait(); });
 }
 
 }  // namespace needle

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <tbb/task_arena.h>
+#include <tbb/task_group.h>
 
 #include <atomic>
 #include <cstddef>
@@ -27,6 +28,13 @@ class ThreadingContext {
   // wake (more in a VM); this hides that behind the wait. Only for waits known to be short: the
   // workers burn their cores meanwhile.
   void Wake(int max_us);
+
+  // Starts fn on the arena's workers and returns at once, so that the caller can do other work
+  // (queue GPU launches) meanwhile; fn may call ParallelFor. Join() waits for it, the caller
+  // taking part in its parallel work until it is done, and rethrows what fn threw. One started
+  // function at a time; every Start is followed by a Join before the next.
+  void Start(std::function<void()> fn);
+  void Join();
   int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
 
  private:
@@ -35,6 +43,9 @@ class ThreadingContext {
   std::atomic<uint64_t> epoch_{0};      // ParallelFor calls begun
   std::atomic<int64_t> wake_until_{0};  // steady-clock ns at which spinners give up
   std::atomic<int> spinners_{0};        // enqueued or spinning
+  tbb::task_group started_;             // Start's function
+  bool running_ = false;                // between Start and Join
+  std::function<void()> started_fn_;    // Start's function with one thread (run by Join)
 };
 
 }  // namespace needle

@@ -76,13 +76,13 @@ void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::st
 struct HybridStats {
   int64_t steps = 0;         // decode steps
   double plan = 0;           // the planner: representatives, scoring, top-k, retention
-  double cpu_attend = 0;     // the CPU's Context blocks
+  double cpu_attend = 0;     // the CPU's Context blocks (what is left once the GPU's are queued)
   double copies = 0;         // q, new K/V rows and partials between GPU and host
   double gpu_wait = 0;       // waiting for the GPU: the layer's q and shortlist, its own partial
   double gpu_wait_part = 0;  // of gpu_wait: for its partial, after the CPU's blocks were done
   // Of plan: the executor's host work before the CPU's blocks: placing the GPU's share and
-  // queuing its copies (ResidentBlocks, GatherContext), then queuing the GPU's attention (the
-  // window's block table, the kernels, the lse copy).
+  // queuing its copies (ResidentBlocks, PlaceContext, QueueGather), then queuing the GPU's
+  // attention (the window's block table, the kernels, the lse copy).
   double gather = 0, launch = 0;
   // Decode: host time from the step's start until the last layer's work is queued (the model's
   // too). Near the step's time, the GPU waits for the host to queue its work; far below it, the

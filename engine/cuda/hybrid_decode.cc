@@ -40,22 +40,28 @@ int64_t HybridAttention::Impl::GpuShare(const LayerPlan& plan) const {
   return std::min(resident.slots(), (c.gpu_share * static_cast<int64_t>(shortest) + 50) / 100);
 }
 
-int64_t HybridAttention::Impl::GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
+int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
   const int64_t Hk = m.num_kv_heads;
   resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
-  // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
-  KVCache& from = device_kv ? *model_cache : host;
   for (const auto& cp : copies)
     if (!device_kv && cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
       gather_on = false;
       resident.Clear();
+      copies.clear();
       return 0;
     }
   const auto from_host = std::count_if(copies.begin(), copies.end(),
                                        [](const ResidentBlocks::Copy& cp) { return cp.from < 0; });
   stats.gpu_blocks += n_g * Hk;
   stats.gpu_reused += n_g * Hk - from_host;
-  if (copies.empty()) return n_g;
+  return n_g;
+}
+
+void HybridAttention::Impl::QueueGather(int64_t layer) {
+  if (copies.empty()) return;
+  const int64_t Hk = m.num_kv_heads;
+  // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
+  KVCache& from = device_kv ? *model_cache : host;
   // (The kernel reads the lists from pinned memory; they are rewritten only after the next
   // layer's wait for the stream.)
   const size_t nc = copies.size();
@@ -73,7 +79,7 @@ int64_t HybridAttention::Impl::GatherContext(int64_t layer, const LayerPlan& pla
                      static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                      model_cache->BlockData(layer, false, x0),
                      model_cache->BlockData(layer, true, x0), stream);
-  return n_g;
+  copies.clear();
 }
 
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {
@@ -130,38 +136,75 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
                                     const KVLayerView& kv, const LayerPlan& plan, float*,
                                     float* lse, std::vector<std::vector<float>>* mass) {
   const int64_t HD = a.heads * a.head_dim, Hk = a.kv_heads, G = a.heads / Hk;
-  // GPU, queued first so that it runs while the CPU attends: n_g selected blocks of every KV
-  // head (those it holds from earlier steps, the others from the host cache), attended with
-  // Initial + Local; their softmax sums. With position remapping, Local alone: the Initial and
-  // Context keys move by amounts that change with the step, and the CPU rotates its query.
+  // The GPU's share: n_g selected blocks of every KV head (those it holds from earlier steps,
+  // the others copied from the host cache), attended with Initial + Local; their softmax sums.
+  // With position remapping, Local alone: the Initial and Context keys move by amounts that
+  // change with the step, and the CPU rotates its query.
   const bool remap = plan.remap && a.inv_freq != nullptr;
   auto t = Clock::now();
   int64_t n_g = remap ? 0 : GpuShare(plan);
-  if (n_g > 0) n_g = GatherContext(layer, plan, n_g);
+  if (n_g > 0) n_g = PlaceContext(layer, plan, n_g);
+  if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
+  const bool late = late_next;  // (TakesLateMass said so: the stats stay for LateMass)
+  late_next = false;
+  // Every selected block on the GPU (device placement): its output is the layer's.
+  const bool gpu_all = !remap && AllOnGpu(plan, n_g);
+  NEEDLE_CHECK(!late || gpu_all);
+  // The CPU: the rest, in plan order. It starts on the workers before the GPU's copies and
+  // attention are queued, which the host does meanwhile (NEEDLE_HYBRID_CPU_FIRST=0: after).
+  const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
+  if (n_g > 0 && !gpu_all) {
+    cpu_blocks.resize(plan.blocks.size());
+    size_t i = 0;
+    for (size_t h = 0; h < plan.blocks.size(); ++h) {
+      cpu_blocks[h].clear();
+      for (int32_t b : plan.blocks[h])
+        if (stats_at[i++] < 0) cpu_blocks[h].push_back(b);
+    }
+    cb = &cpu_blocks;
+  }
+  float* cpu_part = gpu_all ? nullptr : part_pin.Get(static_cast<size_t>(HD + a.heads));
+  if (remap) plan.ToSpans(Hk, &spans, a.inv_freq, a.head_dim, false);
+  auto attend_cpu = [&] {
+    if (remap)
+      cpu->Attention(q, kv, a, &spans, cpu_part, cpu_part + HD);
+    else
+      fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
+  };
+  struct JoinOnExit {  // (the started attention reads this frame: joined on every way out)
+    ThreadingContext* tc = nullptr;
+    ~JoinOnExit() {
+      if (tc == nullptr) return;
+      try {
+        tc->Join();
+      } catch (...) {  // (already leaving by an exception)
+      }
+    }
+  } joiner;
+  const bool cpu_first = !gpu_all && CpuFirst();
+  if (cpu_first) {
+    tc.Start(attend_cpu);
+    joiner.tc = &tc;
+  }
+  QueueGather(layer);
   stats.gather += Since(t);
   t = Clock::now();
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
   // the sums come back in one copy.
-  const bool late = late_next;  // (TakesLateMass said so: the stats stay for LateMass)
-  late_next = false;
   const size_t n_stats = mass != nullptr || late ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
   float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
   float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
-  // Every selected block on the GPU (device placement): its output is the layer's.
-  const bool gpu_all = !remap && AllOnGpu(plan, n_g);
   cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
   if (n_stats > 0) {
     const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
     cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G, c.block_size,
                      a.head_dim, a.scale, g_lse + a.heads, stream);
   }
-  NEEDLE_CHECK(!late || gpu_all);
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
-  if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
   stats.launch += Since(t);
   if (late) {  // the sums stay for LateMass; no wait
     late_at[layer] = stats_at;
@@ -178,25 +221,13 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
     return true;
   }
-  // CPU: the rest, in plan order.
-  const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
-  if (n_g > 0) {
-    cpu_blocks.resize(plan.blocks.size());
-    size_t i = 0;
-    for (size_t h = 0; h < plan.blocks.size(); ++h) {
-      cpu_blocks[h].clear();
-      for (int32_t b : plan.blocks[h])
-        if (stats_at[i++] < 0) cpu_blocks[h].push_back(b);
-    }
-    cb = &cpu_blocks;
-  }
+  // (Started above: what is left of it once the GPU's work is queued.)
   t = Clock::now();
-  float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
-  if (remap) {
-    plan.ToSpans(Hk, &spans, a.inv_freq, a.head_dim, false);
-    cpu->Attention(q, kv, a, &spans, cpu_part, cpu_part + HD);
+  if (cpu_first) {
+    joiner.tc = nullptr;
+    tc.Join();
   } else {
-    fast::AttendBlocks(q, kv, a, *cb, cpu_part, cpu_part + HD, &block_stats, tc);
+    attend_cpu();
   }
   stats.cpu_attend += Since(t);
   for (const auto& b : *cb) stats.cpu_blocks += static_cast<int64_t>(b.size());
@@ -219,6 +250,20 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   }
   fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
   return true;
+}
+
+// NEEDLE_HYBRID_CPU_FIRST=0: the CPU's blocks attended after the GPU's launches are queued, as
+// before (comparisons), read once. H100 host, bench_hybrid 24G (synthetic, host placement),
+// pairs of runs after against first: Qwen2.5-7B 128K 89.1 / 87.8 -> 96.9 / 89.9 tok/s,
+// Llama-3.1-8B 128K 59.7 / 62.5 -> 63.3 / 63.4, Qwen2.5-7B 1M 76.8 / 80.8 / 57.5 / 80.1 / 78.7
+// -> 76.6 / 74.8 / 63.8 / 82.4 / 83.1 (bench/RESULTS.md): the launches (0.7-0.8 ms a step at 1M)
+// take a little longer beside the CPU's attention, which saves more than that at 128K.
+bool HybridAttention::Impl::CpuFirst() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_HYBRID_CPU_FIRST");
+    return e == nullptr || std::atoi(e) != 0;
+  }();
+  return on;
 }
 
 bool HybridAttention::Impl::TakesLateMass(int64_t, const LayerPlan& plan) {

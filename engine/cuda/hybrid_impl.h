@@ -97,10 +97,10 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   // --- decode ----------------------------------------------------------------------------------
   // The view of a sparse layer's ring as one causal sequence: Initial blocks, the n_g Context
-  // blocks gathered into its extra slots (GatherContext), then the Local blocks, renumbered (the
-  // keys were rotated at their true positions when written, and a query's softmax does not
-  // depend on their order). *a2: the query's arguments over it. init false: Local alone (with
-  // position remapping the CPU attends the Initial keys, which move).
+  // blocks gathered into its extra slots (PlaceContext, QueueGather), then the Local blocks,
+  // renumbered (the keys were rotated at their true positions when written, and a query's softmax
+  // does not depend on their order). *a2: the query's arguments over it. init false: Local alone
+  // (with position remapping the CPU attends the Initial keys, which move).
   KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
                          bool init = true);
 
@@ -108,10 +108,11 @@ struct HybridAttention::Impl final : PlanExecutor {
   // shortest list, at most the extra slots); 0: the CPU attends them all.
   int64_t GpuShare(const LayerPlan& plan) const;
   // Places the GPU's n_g blocks of every KV head in the layer's extra slots (ResidentBlocks: the
-  // ones already there stay) and queues the copy of the others, from the host cache or from a
-  // later slot. Returns n_g, or 0 where CUDA refused to page-lock a block to read (the CPU attends
-  // everything from then on).
-  int64_t GatherContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
+  // ones already there stay); `copies` lists the others, to copy from the host cache or from a
+  // later slot (QueueGather queues them). Returns n_g, or 0 where CUDA refused to page-lock a
+  // block to read (the CPU attends everything from then on).
+  int64_t PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
+  void QueueGather(int64_t layer);
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
@@ -141,6 +142,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   bool Planned(int64_t layer, const float* q, const AttnArgs& a, const KVLayerView& kv,
                const LayerPlan& plan, float*, float* lse,
                std::vector<std::vector<float>>* mass) override;
+  static bool CpuFirst();  // (Planned: the CPU's blocks started before the GPU's launches)
 
   // Device placement: a step whose every selected block the GPU attends leaves the retention's
   // masses to the next selection at the layer (PlanExecutor::TakesLateMass).
@@ -154,7 +156,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   bool AllOnGpu(const LayerPlan& plan, int64_t n_g) const;
   // Where each selected block's softmax sums are, in plan order: at[i] >= 0, at that offset of
   // the GPU's pinned copy ([lse: heads][sums]); -1, a block the CPU attends (its sums come in
-  // order from AttendBlocks). n_g: each KV head's blocks on the GPU (GatherContext).
+  // order from AttendBlocks). n_g: each KV head's blocks on the GPU (PlaceContext, QueueGather).
   void StatsOffsets(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t n_g,
                     int64_t heads, int64_t G, std::vector<int32_t>* at) const;
   // all_stats: every block's sums in plan order, from gpu + at[i], else the CPU's next (cpu).
@@ -190,7 +192,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
   std::thread pin_ahead;            // PinAhead's
   bool gather_on = false;           // the GPU attends its share of the Context blocks
-  cuda::PinnedFloats src_pin;       // GatherContext's sources and destinations (int32)
+  cuda::PinnedFloats src_pin;       // QueueGather's sources and destinations (int32)
   ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
   std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
