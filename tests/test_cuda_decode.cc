@@ -324,6 +324,12 @@ TEST(CudaDecode, ProjectRopeKVWriteEqualsTwoSteps) {
     std::vector<std::vector<float>> got;
     for (bool fused : {false, true}) {
       KVCache cache(KVCacheShape{1, Hk, D, 64, B, kv}, 0, gpu->kv_memory());
+      {  // (zeroed: the arenas are compared whole, and fresh device memory may hold anything,
+         // NaNs included, which never compare equal)
+        const size_t bytes = static_cast<size_t>(cache.Layer(0).slots) * cache.BlockBytes();
+        NEEDLE_CUDA_CHECK(cudaMemset(cache.BlockData(0, false, 0), 0, bytes));
+        NEEDLE_CUDA_CHECK(cudaMemset(cache.BlockData(0, true, 0), 0, bytes));
+      }
       BackendBuffer xd = Upload(*gpu, x), scratch(*gpu, static_cast<size_t>(K));
       std::vector<BackendBuffer> y;
       Backend::Projection p[3];
