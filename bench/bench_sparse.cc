@@ -14,6 +14,9 @@
 //           Local + the chunk): the sparse one costs the same at every length; its flops
 //           (q.k and p.v) against the f32 FMA peak measured in the same run (compute-bound: the
 //           chunk's keys are read from the caches by many queries)
+//   plan_shortlist  the planner's host work for one layer of the hybrid's decode step (host
+//           placement): the selection from an executor's shortlist, retention, the plan's
+//           bookkeeping (an executor that costs nothing stands in for the GPU and the CPU fold)
 // For each: milliseconds, bytes touched (each byte the step must read once), achieved GB/s and
 // the fraction of the DRAM read bandwidth measured in the same run. A summary table with the
 // sparse-over-dense speedup closes the output.
@@ -262,6 +265,73 @@ void BM_DenseStep(benchmark::State& state) {
          &g_rows[{s.ctx, s.heads}].dense_bytes);
 }
 
+// An executor that ranks the candidates and attends elsewhere, at no cost to the host: each
+// call of ScoreTop hands back the next of 64 shortlists made in advance (random distinct blocks,
+// random scores), and Planned fills retention's masses with constants. What remains in a
+// decode step's Attend is the planner's own host work for a layer of the hybrid's host
+// placement: the selection from the shortlist, retention, the plan's bookkeeping.
+class ShortlistExecutor final : public PlanExecutor {
+ public:
+  ShortlistExecutor(int64_t first, int64_t n, int64_t rows, int64_t want) {
+    uint64_t x = 0x2545f4914f6cdd1dull;
+    auto next = [&] { return x ^= x << 13, x ^= x >> 7, x ^= x << 17; };
+    lists_.resize(64);
+    for (auto& l : lists_) {
+      l.resize(static_cast<size_t>(rows));
+      for (auto& row : l) {
+        std::vector<int32_t> picked;
+        while (static_cast<int64_t>(picked.size()) < std::min(want, n)) {
+          const auto b = static_cast<int32_t>(first + static_cast<int64_t>(next() % n));
+          if (std::find(picked.begin(), picked.end(), b) != picked.end()) continue;
+          picked.push_back(b);
+          row.push_back({static_cast<float>(next() % 1000) / 100.f, b});
+        }
+      }
+    }
+  }
+  void Dense(int64_t, const float*, const AttnArgs&, const KVLayerView&, float*, float*) override {}
+  bool Planned(int64_t, const float*, const AttnArgs& a, const KVLayerView&, const LayerPlan& plan,
+               float*, float* lse, std::vector<std::vector<float>>* mass) override {
+    std::fill(lse, lse + a.heads, 1.f);
+    if (mass == nullptr) return false;
+    mass->resize(plan.blocks.size());
+    for (size_t h = 0; h < plan.blocks.size(); ++h) {
+      (*mass)[h].resize(plan.blocks[h].size());
+      for (size_t i = 0; i < plan.blocks[h].size(); ++i)
+        (*mass)[h][i] = 1.f / static_cast<float>(1 + (i * 7 + h) % 13);
+    }
+    return true;
+  }
+  bool ScoreTop(int64_t, const RepresentativeStore&, const ScoreArgs&, bool, int64_t,
+                std::vector<std::vector<Scored>>* top) override {
+    *top = lists_[at_++ % lists_.size()];
+    return true;
+  }
+
+ private:
+  std::vector<std::vector<std::vector<Scored>>> lists_;
+  size_t at_ = 0;
+};
+
+// The planner's host work per layer of a hybrid decode step (ShortlistExecutor): the default
+// settings (topk 32 + 8 retained, a shortlist of 40 per KV head).
+void BM_PlanShortlist(benchmark::State& state) {
+  Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
+  const SparseConfig sc = BenchSparseConfig();
+  const int64_t first = sc.init_end() / sc.block_size;
+  ShortlistExecutor exec(first, ContextBlocks(s), sc.select == SelectMode::kLayer ? 1 : s.kv_heads,
+                         sc.topk + sc.retained());
+  s.sparse->set_executor(&exec);
+  for (auto _ : state) {
+    s.sparse->BeginStep(StepInfo{s.ctx, 1, 1, true});
+    s.sparse->Attend(0, s.q.data(), s.args, *s.cache, s.out.data());
+  }
+  s.sparse->set_executor(nullptr);
+  state.counters["us_per_layer"] =
+      benchmark::Counter(1e-6 * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 // Order matters: all four benchmarks of one (context, heads) run back to back on one cache.
 void RegisterAll() {
   for (int64_t ctx : {32768, 131072, 524288, 1048576})
@@ -274,7 +344,8 @@ void RegisterAll() {
             {"context_blocks_idle", BM_ContextBlocksIdle},
             {"prefill_chunk_dense", BM_PrefillChunkDense},
             {"prefill_chunk_sparse", BM_PrefillChunkSparse},
-            {"dense_step", BM_DenseStep}})
+            {"dense_step", BM_DenseStep},
+            {"plan_shortlist", BM_PlanShortlist}})
         benchmark::RegisterBenchmark(name, fn)
             ->Args({ctx, h, kvh})
             ->Unit(benchmark::kMillisecond)
