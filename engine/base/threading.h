@@ -28,6 +28,7 @@ class ThreadingContext {
   // wake (more in a VM); this hides that behind the wait. Only for waits known to be short: the
   // workers burn their cores meanwhile.
   void Wake(int max_us);
+  int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
 
   // Starts fn on the arena's workers and returns at once, so that the caller can do other work
   // (queue GPU launches) meanwhile; fn may call ParallelFor. Join() waits for it, the caller
@@ -35,7 +36,6 @@ class ThreadingContext {
   // function at a time; every Start is followed by a Join before the next.
   void Start(std::function<void()> fn);
   void Join();
-  int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
 
  private:
   int threads_;
