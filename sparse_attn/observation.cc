@@ -100,7 +100,8 @@ std::vector<std::vector<uint8_t>> Preselect(const std::vector<float>& votes, int
 
 std::vector<int32_t> TopK(const float* scores, const int32_t* ids, int64_t n, int64_t k) {
   k = std::min(k, n);
-  std::vector<std::pair<float, int32_t>> v(static_cast<size_t>(n));
+  thread_local std::vector<std::pair<float, int32_t>> v;  // (kept: no allocation per call)
+  v.resize(static_cast<size_t>(std::max<int64_t>(n, 0)));
   for (int64_t i = 0; i < n; ++i) v[i] = {scores[i], ids[i]};
   auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
     return plan_rules::Better(a.first, a.second, b.first, b.second);

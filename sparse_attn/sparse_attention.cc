@@ -323,9 +323,13 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
   if (SelectsAt(layer, decode_step_)) {
     // Candidates: Context blocks, restricted to the preselected set where there is one (blocks
     // that joined the Context after the prompt always compete).
-    std::vector<int32_t> all(
-        static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks)));
-    std::iota(all.begin(), all.end(), static_cast<int32_t>(init_blocks));
+    // (Kept between calls: every layer of a step, and most steps, have the same ones.)
+    const auto n_all = static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks));
+    if (all_.empty() || all_first_ != init_blocks || all_.size() > n_all) all_.clear();
+    all_first_ = init_blocks;
+    for (size_t i = all_.size(); i < n_all; ++i)
+      all_.push_back(static_cast<int32_t>(init_blocks + static_cast<int64_t>(i)));
+    const std::vector<int32_t>& all = all_;
     const auto& ps = presel_[layer];
     const auto allowed = [&](int64_t h, int32_t blk) {
       return ps.empty() || blk >= presel_end_[layer] || ps[h][blk] != 0;
@@ -349,6 +353,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
                       const std::vector<int32_t>* kept, std::vector<int32_t>* keep_out,
                       int64_t* ncand) {
       std::vector<int32_t> keep;
+      keep.reserve(static_cast<size_t>(std::max<int64_t>(cfg_.retained(), 0)));
       if (kept != nullptr)
         for (int32_t blk : *kept)
           if (blk >= init_blocks && blk < ctx_end_block && allowed(h, blk) &&
@@ -356,6 +361,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
             keep.push_back(blk);
       std::vector<int32_t> ids;
       std::vector<float> scores;
+      ids.reserve(n), scores.reserve(n);
       *ncand = static_cast<int64_t>(keep.size());
       for (size_t i = 0; i < n; ++i) {
         if (!allowed(h, cand[i]) || std::find(keep.begin(), keep.end(), cand[i]) != keep.end())
@@ -456,7 +462,14 @@ std::vector<int32_t> KeepByMass(const std::vector<float>& mass, const std::vecto
                                 int64_t n) {
   std::vector<int> order(blocks.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return mass[x] > mass[y]; });
+  // By descending mass, equal masses in plan order: a total order, so std::sort gives what a
+  // stable sort by mass alone would, without the stable sort's buffer (a NaN mass counts as the
+  // least, which keeps the order total).
+  const auto key = [&](int x) { return std::isnan(mass[x]) ? -INFINITY : mass[x]; };
+  std::sort(order.begin(), order.end(), [&](int x, int y) {
+    const float mx = key(x), my = key(y);
+    return mx > my || (mx == my && x < y);
+  });
   std::vector<int32_t> out(static_cast<size_t>(std::max<int64_t>(n, 0)));
   out.resize(static_cast<size_t>(plan_rules::KeepByMass(blocks.data(), order.data(),
                                                         static_cast<int>(blocks.size()),

@@ -15,6 +15,7 @@
 #include "kvcache/kv_cache.h"
 #include "sparse_attn/best_key.h"
 #include "sparse_attn/observation.h"
+#include "sparse_attn/plan_rules.h"
 #include "sparse_attn/representatives.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_config.h"
@@ -145,6 +146,42 @@ TEST(BestKey, RescoreBelowTopkIsRefused) {
   test::ExpectErrorContaining([&] { c.Validate(); }, {"rescore_blocks", "8", "topk", "32"});
   c.rescore_blocks = 32;
   c.Validate();
+}
+
+// TopK against its definition (every candidate sorted by plan_rules::Better, the first k, ids
+// ascending), on lists of 0 to 100: scores from a few values (many ties, broken by the lower
+// id), repeated (score, id) pairs, NaN scores (then any k of them will do: only the count and
+// the order are checked), every k from 0 past n.
+TEST(BestKey, TopKEqualsItsDefinition) {
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  auto next = [&] { return x ^= x << 13, x ^= x >> 7, x ^= x << 17; };
+  for (int n : {0, 1, 2, 7, 40, 63, 64, 65, 100})
+    for (int variant = 0; variant < 3; ++variant) {  // distinct ids, repeated pairs, a NaN
+      std::vector<float> sc(static_cast<size_t>(n));
+      std::vector<int32_t> ids(static_cast<size_t>(n));
+      for (int i = 0; i < n; ++i) {
+        sc[i] = static_cast<float>(next() % 5);
+        ids[i] = static_cast<int32_t>(1000 - 7 * i + static_cast<int>(next() % 3) * 1000);
+      }
+      if (variant == 1 && n >= 4) sc[3] = sc[1], ids[3] = ids[1];
+      if (variant == 2 && n >= 3) sc[2] = std::nanf("");
+      std::vector<int> order(static_cast<size_t>(n));
+      for (int i = 0; i < n; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+        return plan_rules::Better(sc[a], ids[a], sc[b], ids[b]);
+      });
+      for (int k = 0; k <= n + 2; ++k) {
+        const std::vector<int32_t> got = TopK(sc.data(), ids.data(), n, k);
+        const int kk = std::min(k, n);
+        ASSERT_EQ(static_cast<int>(got.size()), kk) << n << " " << variant << " " << k;
+        ASSERT_TRUE(std::is_sorted(got.begin(), got.end())) << n << " " << variant << " " << k;
+        if (variant == 2 && n >= 3) continue;
+        std::vector<int32_t> want;
+        for (int i = 0; i < kk; ++i) want.push_back(ids[order[i]]);
+        std::sort(want.begin(), want.end());
+        ASSERT_EQ(got, want) << n << " " << variant << " " << k;
+      }
+    }
 }
 
 }  // namespace
