@@ -9,12 +9,12 @@
 // tokens instead (prompt_groups.h).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 #include "engine/attention/partial.h"
 #include "engine/base/error.h"
+#include "engine/base/switches.h"
 #include "engine/cpu/amx.h"
 #include "engine/cpu/bf16dot.h"
 #include "engine/cpu/ops.h"
@@ -482,10 +482,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   // which took one thread 11 us with every partial in its cache (a dev core), more when other
   // cores wrote them; a decode step's CPU attention is about 100-130 us a layer.
   // (NEEDLE_CPU_SERIAL_MERGE=1: all on this thread, as before; for comparisons, read once.)
-  static const bool serial = [] {
-    const char* v = std::getenv("NEEDLE_CPU_SERIAL_MERGE");
-    return v != nullptr && std::atoi(v) == 1;
-  }();
+  static const bool serial = EnvSwitch("NEEDLE_CPU_SERIAL_MERGE", 0) == 1;
   const size_t pairs = static_cast<size_t>(Hk * G);
   tc.ParallelFor(pairs, serial ? pairs : 2, [&](size_t b, size_t e) {
     for (size_t hg = b; hg < e; ++hg) {

@@ -22,9 +22,8 @@
 // as in gemv.cu: W (x g) scaled by rsqrt(mean(x^2) + eps) per token.
 #include <cuda_bf16.h>
 
-#include <cstdlib>
-
 #include "engine/base/error.h"
+#include "engine/base/switches.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/gemv.h"
 #include "engine/cuda/gemv_common.cuh"
@@ -284,17 +283,9 @@ void LaunchTilesAs(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
-// The comparison switch `name` as a number, `unset` when it is not set.
-int Switch(const char* name, int unset) {
-  const char* e = std::getenv(name);
-  return e == nullptr ? unset : std::atoi(e);
-}
-// Whether the comparison switch `name` leaves its choice on: unset or not 0.
-bool OnUnlessZero(const char* name) { return Switch(name, 1) != 0; }
-
 // NEEDLE_GEMV_TC_PREFETCH=0: the inputs loaded when used, for comparisons (read once).
 bool PrefetchInputs() {
-  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_PREFETCH");
+  static const bool on = EnvOnUnlessZero("NEEDLE_GEMV_TC_PREFETCH");
   return on;
 }
 
@@ -324,7 +315,7 @@ void LaunchTiles(const GemvParams& p, GemvEpilogue e, int64_t rows, cudaStream_t
 // 26.1-27.1 us at batch 16; at batch 1-8 the whole step 3% slower), and for every product (the
 // step 13% slower at batch 16). NEEDLE_GEMV_TC_DBL=0 turns it off (comparisons), read once.
 bool DoubleStages() {
-  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_DBL");
+  static const bool on = EnvOnUnlessZero("NEEDLE_GEMV_TC_DBL");
   return on;
 }
 
@@ -332,10 +323,8 @@ bool DoubleStages() {
 // and 4 only to 16 tokens), read once (comparisons); 0 when unset (the choice below).
 int MTilesAsked() {
   static const int mt = [] {
-    const char* e = std::getenv("NEEDLE_GEMV_TC_MT");
-    if (e == nullptr) return 0;
-    const int v = std::atoi(e);
-    return v == 1 || v == 3 || v == 4 ? v : 2;
+    const int v = EnvSwitch("NEEDLE_GEMV_TC_MT", -1);
+    return v == -1 ? 0 : v == 1 || v == 3 || v == 4 ? v : 2;
   }();
   return mt;
 }
@@ -346,14 +335,14 @@ int MTilesAsked() {
 // -> 114.2 us (DRAM 67 -> 72% of peak under ncu), the step 8.32 -> 8.19 ms (bench/RESULTS.md).
 // NEEDLE_GEMV_TC_MT4_WIDE=0 turns it off (comparisons), read once.
 bool WideProductsMT4() {
-  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_MT4_WIDE");
+  static const bool on = EnvOnUnlessZero("NEEDLE_GEMV_TC_MT4_WIDE");
   return on;
 }
 
 // Blocks of three a multiprocessor for the narrow products (LaunchNormed);
 // NEEDLE_GEMV_TC_NARROW=0 turns it off (comparisons), read once.
 bool NarrowInOneWave() {
-  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_NARROW");
+  static const bool on = EnvOnUnlessZero("NEEDLE_GEMV_TC_NARROW");
   return on;
 }
 
@@ -363,7 +352,7 @@ bool NarrowInOneWave() {
 // each of two sessions, batch 16 7.88-7.94 -> 7.64-7.71 ms, batch 12 7.49-7.60 -> 7.27-7.32,
 // batch 1 unchanged (bench/RESULTS.md).
 bool ThreeTilesWhereTheyFit() {
-  static const bool on = OnUnlessZero("NEEDLE_GEMV_TC_MT3");
+  static const bool on = EnvOnUnlessZero("NEEDLE_GEMV_TC_MT3");
   return on;
 }
 

@@ -1,6 +1,7 @@
 // The hybrid engine's decode step, as its PlanExecutor (hybrid.h, docs/ARCHITECTURE.md's "one
 // decode step"): the GPU's window and its share of the selected blocks, the CPU's blocks, the
 // log-sum-exp merge, retention's block sums; the selection's scoring on the GPU.
+#include "engine/base/switches.h"
 #include "engine/cuda/hybrid_impl.h"
 
 namespace needle {
@@ -259,10 +260,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
 // -> 76.6 / 74.8 / 63.8 / 82.4 / 83.1 (bench/RESULTS.md): the launches (0.7-0.8 ms a step at 1M)
 // take a little longer beside the CPU's attention, which saves more than that at 128K.
 bool HybridAttention::Impl::CpuFirst() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_HYBRID_CPU_FIRST");
-    return e == nullptr || std::atoi(e) != 0;
-  }();
+  static const bool on = EnvOnUnlessZero("NEEDLE_HYBRID_CPU_FIRST");
   return on;
 }
 
