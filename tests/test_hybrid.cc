@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -229,6 +230,14 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
         std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
             stats;
         fast::AttendBlocks(q.data(), kv, a, blocks, out.data(), lse.data(), &stats, tc);
+        // The same bits on every call: each head's partials merge in block order, whichever
+        // thread folded them.
+        for (int again = 0; again < 4; ++again) {
+          std::vector<float> out2(out.size()), lse2(lse.size()), stats2;
+          fast::AttendBlocks(q.data(), kv, a, blocks, out2.data(), lse2.data(), &stats2, tc);
+          ASSERT_EQ(0, std::memcmp(out2.data(), out.data(), out.size() * 4));
+          ASSERT_EQ(0, std::memcmp(lse2.data(), lse.data(), lse.size() * 4));
+        }
         AttnSpans spans;
         spans.offsets = {0};
         for (const auto& hb : blocks) {

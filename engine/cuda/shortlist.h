@@ -22,7 +22,7 @@ namespace needle::cuda {
 // counters: device, 2 unsigned, zero before the first call; every call leaves them zero (the
 // blocks that finish last find each row's top-k: they count arrivals there).
 // false, nothing queued: a shape it does not take (f32 representatives, R * D / 8 not a divisor
-// of 32, more than 2^31 - 1 items, query rows over 48 KiB); the caller then runs the three.
+// of 32, more than 2^31 - 1 items, query rows over 32 KiB); the caller then runs the three.
 bool FusedShortlist(const float* q, int64_t heads, int64_t kv_heads, int64_t D, bool quest,
                     const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
                     bool sum_heads, int64_t want, float* scores, float* vals, int32_t* ids,
