@@ -24,7 +24,6 @@
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_plan.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/shortlist.h"
 
 namespace needle {
 namespace {
@@ -113,16 +112,6 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
   line("top_blocks",
        Time(s, reps_n, [&] { cuda::TopBlocks(sc, Hk, n, false, 1, want, vals, ids, s); }),
        static_cast<double>(Hk * n * 4));
-  // The three above in one launch (shortlist.h), against their sum.
-  unsigned* counters = Dev<unsigned>(2);
-  NEEDLE_CUDA_CHECK(cudaMemset(counters, 0, 2 * sizeof(unsigned)));
-  line("shortlist_fused",
-       Time(s, reps_n,
-            [&] {
-              cuda::FusedShortlist(q, Hk * G, Hk, D, true, reps, DType::kBF16, Rr, 0, n, false,
-                                   want, sc, vals, ids, counters, s);
-            }),
-       static_cast<double>(rh.size() * 2));
   line("select",
        Time(s, reps_n,
             [&] {
@@ -149,8 +138,8 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
        static_cast<double>(Hk * topk * G * 8));
   cudaDeviceSynchronize();
   for (void* p :
-       std::initializer_list<void*>{reps,  q,   qa,  qb,   sc, vals, ids, k,     v,   xk,      xv,
-                                    table, ret, sel, kept, kc, src,  dst, stats, lse, counters})
+       std::initializer_list<void*>{reps, q,     qa,  qb,  sc,   vals, ids, k,   v,     xk,
+                                    xv,   table, ret, sel, kept, kc,   src, dst, stats, lse})
     cudaFree(p);
   cudaStreamDestroy(s);
 }

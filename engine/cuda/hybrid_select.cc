@@ -3,11 +3,9 @@
 #include <algorithm>
 
 #include "engine/base/seconds.h"
-#include "engine/base/switches.h"
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/kernels.h"
-#include "engine/cuda/shortlist.h"
 
 namespace needle::cuda {
 
@@ -124,25 +122,8 @@ void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeSto
                                           const int32_t** ids,
                                           const std::function<void(int)>& mark) {
   const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
-  // One launch (shortlist.h) where it takes the shape (NEEDLE_FUSED_SHORTLIST=0: the three
-  // kernels, comparisons); a profile's scoring phase then holds the top-k too.
-  static const bool fused = EnvOnUnlessZero("NEEDLE_FUSED_SHORTLIST");
-  if (fused) {
-    const uint8_t* layer_dev = Upload(layer, reps, first, n);
-    if (mark) mark(0);
-    float* d = score_buf_.Get<float>(static_cast<size_t>(kv_heads_ * n) + 2 * out);
-    float* v = d + kv_heads_ * n;
-    auto* i = reinterpret_cast<int32_t*>(v + out);
-    if (FusedShortlist(q_dev, heads_, kv_heads_, head_dim_, reps.type() == ReprType::kQuest,
-                       layer_dev, reps.storage(), reps.rows(), first, n, sum_heads, want, d, v, i,
-                       counters_.GetZeroed<unsigned>(2, stream_), stream_)) {
-      if (mark) mark(1);
-      *vals = v, *ids = i;
-      return;
-    }
-  }
   float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev, [&] {
-    if (mark && !fused) mark(0);
+    if (mark) mark(0);
   });
   if (mark) mark(1);
   float* v = d + kv_heads_ * n;

@@ -79,7 +79,6 @@ class GpuBlockScorer {
   std::vector<uint64_t> up_version_;
   std::vector<int64_t> up_first_, up_end_;
   GrowBuffer score_buf_{"hybrid block scores"}, chunk_scores_{"hybrid chunk scores"};
-  GrowBuffer counters_{"shortlist counters"};  // QueueShortlist's, zero between calls
   PinnedFloats top_pin_;
   // The shortlist queued early (QueueEarly) and what it was for; layer -1: none.
   int64_t early_layer_ = -1, early_first_ = 0, early_n_ = 0, early_want_ = 0;

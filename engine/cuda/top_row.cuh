@@ -1,6 +1,5 @@
 // The exact top-k of one row of block scores, run by one thread block: the body of
-// cuda::TopBlocks (block_select.cu) and of the fused shortlist (shortlist.cu), which runs it in
-// the blocks that finish last, over scores other blocks of the same launch wrote.
+// cuda::TopBlocks (block_select.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,13 +17,12 @@ __device__ __forceinline__ unsigned long long RankKey(float s, int32_t id) {
          static_cast<unsigned long long>(0xffffffffu - static_cast<unsigned>(id));
 }
 
-// Score i of row `row` of scores [rows_in][n], or (sum) of every row summed in row order. Read
-// through L2 (__ldcg): another thread block of the same launch may have written it.
+// Score i of row `row` of scores [rows_in][n], or (sum) of every row summed in row order.
 __device__ __forceinline__ float RowScore(const float* scores, int64_t n, int64_t rows_in, bool sum,
                                           int64_t row, int64_t i) {
-  if (!sum) return __ldcg(scores + row * n + i);
+  if (!sum) return scores[row * n + i];
   float x = 0.f;
-  for (int64_t h = 0; h < rows_in; ++h) x = __fadd_rn(x, __ldcg(scores + h * n + i));
+  for (int64_t h = 0; h < rows_in; ++h) x = __fadd_rn(x, scores[h * n + i]);
   return x;
 }
 
