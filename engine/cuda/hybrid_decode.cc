@@ -193,15 +193,31 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
-  // the sums come back in one copy.
-  const size_t n_stats = mass != nullptr || late ? static_cast<size_t>(Hk * n_g * G * 2) : 0;
+  // the sums come back in one copy. The sums: the attention's own of every 32-key tile of the
+  // gathered blocks (view keys [Initial, Initial + n_g blocks): cuda::AttentionTileStats) where
+  // its kernel writes them, else a pass of their own (cuda::BlockStats, whole blocks). (Not for
+  // late masses: LateMass reads whole blocks.) NEEDLE_HYBRID_TILE_STATS=0: always the pass.
+  const bool want_stats = mass != nullptr || late;
+  static const bool tile_stats_on = EnvOnUnlessZero("NEEDLE_HYBRID_TILE_STATS");
+  const int64_t tiles =
+      want_stats && !late && tile_stats_on && c.block_size % 32 == 0 ? c.block_size / 32 : 1;
+  const size_t n_stats = want_stats ? static_cast<size_t>(Hk * n_g * tiles * G * 2) : 0;
   float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
   float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
-  cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
-  if (n_stats > 0) {
-    const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
-    cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G, c.block_size,
-                     a.head_dim, a.scale, g_lse + a.heads, stream);
+  const int64_t key0 = remap ? 0 : c.init_end() / c.block_size * c.block_size;
+  stats_tiles =
+      n_stats > 0 && tiles > 1 &&
+              cuda::AttentionTileStats(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws,
+                                       stream, key0, key0 + n_g * c.block_size, g_lse + a.heads)
+          ? tiles
+          : 1;
+  if (stats_tiles == 1) {
+    cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
+    if (n_stats > 0) {
+      const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
+      cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G,
+                       c.block_size, a.head_dim, a.scale, g_lse + a.heads, stream);
+    }
   }
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
@@ -218,7 +234,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     stats.gpu_wait_part += Since(t);
     std::copy_n(g_pin, a.heads, lse);
     if (mass == nullptr) return false;
-    PlanOrderStats(g_pin, stats_at, nullptr, G);
+    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G), stats_at, nullptr, G);
     fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
     return true;
   }
@@ -246,7 +262,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   if (mass == nullptr || remap) return false;
   const std::vector<float>* st = &block_stats;
   if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
-    PlanOrderStats(g_pin, stats_at, block_stats.data(), G);
+    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G), stats_at, block_stats.data(), G);
     st = &all_stats;
   }
   fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
@@ -292,6 +308,29 @@ void HybridAttention::Impl::StatsOffsets(int64_t layer,
       const int64_t j = GpuSlotOf(layer, hh, n_g, b);
       at->push_back(j < 0 ? -1 : static_cast<int32_t>(heads + (hh * n_g + j) * G * 2));
     }
+}
+
+// The tiles' sums of each of n blocks as one block's: m the tiles' largest reference maximum, l
+// the sum of their l, each scaled to it, in tile order (BlockStats' {m, l} up to rounding).
+const float* HybridAttention::Impl::WholeBlockStats(const float* pin, int64_t heads, int64_t n,
+                                                    int64_t G) {
+  if (stats_tiles == 1) return pin;
+  const int64_t T = stats_tiles;
+  whole_stats.resize(static_cast<size_t>(heads + n * G * 2));
+  const float* t = pin + heads;  // [n][T][G][2]
+  float* w = whole_stats.data() + heads;
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -INFINITY, l = 0.f;
+      for (int64_t x = 0; x < T; ++x) m = std::max(m, t[((b * T + x) * G + g) * 2]);
+      if (m != -INFINITY)
+        for (int64_t x = 0; x < T; ++x) {
+          const float* st = t + ((b * T + x) * G + g) * 2;
+          if (st[1] > 0.f) l += st[1] * std::exp(st[0] - m);
+        }
+      w[(b * G + g) * 2] = m, w[(b * G + g) * 2 + 1] = l;
+    }
+  return whole_stats.data();
 }
 
 void HybridAttention::Impl::PlanOrderStats(const float* gpu, const std::vector<int32_t>& at,

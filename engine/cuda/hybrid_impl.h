@@ -160,6 +160,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   void StatsOffsets(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t n_g,
                     int64_t heads, int64_t G, std::vector<int32_t>* at) const;
   // all_stats: every block's sums in plan order, from gpu + at[i], else the CPU's next (cpu).
+  // The GPU's block sums as whole blocks ([heads floats][n][G][2], as pin lays out one sum a
+  // block): pin itself, or (stats_tiles > 1) its tiles' combined into whole_stats.
+  const float* WholeBlockStats(const float* pin, int64_t heads, int64_t n, int64_t G);
   void PlanOrderStats(const float* gpu, const std::vector<int32_t>& at, const float* cpu,
                       int64_t G);
 
@@ -197,7 +200,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
-  std::vector<int32_t> stats_at;                 // StatsOffsets' of the step's plan
+  std::vector<float> whole_stats;                // WholeBlockStats'
+  int64_t stats_tiles = 1;        // the step's GPU block sums: 32-key tiles a block (1: whole)
+  std::vector<int32_t> stats_at;  // StatsOffsets' of the step's plan
   std::vector<int32_t> table_host;
   int64_t prompt_pos0 = 0;  // the prompt micro-batch in flight: its first position (q_dev's row 0)
   int64_t table_lb = -1, table_pb = -1, table_ng = -1;
