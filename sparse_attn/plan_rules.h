@@ -87,6 +87,24 @@ NEEDLE_HD inline float BlockMass(const float* st, const float* lse, int G) {
 // (The GPU's decode kernel sums each 32-key tile of a block: the block's mass is then the sum of
 // its tiles' BlockMass, added in tile order.)
 
+// One block's softmax sums st [G][2] from its T tiles' tiles [T][G][2] (as the decode kernel
+// writes them): m the tiles' largest m, l the sum of their l scaled to it, in tile order; a block
+// whose tiles are all empty (l 0) gets {-inf, 0}. Its BlockMass then equals the sum of the
+// tiles' within f32 rounding. (The hybrid's GPU share, whose masses the host computes.)
+NEEDLE_HD inline void BlockFromTiles(const float* tiles, int T, int G, float* st) {
+  for (int g = 0; g < G; ++g) {
+    float m = -INFINITY, l = 0.f;
+    for (int t = 0; t < T; ++t)
+      if (tiles[(t * G + g) * 2 + 1] > 0.f) m = fmaxf(m, tiles[(t * G + g) * 2]);
+    if (m != -INFINITY)
+      for (int t = 0; t < T; ++t) {
+        const float* x = tiles + (t * G + g) * 2;
+        if (x[1] > 0.f) l += x[1] * expf(x[0] - m);
+      }
+    st[2 * g] = m, st[2 * g + 1] = l;
+  }
+}
+
 // Entry i's place in the descending order of mass [n] (ties: lower index first).
 NEEDLE_HD inline int MassRank(const float* mass, int n, int i) {
   int r = 0;

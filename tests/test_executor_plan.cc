@@ -46,6 +46,44 @@ std::vector<int32_t> ParallelKeepByMass(const int32_t* blocks, const int* order,
   return sorted;
 }
 
+// A block's sums from its tiles' (the hybrid's GPU share): its mass equals the sum of the tiles'
+// masses (as RetainByMass adds them) within f32 rounding, for any mix of empty tiles, scales far
+// apart and query heads without keys; a block of empty tiles gets {-inf, 0} and no mass.
+TEST(PlanRules, BlockFromTilesKeepsTheMass) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-30.f, 30.f), w(0.f, 40.f);
+  for (int trial = 0; trial < 500; ++trial) {
+    const int T = 1 + static_cast<int>(rng() % 4), G = 1 + static_cast<int>(rng() % 8);
+    std::vector<float> tiles(static_cast<size_t>(T * G * 2)), lse(static_cast<size_t>(G));
+    for (int t = 0; t < T; ++t)
+      for (int g = 0; g < G; ++g) {
+        float* x = &tiles[static_cast<size_t>((t * G + g) * 2)];
+        const bool empty = rng() % 4 == 0;
+        x[0] = empty ? (rng() % 2 == 0 ? -INFINITY : u(rng)) : u(rng);
+        x[1] = empty ? 0.f : 1.f + w(rng);
+      }
+    for (auto& l : lse) l = 35.f + u(rng);
+    std::vector<float> st(static_cast<size_t>(G * 2));
+    pr::BlockFromTiles(tiles.data(), T, G, st.data());
+    float tile_mass = 0.f;
+    for (int t = 0; t < T; ++t)
+      tile_mass += pr::BlockMass(&tiles[static_cast<size_t>(t * G * 2)], lse.data(), G);
+    const float mass = pr::BlockMass(st.data(), lse.data(), G);
+    ASSERT_NEAR(mass, tile_mass, 1e-5f * tile_mass + 1e-30f) << "trial " << trial;
+    for (int g = 0; g < G; ++g) {
+      bool any = false;
+      for (int t = 0; t < T; ++t)
+        any = any || tiles[static_cast<size_t>((t * G + g) * 2 + 1)] > 0.f;
+      if (!any) {
+        EXPECT_EQ(st[static_cast<size_t>(2 * g)], -INFINITY);
+        EXPECT_EQ(st[static_cast<size_t>(2 * g + 1)], 0.f);
+      } else {
+        EXPECT_GE(st[static_cast<size_t>(2 * g + 1)], 1.f);  // (the largest tile's l, at least)
+      }
+    }
+  }
+}
+
 // The parallel form gives the walk's retention on random selections, many of them runs of
 // neighbouring blocks (a block's successor is often selected too: candidates repeat).
 TEST(PlanRules, ParallelKeepByMassEqualsTheWalk) {

@@ -3,6 +3,7 @@
 // log-sum-exp merge, retention's block sums; the selection's scoring on the GPU.
 #include "engine/base/switches.h"
 #include "engine/cuda/hybrid_impl.h"
+#include "sparse_attn/plan_rules.h"
 
 namespace needle {
 
@@ -310,26 +311,15 @@ void HybridAttention::Impl::StatsOffsets(int64_t layer,
     }
 }
 
-// The tiles' sums of each of n blocks as one block's: m the tiles' largest reference maximum, l
-// the sum of their l, each scaled to it, in tile order (BlockStats' {m, l} up to rounding).
+// The tiles' sums of each of n blocks as one block's (plan_rules.h BlockFromTiles).
 const float* HybridAttention::Impl::WholeBlockStats(const float* pin, int64_t heads, int64_t n,
                                                     int64_t G) {
   if (stats_tiles == 1) return pin;
   const int64_t T = stats_tiles;
   whole_stats.resize(static_cast<size_t>(heads + n * G * 2));
-  const float* t = pin + heads;  // [n][T][G][2]
-  float* w = whole_stats.data() + heads;
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      float m = -INFINITY, l = 0.f;
-      for (int64_t x = 0; x < T; ++x) m = std::max(m, t[((b * T + x) * G + g) * 2]);
-      if (m != -INFINITY)
-        for (int64_t x = 0; x < T; ++x) {
-          const float* st = t + ((b * T + x) * G + g) * 2;
-          if (st[1] > 0.f) l += st[1] * std::exp(st[0] - m);
-        }
-      w[(b * G + g) * 2] = m, w[(b * G + g) * 2 + 1] = l;
-    }
+  for (int64_t b = 0; b < n; ++b)  // [n][T][G][2] after the lse -> [n][G][2]
+    plan_rules::BlockFromTiles(pin + heads + b * T * G * 2, static_cast<int>(T),
+                               static_cast<int>(G), whole_stats.data() + heads + b * G * 2);
   return whole_stats.data();
 }
 
