@@ -26,7 +26,7 @@ __device__ __forceinline__ float RowScore(const float* scores, int64_t n, int64_
   return x;
 }
 
-// The score and block-id offset a RankKey was made of (its inverse).
+// The score a RankKey was made of (the inverse of its high word).
 __device__ __forceinline__ float ScoreOfKey(unsigned long long key) {
   const unsigned b = static_cast<unsigned>(key >> 32);
   return __uint_as_float((b & 0x80000000u) != 0 ? (b & 0x7fffffffu) : ~b);
@@ -68,7 +68,7 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
       lo = min(lo, h), hi = max(hi, h);
     }
   }
-  lo = __reduce_min_sync(0xffffffffu, lo);
+  lo = __reduce_min_sync(0xffffffffu, lo);  // (compute capability 8.0 and later)
   hi = __reduce_max_sync(0xffffffffu, hi);
   __syncthreads();  // (the initial values above)
   if (lane == 0) atomicMin(&s_lo, lo), atomicMax(&s_hi, hi);
