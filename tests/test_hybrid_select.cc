@@ -30,7 +30,7 @@ namespace {
 // The GPU's block top-k picks exactly the planner's TopK: ties on score broken by the lower block
 // id, per head and on scores summed over heads, shortlists longer than the candidates, more
 // candidates than threads, and more than the kernel keeps in registers (8195, 20000). Without
-// extremes, rows the kernel keeps in registers are settled by the value buckets (top_row.cuh),
+// extremes, rows the kernel keeps in registers are settled by the value buckets (block_select.cu),
 // with few candidates (distinct scores) or many (coarse ones: many ties); the extremes (-1e30,
 // 3e38) leave every other score in the lowest bucket, so that long rows take the radix passes:
 // distinct scores let their search end early (the bin chosen holds exactly the keys still

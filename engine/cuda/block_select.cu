@@ -1,14 +1,239 @@
 #include "engine/cuda/block_select.h"
 
 #include "engine/cuda/cuda_check.h"
-#include "engine/cuda/top_row.cuh"
 
 namespace needle::cuda {
 namespace {
 
 constexpr int kSelectThreads = 1024;
 
-// One block per row (top_row.cuh).
+// Unsigned keys in ranking order: the score's bits made monotone (negative floats reversed),
+// then the complement of the block id (a lower id ranks higher). Distinct for distinct ids.
+__device__ __forceinline__ unsigned long long RankKey(float s, int32_t id) {
+  unsigned b = __float_as_uint(s);
+  b = (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
+  return (static_cast<unsigned long long>(b) << 32) |
+         static_cast<unsigned long long>(0xffffffffu - static_cast<unsigned>(id));
+}
+
+// Score i of row `row` of scores [rows_in][n], or (sum) of every row summed in row order.
+__device__ __forceinline__ float RowScore(const float* scores, int64_t n, int64_t rows_in, bool sum,
+                                          int64_t row, int64_t i) {
+  if (!sum) return scores[row * n + i];
+  float x = 0.f;
+  for (int64_t h = 0; h < rows_in; ++h) x = __fadd_rn(x, scores[h * n + i]);
+  return x;
+}
+
+// The score a RankKey was made of (the inverse of its high word).
+__device__ __forceinline__ float ScoreOfKey(unsigned long long key) {
+  const unsigned b = static_cast<unsigned>(key >> 32);
+  return __uint_as_float((b & 0x80000000u) != 0 ? (b & 0x7fffffffu) : ~b);
+}
+
+// Keys a thread keeps in registers (candidates [0, kKeysPerThread * blockDim.x) of its row); the
+// rest, if any, are recomputed from the scores at each pass.
+constexpr int kKeysPerThread = 8;
+
+// A first search that usually settles the row, where every candidate's key is in the registers
+// (n <= kKeysPerThread * blockDim.x) and the scores are finite: buckets linear in the score
+// between the row's lowest and highest (a monotone map: a higher score never falls in a lower
+// bucket); the buckets from the top down to the one that holds the k-th best hold every key of
+// the top k; when those are at most kMaxCandidates, each finds its rank among them by comparing
+// with all the others (the keys are distinct) and the first k are written. The radix passes
+// below need three or four rounds of histogram and scan for scores of one sign and similar
+// magnitude (the float's high bytes barely differ), this one round. false (nothing written):
+// too many candidates, infinite or NaN scores, all equal, or a row longer than the registers.
+constexpr int kValueBuckets = 1024, kMaxCandidates = 1024;
+__device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cached, int64_t n,
+                                                  int k, int64_t want, int64_t row, float* vals,
+                                                  int32_t* ids) {
+  if (n > static_cast<int64_t>(kKeysPerThread) * blockDim.x || blockDim.x % 32 != 0 ||
+      blockDim.x > kMaxCandidates)
+    return false;
+  __shared__ unsigned b_hist[kValueBuckets];
+  __shared__ unsigned long long b_cand[kMaxCandidates];
+  __shared__ unsigned s_lo, s_hi, s_count_c;
+  __shared__ int s_bound, s_cands;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (threadIdx.x == 0) s_lo = 0xffffffffu, s_hi = 0, s_count_c = 0, s_bound = -1, s_cands = 0;
+  for (int i = threadIdx.x; i < kValueBuckets; i += blockDim.x) b_hist[i] = 0;
+  unsigned lo = 0xffffffffu, hi = 0;  // (the keys' high words order as the scores)
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (i < n) {
+      const unsigned h = static_cast<unsigned>(cached[j] >> 32);
+      lo = min(lo, h), hi = max(hi, h);
+    }
+  }
+  lo = __reduce_min_sync(0xffffffffu, lo);  // (compute capability 8.0 and later)
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  __syncthreads();  // (the initial values above)
+  if (lane == 0) atomicMin(&s_lo, lo), atomicMax(&s_hi, hi);
+  __syncthreads();
+  const float smin = ScoreOfKey(static_cast<unsigned long long>(s_lo) << 32),
+              smax = ScoreOfKey(static_cast<unsigned long long>(s_hi) << 32);
+  const float scale = static_cast<float>(kValueBuckets) / (smax - smin);
+  if (!isfinite(smin) || !isfinite(smax) || !(smax > smin) || !isfinite(scale)) return false;
+  const auto bucket = [&](unsigned long long key) {
+    const float x = (ScoreOfKey(key) - smin) * scale;  // >= 0, about kValueBuckets at most
+    return min(kValueBuckets - 1, __float2int_rz(x));
+  };
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (i < n) atomicAdd(&b_hist[bucket(cached[j])], 1u);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {  // lane l sums buckets [32 l, 32 l + 32); from the top down to the k-th
+    constexpr int per = kValueBuckets / 32;
+    unsigned tot = 0;
+    for (int j = 0; j < per; ++j) tot += b_hist[lane * per + j];
+    unsigned above = tot;  // lanes >= this one
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned t = __shfl_down_sync(0xffffffffu, above, o);
+      if (lane + o < 32) above += t;
+    }
+    const unsigned higher = above - tot;  // in lanes above this one
+    if (higher < static_cast<unsigned>(k) && above >= static_cast<unsigned>(k)) {
+      unsigned cum = higher;
+      for (int j = per - 1; j >= 0; --j) {
+        cum += b_hist[lane * per + j];
+        if (cum >= static_cast<unsigned>(k)) {
+          s_bound = lane * per + j, s_cands = static_cast<int>(cum);
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int bound = s_bound, cands = s_cands;
+  if (bound < 0 || cands > kMaxCandidates) return false;
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (i < n && bucket(cached[j]) >= bound) b_cand[atomicAdd(&s_count_c, 1u)] = cached[j];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < cands; c += blockDim.x) {
+    const unsigned long long key = b_cand[c];
+    int rank = 0;
+    for (int o = 0; o < cands; ++o) rank += b_cand[o] > key ? 1 : 0;
+    if (rank < k) {
+      vals[row * want + rank] = ScoreOfKey(key);
+      ids[row * want + rank] = static_cast<int32_t>(0xffffffffu - static_cast<unsigned>(key));
+    }
+  }
+  return true;
+}
+
+// For row `row` (a KV head; sum: the rows_in rows summed), the k = min(want, n) best candidates
+// of scores [rows_in][n] (block ids first + i), ranked as sparse_attn/ ranks them: higher score
+// first, then lower block id, written to vals, ids [.][want] at row `row`, in no particular
+// order. Every thread of the block calls it.
+//
+// Passes of an 8-bit radix select over the keys, most significant byte first, find the k-th
+// largest key exactly (the keys are distinct); then every key at or above it is written out. A
+// pass ends the search early when the bin it chose holds exactly the keys still wanted: all of
+// them are in, and nothing below is (distinct scores: usually after the score's four bytes
+// instead of eight passes).
+__device__ __forceinline__ void TopRow(const float* scores, int64_t rows_in, int64_t n, bool sum,
+                                       int32_t first, int64_t want, int64_t row, float* vals,
+                                       int32_t* ids) {
+  const int k = static_cast<int>(want < n ? want : n);
+  __shared__ unsigned hist[256];
+  __shared__ unsigned long long s_prefix;
+  __shared__ int s_left, s_count, s_done;
+  if (threadIdx.x == 0) s_prefix = 0, s_left = k, s_count = 0, s_done = 0;
+  const auto key_of = [&](int64_t i) {
+    return RankKey(RowScore(scores, n, rows_in, sum, row, i), first + static_cast<int32_t>(i));
+  };
+  unsigned long long cached[kKeysPerThread];
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    cached[j] = i < n ? key_of(i) : 0;
+  }
+  // f(key, i) for every candidate i of this thread.
+  const auto each = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      if (i < n) f(cached[j], i);
+    }
+    for (int64_t i = threadIdx.x + static_cast<int64_t>(kKeysPerThread) * blockDim.x; i < n;
+         i += blockDim.x)
+      f(key_of(i), i);
+  };
+  if (TopByValueBuckets(cached, n, k, want, row, vals, ids)) return;
+  unsigned long long mask = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const unsigned long long prefix = s_prefix;
+    // The cached keys counted once per warp and bin (the high bytes of similar scores fall in a
+    // few bins: one atomic per key queued up to thousands deep on them, tens of microseconds a
+    // pass at 8K candidates); the rest one by one.
+    const int lane = static_cast<int>(threadIdx.x & 31);
+#pragma unroll
+    for (int j = 0; j < kKeysPerThread; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      const bool in = i < n && (cached[j] & mask) == prefix;
+      const unsigned act = __ballot_sync(0xffffffffu, in);
+      if (in) {
+        const unsigned bin = static_cast<unsigned>(cached[j] >> shift) & 255u;
+        const unsigned peers = __match_any_sync(act, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
+      }
+    }
+    for (int64_t i = threadIdx.x + static_cast<int64_t>(kKeysPerThread) * blockDim.x; i < n;
+         i += blockDim.x) {
+      const unsigned long long key = key_of(i);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // warp 0 finds the digit: lane l holds bins 255 - 8l down to 248 - 8l
+      const int lane = threadIdx.x;
+      const unsigned left = static_cast<unsigned>(s_left);  // (the shuffles order the write below)
+      unsigned c[8], tot = 0;
+      for (int j = 0; j < 8; ++j) c[j] = hist[255 - 8 * lane - j], tot += c[j];
+      unsigned incl = tot;
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const unsigned excl = incl - tot;
+      if (excl < left && incl >= left) {
+        unsigned cum = excl;
+        for (int j = 0; j < 8; ++j) {
+          if (cum + c[j] >= left) {
+            s_left = static_cast<int>(left - cum);
+            s_prefix = prefix | (static_cast<unsigned long long>(255 - 8 * lane - j) << shift);
+            // The bin's keys are exactly the ones still wanted: the prefix, its lower bytes
+            // zero, is the threshold.
+            if (cum + c[j] == left) s_done = 1;
+            break;
+          }
+          cum += c[j];
+        }
+      }
+    }
+    mask |= 255ull << shift;
+    __syncthreads();
+    if (s_done != 0) break;
+  }
+  const unsigned long long kth = s_prefix;
+  each([&](unsigned long long key, int64_t i) {
+    if (key >= kth) {
+      const int at = atomicAdd(&s_count, 1);
+      vals[row * want + at] = RowScore(scores, n, rows_in, sum, row, i);
+      ids[row * want + at] = first + static_cast<int32_t>(i);
+    }
+  });
+}
+
+// One block per row.
 __global__ void __launch_bounds__(kSelectThreads)
     TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
                     int64_t want, float* vals, int32_t* ids) {

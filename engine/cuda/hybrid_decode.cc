@@ -205,20 +205,13 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   const size_t n_stats = want_stats ? static_cast<size_t>(Hk * n_g * tiles * G * 2) : 0;
   float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
   float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
-  const int64_t key0 = remap ? 0 : c.init_end() / c.block_size * c.block_size;
-  stats_tiles =
-      n_stats > 0 && tiles > 1 &&
-              cuda::AttentionTileStats(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws,
-                                       stream, key0, key0 + n_g * c.block_size, g_lse + a.heads)
-          ? tiles
-          : 1;
-  if (stats_tiles == 1) {
-    cuda::Attention(q_dev, v, a2, gpu_all ? out_dev : g_out, g_lse, sm, ws, stream);
-    if (n_stats > 0) {
-      const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
-      cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G,
-                       c.block_size, a.head_dim, a.scale, g_lse + a.heads, stream);
-    }
+  const int64_t tiles_got =
+      AttendTiled(v, a2, gpu_all ? out_dev : g_out, g_lse, n_stats > 0 ? tiles : 1,
+                  c.init_end() / c.block_size * c.block_size, n_g, g_lse + a.heads);
+  if (tiles_got == 1 && n_stats > 0) {
+    const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
+    cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G, c.block_size,
+                     a.head_dim, a.scale, g_lse + a.heads, stream);
   }
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
@@ -235,7 +228,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     stats.gpu_wait_part += Since(t);
     std::copy_n(g_pin, a.heads, lse);
     if (mass == nullptr) return false;
-    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G), stats_at, nullptr, G);
+    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G, tiles_got), stats_at, nullptr, G);
     fast::BlockMassFromStats(all_stats, lse, G, plan.blocks, mass);
     return true;
   }
@@ -263,7 +256,8 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   if (mass == nullptr || remap) return false;
   const std::vector<float>* st = &block_stats;
   if (n_g > 0) {  // every head's blocks in plan order, each from the GPU's slot or the CPU
-    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G), stats_at, block_stats.data(), G);
+    PlanOrderStats(WholeBlockStats(g_pin, a.heads, Hk * n_g, G, tiles_got), stats_at,
+                   block_stats.data(), G);
     st = &all_stats;
   }
   fast::BlockMassFromStats(*st, lse, G, plan.blocks, mass);
@@ -313,14 +307,23 @@ void HybridAttention::Impl::StatsOffsets(int64_t layer,
 
 // The tiles' sums of each of n blocks as one block's (plan_rules.h BlockFromTiles).
 const float* HybridAttention::Impl::WholeBlockStats(const float* pin, int64_t heads, int64_t n,
-                                                    int64_t G) {
-  if (stats_tiles == 1) return pin;
-  const int64_t T = stats_tiles;
+                                                    int64_t G, int64_t tiles) {
+  if (tiles == 1) return pin;
   whole_stats.resize(static_cast<size_t>(heads + n * G * 2));
-  for (int64_t b = 0; b < n; ++b)  // [n][T][G][2] after the lse -> [n][G][2]
-    plan_rules::BlockFromTiles(pin + heads + b * T * G * 2, static_cast<int>(T),
+  for (int64_t b = 0; b < n; ++b)  // [n][tiles][G][2] after the lse -> [n][G][2]
+    plan_rules::BlockFromTiles(pin + heads + b * tiles * G * 2, static_cast<int>(tiles),
                                static_cast<int>(G), whole_stats.data() + heads + b * G * 2);
   return whole_stats.data();
+}
+
+int64_t HybridAttention::Impl::AttendTiled(const KVLayerView& v, const AttnArgs& a2, float* out,
+                                           float* lse, int64_t tiles, int64_t key0,
+                                           int64_t n_blocks, float* sums) {
+  if (tiles > 1 && cuda::AttentionTileStats(q_dev, v, a2, out, lse, sm, ws, stream, key0,
+                                            key0 + n_blocks * c.block_size, sums))
+    return tiles;
+  cuda::Attention(q_dev, v, a2, out, lse, sm, ws, stream);
+  return 1;
 }
 
 void HybridAttention::Impl::PlanOrderStats(const float* gpu, const std::vector<int32_t>& at,

@@ -81,11 +81,8 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   const KVLayerView v = WindowView(layer, a, n_sel, &a2, true);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
-  const int64_t key0 = p.init_blocks * c.block_size, key_end = key0 + n_sel * c.block_size;
-  const bool tiled =
-      p.retain && tiles > 1 &&
-      cuda::AttentionTileStats(q_dev, v, a2, out_dev, lse, sm, ws, stream, key0, key_end, sums);
-  if (!tiled) cuda::Attention(q_dev, v, a2, out_dev, lse, sm, ws, stream);
+  const bool tiled = AttendTiled(v, a2, out_dev, lse, p.retain ? tiles : 1,
+                                 p.init_blocks * c.block_size, n_sel, sums) > 1;
   Mark(kAttend);
   if (p.retain) {
     if (!tiled)

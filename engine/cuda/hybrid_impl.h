@@ -161,8 +161,16 @@ struct HybridAttention::Impl final : PlanExecutor {
                     int64_t heads, int64_t G, std::vector<int32_t>* at) const;
   // all_stats: every block's sums in plan order, from gpu + at[i], else the CPU's next (cpu).
   // The GPU's block sums as whole blocks ([heads floats][n][G][2], as pin lays out one sum a
-  // block): pin itself, or (stats_tiles > 1) its tiles' combined into whole_stats.
-  const float* WholeBlockStats(const float* pin, int64_t heads, int64_t n, int64_t G);
+  // block): pin itself (tiles 1), or its sums of `tiles` tiles a block combined into whole_stats.
+  const float* WholeBlockStats(const float* pin, int64_t heads, int64_t n, int64_t G,
+                               int64_t tiles);
+  // The decode attention of q_dev over the view v (out, lse [heads]; device) and, with tiles > 1
+  // where the TMA kernel takes the call, the softmax sums of every 32-key tile of the n_blocks
+  // blocks at view keys [key0, key0 + n_blocks * block_size) into sums (device, [kv_heads]
+  // [n_blocks][tiles][G][2]). Returns the tiles a block it summed; 1: none (the caller sums whole
+  // blocks itself where it needs them, cuda::BlockStats).
+  int64_t AttendTiled(const KVLayerView& v, const AttnArgs& a2, float* out, float* lse,
+                      int64_t tiles, int64_t key0, int64_t n_blocks, float* sums);
   void PlanOrderStats(const float* gpu, const std::vector<int32_t>& at, const float* cpu,
                       int64_t G);
 
@@ -201,8 +209,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
   std::vector<float> whole_stats;                // WholeBlockStats'
-  int64_t stats_tiles = 1;        // the step's GPU block sums: 32-key tiles a block (1: whole)
-  std::vector<int32_t> stats_at;  // StatsOffsets' of the step's plan
+  std::vector<int32_t> stats_at;                 // StatsOffsets' of the step's plan
   std::vector<int32_t> table_host;
   int64_t prompt_pos0 = 0;  // the prompt micro-batch in flight: its first position (q_dev's row 0)
   int64_t table_lb = -1, table_pb = -1, table_ng = -1;
