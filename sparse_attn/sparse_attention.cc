@@ -325,8 +325,7 @@ void SparseAttention::SelectBlocks(int64_t layer, const float* q, const AttnArgs
     // that joined the Context after the prompt always compete).
     // (Kept between calls: every layer of a step, and most steps, have the same ones.)
     const auto n_all = static_cast<size_t>(std::max<int64_t>(0, ctx_end_block - init_blocks));
-    if (all_first_ != init_blocks || all_.size() > n_all) all_.clear();
-    all_first_ = init_blocks;
+    if ((!all_.empty() && all_.front() != init_blocks) || all_.size() > n_all) all_.clear();
     for (size_t i = all_.size(); i < n_all; ++i)
       all_.push_back(static_cast<int32_t>(init_blocks + static_cast<int64_t>(i)));
     const std::vector<int32_t>& all = all_;

@@ -382,8 +382,7 @@ class SparseAttention final : public AttentionPolicy {
   std::vector<std::vector<std::vector<int32_t>>> late_blocks_;
   void FinishLateMass(int64_t layer, const AttnArgs& a, const KVLayerView& kv);
   std::vector<std::vector<float>> mass_;  // [kv_head][selected block]: scratch
-  std::vector<int32_t> all_;  // SelectBlocks' candidates: all_first_, all_first_ + 1, ...
-  int64_t all_first_ = 0;
+  std::vector<int32_t> all_;  // SelectBlocks' candidates, kept: consecutive blocks from the first
   std::vector<float> prefill_lse_;  // [T, heads] of the prompt's last micro-batch
   // --prefill sparse: the Context blocks the prompt's last query attended ([kv_head][n]; empty
   // when it selected none), from which its masses seed retention.
