@@ -2,6 +2,7 @@
 #include "engine/cuda/kernels.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -320,43 +321,71 @@ __global__ void ScoreBlocksKernel(const RT* reps, int64_t R, int64_t first, int6
   if (lane == 0) scores[h * n + i] = s;
 }
 // bf16 representatives of L = R * D / 8 <= 32 16-byte pieces (32 % L == 0): a warp scores
-// 32 / L items (block, KV head) at a time, lane `sub` of an item loading piece sub (8 channels)
-// in one 16-byte load, then a reduction across the item's L lanes; each warp strides over the
-// items, kUnroll of them in flight. (One warp an item with 2-byte loads reached about 230 GB/s
-// of the representatives at 1M tokens: 70 us a layer.)
+// per = 32 / L items (block, KV head) at a time, lane `sub` of an item loading piece sub (8
+// channels) in one 16-byte load, then a reduction across the item's L lanes. Slot g of the
+// grid's S * Hk item slots keeps KV head g % Hk for the whole kernel and scores blocks
+// g / Hk + j * S: its 8 query channels stay in registers and nothing is divided in the loop;
+// kScoreUnroll blocks in flight. (A slot per item with its head and block
+// divided out of the item's index, in 64 bits, and the query reloaded per item, was
+// instruction-bound: 15 us for 16.7 MB at 1M tokens, in L2.)
 constexpr int kScoreUnroll = 4;
 __global__ void __launch_bounds__(256)
-    ScoreBlocksVecKernel(const __nv_bfloat16* reps, int R, int64_t first, int64_t n, int64_t Hk,
-                         int D, const float* qa, const float* qb, float* scores) {
+    ScoreBlocksVecKernel(const __nv_bfloat16* reps, int R, int64_t first, int64_t n, int Hk, int D,
+                         const float* qa, const float* qb, float* scores) {
   const int L = R * D / 8, per = 32 / L, lane = static_cast<int>(threadIdx.x & 31);
   const int sub = lane % L, slot = lane / L;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int64_t items = n * Hk, stride = warps * per;
+  const unsigned w = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const unsigned slots = gridDim.x * (blockDim.x / 32) * per, S = slots / Hk;  // (host: S >= 1)
+  const unsigned g = w * per + slot;
+  const int h = static_cast<int>(g % Hk);
+  const bool live = g < S * Hk;
+  // The warp's first block (its lowest slot's), the same in every lane: the loop and the
+  // shuffles below see the whole warp. Slot g's blocks: g / Hk + j * S.
+  const int64_t bw = (w * per) / Hk, off = g / Hk - bw;
   const int e0 = sub * 8, row = e0 / D, d0 = e0 % D;  // (a piece never spans the two rows)
-  const uint4* base = reinterpret_cast<const uint4*>(reps + first * Hk * R * D);
-  // (b0 is the same in every lane: the shuffles below see the whole warp.)
-  for (int64_t b0 = w * per; b0 < items; b0 += stride * kScoreUnroll) {
-    const int64_t it0 = b0 + slot;
+  const float4* qp = reinterpret_cast<const float4*>((row == 0 ? qa : qb) + h * D + d0);
+  const float4 qlo = qp[0], qhi = qp[1];
+  const float qv[8] = {qlo.x, qlo.y, qlo.z, qlo.w, qhi.x, qhi.y, qhi.z, qhi.w};
+  const uint4* base = reinterpret_cast<const uint4*>(reps + first * Hk * R * D) + h * L + sub;
+  const int64_t step = static_cast<int64_t>(Hk) * L;  // uint4s from one block to the next
+  for (int64_t b0 = bw; b0 < n; b0 += static_cast<int64_t>(S) * kScoreUnroll) {
     uint4 v[kScoreUnroll];
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) {
-      const int64_t it = it0 + u * stride;
-      if (it < items) v[u] = base[it * L + sub];
+      const int64_t b = b0 + off + u * static_cast<int64_t>(S);
+      if (live && b < n) v[u] = __ldg(base + b * step);
     }
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u) {
-      const int64_t it = it0 + u * stride;
-      const int64_t h = (it < items ? it : 0) % Hk;
-      const float* qv = (row == 0 ? qa : qb) + h * D + d0;
-      const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+      const int64_t b = b0 + off + u * static_cast<int64_t>(S);
+      const bool on = live && b < n;
+      const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
       float s = 0.f;
-      if (it < items)
-        for (int c = 0; c < 8; ++c) s += qv[c] * __bfloat162float(x[c]);
+      if (on)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float2 f = __bfloat1622float2(x[c]);
+          s += qv[2 * c] * f.x;
+          s += qv[2 * c + 1] * f.y;
+        }
       for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (it < items && sub == 0) scores[h * n + it / Hk] = s;
+      if (on && sub == 0) scores[h * n + b] = s;
     }
   }
+}
+
+// The vector kernel's thread blocks that are resident at once on the whole GPU: its grid (more
+// would run in a second, partial wave).
+int64_t ScoreBlocksVecGrid() {
+  static const int64_t grid = [] {
+    int dev = 0, sms = 0, per_sm = 0;
+    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    NEEDLE_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreBlocksVecKernel, 256, 0));
+    return static_cast<int64_t>(sms) * std::max(per_sm, 1);
+  }();
+  return grid;
 }
 }  // namespace
 
@@ -365,15 +394,18 @@ void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int6
                  cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t L = R * D / 8;
-  if (storage == DType::kBF16 && (R * D) % 8 == 0 && D % 8 == 0 && L <= 32 && 32 % L == 0) {
-    const int64_t warps_needed = (n * kv_heads * L + 31) / 32;
-    const unsigned grid = static_cast<unsigned>(
-        std::min<int64_t>((warps_needed + 7) / 8, static_cast<int64_t>(132) * 8));
-    ScoreBlocksVecKernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(reps),
-                                                   static_cast<int>(R), first, n, kv_heads,
-                                                   static_cast<int>(D), qa, qb, scores);
-    NEEDLE_CUDA_CHECK_LAUNCH();
-    return;
+  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (storage == DType::kBF16 && (R * D) % 8 == 0 && D % 8 == 0 && L <= 32 && 32 % L == 0 &&
+      aligned(qa) && aligned(qb) && n * kv_heads < (int64_t{1} << 31)) {
+    const int64_t per = 32 / L, warps_needed = (n * kv_heads + per - 1) / per;
+    const int64_t grid = std::min((warps_needed + 7) / 8, ScoreBlocksVecGrid());
+    if (grid * 8 * per >= kv_heads) {  // (every slot stride a whole number of blocks)
+      ScoreBlocksVecKernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
+          static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, scores);
+      NEEDLE_CUDA_CHECK_LAUNCH();
+      return;
+    }
   }
   const int64_t threads = n * kv_heads * 32;
   const unsigned grid = static_cast<unsigned>((threads + 255) / 256);

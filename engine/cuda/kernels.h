@@ -67,11 +67,6 @@ void RopeKVWriteRows(float* q, float* k, const float* v, int64_t n, int64_t head
                      int64_t block_size, void* k_arena, void* v_arena, DType dtype,
                      cudaStream_t stream);
 
-// The log-sum-exp merge of two attention results over disjoint keys (engine/attention/partial.h
-// for normalised outputs): for each row r (a query head), with w_x = exp(lse_x[r] - M),
-//   out[r] = (w_a out_a[r] + w_b out_b[r]) / (w_a + w_b),  lse[r] = M + log(w_a + w_b).
-// out_a, out_b, out: [rows, D]; lse_a, lse_b, lse: [rows] (lse may be null). An empty side has
-// lse -inf. out may alias out_a or out_b. The hybrid engine's GPU window + CPU blocks.
 // Block scores of sparse attention (sparse_attn/scoring.h) for blocks [first, first + n):
 // scores[h * n + i] = qa[h] . r0 + qb[h] . r1 of block first + i, head h, where reps is one
 // layer's representatives [block][kv_heads][R][D] of `storage` (bf16 or f32), r1 = row 1 (Quest,
@@ -80,6 +75,11 @@ void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int6
                  int64_t kv_heads, int64_t D, const float* qa, const float* qb, float* scores,
                  cudaStream_t stream);
 
+// The log-sum-exp merge of two attention results over disjoint keys (engine/attention/partial.h
+// for normalised outputs): for each row r (a query head), with w_x = exp(lse_x[r] - M),
+//   out[r] = (w_a out_a[r] + w_b out_b[r]) / (w_a + w_b),  lse[r] = M + log(w_a + w_b).
+// out_a, out_b, out: [rows, D]; lse_a, lse_b, lse: [rows] (lse may be null). An empty side has
+// lse -inf. out may alias out_a or out_b. The hybrid engine's GPU window + CPU blocks.
 void MergeAttention(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
                     int64_t rows, int64_t D, float* out, float* lse, cudaStream_t stream);
 
