@@ -91,6 +91,16 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
   NEEDLE_CUDA_CHECK(cudaMemset(ret, 0xff, Hk * (R + 1) * 4));  // counts -1: none
   auto *sel = Dev<int32_t>(Hk * topk), *kept = Dev<int32_t>(Hk * R), *kc = Dev<int32_t>(Hk);
   auto *src = Dev<int32_t>(Hk * topk), *dst = Dev<int32_t>(Hk * topk);
+  auto* view = Dev<int32_t>(Hk * (topk + 2));  // per-head view tables: 1 + topk + 1 entries
+  {  // the gather's lists: head h of block j of the ring into extra slot j
+    std::vector<int32_t> sh(static_cast<size_t>(Hk * topk)), dh(sh.size());
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int64_t j = 0; j < topk; ++j)
+        sh[h * topk + j] = static_cast<int32_t>((j % slots) * Hk + h),
+                      dh[h * topk + j] = static_cast<int32_t>(j * Hk + h);
+    NEEDLE_CUDA_CHECK(cudaMemcpy(src, sh.data(), sh.size() * 4, cudaMemcpyHostToDevice));
+    NEEDLE_CUDA_CHECK(cudaMemcpy(dst, dh.data(), dh.size() * 4, cudaMemcpyHostToDevice));
+  }
   float *stats = Dev<float>(Hk * topk * G * 2), *lse = Dev<float>(Hk * G);
   NEEDLE_CUDA_CHECK(cudaMemset(lse, 0, Hk * G * 4));
   const int reps_n = 200;
@@ -116,10 +126,11 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
        Time(s, reps_n,
             [&] {
               cuda::SelectFromShortlist(vals, ids, want, want, ret, ret + Hk * R, R, 1, n + 1, topk,
-                                        Hk, false, table, topk, sel, kept, kc, src, dst, s);
+                                        Hk, false, table, topk, sel, kept, kc, view, topk + 2, 1,
+                                        s);
             }),
        static_cast<double>(Hk * want * 8));
-  // (The gather's sources: this selection's blocks, in the 64-slot ring.)
+  // (The gather's sources: blocks of the 64-slot ring, as the hybrid copies its share.)
   line("gather",
        Time(s, reps_n,
             [&] {
@@ -138,8 +149,8 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
        static_cast<double>(Hk * topk * G * 8));
   cudaDeviceSynchronize();
   for (void* p :
-       std::initializer_list<void*>{reps, q,     qa,  qb,  sc,   vals, ids, k,   v,     xk,
-                                    xv,   table, ret, sel, kept, kc,   src, dst, stats, lse})
+       std::initializer_list<void*>{reps,  q,   qa,  qb,   sc, vals, ids, k,    v,     xk, xv,
+                                    table, ret, sel, kept, kc, src,  dst, view, stats, lse})
     cudaFree(p);
   cudaStreamDestroy(s);
 }

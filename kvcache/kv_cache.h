@@ -37,9 +37,13 @@ struct KVLayerView {
   const int32_t* table;  // logical block -> slot
   int64_t n_tokens;      // valid tokens (positions [0, n_tokens))
   int64_t slots;         // blocks the arenas hold ([slot] extent)
+  // Entries from one KV head's table to the next's: 0, one table for every head (a cache's own
+  // view); else table [kv_heads][table_head_stride], each head its own blocks (the GPU's view of a
+  // step's selected blocks, read where they lie: the device plan).
+  int64_t table_head_stride = 0;
 
   size_t RowIndex(int64_t h, int64_t token) const {
-    const int64_t slot = table[token / block_size];
+    const int64_t slot = table[h * table_head_stride + token / block_size];
     return static_cast<size_t>((slot * kv_heads + h) * block_size + token % block_size);
   }
   // Start of the row of `token` for KV head h; rows of one block are consecutive.

@@ -16,7 +16,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -342,6 +344,122 @@ TEST(Cuda, DecodeSplitsMatchCpu) {
                       (f32_kernel ? 1e-4 : 2e-4) * std::max(1.f, std::fabs(want_lse[h])))
               << what << " lse of head " << h << " call " << rep;
       }
+    }
+  }
+  unsetenv("NEEDLE_CUDA_ATTN_DECODE");
+}
+
+// A block table per KV head (KVLayerView::table_head_stride; the device plan reads each head's
+// selected blocks where they lie in the ring): head h's blocks, m of the cache's nb, are
+// (7 h + 5 j) mod nb for j < m, a different set for every head (nb prime).
+std::vector<int32_t> PerHeadTable(const KVCache& cache, int64_t Hk, int64_t nb, int64_t m) {
+  std::vector<int32_t> t(static_cast<size_t>(Hk * m));
+  for (int64_t h = 0; h < Hk; ++h)
+    for (int64_t j = 0; j < m; ++j) t[h * m + j] = cache.SlotOf(0, (7 * h + 5 * j) % nb);
+  return t;
+}
+
+// On the CPU, a call over a view with a table per KV head gives head h's query heads what a
+// call over head h's table alone (every head reading it) gives them: the kernels read each head's
+// keys through KVLayerView::KRow. (Runs on CI; the GPU's kernels are compared with it below.)
+TEST(KVView, PerHeadTablesOnCpu) {
+  ThreadingContext tc(2);
+  auto cpu = MakeCpuBackend(tc, false);
+  for (DType kv : {DType::kF32, DType::kBF16}) {
+    const int64_t Hk = 3, G = 4, D = 64, B = 16, nb = 41, m = 12, n = nb * B;
+    KVCache cache(KVCacheShape{1, Hk, D, n, B, kv});
+    const auto k = test::RandomVector(static_cast<size_t>(n * Hk * D), 21),
+               v = test::RandomVector(k.size(), 22);
+    cpu->KVWrite(cache, 0, 0, n, k.data(), v.data());
+    cache.SetSize(n);
+    const std::vector<int32_t> table = PerHeadTable(cache, Hk, nb, m);
+    for (int64_t T : {1, 5}) {
+      AttnArgs a;
+      a.T = T, a.pos0 = m * B - T, a.heads = Hk * G, a.kv_heads = Hk, a.head_dim = D;
+      a.scale = 0.125f;
+      const auto q = test::RandomVector(static_cast<size_t>(T * Hk * G * D), 23 + T);
+      KVLayerView view = cache.Layer(0);
+      view.table = table.data(), view.table_head_stride = m, view.n_tokens = m * B;
+      std::vector<float> got(q.size()), lse(static_cast<size_t>(T * Hk * G));
+      cpu->Attention(q.data(), view, a, nullptr, got.data(), lse.data());
+      for (int64_t h = 0; h < Hk; ++h) {
+        KVLayerView one = view;
+        one.table = table.data() + h * m, one.table_head_stride = 0;
+        std::vector<float> want(q.size()), want_lse(lse.size());
+        cpu->Attention(q.data(), one, a, nullptr, want.data(), want_lse.data());
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = t * Hk * G + h * G + g;
+            ASSERT_FLOAT_EQ(lse[r], want_lse[r]) << KVTypeName(kv) << " T " << T << " row " << r;
+            for (int64_t d = 0; d < D; ++d)
+              ASSERT_FLOAT_EQ(got[r * D + d], want[r * D + d])
+                  << KVTypeName(kv) << " T " << T << " row " << r << " channel " << d;
+          }
+      }
+    }
+  }
+}
+
+// The GPU's attention kernels over a view with a table per KV head equal the CPU's over the same
+// view: the decode kernels (TMA and register, NEEDLE_CUDA_ATTN_DECODE=simt), the tile kernel
+// (f32) and the tensor-core prompt kernels; with AttentionMatchesCpu's tolerances.
+TEST(Cuda, PerHeadTablesMatchCpu) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(4);
+  auto cpu = MakeCpuBackend(tc, false);
+  struct Case {
+    int64_t kv_heads, group, D, B, T;
+    DType kv;
+    const char* decode = "";
+  };
+  const Case cases[] = {
+      {4, 7, 128, 128, 1, DType::kBF16},          // the device plan's shape: the TMA kernel
+      {4, 7, 128, 128, 1, DType::kBF16, "simt"},  // the register decode kernel
+      {2, 8, 64, 16, 1, DType::kF16},             // block 16: the register kernel only
+      {3, 4, 64, 16, 1, DType::kF32},             // f32 decode
+      {3, 4, 64, 16, 37, DType::kF32},            // the tile kernel
+      {2, 4, 128, 64, 100, DType::kBF16},         // the tensor-core prompt kernel
+  };
+  for (const Case& c : cases) {
+    setenv("NEEDLE_CUDA_ATTN_DECODE", c.decode, 1);
+    const int64_t Hk = c.kv_heads, H = Hk * c.group, nb = 41, m = 12, n = nb * c.B;
+    KVCacheShape shape{1, Hk, c.D, n, c.B, c.kv};
+    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
+    const auto k = test::RandomVector(static_cast<size_t>(n * Hk * c.D), 31),
+               v = test::RandomVector(k.size(), 32),
+               q = test::RandomVector(static_cast<size_t>(c.T * H * c.D), 33);
+    cpu->KVWrite(cc, 0, 0, n, k.data(), v.data());
+    BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
+    gpu->KVWrite(gc, 0, 0, n, kd.get(), vd.get());
+    cc.SetSize(n);
+    gc.SetSize(n);
+    const std::vector<int32_t> ct = PerHeadTable(cc, Hk, nb, m), gt = PerHeadTable(gc, Hk, nb, m);
+    std::vector<float> gt_bits(gt.size());
+    std::memcpy(gt_bits.data(), gt.data(), gt.size() * 4);
+    BackendBuffer gtd = Upload(*gpu, gt_bits);
+    AttnArgs a;
+    a.T = c.T, a.pos0 = m * c.B - c.T, a.heads = H, a.kv_heads = Hk, a.head_dim = c.D;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    KVLayerView cv = cc.Layer(0), gv = gc.Layer(0);
+    cv.table = ct.data(), cv.table_head_stride = m, cv.n_tokens = m * c.B;
+    gv.table = reinterpret_cast<const int32_t*>(gtd.get()), gv.table_head_stride = m;
+    gv.n_tokens = m * c.B;
+    std::vector<float> want(q.size()), want_lse(static_cast<size_t>(c.T * H));
+    cpu->Attention(q.data(), cv, a, nullptr, want.data(), want_lse.data());
+    BackendBuffer od(*gpu, q.size()), lsed(*gpu, want_lse.size());
+    gpu->Attention(qd.get(), gv, a, nullptr, od.get(), c.T == 1 ? lsed.get() : nullptr);
+    const std::vector<float> got = Download(*gpu, od);
+    const bool tcore = c.T >= 64 && c.kv != DType::kF32, decode16 = c.T == 1 && c.kv != DType::kF32;
+    const double tol = tcore ? 1.0 / 64 : decode16 ? 2e-4 : 2e-5;
+    const std::string what = std::string("per-head tables ") + KVTypeName(c.kv) +
+                             " G=" + std::to_string(c.group) + " B=" + std::to_string(c.B) +
+                             " T=" + std::to_string(c.T) + " " + c.decode;
+    ExpectClose(got, want, tol, what);
+    if (c.T == 1) {
+      const std::vector<float> lse = Download(*gpu, lsed);
+      for (int64_t r = 0; r < H; ++r)
+        ASSERT_NEAR(lse[r], want_lse[r], 2e-4 * std::max(1.f, std::fabs(want_lse[r])))
+            << what << " lse of head " << r;
     }
   }
   unsetenv("NEEDLE_CUDA_ATTN_DECODE");

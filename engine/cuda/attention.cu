@@ -45,7 +45,7 @@ __device__ __forceinline__ void LoadTile(const Params& p, int64_t h, int64_t kb,
     float kv_k = 0.f, kv_v = 0.f;
     if (j < n) {
       const int64_t pos = kb + j;
-      const int64_t row = PagedRow(p.table, pos, p.B, p.kv_heads, h);
+      const int64_t row = PagedRow(p.table + h * p.table_head_stride, pos, p.B, p.kv_heads, h);
       kv_k = LoadAs(p.k, row * p.D + d, p.dtype);
       kv_v = LoadAs(p.v, row * p.D + d, p.dtype);
     }
@@ -64,7 +64,7 @@ __device__ __forceinline__ void LoadTile16(const Params& p, int64_t h, int64_t k
     float kf[8], vf[8];
     if (j < n) {
       const int64_t pos = kb + j;
-      const int64_t row = PagedRow(p.table, pos, p.B, p.kv_heads, h);
+      const int64_t row = PagedRow(p.table + h * p.table_head_stride, pos, p.B, p.kv_heads, h);
       const size_t off = static_cast<size_t>(row * p.D + c * 8);
       Unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + off), p.dtype,
               kf);

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) DecodeKernel(AttnParams 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kk + u < k_end) {
-        const int64_t row = PagedRow(p.table, kk + u, p.B, p.kv_heads, h);
+        const int64_t row = PagedRow(p.table + h * p.table_head_stride, kk + u, p.B, p.kv_heads, h);
         const size_t off = static_cast<size_t>(row * D + li * 8);
         kr[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + off));
         vr[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.v) + off));

@@ -181,11 +181,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Block-table entries of the warp's tiles, 32 at a time: lane j holds the slot of tile
   // 32 c + j of batch c; the next batch is loaded a batch ahead.
+  const int32_t* table = p.table + h * p.table_head_stride;  // (this head's)
   auto load_slots = [&](int c) -> int32_t {
     const int i = 32 * c + lane;
-    return i < n_my
-               ? __ldg(p.table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
-               : 0;
+    return i < n_my ? __ldg(table + static_cast<uint32_t>(tile_key(i)) / static_cast<uint32_t>(p.B))
+                    : 0;
   };
   // The first global loads (block table) go out before anything waits on them: the barrier
   // set-up and the descriptor prefetch run in their shadow (asm with memory clobbers would keep

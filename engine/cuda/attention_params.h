@@ -15,7 +15,8 @@ struct AttnParams {
   const float* q;  // [T, heads, D] f32, device
   const void* k;   // arena [slot][kv_head][B][D] in `dtype`, device
   const void* v;
-  const int32_t* table;  // block table (logical block -> slot), device
+  const int32_t* table;       // block table (logical block -> slot), device
+  int64_t table_head_stride;  // KVLayerView::table_head_stride: head h's table at table + h * it
   DType dtype;
   int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;  // n_keys = pos0 + T
   int64_t arena_rows;  // rows of the K (and V) arena: slots * kv_heads * B
@@ -49,6 +50,7 @@ inline AttnParams MakeAttnParams(const float* q, const KVLayerView& kv, const At
   p.k = kv.k;
   p.v = kv.v;
   p.table = kv.table;
+  p.table_head_stride = kv.table_head_stride;
   p.dtype = kv.dtype;
   p.T = a.T;
   p.pos0 = a.pos0;

@@ -42,7 +42,7 @@ template <int D>
 __device__ __forceinline__ void LoadTile(const AttnParams& p, int64_t h, int64_t kb, int64_t n_keys,
                                          uint16_t* ks, uint16_t* vs) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  const int64_t row0 = PagedRow(p.table, kb, p.B, p.kv_heads, h);
+  const int64_t row0 = PagedRow(p.table + h * p.table_head_stride, kb, p.B, p.kv_heads, h);
   const uint16_t* karena = static_cast<const uint16_t*>(p.k);
   const uint16_t* varena = static_cast<const uint16_t*>(p.v);
   for (int i = threadIdx.x; i < kKeys * kChunks; i += blockDim.x) {

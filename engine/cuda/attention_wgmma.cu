@@ -55,7 +55,8 @@ __device__ __forceinline__ TileRows RowsOf(const AttnParams& p, int64_t h, int64
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t pos = kb + half * 64;
-    t.r[half] = pos < p.n_keys ? PagedRow(p.table, pos, p.B, p.kv_heads, h) : 0;
+    t.r[half] =
+        pos < p.n_keys ? PagedRow(p.table + h * p.table_head_stride, pos, p.B, p.kv_heads, h) : 0;
   }
   return t;
 }

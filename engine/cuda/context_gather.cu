@@ -86,13 +86,15 @@ __device__ __forceinline__ void OnlineAdd(float s, float& m, float& l) {
 // then combined across the block.
 __global__ void __launch_bounds__(kStatThreads)
     BlockStatsKernel(const float* q, const uint8_t* k, DType t, size_t es, int64_t n, int64_t Hk,
-                     int64_t G, int64_t B, int64_t D, float scale, float* stats) {
+                     int64_t G, int64_t B, int64_t D, float scale, float* stats,
+                     const int32_t* slots, int64_t slot_stride) {
   extern __shared__ float qs[];  // [D]
   __shared__ float red_m[kStatThreads], red_l[kStatThreads];
   const int64_t j = blockIdx.x, h = blockIdx.y, g = blockIdx.z;
   for (int64_t d = threadIdx.x; d < D; d += kStatThreads) qs[d] = q[(h * G + g) * D + d];
   __syncthreads();
-  const uint8_t* rows = k + static_cast<size_t>((j * Hk + h) * B * D) * es;
+  const int64_t s = slots != nullptr ? slots[h * slot_stride + j] : j;
+  const uint8_t* rows = k + static_cast<size_t>((s * Hk + h) * B * D) * es;
   float m = -INFINITY, l = 0.f;
   for (int64_t r = threadIdx.x; r < B; r += kStatThreads) {
     const uint8_t* row = rows + static_cast<size_t>(r * D) * es;
@@ -136,7 +138,8 @@ constexpr size_t kStatsChunk = 16384;  // bytes of keys in shared memory at a ti
 template <int MG>
 __global__ void __launch_bounds__(32 * kWarpStatsWarps)
     BlockStatsWarpKernel(const float* q, const uint8_t* k, DType t, size_t es, int64_t n,
-                         int64_t Hk, int G, int64_t B, int64_t D, float scale, float* stats) {
+                         int64_t Hk, int G, int64_t B, int64_t D, float scale, float* stats,
+                         const int32_t* slots, int64_t slot_stride) {
   extern __shared__ uint4 smem_stats[];  // keys [kStatsChunk bytes], then q [G][D] floats
   uint8_t* kbuf = reinterpret_cast<uint8_t*>(smem_stats);
   float* qs = reinterpret_cast<float*>(kbuf + kStatsChunk);
@@ -146,7 +149,8 @@ __global__ void __launch_bounds__(32 * kWarpStatsWarps)
   for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = q[h * G * D + i];
   const size_t row_bytes = static_cast<size_t>(D) * es;
   const int64_t chunk_rows = static_cast<int64_t>(kStatsChunk / row_bytes);
-  const uint8_t* rows = k + static_cast<size_t>((j * Hk + h) * B) * row_bytes;
+  const int64_t s = slots != nullptr ? slots[h * slot_stride + j] : j;
+  const uint8_t* rows = k + static_cast<size_t>((s * Hk + h) * B) * row_bytes;
   float m = -INFINITY, l = 0.f;  // lane g < G: head g's
   for (int64_t r0 = 0; r0 < B; r0 += chunk_rows) {
     const int64_t cr = r0 + chunk_rows < B ? chunk_rows : B - r0;
@@ -236,7 +240,8 @@ void GatherRotate(uint8_t* k, uint8_t* v, DType t, const int32_t* src, const int
 }
 
 void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv_heads, int64_t G,
-                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream) {
+                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream,
+                const int32_t* slots, int64_t slot_stride) {
   if (n <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * DTypeSize(t);
   if (G <= kWarpStatsG && row_bytes % 16 == 0 && row_bytes <= kStatsChunk) {
@@ -244,7 +249,8 @@ void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv
     const size_t smem = kStatsChunk + static_cast<size_t>(G * D) * sizeof(float);
     const auto launch = [&](auto kernel) {
       kernel<<<grid, 32 * kWarpStatsWarps, smem, stream>>>(q, k, t, DTypeSize(t), n, kv_heads,
-                                                           static_cast<int>(G), B, D, scale, stats);
+                                                           static_cast<int>(G), B, D, scale, stats,
+                                                           slots, slot_stride);
     };
     if (G <= 4)
       launch(BlockStatsWarpKernel<4>);
@@ -258,7 +264,7 @@ void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv
   BlockStatsKernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(kv_heads),
                           static_cast<unsigned>(G)),
                      kStatThreads, static_cast<size_t>(D) * sizeof(float), stream>>>(
-      q, k, t, DTypeSize(t), n, kv_heads, G, B, D, scale, stats);
+      q, k, t, DTypeSize(t), n, kv_heads, G, B, D, scale, stats, slots, slot_stride);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

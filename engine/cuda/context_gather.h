@@ -52,10 +52,12 @@ void GatherRotate(uint8_t* k, uint8_t* v, DType t, const int32_t* src, const int
                   cudaStream_t stream);
 
 // The softmax sums of n blocks per KV head, as AttendBlocks' stats: for block j of KV head h
-// (keys k [n][kv_heads][B][D], dtype t, device) and query head g of its group (q [kv_heads * G][D]
-// f32, device), stats[((h * n + j) * G + g) * 2] = m (the block's largest scaled score) and
-// [.. + 1] = l = sum over its keys of exp(scale * q.k - m).
+// (keys k [n][kv_heads][B][D], dtype t, device; with `slots` (device), block j of head h is
+// slot slots[h * slot_stride + j] of the arena k [slot][kv_heads][B][D]) and query head g of its
+// group (q [kv_heads * G][D] f32, device), stats[((h * n + j) * G + g) * 2] = m (the block's
+// largest scaled score) and [.. + 1] = l = sum over its keys of exp(scale * q.k - m).
 void BlockStats(const float* q, const uint8_t* k, DType t, int64_t n, int64_t kv_heads, int64_t G,
-                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream);
+                int64_t B, int64_t D, float scale, float* stats, cudaStream_t stream,
+                const int32_t* slots = nullptr, int64_t slot_stride = 0);
 
 }  // namespace needle::cuda

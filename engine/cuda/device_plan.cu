@@ -19,7 +19,8 @@ __global__ void __launch_bounds__(kThreads)
     SelectKernel(const float* vals, const int32_t* ids, int64_t want, int k, const int32_t* ret,
                  const int32_t* rcount, int R, int32_t init_b, int32_t ctx_end, int topk,
                  int kv_heads, bool by_layer, const int32_t* table, int n_sel, int32_t* sel,
-                 int32_t* kept, int32_t* kcount, int32_t* src, int32_t* dst) {
+                 int32_t* kept, int32_t* kcount, int32_t* view, int64_t view_stride,
+                 int64_t view_at) {
   extern __shared__ int32_t smem[];
   float* s_sc = reinterpret_cast<float*>(smem);
   int32_t* s_id = smem + k;
@@ -54,8 +55,7 @@ __global__ void __launch_bounds__(kThreads)
     const int j = pr::CountBelow(s_sel, n_sel, b);
     for (int h = h0; h < h1; ++h) {
       sel[h * n_sel + j] = b;
-      src[h * n_sel + j] = table[b] * kv_heads + h;
-      dst[h * n_sel + j] = j * kv_heads + h;
+      view[h * view_stride + view_at + j] = table[b];
     }
   }
   for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += kThreads) {
@@ -135,15 +135,17 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          const int32_t* ret, const int32_t* rcount, int64_t R, int64_t init_b,
                          int64_t ctx_end, int64_t topk, int64_t kv_heads, bool by_layer,
                          const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
-                         int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream) {
-  NEEDLE_CHECK(k <= want && want <= kMaxDeviceShortlist && n_sel <= topk && R <= topk);
+                         int32_t* kcount, int32_t* view, int64_t view_stride, int64_t view_at,
+                         cudaStream_t stream) {
+  NEEDLE_CHECK(k <= want && want <= kMaxDeviceShortlist && n_sel <= topk && R <= topk &&
+               view_at + n_sel <= view_stride);
   if (n_sel <= 0) return;
   const size_t smem = static_cast<size_t>(2 * k + R + R + k + R + k) * 4;
   SelectKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(
       vals, ids, want, static_cast<int>(k), ret, rcount, static_cast<int>(R),
       static_cast<int32_t>(init_b), static_cast<int32_t>(ctx_end), static_cast<int>(topk),
-      static_cast<int>(kv_heads), by_layer, table, static_cast<int>(n_sel), sel, kept, kcount, src,
-      dst);
+      static_cast<int>(kv_heads), by_layer, table, static_cast<int>(n_sel), sel, kept, kcount, view,
+      view_stride, view_at);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

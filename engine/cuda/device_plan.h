@@ -21,14 +21,16 @@ constexpr int64_t kMaxDeviceShortlist = 2048;
 //   sel [kv_heads][n_sel]: the selection, ascending (n_sel = min(topk, ctx_end - init_b), which
 //   the rules always select);
 //   kept [kv_heads][R], kcount [kv_heads]: the retained blocks kept (-1: no retention);
-//   src, dst [kv_heads * n_sel] (item h * n_sel + j): cuda::GatherBlocks' lists that copy head h
-//   of block sel[h][j] from its slot table[block] of the layer's ring into extra slot j.
+//   view [kv_heads][view_stride] at entries [view_at, view_at + n_sel) of each head: the slot of
+//   each selected block in the layer's ring, table[sel[h][j]] (the attention's per-head block
+//   table, KVLayerView::table_head_stride, reads them where they lie).
 // Device memory throughout (table: the layer's block table, KVLayerView::table).
 void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, int64_t k,
                          const int32_t* ret, const int32_t* rcount, int64_t R, int64_t init_b,
                          int64_t ctx_end, int64_t topk, int64_t kv_heads, bool by_layer,
                          const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
-                         int32_t* kcount, int32_t* src, int32_t* dst, cudaStream_t stream);
+                         int32_t* kcount, int32_t* view, int64_t view_stride, int64_t view_at,
+                         cudaStream_t stream);
 
 // Retention for the layer's next step: from the selection sel [kv_heads][n] (ascending), its
 // blocks' softmax sums stats ([kv_heads][n][tiles][G][2]: each block's in `tiles` parts, 1 for

@@ -56,8 +56,9 @@ __device__ __forceinline__ void RopeApply(float& a, float& b, RopeCs r) {
 }
 
 // Row of token `pos` of KV head h in a block arena [slot][kv_head][B][D] (kvcache/kv_cache.h),
-// through the block table (logical block -> slot). The division is 32-bit: a 64-bit one is a
-// slow subroutine call per key in the decode loop, and positions stay below 2^31.
+// through the block table (logical block -> slot; head h's own: HeadTable). The division is
+// 32-bit: a 64-bit one is a slow subroutine call per key in the decode loop, and positions stay
+// below 2^31.
 __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, int64_t B,
                                             int64_t kv_heads, int64_t h) {
   const uint32_t p32 = static_cast<uint32_t>(pos), b32 = static_cast<uint32_t>(B);

@@ -101,13 +101,12 @@ struct HybridStats {
   // layers and steps; CUDA events between the phases, only with NEEDLE_HYBRID_PROFILE=1): the
   // model's own work between sparse layers' attention, the new row's copy to the host, the
   // planner's host work until it queues the scoring (the GPU idle if it waits for the host), the
-  // representatives' upload, scoring, top-k, the selection, the gather, the attention, the
-  // selected blocks' softmax sums, retention's masses and choice.
-  static constexpr int kPhases = 11;
+  // representatives' upload, scoring, top-k, the selection (with the attention's per-head block
+  // tables), the attention, the selected blocks' softmax sums, retention's masses and choice.
+  static constexpr int kPhases = 10;
   static const char* PhaseName(int i) {
-    static const char* const names[kPhases] = {"model",  "row",  "plan",   "upload",
-                                               "score",  "topk", "select", "gather",
-                                               "attend", "sums", "retain"};
+    static const char* const names[kPhases] = {"model", "row",    "plan",   "upload", "score",
+                                               "topk",  "select", "attend", "sums",   "retain"};
     return names[i];
   }
   double gpu_phase[kPhases] = {};

@@ -10,26 +10,32 @@ namespace needle {
 using hybrid::MergeLse;
 
 KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, int64_t n_g,
-                                              AttnArgs* a2, bool init) {
+                                              AttnArgs* a2, bool init, bool per_head) {
   const int64_t B = c.block_size, p = a.pos0, ie = init ? c.init_end() : 0, lb = c.LocalBegin(p);
   const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
   const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
-  const int64_t key = init ? n_g : -1;                 // (Local alone: no gathered blocks)
+  // (Local alone: no gathered blocks; per head: its own key, the tables' layout differs.)
+  const int64_t key = per_head ? -2 - n_g : init ? n_g : -1;
+  const int64_t heads = per_head ? m.num_kv_heads : 1;
   if (lb != table_lb || p / B != table_pb || key != table_ng) {
-    table_host.resize(static_cast<size_t>(n));
+    table_host.resize(static_cast<size_t>(heads * n));
     for (int64_t j = 0; j < n; ++j) {
+      // (per head: the Context entries are the caller's; the extra slots stand in until then)
       table_host[j] = j < ib ? model_cache->SlotOf(layer, j)
                       : j < ib + n_g
                           ? static_cast<int32_t>(model_cache->shape().ExtraSlot(layer, j - ib))
                           : model_cache->SlotOf(layer, lb / B + (j - ib - n_g));
       NEEDLE_CHECK(table_host[j] >= 0);
     }
+    for (int64_t h = 1; h < heads; ++h)
+      std::copy_n(table_host.begin(), n, table_host.begin() + h * n);
     int32_t* d = table_dev.Get<int32_t>(table_host.size());
     H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
     table_lb = lb, table_pb = p / B, table_ng = key;
   }
   KVLayerView v = model_cache->Layer(layer);
   v.table = table_dev.Get<int32_t>(table_host.size());
+  v.table_head_stride = per_head ? n : 0;
   *a2 = a;
   a2->pos0 = p - shift;
   return v;

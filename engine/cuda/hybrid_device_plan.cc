@@ -1,8 +1,9 @@
 // Device placement's decode steps planned on the GPU (PlanExecutor::PlanDecode): the scoring's
 // shortlist, the selection with retention (device_plan.h, the rules of sparse_attn/plan_rules.h),
-// the gather of the selected blocks from the layer's ring into its extra slots, the attention
-// over Initial + selected + Local and the next step's retention, all queued on the model's
-// stream. The host waits for none of it: the step's only wait is the model's for its logits.
+// the attention over Initial + selected + Local through a block table per KV head (each head's
+// selected blocks read where they lie in the layer's ring) and the next step's retention, all
+// queued on the model's stream. The host waits for none of it: the step's only wait is the
+// model's for its logits.
 #include "engine/cuda/device_plan.h"
 #include "engine/cuda/hybrid_impl.h"
 
@@ -54,40 +55,38 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   scorer.QueueDeviceShortlist(layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals,
                               &ids, [this](int at) { Mark(at == 0 ? kUpload : kScore); });
   Mark(kTopk);
-  // Scratch: sel, src, dst [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
+  // Scratch: sel [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
   // [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where the attention writes them, else
   // whole) and the lse [heads] (floats).
   const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
-  const size_t ints = static_cast<size_t>(3 * Hk * n_sel + Hk * (R + 1));
+  const size_t ints = static_cast<size_t>(Hk * n_sel + Hk * (R + 1));
   int32_t* sel =
       dp_scratch.Get<int32_t>(ints + static_cast<size_t>(2 * Hk * n_sel * tiles * G + a.heads));
-  int32_t *src = sel + Hk * n_sel, *dst = src + Hk * n_sel, *kept = dst + Hk * n_sel;
+  int32_t* kept = sel + Hk * n_sel;
   int32_t* kcount = kept + Hk * R;
   float* sums = reinterpret_cast<float*>(sel + ints);
   float* lse = sums + 2 * Hk * n_sel * tiles * G;
+  // The attention's view: per KV head, Initial + its selected blocks + Local; the selection
+  // writes each head's Context entries (the blocks' slots in the ring) after the view's table is
+  // queued. (Its extra slots are not used: the blocks the hybrid's host-planned steps keep there
+  // stay valid.)
+  AttnArgs a2;
+  const KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
   const KVLayerView ring = model_cache->Layer(layer);
   cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
                             p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
-                            n_sel, sel, kept, kcount, src, dst, stream);
+                            n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
+                            v.table_head_stride, c.init_end() / c.block_size, stream);
   Mark(kSelect);
-  const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
-  cuda::GatherBlocks(
-      model_cache->BlockData(layer, false, 0), model_cache->BlockData(layer, true, 0), src, dst,
-      Hk * n_sel, model_cache->BlockBytes() / static_cast<size_t>(Hk),
-      model_cache->BlockData(layer, false, x0), model_cache->BlockData(layer, true, x0), stream);
-  Mark(kGather);
-  resident.ClearLayer(layer);  // (the slots hold this step's blocks, which the host does not know)
-  AttnArgs a2;
-  const KVLayerView v = WindowView(layer, a, n_sel, &a2, true);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
   const bool tiled = AttendTiled(v, a2, out_dev, lse, p.retain ? tiles : 1,
                                  p.init_blocks * c.block_size, n_sel, sums) > 1;
   Mark(kAttend);
   if (p.retain) {
-    if (!tiled)
-      cuda::BlockStats(q_dev, v.k + static_cast<size_t>(x0) * model_cache->BlockBytes(), v.dtype,
-                       n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums, stream);
+    if (!tiled)  // (the blocks where the view's table says)
+      cuda::BlockStats(q_dev, v.k, v.dtype, n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums,
+                       stream, v.table + c.init_end() / c.block_size, v.table_head_stride);
     Mark(kSums);
     cuda::RetainByMass(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk, G, p.by_layer, R, ret, rcount,
                        stream);

@@ -100,9 +100,12 @@ struct HybridAttention::Impl final : PlanExecutor {
   // blocks gathered into its extra slots (PlaceContext, QueueGather), then the Local blocks,
   // renumbered (the keys were rotated at their true positions when written, and a query's softmax
   // does not depend on their order). *a2: the query's arguments over it. init false: Local alone
-  // (with position remapping the CPU attends the Initial keys, which move).
+  // (with position remapping the CPU attends the Initial keys, which move). per_head: a table
+  // per KV head (KVLayerView::table_head_stride), whose n_g Context entries [Initial blocks,
+  // + n_g) the caller writes on the stream after this call (the device plan's selection): each
+  // head's selected blocks read where they lie in the ring.
   KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
-                         bool init = true);
+                         bool init = true, bool per_head = false);
 
   // How many of each KV head's selected blocks the GPU attends (SparseConfig::gpu_share of the
   // shortest list, at most the extra slots); 0: the CPU attends them all.
@@ -237,19 +240,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
-  enum Phase {
-    kModel,
-    kRow,
-    kPlan,
-    kUpload,
-    kScore,
-    kTopk,
-    kSelect,
-    kGather,
-    kAttend,
-    kSums,
-    kRetain
-  };
+  enum Phase { kModel, kRow, kPlan, kUpload, kScore, kTopk, kSelect, kAttend, kSums, kRetain };
   bool profile = false;
   std::vector<cudaEvent_t> marks;
   std::vector<int> mark_phase;
