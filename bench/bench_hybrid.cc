@@ -16,8 +16,10 @@
 //   Decode reads and selects from it exactly as from a prefilled one.
 //   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072);
 //   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
+//   NEEDLE_BENCH_GPU_CACHES: gpu_cache_blocks values likewise (e.g. 0,64), within each share.
 //   NEEDLE_BENCH_GPU_SHARES: gpu_share values to run the hybrid with, one after the other in the
-//   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_blocks"
+//   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_slots"
+//   (the extra GPU slots a sparse layer has: SparseConfig::GpuContextSlots), "gpu_blocks"
 //   (the share of Context blocks the GPU attended), "gpu_reused" (the share of those already in
 //   GPU memory from an earlier step, not read over PCIe) and "setup_s" (the synthetic context's
 //   indexing and page-locking, or the prefill).
@@ -130,7 +132,7 @@ void RunBatch(Backend& gpu, Model& model, const std::string& name, int64_t P, in
   for (int64_t i = 0; i < n; ++i) {
     SequenceOptions so;
     so.ctx = P + 64, so.kv_type = DType::kBF16, so.gpu_memory = gpu_memory, so.ubatch = 4096;
-    so.placement = placement, so.gpu_taken = taken;
+    so.placement = placement, so.gpu_taken = taken, so.sequences = n;
     seqs.push_back(MakeSequenceAttention(model, &sc, tc, so));
     taken += seqs.back().gpu_bytes;
     Synthesize(model, sc, seqs.back(), P, tc);
@@ -161,11 +163,12 @@ void RunBatch(Backend& gpu, Model& model, const std::string& name, int64_t P, in
 }
 
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
-         bool hybrid, size_t gpu_memory, int64_t gpu_share, bool sparse_prefill,
+         bool hybrid, size_t gpu_memory, int64_t gpu_share, int64_t gpu_cache, bool sparse_prefill,
          KVPlacement placement, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   if (gpu_share >= 0) sc.gpu_share = gpu_share;
+  if (gpu_cache >= 0) sc.gpu_cache_blocks = gpu_cache;
   sc.sparse_prefill = sparse_prefill;
   const char* remap = std::getenv("NEEDLE_BENCH_REMAP");
   sc.pos_remap = sparse_prefill && remap != nullptr && std::string(remap) == "1";
@@ -215,7 +218,8 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
     std::snprintf(
         buf, sizeof buf,
         ",\"placement\":\"%s\",\"prefill\":\"%s\",\"prompt_pin_s\":%.2f,\"prompt_wait_s\":%.2f,"
-        "\"prompt_plan_s\":%.2f,\"gpu_share\":%lld,\"gpu_blocks\":%.3f,\"gpu_reused\":%."
+        "\"prompt_plan_s\":%.2f,\"gpu_share\":%lld,\"gpu_slots\":%lld,\"gpu_blocks\":%.3f,"
+        "\"gpu_reused\":%."
         "3f,\"setup_s\":%.1f"
         ",\"reps_ms\":%.3f,\"select_ms\":%.3f,\"retain_ms\":%.3f,\"plan_ms\":%.3f,\"cpu_"
         "attend_ms\":%.3f,\"copies_ms\":%.3f,\"gpu_wait_ms\":%."
@@ -225,8 +229,8 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         : sc.pos_remap     ? "sparse+remap"
                            : "sparse",
         a.prompt_pin, a.prompt_wait, a.prompt_plan, static_cast<long long>(sc.gpu_share),
-        gb + cb > 0 ? gb / (gb + cb) : 0.0, gb > 0 ? gr / gb : 0.0, pre,
-        (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
+        static_cast<long long>(h->gpu_slots()), gb + cb > 0 ? gb / (gb + cb) : 0.0,
+        gb > 0 ? gr / gb : 0.0, pre, (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
         (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait,
         (a.enqueue - before.enqueue) / n * ms);
@@ -293,6 +297,12 @@ int main(int argc, char** argv) {
       std::stringstream gs(g);
       for (std::string x; std::getline(gs, x, ',');) shares.push_back(std::stoll(x));
     }
+    std::vector<int64_t> caches = {-1};  // -1: SparseConfig's default
+    if (const char* g = std::getenv("NEEDLE_BENCH_GPU_CACHES")) {
+      caches.clear();
+      std::stringstream gs(g);
+      for (std::string x; std::getline(gs, x, ',');) caches.push_back(std::stoll(x));
+    }
     std::vector<KVPlacement> placements = {KVPlacement::kAuto};
     if (const char* g = std::getenv("NEEDLE_BENCH_PLACEMENTS")) {
       placements.clear();
@@ -320,9 +330,10 @@ int main(int argc, char** argv) {
         for (KVPlacement pl : placements)
           for (bool sp : prefills)
             for (int64_t share : shares)
-              Run(*gpu, *model, name, P, syn, true, gpu_memory, share, sp, pl, tc);
+              for (int64_t cache : caches)
+                Run(*gpu, *model, name, P, syn, true, gpu_memory, share, cache, sp, pl, tc);
         if (P <= dense_max)
-          Run(*gpu, *model, name, P, syn, false, 0, -1, false, KVPlacement::kAuto, tc);
+          Run(*gpu, *model, name, P, syn, false, 0, -1, -1, false, KVPlacement::kAuto, tc);
       }
     }
   } catch (const std::exception& e) {

@@ -74,6 +74,8 @@ void SparseConfig::Validate() const {
         "mean");
   if (gpu_share < 0 || gpu_share > 100)
     Fail("sparse attention: gpu_share must be a percentage in [0, 100] (got ", gpu_share, ")");
+  if (gpu_cache_blocks < 0)
+    Fail("sparse attention: gpu_cache_blocks must be >= 0 (got ", gpu_cache_blocks, ")");
   if (preselect_pool <= 0 || preselect_pool % 2 == 0)
     Fail("sparse attention: preselect_pool must be a positive odd width (got ", preselect_pool,
          ")");

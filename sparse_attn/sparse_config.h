@@ -73,8 +73,20 @@ struct SparseConfig {
   // 0: the CPU attends them all. 50 measured best on the H200 machine (bench/RESULTS.md): the
   // GPU reads host blocks at about 30 GB/s, so a larger share leaves it the last to finish.
   int64_t gpu_share = 50;
-  // Extra GPU slots a sparse layer needs for the GPU's part: ceil(gpu_share% of topk).
-  int64_t GpuContextSlots() const { return (gpu_share * topk + 99) / 100; }
+  // Placement too: the extra GPU slots of a sparse layer (each one block of every KV head) that
+  // hold the Context blocks the GPU attends, and keep them for later steps until a new block
+  // needs the slot attended least recently. 0 (the default): sized where the sequence is made
+  // (MakeSequenceAttention), up to kAutoGpuCacheShares steps' shares where the GPU budget has
+  // room, at least ceil(gpu_share% of topk), one step's share. The synthetic 1M Qwen2.5-7B
+  // hybrid on the H100 (bench/RESULTS.md): 16 slots (one share) 80 tok/s, 35% of the GPU's blocks
+  // already there; 64: 89, 74%; 128 and 256: 89.5, 79%.
+  int64_t gpu_cache_blocks = 0;
+  // Extra GPU slots a sparse layer has for the GPU's part: gpu_cache_blocks, at least
+  // ceil(gpu_share% of topk).
+  static constexpr int64_t kAutoGpuCacheShares = 4;
+  int64_t GpuContextSlots() const {
+    return std::max(gpu_cache_blocks, (gpu_share * topk + 99) / 100);
+  }
 
   // Throws Error naming every setting involved when values cannot work (together).
   void Validate() const;

@@ -90,14 +90,21 @@ TEST(KVCacheRing, ExtraSlotsFollowTheRing) {
     c.Write(1, p, 1, k.data(), v.data());
     for (int64_t b = 0; b <= p / 4; ++b) EXPECT_LT(c.SlotOf(1, b), 5) << b;
   }
-  // The hybrid's shape: ceil(gpu_share% of topk) extra slots.
+  // The hybrid's shape: ceil(gpu_share% of topk) extra slots, or gpu_cache_blocks if more.
   SparseConfig sc;
   sc.topk = 5, sc.gpu_share = 50;
   EXPECT_EQ(sc.GpuContextSlots(), 3);
+  sc.gpu_cache_blocks = 2;
+  EXPECT_EQ(sc.GpuContextSlots(), 3);
+  sc.gpu_cache_blocks = 16;
+  EXPECT_EQ(sc.GpuContextSlots(), 16);
+  sc.gpu_cache_blocks = 0;
   sc.gpu_share = 0;
   EXPECT_EQ(sc.GpuContextSlots(), 0);
   sc.gpu_share = 101;
   test::ExpectErrorContaining([&] { sc.Validate(); }, {"gpu_share", "101"});
+  sc.gpu_share = 50, sc.gpu_cache_blocks = -1;
+  test::ExpectErrorContaining([&] { sc.Validate(); }, {"gpu_cache_blocks", "-1"});
 }
 
 // A policy that runs prompts layer by layer around another one: the arithmetic of every
@@ -314,6 +321,22 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   test::ExpectErrorContaining(
       [&] { CheckHybridBudget(g, size_t{16} << 30, "--gpu-memory"); },
       {"needs", "weights 15.00 GiB", "dense-layer KV 4.00 GiB", "--gpu-memory is 16.00 GiB"});
+  // The GPU block cache (gpu_cache_blocks 0): 4 shares of 16 slots where the budget has room,
+  // as many as fit where it has less, one share where it has none; a set value as it is.
+  const size_t slot = 26 * per_layer_token * 128;  // one extra slot of every sparse layer
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30),
+            64);
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false,
+                                  g.total() + 10 * slot + slot / 2),
+            26);
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false, g.total()), 16);
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false, g.total() - 1), 16);
+  SparseConfig set = c;
+  set.gpu_cache_blocks = 20;
+  EXPECT_EQ(HybridAutoCacheBlocks(m, set, ctx, DType::kBF16, weights, 512, false, g.total()), 20);
+  set.gpu_cache_blocks = 0, set.gpu_share = 0;
+  EXPECT_EQ(HybridAutoCacheBlocks(m, set, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30),
+            0);
 }
 
 TEST(HybridMerge, KernelEqualsPartialMerge) {
@@ -428,7 +451,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
     if (variant == 2) sc.preselect_blocks = 8, sc.obs_window = 32, sc.repr = ReprType::kMax;
     if (variant == 3) sc.gpu_share = 0;
-    if (variant == 0) sc.gpu_share = 25;
+    if (variant == 0) sc.gpu_share = 25, sc.gpu_cache_blocks = 3;  // (blocks kept 3 steps)
     if (variant == 4) sc.gpu_share = 100, sc.select = SelectMode::kLayer;
     // Sparse prefill (chunks across micro-batches), with and without position remapping, and
     // with a dense layer (dense within the trained length: a plan of every Context block).

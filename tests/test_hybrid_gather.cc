@@ -111,15 +111,16 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
       cuda::BlockStats(dq, dk, kvt, n, Hk, G, B, D, a.scale, dst, stream);
       std::vector<float> st(static_cast<size_t>(Hk * n * G * 2));
       gpu->ToHost(dst, st.size(), st.data());
-      // Items kept, one moved within the slots (from device memory), one read from the host, in
-      // one call: what ResidentBlocks asks of a later step.
+      // Items kept, two read from the host into slots that held others: what ResidentBlocks asks
+      // of a later step.
       std::vector<int32_t> holds = src;
-      const int32_t host_item = cache.SlotOf(0, 21) * static_cast<int32_t>(Hk) + 1;
-      gather({-1 - static_cast<int32_t>(3 * Hk + 2), host_item},
+      const int32_t host_a = cache.SlotOf(0, 21) * static_cast<int32_t>(Hk) + 1,
+                    host_b = cache.SlotOf(0, 22) * static_cast<int32_t>(Hk) + 2;
+      gather({host_b, host_a},
              {static_cast<int32_t>(0 * Hk + 2), static_cast<int32_t>(1 * Hk + 1)});
-      holds[static_cast<size_t>(0 * Hk + 2)] = src[static_cast<size_t>(3 * Hk + 2)];
-      holds[static_cast<size_t>(1 * Hk + 1)] = host_item;
-      check(holds, "kept, moved and read");
+      holds[static_cast<size_t>(0 * Hk + 2)] = host_b;
+      holds[static_cast<size_t>(1 * Hk + 1)] = host_a;
+      check(holds, "kept and read");
       ASSERT_FALSE(HasFailure());
       gpu->Free(d);
       std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
@@ -179,53 +180,78 @@ TEST(HybridGather, RowsAtOnceEqualRowByRow) {
   }
 }
 
-// ResidentBlocks (no GPU needed): a step's copies turn the slots into exactly the blocks it
-// attends; blocks already on the GPU are never read from the host again; retained blocks are
-// preferred when reading new ones.
+// ResidentBlocks (no GPU needed): a step's copies turn the slots into the blocks it attends;
+// blocks the GPU holds in any slot are never read from the host again; retained blocks go
+// first; a new block takes an empty slot, else the one attended least recently.
 TEST(ResidentBlocks, KeepsWhatStaysSelected) {
   ResidentBlocks r(2, 2, 3);
   std::vector<ResidentBlocks::Copy> cp;
   r.Place(1, {{5, 7, 9}, {1, 2, 3}}, {{9}, {}}, 2, &cp);
-  ASSERT_EQ(cp.size(), 4u);  // everything from the host; retained 9 first
-  EXPECT_EQ(r.At(1, 0, 0), 9);
-  EXPECT_EQ(r.At(1, 0, 1), 5);
-  EXPECT_EQ(r.At(1, 1, 0), 1);
-  EXPECT_EQ(r.At(1, 1, 1), 2);
+  ASSERT_EQ(cp.size(), 4u);  // everything from the host; retained 9 first, into empty slots
+  EXPECT_EQ(r.ViewBlock(1, 0, 0), 9);
+  EXPECT_EQ(r.ViewBlock(1, 0, 1), 5);
+  EXPECT_EQ(r.ViewSlot(1, 0, 0), 0);
+  EXPECT_EQ(r.ViewSlot(1, 0, 1), 1);
+  EXPECT_EQ(r.ViewBlock(1, 1, 0), 1);
+  EXPECT_EQ(r.ViewBlock(1, 1, 1), 2);
   EXPECT_EQ(r.At(0, 0, 0), -1);  // another layer
-  for (const auto& c : cp) EXPECT_EQ(c.from, -1);
   r.Place(1, {{7, 9, 11}, {2, 3, 4}}, {}, 2, &cp);
-  ASSERT_EQ(cp.size(), 2u);  // 9 and 2 stay where they are
-  EXPECT_EQ(r.At(1, 0, 0), 9);
-  EXPECT_EQ(r.At(1, 0, 1), 7);
-  EXPECT_EQ(r.At(1, 1, 0), 3);
-  EXPECT_EQ(r.At(1, 1, 1), 2);
-  // Three slots, then one: the block in slot 2 moves to slot 0 instead of coming from the host.
-  r.Place(1, {{7, 9, 11}, {2, 3, 4}}, {}, 3, &cp);
-  EXPECT_EQ(r.At(1, 0, 2), 11);
-  r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp);
+  ASSERT_EQ(cp.size(), 2u);  // 9 and 2 stay where they are; 7 and 3 take the empty slot 2
+  EXPECT_EQ(r.ViewBlock(1, 0, 0), 9);
+  EXPECT_EQ(r.ViewSlot(1, 0, 0), 0);
+  EXPECT_EQ(r.ViewBlock(1, 0, 1), 7);
+  EXPECT_EQ(r.ViewSlot(1, 0, 1), 2);
+  EXPECT_EQ(r.At(1, 0, 1), 5);  // not attended, still held
+  EXPECT_EQ(r.ViewBlock(1, 1, 0), 2);
+  EXPECT_EQ(r.ViewBlock(1, 1, 1), 3);
+  // 5 and 1, attended two steps ago, are still there: no copy. The new 11 and 4 take the slot
+  // attended least recently among the others (both were attended at the last step: the first).
+  r.Place(1, {{5, 11, 12}, {1, 4, 6}}, {}, 2, &cp);
   ASSERT_EQ(cp.size(), 2u);
+  EXPECT_EQ(r.ViewSlot(1, 0, 0), 1);
   EXPECT_EQ(cp[0].block, 11);
-  EXPECT_EQ(cp[0].from, 2);
+  EXPECT_EQ(cp[0].head, 0);
   EXPECT_EQ(cp[0].to, 0);
   EXPECT_EQ(cp[1].block, 4);
-  EXPECT_EQ(cp[1].from, 2);
+  EXPECT_EQ(cp[1].head, 1);
+  EXPECT_EQ(cp[1].to, 1);
+  // More held blocks than the share: the retained one first, no copy.
+  r.Place(1, {{5, 7, 11}, {3, 4, 6}}, {{11}, {}}, 1, &cp);
+  EXPECT_TRUE(cp.empty());
+  EXPECT_EQ(r.ViewBlock(1, 0, 0), 11);
+  EXPECT_EQ(r.ViewBlock(1, 1, 0), 3);
+  // Head 0's slot 2 (7) was last attended three steps ago, slot 1 (5) two, slot 0 (11) one:
+  // new blocks take them in that order.
+  r.Place(1, {{20, 21, 22}, {3, 4, 6}}, {}, 3, &cp);
+  ASSERT_EQ(cp.size(), 4u);
+  EXPECT_EQ(cp[0].block, 20);
+  EXPECT_EQ(cp[0].to, 2);
+  EXPECT_EQ(cp[1].block, 21);
+  EXPECT_EQ(cp[1].to, 1);
+  EXPECT_EQ(cp[2].block, 22);
+  EXPECT_EQ(cp[2].to, 0);
+  EXPECT_EQ(cp[3].block, 6);  // head 1: 3 and 4 held
   r.Clear();
   r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp);
   EXPECT_EQ(cp.size(), 2u);
-  EXPECT_EQ(cp[0].from, -1);
 }
 
 TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
-  const int64_t Hk = 3, slots = 6;
+  const int64_t Hk = 3, slots = 9;
   ResidentBlocks r(1, Hk, slots);
   std::vector<std::vector<int32_t>> mem(Hk, std::vector<int32_t>(slots, -1));  // what copies wrote
+  std::vector<std::vector<int>> last(Hk, std::vector<int>(slots, -1));         // step last attended
   std::mt19937 rng(7);
   std::vector<std::vector<int32_t>> prev(Hk);
   std::vector<ResidentBlocks::Copy> cp;
-  for (int step = 0; step < 400; ++step) {
-    if (step == 200) r.Clear(), mem.assign(Hk, std::vector<int32_t>(slots, -1));
+  for (int step = 0; step < 600; ++step) {
+    if (step == 300) {
+      r.Clear();
+      mem.assign(Hk, std::vector<int32_t>(slots, -1));
+      last.assign(Hk, std::vector<int>(slots, -1));
+    }
     const int64_t len = 6 + static_cast<int64_t>(rng() % 5);
-    const int64_t n_g = static_cast<int64_t>(rng() % (slots + 1));
+    const int64_t n_g = static_cast<int64_t>(rng() % 7);
     std::vector<std::vector<int32_t>> sel(Hk), ret(Hk);
     for (int64_t h = 0; h < Hk; ++h) {
       std::set<int32_t> s;
@@ -233,56 +259,59 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
         if (rng() % 4 != 0 && static_cast<int64_t>(s.size()) < len) s.insert(b);
       while (static_cast<int64_t>(s.size()) < len) s.insert(static_cast<int32_t>(rng() % 40));
       sel[h].assign(s.begin(), s.end());
+      std::shuffle(sel[h].begin(), sel[h].end(), rng);
       for (int32_t b : sel[h])
         if (rng() % 5 == 0) ret[h].push_back(b);
     }
-    std::vector<std::set<int32_t>> held_before(Hk);
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int64_t j = 0; j < slots; ++j)
-        if (r.At(0, h, j) >= 0) held_before[h].insert(r.At(0, h, j));
+    const std::vector<std::vector<int32_t>> before = mem;
     r.Place(0, sel, ret, n_g, &cp);
     std::set<std::pair<int32_t, int32_t>> written;
-    std::vector<std::vector<int32_t>> next = mem;
     std::vector<int64_t> from_host(Hk, 0);
     for (const auto& c : cp) {
-      ASSERT_TRUE(c.to >= 0 && c.to < n_g);
+      ASSERT_TRUE(c.to >= 0 && c.to < slots);
       ASSERT_TRUE(written.insert({c.head, c.to}).second) << "slot written twice";
-      if (c.from >= 0) {
-        ASSERT_GE(c.from, n_g);  // never a slot that a copy writes
-        ASSERT_EQ(mem[c.head][c.from], c.block);
-      } else {
-        ++from_host[c.head];
-      }
-      next[c.head][c.to] = c.block;
+      mem[c.head][c.to] = c.block;
+      ++from_host[c.head];
     }
-    mem = next;
     for (int64_t h = 0; h < Hk; ++h) {
-      std::set<int32_t> on_gpu;
-      int64_t hits = 0;
-      for (int32_t b : sel[h]) hits += held_before[h].count(b);
+      const std::set<int32_t> held(before[h].begin(), before[h].end());
+      std::set<int32_t> on_gpu, view_slots;
+      int64_t ret_held = 0, ret_attended = 0;
+      for (int32_t b : ret[h]) ret_held += held.count(b);
       for (int64_t j = 0; j < n_g; ++j) {
-        const int32_t b = r.At(0, h, j);
-        ASSERT_EQ(mem[h][j], b) << "step " << step << " head " << h << " slot " << j;
-        ASSERT_TRUE(std::count(sel[h].begin(), sel[h].end(), b) == 1) << b;
+        const int32_t s = r.ViewSlot(0, h, j), b = r.ViewBlock(0, h, j);
+        ASSERT_TRUE(s >= 0 && s < slots);
+        ASSERT_EQ(mem[h][s], b) << "step " << step << " head " << h << " view " << j;
+        ASSERT_EQ(std::count(sel[h].begin(), sel[h].end(), b), 1) << b;
+        ret_attended += held.count(b) && std::count(ret[h].begin(), ret[h].end(), b);
         on_gpu.insert(b);
+        view_slots.insert(s);
       }
       ASSERT_EQ(static_cast<int64_t>(on_gpu.size()), n_g);
-      // Only what was on the GPU nowhere comes from the host.
+      ASSERT_EQ(static_cast<int64_t>(view_slots.size()), n_g);
+      for (int64_t s = 0; s < slots; ++s) ASSERT_EQ(r.At(0, h, s), mem[h][s]);
+      // Only what the GPU held nowhere comes from the host; held retained blocks go first.
+      int64_t hits = 0;
+      for (int32_t b : sel[h]) hits += held.count(b);
       ASSERT_EQ(from_host[h], n_g - std::min(n_g, hits)) << "step " << step;
-      // Retained blocks new to the GPU go first.
-      int64_t ret_new = 0;
-      for (int32_t b : ret[h]) ret_new += held_before[h].count(b) == 0;
-      int64_t ret_read = 0;
+      ASSERT_EQ(ret_attended, std::min(n_g, ret_held)) << "step " << step;
+      // Retained blocks new to the GPU are read first.
+      int64_t ret_new = 0, ret_read = 0;
+      for (int32_t b : ret[h]) ret_new += held.count(b) == 0;
       for (const auto& c : cp)
-        if (c.head == h && c.from < 0)
-          ret_read += std::count(ret[h].begin(), ret[h].end(), c.block);
+        if (c.head == h) ret_read += std::count(ret[h].begin(), ret[h].end(), c.block);
       ASSERT_EQ(ret_read, std::min(ret_new, from_host[h]));
-      // Slots past n_g still hold what they held (or nothing, once moved).
-      for (int64_t j = n_g; j < slots; ++j) {
-        if (r.At(0, h, j) >= 0) {
-          ASSERT_EQ(mem[h][j], r.At(0, h, j));
+      // A new block takes an empty slot, else the one attended least recently, among the slots
+      // this step does not attend.
+      for (const auto& c : cp) {
+        if (c.head != h || before[h][c.to] < 0) continue;
+        for (int64_t s = 0; s < slots; ++s) {
+          if (view_slots.count(static_cast<int32_t>(s)) != 0) continue;
+          ASSERT_GE(before[h][s], 0) << "an empty slot was left, step " << step;
+          ASSERT_LE(last[h][c.to], last[h][s]) << "step " << step;
         }
       }
+      for (int32_t s : view_slots) last[h][s] = step;
     }
     prev = sel;
   }

@@ -65,6 +65,11 @@ constexpr SparseIntOption kSparseInts[] = {
      "sparse on a GPU (hybrid): percent of each KV head's selected Context blocks the GPU "
      "attends, reading them from pinned host memory over PCIe while the CPU attends the rest "
      "(0: the CPU attends them all)"},
+    {"gpu-cache-blocks", "gpu_cache_blocks", &SparseConfig::gpu_cache_blocks,
+     "sparse on a GPU (hybrid): extra GPU slots per sparse layer (each a block of every KV head) "
+     "that keep the Context blocks the GPU attended for later steps, so that a block selected "
+     "again is not read over PCIe again (0: ceil(gpu-share% of topk), one step's share; more "
+     "takes GPU memory, counted in --gpu-memory)"},
 };
 
 // --prefill dense|sparse and --pos-remap none|block (also as --set values).

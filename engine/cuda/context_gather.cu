@@ -18,11 +18,8 @@ __global__ void __launch_bounds__(kGatherThreads)
     GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, const int32_t* dst,
                  int64_t vecs, uint4* k_dst, uint4* v_dst) {
   const int64_t i = blockIdx.x;
-  const int64_t from = src[i];
-  uint4* base = blockIdx.y == 0 ? k_dst : v_dst;
-  const uint4* s =
-      from >= 0 ? (blockIdx.y == 0 ? k_src : v_src) + from * vecs : base + (-1 - from) * vecs;
-  uint4* d = base + static_cast<int64_t>(dst[i]) * vecs;
+  const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
+  uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + static_cast<int64_t>(dst[i]) * vecs;
   for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
     uint4 r[kGatherUnroll];
 #pragma unroll

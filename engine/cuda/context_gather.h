@@ -16,16 +16,12 @@ namespace needle::cuda {
 
 // Copies n head blocks (one KV head's [block_size][head_dim] rows, head_block_bytes each, a
 // multiple of 16) of K and V: item i to k_dst + dst[i] * head_block_bytes (v_dst alike), from
-//   src[i] >= 0: k_src + src[i] * head_block_bytes (v_src alike): host memory the GPU can read
-//                (page-locked and mapped: the host pointer, on a GPU with
-//                cudaDevAttrCanUseHostPointerForRegisteredMem), over PCIe; or device memory
-//                (--kv-placement device: the layer's own ring);
-//   src[i] < 0:  k_dst + (-1 - src[i]) * head_block_bytes: a head block already on the GPU
-//                (ResidentBlocks' moves), read from device memory.
-// No item may read a head block that another item writes. src and dst [n]: host memory the GPU
-// can read, read when the kernel runs; k_dst, v_dst: device memory. (The copy engines were tried,
-// one cudaMemcpyBatchAsync a layer: the call alone took 40-130 us of host time a layer,
-// bench/RESULTS.md.)
+// k_src + src[i] * head_block_bytes (v_src alike): host memory the GPU can read (page-locked and
+// mapped: the host pointer, on a GPU with cudaDevAttrCanUseHostPointerForRegisteredMem), over
+// PCIe; or device memory (--kv-placement device: the layer's own ring). src and dst [n]: host
+// memory the GPU can read, read when the kernel runs; k_dst, v_dst: device memory. (The copy
+// engines were tried, one cudaMemcpyBatchAsync a layer: the call alone took 40-130 us of host time
+// a layer, bench/RESULTS.md.)
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
                   uint8_t* v_dst, cudaStream_t stream);

@@ -198,6 +198,8 @@ HybridAttention::HybridAttention(const ModelConfig& m, const SparseConfig& c, Ba
                                  size_t host_limit, bool residual_on_gpu, bool device_kv)
     : impl_(std::make_unique<Impl>(m, c, gpu, tc, max_tokens, kv_type, host_limit, residual_on_gpu,
                                    device_kv)) {}
+int64_t HybridAttention::gpu_slots() const { return impl_->resident.slots(); }
+
 HybridAttention::~HybridAttention() = default;
 
 SparseAttention& HybridAttention::planner() { return impl_->planner; }

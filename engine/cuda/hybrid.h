@@ -71,6 +71,12 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
                                bool residual_on_gpu, bool device_kv = false);
 // Throws Error naming every item, the total and the budget when they do not fit.
 void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& budget_name);
+// SparseConfig::gpu_cache_blocks for gpu_cache_blocks 0 (host placement, c's as given otherwise):
+// the least (one step's share) plus as many slots as `budget` has room for beside the needs
+// (HybridGpuNeeds' arguments), up to kAutoGpuCacheShares shares in all.
+int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                              DType kv_type, size_t weight_bytes, int64_t ubatch,
+                              bool residual_on_gpu, size_t budget);
 
 // Where a decode step's time went, summed over steps (host clock, seconds).
 struct HybridStats {
@@ -136,6 +142,9 @@ class HybridAttention final : public AttentionPolicy {
   KVCache& host_cache();
   void AdoptContext(KVCache& model_cache, int64_t P);
   const HybridStats& stats() const;
+  // The extra GPU slots of a sparse layer that hold Context blocks (SparseConfig::GpuContextSlots
+  // of the configuration it was made with).
+  int64_t gpu_slots() const;
   // Brings stats() up to date with every step so far (the last step's rows, profile marks and
   // uploads are otherwise read when the next step begins); waits for the GPU.
   void SyncStats();

@@ -52,16 +52,14 @@ int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan
   const int64_t Hk = m.num_kv_heads;
   resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
   for (const auto& cp : copies)
-    if (!device_kv && cp.from < 0 && !PinHost(layer, cp.block, cp.block + 1)) {
+    if (!device_kv && !PinHost(layer, cp.block, cp.block + 1)) {
       gather_on = false;
       resident.Clear();
       copies.clear();
       return 0;
     }
-  const auto from_host = std::count_if(copies.begin(), copies.end(),
-                                       [](const ResidentBlocks::Copy& cp) { return cp.from < 0; });
   stats.gpu_blocks += n_g * Hk;
-  stats.gpu_reused += n_g * Hk - from_host;
+  stats.gpu_reused += n_g * Hk - static_cast<int64_t>(copies.size());
   return n_g;
 }
 
@@ -77,9 +75,7 @@ void HybridAttention::Impl::QueueGather(int64_t layer) {
   int32_t* dst = src + nc;
   for (size_t i = 0; i < nc; ++i) {
     const ResidentBlocks::Copy& cp = copies[i];
-    const int32_t at = cp.from < 0 ? from.SlotOf(layer, cp.block) : cp.from;
-    src[i] = at * static_cast<int32_t>(Hk) + cp.head;
-    if (cp.from >= 0) src[i] = -1 - src[i];
+    src[i] = from.SlotOf(layer, cp.block) * static_cast<int32_t>(Hk) + cp.head;
     dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
   }
   const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
@@ -88,6 +84,20 @@ void HybridAttention::Impl::QueueGather(int64_t layer) {
                      model_cache->BlockData(layer, false, x0),
                      model_cache->BlockData(layer, true, x0), stream);
   copies.clear();
+}
+
+void HybridAttention::Impl::WriteContextSlots(int64_t layer, const KVLayerView& v, int64_t n_g) {
+  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
+  // (Pinned, rewritten only after the next layer's wait for the stream, as QueueGather's lists.)
+  auto* pin = reinterpret_cast<int32_t*>(view_pin.Get(static_cast<size_t>(Hk * n_g)));
+  for (int64_t h = 0; h < Hk; ++h)
+    for (int64_t j = 0; j < n_g; ++j)
+      pin[h * n_g + j] = static_cast<int32_t>(x0 + resident.ViewSlot(layer, h, j));
+  const size_t w = static_cast<size_t>(n_g) * sizeof(int32_t);
+  NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<int32_t*>(v.table) + c.init_end() / c.block_size,
+                                      static_cast<size_t>(v.table_head_stride) * sizeof(int32_t),
+                                      pin, w, w, static_cast<size_t>(Hk), cudaMemcpyHostToDevice,
+                                      stream));
 }
 
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {
@@ -198,7 +208,8 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   stats.gather += Since(t);
   t = Clock::now();
   AttnArgs a2;
-  const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap);
+  const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap, n_g > 0);
+  if (n_g > 0) WriteContextSlots(layer, v, n_g);
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
   // the sums come back in one copy. The sums: the attention's own of every 32-key tile of the
   // gathered blocks (view keys [Initial, Initial + n_g blocks): cuda::AttentionTileStats) where
@@ -214,11 +225,10 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   const int64_t tiles_got =
       AttendTiled(v, a2, gpu_all ? out_dev : g_out, g_lse, n_stats > 0 ? tiles : 1,
                   c.init_end() / c.block_size * c.block_size, n_g, g_lse + a.heads);
-  if (tiles_got == 1 && n_stats > 0) {
-    const size_t x0 = static_cast<size_t>(model_cache->shape().ExtraSlot(layer, 0));
-    cuda::BlockStats(q_dev, v.k + x0 * model_cache->BlockBytes(), v.dtype, n_g, Hk, G, c.block_size,
-                     a.head_dim, a.scale, g_lse + a.heads, stream);
-  }
+  if (tiles_got == 1 && n_stats > 0)  // (the blocks where the view's table says)
+    cuda::BlockStats(q_dev, v.k, v.dtype, n_g, Hk, G, c.block_size, a.head_dim, a.scale,
+                     g_lse + a.heads, stream, v.table + c.init_end() / c.block_size,
+                     v.table_head_stride);
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
@@ -351,7 +361,7 @@ bool HybridAttention::Impl::AllOnGpu(const LayerPlan& plan, int64_t n_g) const {
 
 int64_t HybridAttention::Impl::GpuSlotOf(int64_t layer, int64_t h, int64_t n_g, int32_t b) const {
   for (int64_t j = 0; j < n_g; ++j)
-    if (resident.At(layer, h, j) == b) return j;
+    if (resident.ViewBlock(layer, h, j) == b) return j;
   return -1;
 }
 

@@ -102,8 +102,8 @@ struct HybridAttention::Impl final : PlanExecutor {
   // does not depend on their order). *a2: the query's arguments over it. init false: Local alone
   // (with position remapping the CPU attends the Initial keys, which move). per_head: a table
   // per KV head (KVLayerView::table_head_stride), whose n_g Context entries [Initial blocks,
-  // + n_g) the caller writes on the stream after this call (the device plan's selection): each
-  // head's selected blocks read where they lie in the ring.
+  // + n_g) the caller writes on the stream after this call (the device plan's selection: each
+  // head's selected blocks where they lie in the ring; the hybrid's share: WriteContextSlots).
   KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
                          bool init = true, bool per_head = false);
 
@@ -111,11 +111,14 @@ struct HybridAttention::Impl final : PlanExecutor {
   // shortest list, at most the extra slots); 0: the CPU attends them all.
   int64_t GpuShare(const LayerPlan& plan) const;
   // Places the GPU's n_g blocks of every KV head in the layer's extra slots (ResidentBlocks: the
-  // ones already there stay); `copies` lists the others, to copy from the host cache or from a
-  // later slot (QueueGather queues them). Returns n_g, or 0 where CUDA refused to page-lock a
-  // block to read (the CPU attends everything from then on).
+  // ones already there stay); `copies` lists the others, to copy from the host cache
+  // (QueueGather queues them). Returns n_g, or 0 where CUDA refused to page-lock a block to read
+  // (the CPU attends everything from then on).
   int64_t PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
   void QueueGather(int64_t layer);
+  // Queues the copy of each KV head's n_g Context entries of the per-head view v (WindowView's):
+  // the extra slots that hold the blocks it attends (ResidentBlocks::ViewSlot).
+  void WriteContextSlots(int64_t layer, const KVLayerView& v, int64_t n_g);
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
@@ -207,6 +210,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::thread pin_ahead;            // PinAhead's
   bool gather_on = false;           // the GPU attends its share of the Context blocks
   cuda::PinnedFloats src_pin;       // QueueGather's sources and destinations (int32)
+  cuda::PinnedFloats view_pin;      // WriteContextSlots' entries (int32)
   ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
   std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends

@@ -96,6 +96,22 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
   return g;
 }
 
+int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
+                              DType kv_type, size_t weight_bytes, int64_t ubatch,
+                              bool residual_on_gpu, size_t budget) {
+  if (c.gpu_cache_blocks != 0) return c.gpu_cache_blocks;
+  SparseConfig x = c;
+  const int64_t least = c.GpuContextSlots();
+  const auto bytes = [&](int64_t slots) {
+    x.gpu_cache_blocks = slots;
+    return HybridGpuNeeds(m, x, ctx, kv_type, weight_bytes, ubatch, residual_on_gpu).total();
+  };
+  const size_t base = bytes(least), per_slot = bytes(least + 1) - base;
+  if (least == 0 || base >= budget || per_slot == 0) return least;
+  const auto room = static_cast<int64_t>((budget - base) / per_slot);
+  return least + std::min(room, (SparseConfig::kAutoGpuCacheShares - 1) * least);
+}
+
 void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& name) {
   if (need.total() > budget)
     Fail("the hybrid engine needs ", FormatBytes(need.total()), " of GPU memory (", need.Describe(),

@@ -7,16 +7,18 @@
 namespace needle {
 
 ResidentBlocks::ResidentBlocks(int64_t layers, int64_t kv_heads, int64_t slots)
-    : kv_heads_(kv_heads),
-      slots_(slots),
-      held_(static_cast<size_t>(std::max<int64_t>(0, layers * kv_heads * slots)), -1) {}
+    : kv_heads_(kv_heads), slots_(slots) {
+  const auto n = static_cast<size_t>(std::max<int64_t>(0, layers * kv_heads * slots));
+  held_.assign(n, -1);
+  used_.assign(n, 0);
+  view_.assign(n, -1);
+  calls_.assign(static_cast<size_t>(std::max<int64_t>(0, layers)), 0);
+}
 
-void ResidentBlocks::Clear() { std::fill(held_.begin(), held_.end(), -1); }
-
-void ResidentBlocks::ClearLayer(int64_t layer) {
-  const auto per = static_cast<size_t>(kv_heads_ * slots_);
-  std::fill_n(held_.begin() + static_cast<std::ptrdiff_t>(per * static_cast<size_t>(layer)), per,
-              -1);
+void ResidentBlocks::Clear() {
+  std::fill(held_.begin(), held_.end(), -1);
+  std::fill(used_.begin(), used_.end(), 0);
+  std::fill(view_.begin(), view_.end(), -1);
 }
 
 void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
@@ -25,51 +27,59 @@ void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>
   copies->clear();
   NEEDLE_CHECK(n_g >= 0 && n_g <= slots_ && static_cast<int64_t>(blocks.size()) == kv_heads_);
   if (n_g == 0) return;
-  std::vector<char> placed;
-  std::vector<int32_t> free_slots;
+  const int64_t now = ++calls_[static_cast<size_t>(layer)];
   for (int64_t h = 0; h < kv_heads_; ++h) {
     const std::vector<int32_t>& sel = blocks[h];
     NEEDLE_CHECK(static_cast<int64_t>(sel.size()) >= n_g);
-    int32_t* held = held_.data() + (layer * kv_heads_ + h) * slots_;
-    placed.assign(sel.size(), 0);
-    const auto index_of = [&](int32_t b) {  // in sel, or -1
-      const auto it = std::find(sel.begin(), sel.end(), b);
-      return it == sel.end() ? int64_t{-1} : static_cast<int64_t>(it - sel.begin());
+    int32_t* held = held_.data() + Index(layer, h, 0);
+    int64_t* used = used_.data() + Index(layer, h, 0);
+    int32_t* view = view_.data() + Index(layer, h, 0);
+    const auto selected = [&](int32_t b) {
+      return std::find(sel.begin(), sel.end(), b) != sel.end();
     };
-    // Selected blocks already in [0, n_g) stay; the other slots there are free.
-    free_slots.clear();
-    for (int64_t j = 0; j < n_g; ++j) {
-      const int64_t i = held[j] >= 0 ? index_of(held[j]) : -1;
-      if (i >= 0 && placed[i] == 0)
-        placed[i] = 1;
-      else
-        free_slots.push_back(static_cast<int32_t>(j));
-    }
-    size_t f = 0;
-    // Selected blocks in later slots move in (read from there: no copy writes beyond n_g).
-    for (int64_t j = n_g; j < slots_ && f < free_slots.size(); ++j) {
-      const int64_t i = held[j] >= 0 ? index_of(held[j]) : -1;
-      if (i < 0 || placed[i] != 0) continue;
-      placed[i] = 1;
-      const int32_t to = free_slots[f++];
-      copies->push_back({held[j], static_cast<int32_t>(h), static_cast<int32_t>(j), to});
-      held[to] = held[j];
-      held[j] = -1;  // (its bytes stay, but one slot per block is enough)
-    }
-    // Blocks new to the GPU, from the host: retained ones first.
-    const auto from_host = [&](int64_t i) {
-      if (f >= free_slots.size() || placed[i] != 0) return;
-      placed[i] = 1;
-      const int32_t to = free_slots[f++];
-      copies->push_back({sel[i], static_cast<int32_t>(h), -1, to});
-      held[to] = sel[i];
-    };
+    // The order: the selected retained blocks, then the rest of the selection.
+    order_.clear();
     if (h < static_cast<int64_t>(retained.size()))
-      for (int32_t b : retained[h]) {
-        const int64_t i = index_of(b);
-        if (i >= 0) from_host(i);
+      for (int32_t b : retained[h])
+        if (selected(b)) order_.push_back(b);
+    const size_t n_ret = order_.size();
+    for (int32_t b : sel)
+      if (std::find(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(n_ret), b) ==
+          order_.begin() + static_cast<std::ptrdiff_t>(n_ret))
+        order_.push_back(b);
+    // Each one's slot, -1 where the GPU does not hold it.
+    picked_.assign(order_.size(), -1);
+    for (int64_t s = 0; s < slots_; ++s) {
+      if (held[s] < 0) continue;
+      const auto it = std::find(order_.begin(), order_.end(), held[s]);
+      if (it != order_.end())
+        picked_[static_cast<size_t>(it - order_.begin())] = static_cast<int32_t>(s);
+    }
+    taken_.assign(static_cast<size_t>(slots_), 0);
+    int64_t got = 0;
+    for (size_t i = 0; i < order_.size() && got < n_g; ++i)  // held: attended where they lie
+      if (picked_[i] >= 0) {
+        view[got++] = picked_[i];
+        taken_[static_cast<size_t>(picked_[i])] = 1;
       }
-    for (size_t i = 0; i < sel.size(); ++i) from_host(static_cast<int64_t>(i));
+    for (size_t i = 0; i < order_.size() && got < n_g; ++i) {  // new: read from the host
+      if (picked_[i] >= 0) continue;
+      int64_t to = -1;
+      for (int64_t s = 0; s < slots_; ++s) {
+        if (taken_[static_cast<size_t>(s)] != 0) continue;
+        if (held[s] < 0) {
+          to = s;
+          break;
+        }
+        if (to < 0 || used[s] < used[to]) to = s;
+      }
+      NEEDLE_CHECK(to >= 0);  // (n_g <= slots: a slot this step does not attend is left)
+      held[to] = order_[i];
+      taken_[static_cast<size_t>(to)] = 1;
+      view[got++] = static_cast<int32_t>(to);
+      copies->push_back({order_[i], static_cast<int32_t>(h), static_cast<int32_t>(to)});
+    }
+    for (int64_t j = 0; j < n_g; ++j) used[view[j]] = now;
   }
 }
 

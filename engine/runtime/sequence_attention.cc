@@ -71,8 +71,9 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
                                               " that other sequences' caches take";
   // Device placement (every layer's KV on the GPU) where asked, or with auto where it fits; the
   // prompt's residual stream stays on the GPU when it fits, else it goes through host memory.
+  SparseConfig sc = *sparse;
   const auto needs = [&](bool device, bool residual) {
-    return HybridGpuNeeds(m, *sparse, o.ctx, o.kv_type, weights, o.ubatch, residual, device);
+    return HybridGpuNeeds(m, sc, o.ctx, o.kv_type, weights, o.ubatch, residual, device);
   };
   bool device = o.placement == KVPlacement::kDevice;
   if (o.placement == KVPlacement::kAuto) {
@@ -89,10 +90,17 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   const bool residual_on_gpu = need.total() <= budget;
   if (!residual_on_gpu) need = needs(device, false);
   CheckHybridBudget(need, budget, name);
-  s.gpu_memory = need.Describe() + " (budget " + FormatBytes(budget) + ", " + name + ")";
-  s.cache = std::make_unique<KVCache>(HybridDeviceShape(m, *sparse, o.ctx, o.kv_type, device), 0,
+  if (!device && sc.gpu_cache_blocks == 0 && o.sequences == 1) {
+    // The GPU block cache, sized here (--gpu-cache-blocks 0) from the room the budget has.
+    sc.gpu_cache_blocks =
+        HybridAutoCacheBlocks(m, sc, o.ctx, o.kv_type, weights, o.ubatch, residual_on_gpu, budget);
+    need = needs(device, residual_on_gpu);
+  }
+  if (!device) s.gpu_memory = std::to_string(sc.GpuContextSlots()) + " GPU block cache slots; ";
+  s.gpu_memory += need.Describe() + " (budget " + FormatBytes(budget) + ", " + name + ")";
+  s.cache = std::make_unique<KVCache>(HybridDeviceShape(m, sc, o.ctx, o.kv_type, device), 0,
                                       b.kv_memory());
-  auto p = std::make_unique<HybridAttention>(m, *sparse, b, tc, o.ctx, o.kv_type, o.kv_memory,
+  auto p = std::make_unique<HybridAttention>(m, sc, b, tc, o.ctx, o.kv_type, o.kv_memory,
                                              residual_on_gpu, device);
   s.planner = &p->planner();
   s.policy = std::move(p);
@@ -110,6 +118,7 @@ std::function<SequenceAttention(int64_t ctx, size_t gpu_taken)> SlotCaches(
     int64_t slots, std::function<void(const SequenceAttention&)> said) {
   base.kv_memory = (base.kv_memory != 0 ? base.kv_memory : AvailableMemoryBytes()) /
                    static_cast<size_t>(std::max<int64_t>(slots, 1));
+  base.sequences = std::max<int64_t>(slots, 1);
   return [&model, &sparse, &tc, base, said](int64_t ctx, size_t gpu_taken) {
     SequenceOptions o = base;
     o.ctx = ctx, o.gpu_taken = gpu_taken;

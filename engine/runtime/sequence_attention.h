@@ -47,6 +47,10 @@ struct SequenceOptions {
   size_t gpu_taken = 0;   // of gpu_memory, what other sequences' caches already take there
   int64_t ubatch = 512;
   KVPlacement placement = KVPlacement::kAuto;  // sparse on a GPU
+  // Sequences that share gpu_memory (SlotCaches' slots): with more than one, the hybrid's GPU
+  // block cache (SparseConfig::gpu_cache_blocks 0) keeps one step's share, the least, so that
+  // the first sequence does not take what the later ones need.
+  int64_t sequences = 1;
 };
 
 // Before the weights go to the GPU: throws Error naming every number when the hybrid engine (a
