@@ -17,8 +17,9 @@
 //        Context blocks, what the planner (sparse_attn/) reads; page-locked as it fills.
 // With --gpu-share P (SparseConfig::gpu_share), the GPU attends P% of each KV head's selected
 // Context blocks itself, reading them from the host cache over PCIe into extra ring slots while
-// the CPU attends the rest (context_gather.h); the blocks stay there, and a block selected again
-// at a later step is not read again (resident_blocks.h).
+// the CPU attends the rest (context_gather.h); the blocks stay there (--gpu-cache-blocks slots,
+// the least recently attended making way), and a block selected again at a later step is not
+// read again (resident_blocks.h).
 // The planner is the CPU path's SparseAttention, unchanged: this class is its executor
 // (PlanExecutor), so --dump-plan is the same wherever the keys lie.
 #pragma once
