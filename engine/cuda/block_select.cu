@@ -128,26 +128,26 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
   return true;
 }
 
-// For row `row` (a KV head; sum: the rows_in rows summed), the k = min(want, n) best candidates
-// of scores [rows_in][n] (block ids first + i), ranked as sparse_attn/ ranks them: higher score
-// first, then lower block id, written to vals, ids [.][want] at row `row`, in no particular
-// order. Every thread of the block calls it.
+// One block per row (a KV head; sum: the Hk rows summed): the k = min(want, n) best candidates of
+// scores [Hk][n] (block ids first + i), ranked as sparse_attn/ ranks them: higher score first,
+// then lower block id, written to vals, ids [.][want] at the row, in no particular order.
 //
-// Passes of an 8-bit radix select over the keys, most significant byte first, find the k-th
-// largest key exactly (the keys are distinct); then every key at or above it is written out. A
-// pass ends the search early when the bin it chose holds exactly the keys still wanted: all of
-// them are in, and nothing below is (distinct scores: usually after the score's four bytes
-// instead of eight passes).
-__device__ __forceinline__ void TopRow(const float* scores, int64_t rows_in, int64_t n, bool sum,
-                                       int32_t first, int64_t want, int64_t row, float* vals,
-                                       int32_t* ids) {
+// First the value buckets (TopByValueBuckets); where they do not apply, passes of an 8-bit radix
+// select over the keys, most significant byte first, find the k-th largest key exactly (the keys
+// are distinct); then every key at or above it is written out. A pass ends the search early when
+// the bin it chose holds exactly the keys still wanted: all of them are in, and nothing below is
+// (distinct scores: usually after the score's four bytes instead of eight passes).
+__global__ void __launch_bounds__(kSelectThreads)
+    TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
+                    int64_t want, float* vals, int32_t* ids) {
+  const int64_t row = blockIdx.x;
   const int k = static_cast<int>(want < n ? want : n);
   __shared__ unsigned hist[256];
   __shared__ unsigned long long s_prefix;
   __shared__ int s_left, s_count, s_done;
   if (threadIdx.x == 0) s_prefix = 0, s_left = k, s_count = 0, s_done = 0;
   const auto key_of = [&](int64_t i) {
-    return RankKey(RowScore(scores, n, rows_in, sum, row, i), first + static_cast<int32_t>(i));
+    return RankKey(RowScore(scores, n, Hk, sum, row, i), first + static_cast<int32_t>(i));
   };
   unsigned long long cached[kKeysPerThread];
 #pragma unroll
@@ -227,17 +227,10 @@ __device__ __forceinline__ void TopRow(const float* scores, int64_t rows_in, int
   each([&](unsigned long long key, int64_t i) {
     if (key >= kth) {
       const int at = atomicAdd(&s_count, 1);
-      vals[row * want + at] = RowScore(scores, n, rows_in, sum, row, i);
+      vals[row * want + at] = RowScore(scores, n, Hk, sum, row, i);
       ids[row * want + at] = first + static_cast<int32_t>(i);
     }
   });
-}
-
-// One block per row.
-__global__ void __launch_bounds__(kSelectThreads)
-    TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
-                    int64_t want, float* vals, int32_t* ids) {
-  TopRow(scores, Hk, n, sum, first, want, blockIdx.x, vals, ids);
 }
 
 __global__ void GroupQueriesKernel(const float* q, int64_t G, int64_t n, int64_t D, bool quest,

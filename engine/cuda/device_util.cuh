@@ -65,6 +65,17 @@ __device__ __forceinline__ int64_t PagedRow(const int32_t* table, int64_t pos, i
   return (static_cast<int64_t>(table[p32 / b32]) * kv_heads + h) * B + p32 % b32;
 }
 
+// The device's multiprocessors (the current device's, read once).
+inline int Multiprocessors() {
+  static const int n = [] {
+    int dev = 0, sm = 0;
+    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+    return sm;
+  }();
+  return n;
+}
+
 // Compute capability of the current device as 10 * major + minor (90 for the H100), asked once
 // per device: the kernels' entry points choose by it on every call.
 inline int ComputeCapability() {

@@ -25,6 +25,7 @@
 #include "engine/base/error.h"
 #include "engine/base/switches.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_util.cuh"
 #include "engine/cuda/gemv.h"
 #include "engine/cuda/gemv_common.cuh"
 #include "engine/cuda/mma.cuh"
@@ -377,17 +378,6 @@ int Resident(GemvEpilogue e) {
 double WaveUse(int64_t blocks, int64_t slots) {
   const int64_t rounds = (blocks + slots - 1) / slots;
   return static_cast<double>(blocks) / static_cast<double>(rounds * slots);
-}
-
-// The device's multiprocessors (the current device's, read once).
-int Multiprocessors() {
-  static const int n = [] {
-    int dev = 0, sm = 0;
-    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
-    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
-    return sm;
-  }();
-  return n;
 }
 
 template <bool kNorm, int W>

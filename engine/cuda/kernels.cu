@@ -377,15 +377,13 @@ __global__ void __launch_bounds__(256)
 // The vector kernel's thread blocks that are resident at once on the whole GPU: its grid (more
 // would run in a second, partial wave).
 int64_t ScoreBlocksVecGrid() {
-  static const int64_t grid = [] {
-    int dev = 0, sms = 0, per_sm = 0;
-    NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
-    NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  static const int per_sm = [] {
+    int n = 0;
     NEEDLE_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreBlocksVecKernel, 256, 0));
-    return static_cast<int64_t>(sms) * std::max(per_sm, 1);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, ScoreBlocksVecKernel, 256, 0));
+    return std::max(n, 1);
   }();
-  return grid;
+  return static_cast<int64_t>(Multiprocessors()) * per_sm;
 }
 }  // namespace
 

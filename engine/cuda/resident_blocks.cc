@@ -48,22 +48,22 @@ void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>
           order_.begin() + static_cast<std::ptrdiff_t>(n_ret))
         order_.push_back(b);
     // Each one's slot, -1 where the GPU does not hold it.
-    picked_.assign(order_.size(), -1);
+    slot_of_.assign(order_.size(), -1);
     for (int64_t s = 0; s < slots_; ++s) {
       if (held[s] < 0) continue;
       const auto it = std::find(order_.begin(), order_.end(), held[s]);
       if (it != order_.end())
-        picked_[static_cast<size_t>(it - order_.begin())] = static_cast<int32_t>(s);
+        slot_of_[static_cast<size_t>(it - order_.begin())] = static_cast<int32_t>(s);
     }
     taken_.assign(static_cast<size_t>(slots_), 0);
     int64_t got = 0;
     for (size_t i = 0; i < order_.size() && got < n_g; ++i)  // held: attended where they lie
-      if (picked_[i] >= 0) {
-        view[got++] = picked_[i];
-        taken_[static_cast<size_t>(picked_[i])] = 1;
+      if (slot_of_[i] >= 0) {
+        view[got++] = slot_of_[i];
+        taken_[static_cast<size_t>(slot_of_[i])] = 1;
       }
     for (size_t i = 0; i < order_.size() && got < n_g; ++i) {  // new: read from the host
-      if (picked_[i] >= 0) continue;
+      if (slot_of_[i] >= 0) continue;
       int64_t to = -1;
       for (int64_t s = 0; s < slots_; ++s) {
         if (taken_[static_cast<size_t>(s)] != 0) continue;

@@ -67,7 +67,7 @@ class ResidentBlocks {
   std::vector<int64_t> used_;   // [layer][kv_head][slot] the Place call that last attended it
   std::vector<int32_t> view_;   // [layer][kv_head][slot] the last step's slots, n_g of them
   std::vector<int64_t> calls_;  // [layer] Place calls so far
-  std::vector<int32_t> order_, picked_;  // (Place's scratch)
+  std::vector<int32_t> order_, slot_of_;  // (Place's scratch: blocks in order, their slots)
   std::vector<char> taken_;
 };
 
