@@ -122,6 +122,37 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
       holds[static_cast<size_t>(1 * Hk + 1)] = host_a;
       check(holds, "kept and read");
       ASSERT_FALSE(HasFailure());
+      // A block table's entries written by the same kernel (the hybrid's per-head view): rows of
+      // `width` at a stride, with copies and alone; nothing else of the table changes.
+      {
+        const int64_t stride = 7, width = 3;
+        auto* table = reinterpret_cast<int32_t*>(gpu->Alloc(static_cast<size_t>(Hk * stride)));
+        NEEDLE_CUDA_CHECK(cudaMemsetAsync(table, 0xff, Hk * stride * 4, stream));
+        for (const bool with_copies : {true, false}) {
+          auto* p = reinterpret_cast<int32_t*>(list_pin.Get(4 + Hk * width));
+          p[0] = host_a, p[1] = static_cast<int32_t>(2 * Hk);  // (host_a into item 2 * Hk)
+          for (int64_t i = 0; i < Hk * width; ++i) p[2 + i] = static_cast<int32_t>(100 * i + 7);
+          cuda::TableEntries e;
+          e.values = p + 2, e.table = table + 1, e.rows = Hk, e.width = width, e.stride = stride;
+          cuda::GatherBlocks(cache.BlockData(0, false, 0), cache.BlockData(0, true, 0), p, p + 1,
+                             with_copies ? 1 : 0, hb, dk, dk + bytes, stream, e);
+          NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+          std::vector<int32_t> got(static_cast<size_t>(Hk * stride));
+          gpu->ToHost(reinterpret_cast<float*>(table), got.size(),
+                      reinterpret_cast<float*>(got.data()));
+          for (int64_t h = 0; h < Hk; ++h)
+            for (int64_t i = 0; i < stride; ++i)
+              EXPECT_EQ(got[static_cast<size_t>(h * stride + i)],
+                        i >= 1 && i <= width ? 100 * (h * width + i - 1) + 7 : -1)
+                  << "head " << h << " entry " << i << (with_copies ? " with copies" : " alone");
+          if (with_copies) {
+            holds[static_cast<size_t>(2 * Hk)] = host_a;
+            check(holds, "copied beside the entries");
+          }
+        }
+        gpu->Free(reinterpret_cast<float*>(table));
+        ASSERT_FALSE(HasFailure());
+      }
       gpu->Free(d);
       std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
           want;

@@ -13,11 +13,15 @@ constexpr int kGatherThreads = 256;
 constexpr int kGatherUnroll = 4;  // 16-byte loads in flight per thread before its stores
 
 // Block (i, kv): item i of K (kv 0) or V (kv 1). Reads cross PCIe, so each thread keeps
-// kGatherUnroll loads in flight.
+// kGatherUnroll loads in flight. Block (0, 0) also writes the table entries; i >= n: those alone.
 __global__ void __launch_bounds__(kGatherThreads)
     GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, const int32_t* dst,
-                 int64_t vecs, uint4* k_dst, uint4* v_dst) {
+                 int64_t n, int64_t vecs, uint4* k_dst, uint4* v_dst, TableEntries e) {
   const int64_t i = blockIdx.x;
+  if (i == 0 && blockIdx.y == 0)
+    for (int64_t x = threadIdx.x; x < e.rows * e.width; x += kGatherThreads)
+      e.table[(x / e.width) * e.stride + x % e.width] = e.values[x];
+  if (i >= n) return;
   const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
   uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + static_cast<int64_t>(dst[i]) * vecs;
   for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
@@ -217,13 +221,18 @@ void GatherRows(const RowCopies& c, size_t width, size_t pitch, int64_t heads, u
 
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
-                  uint8_t* v_dst, cudaStream_t stream) {
+                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries) {
   NEEDLE_CHECK(head_block_bytes % 16 == 0);
-  if (n <= 0) return;
+  const bool table = entries.rows > 0 && entries.width > 0;
+  NEEDLE_CHECK(!table || (entries.values != nullptr && entries.table != nullptr &&
+                          entries.stride >= entries.width));
+  if (n <= 0 && !table) return;
   const int64_t vecs = static_cast<int64_t>(head_block_bytes / 16);
-  GatherKernel<<<dim3(static_cast<unsigned>(n), 2), kGatherThreads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, dst, vecs,
-      reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst));
+  GatherKernel<<<dim3(static_cast<unsigned>(n > 0 ? n : 1), n > 0 ? 2 : 1), kGatherThreads, 0,
+                 stream>>>(reinterpret_cast<const uint4*>(k_src),
+                           reinterpret_cast<const uint4*>(v_src), src, dst, n > 0 ? n : 0, vecs,
+                           reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst),
+                           table ? entries : TableEntries{});
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

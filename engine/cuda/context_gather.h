@@ -22,9 +22,20 @@ namespace needle::cuda {
 // memory the GPU can read, read when the kernel runs; k_dst, v_dst: device memory. (The copy
 // engines were tried, one cudaMemcpyBatchAsync a layer: the call alone took 40-130 us of host time
 // a layer, bench/RESULTS.md.)
+//
+// With `entries`, the same kernel also writes a block table's entries (the hybrid's per-head view
+// of the ring: each KV head's Context entries, the extra slots that hold its blocks), so that a
+// layer whose blocks are all held needs no copy of its own: entries.values [rows][width] (host
+// memory the GPU can read, read when the kernel runs) to entries.table + r * entries.stride + i
+// (device). It runs even where n is 0.
+struct TableEntries {
+  const int32_t* values = nullptr;  // [rows][width], pinned
+  int32_t* table = nullptr;         // device; row r at table + r * stride
+  int64_t rows = 0, width = 0, stride = 0;
+};
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
-                  uint8_t* v_dst, cudaStream_t stream);
+                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries = {});
 
 // Copies the rows of up to kMaxRowCopies tokens of a device cache into dst, back to back: token
 // i's K row, then its V row, each [heads][width bytes], from src[2i] and src[2i + 1] (device

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -86,6 +87,17 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) {
     NEEDLE_CUDA_CHECK(cudaSetDevice(device));
+    // How a host thread waits for the GPU (a comparison switch, NEEDLE_CUDA_SYNC): unset, the
+    // runtime's choice (with one context and more cores than that: it spins); "blocking": it
+    // sleeps until the GPU's interrupt; "yield"; "spin".
+    if (const char* w = std::getenv("NEEDLE_CUDA_SYNC")) {
+      const std::string how = w;
+      if (how != "blocking" && how != "yield" && how != "spin")
+        Fail("NEEDLE_CUDA_SYNC: '", how, "' is none of blocking, yield, spin");
+      NEEDLE_CUDA_CHECK(cudaSetDeviceFlags(how == "blocking" ? cudaDeviceScheduleBlockingSync
+                                           : how == "yield"  ? cudaDeviceScheduleYield
+                                                             : cudaDeviceScheduleSpin));
+    }
     cudaDeviceProp prop{};
     NEEDLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     sm_count_ = prop.multiProcessorCount;

@@ -63,41 +63,32 @@ int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan
   return n_g;
 }
 
-void HybridAttention::Impl::QueueGather(int64_t layer) {
-  if (copies.empty()) return;
-  const int64_t Hk = m.num_kv_heads;
+void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g) {
+  if (n_g <= 0) return;
+  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
   // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
   KVCache& from = device_kv ? *model_cache : host;
-  // (The kernel reads the lists from pinned memory; they are rewritten only after the next
-  // layer's wait for the stream.)
-  const size_t nc = copies.size();
-  auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc));
-  int32_t* dst = src + nc;
+  // The kernel reads the lists and the view's entries from pinned memory; they are rewritten only
+  // after the next layer's wait for the stream.
+  const size_t nc = copies.size(), ne = static_cast<size_t>(Hk * n_g);
+  auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc + ne));
+  int32_t *dst = src + nc, *entries = dst + nc;
   for (size_t i = 0; i < nc; ++i) {
     const ResidentBlocks::Copy& cp = copies[i];
     src[i] = from.SlotOf(layer, cp.block) * static_cast<int32_t>(Hk) + cp.head;
     dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
   }
-  const int64_t x0 = model_cache->shape().ExtraSlot(layer, 0);
+  for (int64_t h = 0; h < Hk; ++h)
+    for (int64_t j = 0; j < n_g; ++j)
+      entries[h * n_g + j] = static_cast<int32_t>(x0 + resident.ViewSlot(layer, h, j));
+  cuda::TableEntries e;
+  e.values = entries, e.rows = Hk, e.width = n_g, e.stride = v.table_head_stride;
+  e.table = const_cast<int32_t*>(v.table) + c.init_end() / c.block_size;
   cuda::GatherBlocks(from.BlockData(layer, false, 0), from.BlockData(layer, true, 0), src, dst,
                      static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                      model_cache->BlockData(layer, false, x0),
-                     model_cache->BlockData(layer, true, x0), stream);
+                     model_cache->BlockData(layer, true, x0), stream, e);
   copies.clear();
-}
-
-void HybridAttention::Impl::WriteContextSlots(int64_t layer, const KVLayerView& v, int64_t n_g) {
-  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
-  // (Pinned, rewritten only after the next layer's wait for the stream, as QueueGather's lists.)
-  auto* pin = reinterpret_cast<int32_t*>(view_pin.Get(static_cast<size_t>(Hk * n_g)));
-  for (int64_t h = 0; h < Hk; ++h)
-    for (int64_t j = 0; j < n_g; ++j)
-      pin[h * n_g + j] = static_cast<int32_t>(x0 + resident.ViewSlot(layer, h, j));
-  const size_t w = static_cast<size_t>(n_g) * sizeof(int32_t);
-  NEEDLE_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<int32_t*>(v.table) + c.init_end() / c.block_size,
-                                      static_cast<size_t>(v.table_head_stride) * sizeof(int32_t),
-                                      pin, w, w, static_cast<size_t>(Hk), cudaMemcpyHostToDevice,
-                                      stream));
 }
 
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {
@@ -204,12 +195,13 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     tc.Start(attend_cpu);
     joiner.tc = &tc;
   }
-  QueueGather(layer);
-  stats.gather += Since(t);
-  t = Clock::now();
+  // (The view first: a new Local block rewrites its whole table; then the copies, and each
+  // head's Context entries in the same kernel.)
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap, n_g > 0);
-  if (n_g > 0) WriteContextSlots(layer, v, n_g);
+  QueueGather(layer, v, n_g);
+  stats.gather += Since(t);
+  t = Clock::now();
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
   // the sums come back in one copy. The sums: the attention's own of every 32-key tile of the
   // gathered blocks (view keys [Initial, Initial + n_g blocks): cuda::AttentionTileStats) where

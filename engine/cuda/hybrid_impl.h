@@ -103,7 +103,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   // (with position remapping the CPU attends the Initial keys, which move). per_head: a table
   // per KV head (KVLayerView::table_head_stride), whose n_g Context entries [Initial blocks,
   // + n_g) the caller writes on the stream after this call (the device plan's selection: each
-  // head's selected blocks where they lie in the ring; the hybrid's share: WriteContextSlots).
+  // head's selected blocks where they lie in the ring; the hybrid's share: QueueGather).
   KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
                          bool init = true, bool per_head = false);
 
@@ -115,10 +115,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // (QueueGather queues them). Returns n_g, or 0 where CUDA refused to page-lock a block to read
   // (the CPU attends everything from then on).
   int64_t PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
-  void QueueGather(int64_t layer);
-  // Queues the copy of each KV head's n_g Context entries of the per-head view v (WindowView's):
-  // the extra slots that hold the blocks it attends (ResidentBlocks::ViewSlot).
-  void WriteContextSlots(int64_t layer, const KVLayerView& v, int64_t n_g);
+  // Queues those copies and, in the same kernel, each KV head's n_g Context entries of the
+  // per-head view v (WindowView's): the extra slots that hold the blocks it attends
+  // (ResidentBlocks::ViewSlot). Nothing where n_g is 0.
+  void QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g);
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
@@ -209,8 +209,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::ArenaPinning pin_k, pin_v;  // the host cache's arenas (declared after it: freed first)
   std::thread pin_ahead;            // PinAhead's
   bool gather_on = false;           // the GPU attends its share of the Context blocks
-  cuda::PinnedFloats src_pin;       // QueueGather's sources and destinations (int32)
-  cuda::PinnedFloats view_pin;      // WriteContextSlots' entries (int32)
+  cuda::PinnedFloats src_pin;       // QueueGather's sources, destinations, view entries (int32)
   ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
   std::vector<ResidentBlocks::Copy> copies;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
