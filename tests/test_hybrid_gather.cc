@@ -262,8 +262,17 @@ TEST(ResidentBlocks, KeepsWhatStaysSelected) {
   EXPECT_EQ(cp[2].block, 22);
   EXPECT_EQ(cp[2].to, 0);
   EXPECT_EQ(cp[3].block, 6);  // head 1: 3 and 4 held
+  // Up to n_max: as many as every head holds. Head 0 holds 20, 21, 22, head 1 3, 4, 6.
+  EXPECT_EQ(r.Place(1, {{20, 21, 40}, {3, 4, 6}}, {}, 1, &cp, 3), 2);  // head 0 holds two
+  EXPECT_TRUE(cp.empty());
+  EXPECT_EQ(r.Place(1, {{20, 21, 22}, {3, 4, 6}}, {}, 1, &cp, 2), 2);  // n_max
+  EXPECT_TRUE(cp.empty());
+  EXPECT_EQ(r.Place(1, {{20, 21, 22}, {3, 4, 6}}, {}, 1, &cp, 5), 3);  // the slots, the lists
+  EXPECT_TRUE(cp.empty());
+  EXPECT_EQ(r.Place(1, {{20, 41, 42}, {3, 4, 6}}, {}, 2, &cp, 3), 2);  // n_g: one copy
+  EXPECT_EQ(cp.size(), 1u);
   r.Clear();
-  r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp);
+  EXPECT_EQ(r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp, 3), 1);
   EXPECT_EQ(cp.size(), 2u);
 }
 
@@ -282,7 +291,9 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
       last.assign(Hk, std::vector<int>(slots, -1));
     }
     const int64_t len = 6 + static_cast<int64_t>(rng() % 5);
-    const int64_t n_g = static_cast<int64_t>(rng() % 7);
+    const int64_t n_min = static_cast<int64_t>(rng() % 7);
+    // (Half the steps may take more than n_min where every head holds more of its blocks.)
+    const int64_t n_max = step % 2 == 0 ? 0 : n_min + static_cast<int64_t>(rng() % 6);
     std::vector<std::vector<int32_t>> sel(Hk), ret(Hk);
     for (int64_t h = 0; h < Hk; ++h) {
       std::set<int32_t> s;
@@ -295,7 +306,18 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
         if (rng() % 5 == 0) ret[h].push_back(b);
     }
     const std::vector<std::vector<int32_t>> before = mem;
-    r.Place(0, sel, ret, n_g, &cp);
+    int64_t fewest = slots;  // the fewest selected blocks any head holds
+    for (int64_t h = 0; h < Hk; ++h) {
+      int64_t hits = 0;
+      for (int32_t b : sel[h]) hits += std::count(before[h].begin(), before[h].end(), b);
+      fewest = std::min(fewest, hits);
+    }
+    const int64_t n_g = r.Place(0, sel, ret, n_min, &cp, n_max);
+    ASSERT_EQ(n_g, n_min == 0 ? 0 : std::max(n_min, std::min(fewest, std::min(n_max, len))))
+        << "step " << step;
+    if (n_g > n_min) {
+      ASSERT_TRUE(cp.empty()) << "more than the share, but a copy";
+    }
     std::set<std::pair<int32_t, int32_t>> written;
     std::vector<int64_t> from_host(Hk, 0);
     for (const auto& c : cp) {

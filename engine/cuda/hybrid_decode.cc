@@ -10,14 +10,15 @@ namespace needle {
 using hybrid::MergeLse;
 
 KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, int64_t n_g,
-                                              AttnArgs* a2, bool init, bool per_head) {
+                                              AttnArgs* a2, bool init, bool per_head,
+                                              bool upload) {
   const int64_t B = c.block_size, p = a.pos0, ie = init ? c.init_end() : 0, lb = c.LocalBegin(p);
   const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
   const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
   // (Local alone: no gathered blocks; per head: its own key, the tables' layout differs.)
   const int64_t key = per_head ? -2 - n_g : init ? n_g : -1;
   const int64_t heads = per_head ? m.num_kv_heads : 1;
-  if (lb != table_lb || p / B != table_pb || key != table_ng) {
+  if (!upload || lb != table_lb || p / B != table_pb || key != table_ng) {
     table_host.resize(static_cast<size_t>(heads * n));
     for (int64_t j = 0; j < n; ++j) {
       // (per head: the Context entries are the caller's; the extra slots stand in until then)
@@ -29,9 +30,13 @@ KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, 
     }
     for (int64_t h = 1; h < heads; ++h)
       std::copy_n(table_host.begin(), n, table_host.begin() + h * n);
-    int32_t* d = table_dev.Get<int32_t>(table_host.size());
-    H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
-    table_lb = lb, table_pb = p / B, table_ng = key;
+    if (upload) {
+      int32_t* d = table_dev.Get<int32_t>(table_host.size());
+      H2D(d, table_host.data(), table_host.size() * sizeof(int32_t));
+      table_lb = lb, table_pb = p / B, table_ng = key;
+    } else {
+      table_lb = -1;  // (the caller writes the device table)
+    }
   }
   KVLayerView v = model_cache->Layer(layer);
   v.table = table_dev.Get<int32_t>(table_host.size());
@@ -50,7 +55,11 @@ int64_t HybridAttention::Impl::GpuShare(const LayerPlan& plan) const {
 
 int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g) {
   const int64_t Hk = m.num_kv_heads;
-  resident.Place(layer, plan.blocks, plan.retained, n_g, &copies);
+  // More than the share where every head's GPU slots already hold more of its selected blocks:
+  // they cost the GPU no copy and take blocks off the CPU (NEEDLE_HYBRID_HELD=0: the share alone).
+  static const bool held_on = EnvOnUnlessZero("NEEDLE_HYBRID_HELD");
+  n_g = resident.Place(layer, plan.blocks, plan.retained, n_g, &copies,
+                       held_on ? resident.slots() : n_g);
   for (const auto& cp : copies)
     if (!device_kv && !PinHost(layer, cp.block, cp.block + 1)) {
       gather_on = false;
@@ -66,11 +75,13 @@ int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan
 void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g) {
   if (n_g <= 0) return;
   const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
+  const int64_t n = v.table_head_stride, ib = c.init_end() / c.block_size;
+  NEEDLE_CHECK(n >= ib + n_g && static_cast<int64_t>(table_host.size()) == Hk * n);
   // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
   KVCache& from = device_kv ? *model_cache : host;
-  // The kernel reads the lists and the view's entries from pinned memory; they are rewritten only
+  // The kernel reads the lists and the view's table from pinned memory; they are rewritten only
   // after the next layer's wait for the stream.
-  const size_t nc = copies.size(), ne = static_cast<size_t>(Hk * n_g);
+  const size_t nc = copies.size(), ne = static_cast<size_t>(Hk * n);
   auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc + ne));
   int32_t *dst = src + nc, *entries = dst + nc;
   for (size_t i = 0; i < nc; ++i) {
@@ -78,12 +89,13 @@ void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int
     src[i] = from.SlotOf(layer, cp.block) * static_cast<int32_t>(Hk) + cp.head;
     dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
   }
+  std::copy(table_host.begin(), table_host.end(), entries);
   for (int64_t h = 0; h < Hk; ++h)
     for (int64_t j = 0; j < n_g; ++j)
-      entries[h * n_g + j] = static_cast<int32_t>(x0 + resident.ViewSlot(layer, h, j));
+      entries[h * n + ib + j] = static_cast<int32_t>(x0 + resident.ViewSlot(layer, h, j));
   cuda::TableEntries e;
-  e.values = entries, e.rows = Hk, e.width = n_g, e.stride = v.table_head_stride;
-  e.table = const_cast<int32_t*>(v.table) + c.init_end() / c.block_size;
+  e.values = entries, e.table = const_cast<int32_t*>(v.table);
+  e.rows = Hk, e.width = n, e.stride = n;
   cuda::GatherBlocks(from.BlockData(layer, false, 0), from.BlockData(layer, true, 0), src, dst,
                      static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                      model_cache->BlockData(layer, false, x0),
@@ -195,10 +207,10 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
     tc.Start(attend_cpu);
     joiner.tc = &tc;
   }
-  // (The view first: a new Local block rewrites its whole table; then the copies, and each
-  // head's Context entries in the same kernel.)
+  // (The view, then the copies and the view's per-head table, whose Context entries n_g may
+  // change from layer to layer, in one kernel.)
   AttnArgs a2;
-  const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap, n_g > 0);
+  const KVLayerView v = WindowView(layer, a, n_g, &a2, !remap, n_g > 0, n_g == 0);
   QueueGather(layer, v, n_g);
   stats.gather += Since(t);
   t = Clock::now();

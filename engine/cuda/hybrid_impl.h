@@ -104,8 +104,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // per KV head (KVLayerView::table_head_stride), whose n_g Context entries [Initial blocks,
   // + n_g) the caller writes on the stream after this call (the device plan's selection: each
   // head's selected blocks where they lie in the ring; the hybrid's share: QueueGather).
+  // upload false: the table is left to the caller to write on the stream (table_host holds it,
+  // [kv_head][n], the Context entries standing in).
   KVLayerView WindowView(int64_t layer, const AttnArgs& a, int64_t n_g, AttnArgs* a2,
-                         bool init = true, bool per_head = false);
+                         bool init = true, bool per_head = false, bool upload = true);
 
   // How many of each KV head's selected blocks the GPU attends (SparseConfig::gpu_share of the
   // shortest list, at most the extra slots); 0: the CPU attends them all.
@@ -115,9 +117,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // (QueueGather queues them). Returns n_g, or 0 where CUDA refused to page-lock a block to read
   // (the CPU attends everything from then on).
   int64_t PlaceContext(int64_t layer, const LayerPlan& plan, int64_t n_g);
-  // Queues those copies and, in the same kernel, each KV head's n_g Context entries of the
-  // per-head view v (WindowView's): the extra slots that hold the blocks it attends
-  // (ResidentBlocks::ViewSlot). Nothing where n_g is 0.
+  // Queues those copies and, in the same kernel, the per-head table of the view v (WindowView's,
+  // not uploaded): table_host with each KV head's n_g Context entries the extra slots that hold
+  // the blocks it attends (ResidentBlocks::ViewSlot). Nothing where n_g is 0.
   void QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g);
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned

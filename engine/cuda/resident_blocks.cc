@@ -21,49 +21,65 @@ void ResidentBlocks::Clear() {
   std::fill(view_.begin(), view_.end(), -1);
 }
 
-void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
-                           const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
-                           std::vector<Copy>* copies) {
+int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
+                              const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
+                              std::vector<Copy>* copies, int64_t n_max) {
   copies->clear();
   NEEDLE_CHECK(n_g >= 0 && n_g <= slots_ && static_cast<int64_t>(blocks.size()) == kv_heads_);
-  if (n_g == 0) return;
+  if (n_g == 0) return 0;
   const int64_t now = ++calls_[static_cast<size_t>(layer)];
+  n_max = std::min(std::max(n_max, n_g), slots_);
+  order_.resize(static_cast<size_t>(kv_heads_));
+  slot_of_.resize(static_cast<size_t>(kv_heads_));
+  held_n_.assign(static_cast<size_t>(kv_heads_), 0);
+  int64_t held_min = n_max;
   for (int64_t h = 0; h < kv_heads_; ++h) {
     const std::vector<int32_t>& sel = blocks[h];
     NEEDLE_CHECK(static_cast<int64_t>(sel.size()) >= n_g);
-    int32_t* held = held_.data() + Index(layer, h, 0);
-    int64_t* used = used_.data() + Index(layer, h, 0);
-    int32_t* view = view_.data() + Index(layer, h, 0);
+    n_max = std::min(n_max, static_cast<int64_t>(sel.size()));
+    const int32_t* held = held_.data() + Index(layer, h, 0);
     const auto selected = [&](int32_t b) {
       return std::find(sel.begin(), sel.end(), b) != sel.end();
     };
     // The order: the selected retained blocks, then the rest of the selection.
-    order_.clear();
+    std::vector<int32_t>& order = order_[static_cast<size_t>(h)];
+    order.clear();
     if (h < static_cast<int64_t>(retained.size()))
       for (int32_t b : retained[h])
-        if (selected(b)) order_.push_back(b);
-    const size_t n_ret = order_.size();
+        if (selected(b)) order.push_back(b);
+    const auto n_ret = static_cast<std::ptrdiff_t>(order.size());
     for (int32_t b : sel)
-      if (std::find(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(n_ret), b) ==
-          order_.begin() + static_cast<std::ptrdiff_t>(n_ret))
-        order_.push_back(b);
+      if (std::find(order.begin(), order.begin() + n_ret, b) == order.begin() + n_ret)
+        order.push_back(b);
     // Each one's slot, -1 where the GPU does not hold it.
-    slot_of_.assign(order_.size(), -1);
+    std::vector<int32_t>& slot_of = slot_of_[static_cast<size_t>(h)];
+    slot_of.assign(order.size(), -1);
     for (int64_t s = 0; s < slots_; ++s) {
       if (held[s] < 0) continue;
-      const auto it = std::find(order_.begin(), order_.end(), held[s]);
-      if (it != order_.end())
-        slot_of_[static_cast<size_t>(it - order_.begin())] = static_cast<int32_t>(s);
+      const auto it = std::find(order.begin(), order.end(), held[s]);
+      if (it != order.end()) {
+        slot_of[static_cast<size_t>(it - order.begin())] = static_cast<int32_t>(s);
+        ++held_n_[static_cast<size_t>(h)];
+      }
     }
+    held_min = std::min(held_min, held_n_[static_cast<size_t>(h)]);
+  }
+  const int64_t n = std::max(n_g, std::min(held_min, n_max));
+  for (int64_t h = 0; h < kv_heads_; ++h) {
+    const std::vector<int32_t>& order = order_[static_cast<size_t>(h)];
+    const std::vector<int32_t>& slot_of = slot_of_[static_cast<size_t>(h)];
+    int32_t* held = held_.data() + Index(layer, h, 0);
+    int64_t* used = used_.data() + Index(layer, h, 0);
+    int32_t* view = view_.data() + Index(layer, h, 0);
     taken_.assign(static_cast<size_t>(slots_), 0);
     int64_t got = 0;
-    for (size_t i = 0; i < order_.size() && got < n_g; ++i)  // held: attended where they lie
-      if (slot_of_[i] >= 0) {
-        view[got++] = slot_of_[i];
-        taken_[static_cast<size_t>(slot_of_[i])] = 1;
+    for (size_t i = 0; i < order.size() && got < n; ++i)  // held: attended where they lie
+      if (slot_of[i] >= 0) {
+        view[got++] = slot_of[i];
+        taken_[static_cast<size_t>(slot_of[i])] = 1;
       }
-    for (size_t i = 0; i < order_.size() && got < n_g; ++i) {  // new: read from the host
-      if (slot_of_[i] >= 0) continue;
+    for (size_t i = 0; i < order.size() && got < n; ++i) {  // new: read from the host
+      if (slot_of[i] >= 0) continue;
       int64_t to = -1;
       for (int64_t s = 0; s < slots_; ++s) {
         if (taken_[static_cast<size_t>(s)] != 0) continue;
@@ -73,14 +89,15 @@ void ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>
         }
         if (to < 0 || used[s] < used[to]) to = s;
       }
-      NEEDLE_CHECK(to >= 0);  // (n_g <= slots: a slot this step does not attend is left)
-      held[to] = order_[i];
+      NEEDLE_CHECK(to >= 0);  // (n <= slots: a slot this step does not attend is left)
+      held[to] = order[i];
       taken_[static_cast<size_t>(to)] = 1;
       view[got++] = static_cast<int32_t>(to);
-      copies->push_back({order_[i], static_cast<int32_t>(h), static_cast<int32_t>(to)});
+      copies->push_back({order[i], static_cast<int32_t>(h), static_cast<int32_t>(to)});
     }
-    for (int64_t j = 0; j < n_g; ++j) used[view[j]] = now;
+    for (int64_t j = 0; j < n; ++j) used[view[j]] = now;
   }
+  return n;
 }
 
 }  // namespace needle

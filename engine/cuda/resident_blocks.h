@@ -36,15 +36,17 @@ class ResidentBlocks {
   void Clear();  // every slot empty (a new sequence or prompt)
 
   // One step of `layer`: of each KV head h's selection blocks[h] (any order, distinct), the GPU
-  // attends n_g (<= slots, <= every blocks[h].size()), taken in this order: those in retained[h]
-  // (they are likely to be selected again), then the rest in blocks[h]'s order; first those it
-  // holds in any slot, then blocks new to it, each read from the host into an empty slot or else
-  // into the one attended least recently (never one this step attends). Afterwards head h attends
-  // ViewSlot(layer, h, j) for j < n_g, which holds ViewBlock(layer, h, j). `copies`: what the step
-  // must copy (every `to` distinct).
-  void Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
-             const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
-             std::vector<Copy>* copies);
+  // attends n (returned), taken in this order: those in retained[h] (they are likely to be
+  // selected again), then the rest in blocks[h]'s order; first those it holds in any slot, then
+  // blocks new to it, each read from the host into an empty slot or else into the one attended
+  // least recently (never one this step attends). n is n_g (<= slots, <= every blocks[h].size()),
+  // or more where every head holds more of its selected blocks: the fewest any head holds, up to
+  // n_max (and the slots, and the shortest list); those cost no copy. n_g 0: none. Afterwards
+  // head h attends ViewSlot(layer, h, j) for j < n, which holds ViewBlock(layer, h, j).
+  // `copies`: what the step must copy (every `to` distinct).
+  int64_t Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
+                const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
+                std::vector<Copy>* copies, int64_t n_max = 0);
 
   int32_t At(int64_t layer, int64_t head, int64_t slot) const {  // -1: empty
     return held_[Index(layer, head, slot)];
@@ -67,7 +69,9 @@ class ResidentBlocks {
   std::vector<int64_t> used_;   // [layer][kv_head][slot] the Place call that last attended it
   std::vector<int32_t> view_;   // [layer][kv_head][slot] the last step's slots, n_g of them
   std::vector<int64_t> calls_;  // [layer] Place calls so far
-  std::vector<int32_t> order_, slot_of_;  // (Place's scratch: blocks in order, their slots)
+  // (Place's scratch, per KV head: blocks in order, their slots, how many are held.)
+  std::vector<std::vector<int32_t>> order_, slot_of_;
+  std::vector<int64_t> held_n_;
   std::vector<char> taken_;
 };
 
