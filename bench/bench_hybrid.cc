@@ -21,10 +21,11 @@
 //   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_slots"
 //   (the extra GPU slots a sparse layer has: SparseConfig::GpuContextSlots), "gpu_blocks"
 //   (the share of Context blocks the GPU attended), "gpu_reused" (the share of those already in
-//   GPU memory from an earlier step, not read over PCIe) and "setup_s" (the synthetic context's
-//   indexing and page-locking, or the prefill).
-//   NEEDLE_BENCH_PREFILLS: how the hybrid prefills, one run after the other: dense (default) and/or
-//   sparse (--prefill sparse, SparseConfig's chunk), e.g. dense,sparse; NEEDLE_BENCH_REMAP=1 adds
+//   GPU memory from an earlier step, not read over PCIe), "gpu_filled" (the share of Context
+//   blocks the CPU attended and the GPU then copied for later steps) and "setup_s" (the synthetic
+//   context's indexing and page-locking, or the prefill). NEEDLE_BENCH_PREFILLS: how the hybrid
+//   prefills, one run after the other: dense (default) and/or sparse (--prefill sparse,
+//   SparseConfig's chunk), e.g. dense,sparse; NEEDLE_BENCH_REMAP=1 adds
 //   --pos-remap block to the sparse runs. Hybrid lines add "prefill": "dense" | "sparse" |
 //   "sparse+remap", and the prompt's host time in seconds: "prompt_pin_s" (page-locking the
 //   host cache), "prompt_wait_s" (waiting for the GPU before planning), "prompt_plan_s" (the
@@ -234,7 +235,9 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
         (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait,
         (a.enqueue - before.enqueue) / n * ms);
-    split << buf << ",\"gather_ms\":" << (a.gather - before.gather) / n * ms
+    split << buf << ",\"gpu_filled\":"
+          << (gb + cb > 0 ? static_cast<double>(a.gpu_filled - before.gpu_filled) / (gb + cb) : 0.0)
+          << ",\"gather_ms\":" << (a.gather - before.gather) / n * ms
           << ",\"launch_ms\":" << (a.launch - before.launch) / n * ms;
     buf[0] = 0;
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.

@@ -366,8 +366,78 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
       }
       for (int32_t s : view_slots) last[h][s] = step;
     }
+    // Half the steps fill the slots with blocks the CPU attended: never a slot this step attends,
+    // never a block already held; an empty slot first, else the one used least recently.
+    if (step % 2 == 1 && n_g > 0) {
+      std::vector<std::vector<int32_t>> cpu(Hk);
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int32_t b : sel[h]) {
+          bool on_gpu = false;
+          for (int64_t j = 0; j < n_g; ++j) on_gpu |= r.ViewBlock(0, h, j) == b;
+          if (!on_gpu) cpu[h].push_back(b);
+        }
+      const int64_t most = 1 + static_cast<int64_t>(rng() % 4);
+      const std::vector<std::vector<int32_t>> held = mem;
+      r.Fill(0, cpu, most, &cp);
+      std::vector<int64_t> per(Hk, 0);
+      for (const auto& c : cp) {
+        ASSERT_EQ(last[c.head][c.to] == step, false) << "filled a slot in use, step " << step;
+        ASSERT_EQ(std::count(held[c.head].begin(), held[c.head].end(), c.block), 0)
+            << "step " << step << " block " << c.block << " head " << c.head << " to " << c.to
+            << " n_g " << n_g << " fill " << cp.size();
+        ASSERT_EQ(std::count(cpu[c.head].begin(), cpu[c.head].end(), c.block), 1);
+        // (Nor one holding a block of the list: it would be read again.)
+        ASSERT_EQ(std::count(cpu[c.head].begin(), cpu[c.head].end(), mem[c.head][c.to]), 0);
+        if (held[c.head][c.to] >= 0)
+          for (int64_t s = 0; s < slots; ++s) {
+            ASSERT_GE(mem[c.head][s], 0) << "an empty slot was left, step " << step;
+            if (last[c.head][s] != step &&
+                std::count(cpu[c.head].begin(), cpu[c.head].end(), mem[c.head][s]) == 0) {
+              ASSERT_LE(last[c.head][c.to], last[c.head][s]);
+            }
+          }
+        mem[c.head][c.to] = c.block;
+        last[c.head][c.to] = step;
+        ASSERT_LE(++per[c.head], most);
+      }
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t s = 0; s < slots; ++s) ASSERT_EQ(r.At(0, h, s), mem[h][s]);
+    }
     prev = sel;
   }
+}
+
+// Fill: the CPU's blocks of a step into slots that step does not attend, for later steps.
+TEST(ResidentBlocks, FillTakesSlotsTheStepDoesNotAttend) {
+  ResidentBlocks r(1, 2, 4);
+  std::vector<ResidentBlocks::Copy> cp;
+  r.Fill(0, {{1}, {2}}, 4, &cp);
+  EXPECT_TRUE(cp.empty());                                       // no step placed yet
+  EXPECT_EQ(r.Place(0, {{1, 2, 3}, {4, 5, 6}}, {}, 1, &cp), 1);  // 1 and 4 into slot 0
+  r.Fill(0, {{2, 3}, {5, 6}}, 1, &cp);                           // one a head
+  ASSERT_EQ(cp.size(), 2u);
+  EXPECT_EQ(cp[0].block, 2);
+  EXPECT_EQ(cp[0].head, 0);
+  EXPECT_EQ(cp[0].to, 1);
+  EXPECT_EQ(cp[1].block, 5);
+  EXPECT_EQ(cp[1].head, 1);
+  EXPECT_EQ(cp[1].to, 1);
+  // The next step finds two of each head's blocks held: both attended where they lie.
+  EXPECT_EQ(r.Place(0, {{1, 2, 7}, {4, 5, 8}}, {}, 1, &cp, 4), 2);
+  EXPECT_TRUE(cp.empty());
+  // Head 0: 7 and 9 take the empty slots; 10 finds none this step does not use.
+  r.Fill(0, {{7, 9, 10, 11}, {8}}, 4, &cp);
+  ASSERT_EQ(cp.size(), 3u);
+  EXPECT_EQ(cp[0].block, 7);
+  EXPECT_EQ(cp[0].to, 2);
+  EXPECT_EQ(cp[1].block, 9);
+  EXPECT_EQ(cp[1].to, 3);
+  EXPECT_EQ(cp[2].block, 8);
+  EXPECT_EQ(cp[2].to, 2);
+  EXPECT_EQ(r.Place(0, {{7, 9, 1}, {8, 4, 5}}, {}, 1, &cp, 4), 3);
+  EXPECT_TRUE(cp.empty());
+  r.Fill(0, {{2}, {}}, 4, &cp);  // held already
+  EXPECT_TRUE(cp.empty());
 }
 #endif
 

@@ -17,24 +17,24 @@ constexpr int kGatherUnroll = 4;  // 16-byte loads in flight per thread before i
 __global__ void __launch_bounds__(kGatherThreads)
     GatherKernel(const uint4* k_src, const uint4* v_src, const int32_t* src, const int32_t* dst,
                  int64_t n, int64_t vecs, uint4* k_dst, uint4* v_dst, TableEntries e) {
-  const int64_t i = blockIdx.x;
-  if (i == 0 && blockIdx.y == 0)
+  if (blockIdx.x == 0 && blockIdx.y == 0)
     for (int64_t x = threadIdx.x; x < e.rows * e.width; x += kGatherThreads)
       e.table[(x / e.width) * e.stride + x % e.width] = e.values[x];
-  if (i >= n) return;
-  const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
-  uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + static_cast<int64_t>(dst[i]) * vecs;
-  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
-    uint4 r[kGatherUnroll];
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
+    uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + static_cast<int64_t>(dst[i]) * vecs;
+    for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += kGatherThreads * kGatherUnroll) {
+      uint4 r[kGatherUnroll];
 #pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const int64_t v = v0 + u * kGatherThreads;
-      if (v < vecs) r[u] = s[v];
-    }
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t v = v0 + u * kGatherThreads;
+        if (v < vecs) r[u] = s[v];
+      }
 #pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const int64_t v = v0 + u * kGatherThreads;
-      if (v < vecs) d[v] = r[u];
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t v = v0 + u * kGatherThreads;
+        if (v < vecs) d[v] = r[u];
+      }
     }
   }
 }
@@ -221,18 +221,19 @@ void GatherRows(const RowCopies& c, size_t width, size_t pitch, int64_t heads, u
 
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
-                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries) {
+                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries,
+                  int max_blocks) {
   NEEDLE_CHECK(head_block_bytes % 16 == 0);
   const bool table = entries.rows > 0 && entries.width > 0;
   NEEDLE_CHECK(!table || (entries.values != nullptr && entries.table != nullptr &&
                           entries.stride >= entries.width));
   if (n <= 0 && !table) return;
   const int64_t vecs = static_cast<int64_t>(head_block_bytes / 16);
-  GatherKernel<<<dim3(static_cast<unsigned>(n > 0 ? n : 1), n > 0 ? 2 : 1), kGatherThreads, 0,
-                 stream>>>(reinterpret_cast<const uint4*>(k_src),
-                           reinterpret_cast<const uint4*>(v_src), src, dst, n > 0 ? n : 0, vecs,
-                           reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst),
-                           table ? entries : TableEntries{});
+  const int64_t grid = n <= 0 ? 1 : max_blocks > 0 && max_blocks < n ? max_blocks : n;
+  GatherKernel<<<dim3(static_cast<unsigned>(grid), n > 0 ? 2 : 1), kGatherThreads, 0, stream>>>(
+      reinterpret_cast<const uint4*>(k_src), reinterpret_cast<const uint4*>(v_src), src, dst,
+      n > 0 ? n : 0, vecs, reinterpret_cast<uint4*>(k_dst), reinterpret_cast<uint4*>(v_dst),
+      table ? entries : TableEntries{});
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

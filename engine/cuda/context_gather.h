@@ -27,7 +27,9 @@ namespace needle::cuda {
 // of the ring: each KV head's Context entries, the extra slots that hold its blocks), so that a
 // layer whose blocks are all held needs no copy of its own: entries.values [rows][width] (host
 // memory the GPU can read, read when the kernel runs) to entries.table + r * entries.stride + i
-// (device). It runs even where n is 0.
+// (device). It runs even where n is 0. max_blocks > 0: at most that many thread blocks for each
+// of K and V, each taking every max_blocks-th item (a copy in the background, beside other
+// kernels).
 struct TableEntries {
   const int32_t* values = nullptr;  // [rows][width], pinned
   int32_t* table = nullptr;         // device; row r at table + r * stride
@@ -35,7 +37,8 @@ struct TableEntries {
 };
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
-                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries = {});
+                  uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries = {},
+                  int max_blocks = 0);
 
 // Copies the rows of up to kMaxRowCopies tokens of a device cache into dst, back to back: token
 // i's K row, then its V row, each [heads][width bytes], from src[2i] and src[2i + 1] (device

@@ -1,5 +1,6 @@
 #include "engine/cuda/hybrid.h"
 
+#include "engine/base/switches.h"
 #include "engine/cuda/hybrid_impl.h"
 
 namespace needle {
@@ -49,10 +50,25 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   if (device_kv && !gather_on)
     Fail("--kv-placement device: a block of one KV head (", bb / m.num_kv_heads,
          " bytes) is not a multiple of 16 bytes");
+  fill_on = gather_on && !device_kv && EnvOnUnlessZero("NEEDLE_HYBRID_FILL");
+  if (fill_on) {
+    NEEDLE_CUDA_CHECK(cudaStreamCreateWithFlags(&fill_stream, cudaStreamNonBlocking));
+    const auto L = static_cast<size_t>(m.num_layers);
+    fill_done.resize(L);
+    for (auto& e : fill_done)
+      NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    fill_pin = std::vector<cuda::PinnedFloats>(L);
+    fill_queued.assign(L, 0);
+  }
 }
 
 HybridAttention::Impl::~Impl() {
   JoinPinAhead();
+  if (fill_stream != nullptr) {
+    cudaStreamSynchronize(fill_stream);
+    cudaStreamDestroy(fill_stream);
+  }
+  for (cudaEvent_t e : fill_done) cudaEventDestroy(e);
   if (layer_start != nullptr) cudaEventDestroy(layer_start);
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);
@@ -224,7 +240,7 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
   }
   model_cache.SetSize(P);
   x.table_lb = x.table_pb = -1;
-  x.resident.Clear();
+  x.ClearResident();
   x.Sync(nullptr);
 }
 
@@ -235,7 +251,7 @@ void HybridAttention::Reset() {
   impl_->planner.Reset();
   impl_->host.Clear();
   impl_->table_lb = impl_->table_pb = -1;
-  impl_->resident.Clear();
+  impl_->ClearResident();
 }
 
 void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
@@ -248,7 +264,7 @@ void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
   x.planner.Rewind(x.host, tokens);
   model_cache.Truncate(tokens);
   x.table_lb = x.table_pb = -1;
-  x.resident.Clear();
+  x.ClearResident();
 }
 
 void HybridAttention::SyncStats() {
@@ -290,7 +306,7 @@ void HybridAttention::EndPrefill() {
   x.JoinPinAhead();
   x.host.SetSize(x.step.call_pos0 + x.step.call_T);
   x.table_lb = x.table_pb = -1;
-  x.resident.Clear();
+  x.ClearResident();
 }
 
 void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

@@ -100,6 +100,9 @@ struct HybridStats {
   int64_t gpu_blocks = 0, cpu_blocks = 0;
   // Of gpu_blocks, those already in GPU memory from an earlier step (not read over PCIe).
   int64_t gpu_reused = 0;
+  // Blocks (one KV head's each) the CPU attended, copied into the GPU's slots in the background
+  // for later steps (HybridAttention's fills, NEEDLE_HYBRID_FILL).
+  int64_t gpu_filled = 0;
   // Prompts' sparse layers, summed over micro-batches and layers (host clock, seconds): page-
   // locking the host cache as it fills, waiting for the GPU before planning (the layer's
   // projections and everything queued before), and the planner (queuing its chunks included).

@@ -10,8 +10,7 @@ namespace needle {
 using hybrid::MergeLse;
 
 KVLayerView HybridAttention::Impl::WindowView(int64_t layer, const AttnArgs& a, int64_t n_g,
-                                              AttnArgs* a2, bool init, bool per_head,
-                                              bool upload) {
+                                              AttnArgs* a2, bool init, bool per_head, bool upload) {
   const int64_t B = c.block_size, p = a.pos0, ie = init ? c.init_end() : 0, lb = c.LocalBegin(p);
   const int64_t shift = lb - ie - n_g * B;             // positions the view moves Local by
   const int64_t n = (p - shift) / B + 1, ib = ie / B;  // blocks of the view, Initial blocks
@@ -63,7 +62,7 @@ int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan
   for (const auto& cp : copies)
     if (!device_kv && !PinHost(layer, cp.block, cp.block + 1)) {
       gather_on = false;
-      resident.Clear();
+      ClearResident();
       copies.clear();
       return 0;
     }
@@ -77,6 +76,9 @@ void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int
   const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
   const int64_t n = v.table_head_stride, ib = c.init_end() / c.block_size;
   NEEDLE_CHECK(n >= ib + n_g && static_cast<int64_t>(table_host.size()) == Hk * n);
+  // (After the layer's fills: they may have written the slots it attends or copies into.)
+  if (fill_on && fill_queued[static_cast<size_t>(layer)] != 0)
+    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(layer)], 0));
   // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
   KVCache& from = device_kv ? *model_cache : host;
   // The kernel reads the lists and the view's table from pinned memory; they are rewritten only
@@ -101,6 +103,46 @@ void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int
                      model_cache->BlockData(layer, false, x0),
                      model_cache->BlockData(layer, true, x0), stream, e);
   copies.clear();
+}
+
+// Thread blocks of a fill's kernel (each of K and V): few, beside the model's kernels, whose
+// blocks fill the multiprocessors; a block keeps 16 KB of PCIe reads in flight.
+constexpr int kFillBlocks = 8;
+
+void HybridAttention::Impl::QueueFill(int64_t layer,
+                                      const std::vector<std::vector<int32_t>>& lists) {
+  const auto l = static_cast<size_t>(layer);
+  // (Its lists are rewritten: the layer's last fill, a step ago, is done as a rule.)
+  if (fill_queued[l] != 0) NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));
+  resident.Fill(layer, lists, resident.slots(), &fills);
+  if (fills.empty()) return;
+  for (const auto& cp : fills)
+    if (!PinHost(layer, cp.block, cp.block + 1)) {
+      gather_on = false;  // (as PlaceContext: the CPU attends everything from now on)
+      ClearResident();
+      fills.clear();
+      return;
+    }
+  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
+  const size_t nc = fills.size();
+  auto* src = reinterpret_cast<int32_t*>(fill_pin[l].Get(2 * nc));
+  int32_t* dst = src + nc;
+  for (size_t i = 0; i < nc; ++i) {
+    src[i] = host.SlotOf(layer, fills[i].block) * static_cast<int32_t>(Hk) + fills[i].head;
+    dst[i] = fills[i].to * static_cast<int32_t>(Hk) + fills[i].head;
+  }
+  cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src, dst,
+                     static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
+                     model_cache->BlockData(layer, false, x0),
+                     model_cache->BlockData(layer, true, x0), fill_stream, {}, kFillBlocks);
+  NEEDLE_CUDA_CHECK(cudaEventRecord(fill_done[l], fill_stream));
+  fill_queued[l] = 1;
+  stats.gpu_filled += static_cast<int64_t>(nc);
+}
+
+void HybridAttention::Impl::ClearResident() {
+  if (fill_stream != nullptr) NEEDLE_CUDA_CHECK(cudaStreamSynchronize(fill_stream));
+  resident.Clear();
 }
 
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {
@@ -236,6 +278,8 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   float* g_pin = (late ? late_pin[layer] : gl_pin).Get(static_cast<size_t>(a.heads) + n_stats);
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
+  // The CPU's blocks into the GPU's free or least recently used slots, for later steps.
+  if (fill_on && gather_on && n_g > 0 && !gpu_all && !late) QueueFill(layer, *cb);
   stats.launch += Since(t);
   if (late) {  // the sums stay for LateMass; no wait
     late_at[layer] = stats_at;

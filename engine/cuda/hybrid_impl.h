@@ -121,6 +121,12 @@ struct HybridAttention::Impl final : PlanExecutor {
   // not uploaded): table_host with each KV head's n_g Context entries the extra slots that hold
   // the blocks it attends (ResidentBlocks::ViewSlot). Nothing where n_g is 0.
   void QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g);
+  // Queues the background copy of `lists` ([kv_head] blocks the CPU attends at this step) that the
+  // GPU does not hold into free or least recently used slots (ResidentBlocks::Fill). The stream
+  // waits for a layer's fills before its next copies and attention there (QueueGather).
+  void QueueFill(int64_t layer, const std::vector<std::vector<int32_t>>& lists);
+  // Waits for every fill in flight, then forgets what the slots hold (a new sequence or prompt).
+  void ClearResident();
 
   // The new token's K/V row of a sparse layer, from its ring to the host cache through pinned
   // memory (kv_rows.h): queued with the query, copied into the cache once the host has waited.
@@ -214,6 +220,15 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::PinnedFloats src_pin;       // QueueGather's sources, destinations, view entries (int32)
   ResidentBlocks resident;          // the Context blocks in the extra slots, per layer and head
   std::vector<ResidentBlocks::Copy> copies;
+  // The GPU block cache filled in the background (QueueFill): the CPU's blocks of a step copied
+  // into slots the step does not attend, on a stream of their own, for later steps. Per layer:
+  // the kernel's lists (pinned) and an event after its last fill. NEEDLE_HYBRID_FILL=0: off.
+  bool fill_on = false;
+  cudaStream_t fill_stream = nullptr;
+  std::vector<cudaEvent_t> fill_done;
+  std::vector<cuda::PinnedFloats> fill_pin;
+  std::vector<char> fill_queued;
+  std::vector<ResidentBlocks::Copy> fills;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
   std::vector<float> whole_stats;                // WholeBlockStats'

@@ -100,4 +100,42 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
   return n;
 }
 
+void ResidentBlocks::Fill(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
+                          int64_t most, std::vector<Copy>* copies) {
+  copies->clear();
+  const int64_t now = calls_[static_cast<size_t>(layer)];
+  if (now == 0) return;  // (no step placed yet)
+  for (size_t h = 0; h < blocks.size() && static_cast<int64_t>(h) < kv_heads_; ++h) {
+    const auto hh = static_cast<int64_t>(h);
+    int32_t* held = held_.data() + Index(layer, hh, 0);
+    int64_t* used = used_.data() + Index(layer, hh, 0);
+    // Slots not to take: attended (or filled) at this step, or holding one of the blocks.
+    taken_.assign(static_cast<size_t>(slots_), 0);
+    for (int64_t s = 0; s < slots_; ++s)
+      taken_[static_cast<size_t>(s)] =
+          used[s] == now || (held[s] >= 0 && std::find(blocks[h].begin(), blocks[h].end(),
+                                                       held[s]) != blocks[h].end());
+    int64_t n = 0;
+    for (int32_t b : blocks[h]) {
+      if (n >= most) break;
+      if (std::find(held, held + slots_, b) != held + slots_) continue;
+      int64_t to = -1;
+      for (int64_t s = 0; s < slots_; ++s) {
+        if (taken_[static_cast<size_t>(s)] != 0) continue;
+        if (held[s] < 0) {
+          to = s;
+          break;
+        }
+        if (to < 0 || used[s] < used[to]) to = s;
+      }
+      if (to < 0) break;
+      held[to] = b;
+      used[to] = now;
+      taken_[static_cast<size_t>(to)] = 1;
+      copies->push_back({b, static_cast<int32_t>(h), static_cast<int32_t>(to)});
+      ++n;
+    }
+  }
+}
+
 }  // namespace needle

@@ -48,6 +48,14 @@ class ResidentBlocks {
                 const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
                 std::vector<Copy>* copies, int64_t n_max = 0);
 
+  // After Place at the same step of `layer`: of each KV head h's blocks[h] (selected blocks the
+  // CPU attends at this step), those the GPU does not hold, up to `most` a head, in order, each
+  // into a slot this step does not attend and that holds none of blocks[h] (an empty one, else
+  // the one attended or filled least recently), for later steps to attend where they lie.
+  // `copies`: what to copy.
+  void Fill(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t most,
+            std::vector<Copy>* copies);
+
   int32_t At(int64_t layer, int64_t head, int64_t slot) const {  // -1: empty
     return held_[Index(layer, head, slot)];
   }
