@@ -70,9 +70,12 @@ struct SparseConfig {
   // percentage of each KV head's selected Context blocks that the GPU attends, reading them
   // from the host cache (pinned memory) over PCIe while the CPU attends the rest; blocks the GPU
   // attended at an earlier step and still holds are not read again (engine/cuda/resident_blocks.h).
-  // 0: the CPU attends them all. 50 measured best on the H200 machine (bench/RESULTS.md): the
-  // GPU reads host blocks at about 30 GB/s, so a larger share leaves it the last to finish.
-  int64_t gpu_share = 50;
+  // 0: the CPU attends them all. 50 measured best on the H200 machine without the block cache
+  // (the GPU reads host blocks at about 30 GB/s, so a larger share left it the last to finish);
+  // with the cache, 60: on two H100 hosts, Qwen2.5-7B 1M 83.7 / 85.0 / 88.1 tok/s against 80.4 /
+  // 74.5 / 81.4 at 50, Llama-3.1-8B 512K 59.7 / 66.2 against 58.8 / 63.3 (75 was slower: 84
+  // against 89; bench/RESULTS.md).
+  int64_t gpu_share = 60;
   // Placement too: the extra GPU slots of a sparse layer (each one block of every KV head) that
   // hold the Context blocks the GPU attends, and keep them for later steps until a new block
   // needs the slot attended least recently. 0 (the default): sized where the sequence is made

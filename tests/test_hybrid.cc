@@ -291,6 +291,7 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   m.hidden_size = 3584, m.intermediate_size = 18944, m.vocab_size = 152064;
   m.sliding_window.assign(28, 0);
   SparseConfig c;  // dense_layers 2, local 4096, init 128, block 128
+  c.gpu_share = 50;  // (one share: 16 of topk 32)
   const int64_t ctx = int64_t{1} << 20;
   const size_t weights = size_t{15} << 30;
   const HybridGpuMemory g = HybridGpuNeeds(m, c, ctx, DType::kBF16, weights, 512, false);

@@ -63,8 +63,8 @@ constexpr SparseIntOption kSparseInts[] = {
      "of the keys a layer per prompt)"},
     {"gpu-share", "gpu_share", &SparseConfig::gpu_share,
      "sparse on a GPU (hybrid): percent of each KV head's selected Context blocks the GPU "
-     "attends, reading them from pinned host memory over PCIe while the CPU attends the rest "
-     "(0: the CPU attends them all)"},
+     "attends at least, reading them from pinned host memory over PCIe while the CPU attends the "
+     "rest; more where its block cache already holds them (0: the CPU attends them all)"},
     {"gpu-cache-blocks", "gpu_cache_blocks", &SparseConfig::gpu_cache_blocks,
      "sparse on a GPU (hybrid): extra GPU slots per sparse layer (each a block of every KV head) "
      "that keep the Context blocks the GPU attended for later steps, so that a block selected "

@@ -19,7 +19,8 @@
 // Context blocks itself, reading them from the host cache over PCIe into extra ring slots while
 // the CPU attends the rest (context_gather.h); the blocks stay there (--gpu-cache-blocks slots,
 // the least recently attended making way), and a block selected again at a later step is not
-// read again (resident_blocks.h).
+// read again (resident_blocks.h); the blocks the CPU attended are copied there in the background,
+// and the GPU attends more than its share where it holds more of a step's selection.
 // The planner is the CPU path's SparseAttention, unchanged: this class is its executor
 // (PlanExecutor), so --dump-plan is the same wherever the keys lie.
 #pragma once
