@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -414,26 +415,21 @@ TEST(ResidentBlocks, FillTakesSlotsTheStepDoesNotAttend) {
   r.Fill(0, {{1}, {2}}, 4, &cp);
   EXPECT_TRUE(cp.empty());                                       // no step placed yet
   EXPECT_EQ(r.Place(0, {{1, 2, 3}, {4, 5, 6}}, {}, 1, &cp), 1);  // 1 and 4 into slot 0
-  r.Fill(0, {{2, 3}, {5, 6}}, 1, &cp);                           // one a head
-  ASSERT_EQ(cp.size(), 2u);
-  EXPECT_EQ(cp[0].block, 2);
-  EXPECT_EQ(cp[0].head, 0);
-  EXPECT_EQ(cp[0].to, 1);
-  EXPECT_EQ(cp[1].block, 5);
-  EXPECT_EQ(cp[1].head, 1);
-  EXPECT_EQ(cp[1].to, 1);
+  // (block, head, to) of each copy.
+  using C = std::vector<std::array<int32_t, 3>>;
+  const auto copies = [&] {
+    C v;
+    for (const auto& c : cp) v.push_back({c.block, c.head, c.to});
+    return v;
+  };
+  r.Fill(0, {{2, 3}, {5, 6}}, 1, &cp);  // one a head
+  EXPECT_EQ(copies(), (C{{2, 0, 1}, {5, 1, 1}}));
   // The next step finds two of each head's blocks held: both attended where they lie.
   EXPECT_EQ(r.Place(0, {{1, 2, 7}, {4, 5, 8}}, {}, 1, &cp, 4), 2);
   EXPECT_TRUE(cp.empty());
   // Head 0: 7 and 9 take the empty slots; 10 finds none this step does not use.
   r.Fill(0, {{7, 9, 10, 11}, {8}}, 4, &cp);
-  ASSERT_EQ(cp.size(), 3u);
-  EXPECT_EQ(cp[0].block, 7);
-  EXPECT_EQ(cp[0].to, 2);
-  EXPECT_EQ(cp[1].block, 9);
-  EXPECT_EQ(cp[1].to, 3);
-  EXPECT_EQ(cp[2].block, 8);
-  EXPECT_EQ(cp[2].to, 2);
+  EXPECT_EQ(copies(), (C{{7, 0, 2}, {9, 0, 3}, {8, 1, 2}}));
   EXPECT_EQ(r.Place(0, {{7, 9, 1}, {8, 4, 5}}, {}, 1, &cp, 4), 3);
   EXPECT_TRUE(cp.empty());
   r.Fill(0, {{2}, {}}, 4, &cp);  // held already

@@ -80,15 +80,7 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
       }
     for (size_t i = 0; i < order.size() && got < n; ++i) {  // new: read from the host
       if (slot_of[i] >= 0) continue;
-      int64_t to = -1;
-      for (int64_t s = 0; s < slots_; ++s) {
-        if (taken_[static_cast<size_t>(s)] != 0) continue;
-        if (held[s] < 0) {
-          to = s;
-          break;
-        }
-        if (to < 0 || used[s] < used[to]) to = s;
-      }
+      const int64_t to = SlotToTake(held, used);
       NEEDLE_CHECK(to >= 0);  // (n <= slots: a slot this step does not attend is left)
       held[to] = order[i];
       taken_[static_cast<size_t>(to)] = 1;
@@ -98,6 +90,16 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
     for (int64_t j = 0; j < n; ++j) used[view[j]] = now;
   }
   return n;
+}
+
+int64_t ResidentBlocks::SlotToTake(const int32_t* held, const int64_t* used) const {
+  int64_t to = -1;
+  for (int64_t s = 0; s < slots_; ++s) {
+    if (taken_[static_cast<size_t>(s)] != 0) continue;
+    if (held[s] < 0) return s;
+    if (to < 0 || used[s] < used[to]) to = s;
+  }
+  return to;
 }
 
 void ResidentBlocks::Fill(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
@@ -119,15 +121,7 @@ void ResidentBlocks::Fill(int64_t layer, const std::vector<std::vector<int32_t>>
     for (int32_t b : blocks[h]) {
       if (n >= most) break;
       if (std::find(held, held + slots_, b) != held + slots_) continue;
-      int64_t to = -1;
-      for (int64_t s = 0; s < slots_; ++s) {
-        if (taken_[static_cast<size_t>(s)] != 0) continue;
-        if (held[s] < 0) {
-          to = s;
-          break;
-        }
-        if (to < 0 || used[s] < used[to]) to = s;
-      }
+      const int64_t to = SlotToTake(held, used);
       if (to < 0) break;
       held[to] = b;
       used[to] = now;

@@ -69,6 +69,9 @@ class ResidentBlocks {
   int64_t slots() const { return slots_; }
 
  private:
+  // Of one head's slots (held, used: its rows), one that taken_ leaves: an empty one, else the
+  // one attended least recently; -1: none.
+  int64_t SlotToTake(const int32_t* held, const int64_t* used) const;
   size_t Index(int64_t layer, int64_t head, int64_t slot) const {
     return static_cast<size_t>((layer * kv_heads_ + head) * slots_ + slot);
   }
