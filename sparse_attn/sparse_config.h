@@ -67,9 +67,11 @@ struct SparseConfig {
   // distance exceeds Initial + topk blocks + Local (+ the prefill chunk).
   bool pos_remap = false;
   // Placement, not selection (the hybrid engine only; the plan does not depend on it): the
-  // percentage of each KV head's selected Context blocks that the GPU attends, reading them
-  // from the host cache (pinned memory) over PCIe while the CPU attends the rest; blocks the GPU
-  // attended at an earlier step and still holds are not read again (engine/cuda/resident_blocks.h).
+  // percentage of each KV head's selected Context blocks that the GPU attends at least, reading
+  // them from the host cache (pinned memory) over PCIe while the CPU attends the rest; blocks the
+  // GPU attended at an earlier step and still holds are not read again, the CPU's are copied to
+  // it in the background, and it attends more than the share where every head holds more of its
+  // selection (engine/cuda/resident_blocks.h).
   // 0: the CPU attends them all. 50 measured best on the H200 machine without the block cache
   // (the GPU reads host blocks at about 30 GB/s, so a larger share left it the last to finish);
   // with the cache, 60: on two H100 hosts, Qwen2.5-7B 1M 83.7 / 85.0 / 88.1 tok/s against 80.4 /
@@ -81,8 +83,8 @@ struct SparseConfig {
   // needs the slot attended least recently. 0 (the default): sized where the sequence is made
   // (MakeSequenceAttention), up to kAutoGpuCacheShares steps' shares where the GPU budget has
   // room, at least ceil(gpu_share% of topk), one step's share. The synthetic 1M Qwen2.5-7B
-  // hybrid on the H100 (bench/RESULTS.md): 16 slots (one share) 80 tok/s, 35% of the GPU's blocks
-  // already there; 64: 89, 74%; 128 and 256: 89.5, 79%.
+  // hybrid on the H100 at share 50 (bench/RESULTS.md): 16 slots (one share) 80 tok/s, 35% of the
+  // GPU's blocks already there; 64: 89, 74%; 128 and 256: 89.5, 79%.
   int64_t gpu_cache_blocks = 0;
   // Extra GPU slots a sparse layer has for the GPU's part: gpu_cache_blocks, at least
   // ceil(gpu_share% of topk).
