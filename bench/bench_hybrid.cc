@@ -2,7 +2,8 @@
 // --dummy-weights model (bench/configs), beside needle's dense all-GPU path where its KV fits.
 // One JSON object per line on stdout:
 //   {"bench":"hybrid", "config", "prompt", "mode": "hybrid"|"dense", "prefill_tok/s",
-//    "decode_tok/s", "gpu_used_GiB" (device memory in use after decode, from cudaMemGetInfo,
+//    "decode_tok/s", "decode" (NEEDLE_BENCH_DECODE), "gpu_used_GiB" (device memory in use after
+//    decode, from cudaMemGetInfo,
 //    this process's allocations and the CUDA context), "host_peak_GiB" (VmHWM),
 //    per decode step in ms: "plan", "cpu_attend" (what is left of the CPU's blocks once the
 //    host has queued the GPU's share: they start first), "copies", "gpu_wait" (of which
@@ -32,6 +33,9 @@
 //   planner, queuing the chunks' attention included).
 //   NEEDLE_BENCH_PLACEMENTS: --kv-placement values to run the hybrid with, one after the other
 //   (e.g. host,device; default auto). Hybrid lines add "placement": what was used.
+//   NEEDLE_BENCH_DECODE: the decode steps' tokens: greedy (default; the dummy weights' next
+//   token) or repeat (the same token every step: queries that change little, as a real text's;
+//   the GPU block cache's favourable case). Lines add "decode".
 //   NEEDLE_BENCH_BATCH: batch sizes (e.g. 1,2,4): instead of the above, that many hybrid
 //   sequences at every (synthetic) context decoding together (RunBatch below).
 #include <cuda_runtime.h>
@@ -163,6 +167,14 @@ void RunBatch(Backend& gpu, Model& model, const std::string& name, int64_t P, in
   gpu.PreferBatchKernels(false);
 }
 
+// NEEDLE_BENCH_DECODE: greedy (unset) or repeat; anything else is an error naming it.
+bool DecodeRepeats() {
+  const char* d = std::getenv("NEEDLE_BENCH_DECODE");
+  if (d == nullptr || std::string(d) == "greedy") return false;
+  if (std::string(d) == "repeat") return true;
+  Fail("NEEDLE_BENCH_DECODE: '", d, "' is neither greedy nor repeat");
+}
+
 void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool synthetic,
          bool hybrid, size_t gpu_memory, int64_t gpu_share, int64_t gpu_cache, bool sparse_prefill,
          KVPlacement placement, ThreadingContext& tc) {
@@ -200,7 +212,15 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   if (h != nullptr) h->SyncStats(), before = h->stats(), tb = seq.planner->times();
   const int steps = 32;
   const auto t2 = std::chrono::steady_clock::now();
-  for (int s = 0; s < steps; ++s) tok = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;
+  // NEEDLE_BENCH_DECODE=repeat: every step feeds the warm-up step's token again, so that the
+  // queries (and the selection) change little from step to step, as a real text's do
+  // (scripts/plan_overlap.py); greedy (the default): the dummy weights' next token, whose
+  // queries share little with the step before beyond the retained blocks.
+  const bool repeat = DecodeRepeats();
+  for (int s = 0; s < steps; ++s) {
+    const int32_t next = model.ForwardGreedy(&tok, 1, *seq.cache) % 30000 + 10;
+    if (!repeat) tok = next;
+  }
   const double dec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count();
   if (h != nullptr) h->SyncStats();  // (after the clock: the steps' own work is done)
   std::ostringstream split;
@@ -258,11 +278,11 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   std::printf(
       "{\"bench\":\"hybrid\",\"config\":\"%s\",\"prompt\":%lld,\"mode\":\"%s\",\"synthetic\":%s,"
       "\"prefill_tok/s\":%s,\"decode_tok/"
-      "s\":%.2f,\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}\n",
+      "s\":%.2f,\"decode\":\"%s\",\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}\n",
       name.c_str(), static_cast<long long>(P), hybrid ? "hybrid" : "dense",
       synthetic ? "true" : "false",
       synthetic ? "null" : std::to_string(static_cast<long long>(P / pre)).c_str(), steps / dec,
-      GpuUsedGiB(), HostPeakGiB(), split.str().c_str());
+      repeat ? "repeat" : "greedy", GpuUsedGiB(), HostPeakGiB(), split.str().c_str());
   std::fflush(stdout);
   model.set_attention(nullptr);
 }
