@@ -58,7 +58,6 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
     for (auto& e : fill_done)
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     fill_pin = std::vector<cuda::PinnedFloats>(L);
-    fill_queued.assign(L, 0);
   }
 }
 

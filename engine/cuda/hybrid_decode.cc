@@ -76,21 +76,15 @@ void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int
   const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
   const int64_t n = v.table_head_stride, ib = c.init_end() / c.block_size;
   NEEDLE_CHECK(n >= ib + n_g && static_cast<int64_t>(table_host.size()) == Hk * n);
-  // (After the layer's fills: they may have written the slots it attends or copies into.)
-  if (fill_on && fill_queued[static_cast<size_t>(layer)] != 0)
+  // (After the layer's fills: they may have written the slots it attends or copies into. An
+  // event never recorded waits for nothing.)
+  if (fill_on)
     NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(layer)], 0));
-  // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
-  KVCache& from = device_kv ? *model_cache : host;
   // The kernel reads the lists and the view's table from pinned memory; they are rewritten only
   // after the next layer's wait for the stream.
-  const size_t nc = copies.size(), ne = static_cast<size_t>(Hk * n);
-  auto* src = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc + ne));
-  int32_t *dst = src + nc, *entries = dst + nc;
-  for (size_t i = 0; i < nc; ++i) {
-    const ResidentBlocks::Copy& cp = copies[i];
-    src[i] = from.SlotOf(layer, cp.block) * static_cast<int32_t>(Hk) + cp.head;
-    dst[i] = cp.to * static_cast<int32_t>(Hk) + cp.head;
-  }
+  const size_t nc = copies.size();
+  auto* pin = reinterpret_cast<int32_t*>(src_pin.Get(2 * nc + static_cast<size_t>(Hk * n)));
+  int32_t* entries = pin + 2 * nc;
   std::copy(table_host.begin(), table_host.end(), entries);
   for (int64_t h = 0; h < Hk; ++h)
     for (int64_t j = 0; j < n_g; ++j)
@@ -98,11 +92,26 @@ void HybridAttention::Impl::QueueGather(int64_t layer, const KVLayerView& v, int
   cuda::TableEntries e;
   e.values = entries, e.table = const_cast<int32_t*>(v.table);
   e.rows = Hk, e.width = n, e.stride = n;
+  // (Device placement: the blocks come from the layer's own ring, in GPU memory.)
+  QueueCopies(layer, device_kv ? *model_cache : host, copies, pin, stream, e, 0);
+  copies.clear();
+}
+
+void HybridAttention::Impl::QueueCopies(int64_t layer, KVCache& from,
+                                        const std::vector<ResidentBlocks::Copy>& list, int32_t* pin,
+                                        cudaStream_t s, const cuda::TableEntries& e,
+                                        int max_blocks) {
+  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
+  const size_t nc = list.size();
+  int32_t *src = pin, *dst = pin + nc;
+  for (size_t i = 0; i < nc; ++i) {
+    src[i] = from.SlotOf(layer, list[i].block) * static_cast<int32_t>(Hk) + list[i].head;
+    dst[i] = list[i].to * static_cast<int32_t>(Hk) + list[i].head;
+  }
   cuda::GatherBlocks(from.BlockData(layer, false, 0), from.BlockData(layer, true, 0), src, dst,
                      static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
                      model_cache->BlockData(layer, false, x0),
-                     model_cache->BlockData(layer, true, x0), stream, e);
-  copies.clear();
+                     model_cache->BlockData(layer, true, x0), s, e, max_blocks);
 }
 
 // Thread blocks of a fill's kernel (each of K and V): few, beside the model's kernels, whose
@@ -113,7 +122,7 @@ void HybridAttention::Impl::QueueFill(int64_t layer,
                                       const std::vector<std::vector<int32_t>>& lists) {
   const auto l = static_cast<size_t>(layer);
   // (Its lists are rewritten: the layer's last fill, a step ago, is done as a rule.)
-  if (fill_queued[l] != 0) NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));
   resident.Fill(layer, lists, resident.slots(), &fills);
   if (fills.empty()) return;
   for (const auto& cp : fills)
@@ -123,21 +132,10 @@ void HybridAttention::Impl::QueueFill(int64_t layer,
       fills.clear();
       return;
     }
-  const int64_t Hk = m.num_kv_heads, x0 = model_cache->shape().ExtraSlot(layer, 0);
-  const size_t nc = fills.size();
-  auto* src = reinterpret_cast<int32_t*>(fill_pin[l].Get(2 * nc));
-  int32_t* dst = src + nc;
-  for (size_t i = 0; i < nc; ++i) {
-    src[i] = host.SlotOf(layer, fills[i].block) * static_cast<int32_t>(Hk) + fills[i].head;
-    dst[i] = fills[i].to * static_cast<int32_t>(Hk) + fills[i].head;
-  }
-  cuda::GatherBlocks(host.BlockData(layer, false, 0), host.BlockData(layer, true, 0), src, dst,
-                     static_cast<int64_t>(nc), host.BlockBytes() / static_cast<size_t>(Hk),
-                     model_cache->BlockData(layer, false, x0),
-                     model_cache->BlockData(layer, true, x0), fill_stream, {}, kFillBlocks);
+  auto* pin = reinterpret_cast<int32_t*>(fill_pin[l].Get(2 * fills.size()));
+  QueueCopies(layer, host, fills, pin, fill_stream, {}, kFillBlocks);
   NEEDLE_CUDA_CHECK(cudaEventRecord(fill_done[l], fill_stream));
-  fill_queued[l] = 1;
-  stats.gpu_filled += static_cast<int64_t>(nc);
+  stats.gpu_filled += static_cast<int64_t>(fills.size());
 }
 
 void HybridAttention::Impl::ClearResident() {

@@ -121,6 +121,11 @@ struct HybridAttention::Impl final : PlanExecutor {
   // not uploaded): table_host with each KV head's n_g Context entries the extra slots that hold
   // the blocks it attends (ResidentBlocks::ViewSlot). Nothing where n_g is 0.
   void QueueGather(int64_t layer, const KVLayerView& v, int64_t n_g);
+  // One GatherBlocks on stream s: `list`'s blocks from `from` (the host cache, or the model's
+  // own for device placement) into the layer's extra slots, the kernel's source and destination
+  // lists written to pin [2 * list.size()] (pinned, read when it runs); e, max_blocks as there.
+  void QueueCopies(int64_t layer, KVCache& from, const std::vector<ResidentBlocks::Copy>& list,
+                   int32_t* pin, cudaStream_t s, const cuda::TableEntries& e, int max_blocks);
   // Queues the background copy of `lists` ([kv_head] blocks the CPU attends at this step) that the
   // GPU does not hold into free or least recently used slots (ResidentBlocks::Fill). The stream
   // waits for a layer's fills before its next copies and attention there (QueueGather).
@@ -227,7 +232,6 @@ struct HybridAttention::Impl final : PlanExecutor {
   cudaStream_t fill_stream = nullptr;
   std::vector<cudaEvent_t> fill_done;
   std::vector<cuda::PinnedFloats> fill_pin;
-  std::vector<char> fill_queued;
   std::vector<ResidentBlocks::Copy> fills;
   std::vector<std::vector<int32_t>> cpu_blocks;  // [kv_head] the blocks the CPU attends
   std::vector<float> all_stats;                  // the GPU's and CPU's block sums, plan order
