@@ -17,6 +17,8 @@
 //   Decode reads and selects from it exactly as from a prefilled one.
 //   NEEDLE_BENCH_DENSE_MAX: the longest context the dense path is also run at (default 131072);
 //   NEEDLE_BENCH_RETAIN: retain_blocks of the sparse settings (default: SparseConfig's).
+//   NEEDLE_BENCH_SPARSE: more sparse settings by their needle flags, applied after the defaults
+//   and before the above, e.g. dense-layers=0,select=layer; lines add "sparse" (as given).
 //   NEEDLE_BENCH_GPU_CACHES: gpu_cache_blocks values likewise (e.g. 0,64), within each share.
 //   NEEDLE_BENCH_GPU_SHARES: gpu_share values to run the hybrid with, one after the other in the
 //   same process (e.g. 0,50; default: SparseConfig's). Its lines add "gpu_share", "gpu_slots"
@@ -50,6 +52,7 @@
 
 #include "engine/base/error.h"
 #include "engine/base/threading.h"
+#include "engine/cli/run_options.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/hybrid.h"
@@ -179,6 +182,16 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
          bool hybrid, size_t gpu_memory, int64_t gpu_share, int64_t gpu_cache, bool sparse_prefill,
          KVPlacement placement, ThreadingContext& tc) {
   SparseConfig sc;  // the defaults: Quest, topk 32 of 128-token blocks, local 4096, 2 dense
+  const char* settings = std::getenv("NEEDLE_BENCH_SPARSE");
+  if (settings != nullptr) {
+    std::stringstream list(settings);
+    for (std::string kv; std::getline(list, kv, ',');) {
+      const size_t eq = kv.find('=');
+      if (eq == std::string::npos)
+        Fail("NEEDLE_BENCH_SPARSE: '", kv, "' is not FLAG=VALUE (e.g. dense-layers=0)");
+      ApplySparseSetting(&sc, kv.substr(0, eq), kv.substr(eq + 1));
+    }
+  }
   if (const char* r = std::getenv("NEEDLE_BENCH_RETAIN")) sc.retain_blocks = std::stoll(r);
   if (gpu_share >= 0) sc.gpu_share = gpu_share;
   if (gpu_cache >= 0) sc.gpu_cache_blocks = gpu_cache;
@@ -278,11 +291,13 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
   std::printf(
       "{\"bench\":\"hybrid\",\"config\":\"%s\",\"prompt\":%lld,\"mode\":\"%s\",\"synthetic\":%s,"
       "\"prefill_tok/s\":%s,\"decode_tok/"
-      "s\":%.2f,\"decode\":\"%s\",\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}\n",
+      "s\":%.2f,\"decode\":\"%s\",\"sparse\":\"%s\",\"gpu_used_GiB\":%.2f,\"host_peak_GiB\":%.2f%s}"
+      "\n",
       name.c_str(), static_cast<long long>(P), hybrid ? "hybrid" : "dense",
       synthetic ? "true" : "false",
       synthetic ? "null" : std::to_string(static_cast<long long>(P / pre)).c_str(), steps / dec,
-      repeat ? "repeat" : "greedy", GpuUsedGiB(), HostPeakGiB(), split.str().c_str());
+      repeat ? "repeat" : "greedy", settings != nullptr ? settings : "", GpuUsedGiB(),
+      HostPeakGiB(), split.str().c_str());
   std::fflush(stdout);
   model.set_attention(nullptr);
 }

@@ -161,6 +161,7 @@ int CmdGenerate(int argc, char** argv) {
                : stopped         ? " (stopped at the stop string)"
                                  : "");
   PrintRecall(rs);
+  PrintHybridSplit(rs);
   return 0;
 }
 

@@ -12,6 +12,7 @@
 #include "engine/base/error.h"
 #ifdef NEEDLE_HAVE_CUDA
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/hybrid.h"
 #endif
 
 namespace needle {
@@ -457,6 +458,36 @@ void PrintRecall(const RunSetup& rs) {
   std::fprintf(stderr, "needle: attention recall per layer:");
   for (double x : r) std::fprintf(stderr, " %.4f", x);
   std::fprintf(stderr, "\n");
+}
+
+void PrintHybridSplit(RunSetup& rs) {
+#ifdef NEEDLE_HAVE_CUDA
+  auto* h = dynamic_cast<HybridAttention*>(rs.policy.get());
+  if (h == nullptr) return;
+  h->SyncStats();
+  const HybridStats& a = h->stats();
+  if (a.steps == 0) return;
+  const double n = static_cast<double>(a.steps), ms = 1e3;
+  const double blocks = static_cast<double>(a.gpu_blocks + a.cpu_blocks);
+  std::fprintf(stderr,
+               "needle: hybrid decode, %lld steps, per step: planner %.3f ms, CPU attention %.3f "
+               "ms, copies %.3f ms, waiting for the GPU %.3f ms; ",
+               static_cast<long long>(a.steps), a.plan / n * ms, a.cpu_attend / n * ms,
+               a.copies / n * ms, a.gpu_wait / n * ms);
+  if (blocks > 0)
+    std::fprintf(stderr,
+                 "Context blocks: %.1f%% on the GPU (%.1f%% of those already in its memory), "
+                 "%.1f%% copied to it in the background\n",
+                 100.0 * static_cast<double>(a.gpu_blocks) / blocks,
+                 a.gpu_blocks > 0
+                     ? 100.0 * static_cast<double>(a.gpu_reused) / static_cast<double>(a.gpu_blocks)
+                     : 0.0,
+                 100.0 * static_cast<double>(a.gpu_filled) / blocks);
+  else
+    std::fprintf(stderr, "no Context blocks\n");
+#else
+  (void)rs;
+#endif
 }
 
 }  // namespace needle

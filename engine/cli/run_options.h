@@ -87,6 +87,11 @@ std::unique_ptr<Backend> MakeBackend(const std::string& device, const Options& o
 void ApplySparseSetting(SparseConfig* c, const std::string& flag, const std::string& value);
 // "needle: attention recall per layer: ..." on stderr, when --attn-recall is on.
 void PrintRecall(const RunSetup& rs);
+// "needle: hybrid decode, ..." on stderr for a run on the hybrid engine (nothing otherwise): per
+// decode step, where the host's time went (HybridStats) and which side attended the Context
+// blocks: the GPU's part, of it the blocks already in GPU memory, and the blocks copied there in
+// the background (docs/ARCHITECTURE.md, the GPU block cache).
+void PrintHybridSplit(RunSetup& rs);
 // What a run does with positions past the model's trained length (max_position_embeddings) when
 // its context of ctx tokens goes beyond it: one line for stderr, or "" within it. sparse: the
 // sparse settings of the run (nullptr: dense attention).
