@@ -9,6 +9,9 @@
 
 #include "tests/cli_test_util.h"
 #include "tests/test_util.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 namespace needle {
 namespace {
@@ -146,6 +149,38 @@ TEST(Cli, SparseGenerateWithRecallAndPlan) {
   }
   EXPECT_EQ(lines, 11 * 2);  // 11 decode steps (the first token comes from the prompt) x 2 layers
   EXPECT_EQ(sparse, 11);     // layer 1 of each step
+}
+
+// The hybrid engine's decode split at the end of a run: its steps, and which side attended the
+// Context blocks (none of it for a run on the CPU). On the GPU machine, NEEDLE_TEST_BINARY names
+// the carried binary.
+TEST(Cli, HybridGeneratePrintsItsDecodeSplit) {
+  const std::string args =
+      "generate -m " + kFx +
+      "/llama_gqa4_hd64_f32 --prompt-ids "
+      "3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,"
+      "35,36,37,38,39,40 -n 12 --attention sparse --block-size 4 --init-tokens 4 --local-window 8 "
+      "--topk 4 --dense-layers 1 ";
+  Result cpu = RunNeedle(args + "--device cpu");
+  ASSERT_EQ(cpu.status, 0) << cpu.output;
+  EXPECT_EQ(cpu.output.find("hybrid decode"), std::string::npos) << cpu.output;
+#ifdef NEEDLE_HAVE_CUDA
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  Result r = RunNeedle(args + "--device cuda");
+  ASSERT_EQ(r.status, 0) << r.output;
+  // 11 decode steps (the first token comes from the prompt); --gpu-share's default 60% of each
+  // head's 4 blocks is 2, so the GPU attends some of them.
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.output, m,
+                                std::regex("hybrid decode, 11 steps, per step: .*Context blocks: "
+                                           "([0-9.]+)% on the GPU")))
+      << r.output;
+  EXPECT_GE(std::stod(m[1]), 50.0) << r.output;
+  EXPECT_LE(std::stod(m[1]), 100.0) << r.output;
+#else
+  GTEST_SKIP() << "no GPU: this build has no CUDA (nvcc was not found at configure time)";
+#endif
 }
 
 // A fixture model with a byte-level tokenizer of exactly its 256 ids: text in, text out.
