@@ -275,6 +275,16 @@ TEST(ResidentBlocks, KeepsWhatStaysSelected) {
   r.Clear();
   EXPECT_EQ(r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp, 3), 1);
   EXPECT_EQ(cp.size(), 2u);
+  // take_rest: every block where no head misses more than it. Head 0 holds 11, head 1 4.
+  EXPECT_EQ(r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp, 3, 1), 1);  // each misses two
+  EXPECT_TRUE(cp.empty());
+  EXPECT_EQ(r.Place(1, {{11, 20, 22}, {4, 30, 32}}, {}, 1, &cp, 2, 2), 1);  // n_max 2 < 3
+  EXPECT_EQ(r.Place(1, {{11, 20, 23}, {4, 30}}, {}, 1, &cp, 3, 2), 1);      // unequal lists
+  EXPECT_EQ(r.Place(1, {{11, 20, 21}, {4, 30, 31}}, {}, 1, &cp, 3, 2), 3);
+  ASSERT_EQ(cp.size(), 4u);  // 20, 21 and 30, 31
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t j = 0; j < 3; ++j) EXPECT_GE(r.ViewSlot(1, h, j), 0);
+  EXPECT_EQ(r.ViewBlock(1, 1, 0), 4);
 }
 
 TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
@@ -295,6 +305,8 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
     const int64_t n_min = static_cast<int64_t>(rng() % 7);
     // (Half the steps may take more than n_min where every head holds more of its blocks.)
     const int64_t n_max = step % 2 == 0 ? 0 : n_min + static_cast<int64_t>(rng() % 6);
+    // (A third of them take every selected block where each head misses at most `take`.)
+    const int64_t take = step % 3 == 0 ? static_cast<int64_t>(rng() % 5) : 0;
     std::vector<std::vector<int32_t>> sel(Hk), ret(Hk);
     for (int64_t h = 0; h < Hk; ++h) {
       std::set<int32_t> s;
@@ -313,11 +325,17 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
       for (int32_t b : sel[h]) hits += std::count(before[h].begin(), before[h].end(), b);
       fewest = std::min(fewest, hits);
     }
-    const int64_t n_g = r.Place(0, sel, ret, n_min, &cp, n_max);
-    ASSERT_EQ(n_g, n_min == 0 ? 0 : std::max(n_min, std::min(fewest, std::min(n_max, len))))
-        << "step " << step;
-    if (n_g > n_min) {
+    const int64_t n_g = r.Place(0, sel, ret, n_min, &cp, n_max, take);
+    const int64_t most = std::min(std::max(n_max, n_min), std::min(slots, len));
+    int64_t want = n_min == 0 ? 0 : std::max(n_min, std::min(fewest, most));
+    const bool take_all = n_min > 0 && take > 0 && most == len && len - fewest <= take;
+    if (take_all) want = len;
+    ASSERT_EQ(n_g, want) << "step " << step;
+    if (n_g > n_min && !take_all) {
       ASSERT_TRUE(cp.empty()) << "more than the share, but a copy";
+    }
+    if (take_all) {
+      ASSERT_LE(static_cast<int64_t>(cp.size()), Hk * take) << "step " << step;
     }
     std::set<std::pair<int32_t, int32_t>> written;
     std::vector<int64_t> from_host(Hk, 0);

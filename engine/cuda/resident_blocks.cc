@@ -23,7 +23,7 @@ void ResidentBlocks::Clear() {
 
 int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
                               const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
-                              std::vector<Copy>* copies, int64_t n_max) {
+                              std::vector<Copy>* copies, int64_t n_max, int64_t take_rest) {
   copies->clear();
   NEEDLE_CHECK(n_g >= 0 && n_g <= slots_ && static_cast<int64_t>(blocks.size()) == kv_heads_);
   if (n_g == 0) return 0;
@@ -64,7 +64,14 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
     }
     held_min = std::min(held_min, held_n_[static_cast<size_t>(h)]);
   }
-  const int64_t n = std::max(n_g, std::min(held_min, n_max));
+  int64_t n = std::max(n_g, std::min(held_min, n_max));
+  if (take_rest > 0 && n < n_max) {
+    bool all = true;
+    for (int64_t h = 0; h < kv_heads_ && all; ++h)
+      all = static_cast<int64_t>(blocks[h].size()) == n_max &&
+            n_max - held_n_[static_cast<size_t>(h)] <= take_rest;
+    if (all) n = n_max;
+  }
   for (int64_t h = 0; h < kv_heads_; ++h) {
     const std::vector<int32_t>& order = order_[static_cast<size_t>(h)];
     const std::vector<int32_t>& slot_of = slot_of_[static_cast<size_t>(h)];

@@ -41,12 +41,15 @@ class ResidentBlocks {
   // blocks new to it, each read from the host into an empty slot or else into the one attended
   // least recently (never one this step attends). n is n_g (<= slots, <= every blocks[h].size()),
   // or more where every head holds more of its selected blocks: the fewest any head holds, up to
-  // n_max (and the slots, and the shortest list); those cost no copy. n_g 0: none. Afterwards
+  // n_max (and the slots, and the shortest list); those cost no copy. take_rest > 0: every
+  // selected block (n = the lists' length) where the lists are equally long, within n_max, and
+  // no head holds fewer than all but take_rest of its own (each copies at most take_rest): the
+  // CPU would be left so few that it costs more than the GPU's copies. n_g 0: none. Afterwards
   // head h attends ViewSlot(layer, h, j) for j < n, which holds ViewBlock(layer, h, j).
   // `copies`: what the step must copy (every `to` distinct).
   int64_t Place(int64_t layer, const std::vector<std::vector<int32_t>>& blocks,
                 const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
-                std::vector<Copy>* copies, int64_t n_max = 0);
+                std::vector<Copy>* copies, int64_t n_max = 0, int64_t take_rest = 0);
 
   // After Place at the same step of `layer`: of each KV head h's blocks[h] (selected blocks the
   // CPU attends at this step), those the GPU does not hold, up to `most` a head, in order, each
