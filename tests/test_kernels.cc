@@ -233,7 +233,8 @@ TEST(Kernels, Int8KVQuantisationError) {
 }
 
 // Wake's spinners give the workers back when the ParallelFor they wait for begins (long before
-// their deadline), or at the deadline when none comes; the ParallelFor runs every index once.
+// their deadline), at Rest, or at the deadline when none comes; the ParallelFor runs every index
+// once.
 TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   ThreadingContext tc(3);
   const auto until_idle = [&](double max_s) {
@@ -252,6 +253,9 @@ TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   for (const auto& h : hits) ASSERT_EQ(h.load(), 1);
   EXPECT_EQ(until_idle(10.0), 0);  // released by the ParallelFor, not by the 30 s deadline
   tc.Wake(20 * 1000);              // 20 ms, and no ParallelFor
+  EXPECT_EQ(until_idle(10.0), 0);
+  tc.Wake(30 * 1000 * 1000);  // 30 s, then Rest: released at once
+  tc.Rest();
   EXPECT_EQ(until_idle(10.0), 0);
   ThreadingContext one(1);
   one.Wake(1000);

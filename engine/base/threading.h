@@ -28,6 +28,9 @@ class ThreadingContext {
   // wake (more in a VM); this hides that behind the wait. Only for waits known to be short: the
   // workers burn their cores meanwhile.
   void Wake(int max_us);
+  // Sends Wake's spinners back to oneTBB (to sleep) at once: the work it was for will not come
+  // (the hybrid's GPU took every block of the layer).
+  void Rest() { epoch_.fetch_add(1, std::memory_order_relaxed); }
   int spinners() const { return spinners_.load(); }  // Wake's, not yet given up (tests)
 
   // Starts fn on the arena's workers and returns at once, so that the caller can do other work

@@ -214,6 +214,7 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   // Every selected block on the GPU (device placement): its output is the layer's.
   const bool gpu_all = !remap && AllOnGpu(plan, n_g);
   NEEDLE_CHECK(!late || gpu_all);
+  if (gpu_all) tc.Rest();  // (the workers woken for the CPU's blocks: there are none)
   // The CPU: the rest, in plan order. It starts on the workers before the GPU's copies and
   // attention are queued, which the host does meanwhile (NEEDLE_HYBRID_CPU_FIRST=0: after).
   const std::vector<std::vector<int32_t>>* cb = &plan.blocks;
