@@ -33,10 +33,16 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&layer_start, cudaEventDisableTiming));
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&gpu_done, cudaEventDisableTiming));
-  if (device_kv) {
-    late_pin = std::vector<cuda::PinnedFloats>(static_cast<size_t>(m.num_layers));
-    late_at.resize(static_cast<size_t>(m.num_layers));
-    late_done.resize(static_cast<size_t>(m.num_layers));
+  {
+    const auto L = static_cast<size_t>(m.num_layers);
+    late_on = EnvOnUnlessZero("NEEDLE_HYBRID_LATE");
+    late_pin = std::vector<cuda::PinnedFloats>(L);
+    late_at.resize(L);
+    late_tiles.assign(L, 1);
+    late_ng.assign(L, 0);
+    late_cpu_lse.resize(L);
+    late_cpu_stats.resize(L);
+    late_done.resize(L);
     for (auto& e : late_done)
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }

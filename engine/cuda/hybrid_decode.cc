@@ -211,9 +211,14 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
   const bool late = late_next;  // (TakesLateMass said so: the stats stay for LateMass)
   late_next = false;
-  // Every selected block on the GPU (device placement): its output is the layer's.
+  if (late && n_g == 0) {  // (every block's sums from the CPU)
+    size_t n = 0;
+    for (const auto& hb : plan.blocks) n += hb.size();
+    stats_at.assign(n, -1);
+  }
+  // Every selected block on the GPU (device placement, or the blocks it holds): its output is
+  // the layer's.
   const bool gpu_all = !remap && AllOnGpu(plan, n_g);
-  NEEDLE_CHECK(!late || gpu_all);
   if (gpu_all) tc.Rest();  // (the workers woken for the CPU's blocks: there are none)
   // The CPU: the rest, in plan order. It starts on the workers before the GPU's copies and
   // attention are queued, which the host does meanwhile (NEEDLE_HYBRID_CPU_FIRST=0: after).
@@ -261,12 +266,12 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   // Device: [g_out HD][g_lse heads][block sums n_stats][c_out HD][c_lse heads]; the lse and
   // the sums come back in one copy. The sums: the attention's own of every 32-key tile of the
   // gathered blocks (view keys [Initial, Initial + n_g blocks): cuda::AttentionTileStats) where
-  // its kernel writes them, else a pass of their own (cuda::BlockStats, whole blocks). (Not for
-  // late masses: LateMass reads whole blocks.) NEEDLE_HYBRID_TILE_STATS=0: always the pass.
+  // its kernel writes them, else a pass of their own (cuda::BlockStats, whole blocks).
+  // NEEDLE_HYBRID_TILE_STATS=0: always the pass.
   const bool want_stats = mass != nullptr || late;
   static const bool tile_stats_on = EnvOnUnlessZero("NEEDLE_HYBRID_TILE_STATS");
   const int64_t tiles =
-      want_stats && !late && tile_stats_on && c.block_size % 32 == 0 ? c.block_size / 32 : 1;
+      want_stats && tile_stats_on && c.block_size % 32 == 0 ? c.block_size / 32 : 1;
   const size_t n_stats = want_stats ? static_cast<size_t>(Hk * n_g * tiles * G * 2) : 0;
   float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)) + n_stats);
   float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads + n_stats, *c_lse = c_out + HD;
@@ -281,12 +286,16 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   D2H(g_pin, g_lse, (static_cast<size_t>(a.heads) + n_stats) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(late ? late_done[layer] : gpu_done, stream));
   // The CPU's blocks into the GPU's free or least recently used slots, for later steps.
-  if (fill_on && gather_on && n_g > 0 && !gpu_all && !late) QueueFill(layer, *cb);
+  if (fill_on && gather_on && n_g > 0 && !gpu_all) QueueFill(layer, *cb);
   stats.launch += Since(t);
-  if (late) {  // the sums stay for LateMass; no wait
+  if (late) {  // the GPU's sums stay for LateMass
     late_at[layer] = stats_at;
-    return false;
+    late_tiles[layer] = tiles_got;
+    late_ng[layer] = n_g;
+    late_cpu_lse[layer].clear();
+    late_cpu_stats[layer].clear();
   }
+  if (late && gpu_all) return false;  // no wait
   if (gpu_all) {
     t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
@@ -314,6 +323,11 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   H2D(c_out, cpu_part, static_cast<size_t>(HD + a.heads) * 4);
   cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, nullptr, stream);
   stats.copies += Since(t);
+  if (late) {  // the CPU's lse and sums kept for LateMass; no wait for the GPU's partial
+    late_cpu_lse[layer].assign(cpu_part + HD, cpu_part + HD + a.heads);
+    late_cpu_stats[layer] = block_stats;
+    return false;
+  }
   t = Clock::now();
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(gpu_done));
   stats.gpu_wait += Since(t);
@@ -342,7 +356,10 @@ bool HybridAttention::Impl::CpuFirst() {
 }
 
 bool HybridAttention::Impl::TakesLateMass(int64_t, const LayerPlan& plan) {
-  late_next = device_kv && !plan.remap && AllOnGpu(plan, GpuShare(plan));
+  // (Host placement: the GPU attends Initial + Local at least; its partial is merged without the
+  // host's waiting for it.)
+  late_next = !plan.remap &&
+              (device_kv ? AllOnGpu(plan, GpuShare(plan)) : late_on && GpuShare(plan) > 0);
   return late_next;
 }
 
@@ -351,10 +368,14 @@ void HybridAttention::Impl::LateMass(int64_t layer, const std::vector<std::vecto
   const auto t = Clock::now();
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(late_done[layer]));  // (long done, as a rule)
   stats.gpu_wait += Since(t);
-  const int64_t H = m.num_heads, G = H / m.num_kv_heads;
-  const float* pin = late_pin[layer].Get(0);
-  std::copy_n(pin, H, lse);
-  PlanOrderStats(pin, late_at[layer], nullptr, G);
+  const int64_t H = m.num_heads, Hk = m.num_kv_heads, G = H / Hk;
+  const auto l = static_cast<size_t>(layer);
+  const float* pin = late_pin[l].Get(0);
+  const std::vector<float>& cpu_lse = late_cpu_lse[l];
+  for (int64_t r = 0; r < H; ++r)
+    lse[r] = cpu_lse.empty() ? pin[r] : MergeLse(pin[r], cpu_lse[static_cast<size_t>(r)]);
+  PlanOrderStats(WholeBlockStats(pin, H, Hk * late_ng[l], G, late_tiles[l]), late_at[l],
+                 late_cpu_stats[l].empty() ? nullptr : late_cpu_stats[l].data(), G);
   fast::BlockMassFromStats(all_stats, lse, G, blocks, mass);
 }
 

@@ -248,11 +248,17 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<float> dense_lse;
   cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
   cudaEvent_t gpu_done = nullptr;     // decode: the GPU's partial's lse and block sums are here
-  // TakesLateMass: the next Planned leaves its lse and block sums in late_pin[layer] (late_at:
-  // each plan-order block's sums there), ready at late_done[layer].
-  bool late_next = false;
+  // TakesLateMass: the next Planned leaves the GPU's lse and block sums in late_pin[layer]
+  // (late_at: each plan-order block's sums there, -1: the CPU's; late_tiles: 32-key tiles a
+  // block, late_ng: the GPU's blocks a head), ready at late_done[layer], and the CPU's partial's
+  // lse [heads] and block sums (plan order) in late_cpu_lse / late_cpu_stats (empty: the GPU
+  // attended every block). NEEDLE_HYBRID_LATE=0: only where the GPU attends every block of
+  // device placement's plans, as before.
+  bool late_next = false, late_on = true;
   std::vector<cuda::PinnedFloats> late_pin;
   std::vector<std::vector<int32_t>> late_at;
+  std::vector<int64_t> late_tiles, late_ng;
+  std::vector<std::vector<float>> late_cpu_lse, late_cpu_stats;
   std::vector<cudaEvent_t> late_done;
   // Executor plans: NEEDLE_DEVICE_PLAN=0 turns them off (the host plans every step, for
   // comparisons); rows waiting for FlushRows (layer, position), and their copies' staging on
