@@ -35,7 +35,8 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&gpu_done, cudaEventDisableTiming));
   {
     const auto L = static_cast<size_t>(m.num_layers);
-    late_on = EnvOnUnlessZero("NEEDLE_HYBRID_LATE");
+    late_on = EnvSwitch("NEEDLE_HYBRID_LATE", 0) != 0;
+    take_rest = EnvSwitch("NEEDLE_HYBRID_TAKE_REST", 0);
     late_pin = std::vector<cuda::PinnedFloats>(L);
     late_at.resize(L);
     late_tiles.assign(L, 1);

@@ -57,9 +57,6 @@ int64_t HybridAttention::Impl::PlaceContext(int64_t layer, const LayerPlan& plan
   // More than the share where every head's GPU slots already hold more of its selected blocks:
   // they cost the GPU no copy and take blocks off the CPU (NEEDLE_HYBRID_HELD=0: the share alone).
   static const bool held_on = EnvOnUnlessZero("NEEDLE_HYBRID_HELD");
-  // Every selected block where each head misses at most this many (NEEDLE_HYBRID_TAKE_REST,
-  // blocks a head; 0: never): the CPU's few blocks would cost more than the GPU's copies.
-  static const int take_rest = EnvSwitch("NEEDLE_HYBRID_TAKE_REST", 0);
   n_g = resident.Place(layer, plan.blocks, plan.retained, n_g, &copies,
                        held_on ? resident.slots() : n_g, held_on ? take_rest : 0);
   for (const auto& cp : copies)
@@ -358,8 +355,8 @@ bool HybridAttention::Impl::CpuFirst() {
 bool HybridAttention::Impl::TakesLateMass(int64_t, const LayerPlan& plan) {
   // (Host placement: the GPU attends Initial + Local at least; its partial is merged without the
   // host's waiting for it.)
-  late_next = !plan.remap &&
-              (device_kv ? AllOnGpu(plan, GpuShare(plan)) : late_on && GpuShare(plan) > 0);
+  late_next =
+      !plan.remap && (device_kv ? AllOnGpu(plan, GpuShare(plan)) : late_on && GpuShare(plan) > 0);
   return late_next;
 }
 

@@ -252,9 +252,14 @@ struct HybridAttention::Impl final : PlanExecutor {
   // (late_at: each plan-order block's sums there, -1: the CPU's; late_tiles: 32-key tiles a
   // block, late_ng: the GPU's blocks a head), ready at late_done[layer], and the CPU's partial's
   // lse [heads] and block sums (plan order) in late_cpu_lse / late_cpu_stats (empty: the GPU
-  // attended every block). NEEDLE_HYBRID_LATE=0: only where the GPU attends every block of
-  // device placement's plans, as before.
-  bool late_next = false, late_on = true;
+  // attended every block). Host placement's layers only with NEEDLE_HYBRID_LATE=1 (late_on):
+  // measured slower on an H200 host, Qwen2.5-7B 1M, 85.7 / 87.5 tok/s against 88.0 / 90.1
+  // (bench/RESULTS.md): the host's selection of the next layer waits for the GPU all the same.
+  bool late_next = false, late_on = false;
+  // Every selected block where each head misses at most this many (NEEDLE_HYBRID_TAKE_REST,
+  // blocks a head; 0, the default: never): the CPU's few blocks would cost more than the GPU's
+  // copies (ResidentBlocks::Place's take_rest). Read when the executor is made.
+  int64_t take_rest = 0;
   std::vector<cuda::PinnedFloats> late_pin;
   std::vector<std::vector<int32_t>> late_at;
   std::vector<int64_t> late_tiles, late_ng;
