@@ -4,7 +4,7 @@
 # then carry .dev/gpu (or .dev/gpu.tar.xz, unpacked here: smaller to carry):
 #   bash scripts/setup.sh build   (or cmake --build build)
 #   bash scripts/pack_for_device.sh build && tar -C .dev -cJf .dev/gpu.tar.xz gpu
-#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|gemv|bench|quality|reference|today|cpufolds|cpu1m|evalbatch|all]
+#   device run (carry .dev/gpu.tar.xz):  bash scripts/device_cuda_check.sh [tests|batch|gemv|bench|cache|quality|reference|today|cpufolds|cpu1m|evalbatch|all]
 # Prints a summary on stdout; with $OUT set (the device tool's), the full logs go there too.
 #   tests  every test that needs a GPU (they skip on CI), the CLI's GPU tests through the carried
 #          needle binary (NEEDLE_TEST_BINARY)
@@ -27,6 +27,12 @@
 #          a command per task and a command per benchmark family
 #   cpu1m  one needle-tiny passkey sample at 1M per depth (0/50/100%) on the CPU alone, timed
 #          (issue 24's cost target: <= 2 minutes a sample on the GPU machine's 16 cores)
+#   cache  the hybrid's GPU block cache on a real text and on repeated tokens (issue 17):
+#          needle-tiny on the Jargon File's middle 64K in host placement, with the background
+#          fills, take_rest 4 (NEEDLE_HYBRID_TAKE_REST) and the late masses (NEEDLE_HYBRID_LATE)
+#          on and off (each run's split line: the GPU's part of the blocks, how much was held);
+#          then bench_hybrid Qwen2.5-7B 1M with greedy and repeated decode tokens, alternating
+#          the same settings
 #   quality  needle-tiny's table past its trained length on the hybrid engine (issue 24):
 #          scripts/quality_table.sh with every task, 128K (8 samples, dense beside sparse), 512K
 #          and 1M (4 samples, sparse), tables in $OUT/quality_*/table.md; QUALITY picks the
@@ -103,6 +109,34 @@ if [ "$what" = today ]; then
   # no remap, 2 dense layers, per KV head) at 64K and 128K, 8 samples.
   for l in 64k 128k; do
     qtable "today_$l" "$l" 8 sparse 200 --prefill dense --pos-remap none --dense-layers 2 --select kvhead
+  done
+fi
+if [ "$what" = cache ]; then
+  zcat $G/share/jargon.txt.gz > "$LOG/jargon.txt"
+  echo "== needle-tiny, the Jargon File's middle 64K, host placement (fill take_rest late)"
+  for v in "1 0 0" "0 0 0" "1 4 0" "1 4 1" "1 0 0"; do
+    set -- $v
+    NEEDLE_HYBRID_FILL=$1 NEEDLE_HYBRID_TAKE_REST=$2 NEEDLE_HYBRID_LATE=$3 timeout 60 $G/needle \
+      generate -f "$LOG/jargon.txt" --ctx-size 65536 --truncate middle --device cuda \
+      --attention sparse --kv-placement host -n 96 --ignore-eos > "$LOG/tiny_$1_$2_$3.txt" \
+      2> "$LOG/tiny_$1_$2_$3.err"
+    echo "$v rc $? output $(md5sum < "$LOG/tiny_$1_$2_$3.txt" | cut -c1-8)"
+    grep -E "hybrid decode|decode [0-9.]+ tok/s" "$LOG/tiny_$1_$2_$3.err"
+  done
+  P='import json,sys
+for l in sys.stdin:
+  d=json.loads(l)
+  if d.get("mode")=="hybrid": print(sys.argv[1], d["decode"], d["decode_tok/s"], "tok/s, GPU part", d["gpu_blocks"], "held", d["gpu_reused"], "CPU ms", d["cpu_attend_ms"])'
+  for rep in 1 2; do
+    for dec in repeat greedy; do
+      for v in "0 0" "4 0" "4 1"; do
+        set -- $v
+        NEEDLE_BENCH_DECODE=$dec NEEDLE_HYBRID_TAKE_REST=$1 NEEDLE_HYBRID_LATE=$2 \
+          NEEDLE_BENCH_DENSE_MAX=0 NEEDLE_BENCH_PLACEMENTS=host timeout 60 $G/bench_hybrid 24G \
+          1048576s bench/configs/qwen2.5-7b.json 2>>"$LOG/cache.err" | tee -a "$LOG/cache.jsonl" |
+          python3 -c "$P" "take_rest $1 late $2"
+      done
+    done
   done
 fi
 if [ "$what" = evalbatch ]; then
