@@ -205,14 +205,10 @@ bool HybridAttention::Impl::Planned(int64_t layer, const float* q, const AttnArg
   auto t = Clock::now();
   int64_t n_g = remap ? 0 : GpuShare(plan);
   if (n_g > 0) n_g = PlaceContext(layer, plan, n_g);
-  if (n_g > 0) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
   const bool late = late_next;  // (TakesLateMass said so: the stats stay for LateMass)
   late_next = false;
-  if (late && n_g == 0) {  // (every block's sums from the CPU)
-    size_t n = 0;
-    for (const auto& hb : plan.blocks) n += hb.size();
-    stats_at.assign(n, -1);
-  }
+  // (n_g 0: every block's sums from the CPU, which LateMass reads through the offsets too.)
+  if (n_g > 0 || late) StatsOffsets(layer, plan.blocks, n_g, a.heads, G, &stats_at);
   // Every selected block on the GPU (device placement, or the blocks it holds): its output is
   // the layer's.
   const bool gpu_all = !remap && AllOnGpu(plan, n_g);
