@@ -130,6 +130,40 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
                                         s);
             }),
        static_cast<double>(Hk * want * 8));
+  // The fused launches against the pairs they replace, back to back as a step queues them.
+  line("group_queries+score_blocks",
+       Time(s, reps_n,
+            [&] {
+              cuda::GroupQueries(q, Hk * G, Hk, D, true, qa, qb, s);
+              cuda::ScoreBlocks(reps, DType::kBF16, Rr, 0, n, Hk, D, qa, qb, sc, s);
+            }),
+       static_cast<double>(rh.size() * 2));
+  line("score_from_query",
+       Time(s, reps_n,
+            [&] {
+              cuda::ScoreBlocksFromQuery(reps, DType::kBF16, Rr, 0, n, Hk, G, D, q, true, qa, qb,
+                                         sc, s);
+            }),
+       static_cast<double>(rh.size() * 2));
+  const cuda::SelectArgs sa =
+      cuda::MakeSelectArgs(want, want, ret, ret + Hk * R, R, 1, n + 1, topk, Hk, false, table, topk,
+                           sel, kept, kc, view, topk + 2, 1);
+  line("top_blocks+select",
+       Time(s, reps_n,
+            [&] {
+              cuda::TopBlocks(sc, Hk, n, false, 1, want, vals, ids, s);
+              cuda::SelectFromShortlist(vals, ids, want, want, ret, ret + Hk * R, R, 1, n + 1, topk,
+                                        Hk, false, table, topk, sel, kept, kc, view, topk + 2, 1,
+                                        s);
+            }),
+       static_cast<double>(Hk * n * 4));
+  line("top_blocks_select",
+       Time(s, reps_n,
+            [&] {
+              if (!cuda::TopBlocksSelect(sc, Hk, n, false, 1, want, vals, ids, sa, nullptr, s))
+                Fail("bench_plan_kernels: TopBlocksSelect did not apply");
+            }),
+       static_cast<double>(Hk * n * 4));
   // (The gather's sources: blocks of the 64-slot ring, as the hybrid copies its share.)
   line("gather",
        Time(s, reps_n,

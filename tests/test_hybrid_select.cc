@@ -20,6 +20,7 @@
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/device_plan.h"
 #include "engine/cuda/kernels.h"
 #endif
 
@@ -165,6 +166,155 @@ TEST(HybridSelect, ScoreBlocksEqualsHost) {
                   << first << " n " << n << " at " << i;
           }
       }
+}
+
+// Scoring from the query itself (the vector kernel summing each group's queries) gives the same
+// floats as the group queries' own kernel followed by the scoring: the same additions in the
+// same order. Every representative type, GQA 1/4/7, head_dim 64/128, and a case (f32
+// representatives) that falls back to the two kernels.
+TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  struct Shape {
+    int64_t heads, Hk, D, nb;
+  };
+  for (auto [heads, Hk, D, nb] : {Shape{28, 4, 128, 700}, Shape{32, 8, 128, 300},
+                                  Shape{8, 8, 64, 300}, Shape{14, 2, 64, 5000}})
+    for (ReprType rt : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
+      for (DType st : {DType::kBF16, DType::kF32}) {
+        const int64_t B = 4;
+        KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
+        const auto k = test::RandomVector(nb * B * Hk * D, 7), v = test::RandomVector(k.size(), 8);
+        cache.Write(0, 0, nb * B, k.data(), v.data());
+        cache.SetSize(nb * B);
+        RepresentativeStore reps(1, Hk, D, nb, rt, st);
+        for (int64_t b = 0; b < nb; ++b) reps.ComputeFromKeys(0, b, cache.Layer(0));
+        const std::vector<float> q = test::RandomVector(heads * D, 9);
+        const bool quest = rt == ReprType::kQuest;
+        const size_t rb = reps.BlockBytes() * static_cast<size_t>(nb);
+        const int64_t first = 3, n = nb - first, hd = Hk * D;
+        // Device: reps, q, then (qa, qb, scores) twice.
+        float* d = gpu->Alloc(rb / 4 + q.size() + static_cast<size_t>(2 * (2 * hd + Hk * n)));
+        NEEDLE_CUDA_CHECK(cudaMemcpy(d, reps.Block(0, 0), rb, cudaMemcpyHostToDevice));
+        float* dq = d + rb / 4;
+        gpu->FromHost(q.data(), q.size(), dq);
+        float *a = dq + q.size(), *b = a + (2 * hd + Hk * n);
+        const cudaStream_t s = CudaBackendStream(*gpu);
+        cuda::GroupQueries(dq, heads, Hk, D, quest, a, a + hd, s);
+        cuda::ScoreBlocks(d, st, reps.rows(), first, n, Hk, D, a, a + hd, a + 2 * hd, s);
+        cuda::ScoreBlocksFromQuery(d, st, reps.rows(), first, n, Hk, heads / Hk, D, dq, quest, b,
+                                   b + hd, b + 2 * hd, s);
+        std::vector<float> want(static_cast<size_t>(Hk * n)), got(want.size());
+        gpu->ToHost(a + 2 * hd, want.size(), want.data());
+        gpu->ToHost(b + 2 * hd, got.size(), got.data());
+        gpu->Free(d);
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(got[i], want[i]) << heads << "/" << Hk << "/" << D << " " << ReprTypeName(rt)
+                                     << " " << DTypeName(st) << " at " << i;
+      }
+}
+
+// The selection inside the top-k's kernel (TopBlocksSelect) writes what the top-k followed by
+// the selection's own kernel writes: the selection, the kept retention and the view's entries,
+// per KV head and per layer, with and without retention (some of it outside the Context), rows
+// the value buckets settle and rows that take the radix passes; with the last step's retention
+// in the same kernel first (RetainByMass's inputs: a selection, its blocks' sums in 2 tiles, the
+// lse), what RetainByMass before them writes, the retention included.
+TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  const cudaStream_t s = CudaBackendStream(*gpu);
+  for (int64_t n : {int64_t{20}, int64_t{700}, int64_t{9000}})
+    for (bool by_layer : {false, true})
+      for (int64_t R : {int64_t{0}, int64_t{8}})
+        for (int variant = 0; variant < 3; ++variant) {
+          const bool seeded = variant == 1, retain_first = variant == 2 && R > 0;
+          const int64_t Hk = 4, topk = 24, first = 2, want = topk + R, k = std::min(want, n);
+          const int64_t ctx_end = first + n, n_sel = std::min(topk, n), stride = n_sel + 5;
+          const int64_t rows = by_layer ? 1 : Hk;
+          std::vector<float> scores = test::RandomVector(Hk * n, 11 + n);
+          if (n == 9000) scores[5] = 3e38f;  // (the radix passes)
+          // Retention [Hk][R] ascending, then rcount [Hk]: -1 (none), or R blocks, one of them
+          // past the Context's end (not kept).
+          std::vector<int32_t> ret(static_cast<size_t>(Hk * (R + 1)), -1);
+          for (int64_t h = 0; h < Hk && R > 0; ++h) {
+            for (int64_t i = 0; i + 1 < R; ++i)
+              ret[h * R + i] = static_cast<int32_t>(first + i * (n / R) + h);
+            ret[h * R + R - 1] = static_cast<int32_t>(ctx_end + h);
+            ret[Hk * R + h] = seeded ? static_cast<int32_t>(R) : -1;
+          }
+          std::vector<int32_t> table(static_cast<size_t>(ctx_end + 1));
+          for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(i * 3 + 1);
+          // Device, twice: vals, ids [rows][want]; sel [Hk][n_sel]; kept [Hk][R]; kcount [Hk];
+          // view [Hk][stride]; then the inputs (scores, ret, table) once.
+          const int64_t per = 2 * rows * want + Hk * n_sel + Hk * R + Hk + Hk * stride;
+          float* d =
+              gpu->Alloc(static_cast<size_t>(2 * per + Hk * n + Hk * (R + 1)) + table.size());
+          NEEDLE_CUDA_CHECK(cudaMemset(d, 0xff, static_cast<size_t>(2 * per) * 4));
+          float* dsc = d + 2 * per;
+          auto* dret = reinterpret_cast<int32_t*>(dsc + Hk * n);
+          int32_t* dtab = dret + Hk * (R + 1);
+          gpu->FromHost(scores.data(), scores.size(), dsc);
+          NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
+          NEEDLE_CUDA_CHECK(
+              cudaMemcpy(dtab, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+          // The last step's selection [Hk][np] (ascending), sums [Hk][np][2][G][2], lse [Hk * G].
+          const int64_t G = 3, np = n_sel, tiles = 2;
+          std::vector<int32_t> prev(static_cast<size_t>(Hk * np));
+          for (int64_t h = 0; h < Hk; ++h)
+            for (int64_t i = 0; i < np; ++i)
+              prev[h * np + i] = static_cast<int32_t>(first + i * (n / np) + (h + i) % (n / np));
+          std::vector<float> stats = test::RandomVector(Hk * np * tiles * G * 2, 17 + n);
+          for (size_t i = 1; i < stats.size(); i += 2) stats[i] = std::fabs(stats[i]) + 0.1f;
+          const std::vector<float> lse = test::RandomVector(Hk * G, 19);
+          float* dr = gpu->Alloc(prev.size() + stats.size() + lse.size());
+          NEEDLE_CUDA_CHECK(cudaMemcpy(dr, prev.data(), prev.size() * 4, cudaMemcpyHostToDevice));
+          gpu->FromHost(stats.data(), stats.size(), dr + prev.size());
+          gpu->FromHost(lse.data(), lse.size(), dr + prev.size() + stats.size());
+          const cuda::RetainArgs ra = cuda::MakeRetainArgs(
+              reinterpret_cast<const int32_t*>(dr), np, dr + prev.size(), tiles,
+              dr + prev.size() + stats.size(), Hk, G, by_layer, R, dret, dret + Hk * R);
+          std::vector<std::vector<int32_t>> out;
+          for (int pass = 0; pass < 2; ++pass) {
+            NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
+            float* vals = d + pass * per;
+            auto* ids = reinterpret_cast<int32_t*>(vals + rows * want);
+            int32_t* sel = ids + rows * want;
+            int32_t* kept = sel + Hk * n_sel;
+            int32_t* kcount = kept + Hk * R;
+            int32_t* view = kcount + Hk;
+            const cuda::SelectArgs sa =
+                cuda::MakeSelectArgs(want, k, dret, dret + Hk * R, R, first, ctx_end, topk, Hk,
+                                     by_layer, dtab, n_sel, sel, kept, kcount, view, stride, 2);
+            if (pass == 0) {
+              if (retain_first)
+                cuda::RetainByMass(reinterpret_cast<const int32_t*>(dr), np, dr + prev.size(),
+                                   tiles, dr + prev.size() + stats.size(), Hk, G, by_layer, R, dret,
+                                   dret + Hk * R, s);
+              cuda::TopBlocks(dsc, Hk, n, by_layer, static_cast<int32_t>(first), want, vals, ids,
+                              s);
+              cuda::SelectFromShortlist(vals, ids, want, k, dret, dret + Hk * R, R, first, ctx_end,
+                                        topk, Hk, by_layer, dtab, n_sel, sel, kept, kcount, view,
+                                        stride, 2, s);
+            } else {
+              ASSERT_TRUE(cuda::TopBlocksSelect(dsc, Hk, n, by_layer, static_cast<int32_t>(first),
+                                                want, vals, ids, sa, retain_first ? &ra : nullptr,
+                                                s));
+            }
+            std::vector<int32_t> h(static_cast<size_t>(Hk * n_sel + Hk * R + Hk + Hk * stride));
+            NEEDLE_CUDA_CHECK(cudaMemcpy(h.data(), sel, h.size() * 4, cudaMemcpyDeviceToHost));
+            h.resize(h.size() + ret.size());  // (and the retention)
+            NEEDLE_CUDA_CHECK(cudaMemcpy(h.data() + h.size() - ret.size(), dret, ret.size() * 4,
+                                         cudaMemcpyDeviceToHost));
+            out.push_back(h);
+          }
+          gpu->Free(dr);
+          gpu->Free(d);
+          if (retain_first)  // (the retention was computed: counts of R, not the seed's -1s)
+            ASSERT_EQ(out[1].back(), static_cast<int32_t>(R));
+          ASSERT_EQ(out[0], out[1])
+              << "n " << n << " by_layer " << by_layer << " R " << R << " variant " << variant;
+          // (Something was selected: not two untouched buffers.)
+          ASSERT_GE(out[1][0], first);
+        }
 }
 #endif
 

@@ -1,11 +1,19 @@
 #include "engine/cuda/block_select.h"
 
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/plan_rows.cuh"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace needle::cuda {
 namespace {
 
 constexpr int kSelectThreads = 1024;
+// The fused selection's dynamic shared memory at most, beside the top-k's own (about 13 KB
+// static) within the 48 KB a block has without opting in.
+constexpr size_t kFusedSelectShared = 32 * 1024;
 
 // Unsigned keys in ranking order: the score's bits made monotone (negative floats reversed),
 // then the complement of the block id (a lower id ranks higher). Distinct for distinct ids.
@@ -128,18 +136,18 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
   return true;
 }
 
-// One block per row (a KV head; sum: the Hk rows summed): the k = min(want, n) best candidates of
-// scores [Hk][n] (block ids first + i), ranked as sparse_attn/ ranks them: higher score first,
-// then lower block id, written to vals, ids [.][want] at the row, in no particular order.
+// TopBlocksKernel's work, one block per row (a KV head; sum: the Hk rows summed): the k = min(want,
+// n) best candidates of scores [Hk][n] (block ids first + i), ranked as sparse_attn/ ranks them:
+// higher score first, then lower block id, written to vals, ids [.][want] at the row, in no
+// particular order.
 //
 // First the value buckets (TopByValueBuckets); where they do not apply, passes of an 8-bit radix
 // select over the keys, most significant byte first, find the k-th largest key exactly (the keys
 // are distinct); then every key at or above it is written out. A pass ends the search early when
 // the bin it chose holds exactly the keys still wanted: all of them are in, and nothing below is
 // (distinct scores: usually after the score's four bytes instead of eight passes).
-__global__ void __launch_bounds__(kSelectThreads)
-    TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
-                    int64_t want, float* vals, int32_t* ids) {
+__device__ __forceinline__ void TopRow(const float* scores, int64_t Hk, int64_t n, bool sum,
+                                       int32_t first, int64_t want, float* vals, int32_t* ids) {
   const int64_t row = blockIdx.x;
   const int k = static_cast<int>(want < n ? want : n);
   __shared__ unsigned hist[256];
@@ -233,6 +241,24 @@ __global__ void __launch_bounds__(kSelectThreads)
   });
 }
 
+// TopRow of row blockIdx.x. With sa.sel (not null): then the device plan's selection of the row
+// from that shortlist (plan_rows.cuh), in the dynamic shared memory, instead of a kernel of its
+// own after this one; with ra.ret (not null), first the retention of the layer's previous step
+// (its own inputs; the selection reads what it writes), in the same shared memory.
+__global__ void __launch_bounds__(kSelectThreads)
+    TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
+                    int64_t want, float* vals, int32_t* ids, SelectArgs sa, RetainArgs ra) {
+  extern __shared__ int32_t select_smem[];
+  if (ra.ret != nullptr) {
+    RetainRow(ra, select_smem);
+    __syncthreads();  // (its retention written; its shared memory free again)
+  }
+  TopRow(scores, Hk, n, sum, first, want, vals, ids);
+  if (sa.sel == nullptr) return;
+  __syncthreads();  // (the row's shortlist, written by every thread, visible to all)
+  SelectRow(sa, vals, ids, want, static_cast<int>(want < n ? want : n), select_smem);
+}
+
 __global__ void GroupQueriesKernel(const float* q, int64_t G, int64_t n, int64_t D, bool quest,
                                    float* qa, float* qb) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -315,8 +341,34 @@ void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads,
   if (n <= 0 || want <= 0) return;
   const unsigned rows = sum_heads ? 1u : static_cast<unsigned>(kv_heads);
   TopBlocksKernel<<<rows, kSelectThreads, 0, stream>>>(scores, kv_heads, n, sum_heads, first, want,
-                                                       vals, ids);
+                                                       vals, ids, SelectArgs{}, RetainArgs{});
   NEEDLE_CUDA_CHECK_LAUNCH();
+}
+
+bool FusedSelectOn() {
+  static const bool on = [] {
+    const char* e = std::getenv("NEEDLE_TOPK_SELECT");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
+bool TopBlocksSelect(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads,
+                     int32_t first, int64_t want, float* vals, int32_t* ids, const SelectArgs& sa,
+                     const RetainArgs* retain, cudaStream_t stream) {
+  const bool fused = FusedSelectOn();
+  const int64_t k = std::min(want, n);
+  const bool ret = retain != nullptr && retain->n > 0 && retain->R > 0;
+  const size_t smem =
+      std::max(SelectSharedBytes(k, sa.R), ret ? RetainSharedBytes(*retain) : size_t{0});
+  if (!fused || n <= 0 || want <= 0 || sa.n_sel <= 0 || smem > kFusedSelectShared ||
+      sum_heads != sa.by_layer || (retain != nullptr && retain->by_layer != sa.by_layer))
+    return false;
+  const unsigned rows = sum_heads ? 1u : static_cast<unsigned>(kv_heads);
+  TopBlocksKernel<<<rows, kSelectThreads, smem, stream>>>(
+      scores, kv_heads, n, sum_heads, first, want, vals, ids, sa, ret ? *retain : RetainArgs{});
+  NEEDLE_CUDA_CHECK_LAUNCH();
+  return true;
 }
 
 }  // namespace needle::cuda

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "engine/cuda/device_plan.h"
+
 namespace needle::cuda {
 
 // For each row r (a KV head; sum_heads: one row, the scores summed over the kv_heads rows in
@@ -15,6 +17,18 @@ namespace needle::cuda {
 // (score, -id), which are distinct), one thread block per row.
 void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads, int32_t first,
                int64_t want, float* vals, int32_t* ids, cudaStream_t stream);
+
+// TopBlocks, then in the same kernel the device plan's selection of each row from its shortlist
+// (device_plan.h SelectFromShortlist with sa: MakeSelectArgs(want, min(want, n), ...)), instead
+// of a kernel of its own; retain (not null): before them, RetainByMass with those arguments
+// (the layer's previous step's, whose retention sa reads). false, nothing launched: where it
+// does not apply (its shared memory over 32 KB, a row layout that differs, nothing to select)
+// or with NEEDLE_TOPK_SELECT=0.
+// Whether TopBlocksSelect may fuse (NEEDLE_TOPK_SELECT=0: never, for comparisons; read once).
+bool FusedSelectOn();
+bool TopBlocksSelect(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads,
+                     int32_t first, int64_t want, float* vals, int32_t* ids, const SelectArgs& sa,
+                     const RetainArgs* retain, cudaStream_t stream);
 
 // Scoring's combined queries (sparse_attn/scoring.h GroupQueries) of one decode query q
 // [heads, D] on the GPU: qa, qb [kv_heads, D], summed over each group's heads in head order, as

@@ -4,6 +4,7 @@
 // selected blocks read where they lie in the layer's ring) and the next step's retention, all
 // queued on the model's stream. The host waits for none of it: the step's only wait is the
 // model's for its logits.
+#include "engine/cuda/block_select.h"
 #include "engine/cuda/device_plan.h"
 #include "engine/cuda/hybrid_impl.h"
 
@@ -48,24 +49,27 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
     }
     H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
+    dp_pending[static_cast<size_t>(layer)].on = false;  // (what it would have computed: replaced)
   }
   Mark(kPlan);
-  const float* vals = nullptr;
-  const int32_t* ids = nullptr;
-  scorer.QueueDeviceShortlist(layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals,
-                              &ids, [this](int at) { Mark(at == 0 ? kUpload : kScore); });
-  Mark(kTopk);
-  // Scratch: sel [Hk][n_sel]; kept [Hk][R], kcount [Hk]; then block sums
-  // [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where the attention writes them, else
-  // whole) and the lse [heads] (floats).
+  // The layer's own buffers (LayerPlanBuffers): this step's selection in the half the last
+  // step's is not in, its blocks' sums [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where
+  // the attention writes them, else whole) and the lse [heads]; scratch: kept [Hk][R], kcount
+  // [Hk].
   const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
-  const size_t ints = static_cast<size_t>(Hk * n_sel + Hk * (R + 1));
-  int32_t* sel =
-      dp_scratch.Get<int32_t>(ints + static_cast<size_t>(2 * Hk * n_sel * tiles * G + a.heads));
-  int32_t* kept = sel + Hk * n_sel;
+  PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
+  int32_t* lay = LayerPlanBuffers(layer, tiles);
+  const int cur = 1 - pend.half;
+  int32_t* sel = lay + cur * Hk * c.topk;
+  float* sums = reinterpret_cast<float*>(lay + 2 * Hk * c.topk);
+  float* lse = sums + 2 * Hk * c.topk * tiles * G;
+  int32_t* kept = dp_scratch.Get<int32_t>(static_cast<size_t>(Hk * (R + 1)));
   int32_t* kcount = kept + Hk * R;
-  float* sums = reinterpret_cast<float*>(sel + ints);
-  float* lse = sums + 2 * Hk * n_sel * tiles * G;
+  // The last step's retention, where it was left to this step's top-k kernel.
+  cuda::RetainArgs ra;
+  if (pend.on)
+    ra = cuda::MakeRetainArgs(lay + pend.half * Hk * c.topk, pend.n, sums, pend.tiles, lse, Hk, G,
+                              p.by_layer, R, ret, rcount);
   // The attention's view: per KV head, Initial + its selected blocks + Local; the selection
   // writes each head's Context entries (the blocks' slots in the ring) after the view's table is
   // queued. (Its extra slots are not used: the blocks the hybrid's host-planned steps keep there
@@ -73,10 +77,26 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   AttnArgs a2;
   const KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
   const KVLayerView ring = model_cache->Layer(layer);
-  cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
-                            p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
-                            n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
-                            v.table_head_stride, c.init_end() / c.block_size, stream);
+  const cuda::SelectArgs sa = cuda::MakeSelectArgs(
+      p.shortlist, std::min(p.shortlist, n), ret, rcount, R, p.init_blocks, p.ctx_end_block, p.topk,
+      Hk, p.by_layer, ring.table, n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
+      v.table_head_stride, c.init_end() / c.block_size);
+  const float* vals = nullptr;
+  const int32_t* ids = nullptr;
+  // (The selection in the top-k's kernel where it fits, after the pending retention: one or two
+  // launches fewer a layer.)
+  const bool selected = scorer.QueueDeviceShortlist(
+      layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals, &ids,
+      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend.on ? &ra : nullptr);
+  Mark(kTopk);
+  if (!selected) FlushRetention(layer);
+  pend.on = false;
+  pend.half = cur;
+  if (!selected)
+    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
+                              p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
+                              n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
+                              v.table_head_stride, c.init_end() / c.block_size, stream);
   Mark(kSelect);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
@@ -88,9 +108,13 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       cuda::BlockStats(q_dev, v.k, v.dtype, n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums,
                        stream, v.table + c.init_end() / c.block_size, v.table_head_stride);
     Mark(kSums);
-    cuda::RetainByMass(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk, G, p.by_layer, R, ret, rcount,
-                       stream);
-    Mark(kRetain);
+    if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
+      pend.on = true, pend.by_layer = p.by_layer, pend.n = n_sel, pend.tiles = tiled ? tiles : 1;
+    } else {
+      cuda::RetainByMass(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk, G, p.by_layer, R, ret,
+                         rcount, stream);
+      Mark(kRetain);
+    }
   }
   stats.gpu_blocks += n_sel * Hk;
   if (plan == nullptr) return;
@@ -133,9 +157,32 @@ void HybridAttention::Impl::CollectPhases() {
   marks_used = 0;
 }
 
+int32_t* HybridAttention::Impl::LayerPlanBuffers(int64_t layer, int64_t tiles) {
+  const int64_t Hk = m.num_kv_heads, G = m.num_heads / Hk, K = c.topk;
+  const int64_t per = 2 * Hk * K + 2 * Hk * K * tiles * G + m.num_heads;
+  if (dp_pending.empty()) dp_pending.resize(static_cast<size_t>(m.num_layers));
+  // (Sized once for every layer: a pending retention reads them at the layer's next step.)
+  return dp_layers.Get<int32_t>(static_cast<size_t>(m.num_layers * per)) + layer * per;
+}
+
+void HybridAttention::Impl::FlushRetention(int64_t layer) {
+  if (dp_pending.empty() || !dp_pending[static_cast<size_t>(layer)].on) return;
+  PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
+  const int64_t Hk = m.num_kv_heads, G = m.num_heads / Hk, K = c.topk, R = c.retained();
+  const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
+  int32_t* lay = LayerPlanBuffers(layer, tiles);
+  float* sums = reinterpret_cast<float*>(lay + 2 * Hk * K);
+  int32_t* ret = DeviceRetention(layer, R);
+  cuda::RetainByMass(lay + pend.half * Hk * K, pend.n, sums, pend.tiles,
+                     sums + 2 * Hk * K * tiles * G, Hk, G, pend.by_layer, R, ret, ret + Hk * R,
+                     stream);
+  pend.on = false;
+}
+
 void HybridAttention::Impl::TakeRetention(int64_t layer,
                                           std::vector<std::vector<int32_t>>* retained) {
   const int64_t Hk = m.num_kv_heads, R = c.retained();
+  FlushRetention(layer);  // (the last GPU-planned step's, where left to the next)
   std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)));
   NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data(), DeviceRetention(layer, R), h.size() * 4,
                                     cudaMemcpyDeviceToHost, stream));

@@ -273,6 +273,24 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::GrowBuffer rows_dev{"hybrid row staging"};
   cuda::PinnedFloats rows_pin;
   cuda::GrowBuffer dp_ret{"device plan retention"}, dp_scratch{"device plan scratch"};
+  // A layer's retention left to its next step's top-k kernel (TopBlocksSelect runs it before
+  // the selection that reads it; one launch fewer a layer), with its inputs in buffers of the
+  // layer's own (LayerPlanBuffers): the step's selection in two halves, alternating (the kernel
+  // that reads the last step's writes this step's), its blocks' sums and the lse. on: pending;
+  // n, tiles: its selection's length and parts a block; by_layer: its select mode; half: the
+  // last selection's half.
+  struct PendingRetain {
+    bool on = false, by_layer = false;
+    int64_t n = 0, tiles = 1;
+    int half = 0;
+  };
+  std::vector<PendingRetain> dp_pending;
+  cuda::GrowBuffer dp_layers{"device plan per-layer selections"};
+  // The layer's buffers: sel [2][kv_heads][topk], then (floats) sums [kv_heads][topk][tiles][G]
+  // [2] and lse [heads].
+  int32_t* LayerPlanBuffers(int64_t layer, int64_t tiles);
+  // Queues the layer's pending retention (RetainByMass) on its own, if any.
+  void FlushRetention(int64_t layer);
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
   enum Phase { kModel, kRow, kPlan, kUpload, kScore, kTopk, kSelect, kAttend, kSums, kRetain };

@@ -72,9 +72,8 @@ float* GpuBlockScorer::ScoreOnGpu(int64_t layer, const RepresentativeStore& reps
   const uint8_t* layer_dev = Upload(layer, reps, first, n);
   if (uploaded) uploaded();
   float* d = score_buf_.Get<float>(static_cast<size_t>(2 * Hk * D + Hk * n) + extra_floats);
-  GroupQueries(q_dev, heads_, Hk, D, reps.type() == ReprType::kQuest, d, d + Hk * D, stream_);
-  ScoreBlocks(layer_dev, reps.storage(), reps.rows(), first, n, Hk, D, d, d + Hk * D,
-              d + 2 * Hk * D, stream_);
+  ScoreBlocksFromQuery(layer_dev, reps.storage(), reps.rows(), first, n, Hk, heads_ / Hk, D, q_dev,
+                       reps.type() == ReprType::kQuest, d, d + Hk * D, d + 2 * Hk * D, stream_);
   return d + 2 * Hk * D;
 }
 
@@ -116,11 +115,11 @@ void GpuBlockScorer::QueueShortlist(int64_t layer, const RepresentativeStore& re
       cudaMemcpyAsync(top_pin_.Get(2 * out), vals, 2 * out * 4, cudaMemcpyDeviceToHost, stream_));
 }
 
-void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps,
+bool GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps,
                                           int64_t first, int64_t n, bool sum_heads, int64_t want,
                                           const float* q_dev, const float** vals,
-                                          const int32_t** ids,
-                                          const std::function<void(int)>& mark) {
+                                          const int32_t** ids, const std::function<void(int)>& mark,
+                                          const SelectArgs* select, const RetainArgs* retain) {
   const size_t out = static_cast<size_t>((sum_heads ? 1 : kv_heads_) * want);
   float* d = ScoreOnGpu(layer, reps, first, n, 2 * out, q_dev, [&] {
     if (mark) mark(0);
@@ -128,8 +127,12 @@ void GpuBlockScorer::QueueDeviceShortlist(int64_t layer, const RepresentativeSto
   if (mark) mark(1);
   float* v = d + kv_heads_ * n;
   auto* i = reinterpret_cast<int32_t*>(v + out);
-  TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);
   *vals = v, *ids = i;
+  if (select != nullptr && TopBlocksSelect(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first),
+                                           want, v, i, *select, retain, stream_))
+    return true;
+  TopBlocks(d, kv_heads_, n, sum_heads, static_cast<int32_t>(first), want, v, i, stream_);
+  return false;
 }
 
 void GpuBlockScorer::ReadShortlist(int64_t n, bool sum_heads, int64_t want,

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/cuda/device_buffer.h"
+#include "engine/cuda/device_plan.h"
 #include "engine/cuda/pinned_host.h"
 #include "engine/model/config.h"
 #include "sparse_attn/sparse_attention.h"
@@ -46,11 +47,15 @@ class GpuBlockScorer {
   // PlanExecutor::PlanDecode's shortlist, left on the GPU: the `want` best of candidates
   // [first, first + n) for the query q_dev, queued into *vals, *ids (device [rows][want],
   // TopBlocks'; valid until the next call). mark: called with 0 once the representatives are
-  // current on the GPU, 1 between the scoring and the top-k (a profile's marks).
-  void QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
+  // current on the GPU, 1 between the scoring and the top-k (a profile's marks). select (not
+  // null): the selection from that shortlist too, in the top-k's kernel where it applies
+  // (TopBlocksSelect), after retain (not null: the retention it reads, pending from the layer's
+  // previous step); true when they were queued so (else the caller's to queue).
+  bool QueueDeviceShortlist(int64_t layer, const RepresentativeStore& reps, int64_t first,
                             int64_t n, bool sum_heads, int64_t want, const float* q_dev,
                             const float** vals, const int32_t** ids,
-                            const std::function<void(int)>& mark = {});
+                            const std::function<void(int)>& mark = {},
+                            const SelectArgs* select = nullptr, const RetainArgs* retain = nullptr);
   // A sparse prefill chunk's shortlist (PlanExecutor::ChunkTop): queues the scores of candidates
   // [first, first + n) with the chunk's combined queries qa, qb (device [kv_heads, D],
   // GroupChunkQueries') and the `want` best of each row (sum_heads: one row) into vals, ids

@@ -3,11 +3,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "engine/base/error.h"
+#include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/pdl.cuh"
@@ -329,9 +332,13 @@ __global__ void ScoreBlocksKernel(const RT* reps, int64_t R, int64_t first, int6
 // divided out of the item's index, in 64 bits, and the query reloaded per item, was
 // instruction-bound: 15 us for 16.7 MB at 1M tokens, in L2.)
 constexpr int kScoreUnroll = 4;
+// With q (not null): the query [Hk * G, D] itself, each slot summing its 8 channels of the
+// group's queries as GroupQueriesKernel sums them (the same additions in the same order: the
+// same floats), instead of a kernel of its own before this one; qa, qb unused.
 __global__ void __launch_bounds__(256)
     ScoreBlocksVecKernel(const __nv_bfloat16* reps, int R, int64_t first, int64_t n, int Hk, int D,
-                         const float* qa, const float* qb, float* scores) {
+                         const float* qa, const float* qb, const float* q, int G, bool quest,
+                         float* scores) {
   const int L = R * D / 8, per = 32 / L, lane = static_cast<int>(threadIdx.x & 31);
   const int sub = lane % L, slot = lane / L;
   const unsigned w = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -343,9 +350,24 @@ __global__ void __launch_bounds__(256)
   // shuffles below see the whole warp. Slot g's blocks: g / Hk + j * S.
   const int64_t bw = (w * per) / Hk, off = g / Hk - bw;
   const int e0 = sub * 8, row = e0 / D, d0 = e0 % D;  // (a piece never spans the two rows)
-  const float4* qp = reinterpret_cast<const float4*>((row == 0 ? qa : qb) + h * D + d0);
-  const float4 qlo = qp[0], qhi = qp[1];
-  const float qv[8] = {qlo.x, qlo.y, qlo.z, qlo.w, qhi.x, qhi.y, qhi.z, qhi.w};
+  float qv[8];
+  if (q == nullptr) {
+    const float4* qp = reinterpret_cast<const float4*>((row == 0 ? qa : qb) + h * D + d0);
+    const float4 qlo = qp[0], qhi = qp[1];
+    qv[0] = qlo.x, qv[1] = qlo.y, qv[2] = qlo.z, qv[3] = qlo.w;
+    qv[4] = qhi.x, qv[5] = qhi.y, qv[6] = qhi.z, qv[7] = qhi.w;
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) qv[c] = 0.f;
+    for (int j = 0; j < G; ++j) {  // (row 1 only for Quest: the negative parts)
+      const float4* qp = reinterpret_cast<const float4*>(q + (h * G + j) * D + d0);
+      const float4 lo = qp[0], hi = qp[1];
+      const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+        qv[c] = __fadd_rn(qv[c], !quest ? x[c] : row == 0 ? fmaxf(x[c], 0.f) : fminf(x[c], 0.f));
+    }
+  }
   const uint4* base = reinterpret_cast<const uint4*>(reps + first * Hk * R * D) + h * L + sub;
   const int64_t step = static_cast<int64_t>(Hk) * L;  // uint4s from one block to the next
   for (int64_t b0 = bw; b0 < n; b0 += static_cast<int64_t>(S) * kScoreUnroll) {
@@ -387,24 +409,53 @@ int64_t ScoreBlocksVecGrid() {
 }
 }  // namespace
 
+namespace {
+// The vector kernel where it applies (bf16 pieces that tile a warp, 16-byte aligned queries);
+// false: nothing launched.
+bool ScoreBlocksVec(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
+                    int64_t kv_heads, int64_t D, const float* qa, const float* qb, const float* q,
+                    int64_t G, bool quest, float* scores, cudaStream_t stream) {
+  const int64_t L = R * D / 8;
+  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!(storage == DType::kBF16 && (R * D) % 8 == 0 && D % 8 == 0 && L <= 32 && 32 % L == 0 &&
+        (q != nullptr ? aligned(q) : aligned(qa) && aligned(qb)) &&
+        n * kv_heads < (int64_t{1} << 31)))
+    return false;
+  const int64_t per = 32 / L, warps_needed = (n * kv_heads + per - 1) / per;
+  const int64_t grid = std::min((warps_needed + 7) / 8, ScoreBlocksVecGrid());
+  if (grid * 8 * per < kv_heads) return false;  // (every slot stride a whole number of blocks)
+  ScoreBlocksVecKernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
+      static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, q, static_cast<int>(G), quest,
+      scores);
+  NEEDLE_CUDA_CHECK_LAUNCH();
+  return true;
+}
+}  // namespace
+
+void ScoreBlocksFromQuery(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
+                          int64_t kv_heads, int64_t G, int64_t D, const float* q, bool quest,
+                          float* qa, float* qb, float* scores, cudaStream_t stream) {
+  // NEEDLE_SCORE_GROUPED=0: the group queries by a kernel of their own, always (comparisons).
+  static const bool fused = [] {
+    const char* e = std::getenv("NEEDLE_SCORE_GROUPED");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (n > 0 && fused &&
+      ScoreBlocksVec(reps, storage, R, first, n, kv_heads, D, nullptr, nullptr, q, G, quest, scores,
+                     stream))
+    return;
+  GroupQueries(q, kv_heads * G, kv_heads, D, quest, qa, qb, stream);
+  ScoreBlocks(reps, storage, R, first, n, kv_heads, D, qa, qb, scores, stream);
+}
+
 void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
                  int64_t kv_heads, int64_t D, const float* qa, const float* qb, float* scores,
                  cudaStream_t stream) {
   if (n <= 0) return;
-  const int64_t L = R * D / 8;
-  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (storage == DType::kBF16 && (R * D) % 8 == 0 && D % 8 == 0 && L <= 32 && 32 % L == 0 &&
-      aligned(qa) && aligned(qb) && n * kv_heads < (int64_t{1} << 31)) {
-    const int64_t per = 32 / L, warps_needed = (n * kv_heads + per - 1) / per;
-    const int64_t grid = std::min((warps_needed + 7) / 8, ScoreBlocksVecGrid());
-    if (grid * 8 * per >= kv_heads) {  // (every slot stride a whole number of blocks)
-      ScoreBlocksVecKernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
-          static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, scores);
-      NEEDLE_CUDA_CHECK_LAUNCH();
-      return;
-    }
-  }
+  if (ScoreBlocksVec(reps, storage, R, first, n, kv_heads, D, qa, qb, nullptr, 1, false, scores,
+                     stream))
+    return;
   const int64_t threads = n * kv_heads * 32;
   const unsigned grid = static_cast<unsigned>((threads + 255) / 256);
   if (storage == DType::kF32)

@@ -75,6 +75,14 @@ void ScoreBlocks(const void* reps, DType storage, int64_t R, int64_t first, int6
                  int64_t kv_heads, int64_t D, const float* qa, const float* qb, float* scores,
                  cudaStream_t stream);
 
+// ScoreBlocks of the decode query q [kv_heads * G, D] (device) itself: where the vector kernel
+// runs (bf16 representatives) it sums each group's queries as GroupQueries does, bit for bit,
+// instead of a kernel of its own before it; elsewhere GroupQueries into qa, qb (device scratch
+// [kv_heads, D] each), then ScoreBlocks. NEEDLE_SCORE_GROUPED=0: always the latter.
+void ScoreBlocksFromQuery(const void* reps, DType storage, int64_t R, int64_t first, int64_t n,
+                          int64_t kv_heads, int64_t G, int64_t D, const float* q, bool quest,
+                          float* qa, float* qb, float* scores, cudaStream_t stream);
+
 // The log-sum-exp merge of two attention results over disjoint keys (engine/attention/partial.h
 // for normalised outputs): for each row r (a query head), with w_x = exp(lse_x[r] - M),
 //   out[r] = (w_a out_a[r] + w_b out_b[r]) / (w_a + w_b),  lse[r] = M + log(w_a + w_b).

@@ -1,0 +1,132 @@
+// The device plan's selection and retention of one row (device_plan.h SelectFromShortlist,
+// RetainByMass), as device functions of one thread block: their own kernels run them, and the
+// fused top-k (block_select.cu TopBlocksSelect) runs the selection once its block has written
+// the row's shortlist, after the retention of the layer's previous step where it is pending.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/cuda/device_plan.h"
+#include "sparse_attn/plan_rules.h"
+
+namespace needle::cuda {
+
+// Row blockIdx.x. vals, ids [rows][want]: the shortlist, its first k entries valid (written by
+// this block, or by an earlier kernel). smem: SelectSharedBytes(k, R) of shared memory: the
+// shortlist's scores and ids [k], the kept blocks [R], the selection [R + k] (kept first, then
+// each chosen entry at nk + its rank), the retention [R], each shortlist entry's mark (kept or
+// not) [k]. (Without the marks every thread walked the kept blocks for every entry, ~k x R
+// shared reads in a row: 22 us a layer at k = 64, R = 16.)
+__device__ inline void SelectRow(const SelectArgs& a, const float* vals, const int32_t* ids,
+                                 int64_t want, int k, int32_t* smem) {
+  namespace pr = plan_rules;
+  const int R = a.R, nt = static_cast<int>(blockDim.x);
+  float* s_sc = reinterpret_cast<float*>(smem);
+  int32_t* s_id = smem + k;
+  int32_t* s_keep = s_id + k;
+  int32_t* s_sel = s_keep + R;
+  int32_t* s_ret = s_sel + R + k;
+  int32_t* s_kept = s_ret + R;
+  __shared__ int s_nk, s_rc;
+  const int r = blockIdx.x, h0 = a.by_layer ? 0 : r, h1 = a.by_layer ? a.kv_heads : r + 1;
+  // (Every global read first, in parallel: thread 0's serial part reads shared memory only.)
+  for (int i = threadIdx.x; i < k; i += nt)
+    s_sc[i] = vals[r * want + i], s_id[i] = ids[r * want + i];
+  for (int i = threadIdx.x; i < R; i += nt) s_ret[i] = a.ret[h0 * R + i];
+  if (threadIdx.x == 0) s_rc = a.rcount[h0];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_nk = s_rc < 0 ? 0 : pr::KeepRetained(s_ret, s_rc, a.init_b, a.ctx_end, R, s_keep);
+    for (int i = 0; i < s_nk; ++i) s_sel[i] = s_keep[i];
+  }
+  __syncthreads();
+  const int nk = s_nk;
+  for (int i = threadIdx.x; i < k; i += nt) s_kept[i] = pr::Holds(s_keep, nk, s_id[i]);
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += nt) {
+    const int rank = pr::ShortlistRankOf(
+        s_sc, s_id, k, [&](int j) { return s_kept[j] != 0; }, i);
+    if (rank >= 0 && rank < a.topk - nk) s_sel[nk + rank] = s_id[i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.n_sel; i += nt) {
+    const int32_t b = s_sel[i];
+    const int j = pr::CountBelow(s_sel, a.n_sel, b);
+    for (int h = h0; h < h1; ++h) {
+      a.sel[h * a.n_sel + j] = b;
+      a.view[h * a.view_stride + a.view_at + j] = a.table[b];
+    }
+  }
+  for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += nt) {
+    a.kcount[h] = s_rc < 0 ? -1 : nk;
+    for (int i = 0; i < nk; ++i) a.kept[h * R + i] = s_keep[i];
+  }
+}
+
+// The device plan's retention of row blockIdx.x (device_plan.h RetainByMass). smem:
+// RetainSharedBytes(a) of shared memory: the masses [n], the order [n], the blocks [n], the
+// retention [R], the candidates and their marks [2n] each, the masses of the blocks' parts [kv
+// heads of the row][n] [tiles]. Every step one item per thread: the parts' masses (the loads and
+// exponentials of one part: one thread walking a block's tiles and heads took 14 us a layer), each
+// block's mass (its parts added in tile order), the ranks, then plan_rules::KeepByMass in parallel:
+// each candidate marked when it is the first of its value and placed by the count of marks before
+// it (thread 0 walking the candidates alone took 7 us a layer).
+__device__ inline void RetainRow(const RetainArgs& a, int32_t* smem) {
+  namespace pr = plan_rules;
+  const int n = a.n, tiles = a.tiles, G = a.G, R = a.R, nt = static_cast<int>(blockDim.x);
+  const int32_t* sel = a.sel;
+  const float *stats = a.stats, *lse = a.lse;
+  float* s_mass = reinterpret_cast<float*>(smem);
+  int* s_order = smem + n;
+  int32_t* s_blocks = smem + 2 * n;
+  int32_t* s_out = smem + 3 * n;
+  int32_t* s_cand = s_out + R;
+  int* s_first = s_cand + 2 * n;
+  float* s_part = reinterpret_cast<float*>(s_first + 2 * n);
+  __shared__ int s_cnt;
+  const int r = blockIdx.x, h0 = a.by_layer ? 0 : r, h1 = a.by_layer ? a.kv_heads : r + 1;
+  const int parts = (h1 - h0) * n * tiles;
+  for (int i = threadIdx.x; i < parts; i += nt) {
+    const int h = h0 + i / (n * tiles), jt = i % (n * tiles);  // jt = j * tiles + tile
+    s_part[i] =
+        pr::BlockMass(stats + static_cast<int64_t>(h * n * tiles + jt) * G * 2, lse + h * G, G);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += nt) {
+    s_blocks[j] = sel[h0 * n + j];
+    float m = 0.f;
+    for (int h = 0; h < h1 - h0; ++h) {
+      float mh = 0.f;  // (the parts in tile order)
+      for (int t = 0; t < tiles; ++t) mh += s_part[(h * n + j) * tiles + t];
+      m = h == 0 ? mh : m + mh;
+    }
+    s_mass[j] = m;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += nt) s_order[pr::MassRank(s_mass, n, j)] = j;
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * n; c += nt) s_cand[c] = pr::MassCandidate(s_blocks, s_order, c);
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * n; c += nt) s_first[c] = pr::FirstCandidate(s_cand, c);
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * n; c += nt) {
+    if (s_first[c] == 0) continue;
+    int at = 0;
+    for (int e = 0; e < c; ++e) at += s_first[e];
+    if (at < R) s_out[at] = s_cand[c];
+  }
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int c = 0; c < 2 * n; ++c) total += s_first[c];
+    s_cnt = total < R ? total : R;
+  }
+  __syncthreads();
+  const int cnt = s_cnt;
+  for (int i = threadIdx.x; i < cnt; i += nt) {
+    const int at = pr::CountBelow(s_out, cnt, s_out[i]);  // ascending
+    for (int h = h0; h < h1; ++h) a.ret[h * R + at] = s_out[i];
+  }
+  for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += nt) a.rcount[h] = cnt;
+}
+
+}  // namespace needle::cuda
