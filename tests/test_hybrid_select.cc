@@ -193,11 +193,13 @@ TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
         const size_t rb = reps.BlockBytes() * static_cast<size_t>(nb);
         const int64_t first = 3, n = nb - first, hd = Hk * D;
         // Device: reps, q, then (qa, qb, scores) twice.
-        float* d = gpu->Alloc(rb / 4 + q.size() + static_cast<size_t>(2 * (2 * hd + Hk * n)));
+        // (Each half 16-byte aligned, as the scorer's buffers: the vector kernel needs it.)
+        const int64_t half = (2 * hd + Hk * n + 3) / 4 * 4;
+        float* d = gpu->Alloc(rb / 4 + q.size() + static_cast<size_t>(2 * half));
         NEEDLE_CUDA_CHECK(cudaMemcpy(d, reps.Block(0, 0), rb, cudaMemcpyHostToDevice));
         float* dq = d + rb / 4;
         gpu->FromHost(q.data(), q.size(), dq);
-        float *a = dq + q.size(), *b = a + (2 * hd + Hk * n);
+        float *a = dq + q.size(), *b = a + half;
         const cudaStream_t s = CudaBackendStream(*gpu);
         cuda::GroupQueries(dq, heads, Hk, D, quest, a, a + hd, s);
         cuda::ScoreBlocks(d, st, reps.rows(), first, n, Hk, D, a, a + hd, a + 2 * hd, s);
@@ -221,6 +223,7 @@ TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
 // lse), what RetainByMass before them writes, the retention included.
 TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
   NEEDLE_REQUIRE_GPU(gpu);
+  if (!cuda::FusedSelectOn()) GTEST_SKIP() << "NEEDLE_TOPK_SELECT=0: the selection is never fused";
   const cudaStream_t s = CudaBackendStream(*gpu);
   for (int64_t n : {int64_t{20}, int64_t{700}, int64_t{9000}})
     for (bool by_layer : {false, true})
@@ -275,6 +278,7 @@ TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
           std::vector<std::vector<int32_t>> out;
           for (int pass = 0; pass < 2; ++pass) {
             NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
+            NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());  // (the memset and copies, before s)
             float* vals = d + pass * per;
             auto* ids = reinterpret_cast<int32_t*>(vals + rows * want);
             int32_t* sel = ids + rows * want;
@@ -299,6 +303,9 @@ TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
                                                 want, vals, ids, sa, retain_first ? &ra : nullptr,
                                                 s));
             }
+            // (The backend's stream does not wait for the legacy stream's copies, nor they for
+            // it.)
+            NEEDLE_CUDA_CHECK(cudaStreamSynchronize(s));
             std::vector<int32_t> h(static_cast<size_t>(Hk * n_sel + Hk * R + Hk + Hk * stride));
             NEEDLE_CUDA_CHECK(cudaMemcpy(h.data(), sel, h.size() * 4, cudaMemcpyDeviceToHost));
             h.resize(h.size() + ret.size());  // (and the retention)

@@ -39,6 +39,9 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   const int64_t n = p.ctx_end_block - p.init_blocks, n_sel = std::min(p.topk, n);
   int32_t* ret = DeviceRetention(layer, R);  // [Hk][R], then rcount [Hk]
   int32_t* rcount = ret + Hk * R;
+  const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
+  int32_t* lay = LayerPlanBuffers(layer, tiles);  // (sizes dp_pending too)
+  PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
   if (p.seed != nullptr) {  // the planner's retention: the prompt's seed, or a step it made
     std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
     const bool has = p.seed->size() == static_cast<size_t>(Hk);
@@ -49,16 +52,13 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
     }
     H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
-    dp_pending[static_cast<size_t>(layer)].on = false;  // (what it would have computed: replaced)
+    pend.on = false;                   // (what it would have computed: replaced)
   }
   Mark(kPlan);
   // The layer's own buffers (LayerPlanBuffers): this step's selection in the half the last
   // step's is not in, its blocks' sums [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where
   // the attention writes them, else whole) and the lse [heads]; scratch: kept [Hk][R], kcount
   // [Hk].
-  const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
-  PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
-  int32_t* lay = LayerPlanBuffers(layer, tiles);
   const int cur = 1 - pend.half;
   int32_t* sel = lay + cur * Hk * c.topk;
   float* sums = reinterpret_cast<float*>(lay + 2 * Hk * c.topk);
