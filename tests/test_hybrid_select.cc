@@ -306,17 +306,19 @@ TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
             // (The backend's stream does not wait for the legacy stream's copies, nor they for
             // it.)
             NEEDLE_CUDA_CHECK(cudaStreamSynchronize(s));
-            std::vector<int32_t> h(static_cast<size_t>(Hk * n_sel + Hk * R + Hk + Hk * stride));
-            NEEDLE_CUDA_CHECK(cudaMemcpy(h.data(), sel, h.size() * 4, cudaMemcpyDeviceToHost));
-            h.resize(h.size() + ret.size());  // (and the retention)
-            NEEDLE_CUDA_CHECK(cudaMemcpy(h.data() + h.size() - ret.size(), dret, ret.size() * 4,
-                                         cudaMemcpyDeviceToHost));
+            // The selection, kept, kcount and view, then the retention.
+            const size_t n_out = static_cast<size_t>(Hk * n_sel + Hk * R + Hk + Hk * stride);
+            std::vector<int32_t> h(n_out + ret.size());
+            NEEDLE_CUDA_CHECK(cudaMemcpy(h.data(), sel, n_out * 4, cudaMemcpyDeviceToHost));
+            NEEDLE_CUDA_CHECK(
+                cudaMemcpy(h.data() + n_out, dret, ret.size() * 4, cudaMemcpyDeviceToHost));
             out.push_back(h);
           }
           gpu->Free(dr);
           gpu->Free(d);
-          if (retain_first)  // (the retention was computed: counts of R, not the seed's -1s)
+          if (retain_first) {  // (the retention was computed: counts of R, not the seed's -1s)
             ASSERT_EQ(out[1].back(), static_cast<int32_t>(R));
+          }
           ASSERT_EQ(out[0], out[1])
               << "n " << n << " by_layer " << by_layer << " R " << R << " variant " << variant;
           // (Something was selected: not two untouched buffers.)
