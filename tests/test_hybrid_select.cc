@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -117,6 +118,20 @@ TEST(HybridSelect, GroupQueriesEqualsHost) {
     }
 }
 
+// One layer's representatives of nb blocks of 4 random keys (seeds seed, seed + 1).
+std::unique_ptr<RepresentativeStore> RandomReps(int64_t Hk, int64_t D, int64_t nb, ReprType rt,
+                                                DType st, uint64_t seed) {
+  const int64_t B = 4;
+  KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
+  const auto k = test::RandomVector(nb * B * Hk * D, seed),
+             v = test::RandomVector(k.size(), seed + 1);
+  cache.Write(0, 0, nb * B, k.data(), v.data());
+  cache.SetSize(nb * B);
+  auto reps = std::make_unique<RepresentativeStore>(1, Hk, D, nb, rt, st);
+  for (int64_t b = 0; b < nb; ++b) reps->ComputeFromKeys(0, b, cache.Layer(0));
+  return reps;
+}
+
 // The GPU's block scores (bf16 representatives of 16-byte pieces: a slot per KV head striding
 // over the blocks, several a warp; others: a warp an item) equal the host's within f32 rounding
 // of sums taken in another order.
@@ -134,13 +149,8 @@ TEST(HybridSelect, ScoreBlocksEqualsHost) {
     for (ReprType rt : {ReprType::kQuest, ReprType::kMax})
       for (DType st : {DType::kBF16, DType::kF32}) {
         if (nb > 300 && st == DType::kF32) continue;  // (the scalar kernel: no slots)
-        const int64_t B = 4;
-        KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
-        const auto k = test::RandomVector(nb * B * Hk * D, 3), v = test::RandomVector(k.size(), 4);
-        cache.Write(0, 0, nb * B, k.data(), v.data());
-        cache.SetSize(nb * B);
-        RepresentativeStore reps(1, Hk, D, nb, rt, st);
-        for (int64_t b = 0; b < nb; ++b) reps.ComputeFromKeys(0, b, cache.Layer(0));
+        const auto store = RandomReps(Hk, D, nb, rt, st, 3);
+        const RepresentativeStore& reps = *store;
         const std::vector<float> qa = test::RandomVector(Hk * D, 5),
                                  qb = test::RandomVector(Hk * D, 6);
         for (int64_t first : {0, 5})
@@ -181,13 +191,8 @@ TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
                                   Shape{8, 8, 64, 300}, Shape{14, 2, 64, 5000}})
     for (ReprType rt : {ReprType::kQuest, ReprType::kMax, ReprType::kMean})
       for (DType st : {DType::kBF16, DType::kF32}) {
-        const int64_t B = 4;
-        KVCache cache(KVCacheShape{1, Hk, D, nb * B, B, st});
-        const auto k = test::RandomVector(nb * B * Hk * D, 7), v = test::RandomVector(k.size(), 8);
-        cache.Write(0, 0, nb * B, k.data(), v.data());
-        cache.SetSize(nb * B);
-        RepresentativeStore reps(1, Hk, D, nb, rt, st);
-        for (int64_t b = 0; b < nb; ++b) reps.ComputeFromKeys(0, b, cache.Layer(0));
+        const auto store = RandomReps(Hk, D, nb, rt, st, 7);
+        const RepresentativeStore& reps = *store;
         const std::vector<float> q = test::RandomVector(heads * D, 9);
         const bool quest = rt == ReprType::kQuest;
         const size_t rb = reps.BlockBytes() * static_cast<size_t>(nb);
