@@ -122,14 +122,11 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
   line("top_blocks",
        Time(s, reps_n, [&] { cuda::TopBlocks(sc, Hk, n, false, 1, want, vals, ids, s); }),
        static_cast<double>(Hk * n * 4));
-  line("select",
-       Time(s, reps_n,
-            [&] {
-              cuda::SelectFromShortlist(vals, ids, want, want, ret, ret + Hk * R, R, 1, n + 1, topk,
-                                        Hk, false, table, topk, sel, kept, kc, view, topk + 2, 1,
-                                        s);
-            }),
-       static_cast<double>(Hk * want * 8));
+  const auto select = [&] {
+    cuda::SelectFromShortlist(vals, ids, want, want, ret, ret + Hk * R, R, 1, n + 1, topk, Hk,
+                              false, table, topk, sel, kept, kc, view, topk + 2, 1, s);
+  };
+  line("select", Time(s, reps_n, select), static_cast<double>(Hk * want * 8));
   // The fused launches against the pairs they replace, back to back as a step queues them.
   line("group_queries+score_blocks",
        Time(s, reps_n,
@@ -152,9 +149,7 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
        Time(s, reps_n,
             [&] {
               cuda::TopBlocks(sc, Hk, n, false, 1, want, vals, ids, s);
-              cuda::SelectFromShortlist(vals, ids, want, want, ret, ret + Hk * R, R, 1, n + 1, topk,
-                                        Hk, false, table, topk, sel, kept, kc, view, topk + 2, 1,
-                                        s);
+              select();
             }),
        static_cast<double>(Hk * n * 4));
   line("top_blocks_select",
