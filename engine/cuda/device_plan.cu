@@ -50,12 +50,18 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
                          int32_t* kcount, int32_t* view, int64_t view_stride, int64_t view_at,
                          cudaStream_t stream) {
-  const SelectArgs a =
+  SelectFromShortlist(
+      vals, ids, want, k,
       MakeSelectArgs(want, k, ret, rcount, R, init_b, ctx_end, topk, kv_heads, by_layer, table,
-                     n_sel, sel, kept, kcount, view, view_stride, view_at);
-  if (n_sel <= 0) return;
-  SelectKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, SelectSharedBytes(k, R),
-                 stream>>>(vals, ids, want, static_cast<int>(k), a);
+                     n_sel, sel, kept, kcount, view, view_stride, view_at),
+      stream);
+}
+
+void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, int64_t k,
+                         const SelectArgs& a, cudaStream_t stream) {
+  if (a.n_sel <= 0) return;
+  SelectKernel<<<static_cast<unsigned>(a.by_layer ? 1 : a.kv_heads), kThreads,
+                 SelectSharedBytes(k, a.R), stream>>>(vals, ids, want, static_cast<int>(k), a);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -78,12 +84,15 @@ size_t RetainSharedBytes(const RetainArgs& a) {
 void RetainByMass(const int32_t* sel, int64_t n, const float* stats, int64_t tiles,
                   const float* lse, int64_t kv_heads, int64_t G, bool by_layer, int64_t R,
                   int32_t* ret, int32_t* rcount, cudaStream_t stream) {
-  const RetainArgs a =
-      MakeRetainArgs(sel, n, stats, tiles, lse, kv_heads, G, by_layer, R, ret, rcount);
-  if (n <= 0 || R <= 0) return;
+  RetainByMass(MakeRetainArgs(sel, n, stats, tiles, lse, kv_heads, G, by_layer, R, ret, rcount),
+               stream);
+}
+
+void RetainByMass(const RetainArgs& a, cudaStream_t stream) {
+  if (a.n <= 0 || a.R <= 0) return;
   const size_t smem = RetainSharedBytes(a);
   NEEDLE_CHECK(smem <= 48 * 1024);
-  RetainKernel<<<static_cast<unsigned>(by_layer ? 1 : kv_heads), kThreads, smem, stream>>>(a);
+  RetainKernel<<<static_cast<unsigned>(a.by_layer ? 1 : a.kv_heads), kThreads, smem, stream>>>(a);
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -58,6 +58,9 @@ void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, in
                          const int32_t* table, int64_t n_sel, int32_t* sel, int32_t* kept,
                          int32_t* kcount, int32_t* view, int64_t view_stride, int64_t view_at,
                          cudaStream_t stream);
+// The same with its arguments gathered (MakeSelectArgs).
+void SelectFromShortlist(const float* vals, const int32_t* ids, int64_t want, int64_t k,
+                         const SelectArgs& a, cudaStream_t stream);
 
 // Retention for the layer's next step: from the selection sel [kv_heads][n] (ascending), its
 // blocks' softmax sums stats ([kv_heads][n][tiles][G][2]: each block's in `tiles` parts, 1 for
@@ -85,5 +88,7 @@ size_t RetainSharedBytes(const RetainArgs& a);
 void RetainByMass(const int32_t* sel, int64_t n, const float* stats, int64_t tiles,
                   const float* lse, int64_t kv_heads, int64_t G, bool by_layer, int64_t R,
                   int32_t* ret, int32_t* rcount, cudaStream_t stream);
+// The same with its arguments gathered (MakeRetainArgs).
+void RetainByMass(const RetainArgs& a, cudaStream_t stream);
 
 }  // namespace needle::cuda

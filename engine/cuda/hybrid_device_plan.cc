@@ -65,11 +65,6 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   float* lse = sums + 2 * Hk * c.topk * tiles * G;
   int32_t* kept = dp_scratch.Get<int32_t>(static_cast<size_t>(Hk * (R + 1)));
   int32_t* kcount = kept + Hk * R;
-  // The last step's retention, where it was left to this step's top-k kernel.
-  cuda::RetainArgs ra;
-  if (pend.on)
-    ra = cuda::MakeRetainArgs(lay + pend.half * Hk * c.topk, pend.n, sums, pend.tiles, lse, Hk, G,
-                              p.by_layer, R, ret, rcount);
   // The attention's view: per KV head, Initial + its selected blocks + Local; the selection
   // writes each head's Context entries (the blocks' slots in the ring) after the view's table is
   // queued. (Its extra slots are not used: the blocks the hybrid's host-planned steps keep there
@@ -87,16 +82,14 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   // launches fewer a layer.)
   const bool selected = scorer.QueueDeviceShortlist(
       layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals, &ids,
-      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend.on ? &ra : nullptr);
+      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend.on ? &pend.args : nullptr);
   Mark(kTopk);
-  if (!selected) FlushRetention(layer);
+  if (!selected) {  // (the pending retention first: the selection reads it)
+    FlushRetention(layer);
+    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), sa, stream);
+  }
   pend.on = false;
   pend.half = cur;
-  if (!selected)
-    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), ret, rcount, R,
-                              p.init_blocks, p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table,
-                              n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
-                              v.table_head_stride, c.init_end() / c.block_size, stream);
   Mark(kSelect);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
@@ -108,11 +101,12 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       cuda::BlockStats(q_dev, v.k, v.dtype, n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums,
                        stream, v.table + c.init_end() / c.block_size, v.table_head_stride);
     Mark(kSums);
+    const cuda::RetainArgs ra = cuda::MakeRetainArgs(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk,
+                                                     G, p.by_layer, R, ret, rcount);
     if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
-      pend.on = true, pend.by_layer = p.by_layer, pend.n = n_sel, pend.tiles = tiled ? tiles : 1;
+      pend.on = true, pend.args = ra;
     } else {
-      cuda::RetainByMass(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk, G, p.by_layer, R, ret,
-                         rcount, stream);
+      cuda::RetainByMass(ra, stream);
       Mark(kRetain);
     }
   }
@@ -168,14 +162,7 @@ int32_t* HybridAttention::Impl::LayerPlanBuffers(int64_t layer, int64_t tiles) {
 void HybridAttention::Impl::FlushRetention(int64_t layer) {
   if (dp_pending.empty() || !dp_pending[static_cast<size_t>(layer)].on) return;
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
-  const int64_t Hk = m.num_kv_heads, G = m.num_heads / Hk, K = c.topk, R = c.retained();
-  const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
-  int32_t* lay = LayerPlanBuffers(layer, tiles);
-  float* sums = reinterpret_cast<float*>(lay + 2 * Hk * K);
-  int32_t* ret = DeviceRetention(layer, R);
-  cuda::RetainByMass(lay + pend.half * Hk * K, pend.n, sums, pend.tiles,
-                     sums + 2 * Hk * K * tiles * G, Hk, G, pend.by_layer, R, ret, ret + Hk * R,
-                     stream);
+  cuda::RetainByMass(pend.args, stream);
   pend.on = false;
 }
 

@@ -276,12 +276,11 @@ struct HybridAttention::Impl final : PlanExecutor {
   // A layer's retention left to its next step's top-k kernel (TopBlocksSelect runs it before
   // the selection that reads it; one launch fewer a layer), with its inputs in buffers of the
   // layer's own (LayerPlanBuffers): the step's selection in two halves, alternating (the kernel
-  // that reads the last step's writes this step's), its blocks' sums and the lse. on: pending;
-  // n, tiles: its selection's length and parts a block; by_layer: its select mode; half: the
-  // last selection's half.
+  // that reads the last step's writes this step's), its blocks' sums and the lse. on: pending,
+  // with its arguments in args; half: the last selection's half.
   struct PendingRetain {
-    bool on = false, by_layer = false;
-    int64_t n = 0, tiles = 1;
+    bool on = false;
+    cuda::RetainArgs args;
     int half = 0;
   };
   std::vector<PendingRetain> dp_pending;
