@@ -66,6 +66,17 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     fill_pin = std::vector<cuda::PinnedFloats>(L);
   }
+  // Device placement: retention for the next step on a stream of its own (PendingRetain::side).
+  if (device_kv && EnvOnUnlessZero("NEEDLE_RETAIN_STREAM")) {
+    int least = 0, greatest = 0;
+    NEEDLE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    NEEDLE_CUDA_CHECK(
+        cudaStreamCreateWithPriority(&retain_stream, cudaStreamNonBlocking, greatest));
+    for (auto* v : {&retain_ready, &retain_done}) {
+      v->resize(static_cast<size_t>(m.num_layers));
+      for (auto& e : *v) NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+  }
 }
 
 HybridAttention::Impl::~Impl() {
@@ -75,6 +86,12 @@ HybridAttention::Impl::~Impl() {
     cudaStreamDestroy(fill_stream);
   }
   for (cudaEvent_t e : fill_done) cudaEventDestroy(e);
+  if (retain_stream != nullptr) {
+    cudaStreamSynchronize(retain_stream);
+    cudaStreamDestroy(retain_stream);
+  }
+  for (auto* v : {&retain_ready, &retain_done})
+    for (cudaEvent_t e : *v) cudaEventDestroy(e);
   if (layer_start != nullptr) cudaEventDestroy(layer_start);
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);

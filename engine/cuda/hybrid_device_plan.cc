@@ -42,6 +42,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   const int64_t tiles = c.block_size % 32 == 0 ? c.block_size / 32 : 1;
   int32_t* lay = LayerPlanBuffers(layer, tiles);  // (sizes dp_pending too)
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
+  if (pend.side) FlushRetention(layer);  // (before anything reads or writes the retention)
   if (p.seed != nullptr) {  // the planner's retention: the prompt's seed, or a step it made
     std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
     const bool has = p.seed->size() == static_cast<size_t>(Hk);
@@ -103,7 +104,14 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
     Mark(kSums);
     const cuda::RetainArgs ra = cuda::MakeRetainArgs(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk,
                                                      G, p.by_layer, R, ret, rcount);
-    if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
+    const auto l = static_cast<size_t>(layer);
+    if (retain_stream != nullptr && R > 0) {  // beside the model's next kernels
+      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_ready[l], stream));
+      NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(retain_stream, retain_ready[l], 0));
+      cuda::RetainByMass(ra, retain_stream);
+      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_done[l], retain_stream));
+      pend.side = true;
+    } else if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
       pend.on = true, pend.args = ra;
     } else {
       cuda::RetainByMass(ra, stream);
@@ -160,8 +168,13 @@ int32_t* HybridAttention::Impl::LayerPlanBuffers(int64_t layer, int64_t tiles) {
 }
 
 void HybridAttention::Impl::FlushRetention(int64_t layer) {
-  if (dp_pending.empty() || !dp_pending[static_cast<size_t>(layer)].on) return;
+  if (dp_pending.empty()) return;
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
+  if (pend.side) {
+    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, retain_done[static_cast<size_t>(layer)], 0));
+    pend.side = false;
+  }
+  if (!pend.on) return;
   cuda::RetainByMass(pend.args, stream);
   pend.on = false;
 }

@@ -278,17 +278,25 @@ struct HybridAttention::Impl final : PlanExecutor {
   // layer's own (LayerPlanBuffers): the step's selection in two halves, alternating (the kernel
   // that reads the last step's writes this step's), its blocks' sums and the lse. on: pending,
   // with its arguments in args; half: the last selection's half.
+  // side: queued instead on retain_stream (high priority, 128-thread blocks that fit beside the
+  // model's kernels) after the layer's attention, off the step's path: the 4 blocks of a fused
+  // top-k with the retention kept the GPU about 25 us a layer at 1M (ncu); the layer's next step
+  // waits for retain_done before anything reads or writes its retention. NEEDLE_RETAIN_STREAM=0:
+  // no such stream, the pending path.
   struct PendingRetain {
-    bool on = false;
+    bool on = false, side = false;
     cuda::RetainArgs args;
     int half = 0;
   };
   std::vector<PendingRetain> dp_pending;
+  cudaStream_t retain_stream = nullptr;
+  std::vector<cudaEvent_t> retain_ready, retain_done;
   cuda::GrowBuffer dp_layers{"device plan per-layer selections"};
   // The layer's buffers: sel [2][kv_heads][topk], then (floats) sums [kv_heads][topk][tiles][G]
   // [2] and lse [heads].
   int32_t* LayerPlanBuffers(int64_t layer, int64_t tiles);
-  // Queues the layer's pending retention (RetainByMass) on its own, if any.
+  // Queues the layer's pending retention (RetainByMass) on its own, if any, or has the model's
+  // stream wait for the one on retain_stream.
   void FlushRetention(int64_t layer);
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
