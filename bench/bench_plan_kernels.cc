@@ -142,6 +142,24 @@ void Run(int64_t Hk, int64_t G, int64_t D, int64_t ctx, double hbm) {
                                          sc, s);
             }),
        static_cast<double>(rh.size() * 2));
+  {  // As in a step: each call scores another layer's representatives, not in L2 (256 MiB of
+     // copies, at least 2), as the 28 layers' 448 MB at 1M are not.
+    const size_t one = rh.size() * 2;
+    const size_t copies = std::max<size_t>(2, (size_t{256} << 20) / one);
+    auto* ring = Dev<uint8_t>(copies * one);
+    for (size_t i = 0; i < copies; ++i)
+      NEEDLE_CUDA_CHECK(cudaMemcpy(ring + i * one, reps, one, cudaMemcpyDeviceToDevice));
+    size_t at = 0;
+    line("score_from_query_cold",
+         Time(s, reps_n,
+              [&] {
+                cuda::ScoreBlocksFromQuery(ring + (at++ % copies) * one, DType::kBF16, Rr, 0, n, Hk,
+                                           G, D, q, true, qa, qb, sc, s);
+              }),
+         static_cast<double>(one));
+    cudaDeviceSynchronize();
+    cudaFree(ring);
+  }
   const cuda::SelectArgs sa =
       cuda::MakeSelectArgs(want, want, ret, ret + Hk * R, R, 1, n + 1, topk, Hk, false, table, topk,
                            sel, kept, kc, view, topk + 2, 1);

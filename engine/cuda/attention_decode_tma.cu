@@ -189,8 +189,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // The first global loads (block table) go out before anything waits on them: the barrier
   // set-up and the descriptor prefetch run in their shadow (asm with memory clobbers would keep
-  // the compiler from hoisting the loads above it).
-  int32_t slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  // the compiler from hoisting the loads above it). A table per KV head is written in the step,
+  // by the kernel just before this one (the device plan's selection, the hybrid's gather: their
+  // Context entries), so it is read only after the wait (pdl.cuh's rules).
+  const bool table_in_step = p.table_head_stride != 0;
+  int32_t slot_cur = 0, slot_next = 0;
+  if (!table_in_step) slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
   if (threadIdx.x == 0) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
@@ -230,10 +234,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // holds qpos and q wait for it. (The tensor copies read through the async proxy; the fence
   // orders them after the projection's generic writes.)
   int issued = 0;
-  for (; issued < kStages && issued < n_my && tile_key(issued) + kTileKeys <= qpos; ++issued)
+  for (;
+       !table_in_step && issued < kStages && issued < n_my && tile_key(issued) + kTileKeys <= qpos;
+       ++issued)
     issue(issued);
   WaitForPredecessor();
   AllowSuccessor();
+  if (table_in_step) slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
   float2 qx[D / 16][2];
   LoadQ<D, kPack>(p, h, g, t, qx);
   if (lane == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");

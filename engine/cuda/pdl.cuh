@@ -4,13 +4,14 @@
 //
 // Used by the decode attention (attention_decode_tma.cu): before the wait it reads the block
 // table and has the copy engine bring the tiles of earlier steps' keys and values, while the
-// kernel before it (RoPE + KV write) finishes. RoPE + KV write (kernels.cu) computes its angles
-// (double-precision sine and cosine) while the q/k/v projection finishes. At 4K keys, where the
-// call is mostly fixed cost, that took about 0.05 ms (1%, near the noise between runs) off a
-// Qwen2.5-7B step on the H200 (bench/RESULTS.md). The GEMVs were tried too (H200, same run,
-// Qwen2.5-7B at 4K): launched dependent and waiting before any load, the step took 4.75 ms instead
-// of 4.50; with their first weight loads before the wait, 4.68; with an L2 prefetch of the next
-// chunks as well, slower still. They launch as usual.
+// kernel before it (RoPE + KV write) finishes; a table per KV head, whose entries the kernel
+// before it writes (the device plan's selection, the hybrid's gather), it reads after the wait.
+// RoPE + KV write (kernels.cu) computes its angles (double-precision sine and cosine) while the
+// q/k/v projection finishes. At 4K keys, where the call is mostly fixed cost, that took about 0.05
+// ms (1%, near the noise between runs) off a Qwen2.5-7B step on the H200 (bench/RESULTS.md). The
+// GEMVs were tried too (H200, same run, Qwen2.5-7B at 4K): launched dependent and waiting before
+// any load, the step took 4.75 ms instead of 4.50; with their first weight loads before the
+// wait, 4.68; with an L2 prefetch of the next chunks as well, slower still. They launch as usual.
 //
 // The rules for a kernel launched by LaunchDependent:
 //   - before WaitForPredecessor it reads only memory that no kernel of the stream writes during
