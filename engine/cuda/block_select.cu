@@ -96,8 +96,11 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
   __syncthreads();
   if (threadIdx.x < 32) {  // lane l sums buckets [32 l, 32 l + 32); from the top down to the k-th
     constexpr int per = kValueBuckets / 32;
+    static_assert(per == 32, "the skewed reads below need 32 buckets a lane");
     unsigned tot = 0;
-    for (int j = 0; j < per; ++j) tot += b_hist[lane * per + j];
+    // (Skewed: at step j lane l reads its bucket (j + l) % 32, so the 32 lanes hit 32 banks; in
+    // order, all of them read one bank at each step, 32 ways serialized.)
+    for (int j = 0; j < per; ++j) tot += b_hist[lane * per + ((j + lane) & (per - 1))];
     unsigned above = tot;  // lanes >= this one
     for (int o = 1; o < 32; o <<= 1) {
       const unsigned t = __shfl_down_sync(0xffffffffu, above, o);
