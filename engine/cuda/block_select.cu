@@ -39,6 +39,21 @@ __device__ __forceinline__ float ScoreOfKey(unsigned long long key) {
   return __uint_as_float((b & 0x80000000u) != 0 ? (b & 0x7fffffffu) : ~b);
 }
 
+// Where the fused selection takes the shortlist from (TopBlocksKernel): each entry also into
+// shared memory (sc, id [k]: SelectRow's first arrays) and its block's table entry prefetched
+// into L1 for the view's slots (SelectRow would otherwise read both from global memory, one
+// round trip each, after the top-k's last barrier). Empty (nulls): nothing.
+struct ShortlistCopy {
+  float* sc = nullptr;
+  int32_t* id = nullptr;
+  const int32_t* table = nullptr;
+  __device__ void Put(int at, float s, int32_t b) const {
+    if (sc == nullptr) return;
+    sc[at] = s, id[at] = b;
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(table + b));
+  }
+};
+
 // Keys a thread keeps in registers (candidates [0, kKeysPerThread * blockDim.x) of its row); the
 // rest, if any, are recomputed from the scores at each pass.
 constexpr int kKeysPerThread = 8;
@@ -55,7 +70,7 @@ constexpr int kKeysPerThread = 8;
 constexpr int kValueBuckets = 1024, kMaxCandidates = 1024;
 __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cached, int64_t n,
                                                   int k, int64_t want, int64_t row, float* vals,
-                                                  int32_t* ids) {
+                                                  int32_t* ids, const ShortlistCopy& cp) {
   if (n > static_cast<int64_t>(kKeysPerThread) * blockDim.x || blockDim.x % 32 != 0 ||
       blockDim.x > kMaxCandidates)
     return false;
@@ -132,8 +147,11 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
     int rank = 0;
     for (int o = 0; o < cands; ++o) rank += b_cand[o] > key ? 1 : 0;
     if (rank < k) {
-      vals[row * want + rank] = ScoreOfKey(key);
-      ids[row * want + rank] = static_cast<int32_t>(0xffffffffu - static_cast<unsigned>(key));
+      const float sc = ScoreOfKey(key);
+      const auto id = static_cast<int32_t>(0xffffffffu - static_cast<unsigned>(key));
+      vals[row * want + rank] = sc;
+      ids[row * want + rank] = id;
+      cp.Put(rank, sc, id);
     }
   }
   return true;
@@ -150,7 +168,8 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
 // the bin it chose holds exactly the keys still wanted: all of them are in, and nothing below is
 // (distinct scores: usually after the score's four bytes instead of eight passes).
 __device__ __forceinline__ void TopRow(const float* scores, int64_t Hk, int64_t n, bool sum,
-                                       int32_t first, int64_t want, float* vals, int32_t* ids) {
+                                       int32_t first, int64_t want, float* vals, int32_t* ids,
+                                       const ShortlistCopy& cp) {
   const int64_t row = blockIdx.x;
   const int k = static_cast<int>(want < n ? want : n);
   __shared__ unsigned hist[256];
@@ -177,7 +196,7 @@ __device__ __forceinline__ void TopRow(const float* scores, int64_t Hk, int64_t 
          i += blockDim.x)
       f(key_of(i), i);
   };
-  if (TopByValueBuckets(cached, n, k, want, row, vals, ids)) return;
+  if (TopByValueBuckets(cached, n, k, want, row, vals, ids, cp)) return;
   unsigned long long mask = 0;
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
@@ -238,8 +257,10 @@ __device__ __forceinline__ void TopRow(const float* scores, int64_t Hk, int64_t 
   each([&](unsigned long long key, int64_t i) {
     if (key >= kth) {
       const int at = atomicAdd(&s_count, 1);
-      vals[row * want + at] = RowScore(scores, n, Hk, sum, row, i);
+      const float sc = RowScore(scores, n, Hk, sum, row, i);
+      vals[row * want + at] = sc;
       ids[row * want + at] = first + static_cast<int32_t>(i);
+      cp.Put(at, sc, first + static_cast<int32_t>(i));
     }
   });
 }
@@ -256,10 +277,21 @@ __global__ void __launch_bounds__(kSelectThreads)
     RetainRow(ra, select_smem);
     __syncthreads();  // (its retention written; its shared memory free again)
   }
-  TopRow(scores, Hk, n, sum, first, want, vals, ids);
+  const int k = static_cast<int>(want < n ? want : n);
+  ShortlistCopy cp;
+  if (sa.sel != nullptr) {
+    cp.sc = reinterpret_cast<float*>(select_smem), cp.id = select_smem + k, cp.table = sa.table;
+    // (The retention the selection starts from, into L1 while the top-k runs.)
+    const int h0 = sa.by_layer ? 0 : static_cast<int>(blockIdx.x);
+    if (static_cast<int>(threadIdx.x) < sa.R)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.ret + h0 * sa.R + threadIdx.x));
+    if (threadIdx.x == 0 && sa.rcount != nullptr)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.rcount + h0));
+  }
+  TopRow(scores, Hk, n, sum, first, want, vals, ids, cp);
   if (sa.sel == nullptr) return;
   __syncthreads();  // (the row's shortlist, written by every thread, visible to all)
-  SelectRow(sa, vals, ids, want, static_cast<int>(want < n ? want : n), select_smem);
+  SelectRow(sa, vals, ids, want, k, select_smem, true);
 }
 
 __global__ void GroupQueriesKernel(const float* q, int64_t G, int64_t n, int64_t D, bool quest,

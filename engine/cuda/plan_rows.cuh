@@ -16,9 +16,10 @@ namespace needle::cuda {
 // shortlist's scores and ids [k], the kept blocks [R], the selection [R + k] (kept first, then
 // each chosen entry at nk + its rank), the retention [R], each shortlist entry's mark (kept or
 // not) [k]. (Without the marks every thread walked the kept blocks for every entry, ~k x R
-// shared reads in a row: 22 us a layer at k = 64, R = 16.)
+// shared reads in a row: 22 us a layer at k = 64, R = 16.) in_smem: the shortlist's scores and
+// ids are already there (the fused top-k wrote them), vals and ids not read.
 __device__ inline void SelectRow(const SelectArgs& a, const float* vals, const int32_t* ids,
-                                 int64_t want, int k, int32_t* smem) {
+                                 int64_t want, int k, int32_t* smem, bool in_smem = false) {
   namespace pr = plan_rules;
   const int R = a.R, nt = static_cast<int>(blockDim.x);
   float* s_sc = reinterpret_cast<float*>(smem);
@@ -30,8 +31,9 @@ __device__ inline void SelectRow(const SelectArgs& a, const float* vals, const i
   __shared__ int s_nk, s_rc;
   const int r = blockIdx.x, h0 = a.by_layer ? 0 : r, h1 = a.by_layer ? a.kv_heads : r + 1;
   // (Every global read first, in parallel: thread 0's serial part reads shared memory only.)
-  for (int i = threadIdx.x; i < k; i += nt)
-    s_sc[i] = vals[r * want + i], s_id[i] = ids[r * want + i];
+  if (!in_smem)
+    for (int i = threadIdx.x; i < k; i += nt)
+      s_sc[i] = vals[r * want + i], s_id[i] = ids[r * want + i];
   for (int i = threadIdx.x; i < R; i += nt) s_ret[i] = a.ret[h0 * R + i];
   if (threadIdx.x == 0) s_rc = a.rcount[h0];
   __syncthreads();
