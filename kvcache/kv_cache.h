@@ -41,6 +41,12 @@ struct KVLayerView {
   // view); else table [kv_heads][table_head_stride], each head its own blocks (the GPU's view of a
   // step's selected blocks, read where they lie: the device plan).
   int64_t table_head_stride = 0;
+  // With a table per KV head, the view keys [table_step_lo, table_step_hi) whose entries the
+  // kernel just before the attention writes in the step: the GPU's attention reads them only
+  // after its wait for that kernel (engine/cuda/pdl.cuh). Default every key (the hybrid's gather
+  // writes the whole table, and the blocks); the device plan's selection writes only the Context
+  // entries.
+  int64_t table_step_lo = 0, table_step_hi = INT64_MAX;
 
   size_t RowIndex(int64_t h, int64_t token) const {
     const int64_t slot = table[h * table_head_stride + token / block_size];

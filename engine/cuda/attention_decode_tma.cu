@@ -189,10 +189,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // The first global loads (block table) go out before anything waits on them: the barrier
   // set-up and the descriptor prefetch run in their shadow (asm with memory clobbers would keep
-  // the compiler from hoisting the loads above it). A table per KV head is written in the step,
-  // by the kernel just before this one (the device plan's selection, the hybrid's gather: their
-  // Context entries), so it is read only after the wait (pdl.cuh's rules).
-  const bool table_in_step = p.table_head_stride != 0;
+  // the compiler from hoisting the loads above it). Entries of a table per KV head that the
+  // kernel just before this one writes in the step (the device plan's selection: the Context
+  // entries; the hybrid's gather: all) are read only after the wait (pdl.cuh's rules): a split
+  // whose keys hold any of them reads its table, and issues its tiles, after it.
+  const bool table_in_step = key_begin < p.table_late_hi && key_stop > p.table_late_lo;
   int32_t slot_cur = 0, slot_next = 0;
   if (!table_in_step) slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
   if (threadIdx.x == 0) {

@@ -17,6 +17,9 @@ struct AttnParams {
   const void* v;
   const int32_t* table;       // block table (logical block -> slot), device
   int64_t table_head_stride;  // KVLayerView::table_head_stride: head h's table at table + h * it
+  // Keys whose table entries the kernel before writes (KVLayerView::table_step_lo/hi; empty for
+  // a table shared by every head).
+  int64_t table_late_lo, table_late_hi;
   DType dtype;
   int64_t T, pos0, heads, kv_heads, D, B, window, n_keys;  // n_keys = pos0 + T
   int64_t arena_rows;  // rows of the K (and V) arena: slots * kv_heads * B
@@ -51,6 +54,8 @@ inline AttnParams MakeAttnParams(const float* q, const KVLayerView& kv, const At
   p.v = kv.v;
   p.table = kv.table;
   p.table_head_stride = kv.table_head_stride;
+  p.table_late_lo = kv.table_head_stride != 0 ? kv.table_step_lo : 0;
+  p.table_late_hi = kv.table_head_stride != 0 ? kv.table_step_hi : 0;
   p.dtype = kv.dtype;
   p.T = a.T;
   p.pos0 = a.pos0;

@@ -1,6 +1,7 @@
 #include "engine/cuda/block_select.h"
 
 #include "engine/cuda/cuda_check.h"
+#include "engine/cuda/pdl.cuh"
 #include "engine/cuda/plan_rows.cuh"
 
 #include <algorithm>
@@ -280,6 +281,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int k = static_cast<int>(want < n ? want : n);
   ShortlistCopy cp;
   if (sa.sel != nullptr) {
+    // The attention after it (launched dependent) may start now: before its wait it reads only
+    // the view's table entries the selection does not write (KVLayerView::table_step_lo/hi) and
+    // the tiles they name, which nothing in this kernel writes; it loads the Initial and Local
+    // tiles while the top-k runs on a few multiprocessors.
+    AllowSuccessor();
     cp.sc = reinterpret_cast<float*>(select_smem), cp.id = select_smem + k, cp.table = sa.table;
     // (The retention the selection starts from, into L1 while the top-k runs.)
     const int h0 = sa.by_layer ? 0 : static_cast<int>(blockIdx.x);

@@ -69,14 +69,17 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   // The attention's view: per KV head, Initial + its selected blocks + Local; the selection
   // writes each head's Context entries (the blocks' slots in the ring) after the view's table is
   // queued. (Its extra slots are not used: the blocks the hybrid's host-planned steps keep there
-  // stay valid.)
+  // stay valid.) The attention reads the rest of the table, and issues the Initial and Local
+  // tiles, while the top-k runs (it launches the attention early: block_select.cu).
   AttnArgs a2;
-  const KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
+  KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
+  const int64_t view_at = c.init_end() / c.block_size;
+  v.table_step_lo = view_at * c.block_size, v.table_step_hi = (view_at + n_sel) * c.block_size;
   const KVLayerView ring = model_cache->Layer(layer);
-  const cuda::SelectArgs sa = cuda::MakeSelectArgs(
-      p.shortlist, std::min(p.shortlist, n), ret, rcount, R, p.init_blocks, p.ctx_end_block, p.topk,
-      Hk, p.by_layer, ring.table, n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
-      v.table_head_stride, c.init_end() / c.block_size);
+  const cuda::SelectArgs sa =
+      cuda::MakeSelectArgs(p.shortlist, std::min(p.shortlist, n), ret, rcount, R, p.init_blocks,
+                           p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table, n_sel, sel, kept,
+                           kcount, const_cast<int32_t*>(v.table), v.table_head_stride, view_at);
   const float* vals = nullptr;
   const int32_t* ids = nullptr;
   // (The selection in the top-k's kernel where it fits, after the pending retention: one or two
