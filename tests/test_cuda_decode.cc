@@ -28,6 +28,7 @@
 #include "tests/gpu_test_util.h"
 #include "tests/test_util.h"
 #ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/attention_params.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/gemv.h"
@@ -88,6 +89,31 @@ void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& wa
 // for bf16 and f16 weights with biases, odd row counts (a block's second row missing) and K a
 // multiple of 8, with and without the RMSNorm of the input folded in (its weights bf16 or f32);
 // K = 260 (not a multiple of 8) and f32 weights take cuBLAS.
+// Which table entries the TMA decode attention reads only after its dependent launch's wait
+// (pdl.cuh): none of a table shared by every head (written by copies before the step's
+// kernels), every entry of a table per KV head unless the view names the keys the kernel
+// before writes (the device plan's Context entries). Host code: runs without a GPU.
+TEST(CudaDecode, TableEntriesReadAfterTheWait) {
+#ifdef NEEDLE_HAVE_CUDA
+  KVLayerView v{};
+  v.block_size = 128;
+  AttnArgs a{};
+  a.T = 1, a.pos0 = 9000, a.heads = 28, a.kv_heads = 4, a.head_dim = 128;
+  cuda::AttnParams p = cuda::MakeAttnParams(nullptr, v, a, nullptr, nullptr);
+  EXPECT_GE(p.table_late_lo, p.table_late_hi);  // shared table: nothing late
+  v.table_head_stride = 70;
+  p = cuda::MakeAttnParams(nullptr, v, a, nullptr, nullptr);
+  EXPECT_EQ(p.table_late_lo, 0);  // per head, nothing said: every key late
+  EXPECT_GT(p.table_late_hi, a.pos0);
+  v.table_step_lo = 128, v.table_step_hi = 128 + 32 * 128;
+  p = cuda::MakeAttnParams(nullptr, v, a, nullptr, nullptr);
+  EXPECT_EQ(p.table_late_lo, 128);
+  EXPECT_EQ(p.table_late_hi, 128 + 32 * 128);
+#else
+  GTEST_SKIP() << "built without CUDA";
+#endif
+}
+
 TEST(CudaDecode, FusedProjectionsMatchCpu) {
   NEEDLE_REQUIRE_GPU(gpu);
 #ifdef NEEDLE_HAVE_CUDA
