@@ -189,13 +189,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // The first global loads (block table) go out before anything waits on them: the barrier
   // set-up and the descriptor prefetch run in their shadow (asm with memory clobbers would keep
-  // the compiler from hoisting the loads above it). Entries of a table per KV head that the
-  // kernel just before this one writes in the step (the device plan's selection: the Context
-  // entries; the hybrid's gather: all) are read only after the wait (pdl.cuh's rules): a split
-  // whose keys hold any of them reads its table, and issues its tiles, after it.
+  // the compiler from hoisting the loads above it). A split holding keys whose per-head table
+  // entries the kernel before writes in the step (AttnParams::table_late_lo/hi) reads its table,
+  // and issues its tiles, after the wait (pdl.cuh's rules).
   const bool table_in_step = key_begin < p.table_late_hi && key_stop > p.table_late_lo;
   int32_t slot_cur = 0, slot_next = 0;
-  if (!table_in_step) slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  const auto load_first_slots = [&] {
+    slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  };
+  if (!table_in_step) load_first_slots();
   if (threadIdx.x == 0) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue(issued);
   WaitForPredecessor();
   AllowSuccessor();
-  if (table_in_step) slot_cur = load_slots(0), slot_next = n_my > 32 ? load_slots(1) : 0;
+  if (table_in_step) load_first_slots();
   float2 qx[D / 16][2];
   LoadQ<D, kPack>(p, h, g, t, qx);
   if (lane == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");

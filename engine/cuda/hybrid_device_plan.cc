@@ -97,13 +97,13 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   Mark(kSelect);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
-  const bool tiled = AttendTiled(v, a2, out_dev, lse, p.retain ? tiles : 1,
-                                 p.init_blocks * c.block_size, n_sel, sums) > 1;
+  const bool tiled = AttendTiled(v, a2, out_dev, lse, p.retain ? tiles : 1, view_at * c.block_size,
+                                 n_sel, sums) > 1;
   Mark(kAttend);
   if (p.retain) {
     if (!tiled)  // (the blocks where the view's table says)
       cuda::BlockStats(q_dev, v.k, v.dtype, n_sel, Hk, G, c.block_size, a.head_dim, a.scale, sums,
-                       stream, v.table + c.init_end() / c.block_size, v.table_head_stride);
+                       stream, v.table + view_at, v.table_head_stride);
     Mark(kSums);
     const cuda::RetainArgs ra = cuda::MakeRetainArgs(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk,
                                                      G, p.by_layer, R, ret, rcount);
