@@ -34,7 +34,8 @@
 //   host cache), "prompt_wait_s" (waiting for the GPU before planning), "prompt_plan_s" (the
 //   planner, queuing the chunks' attention included).
 //   NEEDLE_BENCH_PLACEMENTS: --kv-placement values to run the hybrid with, one after the other
-//   (e.g. host,device; default auto). Hybrid lines add "placement": what was used.
+//   (e.g. host,device; default auto; none: the dense path alone). Hybrid lines add "placement":
+//   what was used.
 //   NEEDLE_BENCH_DECODE: the decode steps' tokens: greedy (default; the dummy weights' next
 //   token) or repeat (the same token every step: queries that change little, as a real text's;
 //   the GPU block cache's favourable case). Lines add "decode".
@@ -346,7 +347,7 @@ int main(int argc, char** argv) {
       placements.clear();
       std::stringstream gs(g);
       for (std::string x; std::getline(gs, x, ',');)
-        placements.push_back(ParseKVPlacement(x, "NEEDLE_BENCH_PLACEMENTS"));
+        if (x != "none") placements.push_back(ParseKVPlacement(x, "NEEDLE_BENCH_PLACEMENTS"));
     }
     std::vector<int64_t> batches;  // NEEDLE_BENCH_BATCH: batches of hybrid sequences instead
     if (const char* g = std::getenv("NEEDLE_BENCH_BATCH")) {
