@@ -274,6 +274,19 @@ __global__ void __launch_bounds__(kSelectThreads)
     TopBlocksKernel(const float* scores, int64_t Hk, int64_t n, bool sum, int32_t first,
                     int64_t want, float* vals, int32_t* ids, SelectArgs sa, RetainArgs ra) {
   extern __shared__ int32_t select_smem[];
+  // (The retention the selection starts from, into L1 while the top-k runs; before the wait
+  // where it is complete: written by an earlier step, or by the retention's own stream, which
+  // the stream waited for before the scoring. A retention pending here is written below.)
+  const auto prefetch_retention = [&] {
+    const int h0 = sa.by_layer ? 0 : static_cast<int>(blockIdx.x);
+    if (static_cast<int>(threadIdx.x) < sa.R)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.ret + h0 * sa.R + threadIdx.x));
+    if (threadIdx.x == 0 && sa.rcount != nullptr)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.rcount + h0));
+  };
+  if (sa.sel != nullptr && ra.ret == nullptr) prefetch_retention();
+  // Launched dependent (pdl.cuh): the scores are the kernel before's.
+  WaitForPredecessor();
   if (ra.ret != nullptr) {
     RetainRow(ra, select_smem);
     __syncthreads();  // (its retention written; its shared memory free again)
@@ -287,12 +300,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     // tiles while the top-k runs on a few multiprocessors.
     AllowSuccessor();
     cp.sc = reinterpret_cast<float*>(select_smem), cp.id = select_smem + k, cp.table = sa.table;
-    // (The retention the selection starts from, into L1 while the top-k runs.)
-    const int h0 = sa.by_layer ? 0 : static_cast<int>(blockIdx.x);
-    if (static_cast<int>(threadIdx.x) < sa.R)
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.ret + h0 * sa.R + threadIdx.x));
-    if (threadIdx.x == 0 && sa.rcount != nullptr)
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(sa.rcount + h0));
+    if (ra.ret != nullptr) prefetch_retention();
   }
   TopRow(scores, Hk, n, sum, first, want, vals, ids, cp);
   if (sa.sel == nullptr) return;
@@ -381,8 +389,9 @@ void TopBlocks(const float* scores, int64_t kv_heads, int64_t n, bool sum_heads,
                int64_t want, float* vals, int32_t* ids, cudaStream_t stream) {
   if (n <= 0 || want <= 0) return;
   const unsigned rows = sum_heads ? 1u : static_cast<unsigned>(kv_heads);
-  TopBlocksKernel<<<rows, kSelectThreads, 0, stream>>>(scores, kv_heads, n, sum_heads, first, want,
-                                                       vals, ids, SelectArgs{}, RetainArgs{});
+  LaunchMaybeDependent(PlanDependentLaunch(), TopBlocksKernel, dim3(rows), dim3(kSelectThreads), 0,
+                       stream, scores, kv_heads, n, sum_heads, first, want, vals, ids, SelectArgs{},
+                       RetainArgs{});
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -406,8 +415,9 @@ bool TopBlocksSelect(const float* scores, int64_t kv_heads, int64_t n, bool sum_
       sum_heads != sa.by_layer || (retain != nullptr && retain->by_layer != sa.by_layer))
     return false;
   const unsigned rows = sum_heads ? 1u : static_cast<unsigned>(kv_heads);
-  TopBlocksKernel<<<rows, kSelectThreads, smem, stream>>>(
-      scores, kv_heads, n, sum_heads, first, want, vals, ids, sa, ret ? *retain : RetainArgs{});
+  LaunchMaybeDependent(PlanDependentLaunch(), TopBlocksKernel, dim3(rows), dim3(kSelectThreads),
+                       smem, stream, scores, kv_heads, n, sum_heads, first, want, vals, ids, sa,
+                       ret ? *retain : RetainArgs{});
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }

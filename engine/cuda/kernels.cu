@@ -367,6 +367,11 @@ __global__ void __launch_bounds__(256, 4)
   };
   const int bw32 = static_cast<int>(bw);
   load(bw32);  // (the first blocks in flight while the query's channels load)
+  // Launched dependent (pdl.cuh): the representatives are the step's constants (a Context block's
+  // are uploaded by a copy before the kernel, which orders it as usual), the query is the kernel
+  // before's (RoPE's, or the grouped queries').
+  WaitForPredecessor();
+  AllowSuccessor();
   float qv[8];
   if (q == nullptr) {
     const float4* qp = reinterpret_cast<const float4*>((row == 0 ? qa : qb) + h * D + d0);
@@ -434,10 +439,11 @@ bool ScoreBlocksVec(const void* reps, DType storage, int64_t R, int64_t first, i
   const int64_t per = 32 / L, warps_needed = (n * kv_heads + per - 1) / per;
   const int64_t grid = std::min((warps_needed + 7) / 8, ScoreBlocksVecGrid());
   if (grid * 8 * per < kv_heads) return false;  // (every slot stride a whole number of blocks)
-  ScoreBlocksVecKernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
-      static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
-      static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, q, static_cast<int>(G), quest,
-      scores);
+  LaunchMaybeDependent(PlanDependentLaunch(), ScoreBlocksVecKernel,
+                       dim3(static_cast<unsigned>(grid)), dim3(256), 0, stream,
+                       static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
+                       static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, q,
+                       static_cast<int>(G), quest, scores);
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }

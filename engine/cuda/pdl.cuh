@@ -6,6 +6,9 @@
 // table and has the copy engine bring the tiles of earlier steps' keys and values, while the
 // kernel before it (RoPE + KV write) finishes; a table per KV head, whose entries the kernel
 // before it writes (the device plan's selection, the hybrid's gather), it reads after the wait.
+// The device plan's scoring (kernels.cu ScoreBlocksVecKernel) loads its first representatives
+// before the wait (RoPE's query after it), and the top-k (block_select.cu) is resident and set up
+// when the scores are done.
 // RoPE + KV write (kernels.cu) computes its angles (double-precision sine and cosine) while the
 // q/k/v projection finishes. At 4K keys, where the call is mostly fixed cost, that took about 0.05
 // ms (1%, near the noise between runs) off a Qwen2.5-7B step on the H200 (bench/RESULTS.md). The
@@ -57,11 +60,18 @@ inline bool DependentLaunchEnabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// The plan's scoring and top-k launched dependent: DependentLaunchEnabled() unless
+// NEEDLE_PLAN_PDL=0 (comparisons).
+inline bool PlanDependentLaunch() {
+  const char* v = std::getenv("NEEDLE_PLAN_PDL");
+  return DependentLaunchEnabled() && (v == nullptr || std::strcmp(v, "0") != 0);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with a programmatic dependency on the stream's
-// previous kernel when DependentLaunchEnabled().
+// previous kernel when `dependent`.
 template <typename... KArgs, typename... Args>
-void LaunchDependent(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                     cudaStream_t stream, Args&&... args) {
+void LaunchMaybeDependent(bool dependent, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                          size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -71,8 +81,16 @@ void LaunchDependent(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sme
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = DependentLaunchEnabled() ? 1 : 0;
+  cfg.numAttrs = dependent ? 1 : 0;
   NEEDLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+// LaunchMaybeDependent when DependentLaunchEnabled().
+template <typename... KArgs, typename... Args>
+void LaunchDependent(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                     cudaStream_t stream, Args&&... args) {
+  LaunchMaybeDependent(DependentLaunchEnabled(), kernel, grid, block, smem, stream,
+                       std::forward<Args>(args)...);
 }
 
 }  // namespace needle::cuda
