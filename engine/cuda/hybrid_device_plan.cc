@@ -121,6 +121,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       Mark(kRetain);
     }
   }
+  FlushNextRetention(layer);
   stats.gpu_blocks += n_sel * Hk;
   if (plan == nullptr) return;
   // A reader of the plan (--dump-plan, set_watch): what the GPU selected and kept.
@@ -180,6 +181,17 @@ void HybridAttention::Impl::FlushRetention(int64_t layer) {
   if (!pend.on) return;
   cuda::RetainByMass(pend.args, stream);
   pend.on = false;
+}
+
+void HybridAttention::Impl::FlushNextRetention(int64_t layer) {
+  const auto n = static_cast<int64_t>(dp_pending.size());
+  for (int64_t i = 1; i < n; ++i) {
+    const int64_t l = (layer + i) % n;  // (past the last layer: the next step's first)
+    if (dp_pending[static_cast<size_t>(l)].side) {
+      FlushRetention(l);
+      return;
+    }
+  }
 }
 
 void HybridAttention::Impl::TakeRetention(int64_t layer,

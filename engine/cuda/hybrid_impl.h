@@ -298,6 +298,11 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Queues the layer's pending retention (RetainByMass) on its own, if any, or has the model's
   // stream wait for the one on retain_stream.
   void FlushRetention(int64_t layer);
+  // FlushRetention of the next layer (in the order the step runs them) whose retention is on
+  // retain_stream, queued after this layer's attention: there the model's stream waits between
+  // two kernels that are launched as usual, not between RoPE and the scoring, which are launched
+  // dependent (pdl.cuh; a wait between them makes the scoring's launch an ordinary one).
+  void FlushNextRetention(int64_t layer);
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
   enum Phase { kModel, kRow, kPlan, kUpload, kScore, kTopk, kSelect, kAttend, kSums, kRetain };
