@@ -85,10 +85,6 @@ void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& wa
 }
 #endif
 
-// Project (q/k/v in one launch), ProjectAdd and GateUp on one token against the CPU's operators,
-// for bf16 and f16 weights with biases, odd row counts (a block's second row missing) and K a
-// multiple of 8, with and without the RMSNorm of the input folded in (its weights bf16 or f32);
-// K = 260 (not a multiple of 8) and f32 weights take cuBLAS.
 // Which table entries the TMA decode attention reads only after its dependent launch's wait
 // (pdl.cuh): none of a table shared by every head (written by copies before the step's
 // kernels), every entry of a table per KV head unless the view names the keys the kernel
@@ -114,6 +110,10 @@ TEST(CudaDecode, TableEntriesReadAfterTheWait) {
 #endif
 }
 
+// Project (q/k/v in one launch), ProjectAdd and GateUp on one token against the CPU's operators,
+// for bf16 and f16 weights with biases, odd row counts (a block's second row missing) and K a
+// multiple of 8, with and without the RMSNorm of the input folded in (its weights bf16 or f32);
+// K = 260 (not a multiple of 8) and f32 weights take cuBLAS.
 TEST(CudaDecode, FusedProjectionsMatchCpu) {
   NEEDLE_REQUIRE_GPU(gpu);
 #ifdef NEEDLE_HAVE_CUDA

@@ -73,7 +73,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   // tiles, while the top-k runs (it launches the attention early: block_select.cu).
   AttnArgs a2;
   KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
-  const int64_t view_at = c.init_end() / c.block_size;
+  const int64_t view_at = p.init_blocks;  // (the view's Initial blocks: its Context entries' start)
   v.table_step_lo = view_at * c.block_size, v.table_step_hi = (view_at + n_sel) * c.block_size;
   const KVLayerView ring = model_cache->Layer(layer);
   const cuda::SelectArgs sa =
