@@ -46,6 +46,7 @@
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/decode_merge.cuh"
 #include "engine/cuda/device_util.cuh"
+#include "engine/cuda/l2_policy.cuh"
 #include "engine/cuda/mma.cuh"
 #include "engine/cuda/pdl.cuh"
 #include "engine/cuda/smem_async.cuh"
@@ -202,6 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tk)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tv)) : "memory");
   }
+  const uint64_t pol = StreamPolicy(p.evict_first);  // (the tiles are read once a step)
   uint8_t* wbase = smem + warp * L::kWarpBytes;
   const uint32_t wbase_s = saddr(wbase), bar0 = saddr(&bars[warp][0]);
   if (lane == 0) {
@@ -227,8 +229,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       MbarArriveExpectTx(bar, L::kStageBytes);
 #pragma unroll
       for (int a = 0; a < D / 64; ++a) {
-        TmaLoad2d(kdst + a * kTileKeys * 128, &tk, a * 64, row, bar);
-        TmaLoad2d(kdst + L::kTileBytes + a * kTileKeys * 128, &tv, a * 64, row, bar);
+        TmaLoad2d(kdst + a * kTileKeys * 128, &tk, a * 64, row, bar, pol);
+        TmaLoad2d(kdst + L::kTileBytes + a * kTileKeys * 128, &tv, a * 64, row, bar, pol);
       }
     }
   };
@@ -577,6 +579,7 @@ bool TmaDecodeAttentionRows(AttnParams p, const TmaDecodeRow* rows, int n, int s
   if (n < 1 || n > kMaxTmaDecodeRows || !Qualifies(p) || p.dpos != nullptr ||
       p.tile_stats != nullptr)
     return false;
+  p.evict_first = StreamEvictFirst();
   bool launched = false;
   Dispatch16Bit(p, [&](auto d, auto bf16) {
     constexpr int D = decltype(d)::value;
@@ -589,6 +592,7 @@ bool TmaDecodeAttentionRows(AttnParams p, const TmaDecodeRow* rows, int n, int s
 
 bool TmaDecodeAttention(AttnParams p, int sm_count, AttnWorkspace& ws, cudaStream_t stream) {
   if (!Qualifies(p)) return false;
+  p.evict_first = StreamEvictFirst();
   bool launched = false;
   Dispatch16Bit(p, [&](auto d, auto bf16) {
     constexpr int D = decltype(d)::value;

@@ -43,6 +43,9 @@ struct AttnParams {
   // tile's keys.
   float* tile_stats;
   int64_t stats_key0, stats_key_end;
+  // TMA decode kernel only: the K/V tiles read evict-first from L2 (l2_policy.cuh), set by its
+  // launch.
+  bool evict_first;
 };
 
 // The fields of one call (one split: out and lse as given).

@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
 #pragma unroll
   for (int m = 0; m < M; ++m) xm[m] = min(m0 + m, p.tokens - 1);
   const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
+  const uint64_t pol = StreamPolicy(p.evict_first);
   const uint4* wp[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(GemvParams p) {
       const int c = c0 + kThreads * u;
       if (c < p.k8) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) wv[u][r] = LoadStream(wp[r] + c);
+        for (int r = 0; r < R; ++r) wv[u][r] = LoadStream(wp[r] + c, pol);
       }
     }
     if constexpr (kRope) angle();
@@ -262,6 +263,7 @@ void Gemv(const float* x, int64_t T, int64_t K, const GemvNorm& norm, DType wtyp
   p.n = n;
   p.tokens = static_cast<int>(T);
   p.norm = norm;
+  p.evict_first = StreamEvictFirst();
   if (norm.g != nullptr && norm.g_type != DType::kF32 && norm.g_type != DType::kBF16 &&
       norm.g_type != DType::kF16)
     Fail("Gemv: norm weights of type ", DTypeName(norm.g_type));

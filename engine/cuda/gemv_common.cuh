@@ -9,6 +9,7 @@
 
 #include "engine/cuda/device_util.cuh"
 #include "engine/cuda/gemv.h"
+#include "engine/cuda/l2_policy.cuh"
 
 namespace needle::cuda::gemv_detail {
 
@@ -27,15 +28,17 @@ struct GemvParams {
   float* y[kMaxGemvOuts];
   GemvNorm norm;
   GemvRope rope;
+  bool evict_first;  // the weights' L2 policy (l2_policy.cuh)
 };
 
 // A 16-byte load that bypasses L1 (each weight byte is read once per step) and asks L2 for the
-// whole 256-byte sector group (the next threads' loads).
-__device__ __forceinline__ uint4 LoadStream(const uint4* p) {
+// whole 256-byte sector group (the next threads' loads), with L2 policy pol (l2_policy.cuh:
+// evict-first unless turned off).
+__device__ __forceinline__ uint4 LoadStream(const uint4* p, uint64_t pol) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
+      : "l"(p), "l"(pol));
   return r;
 }
 

@@ -114,6 +114,7 @@ __device__ __forceinline__ void TcEpilogue(const GemvParams& p, const float (&ac
 template <bool kGate, int MT, int NT>
 struct TcPlace {
   int64_t b;
+  uint64_t pol;  // the weights' L2 policy
   int m0, lane, g, c, warp;
   const uint4* wr[MT][2];
   int xm[NT];
@@ -122,6 +123,7 @@ struct TcPlace {
     b = blockIdx.x / groups;
     m0 = static_cast<int>(blockIdx.x % groups) * 8 * NT;
     lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+    pol = StreamPolicy(p.evict_first);
     const int64_t total = kGate ? p.row_end[0] : p.row_end[p.n - 1];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -184,7 +186,8 @@ __device__ __forceinline__ void TcLoad(const GemvParams& p, const TcPlace<kGate,
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        st.a[u][mt][h] = chunk < p.k8 ? LoadStream(at.wr[mt][h] + chunk) : make_uint4(0, 0, 0, 0);
+        st.a[u][mt][h] =
+            chunk < p.k8 ? LoadStream(at.wr[mt][h] + chunk, at.pol) : make_uint4(0, 0, 0, 0);
     if constexpr (kPre)
 #pragma unroll
       for (int t = 0; t < NT; ++t) {

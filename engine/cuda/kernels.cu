@@ -13,6 +13,7 @@
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/device_util.cuh"
+#include "engine/cuda/l2_policy.cuh"
 #include "engine/cuda/pdl.cuh"
 
 namespace needle::cuda {
@@ -341,7 +342,7 @@ constexpr int kScoreUnroll = 8;
 __global__ void __launch_bounds__(256, 4)
     ScoreBlocksVecKernel(const __nv_bfloat16* reps, int R, int64_t first, int64_t n, int Hk, int D,
                          const float* qa, const float* qb, const float* q, int G, bool quest,
-                         float* scores) {
+                         bool evict_first, float* scores) {
   const int L = R * D / 8, per = 32 / L, lane = static_cast<int>(threadIdx.x & 31);
   const int sub = lane % L, slot = lane / L;
   const unsigned w = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -361,9 +362,17 @@ __global__ void __launch_bounds__(256, 4)
   const auto load = [&](int b0) {
     const int b = b0 + off32;
     const uint4* p = base + b * step;
+    // (Read once a step, past L1, evict-first from L2 unless turned off: l2_policy.cuh. The
+    // policy made here, not held across the loop: 64 registers.)
+    const uint64_t pol = StreamPolicy(evict_first);
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u)
-      if (live && b + u * S32 < n32) v[u] = __ldg(p + static_cast<int64_t>(u) * S32 * step);
+      if (live && b + u * S32 < n32) {
+        const uint4* a = p + static_cast<int64_t>(u) * S32 * step;
+        asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+            : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
+            : "l"(a), "l"(pol));
+      }
   };
   const int bw32 = static_cast<int>(bw);
   load(bw32);  // (the first blocks in flight while the query's channels load)
@@ -443,7 +452,7 @@ bool ScoreBlocksVec(const void* reps, DType storage, int64_t R, int64_t first, i
                        dim3(static_cast<unsigned>(grid)), dim3(256), 0, stream,
                        static_cast<const __nv_bfloat16*>(reps), static_cast<int>(R), first, n,
                        static_cast<int>(kv_heads), static_cast<int>(D), qa, qb, q,
-                       static_cast<int>(G), quest, scores);
+                       static_cast<int>(G), quest, StreamEvictFirst(), scores);
   NEEDLE_CUDA_CHECK_LAUNCH();
   return true;
 }
