@@ -123,22 +123,30 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
       if (lane + o < 32) above += t;
     }
     const unsigned higher = above - tot;  // in lanes above this one
-    if (higher < static_cast<unsigned>(k) && above >= static_cast<unsigned>(k)) {
-      unsigned cum = higher;
-      for (int j = per - 1; j >= 0; --j) {
-        cum += b_hist[lane * per + j];
-        if (cum >= static_cast<unsigned>(k)) {
-          s_bound = lane * per + j, s_cands = static_cast<int>(cum);
-          break;
-        }
-      }
+    // The one lane L whose buckets hold the k-th best; then lane j takes bucket 32 L + j: the
+    // keys in buckets from it up (suffix sums), and the bound is the highest bucket from which up
+    // there are k. (Lane L walking its 32 buckets alone: this warp's part took 1.08 us of the
+    // kernel in a 1M step on the H100, 0.77 so.)
+    const unsigned at = __ballot_sync(
+        0xffffffffu, higher < static_cast<unsigned>(k) && above >= static_cast<unsigned>(k));
+    const int L = __ffs(at) - 1;  // (above is at least k in lane 0: k <= n)
+    const unsigned base = __shfl_sync(0xffffffffu, higher, L);
+    unsigned suf = b_hist[L * per + lane];
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+      if (lane + o < 32) suf += t;
     }
+    const unsigned cum = base + suf;
+    const unsigned ok = __ballot_sync(0xffffffffu, cum >= static_cast<unsigned>(k));
+    if (lane == 31 - __clz(ok)) s_bound = L * per + lane, s_cands = static_cast<int>(cum);
   }
   __syncthreads();
   const int bound = s_bound, cands = s_cands;
   if (bound < 0 || cands > kMaxCandidates) return false;
 #pragma unroll
   for (int j = 0; j < kKeysPerThread; ++j) {
+    // (An atomic per candidate. Warp-aggregated, a ballot for each of every warp's 8 keys, this
+    // took 1.5 us instead of 0.85: the candidates are few, the ballots are not.)
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
     if (i < n && bucket(cached[j]) >= bound) b_cand[atomicAdd(&s_count_c, 1u)] = cached[j];
   }
