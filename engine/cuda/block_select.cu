@@ -129,16 +129,18 @@ __device__ __forceinline__ bool TopByValueBuckets(const unsigned long long* cach
     // kernel in a 1M step on the H100, 0.77 so.)
     const unsigned at = __ballot_sync(
         0xffffffffu, higher < static_cast<unsigned>(k) && above >= static_cast<unsigned>(k));
-    const int L = __ffs(at) - 1;  // (above is at least k in lane 0: k <= n)
-    const unsigned base = __shfl_sync(0xffffffffu, higher, L);
-    unsigned suf = b_hist[L * per + lane];
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
-      if (lane + o < 32) suf += t;
+    if (at != 0) {  // (always: lane 0's `above` counts all n >= k keys; else s_bound stays -1)
+      const int L = __ffs(at) - 1;
+      const unsigned base = __shfl_sync(0xffffffffu, higher, L);
+      unsigned suf = b_hist[L * per + lane];
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+        if (lane + o < 32) suf += t;
+      }
+      const unsigned cum = base + suf;  // (lane 0's is lane L's `above`: at least k)
+      const unsigned ok = __ballot_sync(0xffffffffu, cum >= static_cast<unsigned>(k));
+      if (lane == 31 - __clz(ok)) s_bound = L * per + lane, s_cands = static_cast<int>(cum);
     }
-    const unsigned cum = base + suf;
-    const unsigned ok = __ballot_sync(0xffffffffu, cum >= static_cast<unsigned>(k));
-    if (lane == 31 - __clz(ok)) s_bound = L * per + lane, s_cands = static_cast<int>(cum);
   }
   __syncthreads();
   const int bound = s_bound, cands = s_cands;
