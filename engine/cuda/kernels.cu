@@ -332,9 +332,9 @@ __global__ void ScoreBlocksKernel(const RT* reps, int64_t R, int64_t first, int6
 // kScoreUnroll blocks in flight, the first of them loading while the query's channels do (at 1M
 // tokens the resident grid's warps score about 8 blocks each: one round trip to memory, not two
 // after the query's; ncu in the step before: 11.8 us for 16.7 MB, 1.4 TB/s). At 64 registers
-// (4 blocks a multiprocessor) it spills 8 bytes. (A slot per item with its head and block
-// divided out of the item's index, in 64 bits, and the query reloaded per item, was
-// instruction-bound: 15 us for 16.7 MB at 1M tokens, in L2.)
+// (4 blocks a multiprocessor) it spills 12 bytes (8 before the L2 policy). (A slot per item with
+// its head and block divided out of the item's index, in 64 bits, and the query reloaded per item,
+// was instruction-bound: 15 us for 16.7 MB at 1M tokens, in L2.)
 constexpr int kScoreUnroll = 8;
 // With q (not null): the query [Hk * G, D] itself, each slot summing its 8 channels of the
 // group's queries as GroupQueriesKernel sums them (the same additions in the same order: the
