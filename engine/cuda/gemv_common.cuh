@@ -31,15 +31,10 @@ struct GemvParams {
   bool evict_first;  // the weights' L2 policy (l2_policy.cuh)
 };
 
-// A 16-byte load that bypasses L1 (each weight byte is read once per step) and asks L2 for the
-// whole 256-byte sector group (the next threads' loads), with L2 policy pol (l2_policy.cuh:
-// evict-first unless turned off).
+// A weight chunk (each weight byte is read once per step): l2_policy.cuh's LoadOnce with the
+// 256-byte sector group asked for.
 __device__ __forceinline__ uint4 LoadStream(const uint4* p, uint64_t pol) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p), "l"(pol));
-  return r;
+  return LoadOnce<true>(p, pol);
 }
 
 // acc + sum_e w[e] x[e] over the 8 elements of one chunk (w: 8 bf16/f16, low half first).

@@ -367,12 +367,8 @@ __global__ void __launch_bounds__(256, 4)
     const uint64_t pol = StreamPolicy(evict_first);
 #pragma unroll
     for (int u = 0; u < kScoreUnroll; ++u)
-      if (live && b + u * S32 < n32) {
-        const uint4* a = p + static_cast<int64_t>(u) * S32 * step;
-        asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
-            : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
-            : "l"(a), "l"(pol));
-      }
+      if (live && b + u * S32 < n32)
+        v[u] = LoadOnce<false>(p + static_cast<int64_t>(u) * S32 * step, pol);
   };
   const int bw32 = static_cast<int>(bw);
   load(bw32);  // (the first blocks in flight while the query's channels load)

@@ -14,10 +14,13 @@
 
 namespace needle::cuda {
 
-// Read once per call of a kernel's launch function (a recorded step keeps its value).
+// Read once per process (the launch functions ask at every call: a few hundred times a step).
 inline bool StreamEvictFirst() {
-  const char* v = std::getenv("NEEDLE_STREAM_EVICT_FIRST");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  static const bool on = [] {
+    const char* v = std::getenv("NEEDLE_STREAM_EVICT_FIRST");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
 }
 
 // The cache-policy operand of a hinted load: evict-first, or normal (as without a hint).
@@ -28,6 +31,22 @@ __device__ __forceinline__ uint64_t StreamPolicy(bool evict_first) {
   else
     asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(pol));
   return pol;
+}
+
+// A 16-byte load read once: past L1, with L2 policy pol (StreamPolicy); kPrefetch256 also asks L2
+// for the whole 256-byte sector group (the next threads' loads: the GEMVs' weight rows).
+template <bool kPrefetch256>
+__device__ __forceinline__ uint4 LoadOnce(const uint4* p, uint64_t pol) {
+  uint4 r;
+  if constexpr (kPrefetch256)
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p), "l"(pol));
+  else
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p), "l"(pol));
+  return r;
 }
 
 }  // namespace needle::cuda
