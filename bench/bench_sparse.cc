@@ -5,8 +5,9 @@
 //           Initial + 32 blocks + Local 4096)
 //   scoring the scoring scan alone;  blocks  the block attention alone (the step's plan)
 //   dense   dense CPU attention over the same cache
-//   context_blocks[_idle]  the hybrid engine's CPU side: topk random Context blocks per KV head
-//           (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
+//   context_blocks[_idle|_woken]  the hybrid engine's CPU side: topk random Context blocks per
+//           KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
+//           _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the step;
 //           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone);
 //           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32
 //   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
@@ -111,6 +112,7 @@ struct Row {
   double sparse_ms = 0, dense_ms = 0, scoring_ms = 0, blocks_ms = 0;
   double sparse_bytes = 0, dense_bytes = 0, scoring_bytes = 0, blocks_bytes = 0;
   double ctx_ms = 0, ctx_idle_ms = 0, ctx_bytes = 0, ctx_idle_bytes = 0;  // ContextBlocks
+  double ctx_woken_bytes = 0;
 };
 std::map<std::pair<int64_t, int64_t>, Row> g_rows;  // (ctx, heads)
 
@@ -181,7 +183,11 @@ void BM_BlockAttention(benchmark::State& state) {
 // DRAM and not from the last call's cache lines). idle_us > 0: the threads sleep that long before
 // each call (untimed), as they do while the GPU computes a layer; the time then includes waking
 // them.
-void ContextBlocks(benchmark::State& state, int idle_us) {
+// woken: as the hybrid's decode step does it, the threads asleep idle_us, then woken
+// (ThreadingContext::Wake) and the caller spinning kWokenWaitUs (the GPU's work between the wake
+// and the plan) before the call; neither counted.
+constexpr int kWokenWaitUs = 60;
+void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
   SparseConfig sc;
   if (const char* e = std::getenv("NEEDLE_BENCH_TOPK")) sc.topk = std::max(1, std::atoi(e));
@@ -205,6 +211,12 @@ void ContextBlocks(benchmark::State& state, int idle_us) {
     if (idle_us > 0) {
       state.PauseTiming();
       std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
+      if (woken) {
+        BenchContext().Wake(400);
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
+        while (std::chrono::steady_clock::now() < until) {
+        }
+      }
       state.ResumeTiming();
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
@@ -213,10 +225,11 @@ void ContextBlocks(benchmark::State& state, int idle_us) {
   Row& r = g_rows[{s.ctx, s.heads}];
   Report(state,
          static_cast<double>(std::min(sc.topk, nb) * sc.block_size * s.kv_heads) * 128 * 2 * 2,
-         nullptr, idle_us > 0 ? &r.ctx_idle_bytes : &r.ctx_bytes);
+         nullptr, woken ? &r.ctx_woken_bytes : idle_us > 0 ? &r.ctx_idle_bytes : &r.ctx_bytes);
 }
 void BM_ContextBlocks(benchmark::State& state) { ContextBlocks(state, 0); }
 void BM_ContextBlocksIdle(benchmark::State& state) { ContextBlocks(state, 300); }
+void BM_ContextBlocksWoken(benchmark::State& state) { ContextBlocks(state, 300, true); }
 
 // One chunk of a prompt (the last 1024 positions of the context), dense or sparse prefill.
 void PrefillChunk(benchmark::State& state, bool sparse) {
@@ -342,6 +355,7 @@ void RegisterAll() {
             {"block_attention", BM_BlockAttention},
             {"context_blocks", BM_ContextBlocks},
             {"context_blocks_idle", BM_ContextBlocksIdle},
+            {"context_blocks_woken", BM_ContextBlocksWoken},
             {"prefill_chunk_dense", BM_PrefillChunkDense},
             {"prefill_chunk_sparse", BM_PrefillChunkSparse},
             {"dense_step", BM_DenseStep},
