@@ -342,6 +342,7 @@ TEST(ResidentBlocks, RandomStepsKeepTheSlotsTrue) {
     for (const auto& c : cp) {
       ASSERT_TRUE(c.to >= 0 && c.to < slots);
       ASSERT_TRUE(written.insert({c.head, c.to}).second) << "slot written twice";
+      ASSERT_EQ(c.evicted, mem[c.head][c.to]) << "step " << step;
       mem[c.head][c.to] = c.block;
       ++from_host[c.head];
     }
@@ -452,6 +453,31 @@ TEST(ResidentBlocks, FillTakesSlotsTheStepDoesNotAttend) {
   EXPECT_TRUE(cp.empty());
   r.Fill(0, {{2}, {}}, 4, &cp);  // held already
   EXPECT_TRUE(cp.empty());
+}
+
+// A step the GPU planned (Attend): each head attends the selected blocks it holds, nothing is
+// copied, and the fill after it takes neither those slots nor, before an empty one, a used one;
+// each copy names the block it evicts.
+TEST(ResidentBlocks, AttendKeepsItsSlotsFromTheFill) {
+  ResidentBlocks r(1, 2, 3);
+  std::vector<ResidentBlocks::Copy> cp;
+  using C = std::vector<std::array<int32_t, 4>>;  // (block, head, to, evicted) of each copy
+  const auto copies = [&] {
+    C v;
+    for (const auto& c : cp) v.push_back({c.block, c.head, c.to, c.evicted});
+    return v;
+  };
+  EXPECT_EQ(r.Attend(0, {{1}, {2}}), (std::vector<int64_t>{0, 0}));  // nothing held yet
+  r.Fill(0, {{1, 2}, {3}}, 4, &cp);
+  EXPECT_EQ(copies(), (C{{1, 0, 0, -1}, {2, 0, 1, -1}, {3, 1, 0, -1}}));
+  EXPECT_EQ(r.Attend(0, {{1, 5}, {3, 4}}), (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(r.ViewBlock(0, 0, 0), 1);
+  EXPECT_EQ(r.ViewBlock(0, 1, 0), 3);
+  // Head 0: 5 into the empty slot 2, 6 into slot 1 (block 2, filled a step ago), not slot 0
+  // (attended now); head 1: 4 into an empty slot.
+  r.Fill(0, {{5, 6}, {4}}, 4, &cp);
+  EXPECT_EQ(copies(), (C{{5, 0, 2, -1}, {6, 0, 1, 2}, {4, 1, 1, -1}}));
+  EXPECT_EQ(r.Attend(0, {{1, 2, 5, 6}, {4}}), (std::vector<int64_t>{3, 1}));
 }
 #endif
 

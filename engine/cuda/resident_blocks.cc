@@ -89,12 +89,34 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
       if (slot_of[i] >= 0) continue;
       const int64_t to = SlotToTake(held, used);
       NEEDLE_CHECK(to >= 0);  // (n <= slots: a slot this step does not attend is left)
+      const int32_t evicted = held[to];
       held[to] = order[i];
       taken_[static_cast<size_t>(to)] = 1;
       view[got++] = static_cast<int32_t>(to);
-      copies->push_back({order[i], static_cast<int32_t>(h), static_cast<int32_t>(to)});
+      copies->push_back({order[i], static_cast<int32_t>(h), static_cast<int32_t>(to), evicted});
     }
     for (int64_t j = 0; j < n; ++j) used[view[j]] = now;
+  }
+  return n;
+}
+
+std::vector<int64_t> ResidentBlocks::Attend(int64_t layer,
+                                            const std::vector<std::vector<int32_t>>& blocks) {
+  NEEDLE_CHECK(static_cast<int64_t>(blocks.size()) == kv_heads_);
+  const int64_t now = ++calls_[static_cast<size_t>(layer)];
+  std::vector<int64_t> n(static_cast<size_t>(kv_heads_), 0);
+  for (int64_t h = 0; h < kv_heads_; ++h) {
+    const int32_t* held = held_.data() + Index(layer, h, 0);
+    int64_t* used = used_.data() + Index(layer, h, 0);
+    int32_t* view = view_.data() + Index(layer, h, 0);
+    int64_t& got = n[static_cast<size_t>(h)];
+    for (int32_t b : blocks[h]) {
+      const int32_t* at = std::find(held, held + slots_, b);
+      if (at == held + slots_) continue;
+      const auto s = static_cast<int32_t>(at - held);
+      used[s] = now;
+      view[got++] = s;
+    }
   }
   return n;
 }
@@ -130,10 +152,11 @@ void ResidentBlocks::Fill(int64_t layer, const std::vector<std::vector<int32_t>>
       if (std::find(held, held + slots_, b) != held + slots_) continue;
       const int64_t to = SlotToTake(held, used);
       if (to < 0) break;
+      const int32_t evicted = held[to];
       held[to] = b;
       used[to] = now;
       taken_[static_cast<size_t>(to)] = 1;
-      copies->push_back({b, static_cast<int32_t>(h), static_cast<int32_t>(to)});
+      copies->push_back({b, static_cast<int32_t>(h), static_cast<int32_t>(to), evicted});
       ++n;
     }
   }

@@ -28,6 +28,7 @@ class ResidentBlocks {
     int32_t block = 0;
     int32_t head = 0;
     int32_t to = 0;
+    int32_t evicted = -1;  // the block the slot held before (-1: empty)
   };
 
   ResidentBlocks() = default;
@@ -51,10 +52,16 @@ class ResidentBlocks {
                 const std::vector<std::vector<int32_t>>& retained, int64_t n_g,
                 std::vector<Copy>* copies, int64_t n_max = 0, int64_t take_rest = 0);
 
-  // After Place at the same step of `layer`: of each KV head h's blocks[h] (selected blocks the
-  // CPU attends at this step), those the GPU does not hold, up to `most` a head, in order, each
-  // into a slot this step does not attend and that holds none of blocks[h] (an empty one, else
-  // the one attended or filled least recently), for later steps to attend where they lie.
+  // One step of `layer` planned on the GPU (the device plan of host placement): of each KV head
+  // h's selection blocks[h], the GPU attends those it holds, where they lie, and nothing is
+  // copied for the step. Marks their slots attended at this step (the least recently attended
+  // are taken first; Fill takes none of them) and returns how many each head attends.
+  std::vector<int64_t> Attend(int64_t layer, const std::vector<std::vector<int32_t>>& blocks);
+
+  // After Place (or Attend) at the same step of `layer`: of each KV head h's blocks[h] (selected
+  // blocks the CPU attends at this step), those the GPU does not hold, up to `most` a head, in
+  // order, each into a slot this step does not attend and that holds none of blocks[h] (an empty
+  // one, else the one attended or filled least recently), for later steps to attend where they lie.
   // `copies`: what to copy.
   void Fill(int64_t layer, const std::vector<std::vector<int32_t>>& blocks, int64_t most,
             std::vector<Copy>* copies);
