@@ -465,6 +465,67 @@ TEST(Cuda, PerHeadTablesMatchCpu) {
   unsetenv("NEEDLE_CUDA_ATTN_DECODE");
 }
 
+// The TMA decode kernel over a per-head table with holes (-1 entries: the device plan of host
+// placement leaves the selected blocks the GPU does not hold so, for the CPU) gives what the CPU
+// gives over each head's table without them: the holes' keys are masked, not read as zeros. Three
+// holes a head, at different places for each head, never the query's block.
+TEST(Cuda, TableHolesAreMasked) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(4);
+  auto cpu = MakeCpuBackend(tc, false);
+  struct Case {
+    int64_t kv_heads, group, D, B;
+  };
+  for (const Case& c : {Case{4, 7, 128, 128}, Case{2, 4, 128, 64}}) {
+    const int64_t Hk = c.kv_heads, H = Hk * c.group, nb = 41, m = 12, holes = 3, mc = m - holes;
+    const int64_t n = nb * c.B;
+    KVCacheShape shape{1, Hk, c.D, n, c.B, DType::kBF16};
+    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
+    const auto k = test::RandomVector(static_cast<size_t>(n * Hk * c.D), 41),
+               v = test::RandomVector(k.size(), 42),
+               q = test::RandomVector(static_cast<size_t>(H * c.D), 43);
+    cpu->KVWrite(cc, 0, 0, n, k.data(), v.data());
+    BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
+    gpu->KVWrite(gc, 0, 0, n, kd.get(), vd.get());
+    cc.SetSize(n);
+    gc.SetSize(n);
+    const std::vector<int32_t> ct = PerHeadTable(cc, Hk, nb, m), gt = PerHeadTable(gc, Hk, nb, m);
+    // GPU: head h's entries h + 1, h + 4, h + 7 are holes; CPU: the other entries, in order.
+    std::vector<int32_t> holed = gt, kept;
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int64_t j = 0; j < m; ++j) {
+        const bool hole = j < m - 1 && (j == h + 1 || j == h + 4 || j == h + 7);
+        if (hole)
+          holed[h * m + j] = -1;
+        else
+          kept.push_back(ct[h * m + j]);
+      }
+    ASSERT_EQ(static_cast<int64_t>(kept.size()), Hk * mc);
+    std::vector<float> bits(holed.size());
+    std::memcpy(bits.data(), holed.data(), holed.size() * 4);
+    BackendBuffer gtd = Upload(*gpu, bits);
+    AttnArgs a;
+    a.T = 1, a.heads = H, a.kv_heads = Hk, a.head_dim = c.D;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
+    AttnArgs ac = a;
+    a.pos0 = m * c.B - 1, ac.pos0 = mc * c.B - 1;
+    KVLayerView cv = cc.Layer(0), gv = gc.Layer(0);
+    cv.table = kept.data(), cv.table_head_stride = mc, cv.n_tokens = mc * c.B;
+    gv.table = reinterpret_cast<const int32_t*>(gtd.get()), gv.table_head_stride = m;
+    gv.n_tokens = m * c.B;
+    std::vector<float> want(q.size()), want_lse(static_cast<size_t>(H));
+    cpu->Attention(q.data(), cv, ac, nullptr, want.data(), want_lse.data());
+    BackendBuffer od(*gpu, q.size()), lsed(*gpu, want_lse.size());
+    gpu->Attention(qd.get(), gv, a, nullptr, od.get(), lsed.get());
+    const std::string what = "holes G=" + std::to_string(c.group) + " B=" + std::to_string(c.B);
+    ExpectClose(Download(*gpu, od), want, 2e-4, what);
+    const std::vector<float> lse = Download(*gpu, lsed);
+    for (int64_t r = 0; r < H; ++r)
+      ASSERT_NEAR(lse[r], want_lse[r], 2e-4 * std::max(1.f, std::fabs(want_lse[r])))
+          << what << " lse of head " << r;
+  }
+}
+
 // Every fixture: logits against transformers within the CPU's tolerances, and greedy tokens
 // equal to the CPU's for 32 steps.
 class CudaFixture : public ::testing::TestWithParam<std::string> {};

@@ -213,14 +213,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncwarp();
 
   // Tile i of the warp into stage i % kStages; issued in order i = 0, 1, ... by the whole warp.
+  // holes: bit s set while stage s holds a tile of no block (slot -1: the device plan of host
+  // placement leaves the selected blocks the GPU does not hold so; the CPU attends them). Its
+  // keys are masked like those outside [k_lo, k_end).
+  unsigned holes = 0;
   auto issue = [&](int i) {
     if (i > 0 && i % 32 == 0) {
       slot_cur = slot_next;
       slot_next = load_slots(i / 32 + 1);
     }
     const int32_t slot = __shfl_sync(0xffffffffu, slot_cur, i % 32);
+    const int s = i % kStages;
+    holes = slot < 0 ? holes | (1u << s) : holes & ~(1u << s);  // (the same in every lane)
     if (lane == 0) {
-      const int s = i % kStages;
       const uint32_t bar = bar0 + 8 * s, kdst = wbase_s + s * L::kStageBytes;
       const uint32_t key0 = static_cast<uint32_t>(tile_key(i)), B = static_cast<uint32_t>(p.B);
       // An unassigned block (slot -1) gives a negative row: the copy engine fills zeros.
@@ -264,8 +269,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     MbarWait(bar0 + 8 * s, (i / kStages) & 1);
     const uint32_t ks = wbase_s + s * L::kStageBytes, vs = ks + L::kTileBytes;
     const int64_t key0 = tile_key(i);
-    const bool edge = key0 < k_lo || key0 + kTileKeys > k_end;
-    if (edge) {
+    const bool hole = ((holes >> s) & 1u) != 0;  // (its V rows are the copy engine's zeros)
+    const bool edge = hole || key0 < k_lo || key0 + kTileKeys > k_end;
+    if (edge && !hole) {
       // Keys outside [k_lo, k_end) get probability 0, but their V rows may hold anything (past
       // the cache end: never written) and 0 * NaN is NaN: zero them.
       const int64_t key = key0 + lane;
@@ -303,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (kPack) sc[mt][e] += __shfl_xor_sync(0xffffffffu, sc[mt][e], 2);
         if (edge) {
           const int64_t key = key0 + 16 * mt + g + (e >> 1) * 8;
-          if (key < k_lo || key >= k_end) sc[mt][e] = -INFINITY;
+          if (hole || key < k_lo || key >= k_end) sc[mt][e] = -INFINITY;
         }
       }
     float mx0 = fmaxf(fmaxf(sc[0][0], sc[0][2]), fmaxf(sc[1][0], sc[1][2]));
