@@ -220,6 +220,98 @@ TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
       }
 }
 
+// Host placement planned on the GPU: with a table per KV head whose -1 entries are blocks the GPU
+// does not hold (SelectArgs::table_head_stride, cpu), the selection is what one shared table
+// gives, each head's view entries are its own table's, holes included, and each head's holes are
+// listed by their positions in its selection, ascending, with their count: fused with the top-k
+// and in the selection's own kernel, per KV head and per layer.
+TEST(HybridSelect, SelectionSplitsByResidency) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  const cudaStream_t s = CudaBackendStream(*gpu);
+  for (int64_t n : {int64_t{40}, int64_t{700}, int64_t{9000}})
+    for (bool by_layer : {false, true})
+      for (bool fused : {false, true}) {
+        if (fused && !cuda::FusedSelectOn()) continue;
+        const int64_t Hk = 4, topk = 24, R = 8, first = 2, want = topk + R, k = std::min(want, n);
+        const int64_t ctx_end = first + n, n_sel = std::min(topk, n), vs = n_sel + 5;
+        const int64_t rows = by_layer ? 1 : Hk, tw = ctx_end + 1;
+        const std::vector<float> scores = test::RandomVector(Hk * n, 31 + n);
+        std::vector<int32_t> ret(static_cast<size_t>(Hk * (R + 1)), -1);
+        for (int64_t h = 0; h < Hk; ++h) {
+          for (int64_t i = 0; i < R; ++i) ret[h * R + i] = static_cast<int32_t>(first + i * 3 + h);
+          ret[Hk * R + h] = static_cast<int32_t>(R);
+        }
+        // Shared table, then one per head: -1 where (b + h) % 3 == 0.
+        std::vector<int32_t> tables(static_cast<size_t>(tw + Hk * tw));
+        for (int64_t b = 0; b < tw; ++b) tables[b] = static_cast<int32_t>(b * 3 + 1);
+        for (int64_t h = 0; h < Hk; ++h)
+          for (int64_t b = 0; b < tw; ++b)
+            tables[tw + h * tw + b] = (b + h) % 3 == 0 ? -1 : static_cast<int32_t>(b * 5 + h);
+        // Device, twice (shared table, per-head tables): vals, ids [rows][want], sel [Hk][n_sel],
+        // kept [Hk][R], kcount [Hk], view [Hk][vs], cpu [Hk][n_sel], cpu_count [Hk]; then the
+        // inputs.
+        const int64_t per = 2 * rows * want + Hk * n_sel + Hk * R + Hk + Hk * vs + Hk * n_sel + Hk;
+        float* d = gpu->Alloc(static_cast<size_t>(2 * per + Hk * n + Hk * (R + 1)) + tables.size());
+        NEEDLE_CUDA_CHECK(cudaMemset(d, 0xff, static_cast<size_t>(2 * per) * 4));
+        float* dsc = d + 2 * per;
+        auto* dret = reinterpret_cast<int32_t*>(dsc + Hk * n);
+        int32_t* dtab = dret + Hk * (R + 1);
+        gpu->FromHost(scores.data(), scores.size(), dsc);
+        NEEDLE_CUDA_CHECK(
+            cudaMemcpy(dtab, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice));
+        std::vector<std::vector<int32_t>> out;
+        for (int pass = 0; pass < 2; ++pass) {
+          NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
+          NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());
+          float* vals = d + pass * per;
+          auto* ids = reinterpret_cast<int32_t*>(vals + rows * want);
+          int32_t* sel = ids + rows * want;
+          int32_t* kept = sel + Hk * n_sel;
+          int32_t* kcount = kept + Hk * R;
+          int32_t* view = kcount + Hk;
+          int32_t* cpu = view + Hk * vs;
+          cuda::SelectArgs sa = cuda::MakeSelectArgs(
+              want, k, dret, dret + Hk * R, R, first, ctx_end, topk, Hk, by_layer,
+              pass == 0 ? dtab : dtab + tw, n_sel, sel, kept, kcount, view, vs, 2);
+          if (pass == 1) sa.table_head_stride = tw, sa.cpu = cpu, sa.cpu_count = cpu + Hk * n_sel;
+          if (fused) {
+            ASSERT_TRUE(cuda::TopBlocksSelect(dsc, Hk, n, by_layer, static_cast<int32_t>(first),
+                                              want, vals, ids, sa, nullptr, s));
+          } else {
+            cuda::TopBlocks(dsc, Hk, n, by_layer, static_cast<int32_t>(first), want, vals, ids, s);
+            cuda::SelectFromShortlist(vals, ids, want, k, sa, s);
+          }
+          NEEDLE_CUDA_CHECK(cudaStreamSynchronize(s));
+          std::vector<int32_t> h(static_cast<size_t>(per - 2 * rows * want));
+          NEEDLE_CUDA_CHECK(cudaMemcpy(h.data(), sel, h.size() * 4, cudaMemcpyDeviceToHost));
+          out.push_back(h);
+        }
+        gpu->Free(d);
+        const std::string what = "n " + std::to_string(n) + " by_layer " +
+                                 std::to_string(by_layer) + " fused " + std::to_string(fused);
+        // The selection, kept and kcount: as with the shared table.
+        const size_t same = static_cast<size_t>(Hk * n_sel + Hk * R + Hk);
+        ASSERT_TRUE(std::equal(out[0].begin(), out[0].begin() + same, out[1].begin())) << what;
+        const int32_t* sel = out[1].data();
+        const int32_t* view = sel + same;
+        const int32_t* cpu = view + Hk * vs;
+        for (int64_t h = 0; h < Hk; ++h) {
+          std::vector<int32_t> holes;
+          for (int64_t j = 0; j < n_sel; ++j) {
+            const int32_t b = sel[h * n_sel + j];
+            ASSERT_TRUE(b >= first && b < ctx_end) << what;
+            const int32_t slot = tables[tw + h * tw + b];
+            ASSERT_EQ(view[h * vs + 2 + j], slot) << what << " head " << h << " entry " << j;
+            if (slot < 0) holes.push_back(static_cast<int32_t>(j));
+          }
+          ASSERT_FALSE(holes.empty()) << what;  // (a third of the blocks are holes)
+          ASSERT_EQ(cpu[Hk * n_sel + h], static_cast<int32_t>(holes.size())) << what;
+          for (size_t i = 0; i < holes.size(); ++i)
+            ASSERT_EQ(cpu[h * n_sel + static_cast<int64_t>(i)], holes[i]) << what << " head " << h;
+        }
+      }
+}
+
 // The selection inside the top-k's kernel (TopBlocksSelect) writes what the top-k followed by
 // the selection's own kernel writes: the selection, the kept retention and the view's entries,
 // per KV head and per layer, with and without retention (some of it outside the Context), rows

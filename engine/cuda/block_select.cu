@@ -309,7 +309,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     // the tiles they name, which nothing in this kernel writes; it loads the Initial and Local
     // tiles while the top-k runs on a few multiprocessors.
     AllowSuccessor();
-    cp.sc = reinterpret_cast<float*>(select_smem), cp.id = select_smem + k, cp.table = sa.table;
+    cp.sc = reinterpret_cast<float*>(select_smem), cp.id = select_smem + k;
+    cp.table = sa.table + (sa.by_layer ? 0 : blockIdx.x) * sa.table_head_stride;  // (the row's)
     if (ra.ret != nullptr) prefetch_retention();
   }
   TopRow(scores, Hk, n, sum, first, want, vals, ids, cp);

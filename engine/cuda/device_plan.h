@@ -37,6 +37,13 @@ struct SelectArgs {
   int n_sel = 0;
   int32_t *sel = nullptr, *kept = nullptr, *kcount = nullptr, *view = nullptr;
   int64_t view_stride = 0, view_at = 0;
+  // Host placement planned on the GPU: a table per KV head (head h's at table + h *
+  // table_head_stride; 0: one for every head), -1 for a block the GPU does not hold, which the
+  // view then leaves a hole (the attention masks it); with cpu (not null), each head's holes as
+  // positions in its selection, ascending, cpu [kv_heads][n_sel], their count cpu_count
+  // [kv_heads]: what the CPU attends. Set after MakeSelectArgs.
+  int64_t table_head_stride = 0;
+  int32_t *cpu = nullptr, *cpu_count = nullptr;
 };
 
 // Its shared memory, in bytes, for a shortlist of k.

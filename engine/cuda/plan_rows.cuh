@@ -11,6 +11,66 @@
 
 namespace needle::cuda {
 
+// SelectRow's last part where one ring table serves every head: selected block i (warp i %
+// warps) at its place in ascending order (pr::CountBelow, 32 entries a ballot), its ring slot
+// read meanwhile; the lanes write the heads h0 .. h1 of the row (a thread an entry walking all
+// of them: 1.5 us of the fused top-k's kernel; 0.85 so).
+__device__ inline void WriteSelection(const SelectArgs& a, const int32_t* s_sel, int h0, int h1) {
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  for (int i = warp; i < a.n_sel; i += warps) {
+    const int32_t b = s_sel[i];
+    const int32_t slot = a.table[b];
+    int j = 0;
+    for (int o0 = 0; o0 < a.n_sel; o0 += 32) {
+      const int o = o0 + lane;
+      j += __popc(__ballot_sync(0xffffffffu, o < a.n_sel && s_sel[o] < b));
+    }
+    for (int h = h0 + lane; h < h1; h += 32) {
+      a.sel[h * a.n_sel + j] = b;
+      a.view[h * a.view_stride + a.view_at + j] = slot;
+    }
+  }
+}
+
+// The same with a table per head (SelectArgs::table_head_stride) and the CPU's holes
+// (SelectArgs::cpu): the selection in ascending order first (into s_sorted [n_sel], shared),
+// then warp h - h0 writes head h's entries, 32 at a time, and its holes' positions by a ballot.
+__device__ inline void SplitSelection(const SelectArgs& a, const int32_t* s_sel, int32_t* s_sorted,
+                                      int h0, int h1) {
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  for (int i = warp; i < a.n_sel; i += warps) {
+    const int32_t b = s_sel[i];
+    int j = 0;
+    for (int o0 = 0; o0 < a.n_sel; o0 += 32) {
+      const int o = o0 + lane;
+      j += __popc(__ballot_sync(0xffffffffu, o < a.n_sel && s_sel[o] < b));
+    }
+    if (lane == 0) s_sorted[j] = b;
+  }
+  __syncthreads();
+  for (int h = h0 + warp; h < h1; h += warps) {
+    const int32_t* table = a.table + h * a.table_head_stride;
+    int holes = 0;
+    for (int j0 = 0; j0 < a.n_sel; j0 += 32) {
+      const int j = j0 + lane;
+      const bool on = j < a.n_sel;
+      const int32_t b = on ? s_sorted[j] : 0;
+      const int32_t slot = on ? table[b] : 0;
+      if (on) {
+        a.sel[h * a.n_sel + j] = b;
+        a.view[h * a.view_stride + a.view_at + j] = slot;
+      }
+      const unsigned m = __ballot_sync(0xffffffffu, on && slot < 0);
+      if (a.cpu != nullptr && on && slot < 0)
+        a.cpu[h * a.n_sel + holes + __popc(m & ((1u << lane) - 1u))] = j;
+      holes += __popc(m);
+    }
+    if (a.cpu_count != nullptr && lane == 0) a.cpu_count[h] = holes;
+  }
+}
+
 // Row blockIdx.x. vals, ids [rows][want]: the shortlist, its first k entries valid (written by
 // this block, or by an earlier kernel). smem: SelectSharedBytes(k, R) of shared memory: the
 // shortlist's scores and ids [k], the kept blocks [R], the selection [R + k] (kept first, then
@@ -76,21 +136,10 @@ __device__ inline void SelectRow(const SelectArgs& a, const float* vals, const i
     if (lane == 0 && rank < a.topk - nk) s_sel[nk + rank] = di;
   }
   __syncthreads();
-  // Selected block i (warp i % warps): its place in ascending order (pr::CountBelow, 32 entries a
-  // ballot), its ring slot read meanwhile; the lanes write the heads of the row (a thread an entry
-  // walking all of them: 1.5 us; 0.85 so).
-  for (int i = warp; i < a.n_sel; i += warps) {
-    const int32_t b = s_sel[i];
-    const int32_t slot = a.table[b];
-    int j = 0;
-    for (int o0 = 0; o0 < a.n_sel; o0 += 32) {
-      const int o = o0 + lane;
-      j += __popc(__ballot_sync(0xffffffffu, o < a.n_sel && s_sel[o] < b));
-    }
-    for (int h = h0 + lane; h < h1; h += 32) {
-      a.sel[h * a.n_sel + j] = b;
-      a.view[h * a.view_stride + a.view_at + j] = slot;
-    }
+  if (a.table_head_stride != 0 || a.cpu != nullptr) {
+    SplitSelection(a, s_sel, s_kept, h0, h1);
+  } else {
+    WriteSelection(a, s_sel, h0, h1);
   }
   for (int h = h0 + static_cast<int>(threadIdx.x); h < h1; h += nt) {
     a.kcount[h] = s_rc < 0 ? -1 : nk;
