@@ -151,6 +151,23 @@ TEST(HybridGather, GatherAndBlockStatsEqualHost) {
             check(holds, "copied beside the entries");
           }
         }
+        // Scattered (TableEntries::at: the device plan's block-to-slot map): each value at its
+        // own index, the rest untouched.
+        NEEDLE_CUDA_CHECK(cudaMemsetAsync(table, 0xff, Hk * stride * 4, stream));
+        auto* p = reinterpret_cast<int32_t*>(list_pin.Get(2 + 8));
+        const int32_t at[4] = {5, 0, static_cast<int32_t>(Hk * stride - 1), 9};
+        for (int i = 0; i < 4; ++i) p[2 + i] = 40 + i, p[6 + i] = at[i];
+        cuda::TableEntries e;
+        e.values = p + 2, e.at = p + 6, e.table = table, e.rows = 1, e.width = 4;
+        cuda::GatherBlocks(cache.BlockData(0, false, 0), cache.BlockData(0, true, 0), p, p + 1, 0,
+                           hb, dk, dk + bytes, stream, e);
+        NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<int32_t> got(static_cast<size_t>(Hk * stride), -1);
+        gpu->ToHost(reinterpret_cast<float*>(table), got.size(),
+                    reinterpret_cast<float*>(got.data()));
+        std::vector<int32_t> want_t(got.size(), -1);
+        for (int i = 0; i < 4; ++i) want_t[static_cast<size_t>(at[i])] = 40 + i;
+        EXPECT_EQ(got, want_t) << "scattered entries";
         gpu->Free(reinterpret_cast<float*>(table));
         ASSERT_FALSE(HasFailure());
       }

@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kGatherThreads)
                  int64_t n, int64_t vecs, uint4* k_dst, uint4* v_dst, TableEntries e) {
   if (blockIdx.x == 0 && blockIdx.y == 0)
     for (int64_t x = threadIdx.x; x < e.rows * e.width; x += kGatherThreads)
-      e.table[(x / e.width) * e.stride + x % e.width] = e.values[x];
+      e.table[e.at != nullptr ? e.at[x] : (x / e.width) * e.stride + x % e.width] = e.values[x];
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const uint4* s = (blockIdx.y == 0 ? k_src : v_src) + static_cast<int64_t>(src[i]) * vecs;
     uint4* d = (blockIdx.y == 0 ? k_dst : v_dst) + static_cast<int64_t>(dst[i]) * vecs;
@@ -226,7 +226,7 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
   NEEDLE_CHECK(head_block_bytes % 16 == 0);
   const bool table = entries.rows > 0 && entries.width > 0;
   NEEDLE_CHECK(!table || (entries.values != nullptr && entries.table != nullptr &&
-                          entries.stride >= entries.width));
+                          (entries.at != nullptr || entries.stride >= entries.width)));
   if (n <= 0 && !table) return;
   const int64_t vecs = static_cast<int64_t>(head_block_bytes / 16);
   const int64_t grid = n <= 0 ? 1 : max_blocks > 0 && max_blocks < n ? max_blocks : n;

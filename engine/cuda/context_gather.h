@@ -30,10 +30,14 @@ namespace needle::cuda {
 // (device). It runs even where n is 0. max_blocks > 0: at most that many thread blocks for each
 // of K and V, each taking every max_blocks-th item (a copy in the background, beside other
 // kernels).
+// With entries.at (host memory the GPU can read, [rows][width]): value x goes to entries.table +
+// at[x] instead (scattered: the device plan of host placement's block-to-slot map, a fill's new
+// blocks and the ones it evicts; stride unused).
 struct TableEntries {
   const int32_t* values = nullptr;  // [rows][width], pinned
   int32_t* table = nullptr;         // device; row r at table + r * stride
   int64_t rows = 0, width = 0, stride = 0;
+  const int32_t* at = nullptr;  // [rows][width], pinned, or null
 };
 void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src,
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
