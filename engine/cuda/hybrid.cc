@@ -31,6 +31,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   int dev = 0;
   NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
   NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
+  NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&layer_start, cudaEventDisableTiming));
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&gpu_done, cudaEventDisableTiming));
   {
@@ -66,8 +67,16 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     fill_pin = std::vector<cuda::PinnedFloats>(L);
   }
-  // Device placement: retention for the next step on a stream of its own (PendingRetain::side).
-  if (device_kv && EnvOnUnlessZero("NEEDLE_RETAIN_STREAM")) {
+  // Host placement planned on the GPU (hybrid_host_plan.cc): off unless NEEDLE_HYBRID_DEVICE_PLAN=1
+  // (not yet measured against the host's own plans).
+  host_plan_on = !device_kv && fill_on && EnvSwitch("NEEDLE_HYBRID_DEVICE_PLAN", 0) == 1;
+  if (host_plan_on) {
+    map_blocks = (max_tokens + c.block_size - 1) / c.block_size + 1;
+    NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&sel_ready, cudaEventDisableTiming));
+  }
+  // Device placement (and host placement planned on the GPU): retention for the next step on a
+  // stream of its own (PendingRetain::side).
+  if ((device_kv || host_plan_on) && EnvOnUnlessZero("NEEDLE_RETAIN_STREAM")) {
     int least = 0, greatest = 0;
     NEEDLE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     NEEDLE_CUDA_CHECK(
@@ -94,6 +103,7 @@ HybridAttention::Impl::~Impl() {
     for (cudaEvent_t e : *v) cudaEventDestroy(e);
   if (layer_start != nullptr) cudaEventDestroy(layer_start);
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
+  if (sel_ready != nullptr) cudaEventDestroy(sel_ready);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
 }

@@ -141,6 +141,7 @@ void HybridAttention::Impl::QueueFill(int64_t layer,
 void HybridAttention::Impl::ClearResident() {
   if (fill_stream != nullptr) NEEDLE_CUDA_CHECK(cudaStreamSynchronize(fill_stream));
   resident.Clear();
+  ResetBlockMap();  // (the device plan of host placement's view of the slots)
 }
 
 void HybridAttention::Impl::RowToPinned(int64_t layer, int64_t p, bool later) {

@@ -22,8 +22,17 @@ void RetentionLists(const int32_t* h, int64_t Hk, int64_t R,
 }  // namespace
 
 bool HybridAttention::Impl::PlansDecode() const {
-  return device_kv && gather_on && device_plan_on && resident.slots() >= c.topk &&
+  return (device_kv || (host_plan_on && fill_on && HostPlanAttentionOk())) && gather_on &&
+         device_plan_on && resident.slots() >= c.topk &&
          c.topk + c.retained() <= cuda::kMaxDeviceShortlist;
+}
+
+bool HybridAttention::Impl::HostPlanAttentionOk() const {
+  const KVCacheShape& s = host.shape();
+  const int64_t G = m.num_heads / m.num_kv_heads;
+  return (s.dtype == DType::kBF16 || s.dtype == DType::kF16) &&
+         (m.head_dim == 64 || m.head_dim == 128) && G <= 8 && c.block_size % 32 == 0 &&
+         c.block_size >= 64 && cc_major >= 9 && std::getenv("NEEDLE_CUDA_ATTN_DECODE") == nullptr;
 }
 
 int32_t* HybridAttention::Impl::DeviceRetention(int64_t layer, int64_t R) {
@@ -35,6 +44,7 @@ int32_t* HybridAttention::Impl::DeviceRetention(int64_t layer, int64_t R) {
 void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnArgs& a,
                                        const KVLayerView&, const RepresentativeStore& reps,
                                        const ExecutorPlan& p, float*, LayerPlan* plan) {
+  if (!device_kv) return PlanDecodeHost(layer, a, reps, p, plan);
   const int64_t Hk = a.kv_heads, G = a.heads / Hk, R = p.retained;
   const int64_t n = p.ctx_end_block - p.init_blocks, n_sel = std::min(p.topk, n);
   int32_t* ret = DeviceRetention(layer, R);  // [Hk][R], then rcount [Hk]

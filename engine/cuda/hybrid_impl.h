@@ -151,6 +151,20 @@ struct HybridAttention::Impl final : PlanExecutor {
                   const RepresentativeStore& reps, const ExecutorPlan& p, float*,
                   LayerPlan* plan) override;
   void TakeRetention(int64_t layer, std::vector<std::vector<int32_t>>* retained) override;
+  // Host placement's steps planned on the GPU (hybrid_host_plan.cc; NEEDLE_HYBRID_DEVICE_PLAN=1,
+  // host_plan_on): PlanDecode's work where the KV cache is in host memory, the GPU attending the
+  // selected blocks its cache holds, the CPU the rest.
+  void PlanDecodeHost(int64_t layer, const AttnArgs& a, const RepresentativeStore& reps,
+                      const ExecutorPlan& p, LayerPlan* plan);
+  // The GPU block cache's map of `layer` ([kv_heads][map_blocks]: a Context block's extra slot
+  // in the model's ring, -1 where it holds none), allocated (all -1) at the first call.
+  int32_t* BlockMap(int64_t layer);
+  void ResetBlockMap();  // every entry -1 (ClearResident)
+  // The CPU's blocks of the step (cpu_blocks) into the GPU block cache (ResidentBlocks::Fill,
+  // after Attend marked host_held's slots), with the map's entries, on the fill stream.
+  void QueueMapFill(int64_t layer);
+  // Whether the attention of PlanDecodeHost's view is the TMA kernel's (which masks holes).
+  bool HostPlanAttentionOk() const;
   // The layer's retention on the GPU: [kv_heads][R] lists then [kv_heads] counts (-1: none).
   int32_t* DeviceRetention(int64_t layer, int64_t R);
 
@@ -269,6 +283,16 @@ struct HybridAttention::Impl final : PlanExecutor {
   // comparisons); rows waiting for FlushRows (layer, position), and their copies' staging on
   // the GPU and in pinned memory.
   bool device_plan_on = true;
+  // PlanDecodeHost's: on (NEEDLE_HYBRID_DEVICE_PLAN=1), the map's blocks a head (the longest
+  // sequence's), the map, the selection's and query's pinned copy (ready at sel_ready), the CPU's
+  // block sums with their places in the retention's inputs, each head's blocks the GPU attends.
+  bool host_plan_on = false, map_ready = false;
+  int cc_major = 0;  // (the GPU's compute capability)
+  int64_t map_blocks = 0;
+  cuda::GrowBuffer dp_map{"host plan block map"};
+  cuda::PinnedFloats sel_pin, stats_pin;
+  cudaEvent_t sel_ready = nullptr;
+  std::vector<std::vector<int32_t>> host_held;
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
   cuda::GrowBuffer rows_dev{"hybrid row staging"};
   cuda::PinnedFloats rows_pin;

@@ -91,8 +91,14 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
   g.activations += static_cast<size_t>((residual_on_gpu ? ctx : 2 * U) * m.hidden_size) * 4;
   // Attention split partials (up to 2 per multiprocessor, generous), the merge's inputs, tables,
   // cuBLAS workspace.
+  // Host placement: the device plan's block-to-slot map (hybrid_host_plan.cc), every layer and
+  // KV head, a block of the context each.
   g.scratch = static_cast<size_t>(264 * m.num_heads * (m.head_dim + 2)) * 4 * 2 +
-              static_cast<size_t>(s.num_blocks()) * 4 + (size_t{64} << 20);
+              static_cast<size_t>(s.num_blocks()) * 4 + (size_t{64} << 20) +
+              (device_kv ? size_t{0}
+                         : static_cast<size_t>(m.num_layers * m.num_kv_heads *
+                                               ((ctx + c.block_size - 1) / c.block_size + 1)) *
+                               4);
   return g;
 }
 
