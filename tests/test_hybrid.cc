@@ -385,11 +385,12 @@ struct SeqRun {
 };
 SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
                    const std::vector<int32_t>& prompt, int64_t steps,
-                   KVPlacement placement = KVPlacement::kHost, bool sink = true) {
+                   KVPlacement placement = KVPlacement::kHost, bool sink = true,
+                   DType kv = DType::kF32) {
   SequenceOptions so;
   so.placement = placement;
   so.ctx = static_cast<int64_t>(prompt.size()) + steps + 1;
-  so.kv_type = DType::kF32;
+  so.kv_type = kv;
   so.ubatch = 64;
   SequenceAttention seq = MakeSequenceAttention(model, sc, tc, so);
   std::ostringstream plan;
@@ -504,6 +505,48 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
       const SeqRun quiet = RunSequence(*on_gpu, &sc, tc, pr, 40, pl, false);
       EXPECT_EQ(quiet.logits, got.logits) << what;
     }
+  }
+}
+
+// Host placement planned on the GPU (NEEDLE_HYBRID_DEVICE_PLAN=1, hybrid_host_plan.cc): the same
+// plans as the CPU's sparse run and its logits, per KV head with retention and per layer, on a
+// bf16 cache with 64-token blocks (the TMA decode kernel, which masks the blocks the GPU does not
+// hold). The first steps' blocks are all the CPU's (the GPU holds none yet), later ones mostly
+// the GPU's (the fills).
+TEST_P(HybridFixture, HostPlanOnGpuSamePlanAsCpuSparse) {
+  NEEDLE_REQUIRE_GPU(gpu);
+  ThreadingContext tc(0);
+  auto cpu = MakeCpuBackend(tc, false);
+  const std::string dir = test::FixturesDir() + "/" + GetParam();
+  auto on_cpu = LoadModel(dir, *cpu);
+  auto on_gpu = LoadModel(dir, *gpu);
+  on_cpu->set_ubatch(64);
+  on_gpu->set_ubatch(64);
+  const int64_t D = on_cpu->config().head_dim,
+                G = on_cpu->config().num_heads / on_cpu->config().num_kv_heads;
+  if ((D != 64 && D != 128) || G > 8) GTEST_SKIP() << "not a case of the TMA decode kernel";
+  const std::vector<int32_t> prompt = Prompt(700, on_cpu->config().vocab_size);
+  for (int variant = 0; variant < 2; ++variant) {
+    SparseConfig sc;
+    sc.block_size = 64, sc.init_tokens = 64, sc.local_window = 128, sc.topk = 3;
+    sc.dense_layers = 0, sc.retain_blocks = 1;
+    if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
+    const SeqRun want =
+        RunSequence(*on_cpu, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);
+    setenv("NEEDLE_HYBRID_DEVICE_PLAN", "1", 1);
+    const SeqRun got =
+        RunSequence(*on_gpu, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);
+    unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
+    const std::string what =
+        GetParam() + " host plan on the GPU, variant " + std::to_string(variant);
+    if (got.plan != want.plan) {
+      std::istringstream g(got.plan), w(want.plan);
+      std::string gl, wl;
+      while (std::getline(g, gl) && std::getline(w, wl) && gl == wl) {
+      }
+      ADD_FAILURE() << what << ": plans differ\n  hybrid " << gl << "\n  cpu    " << wl;
+    }
+    ExpectLogitsClose(got, want, what);
   }
 }
 

@@ -74,9 +74,9 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   int32_t* kept = dp_scratch.Get<int32_t>(static_cast<size_t>(Hk * (R + 1 + n_sel + 1)));
   int32_t* kcount = kept + Hk * R;
   int32_t* cpu_dev = kcount + Hk;
-  // The map is current once the layer's last fill is done.
-  if (fill_on)
-    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(layer)], 0));
+  // (The map is current: the stream waited for the layer's last fill after the attention of the
+  // sparse layer before it, QueueMapFill, not here between the dependent launches of RoPE and
+  // the scoring.)
   AttnArgs a2;
   KVLayerView v = WindowView(layer, a, n_sel, &a2, true, true);
   const int64_t view_at = p.init_blocks;
@@ -199,6 +199,14 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   }
   FlushNextRetention(layer);
   QueueMapFill(layer);
+  // The next sparse layer's last fill (queued a step ago, or earlier in this step for the next
+  // step's first layers), before its selection reads the map.
+  for (int64_t i = 1; fill_on && i <= m.num_layers; ++i) {
+    const int64_t l = (layer + i) % m.num_layers;
+    if (Dense(l)) continue;
+    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(l)], 0));
+    break;
+  }
   if (plan == nullptr) return;
   plan->blocks.assign(static_cast<size_t>(Hk), {});
   for (int64_t hh = 0; hh < Hk; ++hh)
