@@ -349,6 +349,27 @@ TEST(Cuda, DecodeSplitsMatchCpu) {
   unsetenv("NEEDLE_CUDA_ATTN_DECODE");
 }
 
+// A one-layer cache on the CPU and its twin on the GPU, every token written with the same random
+// K (seed) and V (seed + 1).
+struct TwinCaches {
+  TwinCaches(Backend& cpu_b, Backend& gpu_b, const KVCacheShape& s, uint64_t seed)
+      : cpu(s),
+        gpu(s, 0, gpu_b.kv_memory()),
+        k(test::RandomVector(static_cast<size_t>(s.capacity * s.kv_heads * s.head_dim), seed)),
+        v(test::RandomVector(k.size(), seed + 1)),
+        kd(Upload(gpu_b, k)),
+        vd(Upload(gpu_b, v)) {
+    const int64_t n = s.capacity;
+    cpu_b.KVWrite(cpu, 0, 0, n, k.data(), v.data());
+    gpu_b.KVWrite(gpu, 0, 0, n, kd.get(), vd.get());
+    cpu.SetSize(n);
+    gpu.SetSize(n);
+  }
+  KVCache cpu, gpu;
+  std::vector<float> k, v;
+  BackendBuffer kd, vd;  // (the GPU's copies, alive as long as the caches)
+};
+
 // A block table per KV head (KVLayerView::table_head_stride; the device plan reads each head's
 // selected blocks where they lie in the ring): head h's blocks, m of the cache's nb, are
 // (7 h + 5 j) mod nb for j < m, a different set for every head (nb prime).
@@ -423,16 +444,10 @@ TEST(Cuda, PerHeadTablesMatchCpu) {
   for (const Case& c : cases) {
     setenv("NEEDLE_CUDA_ATTN_DECODE", c.decode, 1);
     const int64_t Hk = c.kv_heads, H = Hk * c.group, nb = 41, m = 12, n = nb * c.B;
-    KVCacheShape shape{1, Hk, c.D, n, c.B, c.kv};
-    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
-    const auto k = test::RandomVector(static_cast<size_t>(n * Hk * c.D), 31),
-               v = test::RandomVector(k.size(), 32),
-               q = test::RandomVector(static_cast<size_t>(c.T * H * c.D), 33);
-    cpu->KVWrite(cc, 0, 0, n, k.data(), v.data());
-    BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
-    gpu->KVWrite(gc, 0, 0, n, kd.get(), vd.get());
-    cc.SetSize(n);
-    gc.SetSize(n);
+    TwinCaches tw(*cpu, *gpu, KVCacheShape{1, Hk, c.D, n, c.B, c.kv}, 31);
+    KVCache &cc = tw.cpu, &gc = tw.gpu;
+    const auto q = test::RandomVector(static_cast<size_t>(c.T * H * c.D), 33);
+    BackendBuffer qd = Upload(*gpu, q);
     const std::vector<int32_t> ct = PerHeadTable(cc, Hk, nb, m), gt = PerHeadTable(gc, Hk, nb, m);
     std::vector<float> gt_bits(gt.size());
     std::memcpy(gt_bits.data(), gt.data(), gt.size() * 4);
@@ -479,16 +494,10 @@ TEST(Cuda, TableHolesAreMasked) {
   for (const Case& c : {Case{4, 7, 128, 128}, Case{2, 4, 128, 64}}) {
     const int64_t Hk = c.kv_heads, H = Hk * c.group, nb = 41, m = 12, holes = 3, mc = m - holes;
     const int64_t n = nb * c.B;
-    KVCacheShape shape{1, Hk, c.D, n, c.B, DType::kBF16};
-    KVCache cc(shape), gc(shape, 0, gpu->kv_memory());
-    const auto k = test::RandomVector(static_cast<size_t>(n * Hk * c.D), 41),
-               v = test::RandomVector(k.size(), 42),
-               q = test::RandomVector(static_cast<size_t>(H * c.D), 43);
-    cpu->KVWrite(cc, 0, 0, n, k.data(), v.data());
-    BackendBuffer kd = Upload(*gpu, k), vd = Upload(*gpu, v), qd = Upload(*gpu, q);
-    gpu->KVWrite(gc, 0, 0, n, kd.get(), vd.get());
-    cc.SetSize(n);
-    gc.SetSize(n);
+    TwinCaches tw(*cpu, *gpu, KVCacheShape{1, Hk, c.D, n, c.B, DType::kBF16}, 41);
+    KVCache &cc = tw.cpu, &gc = tw.gpu;
+    const auto q = test::RandomVector(static_cast<size_t>(H * c.D), 43);
+    BackendBuffer qd = Upload(*gpu, q);
     const std::vector<int32_t> ct = PerHeadTable(cc, Hk, nb, m), gt = PerHeadTable(gc, Hk, nb, m);
     // GPU: head h's entries h + 1, h + 4, h + 7 are holes; CPU: the other entries, in order.
     std::vector<int32_t> holed = gt, kept;

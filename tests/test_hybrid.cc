@@ -411,6 +411,30 @@ SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
   return r;
 }
 
+// A fixture loaded on the CPU and on the GPU, both stepping 64 tokens a micro-batch.
+struct TwinModels {
+  TwinModels(const std::string& fixture, Backend& gpu, ThreadingContext& tc)
+      : cpu(MakeCpuBackend(tc, false)) {
+    const std::string dir = test::FixturesDir() + "/" + fixture;
+    on_cpu = LoadModel(dir, *cpu);
+    on_gpu = LoadModel(dir, gpu);
+    on_cpu->set_ubatch(64);
+    on_gpu->set_ubatch(64);
+  }
+  std::unique_ptr<Backend> cpu;
+  std::unique_ptr<Model> on_cpu, on_gpu;
+};
+
+// The plans (--dump-plan lines) equal, or a failure naming the first step that differs.
+void ExpectSamePlans(const SeqRun& got, const SeqRun& want, const std::string& what) {
+  if (got.plan == want.plan) return;
+  std::istringstream g(got.plan), w(want.plan);
+  std::string gl, wl;
+  while (std::getline(g, gl) && std::getline(w, wl) && gl == wl) {
+  }
+  ADD_FAILURE() << what << ": plans differ\n  hybrid " << gl << "\n  cpu    " << wl;
+}
+
 void ExpectLogitsClose(const SeqRun& got, const SeqRun& want, const std::string& what) {
   double scale = 0;
   for (float x : want.logits) scale = std::max(scale, std::fabs(static_cast<double>(x)));
@@ -435,12 +459,8 @@ class HybridFixture : public ::testing::TestWithParam<std::string> {};
 TEST_P(HybridFixture, SamePlanAsCpuSparse) {
   NEEDLE_REQUIRE_GPU(gpu);
   ThreadingContext tc(0);
-  auto cpu = MakeCpuBackend(tc, false);
-  const std::string dir = test::FixturesDir() + "/" + GetParam();
-  auto on_cpu = LoadModel(dir, *cpu);
-  auto on_gpu = LoadModel(dir, *gpu);
-  on_cpu->set_ubatch(64);
-  on_gpu->set_ubatch(64);
+  TwinModels tw(GetParam(), *gpu, tc);
+  Model *on_cpu = tw.on_cpu.get(), *on_gpu = tw.on_gpu.get();
   const std::vector<int32_t> prompt = Prompt(333, on_cpu->config().vocab_size);
   std::vector<int32_t> aperiodic(prompt.size());
   uint64_t x = 88172645463325252ull;
@@ -490,13 +510,7 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
     const SeqRun got = RunSequence(*on_gpu, &sc, tc, pr, 40, pl);
     if (late) unsetenv("NEEDLE_HYBRID_LATE"), unsetenv("NEEDLE_HYBRID_TAKE_REST");
     const std::string what = GetParam() + " variant " + std::to_string(variant);
-    if (got.plan != want.plan) {  // the first step that differs
-      std::istringstream g(got.plan), w(want.plan);
-      std::string gl, wl;
-      while (std::getline(g, gl) && std::getline(w, wl) && gl == wl) {
-      }
-      ADD_FAILURE() << what << ": plans differ\n  hybrid " << gl << "\n  cpu    " << wl;
-    }
+    ExpectSamePlans(got, want, what);
     if (GetParam() != "mistral_swa_f32") {
       EXPECT_NE(want.plan.find("\"dense\":false"), std::string::npos) << what;
     }
@@ -516,12 +530,8 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
 TEST_P(HybridFixture, HostPlanOnGpuSamePlanAsCpuSparse) {
   NEEDLE_REQUIRE_GPU(gpu);
   ThreadingContext tc(0);
-  auto cpu = MakeCpuBackend(tc, false);
-  const std::string dir = test::FixturesDir() + "/" + GetParam();
-  auto on_cpu = LoadModel(dir, *cpu);
-  auto on_gpu = LoadModel(dir, *gpu);
-  on_cpu->set_ubatch(64);
-  on_gpu->set_ubatch(64);
+  TwinModels tw(GetParam(), *gpu, tc);
+  Model *on_cpu = tw.on_cpu.get(), *on_gpu = tw.on_gpu.get();
   const int64_t D = on_cpu->config().head_dim,
                 G = on_cpu->config().num_heads / on_cpu->config().num_kv_heads;
   if ((D != 64 && D != 128) || G > 8) GTEST_SKIP() << "not a case of the TMA decode kernel";
@@ -539,13 +549,7 @@ TEST_P(HybridFixture, HostPlanOnGpuSamePlanAsCpuSparse) {
     unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
     const std::string what =
         GetParam() + " host plan on the GPU, variant " + std::to_string(variant);
-    if (got.plan != want.plan) {
-      std::istringstream g(got.plan), w(want.plan);
-      std::string gl, wl;
-      while (std::getline(g, gl) && std::getline(w, wl) && gl == wl) {
-      }
-      ADD_FAILURE() << what << ": plans differ\n  hybrid " << gl << "\n  cpu    " << wl;
-    }
+    ExpectSamePlans(got, want, what);
     ExpectLogitsClose(got, want, what);
   }
 }

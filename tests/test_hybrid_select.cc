@@ -220,6 +220,22 @@ TEST(HybridSelect, ScoreFromQueryEqualsGroupThenScore) {
       }
 }
 
+// The selection tests' device outputs, laid end to end from base: vals, ids [rows][want]; sel
+// [Hk][n_sel]; kept [Hk][R]; kcount [Hk]; view [Hk][view_stride]; then whatever follows (after).
+struct SelectOut {
+  SelectOut(float* base, int64_t rows, int64_t want, int64_t Hk, int64_t n_sel, int64_t R,
+            int64_t view_stride)
+      : vals(base),
+        ids(reinterpret_cast<int32_t*>(base + rows * want)),
+        sel(ids + rows * want),
+        kept(sel + Hk * n_sel),
+        kcount(kept + Hk * R),
+        view(kcount + Hk),
+        after(view + Hk * view_stride) {}
+  float* vals;
+  int32_t *ids, *sel, *kept, *kcount, *view, *after;
+};
+
 // Host placement planned on the GPU: with a table per KV head whose -1 entries are blocks the GPU
 // does not hold (SelectArgs::table_head_stride, cpu), the selection is what one shared table
 // gives, each head's view entries are its own table's, holes included, and each head's holes are
@@ -263,13 +279,10 @@ TEST(HybridSelect, SelectionSplitsByResidency) {
         for (int pass = 0; pass < 2; ++pass) {
           NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
           NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());
-          float* vals = d + pass * per;
-          auto* ids = reinterpret_cast<int32_t*>(vals + rows * want);
-          int32_t* sel = ids + rows * want;
-          int32_t* kept = sel + Hk * n_sel;
-          int32_t* kcount = kept + Hk * R;
-          int32_t* view = kcount + Hk;
-          int32_t* cpu = view + Hk * vs;
+          const SelectOut o(d + pass * per, rows, want, Hk, n_sel, R, vs);
+          float* vals = o.vals;
+          int32_t *ids = o.ids, *sel = o.sel, *kept = o.kept, *kcount = o.kcount, *view = o.view;
+          int32_t* cpu = o.after;
           cuda::SelectArgs sa = cuda::MakeSelectArgs(
               want, k, dret, dret + Hk * R, R, first, ctx_end, topk, Hk, by_layer,
               pass == 0 ? dtab : dtab + tw, n_sel, sel, kept, kcount, view, vs, 2);
@@ -376,12 +389,9 @@ TEST(HybridSelect, TopBlocksSelectEqualsTopBlocksThenSelect) {
           for (int pass = 0; pass < 2; ++pass) {
             NEEDLE_CUDA_CHECK(cudaMemcpy(dret, ret.data(), ret.size() * 4, cudaMemcpyHostToDevice));
             NEEDLE_CUDA_CHECK(cudaDeviceSynchronize());  // (the memset and copies, before s)
-            float* vals = d + pass * per;
-            auto* ids = reinterpret_cast<int32_t*>(vals + rows * want);
-            int32_t* sel = ids + rows * want;
-            int32_t* kept = sel + Hk * n_sel;
-            int32_t* kcount = kept + Hk * R;
-            int32_t* view = kcount + Hk;
+            const SelectOut o(d + pass * per, rows, want, Hk, n_sel, R, stride);
+            float* vals = o.vals;
+            int32_t *ids = o.ids, *sel = o.sel, *kept = o.kept, *kcount = o.kcount, *view = o.view;
             const cuda::SelectArgs sa =
                 cuda::MakeSelectArgs(want, k, dret, dret + Hk * R, R, first, ctx_end, topk, Hk,
                                      by_layer, dtab, n_sel, sel, kept, kcount, view, stride, 2);

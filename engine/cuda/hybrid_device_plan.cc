@@ -53,18 +53,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   int32_t* lay = LayerPlanBuffers(layer, tiles);  // (sizes dp_pending too)
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
   if (pend.side) FlushRetention(layer);  // (before anything reads or writes the retention)
-  if (p.seed != nullptr) {  // the planner's retention: the prompt's seed, or a step it made
-    std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
-    const bool has = p.seed->size() == static_cast<size_t>(Hk);
-    for (int64_t hh = 0; hh < Hk; ++hh) {
-      const int64_t cnt =
-          has ? std::min<int64_t>(R, static_cast<int64_t>((*p.seed)[hh].size())) : -1;
-      h[static_cast<size_t>(Hk * R + hh)] = static_cast<int32_t>(cnt);
-      for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
-    }
-    H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
-    pend.on = false;                   // (what it would have computed: replaced)
-  }
+  SeedRetention(p, Hk, ret, &pend);
   Mark(kPlan);
   // The layer's own buffers (LayerPlanBuffers): this step's selection in the half the last
   // step's is not in, its blocks' sums [Hk][n_sel][tiles][G][2] (a block's in 32-key tiles where
@@ -90,21 +79,8 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
       cuda::MakeSelectArgs(p.shortlist, std::min(p.shortlist, n), ret, rcount, R, p.init_blocks,
                            p.ctx_end_block, p.topk, Hk, p.by_layer, ring.table, n_sel, sel, kept,
                            kcount, const_cast<int32_t*>(v.table), v.table_head_stride, view_at);
-  const float* vals = nullptr;
-  const int32_t* ids = nullptr;
-  // (The selection in the top-k's kernel where it fits, after the pending retention: one or two
-  // launches fewer a layer.)
-  const bool selected = scorer.QueueDeviceShortlist(
-      layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals, &ids,
-      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend.on ? &pend.args : nullptr);
-  Mark(kTopk);
-  if (!selected) {  // (the pending retention first: the selection reads it)
-    FlushRetention(layer);
-    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), sa, stream);
-  }
-  pend.on = false;
+  QueueSelection(layer, reps, p, sa, &pend);
   pend.half = cur;
-  Mark(kSelect);
   // Retention's block sums come with the attention (its decode kernel sums each tile of the
   // selected blocks, view keys [Initial, Initial + n_sel blocks)), or from a pass of their own.
   const bool tiled = AttendTiled(v, a2, out_dev, lse, p.retain ? tiles : 1, view_at * c.block_size,
@@ -117,19 +93,7 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
     Mark(kSums);
     const cuda::RetainArgs ra = cuda::MakeRetainArgs(sel, n_sel, sums, tiled ? tiles : 1, lse, Hk,
                                                      G, p.by_layer, R, ret, rcount);
-    const auto l = static_cast<size_t>(layer);
-    if (retain_stream != nullptr && R > 0) {  // beside the model's next kernels
-      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_ready[l], stream));
-      NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(retain_stream, retain_ready[l], 0));
-      cuda::RetainByMass(ra, retain_stream);
-      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_done[l], retain_stream));
-      pend.side = true;
-    } else if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
-      pend.on = true, pend.args = ra;
-    } else {
-      cuda::RetainByMass(ra, stream);
-      Mark(kRetain);
-    }
+    QueueRetention(layer, ra, R, &pend);
   }
   FlushNextRetention(layer);
   stats.gpu_blocks += n_sel * Hk;
@@ -146,6 +110,58 @@ void HybridAttention::Impl::PlanDecode(int64_t layer, const float*, const AttnAr
   for (int64_t hh = 0; hh < Hk; ++hh)
     plan->blocks[hh].assign(h.begin() + hh * n_sel, h.begin() + (hh + 1) * n_sel);
   RetentionLists(h.data() + Hk * n_sel, Hk, R, &plan->retained);
+}
+
+void HybridAttention::Impl::QueueSelection(int64_t layer, const RepresentativeStore& reps,
+                                           const ExecutorPlan& p, const cuda::SelectArgs& sa,
+                                           PendingRetain* pend) {
+  const int64_t n = p.ctx_end_block - p.init_blocks;
+  const float* vals = nullptr;
+  const int32_t* ids = nullptr;
+  // (The selection in the top-k's kernel where it fits, after the pending retention: one or two
+  // launches fewer a layer.)
+  const bool selected = scorer.QueueDeviceShortlist(
+      layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals, &ids,
+      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend->on ? &pend->args : nullptr);
+  Mark(kTopk);
+  if (!selected) {  // (the pending retention first: the selection reads it)
+    FlushRetention(layer);
+    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), sa, stream);
+  }
+  pend->on = false;
+  Mark(kSelect);
+}
+
+void HybridAttention::Impl::SeedRetention(const ExecutorPlan& p, int64_t Hk, int32_t* ret,
+                                          PendingRetain* pend) {
+  if (p.seed == nullptr) return;  // (the executor's own, from the layer's last step)
+  const int64_t R = p.retained;
+  std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
+  const bool has = p.seed->size() == static_cast<size_t>(Hk);
+  for (int64_t hh = 0; hh < Hk; ++hh) {
+    const int64_t cnt = has ? std::min<int64_t>(R, static_cast<int64_t>((*p.seed)[hh].size())) : -1;
+    h[static_cast<size_t>(Hk * R + hh)] = static_cast<int32_t>(cnt);
+    for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
+  }
+  H2D(ret, h.data(), h.size() * 4);  // (pageable: staged before the call returns)
+  pend->on = false;                  // (what it would have computed: replaced)
+}
+
+void HybridAttention::Impl::QueueRetention(int64_t layer, const cuda::RetainArgs& ra, int64_t R,
+                                           PendingRetain* pend) {
+  const auto l = static_cast<size_t>(layer);
+  if (retain_stream != nullptr && R > 0) {  // beside the model's next kernels
+    NEEDLE_CUDA_CHECK(cudaEventRecord(retain_ready[l], stream));
+    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(retain_stream, retain_ready[l], 0));
+    cuda::RetainByMass(ra, retain_stream);
+    NEEDLE_CUDA_CHECK(cudaEventRecord(retain_done[l], retain_stream));
+    pend->side = true;
+  } else if (cuda::FusedSelectOn() && R > 0) {  // left to the next step's top-k kernel
+    pend->on = true, pend->args = ra;
+  } else {
+    cuda::RetainByMass(ra, stream);
+    Mark(kRetain);
+  }
 }
 
 void HybridAttention::Impl::Mark(Phase ph) {

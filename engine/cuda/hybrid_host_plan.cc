@@ -53,18 +53,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   int32_t* lay = LayerPlanBuffers(layer, tiles);
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
   if (pend.side) FlushRetention(layer);
-  if (p.seed != nullptr) {  // the planner's retention (as PlanDecode)
-    std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)), 0);
-    const bool has = p.seed->size() == static_cast<size_t>(Hk);
-    for (int64_t hh = 0; hh < Hk; ++hh) {
-      const int64_t cnt =
-          has ? std::min<int64_t>(R, static_cast<int64_t>((*p.seed)[hh].size())) : -1;
-      h[static_cast<size_t>(Hk * R + hh)] = static_cast<int32_t>(cnt);
-      for (int64_t i = 0; i < cnt; ++i) h[static_cast<size_t>(hh * R + i)] = (*p.seed)[hh][i];
-    }
-    H2D(ret, h.data(), h.size() * 4);
-    pend.on = false;
-  }
+  SeedRetention(p, Hk, ret, &pend);
   Mark(kPlan);
   const int cur = 1 - pend.half;
   int32_t* sel = lay + cur * Hk * c.topk;
@@ -86,19 +75,8 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
       Hk, p.by_layer, BlockMap(layer), n_sel, sel, kept, kcount, const_cast<int32_t*>(v.table),
       v.table_head_stride, view_at);
   sa.table_head_stride = map_blocks, sa.cpu = cpu_dev, sa.cpu_count = cpu_dev + Hk * n_sel;
-  const float* vals = nullptr;
-  const int32_t* ids = nullptr;
-  const bool selected = scorer.QueueDeviceShortlist(
-      layer, reps, p.init_blocks, n, p.by_layer, p.shortlist, q_dev, &vals, &ids,
-      [this](int at) { Mark(at == 0 ? kUpload : kScore); }, &sa, pend.on ? &pend.args : nullptr);
-  Mark(kTopk);
-  if (!selected) {
-    FlushRetention(layer);
-    cuda::SelectFromShortlist(vals, ids, p.shortlist, std::min(p.shortlist, n), sa, stream);
-  }
-  pend.on = false;
+  QueueSelection(layer, reps, p, sa, &pend);
   pend.half = cur;
-  Mark(kSelect);
   // To the host: the query, the selection [Hk][n_sel], kept [Hk][R], kcount [Hk], the CPU's
   // lists and counts (kept .. counts are one range of the scratch).
   auto* pin = reinterpret_cast<int32_t*>(
@@ -184,18 +162,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   if (p.retain && R > 0) {
     const cuda::RetainArgs ra =
         cuda::MakeRetainArgs(sel, n_sel, sums, tiles, lse, Hk, G, p.by_layer, R, ret, rcount);
-    const auto l = static_cast<size_t>(layer);
-    if (retain_stream != nullptr) {
-      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_ready[l], stream));
-      NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(retain_stream, retain_ready[l], 0));
-      cuda::RetainByMass(ra, retain_stream);
-      NEEDLE_CUDA_CHECK(cudaEventRecord(retain_done[l], retain_stream));
-      pend.side = true;
-    } else if (cuda::FusedSelectOn()) {
-      pend.on = true, pend.args = ra;
-    } else {
-      cuda::RetainByMass(ra, stream);
-    }
+    QueueRetention(layer, ra, R, &pend);
   }
   FlushNextRetention(layer);
   QueueMapFill(layer);

@@ -319,6 +319,16 @@ struct HybridAttention::Impl final : PlanExecutor {
   // The layer's buffers: sel [2][kv_heads][topk], then (floats) sums [kv_heads][topk][tiles][G]
   // [2] and lse [heads].
   int32_t* LayerPlanBuffers(int64_t layer, int64_t tiles);
+  // The scoring, top-k and selection sa of the layer's step (the selection fused with the top-k
+  // where it fits, after pend's retention where one is pending), queued on the model's stream.
+  void QueueSelection(int64_t layer, const RepresentativeStore& reps, const ExecutorPlan& p,
+                      const cuda::SelectArgs& sa, PendingRetain* pend);
+  // The planner's retention (ExecutorPlan::seed: the prompt's, or one of a step it planned) to
+  // the GPU's ret ([kv_heads][R] then counts), replacing a pending one; nothing without one.
+  void SeedRetention(const ExecutorPlan& p, int64_t Hk, int32_t* ret, PendingRetain* pend);
+  // The retention for the layer's next step (RetainByMass of ra): on retain_stream where there
+  // is one, else left to the next top-k kernel (FusedSelectOn), else on the model's stream.
+  void QueueRetention(int64_t layer, const cuda::RetainArgs& ra, int64_t R, PendingRetain* pend);
   // Queues the layer's pending retention (RetainByMass) on its own, if any, or has the model's
   // stream wait for the one on retain_stream.
   void FlushRetention(int64_t layer);
