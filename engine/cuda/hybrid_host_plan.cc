@@ -59,8 +59,9 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   int32_t* sel = lay + cur * Hk * c.topk;
   float* sums = reinterpret_cast<float*>(lay + 2 * Hk * c.topk);
   float* lse = sums + 2 * Hk * c.topk * tiles * G;  // (the merged lse: retention's)
-  // Scratch: kept [Hk][R], kcount [Hk], the CPU's lists [Hk][n_sel] and counts [Hk].
-  int32_t* kept = dp_scratch.Get<int32_t>(static_cast<size_t>(Hk * (R + 1 + n_sel + 1)));
+  // Scratch: kept [Hk][R], kcount [Hk], the CPU's lists [Hk][n_sel] and counts [Hk] (sized for
+  // topk: n_sel grows with the context, and a buffer that grows waits for the GPU).
+  int32_t* kept = dp_scratch.Get<int32_t>(static_cast<size_t>(Hk * (R + 1 + c.topk + 1)));
   int32_t* kcount = kept + Hk * R;
   int32_t* cpu_dev = kcount + Hk;
   // (The map is current: the stream waited for the layer's last fill after the attention of the
