@@ -339,6 +339,18 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   set.gpu_cache_blocks = 0, set.gpu_share = 0;
   EXPECT_EQ(HybridAutoCacheBlocks(m, set, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30),
             0);
+  // Where the GPU plans the steps (NEEDLE_HYBRID_DEVICE_PLAN=1, bf16 or f16 caches): 8.
+  EXPECT_EQ(HybridAutoCacheShares(DType::kBF16), 4);
+  setenv("NEEDLE_HYBRID_DEVICE_PLAN", "1", 1);
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30,
+                                  HybridAutoCacheShares(DType::kBF16)),
+            128);
+  EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false,
+                                  g.total() + 10 * slot + slot / 2, 8),
+            26);
+  EXPECT_EQ(HybridAutoCacheShares(DType::kF16), 8);
+  EXPECT_EQ(HybridAutoCacheShares(DType::kF32), 4);
+  unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
 }
 
 TEST(HybridMerge, KernelEqualsPartialMerge) {
@@ -548,6 +560,7 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     sc.block_size = 64, sc.init_tokens = 64, sc.local_window = 128, sc.topk = 3;
     sc.dense_layers = 0, sc.retain_blocks = 1;
     if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
+    setenv("NEEDLE_HYBRID_DEVICE_PLAN", "0", 1);
     const SeqRun want =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);
     setenv("NEEDLE_HYBRID_DEVICE_PLAN", "1", 1);

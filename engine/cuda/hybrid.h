@@ -75,10 +75,18 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
 void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& budget_name);
 // SparseConfig::gpu_cache_blocks for gpu_cache_blocks 0 (host placement, c's as given otherwise):
 // the least (one step's share) plus as many slots as `budget` has room for beside the needs
-// (HybridGpuNeeds' arguments), up to kAutoGpuCacheShares shares in all.
+// (HybridGpuNeeds' arguments), up to `shares` shares in all (HybridAutoCacheShares).
 int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                               DType kv_type, size_t weight_bytes, int64_t ubatch,
-                              bool residual_on_gpu, size_t budget);
+                              bool residual_on_gpu, size_t budget,
+                              int64_t shares = SparseConfig::kAutoGpuCacheShares);
+// Whether host placement's decode steps are planned on the GPU (hybrid_host_plan.cc) where they
+// can be: NEEDLE_HYBRID_DEVICE_PLAN=1 (off by default until an A/B in one lease confirms it
+// faster than the host's own plans; read at each call: a sequence's).
+bool HybridHostPlanSwitch();
+// The shares HybridAutoCacheBlocks may give a sequence of host placement with KV type kv_type:
+// more where the GPU plans its steps (the host's work does not grow with the slots).
+int64_t HybridAutoCacheShares(DType kv_type);
 
 // Where a decode step's time went, summed over steps (host clock, seconds).
 struct HybridStats {

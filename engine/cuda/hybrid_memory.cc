@@ -6,6 +6,7 @@
 #include <string>
 
 #include "engine/base/error.h"
+#include "engine/base/switches.h"
 #include "engine/cuda/chunk_layout.h"
 #include "engine/cuda/hybrid.h"
 
@@ -104,7 +105,7 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
 
 int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64_t ctx,
                               DType kv_type, size_t weight_bytes, int64_t ubatch,
-                              bool residual_on_gpu, size_t budget) {
+                              bool residual_on_gpu, size_t budget, int64_t shares) {
   if (c.gpu_cache_blocks != 0) return c.gpu_cache_blocks;
   SparseConfig x = c;
   const int64_t least = c.GpuContextSlots();
@@ -115,7 +116,16 @@ int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64
   const size_t base = bytes(least), per_slot = bytes(least + 1) - base;
   if (least == 0 || base >= budget || per_slot == 0) return least;
   const auto room = static_cast<int64_t>((budget - base) / per_slot);
-  return least + std::min(room, (SparseConfig::kAutoGpuCacheShares - 1) * least);
+  return least + std::min(room, (std::max<int64_t>(shares, 1) - 1) * least);
+}
+
+bool HybridHostPlanSwitch() { return EnvSwitch("NEEDLE_HYBRID_DEVICE_PLAN", 0) == 1; }
+
+int64_t HybridAutoCacheShares(DType kv_type) {
+  // (The GPU plans with the TMA decode kernel: bf16 or f16 caches; HostPlanAttentionOk.)
+  const bool gpu_plans =
+      HybridHostPlanSwitch() && (kv_type == DType::kBF16 || kv_type == DType::kF16);
+  return gpu_plans ? SparseConfig::kAutoGpuCacheSharesHostPlan : SparseConfig::kAutoGpuCacheShares;
 }
 
 void CheckHybridBudget(const HybridGpuMemory& need, size_t budget, const std::string& name) {

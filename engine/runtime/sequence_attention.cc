@@ -93,7 +93,8 @@ SequenceAttention MakeSequenceAttention(Model& model, const SparseConfig* sparse
   if (!device && sc.gpu_cache_blocks == 0 && o.sequences == 1) {
     // The GPU block cache, sized here (--gpu-cache-blocks 0) from the room the budget has.
     sc.gpu_cache_blocks =
-        HybridAutoCacheBlocks(m, sc, o.ctx, o.kv_type, weights, o.ubatch, residual_on_gpu, budget);
+        HybridAutoCacheBlocks(m, sc, o.ctx, o.kv_type, weights, o.ubatch, residual_on_gpu, budget,
+                              HybridAutoCacheShares(o.kv_type));
     need = needs(device, residual_on_gpu);
   }
   if (!device) s.gpu_memory = std::to_string(sc.GpuContextSlots()) + " GPU block cache slots; ";
