@@ -89,7 +89,7 @@ struct SparseConfig {
   // Extra GPU slots a sparse layer has for the GPU's part: gpu_cache_blocks, at least
   // ceil(gpu_share% of topk).
   static constexpr int64_t kAutoGpuCacheShares = 4;
-  // The same where the GPU plans host placement's steps (NEEDLE_HYBRID_DEVICE_PLAN=1): it attends
+  // The same where the GPU plans host placement's steps (the default): it attends
   // every selected block its cache holds (no share), so a larger cache leaves the CPU fewer.
   // Qwen2.5-7B 1M on an H100 host, 26G: 80 / 160 / 320 slots held 54 / 68 / 73% of the selected
   // blocks, 80.5 / 87.2 / 85.6 tok/s; the host's own plans 81.9 / 77.5 / 78.9 (one process

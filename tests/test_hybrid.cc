@@ -339,9 +339,10 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
   set.gpu_cache_blocks = 0, set.gpu_share = 0;
   EXPECT_EQ(HybridAutoCacheBlocks(m, set, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30),
             0);
-  // Where the GPU plans the steps (NEEDLE_HYBRID_DEVICE_PLAN=1, bf16 or f16 caches): 8.
+  // Where the GPU plans the steps (bf16 or f16 caches, unless NEEDLE_HYBRID_DEVICE_PLAN=0): 8.
+  setenv("NEEDLE_HYBRID_DEVICE_PLAN", "0", 1);
   EXPECT_EQ(HybridAutoCacheShares(DType::kBF16), 4);
-  setenv("NEEDLE_HYBRID_DEVICE_PLAN", "1", 1);
+  unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
   EXPECT_EQ(HybridAutoCacheBlocks(m, c, ctx, DType::kBF16, weights, 512, false, size_t{80} << 30,
                                   HybridAutoCacheShares(DType::kBF16)),
             128);
@@ -350,7 +351,6 @@ TEST(HybridMemory, BreakdownAndRefusalNameTheNumbers) {
             26);
   EXPECT_EQ(HybridAutoCacheShares(DType::kF16), 8);
   EXPECT_EQ(HybridAutoCacheShares(DType::kF32), 4);
-  unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
 }
 
 TEST(HybridMerge, KernelEqualsPartialMerge) {
@@ -534,12 +534,12 @@ TEST_P(HybridFixture, SamePlanAsCpuSparse) {
   }
 }
 
-// Host placement planned on the GPU (NEEDLE_HYBRID_DEVICE_PLAN=1, hybrid_host_plan.cc): the same
-// plans as host placement planned by the host, and its logits, per KV head with retention and
-// per layer, on a bf16 cache with 64-token blocks (the TMA decode kernel, which masks the blocks
-// the GPU does not hold). The first steps' blocks are all the CPU's (the GPU holds none yet),
-// later ones mostly the GPU's (the fills). Both runs are the GPU's, from the same prefill (bit
-// for bit): a CPU run's bf16 prefill already differs from the GPU's by 2x the f32 tolerance
+// Host placement planned on the GPU (the default, hybrid_host_plan.cc): the same plans as host
+// placement planned by the host (NEEDLE_HYBRID_DEVICE_PLAN=0), and its logits, per KV head with
+// retention and per layer, on a bf16 cache with 64-token blocks (the TMA decode kernel, which masks
+// the blocks the GPU does not hold). The first steps' blocks are all the CPU's (the GPU holds none
+// yet), later ones mostly the GPU's (the fills). Both runs are the GPU's, from the same prefill
+// (bit for bit): a CPU run's bf16 prefill already differs from the GPU's by 2x the f32 tolerance
 // (1e-3 of the logits' range; 8e-3 relative on mistral_swa_f32's prompt row, H100). The two
 // differ only in which side attends a Context block: the CPU's fold or the TMA kernel, each
 // within 2^-8 max|v| of the exact attention (bf16 queries and probabilities: bf16dot.h's bound,
@@ -560,6 +560,7 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     sc.block_size = 64, sc.init_tokens = 64, sc.local_window = 128, sc.topk = 3;
     sc.dense_layers = 0, sc.retain_blocks = 1;
     if (variant == 1) sc.select = SelectMode::kLayer, sc.retain_blocks = 0;
+    setenv("NEEDLE_HYBRID_DEVICE_PLAN", "0", 1);
     setenv("NEEDLE_HYBRID_DEVICE_PLAN", "0", 1);
     const SeqRun want =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);

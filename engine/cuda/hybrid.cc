@@ -67,8 +67,8 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     fill_pin = std::vector<cuda::PinnedFloats>(L);
   }
-  // Host placement planned on the GPU (hybrid_host_plan.cc) where PlansDecode allows it, with
-  // NEEDLE_HYBRID_DEVICE_PLAN=1; else the host's own plans (hybrid_decode.cc).
+  // Host placement planned on the GPU (hybrid_host_plan.cc) where PlansDecode allows it, unless
+  // NEEDLE_HYBRID_DEVICE_PLAN=0; else the host's own plans (hybrid_decode.cc).
   host_plan_on = !device_kv && fill_on && HybridHostPlanSwitch();
   if (host_plan_on) {
     map_blocks = (max_tokens + c.block_size - 1) / c.block_size + 1;

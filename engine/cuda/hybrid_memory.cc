@@ -119,7 +119,7 @@ int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64
   return least + std::min(room, (std::max<int64_t>(shares, 1) - 1) * least);
 }
 
-bool HybridHostPlanSwitch() { return EnvSwitch("NEEDLE_HYBRID_DEVICE_PLAN", 0) == 1; }
+bool HybridHostPlanSwitch() { return EnvSwitch("NEEDLE_HYBRID_DEVICE_PLAN", 1) != 0; }
 
 int64_t HybridAutoCacheShares(DType kv_type) {
   // (The GPU plans with the TMA decode kernel: bf16 or f16 caches; HostPlanAttentionOk.)
