@@ -71,7 +71,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   // NEEDLE_HYBRID_DEVICE_PLAN=0; else the host's own plans (hybrid_decode.cc).
   host_plan_on = !device_kv && fill_on && HybridHostPlanSwitch();
   if (host_plan_on) {
-    map_blocks = (max_tokens + c.block_size - 1) / c.block_size + 1;
+    map_blocks = HostPlanMapBlocks(max_tokens, c.block_size);
     NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&sel_ready, cudaEventDisableTiming));
   }
   // Device placement (and host placement planned on the GPU): retention for the next step on a

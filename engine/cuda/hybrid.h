@@ -85,6 +85,11 @@ int64_t HybridAutoCacheBlocks(const ModelConfig& m, const SparseConfig& c, int64
 // 1M on an H100 host, 24G, alternated in one lease: 81.9 / 84.1 tok/s against the host's own
 // plans' 74.8 / 74.5 (bench/RESULTS.md).
 bool HybridHostPlanSwitch();
+// The block-to-slot map's entries a layer and KV head where the GPU plans host placement: every
+// block of a context of `tokens`, and one past it.
+inline int64_t HostPlanMapBlocks(int64_t tokens, int64_t block_size) {
+  return (tokens + block_size - 1) / block_size + 1;
+}
 // The shares HybridAutoCacheBlocks may give a sequence of host placement with KV type kv_type:
 // more where the GPU plans its steps (the host's work does not grow with the slots).
 int64_t HybridAutoCacheShares(DType kv_type);

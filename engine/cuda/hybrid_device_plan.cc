@@ -22,9 +22,8 @@ void RetentionLists(const int32_t* h, int64_t Hk, int64_t R,
 }  // namespace
 
 bool HybridAttention::Impl::PlansDecode() const {
-  return (device_kv || (host_plan_on && fill_on && HostPlanAttentionOk())) && gather_on &&
-         device_plan_on && resident.slots() >= c.topk &&
-         c.topk + c.retained() <= cuda::kMaxDeviceShortlist;
+  return (device_kv || (host_plan_on && HostPlanAttentionOk())) && gather_on && device_plan_on &&
+         resident.slots() >= c.topk && c.topk + c.retained() <= cuda::kMaxDeviceShortlist;
 }
 
 bool HybridAttention::Impl::HostPlanAttentionOk() const {

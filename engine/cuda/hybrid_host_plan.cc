@@ -1,5 +1,6 @@
 // Host placement's decode steps planned on the GPU (PlanExecutor::PlanDecode with the KV cache in
-// host memory; NEEDLE_HYBRID_DEVICE_PLAN=1). Per sparse layer, on the model's stream:
+// host memory; the default, NEEDLE_HYBRID_DEVICE_PLAN=0 turns it off; host_plan_on implies
+// fill_on). Per sparse layer, on the model's stream:
 //   1. the scoring, top-k and selection as device placement queues them (hybrid_device_plan.cc),
 //      the selection reading a block-to-slot map per KV head (BlockMap: the GPU block cache's
 //      extra slots, -1 for a block it does not hold): each head's view holds its selected blocks
@@ -107,10 +108,12 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   tc.Wake(400);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(sel_ready));
   stats.gpu_wait += Since(t);
-  cpu_blocks.assign(static_cast<size_t>(Hk), {});
-  host_held.assign(static_cast<size_t>(Hk), {});
+  cpu_blocks.resize(static_cast<size_t>(Hk));  // (the lists keep their capacity between layers)
+  host_held.resize(static_cast<size_t>(Hk));
   int64_t n_cpu = 0;
   for (int64_t h = 0; h < Hk; ++h) {
+    cpu_blocks[h].clear();
+    host_held[h].clear();
     const int32_t cnt = cpu_h[Hk * n_sel + h];
     NEEDLE_CHECK(cnt >= 0 && cnt <= n_sel);
     int32_t i = 0;
@@ -169,7 +172,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   QueueMapFill(layer);
   // The next sparse layer's last fill (queued a step ago, or earlier in this step for the next
   // step's first layers), before its selection reads the map.
-  for (int64_t i = 1; fill_on && i <= m.num_layers; ++i) {
+  for (int64_t i = 1; i <= m.num_layers; ++i) {
     const int64_t l = (layer + i) % m.num_layers;
     if (Dense(l)) continue;
     NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(l)], 0));
@@ -187,7 +190,6 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
 }
 
 void HybridAttention::Impl::QueueMapFill(int64_t layer) {
-  if (!fill_on) return;
   const auto l = static_cast<size_t>(layer);
   resident.Attend(layer, host_held);  // (the slots this step attends: the fill takes none)
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));  // (its lists are rewritten)

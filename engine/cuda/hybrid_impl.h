@@ -151,9 +151,9 @@ struct HybridAttention::Impl final : PlanExecutor {
                   const RepresentativeStore& reps, const ExecutorPlan& p, float*,
                   LayerPlan* plan) override;
   void TakeRetention(int64_t layer, std::vector<std::vector<int32_t>>* retained) override;
-  // Host placement's steps planned on the GPU (hybrid_host_plan.cc; NEEDLE_HYBRID_DEVICE_PLAN=1,
-  // host_plan_on): PlanDecode's work where the KV cache is in host memory, the GPU attending the
-  // selected blocks its cache holds, the CPU the rest.
+  // Host placement's steps planned on the GPU (hybrid_host_plan.cc; host_plan_on, the default):
+  // PlanDecode's work where the KV cache is in host memory, the GPU attending the selected blocks
+  // its cache holds, the CPU the rest.
   void PlanDecodeHost(int64_t layer, const AttnArgs& a, const RepresentativeStore& reps,
                       const ExecutorPlan& p, LayerPlan* plan);
   // The GPU block cache's map of `layer` ([kv_heads][map_blocks]: a Context block's extra slot
@@ -283,9 +283,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // comparisons); rows waiting for FlushRows (layer, position), and their copies' staging on
   // the GPU and in pinned memory.
   bool device_plan_on = true;
-  // PlanDecodeHost's: on (NEEDLE_HYBRID_DEVICE_PLAN=1), the map's blocks a head (the longest
-  // sequence's), the map, the selection's and query's pinned copy (ready at sel_ready), the CPU's
-  // block sums with their places in the retention's inputs, each head's blocks the GPU attends.
+  // PlanDecodeHost's: on (HybridHostPlanSwitch, with the fills), the map's blocks a head (the
+  // longest sequence's), the map, the selection's and query's pinned copy (ready at sel_ready), the
+  // CPU's block sums with their places in the retention's inputs, each head's blocks the GPU
+  // attends.
   bool host_plan_on = false, map_ready = false;
   int cc_major = 0;  // (the GPU's compute capability)
   int64_t map_blocks = 0;

@@ -98,7 +98,7 @@ HybridGpuMemory HybridGpuNeeds(const ModelConfig& m, const SparseConfig& c, int6
               static_cast<size_t>(s.num_blocks()) * 4 + (size_t{64} << 20) +
               (device_kv ? size_t{0}
                          : static_cast<size_t>(m.num_layers * m.num_kv_heads *
-                                               ((ctx + c.block_size - 1) / c.block_size + 1)) *
+                                               HostPlanMapBlocks(ctx, c.block_size)) *
                                4);
   return g;
 }

@@ -9,17 +9,14 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "engine/base/switches.h"
 
 namespace needle::cuda {
 
 // Read once per process (the launch functions ask at every call: a few hundred times a step).
 inline bool StreamEvictFirst() {
-  static const bool on = [] {
-    const char* v = std::getenv("NEEDLE_STREAM_EVICT_FIRST");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = EnvOnUnlessZero("NEEDLE_STREAM_EVICT_FIRST");
   return on;
 }
 

@@ -11,6 +11,17 @@
 
 namespace needle::cuda {
 
+// pr::CountBelow by a whole warp (every lane gets it): the entries of list [n] below b, 32
+// compared a ballot.
+__device__ inline int WarpCountBelow(const int32_t* list, int n, int32_t b, int lane) {
+  int j = 0;
+  for (int o0 = 0; o0 < n; o0 += 32) {
+    const int o = o0 + lane;
+    j += __popc(__ballot_sync(0xffffffffu, o < n && list[o] < b));
+  }
+  return j;
+}
+
 // SelectRow's last part where one ring table serves every head: selected block i (warp i %
 // warps) at its place in ascending order (pr::CountBelow, 32 entries a ballot), its ring slot
 // read meanwhile; the lanes write the heads h0 .. h1 of the row (a thread an entry walking all
@@ -21,11 +32,7 @@ __device__ inline void WriteSelection(const SelectArgs& a, const int32_t* s_sel,
   for (int i = warp; i < a.n_sel; i += warps) {
     const int32_t b = s_sel[i];
     const int32_t slot = a.table[b];
-    int j = 0;
-    for (int o0 = 0; o0 < a.n_sel; o0 += 32) {
-      const int o = o0 + lane;
-      j += __popc(__ballot_sync(0xffffffffu, o < a.n_sel && s_sel[o] < b));
-    }
+    const int j = WarpCountBelow(s_sel, a.n_sel, b, lane);
     for (int h = h0 + lane; h < h1; h += 32) {
       a.sel[h * a.n_sel + j] = b;
       a.view[h * a.view_stride + a.view_at + j] = slot;
@@ -42,11 +49,7 @@ __device__ inline void SplitSelection(const SelectArgs& a, const int32_t* s_sel,
   const int warps = static_cast<int>(blockDim.x >> 5);
   for (int i = warp; i < a.n_sel; i += warps) {
     const int32_t b = s_sel[i];
-    int j = 0;
-    for (int o0 = 0; o0 < a.n_sel; o0 += 32) {
-      const int o = o0 + lane;
-      j += __popc(__ballot_sync(0xffffffffu, o < a.n_sel && s_sel[o] < b));
-    }
+    const int j = WarpCountBelow(s_sel, a.n_sel, b, lane);
     if (lane == 0) s_sorted[j] = b;
   }
   __syncthreads();
