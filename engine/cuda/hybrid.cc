@@ -32,7 +32,9 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
   NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, dev));
   NEEDLE_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-  NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&layer_start, cudaEventDisableTiming));
+  layer_start.resize(static_cast<size_t>(m.num_layers));
+  for (auto& e : layer_start)
+    NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&gpu_done, cudaEventDisableTiming));
   {
     const auto L = static_cast<size_t>(m.num_layers);
@@ -72,7 +74,16 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
   host_plan_on = !device_kv && fill_on && HybridHostPlanSwitch();
   if (host_plan_on) {
     map_blocks = HostPlanMapBlocks(max_tokens, c.block_size);
-    NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&sel_ready, cudaEventDisableTiming));
+    host_layers = std::vector<HostLayer>(static_cast<size_t>(m.num_layers));
+    for (auto& hl : host_layers)
+      NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&hl.sel_ready, cudaEventDisableTiming));
+    host_plans.resize(static_cast<size_t>(m.num_layers));
+    host_ahead = EnvOnUnlessZero("NEEDLE_HYBRID_AHEAD");
+    void* f = nullptr;
+    NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(m.num_layers + 1) * 4));
+    host_flags = static_cast<uint32_t*>(f);
+    std::fill_n(host_flags, m.num_layers + 1, 0u);
+    StartHostWorker();
   }
   // Device placement (and host placement planned on the GPU): retention for the next step on a
   // stream of its own (PendingRetain::side).
@@ -89,6 +100,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
 }
 
 HybridAttention::Impl::~Impl() {
+  StopHostWorker();
   JoinPinAhead();
   if (fill_stream != nullptr) {
     cudaStreamSynchronize(fill_stream);
@@ -101,9 +113,10 @@ HybridAttention::Impl::~Impl() {
   }
   for (auto* v : {&retain_ready, &retain_done})
     for (cudaEvent_t e : *v) cudaEventDestroy(e);
-  if (layer_start != nullptr) cudaEventDestroy(layer_start);
+  for (cudaEvent_t e : layer_start) cudaEventDestroy(e);
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
-  if (sel_ready != nullptr) cudaEventDestroy(sel_ready);
+  for (auto& hl : host_layers) cudaEventDestroy(hl.sel_ready);
+  if (host_flags != nullptr) cudaFreeHost(host_flags);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
 }
@@ -278,6 +291,7 @@ void HybridAttention::AdoptContext(KVCache& model_cache, int64_t P) {
 }
 
 void HybridAttention::Reset() {
+  impl_->DrainHost();
   impl_->JoinPinAhead();
   impl_->Sync(nullptr);  // (rows of a step in flight: dropped with the sequence)
   impl_->pending_rows.clear();
@@ -291,6 +305,7 @@ void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
   Impl& x = *impl_;
   if (tokens > x.host.size())
     Fail("hybrid engine: going on from token ", tokens, "; the host cache holds ", x.host.size());
+  x.DrainHost();
   x.JoinPinAhead();
   x.Sync(nullptr);
   x.pending_rows.clear();  // (a decode step's rows: past any prompt's tokens)
@@ -301,6 +316,7 @@ void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
 }
 
 void HybridAttention::SyncStats() {
+  impl_->DrainHost();
   impl_->FlushRows();
   impl_->CollectPhases();
   const cuda::GpuBlockScorer::UploadCounts& u = impl_->scorer.counts;
@@ -312,6 +328,10 @@ void HybridAttention::BeginStep(const StepInfo& s) {
   SyncStats();  // (the last step's rows, where the executor planned it, and its marks)
   impl_->step = s;
   impl_->step_begin = Clock::now();
+  if (s.call_T == 1 && impl_->host_plan_on) {  // (the flags' number of the step, never 0)
+    if (++impl_->step_seq == 0) impl_->step_seq = 1;
+    impl_->fill_wait_due = true;
+  }
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;
 }
@@ -320,7 +340,8 @@ KVTarget HybridAttention::Target(int64_t layer, KVCache& cache) {
   Impl& x = *impl_;
   // Decode: called before the layer's projections are queued; the event marks the end of the
   // previous layer's work on the GPU (Attend waits for it before waking the CPU's threads).
-  if (x.step.call_T == 1) NEEDLE_CUDA_CHECK(cudaEventRecord(x.layer_start, x.stream));
+  if (x.step.call_T == 1)
+    NEEDLE_CUDA_CHECK(cudaEventRecord(x.layer_start[static_cast<size_t>(layer)], x.stream));
   if (x.step.call_T == 1 && layer == x.m.num_layers - 1) x.stats.enqueue += Since(x.step_begin);
   if (x.step.call_T == 1 || HybridDenseLayer(x.m, x.c, layer)) return {&cache, layer};
   if (x.step.pos0 == x.step.call_pos0) {
@@ -334,8 +355,11 @@ AttentionPolicy::Prefill HybridAttention::PrefillOrder(int64_t) const {
   return {true, impl_->residual_on_gpu};
 }
 
+void HybridAttention::StepQueued() { impl_->DrainHost(); }
+
 void HybridAttention::EndPrefill() {
   Impl& x = *impl_;
+  x.DrainHost();
   x.JoinPinAhead();
   x.host.SetSize(x.step.call_pos0 + x.step.call_T);
   x.table_lb = x.table_pb = -1;
@@ -347,7 +371,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   Impl& x = *impl_;
   x.q_dev = q;
   x.out_dev = out;
-  x.model_cache = &cache;
+  if (x.model_cache != &cache) x.model_cache = &cache;  // (the host worker reads it meanwhile)
   const bool dense = x.Dense(layer);
   if (a.T > 1 || x.step.call_T > 1) {
     if (dense) {  // dense layers of a prompt: the GPU alone, no planning
@@ -372,6 +396,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
     x.stats.plan += Since(t) - (x.ExecutorTime() - before);
     return;
   }
+  x.DrainHost();  // (a layer the host plans shares the CPU's threads and lists with the worker)
   const int64_t HD = a.heads * a.head_dim;
   float* q_host = x.q_pin.Get(static_cast<size_t>(HD));
   x.D2H(q_host, q, static_cast<size_t>(HD) * 4);
@@ -383,7 +408,7 @@ void HybridAttention::Attend(int64_t layer, const float* q, const AttnArgs& a, K
   // through the previous layer's MLP).
   if (x.planner.AttendsPlan(layer, a) && !x.device_kv) {
     const auto t = Clock::now();
-    NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start));
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(x.layer_start[static_cast<size_t>(layer)]));
     x.stats.gpu_wait += Since(t);
     x.tc.Wake(400);
   }

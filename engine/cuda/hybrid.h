@@ -127,11 +127,14 @@ struct HybridStats {
   // model's own work between sparse layers' attention, the new row's copy to the host, the
   // planner's host work until it queues the scoring (the GPU idle if it waits for the host), the
   // representatives' upload, scoring, top-k, the selection (with the attention's per-head block
-  // tables), the attention, the selected blocks' softmax sums, retention's masses and choice.
-  static constexpr int kPhases = 10;
+  // tables), the attention, the selected blocks' softmax sums, retention's masses and choice,
+  // and (host placement) the CPU's partial's copy and the merge, from the end of the GPU's
+  // attention: the GPU idle while the CPU attends its blocks.
+  static constexpr int kPhases = 11;
   static const char* PhaseName(int i) {
-    static const char* const names[kPhases] = {"model", "row",    "plan",   "upload", "score",
-                                               "topk",  "select", "attend", "sums",   "retain"};
+    static const char* const names[kPhases] = {"model", "row",    "plan",   "upload",
+                                               "score", "topk",   "select", "attend",
+                                               "sums",  "retain", "merge"};
     return names[i];
   }
   double gpu_phase[kPhases] = {};
@@ -176,6 +179,7 @@ class HybridAttention final : public AttentionPolicy {
   bool AttendsBackendMemory() const override { return true; }
 
   void BeginStep(const StepInfo& s) override;
+  void StepQueued() override;
   void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,
               float* out) override;
   KVTarget Target(int64_t layer, KVCache& cache) override;

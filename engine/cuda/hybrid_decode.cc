@@ -139,6 +139,7 @@ void HybridAttention::Impl::QueueFill(int64_t layer,
 }
 
 void HybridAttention::Impl::ClearResident() {
+  DrainHost();  // (the host worker's fills and the slots' bookkeeping)
   if (fill_stream != nullptr) NEEDLE_CUDA_CHECK(cudaStreamSynchronize(fill_stream));
   resident.Clear();
   ResetBlockMap();  // (the device plan of host placement's view of the slots)

@@ -222,6 +222,7 @@ void HybridAttention::Impl::FlushNextRetention(int64_t layer) {
 void HybridAttention::Impl::TakeRetention(int64_t layer,
                                           std::vector<std::vector<int32_t>>* retained) {
   const int64_t Hk = m.num_kv_heads, R = c.retained();
+  DrainHost();
   FlushRetention(layer);  // (the last GPU-planned step's, where left to the next)
   std::vector<int32_t> h(static_cast<size_t>(Hk * (R + 1)));
   NEEDLE_CUDA_CHECK(cudaMemcpyAsync(h.data(), DeviceRetention(layer, R), h.size() * 4,

@@ -6,18 +6,26 @@
 //      extra slots, -1 for a block it does not hold): each head's view holds its selected blocks
 //      where the GPU has them and a hole (masked by the attention) for the others, which are
 //      listed for the CPU (SelectArgs::cpu);
-//   2. the selection, the CPU's lists and the query copied to pinned memory (sel_ready);
-//   3. the GPU's attention over Initial + its held blocks + Local, into a partial.
-// The host waits for sel_ready only, attends the listed blocks from the host cache (AttendBlocks)
-// while the GPU attends its own, and queues the log-sum-exp merge into the layer's output, the
-// CPU's block sums into the retention's inputs, the retention (as device placement) and the
+//   2. the selection, the CPU's lists and the query copied to pinned memory (sel_ready), and the
+//      layer's job handed to the host worker (hybrid_host_worker.cc);
+//   3. the GPU's attention over Initial + its held blocks + Local, into a partial;
+//   4. cuda::JoinHost: the stream waits for the worker's flag of the layer, then puts the CPU's
+//      block sums among the retention's inputs; the log-sum-exp merge of the CPU's partial (read
+//      from pinned memory) into the layer's output; the retention (as device placement).
+// The model's thread goes on at once to the layer's next launches: it queues the step ahead of
+// the GPU and waits for nothing until the step's end (AttentionPolicy::StepQueued). The worker,
+// per layer: waits for sel_ready, attends the listed blocks from the host cache (AttendBlocks)
+// while the GPU attends its own, writes the partial, the sums and the flag, then queues the
 // fill: the CPU's blocks copied into the least recently attended slots on the fill stream, with
 // the map's entries (new and evicted blocks) in the same kernel; the layer's next selection
-// waits for it. Unlike the host's own plan (hybrid_decode.cc), the GPU never waits for the host's
-// selection, placement and launches (2.3 ms of a 1M step on an H100 host, bench/RESULTS.md),
-// and nothing is copied over PCIe inside the step.
+// waits for it. Unlike the host's own plan (hybrid_decode.cc), the GPU waits neither for the
+// host's selection, placement and launches (2.3 ms of a 1M step on an H100 host,
+// bench/RESULTS.md) nor for the host's launches after the CPU's blocks, and nothing is copied
+// over PCIe inside the step but the selection and the partial. NEEDLE_HYBRID_AHEAD=0: the model's
+// thread waits for each layer's job (comparisons).
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/device_plan.h"
+#include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
 
 namespace needle {
@@ -52,6 +60,13 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   // (The TMA kernel's tile sums: PlansDecode asked for a case of it, the one that masks holes.)
   const int64_t tiles = c.block_size / 32;
   int32_t* lay = LayerPlanBuffers(layer, tiles);
+  if (fill_wait_due) {
+    // The step's first layer planned here: the wait for its last fill, queued by the worker
+    // during the last step (whose host work is done: BeginStep drained it). Later layers' are
+    // queued after the attention of the layer before (below).
+    NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(layer)], 0));
+    fill_wait_due = false;
+  }
   PendingRetain& pend = dp_pending[static_cast<size_t>(layer)];
   if (pend.side) FlushRetention(layer);
   SeedRetention(p, Hk, ret, &pend);
@@ -81,19 +96,22 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   pend.half = cur;
   // To the host: the query, the selection [Hk][n_sel], kept [Hk][R], kcount [Hk], the CPU's
   // lists and counts (kept .. counts are one range of the scratch).
-  auto* pin = reinterpret_cast<int32_t*>(
-      sel_pin.Get(static_cast<size_t>(HD + Hk * n_sel + Hk * (R + 1 + n_sel + 1))));
-  float* q_host = reinterpret_cast<float*>(pin);
+  HostLayer& hl = HostLayerBuffers(layer, R);
+  auto* pin = reinterpret_cast<int32_t*>(hl.sel.Get(0));
   int32_t* sel_h = pin + HD;
   int32_t* kept_h = sel_h + Hk * n_sel;
-  const int32_t* cpu_h = kept_h + Hk * (R + 1);
-  D2H(q_host, q_dev, static_cast<size_t>(HD) * 4);
+  D2H(pin, q_dev, static_cast<size_t>(HD) * 4);
   D2H(sel_h, sel, static_cast<size_t>(Hk * n_sel) * 4);
   D2H(kept_h, kept, static_cast<size_t>(Hk * (R + 1 + n_sel + 1)) * 4);
-  NEEDLE_CUDA_CHECK(cudaEventRecord(sel_ready, stream));
-  // The GPU's partial: [out HD][lse heads], then the CPU's the same.
-  float* g = gpu_part.Get<float>(static_cast<size_t>(2 * (HD + a.heads)));
-  float *g_out = g, *g_lse = g + HD, *c_out = g_lse + a.heads, *c_lse = c_out + HD;
+  NEEDLE_CUDA_CHECK(cudaEventRecord(hl.sel_ready, stream));
+  // The worker's job (whatever fails below, it writes the flag that JoinHost waits for).
+  HostJob job;
+  job.layer = layer, job.n_sel = n_sel, job.R = R, job.seq = step_seq, job.a = a;
+  job.retain = p.retain, job.want_plan = plan != nullptr;
+  PushHostJob(job);
+  // The GPU's partial: [out HD][lse heads].
+  float* g = gpu_part.Get<float>(static_cast<size_t>(HD + a.heads));
+  float *g_out = g, *g_lse = g + HD;
   // (Only the TMA kernel masks the holes: another one would read them as zero keys.)
   if (AttendTiled(v, a2, g_out, g_lse, tiles, view_at * c.block_size, n_sel, sums) != tiles)
     Fail(
@@ -101,92 +119,38 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
         "did not take layer ",
         layer, "'s attention");
   Mark(kAttend);
-  // The host: the CPU's blocks once the selection is here (its threads woken when the GPU
-  // finished the previous layer, as Attend does for the host's own plans).
-  auto t = Clock::now();
-  NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start));
-  tc.Wake(400);
-  NEEDLE_CUDA_CHECK(cudaEventSynchronize(sel_ready));
-  stats.gpu_wait += Since(t);
-  cpu_blocks.resize(static_cast<size_t>(Hk));  // (the lists keep their capacity between layers)
-  host_held.resize(static_cast<size_t>(Hk));
-  int64_t n_cpu = 0;
-  for (int64_t h = 0; h < Hk; ++h) {
-    cpu_blocks[h].clear();
-    host_held[h].clear();
-    const int32_t cnt = cpu_h[Hk * n_sel + h];
-    NEEDLE_CHECK(cnt >= 0 && cnt <= n_sel);
-    int32_t i = 0;
-    for (int64_t j = 0; j < n_sel; ++j) {
-      const int32_t b = sel_h[h * n_sel + j];
-      if (i < cnt && cpu_h[h * n_sel + i] == j) {
-        cpu_blocks[h].push_back(b);
-        ++i;
-      } else {
-        host_held[h].push_back(b);
-      }
-    }
-    n_cpu += cnt;
+  // The host worker's part (hybrid_host_worker.cc): the stream waits for the layer's flag, then
+  // merges the CPU's partial from pinned memory into the layer's output; the CPU's block sums go
+  // into the retention's inputs at their selection places (tile 0 of the block; its other tiles'
+  // sums are 0: the attention masked the hole).
+  cuda::HostJoin hj;
+  hj.flag = host_flags + layer, hj.want = step_seq, hj.timed_out = host_flags + m.num_layers;
+  if (p.retain) {
+    hj.cpu_sums = hl.sums.Get(0), hj.cpu = cpu_dev, hj.sums = sums;
+    hj.kv_heads = Hk, hj.n_sel = n_sel, hj.tiles = tiles, hj.G = G;
   }
-  float* cpu_part = part_pin.Get(static_cast<size_t>(HD + a.heads));
-  t = Clock::now();
-  if (n_cpu > 0) {
-    fast::AttendBlocks(q_host, host.Layer(layer), a, cpu_blocks, cpu_part, cpu_part + HD,
-                       &block_stats, tc);
-  } else {
-    tc.Rest();
-    std::fill(cpu_part, cpu_part + HD, 0.f);
-    std::fill(cpu_part + HD, cpu_part + HD + a.heads, -INFINITY);
-  }
-  stats.cpu_attend += Since(t);
-  stats.cpu_blocks += n_cpu;
-  stats.gpu_blocks += Hk * n_sel - n_cpu;
-  // The merge, and the CPU's block sums into the retention's inputs at their selection places
-  // (tile 0 of the block; its other tiles' sums are 0: the attention masked the hole).
-  t = Clock::now();
-  H2D(c_out, cpu_part, static_cast<size_t>(HD + a.heads) * 4);
-  cuda::MergeAttention(g_out, g_lse, c_out, c_lse, a.heads, a.head_dim, out_dev, lse, stream);
-  if (p.retain && n_cpu > 0) {
-    const size_t w = static_cast<size_t>(n_cpu * G * 2);
-    auto* e = reinterpret_cast<int32_t*>(stats_pin.Get(2 * w));
-    std::memcpy(e, block_stats.data(), w * 4);  // (the floats' bits, written as they are)
-    size_t x = 0;
-    for (int64_t h = 0; h < Hk; ++h)
-      for (int32_t i = 0; i < cpu_h[Hk * n_sel + h]; ++i) {
-        const int64_t j = cpu_h[h * n_sel + i];
-        for (int64_t f = 0; f < G * 2; ++f, ++x)
-          e[w + x] = static_cast<int32_t>((h * n_sel + j) * tiles * G * 2 + f);
-      }
-    cuda::TableEntries te;
-    te.values = e, te.at = e + w, te.table = reinterpret_cast<int32_t*>(sums);
-    te.rows = 1, te.width = static_cast<int64_t>(w);
-    cuda::GatherBlocks(nullptr, nullptr, nullptr, nullptr, 0, 16, nullptr, nullptr, stream, te);
-  }
-  stats.copies += Since(t);
+  cuda::JoinHost(hj, stream);
+  const float* part = hl.part.Get(0);
+  cuda::MergeAttention(g_out, g_lse, part, part + HD, a.heads, a.head_dim, out_dev, lse, stream);
+  Mark(kMerge);
   if (p.retain && R > 0) {
     const cuda::RetainArgs ra =
         cuda::MakeRetainArgs(sel, n_sel, sums, tiles, lse, Hk, G, p.by_layer, R, ret, rcount);
     QueueRetention(layer, ra, R, &pend);
   }
   FlushNextRetention(layer);
-  QueueMapFill(layer);
-  // The next sparse layer's last fill (queued a step ago, or earlier in this step for the next
-  // step's first layers), before its selection reads the map.
-  for (int64_t i = 1; i <= m.num_layers; ++i) {
-    const int64_t l = (layer + i) % m.num_layers;
+  // The next sparse layer's last fill (queued by the worker a step ago), before its selection
+  // reads the map; the step's first one's is waited for when the step begins (above).
+  for (int64_t l = layer + 1; l < m.num_layers; ++l) {
     if (Dense(l)) continue;
     NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(l)], 0));
     break;
   }
+  if (plan == nullptr && host_ahead) return;
+  DrainHost();
   if (plan == nullptr) return;
-  plan->blocks.assign(static_cast<size_t>(Hk), {});
-  for (int64_t hh = 0; hh < Hk; ++hh)
-    plan->blocks[hh].assign(sel_h + hh * n_sel, sel_h + (hh + 1) * n_sel);
-  // (The kept retention: what the selection started from, as PlanDecode reports it.)
-  plan->retained.clear();
-  if (kept_h[Hk * R] >= 0)
-    for (int64_t hh = 0; hh < Hk; ++hh)
-      plan->retained.emplace_back(kept_h + hh * R, kept_h + hh * R + kept_h[Hk * R + hh]);
+  plan->blocks = host_plans[static_cast<size_t>(layer)].blocks;
+  plan->retained = host_plans[static_cast<size_t>(layer)].retained;
 }
 
 void HybridAttention::Impl::QueueMapFill(int64_t layer) {
@@ -219,7 +183,7 @@ void HybridAttention::Impl::QueueMapFill(int64_t layer) {
   te.values = values, te.at = at, te.table = BlockMap(0), te.rows = 1, te.width = ne;
   QueueCopies(layer, host, fills, pin, fill_stream, te, kHostPlanFillBlocks);
   NEEDLE_CUDA_CHECK(cudaEventRecord(fill_done[l], fill_stream));
-  stats.gpu_filled += nf;
+  worker_stats.gpu_filled += nf;
 }
 
 }  // namespace needle

@@ -10,8 +10,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -260,8 +264,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::vector<float> block_stats;  // AttendBlocks' per-block sums
   AttnSpans spans;                 // remapped decode: the CPU's keys
   std::vector<float> dense_lse;
-  cudaEvent_t layer_start = nullptr;  // decode: the GPU finished the previous layer (Target)
-  cudaEvent_t gpu_done = nullptr;     // decode: the GPU's partial's lse and block sums are here
+  // decode: [layer] the GPU finished the layer before (Target; one a layer: the host worker waits
+  // for a layer's while the model's thread queues later ones)
+  std::vector<cudaEvent_t> layer_start;
+  cudaEvent_t gpu_done = nullptr;  // decode: the GPU's partial's lse and block sums are here
   // TakesLateMass: the next Planned leaves the GPU's lse and block sums in late_pin[layer]
   // (late_at: each plan-order block's sums there, -1: the CPU's; late_tiles: 32-key tiles a
   // block, late_ng: the GPU's blocks a head), ready at late_done[layer], and the CPU's partial's
@@ -291,9 +297,56 @@ struct HybridAttention::Impl final : PlanExecutor {
   int cc_major = 0;  // (the GPU's compute capability)
   int64_t map_blocks = 0;
   cuda::GrowBuffer dp_map{"host plan block map"};
-  cuda::PinnedFloats sel_pin, stats_pin;
-  cudaEvent_t sel_ready = nullptr;
   std::vector<std::vector<int32_t>> host_held;
+  // --- host placement planned on the GPU: the host's share of each layer on a thread of its own
+  // (hybrid_host_worker.cc), so that the model's thread queues the step's launches ahead of the
+  // GPU, which waits for each layer's CPU partial on its stream (cuda::JoinHost) instead of for
+  // the host's launches after it. Per layer, pinned: the query and the selection's lists (ready
+  // at sel_ready), the CPU's partial ([heads * head_dim] then lse [heads]) and its block sums
+  // ([blocks][G][2], list order); all sized for topk once.
+  struct HostLayer {
+    cuda::PinnedFloats sel, part, sums;
+    cudaEvent_t sel_ready = nullptr;
+  };
+  std::vector<HostLayer> host_layers;
+  struct HostJob {
+    int64_t layer = 0, n_sel = 0, R = 0;
+    uint32_t seq = 0;
+    AttnArgs a;
+    bool retain = false, want_plan = false;
+  };
+  // NEEDLE_HYBRID_AHEAD=0: the model's thread waits for each layer's host work before it goes on
+  // (comparisons; --dump-plan waits so, for the plans).
+  bool host_ahead = true;
+  std::thread host_worker;
+  std::mutex job_mu;
+  std::condition_variable job_cv, done_cv;
+  std::deque<HostJob> jobs;           // (job_mu) pushed by the model's thread, taken by the worker
+  int64_t jobs_pushed = 0;            // (the model's thread's)
+  int64_t jobs_done = 0;              // (job_mu)
+  bool worker_stop = false;           // (job_mu)
+  std::exception_ptr worker_error;    // (job_mu) the first error of the worker's jobs
+  uint32_t* host_flags = nullptr;     // pinned [layers]: each layer's step number, then timed_out
+  uint32_t step_seq = 0;              // the decode step's number (JoinHost's want; BeginStep)
+  bool fill_wait_due = false;         // the step's first PlanDecodeHost is still to come
+  std::vector<LayerPlan> host_plans;  // [layer] the worker's copy where a job wants its plan
+  HybridStats worker_stats;           // the worker's times and counts, added to stats by DrainHost
+  // The layer's buffers, allocated at their largest (topk) at the first call.
+  HostLayer& HostLayerBuffers(int64_t layer, int64_t R);
+  void StartHostWorker();
+  void StopHostWorker();
+  void HostWorkerLoop();
+  // A job's host work: the wait for its selection, the CPU's blocks, the partial and the flag,
+  // then the fill of the GPU block cache (QueueMapFill).
+  void RunHostJob(const HostJob& j);
+  // Its wait and the CPU's blocks: q [heads * head_dim], sel_h, cpu_h the job's query and lists
+  // (pinned), part and sums where the partial and the block sums go (pinned).
+  void AttendHostJob(const HostJob& j, const float* q, const int32_t* sel_h, const int32_t* cpu_h,
+                     float* part, float* sums);
+  void PushHostJob(const HostJob& j);
+  // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
+  // its error, if any. Every use of what the jobs touch outside a step begins with it.
+  void DrainHost();
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
   cuda::GrowBuffer rows_dev{"hybrid row staging"};
   cuda::PinnedFloats rows_pin;
@@ -340,7 +393,19 @@ struct HybridAttention::Impl final : PlanExecutor {
   void FlushNextRetention(int64_t layer);
   // NEEDLE_HYBRID_PROFILE=1: events at the end of each phase of a GPU-planned layer
   // (HybridStats::gpu_phase), read when the next step begins (CollectPhases).
-  enum Phase { kModel, kRow, kPlan, kUpload, kScore, kTopk, kSelect, kAttend, kSums, kRetain };
+  enum Phase {
+    kModel,
+    kRow,
+    kPlan,
+    kUpload,
+    kScore,
+    kTopk,
+    kSelect,
+    kAttend,
+    kSums,
+    kRetain,
+    kMerge
+  };
   bool profile = false;
   std::vector<cudaEvent_t> marks;
   std::vector<int> mark_phase;

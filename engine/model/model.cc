@@ -114,6 +114,7 @@ void Model::Step(const int32_t* ids, int64_t T, int64_t pos0, const RopeFreqs& r
     buf = local.get();
     StepBody(ids, T, pos0, rope, cache, *buf, rows);
   }
+  attn_->StepQueued();
   if (!want) return;
   if (sel != nullptr)
     b_.TopK(buf->logits.get(), cfg_.vocab_size, sel->k, sel->vals, sel->ids);

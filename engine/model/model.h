@@ -38,6 +38,10 @@ class AttentionPolicy {
  public:
   virtual ~AttentionPolicy() = default;
   virtual void BeginStep(const StepInfo&) {}
+  // The step's work is queued (before the model waits for its logits): a policy with host work
+  // of its own still running waits for it here, asleep, rather than leave the backend's wait to
+  // spin on a core that work needs (the hybrid engine's host worker).
+  virtual void StepQueued() {}
   // q: [T, heads, head_dim] (rotated); the cache holds keys [0, a.pos0 + a.T) of `layer`.
   // out: [T, heads, head_dim].
   virtual void Attend(int64_t layer, const float* q, const AttnArgs& a, KVCache& cache,

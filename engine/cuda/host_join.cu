@@ -1,0 +1,53 @@
+#include "engine/cuda/host_join.h"
+
+#include "engine/cuda/cuda_check.h"
+
+namespace needle::cuda {
+namespace {
+
+__device__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ uint32_t LoadAcquireSys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__global__ void JoinHostKernel(HostJoin j) {
+  if (threadIdx.x == 0) {
+    const uint64_t t0 = GlobalTimerNs();
+    while (static_cast<int32_t>(LoadAcquireSys(j.flag) - j.want) < 0) {
+      if (GlobalTimerNs() - t0 > kHostJoinTimeoutNs) {
+        *reinterpret_cast<volatile uint32_t*>(j.timed_out) = j.want;
+        break;
+      }
+      __nanosleep(128);
+    }
+  }
+  __syncthreads();
+  if (j.cpu_sums == nullptr) return;
+  const int64_t w = j.G * 2, Hk = j.kv_heads, n = j.n_sel;
+  const int32_t* counts = j.cpu + Hk * n;
+  int64_t off = 0;  // the head's first block in cpu_sums
+  for (int64_t h = 0; h < Hk; ++h) {
+    const int64_t cnt = counts[h];
+    for (int64_t x = threadIdx.x; x < cnt * w; x += blockDim.x) {
+      const int64_t i = x / w, f = x % w, at = j.cpu[h * n + i];
+      j.sums[(h * n + at) * j.tiles * w + f] = j.cpu_sums[(off + i) * w + f];
+    }
+    off += cnt;
+  }
+}
+
+}  // namespace
+
+void JoinHost(const HostJoin& j, cudaStream_t stream) {
+  JoinHostKernel<<<1, 128, 0, stream>>>(j);
+  NEEDLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace needle::cuda

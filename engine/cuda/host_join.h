@@ -1,0 +1,37 @@
+// The GPU waiting on its stream for the host (host placement planned on the GPU, with the
+// host's work off the model's path: hybrid_host_worker.cc). The host queues a step's launches
+// ahead of the GPU; a layer's merge of the CPU's partial is queued behind JoinHost, which holds
+// the stream until a thread of the host has written the partial and then the layer's flag.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace needle::cuda {
+
+// How long JoinHost waits before it gives up (and says so in timed_out): the host's work is a
+// fold of a few hundred blocks, microseconds; this is only there so that a host that died
+// leaves the GPU free rather than spinning forever.
+constexpr uint64_t kHostJoinTimeoutNs = uint64_t{60} * 1000 * 1000 * 1000;
+
+struct HostJoin {
+  // Pinned host memory (read through its host pointer): the wait ends when *flag - want, as a
+  // signed 32-bit number, is >= 0 (the host writes the step's number, which wraps).
+  const uint32_t* flag = nullptr;
+  uint32_t want = 0;
+  uint32_t* timed_out = nullptr;  // pinned: set to want where the wait gave up
+  // Then, where cpu_sums is not null, the CPU's block sums into the retention's inputs (as
+  // the GPU's attention writes its own): cpu_sums (pinned) [sum_h counts[h]][G][2], head by head
+  // in list order; cpu (device) [kv_heads][n_sel] each head's CPU blocks as places in its
+  // selection, then counts [kv_heads]; sums (device) [kv_heads][n_sel][tiles][G][2], of which the
+  // CPU's blocks' tile 0 is written (their other tiles' sums are the attention's, 0: it masked
+  // them).
+  const float* cpu_sums = nullptr;
+  const int32_t* cpu = nullptr;
+  float* sums = nullptr;
+  int64_t kv_heads = 0, n_sel = 0, tiles = 1, G = 1;
+};
+void JoinHost(const HostJoin& j, cudaStream_t stream);
+
+}  // namespace needle::cuda

@@ -1,0 +1,207 @@
+// Host placement planned on the GPU: the host's share of each sparse layer on a thread of its own
+// (the host worker), off the model's thread. The model's thread queues a whole decode step ahead
+// of the GPU: per layer the selection, its copy to pinned memory (sel_ready), the GPU's attention,
+// then cuda::JoinHost (the stream waits until the layer's flag says this step) and the merge of
+// the CPU's partial, read from pinned memory; then the model's next launches. The worker, per
+// layer in order: waits for the selection, attends the CPU's blocks (fast::AttendBlocks on the
+// threading context), writes the partial and the block sums, then the flag; then the fill of the
+// GPU block cache (QueueMapFill), which the layer's next selection waits for. The GPU waits for
+// the CPU's fold only, not for the host's launches after it (hybrid_host_plan.cc).
+// At the step's end (AttentionPolicy::StepQueued) the model's thread sleeps until the worker is
+// done, so that it does not spin on a core the fold uses.
+#include <exception>
+
+#include "engine/cuda/host_join.h"
+#include "engine/cuda/hybrid_impl.h"
+
+namespace needle {
+
+HybridAttention::Impl::HostLayer& HybridAttention::Impl::HostLayerBuffers(int64_t layer,
+                                                                          int64_t R) {
+  const int64_t Hk = m.num_kv_heads, H = m.num_heads, HD = H * m.head_dim, K = c.topk;
+  HostLayer& hl = host_layers[static_cast<size_t>(layer)];
+  // (At their largest: a buffer that grew would drop one the GPU or the worker still reads.)
+  hl.sel.Get(static_cast<size_t>(HD + Hk * K + Hk * (R + 1 + K + 1)));
+  hl.part.Get(static_cast<size_t>(HD + H));
+  hl.sums.Get(static_cast<size_t>(Hk * K * (H / Hk) * 2));
+  return hl;
+}
+
+void HybridAttention::Impl::StartHostWorker() {
+  int dev = 0;
+  NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  host_worker = std::thread([this, dev] {
+    if (cudaSetDevice(dev) != cudaSuccess) {
+      std::lock_guard<std::mutex> lk(job_mu);
+      worker_error =
+          std::make_exception_ptr(Error("hybrid engine: the host worker's cudaSetDevice"));
+    }
+    HostWorkerLoop();
+  });
+}
+
+void HybridAttention::Impl::StopHostWorker() {
+  if (!host_worker.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lk(job_mu);
+    worker_stop = true;
+  }
+  job_cv.notify_all();
+  host_worker.join();
+}
+
+void HybridAttention::Impl::PushHostJob(const HostJob& j) {
+  {
+    std::lock_guard<std::mutex> lk(job_mu);
+    jobs.push_back(j);
+  }
+  ++jobs_pushed;
+  job_cv.notify_one();
+}
+
+void HybridAttention::Impl::DrainHost() {
+  if (!host_worker.joinable()) return;
+  std::exception_ptr e;
+  {
+    std::unique_lock<std::mutex> lk(job_mu);
+    done_cv.wait(lk, [&] { return jobs_done >= jobs_pushed; });
+    std::swap(e, worker_error);
+  }
+  HybridStats& w = worker_stats;
+  stats.gpu_wait += w.gpu_wait, stats.cpu_attend += w.cpu_attend, stats.copies += w.copies;
+  stats.cpu_blocks += w.cpu_blocks, stats.gpu_blocks += w.gpu_blocks;
+  stats.gpu_filled += w.gpu_filled;
+  w = HybridStats{};
+  const uint32_t gave_up = host_flags[m.num_layers];
+  if (gave_up != 0) {
+    host_flags[m.num_layers] = 0;
+    Fail("hybrid engine: the GPU waited ", cuda::kHostJoinTimeoutNs / 1000000000,
+         " s for the host's part of decode step ", gave_up, " and gave up");
+  }
+  if (e) std::rethrow_exception(e);
+}
+
+void HybridAttention::Impl::HostWorkerLoop() {
+  for (;;) {
+    HostJob j;
+    {
+      std::unique_lock<std::mutex> lk(job_mu);
+      job_cv.wait(lk, [&] { return worker_stop || !jobs.empty(); });
+      if (jobs.empty()) return;  // (stopping)
+      j = jobs.front();
+      jobs.pop_front();
+    }
+    RunHostJob(j);
+    {
+      std::lock_guard<std::mutex> lk(job_mu);
+      ++jobs_done;
+    }
+    done_cv.notify_all();
+  }
+}
+
+namespace {
+// A partial of no keys: zeros, lse -inf (the merge then gives the GPU's alone).
+void NoPartial(float* part, int64_t HD, int64_t heads) {
+  std::fill(part, part + HD, 0.f);
+  std::fill(part + HD, part + HD + heads, -INFINITY);
+}
+}  // namespace
+
+void HybridAttention::Impl::AttendHostJob(const HostJob& j, const float* q, const int32_t* sel_h,
+                                          const int32_t* cpu_h, float* part, float* sums) {
+  const int64_t layer = j.layer, Hk = j.a.kv_heads, G = j.a.heads / Hk, n_sel = j.n_sel,
+                HD = j.a.heads * j.a.head_dim;
+  // The CPU's threads woken when the GPU finished the previous layer, as Attend does for the
+  // host's own plans.
+  auto t = Clock::now();
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
+  tc.Wake(400);
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(host_layers[static_cast<size_t>(layer)].sel_ready));
+  worker_stats.gpu_wait += Since(t);
+  cpu_blocks.resize(static_cast<size_t>(Hk));  // (the lists keep their capacity between layers)
+  host_held.resize(static_cast<size_t>(Hk));
+  int64_t n_cpu = 0;
+  for (int64_t h = 0; h < Hk; ++h) {
+    cpu_blocks[h].clear();
+    host_held[h].clear();
+    const int32_t cnt = cpu_h[Hk * n_sel + h];
+    NEEDLE_CHECK(cnt >= 0 && cnt <= n_sel);
+    int32_t i = 0;
+    for (int64_t x = 0; x < n_sel; ++x) {
+      const int32_t b = sel_h[h * n_sel + x];
+      if (i < cnt && cpu_h[h * n_sel + i] == x) {
+        cpu_blocks[h].push_back(b);
+        ++i;
+      } else {
+        host_held[h].push_back(b);
+      }
+    }
+    n_cpu += cnt;
+  }
+  t = Clock::now();
+  if (n_cpu > 0) {
+    fast::AttendBlocks(q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc);
+    if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
+      std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
+  } else {
+    tc.Rest();
+    NoPartial(part, HD, j.a.heads);
+  }
+  worker_stats.cpu_attend += Since(t);
+  worker_stats.cpu_blocks += n_cpu;
+  worker_stats.gpu_blocks += Hk * n_sel - n_cpu;
+}
+
+void HybridAttention::Impl::RunHostJob(const HostJob& j) {
+  const int64_t layer = j.layer, Hk = j.a.kv_heads, n_sel = j.n_sel, R = j.R,
+                HD = j.a.heads * j.a.head_dim;
+  HostLayer& hl = host_layers[static_cast<size_t>(layer)];
+  const auto* pin = reinterpret_cast<const int32_t*>(hl.sel.Get(0));
+  const int32_t* sel_h = pin + HD;
+  const int32_t* kept_h = sel_h + Hk * n_sel;
+  const int32_t* cpu_h = kept_h + Hk * (R + 1);
+  float* part = hl.part.Get(0);
+  bool failed = false;
+  {
+    std::lock_guard<std::mutex> lk(job_mu);
+    failed = worker_error != nullptr;
+  }
+  if (!failed) {
+    try {
+      AttendHostJob(j, reinterpret_cast<const float*>(pin), sel_h, cpu_h, part, hl.sums.Get(0));
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(job_mu);
+      if (worker_error == nullptr) worker_error = std::current_exception();
+      failed = true;
+    }
+  }
+  if (failed) {  // (the step goes on to its end without the CPU's part, and fails there)
+    tc.Rest();
+    NoPartial(part, HD, j.a.heads);
+  }
+  // The flag after the partial and the sums (x86 keeps stores in order; release for the
+  // compiler and other CPUs): JoinHost's wait ends, the merge reads them.
+  __atomic_store_n(&host_flags[layer], j.seq, __ATOMIC_RELEASE);
+  if (failed) return;
+  try {
+    const auto t = Clock::now();
+    QueueMapFill(layer);
+    worker_stats.copies += Since(t);
+    if (!j.want_plan) return;
+    LayerPlan& plan = host_plans[static_cast<size_t>(layer)];
+    plan.blocks.assign(static_cast<size_t>(Hk), {});
+    for (int64_t h = 0; h < Hk; ++h)
+      plan.blocks[h].assign(sel_h + h * n_sel, sel_h + (h + 1) * n_sel);
+    // (The kept retention: what the selection started from, as PlanDecode reports it.)
+    plan.retained.clear();
+    if (kept_h[Hk * R] >= 0)
+      for (int64_t h = 0; h < Hk; ++h)
+        plan.retained.emplace_back(kept_h + h * R, kept_h + h * R + kept_h[Hk * R + h]);
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(job_mu);
+    if (worker_error == nullptr) worker_error = std::current_exception();
+  }
+}
+
+}  // namespace needle
