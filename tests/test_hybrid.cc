@@ -1,9 +1,9 @@
 // The hybrid engine (engine/cuda/hybrid.h) and what it stands on.
 //
 // On CI (no GPU): the CPU's block fold (AttendBlocks) and the GPU memory accounting and its
-// refusal (the ring layers and the layer-major prompt order: test_ring_layer_major.cc). On a GPU: the log-sum-exp merge kernel, the hybrid
-// against the CPU's sparse attention (the same plan, step by step) and, with topk covering every
-// block, against dense attention on the GPU.
+// refusal (the ring layers and the layer-major prompt order: test_ring_layer_major.cc). On a GPU:
+// the log-sum-exp merge kernel, the hybrid against the CPU's sparse attention (the same plan, step
+// by step) and, with topk covering every block, against dense attention on the GPU.
 //
 // Tolerance of the hybrid against the CPU (f32 weights and f32 KV cache): both compute the same
 // f32 expressions; only the order of sums differs (cuBLAS and the GPU attention against the CPU's
@@ -402,14 +402,20 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     setenv("NEEDLE_HYBRID_DEVICE_PLAN", "1", 1);
     const SeqRun got =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);
-    // Without a plan sink the model's thread queues each step ahead of the host worker (with
-    // one, it waits for each layer's plan): the same work, the same numbers.
+    // Without a plan sink (with one, the model's thread waits for each layer's plan), and with
+    // the model's thread queueing each step ahead of the host worker: the same work, the same
+    // numbers.
+    const SeqRun queued =
+        RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
+    setenv("NEEDLE_HYBRID_AHEAD", "1", 1);
     const SeqRun ahead =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
+    unsetenv("NEEDLE_HYBRID_AHEAD");
     unsetenv("NEEDLE_HYBRID_DEVICE_PLAN");
     const std::string what =
         GetParam() + " host plan on the GPU, variant " + std::to_string(variant);
     ExpectSamePlans(got, want, what);
+    ASSERT_EQ(queued.logits, got.logits) << what << ", no plan sink";
     ASSERT_EQ(ahead.logits, got.logits) << what << ", queued ahead";
     ASSERT_EQ(got.logits.size(), want.logits.size()) << what;
     const size_t V = static_cast<size_t>(model->config().vocab_size);

@@ -78,7 +78,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
     for (auto& hl : host_layers)
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&hl.sel_ready, cudaEventDisableTiming));
     host_plans.resize(static_cast<size_t>(m.num_layers));
-    host_ahead = EnvOnUnlessZero("NEEDLE_HYBRID_AHEAD");
+    host_ahead = EnvSwitch("NEEDLE_HYBRID_AHEAD", 0) == 1;
     void* f = nullptr;
     NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(m.num_layers + 1) * 4));
     host_flags = static_cast<uint32_t*>(f);

@@ -167,7 +167,11 @@ void HybridAttention::Impl::QueueMapFill(int64_t layer) {
   // The pinned lists: the copies' sources and destinations, then the map's entries (each new
   // block's slot, each evicted block's -1) and their places.
   const int64_t Hk = m.num_kv_heads, nf = static_cast<int64_t>(fills.size());
-  auto* pin = reinterpret_cast<int32_t*>(fill_pin[l].Get(static_cast<size_t>(2 * nf + 4 * nf)));
+  // (At most one fill a CPU block: the buffer was sized for that on the model's thread,
+  // HostLayerBuffers. One that grew here would free the old one, and cudaFreeHost waits for the
+  // GPU, which may be waiting in JoinHost for this thread's next flag.)
+  NEEDLE_CHECK(nf <= Hk * c.topk);
+  auto* pin = reinterpret_cast<int32_t*>(fill_pin[l].Get(static_cast<size_t>(6 * Hk * c.topk)));
   int32_t* values = pin + 2 * nf;
   int32_t* at = values + 2 * nf;
   const int64_t base = layer * Hk * map_blocks;

@@ -20,10 +20,14 @@ HybridAttention::Impl::HostLayer& HybridAttention::Impl::HostLayerBuffers(int64_
                                                                           int64_t R) {
   const int64_t Hk = m.num_kv_heads, H = m.num_heads, HD = H * m.head_dim, K = c.topk;
   HostLayer& hl = host_layers[static_cast<size_t>(layer)];
-  // (At their largest: a buffer that grew would drop one the GPU or the worker still reads.)
+  // At their largest, here: a buffer that grew would drop one the GPU or the worker still
+  // reads, and cudaFreeHost waits for the GPU, which may be waiting for the worker (JoinHost).
+  // With them the lists of the layer's fills (QueueMapFill: sources, destinations, the map's
+  // entries and places; at most one fill a CPU block, each with an evicted block).
   hl.sel.Get(static_cast<size_t>(HD + Hk * K + Hk * (R + 1 + K + 1)));
   hl.part.Get(static_cast<size_t>(HD + H));
   hl.sums.Get(static_cast<size_t>(Hk * K * (H / Hk) * 2));
+  fill_pin[static_cast<size_t>(layer)].Get(static_cast<size_t>(6 * Hk * K));
   return hl;
 }
 
