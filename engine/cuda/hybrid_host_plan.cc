@@ -12,8 +12,9 @@
 //   4. cuda::JoinHost: the stream waits for the worker's flag of the layer, then puts the CPU's
 //      block sums among the retention's inputs; the log-sum-exp merge of the CPU's partial (read
 //      from pinned memory) into the layer's output; the retention (as device placement).
-// The model's thread goes on at once to the layer's next launches: it queues the step ahead of
-// the GPU and waits for nothing until the step's end (AttentionPolicy::StepQueued). The worker,
+// The model's thread waits (asleep) for the layer's job, then queues the layer's next launches
+// (NEEDLE_HYBRID_AHEAD=1: it queues the whole step ahead and waits at the step's end,
+// AttentionPolicy::StepQueued). The worker,
 // per layer: waits for sel_ready, attends the listed blocks from the host cache (AttendBlocks)
 // while the GPU attends its own, writes the partial, the sums and the flag, then queues the
 // fill: the CPU's blocks copied into the least recently attended slots on the fill stream, with
@@ -21,8 +22,7 @@
 // waits for it. Unlike the host's own plan (hybrid_decode.cc), the GPU waits neither for the
 // host's selection, placement and launches (2.3 ms of a 1M step on an H100 host,
 // bench/RESULTS.md) nor for the host's launches after the CPU's blocks, and nothing is copied
-// over PCIe inside the step but the selection and the partial. NEEDLE_HYBRID_AHEAD=0: the model's
-// thread waits for each layer's job (comparisons).
+// over PCIe inside the step but the selection and the partial.
 #include "engine/cuda/block_select.h"
 #include "engine/cuda/device_plan.h"
 #include "engine/cuda/host_join.h"

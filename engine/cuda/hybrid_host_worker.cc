@@ -1,14 +1,14 @@
 // Host placement planned on the GPU: the host's share of each sparse layer on a thread of its own
-// (the host worker), off the model's thread. The model's thread queues a whole decode step ahead
-// of the GPU: per layer the selection, its copy to pinned memory (sel_ready), the GPU's attention,
-// then cuda::JoinHost (the stream waits until the layer's flag says this step) and the merge of
-// the CPU's partial, read from pinned memory; then the model's next launches. The worker, per
-// layer in order: waits for the selection, attends the CPU's blocks (fast::AttendBlocks on the
-// threading context), writes the partial and the block sums, then the flag; then the fill of the
-// GPU block cache (QueueMapFill), which the layer's next selection waits for. The GPU waits for
-// the CPU's fold only, not for the host's launches after it (hybrid_host_plan.cc).
-// At the step's end (AttentionPolicy::StepQueued) the model's thread sleeps until the worker is
-// done, so that it does not spin on a core the fold uses.
+// (the host worker), off the model's thread. The model's thread queues, per layer, the selection,
+// its copy to pinned memory (sel_ready), the GPU's attention, then cuda::JoinHost (the stream
+// waits until the layer's flag says this step) and the merge of the CPU's partial, read from
+// pinned memory; it hands the layer's job to the worker and waits for it (asleep) before it
+// queues the model's next launches (NEEDLE_HYBRID_AHEAD=1: not before the step's end,
+// AttentionPolicy::StepQueued). The worker, per layer in order: waits for the selection, attends
+// the CPU's blocks (fast::AttendBlocks on the threading context), writes the partial and the
+// block sums, then the flag; then the fill of the GPU block cache (QueueMapFill), which the
+// layer's next selection waits for. The GPU waits for the CPU's fold, not for the host to queue
+// the merge after it (hybrid_host_plan.cc).
 #include <exception>
 
 #include "engine/cuda/host_join.h"

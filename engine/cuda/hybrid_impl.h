@@ -299,10 +299,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   cuda::GrowBuffer dp_map{"host plan block map"};
   std::vector<std::vector<int32_t>> host_held;
   // --- host placement planned on the GPU: the host's share of each layer on a thread of its own
-  // (hybrid_host_worker.cc), so that the model's thread queues the step's launches ahead of the
-  // GPU, which waits for each layer's CPU partial on its stream (cuda::JoinHost) instead of for
-  // the host's launches after it. Per layer, pinned: the query and the selection's lists (ready
-  // at sel_ready), the CPU's partial ([heads * head_dim] then lse [heads]) and its block sums
+  // (hybrid_host_worker.cc): the GPU waits for each layer's CPU partial on its stream
+  // (cuda::JoinHost) instead of for the host to queue the merge after it. Per layer, pinned: the
+  // query and the selection's lists (ready at sel_ready), the CPU's partial ([heads * head_dim]
+  // then lse [heads]) and its block sums
   // ([blocks][G][2], list order); all sized for topk once.
   struct HostLayer {
     cuda::PinnedFloats sel, part, sums;
@@ -315,9 +315,13 @@ struct HybridAttention::Impl final : PlanExecutor {
     AttnArgs a;
     bool retain = false, want_plan = false;
   };
-  // NEEDLE_HYBRID_AHEAD=0: the model's thread waits for each layer's host work before it goes on
-  // (comparisons; --dump-plan waits so, for the plans).
-  bool host_ahead = true;
+  // The model's thread waits for each layer's job before it goes on (--dump-plan waits so too,
+  // for the plans); NEEDLE_HYBRID_AHEAD=1: it queues the whole step ahead and waits at the
+  // step's end (StepQueued). Slower at 128K on an H100 host, 104.1 against 106.9 tok/s: its
+  // launches share the 16 cores with the fold (bench/RESULTS.md). Ahead, nothing on either
+  // thread may wait for the GPU inside a step (a pinned or device buffer that grows frees the old
+  // one, which waits): the GPU may be waiting for the worker.
+  bool host_ahead = false;
   std::thread host_worker;
   std::mutex job_mu;
   std::condition_variable job_cv, done_cv;
