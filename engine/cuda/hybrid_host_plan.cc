@@ -146,9 +146,12 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
     NEEDLE_CUDA_CHECK(cudaStreamWaitEvent(stream, fill_done[static_cast<size_t>(l)], 0));
     break;
   }
-  if (plan == nullptr && host_ahead) return;
+  if (plan == nullptr) {
+    // (The fill's bookkeeping goes on on the worker while this thread queues the next launches.)
+    if (!host_ahead) WaitHostAttended();
+    return;
+  }
   DrainHost();
-  if (plan == nullptr) return;
   plan->blocks = host_plans[static_cast<size_t>(layer)].blocks;
   plan->retained = host_plans[static_cast<size_t>(layer)].retained;
 }

@@ -63,6 +63,11 @@ void HybridAttention::Impl::PushHostJob(const HostJob& j) {
   job_cv.notify_one();
 }
 
+void HybridAttention::Impl::WaitHostAttended() {
+  std::unique_lock<std::mutex> lk(job_mu);
+  done_cv.wait(lk, [&] { return jobs_attended >= jobs_pushed; });
+}
+
 void HybridAttention::Impl::DrainHost() {
   if (!host_worker.joinable()) return;
   std::exception_ptr e;
@@ -95,7 +100,12 @@ void HybridAttention::Impl::HostWorkerLoop() {
       j = jobs.front();
       jobs.pop_front();
     }
-    RunHostJob(j);
+    try {
+      RunHostJob(j);  // (which catches what its parts throw, and writes the flag regardless)
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(job_mu);
+      if (worker_error == nullptr) worker_error = std::current_exception();
+    }
     {
       std::lock_guard<std::mutex> lk(job_mu);
       ++jobs_done;
@@ -187,6 +197,11 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
   // The flag after the partial and the sums (x86 keeps stores in order; release for the
   // compiler and other CPUs): JoinHost's wait ends, the merge reads them.
   __atomic_store_n(&host_flags[layer], j.seq, __ATOMIC_RELEASE);
+  {
+    std::lock_guard<std::mutex> lk(job_mu);
+    ++jobs_attended;
+  }
+  done_cv.notify_all();
   if (failed) return;
   try {
     const auto t = Clock::now();

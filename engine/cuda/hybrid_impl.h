@@ -328,6 +328,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::deque<HostJob> jobs;           // (job_mu) pushed by the model's thread, taken by the worker
   int64_t jobs_pushed = 0;            // (the model's thread's)
   int64_t jobs_done = 0;              // (job_mu)
+  int64_t jobs_attended = 0;          // (job_mu) jobs whose flag is written
   bool worker_stop = false;           // (job_mu)
   std::exception_ptr worker_error;    // (job_mu) the first error of the worker's jobs
   uint32_t* host_flags = nullptr;     // pinned [layers]: each layer's step number, then timed_out
@@ -351,6 +352,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
   // its error, if any. Every use of what the jobs touch outside a step begins with it.
   void DrainHost();
+  // Waits (asleep) until the worker has written the flag of every job pushed: the GPU has the
+  // CPU's partials; the worker may still be queueing the last one's fill.
+  void WaitHostAttended();
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
   cuda::GrowBuffer rows_dev{"hybrid row staging"};
   cuda::PinnedFloats rows_pin;
