@@ -9,7 +9,10 @@
 //    host has queued the GPU's share: they start first), "copies", "gpu_wait" (of which
 //    "gpu_wait_part": for the GPU's partial once the CPU's blocks were done; of "plan":
 //    "gather_ms" and "launch_ms", HybridStats' gather and launch), and "other" (the
-//    rest: the GPU's work that is not waited for, launches, sampling)}
+//    rest: the GPU's work that is not waited for, launches, sampling). Where a host worker
+//    runs (the GPU planning host placement), "cpu_attend", "copies" and "gpu_wait" are the
+//    worker's, beside the model's thread, "host_wait" the model's thread waiting for it, and
+//    "other" the step less "plan" and "host_wait"}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
 //   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
 //   caches (pseudo-random in host memory, a constant on the GPU) instead of prefilled, for
@@ -244,7 +247,10 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
     const double plan = (a.plan - before.plan) / n * ms,
                  cpu = (a.cpu_attend - before.cpu_attend) / n * ms,
                  cp = (a.copies - before.copies) / n * ms,
-                 wait = (a.gpu_wait - before.gpu_wait) / n * ms;
+                 wait = (a.gpu_wait - before.gpu_wait) / n * ms,
+                 host_wait = (a.host_wait - before.host_wait) / n * ms;
+    // (A host worker's times overlap the model's thread's: its waits for the worker instead.)
+    const double other = dec / n * ms - plan - (host_wait > 0 ? host_wait : cpu + cp + wait);
     const SparseAttention::Times& ta = seq.planner->times();
     char buf[900];
     const double gb = static_cast<double>(a.gpu_blocks - before.gpu_blocks),
@@ -267,12 +273,13 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         static_cast<long long>(h->gpu_slots()), gb + cb > 0 ? gb / (gb + cb) : 0.0,
         gb > 0 ? gr / gb : 0.0, pre, (ta.reps - tb.reps) / n * ms, (ta.select - tb.select) / n * ms,
         (ta.retain - tb.retain) / n * ms, plan, cpu, cp, wait,
-        (a.gpu_wait_part - before.gpu_wait_part) / n * ms, dec / n * ms - plan - cpu - cp - wait,
+        (a.gpu_wait_part - before.gpu_wait_part) / n * ms, other,
         (a.enqueue - before.enqueue) / n * ms);
     split << buf << ",\"gpu_filled\":"
           << (gb + cb > 0 ? static_cast<double>(a.gpu_filled - before.gpu_filled) / (gb + cb) : 0.0)
           << ",\"gather_ms\":" << (a.gather - before.gather) / n * ms
-          << ",\"launch_ms\":" << (a.launch - before.launch) / n * ms;
+          << ",\"launch_ms\":" << (a.launch - before.launch) / n * ms
+          << ",\"host_wait_ms\":" << host_wait;
     buf[0] = 0;
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
     double phases = 0;

@@ -102,6 +102,10 @@ struct HybridStats {
   double copies = 0;         // q, new K/V rows and partials between GPU and host
   double gpu_wait = 0;       // waiting for the GPU: the layer's q and shortlist, its own partial
   double gpu_wait_part = 0;  // of gpu_wait: for its partial, after the CPU's blocks were done
+  // GPU-planned host placement: cpu_attend, copies (the fills' bookkeeping and launches) and
+  // gpu_wait (for the layer's selection) are the host worker's, beside the model's thread;
+  // host_wait is the model's thread waiting (asleep) for the worker.
+  double host_wait = 0;
   // Of plan: the executor's host work before the CPU's blocks: placing the GPU's share and
   // queuing its copies (ResidentBlocks, PlaceContext, QueueGather), then queuing the GPU's
   // attention (the window's block table, the kernels, the lse copy).

@@ -64,8 +64,12 @@ void HybridAttention::Impl::PushHostJob(const HostJob& j) {
 }
 
 void HybridAttention::Impl::WaitHostAttended() {
-  std::unique_lock<std::mutex> lk(job_mu);
-  done_cv.wait(lk, [&] { return jobs_attended >= jobs_pushed; });
+  const auto t = Clock::now();
+  {
+    std::unique_lock<std::mutex> lk(job_mu);
+    done_cv.wait(lk, [&] { return jobs_attended >= jobs_pushed; });
+  }
+  stats.host_wait += Since(t);
 }
 
 void HybridAttention::Impl::DrainHost() {
@@ -73,7 +77,11 @@ void HybridAttention::Impl::DrainHost() {
   std::exception_ptr e;
   {
     std::unique_lock<std::mutex> lk(job_mu);
-    done_cv.wait(lk, [&] { return jobs_done >= jobs_pushed; });
+    if (jobs_done < jobs_pushed) {  // (timed only then: host_wait says a worker ran)
+      const auto t = Clock::now();
+      done_cv.wait(lk, [&] { return jobs_done >= jobs_pushed; });
+      stats.host_wait += Since(t);
+    }
     std::swap(e, worker_error);
   }
   HybridStats& w = worker_stats;

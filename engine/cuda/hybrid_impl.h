@@ -54,7 +54,9 @@ struct HybridAttention::Impl final : PlanExecutor {
 
   bool Dense(int64_t layer) const { return HybridDenseLayer(m, c, layer); }
   // Host time spent inside the executor (not the planner's own).
-  double ExecutorTime() const { return stats.cpu_attend + stats.copies + stats.gpu_wait; }
+  double ExecutorTime() const {
+    return stats.cpu_attend + stats.copies + stats.gpu_wait + stats.host_wait;
+  }
   void Sync(double* into) {
     const auto t = Clock::now();
     NEEDLE_CUDA_CHECK(cudaStreamSynchronize(stream));
