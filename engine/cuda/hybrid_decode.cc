@@ -118,20 +118,28 @@ void HybridAttention::Impl::QueueCopies(int64_t layer, KVCache& from,
 // blocks fill the multiprocessors; a block keeps 16 KB of PCIe reads in flight.
 constexpr int kFillBlocks = 8;
 
+bool HybridAttention::Impl::TakeFills(int64_t layer,
+                                      const std::vector<std::vector<int32_t>>& lists) {
+  // (Its lists are rewritten: the layer's last fill, a step ago, is done as a rule.)
+  NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[static_cast<size_t>(layer)]));
+  resident.Fill(layer, lists, resident.slots(), &fills);
+  for (const auto& cp : fills)
+    if (!PinHost(layer, cp.block, cp.block + 1)) {
+      fills.clear();
+      return false;
+    }
+  return true;
+}
+
 void HybridAttention::Impl::QueueFill(int64_t layer,
                                       const std::vector<std::vector<int32_t>>& lists) {
   const auto l = static_cast<size_t>(layer);
-  // (Its lists are rewritten: the layer's last fill, a step ago, is done as a rule.)
-  NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));
-  resident.Fill(layer, lists, resident.slots(), &fills);
+  if (!TakeFills(layer, lists)) {
+    gather_on = false;  // (as PlaceContext: the CPU attends everything from now on)
+    ClearResident();
+    return;
+  }
   if (fills.empty()) return;
-  for (const auto& cp : fills)
-    if (!PinHost(layer, cp.block, cp.block + 1)) {
-      gather_on = false;  // (as PlaceContext: the CPU attends everything from now on)
-      ClearResident();
-      fills.clear();
-      return;
-    }
   auto* pin = reinterpret_cast<int32_t*>(fill_pin[l].Get(2 * fills.size()));
   QueueCopies(layer, host, fills, pin, fill_stream, {}, kFillBlocks);
   NEEDLE_CUDA_CHECK(cudaEventRecord(fill_done[l], fill_stream));

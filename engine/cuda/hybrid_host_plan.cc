@@ -97,12 +97,10 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   // To the host: the query, the selection [Hk][n_sel], kept [Hk][R], kcount [Hk], the CPU's
   // lists and counts (kept .. counts are one range of the scratch).
   HostLayer& hl = HostLayerBuffers(layer, R);
-  auto* pin = reinterpret_cast<int32_t*>(hl.sel.Get(0));
-  int32_t* sel_h = pin + HD;
-  int32_t* kept_h = sel_h + Hk * n_sel;
-  D2H(pin, q_dev, static_cast<size_t>(HD) * 4);
-  D2H(sel_h, sel, static_cast<size_t>(Hk * n_sel) * 4);
-  D2H(kept_h, kept, static_cast<size_t>(Hk * (R + 1 + n_sel + 1)) * 4);
+  const HostSel hs(hl.sel.Get(0), HD, Hk, n_sel, R);
+  D2H(hs.q, q_dev, static_cast<size_t>(HD) * 4);
+  D2H(hs.sel, sel, static_cast<size_t>(Hk * n_sel) * 4);
+  D2H(hs.kept, kept, static_cast<size_t>(Hk * (R + 1 + n_sel + 1)) * 4);
   NEEDLE_CUDA_CHECK(cudaEventRecord(hl.sel_ready, stream));
   // The worker's job (whatever fails below, it writes the flag that JoinHost waits for).
   HostJob job;
@@ -159,14 +157,8 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
 void HybridAttention::Impl::QueueMapFill(int64_t layer) {
   const auto l = static_cast<size_t>(layer);
   resident.Attend(layer, host_held);  // (the slots this step attends: the fill takes none)
-  NEEDLE_CUDA_CHECK(cudaEventSynchronize(fill_done[l]));  // (its lists are rewritten)
-  resident.Fill(layer, cpu_blocks, resident.slots(), &fills);
-  if (fills.empty()) return;
-  for (const auto& cp : fills)
-    if (!PinHost(layer, cp.block, cp.block + 1)) {  // (the CPU attends them from now on)
-      fills.clear();
-      return;
-    }
+  // (Blocks CUDA refused to page-lock: not filled, the CPU attends them from now on.)
+  if (!TakeFills(layer, cpu_blocks) || fills.empty()) return;
   // The pinned lists: the copies' sources and destinations, then the map's entries (each new
   // block's slot, each evicted block's -1) and their places.
   const int64_t Hk = m.num_kv_heads, nf = static_cast<int64_t>(fills.size());

@@ -24,7 +24,7 @@ HybridAttention::Impl::HostLayer& HybridAttention::Impl::HostLayerBuffers(int64_
   // reads, and cudaFreeHost waits for the GPU, which may be waiting for the worker (JoinHost).
   // With them the lists of the layer's fills (QueueMapFill: sources, destinations, the map's
   // entries and places; at most one fill a CPU block, each with an evicted block).
-  hl.sel.Get(static_cast<size_t>(HD + Hk * K + Hk * (R + 1 + K + 1)));
+  hl.sel.Get(static_cast<size_t>(HostSel::Words(HD, Hk, K, R)));
   hl.part.Get(static_cast<size_t>(HD + H));
   hl.sums.Get(static_cast<size_t>(Hk * K * (H / Hk) * 2));
   fill_pin[static_cast<size_t>(layer)].Get(static_cast<size_t>(6 * Hk * K));
@@ -130,8 +130,8 @@ void NoPartial(float* part, int64_t HD, int64_t heads) {
 }
 }  // namespace
 
-void HybridAttention::Impl::AttendHostJob(const HostJob& j, const float* q, const int32_t* sel_h,
-                                          const int32_t* cpu_h, float* part, float* sums) {
+void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, float* part,
+                                          float* sums) {
   const int64_t layer = j.layer, Hk = j.a.kv_heads, G = j.a.heads / Hk, n_sel = j.n_sel,
                 HD = j.a.heads * j.a.head_dim;
   // The CPU's threads woken when the GPU finished the previous layer, as Attend does for the
@@ -147,12 +147,12 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const float* q, cons
   for (int64_t h = 0; h < Hk; ++h) {
     cpu_blocks[h].clear();
     host_held[h].clear();
-    const int32_t cnt = cpu_h[Hk * n_sel + h];
+    const int32_t cnt = hs.cpu[Hk * n_sel + h];
     NEEDLE_CHECK(cnt >= 0 && cnt <= n_sel);
     int32_t i = 0;
     for (int64_t x = 0; x < n_sel; ++x) {
-      const int32_t b = sel_h[h * n_sel + x];
-      if (i < cnt && cpu_h[h * n_sel + i] == x) {
+      const int32_t b = hs.sel[h * n_sel + x];
+      if (i < cnt && hs.cpu[h * n_sel + i] == x) {
         cpu_blocks[h].push_back(b);
         ++i;
       } else {
@@ -163,7 +163,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const float* q, cons
   }
   t = Clock::now();
   if (n_cpu > 0) {
-    fast::AttendBlocks(q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc);
+    fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc);
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
   } else {
@@ -179,10 +179,7 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
   const int64_t layer = j.layer, Hk = j.a.kv_heads, n_sel = j.n_sel, R = j.R,
                 HD = j.a.heads * j.a.head_dim;
   HostLayer& hl = host_layers[static_cast<size_t>(layer)];
-  const auto* pin = reinterpret_cast<const int32_t*>(hl.sel.Get(0));
-  const int32_t* sel_h = pin + HD;
-  const int32_t* kept_h = sel_h + Hk * n_sel;
-  const int32_t* cpu_h = kept_h + Hk * (R + 1);
+  const HostSel hs(hl.sel.Get(0), HD, Hk, n_sel, R);
   float* part = hl.part.Get(0);
   bool failed = false;
   {
@@ -191,7 +188,7 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
   }
   if (!failed) {
     try {
-      AttendHostJob(j, reinterpret_cast<const float*>(pin), sel_h, cpu_h, part, hl.sums.Get(0));
+      AttendHostJob(j, hs, part, hl.sums.Get(0));
     } catch (...) {
       std::lock_guard<std::mutex> lk(job_mu);
       if (worker_error == nullptr) worker_error = std::current_exception();
@@ -219,12 +216,12 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
     LayerPlan& plan = host_plans[static_cast<size_t>(layer)];
     plan.blocks.assign(static_cast<size_t>(Hk), {});
     for (int64_t h = 0; h < Hk; ++h)
-      plan.blocks[h].assign(sel_h + h * n_sel, sel_h + (h + 1) * n_sel);
+      plan.blocks[h].assign(hs.sel + h * n_sel, hs.sel + (h + 1) * n_sel);
     // (The kept retention: what the selection started from, as PlanDecode reports it.)
     plan.retained.clear();
-    if (kept_h[Hk * R] >= 0)
+    if (hs.kept[Hk * R] >= 0)
       for (int64_t h = 0; h < Hk; ++h)
-        plan.retained.emplace_back(kept_h + h * R, kept_h + h * R + kept_h[Hk * R + h]);
+        plan.retained.emplace_back(hs.kept + h * R, hs.kept + h * R + hs.kept[Hk * R + h]);
   } catch (...) {
     std::lock_guard<std::mutex> lk(job_mu);
     if (worker_error == nullptr) worker_error = std::current_exception();

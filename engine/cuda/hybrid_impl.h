@@ -136,6 +136,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // GPU does not hold into free or least recently used slots (ResidentBlocks::Fill). The stream
   // waits for a layer's fills before its next copies and attention there (QueueGather).
   void QueueFill(int64_t layer, const std::vector<std::vector<int32_t>>& lists);
+  // Its first part, and QueueMapFill's: once the layer's last fill is done, `fills` the copies
+  // ResidentBlocks::Fill chose, their host blocks page-locked; false (fills empty) where CUDA
+  // refused to page-lock one.
+  bool TakeFills(int64_t layer, const std::vector<std::vector<int32_t>>& lists);
   // Waits for every fill in flight, then forgets what the slots hold (a new sequence or prompt).
   void ClearResident();
 
@@ -310,6 +314,21 @@ struct HybridAttention::Impl final : PlanExecutor {
     cuda::PinnedFloats sel, part, sums;
     cudaEvent_t sel_ready = nullptr;
   };
+  // HostLayer::sel's layout for a step of n_sel blocks a head: the query [heads * head_dim]
+  // (floats), the selection [Hk][n_sel], then one copy of the scratch: kept [Hk][R], kcount
+  // [Hk], the CPU's lists [Hk][n_sel] (places in the selection) and their counts [Hk].
+  struct HostSel {
+    HostSel(float* pin, int64_t HD, int64_t Hk, int64_t n_sel, int64_t R)
+        : q(pin),
+          sel(reinterpret_cast<int32_t*>(pin) + HD),
+          kept(sel + Hk * n_sel),
+          cpu(kept + Hk * (R + 1)) {}
+    static int64_t Words(int64_t HD, int64_t Hk, int64_t n_sel, int64_t R) {
+      return HD + Hk * n_sel + Hk * (R + 1 + n_sel + 1);
+    }
+    float* q;
+    int32_t *sel, *kept, *cpu;
+  };
   std::vector<HostLayer> host_layers;
   struct HostJob {
     int64_t layer = 0, n_sel = 0, R = 0;
@@ -348,8 +367,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   void RunHostJob(const HostJob& j);
   // Its wait and the CPU's blocks: q [heads * head_dim], sel_h, cpu_h the job's query and lists
   // (pinned), part and sums where the partial and the block sums go (pinned).
-  void AttendHostJob(const HostJob& j, const float* q, const int32_t* sel_h, const int32_t* cpu_h,
-                     float* part, float* sums);
+  void AttendHostJob(const HostJob& j, const HostSel& hs, float* part, float* sums);
   void PushHostJob(const HostJob& j);
   // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
   // its error, if any. Every use of what the jobs touch outside a step begins with it.

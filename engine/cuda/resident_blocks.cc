@@ -115,11 +115,12 @@ int64_t ResidentBlocks::Place(int64_t layer, const std::vector<std::vector<int32
   return n;
 }
 
-std::vector<int64_t> ResidentBlocks::Attend(int64_t layer,
-                                            const std::vector<std::vector<int32_t>>& blocks) {
+const std::vector<int64_t>& ResidentBlocks::Attend(
+    int64_t layer, const std::vector<std::vector<int32_t>>& blocks) {
   NEEDLE_CHECK(static_cast<int64_t>(blocks.size()) == kv_heads_);
   const int64_t now = ++calls_[static_cast<size_t>(layer)];
-  std::vector<int64_t> n(static_cast<size_t>(kv_heads_), 0);
+  std::vector<int64_t>& n = attended_;
+  n.assign(static_cast<size_t>(kv_heads_), 0);
   for (int64_t h = 0; h < kv_heads_; ++h) {
     int64_t* used = used_.data() + Index(layer, h, 0);
     int32_t* view = view_.data() + Index(layer, h, 0);

@@ -55,8 +55,10 @@ class ResidentBlocks {
   // One step of `layer` planned on the GPU (the device plan of host placement): of each KV head
   // h's selection blocks[h], the GPU attends those it holds, where they lie, and nothing is
   // copied for the step. Marks their slots attended at this step (the least recently attended
-  // are taken first; Fill takes none of them) and returns how many each head attends.
-  std::vector<int64_t> Attend(int64_t layer, const std::vector<std::vector<int32_t>>& blocks);
+  // are taken first; Fill takes none of them) and returns how many each head attends (valid
+  // until the next call).
+  const std::vector<int64_t>& Attend(int64_t layer,
+                                     const std::vector<std::vector<int32_t>>& blocks);
 
   // After Place (or Attend) at the same step of `layer`: of each KV head h's blocks[h] (selected
   // blocks the CPU attends at this step), those the GPU does not hold, up to `most` a head, in
@@ -100,10 +102,11 @@ class ResidentBlocks {
   // blocks_: the ids it covers, grown (doubled) when a larger one is held.
   std::vector<int32_t> where_;
   int64_t blocks_ = 0;
-  std::vector<uint64_t> cand_;  // (Fill's scratch: the slots it may take, as ordering keys)
-  std::vector<int64_t> used_;   // [layer][kv_head][slot] the Place call that last attended it
-  std::vector<int32_t> view_;   // [layer][kv_head][slot] the last step's slots, n_g of them
-  std::vector<int64_t> calls_;  // [layer] Place calls so far
+  std::vector<uint64_t> cand_;     // (Fill's scratch: the slots it may take, as ordering keys)
+  std::vector<int64_t> attended_;  // (Attend's result: kept, not allocated a call)
+  std::vector<int64_t> used_;      // [layer][kv_head][slot] the Place call that last attended it
+  std::vector<int32_t> view_;      // [layer][kv_head][slot] the last step's slots, n_g of them
+  std::vector<int64_t> calls_;     // [layer] Place calls so far
   // (Place's scratch, per KV head: blocks in order, their slots, how many are held.)
   std::vector<std::vector<int32_t>> order_, slot_of_;
   std::vector<int64_t> held_n_;
