@@ -42,6 +42,7 @@
 //   NEEDLE_BENCH_DECODE: the decode steps' tokens: greedy (default; the dummy weights' next
 //   token) or repeat (the same token every step: queries that change little, as a real text's;
 //   the GPU block cache's favourable case). Lines add "decode".
+//   NEEDLE_BENCH_THREADS: the CPU threads (default: all the machine's, as needle's --threads).
 //   NEEDLE_BENCH_BATCH: batch sizes (e.g. 1,2,4): instead of the above, that many hybrid
 //   sequences at every (synthetic) context decoding together (RunBatch below).
 #include <cuda_runtime.h>
@@ -55,6 +56,7 @@
 #include <vector>
 
 #include "engine/base/error.h"
+#include "engine/base/switches.h"
 #include "engine/base/threading.h"
 #include "engine/cli/run_options.h"
 #include "engine/cuda/cuda_backend.h"
@@ -362,7 +364,7 @@ int main(int argc, char** argv) {
       for (std::string x; std::getline(gs, x, ',');) batches.push_back(std::stoll(x));
     }
     auto gpu = MakeCudaBackend(0);
-    ThreadingContext tc(0);
+    ThreadingContext tc(EnvSwitch("NEEDLE_BENCH_THREADS", 0));
     for (int i = 3; i < argc; ++i) {
       const std::string config = argv[i];
       auto model = MakeDummyModel(config, DType::kBF16, *gpu, tc);

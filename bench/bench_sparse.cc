@@ -213,7 +213,8 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
       if (woken) {
         BenchContext().Wake(400);
-        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
+        const auto until =
+            std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
         while (std::chrono::steady_clock::now() < until) {
         }
       }
@@ -221,11 +222,15 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
                        lse.data(), &stats, BenchContext());
+    if (woken) BenchContext().Rest();  // (as the hybrid's worker: Wake's team back to sleep)
   }
   Row& r = g_rows[{s.ctx, s.heads}];
   Report(state,
          static_cast<double>(std::min(sc.topk, nb) * sc.block_size * s.kv_heads) * 128 * 2 * 2,
-         nullptr, woken ? &r.ctx_woken_bytes : idle_us > 0 ? &r.ctx_idle_bytes : &r.ctx_bytes);
+         nullptr,
+         woken         ? &r.ctx_woken_bytes
+         : idle_us > 0 ? &r.ctx_idle_bytes
+                       : &r.ctx_bytes);
 }
 void BM_ContextBlocks(benchmark::State& state) { ContextBlocks(state, 0); }
 void BM_ContextBlocksIdle(benchmark::State& state) { ContextBlocks(state, 300); }

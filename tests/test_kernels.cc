@@ -12,7 +12,10 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <mutex>
 #include <random>
+#include <set>
+#include <stdexcept>
 #include <thread>
 #include <tuple>
 
@@ -232,10 +235,9 @@ TEST(Kernels, Int8KVQuantisationError) {
       }
 }
 
-// Wake's spinners give the workers back when the ParallelFor they wait for begins (long before
-// their deadline), at Rest, or at the deadline when none comes; the ParallelFor runs every index
-// once.
-TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
+// Wake's spinners serve ParallelFor calls as a team (each index run once, call after call) and
+// give the workers back at Rest, or at the deadline when none comes.
+TEST(Threading, WakeServesParallelForUntilRestOrDeadline) {
   ThreadingContext tc(3);
   const auto until_idle = [&](double max_s) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -246,20 +248,68 @@ TEST(Threading, WakeReleasesSpinnersAtParallelForOrDeadline) {
   };
   tc.Wake(30 * 1000 * 1000);  // 30 s
   EXPECT_GT(tc.spinners(), 0);
-  std::vector<std::atomic<int>> hits(1000);
-  tc.ParallelFor(hits.size(), 1, [&](size_t b, size_t e) {
-    for (size_t i = b; i < e; ++i) hits[i].fetch_add(1);
-  });
-  for (const auto& h : hits) ASSERT_EQ(h.load(), 1);
-  EXPECT_EQ(until_idle(10.0), 0);  // released by the ParallelFor, not by the 30 s deadline
-  tc.Wake(20 * 1000);              // 20 ms, and no ParallelFor
-  EXPECT_EQ(until_idle(10.0), 0);
-  tc.Wake(30 * 1000 * 1000);  // 30 s, then Rest: released at once
+  for (int call = 0; call < 3; ++call) {
+    std::vector<std::atomic<int>> hits(1000 + call);
+    tc.ParallelFor(hits.size(), 1 + call, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) hits[i].fetch_add(1);
+    });
+    for (const auto& h : hits) ASSERT_EQ(h.load(), 1) << "call " << call;
+  }
+  // (Still there for the next call: the team, not oneTBB, ran them.)
+  EXPECT_GT(tc.spinners(), 0);
   tc.Rest();
+  EXPECT_EQ(until_idle(10.0), 0);  // released by Rest, not by the 30 s deadline
+  tc.Wake(20 * 1000);              // 20 ms, and no ParallelFor
   EXPECT_EQ(until_idle(10.0), 0);
   ThreadingContext one(1);
   one.Wake(1000);
   EXPECT_EQ(one.spinners(), 0);
+}
+
+// The team's harder cases: more than one thread takes its chunks (each sleeps, so the caller
+// alone would not finish before the spinners come); what a chunk throws comes out of the
+// ParallelFor, and the team serves the next call; a ParallelFor inside a team's chunk (the team
+// is taken: oneTBB runs it) and two callers at once (one on the team, one through oneTBB) run
+// every index once.
+TEST(Threading, TeamSpreadsRethrowsNestsAndSharesTheArena) {
+  ThreadingContext tc(3);
+  tc.Wake(30 * 1000 * 1000);
+  std::mutex mu;
+  std::set<std::thread::id> ran;
+  tc.ParallelFor(200, 1, [&](size_t, size_t) {
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+    std::lock_guard<std::mutex> lk(mu);
+    ran.insert(std::this_thread::get_id());
+  });
+  EXPECT_GT(ran.size(), 1u);
+  EXPECT_THROW(tc.ParallelFor(100, 1,
+                              [&](size_t b, size_t e) {
+                                if (b <= 37 && 37 < e) throw std::runtime_error("index 37");
+                              }),
+               std::runtime_error);
+  std::vector<std::atomic<int>> hits(64 * 64);
+  tc.ParallelFor(64, 1, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i)
+      tc.ParallelFor(64, 4, [&](size_t b2, size_t e2) {
+        for (size_t k = b2; k < e2; ++k) hits[i * 64 + k].fetch_add(1);
+      });
+  });
+  for (const auto& h : hits) ASSERT_EQ(h.load(), 1);
+  tc.Wake(30 * 1000 * 1000);  // (the nested calls' oneTBB runs released the spinners)
+  std::vector<std::atomic<int>> a(5000), b(5000);
+  std::thread other([&] {
+    for (int r = 0; r < 20; ++r)
+      tc.ParallelFor(250, 3, [&](size_t x, size_t y) {
+        for (size_t i = x; i < y; ++i) b[r * 250 + i].fetch_add(1);
+      });
+  });
+  for (int r = 0; r < 20; ++r)
+    tc.ParallelFor(250, 3, [&](size_t x, size_t y) {
+      for (size_t i = x; i < y; ++i) a[r * 250 + i].fetch_add(1);
+    });
+  other.join();
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_TRUE(a[i] == 1 && b[i] == 1) << i;
+  tc.Rest();
 }
 
 // Start runs its function on the workers while the caller goes on (here: waits until the

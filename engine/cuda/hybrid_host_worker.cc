@@ -164,6 +164,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   t = Clock::now();
   if (n_cpu > 0) {
     fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc);
+    tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
   } else {
