@@ -43,7 +43,21 @@ __global__ void JoinHostKernel(HostJoin j) {
   }
 }
 
+__global__ void PostKernel(PostToHost p) {
+  for (const auto& r : p.r)
+    for (int64_t i = threadIdx.x; i < r.words; i += blockDim.x) r.dst[i] = r.src[i];
+  __threadfence_system();  // (each thread's writes before the flag)
+  __syncthreads();
+  if (threadIdx.x == 0)
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p.flag), "r"(p.value) : "memory");
+}
+
 }  // namespace
+
+void Post(const PostToHost& p, cudaStream_t stream) {
+  PostKernel<<<1, 256, 0, stream>>>(p);
+  NEEDLE_CUDA_CHECK(cudaGetLastError());
+}
 
 void JoinHost(const HostJoin& j, cudaStream_t stream) {
   JoinHostKernel<<<1, 128, 0, stream>>>(j);

@@ -1,7 +1,8 @@
-// The GPU waiting on its stream for the host (host placement planned on the GPU, with the
-// host's work off the model's path: hybrid_host_worker.cc). The host queues a step's launches
-// ahead of the GPU; a layer's merge of the CPU's partial is queued behind JoinHost, which holds
-// the stream until a thread of the host has written the partial and then the layer's flag.
+// The GPU and the host waiting for each other through flags in pinned memory (host placement
+// planned on the GPU, with the host's work off the model's path: hybrid_host_worker.cc). The host
+// queues a step's launches ahead of the GPU; a layer's merge of the CPU's partial is queued behind
+// JoinHost, which holds the stream until a thread of the host has written the partial and then the
+// layer's flag.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,5 +34,21 @@ struct HostJoin {
   int64_t kv_heads = 0, n_sel = 0, tiles = 1, G = 1;
 };
 void JoinHost(const HostJoin& j, cudaStream_t stream);
+
+// The other way: device ranges written straight into pinned host memory by one kernel, then a
+// flag, so that a host thread spinning on the flag starts as soon as they are there (instead of
+// copies through the copy engine, each a few microseconds on the stream, and an event).
+struct PostToHost {
+  struct Range {
+    const uint32_t* src = nullptr;  // device
+    uint32_t* dst = nullptr;        // pinned host memory (its host pointer)
+    int64_t words = 0;              // 4-byte words
+  };
+  static constexpr int kRanges = 3;
+  Range r[kRanges];
+  uint32_t* flag = nullptr;  // pinned: set to value once every range is visible to the host
+  uint32_t value = 0;
+};
+void Post(const PostToHost& p, cudaStream_t stream);
 
 }  // namespace needle::cuda

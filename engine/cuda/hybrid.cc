@@ -79,10 +79,12 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&hl.sel_ready, cudaEventDisableTiming));
     host_plans.resize(static_cast<size_t>(m.num_layers));
     host_ahead = EnvSwitch("NEEDLE_HYBRID_AHEAD", 0) == 1;
+    post_sel = EnvOnUnlessZero("NEEDLE_HYBRID_POST");
     void* f = nullptr;
-    NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(m.num_layers + 1) * 4));
+    NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(2 * m.num_layers + 1) * 4));
     host_flags = static_cast<uint32_t*>(f);
-    std::fill_n(host_flags, m.num_layers + 1, 0u);
+    std::fill_n(host_flags, 2 * m.num_layers + 1, 0u);
+    sel_flags = host_flags + m.num_layers + 1;
     StartHostWorker();
   }
   // Device placement (and host placement planned on the GPU): retention for the next step on a

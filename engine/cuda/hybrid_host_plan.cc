@@ -6,8 +6,9 @@
 //      extra slots, -1 for a block it does not hold): each head's view holds its selected blocks
 //      where the GPU has them and a hole (masked by the attention) for the others, which are
 //      listed for the CPU (SelectArgs::cpu);
-//   2. the selection, the CPU's lists and the query copied to pinned memory (sel_ready), and the
-//      layer's job handed to the host worker (hybrid_host_worker.cc);
+//   2. the selection, the CPU's lists and the query written to pinned memory by one kernel, then
+//      the layer's selection flag (cuda::Post), and the layer's job handed to the host worker
+//      (hybrid_host_worker.cc);
 //   3. the GPU's attention over Initial + its held blocks + Local, into a partial;
 //   4. cuda::JoinHost: the stream waits for the worker's flag of the layer, then puts the CPU's
 //      block sums among the retention's inputs; the log-sum-exp merge of the CPU's partial (read
@@ -15,12 +16,12 @@
 // The model's thread waits (asleep) for the layer's job, then queues the layer's next launches
 // (NEEDLE_HYBRID_AHEAD=1: it queues the whole step ahead and waits at the step's end,
 // AttentionPolicy::StepQueued). The worker,
-// per layer: waits for sel_ready, attends the listed blocks from the host cache (AttendBlocks)
-// while the GPU attends its own, writes the partial, the sums and the flag, then queues the
-// fill: the CPU's blocks copied into the least recently attended slots on the fill stream, with
-// the map's entries (new and evicted blocks) in the same kernel; the layer's next selection
-// waits for it. Unlike the host's own plan (hybrid_decode.cc), the GPU waits neither for the
-// host's selection, placement and launches (2.3 ms of a 1M step on an H100 host,
+// per layer: waits for the selection flag, attends the listed blocks from the host cache
+// (AttendBlocks) while the GPU attends its own, writes the partial, the sums and the flag, then
+// queues the fill: the CPU's blocks copied into the least recently attended slots on the fill
+// stream, with the map's entries (new and evicted blocks) in the same kernel; the layer's next
+// selection waits for it. Unlike the host's own plan (hybrid_decode.cc), the GPU waits neither for
+// the host's selection, placement and launches (2.3 ms of a 1M step on an H100 host,
 // bench/RESULTS.md) nor for the host's launches after the CPU's blocks, and nothing is copied
 // over PCIe inside the step but the selection and the partial.
 #include "engine/cuda/block_select.h"
@@ -98,9 +99,24 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   // lists and counts (kept .. counts are one range of the scratch).
   HostLayer& hl = HostLayerBuffers(layer, R);
   const HostSel hs(hl.sel.Get(0), HD, Hk, n_sel, R);
-  D2H(hs.q, q_dev, static_cast<size_t>(HD) * 4);
-  D2H(hs.sel, sel, static_cast<size_t>(Hk * n_sel) * 4);
-  D2H(hs.kept, kept, static_cast<size_t>(Hk * (R + 1 + n_sel + 1)) * 4);
+  // (One kernel writing them and then the layer's selection flag, which the worker spins on;
+  // the event tells it of a GPU that failed first.)
+  const auto* q_words = reinterpret_cast<const uint32_t*>(q_dev);
+  const auto* sel_words = reinterpret_cast<const uint32_t*>(sel);
+  const auto* kept_words = reinterpret_cast<const uint32_t*>(kept);
+  const int64_t kept_n = Hk * (R + 1 + n_sel + 1);
+  if (post_sel) {
+    cuda::PostToHost po;
+    po.r[0] = {q_words, reinterpret_cast<uint32_t*>(hs.q), HD};
+    po.r[1] = {sel_words, reinterpret_cast<uint32_t*>(hs.sel), Hk * n_sel};
+    po.r[2] = {kept_words, reinterpret_cast<uint32_t*>(hs.kept), kept_n};
+    po.flag = sel_flags + layer, po.value = step_seq;
+    cuda::Post(po, stream);
+  } else {
+    D2H(hs.q, q_dev, static_cast<size_t>(HD) * 4);
+    D2H(hs.sel, sel, static_cast<size_t>(Hk * n_sel) * 4);
+    D2H(hs.kept, kept, static_cast<size_t>(kept_n) * 4);
+  }
   NEEDLE_CUDA_CHECK(cudaEventRecord(hl.sel_ready, stream));
   // The worker's job (whatever fails below, it writes the flag that JoinHost waits for).
   HostJob job;

@@ -1,12 +1,12 @@
 // Host placement planned on the GPU: the host's share of each sparse layer on a thread of its own
 // (the host worker), off the model's thread. The model's thread queues, per layer, the selection,
-// its copy to pinned memory (sel_ready), the GPU's attention, then cuda::JoinHost (the stream
-// waits until the layer's flag says this step) and the merge of the CPU's partial, read from
-// pinned memory; it hands the layer's job to the worker and waits for it (asleep) before it
-// queues the model's next launches (NEEDLE_HYBRID_AHEAD=1: not before the step's end,
-// AttentionPolicy::StepQueued). The worker, per layer in order: waits for the selection, attends
-// the CPU's blocks (fast::AttendBlocks on the threading context), writes the partial and the
-// block sums, then the flag; then the fill of the GPU block cache (QueueMapFill), which the
+// its writing to pinned memory with the selection flag (cuda::Post), the GPU's attention, then
+// cuda::JoinHost (the stream waits until the layer's flag says this step) and the merge of the
+// CPU's partial, read from pinned memory; it hands the layer's job to the worker and waits for it
+// (asleep) before it queues the model's next launches (NEEDLE_HYBRID_AHEAD=1: not before the step's
+// end, AttentionPolicy::StepQueued). The worker, per layer in order: waits for the selection,
+// attends the CPU's blocks (fast::AttendBlocks on the threading context), writes the partial and
+// the block sums, then the flag; then the fill of the GPU block cache (QueueMapFill), which the
 // layer's next selection waits for. The GPU waits for the CPU's fold, not for the host to queue
 // the merge after it (hybrid_host_plan.cc).
 #include <exception>
@@ -130,6 +130,31 @@ void NoPartial(float* part, int64_t HD, int64_t heads) {
 }
 }  // namespace
 
+void HybridAttention::Impl::WaitSelection(const HostJob& j) {
+  const cudaEvent_t ready = host_layers[static_cast<size_t>(j.layer)].sel_ready;
+  if (!post_sel) {
+    NEEDLE_CUDA_CHECK(cudaEventSynchronize(ready));
+    return;
+  }
+  // Spinning on the flag cuda::Post writes (a few microseconds after the selection), asking the
+  // event now and then whether the GPU failed before it.
+  const uint32_t* flag = sel_flags + j.layer;
+  for (uint32_t spins = 1;; ++spins) {
+    if (static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0) return;
+    if (spins % 4096 != 0) {
+      __builtin_ia32_pause();
+      continue;
+    }
+    const cudaError_t e = cudaEventQuery(ready);
+    if (e == cudaErrorNotReady) continue;
+    NEEDLE_CUDA_CHECK(e);
+    // (The event follows the kernel: its flag is there.)
+    if (static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0) return;
+    Fail("hybrid engine: layer ", j.layer, "'s selection flag is ", *flag,
+         " after the GPU wrote it for step ", j.seq);
+  }
+}
+
 void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, float* part,
                                           float* sums) {
   const int64_t layer = j.layer, Hk = j.a.kv_heads, G = j.a.heads / Hk, n_sel = j.n_sel,
@@ -139,7 +164,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   auto t = Clock::now();
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
   tc.Wake(400);
-  NEEDLE_CUDA_CHECK(cudaEventSynchronize(host_layers[static_cast<size_t>(layer)].sel_ready));
+  WaitSelection(j);
   worker_stats.gpu_wait += Since(t);
   cpu_blocks.resize(static_cast<size_t>(Hk));  // (the lists keep their capacity between layers)
   host_held.resize(static_cast<size_t>(Hk));

@@ -346,13 +346,17 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::thread host_worker;
   std::mutex job_mu;
   std::condition_variable job_cv, done_cv;
-  std::deque<HostJob> jobs;           // (job_mu) pushed by the model's thread, taken by the worker
-  int64_t jobs_pushed = 0;            // (the model's thread's)
-  int64_t jobs_done = 0;              // (job_mu)
-  int64_t jobs_attended = 0;          // (job_mu) jobs whose flag is written
-  bool worker_stop = false;           // (job_mu)
-  std::exception_ptr worker_error;    // (job_mu) the first error of the worker's jobs
-  uint32_t* host_flags = nullptr;     // pinned [layers]: each layer's step number, then timed_out
+  std::deque<HostJob> jobs;         // (job_mu) pushed by the model's thread, taken by the worker
+  int64_t jobs_pushed = 0;          // (the model's thread's)
+  int64_t jobs_done = 0;            // (job_mu)
+  int64_t jobs_attended = 0;        // (job_mu) jobs whose flag is written
+  bool worker_stop = false;         // (job_mu)
+  std::exception_ptr worker_error;  // (job_mu) the first error of the worker's jobs
+  uint32_t* host_flags = nullptr;   // pinned [layers]: each layer's step number, then timed_out
+  // pinned [layers] (after host_flags): the step number, once the layer's selection is in its
+  // pinned buffer (cuda::Post); NEEDLE_HYBRID_POST=0: copies and the event sel_ready instead.
+  uint32_t* sel_flags = nullptr;
+  bool post_sel = true;
   uint32_t step_seq = 0;              // the decode step's number (JoinHost's want; BeginStep)
   bool fill_wait_due = false;         // the step's first PlanDecodeHost is still to come
   std::vector<LayerPlan> host_plans;  // [layer] the worker's copy where a job wants its plan
@@ -368,6 +372,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Its wait and the CPU's blocks: q [heads * head_dim], sel_h, cpu_h the job's query and lists
   // (pinned), part and sums where the partial and the block sums go (pinned).
   void AttendHostJob(const HostJob& j, const HostSel& hs, float* part, float* sums);
+  void WaitSelection(const HostJob& j);  // until the job's selection is in pinned memory
   void PushHostJob(const HostJob& j);
   // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
   // its error, if any. Every use of what the jobs touch outside a step begins with it.
