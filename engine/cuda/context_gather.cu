@@ -237,6 +237,11 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
   NEEDLE_CUDA_CHECK_LAUNCH();
 }
 
+void PreloadGatherBlocks() {
+  cudaFuncAttributes a{};
+  NEEDLE_CUDA_CHECK(cudaFuncGetAttributes(&a, GatherKernel));
+}
+
 void GatherRotate(uint8_t* k, uint8_t* v, DType t, const int32_t* src, const int32_t* dst,
                   const int32_t* rot, const float* rot_table, int64_t n, int64_t B, int64_t D,
                   cudaStream_t stream) {

@@ -43,6 +43,10 @@ void GatherBlocks(const uint8_t* k_src, const uint8_t* v_src, const int32_t* src
                   const int32_t* dst, int64_t n, size_t head_block_bytes, uint8_t* k_dst,
                   uint8_t* v_dst, cudaStream_t stream, const TableEntries& entries = {},
                   int max_blocks = 0);
+// Loads GatherBlocks' kernel now (CUDA loads a module's kernels at their first launch, and that
+// load may wait for the whole GPU): for a thread whose first fill may come while a kernel on the
+// GPU waits for that same thread (the host worker's, cuda::JoinHost).
+void PreloadGatherBlocks();
 
 // Copies the rows of up to kMaxRowCopies tokens of a device cache into dst, back to back: token
 // i's K row, then its V row, each [heads][width bytes], from src[2i] and src[2i + 1] (device

@@ -54,6 +54,12 @@ __global__ void PostKernel(PostToHost p) {
 
 }  // namespace
 
+void PreloadHostJoin() {
+  cudaFuncAttributes a{};
+  NEEDLE_CUDA_CHECK(cudaFuncGetAttributes(&a, JoinHostKernel));
+  NEEDLE_CUDA_CHECK(cudaFuncGetAttributes(&a, PostKernel));
+}
+
 void Post(const PostToHost& p, cudaStream_t stream) {
   PostKernel<<<1, 256, 0, stream>>>(p);
   NEEDLE_CUDA_CHECK(cudaGetLastError());

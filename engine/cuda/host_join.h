@@ -34,6 +34,9 @@ struct HostJoin {
   int64_t kv_heads = 0, n_sel = 0, tiles = 1, G = 1;
 };
 void JoinHost(const HostJoin& j, cudaStream_t stream);
+// Loads JoinHost's and Post's kernels now, not at their first launch (a load may wait for the
+// whole GPU; see PreloadGatherBlocks).
+void PreloadHostJoin();
 
 // The other way: device ranges written straight into pinned host memory by one kernel, then a
 // flag, so that a host thread spinning on the flag starts as soon as they are there (instead of

@@ -161,6 +161,21 @@ bool HybridAttention::Impl::PinHost(int64_t layer, int64_t b0, int64_t b1) {
   return pin_v.Pin(host.BlockData(layer, true, lo), n) && k;
 }
 
+void HybridAttention::Impl::PinStepRows() {
+  // Here, with the host worker idle (SyncStats drained it) and no JoinHost queued: page-locking
+  // (cudaHostRegister) may wait for the GPU. Inside the step the GPU may be waiting in JoinHost
+  // for the worker, which may be waiting for the pinning's lock (TakeFills): that deadlocked
+  // the first decode step whose row began a new chunk of the host cache (session 41's run a).
+  // RowToPinned then finds the row's block page-locked.
+  const int64_t p = step.call_pos0, B = c.block_size;
+  if (p % B != 0) return;  // (a block already begun: pinned with its first row)
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    if (Dense(l)) continue;
+    host.AssignBlocks(l, p, 1);
+    PinHost(l, p / B, p / B + 1);
+  }
+}
+
 void HybridAttention::Impl::PinAhead(int64_t layer) {
   JoinPinAhead();
   int64_t next = layer + 1;
@@ -334,6 +349,7 @@ void HybridAttention::BeginStep(const StepInfo& s) {
   if (s.call_T == 1 && impl_->host_plan_on) {  // (the flags' number of the step, never 0)
     if (++impl_->step_seq == 0) impl_->step_seq = 1;
     impl_->fill_wait_due = true;
+    impl_->PinStepRows();
   }
   impl_->planner.BeginStep(s);
   if (s.call_T == 1) ++impl_->stats.steps;

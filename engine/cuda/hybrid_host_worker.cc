@@ -11,6 +11,7 @@
 // the merge after it (hybrid_host_plan.cc).
 #include <exception>
 
+#include "engine/cuda/context_gather.h"
 #include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
 
@@ -34,6 +35,11 @@ HybridAttention::Impl::HostLayer& HybridAttention::Impl::HostLayerBuffers(int64_
 void HybridAttention::Impl::StartHostWorker() {
   int dev = 0;
   NEEDLE_CUDA_CHECK(cudaGetDevice(&dev));
+  // The kernels the worker launches (the fills), and JoinHost's: loaded now. CUDA loads a kernel
+  // at its first launch by default, and a load may wait for the whole GPU: the worker's first
+  // fill, while JoinHost held the GPU waiting for this same worker's next flag, would never end.
+  cuda::PreloadGatherBlocks();
+  cuda::PreloadHostJoin();
   host_worker = std::thread([this, dev] {
     if (cudaSetDevice(dev) != cudaSuccess) {
       std::lock_guard<std::mutex> lk(job_mu);

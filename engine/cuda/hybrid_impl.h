@@ -89,6 +89,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Page-locks the host cache's range of the prompt in the next sparse layer after `layer` on
   // another thread, while this layer computes (registering fresh memory costs about a third of a
   // second per GB: bench/RESULTS.md).
+  // Host placement planned on the GPU: the block of the decode step's row, assigned and
+  // page-locked in every sparse layer before the step's first job (BeginStep).
+  void PinStepRows();
   void PinAhead(int64_t layer);
   void JoinPinAhead();
 
