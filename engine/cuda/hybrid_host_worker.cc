@@ -71,11 +71,6 @@ void HybridAttention::Impl::PushHostJob(const HostJob& j) {
 
 void HybridAttention::Impl::WaitHostAttended() {
   const auto t = Clock::now();
-  if (attend_spin_us > 0) {  // (a layer's fold is tens of microseconds: a sleep costs as much)
-    const auto until = t + std::chrono::microseconds(attend_spin_us);
-    while (jobs_attended.load(std::memory_order_acquire) < jobs_pushed && Clock::now() < until)
-      __builtin_ia32_pause();
-  }
   {
     std::unique_lock<std::mutex> lk(job_mu);
     done_cv.wait(lk, [&] { return jobs_attended >= jobs_pushed; });

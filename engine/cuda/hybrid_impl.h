@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -350,12 +349,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   std::thread host_worker;
   std::mutex job_mu;
   std::condition_variable job_cv, done_cv;
-  std::deque<HostJob> jobs;  // (job_mu) pushed by the model's thread, taken by the worker
-  int64_t jobs_pushed = 0;   // (the model's thread's)
-  int64_t jobs_done = 0;     // (job_mu)
-  std::atomic<int64_t> jobs_attended{0};  // (written under job_mu) jobs whose flag is written
-  // NEEDLE_HYBRID_SPIN_US: how long WaitHostAttended spins before it sleeps (default 0).
-  int attend_spin_us = 0;
+  std::deque<HostJob> jobs;         // (job_mu) pushed by the model's thread, taken by the worker
+  int64_t jobs_pushed = 0;          // (the model's thread's)
+  int64_t jobs_done = 0;            // (job_mu)
+  int64_t jobs_attended = 0;        // (job_mu) jobs whose flag is written
   bool worker_stop = false;         // (job_mu)
   std::exception_ptr worker_error;  // (job_mu) the first error of the worker's jobs
   uint32_t* host_flags = nullptr;   // pinned [layers]: each layer's step number, then timed_out
