@@ -403,14 +403,19 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     const SeqRun got =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, true, DType::kBF16);
     // Without a plan sink (with one, the model's thread waits for each layer's plan), with the
-    // model's thread queueing each step ahead of the host worker, and with the selection copied
-    // to the host (not written by cuda::Post): the same work, the same numbers.
+    // model's thread queueing each step ahead of the host worker or one layer ahead of its flags,
+    // and with the selection copied to the host (not written by cuda::Post): the same work, the
+    // same numbers.
     const SeqRun queued =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
     setenv("NEEDLE_HYBRID_AHEAD", "1", 1);
     const SeqRun ahead =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
     unsetenv("NEEDLE_HYBRID_AHEAD");
+    setenv("NEEDLE_HYBRID_LAG", "1", 1);  // (a layer ahead of the worker's flags)
+    const SeqRun lagged =
+        RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
+    unsetenv("NEEDLE_HYBRID_LAG");
     setenv("NEEDLE_HYBRID_POST", "0", 1);  // (the selection through copies and an event)
     const SeqRun copied =
         RunSequence(*model, &sc, tc, prompt, 40, KVPlacement::kHost, false, DType::kBF16);
@@ -421,6 +426,7 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     ExpectSamePlans(got, want, what);
     ASSERT_EQ(queued.logits, got.logits) << what << ", no plan sink";
     ASSERT_EQ(ahead.logits, got.logits) << what << ", queued ahead";
+    ASSERT_EQ(lagged.logits, got.logits) << what << ", a layer ahead";
     ASSERT_EQ(copied.logits, got.logits) << what << ", the selection copied";
     ASSERT_EQ(got.logits.size(), want.logits.size()) << what;
     const size_t V = static_cast<size_t>(model->config().vocab_size);

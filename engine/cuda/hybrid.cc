@@ -79,6 +79,7 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
       NEEDLE_CUDA_CHECK(cudaEventCreateWithFlags(&hl.sel_ready, cudaEventDisableTiming));
     host_plans.resize(static_cast<size_t>(m.num_layers));
     host_ahead = EnvSwitch("NEEDLE_HYBRID_AHEAD", 0) == 1;
+    host_lag = std::max(0, EnvSwitch("NEEDLE_HYBRID_LAG", 0));
     post_sel = EnvOnUnlessZero("NEEDLE_HYBRID_POST");
     void* f = nullptr;
     NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(2 * m.num_layers + 1) * 4));

@@ -162,7 +162,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   }
   if (plan == nullptr) {
     // (The fill's bookkeeping goes on on the worker while this thread queues the next launches.)
-    if (!host_ahead) WaitHostAttended();
+    if (!host_ahead) WaitHostAttended(host_lag);
     return;
   }
   DrainHost();

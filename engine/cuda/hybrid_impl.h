@@ -346,6 +346,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // thread may wait for the GPU inside a step (a pinned or device buffer that grows frees the old
   // one, which waits): the GPU may be waiting for the worker.
   bool host_ahead = false;
+  // NEEDLE_HYBRID_LAG=k (not ahead): the model's thread waits for the flag of the k-th sparse
+  // layer before the one it has just queued (0, the default: that layer's own), so that the GPU
+  // finds the next layers' launches queued when the CPU's partial comes.
+  int64_t host_lag = 0;
   std::thread host_worker;
   std::mutex job_mu;
   std::condition_variable job_cv, done_cv;
@@ -380,9 +384,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
   // its error, if any. Every use of what the jobs touch outside a step begins with it.
   void DrainHost();
-  // Waits (asleep) until the worker has written the flag of every job pushed: the GPU has the
-  // CPU's partials; the worker may still be queueing the last one's fill.
-  void WaitHostAttended();
+  // Waits (asleep) until the worker has written the flag of every job pushed but the last `lag`:
+  // the GPU has those CPU partials; the worker may still be queueing the last one's fill.
+  void WaitHostAttended(int64_t lag);
   std::vector<std::pair<int64_t, int64_t>> pending_rows;
   cuda::GrowBuffer rows_dev{"hybrid row staging"};
   cuda::PinnedFloats rows_pin;
