@@ -12,9 +12,9 @@
 namespace needle::cuda {
 
 // How long JoinHost waits before it gives up (and says so in timed_out): the host's work is a
-// fold of a few hundred blocks, microseconds; this is only there so that a host that died
-// leaves the GPU free rather than spinning forever.
-constexpr uint64_t kHostJoinTimeoutNs = uint64_t{60} * 1000 * 1000 * 1000;
+// fold of a few hundred blocks, microseconds; this is only there so that a host that died or
+// got stuck leaves the GPU free rather than spinning forever, and says where it was.
+constexpr uint64_t kHostJoinTimeoutNs = uint64_t{20} * 1000 * 1000 * 1000;
 
 struct HostJoin {
   // Pinned host memory (read through its host pointer): the wait ends when *flag - want, as a

@@ -98,10 +98,36 @@ void HybridAttention::Impl::DrainHost() {
   const uint32_t gave_up = host_flags[m.num_layers];
   if (gave_up != 0) {
     host_flags[m.num_layers] = 0;
+    std::string slowest;
+    {
+      std::lock_guard<std::mutex> lk(job_mu);
+      slowest = WorkerSlowest();
+    }
     Fail("hybrid engine: the GPU waited ", cuda::kHostJoinTimeoutNs / 1000000000,
-         " s for the host's part of decode step ", gave_up, " and gave up");
+         " s for the host's part of decode step ", gave_up, " and gave up (", slowest, ")");
   }
   if (e) std::rethrow_exception(e);
+}
+
+void HybridAttention::Impl::WorkerAt(int64_t layer, WorkerPhase p) {
+  const auto now = Clock::now();
+  const double s = std::chrono::duration<double>(now - worker_since).count();
+  if (worker_phase != kWorkerIdle && s > 1.0) {
+    std::lock_guard<std::mutex> lk(job_mu);
+    if (s > slowest_s) slowest_s = s, slowest_layer = worker_layer, slowest_phase = worker_phase;
+  }
+  worker_layer = layer, worker_phase = p, worker_since = now;
+}
+
+std::string HybridAttention::Impl::WorkerSlowest() {
+  static const char* const kWhat[] = {"idle", "waiting for the GPU's previous layer",
+                                      "waiting for the selection", "attending the CPU's blocks",
+                                      "queueing the fill"};
+  if (slowest_s == 0) return "no phase of the host worker took over a second";
+  std::string r = "the host worker spent " + std::to_string(slowest_s) + " s " +
+                  kWhat[slowest_phase] + " at layer " + std::to_string(slowest_layer);
+  slowest_s = 0;
+  return r;
 }
 
 void HybridAttention::Impl::HostWorkerLoop() {
@@ -120,6 +146,7 @@ void HybridAttention::Impl::HostWorkerLoop() {
       std::lock_guard<std::mutex> lk(job_mu);
       if (worker_error == nullptr) worker_error = std::current_exception();
     }
+    WorkerAt(j.layer, kWorkerIdle);
     {
       std::lock_guard<std::mutex> lk(job_mu);
       ++jobs_done;
@@ -168,10 +195,13 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   // The CPU's threads woken when the GPU finished the previous layer, as Attend does for the
   // host's own plans.
   auto t = Clock::now();
+  WorkerAt(layer, kWorkerGpuWait);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
   tc.Wake(400);
+  WorkerAt(layer, kWorkerSelection);
   WaitSelection(j);
   worker_stats.gpu_wait += Since(t);
+  WorkerAt(layer, kWorkerFold);
   cpu_blocks.resize(static_cast<size_t>(Hk));  // (the lists keep their capacity between layers)
   host_held.resize(static_cast<size_t>(Hk));
   int64_t n_cpu = 0;
@@ -242,6 +272,7 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
   if (failed) return;
   try {
     const auto t = Clock::now();
+    WorkerAt(layer, kWorkerFill);
     QueueMapFill(layer);
     worker_stats.copies += Since(t);
     if (!j.want_plan) return;

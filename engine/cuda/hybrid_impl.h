@@ -16,6 +16,7 @@
 #include <deque>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -359,7 +360,19 @@ struct HybridAttention::Impl final : PlanExecutor {
   int64_t jobs_attended = 0;        // (job_mu) jobs whose flag is written
   bool worker_stop = false;         // (job_mu)
   std::exception_ptr worker_error;  // (job_mu) the first error of the worker's jobs
-  uint32_t* host_flags = nullptr;   // pinned [layers]: each layer's step number, then timed_out
+  // The worker's phases, timed: the longest one over a second is named in the message of a
+  // JoinHost that gave up (a worker stuck inside a step is a bug: it must never wait for the
+  // whole GPU, which JoinHost may be holding for it).
+  enum WorkerPhase { kWorkerIdle, kWorkerGpuWait, kWorkerSelection, kWorkerFold, kWorkerFill };
+  void WorkerAt(int64_t layer, WorkerPhase p);  // (the worker's) entering p at layer
+  std::string WorkerSlowest();                  // (job_mu) and forgets it
+  int64_t worker_layer = 0;
+  WorkerPhase worker_phase = kWorkerIdle;
+  Clock::time_point worker_since{};
+  double slowest_s = 0;  // (job_mu) the longest phase over a second, and where
+  int64_t slowest_layer = 0;
+  WorkerPhase slowest_phase = kWorkerIdle;
+  uint32_t* host_flags = nullptr;  // pinned [layers]: each layer's step number, then timed_out
   // pinned [layers] (after host_flags): the step number, once the layer's selection is in its
   // pinned buffer (cuda::Post); NEEDLE_HYBRID_POST=0: copies and the event sel_ready instead.
   uint32_t* sel_flags = nullptr;
