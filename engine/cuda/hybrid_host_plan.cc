@@ -16,8 +16,7 @@
 // The model's thread waits (asleep) for the layer's flag, then queues the layer's next launches
 // (NEEDLE_HYBRID_LAG=k: for the flag of the k-th sparse layer back; NEEDLE_HYBRID_AHEAD=1: it
 // queues the whole step ahead and waits at the step's end, AttentionPolicy::StepQueued). The
-// worker,
-// per layer: waits for the selection flag, attends the listed blocks from the host cache
+// worker, per layer: waits for the selection flag, attends the listed blocks from the host cache
 // (AttendBlocks) while the GPU attends its own, writes the partial, the sums and the flag, then
 // queues the fill: the CPU's blocks copied into the least recently attended slots on the fill
 // stream, with the map's entries (new and evicted blocks) in the same kernel; the layer's next
