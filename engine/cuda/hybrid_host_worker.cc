@@ -130,6 +130,11 @@ std::string HybridAttention::Impl::WorkerSlowest() {
   return r;
 }
 
+void HybridAttention::Impl::KeepWorkerError() {
+  std::lock_guard<std::mutex> lk(job_mu);
+  if (worker_error == nullptr) worker_error = std::current_exception();
+}
+
 void HybridAttention::Impl::HostWorkerLoop() {
   for (;;) {
     HostJob j;
@@ -143,8 +148,7 @@ void HybridAttention::Impl::HostWorkerLoop() {
     try {
       RunHostJob(j);  // (which catches what its parts throw, and writes the flag regardless)
     } catch (...) {
-      std::lock_guard<std::mutex> lk(job_mu);
-      if (worker_error == nullptr) worker_error = std::current_exception();
+      KeepWorkerError();
     }
     WorkerAt(j.layer, kWorkerIdle);
     {
@@ -172,8 +176,12 @@ void HybridAttention::Impl::WaitSelection(const HostJob& j) {
   // Spinning on the flag cuda::Post writes (a few microseconds after the selection), asking the
   // event now and then whether the GPU failed before it.
   const uint32_t* flag = sel_flags + j.layer;
+  // (The flag holds a step's number, which wraps: reached when flag - seq >= 0 as a signed one.)
+  const auto reached = [&] {
+    return static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0;
+  };
   for (uint32_t spins = 1;; ++spins) {
-    if (static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0) return;
+    if (reached()) return;
     if (spins % 4096 != 0) {
       __builtin_ia32_pause();
       continue;
@@ -182,7 +190,7 @@ void HybridAttention::Impl::WaitSelection(const HostJob& j) {
     if (e == cudaErrorNotReady) continue;
     NEEDLE_CUDA_CHECK(e);
     // (The event follows the kernel: its flag is there.)
-    if (static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0) return;
+    if (reached()) return;
     Fail("hybrid engine: layer ", j.layer, "'s selection flag is ", *flag,
          " after the GPU wrote it for step ", j.seq);
   }
@@ -252,8 +260,7 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
     try {
       AttendHostJob(j, hs, part, hl.sums.Get(0));
     } catch (...) {
-      std::lock_guard<std::mutex> lk(job_mu);
-      if (worker_error == nullptr) worker_error = std::current_exception();
+      KeepWorkerError();
       failed = true;
     }
   }
@@ -286,8 +293,7 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
       for (int64_t h = 0; h < Hk; ++h)
         plan.retained.emplace_back(hs.kept + h * R, hs.kept + h * R + hs.kept[Hk * R + h]);
   } catch (...) {
-    std::lock_guard<std::mutex> lk(job_mu);
-    if (worker_error == nullptr) worker_error = std::current_exception();
+    KeepWorkerError();
   }
 }
 

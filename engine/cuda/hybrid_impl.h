@@ -300,7 +300,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   // the GPU and in pinned memory.
   bool device_plan_on = true;
   // PlanDecodeHost's: on (HybridHostPlanSwitch, with the fills), the map's blocks a head (the
-  // longest sequence's), the map, the selection's and query's pinned copy (ready at sel_ready), the
+  // longest sequence's), the map, the selection's and query's pinned copy (HostLayer::sel), the
   // CPU's block sums with their places in the retention's inputs, each head's blocks the GPU
   // attends.
   bool host_plan_on = false, map_ready = false;
@@ -311,8 +311,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // --- host placement planned on the GPU: the host's share of each layer on a thread of its own
   // (hybrid_host_worker.cc): the GPU waits for each layer's CPU partial on its stream
   // (cuda::JoinHost) instead of for the host to queue the merge after it. Per layer, pinned: the
-  // query and the selection's lists (ready at sel_ready), the CPU's partial ([heads * head_dim]
-  // then lse [heads]) and its block sums
+  // query and the selection's lists (there once sel_flags says the step: cuda::Post; with
+  // NEEDLE_HYBRID_POST=0 at sel_ready, an event after the copies), the CPU's partial ([heads *
+  // head_dim] then lse [heads]) and its block sums
   // ([blocks][G][2], list order); all sized for topk once.
   struct HostLayer {
     cuda::PinnedFloats sel, part, sums;
@@ -340,10 +341,10 @@ struct HybridAttention::Impl final : PlanExecutor {
     AttnArgs a;
     bool retain = false, want_plan = false;
   };
-  // The model's thread waits for each layer's job before it goes on (--dump-plan waits so too,
-  // for the plans); NEEDLE_HYBRID_AHEAD=1: it queues the whole step ahead and waits at the
-  // step's end (StepQueued). Slower at 128K on an H100 host, 104.1 against 106.9 tok/s: its
-  // launches share the 16 cores with the fold (bench/RESULTS.md). Ahead, nothing on either
+  // The model's thread waits for each layer's flag before it goes on (--dump-plan waits for the
+  // whole job, for the plans); NEEDLE_HYBRID_AHEAD=1: it queues the whole step ahead and waits at
+  // the step's end (StepQueued). One run each on H100 hosts: slower at 128K (104.1 against 106.9
+  // tok/s), faster at 1M (96.4 against 90.0-93.4; bench/RESULTS.md). Ahead, nothing on either
   // thread may wait for the GPU inside a step (a pinned or device buffer that grows frees the old
   // one, which waits): the GPU may be waiting for the worker.
   bool host_ahead = false;
@@ -360,6 +361,7 @@ struct HybridAttention::Impl final : PlanExecutor {
   int64_t jobs_attended = 0;        // (job_mu) jobs whose flag is written
   bool worker_stop = false;         // (job_mu)
   std::exception_ptr worker_error;  // (job_mu) the first error of the worker's jobs
+  void KeepWorkerError();           // (in a catch) the current exception, if it is the first
   // The worker's phases, timed: the longest one over a second is named in the message of a
   // JoinHost that gave up (a worker stuck inside a step is a bug: it must never wait for the
   // whole GPU, which JoinHost may be holding for it).
