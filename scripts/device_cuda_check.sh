@@ -19,8 +19,9 @@
 #          and a prompt chunk (prefill_chunk_sparse) with the tiles, the AVX512-BF16 dot products
 #          and the Highway folds (NEEDLE_CPU_AMX / NEEDLE_CPU_BF16DOT), then bench_hybrid at 128K
 #          (Llama-3.1-8B, whose groups of 4 the tiles leave to the others) with each decode fold;
-#          then the block fold's merge on one thread (NEEDLE_CPU_SERIAL_MERGE=1) against the
-#          default (in parallel), bench_sparse and bench_hybrid
+#          then the block fold's merge on one thread after the fold (NEEDLE_CPU_MERGE=0), in a
+#          parallel pass after it (1) and by each head's last item (2, the default), bench_sparse
+#          and bench_hybrid
 #   today  issue 24's today's sparse (the sparse defaults) at 64K and 128K, 8 samples; TASKS
 #          the tasks (default: all nine)
 #   evalbatch  bench/bench_eval_batch.sh (issue 19): needle eval's wall time, batch 1 against 16,
@@ -198,11 +199,11 @@ if [ "$what" = cpufolds ]; then
     done
   done
   for rep in 1 2; do
-    for m in 1 0; do
-      echo "== NEEDLE_CPU_SERIAL_MERGE=$m ($rep)"
-      NEEDLE_CPU_SERIAL_MERGE=$m timeout 120 $G/bench_sparse --benchmark_filter='context_blocks/131072' \
+    for m in 0 1 2; do
+      echo "== NEEDLE_CPU_MERGE=$m ($rep)"
+      NEEDLE_CPU_MERGE=$m timeout 120 $G/bench_sparse --benchmark_filter='context_blocks/131072' \
         --benchmark_color=false 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -E "^context" | cut -c1-150
-      NEEDLE_CPU_SERIAL_MERGE=$m NEEDLE_BENCH_PLACEMENTS=host timeout 150 $G/bench_hybrid 24G 131072s \
+      NEEDLE_CPU_MERGE=$m NEEDLE_BENCH_PLACEMENTS=host timeout 150 $G/bench_hybrid 24G 131072s \
         bench/configs/qwen2.5-7b.json 2>"$LOG/hybrid_merge_${m}_$rep.err" | grep '"mode":"hybrid"' |
         sed -E 's/.*"decode_tok\/s":([0-9.]+).*"cpu_attend_ms":([0-9.]+).*/hybrid Qwen 128K \1 tok\/s, CPU attention \2 ms/'
     done

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -76,11 +77,22 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
         fast::AttendBlocks(q.data(), kv, a, blocks, out.data(), lse.data(), &stats, tc);
         // The same bits on every call: each head's partials merge in block order, whichever
         // thread folded them.
+        // (Timed or not: FoldTimes' phases are each within the call.)
         for (int again = 0; again < 4; ++again) {
           std::vector<float> out2(out.size()), lse2(lse.size()), stats2;
-          fast::AttendBlocks(q.data(), kv, a, blocks, out2.data(), lse2.data(), &stats2, tc);
+          fast::FoldTimes ft;
+          const auto t0 = std::chrono::steady_clock::now();
+          fast::AttendBlocks(q.data(), kv, a, blocks, out2.data(), lse2.data(), &stats2, tc,
+                             again % 2 == 0 ? &ft : nullptr);
+          const double call =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           ASSERT_EQ(0, std::memcmp(out2.data(), out.data(), out.size() * 4));
           ASSERT_EQ(0, std::memcmp(lse2.data(), lse.data(), lse.size() * 4));
+          if (again % 2 != 0) continue;
+          EXPECT_GT(ft.fold, 0.0);
+          EXPECT_GE(ft.start, 0.0);
+          EXPECT_LE(ft.start, ft.fold);
+          EXPECT_LE(ft.setup + ft.fold + ft.merge, call);
         }
         AttnSpans spans;
         spans.offsets = {0};

@@ -8,7 +8,11 @@
 // cannot feed the threads (long-context decode). Prompts with unsplit keys fold by groups of
 // tokens instead (prompt_groups.h).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -401,7 +405,9 @@ void AttentionImpl(const float* q, const KVLayerView& kv, const AttnArgs& a, con
 
 void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
                       const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
-                      std::vector<float>* stats, ThreadingContext& tc) {
+                      std::vector<float>* stats, ThreadingContext& tc, fast::FoldTimes* times) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t_in = times != nullptr ? Clock::now() : Clock::time_point{};
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
   std::vector<int64_t> base(static_cast<size_t>(Hk + 1), 0);  // first block of head h overall
   for (int64_t h = 0; h < Hk; ++h) base[h + 1] = base[h] + static_cast<int64_t>(blocks[h].size());
@@ -439,7 +445,36 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   std::vector<bf16dot::Query> dq(dots ? static_cast<size_t>(Hk) : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(dq.size()); ++h)
     bf16dot::PrepareQuery(q + h * G * D, G, D, a.scale, &dq[h]);
+  // Each head's items merge in block order (independent of scheduling), so the bits are the
+  // same whoever merges. NEEDLE_CPU_MERGE (read once; for comparisons): 2 (the default) by the
+  // thread that folds a head's last item, inside the fold (no second pass over the threads to
+  // wait for, heads merged while others still fold); 1 in a second parallel pass, a (head, query)
+  // pair a task; 0 all on this thread after the fold.
+  static const int merge_mode = EnvSwitch("NEEDLE_CPU_MERGE", 2);
+  const auto merge_pair = [&](int64_t h, int64_t g) {  // (of a head with blocks)
+    PartialAttention& acc = parts[first[h] * G + g];
+    for (size_t x = first[h] + 1; x < first[h + 1]; ++x) acc.Merge(parts[x * G + g]);
+    acc.Finalize(out + (h * G + g) * D);
+    lse[h * G + g] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
+  };
+  // (Heads without blocks: zeros and -inf, here. The others' items left to fold, by head.)
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[Hk]);
+  for (int64_t h = 0; h < Hk; ++h) {
+    left[h].store(static_cast<int64_t>(first[h + 1] - first[h]), std::memory_order_relaxed);
+    if (first[h] != first[h + 1]) continue;
+    std::fill(out + h * G * D, out + (h + 1) * G * D, 0.f);
+    std::fill(lse + h * G, lse + (h + 1) * G, -INFINITY);
+  }
+  // (times: the earliest start of a chunk of items, steady-clock ticks.)
+  std::atomic<Clock::rep> first_start{std::numeric_limits<Clock::rep>::max()};
+  const Clock::time_point t_fold = times != nullptr ? Clock::now() : Clock::time_point{};
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
+    if (times != nullptr) {
+      const Clock::rep now = Clock::now().time_since_epoch().count();
+      Clock::rep seen = first_start.load(std::memory_order_relaxed);
+      while (now < seen && !first_start.compare_exchange_weak(seen, now)) {
+      }
+    }
     thread_local amx::Folder folder;
     thread_local bf16dot::BlockFolder dot_folder;
     if (tiles) folder.Begin();
@@ -474,31 +509,36 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
         else
           FoldRange(kv, it.h, t0, t1, qg, G, a.scale, p, sc, st, after);
       }
+      // (acq_rel: the last one sees every other item's partial of the head.)
+      if (merge_mode == 2 && left[it.h].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        for (int64_t g = 0; g < G; ++g) merge_pair(it.h, g);
     }
     if (tiles) folder.End();
   });
-  // Each head's items merge in block order (independent of scheduling), a (head, query) pair a
-  // task: with 16 threads Qwen2.5-7B's 4 KV heads leave 64 items, 420 merges of 128 floats,
-  // which took one thread 11 us with every partial in its cache (a dev core), more when other
-  // cores wrote them; a decode step's CPU attention is about 100-130 us a layer.
-  // (NEEDLE_CPU_SERIAL_MERGE=1: all on this thread, as before; for comparisons, read once.)
-  static const bool serial = EnvSwitch("NEEDLE_CPU_SERIAL_MERGE", 0) == 1;
-  const size_t pairs = static_cast<size_t>(Hk * G);
-  tc.ParallelFor(pairs, serial ? pairs : 2, [&](size_t b, size_t e) {
-    for (size_t hg = b; hg < e; ++hg) {
-      const int64_t h = static_cast<int64_t>(hg) / G, g = static_cast<int64_t>(hg) % G;
-      float* o = out + (h * G + g) * D;
-      if (first[h] == first[h + 1]) {  // a head without blocks
-        std::fill(o, o + D, 0.f);
-        lse[h * G + g] = -INFINITY;
-        continue;
+  // The merge after the fold (NEEDLE_CPU_MERGE 1 or 0): with 16 threads Qwen2.5-7B's 4 KV heads
+  // leave up to 64 items, 420 merges of 128 floats, which took one thread 11 us with every partial
+  // in its cache (a dev core), more when other cores wrote them.
+  const Clock::time_point t_merge = times != nullptr ? Clock::now() : Clock::time_point{};
+  if (merge_mode != 2) {
+    const size_t pairs = static_cast<size_t>(Hk * G);
+    tc.ParallelFor(pairs, merge_mode == 1 ? 2 : pairs, [&](size_t b, size_t e) {
+      for (size_t hg = b; hg < e; ++hg) {
+        const auto h = static_cast<int64_t>(hg) / G;
+        if (first[h] != first[h + 1]) merge_pair(h, static_cast<int64_t>(hg) % G);
       }
-      PartialAttention& acc = parts[first[h] * G + g];
-      for (size_t x = first[h] + 1; x < first[h + 1]; ++x) acc.Merge(parts[x * G + g]);
-      acc.Finalize(o);
-      lse[h * G + g] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
-    }
-  });
+    });
+  }
+  if (times != nullptr) {
+    const auto s = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+    const Clock::time_point end = Clock::now();
+    const Clock::rep f = first_start.load();
+    times->setup += s(t_fold - t_in);
+    // (No items at all: no start.)
+    if (f != std::numeric_limits<Clock::rep>::max())
+      times->start += s(Clock::time_point(Clock::duration(f)) - t_fold);
+    times->fold += s(t_merge - t_fold);
+    times->merge += s(end - t_merge);
+  }
 }
 
 }  // namespace HWY_NAMESPACE
@@ -513,9 +553,9 @@ HWY_EXPORT(AttendBlocksImpl);
 namespace fast {
 void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
                   const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
-                  std::vector<float>* stats, ThreadingContext& tc) {
+                  std::vector<float>* stats, ThreadingContext& tc, FoldTimes* times) {
   NEEDLE_CHECK(a.T == 1 && static_cast<int64_t>(blocks.size()) == a.kv_heads);
-  HWY_DYNAMIC_DISPATCH(AttendBlocksImpl)(q, kv, a, blocks, out, lse, stats, tc);
+  HWY_DYNAMIC_DISPATCH(AttendBlocksImpl)(q, kv, a, blocks, out, lse, stats, tc, times);
 }
 void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,
                         const std::vector<std::vector<int32_t>>& blocks,

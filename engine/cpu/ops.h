@@ -86,9 +86,15 @@ namespace fast {
 // block its own sums, stats [sum_h n_h][G][2] = {m, l} in the order of blocks: l = sum over the
 // block's keys of exp(score - m). The hybrid engine's Context blocks; the stats give retention's
 // block masses without a second pass (BlockMassFromStats).
+// times, where not null: its phases added to (seconds, host clock; FoldTimes).
+struct FoldTimes {
+  // The items and the queries before the fold; from the fold's ParallelFor call until its first
+  // item began (the threads' start) and until it returned; the merge of the items' partials.
+  double setup = 0, start = 0, fold = 0, merge = 0;
+};
 void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
                   const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
-                  std::vector<float>* stats, ThreadingContext& tc);
+                  std::vector<float>* stats, ThreadingContext& tc, FoldTimes* times = nullptr);
 // mass[h][i] = sum_g l * exp(m - lse[h * G + g]) of block i of head h (block_mass.h's mass, with
 // lse over everything the step attended).
 void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,
