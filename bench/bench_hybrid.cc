@@ -12,7 +12,11 @@
 //    rest: the GPU's work that is not waited for, launches, sampling). Where a host worker
 //    runs (the GPU planning host placement), "cpu_attend", "copies" and "gpu_wait" are the
 //    worker's, beside the model's thread, "host_wait" the model's thread waiting for it, and
-//    "other" the step less "plan" and "host_wait"}
+//    "other" the step less "plan" and "host_wait"; the worker's CPU attention by phase,
+//    "fold_setup_ms", "fold_start_ms" (its threads' start), "fold_run_ms", "fold_merge_ms";
+//    the handshake with it as the GPU sees it (Post on): "join_idle_ms" (the GPU waiting for
+//    the worker), "join_span_ms" (selection's flag to the end of that wait), "join_host_ms" (of
+//    it, the worker's own), "handshake_ms" (the rest: the two flags' crossings)}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
 //   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
 //   caches (pseudo-random in host memory, a constant on the GPU) instead of prefilled, for
@@ -282,6 +286,17 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
           << ",\"gather_ms\":" << (a.gather - before.gather) / n * ms
           << ",\"launch_ms\":" << (a.launch - before.launch) / n * ms
           << ",\"host_wait_ms\":" << host_wait;
+    // The worker's CPU attention by phase, and the GPU's handshake with it (HybridStats).
+    const std::pair<const char*, double> more[] = {
+        {"fold_setup_ms", a.fold_setup - before.fold_setup},
+        {"fold_start_ms", a.fold_start - before.fold_start},
+        {"fold_run_ms", a.fold_run - before.fold_run},
+        {"fold_merge_ms", a.fold_merge - before.fold_merge},
+        {"join_idle_ms", a.join_idle - before.join_idle},
+        {"join_span_ms", a.join_span - before.join_span},
+        {"join_host_ms", a.join_host - before.join_host},
+        {"handshake_ms", a.handshake - before.handshake}};
+    for (const auto& [k, v] : more) split << ",\"" << k << "\":" << v / n * ms;
     buf[0] = 0;
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
     double phases = 0;

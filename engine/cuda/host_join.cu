@@ -27,6 +27,21 @@ __global__ void JoinHostKernel(HostJoin j) {
       }
       __nanosleep(128);
     }
+    if (j.sums_ns != nullptr) {
+      const uint64_t t1 = GlobalTimerNs();
+      volatile uint64_t* acc = j.sums_ns;
+      const volatile uint64_t* c = j.clock;
+      acc[HandshakeSums::kIdle] += t1 - t0;
+      const uint64_t post = c[HandshakeClock::kPost], seen = c[HandshakeClock::kSeen],
+                     done = c[HandshakeClock::kDone];
+      // (Post wrote the selection's flag; the host's part inside the GPU's span, as it is but
+      // for the clocks' rates.)
+      if (post != 0 && seen != 0 && done >= seen && t1 - post >= done - seen) {
+        acc[HandshakeSums::kSpan] += t1 - post;
+        acc[HandshakeSums::kHost] += done - seen;
+        acc[HandshakeSums::kHandshake] += (t1 - post) - (done - seen);
+      }
+    }
   }
   __syncthreads();
   if (j.cpu_sums == nullptr) return;
@@ -48,6 +63,10 @@ __global__ void PostKernel(PostToHost p) {
     for (int64_t i = threadIdx.x; i < r.words; i += blockDim.x) r.dst[i] = r.src[i];
   __threadfence_system();  // (each thread's writes before the flag)
   __syncthreads();
+  if (threadIdx.x == 0 && p.stamp != nullptr) {
+    *reinterpret_cast<volatile uint64_t*>(p.stamp) = GlobalTimerNs();
+    __threadfence_system();
+  }
   if (threadIdx.x == 0)
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p.flag), "r"(p.value) : "memory");
 }

@@ -32,6 +32,26 @@ struct HostJoin {
   const int32_t* cpu = nullptr;
   float* sums = nullptr;
   int64_t kv_heads = 0, n_sel = 0, tiles = 1, G = 1;
+  // Where not null, the handshake timed (pinned; HandshakeClock): the layer's clock, whose post
+  // (PostToHost::stamp), seen and done are this step's once the flag says so, and the sums the
+  // wait adds to.
+  const uint64_t* clock = nullptr;
+  uint64_t* sums_ns = nullptr;
+};
+
+// A layer's handshake between the GPU and its host worker, timed (pinned; 4 words): the GPU's
+// clock (%globaltimer, ns) when Post wrote the selection's flag, then the host's (CLOCK_REALTIME,
+// ns) when the worker saw it and when it was about to write its own flag.
+struct HandshakeClock {
+  static constexpr int kPost = 0, kSeen = 1, kDone = 2, kWords = 4;
+};
+// What JoinHost adds to its sums_ns, ns, per layer: [kIdle] the GPU waiting in JoinHost; [kSpan]
+// from Post's flag to the wait's end (the GPU's clock); [kHost] from the worker seeing the
+// selection to its flag (the host's); [kHandshake] the two crossings: the selection's flag to the
+// worker seeing it, and the worker's flag to the GPU seeing it. The two clocks' offset cancels in
+// their sum, which is kSpan less kHost.
+struct HandshakeSums {
+  static constexpr int kIdle = 0, kSpan = 1, kHost = 2, kHandshake = 3, kWords = 4;
 };
 void JoinHost(const HostJoin& j, cudaStream_t stream);
 // Loads JoinHost's and Post's kernels now, not at their first launch (a load may wait for the
@@ -51,6 +71,7 @@ struct PostToHost {
   Range r[kRanges];
   uint32_t* flag = nullptr;  // pinned: set to value once every range is visible to the host
   uint32_t value = 0;
+  uint64_t* stamp = nullptr;  // where not null (pinned): the GPU's clock, before the flag
 };
 void Post(const PostToHost& p, cudaStream_t stream);
 

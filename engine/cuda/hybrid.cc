@@ -1,6 +1,7 @@
 #include "engine/cuda/hybrid.h"
 
 #include "engine/base/switches.h"
+#include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
 
 namespace needle {
@@ -80,12 +81,17 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
     host_plans.resize(static_cast<size_t>(m.num_layers));
     host_ahead = EnvSwitch("NEEDLE_HYBRID_AHEAD", 0) == 1;
     host_lag = std::max(0, EnvSwitch("NEEDLE_HYBRID_LAG", 0));
+    fill_ctas = std::max(1, EnvSwitch("NEEDLE_HYBRID_FILL_CTAS", 8));
     post_sel = EnvOnUnlessZero("NEEDLE_HYBRID_POST");
     void* f = nullptr;
     NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(2 * m.num_layers + 1) * 4));
     host_flags = static_cast<uint32_t*>(f);
     std::fill_n(host_flags, 2 * m.num_layers + 1, 0u);
     sel_flags = host_flags + m.num_layers + 1;
+    const int64_t hw = m.num_layers * cuda::HandshakeClock::kWords + cuda::HandshakeSums::kWords;
+    NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(hw) * 8));
+    handshake = static_cast<uint64_t*>(f);
+    std::fill_n(handshake, hw, uint64_t{0});
     StartHostWorker();
   }
   // Device placement (and host placement planned on the GPU): retention for the next step on a
@@ -120,6 +126,7 @@ HybridAttention::Impl::~Impl() {
   if (gpu_done != nullptr) cudaEventDestroy(gpu_done);
   for (auto& hl : host_layers) cudaEventDestroy(hl.sel_ready);
   if (host_flags != nullptr) cudaFreeHost(host_flags);
+  if (handshake != nullptr) cudaFreeHost(handshake);
   for (cudaEvent_t e : late_done) cudaEventDestroy(e);
   for (cudaEvent_t e : marks) cudaEventDestroy(e);
 }
@@ -337,6 +344,15 @@ void HybridAttention::SyncStats() {
   impl_->DrainHost();
   impl_->FlushRows();
   impl_->CollectPhases();
+  // JoinHost's sums, of every wait the GPU has passed (every step's whose token was read).
+  if (const uint64_t* hs = impl_->handshake) {
+    const volatile uint64_t* v = hs + impl_->m.num_layers * cuda::HandshakeClock::kWords;
+    HybridStats& st = impl_->stats;
+    st.join_idle = v[cuda::HandshakeSums::kIdle] * 1e-9;
+    st.join_span = v[cuda::HandshakeSums::kSpan] * 1e-9;
+    st.join_host = v[cuda::HandshakeSums::kHost] * 1e-9;
+    st.handshake = v[cuda::HandshakeSums::kHandshake] * 1e-9;
+  }
   const cuda::GpuBlockScorer::UploadCounts& u = impl_->scorer.counts;
   impl_->stats.rep_checks = u.checks, impl_->stats.rep_blocks = u.blocks;
   impl_->stats.rep_host = u.host_s;

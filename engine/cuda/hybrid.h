@@ -106,6 +106,13 @@ struct HybridStats {
   // gpu_wait (for the layer's selection) are the host worker's, beside the model's thread;
   // host_wait is the model's thread waiting (asleep) for the worker.
   double host_wait = 0;
+  // The worker's CPU attention (cpu_attend) by phase (fast::FoldTimes): the items and queries, the
+  // threads' start, the fold, the merge.
+  double fold_setup = 0, fold_start = 0, fold_run = 0, fold_merge = 0;
+  // The GPU's side of the handshake with the worker (cuda::HandshakeSums, Post on): the GPU
+  // waiting in JoinHost; from the selection's flag to the end of that wait; of that, the worker's
+  // own time from seeing the selection to its flag, and the rest: the two flags' crossings.
+  double join_idle = 0, join_span = 0, join_host = 0, handshake = 0;
   // Of plan: the executor's host work before the CPU's blocks: placing the GPU's share and
   // queuing its copies (ResidentBlocks, PlaceContext, QueueGather), then queuing the GPU's
   // attention (the window's block table, the kernels, the lse copy).

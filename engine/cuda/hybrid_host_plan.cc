@@ -31,9 +31,6 @@
 
 namespace needle {
 
-// Thread blocks of a fill's kernel (each of K and V), as the host's own plans' fills.
-constexpr int kHostPlanFillBlocks = 8;
-
 int32_t* HybridAttention::Impl::BlockMap(int64_t layer) {
   const int64_t Hk = m.num_kv_heads;
   const auto total = static_cast<size_t>(m.num_layers * Hk * map_blocks);
@@ -111,6 +108,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
     po.r[1] = {sel_words, reinterpret_cast<uint32_t*>(hs.sel), Hk * n_sel};
     po.r[2] = {kept_words, reinterpret_cast<uint32_t*>(hs.kept), kept_n};
     po.flag = sel_flags + layer, po.value = step_seq;
+    po.stamp = handshake + layer * cuda::HandshakeClock::kWords + cuda::HandshakeClock::kPost;
     cuda::Post(po, stream);
   } else {
     D2H(hs.q, q_dev, static_cast<size_t>(HD) * 4);
@@ -139,6 +137,8 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   // sums are 0: the attention masked the hole).
   cuda::HostJoin hj;
   hj.flag = host_flags + layer, hj.want = step_seq, hj.timed_out = host_flags + m.num_layers;
+  hj.clock = handshake + layer * cuda::HandshakeClock::kWords;
+  hj.sums_ns = handshake + m.num_layers * cuda::HandshakeClock::kWords;
   if (p.retain) {
     hj.cpu_sums = hl.sums.Get(0), hj.cpu = cpu_dev, hj.sums = sums;
     hj.kv_heads = Hk, hj.n_sel = n_sel, hj.tiles = tiles, hj.G = G;
@@ -196,7 +196,7 @@ void HybridAttention::Impl::QueueMapFill(int64_t layer) {
   // (A fill's new blocks are not held, its evicted ones are: no entry is written twice.)
   cuda::TableEntries te;
   te.values = values, te.at = at, te.table = BlockMap(0), te.rows = 1, te.width = ne;
-  QueueCopies(layer, host, fills, pin, fill_stream, te, kHostPlanFillBlocks);
+  QueueCopies(layer, host, fills, pin, fill_stream, te, fill_ctas);
   NEEDLE_CUDA_CHECK(cudaEventRecord(fill_done[l], fill_stream));
   worker_stats.gpu_filled += nf;
 }

@@ -9,6 +9,8 @@
 // the block sums, then the flag; then the fill of the GPU block cache (QueueMapFill), which the
 // layer's next selection waits for. The GPU waits for the CPU's fold, not for the host to queue
 // the merge after it (hybrid_host_plan.cc).
+#include <time.h>
+
 #include <exception>
 
 #include "engine/cuda/context_gather.h"
@@ -94,6 +96,8 @@ void HybridAttention::Impl::DrainHost() {
   stats.gpu_wait += w.gpu_wait, stats.cpu_attend += w.cpu_attend, stats.copies += w.copies;
   stats.cpu_blocks += w.cpu_blocks, stats.gpu_blocks += w.gpu_blocks;
   stats.gpu_filled += w.gpu_filled;
+  stats.fold_setup += w.fold_setup, stats.fold_start += w.fold_start;
+  stats.fold_run += w.fold_run, stats.fold_merge += w.fold_merge;
   w = HybridStats{};
   const uint32_t gave_up = host_flags[m.num_layers];
   if (gave_up != 0) {
@@ -107,6 +111,12 @@ void HybridAttention::Impl::DrainHost() {
          " s for the host's part of decode step ", gave_up, " and gave up (", slowest, ")");
   }
   if (e) std::rethrow_exception(e);
+}
+
+int64_t HybridAttention::Impl::HostClockNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
 }
 
 void HybridAttention::Impl::WorkerAt(int64_t layer, WorkerPhase p) {
@@ -180,8 +190,12 @@ void HybridAttention::Impl::WaitSelection(const HostJob& j) {
   const auto reached = [&] {
     return static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0;
   };
+  uint64_t* clock = handshake + j.layer * cuda::HandshakeClock::kWords;
   for (uint32_t spins = 1;; ++spins) {
-    if (reached()) return;
+    if (reached()) {
+      clock[cuda::HandshakeClock::kSeen] = static_cast<uint64_t>(HostClockNs());
+      return;
+    }
     if (spins % 4096 != 0) {
       __builtin_ia32_pause();
       continue;
@@ -232,7 +246,11 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   }
   t = Clock::now();
   if (n_cpu > 0) {
-    fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc);
+    fast::FoldTimes ft;
+    fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc,
+                       &ft);
+    worker_stats.fold_setup += ft.setup, worker_stats.fold_start += ft.start;
+    worker_stats.fold_run += ft.fold, worker_stats.fold_merge += ft.merge;
     tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
@@ -270,6 +288,8 @@ void HybridAttention::Impl::RunHostJob(const HostJob& j) {
   }
   // The flag after the partial and the sums (x86 keeps stores in order; release for the
   // compiler and other CPUs): JoinHost's wait ends, the merge reads them.
+  handshake[layer * cuda::HandshakeClock::kWords + cuda::HandshakeClock::kDone] =
+      static_cast<uint64_t>(HostClockNs());
   __atomic_store_n(&host_flags[layer], j.seq, __ATOMIC_RELEASE);
   {
     std::lock_guard<std::mutex> lk(job_mu);

@@ -348,6 +348,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // thread may wait for the GPU inside a step (a pinned or device buffer that grows frees the old
   // one, which waits): the GPU may be waiting for the worker.
   bool host_ahead = false;
+  // Thread blocks of a fill's kernel (each of K and V), beside the model's kernels:
+  // NEEDLE_HYBRID_FILL_CTAS, default 8 (as the host's own plans' fills, kFillBlocks).
+  int fill_ctas = 8;
   // NEEDLE_HYBRID_LAG=k (not ahead): the model's thread waits for the flag of the k-th sparse
   // layer before the one it has just queued (0, the default: that layer's own), so that the GPU
   // finds the next layers' launches queued when the CPU's partial comes.
@@ -378,6 +381,9 @@ struct HybridAttention::Impl final : PlanExecutor {
   // pinned [layers] (after host_flags): the step number, once the layer's selection is in its
   // pinned buffer (cuda::Post); NEEDLE_HYBRID_POST=0: copies and the event sel_ready instead.
   uint32_t* sel_flags = nullptr;
+  // pinned [layers][HandshakeClock::kWords] then the sums [HandshakeSums::kWords] (host_join.h).
+  uint64_t* handshake = nullptr;
+  static int64_t HostClockNs();  // CLOCK_REALTIME, the worker's stamps
   bool post_sel = true;
   uint32_t step_seq = 0;              // the decode step's number (JoinHost's want; BeginStep)
   bool fill_wait_due = false;         // the step's first PlanDecodeHost is still to come
