@@ -16,7 +16,10 @@
 //    "fold_setup_ms", "fold_start_ms" (its threads' start), "fold_run_ms", "fold_merge_ms";
 //    the handshake with it as the GPU sees it (Post on): "join_idle_ms" (the GPU waiting for
 //    the worker), "join_span_ms" (selection's flag to the end of that wait), "join_host_ms" (of
-//    it, the worker's own), "handshake_ms" (the rest: the two flags' crossings)}
+//    it, the worker's own), "handshake_ms" (the rest: the two flags' crossings), and each
+//    crossing's mean beyond its fastest, "to_host_late_us" (the worker seeing the selection),
+//    "to_gpu_late_us" (the GPU seeing the worker's flag), with "round_fastest_us" (the two
+//    fastest added: the clocks' offset cancels), us a layer}
 // Usage: bench_hybrid GPU_MEMORY CONTEXTS config.json ...   e.g. 24G 32768,131072 qwen.json
 //   A context with the suffix s (1048576s) is synthetic: its keys and values are written into the
 //   caches (pseudo-random in host memory, a constant on the GPU) instead of prefilled, for
@@ -297,6 +300,13 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         {"join_host_ms", a.join_host - before.join_host},
         {"handshake_ms", a.handshake - before.handshake}};
     for (const auto& [k, v] : more) split << ",\"" << k << "\":" << v / n * ms;
+    // Each crossing's mean beyond its fastest, and the fastest round (us a handshake).
+    if (const auto hn = static_cast<double>(a.handshakes - before.handshakes); hn > 0) {
+      split << ",\"to_host_late_us\":"
+            << ((a.to_host - before.to_host) / hn - a.to_host_least) * 1e6
+            << ",\"to_gpu_late_us\":" << ((a.to_gpu - before.to_gpu) / hn - a.to_gpu_least) * 1e6
+            << ",\"round_fastest_us\":" << (a.to_host_least + a.to_gpu_least) * 1e6;
+    }
     buf[0] = 0;
     // NEEDLE_HYBRID_PROFILE=1: GPU time per phase of the GPU-planned layers, ms per step.
     double phases = 0;

@@ -17,6 +17,12 @@ __device__ uint32_t LoadAcquireSys(const uint32_t* p) {
   return v;
 }
 
+__device__ uint64_t LoadRelaxedSys64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __global__ void JoinHostKernel(HostJoin j) {
   if (threadIdx.x == 0) {
     const uint64_t t0 = GlobalTimerNs();
@@ -29,17 +35,29 @@ __global__ void JoinHostKernel(HostJoin j) {
     }
     if (j.sums_ns != nullptr) {
       const uint64_t t1 = GlobalTimerNs();
-      volatile uint64_t* acc = j.sums_ns;
-      const volatile uint64_t* c = j.clock;
+      // (The host's two stamps, loaded together: after the flag's acquire, they are this step's.)
+      const uint64_t seen = LoadRelaxedSys64(j.clock + HandshakeClock::kSeen),
+                     done = LoadRelaxedSys64(j.clock + HandshakeClock::kDone);
+      uint64_t* acc = j.sums_ns;  // (device memory: this kernel alone, one at a time, writes it)
+      const uint64_t post = *j.post;
       acc[HandshakeSums::kIdle] += t1 - t0;
-      const uint64_t post = c[HandshakeClock::kPost], seen = c[HandshakeClock::kSeen],
-                     done = c[HandshakeClock::kDone];
       // (Post wrote the selection's flag; the host's part inside the GPU's span, as it is but
       // for the clocks' rates.)
       if (post != 0 && seen != 0 && done >= seen && t1 - post >= done - seen) {
         acc[HandshakeSums::kSpan] += t1 - post;
         acc[HandshakeSums::kHost] += done - seen;
         acc[HandshakeSums::kHandshake] += (t1 - post) - (done - seen);
+        const uint64_t to_host = seen - post, to_gpu = t1 - done, n = acc[HandshakeSums::kCount];
+        acc[HandshakeSums::kToHost] += to_host;
+        acc[HandshakeSums::kToGpu] += to_gpu;
+        acc[HandshakeSums::kCount] = n + 1;
+        const auto less = [](uint64_t a, uint64_t b) {
+          return static_cast<int64_t>(a) < static_cast<int64_t>(b);
+        };
+        if (n == 0 || less(to_host, acc[HandshakeSums::kMinToHost]))
+          acc[HandshakeSums::kMinToHost] = to_host;
+        if (n == 0 || less(to_gpu, acc[HandshakeSums::kMinToGpu]))
+          acc[HandshakeSums::kMinToGpu] = to_gpu;
       }
     }
   }
@@ -63,10 +81,7 @@ __global__ void PostKernel(PostToHost p) {
     for (int64_t i = threadIdx.x; i < r.words; i += blockDim.x) r.dst[i] = r.src[i];
   __threadfence_system();  // (each thread's writes before the flag)
   __syncthreads();
-  if (threadIdx.x == 0 && p.stamp != nullptr) {
-    *reinterpret_cast<volatile uint64_t*>(p.stamp) = GlobalTimerNs();
-    __threadfence_system();
-  }
+  if (threadIdx.x == 0 && p.stamp != nullptr) *p.stamp = GlobalTimerNs();
   if (threadIdx.x == 0)
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p.flag), "r"(p.value) : "memory");
 }

@@ -32,27 +32,36 @@ struct HostJoin {
   const int32_t* cpu = nullptr;
   float* sums = nullptr;
   int64_t kv_heads = 0, n_sel = 0, tiles = 1, G = 1;
-  // Where not null, the handshake timed (pinned; HandshakeClock): the layer's clock, whose post
-  // (PostToHost::stamp), seen and done are this step's once the flag says so, and the sums the
-  // wait adds to.
+  // Where not null, the handshake timed: post (device) Post's stamp of the layer, clock (pinned;
+  // HandshakeClock) the worker's, both this step's once the flag says so, and the sums (device;
+  // HandshakeSums) the wait adds to. Only two loads from host memory, at once, after the wait:
+  // the rest in device memory (a read of host memory takes a PCIe round, on the step's path).
+  const uint64_t* post = nullptr;
   const uint64_t* clock = nullptr;
   uint64_t* sums_ns = nullptr;
 };
 
-// A layer's handshake between the GPU and its host worker, timed (pinned; 4 words): the GPU's
-// clock (%globaltimer, ns) when Post wrote the selection's flag, then the host's (CLOCK_REALTIME,
-// ns) when the worker saw it and when it was about to write its own flag.
+// A layer's handshake between the GPU and its host worker, timed: the GPU's clock (%globaltimer,
+// ns) when Post wrote the selection's flag (PostToHost::stamp, device memory), and the host's
+// (CLOCK_REALTIME, ns; pinned, these 2 words a layer) when the worker saw that flag and when it
+// was about to write its own.
 struct HandshakeClock {
-  static constexpr int kPost = 0, kSeen = 1, kDone = 2, kWords = 4;
+  static constexpr int kSeen = 0, kDone = 1, kWords = 2;
 };
 // What JoinHost adds to its sums_ns, ns, per layer: [kIdle] the GPU waiting in JoinHost; [kSpan]
 // from Post's flag to the wait's end (the GPU's clock); [kHost] from the worker seeing the
 // selection to its flag (the host's); [kHandshake] the two crossings: the selection's flag to the
 // worker seeing it, and the worker's flag to the GPU seeing it. The two clocks' offset cancels in
-// their sum, which is kSpan less kHost.
+// their sum, which is kSpan less kHost. Each crossing alone, with the offset in it (signed, as
+// two's complement): [kToHost] the host's clock when the worker saw the selection less the GPU's
+// at its flag, [kToGpu] the GPU's at the wait's end less the host's at the worker's flag, summed
+// over [kCount] waits, and each one's least ([kMinToHost], [kMinToGpu]): a crossing's mean less
+// its least is what it took beyond its fastest, and the two leasts add up to the fastest round.
 struct HandshakeSums {
-  static constexpr int kIdle = 0, kSpan = 1, kHost = 2, kHandshake = 3, kWords = 4;
+  static constexpr int kIdle = 0, kSpan = 1, kHost = 2, kHandshake = 3, kToHost = 4, kToGpu = 5,
+                       kCount = 6, kMinToHost = 7, kMinToGpu = 8, kWords = 9;
 };
+
 void JoinHost(const HostJoin& j, cudaStream_t stream);
 // Loads JoinHost's and Post's kernels now, not at their first launch (a load may wait for the
 // whole GPU; see PreloadGatherBlocks).
@@ -71,7 +80,7 @@ struct PostToHost {
   Range r[kRanges];
   uint32_t* flag = nullptr;  // pinned: set to value once every range is visible to the host
   uint32_t value = 0;
-  uint64_t* stamp = nullptr;  // where not null (pinned): the GPU's clock, before the flag
+  uint64_t* stamp = nullptr;  // where not null (device memory): the GPU's clock at the flag
 };
 void Post(const PostToHost& p, cudaStream_t stream);
 

@@ -88,10 +88,12 @@ HybridAttention::Impl::Impl(const ModelConfig& m_, const SparseConfig& c_, Backe
     host_flags = static_cast<uint32_t*>(f);
     std::fill_n(host_flags, 2 * m.num_layers + 1, 0u);
     sel_flags = host_flags + m.num_layers + 1;
-    const int64_t hw = m.num_layers * cuda::HandshakeClock::kWords + cuda::HandshakeSums::kWords;
+    const int64_t hw = m.num_layers * cuda::HandshakeClock::kWords;
     NEEDLE_CUDA_CHECK(cudaMallocHost(&f, static_cast<size_t>(hw) * 8));
     handshake = static_cast<uint64_t*>(f);
     std::fill_n(handshake, hw, uint64_t{0});
+    const auto hd = static_cast<size_t>(m.num_layers + cuda::HandshakeSums::kWords);
+    NEEDLE_CUDA_CHECK(cudaMemset(handshake_dev.Get<uint64_t>(hd), 0, hd * 8));
     StartHostWorker();
   }
   // Device placement (and host placement planned on the GPU): retention for the next step on a
@@ -340,26 +342,42 @@ void HybridAttention::Rewind(KVCache& model_cache, int64_t tokens) {
   x.ClearResident();
 }
 
+void HybridAttention::Impl::SyncStats() {
+  DrainHost();
+  FlushRows();
+  CollectPhases();
+  const cuda::GpuBlockScorer::UploadCounts& u = scorer.counts;
+  stats.rep_checks = u.checks, stats.rep_blocks = u.blocks;
+  stats.rep_host = u.host_s;
+}
+
 void HybridAttention::SyncStats() {
-  impl_->DrainHost();
-  impl_->FlushRows();
-  impl_->CollectPhases();
-  // JoinHost's sums, of every wait the GPU has passed (every step's whose token was read).
-  if (const uint64_t* hs = impl_->handshake) {
-    const volatile uint64_t* v = hs + impl_->m.num_layers * cuda::HandshakeClock::kWords;
-    HybridStats& st = impl_->stats;
-    st.join_idle = v[cuda::HandshakeSums::kIdle] * 1e-9;
-    st.join_span = v[cuda::HandshakeSums::kSpan] * 1e-9;
-    st.join_host = v[cuda::HandshakeSums::kHost] * 1e-9;
-    st.handshake = v[cuda::HandshakeSums::kHandshake] * 1e-9;
-  }
-  const cuda::GpuBlockScorer::UploadCounts& u = impl_->scorer.counts;
-  impl_->stats.rep_checks = u.checks, impl_->stats.rep_blocks = u.blocks;
-  impl_->stats.rep_host = u.host_s;
+  Impl& x = *impl_;
+  x.SyncStats();
+  if (x.handshake == nullptr) return;
+  // JoinHost's sums (device memory), once every wait queued is over: the worker has written every
+  // flag (DrainHost), so this waits for nothing but the GPU.
+  const int L = static_cast<int>(x.m.num_layers);
+  uint64_t v[cuda::HandshakeSums::kWords];
+  NEEDLE_CUDA_CHECK(cudaMemcpyAsync(v, x.handshake_dev.Get<uint64_t>(0) + L, sizeof v,
+                                    cudaMemcpyDeviceToHost, x.stream));
+  NEEDLE_CUDA_CHECK(cudaStreamSynchronize(x.stream));
+  HybridStats& st = x.stats;
+  st.join_idle = v[cuda::HandshakeSums::kIdle] * 1e-9;
+  st.join_span = v[cuda::HandshakeSums::kSpan] * 1e-9;
+  st.join_host = v[cuda::HandshakeSums::kHost] * 1e-9;
+  st.handshake = v[cuda::HandshakeSums::kHandshake] * 1e-9;
+  const auto sgn = [&](int i) { return static_cast<double>(static_cast<int64_t>(v[i])) * 1e-9; };
+  st.to_host = sgn(cuda::HandshakeSums::kToHost), st.to_gpu = sgn(cuda::HandshakeSums::kToGpu);
+  st.to_host_least = sgn(cuda::HandshakeSums::kMinToHost);
+  st.to_gpu_least = sgn(cuda::HandshakeSums::kMinToGpu);
+  st.handshakes = static_cast<int64_t>(v[cuda::HandshakeSums::kCount]);
 }
 
 void HybridAttention::BeginStep(const StepInfo& s) {
-  SyncStats();  // (the last step's rows, where the executor planned it, and its marks)
+  // (The last step's rows, where the executor planned it, and its marks; not the handshake's
+  // sums, which would wait for the GPU.)
+  impl_->SyncStats();
   impl_->step = s;
   impl_->step_begin = Clock::now();
   if (s.call_T == 1 && impl_->host_plan_on) {  // (the flags' number of the step, never 0)

@@ -113,6 +113,10 @@ struct HybridStats {
   // waiting in JoinHost; from the selection's flag to the end of that wait; of that, the worker's
   // own time from seeing the selection to its flag, and the rest: the two flags' crossings.
   double join_idle = 0, join_span = 0, join_host = 0, handshake = 0;
+  // Each crossing alone (the clocks' offset in both, with opposite signs): summed over
+  // handshakes, and each one's least, seconds (cuda::HandshakeSums).
+  double to_host = 0, to_gpu = 0, to_host_least = 0, to_gpu_least = 0;
+  int64_t handshakes = 0;
   // Of plan: the executor's host work before the CPU's blocks: placing the GPU's share and
   // queuing its copies (ResidentBlocks, PlaceContext, QueueGather), then queuing the GPU's
   // attention (the window's block table, the kernels, the lse copy).

@@ -108,7 +108,7 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
     po.r[1] = {sel_words, reinterpret_cast<uint32_t*>(hs.sel), Hk * n_sel};
     po.r[2] = {kept_words, reinterpret_cast<uint32_t*>(hs.kept), kept_n};
     po.flag = sel_flags + layer, po.value = step_seq;
-    po.stamp = handshake + layer * cuda::HandshakeClock::kWords + cuda::HandshakeClock::kPost;
+    po.stamp = handshake_dev.Get<uint64_t>(0) + layer;
     cuda::Post(po, stream);
   } else {
     D2H(hs.q, q_dev, static_cast<size_t>(HD) * 4);
@@ -137,8 +137,9 @@ void HybridAttention::Impl::PlanDecodeHost(int64_t layer, const AttnArgs& a,
   // sums are 0: the attention masked the hole).
   cuda::HostJoin hj;
   hj.flag = host_flags + layer, hj.want = step_seq, hj.timed_out = host_flags + m.num_layers;
+  uint64_t* const timing = handshake_dev.Get<uint64_t>(0);  // ([layers] stamps, then sums)
+  hj.post = timing + layer, hj.sums_ns = timing + m.num_layers;
   hj.clock = handshake + layer * cuda::HandshakeClock::kWords;
-  hj.sums_ns = handshake + m.num_layers * cuda::HandshakeClock::kWords;
   if (p.retain) {
     hj.cpu_sums = hl.sums.Get(0), hj.cpu = cpu_dev, hj.sums = sums;
     hj.kv_heads = Hk, hj.n_sel = n_sel, hj.tiles = tiles, hj.G = G;

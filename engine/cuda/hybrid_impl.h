@@ -381,8 +381,10 @@ struct HybridAttention::Impl final : PlanExecutor {
   // pinned [layers] (after host_flags): the step number, once the layer's selection is in its
   // pinned buffer (cuda::Post); NEEDLE_HYBRID_POST=0: copies and the event sel_ready instead.
   uint32_t* sel_flags = nullptr;
-  // pinned [layers][HandshakeClock::kWords] then the sums [HandshakeSums::kWords] (host_join.h).
+  // The handshake's timing (host_join.h): pinned [layers][HandshakeClock::kWords], the worker's
+  // stamps; device [layers] Post's stamps, then JoinHost's sums [HandshakeSums::kWords].
   uint64_t* handshake = nullptr;
+  cuda::GrowBuffer handshake_dev{"hybrid handshake timing"};
   static int64_t HostClockNs();  // CLOCK_REALTIME, the worker's stamps
   bool post_sel = true;
   uint32_t step_seq = 0;              // the decode step's number (JoinHost's want; BeginStep)
@@ -405,6 +407,8 @@ struct HybridAttention::Impl final : PlanExecutor {
   // Waits (asleep) until the worker has done every job pushed, then adds its stats and rethrows
   // its error, if any. Every use of what the jobs touch outside a step begins with it.
   void DrainHost();
+  // HybridAttention::SyncStats but for the handshake's sums (BeginStep's: it waits for no GPU).
+  void SyncStats();
   // Waits (asleep) until the worker has written the flag of every job pushed but the last `lag`:
   // the GPU has those CPU partials; the worker may still be queueing the last one's fill.
   void WaitHostAttended(int64_t lag);
