@@ -242,6 +242,7 @@ TEST(HybridMerge, KernelEqualsPartialMerge) {
 struct SeqRun {
   std::vector<float> logits;  // the prompt's last row, then one row per decode step
   std::string plan;
+  HybridStats stats;  // the hybrid's, at the end (HybridAttention::SyncStats)
 };
 SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
                    const std::vector<int32_t>& prompt, int64_t steps,
@@ -268,6 +269,10 @@ SeqRun RunSequence(Model& model, const SparseConfig* sc, ThreadingContext& tc,
   }
   model.set_attention(nullptr);
   r.plan = plan.str();
+  if (auto* h = dynamic_cast<HybridAttention*>(seq.policy.get())) {
+    h->SyncStats();
+    r.stats = h->stats();
+  }
   return r;
 }
 
@@ -440,6 +445,20 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     ASSERT_EQ(ahead.logits, got.logits) << what << ", queued ahead";
     ASSERT_EQ(lagged.logits, got.logits) << what << ", a layer ahead";
     ASSERT_EQ(copied.logits, got.logits) << what << ", the selection copied";
+    // The handshake's timing (JoinHost's sums): with cuda::Post, at most one a sparse layer and
+    // step, each crossing's mean no less than its least, the fastest round not negative (the
+    // clocks' offset cancels; less 2 us for the GPU timer's updates, as coarse as 1 us on some
+    // GPUs), the worker's part inside the span; without Post, none timed.
+    const HybridStats& hs = got.stats;
+    EXPECT_GT(hs.handshakes, 0) << what;
+    EXPECT_LE(hs.handshakes, 40 * model->config().num_layers) << what;
+    EXPECT_GE(hs.to_host / hs.handshakes, hs.to_host_least) << what;
+    EXPECT_GE(hs.to_gpu / hs.handshakes, hs.to_gpu_least) << what;
+    EXPECT_GE(hs.to_host_least + hs.to_gpu_least, -2e-6) << what;
+    EXPECT_GE(hs.join_span, hs.join_host) << what;
+    EXPECT_NEAR(hs.join_span - hs.join_host, hs.handshake, 1e-6) << what;
+    EXPECT_GE(hs.join_idle, 0.0) << what;
+    EXPECT_EQ(copied.stats.handshakes, 0) << what;
     ASSERT_EQ(got.logits.size(), want.logits.size()) << what;
     const size_t V = static_cast<size_t>(model->config().vocab_size);
     double scale = 0;
