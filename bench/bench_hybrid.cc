@@ -291,10 +291,10 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
           << ",\"host_wait_ms\":" << host_wait;
     // The worker's CPU attention by phase, and the GPU's handshake with it (HybridStats).
     const std::pair<const char*, double> more[] = {
-        {"fold_setup_ms", a.fold_setup - before.fold_setup},
-        {"fold_start_ms", a.fold_start - before.fold_start},
-        {"fold_run_ms", a.fold_run - before.fold_run},
-        {"fold_merge_ms", a.fold_merge - before.fold_merge},
+        {"fold_setup_ms", a.fold.setup - before.fold.setup},
+        {"fold_start_ms", a.fold.start - before.fold.start},
+        {"fold_run_ms", a.fold.fold - before.fold.fold},
+        {"fold_merge_ms", a.fold.merge - before.fold.merge},
         {"join_idle_ms", a.join_idle - before.join_idle},
         {"join_span_ms", a.join_span - before.join_span},
         {"join_host_ms", a.join_host - before.join_host},

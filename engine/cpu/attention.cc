@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -458,7 +457,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
     lse[h * G + g] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
   };
   // (Heads without blocks: zeros and -inf, here. The others' items left to fold, by head.)
-  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[Hk]);
+  std::vector<std::atomic<int64_t>> left(static_cast<size_t>(Hk));
   for (int64_t h = 0; h < Hk; ++h) {
     left[h].store(static_cast<int64_t>(first[h + 1] - first[h]), std::memory_order_relaxed);
     if (first[h] != first[h + 1]) continue;

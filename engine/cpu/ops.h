@@ -91,6 +91,10 @@ struct FoldTimes {
   // The items and the queries before the fold; from the fold's ParallelFor call until its first
   // item began (the threads' start) and until it returned; the merge of the items' partials.
   double setup = 0, start = 0, fold = 0, merge = 0;
+  FoldTimes& operator+=(const FoldTimes& o) {
+    setup += o.setup, start += o.start, fold += o.fold, merge += o.merge;
+    return *this;
+  }
 };
 void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
                   const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,

@@ -46,7 +46,6 @@ __global__ void JoinHostKernel(HostJoin j) {
       if (post != 0 && seen != 0 && done >= seen && t1 - post >= done - seen) {
         acc[HandshakeSums::kSpan] += t1 - post;
         acc[HandshakeSums::kHost] += done - seen;
-        acc[HandshakeSums::kHandshake] += (t1 - post) - (done - seen);
         const uint64_t to_host = seen - post, to_gpu = t1 - done, n = acc[HandshakeSums::kCount];
         acc[HandshakeSums::kToHost] += to_host;
         acc[HandshakeSums::kToGpu] += to_gpu;
@@ -81,9 +80,10 @@ __global__ void PostKernel(PostToHost p) {
     for (int64_t i = threadIdx.x; i < r.words; i += blockDim.x) r.dst[i] = r.src[i];
   __threadfence_system();  // (each thread's writes before the flag)
   __syncthreads();
-  if (threadIdx.x == 0 && p.stamp != nullptr) *p.stamp = GlobalTimerNs();
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
+    if (p.stamp != nullptr) *p.stamp = GlobalTimerNs();
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p.flag), "r"(p.value) : "memory");
+  }
 }
 
 }  // namespace

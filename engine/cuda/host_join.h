@@ -50,16 +50,16 @@ struct HandshakeClock {
 };
 // What JoinHost adds to its sums_ns, ns, per layer: [kIdle] the GPU waiting in JoinHost; [kSpan]
 // from Post's flag to the wait's end (the GPU's clock); [kHost] from the worker seeing the
-// selection to its flag (the host's); [kHandshake] the two crossings: the selection's flag to the
-// worker seeing it, and the worker's flag to the GPU seeing it. The two clocks' offset cancels in
-// their sum, which is kSpan less kHost. Each crossing alone, with the offset in it (signed, as
+// selection to its flag (the host's). kSpan less kHost is the two crossings: the selection's flag
+// to the worker seeing it, and the worker's flag to the GPU seeing it; the two clocks' offset
+// cancels in their sum. Each crossing alone, with the offset in it (signed, as
 // two's complement): [kToHost] the host's clock when the worker saw the selection less the GPU's
 // at its flag, [kToGpu] the GPU's at the wait's end less the host's at the worker's flag, summed
 // over [kCount] waits, and each one's least ([kMinToHost], [kMinToGpu]): a crossing's mean less
 // its least is what it took beyond its fastest, and the two leasts add up to the fastest round.
 struct HandshakeSums {
-  static constexpr int kIdle = 0, kSpan = 1, kHost = 2, kHandshake = 3, kToHost = 4, kToGpu = 5,
-                       kCount = 6, kMinToHost = 7, kMinToGpu = 8, kWords = 9;
+  static constexpr int kIdle = 0, kSpan = 1, kHost = 2, kToHost = 3, kToGpu = 4, kCount = 5,
+                       kMinToHost = 6, kMinToGpu = 7, kWords = 8;
 };
 
 void JoinHost(const HostJoin& j, cudaStream_t stream);

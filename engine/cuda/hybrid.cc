@@ -366,7 +366,7 @@ void HybridAttention::SyncStats() {
   st.join_idle = v[cuda::HandshakeSums::kIdle] * 1e-9;
   st.join_span = v[cuda::HandshakeSums::kSpan] * 1e-9;
   st.join_host = v[cuda::HandshakeSums::kHost] * 1e-9;
-  st.handshake = v[cuda::HandshakeSums::kHandshake] * 1e-9;
+  st.handshake = st.join_span - st.join_host;  // (the crossings)
   const auto sgn = [&](int i) { return static_cast<double>(static_cast<int64_t>(v[i])) * 1e-9; };
   st.to_host = sgn(cuda::HandshakeSums::kToHost), st.to_gpu = sgn(cuda::HandshakeSums::kToGpu);
   st.to_host_least = sgn(cuda::HandshakeSums::kMinToHost);

@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 
+#include "engine/cpu/ops.h"
 #include "engine/model/model.h"
 #include "sparse_attn/sparse_attention.h"
 
@@ -106,12 +107,13 @@ struct HybridStats {
   // gpu_wait (for the layer's selection) are the host worker's, beside the model's thread;
   // host_wait is the model's thread waiting (asleep) for the worker.
   double host_wait = 0;
-  // The worker's CPU attention (cpu_attend) by phase (fast::FoldTimes): the items and queries, the
-  // threads' start, the fold, the merge.
-  double fold_setup = 0, fold_start = 0, fold_run = 0, fold_merge = 0;
+  // The worker's CPU attention (cpu_attend) by phase: the items and queries, the threads' start,
+  // the fold, the merge.
+  fast::FoldTimes fold;
   // The GPU's side of the handshake with the worker (cuda::HandshakeSums, Post on): the GPU
   // waiting in JoinHost; from the selection's flag to the end of that wait; of that, the worker's
-  // own time from seeing the selection to its flag, and the rest: the two flags' crossings.
+  // own time from seeing the selection to its flag, and the rest (join_span less join_host): the
+  // two flags' crossings.
   double join_idle = 0, join_span = 0, join_host = 0, handshake = 0;
   // Each crossing alone (the clocks' offset in both, with opposite signs): summed over
   // handshakes, and each one's least, seconds (cuda::HandshakeSums).

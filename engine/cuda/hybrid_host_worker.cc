@@ -96,8 +96,7 @@ void HybridAttention::Impl::DrainHost() {
   stats.gpu_wait += w.gpu_wait, stats.cpu_attend += w.cpu_attend, stats.copies += w.copies;
   stats.cpu_blocks += w.cpu_blocks, stats.gpu_blocks += w.gpu_blocks;
   stats.gpu_filled += w.gpu_filled;
-  stats.fold_setup += w.fold_setup, stats.fold_start += w.fold_start;
-  stats.fold_run += w.fold_run, stats.fold_merge += w.fold_merge;
+  stats.fold += w.fold;
   w = HybridStats{};
   const uint32_t gave_up = host_flags[m.num_layers];
   if (gave_up != 0) {
@@ -190,12 +189,7 @@ void HybridAttention::Impl::WaitSelection(const HostJob& j) {
   const auto reached = [&] {
     return static_cast<int32_t>(__atomic_load_n(flag, __ATOMIC_ACQUIRE) - j.seq) >= 0;
   };
-  uint64_t* clock = handshake + j.layer * cuda::HandshakeClock::kWords;
-  for (uint32_t spins = 1;; ++spins) {
-    if (reached()) {
-      clock[cuda::HandshakeClock::kSeen] = static_cast<uint64_t>(HostClockNs());
-      return;
-    }
+  for (uint32_t spins = 1; !reached(); ++spins) {
     if (spins % 4096 != 0) {
       __builtin_ia32_pause();
       continue;
@@ -204,10 +198,12 @@ void HybridAttention::Impl::WaitSelection(const HostJob& j) {
     if (e == cudaErrorNotReady) continue;
     NEEDLE_CUDA_CHECK(e);
     // (The event follows the kernel: its flag is there.)
-    if (reached()) return;
+    if (reached()) break;
     Fail("hybrid engine: layer ", j.layer, "'s selection flag is ", *flag,
          " after the GPU wrote it for step ", j.seq);
   }
+  handshake[j.layer * cuda::HandshakeClock::kWords + cuda::HandshakeClock::kSeen] =
+      static_cast<uint64_t>(HostClockNs());
 }
 
 void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, float* part,
@@ -246,11 +242,8 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   }
   t = Clock::now();
   if (n_cpu > 0) {
-    fast::FoldTimes ft;
     fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc,
-                       &ft);
-    worker_stats.fold_setup += ft.setup, worker_stats.fold_start += ft.start;
-    worker_stats.fold_run += ft.fold, worker_stats.fold_merge += ft.merge;
+                       &worker_stats.fold);
     tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
