@@ -13,7 +13,10 @@
 //    runs (the GPU planning host placement), "cpu_attend", "copies" and "gpu_wait" are the
 //    worker's, beside the model's thread, "host_wait" the model's thread waiting for it, and
 //    "other" the step less "plan" and "host_wait"; the worker's CPU attention by phase,
-//    "fold_setup_ms", "fold_start_ms" (its threads' start), "fold_run_ms", "fold_merge_ms";
+//    "fold_setup_ms", "fold_start_ms" (its threads' start), "fold_run_ms", "fold_merge_ms",
+//    "fold_last_ms" (of run: until its last item ended), "fold_busy_ms" (the items' own times
+//    added over the threads), and a call's "fold_items", "fold_chunks" (taken by the threads)
+//    and "fold_threads" (that took any);
 //    the handshake with it as the GPU sees it (Post on): "join_idle_ms" (the GPU waiting for
 //    the worker), "join_span_ms" (selection's flag to the end of that wait), "join_host_ms" (of
 //    it, the worker's own), "handshake_ms" (the rest: the two flags' crossings), and each
@@ -295,11 +298,18 @@ void Run(Backend& gpu, Model& model, const std::string& name, int64_t P, bool sy
         {"fold_start_ms", a.fold.start - before.fold.start},
         {"fold_run_ms", a.fold.fold - before.fold.fold},
         {"fold_merge_ms", a.fold.merge - before.fold.merge},
+        {"fold_last_ms", a.fold.last - before.fold.last},
+        {"fold_busy_ms", a.fold.busy - before.fold.busy},
         {"join_idle_ms", a.join_idle - before.join_idle},
         {"join_span_ms", a.join_span - before.join_span},
         {"join_host_ms", a.join_host - before.join_host},
         {"handshake_ms", a.handshake - before.handshake}};
     for (const auto& [k, v] : more) split << ",\"" << k << "\":" << v / n * ms;
+    // (Counts a call: items, chunks taken, threads that took any.)
+    if (const double calls = a.fold.calls - before.fold.calls; calls > 0)
+      split << ",\"fold_items\":" << (a.fold.items - before.fold.items) / calls
+            << ",\"fold_chunks\":" << (a.fold.chunks - before.fold.chunks) / calls
+            << ",\"fold_threads\":" << (a.fold.threads - before.fold.threads) / calls;
     // Each crossing's mean beyond its fastest, and the fastest round (us a handshake).
     if (const auto hn = static_cast<double>(a.handshakes - before.handshakes); hn > 0) {
       split << ",\"to_host_late_us\":"

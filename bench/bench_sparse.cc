@@ -9,7 +9,9 @@
 //           KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
 //           _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the step;
 //           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone);
-//           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32
+//           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32; counters: the
+//           fold's phases (fast::FoldTimes, us a call: setup_us, start_us, last_us, run_us,
+//           busy_us) and items, chunks, threads a call
 //   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
 //           dense (every earlier key) and --prefill sparse (Initial + the chunk's topk blocks +
 //           Local + the chunk): the sparse one costs the same at every length; its flops
@@ -207,6 +209,7 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
   }
   std::vector<float> lse(s.heads), stats;
   size_t i = 0;
+  fast::FoldTimes ft;
   for (auto _ : state) {
     if (idle_us > 0) {
       state.PauseTiming();
@@ -221,8 +224,21 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       state.ResumeTiming();
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
-                       lse.data(), &stats, BenchContext());
+                       lse.data(), &stats, BenchContext(), &ft);
     if (woken) BenchContext().Rest();  // (as the hybrid's worker: Wake's team back to sleep)
+  }
+  // The fold's phases, us a call (fast::FoldTimes): setup, the threads' start, until the last
+  // item ended, the whole ParallelFor; the items' own times added over the threads; counts.
+  if (ft.calls > 0) {
+    const auto us = [&](double x) { return x / ft.calls * 1e6; };
+    state.counters["setup_us"] = us(ft.setup);
+    state.counters["start_us"] = us(ft.start);
+    state.counters["last_us"] = us(ft.last);
+    state.counters["run_us"] = us(ft.fold);
+    state.counters["busy_us"] = us(ft.busy);
+    state.counters["items"] = ft.items / ft.calls;
+    state.counters["chunks"] = ft.chunks / ft.calls;
+    state.counters["threads"] = ft.threads / ft.calls;
   }
   Row& r = g_rows[{s.ctx, s.heads}];
   Report(state,

@@ -93,6 +93,24 @@ TEST(AttendBlocks, EqualsSpanAttentionAndBlockMass) {
           EXPECT_GE(ft.start, 0.0);
           EXPECT_LE(ft.start, ft.fold);
           EXPECT_LE(ft.setup + ft.fold + ft.merge, call);
+          // The fold's inside: its items (runs of `per` blocks of a head, about four a thread),
+          // each timed once, by the chunks' threads, within the span from the first item's start
+          // to the last one's end.
+          int64_t total = 0, items = 0;
+          for (const auto& hb : blocks) total += static_cast<int64_t>(hb.size());
+          const int64_t per =
+              std::max<int64_t>(1, (total + 4 * tc.threads() - 1) / (4 * tc.threads()));
+          for (const auto& hb : blocks) items += (static_cast<int64_t>(hb.size()) + per - 1) / per;
+          EXPECT_EQ(ft.calls, 1.0);
+          EXPECT_EQ(ft.items, static_cast<double>(items));
+          EXPECT_GE(ft.chunks, 1.0);
+          EXPECT_LE(ft.chunks, ft.items);
+          EXPECT_GE(ft.threads, 1.0);
+          EXPECT_LE(ft.threads, std::min<double>(ft.chunks, tc.threads()));
+          EXPECT_LE(ft.start, ft.last);
+          EXPECT_LE(ft.last, ft.fold);
+          EXPECT_GT(ft.busy, 0.0);
+          EXPECT_LE(ft.busy, ft.threads * (ft.last - ft.start) + 1e-9);
         }
         AttnSpans spans;
         spans.offsets = {0};

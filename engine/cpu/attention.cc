@@ -20,6 +20,7 @@
 #include "engine/base/switches.h"
 #include "engine/cpu/amx.h"
 #include "engine/cpu/bf16dot.h"
+#include "engine/cpu/fold_clock.h"
 #include "engine/cpu/ops.h"
 #include "engine/cpu/prompt_groups.h"
 #include "engine/cpu/with_size.h"
@@ -464,16 +465,10 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
     std::fill(out + h * G * D, out + (h + 1) * G * D, 0.f);
     std::fill(lse + h * G, lse + (h + 1) * G, -INFINITY);
   }
-  // (times: the earliest start of a chunk of items, steady-clock ticks.)
-  std::atomic<Clock::rep> first_start{std::numeric_limits<Clock::rep>::max()};
-  const Clock::time_point t_fold = times != nullptr ? Clock::now() : Clock::time_point{};
+  FoldClock clock(times != nullptr);
+  const Clock::time_point t_fold = clock.on() ? Clock::now() : Clock::time_point{};
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
-    if (times != nullptr) {
-      const Clock::rep now = Clock::now().time_since_epoch().count();
-      Clock::rep seen = first_start.load(std::memory_order_relaxed);
-      while (now < seen && !first_start.compare_exchange_weak(seen, now)) {
-      }
-    }
+    Clock::rep tick = clock.on() ? clock.Chunk() : 0;
     thread_local amx::Folder folder;
     thread_local bf16dot::BlockFolder dot_folder;
     if (tiles) folder.Begin();
@@ -511,6 +506,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
       // (acq_rel: the last one sees every other item's partial of the head.)
       if (merge_mode == 2 && left[it.h].fetch_sub(1, std::memory_order_acq_rel) == 1)
         for (int64_t g = 0; g < G; ++g) merge_pair(it.h, g);
+      if (clock.on()) tick = clock.Item(tick);
     }
     if (tiles) folder.End();
   });
@@ -530,11 +526,9 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   if (times != nullptr) {
     const auto s = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
     const Clock::time_point end = Clock::now();
-    const Clock::rep f = first_start.load();
     times->setup += s(t_fold - t_in);
-    // (No items at all: no start.)
-    if (f != std::numeric_limits<Clock::rep>::max())
-      times->start += s(Clock::time_point(Clock::duration(f)) - t_fold);
+    times->calls += 1;
+    clock.AddTo(times, t_fold);
     times->fold += s(t_merge - t_fold);
     times->merge += s(end - t_merge);
   }

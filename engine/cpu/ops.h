@@ -91,8 +91,15 @@ struct FoldTimes {
   // The items and the queries before the fold; from the fold's ParallelFor call until its first
   // item began (the threads' start) and until it returned; the merge of the items' partials.
   double setup = 0, start = 0, fold = 0, merge = 0;
+  // Inside the fold: from its ParallelFor call until its last item ended (fold less last: the
+  // join), the items' own times added up over the threads (busy / (threads x (last - start)):
+  // how much of the threads' span went into items), and counts: items, the chunks the threads
+  // took (a thread's body call), the distinct threads that took any, and the calls.
+  double last = 0, busy = 0, items = 0, chunks = 0, threads = 0, calls = 0;
   FoldTimes& operator+=(const FoldTimes& o) {
     setup += o.setup, start += o.start, fold += o.fold, merge += o.merge;
+    last += o.last, busy += o.busy, items += o.items, chunks += o.chunks, threads += o.threads;
+    calls += o.calls;
     return *this;
   }
 };
