@@ -223,6 +223,13 @@ NEEDLE_AMX_TARGET void PrepareQuery(const float* q, int64_t G, int64_t D, float 
 constexpr TileConfig kTileConfig = {
     1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
+void Prefetch(const uint16_t* k, const uint16_t* v, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(k) + o, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(v) + o, _MM_HINT_T1);
+  }
+}
+
 NEEDLE_AMX_TARGET void Folder::Begin() { _tile_loadconfig(&kTileConfig); }
 
 NEEDLE_AMX_TARGET void Folder::End() { _tile_release(); }
