@@ -11,7 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -409,17 +409,34 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   using Clock = std::chrono::steady_clock;
   const Clock::time_point t_in = times != nullptr ? Clock::now() : Clock::time_point{};
   const int64_t D = a.head_dim, G = a.heads / a.kv_heads, Hk = a.kv_heads, B = kv.block_size;
-  std::vector<int64_t> base(static_cast<size_t>(Hk + 1), 0);  // first block of head h overall
+  // The call's bookkeeping, kept by the calling thread so that a step's calls allocate nothing
+  // (the workers use the references below: in the lambda `book` would be each thread's own).
+  struct Item {
+    int64_t h, i0, i1;
+  };
+  struct Bookkeeping {
+    std::vector<int64_t> base;
+    std::vector<Item> items;
+    std::vector<size_t> first;
+    std::vector<float> pbuf;
+    std::vector<PartialAttention> parts;
+    std::vector<amx::Query> tq;
+    std::vector<bf16dot::Query> dq;
+    std::unique_ptr<std::atomic<int64_t>[]> left;
+    int64_t left_n = 0;
+  };
+  thread_local Bookkeeping book;
+  std::vector<int64_t>& base = book.base;  // first block of head h overall
+  base.assign(static_cast<size_t>(Hk + 1), 0);
   for (int64_t h = 0; h < Hk; ++h) base[h + 1] = base[h] + static_cast<int64_t>(blocks[h].size());
   stats->resize(static_cast<size_t>(base[Hk] * G * 2));
   // Items: runs of `per` blocks of one head, about four per thread (a thread that starts late
   // or runs slow leaves less behind than with one or two each).
   const int64_t per = std::max<int64_t>(1, (base[Hk] + 4 * tc.threads() - 1) / (4 * tc.threads()));
-  struct Item {
-    int64_t h, i0, i1;
-  };
-  std::vector<Item> items;
-  std::vector<size_t> first(static_cast<size_t>(Hk + 1));  // head h's items: [first[h], first[h+1])
+  std::vector<Item>& items = book.items;
+  items.clear();
+  std::vector<size_t>& first = book.first;  // head h's items: [first[h], first[h+1])
+  first.resize(static_cast<size_t>(Hk + 1));
   for (int64_t h = 0; h < Hk; ++h) {
     first[h] = items.size();
     for (int64_t i = 0; i < static_cast<int64_t>(blocks[h].size()); i += per)
@@ -427,22 +444,22 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   }
   first[Hk] = items.size();
   // The items' partial outputs: each item zeroes its own (PartialAttention's constructor, in
-  // parallel); the buffer grows and stays, so a step's calls neither allocate nor clear it on
-  // this thread (Qwen2.5-7B's heads with 16 threads: 229 KB a call).
-  // (The workers use `pb`: inside the lambda the name pbuf would be each thread's own buffer.)
-  thread_local std::vector<float> pbuf;
-  if (pbuf.size() < items.size() * static_cast<size_t>(G * D))
-    pbuf.resize(items.size() * static_cast<size_t>(G * D));
-  float* const pb = pbuf.data();
-  std::vector<PartialAttention> parts(items.size() * static_cast<size_t>(G));
+  // parallel); the buffer grows and stays (Qwen2.5-7B's heads with 16 threads: 229 KB a call).
+  if (book.pbuf.size() < items.size() * static_cast<size_t>(G * D))
+    book.pbuf.resize(items.size() * static_cast<size_t>(G * D));
+  float* const pb = book.pbuf.data();
+  std::vector<PartialAttention>& parts = book.parts;  // (each set by its item before any read)
+  parts.resize(items.size() * static_cast<size_t>(G));
   // bf16 caches on a CPU with AMX: the tile fold (amx.h); without, AVX512-BF16 dot products
   // where the CPU has them (bf16dot.h); their queries prepared once per head.
   const bool tiles = kv.dtype == DType::kBF16 && amx::Use(G, D);
   const bool dots = !tiles && kv.dtype == DType::kBF16 && bf16dot::UseBlocks(G, D);
-  std::vector<amx::Query> tq(tiles ? static_cast<size_t>(Hk) : 0);
+  std::vector<amx::Query>& tq = book.tq;
+  tq.resize(tiles ? static_cast<size_t>(Hk) : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(tq.size()); ++h)
     amx::PrepareQuery(q + h * G * D, G, D, a.scale, &tq[h]);
-  std::vector<bf16dot::Query> dq(dots ? static_cast<size_t>(Hk) : 0);
+  std::vector<bf16dot::Query>& dq = book.dq;
+  dq.resize(dots ? static_cast<size_t>(Hk) : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(dq.size()); ++h)
     bf16dot::PrepareQuery(q + h * G * D, G, D, a.scale, &dq[h]);
   // Each head's items merge in block order (independent of scheduling), so the bits are the
@@ -451,8 +468,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   // wait for, heads merged while others still fold); 1 in a second parallel pass, a (head, query)
   // pair a task; 0 all on this thread after the fold.
   static const int merge_mode = EnvSwitch("NEEDLE_CPU_MERGE", 2);
-  // NEEDLE_CPU_FOLD_PREFETCH=1 (a comparison): the tiles' first block of an item asked into L2
-  // before its fold (Fold asks for the next one of a run itself).
+  // NEEDLE_CPU_FOLD_PREFETCH=1 (a comparison): an item's first block into L2 before the tiles.
   static const bool prefetch_first = EnvSwitch("NEEDLE_CPU_FOLD_PREFETCH", 0) != 0;
   const auto merge_pair = [&](int64_t h, int64_t g) {  // (of a head with blocks)
     PartialAttention& acc = parts[first[h] * G + g];
@@ -461,7 +477,9 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
     lse[h * G + g] = acc.empty() ? -INFINITY : acc.m + std::log(acc.l);
   };
   // (Heads without blocks: zeros and -inf, here. The others' items left to fold, by head.)
-  std::vector<std::atomic<int64_t>> left(static_cast<size_t>(Hk));
+  if (book.left_n < Hk) book.left.reset(new std::atomic<int64_t>[static_cast<size_t>(Hk)]);
+  book.left_n = std::max(book.left_n, Hk);
+  std::atomic<int64_t>* const left = book.left.get();
   for (int64_t h = 0; h < Hk; ++h) {
     left[h].store(static_cast<int64_t>(first[h + 1] - first[h]), std::memory_order_relaxed);
     if (first[h] != first[h + 1]) continue;
@@ -516,9 +534,8 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
     }
     if (tiles) folder.End();
   });
-  // The merge after the fold (NEEDLE_CPU_MERGE 1 or 0): with 16 threads Qwen2.5-7B's 4 KV heads
-  // leave up to 64 items, 420 merges of 128 floats, which took one thread 11 us with every partial
-  // in its cache (a dev core), more when other cores wrote them.
+  // The merge after the fold (NEEDLE_CPU_MERGE 1 or 0; 420 merges of 128 floats for Qwen2.5-7B's
+  // heads with 16 threads: 11 us on one dev core).
   const Clock::time_point t_merge = times != nullptr ? Clock::now() : Clock::time_point{};
   if (merge_mode != 2) {
     const size_t pairs = static_cast<size_t>(Hk * G);
