@@ -5,9 +5,11 @@
 //           Initial + 32 blocks + Local 4096)
 //   scoring the scoring scan alone;  blocks  the block attention alone (the step's plan)
 //   dense   dense CPU attention over the same cache
-//   context_blocks[_idle|_woken]  the hybrid engine's CPU side: topk random Context blocks per
-//           KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each call;
-//           _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the step;
+//   context_blocks[_idle|_woken|_team]  the hybrid engine's CPU side: topk random Context blocks
+//           per KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each
+//           call; _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the
+//           step; _team: woken without a sleep (Wake's team, its threads never idle);
+//           NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (amx::Warm);
 //           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone);
 //           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32; counters: the
 //           fold's phases (fast::FoldTimes, us a call: setup_us, start_us, last_us, run_us,
@@ -36,6 +38,8 @@
 #include <thread>
 
 #include "bench/bench_util.h"
+#include "engine/base/switches.h"
+#include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
@@ -189,6 +193,9 @@ void BM_BlockAttention(benchmark::State& state) {
 // (ThreadingContext::Wake) and the caller spinning kWokenWaitUs (the GPU's work between the wake
 // and the plan) before the call; neither counted.
 constexpr int kWokenWaitUs = 60;
+// NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (amx::Warm), as the hybrid's.
+void (*Warm())() { return EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? amx::Warm : nullptr; }
+
 void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
   SparseConfig sc;
@@ -215,13 +222,15 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       state.PauseTiming();
       std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
       if (woken) {
-        BenchContext().Wake(400);
+        BenchContext().Wake(400, Warm());
         const auto until =
             std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
         while (std::chrono::steady_clock::now() < until) {
         }
       }
       state.ResumeTiming();
+    } else if (woken) {
+      BenchContext().Wake(400, Warm());  // (_team: the spinners of the last call, not asleep)
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
                        lse.data(), &stats, BenchContext(), &ft);
@@ -251,6 +260,7 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
 void BM_ContextBlocks(benchmark::State& state) { ContextBlocks(state, 0); }
 void BM_ContextBlocksIdle(benchmark::State& state) { ContextBlocks(state, 300); }
 void BM_ContextBlocksWoken(benchmark::State& state) { ContextBlocks(state, 300, true); }
+void BM_ContextBlocksTeam(benchmark::State& state) { ContextBlocks(state, 0, true); }
 
 // One chunk of a prompt (the last 1024 positions of the context), dense or sparse prefill.
 void PrefillChunk(benchmark::State& state, bool sparse) {
@@ -377,6 +387,7 @@ void RegisterAll() {
             {"context_blocks", BM_ContextBlocks},
             {"context_blocks_idle", BM_ContextBlocksIdle},
             {"context_blocks_woken", BM_ContextBlocksWoken},
+            {"context_blocks_team", BM_ContextBlocksTeam},
             {"prefill_chunk_dense", BM_PrefillChunkDense},
             {"prefill_chunk_sparse", BM_PrefillChunkSparse},
             {"dense_step", BM_DenseStep},

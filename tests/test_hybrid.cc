@@ -466,13 +466,16 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     // The handshake's timing (JoinHost's sums): with cuda::Post, at most one a sparse layer and
     // step, each crossing's mean no less than its least, the fastest round not negative (the
     // clocks' offset cancels; less 2 us for the GPU timer's updates, as coarse as 1 us on some
-    // GPUs), the worker's part inside the span; without Post, none timed.
+    // GPUs), the worker's part inside the span; without Post, none timed. (A fixture whose
+    // layers the worker never attends, mistral_swa's windows, has no handshake to time.)
     const HybridStats& hs = got.stats;
-    EXPECT_GT(hs.handshakes, 0) << what;
+    EXPECT_EQ(hs.handshakes > 0, hs.cpu_blocks + hs.gpu_blocks > 0) << what;
     EXPECT_LE(hs.handshakes, 40 * model->config().num_layers) << what;
-    EXPECT_GE(hs.to_host / hs.handshakes, hs.to_host_least) << what;
-    EXPECT_GE(hs.to_gpu / hs.handshakes, hs.to_gpu_least) << what;
-    EXPECT_GE(hs.to_host_least + hs.to_gpu_least, -2e-6) << what;
+    if (hs.handshakes > 0) {
+      EXPECT_GE(hs.to_host / hs.handshakes, hs.to_host_least) << what;
+      EXPECT_GE(hs.to_gpu / hs.handshakes, hs.to_gpu_least) << what;
+      EXPECT_GE(hs.to_host_least + hs.to_gpu_least, -2e-6) << what;
+    }
     EXPECT_GE(hs.join_span, hs.join_host) << what;
     EXPECT_NEAR(hs.join_span - hs.join_host, hs.handshake, 1e-6) << what;
     EXPECT_GE(hs.join_idle, 0.0) << what;

@@ -62,7 +62,7 @@ void ThreadingContext::ParallelFor(size_t n, size_t grain,
   });
 }
 
-void ThreadingContext::Wake(int max_us) {
+void ThreadingContext::Wake(int max_us, void (*warm)()) {
   if (threads_ == 1 || max_us <= 0) return;
   wake_until_.store(NowNs() + int64_t{max_us} * 1000, std::memory_order_relaxed);
   const uint64_t epoch = epoch_.load(std::memory_order_relaxed);
@@ -70,7 +70,8 @@ void ThreadingContext::Wake(int max_us) {
   // One spinner per worker (the calling thread takes part in the ParallelFor itself).
   for (int have = spinners_.load(); have < threads_ - 1; have = spinners_.load()) {
     if (!spinners_.compare_exchange_weak(have, have + 1)) continue;
-    arena_.enqueue([this, epoch] {
+    arena_.enqueue([this, epoch, warm] {
+      if (warm != nullptr) warm();
       while (epoch_.load(std::memory_order_relaxed) == epoch &&
              NowNs() < wake_until_.load(std::memory_order_relaxed)) {
         if (team_open_.load(std::memory_order_relaxed)) ServeTeam();

@@ -31,7 +31,9 @@ class ThreadingContext {
   // their stealing (a few microseconds a call, which the hybrid's small per-layer folds feel),
   // and they stay for the next one. Only for waits known to be short, ended by Rest(): the
   // workers burn their cores meanwhile.
-  void Wake(int max_us);
+  // warm (optional): run once by each woken worker before it spins (a kernel's scratch and
+  // units brought back after a sleep: the hybrid's NEEDLE_FOLD_WARM, amx::Warm).
+  void Wake(int max_us, void (*warm)() = nullptr);
   // Sends Wake's spinners back to oneTBB (to sleep) at once: the work they were for is done, or
   // will not come (the hybrid's GPU took every block of the layer).
   void Rest() { epoch_.fetch_add(1, std::memory_order_relaxed); }

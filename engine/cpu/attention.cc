@@ -490,7 +490,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   const Clock::time_point t_fold = clock.on() ? Clock::now() : Clock::time_point{};
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
     Clock::rep tick = clock.on() ? clock.Chunk() : 0;
-    thread_local amx::Folder folder;
+    amx::Folder& folder = amx::ThreadFolder();
     thread_local bf16dot::BlockFolder dot_folder;
     if (tiles) folder.Begin();
     Scratch& sc = ThreadScratch(kv, G);

@@ -13,6 +13,8 @@
 
 #include <exception>
 
+#include "engine/base/switches.h"
+#include "engine/cpu/amx.h"
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
@@ -215,7 +217,9 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   auto t = Clock::now();
   WorkerAt(layer, kWorkerGpuWait);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
-  tc.Wake(400);
+  // (NEEDLE_FOLD_WARM=1, a comparison: each woken thread first folds a block of zeros, amx::Warm.)
+  static void (*const warm)() = EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? amx::Warm : nullptr;
+  tc.Wake(400, warm);
   WorkerAt(layer, kWorkerSelection);
   WaitSelection(j);
   worker_stats.gpu_wait += Since(t);
@@ -244,7 +248,10 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   if (n_cpu > 0) {
     fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc,
                        &worker_stats.fold);
-    tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
+    // (Wake's team served the fold's calls: back to sleep. NEEDLE_HYBRID_REST=0, a measurement
+    // only: they spin on until the next layer's Wake renews them, through the GPU's work.)
+    static const bool rest = EnvOnUnlessZero("NEEDLE_HYBRID_REST");
+    if (rest) tc.Rest();
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
   } else {
