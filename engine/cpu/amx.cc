@@ -176,94 +176,6 @@ NEEDLE_AMX_TARGET void ValueChunks(const uint32_t* pe, const uint32_t* po, const
   }
 }
 
-// Scores<4> (D = 128) with four accumulators: 64 keys a round (tiles 2-5, keys 16g .. 16g + 15
-// of it), the query's tiles two at a time (0-1), K in 6-7. Four independent chains of tile
-// products instead of two (NEEDLE_AMX_WIDE=1, a comparison).
-NEEDLE_AMX_TARGET void ScoresWide(const Query& q, const uint16_t* k, const uint16_t* ktail,
-                                  int64_t nfull, int64_t np, float* s) {
-  constexpr int64_t D = 128, kstride = D * 2;
-  for (int64_t j = 0; j < np; j += 64) {
-    const bool four = j + 64 <= np;  // (else 32 keys: np is a multiple of 32)
-    const uint16_t* r[4];
-    for (int g = 0; g < 4; ++g) {
-      const int64_t key = j + 16 * g;
-      r[g] = key < nfull ? k + key * D : ktail + (key - nfull) * D;
-    }
-    _tile_zero(2);
-    _tile_zero(3);
-    if (four) {
-      _tile_zero(4);
-      _tile_zero(5);
-    }
-    for (int cc = 0; cc < 4; cc += 2) {
-      _tile_loadd(0, q.tiles[cc], 64);
-      _tile_loadd(1, q.tiles[cc + 1], 64);
-      _tile_loadd(6, r[0] + 32 * cc, kstride);
-      _tile_dpbf16ps(2, 6, 0);
-      _tile_loadd(7, r[1] + 32 * cc, kstride);
-      _tile_dpbf16ps(3, 7, 0);
-      if (four) {
-        _tile_loadd(6, r[2] + 32 * cc, kstride);
-        _tile_dpbf16ps(4, 6, 0);
-        _tile_loadd(7, r[3] + 32 * cc, kstride);
-        _tile_dpbf16ps(5, 7, 0);
-      }
-      _tile_loadd(6, r[0] + 32 * cc + 32, kstride);
-      _tile_dpbf16ps(2, 6, 1);
-      _tile_loadd(7, r[1] + 32 * cc + 32, kstride);
-      _tile_dpbf16ps(3, 7, 1);
-      if (four) {
-        _tile_loadd(6, r[2] + 32 * cc + 32, kstride);
-        _tile_dpbf16ps(4, 6, 1);
-        _tile_loadd(7, r[3] + 32 * cc + 32, kstride);
-        _tile_dpbf16ps(5, 7, 1);
-      }
-    }
-    _tile_stored(2, s + j * 16, 64);
-    _tile_stored(3, s + (j + 16) * 16, 64);
-    if (four) {
-      _tile_stored(4, s + (j + 32) * 16, 64);
-      _tile_stored(5, s + (j + 48) * 16, 64);
-    }
-  }
-}
-
-// ValueChunks<true, true> over all four chunks of D = 128 at once: accumulators 0-3 (chunk c's
-// even channels of the heads in rows 0-7, odd in 8-15), P in 4, V in 5-7 (NEEDLE_AMX_WIDE=1).
-NEEDLE_AMX_TARGET void ValuesWide(const uint32_t* pe, const uint16_t* v, const uint16_t* vtail,
-                                  int64_t nfull, int64_t np, float* oe) {
-  constexpr int64_t D = 128, vstride = D * 2, half = D / 2;
-  const int64_t pstride = np * 4;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t j = 0; j < np; j += 16) {
-    const uint16_t* rows = j < nfull ? v + j * D : vtail + (j - nfull) * D;
-    _tile_loadd(4, pe + j, pstride);
-    _tile_loadd(5, rows, vstride);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, rows + 32, vstride);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, rows + 64, vstride);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, rows + 96, vstride);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  _tile_stored(0, oe, half * 4);
-  _tile_stored(1, oe + 16, half * 4);
-  _tile_stored(2, oe + 32, half * 4);
-  _tile_stored(3, oe + 48, half * 4);
-}
-
-bool Wide() {
-  static const bool on = [] {
-    const char* e = std::getenv("NEEDLE_AMX_WIDE");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return on;
-}
-
 }  // namespace
 
 bool Supported() {
@@ -310,13 +222,6 @@ NEEDLE_AMX_TARGET void PrepareQuery(const float* q, int64_t G, int64_t D, float 
 // configuration past them would be dropped as dead.)
 constexpr TileConfig kTileConfig = {
     1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
-
-void Prefetch(const uint16_t* k, const uint16_t* v, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(k) + o, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(v) + o, _MM_HINT_T1);
-  }
-}
 
 Folder& ThreadFolder() {
   thread_local Folder f;
@@ -366,11 +271,7 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
   po_.resize(static_cast<size_t>(np * 16));
   oe_.resize(static_cast<size_t>(8 * D));
   oo_.resize(static_cast<size_t>(8 * D));
-  const bool wide = D == 128 && packed && Wide();
-  switch (wide ? 0 : D / 32) {
-    case 0:
-      ScoresWide(q, k, ktail_.data(), nfull, np, s_.data());
-      break;
+  switch (D / 32) {
     case 1:
       Scores<1>(q, k, ktail_.data(), nfull, np, D, s_.data());
       break;
@@ -412,8 +313,7 @@ NEEDLE_AMX_TARGET void Folder::Fold(const Query& q, const uint16_t* k, const uin
     P.n += n;
     if (stats != nullptr) stats[2 * g] = mx, stats[2 * g + 1] = sum;
   }
-  if (wide) ValuesWide(pe_.data(), v, vtail_.data(), nfull, np, oe_.data());
-  for (int64_t c = 0; !wide && c < D / 32; c += 2) {
+  for (int64_t c = 0; c < D / 32; c += 2) {
     const bool two = c + 1 < D / 32;
     const uint32_t *pe = pe_.data(), *po = po_.data();
     const uint16_t* vt = vtail_.data();

@@ -64,11 +64,6 @@ void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out)
 void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const AttnSpans* spans,
                 PartialAttention* parts, ThreadingContext& tc);
 
-// Asks for `bytes` of k and of v in this core's L2 (prefetcht1, a line at a time, K's and V's
-// lines interleaved), as Fold does for the piece it folds next: for the first piece of a run
-// (NEEDLE_CPU_FOLD_PREFETCH=1 in fast::AttendBlocks, a comparison).
-void Prefetch(const uint16_t* k, const uint16_t* v, int64_t bytes);
-
 class Folder;
 // This thread's Folder (AttendBlocks' and Warm's).
 Folder& ThreadFolder();

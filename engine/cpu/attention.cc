@@ -468,8 +468,6 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   // wait for, heads merged while others still fold); 1 in a second parallel pass, a (head, query)
   // pair a task; 0 all on this thread after the fold.
   static const int merge_mode = EnvSwitch("NEEDLE_CPU_MERGE", 2);
-  // NEEDLE_CPU_FOLD_PREFETCH=1 (a comparison): an item's first block into L2 before the tiles.
-  static const bool prefetch_first = EnvSwitch("NEEDLE_CPU_FOLD_PREFETCH", 0) != 0;
   const auto merge_pair = [&](int64_t h, int64_t g) {  // (of a head with blocks)
     PartialAttention& acc = parts[first[h] * G + g];
     for (size_t x = first[h] + 1; x < first[h + 1]; ++x) acc.Merge(parts[x * G + g]);
@@ -511,9 +509,6 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
           after_v = kv.VRow(it.h, n0);
         }
         if (t0 >= t1) continue;
-        if (tiles && prefetch_first && i == it.i0)
-          amx::Prefetch(reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
-                        reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), (t1 - t0) * D * 2);
         if (tiles)
           folder.Fold(tq[it.h], reinterpret_cast<const uint16_t*>(kv.KRow(it.h, t0)),
                       reinterpret_cast<const uint16_t*>(kv.VRow(it.h, t0)), t1 - t0, p, st,
