@@ -9,11 +9,11 @@
 //           per KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each
 //           call; _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the
 //           step; _team: woken without a sleep (Wake's team, its threads never idle);
-//           NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (amx::Warm);
-//           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the caches: compute alone);
-//           NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the default 32; counters: the
-//           fold's phases (fast::FoldTimes, us a call: setup_us, start_us, last_us, run_us,
-//           busy_us) and items, chunks, threads a call
+//           NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros
+//           (fast::WarmBlockFold); NEEDLE_BENCH_HOT=1: the same blocks at every call (from the
+//           caches: compute alone); NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the
+//           default 32; counters: the fold's phases (fast::FoldTimes, us a call: setup_us,
+//           start_us, last_us, run_us, busy_us) and items, chunks, threads a call
 //   prefill_chunk_{dense,sparse}  one prompt chunk of 1024 queries at the end of the context:
 //           dense (every earlier key) and --prefill sparse (Initial + the chunk's topk blocks +
 //           Local + the chunk): the sparse one costs the same at every length; its flops
@@ -193,8 +193,9 @@ void BM_BlockAttention(benchmark::State& state) {
 // (ThreadingContext::Wake) and the caller spinning kWokenWaitUs (the GPU's work between the wake
 // and the plan) before the call; neither counted.
 constexpr int kWokenWaitUs = 60;
-// NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (amx::Warm), as the hybrid's.
-void (*Warm())() { return EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? amx::Warm : nullptr; }
+// NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (fast::WarmBlockFold), as the
+// hybrid's.
+void (*Warm())() { return EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? fast::WarmBlockFold : nullptr; }
 
 void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -60,6 +61,18 @@ void ExpectBlocksWithinTheBound(bool tiles) {
     std::vector<float> out(static_cast<size_t>(a.heads * D)), lse(static_cast<size_t>(a.heads)),
         stats;
     fast::AttendBlocks(q.data(), cache->Layer(0), a, blocks, out.data(), lse.data(), &stats, tc);
+    // A warm-up (a block of zeros on each thread's own folder, ThreadingContext::Wake's) leaves
+    // the next call's bits as they were.
+    fast::WarmBlockFold();
+    tc.Wake(20 * 1000, fast::WarmBlockFold);
+    {
+      std::vector<float> out2(out.size()), lse2(lse.size()), stats2;
+      fast::AttendBlocks(q.data(), cache->Layer(0), a, blocks, out2.data(), lse2.data(), &stats2,
+                         tc);
+      tc.Rest();
+      ASSERT_EQ(0, std::memcmp(out2.data(), out.data(), out.size() * 4)) << "G " << G;
+      ASSERT_EQ(0, std::memcmp(lse2.data(), lse.data(), lse.size() * 4)) << "G " << G;
+    }
     std::vector<std::vector<float>> mass;
     fast::BlockMassFromStats(stats, lse.data(), G, blocks, &mass);
     // Keys are written as [token][kv head][D] in k and v.

@@ -489,7 +489,7 @@ void AttendBlocksImpl(const float* q, const KVLayerView& kv, const AttnArgs& a,
   tc.ParallelFor(items.size(), 1, [&](size_t b, size_t e) HWY_ATTR {
     Clock::rep tick = clock.on() ? clock.Chunk() : 0;
     amx::Folder& folder = amx::ThreadFolder();
-    thread_local bf16dot::BlockFolder dot_folder;
+    bf16dot::BlockFolder& dot_folder = bf16dot::ThreadBlockFolder();
     if (tiles) folder.Begin();
     Scratch& sc = ThreadScratch(kv, G);
     for (size_t w = b; w < e; ++w) {

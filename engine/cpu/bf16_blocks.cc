@@ -93,6 +93,11 @@ bool UseBlocks(int64_t G, int64_t D) {
   return G >= 1 && D % 32 == 0 && D >= 32 && D <= 256 && Use(D);
 }
 
+BlockFolder& ThreadBlockFolder() {
+  thread_local BlockFolder f;
+  return f;
+}
+
 void PrepareQuery(const float* q, int64_t G, int64_t D, float scale, Query* out) {
   NEEDLE_CHECK(D % 2 == 0);
   out->G = G, out->D = D;

@@ -72,4 +72,7 @@ class BlockFolder {
   std::vector<uint32_t> vp_;  // [np / 2][D]: the values as bf16 pairs of keys
 };
 
+// This thread's BlockFolder (AttendBlocks').
+BlockFolder& ThreadBlockFolder();
+
 }  // namespace needle::bf16dot

@@ -217,8 +217,10 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   auto t = Clock::now();
   WorkerAt(layer, kWorkerGpuWait);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
-  // (NEEDLE_FOLD_WARM=1, a comparison: each woken thread first folds a block of zeros, amx::Warm.)
-  static void (*const warm)() = EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? amx::Warm : nullptr;
+  // (NEEDLE_FOLD_WARM=1, a comparison: each woken thread first folds a block of zeros,
+  // fast::WarmBlockFold.)
+  static void (*const warm)() =
+      EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? fast::WarmBlockFold : nullptr;
   tc.Wake(400, warm);
   WorkerAt(layer, kWorkerSelection);
   WaitSelection(j);
