@@ -32,7 +32,7 @@ class ThreadingContext {
   // and they stay for the next one. Only for waits known to be short, ended by Rest(): the
   // workers burn their cores meanwhile.
   // warm (optional): run once by each woken worker before it spins (a kernel's scratch and
-  // units brought back after a sleep: the hybrid's NEEDLE_FOLD_WARM, amx::Warm).
+  // units brought back after a sleep: the hybrid's NEEDLE_FOLD_WARM, fast::WarmBlockFold).
   void Wake(int max_us, void (*warm)() = nullptr);
   // Sends Wake's spinners back to oneTBB (to sleep) at once: the work they were for is done, or
   // will not come (the hybrid's GPU took every block of the layer).
