@@ -469,7 +469,9 @@ TEST_P(HybridFixture, HostPlanOnGpuSameAsHostPlans) {
     // GPUs), the worker's part inside the span; without Post, none timed. (A fixture whose
     // layers the worker never attends, mistral_swa's windows, has no handshake to time.)
     const HybridStats& hs = got.stats;
-    if (hs.cpu_blocks + hs.gpu_blocks > 0) EXPECT_GT(hs.handshakes, 0) << what;
+    if (hs.cpu_blocks + hs.gpu_blocks > 0) {
+      EXPECT_GT(hs.handshakes, 0) << what;
+    }
     EXPECT_LE(hs.handshakes, 40 * model->config().num_layers) << what;
     if (hs.handshakes > 0) {
       EXPECT_GE(hs.to_host / hs.handshakes, hs.to_host_least) << what;
