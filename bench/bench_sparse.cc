@@ -38,8 +38,6 @@
 #include <thread>
 
 #include "bench/bench_util.h"
-#include "engine/base/switches.h"
-#include "engine/cpu/amx.h"
 #include "engine/cpu/ops.h"
 #include "sparse_attn/scoring.h"
 #include "sparse_attn/sparse_attention.h"
@@ -193,9 +191,6 @@ void BM_BlockAttention(benchmark::State& state) {
 // (ThreadingContext::Wake) and the caller spinning kWokenWaitUs (the GPU's work between the wake
 // and the plan) before the call; neither counted.
 constexpr int kWokenWaitUs = 60;
-// NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros (fast::WarmBlockFold), as the
-// hybrid's.
-void (*Warm())() { return EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? fast::WarmBlockFold : nullptr; }
 
 void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
   Setup& s = GetSetup(state.range(0), state.range(1), state.range(2));
@@ -223,7 +218,7 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       state.PauseTiming();
       std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
       if (woken) {
-        BenchContext().Wake(400, Warm());
+        BenchContext().Wake(400, fast::FoldWarmUp());
         const auto until =
             std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
         while (std::chrono::steady_clock::now() < until) {
@@ -231,7 +226,8 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       }
       state.ResumeTiming();
     } else if (woken) {
-      BenchContext().Wake(400, Warm());  // (_team: the spinners of the last call, not asleep)
+      BenchContext().Wake(
+          400, fast::FoldWarmUp());  // (_team: the spinners of the last call, not asleep)
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
                        lse.data(), &stats, BenchContext(), &ft);

@@ -228,22 +228,6 @@ Folder& ThreadFolder() {
   return f;
 }
 
-void Warm() {
-  if (!Supported()) return;
-  constexpr int64_t G = 7, D = 128, n = 128;
-  alignas(64) static const uint16_t zeros[n * D] = {};
-  static const float zq[G * D] = {};
-  thread_local Query q;
-  PrepareQuery(zq, G, D, 1.0f, &q);
-  float out[G * D], stats[2 * G];
-  PartialAttention p[G];
-  for (int64_t g = 0; g < G; ++g) p[g] = PartialAttention(out + g * D, D);
-  Folder& f = ThreadFolder();
-  f.Begin();
-  f.Fold(q, zeros, zeros, n, p, stats);
-  f.End();
-}
-
 NEEDLE_AMX_TARGET void Folder::Begin() { _tile_loadconfig(&kTileConfig); }
 
 NEEDLE_AMX_TARGET void Folder::End() { _tile_release(); }

@@ -65,11 +65,8 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
                 PartialAttention* parts, ThreadingContext& tc);
 
 class Folder;
-// This thread's Folder (AttendBlocks' and Warm's).
+// This thread's Folder (AttendBlocks' and fast::WarmBlockFold's).
 Folder& ThreadFolder();
-// Folds one block of zeros on this thread's Folder (NEEDLE_FOLD_WARM=1, a comparison): its
-// scratch, code and the tile unit brought back before the fold, by threads that slept.
-void Warm();
 
 // One thread's tile state and scratch. Begin before the first Fold of a run on this thread, End
 // after its last (releases the tiles).

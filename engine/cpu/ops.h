@@ -111,6 +111,9 @@ void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
 // the CPU has it, else nothing): its scratch, code and units brought back for a thread that
 // slept (ThreadingContext::Wake's warm-up; NEEDLE_FOLD_WARM=1, a comparison).
 void WarmBlockFold();
+// The woken threads' warm-up the hybrid's worker and bench_sparse pass to Wake: WarmBlockFold with
+// NEEDLE_FOLD_WARM=1 (read once), else none.
+void (*FoldWarmUp())();
 // mass[h][i] = sum_g l * exp(m - lse[h * G + g]) of block i of head h (block_mass.h's mass, with
 // lse over everything the step attended).
 void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,

@@ -14,7 +14,6 @@
 #include <exception>
 
 #include "engine/base/switches.h"
-#include "engine/cpu/amx.h"
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
@@ -217,11 +216,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   auto t = Clock::now();
   WorkerAt(layer, kWorkerGpuWait);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
-  // (NEEDLE_FOLD_WARM=1, a comparison: each woken thread first folds a block of zeros,
-  // fast::WarmBlockFold.)
-  static void (*const warm)() =
-      EnvSwitch("NEEDLE_FOLD_WARM", 0) != 0 ? fast::WarmBlockFold : nullptr;
-  tc.Wake(400, warm);
+  tc.Wake(400, fast::FoldWarmUp());  // (NEEDLE_FOLD_WARM=1: a comparison)
   WorkerAt(layer, kWorkerSelection);
   WaitSelection(j);
   worker_stats.gpu_wait += Since(t);
