@@ -38,6 +38,15 @@ ThreadingContext::ThreadingContext(int threads)
   team_on_ = team;
 }
 
+ThreadingContext::~ThreadingContext() {
+  try {
+    Join();
+  } catch (...) {  // (a started function's error, not joined by its owner: nothing to tell it to)
+  }
+  Rest();
+  while (spinners_.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+}
+
 void ThreadingContext::ParallelFor(size_t n, size_t grain,
                                    const std::function<void(size_t, size_t)>& body) {
   if (n == 0) return;
@@ -62,7 +71,7 @@ void ThreadingContext::ParallelFor(size_t n, size_t grain,
   });
 }
 
-void ThreadingContext::Wake(int max_us, void (*warm)()) {
+void ThreadingContext::Wake(int max_us) {
   if (threads_ == 1 || max_us <= 0) return;
   wake_until_.store(NowNs() + int64_t{max_us} * 1000, std::memory_order_relaxed);
   const uint64_t epoch = epoch_.load(std::memory_order_relaxed);
@@ -70,8 +79,7 @@ void ThreadingContext::Wake(int max_us, void (*warm)()) {
   // One spinner per worker (the calling thread takes part in the ParallelFor itself).
   for (int have = spinners_.load(); have < threads_ - 1; have = spinners_.load()) {
     if (!spinners_.compare_exchange_weak(have, have + 1)) continue;
-    arena_.enqueue([this, epoch, warm] {
-      if (warm != nullptr) warm();
+    arena_.enqueue([this, epoch] {
       while (epoch_.load(std::memory_order_relaxed) == epoch &&
              NowNs() < wake_until_.load(std::memory_order_relaxed)) {
         if (team_open_.load(std::memory_order_relaxed)) ServeTeam();

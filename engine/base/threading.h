@@ -18,6 +18,11 @@ class ThreadingContext {
  public:
   // threads <= 0: all hardware threads.
   explicit ThreadingContext(int threads = 0);
+  // Waits for Wake's spinners to leave (each refers to this context, and one enqueued on a busy
+  // machine may not even have started), after sending them back at once.
+  ~ThreadingContext();
+  ThreadingContext(const ThreadingContext&) = delete;
+  ThreadingContext& operator=(const ThreadingContext&) = delete;
   int threads() const { return threads_; }
 
   // Runs body(begin, end) over [0, n) in chunks of at least `grain`, inside the arena.
@@ -31,9 +36,7 @@ class ThreadingContext {
   // their stealing (a few microseconds a call, which the hybrid's small per-layer folds feel),
   // and they stay for the next one. Only for waits known to be short, ended by Rest(): the
   // workers burn their cores meanwhile.
-  // warm (optional): run once by each woken worker before it spins (a kernel's scratch and
-  // units brought back after a sleep: the hybrid's NEEDLE_FOLD_WARM, fast::WarmBlockFold).
-  void Wake(int max_us, void (*warm)() = nullptr);
+  void Wake(int max_us);
   // Sends Wake's spinners back to oneTBB (to sleep) at once: the work they were for is done, or
   // will not come (the hybrid's GPU took every block of the layer).
   void Rest() { epoch_.fetch_add(1, std::memory_order_relaxed); }
