@@ -9,8 +9,7 @@
 //           per KV head (fast::AttendBlocks), from DRAM; _idle: the threads asleep before each
 //           call; _woken: asleep, then woken (ThreadingContext::Wake) 60 us before it, as in the
 //           step; _team: woken without a sleep (Wake's team, its threads never idle);
-//           NEEDLE_FOLD_WARM=1: the woken threads first fold a block of zeros
-//           (fast::WarmBlockFold); NEEDLE_BENCH_HOT=1: the same blocks at every call (from the
+//           NEEDLE_BENCH_HOT=1: the same blocks at every call (from the
 //           caches: compute alone); NEEDLE_BENCH_TOPK=k: k blocks per KV head instead of the
 //           default 32; counters: the fold's phases (fast::FoldTimes, us a call: setup_us,
 //           start_us, last_us, run_us, busy_us) and items, chunks, threads a call
@@ -218,7 +217,7 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       state.PauseTiming();
       std::this_thread::sleep_for(std::chrono::microseconds(idle_us));
       if (woken) {
-        BenchContext().Wake(400, fast::FoldWarmUp());
+        BenchContext().Wake(400);
         const auto until =
             std::chrono::steady_clock::now() + std::chrono::microseconds(kWokenWaitUs);
         while (std::chrono::steady_clock::now() < until) {
@@ -226,8 +225,7 @@ void ContextBlocks(benchmark::State& state, int idle_us, bool woken = false) {
       }
       state.ResumeTiming();
     } else if (woken) {
-      BenchContext().Wake(
-          400, fast::FoldWarmUp());  // (_team: the spinners of the last call, not asleep)
+      BenchContext().Wake(400);  // (_team: the spinners of the last call, not asleep)
     }
     fast::AttendBlocks(s.q.data(), s.cache->Layer(0), s.args, sets[i++ % sets.size()], s.out.data(),
                        lse.data(), &stats, BenchContext(), &ft);

@@ -65,7 +65,7 @@ void FoldPrompt(const float* q, const KVLayerView& kv, const AttnArgs& a, const 
                 PartialAttention* parts, ThreadingContext& tc);
 
 class Folder;
-// This thread's Folder (AttendBlocks' and fast::WarmBlockFold's).
+// This thread's Folder (AttendBlocks').
 Folder& ThreadFolder();
 
 // One thread's tile state and scratch. Begin before the first Fold of a run on this thread, End

@@ -106,14 +106,6 @@ struct FoldTimes {
 void AttendBlocks(const float* q, const KVLayerView& kv, const AttnArgs& a,
                   const std::vector<std::vector<int32_t>>& blocks, float* out, float* lse,
                   std::vector<float>* stats, ThreadingContext& tc, FoldTimes* times = nullptr);
-// Folds one block of zeros on this thread the way AttendBlocks would fold a bf16 cache of
-// Qwen2.5-7B's heads (7 a group, head_dim 128: the tiles where amx::Use, else AVX512-BF16 where
-// the CPU has it, else nothing): its scratch, code and units brought back for a thread that
-// slept (ThreadingContext::Wake's warm-up; NEEDLE_FOLD_WARM=1, a comparison).
-void WarmBlockFold();
-// The woken threads' warm-up the hybrid's worker and bench_sparse pass to Wake: WarmBlockFold with
-// NEEDLE_FOLD_WARM=1 (read once), else none.
-void (*FoldWarmUp())();
 // mass[h][i] = sum_g l * exp(m - lse[h * G + g]) of block i of head h (block_mass.h's mass, with
 // lse over everything the step attended).
 void BlockMassFromStats(const std::vector<float>& stats, const float* lse, int64_t G,

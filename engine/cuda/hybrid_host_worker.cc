@@ -216,7 +216,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   auto t = Clock::now();
   WorkerAt(layer, kWorkerGpuWait);
   NEEDLE_CUDA_CHECK(cudaEventSynchronize(layer_start[static_cast<size_t>(layer)]));
-  tc.Wake(400, fast::FoldWarmUp());  // (NEEDLE_FOLD_WARM=1: a comparison)
+  tc.Wake(400);
   WorkerAt(layer, kWorkerSelection);
   WaitSelection(j);
   worker_stats.gpu_wait += Since(t);
@@ -245,10 +245,7 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   if (n_cpu > 0) {
     fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc,
                        &worker_stats.fold);
-    // (Wake's team served the fold's calls: back to sleep. NEEDLE_HYBRID_REST=0, a measurement
-    // only: they spin on until the next layer's Wake renews them, through the GPU's work.)
-    static const bool rest = EnvOnUnlessZero("NEEDLE_HYBRID_REST");
-    if (rest) tc.Rest();
+    tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
   } else {
