@@ -13,7 +13,6 @@
 
 #include <exception>
 
-#include "engine/base/switches.h"
 #include "engine/cuda/context_gather.h"
 #include "engine/cuda/host_join.h"
 #include "engine/cuda/hybrid_impl.h"
@@ -245,13 +244,12 @@ void HybridAttention::Impl::AttendHostJob(const HostJob& j, const HostSel& hs, f
   if (n_cpu > 0) {
     fast::AttendBlocks(hs.q, host.Layer(layer), j.a, cpu_blocks, part, part + HD, &block_stats, tc,
                        &worker_stats.fold);
-    tc.Rest();     // (Wake's team served the fold's calls: back to sleep)
     if (j.retain)  // (JoinHost puts them among the GPU's for the retention)
       std::copy_n(block_stats.data(), n_cpu * G * 2, sums);
   } else {
-    tc.Rest();
     NoPartial(part, HD, j.a.heads);
   }
+  tc.Rest();  // (Wake's team served the fold's calls, or had none: back to sleep)
   worker_stats.cpu_attend += Since(t);
   worker_stats.cpu_blocks += n_cpu;
   worker_stats.gpu_blocks += Hk * n_sel - n_cpu;
